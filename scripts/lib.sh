@@ -1,0 +1,51 @@
+# Shared by the scripts: install what a fresh machine lacks, pick the build directory.
+# shellcheck shell=bash
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# One target directory outside the clone when we may use one, so CI and fresh clones reuse
+# the (15–30 minute) RocksDB build; ./target otherwise.
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  cache=/var/cache/convoy-target
+  if mkdir -p "$cache" 2>/dev/null && [ -w "$cache" ]; then
+    export CARGO_TARGET_DIR="$cache"
+  else
+    export CARGO_TARGET_DIR="$ROOT/target"
+  fi
+fi
+BIN="$CARGO_TARGET_DIR/release/convoy"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to run: $*" >&2; return 1; fi
+}
+
+# System packages the build needs: bindgen needs libclang, RocksDB a C++ compiler.
+ensure_system_packages() {
+  local missing=()
+  for p in libclang-dev clang g++ make pkg-config "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing system packages: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ! command -v cargo >/dev/null; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+  fi
+  command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; return 1; }
+}
+
+# One release build serves the binary and the tests (RocksDB compiles once).
+build_release() {
+  log "building convoy (release; the first build compiles RocksDB and takes a while)"
+  (cd "$ROOT" && cargo build --release --bins)
+  # Keep the README's paths valid whichever target directory was used.
+  if [ "$CARGO_TARGET_DIR" != "$ROOT/target" ]; then
+    mkdir -p "$ROOT/target/release"
+    ln -sf "$BIN" "$ROOT/target/release/convoy"
+  fi
+}

@@ -1,0 +1,537 @@
+//! The `convoy` command: run a node, run the local cluster, and talk to it.
+//! `anyhow` lives here (and in test glue) only.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use convoy::client::{Client, Event};
+use convoy::config::Config;
+use convoy::net::wire::NodeStatus;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "convoy",
+    version,
+    about = "A replicated, log-based message store for real-time chat"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node of the cluster.
+    Node {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        id: u64,
+    },
+    /// Run, stop or inspect every node of cluster.toml on this machine.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Send one message; prints its offset once it is committed.
+    Send {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        conversation: String,
+        #[arg(long, default_value = "cli")]
+        user: String,
+        /// Idempotency identity; a retry with the same id and seq returns the same offset.
+        #[arg(long)]
+        client_id: Option<u64>,
+        #[arg(long, requires = "client_id")]
+        seq: Option<u64>,
+        #[arg(long)]
+        json: bool,
+        text: String,
+    },
+    /// Print a conversation from an offset (and keep following with --follow).
+    Tail {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        conversation: String,
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long)]
+        follow: bool,
+        /// Read from this replica.
+        #[arg(long)]
+        node: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Interactive chat: lines typed are sent, incoming messages are shown.
+    Chat {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        conversation: String,
+        #[arg(long)]
+        user: String,
+    },
+    /// Read or move a user's read cursor.
+    Cursor {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        conversation: String,
+        #[arg(long)]
+        user: String,
+        /// Move the cursor forward to this offset (omit to read it).
+        #[arg(long)]
+        set: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Start every node not already running, wait until every shard has a leader.
+    Up {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long, default_value_t = 90)]
+        timeout_s: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the nodes `cluster up` started.
+    Down {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every node's shards and leaders.
+    Status {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONVOY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load(path: &Path) -> Result<Config> {
+    Config::load(path).with_context(|| format!("loading {}", path.display()))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let is_node = matches!(cli.command, Cmd::Node { .. });
+    init_tracing(if is_node {
+        "info,openraft=warn"
+    } else {
+        "warn,openraft=error"
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Node { config, id } => run_node(&config, id).await,
+        Cmd::Cluster { action } => match action {
+            ClusterAction::Up {
+                config,
+                timeout_s,
+                json,
+            } => cluster_up(&config, Duration::from_secs(timeout_s), json).await,
+            ClusterAction::Down { config, json } => cluster_down(&config, json),
+            ClusterAction::Status { config, json } => cluster_status(&config, json).await,
+        },
+        Cmd::Send {
+            config,
+            conversation,
+            user,
+            client_id,
+            seq,
+            json,
+            text,
+        } => {
+            let config = load(&config)?;
+            let client = match client_id {
+                Some(id) => Client::connect_as(&config, id, seq.unwrap_or(1))?,
+                None => Client::connect(&config)?,
+            };
+            let ack = client.send(&conversation, &user, &text).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"conversation": ack.conversation, "offset": ack.offset, "ts_ms": ack.ts_ms, "duplicate": ack.duplicate})
+                );
+            } else {
+                println!("{}", ack.offset);
+            }
+            Ok(())
+        }
+        Cmd::Tail {
+            config,
+            conversation,
+            from,
+            follow,
+            node,
+            json,
+        } => {
+            let config = load(&config)?;
+            let client = Client::connect(&config)?;
+            if let Some(n) = node {
+                config.node(n)?;
+            }
+            if !follow {
+                for m in client.read(&conversation, from, node).await? {
+                    print_message(&m, json);
+                }
+                return Ok(());
+            }
+            let mut sub = client.subscribe(&conversation, from, node);
+            while let Some(ev) = sub.next().await {
+                match ev {
+                    Event::Message(m) => print_message(&m, json),
+                    Event::Failed(e) => bail!("{e}"),
+                    Event::CaughtUp { .. } | Event::Attached { .. } => {}
+                }
+            }
+            Ok(())
+        }
+        Cmd::Chat {
+            config,
+            conversation,
+            user,
+        } => chat(&load(&config)?, &conversation, &user).await,
+        Cmd::Cursor {
+            config,
+            conversation,
+            user,
+            set,
+            json,
+        } => {
+            let config = load(&config)?;
+            let client = Client::connect(&config)?;
+            let (offset, head) = match set {
+                Some(o) => client.set_cursor(&user, &conversation, o).await?,
+                None => {
+                    let node = *client
+                        .node_ids()
+                        .first()
+                        .ok_or_else(|| anyhow!("no nodes"))?;
+                    client.get_cursor(node, &user, &conversation).await?
+                }
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"user": user, "conversation": conversation, "cursor": offset, "head": head, "unread": head.saturating_sub(offset)})
+                );
+            } else {
+                println!(
+                    "cursor {offset} head {head} unread {}",
+                    head.saturating_sub(offset)
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_message(m: &convoy::chat::StoredMessage, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({"conversation": m.conversation, "offset": m.offset, "sender": m.sender, "ts_ms": m.ts_ms, "text": m.text})
+        );
+    } else {
+        println!("{:>6}  {}: {}", m.offset, m.sender, m.text);
+    }
+    let _ = std::io::stdout().flush();
+}
+
+async fn run_node(path: &Path, id: u64) -> Result<()> {
+    let config = load(path)?;
+    let node = convoy::service::Node::start(config, id)
+        .await
+        .with_context(|| format!("starting node {id}"))?;
+    tracing::info!(node = id, "node running");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!(node = id, "stopping");
+    // Everything acknowledged is already durable; stopping needs no flush.
+    node.client_endpoint.close(0u32.into(), b"node stopping");
+    Ok(())
+}
+
+fn pid_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("node.pid")
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+fn running_pid(data_dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file(data_dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    alive(pid).then_some(pid)
+}
+
+async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
+    let config = load(path)?;
+    convoy::net::tls::ensure_material(&config)?;
+    let exe = std::env::current_exe().context("locating the convoy binary")?;
+    let mut started = Vec::new();
+    for n in &config.nodes {
+        std::fs::create_dir_all(&n.data_dir)?;
+        if let Some(pid) = running_pid(&n.data_dir) {
+            if !json {
+                println!("node {} already running (pid {pid})", n.id);
+            }
+            continue;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.data_dir.join("node.log"))?;
+        let child = std::process::Command::new(&exe)
+            .args(["node", "--config"])
+            .arg(&config.path)
+            .args(["--id", &n.id.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting node {}", n.id))?;
+        std::fs::write(pid_file(&n.data_dir), child.id().to_string())?;
+        started.push((n.id, child.id()));
+        if !json {
+            println!(
+                "started node {} (pid {}), log {}",
+                n.id,
+                child.id(),
+                n.data_dir.join("node.log").display()
+            );
+        }
+    }
+    let client = Client::connect(&config)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match leaders_ready(&client, &config).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() > deadline => {
+                bail!("cluster not ready after {timeout:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            json!({"ready": true, "started": started.iter().map(|(id, pid)| json!({"node": id, "pid": pid})).collect::<Vec<_>>()})
+        );
+    } else {
+        let cfg = config.path.display();
+        println!(
+            "cluster ready: {} nodes, {} shards, every shard has a leader",
+            config.nodes.len(),
+            config.shards
+        );
+        println!("try, in two shells:");
+        println!("  target/release/convoy tail --config {cfg} --conversation general --follow");
+        println!("  target/release/convoy send --config {cfg} --conversation general --user alice \"hello\"");
+        println!("or chat: target/release/convoy chat --config {cfg} --conversation general --user alice");
+    }
+    Ok(())
+}
+
+/// Ok when every node answers and agrees on a leader for every shard.
+async fn leaders_ready(client: &Client, config: &Config) -> Result<()> {
+    let mut views: Vec<NodeStatus> = Vec::new();
+    for id in config.node_ids() {
+        views.push(client.status(id).await?);
+    }
+    for shard in 0..config.shards {
+        let leaders: Vec<Option<u64>> = views
+            .iter()
+            .map(|v| {
+                v.shards
+                    .iter()
+                    .find(|s| s.shard == shard)
+                    .and_then(|s| s.leader)
+            })
+            .collect();
+        match leaders.first() {
+            Some(Some(l)) if leaders.iter().all(|x| *x == Some(*l)) => {}
+            _ => bail!("shard {shard}: leaders {leaders:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn cluster_down(path: &Path, json: bool) -> Result<()> {
+    let config = load(path)?;
+    let mut stopped = Vec::new();
+    for n in &config.nodes {
+        let Some(pid) = running_pid(&n.data_dir) else {
+            let _ = std::fs::remove_file(pid_file(&n.data_dir));
+            continue;
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if alive(pid) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        let _ = std::fs::remove_file(pid_file(&n.data_dir));
+        stopped.push((n.id, pid));
+        if !json {
+            println!("stopped node {} (pid {pid})", n.id);
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            json!({"stopped": stopped.iter().map(|(id, pid)| json!({"node": id, "pid": pid})).collect::<Vec<_>>()})
+        );
+    } else if stopped.is_empty() {
+        println!("no node of {} was running", config.path.display());
+    }
+    Ok(())
+}
+
+async fn cluster_status(path: &Path, json: bool) -> Result<()> {
+    let config = load(path)?;
+    let client = Client::connect(&config)?;
+    let mut out = Vec::new();
+    for id in config.node_ids() {
+        match client.status(id).await {
+            Ok(s) => {
+                if !json {
+                    let leading: Vec<u32> = s
+                        .shards
+                        .iter()
+                        .filter(|x| x.leader == Some(id))
+                        .map(|x| x.shard)
+                        .collect();
+                    let lag: u64 = s
+                        .shards
+                        .iter()
+                        .map(|x| {
+                            x.last_log_index
+                                .unwrap_or(0)
+                                .saturating_sub(x.last_applied_index.unwrap_or(0))
+                        })
+                        .sum();
+                    println!("node {id}: up, leads shards {leading:?}, apply lag {lag} entries");
+                }
+                out.push(json!({"node": id, "up": true, "status": s}));
+            }
+            Err(e) => {
+                if !json {
+                    println!("node {id}: down ({e})");
+                }
+                out.push(json!({"node": id, "up": false, "error": e.to_string()}));
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(out));
+    }
+    Ok(())
+}
+
+async fn chat(config: &Config, conversation: &str, user: &str) -> Result<()> {
+    let client = Client::connect(config)?;
+    let node = *client
+        .node_ids()
+        .first()
+        .ok_or_else(|| anyhow!("no nodes"))?;
+    let (_, head) = client
+        .get_cursor(node, user, conversation)
+        .await
+        .unwrap_or((0, 0));
+    let from = head.saturating_sub(19).max(1);
+    let mut sub = client.subscribe(conversation, from, None);
+    println!("# {conversation} as {user}; type a line and press enter to send, ctrl-d to leave");
+    let sender = client.clone();
+    let (conv, who) = (conversation.to_string(), user.to_string());
+    let input = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Handle::current();
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if line.trim().is_empty() {
+                continue;
+            }
+            if let Err(e) = runtime.block_on(sender.send(&conv, &who, &line)) {
+                eprintln!("! not sent: {e}");
+            }
+        }
+    });
+    let show = async {
+        while let Some(ev) = sub.next().await {
+            match ev {
+                Event::Message(m) => print_message(&m, false),
+                Event::Failed(e) => {
+                    eprintln!("! {e}");
+                    return;
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = input => {},
+        _ = show => {},
+    }
+    Ok(())
+}

@@ -1,0 +1,454 @@
+//! The chat domain and its pure, deterministic apply.
+//!
+//! Everything here is free of I/O, clocks and randomness: the leader stamps time and the
+//! client supplies its idempotency key, so every replica that applies the same command to
+//! the same state produces the same offsets and the same outcome. `store::state_machine`
+//! drives this module with RocksDB-backed lookups; the tests drive it with [`MemView`].
+//!
+//! Invariants enforced here:
+//! - offsets of a conversation are dense, start at 1 and never repeat;
+//! - a `(client_id, client_seq)` pair appends at most once; a retry answers the original
+//!   offset (and a reuse of the pair for another conversation is rejected, not reordered);
+//! - read cursors only move forward and never past the head.
+//!
+//! A rejection (invalid id, message too large, cursor past head) is an [`Outcome`], not an
+//! error: it is replicated and answered like any other result.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest conversation or user id, in bytes of UTF-8.
+pub const ID_BYTES_MAX: usize = 128;
+/// Hard ceiling for a message body, enforced by apply on every replica. The configurable
+/// limit (`limits.max_message_bytes`) may only be lower.
+pub const MESSAGE_BYTES_MAX: usize = 64 * 1024;
+
+/// Identifies a shard (a Raft group).
+pub type ShardId = u32;
+
+/// Maps a conversation id to its shard with 64-bit FNV-1a over the id's UTF-8 bytes,
+/// modulo the shard count. The function is specified (offset basis 0xcbf29ce484222325,
+/// prime 0x100000001b3) so every node, client and future version agrees on it.
+pub fn shard_of(conversation: &str, shards: u32) -> ShardId {
+    debug_assert!(shards > 0, "shard count is validated to be positive");
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in conversation.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(shards.max(1))) as ShardId
+}
+
+/// Checks a conversation or user id: 1..=128 bytes of UTF-8 without control characters.
+pub fn validate_id(kind: &'static str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > ID_BYTES_MAX {
+        return Err(format!(
+            "{kind} id must be 1..={ID_BYTES_MAX} bytes, got {}",
+            id.len()
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(format!("{kind} id must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A replicated command: one Raft log entry's application payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Append one message. `ts_ms` is stamped by the leader before proposing.
+    Send(SendCommand),
+    /// Move a user's read cursor forward.
+    Cursor(CursorCommand),
+}
+
+/// Payload of [`Command::Send`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendCommand {
+    pub conversation: String,
+    pub sender: String,
+    pub client_id: u64,
+    pub client_seq: u64,
+    pub ts_ms: u64,
+    pub text: String,
+}
+
+/// Payload of [`Command::Cursor`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CursorCommand {
+    pub user: String,
+    pub conversation: String,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Send(s) => write!(
+                f,
+                "send({}, {}/{})",
+                s.conversation, s.client_id, s.client_seq
+            ),
+            Command::Cursor(c) => write!(f, "cursor({}, {}, {})", c.user, c.conversation, c.offset),
+        }
+    }
+}
+
+/// A stored message as every replica holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub conversation: String,
+    pub offset: u64,
+    pub sender: String,
+    pub ts_ms: u64,
+    pub client_id: u64,
+    pub client_seq: u64,
+    pub text: String,
+}
+
+/// What the dedup index remembers of an appended `(client_id, client_seq)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    pub conversation: String,
+    pub offset: u64,
+    pub ts_ms: u64,
+}
+
+/// The result of applying one command; replicated answers, not errors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The message is stored at `offset` (possibly by an earlier attempt: `duplicate`).
+    Appended {
+        offset: u64,
+        ts_ms: u64,
+        duplicate: bool,
+    },
+    /// The cursor now stands at `offset`.
+    CursorAt { offset: u64 },
+    /// The command was refused; nothing changed.
+    Rejected { reason: Rejection },
+    /// Applied a non-application entry (blank or membership).
+    None,
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    InvalidId(String),
+    TooLarge {
+        bytes: usize,
+        max: usize,
+    },
+    /// The `(client_id, client_seq)` was already used for another conversation.
+    SeqReused {
+        conversation: String,
+    },
+    /// A cursor beyond the conversation's head.
+    CursorPastHead {
+        head: u64,
+    },
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::InvalidId(m) => write!(f, "{m}"),
+            Rejection::TooLarge { bytes, max } => {
+                write!(f, "message is {bytes} bytes, limit {max}")
+            }
+            Rejection::SeqReused { conversation } => {
+                write!(
+                    f,
+                    "client_seq already used for conversation {conversation:?}"
+                )
+            }
+            Rejection::CursorPastHead { head } => write!(f, "cursor beyond head {head}"),
+        }
+    }
+}
+
+/// A state change apply asks the store to make, in order, in one atomic batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    PutMessage(StoredMessage),
+    SetHead {
+        conversation: String,
+        head: u64,
+    },
+    PutDedup {
+        client_id: u64,
+        client_seq: u64,
+        record: DedupRecord,
+    },
+    SetCursor {
+        user: String,
+        conversation: String,
+        offset: u64,
+    },
+}
+
+/// Read access apply needs. Implementations must reflect every effect already produced
+/// in the current batch (see [`Overlay`]).
+pub trait ShardView {
+    type Error;
+    fn head(&mut self, conversation: &str) -> Result<u64, Self::Error>;
+    fn dedup(
+        &mut self,
+        client_id: u64,
+        client_seq: u64,
+    ) -> Result<Option<DedupRecord>, Self::Error>;
+    fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, Self::Error>;
+}
+
+/// Applies one command against `view`, returning its outcome and the effects to persist.
+/// Deterministic: the same view and command always give the same result.
+pub fn apply<V: ShardView>(
+    view: &mut V,
+    command: &Command,
+) -> Result<(Outcome, Vec<Effect>), V::Error> {
+    match command {
+        Command::Send(send) => apply_send(view, send),
+        Command::Cursor(cursor) => apply_cursor(view, cursor),
+    }
+}
+
+fn apply_send<V: ShardView>(
+    view: &mut V,
+    send: &SendCommand,
+) -> Result<(Outcome, Vec<Effect>), V::Error> {
+    let reject = |reason| Ok((Outcome::Rejected { reason }, Vec::new()));
+    if let Err(m) = validate_id("conversation", &send.conversation) {
+        return reject(Rejection::InvalidId(m));
+    }
+    if let Err(m) = validate_id("user", &send.sender) {
+        return reject(Rejection::InvalidId(m));
+    }
+    if send.text.len() > MESSAGE_BYTES_MAX {
+        return reject(Rejection::TooLarge {
+            bytes: send.text.len(),
+            max: MESSAGE_BYTES_MAX,
+        });
+    }
+    if let Some(found) = view.dedup(send.client_id, send.client_seq)? {
+        if found.conversation != send.conversation {
+            return reject(Rejection::SeqReused {
+                conversation: found.conversation,
+            });
+        }
+        let outcome = Outcome::Appended {
+            offset: found.offset,
+            ts_ms: found.ts_ms,
+            duplicate: true,
+        };
+        return Ok((outcome, Vec::new()));
+    }
+    let offset = view.head(&send.conversation)? + 1;
+    let message = StoredMessage {
+        conversation: send.conversation.clone(),
+        offset,
+        sender: send.sender.clone(),
+        ts_ms: send.ts_ms,
+        client_id: send.client_id,
+        client_seq: send.client_seq,
+        text: send.text.clone(),
+    };
+    let record = DedupRecord {
+        conversation: send.conversation.clone(),
+        offset,
+        ts_ms: send.ts_ms,
+    };
+    let effects = vec![
+        Effect::PutMessage(message),
+        Effect::SetHead {
+            conversation: send.conversation.clone(),
+            head: offset,
+        },
+        Effect::PutDedup {
+            client_id: send.client_id,
+            client_seq: send.client_seq,
+            record,
+        },
+    ];
+    Ok((
+        Outcome::Appended {
+            offset,
+            ts_ms: send.ts_ms,
+            duplicate: false,
+        },
+        effects,
+    ))
+}
+
+fn apply_cursor<V: ShardView>(
+    view: &mut V,
+    c: &CursorCommand,
+) -> Result<(Outcome, Vec<Effect>), V::Error> {
+    for (kind, id) in [("user", &c.user), ("conversation", &c.conversation)] {
+        if let Err(m) = validate_id(kind, id) {
+            return Ok((
+                Outcome::Rejected {
+                    reason: Rejection::InvalidId(m),
+                },
+                Vec::new(),
+            ));
+        }
+    }
+    let head = view.head(&c.conversation)?;
+    if c.offset > head {
+        return Ok((
+            Outcome::Rejected {
+                reason: Rejection::CursorPastHead { head },
+            },
+            Vec::new(),
+        ));
+    }
+    let current = view.cursor(&c.user, &c.conversation)?;
+    if c.offset <= current {
+        return Ok((Outcome::CursorAt { offset: current }, Vec::new()));
+    }
+    let effect = Effect::SetCursor {
+        user: c.user.clone(),
+        conversation: c.conversation.clone(),
+        offset: c.offset,
+    };
+    Ok((Outcome::CursorAt { offset: c.offset }, vec![effect]))
+}
+
+/// A view that answers from the effects of the current batch first, then from `base`.
+/// Lets a batch of commands be applied before any of it is written.
+pub struct Overlay<'a, V> {
+    pub base: &'a mut V,
+    heads: HashMap<String, u64>,
+    dedup: HashMap<(u64, u64), DedupRecord>,
+    cursors: HashMap<(String, String), u64>,
+}
+
+impl<'a, V: ShardView> Overlay<'a, V> {
+    pub fn new(base: &'a mut V) -> Self {
+        Overlay {
+            base,
+            heads: HashMap::new(),
+            dedup: HashMap::new(),
+            cursors: HashMap::new(),
+        }
+    }
+
+    /// Records effects so later lookups in this batch see them.
+    pub fn absorb(&mut self, effects: &[Effect]) {
+        for effect in effects {
+            match effect {
+                Effect::PutMessage(_) => {}
+                Effect::SetHead { conversation, head } => {
+                    self.heads.insert(conversation.clone(), *head);
+                }
+                Effect::PutDedup {
+                    client_id,
+                    client_seq,
+                    record,
+                } => {
+                    self.dedup.insert((*client_id, *client_seq), record.clone());
+                }
+                Effect::SetCursor {
+                    user,
+                    conversation,
+                    offset,
+                } => {
+                    self.cursors
+                        .insert((user.clone(), conversation.clone()), *offset);
+                }
+            }
+        }
+    }
+}
+
+impl<V: ShardView> ShardView for Overlay<'_, V> {
+    type Error = V::Error;
+    fn head(&mut self, conversation: &str) -> Result<u64, V::Error> {
+        match self.heads.get(conversation) {
+            Some(h) => Ok(*h),
+            None => self.base.head(conversation),
+        }
+    }
+    fn dedup(&mut self, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>, V::Error> {
+        match self.dedup.get(&(client_id, client_seq)) {
+            Some(r) => Ok(Some(r.clone())),
+            None => self.base.dedup(client_id, client_seq),
+        }
+    }
+    fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, V::Error> {
+        match self
+            .cursors
+            .get(&(user.to_string(), conversation.to_string()))
+        {
+            Some(o) => Ok(*o),
+            None => self.base.cursor(user, conversation),
+        }
+    }
+}
+
+/// An in-memory shard state, for tests and property checks of apply.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MemView {
+    pub heads: HashMap<String, u64>,
+    pub dedup: HashMap<(u64, u64), DedupRecord>,
+    pub cursors: HashMap<(String, String), u64>,
+    pub messages: Vec<StoredMessage>,
+}
+
+impl MemView {
+    /// Applies a command and persists its effects in memory.
+    pub fn apply(&mut self, command: &Command) -> Outcome {
+        let (outcome, effects) = match apply(self, command) {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        for effect in effects {
+            match effect {
+                Effect::PutMessage(m) => self.messages.push(m),
+                Effect::SetHead { conversation, head } => {
+                    self.heads.insert(conversation, head);
+                }
+                Effect::PutDedup {
+                    client_id,
+                    client_seq,
+                    record,
+                } => {
+                    self.dedup.insert((client_id, client_seq), record);
+                }
+                Effect::SetCursor {
+                    user,
+                    conversation,
+                    offset,
+                } => {
+                    self.cursors.insert((user, conversation), offset);
+                }
+            }
+        }
+        outcome
+    }
+}
+
+impl ShardView for MemView {
+    type Error = std::convert::Infallible;
+    fn head(&mut self, conversation: &str) -> Result<u64, Self::Error> {
+        Ok(self.heads.get(conversation).copied().unwrap_or(0))
+    }
+    fn dedup(
+        &mut self,
+        client_id: u64,
+        client_seq: u64,
+    ) -> Result<Option<DedupRecord>, Self::Error> {
+        Ok(self.dedup.get(&(client_id, client_seq)).cloned())
+    }
+    fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, Self::Error> {
+        Ok(self
+            .cursors
+            .get(&(user.to_string(), conversation.to_string()))
+            .copied()
+            .unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1008 @@
+//! Unit and property tests of the chat domain's pure apply.
+
+use std::collections::{HashMap, HashSet};
+
+use proptest::prelude::*;
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn send_as(
+    conversation: &str,
+    sender: &str,
+    client_id: u64,
+    client_seq: u64,
+    ts_ms: u64,
+    text: &str,
+) -> Command {
+    Command::Send(SendCommand {
+        conversation: conversation.to_string(),
+        sender: sender.to_string(),
+        client_id,
+        client_seq,
+        ts_ms,
+        text: text.to_string(),
+    })
+}
+
+fn send(conversation: &str, client_id: u64, client_seq: u64, ts_ms: u64, text: &str) -> Command {
+    send_as(conversation, "alice", client_id, client_seq, ts_ms, text)
+}
+
+fn cursor(user: &str, conversation: &str, offset: u64) -> Command {
+    Command::Cursor(CursorCommand {
+        user: user.to_string(),
+        conversation: conversation.to_string(),
+        offset,
+    })
+}
+
+fn appended(offset: u64, ts_ms: u64, duplicate: bool) -> Outcome {
+    Outcome::Appended {
+        offset,
+        ts_ms,
+        duplicate,
+    }
+}
+
+fn is_invalid_id(outcome: &Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Rejected {
+            reason: Rejection::InvalidId(_)
+        }
+    )
+}
+
+/// A view holding `n` messages in `conversation`, sent by client 1000 with seqs 0..n.
+fn view_with(conversation: &str, n: u64) -> MemView {
+    let mut view = MemView::default();
+    for i in 0..n {
+        assert_eq!(
+            view.apply(&send(conversation, 1000, i, i, "m")),
+            appended(i + 1, i, false)
+        );
+    }
+    view
+}
+
+/// Persists effects into a MemView the way a store would (mirrors `MemView::apply`).
+fn persist(view: &mut MemView, effects: Vec<Effect>) {
+    for effect in effects {
+        match effect {
+            Effect::PutMessage(m) => view.messages.push(m),
+            Effect::SetHead { conversation, head } => {
+                view.heads.insert(conversation, head);
+            }
+            Effect::PutDedup {
+                client_id,
+                client_seq,
+                record,
+            } => {
+                view.dedup.insert((client_id, client_seq), record);
+            }
+            Effect::SetCursor {
+                user,
+                conversation,
+                offset,
+            } => {
+                view.cursors.insert((user, conversation), offset);
+            }
+        }
+    }
+}
+
+fn unwrap_infallible<T>(r: Result<T, std::convert::Infallible>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(never) => match never {},
+    }
+}
+
+/// Independent, straightforward 64-bit FNV-1a.
+fn fnv1a64_reference(data: &[u8]) -> u64 {
+    const OFFSET_BASIS: u64 = 14_695_981_039_346_656_037; // 0xcbf29ce484222325
+    const PRIME: u64 = 1_099_511_628_211; // 0x100000001b3
+    let mut h = OFFSET_BASIS;
+    for &b in data {
+        h ^= b as u64;
+        h = ((h as u128 * PRIME as u128) % (1u128 << 64)) as u64;
+    }
+    h
+}
+
+// ---------------------------------------------------------------------------------------
+// Offsets
+// ---------------------------------------------------------------------------------------
+
+// Promise: offsets are dense per conversation, start at 1, and conversations do not
+// share a counter.
+#[test]
+fn offsets_are_dense_per_conversation_and_independent() {
+    let mut view = MemView::default();
+    let plan = [
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("a", 3),
+        ("c", 1),
+        ("b", 2),
+        ("a", 4),
+    ];
+    for (seq, (conv, expected)) in plan.iter().enumerate() {
+        let outcome = view.apply(&send(conv, 7, seq as u64, 100 + seq as u64, "hi"));
+        assert_eq!(
+            outcome,
+            appended(*expected, 100 + seq as u64, false),
+            "step {seq} in {conv}"
+        );
+    }
+    assert_eq!(view.heads.get("a"), Some(&4));
+    assert_eq!(view.heads.get("b"), Some(&2));
+    assert_eq!(view.heads.get("c"), Some(&1));
+    assert_eq!(view.messages.len(), plan.len());
+    let a_offsets: Vec<u64> = view
+        .messages
+        .iter()
+        .filter(|m| m.conversation == "a")
+        .map(|m| m.offset)
+        .collect();
+    assert_eq!(a_offsets, vec![1, 2, 3, 4]);
+}
+
+// Promise: an accepted send produces exactly the message, the new head and the dedup
+// record, in that order, with every field carried over from the command.
+#[test]
+fn accepted_send_effects_are_exact() {
+    let mut view = view_with("room", 2);
+    let command = send_as("room", "bob", 5, 9, 1234, "hello");
+    let (outcome, effects) = unwrap_infallible(apply(&mut view, &command));
+    assert_eq!(outcome, appended(3, 1234, false));
+    let expected = vec![
+        Effect::PutMessage(StoredMessage {
+            conversation: "room".into(),
+            offset: 3,
+            sender: "bob".into(),
+            ts_ms: 1234,
+            client_id: 5,
+            client_seq: 9,
+            text: "hello".into(),
+        }),
+        Effect::SetHead {
+            conversation: "room".into(),
+            head: 3,
+        },
+        Effect::PutDedup {
+            client_id: 5,
+            client_seq: 9,
+            record: DedupRecord {
+                conversation: "room".into(),
+                offset: 3,
+                ts_ms: 1234,
+            },
+        },
+    ];
+    assert_eq!(effects, expected);
+}
+
+// ---------------------------------------------------------------------------------------
+// Idempotency
+// ---------------------------------------------------------------------------------------
+
+// Promise: a retry of the same (client_id, client_seq) answers the original offset and ts,
+// flagged duplicate, and appends nothing - even if the retry carries another ts or text.
+#[test]
+fn retry_returns_original_offset_and_ts_without_appending() {
+    let mut view = MemView::default();
+    assert_eq!(
+        view.apply(&send("room", 1, 1, 100, "first")),
+        appended(1, 100, false)
+    );
+    assert_eq!(
+        view.apply(&send("room", 2, 1, 200, "other")),
+        appended(2, 200, false)
+    );
+    let before = view.clone();
+
+    // Exact retry.
+    assert_eq!(
+        view.apply(&send("room", 1, 1, 100, "first")),
+        appended(1, 100, true)
+    );
+    // Retry re-stamped by a new leader, with different text: still the original answer.
+    assert_eq!(
+        view.apply(&send("room", 1, 1, 999, "changed")),
+        appended(1, 100, true)
+    );
+    assert_eq!(view.messages, before.messages);
+    assert_eq!(view, before);
+
+    // The pure apply yields no effects for a duplicate.
+    let (outcome, effects) = unwrap_infallible(apply(&mut view, &send("room", 1, 1, 5, "x")));
+    assert_eq!(outcome, appended(1, 100, true));
+    assert!(effects.is_empty());
+
+    // The same client with the next seq appends normally.
+    assert_eq!(
+        view.apply(&send("room", 1, 2, 300, "second")),
+        appended(3, 300, false)
+    );
+}
+
+// Promise: reusing a (client_id, client_seq) for another conversation is rejected with
+// SeqReused naming the original conversation, and changes nothing.
+#[test]
+fn seq_reused_for_other_conversation_is_rejected() {
+    let mut view = MemView::default();
+    assert_eq!(
+        view.apply(&send("a", 1, 1, 100, "x")),
+        appended(1, 100, false)
+    );
+    let before = view.clone();
+    let (outcome, effects) = unwrap_infallible(apply(&mut view, &send("b", 1, 1, 200, "y")));
+    assert_eq!(
+        outcome,
+        Outcome::Rejected {
+            reason: Rejection::SeqReused {
+                conversation: "a".into()
+            }
+        }
+    );
+    assert!(effects.is_empty());
+    assert_eq!(view.apply(&send("b", 1, 1, 200, "y")), outcome);
+    assert_eq!(view, before);
+    assert_eq!(view.heads.get("b"), None);
+    // "b" still starts at 1 once a fresh key is used.
+    assert_eq!(
+        view.apply(&send("b", 1, 2, 300, "y")),
+        appended(1, 300, false)
+    );
+}
+
+// Promise: the dedup key is the pair, not either half: another client with the same seq,
+// or the same client with another seq, appends.
+#[test]
+fn dedup_key_is_the_full_pair() {
+    let mut view = MemView::default();
+    assert_eq!(
+        view.apply(&send("a", 1, 1, 10, "x")),
+        appended(1, 10, false)
+    );
+    assert_eq!(
+        view.apply(&send("a", 2, 1, 20, "x")),
+        appended(2, 20, false)
+    );
+    assert_eq!(
+        view.apply(&send("a", 1, 2, 30, "x")),
+        appended(3, 30, false)
+    );
+    assert_eq!(view.messages.len(), 3);
+}
+
+// Promise: a rejected send consumes nothing - not an offset, and not its client_seq.
+#[test]
+fn rejected_send_does_not_consume_seq_or_offset() {
+    let mut view = MemView::default();
+    let big = "x".repeat(MESSAGE_BYTES_MAX + 1);
+    assert!(matches!(
+        view.apply(&send("a", 1, 1, 10, &big)),
+        Outcome::Rejected { .. }
+    ));
+    assert!(is_invalid_id(&view.apply(&send_as("a", "", 1, 1, 10, "x"))));
+    assert_eq!(view, MemView::default());
+    assert_eq!(
+        view.apply(&send("a", 1, 1, 20, "ok")),
+        appended(1, 20, false)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits
+// ---------------------------------------------------------------------------------------
+
+// Promise: a body of exactly MESSAGE_BYTES_MAX bytes is accepted; one more byte is
+// rejected TooLarge with the exact sizes, and nothing is stored.
+#[test]
+fn body_size_limit_is_exact() {
+    let mut view = MemView::default();
+    let max = "x".repeat(MESSAGE_BYTES_MAX);
+    assert_eq!(view.apply(&send("a", 1, 1, 1, &max)), appended(1, 1, false));
+    assert_eq!(view.messages[0].text.len(), MESSAGE_BYTES_MAX);
+
+    let before = view.clone();
+    let over = "x".repeat(MESSAGE_BYTES_MAX + 1);
+    let (outcome, effects) = unwrap_infallible(apply(&mut view, &send("a", 1, 2, 2, &over)));
+    assert_eq!(
+        outcome,
+        Outcome::Rejected {
+            reason: Rejection::TooLarge {
+                bytes: MESSAGE_BYTES_MAX + 1,
+                max: MESSAGE_BYTES_MAX
+            }
+        }
+    );
+    assert!(effects.is_empty());
+    view.apply(&send("a", 1, 2, 2, &over));
+    assert_eq!(view, before);
+
+    // An empty body is fine.
+    assert_eq!(view.apply(&send("a", 1, 3, 3, "")), appended(2, 3, false));
+}
+
+// Promise: the body limit counts UTF-8 bytes, not chars.
+#[test]
+fn body_size_is_measured_in_utf8_bytes() {
+    assert_eq!(MESSAGE_BYTES_MAX % 2, 0);
+    let mut view = MemView::default();
+    // 'é' is 2 bytes: MAX/2 of them is exactly MAX bytes.
+    let exact = "é".repeat(MESSAGE_BYTES_MAX / 2);
+    assert_eq!(exact.len(), MESSAGE_BYTES_MAX);
+    assert_eq!(
+        view.apply(&send("a", 1, 1, 1, &exact)),
+        appended(1, 1, false)
+    );
+    // '€' is 3 bytes: far fewer chars than MAX, yet over MAX bytes.
+    let euros = "€".repeat(MESSAGE_BYTES_MAX / 3 + 1);
+    assert!(euros.chars().count() < MESSAGE_BYTES_MAX);
+    assert_eq!(
+        view.apply(&send("a", 1, 2, 2, &euros)),
+        Outcome::Rejected {
+            reason: Rejection::TooLarge {
+                bytes: euros.len(),
+                max: MESSAGE_BYTES_MAX
+            }
+        }
+    );
+    // A 4-byte char pushing an exact-size body over the limit.
+    let exact_plus = format!("{}😀", "x".repeat(MESSAGE_BYTES_MAX - 3));
+    assert_eq!(exact_plus.len(), MESSAGE_BYTES_MAX + 1);
+    assert!(matches!(
+        view.apply(&send("a", 1, 3, 3, &exact_plus)),
+        Outcome::Rejected {
+            reason: Rejection::TooLarge { .. }
+        }
+    ));
+    assert_eq!(view.messages.len(), 1);
+}
+
+/// Ids that must be rejected: empty, too long (in bytes), or containing control chars.
+fn bad_ids() -> Vec<String> {
+    vec![
+        String::new(),
+        "a".repeat(ID_BYTES_MAX + 1),
+        "é".repeat(ID_BYTES_MAX / 2) + "x", // 129 bytes, 65 chars
+        "€".repeat(43),                     // 129 bytes, 43 chars
+        "a\nb".into(),
+        "tab\there".into(),
+        "\0".into(),
+        "del\u{7f}".into(),
+        "c1\u{85}".into(),
+        "\u{1b}[31m".into(),
+    ]
+}
+
+/// Ids that must be accepted, including exactly ID_BYTES_MAX bytes.
+fn good_ids() -> Vec<String> {
+    vec![
+        "a".into(),
+        "a".repeat(ID_BYTES_MAX),
+        "é".repeat(ID_BYTES_MAX / 2), // 128 bytes, 64 chars
+        "room with spaces/and:punct".into(),
+        "日本語".into(),
+    ]
+}
+
+// Promise: validate_id accepts 1..=128 bytes of UTF-8 without control chars, and
+// measures length in bytes.
+#[test]
+fn validate_id_boundaries() {
+    for id in bad_ids() {
+        assert!(validate_id("user", &id).is_err(), "should reject {id:?}");
+    }
+    for id in good_ids() {
+        assert_eq!(validate_id("user", &id), Ok(()), "should accept {id:?}");
+    }
+    assert!(validate_id("conversation", "")
+        .unwrap_err()
+        .contains("conversation"));
+}
+
+// Promise: invalid conversation or sender ids on a send are rejected InvalidId and
+// change nothing; valid ones at the boundary are accepted.
+#[test]
+fn send_rejects_invalid_ids() {
+    let mut view = view_with("ok", 1);
+    let before = view.clone();
+    for (i, id) in bad_ids().iter().enumerate() {
+        let i = i as u64;
+        assert!(
+            is_invalid_id(&view.apply(&send_as(id, "alice", 1, i, 1, "x"))),
+            "conversation {id:?}"
+        );
+        assert!(
+            is_invalid_id(&view.apply(&send_as("ok", id, 2, i, 1, "x"))),
+            "sender {id:?}"
+        );
+    }
+    assert_eq!(view, before);
+    for (i, id) in good_ids().iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(
+            view.apply(&send_as(id, "alice", 3, i, 1, "x")),
+            appended(1, 1, false),
+            "conversation {id:?}"
+        );
+        assert!(matches!(
+            view.apply(&send_as("ok", id, 4, i, 1, "x")),
+            Outcome::Appended {
+                duplicate: false,
+                ..
+            }
+        ));
+    }
+}
+
+// Promise: invalid user or conversation ids on a cursor are rejected InvalidId and change
+// nothing; boundary-valid ids work.
+#[test]
+fn cursor_rejects_invalid_ids() {
+    let mut view = view_with("ok", 2);
+    let before = view.clone();
+    for id in bad_ids() {
+        assert!(
+            is_invalid_id(&view.apply(&cursor(&id, "ok", 1))),
+            "user {id:?}"
+        );
+        assert!(
+            is_invalid_id(&view.apply(&cursor("alice", &id, 0))),
+            "conversation {id:?}"
+        );
+    }
+    assert_eq!(view, before);
+    let long_user = "u".repeat(ID_BYTES_MAX);
+    assert_eq!(
+        view.apply(&cursor(&long_user, "ok", 2)),
+        Outcome::CursorAt { offset: 2 }
+    );
+    assert_eq!(view.cursors.get(&(long_user, "ok".to_string())), Some(&2));
+}
+
+// ---------------------------------------------------------------------------------------
+// Cursors
+// ---------------------------------------------------------------------------------------
+
+// Promise: a cursor only moves forward; a lower or equal offset answers the current
+// cursor and writes nothing.
+#[test]
+fn cursor_only_moves_forward() {
+    let mut view = view_with("room", 5);
+    assert_eq!(
+        view.apply(&cursor("alice", "room", 3)),
+        Outcome::CursorAt { offset: 3 }
+    );
+    let at_three = view.clone();
+    for lower in [0, 1, 2, 3] {
+        let (outcome, effects) =
+            unwrap_infallible(apply(&mut view, &cursor("alice", "room", lower)));
+        assert_eq!(outcome, Outcome::CursorAt { offset: 3 }, "offset {lower}");
+        assert!(effects.is_empty());
+        view.apply(&cursor("alice", "room", lower));
+    }
+    assert_eq!(view, at_three);
+    assert_eq!(
+        view.apply(&cursor("alice", "room", 5)),
+        Outcome::CursorAt { offset: 5 }
+    );
+    assert_eq!(
+        view.cursors.get(&("alice".to_string(), "room".to_string())),
+        Some(&5)
+    );
+}
+
+// Promise: a forward cursor move emits exactly one SetCursor effect.
+#[test]
+fn cursor_forward_effect_is_exact() {
+    let mut view = view_with("room", 4);
+    let (outcome, effects) = unwrap_infallible(apply(&mut view, &cursor("bob", "room", 4)));
+    assert_eq!(outcome, Outcome::CursorAt { offset: 4 });
+    assert_eq!(
+        effects,
+        vec![Effect::SetCursor {
+            user: "bob".into(),
+            conversation: "room".into(),
+            offset: 4
+        }]
+    );
+}
+
+// Promise: a cursor can reach the head but never pass it; passing is rejected with the
+// current head and leaves the cursor where it was.
+#[test]
+fn cursor_cannot_pass_head() {
+    let mut view = view_with("room", 3);
+    assert_eq!(
+        view.apply(&cursor("alice", "room", 2)),
+        Outcome::CursorAt { offset: 2 }
+    );
+    let before = view.clone();
+    for past in [4, 5, u64::MAX] {
+        assert_eq!(
+            view.apply(&cursor("alice", "room", past)),
+            Outcome::Rejected {
+                reason: Rejection::CursorPastHead { head: 3 }
+            }
+        );
+    }
+    assert_eq!(view, before);
+    assert_eq!(
+        view.apply(&cursor("alice", "room", 3)),
+        Outcome::CursorAt { offset: 3 }
+    );
+
+    // An empty (unknown) conversation has head 0: cursor 0 is fine, 1 is past the head.
+    assert_eq!(
+        view.apply(&cursor("alice", "empty", 0)),
+        Outcome::CursorAt { offset: 0 }
+    );
+    assert_eq!(
+        view.apply(&cursor("alice", "empty", 1)),
+        Outcome::Rejected {
+            reason: Rejection::CursorPastHead { head: 0 }
+        }
+    );
+    assert!(!view
+        .cursors
+        .contains_key(&("alice".to_string(), "empty".to_string())));
+}
+
+// Promise: cursors are per (user, conversation).
+#[test]
+fn cursors_are_independent_per_user_and_conversation() {
+    let mut view = view_with("a", 3);
+    for i in 0..3 {
+        view.apply(&send("b", 2000, i, 0, "m"));
+    }
+    assert_eq!(
+        view.apply(&cursor("alice", "a", 3)),
+        Outcome::CursorAt { offset: 3 }
+    );
+    assert_eq!(
+        view.apply(&cursor("bob", "a", 1)),
+        Outcome::CursorAt { offset: 1 }
+    );
+    assert_eq!(
+        view.apply(&cursor("alice", "b", 2)),
+        Outcome::CursorAt { offset: 2 }
+    );
+    assert_eq!(
+        view.apply(&cursor("bob", "a", 0)),
+        Outcome::CursorAt { offset: 1 }
+    );
+    assert_eq!(view.cursors.len(), 3);
+    assert_eq!(view.cursors[&("alice".to_string(), "a".to_string())], 3);
+    assert_eq!(view.cursors[&("bob".to_string(), "a".to_string())], 1);
+    assert_eq!(view.cursors[&("alice".to_string(), "b".to_string())], 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Overlay
+// ---------------------------------------------------------------------------------------
+
+// Promise: within a batch, later commands see earlier effects (head, dedup, cursor) even
+// though nothing has been written to the base yet; the base is only read.
+#[test]
+fn overlay_sees_earlier_effects_of_the_batch() {
+    let mut base = view_with("room", 2);
+    base.apply(&cursor("alice", "room", 1));
+    let snapshot = base.clone();
+    let batch = [
+        send("room", 1, 1, 10, "x"),    // offset 3
+        send("room", 1, 1, 11, "x"),    // duplicate of the previous one, from the overlay
+        send("other", 1, 1, 12, "x"),   // seq reused, from the overlay
+        cursor("alice", "room", 3),     // head 3 visible only through the overlay
+        cursor("alice", "room", 2),     // answers 3, from the overlay
+        send("room", 1000, 0, 13, "x"), // duplicate from the base
+        send("room", 1, 2, 14, "x"),    // offset 4
+    ];
+    let expected = vec![
+        appended(3, 10, false),
+        appended(3, 10, true),
+        Outcome::Rejected {
+            reason: Rejection::SeqReused {
+                conversation: "room".into(),
+            },
+        },
+        Outcome::CursorAt { offset: 3 },
+        Outcome::CursorAt { offset: 3 },
+        appended(1, 0, true),
+        appended(4, 14, false),
+    ];
+    let mut all_effects = Vec::new();
+    let mut outcomes = Vec::new();
+    {
+        let mut overlay = Overlay::new(&mut base);
+        for command in &batch {
+            let (outcome, effects) = unwrap_infallible(apply(&mut overlay, command));
+            overlay.absorb(&effects);
+            outcomes.push(outcome);
+            all_effects.extend(effects);
+        }
+    }
+    assert_eq!(outcomes, expected);
+    assert_eq!(base, snapshot, "the overlay must not write to its base");
+    persist(&mut base, all_effects);
+    let mut sequential = snapshot;
+    for command in &batch {
+        sequential.apply(command);
+    }
+    assert_eq!(base, sequential);
+}
+
+// ---------------------------------------------------------------------------------------
+// shard_of
+// ---------------------------------------------------------------------------------------
+
+// Promise: the reference FNV-1a used below matches the published FNV test vectors, so it
+// is a trustworthy oracle.
+#[test]
+fn fnv_reference_matches_published_vectors() {
+    assert_eq!(fnv1a64_reference(b""), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(fnv1a64_reference(b"a"), 0xaf63_dc4c_8601_ec8c);
+    assert_eq!(fnv1a64_reference(b"foobar"), 0x8594_4171_f739_67e8);
+}
+
+// Promise: shard_of is the specified FNV-1a 64 modulo the shard count; these literal
+// values must never change across versions.
+#[test]
+fn shard_of_pinned_values() {
+    assert_eq!(shard_of("", 16), (0xcbf2_9ce4_8422_2325u64 % 16) as u32);
+    assert_eq!(shard_of("", 16), 5);
+    assert_eq!(
+        shard_of("a", 1024),
+        (0xaf63_dc4c_8601_ec8cu64 % 1024) as u32
+    );
+    assert_eq!(shard_of("a", 1024), 140);
+    assert_eq!(shard_of("foobar", 7), (0x8594_4171_f739_67e8u64 % 7) as u32);
+    assert_eq!(
+        shard_of("foobar", u32::MAX),
+        (0x8594_4171_f739_67e8u64 % u64::from(u32::MAX)) as u32
+    );
+    for id in ["", "a", "room-42", "日本語"] {
+        assert_eq!(shard_of(id, 1), 0);
+        // Stable across calls.
+        assert_eq!(shard_of(id, 97), shard_of(id, 97));
+    }
+    // Hashes bytes, not chars: "é" is [0xc3, 0xa9].
+    assert_eq!(
+        shard_of("é", 1_000_003),
+        (fnv1a64_reference(&[0xc3, 0xa9]) % 1_000_003) as u32
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Property tests
+// ---------------------------------------------------------------------------------------
+
+const CONVERSATIONS: &[&str] = &["a", "b", "c"];
+const USERS: &[&str] = &["u1", "u2", "u3"];
+
+fn conversation_strategy() -> impl Strategy<Value = String> {
+    prop_oneof![
+        12 => prop::sample::select(CONVERSATIONS).prop_map(str::to_string),
+        1 => prop::sample::select(vec!["", "bad\n"]).prop_map(str::to_string),
+    ]
+}
+
+fn user_strategy() -> impl Strategy<Value = String> {
+    prop_oneof![
+        12 => prop::sample::select(USERS).prop_map(str::to_string),
+        1 => Just(String::new()),
+    ]
+}
+
+fn text_strategy() -> impl Strategy<Value = String> {
+    prop_oneof![
+        20 => "[a-zé ]{0,6}",
+        1 => Just("x".repeat(MESSAGE_BYTES_MAX + 1)),
+    ]
+}
+
+fn command_strategy() -> impl Strategy<Value = Command> {
+    let send = (
+        conversation_strategy(),
+        user_strategy(),
+        0u64..3,
+        0u64..4,
+        0u64..1000,
+        text_strategy(),
+    )
+        .prop_map(
+            |(conversation, sender, client_id, client_seq, ts_ms, text)| {
+                Command::Send(SendCommand {
+                    conversation,
+                    sender,
+                    client_id,
+                    client_seq,
+                    ts_ms,
+                    text,
+                })
+            },
+        );
+    let cursor = (user_strategy(), conversation_strategy(), 0u64..8).prop_map(
+        |(user, conversation, offset)| {
+            Command::Cursor(CursorCommand {
+                user,
+                conversation,
+                offset,
+            })
+        },
+    );
+    prop_oneof![3 => send, 1 => cursor]
+}
+
+fn commands_strategy() -> impl Strategy<Value = Vec<Command>> {
+    prop::collection::vec(command_strategy(), 0..60)
+}
+
+/// The id rule written independently: 1..=128 bytes, no char of Unicode category Cc
+/// (U+0000..=U+001F and U+007F..=U+009F).
+fn spec_valid_id(id: &str) -> bool {
+    let control = |c: char| c <= '\u{1f}' || ('\u{7f}'..='\u{9f}').contains(&c);
+    !id.is_empty() && id.len() <= 128 && !id.chars().any(control)
+}
+
+/// A deliberately naive model of the shard, written from the spec rather than from apply.
+#[derive(Default)]
+struct Model {
+    messages: Vec<StoredMessage>,
+    cursors: HashMap<(String, String), u64>,
+}
+
+impl Model {
+    fn apply(&mut self, command: &Command) -> Outcome {
+        let reject = |reason| Outcome::Rejected { reason };
+        match command {
+            Command::Send(s) => {
+                // The exact InvalidId message is apply's business; only the kind is compared.
+                if !spec_valid_id(&s.conversation) || !spec_valid_id(&s.sender) {
+                    return reject(Rejection::InvalidId(String::new()));
+                }
+                if s.text.len() > MESSAGE_BYTES_MAX {
+                    return reject(Rejection::TooLarge {
+                        bytes: s.text.len(),
+                        max: MESSAGE_BYTES_MAX,
+                    });
+                }
+                if let Some(m) = self
+                    .messages
+                    .iter()
+                    .find(|m| m.client_id == s.client_id && m.client_seq == s.client_seq)
+                {
+                    if m.conversation != s.conversation {
+                        return reject(Rejection::SeqReused {
+                            conversation: m.conversation.clone(),
+                        });
+                    }
+                    return Outcome::Appended {
+                        offset: m.offset,
+                        ts_ms: m.ts_ms,
+                        duplicate: true,
+                    };
+                }
+                let offset = self.count(&s.conversation) + 1;
+                self.messages.push(StoredMessage {
+                    conversation: s.conversation.clone(),
+                    offset,
+                    sender: s.sender.clone(),
+                    ts_ms: s.ts_ms,
+                    client_id: s.client_id,
+                    client_seq: s.client_seq,
+                    text: s.text.clone(),
+                });
+                Outcome::Appended {
+                    offset,
+                    ts_ms: s.ts_ms,
+                    duplicate: false,
+                }
+            }
+            Command::Cursor(c) => {
+                if !spec_valid_id(&c.user) || !spec_valid_id(&c.conversation) {
+                    return reject(Rejection::InvalidId(String::new()));
+                }
+                let head = self.count(&c.conversation);
+                if c.offset > head {
+                    return reject(Rejection::CursorPastHead { head });
+                }
+                let slot = self
+                    .cursors
+                    .entry((c.user.clone(), c.conversation.clone()))
+                    .or_insert(0);
+                *slot = (*slot).max(c.offset);
+                Outcome::CursorAt { offset: *slot }
+            }
+        }
+    }
+
+    fn count(&self, conversation: &str) -> u64 {
+        self.messages
+            .iter()
+            .filter(|m| m.conversation == conversation)
+            .count() as u64
+    }
+}
+
+/// Outcome equality where the InvalidId message text is not compared.
+fn same_outcome(a: &Outcome, b: &Outcome) -> bool {
+    match (a, b) {
+        (
+            Outcome::Rejected {
+                reason: Rejection::InvalidId(_),
+            },
+            Outcome::Rejected {
+                reason: Rejection::InvalidId(_),
+            },
+        ) => true,
+        _ => a == b,
+    }
+}
+
+/// Checks the stored-state invariants of a MemView.
+fn check_invariants(view: &MemView) -> Result<(), TestCaseError> {
+    // Offsets of every conversation are exactly 1..=head, in append order.
+    let mut by_conversation: HashMap<&str, Vec<u64>> = HashMap::new();
+    for m in &view.messages {
+        by_conversation
+            .entry(&m.conversation)
+            .or_default()
+            .push(m.offset);
+    }
+    prop_assert_eq!(by_conversation.len(), view.heads.len());
+    for (conversation, head) in &view.heads {
+        let offsets = by_conversation
+            .get(conversation.as_str())
+            .cloned()
+            .unwrap_or_default();
+        prop_assert_eq!(
+            offsets,
+            (1..=*head).collect::<Vec<u64>>(),
+            "conversation {:?}",
+            conversation
+        );
+    }
+    // No (client_id, client_seq) is stored twice, and the dedup index matches messages.
+    let mut seen = HashSet::new();
+    for m in &view.messages {
+        prop_assert!(
+            seen.insert((m.client_id, m.client_seq)),
+            "pair {:?} stored twice",
+            (m.client_id, m.client_seq)
+        );
+        let record = DedupRecord {
+            conversation: m.conversation.clone(),
+            offset: m.offset,
+            ts_ms: m.ts_ms,
+        };
+        prop_assert_eq!(view.dedup.get(&(m.client_id, m.client_seq)), Some(&record));
+    }
+    prop_assert_eq!(view.dedup.len(), view.messages.len());
+    // Every cursor is within its conversation's head, and only valid ids are stored.
+    for ((user, conversation), offset) in &view.cursors {
+        prop_assert!(*offset <= view.heads.get(conversation).copied().unwrap_or(0));
+        prop_assert!(validate_id("user", user).is_ok());
+    }
+    for m in &view.messages {
+        prop_assert!(validate_id("conversation", &m.conversation).is_ok());
+        prop_assert!(validate_id("user", &m.sender).is_ok());
+        prop_assert!(m.text.len() <= MESSAGE_BYTES_MAX);
+    }
+    Ok(())
+}
+
+proptest! {
+    // Promise: applying a batch through an Overlay (apply, absorb, next) gives the same
+    // outcomes as applying the commands one by one, leaves the base untouched, and its
+    // effects, once persisted, give the same state.
+    #[test]
+    fn overlay_batch_matches_sequential_apply(prefix in commands_strategy(), batch in commands_strategy()) {
+        let mut base = MemView::default();
+        for command in &prefix {
+            base.apply(command);
+        }
+        let mut sequential = base.clone();
+        let expected: Vec<Outcome> = batch.iter().map(|c| sequential.apply(c)).collect();
+
+        let snapshot = base.clone();
+        let mut outcomes = Vec::new();
+        let mut all_effects = Vec::new();
+        {
+            let mut overlay = Overlay::new(&mut base);
+            for command in &batch {
+                let (outcome, effects) = unwrap_infallible(apply(&mut overlay, command));
+                overlay.absorb(&effects);
+                outcomes.push(outcome);
+                all_effects.extend(effects);
+            }
+        }
+        prop_assert_eq!(&outcomes, &expected);
+        prop_assert_eq!(&base, &snapshot);
+        persist(&mut base, all_effects);
+        prop_assert_eq!(base, sequential);
+    }
+
+    // Promise: apply is deterministic - two replicas fed the same commands end identical
+    // with identical outcomes - and the stored state keeps its invariants after every step:
+    // dense offsets 1..=head, no pair stored twice, cursors within head and monotonic.
+    #[test]
+    fn replicas_converge_and_invariants_hold(commands in commands_strategy()) {
+        let mut one = MemView::default();
+        let mut two = MemView::default();
+        let mut cursors_before: HashMap<(String, String), u64> = HashMap::new();
+        let mut outcomes_one = Vec::new();
+        for command in &commands {
+            outcomes_one.push(one.apply(command));
+            check_invariants(&one)?;
+            for (key, offset) in &one.cursors {
+                prop_assert!(*offset >= cursors_before.get(key).copied().unwrap_or(0), "cursor moved back");
+            }
+            prop_assert!(cursors_before.keys().all(|k| one.cursors.contains_key(k)));
+            cursors_before = one.cursors.clone();
+        }
+        let outcomes_two: Vec<Outcome> = commands.iter().map(|c| two.apply(c)).collect();
+        prop_assert_eq!(&outcomes_one, &outcomes_two);
+        prop_assert_eq!(&one, &two);
+    }
+
+    // Promise: apply agrees with a naive model of the spec on every outcome and on the
+    // stored messages and cursors.
+    #[test]
+    fn apply_matches_naive_model(commands in commands_strategy()) {
+        let mut view = MemView::default();
+        let mut model = Model::default();
+        for command in &commands {
+            let got = view.apply(command);
+            let want = model.apply(command);
+            prop_assert!(same_outcome(&got, &want), "{}: got {:?}, model {:?}", command, got, want);
+        }
+        prop_assert_eq!(&view.messages, &model.messages);
+        // The model stores zero cursors for no-op moves; compare only non-zero positions.
+        let model_cursors: HashMap<_, _> = model.cursors.into_iter().filter(|(_, o)| *o > 0).collect();
+        let view_cursors: HashMap<_, _> = view.cursors.clone().into_iter().filter(|(_, o)| *o > 0).collect();
+        prop_assert_eq!(view_cursors, model_cursors);
+    }
+
+    // Promise: a retry of any appended command, at any later point, answers the original
+    // offset and ts as a duplicate and stores nothing.
+    #[test]
+    fn retry_of_any_send_is_a_duplicate(commands in commands_strategy(), pick in any::<prop::sample::Index>()) {
+        let mut view = MemView::default();
+        let mut appended_sends = Vec::new();
+        for command in &commands {
+            if let (Outcome::Appended { offset, ts_ms, duplicate: false }, Command::Send(s)) = (view.apply(command), command) {
+                appended_sends.push((s.clone(), offset, ts_ms));
+            }
+        }
+        prop_assume!(!appended_sends.is_empty());
+        let (mut retry, offset, ts_ms) = appended_sends[pick.index(appended_sends.len())].clone();
+        retry.ts_ms = retry.ts_ms.wrapping_add(1);
+        let before = view.clone();
+        prop_assert_eq!(view.apply(&Command::Send(retry)), Outcome::Appended { offset, ts_ms, duplicate: true });
+        prop_assert_eq!(view, before);
+    }
+
+    // Promise: shard_of is FNV-1a 64 of the UTF-8 bytes modulo the count, always < count.
+    #[test]
+    fn shard_of_matches_reference_and_is_in_range(id in any::<String>(), shards in 1u32..=1024) {
+        let shard = shard_of(&id, shards);
+        prop_assert!(shard < shards);
+        prop_assert_eq!(u64::from(shard), fnv1a64_reference(id.as_bytes()) % u64::from(shards));
+    }
+
+    // Promise: validate_id accepts exactly the non-empty, <=128-byte, control-free strings.
+    #[test]
+    fn validate_id_matches_spec(id in "(\\PC|[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}]){0,70}") {
+        prop_assert_eq!(validate_id("user", &id).is_ok(), spec_valid_id(&id));
+    }
+}

@@ -1,0 +1,583 @@
+//! The Rust client: the CLI, the tests and the tools are all built on it.
+//!
+//! - Routes each request by the conversation's shard, to the cached leader of that shard,
+//!   and follows `NotLeader{hint}` redirects.
+//! - Retries a send — after a redirect, a throttle, a lost connection or an unknown
+//!   outcome — with the **same** `(client_id, client_seq)`, so the server's dedup makes the
+//!   retry safe; it gives up only at a deadline, reporting `Ambiguous` if any attempt's
+//!   outcome was unknown.
+//! - A [`Subscription`] resubscribes from the offset after the last one it delivered after
+//!   any disconnect, so its consumer sees each offset exactly once, in order.
+//!
+//! It depends only on the wire types of `crate::net`, never on storage or Raft.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::chat::{shard_of, ShardId, StoredMessage};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::net::frame;
+use crate::net::tls::{self, TlsPaths};
+use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest};
+
+/// Largest frame the client accepts from a server.
+pub const RESPONSE_FRAME_BYTES_MAX: usize = 4 << 20;
+/// Time allowed for one request attempt.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(12);
+/// Default time a send keeps retrying before giving up.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(30);
+/// Messages buffered between a subscription task and its consumer.
+pub const SUBSCRIPTION_BUFFER: usize = 1024;
+
+/// A successful send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub conversation: String,
+    pub offset: u64,
+    pub ts_ms: u64,
+    /// This send was a retry of one already stored.
+    pub duplicate: bool,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    tls: quinn::ClientConfig,
+    nodes: BTreeMap<u64, SocketAddr>,
+    shards: u32,
+    conns: tokio::sync::Mutex<HashMap<u64, quinn::Connection>>,
+    leaders: Mutex<HashMap<ShardId, u64>>,
+    client_id: u64,
+    next_seq: AtomicU64,
+}
+
+/// A connection to a convoy cluster; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+fn transport_err(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(e.to_string())
+}
+
+impl Client {
+    /// Connects using the nodes and TLS material named by a cluster file, with a random
+    /// client id.
+    pub fn connect(config: &Config) -> Result<Client> {
+        Client::connect_as(config, rand::random::<u64>() | 1, 1)
+    }
+
+    /// Connects with a chosen idempotency identity: sends use `client_id` and sequence
+    /// numbers from `first_seq` upward.
+    pub fn connect_as(config: &Config, client_id: u64, first_seq: u64) -> Result<Client> {
+        let paths = TlsPaths {
+            dir: config.tls_dir.clone(),
+        };
+        if !paths.client_cert().exists() {
+            return Err(Error::Config(format!(
+                "no client credential in {}: start the cluster first (scripts/cluster up)",
+                paths.dir.display()
+            )));
+        }
+        let tls = tls::client_config(&paths, None)?;
+        let bind: SocketAddr = "0.0.0.0:0".parse().expect("a literal socket address");
+        let endpoint = quinn::Endpoint::client(bind).map_err(transport_err)?;
+        let nodes = config.nodes.iter().map(|n| (n.id, n.client_addr)).collect();
+        let inner = Inner {
+            endpoint,
+            tls,
+            nodes,
+            shards: config.shards,
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+            leaders: Mutex::new(HashMap::new()),
+            client_id,
+            next_seq: AtomicU64::new(first_seq),
+        };
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// This client's idempotency identity.
+    pub fn client_id(&self) -> u64 {
+        self.inner.client_id
+    }
+
+    /// Node ids in ascending order.
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.inner.nodes.keys().copied().collect()
+    }
+
+    async fn connection(&self, node: u64) -> Result<quinn::Connection> {
+        let mut conns = self.inner.conns.lock().await;
+        if let Some(c) = conns.get(&node) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = *self
+            .inner
+            .nodes
+            .get(&node)
+            .ok_or_else(|| Error::InvalidInput(format!("unknown node {node}")))?;
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.tls.clone(), addr, &tls::node_name(node))
+            .map_err(transport_err)?;
+        let conn = tokio::time::timeout(Duration::from_secs(3), connecting)
+            .await
+            .map_err(|_| Error::Unavailable(format!("connecting to node {node} timed out")))?
+            .map_err(|e| Error::Unavailable(format!("node {node}: {e}")))?;
+        conns.insert(node, conn.clone());
+        Ok(conn)
+    }
+
+    async fn forget(&self, node: u64) {
+        self.inner.conns.lock().await.remove(&node);
+    }
+
+    /// Opens a request stream to `node` and writes `req`.
+    async fn open(&self, node: u64, req: &Request) -> Result<quinn::RecvStream> {
+        let conn = self.connection(node).await?;
+        let (mut send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.forget(node).await;
+                return Err(Error::Unavailable(format!("node {node}: {e}")));
+            }
+        };
+        frame::write(&mut send, req).await?;
+        send.finish().map_err(transport_err)?;
+        Ok(recv)
+    }
+
+    /// One request, one response, from one node. A transport failure after the request
+    /// left is `Ambiguous`.
+    pub async fn request(&self, node: u64, req: &Request) -> Result<Response> {
+        let attempt = async {
+            let mut recv = self.open(node, req).await?;
+            match frame::read::<_, Response>(&mut recv, RESPONSE_FRAME_BYTES_MAX).await {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => Err(Error::Ambiguous(format!(
+                    "node {node} closed the stream without answering"
+                ))),
+                Err(e) => Err(Error::Ambiguous(format!("node {node}: {e}"))),
+            }
+        };
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Ambiguous(format!(
+                "node {node} did not answer within {ATTEMPT_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    fn target_for(&self, shard: ShardId, attempt: usize) -> u64 {
+        if let Some(l) = self
+            .inner
+            .leaders
+            .lock()
+            .expect("leader cache lock")
+            .get(&shard)
+        {
+            return *l;
+        }
+        let ids = self.node_ids();
+        ids[(shard as usize + attempt) % ids.len()]
+    }
+
+    fn set_leader(&self, shard: ShardId, leader: Option<u64>) {
+        let mut cache = self.inner.leaders.lock().expect("leader cache lock");
+        match leader {
+            Some(l) if self.inner.nodes.contains_key(&l) => {
+                cache.insert(shard, l);
+            }
+            _ => {
+                cache.remove(&shard);
+            }
+        }
+    }
+
+    /// Sends `text` with the next sequence number of this client.
+    pub async fn send(&self, conversation: &str, sender: &str, text: &str) -> Result<Ack> {
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.send_with(conversation, sender, seq, text, SEND_DEADLINE)
+            .await
+    }
+
+    /// Sends with an explicit sequence number, retrying until `deadline` with the same
+    /// idempotency key.
+    pub async fn send_with(
+        &self,
+        conversation: &str,
+        sender: &str,
+        client_seq: u64,
+        text: &str,
+        deadline: Duration,
+    ) -> Result<Ack> {
+        let shard = shard_of(conversation, self.inner.shards);
+        let req = Request::Send(SendRequest {
+            conversation: conversation.to_string(),
+            sender: sender.to_string(),
+            client_id: self.inner.client_id,
+            client_seq,
+            text: text.to_string(),
+        });
+        let started = Instant::now();
+        let mut ambiguous: Option<String> = None;
+        let mut last = String::from("no attempt made");
+        let mut attempt = 0usize;
+        while started.elapsed() < deadline {
+            let node = self.target_for(shard, attempt);
+            attempt += 1;
+            let backoff = Duration::from_millis((20 * attempt as u64).min(500));
+            match self.request(node, &req).await {
+                Ok(Response::Ack {
+                    conversation,
+                    offset,
+                    ts_ms,
+                    duplicate,
+                }) => {
+                    self.set_leader(shard, Some(node));
+                    return Ok(Ack {
+                        conversation,
+                        offset,
+                        ts_ms,
+                        duplicate,
+                    });
+                }
+                Ok(Response::NotLeader { leader, .. }) => {
+                    last = format!("node {node} is not the leader of shard {shard}");
+                    let hinted = leader.filter(|l| *l != node);
+                    self.set_leader(shard, hinted);
+                    if hinted.is_none() {
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+                Ok(Response::Throttled { retry_after_ms }) => {
+                    last = format!("node {node} throttled the send");
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(1, 5_000))).await;
+                }
+                Ok(Response::Error { code, message }) => match code {
+                    ErrorCode::InvalidInput => return Err(Error::InvalidInput(message)),
+                    ErrorCode::Rejected => return Err(Error::Rejected(message)),
+                    ErrorCode::Protocol => return Err(Error::Protocol(message)),
+                    ErrorCode::Ambiguous | ErrorCode::Unavailable => {
+                        if code == ErrorCode::Ambiguous {
+                            ambiguous = Some(message.clone());
+                        }
+                        last = message;
+                        self.set_leader(shard, None);
+                        tokio::time::sleep(backoff).await;
+                    }
+                },
+                Ok(other) => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected answer to send: {other:?}"
+                    )))
+                }
+                Err(e) => {
+                    if matches!(e, Error::Ambiguous(_)) {
+                        ambiguous = Some(e.to_string());
+                    }
+                    last = e.to_string();
+                    self.set_leader(shard, None);
+                    self.forget(node).await;
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+        match ambiguous {
+            Some(m) => Err(Error::Ambiguous(format!(
+                "gave up after {deadline:?}; an attempt's outcome is unknown: {m}"
+            ))),
+            None => Err(Error::Unavailable(format!(
+                "gave up after {deadline:?}: {last}"
+            ))),
+        }
+    }
+
+    /// A node's view of its shards.
+    pub async fn status(&self, node: u64) -> Result<NodeStatus> {
+        match self.request(node, &Request::Status).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(Error::Protocol(format!(
+                "unexpected answer to status: {other:?}"
+            ))),
+        }
+    }
+
+    /// Moves a user's cursor forward (on the shard's leader); returns (cursor, head).
+    pub async fn set_cursor(
+        &self,
+        user: &str,
+        conversation: &str,
+        offset: u64,
+    ) -> Result<(u64, u64)> {
+        let shard = shard_of(conversation, self.inner.shards);
+        let req = Request::SetCursor {
+            user: user.into(),
+            conversation: conversation.into(),
+            offset,
+        };
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            let node = self.target_for(shard, attempt);
+            attempt += 1;
+            match self.request(node, &req).await {
+                Ok(Response::Cursor { offset, head }) => return Ok((offset, head)),
+                Ok(Response::NotLeader { leader, .. }) => {
+                    self.set_leader(shard, leader.filter(|l| *l != node))
+                }
+                Ok(Response::Error {
+                    code: ErrorCode::InvalidInput,
+                    message,
+                }) => return Err(Error::InvalidInput(message)),
+                Ok(Response::Error {
+                    code: ErrorCode::Rejected,
+                    message,
+                }) => return Err(Error::Rejected(message)),
+                Ok(_) | Err(_) if started.elapsed() < SEND_DEADLINE => {
+                    self.set_leader(shard, None);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(other) => return Err(Error::Unavailable(format!("cursor: {other:?}"))),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A user's cursor and the conversation's head, as one replica sees them.
+    pub async fn get_cursor(
+        &self,
+        node: u64,
+        user: &str,
+        conversation: &str,
+    ) -> Result<(u64, u64)> {
+        match self
+            .request(
+                node,
+                &Request::GetCursor {
+                    user: user.into(),
+                    conversation: conversation.into(),
+                },
+            )
+            .await?
+        {
+            Response::Cursor { offset, head } => Ok((offset, head)),
+            Response::Error { code, message } => Err(response_error(code, message)),
+            other => Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+        }
+    }
+
+    /// Reads a conversation from `from` up to the head as `node` (default: any) has it.
+    pub async fn read(
+        &self,
+        conversation: &str,
+        from: u64,
+        node: Option<u64>,
+    ) -> Result<Vec<StoredMessage>> {
+        let ids = match node {
+            Some(n) => vec![n],
+            None => self.node_ids(),
+        };
+        let mut last = Error::Unavailable("no node to read from".into());
+        for node in ids {
+            match self.read_from(conversation, from, node).await {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn read_from(
+        &self,
+        conversation: &str,
+        from: u64,
+        node: u64,
+    ) -> Result<Vec<StoredMessage>> {
+        let req = Request::Subscribe {
+            conversation: conversation.into(),
+            from,
+            follow: false,
+        };
+        let mut recv = self.open(node, &req).await?;
+        let mut out = Vec::new();
+        let mut next = from.max(1);
+        loop {
+            let frame = tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                frame::read::<_, Response>(&mut recv, RESPONSE_FRAME_BYTES_MAX),
+            )
+            .await
+            .map_err(|_| Error::Unavailable(format!("node {node} stalled")))??;
+            match frame {
+                Some(Response::Message(m)) => {
+                    if m.offset != next {
+                        return Err(Error::Protocol(format!(
+                            "node {node} sent offset {} where {next} was due",
+                            m.offset
+                        )));
+                    }
+                    next += 1;
+                    out.push(m);
+                }
+                Some(Response::CaughtUp { .. }) => return Ok(out),
+                Some(Response::Error { code, message }) => {
+                    return Err(response_error(code, message))
+                }
+                Some(Response::Truncated { earliest }) => {
+                    return Err(Error::Truncated { earliest })
+                }
+                Some(other) => return Err(Error::Protocol(format!("unexpected frame {other:?}"))),
+                None => {
+                    return Err(Error::Unavailable(format!(
+                        "node {node} ended the read early"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Follows a conversation from `from`, live, across disconnects. `node` pins the
+    /// replica (it is still retried after failures); `None` spreads over all of them.
+    pub fn subscribe(&self, conversation: &str, from: u64, node: Option<u64>) -> Subscription {
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let task = tokio::spawn(follow(
+            self.clone(),
+            conversation.to_string(),
+            from.max(1),
+            node,
+            tx,
+        ));
+        Subscription { rx, task }
+    }
+}
+
+fn response_error(code: ErrorCode, message: String) -> Error {
+    match code {
+        ErrorCode::InvalidInput => Error::InvalidInput(message),
+        ErrorCode::Rejected => Error::Rejected(message),
+        ErrorCode::Protocol => Error::Protocol(message),
+        ErrorCode::Ambiguous => Error::Ambiguous(message),
+        ErrorCode::Unavailable => Error::Unavailable(message),
+    }
+}
+
+/// What a subscription delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The next message, in offset order, each offset once.
+    Message(StoredMessage),
+    /// Everything stored up to `head` has been delivered (sent once per (re)attach).
+    CaughtUp { head: u64 },
+    /// The subscription (re)attached to `node` from `from`.
+    Attached { node: u64, from: u64 },
+    /// A permanent error (e.g. invalid conversation id); the subscription ends.
+    Failed(String),
+}
+
+/// A live subscription; dropping it stops the background task.
+pub struct Subscription {
+    pub rx: mpsc::Receiver<Event>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscription {
+    /// The next event; `None` once the subscription ended.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn follow(
+    client: Client,
+    conversation: String,
+    mut next: u64,
+    pinned: Option<u64>,
+    tx: mpsc::Sender<Event>,
+) {
+    let ids = client.node_ids();
+    let mut attempt = 0usize;
+    loop {
+        let node = pinned.unwrap_or_else(|| ids[attempt % ids.len()]);
+        attempt += 1;
+        let req = Request::Subscribe {
+            conversation: conversation.clone(),
+            from: next,
+            follow: true,
+        };
+        let mut recv = match client.open(node, &req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(node, error = %e, "subscribe failed; retrying");
+                client.forget(node).await;
+                tokio::time::sleep(Duration::from_millis((50 * attempt as u64).min(1000))).await;
+                continue;
+            }
+        };
+        if tx.send(Event::Attached { node, from: next }).await.is_err() {
+            return;
+        }
+        loop {
+            match frame::read::<_, Response>(&mut recv, RESPONSE_FRAME_BYTES_MAX).await {
+                Ok(Some(Response::Message(m))) => {
+                    if m.offset < next {
+                        continue;
+                    }
+                    if m.offset > next {
+                        tracing::warn!(
+                            node,
+                            expected = next,
+                            got = m.offset,
+                            "gap from server; resubscribing"
+                        );
+                        break;
+                    }
+                    next += 1;
+                    attempt = 0;
+                    if tx.send(Event::Message(m)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(Response::CaughtUp { head })) => {
+                    if tx.send(Event::CaughtUp { head }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(Response::Error {
+                    code: ErrorCode::InvalidInput,
+                    message,
+                })) => {
+                    let _ = tx.send(Event::Failed(message)).await;
+                    return;
+                }
+                Ok(other) => {
+                    tracing::debug!(node, ?other, "subscription stream ended; resubscribing");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "subscription broke; resubscribing");
+                    client.forget(node).await;
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis((50 * attempt as u64).min(1000))).await;
+    }
+}

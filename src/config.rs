@@ -1,0 +1,275 @@
+//! `cluster.toml` → a validated [`Config`].
+//!
+//! Relative paths in the file are resolved against the file's directory, so the CLI and
+//! every node find the same data directories and TLS material wherever they are started.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::chat::MESSAGE_BYTES_MAX;
+use crate::error::{Error, Result};
+
+/// One node of the cluster.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// Raft timing and log compaction.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a (cheap, lazy) snapshot and allow purging after this many applied entries.
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept behind a snapshot so slightly lagging followers need no snapshot.
+    pub max_in_snapshot_log_to_keep: u64,
+    /// Entries per AppendEntries RPC.
+    pub max_payload_entries: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_logs_since_last: 20_000,
+            max_in_snapshot_log_to_keep: 5_000,
+            max_payload_entries: 256,
+        }
+    }
+}
+
+/// Bounds on everything a client can make the node hold.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message text, in bytes (at most 64 KiB).
+    pub max_message_bytes: usize,
+    /// Largest client frame, in bytes.
+    pub max_frame_bytes: usize,
+    /// Concurrent client connections per node; more are refused.
+    pub max_connections: usize,
+    /// Sends in flight per node; more are answered `Throttled`.
+    pub max_inflight_sends: usize,
+    /// Live-push buffer per shard, in messages; a subscriber further behind reads storage.
+    pub push_buffer_messages: usize,
+    /// Concurrent requests (streams) per client connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_frame_bytes: 1024 * 1024,
+            max_connections: 20_000,
+            max_inflight_sends: 8192,
+            push_buffer_messages: 4096,
+            max_streams_per_connection: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_shards")]
+    shards: u32,
+    #[serde(default = "default_rf")]
+    replication_factor: usize,
+    #[serde(default = "default_tls_dir")]
+    tls_dir: PathBuf,
+    #[serde(default)]
+    raft: RaftConfig,
+    #[serde(default)]
+    limits: Limits,
+    nodes: Vec<NodeConfig>,
+}
+
+fn default_shards() -> u32 {
+    16
+}
+fn default_rf() -> usize {
+    3
+}
+fn default_tls_dir() -> PathBuf {
+    PathBuf::from("data/tls")
+}
+
+/// A validated cluster description.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from (for messages and for spawning nodes).
+    pub path: PathBuf,
+    pub shards: u32,
+    pub replication_factor: usize,
+    pub tls_dir: PathBuf,
+    pub raft: RaftConfig,
+    pub limits: Limits,
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl Config {
+    /// Reads and validates a cluster file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+        Config::parse(&text, &base, path)
+    }
+
+    /// Parses a cluster description; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path, path: &Path) -> Result<Config> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let mut nodes = raw.nodes;
+        for node in &mut nodes {
+            node.data_dir = resolve(&node.data_dir);
+        }
+        let config = Config {
+            path: path.to_path_buf(),
+            shards: raw.shards,
+            replication_factor: raw.replication_factor,
+            tls_dir: resolve(&raw.tls_dir),
+            raft: raw.raft,
+            limits: raw.limits,
+            nodes,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(Error::Config(m));
+        if self.shards == 0 || self.shards > 4096 {
+            return fail(format!("shards must be 1..=4096, got {}", self.shards));
+        }
+        if self.nodes.is_empty() {
+            return fail("at least one [[nodes]] entry is required".into());
+        }
+        if self.replication_factor != self.nodes.len() {
+            return fail(format!(
+                "replication_factor {} must equal the number of nodes ({}) until shard placement exists",
+                self.replication_factor,
+                self.nodes.len()
+            ));
+        }
+        let ids: BTreeSet<u64> = self.nodes.iter().map(|n| n.id).collect();
+        if ids.len() != self.nodes.len() || ids.contains(&0) {
+            return fail("node ids must be unique and non-zero".into());
+        }
+        let mut addrs = BTreeSet::new();
+        for n in &self.nodes {
+            if !addrs.insert(n.client_addr) || !addrs.insert(n.peer_addr) {
+                return fail(format!("node {}: addresses must be distinct", n.id));
+            }
+        }
+        if self.limits.max_message_bytes == 0 || self.limits.max_message_bytes > MESSAGE_BYTES_MAX {
+            return fail(format!(
+                "limits.max_message_bytes must be 1..={MESSAGE_BYTES_MAX}"
+            ));
+        }
+        if self.limits.max_frame_bytes < self.limits.max_message_bytes + 1024 {
+            return fail(
+                "limits.max_frame_bytes must exceed max_message_bytes by at least 1 KiB".into(),
+            );
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 3 {
+            return fail("raft.election_timeout_min_ms must exceed 3 heartbeats".into());
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return fail("raft.election_timeout_max_ms must exceed the minimum".into());
+        }
+        Ok(())
+    }
+
+    /// The node with this id.
+    pub fn node(&self, id: u64) -> Result<&NodeConfig> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| Error::Config(format!("node {id} is not in {}", self.path.display())))
+    }
+
+    /// Node ids in ascending order.
+    pub fn node_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+shards = 8
+replication_factor = 3
+[[nodes]]
+id = 1
+client_addr = "127.0.0.1:7101"
+peer_addr = "127.0.0.1:7201"
+data_dir = "data/node1"
+[[nodes]]
+id = 2
+client_addr = "127.0.0.1:7102"
+peer_addr = "127.0.0.1:7202"
+data_dir = "/abs/node2"
+[[nodes]]
+id = 3
+client_addr = "127.0.0.1:7103"
+peer_addr = "127.0.0.1:7203"
+data_dir = "data/node3"
+"#;
+
+    #[test]
+    fn resolves_relative_paths_against_the_file() {
+        let c = Config::parse(
+            SAMPLE,
+            Path::new("/etc/convoy"),
+            Path::new("/etc/convoy/c.toml"),
+        )
+        .expect("valid");
+        assert_eq!(c.nodes[0].data_dir, PathBuf::from("/etc/convoy/data/node1"));
+        assert_eq!(c.nodes[1].data_dir, PathBuf::from("/abs/node2"));
+        assert_eq!(c.tls_dir, PathBuf::from("/etc/convoy/data/tls"));
+        assert_eq!(c.shards, 8);
+        assert_eq!(c.limits.max_message_bytes, 65536);
+    }
+
+    #[test]
+    fn rejects_duplicate_ids_and_bad_limits() {
+        let dup = SAMPLE.replace("id = 2", "id = 1");
+        assert!(Config::parse(&dup, Path::new("."), Path::new("c.toml")).is_err());
+        let big = format!("{SAMPLE}\n[limits]\nmax_message_bytes = 70000\n");
+        let err = Config::parse(&big, Path::new("."), Path::new("c.toml")).expect_err("too big");
+        assert!(err.to_string().contains("max_message_bytes"), "{err}");
+        let unknown = format!("bogus = 1\n{SAMPLE}");
+        assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
+    }
+}

@@ -1,0 +1,464 @@
+//! The node↔node transport for every Raft group of a node.
+//!
+//! One QUIC endpoint per node (its `peer_addr`), mutual TLS under the node CA, one cached
+//! connection per peer shared by all shards, and one bidirectional stream per RPC whose
+//! request names the shard. [`PeerNet`] implements `openraft_multi::GroupRouter`, so
+//! openraft sees an ordinary per-group network; [`serve`] dispatches incoming RPCs to the
+//! local group of the named shard.
+//!
+//! Snapshots are streamed in chunks read from a RocksDB snapshot on a blocking thread
+//! through a small bounded channel, and spooled to a file on the receiver: neither side
+//! holds a shard in memory.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::RaftNetworkFactory;
+use openraft_multi::{GroupNetworkAdapter, GroupRouter};
+use tracing::Instrument;
+
+use super::frame;
+use super::wire::{PeerRequest, PeerResponse};
+use crate::chat::ShardId;
+use crate::error::Error;
+use crate::raft::state_machine::ShardSnapshot;
+use crate::raft::types::*;
+use crate::store::snapshot::SpoolWriter;
+
+/// Largest peer frame: an AppendEntries batch of `max_payload_entries` full messages, or a
+/// snapshot chunk, fits well below it.
+pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
+/// Time allowed to establish a peer connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Snapshot chunks buffered between the RocksDB reader thread and the stream.
+const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 4;
+/// Time allowed for a receiver to install a snapshot after the last chunk.
+const SNAPSHOT_INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The local Raft groups, by shard, as the peer server and the service find them.
+pub type Groups = Arc<RwLock<HashMap<ShardId, Raft>>>;
+
+/// Outgoing peer RPCs; cheap to clone.
+#[derive(Clone)]
+pub struct PeerNet {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    addrs: HashMap<NodeId, SocketAddr>,
+    conns: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
+}
+
+fn unreachable(e: impl std::fmt::Display) -> RPCError<C> {
+    RPCError::Unreachable(Unreachable::from_string(e.to_string()))
+}
+
+fn network(e: impl std::fmt::Display) -> RPCError<C> {
+    RPCError::Network(NetworkError::from_string(e.to_string()))
+}
+
+impl PeerNet {
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        client_config: quinn::ClientConfig,
+        addrs: HashMap<NodeId, SocketAddr>,
+    ) -> Self {
+        let inner = Inner {
+            endpoint,
+            client_config,
+            addrs,
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+        };
+        PeerNet {
+            inner: Arc::new(inner),
+        }
+    }
+
+    async fn connection(&self, target: NodeId) -> Result<quinn::Connection, RPCError<C>> {
+        let mut conns = self.inner.conns.lock().await;
+        if let Some(c) = conns.get(&target) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = *self
+            .inner
+            .addrs
+            .get(&target)
+            .ok_or_else(|| unreachable(format!("unknown node {target}")))?;
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(
+                self.inner.client_config.clone(),
+                addr,
+                &super::tls::node_name(target),
+            )
+            .map_err(unreachable)?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| unreachable(format!("connect to node {target} timed out")))?
+            .map_err(unreachable)?;
+        conns.insert(target, conn.clone());
+        Ok(conn)
+    }
+
+    /// One unary RPC on its own stream, bounded by `ttl`.
+    async fn call(
+        &self,
+        target: NodeId,
+        req: PeerRequest,
+        ttl: Duration,
+    ) -> Result<PeerResponse, RPCError<C>> {
+        let attempt = async {
+            let conn = self.connection(target).await?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(unreachable)?;
+            frame::write(&mut send, &req).await.map_err(network)?;
+            send.finish().map_err(network)?;
+            match frame::read::<_, PeerResponse>(&mut recv, PEER_FRAME_BYTES_MAX)
+                .await
+                .map_err(network)?
+            {
+                Some(PeerResponse::Error(e)) => Err(unreachable(format!("node {target}: {e}"))),
+                Some(resp) => Ok(resp),
+                None => Err(network("peer closed the stream without answering")),
+            }
+        };
+        match tokio::time::timeout(ttl, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(network(format!(
+                "rpc to node {target} timed out after {ttl:?}"
+            ))),
+        }
+    }
+}
+
+fn unexpected(resp: PeerResponse) -> RPCError<C> {
+    network(format!("unexpected peer response {resp:?}"))
+}
+
+impl GroupRouter<C, ShardId> for PeerNet {
+    type SnapshotData = ShardSnapshot;
+
+    async fn append_entries(
+        &self,
+        target: NodeId,
+        shard: ShardId,
+        rpc: AppendEntriesRequest,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse, RPCError<C>> {
+        match self
+            .call(
+                target,
+                PeerRequest::Append { shard, rpc },
+                option.hard_ttl(),
+            )
+            .await?
+        {
+            PeerResponse::Append(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &self,
+        target: NodeId,
+        shard: ShardId,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RPCError<C>> {
+        match self
+            .call(target, PeerRequest::Vote { shard, rpc }, option.hard_ttl())
+            .await?
+        {
+            PeerResponse::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn pre_vote(
+        &self,
+        target: NodeId,
+        shard: ShardId,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RPCError<C>> {
+        match self
+            .call(
+                target,
+                PeerRequest::PreVote { shard, rpc },
+                option.hard_ttl(),
+            )
+            .await?
+        {
+            PeerResponse::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        target: NodeId,
+        shard: ShardId,
+        rpc: TransferLeaderRequest,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse, RPCError<C>> {
+        match self
+            .call(
+                target,
+                PeerRequest::TransferLeader { shard, rpc },
+                option.hard_ttl(),
+            )
+            .await?
+        {
+            PeerResponse::TransferLeader(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &self,
+        target: NodeId,
+        shard: ShardId,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse, StreamingError<C>> {
+        let to_streaming = |e: RPCError<C>| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            RPCError::Network(n) => StreamingError::Network(n),
+            other => StreamingError::Network(NetworkError::from_string(other.to_string())),
+        };
+        let transfer = async {
+            let conn = self.connection(target).await.map_err(to_streaming)?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| to_streaming(unreachable(e)))?;
+            let meta = snapshot.meta.clone();
+            frame::write(&mut send, &PeerRequest::Snapshot { shard, vote, meta })
+                .await
+                .map_err(|e| to_streaming(network(e)))?;
+            let local = match snapshot.snapshot {
+                ShardSnapshot::Local(local) => local,
+                ShardSnapshot::Spooled(_) => {
+                    return Err(to_streaming(network("cannot forward a spooled snapshot")))
+                }
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(SNAPSHOT_CHUNKS_IN_FLIGHT);
+            let reader = tokio::task::spawn_blocking(move || {
+                local.for_each_chunk(|chunk| {
+                    tx.blocking_send(chunk)
+                        .map_err(|_| Error::Unavailable("snapshot stream closed".into()))
+                })
+            });
+            let mut bytes = 0usize;
+            while let Some(chunk) = rx.recv().await {
+                bytes += chunk.len();
+                frame::write(&mut send, &PeerRequest::SnapshotChunk(chunk))
+                    .await
+                    .map_err(|e| to_streaming(network(e)))?;
+            }
+            reader
+                .await
+                .map_err(|e| to_streaming(network(e)))?
+                .map_err(|e| to_streaming(network(format!("reading snapshot: {e}"))))?;
+            send.finish().map_err(|e| to_streaming(network(e)))?;
+            tracing::info!(
+                shard,
+                target,
+                bytes,
+                "snapshot streamed; waiting for install"
+            );
+            let resp = tokio::time::timeout(
+                SNAPSHOT_INSTALL_TIMEOUT,
+                frame::read::<_, PeerResponse>(&mut recv, PEER_FRAME_BYTES_MAX),
+            )
+            .await
+            .map_err(|_| to_streaming(network("snapshot install timed out")))?
+            .map_err(|e| to_streaming(network(e)))?;
+            match resp {
+                Some(PeerResponse::Snapshot(r)) => Ok(r),
+                Some(other) => Err(to_streaming(unexpected(other))),
+                None => Err(to_streaming(network("peer closed the snapshot stream"))),
+            }
+        };
+        tokio::select! {
+            r = transfer => r,
+            closed = cancel => Err(StreamingError::Closed(closed)),
+        }
+    }
+}
+
+/// openraft's network factory for one shard: every client shares the node's [`PeerNet`].
+#[derive(Clone)]
+pub struct ShardNetworkFactory {
+    pub net: PeerNet,
+    pub shard: ShardId,
+}
+
+impl RaftNetworkFactory<C> for ShardNetworkFactory {
+    type Network = GroupNetworkAdapter<C, ShardId, PeerNet>;
+
+    async fn new_client(&mut self, target: NodeId, _node: &Member) -> Self::Network {
+        GroupNetworkAdapter::new(self.net.clone(), target, self.shard)
+    }
+}
+
+/// Serves peer RPCs until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, groups: Groups, spool_dir: PathBuf) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (groups, spool_dir) = (groups.clone(), spool_dir.clone());
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer handshake failed");
+                    return;
+                }
+            };
+            let span = tracing::info_span!("peer", remote = %conn.remote_address());
+            async move {
+                loop {
+                    match conn.accept_bi().await {
+                        Ok((send, recv)) => {
+                            let (groups, spool_dir) = (groups.clone(), spool_dir.clone());
+                            tokio::spawn(
+                                handle_stream(send, recv, groups, spool_dir).in_current_span(),
+                            );
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "peer connection closed");
+                            return;
+                        }
+                    }
+                }
+            }
+            .instrument(span)
+            .await
+        });
+    }
+}
+
+fn group(groups: &Groups, shard: ShardId) -> Result<Raft, String> {
+    let map = groups
+        .read()
+        .map_err(|_| "group registry poisoned".to_string())?;
+    map.get(&shard)
+        .cloned()
+        .ok_or_else(|| format!("shard {shard} is not hosted on this node"))
+}
+
+async fn handle_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    groups: Groups,
+    spool_dir: PathBuf,
+) {
+    let response = match frame::read::<_, PeerRequest>(&mut recv, PEER_FRAME_BYTES_MAX).await {
+        Ok(Some(req)) => dispatch(req, &mut recv, &groups, &spool_dir).await,
+        Ok(None) => return,
+        Err(e) => PeerResponse::Error(format!("bad request: {e}")),
+    };
+    if frame::write(&mut send, &response).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn dispatch(
+    req: PeerRequest,
+    recv: &mut quinn::RecvStream,
+    groups: &Groups,
+    spool_dir: &std::path::Path,
+) -> PeerResponse {
+    let err = |e: String| PeerResponse::Error(e);
+    match req {
+        PeerRequest::Append { shard, rpc } => match group(groups, shard) {
+            Ok(raft) => raft
+                .append_entries(rpc)
+                .await
+                .map(PeerResponse::Append)
+                .unwrap_or_else(|e| err(e.to_string())),
+            Err(e) => err(e),
+        },
+        PeerRequest::Vote { shard, rpc } => match group(groups, shard) {
+            Ok(raft) => raft
+                .vote(rpc)
+                .await
+                .map(PeerResponse::Vote)
+                .unwrap_or_else(|e| err(e.to_string())),
+            Err(e) => err(e),
+        },
+        PeerRequest::PreVote { shard, rpc } => match group(groups, shard) {
+            Ok(raft) => raft
+                .pre_vote(rpc)
+                .await
+                .map(PeerResponse::Vote)
+                .unwrap_or_else(|e| err(e.to_string())),
+            Err(e) => err(e),
+        },
+        PeerRequest::TransferLeader { shard, rpc } => match group(groups, shard) {
+            Ok(raft) => raft
+                .handle_transfer_leader(rpc)
+                .await
+                .map(PeerResponse::TransferLeader)
+                .unwrap_or_else(|e| err(e.to_string())),
+            Err(e) => err(e),
+        },
+        PeerRequest::Snapshot { shard, vote, meta } => match group(groups, shard) {
+            Ok(raft) => receive_snapshot(raft, shard, vote, meta, recv, spool_dir)
+                .await
+                .unwrap_or_else(err),
+            Err(e) => err(e),
+        },
+        PeerRequest::SnapshotChunk(_) => err("snapshot chunk without a snapshot header".into()),
+    }
+}
+
+async fn receive_snapshot(
+    raft: Raft,
+    shard: ShardId,
+    vote: Vote,
+    meta: SnapshotMeta,
+    recv: &mut quinn::RecvStream,
+    spool_dir: &std::path::Path,
+) -> Result<PeerResponse, String> {
+    let path = spool_dir.join(format!("shard-{shard}-{:016x}.snap", rand::random::<u64>()));
+    let result = async {
+        let mut spool = SpoolWriter::create(path.clone()).map_err(|e| e.to_string())?;
+        loop {
+            match frame::read::<_, PeerRequest>(recv, PEER_FRAME_BYTES_MAX)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(PeerRequest::SnapshotChunk(chunk)) => {
+                    spool.write_chunk(&chunk).map_err(|e| e.to_string())?
+                }
+                Some(_) => return Err("unexpected frame inside a snapshot".to_string()),
+                None => break,
+            }
+        }
+        tracing::info!(shard, bytes = spool.bytes, "snapshot received; installing");
+        let path = spool.finish().map_err(|e| e.to_string())?;
+        let snapshot = Snapshot {
+            meta,
+            snapshot: ShardSnapshot::Spooled(path),
+        };
+        raft.install_full_snapshot(vote, snapshot)
+            .await
+            .map(PeerResponse::Snapshot)
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let _ = std::fs::remove_file(&path);
+    result
+}

@@ -1,0 +1,103 @@
+//! The client-facing QUIC server: an accept loop that refuses connections above the cap,
+//! one task per connection, one task per request stream (bounded by the per-connection
+//! stream limit in the transport config), and a span per connection and per request.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use super::frame;
+use super::wire::{ErrorCode, Request, Response};
+use crate::error::Error;
+use crate::service::Node;
+
+/// Serves clients until the endpoint closes.
+pub async fn serve(node: Arc<Node>) {
+    let permits = Arc::new(Semaphore::new(node.config.limits.max_connections));
+    while let Some(incoming) = node.client_endpoint.accept().await {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client handshake failed");
+                    return;
+                }
+            };
+            let span = tracing::info_span!("client", remote = %conn.remote_address());
+            async move {
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let node = node.clone();
+                    tokio::spawn(
+                        handle(node, send, recv).instrument(tracing::debug_span!("request")),
+                    );
+                }
+            }
+            .instrument(span)
+            .await
+        });
+    }
+}
+
+fn code_of(e: &Error) -> ErrorCode {
+    match e {
+        Error::InvalidInput(_) => ErrorCode::InvalidInput,
+        Error::Protocol(_) => ErrorCode::Protocol,
+        Error::Ambiguous(_) => ErrorCode::Ambiguous,
+        _ => ErrorCode::Unavailable,
+    }
+}
+
+async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let request =
+        match frame::read::<_, Request>(&mut recv, node.config.limits.max_frame_bytes).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = frame::write(
+                    &mut send,
+                    &Response::Error {
+                        code: code_of(&e),
+                        message: e.to_string(),
+                    },
+                )
+                .await;
+                let _ = send.finish();
+                return;
+            }
+        };
+    let response = match request {
+        Request::Send(req) => node.send(req).await,
+        Request::SetCursor {
+            user,
+            conversation,
+            offset,
+        } => node.set_cursor(user, conversation, offset).await,
+        Request::GetCursor { user, conversation } => node.get_cursor(user, conversation).await,
+        Request::Status => Response::Status(node.status()),
+        Request::Subscribe {
+            conversation,
+            from,
+            follow,
+        } => match node.subscribe(conversation, from, follow, &mut send).await {
+            Ok(()) => {
+                let _ = send.finish();
+                return;
+            }
+            Err(e) => Response::Error {
+                code: code_of(&e),
+                message: e.to_string(),
+            },
+        },
+    };
+    if frame::write(&mut send, &response).await.is_ok() {
+        let _ = send.finish();
+    }
+}

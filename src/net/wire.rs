@@ -1,0 +1,164 @@
+//! Every message that crosses the network, in one file, versioned by the frame's version
+//! byte ([`super::frame::WIRE_VERSION`]).
+//!
+//! Client protocol: one bidirectional stream per request. The client writes one
+//! [`Request`] frame and finishes its side; the server answers one [`Response`] frame
+//! (unary requests) or a sequence of them (a subscription) and finishes.
+//!
+//! Peer protocol: one bidirectional stream per Raft RPC: one [`PeerRequest`] frame, one
+//! [`PeerResponse`] frame. A snapshot transfer sends [`PeerRequest::Snapshot`], then the
+//! shard's state as [`PeerRequest::SnapshotChunk`] frames, then finishes; the receiver
+//! answers once everything is installed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{ShardId, StoredMessage};
+use crate::raft::types::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotMeta, SnapshotResponse,
+    TransferLeaderRequest, TransferLeaderResponse, Vote, VoteRequest, VoteResponse,
+};
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Append a message; answered `Ack` only after quorum commit (fsynced) and apply.
+    Send(SendRequest),
+    /// Stream a conversation from `from` (1 = the beginning). With `follow`, keep pushing
+    /// live messages after `CaughtUp`; without, finish after `CaughtUp`.
+    Subscribe {
+        conversation: String,
+        from: u64,
+        follow: bool,
+    },
+    /// Move a user's read cursor forward (replicated, monotone).
+    SetCursor {
+        user: String,
+        conversation: String,
+        offset: u64,
+    },
+    /// Read a user's cursor and the conversation's head from this replica.
+    GetCursor { user: String, conversation: String },
+    /// This node's view of every shard.
+    Status,
+}
+
+/// Payload of [`Request::Send`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub conversation: String,
+    pub sender: String,
+    /// Identifies the sending client instance; with `client_seq` the idempotency key.
+    pub client_id: u64,
+    pub client_seq: u64,
+    pub text: String,
+}
+
+/// Machine-readable class of an error answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Malformed or over a limit; nothing applied; do not retry unchanged.
+    InvalidInput,
+    /// Replicated and refused by the state machine (e.g. sequence reused).
+    Rejected,
+    /// Not applied; retry (perhaps elsewhere).
+    Unavailable,
+    /// Outcome unknown; retry with the same idempotency key.
+    Ambiguous,
+    /// The peer sent something this node does not understand.
+    Protocol,
+}
+
+/// A server's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Ack {
+        conversation: String,
+        offset: u64,
+        ts_ms: u64,
+        duplicate: bool,
+    },
+    NotLeader {
+        shard: ShardId,
+        leader: Option<u64>,
+    },
+    Throttled {
+        retry_after_ms: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// One message of a subscription.
+    Message(StoredMessage),
+    /// The subscription has delivered everything stored up to `head`; live push follows.
+    CaughtUp {
+        head: u64,
+    },
+    /// The requested offset is older than what is retained.
+    Truncated {
+        earliest: u64,
+    },
+    Cursor {
+        offset: u64,
+        head: u64,
+    },
+    Status(NodeStatus),
+}
+
+/// A node's view of its shards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub shards: Vec<ShardStatus>,
+}
+
+/// One shard as seen by one replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub shard: ShardId,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub role: String,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub voters: Vec<u64>,
+}
+
+/// A Raft RPC to a peer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerRequest {
+    Append {
+        shard: ShardId,
+        rpc: AppendEntriesRequest,
+    },
+    Vote {
+        shard: ShardId,
+        rpc: VoteRequest,
+    },
+    PreVote {
+        shard: ShardId,
+        rpc: VoteRequest,
+    },
+    TransferLeader {
+        shard: ShardId,
+        rpc: TransferLeaderRequest,
+    },
+    Snapshot {
+        shard: ShardId,
+        vote: Vote,
+        meta: SnapshotMeta,
+    },
+    SnapshotChunk(Vec<u8>),
+}
+
+/// A peer's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerResponse {
+    Append(AppendEntriesResponse),
+    Vote(VoteResponse),
+    TransferLeader(TransferLeaderResponse),
+    Snapshot(SnapshotResponse),
+    /// The shard is not hosted here or the Raft task failed; the caller treats the peer
+    /// as unreachable for this RPC.
+    Error(String),
+}

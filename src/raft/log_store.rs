@@ -1,0 +1,206 @@
+//! openraft's log storage over the shared RocksDB.
+//!
+//! `append` writes the entries without sync (so they are readable on return, as openraft
+//! requires) and queues the completion on the node's [`Syncer`]: the callback fires only
+//! after the fsync that covers the write. Votes are made durable the same way before
+//! `save_vote` returns. Truncation and purge need no sync of their own: the WAL is
+//! sequential, so any later durable write makes them durable too; but purge first syncs,
+//! because it may delete entries whose effects on the state machine were written without
+//! sync (see `state_machine`).
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+use rocksdb::WriteBatch;
+
+use super::types::{Entry, LogId, Vote, C};
+use crate::chat::ShardId;
+use crate::store::codec::{decode, encode};
+use crate::store::keys::{
+    log_key, meta_key, CF_LOG, CF_META, META_COMMITTED, META_PURGED, META_VOTE,
+};
+use crate::store::Store;
+
+/// One shard's Raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    pub shard: ShardId,
+    pub store: Store,
+}
+
+fn io_err(e: crate::error::Error) -> io::Error {
+    match e {
+        crate::error::Error::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+/// Runs blocking RocksDB work off the reactor.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("storage task: {e}")))?
+        .map_err(io_err)
+}
+
+impl LogStore {
+    async fn read_meta<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        kind: u8,
+    ) -> io::Result<Option<T>> {
+        let (store, shard) = (self.store.clone(), self.shard);
+        blocking(move || match store.get(CF_META, &meta_key(shard, kind))? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        })
+        .await
+    }
+}
+
+impl RaftLogReader<C> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let (store, shard) = (self.store.clone(), self.shard);
+        blocking(move || {
+            let raw = store.log_range(shard, start, end)?;
+            raw.into_iter()
+                .map(|(_, v)| decode::<Entry>(&v).map_err(Into::into))
+                .collect()
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.read_meta(META_VOTE).await
+    }
+}
+
+impl RaftLogStorage<C> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        let last_purged: Option<LogId> = self.read_meta(META_PURGED).await?;
+        let (store, shard) = (self.store.clone(), self.shard);
+        let last = blocking(move || match store.log_last(shard)? {
+            Some(v) => Ok(Some(decode::<Entry>(&v)?.log_id)),
+            None => Ok(None),
+        })
+        .await?;
+        let last_log_id = last.or_else(|| last_purged.clone());
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let (store, shard, value) = (self.store.clone(), self.shard, encode(vote));
+        blocking(move || {
+            let mut b = WriteBatch::default();
+            b.put_cf(store.cf(CF_META), meta_key(shard, META_VOTE), value);
+            store.write(b)
+        })
+        .await?;
+        // Durable before returning: group-committed with every other shard's writes.
+        self.store.syncer.sync().await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let (store, shard, value) = (self.store.clone(), self.shard, encode(&committed));
+        blocking(move || {
+            let mut b = WriteBatch::default();
+            b.put_cf(store.cf(CF_META), meta_key(shard, META_COMMITTED), value);
+            store.write(b)
+        })
+        .await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self
+            .read_meta::<Option<LogId>>(META_COMMITTED)
+            .await?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let shard = self.shard;
+        let encoded: Vec<([u8; 12], Vec<u8>)> = entries
+            .into_iter()
+            .map(|e| (log_key(shard, e.log_id.index), encode(&e)))
+            .collect();
+        let store = self.store.clone();
+        blocking(move || {
+            let mut b = WriteBatch::default();
+            for (k, v) in encoded {
+                b.put_cf(store.cf(CF_LOG), k, v);
+            }
+            store.write(b)?;
+            // Queued strictly after the write returned: the next fsync covers it.
+            store
+                .syncer
+                .after_sync(Box::new(move |r| callback.io_completed(r)));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
+        let (store, shard) = (self.store.clone(), self.shard);
+        blocking(move || {
+            let mut b = WriteBatch::default();
+            b.delete_range_cf(
+                store.cf(CF_LOG),
+                log_key(shard, from).to_vec(),
+                crate::store::keys::shard_range(shard).1,
+            );
+            store.write(b)
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // The state machine's writes up to the purge point must be durable before the log
+        // entries that could rebuild them are deleted.
+        self.store.syncer.sync().await?;
+        let (store, shard) = (self.store.clone(), self.shard);
+        let value = encode(&log_id);
+        let upto = log_id.index;
+        blocking(move || {
+            let mut b = WriteBatch::default();
+            b.put_cf(store.cf(CF_META), meta_key(shard, META_PURGED), value);
+            b.delete_range_cf(
+                store.cf(CF_LOG),
+                log_key(shard, 0),
+                log_key(shard, upto.saturating_add(1)),
+            );
+            store.write(b)
+        })
+        .await
+    }
+}

@@ -1,0 +1,119 @@
+//! openraft wiring, and nothing else: the type configuration ([`types`]), the log store
+//! ([`log_store`]) and state machine ([`state_machine`]) adapters over `crate::store`, and
+//! starting a shard's group ([`start_group`]). The transport lives in `crate::net::peer`.
+//!
+//! Every shard is one Raft group whose voters are the cluster's nodes. Group membership is
+//! formed once: the lowest-id node initializes every shard when its own database was just
+//! created; every other node waits to be contacted. A node never initializes a group it
+//! already has state for (openraft refuses, and we do not retry).
+
+pub mod log_store;
+pub mod state_machine;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::chat::ShardId;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::net::peer::{PeerNet, ShardNetworkFactory};
+use crate::store::Store;
+use log_store::LogStore;
+use state_machine::{ShardEvent, ShardStateMachine};
+use types::{Member, NodeId, Raft};
+
+/// The openraft configuration derived from `cluster.toml`.
+pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
+    let r = &config.raft;
+    let c = openraft::Config {
+        cluster_name: "convoy".into(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        enable_pre_vote: Some(true),
+        max_payload_entries: r.max_payload_entries,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
+        purge_batch_size: 1024,
+        // A restarted, wiped replica must be allowed to catch up again (see README).
+        allow_log_reversion: Some(true),
+        ..Default::default()
+    };
+    Ok(Arc::new(
+        c.validate()
+            .map_err(|e| Error::Config(format!("raft: {e}")))?,
+    ))
+}
+
+/// The voters of every shard: all nodes of the cluster.
+pub fn members(config: &Config) -> BTreeMap<NodeId, Member> {
+    config
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.id,
+                Member {
+                    peer_addr: n.peer_addr.to_string(),
+                    client_addr: n.client_addr.to_string(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// A running shard group and its live-push channel.
+#[derive(Clone)]
+pub struct Group {
+    pub shard: ShardId,
+    pub raft: Raft,
+    pub events: broadcast::Sender<ShardEvent>,
+}
+
+/// Starts (or restarts) `shard`'s group on this node.
+pub async fn start_group(
+    node_id: NodeId,
+    shard: ShardId,
+    config: &Config,
+    raft_config: Arc<openraft::Config>,
+    store: Store,
+    net: PeerNet,
+) -> Result<Group> {
+    let (events, _) = broadcast::channel(config.limits.push_buffer_messages.max(16));
+    let sm = {
+        let (store, events) = (store.clone(), events.clone());
+        tokio::task::spawn_blocking(move || ShardStateMachine::open(store, shard, events))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))??
+    };
+    let log = LogStore { shard, store };
+    let network = ShardNetworkFactory { net, shard };
+    let raft = Raft::new(node_id, raft_config, network, log, sm)
+        .await
+        .map_err(|e| Error::Storage(format!("starting shard {shard}: {e}")))?;
+    Ok(Group {
+        shard,
+        raft,
+        events,
+    })
+}
+
+/// Initializes `group` with every node as voter, if it has never been initialized.
+pub async fn initialize_if_pristine(group: &Group, config: &Config) -> Result<()> {
+    let initialized = group
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))?;
+    if !initialized {
+        group
+            .raft
+            .initialize(members(config))
+            .await
+            .map_err(|e| Error::Storage(format!("initializing shard {}: {e}", group.shard)))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,399 @@
+//! A running node: its store, its shard groups, its endpoints, and the client operations
+//! (send, subscribe, cursors, status) expressed over them.
+//!
+//! - **send**: validate → this node must lead the shard (else `NotLeader{hint}`) → bounded
+//!   in-flight check (else `Throttled`) → the leader stamps the time → Raft commit on a
+//!   quorum, fsynced → apply assigns the offset → `Ack`. A timeout is answered
+//!   `Ambiguous`, never as a failure: the client retries with the same idempotency key.
+//! - **subscribe**: served by any replica. It attaches to the shard's applied-message
+//!   broadcast *first*, then reads storage from `from`; at the head it pushes live events.
+//!   An event at the next expected offset is delivered, older ones are skipped, and a gap,
+//!   a lag overflow or a snapshot reset sends it back to storage — so the seam never skips
+//!   or repeats and a slow subscriber costs storage reads, not memory.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{broadcast, Semaphore};
+
+use crate::chat::{self, Command, CursorCommand, Outcome, SendCommand, ShardId, StoredMessage};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::net::frame;
+use crate::net::peer::{self, Groups, PeerNet};
+use crate::net::tls::{self, Link};
+use crate::net::wire::{ErrorCode, NodeStatus, Response, SendRequest, ShardStatus};
+use crate::raft::state_machine::ShardEvent;
+use crate::raft::types::NodeId;
+use crate::raft::{self as consensus, Group};
+use crate::store::Store;
+
+/// How long a proposal may take before the answer is "outcome unknown".
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages read from storage per catch-up batch.
+pub const CATCH_UP_BATCH: usize = 512;
+/// Suggested back-off when throttled.
+pub const THROTTLE_RETRY_MS: u64 = 50;
+
+/// A running node.
+pub struct Node {
+    pub id: NodeId,
+    pub config: Config,
+    pub store: Store,
+    groups: HashMap<ShardId, Group>,
+    inflight: Arc<Semaphore>,
+    pub client_endpoint: quinn::Endpoint,
+    pub peer_endpoint: quinn::Endpoint,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+impl Node {
+    /// Opens storage, binds both endpoints, starts every shard group and serves peers and
+    /// clients until the process ends.
+    pub async fn start(config: Config, id: NodeId) -> Result<Arc<Node>> {
+        let me = config.node(id)?.clone();
+        let paths = tls::ensure_material(&config)?;
+        let (store, fresh) = {
+            let dir = me.data_dir.join("db");
+            tokio::task::spawn_blocking(move || Store::open(&dir))
+                .await
+                .map_err(|e| Error::Storage(e.to_string()))??
+        };
+        let spool_dir: PathBuf = me.data_dir.join("spool");
+        std::fs::create_dir_all(&spool_dir)?;
+
+        let peer_server = tls::server_config(&paths, id, Link::Peer, 1024)?;
+        let peer_endpoint = quinn::Endpoint::server(peer_server, me.peer_addr).map_err(|e| {
+            Error::Config(format!("cannot bind peer address {}: {e}", me.peer_addr))
+        })?;
+        let addrs: HashMap<NodeId, SocketAddr> =
+            config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
+        let net = PeerNet::new(
+            peer_endpoint.clone(),
+            tls::client_config(&paths, Some(id))?,
+            addrs,
+        );
+
+        let raft_config = consensus::raft_config(&config)?;
+        let registry: Groups = Arc::new(RwLock::new(HashMap::new()));
+        let mut groups = HashMap::new();
+        for shard in 0..config.shards {
+            let group = consensus::start_group(
+                id,
+                shard,
+                &config,
+                raft_config.clone(),
+                store.clone(),
+                net.clone(),
+            )
+            .await?;
+            registry
+                .write()
+                .expect("registry lock is never poisoned at start-up")
+                .insert(shard, group.raft.clone());
+            groups.insert(shard, group);
+        }
+        tokio::spawn(peer::serve(peer_endpoint.clone(), registry, spool_dir));
+
+        let bootstrapper = config.node_ids().first().copied() == Some(id);
+        if fresh && bootstrapper {
+            for group in groups.values() {
+                consensus::initialize_if_pristine(group, &config).await?;
+            }
+            tracing::info!(shards = config.shards, "initialized every shard group");
+        }
+
+        let client_server = tls::server_config(
+            &paths,
+            id,
+            Link::Client,
+            config.limits.max_streams_per_connection,
+        )?;
+        let client_endpoint =
+            quinn::Endpoint::server(client_server, me.client_addr).map_err(|e| {
+                Error::Config(format!(
+                    "cannot bind client address {}: {e}",
+                    me.client_addr
+                ))
+            })?;
+        let inflight = Arc::new(Semaphore::new(config.limits.max_inflight_sends));
+        let node = Arc::new(Node {
+            id,
+            config,
+            store,
+            groups,
+            inflight,
+            client_endpoint,
+            peer_endpoint,
+        });
+        tokio::spawn(crate::net::server::serve(node.clone()));
+        Ok(node)
+    }
+
+    fn group_of(&self, conversation: &str) -> Result<&Group> {
+        chat::validate_id("conversation", conversation).map_err(Error::InvalidInput)?;
+        let shard = chat::shard_of(conversation, self.config.shards);
+        self.groups
+            .get(&shard)
+            .ok_or_else(|| Error::Unavailable(format!("shard {shard} is not hosted here")))
+    }
+
+    /// Proposes a command on the shard's leader (this node) and waits for its outcome.
+    async fn propose(&self, group: &Group, command: Command) -> Response {
+        let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
+            return Response::Throttled {
+                retry_after_ms: THROTTLE_RETRY_MS,
+            };
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, group.raft.client_write(command)).await {
+            Err(_) => error(
+                ErrorCode::Ambiguous,
+                format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"),
+            ),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Response::NotLeader {
+                    shard: group.shard,
+                    leader: f.leader_id,
+                }
+            }
+            Ok(Err(e)) => error(ErrorCode::Ambiguous, format!("shard {}: {e}", group.shard)),
+            Ok(Ok(resp)) => match resp.data {
+                Outcome::Appended {
+                    offset,
+                    ts_ms,
+                    duplicate,
+                } => Response::Ack {
+                    conversation: String::new(),
+                    offset,
+                    ts_ms,
+                    duplicate,
+                },
+                Outcome::CursorAt { offset } => Response::Cursor { offset, head: 0 },
+                Outcome::Rejected { reason } => error(ErrorCode::Rejected, reason.to_string()),
+                Outcome::None => error(ErrorCode::Protocol, "unexpected empty outcome"),
+            },
+        }
+    }
+
+    /// Handles a send; see the module doc.
+    pub async fn send(&self, req: SendRequest) -> Response {
+        let group = match self.group_of(&req.conversation) {
+            Ok(g) => g,
+            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+        };
+        if let Err(m) = chat::validate_id("user", &req.sender) {
+            return error(ErrorCode::InvalidInput, m);
+        }
+        let max = self.config.limits.max_message_bytes;
+        if req.text.len() > max {
+            return error(
+                ErrorCode::InvalidInput,
+                format!("message is {} bytes, limit {max}", req.text.len()),
+            );
+        }
+        let conversation = req.conversation.clone();
+        let command = Command::Send(SendCommand {
+            conversation: req.conversation,
+            sender: req.sender,
+            client_id: req.client_id,
+            client_seq: req.client_seq,
+            ts_ms: now_ms(),
+            text: req.text,
+        });
+        match self.propose(group, command).await {
+            Response::Ack {
+                offset,
+                ts_ms,
+                duplicate,
+                ..
+            } => Response::Ack {
+                conversation,
+                offset,
+                ts_ms,
+                duplicate,
+            },
+            other => other,
+        }
+    }
+
+    /// Moves a user's read cursor forward.
+    pub async fn set_cursor(&self, user: String, conversation: String, offset: u64) -> Response {
+        let group = match self.group_of(&conversation) {
+            Ok(g) => g,
+            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+        };
+        let shard = group.shard;
+        let (store, c) = (self.store.clone(), conversation.clone());
+        let command = Command::Cursor(CursorCommand {
+            user,
+            conversation,
+            offset,
+        });
+        match self.propose(group, command).await {
+            Response::Cursor { offset, .. } => {
+                let head = tokio::task::spawn_blocking(move || store.head(shard, &c)).await;
+                Response::Cursor {
+                    offset,
+                    head: head.ok().and_then(|h| h.ok()).unwrap_or(0),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Reads a cursor and the head from this replica.
+    pub async fn get_cursor(&self, user: String, conversation: String) -> Response {
+        let shard = match self.group_of(&conversation) {
+            Ok(g) => g.shard,
+            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+        };
+        if let Err(m) = chat::validate_id("user", &user) {
+            return error(ErrorCode::InvalidInput, m);
+        }
+        let store = self.store.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            Ok::<_, Error>((
+                store.cursor(shard, &user, &conversation)?,
+                store.head(shard, &conversation)?,
+            ))
+        })
+        .await;
+        match read {
+            Ok(Ok((offset, head))) => Response::Cursor { offset, head },
+            Ok(Err(e)) => error(ErrorCode::Unavailable, e.to_string()),
+            Err(e) => error(ErrorCode::Unavailable, e.to_string()),
+        }
+    }
+
+    async fn read_stored(
+        &self,
+        shard: ShardId,
+        conversation: &str,
+        from: u64,
+    ) -> Result<Vec<StoredMessage>> {
+        let (store, c) = (self.store.clone(), conversation.to_string());
+        tokio::task::spawn_blocking(move || store.read_messages(shard, &c, from, CATCH_UP_BATCH))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?
+    }
+
+    /// Streams a conversation to `out`; see the module doc. Returns when the client goes
+    /// away, when not following and caught up, or on error.
+    pub async fn subscribe(
+        &self,
+        conversation: String,
+        from: u64,
+        follow: bool,
+        out: &mut quinn::SendStream,
+    ) -> Result<()> {
+        let group = self.group_of(&conversation)?;
+        let shard = group.shard;
+        // Attach before reading storage: anything applied from now on is in `events`.
+        let mut events = group.events.subscribe();
+        let mut next = from.max(1);
+        let mut caught_up = false;
+        loop {
+            // Catch up from storage.
+            loop {
+                let batch = self.read_stored(shard, &conversation, next).await?;
+                let n = batch.len();
+                for m in batch {
+                    debug_assert_eq!(m.offset, next, "stored offsets are dense");
+                    next = m.offset + 1;
+                    frame::write(out, &Response::Message(m)).await?;
+                }
+                if n < CATCH_UP_BATCH {
+                    break;
+                }
+            }
+            if !caught_up {
+                caught_up = true;
+                frame::write(out, &Response::CaughtUp { head: next - 1 }).await?;
+                if !follow {
+                    return Ok(());
+                }
+            }
+            // Live push until a gap, a lag overflow or a reset sends us back to storage.
+            loop {
+                let event = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = out.stopped() => return Ok(()),
+                };
+                match event {
+                    Ok(ShardEvent::Appended(m)) if m.conversation == conversation => {
+                        if m.offset < next {
+                            continue;
+                        }
+                        if m.offset > next {
+                            break;
+                        }
+                        next += 1;
+                        frame::write(out, &Response::Message((*m).clone())).await?;
+                    }
+                    Ok(ShardEvent::Appended(_)) => continue,
+                    Ok(ShardEvent::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(Error::Unavailable(format!("shard {shard} stopped")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// This node's view of every shard.
+    pub fn status(&self) -> NodeStatus {
+        let mut shards: Vec<ShardStatus> = self
+            .groups
+            .values()
+            .map(|g| {
+                // Clone at once: holding the watch borrow can block the Raft core.
+                let m = {
+                    let rx = g.raft.metrics();
+                    let snapshot = rx.borrow_watched().clone();
+                    snapshot
+                };
+                ShardStatus {
+                    shard: g.shard,
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    role: format!("{:?}", m.state),
+                    last_log_index: m.last_log_index,
+                    last_applied_index: m.last_applied.map(|l| l.index),
+                    voters: m.membership_config.membership().voter_ids().collect(),
+                }
+            })
+            .collect();
+        shards.sort_by_key(|s| s.shard);
+        NodeStatus {
+            node_id: self.id,
+            shards,
+        }
+    }
+
+    /// Stops the groups (used by tests that run a node in-process).
+    pub async fn shutdown(&self) {
+        self.client_endpoint.close(0u32.into(), b"shutdown");
+        for g in self.groups.values() {
+            let _ = g.raft.shutdown().await;
+        }
+        self.peer_endpoint.close(0u32.into(), b"shutdown");
+    }
+}

@@ -1,0 +1,197 @@
+//! The whole on-disk key schema, in one place.
+//!
+//! One RocksDB per node, a handful of column families, every key prefixed by the shard id
+//! as a big-endian `u32` so a shard's data is one contiguous range per family (the unit of
+//! snapshots and moves) and integers sort numerically:
+//!
+//! | family        | key                                              | value                 |
+//! |---------------|--------------------------------------------------|-----------------------|
+//! | `raft_log`    | shard ‖ index (u64 BE)                           | Raft entry            |
+//! | `raft_meta`   | shard ‖ kind (u8: vote, committed, purged)       | log id / vote         |
+//! | `messages`    | shard ‖ len(conv) u8 ‖ conv ‖ offset (u64 BE)    | [`StoredMessage`]     |
+//! | `shard_state` | shard ‖ 0x01                                     | applied log id + membership |
+//! |               | shard ‖ 0x02 ‖ len(conv) ‖ conv                  | head offset (u64 BE)  |
+//! |               | shard ‖ 0x03 ‖ client_id ‖ client_seq (u64 BE)   | [`DedupRecord`]       |
+//! |               | shard ‖ 0x04 ‖ len(user) ‖ user ‖ len(conv) ‖ conv | cursor (u64 BE)     |
+//! |               | shard ‖ 0x05                                     | snapshot-install-in-progress marker |
+//!
+//! Ids are at most 128 bytes, so a one-byte length prefix suffices and keeps a conversation's
+//! messages contiguous and ordered by offset. The replicated state of a shard is exactly its
+//! ranges in `messages` and `shard_state` (the install marker excepted).
+//!
+//! [`StoredMessage`]: crate::chat::StoredMessage
+//! [`DedupRecord`]: crate::chat::DedupRecord
+
+use crate::chat::ShardId;
+
+pub const CF_LOG: &str = "raft_log";
+pub const CF_META: &str = "raft_meta";
+pub const CF_MESSAGES: &str = "messages";
+pub const CF_STATE: &str = "shard_state";
+/// Every family this schema uses (besides RocksDB's `default`).
+pub const ALL_CFS: [&str; 4] = [CF_LOG, CF_META, CF_MESSAGES, CF_STATE];
+/// The families that hold a shard's replicated state (what a snapshot carries).
+pub const STATE_CFS: [&str; 2] = [CF_MESSAGES, CF_STATE];
+
+/// Kinds of `raft_meta` records.
+pub const META_VOTE: u8 = 1;
+pub const META_COMMITTED: u8 = 2;
+pub const META_PURGED: u8 = 3;
+
+const STATE_APPLIED: u8 = 0x01;
+const STATE_HEAD: u8 = 0x02;
+const STATE_DEDUP: u8 = 0x03;
+const STATE_CURSOR: u8 = 0x04;
+const STATE_INSTALLING: u8 = 0x05;
+
+/// Largest shard id the schema supports: the range of shard `s` ends at `s + 1`, so
+/// `u32::MAX` itself has no finite upper bound. Config validation keeps shards ≤ 4096.
+pub const SHARD_ID_MAX: ShardId = u32::MAX - 1;
+
+/// `[shard, shard + 1)` as key bounds: the shard's whole range in any family.
+pub fn shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    assert!(
+        shard <= SHARD_ID_MAX,
+        "shard ids are validated to at most {SHARD_ID_MAX}"
+    );
+    (
+        shard.to_be_bytes().to_vec(),
+        (shard + 1).to_be_bytes().to_vec(),
+    )
+}
+
+pub fn log_key(shard: ShardId, index: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&shard.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// The index in a `raft_log` key, if it is one.
+pub fn log_key_index(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.get(4..12)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+pub fn meta_key(shard: ShardId, kind: u8) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[..4].copy_from_slice(&shard.to_be_bytes());
+    k[4] = kind;
+    k
+}
+
+fn push_id(k: &mut Vec<u8>, id: &str) {
+    debug_assert!(id.len() <= 255, "ids are validated to at most 128 bytes");
+    k.push(id.len() as u8);
+    k.extend_from_slice(id.as_bytes());
+}
+
+/// Prefix of every message of a conversation.
+pub fn conversation_prefix(shard: ShardId, conversation: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + conversation.len() + 8);
+    k.extend_from_slice(&shard.to_be_bytes());
+    push_id(&mut k, conversation);
+    k
+}
+
+pub fn message_key(shard: ShardId, conversation: &str, offset: u64) -> Vec<u8> {
+    let mut k = conversation_prefix(shard, conversation);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// The offset in a `messages` key, if it is one.
+pub fn message_key_offset(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+pub fn applied_key(shard: ShardId) -> [u8; 5] {
+    meta_key(shard, STATE_APPLIED)
+}
+
+pub fn installing_key(shard: ShardId) -> [u8; 5] {
+    meta_key(shard, STATE_INSTALLING)
+}
+
+pub fn head_key(shard: ShardId, conversation: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + conversation.len());
+    k.extend_from_slice(&shard.to_be_bytes());
+    k.push(STATE_HEAD);
+    push_id(&mut k, conversation);
+    k
+}
+
+pub fn dedup_key(shard: ShardId, client_id: u64, client_seq: u64) -> [u8; 21] {
+    let mut k = [0u8; 21];
+    k[..4].copy_from_slice(&shard.to_be_bytes());
+    k[4] = STATE_DEDUP;
+    k[5..13].copy_from_slice(&client_id.to_be_bytes());
+    k[13..].copy_from_slice(&client_seq.to_be_bytes());
+    k
+}
+
+pub fn cursor_key(shard: ShardId, user: &str, conversation: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(7 + user.len() + conversation.len());
+    k.extend_from_slice(&shard.to_be_bytes());
+    k.push(STATE_CURSOR);
+    push_id(&mut k, user);
+    push_id(&mut k, conversation);
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Log keys sort by (shard, index) numerically: range scans and "last entry" depend on it.
+        #[test]
+        fn log_keys_sort_numerically(a in any::<(u32, u64)>(), b in any::<(u32, u64)>()) {
+            let (ka, kb) = (log_key(a.0, a.1), log_key(b.0, b.1));
+            prop_assert_eq!(a.cmp(&b), ka.cmp(&kb));
+            prop_assert_eq!(log_key_index(&ka), Some(a.1));
+        }
+
+        // Messages of one conversation are contiguous and ordered by offset, and no other
+        // conversation's key falls between them (length prefix).
+        #[test]
+        fn message_keys_group_by_conversation(c1 in "[a-z]{1,6}", c2 in "[a-z]{1,6}", o1 in 1u64..u64::MAX, o2 in 1u64..u64::MAX) {
+            let (k1, k2) = (message_key(7, &c1, o1), message_key(7, &c1, o2));
+            prop_assert_eq!(o1.cmp(&o2), k1.cmp(&k2));
+            prop_assert_eq!(message_key_offset(&k1), Some(o1));
+            let prefix = conversation_prefix(7, &c1);
+            prop_assert!(k1.starts_with(&prefix));
+            if c1 != c2 {
+                prop_assert!(!message_key(7, &c2, o1).starts_with(&prefix));
+            }
+        }
+
+        // Every key of a shard lies inside shard_range, and outside every other shard's.
+        #[test]
+        fn keys_stay_in_their_shard(shard in 0u32..u32::MAX, other in 0u32..u32::MAX, c in "[a-z]{1,8}", u in "[a-z]{1,8}", x in any::<u64>()) {
+            let (lo, hi) = shard_range(shard);
+            let keys: Vec<Vec<u8>> = vec![
+                log_key(shard, x).to_vec(), meta_key(shard, META_VOTE).to_vec(),
+                message_key(shard, &c, x), head_key(shard, &c), dedup_key(shard, x, x).to_vec(),
+                cursor_key(shard, &u, &c), applied_key(shard).to_vec(),
+            ];
+            for k in &keys {
+                prop_assert!(k.as_slice() >= lo.as_slice() && k.as_slice() < hi.as_slice());
+                if other != shard {
+                    let (olo, ohi) = shard_range(other);
+                    prop_assert!(!(k.as_slice() >= olo.as_slice() && k.as_slice() < ohi.as_slice()));
+                }
+            }
+        }
+    }
+
+    // The last supported shard's range still contains its largest and smallest keys.
+    #[test]
+    fn last_shard_range_is_bounded() {
+        let (lo, hi) = shard_range(SHARD_ID_MAX);
+        assert!(log_key(SHARD_ID_MAX, u64::MAX).as_slice() < hi.as_slice());
+        assert!(log_key(SHARD_ID_MAX, 0).as_slice() >= lo.as_slice());
+    }
+}

@@ -1,0 +1,259 @@
+//! RocksDB storage: one database per node shared by every shard.
+//!
+//! - [`keys`] is the whole on-disk schema, [`codec`] the value format.
+//! - [`syncer`] provides group commit: writes go in without sync, one thread fsyncs the WAL
+//!   for everyone and only then completes their callbacks.
+//! - [`snapshot`] reads a shard's state under a RocksDB snapshot and installs one.
+//!
+//! This module knows RocksDB and the chat domain, not openraft: Raft log entries are opaque
+//! bytes here; `crate::raft` adapts them. Every call here blocks on disk and must run off
+//! the async reactor (`tokio::task::spawn_blocking`).
+//!
+//! Durability contract: a write returned by [`Store::write`] with `sync = false` survives a
+//! process crash (it is in the OS page cache through the WAL) but not a power loss until the
+//! next [`syncer::Syncer`] round; the WAL is sequential, so a durable write implies every
+//! earlier write is durable too.
+
+pub mod codec;
+pub mod keys;
+pub mod snapshot;
+pub mod syncer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
+
+use crate::chat::{DedupRecord, ShardId, StoredMessage};
+use crate::error::{Error, Result};
+use keys::*;
+
+pub use syncer::Syncer;
+
+/// A node's storage: the database and its group-commit syncer.
+#[derive(Clone)]
+pub struct Store {
+    pub db: Arc<DB>,
+    pub syncer: Syncer,
+}
+
+fn cf_options(name: &str) -> Options {
+    let mut o = Options::default();
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    o.set_block_based_table_factory(&table);
+    match name {
+        CF_LOG => {
+            // Short-lived entries: cheap compression, small memtables.
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_write_buffer_size(32 << 20);
+        }
+        CF_MESSAGES => {
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_bottommost_compression_type(DBCompressionType::Zstd);
+            o.set_write_buffer_size(64 << 20);
+        }
+        _ => {
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_write_buffer_size(16 << 20);
+        }
+    }
+    o
+}
+
+impl Store {
+    /// Opens (creating if needed) the node's database under `dir`. Returns the store and
+    /// whether it was created just now.
+    pub fn open(dir: &Path) -> Result<(Store, bool)> {
+        std::fs::create_dir_all(dir)?;
+        let fresh = !dir.join("CURRENT").exists();
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        // Keep WAL writes in the OS buffer immediately (no manual WAL flush), so a process
+        // crash loses nothing written; the syncer makes them power-safe.
+        opts.set_manual_wal_flush(false);
+        opts.set_keep_log_file_num(4);
+        opts.set_recycle_log_file_num(4);
+        let cfs = ALL_CFS
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        let db = Arc::new(db);
+        let syncer = Syncer::start(db.clone());
+        Ok((Store { db, syncer }, fresh))
+    }
+
+    /// The handle of a column family this schema created at open.
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every schema column family is created at open")
+    }
+
+    /// Writes a batch without fsync (see the module's durability contract).
+    pub fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Writes a batch and fsyncs the WAL before returning (rare writes only).
+    pub fn write_sync(&self, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(cf), key)?)
+    }
+
+    // ---- Raft log (opaque entries) ----
+
+    /// Entries with index in `[start, end)`, in order, from the first one present (the
+    /// range may begin below a purged prefix), stopping at the first gap after it.
+    pub fn log_range(&self, shard: ShardId, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(log_key(shard, end).to_vec());
+        let from = log_key(shard, start);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_LOG),
+            ro,
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        let mut expect: Option<u64> = None;
+        for item in iter {
+            let (k, v) = item?;
+            let index =
+                log_key_index(&k).ok_or_else(|| Error::Storage("malformed log key".into()))?;
+            if expect.is_some_and(|e| e != index) {
+                break;
+            }
+            out.push((index, v.to_vec()));
+            expect = Some(index + 1);
+        }
+        Ok(out)
+    }
+
+    /// The last entry of a shard's log, if any.
+    pub fn log_last(&self, shard: ShardId) -> Result<Option<Vec<u8>>> {
+        let (lo, hi) = shard_range(shard);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(lo);
+        let mut iter = self.db.iterator_cf_opt(
+            self.cf(CF_LOG),
+            ro,
+            IteratorMode::From(&hi, Direction::Reverse),
+        );
+        match iter.next() {
+            Some(item) => Ok(Some(item?.1.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    // ---- State machine reads ----
+
+    pub fn head(&self, shard: ShardId, conversation: &str) -> Result<u64> {
+        match self.get(CF_STATE, &head_key(shard, conversation))? {
+            Some(v) => Ok(codec::decode_u64(&v)?),
+            None => Ok(0),
+        }
+    }
+
+    pub fn dedup(
+        &self,
+        shard: ShardId,
+        client_id: u64,
+        client_seq: u64,
+    ) -> Result<Option<DedupRecord>> {
+        match self.get(CF_STATE, &dedup_key(shard, client_id, client_seq))? {
+            Some(v) => Ok(Some(codec::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn cursor(&self, shard: ShardId, user: &str, conversation: &str) -> Result<u64> {
+        match self.get(CF_STATE, &cursor_key(shard, user, conversation))? {
+            Some(v) => Ok(codec::decode_u64(&v)?),
+            None => Ok(0),
+        }
+    }
+
+    /// Up to `max` messages of a conversation from offset `from`, in offset order.
+    pub fn read_messages(
+        &self,
+        shard: ShardId,
+        conversation: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let prefix = conversation_prefix(shard, conversation);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&u64::MAX.to_be_bytes());
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(upper);
+        let start = message_key(shard, conversation, from.max(1));
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_MESSAGES),
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::with_capacity(max.min(1024));
+        for item in iter.take(max) {
+            let (_, v) = item?;
+            out.push(codec::decode::<StoredMessage>(&v)?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_range_stops_at_gaps_and_shards() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, fresh) = Store::open(dir.path()).expect("open");
+        assert!(fresh);
+        let mut b = WriteBatch::default();
+        for i in [1u64, 2, 3, 5] {
+            b.put_cf(store.cf(CF_LOG), log_key(1, i), [i as u8]);
+        }
+        b.put_cf(store.cf(CF_LOG), log_key(2, 4), [42]);
+        store.write(b).expect("write");
+        let got: Vec<u64> = store
+            .log_range(1, 1, 10)
+            .expect("range")
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(got, vec![1, 2, 3]);
+        let from_zero: Vec<u64> = store
+            .log_range(1, 0, 3)
+            .expect("range")
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(
+            from_zero,
+            vec![1, 2],
+            "a range may start below the first entry"
+        );
+        assert_eq!(store.log_last(1).expect("last"), Some(vec![5]));
+        assert_eq!(store.log_last(2).expect("last"), Some(vec![42]));
+        assert_eq!(store.log_last(3).expect("last"), None);
+        assert_eq!(store.log_last(0).expect("last"), None);
+    }
+}

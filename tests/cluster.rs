@@ -1,0 +1,508 @@
+//! End-to-end: real three-node clusters on loopback, killed, restarted and wiped.
+//! Every test polls with deadlines; none sleeps to synchronise.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{eventually, TestCluster, Tweaks};
+use convoy::chat::{shard_of, StoredMessage};
+use convoy::client::{Client, Event};
+use convoy::Error;
+
+const READY: Duration = Duration::from_secs(30);
+
+/// Reads a conversation from one replica once it has at least `want` messages.
+async fn read_at_least(
+    client: &Client,
+    conversation: &str,
+    node: u64,
+    want: usize,
+) -> Vec<StoredMessage> {
+    eventually(
+        Duration::from_secs(30),
+        &format!("node {node} to hold {want} messages of {conversation}"),
+        || async {
+            match client.read(conversation, 1, Some(node)).await {
+                Ok(v) if v.len() >= want => Some(v),
+                _ => None,
+            }
+        },
+    )
+    .await
+}
+
+/// Checks offsets are dense from 1 and returns offset → (sender, text).
+fn check_dense(messages: &[StoredMessage]) -> BTreeMap<u64, (String, String)> {
+    for (i, m) in messages.iter().enumerate() {
+        assert_eq!(m.offset, i as u64 + 1, "offsets must be dense from 1");
+    }
+    messages
+        .iter()
+        .map(|m| (m.offset, (m.sender.clone(), m.text.clone())))
+        .collect()
+}
+
+// Concurrent sends to many conversations are acked, and every replica returns the same
+// offset → message mapping, equal to what the acks said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_read_back_identically_on_every_replica() {
+    let cluster = TestCluster::start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let client = cluster.client();
+    let acks: Arc<Mutex<HashMap<(String, u64), String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..12 {
+        let (client, acks) = (client.clone(), acks.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let conv = format!("room-{}", (w + i) % 8);
+                let text = format!("w{w}-m{i}");
+                let ack = client
+                    .send(&conv, &format!("user{w}"), &text)
+                    .await
+                    .expect("send acked");
+                let prev = acks.lock().expect("lock").insert((conv, ack.offset), text);
+                assert!(prev.is_none(), "two acks for one offset");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender task");
+    }
+    let acks = acks.lock().expect("lock").clone();
+    assert_eq!(acks.len(), 300);
+    for c in 0..8 {
+        let conv = format!("room-{c}");
+        let want = acks.keys().filter(|(k, _)| *k == conv).count();
+        let mut views = Vec::new();
+        for node in 1..=3 {
+            let msgs = read_at_least(&client, &conv, node, want).await;
+            assert_eq!(msgs.len(), want, "node {node} has extra messages in {conv}");
+            views.push(check_dense(&msgs));
+        }
+        assert_eq!(views[0], views[1], "{conv}: replicas 1 and 2 differ");
+        assert_eq!(views[0], views[2], "{conv}: replicas 1 and 3 differ");
+        for (offset, (_, text)) in &views[0] {
+            assert_eq!(
+                acks.get(&(conv.clone(), *offset)),
+                Some(text),
+                "{conv}@{offset} differs from its ack"
+            );
+        }
+    }
+}
+
+// A retry with the same (client_id, client_seq) returns the original offset and appends
+// nothing — through the library and through the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_send_returns_the_same_offset() {
+    let cluster = TestCluster::start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let client = Client::connect_as(&cluster.config, 4242, 1).expect("client");
+    let first = client
+        .send_with("dedup", "ann", 7, "hello", Duration::from_secs(20))
+        .await
+        .expect("send");
+    let other = client
+        .send_with("dedup", "ann", 8, "world", Duration::from_secs(20))
+        .await
+        .expect("send");
+    let retry = client
+        .send_with("dedup", "ann", 7, "hello", Duration::from_secs(20))
+        .await
+        .expect("retry");
+    assert_eq!((first.offset, first.duplicate), (1, false));
+    assert_eq!(other.offset, 2);
+    assert_eq!(
+        (retry.offset, retry.duplicate, retry.ts_ms),
+        (1, true, first.ts_ms)
+    );
+    // The same pair for another conversation is refused, not silently re-routed.
+    let reused = client
+        .send_with("elsewhere", "ann", 7, "hello", Duration::from_secs(20))
+        .await;
+    if shard_of("elsewhere", cluster.config.shards) == shard_of("dedup", cluster.config.shards) {
+        assert!(matches!(reused, Err(Error::Rejected(_))), "{reused:?}");
+    }
+
+    let cli = |seq: &str| {
+        let out = std::process::Command::new(common::BIN)
+            .args(["send", "--config"])
+            .arg(&cluster.config_path)
+            .args([
+                "--conversation",
+                "dedup",
+                "--user",
+                "bob",
+                "--client-id",
+                "99",
+                "--seq",
+                seq,
+                "--json",
+                "from cli",
+            ])
+            .output()
+            .expect("run convoy send");
+        assert!(
+            out.status.success(),
+            "convoy send failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        (
+            v["offset"].as_u64().expect("offset"),
+            v["conversation"].as_str().map(String::from),
+            v["ts_ms"].as_u64(),
+        )
+    };
+    let a = cli("1");
+    let b = cli("1");
+    assert_eq!(
+        a, b,
+        "a CLI retry must return the same offset and timestamp"
+    );
+    assert_eq!(a.0, 3);
+    assert_eq!(a.1.as_deref(), Some("dedup"));
+    for node in 1..=3 {
+        let msgs = read_at_least(&client, "dedup", node, 3).await;
+        assert_eq!(msgs.len(), 3, "node {node}: retries must not append");
+    }
+}
+
+// Bad input gets its error, nothing is stored, and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_an_error_and_the_node_stays_up() {
+    use convoy::net::frame;
+    use convoy::net::wire::{ErrorCode, Request, Response};
+    let cluster = TestCluster::start(Tweaks {
+        max_message_bytes: 1000,
+        ..Tweaks::default()
+    });
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let client = cluster.client();
+
+    let big = "x".repeat(1001);
+    assert!(matches!(
+        client.send("c", "u", &big).await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        client.send("", "u", "hi").await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        client.send(&"c".repeat(129), "u", "hi").await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        client.send("c", "bad\nuser", "hi").await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        client.read("", 1, Some(1)).await,
+        Err(Error::InvalidInput(_))
+    ));
+
+    // Raw frames: garbage, an unknown version, an oversized length, a truncated frame.
+    let paths = convoy::net::tls::TlsPaths {
+        dir: cluster.config.tls_dir.clone(),
+    };
+    let tls = convoy::net::tls::client_config(&paths, None).expect("client tls");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let addr = cluster.config.node(1).expect("node").client_addr;
+    let conn = endpoint
+        .connect_with(tls, addr, "node1")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let mut garbage = 9u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    let mut bad_version = frame::encode(&Request::Status);
+    bad_version[4] = 77;
+    let huge = (64u32 << 20).to_be_bytes().to_vec();
+    let truncated = frame::encode(&Request::Status)[..6].to_vec();
+    for (name, bytes, want) in [
+        ("garbage", garbage, ErrorCode::Protocol),
+        ("version", bad_version, ErrorCode::Protocol),
+        ("oversized", huge, ErrorCode::InvalidInput),
+        ("truncated", truncated, ErrorCode::Protocol),
+    ] {
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(&bytes).await.expect("write");
+        send.finish().expect("finish");
+        let resp: Option<Response> = frame::read(&mut recv, 1 << 20)
+            .await
+            .expect("an answer frame");
+        match resp {
+            Some(Response::Error { code, message }) => assert_eq!(code, want, "{name}: {message}"),
+            other => panic!("{name}: expected an error, got {other:?}"),
+        }
+    }
+
+    // A client holding a node certificate instead of a client credential is refused.
+    let wrong = convoy::net::tls::client_config(&paths, Some(1)).expect("node tls as client");
+    let refused = async {
+        endpoint
+            .connect_with(wrong, addr, "node1")
+            .expect("connect")
+            .await?
+            .open_bi()
+            .await?
+            .0
+            .write_all(b"x")
+            .await
+            .map_err(quinn::ConnectionError::from)
+    };
+    let refused: Result<(), quinn::ConnectionError> =
+        match tokio::time::timeout(Duration::from_secs(5), refused).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Ok(()),
+        };
+    assert!(
+        refused.is_err(),
+        "a node certificate must not be accepted as a client credential"
+    );
+
+    // Still serving, and nothing of the above was stored.
+    let ack = client
+        .send("c", "u", "still here")
+        .await
+        .expect("node still serves");
+    assert_eq!(ack.offset, 1);
+    assert_eq!(client.read("c", 1, Some(1)).await.expect("read").len(), 1);
+}
+
+// kill -9 of a shard's leader in the middle of a load loses no acked message; a new leader
+// serves within a few seconds and sends resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_load_loses_no_acked_message() {
+    let mut cluster = TestCluster::start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let client = cluster.client();
+    let victim_conv = "hot";
+    let shard = shard_of(victim_conv, cluster.config.shards);
+    let leader = cluster.leader_of(shard, &[1, 2, 3], READY).await;
+
+    let acked: Arc<Mutex<Vec<(String, u64, String)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let (client, acked, stop) = (client.clone(), acked.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let conv = if w % 2 == 0 {
+                    "hot".to_string()
+                } else {
+                    format!("cold-{w}")
+                };
+                let text = format!("w{w}-{i}");
+                match client.send(&conv, "load", &text).await {
+                    Ok(ack) => acked.lock().expect("lock").push((conv, ack.offset, text)),
+                    Err(Error::Ambiguous(_)) => {} // may or may not be stored; never counted as lost
+                    Err(e) => panic!("send failed definitively: {e}"),
+                }
+                i += 1;
+            }
+        }));
+    }
+    eventually(
+        Duration::from_secs(20),
+        "some acks before the kill",
+        || async { (acked.lock().expect("lock").len() > 50).then_some(()) },
+    )
+    .await;
+    let before = acked.lock().expect("lock").len();
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    let survivors: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    // Sends to the victim's shard resume on a new leader.
+    let hot_before = acked
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|a| a.0 == "hot")
+        .count();
+    eventually(
+        Duration::from_secs(15),
+        "sends to the shard to resume after the kill",
+        || async {
+            let n = acked
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|a| a.0 == "hot")
+                .count();
+            (n > hot_before + 20).then_some(())
+        },
+    )
+    .await;
+    let resumed_after = killed_at.elapsed();
+    let new_leader = cluster.leader_of(shard, &survivors, READY).await;
+    assert_ne!(new_leader, leader);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    eprintln!(
+        "acks before kill {before}; sends resumed {resumed_after:?} after kill -9 of node {leader}"
+    );
+    assert!(
+        resumed_after < Duration::from_secs(10),
+        "new leader took {resumed_after:?}"
+    );
+
+    cluster.spawn(leader);
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let acked = acked.lock().expect("lock").clone();
+    let convs: HashSet<String> = acked.iter().map(|a| a.0.clone()).collect();
+    for conv in convs {
+        let want: Vec<&(String, u64, String)> = acked.iter().filter(|a| a.0 == conv).collect();
+        let max = want.iter().map(|a| a.1).max().unwrap_or(0) as usize;
+        let mut reference = None;
+        for node in 1..=3 {
+            let msgs = read_at_least(&client, &conv, node, max).await;
+            let map = check_dense(&msgs);
+            for (_, offset, text) in &want {
+                assert_eq!(
+                    map.get(offset).map(|m| &m.1),
+                    Some(text),
+                    "node {node} lost acked {conv}@{offset}"
+                );
+            }
+            let texts: HashSet<&String> = map.values().map(|m| &m.1).collect();
+            assert_eq!(
+                texts.len(),
+                map.len(),
+                "node {node}: a value stored twice in {conv}"
+            );
+            match &reference {
+                None => reference = Some(map),
+                Some(r) => assert_eq!(&map, r, "replicas differ on {conv}"),
+            }
+        }
+    }
+}
+
+// A following tail sees every message, in order, once, across a restart of the node it is
+// attached to; then restarting all nodes (kill -9) loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
+    let mut cluster = TestCluster::start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let client = cluster.client();
+    let mut sub = client.subscribe("tailed", 1, Some(2));
+    for i in 0..30 {
+        client
+            .send("tailed", "a", &format!("m{i}"))
+            .await
+            .expect("send");
+    }
+    cluster.restart(2);
+    for i in 30..60 {
+        client
+            .send("tailed", "a", &format!("m{i}"))
+            .await
+            .expect("send while node 2 restarts");
+    }
+    let mut got = Vec::new();
+    let mut attaches = 0;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while got.len() < 60 {
+        let ev = tokio::time::timeout_at(deadline.into(), sub.next())
+            .await
+            .expect("tail stalled")
+            .expect("tail ended");
+        match ev {
+            Event::Message(m) => got.push(m),
+            Event::Attached { node, .. } => {
+                assert_eq!(node, 2);
+                attaches += 1;
+            }
+            Event::CaughtUp { .. } => {}
+            Event::Failed(e) => panic!("tail failed: {e}"),
+        }
+    }
+    assert!(
+        attaches >= 2,
+        "the tail must have reattached after the restart"
+    );
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(
+            (m.offset, m.text.as_str()),
+            (i as u64 + 1, format!("m{i}").as_str())
+        );
+    }
+    drop(sub);
+
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    for id in 1..=3 {
+        cluster.spawn(id);
+    }
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    for node in 1..=3 {
+        let msgs = read_at_least(&client, "tailed", node, 60).await;
+        assert_eq!(msgs, got, "node {node} after a full restart");
+    }
+    let ack = client
+        .send("tailed", "a", "after")
+        .await
+        .expect("send after restart");
+    assert_eq!(ack.offset, 61);
+}
+
+// A replica whose data is wiped catches up by snapshot (its log was purged on the others)
+// and then holds exactly what the others hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_replica_catches_up_by_snapshot() {
+    let tweaks = Tweaks {
+        shards: 2,
+        snapshot_logs_since_last: 100,
+        max_in_snapshot_log_to_keep: 0,
+        ..Tweaks::default()
+    };
+    let mut cluster = TestCluster::start(tweaks);
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let client = cluster.client();
+    let convs = ["alpha", "beta", "gamma", "delta"];
+    let send_round = |n: usize, tag: &'static str| {
+        let client = client.clone();
+        async move {
+            for i in 0..n {
+                let conv = convs[i % convs.len()];
+                client
+                    .send(conv, "w", &format!("{tag}-{i}-{}", "p".repeat(200)))
+                    .await
+                    .expect("send");
+            }
+        }
+    };
+    send_round(400, "a").await;
+    cluster.kill(3);
+    cluster.wipe(3);
+    send_round(400, "b").await;
+    cluster.spawn(3);
+    for conv in convs {
+        let reference = client.read(conv, 1, Some(1)).await.expect("read node 1");
+        assert_eq!(reference.len(), 200);
+        let got = read_at_least(&client, conv, 3, reference.len()).await;
+        assert_eq!(got, reference, "wiped node 3 differs on {conv}");
+    }
+    let log = std::fs::read_to_string(cluster.log_path(3)).expect("node 3 log");
+    assert!(
+        log.contains("installed snapshot"),
+        "node 3 must have caught up by snapshot\n{}",
+        cluster.logs_tail()
+    );
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let ack = client
+        .send("alpha", "w", "after")
+        .await
+        .expect("send after catch-up");
+    assert_eq!(ack.offset, 201);
+}
