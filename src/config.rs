@@ -35,6 +35,8 @@ pub struct RaftConfig {
     pub max_in_snapshot_log_to_keep: u64,
     /// Entries per AppendEntries RPC.
     pub max_payload_entries: u64,
+    /// Purge the log in steps of at least this many entries.
+    pub purge_batch_size: u64,
 }
 
 impl Default for RaftConfig {
@@ -46,6 +48,7 @@ impl Default for RaftConfig {
             snapshot_logs_since_last: 20_000,
             max_in_snapshot_log_to_keep: 5_000,
             max_payload_entries: 256,
+            purge_batch_size: 256,
         }
     }
 }
@@ -123,21 +126,16 @@ pub struct Config {
 impl Config {
     /// Reads and validates a cluster file.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            base
-        };
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
         Config::parse(&text, &base, path)
     }
 
     /// Parses a cluster description; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path, path: &Path) -> Result<Config> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let resolve = |p: &Path| {
             if p.is_absolute() {
                 p.to_path_buf()
@@ -188,14 +186,10 @@ impl Config {
             }
         }
         if self.limits.max_message_bytes == 0 || self.limits.max_message_bytes > MESSAGE_BYTES_MAX {
-            return fail(format!(
-                "limits.max_message_bytes must be 1..={MESSAGE_BYTES_MAX}"
-            ));
+            return fail(format!("limits.max_message_bytes must be 1..={MESSAGE_BYTES_MAX}"));
         }
         if self.limits.max_frame_bytes < self.limits.max_message_bytes + 1024 {
-            return fail(
-                "limits.max_frame_bytes must exceed max_message_bytes by at least 1 KiB".into(),
-            );
+            return fail("limits.max_frame_bytes must exceed max_message_bytes by at least 1 KiB".into());
         }
         let r = &self.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 3 {
@@ -249,12 +243,7 @@ data_dir = "data/node3"
 
     #[test]
     fn resolves_relative_paths_against_the_file() {
-        let c = Config::parse(
-            SAMPLE,
-            Path::new("/etc/convoy"),
-            Path::new("/etc/convoy/c.toml"),
-        )
-        .expect("valid");
+        let c = Config::parse(SAMPLE, Path::new("/etc/convoy"), Path::new("/etc/convoy/c.toml")).expect("valid");
         assert_eq!(c.nodes[0].data_dir, PathBuf::from("/etc/convoy/data/node1"));
         assert_eq!(c.nodes[1].data_dir, PathBuf::from("/abs/node2"));
         assert_eq!(c.tls_dir, PathBuf::from("/etc/convoy/data/tls"));

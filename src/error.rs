@@ -60,9 +60,7 @@ impl Error {
     /// How a caller should treat this error.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::NotLeader { .. } | Error::Throttled { .. } | Error::Unavailable(_) => {
-                ErrorClass::Retryable
-            }
+            Error::NotLeader { .. } | Error::Throttled { .. } | Error::Unavailable(_) => ErrorClass::Retryable,
             Error::Ambiguous(_) | Error::Io(_) => ErrorClass::Ambiguous,
             Error::InvalidInput(_)
             | Error::Rejected(_)

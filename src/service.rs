@@ -34,7 +34,7 @@ use crate::raft::{self as consensus, Group};
 use crate::store::Store;
 
 /// How long a proposal may take before the answer is "outcome unknown".
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(3);
 /// Messages read from storage per catch-up batch.
 pub const CATCH_UP_BATCH: usize = 512;
 /// Suggested back-off when throttled.
@@ -52,17 +52,11 @@ pub struct Node {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-    Response::Error {
-        code,
-        message: message.into(),
-    }
+    Response::Error { code, message: message.into() }
 }
 
 impl Node {
@@ -81,34 +75,18 @@ impl Node {
         std::fs::create_dir_all(&spool_dir)?;
 
         let peer_server = tls::server_config(&paths, id, Link::Peer, 1024)?;
-        let peer_endpoint = quinn::Endpoint::server(peer_server, me.peer_addr).map_err(|e| {
-            Error::Config(format!("cannot bind peer address {}: {e}", me.peer_addr))
-        })?;
-        let addrs: HashMap<NodeId, SocketAddr> =
-            config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
-        let net = PeerNet::new(
-            peer_endpoint.clone(),
-            tls::client_config(&paths, Some(id))?,
-            addrs,
-        );
+        let peer_endpoint = quinn::Endpoint::server(peer_server, me.peer_addr)
+            .map_err(|e| Error::Config(format!("cannot bind peer address {}: {e}", me.peer_addr)))?;
+        let addrs: HashMap<NodeId, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
+        let net = PeerNet::new(peer_endpoint.clone(), tls::client_config(&paths, Some(id))?, addrs);
 
         let raft_config = consensus::raft_config(&config)?;
         let registry: Groups = Arc::new(RwLock::new(HashMap::new()));
         let mut groups = HashMap::new();
         for shard in 0..config.shards {
-            let group = consensus::start_group(
-                id,
-                shard,
-                &config,
-                raft_config.clone(),
-                store.clone(),
-                net.clone(),
-            )
-            .await?;
-            registry
-                .write()
-                .expect("registry lock is never poisoned at start-up")
-                .insert(shard, group.raft.clone());
+            let group =
+                consensus::start_group(id, shard, &config, raft_config.clone(), store.clone(), net.clone()).await?;
+            registry.write().expect("registry lock is never poisoned at start-up").insert(shard, group.raft.clone());
             groups.insert(shard, group);
         }
         tokio::spawn(peer::serve(peer_endpoint.clone(), registry, spool_dir));
@@ -121,29 +99,11 @@ impl Node {
             tracing::info!(shards = config.shards, "initialized every shard group");
         }
 
-        let client_server = tls::server_config(
-            &paths,
-            id,
-            Link::Client,
-            config.limits.max_streams_per_connection,
-        )?;
-        let client_endpoint =
-            quinn::Endpoint::server(client_server, me.client_addr).map_err(|e| {
-                Error::Config(format!(
-                    "cannot bind client address {}: {e}",
-                    me.client_addr
-                ))
-            })?;
+        let client_server = tls::server_config(&paths, id, Link::Client, config.limits.max_streams_per_connection)?;
+        let client_endpoint = quinn::Endpoint::server(client_server, me.client_addr)
+            .map_err(|e| Error::Config(format!("cannot bind client address {}: {e}", me.client_addr)))?;
         let inflight = Arc::new(Semaphore::new(config.limits.max_inflight_sends));
-        let node = Arc::new(Node {
-            id,
-            config,
-            store,
-            groups,
-            inflight,
-            client_endpoint,
-            peer_endpoint,
-        });
+        let node = Arc::new(Node { id, config, store, groups, inflight, client_endpoint, peer_endpoint });
         tokio::spawn(crate::net::server::serve(node.clone()));
         Ok(node)
     }
@@ -151,41 +111,24 @@ impl Node {
     fn group_of(&self, conversation: &str) -> Result<&Group> {
         chat::validate_id("conversation", conversation).map_err(Error::InvalidInput)?;
         let shard = chat::shard_of(conversation, self.config.shards);
-        self.groups
-            .get(&shard)
-            .ok_or_else(|| Error::Unavailable(format!("shard {shard} is not hosted here")))
+        self.groups.get(&shard).ok_or_else(|| Error::Unavailable(format!("shard {shard} is not hosted here")))
     }
 
     /// Proposes a command on the shard's leader (this node) and waits for its outcome.
     async fn propose(&self, group: &Group, command: Command) -> Response {
         let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
-            return Response::Throttled {
-                retry_after_ms: THROTTLE_RETRY_MS,
-            };
+            return Response::Throttled { retry_after_ms: THROTTLE_RETRY_MS };
         };
         match tokio::time::timeout(SEND_TIMEOUT, group.raft.client_write(command)).await {
-            Err(_) => error(
-                ErrorCode::Ambiguous,
-                format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"),
-            ),
+            Err(_) => error(ErrorCode::Ambiguous, format!("no commit within {SEND_TIMEOUT:?}; outcome unknown")),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Response::NotLeader {
-                    shard: group.shard,
-                    leader: f.leader_id,
-                }
+                Response::NotLeader { shard: group.shard, leader: f.leader_id }
             }
             Ok(Err(e)) => error(ErrorCode::Ambiguous, format!("shard {}: {e}", group.shard)),
             Ok(Ok(resp)) => match resp.data {
-                Outcome::Appended {
-                    offset,
-                    ts_ms,
-                    duplicate,
-                } => Response::Ack {
-                    conversation: String::new(),
-                    offset,
-                    ts_ms,
-                    duplicate,
-                },
+                Outcome::Appended { offset, ts_ms, duplicate } => {
+                    Response::Ack { conversation: String::new(), offset, ts_ms, duplicate }
+                }
                 Outcome::CursorAt { offset } => Response::Cursor { offset, head: 0 },
                 Outcome::Rejected { reason } => error(ErrorCode::Rejected, reason.to_string()),
                 Outcome::None => error(ErrorCode::Protocol, "unexpected empty outcome"),
@@ -204,10 +147,7 @@ impl Node {
         }
         let max = self.config.limits.max_message_bytes;
         if req.text.len() > max {
-            return error(
-                ErrorCode::InvalidInput,
-                format!("message is {} bytes, limit {max}", req.text.len()),
-            );
+            return error(ErrorCode::InvalidInput, format!("message is {} bytes, limit {max}", req.text.len()));
         }
         let conversation = req.conversation.clone();
         let command = Command::Send(SendCommand {
@@ -219,17 +159,7 @@ impl Node {
             text: req.text,
         });
         match self.propose(group, command).await {
-            Response::Ack {
-                offset,
-                ts_ms,
-                duplicate,
-                ..
-            } => Response::Ack {
-                conversation,
-                offset,
-                ts_ms,
-                duplicate,
-            },
+            Response::Ack { offset, ts_ms, duplicate, .. } => Response::Ack { conversation, offset, ts_ms, duplicate },
             other => other,
         }
     }
@@ -242,18 +172,11 @@ impl Node {
         };
         let shard = group.shard;
         let (store, c) = (self.store.clone(), conversation.clone());
-        let command = Command::Cursor(CursorCommand {
-            user,
-            conversation,
-            offset,
-        });
+        let command = Command::Cursor(CursorCommand { user, conversation, offset });
         match self.propose(group, command).await {
             Response::Cursor { offset, .. } => {
                 let head = tokio::task::spawn_blocking(move || store.head(shard, &c)).await;
-                Response::Cursor {
-                    offset,
-                    head: head.ok().and_then(|h| h.ok()).unwrap_or(0),
-                }
+                Response::Cursor { offset, head: head.ok().and_then(|h| h.ok()).unwrap_or(0) }
             }
             other => other,
         }
@@ -270,10 +193,7 @@ impl Node {
         }
         let store = self.store.clone();
         let read = tokio::task::spawn_blocking(move || {
-            Ok::<_, Error>((
-                store.cursor(shard, &user, &conversation)?,
-                store.head(shard, &conversation)?,
-            ))
+            Ok::<_, Error>((store.cursor(shard, &user, &conversation)?, store.head(shard, &conversation)?))
         })
         .await;
         match read {
@@ -283,12 +203,7 @@ impl Node {
         }
     }
 
-    async fn read_stored(
-        &self,
-        shard: ShardId,
-        conversation: &str,
-        from: u64,
-    ) -> Result<Vec<StoredMessage>> {
+    async fn read_stored(&self, shard: ShardId, conversation: &str, from: u64) -> Result<Vec<StoredMessage>> {
         let (store, c) = (self.store.clone(), conversation.to_string());
         tokio::task::spawn_blocking(move || store.read_messages(shard, &c, from, CATCH_UP_BATCH))
             .await
@@ -382,10 +297,7 @@ impl Node {
             })
             .collect();
         shards.sort_by_key(|s| s.shard);
-        NodeStatus {
-            node_id: self.id,
-            shards,
-        }
+        NodeStatus { node_id: self.id, shards }
     }
 
     /// Stops the groups (used by tests that run a node in-process).

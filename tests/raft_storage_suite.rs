@@ -10,9 +10,7 @@ use openraft::StorageError;
 struct Builder;
 
 impl StoreBuilder<C, LogStore, ShardStateMachine, tempfile::TempDir> for Builder {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, LogStore, ShardStateMachine), StorageError<C>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, ShardStateMachine), StorageError<C>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _) = Store::open(dir.path()).expect("open store");
         let (events, _) = tokio::sync::broadcast::channel(16);
@@ -23,7 +21,5 @@ impl StoreBuilder<C, LogStore, ShardStateMachine, tempfile::TempDir> for Builder
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_storage_suite_passes() {
-    Suite::test_all(Builder)
-        .await
-        .expect("openraft storage suite");
+    Suite::test_all(Builder).await.expect("openraft storage suite");
 }

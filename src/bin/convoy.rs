@@ -15,11 +15,7 @@ use convoy::net::wire::NodeStatus;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(
-    name = "convoy",
-    version,
-    about = "A replicated, log-based message store for real-time chat"
-)]
+#[command(name = "convoy", version, about = "A replicated, log-based message store for real-time chat")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -127,10 +123,7 @@ enum ClusterAction {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONVOY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn load(path: &Path) -> Result<Config> {
@@ -140,15 +133,8 @@ fn load(path: &Path) -> Result<Config> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let is_node = matches!(cli.command, Cmd::Node { .. });
-    init_tracing(if is_node {
-        "info,openraft=warn"
-    } else {
-        "warn,openraft=error"
-    });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    init_tracing(if is_node { "info,openraft=warn" } else { "warn,openraft=error" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -168,23 +154,13 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Node { config, id } => run_node(&config, id).await,
         Cmd::Cluster { action } => match action {
-            ClusterAction::Up {
-                config,
-                timeout_s,
-                json,
-            } => cluster_up(&config, Duration::from_secs(timeout_s), json).await,
+            ClusterAction::Up { config, timeout_s, json } => {
+                cluster_up(&config, Duration::from_secs(timeout_s), json).await
+            }
             ClusterAction::Down { config, json } => cluster_down(&config, json),
             ClusterAction::Status { config, json } => cluster_status(&config, json).await,
         },
-        Cmd::Send {
-            config,
-            conversation,
-            user,
-            client_id,
-            seq,
-            json,
-            text,
-        } => {
+        Cmd::Send { config, conversation, user, client_id, seq, json, text } => {
             let config = load(&config)?;
             let client = match client_id {
                 Some(id) => Client::connect_as(&config, id, seq.unwrap_or(1))?,
@@ -201,14 +177,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Tail {
-            config,
-            conversation,
-            from,
-            follow,
-            node,
-            json,
-        } => {
+        Cmd::Tail { config, conversation, from, follow, node, json } => {
             let config = load(&config)?;
             let client = Client::connect(&config)?;
             if let Some(n) = node {
@@ -230,27 +199,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Chat {
-            config,
-            conversation,
-            user,
-        } => chat(&load(&config)?, &conversation, &user).await,
-        Cmd::Cursor {
-            config,
-            conversation,
-            user,
-            set,
-            json,
-        } => {
+        Cmd::Chat { config, conversation, user } => chat(&load(&config)?, &conversation, &user).await,
+        Cmd::Cursor { config, conversation, user, set, json } => {
             let config = load(&config)?;
             let client = Client::connect(&config)?;
             let (offset, head) = match set {
                 Some(o) => client.set_cursor(&user, &conversation, o).await?,
                 None => {
-                    let node = *client
-                        .node_ids()
-                        .first()
-                        .ok_or_else(|| anyhow!("no nodes"))?;
+                    let node = *client.node_ids().first().ok_or_else(|| anyhow!("no nodes"))?;
                     client.get_cursor(node, &user, &conversation).await?
                 }
             };
@@ -260,10 +216,7 @@ async fn run(cli: Cli) -> Result<()> {
                     json!({"user": user, "conversation": conversation, "cursor": offset, "head": head, "unread": head.saturating_sub(offset)})
                 );
             } else {
-                println!(
-                    "cursor {offset} head {head} unread {}",
-                    head.saturating_sub(offset)
-                );
+                println!("cursor {offset} head {head} unread {}", head.saturating_sub(offset));
             }
             Ok(())
         }
@@ -284,9 +237,7 @@ fn print_message(m: &convoy::chat::StoredMessage, json: bool) {
 
 async fn run_node(path: &Path, id: u64) -> Result<()> {
     let config = load(path)?;
-    let node = convoy::service::Node::start(config, id)
-        .await
-        .with_context(|| format!("starting node {id}"))?;
+    let node = convoy::service::Node::start(config, id).await.with_context(|| format!("starting node {id}"))?;
     tracing::info!(node = id, "node running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -305,17 +256,11 @@ fn pid_file(data_dir: &Path) -> PathBuf {
 
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
 }
 
 fn running_pid(data_dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file(data_dir))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let pid: u32 = std::fs::read_to_string(pid_file(data_dir)).ok()?.trim().parse().ok()?;
     alive(pid).then_some(pid)
 }
 
@@ -332,10 +277,7 @@ async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
             }
             continue;
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(n.data_dir.join("node.log"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(n.data_dir.join("node.log"))?;
         let child = std::process::Command::new(&exe)
             .args(["node", "--config"])
             .arg(&config.path)
@@ -349,12 +291,7 @@ async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
         std::fs::write(pid_file(&n.data_dir), child.id().to_string())?;
         started.push((n.id, child.id()));
         if !json {
-            println!(
-                "started node {} (pid {}), log {}",
-                n.id,
-                child.id(),
-                n.data_dir.join("node.log").display()
-            );
+            println!("started node {} (pid {}), log {}", n.id, child.id(), n.data_dir.join("node.log").display());
         }
     }
     let client = Client::connect(&config)?;
@@ -375,11 +312,7 @@ async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
         );
     } else {
         let cfg = config.path.display();
-        println!(
-            "cluster ready: {} nodes, {} shards, every shard has a leader",
-            config.nodes.len(),
-            config.shards
-        );
+        println!("cluster ready: {} nodes, {} shards, every shard has a leader", config.nodes.len(), config.shards);
         println!("try, in two shells:");
         println!("  target/release/convoy tail --config {cfg} --conversation general --follow");
         println!("  target/release/convoy send --config {cfg} --conversation general --user alice \"hello\"");
@@ -395,15 +328,8 @@ async fn leaders_ready(client: &Client, config: &Config) -> Result<()> {
         views.push(client.status(id).await?);
     }
     for shard in 0..config.shards {
-        let leaders: Vec<Option<u64>> = views
-            .iter()
-            .map(|v| {
-                v.shards
-                    .iter()
-                    .find(|s| s.shard == shard)
-                    .and_then(|s| s.leader)
-            })
-            .collect();
+        let leaders: Vec<Option<u64>> =
+            views.iter().map(|v| v.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader)).collect();
         match leaders.first() {
             Some(Some(l)) if leaders.iter().all(|x| *x == Some(*l)) => {}
             _ => bail!("shard {shard}: leaders {leaders:?}"),
@@ -420,17 +346,13 @@ fn cluster_down(path: &Path, json: bool) -> Result<()> {
             let _ = std::fs::remove_file(pid_file(&n.data_dir));
             continue;
         };
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while alive(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         if alive(pid) {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
         let _ = std::fs::remove_file(pid_file(&n.data_dir));
         stopped.push((n.id, pid));
@@ -457,20 +379,11 @@ async fn cluster_status(path: &Path, json: bool) -> Result<()> {
         match client.status(id).await {
             Ok(s) => {
                 if !json {
-                    let leading: Vec<u32> = s
-                        .shards
-                        .iter()
-                        .filter(|x| x.leader == Some(id))
-                        .map(|x| x.shard)
-                        .collect();
+                    let leading: Vec<u32> = s.shards.iter().filter(|x| x.leader == Some(id)).map(|x| x.shard).collect();
                     let lag: u64 = s
                         .shards
                         .iter()
-                        .map(|x| {
-                            x.last_log_index
-                                .unwrap_or(0)
-                                .saturating_sub(x.last_applied_index.unwrap_or(0))
-                        })
+                        .map(|x| x.last_log_index.unwrap_or(0).saturating_sub(x.last_applied_index.unwrap_or(0)))
                         .sum();
                     println!("node {id}: up, leads shards {leading:?}, apply lag {lag} entries");
                 }
@@ -492,14 +405,8 @@ async fn cluster_status(path: &Path, json: bool) -> Result<()> {
 
 async fn chat(config: &Config, conversation: &str, user: &str) -> Result<()> {
     let client = Client::connect(config)?;
-    let node = *client
-        .node_ids()
-        .first()
-        .ok_or_else(|| anyhow!("no nodes"))?;
-    let (_, head) = client
-        .get_cursor(node, user, conversation)
-        .await
-        .unwrap_or((0, 0));
+    let node = *client.node_ids().first().ok_or_else(|| anyhow!("no nodes"))?;
+    let (_, head) = client.get_cursor(node, user, conversation).await.unwrap_or((0, 0));
     let from = head.saturating_sub(19).max(1);
     let mut sub = client.subscribe(conversation, from, None);
     println!("# {conversation} as {user}; type a line and press enter to send, ctrl-d to leave");

@@ -43,10 +43,7 @@ pub fn shard_of(conversation: &str, shards: u32) -> ShardId {
 /// Checks a conversation or user id: 1..=128 bytes of UTF-8 without control characters.
 pub fn validate_id(kind: &'static str, id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > ID_BYTES_MAX {
-        return Err(format!(
-            "{kind} id must be 1..={ID_BYTES_MAX} bytes, got {}",
-            id.len()
-        ));
+        return Err(format!("{kind} id must be 1..={ID_BYTES_MAX} bytes, got {}", id.len()));
     }
     if id.chars().any(char::is_control) {
         return Err(format!("{kind} id must not contain control characters"));
@@ -85,11 +82,7 @@ pub struct CursorCommand {
 impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Command::Send(s) => write!(
-                f,
-                "send({}, {}/{})",
-                s.conversation, s.client_id, s.client_seq
-            ),
+            Command::Send(s) => write!(f, "send({}, {}/{})", s.conversation, s.client_id, s.client_seq),
             Command::Cursor(c) => write!(f, "cursor({}, {}, {})", c.user, c.conversation, c.offset),
         }
     }
@@ -119,11 +112,7 @@ pub struct DedupRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// The message is stored at `offset` (possibly by an earlier attempt: `duplicate`).
-    Appended {
-        offset: u64,
-        ts_ms: u64,
-        duplicate: bool,
-    },
+    Appended { offset: u64, ts_ms: u64, duplicate: bool },
     /// The cursor now stands at `offset`.
     CursorAt { offset: u64 },
     /// The command was refused; nothing changed.
@@ -158,10 +147,7 @@ impl std::fmt::Display for Rejection {
                 write!(f, "message is {bytes} bytes, limit {max}")
             }
             Rejection::SeqReused { conversation } => {
-                write!(
-                    f,
-                    "client_seq already used for conversation {conversation:?}"
-                )
+                write!(f, "client_seq already used for conversation {conversation:?}")
             }
             Rejection::CursorPastHead { head } => write!(f, "cursor beyond head {head}"),
         }
@@ -172,20 +158,9 @@ impl std::fmt::Display for Rejection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     PutMessage(StoredMessage),
-    SetHead {
-        conversation: String,
-        head: u64,
-    },
-    PutDedup {
-        client_id: u64,
-        client_seq: u64,
-        record: DedupRecord,
-    },
-    SetCursor {
-        user: String,
-        conversation: String,
-        offset: u64,
-    },
+    SetHead { conversation: String, head: u64 },
+    PutDedup { client_id: u64, client_seq: u64, record: DedupRecord },
+    SetCursor { user: String, conversation: String, offset: u64 },
 }
 
 /// Read access apply needs. Implementations must reflect every effect already produced
@@ -193,30 +168,20 @@ pub enum Effect {
 pub trait ShardView {
     type Error;
     fn head(&mut self, conversation: &str) -> Result<u64, Self::Error>;
-    fn dedup(
-        &mut self,
-        client_id: u64,
-        client_seq: u64,
-    ) -> Result<Option<DedupRecord>, Self::Error>;
+    fn dedup(&mut self, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>, Self::Error>;
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, Self::Error>;
 }
 
 /// Applies one command against `view`, returning its outcome and the effects to persist.
 /// Deterministic: the same view and command always give the same result.
-pub fn apply<V: ShardView>(
-    view: &mut V,
-    command: &Command,
-) -> Result<(Outcome, Vec<Effect>), V::Error> {
+pub fn apply<V: ShardView>(view: &mut V, command: &Command) -> Result<(Outcome, Vec<Effect>), V::Error> {
     match command {
         Command::Send(send) => apply_send(view, send),
         Command::Cursor(cursor) => apply_cursor(view, cursor),
     }
 }
 
-fn apply_send<V: ShardView>(
-    view: &mut V,
-    send: &SendCommand,
-) -> Result<(Outcome, Vec<Effect>), V::Error> {
+fn apply_send<V: ShardView>(view: &mut V, send: &SendCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
     let reject = |reason| Ok((Outcome::Rejected { reason }, Vec::new()));
     if let Err(m) = validate_id("conversation", &send.conversation) {
         return reject(Rejection::InvalidId(m));
@@ -225,22 +190,13 @@ fn apply_send<V: ShardView>(
         return reject(Rejection::InvalidId(m));
     }
     if send.text.len() > MESSAGE_BYTES_MAX {
-        return reject(Rejection::TooLarge {
-            bytes: send.text.len(),
-            max: MESSAGE_BYTES_MAX,
-        });
+        return reject(Rejection::TooLarge { bytes: send.text.len(), max: MESSAGE_BYTES_MAX });
     }
     if let Some(found) = view.dedup(send.client_id, send.client_seq)? {
         if found.conversation != send.conversation {
-            return reject(Rejection::SeqReused {
-                conversation: found.conversation,
-            });
+            return reject(Rejection::SeqReused { conversation: found.conversation });
         }
-        let outcome = Outcome::Appended {
-            offset: found.offset,
-            ts_ms: found.ts_ms,
-            duplicate: true,
-        };
+        let outcome = Outcome::Appended { offset: found.offset, ts_ms: found.ts_ms, duplicate: true };
         return Ok((outcome, Vec::new()));
     }
     let offset = view.head(&send.conversation)? + 1;
@@ -253,65 +209,30 @@ fn apply_send<V: ShardView>(
         client_seq: send.client_seq,
         text: send.text.clone(),
     };
-    let record = DedupRecord {
-        conversation: send.conversation.clone(),
-        offset,
-        ts_ms: send.ts_ms,
-    };
+    let record = DedupRecord { conversation: send.conversation.clone(), offset, ts_ms: send.ts_ms };
     let effects = vec![
         Effect::PutMessage(message),
-        Effect::SetHead {
-            conversation: send.conversation.clone(),
-            head: offset,
-        },
-        Effect::PutDedup {
-            client_id: send.client_id,
-            client_seq: send.client_seq,
-            record,
-        },
+        Effect::SetHead { conversation: send.conversation.clone(), head: offset },
+        Effect::PutDedup { client_id: send.client_id, client_seq: send.client_seq, record },
     ];
-    Ok((
-        Outcome::Appended {
-            offset,
-            ts_ms: send.ts_ms,
-            duplicate: false,
-        },
-        effects,
-    ))
+    Ok((Outcome::Appended { offset, ts_ms: send.ts_ms, duplicate: false }, effects))
 }
 
-fn apply_cursor<V: ShardView>(
-    view: &mut V,
-    c: &CursorCommand,
-) -> Result<(Outcome, Vec<Effect>), V::Error> {
+fn apply_cursor<V: ShardView>(view: &mut V, c: &CursorCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
     for (kind, id) in [("user", &c.user), ("conversation", &c.conversation)] {
         if let Err(m) = validate_id(kind, id) {
-            return Ok((
-                Outcome::Rejected {
-                    reason: Rejection::InvalidId(m),
-                },
-                Vec::new(),
-            ));
+            return Ok((Outcome::Rejected { reason: Rejection::InvalidId(m) }, Vec::new()));
         }
     }
     let head = view.head(&c.conversation)?;
     if c.offset > head {
-        return Ok((
-            Outcome::Rejected {
-                reason: Rejection::CursorPastHead { head },
-            },
-            Vec::new(),
-        ));
+        return Ok((Outcome::Rejected { reason: Rejection::CursorPastHead { head } }, Vec::new()));
     }
     let current = view.cursor(&c.user, &c.conversation)?;
     if c.offset <= current {
         return Ok((Outcome::CursorAt { offset: current }, Vec::new()));
     }
-    let effect = Effect::SetCursor {
-        user: c.user.clone(),
-        conversation: c.conversation.clone(),
-        offset: c.offset,
-    };
+    let effect = Effect::SetCursor { user: c.user.clone(), conversation: c.conversation.clone(), offset: c.offset };
     Ok((Outcome::CursorAt { offset: c.offset }, vec![effect]))
 }
 
@@ -326,12 +247,7 @@ pub struct Overlay<'a, V> {
 
 impl<'a, V: ShardView> Overlay<'a, V> {
     pub fn new(base: &'a mut V) -> Self {
-        Overlay {
-            base,
-            heads: HashMap::new(),
-            dedup: HashMap::new(),
-            cursors: HashMap::new(),
-        }
+        Overlay { base, heads: HashMap::new(), dedup: HashMap::new(), cursors: HashMap::new() }
     }
 
     /// Records effects so later lookups in this batch see them.
@@ -342,20 +258,11 @@ impl<'a, V: ShardView> Overlay<'a, V> {
                 Effect::SetHead { conversation, head } => {
                     self.heads.insert(conversation.clone(), *head);
                 }
-                Effect::PutDedup {
-                    client_id,
-                    client_seq,
-                    record,
-                } => {
+                Effect::PutDedup { client_id, client_seq, record } => {
                     self.dedup.insert((*client_id, *client_seq), record.clone());
                 }
-                Effect::SetCursor {
-                    user,
-                    conversation,
-                    offset,
-                } => {
-                    self.cursors
-                        .insert((user.clone(), conversation.clone()), *offset);
+                Effect::SetCursor { user, conversation, offset } => {
+                    self.cursors.insert((user.clone(), conversation.clone()), *offset);
                 }
             }
         }
@@ -377,10 +284,7 @@ impl<V: ShardView> ShardView for Overlay<'_, V> {
         }
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, V::Error> {
-        match self
-            .cursors
-            .get(&(user.to_string(), conversation.to_string()))
-        {
+        match self.cursors.get(&(user.to_string(), conversation.to_string())) {
             Some(o) => Ok(*o),
             None => self.base.cursor(user, conversation),
         }
@@ -409,18 +313,10 @@ impl MemView {
                 Effect::SetHead { conversation, head } => {
                     self.heads.insert(conversation, head);
                 }
-                Effect::PutDedup {
-                    client_id,
-                    client_seq,
-                    record,
-                } => {
+                Effect::PutDedup { client_id, client_seq, record } => {
                     self.dedup.insert((client_id, client_seq), record);
                 }
-                Effect::SetCursor {
-                    user,
-                    conversation,
-                    offset,
-                } => {
+                Effect::SetCursor { user, conversation, offset } => {
                     self.cursors.insert((user, conversation), offset);
                 }
             }
@@ -434,19 +330,11 @@ impl ShardView for MemView {
     fn head(&mut self, conversation: &str) -> Result<u64, Self::Error> {
         Ok(self.heads.get(conversation).copied().unwrap_or(0))
     }
-    fn dedup(
-        &mut self,
-        client_id: u64,
-        client_seq: u64,
-    ) -> Result<Option<DedupRecord>, Self::Error> {
+    fn dedup(&mut self, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>, Self::Error> {
         Ok(self.dedup.get(&(client_id, client_seq)).cloned())
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, Self::Error> {
-        Ok(self
-            .cursors
-            .get(&(user.to_string(), conversation.to_string()))
-            .copied()
-            .unwrap_or(0))
+        Ok(self.cursors.get(&(user.to_string(), conversation.to_string())).copied().unwrap_or(0))
     }
 }
 

@@ -10,14 +10,7 @@ use super::*;
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-fn send_as(
-    conversation: &str,
-    sender: &str,
-    client_id: u64,
-    client_seq: u64,
-    ts_ms: u64,
-    text: &str,
-) -> Command {
+fn send_as(conversation: &str, sender: &str, client_id: u64, client_seq: u64, ts_ms: u64, text: &str) -> Command {
     Command::Send(SendCommand {
         conversation: conversation.to_string(),
         sender: sender.to_string(),
@@ -33,38 +26,22 @@ fn send(conversation: &str, client_id: u64, client_seq: u64, ts_ms: u64, text: &
 }
 
 fn cursor(user: &str, conversation: &str, offset: u64) -> Command {
-    Command::Cursor(CursorCommand {
-        user: user.to_string(),
-        conversation: conversation.to_string(),
-        offset,
-    })
+    Command::Cursor(CursorCommand { user: user.to_string(), conversation: conversation.to_string(), offset })
 }
 
 fn appended(offset: u64, ts_ms: u64, duplicate: bool) -> Outcome {
-    Outcome::Appended {
-        offset,
-        ts_ms,
-        duplicate,
-    }
+    Outcome::Appended { offset, ts_ms, duplicate }
 }
 
 fn is_invalid_id(outcome: &Outcome) -> bool {
-    matches!(
-        outcome,
-        Outcome::Rejected {
-            reason: Rejection::InvalidId(_)
-        }
-    )
+    matches!(outcome, Outcome::Rejected { reason: Rejection::InvalidId(_) })
 }
 
 /// A view holding `n` messages in `conversation`, sent by client 1000 with seqs 0..n.
 fn view_with(conversation: &str, n: u64) -> MemView {
     let mut view = MemView::default();
     for i in 0..n {
-        assert_eq!(
-            view.apply(&send(conversation, 1000, i, i, "m")),
-            appended(i + 1, i, false)
-        );
+        assert_eq!(view.apply(&send(conversation, 1000, i, i, "m")), appended(i + 1, i, false));
     }
     view
 }
@@ -77,18 +54,10 @@ fn persist(view: &mut MemView, effects: Vec<Effect>) {
             Effect::SetHead { conversation, head } => {
                 view.heads.insert(conversation, head);
             }
-            Effect::PutDedup {
-                client_id,
-                client_seq,
-                record,
-            } => {
+            Effect::PutDedup { client_id, client_seq, record } => {
                 view.dedup.insert((client_id, client_seq), record);
             }
-            Effect::SetCursor {
-                user,
-                conversation,
-                offset,
-            } => {
+            Effect::SetCursor { user, conversation, offset } => {
                 view.cursors.insert((user, conversation), offset);
             }
         }
@@ -123,33 +92,16 @@ fn fnv1a64_reference(data: &[u8]) -> u64 {
 #[test]
 fn offsets_are_dense_per_conversation_and_independent() {
     let mut view = MemView::default();
-    let plan = [
-        ("a", 1),
-        ("b", 1),
-        ("a", 2),
-        ("a", 3),
-        ("c", 1),
-        ("b", 2),
-        ("a", 4),
-    ];
+    let plan = [("a", 1), ("b", 1), ("a", 2), ("a", 3), ("c", 1), ("b", 2), ("a", 4)];
     for (seq, (conv, expected)) in plan.iter().enumerate() {
         let outcome = view.apply(&send(conv, 7, seq as u64, 100 + seq as u64, "hi"));
-        assert_eq!(
-            outcome,
-            appended(*expected, 100 + seq as u64, false),
-            "step {seq} in {conv}"
-        );
+        assert_eq!(outcome, appended(*expected, 100 + seq as u64, false), "step {seq} in {conv}");
     }
     assert_eq!(view.heads.get("a"), Some(&4));
     assert_eq!(view.heads.get("b"), Some(&2));
     assert_eq!(view.heads.get("c"), Some(&1));
     assert_eq!(view.messages.len(), plan.len());
-    let a_offsets: Vec<u64> = view
-        .messages
-        .iter()
-        .filter(|m| m.conversation == "a")
-        .map(|m| m.offset)
-        .collect();
+    let a_offsets: Vec<u64> = view.messages.iter().filter(|m| m.conversation == "a").map(|m| m.offset).collect();
     assert_eq!(a_offsets, vec![1, 2, 3, 4]);
 }
 
@@ -171,18 +123,11 @@ fn accepted_send_effects_are_exact() {
             client_seq: 9,
             text: "hello".into(),
         }),
-        Effect::SetHead {
-            conversation: "room".into(),
-            head: 3,
-        },
+        Effect::SetHead { conversation: "room".into(), head: 3 },
         Effect::PutDedup {
             client_id: 5,
             client_seq: 9,
-            record: DedupRecord {
-                conversation: "room".into(),
-                offset: 3,
-                ts_ms: 1234,
-            },
+            record: DedupRecord { conversation: "room".into(), offset: 3, ts_ms: 1234 },
         },
     ];
     assert_eq!(effects, expected);
@@ -197,26 +142,14 @@ fn accepted_send_effects_are_exact() {
 #[test]
 fn retry_returns_original_offset_and_ts_without_appending() {
     let mut view = MemView::default();
-    assert_eq!(
-        view.apply(&send("room", 1, 1, 100, "first")),
-        appended(1, 100, false)
-    );
-    assert_eq!(
-        view.apply(&send("room", 2, 1, 200, "other")),
-        appended(2, 200, false)
-    );
+    assert_eq!(view.apply(&send("room", 1, 1, 100, "first")), appended(1, 100, false));
+    assert_eq!(view.apply(&send("room", 2, 1, 200, "other")), appended(2, 200, false));
     let before = view.clone();
 
     // Exact retry.
-    assert_eq!(
-        view.apply(&send("room", 1, 1, 100, "first")),
-        appended(1, 100, true)
-    );
+    assert_eq!(view.apply(&send("room", 1, 1, 100, "first")), appended(1, 100, true));
     // Retry re-stamped by a new leader, with different text: still the original answer.
-    assert_eq!(
-        view.apply(&send("room", 1, 1, 999, "changed")),
-        appended(1, 100, true)
-    );
+    assert_eq!(view.apply(&send("room", 1, 1, 999, "changed")), appended(1, 100, true));
     assert_eq!(view.messages, before.messages);
     assert_eq!(view, before);
 
@@ -226,10 +159,7 @@ fn retry_returns_original_offset_and_ts_without_appending() {
     assert!(effects.is_empty());
 
     // The same client with the next seq appends normally.
-    assert_eq!(
-        view.apply(&send("room", 1, 2, 300, "second")),
-        appended(3, 300, false)
-    );
+    assert_eq!(view.apply(&send("room", 1, 2, 300, "second")), appended(3, 300, false));
 }
 
 // Promise: reusing a (client_id, client_seq) for another conversation is rejected with
@@ -237,29 +167,16 @@ fn retry_returns_original_offset_and_ts_without_appending() {
 #[test]
 fn seq_reused_for_other_conversation_is_rejected() {
     let mut view = MemView::default();
-    assert_eq!(
-        view.apply(&send("a", 1, 1, 100, "x")),
-        appended(1, 100, false)
-    );
+    assert_eq!(view.apply(&send("a", 1, 1, 100, "x")), appended(1, 100, false));
     let before = view.clone();
     let (outcome, effects) = unwrap_infallible(apply(&mut view, &send("b", 1, 1, 200, "y")));
-    assert_eq!(
-        outcome,
-        Outcome::Rejected {
-            reason: Rejection::SeqReused {
-                conversation: "a".into()
-            }
-        }
-    );
+    assert_eq!(outcome, Outcome::Rejected { reason: Rejection::SeqReused { conversation: "a".into() } });
     assert!(effects.is_empty());
     assert_eq!(view.apply(&send("b", 1, 1, 200, "y")), outcome);
     assert_eq!(view, before);
     assert_eq!(view.heads.get("b"), None);
     // "b" still starts at 1 once a fresh key is used.
-    assert_eq!(
-        view.apply(&send("b", 1, 2, 300, "y")),
-        appended(1, 300, false)
-    );
+    assert_eq!(view.apply(&send("b", 1, 2, 300, "y")), appended(1, 300, false));
 }
 
 // Promise: the dedup key is the pair, not either half: another client with the same seq,
@@ -267,18 +184,9 @@ fn seq_reused_for_other_conversation_is_rejected() {
 #[test]
 fn dedup_key_is_the_full_pair() {
     let mut view = MemView::default();
-    assert_eq!(
-        view.apply(&send("a", 1, 1, 10, "x")),
-        appended(1, 10, false)
-    );
-    assert_eq!(
-        view.apply(&send("a", 2, 1, 20, "x")),
-        appended(2, 20, false)
-    );
-    assert_eq!(
-        view.apply(&send("a", 1, 2, 30, "x")),
-        appended(3, 30, false)
-    );
+    assert_eq!(view.apply(&send("a", 1, 1, 10, "x")), appended(1, 10, false));
+    assert_eq!(view.apply(&send("a", 2, 1, 20, "x")), appended(2, 20, false));
+    assert_eq!(view.apply(&send("a", 1, 2, 30, "x")), appended(3, 30, false));
     assert_eq!(view.messages.len(), 3);
 }
 
@@ -287,16 +195,10 @@ fn dedup_key_is_the_full_pair() {
 fn rejected_send_does_not_consume_seq_or_offset() {
     let mut view = MemView::default();
     let big = "x".repeat(MESSAGE_BYTES_MAX + 1);
-    assert!(matches!(
-        view.apply(&send("a", 1, 1, 10, &big)),
-        Outcome::Rejected { .. }
-    ));
+    assert!(matches!(view.apply(&send("a", 1, 1, 10, &big)), Outcome::Rejected { .. }));
     assert!(is_invalid_id(&view.apply(&send_as("a", "", 1, 1, 10, "x"))));
     assert_eq!(view, MemView::default());
-    assert_eq!(
-        view.apply(&send("a", 1, 1, 20, "ok")),
-        appended(1, 20, false)
-    );
+    assert_eq!(view.apply(&send("a", 1, 1, 20, "ok")), appended(1, 20, false));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -317,12 +219,7 @@ fn body_size_limit_is_exact() {
     let (outcome, effects) = unwrap_infallible(apply(&mut view, &send("a", 1, 2, 2, &over)));
     assert_eq!(
         outcome,
-        Outcome::Rejected {
-            reason: Rejection::TooLarge {
-                bytes: MESSAGE_BYTES_MAX + 1,
-                max: MESSAGE_BYTES_MAX
-            }
-        }
+        Outcome::Rejected { reason: Rejection::TooLarge { bytes: MESSAGE_BYTES_MAX + 1, max: MESSAGE_BYTES_MAX } }
     );
     assert!(effects.is_empty());
     view.apply(&send("a", 1, 2, 2, &over));
@@ -340,30 +237,20 @@ fn body_size_is_measured_in_utf8_bytes() {
     // 'é' is 2 bytes: MAX/2 of them is exactly MAX bytes.
     let exact = "é".repeat(MESSAGE_BYTES_MAX / 2);
     assert_eq!(exact.len(), MESSAGE_BYTES_MAX);
-    assert_eq!(
-        view.apply(&send("a", 1, 1, 1, &exact)),
-        appended(1, 1, false)
-    );
+    assert_eq!(view.apply(&send("a", 1, 1, 1, &exact)), appended(1, 1, false));
     // '€' is 3 bytes: far fewer chars than MAX, yet over MAX bytes.
     let euros = "€".repeat(MESSAGE_BYTES_MAX / 3 + 1);
     assert!(euros.chars().count() < MESSAGE_BYTES_MAX);
     assert_eq!(
         view.apply(&send("a", 1, 2, 2, &euros)),
-        Outcome::Rejected {
-            reason: Rejection::TooLarge {
-                bytes: euros.len(),
-                max: MESSAGE_BYTES_MAX
-            }
-        }
+        Outcome::Rejected { reason: Rejection::TooLarge { bytes: euros.len(), max: MESSAGE_BYTES_MAX } }
     );
     // A 4-byte char pushing an exact-size body over the limit.
     let exact_plus = format!("{}😀", "x".repeat(MESSAGE_BYTES_MAX - 3));
     assert_eq!(exact_plus.len(), MESSAGE_BYTES_MAX + 1);
     assert!(matches!(
         view.apply(&send("a", 1, 3, 3, &exact_plus)),
-        Outcome::Rejected {
-            reason: Rejection::TooLarge { .. }
-        }
+        Outcome::Rejected { reason: Rejection::TooLarge { .. } }
     ));
     assert_eq!(view.messages.len(), 1);
 }
@@ -405,9 +292,7 @@ fn validate_id_boundaries() {
     for id in good_ids() {
         assert_eq!(validate_id("user", &id), Ok(()), "should accept {id:?}");
     }
-    assert!(validate_id("conversation", "")
-        .unwrap_err()
-        .contains("conversation"));
+    assert!(validate_id("conversation", "").unwrap_err().contains("conversation"));
 }
 
 // Promise: invalid conversation or sender ids on a send are rejected InvalidId and
@@ -418,30 +303,14 @@ fn send_rejects_invalid_ids() {
     let before = view.clone();
     for (i, id) in bad_ids().iter().enumerate() {
         let i = i as u64;
-        assert!(
-            is_invalid_id(&view.apply(&send_as(id, "alice", 1, i, 1, "x"))),
-            "conversation {id:?}"
-        );
-        assert!(
-            is_invalid_id(&view.apply(&send_as("ok", id, 2, i, 1, "x"))),
-            "sender {id:?}"
-        );
+        assert!(is_invalid_id(&view.apply(&send_as(id, "alice", 1, i, 1, "x"))), "conversation {id:?}");
+        assert!(is_invalid_id(&view.apply(&send_as("ok", id, 2, i, 1, "x"))), "sender {id:?}");
     }
     assert_eq!(view, before);
     for (i, id) in good_ids().iter().enumerate() {
         let i = i as u64;
-        assert_eq!(
-            view.apply(&send_as(id, "alice", 3, i, 1, "x")),
-            appended(1, 1, false),
-            "conversation {id:?}"
-        );
-        assert!(matches!(
-            view.apply(&send_as("ok", id, 4, i, 1, "x")),
-            Outcome::Appended {
-                duplicate: false,
-                ..
-            }
-        ));
+        assert_eq!(view.apply(&send_as(id, "alice", 3, i, 1, "x")), appended(1, 1, false), "conversation {id:?}");
+        assert!(matches!(view.apply(&send_as("ok", id, 4, i, 1, "x")), Outcome::Appended { duplicate: false, .. }));
     }
 }
 
@@ -452,21 +321,12 @@ fn cursor_rejects_invalid_ids() {
     let mut view = view_with("ok", 2);
     let before = view.clone();
     for id in bad_ids() {
-        assert!(
-            is_invalid_id(&view.apply(&cursor(&id, "ok", 1))),
-            "user {id:?}"
-        );
-        assert!(
-            is_invalid_id(&view.apply(&cursor("alice", &id, 0))),
-            "conversation {id:?}"
-        );
+        assert!(is_invalid_id(&view.apply(&cursor(&id, "ok", 1))), "user {id:?}");
+        assert!(is_invalid_id(&view.apply(&cursor("alice", &id, 0))), "conversation {id:?}");
     }
     assert_eq!(view, before);
     let long_user = "u".repeat(ID_BYTES_MAX);
-    assert_eq!(
-        view.apply(&cursor(&long_user, "ok", 2)),
-        Outcome::CursorAt { offset: 2 }
-    );
+    assert_eq!(view.apply(&cursor(&long_user, "ok", 2)), Outcome::CursorAt { offset: 2 });
     assert_eq!(view.cursors.get(&(long_user, "ok".to_string())), Some(&2));
 }
 
@@ -479,27 +339,17 @@ fn cursor_rejects_invalid_ids() {
 #[test]
 fn cursor_only_moves_forward() {
     let mut view = view_with("room", 5);
-    assert_eq!(
-        view.apply(&cursor("alice", "room", 3)),
-        Outcome::CursorAt { offset: 3 }
-    );
+    assert_eq!(view.apply(&cursor("alice", "room", 3)), Outcome::CursorAt { offset: 3 });
     let at_three = view.clone();
     for lower in [0, 1, 2, 3] {
-        let (outcome, effects) =
-            unwrap_infallible(apply(&mut view, &cursor("alice", "room", lower)));
+        let (outcome, effects) = unwrap_infallible(apply(&mut view, &cursor("alice", "room", lower)));
         assert_eq!(outcome, Outcome::CursorAt { offset: 3 }, "offset {lower}");
         assert!(effects.is_empty());
         view.apply(&cursor("alice", "room", lower));
     }
     assert_eq!(view, at_three);
-    assert_eq!(
-        view.apply(&cursor("alice", "room", 5)),
-        Outcome::CursorAt { offset: 5 }
-    );
-    assert_eq!(
-        view.cursors.get(&("alice".to_string(), "room".to_string())),
-        Some(&5)
-    );
+    assert_eq!(view.apply(&cursor("alice", "room", 5)), Outcome::CursorAt { offset: 5 });
+    assert_eq!(view.cursors.get(&("alice".to_string(), "room".to_string())), Some(&5));
 }
 
 // Promise: a forward cursor move emits exactly one SetCursor effect.
@@ -508,14 +358,7 @@ fn cursor_forward_effect_is_exact() {
     let mut view = view_with("room", 4);
     let (outcome, effects) = unwrap_infallible(apply(&mut view, &cursor("bob", "room", 4)));
     assert_eq!(outcome, Outcome::CursorAt { offset: 4 });
-    assert_eq!(
-        effects,
-        vec![Effect::SetCursor {
-            user: "bob".into(),
-            conversation: "room".into(),
-            offset: 4
-        }]
-    );
+    assert_eq!(effects, vec![Effect::SetCursor { user: "bob".into(), conversation: "room".into(), offset: 4 }]);
 }
 
 // Promise: a cursor can reach the head but never pass it; passing is rejected with the
@@ -523,39 +366,24 @@ fn cursor_forward_effect_is_exact() {
 #[test]
 fn cursor_cannot_pass_head() {
     let mut view = view_with("room", 3);
-    assert_eq!(
-        view.apply(&cursor("alice", "room", 2)),
-        Outcome::CursorAt { offset: 2 }
-    );
+    assert_eq!(view.apply(&cursor("alice", "room", 2)), Outcome::CursorAt { offset: 2 });
     let before = view.clone();
     for past in [4, 5, u64::MAX] {
         assert_eq!(
             view.apply(&cursor("alice", "room", past)),
-            Outcome::Rejected {
-                reason: Rejection::CursorPastHead { head: 3 }
-            }
+            Outcome::Rejected { reason: Rejection::CursorPastHead { head: 3 } }
         );
     }
     assert_eq!(view, before);
-    assert_eq!(
-        view.apply(&cursor("alice", "room", 3)),
-        Outcome::CursorAt { offset: 3 }
-    );
+    assert_eq!(view.apply(&cursor("alice", "room", 3)), Outcome::CursorAt { offset: 3 });
 
     // An empty (unknown) conversation has head 0: cursor 0 is fine, 1 is past the head.
-    assert_eq!(
-        view.apply(&cursor("alice", "empty", 0)),
-        Outcome::CursorAt { offset: 0 }
-    );
+    assert_eq!(view.apply(&cursor("alice", "empty", 0)), Outcome::CursorAt { offset: 0 });
     assert_eq!(
         view.apply(&cursor("alice", "empty", 1)),
-        Outcome::Rejected {
-            reason: Rejection::CursorPastHead { head: 0 }
-        }
+        Outcome::Rejected { reason: Rejection::CursorPastHead { head: 0 } }
     );
-    assert!(!view
-        .cursors
-        .contains_key(&("alice".to_string(), "empty".to_string())));
+    assert!(!view.cursors.contains_key(&("alice".to_string(), "empty".to_string())));
 }
 
 // Promise: cursors are per (user, conversation).
@@ -565,22 +393,10 @@ fn cursors_are_independent_per_user_and_conversation() {
     for i in 0..3 {
         view.apply(&send("b", 2000, i, 0, "m"));
     }
-    assert_eq!(
-        view.apply(&cursor("alice", "a", 3)),
-        Outcome::CursorAt { offset: 3 }
-    );
-    assert_eq!(
-        view.apply(&cursor("bob", "a", 1)),
-        Outcome::CursorAt { offset: 1 }
-    );
-    assert_eq!(
-        view.apply(&cursor("alice", "b", 2)),
-        Outcome::CursorAt { offset: 2 }
-    );
-    assert_eq!(
-        view.apply(&cursor("bob", "a", 0)),
-        Outcome::CursorAt { offset: 1 }
-    );
+    assert_eq!(view.apply(&cursor("alice", "a", 3)), Outcome::CursorAt { offset: 3 });
+    assert_eq!(view.apply(&cursor("bob", "a", 1)), Outcome::CursorAt { offset: 1 });
+    assert_eq!(view.apply(&cursor("alice", "b", 2)), Outcome::CursorAt { offset: 2 });
+    assert_eq!(view.apply(&cursor("bob", "a", 0)), Outcome::CursorAt { offset: 1 });
     assert_eq!(view.cursors.len(), 3);
     assert_eq!(view.cursors[&("alice".to_string(), "a".to_string())], 3);
     assert_eq!(view.cursors[&("bob".to_string(), "a".to_string())], 1);
@@ -610,11 +426,7 @@ fn overlay_sees_earlier_effects_of_the_batch() {
     let expected = vec![
         appended(3, 10, false),
         appended(3, 10, true),
-        Outcome::Rejected {
-            reason: Rejection::SeqReused {
-                conversation: "room".into(),
-            },
-        },
+        Outcome::Rejected { reason: Rejection::SeqReused { conversation: "room".into() } },
         Outcome::CursorAt { offset: 3 },
         Outcome::CursorAt { offset: 3 },
         appended(1, 0, true),
@@ -660,26 +472,17 @@ fn fnv_reference_matches_published_vectors() {
 fn shard_of_pinned_values() {
     assert_eq!(shard_of("", 16), (0xcbf2_9ce4_8422_2325u64 % 16) as u32);
     assert_eq!(shard_of("", 16), 5);
-    assert_eq!(
-        shard_of("a", 1024),
-        (0xaf63_dc4c_8601_ec8cu64 % 1024) as u32
-    );
+    assert_eq!(shard_of("a", 1024), (0xaf63_dc4c_8601_ec8cu64 % 1024) as u32);
     assert_eq!(shard_of("a", 1024), 140);
     assert_eq!(shard_of("foobar", 7), (0x8594_4171_f739_67e8u64 % 7) as u32);
-    assert_eq!(
-        shard_of("foobar", u32::MAX),
-        (0x8594_4171_f739_67e8u64 % u64::from(u32::MAX)) as u32
-    );
+    assert_eq!(shard_of("foobar", u32::MAX), (0x8594_4171_f739_67e8u64 % u64::from(u32::MAX)) as u32);
     for id in ["", "a", "room-42", "日本語"] {
         assert_eq!(shard_of(id, 1), 0);
         // Stable across calls.
         assert_eq!(shard_of(id, 97), shard_of(id, 97));
     }
     // Hashes bytes, not chars: "é" is [0xc3, 0xa9].
-    assert_eq!(
-        shard_of("é", 1_000_003),
-        (fnv1a64_reference(&[0xc3, 0xa9]) % 1_000_003) as u32
-    );
+    assert_eq!(shard_of("é", 1_000_003), (fnv1a64_reference(&[0xc3, 0xa9]) % 1_000_003) as u32);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -711,35 +514,13 @@ fn text_strategy() -> impl Strategy<Value = String> {
 }
 
 fn command_strategy() -> impl Strategy<Value = Command> {
-    let send = (
-        conversation_strategy(),
-        user_strategy(),
-        0u64..3,
-        0u64..4,
-        0u64..1000,
-        text_strategy(),
-    )
-        .prop_map(
-            |(conversation, sender, client_id, client_seq, ts_ms, text)| {
-                Command::Send(SendCommand {
-                    conversation,
-                    sender,
-                    client_id,
-                    client_seq,
-                    ts_ms,
-                    text,
-                })
-            },
-        );
-    let cursor = (user_strategy(), conversation_strategy(), 0u64..8).prop_map(
-        |(user, conversation, offset)| {
-            Command::Cursor(CursorCommand {
-                user,
-                conversation,
-                offset,
-            })
+    let send = (conversation_strategy(), user_strategy(), 0u64..3, 0u64..4, 0u64..1000, text_strategy()).prop_map(
+        |(conversation, sender, client_id, client_seq, ts_ms, text)| {
+            Command::Send(SendCommand { conversation, sender, client_id, client_seq, ts_ms, text })
         },
     );
+    let cursor = (user_strategy(), conversation_strategy(), 0u64..8)
+        .prop_map(|(user, conversation, offset)| Command::Cursor(CursorCommand { user, conversation, offset }));
     prop_oneof![3 => send, 1 => cursor]
 }
 
@@ -771,26 +552,15 @@ impl Model {
                     return reject(Rejection::InvalidId(String::new()));
                 }
                 if s.text.len() > MESSAGE_BYTES_MAX {
-                    return reject(Rejection::TooLarge {
-                        bytes: s.text.len(),
-                        max: MESSAGE_BYTES_MAX,
-                    });
+                    return reject(Rejection::TooLarge { bytes: s.text.len(), max: MESSAGE_BYTES_MAX });
                 }
-                if let Some(m) = self
-                    .messages
-                    .iter()
-                    .find(|m| m.client_id == s.client_id && m.client_seq == s.client_seq)
+                if let Some(m) =
+                    self.messages.iter().find(|m| m.client_id == s.client_id && m.client_seq == s.client_seq)
                 {
                     if m.conversation != s.conversation {
-                        return reject(Rejection::SeqReused {
-                            conversation: m.conversation.clone(),
-                        });
+                        return reject(Rejection::SeqReused { conversation: m.conversation.clone() });
                     }
-                    return Outcome::Appended {
-                        offset: m.offset,
-                        ts_ms: m.ts_ms,
-                        duplicate: true,
-                    };
+                    return Outcome::Appended { offset: m.offset, ts_ms: m.ts_ms, duplicate: true };
                 }
                 let offset = self.count(&s.conversation) + 1;
                 self.messages.push(StoredMessage {
@@ -802,11 +572,7 @@ impl Model {
                     client_seq: s.client_seq,
                     text: s.text.clone(),
                 });
-                Outcome::Appended {
-                    offset,
-                    ts_ms: s.ts_ms,
-                    duplicate: false,
-                }
+                Outcome::Appended { offset, ts_ms: s.ts_ms, duplicate: false }
             }
             Command::Cursor(c) => {
                 if !spec_valid_id(&c.user) || !spec_valid_id(&c.conversation) {
@@ -816,10 +582,7 @@ impl Model {
                 if c.offset > head {
                     return reject(Rejection::CursorPastHead { head });
                 }
-                let slot = self
-                    .cursors
-                    .entry((c.user.clone(), c.conversation.clone()))
-                    .or_insert(0);
+                let slot = self.cursors.entry((c.user.clone(), c.conversation.clone())).or_insert(0);
                 *slot = (*slot).max(c.offset);
                 Outcome::CursorAt { offset: *slot }
             }
@@ -827,10 +590,7 @@ impl Model {
     }
 
     fn count(&self, conversation: &str) -> u64 {
-        self.messages
-            .iter()
-            .filter(|m| m.conversation == conversation)
-            .count() as u64
+        self.messages.iter().filter(|m| m.conversation == conversation).count() as u64
     }
 }
 
@@ -838,12 +598,8 @@ impl Model {
 fn same_outcome(a: &Outcome, b: &Outcome) -> bool {
     match (a, b) {
         (
-            Outcome::Rejected {
-                reason: Rejection::InvalidId(_),
-            },
-            Outcome::Rejected {
-                reason: Rejection::InvalidId(_),
-            },
+            Outcome::Rejected { reason: Rejection::InvalidId(_) },
+            Outcome::Rejected { reason: Rejection::InvalidId(_) },
         ) => true,
         _ => a == b,
     }
@@ -854,37 +610,18 @@ fn check_invariants(view: &MemView) -> Result<(), TestCaseError> {
     // Offsets of every conversation are exactly 1..=head, in append order.
     let mut by_conversation: HashMap<&str, Vec<u64>> = HashMap::new();
     for m in &view.messages {
-        by_conversation
-            .entry(&m.conversation)
-            .or_default()
-            .push(m.offset);
+        by_conversation.entry(&m.conversation).or_default().push(m.offset);
     }
     prop_assert_eq!(by_conversation.len(), view.heads.len());
     for (conversation, head) in &view.heads {
-        let offsets = by_conversation
-            .get(conversation.as_str())
-            .cloned()
-            .unwrap_or_default();
-        prop_assert_eq!(
-            offsets,
-            (1..=*head).collect::<Vec<u64>>(),
-            "conversation {:?}",
-            conversation
-        );
+        let offsets = by_conversation.get(conversation.as_str()).cloned().unwrap_or_default();
+        prop_assert_eq!(offsets, (1..=*head).collect::<Vec<u64>>(), "conversation {:?}", conversation);
     }
     // No (client_id, client_seq) is stored twice, and the dedup index matches messages.
     let mut seen = HashSet::new();
     for m in &view.messages {
-        prop_assert!(
-            seen.insert((m.client_id, m.client_seq)),
-            "pair {:?} stored twice",
-            (m.client_id, m.client_seq)
-        );
-        let record = DedupRecord {
-            conversation: m.conversation.clone(),
-            offset: m.offset,
-            ts_ms: m.ts_ms,
-        };
+        prop_assert!(seen.insert((m.client_id, m.client_seq)), "pair {:?} stored twice", (m.client_id, m.client_seq));
+        let record = DedupRecord { conversation: m.conversation.clone(), offset: m.offset, ts_ms: m.ts_ms };
         prop_assert_eq!(view.dedup.get(&(m.client_id, m.client_seq)), Some(&record));
     }
     prop_assert_eq!(view.dedup.len(), view.messages.len());

@@ -29,7 +29,9 @@ use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest};
 /// Largest frame the client accepts from a server.
 pub const RESPONSE_FRAME_BYTES_MAX: usize = 4 << 20;
 /// Time allowed for one request attempt.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(12);
+/// Time allowed for one request attempt. Longer than the server's commit timeout
+/// (`service::SEND_TIMEOUT`) so a slow commit is answered, not abandoned.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time a send keeps retrying before giving up.
 pub const SEND_DEADLINE: Duration = Duration::from_secs(30);
 /// Messages buffered between a subscription task and its consumer.
@@ -50,7 +52,8 @@ struct Inner {
     tls: quinn::ClientConfig,
     nodes: BTreeMap<u64, SocketAddr>,
     shards: u32,
-    conns: tokio::sync::Mutex<HashMap<u64, quinn::Connection>>,
+    /// One slot per node: a dead node's connect timeout never delays the others.
+    conns: HashMap<u64, tokio::sync::Mutex<Option<quinn::Connection>>>,
     leaders: Mutex<HashMap<ShardId, u64>>,
     client_id: u64,
     next_seq: AtomicU64,
@@ -76,9 +79,7 @@ impl Client {
     /// Connects with a chosen idempotency identity: sends use `client_id` and sequence
     /// numbers from `first_seq` upward.
     pub fn connect_as(config: &Config, client_id: u64, first_seq: u64) -> Result<Client> {
-        let paths = TlsPaths {
-            dir: config.tls_dir.clone(),
-        };
+        let paths = TlsPaths { dir: config.tls_dir.clone() };
         if !paths.client_cert().exists() {
             return Err(Error::Config(format!(
                 "no client credential in {}: start the cluster first (scripts/cluster up)",
@@ -88,20 +89,19 @@ impl Client {
         let tls = tls::client_config(&paths, None)?;
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("a literal socket address");
         let endpoint = quinn::Endpoint::client(bind).map_err(transport_err)?;
-        let nodes = config.nodes.iter().map(|n| (n.id, n.client_addr)).collect();
+        let nodes: BTreeMap<u64, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.client_addr)).collect();
+        let conns = nodes.keys().map(|id| (*id, tokio::sync::Mutex::new(None))).collect();
         let inner = Inner {
             endpoint,
             tls,
             nodes,
             shards: config.shards,
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            conns,
             leaders: Mutex::new(HashMap::new()),
             client_id,
             next_seq: AtomicU64::new(first_seq),
         };
-        Ok(Client {
-            inner: Arc::new(inner),
-        })
+        Ok(Client { inner: Arc::new(inner) })
     }
 
     /// This client's idempotency identity.
@@ -115,17 +115,16 @@ impl Client {
     }
 
     async fn connection(&self, node: u64) -> Result<quinn::Connection> {
-        let mut conns = self.inner.conns.lock().await;
-        if let Some(c) = conns.get(&node) {
+        let (Some(addr), Some(slot)) = (self.inner.nodes.get(&node), self.inner.conns.get(&node)) else {
+            return Err(Error::InvalidInput(format!("unknown node {node}")));
+        };
+        let addr = *addr;
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
         }
-        let addr = *self
-            .inner
-            .nodes
-            .get(&node)
-            .ok_or_else(|| Error::InvalidInput(format!("unknown node {node}")))?;
         let connecting = self
             .inner
             .endpoint
@@ -135,12 +134,14 @@ impl Client {
             .await
             .map_err(|_| Error::Unavailable(format!("connecting to node {node} timed out")))?
             .map_err(|e| Error::Unavailable(format!("node {node}: {e}")))?;
-        conns.insert(node, conn.clone());
+        *slot = Some(conn.clone());
         Ok(conn)
     }
 
     async fn forget(&self, node: u64) {
-        self.inner.conns.lock().await.remove(&node);
+        if let Some(slot) = self.inner.conns.get(&node) {
+            *slot.lock().await = None;
+        }
     }
 
     /// Opens a request stream to `node` and writes `req`.
@@ -165,28 +166,18 @@ impl Client {
             let mut recv = self.open(node, req).await?;
             match frame::read::<_, Response>(&mut recv, RESPONSE_FRAME_BYTES_MAX).await {
                 Ok(Some(r)) => Ok(r),
-                Ok(None) => Err(Error::Ambiguous(format!(
-                    "node {node} closed the stream without answering"
-                ))),
+                Ok(None) => Err(Error::Ambiguous(format!("node {node} closed the stream without answering"))),
                 Err(e) => Err(Error::Ambiguous(format!("node {node}: {e}"))),
             }
         };
         match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(Error::Ambiguous(format!(
-                "node {node} did not answer within {ATTEMPT_TIMEOUT:?}"
-            ))),
+            Err(_) => Err(Error::Ambiguous(format!("node {node} did not answer within {ATTEMPT_TIMEOUT:?}"))),
         }
     }
 
     fn target_for(&self, shard: ShardId, attempt: usize) -> u64 {
-        if let Some(l) = self
-            .inner
-            .leaders
-            .lock()
-            .expect("leader cache lock")
-            .get(&shard)
-        {
+        if let Some(l) = self.inner.leaders.lock().expect("leader cache lock").get(&shard) {
             return *l;
         }
         let ids = self.node_ids();
@@ -208,8 +199,7 @@ impl Client {
     /// Sends `text` with the next sequence number of this client.
     pub async fn send(&self, conversation: &str, sender: &str, text: &str) -> Result<Ack> {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.send_with(conversation, sender, seq, text, SEND_DEADLINE)
-            .await
+        self.send_with(conversation, sender, seq, text, SEND_DEADLINE).await
     }
 
     /// Sends with an explicit sequence number, retrying until `deadline` with the same
@@ -239,19 +229,9 @@ impl Client {
             attempt += 1;
             let backoff = Duration::from_millis((20 * attempt as u64).min(500));
             match self.request(node, &req).await {
-                Ok(Response::Ack {
-                    conversation,
-                    offset,
-                    ts_ms,
-                    duplicate,
-                }) => {
+                Ok(Response::Ack { conversation, offset, ts_ms, duplicate }) => {
                     self.set_leader(shard, Some(node));
-                    return Ok(Ack {
-                        conversation,
-                        offset,
-                        ts_ms,
-                        duplicate,
-                    });
+                    return Ok(Ack { conversation, offset, ts_ms, duplicate });
                 }
                 Ok(Response::NotLeader { leader, .. }) => {
                     last = format!("node {node} is not the leader of shard {shard}");
@@ -278,11 +258,7 @@ impl Client {
                         tokio::time::sleep(backoff).await;
                     }
                 },
-                Ok(other) => {
-                    return Err(Error::Protocol(format!(
-                        "unexpected answer to send: {other:?}"
-                    )))
-                }
+                Ok(other) => return Err(Error::Protocol(format!("unexpected answer to send: {other:?}"))),
                 Err(e) => {
                     if matches!(e, Error::Ambiguous(_)) {
                         ambiguous = Some(e.to_string());
@@ -295,12 +271,10 @@ impl Client {
             }
         }
         match ambiguous {
-            Some(m) => Err(Error::Ambiguous(format!(
-                "gave up after {deadline:?}; an attempt's outcome is unknown: {m}"
-            ))),
-            None => Err(Error::Unavailable(format!(
-                "gave up after {deadline:?}: {last}"
-            ))),
+            Some(m) => {
+                Err(Error::Ambiguous(format!("gave up after {deadline:?}; an attempt's outcome is unknown: {m}")))
+            }
+            None => Err(Error::Unavailable(format!("gave up after {deadline:?}: {last}"))),
         }
     }
 
@@ -308,25 +282,14 @@ impl Client {
     pub async fn status(&self, node: u64) -> Result<NodeStatus> {
         match self.request(node, &Request::Status).await? {
             Response::Status(s) => Ok(s),
-            other => Err(Error::Protocol(format!(
-                "unexpected answer to status: {other:?}"
-            ))),
+            other => Err(Error::Protocol(format!("unexpected answer to status: {other:?}"))),
         }
     }
 
     /// Moves a user's cursor forward (on the shard's leader); returns (cursor, head).
-    pub async fn set_cursor(
-        &self,
-        user: &str,
-        conversation: &str,
-        offset: u64,
-    ) -> Result<(u64, u64)> {
+    pub async fn set_cursor(&self, user: &str, conversation: &str, offset: u64) -> Result<(u64, u64)> {
         let shard = shard_of(conversation, self.inner.shards);
-        let req = Request::SetCursor {
-            user: user.into(),
-            conversation: conversation.into(),
-            offset,
-        };
+        let req = Request::SetCursor { user: user.into(), conversation: conversation.into(), offset };
         let started = Instant::now();
         let mut attempt = 0;
         loop {
@@ -334,17 +297,11 @@ impl Client {
             attempt += 1;
             match self.request(node, &req).await {
                 Ok(Response::Cursor { offset, head }) => return Ok((offset, head)),
-                Ok(Response::NotLeader { leader, .. }) => {
-                    self.set_leader(shard, leader.filter(|l| *l != node))
+                Ok(Response::NotLeader { leader, .. }) => self.set_leader(shard, leader.filter(|l| *l != node)),
+                Ok(Response::Error { code: ErrorCode::InvalidInput, message }) => {
+                    return Err(Error::InvalidInput(message))
                 }
-                Ok(Response::Error {
-                    code: ErrorCode::InvalidInput,
-                    message,
-                }) => return Err(Error::InvalidInput(message)),
-                Ok(Response::Error {
-                    code: ErrorCode::Rejected,
-                    message,
-                }) => return Err(Error::Rejected(message)),
+                Ok(Response::Error { code: ErrorCode::Rejected, message }) => return Err(Error::Rejected(message)),
                 Ok(_) | Err(_) if started.elapsed() < SEND_DEADLINE => {
                     self.set_leader(shard, None);
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -356,22 +313,8 @@ impl Client {
     }
 
     /// A user's cursor and the conversation's head, as one replica sees them.
-    pub async fn get_cursor(
-        &self,
-        node: u64,
-        user: &str,
-        conversation: &str,
-    ) -> Result<(u64, u64)> {
-        match self
-            .request(
-                node,
-                &Request::GetCursor {
-                    user: user.into(),
-                    conversation: conversation.into(),
-                },
-            )
-            .await?
-        {
+    pub async fn get_cursor(&self, node: u64, user: &str, conversation: &str) -> Result<(u64, u64)> {
+        match self.request(node, &Request::GetCursor { user: user.into(), conversation: conversation.into() }).await? {
             Response::Cursor { offset, head } => Ok((offset, head)),
             Response::Error { code, message } => Err(response_error(code, message)),
             other => Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
@@ -379,12 +322,7 @@ impl Client {
     }
 
     /// Reads a conversation from `from` up to the head as `node` (default: any) has it.
-    pub async fn read(
-        &self,
-        conversation: &str,
-        from: u64,
-        node: Option<u64>,
-    ) -> Result<Vec<StoredMessage>> {
+    pub async fn read(&self, conversation: &str, from: u64, node: Option<u64>) -> Result<Vec<StoredMessage>> {
         let ids = match node {
             Some(n) => vec![n],
             None => self.node_ids(),
@@ -399,27 +337,16 @@ impl Client {
         Err(last)
     }
 
-    async fn read_from(
-        &self,
-        conversation: &str,
-        from: u64,
-        node: u64,
-    ) -> Result<Vec<StoredMessage>> {
-        let req = Request::Subscribe {
-            conversation: conversation.into(),
-            from,
-            follow: false,
-        };
+    async fn read_from(&self, conversation: &str, from: u64, node: u64) -> Result<Vec<StoredMessage>> {
+        let req = Request::Subscribe { conversation: conversation.into(), from, follow: false };
         let mut recv = self.open(node, &req).await?;
         let mut out = Vec::new();
         let mut next = from.max(1);
         loop {
-            let frame = tokio::time::timeout(
-                ATTEMPT_TIMEOUT,
-                frame::read::<_, Response>(&mut recv, RESPONSE_FRAME_BYTES_MAX),
-            )
-            .await
-            .map_err(|_| Error::Unavailable(format!("node {node} stalled")))??;
+            let frame =
+                tokio::time::timeout(ATTEMPT_TIMEOUT, frame::read::<_, Response>(&mut recv, RESPONSE_FRAME_BYTES_MAX))
+                    .await
+                    .map_err(|_| Error::Unavailable(format!("node {node} stalled")))??;
             match frame {
                 Some(Response::Message(m)) => {
                     if m.offset != next {
@@ -432,18 +359,10 @@ impl Client {
                     out.push(m);
                 }
                 Some(Response::CaughtUp { .. }) => return Ok(out),
-                Some(Response::Error { code, message }) => {
-                    return Err(response_error(code, message))
-                }
-                Some(Response::Truncated { earliest }) => {
-                    return Err(Error::Truncated { earliest })
-                }
+                Some(Response::Error { code, message }) => return Err(response_error(code, message)),
+                Some(Response::Truncated { earliest }) => return Err(Error::Truncated { earliest }),
                 Some(other) => return Err(Error::Protocol(format!("unexpected frame {other:?}"))),
-                None => {
-                    return Err(Error::Unavailable(format!(
-                        "node {node} ended the read early"
-                    )))
-                }
+                None => return Err(Error::Unavailable(format!("node {node} ended the read early"))),
             }
         }
     }
@@ -452,13 +371,7 @@ impl Client {
     /// replica (it is still retried after failures); `None` spreads over all of them.
     pub fn subscribe(&self, conversation: &str, from: u64, node: Option<u64>) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        let task = tokio::spawn(follow(
-            self.clone(),
-            conversation.to_string(),
-            from.max(1),
-            node,
-            tx,
-        ));
+        let task = tokio::spawn(follow(self.clone(), conversation.to_string(), from.max(1), node, tx));
         Subscription { rx, task }
     }
 }
@@ -505,23 +418,13 @@ impl Drop for Subscription {
     }
 }
 
-async fn follow(
-    client: Client,
-    conversation: String,
-    mut next: u64,
-    pinned: Option<u64>,
-    tx: mpsc::Sender<Event>,
-) {
+async fn follow(client: Client, conversation: String, mut next: u64, pinned: Option<u64>, tx: mpsc::Sender<Event>) {
     let ids = client.node_ids();
     let mut attempt = 0usize;
     loop {
         let node = pinned.unwrap_or_else(|| ids[attempt % ids.len()]);
         attempt += 1;
-        let req = Request::Subscribe {
-            conversation: conversation.clone(),
-            from: next,
-            follow: true,
-        };
+        let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
         let mut recv = match client.open(node, &req).await {
             Ok(r) => r,
             Err(e) => {
@@ -541,12 +444,7 @@ async fn follow(
                         continue;
                     }
                     if m.offset > next {
-                        tracing::warn!(
-                            node,
-                            expected = next,
-                            got = m.offset,
-                            "gap from server; resubscribing"
-                        );
+                        tracing::warn!(node, expected = next, got = m.offset, "gap from server; resubscribing");
                         break;
                     }
                     next += 1;
@@ -560,10 +458,7 @@ async fn follow(
                         return;
                     }
                 }
-                Ok(Some(Response::Error {
-                    code: ErrorCode::InvalidInput,
-                    message,
-                })) => {
+                Ok(Some(Response::Error { code: ErrorCode::InvalidInput, message })) => {
                     let _ = tx.send(Event::Failed(message)).await;
                     return;
                 }

@@ -53,8 +53,8 @@ pub struct PeerNet {
 struct Inner {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
-    addrs: HashMap<NodeId, SocketAddr>,
-    conns: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// One slot per peer: connecting to a dead peer must never delay RPCs to live ones.
+    slots: HashMap<NodeId, (SocketAddr, tokio::sync::Mutex<Option<quinn::Connection>>)>,
 }
 
 fn unreachable(e: impl std::fmt::Display) -> RPCError<C> {
@@ -71,62 +71,40 @@ impl PeerNet {
         client_config: quinn::ClientConfig,
         addrs: HashMap<NodeId, SocketAddr>,
     ) -> Self {
-        let inner = Inner {
-            endpoint,
-            client_config,
-            addrs,
-            conns: tokio::sync::Mutex::new(HashMap::new()),
-        };
-        PeerNet {
-            inner: Arc::new(inner),
-        }
+        let slots = addrs.into_iter().map(|(id, addr)| (id, (addr, tokio::sync::Mutex::new(None)))).collect();
+        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots }) }
     }
 
     async fn connection(&self, target: NodeId) -> Result<quinn::Connection, RPCError<C>> {
-        let mut conns = self.inner.conns.lock().await;
-        if let Some(c) = conns.get(&target) {
+        let (addr, slot) =
+            self.inner.slots.get(&target).ok_or_else(|| unreachable(format!("unknown node {target}")))?;
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
         }
-        let addr = *self
-            .inner
-            .addrs
-            .get(&target)
-            .ok_or_else(|| unreachable(format!("unknown node {target}")))?;
         let connecting = self
             .inner
             .endpoint
-            .connect_with(
-                self.inner.client_config.clone(),
-                addr,
-                &super::tls::node_name(target),
-            )
+            .connect_with(self.inner.client_config.clone(), *addr, &super::tls::node_name(target))
             .map_err(unreachable)?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| unreachable(format!("connect to node {target} timed out")))?
             .map_err(unreachable)?;
-        conns.insert(target, conn.clone());
+        *slot = Some(conn.clone());
         Ok(conn)
     }
 
     /// One unary RPC on its own stream, bounded by `ttl`.
-    async fn call(
-        &self,
-        target: NodeId,
-        req: PeerRequest,
-        ttl: Duration,
-    ) -> Result<PeerResponse, RPCError<C>> {
+    async fn call(&self, target: NodeId, req: PeerRequest, ttl: Duration) -> Result<PeerResponse, RPCError<C>> {
         let attempt = async {
             let conn = self.connection(target).await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(unreachable)?;
             frame::write(&mut send, &req).await.map_err(network)?;
             send.finish().map_err(network)?;
-            match frame::read::<_, PeerResponse>(&mut recv, PEER_FRAME_BYTES_MAX)
-                .await
-                .map_err(network)?
-            {
+            match frame::read::<_, PeerResponse>(&mut recv, PEER_FRAME_BYTES_MAX).await.map_err(network)? {
                 Some(PeerResponse::Error(e)) => Err(unreachable(format!("node {target}: {e}"))),
                 Some(resp) => Ok(resp),
                 None => Err(network("peer closed the stream without answering")),
@@ -134,9 +112,7 @@ impl PeerNet {
         };
         match tokio::time::timeout(ttl, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(network(format!(
-                "rpc to node {target} timed out after {ttl:?}"
-            ))),
+            Err(_) => Err(network(format!("rpc to node {target} timed out after {ttl:?}"))),
         }
     }
 }
@@ -155,14 +131,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse, RPCError<C>> {
-        match self
-            .call(
-                target,
-                PeerRequest::Append { shard, rpc },
-                option.hard_ttl(),
-            )
-            .await?
-        {
+        match self.call(target, PeerRequest::Append { shard, rpc }, option.hard_ttl()).await? {
             PeerResponse::Append(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -175,10 +144,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: VoteRequest,
         option: RPCOption,
     ) -> Result<VoteResponse, RPCError<C>> {
-        match self
-            .call(target, PeerRequest::Vote { shard, rpc }, option.hard_ttl())
-            .await?
-        {
+        match self.call(target, PeerRequest::Vote { shard, rpc }, option.hard_ttl()).await? {
             PeerResponse::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -191,14 +157,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: VoteRequest,
         option: RPCOption,
     ) -> Result<VoteResponse, RPCError<C>> {
-        match self
-            .call(
-                target,
-                PeerRequest::PreVote { shard, rpc },
-                option.hard_ttl(),
-            )
-            .await?
-        {
+        match self.call(target, PeerRequest::PreVote { shard, rpc }, option.hard_ttl()).await? {
             PeerResponse::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -211,14 +170,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: TransferLeaderRequest,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse, RPCError<C>> {
-        match self
-            .call(
-                target,
-                PeerRequest::TransferLeader { shard, rpc },
-                option.hard_ttl(),
-            )
-            .await?
-        {
+        match self.call(target, PeerRequest::TransferLeader { shard, rpc }, option.hard_ttl()).await? {
             PeerResponse::TransferLeader(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -240,25 +192,19 @@ impl GroupRouter<C, ShardId> for PeerNet {
         };
         let transfer = async {
             let conn = self.connection(target).await.map_err(to_streaming)?;
-            let (mut send, mut recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| to_streaming(unreachable(e)))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| to_streaming(unreachable(e)))?;
             let meta = snapshot.meta.clone();
             frame::write(&mut send, &PeerRequest::Snapshot { shard, vote, meta })
                 .await
                 .map_err(|e| to_streaming(network(e)))?;
             let local = match snapshot.snapshot {
                 ShardSnapshot::Local(local) => local,
-                ShardSnapshot::Spooled(_) => {
-                    return Err(to_streaming(network("cannot forward a spooled snapshot")))
-                }
+                ShardSnapshot::Spooled(_) => return Err(to_streaming(network("cannot forward a spooled snapshot"))),
             };
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(SNAPSHOT_CHUNKS_IN_FLIGHT);
             let reader = tokio::task::spawn_blocking(move || {
                 local.for_each_chunk(|chunk| {
-                    tx.blocking_send(chunk)
-                        .map_err(|_| Error::Unavailable("snapshot stream closed".into()))
+                    tx.blocking_send(chunk).map_err(|_| Error::Unavailable("snapshot stream closed".into()))
                 })
             });
             let mut bytes = 0usize;
@@ -273,12 +219,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
                 .map_err(|e| to_streaming(network(e)))?
                 .map_err(|e| to_streaming(network(format!("reading snapshot: {e}"))))?;
             send.finish().map_err(|e| to_streaming(network(e)))?;
-            tracing::info!(
-                shard,
-                target,
-                bytes,
-                "snapshot streamed; waiting for install"
-            );
+            tracing::info!(shard, target, bytes, "snapshot streamed; waiting for install");
             let resp = tokio::time::timeout(
                 SNAPSHOT_INSTALL_TIMEOUT,
                 frame::read::<_, PeerResponse>(&mut recv, PEER_FRAME_BYTES_MAX),
@@ -332,9 +273,7 @@ pub async fn serve(endpoint: quinn::Endpoint, groups: Groups, spool_dir: PathBuf
                     match conn.accept_bi().await {
                         Ok((send, recv)) => {
                             let (groups, spool_dir) = (groups.clone(), spool_dir.clone());
-                            tokio::spawn(
-                                handle_stream(send, recv, groups, spool_dir).in_current_span(),
-                            );
+                            tokio::spawn(handle_stream(send, recv, groups, spool_dir).in_current_span());
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "peer connection closed");
@@ -350,20 +289,11 @@ pub async fn serve(endpoint: quinn::Endpoint, groups: Groups, spool_dir: PathBuf
 }
 
 fn group(groups: &Groups, shard: ShardId) -> Result<Raft, String> {
-    let map = groups
-        .read()
-        .map_err(|_| "group registry poisoned".to_string())?;
-    map.get(&shard)
-        .cloned()
-        .ok_or_else(|| format!("shard {shard} is not hosted on this node"))
+    let map = groups.read().map_err(|_| "group registry poisoned".to_string())?;
+    map.get(&shard).cloned().ok_or_else(|| format!("shard {shard} is not hosted on this node"))
 }
 
-async fn handle_stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    groups: Groups,
-    spool_dir: PathBuf,
-) {
+async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, groups: Groups, spool_dir: PathBuf) {
     let response = match frame::read::<_, PeerRequest>(&mut recv, PEER_FRAME_BYTES_MAX).await {
         Ok(Some(req)) => dispatch(req, &mut recv, &groups, &spool_dir).await,
         Ok(None) => return,
@@ -383,27 +313,15 @@ async fn dispatch(
     let err = |e: String| PeerResponse::Error(e);
     match req {
         PeerRequest::Append { shard, rpc } => match group(groups, shard) {
-            Ok(raft) => raft
-                .append_entries(rpc)
-                .await
-                .map(PeerResponse::Append)
-                .unwrap_or_else(|e| err(e.to_string())),
+            Ok(raft) => raft.append_entries(rpc).await.map(PeerResponse::Append).unwrap_or_else(|e| err(e.to_string())),
             Err(e) => err(e),
         },
         PeerRequest::Vote { shard, rpc } => match group(groups, shard) {
-            Ok(raft) => raft
-                .vote(rpc)
-                .await
-                .map(PeerResponse::Vote)
-                .unwrap_or_else(|e| err(e.to_string())),
+            Ok(raft) => raft.vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string())),
             Err(e) => err(e),
         },
         PeerRequest::PreVote { shard, rpc } => match group(groups, shard) {
-            Ok(raft) => raft
-                .pre_vote(rpc)
-                .await
-                .map(PeerResponse::Vote)
-                .unwrap_or_else(|e| err(e.to_string())),
+            Ok(raft) => raft.pre_vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string())),
             Err(e) => err(e),
         },
         PeerRequest::TransferLeader { shard, rpc } => match group(groups, shard) {
@@ -415,9 +333,7 @@ async fn dispatch(
             Err(e) => err(e),
         },
         PeerRequest::Snapshot { shard, vote, meta } => match group(groups, shard) {
-            Ok(raft) => receive_snapshot(raft, shard, vote, meta, recv, spool_dir)
-                .await
-                .unwrap_or_else(err),
+            Ok(raft) => receive_snapshot(raft, shard, vote, meta, recv, spool_dir).await.unwrap_or_else(err),
             Err(e) => err(e),
         },
         PeerRequest::SnapshotChunk(_) => err("snapshot chunk without a snapshot header".into()),
@@ -436,27 +352,16 @@ async fn receive_snapshot(
     let result = async {
         let mut spool = SpoolWriter::create(path.clone()).map_err(|e| e.to_string())?;
         loop {
-            match frame::read::<_, PeerRequest>(recv, PEER_FRAME_BYTES_MAX)
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                Some(PeerRequest::SnapshotChunk(chunk)) => {
-                    spool.write_chunk(&chunk).map_err(|e| e.to_string())?
-                }
+            match frame::read::<_, PeerRequest>(recv, PEER_FRAME_BYTES_MAX).await.map_err(|e| e.to_string())? {
+                Some(PeerRequest::SnapshotChunk(chunk)) => spool.write_chunk(&chunk).map_err(|e| e.to_string())?,
                 Some(_) => return Err("unexpected frame inside a snapshot".to_string()),
                 None => break,
             }
         }
         tracing::info!(shard, bytes = spool.bytes, "snapshot received; installing");
         let path = spool.finish().map_err(|e| e.to_string())?;
-        let snapshot = Snapshot {
-            meta,
-            snapshot: ShardSnapshot::Spooled(path),
-        };
-        raft.install_full_snapshot(vote, snapshot)
-            .await
-            .map(PeerResponse::Snapshot)
-            .map_err(|e| e.to_string())
+        let snapshot = Snapshot { meta, snapshot: ShardSnapshot::Spooled(path) };
+        raft.install_full_snapshot(vote, snapshot).await.map(PeerResponse::Snapshot).map_err(|e| e.to_string())
     }
     .await;
     let _ = std::fs::remove_file(&path);

@@ -35,9 +35,7 @@ pub async fn serve(node: Arc<Node>) {
             async move {
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let node = node.clone();
-                    tokio::spawn(
-                        handle(node, send, recv).instrument(tracing::debug_span!("request")),
-                    );
+                    tokio::spawn(handle(node, send, recv).instrument(tracing::debug_span!("request")));
                 }
             }
             .instrument(span)
@@ -56,46 +54,29 @@ fn code_of(e: &Error) -> ErrorCode {
 }
 
 async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let request =
-        match frame::read::<_, Request>(&mut recv, node.config.limits.max_frame_bytes).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                let _ = frame::write(
-                    &mut send,
-                    &Response::Error {
-                        code: code_of(&e),
-                        message: e.to_string(),
-                    },
-                )
-                .await;
-                let _ = send.finish();
-                return;
-            }
-        };
+    let request = match frame::read::<_, Request>(&mut recv, node.config.limits.max_frame_bytes).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            let _ = frame::write(&mut send, &Response::Error { code: code_of(&e), message: e.to_string() }).await;
+            let _ = send.finish();
+            return;
+        }
+    };
     let response = match request {
         Request::Send(req) => node.send(req).await,
-        Request::SetCursor {
-            user,
-            conversation,
-            offset,
-        } => node.set_cursor(user, conversation, offset).await,
+        Request::SetCursor { user, conversation, offset } => node.set_cursor(user, conversation, offset).await,
         Request::GetCursor { user, conversation } => node.get_cursor(user, conversation).await,
         Request::Status => Response::Status(node.status()),
-        Request::Subscribe {
-            conversation,
-            from,
-            follow,
-        } => match node.subscribe(conversation, from, follow, &mut send).await {
-            Ok(()) => {
-                let _ = send.finish();
-                return;
+        Request::Subscribe { conversation, from, follow } => {
+            match node.subscribe(conversation, from, follow, &mut send).await {
+                Ok(()) => {
+                    let _ = send.finish();
+                    return;
+                }
+                Err(e) => Response::Error { code: code_of(&e), message: e.to_string() },
             }
-            Err(e) => Response::Error {
-                code: code_of(&e),
-                message: e.to_string(),
-            },
-        },
+        }
     };
     if frame::write(&mut send, &response).await.is_ok() {
         let _ = send.finish();

@@ -16,8 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -73,11 +72,7 @@ fn ca_params(name: &str) -> Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     Ok(params)
 }
 
@@ -86,21 +81,14 @@ fn leaf(names: Vec<String>, cn: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(S
     params.distinguished_name.push(DnType::CommonName, cn);
     params.use_authority_key_identifier_extension = true;
     params.key_usages.push(KeyUsagePurpose::DigitalSignature);
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let key = KeyPair::generate().map_err(tls_err)?;
     let cert = params.signed_by(&key, issuer).map_err(tls_err)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
 fn node_leaf(id: u64, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String)> {
-    leaf(
-        vec![node_name(id), "localhost".into(), "127.0.0.1".into()],
-        &node_name(id),
-        issuer,
-    )
+    leaf(vec![node_name(id), "localhost".into(), "127.0.0.1".into()], &node_name(id), issuer)
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<()> {
@@ -116,33 +104,21 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
 /// Makes sure the CAs, a certificate for every node of `config` and a client credential
 /// exist in `config.tls_dir`, generating what is missing.
 pub fn ensure_material(config: &Config) -> Result<TlsPaths> {
-    let paths = TlsPaths {
-        dir: config.tls_dir.clone(),
-    };
+    let paths = TlsPaths { dir: config.tls_dir.clone() };
     if !paths.node_ca().exists() {
         generate_fresh(&paths)?;
     }
-    let missing: Vec<u64> = config
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .filter(|id| !paths.node_cert(*id).exists())
-        .collect();
+    let missing: Vec<u64> = config.nodes.iter().map(|n| n.id).filter(|id| !paths.node_cert(*id).exists()).collect();
     if !missing.is_empty() {
         let ca_pem = std::fs::read_to_string(paths.node_ca())?;
-        let ca_key =
-            KeyPair::from_pem(&std::fs::read_to_string(paths.node_ca_key())?).map_err(tls_err)?;
+        let ca_key = KeyPair::from_pem(&std::fs::read_to_string(paths.node_ca_key())?).map_err(tls_err)?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(tls_err)?;
         for id in missing {
             let (cert, key) = node_leaf(id, &issuer)?;
-            let tmp = paths
-                .dir
-                .join(format!(".node{id}.{}.key", std::process::id()));
+            let tmp = paths.dir.join(format!(".node{id}.{}.key", std::process::id()));
             write_private(&tmp, &key)?;
             std::fs::rename(&tmp, paths.node_key(id))?;
-            let tmp = paths
-                .dir
-                .join(format!(".node{id}.{}.pem", std::process::id()));
+            let tmp = paths.dir.join(format!(".node{id}.{}.pem", std::process::id()));
             std::fs::write(&tmp, cert)?;
             std::fs::rename(&tmp, paths.node_cert(id))?;
         }
@@ -153,11 +129,7 @@ pub fn ensure_material(config: &Config) -> Result<TlsPaths> {
 fn generate_fresh(paths: &TlsPaths) -> Result<()> {
     let parent = paths.dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
-    let tmp = parent.join(format!(
-        ".tls-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
+    let tmp = parent.join(format!(".tls-{}-{}", std::process::id(), rand::random::<u32>()));
     std::fs::create_dir_all(&tmp)?;
     let tmp_paths = TlsPaths { dir: tmp.clone() };
 
@@ -169,14 +141,9 @@ fn generate_fresh(paths: &TlsPaths) -> Result<()> {
 
     let client_ca_key = KeyPair::generate().map_err(tls_err)?;
     let client_ca_params = ca_params("convoy client CA")?;
-    let client_ca = client_ca_params
-        .self_signed(&client_ca_key)
-        .map_err(tls_err)?;
+    let client_ca = client_ca_params.self_signed(&client_ca_key).map_err(tls_err)?;
     std::fs::write(tmp_paths.client_ca(), client_ca.pem())?;
-    write_private(
-        &tmp_paths.dir.join("client-ca.key"),
-        &client_ca_key.serialize_pem(),
-    )?;
+    write_private(&tmp_paths.dir.join("client-ca.key"), &client_ca_key.serialize_pem())?;
     let client_issuer = Issuer::new(client_ca_params, client_ca_key);
     let (cert, key) = leaf(vec!["client".into()], "convoy client", &client_issuer)?;
     std::fs::write(tmp_paths.client_cert(), cert)?;
@@ -191,10 +158,7 @@ fn generate_fresh(paths: &TlsPaths) -> Result<()> {
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            Err(Error::Tls(format!(
-                "cannot create {}: {e}",
-                paths.dir.display()
-            )))
+            Err(Error::Tls(format!("cannot create {}: {e}", paths.dir.display())))
         }
     }
 }
@@ -241,11 +205,7 @@ pub fn transport(link: Link, max_streams: u32) -> quinn::TransportConfig {
             t.receive_window((64u32 << 20).into());
             t.send_window(64 << 20);
             t.keep_alive_interval(Some(Duration::from_secs(1)));
-            t.max_idle_timeout(Some(
-                Duration::from_secs(5)
-                    .try_into()
-                    .expect("5 s fits a QUIC idle timeout"),
-            ));
+            t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("5 s fits a QUIC idle timeout")));
         }
         Link::Client => {
             t.max_concurrent_bidi_streams(max_streams.into());
@@ -253,39 +213,26 @@ pub fn transport(link: Link, max_streams: u32) -> quinn::TransportConfig {
             t.stream_receive_window((256u32 << 10).into());
             t.receive_window((1u32 << 20).into());
             t.send_window(1 << 20);
-            t.max_idle_timeout(Some(
-                Duration::from_secs(30)
-                    .try_into()
-                    .expect("30 s fits a QUIC idle timeout"),
-            ));
+            t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s fits a QUIC idle timeout")));
         }
     }
     t
 }
 
 /// Server config for a node's endpoint of the given link.
-pub fn server_config(
-    paths: &TlsPaths,
-    node_id: u64,
-    link: Link,
-    max_streams: u32,
-) -> Result<quinn::ServerConfig> {
+pub fn server_config(paths: &TlsPaths, node_id: u64, link: Link, max_streams: u32) -> Result<quinn::ServerConfig> {
     let client_roots = match link {
         Link::Peer => roots(&paths.node_ca())?,
         Link::Client => roots(&paths.client_ca())?,
     };
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(client_roots, provider())
-            .build()
-            .map_err(tls_err)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(client_roots, provider())
+        .build()
+        .map_err(tls_err)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            load_certs(&paths.node_cert(node_id))?,
-            load_key(&paths.node_key(node_id))?,
-        )
+        .with_single_cert(load_certs(&paths.node_cert(node_id))?, load_key(&paths.node_key(node_id))?)
         .map_err(tls_err)?;
     tls.alpn_protocols = vec![match link {
         Link::Peer => ALPN_PEER.to_vec(),
@@ -301,16 +248,8 @@ pub fn server_config(
 /// Client config: a node dialing peers (`Some(node_id)`) or a client (`None`).
 pub fn client_config(paths: &TlsPaths, as_node: Option<u64>) -> Result<quinn::ClientConfig> {
     let (chain, key, link) = match as_node {
-        Some(id) => (
-            load_certs(&paths.node_cert(id))?,
-            load_key(&paths.node_key(id))?,
-            Link::Peer,
-        ),
-        None => (
-            load_certs(&paths.client_cert())?,
-            load_key(&paths.client_key())?,
-            Link::Client,
-        ),
+        Some(id) => (load_certs(&paths.node_cert(id))?, load_key(&paths.node_key(id))?, Link::Peer),
+        None => (load_certs(&paths.client_cert())?, load_key(&paths.client_key())?, Link::Client),
     };
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -326,8 +265,11 @@ pub fn client_config(paths: &TlsPaths, as_node: Option<u64>) -> Result<quinn::Cl
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut t = transport(link, 64);
     if matches!(link, Link::Client) {
-        // Clients keep the connection (and NAT bindings) alive; servers never ping.
-        t.keep_alive_interval(Some(Duration::from_secs(10)));
+        // Clients keep the connection (and NAT bindings) alive; servers never ping. The
+        // idle timeout is what detects a node that died without closing (kill -9, power
+        // loss): a subscription then resubscribes elsewhere within it.
+        t.keep_alive_interval(Some(Duration::from_secs(3)));
+        t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("10 s fits a QUIC idle timeout")));
         // A client reads pushes: give it a larger receive window than the server grants.
         t.stream_receive_window((1u32 << 20).into());
         t.receive_window((4u32 << 20).into());

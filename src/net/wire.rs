@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::{ShardId, StoredMessage};
 use crate::raft::types::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotMeta, SnapshotResponse,
-    TransferLeaderRequest, TransferLeaderResponse, Vote, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotMeta, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, Vote, VoteRequest, VoteResponse,
 };
 
 /// A client's request.
@@ -25,17 +25,9 @@ pub enum Request {
     Send(SendRequest),
     /// Stream a conversation from `from` (1 = the beginning). With `follow`, keep pushing
     /// live messages after `CaughtUp`; without, finish after `CaughtUp`.
-    Subscribe {
-        conversation: String,
-        from: u64,
-        follow: bool,
-    },
+    Subscribe { conversation: String, from: u64, follow: bool },
     /// Move a user's read cursor forward (replicated, monotone).
-    SetCursor {
-        user: String,
-        conversation: String,
-        offset: u64,
-    },
+    SetCursor { user: String, conversation: String, offset: u64 },
     /// Read a user's cursor and the conversation's head from this replica.
     GetCursor { user: String, conversation: String },
     /// This node's view of every shard.
@@ -127,27 +119,11 @@ pub struct ShardStatus {
 /// A Raft RPC to a peer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PeerRequest {
-    Append {
-        shard: ShardId,
-        rpc: AppendEntriesRequest,
-    },
-    Vote {
-        shard: ShardId,
-        rpc: VoteRequest,
-    },
-    PreVote {
-        shard: ShardId,
-        rpc: VoteRequest,
-    },
-    TransferLeader {
-        shard: ShardId,
-        rpc: TransferLeaderRequest,
-    },
-    Snapshot {
-        shard: ShardId,
-        vote: Vote,
-        meta: SnapshotMeta,
-    },
+    Append { shard: ShardId, rpc: AppendEntriesRequest },
+    Vote { shard: ShardId, rpc: VoteRequest },
+    PreVote { shard: ShardId, rpc: VoteRequest },
+    TransferLeader { shard: ShardId, rpc: TransferLeaderRequest },
+    Snapshot { shard: ShardId, vote: Vote, meta: SnapshotMeta },
     SnapshotChunk(Vec<u8>),
 }
 

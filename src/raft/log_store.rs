@@ -19,9 +19,7 @@ use rocksdb::WriteBatch;
 use super::types::{Entry, LogId, Vote, C};
 use crate::chat::ShardId;
 use crate::store::codec::{decode, encode};
-use crate::store::keys::{
-    log_key, meta_key, CF_LOG, CF_META, META_COMMITTED, META_PURGED, META_VOTE,
-};
+use crate::store::keys::{log_key, meta_key, CF_LOG, CF_META, META_COMMITTED, META_PURGED, META_VOTE};
 use crate::store::Store;
 
 /// One shard's Raft log and vote.
@@ -42,17 +40,11 @@ fn io_err(e: crate::error::Error) -> io::Error {
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
 ) -> io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| io::Error::other(format!("storage task: {e}")))?
-        .map_err(io_err)
+    tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(format!("storage task: {e}")))?.map_err(io_err)
 }
 
 impl LogStore {
-    async fn read_meta<T: serde::de::DeserializeOwned + Send + 'static>(
-        &self,
-        kind: u8,
-    ) -> io::Result<Option<T>> {
+    async fn read_meta<T: serde::de::DeserializeOwned + Send + 'static>(&self, kind: u8) -> io::Result<Option<T>> {
         let (store, shard) = (self.store.clone(), self.shard);
         blocking(move || match store.get(CF_META, &meta_key(shard, kind))? {
             Some(v) => Ok(Some(decode(&v)?)),
@@ -80,9 +72,7 @@ impl RaftLogReader<C> for LogStore {
         let (store, shard) = (self.store.clone(), self.shard);
         blocking(move || {
             let raw = store.log_range(shard, start, end)?;
-            raw.into_iter()
-                .map(|(_, v)| decode::<Entry>(&v).map_err(Into::into))
-                .collect()
+            raw.into_iter().map(|(_, v)| decode::<Entry>(&v).map_err(Into::into)).collect()
         })
         .await
     }
@@ -104,10 +94,7 @@ impl RaftLogStorage<C> for LogStore {
         })
         .await?;
         let last_log_id = last.or_else(|| last_purged.clone());
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -137,10 +124,7 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self
-            .read_meta::<Option<LogId>>(META_COMMITTED)
-            .await?
-            .flatten())
+        Ok(self.read_meta::<Option<LogId>>(META_COMMITTED).await?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
@@ -149,10 +133,8 @@ impl RaftLogStorage<C> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let shard = self.shard;
-        let encoded: Vec<([u8; 12], Vec<u8>)> = entries
-            .into_iter()
-            .map(|e| (log_key(shard, e.log_id.index), encode(&e)))
-            .collect();
+        let encoded: Vec<([u8; 12], Vec<u8>)> =
+            entries.into_iter().map(|e| (log_key(shard, e.log_id.index), encode(&e))).collect();
         let store = self.store.clone();
         blocking(move || {
             let mut b = WriteBatch::default();
@@ -161,9 +143,7 @@ impl RaftLogStorage<C> for LogStore {
             }
             store.write(b)?;
             // Queued strictly after the write returned: the next fsync covers it.
-            store
-                .syncer
-                .after_sync(Box::new(move |r| callback.io_completed(r)));
+            store.syncer.after_sync(Box::new(move |r| callback.io_completed(r)));
             Ok(())
         })
         .await
@@ -194,11 +174,7 @@ impl RaftLogStorage<C> for LogStore {
         blocking(move || {
             let mut b = WriteBatch::default();
             b.put_cf(store.cf(CF_META), meta_key(shard, META_PURGED), value);
-            b.delete_range_cf(
-                store.cf(CF_LOG),
-                log_key(shard, 0),
-                log_key(shard, upto.saturating_add(1)),
-            );
+            b.delete_range_cf(store.cf(CF_LOG), log_key(shard, 0), log_key(shard, upto.saturating_add(1)));
             store.write(b)
         })
         .await

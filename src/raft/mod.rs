@@ -37,15 +37,12 @@ pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
         max_payload_entries: r.max_payload_entries,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
-        purge_batch_size: 1024,
+        purge_batch_size: r.purge_batch_size.max(1),
         // A restarted, wiped replica must be allowed to catch up again (see README).
         allow_log_reversion: Some(true),
         ..Default::default()
     };
-    Ok(Arc::new(
-        c.validate()
-            .map_err(|e| Error::Config(format!("raft: {e}")))?,
-    ))
+    Ok(Arc::new(c.validate().map_err(|e| Error::Config(format!("raft: {e}")))?))
 }
 
 /// The voters of every shard: all nodes of the cluster.
@@ -53,15 +50,7 @@ pub fn members(config: &Config) -> BTreeMap<NodeId, Member> {
     config
         .nodes
         .iter()
-        .map(|n| {
-            (
-                n.id,
-                Member {
-                    peer_addr: n.peer_addr.to_string(),
-                    client_addr: n.client_addr.to_string(),
-                },
-            )
-        })
+        .map(|n| (n.id, Member { peer_addr: n.peer_addr.to_string(), client_addr: n.client_addr.to_string() }))
         .collect()
 }
 
@@ -94,20 +83,12 @@ pub async fn start_group(
     let raft = Raft::new(node_id, raft_config, network, log, sm)
         .await
         .map_err(|e| Error::Storage(format!("starting shard {shard}: {e}")))?;
-    Ok(Group {
-        shard,
-        raft,
-        events,
-    })
+    Ok(Group { shard, raft, events })
 }
 
 /// Initializes `group` with every node as voter, if it has never been initialized.
 pub async fn initialize_if_pristine(group: &Group, config: &Config) -> Result<()> {
-    let initialized = group
-        .raft
-        .is_initialized()
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))?;
+    let initialized = group.raft.is_initialized().await.map_err(|e| Error::Storage(e.to_string()))?;
     if !initialized {
         group
             .raft

@@ -28,9 +28,7 @@ use super::types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, C};
 use crate::chat::{self, DedupRecord, Effect, Outcome, ShardId, ShardView, StoredMessage};
 use crate::error::{Error, Result};
 use crate::store::codec::{decode, encode};
-use crate::store::keys::{
-    applied_key, cursor_key, dedup_key, head_key, message_key, CF_MESSAGES, CF_STATE,
-};
+use crate::store::keys::{applied_key, cursor_key, dedup_key, head_key, message_key, CF_MESSAGES, CF_STATE};
 use crate::store::snapshot::{self, LocalSnapshot, Source};
 use crate::store::Store;
 
@@ -73,24 +71,12 @@ fn read_applied(store: &Store, shard: ShardId) -> Result<AppliedState> {
 
 impl ShardStateMachine {
     /// Opens a shard's state machine; clears a snapshot install that a crash interrupted.
-    pub fn open(
-        store: Store,
-        shard: ShardId,
-        events: broadcast::Sender<ShardEvent>,
-    ) -> Result<Self> {
+    pub fn open(store: Store, shard: ShardId, events: broadcast::Sender<ShardEvent>) -> Result<Self> {
         if snapshot::clear_interrupted_install(&store, shard)? {
-            tracing::warn!(
-                shard,
-                "cleared an interrupted snapshot install; the shard will be re-sent"
-            );
+            tracing::warn!(shard, "cleared an interrupted snapshot install; the shard will be re-sent");
         }
         let applied = read_applied(&store, shard)?;
-        Ok(ShardStateMachine {
-            shard,
-            store,
-            events,
-            applied,
-        })
+        Ok(ShardStateMachine { shard, store, events, applied })
     }
 
     fn snapshot_now(&self) -> Result<Option<Snapshot>> {
@@ -108,14 +94,8 @@ fn snapshot_of(store: &Store, shard: ShardId) -> Result<Option<Snapshot>> {
     if state.last_applied.is_none() {
         return Ok(None);
     }
-    let meta = SnapshotMeta {
-        last_log_id: state.last_applied,
-        last_membership: state.membership,
-    };
-    Ok(Some(Snapshot {
-        meta,
-        snapshot: ShardSnapshot::Local(local),
-    }))
+    let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership };
+    Ok(Some(Snapshot { meta, snapshot: ShardSnapshot::Local(local) }))
 }
 
 /// Reads the shard's committed state for apply.
@@ -183,41 +163,17 @@ fn write_effect(
 ) {
     match effect {
         Effect::PutMessage(m) => {
-            batch.put_cf(
-                store.cf(CF_MESSAGES),
-                message_key(shard, &m.conversation, m.offset),
-                encode(&m),
-            );
+            batch.put_cf(store.cf(CF_MESSAGES), message_key(shard, &m.conversation, m.offset), encode(&m));
             appended.push(m);
         }
         Effect::SetHead { conversation, head } => {
-            batch.put_cf(
-                store.cf(CF_STATE),
-                head_key(shard, &conversation),
-                head.to_be_bytes(),
-            );
+            batch.put_cf(store.cf(CF_STATE), head_key(shard, &conversation), head.to_be_bytes());
         }
-        Effect::PutDedup {
-            client_id,
-            client_seq,
-            record,
-        } => {
-            batch.put_cf(
-                store.cf(CF_STATE),
-                dedup_key(shard, client_id, client_seq),
-                encode(&record),
-            );
+        Effect::PutDedup { client_id, client_seq, record } => {
+            batch.put_cf(store.cf(CF_STATE), dedup_key(shard, client_id, client_seq), encode(&record));
         }
-        Effect::SetCursor {
-            user,
-            conversation,
-            offset,
-        } => {
-            batch.put_cf(
-                store.cf(CF_STATE),
-                cursor_key(shard, &user, &conversation),
-                offset.to_be_bytes(),
-            );
+        Effect::SetCursor { user, conversation, offset } => {
+            batch.put_cf(store.cf(CF_STATE), cursor_key(shard, &user, &conversation), offset.to_be_bytes());
         }
     }
 }
@@ -227,10 +183,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        Ok((
-            self.applied.last_applied.clone(),
-            self.applied.membership.clone(),
-        ))
+        Ok((self.applied.last_applied.clone(), self.applied.membership.clone()))
     }
 
     async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
@@ -248,8 +201,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
             return Ok(());
         }
         let (store, shard, applied) = (self.store.clone(), self.shard, self.applied.clone());
-        let (outcomes, applied, appended) =
-            blocking(move || apply_batch(&store, shard, batch, applied)).await?;
+        let (outcomes, applied, appended) = blocking(move || apply_batch(&store, shard, batch, applied)).await?;
         self.applied = applied;
         for (responder, outcome) in responders.into_iter().zip(outcomes) {
             if let Some(r) = responder {
@@ -264,28 +216,16 @@ impl RaftStateMachine<C> for ShardStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            store: self.store.clone(),
-            shard: self.shard,
-        }
+        SnapshotBuilder { store: self.store.clone(), shard: self.shard }
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        data: ShardSnapshot,
-    ) -> Result<(), io::Error> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: ShardSnapshot) -> Result<(), io::Error> {
         let (store, shard) = (self.store.clone(), self.shard);
-        let state = AppliedState {
-            last_applied: meta.last_log_id.clone(),
-            membership: meta.last_membership.clone(),
-        };
+        let state = AppliedState { last_applied: meta.last_log_id.clone(), membership: meta.last_membership.clone() };
         let value = encode(&state);
         let records = blocking(move || {
             let n = match &data {
-                ShardSnapshot::Local(local) => {
-                    snapshot::install(&store, shard, Source::Local(local))?
-                }
+                ShardSnapshot::Local(local) => snapshot::install(&store, shard, Source::Local(local))?,
                 ShardSnapshot::Spooled(path) => {
                     let n = snapshot::install(&store, shard, Source::File(path))?;
                     let _ = std::fs::remove_file(path);
@@ -306,8 +246,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        self.snapshot_now()
-            .map_err(|e| io::Error::other(e.to_string()))
+        self.snapshot_now().map_err(|e| io::Error::other(e.to_string()))
     }
 }
 

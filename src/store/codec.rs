@@ -30,19 +30,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, std::io::Error> {
     let (value, used) = bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
         .map_err(|e| invalid(format!("corrupt record: {e}")))?;
     if used != bytes.len() - 1 {
-        return Err(invalid(format!(
-            "corrupt record: {} trailing bytes",
-            bytes.len() - 1 - used
-        )));
+        return Err(invalid(format!("corrupt record: {} trailing bytes", bytes.len() - 1 - used)));
     }
     Ok(value)
 }
 
 /// A u64 stored as 8 big-endian bytes (heads, cursors).
 pub fn decode_u64(bytes: &[u8]) -> Result<u64, std::io::Error> {
-    let arr: [u8; 8] = bytes.try_into().map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, "expected 8-byte integer")
-    })?;
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "expected 8-byte integer"))?;
     Ok(u64::from_be_bytes(arr))
 }
 

@@ -50,14 +50,8 @@ pub const SHARD_ID_MAX: ShardId = u32::MAX - 1;
 
 /// `[shard, shard + 1)` as key bounds: the shard's whole range in any family.
 pub fn shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
-    assert!(
-        shard <= SHARD_ID_MAX,
-        "shard ids are validated to at most {SHARD_ID_MAX}"
-    );
-    (
-        shard.to_be_bytes().to_vec(),
-        (shard + 1).to_be_bytes().to_vec(),
-    )
+    assert!(shard <= SHARD_ID_MAX, "shard ids are validated to at most {SHARD_ID_MAX}");
+    (shard.to_be_bytes().to_vec(), (shard + 1).to_be_bytes().to_vec())
 }
 
 pub fn log_key(shard: ShardId, index: u64) -> [u8; 12] {

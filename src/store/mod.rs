@@ -23,8 +23,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
-    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 use crate::chat::{DedupRecord, ShardId, StoredMessage};
@@ -79,9 +79,7 @@ impl Store {
         opts.set_manual_wal_flush(false);
         opts.set_keep_log_file_num(4);
         opts.set_recycle_log_file_num(4);
-        let cfs = ALL_CFS
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
+        let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let db = Arc::new(db);
         let syncer = Syncer::start(db.clone());
@@ -90,9 +88,7 @@ impl Store {
 
     /// The handle of a column family this schema created at open.
     pub fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("every schema column family is created at open")
+        self.db.cf_handle(name).expect("every schema column family is created at open")
     }
 
     /// Writes a batch without fsync (see the module's durability contract).
@@ -127,16 +123,11 @@ impl Store {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(log_key(shard, end).to_vec());
         let from = log_key(shard, start);
-        let iter = self.db.iterator_cf_opt(
-            self.cf(CF_LOG),
-            ro,
-            IteratorMode::From(&from, Direction::Forward),
-        );
+        let iter = self.db.iterator_cf_opt(self.cf(CF_LOG), ro, IteratorMode::From(&from, Direction::Forward));
         let mut expect: Option<u64> = None;
         for item in iter {
             let (k, v) = item?;
-            let index =
-                log_key_index(&k).ok_or_else(|| Error::Storage("malformed log key".into()))?;
+            let index = log_key_index(&k).ok_or_else(|| Error::Storage("malformed log key".into()))?;
             if expect.is_some_and(|e| e != index) {
                 break;
             }
@@ -151,11 +142,7 @@ impl Store {
         let (lo, hi) = shard_range(shard);
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(lo);
-        let mut iter = self.db.iterator_cf_opt(
-            self.cf(CF_LOG),
-            ro,
-            IteratorMode::From(&hi, Direction::Reverse),
-        );
+        let mut iter = self.db.iterator_cf_opt(self.cf(CF_LOG), ro, IteratorMode::From(&hi, Direction::Reverse));
         match iter.next() {
             Some(item) => Ok(Some(item?.1.to_vec())),
             None => Ok(None),
@@ -171,12 +158,7 @@ impl Store {
         }
     }
 
-    pub fn dedup(
-        &self,
-        shard: ShardId,
-        client_id: u64,
-        client_seq: u64,
-    ) -> Result<Option<DedupRecord>> {
+    pub fn dedup(&self, shard: ShardId, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>> {
         match self.get(CF_STATE, &dedup_key(shard, client_id, client_seq))? {
             Some(v) => Ok(Some(codec::decode(&v)?)),
             None => Ok(None),
@@ -204,11 +186,7 @@ impl Store {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(upper);
         let start = message_key(shard, conversation, from.max(1));
-        let iter = self.db.iterator_cf_opt(
-            self.cf(CF_MESSAGES),
-            ro,
-            IteratorMode::From(&start, Direction::Forward),
-        );
+        let iter = self.db.iterator_cf_opt(self.cf(CF_MESSAGES), ro, IteratorMode::From(&start, Direction::Forward));
         let mut out = Vec::with_capacity(max.min(1024));
         for item in iter.take(max) {
             let (_, v) = item?;
@@ -233,24 +211,10 @@ mod tests {
         }
         b.put_cf(store.cf(CF_LOG), log_key(2, 4), [42]);
         store.write(b).expect("write");
-        let got: Vec<u64> = store
-            .log_range(1, 1, 10)
-            .expect("range")
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
+        let got: Vec<u64> = store.log_range(1, 1, 10).expect("range").into_iter().map(|e| e.0).collect();
         assert_eq!(got, vec![1, 2, 3]);
-        let from_zero: Vec<u64> = store
-            .log_range(1, 0, 3)
-            .expect("range")
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
-        assert_eq!(
-            from_zero,
-            vec![1, 2],
-            "a range may start below the first entry"
-        );
+        let from_zero: Vec<u64> = store.log_range(1, 0, 3).expect("range").into_iter().map(|e| e.0).collect();
+        assert_eq!(from_zero, vec![1, 2], "a range may start below the first entry");
         assert_eq!(store.log_last(1).expect("last"), Some(vec![5]));
         assert_eq!(store.log_last(2).expect("last"), Some(vec![42]));
         assert_eq!(store.log_last(3).expect("last"), None);

@@ -58,18 +58,12 @@ impl Record {
         let mut cf = [0u8; 1];
         match r.read(&mut cf)? {
             0 => return Ok(None),
-            _ if usize::from(cf[0]) >= STATE_CFS.len() => {
-                return Err(bad("unknown column family in snapshot"))
-            }
+            _ if usize::from(cf[0]) >= STATE_CFS.len() => return Err(bad("unknown column family in snapshot")),
             _ => {}
         }
         let key = read_part(r)?;
         let value = read_part(r)?;
-        Ok(Some(Record {
-            cf: cf[0],
-            key,
-            value,
-        }))
+        Ok(Some(Record { cf: cf[0], key, value }))
     }
 }
 
@@ -111,10 +105,7 @@ impl LocalSnapshot {
 
     /// Reads one key of the shard's state as of the snapshot.
     pub fn get_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let cf = self
-            .db
-            .cf_handle(CF_STATE)
-            .expect("schema column family exists");
+        let cf = self.db.cf_handle(CF_STATE).expect("schema column family exists");
         Ok(self.snap.get_cf(cf, key)?)
     }
 
@@ -123,27 +114,17 @@ impl LocalSnapshot {
         let (lo, hi) = shard_range(self.shard);
         let install_marker = installing_key(self.shard);
         for (index, name) in STATE_CFS.iter().enumerate() {
-            let cf = self
-                .db
-                .cf_handle(name)
-                .expect("schema column family exists");
+            let cf = self.db.cf_handle(name).expect("schema column family exists");
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(hi.clone());
             ro.set_snapshot(&self.snap);
             ro.fill_cache(false);
-            for item in self
-                .db
-                .iterator_cf_opt(cf, ro, IteratorMode::From(&lo, Direction::Forward))
-            {
+            for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&lo, Direction::Forward)) {
                 let (k, v) = item?;
                 if *name == CF_STATE && k.as_ref() == install_marker {
                     continue;
                 }
-                each(Record {
-                    cf: index as u8,
-                    key: k.to_vec(),
-                    value: v.to_vec(),
-                })?;
+                each(Record { cf: index as u8, key: k.to_vec(), value: v.to_vec() })?;
             }
         }
         Ok(())
@@ -155,10 +136,7 @@ impl LocalSnapshot {
         self.for_each_record(|r| {
             r.encode_into(&mut chunk);
             if chunk.len() >= CHUNK_BYTES {
-                each(std::mem::replace(
-                    &mut chunk,
-                    Vec::with_capacity(CHUNK_BYTES + 4096),
-                ))?;
+                each(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + 4096)))?;
             }
             Ok(())
         })?;
@@ -182,11 +160,7 @@ impl SpoolWriter {
             std::fs::create_dir_all(dir)?;
         }
         let out = BufWriter::new(File::create(&path)?);
-        Ok(SpoolWriter {
-            path,
-            out,
-            bytes: 0,
-        })
+        Ok(SpoolWriter { path, out, bytes: 0 })
     }
 
     pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<()> {
@@ -222,13 +196,9 @@ pub fn install(store: &Store, shard: ShardId, source: Source<'_>) -> Result<u64>
     let mut records = 0u64;
     let mut put = |r: Record| -> Result<()> {
         if !(r.key.as_slice() >= lo.as_slice() && r.key.as_slice() < hi.as_slice()) {
-            return Err(Error::Storage(format!(
-                "snapshot record outside shard {shard}"
-            )));
+            return Err(Error::Storage(format!("snapshot record outside shard {shard}")));
         }
-        let name = STATE_CFS
-            .get(usize::from(r.cf))
-            .ok_or_else(|| Error::Storage("bad family".into()))?;
+        let name = STATE_CFS.get(usize::from(r.cf)).ok_or_else(|| Error::Storage("bad family".into()))?;
         batch.put_cf(store.cf(name), &r.key, &r.value);
         records += 1;
         if batch.size_in_bytes() >= INSTALL_BATCH_BYTES {
@@ -273,11 +243,7 @@ mod tests {
     fn fill(store: &Store, shard: ShardId, n: u64) {
         let mut b = WriteBatch::default();
         for i in 1..=n {
-            b.put_cf(
-                store.cf(CF_MESSAGES),
-                message_key(shard, "c", i),
-                vec![i as u8; 300],
-            );
+            b.put_cf(store.cf(CF_MESSAGES), message_key(shard, "c", i), vec![i as u8; 300]);
         }
         b.put_cf(store.cf(CF_STATE), head_key(shard, "c"), n.to_be_bytes());
         store.write(b).expect("write");
@@ -298,10 +264,7 @@ mod tests {
     // state, replaces what the target had, and leaves other shards alone.
     #[test]
     fn chunked_transfer_installs_exact_state() {
-        let (a, b) = (
-            tempfile::tempdir().expect("dir"),
-            tempfile::tempdir().expect("dir"),
-        );
+        let (a, b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
         let (src, _) = Store::open(a.path()).expect("open");
         let (dst, _) = Store::open(b.path()).expect("open");
         fill(&src, 3, 5000);
@@ -353,12 +316,7 @@ mod tests {
     #[test]
     fn corrupt_records_are_rejected() {
         let mut bytes = Vec::new();
-        Record {
-            cf: 0,
-            key: vec![0, 0, 0, 1, 5],
-            value: vec![1, 2, 3],
-        }
-        .encode_into(&mut bytes);
+        Record { cf: 0, key: vec![0, 0, 0, 1, 5], value: vec![1, 2, 3] }.encode_into(&mut bytes);
         let mut truncated = &bytes[..bytes.len() - 1];
         assert!(Record::read_from(&mut truncated).is_err());
         let mut bad_cf = bytes.clone();

@@ -104,9 +104,7 @@ fn run(db: Arc<DB>, rx: Receiver<Completion>, stats: Arc<SyncStats>) {
         }
         let started = Instant::now();
         let result = db.flush_wal(true);
-        stats
-            .fsync_us_total
-            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        stats.fsync_us_total.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
         stats.rounds.fetch_add(1, Relaxed);
         stats.completions.fetch_add(round.len() as u64, Relaxed);
         match result {
@@ -114,9 +112,7 @@ fn run(db: Arc<DB>, rx: Receiver<Completion>, stats: Arc<SyncStats>) {
             Err(e) => {
                 tracing::error!(error = %e, "fsync of the WAL failed; failing all pending writes");
                 let msg = e.to_string();
-                round
-                    .drain(..)
-                    .for_each(|done| done(Err(std::io::Error::other(msg.clone()))));
+                round.drain(..).for_each(|done| done(Err(std::io::Error::other(msg.clone()))));
                 // Fail everything still queued, then refuse new work by exiting.
                 while let Ok(done) = rx.try_recv() {
                     done(Err(std::io::Error::other(msg.clone())));

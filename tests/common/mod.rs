@@ -52,7 +52,7 @@ impl TestCluster {
         let mut toml = format!(
             "shards = {}\nreplication_factor = 3\ntls_dir = \"tls\"\n[raft]\nheartbeat_ms = 100\n\
              election_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\nsnapshot_logs_since_last = {}\n\
-             max_in_snapshot_log_to_keep = {}\n[limits]\nmax_message_bytes = {}\n",
+             max_in_snapshot_log_to_keep = {}\npurge_batch_size = 1\n[limits]\nmax_message_bytes = {}\n",
             t.shards, t.snapshot_logs_since_last, t.max_in_snapshot_log_to_keep, t.max_message_bytes
         );
         for id in 1..=3 {
@@ -66,12 +66,7 @@ impl TestCluster {
         std::fs::write(&config_path, toml).expect("write cluster.toml");
         let config = Config::load(&config_path).expect("valid test config");
         convoy::net::tls::ensure_material(&config).expect("tls material");
-        let mut c = TestCluster {
-            dir,
-            config_path,
-            config,
-            children: Vec::new(),
-        };
+        let mut c = TestCluster { dir, config_path, config, children: Vec::new() };
         for id in 1..=3 {
             c.spawn(id);
         }
@@ -88,16 +83,12 @@ impl TestCluster {
 
     /// Starts node `id` (again).
     pub fn spawn(&mut self, id: u64) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path(id))
-            .expect("log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(id)).expect("log");
         let child = Command::new(BIN)
             .args(["node", "--config"])
             .arg(&self.config_path)
             .args(["--id", &id.to_string()])
-            .env("CONVOY_LOG", "info,openraft=warn")
+            .env("CONVOY_LOG", std::env::var("CONVOY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -144,10 +135,7 @@ impl TestCluster {
             match leaders(&client, nodes, self.config.shards).await {
                 Ok(_) => return,
                 Err(e) if Instant::now() > deadline => {
-                    panic!(
-                        "cluster not ready within {within:?}: {e}\n{}",
-                        self.logs_tail()
-                    )
+                    panic!("cluster not ready within {within:?}: {e}\n{}", self.logs_tail())
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -162,11 +150,7 @@ impl TestCluster {
             if let Ok(ls) = leaders(&client, nodes, self.config.shards).await {
                 return ls[shard as usize];
             }
-            assert!(
-                Instant::now() < deadline,
-                "no agreed leader for shard {shard}\n{}",
-                self.logs_tail()
-            );
+            assert!(Instant::now() < deadline, "no agreed leader for shard {shard}\n{}", self.logs_tail());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -177,10 +161,7 @@ impl TestCluster {
             let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let start = lines.len().saturating_sub(15);
-            out.push_str(&format!(
-                "--- node{id}.log (last lines)\n{}\n",
-                lines[start..].join("\n")
-            ));
+            out.push_str(&format!("--- node{id}.log (last lines)\n{}\n", lines[start..].join("\n")));
         }
         out
     }
@@ -192,6 +173,11 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        if std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_some() {
+            eprintln!("keeping test cluster directory {}", self.dir.path().display());
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            let _ = dir.keep();
+        }
         for (_, child) in &mut self.children {
             if let Some(mut c) = child.take() {
                 let _ = c.kill();
@@ -209,15 +195,8 @@ async fn leaders(client: &Client, nodes: &[u64], shards: u32) -> Result<Vec<u64>
     }
     let mut out = Vec::new();
     for shard in 0..shards {
-        let ls: Vec<Option<u64>> = views
-            .iter()
-            .map(|v| {
-                v.shards
-                    .iter()
-                    .find(|s| s.shard == shard)
-                    .and_then(|s| s.leader)
-            })
-            .collect();
+        let ls: Vec<Option<u64>> =
+            views.iter().map(|v| v.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader)).collect();
         match ls.first() {
             Some(Some(l)) if ls.iter().all(|x| *x == Some(*l)) => out.push(*l),
             _ => return Err(format!("shard {shard}: {ls:?}")),
@@ -237,10 +216,7 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
