@@ -39,6 +39,38 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(3);
 pub const CATCH_UP_BATCH: usize = 512;
 /// Suggested back-off when throttled.
 pub const THROTTLE_RETRY_MS: u64 = 50;
+/// How often a node hands leaderships it holds back to their preferred nodes.
+pub const LEADER_BALANCE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Hands each shard this node leads to its preferred leader once that node has the whole
+/// log (like Kafka's preferred-leader election): after bootstrap or a failover, leadership
+/// — and with it the proposal and fsync load — spreads back over the nodes.
+async fn balance_leaders(node: std::sync::Weak<Node>) {
+    loop {
+        tokio::time::sleep(LEADER_BALANCE_INTERVAL).await;
+        let Some(node) = node.upgrade() else { return };
+        for group in node.groups.values() {
+            let preferred = node.preferred_leader(group.shard);
+            if preferred == node.id {
+                continue;
+            }
+            let metrics = {
+                let rx = group.raft.metrics();
+                let snapshot = rx.borrow_watched().clone();
+                snapshot
+            };
+            let caught_up = metrics
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&preferred).cloned().flatten())
+                .is_some_and(|matched| Some(matched.index) == metrics.last_log_index);
+            if metrics.current_leader == Some(node.id) && caught_up {
+                tracing::info!(shard = group.shard, to = preferred, "transferring leadership to the preferred node");
+                let _ = group.raft.trigger().transfer_leader(preferred).await;
+            }
+        }
+    }
+}
 
 /// A running node.
 pub struct Node {
@@ -105,7 +137,15 @@ impl Node {
         let inflight = Arc::new(Semaphore::new(config.limits.max_inflight_sends));
         let node = Arc::new(Node { id, config, store, groups, inflight, client_endpoint, peer_endpoint });
         tokio::spawn(crate::net::server::serve(node.clone()));
+        tokio::spawn(balance_leaders(Arc::downgrade(&node)));
         Ok(node)
+    }
+
+    /// The node that should lead `shard` when it is healthy: shards are spread round-robin
+    /// over the nodes so every node leads (and fsyncs for) its share.
+    pub fn preferred_leader(&self, shard: ShardId) -> NodeId {
+        let ids = self.config.node_ids();
+        ids[shard as usize % ids.len()]
     }
 
     fn group_of(&self, conversation: &str) -> Result<&Group> {

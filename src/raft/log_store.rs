@@ -93,7 +93,7 @@ impl RaftLogStorage<C> for LogStore {
             None => Ok(None),
         })
         .await?;
-        let last_log_id = last.or_else(|| last_purged.clone());
+        let last_log_id = last.or(last_purged);
         Ok(LogState { last_purged_log_id: last_purged, last_log_id })
     }
 

@@ -134,7 +134,7 @@ fn apply_batch(
         let outcome = match &entry.payload {
             EntryPayload::Blank => Outcome::None,
             EntryPayload::Membership(m) => {
-                applied.membership = StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                 Outcome::None
             }
             EntryPayload::Normal(cmd) => {
@@ -183,7 +183,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        Ok((self.applied.last_applied.clone(), self.applied.membership.clone()))
+        Ok((self.applied.last_applied, self.applied.membership.clone()))
     }
 
     async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
@@ -221,7 +221,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: ShardSnapshot) -> Result<(), io::Error> {
         let (store, shard) = (self.store.clone(), self.shard);
-        let state = AppliedState { last_applied: meta.last_log_id.clone(), membership: meta.last_membership.clone() };
+        let state = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         let value = encode(&state);
         let records = blocking(move || {
             let n = match &data {
