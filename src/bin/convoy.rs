@@ -245,8 +245,9 @@ async fn run_node(path: &Path, id: u64) -> Result<()> {
         _ = term.recv() => {},
     }
     tracing::info!(node = id, "stopping");
-    // Everything acknowledged is already durable; stopping needs no flush.
-    node.client_endpoint.close(0u32.into(), b"node stopping");
+    // Everything acknowledged is already durable; stopping needs no flush. Stopping the
+    // groups releases the store so RocksDB closes before the process exits.
+    node.shutdown().await;
     Ok(())
 }
 

@@ -33,7 +33,9 @@ use keys::*;
 
 pub use syncer::Syncer;
 
-/// A node's storage: the database and its group-commit syncer.
+/// A node's storage: the database and its group-commit syncer. When the last clone is
+/// dropped the syncer thread is joined and the database closed (field order: `db` first,
+/// then `syncer`, whose drop releases the thread's reference).
 #[derive(Clone)]
 pub struct Store {
     pub db: Arc<DB>,

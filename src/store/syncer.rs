@@ -10,10 +10,10 @@
 //! group) and the syncer stops, failing everything queued after it. Continuing after a
 //! failed fsync would acknowledge data the kernel may have dropped.
 
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rocksdb::DB;
 
@@ -36,8 +36,25 @@ pub struct SyncStats {
 /// Handle to the syncer thread; cloning shares the thread.
 #[derive(Clone)]
 pub struct Syncer {
-    tx: SyncSender<Completion>,
+    shared: Arc<Shared>,
     pub stats: Arc<SyncStats>,
+}
+
+/// Owned once by all handles: dropping the last handle closes the queue and joins the
+/// thread, so the thread's reference to the database is gone when the handles are — the
+/// database then closes deterministically instead of racing process exit.
+struct Shared {
+    tx: Option<SyncSender<Completion>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Syncer {
@@ -46,20 +63,21 @@ impl Syncer {
         let (tx, rx) = sync_channel::<Completion>(SYNC_QUEUE_MAX);
         let stats = Arc::new(SyncStats::default());
         let thread_stats = stats.clone();
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("convoy-syncer".into())
             .spawn(move || run(db, rx, thread_stats))
             .expect("spawning the syncer thread at start-up");
-        Syncer { tx, stats }
+        Syncer { shared: Arc::new(Shared { tx: Some(tx), thread: Some(thread) }), stats }
     }
 
     /// Queues `done` to run after the next fsync. Must be called after the write it covers
     /// has returned. Blocks when the queue is full (the disk is the bottleneck).
     pub fn after_sync(&self, done: Completion) {
-        match self.tx.try_send(done) {
+        let tx = self.shared.tx.as_ref().expect("the queue is open while a handle exists");
+        match tx.try_send(done) {
             Ok(()) => {}
             Err(TrySendError::Full(done)) => {
-                if let Err(e) = self.tx.send(done) {
+                if let Err(e) = tx.send(done) {
                     (e.0)(Err(stopped()));
                 }
             }
@@ -91,10 +109,9 @@ fn run(db: Arc<DB>, rx: Receiver<Completion>, stats: Arc<SyncStats>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut round: Vec<Completion> = Vec::with_capacity(1024);
     loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
+        match rx.recv() {
             Ok(first) => round.push(first),
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(_) => return,
         }
         while round.len() < SYNC_ROUND_MAX {
             match rx.try_recv() {
