@@ -19,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod net;
+pub mod planted;
 pub mod raft;
 pub mod service;
 pub mod store;

@@ -34,7 +34,7 @@ use crate::raft::{self as consensus, Group};
 use crate::store::Store;
 
 /// How long a proposal may take before the answer is "outcome unknown".
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(3);
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages read from storage per catch-up batch.
 pub const CATCH_UP_BATCH: usize = 512;
 /// Suggested back-off when throttled.

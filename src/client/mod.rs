@@ -31,7 +31,9 @@ pub const RESPONSE_FRAME_BYTES_MAX: usize = 4 << 20;
 /// Time allowed for one request attempt.
 /// Time allowed for one request attempt. Longer than the server's commit timeout
 /// (`service::SEND_TIMEOUT`) so a slow commit is answered, not abandoned.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2500);
+/// How long a node that did not answer is tried last.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 /// Default time a send keeps retrying before giving up.
 pub const SEND_DEADLINE: Duration = Duration::from_secs(30);
 /// Messages buffered between a subscription task and its consumer.
@@ -55,6 +57,9 @@ struct Inner {
     /// One slot per node: a dead node's connect timeout never delays the others.
     conns: HashMap<u64, tokio::sync::Mutex<Option<quinn::Connection>>>,
     leaders: Mutex<HashMap<ShardId, u64>>,
+    /// Nodes that recently did not answer, until when: a node killed without closing its
+    /// connections is only noticed by timeouts, so requests avoid it for a while.
+    suspects: Mutex<HashMap<u64, Instant>>,
     client_id: u64,
     next_seq: AtomicU64,
 }
@@ -98,6 +103,7 @@ impl Client {
             shards: config.shards,
             conns,
             leaders: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashMap::new()),
             client_id,
             next_seq: AtomicU64::new(first_seq),
         };
@@ -154,8 +160,10 @@ impl Client {
                 return Err(Error::Unavailable(format!("node {node}: {e}")));
             }
         };
-        frame::write(&mut send, req).await?;
-        send.finish().map_err(transport_err)?;
+        // From here on the request may have reached the node: a failure is ambiguous.
+        let ambiguous = |e: String| Error::Ambiguous(format!("node {node}: request may have been delivered: {e}"));
+        frame::write(&mut send, req).await.map_err(|e| ambiguous(e.to_string()))?;
+        send.finish().map_err(|e| ambiguous(e.to_string()))?;
         Ok(recv)
     }
 
@@ -171,17 +179,35 @@ impl Client {
             }
         };
         match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Ambiguous(format!("node {node} did not answer within {ATTEMPT_TIMEOUT:?}"))),
+            Ok(r) => {
+                if r.is_ok() {
+                    self.inner.suspects.lock().expect("suspect lock").remove(&node);
+                }
+                r
+            }
+            Err(_) => {
+                self.inner.suspects.lock().expect("suspect lock").insert(node, Instant::now() + SUSPECT_FOR);
+                Err(Error::Ambiguous(format!("node {node} did not answer within {ATTEMPT_TIMEOUT:?}")))
+            }
         }
     }
 
+    fn is_suspect(&self, node: u64) -> bool {
+        self.inner.suspects.lock().expect("suspect lock").get(&node).is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// The cached leader of `shard`, else the nodes in rotation, avoiding suspects while
+    /// any other node is left.
     fn target_for(&self, shard: ShardId, attempt: usize) -> u64 {
-        if let Some(l) = self.inner.leaders.lock().expect("leader cache lock").get(&shard) {
-            return *l;
+        if let Some(l) = self.inner.leaders.lock().expect("leader cache lock").get(&shard).copied() {
+            if !self.is_suspect(l) {
+                return l;
+            }
         }
         let ids = self.node_ids();
-        ids[(shard as usize + attempt) % ids.len()]
+        let rotation = (0..ids.len()).map(|i| ids[(shard as usize + attempt + i) % ids.len()]);
+        let healthy: Vec<u64> = rotation.clone().filter(|n| !self.is_suspect(*n)).collect();
+        healthy.first().copied().unwrap_or_else(|| ids[(shard as usize + attempt) % ids.len()])
     }
 
     fn set_leader(&self, shard: ShardId, leader: Option<u64>) {
@@ -237,7 +263,7 @@ impl Client {
                     last = format!("node {node} is not the leader of shard {shard}");
                     let hinted = leader.filter(|l| *l != node);
                     self.set_leader(shard, hinted);
-                    if hinted.is_none() {
+                    if hinted.is_none_or(|h| self.is_suspect(h)) {
                         tokio::time::sleep(backoff).await;
                     }
                 }

@@ -110,6 +110,9 @@ impl ShardView for StoreView<'_> {
         self.store.head(self.shard, conversation)
     }
     fn dedup(&mut self, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>> {
+        if crate::planted::active(crate::planted::Bug::SkipDedup) {
+            return Ok(None);
+        }
         self.store.dedup(self.shard, client_id, client_seq)
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64> {

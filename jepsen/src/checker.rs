@@ -1,0 +1,1972 @@
+//! The checker: reads a recorded [history](crate::history) and reports every broken promise as
+//! an [`Anomaly`] with a minimal witness (the few ops that prove it).
+//!
+//! A pure function of the history: no I/O, no clock, deterministic output.
+//!
+//! ## Observations
+//!
+//! A *value* is a send's text: unique per logical send in a run (a send retried after an
+//! indeterminate outcome, and a `resend` dedup probe, carry the same text and the same
+//! `(client_id, client_seq)`). Offsets are per conversation. Texts are observed by
+//! - ok `read` and ok `final-read` (`messages: [[offset, text], ...]`, dense from 1),
+//! - ok `deliver` (one message),
+//! - ok `send` / `resend` / `final-send` (an *ack*: the text is at `offset`).
+//!
+//! Completions are paired with the latest invoke of the same process (Jepsen's rule).
+//! `info` completions and invokes that never complete are indeterminate: the value may or
+//! may not appear, and only its uniqueness is checked.
+//!
+//! ## Checks (anomaly kinds, see [`kinds`])
+//!
+//! | kind | meaning |
+//! |------|---------|
+//! | `inconsistent-offset` | one (conversation, offset) observed holding two different texts |
+//! | `duplicate` | one text observed at two different (conversation, offset) places |
+//! | `lost` | an acked text absent from the final read of every node |
+//! | `lost-on-node` | acked texts absent from one node's final read but present on another (one anomaly per node and conversation) |
+//! | `read-of-failed` | a text observed although every send carrying it completed `fail` |
+//! | `phantom` | a text observed that no send ever carried |
+//! | `ack-mismatch` | an ack says offset O but the text is observed only elsewhere |
+//! | `hole` | a read whose messages are not exactly offsets `1..=n` in order |
+//! | `subscriber-skip` | a subscriber jumped over an offset (also at a resume) |
+//! | `subscriber-repeat` | a subscriber went back to an offset it had (also at a resume) |
+//! | `resend-mismatch` | a resend acked at a different place than the original send |
+//! | `real-time-order` | a send invoked after another completed got a lower offset |
+//! | `unconverged` | final reads of one conversation differ between nodes |
+//! | `final-send-failed` | a liveness `final-send` after healing did not complete ok |
+//!
+//! An acked text that no final read shows is reported as `lost` only (never also as
+//! "acked but unseen"). A resend whose ack is already a `resend-mismatch` is not reported
+//! again as an `ack-mismatch`; an ack whose text is observed both at the acked place and
+//! elsewhere is a `duplicate`, not an `ack-mismatch`.
+//!
+//! Validity: invalid if any anomaly; otherwise unknown when nothing could be decided (no ok
+//! send, no final read at all, or a conversation with acked sends that no node read at the
+//! end); otherwise valid. [`CheckResult::notes`] says why a result is unknown.
+
+use std::borrow::Cow;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::history::{Op, Process, Type, F};
+
+/// The anomaly kinds, as reported in [`Anomaly::kind`].
+pub mod kinds {
+    pub const INCONSISTENT_OFFSET: &str = "inconsistent-offset";
+    pub const DUPLICATE: &str = "duplicate";
+    pub const LOST: &str = "lost";
+    pub const LOST_ON_NODE: &str = "lost-on-node";
+    pub const READ_OF_FAILED: &str = "read-of-failed";
+    pub const PHANTOM: &str = "phantom";
+    pub const ACK_MISMATCH: &str = "ack-mismatch";
+    pub const HOLE: &str = "hole";
+    pub const SUBSCRIBER_SKIP: &str = "subscriber-skip";
+    pub const SUBSCRIBER_REPEAT: &str = "subscriber-repeat";
+    pub const RESEND_MISMATCH: &str = "resend-mismatch";
+    pub const REAL_TIME_ORDER: &str = "real-time-order";
+    pub const UNCONVERGED: &str = "unconverged";
+    pub const FINAL_SEND_FAILED: &str = "final-send-failed";
+
+    /// Every kind, in the order anomalies are listed in a result.
+    pub const ALL: [&str; 14] = [
+        LOST,
+        LOST_ON_NODE,
+        INCONSISTENT_OFFSET,
+        DUPLICATE,
+        READ_OF_FAILED,
+        PHANTOM,
+        ACK_MISMATCH,
+        RESEND_MISMATCH,
+        HOLE,
+        SUBSCRIBER_SKIP,
+        SUBSCRIBER_REPEAT,
+        REAL_TIME_ORDER,
+        UNCONVERGED,
+        FINAL_SEND_FAILED,
+    ];
+}
+
+/// One broken promise, with the ops that prove it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Anomaly {
+    /// One of [`kinds::ALL`].
+    pub kind: &'static str,
+    pub explanation: String,
+    /// The ops (serialized [`Op`]s) that prove it, as few as possible. Long `messages` lists
+    /// of reads are cut to the entries around the point of interest; such an op's value then
+    /// carries `messages_total` (the full length) and `messages_first_position` (0-based
+    /// position of the first entry kept).
+    pub witness: Vec<Value>,
+}
+
+/// The verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Validity {
+    Valid,
+    Invalid,
+    /// Nothing could be decided: no ok send, no final read, or a conversation with acked sends
+    /// and no final read on any node.
+    Unknown,
+}
+
+/// Counts over the history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// `send` invokes (every attempt, including retries after `info`).
+    pub sends_invoked: u64,
+    pub sends_ok: u64,
+    pub sends_fail: u64,
+    /// `send`s completed `info`, plus `send` invokes that never completed.
+    pub sends_info: u64,
+    /// `resend` operations (dedup probes).
+    pub resends: u64,
+    /// ok `read`s.
+    pub reads: u64,
+    /// ok `deliver`s.
+    pub deliveries: u64,
+    /// Nemesis invokes (faults and heals).
+    pub nemesis_ops: u64,
+    /// ok `final-read`s.
+    pub final_reads: u64,
+    pub final_sends_ok: u64,
+    /// `final-send`s completed `fail` or `info`, or never completed.
+    pub final_sends_failed: u64,
+}
+
+/// The outcome of [`check`].
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub valid: Validity,
+    pub anomalies: Vec<Anomaly>,
+    pub stats: Stats,
+    /// What limited the check (why a result is unknown, malformed ops that were skipped).
+    pub notes: Vec<String>,
+}
+
+impl CheckResult {
+    /// The JSON written to `results.json`: `valid` ("valid", "invalid" or "unknown"),
+    /// `anomaly_count`, `anomaly_counts` (per kind), `anomalies`, `stats` and `notes`.
+    pub fn to_json(&self) -> Value {
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for a in &self.anomalies {
+            *counts.entry(a.kind).or_default() += 1;
+        }
+        json!({
+            "valid": self.valid,
+            "anomaly_count": self.anomalies.len(),
+            "anomaly_counts": counts,
+            "anomalies": self.anomalies,
+            "stats": self.stats,
+            "notes": self.notes,
+        })
+    }
+}
+
+/// Checks a history; see the module documentation for what is checked.
+pub fn check(history: &[Op]) -> CheckResult {
+    let mut c = Checker::new(history);
+    c.pair();
+    c.index_sends();
+    c.scan();
+    c.resend_mismatches();
+    c.ack_checks();
+    c.lost();
+    c.unconverged();
+    c.final_sends();
+    c.real_time_order();
+    c.finish()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+type ConvId = u32;
+type TextId = u32;
+/// The node a read was served by, when the history says.
+type Node = Option<u64>;
+
+/// Entries kept on each side of the point of interest when a witness read is cut.
+const WINDOW: usize = 2;
+/// Placeholder in the position → client-op table.
+const NO_COP: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Fail,
+    Info,
+    /// Invoked, never completed (the history ends, or the process invoked again).
+    Missing,
+}
+
+/// A client operation: an invoke and its completion, either of which may be absent.
+#[derive(Debug)]
+struct ClientOp {
+    f: F,
+    invoke: Option<usize>,
+    done: Option<usize>,
+    outcome: Outcome,
+}
+
+impl ClientOp {
+    /// A field of the value, from the completion if it has it, else from the invoke.
+    fn field<'h>(&self, h: &'h [Op], key: &str) -> Option<&'h Value> {
+        self.done.and_then(|d| h[d].value.get(key)).or_else(|| self.invoke.and_then(|i| h[i].value.get(key)))
+    }
+
+    fn node(&self, h: &[Op]) -> Node {
+        self.done.and_then(|d| h[d].node).or_else(|| self.invoke.and_then(|i| h[i].node))
+    }
+}
+
+/// An ok send, resend or final-send.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    cop: usize,
+    conv: ConvId,
+    offset: u64,
+    text: TextId,
+}
+
+#[derive(Debug, Default)]
+struct TextInfo {
+    /// Some send/resend/final-send carried it.
+    carried: bool,
+    /// Some op carrying it completed ok or info, or never completed.
+    maybe_applied: bool,
+    /// The first op carrying it that completed `fail`.
+    failed_cop: Option<usize>,
+    /// Earliest invoke position among the sends and final-sends carrying it.
+    first_invoke: Option<usize>,
+    /// Indices into `acks`.
+    acks: Vec<usize>,
+    /// Distinct places where reads and deliveries saw it: (conversation, offset, position of
+    /// the first op that showed it there).
+    places: Vec<(ConvId, u64, usize)>,
+    phantom_reported: bool,
+    failed_reported: bool,
+}
+
+impl TextInfo {
+    fn definitely_failed(&self) -> bool {
+        self.carried && !self.maybe_applied && self.failed_cop.is_some()
+    }
+}
+
+#[derive(Debug)]
+struct FinalRead {
+    pos: usize,
+    entries: Vec<(u64, TextId)>,
+}
+
+impl FinalRead {
+    fn head(&self) -> u64 {
+        self.entries.iter().map(|e| e.0).max().unwrap_or(0)
+    }
+
+    fn text_at(&self, offset: u64) -> Option<TextId> {
+        self.entries.iter().find(|e| e.0 == offset).map(|e| e.1)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Subscriber {
+    /// The offset the next delivery must have.
+    next: Option<u64>,
+    /// The last delivered offset and the position of its deliver op.
+    last: Option<(u64, usize)>,
+    /// Position of the op `next` was derived from (the last deliver or subscribe).
+    anchor: usize,
+}
+
+#[derive(Debug, Default)]
+struct Interner {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Interner {
+    fn id(&mut self, s: &str) -> (u32, bool) {
+        if let Some(&i) = self.ids.get(s) {
+            return (i, false);
+        }
+        let i = u32::try_from(self.names.len()).expect("fewer than 2^32 distinct names in one history");
+        self.names.push(s.to_owned());
+        self.ids.insert(s.to_owned(), i);
+        (i, true)
+    }
+
+    fn name(&self, i: u32) -> &str {
+        &self.names[i as usize]
+    }
+}
+
+/// A JSON value as a map key: strings as themselves, anything else (but null) as JSON text.
+fn key(v: &Value) -> Option<Cow<'_, str>> {
+    match v {
+        Value::String(s) => Some(Cow::Borrowed(s.as_str())),
+        Value::Null => None,
+        other => Some(Cow::Owned(other.to_string())),
+    }
+}
+
+/// One `[offset, text]` entry of a read.
+fn entry(v: &Value) -> Option<(u64, Cow<'_, str>)> {
+    match v.as_array().map(Vec::as_slice) {
+        Some([o, t]) => Some((o.as_u64()?, key(t)?)),
+        _ => None,
+    }
+}
+
+fn is_send(f: &F) -> bool {
+    matches!(f, F::Send | F::Resend | F::FinalSend)
+}
+
+fn node_name(n: Node) -> String {
+    n.map_or_else(|| "<unknown node>".to_string(), |n| format!("node {n}"))
+}
+
+fn process_name(p: Process) -> String {
+    match p {
+        Process::Client(n) => format!("process {n}"),
+        Process::Nemesis(_) => "the nemesis".to_string(),
+    }
+}
+
+/// Where to cut a witness read's messages.
+#[derive(Debug, Clone, Copy)]
+enum Focus {
+    /// Keep everything.
+    Whole,
+    /// Around the first entry whose offset is ≥ this (the end if none).
+    Offset(u64),
+    /// Around this 0-based position.
+    Position(usize),
+}
+
+/// Builds a witness: ops by history position, each with the range of messages to keep.
+struct Witness<'h> {
+    h: &'h [Op],
+    ops: Vec<(usize, Option<(usize, usize)>)>,
+}
+
+impl<'h> Witness<'h> {
+    fn new(h: &'h [Op]) -> Self {
+        Witness { h, ops: Vec::new() }
+    }
+
+    fn op(self, pos: usize) -> Self {
+        self.focus(pos, Focus::Whole)
+    }
+
+    fn near(self, pos: usize, offset: u64) -> Self {
+        self.focus(pos, Focus::Offset(offset))
+    }
+
+    fn focus(mut self, pos: usize, focus: Focus) -> Self {
+        let msgs = self.h[pos].value.get("messages").and_then(Value::as_array);
+        let range = match (msgs, focus) {
+            (None, _) | (_, Focus::Whole) => None,
+            (Some(m), Focus::Offset(o)) => {
+                let at = m.iter().position(|e| entry(e).is_some_and(|(eo, _)| eo >= o));
+                Some(window(at.unwrap_or(m.len().saturating_sub(1)), m.len()))
+            }
+            (Some(m), Focus::Position(p)) => Some(window(p, m.len())),
+        };
+        match self.ops.iter_mut().find(|(p, _)| *p == pos) {
+            Some((_, r)) => {
+                *r = match (*r, range) {
+                    (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+                    _ => None,
+                }
+            }
+            None => self.ops.push((pos, range)),
+        }
+        self
+    }
+
+    /// The completion of a client op (with its invoke too when the completion alone does not
+    /// say what was sent).
+    fn cop(self, c: &ClientOp) -> Self {
+        let h = self.h;
+        match c.done {
+            Some(d) if h[d].value.get("text").is_some() && h[d].value.get("conversation").is_some() => self.op(d),
+            _ => {
+                let w = match c.invoke {
+                    Some(i) => self.op(i),
+                    None => self,
+                };
+                match c.done {
+                    Some(d) => w.op(d),
+                    None => w,
+                }
+            }
+        }
+    }
+
+    /// Invoke and completion of a client op.
+    fn both(self, c: &ClientOp) -> Self {
+        let w = match c.invoke {
+            Some(i) => self.op(i),
+            None => self,
+        };
+        match c.done {
+            Some(d) => w.op(d),
+            None => w,
+        }
+    }
+
+    fn anomaly(self, kind: &'static str, mut explanation: String) -> Anomaly {
+        let mut cut = false;
+        let witness = self
+            .ops
+            .iter()
+            .map(|&(pos, range)| {
+                let (v, was_cut) = render(&self.h[pos], range);
+                cut |= was_cut;
+                v
+            })
+            .collect();
+        if cut {
+            explanation.push_str(
+                " (long message lists in the witness are cut to the entries around the point of interest; \
+                 messages_total gives the full length)",
+            );
+        }
+        Anomaly { kind, explanation, witness }
+    }
+}
+
+fn window(center: usize, len: usize) -> (usize, usize) {
+    (center.saturating_sub(WINDOW), (center + WINDOW + 1).min(len))
+}
+
+/// An op as JSON, its messages cut to `range` (positions `[lo, hi)`) when that drops any.
+fn render(op: &Op, range: Option<(usize, usize)>) -> (Value, bool) {
+    let msgs = op.value.get("messages").and_then(Value::as_array);
+    let (value, cut) = match (range, msgs, op.value.as_object()) {
+        (Some((lo, hi)), Some(m), Some(obj)) if lo > 0 || hi < m.len() => {
+            let mut out = Map::new();
+            for (k, v) in obj {
+                if k != "messages" {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+            out.insert("messages".into(), Value::Array(m[lo.min(m.len())..hi.min(m.len())].to_vec()));
+            out.insert("messages_total".into(), json!(m.len()));
+            out.insert("messages_first_position".into(), json!(lo));
+            (Value::Object(out), true)
+        }
+        _ => (op.value.clone(), false),
+    };
+    let shown = Op {
+        index: op.index,
+        time: op.time,
+        kind: op.kind,
+        process: op.process,
+        f: op.f.clone(),
+        value,
+        node: op.node,
+    };
+    (serde_json::to_value(&shown).expect("history ops serialize"), cut)
+}
+
+struct Checker<'h> {
+    h: &'h [Op],
+    stats: Stats,
+    anomalies: Vec<Anomaly>,
+    notes: Vec<String>,
+    convs: Interner,
+    text_names: Interner,
+    texts: Vec<TextInfo>,
+    cops: Vec<ClientOp>,
+    /// History position of a completion → its client op.
+    cop_at: Vec<u32>,
+    acks: Vec<Ack>,
+    /// Ack index of each client op that is an ack.
+    ack_of_cop: HashMap<usize, usize>,
+    /// First observation of each (conversation, offset): the text and the op's position.
+    slots: HashMap<(ConvId, u64), (TextId, usize)>,
+    slot_conflicts: HashSet<(ConvId, u64, TextId)>,
+    holes: HashSet<(Node, ConvId, u64)>,
+    subscribers: HashMap<(Process, ConvId), Subscriber>,
+    /// The last ok final read of each conversation on each node.
+    finals: BTreeMap<ConvId, BTreeMap<Node, FinalRead>>,
+    /// Resend acks already reported as `resend-mismatch`.
+    mismatched_resends: HashSet<usize>,
+    /// Malformed ops, by what was wrong, for the notes.
+    malformed: BTreeMap<&'static str, (u64, u64)>,
+    deliveries_without_subscribe: u64,
+    /// Conversations with acked sends and no final read on any node.
+    unchecked: usize,
+}
+
+impl<'h> Checker<'h> {
+    fn new(h: &'h [Op]) -> Self {
+        Checker {
+            h,
+            stats: Stats::default(),
+            anomalies: Vec::new(),
+            notes: Vec::new(),
+            convs: Interner::default(),
+            text_names: Interner::default(),
+            texts: Vec::new(),
+            cops: Vec::new(),
+            cop_at: vec![NO_COP; h.len()],
+            acks: Vec::new(),
+            ack_of_cop: HashMap::new(),
+            slots: HashMap::new(),
+            slot_conflicts: HashSet::new(),
+            holes: HashSet::new(),
+            subscribers: HashMap::new(),
+            finals: BTreeMap::new(),
+            mismatched_resends: HashSet::new(),
+            malformed: BTreeMap::new(),
+            deliveries_without_subscribe: 0,
+            unchecked: 0,
+        }
+    }
+
+    fn malformed(&mut self, what: &'static str, pos: usize) {
+        let index = self.h[pos].index;
+        self.malformed.entry(what).and_modify(|e| e.0 += 1).or_insert((1, index));
+    }
+
+    fn conv_id(&mut self, name: &str) -> ConvId {
+        self.convs.id(name).0
+    }
+
+    fn text_id(&mut self, name: &str) -> TextId {
+        let (id, new) = self.text_names.id(name);
+        if new {
+            self.texts.push(TextInfo::default());
+        }
+        id
+    }
+
+    fn text(&self, t: TextId) -> &str {
+        self.text_names.name(t)
+    }
+
+    fn conv(&self, c: ConvId) -> &str {
+        self.convs.name(c)
+    }
+
+    fn index(&self, pos: usize) -> u64 {
+        self.h[pos].index
+    }
+
+    fn push(&mut self, a: Anomaly) {
+        self.anomalies.push(a);
+    }
+
+    fn add_cop(&mut self, f: F, invoke: Option<usize>, done: Option<usize>, outcome: Outcome) {
+        let i = u32::try_from(self.cops.len()).expect("fewer than 2^32 operations in one history");
+        if let Some(d) = done {
+            self.cop_at[d] = i;
+        }
+        self.cops.push(ClientOp { f, invoke, done, outcome });
+    }
+
+    /// Pairs every client completion with the latest invoke of its process.
+    fn pair(&mut self) {
+        let h = self.h;
+        let mut pending: HashMap<Process, usize> = HashMap::new();
+        for (pos, op) in h.iter().enumerate() {
+            if let Process::Nemesis(_) = op.process {
+                if op.kind == Type::Invoke {
+                    self.stats.nemesis_ops += 1;
+                }
+                continue;
+            }
+            if !matches!(op.f, F::Send | F::Resend | F::Read | F::FinalRead | F::FinalSend) {
+                continue;
+            }
+            let outcome = match op.kind {
+                Type::Invoke => {
+                    if let Some(prev) = pending.insert(op.process, pos) {
+                        self.add_cop(h[prev].f.clone(), Some(prev), None, Outcome::Missing);
+                    }
+                    continue;
+                }
+                Type::Ok => Outcome::Ok,
+                Type::Fail => Outcome::Fail,
+                Type::Info => Outcome::Info,
+            };
+            let invoke = match pending.remove(&op.process) {
+                Some(i) if h[i].f == op.f => Some(i),
+                Some(i) => {
+                    self.malformed("completions whose f differs from the pending invoke of their process", pos);
+                    self.add_cop(h[i].f.clone(), Some(i), None, Outcome::Missing);
+                    None
+                }
+                None => {
+                    self.malformed("completions without an invoke", pos);
+                    None
+                }
+            };
+            self.add_cop(op.f.clone(), invoke, Some(pos), outcome);
+        }
+        let mut left: Vec<usize> = pending.into_values().collect();
+        left.sort_unstable();
+        for i in left {
+            self.add_cop(h[i].f.clone(), Some(i), None, Outcome::Missing);
+        }
+    }
+
+    /// Indexes every send, resend and final-send by its text; collects the acks.
+    fn index_sends(&mut self) {
+        let h = self.h;
+        for ci in 0..self.cops.len() {
+            let (f, outcome, invoke) = {
+                let c = &self.cops[ci];
+                (c.f.clone(), c.outcome, c.invoke)
+            };
+            match (&f, outcome) {
+                (F::Send, o) => {
+                    self.stats.sends_invoked += u64::from(invoke.is_some());
+                    match o {
+                        Outcome::Ok => self.stats.sends_ok += 1,
+                        Outcome::Fail => self.stats.sends_fail += 1,
+                        Outcome::Info | Outcome::Missing => self.stats.sends_info += 1,
+                    }
+                }
+                (F::Resend, _) => self.stats.resends += 1,
+                (F::FinalSend, Outcome::Ok) => self.stats.final_sends_ok += 1,
+                (F::FinalSend, _) => self.stats.final_sends_failed += 1,
+                (F::Read, Outcome::Ok) => self.stats.reads += 1,
+                (F::FinalRead, Outcome::Ok) => self.stats.final_reads += 1,
+                _ => {}
+            }
+            if !is_send(&f) {
+                continue;
+            }
+            let c = &self.cops[ci];
+            let text = c.field(h, "text").and_then(key);
+            let conv = c.field(h, "conversation").and_then(key);
+            let offset = c.done.and_then(|d| h[d].value.get("offset")).and_then(Value::as_u64);
+            let some_pos = c.done.or(c.invoke).unwrap_or(0);
+            let Some(text) = text else {
+                self.malformed("sends without a text", some_pos);
+                continue;
+            };
+            let tid = self.text_id(&text);
+            let t = &mut self.texts[tid as usize];
+            t.carried = true;
+            match outcome {
+                Outcome::Fail => {
+                    t.failed_cop.get_or_insert(ci);
+                }
+                Outcome::Ok | Outcome::Info | Outcome::Missing => t.maybe_applied = true,
+            }
+            if f != F::Resend {
+                if let Some(i) = invoke {
+                    t.first_invoke = Some(t.first_invoke.map_or(i, |fi| fi.min(i)));
+                }
+            }
+            if outcome != Outcome::Ok {
+                continue;
+            }
+            match (conv, offset) {
+                (Some(conv), Some(offset)) => {
+                    let conv = self.conv_id(&conv);
+                    let ai = self.acks.len();
+                    self.acks.push(Ack { cop: ci, conv, offset, text: tid });
+                    self.ack_of_cop.insert(ci, ai);
+                    self.texts[tid as usize].acks.push(ai);
+                }
+                _ => self.malformed("ok sends without a conversation or an offset", some_pos),
+            }
+        }
+    }
+
+    /// Walks the history in order: reads, deliveries, subscriptions and acks.
+    fn scan(&mut self) {
+        let h = self.h;
+        for (pos, op) in h.iter().enumerate() {
+            match (&op.f, op.kind) {
+                (F::Deliver, Type::Ok) => {
+                    self.stats.deliveries += 1;
+                    self.on_deliver(pos);
+                    continue;
+                }
+                (F::Subscribe, Type::Ok) => {
+                    self.on_subscribe(pos);
+                    continue;
+                }
+                _ => {}
+            }
+            let ci = self.cop_at[pos];
+            if ci == NO_COP {
+                continue;
+            }
+            let ci = ci as usize;
+            if self.cops[ci].outcome != Outcome::Ok {
+                continue;
+            }
+            match self.cops[ci].f {
+                F::Read | F::FinalRead => self.on_read(ci, pos),
+                _ => {
+                    if let Some(&ai) = self.ack_of_cop.get(&ci) {
+                        let a = self.acks[ai];
+                        self.observe_slot(a.conv, a.offset, a.text, pos);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Any observation of `text` at (`conv`, `offset`), acks included.
+    fn observe_slot(&mut self, conv: ConvId, offset: u64, text: TextId, pos: usize) {
+        let (first_text, first_pos) = match self.slots.entry((conv, offset)) {
+            Entry::Vacant(e) => {
+                e.insert((text, pos));
+                return;
+            }
+            Entry::Occupied(e) => *e.get(),
+        };
+        if first_text == text || !self.slot_conflicts.insert((conv, offset, text)) {
+            return;
+        }
+        let explanation = format!(
+            "offset {offset} of conversation {:?} holds {:?} in op {} but {:?} in op {}",
+            self.conv(conv),
+            self.text(first_text),
+            self.index(first_pos),
+            self.text(text),
+            self.index(pos)
+        );
+        let a = Witness::new(self.h)
+            .near(first_pos, offset)
+            .near(pos, offset)
+            .anomaly(kinds::INCONSISTENT_OFFSET, explanation);
+        self.push(a);
+    }
+
+    /// An observation by a read, final read or delivery (not an ack).
+    fn observe_text(&mut self, conv: ConvId, offset: u64, text: TextId, pos: usize) {
+        let t = &mut self.texts[text as usize];
+        let mut duplicate_of = None;
+        if !t.places.iter().any(|&(c, o, _)| c == conv && o == offset) {
+            duplicate_of = t.places.first().copied();
+            t.places.push((conv, offset, pos));
+        }
+        let phantom = !t.carried && !t.phantom_reported;
+        t.phantom_reported |= phantom;
+        let failed = t.definitely_failed() && !t.failed_reported;
+        t.failed_reported |= failed;
+        let failed_cop = t.failed_cop;
+        if let Some((c0, o0, p0)) = duplicate_of {
+            let explanation = format!(
+                "{:?} is at offset {o0} of conversation {:?} in op {} and at offset {offset} of conversation {:?} in op {}",
+                self.text(text),
+                self.conv(c0),
+                self.index(p0),
+                self.conv(conv),
+                self.index(pos)
+            );
+            let a = Witness::new(self.h).near(p0, o0).near(pos, offset).anomaly(kinds::DUPLICATE, explanation);
+            self.push(a);
+        }
+        if phantom {
+            let explanation = format!(
+                "op {} shows {:?} at offset {offset} of conversation {:?}, but no send ever carried that text",
+                self.index(pos),
+                self.text(text),
+                self.conv(conv)
+            );
+            let a = Witness::new(self.h).near(pos, offset).anomaly(kinds::PHANTOM, explanation);
+            self.push(a);
+        }
+        if let (true, Some(fc)) = (failed, failed_cop) {
+            let c = &self.cops[fc];
+            let explanation = format!(
+                "op {} shows {:?} at offset {offset} of conversation {:?}, but every send carrying it failed \
+                 (definitely not applied), e.g. op {}",
+                self.index(pos),
+                self.text(text),
+                self.conv(conv),
+                self.index(c.done.or(c.invoke).unwrap_or(pos))
+            );
+            let a = Witness::new(self.h).cop(c).near(pos, offset).anomaly(kinds::READ_OF_FAILED, explanation);
+            self.push(a);
+        }
+    }
+
+    fn on_read(&mut self, ci: usize, pos: usize) {
+        let h = self.h;
+        let (conv, node, is_final) = {
+            let c = &self.cops[ci];
+            (c.field(h, "conversation").and_then(key), c.node(h), c.f == F::FinalRead)
+        };
+        let Some(conv) = conv else {
+            self.malformed("reads without a conversation", pos);
+            return;
+        };
+        let conv = self.conv_id(&conv);
+        let Some(msgs) = h[pos].value.get("messages").and_then(Value::as_array) else {
+            self.malformed("ok reads without messages", pos);
+            return;
+        };
+        let mut hole_seen = false;
+        let mut entries = Vec::with_capacity(if is_final { msgs.len() } else { 0 });
+        for (i, m) in msgs.iter().enumerate() {
+            let parsed = entry(m);
+            let expected = i as u64 + 1;
+            if !hole_seen && parsed.as_ref().map(|p| p.0) != Some(expected) {
+                hole_seen = true;
+                self.hole(pos, conv, node, i, parsed.as_ref().map(|p| p.0));
+            }
+            let Some((offset, text)) = parsed else { continue };
+            let tid = self.text_id(&text);
+            self.observe_slot(conv, offset, tid, pos);
+            self.observe_text(conv, offset, tid, pos);
+            if is_final {
+                entries.push((offset, tid));
+            }
+        }
+        if is_final {
+            self.finals.entry(conv).or_default().insert(node, FinalRead { pos, entries });
+        }
+    }
+
+    fn hole(&mut self, pos: usize, conv: ConvId, node: Node, position: usize, found: Option<u64>) {
+        let expected = position as u64 + 1;
+        if !self.holes.insert((node, conv, expected)) {
+            return;
+        }
+        let later = self.h[pos]
+            .value
+            .get("messages")
+            .and_then(Value::as_array)
+            .is_some_and(|m| m.iter().skip(position).any(|e| entry(e).is_some_and(|(o, _)| o == expected)));
+        let what = match found {
+            Some(o) if o > expected && !later => {
+                format!("offset {expected} is missing (the entry there is offset {o})")
+            }
+            Some(o) => format!("entry {position} is offset {o}, out of order (expected {expected})"),
+            None => format!("entry {position} is not an [offset, text] pair (expected offset {expected})"),
+        };
+        let explanation = format!(
+            "{} {} of conversation {:?} on {}: {what}; messages must be exactly offsets 1..=n in order",
+            if self.h[pos].f == F::FinalRead { "final read" } else { "read" },
+            self.index(pos),
+            self.conv(conv),
+            node_name(node)
+        );
+        let a = Witness::new(self.h).focus(pos, Focus::Position(position)).anomaly(kinds::HOLE, explanation);
+        self.push(a);
+    }
+
+    fn on_subscribe(&mut self, pos: usize) {
+        let op = &self.h[pos];
+        let (Some(conv), Some(from)) =
+            (op.value.get("conversation").and_then(key), op.value.get("from").and_then(Value::as_u64))
+        else {
+            self.malformed("subscribes without a conversation or from", pos);
+            return;
+        };
+        let conv = self.conv_id(&conv);
+        let sub = self.subscribers.entry((op.process, conv)).or_default();
+        let last = sub.last;
+        sub.next = Some(from);
+        sub.anchor = pos;
+        if let Some((l, lpos)) = last {
+            if from != l + 1 {
+                let kind = if from > l + 1 { kinds::SUBSCRIBER_SKIP } else { kinds::SUBSCRIBER_REPEAT };
+                let explanation = format!(
+                    "{} resumed conversation {:?} from offset {from} (op {}) but its last delivery was offset {l} \
+                     (op {}): expected from {}",
+                    process_name(op.process),
+                    self.conv(conv),
+                    op.index,
+                    self.index(lpos),
+                    l + 1
+                );
+                let a = Witness::new(self.h).op(lpos).op(pos).anomaly(kind, explanation);
+                self.push(a);
+            }
+        }
+    }
+
+    fn on_deliver(&mut self, pos: usize) {
+        let op = &self.h[pos];
+        let v = &op.value;
+        let (Some(conv), Some(offset), Some(text)) =
+            (v.get("conversation").and_then(key), v.get("offset").and_then(Value::as_u64), v.get("text").and_then(key))
+        else {
+            self.malformed("deliveries without a conversation, offset or text", pos);
+            return;
+        };
+        let conv = self.conv_id(&conv);
+        let tid = self.text_id(&text);
+        self.observe_slot(conv, offset, tid, pos);
+        self.observe_text(conv, offset, tid, pos);
+        let sub = self.subscribers.entry((op.process, conv)).or_default();
+        let (next, anchor) = (sub.next, sub.anchor);
+        sub.next = Some(offset + 1);
+        sub.last = Some((offset, pos));
+        sub.anchor = pos;
+        let Some(next) = next else {
+            self.deliveries_without_subscribe += 1;
+            return;
+        };
+        if offset == next {
+            return;
+        }
+        let kind = if offset > next { kinds::SUBSCRIBER_SKIP } else { kinds::SUBSCRIBER_REPEAT };
+        let previous = if self.h[anchor].f == F::Subscribe { "subscribed from" } else { "after delivering" };
+        let explanation = format!(
+            "{} got offset {offset} of conversation {:?} (op {}) but expected {next} ({previous} offset {} in op {})",
+            process_name(op.process),
+            self.conv(conv),
+            op.index,
+            if self.h[anchor].f == F::Subscribe { next } else { next - 1 },
+            self.index(anchor)
+        );
+        let a = Witness::new(self.h).op(anchor).op(pos).anomaly(kind, explanation);
+        self.push(a);
+    }
+
+    fn client_key(&self, c: &ClientOp) -> Option<(String, String)> {
+        let id = c.field(self.h, "client_id").and_then(key)?;
+        let seq = c.field(self.h, "client_seq").and_then(key)?;
+        Some((id.into_owned(), seq.into_owned()))
+    }
+
+    /// A resend must be acked with the original send's place.
+    fn resend_mismatches(&mut self) {
+        let mut originals: HashMap<(String, String), usize> = HashMap::new();
+        for (ai, a) in self.acks.iter().enumerate() {
+            let c = &self.cops[a.cop];
+            if c.f != F::Resend {
+                if let Some(k) = self.client_key(c) {
+                    originals.entry(k).or_insert(ai);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        for (ai, a) in self.acks.iter().enumerate() {
+            let c = &self.cops[a.cop];
+            if c.f != F::Resend {
+                continue;
+            }
+            let Some(&oi) = self.client_key(c).and_then(|k| originals.get(&k)) else { continue };
+            let o = &self.acks[oi];
+            if (o.conv, o.offset) != (a.conv, a.offset) {
+                found.push((oi, ai));
+            }
+        }
+        for (oi, ai) in found {
+            self.mismatched_resends.insert(ai);
+            let (o, a) = (self.acks[oi], self.acks[ai]);
+            let explanation = format!(
+                "{:?} (same client_id and client_seq) was acked at offset {} of conversation {:?} (op {}) but the \
+                 resend was acked at offset {} of conversation {:?} (op {})",
+                self.text(a.text),
+                o.offset,
+                self.conv(o.conv),
+                self.index(self.cops[o.cop].done.unwrap_or(0)),
+                a.offset,
+                self.conv(a.conv),
+                self.index(self.cops[a.cop].done.unwrap_or(0))
+            );
+            let w = Witness::new(self.h).cop(&self.cops[o.cop]).cop(&self.cops[a.cop]);
+            self.anomalies.push(w.anomaly(kinds::RESEND_MISMATCH, explanation));
+        }
+    }
+
+    /// Acks against each other (`duplicate`) and against reads and deliveries (`ack-mismatch`).
+    fn ack_checks(&mut self) {
+        let mut found = Vec::new();
+        for t in &self.texts {
+            let acks: Vec<Ack> =
+                t.acks.iter().filter(|ai| !self.mismatched_resends.contains(ai)).map(|&ai| self.acks[ai]).collect();
+            let Some(&first) = acks.first() else { continue };
+            if let Some(&other) = acks.iter().find(|a| (a.conv, a.offset) != (first.conv, first.offset)) {
+                found.push((kinds::DUPLICATE, first, other, None));
+            }
+            if t.places.is_empty() {
+                continue;
+            }
+            if let Some(&a) = acks.iter().find(|a| !t.places.iter().any(|&(c, o, _)| (c, o) == (a.conv, a.offset))) {
+                found.push((kinds::ACK_MISMATCH, a, a, t.places.first().copied()));
+            }
+        }
+        for (kind, a, b, place) in found {
+            let ack_index = |x: &Ack| self.index(self.cops[x.cop].done.unwrap_or(0));
+            let (explanation, w) = match place {
+                None => (
+                    format!(
+                        "{:?} was acked at offset {} of conversation {:?} (op {}) and at offset {} of conversation \
+                         {:?} (op {})",
+                        self.text(a.text),
+                        a.offset,
+                        self.conv(a.conv),
+                        ack_index(&a),
+                        b.offset,
+                        self.conv(b.conv),
+                        ack_index(&b)
+                    ),
+                    Witness::new(self.h).cop(&self.cops[a.cop]).cop(&self.cops[b.cop]),
+                ),
+                Some((c, o, p)) => (
+                    format!(
+                        "{:?} was acked at offset {} of conversation {:?} (op {}) but is observed at offset {o} of \
+                         conversation {:?} (op {}) and never at the acked offset",
+                        self.text(a.text),
+                        a.offset,
+                        self.conv(a.conv),
+                        ack_index(&a),
+                        self.conv(c),
+                        self.index(p)
+                    ),
+                    Witness::new(self.h).cop(&self.cops[a.cop]).near(p, o),
+                ),
+            };
+            let an = w.anomaly(kind, explanation);
+            self.anomalies.push(an);
+        }
+    }
+
+    /// Acked texts against the final reads.
+    fn lost(&mut self) {
+        let mut present: HashMap<(ConvId, Node), HashSet<TextId>> = HashMap::new();
+        for (&conv, nodes) in &self.finals {
+            for (&node, fr) in nodes {
+                present.insert((conv, node), fr.entries.iter().map(|e| e.1).collect());
+            }
+        }
+        let mut unchecked: BTreeMap<ConvId, u64> = BTreeMap::new();
+        let mut lost = Vec::new();
+        let mut on_node: BTreeMap<(ConvId, Node), Vec<Ack>> = BTreeMap::new();
+        for t in &self.texts {
+            // The ack that counts: the first non-resend one (a resend repeats it).
+            let Some(&ai) = t.acks.iter().find(|&&ai| self.cops[self.acks[ai].cop].f != F::Resend).or(t.acks.first())
+            else {
+                continue;
+            };
+            let a = self.acks[ai];
+            let Some(nodes) = self.finals.get(&a.conv).filter(|n| !n.is_empty()) else {
+                *unchecked.entry(a.conv).or_default() += 1;
+                continue;
+            };
+            let missing: Vec<Node> = nodes
+                .keys()
+                .copied()
+                .filter(|&n| !present.get(&(a.conv, n)).is_some_and(|s| s.contains(&a.text)))
+                .collect();
+            if missing.len() == nodes.len() {
+                lost.push(a);
+            } else {
+                for n in missing {
+                    on_node.entry((a.conv, n)).or_default().push(a);
+                }
+            }
+        }
+        for a in lost {
+            let nodes = &self.finals[&a.conv];
+            let heads: Vec<String> =
+                nodes.iter().map(|(&n, fr)| format!("{} head {}", node_name(n), fr.head())).collect();
+            let explanation = format!(
+                "{:?} was acked at offset {} of conversation {:?} (op {}) but is absent from the final read of every \
+                 node ({})",
+                self.text(a.text),
+                a.offset,
+                self.conv(a.conv),
+                self.index(self.cops[a.cop].done.unwrap_or(0)),
+                heads.join(", ")
+            );
+            let mut w = Witness::new(self.h).cop(&self.cops[a.cop]);
+            for fr in nodes.values() {
+                w = w.near(fr.pos, a.offset);
+            }
+            self.anomalies.push(w.anomaly(kinds::LOST, explanation));
+        }
+        for ((conv, node), mut acks) in on_node {
+            acks.sort_by_key(|a| a.offset);
+            let a = acks[0];
+            let nodes = &self.finals[&conv];
+            let fr = &nodes[&node];
+            let head = fr.head();
+            let why = if head < a.offset {
+                format!("the node is behind: head {head} < {}", a.offset)
+            } else {
+                match fr.text_at(a.offset) {
+                    Some(other) => format!("head {head}; offset {} holds {:?} there", a.offset, self.text(other)),
+                    None => format!("head {head}; offset {} is missing there", a.offset),
+                }
+            };
+            let elsewhere = nodes
+                .iter()
+                .find(|(n, _)| present.get(&(conv, **n)).is_some_and(|s| s.contains(&a.text)))
+                .map(|(&n, fr)| (n, fr.pos));
+            let explanation = format!(
+                "{} acked message(s) of conversation {:?} are absent from the final read of {} (op {}) but present on \
+                 another node; first: {:?} acked at offset {} (op {}), {}{}",
+                acks.len(),
+                self.conv(conv),
+                node_name(node),
+                self.index(fr.pos),
+                self.text(a.text),
+                a.offset,
+                self.index(self.cops[a.cop].done.unwrap_or(0)),
+                why,
+                elsewhere.map(|(n, p)| format!("; {} has it (op {})", node_name(n), self.index(p))).unwrap_or_default()
+            );
+            let mut w = Witness::new(self.h).cop(&self.cops[a.cop]).near(fr.pos, a.offset);
+            if let Some((_, p)) = elsewhere {
+                w = w.near(p, a.offset);
+            }
+            self.anomalies.push(w.anomaly(kinds::LOST_ON_NODE, explanation));
+        }
+        if !unchecked.is_empty() {
+            let list: Vec<String> = unchecked.iter().map(|(&c, n)| format!("{:?} ({n} acked)", self.conv(c))).collect();
+            self.notes.push(format!(
+                "no node has a final read of conversation(s) {}: their acked sends could not be checked for loss",
+                list.join(", ")
+            ));
+        }
+        // Nodes that read some conversations at the end but not others.
+        let all_nodes: BTreeSet<Node> = self.finals.values().flat_map(|n| n.keys().copied()).collect();
+        let gaps: Vec<String> = self
+            .finals
+            .iter()
+            .flat_map(|(&c, nodes)| {
+                all_nodes.iter().filter(|n| !nodes.contains_key(n)).map(move |&n| (c, n)).collect::<Vec<_>>()
+            })
+            .map(|(c, n)| format!("{} / {:?}", node_name(n), self.conv(c)))
+            .collect();
+        if !gaps.is_empty() {
+            self.notes.push(format!(
+                "{} (node, conversation) pair(s) have no final read and were not checked for loss or convergence: {}",
+                gaps.len(),
+                gaps.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        self.unchecked = unchecked.len();
+    }
+
+    /// Final reads of one conversation must agree on every node.
+    fn unconverged(&mut self) {
+        let mut found = Vec::new();
+        for (&conv, nodes) in &self.finals {
+            let mut it = nodes.iter();
+            let Some((&n0, r0)) = it.next() else { continue };
+            let mut first: Option<(u64, Node, usize)> = None;
+            for (&n, r) in it {
+                let differs =
+                    (0..r0.entries.len().max(r.entries.len())).find(|&i| r0.entries.get(i) != r.entries.get(i));
+                if let Some(i) = differs {
+                    let offset = r0.entries.get(i).or(r.entries.get(i)).map_or(i as u64 + 1, |e| e.0);
+                    if first.is_none_or(|(o, _, _)| offset < o) {
+                        first = Some((offset, n, r.pos));
+                    }
+                }
+            }
+            if let Some((offset, n, pos)) = first {
+                found.push((conv, n0, r0.pos, n, pos, offset));
+            }
+        }
+        for (conv, n0, p0, n, p, offset) in found {
+            let show = |node: Node| {
+                let fr = &self.finals[&conv][&node];
+                let at = fr.text_at(offset).map_or_else(|| "nothing".to_string(), |t| format!("{:?}", self.text(t)));
+                format!("{} has {at} (head {}, op {})", node_name(node), fr.head(), self.index(fr.pos))
+            };
+            let explanation = format!(
+                "final reads of conversation {:?} differ first at offset {offset}: {}, {}",
+                self.conv(conv),
+                show(n0),
+                show(n)
+            );
+            let a = Witness::new(self.h).near(p0, offset).near(p, offset).anomaly(kinds::UNCONVERGED, explanation);
+            self.anomalies.push(a);
+        }
+    }
+
+    /// Every liveness send after healing must be acked.
+    fn final_sends(&mut self) {
+        let mut found = Vec::new();
+        for c in &self.cops {
+            if c.f == F::FinalSend && c.outcome != Outcome::Ok {
+                let how = match c.outcome {
+                    Outcome::Fail => "failed",
+                    Outcome::Info => "was indeterminate (info)",
+                    _ => "never completed",
+                };
+                let text = c.field(self.h, "text").and_then(key).unwrap_or(Cow::Borrowed("?"));
+                let explanation = format!(
+                    "the liveness send {text:?} after healing {how} (op {})",
+                    self.index(c.done.or(c.invoke).unwrap_or(0))
+                );
+                found.push(Witness::new(self.h).both(c).anomaly(kinds::FINAL_SEND_FAILED, explanation));
+            }
+        }
+        self.anomalies.extend(found);
+    }
+
+    /// A send invoked after another one completed must get a higher offset. One witness per
+    /// conversation; O(n log n) per conversation.
+    fn real_time_order(&mut self) {
+        struct S {
+            invoke: usize,
+            done: usize,
+            offset: u64,
+            ack: usize,
+        }
+        let mut by_conv: BTreeMap<ConvId, Vec<S>> = BTreeMap::new();
+        for t in &self.texts {
+            // The earliest ok (non-resend) ack of the text, and its earliest invoke: a retry
+            // after `info` may have been applied by an earlier attempt.
+            let best = t
+                .acks
+                .iter()
+                .filter(|&&ai| self.cops[self.acks[ai].cop].f != F::Resend)
+                .filter_map(|&ai| self.cops[self.acks[ai].cop].done.map(|d| (d, ai)))
+                .min();
+            let (Some((done, ai)), Some(invoke)) = (best, t.first_invoke) else { continue };
+            let a = self.acks[ai];
+            by_conv.entry(a.conv).or_default().push(S { invoke, done, offset: a.offset, ack: ai });
+        }
+        let mut found = Vec::new();
+        for (conv, mut sends) in by_conv {
+            let mut by_done: Vec<(usize, u64, usize)> = sends.iter().map(|s| (s.done, s.offset, s.ack)).collect();
+            by_done.sort_unstable();
+            sends.sort_unstable_by_key(|s| s.invoke);
+            let mut j = 0;
+            let mut max: Option<(u64, usize)> = None;
+            for b in &sends {
+                while j < by_done.len() && by_done[j].0 < b.invoke {
+                    if max.is_none_or(|(o, _)| by_done[j].1 > o) {
+                        max = Some((by_done[j].1, by_done[j].2));
+                    }
+                    j += 1;
+                }
+                if let Some((o, a)) = max.filter(|&(o, _)| o > b.offset) {
+                    found.push((conv, a, b.ack, b.invoke, o));
+                    break;
+                }
+            }
+        }
+        for (conv, a, b, b_invoke, _) in found {
+            let (a, b) = (self.acks[a], self.acks[b]);
+            let (ca, cb) = (&self.cops[a.cop], &self.cops[b.cop]);
+            let b_done = cb.done.unwrap_or(0);
+            let explanation = format!(
+                "in conversation {:?}, {:?} was acked at offset {} (op {}) before {:?} was invoked (op {}), yet {:?} \
+                 got the lower offset {} (op {})",
+                self.conv(conv),
+                self.text(a.text),
+                a.offset,
+                self.index(ca.done.unwrap_or(0)),
+                self.text(b.text),
+                self.index(b_invoke),
+                self.text(b.text),
+                b.offset,
+                self.index(b_done)
+            );
+            let w = Witness::new(self.h).both(ca).op(b_invoke).op(b_done);
+            self.anomalies.push(w.anomaly(kinds::REAL_TIME_ORDER, explanation));
+        }
+    }
+
+    fn finish(mut self) -> CheckResult {
+        let rank = |k: &str| kinds::ALL.iter().position(|x| *x == k).unwrap_or(kinds::ALL.len());
+        self.anomalies.sort_by_key(|a| rank(a.kind));
+        for (what, (n, first)) in &self.malformed {
+            self.notes.push(format!("{n} {what} were skipped (first: op {first})"));
+        }
+        if self.deliveries_without_subscribe > 0 {
+            self.notes.push(format!(
+                "{} deliveries came before any subscribe of their subscriber; their starting offset was not checked",
+                self.deliveries_without_subscribe
+            ));
+        }
+        let valid = if !self.anomalies.is_empty() {
+            Validity::Invalid
+        } else if self.acks.is_empty() {
+            self.notes.push("unknown: no send was acked".to_string());
+            Validity::Unknown
+        } else if self.stats.final_reads == 0 {
+            self.notes.push("unknown: there is no final read".to_string());
+            Validity::Unknown
+        } else if self.unchecked > 0 {
+            self.notes.push("unknown: some conversations with acked sends have no final read".to_string());
+            Validity::Unknown
+        } else {
+            Validity::Valid
+        };
+        CheckResult { valid, anomalies: self.anomalies, stats: self.stats, notes: self.notes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::history::{Op, Process, Type, F};
+
+    /// Builds synthetic histories. Send invokes carry `{conversation, client_id, client_seq,
+    /// text}` (client_id = the process, a fresh seq per text); completions repeat the invoke's
+    /// value and add their own fields, as the runner does.
+    #[derive(Default)]
+    struct H {
+        ops: Vec<Op>,
+        pending: HashMap<u64, (F, Value)>,
+        keys: HashMap<String, (u64, u64)>,
+        seq: u64,
+    }
+
+    impl H {
+        fn push(&mut self, kind: Type, process: Process, f: F, value: Value, node: Option<u64>) -> u64 {
+            let index = self.ops.len() as u64;
+            self.ops.push(Op { index, time: index * 1_000, kind, process, f, value, node });
+            index
+        }
+
+        fn invoke(&mut self, p: u64, f: F, value: Value, node: Option<u64>) -> u64 {
+            self.pending.insert(p, (f.clone(), value.clone()));
+            self.push(Type::Invoke, Process::Client(p), f, value, node)
+        }
+
+        /// Completes `p`'s pending invoke with `kind`, adding `extra` to the invoke's value.
+        fn complete(&mut self, p: u64, kind: Type, extra: Value) -> u64 {
+            let (f, mut value) = self.pending.remove(&p).expect("a pending invoke");
+            let node = self.ops.iter().rev().find(|o| o.process == Process::Client(p)).and_then(|o| o.node);
+            for (k, v) in extra.as_object().expect("an object") {
+                value[k] = v.clone();
+            }
+            self.push(kind, Process::Client(p), f, value, node)
+        }
+
+        fn invoke_send_f(&mut self, p: u64, f: F, conv: &str, text: &str) -> u64 {
+            let (cid, seq) = *self.keys.entry(text.to_string()).or_insert_with(|| {
+                self.seq += 1;
+                (p, self.seq)
+            });
+            self.invoke(p, f, json!({"conversation": conv, "client_id": cid, "client_seq": seq, "text": text}), None)
+        }
+
+        fn invoke_send(&mut self, p: u64, conv: &str, text: &str) -> u64 {
+            self.invoke_send_f(p, F::Send, conv, text)
+        }
+
+        fn ok_send(&mut self, p: u64, offset: u64) -> u64 {
+            self.complete(p, Type::Ok, json!({"offset": offset, "ts_ms": 1}))
+        }
+
+        fn send_ok(&mut self, p: u64, conv: &str, text: &str, offset: u64) -> (u64, u64) {
+            (self.invoke_send(p, conv, text), self.ok_send(p, offset))
+        }
+
+        fn send_fail(&mut self, p: u64, conv: &str, text: &str) -> (u64, u64) {
+            (self.invoke_send(p, conv, text), self.complete(p, Type::Fail, json!({"error": "rejected"})))
+        }
+
+        fn send_info(&mut self, p: u64, conv: &str, text: &str) -> (u64, u64) {
+            (self.invoke_send(p, conv, text), self.complete(p, Type::Info, json!({"error": "timeout"})))
+        }
+
+        fn resend_ok(&mut self, p: u64, conv: &str, text: &str, offset: u64) -> (u64, u64) {
+            (self.invoke_send_f(p, F::Resend, conv, text), self.ok_send(p, offset))
+        }
+
+        fn final_send_ok(&mut self, p: u64, conv: &str, text: &str, offset: u64) -> (u64, u64) {
+            (self.invoke_send_f(p, F::FinalSend, conv, text), self.ok_send(p, offset))
+        }
+
+        fn read_f(&mut self, f: F, p: u64, node: u64, conv: &str, msgs: &[(u64, &str)]) -> u64 {
+            self.invoke(p, f, json!({"conversation": conv}), Some(node));
+            let messages: Vec<Value> = msgs.iter().map(|(o, t)| json!([o, t])).collect();
+            self.complete(p, Type::Ok, json!({"messages": messages}))
+        }
+
+        fn read(&mut self, p: u64, node: u64, conv: &str, msgs: &[(u64, &str)]) -> u64 {
+            self.read_f(F::Read, p, node, conv, msgs)
+        }
+
+        /// A dense final read of `texts` (offsets 1..).
+        fn final_read(&mut self, node: u64, conv: &str, texts: &[&str]) -> u64 {
+            let msgs: Vec<(u64, &str)> = texts.iter().enumerate().map(|(i, t)| (i as u64 + 1, *t)).collect();
+            self.read_f(F::FinalRead, 400_000 + node, node, conv, &msgs)
+        }
+
+        fn final_reads(&mut self, conv: &str, texts: &[&str]) {
+            for node in 1..=3 {
+                self.final_read(node, conv, texts);
+            }
+        }
+
+        fn subscribe(&mut self, p: u64, conv: &str, from: u64, session: u64) -> u64 {
+            let v = json!({"conversation": conv, "from": from, "session": session});
+            self.push(Type::Ok, Process::Client(p), F::Subscribe, v, Some(1))
+        }
+
+        fn deliver(&mut self, p: u64, conv: &str, offset: u64, text: &str, session: u64) -> u64 {
+            let v = json!({"conversation": conv, "offset": offset, "text": text, "session": session});
+            self.push(Type::Ok, Process::Client(p), F::Deliver, v, Some(1))
+        }
+
+        fn nemesis(&mut self, f: F) {
+            self.push(Type::Invoke, Process::NEMESIS, f.clone(), json!({"nodes": [1]}), None);
+            self.push(Type::Info, Process::NEMESIS, f, json!({"nodes": [1], "outcome": "done"}), None);
+        }
+
+        fn check(&self) -> CheckResult {
+            // Round-trip through the JSON-lines format, as the runner's history file would.
+            let parsed = crate::history::parse(&crate::history::render(&self.ops)).expect("history parses");
+            assert_eq!(parsed, self.ops);
+            check(&parsed)
+        }
+    }
+
+    const C1: [&str; 4] = ["a", "b", "i1", "c"];
+    const C2: [&str; 2] = ["x", "y"];
+
+    /// The run phase of a clean history, without final sends or reads. Ends with conversation
+    /// c1 = C1 and c2 = C2 on every node.
+    fn base() -> H {
+        let mut h = H::default();
+        h.nemesis(F::Partition);
+        h.send_ok(1, "c1", "a", 1);
+        // Concurrent sends to two conversations.
+        h.invoke_send(2, "c1", "b");
+        h.invoke_send(3, "c2", "x");
+        h.ok_send(3, 1);
+        h.ok_send(2, 2);
+        // Indeterminate: i1 is applied (at 3), i2 is not; f1 definitely failed.
+        h.send_info(4, "c1", "i1");
+        h.send_fail(5, "c1", "f1");
+        h.send_info(6, "c2", "i2");
+        // A send retried after info under a fresh process (same text and key) that is
+        // never applied, then definitely fails.
+        h.send_info(8, "c2", "i3");
+        h.send_fail(1008, "c2", "i3");
+        h.subscribe(100, "c1", 1, 1);
+        h.deliver(100, "c1", 1, "a", 1);
+        h.deliver(100, "c1", 2, "b", 1);
+        h.read(200, 2, "c1", &[(1, "a")]);
+        h.send_ok(1, "c1", "c", 4);
+        h.resend_ok(1, "c1", "a", 1);
+        h.nemesis(F::Heal);
+        h.subscribe(100, "c1", 3, 2);
+        h.deliver(100, "c1", 3, "i1", 2);
+        h.deliver(100, "c1", 4, "c", 2);
+        // Never completes, but is applied.
+        h.invoke_send(7, "c2", "y");
+        h.read(200, 1, "c2", &[(1, "x"), (2, "y")]);
+        h.read(201, 3, "c1", &[(1, "a"), (2, "b"), (3, "i1")]);
+        h.nemesis(F::Kill);
+        h.nemesis(F::Start);
+        h
+    }
+
+    /// Liveness sends and final reads on three nodes, everything in place.
+    fn finish(h: &mut H) {
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
+        h.final_reads("c2", &[&C2[..], &["z2"]].concat());
+    }
+
+    fn clean() -> H {
+        let mut h = base();
+        finish(&mut h);
+        h
+    }
+
+    fn kinds_of(r: &CheckResult) -> BTreeSet<&'static str> {
+        r.anomalies.iter().map(|a| a.kind).collect()
+    }
+
+    fn witness_indices(a: &Anomaly) -> Vec<u64> {
+        a.witness.iter().map(|w| w["index"].as_u64().expect("witness ops have an index")).collect()
+    }
+
+    /// Exactly one anomaly, of `kind`, whose witness holds exactly the ops `indices`.
+    fn assert_only(r: &CheckResult, kind: &str, indices: &[u64]) -> Anomaly {
+        assert_eq!(r.valid, Validity::Invalid, "{r:#?}");
+        assert_eq!(r.anomalies.len(), 1, "{:#?}", r.anomalies);
+        let a = r.anomalies[0].clone();
+        assert_eq!(a.kind, kind, "{a:#?}");
+        assert!(!a.explanation.is_empty());
+        assert_eq!(witness_indices(&a), indices, "{a:#?}");
+        a
+    }
+
+    fn only_kinds(r: &CheckResult, expected: &[&str]) {
+        assert_eq!(r.valid, Validity::Invalid);
+        assert_eq!(kinds_of(r), expected.iter().copied().collect(), "{:#?}", r.anomalies);
+    }
+
+    #[test]
+    fn clean_history_is_valid() {
+        let h = clean();
+        let r = h.check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.valid, Validity::Valid, "{:?}", r.notes);
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
+        let s = &r.stats;
+        assert_eq!((s.sends_invoked, s.sends_ok, s.sends_fail, s.sends_info), (10, 4, 2, 4), "{s:?}");
+        assert_eq!((s.resends, s.reads, s.deliveries, s.nemesis_ops), (1, 3, 4, 4), "{s:?}");
+        assert_eq!((s.final_reads, s.final_sends_ok, s.final_sends_failed), (6, 2, 0), "{s:?}");
+    }
+
+    #[test]
+    fn empty_history_is_unknown() {
+        let r = check(&[]);
+        assert_eq!(r.valid, Validity::Unknown);
+        assert!(r.anomalies.is_empty());
+        assert_eq!(r.stats, Stats::default());
+        assert_eq!(r.to_json()["valid"], "unknown");
+    }
+
+    #[test]
+    fn no_final_reads_is_unknown() {
+        let r = base().check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.valid, Validity::Unknown);
+        assert!(r.notes.iter().any(|n| n.contains("final read")), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn conversation_without_any_final_read_is_unknown() {
+        let mut h = base();
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
+        let r = h.check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.valid, Validity::Unknown);
+        assert!(r.notes.iter().any(|n| n.contains("\"c2\" (1 acked)")), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn a_node_missing_one_final_read_is_noted_but_valid() {
+        let mut h = base();
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
+        h.final_read(1, "c2", &["x", "y", "z2"]);
+        h.final_read(2, "c2", &["x", "y", "z2"]);
+        let r = h.check();
+        assert_eq!(r.valid, Validity::Valid, "{r:#?}");
+        assert!(r.notes.iter().any(|n| n.contains("node 3 / \"c2\"")), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn only_failed_or_info_sends_is_unknown() {
+        let mut h = H::default();
+        h.send_fail(1, "c1", "f");
+        h.send_info(2, "c1", "i");
+        h.final_reads("c1", &["i"]);
+        let r = h.check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.valid, Validity::Unknown);
+    }
+
+    #[test]
+    fn inconsistent_offset() {
+        let mut h = base();
+        h.send_info(9, "c1", "q");
+        let read = h.read(202, 3, "c1", &[(1, "a"), (2, "b"), (3, "q")]);
+        finish(&mut h);
+        let r = h.check();
+        // The first op that showed offset 3 of c1 is the delivery of i1.
+        let first = h.ops.iter().find(|o| o.f == F::Deliver && o.value["text"] == "i1").expect("delivery").index;
+        let a = assert_only(&r, kinds::INCONSISTENT_OFFSET, &[first, read]);
+        assert!(a.explanation.contains("\"i1\"") && a.explanation.contains("\"q\""), "{}", a.explanation);
+    }
+
+    #[test]
+    fn conflicting_acks_are_inconsistent() {
+        let mut h = base();
+        let (_, ok) = h.send_ok(9, "c2", "q", 2);
+        finish(&mut h);
+        let r = h.check();
+        // y was first shown at c2/2 by the read; then q's ack claims the same offset. q is
+        // also absent from every final read.
+        only_kinds(&r, &[kinds::INCONSISTENT_OFFSET, kinds::LOST]);
+        let a = r.anomalies.iter().find(|a| a.kind == kinds::INCONSISTENT_OFFSET).expect("inconsistent");
+        assert!(witness_indices(a).contains(&ok));
+    }
+
+    #[test]
+    fn duplicate() {
+        let mut h = base();
+        h.send_info(9, "c1", "q");
+        let read = h.read(202, 1, "c1", &[(1, "a"), (2, "b"), (3, "i1"), (4, "c"), (5, "q")]);
+        h.final_send_ok(300_000, "c1", "z1", 6);
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        let finals: Vec<u64> = (1..=3).map(|n| h.final_read(n, "c1", &["a", "b", "i1", "c", "q", "z1", "q"])).collect();
+        h.final_reads("c2", &["x", "y", "z2"]);
+        let r = h.check();
+        let a = assert_only(&r, kinds::DUPLICATE, &[read, finals[0]]);
+        assert!(a.explanation.contains("offset 5") && a.explanation.contains("offset 7"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn duplicate_across_conversations() {
+        let mut h = base();
+        finish(&mut h);
+        let read = h.read(202, 2, "c2", &[(1, "x"), (2, "y"), (3, "z2"), (4, "a")]);
+        let r = h.check();
+        // a's ack and reads say c1/1; the read shows it in c2 as well.
+        let first = h.ops.iter().find(|o| o.f == F::Deliver && o.value["text"] == "a").expect("delivery").index;
+        assert_only(&r, kinds::DUPLICATE, &[first, read]);
+    }
+
+    #[test]
+    fn lost_everywhere() {
+        let mut h = base();
+        let (_, ok) = h.send_ok(9, "c1", "l", 5);
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        let finals: Vec<u64> = (1..=3).map(|n| h.final_read(n, "c1", &C1)).collect();
+        h.final_reads("c2", &["x", "y", "z2"]);
+        let r = h.check();
+        let a = assert_only(&r, kinds::LOST, &[ok, finals[0], finals[1], finals[2]]);
+        assert!(a.explanation.contains("\"l\"") && a.explanation.contains("head 4"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn lost_and_overwritten_reports_both() {
+        // An acked write vanishes and another takes its offset (lost unsynced writes).
+        let mut h = base();
+        h.send_ok(9, "c1", "l", 5);
+        h.send_info(10, "c1", "m");
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        h.final_reads("c1", &["a", "b", "i1", "c", "m"]);
+        h.final_reads("c2", &["x", "y", "z2"]);
+        only_kinds(&h.check(), &[kinds::LOST, kinds::INCONSISTENT_OFFSET]);
+    }
+
+    #[test]
+    fn lost_on_node() {
+        let mut h = base();
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        let n1 = h.final_read(1, "c1", &C1);
+        h.final_read(2, "c1", &C1);
+        let n3 = h.final_read(3, "c1", &["a", "b", "i1"]);
+        h.final_reads("c2", &["x", "y", "z2"]);
+        let r = h.check();
+        // Node 3 being behind is also non-convergence.
+        only_kinds(&r, &[kinds::LOST_ON_NODE, kinds::UNCONVERGED]);
+        let a = r.anomalies.iter().find(|a| a.kind == kinds::LOST_ON_NODE).expect("lost-on-node");
+        let c_ok = h.ops.iter().find(|o| o.kind == Type::Ok && o.value["text"] == "c").expect("ack").index;
+        assert_eq!(witness_indices(a), [c_ok, n3, n1]);
+        assert!(a.explanation.contains("node 3") && a.explanation.contains("behind"), "{}", a.explanation);
+        assert_eq!(r.anomalies.iter().filter(|a| a.kind == kinds::LOST_ON_NODE).count(), 1);
+    }
+
+    #[test]
+    fn read_of_failed() {
+        let mut h = base();
+        let read = h.read(202, 1, "c1", &[(1, "a"), (2, "b"), (3, "i1"), (4, "c"), (5, "f1")]);
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        h.final_reads("c1", &C1);
+        h.final_reads("c2", &["x", "y", "z2"]);
+        let r = h.check();
+        let fail = h.ops.iter().find(|o| o.kind == Type::Fail && o.value["text"] == "f1").expect("fail").index;
+        assert_only(&r, kinds::READ_OF_FAILED, &[fail, read]);
+    }
+
+    #[test]
+    fn info_then_fail_retry_is_not_read_of_failed() {
+        // i3 was sent with an indeterminate outcome, then its retry failed: it may be there.
+        let mut h = base();
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_send_ok(300_001, "c2", "z2", 4);
+        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
+        h.final_reads("c2", &["x", "y", "i3", "z2"]);
+        let r = h.check();
+        assert_eq!(r.valid, Validity::Valid, "{:#?}", r.anomalies);
+    }
+
+    #[test]
+    fn phantom() {
+        let mut h = base();
+        let read = h.read(202, 1, "c2", &[(1, "x"), (2, "y"), (3, "ghost")]);
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
+        h.final_reads("c2", &C2);
+        let r = h.check();
+        let a = assert_only(&r, kinds::PHANTOM, &[read]);
+        assert!(a.explanation.contains("\"ghost\""), "{}", a.explanation);
+    }
+
+    #[test]
+    fn ack_mismatch() {
+        let mut h = base();
+        let (_, ok) = h.send_ok(9, "c2", "m", 4);
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
+        let finals: Vec<u64> = (1..=3).map(|n| h.final_read(n, "c2", &["x", "y", "m"])).collect();
+        let r = h.check();
+        assert_only(&r, kinds::ACK_MISMATCH, &[ok, finals[0]]);
+    }
+
+    #[test]
+    fn hole() {
+        let mut h = base();
+        let read = h.read(202, 2, "c1", &[(1, "a"), (2, "b"), (4, "c")]);
+        // The same hole read again from the same node is one anomaly.
+        h.read(202, 2, "c1", &[(1, "a"), (2, "b"), (4, "c")]);
+        finish(&mut h);
+        let r = h.check();
+        let a = assert_only(&r, kinds::HOLE, &[read]);
+        assert!(a.explanation.contains("offset 3 is missing"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn hole_out_of_order() {
+        let mut h = base();
+        let read = h.read(202, 2, "c1", &[(2, "b"), (1, "a")]);
+        finish(&mut h);
+        let a = assert_only(&h.check(), kinds::HOLE, &[read]);
+        assert!(a.explanation.contains("out of order"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn hole_witness_is_cut_around_the_hole() {
+        let mut h = H::default();
+        let texts: Vec<String> = (1..=100).map(|i| format!("t{i}")).collect();
+        for (i, t) in texts.iter().enumerate() {
+            h.send_ok(1, "c", t, i as u64 + 1);
+        }
+        let mut msgs: Vec<(u64, &str)> = texts.iter().enumerate().map(|(i, t)| (i as u64 + 1, t.as_str())).collect();
+        msgs.remove(49); // offset 50
+        let read = h.read(2, 1, "c", &msgs);
+        let all: Vec<&str> = texts.iter().map(String::as_str).collect();
+        h.final_reads("c", &all);
+        let a = assert_only(&h.check(), kinds::HOLE, &[read]);
+        let w = &a.witness[0]["value"];
+        assert_eq!(w["messages_total"], 99);
+        assert_eq!(w["messages"], json!([[48, "t48"], [49, "t49"], [51, "t51"], [52, "t52"], [53, "t53"]]));
+        assert!(a.explanation.contains("cut"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn subscriber_skip() {
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        let d1 = h.deliver(101, "c1", 1, "a", 1);
+        let d3 = h.deliver(101, "c1", 3, "i1", 1);
+        h.deliver(101, "c1", 4, "c", 1);
+        finish(&mut h);
+        assert_only(&h.check(), kinds::SUBSCRIBER_SKIP, &[d1, d3]);
+    }
+
+    #[test]
+    fn subscriber_skip_at_first_delivery() {
+        let mut h = base();
+        let s = h.subscribe(101, "c1", 1, 1);
+        let d = h.deliver(101, "c1", 2, "b", 1);
+        finish(&mut h);
+        assert_only(&h.check(), kinds::SUBSCRIBER_SKIP, &[s, d]);
+    }
+
+    #[test]
+    fn subscriber_skip_at_resume() {
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        let d1 = h.deliver(101, "c1", 1, "a", 1);
+        let s2 = h.subscribe(101, "c1", 3, 2);
+        h.deliver(101, "c1", 3, "i1", 2);
+        finish(&mut h);
+        assert_only(&h.check(), kinds::SUBSCRIBER_SKIP, &[d1, s2]);
+    }
+
+    #[test]
+    fn subscriber_repeat() {
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        h.deliver(101, "c1", 1, "a", 1);
+        let d2 = h.deliver(101, "c1", 2, "b", 1);
+        let again = h.deliver(101, "c1", 2, "b", 1);
+        h.deliver(101, "c1", 3, "i1", 1);
+        finish(&mut h);
+        assert_only(&h.check(), kinds::SUBSCRIBER_REPEAT, &[d2, again]);
+    }
+
+    #[test]
+    fn subscriber_repeat_at_resume() {
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        h.deliver(101, "c1", 1, "a", 1);
+        let d2 = h.deliver(101, "c1", 2, "b", 1);
+        let s = h.subscribe(101, "c1", 2, 2);
+        h.deliver(101, "c1", 2, "b", 2);
+        h.deliver(101, "c1", 3, "i1", 2);
+        finish(&mut h);
+        assert_only(&h.check(), kinds::SUBSCRIBER_REPEAT, &[d2, s]);
+    }
+
+    #[test]
+    fn resend_mismatch() {
+        let mut h = base();
+        let (_, resend) = h.resend_ok(1, "c1", "b", 5);
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        h.final_reads("c1", &C1);
+        h.final_reads("c2", &["x", "y", "z2"]);
+        let r = h.check();
+        let original = h.ops.iter().find(|o| o.kind == Type::Ok && o.value["text"] == "b").expect("ack").index;
+        assert_only(&r, kinds::RESEND_MISMATCH, &[original, resend]);
+    }
+
+    #[test]
+    fn skip_dedup_bug_is_caught() {
+        // The planted `skip-dedup` bug: a resend appends again.
+        let mut h = base();
+        h.resend_ok(1, "c1", "b", 5);
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        h.final_reads("c1", &["a", "b", "i1", "c", "b"]);
+        h.final_reads("c2", &["x", "y", "z2"]);
+        only_kinds(&h.check(), &[kinds::RESEND_MISMATCH, kinds::DUPLICATE]);
+    }
+
+    #[test]
+    fn real_time_order() {
+        let mut h = base();
+        let (a_inv, a_ok) = h.send_ok(9, "c2", "r1", 4);
+        let (b_inv, b_ok) = h.send_ok(10, "c2", "r2", 3);
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
+        h.final_reads("c2", &["x", "y", "r2", "r1"]);
+        assert_only(&h.check(), kinds::REAL_TIME_ORDER, &[a_inv, a_ok, b_inv, b_ok]);
+    }
+
+    #[test]
+    fn concurrent_sends_may_complete_in_any_order() {
+        let mut h = base();
+        h.invoke_send(9, "c2", "r1");
+        h.invoke_send(10, "c2", "r2");
+        h.ok_send(9, 4);
+        h.ok_send(10, 3);
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_send_ok(300_001, "c2", "z2", 5);
+        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
+        h.final_reads("c2", &["x", "y", "r2", "r1", "z2"]);
+        let r = h.check();
+        assert_eq!(r.valid, Validity::Valid, "{:#?}", r.anomalies);
+    }
+
+    #[test]
+    fn retry_applied_by_an_earlier_attempt_is_not_a_real_time_violation() {
+        // r2's first attempt is indeterminate but applied at 3, before r1 is even invoked;
+        // its retry after r1 completed is deduplicated to offset 3.
+        let mut h = base();
+        h.send_info(10, "c2", "r2");
+        h.send_ok(9, "c2", "r1", 4);
+        h.send_ok(1010, "c2", "r2", 3);
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_send_ok(300_001, "c2", "z2", 5);
+        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
+        h.final_reads("c2", &["x", "y", "r2", "r1", "z2"]);
+        let r = h.check();
+        assert_eq!(r.valid, Validity::Valid, "{:#?}", r.anomalies);
+    }
+
+    #[test]
+    fn unconverged() {
+        let mut h = base();
+        h.send_info(9, "c1", "q");
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        let n1 = h.final_read(1, "c1", &["a", "b", "i1", "c", "q"]);
+        h.final_read(2, "c1", &["a", "b", "i1", "c", "q"]);
+        let n3 = h.final_read(3, "c1", &C1);
+        h.final_reads("c2", &["x", "y", "z2"]);
+        let a = assert_only(&h.check(), kinds::UNCONVERGED, &[n1, n3]);
+        assert!(a.explanation.contains("offset 5"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn final_send_failed() {
+        let mut h = base();
+        let inv = h.invoke_send_f(300_000, F::FinalSend, "c1", "z1");
+        let info = h.complete(300_000, Type::Info, json!({"error": "timeout"}));
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        h.final_reads("c1", &C1);
+        h.final_reads("c2", &["x", "y", "z2"]);
+        let r = h.check();
+        assert_only(&r, kinds::FINAL_SEND_FAILED, &[inv, info]);
+        assert_eq!(r.stats.final_sends_failed, 1);
+    }
+
+    #[test]
+    fn final_send_never_completed() {
+        let mut h = base();
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        h.final_reads("c1", &C1);
+        h.final_reads("c2", &["x", "y", "z2"]);
+        let inv = h.invoke_send_f(300_000, F::FinalSend, "c1", "z1");
+        assert_only(&h.check(), kinds::FINAL_SEND_FAILED, &[inv]);
+    }
+
+    #[test]
+    fn to_json_shape() {
+        let mut h = base();
+        h.read(202, 1, "c2", &[(1, "x"), (2, "y"), (3, "ghost")]);
+        finish(&mut h);
+        let j = h.check().to_json();
+        assert_eq!(j["valid"], "invalid");
+        assert_eq!(j["anomaly_count"], 2, "{j:#}"); // phantom, and ghost vs z2 at c2/3
+        assert_eq!(j["anomaly_counts"]["phantom"], 1);
+        assert_eq!(j["anomaly_counts"]["inconsistent-offset"], 1);
+        assert_eq!(j["anomalies"][0]["kind"], "inconsistent-offset");
+        assert!(j["anomalies"][0]["witness"].as_array().is_some_and(|w| w.len() == 2));
+        assert_eq!(j["stats"]["final_reads"], 6);
+        assert!(j["notes"].is_array());
+        assert_eq!(clean().check().to_json()["valid"], "valid");
+    }
+
+    #[test]
+    fn large_clean_history() {
+        // 100k sends over 50 conversations, in overlapping pairs, with reads, a subscriber
+        // and final reads from three nodes.
+        let convs = 50u64;
+        let mut h = H::default();
+        let mut heads = vec![0u64; convs as usize];
+        let mut logs: Vec<Vec<String>> = vec![Vec::new(); convs as usize];
+        h.subscribe(100_000, "k0", 1, 1);
+        for i in 0..50_000u64 {
+            let c = (i % convs) as usize;
+            let conv = format!("k{c}");
+            let (t1, t2) = (format!("v{i}a"), format!("v{i}b"));
+            h.invoke_send(1, &conv, &t1);
+            h.invoke_send(2, &conv, &t2);
+            h.ok_send(2, heads[c] + 1);
+            h.ok_send(1, heads[c] + 2);
+            logs[c].push(t2);
+            logs[c].push(t1);
+            heads[c] += 2;
+            if c == 0 {
+                for o in heads[c] - 1..=heads[c] {
+                    let t = logs[c][o as usize - 1].clone();
+                    h.deliver(100_000, "k0", o, &t, 1);
+                }
+            }
+            if i % 5_000 == 0 {
+                let msgs: Vec<(u64, &str)> =
+                    logs[c].iter().enumerate().map(|(i, t)| (i as u64 + 1, t.as_str())).collect();
+                h.read(3, 1 + i % 3, &conv, &msgs);
+            }
+        }
+        for (c, log) in logs.iter().enumerate() {
+            let texts: Vec<&str> = log.iter().map(String::as_str).collect();
+            h.final_reads(&format!("k{c}"), &texts);
+        }
+        let started = std::time::Instant::now();
+        let r = check(&h.ops);
+        eprintln!("checked {} ops in {:?}", h.ops.len(), started.elapsed());
+        assert!(r.anomalies.is_empty(), "{:#?}", &r.anomalies[..r.anomalies.len().min(3)]);
+        assert_eq!(r.valid, Validity::Valid);
+        assert_eq!(r.stats.sends_ok, 100_000);
+        assert_eq!(r.stats.final_reads, 150);
+    }
+}

@@ -1,0 +1,300 @@
+//! Faults, each recorded in the history (invoke, then `info` with its outcome):
+//!
+//! | fault       | variants |
+//! |-------------|----------|
+//! | `kill`      | `kill -9` of one random node, of the leader of a random shard, or of all nodes; restarted at the end of the fault |
+//! | `pause`     | SIGSTOP of one random node or of a shard leader; SIGCONT at the end |
+//! | `partition` | nftables input-hook drops between node addresses: isolate one node, isolate a leader, a bridge (two sides that only a middle node sees), one-way (one node's packets to another are dropped) |
+//! | `clock`     | libfaketime offset of ±5–60 s on one node (`FAKETIME_DONT_FAKE_MONOTONIC=1`) |
+//! | `power`     | a power failure of a majority or all nodes: `kill -9`, then every write not yet fsynced is dropped by the lossy filesystem, then restart |
+//! | `corrupt`   | one stopped node's newest WAL or table file gets its tail truncated or a bit flipped |
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::db::{self, node_ip, Db};
+use crate::history::{Process, Type, F};
+use crate::recorder::Recorder;
+
+/// The fault families a run may use.
+pub const ALL_FAULTS: [&str; 6] = ["kill", "pause", "partition", "clock", "power", "corrupt"];
+
+/// An injected fault that is still in effect.
+#[derive(Debug, Clone)]
+pub enum Active {
+    Killed(Vec<u64>),
+    Paused(Vec<u64>),
+    Partitioned,
+    Skewed(Vec<u64>),
+}
+
+/// Injects faults into the cluster and records them.
+pub struct Nemesis {
+    pub faults: Vec<String>,
+    pub rng: StdRng,
+    pub recorder: Recorder,
+}
+
+fn nft(script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .arg("-f")
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (is nftables installed?)")?;
+    child.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("nft failed on:\n{script}");
+    }
+    Ok(())
+}
+
+/// Installs the (empty) table the partitions use.
+pub fn nft_init() -> Result<()> {
+    nft("table inet jepsen\ndelete table inet jepsen\ntable inet jepsen {\n chain input {\n  type filter hook input priority 0; policy accept;\n }\n}\n")
+}
+
+fn drop_rules(pairs: &[(u64, u64)]) -> String {
+    let mut s = String::from("flush chain inet jepsen input\n");
+    for (from, to) in pairs {
+        s.push_str(&format!("add rule inet jepsen input ip saddr {} ip daddr {} drop\n", node_ip(*from), node_ip(*to)));
+    }
+    s
+}
+
+/// Removes every partition rule.
+pub fn heal_network() -> Result<()> {
+    nft("flush chain inet jepsen input\n")
+}
+
+impl Nemesis {
+    fn begin(&self, f: F, value: serde_json::Value) {
+        self.recorder.record(Type::Invoke, Process::NEMESIS, f, value, None);
+    }
+
+    fn end(&self, f: F, value: serde_json::Value) {
+        self.recorder.record(Type::Info, Process::NEMESIS, f, value, None);
+    }
+
+    async fn pick_leader(&mut self, db: &Db) -> Option<u64> {
+        let client = db.client().ok()?;
+        let shard = self.rng.gen_range(0..db.config.shards);
+        db::leader_of(&client, shard).await
+    }
+
+    fn random_node(&mut self) -> u64 {
+        self.rng.gen_range(1..=3)
+    }
+
+    /// Injects one random fault from the enabled families; returns what must be undone.
+    pub async fn inject(&mut self, db: &Mutex<Db>) -> Result<Active> {
+        let family = self.faults.choose(&mut self.rng).cloned().context("no faults enabled")?;
+        let mut db = db.lock().await;
+        match family.as_str() {
+            "kill" => {
+                let variant = ["one", "leader", "all"][self.rng.gen_range(0..3)];
+                let nodes = match variant {
+                    "all" => vec![1, 2, 3],
+                    "leader" => vec![self.pick_leader(&db).await.unwrap_or_else(|| self.random_node())],
+                    _ => vec![self.random_node()],
+                };
+                self.begin(F::Kill, json!({"nodes": nodes, "variant": variant}));
+                for n in &nodes {
+                    db.kill(*n).await;
+                }
+                self.end(F::Kill, json!({"nodes": nodes, "variant": variant, "outcome": "killed"}));
+                Ok(Active::Killed(nodes))
+            }
+            "pause" => {
+                let variant = if self.rng.gen_bool(0.5) { "leader" } else { "one" };
+                let node = match variant {
+                    "leader" => self.pick_leader(&db).await.unwrap_or_else(|| self.random_node()),
+                    _ => self.random_node(),
+                };
+                self.begin(F::Pause, json!({"nodes": [node], "variant": variant}));
+                let ok = db.pause(node);
+                self.end(
+                    F::Pause,
+                    json!({"nodes": [node], "variant": variant, "outcome": if ok { "paused" } else { "not running" }}),
+                );
+                Ok(Active::Paused(vec![node]))
+            }
+            "partition" => {
+                let variant = ["isolate-one", "isolate-leader", "bridge", "one-way"][self.rng.gen_range(0..4)];
+                let mut order = [1u64, 2, 3];
+                order.shuffle(&mut self.rng);
+                let pairs: Vec<(u64, u64)> = match variant {
+                    "isolate-leader" => {
+                        let l = self.pick_leader(&db).await.unwrap_or(order[0]);
+                        let others: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+                        others.iter().flat_map(|o| [(l, *o), (*o, l)]).collect()
+                    }
+                    "bridge" => {
+                        // order[1] sees both sides; order[0] and order[2] do not see each other.
+                        vec![(order[0], order[2]), (order[2], order[0])]
+                    }
+                    "one-way" => vec![(order[0], order[1])],
+                    _ => {
+                        let l = order[0];
+                        order[1..].iter().flat_map(|o| [(l, *o), (*o, l)]).collect()
+                    }
+                };
+                let value = json!({"variant": variant, "drops": pairs.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
+                    "nodes": pairs.iter().flat_map(|(a, b)| [*a, *b]).collect::<std::collections::BTreeSet<u64>>()});
+                self.begin(F::Partition, value.clone());
+                let outcome = match nft(&drop_rules(&pairs)) {
+                    Ok(()) => "partitioned".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                };
+                let mut done = value;
+                done["outcome"] = json!(outcome);
+                self.end(F::Partition, done);
+                Ok(Active::Partitioned)
+            }
+            "clock" => {
+                let node = self.random_node();
+                let secs: i64 = self.rng.gen_range(5..=60) * if self.rng.gen_bool(0.5) { 1 } else { -1 };
+                let offset = format!("{secs:+}s");
+                self.begin(F::ClockSkew, json!({"nodes": [node], "offset": offset}));
+                let outcome = match db.set_clock(node, &offset) {
+                    Ok(()) => "skewed".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                };
+                self.end(F::ClockSkew, json!({"nodes": [node], "offset": offset, "outcome": outcome}));
+                Ok(Active::Skewed(vec![node]))
+            }
+            "power" => {
+                let nodes: Vec<u64> = if self.rng.gen_bool(0.5) {
+                    vec![1, 2, 3]
+                } else {
+                    let mut o = [1u64, 2, 3];
+                    o.shuffle(&mut self.rng);
+                    o[..2].to_vec()
+                };
+                self.begin(F::PowerFail, json!({"nodes": nodes}));
+                let mut dropped = serde_json::Map::new();
+                for n in &nodes {
+                    db.kill(*n).await;
+                }
+                for n in &nodes {
+                    let v = match db.power_fail(*n) {
+                        Ok(bytes) => json!(bytes),
+                        Err(e) => json!(format!("failed: {e}")),
+                    };
+                    dropped.insert(n.to_string(), v);
+                }
+                self.end(
+                    F::PowerFail,
+                    json!({"nodes": nodes, "unsynced_bytes_dropped": dropped, "outcome": "powered off"}),
+                );
+                Ok(Active::Killed(nodes))
+            }
+            "corrupt" => {
+                let node = self.random_node();
+                self.begin(F::Corrupt, json!({"nodes": [node]}));
+                db.kill(node).await;
+                let outcome = match corrupt_newest(&db.data_dir(node).join("db"), &mut self.rng) {
+                    Ok(what) => what,
+                    Err(e) => format!("failed: {e}"),
+                };
+                self.end(F::Corrupt, json!({"nodes": [node], "outcome": outcome}));
+                Ok(Active::Killed(vec![node]))
+            }
+            other => bail!("unknown fault {other}"),
+        }
+    }
+
+    /// Undoes a fault.
+    pub async fn heal(&mut self, db: &Mutex<Db>, active: Active) -> Result<()> {
+        let mut db = db.lock().await;
+        match active {
+            Active::Killed(nodes) => {
+                self.begin(F::Start, json!({"nodes": nodes}));
+                for n in &nodes {
+                    db.start(*n)?;
+                }
+                self.end(F::Start, json!({"nodes": nodes, "outcome": "started"}));
+            }
+            Active::Paused(nodes) => {
+                self.begin(F::Resume, json!({"nodes": nodes}));
+                for n in &nodes {
+                    db.resume(*n);
+                }
+                self.end(F::Resume, json!({"nodes": nodes, "outcome": "resumed"}));
+            }
+            Active::Partitioned => {
+                self.begin(F::Heal, json!({}));
+                let outcome = match heal_network() {
+                    Ok(()) => "healed".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                };
+                self.end(F::Heal, json!({"outcome": outcome}));
+            }
+            Active::Skewed(nodes) => {
+                self.begin(F::ClockReset, json!({"nodes": nodes}));
+                for n in &nodes {
+                    db.set_clock(*n, "+0")?;
+                }
+                self.end(F::ClockReset, json!({"nodes": nodes, "outcome": "reset"}));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rotates faults until `until`: quiet, inject, hold, heal.
+    pub async fn run(&mut self, db: &Mutex<Db>, until: tokio::time::Instant) -> Result<()> {
+        loop {
+            let quiet = Duration::from_millis(self.rng.gen_range(3_000..6_000));
+            tokio::time::sleep(quiet).await;
+            if tokio::time::Instant::now() + Duration::from_secs(4) >= until {
+                return Ok(());
+            }
+            let active = self.inject(db).await?;
+            let hold = Duration::from_millis(self.rng.gen_range(3_000..8_000));
+            tokio::time::sleep_until((tokio::time::Instant::now() + hold).min(until)).await;
+            self.heal(db, active).await?;
+        }
+    }
+}
+
+/// Truncates the tail of, or flips one bit near the end of, the newest WAL or table file.
+fn corrupt_newest(dir: &Path, rng: &mut StdRng) -> Result<String> {
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|x| x.to_str()), Some("log") | Some("sst")))
+        .filter(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("LOG")))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    files.sort();
+    let (_, path) = files.pop().context("no WAL or table file to corrupt")?;
+    let len = std::fs::metadata(&path)?.len();
+    if len == 0 {
+        return Ok(format!("{} was empty; left alone", path.display()));
+    }
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    let what = if rng.gen_bool(0.5) {
+        let cut = rng.gen_range(1..=len.min(4096));
+        file.set_len(len - cut)?;
+        format!("truncated {cut} bytes off {}", path.display())
+    } else {
+        use std::os::unix::fs::FileExt;
+        let at = len - rng.gen_range(1..=len.min(4096));
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, at)?;
+        b[0] ^= 1 << rng.gen_range(0..8);
+        file.write_all_at(&b, at)?;
+        format!("flipped a bit at byte {at} of {}", path.display())
+    };
+    file.sync_all()?;
+    Ok(what)
+}

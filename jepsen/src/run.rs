@@ -1,0 +1,222 @@
+//! One test run: set up the cluster, run the workload while the nemesis rotates faults,
+//! heal, prove liveness, read everything back from every node, check, and report.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rand::SeedableRng;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::checker::{self, Validity};
+use crate::db::{Db, DbOptions};
+use crate::history::{Process, Type, F};
+use crate::nemesis::{self, Nemesis};
+use crate::recorder::Recorder;
+use crate::report;
+use crate::workload::{self, WorkloadOptions};
+
+/// Everything a run is parameterised by.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub faults: Vec<String>,
+    pub time_limit: Duration,
+    pub rate: f64,
+    pub seed: u64,
+    pub planted_bug: Option<String>,
+    pub store: PathBuf,
+    pub convoy_bin: PathBuf,
+    pub conversations: usize,
+    pub senders: usize,
+    pub subscribers: usize,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub validity: Validity,
+    pub report_dir: PathBuf,
+    pub summary: String,
+}
+
+/// Time allowed for the cluster to recover after healing.
+const RECOVERY: Duration = Duration::from_secs(90);
+/// Time allowed for replicas to converge in the final read.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn sh(cmd: &str, args: &[&str]) -> Result<()> {
+    let status = std::process::Command::new(cmd).args(args).status().with_context(|| format!("running {cmd}"))?;
+    anyhow::ensure!(status.success(), "{cmd} {args:?} failed");
+    Ok(())
+}
+
+/// Runs one test. Must be called inside the run's private network namespace.
+pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
+    std::fs::create_dir_all(&opts.store)?;
+    sh("ip", &["link", "set", "lo", "up"])?;
+    if opts.faults.iter().any(|f| f == "partition") {
+        nemesis::nft_init()?;
+    }
+    let rec = Recorder::default();
+    let db_opts = DbOptions {
+        convoy_bin: opts.convoy_bin.clone(),
+        store: opts.store.clone(),
+        shards: 4,
+        lossy: opts.faults.iter().any(|f| f == "power"),
+        faketime: opts.faults.iter().any(|f| f == "clock"),
+        planted_bug: opts.planted_bug.clone(),
+    };
+    let db = Db::setup(db_opts).await?;
+    db.wait_ready(Duration::from_secs(60)).await.context("the cluster never became ready")?;
+    let config = db.config.clone();
+    let db = Arc::new(Mutex::new(db));
+
+    let wl = WorkloadOptions {
+        conversations: opts.conversations,
+        senders: opts.senders,
+        subscribers: opts.subscribers,
+        rate: opts.rate,
+        seed: opts.seed,
+    };
+    let stop_writers = Arc::new(AtomicBool::new(false));
+    let stop_subscribers = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for i in 0..wl.senders {
+        writers.push(tokio::spawn(workload::sender(rec.clone(), config.clone(), wl.clone(), i, stop_writers.clone())));
+    }
+    writers.push(tokio::spawn(workload::reader(rec.clone(), config.clone(), wl.clone(), stop_writers.clone())));
+    let mut subscribers = Vec::new();
+    for i in 0..wl.subscribers {
+        subscribers.push(tokio::spawn(workload::subscriber(
+            rec.clone(),
+            config.clone(),
+            wl.clone(),
+            i,
+            stop_subscribers.clone(),
+        )));
+    }
+
+    let until = tokio::time::Instant::now() + opts.time_limit;
+    let mut nemesis = Nemesis {
+        faults: opts.faults.clone(),
+        rng: rand::rngs::StdRng::seed_from_u64(opts.seed),
+        recorder: rec.clone(),
+    };
+    if opts.faults.is_empty() {
+        tokio::time::sleep_until(until).await;
+    } else {
+        nemesis.run(&db, until).await?;
+        tokio::time::sleep_until(until).await;
+    }
+    stop_writers.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+
+    // Heal everything.
+    {
+        let mut db = db.lock().await;
+        rec.record(Type::Invoke, Process::NEMESIS, F::Heal, json!({"final": true}), None);
+        if opts.faults.iter().any(|f| f == "partition") {
+            nemesis::heal_network()?;
+        }
+        for id in 1..=3 {
+            db.resume(id);
+            if opts.faults.iter().any(|f| f == "clock") {
+                db.set_clock(id, "+0")?;
+            }
+            db.start(id)?;
+        }
+        rec.record(Type::Info, Process::NEMESIS, F::Heal, json!({"final": true, "outcome": "healed"}), None);
+    }
+    let recovered = db.lock().await.wait_ready(RECOVERY).await;
+
+    // Liveness: a new send to every conversation succeeds.
+    let client = db.lock().await.client()?;
+    let final_client = convoy::client::Client::connect_as(&config, opts.seed ^ 0xf1a1, 1)?;
+    for i in 0..wl.conversations {
+        let conv = workload::conversation(i);
+        let text = format!("final-{i}");
+        workload::send_op(&rec, &final_client, 300_000 + i as u64, F::FinalSend, &conv, i as u64 + 1, &text).await;
+    }
+
+    // Let subscribers drain, then read everything back from every node once they agree.
+    let drained = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < drained {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop_subscribers.store(true, Ordering::Relaxed);
+    for s in subscribers {
+        let _ = s.await;
+    }
+    for i in 0..wl.conversations {
+        final_read(&rec, &client, &workload::conversation(i), 400_000 + 10 * i as u64).await;
+    }
+    db.lock().await.teardown().await;
+
+    let history = rec.snapshot();
+    let result = checker::check(&history);
+    let mut results = result.to_json();
+    let mut faults: BTreeMap<String, u64> = BTreeMap::new();
+    for op in history.iter().filter(|o| o.process == Process::NEMESIS && o.kind == Type::Invoke) {
+        *faults.entry(serde_json::to_value(&op.f)?.as_str().unwrap_or("?").to_string()).or_default() += 1;
+    }
+    results["run"] = json!({
+        "faults_enabled": opts.faults, "time_limit_s": opts.time_limit.as_secs(), "rate": opts.rate,
+        "seed": opts.seed, "planted_bug": opts.planted_bug, "operations": history.len(),
+        "faults_injected": faults, "recovered_after_heal": recovered.as_ref().map(|_| true).unwrap_or(false),
+        "recovery_error": recovered.err().map(|e| e.to_string()),
+    });
+    let dir = opts.store.clone();
+    std::fs::write(dir.join("history.jsonl"), crate::history::render(&history))?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    let plots = report::plots(&history);
+    std::fs::write(dir.join("latency.svg"), plots.latency_svg)?;
+    std::fs::write(dir.join("throughput.svg"), plots.throughput_svg)?;
+    std::fs::write(dir.join("unseen.svg"), plots.unseen_svg)?;
+    let summary = report::summary_text(&history, &results);
+    std::fs::write(dir.join("summary.txt"), &summary)?;
+    Ok(RunOutcome { validity: result.valid, report_dir: dir, summary })
+}
+
+/// Reads `conv` from every node until all agree (or the deadline), then records each
+/// node's last read as the `final-read`.
+async fn final_read(rec: &Recorder, client: &convoy::client::Client, conv: &str, process: u64) {
+    let deadline = Instant::now() + CONVERGE;
+    let mut last: BTreeMap<u64, Vec<convoy::chat::StoredMessage>> = BTreeMap::new();
+    loop {
+        for node in 1..=3u64 {
+            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(10), client.read(conv, 1, Some(node))).await {
+                last.insert(node, m);
+            }
+        }
+        let agree = last.len() == 3 && last.values().all(|v| Some(v) == last.get(&1));
+        if agree || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for node in 1..=3u64 {
+        let p = Process::Client(process + node);
+        rec.record(Type::Invoke, p, F::FinalRead, json!({"conversation": conv}), Some(node));
+        match last.get(&node) {
+            Some(msgs) => {
+                let messages: Vec<serde_json::Value> = msgs.iter().map(|m| json!([m.offset, m.text])).collect();
+                rec.record(Type::Ok, p, F::FinalRead, json!({"conversation": conv, "messages": messages}), Some(node));
+            }
+            None => {
+                rec.record(
+                    Type::Fail,
+                    p,
+                    F::FinalRead,
+                    json!({"conversation": conv, "error": "unreachable"}),
+                    Some(node),
+                );
+            }
+        }
+    }
+}
