@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -337,7 +338,14 @@ impl Node {
             })
             .collect();
         shards.sort_by_key(|s| s.shard);
-        NodeStatus { node_id: self.id, shards }
+        let stats = &self.store.syncer.stats;
+        NodeStatus {
+            node_id: self.id,
+            shards,
+            fsyncs: stats.rounds.load(Ordering::Relaxed),
+            fsync_completions: stats.completions.load(Ordering::Relaxed),
+            fsync_us_total: stats.fsync_us_total.load(Ordering::Relaxed),
+        }
     }
 
     /// Stops the groups (used by tests that run a node in-process).

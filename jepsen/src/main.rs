@@ -57,7 +57,9 @@ const INSIDE: &str = "CONVOY_JEPSEN_INSIDE_NAMESPACE";
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CONVOY_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CONVOY_LOG").unwrap_or_else(|_| "warn,fuser=error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let code = match cli.cmd {

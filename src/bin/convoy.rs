@@ -386,7 +386,13 @@ async fn cluster_status(path: &Path, json: bool) -> Result<()> {
                         .iter()
                         .map(|x| x.last_log_index.unwrap_or(0).saturating_sub(x.last_applied_index.unwrap_or(0)))
                         .sum();
-                    println!("node {id}: up, leads shards {leading:?}, apply lag {lag} entries");
+                    let per_fsync = s.fsync_completions as f64 / s.fsyncs.max(1) as f64;
+                    let fsync_ms = s.fsync_us_total as f64 / 1000.0 / s.fsyncs.max(1) as f64;
+                    println!(
+                        "node {id}: up, leads shards {leading:?}, apply lag {lag} entries, \
+                         {} fsyncs ({per_fsync:.1} appends each, {fsync_ms:.2} ms mean)",
+                        s.fsyncs
+                    );
                 }
                 out.push(json!({"node": id, "up": true, "status": s}));
             }

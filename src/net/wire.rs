@@ -102,6 +102,10 @@ pub enum Response {
 pub struct NodeStatus {
     pub node_id: u64,
     pub shards: Vec<ShardStatus>,
+    /// Group commit since start: fsyncs of the WAL, and the appends/votes they covered.
+    pub fsyncs: u64,
+    pub fsync_completions: u64,
+    pub fsync_us_total: u64,
 }
 
 /// One shard as seen by one replica.

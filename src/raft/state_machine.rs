@@ -170,13 +170,13 @@ fn write_effect(
             appended.push(m);
         }
         Effect::SetHead { conversation, head } => {
-            batch.put_cf(store.cf(CF_STATE), head_key(shard, &conversation), head.to_be_bytes());
+            batch.put_cf(store.cf(CF_STATE), head_key(shard, &conversation), encode(&head));
         }
         Effect::PutDedup { client_id, client_seq, record } => {
             batch.put_cf(store.cf(CF_STATE), dedup_key(shard, client_id, client_seq), encode(&record));
         }
         Effect::SetCursor { user, conversation, offset } => {
-            batch.put_cf(store.cf(CF_STATE), cursor_key(shard, &user, &conversation), offset.to_be_bytes());
+            batch.put_cf(store.cf(CF_STATE), cursor_key(shard, &user, &conversation), encode(&offset));
         }
     }
 }

@@ -35,14 +35,6 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, std::io::Error> {
     Ok(value)
 }
 
-/// A u64 stored as 8 big-endian bytes (heads, cursors).
-pub fn decode_u64(bytes: &[u8]) -> Result<u64, std::io::Error> {
-    let arr: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "expected 8-byte integer"))?;
-    Ok(u64::from_be_bytes(arr))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,11 +10,12 @@
 //! | `raft_meta`   | shard ‖ kind (u8: vote, committed, purged)       | log id / vote         |
 //! | `messages`    | shard ‖ len(conv) u8 ‖ conv ‖ offset (u64 BE)    | [`StoredMessage`]     |
 //! | `shard_state` | shard ‖ 0x01                                     | applied log id + membership |
-//! |               | shard ‖ 0x02 ‖ len(conv) ‖ conv                  | head offset (u64 BE)  |
+//! |               | shard ‖ 0x02 ‖ len(conv) ‖ conv                  | head offset (u64)     |
 //! |               | shard ‖ 0x03 ‖ client_id ‖ client_seq (u64 BE)   | [`DedupRecord`]       |
-//! |               | shard ‖ 0x04 ‖ len(user) ‖ user ‖ len(conv) ‖ conv | cursor (u64 BE)     |
+//! |               | shard ‖ 0x04 ‖ len(user) ‖ user ‖ len(conv) ‖ conv | cursor offset (u64) |
 //! |               | shard ‖ 0x05                                     | snapshot-install-in-progress marker |
 //!
+//! Every value is written by `codec::encode`: a format-version byte, then bincode.
 //! Ids are at most 128 bytes, so a one-byte length prefix suffices and keeps a conversation's
 //! messages contiguous and ordered by offset. The replicated state of a shard is exactly its
 //! ranges in `messages` and `shard_state` (the install marker excepted).

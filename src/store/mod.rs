@@ -155,7 +155,7 @@ impl Store {
 
     pub fn head(&self, shard: ShardId, conversation: &str) -> Result<u64> {
         match self.get(CF_STATE, &head_key(shard, conversation))? {
-            Some(v) => Ok(codec::decode_u64(&v)?),
+            Some(v) => Ok(codec::decode::<u64>(&v)?),
             None => Ok(0),
         }
     }
@@ -169,7 +169,7 @@ impl Store {
 
     pub fn cursor(&self, shard: ShardId, user: &str, conversation: &str) -> Result<u64> {
         match self.get(CF_STATE, &cursor_key(shard, user, conversation))? {
-            Some(v) => Ok(codec::decode_u64(&v)?),
+            Some(v) => Ok(codec::decode::<u64>(&v)?),
             None => Ok(0),
         }
     }

@@ -245,7 +245,7 @@ mod tests {
         for i in 1..=n {
             b.put_cf(store.cf(CF_MESSAGES), message_key(shard, "c", i), vec![i as u8; 300]);
         }
-        b.put_cf(store.cf(CF_STATE), head_key(shard, "c"), n.to_be_bytes());
+        b.put_cf(store.cf(CF_STATE), head_key(shard, "c"), crate::store::codec::encode(&n));
         store.write(b).expect("write");
     }
 
