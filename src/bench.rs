@@ -1,0 +1,485 @@
+//! `convoy bench`: reproducible throughput and latency figures for a fresh local cluster,
+//! printed as one table and written as JSON records
+//! (`system, workload, senders, conversations, msgs_per_s, p50_us, p99_us, p999_us` plus
+//! workload-specific fields).
+//!
+//! Workloads (256-byte messages): `disk_fsync` (the data disk's fsync floor), `raw_append`
+//! (one RocksDB with the same group commit, no replication: the ceiling), `send_latency`
+//! (one sequential sender), `send_throughput` (1/16/64/256 concurrent senders over 1 and 64
+//! conversations), `push_latency` (send → receipt by a subscriber on a follower, at a fixed
+//! rate) and `catch_up` (reading a long conversation from offset 1).
+//!
+//! Every loop is bounded by a duration or a count and stops by itself.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::client::{Client, Event};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::keys::{log_key, CF_LOG};
+use crate::store::Store;
+
+/// Bytes of text per benchmark message.
+pub const MESSAGE_BYTES: usize = 256;
+/// Senders served by one client connection (the server allows 64 streams per connection).
+const SENDERS_PER_CLIENT: usize = 32;
+
+/// One measured figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub system: String,
+    pub workload: String,
+    pub senders: usize,
+    pub conversations: usize,
+    pub msgs_per_s: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Sizes of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    pub quick: bool,
+}
+
+impl BenchOptions {
+    fn phase(&self) -> Duration {
+        if self.quick {
+            Duration::from_secs(3)
+        } else {
+            Duration::from_secs(10)
+        }
+    }
+    fn catch_up_messages(&self) -> usize {
+        if self.quick {
+            20_000
+        } else {
+            200_000
+        }
+    }
+}
+
+/// Latency samples in microseconds.
+#[derive(Default, Clone)]
+struct Samples(Vec<u64>);
+
+impl Samples {
+    fn push(&mut self, d: Duration) {
+        self.0.push(d.as_micros() as u64);
+    }
+    fn merge(&mut self, other: Samples) {
+        self.0.extend(other.0);
+    }
+    fn pct(&mut self, p: f64) -> u64 {
+        if self.0.is_empty() {
+            return 0;
+        }
+        self.0.sort_unstable();
+        let i = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[i.min(self.0.len() - 1)]
+    }
+}
+
+fn record(
+    workload: &str,
+    senders: usize,
+    conversations: usize,
+    count: usize,
+    elapsed: Duration,
+    mut s: Samples,
+) -> Record {
+    Record {
+        system: "convoy".into(),
+        workload: workload.into(),
+        senders,
+        conversations,
+        msgs_per_s: count as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50_us: s.pct(0.50),
+        p99_us: s.pct(0.99),
+        p999_us: s.pct(0.999),
+        extra: BTreeMap::new(),
+    }
+}
+
+fn text(tag: &str) -> String {
+    let mut t = String::with_capacity(MESSAGE_BYTES);
+    t.push_str(tag);
+    while t.len() < MESSAGE_BYTES {
+        t.push('.');
+    }
+    t.truncate(MESSAGE_BYTES);
+    t
+}
+
+/// A fresh three-node cluster of `convoy node` processes on loopback, in a temp directory.
+struct BenchCluster {
+    dir: PathBuf,
+    config: Config,
+    children: Vec<Child>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl BenchCluster {
+    fn start(dir: &Path) -> Result<BenchCluster> {
+        std::fs::create_dir_all(dir)?;
+        let mut toml = String::from("shards = 16\nreplication_factor = 3\ntls_dir = \"tls\"\n");
+        for id in 1..=3 {
+            toml.push_str(&format!(
+                "[[nodes]]\nid = {id}\nclient_addr = \"127.0.0.1:{}\"\npeer_addr = \"127.0.0.1:{}\"\ndata_dir = \"node{id}\"\n",
+                free_port()?,
+                free_port()?
+            ));
+        }
+        let path = dir.join("cluster.toml");
+        std::fs::write(&path, toml)?;
+        let config = Config::load(&path)?;
+        crate::net::tls::ensure_material(&config)?;
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        for id in 1..=3 {
+            let log = std::fs::File::create(dir.join(format!("node{id}.log")))?;
+            children.push(
+                Command::new(&exe)
+                    .args(["node", "--config"])
+                    .arg(&path)
+                    .args(["--id", &id.to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()?,
+            );
+        }
+        Ok(BenchCluster { dir: dir.to_path_buf(), config, children })
+    }
+
+    /// Waits until every shard has the same leader on every node, and leaders are balanced.
+    async fn wait_balanced(&self, within: Duration) -> Result<Vec<u64>> {
+        let client = Client::connect(&self.config)?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(leaders) = leaders(&client, self.config.shards).await {
+                let balanced = (1..=3u64).all(|n| leaders.iter().filter(|l| **l == n).count() >= 5);
+                if balanced || Instant::now() > deadline {
+                    return Ok(leaders);
+                }
+            } else if Instant::now() > deadline {
+                return Err(Error::Unavailable("bench cluster never became ready".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+impl Drop for BenchCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn leaders(client: &Client, shards: u32) -> Result<Vec<u64>> {
+    let mut views = Vec::new();
+    for id in client.node_ids() {
+        views.push(client.status(id).await?);
+    }
+    let mut out = Vec::new();
+    for shard in 0..shards {
+        let ls: Vec<Option<u64>> =
+            views.iter().map(|v| v.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader)).collect();
+        match ls.first() {
+            Some(Some(l)) if ls.iter().all(|x| *x == Some(*l)) => out.push(*l),
+            _ => return Err(Error::Unavailable(format!("shard {shard} has no agreed leader"))),
+        }
+    }
+    Ok(out)
+}
+
+/// fsync floor of the disk under `dir`: 4 KiB appends, each followed by fdatasync.
+fn disk_fsync(dir: &Path, opts: BenchOptions) -> Result<Record> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+    let block = vec![7u8; 4096];
+    let mut s = Samples::default();
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < opts.phase().min(Duration::from_secs(5)) && n < 20_000 {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        s.push(t.elapsed());
+        n += 1;
+    }
+    let elapsed = started.elapsed();
+    let _ = std::fs::remove_file(&path);
+    Ok(record("disk_fsync", 1, 0, n, elapsed, s))
+}
+
+/// Durable appends into one RocksDB with the node's group commit, no replication.
+async fn raw_append(dir: &Path, writers: usize, opts: BenchOptions) -> Result<Record> {
+    let (store, _) = Store::open(&dir.join("raw-append"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let mut tasks = Vec::new();
+    let payload = text("raw").into_bytes();
+    let started = Instant::now();
+    for w in 0..writers {
+        let (store, stop, count, samples, payload) =
+            (store.clone(), stop.clone(), count.clone(), samples.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut local = Samples::default();
+            let mut index = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                index += 1;
+                let t = Instant::now();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let s = store.clone();
+                let p = payload.clone();
+                let wrote = tokio::task::spawn_blocking(move || {
+                    let mut b = rocksdb::WriteBatch::default();
+                    b.put_cf(s.cf(CF_LOG), log_key(w as u32, index), p);
+                    s.write(b)?;
+                    s.syncer.after_sync(Box::new(move |r| {
+                        let _ = tx.send(r);
+                    }));
+                    Ok::<_, Error>(())
+                })
+                .await;
+                if !matches!(wrote, Ok(Ok(()))) || !matches!(rx.await, Ok(Ok(()))) {
+                    break;
+                }
+                local.push(t.elapsed());
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            samples.lock().expect("samples lock").merge(local);
+        }));
+    }
+    tokio::time::sleep(opts.phase()).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = started.elapsed();
+    let s = samples.lock().expect("samples lock").clone();
+    let mut r = record("raw_append", writers, 0, count.load(Ordering::Relaxed) as usize, elapsed, s);
+    let rounds = store.syncer.stats.rounds.load(Ordering::Relaxed).max(1);
+    r.extra.insert("appends_per_fsync".into(), json!(count.load(Ordering::Relaxed) as f64 / rounds as f64));
+    Ok(r)
+}
+
+/// `senders` concurrent sequential senders over `conversations` conversations.
+async fn send_load(
+    config: &Config,
+    workload: &str,
+    senders: usize,
+    conversations: usize,
+    phase: Duration,
+) -> Result<Record> {
+    let clients: Vec<Client> =
+        (0..senders.div_ceil(SENDERS_PER_CLIENT)).map(|_| Client::connect(config)).collect::<Result<_>>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let body = text("load");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..senders {
+        let client = clients[i / SENDERS_PER_CLIENT].clone();
+        let (stop, count, errors, samples, body) =
+            (stop.clone(), count.clone(), errors.clone(), samples.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let conv = format!("bench-{}", i % conversations);
+            let mut local = Samples::default();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match client.send(&conv, "bench", &body).await {
+                    Ok(_) => {
+                        local.push(t.elapsed());
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            samples.lock().expect("samples lock").merge(local);
+        }));
+    }
+    tokio::time::sleep(phase).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = started.elapsed();
+    let s = samples.lock().expect("samples lock").clone();
+    let mut r = record(workload, senders, conversations, count.load(Ordering::Relaxed) as usize, elapsed, s);
+    r.extra.insert("errors".into(), json!(errors.load(Ordering::Relaxed)));
+    Ok(r)
+}
+
+/// Send → receipt latency at a fixed rate, subscriber on a follower of the shard.
+async fn push_latency(config: &Config, leaders: &[u64], rate: u64, phase: Duration) -> Result<Record> {
+    let conv = format!("push-{rate}");
+    let shard = crate::chat::shard_of(&conv, config.shards);
+    let leader = leaders.get(shard as usize).copied().unwrap_or(1);
+    let follower = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
+    let client = Client::connect(config)?;
+    let epoch = Instant::now();
+    let mut sub = client.subscribe(&conv, 1, Some(follower));
+    // Wait until attached and caught up (empty conversation).
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.ok().flatten() {
+        if matches!(ev, Event::CaughtUp { .. }) {
+            break;
+        }
+    }
+    let sender = Client::connect(config)?;
+    let total = (rate as f64 * phase.as_secs_f64()) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let send_task = {
+        let conv = conv.clone();
+        tokio::spawn(async move {
+            let mut next = tokio::time::Instant::now();
+            let mut in_flight = tokio::task::JoinSet::new();
+            for i in 0..total {
+                next += interval;
+                tokio::time::sleep_until(next).await;
+                let (sender, conv) = (sender.clone(), conv.clone());
+                let sent_us = epoch.elapsed().as_micros() as u64;
+                in_flight.spawn(async move {
+                    let _ = sender.send(&conv, "bench", &text(&format!("{sent_us}:{i}:"))).await;
+                });
+                while in_flight.len() > 512 {
+                    in_flight.join_next().await;
+                }
+            }
+            while in_flight.join_next().await.is_some() {}
+        })
+    };
+    let mut s = Samples::default();
+    let mut received = 0u64;
+    let deadline = Instant::now() + phase + Duration::from_secs(15);
+    while received < total && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+            Ok(Some(Event::Message(m))) => {
+                received += 1;
+                if let Some(sent) = m.text.split(':').next().and_then(|x| x.parse::<u64>().ok()) {
+                    let now = epoch.elapsed().as_micros() as u64;
+                    s.push(Duration::from_micros(now.saturating_sub(sent)));
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    let _ = send_task.await;
+    let mut r = record("push_latency", 1, 1, received as usize, phase, s);
+    r.msgs_per_s = rate as f64;
+    r.extra.insert("target_rate".into(), json!(rate));
+    r.extra.insert("received".into(), json!(received));
+    r.extra.insert("sent".into(), json!(total));
+    r.extra.insert("subscriber_on".into(), json!(format!("follower (node {follower})")));
+    Ok(r)
+}
+
+/// Preloads a conversation, then reads it from offset 1 on a follower.
+async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<Record> {
+    let conv = "catch-up";
+    let clients: Vec<Client> = (0..8).map(|_| Client::connect(config)).collect::<Result<_>>()?;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..256 {
+        let (client, next) = (clients[i % clients.len()].clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = text("catch-up");
+            while (next.fetch_add(1, Ordering::Relaxed) as usize) < messages {
+                let _ = client.send(conv, "bench", &body).await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let shard = crate::chat::shard_of(conv, config.shards);
+    let leader = leaders.get(shard as usize).copied().unwrap_or(1);
+    let follower = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
+    let reader = Client::connect(config)?;
+    // Wait until the follower has applied everything.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok((_, head)) = reader.get_cursor(follower, "bench", conv).await {
+            if head as usize >= messages {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    let got = reader.read(conv, 1, Some(follower)).await?;
+    let elapsed = started.elapsed();
+    let mut r = record("catch_up", 1, 1, got.len(), elapsed, Samples::default());
+    r.extra.insert("messages".into(), json!(got.len()));
+    r.extra.insert("read_from".into(), json!(format!("follower (node {follower})")));
+    Ok(r)
+}
+
+/// Runs every workload on a fresh cluster under `dir`.
+pub async fn run(dir: &Path, opts: BenchOptions, mut progress: impl FnMut(&Record)) -> Result<Vec<Record>> {
+    let mut out = Vec::new();
+    let mut push = |r: Record, out: &mut Vec<Record>| {
+        progress(&r);
+        out.push(r);
+    };
+    std::fs::create_dir_all(dir)?;
+    push(disk_fsync(dir, opts)?, &mut out);
+    push(raw_append(dir, 256, opts).await?, &mut out);
+    let cluster = BenchCluster::start(&dir.join("cluster"))?;
+    let leaders = cluster.wait_balanced(Duration::from_secs(60)).await?;
+    let config = cluster.config.clone();
+    push(send_load(&config, "send_latency", 1, 1, opts.phase()).await?, &mut out);
+    for conversations in [1, 64] {
+        for senders in [1, 16, 64, 256] {
+            push(send_load(&config, "send_throughput", senders, conversations, opts.phase()).await?, &mut out);
+        }
+    }
+    for rate in [500, 5_000] {
+        push(push_latency(&config, &leaders, rate, opts.phase()).await?, &mut out);
+    }
+    push(catch_up(&config, &leaders, opts.catch_up_messages()).await?, &mut out);
+    drop(cluster);
+    Ok(out)
+}
+
+/// The table `convoy bench` prints.
+pub fn table(records: &[Record]) -> String {
+    let mut s = format!(
+        "{:<8} {:<16} {:>7} {:>5} {:>12} {:>10} {:>10} {:>10}\n",
+        "system", "workload", "senders", "convs", "msgs/s", "p50 µs", "p99 µs", "p99.9 µs"
+    );
+    for r in records {
+        s.push_str(&format!(
+            "{:<8} {:<16} {:>7} {:>5} {:>12.0} {:>10} {:>10} {:>10}\n",
+            r.system, r.workload, r.senders, r.conversations, r.msgs_per_s, r.p50_us, r.p99_us, r.p999_us
+        ));
+    }
+    s
+}
