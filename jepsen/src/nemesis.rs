@@ -8,6 +8,9 @@
 //! | `clock`     | libfaketime offset of ±5–60 s on one node (`FAKETIME_DONT_FAKE_MONOTONIC=1`) |
 //! | `power`     | a power failure of a majority or all nodes: `kill -9`, then every write not yet fsynced is dropped by the lossy filesystem, then restart |
 //! | `corrupt`   | one stopped node's newest WAL or table file gets its tail truncated or a bit flipped |
+//!
+//! [`Nemesis::run`] rotates random subsets of the enabled families — one fault, or two at
+//! once about a third of the time — with quiet periods between.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -258,10 +261,18 @@ impl Nemesis {
             if tokio::time::Instant::now() + Duration::from_secs(4) >= until {
                 return Ok(());
             }
-            let active = self.inject(db).await?;
+            // A random subset of the enabled families at once: usually one fault, sometimes
+            // two together (e.g. a partition while a node is paused).
+            let together = if self.faults.len() > 1 && self.rng.gen_bool(0.35) { 2 } else { 1 };
+            let mut active = Vec::new();
+            for _ in 0..together {
+                active.push(self.inject(db).await?);
+            }
             let hold = Duration::from_millis(self.rng.gen_range(3_000..8_000));
             tokio::time::sleep_until((tokio::time::Instant::now() + hold).min(until)).await;
-            self.heal(db, active).await?;
+            for a in active.into_iter().rev() {
+                self.heal(db, a).await?;
+            }
         }
     }
 }
