@@ -7,7 +7,8 @@
 //! (one RocksDB with the same group commit, no replication: the ceiling), `send_latency`
 //! (one sequential sender), `send_throughput` (1/16/64/256 concurrent senders over 1 and 64
 //! conversations), `push_latency` (send → receipt by a subscriber on a follower, at a fixed
-//! rate) and `catch_up` (reading a long conversation from offset 1).
+//! rate), `catch_up` (reading a long conversation from offset 1) and `fan_out` (one
+//! conversation, 1,000 subscribers over the replicas: deliveries/s, latency, stalls).
 //!
 //! Every loop is bounded by a duration or a count and stops by itself.
 
@@ -401,6 +402,88 @@ async fn push_latency(config: &Config, leaders: &[u64], rate: u64, phase: Durati
     Ok(r)
 }
 
+/// One conversation, `subscribers` subscribers spread over the replicas and over many client
+/// connections (each subscription is one stream; a connection carries at most 64): sends at
+/// `rate` per second; reports deliveries per second, delivery latency, and how many
+/// subscribers missed messages by the end (stalled).
+async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration) -> Result<Record> {
+    const SUBSCRIPTIONS_PER_CLIENT: usize = 50;
+    let conv = format!("fan-out-{subscribers}");
+    let epoch = Instant::now();
+    let clients: Vec<Client> =
+        (0..subscribers.div_ceil(SUBSCRIPTIONS_PER_CLIENT)).map(|_| Client::connect(config)).collect::<Result<_>>()?;
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let total = (rate as f64 * phase.as_secs_f64()) as u64;
+    let mut tasks = Vec::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(subscribers.max(1));
+    for i in 0..subscribers {
+        let client = clients[i / SUBSCRIPTIONS_PER_CLIENT].clone();
+        let (conv, samples, delivered, ready_tx) = (conv.clone(), samples.clone(), delivered.clone(), ready_tx.clone());
+        let node = (i % 3) as u64 + 1;
+        tasks.push(tokio::spawn(async move {
+            let mut sub = client.subscribe(&conv, 1, Some(node));
+            let mut local = Samples::default();
+            let mut got = 0u64;
+            let deadline = Instant::now() + phase + Duration::from_secs(30);
+            while got < total && Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+                    Ok(Some(Event::CaughtUp { .. })) => {
+                        let _ = ready_tx.try_send(());
+                    }
+                    Ok(Some(Event::Message(m))) => {
+                        got += 1;
+                        if let Some(sent) = m.text.split(':').next().and_then(|x| x.parse::<u64>().ok()) {
+                            let now = epoch.elapsed().as_micros() as u64;
+                            local.push(Duration::from_micros(now.saturating_sub(sent)));
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+            delivered.fetch_add(got, Ordering::Relaxed);
+            samples.lock().expect("samples lock").merge(local);
+            got
+        }));
+    }
+    drop(ready_tx);
+    // Wait until every subscriber is attached and caught up (bounded).
+    let attach_deadline = Instant::now() + Duration::from_secs(60);
+    let mut ready = 0;
+    while ready < subscribers && Instant::now() < attach_deadline {
+        match tokio::time::timeout(Duration::from_secs(5), ready_rx.recv()).await {
+            Ok(Some(())) => ready += 1,
+            _ => break,
+        }
+    }
+    let sender = Client::connect(config)?;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut next = tokio::time::Instant::now();
+    for i in 0..total {
+        next += interval;
+        tokio::time::sleep_until(next).await;
+        let sent_us = epoch.elapsed().as_micros() as u64;
+        let _ = sender.send(&conv, "bench", &text(&format!("{sent_us}:{i}:"))).await;
+    }
+    let mut stalled = 0u64;
+    for t in tasks {
+        if t.await.unwrap_or(0) < total {
+            stalled += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    let s = samples.lock().expect("samples lock").clone();
+    let deliveries = delivered.load(Ordering::Relaxed);
+    let mut r = record("fan_out", 1, 1, deliveries as usize, elapsed, s);
+    r.extra.insert("subscribers".into(), json!(subscribers));
+    r.extra.insert("attached_before_sending".into(), json!(ready));
+    r.extra.insert("send_rate".into(), json!(rate));
+    r.extra.insert("stalled_subscribers".into(), json!(stalled));
+    Ok(r)
+}
+
 /// Preloads a conversation, then reads it from offset 1 on a follower.
 async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<Record> {
     let conv = "catch-up";
@@ -465,6 +548,7 @@ pub async fn run(dir: &Path, opts: BenchOptions, mut progress: impl FnMut(&Recor
         push(push_latency(&config, &leaders, rate, opts.phase()).await?, &mut out);
     }
     push(catch_up(&config, &leaders, opts.catch_up_messages()).await?, &mut out);
+    push(fan_out(&config, 1_000, 20, opts.phase()).await?, &mut out);
     drop(cluster);
     Ok(out)
 }
