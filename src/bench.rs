@@ -174,7 +174,7 @@ impl BenchCluster {
         let client = Client::connect(&self.config)?;
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(leaders) = leaders(&client, self.config.shards).await {
+            if let Ok(leaders) = client.agreed_leaders(&client.node_ids()).await {
                 let balanced = (1..=3u64).all(|n| leaders.iter().filter(|l| **l == n).count() >= 5);
                 if balanced || Instant::now() > deadline {
                     return Ok(leaders);
@@ -195,23 +195,6 @@ impl Drop for BenchCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-async fn leaders(client: &Client, shards: u32) -> Result<Vec<u64>> {
-    let mut views = Vec::new();
-    for id in client.node_ids() {
-        views.push(client.status(id).await?);
-    }
-    let mut out = Vec::new();
-    for shard in 0..shards {
-        let ls: Vec<Option<u64>> =
-            views.iter().map(|v| v.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader)).collect();
-        match ls.first() {
-            Some(Some(l)) if ls.iter().all(|x| *x == Some(*l)) => out.push(*l),
-            _ => return Err(Error::Unavailable(format!("shard {shard} has no agreed leader"))),
-        }
-    }
-    Ok(out)
 }
 
 /// fsync floor of the disk under `dir`: 4 KiB appends, each followed by fdatasync.

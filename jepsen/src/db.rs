@@ -200,7 +200,7 @@ impl Db {
         let client = self.client()?;
         let deadline = Instant::now() + within;
         loop {
-            match leaders(&client, self.config.shards).await {
+            match client.agreed_leaders(&client.node_ids()).await {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => bail!("cluster not ready within {within:?}: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -221,24 +221,6 @@ impl Db {
 
 fn faketime_file(store: &Path, id: u64) -> PathBuf {
     store.join(format!("n{id}/faketime"))
-}
-
-/// Leaders of every shard if every node answers and all agree.
-pub async fn leaders(client: &Client, shards: u32) -> Result<Vec<u64>> {
-    let mut views = Vec::new();
-    for id in client.node_ids() {
-        views.push(client.status(id).await?);
-    }
-    let mut out = Vec::new();
-    for shard in 0..shards {
-        let ls: Vec<Option<u64>> =
-            views.iter().map(|v| v.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader)).collect();
-        match ls.first() {
-            Some(Some(l)) if ls.iter().all(|x| *x == Some(*l)) => out.push(*l),
-            _ => bail!("shard {shard}: leaders {ls:?}"),
-        }
-    }
-    Ok(out)
 }
 
 /// The leader of `shard` as any one node reports it.

@@ -11,7 +11,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use convoy::client::{Client, Event};
 use convoy::config::Config;
-use convoy::net::wire::NodeStatus;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -327,8 +326,8 @@ async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
     let client = Client::connect(&config)?;
     let deadline = Instant::now() + timeout;
     loop {
-        match leaders_ready(&client, &config).await {
-            Ok(()) => break,
+        match client.agreed_leaders(&config.node_ids()).await {
+            Ok(_) => break,
             Err(e) if Instant::now() > deadline => {
                 bail!("cluster not ready after {timeout:?}: {e}")
             }
@@ -347,23 +346,6 @@ async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
         println!("  target/release/convoy tail --config {cfg} --conversation general --follow");
         println!("  target/release/convoy send --config {cfg} --conversation general --user alice \"hello\"");
         println!("or chat: target/release/convoy chat --config {cfg} --conversation general --user alice");
-    }
-    Ok(())
-}
-
-/// Ok when every node answers and agrees on a leader for every shard.
-async fn leaders_ready(client: &Client, config: &Config) -> Result<()> {
-    let mut views: Vec<NodeStatus> = Vec::new();
-    for id in config.node_ids() {
-        views.push(client.status(id).await?);
-    }
-    for shard in 0..config.shards {
-        let leaders: Vec<Option<u64>> =
-            views.iter().map(|v| v.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader)).collect();
-        match leaders.first() {
-            Some(Some(l)) if leaders.iter().all(|x| *x == Some(*l)) => {}
-            _ => bail!("shard {shard}: leaders {leaders:?}"),
-        }
     }
     Ok(())
 }

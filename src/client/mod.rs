@@ -312,6 +312,24 @@ impl Client {
         }
     }
 
+    /// The leader of every shard, if each of `nodes` answers and all of them agree on it.
+    pub async fn agreed_leaders(&self, nodes: &[u64]) -> Result<Vec<u64>> {
+        let mut views = Vec::with_capacity(nodes.len());
+        for id in nodes {
+            views.push(self.status(*id).await?);
+        }
+        let mut out = Vec::with_capacity(self.inner.shards as usize);
+        for shard in 0..self.inner.shards {
+            let ls: Vec<Option<u64>> =
+                views.iter().map(|v| v.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader)).collect();
+            match ls.first() {
+                Some(Some(l)) if ls.iter().all(|x| *x == Some(*l)) => out.push(*l),
+                _ => return Err(Error::Unavailable(format!("shard {shard}: leaders {ls:?}"))),
+            }
+        }
+        Ok(out)
+    }
+
     /// Moves a user's cursor forward (on the shard's leader); returns (cursor, head).
     pub async fn set_cursor(&self, user: &str, conversation: &str, offset: u64) -> Result<(u64, u64)> {
         let shard = shard_of(conversation, self.inner.shards);

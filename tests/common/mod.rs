@@ -132,7 +132,7 @@ impl TestCluster {
         let client = self.client();
         let deadline = Instant::now() + within;
         loop {
-            match leaders(&client, nodes, self.config.shards).await {
+            match client.agreed_leaders(nodes).await {
                 Ok(_) => return,
                 Err(e) if Instant::now() > deadline => {
                     panic!("cluster not ready within {within:?}: {e}\n{}", self.logs_tail())
@@ -147,7 +147,7 @@ impl TestCluster {
         let client = self.client();
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(ls) = leaders(&client, nodes, self.config.shards).await {
+            if let Ok(ls) = client.agreed_leaders(nodes).await {
                 return ls[shard as usize];
             }
             assert!(Instant::now() < deadline, "no agreed leader for shard {shard}\n{}", self.logs_tail());
@@ -185,24 +185,6 @@ impl Drop for TestCluster {
             }
         }
     }
-}
-
-/// Leaders per shard if every node answers and all agree.
-async fn leaders(client: &Client, nodes: &[u64], shards: u32) -> Result<Vec<u64>, String> {
-    let mut views = Vec::new();
-    for id in nodes {
-        views.push(client.status(*id).await.map_err(|e| e.to_string())?);
-    }
-    let mut out = Vec::new();
-    for shard in 0..shards {
-        let ls: Vec<Option<u64>> =
-            views.iter().map(|v| v.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader)).collect();
-        match ls.first() {
-            Some(Some(l)) if ls.iter().all(|x| *x == Some(*l)) => out.push(*l),
-            _ => return Err(format!("shard {shard}: {ls:?}")),
-        }
-    }
-    Ok(out)
 }
 
 /// Polls `f` until it returns `Some`, or panics after `within`.
