@@ -57,14 +57,14 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    fn phase(&self) -> Duration {
+    pub fn phase(&self) -> Duration {
         if self.quick {
             Duration::from_secs(3)
         } else {
             Duration::from_secs(10)
         }
     }
-    fn catch_up_messages(&self) -> usize {
+    pub fn catch_up_messages(&self) -> usize {
         if self.quick {
             20_000
         } else {
@@ -75,16 +75,16 @@ impl BenchOptions {
 
 /// Latency samples in microseconds.
 #[derive(Default, Clone)]
-struct Samples(Vec<u64>);
+pub struct Samples(Vec<u64>);
 
 impl Samples {
-    fn push(&mut self, d: Duration) {
+    pub fn push(&mut self, d: Duration) {
         self.0.push(d.as_micros() as u64);
     }
-    fn merge(&mut self, other: Samples) {
+    pub fn merge(&mut self, other: Samples) {
         self.0.extend(other.0);
     }
-    fn pct(&mut self, p: f64) -> u64 {
+    pub fn pct(&mut self, p: f64) -> u64 {
         if self.0.is_empty() {
             return 0;
         }
@@ -94,7 +94,8 @@ impl Samples {
     }
 }
 
-fn record(
+/// A record for `system = "convoy"`; other systems overwrite `system`.
+pub fn record(
     workload: &str,
     senders: usize,
     conversations: usize,
@@ -115,7 +116,8 @@ fn record(
     }
 }
 
-fn text(tag: &str) -> String {
+/// A message body of exactly `MESSAGE_BYTES` bytes starting with `tag`.
+pub fn text(tag: &str) -> String {
     let mut t = String::with_capacity(MESSAGE_BYTES);
     t.push_str(tag);
     while t.len() < MESSAGE_BYTES {
@@ -539,12 +541,12 @@ pub async fn run(dir: &Path, opts: BenchOptions, mut progress: impl FnMut(&Recor
 /// The table `convoy bench` prints.
 pub fn table(records: &[Record]) -> String {
     let mut s = format!(
-        "{:<8} {:<16} {:>7} {:>5} {:>12} {:>10} {:>10} {:>10}\n",
+        "{:<10} {:<16} {:>7} {:>5} {:>12} {:>10} {:>10} {:>10}\n",
         "system", "workload", "senders", "convs", "msgs/s", "p50 µs", "p99 µs", "p99.9 µs"
     );
     for r in records {
         s.push_str(&format!(
-            "{:<8} {:<16} {:>7} {:>5} {:>12.0} {:>10} {:>10} {:>10}\n",
+            "{:<10} {:<16} {:>7} {:>5} {:>12.0} {:>10} {:>10} {:>10}\n",
             r.system, r.workload, r.senders, r.conversations, r.msgs_per_s, r.p50_us, r.p99_us, r.p999_us
         ));
     }
