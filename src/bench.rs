@@ -7,8 +7,9 @@
 //! (one RocksDB with the same group commit, no replication: the ceiling), `send_latency`
 //! (one sequential sender), `send_throughput` (1/16/64/256 concurrent senders over 1 and 64
 //! conversations), `push_latency` (send → receipt by a subscriber on a follower, at a fixed
-//! rate), `catch_up` (reading a long conversation from offset 1) and `fan_out` (one
-//! conversation, 1,000 subscribers over the replicas: deliveries/s, latency, stalls).
+//! rate), `catch_up` (reading a long conversation from offset 1), `fan_out` (one
+//! conversation, 1,000 subscribers over the replicas: deliveries/s, latency, stalls) and
+//! `connections` (10,000 idle clients attached: node memory per connection, push latency).
 //!
 //! Every loop is bounded by a duration or a count and stops by itself.
 
@@ -510,30 +511,148 @@ async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<R
     Ok(r)
 }
 
-/// Runs every workload on a fresh cluster under `dir`.
-pub async fn run(dir: &Path, opts: BenchOptions, mut progress: impl FnMut(&Record)) -> Result<Vec<Record>> {
+/// Resident memory of a process in KiB (Linux `/proc/<pid>/status`), 0 if unreadable.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// `count` clients, each on its own QUIC connection (sharing a few client UDP sockets), each
+/// attached to its own idle conversation on one of the replicas: the nodes' memory growth
+/// per attached connection, then push latency at 500 msgs/s while they stay attached.
+async fn connections(cluster: &BenchCluster, leaders: &[u64], opts: BenchOptions) -> Result<Record> {
+    const CONNECTIONS_PER_SOCKET: usize = 500;
+    const ATTACHING_AT_ONCE: usize = 256;
+    let count: usize = if opts.quick { 2_000 } else { 10_000 };
+    let config = &cluster.config;
+    let pids: Vec<u32> = cluster.children.iter().map(|c| c.id()).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let endpoints: Vec<quinn::Endpoint> =
+        (0..count.div_ceil(CONNECTIONS_PER_SOCKET)).map(|_| Client::endpoint()).collect::<Result<_>>()?;
+    let started = Instant::now();
+    let mut attaching = tokio::task::JoinSet::new();
+    let mut attached = Vec::with_capacity(count);
+    let mut failed = 0u64;
+    for i in 0..count {
+        let client = Client::connect_on(config, endpoints[i % endpoints.len()].clone())?;
+        attaching.spawn(async move {
+            let mut sub = client.subscribe(&format!("inbox-{i}"), 1, Some((i % 3) as u64 + 1));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while let Ok(Some(ev)) = tokio::time::timeout_at(deadline.into(), sub.next()).await {
+                if matches!(ev, Event::CaughtUp { .. }) {
+                    return Some((client, sub));
+                }
+            }
+            None
+        });
+        while attaching.len() >= ATTACHING_AT_ONCE {
+            match attaching.join_next().await {
+                Some(Ok(Some(pair))) => attached.push(pair),
+                _ => failed += 1,
+            }
+        }
+    }
+    while let Some(r) = attaching.join_next().await {
+        match r {
+            Ok(Some(pair)) => attached.push(pair),
+            _ => failed += 1,
+        }
+    }
+    let connect_s = started.elapsed().as_secs_f64();
+    // Let the handshakes' transient buffers go and a few keep-alive rounds pass.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let grown_bytes: u64 = after.iter().zip(&before).map(|(a, b)| a.saturating_sub(*b) * 1024).sum();
+    let per_connection = grown_bytes / (attached.len().max(1) as u64);
+    let push = push_latency(config, leaders, 500, opts.phase()).await?;
+    let still_attached = attached.iter().filter(|(_, sub)| !sub.rx.is_closed()).count();
+    let mut r = push.clone();
+    r.workload = "connections".into();
+    r.extra.insert("connections".into(), json!(attached.len()));
+    r.extra.insert("failed_to_attach".into(), json!(failed));
+    r.extra.insert("attached_after_push".into(), json!(still_attached));
+    r.extra.insert("attach_s".into(), json!(connect_s));
+    r.extra.insert("rss_kib_before".into(), json!(before));
+    r.extra.insert("rss_kib_after".into(), json!(after));
+    r.extra.insert("bytes_per_connection".into(), json!(per_connection));
+    drop(attached);
+    for e in &endpoints {
+        e.close(0u32.into(), b"bench done");
+    }
+    Ok(r)
+}
+
+/// Names of the workloads, in the order they run.
+pub const WORKLOADS: &[&str] = &[
+    "disk_fsync",
+    "raw_append",
+    "connections",
+    "send_latency",
+    "send_throughput",
+    "push_latency",
+    "catch_up",
+    "fan_out",
+];
+
+/// Runs every workload (or those named in `only`) on a fresh cluster under `dir`.
+pub async fn run(
+    dir: &Path,
+    opts: BenchOptions,
+    only: &[String],
+    mut progress: impl FnMut(&Record),
+) -> Result<Vec<Record>> {
+    if let Some(unknown) = only.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
+        return Err(Error::InvalidInput(format!("unknown workload {unknown:?}; known: {}", WORKLOADS.join(", "))));
+    }
+    let want = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
     let mut out = Vec::new();
     let mut push = |r: Record, out: &mut Vec<Record>| {
         progress(&r);
         out.push(r);
     };
     std::fs::create_dir_all(dir)?;
-    push(disk_fsync(dir, opts)?, &mut out);
-    push(raw_append(dir, 256, opts).await?, &mut out);
+    if want("disk_fsync") {
+        push(disk_fsync(dir, opts)?, &mut out);
+    }
+    if want("raw_append") {
+        push(raw_append(dir, 256, opts).await?, &mut out);
+    }
     let cluster = BenchCluster::start(&dir.join("cluster"))?;
     let leaders = cluster.wait_balanced(Duration::from_secs(60)).await?;
     let config = cluster.config.clone();
-    push(send_load(&config, "send_latency", 1, 1, opts.phase()).await?, &mut out);
-    for conversations in [1, 64] {
-        for senders in [1, 16, 64, 256] {
-            push(send_load(&config, "send_throughput", senders, conversations, opts.phase()).await?, &mut out);
+    // First on the fresh cluster, so the memory it measures is not masked by memory that
+    // earlier workloads left cached in the nodes' allocators.
+    if want("connections") {
+        push(connections(&cluster, &leaders, opts).await?, &mut out);
+    }
+    if want("send_latency") {
+        push(send_load(&config, "send_latency", 1, 1, opts.phase()).await?, &mut out);
+    }
+    if want("send_throughput") {
+        for conversations in [1, 64] {
+            for senders in [1, 16, 64, 256] {
+                push(send_load(&config, "send_throughput", senders, conversations, opts.phase()).await?, &mut out);
+            }
         }
     }
-    for rate in [500, 5_000] {
-        push(push_latency(&config, &leaders, rate, opts.phase()).await?, &mut out);
+    if want("push_latency") {
+        for rate in [500, 5_000] {
+            push(push_latency(&config, &leaders, rate, opts.phase()).await?, &mut out);
+        }
     }
-    push(catch_up(&config, &leaders, opts.catch_up_messages()).await?, &mut out);
-    push(fan_out(&config, 1_000, 20, opts.phase()).await?, &mut out);
+    if want("catch_up") {
+        push(catch_up(&config, &leaders, opts.catch_up_messages()).await?, &mut out);
+    }
+    if want("fan_out") {
+        push(fan_out(&config, 1_000, 20, opts.phase()).await?, &mut out);
+    }
     drop(cluster);
     Ok(out)
 }

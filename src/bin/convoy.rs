@@ -101,6 +101,9 @@ enum Cmd {
         /// Working directory for the bench's cluster and probes (its disk is what is measured).
         #[arg(long, default_value = "data/bench")]
         dir: PathBuf,
+        /// Run only these workloads (comma-separated names, e.g. `send_throughput,connections`).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -211,10 +214,10 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Chat { config, conversation, user } => chat(&load(&config)?, &conversation, &user).await,
-        Cmd::Bench { quick, out, dir } => {
+        Cmd::Bench { quick, out, dir, only } => {
             let dir = std::path::absolute(&dir)?;
             eprintln!("convoy bench: fresh cluster under {}{}", dir.display(), if quick { " (quick)" } else { "" });
-            let records = convoy::bench::run(&dir, convoy::bench::BenchOptions { quick }, |r| {
+            let records = convoy::bench::run(&dir, convoy::bench::BenchOptions { quick }, &only, |r| {
                 eprintln!(
                     "  {} senders={} convs={}: {:.0} msgs/s p50 {} µs p99 {} µs",
                     r.workload, r.senders, r.conversations, r.msgs_per_s, r.p50_us, r.p99_us

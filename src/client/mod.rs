@@ -84,6 +84,23 @@ impl Client {
     /// Connects with a chosen idempotency identity: sends use `client_id` and sequence
     /// numbers from `first_seq` upward.
     pub fn connect_as(config: &Config, client_id: u64, first_seq: u64) -> Result<Client> {
+        Client::build(config, client_id, first_seq, Client::endpoint()?)
+    }
+
+    /// A client-side QUIC endpoint (one UDP socket) that several [`Client`]s may share via
+    /// [`Client::connect_on`]: a load generator simulating thousands of clients needs
+    /// thousands of connections, not thousands of sockets.
+    pub fn endpoint() -> Result<quinn::Endpoint> {
+        let bind: SocketAddr = "0.0.0.0:0".parse().expect("a literal socket address");
+        quinn::Endpoint::client(bind).map_err(transport_err)
+    }
+
+    /// Like [`Client::connect`], with its own connections on a shared endpoint.
+    pub fn connect_on(config: &Config, endpoint: quinn::Endpoint) -> Result<Client> {
+        Client::build(config, rand::random::<u64>() | 1, 1, endpoint)
+    }
+
+    fn build(config: &Config, client_id: u64, first_seq: u64, endpoint: quinn::Endpoint) -> Result<Client> {
         let paths = TlsPaths { dir: config.tls_dir.clone() };
         if !paths.client_cert().exists() {
             return Err(Error::Config(format!(
@@ -92,8 +109,6 @@ impl Client {
             )));
         }
         let tls = tls::client_config(&paths, None)?;
-        let bind: SocketAddr = "0.0.0.0:0".parse().expect("a literal socket address");
-        let endpoint = quinn::Endpoint::client(bind).map_err(transport_err)?;
         let nodes: BTreeMap<u64, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.client_addr)).collect();
         let conns = nodes.keys().map(|id| (*id, tokio::sync::Mutex::new(None))).collect();
         let inner = Inner {
