@@ -143,6 +143,9 @@ impl BenchCluster {
     fn start(dir: &Path) -> Result<BenchCluster> {
         std::fs::create_dir_all(dir)?;
         let mut toml = String::from("shards = 16\nreplication_factor = 3\ntls_dir = \"tls\"\n");
+        if let Ok(n) = std::env::var("CONVOY_BENCH_WORKER_THREADS") {
+            toml.push_str(&format!("worker_threads = {}\n", n.parse::<usize>().unwrap_or(0)));
+        }
         for id in 1..=3 {
             toml.push_str(&format!(
                 "[[nodes]]\nid = {id}\nclient_addr = \"127.0.0.1:{}\"\npeer_addr = \"127.0.0.1:{}\"\ndata_dir = \"node{id}\"\n",
@@ -636,7 +639,15 @@ pub async fn run(
         push(send_load(&config, "send_latency", 1, 1, opts.phase()).await?, &mut out);
     }
     if want("send_throughput") {
-        for conversations in [1, 64] {
+        // Profiling aid: CONVOY_BENCH_SHAPE=SENDERSxCONVERSATIONS runs one shape for 10× the phase.
+        let shape = std::env::var("CONVOY_BENCH_SHAPE").ok().and_then(|v| {
+            let (s, c) = v.split_once('x')?;
+            Some((s.parse::<usize>().ok()?, c.parse::<usize>().ok()?))
+        });
+        if let Some((senders, conversations)) = shape {
+            push(send_load(&config, "send_throughput", senders, conversations, opts.phase() * 10).await?, &mut out);
+        }
+        for conversations in if shape.is_some() { vec![] } else { vec![1, 64] } {
             for senders in [1, 16, 64, 256] {
                 push(send_load(&config, "send_throughput", senders, conversations, opts.phase()).await?, &mut out);
             }

@@ -97,6 +97,8 @@ struct RawConfig {
     raft: RaftConfig,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    worker_threads: usize,
     nodes: Vec<NodeConfig>,
 }
 
@@ -120,6 +122,10 @@ pub struct Config {
     pub tls_dir: PathBuf,
     pub raft: RaftConfig,
     pub limits: Limits,
+    /// Async worker threads of each node process; 0 = one per core. Nodes sharing one
+    /// machine (the local cluster) run best with fewer: every extra worker adds cross-thread
+    /// wake-ups to each message's path.
+    pub worker_threads: usize,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -154,6 +160,7 @@ impl Config {
             tls_dir: resolve(&raw.tls_dir),
             raft: raw.raft,
             limits: raw.limits,
+            worker_threads: raw.worker_threads,
             nodes,
         };
         config.validate()?;
@@ -164,6 +171,9 @@ impl Config {
         let fail = |m: String| Err(Error::Config(m));
         if self.shards == 0 || self.shards > 4096 {
             return fail(format!("shards must be 1..=4096, got {}", self.shards));
+        }
+        if self.worker_threads > 1024 {
+            return fail(format!("worker_threads must be 0 (one per core) ..= 1024, got {}", self.worker_threads));
         }
         if self.nodes.is_empty() {
             return fail("at least one [[nodes]] entry is required".into());

@@ -148,7 +148,16 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let is_node = matches!(cli.command, Cmd::Node { .. });
     init_tracing(if is_node { "info,openraft=warn" } else { "warn,openraft=error" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Cmd::Node { config, .. } = &cli.command {
+        // A bad file is reported by `run_node`; only the thread count is needed here.
+        if let Ok(c) = Config::load(config) {
+            if c.worker_threads > 0 {
+                builder.worker_threads(c.worker_threads);
+            }
+        }
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

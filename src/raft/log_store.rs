@@ -19,7 +19,7 @@ use rocksdb::WriteBatch;
 use super::types::{Entry, LogId, Vote, C};
 use crate::chat::ShardId;
 use crate::store::codec::{decode, encode};
-use crate::store::keys::{log_key, meta_key, CF_LOG, CF_META, META_COMMITTED, META_PURGED, META_VOTE};
+use crate::store::keys::{log_key, meta_key, CF_LOG, CF_META, META_PURGED, META_VOTE};
 use crate::store::Store;
 
 /// One shard's Raft log and vote.
@@ -35,6 +35,22 @@ fn io_err(e: crate::error::Error) -> io::Error {
         other => io::Error::other(other.to_string()),
     }
 }
+
+/// Runs a short, bounded storage operation on the calling task's thread.
+///
+/// For the hot path only: unsynced RocksDB writes of one append or apply batch (memtable
+/// insert plus a WAL `write(2)` into the page cache; the fsync is the syncer thread's) and
+/// reads of entries just appended, which the memtable answers. They take microseconds;
+/// sending each to the blocking pool cost two thread wake-ups, and under load the profile
+/// of a node was dominated by those context switches. The price: a RocksDB write stall
+/// (the memtable waiting for a flush) holds a runtime worker for its duration.
+pub(crate) fn inline<T>(f: impl FnOnce() -> crate::error::Result<T>) -> io::Result<T> {
+    f().map_err(io_err)
+}
+
+/// Log entries a replication read may fetch inline (see [`inline`]); longer ranges — a
+/// lagging follower's catch-up — go to the blocking pool.
+const INLINE_READ_ENTRIES: u64 = 512;
 
 /// Runs blocking RocksDB work off the reactor.
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -70,11 +86,15 @@ impl RaftLogReader<C> for LogStore {
             Bound::Unbounded => u64::MAX,
         };
         let (store, shard) = (self.store.clone(), self.shard);
-        blocking(move || {
+        let read = move || {
             let raw = store.log_range(shard, start, end)?;
             raw.into_iter().map(|(_, v)| decode::<Entry>(&v).map_err(Into::into)).collect()
-        })
-        .await
+        };
+        if end.saturating_sub(start) <= INLINE_READ_ENTRIES {
+            inline(read)
+        } else {
+            blocking(read).await
+        }
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -113,20 +133,6 @@ impl RaftLogStorage<C> for LogStore {
         self.store.syncer.sync().await
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        let (store, shard, value) = (self.store.clone(), self.shard, encode(&committed));
-        blocking(move || {
-            let mut b = WriteBatch::default();
-            b.put_cf(store.cf(CF_META), meta_key(shard, META_COMMITTED), value);
-            store.write(b)
-        })
-        .await
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.read_meta::<Option<LogId>>(META_COMMITTED).await?.flatten())
-    }
-
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
@@ -135,8 +141,8 @@ impl RaftLogStorage<C> for LogStore {
         let shard = self.shard;
         let encoded: Vec<([u8; 12], Vec<u8>)> =
             entries.into_iter().map(|e| (log_key(shard, e.log_id.index), encode(&e))).collect();
-        let store = self.store.clone();
-        blocking(move || {
+        let store = &self.store;
+        inline(|| {
             let mut b = WriteBatch::default();
             for (k, v) in encoded {
                 b.put_cf(store.cf(CF_LOG), k, v);
@@ -146,7 +152,6 @@ impl RaftLogStorage<C> for LogStore {
             store.syncer.after_sync(Box::new(move |r| callback.io_completed(r)));
             Ok(())
         })
-        .await
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

@@ -5,7 +5,9 @@
 //! Apply writes without fsync: the Raft log entries it applies are already durable, and
 //! the applied log id is written in the same batch as the effects, so after a crash the
 //! state machine is at some consistent earlier point and openraft re-applies the rest from
-//! the log (`save_committed` tells it how far). Log purge syncs first (see `log_store`).
+//! the log once a leader tells it the commit index (the committed index is not persisted:
+//! openraft makes that optional, and it would cost a write per round on every node). Log
+//! purge syncs first (see `log_store`).
 //!
 //! Snapshots are lazy: building one takes a RocksDB snapshot (O(1)) whose meta is the
 //! applied state stored inside it; its data is produced only when streamed to a follower.
@@ -23,7 +25,7 @@ use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::log_store::blocking;
+use super::log_store::{blocking, inline};
 use super::types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, C};
 use crate::chat::{self, DedupRecord, Effect, Outcome, ShardId, ShardView, StoredMessage};
 use crate::error::{Error, Result};
@@ -133,6 +135,7 @@ fn apply_batch(
     let mut batch = WriteBatch::default();
     let mut outcomes = Vec::with_capacity(entries.len());
     let mut appended = Vec::new();
+    let mut heads: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for entry in entries {
         let outcome = match &entry.payload {
             EntryPayload::Blank => Outcome::None,
@@ -144,13 +147,22 @@ fn apply_batch(
                 let (outcome, effects) = chat::apply(&mut view, cmd)?;
                 view.absorb(&effects);
                 for effect in effects {
-                    write_effect(store, shard, &mut batch, effect, &mut appended);
+                    match effect {
+                        // Only a conversation's last head in the batch is written.
+                        Effect::SetHead { conversation, head } => {
+                            heads.insert(conversation, head);
+                        }
+                        other => write_effect(store, shard, &mut batch, other, &mut appended),
+                    }
                 }
                 outcome
             }
         };
         applied.last_applied = Some(entry.log_id);
         outcomes.push(outcome);
+    }
+    for (conversation, head) in heads {
+        write_effect(store, shard, &mut batch, Effect::SetHead { conversation, head }, &mut appended);
     }
     batch.put_cf(store.cf(CF_STATE), applied_key(shard), encode(&applied));
     store.write(batch)?;
@@ -203,8 +215,8 @@ impl RaftStateMachine<C> for ShardStateMachine {
         if batch.is_empty() {
             return Ok(());
         }
-        let (store, shard, applied) = (self.store.clone(), self.shard, self.applied.clone());
-        let (outcomes, applied, appended) = blocking(move || apply_batch(&store, shard, batch, applied)).await?;
+        let (outcomes, applied, appended) =
+            inline(|| apply_batch(&self.store, self.shard, batch, self.applied.clone()))?;
         self.applied = applied;
         for (responder, outcome) in responders.into_iter().zip(outcomes) {
             if let Some(r) = responder {

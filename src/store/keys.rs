@@ -36,6 +36,7 @@ pub const STATE_CFS: [&str; 2] = [CF_MESSAGES, CF_STATE];
 
 /// Kinds of `raft_meta` records.
 pub const META_VOTE: u8 = 1;
+/// Reserved: the committed log id, no longer persisted (see `raft::state_machine`).
 pub const META_COMMITTED: u8 = 2;
 pub const META_PURGED: u8 = 3;
 
