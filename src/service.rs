@@ -11,7 +11,7 @@
 //!   a lag overflow or a snapshot reset sends it back to storage — so the seam never skips
 //!   or repeats and a slow subscriber costs storage reads, not memory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::net::frame;
 use crate::net::peer::{self, Groups, PeerNet};
 use crate::net::tls::{self, Link};
-use crate::net::wire::{ErrorCode, NodeStatus, Response, SendRequest, ShardStatus};
+use crate::net::wire::{ErrorCode, NodeStatus, Response, SendRequest, ShardStatus, SEND_BATCH_MAX};
 use crate::raft::state_machine::ShardEvent;
 use crate::raft::types::NodeId;
 use crate::raft::{self as consensus, Group};
@@ -90,6 +90,15 @@ fn now_ms() -> u64 {
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
+}
+
+/// The answer to one send, from its applied outcome.
+fn send_answer(outcome: Outcome, conversation: String) -> Response {
+    match outcome {
+        Outcome::Appended { offset, ts_ms, duplicate } => Response::Ack { conversation, offset, ts_ms, duplicate },
+        Outcome::Rejected { reason } => error(ErrorCode::Rejected, reason.to_string()),
+        other => error(ErrorCode::Protocol, format!("unexpected outcome of a send: {other:?}")),
+    }
 }
 
 impl Node {
@@ -156,53 +165,108 @@ impl Node {
     }
 
     /// Proposes a command on the shard's leader (this node) and waits for its outcome.
-    async fn propose(&self, group: &Group, command: Command) -> Response {
-        let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
-            return Response::Throttled { retry_after_ms: THROTTLE_RETRY_MS };
+    /// `weight` is the number of sends it carries (in-flight permits). An `Err` is the
+    /// answer for everything the command carried (throttled, not leader, unknown outcome).
+    async fn propose(&self, group: &Group, command: Command, weight: usize) -> std::result::Result<Outcome, Response> {
+        let Ok(_permits) = self.inflight.clone().try_acquire_many_owned(weight.max(1) as u32) else {
+            return Err(Response::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
         };
         match tokio::time::timeout(SEND_TIMEOUT, group.raft.client_write(command)).await {
-            Err(_) => error(ErrorCode::Ambiguous, format!("no commit within {SEND_TIMEOUT:?}; outcome unknown")),
+            Err(_) => Err(error(ErrorCode::Ambiguous, format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"))),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Response::NotLeader { shard: group.shard, leader: f.leader_id }
+                Err(Response::NotLeader { shard: group.shard, leader: f.leader_id })
             }
-            Ok(Err(e)) => error(ErrorCode::Ambiguous, format!("shard {}: {e}", group.shard)),
-            Ok(Ok(resp)) => match resp.data {
-                Outcome::Appended { offset, ts_ms, duplicate } => {
-                    Response::Ack { conversation: String::new(), offset, ts_ms, duplicate }
-                }
-                Outcome::CursorAt { offset } => Response::Cursor { offset, head: 0 },
-                Outcome::Rejected { reason } => error(ErrorCode::Rejected, reason.to_string()),
-                Outcome::None => error(ErrorCode::Protocol, "unexpected empty outcome"),
-            },
+            Ok(Err(e)) => Err(error(ErrorCode::Ambiguous, format!("shard {}: {e}", group.shard))),
+            Ok(Ok(resp)) => Ok(resp.data),
         }
+    }
+
+    /// Validates a send and stamps it: its shard and command, or the error answer.
+    fn prepare_send(&self, req: SendRequest) -> std::result::Result<(ShardId, SendCommand), Response> {
+        let shard = match self.group_of(&req.conversation) {
+            Ok(g) => g.shard,
+            Err(e) => return Err(error(ErrorCode::InvalidInput, e.to_string())),
+        };
+        if let Err(m) = chat::validate_id("user", &req.sender) {
+            return Err(error(ErrorCode::InvalidInput, m));
+        }
+        let max = self.config.limits.max_message_bytes;
+        if req.text.len() > max {
+            return Err(error(ErrorCode::InvalidInput, format!("message is {} bytes, limit {max}", req.text.len())));
+        }
+        Ok((
+            shard,
+            SendCommand {
+                conversation: req.conversation,
+                sender: req.sender,
+                client_id: req.client_id,
+                client_seq: req.client_seq,
+                ts_ms: now_ms(),
+                text: req.text,
+            },
+        ))
     }
 
     /// Handles a send; see the module doc.
     pub async fn send(&self, req: SendRequest) -> Response {
-        let group = match self.group_of(&req.conversation) {
-            Ok(g) => g,
-            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+        let (shard, command) = match self.prepare_send(req) {
+            Ok(p) => p,
+            Err(answer) => return answer,
         };
-        if let Err(m) = chat::validate_id("user", &req.sender) {
-            return error(ErrorCode::InvalidInput, m);
+        let conversation = command.conversation.clone();
+        match self.propose(&self.groups[&shard], Command::Send(command), 1).await {
+            Ok(outcome) => send_answer(outcome, conversation),
+            Err(answer) => answer,
         }
-        let max = self.config.limits.max_message_bytes;
-        if req.text.len() > max {
-            return error(ErrorCode::InvalidInput, format!("message is {} bytes, limit {max}", req.text.len()));
+    }
+
+    /// Handles a batch of sends: each is validated on its own, the valid ones are proposed
+    /// as one `SendBatch` entry per shard (concurrently), and each gets the answer it would
+    /// have had alone.
+    pub async fn send_batch(&self, reqs: Vec<SendRequest>) -> Response {
+        if reqs.len() > SEND_BATCH_MAX {
+            return error(
+                ErrorCode::InvalidInput,
+                format!("{} sends in one batch, limit {SEND_BATCH_MAX}", reqs.len()),
+            );
         }
-        let conversation = req.conversation.clone();
-        let command = Command::Send(SendCommand {
-            conversation: req.conversation,
-            sender: req.sender,
-            client_id: req.client_id,
-            client_seq: req.client_seq,
-            ts_ms: now_ms(),
-            text: req.text,
+        let mut answers: Vec<Option<Response>> = vec![None; reqs.len()];
+        let mut by_shard: BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)> = BTreeMap::new();
+        for (i, req) in reqs.into_iter().enumerate() {
+            match self.prepare_send(req) {
+                Ok((shard, command)) => {
+                    let (slots, commands) = by_shard.entry(shard).or_default();
+                    slots.push(i);
+                    commands.push(command);
+                }
+                Err(answer) => answers[i] = Some(answer),
+            }
+        }
+        let proposals = by_shard.into_iter().map(|(shard, (slots, commands))| async move {
+            let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
+            let weight = commands.len();
+            let answers: Vec<Response> = match self
+                .propose(&self.groups[&shard], Command::SendBatch(commands), weight)
+                .await
+            {
+                Ok(Outcome::Batch(outcomes)) if outcomes.len() == weight => {
+                    outcomes.into_iter().zip(conversations).map(|(o, c)| send_answer(o, c)).collect()
+                }
+                Ok(other) => {
+                    vec![error(ErrorCode::Protocol, format!("unexpected outcome of a send batch: {other:?}")); weight]
+                }
+                Err(answer) => vec![answer; weight],
+            };
+            (slots, answers)
         });
-        match self.propose(group, command).await {
-            Response::Ack { offset, ts_ms, duplicate, .. } => Response::Ack { conversation, offset, ts_ms, duplicate },
-            other => other,
+        for (slots, shard_answers) in futures::future::join_all(proposals).await {
+            for (slot, answer) in slots.into_iter().zip(shard_answers) {
+                answers[slot] = Some(answer);
+            }
         }
+        Response::Batch(
+            answers.into_iter().map(|a| a.unwrap_or_else(|| error(ErrorCode::Protocol, "send not answered"))).collect(),
+        )
     }
 
     /// Moves a user's read cursor forward.
@@ -214,12 +278,14 @@ impl Node {
         let shard = group.shard;
         let (store, c) = (self.store.clone(), conversation.clone());
         let command = Command::Cursor(CursorCommand { user, conversation, offset });
-        match self.propose(group, command).await {
-            Response::Cursor { offset, .. } => {
+        match self.propose(group, command, 1).await {
+            Ok(Outcome::CursorAt { offset }) => {
                 let head = tokio::task::spawn_blocking(move || store.head(shard, &c)).await;
                 Response::Cursor { offset, head: head.ok().and_then(|h| h.ok()).unwrap_or(0) }
             }
-            other => other,
+            Ok(Outcome::Rejected { reason }) => error(ErrorCode::Rejected, reason.to_string()),
+            Ok(other) => error(ErrorCode::Protocol, format!("unexpected outcome of a cursor move: {other:?}")),
+            Err(answer) => answer,
         }
     }
 

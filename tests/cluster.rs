@@ -178,6 +178,44 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
         "a node certificate must not be accepted as a client credential: {refused:?}"
     );
 
+    // A batch over the limit is refused whole; inside a batch each send gets its own
+    // answer, and the valid ones are stored in batch order.
+    use convoy::net::wire::{SendRequest, SEND_BATCH_MAX};
+    let item = |conversation: &str, text: &str, client_seq: u64| SendRequest {
+        conversation: conversation.into(),
+        sender: "u".into(),
+        client_id: 77,
+        client_seq,
+        text: text.into(),
+    };
+    let over = Request::SendBatch((0..=SEND_BATCH_MAX as u64).map(|i| item("c", "x", 1000 + i)).collect());
+    match client.request(1, &over).await.expect("an answer to an oversized batch") {
+        Response::Error { code: ErrorCode::InvalidInput, .. } => {}
+        other => panic!("oversized batch: expected InvalidInput, got {other:?}"),
+    }
+    let leader = cluster.leader_of(shard_of("batch", cluster.config.shards), &[1, 2, 3], READY).await;
+    let mixed = Request::SendBatch(vec![
+        item("batch", "one", 1),
+        item("", "bad id", 2),
+        item("batch", &big, 3),
+        item("batch", "two", 4),
+        item("batch", "one", 1),
+    ]);
+    match client.request(leader, &mixed).await.expect("an answer to a mixed batch") {
+        Response::Batch(answers) => {
+            assert_eq!(answers.len(), 5, "{answers:?}");
+            assert!(matches!(&answers[0], Response::Ack { offset: 1, duplicate: false, .. }), "{answers:?}");
+            assert!(matches!(&answers[1], Response::Error { code: ErrorCode::InvalidInput, .. }), "{answers:?}");
+            assert!(matches!(&answers[2], Response::Error { code: ErrorCode::InvalidInput, .. }), "{answers:?}");
+            assert!(matches!(&answers[3], Response::Ack { offset: 2, duplicate: false, .. }), "{answers:?}");
+            assert!(matches!(&answers[4], Response::Ack { offset: 1, duplicate: true, .. }), "{answers:?}");
+        }
+        other => panic!("mixed batch: expected one answer per send, got {other:?}"),
+    }
+    let stored: Vec<String> =
+        client.read("batch", 1, Some(leader)).await.expect("read").into_iter().map(|m| m.text).collect();
+    assert_eq!(stored, vec!["one", "two"]);
+
     // Still serving, and nothing of the above was stored.
     let ack = client.send("c", "u", "still here").await.expect("node still serves");
     assert_eq!(ack.offset, 1);

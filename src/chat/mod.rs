@@ -58,6 +58,9 @@ pub enum Command {
     Send(SendCommand),
     /// Move a user's read cursor forward.
     Cursor(CursorCommand),
+    /// Several sends in one entry (the leader coalesces concurrent sends to a shard):
+    /// applied in order, each exactly as if it were its own entry, with one outcome each.
+    SendBatch(Vec<SendCommand>),
 }
 
 /// Payload of [`Command::Send`].
@@ -84,6 +87,7 @@ impl std::fmt::Display for Command {
         match self {
             Command::Send(s) => write!(f, "send({}, {}/{})", s.conversation, s.client_id, s.client_seq),
             Command::Cursor(c) => write!(f, "cursor({}, {}, {})", c.user, c.conversation, c.offset),
+            Command::SendBatch(b) => write!(f, "send-batch({} sends)", b.len()),
         }
     }
 }
@@ -119,6 +123,8 @@ pub enum Outcome {
     Rejected { reason: Rejection },
     /// Applied a non-application entry (blank or membership).
     None,
+    /// The outcomes of a [`Command::SendBatch`], one per send, in order.
+    Batch(Vec<Outcome>),
 }
 
 /// Why a command was refused.
@@ -178,6 +184,20 @@ pub fn apply<V: ShardView>(view: &mut V, command: &Command) -> Result<(Outcome, 
     match command {
         Command::Send(send) => apply_send(view, send),
         Command::Cursor(cursor) => apply_cursor(view, cursor),
+        Command::SendBatch(sends) => {
+            // Later sends of the batch must see the effects of earlier ones (the next
+            // offset, a duplicate key), exactly as separate entries would.
+            let mut overlay = Overlay::new(view);
+            let mut outcomes = Vec::with_capacity(sends.len());
+            let mut effects = Vec::new();
+            for send in sends {
+                let (outcome, produced) = apply_send(&mut overlay, send)?;
+                overlay.absorb(&produced);
+                effects.extend(produced);
+                outcomes.push(outcome);
+            }
+            Ok((Outcome::Batch(outcomes), effects))
+        }
     }
 }
 

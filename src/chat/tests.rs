@@ -105,6 +105,64 @@ fn offsets_are_dense_per_conversation_and_independent() {
     assert_eq!(a_offsets, vec![1, 2, 3, 4]);
 }
 
+// Promise: sends batched into one entry get consecutive offsets in batch order, and a
+// retry of a key inside the same batch is answered as the duplicate it is.
+#[test]
+fn send_batch_orders_and_dedups_within_the_batch() {
+    let mut view = view_with("a", 2);
+    let batch = Command::SendBatch(vec![
+        SendCommand {
+            conversation: "a".into(),
+            sender: "bo".into(),
+            client_id: 9,
+            client_seq: 1,
+            ts_ms: 5,
+            text: "x".into(),
+        },
+        SendCommand {
+            conversation: "b".into(),
+            sender: "bo".into(),
+            client_id: 9,
+            client_seq: 2,
+            ts_ms: 5,
+            text: "y".into(),
+        },
+        SendCommand {
+            conversation: "a".into(),
+            sender: "bo".into(),
+            client_id: 9,
+            client_seq: 3,
+            ts_ms: 6,
+            text: "z".into(),
+        },
+        SendCommand {
+            conversation: "a".into(),
+            sender: "bo".into(),
+            client_id: 9,
+            client_seq: 1,
+            ts_ms: 7,
+            text: "x".into(),
+        },
+        SendCommand {
+            conversation: "".into(),
+            sender: "bo".into(),
+            client_id: 9,
+            client_seq: 4,
+            ts_ms: 7,
+            text: "w".into(),
+        },
+    ]);
+    let Outcome::Batch(outcomes) = view.apply(&batch) else { panic!("a batch has a batch outcome") };
+    assert_eq!(
+        &outcomes[..4],
+        &[appended(3, 5, false), appended(1, 5, false), appended(4, 6, false), appended(3, 5, true)]
+    );
+    assert!(is_invalid_id(&outcomes[4]));
+    assert_eq!(view.heads.get("a"), Some(&4));
+    assert_eq!(view.heads.get("b"), Some(&1));
+    assert_eq!(view.messages.len(), 2 + 3);
+}
+
 // Promise: an accepted send produces exactly the message, the new head and the dedup
 // record, in that order, with every field carried over from the command.
 #[test]
@@ -513,15 +571,27 @@ fn text_strategy() -> impl Strategy<Value = String> {
     ]
 }
 
-fn command_strategy() -> impl Strategy<Value = Command> {
-    let send = (conversation_strategy(), user_strategy(), 0u64..3, 0u64..4, 0u64..1000, text_strategy()).prop_map(
-        |(conversation, sender, client_id, client_seq, ts_ms, text)| {
-            Command::Send(SendCommand { conversation, sender, client_id, client_seq, ts_ms, text })
+fn send_strategy() -> impl Strategy<Value = SendCommand> {
+    (conversation_strategy(), user_strategy(), 0u64..3, 0u64..4, 0u64..1000, text_strategy()).prop_map(
+        |(conversation, sender, client_id, client_seq, ts_ms, text)| SendCommand {
+            conversation,
+            sender,
+            client_id,
+            client_seq,
+            ts_ms,
+            text,
         },
-    );
+    )
+}
+
+fn command_strategy() -> impl Strategy<Value = Command> {
     let cursor = (user_strategy(), conversation_strategy(), 0u64..8)
         .prop_map(|(user, conversation, offset)| Command::Cursor(CursorCommand { user, conversation, offset }));
-    prop_oneof![3 => send, 1 => cursor]
+    prop_oneof![
+        3 => send_strategy().prop_map(Command::Send),
+        1 => cursor,
+        1 => prop::collection::vec(send_strategy(), 0..6).prop_map(Command::SendBatch),
+    ]
 }
 
 fn commands_strategy() -> impl Strategy<Value = Vec<Command>> {
@@ -586,6 +656,10 @@ impl Model {
                 *slot = (*slot).max(c.offset);
                 Outcome::CursorAt { offset: *slot }
             }
+            // By the spec, a batch is its sends one after another.
+            Command::SendBatch(sends) => {
+                Outcome::Batch(sends.iter().map(|s| self.apply(&Command::Send(s.clone()))).collect())
+            }
         }
     }
 
@@ -601,6 +675,9 @@ fn same_outcome(a: &Outcome, b: &Outcome) -> bool {
             Outcome::Rejected { reason: Rejection::InvalidId(_) },
             Outcome::Rejected { reason: Rejection::InvalidId(_) },
         ) => true,
+        (Outcome::Batch(x), Outcome::Batch(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_outcome(a, b))
+        }
         _ => a == b,
     }
 }
@@ -666,6 +743,31 @@ proptest! {
         prop_assert_eq!(&outcomes, &expected);
         prop_assert_eq!(&base, &snapshot);
         persist(&mut base, all_effects);
+        prop_assert_eq!(base, sequential);
+    }
+
+    // Promise: a SendBatch entry is exactly its sends applied one by one: the same
+    // outcomes in order (offsets, duplicates within and across batches, rejections) and,
+    // once its effects are persisted, the same state.
+    #[test]
+    fn send_batch_matches_separate_sends(prefix in commands_strategy(), batch in commands_strategy()) {
+        let mut base = MemView::default();
+        for command in &prefix {
+            base.apply(command);
+        }
+        let sends: Vec<SendCommand> = batch
+            .iter()
+            .filter_map(|c| match c {
+                Command::Send(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut sequential = base.clone();
+        let expected: Vec<Outcome> = sends.iter().map(|s| sequential.apply(&Command::Send(s.clone()))).collect();
+
+        let (outcome, effects) = unwrap_infallible(apply(&mut base, &Command::SendBatch(sends)));
+        prop_assert_eq!(outcome, Outcome::Batch(expected));
+        persist(&mut base, effects);
         prop_assert_eq!(base, sequential);
     }
 

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
 use crate::net::tls::{self, TlsPaths};
-use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest};
+use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest, SEND_BATCH_MAX};
 
 /// Largest frame the client accepts from a server.
 pub const RESPONSE_FRAME_BYTES_MAX: usize = 4 << 20;
@@ -62,7 +62,24 @@ struct Inner {
     suspects: Mutex<HashMap<u64, Instant>>,
     client_id: u64,
     next_seq: AtomicU64,
+    /// Sends waiting to go to each node (see [`Client::send_attempt`]).
+    outboxes: HashMap<u64, Mutex<Outbox>>,
 }
+
+/// Sends bound for one node that wait while [`SEND_REQUESTS_IN_FLIGHT`] requests to it
+/// are out; whichever request finishes takes them all (up to a batch) in one `SendBatch`.
+#[derive(Default)]
+struct Outbox {
+    waiting: Vec<(SendRequest, tokio::sync::oneshot::Sender<Result<Response>>)>,
+    in_flight: usize,
+}
+
+/// Send requests a client keeps in flight to one node before it coalesces further sends
+/// into batches. A lone sender never waits for a batch to fill: batching happens only
+/// when sends already queue behind requests in flight.
+pub const SEND_REQUESTS_IN_FLIGHT: usize = 4;
+/// Text bytes per coalesced batch, at most (well inside the server's frame limit).
+const SEND_BATCH_BYTES_MAX: usize = 256 << 10;
 
 /// A connection to a convoy cluster; cheap to clone.
 #[derive(Clone)]
@@ -121,6 +138,7 @@ impl Client {
             suspects: Mutex::new(HashMap::new()),
             client_id,
             next_seq: AtomicU64::new(first_seq),
+            outboxes: config.nodes.iter().map(|n| (n.id, Mutex::new(Outbox::default()))).collect(),
         };
         Ok(Client { inner: Arc::new(inner) })
     }
@@ -254,13 +272,13 @@ impl Client {
         deadline: Duration,
     ) -> Result<Ack> {
         let shard = shard_of(conversation, self.inner.shards);
-        let req = Request::Send(SendRequest {
+        let req = SendRequest {
             conversation: conversation.to_string(),
             sender: sender.to_string(),
             client_id: self.inner.client_id,
             client_seq,
             text: text.to_string(),
-        });
+        };
         let started = Instant::now();
         let mut ambiguous: Option<String> = None;
         let mut last = String::from("no attempt made");
@@ -269,7 +287,7 @@ impl Client {
             let node = self.target_for(shard, attempt);
             attempt += 1;
             let backoff = Duration::from_millis((20 * attempt as u64).min(500));
-            match self.request(node, &req).await {
+            match self.send_attempt(node, req.clone()).await {
                 Ok(Response::Ack { conversation, offset, ts_ms, duplicate }) => {
                     self.set_leader(shard, Some(node));
                     return Ok(Ack { conversation, offset, ts_ms, duplicate });
@@ -316,6 +334,87 @@ impl Client {
                 Err(Error::Ambiguous(format!("gave up after {deadline:?}; an attempt's outcome is unknown: {m}")))
             }
             None => Err(Error::Unavailable(format!("gave up after {deadline:?}: {last}"))),
+        }
+    }
+
+    /// One attempt of one send to `node`. Sends of this client to the same node that wait
+    /// at the same time share a request: up to [`SEND_REQUESTS_IN_FLIGHT`] requests go out
+    /// at once, and sends arriving meanwhile leave together, as one `SendBatch`, when one
+    /// of them returns. Each send still gets its own answer (the server proposes a batch as
+    /// one Raft entry per shard and answers each send as if it were alone), so retries,
+    /// redirects and dedup work per send exactly as without batching.
+    async fn send_attempt(&self, node: u64, req: SendRequest) -> Result<Response> {
+        let Some(outbox) = self.inner.outboxes.get(&node) else {
+            return Err(Error::InvalidInput(format!("unknown node {node}")));
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut o = outbox.lock().expect("outbox lock");
+            o.waiting.push((req, tx));
+            if o.in_flight < SEND_REQUESTS_IN_FLIGHT {
+                o.in_flight += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if start {
+            tokio::spawn(self.clone().drain_outbox(node));
+        }
+        rx.await.unwrap_or_else(|_| Err(Error::Unavailable("send dropped before it was answered".into())))
+    }
+
+    /// Sends what waits in `node`'s outbox, batch after batch, until it is empty.
+    async fn drain_outbox(self, node: u64) {
+        let Some(outbox) = self.inner.outboxes.get(&node) else { return };
+        loop {
+            let batch = {
+                let mut o = outbox.lock().expect("outbox lock");
+                let mut bytes = 0;
+                let take = o
+                    .waiting
+                    .iter()
+                    .take_while(|(r, _)| {
+                        bytes += r.text.len();
+                        bytes <= SEND_BATCH_BYTES_MAX
+                    })
+                    .count()
+                    .clamp(1.min(o.waiting.len()), SEND_BATCH_MAX);
+                if take == 0 {
+                    o.in_flight -= 1;
+                    return;
+                }
+                o.waiting.drain(..take).collect::<Vec<_>>()
+            };
+            let (reqs, replies): (Vec<SendRequest>, Vec<_>) = batch.into_iter().unzip();
+            let n = reqs.len();
+            let request = if n == 1 {
+                Request::Send(reqs.into_iter().next().expect("one send"))
+            } else {
+                Request::SendBatch(reqs)
+            };
+            let answers: Vec<Result<Response>> = match self.request(node, &request).await {
+                Ok(Response::Batch(answers)) if answers.len() == n => answers.into_iter().map(Ok).collect(),
+                Ok(Response::Batch(answers)) => {
+                    let m = format!("node {node} answered {} of {n} batched sends", answers.len());
+                    (0..n).map(|_| Err(Error::Ambiguous(m.clone()))).collect()
+                }
+                Ok(single) if n == 1 => vec![Ok(single)],
+                // One answer for the whole batch (e.g. an error about the request itself).
+                Ok(whole) => (0..n).map(|_| Ok(whole.clone())).collect(),
+                Err(e) => {
+                    let ambiguous = matches!(e, Error::Ambiguous(_));
+                    let m = e.to_string();
+                    (0..n)
+                        .map(|_| {
+                            Err(if ambiguous { Error::Ambiguous(m.clone()) } else { Error::Unavailable(m.clone()) })
+                        })
+                        .collect()
+                }
+            };
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
         }
     }
 

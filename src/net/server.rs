@@ -65,6 +65,7 @@ async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::R
     };
     let response = match request {
         Request::Send(req) => node.send(req).await,
+        Request::SendBatch(reqs) => node.send_batch(reqs).await,
         Request::SetCursor { user, conversation, offset } => node.set_cursor(user, conversation, offset).await,
         Request::GetCursor { user, conversation } => node.get_cursor(user, conversation).await,
         Request::Status => Response::Status(node.status()),

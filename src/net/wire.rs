@@ -32,7 +32,14 @@ pub enum Request {
     GetCursor { user: String, conversation: String },
     /// This node's view of every shard.
     Status,
+    /// Several sends in one request (the client coalesces sends that wait at the same
+    /// time), at most [`SEND_BATCH_MAX`]; answered by one `Batch` holding each send's own
+    /// answer, in order, exactly as if each had been a `Send`.
+    SendBatch(Vec<SendRequest>),
 }
+
+/// Sends per [`Request::SendBatch`], at most.
+pub const SEND_BATCH_MAX: usize = 256;
 
 /// Payload of [`Request::Send`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +102,8 @@ pub enum Response {
         head: u64,
     },
     Status(NodeStatus),
+    /// The answers to a `SendBatch`, one per send, in order.
+    Batch(Vec<Response>),
 }
 
 /// A node's view of its shards.
