@@ -40,6 +40,10 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 pub const CATCH_UP_BATCH: usize = 512;
 /// Suggested back-off when throttled.
 pub const THROTTLE_RETRY_MS: u64 = 50;
+/// Live-push buffer of one conversation's channel, in messages. Allocated whole when the
+/// first subscriber attaches (~40 bytes a slot), so it stays small: an idle attached client
+/// must cost little, and a subscriber further behind simply re-reads storage.
+pub const PUSH_SLOTS_PER_CONVERSATION: usize = 128;
 /// How often a node hands leaderships it holds back to their preferred nodes.
 pub const LEADER_BALANCE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -73,12 +77,98 @@ async fn balance_leaders(node: std::sync::Weak<Node>) {
     }
 }
 
+/// One live-pushed message, framed once for all of its conversation's subscribers.
+#[derive(Debug)]
+enum Push {
+    Message {
+        offset: u64,
+        frame: bytes::Bytes,
+    },
+    /// The stream of this conversation's events had a gap (a snapshot was installed, or
+    /// the dispatcher fell behind): subscribers re-read storage.
+    Resync,
+}
+
+/// Live push routed by conversation: one dispatcher task per shard reads the shard's
+/// applied-message broadcast and forwards each message, encoded once, only to the
+/// channel of its conversation — so a message wakes its own subscribers, not every
+/// subscriber of every conversation of the shard (10,000 attached idle clients would
+/// otherwise each wake for every message of their shard).
+#[derive(Default)]
+struct PushHub {
+    channels: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Push>>>>,
+}
+
+impl PushHub {
+    fn attach(&self, conversation: &str, capacity: usize) -> broadcast::Receiver<Arc<Push>> {
+        // (The shard-wide channel the dispatcher reads is `limits.push_buffer_messages`.)
+        let mut channels = self.channels.lock().expect("push hub lock");
+        match channels.get(conversation) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = broadcast::channel(capacity.max(16));
+                channels.insert(conversation.to_string(), tx);
+                rx
+            }
+        }
+    }
+
+    /// Called by a subscriber that has dropped its receiver.
+    fn detach(&self, conversation: &str) {
+        let mut channels = self.channels.lock().expect("push hub lock");
+        if channels.get(conversation).is_some_and(|tx| tx.receiver_count() == 0) {
+            channels.remove(conversation);
+        }
+    }
+
+    fn resync_shard(&self, shard: ShardId, shards: u32) {
+        let channels = self.channels.lock().expect("push hub lock");
+        for (conversation, tx) in channels.iter() {
+            if chat::shard_of(conversation, shards) == shard {
+                let _ = tx.send(Arc::new(Push::Resync));
+            }
+        }
+    }
+
+    /// Forwards one shard's events until the shard's channel closes.
+    async fn dispatch(self: Arc<Self>, shard: ShardId, shards: u32, mut events: broadcast::Receiver<ShardEvent>) {
+        loop {
+            match events.recv().await {
+                Ok(ShardEvent::Appended(m)) => {
+                    let tx = self.channels.lock().expect("push hub lock").get(&m.conversation).cloned();
+                    if let Some(tx) = tx {
+                        let frame = bytes::Bytes::from(frame::encode(&Response::Message((*m).clone())));
+                        let _ = tx.send(Arc::new(Push::Message { offset: m.offset, frame }));
+                    }
+                }
+                Ok(ShardEvent::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => self.resync_shard(shard, shards),
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// Detaches a subscriber from the hub when its subscription ends, however it ends.
+struct Attached<'a> {
+    hub: &'a PushHub,
+    conversation: &'a str,
+    rx: Option<broadcast::Receiver<Arc<Push>>>,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        self.hub.detach(self.conversation);
+    }
+}
+
 /// A running node.
 pub struct Node {
     pub id: NodeId,
     pub config: Config,
     pub store: Store,
     groups: HashMap<ShardId, Group>,
+    push: Arc<PushHub>,
     inflight: Arc<Semaphore>,
     pub client_endpoint: quinn::Endpoint,
     pub peer_endpoint: quinn::Endpoint,
@@ -145,7 +235,11 @@ impl Node {
         let client_endpoint = quinn::Endpoint::server(client_server, me.client_addr)
             .map_err(|e| Error::Config(format!("cannot bind client address {}: {e}", me.client_addr)))?;
         let inflight = Arc::new(Semaphore::new(config.limits.max_inflight_sends));
-        let node = Arc::new(Node { id, config, store, groups, inflight, client_endpoint, peer_endpoint });
+        let push = Arc::new(PushHub::default());
+        for group in groups.values() {
+            tokio::spawn(push.clone().dispatch(group.shard, config.shards, group.events.subscribe()));
+        }
+        let node = Arc::new(Node { id, config, store, groups, push, inflight, client_endpoint, peer_endpoint });
         tokio::spawn(crate::net::server::serve(node.clone()));
         tokio::spawn(balance_leaders(Arc::downgrade(&node)));
         Ok(node)
@@ -326,10 +420,14 @@ impl Node {
         follow: bool,
         out: &mut quinn::SendStream,
     ) -> Result<()> {
-        let group = self.group_of(&conversation)?;
-        let shard = group.shard;
-        // Attach before reading storage: anything applied from now on is in `events`.
-        let mut events = group.events.subscribe();
+        let shard = self.group_of(&conversation)?.shard;
+        // Attach before reading storage: anything applied from now on reaches `events`.
+        let mut attached = Attached {
+            hub: &self.push,
+            conversation: &conversation,
+            rx: Some(self.push.attach(&conversation, PUSH_SLOTS_PER_CONVERSATION)),
+        };
+        let events = attached.rx.as_mut().expect("attached until dropped");
         let mut next = from.max(1);
         let mut caught_up = false;
         loop {
@@ -359,19 +457,20 @@ impl Node {
                     ev = events.recv() => ev,
                     _ = out.stopped() => return Ok(()),
                 };
-                match event {
-                    Ok(ShardEvent::Appended(m)) if m.conversation == conversation => {
-                        if m.offset < next {
+                match event.as_deref() {
+                    Ok(Push::Message { offset, frame }) => {
+                        if *offset < next {
                             continue;
                         }
-                        if m.offset > next {
+                        if *offset > next {
                             break;
                         }
                         next += 1;
-                        frame::write(out, &Response::Message((*m).clone())).await?;
+                        out.write_all(frame)
+                            .await
+                            .map_err(|e| Error::Unavailable(format!("subscriber stream: {e}")))?;
                     }
-                    Ok(ShardEvent::Appended(_)) => continue,
-                    Ok(ShardEvent::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Ok(Push::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => {
                         return Err(Error::Unavailable(format!("shard {shard} stopped")));
                     }
