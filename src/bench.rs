@@ -199,7 +199,10 @@ impl Drop for BenchCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Profiling aid: CONVOY_BENCH_KEEP=1 keeps the nodes' data and logs for inspection.
+        if std::env::var_os("CONVOY_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
