@@ -22,7 +22,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{broadcast, Semaphore};
 
-use crate::chat::{self, Command, CursorCommand, Outcome, SendCommand, ShardId, StoredMessage};
+use crate::chat::{self, Command, CursorCommand, Outcome, SendCommand, ShardId};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
@@ -404,9 +404,9 @@ impl Node {
         }
     }
 
-    async fn read_stored(&self, shard: ShardId, conversation: &str, from: u64) -> Result<Vec<StoredMessage>> {
+    async fn read_stored(&self, shard: ShardId, conversation: &str, from: u64) -> Result<Vec<(u64, Box<[u8]>)>> {
         let (store, c) = (self.store.clone(), conversation.to_string());
-        tokio::task::spawn_blocking(move || store.read_messages(shard, &c, from, CATCH_UP_BATCH))
+        tokio::task::spawn_blocking(move || store.read_message_values(shard, &c, from, CATCH_UP_BATCH))
             .await
             .map_err(|e| Error::Storage(e.to_string()))?
     }
@@ -435,10 +435,20 @@ impl Node {
             loop {
                 let batch = self.read_stored(shard, &conversation, next).await?;
                 let n = batch.len();
-                for m in batch {
-                    debug_assert_eq!(m.offset, next, "stored offsets are dense");
-                    next = m.offset + 1;
-                    frame::write(out, &Response::Message(m)).await?;
+                // Framed straight from the stored bytes, and written once per batch:
+                // per-frame writes cost a stream (and connection) lock and a wake-up each.
+                let mut frames = Vec::with_capacity(batch.iter().map(|(_, v)| v.len() + 8).sum());
+                for (offset, value) in batch {
+                    if offset != next {
+                        return Err(Error::Storage(format!(
+                            "conversation {conversation:?}: offset {offset} stored where {next} was due"
+                        )));
+                    }
+                    next = offset + 1;
+                    crate::net::wire::message_frame_from_stored(&value, &mut frames)?;
+                }
+                if !frames.is_empty() {
+                    out.write_all(&frames).await.map_err(|e| Error::Unavailable(format!("subscriber stream: {e}")))?;
                 }
                 if n < CATCH_UP_BATCH {
                     break;

@@ -36,6 +36,8 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2500);
 pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 /// Default time a send keeps retrying before giving up.
 pub const SEND_DEADLINE: Duration = Duration::from_secs(30);
+/// Read buffer of a subscription's or a read's stream.
+const READ_BUFFER_BYTES: usize = 64 << 10;
 /// Messages buffered between a subscription task and its consumer.
 pub const SUBSCRIPTION_BUFFER: usize = 1024;
 
@@ -497,7 +499,9 @@ impl Client {
 
     async fn read_from(&self, conversation: &str, from: u64, node: u64) -> Result<Vec<StoredMessage>> {
         let req = Request::Subscribe { conversation: conversation.into(), from, follow: false };
-        let mut recv = self.open(node, &req).await?;
+        // Buffered: a catch-up is thousands of small frames; unbuffered, each would cost
+        // two reads of the QUIC stream (and its connection lock).
+        let mut recv = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, self.open(node, &req).await?);
         let mut out = Vec::new();
         let mut next = from.max(1);
         loop {

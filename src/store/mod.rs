@@ -196,6 +196,32 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// Like [`Store::read_messages`], but the stored values as they are, with their
+    /// offsets: for serving catch-up without decoding each message.
+    pub fn read_message_values(
+        &self,
+        shard: ShardId,
+        conversation: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Box<[u8]>)>> {
+        let prefix = conversation_prefix(shard, conversation);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&u64::MAX.to_be_bytes());
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(upper);
+        let start = message_key(shard, conversation, from.max(1));
+        let iter = self.db.iterator_cf_opt(self.cf(CF_MESSAGES), ro, IteratorMode::From(&start, Direction::Forward));
+        let mut out = Vec::with_capacity(max.min(1024));
+        for item in iter.take(max) {
+            let (k, v) = item?;
+            let offset = keys::message_key_offset(&k)
+                .ok_or_else(|| Error::Storage(format!("malformed message key of {} bytes", k.len())))?;
+            out.push((offset, v));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
