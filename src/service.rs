@@ -532,3 +532,67 @@ impl Node {
         self.peer_endpoint.close(0u32.into(), b"shutdown");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::StoredMessage;
+
+    fn message(conversation: &str, offset: u64) -> Arc<StoredMessage> {
+        Arc::new(StoredMessage {
+            conversation: conversation.into(),
+            offset,
+            sender: "u".into(),
+            ts_ms: 0,
+            client_id: 1,
+            client_seq: offset,
+            text: format!("m{offset}"),
+        })
+    }
+
+    // Containment and routing of live push: a message reaches only its conversation's
+    // subscribers, framed exactly as a `Response::Message`; a reset reaches every watched
+    // conversation of its shard; a conversation's channel is freed with its last subscriber.
+    #[tokio::test]
+    async fn push_hub_routes_by_conversation_and_frees_idle_channels() {
+        let shards = 4;
+        let hub = Arc::new(PushHub::default());
+        let (shard_tx, _) = broadcast::channel(64);
+        let a = "alpha";
+        let b = (0..).map(|i| format!("beta-{i}")).find(|c| chat::shard_of(c, shards) == chat::shard_of(a, shards));
+        let b = b.expect("some conversation shares alpha's shard");
+        let shard = chat::shard_of(a, shards);
+        let dispatcher = tokio::spawn(hub.clone().dispatch(shard, shards, shard_tx.subscribe()));
+
+        let mut on_a = hub.attach(a, 8);
+        let mut also_on_a = hub.attach(a, 8);
+        let mut on_b = hub.attach(&b, 8);
+        assert_eq!(hub.channels.lock().expect("lock").len(), 2);
+
+        shard_tx.send(ShardEvent::Appended(message(a, 1))).expect("dispatcher listens");
+        shard_tx.send(ShardEvent::Appended(message("unwatched", 1))).expect("dispatcher listens");
+        for rx in [&mut on_a, &mut also_on_a] {
+            match rx.recv().await.expect("a push").as_ref() {
+                Push::Message { offset, frame } => {
+                    assert_eq!(*offset, 1);
+                    assert_eq!(frame.as_ref(), frame::encode(&Response::Message((*message(a, 1)).clone())).as_slice());
+                }
+                Push::Resync => panic!("expected alpha's message"),
+            }
+        }
+        shard_tx.send(ShardEvent::Reset).expect("dispatcher listens");
+        assert!(matches!(on_b.recv().await.expect("a push").as_ref(), Push::Resync), "b saw only the reset");
+        assert!(matches!(on_a.recv().await.expect("a push").as_ref(), Push::Resync));
+
+        drop(on_a);
+        hub.detach(a);
+        assert!(hub.channels.lock().expect("lock").contains_key(a), "alpha still has a subscriber");
+        drop(also_on_a);
+        hub.detach(a);
+        drop(on_b);
+        hub.detach(&b);
+        assert!(hub.channels.lock().expect("lock").is_empty(), "channels are freed with their last subscriber");
+        drop(shard_tx);
+        dispatcher.await.expect("the dispatcher ends when its shard's channel closes");
+    }
+}
