@@ -14,6 +14,7 @@
 //! Every loop is bounded by a duration or a count and stops by itself.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io::Write;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
@@ -34,7 +35,7 @@ use crate::store::Store;
 /// Bytes of text per benchmark message.
 pub const MESSAGE_BYTES: usize = 256;
 /// Senders served by one client connection (the server allows 64 streams per connection).
-const SENDERS_PER_CLIENT: usize = 32;
+pub const SENDERS_PER_CLIENT: usize = 32;
 
 /// One measured figure.
 #[derive(Debug, Clone, Serialize)]
@@ -126,6 +127,98 @@ pub fn text(tag: &str) -> String {
     }
     t.truncate(MESSAGE_BYTES);
     t
+}
+
+/// `senders` concurrent tasks, each repeating `op(client, sender, n)` (true = acknowledged)
+/// for `phase`. Returns (acknowledged, errors, latencies, elapsed).
+pub async fn closed_loop<C, F, Fut>(
+    clients: &[C],
+    senders: usize,
+    phase: Duration,
+    op: F,
+) -> (usize, u64, Samples, Duration)
+where
+    C: Clone + Send + 'static,
+    F: Fn(C, usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..senders {
+        let client = clients[(i / SENDERS_PER_CLIENT) % clients.len()].clone();
+        let (stop, count, errors, samples, op) =
+            (stop.clone(), count.clone(), errors.clone(), samples.clone(), op.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut local = Samples::default();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let t = Instant::now();
+                if op(client.clone(), i, n).await {
+                    local.push(t.elapsed());
+                    count.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            if let Ok(mut s) = samples.lock() {
+                s.merge(local);
+            }
+        }));
+    }
+    tokio::time::sleep(phase).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = started.elapsed();
+    let s = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    (count.load(Ordering::Relaxed) as usize, errors.load(Ordering::Relaxed), s, elapsed)
+}
+
+/// Sends `rate * phase` messages at a fixed rate: `op(i, body)` with the body carrying its send
+/// time (µs since `epoch`). Returns the number of failed sends.
+pub fn paced_sender<F, Fut>(epoch: Instant, rate: u64, phase: Duration, op: F) -> tokio::task::JoinHandle<u64>
+where
+    F: Fn(String) -> Fut + Send + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
+{
+    let total = (rate as f64 * phase.as_secs_f64()) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    tokio::spawn(async move {
+        let failed = Arc::new(AtomicU64::new(0));
+        let mut next = tokio::time::Instant::now();
+        let mut in_flight = tokio::task::JoinSet::new();
+        for i in 0..total {
+            next += interval;
+            tokio::time::sleep_until(next).await;
+            let sent_us = epoch.elapsed().as_micros() as u64;
+            let send = op(text(&format!("{sent_us}:{i}:")));
+            let failed = failed.clone();
+            in_flight.spawn(async move {
+                if !send.await {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            while in_flight.len() > 512 {
+                in_flight.join_next().await;
+            }
+        }
+        while in_flight.join_next().await.is_some() {}
+        failed.load(Ordering::Relaxed)
+    })
+}
+
+/// The send time embedded by `paced_sender`, as latency until now.
+pub fn latency_of(body: &[u8], epoch: Instant) -> Option<Duration> {
+    let end = body.iter().position(|b| *b == b':')?;
+    let sent: u64 = std::str::from_utf8(&body[..end]).ok()?.parse().ok()?;
+    Some(Duration::from_micros((epoch.elapsed().as_micros() as u64).saturating_sub(sent)))
 }
 
 /// A fresh three-node cluster of `convoy node` processes on loopback, in a temp directory.
@@ -229,53 +322,29 @@ fn disk_fsync(dir: &Path, opts: BenchOptions) -> Result<Record> {
 /// Durable appends into one RocksDB with the node's group commit, no replication.
 async fn raw_append(dir: &Path, writers: usize, opts: BenchOptions) -> Result<Record> {
     let (store, _) = Store::open(&dir.join("raw-append"))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let samples = Arc::new(Mutex::new(Samples::default()));
-    let mut tasks = Vec::new();
     let payload = text("raw").into_bytes();
-    let started = Instant::now();
-    for w in 0..writers {
-        let (store, stop, count, samples, payload) =
-            (store.clone(), stop.clone(), count.clone(), samples.clone(), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut local = Samples::default();
-            let mut index = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                index += 1;
-                let t = Instant::now();
+    let (count, _errors, s, elapsed) =
+        closed_loop(std::slice::from_ref(&store), writers, opts.phase(), move |store: Store, w, index| {
+            let payload = payload.clone();
+            async move {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                let s = store.clone();
-                let p = payload.clone();
                 let wrote = tokio::task::spawn_blocking(move || {
                     let mut b = rocksdb::WriteBatch::default();
-                    b.put_cf(s.cf(CF_LOG), log_key(w as u32, index), p);
-                    s.write(b)?;
-                    s.syncer.after_sync(Box::new(move |r| {
+                    b.put_cf(store.cf(CF_LOG), log_key(w as u32, index), payload);
+                    store.write(b)?;
+                    store.syncer.after_sync(Box::new(move |r| {
                         let _ = tx.send(r);
                     }));
                     Ok::<_, Error>(())
                 })
                 .await;
-                if !matches!(wrote, Ok(Ok(()))) || !matches!(rx.await, Ok(Ok(()))) {
-                    break;
-                }
-                local.push(t.elapsed());
-                count.fetch_add(1, Ordering::Relaxed);
+                matches!(wrote, Ok(Ok(()))) && matches!(rx.await, Ok(Ok(())))
             }
-            samples.lock().expect("samples lock").merge(local);
-        }));
-    }
-    tokio::time::sleep(opts.phase()).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let elapsed = started.elapsed();
-    let s = samples.lock().expect("samples lock").clone();
-    let mut r = record("raw_append", writers, 0, count.load(Ordering::Relaxed) as usize, elapsed, s);
+        })
+        .await;
+    let mut r = record("raw_append", writers, 0, count, elapsed, s);
     let rounds = store.syncer.stats.rounds.load(Ordering::Relaxed).max(1);
-    r.extra.insert("appends_per_fsync".into(), json!(count.load(Ordering::Relaxed) as f64 / rounds as f64));
+    r.extra.insert("appends_per_fsync".into(), json!(count as f64 / rounds as f64));
     Ok(r)
 }
 
@@ -289,44 +358,14 @@ async fn send_load(
 ) -> Result<Record> {
     let clients: Vec<Client> =
         (0..senders.div_ceil(SENDERS_PER_CLIENT)).map(|_| Client::connect(config)).collect::<Result<_>>()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let samples = Arc::new(Mutex::new(Samples::default()));
     let body = text("load");
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..senders {
-        let client = clients[i / SENDERS_PER_CLIENT].clone();
-        let (stop, count, errors, samples, body) =
-            (stop.clone(), count.clone(), errors.clone(), samples.clone(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            let conv = format!("bench-{}", i % conversations);
-            let mut local = Samples::default();
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                match client.send(&conv, "bench", &body).await {
-                    Ok(_) => {
-                        local.push(t.elapsed());
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            samples.lock().expect("samples lock").merge(local);
-        }));
-    }
-    tokio::time::sleep(phase).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let elapsed = started.elapsed();
-    let s = samples.lock().expect("samples lock").clone();
-    let mut r = record(workload, senders, conversations, count.load(Ordering::Relaxed) as usize, elapsed, s);
-    r.extra.insert("errors".into(), json!(errors.load(Ordering::Relaxed)));
+    let (count, errors, s, elapsed) = closed_loop(&clients, senders, phase, move |client: Client, i, _n| {
+        let (conv, body) = (format!("bench-{}", i % conversations), body.clone());
+        async move { client.send(&conv, "bench", &body).await.is_ok() }
+    })
+    .await;
+    let mut r = record(workload, senders, conversations, count, elapsed, s);
+    r.extra.insert("errors".into(), json!(errors));
     Ok(r)
 }
 
@@ -347,25 +386,11 @@ async fn push_latency(config: &Config, leaders: &[u64], rate: u64, phase: Durati
     }
     let sender = Client::connect(config)?;
     let total = (rate as f64 * phase.as_secs_f64()) as u64;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let send_task = {
         let conv = conv.clone();
-        tokio::spawn(async move {
-            let mut next = tokio::time::Instant::now();
-            let mut in_flight = tokio::task::JoinSet::new();
-            for i in 0..total {
-                next += interval;
-                tokio::time::sleep_until(next).await;
-                let (sender, conv) = (sender.clone(), conv.clone());
-                let sent_us = epoch.elapsed().as_micros() as u64;
-                in_flight.spawn(async move {
-                    let _ = sender.send(&conv, "bench", &text(&format!("{sent_us}:{i}:"))).await;
-                });
-                while in_flight.len() > 512 {
-                    in_flight.join_next().await;
-                }
-            }
-            while in_flight.join_next().await.is_some() {}
+        paced_sender(epoch, rate, phase, move |body| {
+            let (sender, conv) = (sender.clone(), conv.clone());
+            async move { sender.send(&conv, "bench", &body).await.is_ok() }
         })
     };
     let mut s = Samples::default();
@@ -375,9 +400,8 @@ async fn push_latency(config: &Config, leaders: &[u64], rate: u64, phase: Durati
         match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
             Ok(Some(Event::Message(m))) => {
                 received += 1;
-                if let Some(sent) = m.text.split(':').next().and_then(|x| x.parse::<u64>().ok()) {
-                    let now = epoch.elapsed().as_micros() as u64;
-                    s.push(Duration::from_micros(now.saturating_sub(sent)));
+                if let Some(d) = latency_of(m.text.as_bytes(), epoch) {
+                    s.push(d);
                 }
             }
             Ok(Some(_)) => {}
@@ -425,9 +449,8 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
                     }
                     Ok(Some(Event::Message(m))) => {
                         got += 1;
-                        if let Some(sent) = m.text.split(':').next().and_then(|x| x.parse::<u64>().ok()) {
-                            let now = epoch.elapsed().as_micros() as u64;
-                            local.push(Duration::from_micros(now.saturating_sub(sent)));
+                        if let Some(d) = latency_of(m.text.as_bytes(), epoch) {
+                            local.push(d);
                         }
                     }
                     Ok(Some(_)) => {}

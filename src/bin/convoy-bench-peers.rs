@@ -16,8 +16,8 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -25,13 +25,14 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::{push, DeliverPolicy};
 use bytes::Bytes;
 use clap::Parser;
-use convoy::bench::{record, table, text, BenchOptions, Record, Samples, MESSAGE_BYTES};
+use convoy::bench::{
+    closed_loop, latency_of, paced_sender, record, table, text, BenchOptions, Record, Samples, MESSAGE_BYTES,
+    SENDERS_PER_CLIENT,
+};
 use etcd_client::{GetOptions, KvClient, WatchOptions};
 use futures::StreamExt;
 use serde_json::json;
 
-/// Concurrent senders sharing one client connection (as in `convoy bench`).
-const SENDERS_PER_CLIENT: usize = 32;
 /// Concurrent writers and client connections that preload the catch-up conversation.
 const PRELOAD_WRITERS: usize = 256;
 const PRELOAD_CLIENTS: usize = 8;
@@ -247,58 +248,6 @@ fn version_of(bin: &Path) -> Result<String> {
 // ---------------------------------------------------------------------------------------------
 // Measurement loops shared by both peers
 
-/// `senders` concurrent tasks, each repeating `op(client, sender, n)` (true = acknowledged)
-/// for `phase`. Returns (acknowledged, errors, latencies, elapsed).
-async fn closed_loop<C, F, Fut>(
-    clients: &[C],
-    senders: usize,
-    phase: Duration,
-    op: F,
-) -> (usize, u64, Samples, Duration)
-where
-    C: Clone + Send + 'static,
-    F: Fn(C, usize, u64) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = bool> + Send,
-{
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let samples = Arc::new(Mutex::new(Samples::default()));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..senders {
-        let client = clients[(i / SENDERS_PER_CLIENT) % clients.len()].clone();
-        let (stop, count, errors, samples, op) =
-            (stop.clone(), count.clone(), errors.clone(), samples.clone(), op.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut local = Samples::default();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let t = Instant::now();
-                if op(client.clone(), i, n).await {
-                    local.push(t.elapsed());
-                    count.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-            if let Ok(mut s) = samples.lock() {
-                s.merge(local);
-            }
-        }));
-    }
-    tokio::time::sleep(phase).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let elapsed = started.elapsed();
-    let s = samples.lock().map(|s| s.clone()).unwrap_or_default();
-    (count.load(Ordering::Relaxed) as usize, errors.load(Ordering::Relaxed), s, elapsed)
-}
-
 /// Writes `total` messages with `PRELOAD_WRITERS` concurrent writers: `op(client, n)` for
 /// n in 0..total. Returns (acknowledged, errors).
 async fn preload<C, F, Fut>(clients: &[C], total: usize, op: F) -> (u64, u64)
@@ -333,46 +282,6 @@ where
         let _ = t.await;
     }
     (ok.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
-}
-
-/// Sends `rate * phase` messages at a fixed rate: `op(i, body)` with the body carrying its send
-/// time (µs since `epoch`). Returns the number of failed sends.
-fn paced_sender<F, Fut>(epoch: Instant, rate: u64, phase: Duration, op: F) -> tokio::task::JoinHandle<u64>
-where
-    F: Fn(String) -> Fut + Send + 'static,
-    Fut: Future<Output = bool> + Send + 'static,
-{
-    let total = (rate as f64 * phase.as_secs_f64()) as u64;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    tokio::spawn(async move {
-        let failed = Arc::new(AtomicU64::new(0));
-        let mut next = tokio::time::Instant::now();
-        let mut in_flight = tokio::task::JoinSet::new();
-        for i in 0..total {
-            next += interval;
-            tokio::time::sleep_until(next).await;
-            let sent_us = epoch.elapsed().as_micros() as u64;
-            let send = op(text(&format!("{sent_us}:{i}:")));
-            let failed = failed.clone();
-            in_flight.spawn(async move {
-                if !send.await {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-            while in_flight.len() > 512 {
-                in_flight.join_next().await;
-            }
-        }
-        while in_flight.join_next().await.is_some() {}
-        failed.load(Ordering::Relaxed)
-    })
-}
-
-/// The send time embedded by `paced_sender`, as latency until now.
-fn latency_of(body: &[u8], epoch: Instant) -> Option<Duration> {
-    let end = body.iter().position(|b| *b == b':')?;
-    let sent: u64 = std::str::from_utf8(&body[..end]).ok()?.parse().ok()?;
-    Some(Duration::from_micros((epoch.elapsed().as_micros() as u64).saturating_sub(sent)))
 }
 
 fn push_record(system: &str, rate: u64, phase: Duration, received: u64, samples: Samples) -> Record {

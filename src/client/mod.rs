@@ -372,16 +372,18 @@ impl Client {
         loop {
             let batch = {
                 let mut o = outbox.lock().expect("outbox lock");
+                // Up to a batch by count and bytes, and always the first waiting send.
                 let mut bytes = 0;
                 let take = o
                     .waiting
                     .iter()
-                    .take_while(|(r, _)| {
+                    .take(SEND_BATCH_MAX)
+                    .enumerate()
+                    .take_while(|(i, (r, _))| {
                         bytes += r.text.len();
-                        bytes <= SEND_BATCH_BYTES_MAX
+                        *i == 0 || bytes <= SEND_BATCH_BYTES_MAX
                     })
-                    .count()
-                    .clamp(1.min(o.waiting.len()), SEND_BATCH_MAX);
+                    .count();
                 if take == 0 {
                     o.in_flight -= 1;
                     return;

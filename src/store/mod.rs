@@ -27,7 +27,7 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
-use crate::chat::{DedupRecord, ShardId, StoredMessage};
+use crate::chat::{DedupRecord, ShardId};
 use crate::error::{Error, Result};
 use keys::*;
 
@@ -174,31 +174,9 @@ impl Store {
         }
     }
 
-    /// Up to `max` messages of a conversation from offset `from`, in offset order.
-    pub fn read_messages(
-        &self,
-        shard: ShardId,
-        conversation: &str,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<StoredMessage>> {
-        let prefix = conversation_prefix(shard, conversation);
-        let mut upper = prefix.clone();
-        upper.extend_from_slice(&u64::MAX.to_be_bytes());
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(upper);
-        let start = message_key(shard, conversation, from.max(1));
-        let iter = self.db.iterator_cf_opt(self.cf(CF_MESSAGES), ro, IteratorMode::From(&start, Direction::Forward));
-        let mut out = Vec::with_capacity(max.min(1024));
-        for item in iter.take(max) {
-            let (_, v) = item?;
-            out.push(codec::decode::<StoredMessage>(&v)?);
-        }
-        Ok(out)
-    }
-
-    /// Like [`Store::read_messages`], but the stored values as they are, with their
-    /// offsets: for serving catch-up without decoding each message.
+    /// Up to `max` messages of a conversation from offset `from`, in offset order, with
+    /// their offsets, as stored (catch-up frames them without decoding; see
+    /// `net::wire::message_frame_from_stored`).
     pub fn read_message_values(
         &self,
         shard: ShardId,
