@@ -235,7 +235,9 @@ fn free_port() -> Result<u16> {
 impl BenchCluster {
     fn start(dir: &Path) -> Result<BenchCluster> {
         std::fs::create_dir_all(dir)?;
-        let mut toml = String::from("shards = 16\nreplication_factor = 3\ntls_dir = \"tls\"\n");
+        // Profiling aid: CONVOY_BENCH_SHARDS=N runs the cluster with N shards (default 16).
+        let shards = std::env::var("CONVOY_BENCH_SHARDS").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(16);
+        let mut toml = format!("shards = {shards}\nreplication_factor = 3\ntls_dir = \"tls\"\n");
         if let Ok(n) = std::env::var("CONVOY_BENCH_WORKER_THREADS") {
             toml.push_str(&format!("worker_threads = {}\n", n.parse::<usize>().unwrap_or(0)));
         }
@@ -274,7 +276,8 @@ impl BenchCluster {
         let deadline = Instant::now() + within;
         loop {
             if let Ok(leaders) = client.agreed_leaders(&client.node_ids()).await {
-                let balanced = (1..=3u64).all(|n| leaders.iter().filter(|l| **l == n).count() >= 5);
+                let fair = leaders.len() / 3;
+                let balanced = (1..=3u64).all(|n| leaders.iter().filter(|l| **l == n).count() >= fair);
                 if balanced || Instant::now() > deadline {
                     return Ok(leaders);
                 }
@@ -530,6 +533,13 @@ async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<R
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Profiling aid: CONVOY_BENCH_CATCH_UP_REPEAT=N reads the conversation N more times first.
+    let repeat = std::env::var("CONVOY_BENCH_CATCH_UP_REPEAT").ok().and_then(|v| v.parse::<usize>().ok());
+    for _ in 0..repeat.unwrap_or(0) {
+        let started = Instant::now();
+        let n = reader.read(conv, 1, Some(follower)).await?.len();
+        eprintln!("catch_up: {n} messages in {:?}", started.elapsed());
     }
     let started = Instant::now();
     let got = reader.read(conv, 1, Some(follower)).await?;

@@ -148,6 +148,24 @@ impl PushHub {
     }
 }
 
+/// A batch of stored messages, framed for the wire.
+struct StoredFrames {
+    frames: Vec<u8>,
+    /// Messages in `frames`.
+    count: usize,
+    /// The offset after the last one.
+    next: u64,
+}
+
+/// A batch of stored messages being read and framed on a blocking thread.
+struct StoredRead(tokio::task::JoinHandle<Result<StoredFrames>>);
+
+impl StoredRead {
+    async fn finish(&mut self) -> Result<StoredFrames> {
+        (&mut self.0).await.map_err(|e| Error::Storage(e.to_string()))?
+    }
+}
+
 /// Detaches a subscriber from the hub when its subscription ends, however it ends.
 struct Attached<'a> {
     hub: &'a PushHub,
@@ -404,11 +422,24 @@ impl Node {
         }
     }
 
-    async fn read_stored(&self, shard: ShardId, conversation: &str, from: u64) -> Result<Vec<(u64, Box<[u8]>)>> {
-        let (store, c) = (self.store.clone(), conversation.to_string());
-        tokio::task::spawn_blocking(move || store.read_message_values(shard, &c, from, CATCH_UP_BATCH))
-            .await
-            .map_err(|e| Error::Storage(e.to_string()))?
+    /// Starts reading and framing up to [`CATCH_UP_BATCH`] stored messages from `from` on
+    /// a blocking thread.
+    fn read_stored(&self, shard: ShardId, conversation: &str, from: u64) -> StoredRead {
+        let (store, conversation) = (self.store.clone(), conversation.to_string());
+        StoredRead(tokio::task::spawn_blocking(move || {
+            let mut frames = Vec::new();
+            let mut next = from.max(1);
+            let count = store.scan_messages(shard, &conversation, next, CATCH_UP_BATCH, |offset, value| {
+                if offset != next {
+                    return Err(Error::Storage(format!(
+                        "conversation {conversation:?}: offset {offset} stored where {next} was due"
+                    )));
+                }
+                next = offset + 1;
+                crate::net::wire::message_frame_from_stored(value, &mut frames)
+            })?;
+            Ok(StoredFrames { frames, count, next })
+        }))
     }
 
     /// Streams a conversation to `out`; see the module doc. Returns when the client goes
@@ -431,26 +462,22 @@ impl Node {
         let mut next = from.max(1);
         let mut caught_up = false;
         loop {
-            // Catch up from storage.
+            // Catch up from storage, reading the next batch while this one is written, each
+            // batch in one write: per-frame writes cost a stream (and connection) lock and a
+            // wake-up each.
+            let mut reading = self.read_stored(shard, &conversation, next);
             loop {
-                let batch = self.read_stored(shard, &conversation, next).await?;
-                let n = batch.len();
-                // Framed straight from the stored bytes, and written once per batch:
-                // per-frame writes cost a stream (and connection) lock and a wake-up each.
-                let mut frames = Vec::with_capacity(batch.iter().map(|(_, v)| v.len() + 8).sum());
-                for (offset, value) in batch {
-                    if offset != next {
-                        return Err(Error::Storage(format!(
-                            "conversation {conversation:?}: offset {offset} stored where {next} was due"
-                        )));
-                    }
-                    next = offset + 1;
-                    crate::net::wire::message_frame_from_stored(&value, &mut frames)?;
+                let batch = reading.finish().await?;
+                if batch.count == CATCH_UP_BATCH {
+                    reading = self.read_stored(shard, &conversation, batch.next);
                 }
-                if !frames.is_empty() {
-                    out.write_all(&frames).await.map_err(|e| Error::Unavailable(format!("subscriber stream: {e}")))?;
+                next = batch.next;
+                if !batch.frames.is_empty() {
+                    out.write_all(&batch.frames)
+                        .await
+                        .map_err(|e| Error::Unavailable(format!("subscriber stream: {e}")))?;
                 }
-                if n < CATCH_UP_BATCH {
+                if batch.count < CATCH_UP_BATCH {
                     break;
                 }
             }

@@ -36,8 +36,10 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2500);
 pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 /// Default time a send keeps retrying before giving up.
 pub const SEND_DEADLINE: Duration = Duration::from_secs(30);
-/// Read buffer of a subscription's or a read's stream.
-const READ_BUFFER_BYTES: usize = 64 << 10;
+/// Starting read buffer of a catch-up read (see [`frame::FrameReader`]).
+const READ_BUFFER_BYTES: usize = 256 << 10;
+/// Starting read buffer of a live subscription: small, as a client may hold thousands.
+const FOLLOW_BUFFER_BYTES: usize = 8 << 10;
 /// Messages buffered between a subscription task and its consumer.
 pub const SUBSCRIPTION_BUFFER: usize = 1024;
 
@@ -501,16 +503,19 @@ impl Client {
 
     async fn read_from(&self, conversation: &str, from: u64, node: u64) -> Result<Vec<StoredMessage>> {
         let req = Request::Subscribe { conversation: conversation.into(), from, follow: false };
-        // Buffered: a catch-up is thousands of small frames; unbuffered, each would cost
-        // two reads of the QUIC stream (and its connection lock).
-        let mut recv = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, self.open(node, &req).await?);
+        let mut recv =
+            frame::FrameReader::new(self.open(node, &req).await?, RESPONSE_FRAME_BYTES_MAX, READ_BUFFER_BYTES);
         let mut out = Vec::new();
         let mut next = from.max(1);
         loop {
-            let frame =
-                tokio::time::timeout(ATTEMPT_TIMEOUT, frame::read::<_, Response>(&mut recv, RESPONSE_FRAME_BYTES_MAX))
+            // A buffered frame needs no timer; only a read of the stream can stall.
+            let frame = if recv.has_frame() {
+                recv.next::<Response>().await?
+            } else {
+                tokio::time::timeout(ATTEMPT_TIMEOUT, recv.next::<Response>())
                     .await
-                    .map_err(|_| Error::Unavailable(format!("node {node} stalled")))??;
+                    .map_err(|_| Error::Unavailable(format!("node {node} stalled")))??
+            };
             match frame {
                 Some(Response::Message(m)) => {
                     if m.offset != next {
@@ -590,7 +595,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
         attempt += 1;
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
         let mut recv = match client.open(node, &req).await {
-            Ok(r) => r,
+            Ok(r) => frame::FrameReader::new(r, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES),
             Err(e) => {
                 tracing::debug!(node, error = %e, "subscribe failed; retrying");
                 client.forget(node).await;
@@ -602,7 +607,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
             return;
         }
         loop {
-            match frame::read::<_, Response>(&mut recv, RESPONSE_FRAME_BYTES_MAX).await {
+            match recv.next::<Response>().await {
                 Ok(Some(Response::Message(m))) => {
                     if m.offset < next {
                         continue;

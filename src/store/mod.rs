@@ -174,31 +174,36 @@ impl Store {
         }
     }
 
-    /// Up to `max` messages of a conversation from offset `from`, in offset order, with
-    /// their offsets, as stored (catch-up frames them without decoding; see
-    /// `net::wire::message_frame_from_stored`).
-    pub fn read_message_values(
+    /// Visits up to `max` messages of a conversation from offset `from`, in offset order,
+    /// with their offsets and their values as stored (catch-up frames them without
+    /// decoding; see `net::wire::message_frame_from_stored`). The value is borrowed from
+    /// the iterator, so a scan allocates nothing per message. Returns how many it visited.
+    pub fn scan_messages(
         &self,
         shard: ShardId,
         conversation: &str,
         from: u64,
         max: usize,
-    ) -> Result<Vec<(u64, Box<[u8]>)>> {
+        mut visit: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<usize> {
         let prefix = conversation_prefix(shard, conversation);
         let mut upper = prefix.clone();
         upper.extend_from_slice(&u64::MAX.to_be_bytes());
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(upper);
-        let start = message_key(shard, conversation, from.max(1));
-        let iter = self.db.iterator_cf_opt(self.cf(CF_MESSAGES), ro, IteratorMode::From(&start, Direction::Forward));
-        let mut out = Vec::with_capacity(max.min(1024));
-        for item in iter.take(max) {
-            let (k, v) = item?;
-            let offset = keys::message_key_offset(&k)
-                .ok_or_else(|| Error::Storage(format!("malformed message key of {} bytes", k.len())))?;
-            out.push((offset, v));
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
+        iter.seek(message_key(shard, conversation, from.max(1)));
+        let mut visited = 0;
+        while visited < max {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
+            let offset = keys::message_key_offset(key)
+                .ok_or_else(|| Error::Storage(format!("malformed message key of {} bytes", key.len())))?;
+            visit(offset, value)?;
+            visited += 1;
+            iter.next();
         }
-        Ok(out)
+        iter.status()?;
+        Ok(visited)
     }
 }
 
