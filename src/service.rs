@@ -228,7 +228,8 @@ impl Node {
         let peer_endpoint = quinn::Endpoint::server(peer_server, me.peer_addr)
             .map_err(|e| Error::Config(format!("cannot bind peer address {}: {e}", me.peer_addr)))?;
         let addrs: HashMap<NodeId, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
-        let net = PeerNet::new(peer_endpoint.clone(), tls::client_config(&paths, Some(id))?, addrs);
+        let append_timeout = Duration::from_millis(config.raft.election_timeout_min_ms);
+        let net = PeerNet::new(peer_endpoint.clone(), tls::client_config(&paths, Some(id))?, addrs, append_timeout);
 
         let raft_config = consensus::raft_config(&config)?;
         let registry: Groups = Arc::new(RwLock::new(HashMap::new()));

@@ -55,6 +55,8 @@ struct Inner {
     client_config: quinn::ClientConfig,
     /// One slot per peer: connecting to a dead peer must never delay RPCs to live ones.
     slots: HashMap<NodeId, (SocketAddr, tokio::sync::Mutex<Option<quinn::Connection>>)>,
+    /// The least time an AppendEntries may take (see [`PeerNet::new`]).
+    append_timeout: Duration,
 }
 
 fn unreachable(e: impl std::fmt::Display) -> RPCError<C> {
@@ -66,13 +68,20 @@ fn network(e: impl std::fmt::Display) -> RPCError<C> {
 }
 
 impl PeerNet {
+    /// `append_timeout` bounds an AppendEntries from below. openraft hands every RPC the
+    /// heartbeat interval as its deadline, but a follower may legitimately take longer to
+    /// answer a large batch while its disk is busy writing back a memtable flush: cancelling
+    /// it then resends the same entries and adds openraft's retry back-off, which turned a
+    /// 100 ms fsync stall into 300–600 ms of replication standstill in the benchmarks. A
+    /// follower that is slower than the election timeout is treated as gone anyway.
     pub fn new(
         endpoint: quinn::Endpoint,
         client_config: quinn::ClientConfig,
         addrs: HashMap<NodeId, SocketAddr>,
+        append_timeout: Duration,
     ) -> Self {
         let slots = addrs.into_iter().map(|(id, addr)| (id, (addr, tokio::sync::Mutex::new(None)))).collect();
-        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots }) }
+        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout }) }
     }
 
     async fn connection(&self, target: NodeId) -> Result<quinn::Connection, RPCError<C>> {
@@ -131,7 +140,8 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse, RPCError<C>> {
-        match self.call(target, PeerRequest::Append { shard, rpc }, option.hard_ttl()).await? {
+        let ttl = option.hard_ttl().max(self.inner.append_timeout);
+        match self.call(target, PeerRequest::Append { shard, rpc }, ttl).await? {
             PeerResponse::Append(r) => Ok(r),
             other => Err(unexpected(other)),
         }

@@ -42,6 +42,10 @@ pub struct Store {
     pub syncer: Syncer,
 }
 
+/// A write or WAL fsync slower than this is logged: it holds up every shard of the node
+/// (an unsynced write runs on a runtime worker; the fsync gates every acknowledgement).
+pub const SLOW_IO: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn cf_options(name: &str) -> Options {
     let mut o = Options::default();
     let mut table = BlockBasedOptions::default();
@@ -97,7 +101,12 @@ impl Store {
     pub fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(false);
+        let started = std::time::Instant::now();
         self.db.write_opt(batch, &wo)?;
+        let took = started.elapsed();
+        if took >= SLOW_IO {
+            tracing::warn!(took_ms = took.as_millis() as u64, "slow storage write (disk or page-cache writeback)");
+        }
         Ok(())
     }
 

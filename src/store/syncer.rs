@@ -124,7 +124,11 @@ fn run(db: Arc<DB>, rx: Receiver<Completion>, stats: Arc<SyncStats>) {
         }
         let started = Instant::now();
         let result = db.flush_wal(true);
-        stats.fsync_us_total.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        let took = started.elapsed();
+        stats.fsync_us_total.fetch_add(took.as_micros() as u64, Relaxed);
+        if took >= super::SLOW_IO {
+            tracing::warn!(took_ms = took.as_millis() as u64, waiting = round.len(), "slow WAL fsync");
+        }
         stats.rounds.fetch_add(1, Relaxed);
         stats.completions.fetch_add(round.len() as u64, Relaxed);
         match result {
