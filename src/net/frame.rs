@@ -49,6 +49,19 @@ pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, value: &T) ->
     Ok(())
 }
 
+/// A frame header's length, refused before anything is allocated for it when it is zero or
+/// over `max_bytes`.
+fn checked_len(header: [u8; 4], max_bytes: usize) -> Result<usize> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len == 0 {
+        return Err(Error::Protocol("empty frame".into()));
+    }
+    if len > max_bytes {
+        return Err(Error::InvalidInput(format!("frame of {len} bytes exceeds the limit of {max_bytes}")));
+    }
+    Ok(len)
+}
+
 /// Reads one frame of at most `max_bytes`; `Ok(None)` on a clean end of stream.
 pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R, max_bytes: usize) -> Result<Option<T>> {
     let mut len = [0u8; 4];
@@ -60,13 +73,7 @@ pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R, max_byte
         }
         got += n;
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len == 0 {
-        return Err(Error::Protocol("empty frame".into()));
-    }
-    if len > max_bytes {
-        return Err(Error::InvalidInput(format!("frame of {len} bytes exceeds the limit of {max_bytes}")));
-    }
+    let len = checked_len(len, max_bytes)?;
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await.map_err(|e| Error::Protocol(format!("stream ended inside a frame: {e}")))?;
     decode_body(&payload).map(Some)
@@ -94,22 +101,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The length of the frame at the front of the buffer, checked against the limit.
     fn front_len(&self) -> Result<Option<usize>> {
-        let Some(header) = self.buf.get(self.start..self.start + 4).filter(|_| self.end - self.start >= 4) else {
+        if self.end - self.start < 4 {
             return Ok(None);
-        };
-        let len = u32::from_be_bytes(header.try_into().expect("four bytes")) as usize;
-        if len == 0 {
-            return Err(Error::Protocol("empty frame".into()));
         }
-        if len > self.max_bytes {
-            return Err(Error::InvalidInput(format!("frame of {len} bytes exceeds the limit of {}", self.max_bytes)));
-        }
-        Ok(Some(len))
+        let header = self.buf[self.start..self.start + 4].try_into().expect("four bytes");
+        checked_len(header, self.max_bytes).map(Some)
     }
 
-    /// Whether a whole frame is buffered, so [`FrameReader::next`] returns without reading.
+    /// Whether [`FrameReader::next`] returns without reading: a whole frame, or a bad
+    /// header, is buffered.
     pub fn has_frame(&self) -> bool {
-        matches!(self.front_len(), Ok(Some(len)) if self.end - self.start >= 4 + len) || self.front_len().is_err()
+        match self.front_len() {
+            Ok(Some(len)) => self.end - self.start >= 4 + len,
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 
     /// The next frame; `Ok(None)` on a clean end of stream, an error on an end inside a
