@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -188,6 +188,10 @@ pub struct Node {
     groups: HashMap<ShardId, Group>,
     push: Arc<PushHub>,
     inflight: Arc<Semaphore>,
+    peer_stats: Arc<peer::PeerStats>,
+    /// Sends committed through this node as leader, and the entries that carried them.
+    sends_committed: AtomicU64,
+    entries_committed: AtomicU64,
     pub client_endpoint: quinn::Endpoint,
     pub peer_endpoint: quinn::Endpoint,
 }
@@ -258,7 +262,19 @@ impl Node {
         for group in groups.values() {
             tokio::spawn(push.clone().dispatch(group.shard, config.shards, group.events.subscribe()));
         }
-        let node = Arc::new(Node { id, config, store, groups, push, inflight, client_endpoint, peer_endpoint });
+        let node = Arc::new(Node {
+            id,
+            config,
+            store,
+            groups,
+            push,
+            inflight,
+            peer_stats: net.stats(),
+            sends_committed: AtomicU64::new(0),
+            entries_committed: AtomicU64::new(0),
+            client_endpoint,
+            peer_endpoint,
+        });
         tokio::spawn(crate::net::server::serve(node.clone()));
         tokio::spawn(balance_leaders(Arc::downgrade(&node)));
         Ok(node)
@@ -284,13 +300,24 @@ impl Node {
         let Ok(_permits) = self.inflight.clone().try_acquire_many_owned(weight.max(1) as u32) else {
             return Err(Response::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
         };
+        let sends = match &command {
+            Command::Send(_) => 1,
+            Command::SendBatch(b) => b.len() as u64,
+            Command::Cursor(_) => 0,
+        };
         match tokio::time::timeout(SEND_TIMEOUT, group.raft.client_write(command)).await {
             Err(_) => Err(error(ErrorCode::Ambiguous, format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"))),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 Err(Response::NotLeader { shard: group.shard, leader: f.leader_id })
             }
             Ok(Err(e)) => Err(error(ErrorCode::Ambiguous, format!("shard {}: {e}", group.shard))),
-            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Ok(resp)) => {
+                if sends > 0 {
+                    self.entries_committed.fetch_add(1, Ordering::Relaxed);
+                    self.sends_committed.fetch_add(sends, Ordering::Relaxed);
+                }
+                Ok(resp.data)
+            }
         }
     }
 
@@ -548,6 +575,11 @@ impl Node {
             fsyncs: stats.rounds.load(Ordering::Relaxed),
             fsync_completions: stats.completions.load(Ordering::Relaxed),
             fsync_us_total: stats.fsync_us_total.load(Ordering::Relaxed),
+            sends_committed: self.sends_committed.load(Ordering::Relaxed),
+            entries_committed: self.entries_committed.load(Ordering::Relaxed),
+            append_rpcs: self.peer_stats.append_rpcs.load(Ordering::Relaxed),
+            append_rpc_entries: self.peer_stats.append_rpc_entries.load(Ordering::Relaxed),
+            append_rpcs_empty: self.peer_stats.append_rpcs_empty.load(Ordering::Relaxed),
         }
     }
 

@@ -59,6 +59,19 @@ async fn concurrent_sends_read_back_identically_on_every_replica() {
     }
     let acks = acks.lock().expect("lock").clone();
     assert_eq!(acks.len(), 300);
+    // The batching counters saw every committed send, in no more entries than sends, and
+    // the entries went out in AppendEntries RPCs.
+    let (mut sends, mut entries, mut rpc_entries) = (0, 0, 0);
+    for node in 1..=3 {
+        let s = client.status(node).await.expect("status");
+        sends += s.sends_committed;
+        entries += s.entries_committed;
+        rpc_entries += s.append_rpc_entries;
+        assert!(s.append_rpcs >= s.append_rpcs_empty, "node {node}: {s:?}");
+    }
+    assert!(sends >= 300, "300 sends acked, {sends} counted as committed");
+    assert!((1..=sends).contains(&entries), "{sends} sends in {entries} entries");
+    assert!(rpc_entries >= entries, "{entries} entries committed but {rpc_entries} replicated");
     for c in 0..8 {
         let conv = format!("room-{c}");
         let want = acks.keys().filter(|(k, _)| *k == conv).count();

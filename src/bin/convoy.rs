@@ -411,10 +411,15 @@ async fn cluster_status(path: &Path, json: bool) -> Result<()> {
                         .sum();
                     let per_fsync = s.fsync_completions as f64 / s.fsyncs.max(1) as f64;
                     let fsync_ms = s.fsync_us_total as f64 / 1000.0 / s.fsyncs.max(1) as f64;
+                    let per_entry = s.sends_committed as f64 / s.entries_committed.max(1) as f64;
+                    let carrying = s.append_rpcs.saturating_sub(s.append_rpcs_empty);
+                    let per_rpc = s.append_rpc_entries as f64 / carrying.max(1) as f64;
                     println!(
                         "node {id}: up, leads shards {leading:?}, apply lag {lag} entries, \
-                         {} fsyncs ({per_fsync:.1} appends each, {fsync_ms:.2} ms mean)",
-                        s.fsyncs
+                         {} fsyncs ({per_fsync:.1} appends each, {fsync_ms:.2} ms mean), \
+                         {} sends committed in {} entries ({per_entry:.1} each), \
+                         {} AppendEntries sent ({per_rpc:.1} entries each when not empty, {} empty)",
+                        s.fsyncs, s.sends_committed, s.entries_committed, s.append_rpcs, s.append_rpcs_empty
                     );
                 }
                 out.push(json!({"node": id, "up": true, "status": s}));

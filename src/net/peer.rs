@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -57,6 +58,17 @@ struct Inner {
     slots: HashMap<NodeId, (SocketAddr, tokio::sync::Mutex<Option<quinn::Connection>>)>,
     /// The least time an AppendEntries may take (see [`PeerNet::new`]).
     append_timeout: Duration,
+    stats: Arc<PeerStats>,
+}
+
+/// Counters of outgoing replication, for `convoy cluster status`: how well entries share
+/// AppendEntries RPCs (every RPC costs both nodes a round of task wake-ups and a follower
+/// fsync completion, whatever it carries).
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    pub append_rpcs: AtomicU64,
+    pub append_rpc_entries: AtomicU64,
+    pub append_rpcs_empty: AtomicU64,
 }
 
 fn unreachable(e: impl std::fmt::Display) -> RPCError<C> {
@@ -81,7 +93,13 @@ impl PeerNet {
         append_timeout: Duration,
     ) -> Self {
         let slots = addrs.into_iter().map(|(id, addr)| (id, (addr, tokio::sync::Mutex::new(None)))).collect();
-        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout }) }
+        let stats = Arc::default();
+        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout, stats }) }
+    }
+
+    /// The replication counters of this node.
+    pub fn stats(&self) -> Arc<PeerStats> {
+        self.inner.stats.clone()
     }
 
     async fn connection(&self, target: NodeId) -> Result<quinn::Connection, RPCError<C>> {
@@ -141,6 +159,13 @@ impl GroupRouter<C, ShardId> for PeerNet {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse, RPCError<C>> {
         let ttl = option.hard_ttl().max(self.inner.append_timeout);
+        let stats = &self.inner.stats;
+        stats.append_rpcs.fetch_add(1, Ordering::Relaxed);
+        if rpc.entries.is_empty() {
+            stats.append_rpcs_empty.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.append_rpc_entries.fetch_add(rpc.entries.len() as u64, Ordering::Relaxed);
+        }
         match self.call(target, PeerRequest::Append { shard, rpc }, ttl).await? {
             PeerResponse::Append(r) => Ok(r),
             other => Err(unexpected(other)),

@@ -115,6 +115,14 @@ pub struct NodeStatus {
     pub fsyncs: u64,
     pub fsync_completions: u64,
     pub fsync_us_total: u64,
+    /// Batching since start: sends committed through this node as leader and the Raft
+    /// entries that carried them; AppendEntries RPCs it sent, the entries they carried, and
+    /// how many carried none (heartbeats and commit-index updates).
+    pub sends_committed: u64,
+    pub entries_committed: u64,
+    pub append_rpcs: u64,
+    pub append_rpc_entries: u64,
+    pub append_rpcs_empty: u64,
 }
 
 /// One shard as seen by one replica.
