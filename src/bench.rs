@@ -228,6 +228,11 @@ struct BenchCluster {
     children: Vec<Child>,
 }
 
+/// A profiling aid's number from the environment; unset or unparsable is `None`.
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
 fn free_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -236,10 +241,10 @@ impl BenchCluster {
     fn start(dir: &Path) -> Result<BenchCluster> {
         std::fs::create_dir_all(dir)?;
         // Profiling aid: CONVOY_BENCH_SHARDS=N runs the cluster with N shards (default 16).
-        let shards = std::env::var("CONVOY_BENCH_SHARDS").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(16);
+        let shards = env_number::<u32>("CONVOY_BENCH_SHARDS").unwrap_or(16);
         let mut toml = format!("shards = {shards}\nreplication_factor = 3\ntls_dir = \"tls\"\n");
-        if let Ok(n) = std::env::var("CONVOY_BENCH_WORKER_THREADS") {
-            toml.push_str(&format!("worker_threads = {}\n", n.parse::<usize>().unwrap_or(0)));
+        if let Some(n) = env_number::<usize>("CONVOY_BENCH_WORKER_THREADS") {
+            toml.push_str(&format!("worker_threads = {n}\n"));
         }
         for id in 1..=3 {
             toml.push_str(&format!(
@@ -535,8 +540,7 @@ async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<R
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Profiling aid: CONVOY_BENCH_CATCH_UP_REPEAT=N reads the conversation N more times first.
-    let repeat = std::env::var("CONVOY_BENCH_CATCH_UP_REPEAT").ok().and_then(|v| v.parse::<usize>().ok());
-    for _ in 0..repeat.unwrap_or(0) {
+    for _ in 0..env_number::<usize>("CONVOY_BENCH_CATCH_UP_REPEAT").unwrap_or(0) {
         let started = Instant::now();
         let n = reader.read(conv, 1, Some(follower)).await?.len();
         eprintln!("catch_up: {n} messages in {:?}", started.elapsed());

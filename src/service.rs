@@ -293,17 +293,17 @@ impl Node {
         self.groups.get(&shard).ok_or_else(|| Error::Unavailable(format!("shard {shard} is not hosted here")))
     }
 
-    /// Proposes a command on the shard's leader (this node) and waits for its outcome.
-    /// `weight` is the number of sends it carries (in-flight permits). An `Err` is the
+    /// Proposes a command on the shard's leader (this node) and waits for its outcome. It
+    /// takes one in-flight permit per send it carries (one for a cursor). An `Err` is the
     /// answer for everything the command carried (throttled, not leader, unknown outcome).
-    async fn propose(&self, group: &Group, command: Command, weight: usize) -> std::result::Result<Outcome, Response> {
-        let Ok(_permits) = self.inflight.clone().try_acquire_many_owned(weight.max(1) as u32) else {
-            return Err(Response::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
-        };
+    async fn propose(&self, group: &Group, command: Command) -> std::result::Result<Outcome, Response> {
         let sends = match &command {
             Command::Send(_) => 1,
-            Command::SendBatch(b) => b.len() as u64,
+            Command::SendBatch(b) => b.len() as u32,
             Command::Cursor(_) => 0,
+        };
+        let Ok(_permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
+            return Err(Response::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
         };
         match tokio::time::timeout(SEND_TIMEOUT, group.raft.client_write(command)).await {
             Err(_) => Err(error(ErrorCode::Ambiguous, format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"))),
@@ -314,7 +314,7 @@ impl Node {
             Ok(Ok(resp)) => {
                 if sends > 0 {
                     self.entries_committed.fetch_add(1, Ordering::Relaxed);
-                    self.sends_committed.fetch_add(sends, Ordering::Relaxed);
+                    self.sends_committed.fetch_add(u64::from(sends), Ordering::Relaxed);
                 }
                 Ok(resp.data)
             }
@@ -354,7 +354,7 @@ impl Node {
             Err(answer) => return answer,
         };
         let conversation = command.conversation.clone();
-        match self.propose(&self.groups[&shard], Command::Send(command), 1).await {
+        match self.propose(&self.groups[&shard], Command::Send(command)).await {
             Ok(outcome) => send_answer(outcome, conversation),
             Err(answer) => answer,
         }
@@ -385,10 +385,7 @@ impl Node {
         let proposals = by_shard.into_iter().map(|(shard, (slots, commands))| async move {
             let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
             let weight = commands.len();
-            let answers: Vec<Response> = match self
-                .propose(&self.groups[&shard], Command::SendBatch(commands), weight)
-                .await
-            {
+            let answers: Vec<Response> = match self.propose(&self.groups[&shard], Command::SendBatch(commands)).await {
                 Ok(Outcome::Batch(outcomes)) if outcomes.len() == weight => {
                     outcomes.into_iter().zip(conversations).map(|(o, c)| send_answer(o, c)).collect()
                 }
@@ -418,7 +415,7 @@ impl Node {
         let shard = group.shard;
         let (store, c) = (self.store.clone(), conversation.clone());
         let command = Command::Cursor(CursorCommand { user, conversation, offset });
-        match self.propose(group, command, 1).await {
+        match self.propose(group, command).await {
             Ok(Outcome::CursorAt { offset }) => {
                 let head = tokio::task::spawn_blocking(move || store.head(shard, &c)).await;
                 Response::Cursor { offset, head: head.ok().and_then(|h| h.ok()).unwrap_or(0) }
