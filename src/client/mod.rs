@@ -502,11 +502,31 @@ impl Client {
     }
 
     async fn read_from(&self, conversation: &str, from: u64, node: u64) -> Result<Vec<StoredMessage>> {
+        let mut out = Vec::new();
+        self.read_each(conversation, from, node, |m| {
+            out.push(m);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Reads a conversation from `from` up to the head as `node` has it, handing each
+    /// message to `visit` as it arrives instead of collecting them (a reader that keeps
+    /// nothing, like a subscriber that renders and moves on). Returns how many it visited.
+    /// Offsets are checked to be consecutive; an error of `visit` ends the read with it.
+    pub async fn read_each(
+        &self,
+        conversation: &str,
+        from: u64,
+        node: u64,
+        mut visit: impl FnMut(StoredMessage) -> Result<()>,
+    ) -> Result<u64> {
         let req = Request::Subscribe { conversation: conversation.into(), from, follow: false };
         let mut recv =
             frame::FrameReader::new(self.open(node, &req).await?, RESPONSE_FRAME_BYTES_MAX, READ_BUFFER_BYTES);
-        let mut out = Vec::new();
-        let mut next = from.max(1);
+        let first = from.max(1);
+        let mut next = first;
         loop {
             // A buffered frame needs no timer; only a read of the stream can stall.
             let frame = if recv.has_frame() {
@@ -525,9 +545,9 @@ impl Client {
                         )));
                     }
                     next += 1;
-                    out.push(m);
+                    visit(m)?;
                 }
-                Some(Response::CaughtUp { .. }) => return Ok(out),
+                Some(Response::CaughtUp { .. }) => return Ok(next - first),
                 Some(Response::Error { code, message }) => return Err(response_error(code, message)),
                 Some(Response::Truncated { earliest }) => return Err(Error::Truncated { earliest }),
                 Some(other) => return Err(Error::Protocol(format!("unexpected frame {other:?}"))),
