@@ -384,15 +384,15 @@ impl Node {
         }
         let proposals = by_shard.into_iter().map(|(shard, (slots, commands))| async move {
             let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
-            let weight = commands.len();
+            let sends = commands.len();
             let answers: Vec<Response> = match self.propose(&self.groups[&shard], Command::SendBatch(commands)).await {
-                Ok(Outcome::Batch(outcomes)) if outcomes.len() == weight => {
+                Ok(Outcome::Batch(outcomes)) if outcomes.len() == sends => {
                     outcomes.into_iter().zip(conversations).map(|(o, c)| send_answer(o, c)).collect()
                 }
                 Ok(other) => {
-                    vec![error(ErrorCode::Protocol, format!("unexpected outcome of a send batch: {other:?}")); weight]
+                    vec![error(ErrorCode::Protocol, format!("unexpected outcome of a send batch: {other:?}")); sends]
                 }
-                Err(answer) => vec![answer; weight],
+                Err(answer) => vec![answer; sends],
             };
             (slots, answers)
         });
