@@ -29,6 +29,7 @@ use serde_json::json;
 use crate::client::{Client, Event};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::stages::{Stage, StageSnapshot};
 use crate::store::keys::{log_key, CF_LOG};
 use crate::store::Store;
 
@@ -366,6 +367,7 @@ async fn send_load(
 ) -> Result<Record> {
     let clients: Vec<Client> =
         (0..senders.div_ceil(SENDERS_PER_CLIENT)).map(|_| Client::connect(config)).collect::<Result<_>>()?;
+    let before = stage_snapshots(&clients[0], config).await?;
     let body = text("load");
     let (count, errors, s, elapsed) = closed_loop(&clients, senders, phase, move |client: Client, i, _n| {
         let (conv, body) = (format!("bench-{}", i % conversations), body.clone());
@@ -374,7 +376,52 @@ async fn send_load(
     .await;
     let mut r = record(workload, senders, conversations, count, elapsed, s);
     r.extra.insert("errors".into(), json!(errors));
+    let after = stage_snapshots(&clients[0], config).await?;
+    r.extra.insert("stages".into(), stage_breakdown(&before, &after));
     Ok(r)
+}
+
+/// Every node's send-path histograms (see `crate::stages`).
+async fn stage_snapshots(client: &Client, config: &Config) -> Result<Vec<StageSnapshot>> {
+    let mut all = Vec::new();
+    for id in config.node_ids() {
+        all.extend(client.status(id).await?.stages);
+    }
+    Ok(all)
+}
+
+/// Per stage, over all nodes, what was recorded between two [`stage_snapshots`]: count, p50
+/// and p99 in µs (bucket bounds, 12.5 % resolution).
+fn stage_breakdown(before: &[StageSnapshot], after: &[StageSnapshot]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for stage in Stage::ALL {
+        let (b, a) = (StageSnapshot::merge(stage.name(), before), StageSnapshot::merge(stage.name(), after));
+        let period = a.since(&b);
+        if let (Some(p50), Some(p99)) = (period.quantile_us(0.5), period.quantile_us(0.99)) {
+            out.insert(stage.name().into(), json!({"count": period.count(), "p50_us": p50, "p99_us": p99}));
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
+/// The send-path breakdown of the records that have one, one line each.
+pub fn stage_lines(records: &[Record]) -> String {
+    let mut s = String::new();
+    for r in records {
+        let Some(serde_json::Value::Object(stages)) = r.extra.get("stages") else { continue };
+        let parts: Vec<String> = Stage::ALL
+            .iter()
+            .filter_map(|st| stages.get(st.name()).map(|v| format!("{} {}/{}", st.name(), v["p50_us"], v["p99_us"])))
+            .collect();
+        s.push_str(&format!(
+            "{:<16} {:>3}x{:<3} p50/p99 µs: {}\n",
+            r.workload,
+            r.senders,
+            r.conversations,
+            parts.join(", ")
+        ));
+    }
+    s
 }
 
 /// Send → receipt latency at a fixed rate, subscriber on a follower of the shard.

@@ -24,6 +24,7 @@ pub mod net;
 pub mod planted;
 pub mod raft;
 pub mod service;
+pub mod stages;
 pub mod store;
 
 pub use error::{Error, Result};

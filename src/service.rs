@@ -32,6 +32,7 @@ use crate::net::wire::{ErrorCode, NodeStatus, Response, SendRequest, ShardStatus
 use crate::raft::state_machine::ShardEvent;
 use crate::raft::types::NodeId;
 use crate::raft::{self as consensus, Group};
+use crate::stages::Stage;
 use crate::store::Store;
 
 /// How long a proposal may take before the answer is "outcome unknown".
@@ -233,7 +234,8 @@ impl Node {
             .map_err(|e| Error::Config(format!("cannot bind peer address {}: {e}", me.peer_addr)))?;
         let addrs: HashMap<NodeId, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
         let append_timeout = Duration::from_millis(config.raft.election_timeout_min_ms);
-        let net = PeerNet::new(peer_endpoint.clone(), tls::client_config(&paths, Some(id))?, addrs, append_timeout);
+        let client_tls = tls::client_config(&paths, Some(id))?;
+        let net = PeerNet::new(peer_endpoint.clone(), client_tls, addrs, append_timeout, store.stages.clone());
 
         let raft_config = consensus::raft_config(&config)?;
         let registry: Groups = Arc::new(RwLock::new(HashMap::new()));
@@ -244,7 +246,7 @@ impl Node {
             registry.write().expect("registry lock is never poisoned at start-up").insert(shard, group.raft.clone());
             groups.insert(shard, group);
         }
-        tokio::spawn(peer::serve(peer_endpoint.clone(), registry, spool_dir));
+        tokio::spawn(peer::serve(peer_endpoint.clone(), registry, spool_dir, store.stages.clone()));
 
         let bootstrapper = config.node_ids().first().copied() == Some(id);
         if fresh && bootstrapper {
@@ -305,6 +307,7 @@ impl Node {
         let Ok(_permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
             return Err(Response::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
         };
+        let proposed = std::time::Instant::now();
         match tokio::time::timeout(SEND_TIMEOUT, group.raft.client_write(command)).await {
             Err(_) => Err(error(ErrorCode::Ambiguous, format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"))),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
@@ -313,6 +316,7 @@ impl Node {
             Ok(Err(e)) => Err(error(ErrorCode::Ambiguous, format!("shard {}: {e}", group.shard))),
             Ok(Ok(resp)) => {
                 if sends > 0 {
+                    self.store.stages.record(Stage::Send, proposed.elapsed());
                     self.entries_committed.fetch_add(1, Ordering::Relaxed);
                     self.sends_committed.fetch_add(u64::from(sends), Ordering::Relaxed);
                 }
@@ -577,6 +581,7 @@ impl Node {
             append_rpcs: self.peer_stats.append_rpcs.load(Ordering::Relaxed),
             append_rpc_entries: self.peer_stats.append_rpc_entries.load(Ordering::Relaxed),
             append_rpcs_empty: self.peer_stats.append_rpcs_empty.load(Ordering::Relaxed),
+            stages: self.store.stages.snapshot(),
         }
     }
 

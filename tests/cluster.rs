@@ -62,16 +62,28 @@ async fn concurrent_sends_read_back_identically_on_every_replica() {
     // The batching counters saw every committed send, in no more entries than sends, and
     // the entries went out in AppendEntries RPCs.
     let (mut sends, mut entries, mut rpc_entries) = (0, 0, 0);
+    let mut stages = Vec::new();
     for node in 1..=3 {
         let s = client.status(node).await.expect("status");
         sends += s.sends_committed;
         entries += s.entries_committed;
         rpc_entries += s.append_rpc_entries;
         assert!(s.append_rpcs >= s.append_rpcs_empty, "node {node}: {s:?}");
+        stages.extend(s.stages);
     }
     assert!(sends >= 300, "300 sends acked, {sends} counted as committed");
     assert!((1..=sends).contains(&entries), "{sends} sends in {entries} entries");
     assert!(rpc_entries >= entries, "{entries} entries committed but {rpc_entries} replicated");
+    // The send-path histograms saw the same work: one `send` per committed entry, and a
+    // replicated, fsynced, applied path behind it. Each follower sample pairs with the
+    // leader's round trip of the same RPC, which contains it.
+    let stage = |name: &str| convoy::stages::StageSnapshot::merge(name, &stages);
+    assert_eq!(stage("send").count(), entries, "one send-stage sample per committed entry");
+    for name in ["append_durable", "replicate", "follower_append", "apply_write", "fsync"] {
+        assert!(stage(name).count() > 0, "no {name} samples: {stages:?}");
+    }
+    let p50 = |name: &str| stage(name).quantile_us(0.5).expect("samples");
+    assert!(p50("follower_append") <= p50("replicate"), "a round trip covers the follower's part: {stages:?}");
     for c in 0..8 {
         let conv = format!("room-{c}");
         let want = acks.keys().filter(|(k, _)| *k == conv).count();

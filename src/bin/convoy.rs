@@ -234,6 +234,10 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await?;
             print!("{}", convoy::bench::table(&records));
+            let stages = convoy::bench::stage_lines(&records);
+            if !stages.is_empty() {
+                print!("where a send's time went (all nodes; see `cluster status`):\n{stages}");
+            }
             if let Some(path) = out {
                 std::fs::write(&path, serde_json::to_string_pretty(&records)?)?;
                 println!("records written to {}", path.display());
@@ -421,6 +425,17 @@ async fn cluster_status(path: &Path, json: bool) -> Result<()> {
                          {} AppendEntries sent ({per_rpc:.1} entries each when not empty, {} empty)",
                         s.fsyncs, s.sends_committed, s.entries_committed, s.append_rpcs, s.append_rpcs_empty
                     );
+                    let stages: Vec<String> = s
+                        .stages
+                        .iter()
+                        .filter_map(|st| {
+                            let (p50, p99) = (st.quantile_us(0.5)?, st.quantile_us(0.99)?);
+                            Some(format!("{} {p50}/{p99} µs ×{}", st.stage, st.count()))
+                        })
+                        .collect();
+                    if !stages.is_empty() {
+                        println!("  send path since start, p50/p99: {}", stages.join(", "));
+                    }
                 }
                 out.push(json!({"node": id, "up": true, "status": s}));
             }

@@ -30,6 +30,7 @@ use crate::chat::ShardId;
 use crate::error::Error;
 use crate::raft::state_machine::ShardSnapshot;
 use crate::raft::types::*;
+use crate::stages::{Stage, Stages};
 use crate::store::snapshot::SpoolWriter;
 
 /// Largest peer frame: an AppendEntries batch of `max_payload_entries` full messages, or a
@@ -59,6 +60,7 @@ struct Inner {
     /// The least time an AppendEntries may take (see [`PeerNet::new`]).
     append_timeout: Duration,
     stats: Arc<PeerStats>,
+    stages: Arc<Stages>,
 }
 
 /// Counters of outgoing replication, for `convoy cluster status`: how well entries share
@@ -91,10 +93,11 @@ impl PeerNet {
         client_config: quinn::ClientConfig,
         addrs: HashMap<NodeId, SocketAddr>,
         append_timeout: Duration,
+        stages: Arc<Stages>,
     ) -> Self {
         let slots = addrs.into_iter().map(|(id, addr)| (id, (addr, tokio::sync::Mutex::new(None)))).collect();
         let stats = Arc::default();
-        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout, stats }) }
+        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout, stats, stages }) }
     }
 
     /// The replication counters of this node.
@@ -161,12 +164,18 @@ impl GroupRouter<C, ShardId> for PeerNet {
         let ttl = option.hard_ttl().max(self.inner.append_timeout);
         let stats = &self.inner.stats;
         stats.append_rpcs.fetch_add(1, Ordering::Relaxed);
-        if rpc.entries.is_empty() {
-            stats.append_rpcs_empty.fetch_add(1, Ordering::Relaxed);
-        } else {
+        let carries = !rpc.entries.is_empty();
+        if carries {
             stats.append_rpc_entries.fetch_add(rpc.entries.len() as u64, Ordering::Relaxed);
+        } else {
+            stats.append_rpcs_empty.fetch_add(1, Ordering::Relaxed);
         }
-        match self.call(target, PeerRequest::Append { shard, rpc }, ttl).await? {
+        let sent = std::time::Instant::now();
+        let answer = self.call(target, PeerRequest::Append { shard, rpc }, ttl).await;
+        if carries && answer.is_ok() {
+            self.inner.stages.record(Stage::Replicate, sent.elapsed());
+        }
+        match answer? {
             PeerResponse::Append(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -291,9 +300,9 @@ impl RaftNetworkFactory<C> for ShardNetworkFactory {
 }
 
 /// Serves peer RPCs until the endpoint closes.
-pub async fn serve(endpoint: quinn::Endpoint, groups: Groups, spool_dir: PathBuf) {
+pub async fn serve(endpoint: quinn::Endpoint, groups: Groups, spool_dir: PathBuf, stages: Arc<Stages>) {
     while let Some(incoming) = endpoint.accept().await {
-        let (groups, spool_dir) = (groups.clone(), spool_dir.clone());
+        let (groups, spool_dir, stages) = (groups.clone(), spool_dir.clone(), stages.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -307,8 +316,8 @@ pub async fn serve(endpoint: quinn::Endpoint, groups: Groups, spool_dir: PathBuf
                 loop {
                     match conn.accept_bi().await {
                         Ok((send, recv)) => {
-                            let (groups, spool_dir) = (groups.clone(), spool_dir.clone());
-                            tokio::spawn(handle_stream(send, recv, groups, spool_dir).in_current_span());
+                            let (groups, spool_dir, stages) = (groups.clone(), spool_dir.clone(), stages.clone());
+                            tokio::spawn(handle_stream(send, recv, groups, spool_dir, stages).in_current_span());
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "peer connection closed");
@@ -328,9 +337,15 @@ fn group(groups: &Groups, shard: ShardId) -> Result<Raft, String> {
     map.get(&shard).cloned().ok_or_else(|| format!("shard {shard} is not hosted on this node"))
 }
 
-async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, groups: Groups, spool_dir: PathBuf) {
+async fn handle_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    groups: Groups,
+    spool_dir: PathBuf,
+    stages: Arc<Stages>,
+) {
     let response = match frame::read::<_, PeerRequest>(&mut recv, PEER_FRAME_BYTES_MAX).await {
-        Ok(Some(req)) => dispatch(req, &mut recv, &groups, &spool_dir).await,
+        Ok(Some(req)) => dispatch(req, &mut recv, &groups, &spool_dir, &stages).await,
         Ok(None) => return,
         Err(e) => PeerResponse::Error(format!("bad request: {e}")),
     };
@@ -344,11 +359,19 @@ async fn dispatch(
     recv: &mut quinn::RecvStream,
     groups: &Groups,
     spool_dir: &std::path::Path,
+    stages: &Stages,
 ) -> PeerResponse {
     let err = |e: String| PeerResponse::Error(e);
     match req {
         PeerRequest::Append { shard, rpc } => match group(groups, shard) {
-            Ok(raft) => raft.append_entries(rpc).await.map(PeerResponse::Append).unwrap_or_else(|e| err(e.to_string())),
+            Ok(raft) => {
+                let (arrived, carries) = (std::time::Instant::now(), !rpc.entries.is_empty());
+                let answer = raft.append_entries(rpc).await;
+                if carries && answer.is_ok() {
+                    stages.record(Stage::FollowerAppend, arrived.elapsed());
+                }
+                answer.map(PeerResponse::Append).unwrap_or_else(|e| err(e.to_string()))
+            }
             Err(e) => err(e),
         },
         PeerRequest::Vote { shard, rpc } => match group(groups, shard) {

@@ -17,6 +17,7 @@ use crate::raft::types::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotMeta, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, Vote, VoteRequest, VoteResponse,
 };
+pub use crate::stages::StageSnapshot;
 
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +124,8 @@ pub struct NodeStatus {
     pub append_rpcs: u64,
     pub append_rpc_entries: u64,
     pub append_rpcs_empty: u64,
+    /// Latency histograms of the send path since start (see `crate::stages`).
+    pub stages: Vec<StageSnapshot>,
 }
 
 /// One shard as seen by one replica.

@@ -18,6 +18,7 @@ use rocksdb::WriteBatch;
 
 use super::types::{Entry, LogId, Vote, C};
 use crate::chat::ShardId;
+use crate::stages::Stage;
 use crate::store::codec::{decode, encode};
 use crate::store::keys::{log_key, meta_key, CF_LOG, CF_META, META_PURGED, META_VOTE};
 use crate::store::Store;
@@ -149,7 +150,11 @@ impl RaftLogStorage<C> for LogStore {
             }
             store.write(b)?;
             // Queued strictly after the write returned: the next fsync covers it.
-            store.syncer.after_sync(Box::new(move |r| callback.io_completed(r)));
+            let (written, stages) = (std::time::Instant::now(), store.stages.clone());
+            store.syncer.after_sync(Box::new(move |r| {
+                stages.record(Stage::AppendDurable, written.elapsed());
+                callback.io_completed(r)
+            }));
             Ok(())
         })
     }

@@ -29,6 +29,7 @@ use super::log_store::{blocking, inline};
 use super::types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, C};
 use crate::chat::{self, DedupRecord, Effect, Outcome, ShardId, ShardView, StoredMessage};
 use crate::error::{Error, Result};
+use crate::stages::Stage;
 use crate::store::codec::{decode, encode};
 use crate::store::keys::{applied_key, cursor_key, dedup_key, head_key, message_key, CF_MESSAGES, CF_STATE};
 use crate::store::snapshot::{self, LocalSnapshot, Source};
@@ -215,8 +216,10 @@ impl RaftStateMachine<C> for ShardStateMachine {
         if batch.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let (outcomes, applied, appended) =
             inline(|| apply_batch(&self.store, self.shard, batch, self.applied.clone()))?;
+        self.store.stages.record(Stage::ApplyWrite, started.elapsed());
         self.applied = applied;
         for (responder, outcome) in responders.into_iter().zip(outcomes) {
             if let Some(r) = responder {

@@ -29,6 +29,7 @@ use rocksdb::{
 
 use crate::chat::{DedupRecord, ShardId};
 use crate::error::{Error, Result};
+use crate::stages::Stages;
 use keys::*;
 
 pub use syncer::Syncer;
@@ -40,6 +41,8 @@ pub use syncer::Syncer;
 pub struct Store {
     pub db: Arc<DB>,
     pub syncer: Syncer,
+    /// Latency histograms of the node's send path (see `crate::stages`).
+    pub stages: Arc<Stages>,
 }
 
 /// A write or WAL fsync slower than this is logged: it holds up every shard of the node
@@ -88,8 +91,9 @@ impl Store {
         let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let db = Arc::new(db);
-        let syncer = Syncer::start(db.clone());
-        Ok((Store { db, syncer }, fresh))
+        let stages = Arc::new(Stages::default());
+        let syncer = Syncer::start(db.clone(), stages.clone());
+        Ok((Store { db, syncer, stages }, fresh))
     }
 
     /// The handle of a column family this schema created at open.

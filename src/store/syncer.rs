@@ -17,6 +17,8 @@ use std::time::Instant;
 
 use rocksdb::DB;
 
+use crate::stages::{Stage, Stages};
+
 /// Completions waiting for the next fsync, at most. Senders block (backpressure) beyond it.
 pub const SYNC_QUEUE_MAX: usize = 65_536;
 /// Completions completed per fsync round, at most.
@@ -59,13 +61,13 @@ impl Drop for Shared {
 
 impl Syncer {
     /// Starts the syncer thread for `db`. It exits when every handle is dropped.
-    pub fn start(db: Arc<DB>) -> Syncer {
+    pub fn start(db: Arc<DB>, stages: Arc<Stages>) -> Syncer {
         let (tx, rx) = sync_channel::<Completion>(SYNC_QUEUE_MAX);
         let stats = Arc::new(SyncStats::default());
         let thread_stats = stats.clone();
         let thread = thread::Builder::new()
             .name("convoy-syncer".into())
-            .spawn(move || run(db, rx, thread_stats))
+            .spawn(move || run(db, rx, thread_stats, stages))
             .expect("spawning the syncer thread at start-up");
         Syncer { shared: Arc::new(Shared { tx: Some(tx), thread: Some(thread) }), stats }
     }
@@ -108,7 +110,7 @@ fn stopped() -> std::io::Error {
     std::io::Error::other("syncer stopped after an fsync failure")
 }
 
-fn run(db: Arc<DB>, rx: Receiver<Completion>, stats: Arc<SyncStats>) {
+fn run(db: Arc<DB>, rx: Receiver<Completion>, stats: Arc<SyncStats>, stages: Arc<Stages>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut round: Vec<Completion> = Vec::with_capacity(1024);
     loop {
@@ -125,6 +127,7 @@ fn run(db: Arc<DB>, rx: Receiver<Completion>, stats: Arc<SyncStats>) {
         let started = Instant::now();
         let result = db.flush_wal(true);
         let took = started.elapsed();
+        stages.record(Stage::Fsync, took);
         stats.fsync_us_total.fetch_add(took.as_micros() as u64, Relaxed);
         if took >= super::SLOW_IO {
             tracing::warn!(took_ms = took.as_millis() as u64, waiting = round.len(), "slow WAL fsync");
