@@ -1,10 +1,11 @@
 //! The node↔node transport for every Raft group of a node.
 //!
 //! One QUIC endpoint per node (its `peer_addr`), mutual TLS under the node CA, one cached
-//! connection per peer shared by all shards, and one bidirectional stream per RPC whose
-//! request names the shard. [`PeerNet`] implements `openraft_multi::GroupRouter`, so
-//! openraft sees an ordinary per-group network; [`serve`] dispatches incoming RPCs to the
-//! local group of the named shard.
+//! connection per peer shared by all shards. AppendEntries travel on lanes: bidirectional
+//! streams kept open per (peer, shard) and used for one exchange at a time. Every other RPC
+//! gets a stream of its own. Each request names its shard. [`PeerNet`] implements
+//! `openraft_multi::GroupRouter`, so openraft sees an ordinary per-group network; [`serve`]
+//! dispatches incoming RPCs to the local group of the named shard.
 //!
 //! Snapshots are streamed in chunks read from a RocksDB snapshot on a blocking thread
 //! through a small bounded channel, and spooled to a file on the receiver: neither side
@@ -61,7 +62,24 @@ struct Inner {
     append_timeout: Duration,
     stats: Arc<PeerStats>,
     stages: Arc<Stages>,
+    /// Idle AppendEntries lanes by (peer, shard) (see [`PeerNet::append`]).
+    lanes: std::sync::Mutex<HashMap<(NodeId, ShardId), Vec<Lane>>>,
 }
+
+/// A stream kept open to carry one shard's AppendEntries to one peer, one exchange at a
+/// time. It is idle (no request without its answer) whenever it sits in the pool: it is
+/// taken out for an exchange and put back only after that exchange's answer was read, so a
+/// failed, timed-out or cancelled exchange drops it and its answer can never be taken for
+/// another request's.
+struct Lane {
+    connection: usize,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+/// Idle lanes kept per (peer, shard): openraft replicates to a peer one AppendEntries at a
+/// time, with heartbeats beside it.
+const LANES_PER_SHARD: usize = 2;
 
 /// Counters of outgoing replication, for `convoy cluster status`: how well entries share
 /// AppendEntries RPCs (every RPC costs both nodes a round of task wake-ups and a follower
@@ -97,7 +115,8 @@ impl PeerNet {
     ) -> Self {
         let slots = addrs.into_iter().map(|(id, addr)| (id, (addr, tokio::sync::Mutex::new(None)))).collect();
         let stats = Arc::default();
-        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout, stats, stages }) }
+        let lanes = std::sync::Mutex::default();
+        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout, stats, stages, lanes }) }
     }
 
     /// The replication counters of this node.
@@ -145,6 +164,55 @@ impl PeerNet {
             Err(_) => Err(network(format!("rpc to node {target} timed out after {ttl:?}"))),
         }
     }
+
+    /// One AppendEntries exchange on a lane of (`target`, `shard`), bounded by `ttl`.
+    ///
+    /// A stream per RPC costs both nodes an open, an accept, a task spawn and a close per
+    /// round; under load each of those waits its turn on a busy runtime. A lane is opened
+    /// once and reused while it works; the follower serves it in one task (see
+    /// [`handle_stream`]).
+    async fn append(
+        &self,
+        target: NodeId,
+        shard: ShardId,
+        rpc: AppendEntriesRequest,
+        ttl: Duration,
+    ) -> Result<PeerResponse, RPCError<C>> {
+        let attempt = async {
+            let conn = self.connection(target).await?;
+            let idle = {
+                let mut lanes = self.inner.lanes.lock().expect("lane pool lock");
+                let pool = lanes.entry((target, shard)).or_default();
+                // Lanes of an older connection are dead: drop them.
+                pool.retain(|l| l.connection == conn.stable_id());
+                pool.pop()
+            };
+            let mut lane = match idle {
+                Some(lane) => lane,
+                None => {
+                    let (send, recv) = conn.open_bi().await.map_err(unreachable)?;
+                    Lane { connection: conn.stable_id(), send, recv }
+                }
+            };
+            frame::write(&mut lane.send, &PeerRequest::Append { shard, rpc }).await.map_err(network)?;
+            let answer =
+                match frame::read::<_, PeerResponse>(&mut lane.recv, PEER_FRAME_BYTES_MAX).await.map_err(network)? {
+                    Some(PeerResponse::Error(e)) => return Err(unreachable(format!("node {target}: {e}"))),
+                    Some(resp) => resp,
+                    None => return Err(network("peer closed the lane without answering")),
+                };
+            let mut lanes = self.inner.lanes.lock().expect("lane pool lock");
+            let pool = lanes.entry((target, shard)).or_default();
+            if pool.len() < LANES_PER_SHARD {
+                pool.push(lane);
+            }
+            Ok(answer)
+        };
+        match tokio::time::timeout(ttl, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(network(format!("append to node {target} timed out after {ttl:?}"))),
+        }
+    }
 }
 
 fn unexpected(resp: PeerResponse) -> RPCError<C> {
@@ -171,7 +239,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
             stats.append_rpcs_empty.fetch_add(1, Ordering::Relaxed);
         }
         let sent = std::time::Instant::now();
-        let answer = self.call(target, PeerRequest::Append { shard, rpc }, ttl).await;
+        let answer = self.append(target, shard, rpc, ttl).await;
         if carries && answer.is_ok() {
             self.inner.stages.record(Stage::Replicate, sent.elapsed());
         }
@@ -344,14 +412,22 @@ async fn handle_stream(
     spool_dir: PathBuf,
     stages: Arc<Stages>,
 ) {
-    let response = match frame::read::<_, PeerRequest>(&mut recv, PEER_FRAME_BYTES_MAX).await {
-        Ok(Some(req)) => dispatch(req, &mut recv, &groups, &spool_dir, &stages).await,
-        Ok(None) => return,
-        Err(e) => PeerResponse::Error(format!("bad request: {e}")),
-    };
-    if frame::write(&mut send, &response).await.is_ok() {
-        let _ = send.finish();
+    // AppendEntries keep the stream for the next one (a lane, see `PeerNet::append`); any
+    // other request is the stream's only one.
+    loop {
+        let (response, lane) = match frame::read::<_, PeerRequest>(&mut recv, PEER_FRAME_BYTES_MAX).await {
+            Ok(Some(req)) => {
+                let lane = matches!(req, PeerRequest::Append { .. });
+                (dispatch(req, &mut recv, &groups, &spool_dir, &stages).await, lane)
+            }
+            Ok(None) => break,
+            Err(e) => (PeerResponse::Error(format!("bad request: {e}")), false),
+        };
+        if frame::write(&mut send, &response).await.is_err() || !lane {
+            break;
+        }
     }
+    let _ = send.finish();
 }
 
 async fn dispatch(
