@@ -68,6 +68,17 @@ struct Inner {
     next_seq: AtomicU64,
     /// Sends waiting to go to each node (see [`Client::send_attempt`]).
     outboxes: HashMap<u64, Mutex<Outbox>>,
+    /// Idle send lanes per node (see [`Client::request`]).
+    lanes: Mutex<HashMap<u64, Vec<Lane>>>,
+}
+
+/// A request stream kept open for further sends to one node, one exchange at a time. It
+/// sits in the pool only while idle (every request on it answered): a failed, timed-out or
+/// dropped exchange drops the lane, so an answer can never be read for the wrong request.
+struct Lane {
+    connection: usize,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
 }
 
 /// Sends bound for one node that wait while [`SEND_REQUESTS_IN_FLIGHT`] requests to it
@@ -143,6 +154,7 @@ impl Client {
             client_id,
             next_seq: AtomicU64::new(first_seq),
             outboxes: config.nodes.iter().map(|n| (n.id, Mutex::new(Outbox::default()))).collect(),
+            lanes: Mutex::default(),
         };
         Ok(Client { inner: Arc::new(inner) })
     }
@@ -187,33 +199,61 @@ impl Client {
         }
     }
 
-    /// Opens a request stream to `node` and writes `req`.
-    async fn open(&self, node: u64, req: &Request) -> Result<quinn::RecvStream> {
+    /// Writes `req` to `node`: on a pooled lane for sends, else on a stream of its own
+    /// (finished after the request). Returns the lane to read the answer from.
+    async fn open(&self, node: u64, req: &Request) -> Result<Lane> {
         let conn = self.connection(node).await?;
-        let (mut send, recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                self.forget(node).await;
-                return Err(Error::Unavailable(format!("node {node}: {e}")));
-            }
+        let reuse = matches!(req, Request::Send(_) | Request::SendBatch(_));
+        let idle = if reuse {
+            let mut lanes = self.inner.lanes.lock().expect("lane pool lock");
+            let pool = lanes.entry(node).or_default();
+            // Lanes of an older connection are dead: drop them.
+            pool.retain(|l| l.connection == conn.stable_id());
+            pool.pop()
+        } else {
+            None
+        };
+        let mut lane = match idle {
+            Some(lane) => lane,
+            None => match conn.open_bi().await {
+                Ok((send, recv)) => Lane { connection: conn.stable_id(), send, recv },
+                Err(e) => {
+                    self.forget(node).await;
+                    return Err(Error::Unavailable(format!("node {node}: {e}")));
+                }
+            },
         };
         // From here on the request may have reached the node: a failure is ambiguous.
         let ambiguous = |e: String| Error::Ambiguous(format!("node {node}: request may have been delivered: {e}"));
-        frame::write(&mut send, req).await.map_err(|e| ambiguous(e.to_string()))?;
-        send.finish().map_err(|e| ambiguous(e.to_string()))?;
-        Ok(recv)
+        frame::write(&mut lane.send, req).await.map_err(|e| ambiguous(e.to_string()))?;
+        if !reuse {
+            lane.send.finish().map_err(|e| ambiguous(e.to_string()))?;
+        }
+        Ok(lane)
     }
 
     /// One request, one response, from one node. A transport failure after the request
     /// left is `Ambiguous`.
+    ///
+    /// Sends reuse request streams (lanes): a stream per send cost the client and the node
+    /// an open, an accept, a task and a close each, on the latency path of every send.
     pub async fn request(&self, node: u64, req: &Request) -> Result<Response> {
         let attempt = async {
-            let mut recv = self.open(node, req).await?;
-            match frame::read::<_, Response>(&mut recv, RESPONSE_FRAME_BYTES_MAX).await {
-                Ok(Some(r)) => Ok(r),
-                Ok(None) => Err(Error::Ambiguous(format!("node {node} closed the stream without answering"))),
-                Err(e) => Err(Error::Ambiguous(format!("node {node}: {e}"))),
+            let mut lane = self.open(node, req).await?;
+            let answer = match frame::read::<_, Response>(&mut lane.recv, RESPONSE_FRAME_BYTES_MAX).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(Error::Ambiguous(format!("node {node} closed the stream without answering"))),
+                Err(e) => return Err(Error::Ambiguous(format!("node {node}: {e}"))),
+            };
+            // A whole-request error may end the stream on the node's side: do not reuse it.
+            if matches!(req, Request::Send(_) | Request::SendBatch(_)) && !matches!(answer, Response::Error { .. }) {
+                let mut lanes = self.inner.lanes.lock().expect("lane pool lock");
+                let pool = lanes.entry(node).or_default();
+                if pool.len() < SEND_REQUESTS_IN_FLIGHT {
+                    pool.push(lane);
+                }
             }
+            Ok(answer)
         };
         match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
             Ok(r) => {
@@ -524,7 +564,7 @@ impl Client {
     ) -> Result<u64> {
         let req = Request::Subscribe { conversation: conversation.into(), from, follow: false };
         let mut recv =
-            frame::FrameReader::new(self.open(node, &req).await?, RESPONSE_FRAME_BYTES_MAX, READ_BUFFER_BYTES);
+            frame::FrameReader::new(self.open(node, &req).await?.recv, RESPONSE_FRAME_BYTES_MAX, READ_BUFFER_BYTES);
         let first = from.max(1);
         let mut next = first;
         loop {
@@ -615,7 +655,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
         attempt += 1;
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
         let mut recv = match client.open(node, &req).await {
-            Ok(r) => frame::FrameReader::new(r, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES),
+            Ok(lane) => frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES),
             Err(e) => {
                 tracing::debug!(node, error = %e, "subscribe failed; retrying");
                 client.forget(node).await;

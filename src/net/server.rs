@@ -53,16 +53,32 @@ fn code_of(e: &Error) -> ErrorCode {
     }
 }
 
+/// Serves one request stream. A stream whose requests are sends stays open for the next
+/// send once it is answered (the client's lane); any other request is its stream's only one.
 async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let request = match frame::read::<_, Request>(&mut recv, node.config.limits.max_frame_bytes).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            let _ = frame::write(&mut send, &Response::Error { code: code_of(&e), message: e.to_string() }).await;
-            let _ = send.finish();
+    loop {
+        let request = match frame::read::<_, Request>(&mut recv, node.config.limits.max_frame_bytes).await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = frame::write(&mut send, &Response::Error { code: code_of(&e), message: e.to_string() }).await;
+                break;
+            }
+        };
+        let response = match request {
+            Request::Send(req) => node.send(req).await,
+            Request::SendBatch(reqs) => node.send_batch(reqs).await,
+            other => return answer(&node, other, send).await,
+        };
+        if frame::write(&mut send, &response).await.is_err() {
             return;
         }
-    };
+    }
+    let _ = send.finish();
+}
+
+/// Answers a request that is its stream's only one, and finishes the stream.
+async fn answer(node: &Node, request: Request, mut send: quinn::SendStream) {
     let response = match request {
         Request::Send(req) => node.send(req).await,
         Request::SendBatch(reqs) => node.send_batch(reqs).await,
