@@ -1,6 +1,7 @@
 //! The client-facing QUIC server: an accept loop that refuses connections above the cap,
 //! one task per connection, one task per request stream (bounded by the per-connection
-//! stream limit in the transport config), and a span per connection and per request.
+//! stream limit in the transport config), and a span per connection and per request. A
+//! stream of sends stays open for the client's next send (its lane, see `client`).
 
 use std::sync::Arc;
 
