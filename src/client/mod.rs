@@ -23,6 +23,7 @@ use crate::chat::{shard_of, ShardId, StoredMessage};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
+use crate::net::lane::{Lane, LanePool};
 use crate::net::tls::{self, TlsPaths};
 use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest, SEND_BATCH_MAX};
 
@@ -69,16 +70,7 @@ struct Inner {
     /// Sends waiting to go to each node (see [`Client::send_attempt`]).
     outboxes: HashMap<u64, Mutex<Outbox>>,
     /// Idle send lanes per node (see [`Client::request`]).
-    lanes: Mutex<HashMap<u64, Vec<Lane>>>,
-}
-
-/// A request stream kept open for further sends to one node, one exchange at a time. It
-/// sits in the pool only while idle (every request on it answered): a failed, timed-out or
-/// dropped exchange drops the lane, so an answer can never be read for the wrong request.
-struct Lane {
-    connection: usize,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    lanes: LanePool<u64>,
 }
 
 /// Sends bound for one node that wait while [`SEND_REQUESTS_IN_FLIGHT`] requests to it
@@ -154,7 +146,7 @@ impl Client {
             client_id,
             next_seq: AtomicU64::new(first_seq),
             outboxes: config.nodes.iter().map(|n| (n.id, Mutex::new(Outbox::default()))).collect(),
-            lanes: Mutex::default(),
+            lanes: LanePool::new(SEND_REQUESTS_IN_FLIGHT),
         };
         Ok(Client { inner: Arc::new(inner) })
     }
@@ -203,25 +195,14 @@ impl Client {
     /// (finished after the request). Returns the lane to read the answer from.
     async fn open(&self, node: u64, req: &Request) -> Result<Lane> {
         let conn = self.connection(node).await?;
-        let reuse = matches!(req, Request::Send(_) | Request::SendBatch(_));
-        let idle = if reuse {
-            let mut lanes = self.inner.lanes.lock().expect("lane pool lock");
-            let pool = lanes.entry(node).or_default();
-            // Lanes of an older connection are dead: drop them.
-            pool.retain(|l| l.connection == conn.stable_id());
-            pool.pop()
-        } else {
-            None
-        };
-        let mut lane = match idle {
-            Some(lane) => lane,
-            None => match conn.open_bi().await {
-                Ok((send, recv)) => Lane { connection: conn.stable_id(), send, recv },
-                Err(e) => {
-                    self.forget(node).await;
-                    return Err(Error::Unavailable(format!("node {node}: {e}")));
-                }
-            },
+        let reuse = req.keeps_stream();
+        let opened = if reuse { self.inner.lanes.take_or_open(node, &conn).await } else { Lane::open(&conn).await };
+        let mut lane = match opened {
+            Ok(lane) => lane,
+            Err(e) => {
+                self.forget(node).await;
+                return Err(Error::Unavailable(format!("node {node}: {e}")));
+            }
         };
         // From here on the request may have reached the node: a failure is ambiguous.
         let ambiguous = |e: String| Error::Ambiguous(format!("node {node}: request may have been delivered: {e}"));
@@ -246,12 +227,8 @@ impl Client {
                 Err(e) => return Err(Error::Ambiguous(format!("node {node}: {e}"))),
             };
             // A whole-request error may end the stream on the node's side: do not reuse it.
-            if matches!(req, Request::Send(_) | Request::SendBatch(_)) && !matches!(answer, Response::Error { .. }) {
-                let mut lanes = self.inner.lanes.lock().expect("lane pool lock");
-                let pool = lanes.entry(node).or_default();
-                if pool.len() < SEND_REQUESTS_IN_FLIGHT {
-                    pool.push(lane);
-                }
+            if req.keeps_stream() && !matches!(answer, Response::Error { .. }) {
+                self.inner.lanes.give_back(node, lane);
             }
             Ok(answer)
         };

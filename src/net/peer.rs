@@ -26,6 +26,7 @@ use openraft_multi::{GroupNetworkAdapter, GroupRouter};
 use tracing::Instrument;
 
 use super::frame;
+use super::lane::LanePool;
 use super::wire::{PeerRequest, PeerResponse};
 use crate::chat::ShardId;
 use crate::error::Error;
@@ -63,18 +64,7 @@ struct Inner {
     stats: Arc<PeerStats>,
     stages: Arc<Stages>,
     /// Idle AppendEntries lanes by (peer, shard) (see [`PeerNet::append`]).
-    lanes: std::sync::Mutex<HashMap<(NodeId, ShardId), Vec<Lane>>>,
-}
-
-/// A stream kept open to carry one shard's AppendEntries to one peer, one exchange at a
-/// time. It is idle (no request without its answer) whenever it sits in the pool: it is
-/// taken out for an exchange and put back only after that exchange's answer was read, so a
-/// failed, timed-out or cancelled exchange drops it and its answer can never be taken for
-/// another request's.
-struct Lane {
-    connection: usize,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    lanes: LanePool<(NodeId, ShardId)>,
 }
 
 /// Idle lanes kept per (peer, shard): openraft replicates to a peer one AppendEntries at a
@@ -115,7 +105,7 @@ impl PeerNet {
     ) -> Self {
         let slots = addrs.into_iter().map(|(id, addr)| (id, (addr, tokio::sync::Mutex::new(None)))).collect();
         let stats = Arc::default();
-        let lanes = std::sync::Mutex::default();
+        let lanes = LanePool::new(LANES_PER_SHARD);
         PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout, stats, stages, lanes }) }
     }
 
@@ -168,9 +158,9 @@ impl PeerNet {
     /// One AppendEntries exchange on a lane of (`target`, `shard`), bounded by `ttl`.
     ///
     /// A stream per RPC costs both nodes an open, an accept, a task spawn and a close per
-    /// round; under load each of those waits its turn on a busy runtime. A lane is opened
-    /// once and reused while it works; the follower serves it in one task (see
-    /// [`handle_stream`]).
+    /// round; under load each of those waits its turn on a busy runtime. A lane (see
+    /// [`super::lane`]) is opened once and reused while it works; the follower serves it in
+    /// one task (see [`handle_stream`]).
     async fn append(
         &self,
         target: NodeId,
@@ -180,20 +170,7 @@ impl PeerNet {
     ) -> Result<PeerResponse, RPCError<C>> {
         let attempt = async {
             let conn = self.connection(target).await?;
-            let idle = {
-                let mut lanes = self.inner.lanes.lock().expect("lane pool lock");
-                let pool = lanes.entry((target, shard)).or_default();
-                // Lanes of an older connection are dead: drop them.
-                pool.retain(|l| l.connection == conn.stable_id());
-                pool.pop()
-            };
-            let mut lane = match idle {
-                Some(lane) => lane,
-                None => {
-                    let (send, recv) = conn.open_bi().await.map_err(unreachable)?;
-                    Lane { connection: conn.stable_id(), send, recv }
-                }
-            };
+            let mut lane = self.inner.lanes.take_or_open((target, shard), &conn).await.map_err(unreachable)?;
             frame::write(&mut lane.send, &PeerRequest::Append { shard, rpc }).await.map_err(network)?;
             let answer =
                 match frame::read::<_, PeerResponse>(&mut lane.recv, PEER_FRAME_BYTES_MAX).await.map_err(network)? {
@@ -201,11 +178,7 @@ impl PeerNet {
                     Some(resp) => resp,
                     None => return Err(network("peer closed the lane without answering")),
                 };
-            let mut lanes = self.inner.lanes.lock().expect("lane pool lock");
-            let pool = lanes.entry((target, shard)).or_default();
-            if pool.len() < LANES_PER_SHARD {
-                pool.push(lane);
-            }
+            self.inner.lanes.give_back((target, shard), lane);
             Ok(answer)
         };
         match tokio::time::timeout(ttl, attempt).await {

@@ -66,37 +66,26 @@ async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::R
                 break;
             }
         };
+        let lane = request.keeps_stream();
         let response = match request {
             Request::Send(req) => node.send(req).await,
             Request::SendBatch(reqs) => node.send_batch(reqs).await,
-            other => return answer(&node, other, send).await,
+            Request::SetCursor { user, conversation, offset } => node.set_cursor(user, conversation, offset).await,
+            Request::GetCursor { user, conversation } => node.get_cursor(user, conversation).await,
+            Request::Status => Response::Status(node.status()),
+            Request::Subscribe { conversation, from, follow } => {
+                match node.subscribe(conversation, from, follow, &mut send).await {
+                    Ok(()) => break,
+                    Err(e) => Response::Error { code: code_of(&e), message: e.to_string() },
+                }
+            }
         };
         if frame::write(&mut send, &response).await.is_err() {
             return;
         }
+        if !lane {
+            break;
+        }
     }
     let _ = send.finish();
-}
-
-/// Answers a request that is its stream's only one, and finishes the stream.
-async fn answer(node: &Node, request: Request, mut send: quinn::SendStream) {
-    let response = match request {
-        Request::Send(req) => node.send(req).await,
-        Request::SendBatch(reqs) => node.send_batch(reqs).await,
-        Request::SetCursor { user, conversation, offset } => node.set_cursor(user, conversation, offset).await,
-        Request::GetCursor { user, conversation } => node.get_cursor(user, conversation).await,
-        Request::Status => Response::Status(node.status()),
-        Request::Subscribe { conversation, from, follow } => {
-            match node.subscribe(conversation, from, follow, &mut send).await {
-                Ok(()) => {
-                    let _ = send.finish();
-                    return;
-                }
-                Err(e) => Response::Error { code: code_of(&e), message: e.to_string() },
-            }
-        }
-    };
-    if frame::write(&mut send, &response).await.is_ok() {
-        let _ = send.finish();
-    }
 }

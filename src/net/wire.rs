@@ -39,6 +39,14 @@ pub enum Request {
     SendBatch(Vec<SendRequest>),
 }
 
+impl Request {
+    /// Whether the request's stream stays open for the next such request once answered (a
+    /// lane, see `net::lane`): sends do; any other request is its stream's only one.
+    pub fn keeps_stream(&self) -> bool {
+        matches!(self, Request::Send(_) | Request::SendBatch(_))
+    }
+}
+
 /// Sends per [`Request::SendBatch`], at most.
 pub const SEND_BATCH_MAX: usize = 256;
 
