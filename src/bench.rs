@@ -87,6 +87,10 @@ impl Samples {
     pub fn merge(&mut self, other: Samples) {
         self.0.extend(other.0);
     }
+    /// How many samples took at least `us` microseconds.
+    pub fn at_least(&self, us: u64) -> usize {
+        self.0.iter().filter(|&&d| d >= us).count()
+    }
     pub fn pct(&mut self, p: f64) -> u64 {
         if self.0.is_empty() {
             return 0;
@@ -328,6 +332,98 @@ fn disk_fsync(dir: &Path, opts: BenchOptions) -> Result<Record> {
     Ok(record("disk_fsync", 1, 0, n, elapsed, s))
 }
 
+/// An fsync at least this slow counts as a disk stall (the nodes log such WAL fsyncs too).
+pub const STALL_US: u64 = 50_000;
+
+/// A witness of the data disk during a workload, independent of convoy: a thread overwrites
+/// one 512-byte block of a file beside the servers' data and fdatasyncs it, every 2 ms (about
+/// 400 small fsyncs a second, light beside the servers' own). On this machine all three
+/// replicas share one disk; a stall the witness sees while a latency tail forms is the
+/// disk's, whatever the servers do.
+pub struct DiskWitness {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<Samples>>>,
+    path: PathBuf,
+}
+
+impl DiskWitness {
+    pub fn start(dir: &Path) -> std::io::Result<DiskWitness> {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join("disk-witness");
+        let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+        let block = [7u8; 512];
+        file.write_all_at(&block, 0)?;
+        file.sync_all()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new().name("disk-witness".into()).spawn(move || {
+                let mut s = Samples::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    file.write_all_at(&block, 0)?;
+                    file.sync_data()?;
+                    s.push(t.elapsed());
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(s)
+            })?
+        };
+        Ok(DiskWitness { stop, thread: Some(thread), path })
+    }
+
+    /// Stops the witness: its fsync count, p50, p99 and max in µs, and how many took
+    /// [`STALL_US`] or more; or the error that stopped it.
+    pub fn finish(mut self) -> serde_json::Value {
+        self.stop.store(true, Ordering::Relaxed);
+        let joined = self.thread.take().map(|t| t.join());
+        match joined {
+            Some(Ok(Ok(mut s))) => json!({
+                "fsyncs": s.0.len(),
+                "p50_us": s.pct(0.5),
+                "p99_us": s.pct(0.99),
+                "max_us": s.pct(1.0),
+                "stalls": s.at_least(STALL_US),
+            }),
+            Some(Ok(Err(e))) => json!({ "error": e.to_string() }),
+            _ => json!({ "error": "the witness thread panicked" }),
+        }
+    }
+}
+
+impl Drop for DiskWitness {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What the disk witness saw during each workload that ran one, one line each.
+pub fn witness_lines(records: &[Record]) -> String {
+    let mut s = String::new();
+    for r in records {
+        let Some(w) = r.extra.get("disk_witness") else { continue };
+        let rate = r.extra.get("target_rate").map(|v| format!(" {v}/s")).unwrap_or_default();
+        let line = match w.get("error") {
+            Some(e) => format!("failed: {e}"),
+            None => format!(
+                "{} fsyncs, p50 {} µs, p99 {} µs, max {} µs, {} of {} ms or more",
+                w["fsyncs"],
+                w["p50_us"],
+                w["p99_us"],
+                w["max_us"],
+                w["stalls"],
+                STALL_US / 1000
+            ),
+        };
+        s.push_str(&format!("{:<10} {}{}: {line}\n", r.system, r.workload, rate));
+    }
+    s
+}
+
 /// Durable appends into one RocksDB with the node's group commit, no replication.
 async fn raw_append(dir: &Path, writers: usize, opts: BenchOptions) -> Result<Record> {
     let (store, _) = Store::open(&dir.join("raw-append"))?;
@@ -397,8 +493,13 @@ fn stage_breakdown(before: &[StageSnapshot], after: &[StageSnapshot]) -> serde_j
     for stage in Stage::ALL {
         let (b, a) = (StageSnapshot::merge(stage.name(), before), StageSnapshot::merge(stage.name(), after));
         let period = a.since(&b);
-        if let (Some(p50), Some(p99)) = (period.quantile_us(0.5), period.quantile_us(0.99)) {
-            out.insert(stage.name().into(), json!({"count": period.count(), "p50_us": p50, "p99_us": p99}));
+        if let (Some(p50), Some(p99), Some(max)) =
+            (period.quantile_us(0.5), period.quantile_us(0.99), period.quantile_us(1.0))
+        {
+            out.insert(
+                stage.name().into(),
+                json!({"count": period.count(), "p50_us": p50, "p99_us": p99, "max_us": max}),
+            );
         }
     }
     serde_json::Value::Object(out)
@@ -411,21 +512,21 @@ pub fn stage_lines(records: &[Record]) -> String {
         let Some(serde_json::Value::Object(stages)) = r.extra.get("stages") else { continue };
         let parts: Vec<String> = Stage::ALL
             .iter()
-            .filter_map(|st| stages.get(st.name()).map(|v| format!("{} {}/{}", st.name(), v["p50_us"], v["p99_us"])))
+            .filter_map(|st| {
+                stages.get(st.name()).map(|v| format!("{} {}/{}/{}", st.name(), v["p50_us"], v["p99_us"], v["max_us"]))
+            })
             .collect();
-        s.push_str(&format!(
-            "{:<16} {:>3}x{:<3} p50/p99 µs: {}\n",
-            r.workload,
-            r.senders,
-            r.conversations,
-            parts.join(", ")
-        ));
+        let shape = match r.extra.get("target_rate") {
+            Some(rate) => format!("{rate}/s"),
+            None => format!("{}x{}", r.senders, r.conversations),
+        };
+        s.push_str(&format!("{:<16} {:>7} p50/p99/max µs: {}\n", r.workload, shape, parts.join(", ")));
     }
     s
 }
 
 /// Send → receipt latency at a fixed rate, subscriber on a follower of the shard.
-async fn push_latency(config: &Config, leaders: &[u64], rate: u64, phase: Duration) -> Result<Record> {
+async fn push_latency(config: &Config, dir: &Path, leaders: &[u64], rate: u64, phase: Duration) -> Result<Record> {
     let conv = format!("push-{rate}");
     let shard = crate::chat::shard_of(&conv, config.shards);
     let leader = leaders.get(shard as usize).copied().unwrap_or(1);
@@ -441,6 +542,8 @@ async fn push_latency(config: &Config, leaders: &[u64], rate: u64, phase: Durati
     }
     let sender = Client::connect(config)?;
     let total = (rate as f64 * phase.as_secs_f64()) as u64;
+    let before = stage_snapshots(&client, config).await?;
+    let witness = DiskWitness::start(dir)?;
     let send_task = {
         let conv = conv.clone();
         paced_sender(epoch, rate, phase, move |body| {
@@ -464,7 +567,11 @@ async fn push_latency(config: &Config, leaders: &[u64], rate: u64, phase: Durati
         }
     }
     let _ = send_task.await;
+    let witnessed = witness.finish();
+    let after = stage_snapshots(&client, config).await?;
     let mut r = record("push_latency", 1, 1, received as usize, phase, s);
+    r.extra.insert("stages".into(), stage_breakdown(&before, &after));
+    r.extra.insert("disk_witness".into(), witnessed);
     r.msgs_per_s = rate as f64;
     r.extra.insert("target_rate".into(), json!(rate));
     r.extra.insert("received".into(), json!(received));
@@ -670,7 +777,7 @@ async fn connections(cluster: &BenchCluster, leaders: &[u64], opts: BenchOptions
     let after: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let grown_bytes: u64 = after.iter().zip(&before).map(|(a, b)| a.saturating_sub(*b) * 1024).sum();
     let per_connection = grown_bytes / (attached.len().max(1) as u64);
-    let push = push_latency(config, leaders, 500, opts.phase()).await?;
+    let push = push_latency(config, &cluster.dir, leaders, 500, opts.phase()).await?;
     let still_attached = attached.iter().filter(|(_, sub)| !sub.rx.is_closed()).count();
     let mut r = push.clone();
     r.workload = "connections".into();
@@ -754,7 +861,7 @@ pub async fn run(
     }
     if want("push_latency") {
         for rate in [500, 5_000] {
-            push(push_latency(&config, &leaders, rate, opts.phase()).await?, &mut out);
+            push(push_latency(&config, &cluster.dir, &leaders, rate, opts.phase()).await?, &mut out);
         }
     }
     if want("catch_up") {
@@ -780,4 +887,47 @@ pub fn table(records: &[Record]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_count_those_at_or_over_a_bound() {
+        let mut s = Samples::default();
+        for us in [10, 49_999, 50_000, 80_000] {
+            s.push(Duration::from_micros(us));
+        }
+        assert_eq!(s.at_least(STALL_US), 2);
+        assert_eq!(s.at_least(0), 4);
+        assert_eq!(s.pct(1.0), 80_000);
+    }
+
+    #[test]
+    fn disk_witness_measures_fsyncs_and_cleans_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let witness = DiskWitness::start(dir.path()).expect("start");
+        assert!(dir.path().join("disk-witness").exists());
+        std::thread::sleep(Duration::from_millis(100));
+        let seen = witness.finish();
+        let fsyncs = seen["fsyncs"].as_u64().expect("a count, not an error");
+        assert!(fsyncs > 0, "{seen}");
+        let (p50, max) = (seen["p50_us"].as_u64().expect("p50"), seen["max_us"].as_u64().expect("max"));
+        assert!(p50 <= max, "{seen}");
+        assert!(seen["stalls"].as_u64().expect("stalls") <= fsyncs, "{seen}");
+        assert!(!dir.path().join("disk-witness").exists(), "the witness's file is removed");
+        let record = Record {
+            extra: BTreeMap::from([("disk_witness".to_string(), seen), ("target_rate".to_string(), json!(500))]),
+            ..record("push_latency", 1, 1, 0, Duration::from_secs(1), Samples::default())
+        };
+        let line = witness_lines(&[record]);
+        assert!(line.starts_with("convoy     push_latency 500/s: "), "{line}");
+        assert!(line.contains(&format!("{fsyncs} fsyncs")), "{line}");
+    }
+
+    #[test]
+    fn disk_witness_reports_a_directory_it_cannot_write() {
+        assert!(DiskWitness::start(Path::new("/nonexistent/convoy-witness")).is_err());
+    }
 }

@@ -26,8 +26,8 @@ use async_nats::jetstream::consumer::{push, DeliverPolicy};
 use bytes::Bytes;
 use clap::Parser;
 use convoy::bench::{
-    closed_loop, latency_of, paced_sender, record, table, text, BenchOptions, Record, Samples, MESSAGE_BYTES,
-    SENDERS_PER_CLIENT,
+    closed_loop, latency_of, paced_sender, record, table, text, witness_lines, BenchOptions, DiskWitness, Record,
+    Samples, MESSAGE_BYTES, SENDERS_PER_CLIENT,
 };
 use etcd_client::{GetOptions, KvClient, WatchOptions};
 use futures::StreamExt;
@@ -141,6 +141,10 @@ async fn run(cli: Cli) -> Result<()> {
     }
 
     print!("{}", table(&records));
+    let witness = witness_lines(&records);
+    if !witness.is_empty() {
+        print!("the disk meanwhile (another process's 512-byte fdatasync every 2 ms):\n{witness}");
+    }
     if let Some(path) = cli.out {
         std::fs::write(&path, serde_json::to_string_pretty(&records)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -457,7 +461,10 @@ async fn run_jetstream(nats: &mut Nats, opts: BenchOptions, progress: &mut dyn F
         }
     }
     for rate in [500, 5_000] {
-        progress(js_push_latency(nats, leader, rate, phase).await?);
+        let witness = DiskWitness::start(&nats.servers.dir)?;
+        let mut r = js_push_latency(nats, leader, rate, phase).await?;
+        r.extra.insert("disk_witness".into(), witness.finish());
+        progress(r);
         nats.servers.check_alive()?;
     }
     progress(js_catch_up(nats, leader, opts.catch_up_messages()).await?);
@@ -695,7 +702,10 @@ async fn run_etcd(etcd: &mut Etcd, opts: BenchOptions, progress: &mut dyn FnMut(
         }
     }
     for rate in [500, 5_000] {
-        progress(etcd_push_latency(etcd, leader, rate, phase).await?);
+        let witness = DiskWitness::start(&etcd.servers.dir)?;
+        let mut r = etcd_push_latency(etcd, leader, rate, phase).await?;
+        r.extra.insert("disk_witness".into(), witness.finish());
+        progress(r);
         etcd.servers.check_alive()?;
     }
     progress(etcd_catch_up(etcd, leader, opts.catch_up_messages()).await?);

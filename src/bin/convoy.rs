@@ -238,6 +238,10 @@ async fn run(cli: Cli) -> Result<()> {
             if !stages.is_empty() {
                 print!("where a send's time went (all nodes; see `cluster status`):\n{stages}");
             }
+            let witness = convoy::bench::witness_lines(&records);
+            if !witness.is_empty() {
+                print!("the disk meanwhile (another process's 512-byte fdatasync every 2 ms):\n{witness}");
+            }
             if let Some(path) = out {
                 std::fs::write(&path, serde_json::to_string_pretty(&records)?)?;
                 println!("records written to {}", path.display());
