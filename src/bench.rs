@@ -401,6 +401,9 @@ impl Drop for DiskWitness {
     }
 }
 
+/// The heading the bench binaries print above [`witness_lines`].
+pub const WITNESS_HEADING: &str = "the disk meanwhile (another process's 512-byte fdatasync every 2 ms):";
+
 /// What the disk witness saw during each workload that ran one, one line each.
 pub fn witness_lines(records: &[Record]) -> String {
     let mut s = String::new();

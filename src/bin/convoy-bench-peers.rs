@@ -27,7 +27,7 @@ use bytes::Bytes;
 use clap::Parser;
 use convoy::bench::{
     closed_loop, latency_of, paced_sender, record, table, text, witness_lines, BenchOptions, DiskWitness, Record,
-    Samples, MESSAGE_BYTES, SENDERS_PER_CLIENT,
+    Samples, MESSAGE_BYTES, SENDERS_PER_CLIENT, WITNESS_HEADING,
 };
 use etcd_client::{GetOptions, KvClient, WatchOptions};
 use futures::StreamExt;
@@ -143,7 +143,7 @@ async fn run(cli: Cli) -> Result<()> {
     print!("{}", table(&records));
     let witness = witness_lines(&records);
     if !witness.is_empty() {
-        print!("the disk meanwhile (another process's 512-byte fdatasync every 2 ms):\n{witness}");
+        print!("{}\n{witness}", WITNESS_HEADING);
     }
     if let Some(path) = cli.out {
         std::fs::write(&path, serde_json::to_string_pretty(&records)?)

@@ -240,7 +240,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let witness = convoy::bench::witness_lines(&records);
             if !witness.is_empty() {
-                print!("the disk meanwhile (another process's 512-byte fdatasync every 2 ms):\n{witness}");
+                print!("{}\n{witness}", convoy::bench::WITNESS_HEADING);
             }
             if let Some(path) = out {
                 std::fs::write(&path, serde_json::to_string_pretty(&records)?)?;
