@@ -73,20 +73,112 @@ struct Inner {
     lanes: LanePool<u64>,
 }
 
-/// Sends bound for one node that wait while [`SEND_REQUESTS_IN_FLIGHT`] requests to it
-/// are out; whichever request finishes takes them all (up to a batch) in one `SendBatch`.
+/// A send waiting for a request slot, with where its answer goes.
+type Waiting = (SendRequest, tokio::sync::oneshot::Sender<Result<Response>>);
+
+/// Sends bound for one node, queued per shard (see [`Client::send_attempt`]).
 #[derive(Default)]
 struct Outbox {
-    waiting: Vec<(SendRequest, tokio::sync::oneshot::Sender<Result<Response>>)>,
+    /// Only shards with sends waiting or requests out have an entry.
+    shards: HashMap<ShardId, ShardQueue>,
+    /// Requests out to this node, over all its shards.
     in_flight: usize,
 }
 
-/// Send requests a client keeps in flight to one node before it coalesces further sends
-/// into batches. A lone sender never waits for a batch to fill: batching happens only
-/// when sends already queue behind requests in flight.
-pub const SEND_REQUESTS_IN_FLIGHT: usize = 4;
+/// One shard's sends that wait for a request slot, and its requests out.
+#[derive(Default)]
+struct ShardQueue {
+    waiting: Vec<Waiting>,
+    in_flight: usize,
+}
+
+impl Outbox {
+    /// Queues a send. True if it took a free request slot: the caller then drains `shard`.
+    fn push(&mut self, shard: ShardId, send: Waiting) -> bool {
+        let queue = self.shards.entry(shard).or_default();
+        queue.waiting.push(send);
+        if queue.in_flight < SEND_REQUESTS_PER_SHARD && self.in_flight < SEND_REQUESTS_PER_NODE {
+            queue.in_flight += 1;
+            self.in_flight += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The next batch for a request slot now held by `shard`. A shard whose sends wait with
+    /// no request out (the node's slots were all taken when they came) gets the slot first,
+    /// so a busy shard cannot starve the others; then `shard`'s own queue; then any shard
+    /// with sends waiting below its window. `shard` is updated to where the slot went.
+    /// `None` releases the slot: nothing waits that it may carry.
+    fn next_batch(&mut self, shard: &mut ShardId) -> Option<Vec<Waiting>> {
+        let current = *shard;
+        let starved = self.shards.iter().find(|(s, q)| **s != current && q.in_flight == 0 && !q.waiting.is_empty());
+        let own = self.shards.get(&current).is_some_and(|q| !q.waiting.is_empty());
+        let target = match starved.map(|(s, _)| *s) {
+            Some(s) => Some(s),
+            None if own => Some(current),
+            None => self
+                .shards
+                .iter()
+                .find(|(_, q)| !q.waiting.is_empty() && q.in_flight < SEND_REQUESTS_PER_SHARD)
+                .map(|(s, _)| *s),
+        };
+        if target != Some(current) {
+            self.release(current);
+        }
+        let queue = match target {
+            Some(next) => self.shards.get_mut(&next),
+            None => None,
+        };
+        let Some(queue) = queue else {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            return None;
+        };
+        if target != Some(current) {
+            queue.in_flight += 1;
+        }
+        *shard = target.unwrap_or(current);
+        Some(take_batch(&mut queue.waiting))
+    }
+
+    /// Gives back one request slot of `shard`, forgetting the shard once it is idle.
+    fn release(&mut self, shard: ShardId) {
+        if let Some(queue) = self.shards.get_mut(&shard) {
+            queue.in_flight = queue.in_flight.saturating_sub(1);
+            if queue.in_flight == 0 && queue.waiting.is_empty() {
+                self.shards.remove(&shard);
+            }
+        }
+    }
+}
+
+/// Send requests a client keeps in flight per shard before it coalesces further sends to
+/// that shard into batches. A lone sender never waits for a batch to fill: batching happens
+/// only when sends already queue behind requests in flight.
+pub const SEND_REQUESTS_PER_SHARD: usize = 8;
+/// Send requests a client keeps in flight to one node over all shards. Below the node's
+/// streams-per-connection limit (`limits.max_streams_per_connection`, 64 by default), so
+/// sends never take the streams a tail needs.
+pub const SEND_REQUESTS_PER_NODE: usize = 32;
 /// Text bytes per coalesced batch, at most (well inside the server's frame limit).
 const SEND_BATCH_BYTES_MAX: usize = 256 << 10;
+
+/// Takes the next batch off a shard's queue: up to [`SEND_BATCH_MAX`] sends and
+/// [`SEND_BATCH_BYTES_MAX`] bytes of text, and always the first waiting send.
+fn take_batch(waiting: &mut Vec<Waiting>) -> Vec<Waiting> {
+    let mut bytes = 0;
+    let take = waiting
+        .iter()
+        .take(SEND_BATCH_MAX)
+        .enumerate()
+        .take_while(|(i, (r, _))| {
+            bytes += r.text.len();
+            *i == 0 || bytes <= SEND_BATCH_BYTES_MAX
+        })
+        .count();
+    waiting.drain(..take).collect()
+}
 
 /// A connection to a convoy cluster; cheap to clone.
 #[derive(Clone)]
@@ -146,7 +238,7 @@ impl Client {
             client_id,
             next_seq: AtomicU64::new(first_seq),
             outboxes: config.nodes.iter().map(|n| (n.id, Mutex::new(Outbox::default()))).collect(),
-            lanes: LanePool::new(SEND_REQUESTS_IN_FLIGHT),
+            lanes: LanePool::new(SEND_REQUESTS_PER_NODE),
         };
         Ok(Client { inner: Arc::new(inner) })
     }
@@ -358,57 +450,36 @@ impl Client {
         }
     }
 
-    /// One attempt of one send to `node`. Sends of this client to the same node that wait
-    /// at the same time share a request: up to [`SEND_REQUESTS_IN_FLIGHT`] requests go out
-    /// at once, and sends arriving meanwhile leave together, as one `SendBatch`, when one
-    /// of them returns. Each send still gets its own answer (the server proposes a batch as
-    /// one Raft entry per shard and answers each send as if it were alone), so retries,
-    /// redirects and dedup work per send exactly as without batching.
+    /// One attempt of one send to `node`. Sends of this client to the same shard that wait
+    /// at the same time share a request: up to [`SEND_REQUESTS_PER_SHARD`] requests per shard
+    /// (and [`SEND_REQUESTS_PER_NODE`] per node) go out at once, and sends arriving meanwhile
+    /// leave together, as one `SendBatch`, when one of them returns. Each send still gets its
+    /// own answer (the server proposes the batch as one Raft entry and answers each send as
+    /// if it were alone), so retries, redirects and dedup work per send exactly as without
+    /// batching.
+    ///
+    /// The queues are per shard, not per node, because a request is answered when its last
+    /// send commits: a batch over several shards waits for the slowest of their Raft groups,
+    /// and its senders with it. One shard per request also makes it one Raft entry.
     async fn send_attempt(&self, node: u64, req: SendRequest) -> Result<Response> {
         let Some(outbox) = self.inner.outboxes.get(&node) else {
             return Err(Error::InvalidInput(format!("unknown node {node}")));
         };
+        let shard = shard_of(&req.conversation, self.inner.shards);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let start = {
-            let mut o = outbox.lock().expect("outbox lock");
-            o.waiting.push((req, tx));
-            if o.in_flight < SEND_REQUESTS_IN_FLIGHT {
-                o.in_flight += 1;
-                true
-            } else {
-                false
-            }
-        };
+        let start = outbox.lock().expect("outbox lock").push(shard, (req, tx));
         if start {
-            tokio::spawn(self.clone().drain_outbox(node));
+            tokio::spawn(self.clone().drain_outbox(node, shard));
         }
         rx.await.unwrap_or_else(|_| Err(Error::Unavailable("send dropped before it was answered".into())))
     }
 
-    /// Sends what waits in `node`'s outbox, batch after batch, until it is empty.
-    async fn drain_outbox(self, node: u64) {
+    /// Sends what waits in `node`'s queue of `shard`, batch after batch, for as long as
+    /// [`Outbox::next_batch`] finds sends for this request slot (of this or another shard).
+    async fn drain_outbox(self, node: u64, mut shard: ShardId) {
         let Some(outbox) = self.inner.outboxes.get(&node) else { return };
         loop {
-            let batch = {
-                let mut o = outbox.lock().expect("outbox lock");
-                // Up to a batch by count and bytes, and always the first waiting send.
-                let mut bytes = 0;
-                let take = o
-                    .waiting
-                    .iter()
-                    .take(SEND_BATCH_MAX)
-                    .enumerate()
-                    .take_while(|(i, (r, _))| {
-                        bytes += r.text.len();
-                        *i == 0 || bytes <= SEND_BATCH_BYTES_MAX
-                    })
-                    .count();
-                if take == 0 {
-                    o.in_flight -= 1;
-                    return;
-                }
-                o.waiting.drain(..take).collect::<Vec<_>>()
-            };
+            let Some(batch) = outbox.lock().expect("outbox lock").next_batch(&mut shard) else { return };
             let (reqs, replies): (Vec<SendRequest>, Vec<_>) = batch.into_iter().unzip();
             let n = reqs.len();
             let request = if n == 1 {
@@ -680,5 +751,98 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
             }
         }
         tokio::time::sleep(Duration::from_millis((50 * attempt as u64).min(1000))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(outbox: &mut Outbox, shard: ShardId, seq: u64) -> bool {
+        let req = SendRequest {
+            conversation: format!("c{shard}"),
+            sender: "u".into(),
+            client_id: 1,
+            client_seq: seq,
+            text: "x".into(),
+        };
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        outbox.push(shard, (req, tx))
+    }
+
+    fn seqs(batch: &[Waiting]) -> Vec<u64> {
+        batch.iter().map(|(r, _)| r.client_seq).collect()
+    }
+
+    /// Queues a send that takes a slot, and takes its batch as the spawned drain would.
+    fn send_and_take(outbox: &mut Outbox, shard: ShardId, seq: u64) -> Vec<u64> {
+        assert!(send(outbox, shard, seq), "send {seq} should take a free slot");
+        let mut held = shard;
+        let batch = seqs(&outbox.next_batch(&mut held).expect("its own send"));
+        assert_eq!(held, shard);
+        batch
+    }
+
+    #[test]
+    fn a_shard_gets_its_window_then_its_sends_wait_and_leave_together() {
+        let mut o = Outbox::default();
+        for seq in 0..SEND_REQUESTS_PER_SHARD as u64 {
+            assert_eq!(send_and_take(&mut o, 7, seq), vec![seq]);
+        }
+        assert!(!send(&mut o, 7, 100), "the window is full: the send must wait");
+        assert!(!send(&mut o, 7, 101));
+        // The first request to return carries both waiting sends in one batch.
+        let mut shard = 7;
+        assert_eq!(seqs(&o.next_batch(&mut shard).expect("the waiting sends")), vec![100, 101]);
+        // Nothing waits any more: every slot is released and the shard forgotten.
+        for _ in 0..SEND_REQUESTS_PER_SHARD {
+            assert!(o.next_batch(&mut shard).is_none());
+        }
+        assert_eq!(o.in_flight, 0);
+        assert!(o.shards.is_empty());
+    }
+
+    #[test]
+    fn a_batch_carries_one_shard_only() {
+        let mut o = Outbox::default();
+        // Both wait behind a full window of their shards' requests.
+        for seq in 0..SEND_REQUESTS_PER_SHARD as u64 {
+            send_and_take(&mut o, 1, seq);
+            send_and_take(&mut o, 2, 1_000 + seq);
+        }
+        assert!(!send(&mut o, 1, 10));
+        assert!(!send(&mut o, 2, 20));
+        assert!(!send(&mut o, 1, 11));
+        let (mut a, mut b) = (1, 2);
+        assert_eq!(seqs(&o.next_batch(&mut a).expect("shard 1")), vec![10, 11]);
+        assert_eq!(seqs(&o.next_batch(&mut b).expect("shard 2")), vec![20]);
+        assert_eq!((a, b), (1, 2));
+    }
+
+    #[test]
+    fn a_shard_held_back_by_the_node_cap_gets_the_next_free_slot() {
+        const { assert!(SEND_REQUESTS_PER_NODE > SEND_REQUESTS_PER_SHARD, "the test needs several busy shards") };
+        let mut o = Outbox::default();
+        // Busy shards 0, 1, … take every slot of the node.
+        for slot in 0..SEND_REQUESTS_PER_NODE {
+            let shard = (slot / SEND_REQUESTS_PER_SHARD) as ShardId;
+            send_and_take(&mut o, shard, slot as u64);
+        }
+        assert_eq!(o.in_flight, SEND_REQUESTS_PER_NODE);
+        // Shard 0 has a backlog; a quiet shard 99 finds no free slot.
+        assert!(!send(&mut o, 0, 50));
+        assert!(!send(&mut o, 99, 9_900));
+        // A request of shard 0 returns: its slot serves the starved shard before shard 0's backlog.
+        let mut shard = 0;
+        assert_eq!(seqs(&o.next_batch(&mut shard).expect("the starved shard")), vec![9_900]);
+        assert_eq!(shard, 99);
+        assert_eq!(o.in_flight, SEND_REQUESTS_PER_NODE);
+        // Shard 99's request returns: nothing of its own waits, so the slot takes shard 0's backlog.
+        assert_eq!(seqs(&o.next_batch(&mut shard).expect("shard 0's backlog")), vec![50]);
+        assert_eq!(shard, 0);
+        assert!(!o.shards.contains_key(&99), "an idle shard is forgotten");
+        // That request returns with nothing left anywhere: the slot is released.
+        assert!(o.next_batch(&mut shard).is_none());
+        assert_eq!(o.in_flight, SEND_REQUESTS_PER_NODE - 1);
     }
 }
