@@ -113,32 +113,25 @@ impl Outbox {
     /// `None` releases the slot: nothing waits that it may carry.
     fn next_batch(&mut self, shard: &mut ShardId) -> Option<Vec<Waiting>> {
         let current = *shard;
-        let starved = self.shards.iter().find(|(s, q)| **s != current && q.in_flight == 0 && !q.waiting.is_empty());
-        let own = self.shards.get(&current).is_some_and(|q| !q.waiting.is_empty());
-        let target = match starved.map(|(s, _)| *s) {
-            Some(s) => Some(s),
-            None if own => Some(current),
-            None => self
-                .shards
-                .iter()
-                .find(|(_, q)| !q.waiting.is_empty() && q.in_flight < SEND_REQUESTS_PER_SHARD)
-                .map(|(s, _)| *s),
-        };
-        if target != Some(current) {
+        let waits = |q: &ShardQueue| !q.waiting.is_empty();
+        let starved = self.shards.iter().find(|(s, q)| **s != current && q.in_flight == 0 && waits(q));
+        let own = self.shards.get(&current).is_some_and(waits).then_some(current);
+        let below_window =
+            || self.shards.iter().find(|(_, q)| waits(q) && q.in_flight < SEND_REQUESTS_PER_SHARD).map(|(s, _)| *s);
+        let Some(next) = starved.map(|(s, _)| *s).or(own).or_else(below_window) else {
             self.release(current);
-        }
-        let queue = match target {
-            Some(next) => self.shards.get_mut(&next),
-            None => None,
-        };
-        let Some(queue) = queue else {
             self.in_flight = self.in_flight.saturating_sub(1);
             return None;
         };
-        if target != Some(current) {
+        if next != current {
+            self.release(current);
+        }
+        // `next` has sends waiting, so releasing `current` left it in place.
+        let queue = self.shards.get_mut(&next)?;
+        if next != current {
             queue.in_flight += 1;
         }
-        *shard = target.unwrap_or(current);
+        *shard = next;
         Some(take_batch(&mut queue.waiting))
     }
 
