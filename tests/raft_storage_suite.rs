@@ -15,7 +15,7 @@ impl StoreBuilder<C, LogStore, ShardStateMachine, tempfile::TempDir> for Builder
         let (store, _) = Store::open(dir.path()).expect("open store");
         let (events, _) = tokio::sync::broadcast::channel(16);
         let sm = ShardStateMachine::open(store.clone(), 5, events).expect("open state machine");
-        Ok((dir, LogStore { shard: 5, store }, sm))
+        Ok((dir, LogStore::new(5, store), sm))
     }
 }
 

@@ -7,15 +7,20 @@
 //! sequential, so any later durable write makes them durable too; but purge first syncs,
 //! because it may delete entries whose effects on the state machine were written without
 //! sync (see `state_machine`).
+//!
+//! Reads of the newest entries — replication and apply, right after the append — are
+//! answered from an in-memory [`EntryCache`] that follows every change of the log.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 use rocksdb::WriteBatch;
 
+use super::entry_cache::EntryCache;
 use super::types::{Entry, LogId, Vote, C};
 use crate::chat::ShardId;
 use crate::stages::Stage;
@@ -23,11 +28,24 @@ use crate::store::codec::{decode, encode};
 use crate::store::keys::{log_key, meta_key, CF_LOG, CF_META, META_PURGED, META_VOTE};
 use crate::store::Store;
 
-/// One shard's Raft log and vote.
+/// One shard's Raft log and vote. Clones (openraft's log readers) share the entry cache.
 #[derive(Clone)]
 pub struct LogStore {
     pub shard: ShardId,
     pub store: Store,
+    cache: Arc<Mutex<EntryCache>>,
+}
+
+impl LogStore {
+    pub fn new(shard: ShardId, store: Store) -> LogStore {
+        LogStore { shard, store, cache: Arc::default() }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
+        // The cache holds no invariant a panic elsewhere could break halfway: each method
+        // leaves it consistent before it returns.
+        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 fn io_err(e: crate::error::Error) -> io::Error {
@@ -86,6 +104,9 @@ impl RaftLogReader<C> for LogStore {
             Bound::Excluded(i) => *i,
             Bound::Unbounded => u64::MAX,
         };
+        if let Some(entries) = self.cache().get(start, end) {
+            return Ok(entries);
+        }
         let (store, shard) = (self.store.clone(), self.shard);
         let read = move || {
             let raw = store.log_range(shard, start, end)?;
@@ -140,15 +161,18 @@ impl RaftLogStorage<C> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let shard = self.shard;
-        let encoded: Vec<([u8; 12], Vec<u8>)> =
-            entries.into_iter().map(|e| (log_key(shard, e.log_id.index), encode(&e))).collect();
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let store = &self.store;
         inline(|| {
             let mut b = WriteBatch::default();
-            for (k, v) in encoded {
-                b.put_cf(store.cf(CF_LOG), k, v);
+            let mut sizes = Vec::with_capacity(entries.len());
+            for e in &entries {
+                let v = encode(e);
+                sizes.push(v.len());
+                b.put_cf(store.cf(CF_LOG), log_key(shard, e.log_id.index), v);
             }
             store.write(b)?;
+            self.cache().appended(entries.into_iter().zip(sizes));
             // Queued strictly after the write returned: the next fsync covers it.
             let (written, stages) = (std::time::Instant::now(), store.stages.clone());
             store.syncer.after_sync(Box::new(move |r| {
@@ -161,6 +185,9 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
+        // Before the delete: a read in between falls back to RocksDB, as it would without
+        // the cache; after it, the cache must not hold what the log no longer does.
+        self.cache().truncate_after(last_log_id.map(|l| l.index));
         let (store, shard) = (self.store.clone(), self.shard);
         blocking(move || {
             let mut b = WriteBatch::default();
@@ -181,6 +208,7 @@ impl RaftLogStorage<C> for LogStore {
         let (store, shard) = (self.store.clone(), self.shard);
         let value = encode(&log_id);
         let upto = log_id.index;
+        self.cache().purge(upto);
         blocking(move || {
             let mut b = WriteBatch::default();
             b.put_cf(store.cf(CF_META), meta_key(shard, META_PURGED), value);

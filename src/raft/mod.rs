@@ -7,6 +7,7 @@
 //! created; every other node waits to be contacted. A node never initializes a group it
 //! already has state for (openraft refuses, and we do not retry).
 
+pub mod entry_cache;
 pub mod log_store;
 pub mod state_machine;
 pub mod types;
@@ -78,7 +79,7 @@ pub async fn start_group(
             .await
             .map_err(|e| Error::Storage(e.to_string()))??
     };
-    let log = LogStore { shard, store };
+    let log = LogStore::new(shard, store);
     let network = ShardNetworkFactory { net, shard };
     let raft = Raft::new(node_id, raft_config, network, log, sm)
         .await
