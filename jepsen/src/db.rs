@@ -72,9 +72,19 @@ impl Db {
         convoy::net::tls::ensure_material(&config)?;
         let mut mounts = BTreeMap::new();
         for n in &config.nodes {
+            // The checker assumes every node starts empty: on an earlier run's data the same
+            // seed's client ids would find their own old sends as duplicates.
+            let backing = n.data_dir.parent().expect("data dir has a parent").join("backing");
+            for dir in [&n.data_dir, &backing] {
+                if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
+                    bail!(
+                        "{} holds data from an earlier run; a run starts from empty nodes (remove it, or pass another --store)",
+                        dir.display()
+                    );
+                }
+            }
             std::fs::create_dir_all(&n.data_dir)?;
             if opts.lossy {
-                let backing = n.data_dir.parent().expect("data dir has a parent").join("backing");
                 std::fs::create_dir_all(&backing)?;
                 let mount = lossyfs::mount(&backing, &n.data_dir)
                     .with_context(|| format!("mounting a lossy filesystem at {}", n.data_dir.display()))?;

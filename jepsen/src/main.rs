@@ -99,8 +99,13 @@ fn main() {
                 std::process::exit(2);
             }
             let seed = seed.unwrap_or_else(|| u64::from(rand::random::<u16>()));
-            let store =
-                store.unwrap_or_else(|| PathBuf::from(format!("/tmp/convoy-jepsen/run-{seed}-{}", std::process::id())));
+            // Not the pid: under `unshare --pid` the runner is always pid 1, and a second run
+            // with the same seed would land on the first one's data.
+            let started = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            let store = store.unwrap_or_else(|| PathBuf::from(format!("/tmp/convoy-jepsen/run-{seed}-{started}")));
             let opts = RunOptions {
                 faults,
                 time_limit: Duration::from_secs(time_limit),
