@@ -14,6 +14,7 @@
 //! An I/O error here is returned to openraft, which stops the group: the node never
 //! continues with state it could not write.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,6 +64,57 @@ pub struct ShardStateMachine {
     store: Store,
     events: broadcast::Sender<ShardEvent>,
     applied: AppliedState,
+    cache: ApplyCache,
+}
+
+/// Entries an [`ApplyCache`] map holds before it starts over (each is a few dozen bytes).
+const APPLY_CACHE_ENTRIES_MAX: usize = 16_384;
+
+/// What apply knows of the shard's stored state from earlier batches, so that most sends
+/// read nothing from RocksDB: a send's dedup lookup is nearly always a miss, and a miss
+/// costs a walk of every memtable and a bloom probe of every file.
+///
+/// - `dedup_max`: per client, the highest `client_seq` with a dedup record in this shard
+///   (`None`: the client has none). A send whose seq is above it cannot be a retry, and
+///   needs no lookup; any other still reads its record. A client seen for the first time
+///   costs one reverse seek.
+/// - `heads`: conversations' heads as stored.
+///
+/// Invariant: every entry equals what storage holds. Apply is the only writer of these
+/// keys and updates the cache only after its batch is written; a snapshot install clears
+/// it. A full map is cleared rather than evicted from: a missing entry is only a read.
+#[derive(Default)]
+struct ApplyCache {
+    dedup_max: HashMap<u64, Option<u64>>,
+    heads: HashMap<String, u64>,
+}
+
+impl ApplyCache {
+    fn clear(&mut self) {
+        self.dedup_max.clear();
+        self.heads.clear();
+    }
+
+    /// Records a batch's dedup records and heads once they are written.
+    fn written(&mut self, dedup: &[(u64, u64)], heads: HashMap<String, u64>) {
+        for &(client_id, client_seq) in dedup {
+            // A client not in the map is read from storage when next seen, which already
+            // holds this record.
+            if let Some(max) = self.dedup_max.get_mut(&client_id) {
+                *max = Some(max.map_or(client_seq, |m| m.max(client_seq)));
+            }
+        }
+        for (conversation, head) in heads {
+            bounded_insert(&mut self.heads, conversation, head);
+        }
+    }
+}
+
+fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, value: V) {
+    if map.len() >= APPLY_CACHE_ENTRIES_MAX {
+        map.clear();
+    }
+    map.insert(key, value);
 }
 
 fn read_applied(store: &Store, shard: ShardId) -> Result<AppliedState> {
@@ -79,7 +131,7 @@ impl ShardStateMachine {
             tracing::warn!(shard, "cleared an interrupted snapshot install; the shard will be re-sent");
         }
         let applied = read_applied(&store, shard)?;
-        Ok(ShardStateMachine { shard, store, events, applied })
+        Ok(ShardStateMachine { shard, store, events, applied, cache: ApplyCache::default() })
     }
 
     fn snapshot_now(&self) -> Result<Option<Snapshot>> {
@@ -101,22 +153,39 @@ fn snapshot_of(store: &Store, shard: ShardId) -> Result<Option<Snapshot>> {
     Ok(Some(Snapshot { meta, snapshot: ShardSnapshot::Local(local) }))
 }
 
-/// Reads the shard's committed state for apply.
+/// Reads the shard's committed state for apply, through the [`ApplyCache`].
 struct StoreView<'a> {
     store: &'a Store,
     shard: ShardId,
+    cache: &'a mut ApplyCache,
 }
 
 impl ShardView for StoreView<'_> {
     type Error = Error;
     fn head(&mut self, conversation: &str) -> Result<u64> {
-        self.store.head(self.shard, conversation)
+        if let Some(head) = self.cache.heads.get(conversation) {
+            return Ok(*head);
+        }
+        let head = self.store.head(self.shard, conversation)?;
+        bounded_insert(&mut self.cache.heads, conversation.to_string(), head);
+        Ok(head)
     }
     fn dedup(&mut self, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>> {
         if crate::planted::active(crate::planted::Bug::SkipDedup) {
             return Ok(None);
         }
-        self.store.dedup(self.shard, client_id, client_seq)
+        let max = match self.cache.dedup_max.get(&client_id) {
+            Some(max) => *max,
+            None => {
+                let max = self.store.dedup_max_seq(self.shard, client_id)?;
+                bounded_insert(&mut self.cache.dedup_max, client_id, max);
+                max
+            }
+        };
+        match max {
+            Some(max) if client_seq <= max => self.store.dedup(self.shard, client_id, client_seq),
+            _ => Ok(None),
+        }
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64> {
         self.store.cursor(self.shard, user, conversation)
@@ -128,15 +197,17 @@ impl ShardView for StoreView<'_> {
 fn apply_batch(
     store: &Store,
     shard: ShardId,
+    cache: &mut ApplyCache,
     entries: Vec<Entry>,
     mut applied: AppliedState,
 ) -> Result<(Vec<Outcome>, AppliedState, Vec<StoredMessage>)> {
-    let mut base = StoreView { store, shard };
+    let mut base = StoreView { store, shard, cache };
     let mut view = chat::Overlay::new(&mut base);
     let mut batch = WriteBatch::default();
     let mut outcomes = Vec::with_capacity(entries.len());
     let mut appended = Vec::new();
-    let mut heads: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut heads: HashMap<String, u64> = HashMap::new();
+    let mut dedup = Vec::new();
     for entry in entries {
         let outcome = match &entry.payload {
             EntryPayload::Blank => Outcome::None,
@@ -153,7 +224,12 @@ fn apply_batch(
                         Effect::SetHead { conversation, head } => {
                             heads.insert(conversation, head);
                         }
-                        other => write_effect(store, shard, &mut batch, other, &mut appended),
+                        other => {
+                            if let Effect::PutDedup { client_id, client_seq, .. } = &other {
+                                dedup.push((*client_id, *client_seq));
+                            }
+                            write_effect(store, shard, &mut batch, other, &mut appended)
+                        }
                     }
                 }
                 outcome
@@ -162,11 +238,12 @@ fn apply_batch(
         applied.last_applied = Some(entry.log_id);
         outcomes.push(outcome);
     }
-    for (conversation, head) in heads {
-        write_effect(store, shard, &mut batch, Effect::SetHead { conversation, head }, &mut appended);
+    for (conversation, head) in &heads {
+        batch.put_cf(store.cf(CF_STATE), head_key(shard, conversation), encode(head));
     }
     batch.put_cf(store.cf(CF_STATE), applied_key(shard), encode(&applied));
     store.write(batch)?;
+    base.cache.written(&dedup, heads);
     Ok((outcomes, applied, appended))
 }
 
@@ -218,7 +295,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
         }
         let started = std::time::Instant::now();
         let (outcomes, applied, appended) =
-            inline(|| apply_batch(&self.store, self.shard, batch, self.applied.clone()))?;
+            inline(|| apply_batch(&self.store, self.shard, &mut self.cache, batch, self.applied.clone()))?;
         self.store.stages.record(Stage::ApplyWrite, started.elapsed());
         self.applied = applied;
         for (responder, outcome) in responders.into_iter().zip(outcomes) {
@@ -238,6 +315,8 @@ impl RaftStateMachine<C> for ShardStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: ShardSnapshot) -> Result<(), io::Error> {
+        // The shard's state is replaced from here on, whether the install completes or not.
+        self.cache.clear();
         let (store, shard) = (self.store.clone(), self.shard);
         let state = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         let value = encode(&state);
@@ -284,6 +363,118 @@ impl RaftSnapshotBuilder<C> for SnapshotBuilder {
                 meta: SnapshotMeta::default(),
                 snapshot: ShardSnapshot::Local(LocalSnapshot::take(&self.store.db, self.shard)),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{Command, MemView, Rejection, SendCommand};
+    use openraft::entry::RaftEntry;
+    use proptest::prelude::*;
+
+    fn send(conversation: &str, client_id: u64, client_seq: u64) -> SendCommand {
+        SendCommand {
+            conversation: conversation.into(),
+            sender: "u".into(),
+            client_id,
+            client_seq,
+            ts_ms: client_seq,
+            text: format!("{client_id}/{client_seq}"),
+        }
+    }
+
+    /// Applies `commands` as one batch of entries from `next_index` on.
+    fn apply(store: &Store, cache: &mut ApplyCache, next_index: &mut u64, commands: Vec<Command>) -> Vec<Outcome> {
+        let entries = commands
+            .into_iter()
+            .map(|c| {
+                *next_index += 1;
+                Entry::new_normal(openraft::testing::log_id::<C>(1, 1, *next_index), c)
+            })
+            .collect();
+        let applied = read_applied(store, 0).expect("applied state");
+        apply_batch(store, 0, cache, entries, applied).expect("apply").0
+    }
+
+    fn appended(offset: u64, ts_ms: u64, duplicate: bool) -> Outcome {
+        Outcome::Appended { offset, ts_ms, duplicate }
+    }
+
+    #[test]
+    fn retries_are_found_with_a_warm_and_a_cold_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let (mut warm, mut index) = (ApplyCache::default(), 0);
+        let sends = (1..=3).map(|seq| Command::Send(send("c", 7, seq))).collect();
+        let first = apply(&store, &mut warm, &mut index, sends);
+        assert_eq!(first, vec![appended(1, 1, false), appended(2, 2, false), appended(3, 3, false)]);
+        assert_eq!(warm.dedup_max.get(&7), Some(&Some(3)));
+        assert_eq!(warm.heads.get("c"), Some(&3));
+
+        // A retry below the client's highest seq is read from storage.
+        let retry = apply(&store, &mut warm, &mut index, vec![Command::Send(send("c", 7, 2))]);
+        assert_eq!(retry, vec![appended(2, 2, true)]);
+
+        // A restarted state machine starts cold and still finds the highest seq's record.
+        let mut cold = ApplyCache::default();
+        let after_restart = apply(
+            &store,
+            &mut cold,
+            &mut index,
+            vec![Command::Send(send("c", 7, 3)), Command::Send(send("c", 7, 4)), Command::Send(send("d", 7, 1))],
+        );
+        let reused = Outcome::Rejected { reason: Rejection::SeqReused { conversation: "c".into() } };
+        assert_eq!(after_restart, vec![appended(3, 3, true), appended(4, 4, false), reused]);
+
+        // A seq below the highest that was never used (pipelined sends arrive out of
+        // order) is new.
+        let late = apply(&store, &mut cold, &mut index, vec![Command::Send(send("c", 7, 9))]);
+        let gap = apply(&store, &mut cold, &mut index, vec![Command::Send(send("c", 7, 6))]);
+        assert_eq!((late, gap), (vec![appended(5, 9, false)], vec![appended(6, 6, false)]));
+        assert_eq!(store.dedup_max_seq(0, 7).expect("seek"), Some(9));
+        assert_eq!(store.dedup_max_seq(0, 8).expect("seek"), None);
+        assert_eq!(store.dedup_max_seq(1, 7).expect("seek"), None);
+    }
+
+    #[test]
+    fn a_full_cache_map_starts_over() {
+        let mut map = HashMap::new();
+        for i in 0..APPLY_CACHE_ENTRIES_MAX as u64 {
+            bounded_insert(&mut map, i, i);
+        }
+        assert_eq!(map.len(), APPLY_CACHE_ENTRIES_MAX);
+        bounded_insert(&mut map, u64::MAX, 0);
+        assert_eq!(map.len(), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        // Whatever the batching, and whenever the cache is lost, apply through the cache
+        // answers exactly as the in-memory model with no cache at all.
+        #[test]
+        fn cached_apply_matches_the_model(
+            batches in prop::collection::vec(
+                (prop::collection::vec((0u64..3, 0u64..12, 0usize..3), 1..12), any::<bool>()),
+                1..10,
+            ),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (store, _) = Store::open(dir.path()).expect("open");
+            let (mut cache, mut index, mut model) = (ApplyCache::default(), 0, MemView::default());
+            for (sends, lose_cache) in batches {
+                if lose_cache {
+                    cache.clear();
+                }
+                let commands: Vec<Command> = sends
+                    .into_iter()
+                    .map(|(client, seq, conv)| Command::Send(send(["a", "b", "c"][conv], client, seq)))
+                    .collect();
+                let want: Vec<Outcome> = commands.iter().map(|c| model.apply(c)).collect();
+                prop_assert_eq!(apply(&store, &mut cache, &mut index, commands), want);
+            }
         }
     }
 }

@@ -127,6 +127,13 @@ pub fn dedup_key(shard: ShardId, client_id: u64, client_seq: u64) -> [u8; 21] {
     k
 }
 
+/// The `client_seq` of a dedup key of `client_id` in `shard`; `None` for any other key.
+pub fn dedup_key_seq(key: &[u8], shard: ShardId, client_id: u64) -> Option<u64> {
+    let prefix = &dedup_key(shard, client_id, 0)[..13];
+    let seq: [u8; 8] = key.strip_prefix(prefix)?.try_into().ok()?;
+    Some(u64::from_be_bytes(seq))
+}
+
 pub fn cursor_key(shard: ShardId, user: &str, conversation: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(7 + user.len() + conversation.len());
     k.extend_from_slice(&shard.to_be_bytes());

@@ -180,6 +180,25 @@ impl Store {
         }
     }
 
+    /// The highest `client_seq` of `client_id` with a dedup record in `shard`, if any: one
+    /// reverse seek inside the client's key range.
+    pub fn dedup_max_seq(&self, shard: ShardId, client_id: u64) -> Result<Option<u64>> {
+        let lower = dedup_key(shard, client_id, 0);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(lower.to_vec());
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_STATE), ro);
+        iter.seek_for_prev(dedup_key(shard, client_id, u64::MAX));
+        let found = match iter.key() {
+            Some(key) => Some(
+                keys::dedup_key_seq(key, shard, client_id)
+                    .ok_or_else(|| Error::Storage(format!("malformed dedup key of {} bytes", key.len())))?,
+            ),
+            None => None,
+        };
+        iter.status()?;
+        Ok(found)
+    }
+
     pub fn cursor(&self, shard: ShardId, user: &str, conversation: &str) -> Result<u64> {
         match self.get(CF_STATE, &cursor_key(shard, user, conversation))? {
             Some(v) => Ok(codec::decode::<u64>(&v)?),
