@@ -201,6 +201,10 @@ impl Config {
         if self.limits.max_frame_bytes < self.limits.max_message_bytes + 1024 {
             return fail("limits.max_frame_bytes must exceed max_message_bytes by at least 1 KiB".into());
         }
+        // A client request becomes one Raft entry; replication frames hold at least one.
+        if self.limits.max_frame_bytes > crate::net::peer::ENTRY_BYTES_MAX {
+            return fail(format!("limits.max_frame_bytes must be at most {}", crate::net::peer::ENTRY_BYTES_MAX));
+        }
         let r = &self.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 3 {
             return fail("raft.election_timeout_min_ms must exceed 3 heartbeats".into());
@@ -268,6 +272,9 @@ data_dir = "data/node3"
         let big = format!("{SAMPLE}\n[limits]\nmax_message_bytes = 70000\n");
         let err = Config::parse(&big, Path::new("."), Path::new("c.toml")).expect_err("too big");
         assert!(err.to_string().contains("max_message_bytes"), "{err}");
+        let frame = format!("{SAMPLE}\n[limits]\nmax_frame_bytes = 33554432\n");
+        let err = Config::parse(&frame, Path::new("."), Path::new("c.toml")).expect_err("too big");
+        assert!(err.to_string().contains("max_frame_bytes must be at most"), "{err}");
         let unknown = format!("bogus = 1\n{SAMPLE}");
         assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
     }

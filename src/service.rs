@@ -581,6 +581,7 @@ impl Node {
             append_rpcs: self.peer_stats.append_rpcs.load(Ordering::Relaxed),
             append_rpc_entries: self.peer_stats.append_rpc_entries.load(Ordering::Relaxed),
             append_rpcs_empty: self.peer_stats.append_rpcs_empty.load(Ordering::Relaxed),
+            append_rpcs_cut: self.peer_stats.append_rpcs_cut.load(Ordering::Relaxed),
             stages: self.store.stages.snapshot(),
         }
     }

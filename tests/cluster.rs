@@ -413,3 +413,53 @@ async fn wiped_replica_catches_up_by_snapshot() {
     let ack = client.send("alpha", "w", "after").await.expect("send after catch-up");
     assert_eq!(ack.offset, 201);
 }
+
+// A replica that was down while large batched entries were committed catches up from the
+// log although one AppendEntries of them would exceed the peer frame budget: the leader
+// sends a prefix and openraft continues from the follower's partial success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_catches_up_on_entries_larger_than_one_frame_budget() {
+    let mut cluster = TestCluster::start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let client = cluster.client();
+    let conv = "large";
+    let leader = cluster.leader_of(shard_of(conv, cluster.config.shards), &[1, 2, 3], READY).await;
+    let lagging = if leader == 3 { 2 } else { 3 };
+    cluster.kill(lagging);
+    // 32 concurrent senders of 60,000-byte messages: the client coalesces them into entries
+    // of several messages, so 256 entries (openraft's batch) are far over 16 MiB.
+    const SENDERS: usize = 32;
+    const EACH: usize = 20;
+    let mut tasks = Vec::new();
+    for w in 0..SENDERS {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let text = format!("{w:02}-{i:02}-{}", "x".repeat(60_000));
+                client.send(conv, "big", &text).await.expect("send with one replica down");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    let total = (SENDERS * EACH) as u64;
+    cluster.spawn(lagging);
+    let tail = |node: u64| {
+        let client = client.clone();
+        async move {
+            eventually(Duration::from_secs(60), &format!("node {node} to hold offset {total}"), || async {
+                match client.read(conv, total - 9, Some(node)).await {
+                    Ok(v) if v.len() == 10 => Some(v),
+                    _ => None,
+                }
+            })
+            .await
+        }
+    };
+    let caught_up = tail(lagging).await;
+    let cut = client.status(leader).await.expect("leader status").append_rpcs_cut;
+    assert!(cut > 0, "the catch-up must have needed a cut AppendEntries (else this tests nothing)");
+    assert_eq!(caught_up, tail(leader).await, "the lagging replica holds what the leader holds");
+    assert_eq!(caught_up.last().map(|m| m.offset), Some(total));
+}

@@ -433,8 +433,14 @@ async fn cluster_status(path: &Path, json: bool) -> Result<()> {
                         "node {id}: up, leads shards {leading:?}, apply lag {lag} entries, \
                          {} fsyncs ({per_fsync:.1} appends each, {fsync_ms:.2} ms mean), \
                          {} sends committed in {} entries ({per_entry:.1} each), \
-                         {} AppendEntries sent ({per_rpc:.1} entries each when not empty, {} empty)",
-                        s.fsyncs, s.sends_committed, s.entries_committed, s.append_rpcs, s.append_rpcs_empty
+                         {} AppendEntries sent ({per_rpc:.1} entries each when not empty, {} empty, \
+                         {} cut to fit a frame)",
+                        s.fsyncs,
+                        s.sends_committed,
+                        s.entries_committed,
+                        s.append_rpcs,
+                        s.append_rpcs_empty,
+                        s.append_rpcs_cut
                     );
                     let stages: Vec<String> = s
                         .stages

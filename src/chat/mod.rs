@@ -82,6 +82,20 @@ pub struct CursorCommand {
     pub offset: u64,
 }
 
+impl Command {
+    /// Roughly the bytes the command takes encoded (ids and text plus a fixed allowance),
+    /// for budgets of frames that carry many commands.
+    pub fn approx_bytes(&self) -> usize {
+        const FIXED: usize = 48;
+        let send = |s: &SendCommand| FIXED + s.conversation.len() + s.sender.len() + s.text.len();
+        match self {
+            Command::Send(s) => send(s),
+            Command::Cursor(c) => FIXED + c.user.len() + c.conversation.len(),
+            Command::SendBatch(b) => FIXED + b.iter().map(send).sum::<usize>(),
+        }
+    }
+}
+
 impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -508,7 +508,7 @@ impl Client {
     /// A node's view of its shards.
     pub async fn status(&self, node: u64) -> Result<NodeStatus> {
         match self.request(node, &Request::Status).await? {
-            Response::Status(s) => Ok(s),
+            Response::Status(s) => Ok(*s),
             other => Err(Error::Protocol(format!("unexpected answer to status: {other:?}"))),
         }
     }

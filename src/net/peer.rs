@@ -38,6 +38,17 @@ use crate::store::snapshot::SpoolWriter;
 /// Largest peer frame: an AppendEntries batch of `max_payload_entries` full messages, or a
 /// snapshot chunk, fits well below it.
 pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
+/// Approximate entry bytes one AppendEntries carries, at most: openraft hands the network
+/// up to `max_payload_entries` entries, and an entry holds a whole client request (up to
+/// `limits.max_frame_bytes`), so a lagging follower's catch-up could otherwise ask for a
+/// frame far over [`PEER_FRAME_BYTES_MAX`], be refused by the follower every time, and
+/// never catch up. A longer request is cut (see [`fit_payload`]).
+pub const APPEND_PAYLOAD_BYTES: usize = 16 << 20;
+/// The largest entry a frame must hold on its own (with `APPEND_PAYLOAD_BYTES` before it,
+/// well inside `PEER_FRAME_BYTES_MAX`); `limits.max_frame_bytes` may not exceed it.
+pub const ENTRY_BYTES_MAX: usize = 16 << 20;
+// A cut request holds at most the budget, or one entry alone: either, encoded, fits a frame.
+const _: () = assert!(APPEND_PAYLOAD_BYTES + 2 * ENTRY_BYTES_MAX < PEER_FRAME_BYTES_MAX);
 /// Time allowed to establish a peer connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Snapshot chunks buffered between the RocksDB reader thread and the stream.
@@ -79,6 +90,8 @@ pub struct PeerStats {
     pub append_rpcs: AtomicU64,
     pub append_rpc_entries: AtomicU64,
     pub append_rpcs_empty: AtomicU64,
+    /// AppendEntries cut to fit the frame budget (see [`fit_payload`]).
+    pub append_rpcs_cut: AtomicU64,
 }
 
 fn unreachable(e: impl std::fmt::Display) -> RPCError<C> {
@@ -188,6 +201,35 @@ impl PeerNet {
     }
 }
 
+/// Roughly the bytes an entry takes on the wire.
+fn entry_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(command) => command.approx_bytes(),
+        _ => 256,
+    }
+}
+
+/// Cuts `rpc` to its longest prefix of entries within `budget` approximate bytes (at least
+/// one entry). Returns the last log id it kept if it cut anything: the follower's success
+/// then stands for that prefix only, and openraft sends the rest next.
+fn fit_payload(rpc: &mut AppendEntriesRequest, budget: usize) -> Option<LogId> {
+    let mut bytes = 0;
+    let fits = rpc
+        .entries
+        .iter()
+        .take_while(|e| {
+            bytes += entry_bytes(e);
+            bytes <= budget
+        })
+        .count()
+        .max(1);
+    if fits >= rpc.entries.len() {
+        return None;
+    }
+    rpc.entries.truncate(fits);
+    rpc.entries.last().map(|e| e.log_id)
+}
+
 fn unexpected(resp: PeerResponse) -> RPCError<C> {
     network(format!("unexpected peer response {resp:?}"))
 }
@@ -203,7 +245,12 @@ impl GroupRouter<C, ShardId> for PeerNet {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse, RPCError<C>> {
         let ttl = option.hard_ttl().max(self.inner.append_timeout);
+        let mut rpc = rpc;
+        let cut = fit_payload(&mut rpc, APPEND_PAYLOAD_BYTES);
         let stats = &self.inner.stats;
+        if cut.is_some() {
+            stats.append_rpcs_cut.fetch_add(1, Ordering::Relaxed);
+        }
         stats.append_rpcs.fetch_add(1, Ordering::Relaxed);
         let carries = !rpc.entries.is_empty();
         if carries {
@@ -216,9 +263,12 @@ impl GroupRouter<C, ShardId> for PeerNet {
         if carries && answer.is_ok() {
             self.inner.stages.record(Stage::Replicate, sent.elapsed());
         }
-        match answer? {
-            PeerResponse::Append(r) => Ok(r),
-            other => Err(unexpected(other)),
+        match (answer?, cut) {
+            (PeerResponse::Append(AppendEntriesResponse::Success), Some(last)) => {
+                Ok(AppendEntriesResponse::PartialSuccess(Some(last)))
+            }
+            (PeerResponse::Append(r), _) => Ok(r),
+            (other, _) => Err(unexpected(other)),
         }
     }
 
@@ -473,4 +523,68 @@ async fn receive_snapshot(
     .await;
     let _ = std::fs::remove_file(&path);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{Command, SendCommand};
+    use openraft::entry::RaftEntry;
+
+    fn entry(index: u64, text_bytes: usize) -> Entry {
+        let send = SendCommand {
+            conversation: "c".into(),
+            sender: "u".into(),
+            client_id: 1,
+            client_seq: index,
+            ts_ms: 0,
+            text: "x".repeat(text_bytes),
+        };
+        Entry::new_normal(openraft::testing::log_id::<C>(1, 1, index), Command::Send(send))
+    }
+
+    fn request(sizes: &[usize]) -> AppendEntriesRequest {
+        AppendEntriesRequest {
+            vote: Vote::new(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: sizes.iter().enumerate().map(|(i, n)| entry(i as u64 + 1, *n)).collect(),
+        }
+    }
+
+    fn indexes(rpc: &AppendEntriesRequest) -> Vec<u64> {
+        rpc.entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    #[test]
+    fn a_request_within_budget_is_sent_whole() {
+        let mut rpc = request(&[100, 100, 100]);
+        assert_eq!(fit_payload(&mut rpc, 1_000), None);
+        assert_eq!(indexes(&rpc), vec![1, 2, 3]);
+        let mut empty = request(&[]);
+        assert_eq!(fit_payload(&mut empty, 1_000), None);
+    }
+
+    #[test]
+    fn a_request_over_budget_is_cut_to_a_prefix_and_names_its_last_entry() {
+        let mut rpc = request(&[300, 300, 300, 300]);
+        let last = fit_payload(&mut rpc, 800).expect("cut");
+        assert_eq!(indexes(&rpc), vec![1, 2]);
+        assert_eq!(last.index, 2);
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_budget_still_goes_alone() {
+        let mut rpc = request(&[5_000, 10]);
+        assert_eq!(fit_payload(&mut rpc, 1_000).map(|l| l.index), Some(1));
+        assert_eq!(indexes(&rpc), vec![1]);
+    }
+
+    #[test]
+    fn the_largest_allowed_request_fits_a_peer_frame() {
+        let mut rpc = request(&[1 << 20; 40]);
+        fit_payload(&mut rpc, APPEND_PAYLOAD_BYTES);
+        let frame = crate::net::frame::encode(&PeerRequest::Append { shard: 0, rpc });
+        assert!(frame.len() <= APPEND_PAYLOAD_BYTES + 1024, "{} bytes", frame.len());
+    }
 }

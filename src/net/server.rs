@@ -72,7 +72,7 @@ async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::R
             Request::SendBatch(reqs) => node.send_batch(reqs).await,
             Request::SetCursor { user, conversation, offset } => node.set_cursor(user, conversation, offset).await,
             Request::GetCursor { user, conversation } => node.get_cursor(user, conversation).await,
-            Request::Status => Response::Status(node.status()),
+            Request::Status => Response::Status(Box::new(node.status())),
             Request::Subscribe { conversation, from, follow } => {
                 match node.subscribe(conversation, from, follow, &mut send).await {
                     Ok(()) => break,

@@ -110,7 +110,7 @@ pub enum Response {
         offset: u64,
         head: u64,
     },
-    Status(NodeStatus),
+    Status(Box<NodeStatus>),
     /// The answers to a `SendBatch`, one per send, in order.
     Batch(Vec<Response>),
 }
@@ -132,6 +132,9 @@ pub struct NodeStatus {
     pub append_rpcs: u64,
     pub append_rpc_entries: u64,
     pub append_rpcs_empty: u64,
+    /// AppendEntries cut to a prefix to fit the peer frame budget.
+    #[serde(default)]
+    pub append_rpcs_cut: u64,
     /// Latency histograms of the send path since start (see `crate::stages`).
     pub stages: Vec<StageSnapshot>,
 }
