@@ -35,8 +35,8 @@ use crate::raft::types::*;
 use crate::stages::{Stage, Stages};
 use crate::store::snapshot::SpoolWriter;
 
-/// Largest peer frame: an AppendEntries batch of `max_payload_entries` full messages, or a
-/// snapshot chunk, fits well below it.
+/// Largest peer frame: an AppendEntries (cut to [`APPEND_PAYLOAD_BYTES`], or one entry
+/// alone) or a snapshot chunk fits well below it.
 pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
 /// Approximate entry bytes one AppendEntries carries, at most: openraft hands the network
 /// up to `max_payload_entries` entries, and an entry holds a whole client request (up to
