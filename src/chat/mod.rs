@@ -284,6 +284,12 @@ impl<'a, V: ShardView> Overlay<'a, V> {
         Overlay { base, heads: HashMap::new(), dedup: HashMap::new(), cursors: HashMap::new() }
     }
 
+    /// The heads the batch set (each conversation's last) and the `(client_id, client_seq)`
+    /// pairs it recorded for dedup.
+    pub fn into_written(self) -> (HashMap<String, u64>, Vec<(u64, u64)>) {
+        (self.heads, self.dedup.into_keys().collect())
+    }
+
     /// Records effects so later lookups in this batch see them.
     pub fn absorb(&mut self, effects: &[Effect]) {
         for effect in effects {

@@ -241,11 +241,10 @@ impl GroupRouter<C, ShardId> for PeerNet {
         &self,
         target: NodeId,
         shard: ShardId,
-        rpc: AppendEntriesRequest,
+        mut rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse, RPCError<C>> {
         let ttl = option.hard_ttl().max(self.inner.append_timeout);
-        let mut rpc = rpc;
         let cut = fit_payload(&mut rpc, APPEND_PAYLOAD_BYTES);
         let stats = &self.inner.stats;
         if cut.is_some() {

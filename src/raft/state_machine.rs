@@ -206,8 +206,6 @@ fn apply_batch(
     let mut batch = WriteBatch::default();
     let mut outcomes = Vec::with_capacity(entries.len());
     let mut appended = Vec::new();
-    let mut heads: HashMap<String, u64> = HashMap::new();
-    let mut dedup = Vec::new();
     for entry in entries {
         let outcome = match &entry.payload {
             EntryPayload::Blank => Outcome::None,
@@ -219,17 +217,9 @@ fn apply_batch(
                 let (outcome, effects) = chat::apply(&mut view, cmd)?;
                 view.absorb(&effects);
                 for effect in effects {
-                    match effect {
-                        // Only a conversation's last head in the batch is written.
-                        Effect::SetHead { conversation, head } => {
-                            heads.insert(conversation, head);
-                        }
-                        other => {
-                            if let Effect::PutDedup { client_id, client_seq, .. } = &other {
-                                dedup.push((*client_id, *client_seq));
-                            }
-                            write_effect(store, shard, &mut batch, other, &mut appended)
-                        }
+                    // Only a conversation's last head in the batch is written (below).
+                    if !matches!(effect, Effect::SetHead { .. }) {
+                        write_effect(store, shard, &mut batch, effect, &mut appended);
                     }
                 }
                 outcome
@@ -238,6 +228,7 @@ fn apply_batch(
         applied.last_applied = Some(entry.log_id);
         outcomes.push(outcome);
     }
+    let (heads, dedup) = view.into_written();
     for (conversation, head) in &heads {
         batch.put_cf(store.cf(CF_STATE), head_key(shard, conversation), encode(head));
     }
