@@ -3,8 +3,10 @@
 //!
 //! - **send**: validate → this node must lead the shard (else `NotLeader{hint}`) → bounded
 //!   in-flight check (else `Throttled`) → the leader stamps the time → Raft commit on a
-//!   quorum, fsynced → apply assigns the offset → `Ack`. A timeout is answered
-//!   `Ambiguous`, never as a failure: the client retries with the same idempotency key.
+//!   quorum, fsynced → apply assigns the offset → `Ack`, written to the client's stream by
+//!   the state machine's task itself, so the answers of one apply batch leave the node
+//!   together. A timeout is answered `Ambiguous`, never as a failure: the client retries
+//!   with the same idempotency key.
 //! - **subscribe**: served by any replica. It attaches to the shard's applied-message
 //!   broadcast *first*, then reads storage from `from`; at the head it pushes live events.
 //!   An event at the next expected offset is delivered, older ones are skipped, and a gap,
@@ -19,7 +21,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::ClientWriteError;
+use openraft::raft::ClientWriteResult;
 use tokio::sync::{broadcast, Semaphore};
 
 use crate::chat::{self, Command, CursorCommand, Outcome, SendCommand, ShardId};
@@ -28,9 +31,9 @@ use crate::error::{Error, Result};
 use crate::net::frame;
 use crate::net::peer::{self, Groups, PeerNet};
 use crate::net::tls::{self, Link};
-use crate::net::wire::{ErrorCode, NodeStatus, Response, SendRequest, ShardStatus, SEND_BATCH_MAX};
+use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX};
 use crate::raft::state_machine::ShardEvent;
-use crate::raft::types::NodeId;
+use crate::raft::types::{FnResponder, NodeId, C};
 use crate::raft::{self as consensus, Group};
 use crate::stages::Stage;
 use crate::store::Store;
@@ -190,11 +193,16 @@ pub struct Node {
     push: Arc<PushHub>,
     inflight: Arc<Semaphore>,
     peer_stats: Arc<peer::PeerStats>,
-    /// Sends committed through this node as leader, and the entries that carried them.
-    sends_committed: AtomicU64,
-    entries_committed: AtomicU64,
+    counters: Arc<CommitCounters>,
     pub client_endpoint: quinn::Endpoint,
     pub peer_endpoint: quinn::Endpoint,
+}
+
+/// Sends committed through this node as leader, and the entries that carried them.
+#[derive(Debug, Default)]
+struct CommitCounters {
+    sends: AtomicU64,
+    entries: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -203,6 +211,34 @@ fn now_ms() -> u64 {
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
+}
+
+/// Valid sends of a batch by shard, with their slots in the batch.
+type PreparedBatch = (Vec<Option<Response>>, BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)>);
+
+/// What a send's proposal answers when the group stopped before its outcome was known.
+const STOPPED_BEFORE_OUTCOME: &str = "the shard's group stopped before the outcome was known";
+
+/// The answer to a send whose outcome did not come within [`SEND_TIMEOUT`].
+pub fn no_commit_in_time() -> Response {
+    error(ErrorCode::Ambiguous, format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"))
+}
+
+/// The answer to a send whose proposal was dropped without an outcome (its group stopped).
+pub fn stopped_before_outcome() -> Response {
+    error(ErrorCode::Ambiguous, STOPPED_BEFORE_OUTCOME)
+}
+
+/// Each send's answer from the outcome of the `SendBatch` entry that carried them.
+fn batch_answers(outcome: std::result::Result<Outcome, Response>, conversations: Vec<String>) -> Vec<Response> {
+    let sends = conversations.len();
+    match outcome {
+        Ok(Outcome::Batch(outcomes)) if outcomes.len() == sends => {
+            outcomes.into_iter().zip(conversations).map(|(o, c)| send_answer(o, c)).collect()
+        }
+        Ok(other) => vec![error(ErrorCode::Protocol, format!("unexpected outcome of a send batch: {other:?}")); sends],
+        Err(answer) => vec![answer; sends],
+    }
 }
 
 /// The answer to one send, from its applied outcome.
@@ -272,8 +308,7 @@ impl Node {
             push,
             inflight,
             peer_stats: net.stats(),
-            sends_committed: AtomicU64::new(0),
-            entries_committed: AtomicU64::new(0),
+            counters: Arc::default(),
             client_endpoint,
             peer_endpoint,
         });
@@ -295,33 +330,63 @@ impl Node {
         self.groups.get(&shard).ok_or_else(|| Error::Unavailable(format!("shard {shard} is not hosted here")))
     }
 
-    /// Proposes a command on the shard's leader (this node) and waits for its outcome. It
-    /// takes one in-flight permit per send it carries (one for a cursor). An `Err` is the
-    /// answer for everything the command carried (throttled, not leader, unknown outcome).
-    async fn propose(&self, group: &Group, command: Command) -> std::result::Result<Outcome, Response> {
+    /// Proposes a command on the shard's leader (this node). It takes one in-flight permit
+    /// per send it carries (one for a cursor), held until the outcome is known. `done`
+    /// receives the outcome exactly once — from the state machine's task when the entry is
+    /// applied, or with the answer for everything the command carried (not leader, outcome
+    /// unknown) — unless the group stops first, which drops it uncalled. An `Err` here is
+    /// the immediate answer (throttled, group stopped); `done` is then dropped.
+    async fn propose_then(
+        &self,
+        group: &Group,
+        command: Command,
+        done: impl FnOnce(std::result::Result<Outcome, Response>) + Send + 'static,
+    ) -> std::result::Result<(), Response> {
         let sends = match &command {
             Command::Send(_) => 1,
             Command::SendBatch(b) => b.len() as u32,
             Command::Cursor(_) => 0,
         };
-        let Ok(_permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
+        let Ok(permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
             return Err(Response::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
         };
+        let (shard, counters, stages) = (group.shard, self.counters.clone(), self.store.stages.clone());
         let proposed = std::time::Instant::now();
-        match tokio::time::timeout(SEND_TIMEOUT, group.raft.client_write(command)).await {
-            Err(_) => Err(error(ErrorCode::Ambiguous, format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"))),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(Response::NotLeader { shard: group.shard, leader: f.leader_id })
-            }
-            Ok(Err(e)) => Err(error(ErrorCode::Ambiguous, format!("shard {}: {e}", group.shard))),
-            Ok(Ok(resp)) => {
-                if sends > 0 {
-                    self.store.stages.record(Stage::Send, proposed.elapsed());
-                    self.entries_committed.fetch_add(1, Ordering::Relaxed);
-                    self.sends_committed.fetch_add(u64::from(sends), Ordering::Relaxed);
+        let responder = FnResponder::new(move |result: ClientWriteResult<C>| {
+            drop(permits);
+            done(match result {
+                Err(ClientWriteError::ForwardToLeader(f)) => Err(Response::NotLeader { shard, leader: f.leader_id }),
+                Err(e) => Err(error(ErrorCode::Ambiguous, format!("shard {shard}: {e}"))),
+                Ok(resp) => {
+                    if sends > 0 {
+                        stages.record(Stage::Send, proposed.elapsed());
+                        counters.entries.fetch_add(1, Ordering::Relaxed);
+                        counters.sends.fetch_add(u64::from(sends), Ordering::Relaxed);
+                    }
+                    Ok(resp.data)
                 }
-                Ok(resp.data)
-            }
+            })
+        });
+        // Refused only when the group has stopped: the command never reached it.
+        group
+            .raft
+            .client_write_ff(command, Some(responder))
+            .await
+            .map_err(|e| error(ErrorCode::Unavailable, format!("shard {shard}: {e}")))
+    }
+
+    /// [`Node::propose_then`], waiting for the outcome at most [`SEND_TIMEOUT`]. An `Err` is
+    /// the answer for everything the command carried (throttled, not leader, unknown outcome).
+    async fn propose(&self, group: &Group, command: Command) -> std::result::Result<Outcome, Response> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.propose_then(group, command, move |outcome| {
+            let _ = tx.send(outcome);
+        })
+        .await?;
+        match tokio::time::timeout(SEND_TIMEOUT, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(stopped_before_outcome()),
+            Err(_) => Err(no_commit_in_time()),
         }
     }
 
@@ -351,28 +416,60 @@ impl Node {
         ))
     }
 
-    /// Handles a send; see the module doc.
-    pub async fn send(&self, req: SendRequest) -> Response {
-        let (shard, command) = match self.prepare_send(req) {
-            Ok(p) => p,
-            Err(answer) => return answer,
-        };
-        let conversation = command.conversation.clone();
-        match self.propose(&self.groups[&shard], Command::Send(command)).await {
-            Ok(outcome) => send_answer(outcome, conversation),
-            Err(answer) => answer,
+    /// Handles a send or a batch of sends (see the module doc) and hands the answer to
+    /// `reply`, called at most once: `Some(answer)` is the answer known at once (invalid,
+    /// throttled, or a batch that spans shards, which is awaited here), and `reply` is
+    /// dropped; `None` means `reply` will be called from the state machine's task when the
+    /// proposal is applied or refused — or dropped uncalled if the group stops first. The
+    /// caller bounds the wait.
+    pub async fn send_replying(
+        &self,
+        request: Request,
+        reply: impl FnOnce(Response) + Send + 'static,
+    ) -> Option<Response> {
+        match request {
+            Request::Send(req) => {
+                let (shard, command) = match self.prepare_send(req) {
+                    Ok(p) => p,
+                    Err(answer) => return Some(answer),
+                };
+                let conversation = command.conversation.clone();
+                let done = move |outcome: std::result::Result<Outcome, Response>| {
+                    reply(match outcome {
+                        Ok(outcome) => send_answer(outcome, conversation),
+                        Err(answer) => answer,
+                    })
+                };
+                self.propose_then(&self.groups[&shard], Command::Send(command), done).await.err()
+            }
+            Request::SendBatch(reqs) => {
+                let (answers, mut by_shard) = match self.prepare_batch(reqs) {
+                    Ok(prepared) => prepared,
+                    Err(answer) => return Some(answer),
+                };
+                // The usual batch — every send valid, one shard (the client batches per
+                // shard) — is answered from the state machine's task like a single send.
+                if by_shard.len() == 1 && answers.iter().all(Option::is_none) {
+                    if let Some((shard, (_, commands))) = by_shard.pop_first() {
+                        let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
+                        let done = move |outcome| reply(Response::Batch(batch_answers(outcome, conversations)));
+                        return self.propose_then(&self.groups[&shard], Command::SendBatch(commands), done).await.err();
+                    }
+                }
+                Some(self.send_batch_awaited(answers, by_shard).await)
+            }
+            other => Some(error(ErrorCode::Protocol, format!("not a send: {other:?}"))),
         }
     }
 
-    /// Handles a batch of sends: each is validated on its own, the valid ones are proposed
-    /// as one `SendBatch` entry per shard (concurrently), and each gets the answer it would
-    /// have had alone.
-    pub async fn send_batch(&self, reqs: Vec<SendRequest>) -> Response {
+    /// Validates each send of a batch on its own: the answers of the invalid ones by slot,
+    /// and the valid ones grouped by shard with their slots.
+    fn prepare_batch(&self, reqs: Vec<SendRequest>) -> std::result::Result<PreparedBatch, Response> {
         if reqs.len() > SEND_BATCH_MAX {
-            return error(
+            return Err(error(
                 ErrorCode::InvalidInput,
                 format!("{} sends in one batch, limit {SEND_BATCH_MAX}", reqs.len()),
-            );
+            ));
         }
         let mut answers: Vec<Option<Response>> = vec![None; reqs.len()];
         let mut by_shard: BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)> = BTreeMap::new();
@@ -386,19 +483,20 @@ impl Node {
                 Err(answer) => answers[i] = Some(answer),
             }
         }
+        Ok((answers, by_shard))
+    }
+
+    /// A prepared batch's valid sends proposed as one `SendBatch` entry per shard
+    /// (concurrently), each answered as it would have been alone.
+    async fn send_batch_awaited(
+        &self,
+        mut answers: Vec<Option<Response>>,
+        by_shard: BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)>,
+    ) -> Response {
         let proposals = by_shard.into_iter().map(|(shard, (slots, commands))| async move {
             let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
-            let sends = commands.len();
-            let answers: Vec<Response> = match self.propose(&self.groups[&shard], Command::SendBatch(commands)).await {
-                Ok(Outcome::Batch(outcomes)) if outcomes.len() == sends => {
-                    outcomes.into_iter().zip(conversations).map(|(o, c)| send_answer(o, c)).collect()
-                }
-                Ok(other) => {
-                    vec![error(ErrorCode::Protocol, format!("unexpected outcome of a send batch: {other:?}")); sends]
-                }
-                Err(answer) => vec![answer; sends],
-            };
-            (slots, answers)
+            let outcome = self.propose(&self.groups[&shard], Command::SendBatch(commands)).await;
+            (slots, batch_answers(outcome, conversations))
         });
         for (slots, shard_answers) in futures::future::join_all(proposals).await {
             for (slot, answer) in slots.into_iter().zip(shard_answers) {
@@ -576,8 +674,8 @@ impl Node {
             fsyncs: stats.rounds.load(Ordering::Relaxed),
             fsync_completions: stats.completions.load(Ordering::Relaxed),
             fsync_us_total: stats.fsync_us_total.load(Ordering::Relaxed),
-            sends_committed: self.sends_committed.load(Ordering::Relaxed),
-            entries_committed: self.entries_committed.load(Ordering::Relaxed),
+            sends_committed: self.counters.sends.load(Ordering::Relaxed),
+            entries_committed: self.counters.entries.load(Ordering::Relaxed),
             append_rpcs: self.peer_stats.append_rpcs.load(Ordering::Relaxed),
             append_rpc_entries: self.peer_stats.append_rpc_entries.load(Ordering::Relaxed),
             append_rpcs_empty: self.peer_stats.append_rpcs_empty.load(Ordering::Relaxed),

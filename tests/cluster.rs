@@ -463,3 +463,91 @@ async fn a_replica_catches_up_on_entries_larger_than_one_frame_budget() {
     assert_eq!(caught_up, tail(leader).await, "the lagging replica holds what the leader holds");
     assert_eq!(caught_up.last().map(|m| m.offset), Some(total));
 }
+
+// A send that gets no outcome within the send timeout is answered `Ambiguous` on its lane,
+// and the lane goes on serving: when that entry commits later, its answer is never written
+// into the stream where the next send's answer is expected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_send_is_ambiguous_and_its_late_outcome_never_answers_the_next_send() {
+    use convoy::net::wire::{ErrorCode, Request, Response, SendRequest};
+    let mut cluster = TestCluster::start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let conversation = "late";
+    let shard = shard_of(conversation, cluster.config.shards);
+    // The node that leads the shard once leadership is balanced (see `Node::preferred_leader`).
+    let leader = cluster.config.node_ids()[shard as usize % 3];
+    let client = cluster.client();
+    let leads = |client: Client| async move {
+        eventually(Duration::from_secs(60), &format!("node {leader} to lead shard {shard}"), || async {
+            matches!(client.agreed_leaders(&[1, 2, 3]).await, Ok(l) if l[shard as usize] == leader).then_some(())
+        })
+        .await
+    };
+    leads(client.clone()).await;
+    let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+
+    // One lane (stream) to the leader, used for every send below, as the client's are.
+    let paths = convoy::net::tls::TlsPaths { dir: cluster.config.tls_dir.clone() };
+    let tls = convoy::net::tls::client_config(&paths, None).expect("client tls");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let addr = cluster.config.node(leader).expect("node").client_addr;
+    let conn = endpoint.connect_with(tls, addr, &format!("node{leader}")).expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let send_req = |client_seq: u64, text: &str| {
+        Request::Send(SendRequest {
+            conversation: conversation.into(),
+            sender: "u".into(),
+            client_id: 4242,
+            client_seq,
+            text: text.into(),
+        })
+    };
+    match exchange(&mut send, &mut recv, send_req(1, "first")).await {
+        Response::Ack { offset: 1, .. } => {}
+        other => panic!("first send: expected offset 1, got {other:?}"),
+    }
+    // Without its followers the leader cannot commit: the send times out, outcome unknown.
+    for id in &followers {
+        cluster.kill(*id);
+    }
+    match exchange(&mut send, &mut recv, send_req(2, "second")).await {
+        Response::Error { code: ErrorCode::Ambiguous, .. } => {}
+        other => panic!("send without a quorum: expected Ambiguous, got {other:?}"),
+    }
+    // The followers return; the pending entry may now commit, and its answer must go nowhere.
+    for id in &followers {
+        cluster.spawn(*id);
+    }
+    // Leadership may move meanwhile (the second's entry is then committed or dropped by the
+    // next leader: either way its outcome comes late); it is balanced back to `leader`.
+    leads(client.clone()).await;
+    match exchange(&mut send, &mut recv, send_req(3, "third")).await {
+        Response::Ack { offset, duplicate: false, .. } => {
+            let stored: Vec<String> = read_at_least(&client, conversation, leader, offset as usize)
+                .await
+                .into_iter()
+                .map(|m| m.text)
+                .collect();
+            assert_eq!(
+                stored.get(offset as usize - 1).map(String::as_str),
+                Some("third"),
+                "the third send's answer must name its own offset, not the late second's: {stored:?}"
+            );
+            assert_eq!(stored.first().map(String::as_str), Some("first"), "{stored:?}");
+        }
+        other => panic!("third send, on the leader: expected its own Ack, got {other:?}"),
+    }
+}
+
+/// Writes one request on a raw stream and reads its answer.
+async fn exchange(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    request: convoy::net::wire::Request,
+) -> convoy::net::wire::Response {
+    use convoy::net::frame;
+    send.write_all(&frame::encode(&request)).await.expect("write a request");
+    let answer =
+        tokio::time::timeout(Duration::from_secs(20), frame::read(recv, 1 << 20)).await.expect("an answer within 20 s");
+    answer.expect("a well-formed answer").expect("the lane stays open")
+}

@@ -1,9 +1,12 @@
 //! The client-facing QUIC server: an accept loop that refuses connections above the cap,
 //! one task per connection, one task per request stream (bounded by the per-connection
 //! stream limit in the transport config), and a span per connection and per request. A
-//! stream of sends stays open for the client's next send (its lane, see `client`).
+//! stream of sends stays open for the client's next send (its lane, see `client`); a send's
+//! answer is written by the state machine's task as it applies the send (see [`Reply`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
 
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -11,7 +14,7 @@ use tracing::Instrument;
 use super::frame;
 use super::wire::{ErrorCode, Request, Response};
 use crate::error::Error;
-use crate::service::Node;
+use crate::service::{self, Node, SEND_TIMEOUT};
 
 /// Serves clients until the endpoint closes.
 pub async fn serve(node: Arc<Node>) {
@@ -68,8 +71,17 @@ async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::R
         };
         let lane = request.keeps_stream();
         let response = match request {
-            Request::Send(req) => node.send(req).await,
-            Request::SendBatch(reqs) => node.send_batch(reqs).await,
+            Request::Send(_) | Request::SendBatch(_) => {
+                // The answer is written by the state machine's task (see `Reply`); `send`
+                // comes back once it was, or with the answer still to write.
+                match answer_send(&node, send, request).await {
+                    Some(stream) => {
+                        send = stream;
+                        continue;
+                    }
+                    None => return,
+                }
+            }
             Request::SetCursor { user, conversation, offset } => node.set_cursor(user, conversation, offset).await,
             Request::GetCursor { user, conversation } => node.get_cursor(user, conversation).await,
             Request::Status => Response::Status(Box::new(node.status())),
@@ -88,4 +100,91 @@ async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::R
         }
     }
     let _ = send.finish();
+}
+
+/// Answers one send request on its lane and gives the stream back, or `None` when the
+/// stream failed.
+///
+/// A send's answer is known on the state machine's task, as the entry carrying it is
+/// applied. Handing it to this task to write would make every answer its own datagram: the
+/// write wakes the connection's driver, which runs at once, before the next woken handler
+/// writes. So the answer is written where it is known — all answers of one apply batch are
+/// written in the same task poll, and the driver sends them in as few datagrams as they fit.
+async fn answer_send(node: &Node, stream: quinn::SendStream, request: Request) -> Option<quinn::SendStream> {
+    let reply = Arc::new(Reply(Mutex::new(ReplyState::Waiting(stream))));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let writer = reply.clone();
+    let immediate = node
+        .send_replying(request, move |answer| {
+            writer.answer(&answer);
+            let _ = done_tx.send(());
+        })
+        .await;
+    let late = match immediate {
+        Some(answer) => Some(answer),
+        None => match tokio::time::timeout(SEND_TIMEOUT, done_rx).await {
+            Ok(Ok(())) => None,
+            // The group dropped the proposal without an outcome (it stopped).
+            Ok(Err(_)) => Some(service::stopped_before_outcome()),
+            Err(_) => Some(service::no_commit_in_time()),
+        },
+    };
+    let (mut stream, rest) = match reply.take() {
+        ReplyState::Answered(stream, rest) => (stream, rest),
+        // No answer was written: the one known here is (an answer written meanwhile won).
+        ReplyState::Waiting(stream) => (stream, frame::encode(&late.unwrap_or_else(service::stopped_before_outcome))),
+        ReplyState::Taken => return None,
+    };
+    if !rest.is_empty() && stream.write_all(&rest).await.is_err() {
+        return None;
+    }
+    Some(stream)
+}
+
+/// The stream of one send request while its outcome is awaited.
+struct Reply(Mutex<ReplyState>);
+
+enum ReplyState {
+    /// No answer written yet.
+    Waiting(quinn::SendStream),
+    /// The answer was written, but for the bytes the stream's flow-control window did not
+    /// take (usually none): the handler writes those.
+    Answered(quinn::SendStream, Vec<u8>),
+    /// The handler took the stream back.
+    Taken,
+}
+
+impl Reply {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplyState> {
+        // Every holder leaves a valid state before it could panic.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes `answer` as far as the stream takes it without waiting, unless the handler
+    /// already took the stream back (it answered `Ambiguous` after the timeout).
+    fn answer(&self, answer: &Response) {
+        let mut state = self.lock();
+        if let ReplyState::Waiting(mut stream) = std::mem::replace(&mut *state, ReplyState::Taken) {
+            let rest = write_now(&mut stream, frame::encode(answer));
+            *state = ReplyState::Answered(stream, rest);
+        }
+    }
+
+    fn take(&self) -> ReplyState {
+        std::mem::replace(&mut *self.lock(), ReplyState::Taken)
+    }
+}
+
+/// Writes what `stream` accepts of `bytes` without waiting; returns the rest. A failed
+/// write leaves the rest too, and the handler's write of it reports the failure.
+fn write_now(stream: &mut quinn::SendStream, mut bytes: Vec<u8>) -> Vec<u8> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match stream.write(&bytes[written..]).now_or_never() {
+            Some(Ok(n)) if n > 0 => written += n,
+            _ => break,
+        }
+    }
+    bytes.drain(..written);
+    bytes
 }

@@ -19,14 +19,53 @@ impl std::fmt::Display for Member {
     }
 }
 
-openraft::declare_raft_types!(
-    /// convoy's Raft types: commands in, outcomes out, u64 node ids.
-    pub TypeConfig:
-        D = Command,
-        R = Outcome,
-        NodeId = u64,
-        Node = Member,
-);
+/// convoy's Raft types: commands in, outcomes out, u64 node ids, callback responders.
+///
+/// Written out rather than with `openraft::declare_raft_types!`, which cannot name a
+/// generic responder; the other types are that macro's defaults.
+#[derive(Debug, Clone, Copy, Default, Eq, PartialEq, Ord, PartialOrd)]
+pub struct TypeConfig {}
+
+impl openraft::RaftTypeConfig for TypeConfig {
+    type D = Command;
+    type R = Outcome;
+    type NodeId = u64;
+    type Node = Member;
+    type Term = u64;
+    type LeaderId = openraft::impls::leader_id_adv::LeaderId<Self::Term, Self::NodeId>;
+    type Vote = openraft::impls::Vote<Self::LeaderId>;
+    type Payload = openraft::EntryPayload<Self::D, Self::NodeId, Self::Node>;
+    type Entry = openraft::Entry<<Self::LeaderId as openraft::vote::RaftLeaderId>::Committed, Self::Payload>;
+    type Responder<T>
+        = FnResponder<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type Batch<T>
+        = openraft::impls::InlineBatch<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type AsyncRuntime = openraft::impls::TokioRuntime;
+    type ErrorSource = openraft::impls::BoxedErrorSource;
+}
+
+/// A proposal's completion: called once with the write's result, from the state machine's
+/// task when the entry is applied (or from Raft's when it refuses the proposal); dropped
+/// uncalled when the group stops first. Unlike a channel, it can act on the result right
+/// where it is known: the client service writes a send's answer from it, so the answers of
+/// one apply batch leave together (see `net::server`).
+pub struct FnResponder<T>(Box<dyn FnOnce(T) + Send + 'static>);
+
+impl<T> FnResponder<T> {
+    pub fn new(f: impl FnOnce(T) + Send + 'static) -> Self {
+        FnResponder(Box::new(f))
+    }
+}
+
+impl<T: Send + 'static> openraft::raft::responder::Responder<TypeConfig, T> for FnResponder<T> {
+    fn on_complete(self, result: T) {
+        (self.0)(result)
+    }
+}
 
 pub type C = TypeConfig;
 pub type NodeId = u64;
