@@ -23,7 +23,7 @@ use crate::chat::{shard_of, ShardId, StoredMessage};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
-use crate::net::lane::{Lane, LanePool};
+use crate::net::lane::{write_now, Lane, LanePool};
 use crate::net::tls::{self, TlsPaths};
 use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest, SEND_BATCH_MAX};
 
@@ -71,7 +71,12 @@ struct Inner {
     outboxes: HashMap<u64, Mutex<Outbox>>,
     /// Idle send lanes per node (see [`Client::request`]).
     lanes: LanePool<u64>,
+    /// Send requests waiting to be written, per node (see [`Client::write_coalesced`]).
+    pending: Mutex<HashMap<u64, Vec<PendingWrite>>>,
 }
+
+/// A request waiting to be written on its lane, and where the lane goes afterwards.
+type PendingWrite = (Lane, Vec<u8>, tokio::sync::oneshot::Sender<std::result::Result<Lane, String>>);
 
 /// A send waiting for a request slot, with where its answer goes.
 type Waiting = (SendRequest, tokio::sync::oneshot::Sender<Result<Response>>);
@@ -232,6 +237,7 @@ impl Client {
             next_seq: AtomicU64::new(first_seq),
             outboxes: config.nodes.iter().map(|n| (n.id, Mutex::new(Outbox::default()))).collect(),
             lanes: LanePool::new(SEND_REQUESTS_PER_NODE),
+            pending: Mutex::default(),
         };
         Ok(Client { inner: Arc::new(inner) })
     }
@@ -291,11 +297,41 @@ impl Client {
         };
         // From here on the request may have reached the node: a failure is ambiguous.
         let ambiguous = |e: String| Error::Ambiguous(format!("node {node}: request may have been delivered: {e}"));
-        frame::write(&mut lane.send, req).await.map_err(|e| ambiguous(e.to_string()))?;
-        if !reuse {
+        if reuse {
+            lane = self.write_coalesced(node, lane, frame::encode(req)).await.map_err(ambiguous)?;
+        } else {
+            frame::write(&mut lane.send, req).await.map_err(|e| ambiguous(e.to_string()))?;
             lane.send.finish().map_err(|e| ambiguous(e.to_string()))?;
         }
         Ok(lane)
+    }
+
+    /// Writes a send request on its lane together with the other send requests to `node`
+    /// queued in the same scheduler round.
+    ///
+    /// A write wakes the connection's driver, which tokio runs right after the writing task,
+    /// so requests written one task at a time leave one datagram each. Here each request is
+    /// queued and its task yields; the first task back writes every queued request in one
+    /// poll, and the driver sends them together. Returns the lane once its request was
+    /// handed to QUIC.
+    async fn write_coalesced(&self, node: u64, lane: Lane, bytes: Vec<u8>) -> std::result::Result<Lane, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.pending.lock().expect("pending lock").entry(node).or_default().push((lane, bytes, tx));
+        tokio::task::yield_now().await;
+        let queued = self.inner.pending.lock().expect("pending lock").remove(&node).unwrap_or_default();
+        for (mut lane, bytes, tx) in queued {
+            let rest = write_now(&mut lane.send, bytes);
+            if rest.is_empty() {
+                let _ = tx.send(Ok(lane));
+            } else {
+                // The stream's flow-control window is full: finish on a task of its own.
+                tokio::spawn(async move {
+                    let written = lane.send.write_all(&rest).await.map_err(|e| e.to_string());
+                    let _ = tx.send(written.map(|()| lane));
+                });
+            }
+        }
+        rx.await.map_err(|_| "the request was dropped before it was written".to_string())?
     }
 
     /// One request, one response, from one node. A transport failure after the request

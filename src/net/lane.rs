@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
 
+use futures::FutureExt;
+
 /// An open bidirectional stream of one connection.
 pub struct Lane {
     connection: usize,
@@ -61,4 +63,18 @@ impl<K: Eq + Hash> LanePool<K> {
             pool.push(lane);
         }
     }
+}
+
+/// Writes what `stream` accepts of `bytes` without waiting; returns the rest. A failed
+/// write leaves the rest too, and the handler's write of it reports the failure.
+pub fn write_now(stream: &mut quinn::SendStream, mut bytes: Vec<u8>) -> Vec<u8> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match stream.write(&bytes[written..]).now_or_never() {
+            Some(Ok(n)) if n > 0 => written += n,
+            _ => break,
+        }
+    }
+    bytes.drain(..written);
+    bytes
 }

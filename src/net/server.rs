@@ -6,12 +6,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use futures::FutureExt;
-
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::frame;
+use super::lane::write_now;
 use super::wire::{ErrorCode, Request, Response};
 use crate::error::Error;
 use crate::service::{self, Node, SEND_TIMEOUT};
@@ -173,18 +172,4 @@ impl Reply {
     fn take(&self) -> ReplyState {
         std::mem::replace(&mut *self.lock(), ReplyState::Taken)
     }
-}
-
-/// Writes what `stream` accepts of `bytes` without waiting; returns the rest. A failed
-/// write leaves the rest too, and the handler's write of it reports the failure.
-fn write_now(stream: &mut quinn::SendStream, mut bytes: Vec<u8>) -> Vec<u8> {
-    let mut written = 0;
-    while written < bytes.len() {
-        match stream.write(&bytes[written..]).now_or_never() {
-            Some(Ok(n)) if n > 0 => written += n,
-            _ => break,
-        }
-    }
-    bytes.drain(..written);
-    bytes
 }
