@@ -213,11 +213,10 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
 }
 
-/// Valid sends of a batch by shard, with their slots in the batch.
-type PreparedBatch = (Vec<Option<Response>>, BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)>);
-
-/// What a send's proposal answers when the group stopped before its outcome was known.
-const STOPPED_BEFORE_OUTCOME: &str = "the shard's group stopped before the outcome was known";
+/// A batch's valid sends by shard, with their slots in the batch.
+type ByShard = BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)>;
+/// The answers of a batch's invalid sends by slot, and its valid sends by shard.
+type PreparedBatch = (Vec<Option<Response>>, ByShard);
 
 /// The answer to a send whose outcome did not come within [`SEND_TIMEOUT`].
 pub fn no_commit_in_time() -> Response {
@@ -226,7 +225,7 @@ pub fn no_commit_in_time() -> Response {
 
 /// The answer to a send whose proposal was dropped without an outcome (its group stopped).
 pub fn stopped_before_outcome() -> Response {
-    error(ErrorCode::Ambiguous, STOPPED_BEFORE_OUTCOME)
+    error(ErrorCode::Ambiguous, "the shard's group stopped before the outcome was known")
 }
 
 /// Each send's answer from the outcome of the `SendBatch` entry that carried them.
@@ -456,7 +455,7 @@ impl Node {
                         return self.propose_then(&self.groups[&shard], Command::SendBatch(commands), done).await.err();
                     }
                 }
-                Some(self.send_batch_awaited(answers, by_shard).await)
+                Some(self.send_batch_awaited((answers, by_shard)).await)
             }
             other => Some(error(ErrorCode::Protocol, format!("not a send: {other:?}"))),
         }
@@ -472,7 +471,7 @@ impl Node {
             ));
         }
         let mut answers: Vec<Option<Response>> = vec![None; reqs.len()];
-        let mut by_shard: BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)> = BTreeMap::new();
+        let mut by_shard = ByShard::new();
         for (i, req) in reqs.into_iter().enumerate() {
             match self.prepare_send(req) {
                 Ok((shard, command)) => {
@@ -488,11 +487,7 @@ impl Node {
 
     /// A prepared batch's valid sends proposed as one `SendBatch` entry per shard
     /// (concurrently), each answered as it would have been alone.
-    async fn send_batch_awaited(
-        &self,
-        mut answers: Vec<Option<Response>>,
-        by_shard: BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)>,
-    ) -> Response {
+    async fn send_batch_awaited(&self, (mut answers, by_shard): PreparedBatch) -> Response {
         let proposals = by_shard.into_iter().map(|(shard, (slots, commands))| async move {
             let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
             let outcome = self.propose(&self.groups[&shard], Command::SendBatch(commands)).await;
