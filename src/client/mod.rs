@@ -73,6 +73,8 @@ struct Inner {
     lanes: LanePool<u64>,
     /// Send requests waiting to be written, per node (see [`Client::write_coalesced`]).
     pending: Mutex<HashMap<u64, Vec<PendingWrite>>>,
+    /// Send requests the flow-control window did not take whole (see [`Client::partial_writes`]).
+    partial_writes: AtomicU64,
 }
 
 /// A request waiting to be written on its lane, and where the lane goes afterwards.
@@ -238,6 +240,7 @@ impl Client {
             outboxes: config.nodes.iter().map(|n| (n.id, Mutex::new(Outbox::default()))).collect(),
             lanes: LanePool::new(SEND_REQUESTS_PER_NODE),
             pending: Mutex::default(),
+            partial_writes: AtomicU64::new(0),
         };
         Ok(Client { inner: Arc::new(inner) })
     }
@@ -325,6 +328,7 @@ impl Client {
                 let _ = tx.send(Ok(lane));
             } else {
                 // The stream's flow-control window is full: finish on a task of its own.
+                self.inner.partial_writes.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let written = lane.send.write_all(&rest).await.map_err(|e| e.to_string());
                     let _ = tx.send(written.map(|()| lane));
@@ -332,6 +336,13 @@ impl Client {
             }
         }
         rx.await.map_err(|_| "the request was dropped before it was written".to_string())?
+    }
+
+    /// How many send requests the QUIC flow-control window did not take whole, so that
+    /// their rest was written on a task of their own. Many of them mean the node reads
+    /// requests slower than this client writes them.
+    pub fn partial_writes(&self) -> u64 {
+        self.inner.partial_writes.load(Ordering::Relaxed)
     }
 
     /// One request, one response, from one node. A transport failure after the request
@@ -810,6 +821,78 @@ mod tests {
         let batch = seqs(&outbox.next_batch(&mut held).expect("its own send"));
         assert_eq!(held, shard);
         batch
+    }
+
+    /// Send requests larger than the node's stream window (256 KiB) cannot be written in
+    /// one poll: the coalesced write must finish each one's rest, on its own stream and in
+    /// order, so that the node reads every request whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn send_requests_larger_than_the_stream_window_arrive_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the fake node");
+        let addr = socket.local_addr().expect("its address");
+        let toml = format!(
+            "shards = 4\nreplication_factor = 1\n[[nodes]]\nid = 1\nclient_addr = \"{addr}\"\n\
+             peer_addr = \"127.0.0.1:1\"\ndata_dir = \"n1\"\n"
+        );
+        let config = Config::parse(&toml, dir.path(), &dir.path().join("convoy.toml")).expect("config");
+        let paths = tls::ensure_material(&config).expect("credentials");
+        let server = tls::server_config(&paths, 1, tls::Link::Client, 64).expect("server config");
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let node = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+            .expect("fake node endpoint");
+        let client = Client::connect_as(&config, 9, 1).expect("client");
+
+        const REQUESTS: u64 = 6;
+        const TEXT_BYTES: usize = 600_000;
+        let request = |seq: u64| {
+            Request::Send(SendRequest {
+                conversation: "c".into(),
+                sender: "u".into(),
+                client_id: 9,
+                client_seq: seq,
+                text: char::from(b'a' + seq as u8).to_string().repeat(TEXT_BYTES),
+            })
+        };
+        let exchange = async {
+            // The fake node reads one whole request per stream.
+            let reader = tokio::spawn(async move {
+                let conn = node.accept().await.expect("a connection").await.expect("handshake");
+                let mut reads = Vec::new();
+                for _ in 0..REQUESTS {
+                    let (send, mut recv) = conn.accept_bi().await.expect("a request stream");
+                    reads.push(tokio::spawn(async move {
+                        let req = frame::read::<_, Request>(&mut recv, 4 << 20).await.expect("a whole frame");
+                        (req, send)
+                    }));
+                }
+                let mut got = Vec::new();
+                for r in reads {
+                    got.push(r.await.expect("reader").0.expect("a request, not the end of the stream"));
+                }
+                (got, conn, node)
+            });
+            let writers: Vec<_> = (1..=REQUESTS)
+                .map(|seq| {
+                    let (client, req) = (client.clone(), request(seq));
+                    tokio::spawn(async move { client.open(1, &req).await.map(|lane| (lane, req)) })
+                })
+                .collect();
+            let mut lanes = Vec::new();
+            for w in writers {
+                lanes.push(w.await.expect("writer").expect("the request was handed to QUIC"));
+            }
+            (reader.await.expect("fake node"), lanes)
+        };
+        let ((mut got, _conn, _node), _lanes) =
+            tokio::time::timeout(Duration::from_secs(30), exchange).await.expect("every request arrives within 30 s");
+        got.sort_by_key(|r| match r {
+            Request::Send(s) => s.client_seq,
+            _ => 0,
+        });
+        let want: Vec<Request> = (1..=REQUESTS).map(request).collect();
+        assert!(got == want, "the node must read every request exactly as it was written");
+        assert!(client.partial_writes() > 0, "no write was cut by the window (else this tests nothing)");
     }
 
     #[test]
