@@ -65,7 +65,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Sends in flight per node; more are answered `Throttled`.
     pub max_inflight_sends: usize,
-    /// Live-push buffer per shard, in messages; a subscriber further behind reads storage.
+    /// Live-push buffer of one watched conversation, in messages (16..=65,536). Allocated
+    /// whole when its first subscriber attaches (about 40 bytes a slot, and each slot keeps
+    /// its last message), so it stays small: an idle attached client must cost little, and
+    /// a subscriber further behind re-reads storage instead.
     pub push_buffer_messages: usize,
     /// Concurrent requests (streams) per client connection.
     pub max_streams_per_connection: u32,
@@ -78,7 +81,7 @@ impl Default for Limits {
             max_frame_bytes: 1024 * 1024,
             max_connections: 20_000,
             max_inflight_sends: 8192,
-            push_buffer_messages: 4096,
+            push_buffer_messages: 128,
             max_streams_per_connection: 64,
         }
     }
@@ -205,6 +208,9 @@ impl Config {
         if self.limits.max_frame_bytes > crate::net::peer::ENTRY_BYTES_MAX {
             return fail(format!("limits.max_frame_bytes must be at most {}", crate::net::peer::ENTRY_BYTES_MAX));
         }
+        if !(16..=65_536).contains(&self.limits.push_buffer_messages) {
+            return fail("limits.push_buffer_messages must be 16..=65536".into());
+        }
         let r = &self.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 3 {
             return fail("raft.election_timeout_min_ms must exceed 3 heartbeats".into());
@@ -275,6 +281,11 @@ data_dir = "data/node3"
         let frame = format!("{SAMPLE}\n[limits]\nmax_frame_bytes = 33554432\n");
         let err = Config::parse(&frame, Path::new("."), Path::new("c.toml")).expect_err("too big");
         assert!(err.to_string().contains("max_frame_bytes must be at most"), "{err}");
+        for buffer in [0, 15, 65_537] {
+            let push = format!("{SAMPLE}\n[limits]\npush_buffer_messages = {buffer}\n");
+            let err = Config::parse(&push, Path::new("."), Path::new("c.toml")).expect_err("out of range");
+            assert!(err.to_string().contains("push_buffer_messages must be 16..=65536"), "{err}");
+        }
         let unknown = format!("bogus = 1\n{SAMPLE}");
         assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
     }

@@ -7,8 +7,8 @@
 //!   the state machine's task itself, so the answers of one apply batch leave the node
 //!   together. A timeout is answered `Ambiguous`, never as a failure: the client retries
 //!   with the same idempotency key.
-//! - **subscribe**: served by any replica. It attaches to the shard's applied-message
-//!   broadcast *first*, then reads storage from `from`; at the head it pushes live events.
+//! - **subscribe**: served by any replica. It attaches to its conversation's live-push
+//!   channel *first*, then reads storage from `from`; at the head it pushes live events.
 //!   An event at the next expected offset is delivered, older ones are skipped, and a gap,
 //!   a lag overflow or a snapshot reset sends it back to storage — so the seam never skips
 //!   or repeats and a slow subscriber costs storage reads, not memory.
@@ -25,14 +25,14 @@ use openraft::error::ClientWriteError;
 use openraft::raft::ClientWriteResult;
 use tokio::sync::{broadcast, Semaphore};
 
-use crate::chat::{self, Command, CursorCommand, Outcome, SendCommand, ShardId};
+use crate::chat::{self, Command, CursorCommand, Outcome, SendCommand, ShardId, StoredMessage};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
 use crate::net::peer::{self, Groups, PeerNet};
 use crate::net::tls::{self, Link};
 use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX};
-use crate::raft::state_machine::ShardEvent;
+use crate::raft::state_machine::ShardEvents;
 use crate::raft::types::{FnResponder, NodeId, C};
 use crate::raft::{self as consensus, Group};
 use crate::stages::Stage;
@@ -44,10 +44,6 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 pub const CATCH_UP_BATCH: usize = 512;
 /// Suggested back-off when throttled.
 pub const THROTTLE_RETRY_MS: u64 = 50;
-/// Live-push buffer of one conversation's channel, in messages. Allocated whole when the
-/// first subscriber attaches (~40 bytes a slot), so it stays small: an idle attached client
-/// must cost little, and a subscriber further behind simply re-reads storage.
-pub const PUSH_SLOTS_PER_CONVERSATION: usize = 128;
 /// How often a node hands leaderships it holds back to their preferred nodes.
 pub const LEADER_BALANCE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -88,24 +84,27 @@ enum Push {
         offset: u64,
         frame: bytes::Bytes,
     },
-    /// The stream of this conversation's events had a gap (a snapshot was installed, or
-    /// the dispatcher fell behind): subscribers re-read storage.
+    /// The shard's state was replaced by a snapshot: subscribers re-read storage.
     Resync,
 }
 
-/// Live push routed by conversation: one dispatcher task per shard reads the shard's
-/// applied-message broadcast and forwards each message, encoded once, only to the
-/// channel of its conversation — so a message wakes its own subscribers, not every
-/// subscriber of every conversation of the shard (10,000 attached idle clients would
-/// otherwise each wake for every message of their shard).
-#[derive(Default)]
+/// Live push routed by conversation: each shard's state machine hands its applied
+/// messages to the hub on its own task ([`ShardEvents`]), and the hub forwards each message,
+/// encoded once, only to the channel of its conversation — so a message wakes its own
+/// subscribers, not every subscriber of every conversation of the shard (10,000 attached
+/// idle clients would otherwise each wake for every message of their shard).
 struct PushHub {
+    /// The cluster's shard count, to tell which conversations a shard's reset concerns.
+    shards: u32,
     channels: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Push>>>>,
 }
 
 impl PushHub {
+    fn new(shards: u32) -> Self {
+        PushHub { shards, channels: std::sync::Mutex::default() }
+    }
+
     fn attach(&self, conversation: &str, capacity: usize) -> broadcast::Receiver<Arc<Push>> {
-        // (The shard-wide channel the dispatcher reads is `limits.push_buffer_messages`.)
         let mut channels = self.channels.lock().expect("push hub lock");
         match channels.get(conversation) {
             Some(tx) => tx.subscribe(),
@@ -124,29 +123,29 @@ impl PushHub {
             channels.remove(conversation);
         }
     }
+}
 
-    fn resync_shard(&self, shard: ShardId, shards: u32) {
+impl ShardEvents for PushHub {
+    fn appended(&self, _shard: ShardId, messages: Vec<StoredMessage>) {
         let channels = self.channels.lock().expect("push hub lock");
-        for (conversation, tx) in channels.iter() {
-            if chat::shard_of(conversation, shards) == shard {
-                let _ = tx.send(Arc::new(Push::Resync));
+        if channels.is_empty() {
+            return;
+        }
+        for m in messages {
+            // No channel: nobody tails this conversation on this replica.
+            if let Some(tx) = channels.get(&m.conversation) {
+                let offset = m.offset;
+                let frame = bytes::Bytes::from(frame::encode(&Response::Message(m)));
+                let _ = tx.send(Arc::new(Push::Message { offset, frame }));
             }
         }
     }
 
-    /// Forwards one shard's events until the shard's channel closes.
-    async fn dispatch(self: Arc<Self>, shard: ShardId, shards: u32, mut events: broadcast::Receiver<ShardEvent>) {
-        loop {
-            match events.recv().await {
-                Ok(ShardEvent::Appended(m)) => {
-                    let tx = self.channels.lock().expect("push hub lock").get(&m.conversation).cloned();
-                    if let Some(tx) = tx {
-                        let frame = bytes::Bytes::from(frame::encode(&Response::Message((*m).clone())));
-                        let _ = tx.send(Arc::new(Push::Message { offset: m.offset, frame }));
-                    }
-                }
-                Ok(ShardEvent::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => self.resync_shard(shard, shards),
-                Err(broadcast::error::RecvError::Closed) => return,
+    fn reset(&self, shard: ShardId) {
+        let channels = self.channels.lock().expect("push hub lock");
+        for (conversation, tx) in channels.iter() {
+            if chat::shard_of(conversation, self.shards) == shard {
+                let _ = tx.send(Arc::new(Push::Resync));
             }
         }
     }
@@ -274,10 +273,12 @@ impl Node {
 
         let raft_config = consensus::raft_config(&config)?;
         let registry: Groups = Arc::new(RwLock::new(HashMap::new()));
+        let push = Arc::new(PushHub::new(config.shards));
         let mut groups = HashMap::new();
         for shard in 0..config.shards {
+            let events: Arc<dyn ShardEvents> = push.clone();
             let group =
-                consensus::start_group(id, shard, &config, raft_config.clone(), store.clone(), net.clone()).await?;
+                consensus::start_group(id, shard, raft_config.clone(), store.clone(), net.clone(), events).await?;
             registry.write().expect("registry lock is never poisoned at start-up").insert(shard, group.raft.clone());
             groups.insert(shard, group);
         }
@@ -295,10 +296,6 @@ impl Node {
         let client_endpoint = quinn::Endpoint::server(client_server, me.client_addr)
             .map_err(|e| Error::Config(format!("cannot bind client address {}: {e}", me.client_addr)))?;
         let inflight = Arc::new(Semaphore::new(config.limits.max_inflight_sends));
-        let push = Arc::new(PushHub::default());
-        for group in groups.values() {
-            tokio::spawn(push.clone().dispatch(group.shard, config.shards, group.events.subscribe()));
-        }
         let node = Arc::new(Node {
             id,
             config,
@@ -578,7 +575,7 @@ impl Node {
         let mut attached = Attached {
             hub: &self.push,
             conversation: &conversation,
-            rx: Some(self.push.attach(&conversation, PUSH_SLOTS_PER_CONVERSATION)),
+            rx: Some(self.push.attach(&conversation, self.config.limits.push_buffer_messages)),
         };
         let events = attached.rx.as_mut().expect("attached until dropped");
         let mut next = from.max(1);
@@ -692,10 +689,9 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::StoredMessage;
 
-    fn message(conversation: &str, offset: u64) -> Arc<StoredMessage> {
-        Arc::new(StoredMessage {
+    fn message(conversation: &str, offset: u64) -> StoredMessage {
+        StoredMessage {
             conversation: conversation.into(),
             offset,
             sender: "u".into(),
@@ -703,52 +699,53 @@ mod tests {
             client_id: 1,
             client_seq: offset,
             text: format!("m{offset}"),
-        })
+        }
     }
 
     // Containment and routing of live push: a message reaches only its conversation's
     // subscribers, framed exactly as a `Response::Message`; a reset reaches every watched
-    // conversation of its shard; a conversation's channel is freed with its last subscriber.
+    // conversation of its shard and no other; a conversation's channel is freed with its
+    // last subscriber.
     #[tokio::test]
     async fn push_hub_routes_by_conversation_and_frees_idle_channels() {
         let shards = 4;
-        let hub = Arc::new(PushHub::default());
-        let (shard_tx, _) = broadcast::channel(64);
+        let hub = PushHub::new(shards);
         let a = "alpha";
-        let b = (0..).map(|i| format!("beta-{i}")).find(|c| chat::shard_of(c, shards) == chat::shard_of(a, shards));
-        let b = b.expect("some conversation shares alpha's shard");
         let shard = chat::shard_of(a, shards);
-        let dispatcher = tokio::spawn(hub.clone().dispatch(shard, shards, shard_tx.subscribe()));
+        let same_shard = (0..).map(|i| format!("beta-{i}")).find(|c| chat::shard_of(c, shards) == shard);
+        let b = same_shard.expect("some conversation shares alpha's shard");
+        let other_shard = (0..).map(|i| format!("gamma-{i}")).find(|c| chat::shard_of(c, shards) != shard);
+        let c = other_shard.expect("some conversation is on another shard");
 
         let mut on_a = hub.attach(a, 8);
         let mut also_on_a = hub.attach(a, 8);
         let mut on_b = hub.attach(&b, 8);
-        assert_eq!(hub.channels.lock().expect("lock").len(), 2);
+        let mut on_c = hub.attach(&c, 8);
+        assert_eq!(hub.channels.lock().expect("lock").len(), 3);
 
-        shard_tx.send(ShardEvent::Appended(message(a, 1))).expect("dispatcher listens");
-        shard_tx.send(ShardEvent::Appended(message("unwatched", 1))).expect("dispatcher listens");
+        hub.appended(shard, vec![message(a, 1), message("unwatched", 1)]);
         for rx in [&mut on_a, &mut also_on_a] {
             match rx.recv().await.expect("a push").as_ref() {
                 Push::Message { offset, frame } => {
                     assert_eq!(*offset, 1);
-                    assert_eq!(frame.as_ref(), frame::encode(&Response::Message((*message(a, 1)).clone())).as_slice());
+                    assert_eq!(frame.as_ref(), frame::encode(&Response::Message(message(a, 1))).as_slice());
                 }
                 Push::Resync => panic!("expected alpha's message"),
             }
         }
-        shard_tx.send(ShardEvent::Reset).expect("dispatcher listens");
+        hub.reset(shard);
         assert!(matches!(on_b.recv().await.expect("a push").as_ref(), Push::Resync), "b saw only the reset");
         assert!(matches!(on_a.recv().await.expect("a push").as_ref(), Push::Resync));
+        assert!(on_c.try_recv().is_err(), "another shard's reset and messages do not reach c");
 
         drop(on_a);
         hub.detach(a);
         assert!(hub.channels.lock().expect("lock").contains_key(a), "alpha still has a subscriber");
         drop(also_on_a);
         hub.detach(a);
-        drop(on_b);
+        drop((on_b, on_c));
         hub.detach(&b);
+        hub.detach(&c);
         assert!(hub.channels.lock().expect("lock").is_empty(), "channels are freed with their last subscriber");
-        drop(shard_tx);
-        dispatcher.await.expect("the dispatcher ends when its shard's channel closes");
     }
 }

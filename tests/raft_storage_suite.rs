@@ -1,7 +1,9 @@
 //! openraft's own storage test suite against convoy's RocksDB log store and state machine.
 
 use convoy::raft::log_store::LogStore;
-use convoy::raft::state_machine::ShardStateMachine;
+use std::sync::Arc;
+
+use convoy::raft::state_machine::{NoEvents, ShardStateMachine};
 use convoy::raft::types::C;
 use convoy::store::Store;
 use openraft::testing::log::{StoreBuilder, Suite};
@@ -13,8 +15,7 @@ impl StoreBuilder<C, LogStore, ShardStateMachine, tempfile::TempDir> for Builder
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, ShardStateMachine), StorageError<C>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _) = Store::open(dir.path()).expect("open store");
-        let (events, _) = tokio::sync::broadcast::channel(16);
-        let sm = ShardStateMachine::open(store.clone(), 5, events).expect("open state machine");
+        let sm = ShardStateMachine::open(store.clone(), 5, Arc::new(NoEvents)).expect("open state machine");
         Ok((dir, LogStore::new(5, store), sm))
     }
 }

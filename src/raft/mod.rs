@@ -15,15 +15,13 @@ pub mod types;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::sync::broadcast;
-
 use crate::chat::ShardId;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::peer::{PeerNet, ShardNetworkFactory};
 use crate::store::Store;
 use log_store::LogStore;
-use state_machine::{ShardEvent, ShardStateMachine};
+use state_machine::{ShardEvents, ShardStateMachine};
 use types::{Member, NodeId, Raft};
 
 /// The openraft configuration derived from `cluster.toml`.
@@ -55,26 +53,24 @@ pub fn members(config: &Config) -> BTreeMap<NodeId, Member> {
         .collect()
 }
 
-/// A running shard group and its live-push channel.
+/// A running shard group.
 #[derive(Clone)]
 pub struct Group {
     pub shard: ShardId,
     pub raft: Raft,
-    pub events: broadcast::Sender<ShardEvent>,
 }
 
 /// Starts (or restarts) `shard`'s group on this node.
 pub async fn start_group(
     node_id: NodeId,
     shard: ShardId,
-    config: &Config,
     raft_config: Arc<openraft::Config>,
     store: Store,
     net: PeerNet,
+    events: Arc<dyn ShardEvents>,
 ) -> Result<Group> {
-    let (events, _) = broadcast::channel(config.limits.push_buffer_messages.max(16));
     let sm = {
-        let (store, events) = (store.clone(), events.clone());
+        let store = store.clone();
         tokio::task::spawn_blocking(move || ShardStateMachine::open(store, shard, events))
             .await
             .map_err(|e| Error::Storage(e.to_string()))??
@@ -84,7 +80,7 @@ pub async fn start_group(
     let raft = Raft::new(node_id, raft_config, network, log, sm)
         .await
         .map_err(|e| Error::Storage(format!("starting shard {shard}: {e}")))?;
-    Ok(Group { shard, raft, events })
+    Ok(Group { shard, raft })
 }
 
 /// Initializes `group` with every node as voter, if it has never been initialized.

@@ -24,7 +24,6 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
 use super::log_store::{blocking, inline};
 use super::types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, C};
@@ -43,13 +42,24 @@ pub struct AppliedState {
     pub membership: StoredMembership,
 }
 
-/// Events a shard publishes to its subscribers.
-#[derive(Debug, Clone)]
-pub enum ShardEvent {
-    /// A message was appended (and is readable from storage).
-    Appended(Arc<StoredMessage>),
-    /// The shard's state was replaced by a snapshot: re-read storage.
-    Reset,
+/// Where a shard's state machine reports what it applied, on its own task, right after
+/// each apply batch is written (live push; see `service::PushHub`). Handing the messages
+/// over here, instead of through a channel to another task, saves every applied message a
+/// task hop and a wake-up on the way to its subscribers.
+pub trait ShardEvents: Send + Sync + 'static {
+    /// Messages of one apply batch, in offset order per conversation; all are readable
+    /// from storage. Must not block: it runs on the state machine's task.
+    fn appended(&self, shard: ShardId, messages: Vec<StoredMessage>);
+    /// The shard's state was replaced by a snapshot: its subscribers must re-read storage.
+    fn reset(&self, shard: ShardId);
+}
+
+/// For a state machine whose applies nobody watches (tests, tools).
+pub struct NoEvents;
+
+impl ShardEvents for NoEvents {
+    fn appended(&self, _: ShardId, _: Vec<StoredMessage>) {}
+    fn reset(&self, _: ShardId) {}
 }
 
 /// A snapshot's data: a local RocksDB snapshot to stream, or a received spool file.
@@ -62,7 +72,7 @@ pub enum ShardSnapshot {
 pub struct ShardStateMachine {
     pub shard: ShardId,
     store: Store,
-    events: broadcast::Sender<ShardEvent>,
+    events: Arc<dyn ShardEvents>,
     applied: AppliedState,
     cache: ApplyCache,
 }
@@ -126,7 +136,7 @@ fn read_applied(store: &Store, shard: ShardId) -> Result<AppliedState> {
 
 impl ShardStateMachine {
     /// Opens a shard's state machine; clears a snapshot install that a crash interrupted.
-    pub fn open(store: Store, shard: ShardId, events: broadcast::Sender<ShardEvent>) -> Result<Self> {
+    pub fn open(store: Store, shard: ShardId, events: Arc<dyn ShardEvents>) -> Result<Self> {
         if snapshot::clear_interrupted_install(&store, shard)? {
             tracing::warn!(shard, "cleared an interrupted snapshot install; the shard will be re-sent");
         }
@@ -294,9 +304,8 @@ impl RaftStateMachine<C> for ShardStateMachine {
                 r.send(outcome);
             }
         }
-        for m in appended {
-            // No receivers is fine: nobody is tailing this shard on this replica.
-            let _ = self.events.send(ShardEvent::Appended(Arc::new(m)));
+        if !appended.is_empty() {
+            self.events.appended(self.shard, appended);
         }
         Ok(())
     }
@@ -329,7 +338,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
         .await?;
         tracing::info!(shard, records, last_log_id = ?meta.last_log_id, "installed snapshot");
         self.applied = state;
-        let _ = self.events.send(ShardEvent::Reset);
+        self.events.reset(self.shard);
         Ok(())
     }
 
