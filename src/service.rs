@@ -127,17 +127,20 @@ impl PushHub {
 
 impl ShardEvents for PushHub {
     fn appended(&self, _shard: ShardId, messages: Vec<StoredMessage>) {
-        let channels = self.channels.lock().expect("push hub lock");
-        if channels.is_empty() {
-            return;
-        }
-        for m in messages {
-            // No channel: nobody tails this conversation on this replica.
-            if let Some(tx) = channels.get(&m.conversation) {
-                let offset = m.offset;
-                let frame = bytes::Bytes::from(frame::encode(&Response::Message(m)));
-                let _ = tx.send(Arc::new(Push::Message { offset, frame }));
+        // Only the lookups hold the hub's lock: framing and waking a loud conversation's
+        // subscribers must not hold up attaches and detaches of the node's others.
+        let watched: Vec<(broadcast::Sender<Arc<Push>>, StoredMessage)> = {
+            let channels = self.channels.lock().expect("push hub lock");
+            if channels.is_empty() {
+                return;
             }
+            // No channel: nobody tails that conversation on this replica.
+            messages.into_iter().filter_map(|m| Some((channels.get(&m.conversation)?.clone(), m))).collect()
+        };
+        for (tx, m) in watched {
+            let offset = m.offset;
+            let frame = bytes::Bytes::from(frame::encode(&Response::Message(m)));
+            let _ = tx.send(Arc::new(Push::Message { offset, frame }));
         }
     }
 
