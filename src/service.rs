@@ -96,20 +96,22 @@ enum Push {
 struct PushHub {
     /// The cluster's shard count, to tell which conversations a shard's reset concerns.
     shards: u32,
+    /// Slots of a conversation's channel (`limits.push_buffer_messages`).
+    capacity: usize,
     channels: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Push>>>>,
 }
 
 impl PushHub {
-    fn new(shards: u32) -> Self {
-        PushHub { shards, channels: std::sync::Mutex::default() }
+    fn new(shards: u32, capacity: usize) -> Self {
+        PushHub { shards, capacity, channels: std::sync::Mutex::default() }
     }
 
-    fn attach(&self, conversation: &str, capacity: usize) -> broadcast::Receiver<Arc<Push>> {
+    fn attach(&self, conversation: &str) -> broadcast::Receiver<Arc<Push>> {
         let mut channels = self.channels.lock().expect("push hub lock");
         match channels.get(conversation) {
             Some(tx) => tx.subscribe(),
             None => {
-                let (tx, rx) = broadcast::channel(capacity.max(16));
+                let (tx, rx) = broadcast::channel(self.capacity.max(16));
                 channels.insert(conversation.to_string(), tx);
                 rx
             }
@@ -126,7 +128,7 @@ impl PushHub {
 }
 
 impl ShardEvents for PushHub {
-    fn appended(&self, _shard: ShardId, messages: Vec<StoredMessage>) {
+    fn appended(&self, messages: Vec<StoredMessage>) {
         // Only the lookups hold the hub's lock: framing and waking a loud conversation's
         // subscribers must not hold up attaches and detaches of the node's others.
         let watched: Vec<(broadcast::Sender<Arc<Push>>, StoredMessage)> = {
@@ -276,7 +278,7 @@ impl Node {
 
         let raft_config = consensus::raft_config(&config)?;
         let registry: Groups = Arc::new(RwLock::new(HashMap::new()));
-        let push = Arc::new(PushHub::new(config.shards));
+        let push = Arc::new(PushHub::new(config.shards, config.limits.push_buffer_messages));
         let mut groups = HashMap::new();
         for shard in 0..config.shards {
             let events: Arc<dyn ShardEvents> = push.clone();
@@ -575,11 +577,8 @@ impl Node {
     ) -> Result<()> {
         let shard = self.group_of(&conversation)?.shard;
         // Attach before reading storage: anything applied from now on reaches `events`.
-        let mut attached = Attached {
-            hub: &self.push,
-            conversation: &conversation,
-            rx: Some(self.push.attach(&conversation, self.config.limits.push_buffer_messages)),
-        };
+        let mut attached =
+            Attached { hub: &self.push, conversation: &conversation, rx: Some(self.push.attach(&conversation)) };
         let events = attached.rx.as_mut().expect("attached until dropped");
         let mut next = from.max(1);
         let mut caught_up = false;
@@ -712,7 +711,7 @@ mod tests {
     #[tokio::test]
     async fn push_hub_routes_by_conversation_and_frees_idle_channels() {
         let shards = 4;
-        let hub = PushHub::new(shards);
+        let hub = PushHub::new(shards, 8);
         let a = "alpha";
         let shard = chat::shard_of(a, shards);
         let same_shard = (0..).map(|i| format!("beta-{i}")).find(|c| chat::shard_of(c, shards) == shard);
@@ -720,13 +719,13 @@ mod tests {
         let other_shard = (0..).map(|i| format!("gamma-{i}")).find(|c| chat::shard_of(c, shards) != shard);
         let c = other_shard.expect("some conversation is on another shard");
 
-        let mut on_a = hub.attach(a, 8);
-        let mut also_on_a = hub.attach(a, 8);
-        let mut on_b = hub.attach(&b, 8);
-        let mut on_c = hub.attach(&c, 8);
+        let mut on_a = hub.attach(a);
+        let mut also_on_a = hub.attach(a);
+        let mut on_b = hub.attach(&b);
+        let mut on_c = hub.attach(&c);
         assert_eq!(hub.channels.lock().expect("lock").len(), 3);
 
-        hub.appended(shard, vec![message(a, 1), message("unwatched", 1)]);
+        hub.appended(vec![message(a, 1), message("unwatched", 1)]);
         for rx in [&mut on_a, &mut also_on_a] {
             match rx.recv().await.expect("a push").as_ref() {
                 Push::Message { offset, frame } => {

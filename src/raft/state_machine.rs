@@ -49,7 +49,7 @@ pub struct AppliedState {
 pub trait ShardEvents: Send + Sync + 'static {
     /// Messages of one apply batch, in offset order per conversation; all are readable
     /// from storage. Must not block: it runs on the state machine's task.
-    fn appended(&self, shard: ShardId, messages: Vec<StoredMessage>);
+    fn appended(&self, messages: Vec<StoredMessage>);
     /// The shard's state was replaced by a snapshot: its subscribers must re-read storage.
     fn reset(&self, shard: ShardId);
 }
@@ -58,7 +58,7 @@ pub trait ShardEvents: Send + Sync + 'static {
 pub struct NoEvents;
 
 impl ShardEvents for NoEvents {
-    fn appended(&self, _: ShardId, _: Vec<StoredMessage>) {}
+    fn appended(&self, _: Vec<StoredMessage>) {}
     fn reset(&self, _: ShardId) {}
 }
 
@@ -305,7 +305,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
             }
         }
         if !appended.is_empty() {
-            self.events.appended(self.shard, appended);
+            self.events.appended(appended);
         }
         Ok(())
     }
