@@ -96,7 +96,7 @@ enum Push {
 struct PushHub {
     /// The cluster's shard count, to tell which conversations a shard's reset concerns.
     shards: u32,
-    /// Slots of a conversation's channel (`limits.push_buffer_messages`).
+    /// Slots of a conversation's channel (`limits.push_buffer_messages`, validated 16..=65,536).
     capacity: usize,
     channels: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Push>>>>,
 }
@@ -111,7 +111,7 @@ impl PushHub {
         match channels.get(conversation) {
             Some(tx) => tx.subscribe(),
             None => {
-                let (tx, rx) = broadcast::channel(self.capacity.max(16));
+                let (tx, rx) = broadcast::channel(self.capacity);
                 channels.insert(conversation.to_string(), tx);
                 rx
             }
