@@ -1,8 +1,8 @@
 //! Plots and a short human summary of a recorded [history](crate::history).
 //!
 //! Everything here is pure: a history goes in, standalone SVG documents (strings) and text come
-//! out. Three plots share one time axis (seconds since the start of the run), so they line up
-//! when stacked:
+//! out. Three plots share one time axis (seconds since the start of the run) and one layout, so
+//! they line up when stacked:
 //!
 //! - **latency**: every client operation (`send`, `resend`, `read`, `final-read`,
 //!   `final-send`) as a point at (invoke time, latency) on a log scale; green `ok`, red `fail`,
@@ -14,11 +14,34 @@
 //!   delivery lag and outages, and at the end, messages never delivered.
 //!
 //! Fault periods ([`fault_periods`]) are shaded behind the data of every plot and labelled
-//! with the nemesis `f` and its nodes.
+//! with the nemesis `f` and its nodes; a legend to the right of each plot names the series and
+//! the kinds of fault.
+//!
+//! The data (fault windows, latency groups, per-second buckets, the unseen curve, the summary)
+//! is computed here; the drawing is [plotters]' with its SVG backend, writing into a `String`.
+//! Marker shapes are one small custom element (`Marker`) so that a series can mix them. The
+//! legend is drawn beside the plot by hand (plotters' own series labels stay inside the plot
+//! area), and so are the fault labels, placed in rows that do not overlap.
+//!
+//! No font file is read, which matters on a fresh CI machine: plotters is built without its
+//! `ttf` and `ab_glyph` features, so its font module is the "naive" one, which only *estimates*
+//! text extents (0.7 em per character), and the SVG backend writes every title, tick, label and
+//! legend entry as a `<text font-family="sans-serif">` element that the viewer renders with
+//! whatever font it has. plotters uses the estimates to lay out tick labels; here they place
+//! the fault labels and their backing. They are a little wide for sans-serif, which is the
+//! safe side. (The backend writes `font-size` as the requested size divided by 1.24, which
+//! `font()` undoes so that sizes here are pixels.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
+use plotters::element::{DashedPathElement, Drawable, PointCollection};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters_backend::{BackendCoord, DrawingErrorKind};
 use serde_json::Value;
 
 use crate::history::{Op, Process, Type, F};
@@ -50,22 +73,26 @@ const MAX_UNSEEN_SAMPLES: u64 = 5_000;
 const NS_PER_S: f64 = 1e9;
 const NS_PER_MS: f64 = 1e6;
 
-// Layout (pixels).
-const WIDTH: f64 = 1000.0;
-const HEIGHT: f64 = 400.0;
-const LEFT: f64 = 72.0;
-const RIGHT: f64 = 812.0;
-const TOP: f64 = 58.0;
-const BOTTOM: f64 = 348.0;
-const LEGEND_X: f64 = 830.0;
+// Layout (pixels): the document, the plot area inside it, and where the legend starts.
+const WIDTH: u32 = 1000;
+const HEIGHT: u32 = 400;
+const LEFT: i32 = 72;
+const RIGHT: i32 = 812;
+const TOP: i32 = 58;
+const BOTTOM: i32 = 348;
+const LEGEND_X: i32 = 830;
 
 // Colors.
-const OK: &str = "#2ca02c";
-const FAIL: &str = "#d62728";
-const INFO: &str = "#ff7f0e";
-const INK: &str = "#222222";
-const MUTED: &str = "#666666";
-const GRID: &str = "#e6e6e6";
+const OK: RGBColor = RGBColor(0x2c, 0xa0, 0x2c);
+const FAIL: RGBColor = RGBColor(0xd6, 0x27, 0x28);
+const INFO: RGBColor = RGBColor(0xff, 0x7f, 0x0e);
+const INK: RGBColor = RGBColor(0x22, 0x22, 0x22);
+const MUTED: RGBColor = RGBColor(0x66, 0x66, 0x66);
+const GRID: RGBColor = RGBColor(0xe6, 0xe6, 0xe6);
+const LIGHT_GRID: RGBColor = RGBColor(0xf2, 0xf2, 0xf2);
+const FRAME: RGBColor = RGBColor(0x99, 0x99, 0x99);
+const SHAPE_KEY: RGBColor = RGBColor(0x55, 0x55, 0x55);
+const UNSEEN: RGBColor = RGBColor(0x94, 0x67, 0xbd);
 
 /// Renders the three plots.
 pub fn plots(history: &[Op]) -> Plots {
@@ -413,23 +440,7 @@ fn unseen_series(history: &[Op], ops: &[ClientOp<'_>], end_ns: u64) -> Vec<(u64,
 }
 
 // ---------------------------------------------------------------------------------------------
-// SVG building blocks.
-
-/// Escapes text for XML content and attribute values.
-fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+// Axes.
 
 /// The shared x axis: seconds from 0 to the end of the run.
 struct TimeAxis {
@@ -443,37 +454,9 @@ impl TimeAxis {
         TimeAxis { end_ns, span_s }
     }
 
-    fn x(&self, t_ns: u64) -> f64 {
-        self.x_s(t_ns as f64 / NS_PER_S)
-    }
-
-    fn x_s(&self, t_s: f64) -> f64 {
-        LEFT + (t_s / self.span_s).clamp(0.0, 1.0) * (RIGHT - LEFT)
-    }
-
-    fn draw(&self, s: &mut String) {
-        let step = nice_step(self.span_s, 10.0);
-        let mut i = 0u32;
-        loop {
-            let v = f64::from(i) * step;
-            if v > self.span_s * 1.000_001 {
-                break;
-            }
-            let x = self.x_s(v);
-            let _ = write!(
-                s,
-                r#"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{BOTTOM}" stroke="{GRID}"/><text x="{x:.1}" y="{}" font-size="11" fill="{MUTED}" text-anchor="middle">{}</text>"#,
-                BOTTOM + 15.0,
-                fmt_tick(v, step)
-            );
-            i += 1;
-        }
-        let _ = write!(
-            s,
-            r#"<text x="{:.1}" y="{}" font-size="12" fill="{INK}" text-anchor="middle">time since start (s)</text>"#,
-            (LEFT + RIGHT) / 2.0,
-            BOTTOM + 34.0
-        );
+    /// A time in seconds, within the axis.
+    fn s(&self, t_ns: u64) -> f64 {
+        (t_ns as f64 / NS_PER_S).clamp(0.0, self.span_s)
     }
 }
 
@@ -490,422 +473,19 @@ fn nice_step(span: f64, target: f64) -> f64 {
     m * mag
 }
 
-fn fmt_tick(v: f64, step: f64) -> String {
-    let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()).max(0.0) as usize };
-    format!("{v:.decimals$}")
+/// A tick label of a linear axis (plotters picks round values): "0", "20", "0.5", "0.0002".
+fn fmt_tick(v: f64) -> String {
+    let s = format!("{v:.6}");
+    match s.trim_end_matches('0').trim_end_matches('.') {
+        "-0" => "0".to_string(),
+        t => t.to_string(),
+    }
 }
 
-/// A linear y axis from 0 to a nice maximum at least `max`; returns that maximum.
-fn draw_linear_y(s: &mut String, max: f64, label: &str) -> f64 {
+/// The top of a linear y axis from 0: a round number at least `max` (and at least 1).
+fn linear_top(max: f64) -> f64 {
     let step = nice_step(max.max(1.0), 5.0).max(1.0);
-    let top = (max.max(1.0) / step).ceil() * step;
-    let mut i = 0u32;
-    loop {
-        let v = f64::from(i) * step;
-        if v > top * 1.000_001 {
-            break;
-        }
-        let y = BOTTOM - v / top * (BOTTOM - TOP);
-        let _ = write!(
-            s,
-            r#"<line x1="{LEFT}" y1="{y:.1}" x2="{RIGHT}" y2="{y:.1}" stroke="{GRID}"/><text x="{}" y="{:.1}" font-size="11" fill="{MUTED}" text-anchor="end">{}</text>"#,
-            LEFT - 6.0,
-            y + 4.0,
-            fmt_tick(v, step)
-        );
-        i += 1;
-    }
-    y_label(s, label);
-    top
-}
-
-fn y_label(s: &mut String, label: &str) {
-    let (x, y) = (18.0, (TOP + BOTTOM) / 2.0);
-    let _ = write!(
-        s,
-        r#"<text x="{x}" y="{y}" font-size="12" fill="{INK}" text-anchor="middle" transform="rotate(-90 {x} {y})">{}</text>"#,
-        esc(label)
-    );
-}
-
-/// Opens a document: background, title, subtitle, and a clip path for the plot area.
-fn begin(title: &str, subtitle: &str, id: &str) -> String {
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<?xml version="1.0" encoding="UTF-8"?>
-<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif">
-<title>{t}</title>
-<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>
-<text x="{LEFT}" y="24" font-size="16" font-weight="bold" fill="{INK}">{t}</text>
-<text x="{LEFT}" y="43" font-size="12" fill="{MUTED}">{sub}</text>
-<defs><clipPath id="{id}-plot"><rect x="{LEFT}" y="{TOP}" width="{w}" height="{h}"/></clipPath></defs>
-"#,
-        t = esc(title),
-        sub = esc(subtitle),
-        w = RIGHT - LEFT,
-        h = BOTTOM - TOP
-    );
-    s
-}
-
-/// Closes a document: the plot frame, then `</svg>`.
-fn finish(mut s: String) -> String {
-    let _ = write!(
-        s,
-        "<rect x=\"{LEFT}\" y=\"{TOP}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999999\"/>\n</svg>\n",
-        RIGHT - LEFT,
-        BOTTOM - TOP
-    );
-    s
-}
-
-/// A plot with nothing to show.
-fn no_data(title: &str, why: &str, id: &str, periods: &[Window], axis: &TimeAxis) -> String {
-    let mut s = begin(title, why, id);
-    axis.draw(&mut s);
-    draw_bands(&mut s, periods, axis, id);
-    let _ = write!(
-        s,
-        r##"<text x="{:.1}" y="{:.1}" font-size="20" fill="#999999" text-anchor="middle">no data</text>"##,
-        (LEFT + RIGHT) / 2.0,
-        (TOP + BOTTOM) / 2.0
-    );
-    legend(&mut s, &fault_keys(periods));
-    finish(s)
-}
-
-fn fault_color(f: &F) -> &'static str {
-    match f {
-        F::Kill => "#7f7f7f",
-        F::PowerFail => "#8c564b",
-        F::Corrupt => "#e377c2",
-        F::Pause => "#bcbd22",
-        F::Partition => "#1f77b4",
-        F::ClockSkew => "#17becf",
-        _ => "#aaaaaa",
-    }
-}
-
-/// "kill n1", "partition n1,n3 (bridge)".
-fn fault_label(w: &Window) -> String {
-    let mut label = f_name(&w.period.f).to_string();
-    if !w.period.nodes.is_empty() {
-        let nodes: Vec<String> = w.period.nodes.iter().map(|n| format!("n{n}")).collect();
-        label.push(' ');
-        label.push_str(&nodes.join(","));
-    }
-    if let Some(v) = &w.variant {
-        let _ = write!(label, " ({v})");
-    }
-    label
-}
-
-/// Translucent bands (class `fault-band`) over the plot's height, labelled at the top.
-fn draw_bands(s: &mut String, periods: &[Window], axis: &TimeAxis, id: &str) {
-    if periods.is_empty() {
-        return;
-    }
-    let _ = write!(s, r#"<g clip-path="url(#{id}-plot)">"#);
-    for w in periods {
-        let p = &w.period;
-        let end = p.end_ns.unwrap_or(axis.end_ns).max(p.start_ns);
-        let (x0, x1) = (axis.x(p.start_ns), axis.x(end));
-        let until = match p.end_ns {
-            Some(e) => format!("{:.2} s", e as f64 / NS_PER_S),
-            None => "end of run (never ended)".to_string(),
-        };
-        let _ = write!(
-            s,
-            r#"<rect class="fault-band" x="{x0:.1}" y="{TOP}" width="{:.1}" height="{}" fill="{}" fill-opacity="0.16"><title>{}: {:.2} s to {until}</title></rect>"#,
-            (x1 - x0).max(1.5),
-            BOTTOM - TOP,
-            fault_color(&p.f),
-            esc(&fault_label(w)),
-            p.start_ns as f64 / NS_PER_S
-        );
-    }
-    // Labels on the rows at the top of the plot, each on the first row where it does not
-    // overlap the previous label.
-    let mut row_end = [f64::NEG_INFINITY; 4];
-    for w in periods {
-        let label = fault_label(w);
-        let x = axis.x(w.period.start_ns) + 3.0;
-        let width = label.chars().count() as f64 * 6.0;
-        let row = row_end
-            .iter()
-            .position(|e| *e < x)
-            .unwrap_or_else(|| row_end.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i));
-        if let Some(e) = row_end.get_mut(row) {
-            *e = x + width;
-        }
-        let _ = write!(
-            s,
-            r##"<text class="fault-label" x="{x:.1}" y="{:.1}" font-size="10" fill="#333333" stroke="white" stroke-width="3" stroke-opacity="0.8" paint-order="stroke">{}</text>"##,
-            TOP + 12.0 + 12.0 * row as f64,
-            esc(&label)
-        );
-    }
-    s.push_str("</g>\n");
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Shape {
-    Circle,
-    Square,
-    Triangle,
-    Diamond,
-    TriangleDown,
-}
-
-fn shape_of(f: &F) -> Shape {
-    match f {
-        F::Resend => Shape::Square,
-        F::Read => Shape::Triangle,
-        F::FinalRead => Shape::Diamond,
-        F::FinalSend => Shape::TriangleDown,
-        _ => Shape::Circle,
-    }
-}
-
-/// One marker; fill and stroke come from the enclosing group.
-fn marker(s: &mut String, shape: Shape, x: f64, y: f64, r: f64) {
-    let _ = match shape {
-        Shape::Circle => write!(s, r#"<circle cx="{x:.1}" cy="{y:.1}" r="{r}"/>"#),
-        Shape::Square => {
-            let h = r * 0.9;
-            write!(s, r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}"/>"#, x - h, y - h, 2.0 * h, 2.0 * h)
-        }
-        Shape::Triangle => write!(
-            s,
-            r#"<polygon points="{x:.1},{:.1} {:.1},{:.1} {:.1},{:.1}"/>"#,
-            y - 1.3 * r,
-            x + 1.2 * r,
-            y + 0.9 * r,
-            x - 1.2 * r,
-            y + 0.9 * r
-        ),
-        Shape::TriangleDown => write!(
-            s,
-            r#"<polygon points="{x:.1},{:.1} {:.1},{:.1} {:.1},{:.1}"/>"#,
-            y + 1.3 * r,
-            x + 1.2 * r,
-            y - 0.9 * r,
-            x - 1.2 * r,
-            y - 0.9 * r
-        ),
-        Shape::Diamond => write!(
-            s,
-            r#"<polygon points="{x:.1},{:.1} {:.1},{y:.1} {x:.1},{:.1} {:.1},{y:.1}"/>"#,
-            y - 1.3 * r,
-            x + 1.3 * r,
-            y + 1.3 * r,
-            x - 1.3 * r
-        ),
-    };
-}
-
-/// A legend entry's symbol.
-enum Key {
-    Marker { shape: Shape, color: &'static str, hollow: bool },
-    Line { color: &'static str, dashed: bool, wide: bool },
-    Swatch { color: &'static str, opacity: f64 },
-}
-
-fn fault_keys(periods: &[Window]) -> Vec<(Key, String)> {
-    let kinds: BTreeSet<F> = periods.iter().map(|w| w.period.f.clone()).collect();
-    kinds
-        .iter()
-        .map(|f| (Key::Swatch { color: fault_color(f), opacity: 0.3 }, format!("fault: {}", f_name(f))))
-        .collect()
-}
-
-fn legend(s: &mut String, items: &[(Key, String)]) {
-    if items.is_empty() {
-        return;
-    }
-    s.push_str(r#"<g class="legend">"#);
-    for (i, (key, label)) in items.iter().enumerate() {
-        let y = TOP + 8.0 + 18.0 * i as f64;
-        let x = LEGEND_X + 8.0;
-        match key {
-            Key::Marker { shape, color, hollow } => {
-                let paint = if *hollow {
-                    format!(r#"fill="none" stroke="{color}" stroke-width="1.2""#)
-                } else {
-                    format!(r#"fill="{color}""#)
-                };
-                let _ = write!(s, "<g {paint}>");
-                marker(s, *shape, x, y, 4.0);
-                s.push_str("</g>");
-            }
-            Key::Line { color, dashed, wide } => {
-                let dash = if *dashed { r#" stroke-dasharray="5 3""# } else { "" };
-                let style = if *wide { r#"stroke-width="4" stroke-opacity="0.45""# } else { r#"stroke-width="2""# };
-                let _ = write!(
-                    s,
-                    r#"<line x1="{}" y1="{y}" x2="{}" y2="{y}" stroke="{color}" {style}{dash}/>"#,
-                    x - 8.0,
-                    x + 8.0
-                );
-            }
-            Key::Swatch { color, opacity } => {
-                let _ = write!(
-                    s,
-                    r#"<rect x="{}" y="{}" width="16" height="11" fill="{color}" fill-opacity="{opacity}"/>"#,
-                    x - 8.0,
-                    y - 5.5
-                );
-            }
-        }
-        let _ =
-            write!(s, r#"<text x="{}" y="{}" font-size="12" fill="{INK}">{}</text>"#, x + 14.0, y + 4.0, esc(label));
-    }
-    s.push_str("</g>\n");
-}
-
-// ---------------------------------------------------------------------------------------------
-// The plots.
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Ok,
-    Fail,
-    Info,
-    Unknown,
-}
-
-struct Point {
-    t_ns: u64,
-    lat_ms: f64,
-    shape: Shape,
-}
-
-fn latency_svg(ops: &[ClientOp<'_>], periods: &[Window], axis: &TimeAxis) -> String {
-    const TITLE: &str = "Client operation latency";
-    const ID: &str = "latency";
-    if ops.is_empty() {
-        return no_data(TITLE, "no client operations in the history", ID, periods, axis);
-    }
-    let mut groups: BTreeMap<u8, Vec<Point>> = BTreeMap::new();
-    let outcome_of = |o: &ClientOp<'_>| match o.completion {
-        Some((Type::Ok, _)) => Outcome::Ok,
-        Some((Type::Fail, _)) => Outcome::Fail,
-        Some((_, _)) => Outcome::Info,
-        None => Outcome::Unknown,
-    };
-    let order = |o: Outcome| match o {
-        Outcome::Ok => 0u8,
-        Outcome::Unknown => 1,
-        Outcome::Info => 2,
-        Outcome::Fail => 3,
-    };
-    let mut fs: BTreeSet<F> = BTreeSet::new();
-    let (mut lo, mut hi) = (f64::INFINITY, 0f64);
-    for o in ops {
-        let done = o.completion.map_or(axis.end_ns, |(_, t)| t);
-        let lat_ms = (done.saturating_sub(o.invoke_ns) as f64 / NS_PER_MS).max(1e-3);
-        lo = lo.min(lat_ms);
-        hi = hi.max(lat_ms);
-        fs.insert(o.f.clone());
-        groups.entry(order(outcome_of(o))).or_default().push(Point {
-            t_ns: o.invoke_ns,
-            lat_ms,
-            shape: shape_of(&o.f),
-        });
-    }
-    let count = |o: Outcome| groups.get(&order(o)).map_or(0, Vec::len);
-    let (n_ok, n_fail, n_info, n_unknown) =
-        (count(Outcome::Ok), count(Outcome::Fail), count(Outcome::Info), count(Outcome::Unknown));
-    let n_other = n_fail + n_info + n_unknown;
-
-    // Thin deterministically: every k-th ok point; fail/info/unknown all kept unless they alone
-    // exceed the budget.
-    let ok_step = n_ok.div_ceil(MAX_POINTS.saturating_sub(n_other).max(MAX_POINTS / 10)).max(1);
-    let other_step = n_other.div_ceil(MAX_POINTS).max(1);
-    let mut subtitle = format!("{} operations: {n_ok} ok, {n_fail} fail, {n_info} info", ops.len());
-    if n_unknown > 0 {
-        let _ = write!(subtitle, ", {n_unknown} never completed (plotted at run end)");
-    }
-    if ok_step > 1 {
-        let shown = n_ok.div_ceil(ok_step);
-        let _ = write!(subtitle, "; 1 in {ok_step} ok points shown ({shown} of {n_ok})");
-        if other_step == 1 {
-            subtitle.push_str(", all others");
-        }
-    }
-    if other_step > 1 {
-        let _ = write!(subtitle, "; 1 in {other_step} fail/info points shown");
-    }
-
-    let mut s = begin(TITLE, &subtitle, ID);
-    axis.draw(&mut s);
-    // Log y axis between 1-2-5 values with some headroom, so no point sits on the frame.
-    let (lo_v, hi_v) = (floor_125(lo / 1.15), ceil_125(hi * 1.15));
-    let (l0, l1) = (value_125(lo_v).log10(), value_125(hi_v).log10());
-    let y = |ms: f64| BOTTOM - (ms.log10() - l0) / (l1 - l0) * (BOTTOM - TOP);
-    let decades = l1 - l0;
-    for e in (l0.floor() as i32)..=(l1.ceil() as i32) {
-        for m in [1, 2, 5] {
-            let v = value_125((m, e));
-            if v < value_125(lo_v) * 0.999 || v > value_125(hi_v) * 1.001 {
-                continue;
-            }
-            let yy = y(v);
-            let labelled = m == 1 || (m, e) == lo_v || (m, e) == hi_v || decades <= 2.0;
-            if !labelled && decades > 4.0 {
-                continue;
-            }
-            let dash = if m == 1 { "" } else { r#" stroke-dasharray="2 3""# };
-            let _ = write!(s, r#"<line x1="{LEFT}" y1="{yy:.1}" x2="{RIGHT}" y2="{yy:.1}" stroke="{GRID}"{dash}/>"#);
-            if labelled {
-                let _ = write!(
-                    s,
-                    r#"<text x="{}" y="{:.1}" font-size="11" fill="{MUTED}" text-anchor="end">{}</text>"#,
-                    LEFT - 6.0,
-                    yy + 4.0,
-                    fmt_125_ms((m, e))
-                );
-            }
-        }
-    }
-    y_label(&mut s, "latency (log scale)");
-    draw_bands(&mut s, periods, axis, ID);
-
-    for (&key, points) in &groups {
-        let (class, paint, r, step) = match key {
-            0 => ("points-ok", format!(r#"fill="{OK}" fill-opacity="0.55""#), 2.2, ok_step),
-            1 => ("points-unknown", format!(r#"fill="none" stroke="{INFO}" stroke-width="1.2""#), 3.0, other_step),
-            2 => ("points-info", format!(r#"fill="{INFO}" fill-opacity="0.9""#), 3.0, other_step),
-            _ => ("points-fail", format!(r#"fill="{FAIL}" fill-opacity="0.9""#), 3.0, other_step),
-        };
-        let _ = write!(s, r#"<g class="{class}" clip-path="url(#{ID}-plot)" {paint}>"#);
-        for p in points.iter().step_by(step) {
-            marker(&mut s, p.shape, axis.x(p.t_ns), y(p.lat_ms), r);
-        }
-        s.push_str("</g>\n");
-    }
-
-    let mut keys: Vec<(Key, String)> = Vec::new();
-    let outcomes = [
-        (OK, false, "ok", n_ok),
-        (FAIL, false, "fail", n_fail),
-        (INFO, false, "info", n_info),
-        (INFO, true, "never completed", n_unknown),
-    ];
-    for (color, hollow, label, n) in outcomes {
-        if n > 0 {
-            keys.push((Key::Marker { shape: Shape::Circle, color, hollow }, format!("{label}: {n}")));
-        }
-    }
-    if fs.len() > 1 {
-        for f in &fs {
-            keys.push((Key::Marker { shape: shape_of(f), color: "#555555", hollow: false }, f_name(f).to_string()));
-        }
-    }
-    keys.extend(fault_keys(periods));
-    legend(&mut s, &keys);
-    finish(s)
+    (max.max(1.0) / step).ceil() * step
 }
 
 /// A 1-2-5 value `m·10^e`.
@@ -943,35 +523,499 @@ fn fmt_125_ms((m, e): V125) -> String {
     }
 }
 
-fn line_color(f: &F) -> &'static str {
+/// A tick value of the latency axis (a 1-2-5 number of milliseconds) as a label.
+fn fmt_ms_tick(ms: f64) -> String {
+    let e = (ms.log10() + 1e-9).floor() as i32;
+    fmt_125_ms(((ms / 10f64.powi(e)).round() as u32, e))
+}
+
+/// The log latency axis between 1-2-5 values with some headroom, so that no point sits on the
+/// frame: its range, the labelled ticks (the decades, the ends, and every 1-2-5 value when it
+/// spans at most two decades) and the unlabelled ones (none beyond four decades).
+fn log_ticks(lo_ms: f64, hi_ms: f64) -> (V125, V125, Vec<f64>, Vec<f64>) {
+    let (lo_v, hi_v) = (floor_125(lo_ms / 1.15), ceil_125(hi_ms * 1.15));
+    let (l0, l1) = (value_125(lo_v).log10(), value_125(hi_v).log10());
+    let decades = l1 - l0;
+    let (mut bold, mut light) = (Vec::new(), Vec::new());
+    for e in (l0.floor() as i32)..=(l1.ceil() as i32) {
+        for m in [1, 2, 5] {
+            let v = value_125((m, e));
+            if v < value_125(lo_v) * 0.999 || v > value_125(hi_v) * 1.001 {
+                continue;
+            }
+            if m == 1 || (m, e) == lo_v || (m, e) == hi_v || decades <= 2.0 {
+                bold.push(v);
+            } else if decades <= 4.0 {
+                light.push(v);
+            }
+        }
+    }
+    (lo_v, hi_v, bold, light)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drawing: the frame every plot shares.
+
+type DrawResult<T = ()> = Result<T, DrawingAreaErrorKind<std::io::Error>>;
+type Root<'b> = DrawingArea<SVGBackend<'b>, Shift>;
+type Chart<'a, 'b, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, Y>>;
+
+/// A sans-serif font of `px` pixels. (The SVG backend writes `font-size` as the size / 1.24.)
+fn font(px: f64) -> FontDesc<'static> {
+    ("sans-serif", px * 1.24).into_font()
+}
+
+/// Draws one plot into a standalone SVG document. There should be no drawing error (the
+/// backend writes into a `String` and text is only estimated, never rasterised); if there is
+/// one, it is logged and written into the document, which plotters closes properly either way.
+fn render(name: &str, draw: impl FnOnce(&Root<'_>) -> DrawResult) -> String {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+        let drawn = root.fill(&WHITE).and_then(|()| draw(&root)).and_then(|()| root.present());
+        if let Err(e) = drawn {
+            tracing::warn!("the {name} plot is incomplete: {e}");
+            let text = Text::new(format!("plot incomplete: {e}"), (LEFT, HEIGHT as i32 - 14), font(12.0).color(&FAIL));
+            if let Err(e) = root.draw(&text).and_then(|()| root.present()) {
+                tracing::warn!("cannot even say so in the {name} plot: {e}");
+            }
+        }
+    }
+    svg
+}
+
+/// Turns a tick value into its label.
+type TickFormat<'f> = &'f dyn Fn(&f64) -> String;
+
+/// The title and subtitle, and a chart over the plot area with its grid, ticks and axis
+/// labels. The x axis is time; `y_axis` is the y axis' description and tick format (`None`
+/// for no y axis).
+fn frame<'a, 'b, Y>(
+    root: &'a Root<'b>,
+    title: &str,
+    subtitle: &str,
+    axis: &TimeAxis,
+    y: Y,
+    y_axis: Option<(&str, TickFormat<'_>)>,
+) -> DrawResult<Chart<'a, 'b, Y::CoordDescType>>
+where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    root.draw(&Text::new(title, (LEFT, 10), font(16.0).style(FontStyle::Bold).color(&INK)))?;
+    root.draw(&Text::new(subtitle, (LEFT, 32), font(12.0).color(&MUTED)))?;
+    let mut chart = ChartBuilder::on(root)
+        .margin_top(TOP)
+        .margin_right(WIDTH as i32 - RIGHT)
+        .margin_bottom(12)
+        .margin_left(6)
+        .x_label_area_size(HEIGHT as i32 - BOTTOM - 12)
+        .y_label_area_size(LEFT - 6)
+        .build_cartesian_2d(0.0..axis.span_s, y)?;
+    let x_fmt = |v: &f64| fmt_tick(*v);
+    let mut mesh = chart.configure_mesh();
+    mesh.bold_line_style(GRID)
+        .light_line_style(LIGHT_GRID)
+        .axis_style(FRAME)
+        .set_all_tick_mark_size(4)
+        .max_light_lines(0)
+        .label_style(font(11.0).color(&MUTED))
+        .axis_desc_style(font(12.0).color(&INK))
+        .x_labels(12)
+        .y_labels(7)
+        .x_desc("time since start (s)")
+        .x_label_formatter(&x_fmt);
+    match y_axis {
+        Some((desc, fmt)) => mesh.y_desc(desc).y_label_formatter(fmt),
+        None => mesh.disable_y_axis().disable_y_mesh(),
+    };
+    mesh.draw()?;
+    Ok(chart)
+}
+
+fn fault_color(f: &F) -> RGBColor {
     match f {
-        F::Send => "#1f77b4",
-        F::Deliver => "#9467bd",
-        F::Read => "#2ca02c",
-        F::Resend => "#ff7f0e",
-        F::FinalRead => "#8c564b",
-        F::FinalSend => "#17becf",
-        F::Subscribe => "#e377c2",
-        _ => "#7f7f7f",
+        F::Kill => RGBColor(0x7f, 0x7f, 0x7f),
+        F::PowerFail => RGBColor(0x8c, 0x56, 0x4b),
+        F::Corrupt => RGBColor(0xe3, 0x77, 0xc2),
+        F::Pause => RGBColor(0xbc, 0xbd, 0x22),
+        F::Partition => RGBColor(0x1f, 0x77, 0xb4),
+        F::ClockSkew => RGBColor(0x17, 0xbe, 0xcf),
+        _ => RGBColor(0xaa, 0xaa, 0xaa),
     }
 }
 
-/// A step line through per-second buckets.
-fn step_line(s: &mut String, buckets: &[u64], axis: &TimeAxis, y: &dyn Fn(f64) -> f64, paint: &str) {
-    let mut points = String::new();
-    for (i, &c) in buckets.iter().enumerate() {
-        let t0 = (i as u64).saturating_mul(1_000_000_000);
-        let t1 = t0.saturating_add(1_000_000_000).min(axis.end_ns.max(t0));
-        let yy = y(c as f64);
-        let _ = write!(points, "{:.1},{yy:.1} {:.1},{yy:.1} ", axis.x(t0), axis.x(t1));
+/// Fault bands are this opaque (a legend swatch is [`SWATCH_OPACITY`]).
+const BAND_OPACITY: f64 = 0.16;
+const SWATCH_OPACITY: f64 = 0.3;
+
+/// "kill n1", "partition n1,n3 (bridge)".
+fn fault_label(w: &Window) -> String {
+    let mut label = f_name(&w.period.f).to_string();
+    if !w.period.nodes.is_empty() {
+        let nodes: Vec<String> = w.period.nodes.iter().map(|n| format!("n{n}")).collect();
+        label.push(' ');
+        label.push_str(&nodes.join(","));
     }
-    let _ = writeln!(s, r#"<polyline fill="none" {paint} points="{}"/>"#, points.trim_end());
+    if let Some(v) = &w.variant {
+        let _ = write!(label, " ({v})");
+    }
+    label
 }
 
-fn throughput_svg(history: &[Op], periods: &[Window], axis: &TimeAxis) -> String {
-    const TITLE: &str = "Throughput: ok completions per second";
-    const ID: &str = "throughput";
-    let n_buckets = (axis.end_ns / 1_000_000_000 + 1) as usize;
+/// Translucent bands over the plot's height, one per fault period (at least 2 px wide; an
+/// unended one reaches the end of the run). Drawn before the data, so they stay behind it.
+fn draw_bands<Y: Ranged<ValueType = f64>>(
+    chart: &mut Chart<'_, '_, Y>,
+    periods: &[Window],
+    axis: &TimeAxis,
+) -> DrawResult {
+    let y = chart.y_range();
+    let (px, _) = chart.plotting_area().get_pixel_range();
+    let min_width = axis.span_s * 2.0 / f64::from((px.end - px.start).max(1));
+    let bands: Vec<Rectangle<(f64, f64)>> = periods
+        .iter()
+        .map(|w| {
+            let p = &w.period;
+            let (x0, x1) = (axis.s(p.start_ns), axis.s(p.end_ns.unwrap_or(axis.end_ns).max(p.start_ns)));
+            let style = fault_color(&p.f).mix(BAND_OPACITY).filled();
+            Rectangle::new([(x0, y.start), (x1.max(x0 + min_width), y.end)], style)
+        })
+        .collect();
+    chart.draw_series(bands)?;
+    Ok(())
+}
+
+/// On top of the data: the fault labels at the top of the plot, the frame around it, and the
+/// legend to its right.
+fn finish<Y: Ranged<ValueType = f64>>(
+    root: &Root<'_>,
+    chart: &Chart<'_, '_, Y>,
+    periods: &[Window],
+    axis: &TimeAxis,
+    keys: Vec<(Key, String)>,
+) -> DrawResult {
+    let (px, py) = chart.plotting_area().get_pixel_range();
+    let y_any = chart.y_range().start;
+    // Each label on the first of four rows where it does not overlap the previous label (or
+    // else on the row that frees up first), on a light backing so that data under it shows.
+    let style = font(10.0).color(&INK);
+    let mut row_end = [i32::MIN; 4];
+    for w in periods {
+        let label = fault_label(w);
+        let (width, height) = root.estimate_text_size(&label, &style)?;
+        let (width, height) = (width as i32, height as i32);
+        let start = chart.backend_coord(&(axis.s(w.period.start_ns), y_any)).0 + 3;
+        let x = start.min(px.end - width - 3).max(px.start + 3);
+        let row = row_end
+            .iter()
+            .position(|e| *e < x)
+            .unwrap_or_else(|| row_end.iter().enumerate().min_by_key(|(_, e)| **e).map_or(0, |(i, _)| i));
+        if let Some(e) = row_end.get_mut(row) {
+            *e = x + width + 4;
+        }
+        let y = py.start + 3 + (height + 3) * row as i32;
+        root.draw(&Rectangle::new([(x - 2, y - 1), (x + width + 2, y + height + 1)], WHITE.mix(0.7).filled()))?;
+        root.draw(&Text::new(label, (x, y), style.clone()))?;
+    }
+    root.draw(&Rectangle::new([(px.start, py.start), (px.end, py.end)], FRAME))?;
+
+    // The legend, one entry a row. Not plotters' series labels: those are drawn inside the
+    // plot area (coordinates are clamped to it), and this one lists fault kinds and marker
+    // shapes as well as series.
+    let style = font(12.0).color(&INK).pos(Pos::new(HPos::Left, VPos::Center));
+    for (i, (key, label)) in keys.into_iter().enumerate() {
+        let y = py.start + 8 + LEGEND_ROW * i as i32;
+        root.draw(&key.element::<SVGBackend<'_>>((LEGEND_X, y)))?;
+        root.draw(&Text::new(label, (LEGEND_X + 24, y), style.clone()))?;
+    }
+    Ok(())
+}
+
+/// The legend's row height (pixels).
+const LEGEND_ROW: i32 = 18;
+
+/// A plot with nothing to show: the axes, the fault bands, "no data", and the faults' legend.
+fn no_data(name: &str, title: &str, why: &str, periods: &[Window], axis: &TimeAxis) -> String {
+    render(name, |root| {
+        let mut chart = frame(root, title, why, axis, 0.0..1.0, None)?;
+        draw_bands(&mut chart, periods, axis)?;
+        let (px, py) = chart.plotting_area().get_pixel_range();
+        let center = ((px.start + px.end) / 2, (py.start + py.end) / 2);
+        let style = font(20.0).color(&FRAME).pos(Pos::new(HPos::Center, VPos::Center));
+        root.draw(&Text::new("no data", center, style))?;
+        finish(root, &chart, periods, axis, fault_keys(periods))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Markers and legend keys.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Circle,
+    Square,
+    Triangle,
+    Diamond,
+    TriangleDown,
+}
+
+fn shape_of(f: &F) -> Shape {
+    match f {
+        F::Resend => Shape::Square,
+        F::Read => Shape::Triangle,
+        F::FinalRead => Shape::Diamond,
+        F::FinalSend => Shape::TriangleDown,
+        _ => Shape::Circle,
+    }
+}
+
+/// One marker of any [`Shape`], `r` pixels in radius, filled or (`hollow`) outlined; at a
+/// data point in a series, or at a pixel in the legend. plotters' own markers are one type per
+/// shape; this one element lets a series mix shapes and keep the order of its points.
+#[derive(Debug, Clone, Copy)]
+struct Marker<C> {
+    at: C,
+    shape: Shape,
+    r: f64,
+    color: RGBAColor,
+    hollow: bool,
+}
+
+impl<'a, C: 'a> PointCollection<'a, C> for &'a Marker<C> {
+    type Point = &'a C;
+    type IntoIter = std::iter::Once<&'a C>;
+
+    fn point_iter(self) -> Self::IntoIter {
+        std::iter::once(&self.at)
+    }
+}
+
+impl<C, DB: DrawingBackend> Drawable<DB> for Marker<C> {
+    fn draw<I: Iterator<Item = BackendCoord>>(
+        &self,
+        mut pos: I,
+        backend: &mut DB,
+        _parent: (u32, u32),
+    ) -> Result<(), DrawingErrorKind<DB::ErrorType>> {
+        let Some((x, y)) = pos.next() else { return Ok(()) };
+        let style = ShapeStyle { color: self.color, filled: !self.hollow, stroke_width: 1 };
+        let r = self.r;
+        let at = |dx: f64, dy: f64| (x + (dx * r).round() as i32, y + (dy * r).round() as i32);
+        let outline = match self.shape {
+            Shape::Circle => return backend.draw_circle((x, y), r.round() as u32, &style, !self.hollow),
+            Shape::Square => return backend.draw_rect(at(-0.9, -0.9), at(0.9, 0.9), &style, !self.hollow),
+            Shape::Triangle => vec![at(0.0, -1.3), at(1.2, 0.9), at(-1.2, 0.9)],
+            Shape::TriangleDown => vec![at(0.0, 1.3), at(1.2, -0.9), at(-1.2, -0.9)],
+            Shape::Diamond => vec![at(0.0, -1.3), at(1.3, 0.0), at(0.0, 1.3), at(-1.3, 0.0)],
+        };
+        if self.hollow {
+            let close = outline.first().copied();
+            backend.draw_path(outline.into_iter().chain(close), &style)
+        } else {
+            backend.fill_polygon(outline, &style)
+        }
+    }
+}
+
+/// A legend entry's symbol.
+#[derive(Debug, Clone, Copy)]
+enum Key {
+    Marker { shape: Shape, color: RGBColor, hollow: bool },
+    Line { color: RGBColor, dashed: bool, wide: bool },
+    Swatch { color: RGBColor },
+}
+
+impl Key {
+    /// The symbol, 18 pixels wide from `(x, y)` on, vertically centred on `y`.
+    fn element<DB: DrawingBackend>(&self, (x, y): BackendCoord) -> DynElement<'static, DB, BackendCoord> {
+        match *self {
+            Key::Marker { shape, color, hollow } => {
+                Marker { at: (x + 9, y), shape, r: 4.0, color: color.to_rgba(), hollow }.into_dyn()
+            }
+            Key::Line { color, dashed, wide } => {
+                let ends = vec![(x, y), (x + 18, y)];
+                if dashed {
+                    DashedPathElement::new(ends, 5, 3, line_style(color, wide)).into_dyn()
+                } else {
+                    PathElement::new(ends, line_style(color, wide)).into_dyn()
+                }
+            }
+            Key::Swatch { color } => {
+                Rectangle::new([(x + 1, y - 5), (x + 17, y + 6)], color.mix(SWATCH_OPACITY).filled()).into_dyn()
+            }
+        }
+    }
+}
+
+/// A throughput line: deliveries wide and light (they often track sends exactly and would hide
+/// them), the others thin.
+fn line_style(color: RGBColor, wide: bool) -> ShapeStyle {
+    if wide {
+        color.mix(0.45).stroke_width(4)
+    } else {
+        color.stroke_width(2)
+    }
+}
+
+fn fault_keys(periods: &[Window]) -> Vec<(Key, String)> {
+    let kinds: BTreeSet<F> = periods.iter().map(|w| w.period.f.clone()).collect();
+    kinds.iter().map(|f| (Key::Swatch { color: fault_color(f) }, format!("fault: {}", f_name(f)))).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plots.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Fail,
+    Info,
+    Unknown,
+}
+
+impl Outcome {
+    /// Drawing order: `ok` first (there are many), failures last (on top).
+    const ORDER: [Outcome; 4] = [Outcome::Ok, Outcome::Unknown, Outcome::Info, Outcome::Fail];
+
+    /// Color and opacity, radius, and whether hollow.
+    fn paint(self) -> (RGBAColor, f64, bool) {
+        match self {
+            Outcome::Ok => (OK.mix(0.55), 2.0, false),
+            Outcome::Unknown => (INFO.to_rgba(), 3.0, true),
+            Outcome::Info => (INFO.mix(0.9), 3.0, false),
+            Outcome::Fail => (FAIL.mix(0.9), 3.0, false),
+        }
+    }
+}
+
+struct Point {
+    t_ns: u64,
+    lat_ms: f64,
+    shape: Shape,
+}
+
+/// The latency plot's points by outcome (all of them: thinning happens when drawing), their
+/// range in ms, and the `f`s seen.
+struct LatencyData {
+    groups: Vec<(Outcome, Vec<Point>)>,
+    lo_ms: f64,
+    hi_ms: f64,
+    fs: BTreeSet<F>,
+}
+
+fn latency_data(ops: &[ClientOp<'_>], end_ns: u64) -> LatencyData {
+    let mut groups: Vec<(Outcome, Vec<Point>)> = Outcome::ORDER.iter().map(|o| (*o, Vec::new())).collect();
+    let mut fs: BTreeSet<F> = BTreeSet::new();
+    let (mut lo_ms, mut hi_ms) = (f64::INFINITY, 0f64);
+    for o in ops {
+        let outcome = match o.completion {
+            Some((Type::Ok, _)) => Outcome::Ok,
+            Some((Type::Fail, _)) => Outcome::Fail,
+            Some((_, _)) => Outcome::Info,
+            None => Outcome::Unknown,
+        };
+        let done = o.completion.map_or(end_ns, |(_, t)| t);
+        let lat_ms = (done.saturating_sub(o.invoke_ns) as f64 / NS_PER_MS).max(1e-3);
+        lo_ms = lo_ms.min(lat_ms);
+        hi_ms = hi_ms.max(lat_ms);
+        fs.insert(o.f.clone());
+        if let Some((_, points)) = groups.iter_mut().find(|(g, _)| *g == outcome) {
+            points.push(Point { t_ns: o.invoke_ns, lat_ms, shape: shape_of(&o.f) });
+        }
+    }
+    LatencyData { groups, lo_ms, hi_ms, fs }
+}
+
+fn latency_svg(ops: &[ClientOp<'_>], periods: &[Window], axis: &TimeAxis) -> String {
+    const TITLE: &str = "Client operation latency";
+    const NAME: &str = "latency";
+    if ops.is_empty() {
+        return no_data(NAME, TITLE, "no client operations in the history", periods, axis);
+    }
+    let data = latency_data(ops, axis.end_ns);
+    let count = |o: Outcome| data.groups.iter().find(|(g, _)| *g == o).map_or(0, |(_, p)| p.len());
+    let (n_ok, n_fail, n_info, n_unknown) =
+        (count(Outcome::Ok), count(Outcome::Fail), count(Outcome::Info), count(Outcome::Unknown));
+    let n_other = n_fail + n_info + n_unknown;
+
+    // Thin deterministically: every k-th ok point; fail/info/unknown all kept unless they alone
+    // exceed the budget.
+    let ok_step = n_ok.div_ceil(MAX_POINTS.saturating_sub(n_other).max(MAX_POINTS / 10)).max(1);
+    let other_step = n_other.div_ceil(MAX_POINTS).max(1);
+    let mut subtitle = format!("{} operations: {n_ok} ok, {n_fail} fail, {n_info} info", ops.len());
+    if n_unknown > 0 {
+        let _ = write!(subtitle, ", {n_unknown} never completed (plotted at run end)");
+    }
+    if ok_step > 1 {
+        let shown = n_ok.div_ceil(ok_step);
+        let _ = write!(subtitle, "; 1 in {ok_step} ok points shown ({shown} of {n_ok})");
+        if other_step == 1 {
+            subtitle.push_str(", all others");
+        }
+    }
+    if other_step > 1 {
+        let _ = write!(subtitle, "; 1 in {other_step} fail/info points shown");
+    }
+
+    let mut keys: Vec<(Key, String)> = Vec::new();
+    let outcomes = [
+        (OK, false, "ok", n_ok),
+        (FAIL, false, "fail", n_fail),
+        (INFO, false, "info", n_info),
+        (INFO, true, "never completed", n_unknown),
+    ];
+    for (color, hollow, label, n) in outcomes {
+        if n > 0 {
+            keys.push((Key::Marker { shape: Shape::Circle, color, hollow }, format!("{label}: {n}")));
+        }
+    }
+    if data.fs.len() > 1 {
+        for f in &data.fs {
+            keys.push((Key::Marker { shape: shape_of(f), color: SHAPE_KEY, hollow: false }, f_name(f).to_string()));
+        }
+    }
+    keys.extend(fault_keys(periods));
+
+    render(NAME, |root| {
+        let (lo_v, hi_v, bold, light) = log_ticks(data.lo_ms, data.hi_ms);
+        let y = (value_125(lo_v)..value_125(hi_v)).log_scale().with_key_points(bold).with_light_points(light);
+        let y_fmt = |v: &f64| fmt_ms_tick(*v);
+        let mut chart = frame(root, TITLE, &subtitle, axis, y, Some(("latency (log scale)", &y_fmt)))?;
+        draw_bands(&mut chart, periods, axis)?;
+        for (outcome, points) in &data.groups {
+            let (color, r, hollow) = outcome.paint();
+            let step = if *outcome == Outcome::Ok { ok_step } else { other_step };
+            chart.draw_series(points.iter().step_by(step).map(|p| Marker {
+                at: (axis.s(p.t_ns), p.lat_ms),
+                shape: p.shape,
+                r,
+                color,
+                hollow,
+            }))?;
+        }
+        finish(root, &chart, periods, axis, keys)
+    })
+}
+
+fn line_color(f: &F) -> RGBColor {
+    match f {
+        F::Send => RGBColor(0x1f, 0x77, 0xb4),
+        F::Deliver => RGBColor(0x94, 0x67, 0xbd),
+        F::Read => RGBColor(0x2c, 0xa0, 0x2c),
+        F::Resend => RGBColor(0xff, 0x7f, 0x0e),
+        F::FinalRead => RGBColor(0x8c, 0x56, 0x4b),
+        F::FinalSend => RGBColor(0x17, 0xbe, 0xcf),
+        F::Subscribe => RGBColor(0xe3, 0x77, 0xc2),
+        _ => RGBColor(0x7f, 0x7f, 0x7f),
+    }
+}
+
+/// Per-second buckets of client completions by completion time: `ok` ones per `f` (but not
+/// `subscribe`: subscriptions are events, not throughput), and `fail` + `info` of the timed
+/// operations.
+fn throughput_buckets(history: &[Op], end_ns: u64) -> (BTreeMap<F, Vec<u64>>, Vec<u64>) {
+    let n_buckets = (end_ns / 1_000_000_000 + 1) as usize;
     let mut lines: BTreeMap<F, Vec<u64>> = BTreeMap::new();
     let mut errors = vec![0u64; n_buckets];
     for op in history.iter().filter(|op| op.process != Process::NEMESIS) {
@@ -990,62 +1034,72 @@ fn throughput_svg(history: &[Op], periods: &[Window], axis: &TimeAxis) -> String
             _ => {}
         }
     }
-    // Subscriptions are events, not throughput.
     lines.remove(&F::Subscribe);
+    (lines, errors)
+}
+
+/// The corners of a step line through per-second buckets, in (seconds, count).
+fn step_points(buckets: &[u64], axis: &TimeAxis) -> Vec<(f64, f64)> {
+    let mut points = Vec::with_capacity(buckets.len() * 2);
+    for (i, &c) in buckets.iter().enumerate() {
+        let t0 = (i as u64).saturating_mul(1_000_000_000);
+        let t1 = t0.saturating_add(1_000_000_000).min(axis.end_ns.max(t0));
+        points.push((axis.s(t0), c as f64));
+        points.push((axis.s(t1), c as f64));
+    }
+    points
+}
+
+fn throughput_svg(history: &[Op], periods: &[Window], axis: &TimeAxis) -> String {
+    const TITLE: &str = "Throughput: ok completions per second";
+    const NAME: &str = "throughput";
+    let (lines, errors) = throughput_buckets(history, axis.end_ns);
     if lines.is_empty() && errors.iter().all(|c| *c == 0) {
-        return no_data(TITLE, "no client completions in the history", ID, periods, axis);
+        return no_data(NAME, TITLE, "no client completions in the history", periods, axis);
     }
     let total: u64 = lines.values().flatten().sum();
     let n_errors: u64 = errors.iter().sum();
     let subtitle =
         format!("1-second buckets by completion time; {total} ok completions, {n_errors} fail/info (dashed)");
     let max = lines.values().chain(std::iter::once(&errors)).flatten().copied().max().unwrap_or(0);
-    let mut s = begin(TITLE, &subtitle, ID);
-    axis.draw(&mut s);
-    let top = draw_linear_y(&mut s, max as f64, "completions per second");
-    draw_bands(&mut s, periods, axis, ID);
-    let y = |v: f64| BOTTOM - v / top * (BOTTOM - TOP);
-    let mut keys: Vec<(Key, String)> = Vec::new();
-    // Deliveries first, wide and light: they often track sends exactly and would hide them.
-    let mut ordered: Vec<(&F, &Vec<u64>)> = lines.iter().collect();
-    ordered.sort_by_key(|(f, _)| **f != F::Deliver);
-    for (f, buckets) in ordered {
-        let color = line_color(f);
-        let width =
-            if *f == F::Deliver { r#"stroke-width="4" stroke-opacity="0.45""# } else { r#"stroke-width="1.6""# };
-        step_line(
-            &mut s,
-            buckets,
-            axis,
-            &y,
-            &format!(r#"class="line-{}" stroke="{color}" {width} stroke-linejoin="round""#, f_name(f)),
-        );
-    }
-    for f in lines.keys() {
-        let key = Key::Line { color: line_color(f), dashed: false, wide: *f == F::Deliver };
-        keys.push((key, format!("{} ok", f_name(f))));
-    }
+    let mut keys: Vec<(Key, String)> = lines
+        .keys()
+        .map(|f| {
+            (Key::Line { color: line_color(f), dashed: false, wide: *f == F::Deliver }, format!("{} ok", f_name(f)))
+        })
+        .collect();
     if n_errors > 0 {
-        step_line(
-            &mut s,
-            &errors,
-            axis,
-            &y,
-            &format!(r#"class="line-errors" stroke="{FAIL}" stroke-width="1.4" stroke-dasharray="5 3""#),
-        );
         keys.push((Key::Line { color: FAIL, dashed: true, wide: false }, "fail + info".into()));
     }
     keys.extend(fault_keys(periods));
-    legend(&mut s, &keys);
-    finish(s)
+
+    render(NAME, |root| {
+        let y_fmt = |v: &f64| fmt_tick(*v);
+        let y = 0.0..linear_top(max as f64);
+        let mut chart = frame(root, TITLE, &subtitle, axis, y, Some(("completions per second", &y_fmt)))?;
+        draw_bands(&mut chart, periods, axis)?;
+        // Deliveries first: wide and light, under the others.
+        let mut ordered: Vec<(&F, &Vec<u64>)> = lines.iter().collect();
+        ordered.sort_by_key(|(f, _)| **f != F::Deliver);
+        for (f, buckets) in ordered {
+            chart.draw_series(LineSeries::new(
+                step_points(buckets, axis),
+                line_style(line_color(f), *f == F::Deliver),
+            ))?;
+        }
+        if n_errors > 0 {
+            chart.draw_series(DashedLineSeries::new(step_points(&errors, axis), 5, 3, line_style(FAIL, false)))?;
+        }
+        finish(root, &chart, periods, axis, keys)
+    })
 }
 
 fn unseen_svg(history: &[Op], ops: &[ClientOp<'_>], periods: &[Window], axis: &TimeAxis) -> String {
     const TITLE: &str = "Acked but unseen: ok sends not yet delivered to any subscriber";
-    const ID: &str = "unseen";
+    const NAME: &str = "unseen";
     let series = unseen_series(history, ops, axis.end_ns);
     if series.is_empty() {
-        return no_data(TITLE, "no acknowledged sends in the history", ID, periods, axis);
+        return no_data(NAME, TITLE, "no acknowledged sends in the history", periods, axis);
     }
     let (peak_t, peak) = series.iter().fold((0, 0), |best, &(t, n)| if n > best.1 { (t, n) } else { best });
     let at_end = series.last().map_or(0, |p| p.1);
@@ -1054,30 +1108,18 @@ fn unseen_svg(history: &[Op], ops: &[ClientOp<'_>], periods: &[Window], axis: &T
         "sampled every {step_ms} ms; peak {peak} at {:.1} s; {at_end} still undelivered at the end",
         peak_t as f64 / NS_PER_S
     );
-    let mut s = begin(TITLE, &subtitle, ID);
-    axis.draw(&mut s);
-    let top = draw_linear_y(&mut s, peak as f64, "acked, not yet delivered");
-    draw_bands(&mut s, periods, axis, ID);
-    let y = |v: f64| BOTTOM - v / top * (BOTTOM - TOP);
-    let mut line = String::new();
-    for &(t, n) in &series {
-        let _ = write!(line, "{:.1},{:.1} ", axis.x(t), y(n as f64));
-    }
-    let line = line.trim_end();
-    let (first_x, last_x) = (axis.x(series.first().map_or(0, |p| p.0)), axis.x(axis.end_ns));
-    let color = "#9467bd";
-    let _ = writeln!(
-        s,
-        r#"<polygon class="unseen-area" fill="{color}" fill-opacity="0.2" points="{first_x:.1},{BOTTOM} {line} {last_x:.1},{BOTTOM}"/>"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<polyline class="unseen-line" fill="none" stroke="{color}" stroke-width="1.6" stroke-linejoin="round" points="{line}"/>"#
-    );
-    let mut keys = vec![(Key::Line { color, dashed: false, wide: false }, "acked, unseen".to_string())];
+    let mut keys = vec![(Key::Line { color: UNSEEN, dashed: false, wide: false }, "acked, unseen".to_string())];
     keys.extend(fault_keys(periods));
-    legend(&mut s, &keys);
-    finish(s)
+
+    render(NAME, |root| {
+        let y_fmt = |v: &f64| fmt_tick(*v);
+        let y = 0.0..linear_top(peak as f64);
+        let mut chart = frame(root, TITLE, &subtitle, axis, y, Some(("acked, not yet delivered", &y_fmt)))?;
+        draw_bands(&mut chart, periods, axis)?;
+        let curve = series.iter().map(|&(t, n)| (axis.s(t), n as f64));
+        chart.draw_series(AreaSeries::new(curve, 0.0, UNSEEN.mix(0.2)).border_style(line_style(UNSEEN, false)))?;
+        finish(root, &chart, periods, axis, keys)
+    })
 }
 
 #[cfg(test)]
@@ -1239,19 +1281,106 @@ mod tests {
         if let Err(e) = well_formed(doc) {
             panic!("{name} is not well-formed: {e}\n{}", &doc[..doc.len().min(2000)]);
         }
-        assert!(doc.contains("<svg") && doc.contains("font-family=\"sans-serif\""), "{name}");
+        assert!(doc.starts_with("<svg ") && doc.contains(r#"xmlns="http://www.w3.org/2000/svg""#), "{name}");
+        // Text is SVG text, for the viewer's own sans-serif font: nothing rasterised, no font file.
+        assert!(!doc.contains("<image"), "{name}");
+        assert!(count(doc, "text", &[]) > 0 && count(doc, "text", &[]) == count(doc, "text", &[SANS]), "{name}");
     }
+
+    const SANS: &str = r#"font-family="sans-serif""#;
 
     fn all(p: &Plots) -> [(&'static str, &str); 3] {
         [("latency", &p.latency_svg), ("throughput", &p.throughput_svg), ("unseen", &p.unseen_svg)]
     }
 
-    /// The elements drawn inside the first `<g class="{class}" ...>` group.
-    fn group_elements(doc: &str, class: &str) -> usize {
-        let Some(start) = doc.find(&format!(r#"<g class="{class}""#)) else { return 0 };
-        let body = &doc[start..];
-        let body = &body[..body.find("</g>").unwrap_or(body.len())];
-        body.matches("<circle").count() + body.matches("<rect").count() + body.matches("<polygon").count()
+    /// The attribute text of every `<tag …>` element, in document order.
+    fn elements<'d>(doc: &'d str, tag: &str) -> Vec<&'d str> {
+        let open = format!("<{tag} ");
+        doc.match_indices(&open)
+            .filter_map(|(i, _)| doc.get(i + open.len()..).and_then(|rest| rest.find('>').map(|j| &rest[..j])))
+            .collect()
+    }
+
+    /// How many `<tag …>` elements carry every one of `attrs` (each `name="value"`).
+    fn count(doc: &str, tag: &str, attrs: &[&str]) -> usize {
+        elements(doc, tag)
+            .iter()
+            .filter(|e| attrs.iter().all(|a| e.contains(&format!(" {a}")) || e.starts_with(a)))
+            .count()
+    }
+
+    /// A numeric attribute of an element's attribute text.
+    fn attr(element: &str, name: &str) -> f64 {
+        let key = format!(" {name}=\"");
+        let at = element
+            .find(&key)
+            .map(|i| i + key.len())
+            .or_else(|| element.starts_with(&key[1..]).then_some(key.len() - 1));
+        let rest = &element[at.unwrap_or_else(|| panic!("no {name} in {element}"))..];
+        rest[..rest.find('"').expect("a closing quote")].parse().expect("a number")
+    }
+
+    /// The content of every `<text>` element, trimmed and unescaped.
+    fn texts(doc: &str) -> Vec<String> {
+        doc.split("<text ")
+            .skip(1)
+            .filter_map(|t| {
+                let body = &t[t.find('>')? + 1..t.find("</text>")?];
+                let body = body.trim();
+                Some(
+                    body.replace("&lt;", "<")
+                        .replace("&gt;", ">")
+                        .replace("&quot;", "\"")
+                        .replace("&apos;", "'")
+                        .replace("&amp;", "&"),
+                )
+            })
+            .collect()
+    }
+
+    fn has_text(doc: &str, text: &str) -> bool {
+        texts(doc).iter().any(|t| t == text)
+    }
+
+    /// `fill="#RRGGBB"` as the SVG backend writes it; and the same for `stroke`.
+    fn fill(c: RGBColor) -> String {
+        format!(r##"fill="#{:02X}{:02X}{:02X}""##, c.0, c.1, c.2)
+    }
+
+    fn stroke(c: RGBColor) -> String {
+        format!(r##"stroke="#{:02X}{:02X}{:02X}""##, c.0, c.1, c.2)
+    }
+
+    /// Markers of one outcome drawn as data (legend keys are opaque, data markers are not).
+    fn markers(doc: &str, outcome: Outcome) -> usize {
+        let (color, r, hollow) = outcome.paint();
+        let rgb = RGBColor(color.0, color.1, color.2);
+        let opacity = format!(r#"opacity="{}""#, color.3);
+        let radius = format!(r#"r="{}""#, r.round());
+        if hollow {
+            let s = stroke(rgb);
+            count(doc, "circle", &[&s, &opacity, &radius, r#"fill="none""#]) + count(doc, "polyline", &[&s, &opacity])
+        } else {
+            let f = fill(rgb);
+            count(doc, "circle", &[&f, &opacity, &radius])
+                + count(doc, "polygon", &[&f, &opacity])
+                + count(doc, "rect", &[&f, &opacity])
+        }
+    }
+
+    fn bands(doc: &str) -> Vec<&str> {
+        let opacity = format!(r#"opacity="{BAND_OPACITY}""#);
+        elements(doc, "rect").into_iter().filter(|e| e.contains(&opacity)).collect()
+    }
+
+    /// The plot's frame: `(left, top, right, bottom)`.
+    fn frame_of(doc: &str) -> (f64, f64, f64, f64) {
+        let s = stroke(FRAME);
+        let frames: Vec<&str> =
+            elements(doc, "rect").into_iter().filter(|e| e.contains(&s) && e.contains(r#"fill="none""#)).collect();
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        let f = frames[0];
+        (attr(f, "x"), attr(f, "y"), attr(f, "x") + attr(f, "width"), attr(f, "y") + attr(f, "height"))
     }
 
     #[test]
@@ -1262,6 +1391,14 @@ mod tests {
         assert!(well_formed("<svg>a & b</svg>").is_err());
         assert!(well_formed("<svg>a &amp; b</svg><svg/>").is_err());
         assert!(well_formed(r#"<svg x="a>b"></svg>"#).is_ok());
+        let doc = r##"<svg a="1"><rect x="2" y="3" width="4" height="5" fill="#00FF00"/><text x="1" fill="#000000">
+a &amp; b
+</text></svg>"##;
+        assert_eq!(texts(doc), vec!["a & b".to_string()]);
+        assert_eq!(count(doc, "rect", &[r##"fill="#00FF00""##]), 1);
+        assert_eq!(count(doc, "rect", &[r##"fill="#00FF01""##]), 0);
+        assert_eq!(count(doc, "text", &[r#"x="1""#]), 1);
+        assert_eq!(attr(elements(doc, "rect")[0], "x") + attr(elements(doc, "rect")[0], "width"), 6.0);
     }
 
     #[test]
@@ -1275,11 +1412,26 @@ mod tests {
         assert_eq!(fmt_125_ms((5, 2)), "500 ms");
         assert_eq!(fmt_125_ms((1, 0)), "1 ms");
         assert_eq!(fmt_125_ms((5, -2)), "0.05 ms");
-    }
-
-    #[test]
-    fn escapes_text() {
-        assert_eq!(esc(r#"<a href="x">&'"#), "&lt;a href=&quot;x&quot;&gt;&amp;&apos;");
+        assert_eq!(fmt_ms_tick(1000.0), "1 s");
+        assert_eq!(fmt_ms_tick(0.2), "0.2 ms");
+        assert_eq!(fmt_ms_tick(50.000_000_1), "50 ms");
+        // Two decades: every 1-2-5 value labelled; a little more, and 2s and 5s are not.
+        assert_eq!(log_ticks(1.0, 40.0), ((5, -1), (5, 1), vec![0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0], vec![]));
+        assert_eq!(log_ticks(1.0, 80.0), ((5, -1), (1, 2), vec![0.5, 1.0, 10.0, 100.0], vec![2.0, 5.0, 20.0, 50.0]));
+        // Four decades: decades and ends labelled, the rest unlabelled grid lines.
+        let (lo, hi, bold, light) = log_ticks(2.0, 8_000.0);
+        assert_eq!((lo, hi, bold.len(), light.len()), ((1, 0), (1, 4), 5, 8));
+        // More: only the labelled ones.
+        let (_, _, bold, light) = log_ticks(0.01, 60_000.0);
+        assert_eq!((bold.len(), light.len()), (9, 0));
+        assert_eq!(fmt_tick(20.0), "20");
+        assert_eq!(fmt_tick(0.5), "0.5");
+        assert_eq!(fmt_tick(0.0002), "0.0002");
+        assert_eq!(fmt_tick(0.30000000000000004), "0.3");
+        assert_eq!(fmt_tick(100.0), "100");
+        assert_eq!(linear_top(0.0), 1.0);
+        assert_eq!(linear_top(54.0), 60.0);
+        assert_eq!(linear_top(291.0), 300.0);
     }
 
     #[test]
@@ -1346,7 +1498,17 @@ mod tests {
         b.send(1, "a", 0.0, 3.0, Type::Ok).deliver("a", 4.0);
         let p = plots(&b.build());
         for (name, doc) in all(&p) {
-            assert!(doc.contains(">partition n1,n3 (bridge)</text>"), "{name}");
+            assert_well_formed(name, doc);
+            assert!(has_text(doc, "partition n1,n3 (bridge)"), "{name}: {:?}", texts(doc));
+        }
+        // Text is escaped by the SVG backend.
+        let mut b = Builder::default();
+        b.op(0.0, Type::Invoke, Process::NEMESIS, F::Pause, json!({"variant": "a<b & 'c'", "nodes": [2]}));
+        b.send(1, "a", 0.0, 3.0, Type::Ok).deliver("a", 4.0);
+        let p = plots(&b.build());
+        for (name, doc) in all(&p) {
+            assert_well_formed(name, doc);
+            assert!(has_text(doc, "pause n2 (a<b & 'c')"), "{name}: {:?}", texts(doc));
         }
     }
 
@@ -1354,22 +1516,67 @@ mod tests {
     fn plots_are_well_formed_and_shade_every_fault() {
         let h = small_history();
         let p = plots(&h);
+        let kill = fill(fault_color(&F::Kill));
+        let partition = fill(fault_color(&F::Partition));
         for (name, doc) in all(&p) {
             assert_well_formed(name, doc);
-            assert_eq!(doc.matches(r#"class="fault-band""#).count(), 2, "{name}");
-            assert_eq!(doc.matches(r#"class="fault-label""#).count(), 2, "{name}");
-            assert!(doc.contains(">kill n1</text>") && doc.contains(">partition n3</text>"), "{name}");
-            assert!(!doc.contains("no data"), "{name}");
+            let bands = bands(doc);
+            assert_eq!(bands.len(), 2, "{name}");
+            assert!(bands[0].contains(&kill) && bands[1].contains(&partition), "{name}: {bands:?}");
+            assert!(has_text(doc, "kill n1") && has_text(doc, "partition n3"), "{name}: {:?}", texts(doc));
+            assert!(has_text(doc, "fault: kill") && has_text(doc, "fault: partition"), "{name}");
+            assert!(has_text(doc, "time since start (s)"), "{name}");
+            assert!(!has_text(doc, "no data"), "{name}");
+            // The kill band spans 2–3.5 s of the 9.9 s run: it sits where the time axis says.
+            let (left, _, right, _) = frame_of(doc);
+            let at = |t_s: f64| left + (right - left) * t_s / (run_end(&h) as f64 / NS_PER_S);
+            let (x, w) = (attr(bands[0], "x"), attr(bands[0], "width"));
+            assert!((x - at(2.0)).abs() <= 1.5 && (x + w - at(3.5)).abs() <= 1.5, "{name}: {x} {w} vs {}", at(2.0));
+            // The legend is right of the plot.
+            let legend_x = elements(doc, "text")
+                .into_iter()
+                .zip(texts(doc))
+                .find(|(_, t)| t == "fault: kill")
+                .map(|(e, _)| attr(e, "x"))
+                .expect("a legend entry");
+            assert!(legend_x > right, "{name}: {legend_x} <= {right}");
         }
         // 300 sends + 2 reads; 10 failed sends, 1 info read.
-        assert_eq!(group_elements(&p.latency_svg, "points-ok"), 291);
-        assert_eq!(group_elements(&p.latency_svg, "points-fail"), 10);
-        assert_eq!(group_elements(&p.latency_svg, "points-info"), 1);
-        assert!(p.latency_svg.contains("302 operations: 291 ok, 10 fail, 1 info"), "{}", &p.latency_svg[..600]);
-        assert!(
-            p.throughput_svg.contains(r#"class="line-send""#) && p.throughput_svg.contains(r#"class="line-deliver""#)
-        );
-        assert!(p.throughput_svg.contains(r#"class="line-errors""#));
+        assert_eq!(markers(&p.latency_svg, Outcome::Ok), 291);
+        assert_eq!(markers(&p.latency_svg, Outcome::Fail), 10);
+        assert_eq!(markers(&p.latency_svg, Outcome::Info), 1);
+        assert_eq!(markers(&p.latency_svg, Outcome::Unknown), 0);
+        assert!(has_text(&p.latency_svg, "302 operations: 291 ok, 10 fail, 1 info"), "{:?}", texts(&p.latency_svg));
+        for key in ["ok: 291", "fail: 10", "info: 1", "send", "read", "latency (log scale)"] {
+            assert!(has_text(&p.latency_svg, key), "{key}: {:?}", texts(&p.latency_svg));
+        }
+        // Reads are triangles (polygons), sends circles.
+        let ok = (fill(OK), r#"opacity="0.55""#);
+        assert_eq!(count(&p.latency_svg, "polygon", &[&ok.0, ok.1]), 1);
+        assert_eq!(count(&p.latency_svg, "circle", &[&ok.0, ok.1]), 290);
+
+        // Throughput: one polyline per f, and its legend key; the dashed errors are many dashes.
+        let t = &p.throughput_svg;
+        assert_eq!(count(t, "polyline", &[&stroke(line_color(&F::Send)), r#"stroke-width="2""#]), 2);
+        assert_eq!(count(t, "polyline", &[&stroke(line_color(&F::Deliver)), r#"stroke-width="4""#]), 2);
+        assert!(count(t, "polyline", &[&stroke(FAIL)]) > 10);
+        for key in ["send ok", "deliver ok", "read ok", "fail + info", "completions per second"] {
+            assert!(has_text(t, key), "{key}: {:?}", texts(t));
+        }
+        assert!(has_text(t, "1-second buckets by completion time; 581 ok completions, 11 fail/info (dashed)"));
+        let (lines, errors) = throughput_buckets(&h, run_end(&h));
+        assert_eq!(lines.get(&F::Send).map(|b| b.iter().sum::<u64>()), Some(290));
+        assert_eq!(lines.get(&F::Send).and_then(|b| b.get(1)).copied(), Some(30));
+        assert_eq!(errors.iter().sum::<u64>(), 11);
+
+        // Unseen: an area and its border.
+        let u = &p.unseen_svg;
+        assert_eq!(count(u, "polygon", &[&fill(UNSEEN), r#"opacity="0.2""#]), 1);
+        assert!(has_text(u, "acked, unseen") && has_text(u, "acked, not yet delivered"));
+
+        // The three share one layout, so they line up when stacked.
+        assert_eq!(frame_of(&p.latency_svg), frame_of(t));
+        assert_eq!(frame_of(t), frame_of(u));
 
         // An unended fault adds a band reaching the end of the run.
         let mut h2 = h.clone();
@@ -1386,8 +1593,12 @@ mod tests {
         let p2 = plots(&h2);
         for (name, doc) in all(&p2) {
             assert_well_formed(name, doc);
-            assert_eq!(doc.matches(r#"class="fault-band""#).count(), 3, "{name}");
-            assert!(doc.contains("never ended"), "{name}");
+            let bands = bands(doc);
+            assert_eq!(bands.len(), 3, "{name}");
+            let (_, _, right, _) = frame_of(doc);
+            let pause = bands[2];
+            assert!((attr(pause, "x") + attr(pause, "width") - right).abs() <= 1.0, "{name}: {pause} vs {right}");
+            assert!(has_text(doc, "pause n2"), "{name}");
         }
     }
 
@@ -1402,6 +1613,12 @@ mod tests {
         assert_eq!(at(5_800), Some(54), "sends acked during the partition are unseen until the heal");
         assert_eq!(at(1_000), Some(0));
         assert!(series.iter().filter(|p| p.0 >= 6_100_000_000).all(|p| p.1 == 0));
+        let u = plots(&h).unseen_svg;
+        assert!(
+            has_text(&u, "sampled every 200 ms; peak 60 at 6.0 s; 0 still undelivered at the end"),
+            "{:?}",
+            texts(&u)
+        );
 
         // A send that is never delivered stays unseen at the end.
         let mut b = Builder::default();
@@ -1410,7 +1627,8 @@ mod tests {
         let h = b.build();
         let series = unseen_series(&h, &client_ops(&h), run_end(&h));
         assert_eq!(series.last(), Some(&(1_000_000_000, 1)));
-        assert!(plots(&h).unseen_svg.contains("1 still undelivered at the end"));
+        let u = plots(&h).unseen_svg;
+        assert!(texts(&u).iter().any(|t| t.ends_with("1 still undelivered at the end")), "{:?}", texts(&u));
     }
 
     #[test]
@@ -1426,10 +1644,13 @@ mod tests {
         assert_eq!(h.len(), 100_000);
         let p = plots(&h);
         assert_well_formed("latency", &p.latency_svg);
-        let shown_ok = group_elements(&p.latency_svg, "points-ok");
+        let shown_ok = markers(&p.latency_svg, Outcome::Ok);
         assert!((MAX_POINTS / 2..=MAX_POINTS).contains(&shown_ok), "{shown_ok}");
-        assert_eq!(group_elements(&p.latency_svg, "points-fail"), 1_000);
-        assert!(p.latency_svg.contains("1 in 3 ok points shown (16334 of 49000), all others"));
+        assert_eq!(shown_ok, 16_334);
+        assert_eq!(markers(&p.latency_svg, Outcome::Fail), 1_000);
+        assert!(texts(&p.latency_svg)
+            .iter()
+            .any(|t| t.ends_with("1 in 3 ok points shown (16334 of 49000), all others")));
         let elements = p.latency_svg.matches('<').count();
         assert!(elements < MAX_POINTS + 2_000, "{elements}");
         assert_well_formed("throughput", &p.throughput_svg);
@@ -1441,9 +1662,12 @@ mod tests {
         let p = plots(&[]);
         for (name, doc) in all(&p) {
             assert_well_formed(name, doc);
-            assert!(doc.contains("no data"), "{name}");
-            assert!(!doc.contains("fault-band"), "{name}");
+            assert!(has_text(doc, "no data"), "{name}");
+            assert!(bands(doc).is_empty(), "{name}");
         }
+        assert!(has_text(&p.latency_svg, "no client operations in the history"));
+        assert!(has_text(&p.throughput_svg, "no client completions in the history"));
+        assert!(has_text(&p.unseen_svg, "no acknowledged sends in the history"));
         assert!(fault_periods(&[]).is_empty());
         let summary = summary_text(&[], &Value::Null);
         assert!(summary.contains("faults: none") && summary.contains("checker: unknown"), "{summary}");
@@ -1453,8 +1677,9 @@ mod tests {
         let p = plots(&b.build());
         for (name, doc) in all(&p) {
             assert_well_formed(name, doc);
-            assert!(!doc.contains("fault-band") && !doc.contains("no data"), "{name}");
+            assert!(bands(doc).is_empty() && !has_text(doc, "no data"), "{name}");
         }
+        assert_eq!(markers(&p.latency_svg, Outcome::Ok), 1);
 
         // Only nemesis ops: bands, but no data.
         let mut b = Builder::default();
@@ -1462,7 +1687,8 @@ mod tests {
         let p = plots(&b.build());
         for (name, doc) in all(&p) {
             assert_well_formed(name, doc);
-            assert!(doc.contains("no data") && doc.contains("fault-band"), "{name}");
+            assert!(has_text(doc, "no data") && bands(doc).len() == 1, "{name}");
+            assert!(has_text(doc, "partition n2") && has_text(doc, "fault: partition"), "{name}");
         }
     }
 
@@ -1472,9 +1698,47 @@ mod tests {
         b.send(1, "a", 0.0, 3.0, Type::Ok);
         b.op(1.0, Type::Invoke, Process::Client(2), F::Send, json!({"text": "b"}));
         b.op(2000.0, Type::Ok, Process::Client(3), F::Deliver, json!({"text": "a"}));
-        let p = plots(&b.build());
-        assert_eq!(group_elements(&p.latency_svg, "points-unknown"), 1);
-        assert!(p.latency_svg.contains("1 never completed"));
+        let h = b.build();
+        let p = plots(&h);
+        assert_eq!(markers(&p.latency_svg, Outcome::Unknown), 1);
+        assert_eq!(markers(&p.latency_svg, Outcome::Ok), 1);
+        assert!(has_text(&p.latency_svg, "never completed: 1"));
+        assert!(texts(&p.latency_svg).iter().any(|t| t.contains("1 never completed (plotted at run end)")));
+        // Plotted at the run's end: invoked at 1 ms, latency 1999 ms.
+        let data = latency_data(&client_ops(&h), run_end(&h));
+        let unknown =
+            data.groups.iter().find(|(o, _)| *o == Outcome::Unknown).map(|(_, p)| p.as_slice()).unwrap_or(&[]);
+        assert_eq!(unknown.len(), 1);
+        assert!((unknown[0].lat_ms - 1_999.0).abs() < 1e-9 && unknown[0].t_ns == 1_000_000);
+    }
+
+    #[test]
+    fn markers_take_their_shape_from_f() {
+        let mut b = Builder::default();
+        b.send(1, "a", 0.0, 3.0, Type::Ok);
+        b.client(2, F::Resend, 10.0, 12.0, Type::Ok, json!({"text": "a"}));
+        b.client(3, F::Read, 20.0, 25.0, Type::Ok, json!({}));
+        b.client(4, F::FinalRead, 30.0, 35.0, Type::Ok, json!({}));
+        b.client(5, F::FinalSend, 40.0, 45.0, Type::Fail, json!({"text": "z"}));
+        let doc = plots(&b.build()).latency_svg;
+        let ok = (fill(OK), r#"opacity="0.55""#);
+        assert_eq!(count(&doc, "circle", &[&ok.0, ok.1]), 1, "send");
+        assert_eq!(count(&doc, "rect", &[&ok.0, ok.1]), 1, "resend");
+        let polygons: Vec<usize> = elements(&doc, "polygon")
+            .into_iter()
+            .filter(|e| e.contains(&ok.0) && e.contains(ok.1))
+            .map(|e| {
+                e.split("points=\"")
+                    .nth(1)
+                    .and_then(|p| p.split('"').next())
+                    .map_or(0, |p| p.split_whitespace().count())
+            })
+            .collect();
+        assert_eq!(polygons, vec![3, 4], "read is a triangle, final-read a diamond");
+        assert_eq!(count(&doc, "polygon", &[&fill(FAIL), r#"opacity="0.9""#]), 1, "final-send");
+        for key in ["send", "resend", "read", "final-read", "final-send"] {
+            assert!(has_text(&doc, key), "{key}");
+        }
     }
 
     #[test]
@@ -1580,8 +1844,14 @@ mod tests {
         let p = plots(&h);
         for (name, doc) in all(&p) {
             assert_well_formed(name, doc);
-            assert_eq!(doc.matches(r#"class="fault-band""#).count(), 3, "{name}");
-            assert!(!doc.contains("never ended"), "{name}");
+            let bands = bands(doc);
+            assert_eq!(bands.len(), 3, "{name}");
+            // The final heal ended the pause before the run's end.
+            let (_, _, right, _) = frame_of(doc);
+            assert!(bands.iter().all(|b| attr(b, "x") + attr(b, "width") < right - 2.0), "{name}");
+            for label in ["kill n1 (leader)", "partition n1,n2,n3 (isolate-one)", "pause n2 (one)"] {
+                assert!(has_text(doc, label), "{name}: {label}");
+            }
         }
         let checker = json!({"valid": "valid", "anomaly_counts": {}});
         let summary = summary_text(&h, &checker);
