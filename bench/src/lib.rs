@@ -14,7 +14,8 @@
 //! Every loop is bounded by a duration or a count and stops by itself.
 //!
 //! The cluster is testkit's [`LocalCluster`] (loopback, ports from the OS, under the bench's
-//! directory); the bench reads the nodes' memory from `/proc` by the pids it reports. The `convoy-bench` binary prints what [`run`]
+//! directory); the bench reads the nodes' memory from `/proc` by the pids it reports. Latency
+//! samples go into HDR histograms ([`Samples`]). The `convoy-bench` binary prints what [`run`]
 //! returns; `convoy-bench-peers` runs the same loops ([`closed_loop`], [`paced_sender`])
 //! against NATS JetStream and etcd.
 
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::json;
 
@@ -80,28 +82,54 @@ impl BenchOptions {
     }
 }
 
-/// Latency samples in microseconds.
-#[derive(Default, Clone)]
-pub struct Samples(Vec<u64>);
+/// Significant decimal digits the latency histograms keep: a value is known to 0.1 % (at
+/// 10 ms, to 8 µs), in about 100 KiB per histogram for latencies up to seconds.
+pub const SAMPLE_SIGNIFICANT_DIGITS: u8 = 3;
+
+/// Latency samples in microseconds, as an HDR histogram (it grows to the largest sample).
+#[derive(Clone)]
+pub struct Samples(Histogram<u64>);
+
+impl Default for Samples {
+    fn default() -> Self {
+        Samples(Histogram::new(SAMPLE_SIGNIFICANT_DIGITS).expect("3 significant digits is within 0..=5"))
+    }
+}
 
 impl Samples {
+    /// Records one latency.
     pub fn push(&mut self, d: Duration) {
-        self.0.push(d.as_micros() as u64);
-    }
-    pub fn merge(&mut self, other: Samples) {
-        self.0.extend(other.0);
-    }
-    /// How many samples took at least `us` microseconds.
-    pub fn at_least(&self, us: u64) -> usize {
-        self.0.iter().filter(|&&d| d >= us).count()
-    }
-    pub fn pct(&mut self, p: f64) -> u64 {
-        if self.0.is_empty() {
-            return 0;
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        // The histogram grows to fit; it refuses only values beyond 2^63 µs, which it clamps.
+        if self.0.record(us).is_err() {
+            self.0.saturating_record(us);
         }
-        self.0.sort_unstable();
-        let i = ((self.0.len() as f64 - 1.0) * p).round() as usize;
-        self.0[i.min(self.0.len() - 1)]
+    }
+    /// Adds `other`'s samples to these.
+    pub fn merge(&mut self, other: Samples) {
+        // Both histograms resize themselves, so adding cannot run out of range.
+        self.0.add(other.0).expect("auto-resizing histograms add");
+    }
+    /// How many samples there are.
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// How many samples took at least `us` microseconds (to the histogram's resolution:
+    /// samples within 0.1 % below `us` may count too).
+    pub fn at_least(&self, us: u64) -> u64 {
+        // Everything from the first value that shares `us`'s bucket up.
+        match self.0.lowest_equivalent(us).checked_sub(1) {
+            Some(below) => self.0.len() - self.0.count_between(0, below),
+            None => self.0.len(),
+        }
+    }
+    /// The latency in µs at quantile `p` (0.5 = p50, 1.0 = the maximum); 0 with no samples.
+    pub fn pct(&self, p: f64) -> u64 {
+        self.0.value_at_quantile(p)
     }
 }
 
@@ -112,7 +140,7 @@ pub fn record(
     conversations: usize,
     count: usize,
     elapsed: Duration,
-    mut s: Samples,
+    s: Samples,
 ) -> Record {
     Record {
         system: "convoy".into(),
@@ -335,8 +363,8 @@ impl DiskWitness {
         self.stop.store(true, Ordering::Relaxed);
         let joined = self.thread.take().map(|t| t.join());
         match joined {
-            Some(Ok(Ok(mut s))) => json!({
-                "fsyncs": s.0.len(),
+            Some(Ok(Ok(s))) => json!({
+                "fsyncs": s.len(),
                 "p50_us": s.pct(0.5),
                 "p99_us": s.pct(0.99),
                 "max_us": s.pct(1.0),
@@ -562,7 +590,6 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
         let node = (i % 3) as u64 + 1;
         tasks.push(tokio::spawn(async move {
             let mut sub = client.subscribe(&conv, 1, Some(node));
-            let mut local = Samples::default();
             let mut got = 0u64;
             let deadline = Instant::now() + phase + Duration::from_secs(30);
             while got < total && Instant::now() < deadline {
@@ -572,8 +599,10 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
                     }
                     Ok(Some(Event::Message(m))) => {
                         got += 1;
+                        // One shared histogram, not one per subscriber: a thousand of them
+                        // would hold about 100 MB in this process beside the nodes.
                         if let Some(d) = latency_of(m.text.as_bytes(), epoch) {
-                            local.push(d);
+                            samples.lock().expect("samples lock").push(d);
                         }
                     }
                     Ok(Some(_)) => {}
@@ -581,7 +610,6 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
                 }
             }
             delivered.fetch_add(got, Ordering::Relaxed);
-            samples.lock().expect("samples lock").merge(local);
             got
         }));
     }
@@ -859,12 +887,34 @@ mod tests {
     #[test]
     fn samples_count_those_at_or_over_a_bound() {
         let mut s = Samples::default();
-        for us in [10, 49_999, 50_000, 80_000] {
+        for us in [10, 45_000, 50_000, 80_000] {
             s.push(Duration::from_micros(us));
         }
         assert_eq!(s.at_least(STALL_US), 2);
         assert_eq!(s.at_least(0), 4);
-        assert_eq!(s.pct(1.0), 80_000);
+        assert_eq!(s.len(), 4);
+        // Quantiles are exact to the histogram's resolution (0.1 %).
+        let max = s.pct(1.0);
+        assert!((80_000..=80_080).contains(&max), "{max}");
+        assert_eq!(Samples::default().pct(0.99), 0, "no samples, no latency");
+    }
+
+    #[test]
+    fn samples_keep_percentiles_across_a_merge() {
+        let (mut a, mut b) = (Samples::default(), Samples::default());
+        for us in 1..=1_000u64 {
+            a.push(Duration::from_micros(us));
+            b.push(Duration::from_micros(us + 1_000));
+        }
+        a.merge(b);
+        assert_eq!(a.len(), 2_000);
+        let near = |got: u64, want: u64| got.abs_diff(want) * 1_000 <= want;
+        assert!(near(a.pct(0.5), 1_000), "p50 {}", a.pct(0.5));
+        assert!(near(a.pct(0.99), 1_980), "p99 {}", a.pct(0.99));
+        assert!(near(a.pct(0.999), 1_998), "p99.9 {}", a.pct(0.999));
+        let r = record("send_latency", 1, 1, 2_000, Duration::from_secs(2), a);
+        assert_eq!(r.msgs_per_s, 1_000.0);
+        assert!(near(r.p50_us, 1_000) && near(r.p99_us, 1_980) && near(r.p999_us, 1_998), "{r:?}");
     }
 
     #[test]
