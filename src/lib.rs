@@ -8,14 +8,12 @@
 //! - [`net`]: QUIC — TLS, frames, the wire messages, the peer transport, the client server.
 //! - [`service`]: a running node: send, subscribe, cursors, status over the groups.
 //! - [`client`]: the Rust client the CLI, tests and tools use; it speaks only [`net::wire`].
-//! - [`bench`]: `convoy bench`, workloads against a fresh local cluster.
 //!
 //! The promises (see the README): an `Ack` means committed by a quorum and fsynced there;
 //! offsets are dense and the same on every replica; retries with the same
 //! `(client_id, client_seq)` never append twice; a subscriber sees every message once,
 //! in order, across catch-up and live push.
 
-pub mod bench;
 pub mod chat;
 pub mod client;
 pub mod config;

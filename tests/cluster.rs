@@ -1,18 +1,62 @@
 //! End-to-end: real three-node clusters on loopback, killed, restarted and wiped.
-//! Every test polls with deadlines; none sleeps to synchronise.
-
-mod common;
+//! Every test polls with deadlines; none sleeps to synchronise. The clusters are testkit's
+//! [`LocalCluster`]s: ports from the OS, a temp directory each (kept with
+//! `CONVOY_KEEP_TEST_DIRS=1`), node logs at `CONVOY_TEST_LOG` (default `info,openraft=warn`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, TestCluster, Tweaks};
 use convoy::chat::{shard_of, StoredMessage};
 use convoy::client::{Client, Event};
 use convoy::Error;
+use testkit::{eventually, ClusterSpec, LimitTweaks, LocalCluster, RaftTweaks};
 
 const READY: Duration = Duration::from_secs(30);
+const BIN: &str = env!("CARGO_BIN_EXE_convoy");
+
+/// The settings a test changes; the rest are [`Tweaks::default`]'s.
+#[derive(Clone)]
+struct Tweaks {
+    shards: u32,
+    snapshot_logs_since_last: u64,
+    max_in_snapshot_log_to_keep: u64,
+    max_message_bytes: usize,
+}
+
+impl Default for Tweaks {
+    fn default() -> Self {
+        Tweaks {
+            shards: 4,
+            snapshot_logs_since_last: 20_000,
+            max_in_snapshot_log_to_keep: 5_000,
+            max_message_bytes: 65536,
+        }
+    }
+}
+
+/// Starts three nodes of this build's `convoy` with fast elections (800–1,600 ms) and a log
+/// purged entry by entry, plus `t`.
+fn start(t: Tweaks) -> LocalCluster {
+    LocalCluster::launch(ClusterSpec {
+        shards: t.shards,
+        raft: RaftTweaks {
+            heartbeat_ms: Some(100),
+            election_timeout_min_ms: Some(800),
+            election_timeout_max_ms: Some(1600),
+            snapshot_logs_since_last: Some(t.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: Some(t.max_in_snapshot_log_to_keep),
+            purge_batch_size: Some(1),
+            ..RaftTweaks::default()
+        },
+        limits: LimitTweaks { max_message_bytes: Some(t.max_message_bytes), ..LimitTweaks::default() },
+        remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
+        log_filter: Some(std::env::var("CONVOY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into())),
+        convoy_bin: Some(BIN.into()),
+        ..ClusterSpec::default()
+    })
+    .expect("start a test cluster")
+}
 
 /// Reads a conversation from one replica once it has at least `want` messages.
 async fn read_at_least(client: &Client, conversation: &str, node: u64, want: usize) -> Vec<StoredMessage> {
@@ -23,6 +67,7 @@ async fn read_at_least(client: &Client, conversation: &str, node: u64, want: usi
         }
     })
     .await
+    .expect("eventually")
 }
 
 /// Checks offsets are dense from 1 and returns offset → (sender, text).
@@ -37,9 +82,9 @@ fn check_dense(messages: &[StoredMessage]) -> BTreeMap<u64, (String, String)> {
 // offset → message mapping, equal to what the acks said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sends_read_back_identically_on_every_replica() {
-    let cluster = TestCluster::start(Tweaks::default());
-    cluster.wait_ready(&[1, 2, 3], READY).await;
-    let client = cluster.client();
+    let cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
     let acks: Arc<Mutex<HashMap<(String, u64), String>>> = Arc::default();
     let mut tasks = Vec::new();
     for w in 0..12 {
@@ -105,9 +150,9 @@ async fn concurrent_sends_read_back_identically_on_every_replica() {
 // nothing — through the library and through the CLI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_send_returns_the_same_offset() {
-    let cluster = TestCluster::start(Tweaks::default());
-    cluster.wait_ready(&[1, 2, 3], READY).await;
-    let client = Client::connect_as(&cluster.config, 4242, 1).expect("client");
+    let cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = Client::connect_as(cluster.config(), 4242, 1).expect("client");
     let first = client.send_with("dedup", "ann", 7, "hello", Duration::from_secs(20)).await.expect("send");
     let other = client.send_with("dedup", "ann", 8, "world", Duration::from_secs(20)).await.expect("send");
     let retry = client.send_with("dedup", "ann", 7, "hello", Duration::from_secs(20)).await.expect("retry");
@@ -116,14 +161,14 @@ async fn retried_send_returns_the_same_offset() {
     assert_eq!((retry.offset, retry.duplicate, retry.ts_ms), (1, true, first.ts_ms));
     // The same pair for another conversation is refused, not silently re-routed.
     let reused = client.send_with("elsewhere", "ann", 7, "hello", Duration::from_secs(20)).await;
-    if shard_of("elsewhere", cluster.config.shards) == shard_of("dedup", cluster.config.shards) {
+    if shard_of("elsewhere", cluster.config().shards) == shard_of("dedup", cluster.config().shards) {
         assert!(matches!(reused, Err(Error::Rejected(_))), "{reused:?}");
     }
 
     let cli = |seq: &str| {
-        let out = std::process::Command::new(common::BIN)
+        let out = std::process::Command::new(BIN)
             .args(["send", "--config"])
-            .arg(&cluster.config_path)
+            .arg(cluster.config_path())
             .args(["--conversation", "dedup", "--user", "bob", "--client-id", "99", "--seq", seq, "--json", "from cli"])
             .output()
             .expect("run convoy send");
@@ -147,9 +192,9 @@ async fn retried_send_returns_the_same_offset() {
 async fn bad_input_gets_an_error_and_the_node_stays_up() {
     use convoy::net::frame;
     use convoy::net::wire::{ErrorCode, Request, Response};
-    let cluster = TestCluster::start(Tweaks { max_message_bytes: 1000, ..Tweaks::default() });
-    cluster.wait_ready(&[1, 2, 3], READY).await;
-    let client = cluster.client();
+    let cluster = start(Tweaks { max_message_bytes: 1000, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
 
     let big = "x".repeat(1001);
     assert!(matches!(client.send("c", "u", &big).await, Err(Error::InvalidInput(_))));
@@ -159,10 +204,10 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
     assert!(matches!(client.read("", 1, Some(1)).await, Err(Error::InvalidInput(_))));
 
     // Raw frames: garbage, an unknown version, an oversized length, a truncated frame.
-    let paths = convoy::net::tls::TlsPaths { dir: cluster.config.tls_dir.clone() };
+    let paths = convoy::net::tls::TlsPaths { dir: cluster.config().tls_dir.clone() };
     let tls = convoy::net::tls::client_config(&paths, None).expect("client tls");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let addr = cluster.config.node(1).expect("node").client_addr;
+    let addr = cluster.config().node(1).expect("node").client_addr;
     let conn = endpoint.connect_with(tls, addr, "node1").expect("connect").await.expect("handshake");
     let mut garbage = 9u32.to_be_bytes().to_vec();
     garbage.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
@@ -218,7 +263,10 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
         Response::Error { code: ErrorCode::InvalidInput, .. } => {}
         other => panic!("oversized batch: expected InvalidInput, got {other:?}"),
     }
-    let leader = cluster.leader_of(shard_of("batch", cluster.config.shards), &[1, 2, 3], READY).await;
+    let leader = cluster
+        .leader_of(shard_of("batch", cluster.config().shards), &[1, 2, 3], READY)
+        .await
+        .expect("an agreed leader");
     let mixed = Request::SendBatch(vec![
         item("batch", "one", 1),
         item("", "bad id", 2),
@@ -251,12 +299,12 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
 // serves within a few seconds and sends resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_mid_load_loses_no_acked_message() {
-    let mut cluster = TestCluster::start(Tweaks::default());
-    cluster.wait_ready(&[1, 2, 3], READY).await;
-    let client = cluster.client();
+    let mut cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
     let victim_conv = "hot";
-    let shard = shard_of(victim_conv, cluster.config.shards);
-    let leader = cluster.leader_of(shard, &[1, 2, 3], READY).await;
+    let shard = shard_of(victim_conv, cluster.config().shards);
+    let leader = cluster.leader_of(shard, &[1, 2, 3], READY).await.expect("an agreed leader");
 
     let acked: Arc<Mutex<Vec<(String, u64, String)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -280,7 +328,8 @@ async fn killing_the_leader_mid_load_loses_no_acked_message() {
     eventually(Duration::from_secs(20), "some acks before the kill", || async {
         (acked.lock().expect("lock").len() > 50).then_some(())
     })
-    .await;
+    .await
+    .expect("eventually");
     let before = acked.lock().expect("lock").len();
     let killed_at = Instant::now();
     cluster.kill(leader);
@@ -291,9 +340,10 @@ async fn killing_the_leader_mid_load_loses_no_acked_message() {
         let n = acked.lock().expect("lock").iter().filter(|a| a.0 == "hot").count();
         (n > hot_before + 20).then_some(())
     })
-    .await;
+    .await
+    .expect("eventually");
     let resumed_after = killed_at.elapsed();
-    let new_leader = cluster.leader_of(shard, &survivors, READY).await;
+    let new_leader = cluster.leader_of(shard, &survivors, READY).await.expect("an agreed leader");
     assert_ne!(new_leader, leader);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in tasks {
@@ -302,8 +352,8 @@ async fn killing_the_leader_mid_load_loses_no_acked_message() {
     eprintln!("acks before kill {before}; sends resumed {resumed_after:?} after kill -9 of node {leader}");
     assert!(resumed_after < Duration::from_secs(10), "new leader took {resumed_after:?}");
 
-    cluster.spawn(leader);
-    cluster.wait_ready(&[1, 2, 3], READY).await;
+    cluster.start(leader).expect("start the node");
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let acked = acked.lock().expect("lock").clone();
     let convs: HashSet<String> = acked.iter().map(|a| a.0.clone()).collect();
     for conv in convs {
@@ -330,14 +380,14 @@ async fn killing_the_leader_mid_load_loses_no_acked_message() {
 // attached to; then restarting all nodes (kill -9) loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
-    let mut cluster = TestCluster::start(Tweaks::default());
-    cluster.wait_ready(&[1, 2, 3], READY).await;
-    let client = cluster.client();
+    let mut cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
     let mut sub = client.subscribe("tailed", 1, Some(2));
     for i in 0..30 {
         client.send("tailed", "a", &format!("m{i}")).await.expect("send");
     }
-    cluster.restart(2);
+    cluster.restart(2).expect("restart node 2");
     for i in 30..60 {
         client.send("tailed", "a", &format!("m{i}")).await.expect("send while node 2 restarts");
     }
@@ -366,9 +416,9 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
         cluster.kill(id);
     }
     for id in 1..=3 {
-        cluster.spawn(id);
+        cluster.start(id).expect("start the node");
     }
-    cluster.wait_ready(&[1, 2, 3], READY).await;
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     for node in 1..=3 {
         let msgs = read_at_least(&client, "tailed", node, 60).await;
         assert_eq!(msgs, got, "node {node} after a full restart");
@@ -383,9 +433,9 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
 async fn wiped_replica_catches_up_by_snapshot() {
     let tweaks =
         Tweaks { shards: 2, snapshot_logs_since_last: 100, max_in_snapshot_log_to_keep: 0, ..Tweaks::default() };
-    let mut cluster = TestCluster::start(tweaks);
-    cluster.wait_ready(&[1, 2, 3], READY).await;
-    let client = cluster.client();
+    let mut cluster = start(tweaks);
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
     let convs = ["alpha", "beta", "gamma", "delta"];
     let send_round = |n: usize, tag: &'static str| {
         let client = client.clone();
@@ -398,9 +448,9 @@ async fn wiped_replica_catches_up_by_snapshot() {
     };
     send_round(400, "a").await;
     cluster.kill(3);
-    cluster.wipe(3);
+    cluster.wipe(3).expect("wipe node 3");
     send_round(400, "b").await;
-    cluster.spawn(3);
+    cluster.start(3).expect("start the node");
     for conv in convs {
         let reference = client.read(conv, 1, Some(1)).await.expect("read node 1");
         assert_eq!(reference.len(), 200);
@@ -409,7 +459,7 @@ async fn wiped_replica_catches_up_by_snapshot() {
     }
     let log = std::fs::read_to_string(cluster.log_path(3)).expect("node 3 log");
     assert!(log.contains("installed snapshot"), "node 3 must have caught up by snapshot\n{}", cluster.logs_tail());
-    cluster.wait_ready(&[1, 2, 3], READY).await;
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let ack = client.send("alpha", "w", "after").await.expect("send after catch-up");
     assert_eq!(ack.offset, 201);
 }
@@ -419,11 +469,12 @@ async fn wiped_replica_catches_up_by_snapshot() {
 // sends a prefix and openraft continues from the follower's partial success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_catches_up_on_entries_larger_than_one_frame_budget() {
-    let mut cluster = TestCluster::start(Tweaks::default());
-    cluster.wait_ready(&[1, 2, 3], READY).await;
-    let client = cluster.client();
+    let mut cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
     let conv = "large";
-    let leader = cluster.leader_of(shard_of(conv, cluster.config.shards), &[1, 2, 3], READY).await;
+    let leader =
+        cluster.leader_of(shard_of(conv, cluster.config().shards), &[1, 2, 3], READY).await.expect("an agreed leader");
     let lagging = if leader == 3 { 2 } else { 3 };
     cluster.kill(lagging);
     // 32 concurrent senders of 60,000-byte messages: the client coalesces them into entries
@@ -457,7 +508,7 @@ async fn a_replica_catches_up_on_entries_larger_than_one_frame_budget() {
     );
     assert_eq!(acked.len() as u64, total, "one offset per send");
     assert_eq!(check_dense(&read_at_least(&client, conv, leader, total as usize).await), acked);
-    cluster.spawn(lagging);
+    cluster.start(lagging).expect("start the node");
     let tail = |node: u64| {
         let client = client.clone();
         async move {
@@ -468,6 +519,7 @@ async fn a_replica_catches_up_on_entries_larger_than_one_frame_budget() {
                 }
             })
             .await
+            .expect("eventually")
         }
     };
     let caught_up = tail(lagging).await;
@@ -483,27 +535,28 @@ async fn a_replica_catches_up_on_entries_larger_than_one_frame_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_send_is_ambiguous_and_its_late_outcome_never_answers_the_next_send() {
     use convoy::net::wire::{ErrorCode, Request, Response, SendRequest};
-    let mut cluster = TestCluster::start(Tweaks::default());
-    cluster.wait_ready(&[1, 2, 3], READY).await;
+    let mut cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let conversation = "late";
-    let shard = shard_of(conversation, cluster.config.shards);
+    let shard = shard_of(conversation, cluster.config().shards);
     // The node that leads the shard once leadership is balanced (see `Node::preferred_leader`).
-    let leader = cluster.config.node_ids()[shard as usize % 3];
-    let client = cluster.client();
+    let leader = cluster.config().node_ids()[shard as usize % 3];
+    let client = cluster.client().expect("client");
     let leads = |client: Client| async move {
         eventually(Duration::from_secs(60), &format!("node {leader} to lead shard {shard}"), || async {
             matches!(client.agreed_leaders(&[1, 2, 3]).await, Ok(l) if l[shard as usize] == leader).then_some(())
         })
         .await
+        .expect("eventually")
     };
     leads(client.clone()).await;
     let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
 
     // One lane (stream) to the leader, used for every send below, as the client's are.
-    let paths = convoy::net::tls::TlsPaths { dir: cluster.config.tls_dir.clone() };
+    let paths = convoy::net::tls::TlsPaths { dir: cluster.config().tls_dir.clone() };
     let tls = convoy::net::tls::client_config(&paths, None).expect("client tls");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let addr = cluster.config.node(leader).expect("node").client_addr;
+    let addr = cluster.config().node(leader).expect("node").client_addr;
     let conn = endpoint.connect_with(tls, addr, &format!("node{leader}")).expect("connect").await.expect("handshake");
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
     let send_req = |client_seq: u64, text: &str| {
@@ -529,7 +582,7 @@ async fn a_timed_out_send_is_ambiguous_and_its_late_outcome_never_answers_the_ne
     }
     // The followers return; the pending entry may now commit, and its answer must go nowhere.
     for id in &followers {
-        cluster.spawn(*id);
+        cluster.start(*id).expect("start the node");
     }
     // Leadership may move meanwhile (the second's entry is then committed or dropped by the
     // next leader: either way its outcome comes late); it is balanced back to `leader`.

@@ -1,21 +1,31 @@
 //! The system under test: three real `convoy node` processes on distinct loopback addresses
 //! (127.0.0.11–13) inside the run's private network namespace, each optionally on a
 //! [`crate::lossyfs`] mount (for power failures) and under libfaketime (for clock faults).
+//!
+//! The processes are testkit's [`LocalCluster`] (cluster.toml, TLS material, spawn, kill,
+//! signals, readiness); what is jepsen's own stays here: the lossy mounts, the clock files,
+//! and the refusal to run on an earlier run's data.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use convoy::client::Client;
 use convoy::config::Config;
-use tokio::process::{Child, Command};
+use testkit::{Addressing, ClusterSpec, Layout, LocalCluster, RaftTweaks};
 
 use crate::lossyfs::{self, LossyMount};
 
 /// Where libfaketime lives on Debian.
 pub const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+/// Every node's client port (on its own address).
+pub const CLIENT_PORT: u16 = 7101;
+/// Every node's peer port (on its own address).
+pub const PEER_PORT: u16 = 7201;
+/// Nodes, with ids 1..=NODES.
+pub const NODES: u64 = 3;
 
 /// Options that shape the cluster.
 #[derive(Debug, Clone)]
@@ -30,48 +40,32 @@ pub struct DbOptions {
     pub planted_bug: Option<String>,
 }
 
-/// One node process.
-struct NodeProc {
-    child: Option<Child>,
-    paused: bool,
-}
-
 /// The running cluster.
 pub struct Db {
     pub opts: DbOptions,
-    pub config: Config,
-    pub config_path: PathBuf,
-    nodes: BTreeMap<u64, NodeProc>,
+    /// Declared before `mounts`, so that dropping a `Db` kills the nodes before their
+    /// filesystems are unmounted.
+    cluster: LocalCluster,
     mounts: BTreeMap<u64, LossyMount>,
 }
 
+/// Node `id`'s address, 127.0.0.(10 + id).
+pub fn node_addr(id: u64) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8))
+}
+
+/// Node `id`'s address as text (for firewall rules).
 pub fn node_ip(id: u64) -> String {
-    format!("127.0.0.{}", 10 + id)
+    node_addr(id).to_string()
 }
 
 impl Db {
     /// Writes the cluster file, prepares data directories (and lossy mounts) and starts
     /// every node.
     pub async fn setup(opts: DbOptions) -> Result<Db> {
-        std::fs::create_dir_all(&opts.store)?;
-        let mut toml = format!(
-            "shards = {}\nreplication_factor = 3\ntls_dir = \"tls\"\n[raft]\nheartbeat_ms = 100\n\
-             election_timeout_min_ms = 1000\nelection_timeout_max_ms = 2000\nsnapshot_logs_since_last = 2000\n\
-             max_in_snapshot_log_to_keep = 500\npurge_batch_size = 100\n",
-            opts.shards
-        );
-        for id in 1..=3u64 {
-            let ip = node_ip(id);
-            toml.push_str(&format!(
-                "[[nodes]]\nid = {id}\nclient_addr = \"{ip}:7101\"\npeer_addr = \"{ip}:7201\"\ndata_dir = \"n{id}/data\"\n"
-            ));
-        }
-        let config_path = opts.store.join("cluster.toml");
-        std::fs::write(&config_path, toml)?;
-        let config = Config::load(&config_path)?;
-        convoy::net::tls::ensure_material(&config)?;
+        let cluster = LocalCluster::create(spec(&opts))?;
         let mut mounts = BTreeMap::new();
-        for n in &config.nodes {
+        for n in &cluster.config().nodes {
             // The checker assumes every node starts empty: on an earlier run's data the same
             // seed's client ids would find their own old sends as duplicates.
             let backing = n.data_dir.parent().expect("data dir has a parent").join("backing");
@@ -94,102 +88,55 @@ impl Db {
                 std::fs::write(faketime_file(&opts.store, n.id), "+0\n")?;
             }
         }
-        let mut db = Db { opts, config, config_path, nodes: BTreeMap::new(), mounts };
-        for id in 1..=3 {
+        let mut db = Db { opts, cluster, mounts };
+        for id in 1..=NODES {
             db.start(id)?;
         }
         Ok(db)
     }
 
+    /// The cluster's configuration.
+    pub fn config(&self) -> &Config {
+        self.cluster.config()
+    }
+
     pub fn client(&self) -> Result<Client> {
-        Ok(Client::connect(&self.config)?)
+        self.cluster.client()
     }
 
     pub fn log_path(&self, id: u64) -> PathBuf {
-        self.opts.store.join(format!("n{id}/node.log"))
+        self.cluster.log_path(id)
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
-        self.opts.store.join(format!("n{id}/data"))
+        self.cluster.data_dir(id)
     }
 
     /// Whether node `id` has a live (possibly paused) process.
     pub fn is_running(&mut self, id: u64) -> bool {
-        match self.nodes.get_mut(&id).and_then(|n| n.child.as_mut()) {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.cluster.is_running(id)
     }
 
     /// Starts node `id` if it is not running.
     pub fn start(&mut self, id: u64) -> Result<bool> {
-        if self.is_running(id) {
-            return Ok(false);
-        }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(id))?;
-        let mut cmd = Command::new(&self.opts.convoy_bin);
-        cmd.args(["node", "--config"])
-            .arg(&self.config_path)
-            .args(["--id", &id.to_string()])
-            .env("CONVOY_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        if let Some(bug) = &self.opts.planted_bug {
-            cmd.env("CONVOY_PLANTED_BUG", bug);
-        }
-        if self.opts.faketime {
-            cmd.env("LD_PRELOAD", FAKETIME_LIB)
-                .env("FAKETIME_TIMESTAMP_FILE", faketime_file(&self.opts.store, id))
-                .env("FAKETIME_NO_CACHE", "1")
-                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-        }
-        let child = cmd.spawn().with_context(|| format!("spawning node {id}"))?;
-        self.nodes.insert(id, NodeProc { child: Some(child), paused: false });
-        Ok(true)
-    }
-
-    fn pid(&self, id: u64) -> Option<i32> {
-        self.nodes.get(&id).and_then(|n| n.child.as_ref()).and_then(|c| c.id()).map(|p| p as i32)
-    }
-
-    fn signal(&self, id: u64, sig: i32) -> bool {
-        match self.pid(id) {
-            // SAFETY: kill(2) on a pid of a child we spawned and have not reaped.
-            Some(pid) => unsafe { libc::kill(pid, sig) == 0 },
-            None => false,
-        }
+        self.cluster.start(id)
     }
 
     /// `kill -9` node `id` and reap it.
-    pub async fn kill(&mut self, id: u64) -> bool {
-        let Some(node) = self.nodes.get_mut(&id) else { return false };
-        let Some(mut child) = node.child.take() else { return false };
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-        node.paused = false;
-        true
+    pub fn kill(&mut self, id: u64) -> bool {
+        self.cluster.kill(id)
     }
 
     pub fn pause(&mut self, id: u64) -> bool {
-        let ok = self.signal(id, libc::SIGSTOP);
-        if let Some(n) = self.nodes.get_mut(&id) {
-            n.paused |= ok;
-        }
-        ok
+        self.cluster.pause(id)
     }
 
     pub fn resume(&mut self, id: u64) -> bool {
-        let ok = self.signal(id, libc::SIGCONT);
-        if let Some(n) = self.nodes.get_mut(&id) {
-            n.paused = false;
-        }
-        ok
+        self.cluster.resume(id)
     }
 
     pub fn paused(&self) -> Vec<u64> {
-        self.nodes.iter().filter(|(_, n)| n.paused).map(|(id, _)| *id).collect()
+        self.cluster.paused()
     }
 
     /// Drops node `id`'s unsynced writes (it must be stopped). Returns bytes dropped.
@@ -207,25 +154,65 @@ impl Db {
 
     /// Waits until every node answers and all agree on a leader for every shard.
     pub async fn wait_ready(&self, within: Duration) -> Result<()> {
-        let client = self.client()?;
-        let deadline = Instant::now() + within;
-        loop {
-            match client.agreed_leaders(&client.node_ids()).await {
-                Ok(_) => return Ok(()),
-                Err(e) if Instant::now() > deadline => bail!("cluster not ready within {within:?}: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
+        self.cluster.wait_ready(&self.cluster.node_ids(), within).await.map(|_| ())
+    }
+
+    /// The leader of `shard` as any one node reports it (no waiting: a fault is injected now).
+    pub async fn leader_of(&self, shard: u32) -> Option<u64> {
+        self.cluster.reported_leader(shard).await
     }
 
     /// Stops everything (processes, then mounts).
-    pub async fn teardown(&mut self) {
-        let ids: Vec<u64> = self.nodes.keys().copied().collect();
-        for id in ids {
+    pub fn teardown(&mut self) {
+        for id in self.cluster.node_ids() {
             self.resume(id);
-            self.kill(id).await;
+            self.kill(id);
         }
         self.mounts.clear();
+    }
+}
+
+/// The cluster jepsen runs: fixed addresses (the nemesis firewalls nodes apart by address),
+/// one directory per node under the store (the lossy mount goes on its data directory, the
+/// clock file beside it), the store kept after the run (it holds the report), and each
+/// node's planted bug and libfaketime environment.
+fn spec(opts: &DbOptions) -> ClusterSpec {
+    let mut node_env = BTreeMap::new();
+    for id in 1..=NODES {
+        let mut env = Vec::new();
+        if let Some(bug) = &opts.planted_bug {
+            env.push(("CONVOY_PLANTED_BUG".to_string(), bug.clone()));
+        }
+        if opts.faketime {
+            env.extend([
+                ("LD_PRELOAD".to_string(), FAKETIME_LIB.to_string()),
+                ("FAKETIME_TIMESTAMP_FILE".to_string(), faketime_file(&opts.store, id).display().to_string()),
+                ("FAKETIME_NO_CACHE".to_string(), "1".to_string()),
+                ("FAKETIME_DONT_FAKE_MONOTONIC".to_string(), "1".to_string()),
+            ]);
+        }
+        node_env.insert(id, env);
+    }
+    ClusterSpec {
+        nodes: NODES,
+        shards: opts.shards,
+        raft: RaftTweaks {
+            heartbeat_ms: Some(100),
+            election_timeout_min_ms: Some(1000),
+            election_timeout_max_ms: Some(2000),
+            snapshot_logs_since_last: Some(2000),
+            max_in_snapshot_log_to_keep: Some(500),
+            purge_batch_size: Some(100),
+            ..RaftTweaks::default()
+        },
+        addressing: Addressing::Fixed { ip_of: node_addr, client_port: CLIENT_PORT, peer_port: PEER_PORT },
+        layout: Layout::PerNodeDir,
+        dir: Some(opts.store.clone()),
+        remove_dir_on_drop: false,
+        log_filter: Some("info,openraft=warn".into()),
+        node_env,
+        convoy_bin: Some(opts.convoy_bin.clone()),
+        ..ClusterSpec::default()
     }
 }
 
@@ -233,14 +220,40 @@ fn faketime_file(store: &Path, id: u64) -> PathBuf {
     store.join(format!("n{id}/faketime"))
 }
 
-/// The leader of `shard` as any one node reports it.
-pub async fn leader_of(client: &Client, shard: u32) -> Option<u64> {
-    for id in client.node_ids() {
-        if let Ok(s) = client.status(id).await {
-            if let Some(l) = s.shards.iter().find(|x| x.shard == shard).and_then(|x| x.leader) {
-                return Some(l);
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_keeps_jepsens_addresses_layout_and_environment() {
+        let store = tempfile::tempdir().expect("tempdir");
+        let bin = store.path().join("convoy");
+        std::fs::write(&bin, "").expect("a stand-in binary");
+        let opts = DbOptions {
+            convoy_bin: bin,
+            store: store.path().join("run"),
+            shards: 4,
+            lossy: false,
+            faketime: true,
+            planted_bug: Some("skip-dedup".into()),
+        };
+        let cluster = LocalCluster::create(spec(&opts)).expect("create");
+        let config = cluster.config();
+        assert_eq!(config.shards, 4);
+        assert_eq!((config.raft.election_timeout_min_ms, config.raft.purge_batch_size), (1000, 100));
+        for n in &config.nodes {
+            let ip = format!("127.0.0.1{}", n.id);
+            assert_eq!(n.client_addr.to_string(), format!("{ip}:7101"));
+            assert_eq!(n.peer_addr.to_string(), format!("{ip}:7201"));
+            assert_eq!(n.data_dir, opts.store.join(format!("n{}/data", n.id)));
+            assert_eq!(cluster.log_path(n.id), opts.store.join(format!("n{}/node.log", n.id)));
         }
+        assert_eq!(node_ip(2), "127.0.0.12");
+        let env = &spec(&opts).node_env[&3];
+        assert!(env.contains(&("CONVOY_PLANTED_BUG".into(), "skip-dedup".into())), "{env:?}");
+        let clock = faketime_file(&opts.store, 3).display().to_string();
+        assert!(env.contains(&("FAKETIME_TIMESTAMP_FILE".into(), clock)), "{env:?}");
+        drop(cluster);
+        assert!(opts.store.join("cluster.toml").is_file(), "the store outlives the cluster");
     }
-    None
 }

@@ -22,7 +22,7 @@ use rand::Rng;
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use crate::db::{self, node_ip, Db};
+use crate::db::{node_ip, Db};
 use crate::history::{Process, Type, F};
 use crate::recorder::Recorder;
 
@@ -89,9 +89,8 @@ impl Nemesis {
     }
 
     async fn pick_leader(&mut self, db: &Db) -> Option<u64> {
-        let client = db.client().ok()?;
-        let shard = self.rng.gen_range(0..db.config.shards);
-        db::leader_of(&client, shard).await
+        let shard = self.rng.gen_range(0..db.config().shards);
+        db.leader_of(shard).await
     }
 
     fn random_node(&mut self) -> u64 {
@@ -112,7 +111,7 @@ impl Nemesis {
                 };
                 self.begin(F::Kill, json!({"nodes": nodes, "variant": variant}));
                 for n in &nodes {
-                    db.kill(*n).await;
+                    db.kill(*n);
                 }
                 self.end(F::Kill, json!({"nodes": nodes, "variant": variant, "outcome": "killed"}));
                 Ok(Active::Killed(nodes))
@@ -186,7 +185,7 @@ impl Nemesis {
                 self.begin(F::PowerFail, json!({"nodes": nodes}));
                 let mut dropped = serde_json::Map::new();
                 for n in &nodes {
-                    db.kill(*n).await;
+                    db.kill(*n);
                 }
                 for n in &nodes {
                     let v = match db.power_fail(*n) {
@@ -204,7 +203,7 @@ impl Nemesis {
             "corrupt" => {
                 let node = self.random_node();
                 self.begin(F::Corrupt, json!({"nodes": [node]}));
-                db.kill(node).await;
+                db.kill(node);
                 let outcome = match corrupt_newest(&db.data_dir(node).join("db"), &mut self.rng) {
                     Ok(what) => what,
                     Err(e) => format!("failed: {e}"),

@@ -72,7 +72,7 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
     };
     let db = Db::setup(db_opts).await?;
     db.wait_ready(Duration::from_secs(60)).await.context("the cluster never became ready")?;
-    let config = db.config.clone();
+    let config = db.config().clone();
     let db = Arc::new(Mutex::new(db));
 
     let wl = WorkloadOptions {
@@ -156,7 +156,7 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
     for i in 0..wl.conversations {
         final_read(&rec, &client, &workload::conversation(i), 400_000 + 10 * i as u64).await;
     }
-    db.lock().await.teardown().await;
+    db.lock().await.teardown();
 
     let history = rec.snapshot();
     let result = checker::check(&history);

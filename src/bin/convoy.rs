@@ -97,21 +97,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Measure throughput and latency on a fresh local three-node cluster.
-    Bench {
-        /// Shorter phases (3 s instead of 10 s, 20k instead of 200k catch-up messages).
-        #[arg(long)]
-        quick: bool,
-        /// Write the records as JSON here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Working directory for the bench's cluster and probes (its disk is what is measured).
-        #[arg(long, default_value = "data/bench")]
-        dir: PathBuf,
-        /// Run only these workloads (comma-separated names, e.g. `send_throughput,connections`).
-        #[arg(long, value_delimiter = ',')]
-        only: Vec<String>,
-    },
 }
 
 #[derive(Subcommand)]
@@ -230,31 +215,6 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Chat { config, conversation, user } => chat(&load(&config)?, &conversation, &user).await,
-        Cmd::Bench { quick, out, dir, only } => {
-            let dir = std::path::absolute(&dir)?;
-            eprintln!("convoy bench: fresh cluster under {}{}", dir.display(), if quick { " (quick)" } else { "" });
-            let records = convoy::bench::run(&dir, convoy::bench::BenchOptions { quick }, &only, |r| {
-                eprintln!(
-                    "  {} senders={} convs={}: {:.0} msgs/s p50 {} µs p99 {} µs",
-                    r.workload, r.senders, r.conversations, r.msgs_per_s, r.p50_us, r.p99_us
-                );
-            })
-            .await?;
-            print!("{}", convoy::bench::table(&records));
-            let stages = convoy::bench::stage_lines(&records);
-            if !stages.is_empty() {
-                print!("where a send's time went (all nodes; see `cluster status`):\n{stages}");
-            }
-            let witness = convoy::bench::witness_lines(&records);
-            if !witness.is_empty() {
-                print!("{}\n{witness}", convoy::bench::WITNESS_HEADING);
-            }
-            if let Some(path) = out {
-                std::fs::write(&path, serde_json::to_string_pretty(&records)?)?;
-                println!("records written to {}", path.display());
-            }
-            Ok(())
-        }
         Cmd::Cursor { config, conversation, user, set, json } => {
             let config = load(&config)?;
             let client = Client::connect(&config)?;

@@ -1,4 +1,4 @@
-//! `convoy bench`: reproducible throughput and latency figures for a fresh local cluster,
+//! convoy-bench: reproducible throughput and latency figures for a fresh local cluster,
 //! printed as one table and written as JSON records
 //! (`system, workload, senders, conversations, msgs_per_s, p50_us, p99_us, p999_us` plus
 //! workload-specific fields).
@@ -12,26 +12,32 @@
 //! `connections` (10,000 idle clients attached: node memory per connection, push latency).
 //!
 //! Every loop is bounded by a duration or a count and stops by itself.
+//!
+//! The cluster is testkit's [`LocalCluster`] (loopback, ports from the OS, under the bench's
+//! directory); the bench reads the nodes' memory from `/proc` by the pids it reports. Latency
+//! samples go into HDR histograms ([`Samples`]). The `convoy-bench` binary prints what [`run`]
+//! returns; `convoy-bench-peers` runs the same loops ([`closed_loop`], [`paced_sender`])
+//! against NATS JetStream and etcd.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Result};
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::client::{Client, Event};
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::stages::{Stage, StageSnapshot};
-use crate::store::keys::{log_key, CF_LOG};
-use crate::store::Store;
+use convoy::client::{Client, Event};
+use convoy::config::Config;
+use convoy::stages::{Stage, StageSnapshot};
+use convoy::store::keys::{log_key, CF_LOG};
+use convoy::store::Store;
+use testkit::{ClusterSpec, LocalCluster};
 
 /// Bytes of text per benchmark message.
 pub const MESSAGE_BYTES: usize = 256;
@@ -76,28 +82,54 @@ impl BenchOptions {
     }
 }
 
-/// Latency samples in microseconds.
-#[derive(Default, Clone)]
-pub struct Samples(Vec<u64>);
+/// Significant decimal digits the latency histograms keep: a value is known to 0.1 % (at
+/// 10 ms, to 8 µs), in about 100 KiB per histogram for latencies up to seconds.
+pub const SAMPLE_SIGNIFICANT_DIGITS: u8 = 3;
+
+/// Latency samples in microseconds, as an HDR histogram (it grows to the largest sample).
+#[derive(Clone)]
+pub struct Samples(Histogram<u64>);
+
+impl Default for Samples {
+    fn default() -> Self {
+        Samples(Histogram::new(SAMPLE_SIGNIFICANT_DIGITS).expect("3 significant digits is within 0..=5"))
+    }
+}
 
 impl Samples {
+    /// Records one latency.
     pub fn push(&mut self, d: Duration) {
-        self.0.push(d.as_micros() as u64);
-    }
-    pub fn merge(&mut self, other: Samples) {
-        self.0.extend(other.0);
-    }
-    /// How many samples took at least `us` microseconds.
-    pub fn at_least(&self, us: u64) -> usize {
-        self.0.iter().filter(|&&d| d >= us).count()
-    }
-    pub fn pct(&mut self, p: f64) -> u64 {
-        if self.0.is_empty() {
-            return 0;
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        // The histogram grows to fit; it refuses only values beyond 2^63 µs, which it clamps.
+        if self.0.record(us).is_err() {
+            self.0.saturating_record(us);
         }
-        self.0.sort_unstable();
-        let i = ((self.0.len() as f64 - 1.0) * p).round() as usize;
-        self.0[i.min(self.0.len() - 1)]
+    }
+    /// Adds `other`'s samples to these.
+    pub fn merge(&mut self, other: Samples) {
+        // Both histograms resize themselves, so adding cannot run out of range.
+        self.0.add(other.0).expect("auto-resizing histograms add");
+    }
+    /// How many samples there are.
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// How many samples took at least `us` microseconds (to the histogram's resolution:
+    /// samples within 0.1 % below `us` may count too).
+    pub fn at_least(&self, us: u64) -> u64 {
+        // Everything from the first value that shares `us`'s bucket up.
+        match self.0.lowest_equivalent(us).checked_sub(1) {
+            Some(below) => self.0.len() - self.0.count_between(0, below),
+            None => self.0.len(),
+        }
+    }
+    /// The latency in µs at quantile `p` (0.5 = p50, 1.0 = the maximum); 0 with no samples.
+    pub fn pct(&self, p: f64) -> u64 {
+        self.0.value_at_quantile(p)
     }
 }
 
@@ -108,7 +140,7 @@ pub fn record(
     conversations: usize,
     count: usize,
     elapsed: Duration,
-    mut s: Samples,
+    s: Samples,
 ) -> Record {
     Record {
         system: "convoy".into(),
@@ -226,89 +258,42 @@ pub fn latency_of(body: &[u8], epoch: Instant) -> Option<Duration> {
     Some(Duration::from_micros((epoch.elapsed().as_micros() as u64).saturating_sub(sent)))
 }
 
-/// A fresh three-node cluster of `convoy node` processes on loopback, in a temp directory.
-struct BenchCluster {
-    dir: PathBuf,
-    config: Config,
-    children: Vec<Child>,
-}
-
 /// A profiling aid's number from the environment; unset or unparsable is `None`.
 fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok()?.parse().ok()
 }
 
-fn free_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A fresh three-node cluster on loopback under `dir`: 16 shards and the nodes' defaults.
+/// Profiling aids: CONVOY_BENCH_SHARDS=N runs it with N shards, CONVOY_BENCH_WORKER_THREADS=N
+/// with N worker threads per node, and CONVOY_BENCH_KEEP=1 keeps the nodes' data and logs
+/// for inspection. The nodes run `$CONVOY_BIN` or the `convoy` beside this executable.
+fn start_cluster(dir: &Path) -> Result<LocalCluster> {
+    LocalCluster::launch(ClusterSpec {
+        shards: env_number::<u32>("CONVOY_BENCH_SHARDS").unwrap_or(16),
+        worker_threads: env_number::<usize>("CONVOY_BENCH_WORKER_THREADS"),
+        dir: Some(dir.to_path_buf()),
+        remove_dir_on_drop: std::env::var_os("CONVOY_BENCH_KEEP").is_none(),
+        ..ClusterSpec::default()
+    })
 }
 
-impl BenchCluster {
-    fn start(dir: &Path) -> Result<BenchCluster> {
-        std::fs::create_dir_all(dir)?;
-        // Profiling aid: CONVOY_BENCH_SHARDS=N runs the cluster with N shards (default 16).
-        let shards = env_number::<u32>("CONVOY_BENCH_SHARDS").unwrap_or(16);
-        let mut toml = format!("shards = {shards}\nreplication_factor = 3\ntls_dir = \"tls\"\n");
-        if let Some(n) = env_number::<usize>("CONVOY_BENCH_WORKER_THREADS") {
-            toml.push_str(&format!("worker_threads = {n}\n"));
-        }
-        for id in 1..=3 {
-            toml.push_str(&format!(
-                "[[nodes]]\nid = {id}\nclient_addr = \"127.0.0.1:{}\"\npeer_addr = \"127.0.0.1:{}\"\ndata_dir = \"node{id}\"\n",
-                free_port()?,
-                free_port()?
-            ));
-        }
-        let path = dir.join("cluster.toml");
-        std::fs::write(&path, toml)?;
-        let config = Config::load(&path)?;
-        crate::net::tls::ensure_material(&config)?;
-        let exe = std::env::current_exe()?;
-        let mut children = Vec::new();
-        for id in 1..=3 {
-            let log = std::fs::File::create(dir.join(format!("node{id}.log")))?;
-            children.push(
-                Command::new(&exe)
-                    .args(["node", "--config"])
-                    .arg(&path)
-                    .args(["--id", &id.to_string()])
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone()?)
-                    .stderr(log)
-                    .spawn()?,
-            );
-        }
-        Ok(BenchCluster { dir: dir.to_path_buf(), config, children })
-    }
-
-    /// Waits until every shard has the same leader on every node, and leaders are balanced.
-    async fn wait_balanced(&self, within: Duration) -> Result<Vec<u64>> {
-        let client = Client::connect(&self.config)?;
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(leaders) = client.agreed_leaders(&client.node_ids()).await {
-                let fair = leaders.len() / 3;
-                let balanced = (1..=3u64).all(|n| leaders.iter().filter(|l| **l == n).count() >= fair);
-                if balanced || Instant::now() > deadline {
-                    return Ok(leaders);
-                }
-            } else if Instant::now() > deadline {
-                return Err(Error::Unavailable("bench cluster never became ready".into()));
+/// Waits until every shard has the same leader on every node, and leaders are balanced (or
+/// `within` has passed with agreed but unbalanced leaders).
+async fn wait_balanced(cluster: &LocalCluster, within: Duration) -> Result<Vec<u64>> {
+    let client = cluster.client()?;
+    let nodes = cluster.node_ids();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(leaders) = client.agreed_leaders(&nodes).await {
+            let fair = leaders.len() / nodes.len();
+            let balanced = nodes.iter().all(|n| leaders.iter().filter(|l| *l == n).count() >= fair);
+            if balanced || Instant::now() > deadline {
+                return Ok(leaders);
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        } else if Instant::now() > deadline {
+            bail!("bench cluster never became ready\n{}", cluster.logs_tail());
         }
-    }
-}
-
-impl Drop for BenchCluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Profiling aid: CONVOY_BENCH_KEEP=1 keeps the nodes' data and logs for inspection.
-        if std::env::var_os("CONVOY_BENCH_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -378,8 +363,8 @@ impl DiskWitness {
         self.stop.store(true, Ordering::Relaxed);
         let joined = self.thread.take().map(|t| t.join());
         match joined {
-            Some(Ok(Ok(mut s))) => json!({
-                "fsyncs": s.0.len(),
+            Some(Ok(Ok(s))) => json!({
+                "fsyncs": s.len(),
                 "p50_us": s.pct(0.5),
                 "p99_us": s.pct(0.99),
                 "max_us": s.pct(1.0),
@@ -443,7 +428,7 @@ async fn raw_append(dir: &Path, writers: usize, opts: BenchOptions) -> Result<Re
                     store.syncer.after_sync(Box::new(move |r| {
                         let _ = tx.send(r);
                     }));
-                    Ok::<_, Error>(())
+                    Ok::<_, convoy::Error>(())
                 })
                 .await;
                 matches!(wrote, Ok(Ok(()))) && matches!(rx.await, Ok(Ok(())))
@@ -465,7 +450,7 @@ async fn send_load(
     phase: Duration,
 ) -> Result<Record> {
     let clients: Vec<Client> =
-        (0..senders.div_ceil(SENDERS_PER_CLIENT)).map(|_| Client::connect(config)).collect::<Result<_>>()?;
+        (0..senders.div_ceil(SENDERS_PER_CLIENT)).map(|_| Client::connect(config)).collect::<convoy::Result<_>>()?;
     let before = stage_snapshots(&clients[0], config).await?;
     let body = text("load");
     let (count, errors, s, elapsed) = closed_loop(&clients, senders, phase, move |client: Client, i, _n| {
@@ -480,7 +465,7 @@ async fn send_load(
     Ok(r)
 }
 
-/// Every node's send-path histograms (see `crate::stages`).
+/// Every node's send-path histograms (see `convoy::stages`).
 async fn stage_snapshots(client: &Client, config: &Config) -> Result<Vec<StageSnapshot>> {
     let mut all = Vec::new();
     for id in config.node_ids() {
@@ -531,7 +516,7 @@ pub fn stage_lines(records: &[Record]) -> String {
 /// Send → receipt latency at a fixed rate, subscriber on a follower of the shard.
 async fn push_latency(config: &Config, dir: &Path, leaders: &[u64], rate: u64, phase: Duration) -> Result<Record> {
     let conv = format!("push-{rate}");
-    let shard = crate::chat::shard_of(&conv, config.shards);
+    let shard = convoy::chat::shard_of(&conv, config.shards);
     let leader = leaders.get(shard as usize).copied().unwrap_or(1);
     let follower = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
     let client = Client::connect(config)?;
@@ -591,8 +576,9 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
     const SUBSCRIPTIONS_PER_CLIENT: usize = 50;
     let conv = format!("fan-out-{subscribers}");
     let epoch = Instant::now();
-    let clients: Vec<Client> =
-        (0..subscribers.div_ceil(SUBSCRIPTIONS_PER_CLIENT)).map(|_| Client::connect(config)).collect::<Result<_>>()?;
+    let clients: Vec<Client> = (0..subscribers.div_ceil(SUBSCRIPTIONS_PER_CLIENT))
+        .map(|_| Client::connect(config))
+        .collect::<convoy::Result<_>>()?;
     let samples = Arc::new(Mutex::new(Samples::default()));
     let delivered = Arc::new(AtomicU64::new(0));
     let total = (rate as f64 * phase.as_secs_f64()) as u64;
@@ -604,7 +590,6 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
         let node = (i % 3) as u64 + 1;
         tasks.push(tokio::spawn(async move {
             let mut sub = client.subscribe(&conv, 1, Some(node));
-            let mut local = Samples::default();
             let mut got = 0u64;
             let deadline = Instant::now() + phase + Duration::from_secs(30);
             while got < total && Instant::now() < deadline {
@@ -614,8 +599,10 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
                     }
                     Ok(Some(Event::Message(m))) => {
                         got += 1;
+                        // One shared histogram, not one per subscriber: a thousand of them
+                        // would hold about 100 MB in this process beside the nodes.
                         if let Some(d) = latency_of(m.text.as_bytes(), epoch) {
-                            local.push(d);
+                            samples.lock().expect("samples lock").push(d);
                         }
                     }
                     Ok(Some(_)) => {}
@@ -623,7 +610,6 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
                 }
             }
             delivered.fetch_add(got, Ordering::Relaxed);
-            samples.lock().expect("samples lock").merge(local);
             got
         }));
     }
@@ -667,7 +653,7 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
 /// Preloads a conversation, then reads it from offset 1 on a follower.
 async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<Record> {
     let conv = "catch-up";
-    let clients: Vec<Client> = (0..8).map(|_| Client::connect(config)).collect::<Result<_>>()?;
+    let clients: Vec<Client> = (0..8).map(|_| Client::connect(config)).collect::<convoy::Result<_>>()?;
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for i in 0..256 {
@@ -682,7 +668,7 @@ async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<R
     for t in tasks {
         let _ = t.await;
     }
-    let shard = crate::chat::shard_of(conv, config.shards);
+    let shard = convoy::chat::shard_of(conv, config.shards);
     let leader = leaders.get(shard as usize).copied().unwrap_or(1);
     let follower = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
     let reader = Client::connect(config)?;
@@ -703,10 +689,12 @@ async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<R
         let n = reader
             .read_each(conv, 1, follower, |m| match m.text.len() {
                 MESSAGE_BYTES => Ok(()),
-                len => Err(Error::Protocol(format!("catch_up: offset {} came back with {len} bytes", m.offset))),
+                len => {
+                    Err(convoy::Error::Protocol(format!("catch_up: offset {} came back with {len} bytes", m.offset)))
+                }
             })
             .await?;
-        Ok::<_, Error>((n, started.elapsed()))
+        Ok::<_, anyhow::Error>((n, started.elapsed()))
     };
     // Profiling aid: CONVOY_BENCH_CATCH_UP_REPEAT=N reads the conversation N more times first.
     for _ in 0..env_number::<usize>("CONVOY_BENCH_CATCH_UP_REPEAT").unwrap_or(0) {
@@ -735,16 +723,16 @@ fn rss_kib(pid: u32) -> u64 {
 /// `count` clients, each on its own QUIC connection (sharing a few client UDP sockets), each
 /// attached to its own idle conversation on one of the replicas: the nodes' memory growth
 /// per attached connection, then push latency at 500 msgs/s while they stay attached.
-async fn connections(cluster: &BenchCluster, leaders: &[u64], opts: BenchOptions) -> Result<Record> {
+async fn connections(cluster: &LocalCluster, leaders: &[u64], opts: BenchOptions) -> Result<Record> {
     const CONNECTIONS_PER_SOCKET: usize = 500;
     const ATTACHING_AT_ONCE: usize = 256;
     let count: usize = if opts.quick { 2_000 } else { 10_000 };
-    let config = &cluster.config;
-    let pids: Vec<u32> = cluster.children.iter().map(|c| c.id()).collect();
+    let config = cluster.config();
+    let pids: Vec<u32> = cluster.node_ids().into_iter().filter_map(|id| cluster.pid(id)).collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let endpoints: Vec<quinn::Endpoint> =
-        (0..count.div_ceil(CONNECTIONS_PER_SOCKET)).map(|_| Client::endpoint()).collect::<Result<_>>()?;
+        (0..count.div_ceil(CONNECTIONS_PER_SOCKET)).map(|_| Client::endpoint()).collect::<convoy::Result<_>>()?;
     let started = Instant::now();
     let mut attaching = tokio::task::JoinSet::new();
     let mut attached = Vec::with_capacity(count);
@@ -780,7 +768,7 @@ async fn connections(cluster: &BenchCluster, leaders: &[u64], opts: BenchOptions
     let after: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let grown_bytes: u64 = after.iter().zip(&before).map(|(a, b)| a.saturating_sub(*b) * 1024).sum();
     let per_connection = grown_bytes / (attached.len().max(1) as u64);
-    let push = push_latency(config, &cluster.dir, leaders, 500, opts.phase()).await?;
+    let push = push_latency(config, cluster.dir(), leaders, 500, opts.phase()).await?;
     let still_attached = attached.iter().filter(|(_, sub)| !sub.rx.is_closed()).count();
     let mut r = push.clone();
     r.workload = "connections".into();
@@ -818,7 +806,7 @@ pub async fn run(
     mut progress: impl FnMut(&Record),
 ) -> Result<Vec<Record>> {
     if let Some(unknown) = only.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
-        return Err(Error::InvalidInput(format!("unknown workload {unknown:?}; known: {}", WORKLOADS.join(", "))));
+        bail!("unknown workload {unknown:?}; known: {}", WORKLOADS.join(", "));
     }
     let want = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
     let mut out = Vec::new();
@@ -837,13 +825,13 @@ pub async fn run(
     // workloads left cached in the nodes' allocators, and the heap its 10,000 connections
     // leave behind must not slow the workloads after it.
     if want("connections") {
-        let cluster = BenchCluster::start(&dir.join("connections"))?;
-        let leaders = cluster.wait_balanced(Duration::from_secs(60)).await?;
+        let cluster = start_cluster(&dir.join("connections"))?;
+        let leaders = wait_balanced(&cluster, Duration::from_secs(60)).await?;
         push(connections(&cluster, &leaders, opts).await?, &mut out);
     }
-    let cluster = BenchCluster::start(&dir.join("cluster"))?;
-    let leaders = cluster.wait_balanced(Duration::from_secs(60)).await?;
-    let config = cluster.config.clone();
+    let cluster = start_cluster(&dir.join("cluster"))?;
+    let leaders = wait_balanced(&cluster, Duration::from_secs(60)).await?;
+    let config = cluster.config().clone();
     if want("send_latency") {
         push(send_load(&config, "send_latency", 1, 1, opts.phase()).await?, &mut out);
     }
@@ -864,7 +852,7 @@ pub async fn run(
     }
     if want("push_latency") {
         for rate in [500, 5_000] {
-            push(push_latency(&config, &cluster.dir, &leaders, rate, opts.phase()).await?, &mut out);
+            push(push_latency(&config, cluster.dir(), &leaders, rate, opts.phase()).await?, &mut out);
         }
     }
     if want("catch_up") {
@@ -877,7 +865,7 @@ pub async fn run(
     Ok(out)
 }
 
-/// The table `convoy bench` prints.
+/// The table `convoy-bench` (and `convoy-bench-peers`) prints.
 pub fn table(records: &[Record]) -> String {
     let mut s = format!(
         "{:<10} {:<16} {:>7} {:>5} {:>12} {:>10} {:>10} {:>10}\n",
@@ -899,12 +887,34 @@ mod tests {
     #[test]
     fn samples_count_those_at_or_over_a_bound() {
         let mut s = Samples::default();
-        for us in [10, 49_999, 50_000, 80_000] {
+        for us in [10, 45_000, 50_000, 80_000] {
             s.push(Duration::from_micros(us));
         }
         assert_eq!(s.at_least(STALL_US), 2);
         assert_eq!(s.at_least(0), 4);
-        assert_eq!(s.pct(1.0), 80_000);
+        assert_eq!(s.len(), 4);
+        // Quantiles are exact to the histogram's resolution (0.1 %).
+        let max = s.pct(1.0);
+        assert!((80_000..=80_080).contains(&max), "{max}");
+        assert_eq!(Samples::default().pct(0.99), 0, "no samples, no latency");
+    }
+
+    #[test]
+    fn samples_keep_percentiles_across_a_merge() {
+        let (mut a, mut b) = (Samples::default(), Samples::default());
+        for us in 1..=1_000u64 {
+            a.push(Duration::from_micros(us));
+            b.push(Duration::from_micros(us + 1_000));
+        }
+        a.merge(b);
+        assert_eq!(a.len(), 2_000);
+        let near = |got: u64, want: u64| got.abs_diff(want) * 1_000 <= want;
+        assert!(near(a.pct(0.5), 1_000), "p50 {}", a.pct(0.5));
+        assert!(near(a.pct(0.99), 1_980), "p99 {}", a.pct(0.99));
+        assert!(near(a.pct(0.999), 1_998), "p99.9 {}", a.pct(0.999));
+        let r = record("send_latency", 1, 1, 2_000, Duration::from_secs(2), a);
+        assert_eq!(r.msgs_per_s, 1_000.0);
+        assert!(near(r.p50_us, 1_000) && near(r.p99_us, 1_980) && near(r.p999_us, 1_998), "{r:?}");
     }
 
     #[test]

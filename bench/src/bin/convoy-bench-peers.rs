@@ -1,4 +1,4 @@
-//! `convoy-bench-peers`: the workloads of `convoy bench`, run against NATS JetStream and etcd on
+//! `convoy-bench-peers`: the workloads of `convoy-bench`, run against NATS JetStream and etcd on
 //! this machine, so the three can be compared side by side (same 256-byte messages, same
 //! phases, same record shape; `system` is `jetstream` or `etcd`).
 //!
@@ -25,7 +25,7 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::{push, DeliverPolicy};
 use bytes::Bytes;
 use clap::Parser;
-use convoy::bench::{
+use convoy_bench::{
     closed_loop, latency_of, paced_sender, record, table, text, witness_lines, BenchOptions, DiskWitness, Record,
     Samples, MESSAGE_BYTES, SENDERS_PER_CLIENT, WITNESS_HEADING,
 };
@@ -55,7 +55,7 @@ const ETCD_DURABILITY: &str = "quorum fsync (WAL) before ack";
 #[command(
     name = "convoy-bench-peers",
     version,
-    about = "Run convoy bench's workloads against NATS JetStream and etcd clusters on this machine"
+    about = "Run convoy-bench's workloads against NATS JetStream and etcd clusters on this machine"
 )]
 struct Cli {
     /// Shorter phases (3 s instead of 10 s, 20k instead of 200k catch-up messages).

@@ -1,0 +1,338 @@
+//! [`ClusterSpec`]: what a harness wants of a local cluster, and the `cluster.toml` it becomes.
+//!
+//! Everything left unset is left out of the file, so the node's own defaults
+//! (`convoy::config`) apply; the file is the only thing a node reads, which keeps a harness's
+//! cluster exactly as reproducible as the operator's.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{ensure, Result};
+use serde::Serialize;
+
+/// The TLS directory, relative to the cluster directory.
+pub(crate) const TLS_DIR: &str = "tls";
+
+/// A local cluster to launch: its shape, its `cluster.toml` settings, where its files go and
+/// how its processes are run. Start from [`ClusterSpec::default`] and set what matters.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Nodes, with ids `1..=nodes` (every shard is replicated on all of them).
+    pub nodes: u64,
+    /// Shards (`shards` in cluster.toml).
+    pub shards: u32,
+    /// `[raft]` settings; unset ones take the node's defaults.
+    pub raft: RaftTweaks,
+    /// `[limits]` settings; unset ones take the node's defaults.
+    pub limits: LimitTweaks,
+    /// Async worker threads per node process; `None` leaves the node's default (one per core).
+    pub worker_threads: Option<usize>,
+    /// Where the nodes listen.
+    pub addressing: Addressing,
+    /// Where each node's data and log go inside the cluster directory.
+    pub layout: Layout,
+    /// The cluster directory (cluster.toml, tls/, the nodes' data and logs); `None` makes a
+    /// fresh temporary one.
+    pub dir: Option<PathBuf>,
+    /// Remove the cluster directory when the [`crate::LocalCluster`] is dropped. A kept
+    /// temporary directory is named on stderr.
+    pub remove_dir_on_drop: bool,
+    /// `CONVOY_LOG` for every node; `None` passes the caller's environment through (the node
+    /// then logs `info,openraft=warn` unless the caller set `CONVOY_LOG`).
+    pub log_filter: Option<String>,
+    /// Extra environment for every node.
+    pub env: Vec<(String, String)>,
+    /// Extra environment for one node (after [`ClusterSpec::env`]), by node id.
+    pub node_env: BTreeMap<u64, Vec<(String, String)>>,
+    /// The `convoy` binary; `None` finds it with [`crate::convoy_bin`].
+    pub convoy_bin: Option<PathBuf>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            nodes: 3,
+            shards: 16,
+            raft: RaftTweaks::default(),
+            limits: LimitTweaks::default(),
+            worker_threads: None,
+            addressing: Addressing::Loopback,
+            layout: Layout::Flat,
+            dir: None,
+            remove_dir_on_drop: true,
+            log_filter: None,
+            env: Vec::new(),
+            node_env: BTreeMap::new(),
+            convoy_bin: None,
+        }
+    }
+}
+
+/// `[raft]` settings of cluster.toml (see `convoy::config::RaftConfig`); `None` is "the
+/// node's default".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RaftTweaks {
+    /// Leader heartbeat interval, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+    /// Shortest election timeout, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Longest election timeout, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Applied entries between snapshots (and log purges).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_logs_since_last: Option<u64>,
+    /// Log entries kept behind a snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_snapshot_log_to_keep: Option<u64>,
+    /// Entries per AppendEntries RPC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_payload_entries: Option<u64>,
+    /// Purge the log in steps of at least this many entries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purge_batch_size: Option<u64>,
+}
+
+/// `[limits]` settings of cluster.toml (see `convoy::config::Limits`); `None` is "the node's
+/// default".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LimitTweaks {
+    /// Largest message text, in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<usize>,
+    /// Largest client frame, in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<usize>,
+    /// Concurrent client connections per node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Sends in flight per node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_inflight_sends: Option<usize>,
+    /// Live-push buffer per watched conversation, in messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_buffer_messages: Option<usize>,
+    /// Concurrent requests (streams) per client connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_streams_per_connection: Option<u32>,
+}
+
+/// Where the nodes listen.
+#[derive(Debug, Clone)]
+pub enum Addressing {
+    /// 127.0.0.1, client and peer ports from the OS (see [`crate::free_port`]).
+    Loopback,
+    /// Node `id` listens on `ip_of(id)`, with the same two ports on every node (jepsen gives
+    /// each node its own loopback address, 127.0.0.11–13, so it can firewall them apart).
+    Fixed { ip_of: fn(u64) -> IpAddr, client_port: u16, peer_port: u16 },
+}
+
+/// Where node `id`'s data directory and log file go, relative to the cluster directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `node{id}/` and `node{id}.log`.
+    Flat,
+    /// `n{id}/data/` and `n{id}/node.log`: one directory per node (jepsen mounts a lossy
+    /// filesystem on the data directory and keeps the node's clock file beside it).
+    PerNodeDir,
+}
+
+impl Layout {
+    /// Node `id`'s data directory, relative to the cluster directory.
+    pub fn data_dir(self, id: u64) -> PathBuf {
+        match self {
+            Layout::Flat => PathBuf::from(format!("node{id}")),
+            Layout::PerNodeDir => PathBuf::from(format!("n{id}/data")),
+        }
+    }
+
+    /// Node `id`'s log file (its stdout and stderr), relative to the cluster directory.
+    pub fn log_file(self, id: u64) -> PathBuf {
+        match self {
+            Layout::Flat => PathBuf::from(format!("node{id}.log")),
+            Layout::PerNodeDir => PathBuf::from(format!("n{id}/node.log")),
+        }
+    }
+}
+
+/// The file a node reads, as serde writes it.
+#[derive(Serialize)]
+struct ClusterFile<'a> {
+    shards: u32,
+    replication_factor: u64,
+    tls_dir: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_threads: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raft: Option<&'a RaftTweaks>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limits: Option<&'a LimitTweaks>,
+    nodes: Vec<NodeEntry>,
+}
+
+#[derive(Serialize)]
+struct NodeEntry {
+    id: u64,
+    client_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    data_dir: PathBuf,
+}
+
+impl ClusterSpec {
+    /// Node ids, `1..=nodes`.
+    pub fn node_ids(&self) -> Vec<u64> {
+        (1..=self.nodes).collect()
+    }
+
+    /// Each node's (client, peer) address, by id; loopback ports are picked now.
+    pub(crate) fn addresses(&self) -> Result<BTreeMap<u64, (SocketAddr, SocketAddr)>> {
+        match &self.addressing {
+            Addressing::Loopback => {
+                let ports = crate::free_ports(2 * self.nodes as usize)?;
+                let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+                Ok(self
+                    .node_ids()
+                    .into_iter()
+                    .zip(ports.chunks_exact(2))
+                    .map(|(id, p)| (id, (SocketAddr::new(ip, p[0]), SocketAddr::new(ip, p[1]))))
+                    .collect())
+            }
+            Addressing::Fixed { ip_of, client_port, peer_port } => Ok(self
+                .node_ids()
+                .into_iter()
+                .map(|id| (id, (SocketAddr::new(ip_of(id), *client_port), SocketAddr::new(ip_of(id), *peer_port))))
+                .collect()),
+        }
+    }
+
+    /// The `cluster.toml` text for these addresses.
+    pub(crate) fn toml(&self, addresses: &BTreeMap<u64, (SocketAddr, SocketAddr)>) -> Result<String> {
+        ensure!(self.nodes > 0, "a cluster needs at least one node");
+        let file = ClusterFile {
+            shards: self.shards,
+            replication_factor: self.nodes,
+            tls_dir: TLS_DIR,
+            worker_threads: self.worker_threads,
+            raft: (self.raft != RaftTweaks::default()).then_some(&self.raft),
+            limits: (self.limits != LimitTweaks::default()).then_some(&self.limits),
+            nodes: addresses
+                .iter()
+                .map(|(id, (client_addr, peer_addr))| NodeEntry {
+                    id: *id,
+                    client_addr: *client_addr,
+                    peer_addr: *peer_addr,
+                    data_dir: self.layout.data_dir(*id),
+                })
+                .collect(),
+        };
+        Ok(toml::to_string(&file)?)
+    }
+
+    /// The environment node `id` runs with beyond the caller's: `CONVOY_LOG` if set, then
+    /// [`ClusterSpec::env`], then the node's own [`ClusterSpec::node_env`].
+    pub(crate) fn env_of(&self, id: u64) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> =
+            self.log_filter.iter().map(|f| ("CONVOY_LOG".to_string(), f.clone())).collect();
+        env.extend(self.env.iter().cloned());
+        env.extend(self.node_env.get(&id).into_iter().flatten().cloned());
+        env
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(spec: &ClusterSpec) -> convoy::config::Config {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.toml");
+        let text = spec.toml(&spec.addresses().expect("addresses")).expect("toml");
+        std::fs::write(&path, &text).expect("write");
+        convoy::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn the_default_spec_is_three_loopback_nodes_with_the_nodes_defaults() {
+        let config = load(&ClusterSpec::default());
+        assert_eq!(config.node_ids(), vec![1, 2, 3]);
+        assert_eq!((config.shards, config.replication_factor), (16, 3));
+        assert_eq!(config.raft, convoy::config::RaftConfig::default());
+        assert_eq!(config.limits, convoy::config::Limits::default());
+        assert_eq!(config.worker_threads, 0);
+        let mut ports = std::collections::BTreeSet::new();
+        for n in &config.nodes {
+            assert!(n.client_addr.ip().is_loopback() && n.peer_addr.ip().is_loopback(), "{n:?}");
+            ports.extend([n.client_addr.port(), n.peer_addr.port()]);
+            assert!(n.data_dir.ends_with(format!("node{}", n.id)), "{n:?}");
+        }
+        assert_eq!(ports.len(), 6, "every port distinct");
+        assert!(config.tls_dir.ends_with(TLS_DIR));
+    }
+
+    #[test]
+    fn tweaks_reach_the_config_and_fixed_addresses_follow_the_node_id() {
+        let spec = ClusterSpec {
+            nodes: 3,
+            shards: 4,
+            raft: RaftTweaks {
+                heartbeat_ms: Some(50),
+                election_timeout_min_ms: Some(800),
+                election_timeout_max_ms: Some(1600),
+                snapshot_logs_since_last: Some(100),
+                max_in_snapshot_log_to_keep: Some(0),
+                purge_batch_size: Some(1),
+                ..RaftTweaks::default()
+            },
+            limits: LimitTweaks { max_message_bytes: Some(1000), ..LimitTweaks::default() },
+            worker_threads: Some(2),
+            addressing: Addressing::Fixed {
+                ip_of: |id| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8)),
+                client_port: 7101,
+                peer_port: 7201,
+            },
+            layout: Layout::PerNodeDir,
+            ..ClusterSpec::default()
+        };
+        let config = load(&spec);
+        assert_eq!(config.shards, 4);
+        assert_eq!(config.worker_threads, 2);
+        let raft = &config.raft;
+        assert_eq!((raft.heartbeat_ms, raft.election_timeout_min_ms, raft.election_timeout_max_ms), (50, 800, 1600));
+        assert_eq!(
+            (raft.snapshot_logs_since_last, raft.max_in_snapshot_log_to_keep, raft.purge_batch_size),
+            (100, 0, 1)
+        );
+        assert_eq!(raft.max_payload_entries, convoy::config::RaftConfig::default().max_payload_entries);
+        assert_eq!(config.limits.max_message_bytes, 1000);
+        assert_eq!(config.limits.max_frame_bytes, convoy::config::Limits::default().max_frame_bytes);
+        let n2 = config.node(2).expect("node 2");
+        assert_eq!(n2.client_addr, "127.0.0.12:7101".parse().expect("addr"));
+        assert_eq!(n2.peer_addr, "127.0.0.12:7201".parse().expect("addr"));
+        assert!(n2.data_dir.ends_with("n2/data"), "{n2:?}");
+    }
+
+    #[test]
+    fn node_environment_layers_the_log_filter_the_shared_and_the_nodes_own() {
+        let spec = ClusterSpec {
+            log_filter: Some("debug".into()),
+            env: vec![("A".into(), "1".into())],
+            node_env: BTreeMap::from([(2, vec![("B".into(), "2".into())])]),
+            ..ClusterSpec::default()
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(spec.env_of(1), vec![pair("CONVOY_LOG", "debug"), pair("A", "1")]);
+        assert_eq!(spec.env_of(2), vec![pair("CONVOY_LOG", "debug"), pair("A", "1"), pair("B", "2")]);
+        assert!(ClusterSpec::default().env_of(1).is_empty());
+    }
+
+    #[test]
+    fn layouts_name_each_nodes_files() {
+        assert_eq!(Layout::Flat.data_dir(3), PathBuf::from("node3"));
+        assert_eq!(Layout::Flat.log_file(3), PathBuf::from("node3.log"));
+        assert_eq!(Layout::PerNodeDir.data_dir(3), PathBuf::from("n3/data"));
+        assert_eq!(Layout::PerNodeDir.log_file(3), PathBuf::from("n3/node.log"));
+    }
+}
