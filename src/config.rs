@@ -9,8 +9,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::chat::MESSAGE_BYTES_MAX;
+use crate::chat::limits::*;
+use crate::chat::{MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX};
 use crate::error::{Error, Result};
+
+/// Room a client frame needs beside the largest message text: ids, keys and framing.
+const FRAME_OVERHEAD_BYTES_MIN: usize = 1024;
 
 /// One node of the cluster.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -27,14 +31,15 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RaftConfig {
     pub heartbeat_ms: u64,
-    pub election_timeout_min_ms: u64,
-    pub election_timeout_max_ms: u64,
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
     /// Build a (cheap, lazy) snapshot and allow purging after this many applied entries.
     pub snapshot_logs_since_last: u64,
-    /// Log entries kept behind a snapshot so slightly lagging followers need no snapshot.
-    pub max_in_snapshot_log_to_keep: u64,
-    /// Entries per AppendEntries RPC.
-    pub max_payload_entries: u64,
+    /// Log entries kept behind a snapshot, at most, so slightly lagging followers need no
+    /// snapshot.
+    pub snapshot_log_kept_max: u64,
+    /// Entries per AppendEntries RPC, at most.
+    pub payload_entries_max: u64,
     /// Purge the log in steps of at least this many entries.
     pub purge_batch_size: u64,
 }
@@ -43,46 +48,47 @@ impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_ms: 100,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 2000,
+            election_timeout_ms_min: 1000,
+            election_timeout_ms_max: 2000,
             snapshot_logs_since_last: 20_000,
-            max_in_snapshot_log_to_keep: 5_000,
-            max_payload_entries: 256,
+            snapshot_log_kept_max: 5_000,
+            payload_entries_max: 256,
             purge_batch_size: 256,
         }
     }
 }
 
-/// Bounds on everything a client can make the node hold.
+/// Bounds on everything a client can make the node hold. Maximums are named `*_max`, like
+/// the constants they are checked against; the defaults are `chat::limits`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Largest message text, in bytes (at most 64 KiB).
-    pub max_message_bytes: usize,
-    /// Largest client frame, in bytes.
-    pub max_frame_bytes: usize,
+    /// Largest message text, in bytes (at most [`MESSAGE_BYTES_MAX`]).
+    pub message_bytes_max: usize,
+    /// Largest client frame, in bytes (at most [`REQUEST_BYTES_MAX`]).
+    pub frame_bytes_max: usize,
     /// Concurrent client connections per node; more are refused.
-    pub max_connections: usize,
+    pub connections_max: usize,
     /// Sends in flight per node; more are answered `Throttled`.
-    pub max_inflight_sends: usize,
+    pub inflight_sends_max: usize,
     /// Live-push buffer of one watched conversation, in messages (16..=65,536). Allocated
     /// whole when its first subscriber attaches (about 40 bytes a slot, and each slot keeps
     /// its last message), so it stays small: an idle attached client must cost little, and
     /// a subscriber further behind re-reads storage instead.
     pub push_buffer_messages: usize,
     /// Concurrent requests (streams) per client connection.
-    pub max_streams_per_connection: u32,
+    pub streams_per_connection_max: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_message_bytes: 64 * 1024,
-            max_frame_bytes: 1024 * 1024,
-            max_connections: 20_000,
-            max_inflight_sends: 8192,
-            push_buffer_messages: 128,
-            max_streams_per_connection: 64,
+            message_bytes_max: MESSAGE_BYTES_MAX,
+            frame_bytes_max: FRAME_BYTES_DEFAULT,
+            connections_max: CONNECTIONS_DEFAULT,
+            inflight_sends_max: INFLIGHT_SENDS_DEFAULT,
+            push_buffer_messages: PUSH_BUFFER_MESSAGES_DEFAULT,
+            streams_per_connection_max: STREAMS_PER_CONNECTION_DEFAULT,
         }
     }
 }
@@ -172,11 +178,14 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(Error::Config(m));
-        if self.shards == 0 || self.shards > 4096 {
-            return fail(format!("shards must be 1..=4096, got {}", self.shards));
+        if self.shards == 0 || self.shards > SHARDS_MAX {
+            return fail(format!("shards must be 1..={SHARDS_MAX}, got {}", self.shards));
         }
-        if self.worker_threads > 1024 {
-            return fail(format!("worker_threads must be 0 (one per core) ..= 1024, got {}", self.worker_threads));
+        if self.worker_threads > WORKER_THREADS_MAX {
+            return fail(format!(
+                "worker_threads must be 0 (one per core) ..= {WORKER_THREADS_MAX}, got {}",
+                self.worker_threads
+            ));
         }
         if self.nodes.is_empty() {
             return fail("at least one [[nodes]] entry is required".into());
@@ -198,25 +207,33 @@ impl Config {
                 return fail(format!("node {}: addresses must be distinct", n.id));
             }
         }
-        if self.limits.max_message_bytes == 0 || self.limits.max_message_bytes > MESSAGE_BYTES_MAX {
-            return fail(format!("limits.max_message_bytes must be 1..={MESSAGE_BYTES_MAX}"));
+        let l = &self.limits;
+        if l.message_bytes_max == 0 || l.message_bytes_max > MESSAGE_BYTES_MAX {
+            return fail(format!("limits.message_bytes_max must be 1..={MESSAGE_BYTES_MAX}"));
         }
-        if self.limits.max_frame_bytes < self.limits.max_message_bytes + 1024 {
-            return fail("limits.max_frame_bytes must exceed max_message_bytes by at least 1 KiB".into());
+        if l.frame_bytes_max < l.message_bytes_max + FRAME_OVERHEAD_BYTES_MIN {
+            return fail("limits.frame_bytes_max must exceed message_bytes_max by at least 1 KiB".into());
         }
         // A client request becomes one Raft entry; replication frames hold at least one.
-        if self.limits.max_frame_bytes > crate::net::peer::ENTRY_BYTES_MAX {
-            return fail(format!("limits.max_frame_bytes must be at most {}", crate::net::peer::ENTRY_BYTES_MAX));
+        if l.frame_bytes_max > REQUEST_BYTES_MAX {
+            return fail(format!("limits.frame_bytes_max must be at most {REQUEST_BYTES_MAX}"));
         }
-        if !(16..=65_536).contains(&self.limits.push_buffer_messages) {
-            return fail("limits.push_buffer_messages must be 16..=65536".into());
+        if !(PUSH_BUFFER_MESSAGES_MIN..=PUSH_BUFFER_MESSAGES_MAX).contains(&l.push_buffer_messages) {
+            return fail(format!(
+                "limits.push_buffer_messages must be {PUSH_BUFFER_MESSAGES_MIN}..={PUSH_BUFFER_MESSAGES_MAX}"
+            ));
+        }
+        if l.connections_max == 0 || l.inflight_sends_max == 0 || l.streams_per_connection_max == 0 {
+            return fail(
+                "limits.connections_max, inflight_sends_max and streams_per_connection_max must be positive".into(),
+            );
         }
         let r = &self.raft;
-        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 3 {
-            return fail("raft.election_timeout_min_ms must exceed 3 heartbeats".into());
+        if r.heartbeat_ms == 0 || r.election_timeout_ms_min <= r.heartbeat_ms * 3 {
+            return fail("raft.election_timeout_ms_min must exceed 3 heartbeats".into());
         }
-        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
-            return fail("raft.election_timeout_max_ms must exceed the minimum".into());
+        if r.election_timeout_ms_max <= r.election_timeout_ms_min {
+            return fail("raft.election_timeout_ms_max must exceed the minimum".into());
         }
         Ok(())
     }
@@ -268,19 +285,19 @@ data_dir = "data/node3"
         assert_eq!(c.nodes[1].data_dir, PathBuf::from("/abs/node2"));
         assert_eq!(c.tls_dir, PathBuf::from("/etc/convoy/data/tls"));
         assert_eq!(c.shards, 8);
-        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.limits.message_bytes_max, 65536);
     }
 
     #[test]
     fn rejects_duplicate_ids_and_bad_limits() {
         let dup = SAMPLE.replace("id = 2", "id = 1");
         assert!(Config::parse(&dup, Path::new("."), Path::new("c.toml")).is_err());
-        let big = format!("{SAMPLE}\n[limits]\nmax_message_bytes = 70000\n");
+        let big = format!("{SAMPLE}\n[limits]\nmessage_bytes_max = 70000\n");
         let err = Config::parse(&big, Path::new("."), Path::new("c.toml")).expect_err("too big");
-        assert!(err.to_string().contains("max_message_bytes"), "{err}");
-        let frame = format!("{SAMPLE}\n[limits]\nmax_frame_bytes = 33554432\n");
+        assert!(err.to_string().contains("message_bytes_max"), "{err}");
+        let frame = format!("{SAMPLE}\n[limits]\nframe_bytes_max = 33554432\n");
         let err = Config::parse(&frame, Path::new("."), Path::new("c.toml")).expect_err("too big");
-        assert!(err.to_string().contains("max_frame_bytes must be at most"), "{err}");
+        assert!(err.to_string().contains("frame_bytes_max must be at most"), "{err}");
         for buffer in [0, 15, 65_537] {
             let push = format!("{SAMPLE}\n[limits]\npush_buffer_messages = {buffer}\n");
             let err = Config::parse(&push, Path::new("."), Path::new("c.toml")).expect_err("out of range");

@@ -4,7 +4,8 @@
 //! - **retryable**: the operation definitely did not take effect; try again (maybe elsewhere);
 //! - **ambiguous**: it may or may not have taken effect (a timeout, a dropped connection after
 //!   the request left); retry with the same idempotency key, never treat as failed;
-//! - **fatal**: retrying will not help (bad input, bad configuration, broken storage).
+//! - **fatal**: retrying will not help (bad input, bad configuration, broken storage). A
+//!   storage or local I/O failure is fatal to the node: it stops rather than guess.
 
 use std::io;
 
@@ -16,7 +17,11 @@ pub enum ErrorClass {
     Fatal,
 }
 
-/// convoy's error.
+/// A boxed error kept as the source of a wrapping variant.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// convoy's error. Variants that wrap a failure keep it as their `source()`, so a log line
+/// or a CLI message can show the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request is malformed or violates a limit; nothing was applied.
@@ -47,37 +52,89 @@ pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
     /// Certificates or keys could not be made or loaded.
-    #[error("tls: {0}")]
-    Tls(String),
-    /// Storage failed; the node must stop rather than continue with unknown state.
+    #[error("tls: {context}")]
+    Tls {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
+    /// RocksDB failed; the node must stop rather than continue with unknown state.
     #[error("storage: {0}")]
-    Storage(String),
+    Storage(#[from] rocksdb::Error),
+    /// Storage holds something convoy did not write (a malformed key or value, a broken
+    /// invariant); the node must stop.
+    #[error("corrupt storage: {0}")]
+    Corrupt(String),
+    /// A Raft group failed to start or to take a command it must take; the node must stop.
+    #[error("raft: {context}")]
+    Raft {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A blocking task that did storage work panicked or was cancelled.
+    #[error("{context}: the task died")]
+    Task {
+        context: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// A local file or disk operation failed.
     #[error("io: {0}")]
     Io(#[from] io::Error),
 }
 
 impl Error {
-    /// How a caller should treat this error.
+    /// How a caller should treat this error. Every variant is named: a new one must be
+    /// classified here, not fall into a default.
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::NotLeader { .. } | Error::Throttled { .. } | Error::Unavailable(_) => ErrorClass::Retryable,
-            Error::Ambiguous(_) | Error::Io(_) => ErrorClass::Ambiguous,
+            Error::Ambiguous(_) => ErrorClass::Ambiguous,
             Error::InvalidInput(_)
             | Error::Rejected(_)
             | Error::Truncated { .. }
             | Error::Protocol(_)
             | Error::Config(_)
-            | Error::Tls(_)
-            | Error::Storage(_) => ErrorClass::Fatal,
+            | Error::Tls { .. }
+            | Error::Storage(_)
+            | Error::Corrupt(_)
+            | Error::Raft { .. }
+            | Error::Task { .. }
+            | Error::Io(_) => ErrorClass::Fatal,
         }
     }
-}
 
-impl From<rocksdb::Error> for Error {
-    fn from(e: rocksdb::Error) -> Self {
-        Error::Storage(e.to_string())
+    /// A Raft failure with what was being done.
+    pub fn raft(context: impl Into<String>, source: impl Into<BoxError>) -> Error {
+        Error::Raft { context: context.into(), source: source.into() }
+    }
+
+    /// A blocking task's failure to finish, with what it was doing.
+    pub fn task(context: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error {
+        move |source| Error::Task { context, source }
     }
 }
 
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn wrapping_variants_keep_their_source_and_storage_is_fatal() {
+        let io = Error::from(io::Error::other("disk gone"));
+        assert_eq!(io.class(), ErrorClass::Fatal, "a local I/O error stops the node");
+        assert!(io.source().is_some_and(|s| s.to_string().contains("disk gone")));
+        let raft = Error::raft("starting shard 3", io::Error::other("log unreadable"));
+        assert_eq!(raft.class(), ErrorClass::Fatal);
+        assert_eq!(raft.to_string(), "raft: starting shard 3");
+        assert_eq!(raft.source().map(ToString::to_string).as_deref(), Some("log unreadable"));
+        assert_eq!(Error::Corrupt("bad key".into()).class(), ErrorClass::Fatal);
+        assert_eq!(Error::Ambiguous("timeout".into()).class(), ErrorClass::Ambiguous);
+        assert_eq!(Error::Throttled { retry_after_ms: 5 }.class(), ErrorClass::Retryable);
+    }
+}

@@ -20,18 +20,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_convoy");
 struct Tweaks {
     shards: u32,
     snapshot_logs_since_last: u64,
-    max_in_snapshot_log_to_keep: u64,
-    max_message_bytes: usize,
+    snapshot_log_kept_max: u64,
+    message_bytes_max: usize,
 }
 
 impl Default for Tweaks {
     fn default() -> Self {
-        Tweaks {
-            shards: 4,
-            snapshot_logs_since_last: 20_000,
-            max_in_snapshot_log_to_keep: 5_000,
-            max_message_bytes: 65536,
-        }
+        Tweaks { shards: 4, snapshot_logs_since_last: 20_000, snapshot_log_kept_max: 5_000, message_bytes_max: 65536 }
     }
 }
 
@@ -42,14 +37,14 @@ fn start(t: Tweaks) -> LocalCluster {
         shards: t.shards,
         raft: RaftTweaks {
             heartbeat_ms: Some(100),
-            election_timeout_min_ms: Some(800),
-            election_timeout_max_ms: Some(1600),
+            election_timeout_ms_min: Some(800),
+            election_timeout_ms_max: Some(1600),
             snapshot_logs_since_last: Some(t.snapshot_logs_since_last),
-            max_in_snapshot_log_to_keep: Some(t.max_in_snapshot_log_to_keep),
+            snapshot_log_kept_max: Some(t.snapshot_log_kept_max),
             purge_batch_size: Some(1),
             ..RaftTweaks::default()
         },
-        limits: LimitTweaks { max_message_bytes: Some(t.max_message_bytes), ..LimitTweaks::default() },
+        limits: LimitTweaks { message_bytes_max: Some(t.message_bytes_max), ..LimitTweaks::default() },
         remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
         log_filter: Some(std::env::var("CONVOY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into())),
         convoy_bin: Some(BIN.into()),
@@ -192,7 +187,7 @@ async fn retried_send_returns_the_same_offset() {
 async fn bad_input_gets_an_error_and_the_node_stays_up() {
     use convoy::net::frame;
     use convoy::net::wire::{ErrorCode, Request, Response};
-    let cluster = start(Tweaks { max_message_bytes: 1000, ..Tweaks::default() });
+    let cluster = start(Tweaks { message_bytes_max: 1000, ..Tweaks::default() });
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let client = cluster.client().expect("client");
 
@@ -431,8 +426,7 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
 // and then holds exactly what the others hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_replica_catches_up_by_snapshot() {
-    let tweaks =
-        Tweaks { shards: 2, snapshot_logs_since_last: 100, max_in_snapshot_log_to_keep: 0, ..Tweaks::default() };
+    let tweaks = Tweaks { shards: 2, snapshot_logs_since_last: 100, snapshot_log_kept_max: 0, ..Tweaks::default() };
     let mut cluster = start(tweaks);
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let client = cluster.client().expect("client");

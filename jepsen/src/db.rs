@@ -198,10 +198,10 @@ fn spec(opts: &DbOptions) -> ClusterSpec {
         shards: opts.shards,
         raft: RaftTweaks {
             heartbeat_ms: Some(100),
-            election_timeout_min_ms: Some(1000),
-            election_timeout_max_ms: Some(2000),
+            election_timeout_ms_min: Some(1000),
+            election_timeout_ms_max: Some(2000),
             snapshot_logs_since_last: Some(2000),
-            max_in_snapshot_log_to_keep: Some(500),
+            snapshot_log_kept_max: Some(500),
             purge_batch_size: Some(100),
             ..RaftTweaks::default()
         },
@@ -240,7 +240,7 @@ mod tests {
         let cluster = LocalCluster::create(spec(&opts)).expect("create");
         let config = cluster.config();
         assert_eq!(config.shards, 4);
-        assert_eq!((config.raft.election_timeout_min_ms, config.raft.purge_batch_size), (1000, 100));
+        assert_eq!((config.raft.election_timeout_ms_min, config.raft.purge_batch_size), (1000, 100));
         for n in &config.nodes {
             let ip = format!("127.0.0.1{}", n.id);
             assert_eq!(n.client_addr.to_string(), format!("{ip}:7101"));

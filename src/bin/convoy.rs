@@ -252,18 +252,14 @@ fn print_message(m: &convoy::chat::StoredMessage, json: bool) {
 
 async fn run_node(path: &Path, id: u64) -> Result<()> {
     let config = load(path)?;
-    let node = convoy::service::Node::start(config, id).await.with_context(|| format!("starting node {id}"))?;
-    tracing::info!(node = id, "node running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!(node = id, "stopping");
-    // Everything acknowledged is already durable; stopping needs no flush. Stopping the
-    // groups releases the store so RocksDB closes before the process exits.
-    node.shutdown().await;
-    Ok(())
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    convoy::node::run(config, id, shutdown).await.with_context(|| format!("node {id}"))
 }
 
 fn pid_file(data_dir: &Path) -> PathBuf {

@@ -21,8 +21,34 @@ use serde::{Deserialize, Serialize};
 /// Largest conversation or user id, in bytes of UTF-8.
 pub const ID_BYTES_MAX: usize = 128;
 /// Hard ceiling for a message body, enforced by apply on every replica. The configurable
-/// limit (`limits.max_message_bytes`) may only be lower.
+/// limit (`limits.message_bytes_max`) may only be lower.
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024;
+/// Hard ceiling for one client request, in bytes: a request becomes one Raft entry, and a
+/// replication frame must be able to carry any entry alone. `limits.frame_bytes_max` may only
+/// be lower.
+pub const REQUEST_BYTES_MAX: usize = 16 << 20;
+
+/// The defaults of `cluster.toml`'s `[limits]`, in one place (see `config::Limits`).
+pub mod limits {
+    /// Largest client frame, in bytes: a batch of sends fits with room to spare.
+    pub const FRAME_BYTES_DEFAULT: usize = 1 << 20;
+    /// Client connections per node; more are refused.
+    pub const CONNECTIONS_DEFAULT: usize = 20_000;
+    /// Sends in flight per node; more are answered `Throttled`.
+    pub const INFLIGHT_SENDS_DEFAULT: usize = 8192;
+    /// Live-push buffer of one watched conversation, in messages.
+    pub const PUSH_BUFFER_MESSAGES_DEFAULT: usize = 128;
+    /// Smallest accepted live-push buffer, in messages.
+    pub const PUSH_BUFFER_MESSAGES_MIN: usize = 16;
+    /// Largest accepted live-push buffer, in messages.
+    pub const PUSH_BUFFER_MESSAGES_MAX: usize = 65_536;
+    /// Concurrent request streams per client connection.
+    pub const STREAMS_PER_CONNECTION_DEFAULT: u32 = 64;
+    /// Largest accepted shard count.
+    pub const SHARDS_MAX: u32 = 4096;
+    /// Largest accepted number of async worker threads per node.
+    pub const WORKER_THREADS_MAX: usize = 1024;
+}
 
 /// Identifies a shard (a Raft group).
 pub type ShardId = u32;

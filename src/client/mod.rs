@@ -158,11 +158,30 @@ impl Outbox {
 /// only when sends already queue behind requests in flight.
 pub const SEND_REQUESTS_PER_SHARD: usize = 8;
 /// Send requests a client keeps in flight to one node over all shards. Below the node's
-/// streams-per-connection limit (`limits.max_streams_per_connection`, 64 by default), so
+/// streams-per-connection limit (`limits.streams_per_connection_max`, 64 by default), so
 /// sends never take the streams a tail needs.
 pub const SEND_REQUESTS_PER_NODE: usize = 32;
 /// Text bytes per coalesced batch, at most (well inside the server's frame limit).
 const SEND_BATCH_BYTES_MAX: usize = 256 << 10;
+/// Time allowed to establish a connection to a node.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A send's back-off grows by this much per failed attempt …
+const SEND_BACKOFF_STEP: Duration = Duration::from_millis(20);
+/// … up to this much.
+const SEND_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// A resubscription's back-off grows by this much per failed attempt …
+const RESUBSCRIBE_BACKOFF_STEP: Duration = Duration::from_millis(50);
+/// … up to this much.
+const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// The longest `retry_after` a client honours from a throttling node.
+const THROTTLE_WAIT_MAX: Duration = Duration::from_secs(5);
+/// Pause before a cursor move is retried on another node.
+const CURSOR_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The back-off before attempt `attempt + 1`: `step × attempt`, at most `max`.
+fn backoff(step: Duration, max: Duration, attempt: usize) -> Duration {
+    step.saturating_mul(u32::try_from(attempt).unwrap_or(u32::MAX)).min(max)
+}
 
 /// Takes the next batch off a shard's queue: up to [`SEND_BATCH_MAX`] sends and
 /// [`SEND_BATCH_BYTES_MAX`] bytes of text, and always the first waiting send.
@@ -271,7 +290,7 @@ impl Client {
             .endpoint
             .connect_with(self.inner.tls.clone(), addr, &tls::node_name(node))
             .map_err(transport_err)?;
-        let conn = tokio::time::timeout(Duration::from_secs(3), connecting)
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| Error::Unavailable(format!("connecting to node {node} timed out")))?
             .map_err(|e| Error::Unavailable(format!("node {node}: {e}")))?;
@@ -439,7 +458,7 @@ impl Client {
         while started.elapsed() < deadline {
             let node = self.target_for(shard, attempt);
             attempt += 1;
-            let backoff = Duration::from_millis((20 * attempt as u64).min(500));
+            let backoff = backoff(SEND_BACKOFF_STEP, SEND_BACKOFF_MAX, attempt);
             match self.send_attempt(node, req.clone()).await {
                 Ok(Response::Ack { conversation, offset, ts_ms, duplicate }) => {
                     self.set_leader(shard, Some(node));
@@ -455,7 +474,7 @@ impl Client {
                 }
                 Ok(Response::Throttled { retry_after_ms }) => {
                     last = format!("node {node} throttled the send");
-                    tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(1, 5_000))).await;
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms.max(1)).min(THROTTLE_WAIT_MAX)).await;
                 }
                 Ok(Response::Error { code, message }) => match code {
                     ErrorCode::InvalidInput => return Err(Error::InvalidInput(message)),
@@ -596,7 +615,7 @@ impl Client {
                 Ok(Response::Error { code: ErrorCode::Rejected, message }) => return Err(Error::Rejected(message)),
                 Ok(_) | Err(_) if started.elapsed() < SEND_DEADLINE => {
                     self.set_leader(shard, None);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(CURSOR_RETRY_PAUSE).await;
                 }
                 Ok(other) => return Err(Error::Unavailable(format!("cursor: {other:?}"))),
                 Err(e) => return Err(e),
@@ -747,7 +766,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
             Err(e) => {
                 tracing::debug!(node, error = %e, "subscribe failed; retrying");
                 client.forget(node).await;
-                tokio::time::sleep(Duration::from_millis((50 * attempt as u64).min(1000))).await;
+                tokio::time::sleep(backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt)).await;
                 continue;
             }
         };
@@ -790,7 +809,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis((50 * attempt as u64).min(1000))).await;
+        tokio::time::sleep(backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt)).await;
     }
 }
 

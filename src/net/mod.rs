@@ -1,10 +1,11 @@
-//! QUIC: TLS material and endpoint configuration ([`tls`]), size-checked frames
-//! ([`frame`]), reused request streams ([`lane`]), the versioned messages ([`wire`]), the
-//! peer transport used by Raft ([`peer`]) and the client-facing server ([`server`]).
+//! Transport and the client protocol, and nothing above them: TLS material ([`tls`]), QUIC
+//! transport limits ([`quic`]), size-checked frames ([`frame`]), reused request streams
+//! ([`lane`]) and the client protocol's messages ([`wire`]). The peer protocol rides on these
+//! frames and lanes but lives with Raft (`raft::rpc`, `raft::network`); the client server is
+//! `crate::server`.
 
 pub mod frame;
 pub mod lane;
-pub mod peer;
-pub mod server;
+pub mod quic;
 pub mod tls;
 pub mod wire;

@@ -1,4 +1,5 @@
-//! TLS material and QUIC endpoint configuration.
+//! TLS material (the cluster's two CAs, node certificates, client credentials) and the
+//! rustls side of each QUIC endpoint; the transport limits are in [`super::quic`].
 //!
 //! Two certificate authorities live in the cluster's `tls_dir`, made on first start:
 //! - the **node CA** signs one certificate per node (SAN `node{N}`, `localhost`, 127.0.0.1).
@@ -13,7 +14,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -21,6 +21,8 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+pub use super::quic::Link;
+use super::quic::{dialer_transport, server_transport};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -29,8 +31,10 @@ pub const ALPN_PEER: &[u8] = b"convoy-peer/1";
 /// ALPN of client↔node links.
 pub const ALPN_CLIENT: &[u8] = b"convoy-client/1";
 
-fn tls_err(e: impl std::fmt::Display) -> Error {
-    Error::Tls(e.to_string())
+/// A TLS failure while doing `context`, keeping its cause.
+fn tls_err<E: Into<crate::error::BoxError>>(context: impl Into<String>) -> impl FnOnce(E) -> Error {
+    let context = context.into();
+    move |e| Error::Tls { context, source: e.into() }
 }
 
 /// The server name a node's certificate is issued for.
@@ -69,7 +73,7 @@ impl TlsPaths {
 }
 
 fn ca_params(name: &str) -> Result<CertificateParams> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err("making CA parameters"))?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -77,13 +81,13 @@ fn ca_params(name: &str) -> Result<CertificateParams> {
 }
 
 fn leaf(names: Vec<String>, cn: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String)> {
-    let mut params = CertificateParams::new(names).map_err(tls_err)?;
+    let mut params = CertificateParams::new(names).map_err(tls_err("making certificate parameters"))?;
     params.distinguished_name.push(DnType::CommonName, cn);
     params.use_authority_key_identifier_extension = true;
     params.key_usages.push(KeyUsagePurpose::DigitalSignature);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().map_err(tls_err)?;
-    let cert = params.signed_by(&key, issuer).map_err(tls_err)?;
+    let key = KeyPair::generate().map_err(tls_err("generating a key"))?;
+    let cert = params.signed_by(&key, issuer).map_err(tls_err("signing a certificate"))?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
@@ -111,8 +115,9 @@ pub fn ensure_material(config: &Config) -> Result<TlsPaths> {
     let missing: Vec<u64> = config.nodes.iter().map(|n| n.id).filter(|id| !paths.node_cert(*id).exists()).collect();
     if !missing.is_empty() {
         let ca_pem = std::fs::read_to_string(paths.node_ca())?;
-        let ca_key = KeyPair::from_pem(&std::fs::read_to_string(paths.node_ca_key())?).map_err(tls_err)?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(tls_err)?;
+        let ca_key = KeyPair::from_pem(&std::fs::read_to_string(paths.node_ca_key())?)
+            .map_err(tls_err("reading the node CA key"))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(tls_err("loading the node CA"))?;
         for id in missing {
             let (cert, key) = node_leaf(id, &issuer)?;
             let tmp = paths.dir.join(format!(".node{id}.{}.key", std::process::id()));
@@ -133,15 +138,15 @@ fn generate_fresh(paths: &TlsPaths) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     let tmp_paths = TlsPaths { dir: tmp.clone() };
 
-    let node_ca_key = KeyPair::generate().map_err(tls_err)?;
+    let node_ca_key = KeyPair::generate().map_err(tls_err("generating the node CA key"))?;
     let node_ca_params = ca_params("convoy node CA")?;
-    let node_ca = node_ca_params.self_signed(&node_ca_key).map_err(tls_err)?;
+    let node_ca = node_ca_params.self_signed(&node_ca_key).map_err(tls_err("self-signing the node CA"))?;
     std::fs::write(tmp_paths.node_ca(), node_ca.pem())?;
     write_private(&tmp_paths.node_ca_key(), &node_ca_key.serialize_pem())?;
 
-    let client_ca_key = KeyPair::generate().map_err(tls_err)?;
+    let client_ca_key = KeyPair::generate().map_err(tls_err("generating the client CA key"))?;
     let client_ca_params = ca_params("convoy client CA")?;
-    let client_ca = client_ca_params.self_signed(&client_ca_key).map_err(tls_err)?;
+    let client_ca = client_ca_params.self_signed(&client_ca_key).map_err(tls_err("self-signing the client CA"))?;
     std::fs::write(tmp_paths.client_ca(), client_ca.pem())?;
     write_private(&tmp_paths.dir.join("client-ca.key"), &client_ca_key.serialize_pem())?;
     let client_issuer = Issuer::new(client_ca_params, client_ca_key);
@@ -158,65 +163,32 @@ fn generate_fresh(paths: &TlsPaths) -> Result<()> {
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            Err(Error::Tls(format!("cannot create {}: {e}", paths.dir.display())))
+            Err(tls_err(format!("cannot create {}", paths.dir.display()))(e))
         }
     }
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     CertificateDer::pem_file_iter(path)
-        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?
+        .map_err(tls_err(format!("reading {}", path.display())))?
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))
+        .map_err(tls_err(format!("reading {}", path.display())))
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))
+    PrivateKeyDer::from_pem_file(path).map_err(tls_err(format!("reading {}", path.display())))
 }
 
 fn roots(path: &Path) -> Result<Arc<rustls::RootCertStore>> {
     let mut store = rustls::RootCertStore::empty();
     for cert in load_certs(path)? {
-        store.add(cert).map_err(tls_err)?;
+        store.add(cert).map_err(tls_err("adding a root certificate"))?;
     }
     Ok(Arc::new(store))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Which side of which link an endpoint serves.
-#[derive(Debug, Clone, Copy)]
-pub enum Link {
-    Peer,
-    Client,
-}
-
-/// Transport limits for a link: bounded windows and stream counts (quinn's defaults leave
-/// the connection window unbounded).
-pub fn transport(link: Link, max_streams: u32) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    match link {
-        Link::Peer => {
-            t.max_concurrent_bidi_streams(1024u32.into());
-            t.max_concurrent_uni_streams(0u32.into());
-            t.stream_receive_window((16u32 << 20).into());
-            t.receive_window((64u32 << 20).into());
-            t.send_window(64 << 20);
-            t.keep_alive_interval(Some(Duration::from_secs(1)));
-            t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("5 s fits a QUIC idle timeout")));
-        }
-        Link::Client => {
-            t.max_concurrent_bidi_streams(max_streams.into());
-            t.max_concurrent_uni_streams(0u32.into());
-            t.stream_receive_window((256u32 << 10).into());
-            t.receive_window((1u32 << 20).into());
-            t.send_window(1 << 20);
-            t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s fits a QUIC idle timeout")));
-        }
-    }
-    t
 }
 
 /// Server config for a node's endpoint of the given link.
@@ -227,21 +199,22 @@ pub fn server_config(paths: &TlsPaths, node_id: u64, link: Link, max_streams: u3
     };
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(client_roots, provider())
         .build()
-        .map_err(tls_err)?;
+        .map_err(tls_err("building the client verifier"))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err)?
+        .map_err(tls_err("choosing TLS 1.3"))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(&paths.node_cert(node_id))?, load_key(&paths.node_key(node_id))?)
-        .map_err(tls_err)?;
+        .map_err(tls_err("loading the node certificate"))?;
     tls.alpn_protocols = vec![match link {
         Link::Peer => ALPN_PEER.to_vec(),
         Link::Client => ALPN_CLIENT.to_vec(),
     }];
     tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_err("making the QUIC server crypto"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport(link, max_streams)));
+    config.transport_config(Arc::new(server_transport(link, max_streams)));
     Ok(config)
 }
 
@@ -253,27 +226,18 @@ pub fn client_config(paths: &TlsPaths, as_node: Option<u64>) -> Result<quinn::Cl
     };
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err)?
+        .map_err(tls_err("choosing TLS 1.3"))?
         .with_root_certificates(roots(&paths.node_ca())?)
         .with_client_auth_cert(chain, key)
-        .map_err(tls_err)?;
+        .map_err(tls_err("loading the client certificate"))?;
     tls.alpn_protocols = vec![match link {
         Link::Peer => ALPN_PEER.to_vec(),
         Link::Client => ALPN_CLIENT.to_vec(),
     }];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_err)?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_err("making the QUIC client crypto"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut t = transport(link, 64);
-    if matches!(link, Link::Client) {
-        // Clients keep the connection (and NAT bindings) alive; servers never ping. The
-        // idle timeout is what detects a node that died without closing (kill -9, power
-        // loss): a subscription then resubscribes elsewhere within it.
-        t.keep_alive_interval(Some(Duration::from_secs(3)));
-        t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("10 s fits a QUIC idle timeout")));
-        // A client reads pushes: give it a larger receive window than the server grants.
-        t.stream_receive_window((1u32 << 20).into());
-        t.receive_window((4u32 << 20).into());
-    }
+    let t = dialer_transport(link);
     config.transport_config(Arc::new(t));
     Ok(config)
 }

@@ -1,22 +1,17 @@
-//! Every message that crosses the network, in one file, versioned by the frame's version
+//! Every message between clients and nodes, in one file, versioned by the frame's version
 //! byte ([`super::frame::WIRE_VERSION`]).
 //!
-//! Client protocol: one bidirectional stream per request. The client writes one
+//! The client protocol: one bidirectional stream per request. The client writes one
 //! [`Request`] frame and finishes its side; the server answers one [`Response`] frame
-//! (unary requests) or a sequence of them (a subscription) and finishes.
+//! (unary requests) or a sequence of them (a subscription) and finishes. Sends keep their
+//! stream open for the next send (a lane, see `net::lane`).
 //!
-//! Peer protocol: one bidirectional stream per Raft RPC: one [`PeerRequest`] frame, one
-//! [`PeerResponse`] frame. A snapshot transfer sends [`PeerRequest::Snapshot`], then the
-//! shard's state as [`PeerRequest::SnapshotChunk`] frames, then finishes; the receiver
-//! answers once everything is installed.
+//! The peer protocol (Raft RPCs between nodes) lives with Raft, in `raft::rpc`: the client
+//! protocol never names a Raft type.
 
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{ShardId, StoredMessage};
-use crate::raft::types::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotMeta, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, Vote, VoteRequest, VoteResponse,
-};
 pub use crate::stages::StageSnapshot;
 
 /// A client's request.
@@ -149,99 +144,4 @@ pub struct ShardStatus {
     pub last_log_index: Option<u64>,
     pub last_applied_index: Option<u64>,
     pub voters: Vec<u64>,
-}
-
-/// A Raft RPC to a peer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum PeerRequest {
-    Append { shard: ShardId, rpc: AppendEntriesRequest },
-    Vote { shard: ShardId, rpc: VoteRequest },
-    PreVote { shard: ShardId, rpc: VoteRequest },
-    TransferLeader { shard: ShardId, rpc: TransferLeaderRequest },
-    Snapshot { shard: ShardId, vote: Vote, meta: SnapshotMeta },
-    SnapshotChunk(Vec<u8>),
-}
-
-/// A peer's answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum PeerResponse {
-    Append(AppendEntriesResponse),
-    Vote(VoteResponse),
-    TransferLeader(TransferLeaderResponse),
-    Snapshot(SnapshotResponse),
-    /// The shard is not hosted here or the Raft task failed; the caller treats the peer
-    /// as unreachable for this RPC.
-    Error(String),
-}
-
-/// Appends to `out` the frame of `Response::Message(m)` for a message `m` stored as
-/// [`crate::store::codec`] wrote it — without decoding and re-encoding it. Both formats are
-/// bincode 2 (standard config) behind one version byte, so the frame body is the wire
-/// version, the bytes bincode puts before a `Message`'s payload (its variant tag), and the
-/// stored bytes after their format byte. A catch-up serves thousands of messages per read,
-/// and this is most of its cost. Checked against `frame::encode` by a unit test.
-pub fn message_frame_from_stored(stored: &[u8], out: &mut Vec<u8>) -> crate::error::Result<()> {
-    use std::sync::OnceLock;
-    static TAG: OnceLock<Option<Vec<u8>>> = OnceLock::new();
-    let tag = TAG.get_or_init(|| {
-        let sample = StoredMessage {
-            conversation: String::new(),
-            offset: 0,
-            sender: String::new(),
-            ts_ms: 0,
-            client_id: 0,
-            client_seq: 0,
-            text: String::new(),
-        };
-        let cfg = bincode::config::standard();
-        let whole = bincode::serde::encode_to_vec(Response::Message(sample.clone()), cfg).ok()?;
-        let inner = bincode::serde::encode_to_vec(&sample, cfg).ok()?;
-        whole.ends_with(&inner).then(|| whole[..whole.len() - inner.len()].to_vec())
-    });
-    let body = match stored.split_first() {
-        Some((&crate::store::codec::DISK_FORMAT, body)) => body,
-        _ => return Err(crate::error::Error::Storage("stored message of an unknown format".into())),
-    };
-    match tag {
-        Some(tag) => {
-            let len = 1 + tag.len() + body.len();
-            out.extend_from_slice(&(len as u32).to_be_bytes());
-            out.push(super::frame::WIRE_VERSION);
-            out.extend_from_slice(tag);
-            out.extend_from_slice(body);
-        }
-        // Not reachable with bincode's enum encoding; decode and encode if it ever changes.
-        None => {
-            let m: StoredMessage = crate::store::codec::decode(stored)?;
-            out.extend_from_slice(&super::frame::encode(&Response::Message(m)));
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stored_message_frames_equal_encoded_responses() {
-        for (i, text) in ["", "hi", &"é".repeat(300), &"x".repeat(70_000)].into_iter().enumerate() {
-            let m = StoredMessage {
-                conversation: format!("conv-{i}"),
-                offset: 1 + (i as u64) * 1_000_003,
-                sender: "alice".into(),
-                ts_ms: 1_795_000_000_000 + i as u64,
-                client_id: u64::MAX - i as u64,
-                client_seq: 300 + i as u64,
-                text: text.to_string(),
-            };
-            let mut raw = Vec::new();
-            message_frame_from_stored(&crate::store::codec::encode(&m), &mut raw).expect("a stored message");
-            assert_eq!(raw, super::super::frame::encode(&Response::Message(m)));
-        }
-        let mut out = Vec::new();
-        assert!(message_frame_from_stored(&[9, 1, 2], &mut out).is_err(), "an unknown format is an error");
-        assert!(message_frame_from_stored(&[], &mut out).is_err());
-        assert!(out.is_empty());
-    }
 }

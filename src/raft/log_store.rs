@@ -51,7 +51,7 @@ impl LogStore {
 fn io_err(e: crate::error::Error) -> io::Error {
     match e {
         crate::error::Error::Io(e) => e,
-        other => io::Error::other(other.to_string()),
+        other => io::Error::other(other),
     }
 }
 

@@ -1,6 +1,8 @@
 //! openraft wiring, and nothing else: the type configuration ([`types`]), the log store
-//! ([`log_store`]) and state machine ([`state_machine`]) adapters over `crate::store`, and
-//! starting a shard's group ([`start_group`]). The transport lives in `crate::net::peer`.
+//! ([`log_store`]) and state machine ([`state_machine`]) adapters over `crate::store`, the
+//! peer protocol ([`rpc`]) and its QUIC transport ([`network`], over `crate::net`'s frames
+//! and lanes), and starting a shard's group ([`start_group`]). openraft is named nowhere
+//! above this module but for the handles the service holds.
 //!
 //! Every shard is one Raft group whose voters are the cluster's nodes. Group membership is
 //! formed once: the lowest-id node initializes every shard when its own database was just
@@ -9,6 +11,8 @@
 
 pub mod entry_cache;
 pub mod log_store;
+pub mod network;
+pub mod rpc;
 pub mod state_machine;
 pub mod types;
 
@@ -18,9 +22,9 @@ use std::sync::Arc;
 use crate::chat::ShardId;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::net::peer::{PeerNet, ShardNetworkFactory};
 use crate::store::Store;
 use log_store::LogStore;
+use network::{PeerNet, ShardNetworkFactory};
 use state_machine::{ShardEvents, ShardStateMachine};
 use types::{Member, NodeId, Raft};
 
@@ -30,12 +34,12 @@ pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
     let c = openraft::Config {
         cluster_name: "convoy".into(),
         heartbeat_interval: r.heartbeat_ms,
-        election_timeout_min: r.election_timeout_min_ms,
-        election_timeout_max: r.election_timeout_max_ms,
+        election_timeout_min: r.election_timeout_ms_min,
+        election_timeout_max: r.election_timeout_ms_max,
         enable_pre_vote: Some(true),
-        max_payload_entries: r.max_payload_entries,
+        max_payload_entries: r.payload_entries_max,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
-        max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
+        max_in_snapshot_log_to_keep: r.snapshot_log_kept_max,
         purge_batch_size: r.purge_batch_size.max(1),
         // A restarted, wiped replica must be allowed to catch up again (see README).
         allow_log_reversion: Some(true),
@@ -73,25 +77,29 @@ pub async fn start_group(
         let store = store.clone();
         tokio::task::spawn_blocking(move || ShardStateMachine::open(store, shard, events))
             .await
-            .map_err(|e| Error::Storage(e.to_string()))??
+            .map_err(Error::task("opening a shard's state machine"))??
     };
     let log = LogStore::new(shard, store);
     let network = ShardNetworkFactory { net, shard };
     let raft = Raft::new(node_id, raft_config, network, log, sm)
         .await
-        .map_err(|e| Error::Storage(format!("starting shard {shard}: {e}")))?;
+        .map_err(|e| Error::raft(format!("starting shard {shard}"), e))?;
     Ok(Group { shard, raft })
 }
 
 /// Initializes `group` with every node as voter, if it has never been initialized.
 pub async fn initialize_if_pristine(group: &Group, config: &Config) -> Result<()> {
-    let initialized = group.raft.is_initialized().await.map_err(|e| Error::Storage(e.to_string()))?;
+    let initialized = group
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|e| Error::raft(format!("reading shard {}'s state", group.shard), e))?;
     if !initialized {
         group
             .raft
             .initialize(members(config))
             .await
-            .map_err(|e| Error::Storage(format!("initializing shard {}: {e}", group.shard)))?;
+            .map_err(|e| Error::raft(format!("initializing shard {}", group.shard), e))?;
     }
     Ok(())
 }

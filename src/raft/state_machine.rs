@@ -343,7 +343,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        self.snapshot_now().map_err(|e| io::Error::other(e.to_string()))
+        self.snapshot_now().map_err(io::Error::other)
     }
 }
 
@@ -357,7 +357,7 @@ impl RaftSnapshotBuilder<C> for SnapshotBuilder {
     type SnapshotData = ShardSnapshot;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        match snapshot_of(&self.store, self.shard).map_err(|e| io::Error::other(e.to_string()))? {
+        match snapshot_of(&self.store, self.shard).map_err(io::Error::other)? {
             Some(s) => Ok(s),
             None => Ok(Snapshot {
                 meta: SnapshotMeta::default(),

@@ -52,7 +52,7 @@ impl openraft::RaftTypeConfig for TypeConfig {
 /// task when the entry is applied (or from Raft's when it refuses the proposal); dropped
 /// uncalled when the group stops first. Unlike a channel, it can act on the result right
 /// where it is known: the client service writes a send's answer from it, so the answers of
-/// one apply batch leave together (see `net::server`).
+/// one apply batch leave together (see `crate::server`).
 pub struct FnResponder<T>(Box<dyn FnOnce(T) + Send + 'static>);
 
 impl<T> FnResponder<T> {

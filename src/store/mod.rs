@@ -49,25 +49,34 @@ pub struct Store {
 /// (an unsynced write runs on a runtime worker; the fsync gates every acknowledgement).
 pub const SLOW_IO: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Memtable size of the Raft log family, in bytes: entries are short-lived.
+const LOG_WRITE_BUFFER_BYTES: usize = 32 << 20;
+/// Memtable size of the messages family, in bytes: the bulk of what is written.
+const MESSAGES_WRITE_BUFFER_BYTES: usize = 64 << 20;
+/// Memtable size of the small families (Raft metadata, shard state), in bytes.
+const SMALL_WRITE_BUFFER_BYTES: usize = 16 << 20;
+/// Bloom filter bits per key of every family's table files.
+const BLOOM_BITS_PER_KEY: f64 = 10.0;
+
 fn cf_options(name: &str) -> Options {
     let mut o = Options::default();
     let mut table = BlockBasedOptions::default();
-    table.set_bloom_filter(10.0, false);
+    table.set_bloom_filter(BLOOM_BITS_PER_KEY, false);
     o.set_block_based_table_factory(&table);
     match name {
         CF_LOG => {
             // Short-lived entries: cheap compression, small memtables.
             o.set_compression_type(DBCompressionType::Lz4);
-            o.set_write_buffer_size(32 << 20);
+            o.set_write_buffer_size(LOG_WRITE_BUFFER_BYTES);
         }
         CF_MESSAGES => {
             o.set_compression_type(DBCompressionType::Lz4);
             o.set_bottommost_compression_type(DBCompressionType::Zstd);
-            o.set_write_buffer_size(64 << 20);
+            o.set_write_buffer_size(MESSAGES_WRITE_BUFFER_BYTES);
         }
         _ => {
             o.set_compression_type(DBCompressionType::Lz4);
-            o.set_write_buffer_size(16 << 20);
+            o.set_write_buffer_size(SMALL_WRITE_BUFFER_BYTES);
         }
     }
     o
@@ -142,7 +151,7 @@ impl Store {
         let mut expect: Option<u64> = None;
         for item in iter {
             let (k, v) = item?;
-            let index = log_key_index(&k).ok_or_else(|| Error::Storage("malformed log key".into()))?;
+            let index = log_key_index(&k).ok_or_else(|| Error::Corrupt("malformed log key".into()))?;
             if expect.is_some_and(|e| e != index) {
                 break;
             }
@@ -191,7 +200,7 @@ impl Store {
         let found = match iter.key() {
             Some(key) => Some(
                 keys::dedup_key_seq(key, shard, client_id)
-                    .ok_or_else(|| Error::Storage(format!("malformed dedup key of {} bytes", key.len())))?,
+                    .ok_or_else(|| Error::Corrupt(format!("malformed dedup key of {} bytes", key.len())))?,
             ),
             None => None,
         };
@@ -229,7 +238,7 @@ impl Store {
         while visited < max {
             let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
             let offset = keys::message_key_offset(key)
-                .ok_or_else(|| Error::Storage(format!("malformed message key of {} bytes", key.len())))?;
+                .ok_or_else(|| Error::Corrupt(format!("malformed message key of {} bytes", key.len())))?;
             visit(offset, value)?;
             visited += 1;
             iter.next();

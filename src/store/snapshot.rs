@@ -196,9 +196,11 @@ pub fn install(store: &Store, shard: ShardId, source: Source<'_>) -> Result<u64>
     let mut records = 0u64;
     let mut put = |r: Record| -> Result<()> {
         if !(r.key.as_slice() >= lo.as_slice() && r.key.as_slice() < hi.as_slice()) {
-            return Err(Error::Storage(format!("snapshot record outside shard {shard}")));
+            return Err(Error::Corrupt(format!("snapshot record outside shard {shard}")));
         }
-        let name = STATE_CFS.get(usize::from(r.cf)).ok_or_else(|| Error::Storage("bad family".into()))?;
+        let name = STATE_CFS
+            .get(usize::from(r.cf))
+            .ok_or_else(|| Error::Corrupt(format!("snapshot record of an unknown column family {}", r.cf)))?;
         batch.put_cf(store.cf(name), &r.key, &r.value);
         records += 1;
         if batch.size_in_bytes() >= INSTALL_BATCH_BYTES {

@@ -78,19 +78,19 @@ pub struct RaftTweaks {
     pub heartbeat_ms: Option<u64>,
     /// Shortest election timeout, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub election_timeout_min_ms: Option<u64>,
+    pub election_timeout_ms_min: Option<u64>,
     /// Longest election timeout, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub election_timeout_max_ms: Option<u64>,
+    pub election_timeout_ms_max: Option<u64>,
     /// Applied entries between snapshots (and log purges).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_logs_since_last: Option<u64>,
     /// Log entries kept behind a snapshot.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_in_snapshot_log_to_keep: Option<u64>,
+    pub snapshot_log_kept_max: Option<u64>,
     /// Entries per AppendEntries RPC.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_payload_entries: Option<u64>,
+    pub payload_entries_max: Option<u64>,
     /// Purge the log in steps of at least this many entries.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub purge_batch_size: Option<u64>,
@@ -102,22 +102,22 @@ pub struct RaftTweaks {
 pub struct LimitTweaks {
     /// Largest message text, in bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_message_bytes: Option<usize>,
+    pub message_bytes_max: Option<usize>,
     /// Largest client frame, in bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_frame_bytes: Option<usize>,
+    pub frame_bytes_max: Option<usize>,
     /// Concurrent client connections per node.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<usize>,
+    pub connections_max: Option<usize>,
     /// Sends in flight per node.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_inflight_sends: Option<usize>,
+    pub inflight_sends_max: Option<usize>,
     /// Live-push buffer per watched conversation, in messages.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub push_buffer_messages: Option<usize>,
     /// Concurrent requests (streams) per client connection.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_streams_per_connection: Option<u32>,
+    pub streams_per_connection_max: Option<u32>,
 }
 
 /// Where the nodes listen.
@@ -279,14 +279,14 @@ mod tests {
             shards: 4,
             raft: RaftTweaks {
                 heartbeat_ms: Some(50),
-                election_timeout_min_ms: Some(800),
-                election_timeout_max_ms: Some(1600),
+                election_timeout_ms_min: Some(800),
+                election_timeout_ms_max: Some(1600),
                 snapshot_logs_since_last: Some(100),
-                max_in_snapshot_log_to_keep: Some(0),
+                snapshot_log_kept_max: Some(0),
                 purge_batch_size: Some(1),
                 ..RaftTweaks::default()
             },
-            limits: LimitTweaks { max_message_bytes: Some(1000), ..LimitTweaks::default() },
+            limits: LimitTweaks { message_bytes_max: Some(1000), ..LimitTweaks::default() },
             worker_threads: Some(2),
             addressing: Addressing::Fixed {
                 ip_of: |id| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8)),
@@ -300,14 +300,11 @@ mod tests {
         assert_eq!(config.shards, 4);
         assert_eq!(config.worker_threads, 2);
         let raft = &config.raft;
-        assert_eq!((raft.heartbeat_ms, raft.election_timeout_min_ms, raft.election_timeout_max_ms), (50, 800, 1600));
-        assert_eq!(
-            (raft.snapshot_logs_since_last, raft.max_in_snapshot_log_to_keep, raft.purge_batch_size),
-            (100, 0, 1)
-        );
-        assert_eq!(raft.max_payload_entries, convoy::config::RaftConfig::default().max_payload_entries);
-        assert_eq!(config.limits.max_message_bytes, 1000);
-        assert_eq!(config.limits.max_frame_bytes, convoy::config::Limits::default().max_frame_bytes);
+        assert_eq!((raft.heartbeat_ms, raft.election_timeout_ms_min, raft.election_timeout_ms_max), (50, 800, 1600));
+        assert_eq!((raft.snapshot_logs_since_last, raft.snapshot_log_kept_max, raft.purge_batch_size), (100, 0, 1));
+        assert_eq!(raft.payload_entries_max, convoy::config::RaftConfig::default().payload_entries_max);
+        assert_eq!(config.limits.message_bytes_max, 1000);
+        assert_eq!(config.limits.frame_bytes_max, convoy::config::Limits::default().frame_bytes_max);
         let n2 = config.node(2).expect("node 2");
         assert_eq!(n2.client_addr, "127.0.0.12:7101".parse().expect("addr"));
         assert_eq!(n2.peer_addr, "127.0.0.12:7201".parse().expect("addr"));

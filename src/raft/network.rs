@@ -25,13 +25,13 @@ use openraft::RaftNetworkFactory;
 use openraft_multi::{GroupNetworkAdapter, GroupRouter};
 use tracing::Instrument;
 
-use super::frame;
-use super::lane::LanePool;
-use super::wire::{PeerRequest, PeerResponse};
-use crate::chat::ShardId;
+use super::rpc::{PeerRequest, PeerResponse};
+use super::state_machine::ShardSnapshot;
+use super::types::*;
+use crate::chat::{ShardId, REQUEST_BYTES_MAX};
 use crate::error::Error;
-use crate::raft::state_machine::ShardSnapshot;
-use crate::raft::types::*;
+use crate::net::frame;
+use crate::net::lane::LanePool;
 use crate::stages::{Stage, Stages};
 use crate::store::snapshot::SpoolWriter;
 
@@ -39,14 +39,14 @@ use crate::store::snapshot::SpoolWriter;
 /// alone) or a snapshot chunk fits well below it.
 pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
 /// Approximate entry bytes one AppendEntries carries, at most: openraft hands the network
-/// up to `max_payload_entries` entries, and an entry holds a whole client request (up to
-/// `limits.max_frame_bytes`), so a lagging follower's catch-up could otherwise ask for a
+/// up to `raft.payload_entries_max` entries, and an entry holds a whole client request (up to
+/// `limits.frame_bytes_max`), so a lagging follower's catch-up could otherwise ask for a
 /// frame far over [`PEER_FRAME_BYTES_MAX`], be refused by the follower every time, and
 /// never catch up. A longer request is cut (see [`fit_payload`]).
 pub const APPEND_PAYLOAD_BYTES: usize = 16 << 20;
 /// The largest entry a frame must hold on its own (with `APPEND_PAYLOAD_BYTES` before it,
-/// well inside `PEER_FRAME_BYTES_MAX`); `limits.max_frame_bytes` may not exceed it.
-pub const ENTRY_BYTES_MAX: usize = 16 << 20;
+/// well inside `PEER_FRAME_BYTES_MAX`): one client request at most, as config validates.
+pub const ENTRY_BYTES_MAX: usize = REQUEST_BYTES_MAX;
 // A cut request holds at most the budget, or one entry alone: either, encoded, fits a frame.
 const _: () = assert!(APPEND_PAYLOAD_BYTES + 2 * ENTRY_BYTES_MAX < PEER_FRAME_BYTES_MAX);
 /// Time allowed to establish a peer connection.
@@ -139,7 +139,7 @@ impl PeerNet {
         let connecting = self
             .inner
             .endpoint
-            .connect_with(self.inner.client_config.clone(), *addr, &super::tls::node_name(target))
+            .connect_with(self.inner.client_config.clone(), *addr, &crate::net::tls::node_name(target))
             .map_err(unreachable)?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
@@ -172,7 +172,7 @@ impl PeerNet {
     ///
     /// A stream per RPC costs both nodes an open, an accept, a task spawn and a close per
     /// round; under load each of those waits its turn on a busy runtime. A lane (see
-    /// [`super::lane`]) is opened once and reused while it works; the follower serves it in
+    /// [`crate::net::lane`]) is opened once and reused while it works; the follower serves it in
     /// one task (see [`handle_stream`]).
     async fn append(
         &self,
@@ -583,7 +583,7 @@ mod tests {
     fn the_largest_allowed_request_fits_a_peer_frame() {
         let mut rpc = request(&[1 << 20; 40]);
         fit_payload(&mut rpc, APPEND_PAYLOAD_BYTES);
-        let frame = crate::net::frame::encode(&PeerRequest::Append { shard: 0, rpc });
+        let frame = frame::encode(&PeerRequest::Append { shard: 0, rpc });
         assert!(frame.len() <= APPEND_PAYLOAD_BYTES + 1024, "{} bytes", frame.len());
     }
 }

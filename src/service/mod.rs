@@ -1,5 +1,6 @@
-//! A running node: its store, its shard groups, its endpoints, and the client operations
-//! (send, subscribe, cursors, status) expressed over them.
+//! The client operations (send, subscribe, cursors, status) expressed over a node's store
+//! and shard groups. It speaks the client protocol's messages (`net::wire`) but owns no
+//! endpoint: `crate::server` feeds it requests and `crate::node` starts and stops it.
 //!
 //! - **send**: validate → this node must lead the shard (else `NotLeader{hint}`) → bounded
 //!   in-flight check (else `Throttled`) → the leader stamps the time → Raft commit on a
@@ -13,9 +14,10 @@
 //!   a lag overflow or a snapshot reset sends it back to storage — so the seam never skips
 //!   or repeats and a slow subscriber costs storage reads, not memory.
 
+mod frames;
+mod push;
+
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,18 +27,18 @@ use openraft::error::ClientWriteError;
 use openraft::raft::ClientWriteResult;
 use tokio::sync::{broadcast, Semaphore};
 
-use crate::chat::{self, Command, CursorCommand, Outcome, SendCommand, ShardId, StoredMessage};
+use crate::chat::{self, Command, CursorCommand, Outcome, SendCommand, ShardId};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
-use crate::net::peer::{self, Groups, PeerNet};
-use crate::net::tls::{self, Link};
 use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX};
+use crate::raft::network::{Groups, PeerNet, PeerStats};
 use crate::raft::state_machine::ShardEvents;
 use crate::raft::types::{FnResponder, NodeId, C};
 use crate::raft::{self as consensus, Group};
 use crate::stages::Stage;
 use crate::store::Store;
+use push::{Push, PushHub};
 
 /// How long a proposal may take before the answer is "outcome unknown".
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,7 +52,7 @@ pub const LEADER_BALANCE_INTERVAL: Duration = Duration::from_secs(5);
 /// Hands each shard this node leads to its preferred leader once that node has the whole
 /// log (like Kafka's preferred-leader election): after bootstrap or a failover, leadership
 /// — and with it the proposal and fsync load — spreads back over the nodes.
-async fn balance_leaders(node: std::sync::Weak<Node>) {
+async fn balance_leaders(node: std::sync::Weak<Service>) {
     loop {
         tokio::time::sleep(LEADER_BALANCE_INTERVAL).await;
         let Some(node) = node.upgrade() else { return };
@@ -77,85 +79,6 @@ async fn balance_leaders(node: std::sync::Weak<Node>) {
     }
 }
 
-/// One live-pushed message, framed once for all of its conversation's subscribers.
-#[derive(Debug)]
-enum Push {
-    Message {
-        offset: u64,
-        frame: bytes::Bytes,
-    },
-    /// The shard's state was replaced by a snapshot: subscribers re-read storage.
-    Resync,
-}
-
-/// Live push routed by conversation: each shard's state machine hands its applied
-/// messages to the hub on its own task ([`ShardEvents`]), and the hub forwards each message,
-/// encoded once, only to the channel of its conversation — so a message wakes its own
-/// subscribers, not every subscriber of every conversation of the shard (10,000 attached
-/// idle clients would otherwise each wake for every message of their shard).
-struct PushHub {
-    /// The cluster's shard count, to tell which conversations a shard's reset concerns.
-    shards: u32,
-    /// Slots of a conversation's channel (`limits.push_buffer_messages`, validated 16..=65,536).
-    capacity: usize,
-    channels: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Push>>>>,
-}
-
-impl PushHub {
-    fn new(shards: u32, capacity: usize) -> Self {
-        PushHub { shards, capacity, channels: std::sync::Mutex::default() }
-    }
-
-    fn attach(&self, conversation: &str) -> broadcast::Receiver<Arc<Push>> {
-        let mut channels = self.channels.lock().expect("push hub lock");
-        match channels.get(conversation) {
-            Some(tx) => tx.subscribe(),
-            None => {
-                let (tx, rx) = broadcast::channel(self.capacity);
-                channels.insert(conversation.to_string(), tx);
-                rx
-            }
-        }
-    }
-
-    /// Called by a subscriber that has dropped its receiver.
-    fn detach(&self, conversation: &str) {
-        let mut channels = self.channels.lock().expect("push hub lock");
-        if channels.get(conversation).is_some_and(|tx| tx.receiver_count() == 0) {
-            channels.remove(conversation);
-        }
-    }
-}
-
-impl ShardEvents for PushHub {
-    fn appended(&self, messages: Vec<StoredMessage>) {
-        // Only the lookups hold the hub's lock: framing and waking a loud conversation's
-        // subscribers must not hold up attaches and detaches of the node's others.
-        let watched: Vec<(broadcast::Sender<Arc<Push>>, StoredMessage)> = {
-            let channels = self.channels.lock().expect("push hub lock");
-            if channels.is_empty() {
-                return;
-            }
-            // No channel: nobody tails that conversation on this replica.
-            messages.into_iter().filter_map(|m| Some((channels.get(&m.conversation)?.clone(), m))).collect()
-        };
-        for (tx, m) in watched {
-            let offset = m.offset;
-            let frame = bytes::Bytes::from(frame::encode(&Response::Message(m)));
-            let _ = tx.send(Arc::new(Push::Message { offset, frame }));
-        }
-    }
-
-    fn reset(&self, shard: ShardId) {
-        let channels = self.channels.lock().expect("push hub lock");
-        for (conversation, tx) in channels.iter() {
-            if chat::shard_of(conversation, self.shards) == shard {
-                let _ = tx.send(Arc::new(Push::Resync));
-            }
-        }
-    }
-}
-
 /// A batch of stored messages, framed for the wire.
 struct StoredFrames {
     frames: Vec<u8>,
@@ -170,7 +93,7 @@ struct StoredRead(tokio::task::JoinHandle<Result<StoredFrames>>);
 
 impl StoredRead {
     async fn finish(&mut self) -> Result<StoredFrames> {
-        (&mut self.0).await.map_err(|e| Error::Storage(e.to_string()))?
+        (&mut self.0).await.map_err(Error::task("reading stored messages"))?
     }
 }
 
@@ -188,18 +111,18 @@ impl Drop for Attached<'_> {
     }
 }
 
-/// A running node.
-pub struct Node {
+/// A node's client operations over its store and groups.
+pub struct Service {
     pub id: NodeId,
     pub config: Config,
     pub store: Store,
     groups: HashMap<ShardId, Group>,
+    /// The same groups' Raft handles, as the peer server finds them.
+    registry: Groups,
     push: Arc<PushHub>,
     inflight: Arc<Semaphore>,
-    peer_stats: Arc<peer::PeerStats>,
+    peer_stats: Arc<PeerStats>,
     counters: Arc<CommitCounters>,
-    pub client_endpoint: quinn::Endpoint,
-    pub peer_endpoint: quinn::Endpoint,
 }
 
 /// Sends committed through this node as leader, and the entries that carried them.
@@ -217,30 +140,65 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
 }
 
+/// Why a request has no applied outcome: the service's own result type for everything
+/// short of an outcome. It becomes a wire answer only at the edge ([`Refusal::answer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Malformed or over a limit; nothing was proposed.
+    Invalid(String),
+    /// This node does not lead the shard; `leader` is its best guess.
+    NotLeader { shard: ShardId, leader: Option<NodeId> },
+    /// Over the in-flight bound; nothing was proposed.
+    Throttled { retry_after_ms: u64 },
+    /// The command may or may not have been applied (timeout, group stopped mid-way).
+    Unknown(String),
+    /// The group refused the command before taking it (it has stopped).
+    Unavailable(String),
+    /// The state machine answered with an outcome of the wrong kind (a bug, never input).
+    Unexpected(String),
+}
+
+impl Refusal {
+    /// The client protocol's answer for this refusal.
+    pub fn answer(self) -> Response {
+        match self {
+            Refusal::Invalid(m) => error(ErrorCode::InvalidInput, m),
+            Refusal::NotLeader { shard, leader } => Response::NotLeader { shard, leader },
+            Refusal::Throttled { retry_after_ms } => Response::Throttled { retry_after_ms },
+            Refusal::Unknown(m) => error(ErrorCode::Ambiguous, m),
+            Refusal::Unavailable(m) => error(ErrorCode::Unavailable, m),
+            Refusal::Unexpected(m) => error(ErrorCode::Protocol, m),
+        }
+    }
+}
+
+/// A command's applied outcome, or why there is none.
+pub type Proposed = std::result::Result<Outcome, Refusal>;
+
 /// A batch's valid sends by shard, with their slots in the batch.
 type ByShard = BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)>;
 /// The answers of a batch's invalid sends by slot, and its valid sends by shard.
 type PreparedBatch = (Vec<Option<Response>>, ByShard);
 
 /// The answer to a send whose outcome did not come within [`SEND_TIMEOUT`].
-pub fn no_commit_in_time() -> Response {
-    error(ErrorCode::Ambiguous, format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"))
+pub fn no_commit_in_time() -> Refusal {
+    Refusal::Unknown(format!("no commit within {SEND_TIMEOUT:?}; outcome unknown"))
 }
 
 /// The answer to a send whose proposal was dropped without an outcome (its group stopped).
-pub fn stopped_before_outcome() -> Response {
-    error(ErrorCode::Ambiguous, "the shard's group stopped before the outcome was known")
+pub fn stopped_before_outcome() -> Refusal {
+    Refusal::Unknown("the shard's group stopped before the outcome was known".into())
 }
 
 /// Each send's answer from the outcome of the `SendBatch` entry that carried them.
-fn batch_answers(outcome: std::result::Result<Outcome, Response>, conversations: Vec<String>) -> Vec<Response> {
+fn batch_answers(outcome: Proposed, conversations: Vec<String>) -> Vec<Response> {
     let sends = conversations.len();
     match outcome {
         Ok(Outcome::Batch(outcomes)) if outcomes.len() == sends => {
             outcomes.into_iter().zip(conversations).map(|(o, c)| send_answer(o, c)).collect()
         }
         Ok(other) => vec![error(ErrorCode::Protocol, format!("unexpected outcome of a send batch: {other:?}")); sends],
-        Err(answer) => vec![answer; sends],
+        Err(refusal) => vec![refusal.answer(); sends],
     }
 }
 
@@ -253,29 +211,11 @@ fn send_answer(outcome: Outcome, conversation: String) -> Response {
     }
 }
 
-impl Node {
-    /// Opens storage, binds both endpoints, starts every shard group and serves peers and
-    /// clients until the process ends.
-    pub async fn start(config: Config, id: NodeId) -> Result<Arc<Node>> {
-        let me = config.node(id)?.clone();
-        let paths = tls::ensure_material(&config)?;
-        let (store, fresh) = {
-            let dir = me.data_dir.join("db");
-            tokio::task::spawn_blocking(move || Store::open(&dir))
-                .await
-                .map_err(|e| Error::Storage(e.to_string()))??
-        };
-        let spool_dir: PathBuf = me.data_dir.join("spool");
-        std::fs::create_dir_all(&spool_dir)?;
-
-        let peer_server = tls::server_config(&paths, id, Link::Peer, 1024)?;
-        let peer_endpoint = quinn::Endpoint::server(peer_server, me.peer_addr)
-            .map_err(|e| Error::Config(format!("cannot bind peer address {}: {e}", me.peer_addr)))?;
-        let addrs: HashMap<NodeId, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
-        let append_timeout = Duration::from_millis(config.raft.election_timeout_min_ms);
-        let client_tls = tls::client_config(&paths, Some(id))?;
-        let net = PeerNet::new(peer_endpoint.clone(), client_tls, addrs, append_timeout, store.stages.clone());
-
+impl Service {
+    /// Starts (or restarts) every shard group of this node over `store`, replicating
+    /// through `net`. The groups answer peers only once the peer server is given
+    /// [`Service::registry`]; [`Service::bootstrap`] then forms a brand-new cluster.
+    pub async fn start(config: Config, id: NodeId, store: Store, net: PeerNet) -> Result<Arc<Service>> {
         let raft_config = consensus::raft_config(&config)?;
         let registry: Groups = Arc::new(RwLock::new(HashMap::new()));
         let push = Arc::new(PushHub::new(config.shards, config.limits.push_buffer_messages));
@@ -287,35 +227,38 @@ impl Node {
             registry.write().expect("registry lock is never poisoned at start-up").insert(shard, group.raft.clone());
             groups.insert(shard, group);
         }
-        tokio::spawn(peer::serve(peer_endpoint.clone(), registry, spool_dir, store.stages.clone()));
-
-        let bootstrapper = config.node_ids().first().copied() == Some(id);
-        if fresh && bootstrapper {
-            for group in groups.values() {
-                consensus::initialize_if_pristine(group, &config).await?;
-            }
-            tracing::info!(shards = config.shards, "initialized every shard group");
-        }
-
-        let client_server = tls::server_config(&paths, id, Link::Client, config.limits.max_streams_per_connection)?;
-        let client_endpoint = quinn::Endpoint::server(client_server, me.client_addr)
-            .map_err(|e| Error::Config(format!("cannot bind client address {}: {e}", me.client_addr)))?;
-        let inflight = Arc::new(Semaphore::new(config.limits.max_inflight_sends));
-        let node = Arc::new(Node {
+        let inflight = Arc::new(Semaphore::new(config.limits.inflight_sends_max));
+        let service = Arc::new(Service {
             id,
             config,
             store,
             groups,
+            registry,
             push,
             inflight,
             peer_stats: net.stats(),
             counters: Arc::default(),
-            client_endpoint,
-            peer_endpoint,
         });
-        tokio::spawn(crate::net::server::serve(node.clone()));
-        tokio::spawn(balance_leaders(Arc::downgrade(&node)));
-        Ok(node)
+        tokio::spawn(balance_leaders(Arc::downgrade(&service)));
+        Ok(service)
+    }
+
+    /// The local groups by shard, for the peer server.
+    pub fn registry(&self) -> Groups {
+        self.registry.clone()
+    }
+
+    /// Initializes every shard group with every node as voter when this node is the
+    /// cluster's first and its database was just created (`fresh`).
+    pub async fn bootstrap(&self, fresh: bool) -> Result<()> {
+        let bootstrapper = self.config.node_ids().first().copied() == Some(self.id);
+        if fresh && bootstrapper {
+            for group in self.groups.values() {
+                consensus::initialize_if_pristine(group, &self.config).await?;
+            }
+            tracing::info!(shards = self.config.shards, "initialized every shard group");
+        }
+        Ok(())
     }
 
     /// The node that should lead `shard` when it is healthy: shards are spread round-robin
@@ -341,23 +284,23 @@ impl Node {
         &self,
         group: &Group,
         command: Command,
-        done: impl FnOnce(std::result::Result<Outcome, Response>) + Send + 'static,
-    ) -> std::result::Result<(), Response> {
+        done: impl FnOnce(Proposed) + Send + 'static,
+    ) -> std::result::Result<(), Refusal> {
         let sends = match &command {
             Command::Send(_) => 1,
             Command::SendBatch(b) => b.len() as u32,
             Command::Cursor(_) => 0,
         };
         let Ok(permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
-            return Err(Response::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
+            return Err(Refusal::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
         };
         let (shard, counters, stages) = (group.shard, self.counters.clone(), self.store.stages.clone());
         let proposed = std::time::Instant::now();
         let responder = FnResponder::new(move |result: ClientWriteResult<C>| {
             drop(permits);
             done(match result {
-                Err(ClientWriteError::ForwardToLeader(f)) => Err(Response::NotLeader { shard, leader: f.leader_id }),
-                Err(e) => Err(error(ErrorCode::Ambiguous, format!("shard {shard}: {e}"))),
+                Err(ClientWriteError::ForwardToLeader(f)) => Err(Refusal::NotLeader { shard, leader: f.leader_id }),
+                Err(e) => Err(Refusal::Unknown(format!("shard {shard}: {e}"))),
                 Ok(resp) => {
                     if sends > 0 {
                         stages.record(Stage::Send, proposed.elapsed());
@@ -373,12 +316,12 @@ impl Node {
             .raft
             .client_write_ff(command, Some(responder))
             .await
-            .map_err(|e| error(ErrorCode::Unavailable, format!("shard {shard}: {e}")))
+            .map_err(|e| Refusal::Unavailable(format!("shard {shard}: {e}")))
     }
 
-    /// [`Node::propose_then`], waiting for the outcome at most [`SEND_TIMEOUT`]. An `Err` is
+    /// [`Service::propose_then`], waiting for the outcome at most [`SEND_TIMEOUT`]. An `Err` is
     /// the answer for everything the command carried (throttled, not leader, unknown outcome).
-    async fn propose(&self, group: &Group, command: Command) -> std::result::Result<Outcome, Response> {
+    async fn propose(&self, group: &Group, command: Command) -> Proposed {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.propose_then(group, command, move |outcome| {
             let _ = tx.send(outcome);
@@ -392,17 +335,17 @@ impl Node {
     }
 
     /// Validates a send and stamps it: its shard and command, or the error answer.
-    fn prepare_send(&self, req: SendRequest) -> std::result::Result<(ShardId, SendCommand), Response> {
+    fn prepare_send(&self, req: SendRequest) -> std::result::Result<(ShardId, SendCommand), Refusal> {
         let shard = match self.group_of(&req.conversation) {
             Ok(g) => g.shard,
-            Err(e) => return Err(error(ErrorCode::InvalidInput, e.to_string())),
+            Err(e) => return Err(Refusal::Invalid(e.to_string())),
         };
         if let Err(m) = chat::validate_id("user", &req.sender) {
-            return Err(error(ErrorCode::InvalidInput, m));
+            return Err(Refusal::Invalid(m));
         }
-        let max = self.config.limits.max_message_bytes;
+        let max = self.config.limits.message_bytes_max;
         if req.text.len() > max {
-            return Err(error(ErrorCode::InvalidInput, format!("message is {} bytes, limit {max}", req.text.len())));
+            return Err(Refusal::Invalid(format!("message is {} bytes, limit {max}", req.text.len())));
         }
         Ok((
             shard,
@@ -432,21 +375,21 @@ impl Node {
             Request::Send(req) => {
                 let (shard, command) = match self.prepare_send(req) {
                     Ok(p) => p,
-                    Err(answer) => return Some(answer),
+                    Err(refusal) => return Some(refusal.answer()),
                 };
                 let conversation = command.conversation.clone();
-                let done = move |outcome: std::result::Result<Outcome, Response>| {
+                let done = move |outcome: Proposed| {
                     reply(match outcome {
                         Ok(outcome) => send_answer(outcome, conversation),
-                        Err(answer) => answer,
+                        Err(refusal) => refusal.answer(),
                     })
                 };
-                self.propose_then(&self.groups[&shard], Command::Send(command), done).await.err()
+                self.propose_then(&self.groups[&shard], Command::Send(command), done).await.err().map(Refusal::answer)
             }
             Request::SendBatch(reqs) => {
                 let (answers, mut by_shard) = match self.prepare_batch(reqs) {
                     Ok(prepared) => prepared,
-                    Err(answer) => return Some(answer),
+                    Err(refusal) => return Some(refusal.answer()),
                 };
                 // The usual batch — every send valid, one shard (the client batches per
                 // shard) — is answered from the state machine's task like a single send.
@@ -454,7 +397,11 @@ impl Node {
                     if let Some((shard, (_, commands))) = by_shard.pop_first() {
                         let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
                         let done = move |outcome| reply(Response::Batch(batch_answers(outcome, conversations)));
-                        return self.propose_then(&self.groups[&shard], Command::SendBatch(commands), done).await.err();
+                        return self
+                            .propose_then(&self.groups[&shard], Command::SendBatch(commands), done)
+                            .await
+                            .err()
+                            .map(Refusal::answer);
                     }
                 }
                 Some(self.send_batch_awaited((answers, by_shard)).await)
@@ -465,12 +412,9 @@ impl Node {
 
     /// Validates each send of a batch on its own: the answers of the invalid ones by slot,
     /// and the valid ones grouped by shard with their slots.
-    fn prepare_batch(&self, reqs: Vec<SendRequest>) -> std::result::Result<PreparedBatch, Response> {
+    fn prepare_batch(&self, reqs: Vec<SendRequest>) -> std::result::Result<PreparedBatch, Refusal> {
         if reqs.len() > SEND_BATCH_MAX {
-            return Err(error(
-                ErrorCode::InvalidInput,
-                format!("{} sends in one batch, limit {SEND_BATCH_MAX}", reqs.len()),
-            ));
+            return Err(Refusal::Invalid(format!("{} sends in one batch, limit {SEND_BATCH_MAX}", reqs.len())));
         }
         let mut answers: Vec<Option<Response>> = vec![None; reqs.len()];
         let mut by_shard = ByShard::new();
@@ -481,7 +425,7 @@ impl Node {
                     slots.push(i);
                     commands.push(command);
                 }
-                Err(answer) => answers[i] = Some(answer),
+                Err(refusal) => answers[i] = Some(refusal.answer()),
             }
         }
         Ok((answers, by_shard))
@@ -521,7 +465,7 @@ impl Node {
             }
             Ok(Outcome::Rejected { reason }) => error(ErrorCode::Rejected, reason.to_string()),
             Ok(other) => error(ErrorCode::Protocol, format!("unexpected outcome of a cursor move: {other:?}")),
-            Err(answer) => answer,
+            Err(refusal) => refusal.answer(),
         }
     }
 
@@ -555,12 +499,12 @@ impl Node {
             let mut next = from.max(1);
             let count = store.scan_messages(shard, &conversation, next, CATCH_UP_BATCH, |offset, value| {
                 if offset != next {
-                    return Err(Error::Storage(format!(
+                    return Err(Error::Corrupt(format!(
                         "conversation {conversation:?}: offset {offset} stored where {next} was due"
                     )));
                 }
                 next = offset + 1;
-                crate::net::wire::message_frame_from_stored(value, &mut frames)
+                frames::message_frame_from_stored(value, &mut frames)
             })?;
             Ok(StoredFrames { frames, count, next })
         }))
@@ -678,76 +622,13 @@ impl Node {
         }
     }
 
-    /// Stops the groups (used by tests that run a node in-process).
+    /// Stops every group: proposals in flight get no outcome (their clients see the
+    /// answer as unknown), and the groups release the store.
     pub async fn shutdown(&self) {
-        self.client_endpoint.close(0u32.into(), b"shutdown");
         for g in self.groups.values() {
-            let _ = g.raft.shutdown().await;
-        }
-        self.peer_endpoint.close(0u32.into(), b"shutdown");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn message(conversation: &str, offset: u64) -> StoredMessage {
-        StoredMessage {
-            conversation: conversation.into(),
-            offset,
-            sender: "u".into(),
-            ts_ms: 0,
-            client_id: 1,
-            client_seq: offset,
-            text: format!("m{offset}"),
-        }
-    }
-
-    // Containment and routing of live push: a message reaches only its conversation's
-    // subscribers, framed exactly as a `Response::Message`; a reset reaches every watched
-    // conversation of its shard and no other; a conversation's channel is freed with its
-    // last subscriber.
-    #[tokio::test]
-    async fn push_hub_routes_by_conversation_and_frees_idle_channels() {
-        let shards = 4;
-        let hub = PushHub::new(shards, 8);
-        let a = "alpha";
-        let shard = chat::shard_of(a, shards);
-        let same_shard = (0..).map(|i| format!("beta-{i}")).find(|c| chat::shard_of(c, shards) == shard);
-        let b = same_shard.expect("some conversation shares alpha's shard");
-        let other_shard = (0..).map(|i| format!("gamma-{i}")).find(|c| chat::shard_of(c, shards) != shard);
-        let c = other_shard.expect("some conversation is on another shard");
-
-        let mut on_a = hub.attach(a);
-        let mut also_on_a = hub.attach(a);
-        let mut on_b = hub.attach(&b);
-        let mut on_c = hub.attach(&c);
-        assert_eq!(hub.channels.lock().expect("lock").len(), 3);
-
-        hub.appended(vec![message(a, 1), message("unwatched", 1)]);
-        for rx in [&mut on_a, &mut also_on_a] {
-            match rx.recv().await.expect("a push").as_ref() {
-                Push::Message { offset, frame } => {
-                    assert_eq!(*offset, 1);
-                    assert_eq!(frame.as_ref(), frame::encode(&Response::Message(message(a, 1))).as_slice());
-                }
-                Push::Resync => panic!("expected alpha's message"),
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!(shard = g.shard, error = %e, "a shard group did not stop cleanly");
             }
         }
-        hub.reset(shard);
-        assert!(matches!(on_b.recv().await.expect("a push").as_ref(), Push::Resync), "b saw only the reset");
-        assert!(matches!(on_a.recv().await.expect("a push").as_ref(), Push::Resync));
-        assert!(on_c.try_recv().is_err(), "another shard's reset and messages do not reach c");
-
-        drop(on_a);
-        hub.detach(a);
-        assert!(hub.channels.lock().expect("lock").contains_key(a), "alpha still has a subscriber");
-        drop(also_on_a);
-        hub.detach(a);
-        drop((on_b, on_c));
-        hub.detach(&b);
-        hub.detach(&c);
-        assert!(hub.channels.lock().expect("lock").is_empty(), "channels are freed with their last subscriber");
     }
 }

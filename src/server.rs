@@ -4,21 +4,32 @@
 //! stream of sends stays open for the client's next send (its lane, see `client`); a send's
 //! answer is written by the state machine's task as it applies the send (see [`Reply`]).
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use super::frame;
-use super::lane::write_now;
-use super::wire::{ErrorCode, Request, Response};
 use crate::error::Error;
-use crate::service::{self, Node, SEND_TIMEOUT};
+use crate::net::frame;
+use crate::net::lane::write_now;
+use crate::net::wire::{ErrorCode, Request, Response};
+use crate::service::{self, Service, SEND_TIMEOUT};
 
-/// Serves clients until the endpoint closes.
-pub async fn serve(node: Arc<Node>) {
-    let permits = Arc::new(Semaphore::new(node.config.limits.max_connections));
-    while let Some(incoming) = node.client_endpoint.accept().await {
+/// Serves clients on `endpoint` until `shutdown` completes or the endpoint closes. On
+/// shutdown it stops accepting; connections already open end when the node closes the
+/// endpoint.
+pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl Future<Output = ()>) {
+    let permits = Arc::new(Semaphore::new(node.config.limits.connections_max));
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+            () = &mut shutdown => return,
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
             incoming.refuse();
@@ -47,24 +58,39 @@ pub async fn serve(node: Arc<Node>) {
     }
 }
 
-fn code_of(e: &Error) -> ErrorCode {
-    match e {
+/// The client protocol's answer for an error met while serving a request. Every variant
+/// is named: a new one must choose its answer here.
+fn answer_of(e: Error) -> Response {
+    let code = match &e {
+        Error::NotLeader { shard, leader } => return Response::NotLeader { shard: *shard, leader: *leader },
+        Error::Throttled { retry_after_ms } => return Response::Throttled { retry_after_ms: *retry_after_ms },
+        Error::Truncated { earliest } => return Response::Truncated { earliest: *earliest },
         Error::InvalidInput(_) => ErrorCode::InvalidInput,
+        Error::Rejected(_) => ErrorCode::Rejected,
         Error::Protocol(_) => ErrorCode::Protocol,
         Error::Ambiguous(_) => ErrorCode::Ambiguous,
-        _ => ErrorCode::Unavailable,
-    }
+        // The node cannot serve this now; another replica may.
+        Error::Unavailable(_)
+        | Error::Config(_)
+        | Error::Tls { .. }
+        | Error::Storage(_)
+        | Error::Corrupt(_)
+        | Error::Raft { .. }
+        | Error::Task { .. }
+        | Error::Io(_) => ErrorCode::Unavailable,
+    };
+    Response::Error { code, message: e.to_string() }
 }
 
 /// Serves one request stream. A stream whose requests are sends stays open for the next
 /// send once it is answered (the client's lane); any other request is its stream's only one.
-async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn handle(node: Arc<Service>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     loop {
-        let request = match frame::read::<_, Request>(&mut recv, node.config.limits.max_frame_bytes).await {
+        let request = match frame::read::<_, Request>(&mut recv, node.config.limits.frame_bytes_max).await {
             Ok(Some(r)) => r,
             Ok(None) => break,
             Err(e) => {
-                let _ = frame::write(&mut send, &Response::Error { code: code_of(&e), message: e.to_string() }).await;
+                let _ = frame::write(&mut send, &answer_of(e)).await;
                 break;
             }
         };
@@ -87,7 +113,7 @@ async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::R
             Request::Subscribe { conversation, from, follow } => {
                 match node.subscribe(conversation, from, follow, &mut send).await {
                     Ok(()) => break,
-                    Err(e) => Response::Error { code: code_of(&e), message: e.to_string() },
+                    Err(e) => answer_of(e),
                 }
             }
         };
@@ -109,7 +135,7 @@ async fn handle(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::R
 /// write wakes the connection's driver, which runs at once, before the next woken handler
 /// writes. So the answer is written where it is known — all answers of one apply batch are
 /// written in the same task poll, and the driver sends them in as few datagrams as they fit.
-async fn answer_send(node: &Node, stream: quinn::SendStream, request: Request) -> Option<quinn::SendStream> {
+async fn answer_send(node: &Service, stream: quinn::SendStream, request: Request) -> Option<quinn::SendStream> {
     let reply = Arc::new(Reply(Mutex::new(ReplyState::Waiting(stream))));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let writer = reply.clone();
@@ -124,14 +150,16 @@ async fn answer_send(node: &Node, stream: quinn::SendStream, request: Request) -
         None => match tokio::time::timeout(SEND_TIMEOUT, done_rx).await {
             Ok(Ok(())) => None,
             // The group dropped the proposal without an outcome (it stopped).
-            Ok(Err(_)) => Some(service::stopped_before_outcome()),
-            Err(_) => Some(service::no_commit_in_time()),
+            Ok(Err(_)) => Some(service::stopped_before_outcome().answer()),
+            Err(_) => Some(service::no_commit_in_time().answer()),
         },
     };
     let (mut stream, rest) = match reply.take() {
         ReplyState::Answered(stream, rest) => (stream, rest),
         // No answer was written: the one known here is (an answer written meanwhile won).
-        ReplyState::Waiting(stream) => (stream, frame::encode(&late.unwrap_or_else(service::stopped_before_outcome))),
+        ReplyState::Waiting(stream) => {
+            (stream, frame::encode(&late.unwrap_or_else(|| service::stopped_before_outcome().answer())))
+        }
         ReplyState::Taken => return None,
     };
     if !rest.is_empty() && stream.write_all(&rest).await.is_err() {

@@ -1,0 +1,100 @@
+//! A node's start and stop: open the store, bind the peer and client endpoints (separate, so
+//! client load cannot starve Raft), start the shard groups, serve peers and clients, and on
+//! shutdown stop in the reverse order.
+//!
+//! [`run`] takes the shutdown as a future (a signal in the binary, a channel in a test), as
+//! mini-redis's server does; [`Node::start`] and [`Node::stop`] are the same two halves for a
+//! caller that holds the node in between. Stopping needs no flush: everything acknowledged
+//! is already durable. Stopping the groups releases the store so RocksDB closes before the
+//! process exits.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::net::quic::PEER_STREAMS_MAX;
+use crate::net::tls::{self, Link};
+use crate::raft::network::{self, PeerNet};
+use crate::raft::types::NodeId;
+use crate::server;
+use crate::service::Service;
+use crate::store::Store;
+
+/// A running node.
+pub struct Node {
+    pub id: NodeId,
+    pub service: Arc<Service>,
+    client_endpoint: quinn::Endpoint,
+    peer_endpoint: quinn::Endpoint,
+    /// Tells the client server to stop accepting.
+    stop_tx: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Opens storage, binds both endpoints, starts every shard group and serves peers and
+    /// clients until [`Node::stop`].
+    pub async fn start(config: Config, id: NodeId) -> Result<Node> {
+        let me = config.node(id)?.clone();
+        let paths = tls::ensure_material(&config)?;
+        let (store, fresh) = {
+            let dir = me.data_dir.join("db");
+            tokio::task::spawn_blocking(move || Store::open(&dir)).await.map_err(Error::task("opening the store"))??
+        };
+        let spool_dir = me.data_dir.join("spool");
+        std::fs::create_dir_all(&spool_dir)?;
+
+        let peer_server = tls::server_config(&paths, id, Link::Peer, PEER_STREAMS_MAX)?;
+        let peer_endpoint = quinn::Endpoint::server(peer_server, me.peer_addr)
+            .map_err(|e| Error::Config(format!("cannot bind peer address {}: {e}", me.peer_addr)))?;
+        let addrs: HashMap<NodeId, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
+        let append_timeout = Duration::from_millis(config.raft.election_timeout_ms_min);
+        let dialer = tls::client_config(&paths, Some(id))?;
+        let net = PeerNet::new(peer_endpoint.clone(), dialer, addrs, append_timeout, store.stages.clone());
+
+        let service = Service::start(config, id, store, net).await?;
+        let stages = service.store.stages.clone();
+        tokio::spawn(network::serve(peer_endpoint.clone(), service.registry(), spool_dir, stages));
+        service.bootstrap(fresh).await?;
+
+        let limits = &service.config.limits;
+        let client_server = tls::server_config(&paths, id, Link::Client, limits.streams_per_connection_max)?;
+        let client_endpoint = quinn::Endpoint::server(client_server, me.client_addr)
+            .map_err(|e| Error::Config(format!("cannot bind client address {}: {e}", me.client_addr)))?;
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let stopped = async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        };
+        let server = tokio::spawn(server::serve(service.clone(), client_endpoint.clone(), stopped));
+        Ok(Node { id, service, client_endpoint, peer_endpoint, stop_tx, server })
+    }
+
+    /// Stops accepting clients, closes their connections, stops every group and closes the
+    /// peer endpoint. Proposals in flight get no outcome; their clients see it as unknown
+    /// and retry with the same idempotency key.
+    pub async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        if let Err(e) = self.server.await {
+            tracing::warn!(error = %e, "the client server task ended abnormally");
+        }
+        self.client_endpoint.close(0u32.into(), b"shutdown");
+        self.service.shutdown().await;
+        self.peer_endpoint.close(0u32.into(), b"shutdown");
+    }
+}
+
+/// Runs node `id` of `config` until `shutdown` completes, then stops it.
+pub async fn run(config: Config, id: NodeId, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let node = Node::start(config, id).await?;
+    tracing::info!(node = id, "node running");
+    shutdown.await;
+    tracing::info!(node = id, "stopping");
+    node.stop().await;
+    Ok(())
+}
