@@ -4,8 +4,9 @@
 //! the modules listed before it in [`LAYERS`], and a unit test below checks every
 //! `crate::…` path of every source file against that table.
 //!
-//! - [`error`], [`stages`], [`planted`]: the crate's error, the send path's latency
-//!   histograms, and the test-only planted bugs. They use nothing of the crate.
+//! - [`error`], [`decode`], [`stages`], [`planted`]: the crate's error, bincode decoding
+//!   with an allocation limit, the send path's latency histograms, and the test-only
+//!   planted bugs. They use nothing of the crate.
 //! - [`chat`]: the domain and its pure, deterministic apply (offsets, dedup, cursors, limits).
 //! - [`config`]: `cluster.toml` → a validated [`config::Config`]; it imports nothing above
 //!   `chat`.
@@ -28,6 +29,7 @@
 pub mod chat;
 pub mod client;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod net;
 pub mod node;
@@ -44,12 +46,13 @@ pub use error::{Error, Result};
 /// not listed here fails the rule's test until it is placed.
 pub const LAYERS: &[(&str, &[&str])] = &[
     ("error", &[]),
+    ("decode", &[]),
     ("stages", &[]),
     ("planted", &[]),
     ("chat", &["error"]),
     ("config", &["error", "chat"]),
-    ("store", &["error", "stages", "planted", "chat", "config"]),
-    ("net", &["error", "stages", "chat", "config"]),
+    ("store", &["error", "decode", "stages", "planted", "chat", "config"]),
+    ("net", &["error", "decode", "stages", "chat", "config"]),
     ("raft", &["error", "stages", "planted", "chat", "config", "store", "net"]),
     ("service", &["error", "stages", "planted", "chat", "config", "store", "net", "raft"]),
     ("server", &["error", "stages", "chat", "config", "net", "service"]),

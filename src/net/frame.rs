@@ -34,8 +34,8 @@ pub fn decode_body<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
         }
         None => return Err(Error::Protocol("empty frame".into())),
     }
-    let (value, used) = bincode::serde::decode_from_slice(&payload[1..], bincode::config::standard())
-        .map_err(|e| Error::Protocol(format!("malformed frame: {e}")))?;
+    let (value, used) =
+        crate::decode::from_slice(&payload[1..]).map_err(|e| Error::Protocol(format!("malformed frame: {e}")))?;
     if used + 1 != payload.len() {
         return Err(Error::Protocol("malformed frame: trailing bytes".into()));
     }
@@ -163,6 +163,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    // The 15-byte frame that used to abort a node: a `Request::Send` whose conversation
+    // announces 2^50 bytes. It is an error now, and so is every other lying length.
+    #[tokio::test]
+    async fn a_crafted_length_inside_a_frame_is_an_error_not_an_abort() {
+        use crate::net::wire::Request;
+        for announced in [1u64 << 32, 1 << 50, 1 << 63] {
+            let mut body = vec![WIRE_VERSION, 0 /* Request::Send */, 253];
+            body.extend_from_slice(&announced.to_le_bytes());
+            let mut framed = ((body.len()) as u32).to_be_bytes().to_vec();
+            framed.extend_from_slice(&body);
+            let err = read::<_, Request>(&mut framed.as_slice(), 1 << 20).await.expect_err("a lying length");
+            assert!(matches!(err, Error::Protocol(_)), "{err}");
+        }
+    }
 
     #[tokio::test]
     async fn round_trip_and_clean_end() {

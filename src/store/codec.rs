@@ -27,8 +27,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, std::io::Error> {
         Some(v) => return Err(invalid(format!("unknown on-disk format version {v}"))),
         None => return Err(invalid("empty record".into())),
     }
-    let (value, used) = bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
-        .map_err(|e| invalid(format!("corrupt record: {e}")))?;
+    let (value, used) = crate::decode::from_slice(&bytes[1..]).map_err(|e| invalid(format!("corrupt record: {e}")))?;
     if used != bytes.len() - 1 {
         return Err(invalid(format!("corrupt record: {} trailing bytes", bytes.len() - 1 - used)));
     }
