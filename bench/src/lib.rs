@@ -19,6 +19,8 @@
 //! returns; `convoy-bench-peers` runs the same loops ([`closed_loop`], [`paced_sender`])
 //! against NATS JetStream and etcd.
 
+pub mod chart;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
@@ -878,6 +880,28 @@ pub fn table(records: &[Record]) -> String {
         ));
     }
     s
+}
+
+/// Writes `records` as JSON to `path` and, beside it (`path` with the extension `svg`), one
+/// chart of msgs/s and p99 per workload, with every system side by side: these records and
+/// those of the JSON files in `compare` (an earlier run of the other systems). Returns the
+/// chart's path.
+pub fn write_records(path: &Path, records: &[Record], compare: &[PathBuf]) -> Result<PathBuf> {
+    std::fs::write(path, serde_json::to_string_pretty(records)?)?;
+    let mut all: Vec<serde_json::Value> = records.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
+    for other in compare {
+        let text = std::fs::read_to_string(other).map_err(|e| anyhow::anyhow!("reading {}: {e}", other.display()))?;
+        let theirs: Vec<serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a bench record list: {e}", other.display()))?;
+        all.extend(theirs);
+    }
+    let systems: std::collections::BTreeSet<&str> =
+        all.iter().filter_map(|r| r.get("system").and_then(serde_json::Value::as_str)).collect();
+    let title = format!("{} (msgs/s and p99 per workload)", systems.into_iter().collect::<Vec<_>>().join(", "));
+    let svg = chart::svg(&chart::bars(&all), &title).map_err(anyhow::Error::msg)?;
+    let svg_path = path.with_extension("svg");
+    std::fs::write(&svg_path, svg)?;
+    Ok(svg_path)
 }
 
 #[cfg(test)]

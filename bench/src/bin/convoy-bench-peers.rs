@@ -26,8 +26,8 @@ use async_nats::jetstream::consumer::{push, DeliverPolicy};
 use bytes::Bytes;
 use clap::Parser;
 use convoy_bench::{
-    closed_loop, latency_of, paced_sender, record, table, text, witness_lines, BenchOptions, DiskWitness, Record,
-    Samples, MESSAGE_BYTES, SENDERS_PER_CLIENT, WITNESS_HEADING,
+    closed_loop, latency_of, paced_sender, record, table, text, witness_lines, write_records, BenchOptions,
+    DiskWitness, Record, Samples, MESSAGE_BYTES, SENDERS_PER_CLIENT, WITNESS_HEADING,
 };
 use etcd_client::{GetOptions, KvClient, WatchOptions};
 use futures::StreamExt;
@@ -61,9 +61,14 @@ struct Cli {
     /// Shorter phases (3 s instead of 10 s, 20k instead of 200k catch-up messages).
     #[arg(long)]
     quick: bool,
-    /// Write the records as JSON here.
+    /// Write the records as JSON here, and beside them (`.svg`) a chart of msgs/s and p99 per
+    /// workload.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Records of an earlier run (JSON from `--out` of convoy-bench or convoy-bench-peers) to
+    /// draw beside this run's in the chart.
+    #[arg(long, requires = "out")]
+    compare: Vec<PathBuf>,
     /// Parent of the run's temp directory (its disk is what is measured).
     #[arg(long, default_value = "/tmp")]
     dir: PathBuf,
@@ -146,9 +151,9 @@ async fn run(cli: Cli) -> Result<()> {
         print!("{}\n{witness}", WITNESS_HEADING);
     }
     if let Some(path) = cli.out {
-        std::fs::write(&path, serde_json::to_string_pretty(&records)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("records written to {}", path.display());
+        let chart =
+            write_records(&path, &records, &cli.compare).with_context(|| format!("writing {}", path.display()))?;
+        println!("records written to {}, chart to {}", path.display(), chart.display());
     }
     Ok(())
 }

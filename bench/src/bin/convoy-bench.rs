@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use convoy_bench::{run, stage_lines, table, witness_lines, BenchOptions, WITNESS_HEADING};
+use convoy_bench::{run, stage_lines, table, witness_lines, write_records, BenchOptions, WITNESS_HEADING};
 
 /// The same allocator as the nodes' (src/bin/convoy.rs): the bench's client side, and the
 /// `raw_append` workload's in-process RocksDB, measured under jemalloc before the bench left
@@ -25,9 +25,14 @@ struct Cli {
     /// Shorter phases (3 s instead of 10 s, 20k instead of 200k catch-up messages).
     #[arg(long)]
     quick: bool,
-    /// Write the records as JSON here.
+    /// Write the records as JSON here, and beside them (`.svg`) a chart of msgs/s and p99 per
+    /// workload.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Records of an earlier run (JSON from `--out` of convoy-bench or convoy-bench-peers) to
+    /// draw beside this run's in the chart.
+    #[arg(long, requires = "out")]
+    compare: Vec<PathBuf>,
     /// Working directory for the bench's cluster and probes (its disk is what is measured).
     #[arg(long, default_value = "data/bench")]
     dir: PathBuf,
@@ -77,9 +82,9 @@ async fn bench(cli: Cli) -> Result<()> {
         print!("{WITNESS_HEADING}\n{witness}");
     }
     if let Some(path) = cli.out {
-        std::fs::write(&path, serde_json::to_string_pretty(&records)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("records written to {}", path.display());
+        let chart =
+            write_records(&path, &records, &cli.compare).with_context(|| format!("writing {}", path.display()))?;
+        println!("records written to {}, chart to {}", path.display(), chart.display());
     }
     Ok(())
 }
