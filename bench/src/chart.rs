@@ -17,7 +17,7 @@ const WIDTH: u32 = 1100;
 /// Pixels of each of the two panels.
 const PANEL_HEIGHT: u32 = 330;
 /// Space left for the x labels under the lower panel, in pixels.
-const LABEL_AREA: u32 = 90;
+const LABEL_AREA: u32 = 40;
 
 /// One bar's worth of a record.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,16 +29,29 @@ pub struct Bar {
     pub p99_ms: f64,
 }
 
-/// The label of a record's workload: its name, and its senders × conversations where the
-/// workload runs several shapes.
+/// The short label of a record's workload, unique per workload and shape: a chart has room
+/// for about ten characters under each group.
 fn label(r: &Value) -> Option<String> {
     let workload = r.get("workload")?.as_str()?;
-    let senders = r.get("senders").and_then(Value::as_u64).unwrap_or(0);
-    let conversations = r.get("conversations").and_then(Value::as_u64).unwrap_or(0);
+    let number = |key: &str| r.get(key).and_then(Value::as_f64);
     Some(match workload {
-        "send_throughput" => format!("{workload} {senders}×{conversations}"),
-        _ => workload.to_string(),
+        "send_latency" => "1 sender".to_string(),
+        "send_throughput" => format!("{:.0}×{:.0}", number("senders")?, number("conversations")?),
+        "push_latency" => format!("push {:.0}/s", number("target_rate").or_else(|| number("msgs_per_s"))?),
+        "connections" => format!("{:.0}k idle", number("connections").unwrap_or(0.0) / 1000.0),
+        other => other.to_string(),
     })
+}
+
+/// A tick value in short form: 1.5k, 20k, 1M; 0.5, 2, 100.
+fn short(v: f64) -> String {
+    let (scaled, unit) = match v {
+        v if v >= 1e6 => (v / 1e6, "M"),
+        v if v >= 1e3 => (v / 1e3, "k"),
+        v => (v, ""),
+    };
+    let text = format!("{scaled:.1}");
+    format!("{}{unit}", text.trim_end_matches('0').trim_end_matches('.'))
 }
 
 /// The bars of `records` (bench JSON records of any system). Probes of the disk
@@ -132,7 +145,8 @@ fn panel(
         .disable_x_mesh()
         .x_labels(labels.len() * 2 + 1)
         .x_label_formatter(&label_at)
-        .x_label_style(("sans-serif", 11).into_font().transform(FontTransform::Rotate90))
+        .x_label_style(("sans-serif", 11))
+        .y_label_formatter(&|v: &f64| short(*v))
         .y_desc(y_desc)
         .draw()?;
     let width = 0.8 / systems.len().max(1) as f64;
@@ -163,6 +177,8 @@ mod tests {
             json!({"system":"jetstream","workload":"send_throughput","senders":256,"conversations":64,"msgs_per_s":30300.0,"p99_us":15000}),
             json!({"system":"etcd","workload":"send_throughput","senders":256,"conversations":64,"msgs_per_s":9800.0,"p99_us":52000}),
             json!({"system":"etcd","workload":"connections","senders":0,"conversations":0,"msgs_per_s":0.0,"p99_us":0}),
+            json!({"system":"convoy","workload":"push_latency","senders":1,"conversations":1,"msgs_per_s":499.7,"target_rate":500,"p99_us":5895}),
+            json!({"system":"convoy","workload":"push_latency","senders":1,"conversations":1,"msgs_per_s":4990.0,"target_rate":5000,"p99_us":15783}),
         ]
     }
 
@@ -173,10 +189,12 @@ mod tests {
         assert_eq!(
             labels,
             [
-                ("convoy", "send_latency"),
-                ("convoy", "send_throughput 256×64"),
-                ("jetstream", "send_throughput 256×64"),
-                ("etcd", "send_throughput 256×64"),
+                ("convoy", "1 sender"),
+                ("convoy", "256×64"),
+                ("jetstream", "256×64"),
+                ("etcd", "256×64"),
+                ("convoy", "push 500/s"),
+                ("convoy", "push 5000/s"),
             ]
         );
         assert!((bars[0].p99_ms - 1.99).abs() < 1e-9);
@@ -186,18 +204,26 @@ mod tests {
     fn the_chart_is_an_svg_with_a_bar_and_a_legend_entry_per_system() {
         let doc = svg(&bars(&records()), "convoy beside its peers").expect("drawn");
         assert!(doc.starts_with("<svg") && doc.trim_end().ends_with("</svg>"), "{}", &doc[..doc.len().min(200)]);
-        for text in ["convoy beside its peers", "convoy", "jetstream", "etcd", "msgs/s (log)", "send_latency"] {
+        for text in
+            ["convoy beside its peers", "convoy", "jetstream", "etcd", "msgs/s (log)", "1 sender", "push 5000/s"]
+        {
             assert!(doc.contains(text), "{text} missing");
         }
-        // Two panels × (convoy 2 + jetstream 1 + etcd 1) bars, three filled legend swatches
+        // Two panels × (convoy 4 + jetstream 1 + etcd 1) bars, three filled legend swatches
         // per panel, and the backgrounds.
         let filled = doc.matches("<rect").count();
-        assert!(filled >= 2 * 4 + 2 * 3, "{filled} rects");
+        assert!(filled >= 2 * 6 + 2 * 3, "{filled} rects");
     }
 
     #[test]
     fn an_empty_run_still_draws() {
         let doc = svg(&[], "nothing measured").expect("drawn");
         assert!(doc.contains("nothing measured"));
+    }
+
+    #[test]
+    fn ticks_read_as_people_write_them() {
+        let ticks = [0.5, 2.0, 1000.0, 1500.0, 20_000.0, 1e6].map(short);
+        assert_eq!(ticks, ["0.5", "2", "1k", "1.5k", "20k", "1M"]);
     }
 }

@@ -882,18 +882,43 @@ pub fn table(records: &[Record]) -> String {
     s
 }
 
-/// Writes `records` as JSON to `path` and, beside it (`path` with the extension `svg`), one
-/// chart of msgs/s and p99 per workload, with every system side by side: these records and
-/// those of the JSON files in `compare` (an earlier run of the other systems). Returns the
-/// chart's path.
+/// The options every bench binary takes: run length and where the records and chart go.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Shorter phases (3 s instead of 10 s, 20k instead of 200k catch-up messages).
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the records as JSON here, and beside them (`.svg`) a chart of msgs/s and p99 per
+    /// workload.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Records of an earlier run (JSON from `--out` of convoy-bench or convoy-bench-peers) to
+    /// draw beside this run's in the chart.
+    #[arg(long)]
+    pub compare: Vec<PathBuf>,
+}
+
+/// Writes `records` as JSON to `path` and, beside it, their chart (see [`write_chart`]).
+/// Returns the chart's path.
 pub fn write_records(path: &Path, records: &[Record], compare: &[PathBuf]) -> Result<PathBuf> {
     std::fs::write(path, serde_json::to_string_pretty(records)?)?;
-    let mut all: Vec<serde_json::Value> = records.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
+    let own: Vec<serde_json::Value> = records.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
+    write_chart(path, own, compare)
+}
+
+/// Reads a record file written by [`write_records`].
+pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a bench record list: {e}", path.display()))
+}
+
+/// Writes, beside `path` (`path` with the extension `svg`), one chart of msgs/s and p99 per
+/// workload with every system side by side: the records `own` and those of the record files
+/// in `compare` (an earlier run of the other systems). Returns the chart's path.
+pub fn write_chart(path: &Path, own: Vec<serde_json::Value>, compare: &[PathBuf]) -> Result<PathBuf> {
+    let mut all = own;
     for other in compare {
-        let text = std::fs::read_to_string(other).map_err(|e| anyhow::anyhow!("reading {}: {e}", other.display()))?;
-        let theirs: Vec<serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not a bench record list: {e}", other.display()))?;
-        all.extend(theirs);
+        all.extend(read_records(other)?);
     }
     let systems: std::collections::BTreeSet<&str> =
         all.iter().filter_map(|r| r.get("system").and_then(serde_json::Value::as_str)).collect();

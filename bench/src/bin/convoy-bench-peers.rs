@@ -27,7 +27,7 @@ use bytes::Bytes;
 use clap::Parser;
 use convoy_bench::{
     closed_loop, latency_of, paced_sender, record, table, text, witness_lines, write_records, BenchOptions,
-    DiskWitness, Record, Samples, MESSAGE_BYTES, SENDERS_PER_CLIENT, WITNESS_HEADING,
+    DiskWitness, Record, RunArgs, Samples, MESSAGE_BYTES, SENDERS_PER_CLIENT, WITNESS_HEADING,
 };
 use etcd_client::{GetOptions, KvClient, WatchOptions};
 use futures::StreamExt;
@@ -58,17 +58,8 @@ const ETCD_DURABILITY: &str = "quorum fsync (WAL) before ack";
     about = "Run convoy-bench's workloads against NATS JetStream and etcd clusters on this machine"
 )]
 struct Cli {
-    /// Shorter phases (3 s instead of 10 s, 20k instead of 200k catch-up messages).
-    #[arg(long)]
-    quick: bool,
-    /// Write the records as JSON here, and beside them (`.svg`) a chart of msgs/s and p99 per
-    /// workload.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Records of an earlier run (JSON from `--out` of convoy-bench or convoy-bench-peers) to
-    /// draw beside this run's in the chart.
-    #[arg(long, requires = "out")]
-    compare: Vec<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Parent of the run's temp directory (its disk is what is measured).
     #[arg(long, default_value = "/tmp")]
     dir: PathBuf,
@@ -109,7 +100,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let opts = BenchOptions { quick: cli.quick };
+    let opts = BenchOptions { quick: cli.run.quick };
     let nats_bin = find_binary(cli.nats_server, "nats-server", "nats-server", "--nats-server")?;
     let etcd_bin = find_binary(cli.etcd, "etcd", "etcd-server", "--etcd")?;
     let nats_version = version_of(&nats_bin)?;
@@ -121,7 +112,7 @@ async fn run(cli: Cli) -> Result<()> {
     eprintln!(
         "convoy-bench-peers: {nats_version} and {etcd_version}, fresh clusters under {}{}",
         work.display(),
-        if cli.quick { " (quick)" } else { "" }
+        if cli.run.quick { " (quick)" } else { "" }
     );
     let _work_guard = RemoveDir(work.clone());
 
@@ -150,9 +141,9 @@ async fn run(cli: Cli) -> Result<()> {
     if !witness.is_empty() {
         print!("{}\n{witness}", WITNESS_HEADING);
     }
-    if let Some(path) = cli.out {
+    if let Some(path) = cli.run.out {
         let chart =
-            write_records(&path, &records, &cli.compare).with_context(|| format!("writing {}", path.display()))?;
+            write_records(&path, &records, &cli.run.compare).with_context(|| format!("writing {}", path.display()))?;
         println!("records written to {}, chart to {}", path.display(), chart.display());
     }
     Ok(())

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use convoy_bench::{run, stage_lines, table, witness_lines, write_records, BenchOptions, WITNESS_HEADING};
+use convoy_bench::{
+    read_records, run, stage_lines, table, witness_lines, write_chart, write_records, BenchOptions, RunArgs,
+    WITNESS_HEADING,
+};
 
 /// The same allocator as the nodes' (src/bin/convoy.rs): the bench's client side, and the
 /// `raw_append` workload's in-process RocksDB, measured under jemalloc before the bench left
@@ -22,23 +25,18 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
     about = "Measure throughput and latency on a fresh local three-node convoy cluster"
 )]
 struct Cli {
-    /// Shorter phases (3 s instead of 10 s, 20k instead of 200k catch-up messages).
-    #[arg(long)]
-    quick: bool,
-    /// Write the records as JSON here, and beside them (`.svg`) a chart of msgs/s and p99 per
-    /// workload.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Records of an earlier run (JSON from `--out` of convoy-bench or convoy-bench-peers) to
-    /// draw beside this run's in the chart.
-    #[arg(long, requires = "out")]
-    compare: Vec<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Working directory for the bench's cluster and probes (its disk is what is measured).
     #[arg(long, default_value = "data/bench")]
     dir: PathBuf,
     /// Run only these workloads (comma-separated names, e.g. `send_throughput,connections`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run nothing: draw the chart of an earlier record file again (beside it, with
+    /// `--compare`'s records), e.g. after the chart's code changed.
+    #[arg(long, conflicts_with_all = ["quick", "out", "only"])]
+    redraw: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,9 +61,14 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn bench(cli: Cli) -> Result<()> {
+    if let Some(path) = &cli.redraw {
+        let chart = write_chart(path, read_records(path)?, &cli.run.compare)?;
+        println!("chart written to {}", chart.display());
+        return Ok(());
+    }
     let dir = std::path::absolute(&cli.dir)?;
-    eprintln!("convoy-bench: fresh cluster under {}{}", dir.display(), if cli.quick { " (quick)" } else { "" });
-    let records = run(&dir, BenchOptions { quick: cli.quick }, &cli.only, |r| {
+    eprintln!("convoy-bench: fresh cluster under {}{}", dir.display(), if cli.run.quick { " (quick)" } else { "" });
+    let records = run(&dir, BenchOptions { quick: cli.run.quick }, &cli.only, |r| {
         eprintln!(
             "  {} senders={} convs={}: {:.0} msgs/s p50 {} µs p99 {} µs",
             r.workload, r.senders, r.conversations, r.msgs_per_s, r.p50_us, r.p99_us
@@ -81,9 +84,9 @@ async fn bench(cli: Cli) -> Result<()> {
     if !witness.is_empty() {
         print!("{WITNESS_HEADING}\n{witness}");
     }
-    if let Some(path) = cli.out {
+    if let Some(path) = cli.run.out {
         let chart =
-            write_records(&path, &records, &cli.compare).with_context(|| format!("writing {}", path.display()))?;
+            write_records(&path, &records, &cli.run.compare).with_context(|| format!("writing {}", path.display()))?;
         println!("records written to {}, chart to {}", path.display(), chart.display());
     }
     Ok(())
