@@ -43,6 +43,11 @@ pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
         purge_batch_size: r.purge_batch_size.max(1),
         // A restarted, wiped replica must be allowed to catch up again (see README).
         allow_log_reversion: Some(true),
+        // No leader restore: apply is not fsynced and the committed index is not persisted,
+        // the combination under which openraft's own documentation says a restarted leader
+        // can resume with a stale state and nothing to detect it. A restarted node always
+        // goes through an election and learns the commit index from whoever wins.
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     Ok(Arc::new(c.validate().map_err(|e| Error::Config(format!("raft: {e}")))?))
