@@ -31,14 +31,18 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RaftConfig {
     pub heartbeat_ms: u64,
+    #[serde(alias = "election_timeout_min_ms")]
     pub election_timeout_ms_min: u64,
+    #[serde(alias = "election_timeout_max_ms")]
     pub election_timeout_ms_max: u64,
     /// Build a (cheap, lazy) snapshot and allow purging after this many applied entries.
     pub snapshot_logs_since_last: u64,
     /// Log entries kept behind a snapshot, at most, so slightly lagging followers need no
     /// snapshot.
+    #[serde(alias = "max_in_snapshot_log_to_keep")]
     pub snapshot_log_kept_max: u64,
     /// Entries per AppendEntries RPC, at most.
+    #[serde(alias = "max_payload_entries")]
     pub payload_entries_max: u64,
     /// Purge the log in steps of at least this many entries.
     pub purge_batch_size: u64,
@@ -64,12 +68,16 @@ impl Default for RaftConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest message text, in bytes (at most [`MESSAGE_BYTES_MAX`]).
+    #[serde(alias = "max_message_bytes")]
     pub message_bytes_max: usize,
     /// Largest client frame, in bytes (at most [`REQUEST_BYTES_MAX`]).
+    #[serde(alias = "max_frame_bytes")]
     pub frame_bytes_max: usize,
     /// Concurrent client connections per node; more are refused.
+    #[serde(alias = "max_connections")]
     pub connections_max: usize,
-    /// Sends in flight per node; more are answered `Throttled`.
+    /// Sends in flight per node; more are answered `Throttled`. At least one whole batch.
+    #[serde(alias = "max_inflight_sends")]
     pub inflight_sends_max: usize,
     /// Live-push buffer of one watched conversation, in messages (16..=65,536). Allocated
     /// whole when its first subscriber attaches (about 40 bytes a slot, and each slot keeps
@@ -77,6 +85,7 @@ pub struct Limits {
     /// a subscriber further behind re-reads storage instead.
     pub push_buffer_messages: usize,
     /// Concurrent requests (streams) per client connection.
+    #[serde(alias = "max_streams_per_connection")]
     pub streams_per_connection_max: u32,
 }
 
@@ -223,10 +232,16 @@ impl Config {
                 "limits.push_buffer_messages must be {PUSH_BUFFER_MESSAGES_MIN}..={PUSH_BUFFER_MESSAGES_MAX}"
             ));
         }
-        if l.connections_max == 0 || l.inflight_sends_max == 0 || l.streams_per_connection_max == 0 {
-            return fail(
-                "limits.connections_max, inflight_sends_max and streams_per_connection_max must be positive".into(),
-            );
+        if !(1..=CONNECTIONS_CEILING).contains(&l.connections_max) {
+            return fail(format!("limits.connections_max must be 1..={CONNECTIONS_CEILING}"));
+        }
+        // A batch takes one permit per send, all at once: fewer permits than a batch's sends
+        // would throttle every full batch for ever.
+        if !(SEND_BATCH_MAX..=INFLIGHT_SENDS_CEILING).contains(&l.inflight_sends_max) {
+            return fail(format!("limits.inflight_sends_max must be {SEND_BATCH_MAX}..={INFLIGHT_SENDS_CEILING}"));
+        }
+        if !(1..=STREAMS_PER_CONNECTION_CEILING).contains(&l.streams_per_connection_max) {
+            return fail(format!("limits.streams_per_connection_max must be 1..={STREAMS_PER_CONNECTION_CEILING}"));
         }
         let r = &self.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_ms_min <= r.heartbeat_ms * 3 {
@@ -303,7 +318,34 @@ data_dir = "data/node3"
             let err = Config::parse(&push, Path::new("."), Path::new("c.toml")).expect_err("out of range");
             assert!(err.to_string().contains("push_buffer_messages must be 16..=65536"), "{err}");
         }
+        for (limit, value, says) in [
+            ("inflight_sends_max", 255, "inflight_sends_max must be 256..="),
+            ("connections_max", 0, "connections_max must be 1..="),
+            ("connections_max", 1 << 21, "connections_max must be 1..="),
+            ("streams_per_connection_max", 0, "streams_per_connection_max must be 1..="),
+        ] {
+            let text = format!("{SAMPLE}\n[limits]\n{limit} = {value}\n");
+            let err = Config::parse(&text, Path::new("."), Path::new("c.toml")).expect_err("out of range");
+            assert!(err.to_string().contains(says), "{limit} = {value}: {err}");
+        }
         let unknown = format!("bogus = 1\n{SAMPLE}");
         assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
+    }
+
+    // Files written before the keys were renamed to `*_max` still load, to the same values.
+    #[test]
+    fn the_old_key_names_still_load() {
+        let old = format!(
+            "{SAMPLE}\n[raft]\nelection_timeout_min_ms = 900\nelection_timeout_max_ms = 1900\n\
+             max_payload_entries = 64\nmax_in_snapshot_log_to_keep = 7\n[limits]\nmax_message_bytes = 1000\n\
+             max_frame_bytes = 65536\nmax_connections = 10\nmax_inflight_sends = 300\nmax_streams_per_connection = 8\n"
+        );
+        let c = Config::parse(&old, Path::new("."), Path::new("c.toml")).expect("old names load");
+        let r = &c.raft;
+        assert_eq!((r.election_timeout_ms_min, r.election_timeout_ms_max), (900, 1900));
+        assert_eq!((r.payload_entries_max, r.snapshot_log_kept_max), (64, 7));
+        let l = &c.limits;
+        assert_eq!((l.message_bytes_max, l.frame_bytes_max, l.connections_max), (1000, 65536, 10));
+        assert_eq!((l.inflight_sends_max, l.streams_per_connection_max), (300, 8));
     }
 }

@@ -44,6 +44,14 @@ pub mod limits {
     pub const PUSH_BUFFER_MESSAGES_MAX: usize = 65_536;
     /// Concurrent request streams per client connection.
     pub const STREAMS_PER_CONNECTION_DEFAULT: u32 = 64;
+    /// Sends per batch request, at most (a batch is one Raft entry).
+    pub const SEND_BATCH_MAX: usize = 256;
+    /// Largest accepted `connections_max`.
+    pub const CONNECTIONS_CEILING: usize = 1 << 20;
+    /// Largest accepted `inflight_sends_max`.
+    pub const INFLIGHT_SENDS_CEILING: usize = 1 << 20;
+    /// Largest accepted `streams_per_connection_max`.
+    pub const STREAMS_PER_CONNECTION_CEILING: u32 = 4096;
     /// Largest accepted shard count.
     pub const SHARDS_MAX: u32 = 4096;
     /// Largest accepted number of async worker threads per node.

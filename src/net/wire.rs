@@ -43,7 +43,7 @@ impl Request {
 }
 
 /// Sends per [`Request::SendBatch`], at most.
-pub const SEND_BATCH_MAX: usize = 256;
+pub use crate::chat::limits::SEND_BATCH_MAX;
 
 /// Payload of [`Request::Send`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
