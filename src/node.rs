@@ -26,6 +26,9 @@ use crate::server;
 use crate::service::Service;
 use crate::store::Store;
 
+/// Longest a stop waits for an endpoint's connections to finish closing.
+pub const ENDPOINT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A running node.
 pub struct Node {
     pub id: NodeId,
@@ -84,14 +87,33 @@ impl Node {
             tracing::warn!(error = %e, "the client server task ended abnormally");
         }
         self.client_endpoint.close(0u32.into(), b"shutdown");
+        drain(&self.client_endpoint, "client").await;
         self.service.shutdown().await;
         self.peer_endpoint.close(0u32.into(), b"shutdown");
+        drain(&self.peer_endpoint, "peer").await;
     }
 }
 
-/// Runs node `id` of `config` until `shutdown` completes, then stops it.
+/// Waits, at most [`ENDPOINT_DRAIN_TIMEOUT`], until a closed endpoint's connections are gone:
+/// then its socket is released as soon as the last handle drops.
+async fn drain(endpoint: &quinn::Endpoint, which: &str) {
+    if tokio::time::timeout(ENDPOINT_DRAIN_TIMEOUT, endpoint.wait_idle()).await.is_err() {
+        tracing::warn!(endpoint = which, "connections still closing after {ENDPOINT_DRAIN_TIMEOUT:?}; stopping anyway");
+    }
+}
+
+/// Runs node `id` of `config` until `shutdown` completes, then stops it. A shutdown that
+/// comes while the node is still starting ends the start where it is (what it wrote is
+/// durable or is redone at the next start).
 pub async fn run(config: Config, id: NodeId, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let node = Node::start(config, id).await?;
+    tokio::pin!(shutdown);
+    let node = tokio::select! {
+        node = Node::start(config, id) => node?,
+        () = &mut shutdown => {
+            tracing::info!(node = id, "stopped while starting");
+            return Ok(());
+        }
+    };
     tracing::info!(node = id, "node running");
     shutdown.await;
     tracing::info!(node = id, "stopping");
