@@ -23,7 +23,7 @@ const LABEL_AREA: u32 = 40;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bar {
     pub system: String,
-    /// Workload and shape, e.g. `send_throughput 256×64`.
+    /// Workload and shape as drawn, e.g. `256×64` or `push 500/s`.
     pub label: String,
     pub msgs_per_s: f64,
     pub p99_ms: f64,

@@ -41,7 +41,8 @@ pub const CLIENT_SEND_WINDOW_BYTES: u64 = 1 << 20;
 /// The node closes a client connection silent for this long (clients ping more often).
 pub const CLIENT_IDLE_TIMEOUT_SERVER: Duration = Duration::from_secs(30);
 
-/// Streams a dialing side accepts from the side it dialed (servers open none).
+/// Streams a client accepts from the node it dialed (nodes open none). A node dialing a peer
+/// uses the peer link's [`PEER_STREAMS_MAX`] instead.
 pub const DIALER_STREAMS_MAX: u32 = 64;
 /// How often a client pings its node, keeping the connection and NAT bindings alive.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(3);

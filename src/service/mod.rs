@@ -197,7 +197,9 @@ fn batch_answers(outcome: Proposed, conversations: Vec<String>) -> Vec<Response>
         Ok(Outcome::Batch(outcomes)) if outcomes.len() == sends => {
             outcomes.into_iter().zip(conversations).map(|(o, c)| send_answer(o, c)).collect()
         }
-        Ok(other) => vec![error(ErrorCode::Protocol, format!("unexpected outcome of a send batch: {other:?}")); sends],
+        Ok(other) => {
+            vec![Refusal::Unexpected(format!("unexpected outcome of a send batch: {other:?}")).answer(); sends]
+        }
         Err(refusal) => vec![refusal.answer(); sends],
     }
 }
@@ -207,7 +209,7 @@ fn send_answer(outcome: Outcome, conversation: String) -> Response {
     match outcome {
         Outcome::Appended { offset, ts_ms, duplicate } => Response::Ack { conversation, offset, ts_ms, duplicate },
         Outcome::Rejected { reason } => error(ErrorCode::Rejected, reason.to_string()),
-        other => error(ErrorCode::Protocol, format!("unexpected outcome of a send: {other:?}")),
+        other => Refusal::Unexpected(format!("unexpected outcome of a send: {other:?}")).answer(),
     }
 }
 
@@ -464,7 +466,7 @@ impl Service {
                 Response::Cursor { offset, head: head.ok().and_then(|h| h.ok()).unwrap_or(0) }
             }
             Ok(Outcome::Rejected { reason }) => error(ErrorCode::Rejected, reason.to_string()),
-            Ok(other) => error(ErrorCode::Protocol, format!("unexpected outcome of a cursor move: {other:?}")),
+            Ok(other) => Refusal::Unexpected(format!("unexpected outcome of a cursor move: {other:?}")).answer(),
             Err(refusal) => refusal.answer(),
         }
     }

@@ -217,7 +217,7 @@ impl Store {
 
     /// Visits up to `max` messages of a conversation from offset `from`, in offset order,
     /// with their offsets and their values as stored (catch-up frames them without
-    /// decoding; see `net::wire::message_frame_from_stored`). The value is borrowed from
+    /// decoding; see `service::frames::message_frame_from_stored`). The value is borrowed from
     /// the iterator, so a scan allocates nothing per message. Returns how many it visited.
     pub fn scan_messages(
         &self,
