@@ -211,7 +211,14 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
     let huge = (64u32 << 20).to_be_bytes().to_vec();
     let long = frame::encode(&Request::Subscribe { conversation: "abcdefgh".into(), from: 1, follow: false });
     let truncated = long[..long.len() - 3].to_vec();
+    // A `Request::Send` whose conversation announces 2^50 bytes: 15 bytes that used to make
+    // bincode allocate first and abort the node.
+    let mut lying = vec![frame::WIRE_VERSION, 0, 253];
+    lying.extend_from_slice(&(1u64 << 50).to_le_bytes());
+    let mut crafted = (lying.len() as u32).to_be_bytes().to_vec();
+    crafted.extend_from_slice(&lying);
     for (name, bytes, want) in [
+        ("lying length", crafted, ErrorCode::Protocol),
         ("garbage", garbage, ErrorCode::Protocol),
         ("version", bad_version, ErrorCode::Protocol),
         ("oversized", huge, ErrorCode::InvalidInput),
