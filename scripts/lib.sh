@@ -14,6 +14,10 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
   fi
 fi
 BIN="$CARGO_TARGET_DIR/release/convoy"
+# Test-only builds (planted bugs) go here, never over $BIN.
+PLANTED_TARGET_DIR="${CONVOY_PLANTED_TARGET_DIR:-${CARGO_TARGET_DIR%-target}-planted}"
+[ "$PLANTED_TARGET_DIR" = "$CARGO_TARGET_DIR" ] && PLANTED_TARGET_DIR="$CARGO_TARGET_DIR-planted"
+export PLANTED_TARGET_DIR
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

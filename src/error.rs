@@ -79,6 +79,10 @@ pub enum Error {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// The node refuses to start as what it was: it lost the state that identity needs (see
+    /// `raft::formation`). The text says what to run.
+    #[error("refusing to start: {0}")]
+    Refused(String),
     /// A local file or disk operation failed.
     #[error("io: {0}")]
     Io(#[from] io::Error),
@@ -101,6 +105,7 @@ impl Error {
             | Error::Corrupt(_)
             | Error::Raft { .. }
             | Error::Task { .. }
+            | Error::Refused(_)
             | Error::Io(_) => ErrorClass::Fatal,
         }
     }

@@ -56,7 +56,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("raft", &["error", "stages", "planted", "chat", "config", "store", "net"]),
     ("service", &["error", "stages", "chat", "config", "store", "net", "raft"]),
     ("server", &["error", "net", "service"]),
-    ("node", &["error", "config", "store", "net", "raft", "service", "server"]),
+    ("node", &["error", "planted", "config", "store", "net", "raft", "service", "server"]),
     ("client", &["error", "chat", "config", "net"]),
 ];
 

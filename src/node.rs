@@ -8,7 +8,7 @@
 //! is already durable. Stopping the groups releases the store so RocksDB closes before the
 //! process exits.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +20,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::quic::PEER_STREAMS_MAX;
 use crate::net::tls::{self, Link};
-use crate::raft::network::{self, PeerNet};
+use crate::raft::formation::{self, Formation, Start};
+use crate::raft::network::{self, Groups, PeerContext, PeerNet};
 use crate::raft::types::NodeId;
 use crate::server;
 use crate::service::Service;
@@ -41,17 +42,37 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens storage, binds both endpoints, starts every shard group and serves peers and
-    /// clients until [`Node::stop`].
-    pub async fn start(config: Config, id: NodeId) -> Result<Node> {
+    /// Opens storage, binds both endpoints, settles the node's place in the cluster (see
+    /// `raft::formation`), starts every shard group and serves peers and clients until
+    /// [`Node::stop`]. With `rejoin`, a node without state joins every group as new replicas;
+    /// without it, such a node refuses to start (`Error::Refused`).
+    pub async fn start(config: Config, id: NodeId, rejoin: bool) -> Result<Node> {
+        crate::planted::announce();
         let me = config.node(id)?.clone();
         let paths = tls::ensure_material(&config)?;
-        let (store, fresh) = {
+        let (store, _fresh) = {
             let dir = me.data_dir.join("db");
-            tokio::task::spawn_blocking(move || Store::open(&dir)).await.map_err(Error::task("opening the store"))??
+            let opened = tokio::task::spawn_blocking(move || Store::open(&dir))
+                .await
+                .map_err(Error::task("opening the store"))?;
+            match opened {
+                // Damage recovery would not hide (a WAL that does not read back whole, a bad
+                // table file): this node must not vote or acknowledge for any shard.
+                Err(Error::Storage(e)) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                    return Err(Error::Refused(format!(
+                        "node {id}'s storage is damaged ({e}); it neither votes nor acknowledges. Rebuild it: \
+                         move {} away, then run `convoy node --config {} --id {id} --rejoin` (a majority of \
+                         the other nodes must be up)",
+                        me.data_dir.join("db").display(),
+                        config.path.display()
+                    )))
+                }
+                other => other?,
+            }
         };
         let spool_dir = me.data_dir.join("spool");
         std::fs::create_dir_all(&spool_dir)?;
+        let formation = Formation::load(store.clone(), id)?;
 
         let peer_server = tls::server_config(&paths, id, Link::Peer, PEER_STREAMS_MAX)?;
         let peer_endpoint = quinn::Endpoint::server(peer_server, me.peer_addr)
@@ -60,11 +81,36 @@ impl Node {
         let append_timeout = Duration::from_millis(config.raft.election_timeout_ms_min);
         let dialer = tls::client_config(&paths, Some(id))?;
         let net = PeerNet::new(peer_endpoint.clone(), dialer, addrs, append_timeout, store.stages.clone());
+        let registry: Groups = Arc::default();
+        let ctx = PeerContext {
+            groups: registry.clone(),
+            formation: formation.clone(),
+            spool_dir,
+            stages: store.stages.clone(),
+        };
+        let peer_server = tokio::spawn(network::serve(peer_endpoint.clone(), ctx));
 
-        let service = Service::start(config, id, store, net).await?;
-        let stages = service.store.stages.clone();
-        tokio::spawn(network::serve(peer_endpoint.clone(), service.registry(), spool_dir, stages));
-        service.bootstrap(fresh).await?;
+        let started = async {
+            let start = formation::settle(&formation, &net, &config, rejoin).await?;
+            let mut replicas = BTreeMap::new();
+            for shard in 0..config.shards {
+                replicas.insert(shard, formation::replica_for(&formation, &net, &config, shard, start).await?);
+            }
+            let service =
+                Service::start(config, id, store, net.clone(), registry, &replicas, start == Start::Bootstrap).await?;
+            if start == Start::Rejoin {
+                formation::finish_rejoin(&formation, &net, &service.config).await?;
+            }
+            Ok::<_, Error>(service)
+        };
+        let service = match started.await {
+            Ok(s) => s,
+            Err(e) => {
+                peer_endpoint.close(0u32.into(), b"refused");
+                peer_server.abort();
+                return Err(e);
+            }
+        };
 
         let limits = &service.config.limits;
         let client_server = tls::server_config(&paths, id, Link::Client, limits.streams_per_connection_max)?;
@@ -105,10 +151,10 @@ async fn drain(endpoint: &quinn::Endpoint, which: &str) {
 /// Runs node `id` of `config` until `shutdown` completes, then stops it. A shutdown that
 /// comes while the node is still starting ends the start where it is (what it wrote is
 /// durable or is redone at the next start).
-pub async fn run(config: Config, id: NodeId, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run(config: Config, id: NodeId, rejoin: bool, shutdown: impl Future<Output = ()>) -> Result<()> {
     tokio::pin!(shutdown);
     let node = tokio::select! {
-        node = Node::start(config, id) => node?,
+        node = Node::start(config, id, rejoin) => node?,
         () = &mut shutdown => {
             tracing::info!(node = id, "stopped while starting");
             return Ok(());

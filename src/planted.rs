@@ -4,7 +4,11 @@
 //!
 //! - `ack-before-fsync`: the group-commit syncer completes a Raft append before the fsync, so
 //!   a power failure of a majority loses acknowledged messages;
-//! - `skip-dedup`: apply ignores the dedup index, so a retried send appends again.
+//! - `skip-dedup`: apply ignores the dedup index, so a retried send appends again;
+//! - `leader-restore`: the old Raft configuration, openraft's leader restore on, with apply
+//!   unsynced and the committed index not persisted;
+//! - `tolerate-wal-loss`: the old storage, point-in-time WAL recovery with recycled WAL files,
+//!   log reversion allowed and no watermark check, so a damaged WAL tail is cut silently.
 //!
 //! A normal build compiles every check here to `false`.
 
@@ -13,6 +17,34 @@
 pub enum Bug {
     AckBeforeFsync,
     SkipDedup,
+    LeaderRestore,
+    TolerateWalLoss,
+}
+
+impl Bug {
+    pub const ALL: [Bug; 4] = [Bug::AckBeforeFsync, Bug::SkipDedup, Bug::LeaderRestore, Bug::TolerateWalLoss];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::AckBeforeFsync => "ack-before-fsync",
+            Bug::SkipDedup => "skip-dedup",
+            Bug::LeaderRestore => "leader-restore",
+            Bug::TolerateWalLoss => "tolerate-wal-loss",
+        }
+    }
+}
+
+/// Says loudly, at a node's start, which planted bug this process runs with, if any.
+pub fn announce() {
+    for bug in Bug::ALL {
+        if active(bug) {
+            let line = "!".repeat(72);
+            tracing::error!("{line}");
+            tracing::error!("PLANTED BUG `{}` IS ACTIVE: this node is deliberately unsafe (test build)", bug.name());
+            tracing::error!("{line}");
+            eprintln!("convoy: PLANTED BUG `{}` IS ACTIVE: this node is deliberately unsafe", bug.name());
+        }
+    }
 }
 
 /// Whether `bug` is planted in this process.
@@ -20,10 +52,9 @@ pub enum Bug {
 pub fn active(bug: Bug) -> bool {
     use std::sync::OnceLock;
     static CHOSEN: OnceLock<Option<Bug>> = OnceLock::new();
-    let chosen = CHOSEN.get_or_init(|| match std::env::var("CONVOY_PLANTED_BUG").as_deref() {
-        Ok("ack-before-fsync") => Some(Bug::AckBeforeFsync),
-        Ok("skip-dedup") => Some(Bug::SkipDedup),
-        _ => None,
+    let chosen = CHOSEN.get_or_init(|| {
+        let name = std::env::var("CONVOY_PLANTED_BUG").ok()?;
+        Bug::ALL.into_iter().find(|b| b.name() == name)
     });
     *chosen == Some(bug)
 }

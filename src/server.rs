@@ -77,6 +77,7 @@ fn answer_of(e: Error) -> Response {
         | Error::Corrupt(_)
         | Error::Raft { .. }
         | Error::Task { .. }
+        | Error::Refused(_)
         | Error::Io(_) => ErrorCode::Unavailable,
     };
     Response::Error { code, message: e.to_string() }

@@ -429,10 +429,13 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
     assert_eq!(ack.offset, 61);
 }
 
-// A replica whose data is wiped catches up by snapshot (its log was purged on the others)
-// and then holds exactly what the others hold.
+// A node whose data is wiped must not vote under its old identity: started as before, it
+// refuses (exit 3) and names `--rejoin`, while the other two keep serving. Started with
+// `--rejoin`, it joins every shard as a new replica (a new generation of its id), catches up
+// by snapshot (its log was purged on the others), becomes a voter in place of its old replica
+// and then holds exactly what the others hold — and counts in a quorum again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wiped_replica_catches_up_by_snapshot() {
+async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
     let tweaks = Tweaks { shards: 2, snapshot_logs_since_last: 100, snapshot_log_kept_max: 0, ..Tweaks::default() };
     let mut cluster = start(tweaks);
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
@@ -451,18 +454,64 @@ async fn wiped_replica_catches_up_by_snapshot() {
     cluster.kill(3);
     cluster.wipe(3).expect("wipe node 3");
     send_round(400, "b").await;
+
+    // Under its old identity: refused, with the command to run.
+    let before = std::fs::metadata(cluster.log_path(3)).map(|m| m.len() as usize).unwrap_or(0);
     cluster.start(3).expect("start the node");
+    let status = eventually(Duration::from_secs(20), "the wiped node to exit", || {
+        let s = cluster.exit_status(3);
+        async move { s }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    assert_eq!(status.code(), Some(3), "a wiped node must refuse to start\n{}", cluster.logs_tail());
+    let log = std::fs::read_to_string(cluster.log_path(3)).expect("node 3 log");
+    let log = &log[before..];
+    assert!(log.contains("--rejoin") && log.contains("must not vote"), "the refusal says what to run:\n{log}");
+    assert!(!log.contains("node running"), "a refused node never serves:\n{log}");
+    let ack = client.send("alpha", "w", "while-refused").await.expect("nodes 1 and 2 keep serving");
+    assert_eq!(ack.offset, 201);
+
+    // As new replicas.
+    cluster.start_rejoin(3).expect("rejoin node 3");
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready after the rejoin");
     for conv in convs {
         let reference = client.read(conv, 1, Some(1)).await.expect("read node 1");
-        assert_eq!(reference.len(), 200);
         let got = read_at_least(&client, conv, 3, reference.len()).await;
-        assert_eq!(got, reference, "wiped node 3 differs on {conv}");
+        assert_eq!(got, reference, "rejoined node 3 differs on {conv}");
     }
     let log = std::fs::read_to_string(cluster.log_path(3)).expect("node 3 log");
     assert!(log.contains("installed snapshot"), "node 3 must have caught up by snapshot\n{}", cluster.logs_tail());
-    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
-    let ack = client.send("alpha", "w", "after").await.expect("send after catch-up");
-    assert_eq!(ack.offset, 201);
+    let replicas = eventually(Duration::from_secs(30), "node 3 to vote under new replica ids", || async {
+        let s = client.status(3).await.ok()?;
+        let all_voting = s.shards.iter().all(|x| x.voters.contains(&3) && x.replica >> 32 >= 1);
+        (s.shards.len() == 2 && all_voting).then(|| s.shards.iter().map(|x| x.replica).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!("{e}: node 3 reports {:?}\n{}", futures::executor::block_on(client.status(3)), cluster.logs_tail())
+    });
+    assert!(replicas.iter().all(|r| r & 0xffff_ffff == 3));
+    for id in [1, 2] {
+        let s = client.status(id).await.expect("status");
+        for x in &s.shards {
+            assert_eq!(
+                x.voters.len(),
+                3,
+                "node {id} shard {}: the old replica left the voters: {:?}",
+                x.shard,
+                x.voters
+            );
+        }
+    }
+    // The new replicas count in a quorum: with node 2 down, nodes 1 and 3 commit.
+    cluster.kill(2);
+    let ack = eventually(Duration::from_secs(30), "a send with node 2 down", || async {
+        client.send("alpha", "w", "after").await.ok()
+    })
+    .await
+    .expect("a send with node 2 down commits on nodes 1 and 3");
+    assert_eq!(ack.offset, 202);
 }
 
 // A replica that was down while large batched entries were committed catches up from the

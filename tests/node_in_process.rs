@@ -32,7 +32,7 @@ fn spawn_node(config: &Config) -> (oneshot::Sender<()>, tokio::task::JoinHandle<
     let shutdown = async move {
         let _ = stopped.await;
     };
-    (stop, tokio::spawn(convoy::node::run(config.clone(), 1, shutdown)))
+    (stop, tokio::spawn(convoy::node::run(config.clone(), 1, false, shutdown)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

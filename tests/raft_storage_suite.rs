@@ -16,7 +16,7 @@ impl StoreBuilder<C, LogStore, ShardStateMachine, tempfile::TempDir> for Builder
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _) = Store::open(dir.path()).expect("open store");
         let sm = ShardStateMachine::open(store.clone(), 5, Arc::new(NoEvents)).expect("open state machine");
-        Ok((dir, LogStore::new(5, store), sm))
+        Ok((dir, LogStore::open(5, store).expect("open log store"), sm))
     }
 }
 

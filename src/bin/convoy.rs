@@ -35,6 +35,10 @@ enum Cmd {
         config: PathBuf,
         #[arg(long)]
         id: u64,
+        /// Rebuild a node that lost its data: join every shard as a new replica (a learner
+        /// first, a voter in place of the node's old replica once caught up).
+        #[arg(long)]
+        rejoin: bool,
     },
     /// Run, stop or inspect every node of cluster.toml on this machine.
     Cluster {
@@ -136,6 +140,9 @@ fn load(path: &Path) -> Result<Config> {
     Config::load(path).with_context(|| format!("loading {}", path.display()))
 }
 
+/// Exit status of a node that refuses to start (it lost the state its identity needs).
+const EXIT_REFUSED: u8 = 3;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let is_node = matches!(cli.command, Cmd::Node { .. });
@@ -160,14 +167,18 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<convoy::error::Error>() {
+                // Refused: a node that must not start as what it was (see `--rejoin`).
+                Some(convoy::error::Error::Refused(_)) => std::process::ExitCode::from(EXIT_REFUSED),
+                _ => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Node { config, id } => run_node(&config, id).await,
+        Cmd::Node { config, id, rejoin } => run_node(&config, id, rejoin).await,
         Cmd::Cluster { action } => match action {
             ClusterAction::Up { config, timeout_s, json } => {
                 cluster_up(&config, Duration::from_secs(timeout_s), json).await
@@ -250,7 +261,7 @@ fn print_message(m: &convoy::chat::StoredMessage, json: bool) {
     let _ = std::io::stdout().flush();
 }
 
-async fn run_node(path: &Path, id: u64) -> Result<()> {
+async fn run_node(path: &Path, id: u64, rejoin: bool) -> Result<()> {
     let config = load(path)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
@@ -259,7 +270,7 @@ async fn run_node(path: &Path, id: u64) -> Result<()> {
             _ = term.recv() => {},
         }
     };
-    convoy::node::run(config, id, shutdown).await.with_context(|| format!("node {id}"))
+    convoy::node::run(config, id, rejoin, shutdown).await.with_context(|| format!("node {id}"))
 }
 
 fn pid_file(data_dir: &Path) -> PathBuf {

@@ -138,10 +138,15 @@ pub struct NodeStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardStatus {
     pub shard: ShardId,
+    /// The node leading the shard, as this node knows it.
     pub leader: Option<u64>,
+    /// This node's replica id in the shard's group (its generation in the high 32 bits).
+    #[serde(default)]
+    pub replica: u64,
     pub term: u64,
     pub role: String,
     pub last_log_index: Option<u64>,
     pub last_applied_index: Option<u64>,
+    /// The nodes whose replicas vote.
     pub voters: Vec<u64>,
 }

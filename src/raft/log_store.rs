@@ -8,6 +8,10 @@
 //! because it may delete entries whose effects on the state machine were written without
 //! sync (see `state_machine`).
 //!
+//! Every append, vote and truncation also rewrites the shard's [`Watermark`] in the same
+//! batch. [`LogStore::open`] compares what recovery gave back with it and refuses the shard
+//! when the log or the vote came back behind it.
+//!
 //! Reads of the newest entries — replication and apply, right after the append — are
 //! answered from an in-memory [`EntryCache`] that follows every change of the log.
 
@@ -25,8 +29,18 @@ use super::types::{Entry, LogId, Vote, C};
 use crate::chat::ShardId;
 use crate::stages::Stage;
 use crate::store::codec::{decode, encode};
-use crate::store::keys::{log_key, meta_key, CF_LOG, CF_META, META_PURGED, META_VOTE};
+use crate::store::keys::{log_key, meta_key, watermark_key, CF_LOG, CF_META, META_PURGED, META_VOTE};
 use crate::store::Store;
+
+/// What a shard's log and vote were, as of the last write: the vote and the last log id. It
+/// is made durable by the same fsync as the append or vote it describes, so after any
+/// recovery the log and the vote are at least this far; if not, recovery lost something
+/// that may have been acknowledged or voted on.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Watermark {
+    pub vote: Option<Vote>,
+    pub last: Option<LogId>,
+}
 
 /// One shard's Raft log and vote. Clones (openraft's log readers) share the entry cache.
 #[derive(Clone)]
@@ -34,11 +48,40 @@ pub struct LogStore {
     pub shard: ShardId,
     pub store: Store,
     cache: Arc<Mutex<EntryCache>>,
+    /// The watermark as last written; held while a batch that rewrites it is written, so
+    /// the records reach the WAL in the order of the changes.
+    watermark: Arc<Mutex<Watermark>>,
 }
 
 impl LogStore {
-    pub fn new(shard: ShardId, store: Store) -> LogStore {
-        LogStore { shard, store, cache: Arc::default() }
+    /// Opens a shard's log, checking it against its watermark: a log or vote that came back
+    /// behind the watermark is `Error::Corrupt`, and the shard must not take part in its
+    /// group under this replica's identity.
+    pub fn open(shard: ShardId, store: Store) -> crate::error::Result<LogStore> {
+        let watermark: Watermark = match store.db.get(watermark_key(shard))? {
+            Some(v) => decode(&v)?,
+            None => Watermark::default(),
+        };
+        let vote: Option<Vote> = store.get(CF_META, &meta_key(shard, META_VOTE))?.map(|v| decode(&v)).transpose()?;
+        let purged: Option<LogId> =
+            store.get(CF_META, &meta_key(shard, META_PURGED))?.map(|v| decode(&v)).transpose()?;
+        let last: Option<LogId> = store.log_last(shard)?.map(|v| decode::<Entry>(&v).map(|e| e.log_id)).transpose()?;
+        let last = last.max(purged);
+        let vote_behind = watermark.vote.as_ref().is_some_and(|w| !vote.as_ref().is_some_and(|v| v >= w));
+        let log_behind = watermark.last.is_some() && last < watermark.last;
+        let tolerate = crate::planted::active(crate::planted::Bug::TolerateWalLoss);
+        if (vote_behind || log_behind) && !tolerate {
+            return Err(crate::error::Error::Corrupt(format!(
+                "shard {shard}: storage came back behind its watermark (vote {vote:?} < {:?} or last log id {last:?} \
+                 < {:?}); this replica may have lost acknowledged entries or a vote",
+                watermark.vote, watermark.last
+            )));
+        }
+        Ok(LogStore { shard, store, cache: Arc::default(), watermark: Arc::new(Mutex::new(watermark)) })
+    }
+
+    fn watermark(&self) -> std::sync::MutexGuard<'_, Watermark> {
+        self.watermark.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
@@ -144,11 +187,14 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        let (store, shard, value) = (self.store.clone(), self.shard, encode(vote));
+        let (this, vote) = (self.clone(), vote.clone());
         blocking(move || {
+            let mut wm = this.watermark();
             let mut b = WriteBatch::default();
-            b.put_cf(store.cf(CF_META), meta_key(shard, META_VOTE), value);
-            store.write(b)
+            b.put_cf(this.store.cf(CF_META), meta_key(this.shard, META_VOTE), encode(&vote));
+            wm.vote = Some(vote);
+            b.put(watermark_key(this.shard), encode(&*wm));
+            this.store.write(b)
         })
         .await?;
         // Durable before returning: group-committed with every other shard's writes.
@@ -164,6 +210,7 @@ impl RaftLogStorage<C> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let store = &self.store;
         inline(|| {
+            let mut wm = self.watermark();
             let mut b = WriteBatch::default();
             let mut sizes = Vec::with_capacity(entries.len());
             for e in &entries {
@@ -171,7 +218,12 @@ impl RaftLogStorage<C> for LogStore {
                 sizes.push(v.len());
                 b.put_cf(store.cf(CF_LOG), log_key(shard, e.log_id.index), v);
             }
+            if let Some(last) = entries.last() {
+                wm.last = Some(last.log_id.clone());
+                b.put(watermark_key(shard), encode(&*wm));
+            }
             store.write(b)?;
+            drop(wm);
             self.cache().appended(entries.into_iter().zip(sizes));
             // Queued strictly after the write returned: the next fsync covers it.
             let (written, stages) = (std::time::Instant::now(), store.stages.clone());
@@ -187,15 +239,20 @@ impl RaftLogStorage<C> for LogStore {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
         // Before the delete: a read in between falls back to RocksDB, as it would without
         // the cache; after it, the cache must not hold what the log no longer does.
-        self.cache().truncate_after(last_log_id.map(|l| l.index));
-        let (store, shard) = (self.store.clone(), self.shard);
+        self.cache().truncate_after(last_log_id.as_ref().map(|l| l.index));
+        let this = self.clone();
         blocking(move || {
+            let (store, shard) = (&this.store, this.shard);
+            let mut wm = this.watermark();
             let mut b = WriteBatch::default();
             b.delete_range_cf(
                 store.cf(CF_LOG),
                 log_key(shard, from).to_vec(),
                 crate::store::keys::shard_range(shard).1,
             );
+            // The log legitimately goes back: so does the watermark, in the same batch.
+            wm.last = last_log_id;
+            b.put(watermark_key(shard), encode(&*wm));
             store.write(b)
         })
         .await

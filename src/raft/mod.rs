@@ -5,11 +5,11 @@
 //! above this module but for the handles the service holds.
 //!
 //! Every shard is one Raft group whose voters are the cluster's nodes. Group membership is
-//! formed once: the lowest-id node initializes every shard when its own database was just
-//! created; every other node waits to be contacted. A node never initializes a group it
-//! already has state for (openraft refuses, and we do not retry).
+//! formed once, for a brand-new cluster only (see [`formation`]): the lowest-id node then
+//! initializes every shard. A node that lost its state rejoins as new replicas.
 
 pub mod entry_cache;
+pub mod formation;
 pub mod log_store;
 pub mod network;
 pub mod rpc;
@@ -41,8 +41,9 @@ pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: r.snapshot_log_kept_max,
         purge_batch_size: r.purge_batch_size.max(1),
-        // A restarted, wiped replica must be allowed to catch up again (see README).
-        allow_log_reversion: Some(true),
+        // A replica's log never goes back: one that lost state is refused at open (see
+        // `log_store::Watermark`) and rejoins under a new replica id, never its old one.
+        allow_log_reversion: Some(false),
         // No leader restore: apply is not fsynced and the committed index is not persisted,
         // the combination under which openraft's own documentation says a restarted leader
         // can resume with a stale state and nothing to detect it. A restarted node always
@@ -50,6 +51,13 @@ pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
         enable_leader_restore: Some(false),
         ..Default::default()
     };
+    let mut c = c;
+    if crate::planted::active(crate::planted::Bug::LeaderRestore) {
+        c.enable_leader_restore = Some(true);
+    }
+    if crate::planted::active(crate::planted::Bug::TolerateWalLoss) {
+        c.allow_log_reversion = Some(true);
+    }
     Ok(Arc::new(c.validate().map_err(|e| Error::Config(format!("raft: {e}")))?))
 }
 
@@ -66,30 +74,39 @@ pub fn members(config: &Config) -> BTreeMap<NodeId, Member> {
 #[derive(Clone)]
 pub struct Group {
     pub shard: ShardId,
+    /// The replica id this node runs the group under (see `types::NodeId`).
+    pub replica: NodeId,
     pub raft: Raft,
 }
 
-/// Starts (or restarts) `shard`'s group on this node.
+/// Starts (or restarts) `shard`'s group on this node as replica `replica`. Fails with
+/// `Error::Corrupt` when the shard's log or vote came back behind its watermark: the replica
+/// must then take no part in the group.
 pub async fn start_group(
-    node_id: NodeId,
+    replica: NodeId,
     shard: ShardId,
     raft_config: Arc<openraft::Config>,
     store: Store,
     net: PeerNet,
     events: Arc<dyn ShardEvents>,
 ) -> Result<Group> {
+    let log = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || LogStore::open(shard, store))
+            .await
+            .map_err(Error::task("opening a shard's log"))??
+    };
     let sm = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || ShardStateMachine::open(store, shard, events))
             .await
             .map_err(Error::task("opening a shard's state machine"))??
     };
-    let log = LogStore::new(shard, store);
     let network = ShardNetworkFactory { net, shard };
-    let raft = Raft::new(node_id, raft_config, network, log, sm)
+    let raft = Raft::new(replica, raft_config, network, log, sm)
         .await
         .map_err(|e| Error::raft(format!("starting shard {shard}"), e))?;
-    Ok(Group { shard, raft })
+    Ok(Group { shard, replica, raft })
 }
 
 /// Initializes `group` with every node as voter, if it has never been initialized.

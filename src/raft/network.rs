@@ -57,7 +57,23 @@ const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 4;
 const SNAPSHOT_INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The local Raft groups, by shard, as the peer server and the service find them.
-pub type Groups = Arc<RwLock<HashMap<ShardId, Raft>>>;
+pub type Groups = Arc<RwLock<HashMap<ShardId, Hosted>>>;
+
+/// A group hosted on this node: its Raft handle and the replica id it runs under.
+#[derive(Clone)]
+pub struct Hosted {
+    pub replica: NodeId,
+    pub raft: Raft,
+}
+
+/// What the peer server answers from: the hosted groups and the node's cluster record.
+#[derive(Clone)]
+pub struct PeerContext {
+    pub groups: Groups,
+    pub formation: Arc<super::formation::Formation>,
+    pub spool_dir: PathBuf,
+    pub stages: Arc<Stages>,
+}
 
 /// Outgoing peer RPCs; cheap to clone.
 #[derive(Clone)]
@@ -128,8 +144,8 @@ impl PeerNet {
     }
 
     async fn connection(&self, target: NodeId) -> Result<quinn::Connection, RPCError<C>> {
-        let (addr, slot) =
-            self.inner.slots.get(&target).ok_or_else(|| unreachable(format!("unknown node {target}")))?;
+        let node = node_of(target);
+        let (addr, slot) = self.inner.slots.get(&node).ok_or_else(|| unreachable(format!("unknown node {node}")))?;
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref() {
             if c.close_reason().is_none() {
@@ -139,7 +155,7 @@ impl PeerNet {
         let connecting = self
             .inner
             .endpoint
-            .connect_with(self.inner.client_config.clone(), *addr, &crate::net::tls::node_name(target))
+            .connect_with(self.inner.client_config.clone(), *addr, &crate::net::tls::node_name(node))
             .map_err(unreachable)?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
@@ -168,6 +184,11 @@ impl PeerNet {
         }
     }
 
+    /// A control RPC (cluster formation, joining a group) to `node`, bounded by `ttl`.
+    pub async fn control(&self, node: NodeId, req: PeerRequest, ttl: Duration) -> Result<PeerResponse, String> {
+        self.call(node, req, ttl).await.map_err(|e| e.to_string())
+    }
+
     /// One AppendEntries exchange on a lane of (`target`, `shard`), bounded by `ttl`.
     ///
     /// A stream per RPC costs both nodes an open, an accept, a task spawn and a close per
@@ -184,7 +205,7 @@ impl PeerNet {
         let attempt = async {
             let conn = self.connection(target).await?;
             let mut lane = self.inner.lanes.take_or_open((target, shard), &conn).await.map_err(unreachable)?;
-            frame::write(&mut lane.send, &PeerRequest::Append { shard, rpc }).await.map_err(network)?;
+            frame::write(&mut lane.send, &PeerRequest::Append { shard, to: target, rpc }).await.map_err(network)?;
             let answer =
                 match frame::read::<_, PeerResponse>(&mut lane.recv, PEER_FRAME_BYTES_MAX).await.map_err(network)? {
                     Some(PeerResponse::Error(e)) => return Err(unreachable(format!("node {target}: {e}"))),
@@ -278,7 +299,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: VoteRequest,
         option: RPCOption,
     ) -> Result<VoteResponse, RPCError<C>> {
-        match self.call(target, PeerRequest::Vote { shard, rpc }, option.hard_ttl()).await? {
+        match self.call(target, PeerRequest::Vote { shard, to: target, rpc }, option.hard_ttl()).await? {
             PeerResponse::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -291,7 +312,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: VoteRequest,
         option: RPCOption,
     ) -> Result<VoteResponse, RPCError<C>> {
-        match self.call(target, PeerRequest::PreVote { shard, rpc }, option.hard_ttl()).await? {
+        match self.call(target, PeerRequest::PreVote { shard, to: target, rpc }, option.hard_ttl()).await? {
             PeerResponse::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -304,7 +325,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: TransferLeaderRequest,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse, RPCError<C>> {
-        match self.call(target, PeerRequest::TransferLeader { shard, rpc }, option.hard_ttl()).await? {
+        match self.call(target, PeerRequest::TransferLeader { shard, to: target, rpc }, option.hard_ttl()).await? {
             PeerResponse::TransferLeader(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -328,7 +349,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
             let conn = self.connection(target).await.map_err(to_streaming)?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| to_streaming(unreachable(e)))?;
             let meta = snapshot.meta.clone();
-            frame::write(&mut send, &PeerRequest::Snapshot { shard, vote, meta })
+            frame::write(&mut send, &PeerRequest::Snapshot { shard, to: target, vote, meta })
                 .await
                 .map_err(|e| to_streaming(network(e)))?;
             let local = match snapshot.snapshot {
@@ -390,9 +411,9 @@ impl RaftNetworkFactory<C> for ShardNetworkFactory {
 }
 
 /// Serves peer RPCs until the endpoint closes.
-pub async fn serve(endpoint: quinn::Endpoint, groups: Groups, spool_dir: PathBuf, stages: Arc<Stages>) {
+pub async fn serve(endpoint: quinn::Endpoint, ctx: PeerContext) {
     while let Some(incoming) = endpoint.accept().await {
-        let (groups, spool_dir, stages) = (groups.clone(), spool_dir.clone(), stages.clone());
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -406,8 +427,7 @@ pub async fn serve(endpoint: quinn::Endpoint, groups: Groups, spool_dir: PathBuf
                 loop {
                     match conn.accept_bi().await {
                         Ok((send, recv)) => {
-                            let (groups, spool_dir, stages) = (groups.clone(), spool_dir.clone(), stages.clone());
-                            tokio::spawn(handle_stream(send, recv, groups, spool_dir, stages).in_current_span());
+                            tokio::spawn(handle_stream(send, recv, ctx.clone()).in_current_span());
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "peer connection closed");
@@ -422,25 +442,29 @@ pub async fn serve(endpoint: quinn::Endpoint, groups: Groups, spool_dir: PathBuf
     }
 }
 
-fn group(groups: &Groups, shard: ShardId) -> Result<Raft, String> {
+fn hosted(groups: &Groups, shard: ShardId) -> Result<Hosted, String> {
     let map = groups.read().map_err(|_| "group registry poisoned".to_string())?;
     map.get(&shard).cloned().ok_or_else(|| format!("shard {shard} is not hosted on this node"))
 }
 
-async fn handle_stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    groups: Groups,
-    spool_dir: PathBuf,
-    stages: Arc<Stages>,
-) {
+/// The local group of `shard`, if it runs as replica `to`: a message for another replica
+/// id (an older generation of this node) is refused, never handed to this one.
+fn group(groups: &Groups, shard: ShardId, to: NodeId) -> Result<Raft, String> {
+    let h = hosted(groups, shard)?;
+    if h.replica != to {
+        return Err(format!("shard {shard}: this node hosts replica {} here, not {to}", h.replica));
+    }
+    Ok(h.raft)
+}
+
+async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: PeerContext) {
     // AppendEntries keep the stream for the next one (a lane, see `PeerNet::append`); any
     // other request is the stream's only one.
     loop {
         let (response, lane) = match frame::read::<_, PeerRequest>(&mut recv, PEER_FRAME_BYTES_MAX).await {
             Ok(Some(req)) => {
                 let lane = matches!(req, PeerRequest::Append { .. });
-                (dispatch(req, &mut recv, &groups, &spool_dir, &stages).await, lane)
+                (dispatch(req, &mut recv, &ctx).await, lane)
             }
             Ok(None) => break,
             Err(e) => (PeerResponse::Error(format!("bad request: {e}")), false),
@@ -452,35 +476,30 @@ async fn handle_stream(
     let _ = send.finish();
 }
 
-async fn dispatch(
-    req: PeerRequest,
-    recv: &mut quinn::RecvStream,
-    groups: &Groups,
-    spool_dir: &std::path::Path,
-    stages: &Stages,
-) -> PeerResponse {
+async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerContext) -> PeerResponse {
     let err = |e: String| PeerResponse::Error(e);
+    let groups = &ctx.groups;
     match req {
-        PeerRequest::Append { shard, rpc } => match group(groups, shard) {
+        PeerRequest::Append { shard, to, rpc } => match group(groups, shard, to) {
             Ok(raft) => {
                 let (arrived, carries) = (std::time::Instant::now(), !rpc.entries.is_empty());
                 let answer = raft.append_entries(rpc).await;
                 if carries && answer.is_ok() {
-                    stages.record(Stage::FollowerAppend, arrived.elapsed());
+                    ctx.stages.record(Stage::FollowerAppend, arrived.elapsed());
                 }
                 answer.map(PeerResponse::Append).unwrap_or_else(|e| err(e.to_string()))
             }
             Err(e) => err(e),
         },
-        PeerRequest::Vote { shard, rpc } => match group(groups, shard) {
+        PeerRequest::Vote { shard, to, rpc } => match group(groups, shard, to) {
             Ok(raft) => raft.vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string())),
             Err(e) => err(e),
         },
-        PeerRequest::PreVote { shard, rpc } => match group(groups, shard) {
+        PeerRequest::PreVote { shard, to, rpc } => match group(groups, shard, to) {
             Ok(raft) => raft.pre_vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string())),
             Err(e) => err(e),
         },
-        PeerRequest::TransferLeader { shard, rpc } => match group(groups, shard) {
+        PeerRequest::TransferLeader { shard, to, rpc } => match group(groups, shard, to) {
             Ok(raft) => raft
                 .handle_transfer_leader(rpc)
                 .await
@@ -488,11 +507,24 @@ async fn dispatch(
                 .unwrap_or_else(|e| err(e.to_string())),
             Err(e) => err(e),
         },
-        PeerRequest::Snapshot { shard, vote, meta } => match group(groups, shard) {
-            Ok(raft) => receive_snapshot(raft, shard, vote, meta, recv, spool_dir).await.unwrap_or_else(err),
+        PeerRequest::Snapshot { shard, to, vote, meta } => match group(groups, shard, to) {
+            Ok(raft) => receive_snapshot(raft, shard, vote, meta, recv, &ctx.spool_dir).await.unwrap_or_else(err),
             Err(e) => err(e),
         },
         PeerRequest::SnapshotChunk(_) => err("snapshot chunk without a snapshot header".into()),
+        PeerRequest::Hello => PeerResponse::Hello(ctx.formation.record()),
+        PeerRequest::Prepare { cluster } => match ctx.formation.prepare(cluster).await {
+            Ok(record) => PeerResponse::Hello(Some(record)),
+            Err(e) => err(e.to_string()),
+        },
+        PeerRequest::Join { shard, node, member } => match hosted(groups, shard) {
+            Ok(h) => super::formation::join(&h, shard, node, member).await,
+            Err(e) => err(e),
+        },
+        PeerRequest::Promote { shard, replica, member } => match hosted(groups, shard) {
+            Ok(h) => super::formation::promote(&h, shard, replica, member).await,
+            Err(e) => err(e),
+        },
     }
 }
 
@@ -583,7 +615,7 @@ mod tests {
     fn the_largest_allowed_request_fits_a_peer_frame() {
         let mut rpc = request(&[1 << 20; 40]);
         fit_payload(&mut rpc, APPEND_PAYLOAD_BYTES);
-        let frame = frame::encode(&PeerRequest::Append { shard: 0, rpc });
+        let frame = frame::encode(&PeerRequest::Append { shard: 0, to: u64::MAX, rpc });
         assert!(frame.len() <= APPEND_PAYLOAD_BYTES + 1024, "{} bytes", frame.len());
     }
 }

@@ -9,21 +9,64 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::formation::ClusterRecord;
 use super::types::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotMeta, SnapshotResponse, TransferLeaderRequest,
+    AppendEntriesRequest, AppendEntriesResponse, Member, NodeId, SnapshotMeta, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, Vote, VoteRequest, VoteResponse,
 };
 use crate::chat::ShardId;
 
-/// A Raft RPC to a peer.
+/// A Raft RPC to a peer. Every Raft message names the replica it is for (`to`): a node
+/// answers only for the replica it hosts, so a message meant for a replica that lost its
+/// state never reaches the new replica that replaced it (whose empty log would grant any
+/// vote).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PeerRequest {
-    Append { shard: ShardId, rpc: AppendEntriesRequest },
-    Vote { shard: ShardId, rpc: VoteRequest },
-    PreVote { shard: ShardId, rpc: VoteRequest },
-    TransferLeader { shard: ShardId, rpc: TransferLeaderRequest },
-    Snapshot { shard: ShardId, vote: Vote, meta: SnapshotMeta },
+    Append {
+        shard: ShardId,
+        to: NodeId,
+        rpc: AppendEntriesRequest,
+    },
+    Vote {
+        shard: ShardId,
+        to: NodeId,
+        rpc: VoteRequest,
+    },
+    PreVote {
+        shard: ShardId,
+        to: NodeId,
+        rpc: VoteRequest,
+    },
+    TransferLeader {
+        shard: ShardId,
+        to: NodeId,
+        rpc: TransferLeaderRequest,
+    },
+    Snapshot {
+        shard: ShardId,
+        to: NodeId,
+        vote: Vote,
+        meta: SnapshotMeta,
+    },
     SnapshotChunk(Vec<u8>),
+    /// Cluster formation: what is your cluster record? (see `raft::formation`)
+    Hello,
+    /// Cluster formation: the bootstrapper asks a pristine node to join `cluster`.
+    Prepare {
+        cluster: u64,
+    },
+    /// A node without state asks a shard's leader for a new replica id, added as a learner.
+    Join {
+        shard: ShardId,
+        node: NodeId,
+        member: Member,
+    },
+    /// Makes `replica` a voter in place of its node's older replicas, once it caught up.
+    Promote {
+        shard: ShardId,
+        replica: NodeId,
+        member: Member,
+    },
 }
 
 /// A peer's answer.
@@ -33,6 +76,18 @@ pub enum PeerResponse {
     Vote(VoteResponse),
     TransferLeader(TransferLeaderResponse),
     Snapshot(SnapshotResponse),
+    /// The node's cluster record, if it has one.
+    Hello(Option<ClusterRecord>),
+    /// The replica id a `Join` was given.
+    Joined {
+        replica: NodeId,
+    },
+    /// `Promote` is done: the replica votes.
+    Promoted,
+    /// This node does not lead the shard; `leader` is the node that does, if known.
+    NotLeader {
+        leader: Option<NodeId>,
+    },
     /// The shard is not hosted here or the Raft task failed; the caller treats the peer
     /// as unreachable for this RPC.
     Error(String),

@@ -68,7 +68,26 @@ impl<T: Send + 'static> openraft::raft::responder::Responder<TypeConfig, T> for 
 }
 
 pub type C = TypeConfig;
+/// A node's id (cluster.toml) or, in a Raft group, a replica's id: openraft knows only
+/// replicas. A replica id holds its node's id in the low 32 bits and its generation in the
+/// high 32: generation 0 is the node's original replica, and a node that lost its state
+/// rejoins each group under a new generation, never under an id that voted before.
 pub type NodeId = u64;
+
+/// The node a replica id belongs to.
+pub fn node_of(replica: NodeId) -> NodeId {
+    replica & 0xffff_ffff
+}
+
+/// The generation of a replica id.
+pub fn generation_of(replica: NodeId) -> u32 {
+    (replica >> 32) as u32
+}
+
+/// The replica id of `node`'s generation `generation`.
+pub fn replica_id(node: NodeId, generation: u32) -> NodeId {
+    node_of(node) | ((generation as u64) << 32)
+}
 pub type LogId = openraft::alias::LogIdOf<C>;
 pub type Vote = openraft::alias::VoteOf<C>;
 pub type Entry = openraft::alias::EntryOf<C>;

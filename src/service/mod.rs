@@ -19,7 +19,7 @@ mod push;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::async_runtime::WatchReceiver;
@@ -32,9 +32,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
 use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX};
-use crate::raft::network::{Groups, PeerNet, PeerStats};
+use crate::raft::network::{Groups, Hosted, PeerNet, PeerStats};
 use crate::raft::state_machine::ShardEvents;
-use crate::raft::types::{FnResponder, NodeId, C};
+use crate::raft::types::{node_of, FnResponder, NodeId, C};
 use crate::raft::{self as consensus, Group};
 use crate::stages::Stage;
 use crate::store::Store;
@@ -66,14 +66,19 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
                 let snapshot = rx.borrow_watched().clone();
                 snapshot
             };
+            // The preferred node's current replica in this group, if it votes.
+            let Some(target) = metrics.membership_config.membership().voter_ids().find(|v| node_of(*v) == preferred)
+            else {
+                continue;
+            };
             let caught_up = metrics
                 .replication
                 .as_ref()
-                .and_then(|r| r.get(&preferred).cloned().flatten())
+                .and_then(|r| r.get(&target).cloned().flatten())
                 .is_some_and(|matched| Some(matched.index) == metrics.last_log_index);
-            if metrics.current_leader == Some(node.id) && caught_up {
+            if metrics.current_leader == Some(group.replica) && caught_up {
                 tracing::info!(shard = group.shard, to = preferred, "transferring leadership to the preferred node");
-                let _ = group.raft.trigger().transfer_leader(preferred).await;
+                let _ = group.raft.trigger().transfer_leader(target).await;
             }
         }
     }
@@ -117,8 +122,6 @@ pub struct Service {
     pub config: Config,
     pub store: Store,
     groups: HashMap<ShardId, Group>,
-    /// The same groups' Raft handles, as the peer server finds them.
-    registry: Groups,
     push: Arc<PushHub>,
     inflight: Arc<Semaphore>,
     peer_stats: Arc<PeerStats>,
@@ -214,20 +217,56 @@ fn send_answer(outcome: Outcome, conversation: String) -> Response {
 }
 
 impl Service {
-    /// Starts (or restarts) every shard group of this node over `store`, replicating
-    /// through `net`. The groups answer peers only once the peer server is given
-    /// [`Service::registry`]; [`Service::bootstrap`] then forms a brand-new cluster.
-    pub async fn start(config: Config, id: NodeId, store: Store, net: PeerNet) -> Result<Arc<Service>> {
+    /// Starts (or restarts) the shard groups of this node over `store`, each under its
+    /// replica id in `replicas`, replicating through `net` and registering each in
+    /// `registry`, where the peer server finds it. A shard whose storage came back behind its
+    /// watermark is refused: it takes no part in its group (it neither votes nor acknowledges)
+    /// and this node answers its conversations as unavailable. With `bootstrap`, every group
+    /// is initialized with every node as voter (a brand-new cluster, see `raft::formation`).
+    pub async fn start(
+        config: Config,
+        id: NodeId,
+        store: Store,
+        net: PeerNet,
+        registry: Groups,
+        replicas: &BTreeMap<ShardId, NodeId>,
+        bootstrap: bool,
+    ) -> Result<Arc<Service>> {
         let raft_config = consensus::raft_config(&config)?;
-        let registry: Groups = Arc::new(RwLock::new(HashMap::new()));
         let push = Arc::new(PushHub::new(config.shards, config.limits.push_buffer_messages));
         let mut groups = HashMap::new();
-        for shard in 0..config.shards {
+        let mut refused = Vec::new();
+        for (&shard, &replica) in replicas {
             let events: Arc<dyn ShardEvents> = push.clone();
-            let group =
-                consensus::start_group(id, shard, raft_config.clone(), store.clone(), net.clone(), events).await?;
-            registry.write().expect("registry lock is never poisoned at start-up").insert(shard, group.raft.clone());
+            let started =
+                consensus::start_group(replica, shard, raft_config.clone(), store.clone(), net.clone(), events).await;
+            let group = match started {
+                Ok(g) => g,
+                Err(Error::Corrupt(why)) => {
+                    tracing::error!(shard, "{why}");
+                    refused.push(shard);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let hosted = Hosted { replica, raft: group.raft.clone() };
+            registry.write().expect("registry lock is never poisoned at start-up").insert(shard, hosted);
             groups.insert(shard, group);
+        }
+        if !refused.is_empty() {
+            tracing::error!(
+                shards = ?refused,
+                "REFUSING these shards: their storage lost what it had fsynced; this node neither votes nor \
+                 acknowledges for them. Rebuild the node: stop it, move its data directory away, and run \
+                 `convoy node --config {} --id {id} --rejoin`",
+                config.path.display()
+            );
+        }
+        if bootstrap {
+            for group in groups.values() {
+                consensus::initialize_if_pristine(group, &config).await?;
+            }
+            tracing::info!(shards = config.shards, "initialized every shard group");
         }
         let inflight = Arc::new(Semaphore::new(config.limits.inflight_sends_max));
         let service = Arc::new(Service {
@@ -235,7 +274,6 @@ impl Service {
             config,
             store,
             groups,
-            registry,
             push,
             inflight,
             peer_stats: net.stats(),
@@ -243,24 +281,6 @@ impl Service {
         });
         tokio::spawn(balance_leaders(Arc::downgrade(&service)));
         Ok(service)
-    }
-
-    /// The local groups by shard, for the peer server.
-    pub fn registry(&self) -> Groups {
-        self.registry.clone()
-    }
-
-    /// Initializes every shard group with every node as voter when this node is the
-    /// cluster's first and its database was just created (`fresh`).
-    pub async fn bootstrap(&self, fresh: bool) -> Result<()> {
-        let bootstrapper = self.config.node_ids().first().copied() == Some(self.id);
-        if fresh && bootstrapper {
-            for group in self.groups.values() {
-                consensus::initialize_if_pristine(group, &self.config).await?;
-            }
-            tracing::info!(shards = self.config.shards, "initialized every shard group");
-        }
-        Ok(())
     }
 
     /// The node that should lead `shard` when it is healthy: shards are spread round-robin
@@ -301,7 +321,9 @@ impl Service {
         let responder = FnResponder::new(move |result: ClientWriteResult<C>| {
             drop(permits);
             done(match result {
-                Err(ClientWriteError::ForwardToLeader(f)) => Err(Refusal::NotLeader { shard, leader: f.leader_id }),
+                Err(ClientWriteError::ForwardToLeader(f)) => {
+                    Err(Refusal::NotLeader { shard, leader: f.leader_id.map(node_of) })
+                }
                 Err(e) => Err(Refusal::Unknown(format!("shard {shard}: {e}"))),
                 Ok(resp) => {
                     if sends > 0 {
@@ -597,12 +619,13 @@ impl Service {
                 };
                 ShardStatus {
                     shard: g.shard,
-                    leader: m.current_leader,
+                    leader: m.current_leader.map(node_of),
+                    replica: g.replica,
                     term: m.current_term,
                     role: format!("{:?}", m.state),
                     last_log_index: m.last_log_index,
                     last_applied_index: m.last_applied.map(|l| l.index),
-                    voters: m.membership_config.membership().voter_ids().collect(),
+                    voters: m.membership_config.membership().voter_ids().map(node_of).collect(),
                 }
             })
             .collect();

@@ -14,13 +14,22 @@
 //! |               | shard ‖ 0x03 ‖ client_id ‖ client_seq (u64 BE)   | [`DedupRecord`]       |
 //! |               | shard ‖ 0x04 ‖ len(user) ‖ user ‖ len(conv) ‖ conv | cursor offset (u64) |
 //! |               | shard ‖ 0x05                                     | snapshot-install-in-progress marker |
+//! | `default`     | `wm` ‖ shard                                     | [`Watermark`] (vote, last log id) |
+//! |               | `cluster`                                        | [`ClusterRecord`] of this node |
+//! |               | `replica` ‖ shard                                | this node's replica id in the shard's group |
 //!
 //! Every value is written by `codec::encode`: a format-version byte, then bincode.
 //! Ids are at most 128 bytes, so a one-byte length prefix suffices and keeps a conversation's
 //! messages contiguous and ordered by offset. The replicated state of a shard is exactly its
 //! ranges in `messages` and `shard_state` (the install marker excepted).
 //!
+//! The watermark lives in `default`, another family than the log and the vote it guards, and
+//! is written in the same batch as each append, vote and truncation: damage to one family's
+//! files, or a lost WAL, shows as a log or vote behind its watermark at open.
+//!
 //! [`StoredMessage`]: crate::chat::StoredMessage
+//! [`Watermark`]: crate::raft::log_store::Watermark
+//! [`ClusterRecord`]: crate::raft::formation::ClusterRecord
 //! [`DedupRecord`]: crate::chat::DedupRecord
 
 use crate::chat::ShardId;
@@ -39,6 +48,25 @@ pub const META_VOTE: u8 = 1;
 /// Reserved: the committed log id, no longer persisted (see `raft::state_machine`).
 pub const META_COMMITTED: u8 = 2;
 pub const META_PURGED: u8 = 3;
+
+/// The node's cluster record, in the `default` family.
+pub const CLUSTER_KEY: &[u8] = b"cluster";
+
+/// A shard's durable watermark, in the `default` family.
+pub fn watermark_key(shard: ShardId) -> [u8; 6] {
+    let mut k = [0u8; 6];
+    k[..2].copy_from_slice(b"wm");
+    k[2..].copy_from_slice(&shard.to_be_bytes());
+    k
+}
+
+/// This node's replica id in a shard's group, in the `default` family.
+pub fn replica_key(shard: ShardId) -> [u8; 11] {
+    let mut k = [0u8; 11];
+    k[..7].copy_from_slice(b"replica");
+    k[7..].copy_from_slice(&shard.to_be_bytes());
+    k
+}
 
 const STATE_APPLIED: u8 = 0x01;
 const STATE_HEAD: u8 = 0x02;

@@ -119,6 +119,24 @@ impl LocalCluster {
 
     /// Starts node `id` unless it is running; true if this started it.
     pub fn start(&mut self, id: u64) -> Result<bool> {
+        self.start_with(id, &[])
+    }
+
+    /// Starts node `id` with `--rejoin`, the path of a node that lost its data: it joins every
+    /// shard as a new replica. True if this started it.
+    pub fn start_rejoin(&mut self, id: u64) -> Result<bool> {
+        self.start_with(id, &["--rejoin"])
+    }
+
+    /// How node `id`'s process ended, if it has exited (reaped here); `None` while it runs or
+    /// when this cluster holds no process for it.
+    pub fn exit_status(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let child = self.nodes.get_mut(&id)?.child.as_mut()?;
+        child.try_wait().ok().flatten()
+    }
+
+    /// Starts node `id` with extra `convoy node` arguments unless it is running.
+    pub fn start_with(&mut self, id: u64, extra: &[&str]) -> Result<bool> {
         if self.is_running(id) {
             return Ok(false);
         }
@@ -135,6 +153,7 @@ impl LocalCluster {
             .args(["node", "--config"])
             .arg(&self.config.path)
             .args(["--id", &id.to_string()])
+            .args(extra)
             .envs(self.spec.env_of(id))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -1,0 +1,419 @@
+//! Who may take part in the groups: forming a brand-new cluster once, refusing a node that
+//! lost its state, and bringing such a node back as new replicas.
+//!
+//! Each node keeps a [`ClusterRecord`] (written with fsync) next to its data. A node without
+//! one has no state. At start ([`settle`]) it asks its peers for theirs ([`PeerRequest::Hello`]):
+//!
+//! - **A brand-new cluster** forms in two steps. The bootstrapper (the lowest node id) waits
+//!   until every peer answers with no record (or with its own cluster id, prepared), draws a
+//!   cluster id, records it as `Prepared` and sends [`PeerRequest::Prepare`] to every peer,
+//!   which records it too. Only when every node has it does the bootstrapper record `Formed`
+//!   and initialize the groups with every node's original replica as voter; the others follow
+//!   when they see a `Formed` peer. So no node without a record ever sees a `Formed` peer
+//!   during a legitimate formation.
+//! - **A node without state, when a peer is `Formed`**, lost its data directory (or was never
+//!   part of the cluster). It must not vote as the replica it was: its empty log would vote
+//!   for any candidate and could complete a quorum without an acknowledged entry. It refuses
+//!   to start and says what to run, unless started with `--rejoin`.
+//! - **`--rejoin`** brings it back as new replicas: for each shard it asks the leader for a new
+//!   replica id ([`PeerRequest::Join`]; the generation above every one of this node's ids in
+//!   the group's membership, so an id is never reused), starts the group under it as a
+//!   learner, and once the leader sees it caught up, the leader replaces the node's old
+//!   replica among the voters ([`PeerRequest::Promote`]). The record says `Rejoining` until
+//!   every shard is done, so a crash halfway resumes rather than starting a shard under the
+//!   node's original id.
+//!
+//! A node whose peers are all unreachable waits: it never decides alone that the cluster is
+//! new.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::ChangeMembers;
+use serde::{Deserialize, Serialize};
+
+use super::network::{Hosted, PeerNet};
+use super::rpc::{PeerRequest, PeerResponse};
+use super::types::{generation_of, node_of, replica_id, Member, NodeId};
+use crate::chat::ShardId;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::codec::{decode, encode};
+use crate::store::keys::{replica_key, CLUSTER_KEY};
+use crate::store::Store;
+
+/// How often a starting node asks its peers again.
+pub const HELLO_INTERVAL: Duration = Duration::from_millis(500);
+/// Time allowed for one formation RPC.
+pub const CONTROL_TTL: Duration = Duration::from_secs(5);
+/// Time allowed for a `Promote`, which waits for the new replica to catch up.
+pub const PROMOTE_TTL: Duration = Duration::from_secs(300);
+
+/// Where a node stands in its cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    /// Holds the cluster id of a formation under way; takes part in no group yet.
+    Prepared,
+    /// Joining every group as new replicas (see the module doc).
+    Rejoining,
+    /// A member: runs every group under its recorded replica ids.
+    Formed,
+}
+
+/// A node's durable record of its cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub cluster: u64,
+    pub node: NodeId,
+    pub stage: Stage,
+}
+
+/// The node's record, shared by the start-up and the peer server.
+pub struct Formation {
+    store: Store,
+    node: NodeId,
+    record: Mutex<Option<ClusterRecord>>,
+}
+
+/// How a node's groups start, as [`settle`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Already a member: start every group under its replica ids.
+    Member,
+    /// This node formed the cluster just now: start the groups and initialize them.
+    Bootstrap,
+    /// Rejoin every group as a new replica.
+    Rejoin,
+}
+
+impl Formation {
+    /// Reads the node's record. A store that holds Raft state but no record predates
+    /// records: it is a member under its original replica ids (recorded as cluster 0). A
+    /// store without either has no state, however it was created (a refused start creates an
+    /// empty database).
+    pub fn load(store: Store, node: NodeId) -> Result<Arc<Formation>> {
+        let mut record: Option<ClusterRecord> = store.db.get(CLUSTER_KEY)?.map(|v| decode(&v)).transpose()?;
+        if record.is_none() && store.has_raft_state()? {
+            let legacy = ClusterRecord { cluster: 0, node, stage: Stage::Formed };
+            write_record(&store, &legacy)?;
+            record = Some(legacy);
+        }
+        if let Some(r) = record {
+            if r.node != node {
+                return Err(Error::Config(format!(
+                    "this data directory belongs to node {}, not node {node}: check --id and data_dir",
+                    r.node
+                )));
+            }
+        }
+        Ok(Arc::new(Formation { store, node, record: Mutex::new(record) }))
+    }
+
+    pub fn record(&self) -> Option<ClusterRecord> {
+        *self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, record: ClusterRecord) -> Result<()> {
+        write_record(&self.store, &record)?;
+        *self.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        Ok(())
+    }
+
+    /// A `Prepare` from the bootstrapper: a node without a record takes the cluster id; one
+    /// with a record answers with it unchanged (the bootstrapper sees any conflict).
+    pub async fn prepare(self: &Arc<Self>, cluster: u64) -> Result<ClusterRecord> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = this.record.lock().unwrap_or_else(|p| p.into_inner());
+            match *guard {
+                Some(r) => Ok(r),
+                None => {
+                    let r = ClusterRecord { cluster, node: this.node, stage: Stage::Prepared };
+                    write_record(&this.store, &r)?;
+                    *guard = Some(r);
+                    tracing::info!(cluster = format_args!("{cluster:016x}"), "prepared to form a new cluster");
+                    Ok(r)
+                }
+            }
+        })
+        .await
+        .map_err(Error::task("recording the cluster"))?
+    }
+
+    /// This node's replica id in `shard`'s group, if it has one.
+    pub fn replica(&self, shard: ShardId) -> Result<Option<NodeId>> {
+        Ok(self.store.db.get(replica_key(shard))?.map(|v| decode(&v)).transpose()?)
+    }
+
+    fn set_replica(&self, shard: ShardId, replica: NodeId) -> Result<()> {
+        let mut b = rocksdb::WriteBatch::default();
+        b.put(replica_key(shard), encode(&replica));
+        self.store.write_sync(b)
+    }
+}
+
+fn write_record(store: &Store, record: &ClusterRecord) -> Result<()> {
+    let mut b = rocksdb::WriteBatch::default();
+    b.put(CLUSTER_KEY, encode(record));
+    store.write_sync(b)
+}
+
+/// What to tell the operator of a node that lost its state.
+pub fn refusal_text(config_path: &std::path::Path, node: NodeId, cluster: u64) -> String {
+    let config_path = config_path.display();
+    format!(
+        "node {node} has no state, but cluster {cluster:016x} lists it as a voter: it must not vote \
+         under the replica ids it had, whose votes and log it lost. Rebuild it as new replicas: \
+         stop it, keep (or wipe) its empty data directory, and run \
+         `convoy node --config {config_path} --id {node} --rejoin`; it joins every shard as a \
+         learner and replaces its old replica among the voters once caught up. A majority of \
+         the other nodes must be up."
+    )
+}
+
+/// Decides how this node's groups start, talking to its peers until it can (see the module
+/// doc). Returns an error — the node must not start — when it has no state but the cluster
+/// exists and `rejoin` is off.
+pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, rejoin: bool) -> Result<Start> {
+    let me = formation.node;
+    let peers: Vec<NodeId> = config.node_ids().into_iter().filter(|&n| n != me).collect();
+    let bootstrapper = config.node_ids().first().copied() == Some(me);
+    let mut waited = 0u32;
+    loop {
+        match formation.record() {
+            Some(r) if r.stage == Stage::Formed => return Ok(Start::Member),
+            Some(r) if r.stage == Stage::Rejoining => return Ok(Start::Rejoin),
+            _ => {}
+        }
+        let mut answers: BTreeMap<NodeId, Option<ClusterRecord>> = BTreeMap::new();
+        for &p in &peers {
+            if let Ok(PeerResponse::Hello(r)) = net.control(p, PeerRequest::Hello, CONTROL_TTL).await {
+                answers.insert(p, r);
+            }
+        }
+        let mine = formation.record();
+        let formed = answers.values().flatten().find(|r| r.stage != Stage::Prepared).copied();
+        if let Some(other) = formed {
+            match mine {
+                Some(m) if m.cluster == other.cluster => {
+                    // A formation this node prepared for has completed.
+                    formation.set(ClusterRecord { stage: Stage::Formed, ..m })?;
+                    tracing::info!(cluster = format_args!("{:016x}", m.cluster), "joined the new cluster");
+                    return Ok(Start::Member);
+                }
+                Some(m) => {
+                    return Err(Error::Config(format!(
+                        "this node prepared for cluster {:016x} but its peers formed {:016x}",
+                        m.cluster, other.cluster
+                    )))
+                }
+                None if rejoin => {
+                    formation.set(ClusterRecord { cluster: other.cluster, node: me, stage: Stage::Rejoining })?;
+                    tracing::warn!(cluster = format_args!("{:016x}", other.cluster), "rejoining as new replicas");
+                    return Ok(Start::Rejoin);
+                }
+                None => return Err(Error::Refused(refusal_text(&config.path, me, other.cluster))),
+            }
+        }
+        if bootstrapper && answers.len() == peers.len() {
+            let cluster = match mine {
+                Some(m) => m.cluster,
+                None => {
+                    let cluster = loop {
+                        let c: u64 = rand::random();
+                        if c != 0 {
+                            break c;
+                        }
+                    };
+                    formation.set(ClusterRecord { cluster, node: me, stage: Stage::Prepared })?;
+                    cluster
+                }
+            };
+            let mut all = true;
+            for &p in &peers {
+                match net.control(p, PeerRequest::Prepare { cluster }, CONTROL_TTL).await {
+                    Ok(PeerResponse::Hello(Some(r))) if r.cluster == cluster => {}
+                    Ok(PeerResponse::Hello(Some(r))) => {
+                        return Err(Error::Config(format!(
+                            "node {p} belongs to cluster {:016x}, not {cluster:016x}: its data directory is \
+                             from another cluster",
+                            r.cluster
+                        )))
+                    }
+                    _ => all = false,
+                }
+            }
+            if all {
+                formation.set(ClusterRecord { cluster, node: me, stage: Stage::Formed })?;
+                tracing::info!(cluster = format_args!("{cluster:016x}"), "formed a new cluster");
+                return Ok(Start::Bootstrap);
+            }
+        }
+        waited += 1;
+        if waited % 20 == 1 {
+            tracing::info!(heard = answers.len(), peers = peers.len(), "waiting for the cluster to form");
+        }
+        tokio::time::sleep(HELLO_INTERVAL).await;
+    }
+}
+
+/// The replica id this node runs `shard` under, asking the shard's leader for a new one when
+/// rejoining (a shard that has one already was joined before a restart).
+pub async fn replica_for(
+    formation: &Formation,
+    net: &PeerNet,
+    config: &Config,
+    shard: ShardId,
+    start: Start,
+) -> Result<NodeId> {
+    let me = formation.node;
+    if let Some(r) = formation.replica(shard)? {
+        return Ok(r);
+    }
+    if start != Start::Rejoin {
+        return Ok(replica_id(me, 0));
+    }
+    let member = member_of(config, me)?;
+    let replica =
+        ask_leader(net, config, shard, PeerRequest::Join { shard, node: me, member }, CONTROL_TTL, |r| match r {
+            PeerResponse::Joined { replica } => Some(replica),
+            _ => None,
+        })
+        .await;
+    formation.set_replica(shard, replica)?;
+    tracing::info!(shard, replica, "joined as a learner under a new replica id");
+    Ok(replica)
+}
+
+/// After the groups of a rejoining node started: has each promoted, then records the node
+/// as a member.
+pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config) -> Result<()> {
+    let me = formation.node;
+    let member = member_of(config, me)?;
+    for shard in 0..config.shards {
+        let Some(replica) = formation.replica(shard)? else { continue };
+        let req = PeerRequest::Promote { shard, replica, member: member.clone() };
+        ask_leader(net, config, shard, req, PROMOTE_TTL, |r| matches!(r, PeerResponse::Promoted).then_some(())).await;
+        tracing::info!(shard, replica, "caught up and voting");
+    }
+    let record = formation.record().ok_or_else(|| Error::Config("rejoining without a cluster record".into()))?;
+    formation.set(ClusterRecord { stage: Stage::Formed, ..record })?;
+    tracing::info!("rejoined every shard");
+    Ok(())
+}
+
+fn member_of(config: &Config, node: NodeId) -> Result<Member> {
+    let n = config.node(node)?;
+    Ok(Member { peer_addr: n.peer_addr.to_string(), client_addr: n.client_addr.to_string() })
+}
+
+/// Sends `req` to the shard's leader until it answers what `accept` takes: follows
+/// `NotLeader` hints, tries the other nodes in turn, and waits between rounds.
+async fn ask_leader<T>(
+    net: &PeerNet,
+    config: &Config,
+    shard: ShardId,
+    req: PeerRequest,
+    ttl: Duration,
+    accept: impl Fn(PeerResponse) -> Option<T>,
+) -> T {
+    let me = config.node_ids();
+    let mut hint: Option<NodeId> = None;
+    let mut round = 0usize;
+    loop {
+        let target = hint.take().unwrap_or(me[round % me.len()]);
+        round += 1;
+        match net.control(target, req.clone(), ttl).await {
+            Ok(PeerResponse::NotLeader { leader }) => hint = leader,
+            Ok(r) => {
+                let text = format!("{r:?}");
+                if let Some(v) = accept(r) {
+                    return v;
+                }
+                tracing::debug!(shard, target, answer = %text, "not yet");
+            }
+            Err(e) => tracing::debug!(shard, target, error = %e, "asking for the shard's leader"),
+        }
+        if hint.is_none() {
+            tokio::time::sleep(HELLO_INTERVAL).await;
+        }
+    }
+}
+
+/// A copy of the group's metrics, taken at once: holding the watch borrow can block the
+/// Raft core.
+fn metrics(h: &Hosted) -> openraft::RaftMetrics<super::types::C> {
+    let rx = h.raft.metrics();
+    let m = rx.borrow_watched().clone();
+    m
+}
+
+fn leads(h: &Hosted) -> std::result::Result<openraft::RaftMetrics<super::types::C>, PeerResponse> {
+    let m = metrics(h);
+    if m.current_leader != Some(h.replica) {
+        return Err(PeerResponse::NotLeader { leader: m.current_leader.map(node_of) });
+    }
+    Ok(m)
+}
+
+/// The leader's side of `Join`: a replica id above every one `node` ever had in this group's
+/// membership, added as a learner (without waiting for it).
+pub async fn join(h: &Hosted, shard: ShardId, node: NodeId, member: Member) -> PeerResponse {
+    let m = match leads(h) {
+        Ok(m) => m,
+        Err(answer) => return answer,
+    };
+    let generation = m
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .filter(|id| node_of(*id) == node)
+        .map(generation_of)
+        .max()
+        .map_or(0, |g| g + 1);
+    let replica = replica_id(node, generation);
+    match h.raft.add_learner(replica, member, false).await {
+        Ok(_) => {
+            tracing::info!(shard, node, replica, "added a new replica as a learner");
+            PeerResponse::Joined { replica }
+        }
+        Err(e) => PeerResponse::Error(format!("adding replica {replica} of shard {shard}: {e}")),
+    }
+}
+
+/// The leader's side of `Promote`: waits until `replica` caught up, then makes it a voter in
+/// place of its node's other replicas, which leave the group.
+pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member) -> PeerResponse {
+    let m = match leads(h) {
+        Ok(m) => m,
+        Err(answer) => return answer,
+    };
+    let node = node_of(replica);
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == node && *v != replica) {
+        return PeerResponse::Promoted;
+    }
+    // Re-adding a learner with `blocking` waits until the leader sees it caught up.
+    if let Err(e) = h.raft.add_learner(replica, member, true).await {
+        return PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}"));
+    }
+    let new_voters: BTreeSet<NodeId> =
+        voters.iter().copied().filter(|v| node_of(*v) != node).chain(std::iter::once(replica)).collect();
+    if let Err(e) = h.raft.change_membership(ChangeMembers::ReplaceAllVoters(new_voters), false).await {
+        return PeerResponse::Error(format!("making replica {replica} of shard {shard} a voter: {e}"));
+    }
+    let m = metrics(h);
+    let stale: BTreeSet<NodeId> =
+        m.membership_config.membership().learner_ids().filter(|l| node_of(*l) == node && *l != replica).collect();
+    if !stale.is_empty() {
+        if let Err(e) = h.raft.change_membership(ChangeMembers::RemoveNodes(stale), false).await {
+            return PeerResponse::Error(format!("removing old replicas of node {node} from shard {shard}: {e}"));
+        }
+    }
+    tracing::info!(shard, replica, "replica caught up and replaced its node's old replica as voter");
+    PeerResponse::Promoted
+}
