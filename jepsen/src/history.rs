@@ -61,7 +61,9 @@ impl Process {
 /// - `resend`: a deliberate retry of an already-acked `(client_id, client_seq)` with the same
 ///   text (a dedup probe). ok must carry the original offset.
 /// - `read`: invoke `{conversation}`; ok `{conversation, messages: [[offset, text], ...]}`
-///   — everything the node had from offset 1 up to its head.
+///   — what the node sent from offset 1 up to its head, as it sent it (offsets unchecked, so
+///   a gap shows). fail adds `{error}` and, when the node sent some messages before the
+///   error, `messages` with them.
 /// - `deliver`: ok only (no invoke); one message delivered to a subscriber:
 ///   `{conversation, offset, text, session}`. `process` identifies the subscriber; `session`
 ///   counts its (re)subscriptions.
@@ -72,7 +74,9 @@ impl Process {
 /// Nemesis operations (`process = "nemesis"`): invoke then `info`, `value` describes the fault
 /// (`{nodes: [...], ...}`) and, on completion, `{outcome}`. `f` is one of `kill`, `start`,
 /// `pause`, `resume`, `partition`, `heal`, `clock-skew`, `clock-reset`, `power-fail`,
-/// `corrupt`.
+/// `corrupt`, and `recover`: after the final heal, the runner waits for every node to agree
+/// on a leader of every shard (`{nodes}`; completes with `outcome` `recovered`, or
+/// `not-recovered` and an `error`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum F {
@@ -93,6 +97,7 @@ pub enum F {
     ClockReset,
     PowerFail,
     Corrupt,
+    Recover,
 }
 
 impl F {
