@@ -10,8 +10,12 @@
 //! `(client_id, client_seq)`). Offsets are per conversation. Texts are observed by
 //! - `read` and `final-read` (`messages: [[offset, text], ...]`, which must be dense from 1):
 //!   ok ones, and failed ones that carry the messages the node sent before the error,
-//! - ok `deliver` (one message),
+//! - ok `deliver` (one message, as the node sent it),
 //! - ok `send` / `resend` / `final-send` (an *ack*: the text is at `offset`).
+//!
+//! A subscriber's `subscribe`, `deliver` and `caught-up` ops, in history order, are its
+//! stream as the node sent it: the first delivery after a `caught-up` is the catch-up → live
+//! seam, and an anomaly there says so and shows the `caught-up` in its witness.
 //!
 //! Completions are paired with the latest invoke of the same process (Jepsen's rule).
 //! `info` completions and invokes that never complete are indeterminate: the value may or
@@ -29,8 +33,8 @@
 //! | `phantom` | a text observed that no send ever carried |
 //! | `ack-mismatch` | an ack says offset O but the text is observed only elsewhere |
 //! | `hole` | a read whose messages are not exactly offsets `1..=n` in order |
-//! | `subscriber-skip` | a subscriber jumped over an offset (also at a resume) |
-//! | `subscriber-repeat` | a subscriber went back to an offset it had (also at a resume) |
+//! | `subscriber-skip` | a subscriber jumped over an offset (also at a resume, and at the seam: a delivery past the next offset, or a `caught-up` whose head is past what was delivered) |
+//! | `subscriber-repeat` | a subscriber went back to an offset it had (also at a resume and at the seam) |
 //! | `resend-mismatch` | a resend acked at a different place than the original send |
 //! | `real-time-order` | a send invoked after another completed got a lower offset |
 //! | `unconverged` | final reads of one conversation differ between nodes |
@@ -301,8 +305,12 @@ struct Subscriber {
     next: Option<u64>,
     /// The last delivered offset and the position of its deliver op.
     last: Option<(u64, usize)>,
-    /// Position of the op `next` was derived from (the last deliver or subscribe).
+    /// Position of the op `next` was derived from (the last deliver or subscribe, or a
+    /// `caught-up` that moved it).
     anchor: usize,
+    /// Position of a `caught-up` not yet followed by a delivery: the next delivery crosses
+    /// the catch-up → live seam.
+    seam: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -727,6 +735,10 @@ impl<'h> Checker<'h> {
                     self.on_subscribe(pos);
                     continue;
                 }
+                (F::CaughtUp, Type::Ok) => {
+                    self.on_caught_up(pos);
+                    continue;
+                }
                 _ => {}
             }
             let ci = self.cop_at[pos];
@@ -907,6 +919,7 @@ impl<'h> Checker<'h> {
         let last = sub.last;
         sub.next = Some(from);
         sub.anchor = pos;
+        sub.seam = None;
         if let Some((l, lpos)) = last {
             if from != l + 1 {
                 let kind = if from > l + 1 { kinds::SUBSCRIBER_SKIP } else { kinds::SUBSCRIBER_REPEAT };
@@ -939,7 +952,7 @@ impl<'h> Checker<'h> {
         self.observe_slot(conv, offset, tid, pos);
         self.observe_text(conv, offset, tid, pos);
         let sub = self.subscribers.entry((op.process, conv)).or_default();
-        let (next, anchor) = (sub.next, sub.anchor);
+        let (next, anchor, seam) = (sub.next, sub.anchor, sub.seam.take());
         sub.next = Some(offset + 1);
         sub.last = Some((offset, pos));
         sub.anchor = pos;
@@ -951,16 +964,64 @@ impl<'h> Checker<'h> {
             return;
         }
         let kind = if offset > next { kinds::SUBSCRIBER_SKIP } else { kinds::SUBSCRIBER_REPEAT };
-        let previous = if self.h[anchor].f == F::Subscribe { "subscribed from" } else { "after delivering" };
+        let previous = match self.h[anchor].f {
+            F::Subscribe => format!("subscribed from offset {next}"),
+            F::CaughtUp => format!("told it was caught up at head {}", next - 1),
+            _ => format!("after delivering offset {}", next - 1),
+        };
+        let at_seam = seam.map_or_else(String::new, |p| {
+            let head = self.h[p].value.get("head").and_then(Value::as_u64).unwrap_or(0);
+            format!(", at the catch-up → live seam (caught up at head {head} in op {})", self.index(p))
+        });
         let explanation = format!(
-            "{} got offset {offset} of conversation {:?} (op {}) but expected {next} ({previous} offset {} in op {})",
+            "{} got offset {offset} of conversation {:?} (op {}) but expected {next} ({previous} in op {}){at_seam}",
             process_name(op.process),
             self.conv(conv),
             op.index,
-            if self.h[anchor].f == F::Subscribe { next } else { next - 1 },
             self.index(anchor)
         );
-        let a = Witness::new(self.h).op(anchor).op(pos).anomaly(kind, explanation);
+        let mut w = Witness::new(self.h).op(anchor);
+        if let Some(p) = seam {
+            w = w.op(p);
+        }
+        let a = w.op(pos).anomaly(kind, explanation);
+        self.push(a);
+    }
+
+    /// The node told a subscriber it had sent everything stored up to `head`; live push
+    /// follows. A head past what the subscriber got means the catch-up skipped the rest.
+    fn on_caught_up(&mut self, pos: usize) {
+        let op = &self.h[pos];
+        let (Some(conv), Some(head)) =
+            (op.value.get("conversation").and_then(key), op.value.get("head").and_then(Value::as_u64))
+        else {
+            self.malformed("caught-ups without a conversation or head", pos);
+            return;
+        };
+        let conv = self.conv_id(&conv);
+        let sub = self.subscribers.entry((op.process, conv)).or_default();
+        sub.seam = Some(pos);
+        let (Some(next), anchor) = (sub.next, sub.anchor) else { return };
+        if head < next {
+            return;
+        }
+        // One report: from here on the stream is where the node says it is.
+        sub.next = Some(head + 1);
+        sub.anchor = pos;
+        let previous = match self.h[anchor].f {
+            F::Subscribe => format!("it subscribed from offset {next}"),
+            F::CaughtUp => format!("it was told it was caught up at head {}", next - 1),
+            _ => format!("its last delivery was offset {}", next - 1),
+        };
+        let explanation = format!(
+            "{} was told conversation {:?} is caught up at head {head} (op {}) but {previous} (op {}): offsets \
+             {next}..={head} were skipped at the catch-up → live seam",
+            process_name(op.process),
+            self.conv(conv),
+            op.index,
+            self.index(anchor)
+        );
+        let a = Witness::new(self.h).op(anchor).op(pos).anomaly(kinds::SUBSCRIBER_SKIP, explanation);
         self.push(a);
     }
 
@@ -1536,6 +1597,11 @@ mod tests {
             self.push(Type::Ok, Process::Client(p), F::Deliver, v, Some(1))
         }
 
+        fn caught_up(&mut self, p: u64, conv: &str, head: u64, session: u64) -> u64 {
+            let v = json!({"conversation": conv, "head": head, "session": session});
+            self.push(Type::Ok, Process::Client(p), F::CaughtUp, v, Some(1))
+        }
+
         /// The runner's wait for leaders after the final heal; `outcome` None: never completed.
         fn recover(&mut self, outcome: Option<Value>) -> u64 {
             let inv = self.push(Type::Invoke, Process::NEMESIS, F::Recover, json!({"nodes": [1, 2, 3]}), None);
@@ -1583,12 +1649,14 @@ mod tests {
         h.subscribe(100, "c1", 1, 1);
         h.deliver(100, "c1", 1, "a", 1);
         h.deliver(100, "c1", 2, "b", 1);
+        h.caught_up(100, "c1", 2, 1);
         h.read(200, 2, "c1", &[(1, "a")]);
         h.send_ok(1, "c1", "c", 4);
         h.resend_ok(1, "c1", "a", 1);
         h.nemesis(F::Heal);
         h.subscribe(100, "c1", 3, 2);
         h.deliver(100, "c1", 3, "i1", 2);
+        h.caught_up(100, "c1", 3, 2);
         h.deliver(100, "c1", 4, "c", 2);
         // Never completes, but is applied.
         h.invoke_send(7, "c2", "y");
@@ -2050,6 +2118,49 @@ mod tests {
         h.deliver(101, "c1", 3, "i1", 1);
         finish(&mut h);
         assert_only(&h.check(), kinds::SUBSCRIBER_REPEAT, &[d2, again]);
+    }
+
+    #[test]
+    fn subscriber_repeat_at_the_seam() {
+        // The node's catch-up ended at 2, and live push sent 2 again.
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        h.deliver(101, "c1", 1, "a", 1);
+        let d2 = h.deliver(101, "c1", 2, "b", 1);
+        let seam = h.caught_up(101, "c1", 2, 1);
+        let again = h.deliver(101, "c1", 2, "b", 1);
+        h.deliver(101, "c1", 3, "i1", 1);
+        finish(&mut h);
+        let a = assert_only(&h.check(), kinds::SUBSCRIBER_REPEAT, &[d2, seam, again]);
+        assert!(a.explanation.contains("seam") && a.explanation.contains("expected 3"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn subscriber_skip_at_the_seam() {
+        // The node's catch-up ended at 2, and live push began at 4.
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        h.deliver(101, "c1", 1, "a", 1);
+        let d2 = h.deliver(101, "c1", 2, "b", 1);
+        let seam = h.caught_up(101, "c1", 2, 1);
+        let d4 = h.deliver(101, "c1", 4, "c", 1);
+        finish(&mut h);
+        let a = assert_only(&h.check(), kinds::SUBSCRIBER_SKIP, &[d2, seam, d4]);
+        assert!(a.explanation.contains("seam") && a.explanation.contains("expected 3"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn subscriber_skip_at_caught_up() {
+        // The node said it was caught up at 3 having sent only 1: one skip, at the seam, and
+        // the live delivery of 4 that follows is not reported again.
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        let d1 = h.deliver(101, "c1", 1, "a", 1);
+        let seam = h.caught_up(101, "c1", 3, 1);
+        h.deliver(101, "c1", 4, "c", 1);
+        finish(&mut h);
+        let a = assert_only(&h.check(), kinds::SUBSCRIBER_SKIP, &[d1, seam]);
+        assert!(a.explanation.contains("offsets 2..=3 were skipped"), "{}", a.explanation);
     }
 
     #[test]

@@ -64,10 +64,15 @@ impl Process {
 ///   — what the node sent from offset 1 up to its head, as it sent it (offsets unchecked, so
 ///   a gap shows). fail adds `{error}` and, when the node sent some messages before the
 ///   error, `messages` with them.
-/// - `deliver`: ok only (no invoke); one message delivered to a subscriber:
+/// - `deliver`: ok only (no invoke); one message delivered to a subscriber, as the node sent
+///   it (no library dedup or resubscription in between):
 ///   `{conversation, offset, text, session}`. `process` identifies the subscriber; `session`
 ///   counts its (re)subscriptions.
-/// - `subscribe`: ok only; a subscriber (re)attached: `{conversation, from, session}`.
+/// - `subscribe`: ok only; a subscriber (re)attached: `{conversation, from, session}`, and
+///   `resumed_after` (why its previous stream ended) on a resubscription.
+/// - `caught-up`: ok only; the node told a subscriber it had sent everything up to `head`
+///   (`{conversation, head, session}`): live push follows, so the next delivery crosses the
+///   catch-up → live seam.
 /// - `final-read`: like `read`, after healing, from every node.
 /// - `final-send`: like `send`, after healing, to prove liveness.
 ///
@@ -87,6 +92,7 @@ pub enum F {
     Subscribe,
     FinalRead,
     FinalSend,
+    CaughtUp,
     Kill,
     Start,
     Pause,

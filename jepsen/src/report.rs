@@ -369,6 +369,7 @@ fn f_name(f: &F) -> &'static str {
         F::Subscribe => "subscribe",
         F::FinalRead => "final-read",
         F::FinalSend => "final-send",
+        F::CaughtUp => "caught-up",
         F::Kill => "kill",
         F::Start => "start",
         F::Pause => "pause",
@@ -1027,8 +1028,8 @@ fn line_color(f: &F) -> RGBColor {
 }
 
 /// Per-second buckets of client completions by completion time: `ok` ones per `f` (but not
-/// `subscribe`: subscriptions are events, not throughput), and `fail` + `info` of the timed
-/// operations.
+/// `subscribe` or `caught-up`: subscription events, not throughput), and `fail` + `info` of
+/// the timed operations.
 fn throughput_buckets(history: &[Op], end_ns: u64) -> (BTreeMap<F, Vec<u64>>, Vec<u64>) {
     let n_buckets = (end_ns / 1_000_000_000 + 1) as usize;
     let mut lines: BTreeMap<F, Vec<u64>> = BTreeMap::new();
@@ -1050,6 +1051,7 @@ fn throughput_buckets(history: &[Op], end_ns: u64) -> (BTreeMap<F, Vec<u64>>, Ve
         }
     }
     lines.remove(&F::Subscribe);
+    lines.remove(&F::CaughtUp);
     (lines, errors)
 }
 
