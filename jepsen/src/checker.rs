@@ -8,9 +8,14 @@
 //! A *value* is a send's text: unique per logical send in a run (a send retried after an
 //! indeterminate outcome, and a `resend` dedup probe, carry the same text and the same
 //! `(client_id, client_seq)`). Offsets are per conversation. Texts are observed by
-//! - ok `read` and ok `final-read` (`messages: [[offset, text], ...]`, dense from 1),
-//! - ok `deliver` (one message),
+//! - `read` and `final-read` (`messages: [[offset, text], ...]`, which must be dense from 1):
+//!   ok ones, and failed ones that carry the messages the node sent before the error,
+//! - ok `deliver` (one message, as the node sent it),
 //! - ok `send` / `resend` / `final-send` (an *ack*: the text is at `offset`).
+//!
+//! A subscriber's `subscribe`, `deliver` and `caught-up` ops, in history order, are its
+//! stream as the node sent it: the first delivery after a `caught-up` is the catch-up → live
+//! seam, and an anomaly there says so and shows the `caught-up` in its witness.
 //!
 //! Completions are paired with the latest invoke of the same process (Jepsen's rule).
 //! `info` completions and invokes that never complete are indeterminate: the value may or
@@ -28,8 +33,8 @@
 //! | `phantom` | a text observed that no send ever carried |
 //! | `ack-mismatch` | an ack says offset O but the text is observed only elsewhere |
 //! | `hole` | a read whose messages are not exactly offsets `1..=n` in order |
-//! | `subscriber-skip` | a subscriber jumped over an offset (also at a resume) |
-//! | `subscriber-repeat` | a subscriber went back to an offset it had (also at a resume) |
+//! | `subscriber-skip` | a subscriber jumped over an offset (also at a resume, and at the seam: a delivery past the next offset, or a `caught-up` whose head is past what was delivered) |
+//! | `subscriber-repeat` | a subscriber went back to an offset it had (also at a resume and at the seam) |
 //! | `resend-mismatch` | a resend acked at a different place than the original send |
 //! | `real-time-order` | a send invoked after another completed got a lower offset |
 //! | `unconverged` | final reads of one conversation differ between nodes |
@@ -40,9 +45,26 @@
 //! again as an `ack-mismatch`; an ack whose text is observed both at the acked place and
 //! elsewhere is a `duplicate`, not an `ack-mismatch`.
 //!
-//! Validity: invalid if any anomaly; otherwise unknown when nothing could be decided (no ok
-//! send, no final read at all, or a conversation with acked sends that no node read at the
-//! end); otherwise valid. [`CheckResult::notes`] says why a result is unknown.
+//! ## Validity
+//!
+//! The first row that applies decides; [`CheckResult::notes`] says why a result is unknown.
+//!
+//! | the history has | verdict |
+//! |-----------------|---------|
+//! | any anomaly | invalid |
+//! | no acked send | unknown |
+//! | no ok `final-read` at all | unknown |
+//! | a conversation with acked sends that no node read at the end | unknown |
+//! | a `final-read` that did not complete ok (failed, indeterminate, never completed), or a node without a `final-read` of a conversation that must be read (one with an ack or a `final-read` op) where the node is named by any client op | unknown |
+//! | a `recover` that did not complete `recovered` (the cluster did not elect leaders again after the final heal) | unknown |
+//! | otherwise | valid |
+//!
+//! A node that cannot be read at the end, or does not recover, is undecided rather than
+//! invalid: by itself it breaks no promise about data (a replica that finds its storage damaged
+//! must refuse to serve), but it leaves that node unchecked for loss and convergence, so the
+//! run proves nothing about it and must not pass. What it did send is still checked: the
+//! messages of a failed read are observations (a conflict among them is invalid), only not a
+//! final state to compare. Liveness after healing is `final-send-failed`, an anomaly.
 
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
@@ -108,8 +130,9 @@ pub struct Anomaly {
 pub enum Validity {
     Valid,
     Invalid,
-    /// Nothing could be decided: no ok send, no final read, or a conversation with acked sends
-    /// and no final read on any node.
+    /// Nothing broke, but not everything could be checked: no ok send, no final read, a
+    /// final read that failed or is missing, or a cluster that did not recover (see the
+    /// module documentation).
     Unknown,
 }
 
@@ -132,6 +155,8 @@ pub struct Stats {
     pub nemesis_ops: u64,
     /// ok `final-read`s.
     pub final_reads: u64,
+    /// `final-read`s completed `fail` or `info`, or never completed.
+    pub final_reads_failed: u64,
     pub final_sends_ok: u64,
     /// `final-send`s completed `fail` or `info`, or never completed.
     pub final_sends_failed: u64,
@@ -175,6 +200,8 @@ pub fn check(history: &[Op]) -> CheckResult {
     c.resend_mismatches();
     c.ack_checks();
     c.lost();
+    c.unread();
+    c.recovery();
     c.unconverged();
     c.final_sends();
     c.real_time_order();
@@ -278,8 +305,12 @@ struct Subscriber {
     next: Option<u64>,
     /// The last delivered offset and the position of its deliver op.
     last: Option<(u64, usize)>,
-    /// Position of the op `next` was derived from (the last deliver or subscribe).
+    /// Position of the op `next` was derived from (the last deliver or subscribe, or a
+    /// `caught-up` that moved it).
     anchor: usize,
+    /// Position of a `caught-up` not yet followed by a delivery: the next delivery crosses
+    /// the catch-up → live seam.
+    seam: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -502,6 +533,10 @@ struct Checker<'h> {
     deliveries_without_subscribe: u64,
     /// Conversations with acked sends and no final read on any node.
     unchecked: usize,
+    /// (node, conversation) pairs without an ok final read, or with a failed one.
+    unread: usize,
+    /// `recover` ops that did not complete `recovered`.
+    not_recovered: usize,
 }
 
 impl<'h> Checker<'h> {
@@ -527,6 +562,8 @@ impl<'h> Checker<'h> {
             malformed: BTreeMap::new(),
             deliveries_without_subscribe: 0,
             unchecked: 0,
+            unread: 0,
+            not_recovered: 0,
         }
     }
 
@@ -639,6 +676,7 @@ impl<'h> Checker<'h> {
                 (F::FinalSend, _) => self.stats.final_sends_failed += 1,
                 (F::Read, Outcome::Ok) => self.stats.reads += 1,
                 (F::FinalRead, Outcome::Ok) => self.stats.final_reads += 1,
+                (F::FinalRead, _) => self.stats.final_reads_failed += 1,
                 _ => {}
             }
             if !is_send(&f) {
@@ -697,6 +735,10 @@ impl<'h> Checker<'h> {
                     self.on_subscribe(pos);
                     continue;
                 }
+                (F::CaughtUp, Type::Ok) => {
+                    self.on_caught_up(pos);
+                    continue;
+                }
                 _ => {}
             }
             let ci = self.cop_at[pos];
@@ -704,11 +746,11 @@ impl<'h> Checker<'h> {
                 continue;
             }
             let ci = ci as usize;
-            if self.cops[ci].outcome != Outcome::Ok {
-                continue;
-            }
+            let ok = self.cops[ci].outcome == Outcome::Ok;
             match self.cops[ci].f {
-                F::Read | F::FinalRead => self.on_read(ci, pos),
+                // What a failed read received before its error is still what the node sent.
+                F::Read | F::FinalRead if ok || op.value.get("messages").is_some() => self.on_read(ci, pos, ok),
+                _ if !ok => {}
                 _ => {
                     if let Some(&ai) = self.ack_of_cop.get(&ci) {
                         let a = self.acks[ai];
@@ -796,11 +838,13 @@ impl<'h> Checker<'h> {
         }
     }
 
-    fn on_read(&mut self, ci: usize, pos: usize) {
+    /// A read's messages; `complete`: it completed ok (a failed read's are a prefix, and
+    /// never a node's final state).
+    fn on_read(&mut self, ci: usize, pos: usize, complete: bool) {
         let h = self.h;
         let (conv, node, is_final) = {
             let c = &self.cops[ci];
-            (c.field(h, "conversation").and_then(key), c.node(h), c.f == F::FinalRead)
+            (c.field(h, "conversation").and_then(key), c.node(h), complete && c.f == F::FinalRead)
         };
         let Some(conv) = conv else {
             self.malformed("reads without a conversation", pos);
@@ -808,7 +852,7 @@ impl<'h> Checker<'h> {
         };
         let conv = self.conv_id(&conv);
         let Some(msgs) = h[pos].value.get("messages").and_then(Value::as_array) else {
-            self.malformed("ok reads without messages", pos);
+            self.malformed("reads without a messages list", pos);
             return;
         };
         let mut hole_seen = false;
@@ -851,7 +895,8 @@ impl<'h> Checker<'h> {
             None => format!("entry {position} is not an [offset, text] pair (expected offset {expected})"),
         };
         let explanation = format!(
-            "{} {} of conversation {:?} on {}: {what}; messages must be exactly offsets 1..=n in order",
+            "{}{} {} of conversation {:?} on {}: {what}; messages must be exactly offsets 1..=n in order",
+            if self.h[pos].kind == Type::Ok { "" } else { "failed " },
             if self.h[pos].f == F::FinalRead { "final read" } else { "read" },
             self.index(pos),
             self.conv(conv),
@@ -874,6 +919,7 @@ impl<'h> Checker<'h> {
         let last = sub.last;
         sub.next = Some(from);
         sub.anchor = pos;
+        sub.seam = None;
         if let Some((l, lpos)) = last {
             if from != l + 1 {
                 let kind = if from > l + 1 { kinds::SUBSCRIBER_SKIP } else { kinds::SUBSCRIBER_REPEAT };
@@ -906,7 +952,7 @@ impl<'h> Checker<'h> {
         self.observe_slot(conv, offset, tid, pos);
         self.observe_text(conv, offset, tid, pos);
         let sub = self.subscribers.entry((op.process, conv)).or_default();
-        let (next, anchor) = (sub.next, sub.anchor);
+        let (next, anchor, seam) = (sub.next, sub.anchor, sub.seam.take());
         sub.next = Some(offset + 1);
         sub.last = Some((offset, pos));
         sub.anchor = pos;
@@ -918,16 +964,64 @@ impl<'h> Checker<'h> {
             return;
         }
         let kind = if offset > next { kinds::SUBSCRIBER_SKIP } else { kinds::SUBSCRIBER_REPEAT };
-        let previous = if self.h[anchor].f == F::Subscribe { "subscribed from" } else { "after delivering" };
+        let previous = match self.h[anchor].f {
+            F::Subscribe => format!("subscribed from offset {next}"),
+            F::CaughtUp => format!("told it was caught up at head {}", next - 1),
+            _ => format!("after delivering offset {}", next - 1),
+        };
+        let at_seam = seam.map_or_else(String::new, |p| {
+            let head = self.h[p].value.get("head").and_then(Value::as_u64).unwrap_or(0);
+            format!(", at the catch-up → live seam (caught up at head {head} in op {})", self.index(p))
+        });
         let explanation = format!(
-            "{} got offset {offset} of conversation {:?} (op {}) but expected {next} ({previous} offset {} in op {})",
+            "{} got offset {offset} of conversation {:?} (op {}) but expected {next} ({previous} in op {}){at_seam}",
             process_name(op.process),
             self.conv(conv),
             op.index,
-            if self.h[anchor].f == F::Subscribe { next } else { next - 1 },
             self.index(anchor)
         );
-        let a = Witness::new(self.h).op(anchor).op(pos).anomaly(kind, explanation);
+        let mut w = Witness::new(self.h).op(anchor);
+        if let Some(p) = seam {
+            w = w.op(p);
+        }
+        let a = w.op(pos).anomaly(kind, explanation);
+        self.push(a);
+    }
+
+    /// The node told a subscriber it had sent everything stored up to `head`; live push
+    /// follows. A head past what the subscriber got means the catch-up skipped the rest.
+    fn on_caught_up(&mut self, pos: usize) {
+        let op = &self.h[pos];
+        let (Some(conv), Some(head)) =
+            (op.value.get("conversation").and_then(key), op.value.get("head").and_then(Value::as_u64))
+        else {
+            self.malformed("caught-ups without a conversation or head", pos);
+            return;
+        };
+        let conv = self.conv_id(&conv);
+        let sub = self.subscribers.entry((op.process, conv)).or_default();
+        sub.seam = Some(pos);
+        let (Some(next), anchor) = (sub.next, sub.anchor) else { return };
+        if head < next {
+            return;
+        }
+        // One report: from here on the stream is where the node says it is.
+        sub.next = Some(head + 1);
+        sub.anchor = pos;
+        let previous = match self.h[anchor].f {
+            F::Subscribe => format!("it subscribed from offset {next}"),
+            F::CaughtUp => format!("it was told it was caught up at head {}", next - 1),
+            _ => format!("its last delivery was offset {}", next - 1),
+        };
+        let explanation = format!(
+            "{} was told conversation {:?} is caught up at head {head} (op {}) but {previous} (op {}): offsets \
+             {next}..={head} were skipped at the catch-up → live seam",
+            process_name(op.process),
+            self.conv(conv),
+            op.index,
+            self.index(anchor)
+        );
+        let a = Witness::new(self.h).op(anchor).op(pos).anomaly(kinds::SUBSCRIBER_SKIP, explanation);
         self.push(a);
     }
 
@@ -1130,24 +1224,92 @@ impl<'h> Checker<'h> {
                 list.join(", ")
             ));
         }
-        // Nodes that read some conversations at the end but not others.
-        let all_nodes: BTreeSet<Node> = self.finals.values().flat_map(|n| n.keys().copied()).collect();
-        let gaps: Vec<String> = self
-            .finals
-            .iter()
-            .flat_map(|(&c, nodes)| {
-                all_nodes.iter().filter(|n| !nodes.contains_key(n)).map(move |&n| (c, n)).collect::<Vec<_>>()
-            })
-            .map(|(c, n)| format!("{} / {:?}", node_name(n), self.conv(c)))
-            .collect();
-        if !gaps.is_empty() {
+        self.unchecked = unchecked.len();
+    }
+
+    /// Every node the history names must have an ok final read of every conversation that
+    /// must be read at the end (one with an ack or a final-read op), and no final read may
+    /// have failed: else that node was not checked for loss or convergence.
+    fn unread(&mut self) {
+        let h = self.h;
+        let nodes: BTreeSet<Node> =
+            h.iter().filter(|o| matches!(o.process, Process::Client(_))).filter_map(|o| o.node).map(Some).collect();
+        let mut convs: BTreeSet<ConvId> = self.acks.iter().map(|a| a.conv).collect();
+        let mut failed: BTreeMap<(Node, ConvId), String> = BTreeMap::new();
+        let mut final_reads = Vec::new();
+        for c in self.cops.iter().filter(|c| c.f == F::FinalRead) {
+            let Some(conv) = c.field(h, "conversation").and_then(key) else { continue };
+            let how = match c.outcome {
+                Outcome::Ok => None,
+                Outcome::Missing => Some(format!("op {} never completed", self.index(c.invoke.unwrap_or(0)))),
+                Outcome::Fail | Outcome::Info => {
+                    let d = c.done.unwrap_or(0);
+                    let error = h[d].value.get("error").map_or_else(|| "no error given".to_string(), Value::to_string);
+                    Some(format!("op {} failed: {error}", self.index(d)))
+                }
+            };
+            final_reads.push((conv.into_owned(), c.node(h), how));
+        }
+        for (conv, node, how) in final_reads {
+            let conv = self.conv_id(&conv);
+            convs.insert(conv);
+            if let Some(how) = how {
+                failed.entry((node, conv)).or_insert(how);
+            }
+        }
+        let mut by_node: BTreeMap<Node, Vec<String>> = BTreeMap::new();
+        for &node in nodes.iter().chain(failed.keys().map(|(n, _)| n)).collect::<BTreeSet<_>>() {
+            for &conv in &convs {
+                let read_ok = self.finals.get(&conv).is_some_and(|f| f.contains_key(&node));
+                let why = match failed.get(&(node, conv)) {
+                    Some(how) => how.clone(),
+                    None if read_ok => continue,
+                    None => "no final read".to_string(),
+                };
+                by_node.entry(node).or_default().push(format!("{:?} ({why})", self.conv(conv)));
+            }
+        }
+        for (node, list) in &by_node {
+            let count = list.len();
+            let shown: Vec<&str> = list.iter().take(5).map(String::as_str).collect();
             self.notes.push(format!(
-                "{} (node, conversation) pair(s) have no final read and were not checked for loss or convergence: {}",
-                gaps.len(),
-                gaps.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                "{} was not read at the end for {count} of {} conversation(s), so it was not checked for loss or \
+                 convergence there: {}{}",
+                node_name(*node),
+                convs.len(),
+                shown.join(", "),
+                if count > shown.len() { ", …" } else { "" }
             ));
         }
-        self.unchecked = unchecked.len();
+        self.unread = by_node.values().map(Vec::len).sum();
+    }
+
+    /// The runner's `recover` after the final heal must complete `recovered`.
+    fn recovery(&mut self) {
+        let h = self.h;
+        let mut pending: Option<usize> = None;
+        let mut failures = Vec::new();
+        for (pos, op) in h.iter().enumerate().filter(|(_, o)| o.process == Process::NEMESIS && o.f == F::Recover) {
+            if op.kind == Type::Invoke {
+                if let Some(p) = pending.replace(pos) {
+                    failures.push(format!("op {} never completed", self.index(p)));
+                }
+                continue;
+            }
+            pending = None;
+            let outcome = op.value.get("outcome").and_then(Value::as_str).unwrap_or("none");
+            if outcome != "recovered" {
+                let error = op.value.get("error").map_or_else(String::new, |e| format!(": {e}"));
+                failures.push(format!("op {}: outcome {outcome:?}{error}", op.index));
+            }
+        }
+        if let Some(p) = pending {
+            failures.push(format!("op {} never completed", self.index(p)));
+        }
+        for f in &failures {
+            self.notes.push(format!("the cluster did not recover after the final heal ({f})"));
+        }
+        self.not_recovered = failures.len();
     }
 
     /// Final reads of one conversation must agree on every node.
@@ -1286,19 +1448,29 @@ impl<'h> Checker<'h> {
                 self.deliveries_without_subscribe
             ));
         }
-        let valid = if !self.anomalies.is_empty() {
-            Validity::Invalid
-        } else if self.acks.is_empty() {
-            self.notes.push("unknown: no send was acked".to_string());
-            Validity::Unknown
+        let undecided = if self.acks.is_empty() {
+            Some("unknown: no send was acked".to_string())
         } else if self.stats.final_reads == 0 {
-            self.notes.push("unknown: there is no final read".to_string());
-            Validity::Unknown
+            Some("unknown: there is no final read".to_string())
         } else if self.unchecked > 0 {
-            self.notes.push("unknown: some conversations with acked sends have no final read".to_string());
-            Validity::Unknown
+            Some("unknown: some conversations with acked sends have no final read".to_string())
+        } else if self.unread > 0 {
+            Some(format!(
+                "unknown: {} (node, conversation) pair(s) have a failed or no final read (see above)",
+                self.unread
+            ))
+        } else if self.not_recovered > 0 {
+            Some("unknown: the cluster did not recover after the final heal".to_string())
         } else {
-            Validity::Valid
+            None
+        };
+        let valid = match (self.anomalies.is_empty(), undecided) {
+            (false, _) => Validity::Invalid,
+            (true, Some(why)) => {
+                self.notes.push(why);
+                Validity::Unknown
+            }
+            (true, None) => Validity::Valid,
         };
         CheckResult { valid, anomalies: self.anomalies, stats: self.stats, notes: self.notes }
     }
@@ -1398,6 +1570,17 @@ mod tests {
             self.read_f(F::FinalRead, 400_000 + node, node, conv, &msgs)
         }
 
+        /// A final read of `node` that failed with `error`, after the node sent `msgs`.
+        fn final_read_fail(&mut self, node: u64, conv: &str, error: &str, msgs: &[(u64, &str)]) -> u64 {
+            let p = 400_000 + node;
+            self.invoke(p, F::FinalRead, json!({"conversation": conv}), Some(node));
+            let mut extra = json!({"error": error});
+            if !msgs.is_empty() {
+                extra["messages"] = msgs.iter().map(|(o, t)| json!([o, t])).collect();
+            }
+            self.complete(p, Type::Fail, extra)
+        }
+
         fn final_reads(&mut self, conv: &str, texts: &[&str]) {
             for node in 1..=3 {
                 self.final_read(node, conv, texts);
@@ -1412,6 +1595,20 @@ mod tests {
         fn deliver(&mut self, p: u64, conv: &str, offset: u64, text: &str, session: u64) -> u64 {
             let v = json!({"conversation": conv, "offset": offset, "text": text, "session": session});
             self.push(Type::Ok, Process::Client(p), F::Deliver, v, Some(1))
+        }
+
+        fn caught_up(&mut self, p: u64, conv: &str, head: u64, session: u64) -> u64 {
+            let v = json!({"conversation": conv, "head": head, "session": session});
+            self.push(Type::Ok, Process::Client(p), F::CaughtUp, v, Some(1))
+        }
+
+        /// The runner's wait for leaders after the final heal; `outcome` None: never completed.
+        fn recover(&mut self, outcome: Option<Value>) -> u64 {
+            let inv = self.push(Type::Invoke, Process::NEMESIS, F::Recover, json!({"nodes": [1, 2, 3]}), None);
+            match outcome {
+                Some(v) => self.push(Type::Info, Process::NEMESIS, F::Recover, v, None),
+                None => inv,
+            }
         }
 
         fn nemesis(&mut self, f: F) {
@@ -1452,12 +1649,14 @@ mod tests {
         h.subscribe(100, "c1", 1, 1);
         h.deliver(100, "c1", 1, "a", 1);
         h.deliver(100, "c1", 2, "b", 1);
+        h.caught_up(100, "c1", 2, 1);
         h.read(200, 2, "c1", &[(1, "a")]);
         h.send_ok(1, "c1", "c", 4);
         h.resend_ok(1, "c1", "a", 1);
         h.nemesis(F::Heal);
         h.subscribe(100, "c1", 3, 2);
         h.deliver(100, "c1", 3, "i1", 2);
+        h.caught_up(100, "c1", 3, 2);
         h.deliver(100, "c1", 4, "c", 2);
         // Never completes, but is applied.
         h.invoke_send(7, "c2", "y");
@@ -1547,17 +1746,144 @@ mod tests {
         assert!(r.notes.iter().any(|n| n.contains("\"c2\" (1 acked)")), "{:?}", r.notes);
     }
 
+    /// Final sends on both conversations, and c1 = C1 + z1 on nodes 1 and 2 (not 3).
+    fn finish_but_node_3_of_c1(h: &mut H) -> Vec<String> {
+        h.final_send_ok(300_000, "c1", "z1", 5);
+        h.final_send_ok(300_001, "c2", "z2", 3);
+        let c1: Vec<&str> = [&C1[..], &["z1"]].concat();
+        h.final_read(1, "c1", &c1);
+        h.final_read(2, "c1", &c1);
+        h.final_reads("c2", &["x", "y", "z2"]);
+        c1.iter().map(|t| t.to_string()).collect()
+    }
+
+    /// Undecided, with no anomaly, and a note that names `node`, `conv` and each of `words`.
+    fn assert_unread(r: &CheckResult, node: u64, conv: &str, words: &[&str]) {
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.valid, Validity::Unknown, "{:?}", r.notes);
+        let name = format!("node {node} was not read at the end");
+        let note = r.notes.iter().find(|n| n.contains(&name)).unwrap_or_else(|| panic!("{name}: {:?}", r.notes));
+        assert!(note.contains(&format!("{conv:?}")), "{note}");
+        for w in words {
+            assert!(note.contains(w), "{w}: {note}");
+        }
+    }
+
     #[test]
-    fn a_node_missing_one_final_read_is_noted_but_valid() {
+    fn a_node_missing_one_final_read_is_unknown() {
+        let mut h = base();
+        finish_but_node_3_of_c1(&mut h);
+        assert_unread(&h.check(), 3, "c1", &["no final read", "1 of 2 conversation(s)"]);
+    }
+
+    #[test]
+    fn a_failed_final_read_is_not_valid() {
+        let mut h = base();
+        finish_but_node_3_of_c1(&mut h);
+        let failed = h.final_read_fail(3, "c1", "unavailable: node 3 refuses to serve shard 1", &[]);
+        let r = h.check();
+        assert_unread(&r, 3, "c1", &["refuses to serve", &format!("op {failed} failed")]);
+        assert_eq!((r.stats.final_reads, r.stats.final_reads_failed), (5, 1));
+        assert_eq!(r.to_json()["valid"], "unknown");
+    }
+
+    #[test]
+    fn a_final_read_that_fails_after_an_ok_one_is_not_valid() {
+        // A node read once at the end and then failed: still not a clean final read.
+        let mut h = clean();
+        h.final_read_fail(3, "c2", "timeout", &[]);
+        assert_unread(&h.check(), 3, "c2", &["timeout"]);
+    }
+
+    #[test]
+    fn a_final_read_that_never_completed_is_not_valid() {
+        let mut h = base();
+        finish_but_node_3_of_c1(&mut h);
+        let inv = h.invoke(400_003, F::FinalRead, json!({"conversation": "c1"}), Some(3));
+        let r = h.check();
+        assert_unread(&r, 3, "c1", &[&format!("op {inv} never completed")]);
+        assert_eq!(r.stats.final_reads_failed, 1);
+    }
+
+    #[test]
+    fn a_node_never_read_at_the_end_is_unknown() {
+        // Node 3 served reads during the run but has no final read of anything.
         let mut h = base();
         h.final_send_ok(300_000, "c1", "z1", 5);
         h.final_send_ok(300_001, "c2", "z2", 3);
-        h.final_reads("c1", &[&C1[..], &["z1"]].concat());
-        h.final_read(1, "c2", &["x", "y", "z2"]);
-        h.final_read(2, "c2", &["x", "y", "z2"]);
+        for node in 1..=2 {
+            h.final_read(node, "c1", &[&C1[..], &["z1"]].concat());
+            h.final_read(node, "c2", &["x", "y", "z2"]);
+        }
+        assert_unread(&h.check(), 3, "c2", &["\"c1\"", "2 of 2 conversation(s)"]);
+    }
+
+    #[test]
+    fn a_partial_final_read_is_not_a_final_state() {
+        // The node sent a correct prefix, then failed: no loss is concluded from it, and the
+        // run is still undecided.
+        let mut h = base();
+        finish_but_node_3_of_c1(&mut h);
+        h.final_read_fail(3, "c1", "unavailable: stream reset", &[(1, "a"), (2, "b")]);
+        assert_unread(&h.check(), 3, "c1", &["stream reset"]);
+    }
+
+    #[test]
+    fn a_partial_final_read_is_still_checked() {
+        // What a failing node sent before its error conflicts with the other nodes.
+        let mut h = base();
+        finish_but_node_3_of_c1(&mut h);
+        let partial = h.final_read_fail(3, "c1", "unavailable: stream reset", &[(1, "a"), (2, "q")]);
         let r = h.check();
-        assert_eq!(r.valid, Validity::Valid, "{r:#?}");
-        assert!(r.notes.iter().any(|n| n.contains("node 3 / \"c2\"")), "{:?}", r.notes);
+        only_kinds(&r, &[kinds::INCONSISTENT_OFFSET, kinds::PHANTOM]);
+        let a = r.anomalies.iter().find(|a| a.kind == kinds::PHANTOM).expect("phantom");
+        assert_eq!(witness_indices(a), [partial]);
+    }
+
+    #[test]
+    fn hole_in_a_failed_read() {
+        let mut h = base();
+        h.invoke(202, F::Read, json!({"conversation": "c1"}), Some(2));
+        let read = h.complete(202, Type::Fail, json!({"error": "reset", "messages": [[1, "a"], [3, "i1"]]}));
+        finish(&mut h);
+        let a = assert_only(&h.check(), kinds::HOLE, &[read]);
+        assert!(a.explanation.starts_with("failed read") && a.explanation.contains("offset 2 is missing"), "{a:?}");
+    }
+
+    #[test]
+    fn a_cluster_that_did_not_recover_is_unknown() {
+        let mut h = clean();
+        h.recover(Some(json!({"nodes": [1, 2, 3], "outcome": "not-recovered", "error": "shard 2: leaders [None]"})));
+        let r = h.check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.valid, Validity::Unknown);
+        assert!(
+            r.notes.iter().any(|n| n.contains("did not recover") && n.contains("shard 2: leaders")),
+            "{:?}",
+            r.notes
+        );
+
+        let mut h = clean();
+        let inv = h.recover(None);
+        let r = h.check();
+        assert_eq!(r.valid, Validity::Unknown);
+        assert!(r.notes.iter().any(|n| n.contains(&format!("op {inv} never completed"))), "{:?}", r.notes);
+
+        let mut h = clean();
+        h.recover(Some(json!({"nodes": [1, 2, 3], "outcome": "recovered"})));
+        let r = h.check();
+        assert_eq!(r.valid, Validity::Valid, "{:?}", r.notes);
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn anomalies_outweigh_an_undecided_end() {
+        let mut h = base();
+        finish_but_node_3_of_c1(&mut h);
+        h.final_read_fail(3, "c1", "timeout", &[]);
+        h.read(202, 2, "c1", &[(1, "a"), (2, "b"), (4, "c")]);
+        h.recover(Some(json!({"outcome": "not-recovered"})));
+        assert_eq!(h.check().valid, Validity::Invalid);
     }
 
     #[test]
@@ -1792,6 +2118,49 @@ mod tests {
         h.deliver(101, "c1", 3, "i1", 1);
         finish(&mut h);
         assert_only(&h.check(), kinds::SUBSCRIBER_REPEAT, &[d2, again]);
+    }
+
+    #[test]
+    fn subscriber_repeat_at_the_seam() {
+        // The node's catch-up ended at 2, and live push sent 2 again.
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        h.deliver(101, "c1", 1, "a", 1);
+        let d2 = h.deliver(101, "c1", 2, "b", 1);
+        let seam = h.caught_up(101, "c1", 2, 1);
+        let again = h.deliver(101, "c1", 2, "b", 1);
+        h.deliver(101, "c1", 3, "i1", 1);
+        finish(&mut h);
+        let a = assert_only(&h.check(), kinds::SUBSCRIBER_REPEAT, &[d2, seam, again]);
+        assert!(a.explanation.contains("seam") && a.explanation.contains("expected 3"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn subscriber_skip_at_the_seam() {
+        // The node's catch-up ended at 2, and live push began at 4.
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        h.deliver(101, "c1", 1, "a", 1);
+        let d2 = h.deliver(101, "c1", 2, "b", 1);
+        let seam = h.caught_up(101, "c1", 2, 1);
+        let d4 = h.deliver(101, "c1", 4, "c", 1);
+        finish(&mut h);
+        let a = assert_only(&h.check(), kinds::SUBSCRIBER_SKIP, &[d2, seam, d4]);
+        assert!(a.explanation.contains("seam") && a.explanation.contains("expected 3"), "{}", a.explanation);
+    }
+
+    #[test]
+    fn subscriber_skip_at_caught_up() {
+        // The node said it was caught up at 3 having sent only 1: one skip, at the seam, and
+        // the live delivery of 4 that follows is not reported again.
+        let mut h = base();
+        h.subscribe(101, "c1", 1, 1);
+        let d1 = h.deliver(101, "c1", 1, "a", 1);
+        let seam = h.caught_up(101, "c1", 3, 1);
+        h.deliver(101, "c1", 4, "c", 1);
+        finish(&mut h);
+        let a = assert_only(&h.check(), kinds::SUBSCRIBER_SKIP, &[d1, seam]);
+        assert!(a.explanation.contains("offsets 2..=3 were skipped"), "{}", a.explanation);
     }
 
     #[test]

@@ -61,18 +61,27 @@ impl Process {
 /// - `resend`: a deliberate retry of an already-acked `(client_id, client_seq)` with the same
 ///   text (a dedup probe). ok must carry the original offset.
 /// - `read`: invoke `{conversation}`; ok `{conversation, messages: [[offset, text], ...]}`
-///   — everything the node had from offset 1 up to its head.
-/// - `deliver`: ok only (no invoke); one message delivered to a subscriber:
+///   — what the node sent from offset 1 up to its head, as it sent it (offsets unchecked, so
+///   a gap shows). fail adds `{error}` and, when the node sent some messages before the
+///   error, `messages` with them.
+/// - `deliver`: ok only (no invoke); one message delivered to a subscriber, as the node sent
+///   it (no library dedup or resubscription in between):
 ///   `{conversation, offset, text, session}`. `process` identifies the subscriber; `session`
 ///   counts its (re)subscriptions.
-/// - `subscribe`: ok only; a subscriber (re)attached: `{conversation, from, session}`.
+/// - `subscribe`: ok only; a subscriber (re)attached: `{conversation, from, session}`, and
+///   `resumed_after` (why its previous stream ended) on a resubscription.
+/// - `caught-up`: ok only; the node told a subscriber it had sent everything up to `head`
+///   (`{conversation, head, session}`): live push follows, so the next delivery crosses the
+///   catch-up → live seam.
 /// - `final-read`: like `read`, after healing, from every node.
 /// - `final-send`: like `send`, after healing, to prove liveness.
 ///
 /// Nemesis operations (`process = "nemesis"`): invoke then `info`, `value` describes the fault
 /// (`{nodes: [...], ...}`) and, on completion, `{outcome}`. `f` is one of `kill`, `start`,
 /// `pause`, `resume`, `partition`, `heal`, `clock-skew`, `clock-reset`, `power-fail`,
-/// `corrupt`.
+/// `corrupt`, and `recover`: after the final heal, the runner waits for every node to agree
+/// on a leader of every shard (`{nodes}`; completes with `outcome` `recovered`, or
+/// `not-recovered` and an `error`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum F {
@@ -83,6 +92,7 @@ pub enum F {
     Subscribe,
     FinalRead,
     FinalSend,
+    CaughtUp,
     Kill,
     Start,
     Pause,
@@ -93,6 +103,7 @@ pub enum F {
     ClockReset,
     PowerFail,
     Corrupt,
+    Recover,
 }
 
 impl F {

@@ -185,8 +185,13 @@ fn fault_windows(history: &[Op]) -> Vec<Window> {
     windows
 }
 
+/// Notes of an undecided checker result shown in the summary, at most …
+const SUMMARY_NOTES: usize = 3;
+/// … each cut to this many characters.
+const SUMMARY_NOTE_CHARS: usize = 240;
+
 /// A few lines for a person: duration, operation counts, faults, the checker's verdict and
-/// anomaly counts, and send latencies.
+/// anomaly counts (and, when it is undecided, why), and send latencies.
 pub fn summary_text(history: &[Op], checker_json: &Value) -> String {
     let mut s = String::new();
     let end_ns = run_end(history);
@@ -255,6 +260,15 @@ pub fn summary_text(history: &[Op], checker_json: &Value) -> String {
         }
     };
     let _ = writeln!(s, "checker: {valid}; {anomalies}");
+    // An undecided run says why (the first few notes; all are in results.json).
+    if valid == "unknown" {
+        let notes = checker_json.get("notes").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        for note in notes.iter().filter_map(Value::as_str).take(SUMMARY_NOTES) {
+            let cut: String = note.chars().take(SUMMARY_NOTE_CHARS).collect();
+            let more = if cut.len() < note.len() { " …" } else { "" };
+            let _ = writeln!(s, "  note: {cut}{more}");
+        }
+    }
 
     let mut lat: Vec<u64> = client_ops(history)
         .iter()
@@ -355,6 +369,7 @@ fn f_name(f: &F) -> &'static str {
         F::Subscribe => "subscribe",
         F::FinalRead => "final-read",
         F::FinalSend => "final-send",
+        F::CaughtUp => "caught-up",
         F::Kill => "kill",
         F::Start => "start",
         F::Pause => "pause",
@@ -365,6 +380,7 @@ fn f_name(f: &F) -> &'static str {
         F::ClockReset => "clock-reset",
         F::PowerFail => "power-fail",
         F::Corrupt => "corrupt",
+        F::Recover => "recover",
     }
 }
 
@@ -1012,8 +1028,8 @@ fn line_color(f: &F) -> RGBColor {
 }
 
 /// Per-second buckets of client completions by completion time: `ok` ones per `f` (but not
-/// `subscribe`: subscriptions are events, not throughput), and `fail` + `info` of the timed
-/// operations.
+/// `subscribe` or `caught-up`: subscription events, not throughput), and `fail` + `info` of
+/// the timed operations.
 fn throughput_buckets(history: &[Op], end_ns: u64) -> (BTreeMap<F, Vec<u64>>, Vec<u64>) {
     let n_buckets = (end_ns / 1_000_000_000 + 1) as usize;
     let mut lines: BTreeMap<F, Vec<u64>> = BTreeMap::new();
@@ -1035,6 +1051,7 @@ fn throughput_buckets(history: &[Op], end_ns: u64) -> (BTreeMap<F, Vec<u64>>, Ve
         }
     }
     lines.remove(&F::Subscribe);
+    lines.remove(&F::CaughtUp);
     (lines, errors)
 }
 
@@ -1759,6 +1776,19 @@ a &amp; b
         assert!(s.contains("checker: valid; no anomalies"), "{s}");
         let s = summary_text(&h, &json!({"valid": 3, "anomaly_counts": "x"}));
         assert!(s.contains("checker: unknown; anomaly counts not reported"), "{s}");
+    }
+
+    #[test]
+    fn an_undecided_summary_says_why() {
+        let h = small_history();
+        let long = "x".repeat(1000);
+        let notes = json!(["node 3 was not read at the end", long, "third", "fourth"]);
+        let s = summary_text(&h, &json!({"valid": "unknown", "anomaly_counts": {}, "notes": notes}));
+        assert!(s.contains("checker: unknown; no anomalies\n  note: node 3 was not read at the end\n"), "{s}");
+        assert!(s.contains(&format!("  note: {} …\n  note: third\n", &long[..SUMMARY_NOTE_CHARS])), "{s}");
+        assert!(!s.contains("fourth"), "{s}");
+        let s = summary_text(&h, &json!({"valid": "valid", "anomaly_counts": {}, "notes": ["a note"]}));
+        assert!(!s.contains("note:"), "{s}");
     }
 
     /// A 30-second run with a kill of n1 and a partition isolating n3, with noisy latencies.

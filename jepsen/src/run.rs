@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use convoy::client::RawRead;
 use rand::SeedableRng;
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -133,7 +134,24 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
         }
         rec.record(Type::Info, Process::NEMESIS, F::Heal, json!({"final": true, "outcome": "healed"}), None);
     }
+    // Recovery is in the history: a cluster that does not recover cannot pass the check.
+    let nodes: Vec<u64> = config.nodes.iter().map(|n| n.id).collect();
+    rec.record(
+        Type::Invoke,
+        Process::NEMESIS,
+        F::Recover,
+        json!({"nodes": nodes, "within_s": RECOVERY.as_secs()}),
+        None,
+    );
     let recovered = db.lock().await.wait_ready(RECOVERY).await;
+    let outcome = match &recovered {
+        Ok(()) => json!({"nodes": nodes, "outcome": "recovered"}),
+        Err(e) => {
+            let error = e.to_string().lines().next().unwrap_or_default().to_string();
+            json!({"nodes": nodes, "outcome": "not-recovered", "error": error})
+        }
+    };
+    rec.record(Type::Info, Process::NEMESIS, F::Recover, outcome, None);
 
     // Liveness: a new send to every conversation succeeds.
     let client = db.lock().await.client()?;
@@ -184,39 +202,39 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
 }
 
 /// Reads `conv` from every node until all agree (or the deadline), then records each
-/// node's last read as the `final-read`.
+/// node's last complete read as the `final-read`, or, for a node never read completely, its
+/// last failed read (which makes the run undecided at best).
 async fn final_read(rec: &Recorder, client: &convoy::client::Client, conv: &str, process: u64) {
+    const NODES: std::ops::RangeInclusive<u64> = 1..=3;
+    const READ_TIMEOUT: Duration = Duration::from_secs(10);
     let deadline = Instant::now() + CONVERGE;
-    let mut last: BTreeMap<u64, Vec<convoy::chat::StoredMessage>> = BTreeMap::new();
+    let mut last: BTreeMap<u64, RawRead> = BTreeMap::new();
     loop {
-        for node in 1..=3u64 {
-            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(10), client.read(conv, 1, Some(node))).await {
-                last.insert(node, m);
+        for node in NODES {
+            let read = tokio::time::timeout(READ_TIMEOUT, client.read_raw(conv, 1, node)).await.unwrap_or_else(|_| {
+                let error = convoy::Error::Unavailable(format!("node {node} did not answer within {READ_TIMEOUT:?}"));
+                RawRead { messages: Vec::new(), end: Err(error) }
+            });
+            // A complete read is kept over a later failed one.
+            if read.end.is_ok() || last.get(&node).is_none_or(|r| r.end.is_err()) {
+                last.insert(node, read);
             }
         }
-        let agree = last.len() == 3 && last.values().all(|v| Some(v) == last.get(&1));
+        let complete: Vec<&Vec<convoy::chat::StoredMessage>> =
+            last.values().filter(|r| r.end.is_ok()).map(|r| &r.messages).collect();
+        let agree = complete.len() == NODES.count() && complete.iter().all(|m| *m == complete[0]);
         if agree || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    for node in 1..=3u64 {
+    for node in NODES {
         let p = Process::Client(process + node);
         rec.record(Type::Invoke, p, F::FinalRead, json!({"conversation": conv}), Some(node));
-        match last.get(&node) {
-            Some(msgs) => {
-                let messages: Vec<serde_json::Value> = msgs.iter().map(|m| json!([m.offset, m.text])).collect();
-                rec.record(Type::Ok, p, F::FinalRead, json!({"conversation": conv, "messages": messages}), Some(node));
-            }
-            None => {
-                rec.record(
-                    Type::Fail,
-                    p,
-                    F::FinalRead,
-                    json!({"conversation": conv, "error": "unreachable"}),
-                    Some(node),
-                );
-            }
-        }
+        let (kind, value) = match last.get(&node) {
+            Some(read) => workload::read_outcome(conv, read),
+            None => (Type::Fail, json!({"conversation": conv, "error": "never read"})),
+        };
+        rec.record(kind, p, F::FinalRead, value, Some(node));
     }
 }

@@ -7,7 +7,11 @@
 //!   retry safe; it gives up only at a deadline, reporting `Ambiguous` if any attempt's
 //!   outcome was unknown.
 //! - A [`Subscription`] resubscribes from the offset after the last one it delivered after
-//!   any disconnect, so its consumer sees each offset exactly once, in order.
+//!   any disconnect, so its consumer sees each offset exactly once, in order. A tool that
+//!   tests the node rather than this library asks for [`Delivery::Raw`] instead: what one
+//!   node sent, unchecked, and no resubscription.
+//! - [`Client::read`] checks that offsets are consecutive; [`Client::read_raw`] returns what
+//!   the node sent, unchecked.
 //!
 //! It depends only on the wire types of `crate::net`, never on storage or Raft.
 
@@ -669,11 +673,46 @@ impl Client {
         node: u64,
         mut visit: impl FnMut(StoredMessage) -> Result<()>,
     ) -> Result<u64> {
+        let first = from.max(1);
+        let mut next = first;
+        self.read_stream(conversation, from, node, |m| {
+            if m.offset != next {
+                return Err(Error::Protocol(format!("node {node} sent offset {} where {next} was due", m.offset)));
+            }
+            next += 1;
+            visit(m)
+        })
+        .await?;
+        Ok(next - first)
+    }
+
+    /// Reads a conversation from `from` up to the head as `node` has it, and returns what the
+    /// node sent as it sent it: no check that offsets are consecutive, and the messages
+    /// received before an error are kept. For tools that test the node (the fault-injection
+    /// suite records a gap rather than an error); applications want [`Client::read`].
+    pub async fn read_raw(&self, conversation: &str, from: u64, node: u64) -> RawRead {
+        let mut messages = Vec::new();
+        let end = self
+            .read_stream(conversation, from, node, |m| {
+                messages.push(m);
+                Ok(())
+            })
+            .await;
+        RawRead { messages, end }
+    }
+
+    /// One read stream from `node`: every message to `visit`, unchecked, until the node says
+    /// it is caught up (returns its head) or something ends the read.
+    async fn read_stream(
+        &self,
+        conversation: &str,
+        from: u64,
+        node: u64,
+        mut visit: impl FnMut(StoredMessage) -> Result<()>,
+    ) -> Result<u64> {
         let req = Request::Subscribe { conversation: conversation.into(), from, follow: false };
         let mut recv =
             frame::FrameReader::new(self.open(node, &req).await?.recv, RESPONSE_FRAME_BYTES_MAX, READ_BUFFER_BYTES);
-        let first = from.max(1);
-        let mut next = first;
         loop {
             // A buffered frame needs no timer; only a read of the stream can stall.
             let frame = if recv.has_frame() {
@@ -684,17 +723,8 @@ impl Client {
                     .map_err(|_| Error::Unavailable(format!("node {node} stalled")))??
             };
             match frame {
-                Some(Response::Message(m)) => {
-                    if m.offset != next {
-                        return Err(Error::Protocol(format!(
-                            "node {node} sent offset {} where {next} was due",
-                            m.offset
-                        )));
-                    }
-                    next += 1;
-                    visit(m)?;
-                }
-                Some(Response::CaughtUp { .. }) => return Ok(next - first),
+                Some(Response::Message(m)) => visit(m)?,
+                Some(Response::CaughtUp { head }) => return Ok(head),
                 Some(Response::Error { code, message }) => return Err(response_error(code, message)),
                 Some(Response::Truncated { earliest }) => return Err(Error::Truncated { earliest }),
                 Some(other) => return Err(Error::Protocol(format!("unexpected frame {other:?}"))),
@@ -703,13 +733,57 @@ impl Client {
         }
     }
 
-    /// Follows a conversation from `from`, live, across disconnects. `node` pins the
-    /// replica (it is still retried after failures); `None` spreads over all of them.
+    /// Follows a conversation from `from`, live, across disconnects, each offset exactly
+    /// once ([`Delivery::ExactlyOnce`]). `node` pins the replica (it is still retried after
+    /// failures); `None` spreads over all of them.
     pub fn subscribe(&self, conversation: &str, from: u64, node: Option<u64>) -> Subscription {
+        self.subscribe_with(conversation, from, node, Delivery::default())
+    }
+
+    /// Like [`Client::subscribe`], choosing how deliveries are handed on. With
+    /// [`Delivery::Raw`], `node` is the one replica asked (`None`: one chosen at random).
+    pub fn subscribe_with(&self, conversation: &str, from: u64, node: Option<u64>, delivery: Delivery) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        let task = tokio::spawn(follow(self.clone(), conversation.to_string(), from.max(1), node, tx));
+        let (client, conversation, from) = (self.clone(), conversation.to_string(), from.max(1));
+        let task = match delivery {
+            Delivery::ExactlyOnce => tokio::spawn(follow(client, conversation, from, node, tx)),
+            Delivery::Raw => {
+                // No node at all: node 0, which the stream fails on as unknown.
+                let ids = self.node_ids();
+                let node =
+                    node.unwrap_or_else(|| ids.get(rand::random::<usize>() % ids.len().max(1)).copied().unwrap_or(0));
+                tokio::spawn(follow_raw(client, conversation, from, node, tx))
+            }
+        };
         Subscription { rx, task }
     }
+}
+
+/// What a node sent for a read ([`Client::read_raw`]), unchecked.
+#[derive(Debug)]
+pub struct RawRead {
+    /// Every message received, in the order received.
+    pub messages: Vec<StoredMessage>,
+    /// How the read ended: the head the node said it had sent everything up to
+    /// (`CaughtUp`), or what ended it early.
+    pub end: Result<u64>,
+}
+
+/// How a [`Subscription`] hands on what the node sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Delivery {
+    /// Each offset exactly once, in order (the default): a message already delivered is
+    /// dropped, and a gap, an ended stream or a broken connection resubscribes from the
+    /// offset after the last one delivered.
+    #[default]
+    ExactlyOnce,
+    /// What one node sent, as it sent it, for tools that test the node rather than this
+    /// library: an [`Event::Attached`] once the request is out, then every
+    /// [`Event::Message`] and [`Event::CaughtUp`] unchecked (repeats and gaps included),
+    /// and last an [`Event::Failed`] saying why the stream ended (the node finished it,
+    /// answered an error or `Truncated`, or the connection broke). Nothing is deduplicated
+    /// and nothing is retried: resubscribing is the caller's business.
+    Raw,
 }
 
 fn response_error(code: ErrorCode, message: String) -> Error {
@@ -725,13 +799,15 @@ fn response_error(code: ErrorCode, message: String) -> Error {
 /// What a subscription delivers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The next message, in offset order, each offset once.
+    /// The next message, in offset order, each offset once (with [`Delivery::Raw`]: the
+    /// next message the node sent, unchecked).
     Message(StoredMessage),
     /// Everything stored up to `head` has been delivered (sent once per (re)attach).
     CaughtUp { head: u64 },
     /// The subscription (re)attached to `node` from `from`.
     Attached { node: u64, from: u64 },
-    /// A permanent error (e.g. invalid conversation id); the subscription ends.
+    /// A permanent error (e.g. invalid conversation id); the subscription ends. With
+    /// [`Delivery::Raw`], whatever ended the stream.
     Failed(String),
 }
 
@@ -813,6 +889,40 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
     }
 }
 
+/// A [`Delivery::Raw`] subscription: one stream from `node`, handed on as it comes.
+async fn follow_raw(client: Client, conversation: String, from: u64, node: u64, tx: mpsc::Sender<Event>) {
+    let req = Request::Subscribe { conversation, from, follow: true };
+    let mut recv = match client.open(node, &req).await {
+        Ok(lane) => frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES),
+        Err(e) => {
+            client.forget(node).await;
+            let _ = tx.send(Event::Failed(format!("subscribing at node {node} failed: {e}"))).await;
+            return;
+        }
+    };
+    if tx.send(Event::Attached { node, from }).await.is_err() {
+        return;
+    }
+    let end = loop {
+        let event = match recv.next::<Response>().await {
+            Ok(Some(Response::Message(m))) => Event::Message(m),
+            Ok(Some(Response::CaughtUp { head })) => Event::CaughtUp { head },
+            Ok(Some(Response::Error { code, message })) => break response_error(code, message).to_string(),
+            Ok(Some(Response::Truncated { earliest })) => break Error::Truncated { earliest }.to_string(),
+            Ok(Some(other)) => break format!("node {node} sent an unexpected frame {other:?}"),
+            Ok(None) => break format!("node {node} ended the stream"),
+            Err(e) => {
+                client.forget(node).await;
+                break format!("node {node}: {e}");
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    };
+    let _ = tx.send(Event::Failed(end)).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -840,6 +950,142 @@ mod tests {
         let batch = seqs(&outbox.next_batch(&mut held).expect("its own send"));
         assert_eq!(held, shard);
         batch
+    }
+
+    fn stored(offset: u64) -> StoredMessage {
+        StoredMessage {
+            conversation: "c".into(),
+            offset,
+            sender: "u".into(),
+            ts_ms: 1,
+            client_id: 1,
+            client_seq: offset,
+            text: format!("t{offset}"),
+        }
+    }
+
+    fn msg(offset: u64) -> Response {
+        Response::Message(stored(offset))
+    }
+
+    /// What a fake node received and holds until the test is done with it.
+    type FakeNode = tokio::task::JoinHandle<(Vec<Request>, quinn::Connection, quinn::Endpoint)>;
+
+    /// A client of a fake node 1 that answers its i-th request stream with `script[i]`, then
+    /// finishes that stream; the handle gives the requests it read, in order.
+    fn fake_node(script: Vec<Vec<Response>>) -> (Client, FakeNode, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the fake node");
+        let addr = socket.local_addr().expect("its address");
+        let toml = format!(
+            "shards = 4\nreplication_factor = 1\n[[nodes]]\nid = 1\nclient_addr = \"{addr}\"\n\
+             peer_addr = \"127.0.0.1:1\"\ndata_dir = \"n1\"\n"
+        );
+        let config = Config::parse(&toml, dir.path(), &dir.path().join("convoy.toml")).expect("config");
+        let paths = tls::ensure_material(&config).expect("credentials");
+        let server = tls::server_config(&paths, 1, tls::Link::Client, 64).expect("server config");
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let node = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+            .expect("fake node endpoint");
+        let client = Client::connect_as(&config, 9, 1).expect("client");
+        let handle = tokio::spawn(async move {
+            let conn = node.accept().await.expect("a connection").await.expect("handshake");
+            let mut got = Vec::new();
+            for frames in script {
+                let (mut send, mut recv) = conn.accept_bi().await.expect("a request stream");
+                got.push(frame::read::<_, Request>(&mut recv, 1 << 20).await.expect("a frame").expect("a request"));
+                for f in &frames {
+                    frame::write(&mut send, f).await.expect("answer");
+                }
+                send.finish().expect("finish the stream");
+            }
+            (got, conn, node)
+        });
+        (client, handle, dir)
+    }
+
+    async fn next_event(sub: &mut Subscription) -> Option<Event> {
+        tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("an event within 10 s")
+    }
+
+    fn subscribe_request(from: u64, follow: bool) -> Request {
+        Request::Subscribe { conversation: "c".into(), from, follow }
+    }
+
+    /// The raw mode hands on a repeat and a gap exactly as the node sent them, then says the
+    /// stream ended, and does not subscribe again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_raw_subscription_hands_on_repeats_and_gaps_and_never_resubscribes() {
+        let stream = vec![msg(1), msg(2), Response::CaughtUp { head: 2 }, msg(2), msg(4)];
+        let (client, node, _dir) = fake_node(vec![stream]);
+        let mut sub = client.subscribe_with("c", 1, Some(1), Delivery::Raw);
+        let mut events = Vec::new();
+        while let Some(ev) = next_event(&mut sub).await {
+            events.push(ev);
+        }
+        let Some(Event::Failed(why)) = events.pop() else { panic!("the last event says why: {events:?}") };
+        assert!(why.contains("ended the stream"), "{why}");
+        let want = vec![
+            Event::Attached { node: 1, from: 1 },
+            Event::Message(stored(1)),
+            Event::Message(stored(2)),
+            Event::CaughtUp { head: 2 },
+            Event::Message(stored(2)),
+            Event::Message(stored(4)),
+        ];
+        assert_eq!(events, want);
+        // The subscription ended (its task dropped the channel): it asked once.
+        let (got, _conn, _node) = node.await.expect("fake node");
+        assert_eq!(got, vec![subscribe_request(1, true)]);
+    }
+
+    /// The default mode drops the repeat and resubscribes at the gap, from the offset after
+    /// the last one it delivered: the same node stream as above, seen exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_default_subscription_drops_repeats_and_resubscribes_at_a_gap() {
+        let first = vec![msg(1), msg(2), Response::CaughtUp { head: 2 }, msg(2), msg(4)];
+        let second = vec![msg(3), msg(4), Response::CaughtUp { head: 4 }];
+        let (client, node, _dir) = fake_node(vec![first, second]);
+        let mut sub = client.subscribe("c", 1, Some(1));
+        let mut events = Vec::new();
+        while events.len() < 8 {
+            events.push(next_event(&mut sub).await.expect("the subscription goes on"));
+        }
+        let want = vec![
+            Event::Attached { node: 1, from: 1 },
+            Event::Message(stored(1)),
+            Event::Message(stored(2)),
+            Event::CaughtUp { head: 2 },
+            Event::Attached { node: 1, from: 3 },
+            Event::Message(stored(3)),
+            Event::Message(stored(4)),
+            Event::CaughtUp { head: 4 },
+        ];
+        assert_eq!(events, want);
+        drop(sub);
+        let (got, _conn, _node) = node.await.expect("fake node");
+        assert_eq!(got, vec![subscribe_request(1, true), subscribe_request(3, true)]);
+    }
+
+    /// `read_raw` returns a gap and the messages before an error as the node sent them;
+    /// `read` refuses the gap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_raw_read_returns_what_the_node_sent() {
+        let gap = vec![msg(1), msg(2), msg(4), Response::CaughtUp { head: 4 }];
+        let broken = vec![msg(1), Response::Error { code: ErrorCode::Unavailable, message: "disk on fire".into() }];
+        let (client, node, _dir) = fake_node(vec![gap.clone(), broken, gap]);
+        let read = client.read_raw("c", 1, 1).await;
+        let offsets: Vec<u64> = read.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, [1, 2, 4]);
+        assert_eq!(read.end.expect("caught up"), 4);
+        let read = client.read_raw("c", 1, 1).await;
+        assert_eq!(read.messages, vec![stored(1)]);
+        let err = read.end.expect_err("the node answered an error");
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        let refused = client.read("c", 1, Some(1)).await.expect_err("a gap is an error for applications");
+        assert!(matches!(refused, Error::Protocol(_)), "{refused}");
+        let (got, _conn, _node) = node.await.expect("fake node");
+        assert_eq!(got, vec![subscribe_request(1, false); 3]);
     }
 
     /// Send requests larger than the node's stream window (256 KiB) cannot be written in
