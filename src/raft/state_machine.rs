@@ -365,6 +365,10 @@ impl RaftSnapshotBuilder<C> for SnapshotBuilder {
 }
 
 #[cfg(test)]
+#[path = "snapshot_install_tests.rs"]
+mod snapshot_install_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::chat::{Command, MemView, Rejection, SendCommand};
