@@ -394,7 +394,7 @@ fn remove_spool(path: &Path) -> Result<()> {
 }
 
 /// Marks the end of an install step: a test may stop the install here, as a crash would
-/// (see [`crash`]); nothing otherwise.
+/// (see the test-only `crash` module); nothing otherwise.
 fn step_done(store: &Store, step: Step) -> Result<()> {
     #[cfg(test)]
     crash::reached(store.db.path(), step)?;
