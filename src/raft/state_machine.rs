@@ -11,6 +11,8 @@
 //!
 //! Snapshots are lazy: building one takes a RocksDB snapshot (O(1)) whose meta is the
 //! applied state stored inside it; its data is produced only when streamed to a follower.
+//! Installing one is crash-safe, and one a crash interrupted is completed when the state
+//! machine is opened, before openraft reads its applied state (see `store::snapshot`).
 //! An I/O error here is returned to openraft, which stops the group: the node never
 //! continues with state it could not write.
 
@@ -135,10 +137,14 @@ fn read_applied(store: &Store, shard: ShardId) -> Result<AppliedState> {
 }
 
 impl ShardStateMachine {
-    /// Opens a shard's state machine; clears a snapshot install that a crash interrupted.
+    /// Opens a shard's state machine; completes a snapshot install that a crash interrupted,
+    /// so that openraft, which reads the applied state next, finds the snapshot's (see
+    /// `store::snapshot`). An install that cannot be completed is an error: the shard's
+    /// state is gone and its log purged, and no state this replica could report would be
+    /// consistent with that log.
     pub fn open(store: Store, shard: ShardId, events: Arc<dyn ShardEvents>) -> Result<Self> {
-        if snapshot::clear_interrupted_install(&store, shard)? {
-            tracing::warn!(shard, "cleared an interrupted snapshot install; the shard will be re-sent");
+        if let Some(records) = snapshot::resume_interrupted_install(&store, shard)? {
+            tracing::warn!(shard, records, "completed a snapshot install that a crash had interrupted");
         }
         let applied = read_applied(&store, shard)?;
         Ok(ShardStateMachine { shard, store, events, applied, cache: ApplyCache::default() })
@@ -319,21 +325,12 @@ impl RaftStateMachine<C> for ShardStateMachine {
         self.cache.clear();
         let (store, shard) = (self.store.clone(), self.shard);
         let state = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        // The applied state is the meta's, written by the install as its last step, whatever
+        // the streamed records hold.
         let value = encode(&state);
-        let records = blocking(move || {
-            let n = match &data {
-                ShardSnapshot::Local(local) => snapshot::install(&store, shard, Source::Local(local))?,
-                ShardSnapshot::Spooled(path) => {
-                    let n = snapshot::install(&store, shard, Source::File(path))?;
-                    let _ = std::fs::remove_file(path);
-                    n
-                }
-            };
-            // The applied state streamed with the data must be the one the meta names.
-            let mut b = WriteBatch::default();
-            b.put_cf(store.cf(CF_STATE), applied_key(shard), value);
-            store.write_sync(b)?;
-            Ok(n)
+        let records = blocking(move || match &data {
+            ShardSnapshot::Local(local) => snapshot::install(&store, shard, Source::Local(local), &value),
+            ShardSnapshot::Spooled(path) => snapshot::install(&store, shard, Source::File(path), &value),
         })
         .await?;
         tracing::info!(shard, records, last_log_id = ?meta.last_log_id, "installed snapshot");
@@ -366,6 +363,10 @@ impl RaftSnapshotBuilder<C> for SnapshotBuilder {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "snapshot_install_tests.rs"]
+mod snapshot_install_tests;
 
 #[cfg(test)]
 mod tests {

@@ -503,10 +503,7 @@ impl Service {
             return error(ErrorCode::InvalidInput, m);
         }
         let store = self.store.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            Ok::<_, Error>((store.cursor(shard, &user, &conversation)?, store.head(shard, &conversation)?))
-        })
-        .await;
+        let read = tokio::task::spawn_blocking(move || store.cursor_and_head(shard, &user, &conversation)).await;
         match read {
             Ok(Ok((offset, head))) => Response::Cursor { offset, head },
             Ok(Err(e)) => error(ErrorCode::Unavailable, e.to_string()),

@@ -235,10 +235,28 @@ impl Store {
         }
     }
 
+    /// A user's cursor in a conversation and the conversation's head, read together for a
+    /// client (refused while a snapshot install is under way: see [`Store::scan_messages`]).
+    pub fn cursor_and_head(&self, shard: ShardId, user: &str, conversation: &str) -> Result<(u64, u64)> {
+        let snap = self.db.snapshot();
+        refuse_installing(&snap, self.cf(CF_STATE), shard)?;
+        let read = |key: &[u8]| -> Result<u64> {
+            match snap.get_cf(self.cf(CF_STATE), key)? {
+                Some(v) => Ok(codec::decode::<u64>(&v)?),
+                None => Ok(0),
+            }
+        };
+        Ok((read(&cursor_key(shard, user, conversation))?, read(&head_key(shard, conversation))?))
+    }
+
     /// Visits up to `max` messages of a conversation from offset `from`, in offset order,
     /// with their offsets and their values as stored (catch-up frames them without
     /// decoding; see `service::frames::message_frame_from_stored`). The value is borrowed from
     /// the iterator, so a scan allocates nothing per message. Returns how many it visited.
+    ///
+    /// Refused (`Unavailable`) while a snapshot install of the shard is under way: the shard's
+    /// state is then cleared or partly written, and would read as messages missing. The check
+    /// and the scan read one RocksDB snapshot, so a scan sees a whole state or is refused.
     pub fn scan_messages(
         &self,
         shard: ShardId,
@@ -250,8 +268,11 @@ impl Store {
         let prefix = conversation_prefix(shard, conversation);
         let mut upper = prefix.clone();
         upper.extend_from_slice(&u64::MAX.to_be_bytes());
+        let snap = self.db.snapshot();
+        refuse_installing(&snap, self.cf(CF_STATE), shard)?;
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(upper);
+        ro.set_snapshot(&snap);
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
         iter.seek(message_key(shard, conversation, from.max(1)));
         let mut visited = 0;
@@ -265,6 +286,20 @@ impl Store {
         }
         iter.status()?;
         Ok(visited)
+    }
+}
+
+/// `Unavailable` if `snap` shows a snapshot install of `shard` under way (see [`snapshot`]).
+fn refuse_installing(
+    snap: &rocksdb::SnapshotWithThreadMode<'_, DB>,
+    state: &ColumnFamily,
+    shard: ShardId,
+) -> Result<()> {
+    match snap.get_cf(state, installing_key(shard))? {
+        Some(_) => Err(Error::Unavailable(format!(
+            "shard {shard} is being replaced by a snapshot on this node; read from another replica or retry"
+        ))),
+        None => Ok(()),
     }
 }
 
