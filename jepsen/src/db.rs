@@ -122,6 +122,53 @@ impl Db {
         self.cluster.start(id)
     }
 
+    /// Starts node `id` with `--rejoin` (a rebuild on an empty data directory).
+    pub fn start_rejoin(&mut self, id: u64) -> Result<bool> {
+        self.cluster.start_rejoin(id)
+    }
+
+    /// How node `id`'s process ended, if it has exited.
+    pub fn exit_status(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        self.cluster.exit_status(id)
+    }
+
+    /// Sends `kill -9` to node `id` without reaping it (a process inside a held fsync can
+    /// only finish dying once the fsync is answered).
+    pub fn signal_kill(&mut self, id: u64) -> bool {
+        self.cluster.signal(id, libc::SIGKILL)
+    }
+
+    /// Holds back node `id`'s fsyncs (see `LossyMount::hold_fsyncs`).
+    pub fn hold_fsyncs(&self, id: u64) -> Result<()> {
+        match self.mounts.get(&id) {
+            Some(m) => {
+                m.hold_fsyncs();
+                Ok(())
+            }
+            None => bail!("node {id} is not on a lossy mount"),
+        }
+    }
+
+    /// Deletes everything in node `id`'s data directory (through its mount, which stays); the
+    /// node must be stopped. The cluster file and TLS material are not there.
+    pub fn wipe(&mut self, id: u64) -> Result<u64> {
+        if self.is_running(id) {
+            bail!("node {id} is running");
+        }
+        let dir = self.data_dir(id);
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// `kill -9` node `id` and reap it.
     pub fn kill(&mut self, id: u64) -> bool {
         self.cluster.kill(id)

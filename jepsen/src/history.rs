@@ -79,7 +79,8 @@ impl Process {
 /// Nemesis operations (`process = "nemesis"`): invoke then `info`, `value` describes the fault
 /// (`{nodes: [...], ...}`) and, on completion, `{outcome}`. `f` is one of `kill`, `start`,
 /// `pause`, `resume`, `partition`, `heal`, `clock-skew`, `clock-reset`, `power-fail`,
-/// `corrupt`, and `recover`: after the final heal, the runner waits for every node to agree
+/// `corrupt`, `wipe`, `rebuild` (a node that refused to start, started again with
+/// `--rejoin` on an empty data directory), and `recover`: after the final heal, the runner waits for every node to agree
 /// on a leader of every shard (`{nodes}`; completes with `outcome` `recovered`, or
 /// `not-recovered` and an `error`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -103,6 +104,8 @@ pub enum F {
     ClockReset,
     PowerFail,
     Corrupt,
+    Wipe,
+    Rebuild,
     Recover,
 }
 
@@ -110,7 +113,7 @@ impl F {
     /// Nemesis operations that begin a fault period, and the operation that ends it.
     pub fn fault_end(&self) -> Option<F> {
         match self {
-            F::Kill | F::PowerFail | F::Corrupt => Some(F::Start),
+            F::Kill | F::PowerFail | F::Corrupt | F::Wipe => Some(F::Start),
             F::Pause => Some(F::Resume),
             F::Partition => Some(F::Heal),
             F::ClockSkew => Some(F::ClockReset),

@@ -101,6 +101,8 @@ pub struct PowerFailReport {
     pub files_affected: u64,
     /// Bytes of pending writes dropped (size-only changes count zero bytes).
     pub bytes_dropped: u64,
+    /// Held fsyncs (see [`LossyMount::hold_fsyncs`]) that were failed instead of performed.
+    pub fsyncs_failed: u64,
 }
 
 /// Counters of a mount, see [`LossyMount::stats`].
@@ -186,6 +188,30 @@ impl LossyMount {
             let _ = self.notifier.inval_inode(INodeNo(ino), 0, 0);
         }
         report
+    }
+
+    /// Hold back every fsync from now on: requests wait unanswered, their data pending, as on
+    /// a disk whose flushes are slow. Other requests go on. Ended by
+    /// [`LossyMount::release_fsyncs`] or by [`LossyMount::power_fail`], which fails them.
+    /// A process waiting in a held fsync cannot finish dying: kill it, then power-fail or
+    /// release, then reap it.
+    pub fn hold_fsyncs(&self) {
+        let mut st = lock(&self.state);
+        if st.held.is_none() {
+            st.held = Some(Vec::new());
+        }
+    }
+
+    /// Performs and answers every held fsync and stops holding. Returns how many were held.
+    pub fn release_fsyncs(&self) -> usize {
+        let mut st = lock(&self.state);
+        let held = st.held.take().unwrap_or_default();
+        let n = held.len();
+        for h in held {
+            let r = st.sync_ino(h.ino, Some(h.fh), h.datasync);
+            reply_empty(h.reply, r);
+        }
+        n
     }
 
     /// Make every pending write durable, as a clean shutdown (or `sync`) would. Returns the bytes
@@ -442,6 +468,24 @@ struct State {
     synced_bytes: u64,
     power_failures: u64,
     dropped_bytes: u64,
+    /// While `Some`, fsyncs are held back: each request waits here, unanswered and with its
+    /// data still pending, until [`LossyMount::release_fsyncs`] (which performs them) or a
+    /// power failure (which fails them and drops their data).
+    held: Option<Vec<HeldFsync>>,
+}
+
+/// An fsync request held back (see `State::held`).
+struct HeldFsync {
+    ino: u64,
+    fh: u64,
+    datasync: bool,
+    reply: ReplyEmpty,
+}
+
+impl std::fmt::Debug for HeldFsync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldFsync").field("ino", &self.ino).field("fh", &self.fh).finish_non_exhaustive()
+    }
 }
 
 fn eno(e: io::Error) -> Errno {
@@ -559,6 +603,7 @@ impl State {
             synced_bytes: 0,
             power_failures: 0,
             dropped_bytes: 0,
+            held: None,
         }
     }
 
@@ -852,6 +897,11 @@ impl State {
 
     fn power_fail(&mut self) -> (PowerFailReport, Vec<u64>) {
         let mut report = PowerFailReport::default();
+        // Held fsyncs never happened: their callers (killed by now) get an error.
+        for h in self.held.take().unwrap_or_default() {
+            report.fsyncs_failed += 1;
+            h.reply.error(Errno::EIO);
+        }
         let mut inos = Vec::with_capacity(self.pending.len());
         for (ino, p) in self.pending.drain() {
             report.files_affected += 1;
@@ -1184,6 +1234,12 @@ impl fuser::Filesystem for LossyFs {
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let mut st = self.st();
         st.fsyncs += 1;
+        if let Some(held) = st.held.as_mut() {
+            // Answered later, from `release_fsyncs` or `power_fail`; the session goes on
+            // serving other requests meanwhile.
+            held.push(HeldFsync { ino: ino.0, fh: fh.0, datasync, reply });
+            return;
+        }
         reply_empty(reply, st.sync_ino(ino.0, Some(fh.0), datasync));
     }
 
@@ -1388,6 +1444,39 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), model);
     }
 
+    // A held fsync does not return and does not persist; other requests go on; a power
+    // failure fails it and drops its data, and a release performs it.
+    #[test]
+    fn held_fsyncs_wait_and_are_failed_by_a_power_failure() {
+        require_fuse!();
+        let fx = fixture();
+        let path = fx.mnt.join("held");
+        let mut f = OpenOptions::new().create(true).read(true).write(true).truncate(true).open(&path).unwrap();
+        f.write_all(b"kept").unwrap();
+        f.sync_all().unwrap();
+        fx.fs.hold_fsyncs();
+        f.write_all(b" lost").unwrap();
+        let g = f.try_clone().unwrap();
+        let syncer = std::thread::spawn(move || g.sync_all());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!syncer.is_finished(), "a held fsync does not return");
+        assert_eq!(read_all(&path), b"kept lost", "other requests are served meanwhile");
+        assert_eq!(read_all(&fx.backing.join("held")), b"kept", "nothing held reached the disk");
+        let report = fx.fs.power_fail();
+        assert_eq!(report.fsyncs_failed, 1);
+        assert!(syncer.join().unwrap().is_err(), "the held fsync fails");
+        assert_eq!(read_all(&path), b"kept");
+
+        fx.fs.hold_fsyncs();
+        f.write_all_at(b"!", 4).unwrap();
+        let g = f.try_clone().unwrap();
+        let syncer = std::thread::spawn(move || g.sync_all());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(fx.fs.release_fsyncs(), 1);
+        syncer.join().unwrap().expect("a released fsync succeeds");
+        assert_eq!(read_all(&fx.backing.join("held")), b"kept!");
+    }
+
     #[test]
     fn fsynced_data_survives_unsynced_is_lost() {
         require_fuse!();
@@ -1411,7 +1500,7 @@ mod tests {
 
         // Pending now: "HE" at 0 ("world" was cut off by the truncate) and the shrink to 3.
         let report = fx.fs.power_fail();
-        assert_eq!(report, PowerFailReport { files_affected: 1, bytes_dropped: 2 });
+        assert_eq!(report, PowerFailReport { files_affected: 1, bytes_dropped: 2, fsyncs_failed: 0 });
         assert_eq!(read_all(&fx.backing.join("data")), b"hello ");
         assert_eq!(read_all(&path), b"hello ", "the mount shows exactly the fsynced content");
         assert_eq!(fs::metadata(&path).unwrap().len(), 6);
@@ -1432,7 +1521,7 @@ mod tests {
         // A file created and written but never fsynced: the name stays (metadata is durable),
         // the content goes.
         fs::write(fx.mnt.join("fresh"), b"never synced").unwrap();
-        assert_eq!(fx.fs.power_fail(), PowerFailReport { files_affected: 1, bytes_dropped: 12 });
+        assert_eq!(fx.fs.power_fail(), PowerFailReport { files_affected: 1, bytes_dropped: 12, fsyncs_failed: 0 });
         assert_eq!(read_all(&fx.mnt.join("fresh")), b"");
         assert_eq!(read_all(&fx.backing.join("fresh")), b"");
     }

@@ -7,7 +7,16 @@
 //! | `partition` | nftables input-hook drops between node addresses: isolate one node, isolate a leader, a bridge (two sides that only a middle node sees), one-way (one node's packets to another are dropped) |
 //! | `clock`     | libfaketime offset of ±5–60 s on one node (`FAKETIME_DONT_FAKE_MONOTONIC=1`) |
 //! | `power`     | a power failure of a majority or all nodes: `kill -9`, then every write not yet fsynced is dropped by the lossy filesystem, then restart |
-//! | `corrupt`   | one stopped node's newest WAL or table file gets its tail truncated or a bit flipped |
+//! | `power-all` | every node loses power while the leader of a random shard has its fsyncs held back (its followers' are not): `kill -9` of all, the held fsyncs fail, every unsynced write is dropped, restart |
+//! | `corrupt`   | one stopped node's storage is damaged: a bit flipped in a Raft vote record or near the end of the newest WAL, or the newest table file truncated or bit-flipped |
+//! | `wipe`      | one stopped node's data directory is emptied |
+//!
+//! Damage (`corrupt`, `wipe`) hits at most one node at a time, and that node is repaired at
+//! the end of the fault: started as it is, it either runs (the damage was harmless or
+//! repaired) or refuses to start (exit status), which is recorded; a refused node is then
+//! rebuilt (`rebuild`): its data directory emptied and the node started with `--rejoin`, so
+//! it comes back as new replicas. Damage to a minority therefore never stops the cluster;
+//! what may never happen is a damaged node voting or acknowledging with what it lost.
 //!
 //! [`Nemesis::run`] rotates random subsets of the enabled families — one fault, or two at
 //! once about a third of the time — with quiet periods between.
@@ -27,7 +36,12 @@ use crate::history::{Process, Type, F};
 use crate::recorder::Recorder;
 
 /// The fault families a run may use.
-pub const ALL_FAULTS: [&str; 6] = ["kill", "pause", "partition", "clock", "power", "corrupt"];
+pub const ALL_FAULTS: [&str; 8] = ["kill", "pause", "partition", "clock", "power", "power-all", "corrupt", "wipe"];
+
+/// Families that damage a node's storage: at most one such fault is in effect at a time.
+const DAMAGE: [&str; 2] = ["corrupt", "wipe"];
+/// How long a restarted node is watched for a refusal before it counts as started.
+const REFUSAL_WATCH: Duration = Duration::from_secs(4);
 
 /// An injected fault that is still in effect.
 #[derive(Debug, Clone)]
@@ -36,6 +50,10 @@ pub enum Active {
     Paused(Vec<u64>),
     Partitioned,
     Skewed(Vec<u64>),
+    /// Stopped nodes with damaged storage: restarted, and rebuilt if they refuse.
+    Damaged(Vec<u64>),
+    /// Nothing was injected (a second damage while one is in effect is skipped).
+    Nothing,
 }
 
 /// Injects faults into the cluster and records them.
@@ -98,8 +116,11 @@ impl Nemesis {
     }
 
     /// Injects one random fault from the enabled families; returns what must be undone.
-    pub async fn inject(&mut self, db: &Mutex<Db>) -> Result<Active> {
+    pub async fn inject(&mut self, db: &Mutex<Db>, damage_allowed: bool) -> Result<Active> {
         let family = self.faults.choose(&mut self.rng).cloned().context("no faults enabled")?;
+        if DAMAGE.contains(&family.as_str()) && !damage_allowed {
+            return Ok(Active::Nothing);
+        }
         let mut db = db.lock().await;
         match family.as_str() {
             "kill" => {
@@ -200,16 +221,58 @@ impl Nemesis {
                 );
                 Ok(Active::Killed(nodes))
             }
+            "power-all" => {
+                let held = self.pick_leader(&db).await.unwrap_or_else(|| self.random_node());
+                let nodes = vec![1, 2, 3];
+                let window = Duration::from_millis(self.rng.gen_range(300..2_500));
+                self.begin(F::PowerFail, json!({"nodes": nodes, "variant": "all", "fsyncs_held_on": held}));
+                let held_ok = db.hold_fsyncs(held).is_ok();
+                // The leader's appends stay unsynced while its followers' fsyncs complete: a
+                // quorum acknowledges entries the leader itself does not hold durably.
+                tokio::time::sleep(window).await;
+                for n in &nodes {
+                    db.signal_kill(*n);
+                }
+                let mut dropped = serde_json::Map::new();
+                for n in &nodes {
+                    let v = match db.power_fail(*n) {
+                        Ok(bytes) => json!(bytes),
+                        Err(e) => json!(format!("failed: {e}")),
+                    };
+                    dropped.insert(n.to_string(), v);
+                }
+                for n in &nodes {
+                    db.kill(*n);
+                }
+                self.end(
+                    F::PowerFail,
+                    json!({"nodes": nodes, "variant": "all", "fsyncs_held_on": held, "held": held_ok,
+                           "hold_ms": window.as_millis() as u64, "unsynced_bytes_dropped": dropped,
+                           "outcome": "powered off"}),
+                );
+                Ok(Active::Killed(nodes))
+            }
             "corrupt" => {
                 let node = self.random_node();
                 self.begin(F::Corrupt, json!({"nodes": [node]}));
                 db.kill(node);
-                let outcome = match corrupt_newest(&db.data_dir(node).join("db"), &mut self.rng) {
+                let outcome = match corrupt(&db.data_dir(node).join("db"), &mut self.rng) {
                     Ok(what) => what,
                     Err(e) => format!("failed: {e}"),
                 };
                 self.end(F::Corrupt, json!({"nodes": [node], "outcome": outcome}));
-                Ok(Active::Killed(vec![node]))
+                Ok(Active::Damaged(vec![node]))
+            }
+            "wipe" => {
+                let node = self.random_node();
+                self.begin(F::Wipe, json!({"nodes": [node]}));
+                db.kill(node);
+                let outcome = match db.wipe(node) {
+                    Ok(n) => format!("wiped ({n} entries)"),
+                    Err(e) => format!("failed: {e}"),
+                };
+                self.end(F::Wipe, json!({"nodes": [node], "outcome": outcome}));
+                Ok(Active::Damaged(vec![node]))
             }
             other => bail!("unknown fault {other}"),
         }
@@ -219,13 +282,39 @@ impl Nemesis {
     pub async fn heal(&mut self, db: &Mutex<Db>, active: Active) -> Result<()> {
         let mut db = db.lock().await;
         match active {
-            Active::Killed(nodes) => {
+            Active::Killed(nodes) | Active::Damaged(nodes) => {
                 self.begin(F::Start, json!({"nodes": nodes}));
                 for n in &nodes {
                     db.start(*n)?;
                 }
-                self.end(F::Start, json!({"nodes": nodes, "outcome": "started"}));
+                // A node that refuses to start (it lost state its identity needs) is recorded
+                // as refused, then rebuilt as new replicas.
+                let deadline = tokio::time::Instant::now() + REFUSAL_WATCH;
+                let mut refused: Vec<(u64, Option<i32>)> = Vec::new();
+                while tokio::time::Instant::now() < deadline && refused.len() < nodes.len() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    for n in &nodes {
+                        if !refused.iter().any(|(r, _)| r == n) {
+                            if let Some(status) = db.exit_status(*n) {
+                                refused.push((*n, status.code()));
+                            }
+                        }
+                    }
+                }
+                let exits: serde_json::Map<String, serde_json::Value> =
+                    refused.iter().map(|(n, code)| (n.to_string(), json!(code))).collect();
+                let outcome = if refused.is_empty() { "started" } else { "refused" };
+                self.end(F::Start, json!({"nodes": nodes, "outcome": outcome, "exited": exits}));
+                for (n, _) in refused {
+                    self.begin(F::Rebuild, json!({"nodes": [n]}));
+                    let outcome = match db.wipe(n).and_then(|_| db.start_rejoin(n)) {
+                        Ok(_) => "rejoining".to_string(),
+                        Err(e) => format!("failed: {e}"),
+                    };
+                    self.end(F::Rebuild, json!({"nodes": [n], "outcome": outcome}));
+                }
             }
+            Active::Nothing => {}
             Active::Paused(nodes) => {
                 self.begin(F::Resume, json!({"nodes": nodes}));
                 for n in &nodes {
@@ -265,7 +354,8 @@ impl Nemesis {
             let together = if self.faults.len() > 1 && self.rng.gen_bool(0.35) { 2 } else { 1 };
             let mut active = Vec::new();
             for _ in 0..together {
-                active.push(self.inject(db).await?);
+                let damage_allowed = !active.iter().any(|a| matches!(a, Active::Damaged(_)));
+                active.push(self.inject(db, damage_allowed).await?);
             }
             let hold = Duration::from_millis(self.rng.gen_range(3_000..8_000));
             tokio::time::sleep_until((tokio::time::Instant::now() + hold).min(until)).await;
@@ -276,35 +366,90 @@ impl Nemesis {
     }
 }
 
-/// Truncates the tail of, or flips one bit near the end of, the newest WAL or table file.
-fn corrupt_newest(dir: &Path, rng: &mut StdRng) -> Result<String> {
-    let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|x| x.to_str()), Some("log") | Some("sst")))
-        .filter(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("LOG")))
-        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .collect();
-    files.sort();
-    let (_, path) = files.pop().context("no WAL or table file to corrupt")?;
-    let len = std::fs::metadata(&path)?.len();
-    if len == 0 {
-        return Ok(format!("{} was empty; left alone", path.display()));
+/// Damages one stored record or file of a stopped node (the fault model of `corrupt`):
+/// - `vote`: flips a bit inside a Raft vote record in the newest WAL (found by its key);
+/// - `wal`: flips a bit near the end of the newest WAL;
+/// - `table`: truncates the newest table file, or flips a bit in it.
+///
+/// Each of these is damage RocksDB's checksums or the file's structure reveal; a WAL cut
+/// exactly at a record boundary would look like a power failure before the lost records were
+/// fsynced, which no single node can tell apart, so `corrupt` does not model it.
+fn corrupt(dir: &Path, rng: &mut StdRng) -> Result<String> {
+    let newest = |ext: &str| -> Option<PathBuf> {
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().and_then(|x| x.to_str()) == Some(ext))
+            .filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
+            .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+            .collect();
+        files.sort();
+        files.pop().map(|(_, p)| p)
+    };
+    let wal = newest("log");
+    let table = newest("sst");
+    let mut kinds = Vec::new();
+    if wal.is_some() {
+        kinds.extend(["vote", "wal"]);
     }
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
-    let what = if rng.gen_bool(0.5) {
-        let cut = rng.gen_range(1..=len.min(4096));
-        file.set_len(len - cut)?;
-        format!("truncated {cut} bytes off {}", path.display())
-    } else {
-        use std::os::unix::fs::FileExt;
-        let at = len - rng.gen_range(1..=len.min(4096));
+    if table.is_some() {
+        kinds.push("table");
+    }
+    let kind = *kinds.choose(rng).context("no WAL or table file to damage")?;
+    use std::os::unix::fs::FileExt;
+    let flip = |path: &Path, at: u64, rng: &mut StdRng| -> Result<()> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
         let mut b = [0u8; 1];
         file.read_exact_at(&mut b, at)?;
         b[0] ^= 1 << rng.gen_range(0..8);
         file.write_all_at(&b, at)?;
-        format!("flipped a bit at byte {at} of {}", path.display())
+        file.sync_all()?;
+        Ok(())
     };
-    file.sync_all()?;
-    Ok(what)
+    match kind {
+        "vote" => {
+            let path = wal.expect("chosen only with a WAL");
+            let bytes = std::fs::read(&path)?;
+            // A vote record's key: shard (u32 BE) ‖ 1, in the raft_meta family.
+            let hits: Vec<usize> = (0..bytes.len().saturating_sub(5))
+                .filter(|&i| bytes[i..i + 3] == [0, 0, 0] && bytes[i + 4] == 1 && i > 0 && bytes[i - 1] == 5)
+                .collect();
+            match hits.choose(rng) {
+                Some(&at) => {
+                    let at = (at + 5 + rng.gen_range(0..8)).min(bytes.len() - 1) as u64;
+                    flip(&path, at, rng)?;
+                    Ok(format!("flipped a bit in a vote record at byte {at} of {}", path.display()))
+                }
+                None => {
+                    let len = bytes.len() as u64;
+                    let at = len - rng.gen_range(1..=len.min(4096));
+                    flip(&path, at, rng)?;
+                    Ok(format!("no vote record found; flipped a bit at byte {at} of {}", path.display()))
+                }
+            }
+        }
+        "wal" => {
+            let path = wal.expect("chosen only with a WAL");
+            let len = std::fs::metadata(&path)?.len();
+            let at = len - rng.gen_range(1..=len.min(4096));
+            flip(&path, at, rng)?;
+            Ok(format!("flipped a bit at byte {at} of {}", path.display()))
+        }
+        _ => {
+            let path = table.expect("chosen only with a table file");
+            let len = std::fs::metadata(&path)?.len();
+            if rng.gen_bool(0.5) {
+                let cut = rng.gen_range(1..=len.min(4096));
+                let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                file.set_len(len - cut)?;
+                file.sync_all()?;
+                Ok(format!("truncated {cut} bytes off {}", path.display()))
+            } else {
+                let at = rng.gen_range(0..len);
+                flip(&path, at, rng)?;
+                Ok(format!("flipped a bit at byte {at} of {}", path.display()))
+            }
+        }
+    }
 }

@@ -380,6 +380,8 @@ fn f_name(f: &F) -> &'static str {
         F::ClockReset => "clock-reset",
         F::PowerFail => "power-fail",
         F::Corrupt => "corrupt",
+        F::Wipe => "wipe",
+        F::Rebuild => "rebuild",
         F::Recover => "recover",
     }
 }
@@ -654,6 +656,7 @@ fn fault_color(f: &F) -> RGBColor {
         F::Kill => RGBColor(0x7f, 0x7f, 0x7f),
         F::PowerFail => RGBColor(0x8c, 0x56, 0x4b),
         F::Corrupt => RGBColor(0xe3, 0x77, 0xc2),
+        F::Wipe => RGBColor(0x94, 0x67, 0xbd),
         F::Pause => RGBColor(0xbc, 0xbd, 0x22),
         F::Partition => RGBColor(0x1f, 0x77, 0xb4),
         F::ClockSkew => RGBColor(0x17, 0xbe, 0xcf),

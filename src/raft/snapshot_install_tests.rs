@@ -173,7 +173,7 @@ async fn open_store(db: &Path) -> Store {
 
 async fn start(router: &Router, id: NodeId, dirs: &Dirs, store: Store) -> Raft {
     let sm = ShardStateMachine::open(store.clone(), SHARD, Arc::new(NoEvents)).expect("open state machine");
-    start_with(router, id, dirs, LogStore::new(SHARD, store), sm).await
+    start_with(router, id, dirs, LogStore::open(SHARD, store).expect("open log store"), sm).await
 }
 
 async fn start_with(router: &Router, id: NodeId, dirs: &Dirs, log: LogStore, sm: ShardStateMachine) -> Raft {
@@ -299,7 +299,7 @@ async fn crash_during_install(stop: Option<usize>) -> Vec<Step> {
     // Restart: storage first, as openraft reads it at start-up.
     let store = open_store(&learner_dirs.db).await;
     let mut sm = ShardStateMachine::open(store.clone(), SHARD, Arc::new(NoEvents)).expect("open state machine");
-    let mut log = LogStore::new(SHARD, store.clone());
+    let mut log = LogStore::open(SHARD, store.clone()).expect("open log store");
     let log_state = log.get_log_state().await.expect("log state");
     let (applied, _) = sm.applied_state().await.expect("applied state");
     let current = sm.get_current_snapshot().await.expect("snapshot").map(|s| s.meta.last_log_id);
