@@ -67,7 +67,7 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
         convoy_bin: opts.convoy_bin.clone(),
         store: opts.store.clone(),
         shards: 4,
-        lossy: opts.faults.iter().any(|f| f == "power"),
+        lossy: opts.faults.iter().any(|f| f == "power" || f == "power-all"),
         faketime: opts.faults.iter().any(|f| f == "clock"),
         planted_bug: opts.planted_bug.clone(),
     };
