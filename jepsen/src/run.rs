@@ -171,8 +171,11 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
     for s in subscribers {
         let _ = s.await;
     }
+    // One convergence budget for all conversations: replicas that diverged for good must not
+    // hold the run for CONVERGE per conversation.
+    let converge_by = Instant::now() + CONVERGE;
     for i in 0..wl.conversations {
-        final_read(&rec, &client, &workload::conversation(i), 400_000 + 10 * i as u64).await;
+        final_read(&rec, &client, &workload::conversation(i), 400_000 + 10 * i as u64, converge_by).await;
     }
     db.lock().await.teardown();
 
@@ -204,10 +207,9 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
 /// Reads `conv` from every node until all agree (or the deadline), then records each
 /// node's last complete read as the `final-read`, or, for a node never read completely, its
 /// last failed read (which makes the run undecided at best).
-async fn final_read(rec: &Recorder, client: &convoy::client::Client, conv: &str, process: u64) {
+async fn final_read(rec: &Recorder, client: &convoy::client::Client, conv: &str, process: u64, deadline: Instant) {
     const NODES: std::ops::RangeInclusive<u64> = 1..=3;
     const READ_TIMEOUT: Duration = Duration::from_secs(10);
-    let deadline = Instant::now() + CONVERGE;
     let mut last: BTreeMap<u64, RawRead> = BTreeMap::new();
     loop {
         for node in NODES {

@@ -275,3 +275,53 @@ impl RaftLogStorage<C> for LogStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::keys::log_key;
+    use openraft::testing::{blank_ent, log_id};
+
+    fn put_entries(store: &Store, shard: ShardId, upto: u64) {
+        let mut b = WriteBatch::default();
+        for i in 1..=upto {
+            b.put_cf(store.cf(CF_LOG), log_key(shard, i), encode(&blank_ent::<C>(1, 1, i)));
+        }
+        store.write(b).expect("write entries");
+    }
+
+    fn put_watermark(store: &Store, shard: ShardId, wm: &Watermark) {
+        let mut b = WriteBatch::default();
+        b.put(watermark_key(shard), encode(wm));
+        store.write(b).expect("write watermark");
+    }
+
+    // A log or vote that came back behind its watermark refuses the shard; a log at or past
+    // it, or a purge point that covers it, opens.
+    #[test]
+    fn a_log_or_vote_behind_the_watermark_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        put_entries(&store, 1, 5);
+        put_watermark(&store, 1, &Watermark { vote: None, last: Some(log_id::<C>(1, 1, 5)) });
+        LogStore::open(1, store.clone()).expect("a log at its watermark opens");
+
+        put_watermark(&store, 1, &Watermark { vote: None, last: Some(log_id::<C>(1, 1, 9)) });
+        let refused = LogStore::open(1, store.clone()).err().expect("a log behind its watermark is refused");
+        assert!(matches!(refused, crate::error::Error::Corrupt(_)), "{refused}");
+
+        // A purge point past the watermark covers it (the log was compacted, not lost).
+        let mut b = WriteBatch::default();
+        b.put_cf(store.cf(CF_META), meta_key(1, META_PURGED), encode(&log_id::<C>(1, 1, 12)));
+        store.write(b).expect("purge point");
+        LogStore::open(1, store.clone()).expect("a purge point past the watermark opens");
+
+        let vote = Vote::new(3, 2);
+        put_watermark(&store, 2, &Watermark { vote: Some(vote), last: None });
+        assert!(LogStore::open(2, store.clone()).is_err(), "a vote lost behind its watermark is refused");
+        let mut b = WriteBatch::default();
+        b.put_cf(store.cf(CF_META), meta_key(2, META_VOTE), encode(&vote));
+        store.write(b).expect("vote");
+        LogStore::open(2, store).expect("the vote at its watermark opens");
+    }
+}
