@@ -187,7 +187,7 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        let (this, vote) = (self.clone(), vote.clone());
+        let (this, vote) = (self.clone(), *vote);
         blocking(move || {
             let mut wm = this.watermark();
             let mut b = WriteBatch::default();
@@ -219,7 +219,7 @@ impl RaftLogStorage<C> for LogStore {
                 b.put_cf(store.cf(CF_LOG), log_key(shard, e.log_id.index), v);
             }
             if let Some(last) = entries.last() {
-                wm.last = Some(last.log_id.clone());
+                wm.last = Some(last.log_id);
                 b.put(watermark_key(shard), encode(&*wm));
             }
             store.write(b)?;
