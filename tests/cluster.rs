@@ -429,6 +429,21 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
     assert_eq!(ack.offset, 61);
 }
 
+/// Starts node `id` and waits for its process to exit; returns its exit code and what it
+/// logged during this start (the log file is appended to across starts).
+async fn start_until_exit(cluster: &mut LocalCluster, id: u64) -> (Option<i32>, String) {
+    let before = std::fs::metadata(cluster.log_path(id)).map(|m| m.len() as usize).unwrap_or(0);
+    cluster.start(id).expect("start the node");
+    let status = eventually(Duration::from_secs(20), "the node to exit", || {
+        let s = cluster.exit_status(id);
+        async move { s }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    let log = std::fs::read_to_string(cluster.log_path(id)).expect("the node's log");
+    (status.code(), log[before..].to_string())
+}
+
 // A node whose data is wiped must not vote under its old identity: started as before, it
 // refuses (exit 3) and names `--rejoin`, while the other two keep serving. Started with
 // `--rejoin`, it joins every shard as a new replica (a new generation of its id), catches up
@@ -456,17 +471,8 @@ async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
     send_round(400, "b").await;
 
     // Under its old identity: refused, with the command to run.
-    let before = std::fs::metadata(cluster.log_path(3)).map(|m| m.len() as usize).unwrap_or(0);
-    cluster.start(3).expect("start the node");
-    let status = eventually(Duration::from_secs(20), "the wiped node to exit", || {
-        let s = cluster.exit_status(3);
-        async move { s }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
-    assert_eq!(status.code(), Some(3), "a wiped node must refuse to start\n{}", cluster.logs_tail());
-    let log = std::fs::read_to_string(cluster.log_path(3)).expect("node 3 log");
-    let log = &log[before..];
+    let (code, log) = start_until_exit(&mut cluster, 3).await;
+    assert_eq!(code, Some(3), "a wiped node must refuse to start\n{}", cluster.logs_tail());
     assert!(log.contains("--rejoin") && log.contains("must not vote"), "the refusal says what to run:\n{log}");
     assert!(!log.contains("node running"), "a refused node never serves:\n{log}");
     let ack = client.send("alpha", "w", "while-refused").await.expect("nodes 1 and 2 keep serving");
@@ -527,14 +533,8 @@ async fn a_damaged_wal_makes_the_node_refuse_while_the_others_serve() {
         client.send("wal", "w", &format!("m{i}")).await.expect("send");
     }
     cluster.kill(3);
-    let db = cluster.data_dir(3).join("db");
-    let mut wals: Vec<std::path::PathBuf> = std::fs::read_dir(&db)
-        .expect("node 3's database")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "log") && std::fs::metadata(p).is_ok_and(|m| m.len() > 64))
-        .collect();
-    wals.sort();
-    let wal = wals.pop().expect("a WAL with records");
+    let wal = newest_wal(&cluster.data_dir(3).join("db"));
+    assert!(std::fs::metadata(&wal).is_ok_and(|m| m.len() > 64), "the newest WAL holds records");
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().read(true).write(true).open(&wal).expect("open the WAL");
@@ -544,17 +544,8 @@ async fn a_damaged_wal_makes_the_node_refuse_while_the_others_serve() {
         b[0] ^= 0x10;
         f.write_all_at(&b, at).expect("flip a bit");
     }
-    let before = std::fs::metadata(cluster.log_path(3)).map(|m| m.len() as usize).unwrap_or(0);
-    cluster.start(3).expect("start node 3");
-    let status = eventually(Duration::from_secs(20), "the damaged node to exit", || {
-        let s = cluster.exit_status(3);
-        async move { s }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
-    assert_eq!(status.code(), Some(3), "a damaged node must refuse\n{}", cluster.logs_tail());
-    let log = std::fs::read_to_string(cluster.log_path(3)).expect("node 3 log");
-    let log = &log[before..];
+    let (code, log) = start_until_exit(&mut cluster, 3).await;
+    assert_eq!(code, Some(3), "a damaged node must refuse\n{}", cluster.logs_tail());
     assert!(log.contains("damaged") && log.contains("--rejoin"), "the refusal names the rebuild:\n{log}");
     let ack = client.send("wal", "w", "while-refused").await.expect("nodes 1 and 2 keep serving");
     assert_eq!(ack.offset, 61);

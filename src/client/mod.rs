@@ -971,9 +971,8 @@ mod tests {
     /// What a fake node received and holds until the test is done with it.
     type FakeNode = tokio::task::JoinHandle<(Vec<Request>, quinn::Connection, quinn::Endpoint)>;
 
-    /// A client of a fake node 1 that answers its i-th request stream with `script[i]`, then
-    /// finishes that stream; the handle gives the requests it read, in order.
-    fn fake_node(script: Vec<Vec<Response>>) -> (Client, FakeNode, tempfile::TempDir) {
+    /// A fake node 1's QUIC endpoint on loopback, with its credentials, and a client of it.
+    fn fake_endpoint() -> (Client, quinn::Endpoint, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the fake node");
         let addr = socket.local_addr().expect("its address");
@@ -988,6 +987,13 @@ mod tests {
         let node = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
             .expect("fake node endpoint");
         let client = Client::connect_as(&config, 9, 1).expect("client");
+        (client, node, dir)
+    }
+
+    /// A client of a fake node 1 that answers its i-th request stream with `script[i]`, then
+    /// finishes that stream; the handle gives the requests it read, in order.
+    fn fake_node(script: Vec<Vec<Response>>) -> (Client, FakeNode, tempfile::TempDir) {
+        let (client, node, dir) = fake_endpoint();
         let handle = tokio::spawn(async move {
             let conn = node.accept().await.expect("a connection").await.expect("handshake");
             let mut got = Vec::new();
@@ -1093,20 +1099,7 @@ mod tests {
     /// order, so that the node reads every request whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn send_requests_larger_than_the_stream_window_arrive_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the fake node");
-        let addr = socket.local_addr().expect("its address");
-        let toml = format!(
-            "shards = 4\nreplication_factor = 1\n[[nodes]]\nid = 1\nclient_addr = \"{addr}\"\n\
-             peer_addr = \"127.0.0.1:1\"\ndata_dir = \"n1\"\n"
-        );
-        let config = Config::parse(&toml, dir.path(), &dir.path().join("convoy.toml")).expect("config");
-        let paths = tls::ensure_material(&config).expect("credentials");
-        let server = tls::server_config(&paths, 1, tls::Link::Client, 64).expect("server config");
-        let runtime = Arc::new(quinn::TokioRuntime);
-        let node = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
-            .expect("fake node endpoint");
-        let client = Client::connect_as(&config, 9, 1).expect("client");
+        let (client, node, _dir) = fake_endpoint();
 
         const REQUESTS: u64 = 6;
         const TEXT_BYTES: usize = 600_000;

@@ -319,11 +319,11 @@ async fn ask_leader<T>(
     ttl: Duration,
     accept: impl Fn(PeerResponse) -> Option<T>,
 ) -> T {
-    let me = config.node_ids();
+    let nodes = config.node_ids();
     let mut hint: Option<NodeId> = None;
     let mut round = 0usize;
     loop {
-        let target = hint.take().unwrap_or(me[round % me.len()]);
+        let target = hint.take().unwrap_or(nodes[round % nodes.len()]);
         round += 1;
         match net.control(target, req.clone(), ttl).await {
             Ok(PeerResponse::NotLeader { leader }) => hint = leader,

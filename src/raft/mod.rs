@@ -31,7 +31,7 @@ use types::{Member, NodeId, Raft};
 /// The openraft configuration derived from `cluster.toml`.
 pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
     let r = &config.raft;
-    let c = openraft::Config {
+    let mut c = openraft::Config {
         cluster_name: "convoy".into(),
         heartbeat_interval: r.heartbeat_ms,
         election_timeout_min: r.election_timeout_ms_min,
@@ -51,7 +51,6 @@ pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
         enable_leader_restore: Some(false),
         ..Default::default()
     };
-    let mut c = c;
     if crate::planted::active(crate::planted::Bug::LeaderRestore) {
         c.enable_leader_restore = Some(true);
     }
