@@ -38,7 +38,7 @@
 //! | `resend-mismatch` | a resend acked at a different place than the original send |
 //! | `real-time-order` | a send invoked after another completed got a lower offset |
 //! | `unconverged` | final reads of one conversation differ between nodes |
-//! | `final-send-failed` | a liveness `final-send` after healing did not complete ok |
+//! | `final-send-failed` | a liveness `final-send` after healing did not complete ok (unless a majority of nodes refused to start after damage: then it is expected, and the run is unknown) |
 //!
 //! An acked text that no final read shows is reported as `lost` only (never also as
 //! "acked but unseen"). A resend whose ack is already a `resend-mismatch` is not reported
@@ -57,6 +57,7 @@
 //! | a conversation with acked sends that no node read at the end | unknown |
 //! | a `final-read` that did not complete ok (failed, indeterminate, never completed), or a node without a `final-read` of a conversation that must be read (one with an ack or a `final-read` op) where the node is named by any client op | unknown |
 //! | a `recover` that did not complete `recovered` (the cluster did not elect leaders again after the final heal) | unknown |
+//! | a failed `final-send` after a majority of nodes refused to start after damage (`corrupt-majority`) | unknown |
 //! | otherwise | valid |
 //!
 //! A node that cannot be read at the end, or does not recover, is undecided rather than
@@ -537,6 +538,8 @@ struct Checker<'h> {
     unread: usize,
     /// `recover` ops that did not complete `recovered`.
     not_recovered: usize,
+    /// Final sends that failed while a majority of nodes refused to start after damage.
+    refused_liveness: usize,
 }
 
 impl<'h> Checker<'h> {
@@ -564,6 +567,7 @@ impl<'h> Checker<'h> {
             unchecked: 0,
             unread: 0,
             not_recovered: 0,
+            refused_liveness: 0,
         }
     }
 
@@ -1350,8 +1354,36 @@ impl<'h> Checker<'h> {
         }
     }
 
-    /// Every liveness send after healing must be acked.
+    /// The nodes that, at one restart after damage, refused to start, when they were a
+    /// majority (2 of 3): no quorum was left to rebuild from.
+    fn majority_refused(&self) -> Option<(usize, Vec<String>)> {
+        self.h.iter().enumerate().find_map(|(pos, op)| {
+            let refused = op.process == Process::NEMESIS
+                && op.f == F::Start
+                && op.kind == Type::Info
+                && op.value.get("outcome").and_then(Value::as_str) == Some("refused");
+            let exited = op.value.get("exited").and_then(Value::as_object).filter(|_| refused)?;
+            (exited.len() * 2 > 3).then(|| (pos, exited.keys().cloned().collect()))
+        })
+    }
+
+    /// Every liveness send after healing must be acked — unless a majority of nodes refused
+    /// to start after damage: then the shards must stop, and a failed liveness send is the
+    /// correct outcome, which leaves the run undecided rather than invalid.
     fn final_sends(&mut self) {
+        if let Some((pos, nodes)) = self.majority_refused() {
+            let failed = self.cops.iter().filter(|c| c.f == F::FinalSend && c.outcome != Outcome::Ok).count();
+            if failed > 0 {
+                self.notes.push(format!(
+                    "{failed} final send(s) failed while nodes {} refused to start after damage (op {}): a \
+                     majority refused, so the shards correctly stopped",
+                    nodes.join(", "),
+                    self.index(pos)
+                ));
+                self.refused_liveness = failed;
+            }
+            return;
+        }
         let mut found = Vec::new();
         for c in &self.cops {
             if c.f == F::FinalSend && c.outcome != Outcome::Ok {
@@ -1461,6 +1493,8 @@ impl<'h> Checker<'h> {
             ))
         } else if self.not_recovered > 0 {
             Some("unknown: the cluster did not recover after the final heal".to_string())
+        } else if self.refused_liveness > 0 {
+            Some("unknown: a majority of nodes refused to serve after damage".to_string())
         } else {
             None
         };
@@ -2265,6 +2299,37 @@ mod tests {
         let r = h.check();
         assert_only(&r, kinds::FINAL_SEND_FAILED, &[inv, info]);
         assert_eq!(r.stats.final_sends_failed, 1);
+    }
+
+    #[test]
+    fn a_final_send_failed_after_a_majority_refused_is_unknown_and_a_minority_refusal_is_not_enough() {
+        let refusal = |h: &mut H, exited: Value| {
+            h.push(Type::Invoke, Process::NEMESIS, F::Start, json!({"nodes": [1, 2]}), None);
+            h.push(
+                Type::Info,
+                Process::NEMESIS,
+                F::Start,
+                json!({"nodes": [1, 2], "outcome": "refused", "exited": exited}),
+                None,
+            );
+        };
+        let history = |exited: Value| {
+            let mut h = base();
+            refusal(&mut h, exited);
+            h.invoke_send_f(300_000, F::FinalSend, "c1", "z1");
+            h.complete(300_000, Type::Fail, json!({"error": "unavailable"}));
+            h.final_reads("c1", &C1);
+            h.final_reads("c2", &["x", "y"]);
+            h
+        };
+        let r = history(json!({"1": 3, "2": 3})).check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.valid, Validity::Unknown, "{:?}", r.notes);
+        assert!(r.notes.iter().any(|n| n.contains("nodes 1, 2 refused") && n.contains("majority")), "{:?}", r.notes);
+        // One refused node is rebuilt from the other two: liveness is still owed.
+        let r = history(json!({"1": 3})).check();
+        assert_eq!(r.valid, Validity::Invalid);
+        assert!(r.anomalies.iter().any(|a| a.kind == kinds::FINAL_SEND_FAILED), "{:#?}", r.anomalies);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use convoy_jepsen::checker::{self, Validity};
-use convoy_jepsen::nemesis::ALL_FAULTS;
+use convoy_jepsen::nemesis::{ALL_FAULTS, ALONE_FAULTS};
 use convoy_jepsen::run::{self, RunOptions};
 
 #[derive(Parser)]
@@ -94,8 +94,13 @@ fn main() {
             } else {
                 faults.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
             };
-            if let Some(bad) = faults.iter().find(|f| !ALL_FAULTS.contains(&f.as_str())) {
-                eprintln!("unknown fault {bad:?}; known: {}", ALL_FAULTS.join(","));
+            let known = |f: &String| ALL_FAULTS.contains(&f.as_str()) || ALONE_FAULTS.contains(&f.as_str());
+            if let Some(bad) = faults.iter().find(|f| !known(f)) {
+                eprintln!("unknown fault {bad:?}; known: {},{}", ALL_FAULTS.join(","), ALONE_FAULTS.join(","));
+                std::process::exit(2);
+            }
+            if faults.len() > 1 && faults.iter().any(|f| ALONE_FAULTS.contains(&f.as_str())) {
+                eprintln!("{} run only on their own", ALONE_FAULTS.join(","));
                 std::process::exit(2);
             }
             let seed = seed.unwrap_or_else(|| u64::from(rand::random::<u16>()));

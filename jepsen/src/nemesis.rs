@@ -10,6 +10,7 @@
 //! | `power-all` | every node loses power while the leader of a random shard has its fsyncs held back (its followers' are not): `kill -9` of all, the held fsyncs fail, every unsynced write is dropped, restart |
 //! | `corrupt`   | one stopped node's storage is damaged: a bit flipped in a Raft vote record or near the end of the newest WAL, or the newest table file truncated |
 //! | `wipe`      | one stopped node's data directory is emptied |
+//! | `corrupt-majority` | two stopped nodes each get a bit flipped near the end of their newest WAL (never with the others: see below) |
 //!
 //! Damage (`corrupt`, `wipe`) hits at most one node at a time, and that node is repaired at
 //! the end of the fault: started as it is, it either runs (the damage was harmless or
@@ -17,6 +18,11 @@
 //! rebuilt (`rebuild`): its data directory emptied and the node started with `--rejoin`, so
 //! it comes back as new replicas. Damage to a minority therefore never stops the cluster;
 //! what may never happen is a damaged node voting or acknowledging with what it lost.
+//!
+//! `corrupt-majority` is the other side of that fault model, run on its own: with a majority
+//! damaged there is no quorum left to rebuild from, so the only correct outcome is that the
+//! damaged nodes refuse and the shards stop, with no divergence and nothing acknowledged
+//! lost. The refused nodes are not rebuilt; the checker reports such a run as undecided.
 //!
 //! [`Nemesis::run`] rotates random subsets of the enabled families — one fault, or two at
 //! once about a third of the time — with quiet periods between.
@@ -37,9 +43,11 @@ use crate::recorder::Recorder;
 
 /// The fault families a run may use.
 pub const ALL_FAULTS: [&str; 8] = ["kill", "pause", "partition", "clock", "power", "power-all", "corrupt", "wipe"];
+/// Families that are run only on their own, never in a rotation with the others.
+pub const ALONE_FAULTS: [&str; 1] = ["corrupt-majority"];
 
 /// Families that damage a node's storage: at most one such fault is in effect at a time.
-const DAMAGE: [&str; 2] = ["corrupt", "wipe"];
+const DAMAGE: [&str; 3] = ["corrupt", "wipe", "corrupt-majority"];
 /// How long the cluster may take to show itself healthy before a damage fault.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(2);
 /// How long a restarted node is watched for a refusal before it counts as started.
@@ -265,6 +273,25 @@ impl Nemesis {
                 self.end(F::Corrupt, json!({"nodes": [node], "outcome": outcome}));
                 Ok(Active::Damaged(vec![node]))
             }
+            "corrupt-majority" => {
+                let mut order = [1u64, 2, 3];
+                order.shuffle(&mut self.rng);
+                let nodes = order[..2].to_vec();
+                self.begin(F::Corrupt, json!({"nodes": nodes, "variant": "majority"}));
+                for n in &nodes {
+                    db.kill(*n);
+                }
+                let mut outcomes = serde_json::Map::new();
+                for n in &nodes {
+                    let outcome = match corrupt_kind(&db.data_dir(*n).join("db"), &mut self.rng, Some("wal")) {
+                        Ok(what) => what,
+                        Err(e) => format!("failed: {e}"),
+                    };
+                    outcomes.insert(n.to_string(), json!(outcome));
+                }
+                self.end(F::Corrupt, json!({"nodes": nodes, "variant": "majority", "outcome": outcomes}));
+                Ok(Active::Damaged(nodes))
+            }
             "wipe" => {
                 let node = self.random_node();
                 self.begin(F::Wipe, json!({"nodes": [node]}));
@@ -307,6 +334,11 @@ impl Nemesis {
                     refused.iter().map(|(n, code)| (n.to_string(), json!(code))).collect();
                 let outcome = if refused.is_empty() { "started" } else { "refused" };
                 self.end(F::Start, json!({"nodes": nodes, "outcome": outcome, "exited": exits}));
+                if refused.len() * 2 > 3 {
+                    // No quorum is left to rebuild from: the shards stay stopped, which is the
+                    // correct outcome of damage to a majority.
+                    return Ok(());
+                }
                 for (n, _) in refused {
                     self.begin(F::Rebuild, json!({"nodes": [n]}));
                     let outcome = match db.wipe(n).and_then(|_| db.start_rejoin(n)) {
@@ -383,6 +415,11 @@ impl Nemesis {
 /// while the node runs (the read fails with a checksum error and the shard's group stops on
 /// that node, which is not yet turned into a refusal and a rebuild).
 fn corrupt(dir: &Path, rng: &mut StdRng) -> Result<String> {
+    corrupt_kind(dir, rng, None)
+}
+
+/// [`corrupt`] with the kind of damage chosen by the caller (`Some("wal")`), or at random.
+fn corrupt_kind(dir: &Path, rng: &mut StdRng, only: Option<&str>) -> Result<String> {
     let newest = |ext: &str| -> Option<PathBuf> {
         let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
             .ok()?
@@ -403,6 +440,9 @@ fn corrupt(dir: &Path, rng: &mut StdRng) -> Result<String> {
     }
     if table.is_some() {
         kinds.push("table");
+    }
+    if let Some(only) = only {
+        kinds.retain(|k| *k == only);
     }
     let kind = *kinds.choose(rng).context("no WAL or table file to damage")?;
     use std::os::unix::fs::FileExt;
