@@ -87,6 +87,18 @@ pub struct Limits {
     /// Concurrent requests (streams) per client connection.
     #[serde(alias = "max_streams_per_connection")]
     pub streams_per_connection_max: u32,
+    /// Sends per second of one user on this node's shard leaders (0: no limit) …
+    pub user_sends_per_s: u32,
+    /// … and the burst above that rate.
+    pub user_sends_burst: u32,
+    /// Sends per second into one conversation (0: no limit) …
+    pub conversation_sends_per_s: u32,
+    /// … and the burst above that rate.
+    pub conversation_sends_burst: u32,
+    /// Sends per second on one client connection (0: no limit) …
+    pub connection_sends_per_s: u32,
+    /// … and the burst above that rate.
+    pub connection_sends_burst: u32,
 }
 
 impl Default for Limits {
@@ -98,6 +110,12 @@ impl Default for Limits {
             inflight_sends_max: INFLIGHT_SENDS_DEFAULT,
             push_buffer_messages: PUSH_BUFFER_MESSAGES_DEFAULT,
             streams_per_connection_max: STREAMS_PER_CONNECTION_DEFAULT,
+            user_sends_per_s: USER_SENDS_PER_S_DEFAULT,
+            user_sends_burst: USER_SENDS_PER_S_DEFAULT * 2,
+            conversation_sends_per_s: CONVERSATION_SENDS_PER_S_DEFAULT,
+            conversation_sends_burst: CONVERSATION_SENDS_PER_S_DEFAULT * 2,
+            connection_sends_per_s: CONNECTION_SENDS_PER_S_DEFAULT,
+            connection_sends_burst: CONNECTION_SENDS_PER_S_DEFAULT * 2,
         }
     }
 }
@@ -111,6 +129,10 @@ struct RawConfig {
     replication_factor: usize,
     #[serde(default = "default_tls_dir")]
     tls_dir: PathBuf,
+    /// Where the CA keys live: the operator's, never read by a node (default: `ca` beside
+    /// `tls_dir`).
+    #[serde(default)]
+    ca_dir: Option<PathBuf>,
     #[serde(default)]
     raft: RaftConfig,
     #[serde(default)]
@@ -138,6 +160,8 @@ pub struct Config {
     pub shards: u32,
     pub replication_factor: usize,
     pub tls_dir: PathBuf,
+    /// The CA keys (`convoy tls init`, `convoy user add`); nodes never read it.
+    pub ca_dir: PathBuf,
     pub raft: RaftConfig,
     pub limits: Limits,
     /// Async worker threads of each node process; 0 = one per core. Nodes sharing one
@@ -176,6 +200,10 @@ impl Config {
             shards: raw.shards,
             replication_factor: raw.replication_factor,
             tls_dir: resolve(&raw.tls_dir),
+            ca_dir: match &raw.ca_dir {
+                Some(dir) => resolve(dir),
+                None => resolve(&raw.tls_dir).parent().unwrap_or(Path::new(".")).join("ca"),
+            },
             raft: raw.raft,
             limits: raw.limits,
             worker_threads: raw.worker_threads,

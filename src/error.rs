@@ -30,6 +30,9 @@ pub enum Error {
     /// The command was replicated and refused by the state machine (an outcome, not a fault).
     #[error("rejected: {0}")]
     Rejected(String),
+    /// The caller's identity may not do this (another user's name, not a member, not admin).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// This node does not lead the shard; `leader` is its best guess.
     #[error("not the leader of shard {shard} (leader hint: {leader:?})")]
     NotLeader { shard: u32, leader: Option<u64> },
@@ -97,6 +100,7 @@ impl Error {
             Error::Ambiguous(_) => ErrorClass::Ambiguous,
             Error::InvalidInput(_)
             | Error::Rejected(_)
+            | Error::Forbidden(_)
             | Error::Truncated { .. }
             | Error::Protocol(_)
             | Error::Config(_)

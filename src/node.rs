@@ -49,7 +49,7 @@ impl Node {
     pub async fn start(config: Config, id: NodeId, rejoin: bool) -> Result<Node> {
         crate::planted::announce();
         let me = config.node(id)?.clone();
-        let paths = tls::ensure_material(&config)?;
+        let paths = tls::node_material(&config, id)?;
         let (store, _fresh) = {
             let dir = me.data_dir.join("db");
             let opened = tokio::task::spawn_blocking(move || Store::open(&dir))
@@ -79,7 +79,7 @@ impl Node {
             .map_err(|e| Error::Config(format!("cannot bind peer address {}: {e}", me.peer_addr)))?;
         let addrs: HashMap<NodeId, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
         let append_timeout = Duration::from_millis(config.raft.election_timeout_ms_min);
-        let dialer = tls::client_config(&paths, Some(id))?;
+        let dialer = tls::node_dialer(&paths, id)?;
         let net = PeerNet::new(peer_endpoint.clone(), dialer, addrs, append_timeout, store.stages.clone());
         let registry: Groups = Arc::default();
         let ctx = PeerContext {

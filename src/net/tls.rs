@@ -1,22 +1,32 @@
-//! TLS material (the cluster's two CAs, node certificates, client credentials) and the
-//! rustls side of each QUIC endpoint; the transport limits are in [`super::quic`].
+//! TLS material (the cluster's two CAs, node certificates, user credentials), the identities
+//! a node reads off a verified certificate, and the rustls side of each QUIC endpoint; the
+//! transport limits are in [`super::quic`].
 //!
-//! Two certificate authorities live in the cluster's `tls_dir`, made on first start:
+//! Two certificate authorities, made by the operator (`convoy tls init`):
 //! - the **node CA** signs one certificate per node (SAN `node{N}`, `localhost`, 127.0.0.1).
-//!   Peer links are mutual TLS under it, so only nodes can speak Raft; clients verify the
-//!   node they dial against it.
-//! - the **client CA** signs client credentials. A node's client endpoint requires a client
-//!   certificate under it: a client credential cannot open a peer link, and a node
-//!   certificate is not a client credential.
+//!   Peer links are mutual TLS under it, so only nodes can speak Raft, and a peer's
+//!   certificate names the node it may speak for; clients verify the node they dial
+//!   against it.
+//! - the **client CA** signs user credentials (`convoy user add NAME`). The user id is in the
+//!   certificate (SAN URI `urn:convoy:user:NAME`), and an operator credential carries the
+//!   admin role too (`urn:convoy:role:admin`). A node's client endpoint requires a
+//!   certificate under it: a user credential cannot open a peer link, and a node certificate
+//!   is not a user credential.
 //!
-//! Material is generated into a temporary directory and renamed into place, so concurrent
-//! first starts agree on one CA. Only the ring crypto provider is compiled in.
+//! Layout: the CA keys (and a copy of each CA certificate) live in `ca_dir`, which only the
+//! operator's commands read; `tls_dir` holds what nodes and clients read: both CA
+//! certificates, `nodes/node{N}/{cert,key}.pem` and `users/NAME/{cert,key}.pem`. Every
+//! private key is created with mode 0600 (never chmod-ed after the fact), and every
+//! credential is written to a temporary directory and renamed into place whole, so
+//! concurrent commands agree on one CA and a certificate always matches its key. Only the
+//! ring crypto provider is compiled in.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -30,6 +40,14 @@ use crate::error::{Error, Result};
 pub const ALPN_PEER: &[u8] = b"convoy-peer/1";
 /// ALPN of client↔node links.
 pub const ALPN_CLIENT: &[u8] = b"convoy-client/1";
+/// SAN URI prefix that names a credential's user.
+pub const USER_URI_PREFIX: &str = "urn:convoy:user:";
+/// SAN URI of the admin role.
+pub const ADMIN_URI: &str = "urn:convoy:role:admin";
+/// The operator credential `convoy tls init` makes.
+pub const ADMIN_USER: &str = "admin";
+/// Longest user name a credential may carry.
+pub const USER_NAME_MAX: usize = 64;
 
 /// A TLS failure while doing `context`, keeping its cause.
 fn tls_err<E: Into<crate::error::BoxError>>(context: impl Into<String>) -> impl FnOnce(E) -> Error {
@@ -42,33 +60,140 @@ pub fn node_name(id: u64) -> String {
     format!("node{id}")
 }
 
-/// Paths of the material in a TLS directory.
+/// Checks a user name for a credential: 1..=64 of `A-Z a-z 0-9 . _ -`, not starting with a
+/// dot (it names a directory).
+pub fn validate_user_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= USER_NAME_MAX
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "user name {name:?}: 1..={USER_NAME_MAX} of A-Z a-z 0-9 . _ -, not starting with a dot"
+        )))
+    }
+}
+
+/// Paths of the material: `dir` (what nodes and clients read) and `ca_dir` (the CA keys).
 #[derive(Debug, Clone)]
 pub struct TlsPaths {
     pub dir: PathBuf,
+    pub ca_dir: PathBuf,
 }
 
 impl TlsPaths {
+    pub fn of(config: &Config) -> TlsPaths {
+        TlsPaths { dir: config.tls_dir.clone(), ca_dir: config.ca_dir.clone() }
+    }
     pub fn node_ca(&self) -> PathBuf {
         self.dir.join("node-ca.pem")
-    }
-    fn node_ca_key(&self) -> PathBuf {
-        self.dir.join("node-ca.key")
     }
     pub fn client_ca(&self) -> PathBuf {
         self.dir.join("client-ca.pem")
     }
+    fn node_dir(&self, id: u64) -> PathBuf {
+        self.dir.join("nodes").join(node_name(id))
+    }
     pub fn node_cert(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("node{id}.pem"))
+        self.node_dir(id).join("cert.pem")
     }
     pub fn node_key(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("node{id}.key"))
+        self.node_dir(id).join("key.pem")
     }
-    pub fn client_cert(&self) -> PathBuf {
-        self.dir.join("client.pem")
+    pub fn user_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("users").join(name)
     }
-    pub fn client_key(&self) -> PathBuf {
-        self.dir.join("client.key")
+}
+
+/// The files of one user's credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Credential {
+    /// `<tls_dir>/users/NAME`'s credential, which must exist.
+    pub fn of_user(config: &Config, name: &str) -> Result<Credential> {
+        validate_user_name(name)?;
+        let dir = TlsPaths::of(config).user_dir(name);
+        let c = Credential { cert: dir.join("cert.pem"), key: dir.join("key.pem") };
+        if !c.cert.exists() || !c.key.exists() {
+            return Err(Error::Config(format!(
+                "no credential for user {name:?} in {}: the operator makes one with `convoy user add {name} --config {}`",
+                dir.display(),
+                config.path.display()
+            )));
+        }
+        Ok(c)
+    }
+
+    /// The user a credential's certificate names.
+    pub fn user(&self) -> Result<String> {
+        let certs = load_certs(&self.cert)?;
+        let first =
+            certs.first().ok_or_else(|| Error::Config(format!("{} holds no certificate", self.cert.display())))?;
+        Ok(identity_of_cert(first)?.user)
+    }
+}
+
+/// Who a verified client certificate says its holder is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub admin: bool,
+}
+
+/// The subject alternative names of a DER certificate: (DNS names, URIs).
+fn sans(der: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Protocol(format!("unreadable peer certificate: {e}")))?;
+    let (mut dns, mut uris) = (Vec::new(), Vec::new());
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(s) => dns.push(s.to_string()),
+                x509_parser::extensions::GeneralName::URI(s) => uris.push(s.to_string()),
+                _ => {}
+            }
+        }
+    }
+    Ok((dns, uris))
+}
+
+fn identity_of_cert(der: &[u8]) -> Result<Identity> {
+    let (_, uris) = sans(der)?;
+    let mut users = uris.iter().filter_map(|u| u.strip_prefix(USER_URI_PREFIX));
+    let (Some(user), None) = (users.next(), users.next()) else {
+        return Err(Error::Forbidden("the certificate does not name exactly one user".into()));
+    };
+    validate_user_name(user).map_err(|e| Error::Forbidden(e.to_string()))?;
+    Ok(Identity { user: user.to_string(), admin: uris.iter().any(|u| u == ADMIN_URI) })
+}
+
+/// The leaf certificate a connection's peer presented (verified by the handshake).
+fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>> {
+    let identity = conn.peer_identity().ok_or_else(|| Error::Forbidden("no peer certificate".into()))?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| Error::Forbidden("unexpected peer identity type".into()))?;
+    chain.into_iter().next().ok_or_else(|| Error::Forbidden("empty peer certificate chain".into()))
+}
+
+/// The user a client connection's verified certificate names.
+pub fn identity_of(conn: &quinn::Connection) -> Result<Identity> {
+    identity_of_cert(&peer_leaf(conn)?)
+}
+
+/// The node a peer connection's verified certificate names (its `node{N}` SAN).
+pub fn peer_node_of(conn: &quinn::Connection) -> Result<u64> {
+    let (dns, _) = sans(&peer_leaf(conn)?)?;
+    let mut ids = dns.iter().filter_map(|d| d.strip_prefix("node")?.parse::<u64>().ok());
+    match (ids.next(), ids.next()) {
+        (Some(id), None) => Ok(id),
+        _ => Err(Error::Forbidden("the peer certificate does not name exactly one node".into())),
     }
 }
 
@@ -80,8 +205,12 @@ fn ca_params(name: &str) -> Result<CertificateParams> {
     Ok(params)
 }
 
-fn leaf(names: Vec<String>, cn: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String)> {
+fn leaf(names: Vec<String>, uris: &[String], cn: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String)> {
     let mut params = CertificateParams::new(names).map_err(tls_err("making certificate parameters"))?;
+    for uri in uris {
+        let ia5 = rcgen::string::Ia5String::try_from(uri.as_str()).map_err(tls_err("a SAN URI"))?;
+        params.subject_alt_names.push(SanType::URI(ia5));
+    }
     params.distinguished_name.push(DnType::CommonName, cn);
     params.use_authority_key_identifier_extension = true;
     params.key_usages.push(KeyUsagePurpose::DigitalSignature);
@@ -91,81 +220,158 @@ fn leaf(names: Vec<String>, cn: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(S
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-fn node_leaf(id: u64, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String)> {
-    leaf(vec![node_name(id), "localhost".into(), "127.0.0.1".into()], &node_name(id), issuer)
-}
-
+/// Writes a private key, created with mode 0600: it is never readable by others, not even
+/// for a moment.
 fn write_private(path: &Path, contents: &str) -> Result<()> {
-    std::fs::write(path, contents)?;
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
     Ok(())
 }
 
-/// Makes sure the CAs, a certificate for every node of `config` and a client credential
-/// exist in `config.tls_dir`, generating what is missing.
-pub fn ensure_material(config: &Config) -> Result<TlsPaths> {
-    let paths = TlsPaths { dir: config.tls_dir.clone() };
-    if !paths.node_ca().exists() {
-        generate_fresh(&paths)?;
-    }
-    let missing: Vec<u64> = config.nodes.iter().map(|n| n.id).filter(|id| !paths.node_cert(*id).exists()).collect();
-    if !missing.is_empty() {
-        let ca_pem = std::fs::read_to_string(paths.node_ca())?;
-        let ca_key = KeyPair::from_pem(&std::fs::read_to_string(paths.node_ca_key())?)
-            .map_err(tls_err("reading the node CA key"))?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(tls_err("loading the node CA"))?;
-        for id in missing {
-            let (cert, key) = node_leaf(id, &issuer)?;
-            let tmp = paths.dir.join(format!(".node{id}.{}.key", std::process::id()));
-            write_private(&tmp, &key)?;
-            std::fs::rename(&tmp, paths.node_key(id))?;
-            let tmp = paths.dir.join(format!(".node{id}.{}.pem", std::process::id()));
-            std::fs::write(&tmp, cert)?;
-            std::fs::rename(&tmp, paths.node_cert(id))?;
+/// A fresh temporary directory beside `target`, for material renamed into place whole.
+fn staging(target: &Path) -> Result<PathBuf> {
+    let parent = target.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("tls");
+    let tmp = parent.join(format!(".{name}.{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir(&tmp)?;
+    Ok(tmp)
+}
+
+/// Renames a staged directory to `target`. `Ok(false)`: another process made it first
+/// (what it made stands).
+fn publish(tmp: &Path, target: &Path) -> Result<bool> {
+    match std::fs::rename(tmp, target) {
+        Ok(()) => Ok(true),
+        Err(_) if target.exists() => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Ok(false)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Err(tls_err(format!("cannot create {}", target.display()))(e))
         }
     }
+}
+
+fn ca_issuer(paths: &TlsPaths, which: &str) -> Result<Issuer<'static, KeyPair>> {
+    let cert = paths.ca_dir.join(format!("{which}-ca.pem"));
+    let key = paths.ca_dir.join(format!("{which}-ca.key"));
+    let no_key = |e: std::io::Error| {
+        Error::Config(format!(
+            "the {which} CA key {} is not readable ({e}): run this where the operator keeps the CA keys \
+             (`ca_dir` in cluster.toml), after `convoy tls init`",
+            key.display()
+        ))
+    };
+    let key = KeyPair::from_pem(&std::fs::read_to_string(&key).map_err(no_key)?)
+        .map_err(tls_err(format!("reading the {which} CA key")))?;
+    let cert = std::fs::read_to_string(&cert)?;
+    Issuer::from_ca_cert_pem(&cert, key).map_err(tls_err(format!("loading the {which} CA")))
+}
+
+/// The operator's set-up, safe to repeat: makes the two CAs in `ca_dir` if missing, copies
+/// their certificates into `tls_dir`, and makes a certificate for every node of `config` and
+/// the `admin` credential where missing.
+pub fn init(config: &Config) -> Result<TlsPaths> {
+    let paths = TlsPaths::of(config);
+    if !paths.ca_dir.join("client-ca.key").exists() {
+        let tmp = staging(&paths.ca_dir)?;
+        for (which, cn) in [("node", "convoy node CA"), ("client", "convoy client CA")] {
+            let key = KeyPair::generate().map_err(tls_err("generating a CA key"))?;
+            let cert = ca_params(cn)?.self_signed(&key).map_err(tls_err("self-signing a CA"))?;
+            std::fs::write(tmp.join(format!("{which}-ca.pem")), cert.pem())?;
+            write_private(&tmp.join(format!("{which}-ca.key")), &key.serialize_pem())?;
+        }
+        publish(&tmp, &paths.ca_dir)?;
+    }
+    std::fs::create_dir_all(&paths.dir)?;
+    for which in ["node", "client"] {
+        let target = paths.dir.join(format!("{which}-ca.pem"));
+        let cert = std::fs::read(paths.ca_dir.join(format!("{which}-ca.pem")))?;
+        if std::fs::read(&target).ok().as_deref() != Some(cert.as_slice()) {
+            let tmp = paths.dir.join(format!(".{which}-ca.{}.pem", std::process::id()));
+            std::fs::write(&tmp, cert)?;
+            std::fs::rename(&tmp, &target)?;
+        }
+    }
+    let missing: Vec<u64> = config.nodes.iter().map(|n| n.id).filter(|id| !paths.node_key(*id).exists()).collect();
+    if !missing.is_empty() {
+        let issuer = ca_issuer(&paths, "node")?;
+        std::fs::create_dir_all(paths.dir.join("nodes"))?;
+        for id in missing {
+            let names = vec![node_name(id), "localhost".into(), "127.0.0.1".into()];
+            let (cert, key) = leaf(names, &[], &node_name(id), &issuer)?;
+            let target = paths.node_dir(id);
+            let tmp = staging(&target)?;
+            std::fs::write(tmp.join("cert.pem"), cert)?;
+            write_private(&tmp.join("key.pem"), &key)?;
+            publish(&tmp, &target)?;
+        }
+    }
+    ensure_user(config, ADMIN_USER, true)?;
     Ok(paths)
 }
 
-fn generate_fresh(paths: &TlsPaths) -> Result<()> {
-    let parent = paths.dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let tmp = parent.join(format!(".tls-{}-{}", std::process::id(), rand::random::<u32>()));
-    std::fs::create_dir_all(&tmp)?;
-    let tmp_paths = TlsPaths { dir: tmp.clone() };
+/// Issues `name`'s credential from the client CA (an operator command: it needs the CA
+/// key). Fails if the user already has one.
+pub fn add_user(config: &Config, name: &str, admin: bool) -> Result<Credential> {
+    validate_user_name(name)?;
+    let paths = TlsPaths::of(config);
+    let target = paths.user_dir(name);
+    if target.exists() {
+        return Err(Error::InvalidInput(format!("user {name:?} already has a credential in {}", target.display())));
+    }
+    if !issue_user(&paths, name, admin)? {
+        return Err(Error::InvalidInput(format!("user {name:?} was just given a credential by another command")));
+    }
+    Credential::of_user(config, name)
+}
 
-    let node_ca_key = KeyPair::generate().map_err(tls_err("generating the node CA key"))?;
-    let node_ca_params = ca_params("convoy node CA")?;
-    let node_ca = node_ca_params.self_signed(&node_ca_key).map_err(tls_err("self-signing the node CA"))?;
-    std::fs::write(tmp_paths.node_ca(), node_ca.pem())?;
-    write_private(&tmp_paths.node_ca_key(), &node_ca_key.serialize_pem())?;
+/// `name`'s credential, issued first if it has none.
+pub fn ensure_user(config: &Config, name: &str, admin: bool) -> Result<Credential> {
+    validate_user_name(name)?;
+    let paths = TlsPaths::of(config);
+    if !paths.user_dir(name).exists() {
+        issue_user(&paths, name, admin)?;
+    }
+    Credential::of_user(config, name)
+}
 
-    let client_ca_key = KeyPair::generate().map_err(tls_err("generating the client CA key"))?;
-    let client_ca_params = ca_params("convoy client CA")?;
-    let client_ca = client_ca_params.self_signed(&client_ca_key).map_err(tls_err("self-signing the client CA"))?;
-    std::fs::write(tmp_paths.client_ca(), client_ca.pem())?;
-    write_private(&tmp_paths.dir.join("client-ca.key"), &client_ca_key.serialize_pem())?;
-    let client_issuer = Issuer::new(client_ca_params, client_ca_key);
-    let (cert, key) = leaf(vec!["client".into()], "convoy client", &client_issuer)?;
-    std::fs::write(tmp_paths.client_cert(), cert)?;
-    write_private(&tmp_paths.client_key(), &key)?;
+fn issue_user(paths: &TlsPaths, name: &str, admin: bool) -> Result<bool> {
+    let issuer = ca_issuer(paths, "client")?;
+    let mut uris = vec![format!("{USER_URI_PREFIX}{name}")];
+    if admin {
+        uris.push(ADMIN_URI.to_string());
+    }
+    let (cert, key) = leaf(Vec::new(), &uris, name, &issuer)?;
+    let target = paths.user_dir(name);
+    std::fs::create_dir_all(paths.dir.join("users"))?;
+    let tmp = staging(&target)?;
+    std::fs::write(tmp.join("cert.pem"), cert)?;
+    write_private(&tmp.join("key.pem"), &key)?;
+    publish(&tmp, &target)
+}
 
-    match std::fs::rename(&tmp, &paths.dir) {
-        Ok(()) => Ok(()),
-        // Another process won the race (or the directory existed without a CA).
-        Err(_) if paths.node_ca().exists() => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Ok(())
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(tls_err(format!("cannot create {}", paths.dir.display()))(e))
+/// What node `id` needs, which the operator must have made (`convoy tls init`).
+pub fn node_material(config: &Config, id: u64) -> Result<TlsPaths> {
+    let paths = TlsPaths::of(config);
+    for p in [paths.node_ca(), paths.client_ca(), paths.node_cert(id), paths.node_key(id)] {
+        if !p.exists() {
+            return Err(Error::Config(format!(
+                "{} is missing: make the cluster's TLS material first with `convoy tls init --config {}`",
+                p.display(),
+                config.path.display()
+            )));
         }
     }
+    Ok(paths)
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
@@ -218,12 +424,22 @@ pub fn server_config(paths: &TlsPaths, node_id: u64, link: Link, max_streams: u3
     Ok(config)
 }
 
-/// Client config: a node dialing peers (`Some(node_id)`) or a client (`None`).
-pub fn client_config(paths: &TlsPaths, as_node: Option<u64>) -> Result<quinn::ClientConfig> {
-    let (chain, key, link) = match as_node {
-        Some(id) => (load_certs(&paths.node_cert(id))?, load_key(&paths.node_key(id))?, Link::Peer),
-        None => (load_certs(&paths.client_cert())?, load_key(&paths.client_key())?, Link::Client),
-    };
+/// Dialer config of node `id` for its peer links.
+pub fn node_dialer(paths: &TlsPaths, id: u64) -> Result<quinn::ClientConfig> {
+    dialer(paths, load_certs(&paths.node_cert(id))?, load_key(&paths.node_key(id))?, Link::Peer)
+}
+
+/// Dialer config of a client holding `credential`.
+pub fn user_dialer(paths: &TlsPaths, credential: &Credential) -> Result<quinn::ClientConfig> {
+    dialer(paths, load_certs(&credential.cert)?, load_key(&credential.key)?, Link::Client)
+}
+
+fn dialer(
+    paths: &TlsPaths,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    link: Link,
+) -> Result<quinn::ClientConfig> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("choosing TLS 1.3"))?
@@ -237,7 +453,45 @@ pub fn client_config(paths: &TlsPaths, as_node: Option<u64>) -> Result<quinn::Cl
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_err("making the QUIC client crypto"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let t = dialer_transport(link);
-    config.transport_config(Arc::new(t));
+    config.transport_config(Arc::new(dialer_transport(link)));
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        let text = "replication_factor = 1\ntls_dir = \"tls\"\n[[nodes]]\nid = 1\nclient_addr = \"127.0.0.1:1\"\npeer_addr = \"127.0.0.1:2\"\n\
+                    data_dir = \"n1\"\n";
+        Config::parse(text, dir, &dir.join("cluster.toml")).expect("config")
+    }
+
+    #[test]
+    fn a_credential_names_its_user_and_keys_are_private_from_creation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = config(dir.path());
+        let paths = init(&c).expect("init");
+        assert!(paths.ca_dir.join("client-ca.key").exists());
+        assert!(!paths.dir.join("client-ca.key").exists() && !paths.dir.join("node-ca.key").exists());
+        let alice = add_user(&c, "alice", false).expect("add alice");
+        assert_eq!(alice.user().expect("user"), "alice");
+        let der = load_certs(&alice.cert).expect("cert").remove(0);
+        assert_eq!(identity_of_cert(&der).expect("identity"), Identity { user: "alice".into(), admin: false });
+        let admin = load_certs(&Credential::of_user(&c, ADMIN_USER).expect("admin").cert).expect("cert").remove(0);
+        assert!(identity_of_cert(&admin).expect("identity").admin);
+        let node = load_certs(&paths.node_cert(1)).expect("node cert").remove(0);
+        assert!(identity_of_cert(&node).is_err(), "a node certificate names no user");
+        use std::os::unix::fs::PermissionsExt;
+        for key in [alice.key.clone(), paths.node_key(1), paths.ca_dir.join("client-ca.key")] {
+            let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        assert!(add_user(&c, "alice", false).is_err(), "a second credential for alice is refused");
+        assert!(add_user(&c, "../x", false).is_err() && add_user(&c, "", false).is_err());
+        // Repeating init changes nothing.
+        let before = std::fs::read(paths.node_cert(1)).expect("read");
+        init(&c).expect("init again");
+        assert_eq!(std::fs::read(paths.node_cert(1)).expect("read"), before);
+    }
 }

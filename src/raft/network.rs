@@ -422,12 +422,22 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: PeerContext) {
                     return;
                 }
             };
-            let span = tracing::info_span!("peer", remote = %conn.remote_address());
+            // The node CA verified the certificate; it also names the one node this peer
+            // may speak for.
+            let peer = match crate::net::tls::peer_node_of(&conn) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(remote = %conn.remote_address(), error = %e, "refusing a peer");
+                    conn.close(0x10u32.into(), b"the certificate names no node");
+                    return;
+                }
+            };
+            let span = tracing::info_span!("peer", remote = %conn.remote_address(), node = peer);
             async move {
                 loop {
                     match conn.accept_bi().await {
                         Ok((send, recv)) => {
-                            tokio::spawn(handle_stream(send, recv, ctx.clone()).in_current_span());
+                            tokio::spawn(handle_stream(send, recv, peer, ctx.clone()).in_current_span());
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "peer connection closed");
@@ -457,14 +467,22 @@ fn group(groups: &Groups, shard: ShardId, to: NodeId) -> Result<Raft, String> {
     Ok(h.raft)
 }
 
-async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: PeerContext) {
+async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, peer: NodeId, ctx: PeerContext) {
     // AppendEntries keep the stream for the next one (a lane, see `PeerNet::append`); any
     // other request is the stream's only one.
     loop {
         let (response, lane) = match frame::read::<_, PeerRequest>(&mut recv, PEER_FRAME_BYTES_MAX).await {
             Ok(Some(req)) => {
                 let lane = matches!(req, PeerRequest::Append { .. });
-                (dispatch(req, &mut recv, &ctx).await, lane)
+                match claimed_node(&req) {
+                    Some(claimed) if claimed != peer => (
+                        PeerResponse::Error(format!(
+                            "node {peer}'s certificate cannot speak for node {claimed}; request refused"
+                        )),
+                        false,
+                    ),
+                    _ => (dispatch(req, &mut recv, &ctx).await, lane),
+                }
             }
             Ok(None) => break,
             Err(e) => (PeerResponse::Error(format!("bad request: {e}")), false),
@@ -474,6 +492,22 @@ async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
         }
     }
     let _ = send.finish();
+}
+
+/// The node a request claims to come from: the leader or candidate its vote names, or the
+/// node that asks to join or be promoted. `None` for requests any node may make.
+fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
+    use openraft::vote::RaftLeaderId;
+    let of_vote = |v: &Vote| node_of(*v.leader_id().node_id());
+    match req {
+        PeerRequest::Append { rpc, .. } => Some(of_vote(&rpc.vote)),
+        PeerRequest::Vote { rpc, .. } | PeerRequest::PreVote { rpc, .. } => Some(of_vote(&rpc.vote)),
+        PeerRequest::TransferLeader { rpc, .. } => Some(of_vote(rpc.from_leader())),
+        PeerRequest::Snapshot { vote, .. } => Some(of_vote(vote)),
+        PeerRequest::Join { node, .. } => Some(*node),
+        PeerRequest::Promote { replica, .. } => Some(node_of(*replica)),
+        PeerRequest::SnapshotChunk(_) | PeerRequest::Hello | PeerRequest::Prepare { .. } => None,
+    }
 }
 
 async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerContext) -> PeerResponse {
