@@ -7,19 +7,28 @@
 //!
 //! Invariants enforced here:
 //! - offsets of a conversation are dense, start at 1 and never repeat;
-//! - a `(client_id, client_seq)` pair appends at most once; a retry answers the original
-//!   offset (and a reuse of the pair for another conversation is rejected, not reordered);
+//! - a conversation has members; only members send, move cursors or change the members. A
+//!   send to a conversation that does not exist creates it with the sender as its only
+//!   member. Membership changes are commands of the conversation's shard, ordered with its
+//!   messages: a removal takes effect at the head it was applied at;
+//! - the idempotency key is `(sender, client_id, client_seq)` **per conversation**: it
+//!   appends at most once there, and a retry answers the original offset. Another user's
+//!   identical key is another key, and the same key in another conversation is another
+//!   message. The dedup record keeps a digest of the text: the same key with other text is
+//!   `SeqReused`, never a silent duplicate;
 //! - read cursors only move forward and never past the head.
 //!
-//! A rejection (invalid id, message too large, cursor past head) is an [`Outcome`], not an
-//! error: it is replicated and answered like any other result.
+//! A rejection (invalid id, message too large, not a member, cursor past head) is an
+//! [`Outcome`], not an error: it is replicated and answered like any other result.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
 /// Largest conversation or user id, in bytes of UTF-8.
 pub const ID_BYTES_MAX: usize = 128;
+/// Most members a conversation may have (its member record is read by every send).
+pub const MEMBERS_MAX: usize = 1024;
 /// Hard ceiling for a message body, enforced by apply on every replica. The configurable
 /// limit (`limits.message_bytes_max`) may only be lower.
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024;
@@ -44,6 +53,12 @@ pub mod limits {
     pub const PUSH_BUFFER_MESSAGES_MAX: usize = 65_536;
     /// Concurrent request streams per client connection.
     pub const STREAMS_PER_CONNECTION_DEFAULT: u32 = 64;
+    /// Sends per second of one user, on one node's shard leaders.
+    pub const USER_SENDS_PER_S_DEFAULT: u32 = 200;
+    /// Sends per second into one conversation.
+    pub const CONVERSATION_SENDS_PER_S_DEFAULT: u32 = 1000;
+    /// Sends per second on one client connection.
+    pub const CONNECTION_SENDS_PER_S_DEFAULT: u32 = 1000;
     /// Sends per batch request, at most (a batch is one Raft entry).
     pub const SEND_BATCH_MAX: usize = 256;
     /// Largest accepted `connections_max`.
@@ -95,6 +110,55 @@ pub enum Command {
     /// Several sends in one entry (the leader coalesces concurrent sends to a shard):
     /// applied in order, each exactly as if it were its own entry, with one outcome each.
     SendBatch(Vec<SendCommand>),
+    /// Create a conversation, or add or remove a member, by the member `by`.
+    Members(MembersCommand),
+}
+
+/// Payload of [`Command::Members`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersCommand {
+    pub conversation: String,
+    /// The user asking (taken from the credential by the node).
+    pub by: String,
+    pub change: Membership,
+}
+
+/// A membership change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Membership {
+    /// Create the conversation with `by` and these members.
+    Create {
+        members: Vec<String>,
+    },
+    Add {
+        user: String,
+    },
+    /// Remove a member: their reads and live subscriptions end at the head at removal.
+    Remove {
+        user: String,
+    },
+}
+
+/// A conversation's members, and where each removed user's reading ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Members {
+    pub users: BTreeSet<String>,
+    /// Removed users (not re-added since) and the head at their removal.
+    pub removed: BTreeMap<String, u64>,
+}
+
+impl Members {
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains(user)
+    }
+}
+
+/// A stable digest of a message text, kept with its dedup record: 16 bytes of SHA-256.
+pub fn text_digest(text: &str) -> [u8; 16] {
+    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d.as_ref()[..16]);
+    out
 }
 
 /// Payload of [`Command::Send`].
@@ -126,6 +190,13 @@ impl Command {
             Command::Send(s) => send(s),
             Command::Cursor(c) => FIXED + c.user.len() + c.conversation.len(),
             Command::SendBatch(b) => FIXED + b.iter().map(send).sum::<usize>(),
+            Command::Members(m) => {
+                let listed = match &m.change {
+                    Membership::Create { members } => members.iter().map(|u| u.len() + 8).sum(),
+                    Membership::Add { user } | Membership::Remove { user } => user.len(),
+                };
+                FIXED + m.conversation.len() + m.by.len() + listed
+            }
         }
     }
 }
@@ -136,6 +207,7 @@ impl std::fmt::Display for Command {
             Command::Send(s) => write!(f, "send({}, {}/{})", s.conversation, s.client_id, s.client_seq),
             Command::Cursor(c) => write!(f, "cursor({}, {}, {})", c.user, c.conversation, c.offset),
             Command::SendBatch(b) => write!(f, "send-batch({} sends)", b.len()),
+            Command::Members(m) => write!(f, "members({}, {:?} by {})", m.conversation, m.change, m.by),
         }
     }
 }
@@ -152,12 +224,34 @@ pub struct StoredMessage {
     pub text: String,
 }
 
-/// What the dedup index remembers of an appended `(client_id, client_seq)`.
+/// The idempotency key of a send: within its conversation, `(sender, client_id,
+/// client_seq)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DedupKey {
+    pub conversation: String,
+    pub sender: String,
+    pub client_id: u64,
+    pub client_seq: u64,
+}
+
+impl DedupKey {
+    pub fn of(send: &SendCommand) -> DedupKey {
+        DedupKey {
+            conversation: send.conversation.clone(),
+            sender: send.sender.clone(),
+            client_id: send.client_id,
+            client_seq: send.client_seq,
+        }
+    }
+}
+
+/// What the dedup index remembers of an appended send.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DedupRecord {
-    pub conversation: String,
     pub offset: u64,
     pub ts_ms: u64,
+    /// [`text_digest`] of the text that was stored.
+    pub digest: [u8; 16],
 }
 
 /// The result of applying one command; replicated answers, not errors.
@@ -173,6 +267,8 @@ pub enum Outcome {
     None,
     /// The outcomes of a [`Command::SendBatch`], one per send, in order.
     Batch(Vec<Outcome>),
+    /// A membership change applied: the members now, and the head it took effect at.
+    Members { members: Vec<String>, head: u64 },
 }
 
 /// Why a command was refused.
@@ -183,7 +279,7 @@ pub enum Rejection {
         bytes: usize,
         max: usize,
     },
-    /// The `(client_id, client_seq)` was already used for another conversation.
+    /// The idempotency key was already used in this conversation for another text.
     SeqReused {
         conversation: String,
     },
@@ -191,6 +287,23 @@ pub enum Rejection {
     CursorPastHead {
         head: u64,
     },
+    /// `user` is not a member of the conversation (or it does not exist).
+    NotMember {
+        user: String,
+    },
+    /// The conversation already exists.
+    Exists,
+    /// The conversation would have more than [`MEMBERS_MAX`] members.
+    TooManyMembers {
+        max: usize,
+    },
+}
+
+impl Rejection {
+    /// Whether the rejection is about who asked (answered `Forbidden`), not what was asked.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, Rejection::NotMember { .. })
+    }
 }
 
 impl std::fmt::Display for Rejection {
@@ -201,9 +314,12 @@ impl std::fmt::Display for Rejection {
                 write!(f, "message is {bytes} bytes, limit {max}")
             }
             Rejection::SeqReused { conversation } => {
-                write!(f, "client_seq already used for conversation {conversation:?}")
+                write!(f, "client_seq already used in conversation {conversation:?} for another text")
             }
             Rejection::CursorPastHead { head } => write!(f, "cursor beyond head {head}"),
+            Rejection::NotMember { user } => write!(f, "{user:?} is not a member of this conversation"),
+            Rejection::Exists => write!(f, "the conversation already exists"),
+            Rejection::TooManyMembers { max } => write!(f, "a conversation has at most {max} members"),
         }
     }
 }
@@ -213,8 +329,9 @@ impl std::fmt::Display for Rejection {
 pub enum Effect {
     PutMessage(StoredMessage),
     SetHead { conversation: String, head: u64 },
-    PutDedup { client_id: u64, client_seq: u64, record: DedupRecord },
+    PutDedup { key: DedupKey, record: DedupRecord },
     SetCursor { user: String, conversation: String, offset: u64 },
+    SetMembers { conversation: String, members: Members },
 }
 
 /// Read access apply needs. Implementations must reflect every effect already produced
@@ -222,8 +339,10 @@ pub enum Effect {
 pub trait ShardView {
     type Error;
     fn head(&mut self, conversation: &str) -> Result<u64, Self::Error>;
-    fn dedup(&mut self, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>, Self::Error>;
+    fn dedup(&mut self, key: &DedupKey) -> Result<Option<DedupRecord>, Self::Error>;
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, Self::Error>;
+    /// The conversation's members; `None`: it does not exist.
+    fn members(&mut self, conversation: &str) -> Result<Option<Members>, Self::Error>;
 }
 
 /// Applies one command against `view`, returning its outcome and the effects to persist.
@@ -232,6 +351,7 @@ pub fn apply<V: ShardView>(view: &mut V, command: &Command) -> Result<(Outcome, 
     match command {
         Command::Send(send) => apply_send(view, send),
         Command::Cursor(cursor) => apply_cursor(view, cursor),
+        Command::Members(m) => apply_members(view, m),
         Command::SendBatch(sends) => {
             // Later sends of the batch must see the effects of earlier ones (the next
             // offset, a duplicate key), exactly as separate entries would.
@@ -260,12 +380,18 @@ fn apply_send<V: ShardView>(view: &mut V, send: &SendCommand) -> Result<(Outcome
     if send.text.len() > MESSAGE_BYTES_MAX {
         return reject(Rejection::TooLarge { bytes: send.text.len(), max: MESSAGE_BYTES_MAX });
     }
-    if let Some(found) = view.dedup(send.client_id, send.client_seq)? {
-        if found.conversation != send.conversation {
-            return reject(Rejection::SeqReused { conversation: found.conversation });
+    let key = DedupKey::of(send);
+    let digest = text_digest(&send.text);
+    if let Some(found) = view.dedup(&key)? {
+        if found.digest != digest {
+            return reject(Rejection::SeqReused { conversation: send.conversation.clone() });
         }
         let outcome = Outcome::Appended { offset: found.offset, ts_ms: found.ts_ms, duplicate: true };
         return Ok((outcome, Vec::new()));
+    }
+    let members = view.members(&send.conversation)?;
+    if members.as_ref().is_some_and(|m| !m.contains(&send.sender)) {
+        return reject(Rejection::NotMember { user: send.sender.clone() });
     }
     let offset = view.head(&send.conversation)? + 1;
     let message = StoredMessage {
@@ -277,13 +403,69 @@ fn apply_send<V: ShardView>(view: &mut V, send: &SendCommand) -> Result<(Outcome
         client_seq: send.client_seq,
         text: send.text.clone(),
     };
-    let record = DedupRecord { conversation: send.conversation.clone(), offset, ts_ms: send.ts_ms };
-    let effects = vec![
+    let record = DedupRecord { offset, ts_ms: send.ts_ms, digest };
+    let mut effects = Vec::with_capacity(4);
+    if members.is_none() {
+        // The first send creates the conversation, with its sender as the only member.
+        let members = Members { users: BTreeSet::from([send.sender.clone()]), removed: BTreeMap::new() };
+        effects.push(Effect::SetMembers { conversation: send.conversation.clone(), members });
+    }
+    effects.extend([
         Effect::PutMessage(message),
         Effect::SetHead { conversation: send.conversation.clone(), head: offset },
-        Effect::PutDedup { client_id: send.client_id, client_seq: send.client_seq, record },
-    ];
+        Effect::PutDedup { key, record },
+    ]);
     Ok((Outcome::Appended { offset, ts_ms: send.ts_ms, duplicate: false }, effects))
+}
+
+fn apply_members<V: ShardView>(view: &mut V, c: &MembersCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
+    let reject = |reason| Ok((Outcome::Rejected { reason }, Vec::new()));
+    for (kind, id) in [("conversation", &c.conversation), ("user", &c.by)] {
+        if let Err(m) = validate_id(kind, id) {
+            return reject(Rejection::InvalidId(m));
+        }
+    }
+    let named: Vec<&String> = match &c.change {
+        Membership::Create { members } => members.iter().collect(),
+        Membership::Add { user } | Membership::Remove { user } => vec![user],
+    };
+    for user in named {
+        if let Err(m) = validate_id("user", user) {
+            return reject(Rejection::InvalidId(m));
+        }
+    }
+    let head = view.head(&c.conversation)?;
+    let existing = view.members(&c.conversation)?;
+    let members = match (&c.change, existing) {
+        (Membership::Create { .. }, Some(_)) => return reject(Rejection::Exists),
+        (Membership::Create { members }, None) => {
+            if head > 0 {
+                return reject(Rejection::Exists);
+            }
+            let users: BTreeSet<String> = members.iter().cloned().chain([c.by.clone()]).collect();
+            if users.len() > MEMBERS_MAX {
+                return reject(Rejection::TooManyMembers { max: MEMBERS_MAX });
+            }
+            Members { users, removed: BTreeMap::new() }
+        }
+        (_, None) => return reject(Rejection::NotMember { user: c.by.clone() }),
+        (_, Some(m)) if !m.contains(&c.by) => return reject(Rejection::NotMember { user: c.by.clone() }),
+        (Membership::Add { user }, Some(mut m)) => {
+            if m.users.insert(user.clone()) && m.users.len() > MEMBERS_MAX {
+                return reject(Rejection::TooManyMembers { max: MEMBERS_MAX });
+            }
+            m.removed.remove(user);
+            m
+        }
+        (Membership::Remove { user }, Some(mut m)) => {
+            if m.users.remove(user) {
+                m.removed.insert(user.clone(), head);
+            }
+            m
+        }
+    };
+    let outcome = Outcome::Members { members: members.users.iter().cloned().collect(), head };
+    Ok((outcome, vec![Effect::SetMembers { conversation: c.conversation.clone(), members }]))
 }
 
 fn apply_cursor<V: ShardView>(view: &mut V, c: &CursorCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
@@ -291,6 +473,9 @@ fn apply_cursor<V: ShardView>(view: &mut V, c: &CursorCommand) -> Result<(Outcom
         if let Err(m) = validate_id(kind, id) {
             return Ok((Outcome::Rejected { reason: Rejection::InvalidId(m) }, Vec::new()));
         }
+    }
+    if view.members(&c.conversation)?.is_some_and(|m| !m.contains(&c.user)) {
+        return Ok((Outcome::Rejected { reason: Rejection::NotMember { user: c.user.clone() } }, Vec::new()));
     }
     let head = view.head(&c.conversation)?;
     if c.offset > head {
@@ -309,19 +494,20 @@ fn apply_cursor<V: ShardView>(view: &mut V, c: &CursorCommand) -> Result<(Outcom
 pub struct Overlay<'a, V> {
     pub base: &'a mut V,
     heads: HashMap<String, u64>,
-    dedup: HashMap<(u64, u64), DedupRecord>,
+    dedup: HashMap<DedupKey, DedupRecord>,
     cursors: HashMap<(String, String), u64>,
+    members: HashMap<String, Members>,
 }
 
 impl<'a, V: ShardView> Overlay<'a, V> {
     pub fn new(base: &'a mut V) -> Self {
-        Overlay { base, heads: HashMap::new(), dedup: HashMap::new(), cursors: HashMap::new() }
+        Overlay { base, heads: HashMap::new(), dedup: HashMap::new(), cursors: HashMap::new(), members: HashMap::new() }
     }
 
-    /// The heads the batch set (each conversation's last) and the `(client_id, client_seq)`
-    /// pairs it recorded for dedup.
-    pub fn into_written(self) -> (HashMap<String, u64>, Vec<(u64, u64)>) {
-        (self.heads, self.dedup.into_keys().collect())
+    /// The heads the batch set (each conversation's last), the dedup keys it recorded, and
+    /// the member records it set.
+    pub fn into_written(self) -> (HashMap<String, u64>, Vec<DedupKey>, HashMap<String, Members>) {
+        (self.heads, self.dedup.into_keys().collect(), self.members)
     }
 
     /// Records effects so later lookups in this batch see them.
@@ -332,11 +518,14 @@ impl<'a, V: ShardView> Overlay<'a, V> {
                 Effect::SetHead { conversation, head } => {
                     self.heads.insert(conversation.clone(), *head);
                 }
-                Effect::PutDedup { client_id, client_seq, record } => {
-                    self.dedup.insert((*client_id, *client_seq), record.clone());
+                Effect::PutDedup { key, record } => {
+                    self.dedup.insert(key.clone(), record.clone());
                 }
                 Effect::SetCursor { user, conversation, offset } => {
                     self.cursors.insert((user.clone(), conversation.clone()), *offset);
+                }
+                Effect::SetMembers { conversation, members } => {
+                    self.members.insert(conversation.clone(), members.clone());
                 }
             }
         }
@@ -351,10 +540,16 @@ impl<V: ShardView> ShardView for Overlay<'_, V> {
             None => self.base.head(conversation),
         }
     }
-    fn dedup(&mut self, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>, V::Error> {
-        match self.dedup.get(&(client_id, client_seq)) {
+    fn dedup(&mut self, key: &DedupKey) -> Result<Option<DedupRecord>, V::Error> {
+        match self.dedup.get(key) {
             Some(r) => Ok(Some(r.clone())),
-            None => self.base.dedup(client_id, client_seq),
+            None => self.base.dedup(key),
+        }
+    }
+    fn members(&mut self, conversation: &str) -> Result<Option<Members>, V::Error> {
+        match self.members.get(conversation) {
+            Some(m) => Ok(Some(m.clone())),
+            None => self.base.members(conversation),
         }
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, V::Error> {
@@ -369,8 +564,9 @@ impl<V: ShardView> ShardView for Overlay<'_, V> {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MemView {
     pub heads: HashMap<String, u64>,
-    pub dedup: HashMap<(u64, u64), DedupRecord>,
+    pub dedup: HashMap<DedupKey, DedupRecord>,
     pub cursors: HashMap<(String, String), u64>,
+    pub members: HashMap<String, Members>,
     pub messages: Vec<StoredMessage>,
 }
 
@@ -387,11 +583,14 @@ impl MemView {
                 Effect::SetHead { conversation, head } => {
                     self.heads.insert(conversation, head);
                 }
-                Effect::PutDedup { client_id, client_seq, record } => {
-                    self.dedup.insert((client_id, client_seq), record);
+                Effect::PutDedup { key, record } => {
+                    self.dedup.insert(key, record);
                 }
                 Effect::SetCursor { user, conversation, offset } => {
                     self.cursors.insert((user, conversation), offset);
+                }
+                Effect::SetMembers { conversation, members } => {
+                    self.members.insert(conversation, members);
                 }
             }
         }
@@ -404,8 +603,11 @@ impl ShardView for MemView {
     fn head(&mut self, conversation: &str) -> Result<u64, Self::Error> {
         Ok(self.heads.get(conversation).copied().unwrap_or(0))
     }
-    fn dedup(&mut self, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>, Self::Error> {
-        Ok(self.dedup.get(&(client_id, client_seq)).cloned())
+    fn dedup(&mut self, key: &DedupKey) -> Result<Option<DedupRecord>, Self::Error> {
+        Ok(self.dedup.get(key).cloned())
+    }
+    fn members(&mut self, conversation: &str) -> Result<Option<Members>, Self::Error> {
+        Ok(self.members.get(conversation).cloned())
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, Self::Error> {
         Ok(self.cursors.get(&(user.to_string(), conversation.to_string())).copied().unwrap_or(0))

@@ -25,6 +25,14 @@ fn send(conversation: &str, client_id: u64, client_seq: u64, ts_ms: u64, text: &
     send_as(conversation, "alice", client_id, client_seq, ts_ms, text)
 }
 
+fn members(conversation: &str, by: &str, change: Membership) -> Command {
+    Command::Members(MembersCommand { conversation: conversation.into(), by: by.into(), change })
+}
+
+fn add(conversation: &str, by: &str, user: &str) -> Command {
+    members(conversation, by, Membership::Add { user: user.into() })
+}
+
 fn cursor(user: &str, conversation: &str, offset: u64) -> Command {
     Command::Cursor(CursorCommand { user: user.to_string(), conversation: conversation.to_string(), offset })
 }
@@ -54,11 +62,14 @@ fn persist(view: &mut MemView, effects: Vec<Effect>) {
             Effect::SetHead { conversation, head } => {
                 view.heads.insert(conversation, head);
             }
-            Effect::PutDedup { client_id, client_seq, record } => {
-                view.dedup.insert((client_id, client_seq), record);
+            Effect::PutDedup { key, record } => {
+                view.dedup.insert(key, record);
             }
             Effect::SetCursor { user, conversation, offset } => {
                 view.cursors.insert((user, conversation), offset);
+            }
+            Effect::SetMembers { conversation, members } => {
+                view.members.insert(conversation, members);
             }
         }
     }
@@ -113,7 +124,7 @@ fn send_batch_orders_and_dedups_within_the_batch() {
     let batch = Command::SendBatch(vec![
         SendCommand {
             conversation: "a".into(),
-            sender: "bo".into(),
+            sender: "alice".into(),
             client_id: 9,
             client_seq: 1,
             ts_ms: 5,
@@ -121,7 +132,7 @@ fn send_batch_orders_and_dedups_within_the_batch() {
         },
         SendCommand {
             conversation: "b".into(),
-            sender: "bo".into(),
+            sender: "alice".into(),
             client_id: 9,
             client_seq: 2,
             ts_ms: 5,
@@ -129,7 +140,7 @@ fn send_batch_orders_and_dedups_within_the_batch() {
         },
         SendCommand {
             conversation: "a".into(),
-            sender: "bo".into(),
+            sender: "alice".into(),
             client_id: 9,
             client_seq: 3,
             ts_ms: 6,
@@ -137,7 +148,7 @@ fn send_batch_orders_and_dedups_within_the_batch() {
         },
         SendCommand {
             conversation: "a".into(),
-            sender: "bo".into(),
+            sender: "alice".into(),
             client_id: 9,
             client_seq: 1,
             ts_ms: 7,
@@ -145,7 +156,7 @@ fn send_batch_orders_and_dedups_within_the_batch() {
         },
         SendCommand {
             conversation: "".into(),
-            sender: "bo".into(),
+            sender: "alice".into(),
             client_id: 9,
             client_seq: 4,
             ts_ms: 7,
@@ -168,14 +179,14 @@ fn send_batch_orders_and_dedups_within_the_batch() {
 #[test]
 fn accepted_send_effects_are_exact() {
     let mut view = view_with("room", 2);
-    let command = send_as("room", "bob", 5, 9, 1234, "hello");
+    let command = send_as("room", "alice", 5, 9, 1234, "hello");
     let (outcome, effects) = unwrap_infallible(apply(&mut view, &command));
     assert_eq!(outcome, appended(3, 1234, false));
     let expected = vec![
         Effect::PutMessage(StoredMessage {
             conversation: "room".into(),
             offset: 3,
-            sender: "bob".into(),
+            sender: "alice".into(),
             ts_ms: 1234,
             client_id: 5,
             client_seq: 9,
@@ -183,12 +194,23 @@ fn accepted_send_effects_are_exact() {
         }),
         Effect::SetHead { conversation: "room".into(), head: 3 },
         Effect::PutDedup {
-            client_id: 5,
-            client_seq: 9,
-            record: DedupRecord { conversation: "room".into(), offset: 3, ts_ms: 1234 },
+            key: DedupKey { conversation: "room".into(), sender: "alice".into(), client_id: 5, client_seq: 9 },
+            record: DedupRecord { offset: 3, ts_ms: 1234, digest: text_digest("hello") },
         },
     ];
     assert_eq!(effects, expected);
+}
+
+// Promise: the first send to a conversation creates it with the sender as its only member,
+// in the same atomic set of effects as the message.
+#[test]
+fn the_first_send_creates_the_conversation_with_its_sender() {
+    let mut view = MemView::default();
+    let (outcome, effects) = unwrap_infallible(apply(&mut view, &send_as("new", "ann", 1, 1, 5, "hi")));
+    assert_eq!(outcome, appended(1, 5, false));
+    let want = Members { users: ["ann".to_string()].into(), removed: Default::default() };
+    assert_eq!(effects.first(), Some(&Effect::SetMembers { conversation: "new".into(), members: want }));
+    assert_eq!(effects.len(), 4);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -206,13 +228,13 @@ fn retry_returns_original_offset_and_ts_without_appending() {
 
     // Exact retry.
     assert_eq!(view.apply(&send("room", 1, 1, 100, "first")), appended(1, 100, true));
-    // Retry re-stamped by a new leader, with different text: still the original answer.
-    assert_eq!(view.apply(&send("room", 1, 1, 999, "changed")), appended(1, 100, true));
+    // Retry re-stamped by a new leader: still the original answer.
+    assert_eq!(view.apply(&send("room", 1, 1, 999, "first")), appended(1, 100, true));
     assert_eq!(view.messages, before.messages);
     assert_eq!(view, before);
 
     // The pure apply yields no effects for a duplicate.
-    let (outcome, effects) = unwrap_infallible(apply(&mut view, &send("room", 1, 1, 5, "x")));
+    let (outcome, effects) = unwrap_infallible(apply(&mut view, &send("room", 1, 1, 5, "first")));
     assert_eq!(outcome, appended(1, 100, true));
     assert!(effects.is_empty());
 
@@ -220,32 +242,74 @@ fn retry_returns_original_offset_and_ts_without_appending() {
     assert_eq!(view.apply(&send("room", 1, 2, 300, "second")), appended(3, 300, false));
 }
 
-// Promise: reusing a (client_id, client_seq) for another conversation is rejected with
-// SeqReused naming the original conversation, and changes nothing.
+// Promise: a key reused in the same conversation for another text is rejected with
+// SeqReused and changes nothing; the same key in another conversation is another message.
 #[test]
-fn seq_reused_for_other_conversation_is_rejected() {
+fn a_key_reused_for_another_text_is_rejected_and_keys_are_per_conversation() {
     let mut view = MemView::default();
     assert_eq!(view.apply(&send("a", 1, 1, 100, "x")), appended(1, 100, false));
     let before = view.clone();
-    let (outcome, effects) = unwrap_infallible(apply(&mut view, &send("b", 1, 1, 200, "y")));
+    let (outcome, effects) = unwrap_infallible(apply(&mut view, &send("a", 1, 1, 200, "y")));
     assert_eq!(outcome, Outcome::Rejected { reason: Rejection::SeqReused { conversation: "a".into() } });
     assert!(effects.is_empty());
-    assert_eq!(view.apply(&send("b", 1, 1, 200, "y")), outcome);
+    assert_eq!(view.apply(&send("a", 1, 1, 200, "y")), outcome);
     assert_eq!(view, before);
-    assert_eq!(view.heads.get("b"), None);
-    // "b" still starts at 1 once a fresh key is used.
-    assert_eq!(view.apply(&send("b", 1, 2, 300, "y")), appended(1, 300, false));
+    assert_eq!(view.apply(&send("b", 1, 1, 300, "y")), appended(1, 300, false));
+    assert_eq!(view.apply(&send("b", 1, 1, 300, "y")), appended(1, 300, true));
 }
 
-// Promise: the dedup key is the pair, not either half: another client with the same seq,
-// or the same client with another seq, appends.
+// Promise: the dedup key is (sender, client_id, client_seq), not any part of it: another
+// client or another seq appends, and so does another user's identical pair, so nobody
+// can suppress another user's message by sending its key first.
 #[test]
-fn dedup_key_is_the_full_pair() {
+fn dedup_key_is_sender_client_and_seq() {
     let mut view = MemView::default();
     assert_eq!(view.apply(&send("a", 1, 1, 10, "x")), appended(1, 10, false));
     assert_eq!(view.apply(&send("a", 2, 1, 20, "x")), appended(2, 20, false));
     assert_eq!(view.apply(&send("a", 1, 2, 30, "x")), appended(3, 30, false));
-    assert_eq!(view.messages.len(), 3);
+    assert!(matches!(view.apply(&add("a", "alice", "mallory")), Outcome::Members { .. }));
+    assert!(matches!(view.apply(&add("a", "alice", "bob")), Outcome::Members { .. }));
+    assert_eq!(view.apply(&send_as("a", "mallory", 5, 1, 40, "hijack")), appended(4, 40, false));
+    assert_eq!(view.apply(&send_as("a", "bob", 5, 1, 50, "real")), appended(5, 50, false));
+    assert_eq!(view.messages.len(), 5);
+}
+
+// ---------------------------------------------------------------------------------------
+// Membership
+// ---------------------------------------------------------------------------------------
+
+// Promise: only members send, move cursors or change members; a removal is ordered at the
+// head it was applied at, and a re-added user is a member again.
+#[test]
+fn only_members_act_and_a_removal_records_where_reading_ends() {
+    let mut view = MemView::default();
+    let create = members("room", "alice", Membership::Create { members: vec!["bob".into()] });
+    assert_eq!(view.apply(&create), Outcome::Members { members: vec!["alice".into(), "bob".into()], head: 0 });
+    assert_eq!(view.apply(&create), Outcome::Rejected { reason: Rejection::Exists });
+    assert_eq!(view.apply(&send_as("room", "bob", 1, 1, 1, "hi")), appended(1, 1, false));
+    let not_member = |user: &str| Outcome::Rejected { reason: Rejection::NotMember { user: user.into() } };
+    assert_eq!(view.apply(&send_as("room", "eve", 2, 1, 2, "let me in")), not_member("eve"));
+    assert_eq!(view.apply(&add("room", "eve", "eve")), not_member("eve"));
+    assert_eq!(view.apply(&cursor("eve", "room", 1)), not_member("eve"));
+    let removed = view.apply(&members("room", "alice", Membership::Remove { user: "bob".into() }));
+    assert_eq!(removed, Outcome::Members { members: vec!["alice".into()], head: 1 });
+    assert_eq!(view.members["room"].removed.get("bob"), Some(&1));
+    assert_eq!(view.apply(&send_as("room", "bob", 1, 2, 3, "still here?")), not_member("bob"));
+    // A retry of bob's earlier send still answers where it was stored.
+    assert_eq!(view.apply(&send_as("room", "bob", 1, 1, 9, "hi")), appended(1, 1, true));
+    assert!(matches!(view.apply(&add("room", "alice", "bob")), Outcome::Members { .. }));
+    assert!(!view.members["room"].removed.contains_key("bob"));
+    assert_eq!(view.apply(&send_as("room", "bob", 1, 2, 4, "back")), appended(2, 4, false));
+    // A creator is always a member; a crowd over the limit is refused whole.
+    assert_eq!(
+        view.apply(&members("other", "ann", Membership::Create { members: vec![] })),
+        Outcome::Members { members: vec!["ann".into()], head: 0 }
+    );
+    let crowd: Vec<String> = (0..MEMBERS_MAX).map(|i| format!("u{i}")).collect();
+    assert_eq!(
+        view.apply(&members("big", "ann", Membership::Create { members: crowd })),
+        Outcome::Rejected { reason: Rejection::TooManyMembers { max: MEMBERS_MAX } }
+    );
 }
 
 // Promise: a rejected send consumes nothing - not an offset, and not its client_seq.
@@ -368,6 +432,7 @@ fn send_rejects_invalid_ids() {
     for (i, id) in good_ids().iter().enumerate() {
         let i = i as u64;
         assert_eq!(view.apply(&send_as(id, "alice", 3, i, 1, "x")), appended(1, 1, false), "conversation {id:?}");
+        assert!(matches!(view.apply(&add("ok", "alice", id)), Outcome::Members { .. }), "member {id:?}");
         assert!(matches!(view.apply(&send_as("ok", id, 4, i, 1, "x")), Outcome::Appended { duplicate: false, .. }));
     }
 }
@@ -384,6 +449,7 @@ fn cursor_rejects_invalid_ids() {
     }
     assert_eq!(view, before);
     let long_user = "u".repeat(ID_BYTES_MAX);
+    view.apply(&add("ok", "alice", &long_user));
     assert_eq!(view.apply(&cursor(&long_user, "ok", 2)), Outcome::CursorAt { offset: 2 });
     assert_eq!(view.cursors.get(&(long_user, "ok".to_string())), Some(&2));
 }
@@ -414,6 +480,7 @@ fn cursor_only_moves_forward() {
 #[test]
 fn cursor_forward_effect_is_exact() {
     let mut view = view_with("room", 4);
+    view.apply(&add("room", "alice", "bob"));
     let (outcome, effects) = unwrap_infallible(apply(&mut view, &cursor("bob", "room", 4)));
     assert_eq!(outcome, Outcome::CursorAt { offset: 4 });
     assert_eq!(effects, vec![Effect::SetCursor { user: "bob".into(), conversation: "room".into(), offset: 4 }]);
@@ -448,6 +515,7 @@ fn cursor_cannot_pass_head() {
 #[test]
 fn cursors_are_independent_per_user_and_conversation() {
     let mut view = view_with("a", 3);
+    view.apply(&add("a", "alice", "bob"));
     for i in 0..3 {
         view.apply(&send("b", 2000, i, 0, "m"));
     }
@@ -475,10 +543,10 @@ fn overlay_sees_earlier_effects_of_the_batch() {
     let batch = [
         send("room", 1, 1, 10, "x"),    // offset 3
         send("room", 1, 1, 11, "x"),    // duplicate of the previous one, from the overlay
-        send("other", 1, 1, 12, "x"),   // seq reused, from the overlay
+        send("room", 1, 1, 12, "y"),    // key reused for another text, from the overlay
         cursor("alice", "room", 3),     // head 3 visible only through the overlay
         cursor("alice", "room", 2),     // answers 3, from the overlay
-        send("room", 1000, 0, 13, "x"), // duplicate from the base
+        send("room", 1000, 0, 13, "m"), // duplicate from the base
         send("room", 1, 2, 14, "x"),    // offset 4
     ];
     let expected = vec![
@@ -587,9 +655,17 @@ fn send_strategy() -> impl Strategy<Value = SendCommand> {
 fn command_strategy() -> impl Strategy<Value = Command> {
     let cursor = (user_strategy(), conversation_strategy(), 0u64..8)
         .prop_map(|(user, conversation, offset)| Command::Cursor(CursorCommand { user, conversation, offset }));
+    let change = prop_oneof![
+        prop::collection::vec(user_strategy(), 0..3).prop_map(|members| Membership::Create { members }),
+        user_strategy().prop_map(|user| Membership::Add { user }),
+        user_strategy().prop_map(|user| Membership::Remove { user }),
+    ];
+    let members = (conversation_strategy(), user_strategy(), change)
+        .prop_map(|(conversation, by, change)| Command::Members(MembersCommand { conversation, by, change }));
     prop_oneof![
         3 => send_strategy().prop_map(Command::Send),
         1 => cursor,
+        1 => members,
         1 => prop::collection::vec(send_strategy(), 0..6).prop_map(Command::SendBatch),
     ]
 }
@@ -610,6 +686,9 @@ fn spec_valid_id(id: &str) -> bool {
 struct Model {
     messages: Vec<StoredMessage>,
     cursors: HashMap<(String, String), u64>,
+    /// Members by conversation (absent: the conversation does not exist), and where each
+    /// removed user's reading ended.
+    members: HashMap<String, (std::collections::BTreeSet<String>, HashMap<String, u64>)>,
 }
 
 impl Model {
@@ -624,13 +703,25 @@ impl Model {
                 if s.text.len() > MESSAGE_BYTES_MAX {
                     return reject(Rejection::TooLarge { bytes: s.text.len(), max: MESSAGE_BYTES_MAX });
                 }
-                if let Some(m) =
-                    self.messages.iter().find(|m| m.client_id == s.client_id && m.client_seq == s.client_seq)
-                {
-                    if m.conversation != s.conversation {
+                if let Some(m) = self.messages.iter().find(|m| {
+                    m.conversation == s.conversation
+                        && m.sender == s.sender
+                        && m.client_id == s.client_id
+                        && m.client_seq == s.client_seq
+                }) {
+                    if m.text != s.text {
                         return reject(Rejection::SeqReused { conversation: m.conversation.clone() });
                     }
                     return Outcome::Appended { offset: m.offset, ts_ms: m.ts_ms, duplicate: true };
+                }
+                match self.members.get(&s.conversation) {
+                    Some((users, _)) if !users.contains(&s.sender) => {
+                        return reject(Rejection::NotMember { user: s.sender.clone() })
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.members.insert(s.conversation.clone(), ([s.sender.clone()].into(), HashMap::new()));
+                    }
                 }
                 let offset = self.count(&s.conversation) + 1;
                 self.messages.push(StoredMessage {
@@ -648,6 +739,9 @@ impl Model {
                 if !spec_valid_id(&c.user) || !spec_valid_id(&c.conversation) {
                     return reject(Rejection::InvalidId(String::new()));
                 }
+                if self.members.get(&c.conversation).is_some_and(|(users, _)| !users.contains(&c.user)) {
+                    return reject(Rejection::NotMember { user: c.user.clone() });
+                }
                 let head = self.count(&c.conversation);
                 if c.offset > head {
                     return reject(Rejection::CursorPastHead { head });
@@ -659,6 +753,43 @@ impl Model {
             // By the spec, a batch is its sends one after another.
             Command::SendBatch(sends) => {
                 Outcome::Batch(sends.iter().map(|s| self.apply(&Command::Send(s.clone()))).collect())
+            }
+            Command::Members(m) => {
+                let named: Vec<&String> = match &m.change {
+                    Membership::Create { members } => members.iter().collect(),
+                    Membership::Add { user } | Membership::Remove { user } => vec![user],
+                };
+                if !spec_valid_id(&m.conversation) || !spec_valid_id(&m.by) || named.iter().any(|u| !spec_valid_id(u)) {
+                    return reject(Rejection::InvalidId(String::new()));
+                }
+                let head = self.count(&m.conversation);
+                let current = self.members.get(&m.conversation).cloned();
+                let (users, removed) = match (&m.change, current) {
+                    (Membership::Create { members }, None) if head == 0 => {
+                        let users: std::collections::BTreeSet<String> =
+                            members.iter().cloned().chain([m.by.clone()]).collect();
+                        (users, HashMap::new())
+                    }
+                    (Membership::Create { .. }, _) => return reject(Rejection::Exists),
+                    (_, None) => return reject(Rejection::NotMember { user: m.by.clone() }),
+                    (_, Some((users, _))) if !users.contains(&m.by) => {
+                        return reject(Rejection::NotMember { user: m.by.clone() })
+                    }
+                    (Membership::Add { user }, Some((mut users, mut removed))) => {
+                        users.insert(user.clone());
+                        removed.remove(user);
+                        (users, removed)
+                    }
+                    (Membership::Remove { user }, Some((mut users, mut removed))) => {
+                        if users.remove(user) {
+                            removed.insert(user.clone(), head);
+                        }
+                        (users, removed)
+                    }
+                };
+                let listed = users.iter().cloned().collect();
+                self.members.insert(m.conversation.clone(), (users, removed));
+                Outcome::Members { members: listed, head }
             }
         }
     }
@@ -694,14 +825,29 @@ fn check_invariants(view: &MemView) -> Result<(), TestCaseError> {
         let offsets = by_conversation.get(conversation.as_str()).cloned().unwrap_or_default();
         prop_assert_eq!(offsets, (1..=*head).collect::<Vec<u64>>(), "conversation {:?}", conversation);
     }
-    // No (client_id, client_seq) is stored twice, and the dedup index matches messages.
+    // No idempotency key is stored twice, and the dedup index matches messages.
     let mut seen = HashSet::new();
     for m in &view.messages {
-        prop_assert!(seen.insert((m.client_id, m.client_seq)), "pair {:?} stored twice", (m.client_id, m.client_seq));
-        let record = DedupRecord { conversation: m.conversation.clone(), offset: m.offset, ts_ms: m.ts_ms };
-        prop_assert_eq!(view.dedup.get(&(m.client_id, m.client_seq)), Some(&record));
+        let key = DedupKey {
+            conversation: m.conversation.clone(),
+            sender: m.sender.clone(),
+            client_id: m.client_id,
+            client_seq: m.client_seq,
+        };
+        prop_assert!(seen.insert(key.clone()), "key {:?} stored twice", key);
+        let record = DedupRecord { offset: m.offset, ts_ms: m.ts_ms, digest: text_digest(&m.text) };
+        prop_assert_eq!(view.dedup.get(&key), Some(&record));
     }
     prop_assert_eq!(view.dedup.len(), view.messages.len());
+    // Every conversation with messages has members; every sender was a member when it sent
+    // (checked by the model test), and members are valid ids.
+    for conversation in view.heads.keys() {
+        prop_assert!(view.members.contains_key(conversation), "{:?} has messages but no members", conversation);
+    }
+    for m in view.members.values() {
+        prop_assert!(m.users.len() <= MEMBERS_MAX);
+        prop_assert!(m.users.iter().all(|u| validate_id("user", u).is_ok()));
+    }
     // Every cursor is within its conversation's head, and only valid ids are stored.
     for ((user, conversation), offset) in &view.cursors {
         prop_assert!(*offset <= view.heads.get(conversation).copied().unwrap_or(0));

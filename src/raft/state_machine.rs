@@ -29,11 +29,13 @@ use serde::{Deserialize, Serialize};
 
 use super::log_store::{blocking, inline};
 use super::types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, C};
-use crate::chat::{self, DedupRecord, Effect, Outcome, ShardId, ShardView, StoredMessage};
+use crate::chat::{self, DedupKey, DedupRecord, Effect, Members, Outcome, ShardId, ShardView, StoredMessage};
 use crate::error::{Error, Result};
 use crate::stages::Stage;
 use crate::store::codec::{decode, encode};
-use crate::store::keys::{applied_key, cursor_key, dedup_key, head_key, message_key, CF_MESSAGES, CF_STATE};
+use crate::store::keys::{
+    applied_key, cursor_key, dedup_key, dedup_scope, head_key, members_key, message_key, CF_MESSAGES, CF_STATE,
+};
 use crate::store::snapshot::{self, LocalSnapshot, Source};
 use crate::store::Store;
 
@@ -54,6 +56,10 @@ pub trait ShardEvents: Send + Sync + 'static {
     fn appended(&self, messages: Vec<StoredMessage>);
     /// The shard's state was replaced by a snapshot: its subscribers must re-read storage.
     fn reset(&self, shard: ShardId);
+    /// These conversations' members changed in an apply batch (told before the batch's
+    /// messages are handed to [`ShardEvents::appended`]): their subscribers must check they
+    /// may still read, and up to which offset.
+    fn members_changed(&self, conversations: Vec<String>);
 }
 
 /// For a state machine whose applies nobody watches (tests, tools).
@@ -62,6 +68,7 @@ pub struct NoEvents;
 impl ShardEvents for NoEvents {
     fn appended(&self, _: Vec<StoredMessage>) {}
     fn reset(&self, _: ShardId) {}
+    fn members_changed(&self, _: Vec<String>) {}
 }
 
 /// A snapshot's data: a local RocksDB snapshot to stream, or a received spool file.
@@ -86,38 +93,51 @@ const APPLY_CACHE_ENTRIES_MAX: usize = 16_384;
 /// read nothing from RocksDB: a send's dedup lookup is nearly always a miss, and a miss
 /// costs a walk of every memtable and a bloom probe of every file.
 ///
-/// - `dedup_max`: per client, the highest `client_seq` with a dedup record in this shard
-///   (`None`: the client has none). A send whose seq is above it cannot be a retry, and
-///   needs no lookup; any other still reads its record. A client seen for the first time
-///   costs one reverse seek.
+/// - `dedup_max`: per dedup scope (conversation, sender, client; its key prefix), the
+///   highest `client_seq` with a dedup record (`None`: there is none). A send whose seq is
+///   above it cannot be a retry, and needs no lookup; any other still reads its record. A
+///   scope seen for the first time costs one reverse seek.
 /// - `heads`: conversations' heads as stored.
+/// - `members`: conversations' member records as stored (`None`: no such conversation).
 ///
 /// Invariant: every entry equals what storage holds. Apply is the only writer of these
 /// keys and updates the cache only after its batch is written; a snapshot install clears
 /// it. A full map is cleared rather than evicted from: a missing entry is only a read.
 #[derive(Default)]
 struct ApplyCache {
-    dedup_max: HashMap<u64, Option<u64>>,
+    dedup_max: HashMap<Vec<u8>, Option<u64>>,
     heads: HashMap<String, u64>,
+    members: HashMap<String, Option<Members>>,
 }
 
 impl ApplyCache {
     fn clear(&mut self) {
         self.dedup_max.clear();
         self.heads.clear();
+        self.members.clear();
     }
 
-    /// Records a batch's dedup records and heads once they are written.
-    fn written(&mut self, dedup: &[(u64, u64)], heads: HashMap<String, u64>) {
-        for &(client_id, client_seq) in dedup {
-            // A client not in the map is read from storage when next seen, which already
+    /// Records a batch's dedup records, heads and member records once they are written.
+    fn written(
+        &mut self,
+        shard: ShardId,
+        dedup: &[DedupKey],
+        heads: HashMap<String, u64>,
+        members: HashMap<String, Members>,
+    ) {
+        for key in dedup {
+            // A scope not in the map is read from storage when next seen, which already
             // holds this record.
-            if let Some(max) = self.dedup_max.get_mut(&client_id) {
-                *max = Some(max.map_or(client_seq, |m| m.max(client_seq)));
+            let scope = dedup_scope(shard, &key.conversation, &key.sender, key.client_id);
+            if let Some(max) = self.dedup_max.get_mut(&scope) {
+                *max = Some(max.map_or(key.client_seq, |m| m.max(key.client_seq)));
             }
         }
         for (conversation, head) in heads {
             bounded_insert(&mut self.heads, conversation, head);
+        }
+        for (conversation, m) in members {
+            bounded_insert(&mut self.members, conversation, Some(m));
         }
     }
 }
@@ -186,37 +206,49 @@ impl ShardView for StoreView<'_> {
         bounded_insert(&mut self.cache.heads, conversation.to_string(), head);
         Ok(head)
     }
-    fn dedup(&mut self, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>> {
+    fn dedup(&mut self, key: &DedupKey) -> Result<Option<DedupRecord>> {
         if crate::planted::active(crate::planted::Bug::SkipDedup) {
             return Ok(None);
         }
-        let max = match self.cache.dedup_max.get(&client_id) {
+        let scope = dedup_scope(self.shard, &key.conversation, &key.sender, key.client_id);
+        let max = match self.cache.dedup_max.get(&scope) {
             Some(max) => *max,
             None => {
-                let max = self.store.dedup_max_seq(self.shard, client_id)?;
-                bounded_insert(&mut self.cache.dedup_max, client_id, max);
+                let max = self.store.dedup_max_seq(&scope)?;
+                bounded_insert(&mut self.cache.dedup_max, scope, max);
                 max
             }
         };
         match max {
-            Some(max) if client_seq <= max => self.store.dedup(self.shard, client_id, client_seq),
+            Some(max) if key.client_seq <= max => self.store.dedup(self.shard, key),
             _ => Ok(None),
         }
+    }
+    fn members(&mut self, conversation: &str) -> Result<Option<Members>> {
+        if let Some(m) = self.cache.members.get(conversation) {
+            return Ok(m.clone());
+        }
+        let m = self.store.members(self.shard, conversation)?;
+        bounded_insert(&mut self.cache.members, conversation.to_string(), m.clone());
+        Ok(m)
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64> {
         self.store.cursor(self.shard, user, conversation)
     }
 }
 
-/// Applies a batch of entries in one write; returns an outcome per entry, the new applied
-/// state and the appended messages.
+/// What one apply batch changed: an outcome per entry, the new applied state, the appended
+/// messages and the conversations whose members changed.
+type Applied = (Vec<Outcome>, AppliedState, Vec<StoredMessage>, Vec<String>);
+
+/// Applies a batch of entries in one write.
 fn apply_batch(
     store: &Store,
     shard: ShardId,
     cache: &mut ApplyCache,
     entries: Vec<Entry>,
     mut applied: AppliedState,
-) -> Result<(Vec<Outcome>, AppliedState, Vec<StoredMessage>)> {
+) -> Result<Applied> {
     let mut base = StoreView { store, shard, cache };
     let mut view = chat::Overlay::new(&mut base);
     let mut batch = WriteBatch::default();
@@ -244,14 +276,15 @@ fn apply_batch(
         applied.last_applied = Some(entry.log_id);
         outcomes.push(outcome);
     }
-    let (heads, dedup) = view.into_written();
+    let (heads, dedup, members) = view.into_written();
     for (conversation, head) in &heads {
         batch.put_cf(store.cf(CF_STATE), head_key(shard, conversation), encode(head));
     }
     batch.put_cf(store.cf(CF_STATE), applied_key(shard), encode(&applied));
     store.write(batch)?;
-    base.cache.written(&dedup, heads);
-    Ok((outcomes, applied, appended))
+    let changed: Vec<String> = members.keys().cloned().collect();
+    base.cache.written(shard, &dedup, heads, members);
+    Ok((outcomes, applied, appended, changed))
 }
 
 fn write_effect(
@@ -269,11 +302,14 @@ fn write_effect(
         Effect::SetHead { conversation, head } => {
             batch.put_cf(store.cf(CF_STATE), head_key(shard, &conversation), encode(&head));
         }
-        Effect::PutDedup { client_id, client_seq, record } => {
-            batch.put_cf(store.cf(CF_STATE), dedup_key(shard, client_id, client_seq), encode(&record));
+        Effect::PutDedup { key, record } => {
+            batch.put_cf(store.cf(CF_STATE), dedup_key(shard, &key), encode(&record));
         }
         Effect::SetCursor { user, conversation, offset } => {
             batch.put_cf(store.cf(CF_STATE), cursor_key(shard, &user, &conversation), encode(&offset));
+        }
+        Effect::SetMembers { conversation, members } => {
+            batch.put_cf(store.cf(CF_STATE), members_key(shard, &conversation), encode(&members));
         }
     }
 }
@@ -301,7 +337,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let (outcomes, applied, appended) =
+        let (outcomes, applied, appended, members_changed) =
             inline(|| apply_batch(&self.store, self.shard, &mut self.cache, batch, self.applied.clone()))?;
         self.store.stages.record(Stage::ApplyWrite, started.elapsed());
         self.applied = applied;
@@ -309,6 +345,12 @@ impl RaftStateMachine<C> for ShardStateMachine {
             if let Some(r) = responder {
                 r.send(outcome);
             }
+        }
+        // Members first: a subscriber checks the stored members (the whole batch is
+        // written) before it sees the batch's messages, so a removal stops it at the
+        // removal's offset, never after a message sent once the reader was removed.
+        if !members_changed.is_empty() {
+            self.events.members_changed(members_changed);
         }
         if !appended.is_empty() {
             self.events.appended(appended);
@@ -411,7 +453,8 @@ mod tests {
         let sends = (1..=3).map(|seq| Command::Send(send("c", 7, seq))).collect();
         let first = apply(&store, &mut warm, &mut index, sends);
         assert_eq!(first, vec![appended(1, 1, false), appended(2, 2, false), appended(3, 3, false)]);
-        assert_eq!(warm.dedup_max.get(&7), Some(&Some(3)));
+        let scope = |conversation: &str, client_id: u64| dedup_scope(0, conversation, "u", client_id);
+        assert_eq!(warm.dedup_max.get(&scope("c", 7)), Some(&Some(3)));
         assert_eq!(warm.heads.get("c"), Some(&3));
 
         // A retry below the client's highest seq is read from storage.
@@ -419,24 +462,34 @@ mod tests {
         assert_eq!(retry, vec![appended(2, 2, true)]);
 
         // A restarted state machine starts cold and still finds the highest seq's record.
+        // The same key in another conversation is another message there; the same key with
+        // another text is refused.
         let mut cold = ApplyCache::default();
+        let mut other_text = send("c", 7, 2);
+        other_text.text = "something else".into();
         let after_restart = apply(
             &store,
             &mut cold,
             &mut index,
-            vec![Command::Send(send("c", 7, 3)), Command::Send(send("c", 7, 4)), Command::Send(send("d", 7, 1))],
+            vec![
+                Command::Send(send("c", 7, 3)),
+                Command::Send(send("c", 7, 4)),
+                Command::Send(send("d", 7, 1)),
+                Command::Send(other_text),
+            ],
         );
         let reused = Outcome::Rejected { reason: Rejection::SeqReused { conversation: "c".into() } };
-        assert_eq!(after_restart, vec![appended(3, 3, true), appended(4, 4, false), reused]);
+        assert_eq!(after_restart, vec![appended(3, 3, true), appended(4, 4, false), appended(1, 1, false), reused]);
 
         // A seq below the highest that was never used (pipelined sends arrive out of
         // order) is new.
         let late = apply(&store, &mut cold, &mut index, vec![Command::Send(send("c", 7, 9))]);
         let gap = apply(&store, &mut cold, &mut index, vec![Command::Send(send("c", 7, 6))]);
         assert_eq!((late, gap), (vec![appended(5, 9, false)], vec![appended(6, 6, false)]));
-        assert_eq!(store.dedup_max_seq(0, 7).expect("seek"), Some(9));
-        assert_eq!(store.dedup_max_seq(0, 8).expect("seek"), None);
-        assert_eq!(store.dedup_max_seq(1, 7).expect("seek"), None);
+        assert_eq!(store.dedup_max_seq(&scope("c", 7)).expect("seek"), Some(9));
+        assert_eq!(store.dedup_max_seq(&scope("c", 8)).expect("seek"), None);
+        assert_eq!(store.dedup_max_seq(&scope("d", 7)).expect("seek"), Some(1));
+        assert_eq!(store.dedup_max_seq(&dedup_scope(1, "c", "u", 7)).expect("seek"), None);
     }
 
     #[test]

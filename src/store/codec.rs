@@ -50,8 +50,8 @@ mod tests {
 
         // Truncated or bit-flipped version bytes are errors, never a wrong value or a panic.
         #[test]
-        fn damaged_records_are_errors(conv in "[a-z]{1,10}", o in any::<u64>(), cut in 0usize..10) {
-            let r = DedupRecord { conversation: conv, offset: o, ts_ms: 5 };
+        fn damaged_records_are_errors(text in "[a-z]{1,10}", o in any::<u64>(), cut in 0usize..10) {
+            let r = DedupRecord { offset: o, ts_ms: 5, digest: crate::chat::text_digest(&text) };
             let bytes = encode(&r);
             let cut = cut.min(bytes.len() - 1);
             prop_assert!(decode::<DedupRecord>(&bytes[..cut]).is_err());

@@ -11,9 +11,10 @@
 //! | `messages`    | shard ‖ len(conv) u8 ‖ conv ‖ offset (u64 BE)    | [`StoredMessage`]     |
 //! | `shard_state` | shard ‖ 0x01                                     | applied log id + membership |
 //! |               | shard ‖ 0x02 ‖ len(conv) ‖ conv                  | head offset (u64)     |
-//! |               | shard ‖ 0x03 ‖ client_id ‖ client_seq (u64 BE)   | [`DedupRecord`]       |
+//! |               | shard ‖ 0x03 ‖ len(conv) ‖ conv ‖ len(sender) ‖ sender ‖ client_id ‖ client_seq (u64 BE) | [`DedupRecord`] |
 //! |               | shard ‖ 0x04 ‖ len(user) ‖ user ‖ len(conv) ‖ conv | cursor offset (u64) |
 //! |               | shard ‖ 0x05                                     | snapshot-install-in-progress marker |
+//! |               | shard ‖ 0x06 ‖ len(conv) ‖ conv                  | [`Members`]           |
 //! | `default`     | `wm` ‖ shard                                     | [`Watermark`] (vote, last log id) |
 //! |               | `cluster`                                        | [`ClusterRecord`] of this node |
 //! |               | `replica` ‖ shard                                | this node's replica id in the shard's group |
@@ -31,8 +32,9 @@
 //! [`Watermark`]: crate::raft::log_store::Watermark
 //! [`ClusterRecord`]: crate::raft::formation::ClusterRecord
 //! [`DedupRecord`]: crate::chat::DedupRecord
+//! [`Members`]: crate::chat::Members
 
-use crate::chat::ShardId;
+use crate::chat::{DedupKey, ShardId};
 
 pub const CF_LOG: &str = "raft_log";
 pub const CF_META: &str = "raft_meta";
@@ -73,6 +75,7 @@ const STATE_HEAD: u8 = 0x02;
 const STATE_DEDUP: u8 = 0x03;
 const STATE_CURSOR: u8 = 0x04;
 const STATE_INSTALLING: u8 = 0x05;
+const STATE_MEMBERS: u8 = 0x06;
 
 /// Largest shard id the schema supports: the range of shard `s` ends at `s + 1`, so
 /// `u32::MAX` itself has no finite upper bound. Config validation keeps shards ≤ 4096.
@@ -146,20 +149,36 @@ pub fn head_key(shard: ShardId, conversation: &str) -> Vec<u8> {
     k
 }
 
-pub fn dedup_key(shard: ShardId, client_id: u64, client_seq: u64) -> [u8; 21] {
-    let mut k = [0u8; 21];
-    k[..4].copy_from_slice(&shard.to_be_bytes());
-    k[4] = STATE_DEDUP;
-    k[5..13].copy_from_slice(&client_id.to_be_bytes());
-    k[13..].copy_from_slice(&client_seq.to_be_bytes());
+/// The prefix of every dedup key of one `(conversation, sender, client_id)`.
+pub fn dedup_scope(shard: ShardId, conversation: &str, sender: &str, client_id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(7 + conversation.len() + sender.len() + 16);
+    k.extend_from_slice(&shard.to_be_bytes());
+    k.push(STATE_DEDUP);
+    push_id(&mut k, conversation);
+    push_id(&mut k, sender);
+    k.extend_from_slice(&client_id.to_be_bytes());
     k
 }
 
-/// The `client_seq` of a dedup key of `client_id` in `shard`; `None` for any other key.
-pub fn dedup_key_seq(key: &[u8], shard: ShardId, client_id: u64) -> Option<u64> {
-    let prefix = &dedup_key(shard, client_id, 0)[..13];
-    let seq: [u8; 8] = key.strip_prefix(prefix)?.try_into().ok()?;
+pub fn dedup_key(shard: ShardId, key: &DedupKey) -> Vec<u8> {
+    let mut k = dedup_scope(shard, &key.conversation, &key.sender, key.client_id);
+    k.extend_from_slice(&key.client_seq.to_be_bytes());
+    k
+}
+
+/// The `client_seq` of a dedup key under `scope` (see [`dedup_scope`]); `None` for any
+/// other key.
+pub fn dedup_key_seq(key: &[u8], scope: &[u8]) -> Option<u64> {
+    let seq: [u8; 8] = key.strip_prefix(scope)?.try_into().ok()?;
     Some(u64::from_be_bytes(seq))
+}
+
+pub fn members_key(shard: ShardId, conversation: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + conversation.len());
+    k.extend_from_slice(&shard.to_be_bytes());
+    k.push(STATE_MEMBERS);
+    push_id(&mut k, conversation);
+    k
 }
 
 pub fn cursor_key(shard: ShardId, user: &str, conversation: &str) -> Vec<u8> {
@@ -205,8 +224,9 @@ mod tests {
             let (lo, hi) = shard_range(shard);
             let keys: Vec<Vec<u8>> = vec![
                 log_key(shard, x).to_vec(), meta_key(shard, META_VOTE).to_vec(),
-                message_key(shard, &c, x), head_key(shard, &c), dedup_key(shard, x, x).to_vec(),
-                cursor_key(shard, &u, &c), applied_key(shard).to_vec(),
+                message_key(shard, &c, x), head_key(shard, &c),
+                dedup_key(shard, &DedupKey { conversation: c.clone(), sender: u.clone(), client_id: x, client_seq: x }),
+                cursor_key(shard, &u, &c), applied_key(shard).to_vec(), members_key(shard, &c),
             ];
             for k in &keys {
                 prop_assert!(k.as_slice() >= lo.as_slice() && k.as_slice() < hi.as_slice());

@@ -27,7 +27,7 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
-use crate::chat::{DedupRecord, ShardId};
+use crate::chat::{DedupKey, DedupRecord, Members, ShardId};
 use crate::error::{Error, Result};
 use crate::stages::Stages;
 use keys::*;
@@ -202,30 +202,39 @@ impl Store {
         }
     }
 
-    pub fn dedup(&self, shard: ShardId, client_id: u64, client_seq: u64) -> Result<Option<DedupRecord>> {
-        match self.get(CF_STATE, &dedup_key(shard, client_id, client_seq))? {
+    pub fn dedup(&self, shard: ShardId, key: &DedupKey) -> Result<Option<DedupRecord>> {
+        match self.get(CF_STATE, &dedup_key(shard, key))? {
             Some(v) => Ok(Some(codec::decode(&v)?)),
             None => Ok(None),
         }
     }
 
-    /// The highest `client_seq` of `client_id` with a dedup record in `shard`, if any: one
-    /// reverse seek inside the client's key range.
-    pub fn dedup_max_seq(&self, shard: ShardId, client_id: u64) -> Result<Option<u64>> {
-        let lower = dedup_key(shard, client_id, 0);
+    /// The highest `client_seq` with a dedup record under `scope` (see
+    /// [`keys::dedup_scope`]), if any: one reverse seek inside the scope's key range.
+    pub fn dedup_max_seq(&self, scope: &[u8]) -> Result<Option<u64>> {
         let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(lower.to_vec());
+        ro.set_iterate_lower_bound(scope.to_vec());
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_STATE), ro);
-        iter.seek_for_prev(dedup_key(shard, client_id, u64::MAX));
+        let mut last = scope.to_vec();
+        last.extend_from_slice(&u64::MAX.to_be_bytes());
+        iter.seek_for_prev(&last);
         let found = match iter.key() {
             Some(key) => Some(
-                keys::dedup_key_seq(key, shard, client_id)
+                keys::dedup_key_seq(key, scope)
                     .ok_or_else(|| Error::Corrupt(format!("malformed dedup key of {} bytes", key.len())))?,
             ),
             None => None,
         };
         iter.status()?;
         Ok(found)
+    }
+
+    /// A conversation's members; `None`: it does not exist.
+    pub fn members(&self, shard: ShardId, conversation: &str) -> Result<Option<Members>> {
+        match self.get(CF_STATE, &members_key(shard, conversation))? {
+            Some(v) => Ok(Some(codec::decode(&v)?)),
+            None => Ok(None),
+        }
     }
 
     pub fn cursor(&self, shard: ShardId, user: &str, conversation: &str) -> Result<u64> {
@@ -254,6 +263,9 @@ impl Store {
     /// decoding; see `service::frames::message_frame_from_stored`). The value is borrowed from
     /// the iterator, so a scan allocates nothing per message. Returns how many it visited.
     ///
+    /// It stops after `max` messages, or once the values visited reach `max_bytes` (always
+    /// after at least one), and says whether the conversation holds more after them.
+    ///
     /// Refused (`Unavailable`) while a snapshot install of the shard is under way: the shard's
     /// state is then cleared or partly written, and would read as messages missing. The check
     /// and the scan read one RocksDB snapshot, so a scan sees a whole state or is refused.
@@ -263,8 +275,9 @@ impl Store {
         conversation: &str,
         from: u64,
         max: usize,
+        max_bytes: usize,
         mut visit: impl FnMut(u64, &[u8]) -> Result<()>,
-    ) -> Result<usize> {
+    ) -> Result<Scanned> {
         let prefix = conversation_prefix(shard, conversation);
         let mut upper = prefix.clone();
         upper.extend_from_slice(&u64::MAX.to_be_bytes());
@@ -275,18 +288,27 @@ impl Store {
         ro.set_snapshot(&snap);
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
         iter.seek(message_key(shard, conversation, from.max(1)));
-        let mut visited = 0;
-        while visited < max {
+        let (mut visited, mut bytes) = (0, 0);
+        while visited < max && (visited == 0 || bytes < max_bytes) {
             let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
             let offset = keys::message_key_offset(key)
                 .ok_or_else(|| Error::Corrupt(format!("malformed message key of {} bytes", key.len())))?;
             visit(offset, value)?;
             visited += 1;
+            bytes += value.len();
             iter.next();
         }
+        let more = iter.valid();
         iter.status()?;
-        Ok(visited)
+        Ok(Scanned { visited, more })
     }
+}
+
+/// What a [`Store::scan_messages`] did: the messages it visited, and whether more follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    pub visited: usize,
+    pub more: bool,
 }
 
 /// `Unavailable` if `snap` shows a snapshot install of `shard` under way (see [`snapshot`]).

@@ -598,10 +598,13 @@ mod tests {
         let marked = store.get(CF_STATE, &installing_key(3)).expect("read").is_some();
         assert_eq!(marked, steps.contains(&Step::Started) && !steps.contains(&Step::Finished), "{context}");
         if marked {
-            let refused = store.scan_messages(3, "c", 1, 10, |_, _| Ok(()));
+            let refused = store.scan_messages(3, "c", 1, 10, usize::MAX, |_, _| Ok(()));
             assert!(matches!(refused, Err(Error::Unavailable(_))), "{context}: {refused:?}");
             assert!(matches!(store.cursor_and_head(3, "u", "c"), Err(Error::Unavailable(_))), "{context}");
-            assert!(store.scan_messages(4, "c", 1, 10, |_, _| Ok(())).is_ok(), "other shards stay readable");
+            assert!(
+                store.scan_messages(4, "c", 1, 10, usize::MAX, |_, _| Ok(())).is_ok(),
+                "other shards stay readable"
+            );
         }
         let resumed = resume_interrupted_install(&store, 3).expect("resume");
         assert_eq!(resumed.is_some(), marked, "{context}");
@@ -618,7 +621,7 @@ mod tests {
             _ => &[],
         };
         assert_eq!(files_in(&spool_dir), want_left, "{context}");
-        let read = store.scan_messages(3, "c", 1, usize::MAX, |_, _| Ok(())).expect("readable");
+        let read = store.scan_messages(3, "c", 1, usize::MAX, usize::MAX, |_, _| Ok(())).expect("readable").visited;
         assert_eq!(read, if started { new.0.len() - 1 } else { 7 }, "{context}");
 
         // The replica takes the next snapshot as any other.
