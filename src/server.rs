@@ -1,8 +1,15 @@
-//! The client-facing QUIC server: an accept loop that refuses connections above the cap,
-//! one task per connection, one task per request stream (bounded by the per-connection
-//! stream limit in the transport config), and a span per connection and per request. A
-//! stream of sends stays open for the client's next send (its lane, see `client`); a send's
-//! answer is written by the state machine's task as it applies the send (see [`Reply`]).
+//! The client-facing QUIC server: an accept loop, one task per connection, one task per
+//! request stream (bounded by the per-connection stream limit in the transport config), and
+//! a span per connection and per request. A stream of sends stays open for the client's
+//! next send (its lane, see `client`); a send's answer is written by the state machine's
+//! task as it applies the send (see [`Reply`]).
+//!
+//! Who the client is comes from its verified certificate, once per connection
+//! ([`tls::identity_of`]): every request is served as that user, and `Status` only for an
+//! admin. Connections are bounded where they cost: at most [`HANDSHAKES_IN_FLIGHT_MAX`]
+//! handshakes at once (beyond that, a client whose address is not yet validated gets a QUIC
+//! Retry, and one that is, a refusal), and a connection slot (`limits.connections_max`) is
+//! taken only once the handshake is done, so half-open attempts cannot use the slots up.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -13,14 +20,25 @@ use tracing::Instrument;
 use crate::error::Error;
 use crate::net::frame;
 use crate::net::lane::write_now;
+use crate::net::tls::{self, Identity};
 use crate::net::wire::{ErrorCode, Request, Response};
 use crate::service::{self, Service, SEND_TIMEOUT};
+
+/// How long a new request stream may take to deliver its request.
+pub const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Client handshakes a node runs at once; more get a Retry or a refusal.
+pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 256;
+/// QUIC application close code: the certificate names no usable user.
+const CLOSE_NO_IDENTITY: u32 = 0x10;
+/// QUIC application close code: the node is at its connection limit.
+const CLOSE_FULL: u32 = 0x11;
 
 /// Serves clients on `endpoint` until `shutdown` completes or the endpoint closes. On
 /// shutdown it stops accepting; connections already open end when the node closes the
 /// endpoint.
 pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(node.config.limits.connections_max));
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_IN_FLIGHT_MAX));
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -30,14 +48,19 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
             },
             () = &mut shutdown => return,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
-            incoming.refuse();
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            // Under a handshake storm, make unvalidated addresses prove themselves first (a
+            // Retry costs the node no state); refuse the rest until handshakes finish.
+            if incoming.may_retry() && !incoming.remote_address_validated() {
+                let _ = incoming.retry();
+            } else {
+                tracing::debug!(remote = %incoming.remote_address(), "handshake limit reached; refusing");
+                incoming.refuse();
+            }
             continue;
         };
-        let node = node.clone();
+        let (node, permits) = (node.clone(), permits.clone());
         tokio::spawn(async move {
-            let _permit = permit;
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
@@ -45,11 +68,26 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
                     return;
                 }
             };
-            let span = tracing::info_span!("client", remote = %conn.remote_address());
+            drop(handshake);
+            let Ok(_permit) = permits.try_acquire_owned() else {
+                tracing::warn!(remote = %conn.remote_address(), "connection limit reached; closing");
+                conn.close(CLOSE_FULL.into(), b"connection limit reached");
+                return;
+            };
+            let who = match tls::identity_of(&conn) {
+                Ok(who) => Arc::new(who),
+                Err(e) => {
+                    tracing::warn!(remote = %conn.remote_address(), error = %e, "refusing a client");
+                    conn.close(CLOSE_NO_IDENTITY.into(), e.to_string().as_bytes());
+                    return;
+                }
+            };
+            let span = tracing::info_span!("client", remote = %conn.remote_address(), user = %who.user);
+            let bucket = Arc::new(node.connection_bucket());
             async move {
                 while let Ok((send, recv)) = conn.accept_bi().await {
-                    let node = node.clone();
-                    tokio::spawn(handle(node, send, recv).instrument(tracing::debug_span!("request")));
+                    let caller = Caller { who: who.clone(), bucket: bucket.clone() };
+                    tokio::spawn(handle(node.clone(), caller, send, recv).instrument(tracing::debug_span!("request")));
                 }
             }
             .instrument(span)
@@ -67,6 +105,7 @@ fn answer_of(e: Error) -> Response {
         Error::Truncated { earliest } => return Response::Truncated { earliest: *earliest },
         Error::InvalidInput(_) => ErrorCode::InvalidInput,
         Error::Rejected(_) => ErrorCode::Rejected,
+        Error::Forbidden(_) => ErrorCode::Forbidden,
         Error::Protocol(_) => ErrorCode::Protocol,
         Error::Ambiguous(_) => ErrorCode::Ambiguous,
         // The node cannot serve this now; another replica may.
@@ -85,9 +124,28 @@ fn answer_of(e: Error) -> Response {
 
 /// Serves one request stream. A stream whose requests are sends stays open for the next
 /// send once it is answered (the client's lane); any other request is its stream's only one.
-async fn handle(node: Arc<Service>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+/// Who sent a request, and their connection's send bucket.
+struct Caller {
+    who: Arc<Identity>,
+    bucket: Arc<std::sync::Mutex<service::rates::Bucket>>,
+}
+
+async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let who = &*caller.who;
+    let mut first = true;
     loop {
-        let request = match frame::read::<_, Request>(&mut recv, node.config.limits.frame_bytes_max).await {
+        let max = node.config.limits.frame_bytes_max;
+        // A stream's first request must come within REQUEST_READ_TIMEOUT of its opening; a
+        // lane then waits for its next send as long as the connection lives.
+        let read = if std::mem::take(&mut first) {
+            match tokio::time::timeout(REQUEST_READ_TIMEOUT, frame::read::<_, Request>(&mut recv, max)).await {
+                Ok(read) => read,
+                Err(_) => Err(Error::InvalidInput(format!("no request within {REQUEST_READ_TIMEOUT:?}"))),
+            }
+        } else {
+            frame::read::<_, Request>(&mut recv, max).await
+        };
+        let request = match read {
             Ok(Some(r)) => r,
             Ok(None) => break,
             Err(e) => {
@@ -100,7 +158,7 @@ async fn handle(node: Arc<Service>, mut send: quinn::SendStream, mut recv: quinn
             Request::Send(_) | Request::SendBatch(_) => {
                 // The answer is written by the state machine's task (see `Reply`); `send`
                 // comes back once it was, or with the answer still to write.
-                match answer_send(&node, send, request).await {
+                match answer_send(&node, &caller, send, request).await {
                     Some(stream) => {
                         send = stream;
                         continue;
@@ -108,11 +166,13 @@ async fn handle(node: Arc<Service>, mut send: quinn::SendStream, mut recv: quinn
                     None => return,
                 }
             }
-            Request::SetCursor { user, conversation, offset } => node.set_cursor(user, conversation, offset).await,
-            Request::GetCursor { user, conversation } => node.get_cursor(user, conversation).await,
-            Request::Status => Response::Status(Box::new(node.status())),
+            Request::SetCursor { user, conversation, offset } => node.set_cursor(who, user, conversation, offset).await,
+            Request::GetCursor { user, conversation } => node.get_cursor(who, user, conversation).await,
+            Request::Members { conversation, change } => node.members(who, conversation, change).await,
+            Request::Status if who.admin => Response::Status(Box::new(node.status())),
+            Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
             Request::Subscribe { conversation, from, follow } => {
-                match node.subscribe(conversation, from, follow, &mut send).await {
+                match node.subscribe(who, conversation, from, follow, &mut send).await {
                     Ok(()) => break,
                     Err(e) => answer_of(e),
                 }
@@ -136,12 +196,17 @@ async fn handle(node: Arc<Service>, mut send: quinn::SendStream, mut recv: quinn
 /// write wakes the connection's driver, which runs at once, before the next woken handler
 /// writes. So the answer is written where it is known — all answers of one apply batch are
 /// written in the same task poll, and the driver sends them in as few datagrams as they fit.
-async fn answer_send(node: &Service, stream: quinn::SendStream, request: Request) -> Option<quinn::SendStream> {
+async fn answer_send(
+    node: &Service,
+    caller: &Caller,
+    stream: quinn::SendStream,
+    request: Request,
+) -> Option<quinn::SendStream> {
     let reply = Arc::new(Reply(Mutex::new(ReplyState::Waiting(stream))));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let writer = reply.clone();
     let immediate = node
-        .send_replying(request, move |answer| {
+        .send_replying(&caller.who, &caller.bucket, request, move |answer| {
             writer.answer(&answer);
             let _ = done_tx.send(());
         })

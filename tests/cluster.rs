@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use convoy::chat::{shard_of, StoredMessage};
 use convoy::client::{Client, Event};
 use convoy::Error;
-use testkit::{eventually, ClusterSpec, LimitTweaks, LocalCluster, RaftTweaks};
+use testkit::{eventually, ClusterSpec, LimitTweaks, LocalCluster, RaftTweaks, TEST_USER};
 
 const READY: Duration = Duration::from_secs(30);
 const BIN: &str = env!("CARGO_BIN_EXE_convoy");
@@ -88,7 +88,7 @@ async fn concurrent_sends_read_back_identically_on_every_replica() {
             for i in 0..25 {
                 let conv = format!("room-{}", (w + i) % 8);
                 let text = format!("w{w}-m{i}");
-                let ack = client.send(&conv, &format!("user{w}"), &text).await.expect("send acked");
+                let ack = client.send(&conv, &text).await.expect("send acked");
                 let prev = acks.lock().expect("lock").insert((conv, ack.offset), text);
                 assert!(prev.is_none(), "two acks for one offset");
             }
@@ -103,8 +103,9 @@ async fn concurrent_sends_read_back_identically_on_every_replica() {
     // the entries went out in AppendEntries RPCs.
     let (mut sends, mut entries, mut rpc_entries) = (0, 0, 0);
     let mut stages = Vec::new();
+    let admin = cluster.admin().expect("admin client");
     for node in 1..=3 {
-        let s = client.status(node).await.expect("status");
+        let s = admin.status(node).await.expect("status");
         sends += s.sends_committed;
         entries += s.entries_committed;
         rpc_entries += s.append_rpc_entries;
@@ -142,29 +143,42 @@ async fn concurrent_sends_read_back_identically_on_every_replica() {
 }
 
 // A retry with the same (client_id, client_seq) returns the original offset and appends
-// nothing — through the library and through the CLI.
+// nothing — through the library and through the CLI. The key is scoped to its conversation
+// and user: the same pair in another conversation is another message, and the same pair
+// with another text is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_send_returns_the_same_offset() {
     let cluster = start(Tweaks::default());
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
-    let client = Client::connect_as(cluster.config(), 4242, 1).expect("client");
-    let first = client.send_with("dedup", "ann", 7, "hello", Duration::from_secs(20)).await.expect("send");
-    let other = client.send_with("dedup", "ann", 8, "world", Duration::from_secs(20)).await.expect("send");
-    let retry = client.send_with("dedup", "ann", 7, "hello", Duration::from_secs(20)).await.expect("retry");
+    let me = convoy::net::tls::Credential::of_user(cluster.config(), TEST_USER).expect("credential");
+    let client = Client::connect_as(cluster.config(), &me, 4242, 1).expect("client");
+    let first = client.send_with("dedup", 7, "hello", Duration::from_secs(20)).await.expect("send");
+    let other = client.send_with("dedup", 8, "world", Duration::from_secs(20)).await.expect("send");
+    let retry = client.send_with("dedup", 7, "hello", Duration::from_secs(20)).await.expect("retry");
     assert_eq!((first.offset, first.duplicate), (1, false));
     assert_eq!(other.offset, 2);
     assert_eq!((retry.offset, retry.duplicate, retry.ts_ms), (1, true, first.ts_ms));
-    // The same pair for another conversation is refused, not silently re-routed.
-    let reused = client.send_with("elsewhere", "ann", 7, "hello", Duration::from_secs(20)).await;
-    if shard_of("elsewhere", cluster.config().shards) == shard_of("dedup", cluster.config().shards) {
-        assert!(matches!(reused, Err(Error::Rejected(_))), "{reused:?}");
-    }
+    let changed = client.send_with("dedup", 7, "hello, edited", Duration::from_secs(20)).await;
+    assert!(matches!(&changed, Err(Error::Rejected(m)) if m.contains("another text")), "{changed:?}");
+    let elsewhere = client.send_with("elsewhere", 7, "hello", Duration::from_secs(20)).await.expect("send");
+    assert_eq!((elsewhere.offset, elsewhere.duplicate), (1, false));
 
     let cli = |seq: &str| {
         let out = std::process::Command::new(BIN)
             .args(["send", "--config"])
             .arg(cluster.config_path())
-            .args(["--conversation", "dedup", "--user", "bob", "--client-id", "99", "--seq", seq, "--json", "from cli"])
+            .args([
+                "--conversation",
+                "dedup",
+                "--user",
+                TEST_USER,
+                "--client-id",
+                "99",
+                "--seq",
+                seq,
+                "--json",
+                "from cli",
+            ])
             .output()
             .expect("run convoy send");
         assert!(out.status.success(), "convoy send failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -192,15 +206,15 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
     let client = cluster.client().expect("client");
 
     let big = "x".repeat(1001);
-    assert!(matches!(client.send("c", "u", &big).await, Err(Error::InvalidInput(_))));
-    assert!(matches!(client.send("", "u", "hi").await, Err(Error::InvalidInput(_))));
-    assert!(matches!(client.send(&"c".repeat(129), "u", "hi").await, Err(Error::InvalidInput(_))));
-    assert!(matches!(client.send("c", "bad\nuser", "hi").await, Err(Error::InvalidInput(_))));
+    assert!(matches!(client.send("c", &big).await, Err(Error::InvalidInput(_))));
+    assert!(matches!(client.send("", "hi").await, Err(Error::InvalidInput(_))));
+    assert!(matches!(client.send(&"c".repeat(129), "hi").await, Err(Error::InvalidInput(_))));
     assert!(matches!(client.read("", 1, Some(1)).await, Err(Error::InvalidInput(_))));
 
     // Raw frames: garbage, an unknown version, an oversized length, a truncated frame.
-    let paths = convoy::net::tls::TlsPaths { dir: cluster.config().tls_dir.clone() };
-    let tls = convoy::net::tls::client_config(&paths, None).expect("client tls");
+    let paths = convoy::net::tls::TlsPaths::of(cluster.config());
+    let me = convoy::net::tls::Credential::of_user(cluster.config(), TEST_USER).expect("credential");
+    let tls = convoy::net::tls::user_dialer(&paths, &me).expect("client tls");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let addr = cluster.config().node(1).expect("node").client_addr;
     let conn = endpoint.connect_with(tls, addr, "node1").expect("connect").await.expect("handshake");
@@ -235,7 +249,7 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
     }
 
     // A client holding a node certificate instead of a client credential is refused.
-    let wrong = convoy::net::tls::client_config(&paths, Some(1)).expect("node tls as client");
+    let wrong = convoy::net::tls::node_dialer(&paths, 1).expect("node tls as client");
     let attempt = async {
         let conn =
             endpoint.connect_with(wrong, addr, "node1").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
@@ -255,7 +269,7 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
     use convoy::net::wire::{SendRequest, SEND_BATCH_MAX};
     let item = |conversation: &str, text: &str, client_seq: u64| SendRequest {
         conversation: conversation.into(),
-        sender: "u".into(),
+        sender: String::new(),
         client_id: 77,
         client_seq,
         text: text.into(),
@@ -292,9 +306,194 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
     assert_eq!(stored, vec!["one", "two"]);
 
     // Still serving, and nothing of the above was stored.
-    let ack = client.send("c", "u", "still here").await.expect("node still serves");
+    let ack = client.send("c", "still here").await.expect("node still serves");
     assert_eq!(ack.offset, 1);
     assert_eq!(client.read("c", 1, Some(1)).await.expect("read").len(), 1);
+}
+
+// A user is who their certificate says: a request naming another user is Forbidden, the
+// CLI refuses a --user that is not the certificate's, only members read, send or move their
+// cursor, only an admin gets `Status`, and a removed member's `tail --follow` ends at the
+// removal. Another user sending the victim's (client_id, client_seq) first suppresses
+// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_their_certificates_and_only_members_read() {
+    use convoy::net::wire::{ErrorCode, Request, Response, SendRequest};
+    let cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let alice = cluster.client_as("alice").expect("alice");
+    let bob = cluster.client_as("bob").expect("bob");
+    assert_eq!(alice.send("secret", "a1").await.expect("alice creates secret").offset, 1);
+
+    // Naming another user on one's own connection.
+    let forged = Request::Send(SendRequest {
+        conversation: "secret".into(),
+        sender: "bob".into(),
+        client_id: 1,
+        client_seq: 1,
+        text: "as bob".into(),
+    });
+    let leader =
+        cluster.leader_of(shard_of("secret", cluster.config().shards), &[1, 2, 3], READY).await.expect("leader");
+    match alice.request(leader, &forged).await.expect("an answer") {
+        Response::Error { code: ErrorCode::Forbidden, message } => assert!(message.contains("bob"), "{message}"),
+        other => panic!("a send naming another user must be Forbidden, got {other:?}"),
+    }
+    let cursor_of_bob = Request::SetCursor { user: "bob".into(), conversation: "secret".into(), offset: 1 };
+    assert!(matches!(
+        alice.request(leader, &cursor_of_bob).await.expect("an answer"),
+        Response::Error { code: ErrorCode::Forbidden, .. }
+    ));
+    let users = cluster.config().tls_dir.join("users");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .args(["--config"])
+            .arg(cluster.config_path())
+            .env_remove("CONVOY_USER")
+            .output()
+            .expect("run convoy");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (cert, key) = (users.join("alice/cert.pem"), users.join("alice/key.pem"));
+    let (cert, key) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+    let (ok, _, err) =
+        cli(&["send", "--conversation", "secret", "--user", "bob", "--cert", cert, "--key", key, "as bob"]);
+    assert!(!ok && err.contains("alice"), "the CLI refuses a --user its certificate does not name: {err}");
+    let (ok, out, err) = cli(&["send", "--conversation", "secret", "--cert", cert, "--key", key, "--json", "a2"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"offset\":2"), "{out}");
+    let stored = alice.read("secret", 1, None).await.expect("alice reads");
+    assert_eq!(stored.iter().map(|m| m.sender.as_str()).collect::<Vec<_>>(), ["alice", "alice"]);
+
+    // Non-members: no read, tail, send, cursor or member list; the CLI exits non-zero.
+    assert!(matches!(bob.read("secret", 1, None).await, Err(Error::Forbidden(_))));
+    assert!(matches!(bob.send("secret", "let me in").await, Err(Error::Forbidden(_))));
+    assert!(matches!(bob.set_cursor("secret", 1).await, Err(Error::Forbidden(_))));
+    assert!(matches!(bob.get_cursor(1, "secret").await, Err(Error::Forbidden(_))));
+    assert!(matches!(bob.members(1, "secret").await, Err(Error::Forbidden(_))));
+    assert!(matches!(bob.add_member("secret", "bob").await, Err(Error::Forbidden(_))));
+    let (ok, out, err) = cli(&["tail", "--conversation", "secret", "--user", "bob"]);
+    assert!(!ok && out.is_empty() && err.contains("forbidden"), "a non-member's tail: {out} / {err}");
+    // Status is for admins.
+    assert!(matches!(alice.status(1).await, Err(Error::Forbidden(_))));
+    assert!(cluster.admin().expect("admin").status(1).await.is_ok());
+
+    // A member's follow ends at the removal: it sees what came before, never what came after.
+    alice.add_member("secret", "bob").await.expect("alice adds bob");
+    let mut follow = std::process::Command::new(BIN)
+        .args(["tail", "--conversation", "secret", "--user", "bob", "--follow", "--json", "--config"])
+        .arg(cluster.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tail --follow");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let wait_line = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
+                if line.contains(want) {
+                    return;
+                }
+            }
+        }
+        panic!("bob's follow never showed {want}");
+    };
+    wait_line("\"a2\"");
+    alice.send("secret", "a3 while bob is in").await.expect("send");
+    wait_line("a3 while bob is in");
+    let removed = alice.remove_member("secret", "bob").await.expect("remove bob");
+    assert_eq!(removed, vec!["alice".to_string()]);
+    alice.send("secret", "a4 after bob left").await.expect("send");
+    let ended = eventually(Duration::from_secs(30), "bob's follow to end", || {
+        let status = follow.try_wait().expect("wait");
+        async move { status }
+    })
+    .await;
+    let status = ended.unwrap_or_else(|e| {
+        let _ = follow.kill();
+        panic!("{e}")
+    });
+    assert!(!status.success(), "a follow that was cut off exits non-zero");
+    let rest: Vec<String> = lines_rx.try_iter().collect();
+    assert!(rest.iter().all(|l| !l.contains("a4 after bob left")), "bob saw a message after his removal: {rest:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut follow.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert!(err.contains("forbidden") && err.contains("bob"), "{err}");
+
+    // Dedup keys are per user: mallory, a member, sends bob's next keys first; bob's own
+    // sends with those keys are still stored.
+    alice.add_member("secret", "bob").await.expect("add bob again");
+    alice.add_member("secret", "mallory").await.expect("add mallory");
+    let me = |user: &str| convoy::net::tls::Credential::of_user(cluster.config(), user).expect("credential");
+    cluster.client_as("mallory").expect("mallory's credential");
+    let mallory = Client::connect_as(cluster.config(), &me("mallory"), 5150, 1).expect("mallory");
+    let bob = Client::connect_as(cluster.config(), &me("bob"), 5150, 1).expect("bob");
+    for seq in 1..=3 {
+        let ack = mallory.send_with("secret", seq, "hijack", Duration::from_secs(20)).await.expect("mallory sends");
+        assert!(!ack.duplicate);
+    }
+    for seq in 1..=3 {
+        let ack = bob.send_with("secret", seq, &format!("bob {seq}"), Duration::from_secs(20)).await.expect("bob");
+        assert!(!ack.duplicate, "bob's send {seq} was suppressed by mallory's");
+    }
+    let texts: Vec<String> = alice.read("secret", 1, None).await.expect("read").into_iter().map(|m| m.text).collect();
+    for seq in 1..=3 {
+        assert!(texts.contains(&format!("bob {seq}")), "{texts:?}");
+    }
+}
+
+// The peer port speaks only to node certificates: a user credential is refused there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_port_refuses_a_user_credential() {
+    use convoy::net::frame;
+    use convoy::raft::rpc::{PeerRequest, PeerResponse};
+    let cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let paths = convoy::net::tls::TlsPaths::of(cluster.config());
+    let me = convoy::net::tls::Credential::of_user(cluster.config(), TEST_USER).expect("credential");
+    // Speak the peer ALPN with the user's certificate.
+    use rustls_pki_types::pem::PemObject;
+    let crypto = {
+        let chain = vec![rustls_pki_types::CertificateDer::from_pem_file(&me.cert).expect("cert")];
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&me.key).expect("key");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls_pki_types::CertificateDer::from_pem_file(paths.node_ca()).expect("ca")).expect("root");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut c = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls 1.3")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client auth");
+        c.alpn_protocols = vec![convoy::net::tls::ALPN_PEER.to_vec()];
+        quinn::crypto::rustls::QuicClientConfig::try_from(c).expect("quic crypto")
+    };
+    let tls = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let addr = cluster.config().node(1).expect("node").peer_addr;
+    let attempt = async {
+        let conn =
+            endpoint.connect_with(tls, addr, "node1").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&frame::encode(&PeerRequest::Hello)).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        frame::read::<_, PeerResponse>(&mut recv, 1 << 20).await.map_err(|e| e.to_string())
+    };
+    let refused = tokio::time::timeout(Duration::from_secs(10), attempt).await.expect("an outcome within 10 s");
+    assert!(!matches!(refused, Ok(Some(PeerResponse::Hello(_)))), "a user credential must not speak Raft: {refused:?}");
 }
 
 // kill -9 of a shard's leader in the middle of a load loses no acked message; a new leader
@@ -318,7 +517,7 @@ async fn killing_the_leader_mid_load_loses_no_acked_message() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let conv = if w % 2 == 0 { "hot".to_string() } else { format!("cold-{w}") };
                 let text = format!("w{w}-{i}");
-                match client.send(&conv, "load", &text).await {
+                match client.send(&conv, &text).await {
                     Ok(ack) => acked.lock().expect("lock").push((conv, ack.offset, text)),
                     Err(Error::Ambiguous(_)) => {} // may or may not be stored; never counted as lost
                     Err(e) => panic!("send failed definitively: {e}"),
@@ -387,11 +586,11 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
     let client = cluster.client().expect("client");
     let mut sub = client.subscribe("tailed", 1, Some(2));
     for i in 0..30 {
-        client.send("tailed", "a", &format!("m{i}")).await.expect("send");
+        client.send("tailed", &format!("m{i}")).await.expect("send");
     }
     cluster.restart(2).expect("restart node 2");
     for i in 30..60 {
-        client.send("tailed", "a", &format!("m{i}")).await.expect("send while node 2 restarts");
+        client.send("tailed", &format!("m{i}")).await.expect("send while node 2 restarts");
     }
     let mut got = Vec::new();
     let mut attaches = 0;
@@ -425,7 +624,7 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
         let msgs = read_at_least(&client, "tailed", node, 60).await;
         assert_eq!(msgs, got, "node {node} after a full restart");
     }
-    let ack = client.send("tailed", "a", "after").await.expect("send after restart");
+    let ack = client.send("tailed", "after").await.expect("send after restart");
     assert_eq!(ack.offset, 61);
 }
 
@@ -455,13 +654,14 @@ async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
     let mut cluster = start(tweaks);
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let client = cluster.client().expect("client");
+    let admin = cluster.admin().expect("admin client");
     let convs = ["alpha", "beta", "gamma", "delta"];
     let send_round = |n: usize, tag: &'static str| {
         let client = client.clone();
         async move {
             for i in 0..n {
                 let conv = convs[i % convs.len()];
-                client.send(conv, "w", &format!("{tag}-{i}-{}", "p".repeat(200))).await.expect("send");
+                client.send(conv, &format!("{tag}-{i}-{}", "p".repeat(200))).await.expect("send");
             }
         }
     };
@@ -475,7 +675,7 @@ async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
     assert_eq!(code, Some(3), "a wiped node must refuse to start\n{}", cluster.logs_tail());
     assert!(log.contains("--rejoin") && log.contains("must not vote"), "the refusal says what to run:\n{log}");
     assert!(!log.contains("node running"), "a refused node never serves:\n{log}");
-    let ack = client.send("alpha", "w", "while-refused").await.expect("nodes 1 and 2 keep serving");
+    let ack = client.send("alpha", "while-refused").await.expect("nodes 1 and 2 keep serving");
     assert_eq!(ack.offset, 201);
 
     // As new replicas.
@@ -489,17 +689,17 @@ async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
     let log = std::fs::read_to_string(cluster.log_path(3)).expect("node 3 log");
     assert!(log.contains("installed snapshot"), "node 3 must have caught up by snapshot\n{}", cluster.logs_tail());
     let replicas = eventually(Duration::from_secs(30), "node 3 to vote under new replica ids", || async {
-        let s = client.status(3).await.ok()?;
+        let s = admin.status(3).await.ok()?;
         let all_voting = s.shards.iter().all(|x| x.voters.contains(&3) && x.replica >> 32 >= 1);
         (s.shards.len() == 2 && all_voting).then(|| s.shards.iter().map(|x| x.replica).collect::<Vec<_>>())
     })
     .await
     .unwrap_or_else(|e| {
-        panic!("{e}: node 3 reports {:?}\n{}", futures::executor::block_on(client.status(3)), cluster.logs_tail())
+        panic!("{e}: node 3 reports {:?}\n{}", futures::executor::block_on(admin.status(3)), cluster.logs_tail())
     });
     assert!(replicas.iter().all(|r| r & 0xffff_ffff == 3));
     for id in [1, 2] {
-        let s = client.status(id).await.expect("status");
+        let s = admin.status(id).await.expect("status");
         for x in &s.shards {
             assert_eq!(
                 x.voters.len(),
@@ -513,7 +713,7 @@ async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
     // The new replicas count in a quorum: with node 2 down, nodes 1 and 3 commit.
     cluster.kill(2);
     let ack = eventually(Duration::from_secs(30), "a send with node 2 down", || async {
-        client.send("alpha", "w", "after").await.ok()
+        client.send("alpha", "after").await.ok()
     })
     .await
     .expect("a send with node 2 down commits on nodes 1 and 3");
@@ -530,7 +730,7 @@ async fn a_damaged_wal_makes_the_node_refuse_while_the_others_serve() {
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let client = cluster.client().expect("client");
     for i in 0..60 {
-        client.send("wal", "w", &format!("m{i}")).await.expect("send");
+        client.send("wal", &format!("m{i}")).await.expect("send");
     }
     cluster.kill(3);
     let wal = newest_wal(&cluster.data_dir(3).join("db"));
@@ -547,7 +747,7 @@ async fn a_damaged_wal_makes_the_node_refuse_while_the_others_serve() {
     let (code, log) = start_until_exit(&mut cluster, 3).await;
     assert_eq!(code, Some(3), "a damaged node must refuse\n{}", cluster.logs_tail());
     assert!(log.contains("damaged") && log.contains("--rejoin"), "the refusal names the rebuild:\n{log}");
-    let ack = client.send("wal", "w", "while-refused").await.expect("nodes 1 and 2 keep serving");
+    let ack = client.send("wal", "while-refused").await.expect("nodes 1 and 2 keep serving");
     assert_eq!(ack.offset, 61);
 
     cluster.wipe(3).expect("wipe node 3");
@@ -570,46 +770,49 @@ fn newest_wal(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 // The second fault that turns a damaged WAL into a lost acknowledged message: node 3 is down
-// while m20..m59 are acknowledged by nodes 1 and 2; then all stop, and node 2's WAL is
-// cut inside the Raft entry of m59. Started together, nodes 2 and 3 would form a quorum
-// that lacks them if node 2 opened with what precedes the damage (point-in-time recovery, the
-// planted bug `tolerate-wal-loss`): new sends would take their offsets. Here node 2 refuses, so
-// only nodes 1 and 3 can form a quorum, and every acknowledged message stays.
+// while m20..m59 are acknowledged by nodes 1 and 2; then all stop, and one bit of node 2's
+// WAL is flipped inside the Raft entry of m40. Point-in-time recovery (the planted bug
+// `tolerate-wal-loss`) would open node 2 with its log cut before m40, silently; started
+// together, nodes 2 and 3 would then form a quorum that lacks m40..m59, and new sends would
+// take their offsets. Here node 2 refuses, so only nodes 1 and 3 can form a quorum, and every
+// acknowledged message stays.
 //
-// (Run against the planted `tolerate-wal-loss` build, node 2 still refuses: RocksDB 11.8's
-// point-in-time recovery reports a WAL cut inside a record followed by nothing as "truncated
-// record body" too, so this scenario does not tell the two builds apart.)
+// This is the deterministic check of `tolerate-wal-loss`: built with `--features
+// planted-bugs` and run with `CONVOY_PLANTED_BUG=tolerate-wal-loss`, this test fails
+// (`scripts/test` runs it that way and requires the failure).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_wal_never_lets_a_stale_quorum_forget_acknowledged_messages() {
     let mut cluster = start(Tweaks { shards: 1, ..Tweaks::default() });
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let client = cluster.client().expect("client");
     for i in 0..20 {
-        client.send("acked", "w", &format!("m{i}-{}", "x".repeat(100))).await.expect("send");
+        client.send("acked", &format!("m{i}-{}", "x".repeat(100))).await.expect("send");
     }
     let wal2 = newest_wal(&cluster.data_dir(2).join("db"));
     let size_before = std::fs::metadata(&wal2).expect("WAL size").len();
     cluster.kill(3);
     for i in 20..60 {
-        client.send("acked", "w", &format!("m{i}-{}", "x".repeat(100))).await.expect("send with node 3 down");
+        client.send("acked", &format!("m{i}-{}", "x".repeat(100))).await.expect("send with node 3 down");
     }
     cluster.kill(1);
     cluster.kill(2);
     let size_after = std::fs::metadata(&wal2).expect("WAL size").len();
     assert!(size_after > size_before + 1000, "m20..m59 are in node 2's WAL");
     {
-        // The WAL's tail is cut inside the Raft entry of m59, the last acknowledged message.
+        // One bit of the first record holding m40 (its Raft entry, written before its apply).
+        use std::os::unix::fs::FileExt;
         let bytes = std::fs::read(&wal2).expect("read the WAL");
-        let at = bytes.windows(4).position(|w| w == b"m59-").expect("m59 is in node 2's WAL") + 2;
+        let at = bytes.windows(4).position(|w| w == b"m40-").expect("m40 is in node 2's WAL") + 5;
         let f = std::fs::OpenOptions::new().write(true).open(&wal2).expect("open the WAL");
-        f.set_len(at as u64).expect("cut the WAL");
+        f.write_all_at(&[bytes[at] ^ 0x01], at as u64).expect("flip a bit");
     }
     cluster.start(2).expect("start node 2");
     cluster.start(3).expect("start node 3");
     // Nodes 2 and 3 alone: whatever they do, no acknowledged message may be lost, so a send
-    // that commits now must land after m59. (Node 2 refuses here, so none commits.)
+    // that commits now must land after m59. (Node 2 refuses here, so none commits; the planted
+    // build commits it at offset 41.)
     let alone = eventually(Duration::from_secs(15), "a send with nodes 2 and 3 alone", || async {
-        client.send("acked", "w", "after").await.ok()
+        client.send("acked", "after").await.ok()
     })
     .await;
     let ack = match alone {
@@ -617,7 +820,7 @@ async fn a_damaged_wal_never_lets_a_stale_quorum_forget_acknowledged_messages() 
         Err(_) => {
             cluster.start(1).expect("start node 1");
             eventually(Duration::from_secs(30), "a send after the restart", || async {
-                client.send("acked", "w", "after").await.ok()
+                client.send("acked", "after").await.ok()
             })
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()))
@@ -654,8 +857,8 @@ async fn a_replica_catches_up_on_entries_larger_than_one_frame_budget() {
             let mut acked = Vec::new();
             for i in 0..EACH {
                 let text = format!("{w:02}-{i:02}-{}", "x".repeat(60_000));
-                let ack = client.send(conv, "big", &text).await.expect("send with one replica down");
-                acked.push((ack.offset, ("big".to_string(), text)));
+                let ack = client.send(conv, &text).await.expect("send with one replica down");
+                acked.push((ack.offset, (TEST_USER.to_string(), text)));
             }
             acked
         }));
@@ -689,7 +892,7 @@ async fn a_replica_catches_up_on_entries_larger_than_one_frame_budget() {
         }
     };
     let caught_up = tail(lagging).await;
-    let cut = client.status(leader).await.expect("leader status").append_rpcs_cut;
+    let cut = cluster.admin().expect("admin").status(leader).await.expect("leader status").append_rpcs_cut;
     assert!(cut > 0, "the catch-up must have needed a cut AppendEntries (else this tests nothing)");
     assert_eq!(caught_up, tail(leader).await, "the lagging replica holds what the leader holds");
     assert_eq!(caught_up.last().map(|m| m.offset), Some(total));
@@ -708,6 +911,7 @@ async fn a_timed_out_send_is_ambiguous_and_its_late_outcome_never_answers_the_ne
     // The node that leads the shard once leadership is balanced (see `Node::preferred_leader`).
     let leader = cluster.config().node_ids()[shard as usize % 3];
     let client = cluster.client().expect("client");
+    let admin = cluster.admin().expect("admin client");
     let leads = |client: Client| async move {
         eventually(Duration::from_secs(60), &format!("node {leader} to lead shard {shard}"), || async {
             matches!(client.agreed_leaders(&[1, 2, 3]).await, Ok(l) if l[shard as usize] == leader).then_some(())
@@ -715,12 +919,13 @@ async fn a_timed_out_send_is_ambiguous_and_its_late_outcome_never_answers_the_ne
         .await
         .expect("eventually")
     };
-    leads(client.clone()).await;
+    leads(admin.clone()).await;
     let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
 
     // One lane (stream) to the leader, used for every send below, as the client's are.
-    let paths = convoy::net::tls::TlsPaths { dir: cluster.config().tls_dir.clone() };
-    let tls = convoy::net::tls::client_config(&paths, None).expect("client tls");
+    let paths = convoy::net::tls::TlsPaths::of(cluster.config());
+    let me = convoy::net::tls::Credential::of_user(cluster.config(), TEST_USER).expect("credential");
+    let tls = convoy::net::tls::user_dialer(&paths, &me).expect("client tls");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let addr = cluster.config().node(leader).expect("node").client_addr;
     let conn = endpoint.connect_with(tls, addr, &format!("node{leader}")).expect("connect").await.expect("handshake");
@@ -728,7 +933,7 @@ async fn a_timed_out_send_is_ambiguous_and_its_late_outcome_never_answers_the_ne
     let send_req = |client_seq: u64, text: &str| {
         Request::Send(SendRequest {
             conversation: conversation.into(),
-            sender: "u".into(),
+            sender: String::new(),
             client_id: 4242,
             client_seq,
             text: text.into(),
@@ -752,7 +957,7 @@ async fn a_timed_out_send_is_ambiguous_and_its_late_outcome_never_answers_the_ne
     }
     // Leadership may move meanwhile (the second's entry is then committed or dropped by the
     // next leader: either way its outcome comes late); it is balanced back to `leader`.
-    leads(client.clone()).await;
+    leads(admin.clone()).await;
     match exchange(&mut send, &mut recv, send_req(3, "third")).await {
         Response::Ack { offset, duplicate: false, .. } => {
             let stored: Vec<String> = read_at_least(&client, conversation, leader, offset as usize)

@@ -39,12 +39,13 @@ fn spawn_node(config: &Config) -> (oneshot::Sender<()>, tokio::task::JoinHandle<
 async fn a_node_in_process_stops_on_its_shutdown_future_and_reopens_with_what_it_acked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = one_node_config(dir.path());
-    convoy::net::tls::ensure_material(&config).expect("tls material");
+    convoy::net::tls::init(&config).expect("tls material");
+    convoy::net::tls::ensure_user(&config, "alice", false).expect("alice's credential");
 
     let (stop, running) = spawn_node(&config);
-    let client = Client::connect(&config).expect("client");
+    let client = Client::connect_user(&config, "alice").expect("client");
     // The client retries until its deadline while the lone voter elects itself.
-    let ack = client.send("room", "alice", "hello").await.expect("acked by the one-node cluster");
+    let ack = client.send("room", "hello").await.expect("acked by the one-node cluster");
     assert_eq!((ack.offset, ack.duplicate), (1, false));
     stop.send(()).expect("the node is still running");
     let ended = tokio::time::timeout(STOP_WITHIN, running).await.expect("stopped in time");
@@ -63,7 +64,7 @@ async fn a_node_in_process_stops_on_its_shutdown_future_and_reopens_with_what_it
 
     // The store was released: the same directory opens again and holds the acked message.
     let (stop, running) = spawn_node(&config);
-    let client = Client::connect(&config).expect("client");
+    let client = Client::connect_user(&config, "alice").expect("client");
     let read = testkit::eventually(Duration::from_secs(30), "the reopened node to serve reads", || async {
         if running.is_finished() {
             return Some(Vec::new());

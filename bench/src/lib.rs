@@ -39,7 +39,7 @@ use convoy::config::Config;
 use convoy::stages::{Stage, StageSnapshot};
 use convoy::store::keys::{log_key, CF_LOG};
 use convoy::store::Store;
-use testkit::{ClusterSpec, LocalCluster};
+use testkit::{ClusterSpec, LimitTweaks, LocalCluster, TEST_USER};
 
 /// Bytes of text per benchmark message.
 pub const MESSAGE_BYTES: usize = 256;
@@ -275,6 +275,9 @@ fn start_cluster(dir: &Path) -> Result<LocalCluster> {
         worker_threads: env_number::<usize>("CONVOY_BENCH_WORKER_THREADS"),
         dir: Some(dir.to_path_buf()),
         remove_dir_on_drop: std::env::var_os("CONVOY_BENCH_KEEP").is_none(),
+        // One bench user drives every conversation at full speed: the store is measured,
+        // not its per-user throttling.
+        limits: LimitTweaks::unthrottled(),
         ..ClusterSpec::default()
     })
 }
@@ -282,7 +285,7 @@ fn start_cluster(dir: &Path) -> Result<LocalCluster> {
 /// Waits until every shard has the same leader on every node, and leaders are balanced (or
 /// `within` has passed with agreed but unbalanced leaders).
 async fn wait_balanced(cluster: &LocalCluster, within: Duration) -> Result<Vec<u64>> {
-    let client = cluster.client()?;
+    let client = cluster.admin()?;
     let nodes = cluster.node_ids();
     let deadline = Instant::now() + within;
     loop {
@@ -451,24 +454,27 @@ async fn send_load(
     conversations: usize,
     phase: Duration,
 ) -> Result<Record> {
-    let clients: Vec<Client> =
-        (0..senders.div_ceil(SENDERS_PER_CLIENT)).map(|_| Client::connect(config)).collect::<convoy::Result<_>>()?;
-    let before = stage_snapshots(&clients[0], config).await?;
+    let clients: Vec<Client> = (0..senders.div_ceil(SENDERS_PER_CLIENT))
+        .map(|_| Client::connect_user(config, TEST_USER))
+        .collect::<convoy::Result<_>>()?;
+    let before = stage_snapshots(config).await?;
     let body = text("load");
     let (count, errors, s, elapsed) = closed_loop(&clients, senders, phase, move |client: Client, i, _n| {
         let (conv, body) = (format!("bench-{}", i % conversations), body.clone());
-        async move { client.send(&conv, "bench", &body).await.is_ok() }
+        async move { client.send(&conv, &body).await.is_ok() }
     })
     .await;
     let mut r = record(workload, senders, conversations, count, elapsed, s);
     r.extra.insert("errors".into(), json!(errors));
-    let after = stage_snapshots(&clients[0], config).await?;
+    let after = stage_snapshots(config).await?;
     r.extra.insert("stages".into(), stage_breakdown(&before, &after));
     Ok(r)
 }
 
 /// Every node's send-path histograms (see `convoy::stages`).
-async fn stage_snapshots(client: &Client, config: &Config) -> Result<Vec<StageSnapshot>> {
+async fn stage_snapshots(config: &Config) -> Result<Vec<StageSnapshot>> {
+    // Status is for admin credentials only.
+    let client = Client::connect_user(config, convoy::net::tls::ADMIN_USER)?;
     let mut all = Vec::new();
     for id in config.node_ids() {
         all.extend(client.status(id).await?.stages);
@@ -521,7 +527,7 @@ async fn push_latency(config: &Config, dir: &Path, leaders: &[u64], rate: u64, p
     let shard = convoy::chat::shard_of(&conv, config.shards);
     let leader = leaders.get(shard as usize).copied().unwrap_or(1);
     let follower = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
-    let client = Client::connect(config)?;
+    let client = Client::connect_user(config, TEST_USER)?;
     let epoch = Instant::now();
     let mut sub = client.subscribe(&conv, 1, Some(follower));
     // Wait until attached and caught up (empty conversation).
@@ -530,15 +536,15 @@ async fn push_latency(config: &Config, dir: &Path, leaders: &[u64], rate: u64, p
             break;
         }
     }
-    let sender = Client::connect(config)?;
+    let sender = Client::connect_user(config, TEST_USER)?;
     let total = (rate as f64 * phase.as_secs_f64()) as u64;
-    let before = stage_snapshots(&client, config).await?;
+    let before = stage_snapshots(config).await?;
     let witness = DiskWitness::start(dir)?;
     let send_task = {
         let conv = conv.clone();
         paced_sender(epoch, rate, phase, move |body| {
             let (sender, conv) = (sender.clone(), conv.clone());
-            async move { sender.send(&conv, "bench", &body).await.is_ok() }
+            async move { sender.send(&conv, &body).await.is_ok() }
         })
     };
     let mut s = Samples::default();
@@ -558,7 +564,7 @@ async fn push_latency(config: &Config, dir: &Path, leaders: &[u64], rate: u64, p
     }
     let _ = send_task.await;
     let witnessed = witness.finish();
-    let after = stage_snapshots(&client, config).await?;
+    let after = stage_snapshots(config).await?;
     let mut r = record("push_latency", 1, 1, received as usize, phase, s);
     r.extra.insert("stages".into(), stage_breakdown(&before, &after));
     r.extra.insert("disk_witness".into(), witnessed);
@@ -579,7 +585,7 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
     let conv = format!("fan-out-{subscribers}");
     let epoch = Instant::now();
     let clients: Vec<Client> = (0..subscribers.div_ceil(SUBSCRIPTIONS_PER_CLIENT))
-        .map(|_| Client::connect(config))
+        .map(|_| Client::connect_user(config, TEST_USER))
         .collect::<convoy::Result<_>>()?;
     let samples = Arc::new(Mutex::new(Samples::default()));
     let delivered = Arc::new(AtomicU64::new(0));
@@ -625,7 +631,7 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
             _ => break,
         }
     }
-    let sender = Client::connect(config)?;
+    let sender = Client::connect_user(config, TEST_USER)?;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let started = Instant::now();
     let mut next = tokio::time::Instant::now();
@@ -633,7 +639,7 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
         next += interval;
         tokio::time::sleep_until(next).await;
         let sent_us = epoch.elapsed().as_micros() as u64;
-        let _ = sender.send(&conv, "bench", &text(&format!("{sent_us}:{i}:"))).await;
+        let _ = sender.send(&conv, &text(&format!("{sent_us}:{i}:"))).await;
     }
     let mut stalled = 0u64;
     for t in tasks {
@@ -655,7 +661,8 @@ async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration
 /// Preloads a conversation, then reads it from offset 1 on a follower.
 async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<Record> {
     let conv = "catch-up";
-    let clients: Vec<Client> = (0..8).map(|_| Client::connect(config)).collect::<convoy::Result<_>>()?;
+    let clients: Vec<Client> =
+        (0..8).map(|_| Client::connect_user(config, TEST_USER)).collect::<convoy::Result<_>>()?;
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for i in 0..256 {
@@ -663,7 +670,7 @@ async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<R
         tasks.push(tokio::spawn(async move {
             let body = text("catch-up");
             while (next.fetch_add(1, Ordering::Relaxed) as usize) < messages {
-                let _ = client.send(conv, "bench", &body).await;
+                let _ = client.send(conv, &body).await;
             }
         }));
     }
@@ -673,11 +680,11 @@ async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<R
     let shard = convoy::chat::shard_of(conv, config.shards);
     let leader = leaders.get(shard as usize).copied().unwrap_or(1);
     let follower = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
-    let reader = Client::connect(config)?;
+    let reader = Client::connect_user(config, TEST_USER)?;
     // Wait until the follower has applied everything.
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if let Ok((_, head)) = reader.get_cursor(follower, "bench", conv).await {
+        if let Ok((_, head)) = reader.get_cursor(follower, conv).await {
             if head as usize >= messages {
                 break;
             }
@@ -740,7 +747,7 @@ async fn connections(cluster: &LocalCluster, leaders: &[u64], opts: BenchOptions
     let mut attached = Vec::with_capacity(count);
     let mut failed = 0u64;
     for i in 0..count {
-        let client = Client::connect_on(config, endpoints[i % endpoints.len()].clone())?;
+        let client = Client::connect_on(config, TEST_USER, endpoints[i % endpoints.len()].clone())?;
         attaching.spawn(async move {
             let mut sub = client.subscribe(&format!("inbox-{i}"), 1, Some((i % 3) as u64 + 1));
             let deadline = Instant::now() + Duration::from_secs(30);

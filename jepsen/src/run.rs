@@ -155,7 +155,7 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
 
     // Liveness: a new send to every conversation succeeds.
     let client = db.lock().await.client()?;
-    let final_client = convoy::client::Client::connect_as(&config, opts.seed ^ 0xf1a1, 1)?;
+    let final_client = workload::connect_as(&config, opts.seed ^ 0xf1a1)?;
     for i in 0..wl.conversations {
         let conv = workload::conversation(i);
         let text = format!("final-{i}");

@@ -23,6 +23,7 @@ use convoy::Error;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use testkit::TEST_USER;
 
 use crate::history::{Process, Type, F};
 use crate::recorder::Recorder;
@@ -71,7 +72,7 @@ pub async fn send_op(
 ) -> (Type, Option<u64>) {
     let base = json!({"conversation": conv, "client_id": client.client_id(), "client_seq": seq, "text": text});
     rec.record(Type::Invoke, Process::Client(process), f.clone(), base.clone(), None);
-    match client.send_with(conv, "jepsen", seq, text, SEND_DEADLINE).await {
+    match client.send_with(conv, seq, text, SEND_DEADLINE).await {
         Ok(ack) => {
             let mut v = base;
             v["offset"] = json!(ack.offset);
@@ -90,11 +91,17 @@ pub async fn send_op(
     }
 }
 
+/// A client of the workload's user with a chosen idempotency identity.
+pub fn connect_as(config: &Config, client_id: u64) -> convoy::Result<Client> {
+    let credential = convoy::net::tls::Credential::of_user(config, TEST_USER)?;
+    Client::connect_as(config, &credential, client_id, 1)
+}
+
 /// A sender: unique values, retries after indeterminate outcomes, dedup probes.
 pub async fn sender(rec: Recorder, config: Config, opts: WorkloadOptions, index: usize, stop: Arc<AtomicBool>) {
     let mut rng = StdRng::seed_from_u64(opts.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let client_id = (opts.seed << 16) ^ (index as u64 + 1) ^ 0x5eed_0000_0000_0000;
-    let Ok(client) = Client::connect_as(&config, client_id, 1) else { return };
+    let Ok(client) = connect_as(&config, client_id) else { return };
     let mut process = index as u64;
     let mut seq = 0u64;
     let mut acked: Vec<(String, u64, String)> = Vec::new();
@@ -145,7 +152,7 @@ const RESUBSCRIBE_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// one ends (the node ended it, an error, a broken connection) this loop, not the library,
 /// resubscribes, and [`SubscriberLog`] records every event in between.
 pub async fn subscriber(rec: Recorder, config: Config, opts: WorkloadOptions, index: usize, stop: Arc<AtomicBool>) {
-    let Ok(client) = Client::connect(&config) else { return };
+    let Ok(client) = Client::connect_user(&config, TEST_USER) else { return };
     let conv = conversation(index % opts.conversations);
     let node = (index % 3) as u64 + 1;
     let mut rng = StdRng::seed_from_u64(opts.seed.wrapping_add(7 + index as u64));
@@ -257,7 +264,7 @@ impl SubscriberLog {
 
 /// Reads conversations from random replicas now and then.
 pub async fn reader(rec: Recorder, config: Config, opts: WorkloadOptions, stop: Arc<AtomicBool>) {
-    let Ok(client) = Client::connect(&config) else { return };
+    let Ok(client) = Client::connect_user(&config, TEST_USER) else { return };
     let mut rng = StdRng::seed_from_u64(opts.seed.wrapping_add(99));
     let mut process = READER_BASE;
     while !stop.load(Ordering::Relaxed) {

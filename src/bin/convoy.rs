@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
-use convoy::client::{Client, Event};
+use convoy::client::{Client, Event, USER_ENV};
 use convoy::config::Config;
+use convoy::net::tls::{self, Credential, ADMIN_USER};
 use serde_json::json;
 
 /// jemalloc instead of glibc malloc, whose `_int_malloc`/`_int_free`/`malloc_consolidate` took
@@ -45,14 +46,30 @@ enum Cmd {
         #[command(subcommand)]
         action: ClusterAction,
     },
-    /// Send one message; prints its offset once it is committed.
+    /// Make the cluster's TLS material (an operator command): the CAs in `ca_dir`, a
+    /// certificate for every node, and the `admin` credential. Safe to repeat.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+    },
+    /// Manage users (an operator command: it needs the client CA key in `ca_dir`).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+    /// Create a conversation, show it, or add and remove its members.
+    Conversation {
+        #[command(subcommand)]
+        action: ConversationAction,
+    },
+    /// Send one message as your user; prints its offset once it is committed.
     Send {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
         #[arg(long)]
         conversation: String,
-        #[arg(long, default_value = "cli")]
-        user: String,
+        #[command(flatten)]
+        who: Who,
         /// Idempotency identity; a retry with the same id and seq returns the same offset.
         #[arg(long)]
         client_id: Option<u64>,
@@ -62,12 +79,14 @@ enum Cmd {
         json: bool,
         text: String,
     },
-    /// Print a conversation from an offset (and keep following with --follow).
+    /// Print a conversation from an offset (and keep following with --follow); members only.
     Tail {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
         #[arg(long)]
         conversation: String,
+        #[command(flatten)]
+        who: Who,
         #[arg(long, default_value_t = 1)]
         from: u64,
         #[arg(long)]
@@ -84,20 +103,135 @@ enum Cmd {
         config: PathBuf,
         #[arg(long)]
         conversation: String,
-        #[arg(long)]
-        user: String,
+        #[command(flatten)]
+        who: Who,
     },
-    /// Read or move a user's read cursor.
+    /// Read or move your read cursor.
     Cursor {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
         #[arg(long)]
         conversation: String,
-        #[arg(long)]
-        user: String,
+        #[command(flatten)]
+        who: Who,
         /// Move the cursor forward to this offset (omit to read it).
         #[arg(long)]
         set: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Who a client command acts as.
+#[derive(clap::Args, Clone, Debug)]
+struct Who {
+    /// Act as this user, with its credential in `<tls_dir>/users/NAME` (default: $CONVOY_USER).
+    #[arg(long)]
+    user: Option<String>,
+    /// Use this certificate instead (with --key); the user is the one it names.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+impl Who {
+    /// The credential to connect with. A `--user` that is not the user the certificate names
+    /// is refused here (and would be refused by the node).
+    fn credential(&self, config: &Config, default: Option<&str>) -> Result<Credential> {
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            let c = Credential { cert: cert.clone(), key: key.clone() };
+            let named = c.user()?;
+            if let Some(user) = &self.user {
+                if *user != named {
+                    bail!("--user {user} does not match the certificate, which names {named:?}");
+                }
+            }
+            return Ok(c);
+        }
+        let env = std::env::var(USER_ENV).ok().filter(|u| !u.is_empty());
+        let Some(user) = self.user.clone().or(env).or(default.map(str::to_string)) else {
+            bail!(
+                "no user chosen: pass --user NAME or set {USER_ENV} (the operator makes one with `convoy user add NAME`)"
+            );
+        };
+        Ok(Credential::of_user(config, &user)?)
+    }
+
+    fn connect(&self, config: &Config, default: Option<&str>) -> Result<Client> {
+        let c = self.credential(config, default)?;
+        Ok(Client::connect_as(config, &c, rand::random::<u64>() | 1, 1)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum TlsAction {
+    /// Make what is missing: CAs, node certificates, the admin credential.
+    Init {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Issue NAME's credential into `<tls_dir>/users/NAME/{cert.pem,key.pem}`.
+    Add {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        name: String,
+        /// May run `cluster status` and admin commands.
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConversationAction {
+    /// Create a conversation with you and --members as its members.
+    Create {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        who: Who,
+        conversation: String,
+        /// Comma-separated user names.
+        #[arg(long, value_delimiter = ',')]
+        members: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a member (members only).
+    Add {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        who: Who,
+        conversation: String,
+        member: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a member (members only): their reading ends at the current head.
+    Remove {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        who: Who,
+        conversation: String,
+        member: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the members and the head (members only).
+    Show {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        who: Who,
+        conversation: String,
         #[arg(long)]
         json: bool,
     },
@@ -121,10 +255,12 @@ enum ClusterAction {
         #[arg(long)]
         json: bool,
     },
-    /// Show every node's shards and leaders.
+    /// Show every node's shards and leaders (an admin credential; default user `admin`).
     Status {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
+        #[command(flatten)]
+        who: Who,
         #[arg(long)]
         json: bool,
     },
@@ -184,15 +320,36 @@ async fn run(cli: Cli) -> Result<()> {
                 cluster_up(&config, Duration::from_secs(timeout_s), json).await
             }
             ClusterAction::Down { config, json } => cluster_down(&config, json),
-            ClusterAction::Status { config, json } => cluster_status(&config, json).await,
+            ClusterAction::Status { config, who, json } => cluster_status(&config, &who, json).await,
         },
-        Cmd::Send { config, conversation, user, client_id, seq, json, text } => {
+        Cmd::Tls { action: TlsAction::Init { config } } => {
+            let config = load(&config)?;
+            let paths = tls::init(&config)?;
+            println!(
+                "TLS material ready: node and client material in {}, CA keys in {} (keep those to the operator)",
+                paths.dir.display(),
+                paths.ca_dir.display()
+            );
+            Ok(())
+        }
+        Cmd::User { action: UserAction::Add { config, name, admin, json } } => {
+            let config = load(&config)?;
+            let c = tls::add_user(&config, &name, admin)?;
+            if json {
+                println!("{}", json!({"user": name, "admin": admin, "cert": c.cert, "key": c.key}));
+            } else {
+                println!("user {name}: certificate {}, key {} (mode 0600)", c.cert.display(), c.key.display());
+            }
+            Ok(())
+        }
+        Cmd::Conversation { action } => conversation(action).await,
+        Cmd::Send { config, conversation, who, client_id, seq, json, text } => {
             let config = load(&config)?;
             let client = match client_id {
-                Some(id) => Client::connect_as(&config, id, seq.unwrap_or(1))?,
-                None => Client::connect(&config)?,
+                Some(id) => Client::connect_as(&config, &who.credential(&config, None)?, id, seq.unwrap_or(1))?,
+                None => who.connect(&config, None)?,
             };
-            let ack = client.send(&conversation, &user, &text).await?;
+            let ack = client.send(&conversation, &text).await?;
             if json {
                 println!(
                     "{}",
@@ -203,9 +360,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Tail { config, conversation, from, follow, node, json } => {
+        Cmd::Tail { config, conversation, who, from, follow, node, json } => {
             let config = load(&config)?;
-            let client = Client::connect(&config)?;
+            let client = who.connect(&config, None)?;
             if let Some(n) = node {
                 config.node(n)?;
             }
@@ -225,17 +382,21 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Chat { config, conversation, user } => chat(&load(&config)?, &conversation, &user).await,
-        Cmd::Cursor { config, conversation, user, set, json } => {
+        Cmd::Chat { config, conversation, who } => {
             let config = load(&config)?;
-            let client = Client::connect(&config)?;
+            chat(&who.connect(&config, None)?, &conversation).await
+        }
+        Cmd::Cursor { config, conversation, who, set, json } => {
+            let config = load(&config)?;
+            let client = who.connect(&config, None)?;
             let (offset, head) = match set {
-                Some(o) => client.set_cursor(&user, &conversation, o).await?,
+                Some(o) => client.set_cursor(&conversation, o).await?,
                 None => {
                     let node = *client.node_ids().first().ok_or_else(|| anyhow!("no nodes"))?;
-                    client.get_cursor(node, &user, &conversation).await?
+                    client.get_cursor(node, &conversation).await?
                 }
             };
+            let user = client.user();
             if json {
                 println!(
                     "{}",
@@ -247,6 +408,54 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn conversation(action: ConversationAction) -> Result<()> {
+    let (members, head, json) = match action {
+        ConversationAction::Create { config, who, conversation, members, json } => {
+            let config = load(&config)?;
+            (who.connect(&config, None)?.create_conversation(&conversation, &members).await?, None, json)
+        }
+        ConversationAction::Add { config, who, conversation, member, json } => {
+            let config = load(&config)?;
+            (who.connect(&config, None)?.add_member(&conversation, &member).await?, None, json)
+        }
+        ConversationAction::Remove { config, who, conversation, member, json } => {
+            let config = load(&config)?;
+            (who.connect(&config, None)?.remove_member(&conversation, &member).await?, None, json)
+        }
+        ConversationAction::Show { config, who, conversation, json } => {
+            let config = load(&config)?;
+            let client = who.connect(&config, None)?;
+            let mut last = None;
+            let mut found = None;
+            for node in client.node_ids() {
+                match client.members(node, &conversation).await {
+                    Ok(r) => {
+                        found = Some(r);
+                        break;
+                    }
+                    Err(e @ convoy::Error::Forbidden(_)) => return Err(e.into()),
+                    Err(e) => last = Some(e),
+                }
+            }
+            let (members, head) = match (found, last) {
+                (Some(r), _) => r,
+                (None, Some(e)) => return Err(e.into()),
+                (None, None) => bail!("no nodes"),
+            };
+            (members, Some(head), json)
+        }
+    };
+    if json {
+        println!("{}", json!({"members": members, "head": head}));
+    } else {
+        println!("members: {}", members.join(", "));
+        if let Some(head) = head {
+            println!("head: {head}");
+        }
+    }
+    Ok(())
 }
 
 fn print_message(m: &convoy::chat::StoredMessage, json: bool) {
@@ -289,7 +498,7 @@ fn running_pid(data_dir: &Path) -> Option<u32> {
 
 async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
     let config = load(path)?;
-    convoy::net::tls::ensure_material(&config)?;
+    tls::init(&config)?;
     let exe = std::env::current_exe().context("locating the convoy binary")?;
     let mut started = Vec::new();
     for n in &config.nodes {
@@ -317,7 +526,7 @@ async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
             println!("started node {} (pid {}), log {}", n.id, child.id(), n.data_dir.join("node.log").display());
         }
     }
-    let client = Client::connect(&config)?;
+    let client = Client::connect_user(&config, ADMIN_USER)?;
     let deadline = Instant::now() + timeout;
     loop {
         match client.agreed_leaders(&config.node_ids()).await {
@@ -336,10 +545,10 @@ async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
     } else {
         let cfg = config.path.display();
         println!("cluster ready: {} nodes, {} shards, every shard has a leader", config.nodes.len(), config.shards);
-        println!("try, in two shells:");
-        println!("  target/release/convoy tail --config {cfg} --conversation general --follow");
-        println!("  target/release/convoy send --config {cfg} --conversation general --user alice \"hello\"");
-        println!("or chat: target/release/convoy chat --config {cfg} --conversation general --user alice");
+        println!("try: target/release/convoy user add alice --config {cfg}, then, in two shells:");
+        println!("  target/release/convoy tail --config {cfg} --user alice --conversation general --follow");
+        println!("  target/release/convoy send --config {cfg} --user alice --conversation general \"hello\"");
+        println!("or chat: target/release/convoy chat --config {cfg} --user alice --conversation general");
     }
     Ok(())
 }
@@ -377,9 +586,9 @@ fn cluster_down(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn cluster_status(path: &Path, json: bool) -> Result<()> {
+async fn cluster_status(path: &Path, who: &Who, json: bool) -> Result<()> {
     let config = load(path)?;
-    let client = Client::connect(&config)?;
+    let client = who.connect(&config, Some(ADMIN_USER))?;
     let mut out = Vec::new();
     for id in config.node_ids() {
         match client.status(id).await {
@@ -437,15 +646,14 @@ async fn cluster_status(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn chat(config: &Config, conversation: &str, user: &str) -> Result<()> {
-    let client = Client::connect(config)?;
+async fn chat(client: &Client, conversation: &str) -> Result<()> {
     let node = *client.node_ids().first().ok_or_else(|| anyhow!("no nodes"))?;
-    let (_, head) = client.get_cursor(node, user, conversation).await.unwrap_or((0, 0));
+    let (_, head) = client.get_cursor(node, conversation).await.unwrap_or((0, 0));
     let from = head.saturating_sub(19).max(1);
     let mut sub = client.subscribe(conversation, from, None);
-    println!("# {conversation} as {user}; type a line and press enter to send, ctrl-d to leave");
+    println!("# {conversation} as {}; type a line and press enter to send, ctrl-d to leave", client.user());
     let sender = client.clone();
-    let (conv, who) = (conversation.to_string(), user.to_string());
+    let conv = conversation.to_string();
     let input = tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Handle::current();
         for line in std::io::stdin().lines() {
@@ -453,7 +661,7 @@ async fn chat(config: &Config, conversation: &str, user: &str) -> Result<()> {
             if line.trim().is_empty() {
                 continue;
             }
-            if let Err(e) = runtime.block_on(sender.send(&conv, &who, &line)) {
+            if let Err(e) = runtime.block_on(sender.send(&conv, &line)) {
                 eprintln!("! not sent: {e}");
             }
         }

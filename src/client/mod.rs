@@ -13,6 +13,10 @@
 //! - [`Client::read`] checks that offsets are consecutive; [`Client::read_raw`] returns what
 //!   the node sent, unchecked.
 //!
+//! - A client is one user: the credential it connects with names the user, and every send,
+//!   cursor and membership change it makes is that user's (the node takes the user from the
+//!   certificate, not from the request).
+//!
 //! It depends only on the wire types of `crate::net`, never on storage or Raft.
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,8 +32,11 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
 use crate::net::lane::{write_now, Lane, LanePool};
-use crate::net::tls::{self, TlsPaths};
-use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest, SEND_BATCH_MAX};
+use crate::net::tls::{self, Credential, TlsPaths};
+use crate::net::wire::{ErrorCode, MemberChange, NodeStatus, Request, Response, SendRequest, SEND_BATCH_MAX};
+
+/// The environment variable that names the default user of [`Client::connect`] and the CLI.
+pub const USER_ENV: &str = "CONVOY_USER";
 
 /// Largest frame the client accepts from a server.
 pub const RESPONSE_FRAME_BYTES_MAX: usize = 4 << 20;
@@ -61,6 +68,8 @@ pub struct Ack {
 struct Inner {
     endpoint: quinn::Endpoint,
     tls: quinn::ClientConfig,
+    /// The user the credential names.
+    user: String,
     nodes: BTreeMap<u64, SocketAddr>,
     shards: u32,
     /// One slot per node: a dead node's connect timeout never delays the others.
@@ -214,16 +223,27 @@ fn transport_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl Client {
-    /// Connects using the nodes and TLS material named by a cluster file, with a random
-    /// client id.
+    /// Connects as the user `CONVOY_USER` names (its credential in `<tls_dir>/users/`), with
+    /// a random client id.
     pub fn connect(config: &Config) -> Result<Client> {
-        Client::connect_as(config, rand::random::<u64>() | 1, 1)
+        match std::env::var(USER_ENV) {
+            Ok(user) if !user.is_empty() => Client::connect_user(config, &user),
+            _ => Err(Error::Config(format!(
+                "no user chosen: set {USER_ENV} (or pass --user NAME); the operator makes a credential with \
+                 `convoy user add NAME`"
+            ))),
+        }
     }
 
-    /// Connects with a chosen idempotency identity: sends use `client_id` and sequence
-    /// numbers from `first_seq` upward.
-    pub fn connect_as(config: &Config, client_id: u64, first_seq: u64) -> Result<Client> {
-        Client::build(config, client_id, first_seq, Client::endpoint()?)
+    /// Connects as `user`, whose credential is in `<tls_dir>/users/`, with a random client id.
+    pub fn connect_user(config: &Config, user: &str) -> Result<Client> {
+        Client::connect_as(config, &Credential::of_user(config, user)?, rand::random::<u64>() | 1, 1)
+    }
+
+    /// Connects with `credential` and a chosen idempotency identity: sends use `client_id`
+    /// and sequence numbers from `first_seq` upward.
+    pub fn connect_as(config: &Config, credential: &Credential, client_id: u64, first_seq: u64) -> Result<Client> {
+        Client::build(config, credential, client_id, first_seq, Client::endpoint()?)
     }
 
     /// A client-side QUIC endpoint (one UDP socket) that several [`Client`]s may share via
@@ -234,25 +254,27 @@ impl Client {
         quinn::Endpoint::client(bind).map_err(transport_err)
     }
 
-    /// Like [`Client::connect`], with its own connections on a shared endpoint.
-    pub fn connect_on(config: &Config, endpoint: quinn::Endpoint) -> Result<Client> {
-        Client::build(config, rand::random::<u64>() | 1, 1, endpoint)
+    /// Like [`Client::connect_user`], with its own connections on a shared endpoint.
+    pub fn connect_on(config: &Config, user: &str, endpoint: quinn::Endpoint) -> Result<Client> {
+        Client::build(config, &Credential::of_user(config, user)?, rand::random::<u64>() | 1, 1, endpoint)
     }
 
-    fn build(config: &Config, client_id: u64, first_seq: u64, endpoint: quinn::Endpoint) -> Result<Client> {
-        let paths = TlsPaths { dir: config.tls_dir.clone() };
-        if !paths.client_cert().exists() {
-            return Err(Error::Config(format!(
-                "no client credential in {}: start the cluster first (scripts/cluster up)",
-                paths.dir.display()
-            )));
-        }
-        let tls = tls::client_config(&paths, None)?;
+    fn build(
+        config: &Config,
+        credential: &Credential,
+        client_id: u64,
+        first_seq: u64,
+        endpoint: quinn::Endpoint,
+    ) -> Result<Client> {
+        let paths = TlsPaths::of(config);
+        let user = credential.user()?;
+        let tls = tls::user_dialer(&paths, credential)?;
         let nodes: BTreeMap<u64, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.client_addr)).collect();
         let conns = nodes.keys().map(|id| (*id, tokio::sync::Mutex::new(None))).collect();
         let inner = Inner {
             endpoint,
             tls,
+            user,
             nodes,
             shards: config.shards,
             conns,
@@ -266,6 +288,11 @@ impl Client {
             partial_writes: AtomicU64::new(0),
         };
         Ok(Client { inner: Arc::new(inner) })
+    }
+
+    /// The user this client's credential names: every message it sends is from this user.
+    pub fn user(&self) -> &str {
+        &self.inner.user
     }
 
     /// This client's idempotency identity.
@@ -431,26 +458,19 @@ impl Client {
         }
     }
 
-    /// Sends `text` with the next sequence number of this client.
-    pub async fn send(&self, conversation: &str, sender: &str, text: &str) -> Result<Ack> {
+    /// Sends `text` from this client's user with the next sequence number of this client.
+    pub async fn send(&self, conversation: &str, text: &str) -> Result<Ack> {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.send_with(conversation, sender, seq, text, SEND_DEADLINE).await
+        self.send_with(conversation, seq, text, SEND_DEADLINE).await
     }
 
     /// Sends with an explicit sequence number, retrying until `deadline` with the same
     /// idempotency key.
-    pub async fn send_with(
-        &self,
-        conversation: &str,
-        sender: &str,
-        client_seq: u64,
-        text: &str,
-        deadline: Duration,
-    ) -> Result<Ack> {
+    pub async fn send_with(&self, conversation: &str, client_seq: u64, text: &str, deadline: Duration) -> Result<Ack> {
         let shard = shard_of(conversation, self.inner.shards);
         let req = SendRequest {
             conversation: conversation.to_string(),
-            sender: sender.to_string(),
+            sender: self.inner.user.clone(),
             client_id: self.inner.client_id,
             client_seq,
             text: text.to_string(),
@@ -483,6 +503,7 @@ impl Client {
                 Ok(Response::Error { code, message }) => match code {
                     ErrorCode::InvalidInput => return Err(Error::InvalidInput(message)),
                     ErrorCode::Rejected => return Err(Error::Rejected(message)),
+                    ErrorCode::Forbidden => return Err(Error::Forbidden(message)),
                     ErrorCode::Protocol => return Err(Error::Protocol(message)),
                     ErrorCode::Ambiguous | ErrorCode::Unavailable => {
                         if code == ErrorCode::Ambiguous {
@@ -579,6 +600,7 @@ impl Client {
     pub async fn status(&self, node: u64) -> Result<NodeStatus> {
         match self.request(node, &Request::Status).await? {
             Response::Status(s) => Ok(*s),
+            Response::Error { code, message } => Err(response_error(code, message)),
             other => Err(Error::Protocol(format!("unexpected answer to status: {other:?}"))),
         }
     }
@@ -601,36 +623,99 @@ impl Client {
         Ok(out)
     }
 
-    /// Moves a user's cursor forward (on the shard's leader); returns (cursor, head).
-    pub async fn set_cursor(&self, user: &str, conversation: &str, offset: u64) -> Result<(u64, u64)> {
+    /// Moves this user's cursor forward (on the shard's leader); returns (cursor, head).
+    pub async fn set_cursor(&self, conversation: &str, offset: u64) -> Result<(u64, u64)> {
+        let req = Request::SetCursor { user: self.inner.user.clone(), conversation: conversation.into(), offset };
+        match self.to_leader(conversation, &req).await? {
+            Response::Cursor { offset, head } => Ok((offset, head)),
+            other => Err(Error::Protocol(format!("unexpected answer to a cursor move: {other:?}"))),
+        }
+    }
+
+    /// Sends a request that only the conversation's shard leader serves, following leader
+    /// hints and retrying elsewhere until [`SEND_DEADLINE`]; an error answer that retrying
+    /// does not change is returned at once.
+    async fn to_leader(&self, conversation: &str, req: &Request) -> Result<Response> {
         let shard = shard_of(conversation, self.inner.shards);
-        let req = Request::SetCursor { user: user.into(), conversation: conversation.into(), offset };
         let started = Instant::now();
         let mut attempt = 0;
         loop {
             let node = self.target_for(shard, attempt);
             attempt += 1;
-            match self.request(node, &req).await {
-                Ok(Response::Cursor { offset, head }) => return Ok((offset, head)),
-                Ok(Response::NotLeader { leader, .. }) => self.set_leader(shard, leader.filter(|l| *l != node)),
-                Ok(Response::Error { code: ErrorCode::InvalidInput, message }) => {
-                    return Err(Error::InvalidInput(message))
+            let retry = match self.request(node, req).await {
+                Ok(Response::NotLeader { leader, .. }) => {
+                    self.set_leader(shard, leader.filter(|l| *l != node));
+                    Error::Unavailable(format!("node {node} does not lead shard {shard}"))
                 }
-                Ok(Response::Error { code: ErrorCode::Rejected, message }) => return Err(Error::Rejected(message)),
-                Ok(_) | Err(_) if started.elapsed() < SEND_DEADLINE => {
-                    self.set_leader(shard, None);
-                    tokio::time::sleep(CURSOR_RETRY_PAUSE).await;
+                Ok(Response::Error { code, message }) => match response_error(code, message) {
+                    e @ (Error::Unavailable(_) | Error::Ambiguous(_)) => e,
+                    e => return Err(e),
+                },
+                Ok(Response::Throttled { retry_after_ms }) => {
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms.max(1)).min(THROTTLE_WAIT_MAX)).await;
+                    Error::Throttled { retry_after_ms }
                 }
-                Ok(other) => return Err(Error::Unavailable(format!("cursor: {other:?}"))),
-                Err(e) => return Err(e),
+                Ok(answer) => {
+                    self.set_leader(shard, Some(node));
+                    return Ok(answer);
+                }
+                Err(e) => e,
+            };
+            if started.elapsed() >= SEND_DEADLINE {
+                return Err(retry);
             }
+            self.set_leader(shard, None);
+            tokio::time::sleep(CURSOR_RETRY_PAUSE).await;
         }
     }
 
-    /// A user's cursor and the conversation's head, as one replica sees them.
-    pub async fn get_cursor(&self, node: u64, user: &str, conversation: &str) -> Result<(u64, u64)> {
-        match self.request(node, &Request::GetCursor { user: user.into(), conversation: conversation.into() }).await? {
+    /// This user's cursor and the conversation's head, as one replica sees them.
+    pub async fn get_cursor(&self, node: u64, conversation: &str) -> Result<(u64, u64)> {
+        let req = Request::GetCursor { user: self.inner.user.clone(), conversation: conversation.into() };
+        match self.request(node, &req).await? {
             Response::Cursor { offset, head } => Ok((offset, head)),
+            Response::Error { code, message } => Err(response_error(code, message)),
+            other => Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+        }
+    }
+
+    /// Creates a conversation with this user and `members` as its members. Creating one
+    /// that exists is `Rejected`.
+    pub async fn create_conversation(&self, conversation: &str, members: &[String]) -> Result<Vec<String>> {
+        let req = Request::Members {
+            conversation: conversation.into(),
+            change: MemberChange::Create { members: members.to_vec() },
+        };
+        self.membership(conversation, &req).await
+    }
+
+    /// Adds `user` to a conversation this user is a member of.
+    pub async fn add_member(&self, conversation: &str, user: &str) -> Result<Vec<String>> {
+        let req =
+            Request::Members { conversation: conversation.into(), change: MemberChange::Add { user: user.into() } };
+        self.membership(conversation, &req).await
+    }
+
+    /// Removes `user` from a conversation this user is a member of; `user`'s live
+    /// subscriptions end at the offset the removal was ordered at.
+    pub async fn remove_member(&self, conversation: &str, user: &str) -> Result<Vec<String>> {
+        let req =
+            Request::Members { conversation: conversation.into(), change: MemberChange::Remove { user: user.into() } };
+        self.membership(conversation, &req).await
+    }
+
+    async fn membership(&self, conversation: &str, req: &Request) -> Result<Vec<String>> {
+        match self.to_leader(conversation, req).await? {
+            Response::Members { members, .. } => Ok(members),
+            other => Err(Error::Protocol(format!("unexpected answer to a membership change: {other:?}"))),
+        }
+    }
+
+    /// A conversation's members and head as one replica sees them (members only).
+    pub async fn members(&self, node: u64, conversation: &str) -> Result<(Vec<String>, u64)> {
+        let req = Request::Members { conversation: conversation.into(), change: MemberChange::Show };
+        match self.request(node, &req).await? {
+            Response::Members { members, head } => Ok((members, head)),
             Response::Error { code, message } => Err(response_error(code, message)),
             other => Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
         }
@@ -790,6 +875,7 @@ fn response_error(code: ErrorCode, message: String) -> Error {
     match code {
         ErrorCode::InvalidInput => Error::InvalidInput(message),
         ErrorCode::Rejected => Error::Rejected(message),
+        ErrorCode::Forbidden => Error::Forbidden(message),
         ErrorCode::Protocol => Error::Protocol(message),
         ErrorCode::Ambiguous => Error::Ambiguous(message),
         ErrorCode::Unavailable => Error::Unavailable(message),
@@ -870,8 +956,13 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                         return;
                     }
                 }
-                Ok(Some(Response::Error { code: ErrorCode::InvalidInput, message })) => {
-                    let _ = tx.send(Event::Failed(message)).await;
+                // Retrying changes neither: the request is bad, or this user may not read
+                // (any more: a removed member's subscription ends at the removal).
+                Ok(Some(Response::Error {
+                    code: code @ (ErrorCode::InvalidInput | ErrorCode::Forbidden),
+                    message,
+                })) => {
+                    let _ = tx.send(Event::Failed(response_error(code, message).to_string())).await;
                     return;
                 }
                 Ok(other) => {
@@ -981,12 +1072,13 @@ mod tests {
              peer_addr = \"127.0.0.1:1\"\ndata_dir = \"n1\"\n"
         );
         let config = Config::parse(&toml, dir.path(), &dir.path().join("convoy.toml")).expect("config");
-        let paths = tls::ensure_material(&config).expect("credentials");
+        let paths = tls::init(&config).expect("credentials");
         let server = tls::server_config(&paths, 1, tls::Link::Client, 64).expect("server config");
         let runtime = Arc::new(quinn::TokioRuntime);
         let node = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
             .expect("fake node endpoint");
-        let client = Client::connect_as(&config, 9, 1).expect("client");
+        let credential = tls::ensure_user(&config, "u", false).expect("a user");
+        let client = Client::connect_as(&config, &credential, 9, 1).expect("client");
         (client, node, dir)
     }
 

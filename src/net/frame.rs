@@ -74,10 +74,34 @@ pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R, max_byte
         got += n;
     }
     let len = checked_len(len, max_bytes)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await.map_err(|e| Error::Protocol(format!("stream ended inside a frame: {e}")))?;
+    // The buffer grows with what arrives, not with what the header announces: a 4-byte
+    // header alone costs the reader nothing. The body must then arrive within
+    // `FRAME_BODY_TIMEOUT`.
+    let mut payload = Vec::with_capacity(len.min(FRAME_BUFFER_START));
+    let body = async {
+        while payload.len() < len {
+            let start = payload.len();
+            let grow = (len - start).min(start.max(FRAME_BUFFER_START));
+            payload.resize(start + grow, 0);
+            let n = r.read(&mut payload[start..]).await.map_err(|e| Error::Unavailable(format!("read: {e}")))?;
+            payload.truncate(start + n);
+            if n == 0 {
+                return Err(Error::Protocol(format!("stream ended inside a frame ({start} of {len} bytes)")));
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(FRAME_BODY_TIMEOUT, body).await.map_err(|_| {
+        Error::Protocol(format!("a frame of {len} bytes did not arrive within {FRAME_BODY_TIMEOUT:?}"))
+    })??;
     decode_body(&payload).map(Some)
 }
+
+/// What a frame reader allocates before any of the body has arrived; the buffer then at most
+/// doubles per read.
+const FRAME_BUFFER_START: usize = 16 << 10;
+/// How long a frame's body may take to arrive once its header has.
+pub const FRAME_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reads frames from a byte stream through one reusable buffer: frames already buffered
 /// decode without touching the stream (no await, no allocation per frame), and the stream

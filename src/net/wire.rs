@@ -22,16 +22,37 @@ pub enum Request {
     /// Stream a conversation from `from` (1 = the beginning). With `follow`, keep pushing
     /// live messages after `CaughtUp`; without, finish after `CaughtUp`.
     Subscribe { conversation: String, from: u64, follow: bool },
-    /// Move a user's read cursor forward (replicated, monotone).
+    /// Move a user's read cursor forward (replicated, monotone). `user` must be the
+    /// connection's user.
     SetCursor { user: String, conversation: String, offset: u64 },
-    /// Read a user's cursor and the conversation's head from this replica.
+    /// Read a user's cursor and the conversation's head from this replica. `user` must be
+    /// the connection's user.
     GetCursor { user: String, conversation: String },
-    /// This node's view of every shard.
+    /// This node's view of every shard (admin credentials only).
     Status,
     /// Several sends in one request (the client coalesces sends that wait at the same
     /// time), at most [`SEND_BATCH_MAX`]; answered by one `Batch` holding each send's own
     /// answer, in order, exactly as if each had been a `Send`.
     SendBatch(Vec<SendRequest>),
+    /// Show or change a conversation's members (members only); answered `Members`.
+    Members { conversation: String, change: MemberChange },
+}
+
+/// What a [`Request::Members`] asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// The members and head as the serving replica has them.
+    Show,
+    /// Create the conversation with the caller and these members.
+    Create {
+        members: Vec<String>,
+    },
+    Add {
+        user: String,
+    },
+    Remove {
+        user: String,
+    },
 }
 
 impl Request {
@@ -49,6 +70,8 @@ pub use crate::chat::limits::SEND_BATCH_MAX;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendRequest {
     pub conversation: String,
+    /// The sending user: empty, or the user the connection's certificate names (anything
+    /// else is `Forbidden`). The node stores the certificate's user.
     pub sender: String,
     /// Identifies the sending client instance; with `client_seq` the idempotency key.
     pub client_id: u64,
@@ -69,6 +92,9 @@ pub enum ErrorCode {
     Ambiguous,
     /// The peer sent something this node does not understand.
     Protocol,
+    /// The caller's identity may not do this: it names another user, is not a member of the
+    /// conversation, or is not an admin. Do not retry unchanged.
+    Forbidden,
 }
 
 /// A server's answer.
@@ -108,6 +134,11 @@ pub enum Response {
     Status(Box<NodeStatus>),
     /// The answers to a `SendBatch`, one per send, in order.
     Batch(Vec<Response>),
+    /// A conversation's members, and the head at which they were read or changed.
+    Members {
+        members: Vec<String>,
+        head: u64,
+    },
 }
 
 /// A node's view of its shards.
@@ -130,6 +161,9 @@ pub struct NodeStatus {
     /// AppendEntries cut to a prefix to fit the peer frame budget.
     #[serde(default)]
     pub append_rpcs_cut: u64,
+    /// Sends answered `Throttled` by a rate limit (user, conversation or connection).
+    #[serde(default)]
+    pub sends_throttled: u64,
     /// Latency histograms of the send path since start (see `crate::stages`).
     pub stages: Vec<StageSnapshot>,
 }

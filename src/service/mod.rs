@@ -16,6 +16,7 @@
 
 mod frames;
 mod push;
+pub mod rates;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,11 +28,14 @@ use openraft::error::ClientWriteError;
 use openraft::raft::ClientWriteResult;
 use tokio::sync::{broadcast, Semaphore};
 
-use crate::chat::{self, Command, CursorCommand, Outcome, SendCommand, ShardId};
+use crate::chat::{self, Command, CursorCommand, Members, MembersCommand, Membership, Outcome, SendCommand, ShardId};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
-use crate::net::wire::{ErrorCode, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX};
+use crate::net::tls::Identity;
+use crate::net::wire::{
+    ErrorCode, MemberChange, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX,
+};
 use crate::raft::network::{Groups, Hosted, PeerNet, PeerStats};
 use crate::raft::state_machine::ShardEvents;
 use crate::raft::types::{node_of, FnResponder, NodeId, C};
@@ -39,11 +43,18 @@ use crate::raft::{self as consensus, Group};
 use crate::stages::Stage;
 use crate::store::Store;
 use push::{Push, PushHub};
+use rates::{Bucket, Keyed, Rate, SendRates};
 
 /// How long a proposal may take before the answer is "outcome unknown".
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
-/// Messages read from storage per catch-up batch.
+/// Messages read from storage per catch-up batch, at most …
 pub const CATCH_UP_BATCH: usize = 512;
+/// … and stored bytes per batch, at most (a batch is held while it is written, and a
+/// subscriber that stops reading pins at most two: the one being written and the next).
+pub const CATCH_UP_BATCH_BYTES: usize = 256 << 10;
+/// How long a write to a subscriber may wait for the client to read: one that stops reading
+/// is dropped, releasing what it pinned, and resubscribes when it reads again.
+pub const SUBSCRIBER_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Suggested back-off when throttled.
 pub const THROTTLE_RETRY_MS: u64 = 50;
 /// How often a node hands leaderships it holds back to their preferred nodes.
@@ -87,8 +98,8 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
 /// A batch of stored messages, framed for the wire.
 struct StoredFrames {
     frames: Vec<u8>,
-    /// Messages in `frames`.
-    count: usize,
+    /// Whether the conversation holds more after this batch (it was cut by count or bytes).
+    more: bool,
     /// The offset after the last one.
     next: u64,
 }
@@ -99,6 +110,17 @@ struct StoredRead(tokio::task::JoinHandle<Result<StoredFrames>>);
 impl StoredRead {
     async fn finish(&mut self) -> Result<StoredFrames> {
         (&mut self.0).await.map_err(Error::task("reading stored messages"))?
+    }
+}
+
+/// Writes to a subscriber's stream, giving up after [`SUBSCRIBER_WRITE_TIMEOUT`].
+async fn write_subscriber(out: &mut quinn::SendStream, bytes: &[u8]) -> Result<()> {
+    match tokio::time::timeout(SUBSCRIBER_WRITE_TIMEOUT, out.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Unavailable(format!("subscriber stream: {e}"))),
+        Err(_) => Err(Error::Unavailable(format!(
+            "the subscriber read nothing for {SUBSCRIBER_WRITE_TIMEOUT:?}; its subscription is dropped"
+        ))),
     }
 }
 
@@ -124,6 +146,7 @@ pub struct Service {
     groups: HashMap<ShardId, Group>,
     push: Arc<PushHub>,
     inflight: Arc<Semaphore>,
+    rates: SendRates,
     peer_stats: Arc<PeerStats>,
     counters: Arc<CommitCounters>,
 }
@@ -133,6 +156,8 @@ pub struct Service {
 struct CommitCounters {
     sends: AtomicU64,
     entries: AtomicU64,
+    /// Sends answered `Throttled` by a rate limit.
+    throttled: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -149,6 +174,8 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
 pub enum Refusal {
     /// Malformed or over a limit; nothing was proposed.
     Invalid(String),
+    /// The caller's identity may not do this; nothing was proposed.
+    Forbidden(String),
     /// This node does not lead the shard; `leader` is its best guess.
     NotLeader { shard: ShardId, leader: Option<NodeId> },
     /// Over the in-flight bound; nothing was proposed.
@@ -166,6 +193,7 @@ impl Refusal {
     pub fn answer(self) -> Response {
         match self {
             Refusal::Invalid(m) => error(ErrorCode::InvalidInput, m),
+            Refusal::Forbidden(m) => error(ErrorCode::Forbidden, m),
             Refusal::NotLeader { shard, leader } => Response::NotLeader { shard, leader },
             Refusal::Throttled { retry_after_ms } => Response::Throttled { retry_after_ms },
             Refusal::Unknown(m) => error(ErrorCode::Ambiguous, m),
@@ -207,11 +235,51 @@ fn batch_answers(outcome: Proposed, conversations: Vec<String>) -> Vec<Response>
     }
 }
 
+/// The answer to a command the state machine refused: `Forbidden` when it was about who
+/// asked.
+fn rejected(reason: &chat::Rejection) -> Response {
+    let code = if reason.is_forbidden() { ErrorCode::Forbidden } else { ErrorCode::Rejected };
+    error(code, reason.to_string())
+}
+
+/// The user a request names must be the connection's own.
+fn must_be(who: &Identity, user: &str) -> std::result::Result<(), Refusal> {
+    if user == who.user {
+        Ok(())
+    } else {
+        Err(Refusal::Forbidden(format!("this connection is user {:?}; it cannot act as {user:?}", who.user)))
+    }
+}
+
+/// Whether a user may read a conversation, by its stored members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// A member: up to the head.
+    Member,
+    /// No such conversation yet: nothing to read, and a subscription waits for it.
+    Absent,
+    /// Not (or no longer) a member: nothing after `until` (0: nothing at all).
+    Ended { until: u64 },
+}
+
+fn access_of(members: Option<&Members>, user: &str) -> Access {
+    match members {
+        None => Access::Absent,
+        Some(m) if m.contains(user) => Access::Member,
+        Some(m) => Access::Ended { until: m.removed.get(user).copied().unwrap_or(0) },
+    }
+}
+
+/// The answer to a reader who may not read (any more).
+fn not_a_member(user: &str, conversation: &str) -> Error {
+    Error::Forbidden(format!("{user:?} is not a member of conversation {conversation:?}"))
+}
+
 /// The answer to one send, from its applied outcome.
 fn send_answer(outcome: Outcome, conversation: String) -> Response {
     match outcome {
         Outcome::Appended { offset, ts_ms, duplicate } => Response::Ack { conversation, offset, ts_ms, duplicate },
-        Outcome::Rejected { reason } => error(ErrorCode::Rejected, reason.to_string()),
+        Outcome::Rejected { reason } => rejected(&reason),
         other => Refusal::Unexpected(format!("unexpected outcome of a send: {other:?}")).answer(),
     }
 }
@@ -269,6 +337,12 @@ impl Service {
             tracing::info!(shards = config.shards, "initialized every shard group");
         }
         let inflight = Arc::new(Semaphore::new(config.limits.inflight_sends_max));
+        let l = &config.limits;
+        let rates = SendRates {
+            users: Keyed::new(Rate::new(l.user_sends_per_s, l.user_sends_burst)),
+            conversations: Keyed::new(Rate::new(l.conversation_sends_per_s, l.conversation_sends_burst)),
+            connection: Rate::new(l.connection_sends_per_s, l.connection_sends_burst),
+        };
         let service = Arc::new(Service {
             id,
             config,
@@ -276,6 +350,7 @@ impl Service {
             groups,
             push,
             inflight,
+            rates,
             peer_stats: net.stats(),
             counters: Arc::default(),
         });
@@ -311,7 +386,7 @@ impl Service {
         let sends = match &command {
             Command::Send(_) => 1,
             Command::SendBatch(b) => b.len() as u32,
-            Command::Cursor(_) => 0,
+            Command::Cursor(_) | Command::Members(_) => 0,
         };
         let Ok(permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
             return Err(Refusal::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
@@ -359,13 +434,13 @@ impl Service {
     }
 
     /// Validates a send and stamps it: its shard and command, or the error answer.
-    fn prepare_send(&self, req: SendRequest) -> std::result::Result<(ShardId, SendCommand), Refusal> {
+    fn prepare_send(&self, who: &Identity, req: SendRequest) -> std::result::Result<(ShardId, SendCommand), Refusal> {
         let shard = match self.group_of(&req.conversation) {
             Ok(g) => g.shard,
             Err(e) => return Err(Refusal::Invalid(e.to_string())),
         };
-        if let Err(m) = chat::validate_id("user", &req.sender) {
-            return Err(Refusal::Invalid(m));
+        if !req.sender.is_empty() {
+            must_be(who, &req.sender)?;
         }
         let max = self.config.limits.message_bytes_max;
         if req.text.len() > max {
@@ -375,7 +450,7 @@ impl Service {
             shard,
             SendCommand {
                 conversation: req.conversation,
-                sender: req.sender,
+                sender: who.user.clone(),
                 client_id: req.client_id,
                 client_seq: req.client_seq,
                 ts_ms: now_ms(),
@@ -392,12 +467,17 @@ impl Service {
     /// caller bounds the wait.
     pub async fn send_replying(
         &self,
+        who: &Identity,
+        connection: &std::sync::Mutex<Bucket>,
         request: Request,
         reply: impl FnOnce(Response) + Send + 'static,
     ) -> Option<Response> {
+        if let Err(refusal) = self.within_rates(who, connection, &request) {
+            return Some(refusal.answer());
+        }
         match request {
             Request::Send(req) => {
-                let (shard, command) = match self.prepare_send(req) {
+                let (shard, command) = match self.prepare_send(who, req) {
                     Ok(p) => p,
                     Err(refusal) => return Some(refusal.answer()),
                 };
@@ -411,7 +491,7 @@ impl Service {
                 self.propose_then(&self.groups[&shard], Command::Send(command), done).await.err().map(Refusal::answer)
             }
             Request::SendBatch(reqs) => {
-                let (answers, mut by_shard) = match self.prepare_batch(reqs) {
+                let (answers, mut by_shard) = match self.prepare_batch(who, reqs) {
                     Ok(prepared) => prepared,
                     Err(refusal) => return Some(refusal.answer()),
                 };
@@ -434,16 +514,51 @@ impl Service {
         }
     }
 
+    /// A fresh connection's send bucket (see [`rates`]).
+    pub fn connection_bucket(&self) -> std::sync::Mutex<Bucket> {
+        std::sync::Mutex::new(Bucket::full(self.rates.connection, std::time::Instant::now()))
+    }
+
+    /// Takes the send's (or batch's) tokens from the user's, the conversations' and the
+    /// connection's buckets, or answers `Throttled` with the wait.
+    fn within_rates(
+        &self,
+        who: &Identity,
+        connection: &std::sync::Mutex<Bucket>,
+        request: &Request,
+    ) -> std::result::Result<(), Refusal> {
+        let sends: &[SendRequest] = match request {
+            Request::Send(r) => std::slice::from_ref(r),
+            Request::SendBatch(rs) => &rs[..rs.len().min(SEND_BATCH_MAX)],
+            _ => return Ok(()),
+        };
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for r in sends {
+            match counts.iter_mut().find(|(x, _)| *x == r.conversation) {
+                Some(slot) => slot.1 += 1,
+                None => counts.push((&r.conversation, 1)),
+            }
+        }
+        match self.rates.take(&who.user, &counts, connection, std::time::Instant::now()) {
+            Ok(()) => Ok(()),
+            Err((retry_after_ms, reason)) => {
+                self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(user = %who.user, reason = reason.name(), retry_after_ms, "send throttled");
+                Err(Refusal::Throttled { retry_after_ms })
+            }
+        }
+    }
+
     /// Validates each send of a batch on its own: the answers of the invalid ones by slot,
     /// and the valid ones grouped by shard with their slots.
-    fn prepare_batch(&self, reqs: Vec<SendRequest>) -> std::result::Result<PreparedBatch, Refusal> {
+    fn prepare_batch(&self, who: &Identity, reqs: Vec<SendRequest>) -> std::result::Result<PreparedBatch, Refusal> {
         if reqs.len() > SEND_BATCH_MAX {
             return Err(Refusal::Invalid(format!("{} sends in one batch, limit {SEND_BATCH_MAX}", reqs.len())));
         }
         let mut answers: Vec<Option<Response>> = vec![None; reqs.len()];
         let mut by_shard = ByShard::new();
         for (i, req) in reqs.into_iter().enumerate() {
-            match self.prepare_send(req) {
+            match self.prepare_send(who, req) {
                 Ok((shard, command)) => {
                     let (slots, commands) = by_shard.entry(shard).or_default();
                     slots.push(i);
@@ -473,8 +588,11 @@ impl Service {
         )
     }
 
-    /// Moves a user's read cursor forward.
-    pub async fn set_cursor(&self, user: String, conversation: String, offset: u64) -> Response {
+    /// Moves the caller's read cursor forward.
+    pub async fn set_cursor(&self, who: &Identity, user: String, conversation: String, offset: u64) -> Response {
+        if let Err(refusal) = must_be(who, &user) {
+            return refusal.answer();
+        }
         let group = match self.group_of(&conversation) {
             Ok(g) => g,
             Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
@@ -487,54 +605,117 @@ impl Service {
                 let head = tokio::task::spawn_blocking(move || store.head(shard, &c)).await;
                 Response::Cursor { offset, head: head.ok().and_then(|h| h.ok()).unwrap_or(0) }
             }
-            Ok(Outcome::Rejected { reason }) => error(ErrorCode::Rejected, reason.to_string()),
+            Ok(Outcome::Rejected { reason }) => rejected(&reason),
             Ok(other) => Refusal::Unexpected(format!("unexpected outcome of a cursor move: {other:?}")).answer(),
             Err(refusal) => refusal.answer(),
         }
     }
 
-    /// Reads a cursor and the head from this replica.
-    pub async fn get_cursor(&self, user: String, conversation: String) -> Response {
+    /// Reads the caller's cursor and the head from this replica (members only).
+    pub async fn get_cursor(&self, who: &Identity, user: String, conversation: String) -> Response {
+        if let Err(refusal) = must_be(who, &user) {
+            return refusal.answer();
+        }
         let shard = match self.group_of(&conversation) {
             Ok(g) => g.shard,
             Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
         };
-        if let Err(m) = chat::validate_id("user", &user) {
-            return error(ErrorCode::InvalidInput, m);
-        }
         let store = self.store.clone();
-        let read = tokio::task::spawn_blocking(move || store.cursor_and_head(shard, &user, &conversation)).await;
+        let read = tokio::task::spawn_blocking(move || {
+            let members = store.members(shard, &conversation)?;
+            if let Access::Ended { .. } = access_of(members.as_ref(), &user) {
+                return Err(not_a_member(&user, &conversation));
+            }
+            store.cursor_and_head(shard, &user, &conversation)
+        })
+        .await;
         match read {
             Ok(Ok((offset, head))) => Response::Cursor { offset, head },
+            Ok(Err(e @ Error::Forbidden(_))) => error(ErrorCode::Forbidden, e.to_string()),
             Ok(Err(e)) => error(ErrorCode::Unavailable, e.to_string()),
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }
     }
 
-    /// Starts reading and framing up to [`CATCH_UP_BATCH`] stored messages from `from` on
-    /// a blocking thread.
-    fn read_stored(&self, shard: ShardId, conversation: &str, from: u64) -> StoredRead {
+    /// Shows (from this replica) or changes (on the leader) a conversation's members, for
+    /// a member.
+    pub async fn members(&self, who: &Identity, conversation: String, change: MemberChange) -> Response {
+        let group = match self.group_of(&conversation) {
+            Ok(g) => g,
+            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+        };
+        let change = match change {
+            MemberChange::Show => {
+                let (store, shard, user) = (self.store.clone(), group.shard, who.user.clone());
+                let read = tokio::task::spawn_blocking(move || {
+                    let members = store.members(shard, &conversation)?;
+                    match members {
+                        Some(m) if m.contains(&user) => {
+                            Ok((m.users.into_iter().collect(), store.head(shard, &conversation)?))
+                        }
+                        _ => Err(not_a_member(&user, &conversation)),
+                    }
+                })
+                .await;
+                return match read {
+                    Ok(Ok((members, head))) => Response::Members { members, head },
+                    Ok(Err(e @ Error::Forbidden(_))) => error(ErrorCode::Forbidden, e.to_string()),
+                    Ok(Err(e)) => error(ErrorCode::Unavailable, e.to_string()),
+                    Err(e) => error(ErrorCode::Unavailable, e.to_string()),
+                };
+            }
+            MemberChange::Create { members } => Membership::Create { members },
+            MemberChange::Add { user } => Membership::Add { user },
+            MemberChange::Remove { user } => Membership::Remove { user },
+        };
+        let command = Command::Members(MembersCommand { conversation, by: who.user.clone(), change });
+        match self.propose(group, command).await {
+            Ok(Outcome::Members { members, head }) => Response::Members { members, head },
+            Ok(Outcome::Rejected { reason }) => rejected(&reason),
+            Ok(other) => Refusal::Unexpected(format!("unexpected outcome of a membership change: {other:?}")).answer(),
+            Err(refusal) => refusal.answer(),
+        }
+    }
+
+    /// Whether `user` may read `conversation` of `shard`, by this replica's stored members.
+    async fn access(&self, shard: ShardId, conversation: &str, user: &str) -> Result<Access> {
+        let (store, c, u) = (self.store.clone(), conversation.to_string(), user.to_string());
+        tokio::task::spawn_blocking(move || Ok(access_of(store.members(shard, &c)?.as_ref(), &u)))
+            .await
+            .map_err(Error::task("reading a conversation's members"))?
+    }
+
+    /// Starts reading and framing up to [`CATCH_UP_BATCH`] stored messages from `from` up
+    /// to offset `until` on a blocking thread.
+    fn read_stored(&self, shard: ShardId, conversation: &str, from: u64, until: u64) -> StoredRead {
         let (store, conversation) = (self.store.clone(), conversation.to_string());
         StoredRead(tokio::task::spawn_blocking(move || {
             let mut frames = Vec::new();
             let mut next = from.max(1);
-            let count = store.scan_messages(shard, &conversation, next, CATCH_UP_BATCH, |offset, value| {
-                if offset != next {
-                    return Err(Error::Corrupt(format!(
-                        "conversation {conversation:?}: offset {offset} stored where {next} was due"
-                    )));
-                }
-                next = offset + 1;
-                frames::message_frame_from_stored(value, &mut frames)
-            })?;
-            Ok(StoredFrames { frames, count, next })
+            let want = CATCH_UP_BATCH.min(usize::try_from(until.saturating_sub(next - 1)).unwrap_or(usize::MAX));
+            if want == 0 {
+                return Ok(StoredFrames { frames, more: false, next });
+            }
+            let scanned =
+                store.scan_messages(shard, &conversation, next, want, CATCH_UP_BATCH_BYTES, |offset, value| {
+                    if offset != next {
+                        return Err(Error::Corrupt(format!(
+                            "conversation {conversation:?}: offset {offset} stored where {next} was due"
+                        )));
+                    }
+                    next = offset + 1;
+                    frames::message_frame_from_stored(value, &mut frames)
+                })?;
+            Ok(StoredFrames { frames, more: scanned.more, next })
         }))
     }
 
-    /// Streams a conversation to `out`; see the module doc. Returns when the client goes
-    /// away, when not following and caught up, or on error.
+    /// Streams a conversation to `out` for `who`, a member; see the module doc. Returns when
+    /// the client goes away, when not following and caught up, or on error. A reader who is
+    /// removed gets everything up to the head at the removal, then `Forbidden`.
     pub async fn subscribe(
         &self,
+        who: &Identity,
         conversation: String,
         from: u64,
         follow: bool,
@@ -545,27 +726,41 @@ impl Service {
         let mut attached =
             Attached { hub: &self.push, conversation: &conversation, rx: Some(self.push.attach(&conversation)) };
         let events = attached.rx.as_mut().expect("attached until dropped");
+        if let Access::Ended { .. } = self.access(shard, &conversation, &who.user).await? {
+            return Err(not_a_member(&who.user, &conversation));
+        }
+        // The last offset this reader may have: the head at its removal once removed.
+        let mut until = u64::MAX;
         let mut next = from.max(1);
         let mut caught_up = false;
         loop {
             // Catch up from storage, reading the next batch while this one is written, each
             // batch in one write: per-frame writes cost a stream (and connection) lock and a
-            // wake-up each.
-            let mut reading = self.read_stored(shard, &conversation, next);
+            // wake-up each. After each read, the reader must still be a member: a removal
+            // applied meanwhile bounds what it gets.
+            let mut reading = self.read_stored(shard, &conversation, next, until);
             loop {
-                let batch = reading.finish().await?;
-                if batch.count == CATCH_UP_BATCH {
-                    reading = self.read_stored(shard, &conversation, batch.next);
+                let mut batch = reading.finish().await?;
+                if let Access::Ended { until: end } = self.access(shard, &conversation, &who.user).await? {
+                    until = until.min(end);
+                    if batch.next.saturating_sub(1) > until {
+                        batch = self.read_stored(shard, &conversation, next, until).finish().await?;
+                    }
+                }
+                let full = batch.more && batch.next <= until;
+                if full {
+                    reading = self.read_stored(shard, &conversation, batch.next, until);
                 }
                 next = batch.next;
                 if !batch.frames.is_empty() {
-                    out.write_all(&batch.frames)
-                        .await
-                        .map_err(|e| Error::Unavailable(format!("subscriber stream: {e}")))?;
+                    write_subscriber(out, &batch.frames).await?;
                 }
-                if batch.count < CATCH_UP_BATCH {
+                if !full {
                     break;
                 }
+            }
+            if until != u64::MAX {
+                return Err(not_a_member(&who.user, &conversation));
             }
             if !caught_up {
                 caught_up = true;
@@ -574,7 +769,8 @@ impl Service {
                     return Ok(());
                 }
             }
-            // Live push until a gap, a lag overflow or a reset sends us back to storage.
+            // Live push until a gap, a lag overflow, a reset or a membership change sends us
+            // back to storage.
             loop {
                 let event = tokio::select! {
                     ev = events.recv() => ev,
@@ -589,9 +785,13 @@ impl Service {
                             break;
                         }
                         next += 1;
-                        out.write_all(frame)
-                            .await
-                            .map_err(|e| Error::Unavailable(format!("subscriber stream: {e}")))?;
+                        write_subscriber(out, frame).await?;
+                    }
+                    Ok(Push::Members) => {
+                        if let Access::Ended { until: end } = self.access(shard, &conversation, &who.user).await? {
+                            until = end;
+                            break;
+                        }
                     }
                     Ok(Push::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => {
@@ -640,6 +840,7 @@ impl Service {
             append_rpc_entries: self.peer_stats.append_rpc_entries.load(Ordering::Relaxed),
             append_rpcs_empty: self.peer_stats.append_rpcs_empty.load(Ordering::Relaxed),
             append_rpcs_cut: self.peer_stats.append_rpcs_cut.load(Ordering::Relaxed),
+            sends_throttled: self.counters.throttled.load(Ordering::Relaxed),
             stages: self.store.stages.snapshot(),
         }
     }

@@ -23,6 +23,8 @@ pub(super) enum Push {
     },
     /// The shard's state was replaced by a snapshot: subscribers re-read storage.
     Resync,
+    /// The conversation's members changed: subscribers check they may still read.
+    Members,
 }
 
 /// Live push routed by conversation: each shard's state machine hands its applied
@@ -83,6 +85,15 @@ impl ShardEvents for PushHub {
         }
     }
 
+    fn members_changed(&self, conversations: Vec<String>) {
+        let channels = self.channels.lock().expect("push hub lock");
+        for conversation in conversations {
+            if let Some(tx) = channels.get(&conversation) {
+                let _ = tx.send(Arc::new(Push::Members));
+            }
+        }
+    }
+
     fn reset(&self, shard: ShardId) {
         let channels = self.channels.lock().expect("push hub lock");
         for (conversation, tx) in channels.iter() {
@@ -137,7 +148,7 @@ mod tests {
                     assert_eq!(*offset, 1);
                     assert_eq!(frame.as_ref(), frame::encode(&Response::Message(message(a, 1))).as_slice());
                 }
-                Push::Resync => panic!("expected alpha's message"),
+                Push::Resync | Push::Members => panic!("expected alpha's message"),
             }
         }
         hub.reset(shard);

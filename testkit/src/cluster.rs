@@ -17,6 +17,7 @@ use convoy::config::Config;
 
 use crate::spec::{ClusterSpec, TLS_DIR};
 use crate::POLL_INTERVAL_MS;
+use crate::TEST_USER;
 
 /// Log lines per node that [`LocalCluster::logs_tail`] shows.
 pub const LOG_TAIL_LINES: usize = 15;
@@ -64,8 +65,9 @@ impl LocalCluster {
         let text = spec.toml(&spec.addresses()?)?;
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         let config = Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
-        convoy::net::tls::ensure_material(&config)
+        convoy::net::tls::init(&config)
             .with_context(|| format!("creating TLS material under {}", dir.join(TLS_DIR).display()))?;
+        convoy::net::tls::ensure_user(&config, TEST_USER, false).context("the test user's credential")?;
         let nodes = spec.node_ids().into_iter().map(|id| (id, NodeProcess::default())).collect();
         Ok(LocalCluster { spec, temp, dir, config, bin, nodes })
     }
@@ -251,16 +253,28 @@ impl LocalCluster {
         self.nodes.iter().filter(|(_, n)| n.paused).map(|(id, _)| *id).collect()
     }
 
-    /// A client of this cluster (a fresh client id).
+    /// A client of this cluster as the user [`TEST_USER`] (a fresh client id).
     pub fn client(&self) -> Result<Client> {
-        Ok(Client::connect(&self.config)?)
+        Ok(Client::connect_user(&self.config, TEST_USER)?)
+    }
+
+    /// A client as `user`, whose credential is issued first if it has none (a fresh client
+    /// id).
+    pub fn client_as(&self, user: &str) -> Result<Client> {
+        convoy::net::tls::ensure_user(&self.config, user, false)?;
+        Ok(Client::connect_user(&self.config, user)?)
+    }
+
+    /// A client with the `admin` credential, for `Status`.
+    pub fn admin(&self) -> Result<Client> {
+        Ok(Client::connect_user(&self.config, convoy::net::tls::ADMIN_USER)?)
     }
 
     /// Waits until every node in `nodes` answers and all report the same leader for every
     /// shard; returns the leaders by shard. Fails after `within` with the last error and the
     /// end of every node's log.
     pub async fn wait_ready(&self, nodes: &[u64], within: Duration) -> Result<Vec<u64>> {
-        let client = self.client()?;
+        let client = self.admin()?;
         let deadline = tokio::time::Instant::now() + within;
         loop {
             match client.agreed_leaders(nodes).await {
@@ -285,7 +299,7 @@ impl LocalCluster {
     /// once: for a harness that must act now (a fault on "the leader") and accepts a stale
     /// view. `None` if no node answers with a leader.
     pub async fn reported_leader(&self, shard: u32) -> Option<u64> {
-        let client = self.client().ok()?;
+        let client = self.admin().ok()?;
         for id in self.node_ids() {
             if let Ok(s) = client.status(id).await {
                 if let Some(l) = s.shards.iter().find(|x| x.shard == shard).and_then(|x| x.leader) {

@@ -39,6 +39,9 @@ pub const POLL_INTERVAL_MS: u64 = 100;
 
 /// Environment variable naming the `convoy` binary when the caller does not (see [`convoy_bin`]).
 pub const CONVOY_BIN_ENV: &str = "CONVOY_BIN";
+/// The user a [`LocalCluster`]'s [`LocalCluster::client`] acts as (its credential is made
+/// with the cluster).
+pub const TEST_USER: &str = "tester";
 
 /// A UDP port on 127.0.0.1 that the OS just handed out (QUIC runs over UDP). The socket is
 /// closed on return, so the port is free but not reserved; [`LocalCluster`] picks all of a

@@ -118,6 +118,32 @@ pub struct LimitTweaks {
     /// Concurrent requests (streams) per client connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub streams_per_connection_max: Option<u32>,
+    /// Send rates (0: no limit) and their bursts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_sends_per_s: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_sends_burst: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation_sends_per_s: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation_sends_burst: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_sends_per_s: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_sends_burst: Option<u32>,
+}
+
+impl LimitTweaks {
+    /// Every send rate limit off: for load generators that measure the store, not its
+    /// throttling.
+    pub fn unthrottled() -> LimitTweaks {
+        LimitTweaks {
+            user_sends_per_s: Some(0),
+            conversation_sends_per_s: Some(0),
+            connection_sends_per_s: Some(0),
+            ..LimitTweaks::default()
+        }
+    }
 }
 
 /// Where the nodes listen.
