@@ -53,3 +53,18 @@ build_release() {
     ln -sf "$BIN" "$ROOT/target/release/convoy"
   fi
 }
+
+# Runs cargo for a planted-bug build (test-only, `--features planted-bugs`) in
+# $PLANTED_TARGET_DIR, never over $BIN. It links the RocksDB library the real build compiled,
+# so RocksDB is not compiled twice.
+planted_cargo() {
+  local rocks=""
+  for d in "$CARGO_TARGET_DIR"/release/build/librocksdb-sys-*/out; do
+    [ -f "$d/librocksdb.a" ] && rocks="$d"
+  done
+  if [ -n "$rocks" ]; then
+    CARGO_TARGET_DIR="$PLANTED_TARGET_DIR" ROCKSDB_LIB_DIR="$rocks" ROCKSDB_STATIC=1 cargo "$@"
+  else
+    CARGO_TARGET_DIR="$PLANTED_TARGET_DIR" cargo "$@"
+  fi
+}
