@@ -8,6 +8,8 @@
 //! formed once, for a brand-new cluster only (see [`formation`]): the lowest-id node then
 //! initializes every shard. A node that lost its state rejoins as new replicas.
 
+#[cfg(test)]
+mod decode_fuzz;
 pub mod entry_cache;
 pub mod formation;
 pub mod log_store;

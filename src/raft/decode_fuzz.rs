@@ -1,0 +1,270 @@
+//! Hostile bytes against every decoder a node runs: client requests, peer requests and stored
+//! values. Two harnesses, both on stable Rust:
+//!
+//! - **lying lengths, exhaustively**: for a sample of every message variant, every position of
+//!   its encoding gets a varint announcing 2^32 and 2^63 (inserted there, and in place of the
+//!   byte there). Every `String` and `Vec` length prefix of every message is one of those
+//!   positions. Decoding must return (a value or an error) without panicking or aborting:
+//!   bincode would allocate the announced size first, and an allocation of 2^63 aborts the
+//!   process;
+//! - **mutations, by proptest**: random flips, insertions and cuts of valid encodings. The
+//!   number of cases is proptest's (`PROPTEST_CASES`, 256 by default), so `scripts/test`
+//!   runs a bounded number.
+
+use proptest::prelude::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::chat::{
+    Command, CursorCommand, DedupRecord, Members, MembersCommand, Membership, SendCommand, StoredMessage,
+};
+use crate::net::frame;
+use crate::net::wire::{MemberChange, Request, SendRequest};
+use crate::raft::formation::{ClusterRecord, Stage};
+use crate::raft::log_store::Watermark;
+use crate::raft::rpc::PeerRequest;
+use crate::raft::types::{AppendEntriesRequest, Entry, LogId, Member, SnapshotMeta, Vote, VoteRequest, C};
+use crate::store::codec;
+
+fn send_request(conversation: &str, text: &str) -> SendRequest {
+    SendRequest {
+        conversation: conversation.into(),
+        sender: "ann".into(),
+        client_id: 7,
+        client_seq: 9,
+        text: text.into(),
+    }
+}
+
+fn send_command(conversation: &str) -> SendCommand {
+    SendCommand {
+        conversation: conversation.into(),
+        sender: "ann".into(),
+        client_id: 7,
+        client_seq: 9,
+        ts_ms: 1,
+        text: "hello".into(),
+    }
+}
+
+fn requests() -> Vec<Request> {
+    vec![
+        Request::Send(send_request("room", "hello")),
+        Request::Subscribe { conversation: "room".into(), from: 3, follow: true },
+        Request::SetCursor { user: "ann".into(), conversation: "room".into(), offset: 2 },
+        Request::GetCursor { user: "ann".into(), conversation: "room".into() },
+        Request::Status,
+        Request::SendBatch(vec![send_request("a", "x"), send_request("b", "yy")]),
+        Request::Members { conversation: "room".into(), change: MemberChange::Show },
+        Request::Members { conversation: "room".into(), change: MemberChange::Create { members: vec!["bo".into()] } },
+        Request::Members { conversation: "room".into(), change: MemberChange::Add { user: "bo".into() } },
+        Request::Members { conversation: "room".into(), change: MemberChange::Remove { user: "bo".into() } },
+    ]
+}
+
+fn commands() -> Vec<Command> {
+    vec![
+        Command::Send(send_command("room")),
+        Command::Cursor(CursorCommand { user: "ann".into(), conversation: "room".into(), offset: 1 }),
+        Command::SendBatch(vec![send_command("a"), send_command("b")]),
+        Command::Members(MembersCommand {
+            conversation: "room".into(),
+            by: "ann".into(),
+            change: Membership::Create { members: vec!["bo".into(), "cy".into()] },
+        }),
+    ]
+}
+
+fn entries() -> Vec<Entry> {
+    use openraft::entry::RaftEntry;
+    commands()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| Entry::new_normal(openraft::testing::log_id::<C>(1, 1, i as u64 + 1), c))
+        .collect()
+}
+
+fn peer_requests() -> Vec<PeerRequest> {
+    let member = Member { peer_addr: "127.0.0.1:7201".into(), client_addr: "127.0.0.1:7101".into() };
+    let vote = Vote::new(3, 2);
+    let last: LogId = openraft::testing::log_id::<C>(3, 2, 9);
+    vec![
+        PeerRequest::Append {
+            shard: 1,
+            to: 2,
+            rpc: AppendEntriesRequest { vote, prev_log_id: Some(last), leader_commit: Some(last), entries: entries() },
+        },
+        PeerRequest::Vote { shard: 1, to: 2, rpc: VoteRequest::new(vote, Some(last)) },
+        PeerRequest::PreVote {
+            shard: 1,
+            to: 2,
+            rpc: VoteRequest { leadership_transfer: true, ..VoteRequest::new(vote, None) },
+        },
+        PeerRequest::Snapshot { shard: 1, to: 2, vote, meta: SnapshotMeta::default() },
+        PeerRequest::SnapshotChunk(vec![1, 2, 3, 4]),
+        PeerRequest::Hello,
+        PeerRequest::Prepare { cluster: 77 },
+        PeerRequest::Join { shard: 1, node: 3, member: member.clone() },
+        PeerRequest::Promote { shard: 1, replica: 3 | (1 << 32), member },
+    ]
+}
+
+/// Every stored value, encoded as the store writes it.
+fn stored() -> Vec<(&'static str, Vec<u8>)> {
+    let message = StoredMessage {
+        conversation: "room".into(),
+        offset: 4,
+        sender: "ann".into(),
+        ts_ms: 1,
+        client_id: 7,
+        client_seq: 9,
+        text: "hello".into(),
+    };
+    let members =
+        Members { users: ["ann".to_string(), "bo".to_string()].into(), removed: [("cy".to_string(), 3)].into() };
+    let mut out = vec![
+        ("message", codec::encode(&message)),
+        ("dedup", codec::encode(&DedupRecord { offset: 4, ts_ms: 1, digest: crate::chat::text_digest("hello") })),
+        ("members", codec::encode(&members)),
+        ("vote", codec::encode(&Vote::new(3, 2))),
+        ("watermark", codec::encode(&Watermark { vote: Some(Vote::new(3, 2)), last: None })),
+        ("cluster", codec::encode(&ClusterRecord { cluster: 1, node: 2, stage: Stage::Formed })),
+    ];
+    out.extend(entries().iter().map(|e| ("entry", codec::encode(e))));
+    out
+}
+
+/// Decodes a stored value as the store would, by its kind.
+fn decode_stored(kind: &str, bytes: &[u8]) -> bool {
+    match kind {
+        "message" => codec::decode::<StoredMessage>(bytes).is_ok(),
+        "dedup" => codec::decode::<DedupRecord>(bytes).is_ok(),
+        "members" => codec::decode::<Members>(bytes).is_ok(),
+        "vote" => codec::decode::<Vote>(bytes).is_ok(),
+        "watermark" => codec::decode::<Watermark>(bytes).is_ok(),
+        "cluster" => codec::decode::<ClusterRecord>(bytes).is_ok(),
+        _ => codec::decode::<Entry>(bytes).is_ok(),
+    }
+}
+
+/// The varints of bincode's standard configuration announcing 2^32 and 2^63.
+fn lies() -> [Vec<u8>; 2] {
+    let mut four = vec![252];
+    four.extend_from_slice(&u32::MAX.to_le_bytes());
+    let mut eight = vec![253];
+    eight.extend_from_slice(&(1u64 << 63).to_le_bytes());
+    [four, eight]
+}
+
+/// `bytes` with a lying length at every position from `from` on: inserted, and in place of
+/// the byte there.
+fn lying_variants(bytes: &[u8], from: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for at in from..=bytes.len() {
+        for lie in lies() {
+            let mut inserted = bytes[..at].to_vec();
+            inserted.extend_from_slice(&lie);
+            inserted.extend_from_slice(&bytes[at..]);
+            out.push(inserted);
+            if at < bytes.len() {
+                let mut replaced = bytes[..at].to_vec();
+                replaced.extend_from_slice(&lie);
+                replaced.extend_from_slice(&bytes[at + 1..]);
+                out.push(replaced);
+            }
+        }
+    }
+    out
+}
+
+/// A frame body (version byte, then bincode) of a value.
+fn body<T: Serialize>(value: &T) -> Vec<u8> {
+    frame::encode(value)[4..].to_vec()
+}
+
+/// Decodes every lying variant of every sample; returns (variants, refused). Reaching the
+/// end at all is the point: a panic fails the test and an abort kills it.
+fn lie_to<T: DeserializeOwned>(samples: Vec<Vec<u8>>, from: usize, decode: impl Fn(&[u8]) -> bool) -> (usize, usize) {
+    let (mut tried, mut refused) = (0, 0);
+    for sample in samples {
+        for variant in lying_variants(&sample, from) {
+            tried += 1;
+            if !decode(&variant) {
+                refused += 1;
+            }
+        }
+    }
+    (tried, refused)
+}
+
+#[test]
+fn every_length_of_every_client_request_may_lie() {
+    let samples: Vec<Vec<u8>> = requests().iter().map(body).collect();
+    let (tried, refused) = lie_to::<Request>(samples, 1, |b| frame::decode_body::<Request>(b).is_ok());
+    assert!(tried >= 400 && refused > tried / 2, "{refused} of {tried} refused");
+}
+
+#[test]
+fn every_length_of_every_peer_request_may_lie() {
+    let samples: Vec<Vec<u8>> = peer_requests().iter().map(body).collect();
+    let (tried, refused) = lie_to::<PeerRequest>(samples, 1, |b| frame::decode_body::<PeerRequest>(b).is_ok());
+    assert!(tried >= 800 && refused > tried / 2, "{refused} of {tried} refused");
+}
+
+#[test]
+fn every_length_of_every_stored_value_may_lie() {
+    for (kind, bytes) in stored() {
+        assert!(decode_stored(kind, &bytes), "the {kind} sample decodes");
+        let (tried, refused) = lie_to::<()>(vec![bytes], 1, |b| decode_stored(kind, b));
+        assert!(tried > 0 && refused > tried / 2, "{kind}: {refused} of {tried} refused");
+    }
+}
+
+// The known lie: the conversation of a `Request::Send` announcing 2^32 or 2^63 bytes, right
+// after the variant index, is refused (not merely survived).
+#[test]
+fn a_lying_conversation_length_is_refused() {
+    let sample = body(&Request::Send(send_request("c", "x")));
+    for lie in lies() {
+        let mut lying = sample[..2].to_vec();
+        lying.extend_from_slice(&lie);
+        lying.extend_from_slice(&sample[3..]);
+        assert!(frame::decode_body::<Request>(&lying).is_err());
+    }
+}
+
+/// A random mutation of `bytes`: flip a bit, insert a byte, or cut the tail.
+fn mutate(bytes: &[u8], op: u8, at: prop::sample::Index, value: u8) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let at = at.index(out.len().max(1));
+    match op % 3 {
+        0 if !out.is_empty() => out[at] ^= 1 << (value % 8),
+        1 => out.insert(at.min(out.len()), value),
+        _ => out.truncate(at),
+    }
+    out
+}
+
+proptest! {
+    // Mutated requests, peer requests and stored values decode or are refused, never panic.
+    #[test]
+    fn mutated_encodings_never_panic(
+        which in 0usize..64,
+        mutations in prop::collection::vec((any::<u8>(), any::<prop::sample::Index>(), any::<u8>()), 1..6),
+    ) {
+        let (requests, peers, stored) = (requests(), peer_requests(), stored());
+        let mut bytes = match which % 3 {
+            0 => body(&requests[which % requests.len()]),
+            1 => body(&peers[which % peers.len()]),
+            _ => stored[which % stored.len()].1.clone(),
+        };
+        for (op, at, value) in mutations {
+            bytes = mutate(&bytes, op, at, value);
+        }
+        let _ = frame::decode_body::<Request>(&bytes);
+        let _ = frame::decode_body::<PeerRequest>(&bytes);
+        for (kind, _) in stored.iter() {
+            let _ = decode_stored(kind, &bytes);
+        }
+    }
+}
