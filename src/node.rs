@@ -75,8 +75,7 @@ impl Node {
         let formation = Formation::load(store.clone(), id)?;
 
         let peer_server = tls::server_config(&paths, id, Link::Peer, PEER_STREAMS_MAX)?;
-        let peer_endpoint = quinn::Endpoint::server(peer_server, me.peer_addr)
-            .map_err(|e| Error::Config(format!("cannot bind peer address {}: {e}", me.peer_addr)))?;
+        let peer_endpoint = tls::bind_server(&paths, id, peer_server, me.peer_addr)?;
         let addrs: HashMap<NodeId, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
         let append_timeout = Duration::from_millis(config.raft.election_timeout_ms_min);
         let dialer = tls::node_dialer(&paths, id)?;
@@ -114,8 +113,7 @@ impl Node {
 
         let limits = &service.config.limits;
         let client_server = tls::server_config(&paths, id, Link::Client, limits.streams_per_connection_max)?;
-        let client_endpoint = quinn::Endpoint::server(client_server, me.client_addr)
-            .map_err(|e| Error::Config(format!("cannot bind client address {}: {e}", me.client_addr)))?;
+        let client_endpoint = tls::bind_server(&paths, id, client_server, me.client_addr)?;
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let stopped = async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;

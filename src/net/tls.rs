@@ -44,6 +44,8 @@ pub const ALPN_CLIENT: &[u8] = b"convoy-client/1";
 pub const USER_URI_PREFIX: &str = "urn:convoy:user:";
 /// SAN URI of the admin role.
 pub const ADMIN_URI: &str = "urn:convoy:role:admin";
+/// The shortest interval between two stateless resets of one endpoint.
+pub const STATELESS_RESET_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 /// The operator credential `convoy tls init` makes.
 pub const ADMIN_USER: &str = "admin";
 /// Longest user name a credential may carry.
@@ -422,6 +424,43 @@ pub fn server_config(paths: &TlsPaths, node_id: u64, link: Link, max_streams: u3
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(server_transport(link, max_streams)));
     Ok(config)
+}
+
+/// The endpoint config of node `id`'s server endpoints: its stateless-reset key is derived
+/// from the node's private key, so it is the same after a restart. A restarted node then
+/// answers packets of the connections its previous process had with a stateless reset the
+/// client recognizes: clients (and peers) learn of the restart at their next packet (a client
+/// pings every 3 s), not after the 10 s idle timeout, and resubscribe at once.
+pub fn endpoint_config(paths: &TlsPaths, id: u64) -> Result<quinn::EndpointConfig> {
+    let key = std::fs::read(paths.node_key(id))?;
+    let mut seed = ring::digest::Context::new(&ring::digest::SHA256);
+    seed.update(b"convoy stateless reset v1\0");
+    seed.update(&key);
+    let seed = seed.finish();
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_ref());
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    // Connection ids carry a keyed hash (quinn's default generator), but with a key that
+    // survives the restart: with a fresh random key the new process drops the old
+    // connections' packets as invalid ids and never resets them.
+    let cid_key = u64::from_le_bytes(seed.as_ref()[..8].try_into().expect("SHA-256 has 32 bytes"));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // quinn sends at most one reset per 20 ms by default: 5,000 clients of a restarted node
+    // would wait up to 100 s for theirs. A reset is smaller than the packet that caused it,
+    // so a shorter interval amplifies nothing.
+    config.min_reset_interval(STATELESS_RESET_INTERVAL);
+    Ok(config)
+}
+
+/// Binds a node's server endpoint on `addr` with [`endpoint_config`].
+pub fn bind_server(
+    paths: &TlsPaths,
+    id: u64,
+    server: quinn::ServerConfig,
+    addr: std::net::SocketAddr,
+) -> Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| Error::Config(format!("cannot bind {addr}: {e}")))?;
+    quinn::Endpoint::new(endpoint_config(paths, id)?, Some(server), socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|e| Error::Config(format!("cannot serve on {addr}: {e}")))
 }
 
 /// Dialer config of node `id` for its peer links.
