@@ -7,9 +7,10 @@
 //! Who the client is comes from its verified certificate, once per connection
 //! ([`tls::identity_of`]): every request is served as that user, and `Status` only for an
 //! admin. Connections are bounded where they cost: at most [`HANDSHAKES_IN_FLIGHT_MAX`]
-//! handshakes at once (beyond that, a client whose address is not yet validated gets a QUIC
-//! Retry, and one that is, a refusal), and a connection slot (`limits.connections_max`) is
-//! taken only once the handshake is done, so half-open attempts cannot use the slots up.
+//! handshakes at once and [`HANDSHAKES_PER_S`] started per second (beyond either, a client
+//! whose address is not yet validated gets a QUIC Retry, and one that is, a refusal), and a
+//! connection slot (`limits.connections_max`) is taken only once the handshake is done, so
+//! half-open attempts cannot use the slots up.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,9 @@ use crate::service::{self, Service, SEND_TIMEOUT};
 
 /// How long a new request stream may take to deliver its request.
 pub const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Client handshakes a node starts per second (a burst of as many passes); more get a Retry
+/// or a refusal.
+pub const HANDSHAKES_PER_S: u32 = 2_000;
 /// Client handshakes a node runs at once; more get a Retry or a refusal.
 pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 256;
 /// QUIC application close code: the certificate names no usable user.
@@ -39,6 +43,7 @@ const CLOSE_FULL: u32 = 0x11;
 pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(node.config.limits.connections_max));
     let handshakes = Arc::new(Semaphore::new(HANDSHAKES_IN_FLIGHT_MAX));
+    let mut started = HandshakeRate::new(HANDSHAKES_PER_S);
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -48,7 +53,8 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
             },
             () = &mut shutdown => return,
         };
-        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+        let admitted = started.admit(std::time::Instant::now());
+        let Some(handshake) = admitted.then(|| handshakes.clone().try_acquire_owned().ok()).flatten() else {
             // Under a handshake storm, make unvalidated addresses prove themselves first (a
             // Retry costs the node no state); refuse the rest until handshakes finish.
             if incoming.may_retry() && !incoming.remote_address_validated() {
@@ -93,6 +99,32 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
             .instrument(span)
             .await
         });
+    }
+}
+
+/// A token bucket of handshakes started per second (the accept loop is its only user).
+struct HandshakeRate {
+    per_s: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl HandshakeRate {
+    fn new(per_s: u32) -> HandshakeRate {
+        let per_s = f64::from(per_s);
+        HandshakeRate { per_s, tokens: per_s, at: std::time::Instant::now() }
+    }
+
+    /// Whether one more handshake may start now (and takes its token).
+    fn admit(&mut self, now: std::time::Instant) -> bool {
+        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * self.per_s).min(self.per_s);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -265,5 +297,25 @@ impl Reply {
 
     fn take(&self) -> ReplyState {
         std::mem::replace(&mut *self.lock(), ReplyState::Taken)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn handshakes_beyond_the_rate_wait_for_tokens() {
+        let t0 = Instant::now();
+        let mut rate = HandshakeRate { per_s: 100.0, tokens: 100.0, at: t0 };
+        assert_eq!((0..150).filter(|_| rate.admit(t0)).count(), 100, "the burst is one second's worth");
+        assert!(!rate.admit(t0 + Duration::from_millis(5)));
+        assert!(rate.admit(t0 + Duration::from_millis(20)), "a token every 10 ms");
+        assert_eq!(
+            (0..500).filter(|_| rate.admit(t0 + Duration::from_secs(60))).count(),
+            100,
+            "refills to the burst only"
+        );
     }
 }

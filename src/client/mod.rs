@@ -191,9 +191,24 @@ const THROTTLE_WAIT_MAX: Duration = Duration::from_secs(5);
 /// Pause before a cursor move is retried on another node.
 const CURSOR_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
-/// The back-off before attempt `attempt + 1`: `step × attempt`, at most `max`.
+/// The back-off before attempt `attempt + 1`: `step × attempt`, at most `max`, then
+/// jittered (see [`jitter`]).
 fn backoff(step: Duration, max: Duration, attempt: usize) -> Duration {
-    step.saturating_mul(u32::try_from(attempt).unwrap_or(u32::MAX)).min(max)
+    jitter(step.saturating_mul(u32::try_from(attempt).unwrap_or(u32::MAX)).min(max))
+}
+
+/// A random time between half of `d` and `d`: clients that lost the same node at the same
+/// moment do not all come back at the same moment (a reconnect storm spreads out).
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::random::<f64>().mul_add(0.5, 0.5))
+}
+
+/// How long to wait on `Throttled{retry_after_ms}`: at least what the node asked (at most
+/// [`THROTTLE_WAIT_MAX`]), plus up to a quarter more, so throttled clients do not all retry in
+/// the same instant.
+fn throttle_wait(retry_after_ms: u64) -> Duration {
+    let asked = Duration::from_millis(retry_after_ms.max(1)).min(THROTTLE_WAIT_MAX);
+    asked + asked.mul_f64(rand::random::<f64>() * 0.25)
 }
 
 /// Takes the next batch off a shard's queue: up to [`SEND_BATCH_MAX`] sends and
@@ -498,7 +513,7 @@ impl Client {
                 }
                 Ok(Response::Throttled { retry_after_ms }) => {
                     last = format!("node {node} throttled the send");
-                    tokio::time::sleep(Duration::from_millis(retry_after_ms.max(1)).min(THROTTLE_WAIT_MAX)).await;
+                    tokio::time::sleep(throttle_wait(retry_after_ms)).await;
                 }
                 Ok(Response::Error { code, message }) => match code {
                     ErrorCode::InvalidInput => return Err(Error::InvalidInput(message)),
@@ -652,7 +667,7 @@ impl Client {
                     e => return Err(e),
                 },
                 Ok(Response::Throttled { retry_after_ms }) => {
-                    tokio::time::sleep(Duration::from_millis(retry_after_ms.max(1)).min(THROTTLE_WAIT_MAX)).await;
+                    tokio::time::sleep(throttle_wait(retry_after_ms)).await;
                     Error::Throttled { retry_after_ms }
                 }
                 Ok(answer) => {
@@ -1057,6 +1072,19 @@ mod tests {
 
     fn msg(offset: u64) -> Response {
         Response::Message(stored(offset))
+    }
+
+    // Back-offs spread over [half, whole] of their step, and a throttled client waits what
+    // the node asked plus up to a quarter, capped.
+    #[test]
+    fn back_offs_are_jittered_within_their_bounds() {
+        let waits: Vec<Duration> =
+            (0..200).map(|_| backoff(Duration::from_millis(50), Duration::from_secs(1), 4)).collect();
+        assert!(waits.iter().all(|w| (Duration::from_millis(100)..=Duration::from_millis(200)).contains(w)));
+        assert!(waits.iter().collect::<std::collections::HashSet<_>>().len() > 10, "the waits are spread");
+        let throttled: Vec<Duration> = (0..200).map(|_| throttle_wait(100)).collect();
+        assert!(throttled.iter().all(|w| (Duration::from_millis(100)..=Duration::from_millis(125)).contains(w)));
+        assert!(throttle_wait(60_000) <= THROTTLE_WAIT_MAX.mul_f64(1.25));
     }
 
     /// What a fake node received and holds until the test is done with it.

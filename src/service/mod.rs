@@ -52,6 +52,10 @@ pub const CATCH_UP_BATCH: usize = 512;
 /// … and stored bytes per batch, at most (a batch is held while it is written, and a
 /// subscriber that stops reading pins at most two: the one being written and the next).
 pub const CATCH_UP_BATCH_BYTES: usize = 256 << 10;
+/// Catch-up scans a node runs at once; more wait (asynchronously) for a slot. They share
+/// the blocking pool and the disk with Raft's own storage work (votes, truncations): a flood
+/// of catch-ups must queue here, not there.
+pub const CATCH_UP_SCANS_MAX: usize = 8;
 /// How long a write to a subscriber may wait for the client to read: one that stops reading
 /// is dropped, releasing what it pinned, and resubscribes when it reads again.
 pub const SUBSCRIBER_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -113,6 +117,27 @@ impl StoredRead {
     }
 }
 
+/// Reads and frames up to [`CATCH_UP_BATCH`] stored messages (and [`CATCH_UP_BATCH_BYTES`])
+/// of a conversation from `from` up to offset `until`.
+fn read_batch(store: &Store, shard: ShardId, conversation: &str, from: u64, until: u64) -> Result<StoredFrames> {
+    let mut frames = Vec::new();
+    let mut next = from.max(1);
+    let want = CATCH_UP_BATCH.min(usize::try_from(until.saturating_sub(next - 1)).unwrap_or(usize::MAX));
+    if want == 0 {
+        return Ok(StoredFrames { frames, more: false, next });
+    }
+    let scanned = store.scan_messages(shard, conversation, next, want, CATCH_UP_BATCH_BYTES, |offset, value| {
+        if offset != next {
+            return Err(Error::Corrupt(format!(
+                "conversation {conversation:?}: offset {offset} stored where {next} was due"
+            )));
+        }
+        next = offset + 1;
+        frames::message_frame_from_stored(value, &mut frames)
+    })?;
+    Ok(StoredFrames { frames, more: scanned.more, next })
+}
+
 /// Writes to a subscriber's stream, giving up after [`SUBSCRIBER_WRITE_TIMEOUT`].
 async fn write_subscriber(out: &mut quinn::SendStream, bytes: &[u8]) -> Result<()> {
     match tokio::time::timeout(SUBSCRIBER_WRITE_TIMEOUT, out.write_all(bytes)).await {
@@ -146,6 +171,8 @@ pub struct Service {
     groups: HashMap<ShardId, Group>,
     push: Arc<PushHub>,
     inflight: Arc<Semaphore>,
+    /// Slots of catch-up scans ([`CATCH_UP_SCANS_MAX`]).
+    scans: Arc<Semaphore>,
     rates: SendRates,
     peer_stats: Arc<PeerStats>,
     counters: Arc<CommitCounters>,
@@ -350,6 +377,7 @@ impl Service {
             groups,
             push,
             inflight,
+            scans: Arc::new(Semaphore::new(CATCH_UP_SCANS_MAX)),
             rates,
             peer_stats: net.stats(),
             counters: Arc::default(),
@@ -688,25 +716,12 @@ impl Service {
     /// Starts reading and framing up to [`CATCH_UP_BATCH`] stored messages from `from` up
     /// to offset `until` on a blocking thread.
     fn read_stored(&self, shard: ShardId, conversation: &str, from: u64, until: u64) -> StoredRead {
-        let (store, conversation) = (self.store.clone(), conversation.to_string());
-        StoredRead(tokio::task::spawn_blocking(move || {
-            let mut frames = Vec::new();
-            let mut next = from.max(1);
-            let want = CATCH_UP_BATCH.min(usize::try_from(until.saturating_sub(next - 1)).unwrap_or(usize::MAX));
-            if want == 0 {
-                return Ok(StoredFrames { frames, more: false, next });
-            }
-            let scanned =
-                store.scan_messages(shard, &conversation, next, want, CATCH_UP_BATCH_BYTES, |offset, value| {
-                    if offset != next {
-                        return Err(Error::Corrupt(format!(
-                            "conversation {conversation:?}: offset {offset} stored where {next} was due"
-                        )));
-                    }
-                    next = offset + 1;
-                    frames::message_frame_from_stored(value, &mut frames)
-                })?;
-            Ok(StoredFrames { frames, more: scanned.more, next })
+        let (store, conversation, scans) = (self.store.clone(), conversation.to_string(), self.scans.clone());
+        StoredRead(tokio::spawn(async move {
+            let _slot = scans.acquire_owned().await.map_err(|_| Error::Unavailable("the node is stopping".into()))?;
+            tokio::task::spawn_blocking(move || read_batch(&store, shard, &conversation, from, until))
+                .await
+                .map_err(Error::task("reading stored messages"))?
         }))
     }
 

@@ -13,6 +13,10 @@ use std::time::Instant;
 
 /// Keys one map holds before it sheds its full buckets.
 pub const KEYS_MAX: usize = 100_000;
+/// The shortest `retry_after` a throttled send is told: a token may come sooner, but
+/// clients told "1 ms" would come back at once, and a flood of them would spend the node
+/// on refusals.
+pub const RETRY_AFTER_MIN_MS: u64 = 20;
 
 /// A rate and a burst; `per_s == 0` means no limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,7 +62,7 @@ impl Bucket {
         if self.tokens >= n.min(rate.burst) {
             0
         } else {
-            (((n.min(rate.burst) - self.tokens) / rate.per_s) * 1000.0).ceil().max(1.0) as u64
+            ((((n.min(rate.burst) - self.tokens) / rate.per_s) * 1000.0).ceil() as u64).max(RETRY_AFTER_MIN_MS)
         }
     }
 
@@ -195,9 +199,12 @@ mod tests {
         for i in 0..20 {
             assert!(r.take("ann", &[("c", 1)], &conn, t0).is_ok(), "send {i} of the burst");
         }
-        // Empty: one token comes every 100 ms.
+        // Empty: one token comes every 100 ms, and no client is told to come back sooner
+        // than RETRY_AFTER_MIN_MS.
         assert_eq!(r.take("ann", &[("c", 1)], &conn, t0), Err((100, Reason::User)));
         assert_eq!(r.take("ann", &[("c", 1)], &conn, t0 + Duration::from_millis(50)), Err((50, Reason::User)));
+        let almost = t0 + Duration::from_millis(95);
+        assert_eq!(r.take("ann", &[("c", 1)], &conn, almost), Err((RETRY_AFTER_MIN_MS, Reason::User)));
         assert!(r.take("ann", &[("c", 1)], &conn, t0 + Duration::from_millis(100)).is_ok());
         // Another user is not affected.
         assert!(r.take("bob", &[("c", 1)], &conn, t0).is_ok());
