@@ -795,6 +795,213 @@ async fn connections(cluster: &LocalCluster, leaders: &[u64], opts: BenchOptions
     Ok(r)
 }
 
+/// Node-wide count of sends answered `Throttled` by a rate limit.
+async fn throttled_total(config: &Config) -> Result<u64> {
+    let admin = Client::connect_user(config, convoy::net::tls::ADMIN_USER)?;
+    let mut total = 0;
+    for id in config.node_ids() {
+        total += admin.status(id).await?.sends_throttled;
+    }
+    Ok(total)
+}
+
+/// A conversation named `prefix-N` whose shard `leaders` assigns to `node`.
+fn conversation_led_by(config: &Config, leaders: &[u64], node: u64, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|c| leaders.get(convoy::chat::shard_of(c, config.shards) as usize) == Some(&node))
+        .expect("some conversation maps to every shard")
+}
+
+/// Sequential sends of one client for `phase`: their latencies.
+async fn sequential_sends(client: &Client, conversation: &str, phase: Duration) -> Result<Samples> {
+    let mut samples = Samples::default();
+    let until = Instant::now() + phase;
+    let mut i = 0u64;
+    while Instant::now() < until {
+        let started = Instant::now();
+        client.send(conversation, &format!("polite {i}")).await?;
+        samples.push(started.elapsed());
+        i += 1;
+    }
+    Ok(samples)
+}
+
+/// Fairness on a cluster with the product's default limits: one polite user sending one
+/// message at a time to a conversation, first alone, then while 64 other users (one client
+/// each, sending as fast as they are let) flood another conversation led by the same node.
+/// The polite sender's p99 under the flood is compared with its p99 alone; the flood's
+/// throttled answers are counted on the nodes.
+async fn fairness(dir: &Path, opts: BenchOptions) -> Result<Record> {
+    const FLOODERS: usize = 64;
+    let cluster = LocalCluster::launch(ClusterSpec {
+        shards: env_number::<u32>("CONVOY_BENCH_SHARDS").unwrap_or(16),
+        dir: Some(dir.to_path_buf()),
+        remove_dir_on_drop: std::env::var_os("CONVOY_BENCH_KEEP").is_none(),
+        ..ClusterSpec::default()
+    })?;
+    let leaders = wait_balanced(&cluster, Duration::from_secs(60)).await?;
+    let config = cluster.config().clone();
+    let loud = conversation_led_by(&config, &leaders, 1, "loud");
+    let quiet = conversation_led_by(&config, &leaders, 1, "quiet");
+    let polite = cluster.client_as("polite")?;
+    let flooders: Vec<Client> =
+        (0..FLOODERS).map(|i| cluster.client_as(&format!("flood-{i}"))).collect::<Result<_>>()?;
+    let members: Vec<String> = (1..FLOODERS).map(|i| format!("flood-{i}")).collect();
+    flooders[0].create_conversation(&loud, &members).await?;
+    polite.send(&quiet, "hello").await?;
+
+    let idle = sequential_sends(&polite, &quiet, opts.phase()).await?;
+    let throttled_before = throttled_total(&config).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut flood = tokio::task::JoinSet::new();
+    for client in flooders {
+        let (stop, acked, loud) = (stop.clone(), acked.clone(), loud.clone());
+        flood.spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if client.send(&loud, &format!("flood {i}")).await.is_ok() {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        });
+    }
+    // Let the flood reach its steady state (buckets drained) before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked_before, started) = (acked.load(Ordering::Relaxed), Instant::now());
+    let under = sequential_sends(&polite, &quiet, opts.phase()).await?;
+    let flood_rate = (acked.load(Ordering::Relaxed) - acked_before) as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    while flood.join_next().await.is_some() {}
+    let throttled = throttled_total(&config).await?.saturating_sub(throttled_before);
+    let (idle_p50, idle_p99) = (idle.pct(0.5), idle.pct(0.99));
+    let count = under.len();
+    let mut r = record("fairness", FLOODERS + 1, 2, count as usize, opts.phase(), under);
+    r.extra.insert("polite_p99_us".into(), json!(r.p99_us));
+    r.extra.insert("idle_p50_us".into(), json!(idle_p50));
+    r.extra.insert("idle_p99_us".into(), json!(idle_p99));
+    r.extra.insert("p99_ratio".into(), json!(r.p99_us as f64 / idle_p99.max(1) as f64));
+    r.extra.insert("flood_msgs_per_s".into(), json!(flood_rate));
+    r.extra.insert("throttled".into(), json!(throttled));
+    r.extra.insert(
+        "limits".into(),
+        json!({
+            "user_sends_per_s": config.limits.user_sends_per_s,
+            "conversation_sends_per_s": config.limits.conversation_sends_per_s,
+            "connection_sends_per_s": config.limits.connection_sends_per_s,
+        }),
+    );
+    Ok(r)
+}
+
+/// A reconnect storm: `count` subscribers, each on a conversation of its own and all attached
+/// to node 2, follow from offset 1; node 2 is killed and restarted. Measured: the time from
+/// the restart until every subscriber is live again (caught up after re-attaching), node 2's
+/// peak resident memory meanwhile, and that each subscriber whose conversation got a message
+/// while node 2 was down received it.
+async fn reconnect_storm(dir: &Path, opts: BenchOptions) -> Result<Record> {
+    const CONNECTIONS_PER_SOCKET: usize = 500;
+    const NODE: u64 = 2;
+    let count: usize = if opts.quick { 1_000 } else { 5_000 };
+    let mut cluster = start_cluster(dir)?;
+    wait_balanced(&cluster, Duration::from_secs(60)).await?;
+    let config = cluster.config().clone();
+    let endpoints: Vec<quinn::Endpoint> =
+        (0..count.div_ceil(CONNECTIONS_PER_SOCKET)).map(|_| Client::endpoint()).collect::<convoy::Result<_>>()?;
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<(usize, Event)>();
+    let mut subscriptions = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let client = Client::connect_on(&config, TEST_USER, endpoints[i % endpoints.len()].clone())?;
+        let tx = events_tx.clone();
+        subscriptions.spawn(async move {
+            let mut sub = client.subscribe(&format!("storm-{i}"), 1, Some(NODE));
+            while let Some(ev) = sub.next().await {
+                if tx.send((i, ev)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(events_tx);
+    // All attached and caught up.
+    let mut live = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while live.len() < count {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Some((i, Event::CaughtUp { .. }))) => {
+                live.insert(i);
+            }
+            Ok(Some(_)) => {}
+            _ => bail!("only {} of {count} subscribers attached", live.len()),
+        }
+    }
+    let pid_before = cluster.pid(NODE);
+    cluster.kill(NODE);
+    // While node 2 is down, every 50th conversation gets a message (the other nodes serve).
+    let sender = Client::connect_user(&config, TEST_USER)?;
+    let mut expected = std::collections::BTreeMap::new();
+    for i in (0..count).step_by(50) {
+        let ack = sender.send(&format!("storm-{i}"), &format!("while down {i}")).await?;
+        expected.insert(i, ack.offset);
+    }
+    while events.try_recv().is_ok() {}
+    cluster.start(NODE)?;
+    let restarted = Instant::now();
+    let pid = cluster.pid(NODE).filter(|p| Some(*p) != pid_before);
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(pid) = pid {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut relive = std::collections::HashSet::new();
+    let mut received = std::collections::HashSet::new();
+    let mut attach_latency = Samples::default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while relive.len() < count || received.len() < expected.len() {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Some((i, Event::CaughtUp { .. }))) => {
+                if relive.insert(i) {
+                    attach_latency.push(restarted.elapsed());
+                }
+            }
+            Ok(Some((i, Event::Message(m)))) => {
+                if expected.get(&i) == Some(&m.offset) {
+                    received.insert(i);
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    let all_live_s = restarted.elapsed().as_secs_f64();
+    sampler.abort();
+    let peak_kib = peak.load(Ordering::Relaxed);
+    let after_kib = pid.map(rss_kib).unwrap_or(0);
+    subscriptions.abort_all();
+    for e in &endpoints {
+        e.close(0u32.into(), b"bench done");
+    }
+    let mut r =
+        record("reconnect_storm", count, count, relive.len(), Duration::from_secs_f64(all_live_s), attach_latency);
+    r.extra.insert("subscribers".into(), json!(count));
+    r.extra.insert("live_again".into(), json!(relive.len()));
+    r.extra.insert("all_live_s".into(), json!(all_live_s));
+    r.extra.insert("sent_while_down".into(), json!(expected.len()));
+    r.extra.insert("received_after".into(), json!(received.len()));
+    r.extra.insert("peak_rss_kib".into(), json!(peak_kib));
+    r.extra.insert("rss_kib_after".into(), json!(after_kib));
+    Ok(r)
+}
+
 /// Names of the workloads, in the order they run.
 pub const WORKLOADS: &[&str] = &[
     "disk_fsync",
@@ -805,6 +1012,8 @@ pub const WORKLOADS: &[&str] = &[
     "push_latency",
     "catch_up",
     "fan_out",
+    "fairness",
+    "reconnect_storm",
 ];
 
 /// Runs every workload (or those named in `only`) on a fresh cluster under `dir`.
@@ -871,6 +1080,14 @@ pub async fn run(
         push(fan_out(&config, 1_000, 20, opts.phase()).await?, &mut out);
     }
     drop(cluster);
+    // Each on a cluster of its own: fairness runs with the product's default limits (the
+    // others run unthrottled), and the storm restarts a node.
+    if want("fairness") {
+        push(fairness(&dir.join("fairness"), opts).await?, &mut out);
+    }
+    if want("reconnect_storm") {
+        push(reconnect_storm(&dir.join("storm"), opts).await?, &mut out);
+    }
     Ok(out)
 }
 
