@@ -151,7 +151,17 @@ fn answer_of(e: Error) -> Response {
         | Error::Refused(_)
         | Error::Io(_) => ErrorCode::Unavailable,
     };
-    Response::Error { code, message: e.to_string() }
+    // The client names the class again (`forbidden: …`): the message is what follows it.
+    let message = match e {
+        Error::InvalidInput(m)
+        | Error::Rejected(m)
+        | Error::Forbidden(m)
+        | Error::Protocol(m)
+        | Error::Ambiguous(m)
+        | Error::Unavailable(m) => m,
+        other => other.to_string(),
+    };
+    Response::Error { code, message }
 }
 
 /// Serves one request stream. A stream whose requests are sends stays open for the next

@@ -379,8 +379,10 @@ async fn users_are_their_certificates_and_only_members_read() {
     assert!(matches!(bob.add_member("secret", "bob").await, Err(Error::Forbidden(_))));
     let (ok, out, err) = cli(&["tail", "--conversation", "secret", "--user", "bob"]);
     assert!(!ok && out.is_empty() && err.contains("forbidden"), "a non-member's tail: {out} / {err}");
-    // Status is for admins.
+    // Status is for admins; the CLI says why, once, and exits non-zero.
     assert!(matches!(alice.status(1).await, Err(Error::Forbidden(_))));
+    let (ok, _, err) = cli(&["cluster", "status", "--user", "alice"]);
+    assert!(!ok && err.contains("admin") && err.matches("forbidden").count() == 1, "{err}");
     assert!(cluster.admin().expect("admin").status(1).await.is_ok());
 
     // A member's follow ends at the removal: it sees what came before, never what came after.

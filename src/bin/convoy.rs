@@ -632,6 +632,8 @@ async fn cluster_status(path: &Path, who: &Who, json: bool) -> Result<()> {
                 }
                 out.push(json!({"node": id, "up": true, "status": s}));
             }
+            // Refused, not down: retrying with this credential changes nothing.
+            Err(e @ convoy::Error::Forbidden(_)) => bail!("{e} (cluster status needs an admin credential)"),
             Err(e) => {
                 if !json {
                     println!("node {id}: down ({e})");
