@@ -343,6 +343,9 @@ pub trait ShardView {
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, Self::Error>;
     /// The conversation's members; `None`: it does not exist.
     fn members(&mut self, conversation: &str) -> Result<Option<Members>, Self::Error>;
+    /// Whether `user` is a member; `None`: the conversation does not exist. Asked by every
+    /// send, so views answer it without copying the member set.
+    fn is_member(&mut self, conversation: &str, user: &str) -> Result<Option<bool>, Self::Error>;
 }
 
 /// Applies one command against `view`, returning its outcome and the effects to persist.
@@ -389,8 +392,8 @@ fn apply_send<V: ShardView>(view: &mut V, send: &SendCommand) -> Result<(Outcome
         let outcome = Outcome::Appended { offset: found.offset, ts_ms: found.ts_ms, duplicate: true };
         return Ok((outcome, Vec::new()));
     }
-    let members = view.members(&send.conversation)?;
-    if members.as_ref().is_some_and(|m| !m.contains(&send.sender)) {
+    let member = view.is_member(&send.conversation, &send.sender)?;
+    if member == Some(false) {
         return reject(Rejection::NotMember { user: send.sender.clone() });
     }
     let offset = view.head(&send.conversation)? + 1;
@@ -405,7 +408,7 @@ fn apply_send<V: ShardView>(view: &mut V, send: &SendCommand) -> Result<(Outcome
     };
     let record = DedupRecord { offset, ts_ms: send.ts_ms, digest };
     let mut effects = Vec::with_capacity(4);
-    if members.is_none() {
+    if member.is_none() {
         // The first send creates the conversation, with its sender as the only member.
         let members = Members { users: BTreeSet::from([send.sender.clone()]), removed: BTreeMap::new() };
         effects.push(Effect::SetMembers { conversation: send.conversation.clone(), members });
@@ -474,7 +477,7 @@ fn apply_cursor<V: ShardView>(view: &mut V, c: &CursorCommand) -> Result<(Outcom
             return Ok((Outcome::Rejected { reason: Rejection::InvalidId(m) }, Vec::new()));
         }
     }
-    if view.members(&c.conversation)?.is_some_and(|m| !m.contains(&c.user)) {
+    if view.is_member(&c.conversation, &c.user)? == Some(false) {
         return Ok((Outcome::Rejected { reason: Rejection::NotMember { user: c.user.clone() } }, Vec::new()));
     }
     let head = view.head(&c.conversation)?;
@@ -552,6 +555,12 @@ impl<V: ShardView> ShardView for Overlay<'_, V> {
             None => self.base.members(conversation),
         }
     }
+    fn is_member(&mut self, conversation: &str, user: &str) -> Result<Option<bool>, V::Error> {
+        match self.members.get(conversation) {
+            Some(m) => Ok(Some(m.contains(user))),
+            None => self.base.is_member(conversation, user),
+        }
+    }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, V::Error> {
         match self.cursors.get(&(user.to_string(), conversation.to_string())) {
             Some(o) => Ok(*o),
@@ -608,6 +617,9 @@ impl ShardView for MemView {
     }
     fn members(&mut self, conversation: &str) -> Result<Option<Members>, Self::Error> {
         Ok(self.members.get(conversation).cloned())
+    }
+    fn is_member(&mut self, conversation: &str, user: &str) -> Result<Option<bool>, Self::Error> {
+        Ok(self.members.get(conversation).map(|m| m.contains(user)))
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, Self::Error> {
         Ok(self.cursors.get(&(user.to_string(), conversation.to_string())).copied().unwrap_or(0))

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::chat::{shard_of, ShardId, StoredMessage};
+use crate::chat::{shard_of, Membership, ShardId, StoredMessage};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
@@ -697,30 +697,23 @@ impl Client {
     /// Creates a conversation with this user and `members` as its members. Creating one
     /// that exists is `Rejected`.
     pub async fn create_conversation(&self, conversation: &str, members: &[String]) -> Result<Vec<String>> {
-        let req = Request::Members {
-            conversation: conversation.into(),
-            change: MemberChange::Create { members: members.to_vec() },
-        };
-        self.membership(conversation, &req).await
+        self.change_members(conversation, Membership::Create { members: members.to_vec() }).await
     }
 
     /// Adds `user` to a conversation this user is a member of.
     pub async fn add_member(&self, conversation: &str, user: &str) -> Result<Vec<String>> {
-        let req =
-            Request::Members { conversation: conversation.into(), change: MemberChange::Add { user: user.into() } };
-        self.membership(conversation, &req).await
+        self.change_members(conversation, Membership::Add { user: user.into() }).await
     }
 
     /// Removes `user` from a conversation this user is a member of; `user`'s live
     /// subscriptions end at the offset the removal was ordered at.
     pub async fn remove_member(&self, conversation: &str, user: &str) -> Result<Vec<String>> {
-        let req =
-            Request::Members { conversation: conversation.into(), change: MemberChange::Remove { user: user.into() } };
-        self.membership(conversation, &req).await
+        self.change_members(conversation, Membership::Remove { user: user.into() }).await
     }
 
-    async fn membership(&self, conversation: &str, req: &Request) -> Result<Vec<String>> {
-        match self.to_leader(conversation, req).await? {
+    async fn change_members(&self, conversation: &str, change: Membership) -> Result<Vec<String>> {
+        let req = Request::Members { conversation: conversation.into(), change: MemberChange::Change(change) };
+        match self.to_leader(conversation, &req).await? {
             Response::Members { members, .. } => Ok(members),
             other => Err(Error::Protocol(format!("unexpected answer to a membership change: {other:?}"))),
         }

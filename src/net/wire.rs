@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{ShardId, StoredMessage};
+use crate::chat::{Membership, ShardId, StoredMessage};
 pub use crate::stages::StageSnapshot;
 
 /// A client's request.
@@ -43,16 +43,8 @@ pub enum Request {
 pub enum MemberChange {
     /// The members and head as the serving replica has them.
     Show,
-    /// Create the conversation with the caller and these members.
-    Create {
-        members: Vec<String>,
-    },
-    Add {
-        user: String,
-    },
-    Remove {
-        user: String,
-    },
+    /// A change, made by the caller, on the conversation's leader.
+    Change(Membership),
 }
 
 impl Request {

@@ -55,9 +55,18 @@ fn requests() -> Vec<Request> {
         Request::Status,
         Request::SendBatch(vec![send_request("a", "x"), send_request("b", "yy")]),
         Request::Members { conversation: "room".into(), change: MemberChange::Show },
-        Request::Members { conversation: "room".into(), change: MemberChange::Create { members: vec!["bo".into()] } },
-        Request::Members { conversation: "room".into(), change: MemberChange::Add { user: "bo".into() } },
-        Request::Members { conversation: "room".into(), change: MemberChange::Remove { user: "bo".into() } },
+        Request::Members {
+            conversation: "room".into(),
+            change: MemberChange::Change(Membership::Create { members: vec!["bo".into()] }),
+        },
+        Request::Members {
+            conversation: "room".into(),
+            change: MemberChange::Change(Membership::Add { user: "bo".into() }),
+        },
+        Request::Members {
+            conversation: "room".into(),
+            change: MemberChange::Change(Membership::Remove { user: "bo".into() }),
+        },
     ]
 }
 

@@ -196,6 +196,17 @@ struct StoreView<'a> {
     cache: &'a mut ApplyCache,
 }
 
+impl StoreView<'_> {
+    /// A conversation's member record through the cache, read from storage on a miss.
+    fn cached_members(&mut self, conversation: &str) -> Result<&Option<Members>> {
+        if !self.cache.members.contains_key(conversation) {
+            let m = self.store.members(self.shard, conversation)?;
+            bounded_insert(&mut self.cache.members, conversation.to_string(), m);
+        }
+        Ok(&self.cache.members[conversation])
+    }
+}
+
 impl ShardView for StoreView<'_> {
     type Error = Error;
     fn head(&mut self, conversation: &str) -> Result<u64> {
@@ -225,12 +236,10 @@ impl ShardView for StoreView<'_> {
         }
     }
     fn members(&mut self, conversation: &str) -> Result<Option<Members>> {
-        if let Some(m) = self.cache.members.get(conversation) {
-            return Ok(m.clone());
-        }
-        let m = self.store.members(self.shard, conversation)?;
-        bounded_insert(&mut self.cache.members, conversation.to_string(), m.clone());
-        Ok(m)
+        Ok(self.cached_members(conversation)?.clone())
+    }
+    fn is_member(&mut self, conversation: &str, user: &str) -> Result<Option<bool>> {
+        Ok(self.cached_members(conversation)?.as_ref().map(|m| m.contains(user)))
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64> {
         self.store.cursor(self.shard, user, conversation)

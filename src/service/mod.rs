@@ -28,7 +28,7 @@ use openraft::error::ClientWriteError;
 use openraft::raft::ClientWriteResult;
 use tokio::sync::{broadcast, Semaphore};
 
-use crate::chat::{self, Command, CursorCommand, Members, MembersCommand, Membership, Outcome, SendCommand, ShardId};
+use crate::chat::{self, Command, CursorCommand, Members, MembersCommand, Outcome, SendCommand, ShardId};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
@@ -692,9 +692,7 @@ impl Service {
                     Err(e) => error(ErrorCode::Unavailable, e.to_string()),
                 };
             }
-            MemberChange::Create { members } => Membership::Create { members },
-            MemberChange::Add { user } => Membership::Add { user },
-            MemberChange::Remove { user } => Membership::Remove { user },
+            MemberChange::Change(change) => change,
         };
         let command = Command::Members(MembersCommand { conversation, by: who.user.clone(), change });
         match self.propose(group, command).await {

@@ -116,6 +116,14 @@ impl Keyed {
     }
 }
 
+/// `key`'s bucket, a full one for a key seen first (the key is copied only then).
+fn bucket<'m>(map: &'m mut HashMap<String, Bucket>, key: &str, rate: Rate, now: Instant) -> &'m mut Bucket {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), Bucket::full(rate, now));
+    }
+    map.get_mut(key).expect("inserted above")
+}
+
 /// The node's send limits.
 pub struct SendRates {
     pub users: Keyed,
@@ -147,14 +155,13 @@ impl SendRates {
         };
         note(connection.wait_ms(total, self.connection, now), Reason::Connection);
         if !self.users.rate.off() {
-            let b = users.entry(user.to_string()).or_insert_with(|| Bucket::full(self.users.rate, now));
+            let b = bucket(&mut users, user, self.users.rate, now);
             note(b.wait_ms(total, self.users.rate, now), Reason::User);
         }
         if !self.conversations.rate.off() {
             for (c, n) in per_conversation {
-                let rate = self.conversations.rate;
-                let b = conversations.entry(c.to_string()).or_insert_with(|| Bucket::full(rate, now));
-                note(b.wait_ms(*n as f64, rate, now), Reason::Conversation);
+                let b = bucket(&mut conversations, c, self.conversations.rate, now);
+                note(b.wait_ms(*n as f64, self.conversations.rate, now), Reason::Conversation);
             }
         }
         if let Some(w) = worst {
