@@ -199,6 +199,11 @@ impl Db {
         Ok(std::fs::write(faketime_file(&self.opts.store, id), format!("{offset}\n"))?)
     }
 
+    /// Waits until node `id` answers a status request (whatever it knows of leaders).
+    pub async fn wait_answers(&self, id: u64, within: Duration) -> Result<()> {
+        self.cluster.wait_answers(id, within).await
+    }
+
     /// Waits until every node answers and all agree on a leader for every shard.
     pub async fn wait_ready(&self, within: Duration) -> Result<()> {
         self.cluster.wait_ready(&self.cluster.node_ids(), within).await.map(|_| ())

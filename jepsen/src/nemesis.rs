@@ -7,7 +7,7 @@
 //! | `partition` | nftables input-hook drops between node addresses: isolate one node, isolate a leader, a bridge (two sides that only a middle node sees), one-way (one node's packets to another are dropped) |
 //! | `clock`     | libfaketime offset of ±5–60 s on one node (`FAKETIME_DONT_FAKE_MONOTONIC=1`) |
 //! | `power`     | a power failure of a majority or all nodes: `kill -9`, then every write not yet fsynced is dropped by the lossy filesystem, then restart |
-//! | `power-all` | every node loses power while the leader of a random shard has its fsyncs held back (its followers' are not): `kill -9` of all, the held fsyncs fail, every unsynced write is dropped, restart |
+//! | `power-all` | every node loses power while the leader of a random shard has its fsyncs held back (its followers' are not): `kill -9` of all, the held fsyncs fail, every unsynced write is dropped; the old leader boots first and alone (0.3–1 s after it answers, the others follow) |
 //! | `corrupt`   | one stopped node's storage is damaged: a bit flipped in a Raft vote record or near the end of the newest WAL, or the newest table file truncated |
 //! | `wipe`      | one stopped node's data directory is emptied |
 //! | `corrupt-majority` | two stopped nodes each get a bit flipped near the end of their newest WAL (never with the others: see below) |
@@ -52,11 +52,20 @@ const DAMAGE: [&str; 3] = ["corrupt", "wipe", "corrupt-majority"];
 const HEALTHY_WITHIN: Duration = Duration::from_secs(2);
 /// How long a restarted node is watched for a refusal before it counts as started.
 const REFUSAL_WATCH: Duration = Duration::from_secs(4);
+/// How long the node that boots first after `power-all` may take to answer.
+const FIRST_BOOT_WITHIN: Duration = Duration::from_secs(5);
 
 /// An injected fault that is still in effect.
 #[derive(Debug, Clone)]
 pub enum Active {
     Killed(Vec<u64>),
+    /// Every node lost power; `first` (the old leader, which lost its unsynced tail) boots
+    /// first and alone, the most adversarial order for a node that might resume its old
+    /// leadership with a shorter log.
+    PoweredOff {
+        first: u64,
+        nodes: Vec<u64>,
+    },
     Paused(Vec<u64>),
     Partitioned,
     Skewed(Vec<u64>),
@@ -260,7 +269,7 @@ impl Nemesis {
                            "hold_ms": window.as_millis() as u64, "unsynced_bytes_dropped": dropped,
                            "outcome": "powered off"}),
                 );
-                Ok(Active::Killed(nodes))
+                Ok(Active::PoweredOff { first: held, nodes })
             }
             "corrupt" => {
                 let node = self.random_node();
@@ -308,9 +317,23 @@ impl Nemesis {
     }
 
     /// Undoes a fault.
-    pub async fn heal(&mut self, db: &Mutex<Db>, active: Active) -> Result<()> {
-        let mut db = db.lock().await;
+    pub async fn heal(&mut self, db_lock: &Mutex<Db>, active: Active) -> Result<()> {
+        let mut db = db_lock.lock().await;
         match active {
+            Active::PoweredOff { first, nodes } => {
+                self.begin(F::Start, json!({"nodes": [first], "variant": "first"}));
+                db.start(first)?;
+                let outcome = match db.wait_answers(first, FIRST_BOOT_WITHIN).await {
+                    Ok(()) => "answering".to_string(),
+                    Err(e) => format!("not answering: {e:#}"),
+                };
+                self.end(F::Start, json!({"nodes": [first], "variant": "first", "outcome": outcome}));
+                let gap = Duration::from_millis(self.rng.gen_range(300..1_000));
+                tokio::time::sleep(gap).await;
+                let rest: Vec<u64> = nodes.into_iter().filter(|n| *n != first).collect();
+                drop(db);
+                return Box::pin(self.heal(db_lock, Active::Killed(rest))).await;
+            }
             Active::Killed(nodes) | Active::Damaged(nodes) => {
                 self.begin(F::Start, json!({"nodes": nodes}));
                 for n in &nodes {

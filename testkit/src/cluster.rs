@@ -270,6 +270,21 @@ impl LocalCluster {
         Ok(Client::connect_user(&self.config, convoy::net::tls::ADMIN_USER)?)
     }
 
+    /// Waits until node `id` answers a status request, whatever it knows of leaders.
+    pub async fn wait_answers(&self, id: u64, within: Duration) -> Result<()> {
+        let client = self.admin()?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match client.status(id).await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    bail!("node {id} did not answer within {within:?}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(POLL_INTERVAL_MS)).await,
+            }
+        }
+    }
+
     /// Waits until every node in `nodes` answers and all report the same leader for every
     /// shard; returns the leaders by shard. Fails after `within` with the last error and the
     /// end of every node's log.
