@@ -99,6 +99,12 @@ pub struct Limits {
     pub connection_sends_per_s: u32,
     /// … and the burst above that rate.
     pub connection_sends_burst: u32,
+    /// Sends a shard's leader keeps proposed and unanswered; beyond it, sends wait in one
+    /// queue per conversation and are proposed in turn, deficit round robin (0: no window,
+    /// every send is proposed at once, first come first served).
+    pub shard_window_sends: u32,
+    /// Sends that may wait per conversation on a shard's leader; more are `Throttled`.
+    pub conversation_queue_sends: u32,
 }
 
 impl Default for Limits {
@@ -116,6 +122,8 @@ impl Default for Limits {
             conversation_sends_burst: CONVERSATION_SENDS_PER_S_DEFAULT * 2,
             connection_sends_per_s: CONNECTION_SENDS_PER_S_DEFAULT,
             connection_sends_burst: CONNECTION_SENDS_PER_S_DEFAULT * 2,
+            shard_window_sends: SHARD_WINDOW_SENDS_DEFAULT,
+            conversation_queue_sends: CONVERSATION_QUEUE_SENDS_DEFAULT,
         }
     }
 }
@@ -268,6 +276,16 @@ impl Config {
         if !(SEND_BATCH_MAX..=INFLIGHT_SENDS_CEILING).contains(&l.inflight_sends_max) {
             return fail(format!("limits.inflight_sends_max must be {SEND_BATCH_MAX}..={INFLIGHT_SENDS_CEILING}"));
         }
+        // A whole batch must fit the window and a conversation's queue, or it could only go
+        // alone (the window) or never (the queue).
+        let batch = SEND_BATCH_MAX as u32;
+        let ceiling = INFLIGHT_SENDS_CEILING as u32;
+        if l.shard_window_sends != 0 && !(batch..=ceiling).contains(&l.shard_window_sends) {
+            return fail(format!("limits.shard_window_sends must be 0 (off) or {batch}..={ceiling}"));
+        }
+        if !(batch..=ceiling).contains(&l.conversation_queue_sends) {
+            return fail(format!("limits.conversation_queue_sends must be {batch}..={ceiling}"));
+        }
         if !(1..=STREAMS_PER_CONNECTION_CEILING).contains(&l.streams_per_connection_max) {
             return fail(format!("limits.streams_per_connection_max must be 1..={STREAMS_PER_CONNECTION_CEILING}"));
         }
@@ -351,6 +369,8 @@ data_dir = "data/node3"
             ("connections_max", 0, "connections_max must be 1..="),
             ("connections_max", 1 << 21, "connections_max must be 1..="),
             ("streams_per_connection_max", 0, "streams_per_connection_max must be 1..="),
+            ("shard_window_sends", 255, "shard_window_sends must be 0 (off) or 256..="),
+            ("conversation_queue_sends", 0, "conversation_queue_sends must be 256..="),
         ] {
             let text = format!("{SAMPLE}\n[limits]\n{limit} = {value}\n");
             let err = Config::parse(&text, Path::new("."), Path::new("c.toml")).expect_err("out of range");

@@ -22,11 +22,18 @@ struct Tweaks {
     snapshot_logs_since_last: u64,
     snapshot_log_kept_max: u64,
     message_bytes_max: usize,
+    limits: LimitTweaks,
 }
 
 impl Default for Tweaks {
     fn default() -> Self {
-        Tweaks { shards: 4, snapshot_logs_since_last: 20_000, snapshot_log_kept_max: 5_000, message_bytes_max: 65536 }
+        Tweaks {
+            shards: 4,
+            snapshot_logs_since_last: 20_000,
+            snapshot_log_kept_max: 5_000,
+            message_bytes_max: 65536,
+            limits: LimitTweaks::default(),
+        }
     }
 }
 
@@ -44,7 +51,7 @@ fn start(t: Tweaks) -> LocalCluster {
             purge_batch_size: Some(1),
             ..RaftTweaks::default()
         },
-        limits: LimitTweaks { message_bytes_max: Some(t.message_bytes_max), ..LimitTweaks::default() },
+        limits: LimitTweaks { message_bytes_max: Some(t.message_bytes_max), ..t.limits },
         remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
         log_filter: Some(std::env::var("CONVOY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into())),
         convoy_bin: Some(BIN.into()),
@@ -71,6 +78,59 @@ fn check_dense(messages: &[StoredMessage]) -> BTreeMap<u64, (String, String)> {
         assert_eq!(m.offset, i as u64 + 1, "offsets must be dense from 1");
     }
     messages.iter().map(|m| (m.offset, (m.sender.clone(), m.text.clone()))).collect()
+}
+
+// A flood that overfills its shard's window waits in its conversation's queue: every send
+// is still acked exactly once at a dense offset (the queue loses and repeats nothing), and a
+// quiet conversation of the same shard is served beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
+    const FLOODERS: usize = 12;
+    const EACH: usize = 100;
+    let cluster = start(Tweaks {
+        shards: 1,
+        limits: LimitTweaks {
+            shard_window_sends: Some(256),
+            conversation_queue_sends: Some(256),
+            ..LimitTweaks::unthrottled()
+        },
+        ..Tweaks::default()
+    });
+    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let flooders: Vec<Client> = (0..FLOODERS).map(|_| cluster.client().expect("client")).collect();
+    let acks: Arc<Mutex<HashMap<u64, String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (f, client) in flooders.iter().enumerate() {
+        for i in 0..EACH {
+            let (client, acks) = (client.clone(), acks.clone());
+            tasks.push(tokio::spawn(async move {
+                let text = format!("flood {f}/{i}");
+                let ack = client.send("loud", &text).await.expect("flood send acked");
+                let prev = acks.lock().expect("lock").insert(ack.offset, text);
+                assert!(prev.is_none(), "two acks for offset {}", ack.offset);
+            }));
+        }
+    }
+    let quiet = cluster.client().expect("client");
+    for i in 0..20 {
+        let ack = quiet.send("quiet", &format!("quiet {i}")).await.expect("quiet send acked");
+        assert_eq!(ack.offset, i + 1);
+    }
+    for t in tasks {
+        t.await.expect("flood task");
+    }
+    let acks = acks.lock().expect("lock").clone();
+    assert_eq!(acks.len(), FLOODERS * EACH);
+    let status = cluster.admin().expect("admin").status(leaders[0]).await.expect("leader status");
+    assert!(status.sends_queued > 0, "the flood never filled the window, so the queue was not exercised: {status:?}");
+    for node in 1..=3 {
+        let loud = check_dense(&read_at_least(&quiet, "loud", node, FLOODERS * EACH).await);
+        assert_eq!(loud.len(), FLOODERS * EACH, "node {node} holds extra messages");
+        for (offset, (_, text)) in &loud {
+            assert_eq!(acks.get(offset), Some(text), "node {node}: loud@{offset} differs from its ack");
+        }
+        assert_eq!(check_dense(&read_at_least(&quiet, "quiet", node, 20).await).len(), 20);
+    }
 }
 
 // Concurrent sends to many conversations are acked, and every replica returns the same

@@ -896,6 +896,105 @@ async fn fairness(dir: &Path, opts: BenchOptions) -> Result<Record> {
     Ok(r)
 }
 
+/// What one side of `fair_window` measured.
+struct WindowSide {
+    idle: Samples,
+    under: Samples,
+    flood_rate: f64,
+    throttled: u64,
+}
+
+/// One side of `fair_window`: a cluster with rate limits off and the given shard window; a
+/// polite user's sequential sends to a conversation of the same shard as a flooded one,
+/// alone, then under a flood of `flooders` × `each` concurrent sends.
+async fn fair_window_side(dir: &Path, opts: BenchOptions, window: u32) -> Result<WindowSide> {
+    const FLOODERS: usize = 32;
+    const EACH: usize = 48;
+    let cluster = LocalCluster::launch(ClusterSpec {
+        shards: env_number::<u32>("CONVOY_BENCH_SHARDS").unwrap_or(16),
+        dir: Some(dir.to_path_buf()),
+        remove_dir_on_drop: std::env::var_os("CONVOY_BENCH_KEEP").is_none(),
+        limits: LimitTweaks { shard_window_sends: Some(window), ..LimitTweaks::unthrottled() },
+        ..ClusterSpec::default()
+    })?;
+    let leaders = wait_balanced(&cluster, Duration::from_secs(60)).await?;
+    let config = cluster.config().clone();
+    let loud = conversation_led_by(&config, &leaders, 1, "loud");
+    let shard = convoy::chat::shard_of(&loud, config.shards);
+    let quiet = (0..)
+        .map(|i| format!("quiet-{i}"))
+        .find(|c| convoy::chat::shard_of(c, config.shards) == shard)
+        .expect("some conversation maps to every shard");
+    let polite = cluster.client_as("polite")?;
+    let flooders: Vec<Arc<Client>> =
+        (0..FLOODERS).map(|i| cluster.client_as(&format!("flood-{i}")).map(Arc::new)).collect::<Result<_>>()?;
+    let members: Vec<String> = (1..FLOODERS).map(|i| format!("flood-{i}")).collect();
+    flooders[0].create_conversation(&loud, &members).await?;
+    polite.send(&quiet, "hello").await?;
+
+    let idle = sequential_sends(&polite, &quiet, opts.phase()).await?;
+    let throttled_before = throttled_total(&config).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut flood = tokio::task::JoinSet::new();
+    for (f, client) in flooders.iter().enumerate() {
+        for t in 0..EACH {
+            let (stop, acked, loud, client) = (stop.clone(), acked.clone(), loud.clone(), client.clone());
+            flood.spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    match client.send(&loud, &format!("flood {f}/{t}/{i}")).await {
+                        Ok(_) => {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                    i += 1;
+                }
+            });
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked_before, started) = (acked.load(Ordering::Relaxed), Instant::now());
+    let under = sequential_sends(&polite, &quiet, opts.phase()).await?;
+    let flood_rate = (acked.load(Ordering::Relaxed) - acked_before) as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    while flood.join_next().await.is_some() {}
+    let throttled = throttled_total(&config).await?.saturating_sub(throttled_before);
+    Ok(WindowSide { idle, under, flood_rate, throttled })
+}
+
+/// Fair proposal scheduling, on and off, in one run: with send rate limits off, 32 users
+/// keep 1,536 sends in flight into one conversation while a polite user sends one message at
+/// a time to another conversation of the same shard. With the shard window (the default)
+/// the polite sends wait behind one turn of the flood; with it off (`shard_window_sends = 0`)
+/// they queue behind the flood's whole backlog in Raft.
+async fn fair_window(dir: &Path, opts: BenchOptions) -> Result<Record> {
+    let window = env_number::<u32>("CONVOY_BENCH_WINDOW").unwrap_or(convoy::chat::limits::SHARD_WINDOW_SENDS_DEFAULT);
+    let on = fair_window_side(&dir.join("window-on"), opts, window).await?;
+    let off = fair_window_side(&dir.join("window-off"), opts, 0).await?;
+    let count = on.under.len();
+    let (off_p50, off_p99) = (off.under.pct(0.5), off.under.pct(0.99));
+    let mut r = record("fair_window", 32 * 48 + 1, 2, count as usize, opts.phase(), on.under);
+    r.extra.insert("polite_p99_us".into(), json!(r.p99_us));
+    r.extra.insert("idle_p99_us".into(), json!(on.idle.pct(0.99)));
+    r.extra.insert("p99_ratio".into(), json!(r.p99_us as f64 / on.idle.pct(0.99).max(1) as f64));
+    r.extra.insert("flood_msgs_per_s".into(), json!(on.flood_rate));
+    r.extra.insert("throttled".into(), json!(on.throttled));
+    r.extra.insert("window_sends".into(), json!(window));
+    r.extra.insert(
+        "window_off".into(),
+        json!({
+            "polite_p50_us": off_p50,
+            "polite_p99_us": off_p99,
+            "idle_p99_us": off.idle.pct(0.99),
+            "flood_msgs_per_s": off.flood_rate,
+            "throttled": off.throttled,
+        }),
+    );
+    Ok(r)
+}
+
 /// A reconnect storm: `count` subscribers, each on a conversation of its own and all attached
 /// to node 2, follow from offset 1; node 2 is killed and restarted. Measured: the time from
 /// the restart until every subscriber is live again (caught up after re-attaching), node 2's
@@ -1013,6 +1112,7 @@ pub const WORKLOADS: &[&str] = &[
     "catch_up",
     "fan_out",
     "fairness",
+    "fair_window",
     "reconnect_storm",
 ];
 
@@ -1084,6 +1184,9 @@ pub async fn run(
     // others run unthrottled), and the storm restarts a node.
     if want("fairness") {
         push(fairness(&dir.join("fairness"), opts).await?, &mut out);
+    }
+    if want("fair_window") {
+        push(fair_window(&dir.join("fair-window"), opts).await?, &mut out);
     }
     if want("reconnect_storm") {
         push(reconnect_storm(&dir.join("storm"), opts).await?, &mut out);

@@ -59,6 +59,12 @@ pub mod limits {
     pub const CONVERSATION_SENDS_PER_S_DEFAULT: u32 = 1000;
     /// Sends per second on one client connection.
     pub const CONNECTION_SENDS_PER_S_DEFAULT: u32 = 1000;
+    /// Sends a shard's leader keeps proposed and unanswered before new ones wait for their
+    /// conversation's turn (fair scheduling; 0 turns it off).
+    pub const SHARD_WINDOW_SENDS_DEFAULT: u32 = 256;
+    /// Sends that may wait for their turn per conversation on a shard's leader; more are
+    /// answered `Throttled`.
+    pub const CONVERSATION_QUEUE_SENDS_DEFAULT: u32 = 1024;
     /// Sends per batch request, at most (a batch is one Raft entry).
     pub const SEND_BATCH_MAX: usize = 256;
     /// Largest accepted `connections_max`.

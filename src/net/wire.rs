@@ -153,9 +153,13 @@ pub struct NodeStatus {
     /// AppendEntries cut to a prefix to fit the peer frame budget.
     #[serde(default)]
     pub append_rpcs_cut: u64,
-    /// Sends answered `Throttled` by a rate limit (user, conversation or connection).
+    /// Sends answered `Throttled` by a rate limit (user, conversation or connection) or by a
+    /// full conversation queue.
     #[serde(default)]
     pub sends_throttled: u64,
+    /// Sends that waited for their conversation's turn on a full shard window.
+    #[serde(default)]
+    pub sends_queued: u64,
     /// Latency histograms of the send path since start (see `crate::stages`).
     pub stages: Vec<StageSnapshot>,
 }

@@ -14,7 +14,9 @@
 //!   a lag overflow or a snapshot reset sends it back to storage — so the seam never skips
 //!   or repeats and a slow subscriber costs storage reads, not memory.
 
+mod fair;
 mod frames;
+mod propose;
 mod push;
 pub mod rates;
 
@@ -24,8 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::ClientWriteError;
-use openraft::raft::ClientWriteResult;
 use tokio::sync::{broadcast, Semaphore};
 
 use crate::chat::{self, Command, CursorCommand, Members, MembersCommand, Outcome, SendCommand, ShardId};
@@ -38,10 +38,10 @@ use crate::net::wire::{
 };
 use crate::raft::network::{Groups, Hosted, PeerNet, PeerStats};
 use crate::raft::state_machine::ShardEvents;
-use crate::raft::types::{node_of, FnResponder, NodeId, C};
+use crate::raft::types::{node_of, NodeId};
 use crate::raft::{self as consensus, Group};
-use crate::stages::Stage;
 use crate::store::Store;
+use propose::Proposer;
 use push::{Push, PushHub};
 use rates::{Bucket, Keyed, Rate, SendRates};
 
@@ -52,9 +52,9 @@ pub const CATCH_UP_BATCH: usize = 512;
 /// … and stored bytes per batch, at most (a batch is held while it is written, and a
 /// subscriber that stops reading pins at most two: the one being written and the next).
 pub const CATCH_UP_BATCH_BYTES: usize = 256 << 10;
-/// Catch-up scans a node runs at once; more wait (asynchronously) for a slot. They share
-/// the blocking pool and the disk with Raft's own storage work (votes, truncations): a flood
-/// of catch-ups must queue here, not there.
+/// Catch-up scans a node runs at once; more wait (asynchronously) for a slot. Raft's own
+/// storage work (votes, truncations) has threads of its own (`raft::io_pool`), but the disk
+/// is shared: a flood of catch-ups must queue here, not in front of the disk.
 pub const CATCH_UP_SCANS_MAX: usize = 8;
 /// How long a write to a subscriber may wait for the client to read: one that stops reading
 /// is dropped, releasing what it pinned, and resubscribes when it reads again.
@@ -169,6 +169,8 @@ pub struct Service {
     pub config: Config,
     pub store: Store,
     groups: HashMap<ShardId, Group>,
+    /// Each hosted shard's proposer (its fair scheduler), by shard.
+    proposers: HashMap<ShardId, Arc<Proposer>>,
     push: Arc<PushHub>,
     inflight: Arc<Semaphore>,
     /// Slots of catch-up scans ([`CATCH_UP_SCANS_MAX`]).
@@ -183,8 +185,10 @@ pub struct Service {
 struct CommitCounters {
     sends: AtomicU64,
     entries: AtomicU64,
-    /// Sends answered `Throttled` by a rate limit.
+    /// Sends answered `Throttled` by a rate limit or a full conversation queue.
     throttled: AtomicU64,
+    /// Sends that waited in a conversation's queue for their turn.
+    queued: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -365,22 +369,38 @@ impl Service {
         }
         let inflight = Arc::new(Semaphore::new(config.limits.inflight_sends_max));
         let l = &config.limits;
+        let counters: Arc<CommitCounters> = Arc::default();
         let rates = SendRates {
             users: Keyed::new(Rate::new(l.user_sends_per_s, l.user_sends_burst)),
             conversations: Keyed::new(Rate::new(l.conversation_sends_per_s, l.conversation_sends_burst)),
             connection: Rate::new(l.connection_sends_per_s, l.connection_sends_burst),
         };
+        let proposers = groups
+            .iter()
+            .map(|(&shard, g)| {
+                let p = Proposer::start(
+                    shard,
+                    g.raft.clone(),
+                    l.shard_window_sends,
+                    l.conversation_queue_sends,
+                    counters.clone(),
+                    store.stages.clone(),
+                );
+                (shard, p)
+            })
+            .collect();
         let service = Arc::new(Service {
             id,
             config,
             store,
             groups,
+            proposers,
             push,
             inflight,
             scans: Arc::new(Semaphore::new(CATCH_UP_SCANS_MAX)),
             rates,
             peer_stats: net.stats(),
-            counters: Arc::default(),
+            counters,
         });
         tokio::spawn(balance_leaders(Arc::downgrade(&service)));
         Ok(service)
@@ -399,12 +419,13 @@ impl Service {
         self.groups.get(&shard).ok_or_else(|| Error::Unavailable(format!("shard {shard} is not hosted here")))
     }
 
-    /// Proposes a command on the shard's leader (this node). It takes one in-flight permit
-    /// per send it carries (one for a cursor), held until the outcome is known. `done`
-    /// receives the outcome exactly once — from the state machine's task when the entry is
-    /// applied, or with the answer for everything the command carried (not leader, outcome
-    /// unknown) — unless the group stops first, which drops it uncalled. An `Err` here is
-    /// the immediate answer (throttled, group stopped); `done` is then dropped.
+    /// Proposes a command on the shard's leader (this node), through the shard's fair
+    /// scheduler ([`propose`]). It takes one in-flight permit per send it carries (one for a
+    /// cursor), held until the outcome is known. `done` receives the outcome exactly once —
+    /// from the state machine's task when the entry is applied, or with the answer for
+    /// everything the command carried (not leader, outcome unknown) — unless the group stops
+    /// first, which drops it uncalled. An `Err` here is the immediate answer (throttled,
+    /// group stopped); `done` is then dropped.
     async fn propose_then(
         &self,
         group: &Group,
@@ -419,31 +440,10 @@ impl Service {
         let Ok(permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
             return Err(Refusal::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
         };
-        let (shard, counters, stages) = (group.shard, self.counters.clone(), self.store.stages.clone());
-        let proposed = std::time::Instant::now();
-        let responder = FnResponder::new(move |result: ClientWriteResult<C>| {
-            drop(permits);
-            done(match result {
-                Err(ClientWriteError::ForwardToLeader(f)) => {
-                    Err(Refusal::NotLeader { shard, leader: f.leader_id.map(node_of) })
-                }
-                Err(e) => Err(Refusal::Unknown(format!("shard {shard}: {e}"))),
-                Ok(resp) => {
-                    if sends > 0 {
-                        stages.record(Stage::Send, proposed.elapsed());
-                        counters.entries.fetch_add(1, Ordering::Relaxed);
-                        counters.sends.fetch_add(u64::from(sends), Ordering::Relaxed);
-                    }
-                    Ok(resp.data)
-                }
-            })
-        });
-        // Refused only when the group has stopped: the command never reached it.
-        group
-            .raft
-            .client_write_ff(command, Some(responder))
-            .await
-            .map_err(|e| Refusal::Unavailable(format!("shard {shard}: {e}")))
+        let Some(proposer) = self.proposers.get(&group.shard) else {
+            return Err(Refusal::Unavailable(format!("shard {} is not hosted here", group.shard)));
+        };
+        proposer.propose(command, Some(permits), done).await
     }
 
     /// [`Service::propose_then`], waiting for the outcome at most [`SEND_TIMEOUT`]. An `Err` is
@@ -854,6 +854,7 @@ impl Service {
             append_rpcs_empty: self.peer_stats.append_rpcs_empty.load(Ordering::Relaxed),
             append_rpcs_cut: self.peer_stats.append_rpcs_cut.load(Ordering::Relaxed),
             sends_throttled: self.counters.throttled.load(Ordering::Relaxed),
+            sends_queued: self.counters.queued.load(Ordering::Relaxed),
             stages: self.store.stages.snapshot(),
         }
     }

@@ -131,6 +131,12 @@ pub struct LimitTweaks {
     pub connection_sends_per_s: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_sends_burst: Option<u32>,
+    /// A shard leader's window of proposed sends (0: no fair scheduling).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard_window_sends: Option<u32>,
+    /// Sends that may wait per conversation on a shard's leader.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation_queue_sends: Option<u32>,
 }
 
 impl LimitTweaks {

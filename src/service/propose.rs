@@ -1,0 +1,206 @@
+//! Proposing commands on a shard's leader, through the shard's fair scheduler ([`fair`]).
+//!
+//! A send (or a batch of sends) holds node-wide in-flight permits from the moment it is
+//! taken until its outcome is known, and a share of its shard's window while it is proposed.
+//! Cursor moves and membership changes carry no sends: they are proposed at once.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use openraft::error::ClientWriteError;
+use openraft::raft::ClientWriteResult;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+use super::fair::{Admit, Lanes, Waiting};
+use super::{CommitCounters, Proposed, Refusal, SEND_TIMEOUT};
+use crate::chat::{Command, ShardId};
+use crate::raft::types::{node_of, FnResponder, Raft, C};
+use crate::stages::{Stage, Stages};
+
+/// Sends a conversation gets per turn when its shard's window is contended.
+pub const FAIR_QUANTUM_SENDS: u32 = 32;
+/// A queued proposal that waited this long is answered `Throttled` instead of proposed: its
+/// sender has been told the outcome is unknown by now, and retries.
+const QUEUE_WAIT_MAX: Duration = SEND_TIMEOUT;
+/// The wait suggested to a sender whose conversation's queue is full.
+const QUEUE_FULL_RETRY_MS: u64 = 50;
+
+/// What a queued proposal carries until its turn.
+struct Pending {
+    command: Command,
+    permits: Option<OwnedSemaphorePermit>,
+    done: Box<dyn FnOnce(Proposed) + Send + 'static>,
+}
+
+/// One shard's proposer on this node.
+pub struct Proposer {
+    shard: ShardId,
+    raft: Raft,
+    lanes: Mutex<Lanes<Pending>>,
+    /// Whether the window is used at all (`limits.shard_window_sends > 0`).
+    scheduled: bool,
+    wake: Arc<Notify>,
+    counters: Arc<CommitCounters>,
+    stages: Arc<Stages>,
+}
+
+/// A proposal's share of the window: given back when dropped, whether the proposal was
+/// answered, refused, or dropped uncalled with a stopping group.
+struct Slot {
+    proposer: Weak<Proposer>,
+    cost: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.cost == 0 {
+            return;
+        }
+        if let Some(p) = self.proposer.upgrade() {
+            let waiting = p.lanes.lock().expect("lanes lock is never poisoned").finished(self.cost);
+            if waiting {
+                p.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// The sends a command carries.
+fn sends_of(command: &Command) -> u32 {
+    match command {
+        Command::Send(_) => 1,
+        Command::SendBatch(b) => b.len() as u32,
+        Command::Cursor(_) | Command::Members(_) => 0,
+    }
+}
+
+/// The conversation a command is queued under (a batch's first send's).
+fn conversation_of(command: &Command) -> Option<&str> {
+    match command {
+        Command::Send(s) => Some(&s.conversation),
+        Command::SendBatch(b) => b.first().map(|s| s.conversation.as_str()),
+        Command::Cursor(_) | Command::Members(_) => None,
+    }
+}
+
+impl Proposer {
+    /// A proposer for `shard` with a window of `window` sends (0: none, every proposal goes at
+    /// once) and at most `queue_max` sends queued per conversation. Its dispatcher runs until
+    /// the proposer is dropped.
+    pub fn start(
+        shard: ShardId,
+        raft: Raft,
+        window: u32,
+        queue_max: u32,
+        counters: Arc<CommitCounters>,
+        stages: Arc<Stages>,
+    ) -> Arc<Proposer> {
+        let proposer = Arc::new(Proposer {
+            shard,
+            raft,
+            lanes: Mutex::new(Lanes::new(window, queue_max, FAIR_QUANTUM_SENDS)),
+            scheduled: window > 0,
+            wake: Arc::new(Notify::new()),
+            counters,
+            stages,
+        });
+        tokio::spawn(dispatch(Arc::downgrade(&proposer), proposer.wake.clone()));
+        proposer
+    }
+
+    /// Proposes `command` (holding `permits`) now or in its conversation's turn. `done`
+    /// receives the outcome exactly once — from the state machine's task when the entry is
+    /// applied, with the answer for everything the command carried (not leader, outcome
+    /// unknown, throttled after waiting too long), or from here — unless the group stops
+    /// first, which drops it uncalled. An `Err` is the immediate answer (the conversation's
+    /// queue is full, the group stopped); `done` is then dropped.
+    pub async fn propose(
+        self: &Arc<Self>,
+        command: Command,
+        permits: Option<OwnedSemaphorePermit>,
+        done: impl FnOnce(Proposed) + Send + 'static,
+    ) -> Result<(), Refusal> {
+        let cost = sends_of(&command);
+        let pending = Pending { command, permits, done: Box::new(done) };
+        let conversation = conversation_of(&pending.command).filter(|_| self.scheduled).map(str::to_owned);
+        let Some(conversation) = conversation else {
+            return self.submit(pending, 0).await;
+        };
+        let admitted = self.lanes.lock().expect("lanes lock is never poisoned").admit(
+            &conversation,
+            cost,
+            pending,
+            Instant::now(),
+        );
+        match admitted {
+            Admit::Now(pending) => self.submit(pending, cost).await,
+            Admit::Queued => {
+                self.counters.queued.fetch_add(u64::from(cost), Ordering::Relaxed);
+                Ok(())
+            }
+            Admit::Full(_) => {
+                self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(shard = self.shard, %conversation, "conversation's proposal queue is full");
+                Err(Refusal::Throttled { retry_after_ms: QUEUE_FULL_RETRY_MS })
+            }
+        }
+    }
+
+    /// Hands `pending` to Raft, holding `cost` sends of the window until it is answered.
+    async fn submit(self: &Arc<Self>, pending: Pending, cost: u32) -> Result<(), Refusal> {
+        let Pending { command, permits, done } = pending;
+        let slot = Slot { proposer: Arc::downgrade(self), cost };
+        let (shard, counters, stages) = (self.shard, self.counters.clone(), self.stages.clone());
+        let proposed = Instant::now();
+        let responder = FnResponder::new(move |result: ClientWriteResult<C>| {
+            drop(permits);
+            drop(slot);
+            done(match result {
+                Err(ClientWriteError::ForwardToLeader(f)) => {
+                    Err(Refusal::NotLeader { shard, leader: f.leader_id.map(node_of) })
+                }
+                Err(e) => Err(Refusal::Unknown(format!("shard {shard}: {e}"))),
+                Ok(resp) => {
+                    if cost > 0 {
+                        stages.record(Stage::Send, proposed.elapsed());
+                        counters.entries.fetch_add(1, Ordering::Relaxed);
+                        counters.sends.fetch_add(u64::from(cost), Ordering::Relaxed);
+                    }
+                    Ok(resp.data)
+                }
+            })
+        });
+        // Refused only when the group has stopped: the command never reached it.
+        self.raft
+            .client_write_ff(command, Some(responder))
+            .await
+            .map_err(|e| Refusal::Unavailable(format!("shard {shard}: {e}")))
+    }
+}
+
+/// Proposes queued proposals as the window frees, in turn, until the proposer is dropped.
+/// It holds no strong reference while idle, so dropping the proposer ends it.
+async fn dispatch(proposer: Weak<Proposer>, wake: Arc<Notify>) {
+    loop {
+        let woken = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+        let Some(p) = proposer.upgrade() else { return };
+        if woken.is_err() && p.lanes.lock().expect("lanes lock is never poisoned").queued() == 0 {
+            continue;
+        }
+        loop {
+            let next = p.lanes.lock().expect("lanes lock is never poisoned").next();
+            let Some(Waiting { item, cost, since }) = next else { break };
+            if since.elapsed() > QUEUE_WAIT_MAX {
+                drop(Slot { proposer: Arc::downgrade(&p), cost });
+                p.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                (item.done)(Err(Refusal::Throttled { retry_after_ms: QUEUE_FULL_RETRY_MS }));
+                continue;
+            }
+            let shard = p.shard;
+            if let Err(refusal) = p.submit(item, cost).await {
+                tracing::debug!(shard, ?refusal, "a queued proposal was refused");
+            }
+        }
+    }
+}
