@@ -114,7 +114,16 @@ pub(crate) fn inline<T>(f: impl FnOnce() -> crate::error::Result<T>) -> io::Resu
 /// lagging follower's catch-up — go to the blocking pool.
 const INLINE_READ_ENTRIES: u64 = 512;
 
-/// Runs blocking RocksDB work off the reactor.
+/// Runs short Raft storage work (votes, log state, truncations, purges) on Raft's own
+/// storage threads ([`super::io_pool`]), never behind scans or snapshot installs.
+pub(crate) async fn raft_io<T: Send + 'static>(
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    super::io_pool::run(f).await?.map_err(io_err)
+}
+
+/// Runs long blocking RocksDB work (a lagging follower's log range, a snapshot install) off
+/// the reactor, on tokio's blocking pool.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
 ) -> io::Result<T> {
@@ -124,7 +133,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl LogStore {
     async fn read_meta<T: serde::de::DeserializeOwned + Send + 'static>(&self, kind: u8) -> io::Result<Option<T>> {
         let (store, shard) = (self.store.clone(), self.shard);
-        blocking(move || match store.get(CF_META, &meta_key(shard, kind))? {
+        raft_io(move || match store.get(CF_META, &meta_key(shard, kind))? {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         })
@@ -173,7 +182,7 @@ impl RaftLogStorage<C> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
         let last_purged: Option<LogId> = self.read_meta(META_PURGED).await?;
         let (store, shard) = (self.store.clone(), self.shard);
-        let last = blocking(move || match store.log_last(shard)? {
+        let last = raft_io(move || match store.log_last(shard)? {
             Some(v) => Ok(Some(decode::<Entry>(&v)?.log_id)),
             None => Ok(None),
         })
@@ -188,7 +197,7 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let (this, vote) = (self.clone(), *vote);
-        blocking(move || {
+        raft_io(move || {
             let mut wm = this.watermark();
             let mut b = WriteBatch::default();
             b.put_cf(this.store.cf(CF_META), meta_key(this.shard, META_VOTE), encode(&vote));
@@ -241,7 +250,7 @@ impl RaftLogStorage<C> for LogStore {
         // the cache; after it, the cache must not hold what the log no longer does.
         self.cache().truncate_after(last_log_id.as_ref().map(|l| l.index));
         let this = self.clone();
-        blocking(move || {
+        raft_io(move || {
             let (store, shard) = (&this.store, this.shard);
             let mut wm = this.watermark();
             let mut b = WriteBatch::default();
@@ -266,7 +275,7 @@ impl RaftLogStorage<C> for LogStore {
         let value = encode(&log_id);
         let upto = log_id.index;
         self.cache().purge(upto);
-        blocking(move || {
+        raft_io(move || {
             let mut b = WriteBatch::default();
             b.put_cf(store.cf(CF_META), meta_key(shard, META_PURGED), value);
             b.delete_range_cf(store.cf(CF_LOG), log_key(shard, 0), log_key(shard, upto.saturating_add(1)));

@@ -12,6 +12,7 @@
 mod decode_fuzz;
 pub mod entry_cache;
 pub mod formation;
+pub mod io_pool;
 pub mod log_store;
 pub mod network;
 pub mod rpc;
