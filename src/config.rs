@@ -24,6 +24,10 @@ pub struct NodeConfig {
     pub client_addr: SocketAddr,
     pub peer_addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where the node serves its Prometheus metrics over HTTP (`GET /metrics`); none if
+    /// unset. Meant for loopback or a monitoring network: it is not authenticated.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Raft timing and log compaction.
@@ -105,6 +109,9 @@ pub struct Limits {
     pub shard_window_sends: u32,
     /// Sends that may wait per conversation on a shard's leader; more are `Throttled`.
     pub conversation_queue_sends: u32,
+    /// A live subscriber this many messages behind its conversation's head is counted
+    /// (`convoy_subscribers_lagging_total`) and logged (0: never).
+    pub subscriber_lag_warn: u64,
 }
 
 impl Default for Limits {
@@ -124,6 +131,7 @@ impl Default for Limits {
             connection_sends_burst: CONNECTION_SENDS_PER_S_DEFAULT * 2,
             shard_window_sends: SHARD_WINDOW_SENDS_DEFAULT,
             conversation_queue_sends: CONVERSATION_QUEUE_SENDS_DEFAULT,
+            subscriber_lag_warn: SUBSCRIBER_LAG_WARN_DEFAULT,
         }
     }
 }
@@ -248,7 +256,8 @@ impl Config {
         }
         let mut addrs = BTreeSet::new();
         for n in &self.nodes {
-            if !addrs.insert(n.client_addr) || !addrs.insert(n.peer_addr) {
+            let metrics_clash = n.metrics_addr.is_some_and(|m| !addrs.insert(m));
+            if !addrs.insert(n.client_addr) || !addrs.insert(n.peer_addr) || metrics_clash {
                 return fail(format!("node {}: addresses must be distinct", n.id));
             }
         }

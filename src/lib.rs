@@ -31,6 +31,7 @@ pub mod client;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod planted;
@@ -56,7 +57,8 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("raft", &["error", "stages", "planted", "chat", "config", "store", "net"]),
     ("service", &["error", "stages", "chat", "config", "store", "net", "raft"]),
     ("server", &["error", "net", "service"]),
-    ("node", &["error", "planted", "config", "store", "net", "raft", "service", "server"]),
+    ("metrics", &["error", "service"]),
+    ("node", &["error", "planted", "config", "store", "net", "raft", "service", "server", "metrics"]),
     ("client", &["error", "chat", "config", "net"]),
 ];
 

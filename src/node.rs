@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::net::quic::PEER_STREAMS_MAX;
 use crate::net::tls::{self, Link};
 use crate::raft::formation::{self, Formation, Start};
@@ -39,6 +40,8 @@ pub struct Node {
     /// Tells the client server to stop accepting.
     stop_tx: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
+    /// The metrics endpoint, when `metrics_addr` is set.
+    metrics: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
@@ -118,8 +121,26 @@ impl Node {
         let stopped = async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         };
+        let metrics = match me.metrics_addr {
+            Some(addr) => {
+                let mut stop_rx = stop_tx.subscribe();
+                let stopped = async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                };
+                match metrics::serve(service.clone(), addr, stopped).await {
+                    Ok(task) => Some(task),
+                    Err(e) => {
+                        peer_endpoint.close(0u32.into(), b"refused");
+                        client_endpoint.close(0u32.into(), b"refused");
+                        service.shutdown().await;
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         let server = tokio::spawn(server::serve(service.clone(), client_endpoint.clone(), stopped));
-        Ok(Node { id, service, client_endpoint, peer_endpoint, stop_tx, server })
+        Ok(Node { id, service, client_endpoint, peer_endpoint, stop_tx, server, metrics })
     }
 
     /// Stops accepting clients, closes their connections, stops every group and closes the
@@ -127,6 +148,9 @@ impl Node {
     /// and retry with the same idempotency key.
     pub async fn stop(self) {
         let _ = self.stop_tx.send(true);
+        if let Some(metrics) = self.metrics {
+            let _ = metrics.await;
+        }
         if let Err(e) = self.server.await {
             tracing::warn!(error = %e, "the client server task ended abnormally");
         }

@@ -80,6 +80,7 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
                 conn.close(CLOSE_FULL.into(), b"connection limit reached");
                 return;
             };
+            let _open = Open::count(node.metrics.clone());
             let who = match tls::identity_of(&conn) {
                 Ok(who) => Arc::new(who),
                 Err(e) => {
@@ -99,6 +100,22 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
             .instrument(span)
             .await
         });
+    }
+}
+
+/// An open client connection, counted in `convoy_connections` while it lives.
+struct Open(Arc<service::metrics::Metrics>);
+
+impl Open {
+    fn count(metrics: Arc<service::metrics::Metrics>) -> Open {
+        metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Open(metrics)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

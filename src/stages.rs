@@ -67,7 +67,7 @@ fn bucket_of(us: u64) -> usize {
 }
 
 /// The largest value (µs) bucket `i` holds.
-fn bucket_upper(i: usize) -> u64 {
+pub fn bucket_upper(i: usize) -> u64 {
     if i < 8 {
         return i as u64;
     }
@@ -78,11 +78,16 @@ fn bucket_upper(i: usize) -> u64 {
 /// One node's stage histograms.
 pub struct Stages {
     counts: Vec<[AtomicU64; BUCKETS]>,
+    /// The sum of each stage's samples, in µs.
+    sums_us: Vec<AtomicU64>,
 }
 
 impl Default for Stages {
     fn default() -> Self {
-        Stages { counts: Stage::ALL.iter().map(|_| std::array::from_fn(|_| AtomicU64::new(0))).collect() }
+        Stages {
+            counts: Stage::ALL.iter().map(|_| std::array::from_fn(|_| AtomicU64::new(0))).collect(),
+            sums_us: Stage::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 }
 
@@ -96,6 +101,12 @@ impl Stages {
     pub fn record(&self, stage: Stage, took: Duration) {
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.counts[stage as usize][bucket_of(us)].fetch_add(1, Relaxed);
+        self.sums_us[stage as usize].fetch_add(us, Relaxed);
+    }
+
+    /// The sum of a stage's samples since start, in µs.
+    pub fn sum_us(&self, stage: Stage) -> u64 {
+        self.sums_us[stage as usize].load(Relaxed)
     }
 
     /// The cumulative counts of every stage.

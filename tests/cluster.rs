@@ -80,6 +80,138 @@ fn check_dense(messages: &[StoredMessage]) -> BTreeMap<u64, (String, String)> {
     messages.iter().map(|m| (m.offset, (m.sender.clone(), m.text.clone()))).collect()
 }
 
+/// `GET /metrics` from node `id`: the body, once the answer says 200 and OpenMetrics text.
+async fn scrape(cluster: &LocalCluster, id: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = cluster.metrics_addr(id).expect("every test node serves metrics");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics endpoint");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: convoy\r\n\r\n").await.expect("request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("Content-Type: application/openmetrics-text"), "{head}");
+    body.to_string()
+}
+
+/// A histogram's samples at or below `le`, and in all, from exposition text.
+fn histogram_counts(text: &str, name: &str, le: &str) -> (f64, f64) {
+    let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).expect("a value");
+    let at = text.lines().find(|l| l.starts_with(&format!("{name}_bucket{{le=\"{le}\"}}"))).map(value);
+    let all = text.lines().find(|l| l.starts_with(&format!("{name}_count"))).map(value);
+    (at.expect("the bucket"), all.expect("the count"))
+}
+
+// Every node serves its metrics as Prometheus (OpenMetrics) text that a Prometheus parser
+// reads line by line, with every name the operators' alerts use; the figures follow what
+// happened: acked sends are counted, and a subscriber that stops reading while 10,000
+// messages are sent shows up in the lag histogram and in the node's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_serves_metrics_and_a_stuck_subscriber_shows_its_lag() {
+    const SENT: usize = 10_000;
+    let cluster = start(Tweaks {
+        limits: LimitTweaks { subscriber_lag_warn: Some(5_000), ..LimitTweaks::unthrottled() },
+        ..Tweaks::default()
+    });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    let conversation = "stuck-reader";
+    client.send(conversation, "hello").await.expect("create the conversation");
+    // Subscribed on node 2 and never read: once its buffer and the stream's window are full,
+    // node 2 can write it nothing more.
+    let stuck = client.subscribe(conversation, 1, Some(2));
+    eventually(Duration::from_secs(20), "node 2 to count the subscriber", || async {
+        scrape(&cluster, 2)
+            .await
+            .lines()
+            .any(|l| l.starts_with("convoy_subscribers ") && !l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await
+    .expect("subscriber counted");
+    let text = "x".repeat(1000);
+    let mut tasks = Vec::new();
+    for t in 0..20 {
+        let (client, text) = (client.clone(), text.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..SENT / 20 {
+                client.send(conversation, &format!("{t}/{i} {text}")).await.expect("send acked");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    // Sampled every second: a sample of node 2 sees it more than 1,000 behind, and one at the
+    // warning threshold (5,000) is counted.
+    eventually(Duration::from_secs(30), "node 2's lag metrics to show the stuck subscriber", || async {
+        let text = scrape(&cluster, 2).await;
+        let (within_1000, all) = histogram_counts(&text, "convoy_subscriber_lag_messages", "1000.0");
+        let counted = text.lines().any(|l| l.starts_with("convoy_subscribers_lagging_total ") && !l.ends_with(" 0"));
+        (all > within_1000 && counted).then_some(())
+    })
+    .await
+    .expect("lag visible");
+    eventually(Duration::from_secs(10), "a lag warning in node 2's log", || async {
+        let log = std::fs::read_to_string(cluster.log_path(2)).unwrap_or_default();
+        log.contains("subscribers are falling behind their conversations").then_some(())
+    })
+    .await
+    .expect("lag logged");
+    let required = [
+        "convoy_sends_total",
+        "convoy_send_seconds",
+        "convoy_fsync_seconds",
+        "convoy_shard_leader",
+        "convoy_shard_commit_index",
+        "convoy_shard_apply_lag_entries",
+        "convoy_follower_lag_entries",
+        "convoy_connections",
+        "convoy_subscribers",
+        "convoy_subscriber_lag_messages",
+        "convoy_push_fallbacks_total",
+        "convoy_throttled_total",
+        "convoy_disk_bytes",
+        "convoy_retained_messages",
+        "convoy_stage_seconds",
+    ];
+    let mut acked = 0.0;
+    for node in 1..=3 {
+        let text = scrape(&cluster, node).await;
+        assert!(text.ends_with("# EOF\n"), "node {node}: the exposition is complete");
+        let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses");
+        // Every sample line became a sample (the parser skips what it cannot read).
+        let sample_lines = text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count();
+        let parsed_lines: usize = parsed
+            .samples
+            .iter()
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(buckets) => buckets.len(),
+                _ => 1,
+            })
+            .sum();
+        assert_eq!(parsed_lines, sample_lines, "node {node}: every sample line parses");
+        for name in required {
+            let declared = name.strip_suffix("_total").unwrap_or(name);
+            assert!(parsed.docs.contains_key(declared), "node {node}: {name} missing from\n{text}");
+        }
+        acked += parsed
+            .samples
+            .iter()
+            .filter(|s| s.metric == "convoy_sends_total" && s.labels.get("outcome") == Some("acked"))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum::<f64>();
+        let leaders: Vec<&prometheus_parse::Sample> =
+            parsed.samples.iter().filter(|s| s.metric == "convoy_shard_leader").collect();
+        assert_eq!(leaders.len(), 4, "node {node}: one leader gauge per shard");
+    }
+    assert!(acked >= (SENT + 1) as f64, "{acked} sends counted as acked, {} were", SENT + 1);
+    drop(stuck);
+}
+
 // A flood that overfills its shard's window waits in its conversation's queue: every send
 // is still acked exactly once at a dense offset (the queue loses and repeats nothing), and a
 // quiet conversation of the same shard is served beside it.

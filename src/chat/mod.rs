@@ -65,6 +65,8 @@ pub mod limits {
     /// Sends that may wait for their turn per conversation on a shard's leader; more are
     /// answered `Throttled`.
     pub const CONVERSATION_QUEUE_SENDS_DEFAULT: u32 = 1024;
+    /// Messages behind its conversation's head at which a live subscriber is reported.
+    pub const SUBSCRIBER_LAG_WARN_DEFAULT: u64 = 10_000;
     /// Sends per batch request, at most (a batch is one Raft entry).
     pub const SEND_BATCH_MAX: usize = 256;
     /// Largest accepted `connections_max`.

@@ -16,6 +16,7 @@
 
 mod fair;
 mod frames;
+pub mod metrics;
 mod propose;
 mod push;
 pub mod rates;
@@ -41,6 +42,7 @@ use crate::raft::state_machine::ShardEvents;
 use crate::raft::types::{node_of, NodeId};
 use crate::raft::{self as consensus, Group};
 use crate::store::Store;
+use metrics::{Metrics, Throttle};
 use propose::Proposer;
 use push::{Push, PushHub};
 use rates::{Bucket, Keyed, Rate, SendRates};
@@ -106,6 +108,8 @@ struct StoredFrames {
     more: bool,
     /// The offset after the last one.
     next: u64,
+    /// The conversation's head when the batch was cut short (it is behind by more than a batch).
+    head: Option<u64>,
 }
 
 /// A batch of stored messages being read and framed on a blocking thread.
@@ -124,7 +128,7 @@ fn read_batch(store: &Store, shard: ShardId, conversation: &str, from: u64, unti
     let mut next = from.max(1);
     let want = CATCH_UP_BATCH.min(usize::try_from(until.saturating_sub(next - 1)).unwrap_or(usize::MAX));
     if want == 0 {
-        return Ok(StoredFrames { frames, more: false, next });
+        return Ok(StoredFrames { frames, more: false, next, head: None });
     }
     let scanned = store.scan_messages(shard, conversation, next, want, CATCH_UP_BATCH_BYTES, |offset, value| {
         if offset != next {
@@ -135,7 +139,8 @@ fn read_batch(store: &Store, shard: ShardId, conversation: &str, from: u64, unti
         next = offset + 1;
         frames::message_frame_from_stored(value, &mut frames)
     })?;
-    Ok(StoredFrames { frames, more: scanned.more, next })
+    let head = if scanned.more { Some(store.head(shard, conversation)?) } else { None };
+    Ok(StoredFrames { frames, more: scanned.more, next, head })
 }
 
 /// Writes to a subscriber's stream, giving up after [`SUBSCRIBER_WRITE_TIMEOUT`].
@@ -178,6 +183,8 @@ pub struct Service {
     rates: SendRates,
     peer_stats: Arc<PeerStats>,
     counters: Arc<CommitCounters>,
+    /// Event counters and live subscriptions, for the metrics endpoint.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Sends committed through this node as leader, and the entries that carried them.
@@ -185,8 +192,6 @@ pub struct Service {
 struct CommitCounters {
     sends: AtomicU64,
     entries: AtomicU64,
-    /// Sends answered `Throttled` by a rate limit or a full conversation queue.
-    throttled: AtomicU64,
     /// Sends that waited in a conversation's queue for their turn.
     queued: AtomicU64,
 }
@@ -370,6 +375,7 @@ impl Service {
         let inflight = Arc::new(Semaphore::new(config.limits.inflight_sends_max));
         let l = &config.limits;
         let counters: Arc<CommitCounters> = Arc::default();
+        let metrics: Arc<Metrics> = Arc::default();
         let rates = SendRates {
             users: Keyed::new(Rate::new(l.user_sends_per_s, l.user_sends_burst)),
             conversations: Keyed::new(Rate::new(l.conversation_sends_per_s, l.conversation_sends_burst)),
@@ -384,6 +390,7 @@ impl Service {
                     l.shard_window_sends,
                     l.conversation_queue_sends,
                     counters.clone(),
+                    metrics.clone(),
                     store.stages.clone(),
                 );
                 (shard, p)
@@ -401,8 +408,10 @@ impl Service {
             rates,
             peer_stats: net.stats(),
             counters,
+            metrics,
         });
         tokio::spawn(balance_leaders(Arc::downgrade(&service)));
+        tokio::spawn(metrics::sample_lag(Arc::downgrade(&service)));
         Ok(service)
     }
 
@@ -438,6 +447,7 @@ impl Service {
             Command::Cursor(_) | Command::Members(_) => 0,
         };
         let Ok(permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
+            self.metrics.throttled(Throttle::Inflight, u64::from(sends));
             return Err(Refusal::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
         };
         let Some(proposer) = self.proposers.get(&group.shard) else {
@@ -494,6 +504,30 @@ impl Service {
     /// proposal is applied or refused — or dropped uncalled if the group stops first. The
     /// caller bounds the wait.
     pub async fn send_replying(
+        &self,
+        who: &Identity,
+        connection: &std::sync::Mutex<Bucket>,
+        request: Request,
+        reply: impl FnOnce(Response) + Send + 'static,
+    ) -> Option<Response> {
+        let sends = match &request {
+            Request::SendBatch(b) => b.len(),
+            _ => 1,
+        };
+        let metrics = self.metrics.clone();
+        let counted = move |answer: Response| {
+            metrics.sends_answered(&answer, sends);
+            reply(answer)
+        };
+        let now = self.send_replying_uncounted(who, connection, request, counted).await;
+        if let Some(answer) = &now {
+            self.metrics.sends_answered(answer, sends);
+        }
+        now
+    }
+
+    /// [`Service::send_replying`] without counting the answers.
+    async fn send_replying_uncounted(
         &self,
         who: &Identity,
         connection: &std::sync::Mutex<Bucket>,
@@ -570,7 +604,12 @@ impl Service {
         match self.rates.take(&who.user, &counts, connection, std::time::Instant::now()) {
             Ok(()) => Ok(()),
             Err((retry_after_ms, reason)) => {
-                self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                let why = match reason {
+                    rates::Reason::User => Throttle::User,
+                    rates::Reason::Conversation => Throttle::Conversation,
+                    rates::Reason::Connection => Throttle::Connection,
+                };
+                self.metrics.throttled(why, sends.len() as u64);
                 tracing::debug!(user = %who.user, reason = reason.name(), retry_after_ms, "send throttled");
                 Err(Refusal::Throttled { retry_after_ms })
             }
@@ -736,9 +775,16 @@ impl Service {
     ) -> Result<()> {
         let shard = self.group_of(&conversation)?.shard;
         // Attach before reading storage: anything applied from now on reaches `events`.
-        let mut attached =
-            Attached { hub: &self.push, conversation: &conversation, rx: Some(self.push.attach(&conversation)) };
+        let (rx, head) = self.push.attach(&conversation);
+        let mut attached = Attached { hub: &self.push, conversation: &conversation, rx: Some(rx) };
         let events = attached.rx.as_mut().expect("attached until dropped");
+        // A following subscription is measured for lag until it ends (see `metrics`).
+        let watch = follow.then(|| self.metrics.subscribed(head.clone(), from.max(1)));
+        let at = |next: u64| {
+            if let Some(w) = &watch {
+                w.next.store(next, Ordering::Relaxed);
+            }
+        };
         if let Access::Ended { .. } = self.access(shard, &conversation, &who.user).await? {
             return Err(not_a_member(&who.user, &conversation));
         }
@@ -765,9 +811,13 @@ impl Service {
                     reading = self.read_stored(shard, &conversation, batch.next, until);
                 }
                 next = batch.next;
+                if let Some(h) = batch.head {
+                    head.fetch_max(h, Ordering::Relaxed);
+                }
                 if !batch.frames.is_empty() {
                     write_subscriber(out, &batch.frames).await?;
                 }
+                at(next);
                 if !full {
                     break;
                 }
@@ -799,6 +849,7 @@ impl Service {
                         }
                         next += 1;
                         write_subscriber(out, frame).await?;
+                        at(next);
                     }
                     Ok(Push::Members) => {
                         if let Access::Ended { until: end } = self.access(shard, &conversation, &who.user).await? {
@@ -806,7 +857,10 @@ impl Service {
                             break;
                         }
                     }
-                    Ok(Push::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Ok(Push::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.metrics.push_fallbacks.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                     Err(broadcast::error::RecvError::Closed) => {
                         return Err(Error::Unavailable(format!("shard {shard} stopped")));
                     }
@@ -853,7 +907,7 @@ impl Service {
             append_rpc_entries: self.peer_stats.append_rpc_entries.load(Ordering::Relaxed),
             append_rpcs_empty: self.peer_stats.append_rpcs_empty.load(Ordering::Relaxed),
             append_rpcs_cut: self.peer_stats.append_rpcs_cut.load(Ordering::Relaxed),
-            sends_throttled: self.counters.throttled.load(Ordering::Relaxed),
+            sends_throttled: self.metrics.throttled_total(),
             sends_queued: self.counters.queued.load(Ordering::Relaxed),
             stages: self.store.stages.snapshot(),
         }

@@ -13,6 +13,7 @@ use openraft::raft::ClientWriteResult;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::fair::{Admit, Lanes, Waiting};
+use super::metrics::{Metrics, Throttle};
 use super::{CommitCounters, Proposed, Refusal, SEND_TIMEOUT};
 use crate::chat::{Command, ShardId};
 use crate::raft::types::{node_of, FnResponder, Raft, C};
@@ -42,6 +43,7 @@ pub struct Proposer {
     scheduled: bool,
     wake: Arc<Notify>,
     counters: Arc<CommitCounters>,
+    metrics: Arc<Metrics>,
     stages: Arc<Stages>,
 }
 
@@ -94,6 +96,7 @@ impl Proposer {
         window: u32,
         queue_max: u32,
         counters: Arc<CommitCounters>,
+        metrics: Arc<Metrics>,
         stages: Arc<Stages>,
     ) -> Arc<Proposer> {
         let proposer = Arc::new(Proposer {
@@ -103,6 +106,7 @@ impl Proposer {
             scheduled: window > 0,
             wake: Arc::new(Notify::new()),
             counters,
+            metrics,
             stages,
         });
         tokio::spawn(dispatch(Arc::downgrade(&proposer), proposer.wake.clone()));
@@ -140,7 +144,7 @@ impl Proposer {
                 Ok(())
             }
             Admit::Full(_) => {
-                self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                self.metrics.throttled(Throttle::QueueFull, u64::from(cost));
                 tracing::debug!(shard = self.shard, %conversation, "conversation's proposal queue is full");
                 Err(Refusal::Throttled { retry_after_ms: QUEUE_FULL_RETRY_MS })
             }
@@ -193,7 +197,7 @@ async fn dispatch(proposer: Weak<Proposer>, wake: Arc<Notify>) {
             let Some(Waiting { item, cost, since }) = next else { break };
             if since.elapsed() > QUEUE_WAIT_MAX {
                 drop(Slot { proposer: Arc::downgrade(&p), cost });
-                p.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                p.metrics.throttled(Throttle::QueueWait, u64::from(cost));
                 (item.done)(Err(Refusal::Throttled { retry_after_ms: QUEUE_FULL_RETRY_MS }));
                 continue;
             }

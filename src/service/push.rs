@@ -5,6 +5,7 @@
 //! storage, so a slow reader costs storage reads, never memory.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::broadcast;
@@ -37,7 +38,14 @@ pub(super) struct PushHub {
     shards: u32,
     /// Slots of a conversation's channel (`limits.push_buffer_messages`, validated 16..=65,536).
     capacity: usize,
-    channels: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Push>>>>,
+    channels: std::sync::Mutex<HashMap<String, Channel>>,
+}
+
+/// A watched conversation's channel, and its head as last pushed here (for lag sampling;
+/// subscribers raise it too, with heads they read from storage).
+struct Channel {
+    tx: broadcast::Sender<Arc<Push>>,
+    head: Arc<AtomicU64>,
 }
 
 impl PushHub {
@@ -45,14 +53,16 @@ impl PushHub {
         PushHub { shards, capacity, channels: std::sync::Mutex::default() }
     }
 
-    pub(super) fn attach(&self, conversation: &str) -> broadcast::Receiver<Arc<Push>> {
+    /// A receiver of the conversation's live pushes, and its head as pushed here.
+    pub(super) fn attach(&self, conversation: &str) -> (broadcast::Receiver<Arc<Push>>, Arc<AtomicU64>) {
         let mut channels = self.channels.lock().expect("push hub lock");
         match channels.get(conversation) {
-            Some(tx) => tx.subscribe(),
+            Some(c) => (c.tx.subscribe(), c.head.clone()),
             None => {
                 let (tx, rx) = broadcast::channel(self.capacity);
-                channels.insert(conversation.to_string(), tx);
-                rx
+                let head = Arc::new(AtomicU64::new(0));
+                channels.insert(conversation.to_string(), Channel { tx, head: head.clone() });
+                (rx, head)
             }
         }
     }
@@ -60,7 +70,7 @@ impl PushHub {
     /// Called by a subscriber that has dropped its receiver.
     pub(super) fn detach(&self, conversation: &str) {
         let mut channels = self.channels.lock().expect("push hub lock");
-        if channels.get(conversation).is_some_and(|tx| tx.receiver_count() == 0) {
+        if channels.get(conversation).is_some_and(|c| c.tx.receiver_count() == 0) {
             channels.remove(conversation);
         }
     }
@@ -70,16 +80,23 @@ impl ShardEvents for PushHub {
     fn appended(&self, messages: Vec<StoredMessage>) {
         // Only the lookups hold the hub's lock: framing and waking a loud conversation's
         // subscribers must not hold up attaches and detaches of the node's others.
-        let watched: Vec<(broadcast::Sender<Arc<Push>>, StoredMessage)> = {
+        let watched: Vec<(broadcast::Sender<Arc<Push>>, Arc<AtomicU64>, StoredMessage)> = {
             let channels = self.channels.lock().expect("push hub lock");
             if channels.is_empty() {
                 return;
             }
             // No channel: nobody tails that conversation on this replica.
-            messages.into_iter().filter_map(|m| Some((channels.get(&m.conversation)?.clone(), m))).collect()
+            messages
+                .into_iter()
+                .filter_map(|m| {
+                    let c = channels.get(&m.conversation)?;
+                    Some((c.tx.clone(), c.head.clone(), m))
+                })
+                .collect()
         };
-        for (tx, m) in watched {
+        for (tx, head, m) in watched {
             let offset = m.offset;
+            head.fetch_max(offset, Ordering::Relaxed);
             let frame = bytes::Bytes::from(frame::encode(&Response::Message(m)));
             let _ = tx.send(Arc::new(Push::Message { offset, frame }));
         }
@@ -88,17 +105,17 @@ impl ShardEvents for PushHub {
     fn members_changed(&self, conversations: Vec<String>) {
         let channels = self.channels.lock().expect("push hub lock");
         for conversation in conversations {
-            if let Some(tx) = channels.get(&conversation) {
-                let _ = tx.send(Arc::new(Push::Members));
+            if let Some(c) = channels.get(&conversation) {
+                let _ = c.tx.send(Arc::new(Push::Members));
             }
         }
     }
 
     fn reset(&self, shard: ShardId) {
         let channels = self.channels.lock().expect("push hub lock");
-        for (conversation, tx) in channels.iter() {
+        for (conversation, c) in channels.iter() {
             if chat::shard_of(conversation, self.shards) == shard {
-                let _ = tx.send(Arc::new(Push::Resync));
+                let _ = c.tx.send(Arc::new(Push::Resync));
             }
         }
     }
@@ -135,13 +152,14 @@ mod tests {
         let other_shard = (0..).map(|i| format!("gamma-{i}")).find(|c| chat::shard_of(c, shards) != shard);
         let c = other_shard.expect("some conversation is on another shard");
 
-        let mut on_a = hub.attach(a);
-        let mut also_on_a = hub.attach(a);
-        let mut on_b = hub.attach(&b);
-        let mut on_c = hub.attach(&c);
+        let (mut on_a, a_head) = hub.attach(a);
+        let (mut also_on_a, _) = hub.attach(a);
+        let (mut on_b, _) = hub.attach(&b);
+        let (mut on_c, _) = hub.attach(&c);
         assert_eq!(hub.channels.lock().expect("lock").len(), 3);
 
         hub.appended(vec![message(a, 1), message("unwatched", 1)]);
+        assert_eq!(a_head.load(Ordering::Relaxed), 1, "the channel knows the head it pushed");
         for rx in [&mut on_a, &mut also_on_a] {
             match rx.recv().await.expect("a push").as_ref() {
                 Push::Message { offset, frame } => {

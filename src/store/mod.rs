@@ -124,6 +124,32 @@ impl Store {
         self.db.cf_handle(name).expect("every schema column family is created at open")
     }
 
+    /// Bytes on disk: each column family's live table files, and the WAL files (`wal`).
+    pub fn disk_bytes(&self) -> Vec<(&'static str, u64)> {
+        let mut out: Vec<(&'static str, u64)> = ALL_CFS
+            .iter()
+            .map(|name| {
+                let bytes = self.db.property_int_value_cf(self.cf(name), "rocksdb.live-sst-files-size");
+                (*name, bytes.ok().flatten().unwrap_or(0))
+            })
+            .collect();
+        let wal = std::fs::read_dir(self.db.path())
+            .map(|dir| {
+                dir.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                    .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                    .sum()
+            })
+            .unwrap_or(0);
+        out.push(("wal", wal));
+        out
+    }
+
+    /// RocksDB's estimate of the messages stored (keys of the messages family).
+    pub fn estimated_messages(&self) -> u64 {
+        self.db.property_int_value_cf(self.cf(CF_MESSAGES), "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0)
+    }
+
     /// Writes a batch without fsync (see the module's durability contract).
     pub fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();

@@ -270,6 +270,11 @@ impl LocalCluster {
         Ok(Client::connect_user(&self.config, convoy::net::tls::ADMIN_USER)?)
     }
 
+    /// Where node `id` serves its metrics (every loopback cluster has one per node).
+    pub fn metrics_addr(&self, id: u64) -> Option<std::net::SocketAddr> {
+        self.config.node(id).ok().and_then(|n| n.metrics_addr)
+    }
+
     /// Waits until node `id` answers a status request, whatever it knows of leaders.
     pub async fn wait_answers(&self, id: u64, within: Duration) -> Result<()> {
         let client = self.admin()?;

@@ -59,6 +59,16 @@ pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
     sockets.iter().map(|s| Ok(s.local_addr()?.port())).collect()
 }
 
+/// `n` distinct free TCP ports on 127.0.0.1 (for the metrics endpoints): every listener stays
+/// bound until all are chosen.
+pub(crate) fn free_tcp_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()
+        .context("binding an ephemeral TCP port on 127.0.0.1")?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
 /// The `convoy` binary to run nodes with: `explicit` if given; else the path in
 /// `$CONVOY_BIN`; else a `convoy` beside the current executable (how `target/release/` holds
 /// the bench and jepsen binaries) or one directory up (test binaries live in

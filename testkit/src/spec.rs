@@ -137,6 +137,9 @@ pub struct LimitTweaks {
     /// Sends that may wait per conversation on a shard's leader.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conversation_queue_sends: Option<u32>,
+    /// Messages behind at which a live subscriber is reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscriber_lag_warn: Option<u64>,
 }
 
 impl LimitTweaks {
@@ -211,6 +214,8 @@ struct NodeEntry {
     client_addr: SocketAddr,
     peer_addr: SocketAddr,
     data_dir: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl ClusterSpec {
@@ -243,6 +248,12 @@ impl ClusterSpec {
     /// The `cluster.toml` text for these addresses.
     pub(crate) fn toml(&self, addresses: &BTreeMap<u64, (SocketAddr, SocketAddr)>) -> Result<String> {
         ensure!(self.nodes > 0, "a cluster needs at least one node");
+        // Loopback clusters serve metrics on a loopback port of their own; fixed addressing
+        // (jepsen's) serves none.
+        let metrics_ports = match self.addressing {
+            Addressing::Loopback => crate::free_tcp_ports(self.nodes as usize)?,
+            Addressing::Fixed { .. } => Vec::new(),
+        };
         let file = ClusterFile {
             shards: self.shards,
             replication_factor: self.nodes,
@@ -252,11 +263,13 @@ impl ClusterSpec {
             limits: (self.limits != LimitTweaks::default()).then_some(&self.limits),
             nodes: addresses
                 .iter()
-                .map(|(id, (client_addr, peer_addr))| NodeEntry {
+                .enumerate()
+                .map(|(i, (id, (client_addr, peer_addr)))| NodeEntry {
                     id: *id,
                     client_addr: *client_addr,
                     peer_addr: *peer_addr,
                     data_dir: self.layout.data_dir(*id),
+                    metrics_addr: metrics_ports.get(i).map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), *p)),
                 })
                 .collect(),
         };
