@@ -112,6 +112,14 @@ pub struct Limits {
     /// A live subscriber this many messages behind its conversation's head is counted
     /// (`convoy_subscribers_lagging_total`) and logged (0: never).
     pub subscriber_lag_warn: u64,
+    /// A follower this many log entries behind its shard's leader is flagged in `cluster
+    /// status` and counted in `convoy_followers_lagging` (0: never).
+    pub follower_lag_warn: u64,
+    /// Client handshakes a node starts per second; more get a QUIC Retry (an unvalidated
+    /// address) or a refusal, and the client backs off.
+    pub handshakes_per_s: u32,
+    /// Client handshakes a node runs at once; more are answered the same way.
+    pub handshakes_in_flight_max: usize,
 }
 
 impl Default for Limits {
@@ -132,6 +140,9 @@ impl Default for Limits {
             shard_window_sends: SHARD_WINDOW_SENDS_DEFAULT,
             conversation_queue_sends: CONVERSATION_QUEUE_SENDS_DEFAULT,
             subscriber_lag_warn: SUBSCRIBER_LAG_WARN_DEFAULT,
+            follower_lag_warn: FOLLOWER_LAG_WARN_DEFAULT,
+            handshakes_per_s: HANDSHAKES_PER_S_DEFAULT,
+            handshakes_in_flight_max: HANDSHAKES_IN_FLIGHT_DEFAULT,
         }
     }
 }
@@ -295,6 +306,14 @@ impl Config {
         if !(batch..=ceiling).contains(&l.conversation_queue_sends) {
             return fail(format!("limits.conversation_queue_sends must be {batch}..={ceiling}"));
         }
+        if l.handshakes_per_s == 0
+            || l.handshakes_in_flight_max == 0
+            || l.handshakes_in_flight_max > CONNECTIONS_CEILING
+        {
+            return fail(format!(
+                "limits.handshakes_per_s must be at least 1 and limits.handshakes_in_flight_max 1..={CONNECTIONS_CEILING}"
+            ));
+        }
         if !(1..=STREAMS_PER_CONNECTION_CEILING).contains(&l.streams_per_connection_max) {
             return fail(format!("limits.streams_per_connection_max must be 1..={STREAMS_PER_CONNECTION_CEILING}"));
         }
@@ -380,6 +399,8 @@ data_dir = "data/node3"
             ("streams_per_connection_max", 0, "streams_per_connection_max must be 1..="),
             ("shard_window_sends", 255, "shard_window_sends must be 0 (off) or 256..="),
             ("conversation_queue_sends", 0, "conversation_queue_sends must be 256..="),
+            ("handshakes_per_s", 0, "handshakes_per_s must be at least 1"),
+            ("handshakes_in_flight_max", 0, "handshakes_in_flight_max 1..="),
         ] {
             let text = format!("{SAMPLE}\n[limits]\n{limit} = {value}\n");
             let err = Config::parse(&text, Path::new("."), Path::new("c.toml")).expect_err("out of range");

@@ -212,6 +212,42 @@ async fn every_node_serves_metrics_and_a_stuck_subscriber_shows_its_lag() {
     drop(stuck);
 }
 
+// A follower that falls behind is flagged on its shard's leader — in the status that
+// `cluster status` prints as LAGGING, and in the metrics — and the flag clears once it has
+// caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_left_behind_is_flagged_until_it_catches_up() {
+    let mut cluster = start(Tweaks {
+        shards: 1,
+        limits: LimitTweaks { follower_lag_warn: Some(50), ..LimitTweaks::unthrottled() },
+        ..Tweaks::default()
+    });
+    let leader = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready")[0];
+    let behind = (1..=3).find(|n| *n != leader).expect("a follower");
+    let other = (1..=3).find(|n| *n != leader && *n != behind).expect("another follower");
+    assert!(cluster.kill(behind));
+    let client = cluster.client().expect("client");
+    for i in 0..100 {
+        client.send("left-behind", &format!("m{i}")).await.expect("acked by the leader and the other follower");
+    }
+    let admin = cluster.admin().expect("admin");
+    let followers =
+        |s: convoy::net::wire::NodeStatus| s.shards.into_iter().flat_map(|x| x.followers).collect::<Vec<_>>();
+    let lags = followers(admin.status(leader).await.expect("leader status"));
+    let lag_of = |node: u64| lags.iter().find(|f| f.node == node).cloned().expect("the leader reports each follower");
+    assert!(lag_of(behind).lagging && lag_of(behind).entries >= 100, "{lags:?}");
+    assert!(!lag_of(other).lagging, "{lags:?}");
+    let text = scrape(&cluster, leader).await;
+    assert!(text.lines().any(|l| l == "convoy_followers_lagging 1"), "{text}");
+    cluster.start(behind).expect("restart the follower");
+    eventually(Duration::from_secs(30), "the follower to catch up and the flag to clear", || async {
+        let lags = followers(admin.status(leader).await.ok()?);
+        (lags.len() == 2 && lags.iter().all(|f| !f.lagging)).then_some(())
+    })
+    .await
+    .expect("caught up");
+}
+
 // A flood that overfills its shard's window waits in its conversation's queue: every send
 // is still acked exactly once at a dense offset (the queue loses and repeats nothing), and a
 // quiet conversation of the same shard is served beside it.

@@ -629,6 +629,14 @@ async fn cluster_status(path: &Path, who: &Who, json: bool) -> Result<()> {
                     if !stages.is_empty() {
                         println!("  send path since start, p50/p99: {}", stages.join(", "));
                     }
+                    for shard in &s.shards {
+                        for f in shard.followers.iter().filter(|f| f.lagging) {
+                            println!(
+                                "  LAGGING: shard {} follower on node {} is {} entries behind (limits.follower_lag_warn {})",
+                                shard.shard, f.node, f.entries, config.limits.follower_lag_warn
+                            );
+                        }
+                    }
                 }
                 out.push(json!({"node": id, "up": true, "status": s}));
             }

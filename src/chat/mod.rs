@@ -67,6 +67,13 @@ pub mod limits {
     pub const CONVERSATION_QUEUE_SENDS_DEFAULT: u32 = 1024;
     /// Messages behind its conversation's head at which a live subscriber is reported.
     pub const SUBSCRIBER_LAG_WARN_DEFAULT: u64 = 10_000;
+    /// Log entries behind its leader at which a follower is flagged.
+    pub const FOLLOWER_LAG_WARN_DEFAULT: u64 = 1_000;
+    /// Client handshakes a node starts per second (a burst of as many passes); more get a
+    /// QUIC Retry or a refusal.
+    pub const HANDSHAKES_PER_S_DEFAULT: u32 = 2_000;
+    /// Client handshakes a node runs at once; more get a Retry or a refusal.
+    pub const HANDSHAKES_IN_FLIGHT_DEFAULT: usize = 256;
     /// Sends per batch request, at most (a batch is one Raft entry).
     pub const SEND_BATCH_MAX: usize = 256;
     /// Largest accepted `connections_max`.

@@ -179,4 +179,17 @@ pub struct ShardStatus {
     pub last_applied_index: Option<u64>,
     /// The nodes whose replicas vote.
     pub voters: Vec<u64>,
+    /// On the shard's leader: each follower's replication lag.
+    #[serde(default)]
+    pub followers: Vec<FollowerLag>,
+}
+
+/// A follower's replication lag as its shard's leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowerLag {
+    pub node: u64,
+    /// Log entries the follower has yet to replicate.
+    pub entries: u64,
+    /// Whether that is `limits.follower_lag_warn` or more.
+    pub lagging: bool,
 }

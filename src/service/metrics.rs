@@ -383,6 +383,7 @@ impl Collector for NodeCollector {
         }
         // Shards, from each group's Raft metrics.
         let (mut leader, mut commit, mut apply_lag, mut follower_lag) = (vec![], vec![], vec![], vec![]);
+        let (warn, mut lagging) = (node.config.limits.follower_lag_warn, 0i64);
         let mut shards: Vec<_> = node.groups.values().collect();
         shards.sort_by_key(|g| g.shard);
         for g in shards {
@@ -397,16 +398,10 @@ impl Collector for NodeCollector {
             commit.push((shard.clone(), committed as i64));
             let applied = r.last_applied.map(|l| l.index).unwrap_or(0);
             apply_lag.push((shard.clone(), committed.saturating_sub(applied) as i64));
-            if let Some(replication) = &r.replication {
-                let last = r.last_log_index.unwrap_or(0);
-                for (peer, matched) in replication.iter() {
-                    if *peer == g.replica {
-                        continue;
-                    }
-                    let have = matched.as_ref().map(|l| l.index).unwrap_or(0);
-                    let labels = vec![("shard", g.shard.to_string()), ("peer", node_of(*peer).to_string())];
-                    follower_lag.push((labels, last.saturating_sub(have) as i64));
-                }
+            for f in super::follower_lags(&r, g.replica, warn) {
+                lagging += i64::from(f.lagging);
+                let labels = vec![("shard", g.shard.to_string()), ("peer", f.node.to_string())];
+                follower_lag.push((labels, f.entries as i64));
             }
         }
         gauge(&mut e, "convoy_shard_leader", "The node this node sees leading the shard (0: none).", &leader)?;
@@ -422,6 +417,12 @@ impl Collector for NodeCollector {
             "convoy_follower_lag_entries",
             "On a shard's leader: log entries a follower has yet to replicate.",
             &follower_lag,
+        )?;
+        gauge(
+            &mut e,
+            "convoy_followers_lagging",
+            "On shard leaders here: followers limits.follower_lag_warn entries or more behind.",
+            &[(vec![], lagging)],
         )?;
         // Storage.
         let disk: Vec<(Labels, i64)> = node

@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::net::frame;
 use crate::net::tls::Identity;
 use crate::net::wire::{
-    ErrorCode, MemberChange, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX,
+    ErrorCode, FollowerLag, MemberChange, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX,
 };
 use crate::raft::network::{Groups, Hosted, PeerNet, PeerStats};
 use crate::raft::state_machine::ShardEvents;
@@ -309,6 +309,23 @@ fn access_of(members: Option<&Members>, user: &str) -> Access {
 /// The answer to a reader who may not read (any more).
 fn not_a_member(user: &str, conversation: &str) -> Error {
     Error::Forbidden(format!("{user:?} is not a member of conversation {conversation:?}"))
+}
+
+/// On a shard's leader, each follower's replication lag from the group's Raft metrics (none
+/// elsewhere); `warn` flags the ones that far behind or more (0: none).
+fn follower_lags(m: &openraft::RaftMetrics<crate::raft::types::C>, me: NodeId, warn: u64) -> Vec<FollowerLag> {
+    let Some(replication) = &m.replication else { return Vec::new() };
+    let last = m.last_log_index.unwrap_or(0);
+    let mut lags: Vec<FollowerLag> = replication
+        .iter()
+        .filter(|(peer, _)| **peer != me)
+        .map(|(peer, matched)| {
+            let entries = last.saturating_sub(matched.as_ref().map_or(0, |l| l.index));
+            FollowerLag { node: node_of(*peer), entries, lagging: warn > 0 && entries >= warn }
+        })
+        .collect();
+    lags.sort_by_key(|f| f.node);
+    lags
 }
 
 /// The answer to one send, from its applied outcome.
@@ -890,6 +907,7 @@ impl Service {
                     last_log_index: m.last_log_index,
                     last_applied_index: m.last_applied.map(|l| l.index),
                     voters: m.membership_config.membership().voter_ids().map(node_of).collect(),
+                    followers: follower_lags(&m, g.replica, self.config.limits.follower_lag_warn),
                 }
             })
             .collect();

@@ -140,6 +140,14 @@ pub struct LimitTweaks {
     /// Messages behind at which a live subscriber is reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscriber_lag_warn: Option<u64>,
+    /// Log entries behind at which a follower is flagged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follower_lag_warn: Option<u64>,
+    /// Client handshakes a node starts per second, and runs at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshakes_per_s: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshakes_in_flight_max: Option<usize>,
 }
 
 impl LimitTweaks {
