@@ -6,8 +6,8 @@
 //!
 //! Who the client is comes from its verified certificate, once per connection
 //! ([`tls::identity_of`]): every request is served as that user, and `Status` only for an
-//! admin. Connections are bounded where they cost: at most [`HANDSHAKES_IN_FLIGHT_MAX`]
-//! handshakes at once and [`HANDSHAKES_PER_S`] started per second (beyond either, a client
+//! admin. Connections are bounded where they cost: at most `limits.handshakes_in_flight_max`
+//! handshakes at once and `limits.handshakes_per_s` started per second (beyond either, a client
 //! whose address is not yet validated gets a QUIC Retry, and one that is, a refusal), and a
 //! connection slot (`limits.connections_max`) is taken only once the handshake is done, so
 //! half-open attempts cannot use the slots up.
@@ -27,11 +27,6 @@ use crate::service::{self, Service, SEND_TIMEOUT};
 
 /// How long a new request stream may take to deliver its request.
 pub const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Client handshakes a node starts per second (a burst of as many passes); more get a Retry
-/// or a refusal.
-pub const HANDSHAKES_PER_S: u32 = 2_000;
-/// Client handshakes a node runs at once; more get a Retry or a refusal.
-pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 256;
 /// QUIC application close code: the certificate names no usable user.
 const CLOSE_NO_IDENTITY: u32 = 0x10;
 /// QUIC application close code: the node is at its connection limit.
@@ -42,8 +37,9 @@ const CLOSE_FULL: u32 = 0x11;
 /// endpoint.
 pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(node.config.limits.connections_max));
-    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_IN_FLIGHT_MAX));
-    let mut started = HandshakeRate::new(HANDSHAKES_PER_S);
+    let limits = &node.config.limits;
+    let handshakes = Arc::new(Semaphore::new(limits.handshakes_in_flight_max));
+    let mut started = HandshakeRate::new(limits.handshakes_per_s);
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {

@@ -277,7 +277,12 @@ fn start_cluster(dir: &Path) -> Result<LocalCluster> {
         remove_dir_on_drop: std::env::var_os("CONVOY_BENCH_KEEP").is_none(),
         // One bench user drives every conversation at full speed: the store is measured,
         // not its per-user throttling.
-        limits: LimitTweaks::unthrottled(),
+        limits: LimitTweaks {
+            // For trials of the accept path's bounds (the reconnect storm).
+            handshakes_per_s: env_number::<u32>("CONVOY_BENCH_HANDSHAKES_PER_S"),
+            handshakes_in_flight_max: env_number::<usize>("CONVOY_BENCH_HANDSHAKES_IN_FLIGHT"),
+            ..LimitTweaks::unthrottled()
+        },
         ..ClusterSpec::default()
     })
 }
