@@ -40,18 +40,23 @@ pub fn render(node: &Arc<Service>) -> String {
     text
 }
 
-/// Binds `addr` (failing at once if it cannot) and serves the metrics of `node` until
-/// `shutdown` completes.
-pub async fn serve(
+/// Binds the metrics endpoint's address, so a node fails at start, before it joins its
+/// groups, when the address is taken.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("cannot serve metrics on {addr}: {e}")))
+}
+
+/// Serves the metrics of `node` on `listener` until `shutdown` completes.
+pub fn serve(
     node: Arc<Service>,
-    addr: SocketAddr,
+    listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let listener =
-        TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("cannot serve metrics on {addr}: {e}")))?;
-    tracing::info!(%addr, "serving metrics at /metrics");
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving metrics at /metrics");
+    }
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         tokio::pin!(shutdown);
         loop {
             let (stream, _) = tokio::select! {
@@ -77,7 +82,7 @@ pub async fn serve(
                 }
             });
         }
-    }))
+    })
 }
 
 /// What a request head asks for.

@@ -77,6 +77,10 @@ impl Node {
         std::fs::create_dir_all(&spool_dir)?;
         let formation = Formation::load(store.clone(), id)?;
 
+        let metrics_listener = match me.metrics_addr {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
         let peer_server = tls::server_config(&paths, id, Link::Peer, PEER_STREAMS_MAX)?;
         let peer_endpoint = tls::bind_server(&paths, id, peer_server, me.peer_addr)?;
         let addrs: HashMap<NodeId, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
@@ -117,29 +121,15 @@ impl Node {
         let limits = &service.config.limits;
         let client_server = tls::server_config(&paths, id, Link::Client, limits.streams_per_connection_max)?;
         let client_endpoint = tls::bind_server(&paths, id, client_server, me.client_addr)?;
-        let (stop_tx, mut stop_rx) = watch::channel(false);
-        let stopped = async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        };
-        let metrics = match me.metrics_addr {
-            Some(addr) => {
-                let mut stop_rx = stop_tx.subscribe();
-                let stopped = async move {
-                    let _ = stop_rx.wait_for(|stop| *stop).await;
-                };
-                match metrics::serve(service.clone(), addr, stopped).await {
-                    Ok(task) => Some(task),
-                    Err(e) => {
-                        peer_endpoint.close(0u32.into(), b"refused");
-                        client_endpoint.close(0u32.into(), b"refused");
-                        service.shutdown().await;
-                        return Err(e);
-                    }
-                }
+        let (stop_tx, _) = watch::channel(false);
+        let stop_signal = || {
+            let mut stop_rx = stop_tx.subscribe();
+            async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
             }
-            None => None,
         };
-        let server = tokio::spawn(server::serve(service.clone(), client_endpoint.clone(), stopped));
+        let metrics = metrics_listener.map(|listener| metrics::serve(service.clone(), listener, stop_signal()));
+        let server = tokio::spawn(server::serve(service.clone(), client_endpoint.clone(), stop_signal()));
         Ok(Node { id, service, client_endpoint, peer_endpoint, stop_tx, server, metrics })
     }
 

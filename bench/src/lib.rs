@@ -832,6 +832,55 @@ async fn sequential_sends(client: &Client, conversation: &str, phase: Duration) 
     Ok(samples)
 }
 
+/// One flood sender: its client, its conversation, and the text its send count follows.
+struct Flooder {
+    client: Client,
+    conversation: String,
+    label: String,
+}
+
+/// `flooders` sending as fast as they are let (waiting `after_error` after a failed send, if
+/// given) and, once the flood has run 2 s, the polite user's sequential sends to `quiet` for
+/// `phase`: their latencies, and the flood's acked rate meanwhile.
+async fn polite_under_flood(
+    polite: &Client,
+    quiet: &str,
+    phase: Duration,
+    flooders: Vec<Flooder>,
+    after_error: Option<Duration>,
+) -> Result<(Samples, f64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut flood = tokio::task::JoinSet::new();
+    for Flooder { client, conversation, label } in flooders {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        flood.spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match client.send(&conversation, &format!("{label}{i}")).await {
+                    Ok(_) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        if let Some(wait) = after_error {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                }
+                i += 1;
+            }
+        });
+    }
+    // Let the flood reach its steady state (buckets drained) before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked_before, started) = (acked.load(Ordering::Relaxed), Instant::now());
+    let under = sequential_sends(polite, quiet, phase).await?;
+    let flood_rate = (acked.load(Ordering::Relaxed) - acked_before) as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    while flood.join_next().await.is_some() {}
+    Ok((under, flood_rate))
+}
+
 /// Fairness on a cluster with the product's default limits: one polite user sending one
 /// message at a time to a conversation, first alone, then while 64 other users (one client
 /// each, sending as fast as they are let) flood another conversation led by the same node.
@@ -858,28 +907,11 @@ async fn fairness(dir: &Path, opts: BenchOptions) -> Result<Record> {
 
     let idle = sequential_sends(&polite, &quiet, opts.phase()).await?;
     let throttled_before = throttled_total(&config).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
-    let mut flood = tokio::task::JoinSet::new();
-    for client in flooders {
-        let (stop, acked, loud) = (stop.clone(), acked.clone(), loud.clone());
-        flood.spawn(async move {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if client.send(&loud, &format!("flood {i}")).await.is_ok() {
-                    acked.fetch_add(1, Ordering::Relaxed);
-                }
-                i += 1;
-            }
-        });
-    }
-    // Let the flood reach its steady state (buckets drained) before measuring.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (acked_before, started) = (acked.load(Ordering::Relaxed), Instant::now());
-    let under = sequential_sends(&polite, &quiet, opts.phase()).await?;
-    let flood_rate = (acked.load(Ordering::Relaxed) - acked_before) as f64 / started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    while flood.join_next().await.is_some() {}
+    let flooders = flooders
+        .into_iter()
+        .map(|client| Flooder { client, conversation: loud.clone(), label: "flood ".into() })
+        .collect();
+    let (under, flood_rate) = polite_under_flood(&polite, &quiet, opts.phase(), flooders, None).await?;
     let throttled = throttled_total(&config).await?.saturating_sub(throttled_before);
     let (idle_p50, idle_p99) = (idle.pct(0.5), idle.pct(0.99));
     let count = under.len();
@@ -931,40 +963,28 @@ async fn fair_window_side(dir: &Path, opts: BenchOptions, window: u32) -> Result
         .find(|c| convoy::chat::shard_of(c, config.shards) == shard)
         .expect("some conversation maps to every shard");
     let polite = cluster.client_as("polite")?;
-    let flooders: Vec<Arc<Client>> =
-        (0..FLOODERS).map(|i| cluster.client_as(&format!("flood-{i}")).map(Arc::new)).collect::<Result<_>>()?;
+    let flooders: Vec<Client> =
+        (0..FLOODERS).map(|i| cluster.client_as(&format!("flood-{i}"))).collect::<Result<_>>()?;
     let members: Vec<String> = (1..FLOODERS).map(|i| format!("flood-{i}")).collect();
     flooders[0].create_conversation(&loud, &members).await?;
     polite.send(&quiet, "hello").await?;
 
     let idle = sequential_sends(&polite, &quiet, opts.phase()).await?;
     let throttled_before = throttled_total(&config).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
-    let mut flood = tokio::task::JoinSet::new();
-    for (f, client) in flooders.iter().enumerate() {
-        for t in 0..EACH {
-            let (stop, acked, loud, client) = (stop.clone(), acked.clone(), loud.clone(), client.clone());
-            flood.spawn(async move {
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    match client.send(&loud, &format!("flood {f}/{t}/{i}")).await {
-                        Ok(_) => {
-                            acked.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                    }
-                    i += 1;
-                }
-            });
-        }
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (acked_before, started) = (acked.load(Ordering::Relaxed), Instant::now());
-    let under = sequential_sends(&polite, &quiet, opts.phase()).await?;
-    let flood_rate = (acked.load(Ordering::Relaxed) - acked_before) as f64 / started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    while flood.join_next().await.is_some() {}
+    let flooders = flooders
+        .iter()
+        .enumerate()
+        .flat_map(|(f, client)| {
+            let loud = &loud;
+            (0..EACH).map(move |t| Flooder {
+                client: client.clone(),
+                conversation: loud.clone(),
+                label: format!("flood {f}/{t}/"),
+            })
+        })
+        .collect();
+    let (under, flood_rate) =
+        polite_under_flood(&polite, &quiet, opts.phase(), flooders, Some(Duration::from_millis(5))).await?;
     let throttled = throttled_total(&config).await?.saturating_sub(throttled_before);
     Ok(WindowSide { idle, under, flood_rate, throttled })
 }

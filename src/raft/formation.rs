@@ -30,7 +30,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::async_runtime::WatchReceiver;
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
@@ -342,16 +341,8 @@ async fn ask_leader<T>(
     }
 }
 
-/// A copy of the group's metrics, taken at once: holding the watch borrow can block the
-/// Raft core.
-fn metrics(h: &Hosted) -> openraft::RaftMetrics<super::types::C> {
-    let rx = h.raft.metrics();
-    let m = rx.borrow_watched().clone();
-    m
-}
-
 fn leads(h: &Hosted) -> std::result::Result<openraft::RaftMetrics<super::types::C>, PeerResponse> {
-    let m = metrics(h);
+    let m = super::metrics_of(&h.raft);
     if m.current_leader != Some(h.replica) {
         return Err(PeerResponse::NotLeader { leader: m.current_leader.map(node_of) });
     }
@@ -406,7 +397,7 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member
     if let Err(e) = h.raft.change_membership(ChangeMembers::ReplaceAllVoters(new_voters), false).await {
         return PeerResponse::Error(format!("making replica {replica} of shard {shard} a voter: {e}"));
     }
-    let m = metrics(h);
+    let m = super::metrics_of(&h.raft);
     let stale: BTreeSet<NodeId> =
         m.membership_config.membership().learner_ids().filter(|l| node_of(*l) == node && *l != replica).collect();
     if !stale.is_empty() {

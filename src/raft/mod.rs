@@ -22,6 +22,8 @@ pub mod types;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use openraft::async_runtime::WatchReceiver;
+
 use crate::chat::ShardId;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -79,6 +81,12 @@ pub struct Group {
     /// The replica id this node runs the group under (see `types::NodeId`).
     pub replica: NodeId,
     pub raft: Raft,
+}
+
+/// A copy of a group's Raft metrics, taken at once: holding the watch borrow can block the
+/// Raft core.
+pub fn metrics_of(raft: &Raft) -> openraft::RaftMetrics<types::C> {
+    raft.metrics().borrow_watched().clone()
 }
 
 /// Starts (or restarts) `shard`'s group on this node as replica `replica`. Fails with

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::async_runtime::WatchReceiver;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
@@ -207,13 +206,8 @@ async fn write(leader: &Raft, from: u64, to: u64) {
     }
 }
 
-/// A copy of `raft`'s metrics (never hold the watch borrow: it can block the Raft core).
-fn metrics(raft: &Raft) -> openraft::RaftMetrics<C> {
-    raft.metrics().borrow_watched().clone()
-}
-
 fn last_log_index(raft: &Raft) -> Option<u64> {
-    metrics(raft).last_log_index
+    crate::raft::metrics_of(raft).last_log_index
 }
 
 /// Snapshots `raft`'s state machine once it has applied its whole log, and purges the log.
@@ -313,12 +307,10 @@ async fn crash_during_install(stop: Option<usize>) -> Vec<Step> {
     // And it catches up: Raft starts on that storage and follows the leader again.
     let learner = start_with(&router, LEARNER, &learner_dirs, log, sm).await;
     let leader_last = last_log_index(&leader);
-    learner
-        .wait(Some(TIMEOUT))
-        .applied_index_at_least(leader_last, "catch up")
-        .await
-        .unwrap_or_else(|e| panic!("{context}: the restarted learner did not catch up: {e}; {:?}", metrics(&learner)));
-    assert!(metrics(&learner).running_state.is_ok(), "{context}");
+    learner.wait(Some(TIMEOUT)).applied_index_at_least(leader_last, "catch up").await.unwrap_or_else(|e| {
+        panic!("{context}: the restarted learner did not catch up: {e}; {:?}", crate::raft::metrics_of(&learner))
+    });
+    assert!(crate::raft::metrics_of(&learner).running_state.is_ok(), "{context}");
     let (want, got) = (dump(&leader_store), dump(&store));
     assert!(want.len() > 1500, "{context}: {} records", want.len());
     assert!(got == want, "{context}: the learner's state differs from the leader's");

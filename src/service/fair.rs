@@ -91,7 +91,7 @@ impl<T> Lanes<T> {
             lane.waiting.push_back(waiting);
             return Admit::Queued;
         }
-        if cost > self.queue_max && cost > self.window {
+        if cost > self.queue_max {
             return Admit::Full(waiting.item);
         }
         let key: Arc<str> = Arc::from(conversation);

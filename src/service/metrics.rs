@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use openraft::async_runtime::WatchReceiver;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -387,11 +386,7 @@ impl Collector for NodeCollector {
         let mut shards: Vec<_> = node.groups.values().collect();
         shards.sort_by_key(|g| g.shard);
         for g in shards {
-            let r = {
-                let rx = g.raft.metrics();
-                let snapshot = rx.borrow_watched().clone();
-                snapshot
-            };
+            let r = crate::raft::metrics_of(&g.raft);
             let shard = vec![("shard", g.shard.to_string())];
             leader.push((shard.clone(), r.current_leader.map(node_of).unwrap_or(0) as i64));
             let committed = r.local_committed.map(|l| l.index).unwrap_or(0);

@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::async_runtime::WatchReceiver;
 use tokio::sync::{broadcast, Semaphore};
 
 use crate::chat::{self, Command, CursorCommand, Members, MembersCommand, Outcome, SendCommand, ShardId};
@@ -78,11 +77,7 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
             if preferred == node.id {
                 continue;
             }
-            let metrics = {
-                let rx = group.raft.metrics();
-                let snapshot = rx.borrow_watched().clone();
-                snapshot
-            };
+            let metrics = consensus::metrics_of(&group.raft);
             // The preferred node's current replica in this group, if it votes.
             let Some(target) = metrics.membership_config.membership().voter_ids().find(|v| node_of(*v) == preferred)
             else {
@@ -458,11 +453,7 @@ impl Service {
         command: Command,
         done: impl FnOnce(Proposed) + Send + 'static,
     ) -> std::result::Result<(), Refusal> {
-        let sends = match &command {
-            Command::Send(_) => 1,
-            Command::SendBatch(b) => b.len() as u32,
-            Command::Cursor(_) | Command::Members(_) => 0,
-        };
+        let sends = propose::sends_of(&command);
         let Ok(permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
             self.metrics.throttled(Throttle::Inflight, u64::from(sends));
             return Err(Refusal::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
@@ -621,12 +612,7 @@ impl Service {
         match self.rates.take(&who.user, &counts, connection, std::time::Instant::now()) {
             Ok(()) => Ok(()),
             Err((retry_after_ms, reason)) => {
-                let why = match reason {
-                    rates::Reason::User => Throttle::User,
-                    rates::Reason::Conversation => Throttle::Conversation,
-                    rates::Reason::Connection => Throttle::Connection,
-                };
-                self.metrics.throttled(why, sends.len() as u64);
+                self.metrics.throttled(reason, sends.len() as u64);
                 tracing::debug!(user = %who.user, reason = reason.name(), retry_after_ms, "send throttled");
                 Err(Refusal::Throttled { retry_after_ms })
             }
@@ -892,12 +878,7 @@ impl Service {
             .groups
             .values()
             .map(|g| {
-                // Clone at once: holding the watch borrow can block the Raft core.
-                let m = {
-                    let rx = g.raft.metrics();
-                    let snapshot = rx.borrow_watched().clone();
-                    snapshot
-                };
+                let m = consensus::metrics_of(&g.raft);
                 ShardStatus {
                     shard: g.shard,
                     leader: m.current_leader.map(node_of),

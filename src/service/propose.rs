@@ -69,7 +69,7 @@ impl Drop for Slot {
 }
 
 /// The sends a command carries.
-fn sends_of(command: &Command) -> u32 {
+pub(super) fn sends_of(command: &Command) -> u32 {
     match command {
         Command::Send(_) => 1,
         Command::SendBatch(b) => b.len() as u32,

@@ -80,7 +80,7 @@ impl ShardEvents for PushHub {
     fn appended(&self, messages: Vec<StoredMessage>) {
         // Only the lookups hold the hub's lock: framing and waking a loud conversation's
         // subscribers must not hold up attaches and detaches of the node's others.
-        let watched: Vec<(broadcast::Sender<Arc<Push>>, Arc<AtomicU64>, StoredMessage)> = {
+        let watched: Vec<(broadcast::Sender<Arc<Push>>, StoredMessage)> = {
             let channels = self.channels.lock().expect("push hub lock");
             if channels.is_empty() {
                 return;
@@ -90,13 +90,13 @@ impl ShardEvents for PushHub {
                 .into_iter()
                 .filter_map(|m| {
                     let c = channels.get(&m.conversation)?;
-                    Some((c.tx.clone(), c.head.clone(), m))
+                    c.head.fetch_max(m.offset, Ordering::Relaxed);
+                    Some((c.tx.clone(), m))
                 })
                 .collect()
         };
-        for (tx, head, m) in watched {
+        for (tx, m) in watched {
             let offset = m.offset;
-            head.fetch_max(offset, Ordering::Relaxed);
             let frame = bytes::Bytes::from(frame::encode(&Response::Message(m)));
             let _ = tx.send(Arc::new(Push::Message { offset, frame }));
         }

@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::metrics::Throttle;
+
 /// Keys one map holds before it sheds its full buckets.
 pub const KEYS_MAX: usize = 100_000;
 /// The shortest `retry_after` a throttled send is told: a token may come sooner, but
@@ -81,24 +83,6 @@ impl Bucket {
     }
 }
 
-/// Why a send was throttled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    User,
-    Conversation,
-    Connection,
-}
-
-impl Reason {
-    pub fn name(self) -> &'static str {
-        match self {
-            Reason::User => "user",
-            Reason::Conversation => "conversation",
-            Reason::Connection => "connection",
-        }
-    }
-}
-
 /// Buckets by key (a user, a conversation), all at one rate.
 pub struct Keyed {
     rate: Rate,
@@ -141,27 +125,27 @@ impl SendRates {
         per_conversation: &[(&str, usize)],
         connection: &Mutex<Bucket>,
         now: Instant,
-    ) -> Result<(), (u64, Reason)> {
+    ) -> Result<(), (u64, Throttle)> {
         let total: usize = per_conversation.iter().map(|(_, n)| n).sum();
         let total = total as f64;
         let mut connection = connection.lock().unwrap_or_else(|p| p.into_inner());
         let mut users = self.users.lock();
         let mut conversations = self.conversations.lock();
-        let mut worst: Option<(u64, Reason)> = None;
-        let mut note = |ms: u64, reason: Reason| {
+        let mut worst: Option<(u64, Throttle)> = None;
+        let mut note = |ms: u64, reason: Throttle| {
             if ms > 0 && worst.is_none_or(|(w, _)| ms > w) {
                 worst = Some((ms, reason));
             }
         };
-        note(connection.wait_ms(total, self.connection, now), Reason::Connection);
+        note(connection.wait_ms(total, self.connection, now), Throttle::Connection);
         if !self.users.rate.off() {
             let b = bucket(&mut users, user, self.users.rate, now);
-            note(b.wait_ms(total, self.users.rate, now), Reason::User);
+            note(b.wait_ms(total, self.users.rate, now), Throttle::User);
         }
         if !self.conversations.rate.off() {
             for (c, n) in per_conversation {
                 let b = bucket(&mut conversations, c, self.conversations.rate, now);
-                note(b.wait_ms(*n as f64, self.conversations.rate, now), Reason::Conversation);
+                note(b.wait_ms(*n as f64, self.conversations.rate, now), Throttle::Conversation);
             }
         }
         if let Some(w) = worst {
@@ -208,10 +192,10 @@ mod tests {
         }
         // Empty: one token comes every 100 ms, and no client is told to come back sooner
         // than RETRY_AFTER_MIN_MS.
-        assert_eq!(r.take("ann", &[("c", 1)], &conn, t0), Err((100, Reason::User)));
-        assert_eq!(r.take("ann", &[("c", 1)], &conn, t0 + Duration::from_millis(50)), Err((50, Reason::User)));
+        assert_eq!(r.take("ann", &[("c", 1)], &conn, t0), Err((100, Throttle::User)));
+        assert_eq!(r.take("ann", &[("c", 1)], &conn, t0 + Duration::from_millis(50)), Err((50, Throttle::User)));
         let almost = t0 + Duration::from_millis(95);
-        assert_eq!(r.take("ann", &[("c", 1)], &conn, almost), Err((RETRY_AFTER_MIN_MS, Reason::User)));
+        assert_eq!(r.take("ann", &[("c", 1)], &conn, almost), Err((RETRY_AFTER_MIN_MS, Throttle::User)));
         assert!(r.take("ann", &[("c", 1)], &conn, t0 + Duration::from_millis(100)).is_ok());
         // Another user is not affected.
         assert!(r.take("bob", &[("c", 1)], &conn, t0).is_ok());
@@ -225,12 +209,12 @@ mod tests {
         for _ in 0..10 {
             r.take("ann", &[("loud", 1)], &conn, t0).expect("the conversation's burst");
         }
-        assert_eq!(r.take("ann", &[("loud", 1)], &conn, t0).map_err(|e| e.1), Err(Reason::Conversation));
+        assert_eq!(r.take("ann", &[("loud", 1)], &conn, t0).map_err(|e| e.1), Err(Throttle::Conversation));
         // The refused send did not cost ann's own bucket: 190 more pass elsewhere.
         for i in 0..190 {
             assert!(r.take("ann", &[(&format!("quiet{i}"), 1)], &conn, t0).is_ok(), "send {i}");
         }
-        assert_eq!(r.take("ann", &[("other", 1)], &conn, t0).map_err(|e| e.1), Err(Reason::User));
+        assert_eq!(r.take("ann", &[("other", 1)], &conn, t0).map_err(|e| e.1), Err(Throttle::User));
     }
 
     #[test]
@@ -239,7 +223,7 @@ mod tests {
         let t0 = Instant::now();
         let (a, b) = (Mutex::new(Bucket::full(r.connection, t0)), Mutex::new(Bucket::full(r.connection, t0)));
         assert!(r.take("ann", &[("c", 6)], &a, t0).is_ok());
-        assert_eq!(r.take("ann", &[("c", 1)], &a, t0).map_err(|e| e.1), Err(Reason::Connection));
+        assert_eq!(r.take("ann", &[("c", 1)], &a, t0).map_err(|e| e.1), Err(Throttle::Connection));
         assert!(r.take("ann", &[("c", 1)], &b, t0).is_ok(), "another connection has its own bucket");
         let off = rates(0, 0, 0);
         let c = Mutex::new(Bucket::full(off.connection, t0));
