@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::chat::limits::*;
-use crate::chat::{MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX};
+use crate::chat::{Retention, MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX};
 use crate::error::{Error, Result};
 
 /// Room a client frame needs beside the largest message text: ids, keys and framing.
@@ -147,6 +147,92 @@ impl Default for Limits {
     }
 }
 
+/// The cluster's default retention and how it is enforced (`[retention]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Keep at most this many newest messages per conversation (unset: no limit).
+    pub max_messages: Option<u64>,
+    /// Keep messages at most this old, e.g. "30d", "12h", "90s" (unset: no limit).
+    pub max_age: Option<String>,
+    /// Keep at most this many bytes per conversation, e.g. "512MiB" (unset: no limit).
+    pub max_bytes: Option<String>,
+    /// How often each shard's leader checks its conversations against their retention.
+    pub check_interval_ms: u64,
+    /// Give the space of trimmed messages back (flush and compact) once this many were
+    /// trimmed on the node …
+    pub reclaim_after_messages: u64,
+    /// … or once the first of them was trimmed this long ago, in seconds.
+    pub reclaim_after_s: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_messages: None,
+            max_age: None,
+            max_bytes: None,
+            check_interval_ms: 1000,
+            reclaim_after_messages: 100_000,
+            reclaim_after_s: 60,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The cluster's default retention (checked by [`Config::parse`]).
+    pub fn default_policy(&self) -> Result<Retention> {
+        let policy = Retention {
+            max_messages: self.max_messages,
+            max_age_ms: self.max_age.as_deref().map(parse_duration_ms).transpose()?,
+            max_bytes: self.max_bytes.as_deref().map(parse_bytes).transpose()?,
+        };
+        policy.validate().map_err(|m| Error::Config(format!("[retention]: {m}")))?;
+        Ok(policy)
+    }
+}
+
+/// Parses a duration such as `500ms`, `90s`, `15m`, `12h`, `30d` or `2w` into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let bad = || Error::Config(format!("{text:?} is not a duration like 500ms, 90s, 15m, 12h, 30d or 2w"));
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let per: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "w" => 7 * 86_400_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(per).ok_or_else(bad)
+}
+
+/// Parses a size such as `4096`, `64KiB`, `512MiB`, `2GiB` or `1GB` into bytes.
+pub fn parse_bytes(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let bad = || Error::Config(format!("{text:?} is not a size like 4096, 64KiB, 512MiB, 2GiB or 1GB"));
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let per: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(per).ok_or_else(bad)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -164,6 +250,8 @@ struct RawConfig {
     raft: RaftConfig,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    retention: RetentionConfig,
     #[serde(default)]
     worker_threads: usize,
     nodes: Vec<NodeConfig>,
@@ -191,6 +279,9 @@ pub struct Config {
     pub ca_dir: PathBuf,
     pub raft: RaftConfig,
     pub limits: Limits,
+    pub retention: RetentionConfig,
+    /// The cluster's default retention, parsed from `retention`.
+    pub retention_default: Retention,
     /// Async worker threads of each node process; 0 = one per core. Nodes sharing one
     /// machine (the local cluster) run best with fewer: every extra worker adds cross-thread
     /// wake-ups to each message's path.
@@ -232,6 +323,8 @@ impl Config {
                 None => resolve(&raw.tls_dir).parent().unwrap_or(Path::new(".")).join("ca"),
             },
             raft: raw.raft,
+            retention_default: raw.retention.default_policy()?,
+            retention: raw.retention,
             limits: raw.limits,
             worker_threads: raw.worker_threads,
             nodes,
@@ -316,6 +409,10 @@ impl Config {
         }
         if !(1..=STREAMS_PER_CONNECTION_CEILING).contains(&l.streams_per_connection_max) {
             return fail(format!("limits.streams_per_connection_max must be 1..={STREAMS_PER_CONNECTION_CEILING}"));
+        }
+        let k = &self.retention;
+        if k.check_interval_ms == 0 || k.reclaim_after_messages == 0 {
+            return fail("retention.check_interval_ms and retention.reclaim_after_messages must be at least 1".into());
         }
         let r = &self.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_ms_min <= r.heartbeat_ms * 3 {
@@ -408,6 +505,36 @@ data_dir = "data/node3"
         }
         let unknown = format!("bogus = 1\n{SAMPLE}");
         assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
+    }
+
+    #[test]
+    fn retention_reads_durations_and_sizes() {
+        let text = format!("{SAMPLE}\n[retention]\nmax_messages = 100\nmax_age = \"30d\"\nmax_bytes = \"512MiB\"\n");
+        let c = Config::parse(&text, Path::new("."), Path::new("c.toml")).expect("valid");
+        let want = Retention { max_messages: Some(100), max_age_ms: Some(30 * 86_400_000), max_bytes: Some(512 << 20) };
+        assert_eq!(c.retention_default, want);
+        assert!(Config::parse(SAMPLE, Path::new("."), Path::new("c.toml"))
+            .expect("valid")
+            .retention_default
+            .keeps_all());
+        for (ok, ms) in [("500ms", 500), ("90s", 90_000), ("15m", 900_000), ("12h", 43_200_000), ("2w", 1_209_600_000)]
+        {
+            assert_eq!(parse_duration_ms(ok).expect(ok), ms);
+        }
+        for (ok, b) in [("4096", 4096), ("64KiB", 65_536), ("1GB", 1_000_000_000), ("2 GiB", 2 << 30)] {
+            assert_eq!(parse_bytes(ok).expect(ok), b);
+        }
+        for bad in ["", "d", "10 parsecs", "-1s", "99999999999999999999w"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+        for bad in ["", "1.5GiB", "12 bits", "99999999999999999999TiB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        for (key, value) in [("max_messages", "0"), ("max_age", "\"0s\""), ("max_bytes", "\"0\"")] {
+            let text = format!("{SAMPLE}\n[retention]\n{key} = {value}\n");
+            let err = Config::parse(&text, Path::new("."), Path::new("c.toml")).expect_err("zero keeps nothing");
+            assert!(err.to_string().contains("at least 1"), "{key}: {err}");
+        }
     }
 
     // Files written before the keys were renamed to `*_max` still load, to the same values.

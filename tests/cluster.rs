@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use convoy::chat::{shard_of, StoredMessage};
 use convoy::client::{Client, Event};
 use convoy::Error;
-use testkit::{eventually, ClusterSpec, LimitTweaks, LocalCluster, RaftTweaks, TEST_USER};
+use testkit::{eventually, ClusterSpec, LimitTweaks, LocalCluster, RaftTweaks, RetentionTweaks, TEST_USER};
 
 const READY: Duration = Duration::from_secs(30);
 const BIN: &str = env!("CARGO_BIN_EXE_convoy");
@@ -23,6 +23,7 @@ struct Tweaks {
     snapshot_log_kept_max: u64,
     message_bytes_max: usize,
     limits: LimitTweaks,
+    retention: RetentionTweaks,
 }
 
 impl Default for Tweaks {
@@ -33,6 +34,7 @@ impl Default for Tweaks {
             snapshot_log_kept_max: 5_000,
             message_bytes_max: 65536,
             limits: LimitTweaks::default(),
+            retention: RetentionTweaks::default(),
         }
     }
 }
@@ -52,6 +54,7 @@ fn start(t: Tweaks) -> LocalCluster {
             ..RaftTweaks::default()
         },
         limits: LimitTweaks { message_bytes_max: Some(t.message_bytes_max), ..t.limits },
+        retention: t.retention,
         remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
         log_filter: Some(std::env::var("CONVOY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into())),
         convoy_bin: Some(BIN.into()),
@@ -64,7 +67,7 @@ fn start(t: Tweaks) -> LocalCluster {
 async fn read_at_least(client: &Client, conversation: &str, node: u64, want: usize) -> Vec<StoredMessage> {
     eventually(Duration::from_secs(30), &format!("node {node} to hold {want} messages of {conversation}"), || async {
         match client.read(conversation, 1, Some(node)).await {
-            Ok(v) if v.len() >= want => Some(v),
+            Ok(r) if r.messages.len() >= want => Some(r.messages),
             _ => None,
         }
     })
@@ -301,6 +304,209 @@ async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
     }
 }
 
+/// Runs the CLI against `cluster` as `user`: (success, stdout, stderr).
+fn cli_as(cluster: &LocalCluster, user: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .args(["--user", user, "--config"])
+        .arg(cluster.config_path())
+        .output()
+        .expect("run convoy");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// The issue's walk-through: a conversation kept to 100 messages, 300 sent, and every replica
+// then holds exactly 201-300; a read from 1 says where it starts instead of skipping
+// silently, on the CLI (a `truncated_before` line) and on a live subscription; a cursor left
+// below reads as just before the earliest; and the next message still gets offset 301.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_and_reads_say_where_they_start() {
+    let cluster = start(Tweaks {
+        retention: RetentionTweaks { check_interval_ms: Some(200), ..RetentionTweaks::default() },
+        ..Tweaks::default()
+    });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let alice = cluster.client_as("alice").expect("alice");
+    cluster.client_as("bob").expect("bob's credential");
+    let (ok, out, err) =
+        cli_as(&cluster, "alice", &["conversation", "set-retention", "r", "--max-messages", "100", "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(r#""set":{"max_age_ms":null,"max_bytes":null,"max_messages":100}"#), "{out}");
+    let (ok, _, err) = cli_as(&cluster, "bob", &["conversation", "set-retention", "r", "--max-messages", "1"]);
+    assert!(!ok && err.contains("not a member"), "only members (and admins) set retention: {err}");
+    let (ok, _, err) = cli_as(&cluster, "alice", &["conversation", "set-retention", "r", "--max-age", "soon"]);
+    assert!(!ok && err.contains("not a duration"), "{err}");
+
+    for i in 1..=300 {
+        assert_eq!(alice.send("r", &format!("m{i}")).await.expect("send").offset, i);
+        if i == 50 {
+            alice.set_cursor("r", 50).await.expect("cursor at 50");
+        }
+    }
+    for node in 1..=3 {
+        let read = eventually(Duration::from_secs(20), &format!("node {node} to trim r"), || async {
+            alice.read("r", 1, Some(node)).await.ok().filter(|r| r.truncated_before == Some(201))
+        })
+        .await
+        .expect("trimmed");
+        let offsets: Vec<u64> = read.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, (201..=300).collect::<Vec<_>>(), "node {node}");
+        assert_eq!(alice.get_cursor(node, "r").await.expect("cursor"), (200, 300), "node {node}");
+    }
+
+    let (ok, out, err) = cli_as(&cluster, "alice", &["tail", "--conversation", "r", "--json"]);
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines[0], serde_json::json!({"conversation": "r", "truncated_before": 201}));
+    let offsets: Vec<u64> = lines[1..].iter().map(|l| l["offset"].as_u64().expect("offset")).collect();
+    assert_eq!(offsets, (201..=300).collect::<Vec<_>>());
+    let (ok, out, err) = cli_as(&cluster, "alice", &["tail", "--conversation", "r", "--from", "250"]);
+    assert!(ok && !err.contains("retention") && out.lines().count() == 51, "from 250, nothing was trimmed: {err}");
+    let (_, _, err) = cli_as(&cluster, "alice", &["tail", "--conversation", "r"]);
+    assert!(err.contains("before offset 201 were deleted by retention"), "{err}");
+
+    let mut sub = alice.subscribe("r", 1, None);
+    let mut seen = Vec::new();
+    while seen.len() < 101 {
+        match tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("subscription stalled") {
+            Some(Event::Truncated { earliest }) => seen.push(earliest),
+            Some(Event::Message(m)) => seen.push(m.offset),
+            Some(Event::Failed(e)) => panic!("{e}"),
+            Some(_) => {}
+            None => panic!("the subscription ended"),
+        }
+    }
+    assert_eq!(seen[0], 201, "the subscription says first where it starts");
+    assert_eq!(&seen[1..], (201..=300).collect::<Vec<_>>());
+    assert_eq!(alice.send("r", "next").await.expect("send").offset, 301, "offsets are never reused");
+}
+
+// A short `--max-age`: what is older goes, what is younger stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_deletes_what_is_older() {
+    let cluster = start(Tweaks {
+        retention: RetentionTweaks { check_interval_ms: Some(200), ..RetentionTweaks::default() },
+        ..Tweaks::default()
+    });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let alice = cluster.client_as("alice").expect("alice");
+    let three_s = convoy::chat::Retention { max_age_ms: Some(3000), ..Default::default() };
+    let (set, _) = alice.set_retention("aging", three_s).await.expect("set retention");
+    assert_eq!(set, three_s);
+    for i in 1..=20 {
+        alice.send("aging", &format!("old {i}")).await.expect("send");
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for i in 21..=25 {
+        alice.send("aging", &format!("young {i}")).await.expect("send");
+    }
+    // The old ones were 3 s old before the young ones were sent; the young ones stay for 3 s.
+    for node in 1..=3 {
+        let read = alice.read("aging", 1, Some(node)).await.expect("read");
+        assert_eq!(read.truncated_before, Some(21), "node {node}");
+        assert_eq!(read.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), (21..=25).collect::<Vec<_>>());
+    }
+    // And then they go too: the conversation is empty, its head unchanged.
+    let read = eventually(Duration::from_secs(10), "the young ones to age out", || async {
+        alice.read("aging", 1, Some(1)).await.ok().filter(|r| r.messages.is_empty())
+    })
+    .await
+    .expect("aged out");
+    assert_eq!(read.truncated_before, Some(26));
+    assert_eq!(alice.send("aging", "after").await.expect("send").offset, 26);
+}
+
+/// Bytes of every file under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+// 200,000 messages sent and trimmed to the newest 2,000 of each of 20 conversations: once
+// the node has reclaimed the trimmed space (flush and compaction), each node's whole data
+// directory is within 2x of what the retained messages need (their text plus 128 bytes each
+// of ids, keys and dedup record). Prints the figures as one JSON line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_space_of_trimmed_messages_is_given_back() {
+    use futures::StreamExt;
+    use rand::Rng;
+    const CONVERSATIONS: u64 = 20;
+    const SENT: u64 = 200_000;
+    const KEEP: u64 = 2_000;
+    const TEXT: usize = 400;
+    let cluster = start(Tweaks {
+        snapshot_logs_since_last: 20,
+        snapshot_log_kept_max: 0,
+        limits: LimitTweaks::unthrottled(),
+        retention: RetentionTweaks {
+            max_messages: Some(KEEP),
+            check_interval_ms: Some(500),
+            reclaim_after_messages: Some(100_000),
+            reclaim_after_s: Some(3),
+            ..RetentionTweaks::default()
+        },
+        ..Tweaks::default()
+    });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    let started = Instant::now();
+    let texts: Vec<String> = (0..1024)
+        .map(|_| rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(TEXT).map(char::from).collect())
+        .collect();
+    let acked = futures::stream::iter(0..SENT)
+        .map(|i| {
+            let (client, text) = (client.clone(), &texts[i as usize % texts.len()]);
+            async move { client.send(&format!("bulk-{}", i % CONVERSATIONS), &format!("{i:08}{text}")).await }
+        })
+        .buffer_unordered(256)
+        .filter(|r| std::future::ready(r.is_ok()))
+        .count()
+        .await as u64;
+    assert_eq!(acked, SENT, "every send is acked");
+    let load_s = started.elapsed().as_secs_f64();
+    let peak: Vec<u64> = (1..=3).map(|id| dir_bytes(&cluster.data_dir(id))).collect();
+    let retained = CONVERSATIONS * KEEP;
+    let need = retained * (TEXT as u64 + 8 + 128);
+    let sizes = eventually(Duration::from_secs(90), "every node to give the trimmed space back", || async {
+        let sizes: Vec<u64> = (1..=3).map(|id| dir_bytes(&cluster.data_dir(id))).collect();
+        sizes.iter().all(|s| *s <= 2 * need).then_some(sizes)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        let sizes: Vec<u64> = (1..=3).map(|id| dir_bytes(&cluster.data_dir(id))).collect();
+        panic!("{e}: data directories {sizes:?} bytes, need {need}, peak {peak:?}")
+    });
+    for node in 1..=3 {
+        for c in 0..CONVERSATIONS {
+            let read = client.read(&format!("bulk-{c}"), 1, Some(node)).await.expect("read");
+            let per = SENT / CONVERSATIONS;
+            assert_eq!(read.truncated_before, Some(per - KEEP + 1), "node {node} bulk-{c}");
+            assert_eq!(read.messages.len() as u64, KEEP, "node {node} bulk-{c}");
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "test": "the_space_of_trimmed_messages_is_given_back",
+            "sent": SENT, "text_bytes": TEXT, "conversations": CONVERSATIONS, "retained": retained,
+            "need_bytes": need, "data_dir_bytes_at_load_end": peak, "data_dir_bytes_reclaimed": sizes,
+            "ratio_max": sizes.iter().max().copied().unwrap_or(0) as f64 / need as f64,
+            "load_s": load_s, "total_s": started.elapsed().as_secs_f64(),
+        })
+    );
+}
+
 // Concurrent sends to many conversations are acked, and every replica returns the same
 // offset → message mapping, equal to what the acks said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,13 +736,13 @@ async fn bad_input_gets_an_error_and_the_node_stays_up() {
         other => panic!("mixed batch: expected one answer per send, got {other:?}"),
     }
     let stored: Vec<String> =
-        client.read("batch", 1, Some(leader)).await.expect("read").into_iter().map(|m| m.text).collect();
+        client.read("batch", 1, Some(leader)).await.expect("read").messages.into_iter().map(|m| m.text).collect();
     assert_eq!(stored, vec!["one", "two"]);
 
     // Still serving, and nothing of the above was stored.
     let ack = client.send("c", "still here").await.expect("node still serves");
     assert_eq!(ack.offset, 1);
-    assert_eq!(client.read("c", 1, Some(1)).await.expect("read").len(), 1);
+    assert_eq!(client.read("c", 1, Some(1)).await.expect("read").messages.len(), 1);
 }
 
 // A user is who their certificate says: a request naming another user is Forbidden, the
@@ -595,7 +801,7 @@ async fn users_are_their_certificates_and_only_members_read() {
     let (ok, out, err) = cli(&["send", "--conversation", "secret", "--cert", cert, "--key", key, "--json", "a2"]);
     assert!(ok, "{err}");
     assert!(out.contains("\"offset\":2"), "{out}");
-    let stored = alice.read("secret", 1, None).await.expect("alice reads");
+    let stored = alice.read("secret", 1, None).await.expect("alice reads").messages;
     assert_eq!(stored.iter().map(|m| m.sender.as_str()).collect::<Vec<_>>(), ["alice", "alice"]);
 
     // Non-members: no read, tail, send, cursor or member list; the CLI exits non-zero.
@@ -679,7 +885,8 @@ async fn users_are_their_certificates_and_only_members_read() {
         let ack = bob.send_with("secret", seq, &format!("bob {seq}"), Duration::from_secs(20)).await.expect("bob");
         assert!(!ack.duplicate, "bob's send {seq} was suppressed by mallory's");
     }
-    let texts: Vec<String> = alice.read("secret", 1, None).await.expect("read").into_iter().map(|m| m.text).collect();
+    let texts: Vec<String> =
+        alice.read("secret", 1, None).await.expect("read").messages.into_iter().map(|m| m.text).collect();
     for seq in 1..=3 {
         assert!(texts.contains(&format!("bob {seq}")), "{texts:?}");
     }
@@ -834,6 +1041,7 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
                 attaches += 1;
             }
             Event::CaughtUp { .. } => {}
+            Event::Truncated { earliest } => panic!("no retention is set, yet truncated before {earliest}"),
             Event::Failed(e) => panic!("tail failed: {e}"),
         }
     }
@@ -912,7 +1120,7 @@ async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
     cluster.start_rejoin(3).expect("rejoin node 3");
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready after the rejoin");
     for conv in convs {
-        let reference = client.read(conv, 1, Some(1)).await.expect("read node 1");
+        let reference = client.read(conv, 1, Some(1)).await.expect("read node 1").messages;
         let got = read_at_least(&client, conv, 3, reference.len()).await;
         assert_eq!(got, reference, "rejoined node 3 differs on {conv}");
     }
@@ -983,7 +1191,7 @@ async fn a_damaged_wal_makes_the_node_refuse_while_the_others_serve() {
     cluster.wipe(3).expect("wipe node 3");
     cluster.start_rejoin(3).expect("rebuild node 3");
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("ready after the rebuild");
-    let reference = client.read("wal", 1, Some(1)).await.expect("read node 1");
+    let reference = client.read("wal", 1, Some(1)).await.expect("read node 1").messages;
     assert_eq!(reference.len(), 61);
     let got = read_at_least(&client, "wal", 3, reference.len()).await;
     assert_eq!(got, reference, "the rebuilt node holds what the others hold");
@@ -1113,7 +1321,7 @@ async fn a_replica_catches_up_on_entries_larger_than_one_frame_budget() {
         async move {
             eventually(Duration::from_secs(60), &format!("node {node} to hold offset {total}"), || async {
                 match client.read(conv, total - 9, Some(node)).await {
-                    Ok(v) if v.len() == 10 => Some(v),
+                    Ok(r) if r.messages.len() == 10 => Some(r.messages),
                     _ => None,
                 }
             })

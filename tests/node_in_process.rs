@@ -69,7 +69,7 @@ async fn a_node_in_process_stops_on_its_shutdown_future_and_reopens_with_what_it
         if running.is_finished() {
             return Some(Vec::new());
         }
-        client.read("room", 1, Some(1)).await.ok().filter(|m| !m.is_empty())
+        client.read("room", 1, Some(1)).await.ok().map(|r| r.messages).filter(|m| !m.is_empty())
     })
     .await
     .expect("the reopened node serves the conversation");

@@ -34,7 +34,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::json;
 
-use convoy::client::{Client, Event};
+use convoy::client::{Client, Event, ReadItem};
 use convoy::config::Config;
 use convoy::stages::{Stage, StageSnapshot};
 use convoy::store::keys::{log_key, CF_LOG};
@@ -701,10 +701,15 @@ async fn catch_up(config: &Config, leaders: &[u64], messages: usize) -> Result<R
     let read_all = || async {
         let started = Instant::now();
         let n = reader
-            .read_each(conv, 1, follower, |m| match m.text.len() {
-                MESSAGE_BYTES => Ok(()),
-                len => {
-                    Err(convoy::Error::Protocol(format!("catch_up: offset {} came back with {len} bytes", m.offset)))
+            .read_each(conv, 1, follower, |item| match item {
+                ReadItem::Message(m) if m.text.len() == MESSAGE_BYTES => Ok(()),
+                ReadItem::Message(m) => Err(convoy::Error::Protocol(format!(
+                    "catch_up: offset {} came back with {} bytes",
+                    m.offset,
+                    m.text.len()
+                ))),
+                ReadItem::Truncated { earliest } => {
+                    Err(convoy::Error::Protocol(format!("catch_up: truncated before {earliest} with no retention set")))
                 }
             })
             .await?;

@@ -94,6 +94,9 @@ pub enum F {
     FinalRead,
     FinalSend,
     CaughtUp,
+    /// A read or subscription was told that retention deleted the messages before
+    /// `earliest`.
+    Truncated,
     Kill,
     Start,
     Pause,

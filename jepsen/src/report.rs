@@ -370,6 +370,7 @@ fn f_name(f: &F) -> &'static str {
         F::FinalRead => "final-read",
         F::FinalSend => "final-send",
         F::CaughtUp => "caught-up",
+        F::Truncated => "truncated",
         F::Kill => "kill",
         F::Start => "start",
         F::Pause => "pause",

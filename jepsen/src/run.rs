@@ -215,7 +215,7 @@ async fn final_read(rec: &Recorder, client: &convoy::client::Client, conv: &str,
         for node in NODES {
             let read = tokio::time::timeout(READ_TIMEOUT, client.read_raw(conv, 1, node)).await.unwrap_or_else(|_| {
                 let error = convoy::Error::Unavailable(format!("node {node} did not answer within {READ_TIMEOUT:?}"));
-                RawRead { messages: Vec::new(), end: Err(error) }
+                RawRead { messages: Vec::new(), truncated_before: None, end: Err(error) }
             });
             // A complete read is kept over a later failed one.
             if read.end.is_ok() || last.get(&node).is_none_or(|r| r.end.is_err()) {

@@ -248,6 +248,12 @@ impl SubscriberLog {
                 let v = json!({"conversation": self.conversation, "head": head, "session": self.session});
                 self.rec.record(Type::Ok, self.process, F::CaughtUp, v, Some(self.node));
             }
+            Event::Truncated { earliest } => {
+                // The stream goes on from `earliest`; a resubscription would start there too.
+                self.next_offset = self.next_offset.max(earliest);
+                let v = json!({"conversation": self.conversation, "earliest": earliest, "session": self.session});
+                self.rec.record(Type::Ok, self.process, F::Truncated, v, Some(self.node));
+            }
             Event::Failed(why) => {
                 self.ended = Some(why);
                 return false;
@@ -294,7 +300,13 @@ pub async fn read_op(rec: &Recorder, client: &Client, process: u64, f: F, conv: 
 pub fn read_outcome(conv: &str, read: &RawRead) -> (Type, Value) {
     let messages: Vec<Value> = read.messages.iter().map(|m| json!([m.offset, m.text])).collect();
     match &read.end {
-        Ok(_) => (Type::Ok, json!({"conversation": conv, "messages": messages})),
+        Ok(_) => {
+            let mut v = json!({"conversation": conv, "messages": messages});
+            if let Some(earliest) = read.truncated_before {
+                v["truncated_before"] = json!(earliest);
+            }
+            (Type::Ok, v)
+        }
         Err(e) => {
             let mut v = json!({"conversation": conv, "error": e.to_string()});
             if !messages.is_empty() {
@@ -402,7 +414,11 @@ mod tests {
 
     #[test]
     fn a_read_with_a_gap_is_recorded_as_it_came_and_is_a_hole() {
-        let read = RawRead { messages: vec![stored(1, "a"), stored(2, "b"), stored(4, "d")], end: Ok(4) };
+        let read = RawRead {
+            messages: vec![stored(1, "a"), stored(2, "b"), stored(4, "d")],
+            truncated_before: None,
+            end: Ok(4),
+        };
         let (kind, value) = read_outcome("c", &read);
         assert_eq!(kind, Type::Ok);
         assert_eq!(value["messages"], json!([[1, "a"], [2, "b"], [4, "d"]]));
@@ -416,12 +432,17 @@ mod tests {
 
     #[test]
     fn a_read_that_failed_keeps_what_it_got() {
-        let read = RawRead { messages: vec![stored(1, "a")], end: Err(Error::Unavailable("node 1 stalled".into())) };
+        let read = RawRead {
+            messages: vec![stored(1, "a")],
+            truncated_before: None,
+            end: Err(Error::Unavailable("node 1 stalled".into())),
+        };
         let (kind, value) = read_outcome("c", &read);
         assert_eq!(kind, Type::Fail);
         assert_eq!(value["messages"], json!([[1, "a"]]));
         assert!(value["error"].as_str().is_some_and(|e| e.contains("node 1 stalled")), "{value}");
-        let nothing = RawRead { messages: Vec::new(), end: Err(Error::Unavailable("refused".into())) };
+        let nothing =
+            RawRead { messages: Vec::new(), truncated_before: None, end: Err(Error::Unavailable("refused".into())) };
         assert!(read_outcome("c", &nothing).1.get("messages").is_none());
     }
 }

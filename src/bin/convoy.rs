@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
+use convoy::chat::Retention;
 use convoy::client::{Client, Event, USER_ENV};
 use convoy::config::Config;
 use convoy::net::tls::{self, Credential, ADMIN_USER};
@@ -225,6 +226,27 @@ enum ConversationAction {
         #[arg(long)]
         json: bool,
     },
+    /// Set how much of a conversation is kept (a member, or an admin): its oldest messages
+    /// beyond any limit given are deleted, by the shard's leader, within a second or so.
+    /// Limits not given take the cluster's default (`[retention]` in cluster.toml).
+    SetRetention {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        who: Who,
+        conversation: String,
+        /// Keep at most this many newest messages.
+        #[arg(long)]
+        max_messages: Option<u64>,
+        /// Keep messages at most this old: 500ms, 90s, 15m, 12h, 30d, 2w.
+        #[arg(long, value_parser = parse_duration_arg)]
+        max_age: Option<u64>,
+        /// Keep at most this many bytes of the newest messages: 4096, 64KiB, 512MiB, 1GB.
+        #[arg(long, value_parser = parse_bytes_arg)]
+        max_bytes: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the members and the head (members only).
     Show {
         #[arg(long, default_value = "cluster.toml")]
@@ -367,8 +389,12 @@ async fn run(cli: Cli) -> Result<()> {
                 config.node(n)?;
             }
             if !follow {
-                for m in client.read(&conversation, from, node).await? {
-                    print_message(&m, json);
+                let read = client.read(&conversation, from, node).await?;
+                if let Some(earliest) = read.truncated_before {
+                    print_truncated(&conversation, earliest, json);
+                }
+                for m in &read.messages {
+                    print_message(m, json);
                 }
                 return Ok(());
             }
@@ -376,6 +402,7 @@ async fn run(cli: Cli) -> Result<()> {
             while let Some(ev) = sub.next().await {
                 match ev {
                     Event::Message(m) => print_message(&m, json),
+                    Event::Truncated { earliest } => print_truncated(&conversation, earliest, json),
                     Event::Failed(e) => bail!("{e}"),
                     Event::CaughtUp { .. } | Event::Attached { .. } => {}
                 }
@@ -410,8 +437,31 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+fn parse_duration_arg(text: &str) -> std::result::Result<u64, String> {
+    convoy::config::parse_duration_ms(text).map_err(|e| e.to_string())
+}
+
+fn parse_bytes_arg(text: &str) -> std::result::Result<u64, String> {
+    convoy::config::parse_bytes(text).map_err(|e| e.to_string())
+}
+
 async fn conversation(action: ConversationAction) -> Result<()> {
     let (members, head, json) = match action {
+        ConversationAction::SetRetention { config, who, conversation, max_messages, max_age, max_bytes, json } => {
+            let config = load(&config)?;
+            let retention = Retention { max_messages, max_age_ms: max_age, max_bytes };
+            let (set, effective) = who.connect(&config, None)?.set_retention(&conversation, retention).await?;
+            let limits = |r: &Retention| json!({"max_messages": r.max_messages, "max_age_ms": r.max_age_ms, "max_bytes": r.max_bytes});
+            if json {
+                println!(
+                    "{}",
+                    json!({"conversation": conversation, "set": limits(&set), "effective": limits(&effective)})
+                );
+            } else {
+                println!("retention of {conversation}: {set}; with the cluster's default: {effective}");
+            }
+            return Ok(());
+        }
         ConversationAction::Create { config, who, conversation, members, json } => {
             let config = load(&config)?;
             (who.connect(&config, None)?.create_conversation(&conversation, &members).await?, None, json)
@@ -456,6 +506,17 @@ async fn conversation(action: ConversationAction) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Says that retention deleted the messages before `earliest`: a JSON line before the
+/// messages with `--json` (on stdout, where a program reads them), a notice on stderr
+/// otherwise.
+fn print_truncated(conversation: &str, earliest: u64, json: bool) {
+    if json {
+        println!("{}", json!({"conversation": conversation, "truncated_before": earliest}));
+    } else {
+        eprintln!("note: messages of {conversation} before offset {earliest} were deleted by retention");
+    }
 }
 
 fn print_message(m: &convoy::chat::StoredMessage, json: bool) {

@@ -16,12 +16,16 @@
 //!   identical key is another key, and the same key in another conversation is another
 //!   message. The dedup record keeps a digest of the text: the same key with other text is
 //!   `SeqReused`, never a silent duplicate;
-//! - read cursors only move forward and never past the head.
+//! - read cursors only move forward and never past the head;
+//! - retention trims a conversation's oldest messages by [`Command::Trim`], which the shard's
+//!   leader proposes (it alone reads the clock and the policies), so every replica deletes
+//!   the same prefix at the same log position. The earliest retained offset only grows,
+//!   offsets are never reused, and the dedup records of trimmed messages go with them.
 //!
 //! A rejection (invalid id, message too large, not a member, cursor past head) is an
 //! [`Outcome`], not an error: it is replicated and answered like any other result.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +131,95 @@ pub enum Command {
     SendBatch(Vec<SendCommand>),
     /// Create a conversation, or add or remove a member, by the member `by`.
     Members(MembersCommand),
+    /// Set a conversation's retention (a member, or an admin).
+    SetRetention(RetentionCommand),
+    /// Delete a conversation's messages below `before` (proposed by the shard's leader to
+    /// enforce retention).
+    Trim(TrimCommand),
+}
+
+/// Most messages one [`Command::Trim`] deletes: apply reads each one's dedup key, and an
+/// entry's apply must stay short. The leader proposes the next trim for the rest.
+pub const TRIM_MESSAGES_MAX: u64 = 8192;
+
+/// How much of a conversation is kept: each limit that is set trims the oldest messages
+/// beyond it (the one that keeps the least wins). `None` everywhere keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Keep at most this many newest messages.
+    pub max_messages: Option<u64>,
+    /// Keep messages stamped at most this long ago, in milliseconds (by the leader's clock).
+    pub max_age_ms: Option<u64>,
+    /// Keep at most this many bytes of the newest messages (as stored).
+    pub max_bytes: Option<u64>,
+}
+
+impl Retention {
+    /// This policy, with each limit it leaves unset taken from `default`.
+    pub fn or(self, default: Retention) -> Retention {
+        Retention {
+            max_messages: self.max_messages.or(default.max_messages),
+            max_age_ms: self.max_age_ms.or(default.max_age_ms),
+            max_bytes: self.max_bytes.or(default.max_bytes),
+        }
+    }
+
+    /// Whether it keeps everything.
+    pub fn keeps_all(&self) -> bool {
+        self.max_messages.is_none() && self.max_age_ms.is_none() && self.max_bytes.is_none()
+    }
+
+    /// Refuses a limit of zero (it would keep nothing, not even the message just sent).
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in
+            [("max_messages", self.max_messages), ("max_age", self.max_age_ms), ("max_bytes", self.max_bytes)]
+        {
+            if v == Some(0) {
+                return Err(format!("retention {name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Retention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.keeps_all() {
+            return write!(f, "keep everything");
+        }
+        let mut parts = Vec::new();
+        if let Some(n) = self.max_messages {
+            parts.push(format!("max {n} messages"));
+        }
+        if let Some(ms) = self.max_age_ms {
+            parts.push(format!("max age {ms} ms"));
+        }
+        if let Some(b) = self.max_bytes {
+            parts.push(format!("max {b} bytes"));
+        }
+        write!(f, "{}", parts.join(", "))
+    }
+}
+
+/// Payload of [`Command::SetRetention`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionCommand {
+    pub conversation: String,
+    /// The user asking (taken from the credential by the node) …
+    pub by: String,
+    /// … and whether that credential is an admin's (decided by the node, from the
+    /// certificate): an admin may set any conversation's retention, a member only its own.
+    pub admin: bool,
+    pub retention: Retention,
+}
+
+/// Payload of [`Command::Trim`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrimCommand {
+    pub conversation: String,
+    /// The first offset to keep. Apply never goes past the head + 1, and deletes at most
+    /// [`TRIM_MESSAGES_MAX`] messages.
+    pub before: u64,
 }
 
 /// Payload of [`Command::Members`].
@@ -212,6 +305,8 @@ impl Command {
                 };
                 FIXED + m.conversation.len() + m.by.len() + listed
             }
+            Command::SetRetention(r) => FIXED + r.conversation.len() + r.by.len() + 32,
+            Command::Trim(t) => FIXED + t.conversation.len(),
         }
     }
 }
@@ -223,6 +318,8 @@ impl std::fmt::Display for Command {
             Command::Cursor(c) => write!(f, "cursor({}, {}, {})", c.user, c.conversation, c.offset),
             Command::SendBatch(b) => write!(f, "send-batch({} sends)", b.len()),
             Command::Members(m) => write!(f, "members({}, {:?} by {})", m.conversation, m.change, m.by),
+            Command::SetRetention(r) => write!(f, "set-retention({}, {} by {})", r.conversation, r.retention, r.by),
+            Command::Trim(t) => write!(f, "trim({}, before {})", t.conversation, t.before),
         }
     }
 }
@@ -250,6 +347,16 @@ pub struct DedupKey {
 }
 
 impl DedupKey {
+    /// The key a stored message was appended under.
+    pub fn of_stored(m: &StoredMessage) -> DedupKey {
+        DedupKey {
+            conversation: m.conversation.clone(),
+            sender: m.sender.clone(),
+            client_id: m.client_id,
+            client_seq: m.client_seq,
+        }
+    }
+
     pub fn of(send: &SendCommand) -> DedupKey {
         DedupKey {
             conversation: send.conversation.clone(),
@@ -284,6 +391,10 @@ pub enum Outcome {
     Batch(Vec<Outcome>),
     /// A membership change applied: the members now, and the head it took effect at.
     Members { members: Vec<String>, head: u64 },
+    /// The conversation's retention now (as set for it, before the cluster default).
+    RetentionSet { retention: Retention },
+    /// A trim applied: the earliest retained offset now, and how many messages it deleted.
+    Trimmed { earliest: u64, deleted: u64 },
 }
 
 /// Why a command was refused.
@@ -312,6 +423,8 @@ pub enum Rejection {
     TooManyMembers {
         max: usize,
     },
+    /// A retention limit that cannot be kept (zero).
+    InvalidRetention(String),
 }
 
 impl Rejection {
@@ -335,6 +448,7 @@ impl std::fmt::Display for Rejection {
             Rejection::NotMember { user } => write!(f, "{user:?} is not a member of this conversation"),
             Rejection::Exists => write!(f, "the conversation already exists"),
             Rejection::TooManyMembers { max } => write!(f, "a conversation has at most {max} members"),
+            Rejection::InvalidRetention(m) => write!(f, "{m}"),
         }
     }
 }
@@ -343,10 +457,35 @@ impl std::fmt::Display for Rejection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     PutMessage(StoredMessage),
-    SetHead { conversation: String, head: u64 },
-    PutDedup { key: DedupKey, record: DedupRecord },
-    SetCursor { user: String, conversation: String, offset: u64 },
-    SetMembers { conversation: String, members: Members },
+    SetHead {
+        conversation: String,
+        head: u64,
+    },
+    PutDedup {
+        key: DedupKey,
+        record: DedupRecord,
+    },
+    SetCursor {
+        user: String,
+        conversation: String,
+        offset: u64,
+    },
+    SetMembers {
+        conversation: String,
+        members: Members,
+    },
+    SetRetention {
+        conversation: String,
+        retention: Retention,
+    },
+    /// Delete every message below `before` and the dedup records of those in
+    /// `[from, before)` (`dedup`), and make `before` the earliest retained offset.
+    Trim {
+        conversation: String,
+        from: u64,
+        before: u64,
+        dedup: Vec<DedupKey>,
+    },
 }
 
 /// Read access apply needs. Implementations must reflect every effect already produced
@@ -361,6 +500,10 @@ pub trait ShardView {
     /// Whether `user` is a member; `None`: the conversation does not exist. Asked by every
     /// send, so views answer it without copying the member set.
     fn is_member(&mut self, conversation: &str, user: &str) -> Result<Option<bool>, Self::Error>;
+    /// The earliest retained offset of a conversation (1 until a trim).
+    fn earliest(&mut self, conversation: &str) -> Result<u64, Self::Error>;
+    /// The idempotency keys of the conversation's messages in `[from, before)`.
+    fn keys_between(&mut self, conversation: &str, from: u64, before: u64) -> Result<Vec<DedupKey>, Self::Error>;
 }
 
 /// Applies one command against `view`, returning its outcome and the effects to persist.
@@ -370,6 +513,8 @@ pub fn apply<V: ShardView>(view: &mut V, command: &Command) -> Result<(Outcome, 
         Command::Send(send) => apply_send(view, send),
         Command::Cursor(cursor) => apply_cursor(view, cursor),
         Command::Members(m) => apply_members(view, m),
+        Command::SetRetention(r) => apply_set_retention(view, r),
+        Command::Trim(t) => apply_trim(view, t),
         Command::SendBatch(sends) => {
             // Later sends of the batch must see the effects of earlier ones (the next
             // offset, a duplicate key), exactly as separate entries would.
@@ -486,6 +631,48 @@ fn apply_members<V: ShardView>(view: &mut V, c: &MembersCommand) -> Result<(Outc
     Ok((outcome, vec![Effect::SetMembers { conversation: c.conversation.clone(), members }]))
 }
 
+fn apply_set_retention<V: ShardView>(view: &mut V, c: &RetentionCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
+    let reject = |reason| Ok((Outcome::Rejected { reason }, Vec::new()));
+    for (kind, id) in [("conversation", &c.conversation), ("user", &c.by)] {
+        if let Err(m) = validate_id(kind, id) {
+            return reject(Rejection::InvalidId(m));
+        }
+    }
+    if let Err(m) = c.retention.validate() {
+        return reject(Rejection::InvalidRetention(m));
+    }
+    let mut effects = Vec::with_capacity(2);
+    match view.is_member(&c.conversation, &c.by)? {
+        Some(true) => {}
+        _ if c.admin => {}
+        Some(false) => return reject(Rejection::NotMember { user: c.by.clone() }),
+        // Like a first send, a member's policy for a conversation that does not exist yet
+        // creates it, with its author as the only member: nobody can set the retention of a
+        // conversation they will not be in.
+        None => {
+            let members = Members { users: BTreeSet::from([c.by.clone()]), removed: BTreeMap::new() };
+            effects.push(Effect::SetMembers { conversation: c.conversation.clone(), members });
+        }
+    }
+    effects.push(Effect::SetRetention { conversation: c.conversation.clone(), retention: c.retention });
+    Ok((Outcome::RetentionSet { retention: c.retention }, effects))
+}
+
+fn apply_trim<V: ShardView>(view: &mut V, c: &TrimCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
+    if let Err(m) = validate_id("conversation", &c.conversation) {
+        return Ok((Outcome::Rejected { reason: Rejection::InvalidId(m) }, Vec::new()));
+    }
+    let from = view.earliest(&c.conversation)?;
+    let head = view.head(&c.conversation)?;
+    let before = c.before.min(head.saturating_add(1)).min(from.saturating_add(TRIM_MESSAGES_MAX));
+    if before <= from {
+        return Ok((Outcome::Trimmed { earliest: from, deleted: 0 }, Vec::new()));
+    }
+    let dedup = view.keys_between(&c.conversation, from, before)?;
+    let effect = Effect::Trim { conversation: c.conversation.clone(), from, before, dedup };
+    Ok((Outcome::Trimmed { earliest: before, deleted: before - from }, vec![effect]))
+}
+
 fn apply_cursor<V: ShardView>(view: &mut V, c: &CursorCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
     for (kind, id) in [("user", &c.user), ("conversation", &c.conversation)] {
         if let Err(m) = validate_id(kind, id) {
@@ -515,11 +702,23 @@ pub struct Overlay<'a, V> {
     dedup: HashMap<DedupKey, DedupRecord>,
     cursors: HashMap<(String, String), u64>,
     members: HashMap<String, Members>,
+    /// Earliest offsets that trims of this batch set.
+    earliest: HashMap<String, u64>,
+    /// Dedup records that trims of this batch deleted.
+    dedup_deleted: HashSet<DedupKey>,
 }
 
 impl<'a, V: ShardView> Overlay<'a, V> {
     pub fn new(base: &'a mut V) -> Self {
-        Overlay { base, heads: HashMap::new(), dedup: HashMap::new(), cursors: HashMap::new(), members: HashMap::new() }
+        Overlay {
+            base,
+            heads: HashMap::new(),
+            dedup: HashMap::new(),
+            cursors: HashMap::new(),
+            members: HashMap::new(),
+            earliest: HashMap::new(),
+            dedup_deleted: HashSet::new(),
+        }
     }
 
     /// The heads the batch set (each conversation's last), the dedup keys it recorded, and
@@ -545,6 +744,14 @@ impl<'a, V: ShardView> Overlay<'a, V> {
                 Effect::SetMembers { conversation, members } => {
                     self.members.insert(conversation.clone(), members.clone());
                 }
+                Effect::SetRetention { .. } => {}
+                Effect::Trim { conversation, before, dedup, .. } => {
+                    self.earliest.insert(conversation.clone(), *before);
+                    for key in dedup {
+                        self.dedup.remove(key);
+                        self.dedup_deleted.insert(key.clone());
+                    }
+                }
             }
         }
     }
@@ -561,8 +768,27 @@ impl<V: ShardView> ShardView for Overlay<'_, V> {
     fn dedup(&mut self, key: &DedupKey) -> Result<Option<DedupRecord>, V::Error> {
         match self.dedup.get(key) {
             Some(r) => Ok(Some(r.clone())),
+            None if self.dedup_deleted.contains(key) => Ok(None),
             None => self.base.dedup(key),
         }
+    }
+    fn earliest(&mut self, conversation: &str) -> Result<u64, V::Error> {
+        match self.earliest.get(conversation) {
+            Some(e) => Ok(*e),
+            None => self.base.earliest(conversation),
+        }
+    }
+    fn keys_between(&mut self, conversation: &str, from: u64, before: u64) -> Result<Vec<DedupKey>, V::Error> {
+        // Stored messages, then the ones this batch appended (each has a dedup record here).
+        let mut keys = self.base.keys_between(conversation, from, before)?;
+        keys.retain(|k| !self.dedup_deleted.contains(k));
+        keys.extend(
+            self.dedup
+                .iter()
+                .filter(|(k, r)| k.conversation == conversation && (from..before).contains(&r.offset))
+                .map(|(k, _)| k.clone()),
+        );
+        Ok(keys)
     }
     fn members(&mut self, conversation: &str) -> Result<Option<Members>, V::Error> {
         match self.members.get(conversation) {
@@ -592,6 +818,8 @@ pub struct MemView {
     pub cursors: HashMap<(String, String), u64>,
     pub members: HashMap<String, Members>,
     pub messages: Vec<StoredMessage>,
+    pub earliest: HashMap<String, u64>,
+    pub retention: HashMap<String, Retention>,
 }
 
 impl MemView {
@@ -601,6 +829,12 @@ impl MemView {
             Ok(r) => r,
             Err(never) => match never {},
         };
+        self.persist(effects);
+        outcome
+    }
+
+    /// Persists effects in memory, as a store writes them.
+    pub fn persist(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
                 Effect::PutMessage(m) => self.messages.push(m),
@@ -616,9 +850,18 @@ impl MemView {
                 Effect::SetMembers { conversation, members } => {
                     self.members.insert(conversation, members);
                 }
+                Effect::SetRetention { conversation, retention } => {
+                    self.retention.insert(conversation, retention);
+                }
+                Effect::Trim { conversation, before, dedup, .. } => {
+                    self.messages.retain(|m| m.conversation != conversation || m.offset >= before);
+                    for key in dedup {
+                        self.dedup.remove(&key);
+                    }
+                    self.earliest.insert(conversation, before);
+                }
             }
         }
-        outcome
     }
 }
 
@@ -638,6 +881,17 @@ impl ShardView for MemView {
     }
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64, Self::Error> {
         Ok(self.cursors.get(&(user.to_string(), conversation.to_string())).copied().unwrap_or(0))
+    }
+    fn earliest(&mut self, conversation: &str) -> Result<u64, Self::Error> {
+        Ok(self.earliest.get(conversation).copied().unwrap_or(1))
+    }
+    fn keys_between(&mut self, conversation: &str, from: u64, before: u64) -> Result<Vec<DedupKey>, Self::Error> {
+        Ok(self
+            .messages
+            .iter()
+            .filter(|m| m.conversation == conversation && (from..before).contains(&m.offset))
+            .map(DedupKey::of_stored)
+            .collect())
     }
 }
 

@@ -54,25 +54,8 @@ fn view_with(conversation: &str, n: u64) -> MemView {
     view
 }
 
-/// Persists effects into a MemView the way a store would (mirrors `MemView::apply`).
 fn persist(view: &mut MemView, effects: Vec<Effect>) {
-    for effect in effects {
-        match effect {
-            Effect::PutMessage(m) => view.messages.push(m),
-            Effect::SetHead { conversation, head } => {
-                view.heads.insert(conversation, head);
-            }
-            Effect::PutDedup { key, record } => {
-                view.dedup.insert(key, record);
-            }
-            Effect::SetCursor { user, conversation, offset } => {
-                view.cursors.insert((user, conversation), offset);
-            }
-            Effect::SetMembers { conversation, members } => {
-                view.members.insert(conversation, members);
-            }
-        }
-    }
+    view.persist(effects);
 }
 
 fn unwrap_infallible<T>(r: Result<T, std::convert::Infallible>) -> T {
@@ -662,11 +645,22 @@ fn command_strategy() -> impl Strategy<Value = Command> {
     ];
     let members = (conversation_strategy(), user_strategy(), change)
         .prop_map(|(conversation, by, change)| Command::Members(MembersCommand { conversation, by, change }));
+    let trim = (conversation_strategy(), 0u64..10)
+        .prop_map(|(conversation, before)| Command::Trim(TrimCommand { conversation, before }));
+    let limit = prop::option::of(0u64..4);
+    let retention = (conversation_strategy(), user_strategy(), any::<bool>(), limit.clone(), limit).prop_map(
+        |(conversation, by, admin, max_messages, max_bytes)| {
+            let retention = Retention { max_messages, max_age_ms: None, max_bytes };
+            Command::SetRetention(RetentionCommand { conversation, by, admin, retention })
+        },
+    );
     prop_oneof![
         3 => send_strategy().prop_map(Command::Send),
         1 => cursor,
         1 => members,
         1 => prop::collection::vec(send_strategy(), 0..6).prop_map(Command::SendBatch),
+        1 => trim,
+        1 => retention,
     ]
 }
 
@@ -689,6 +683,11 @@ struct Model {
     /// Members by conversation (absent: the conversation does not exist), and where each
     /// removed user's reading ended.
     members: HashMap<String, (std::collections::BTreeSet<String>, HashMap<String, u64>)>,
+    /// The last offset given out per conversation (trimmed messages keep theirs used).
+    heads: HashMap<String, u64>,
+    /// The first offset kept per conversation (absent: 1).
+    earliest: HashMap<String, u64>,
+    retention: HashMap<String, Retention>,
 }
 
 impl Model {
@@ -724,6 +723,7 @@ impl Model {
                     }
                 }
                 let offset = self.count(&s.conversation) + 1;
+                self.heads.insert(s.conversation.clone(), offset);
                 self.messages.push(StoredMessage {
                     conversation: s.conversation.clone(),
                     offset,
@@ -791,11 +791,44 @@ impl Model {
                 self.members.insert(m.conversation.clone(), (users, removed));
                 Outcome::Members { members: listed, head }
             }
+            Command::SetRetention(r) => {
+                if !spec_valid_id(&r.conversation) || !spec_valid_id(&r.by) {
+                    return reject(Rejection::InvalidId(String::new()));
+                }
+                let limits = [r.retention.max_messages, r.retention.max_age_ms, r.retention.max_bytes];
+                if limits.contains(&Some(0)) {
+                    return reject(Rejection::InvalidRetention(String::new()));
+                }
+                match self.members.get(&r.conversation) {
+                    Some((users, _)) if users.contains(&r.by) || r.admin => {}
+                    Some(_) => return reject(Rejection::NotMember { user: r.by.clone() }),
+                    None if r.admin => {}
+                    None => {
+                        self.members.insert(r.conversation.clone(), ([r.by.clone()].into(), HashMap::new()));
+                    }
+                }
+                self.retention.insert(r.conversation.clone(), r.retention);
+                Outcome::RetentionSet { retention: r.retention }
+            }
+            Command::Trim(t) => {
+                if !spec_valid_id(&t.conversation) {
+                    return reject(Rejection::InvalidId(String::new()));
+                }
+                let from = self.earliest.get(&t.conversation).copied().unwrap_or(1);
+                let before = t.before.min(self.count(&t.conversation) + 1).min(from + TRIM_MESSAGES_MAX);
+                if before <= from {
+                    return Outcome::Trimmed { earliest: from, deleted: 0 };
+                }
+                self.messages.retain(|m| m.conversation != t.conversation || m.offset >= before);
+                self.earliest.insert(t.conversation.clone(), before);
+                Outcome::Trimmed { earliest: before, deleted: before - from }
+            }
         }
     }
 
+    /// The conversation's head: the last offset given out.
     fn count(&self, conversation: &str) -> u64 {
-        self.messages.iter().filter(|m| m.conversation == conversation).count() as u64
+        self.heads.get(conversation).copied().unwrap_or(0)
     }
 }
 
@@ -805,6 +838,10 @@ fn same_outcome(a: &Outcome, b: &Outcome) -> bool {
         (
             Outcome::Rejected { reason: Rejection::InvalidId(_) },
             Outcome::Rejected { reason: Rejection::InvalidId(_) },
+        )
+        | (
+            Outcome::Rejected { reason: Rejection::InvalidRetention(_) },
+            Outcome::Rejected { reason: Rejection::InvalidRetention(_) },
         ) => true,
         (Outcome::Batch(x), Outcome::Batch(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_outcome(a, b))
@@ -815,15 +852,18 @@ fn same_outcome(a: &Outcome, b: &Outcome) -> bool {
 
 /// Checks the stored-state invariants of a MemView.
 fn check_invariants(view: &MemView) -> Result<(), TestCaseError> {
-    // Offsets of every conversation are exactly 1..=head, in append order.
+    // Offsets of every conversation are exactly earliest..=head (earliest is 1 until a
+    // trim), in append order.
     let mut by_conversation: HashMap<&str, Vec<u64>> = HashMap::new();
     for m in &view.messages {
         by_conversation.entry(&m.conversation).or_default().push(m.offset);
     }
-    prop_assert_eq!(by_conversation.len(), view.heads.len());
+    prop_assert!(by_conversation.keys().all(|c| view.heads.contains_key(*c)));
     for (conversation, head) in &view.heads {
         let offsets = by_conversation.get(conversation.as_str()).cloned().unwrap_or_default();
-        prop_assert_eq!(offsets, (1..=*head).collect::<Vec<u64>>(), "conversation {:?}", conversation);
+        let earliest = view.earliest.get(conversation).copied().unwrap_or(1);
+        prop_assert!(earliest <= head + 1, "{:?}: earliest {} past the head {}", conversation, earliest, head);
+        prop_assert_eq!(offsets, (earliest..=*head).collect::<Vec<u64>>(), "conversation {:?}", conversation);
     }
     // No idempotency key is stored twice, and the dedup index matches messages.
     let mut seen = HashSet::new();
@@ -859,6 +899,60 @@ fn check_invariants(view: &MemView) -> Result<(), TestCaseError> {
         prop_assert!(m.text.len() <= MESSAGE_BYTES_MAX);
     }
     Ok(())
+}
+
+fn trim(conversation: &str, before: u64) -> Command {
+    Command::Trim(TrimCommand { conversation: conversation.into(), before })
+}
+
+fn set_retention(conversation: &str, by: &str, admin: bool, max_messages: Option<u64>) -> Command {
+    let retention = Retention { max_messages, ..Retention::default() };
+    Command::SetRetention(RetentionCommand { conversation: conversation.into(), by: by.into(), admin, retention })
+}
+
+#[test]
+fn a_trim_deletes_a_prefix_and_its_dedup_records_and_never_reuses_an_offset() {
+    let mut view = view_with("c", 10);
+    assert_eq!(view.apply(&trim("c", 4)), Outcome::Trimmed { earliest: 4, deleted: 3 });
+    assert_eq!(view.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), (4..=10).collect::<Vec<_>>());
+    assert_eq!(view.dedup.len(), 7, "the three trimmed messages' records went with them");
+    // A trim at or below the earliest does nothing; one past the head stops at the head.
+    assert_eq!(view.apply(&trim("c", 2)), Outcome::Trimmed { earliest: 4, deleted: 0 });
+    assert_eq!(view.apply(&trim("c", 1_000)), Outcome::Trimmed { earliest: 11, deleted: 7 });
+    assert!(view.messages.is_empty() && view.dedup.is_empty());
+    // The head stays: the next message is 11, and a retry of a trimmed key is a new message
+    // (the dedup window is what is retained).
+    assert_eq!(view.apply(&send("c", 1000, 0, 99, "m")), appended(11, 99, false));
+    assert_eq!(view.apply(&send("c", 1000, 11, 100, "new")), appended(12, 100, false));
+    // Another conversation is untouched, and a conversation that never had messages neither.
+    assert_eq!(view.apply(&trim("empty", 5)), Outcome::Trimmed { earliest: 1, deleted: 0 });
+}
+
+#[test]
+fn one_trim_deletes_at_most_its_bound() {
+    let mut view = view_with("c", TRIM_MESSAGES_MAX + 10);
+    let max = TRIM_MESSAGES_MAX;
+    assert_eq!(view.apply(&trim("c", max + 10)), Outcome::Trimmed { earliest: max + 1, deleted: max });
+    assert_eq!(view.apply(&trim("c", max + 10)), Outcome::Trimmed { earliest: max + 10, deleted: 9 });
+}
+
+#[test]
+fn retention_is_set_by_members_and_admins_only() {
+    let mut view = view_with("c", 1);
+    let by_stranger = view.apply(&set_retention("c", "stranger", false, Some(5)));
+    assert_eq!(by_stranger, Outcome::Rejected { reason: Rejection::NotMember { user: "stranger".into() } });
+    let zero = view.apply(&set_retention("c", "stranger", true, Some(0)));
+    assert!(matches!(zero, Outcome::Rejected { reason: Rejection::InvalidRetention(_) }), "{zero:?}");
+    let five = Retention { max_messages: Some(5), ..Retention::default() };
+    assert_eq!(view.apply(&set_retention("c", "admin", true, Some(5))), Outcome::RetentionSet { retention: five });
+    assert!(!view.members["c"].contains("admin"), "an admin sets it without joining");
+    // On a conversation that does not exist, an admin creates nothing; a user creates it
+    // with themselves as its only member, as a first send would.
+    view.apply(&set_retention("new", "admin", true, Some(5)));
+    assert!(!view.members.contains_key("new"));
+    view.apply(&set_retention("mine", "ann", false, Some(5)));
+    assert_eq!(view.members["mine"].users.iter().collect::<Vec<_>>(), vec!["ann"]);
+    assert_eq!(view.retention["mine"], five);
 }
 
 proptest! {
@@ -952,14 +1046,18 @@ proptest! {
             prop_assert!(same_outcome(&got, &want), "{}: got {:?}, model {:?}", command, got, want);
         }
         prop_assert_eq!(&view.messages, &model.messages);
+        prop_assert_eq!(&view.retention, &model.retention);
+        let earliest = |m: &HashMap<String, u64>| m.iter().filter(|(_, e)| **e > 1).map(|(c, e)| (c.clone(), *e)).collect::<HashMap<_, _>>();
+        prop_assert_eq!(earliest(&view.earliest), earliest(&model.earliest));
         // The model stores zero cursors for no-op moves; compare only non-zero positions.
         let model_cursors: HashMap<_, _> = model.cursors.into_iter().filter(|(_, o)| *o > 0).collect();
         let view_cursors: HashMap<_, _> = view.cursors.clone().into_iter().filter(|(_, o)| *o > 0).collect();
         prop_assert_eq!(view_cursors, model_cursors);
     }
 
-    // Promise: a retry of any appended command, at any later point, answers the original
-    // offset and ts as a duplicate and stores nothing.
+    // Promise: a retry of any appended command that is still retained, at any later point,
+    // answers the original offset and ts as a duplicate and stores nothing (the dedup window
+    // is the retained messages).
     #[test]
     fn retry_of_any_send_is_a_duplicate(commands in commands_strategy(), pick in any::<prop::sample::Index>()) {
         let mut view = MemView::default();
@@ -969,6 +1067,7 @@ proptest! {
                 appended_sends.push((s.clone(), offset, ts_ms));
             }
         }
+        appended_sends.retain(|(s, offset, _)| *offset >= view.earliest.get(&s.conversation).copied().unwrap_or(1));
         prop_assume!(!appended_sends.is_empty());
         let (mut retry, offset, ts_ms) = appended_sends[pick.index(appended_sends.len())].clone();
         retry.ts_ms = retry.ts_ms.wrapping_add(1);

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::chat::{shard_of, Membership, ShardId, StoredMessage};
+use crate::chat::{shard_of, Membership, Retention, ShardId, StoredMessage};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
@@ -729,8 +729,21 @@ impl Client {
         }
     }
 
-    /// Reads a conversation from `from` up to the head as `node` (default: any) has it.
-    pub async fn read(&self, conversation: &str, from: u64, node: Option<u64>) -> Result<Vec<StoredMessage>> {
+    /// Sets a conversation's retention (a member, or an admin): the conversation's own
+    /// limits, with those left unset taken from the cluster's default. Returns the limits set
+    /// and the effective ones.
+    pub async fn set_retention(&self, conversation: &str, retention: Retention) -> Result<(Retention, Retention)> {
+        let req = Request::SetRetention { conversation: conversation.into(), retention };
+        match self.to_leader(conversation, &req).await? {
+            Response::Retention { set, effective } => Ok((set, effective)),
+            other => Err(Error::Protocol(format!("unexpected answer to a retention change: {other:?}"))),
+        }
+    }
+
+    /// Reads a conversation from `from` up to the head as `node` (default: any) has it. If
+    /// retention deleted messages from `from` on, the read starts at the earliest kept, and
+    /// says so ([`Read::truncated_before`]).
+    pub async fn read(&self, conversation: &str, from: u64, node: Option<u64>) -> Result<Read> {
         let ids = match node {
             Some(n) => vec![n],
             None => self.node_ids(),
@@ -745,38 +758,52 @@ impl Client {
         Err(last)
     }
 
-    async fn read_from(&self, conversation: &str, from: u64, node: u64) -> Result<Vec<StoredMessage>> {
-        let mut out = Vec::new();
-        self.read_each(conversation, from, node, |m| {
-            out.push(m);
+    async fn read_from(&self, conversation: &str, from: u64, node: u64) -> Result<Read> {
+        let mut read = Read::default();
+        self.read_each(conversation, from, node, |item| {
+            match item {
+                ReadItem::Truncated { earliest } => read.truncated_before = Some(earliest),
+                ReadItem::Message(m) => read.messages.push(m),
+            }
             Ok(())
         })
         .await?;
-        Ok(out)
+        Ok(read)
     }
 
     /// Reads a conversation from `from` up to the head as `node` has it, handing each
     /// message to `visit` as it arrives instead of collecting them (a reader that keeps
-    /// nothing, like a subscriber that renders and moves on). Returns how many it visited.
-    /// Offsets are checked to be consecutive; an error of `visit` ends the read with it.
+    /// nothing, like a subscriber that renders and moves on). Returns how many messages it
+    /// visited. Offsets are checked to be consecutive, from `from` or, after a
+    /// [`ReadItem::Truncated`], from the earliest kept; an error of `visit` ends the read
+    /// with it.
     pub async fn read_each(
         &self,
         conversation: &str,
         from: u64,
         node: u64,
-        mut visit: impl FnMut(StoredMessage) -> Result<()>,
+        mut visit: impl FnMut(ReadItem) -> Result<()>,
     ) -> Result<u64> {
-        let first = from.max(1);
-        let mut next = first;
-        self.read_stream(conversation, from, node, |m| {
-            if m.offset != next {
-                return Err(Error::Protocol(format!("node {node} sent offset {} where {next} was due", m.offset)));
+        let mut next = from.max(1);
+        let mut visited = 0;
+        self.read_stream(conversation, from, node, |item| {
+            match &item {
+                ReadItem::Truncated { earliest } if *earliest > next => next = *earliest,
+                ReadItem::Truncated { earliest } => {
+                    return Err(Error::Protocol(format!("node {node} said {earliest} is the earliest at {next}")));
+                }
+                ReadItem::Message(m) if m.offset != next => {
+                    return Err(Error::Protocol(format!("node {node} sent offset {} where {next} was due", m.offset)));
+                }
+                ReadItem::Message(_) => {
+                    next += 1;
+                    visited += 1;
+                }
             }
-            next += 1;
-            visit(m)
+            visit(item)
         })
         .await?;
-        Ok(next - first)
+        Ok(visited)
     }
 
     /// Reads a conversation from `from` up to the head as `node` has it, and returns what the
@@ -784,24 +811,28 @@ impl Client {
     /// received before an error are kept. For tools that test the node (the fault-injection
     /// suite records a gap rather than an error); applications want [`Client::read`].
     pub async fn read_raw(&self, conversation: &str, from: u64, node: u64) -> RawRead {
-        let mut messages = Vec::new();
+        let (mut messages, mut truncated_before) = (Vec::new(), None);
         let end = self
-            .read_stream(conversation, from, node, |m| {
-                messages.push(m);
+            .read_stream(conversation, from, node, |item| {
+                match item {
+                    ReadItem::Message(m) => messages.push(m),
+                    ReadItem::Truncated { earliest } => truncated_before = Some(earliest),
+                }
                 Ok(())
             })
             .await;
-        RawRead { messages, end }
+        RawRead { messages, truncated_before, end }
     }
 
-    /// One read stream from `node`: every message to `visit`, unchecked, until the node says
-    /// it is caught up (returns its head) or something ends the read.
+    /// One read stream from `node`: every message (and truncation notice) to `visit`,
+    /// unchecked, until the node says it is caught up (returns its head) or something ends
+    /// the read.
     async fn read_stream(
         &self,
         conversation: &str,
         from: u64,
         node: u64,
-        mut visit: impl FnMut(StoredMessage) -> Result<()>,
+        mut visit: impl FnMut(ReadItem) -> Result<()>,
     ) -> Result<u64> {
         let req = Request::Subscribe { conversation: conversation.into(), from, follow: false };
         let mut recv =
@@ -816,10 +847,10 @@ impl Client {
                     .map_err(|_| Error::Unavailable(format!("node {node} stalled")))??
             };
             match frame {
-                Some(Response::Message(m)) => visit(m)?,
+                Some(Response::Message(m)) => visit(ReadItem::Message(m))?,
+                Some(Response::Truncated { earliest }) => visit(ReadItem::Truncated { earliest })?,
                 Some(Response::CaughtUp { head }) => return Ok(head),
                 Some(Response::Error { code, message }) => return Err(response_error(code, message)),
-                Some(Response::Truncated { earliest }) => return Err(Error::Truncated { earliest }),
                 Some(other) => return Err(Error::Protocol(format!("unexpected frame {other:?}"))),
                 None => return Err(Error::Unavailable(format!("node {node} ended the read early"))),
             }
@@ -852,11 +883,33 @@ impl Client {
     }
 }
 
+/// What a read found ([`Client::read`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Read {
+    /// Set when retention had deleted messages from the offset asked: the earliest kept,
+    /// where the messages start instead.
+    pub truncated_before: Option<u64>,
+    /// The messages, in offset order.
+    pub messages: Vec<StoredMessage>,
+}
+
+/// What a read stream carries, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadItem {
+    /// Messages before `earliest` were deleted by retention; the read goes on from there.
+    Truncated {
+        earliest: u64,
+    },
+    Message(StoredMessage),
+}
+
 /// What a node sent for a read ([`Client::read_raw`]), unchecked.
 #[derive(Debug)]
 pub struct RawRead {
     /// Every message received, in the order received.
     pub messages: Vec<StoredMessage>,
+    /// The earliest retained offset, if the node said the read began below it.
+    pub truncated_before: Option<u64>,
     /// How the read ended: the head the node said it had sent everything up to
     /// (`CaughtUp`), or what ended it early.
     pub end: Result<u64>,
@@ -872,9 +925,9 @@ pub enum Delivery {
     ExactlyOnce,
     /// What one node sent, as it sent it, for tools that test the node rather than this
     /// library: an [`Event::Attached`] once the request is out, then every
-    /// [`Event::Message`] and [`Event::CaughtUp`] unchecked (repeats and gaps included),
-    /// and last an [`Event::Failed`] saying why the stream ended (the node finished it,
-    /// answered an error or `Truncated`, or the connection broke). Nothing is deduplicated
+    /// [`Event::Message`], [`Event::Truncated`] and [`Event::CaughtUp`] unchecked (repeats
+    /// and gaps included), and last an [`Event::Failed`] saying why the stream ended (the
+    /// node finished it, answered an error, or the connection broke). Nothing is deduplicated
     /// and nothing is retried: resubscribing is the caller's business.
     Raw,
 }
@@ -900,6 +953,9 @@ pub enum Event {
     CaughtUp { head: u64 },
     /// The subscription (re)attached to `node` from `from`.
     Attached { node: u64, from: u64 },
+    /// Retention deleted the messages before `earliest` that were due next; the
+    /// subscription goes on from `earliest` (never a silent skip).
+    Truncated { earliest: u64 },
     /// A permanent error (e.g. invalid conversation id); the subscription ends. With
     /// [`Delivery::Raw`], whatever ended the stream.
     Failed(String),
@@ -964,6 +1020,14 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                         return;
                     }
                 }
+                Ok(Some(Response::Truncated { earliest })) => {
+                    if earliest > next {
+                        next = earliest;
+                        if tx.send(Event::Truncated { earliest }).await.is_err() {
+                            return;
+                        }
+                    }
+                }
                 // Retrying changes neither: the request is bad, or this user may not read
                 // (any more: a removed member's subscription ends at the removal).
                 Ok(Some(Response::Error {
@@ -1007,7 +1071,7 @@ async fn follow_raw(client: Client, conversation: String, from: u64, node: u64, 
             Ok(Some(Response::Message(m))) => Event::Message(m),
             Ok(Some(Response::CaughtUp { head })) => Event::CaughtUp { head },
             Ok(Some(Response::Error { code, message })) => break response_error(code, message).to_string(),
-            Ok(Some(Response::Truncated { earliest })) => break Error::Truncated { earliest }.to_string(),
+            Ok(Some(Response::Truncated { earliest })) => Event::Truncated { earliest },
             Ok(Some(other)) => break format!("node {node} sent an unexpected frame {other:?}"),
             Ok(None) => break format!("node {node} ended the stream"),
             Err(e) => {

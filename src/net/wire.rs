@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{Membership, ShardId, StoredMessage};
+use crate::chat::{Membership, Retention, ShardId, StoredMessage};
 pub use crate::stages::StageSnapshot;
 
 /// A client's request.
@@ -36,6 +36,9 @@ pub enum Request {
     SendBatch(Vec<SendRequest>),
     /// Show or change a conversation's members (members only); answered `Members`.
     Members { conversation: String, change: MemberChange },
+    /// Set a conversation's retention (a member, or an admin); answered `Retention`. Unset
+    /// limits take the cluster's default (`[retention]`).
+    SetRetention { conversation: String, retention: Retention },
 }
 
 /// What a [`Request::Members`] asks.
@@ -115,7 +118,8 @@ pub enum Response {
     CaughtUp {
         head: u64,
     },
-    /// The requested offset is older than what is retained.
+    /// Messages from the requested offset up to `earliest` were deleted by retention: a
+    /// subscription continues from `earliest` (never a silent skip).
     Truncated {
         earliest: u64,
     },
@@ -130,6 +134,12 @@ pub enum Response {
     Members {
         members: Vec<String>,
         head: u64,
+    },
+    /// A conversation's retention as set for it (`set`), and what applies once the
+    /// cluster's default fills its unset limits (`effective`).
+    Retention {
+        set: Retention,
+        effective: Retention,
     },
 }
 

@@ -15,7 +15,8 @@ use proptest::prelude::*;
 use serde::Serialize;
 
 use crate::chat::{
-    Command, CursorCommand, DedupRecord, Members, MembersCommand, Membership, SendCommand, StoredMessage,
+    Command, CursorCommand, DedupRecord, Members, MembersCommand, Membership, Retention, RetentionCommand, SendCommand,
+    StoredMessage, TrimCommand,
 };
 use crate::net::frame;
 use crate::net::wire::{MemberChange, Request, SendRequest};
@@ -67,6 +68,10 @@ fn requests() -> Vec<Request> {
             conversation: "room".into(),
             change: MemberChange::Change(Membership::Remove { user: "bo".into() }),
         },
+        Request::SetRetention {
+            conversation: "room".into(),
+            retention: Retention { max_messages: None, max_age_ms: Some(60_000), max_bytes: None },
+        },
     ]
 }
 
@@ -80,6 +85,13 @@ fn commands() -> Vec<Command> {
             by: "ann".into(),
             change: Membership::Create { members: vec!["bo".into(), "cy".into()] },
         }),
+        Command::SetRetention(RetentionCommand {
+            conversation: "room".into(),
+            by: "ann".into(),
+            admin: false,
+            retention: Retention { max_messages: Some(100), max_age_ms: None, max_bytes: Some(1 << 20) },
+        }),
+        Command::Trim(TrimCommand { conversation: "room".into(), before: 42 }),
     ]
 }
 
@@ -134,6 +146,7 @@ fn stored() -> Vec<(&'static str, Vec<u8>)> {
         ("message", codec::encode(&message)),
         ("dedup", codec::encode(&DedupRecord { offset: 4, ts_ms: 1, digest: crate::chat::text_digest("hello") })),
         ("members", codec::encode(&members)),
+        ("retention", codec::encode(&Retention { max_messages: Some(5), max_age_ms: Some(9), max_bytes: None })),
         ("vote", codec::encode(&Vote::new(3, 2))),
         ("watermark", codec::encode(&Watermark { vote: Some(Vote::new(3, 2)), last: None })),
         ("cluster", codec::encode(&ClusterRecord { cluster: 1, node: 2, stage: Stage::Formed })),
@@ -148,6 +161,7 @@ fn decode_stored(kind: &str, bytes: &[u8]) -> bool {
         "message" => codec::decode::<StoredMessage>(bytes).is_ok(),
         "dedup" => codec::decode::<DedupRecord>(bytes).is_ok(),
         "members" => codec::decode::<Members>(bytes).is_ok(),
+        "retention" => codec::decode::<Retention>(bytes).is_ok(),
         "vote" => codec::decode::<Vote>(bytes).is_ok(),
         "watermark" => codec::decode::<Watermark>(bytes).is_ok(),
         "cluster" => codec::decode::<ClusterRecord>(bytes).is_ok(),

@@ -34,7 +34,8 @@ use crate::error::{Error, Result};
 use crate::stages::Stage;
 use crate::store::codec::{decode, encode};
 use crate::store::keys::{
-    applied_key, cursor_key, dedup_key, dedup_scope, head_key, members_key, message_key, CF_MESSAGES, CF_STATE,
+    applied_key, cursor_key, dedup_key, dedup_scope, earliest_key, head_key, members_key, message_key, retention_key,
+    CF_MESSAGES, CF_STATE,
 };
 use crate::store::snapshot::{self, LocalSnapshot, Source};
 use crate::store::Store;
@@ -244,6 +245,12 @@ impl ShardView for StoreView<'_> {
     fn cursor(&mut self, user: &str, conversation: &str) -> Result<u64> {
         self.store.cursor(self.shard, user, conversation)
     }
+    fn earliest(&mut self, conversation: &str) -> Result<u64> {
+        self.store.earliest(self.shard, conversation)
+    }
+    fn keys_between(&mut self, conversation: &str, from: u64, before: u64) -> Result<Vec<DedupKey>> {
+        self.store.keys_between(self.shard, conversation, from, before)
+    }
 }
 
 /// What one apply batch changed: an outcome per entry, the new applied state, the appended
@@ -319,6 +326,20 @@ fn write_effect(
         }
         Effect::SetMembers { conversation, members } => {
             batch.put_cf(store.cf(CF_STATE), members_key(shard, &conversation), encode(&members));
+        }
+        Effect::SetRetention { conversation, retention } => {
+            batch.put_cf(store.cf(CF_STATE), retention_key(shard, &conversation), encode(&retention));
+        }
+        Effect::Trim { conversation, from, before, dedup } => {
+            // Everything below `before`, whatever is there: one range deletion, whose space
+            // compaction gives back (see `store::Store::reclaim`).
+            let (lo, hi) = (message_key(shard, &conversation, 0), message_key(shard, &conversation, before));
+            batch.delete_range_cf(store.cf(CF_MESSAGES), &lo, &hi);
+            for key in &dedup {
+                batch.delete_cf(store.cf(CF_STATE), dedup_key(shard, key));
+            }
+            batch.put_cf(store.cf(CF_STATE), earliest_key(shard, &conversation), encode(&before));
+            store.reclaim.trimmed(before - from, lo, hi);
         }
     }
 }
@@ -413,6 +434,20 @@ impl RaftSnapshotBuilder<C> for SnapshotBuilder {
             }),
         }
     }
+}
+
+/// Applies `commands` to `shard` as one batch of entries after the last applied one, as a
+/// replica would (for tests of what apply stores).
+#[cfg(test)]
+pub(crate) fn apply_for_test(store: &Store, shard: ShardId, commands: Vec<chat::Command>) -> Result<Vec<Outcome>> {
+    use openraft::entry::RaftEntry;
+    let applied = read_applied(store, shard)?;
+    let start = applied.last_applied.map_or(0, |l| l.index);
+    let entries = (start + 1..)
+        .zip(commands)
+        .map(|(index, c)| Entry::new_normal(openraft::testing::log_id::<C>(1, 1, index), c))
+        .collect();
+    Ok(apply_batch(store, shard, &mut ApplyCache::default(), entries, applied)?.0)
 }
 
 #[cfg(test)]
@@ -516,28 +551,60 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
         // Whatever the batching, and whenever the cache is lost, apply through the cache
-        // answers exactly as the in-memory model with no cache at all.
+        // answers exactly as the in-memory model with no cache at all — trims included, which
+        // may delete messages appended earlier in the same batch and whose deleted dedup
+        // records make a later retry of those keys a new message. What is stored at the end
+        // is the model's: the same messages, and a dedup record for exactly those.
         #[test]
         fn cached_apply_matches_the_model(
             batches in prop::collection::vec(
-                (prop::collection::vec((0u64..3, 0u64..12, 0usize..3), 1..12), any::<bool>()),
+                (prop::collection::vec((0u64..3, 0u64..12, 0usize..3, 0u8..8), 1..12), any::<bool>()),
                 1..10,
             ),
         ) {
             let dir = tempfile::tempdir().expect("tempdir");
             let (store, _) = Store::open(dir.path()).expect("open");
             let (mut cache, mut index, mut model) = (ApplyCache::default(), 0, MemView::default());
-            for (sends, lose_cache) in batches {
+            let convs = ["a", "b", "c"];
+            for (commands, lose_cache) in batches {
                 if lose_cache {
                     cache.clear();
                 }
-                let commands: Vec<Command> = sends
+                let commands: Vec<Command> = commands
                     .into_iter()
-                    .map(|(client, seq, conv)| Command::Send(send(["a", "b", "c"][conv], client, seq)))
+                    .map(|(client, seq, conv, kind)| match kind {
+                        // One command in eight trims, up to somewhere around the head.
+                        0 => Command::Trim(crate::chat::TrimCommand { conversation: convs[conv].into(), before: seq }),
+                        _ => Command::Send(send(convs[conv], client, seq)),
+                    })
                     .collect();
                 let want: Vec<Outcome> = commands.iter().map(|c| model.apply(c)).collect();
                 prop_assert_eq!(apply(&store, &mut cache, &mut index, commands), want);
             }
+            for conv in convs {
+                let mut stored = Vec::new();
+                let from = store.earliest(0, conv).expect("earliest");
+                prop_assert_eq!(from, model.earliest.get(conv).copied().unwrap_or(1));
+                store.each_message(0, conv, 0, u64::MAX, |m| { stored.push(m); true }).expect("read");
+                let kept: Vec<_> = model.messages.iter().filter(|m| m.conversation == conv).cloned().collect();
+                prop_assert_eq!(&stored, &kept);
+                for m in &stored {
+                    let key = DedupKey::of_stored(m);
+                    prop_assert!(store.dedup(0, &key).expect("dedup").is_some(), "{:?} lost its record", key);
+                }
+            }
+            for key in model.dedup.keys() {
+                prop_assert!(store.dedup(0, key).expect("dedup").is_some());
+            }
+            let (lo, hi) = crate::store::keys::shard_range(0);
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_iterate_upper_bound(hi);
+            let records = store
+                .db
+                .iterator_cf_opt(store.cf(CF_STATE), ro, rocksdb::IteratorMode::From(&lo, rocksdb::Direction::Forward))
+                .filter(|item| item.as_ref().is_ok_and(|(k, _)| k.get(4) == Some(&0x03)))
+                .count();
+            prop_assert_eq!(records, model.dedup.len(), "a trimmed message's dedup record was left behind");
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 mod propose;
 mod push;
 pub mod rates;
+mod retention;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +29,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, Semaphore};
 
-use crate::chat::{self, Command, CursorCommand, Members, MembersCommand, Outcome, SendCommand, ShardId};
+use crate::chat::{
+    self, Command, CursorCommand, Members, MembersCommand, Outcome, Retention, RetentionCommand, SendCommand, ShardId,
+};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::frame;
@@ -424,6 +427,8 @@ impl Service {
         });
         tokio::spawn(balance_leaders(Arc::downgrade(&service)));
         tokio::spawn(metrics::sample_lag(Arc::downgrade(&service)));
+        tokio::spawn(retention::enforce(Arc::downgrade(&service)));
+        tokio::spawn(retention::reclaim(Arc::downgrade(&service)));
         Ok(service)
     }
 
@@ -696,7 +701,11 @@ impl Service {
             if let Access::Ended { .. } = access_of(members.as_ref(), &user) {
                 return Err(not_a_member(&user, &conversation));
             }
-            store.cursor_and_head(shard, &user, &conversation)
+            let (cursor, head) = store.cursor_and_head(shard, &user, &conversation)?;
+            // A cursor below what retention kept reads as having read everything before the
+            // earliest retained message: that one is the next to read.
+            let earliest = store.earliest(shard, &conversation)?;
+            Ok((cursor.max(earliest - 1), head))
         })
         .await;
         match read {
@@ -741,6 +750,27 @@ impl Service {
             Ok(Outcome::Members { members, head }) => Response::Members { members, head },
             Ok(Outcome::Rejected { reason }) => rejected(&reason),
             Ok(other) => Refusal::Unexpected(format!("unexpected outcome of a membership change: {other:?}")).answer(),
+            Err(refusal) => refusal.answer(),
+        }
+    }
+
+    /// Sets a conversation's retention, for a member or an admin (see `chat`).
+    pub async fn set_retention(&self, who: &Identity, conversation: String, retention: Retention) -> Response {
+        let group = match self.group_of(&conversation) {
+            Ok(g) => g,
+            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+        };
+        if let Err(m) = retention.validate() {
+            return error(ErrorCode::InvalidInput, m);
+        }
+        let command =
+            Command::SetRetention(RetentionCommand { conversation, by: who.user.clone(), admin: who.admin, retention });
+        match self.propose(group, command).await {
+            Ok(Outcome::RetentionSet { retention }) => {
+                Response::Retention { set: retention, effective: retention.or(self.config.retention_default) }
+            }
+            Ok(Outcome::Rejected { reason }) => rejected(&reason),
+            Ok(other) => Refusal::Unexpected(format!("unexpected outcome of a retention change: {other:?}")).answer(),
             Err(refusal) => refusal.answer(),
         }
     }
@@ -802,7 +832,17 @@ impl Service {
             // applied meanwhile bounds what it gets.
             let mut reading = self.read_stored(shard, &conversation, next, until);
             loop {
-                let mut batch = reading.finish().await?;
+                let mut batch = match reading.finish().await {
+                    // Retention deleted what comes next: say so, then go on from what is kept.
+                    Err(Error::Truncated { earliest }) if earliest > next => {
+                        frame::write(out, &Response::Truncated { earliest }).await?;
+                        next = earliest;
+                        at(next);
+                        reading = self.read_stored(shard, &conversation, next, until);
+                        continue;
+                    }
+                    read => read?,
+                };
                 if let Access::Ended { until: end } = self.access(shard, &conversation, &who.user).await? {
                     until = until.min(end);
                     if batch.next.saturating_sub(1) > until {

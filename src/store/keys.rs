@@ -15,6 +15,8 @@
 //! |               | shard ‖ 0x04 ‖ len(user) ‖ user ‖ len(conv) ‖ conv | cursor offset (u64) |
 //! |               | shard ‖ 0x05                                     | snapshot-install-in-progress marker |
 //! |               | shard ‖ 0x06 ‖ len(conv) ‖ conv                  | [`Members`]           |
+//! |               | shard ‖ 0x07 ‖ len(conv) ‖ conv                  | earliest retained offset (u64; absent: 1) |
+//! |               | shard ‖ 0x08 ‖ len(conv) ‖ conv                  | [`Retention`] set for the conversation |
 //! | `default`     | `wm` ‖ shard                                     | [`Watermark`] (vote, last log id) |
 //! |               | `cluster`                                        | [`ClusterRecord`] of this node |
 //! |               | `replica` ‖ shard                                | this node's replica id in the shard's group |
@@ -33,6 +35,7 @@
 //! [`ClusterRecord`]: crate::raft::formation::ClusterRecord
 //! [`DedupRecord`]: crate::chat::DedupRecord
 //! [`Members`]: crate::chat::Members
+//! [`Retention`]: crate::chat::Retention
 
 use crate::chat::{DedupKey, ShardId};
 
@@ -76,6 +79,8 @@ const STATE_DEDUP: u8 = 0x03;
 const STATE_CURSOR: u8 = 0x04;
 const STATE_INSTALLING: u8 = 0x05;
 const STATE_MEMBERS: u8 = 0x06;
+const STATE_EARLIEST: u8 = 0x07;
+const STATE_RETENTION: u8 = 0x08;
 
 /// Largest shard id the schema supports: the range of shard `s` ends at `s + 1`, so
 /// `u32::MAX` itself has no finite upper bound. Config validation keeps shards ≤ 4096.
@@ -142,11 +147,7 @@ pub fn installing_key(shard: ShardId) -> [u8; 5] {
 }
 
 pub fn head_key(shard: ShardId, conversation: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(6 + conversation.len());
-    k.extend_from_slice(&shard.to_be_bytes());
-    k.push(STATE_HEAD);
-    push_id(&mut k, conversation);
-    k
+    conversation_record(shard, STATE_HEAD, conversation)
 }
 
 /// The prefix of every dedup key of one `(conversation, sender, client_id)`.
@@ -174,11 +175,41 @@ pub fn dedup_key_seq(key: &[u8], scope: &[u8]) -> Option<u64> {
 }
 
 pub fn members_key(shard: ShardId, conversation: &str) -> Vec<u8> {
+    conversation_record(shard, STATE_MEMBERS, conversation)
+}
+
+/// A per-conversation record of `shard_state` under `kind`.
+fn conversation_record(shard: ShardId, kind: u8, conversation: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + conversation.len());
     k.extend_from_slice(&shard.to_be_bytes());
-    k.push(STATE_MEMBERS);
+    k.push(kind);
     push_id(&mut k, conversation);
     k
+}
+
+pub fn earliest_key(shard: ShardId, conversation: &str) -> Vec<u8> {
+    conversation_record(shard, STATE_EARLIEST, conversation)
+}
+
+pub fn retention_key(shard: ShardId, conversation: &str) -> Vec<u8> {
+    conversation_record(shard, STATE_RETENTION, conversation)
+}
+
+/// The prefix of every head record of a shard (one per conversation) …
+pub fn heads_prefix(shard: ShardId) -> [u8; 5] {
+    meta_key(shard, STATE_HEAD)
+}
+
+/// … and of every retention record.
+pub fn retentions_prefix(shard: ShardId) -> [u8; 5] {
+    meta_key(shard, STATE_RETENTION)
+}
+
+/// The conversation of a per-conversation `shard_state` key (a head, earliest or retention
+/// record: shard ‖ kind ‖ len ‖ conversation), if it is one.
+pub fn record_conversation(key: &[u8]) -> Option<&str> {
+    let len = usize::from(*key.get(5)?);
+    std::str::from_utf8(key.get(6..6 + len)?).ok()
 }
 
 pub fn cursor_key(shard: ShardId, user: &str, conversation: &str) -> Vec<u8> {
@@ -227,6 +258,7 @@ mod tests {
                 message_key(shard, &c, x), head_key(shard, &c),
                 dedup_key(shard, &DedupKey { conversation: c.clone(), sender: u.clone(), client_id: x, client_seq: x }),
                 cursor_key(shard, &u, &c), applied_key(shard).to_vec(), members_key(shard, &c),
+                earliest_key(shard, &c), retention_key(shard, &c),
             ];
             for k in &keys {
                 prop_assert!(k.as_slice() >= lo.as_slice() && k.as_slice() < hi.as_slice());
@@ -236,6 +268,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    // A per-conversation record names its conversation back, and lies under its kind's prefix.
+    #[test]
+    fn records_name_their_conversation() {
+        for c in ["a", "général", &"x".repeat(128)] {
+            assert_eq!(record_conversation(&head_key(3, c)), Some(c));
+            assert_eq!(record_conversation(&retention_key(3, c)), Some(c));
+            assert_eq!(record_conversation(&earliest_key(3, c)), Some(c));
+            assert!(head_key(3, c).starts_with(&heads_prefix(3)));
+            assert!(retention_key(3, c).starts_with(&retentions_prefix(3)));
+        }
+        assert_eq!(record_conversation(&applied_key(3)), None);
     }
 
     // The last supported shard's range still contains its largest and smallest keys.

@@ -27,7 +27,7 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
-use crate::chat::{DedupKey, DedupRecord, Members, ShardId};
+use crate::chat::{DedupKey, DedupRecord, Members, Retention, ShardId, StoredMessage};
 use crate::error::{Error, Result};
 use crate::stages::Stages;
 use keys::*;
@@ -43,6 +43,50 @@ pub struct Store {
     pub syncer: Syncer,
     /// Latency histograms of the node's send path (see `crate::stages`).
     pub stages: Arc<Stages>,
+    /// Message ranges trimmed by retention whose space is yet to be reclaimed.
+    pub reclaim: Arc<Reclaim>,
+}
+
+/// A key range `[lo, hi)`.
+pub type KeyRange = (Vec<u8>, Vec<u8>);
+
+/// What retention trimmed since the last [`Store::reclaim`]: how many messages, and the
+/// `messages` key ranges they were in (one per conversation, grown as it is trimmed again).
+#[derive(Default)]
+pub struct Reclaim {
+    pending: std::sync::Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    messages: u64,
+    ranges: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    since: Option<std::time::Instant>,
+}
+
+impl Reclaim {
+    /// Notes `messages` trimmed from the key range `[lo, hi)`.
+    pub fn trimmed(&self, messages: u64, lo: Vec<u8>, hi: Vec<u8>) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.messages += messages;
+        p.since.get_or_insert_with(std::time::Instant::now);
+        let end = p.ranges.entry(lo).or_default();
+        if hi > *end {
+            *end = hi;
+        }
+    }
+
+    /// The ranges to reclaim now, if `after_messages` messages were trimmed or the first of
+    /// them waits for `after` or longer; taken, so each is reclaimed once.
+    pub fn due(&self, after_messages: u64, after: std::time::Duration) -> Option<(u64, Vec<KeyRange>)> {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let waited = p.since.is_some_and(|t| t.elapsed() >= after);
+        if p.messages == 0 || (p.messages < after_messages && !waited) {
+            return None;
+        }
+        let taken = std::mem::take(&mut *p);
+        Some((taken.messages, taken.ranges.into_iter().collect()))
+    }
 }
 
 /// A write or WAL fsync slower than this is logged: it holds up every shard of the node
@@ -116,7 +160,7 @@ impl Store {
         let db = Arc::new(db);
         let stages = Arc::new(Stages::default());
         let syncer = Syncer::start(db.clone(), stages.clone());
-        Ok((Store { db, syncer, stages }, fresh))
+        Ok((Store { db, syncer, stages, reclaim: Arc::default() }, fresh))
     }
 
     /// The handle of a column family this schema created at open.
@@ -263,6 +307,138 @@ impl Store {
         }
     }
 
+    /// The earliest retained offset of a conversation (1 until a trim).
+    pub fn earliest(&self, shard: ShardId, conversation: &str) -> Result<u64> {
+        match self.get(CF_STATE, &earliest_key(shard, conversation))? {
+            Some(v) => Ok(codec::decode::<u64>(&v)?),
+            None => Ok(1),
+        }
+    }
+
+    /// The retention set for a conversation, if any.
+    pub fn retention(&self, shard: ShardId, conversation: &str) -> Result<Option<Retention>> {
+        match self.get(CF_STATE, &retention_key(shard, conversation))? {
+            Some(v) => Ok(Some(codec::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every per-conversation record of a shard under `prefix` (heads or retention
+    /// records), decoded, with its conversation.
+    fn records<T: serde::de::DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<(String, T)>> {
+        let mut ro = ReadOptions::default();
+        let mut upper = prefix.to_vec();
+        upper.push(0xff);
+        ro.set_iterate_upper_bound(upper);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(self.cf(CF_STATE), ro, IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            let conversation = keys::record_conversation(&k)
+                .ok_or_else(|| Error::Corrupt(format!("malformed conversation record key of {} bytes", k.len())))?;
+            out.push((conversation.to_string(), codec::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every conversation of a shard with its head.
+    pub fn heads(&self, shard: ShardId) -> Result<Vec<(String, u64)>> {
+        self.records(&heads_prefix(shard))
+    }
+
+    /// Every conversation of a shard with a retention of its own.
+    pub fn retentions(&self, shard: ShardId) -> Result<Vec<(String, Retention)>> {
+        self.records(&retentions_prefix(shard))
+    }
+
+    /// Visits a conversation's stored messages from `from` (decoded), in offset order, until
+    /// `visit` answers false or `max` were visited. Returns how many were visited.
+    pub fn each_message(
+        &self,
+        shard: ShardId,
+        conversation: &str,
+        from: u64,
+        max: u64,
+        mut visit: impl FnMut(StoredMessage) -> bool,
+    ) -> Result<u64> {
+        let mut upper = conversation_prefix(shard, conversation);
+        upper.extend_from_slice(&u64::MAX.to_be_bytes());
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(upper);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
+        iter.seek(message_key(shard, conversation, from));
+        let mut visited = 0;
+        while visited < max {
+            let Some(value) = iter.value() else { break };
+            visited += 1;
+            if !visit(codec::decode(value)?) {
+                break;
+            }
+            iter.next();
+        }
+        iter.status()?;
+        Ok(visited)
+    }
+
+    /// The idempotency keys of a conversation's stored messages in `[from, before)`.
+    pub fn keys_between(&self, shard: ShardId, conversation: &str, from: u64, before: u64) -> Result<Vec<DedupKey>> {
+        let mut keys = Vec::new();
+        self.each_message(shard, conversation, from, before.saturating_sub(from), |m| {
+            let inside = m.offset < before;
+            if inside {
+                keys.push(DedupKey::of_stored(&m));
+            }
+            inside
+        })?;
+        Ok(keys)
+    }
+
+    /// The offset from which a conversation's newest stored messages take at most
+    /// `max_bytes` (their stored values), reading back from the head; `None` if all fit.
+    /// Reads at most `max_bytes` and one message more.
+    pub fn keep_bytes_from(&self, shard: ShardId, conversation: &str, max_bytes: u64) -> Result<Option<u64>> {
+        let prefix = conversation_prefix(shard, conversation);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&u64::MAX.to_be_bytes());
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(prefix);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
+        iter.seek_for_prev(&upper);
+        let mut bytes = 0u64;
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            bytes += value.len() as u64;
+            if bytes > max_bytes {
+                let offset = keys::message_key_offset(key)
+                    .ok_or_else(|| Error::Corrupt(format!("malformed message key of {} bytes", key.len())))?;
+                return Ok(Some(offset + 1));
+            }
+            iter.prev();
+        }
+        iter.status()?;
+        Ok(None)
+    }
+
+    /// Flushes every family's memtable and compacts the given `messages` ranges and each
+    /// shard's purged log prefix, so that the space of trimmed messages (range deletions)
+    /// and of their WAL is given back to the filesystem now, not at some later compaction.
+    pub fn reclaim(&self, ranges: &[KeyRange]) -> Result<()> {
+        // A WAL file is deleted only once every family's memtable it holds is flushed.
+        for name in ALL_CFS {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        self.db.flush()?;
+        let mut force = rocksdb::CompactOptions::default();
+        force.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for (lo, hi) in ranges {
+            self.db.compact_range_cf_opt(self.cf(CF_MESSAGES), Some(lo), Some(hi), &force);
+        }
+        // Dedup records of trimmed messages, and the log that carried them (purged behind
+        // snapshots), are deleted too: compact both families whole (they hold small records
+        // and a short log).
+        self.db.compact_range_cf(self.cf(CF_STATE), None::<&[u8]>, None::<&[u8]>);
+        self.db.compact_range_cf(self.cf(CF_LOG), None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
     pub fn cursor(&self, shard: ShardId, user: &str, conversation: &str) -> Result<u64> {
         match self.get(CF_STATE, &cursor_key(shard, user, conversation))? {
             Some(v) => Ok(codec::decode::<u64>(&v)?),
@@ -295,6 +471,9 @@ impl Store {
     /// Refused (`Unavailable`) while a snapshot install of the shard is under way: the shard's
     /// state is then cleared or partly written, and would read as messages missing. The check
     /// and the scan read one RocksDB snapshot, so a scan sees a whole state or is refused.
+    ///
+    /// `Error::Truncated { earliest }` if `from` is below the earliest retained offset (read in
+    /// the same snapshot): those messages were deleted by retention, on purpose.
     pub fn scan_messages(
         &self,
         shard: ShardId,
@@ -309,6 +488,12 @@ impl Store {
         upper.extend_from_slice(&u64::MAX.to_be_bytes());
         let snap = self.db.snapshot();
         refuse_installing(&snap, self.cf(CF_STATE), shard)?;
+        if let Some(v) = snap.get_cf(self.cf(CF_STATE), earliest_key(shard, conversation))? {
+            let earliest: u64 = codec::decode(&v)?;
+            if from.max(1) < earliest {
+                return Err(Error::Truncated { earliest });
+            }
+        }
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(upper);
         ro.set_snapshot(&snap);

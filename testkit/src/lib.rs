@@ -25,7 +25,7 @@ mod cluster;
 mod spec;
 
 pub use cluster::LocalCluster;
-pub use spec::{Addressing, ClusterSpec, Layout, LimitTweaks, RaftTweaks};
+pub use spec::{Addressing, ClusterSpec, Layout, LimitTweaks, RaftTweaks, RetentionTweaks};
 
 use std::future::Future;
 use std::net::UdpSocket;

@@ -26,6 +26,8 @@ pub struct ClusterSpec {
     pub raft: RaftTweaks,
     /// `[limits]` settings; unset ones take the node's defaults.
     pub limits: LimitTweaks,
+    /// `[retention]` settings; unset ones take the node's defaults.
+    pub retention: RetentionTweaks,
     /// Async worker threads per node process; `None` leaves the node's default (one per core).
     pub worker_threads: Option<usize>,
     /// Where the nodes listen.
@@ -56,6 +58,7 @@ impl Default for ClusterSpec {
             shards: 16,
             raft: RaftTweaks::default(),
             limits: LimitTweaks::default(),
+            retention: RetentionTweaks::default(),
             worker_threads: None,
             addressing: Addressing::Loopback,
             layout: Layout::Flat,
@@ -163,6 +166,30 @@ impl LimitTweaks {
     }
 }
 
+/// `[retention]` settings of cluster.toml (see `convoy::config::RetentionConfig`); `None` is
+/// "the node's default".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetentionTweaks {
+    /// Messages kept per conversation by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_messages: Option<u64>,
+    /// Age kept by default, e.g. "2s".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+    /// Bytes kept per conversation by default, e.g. "1MiB".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<String>,
+    /// How often leaders check retention, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check_interval_ms: Option<u64>,
+    /// Trimmed messages after which a node reclaims their space.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reclaim_after_messages: Option<u64>,
+    /// Seconds after which a node reclaims the space of any trimmed message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reclaim_after_s: Option<u64>,
+}
+
 /// Where the nodes listen.
 #[derive(Debug, Clone)]
 pub enum Addressing {
@@ -213,6 +240,8 @@ struct ClusterFile<'a> {
     raft: Option<&'a RaftTweaks>,
     #[serde(skip_serializing_if = "Option::is_none")]
     limits: Option<&'a LimitTweaks>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention: Option<&'a RetentionTweaks>,
     nodes: Vec<NodeEntry>,
 }
 
@@ -269,6 +298,7 @@ impl ClusterSpec {
             worker_threads: self.worker_threads,
             raft: (self.raft != RaftTweaks::default()).then_some(&self.raft),
             limits: (self.limits != LimitTweaks::default()).then_some(&self.limits),
+            retention: (self.retention != RetentionTweaks::default()).then_some(&self.retention),
             nodes: addresses
                 .iter()
                 .enumerate()
@@ -314,6 +344,7 @@ mod tests {
         assert_eq!((config.shards, config.replication_factor), (16, 3));
         assert_eq!(config.raft, convoy::config::RaftConfig::default());
         assert_eq!(config.limits, convoy::config::Limits::default());
+        assert_eq!(config.retention, convoy::config::RetentionConfig::default());
         assert_eq!(config.worker_threads, 0);
         let mut ports = std::collections::BTreeSet::new();
         for n in &config.nodes {
@@ -340,6 +371,12 @@ mod tests {
                 ..RaftTweaks::default()
             },
             limits: LimitTweaks { message_bytes_max: Some(1000), ..LimitTweaks::default() },
+            retention: RetentionTweaks {
+                max_messages: Some(500),
+                max_age: Some("2s".into()),
+                check_interval_ms: Some(100),
+                ..RetentionTweaks::default()
+            },
             worker_threads: Some(2),
             addressing: Addressing::Fixed {
                 ip_of: |id| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8)),
@@ -358,6 +395,9 @@ mod tests {
         assert_eq!(raft.payload_entries_max, convoy::config::RaftConfig::default().payload_entries_max);
         assert_eq!(config.limits.message_bytes_max, 1000);
         assert_eq!(config.limits.frame_bytes_max, convoy::config::Limits::default().frame_bytes_max);
+        let kept = config.retention_default;
+        assert_eq!((kept.max_messages, kept.max_age_ms, kept.max_bytes), (Some(500), Some(2000), None));
+        assert_eq!(config.retention.check_interval_ms, 100);
         let n2 = config.node(2).expect("node 2");
         assert_eq!(n2.client_addr, "127.0.0.12:7101".parse().expect("addr"));
         assert_eq!(n2.peer_addr, "127.0.0.12:7201".parse().expect("addr"));

@@ -1,0 +1,255 @@
+//! Retention, enforced by each shard's leader, and the space it frees given back.
+//!
+//! Every `retention.check_interval_ms`, the leader of each shard reads its conversations'
+//! policies (a conversation's own, its unset limits filled by the cluster's `[retention]`),
+//! works out the first offset each must keep, and proposes a [`Command::Trim`] for those that
+//! keep less than they hold. The leader alone reads the clock and the policies; the trim is a
+//! log entry, so every replica deletes the same prefix at the same log position, and apply
+//! bounds it (never past the head, at most [`TRIM_MESSAGES_MAX`] messages an entry: the next
+//! check trims the rest).
+//!
+//! Which conversations are read: with no cluster default, only those with a policy of their
+//! own (one short scan of their records); with a default, every conversation of the shard (a
+//! scan of its head records), each check. A `max_bytes` limit reads the newest messages back
+//! from the head, and is checked only for conversations whose head moved since the last check.
+//!
+//! Trims are range deletions: their space comes back when compaction rewrites the files, which
+//! RocksDB would do in its own time. Each node reclaims it on purpose instead ([`reclaim`]),
+//! once enough was trimmed or the first trim waited long enough.
+
+use std::collections::HashMap;
+use std::sync::Weak;
+use std::time::Duration;
+
+use super::{now_ms, Service};
+use crate::chat::{Command, Outcome, Retention, ShardId, TrimCommand, TRIM_MESSAGES_MAX};
+use crate::error::Result;
+use crate::raft as consensus;
+use crate::store::Store;
+
+/// A trim to propose: the conversation and the first offset to keep.
+type Trim = (String, u64);
+
+/// Runs the retention checks of the shards this node leads, until the service is dropped.
+pub(super) async fn enforce(node: Weak<Service>) {
+    let interval = match node.upgrade() {
+        Some(n) => Duration::from_millis(n.config.retention.check_interval_ms),
+        None => return,
+    };
+    // The heads seen at the last `max_bytes` check, by shard and conversation.
+    let mut checked: HashMap<ShardId, HashMap<String, u64>> = HashMap::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(node) = node.upgrade() else { return };
+        let default = node.config.retention_default;
+        for group in node.groups.values() {
+            if consensus::metrics_of(&group.raft).current_leader != Some(group.replica) {
+                checked.remove(&group.shard);
+                continue;
+            }
+            let (store, shard) = (node.store.clone(), group.shard);
+            let mut seen = checked.remove(&shard).unwrap_or_default();
+            let planned = tokio::task::spawn_blocking(move || {
+                let trims = plan(&store, shard, default, now_ms(), &mut seen);
+                (trims, seen)
+            })
+            .await;
+            let trims = match planned {
+                Ok((Ok(trims), seen)) => {
+                    checked.insert(shard, seen);
+                    trims
+                }
+                Ok((Err(e), _)) => {
+                    tracing::warn!(shard, error = %e, "retention check failed; retrying at the next one");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "retention check did not finish");
+                    continue;
+                }
+            };
+            for (conversation, before) in trims {
+                let command = Command::Trim(TrimCommand { conversation: conversation.clone(), before });
+                match node.propose(group, command).await {
+                    Ok(Outcome::Trimmed { earliest, deleted }) if deleted > 0 => {
+                        tracing::debug!(shard, conversation, earliest, deleted, "trimmed by retention");
+                    }
+                    Ok(_) => {}
+                    Err(refusal) => {
+                        tracing::debug!(shard, conversation, ?refusal, "trim not applied; retrying at the next check");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The trims a shard's conversations need now (`now_ms` by this leader's clock). `seen` holds
+/// the heads at the last `max_bytes` check and is updated.
+fn plan(
+    store: &Store,
+    shard: ShardId,
+    default: Retention,
+    now_ms: u64,
+    seen: &mut HashMap<String, u64>,
+) -> Result<Vec<Trim>> {
+    let own: HashMap<String, Retention> = store.retentions(shard)?.into_iter().collect();
+    let conversations: Vec<(String, u64)> = if default.keeps_all() {
+        let mut with_policy = Vec::with_capacity(own.len());
+        for c in own.keys() {
+            with_policy.push((c.clone(), store.head(shard, c)?));
+        }
+        with_policy
+    } else {
+        store.heads(shard)?
+    };
+    let mut trims = Vec::new();
+    for (conversation, head) in conversations {
+        let policy = own.get(&conversation).copied().unwrap_or_default().or(default);
+        if policy.keeps_all() || head == 0 {
+            continue;
+        }
+        let earliest = store.earliest(shard, &conversation)?;
+        let mut keep_from = earliest;
+        if let Some(n) = policy.max_messages {
+            keep_from = keep_from.max(head.saturating_sub(n) + 1);
+        }
+        if let Some(age) = policy.max_age_ms {
+            let cutoff = now_ms.saturating_sub(age);
+            let mut first_young = None;
+            let mut last_old = earliest - 1;
+            store.each_message(shard, &conversation, keep_from, TRIM_MESSAGES_MAX, |m| {
+                if m.ts_ms >= cutoff {
+                    first_young = Some(m.offset);
+                    return false;
+                }
+                last_old = m.offset;
+                true
+            })?;
+            keep_from = keep_from.max(first_young.unwrap_or(last_old + 1));
+        }
+        if let Some(bytes) = policy.max_bytes {
+            if seen.get(&conversation) != Some(&head) {
+                if let Some(from) = store.keep_bytes_from(shard, &conversation, bytes)? {
+                    keep_from = keep_from.max(from);
+                }
+                seen.insert(conversation.clone(), head);
+            }
+        }
+        if keep_from > earliest {
+            trims.push((conversation, keep_from.min(head + 1)));
+        }
+    }
+    Ok(trims)
+}
+
+/// Gives the space of trimmed messages back on this node (see [`Store::reclaim`]), until the
+/// service is dropped.
+pub(super) async fn reclaim(node: Weak<Service>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(node) = node.upgrade() else { return };
+        let r = &node.config.retention;
+        let Some((messages, ranges)) =
+            node.store.reclaim.due(r.reclaim_after_messages, Duration::from_secs(r.reclaim_after_s))
+        else {
+            continue;
+        };
+        let store = node.store.clone();
+        drop(node);
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || store.reclaim(&ranges)).await {
+            Ok(Ok(())) => tracing::info!(
+                messages,
+                took_ms = started.elapsed().as_millis() as u64,
+                "reclaimed the space of messages trimmed by retention"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "reclaiming the space of trimmed messages failed"),
+            Err(e) => tracing::warn!(error = %e, "reclaiming the space of trimmed messages did not finish"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::SendCommand;
+
+    /// A store holding conversation `c` of shard 0 with `n` messages, the i-th stamped at
+    /// `i * 1000` ms and `bytes` long, applied through the real state machine path.
+    fn store_with(n: u64, bytes: usize) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let sends: Vec<SendCommand> = (1..=n)
+            .map(|i| SendCommand {
+                conversation: "c".into(),
+                sender: "u".into(),
+                client_id: 1,
+                client_seq: i,
+                ts_ms: i * 1000,
+                text: "x".repeat(bytes),
+            })
+            .collect();
+        crate::raft::state_machine::apply_for_test(&store, 0, vec![Command::SendBatch(sends)]).expect("apply");
+        (dir, store)
+    }
+
+    #[test]
+    fn max_messages_keeps_the_newest() {
+        let (_d, store) = store_with(300, 10);
+        let policy = Retention { max_messages: Some(100), ..Retention::default() };
+        let trims = plan(&store, 0, policy, 0, &mut HashMap::new()).expect("plan");
+        assert_eq!(trims, vec![("c".to_string(), 201)]);
+        // Another shard, or no policy at all, trims nothing.
+        assert!(plan(&store, 1, policy, 0, &mut HashMap::new()).expect("plan").is_empty());
+        assert!(plan(&store, 0, Retention::default(), 0, &mut HashMap::new()).expect("plan").is_empty());
+    }
+
+    #[test]
+    fn max_age_keeps_what_is_young_enough() {
+        let (_d, store) = store_with(50, 10);
+        // At 60 s, a 15 s age keeps the messages stamped 45 s and later: offsets 45..=50.
+        let policy = Retention { max_age_ms: Some(15_000), ..Retention::default() };
+        assert_eq!(plan(&store, 0, policy, 60_000, &mut HashMap::new()).expect("plan"), vec![("c".to_string(), 45)]);
+        // Everything expired: the trim reaches past the head, which apply bounds.
+        assert_eq!(plan(&store, 0, policy, 900_000, &mut HashMap::new()).expect("plan"), vec![("c".to_string(), 51)]);
+    }
+
+    #[test]
+    fn max_bytes_reads_back_from_the_head_once_per_head() {
+        let (_d, store) = store_with(100, 100);
+        let mut sizes = 0;
+        store
+            .scan_messages(0, "c", 100, 1, usize::MAX, |_, v| {
+                sizes = v.len() as u64;
+                Ok(())
+            })
+            .expect("scan");
+        // Room for exactly 10 stored messages keeps offsets 91..=100.
+        let policy = Retention { max_bytes: Some(10 * sizes), ..Retention::default() };
+        let mut seen = HashMap::new();
+        assert_eq!(plan(&store, 0, policy, 0, &mut seen).expect("plan"), vec![("c".to_string(), 91)]);
+        assert!(plan(&store, 0, policy, 0, &mut seen).expect("plan").is_empty(), "the head did not move");
+    }
+
+    #[test]
+    fn a_conversations_own_policy_fills_from_the_default() {
+        let own = Retention { max_messages: Some(5), ..Retention::default() };
+        let default = Retention { max_messages: Some(50), max_age_ms: Some(9), max_bytes: None };
+        assert_eq!(own.or(default), Retention { max_messages: Some(5), max_age_ms: Some(9), max_bytes: None });
+        let (_d, store) = store_with(20, 10);
+        // The default alone: at 1,000 s every message is older than 9 ms.
+        let at = 1_000_000;
+        assert_eq!(plan(&store, 0, default, at, &mut HashMap::new()).expect("plan"), vec![("c".to_string(), 21)]);
+        // The conversation's own limit wins where it is set: 5 messages, and no age at all.
+        let set = crate::chat::RetentionCommand {
+            conversation: "c".into(),
+            by: "op".into(),
+            admin: true,
+            retention: Retention { max_messages: Some(5), max_age_ms: Some(u64::MAX / 2), max_bytes: None },
+        };
+        crate::raft::state_machine::apply_for_test(&store, 0, vec![Command::SetRetention(set)]).expect("apply");
+        assert_eq!(plan(&store, 0, default, at, &mut HashMap::new()).expect("plan"), vec![("c".to_string(), 16)]);
+    }
+}
