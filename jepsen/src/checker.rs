@@ -8,14 +8,33 @@
 //! A *value* is a send's text: unique per logical send in a run (a send retried after an
 //! indeterminate outcome, and a `resend` dedup probe, carry the same text and the same
 //! `(client_id, client_seq)`). Offsets are per conversation. Texts are observed by
-//! - `read` and `final-read` (`messages: [[offset, text], ...]`, which must be dense from 1):
-//!   ok ones, and failed ones that carry the messages the node sent before the error,
+//! - `read` and `final-read` (`messages: [[offset, text], ...]`, which must be dense from 1,
+//!   or from `truncated_before` when the node said retention deleted what came before): ok
+//!   ones, and failed ones that carry the messages the node sent before the error,
 //! - ok `deliver` (one message, as the node sent it),
 //! - ok `send` / `resend` / `final-send` (an *ack*: the text is at `offset`).
 //!
 //! A subscriber's `subscribe`, `deliver` and `caught-up` ops, in history order, are its
 //! stream as the node sent it: the first delivery after a `caught-up` is the catch-up → live
 //! seam, and an anomaly there says so and shows the `caught-up` in its witness.
+//!
+//! ## Retention
+//!
+//! A run with retention records it first (a nemesis `retention` op, `{max_messages: N}`).
+//! Messages below the earliest offset a node reports are gone on purpose: a read says
+//! `truncated_before: E` and is dense from `E`; a subscriber's `truncated` op moves its next
+//! offset to `E`; an acked text below the earliest of a node's final read is not missing
+//! there (it is counted in `acked_trimmed` when no final read holds it). What retention
+//! must not do is keep less than it promised: a read that says it was truncated and holds
+//! fewer than `N` messages is `over-trimmed`.
+//!
+//! The dedup window is what is retained: a trimmed message's idempotency record goes with
+//! it, so a retry or resend of its key after the trim is stored again, as a new message.
+//! Retention keeps at least `N` messages: when a message is appended at offset `O'`, the
+//! earliest is at most `O' - N`, so a key stored at `O` and again at `O' <= O + N` was still
+//! retained, and that is a `duplicate` (and a resend acked elsewhere a `resend-mismatch`) as
+//! without retention. More than `N` apart, the first may have been trimmed when the second
+//! was appended, and the pair is counted in `rewritten_after_trim` instead.
 //!
 //! Completions are paired with the latest invoke of the same process (Jepsen's rule).
 //! `info` completions and invokes that never complete are indeterminate: the value may or
@@ -38,6 +57,7 @@
 //! | `resend-mismatch` | a resend acked at a different place than the original send |
 //! | `real-time-order` | a send invoked after another completed got a lower offset |
 //! | `unconverged` | final reads of one conversation differ between nodes |
+//! | `over-trimmed` | a read that says retention deleted messages before it holds fewer than the retention keeps |
 //! | `final-send-failed` | a liveness `final-send` after healing did not complete ok (unless a majority of nodes refused to start after damage: then it is expected, and the run is unknown) |
 //!
 //! An acked text that no final read shows is reported as `lost` only (never also as
@@ -92,9 +112,10 @@ pub mod kinds {
     pub const REAL_TIME_ORDER: &str = "real-time-order";
     pub const UNCONVERGED: &str = "unconverged";
     pub const FINAL_SEND_FAILED: &str = "final-send-failed";
+    pub const OVER_TRIMMED: &str = "over-trimmed";
 
     /// Every kind, in the order anomalies are listed in a result.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         LOST,
         LOST_ON_NODE,
         INCONSISTENT_OFFSET,
@@ -104,6 +125,7 @@ pub mod kinds {
         ACK_MISMATCH,
         RESEND_MISMATCH,
         HOLE,
+        OVER_TRIMMED,
         SUBSCRIBER_SKIP,
         SUBSCRIBER_REPEAT,
         REAL_TIME_ORDER,
@@ -161,6 +183,12 @@ pub struct Stats {
     pub final_sends_ok: u64,
     /// `final-send`s completed `fail` or `info`, or never completed.
     pub final_sends_failed: u64,
+    /// Acked texts that no final read holds because every node's retention had deleted
+    /// them (their offset is below the earliest of every final read).
+    pub acked_trimmed: u64,
+    /// Resends of a key stored again more than the retention's count of messages after it:
+    /// the first may have been trimmed, with its dedup record.
+    pub rewritten_after_trim: u64,
 }
 
 /// The outcome of [`check`].
@@ -288,6 +316,8 @@ impl TextInfo {
 struct FinalRead {
     pos: usize,
     entries: Vec<(u64, TextId)>,
+    /// The earliest offset the node kept (1 unless it said `truncated_before`).
+    earliest: u64,
 }
 
 impl FinalRead {
@@ -312,6 +342,11 @@ struct Subscriber {
     /// Position of a `caught-up` not yet followed by a delivery: the next delivery crosses
     /// the catch-up → live seam.
     seam: Option<usize>,
+}
+
+/// The messages a run's retention keeps per conversation, from its `retention` op.
+fn retention_of(h: &[Op]) -> Option<u64> {
+    h.iter().find(|o| o.f == F::Retention).and_then(|o| o.value.get("max_messages")).and_then(Value::as_u64)
 }
 
 #[derive(Debug, Default)]
@@ -540,6 +575,8 @@ struct Checker<'h> {
     not_recovered: usize,
     /// Final sends that failed while a majority of nodes refused to start after damage.
     refused_liveness: usize,
+    /// Messages the run's retention keeps per conversation, if it has one.
+    retention: Option<u64>,
 }
 
 impl<'h> Checker<'h> {
@@ -568,7 +605,14 @@ impl<'h> Checker<'h> {
             unread: 0,
             not_recovered: 0,
             refused_liveness: 0,
+            retention: retention_of(h),
         }
+    }
+
+    /// Whether a text at (`c1`, `o1`) and again at (`c2`, `o2`) may be a key stored again
+    /// after retention trimmed its first place with its dedup record (see the module doc).
+    fn beyond_retention(&self, (c1, o1): (ConvId, u64), (c2, o2): (ConvId, u64)) -> bool {
+        self.retention.is_some_and(|n| c1 == c2 && o1.abs_diff(o2) > n)
     }
 
     fn malformed(&mut self, what: &'static str, pos: usize) {
@@ -743,6 +787,10 @@ impl<'h> Checker<'h> {
                     self.on_caught_up(pos);
                     continue;
                 }
+                (F::Truncated, Type::Ok) => {
+                    self.on_truncated(pos);
+                    continue;
+                }
                 _ => {}
             }
             let ci = self.cop_at[pos];
@@ -805,7 +853,8 @@ impl<'h> Checker<'h> {
         let failed = t.definitely_failed() && !t.failed_reported;
         t.failed_reported |= failed;
         let failed_cop = t.failed_cop;
-        if let Some((c0, o0, p0)) = duplicate_of {
+        if let Some((c0, o0, p0)) = duplicate_of.filter(|&(c0, o0, _)| !self.beyond_retention((c0, o0), (conv, offset)))
+        {
             let explanation = format!(
                 "{:?} is at offset {o0} of conversation {:?} in op {} and at offset {offset} of conversation {:?} in op {}",
                 self.text(text),
@@ -859,14 +908,30 @@ impl<'h> Checker<'h> {
             self.malformed("reads without a messages list", pos);
             return;
         };
+        let truncated = h[pos].value.get("truncated_before").and_then(Value::as_u64);
+        let earliest = truncated.unwrap_or(1).max(1);
+        if let (Some(e), Some(keep), true) = (truncated, self.retention, complete) {
+            if (msgs.len() as u64) < keep {
+                let explanation = format!(
+                    "{} {} of conversation {:?} on {} says retention deleted the messages before offset {e}, but                      holds {} message(s): the retention keeps {keep}",
+                    if h[pos].f == F::FinalRead { "final read" } else { "read" },
+                    self.index(pos),
+                    self.conv(conv),
+                    node_name(node),
+                    msgs.len()
+                );
+                let a = Witness::new(h).op(pos).anomaly(kinds::OVER_TRIMMED, explanation);
+                self.push(a);
+            }
+        }
         let mut hole_seen = false;
         let mut entries = Vec::with_capacity(if is_final { msgs.len() } else { 0 });
         for (i, m) in msgs.iter().enumerate() {
             let parsed = entry(m);
-            let expected = i as u64 + 1;
+            let expected = earliest + i as u64;
             if !hole_seen && parsed.as_ref().map(|p| p.0) != Some(expected) {
                 hole_seen = true;
-                self.hole(pos, conv, node, i, parsed.as_ref().map(|p| p.0));
+                self.hole(pos, conv, node, i, earliest, parsed.as_ref().map(|p| p.0));
             }
             let Some((offset, text)) = parsed else { continue };
             let tid = self.text_id(&text);
@@ -877,12 +942,12 @@ impl<'h> Checker<'h> {
             }
         }
         if is_final {
-            self.finals.entry(conv).or_default().insert(node, FinalRead { pos, entries });
+            self.finals.entry(conv).or_default().insert(node, FinalRead { pos, entries, earliest });
         }
     }
 
-    fn hole(&mut self, pos: usize, conv: ConvId, node: Node, position: usize, found: Option<u64>) {
-        let expected = position as u64 + 1;
+    fn hole(&mut self, pos: usize, conv: ConvId, node: Node, position: usize, earliest: u64, found: Option<u64>) {
+        let expected = earliest + position as u64;
         if !self.holes.insert((node, conv, expected)) {
             return;
         }
@@ -899,7 +964,7 @@ impl<'h> Checker<'h> {
             None => format!("entry {position} is not an [offset, text] pair (expected offset {expected})"),
         };
         let explanation = format!(
-            "{}{} {} of conversation {:?} on {}: {what}; messages must be exactly offsets 1..=n in order",
+            "{}{} {} of conversation {:?} on {}: {what}; messages must be exactly offsets {earliest}..=n in order",
             if self.h[pos].kind == Type::Ok { "" } else { "failed " },
             if self.h[pos].f == F::FinalRead { "final read" } else { "read" },
             self.index(pos),
@@ -992,6 +1057,25 @@ impl<'h> Checker<'h> {
         self.push(a);
     }
 
+    /// The node told a subscriber that retention deleted the messages before `earliest`: its
+    /// stream goes on from there, on purpose.
+    fn on_truncated(&mut self, pos: usize) {
+        let op = &self.h[pos];
+        let (Some(conv), Some(earliest)) =
+            (op.value.get("conversation").and_then(key), op.value.get("earliest").and_then(Value::as_u64))
+        else {
+            self.malformed("truncations without a conversation or earliest", pos);
+            return;
+        };
+        let conv = self.conv_id(&conv);
+        let sub = self.subscribers.entry((op.process, conv)).or_default();
+        if sub.next.is_some_and(|n| n < earliest) {
+            sub.next = Some(earliest);
+            sub.last = Some((earliest - 1, pos));
+            sub.anchor = pos;
+        }
+    }
+
     /// The node told a subscriber it had sent everything stored up to `head`; live push
     /// follows. A head past what the subscriber got means the catch-up skipped the rest.
     fn on_caught_up(&mut self, pos: usize) {
@@ -1055,7 +1139,11 @@ impl<'h> Checker<'h> {
             let Some(&oi) = self.client_key(c).and_then(|k| originals.get(&k)) else { continue };
             let o = &self.acks[oi];
             if (o.conv, o.offset) != (a.conv, a.offset) {
-                found.push((oi, ai));
+                if self.beyond_retention((o.conv, o.offset), (a.conv, a.offset)) {
+                    self.stats.rewritten_after_trim += 1;
+                } else {
+                    found.push((oi, ai));
+                }
             }
         }
         for (oi, ai) in found {
@@ -1084,13 +1172,21 @@ impl<'h> Checker<'h> {
             let acks: Vec<Ack> =
                 t.acks.iter().filter(|ai| !self.mismatched_resends.contains(ai)).map(|&ai| self.acks[ai]).collect();
             let Some(&first) = acks.first() else { continue };
-            if let Some(&other) = acks.iter().find(|a| (a.conv, a.offset) != (first.conv, first.offset)) {
+            if let Some(&other) = acks.iter().find(|a| {
+                (a.conv, a.offset) != (first.conv, first.offset)
+                    && !self.beyond_retention((first.conv, first.offset), (a.conv, a.offset))
+            }) {
                 found.push((kinds::DUPLICATE, first, other, None));
             }
             if t.places.is_empty() {
                 continue;
             }
-            if let Some(&a) = acks.iter().find(|a| !t.places.iter().any(|&(c, o, _)| (c, o) == (a.conv, a.offset))) {
+            // An acked place never observed is no mismatch when every place the text was seen
+            // may be it stored again after retention trimmed the acked one.
+            if let Some(&a) = acks.iter().find(|a| {
+                !t.places.iter().any(|&(c, o, _)| (c, o) == (a.conv, a.offset))
+                    && !t.places.iter().all(|&(c, o, _)| self.beyond_retention((a.conv, a.offset), (c, o)))
+            }) {
                 found.push((kinds::ACK_MISMATCH, a, a, t.places.first().copied()));
             }
         }
@@ -1152,12 +1248,18 @@ impl<'h> Checker<'h> {
                 *unchecked.entry(a.conv).or_default() += 1;
                 continue;
             };
+            // Below a node's earliest, the text is gone on purpose (retention).
             let missing: Vec<Node> = nodes
-                .keys()
-                .copied()
-                .filter(|&n| !present.get(&(a.conv, n)).is_some_and(|s| s.contains(&a.text)))
+                .iter()
+                .filter(|(&n, fr)| {
+                    a.offset >= fr.earliest && !present.get(&(a.conv, n)).is_some_and(|s| s.contains(&a.text))
+                })
+                .map(|(&n, _)| n)
                 .collect();
-            if missing.len() == nodes.len() {
+            let trimmed_everywhere = nodes.values().all(|fr| a.offset < fr.earliest);
+            if trimmed_everywhere {
+                self.stats.acked_trimmed += 1;
+            } else if missing.len() == nodes.len() {
                 lost.push(a);
             } else {
                 for n in missing {
@@ -1737,6 +1839,131 @@ mod tests {
     fn only_kinds(r: &CheckResult, expected: &[&str]) {
         assert_eq!(r.valid, Validity::Invalid);
         assert_eq!(kinds_of(r), expected.iter().copied().collect(), "{:#?}", r.anomalies);
+    }
+
+    /// A history with a retention of `keep` in which conversation "t" got "t1".."t{sent}"
+    /// acked at offsets 1..=sent.
+    fn trimmed(keep: u64, sent: u64) -> H {
+        let mut h = H::default();
+        h.push(Type::Info, Process::NEMESIS, F::Retention, json!({"max_messages": keep}), None);
+        for i in 1..=sent {
+            h.send_ok(1, "t", &format!("t{i}"), i);
+        }
+        h
+    }
+
+    /// A read of `node` that says retention deleted what is before `earliest`.
+    fn truncated_read(h: &mut H, f: F, p: u64, node: u64, earliest: u64, msgs: &[(u64, String)]) -> u64 {
+        h.invoke(p, f, json!({"conversation": "t"}), Some(node));
+        let messages: Vec<Value> = msgs.iter().map(|(o, t)| json!([o, t])).collect();
+        h.complete(p, Type::Ok, json!({"messages": messages, "truncated_before": earliest}))
+    }
+
+    fn kept(from: u64, to: u64) -> Vec<(u64, String)> {
+        (from..=to).map(|i| (i, format!("t{i}"))).collect()
+    }
+
+    #[test]
+    fn messages_trimmed_by_retention_are_not_lost() {
+        let mut h = trimmed(2, 5);
+        truncated_read(&mut h, F::Read, 200, 2, 3, &kept(3, 5));
+        // A subscriber from 1 is told the stream starts at 4, and goes on from there.
+        h.subscribe(100, "t", 1, 1);
+        h.push(
+            Type::Ok,
+            Process::Client(100),
+            F::Truncated,
+            json!({"conversation": "t", "earliest": 4, "session": 1}),
+            Some(1),
+        );
+        h.deliver(100, "t", 4, "t4", 1);
+        h.deliver(100, "t", 5, "t5", 1);
+        for node in 1..=3 {
+            truncated_read(&mut h, F::FinalRead, 400_000 + node, node, 4, &kept(4, 5));
+        }
+        let r = h.check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.valid, Validity::Valid, "{:?}", r.notes);
+        assert_eq!(r.stats.acked_trimmed, 3);
+    }
+
+    #[test]
+    fn a_key_stored_again_only_beyond_the_retention_can_be_a_trim_not_a_duplicate() {
+        // Retention 3: t1 at 1, resent and stored again at 6 (5 apart): t1 may have been
+        // trimmed with its dedup record first.
+        let mut h = trimmed(3, 5);
+        h.resend_ok(1, "t", "t1", 6);
+        for node in 1..=3 {
+            let mut msgs = kept(3, 5);
+            msgs.push((6, "t1".into()));
+            truncated_read(&mut h, F::FinalRead, 400_000 + node, node, 3, &msgs);
+        }
+        let r = h.check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.stats.rewritten_after_trim, 1);
+        // Retention 5: the same 5 apart is within what must be kept: a real duplicate.
+        let mut h = trimmed(5, 5);
+        let resend = h.resend_ok(1, "t", "t1", 6);
+        for node in 1..=3 {
+            let mut msgs = kept(1, 5);
+            msgs.push((6, "t1".into()));
+            truncated_read(&mut h, F::FinalRead, 400_000 + node, node, 1, &msgs);
+        }
+        let r = h.check();
+        assert!(
+            kinds_of(&r).contains(kinds::RESEND_MISMATCH) && kinds_of(&r).contains(kinds::DUPLICATE),
+            "{resend:?} {:#?}",
+            r.anomalies
+        );
+    }
+
+    #[test]
+    fn a_trimmed_read_with_a_gap_is_a_hole_and_keeping_too_little_is_over_trimmed() {
+        let mut h = trimmed(2, 5);
+        let gap = truncated_read(&mut h, F::Read, 200, 2, 3, &[(3, "t3".into()), (5, "t5".into())]);
+        for node in 1..=3 {
+            truncated_read(&mut h, F::FinalRead, 400_000 + node, node, 4, &kept(4, 5));
+        }
+        assert_only(&h.check(), kinds::HOLE, &[gap]);
+
+        let mut h = trimmed(3, 5);
+        let mut finals = Vec::new();
+        for node in 1..=3 {
+            finals.push(truncated_read(&mut h, F::FinalRead, 400_000 + node, node, 4, &kept(4, 5)));
+        }
+        let r = h.check();
+        only_kinds(&r, &[kinds::OVER_TRIMMED]);
+        assert_eq!(r.anomalies.len(), 3, "one per node");
+    }
+
+    #[test]
+    fn an_acked_message_above_a_nodes_earliest_is_still_lost_there() {
+        let mut h = trimmed(2, 5);
+        // Node 3 says it kept 4..=5 but shows only 5: t4 is lost there, not trimmed (and the
+        // read has a hole where 4 should be).
+        truncated_read(&mut h, F::FinalRead, 400_001, 1, 4, &kept(4, 5));
+        truncated_read(&mut h, F::FinalRead, 400_002, 2, 4, &kept(4, 5));
+        truncated_read(&mut h, F::FinalRead, 400_003, 3, 4, &kept(5, 5));
+        let r = h.check();
+        assert_eq!(r.valid, Validity::Invalid);
+        let found = kinds_of(&r);
+        assert!(found.contains(kinds::LOST_ON_NODE) && found.contains(kinds::HOLE), "{:#?}", r.anomalies);
+        assert!(!found.contains(kinds::LOST), "t4 is on nodes 1 and 2: {:#?}", r.anomalies);
+        // And a subscriber that skips past the earliest it was told is still a skip.
+        let mut h = trimmed(2, 5);
+        h.subscribe(100, "t", 1, 1);
+        let told = h.push(
+            Type::Ok,
+            Process::Client(100),
+            F::Truncated,
+            json!({"conversation": "t", "earliest": 4, "session": 1}),
+            Some(1),
+        );
+        let skip = h.deliver(100, "t", 5, "t5", 1);
+        for node in 1..=3 {
+            truncated_read(&mut h, F::FinalRead, 400_000 + node, node, 4, &kept(4, 5));
+        }
+        assert_only(&h.check(), kinds::SUBSCRIBER_SKIP, &[told, skip]);
     }
 
     #[test]

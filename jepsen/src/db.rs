@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use convoy::client::Client;
 use convoy::config::Config;
-use testkit::{Addressing, ClusterSpec, Layout, LocalCluster, RaftTweaks};
+use testkit::{Addressing, ClusterSpec, Layout, LocalCluster, RaftTweaks, RetentionTweaks};
 
 use crate::lossyfs::{self, LossyMount};
 
@@ -38,6 +38,8 @@ pub struct DbOptions {
     /// Run nodes under libfaketime.
     pub faketime: bool,
     pub planted_bug: Option<String>,
+    /// Messages kept per conversation, if any (checked every 500 ms, so trims are frequent).
+    pub retention: Option<u64>,
 }
 
 /// The running cluster.
@@ -257,6 +259,11 @@ fn spec(opts: &DbOptions) -> ClusterSpec {
             purge_batch_size: Some(100),
             ..RaftTweaks::default()
         },
+        retention: RetentionTweaks {
+            max_messages: opts.retention,
+            check_interval_ms: opts.retention.map(|_| 500),
+            ..RetentionTweaks::default()
+        },
         addressing: Addressing::Fixed { ip_of: node_addr, client_port: CLIENT_PORT, peer_port: PEER_PORT },
         layout: Layout::PerNodeDir,
         dir: Some(opts.store.clone()),
@@ -288,10 +295,13 @@ mod tests {
             lossy: false,
             faketime: true,
             planted_bug: Some("skip-dedup".into()),
+            retention: Some(500),
         };
         let cluster = LocalCluster::create(spec(&opts)).expect("create");
         let config = cluster.config();
         assert_eq!(config.shards, 4);
+        assert_eq!(config.retention_default.max_messages, Some(500));
+        assert_eq!(config.retention.check_interval_ms, 500);
         assert_eq!((config.raft.election_timeout_ms_min, config.raft.purge_batch_size), (1000, 100));
         for n in &config.nodes {
             let ip = format!("127.0.0.1{}", n.id);

@@ -110,6 +110,8 @@ pub enum F {
     Wipe,
     Rebuild,
     Recover,
+    /// The run's retention (`{max_messages}`), recorded first by a run that has one.
+    Retention,
 }
 
 impl F {

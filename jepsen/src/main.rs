@@ -47,6 +47,10 @@ enum Cmd {
         senders: usize,
         #[arg(long, default_value_t = 6)]
         subscribers: usize,
+        /// Keep this many messages per conversation: the leaders trim the rest during the
+        /// run, and the checker knows that offsets below a node's earliest are gone on purpose.
+        #[arg(long)]
+        retention: Option<u64>,
     },
     /// Re-check a recorded history (JSON lines) and print the result.
     Check { history: PathBuf },
@@ -75,6 +79,7 @@ fn main() {
             conversations,
             senders,
             subscribers,
+            retention,
         } => {
             if std::env::var_os(INSIDE).is_none() {
                 // Re-run ourselves in a private network, pid and mount namespace: faults can
@@ -122,6 +127,7 @@ fn main() {
                 conversations,
                 senders,
                 subscribers,
+                retention,
             };
             eprintln!(
                 "convoy-jepsen: seed {seed}, faults {:?}, {time_limit} s, report in {}",

@@ -384,6 +384,7 @@ fn f_name(f: &F) -> &'static str {
         F::Wipe => "wipe",
         F::Rebuild => "rebuild",
         F::Recover => "recover",
+        F::Retention => "retention",
     }
 }
 

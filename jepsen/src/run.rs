@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub conversations: usize,
     pub senders: usize,
     pub subscribers: usize,
+    /// Messages kept per conversation (`[retention] max_messages`), if any.
+    pub retention: Option<u64>,
 }
 
 /// How a run ended.
@@ -70,7 +72,11 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
         lossy: opts.faults.iter().any(|f| f == "power" || f == "power-all"),
         faketime: opts.faults.iter().any(|f| f == "clock"),
         planted_bug: opts.planted_bug.clone(),
+        retention: opts.retention,
     };
+    if let Some(n) = opts.retention {
+        rec.record(Type::Info, Process::NEMESIS, F::Retention, json!({"max_messages": n}), None);
+    }
     let db = Db::setup(db_opts).await?;
     db.wait_ready(Duration::from_secs(60)).await.context("the cluster never became ready")?;
     let config = db.config().clone();
@@ -188,7 +194,7 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
     }
     results["run"] = json!({
         "faults_enabled": opts.faults, "time_limit_s": opts.time_limit.as_secs(), "rate": opts.rate,
-        "seed": opts.seed, "planted_bug": opts.planted_bug, "operations": history.len(),
+        "seed": opts.seed, "planted_bug": opts.planted_bug, "retention": opts.retention, "operations": history.len(),
         "faults_injected": faults, "recovered_after_heal": recovered.as_ref().map(|_| true).unwrap_or(false),
         "recovery_error": recovered.err().map(|e| e.to_string()),
     });
