@@ -120,6 +120,10 @@ pub struct Limits {
     pub handshakes_per_s: u32,
     /// Client handshakes a node runs at once; more are answered the same way.
     pub handshakes_in_flight_max: usize,
+    /// Free bytes a node keeps on its data directory's filesystem: below it, client writes
+    /// are refused (`Unavailable`: disk full) and log appends wait, until space is freed (0:
+    /// no reserve; a write that then finds no space stops its shard's group on this node).
+    pub disk_free_min_bytes: u64,
 }
 
 impl Default for Limits {
@@ -143,6 +147,7 @@ impl Default for Limits {
             follower_lag_warn: FOLLOWER_LAG_WARN_DEFAULT,
             handshakes_per_s: HANDSHAKES_PER_S_DEFAULT,
             handshakes_in_flight_max: HANDSHAKES_IN_FLIGHT_DEFAULT,
+            disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
         }
     }
 }
@@ -505,6 +510,15 @@ data_dir = "data/node3"
         }
         let unknown = format!("bogus = 1\n{SAMPLE}");
         assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
+    }
+
+    // The file the README's set-up runs loads, with the reserve and retention it documents.
+    #[test]
+    fn the_shipped_cluster_toml_loads() {
+        let c = Config::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.toml"))).expect("it loads");
+        assert_eq!(c.node_ids(), vec![1, 2, 3]);
+        assert_eq!(c.limits.disk_free_min_bytes, 128 << 20);
+        assert!(c.retention_default.keeps_all(), "nothing is deleted unless a limit is set");
     }
 
     #[test]

@@ -73,6 +73,7 @@ impl Node {
                 other => other?,
             }
         };
+        store.space.set_min(config.limits.disk_free_min_bytes);
         let spool_dir = me.data_dir.join("spool");
         std::fs::create_dir_all(&spool_dir)?;
         let formation = Formation::load(store.clone(), id)?;

@@ -507,6 +507,167 @@ async fn the_space_of_trimmed_messages_is_given_back() {
     );
 }
 
+/// A small ext4 filesystem in an image file, loop-mounted (as root) on a directory; unmounted
+/// and removed when dropped.
+struct SmallDisk {
+    at: std::path::PathBuf,
+    image: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// `Err(why)` when this machine cannot do it (not root, no mkfs.ext4 or loop devices).
+    fn mount(image: &std::path::Path, at: &std::path::Path, mib: u64) -> Result<SmallDisk, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        let run = |cmd: &str, args: &[&std::ffi::OsStr]| -> Result<(), String> {
+            let out = std::process::Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+            out.status.success().then_some(()).ok_or_else(|| format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr)))
+        };
+        let file = std::fs::File::create(image).map_err(|e| e.to_string())?;
+        file.set_len(mib << 20).map_err(|e| e.to_string())?;
+        run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), "-m".as_ref(), "0".as_ref(), image.as_os_str()])?;
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        run("mount", &["-o".as_ref(), "loop".as_ref(), image.as_os_str(), at.as_os_str()])?;
+        Ok(SmallDisk { at: at.to_path_buf(), image: image.to_path_buf() })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazy: on a panic this runs before the nodes writing to it are killed.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.at).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+// A node whose data disk fills up: below its reserve it answers sends `Unavailable` saying
+// the disk is full (counted as outcome="disk_full"), keeps serving reads, and acks again once
+// space is freed; no acked message is lost, on any replica. Node 1's data directory is a
+// 128 MiB loop-mounted ext4 filesystem that a filler file brings below the 32 MiB reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed() {
+    use convoy::net::wire::{ErrorCode, Request, Response, SendRequest};
+    use convoy::store::space::free_bytes;
+    const RESERVE: u64 = 32 << 20;
+    let spec = ClusterSpec {
+        shards: 1,
+        raft: RaftTweaks {
+            heartbeat_ms: Some(100),
+            election_timeout_ms_min: Some(800),
+            election_timeout_ms_max: Some(1600),
+            ..RaftTweaks::default()
+        },
+        limits: LimitTweaks { disk_free_min_bytes: Some(RESERVE), ..LimitTweaks::unthrottled() },
+        remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
+        log_filter: Some("info,openraft=warn".into()),
+        convoy_bin: Some(BIN.into()),
+        ..ClusterSpec::default()
+    };
+    let mut cluster = LocalCluster::create(spec).expect("create a test cluster");
+    let data = cluster.data_dir(1);
+    // Unmounted after the cluster's nodes are killed (the explicit drops at the end).
+    let disk = match SmallDisk::mount(&cluster.dir().join("node1.img"), &data, 128) {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("SKIPPED (cannot loop-mount a small filesystem here): {why}");
+            return;
+        }
+    };
+    for id in [1, 2, 3] {
+        cluster.start(id).expect("start");
+    }
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    // Shard 0 prefers node 1 (leaders are handed back to their preferred node).
+    eventually(Duration::from_secs(30), "node 1 to lead shard 0", || async {
+        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok() == Some(1)).then_some(())
+    })
+    .await
+    .expect("node 1 leads");
+    let client = cluster.client().expect("client");
+    let mut acked = BTreeMap::new();
+    for i in 0..100 {
+        let text = format!("before {i}");
+        acked.insert(client.send("full", &text).await.expect("acked while there is room").offset, text);
+    }
+
+    let free = free_bytes(&data).expect("statvfs");
+    let filler_path = data.join("filler");
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(&filler_path).expect("filler");
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..(free - RESERVE / 2) >> 20 {
+            filler.write_all(&chunk).expect("fill");
+        }
+        filler.sync_all().expect("sync the filler");
+    }
+    assert!(free_bytes(&data).expect("statvfs") < RESERVE, "the filler brought the disk below the reserve");
+    let send = |seq: u64| {
+        Request::Send(SendRequest {
+            conversation: "full".into(),
+            sender: String::new(),
+            client_id: 77,
+            client_seq: seq,
+            text: format!("during {seq}"),
+        })
+    };
+    // The node reads its free space every 200 ms: a send may still be acked meanwhile.
+    let mut seq = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        seq += 1;
+        match client.request(1, &send(seq)).await.expect("an answer") {
+            Response::Error { code: ErrorCode::Unavailable, message } if message.contains("disk full") => {
+                break message
+            }
+            Response::Ack { offset, .. } => {
+                acked.insert(offset, format!("during {seq}"));
+            }
+            other => panic!("a send on a full disk is acked or refused as disk full, got {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "node 1 never refused for lack of space");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(refusal.contains("disk_free_min_bytes"), "the answer says what to do: {refusal}");
+    let log = std::fs::read_to_string(cluster.log_path(1)).expect("node 1's log");
+    assert!(log.contains("DISK FULL"), "the node says so in its log");
+    let read = client.read("full", 1, Some(1)).await.expect("node 1 still serves reads");
+    assert_eq!(read.messages.len(), acked.len());
+    let text = scrape(&cluster, 1).await;
+    let refused: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"convoy_sends_total{outcome="disk_full"} "#))
+        .and_then(|v| v.parse().ok())
+        .expect("a disk_full count");
+    assert!(refused >= 1.0, "{text}");
+
+    std::fs::remove_file(&filler_path).expect("free the space");
+    let refused_seq = seq;
+    let ack = eventually(Duration::from_secs(20), "node 1 to ack again", || async {
+        match client.request(1, &send(refused_seq)).await {
+            Ok(Response::Ack { offset, .. }) => Some(offset),
+            _ => None,
+        }
+    })
+    .await
+    .expect("acked once space is back");
+    acked.insert(ack, format!("during {refused_seq}"));
+    for i in 0..50 {
+        let text = format!("after {i}");
+        acked.insert(client.send("full", &text).await.expect("acked after").offset, text);
+    }
+    for node in 1..=3 {
+        let stored = check_dense(&read_at_least(&client, "full", node, acked.len()).await);
+        for (offset, text) in &acked {
+            assert_eq!(stored.get(offset).map(|(_, t)| t), Some(text), "node {node} lost acked offset {offset}");
+        }
+    }
+    drop(cluster);
+    drop(disk);
+}
+
 // Concurrent sends to many conversations are acked, and every replica returns the same
 // offset → message mapping, equal to what the acks said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

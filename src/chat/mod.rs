@@ -78,6 +78,8 @@ pub mod limits {
     pub const HANDSHAKES_PER_S_DEFAULT: u32 = 2_000;
     /// Client handshakes a node runs at once; more get a Retry or a refusal.
     pub const HANDSHAKES_IN_FLIGHT_DEFAULT: usize = 256;
+    /// Free bytes a node keeps on its data directory's filesystem (see `store::space`).
+    pub const DISK_FREE_MIN_BYTES_DEFAULT: u64 = 128 << 20;
     /// Sends per batch request, at most (a batch is one Raft entry).
     pub const SEND_BATCH_MAX: usize = 256;
     /// Largest accepted `connections_max`.

@@ -218,6 +218,16 @@ impl RaftLogStorage<C> for LogStore {
         let shard = self.shard;
         let entries: Vec<Entry> = entries.into_iter().collect();
         let store = &self.store;
+        // Below the disk reserve, client writes wait for space (see `store::space`); trims,
+        // blank and membership entries go on.
+        let client_writes = || {
+            entries.iter().any(|e| {
+                matches!(&e.payload, openraft::EntryPayload::Normal(c) if !matches!(c, crate::chat::Command::Trim(_)))
+            })
+        };
+        if store.space.low() && client_writes() {
+            store.space.room().await;
+        }
         inline(|| {
             let mut wm = self.watermark();
             let mut b = WriteBatch::default();

@@ -47,11 +47,13 @@ pub enum SendOutcome {
     NotLeader,
     Ambiguous,
     Unavailable,
+    /// Refused for lack of disk space (an `Unavailable` answer that says so).
+    DiskFull,
     Other,
 }
 
 impl SendOutcome {
-    pub const ALL: [SendOutcome; 10] = [
+    pub const ALL: [SendOutcome; 11] = [
         SendOutcome::Acked,
         SendOutcome::Duplicate,
         SendOutcome::Rejected,
@@ -61,6 +63,7 @@ impl SendOutcome {
         SendOutcome::NotLeader,
         SendOutcome::Ambiguous,
         SendOutcome::Unavailable,
+        SendOutcome::DiskFull,
         SendOutcome::Other,
     ];
 
@@ -75,6 +78,7 @@ impl SendOutcome {
             SendOutcome::NotLeader => "not_leader",
             SendOutcome::Ambiguous => "ambiguous",
             SendOutcome::Unavailable => "unavailable",
+            SendOutcome::DiskFull => "disk_full",
             SendOutcome::Other => "other",
         }
     }
@@ -86,6 +90,9 @@ impl SendOutcome {
             Response::Ack { duplicate: true, .. } => SendOutcome::Duplicate,
             Response::Throttled { .. } => SendOutcome::Throttled,
             Response::NotLeader { .. } => SendOutcome::NotLeader,
+            Response::Error { code: ErrorCode::Unavailable, message } if message.starts_with(super::DISK_FULL) => {
+                SendOutcome::DiskFull
+            }
             Response::Error { code, .. } => match code {
                 ErrorCode::Rejected => SendOutcome::Rejected,
                 ErrorCode::Forbidden => SendOutcome::Forbidden,

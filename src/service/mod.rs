@@ -65,6 +65,8 @@ pub const CATCH_UP_SCANS_MAX: usize = 8;
 pub const SUBSCRIBER_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Suggested back-off when throttled.
 pub const THROTTLE_RETRY_MS: u64 = 50;
+/// How an `Unavailable` answer refused for lack of disk space begins.
+pub const DISK_FULL: &str = "disk full";
 /// How often a node hands leaderships it holds back to their preferred nodes.
 pub const LEADER_BALANCE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -459,6 +461,18 @@ impl Service {
         done: impl FnOnce(Proposed) + Send + 'static,
     ) -> std::result::Result<(), Refusal> {
         let sends = propose::sends_of(&command);
+        // Below the disk reserve nothing a client asked is proposed; trims still are: they
+        // give space back.
+        let space = &self.store.space;
+        if space.low() && !matches!(command, Command::Trim(_)) {
+            return Err(Refusal::Unavailable(format!(
+                "{DISK_FULL} on node {}: {} bytes free, below limits.disk_free_min_bytes ({}); writes resume once \
+                 space is freed, reads go on",
+                self.id,
+                space.free(),
+                space.min()
+            )));
+        }
         let Ok(permits) = self.inflight.clone().try_acquire_many_owned(sends.max(1)) else {
             self.metrics.throttled(Throttle::Inflight, u64::from(sends));
             return Err(Refusal::Throttled { retry_after_ms: THROTTLE_RETRY_MS });

@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod keys;
 pub mod snapshot;
+pub mod space;
 pub mod syncer;
 
 use std::path::Path;
@@ -45,6 +46,8 @@ pub struct Store {
     pub stages: Arc<Stages>,
     /// Message ranges trimmed by retention whose space is yet to be reclaimed.
     pub reclaim: Arc<Reclaim>,
+    /// The free space of the data directory's filesystem, and the node's reserve.
+    pub space: Arc<space::DiskSpace>,
 }
 
 /// A key range `[lo, hi)`.
@@ -160,7 +163,8 @@ impl Store {
         let db = Arc::new(db);
         let stages = Arc::new(Stages::default());
         let syncer = Syncer::start(db.clone(), stages.clone());
-        Ok((Store { db, syncer, stages, reclaim: Arc::default() }, fresh))
+        let space = space::DiskSpace::watch(dir);
+        Ok((Store { db, syncer, stages, reclaim: Arc::default(), space }, fresh))
     }
 
     /// The handle of a column family this schema created at open.

@@ -151,6 +151,9 @@ pub struct LimitTweaks {
     pub handshakes_per_s: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handshakes_in_flight_max: Option<usize>,
+    /// Free bytes each node keeps on its data directory's filesystem.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_free_min_bytes: Option<u64>,
 }
 
 impl LimitTweaks {

@@ -1,0 +1,150 @@
+//! Free space on the filesystem of a node's data directory, watched so that a disk that
+//! fills up refuses new writes with a clear answer before RocksDB runs out of room in the
+//! middle of one.
+//!
+//! A write that fails for lack of space fails the Raft group that made it (openraft stops a
+//! group whose storage fails), and a full WAL leaves RocksDB read-only. So the node keeps a
+//! reserve, `limits.disk_free_min_bytes`:
+//! - below it, a shard's leader refuses client writes (sends, cursors, members, retention)
+//!   with `Unavailable` saying the disk is full, before proposing anything: nothing is acked,
+//!   nothing is lost, and reads go on;
+//! - every Raft log append that carries client writes waits for the reserve to come back
+//!   before writing (the entries a leader proposed before it noticed, or a follower's), as
+//!   it would wait for a slow disk: the group stays up and resumes by itself.
+//!
+//! Apply does not wait (the reserve is there for it), and trims, blank and membership
+//! entries are appended below the reserve: trims are what gives space back.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// How often the free space is read.
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// The free space of one filesystem, as last read.
+pub struct DiskSpace {
+    dir: PathBuf,
+    free: AtomicU64,
+    /// The reserve (0: never low).
+    min: AtomicU64,
+    /// Whether the free space was below the reserve at the last read (each crossing is
+    /// logged).
+    was_low: AtomicBool,
+}
+
+/// Bytes available to an unprivileged writer on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let path = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `st` a valid out-parameter.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+impl DiskSpace {
+    /// Watches the filesystem of `dir` from a thread of its own, until the returned value is
+    /// dropped.
+    pub fn watch(dir: &Path) -> Arc<DiskSpace> {
+        let space = Arc::new(DiskSpace {
+            dir: dir.to_path_buf(),
+            free: AtomicU64::new(free_bytes(dir).unwrap_or(u64::MAX)),
+            min: AtomicU64::new(0),
+            was_low: AtomicBool::new(false),
+        });
+        let weak: Weak<DiskSpace> = Arc::downgrade(&space);
+        let spawned = std::thread::Builder::new().name("disk-space".into()).spawn(move || loop {
+            std::thread::sleep(POLL);
+            let Some(space) = weak.upgrade() else { return };
+            space.refresh();
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the disk space watcher; free space is read only at writes");
+        }
+        space
+    }
+
+    /// Sets the reserve (0: off).
+    pub fn set_min(&self, bytes: u64) {
+        self.min.store(bytes, Relaxed);
+    }
+
+    pub fn min(&self) -> u64 {
+        self.min.load(Relaxed)
+    }
+
+    /// Reads the free space now; logs when it crosses the reserve.
+    pub fn refresh(&self) -> u64 {
+        match free_bytes(&self.dir) {
+            Ok(free) => {
+                self.free.store(free, Relaxed);
+                let low = self.low();
+                if low != self.was_low.swap(low, Relaxed) {
+                    if low {
+                        tracing::error!(
+                            free,
+                            reserve = self.min(),
+                            dir = %self.dir.display(),
+                            "DISK FULL: client writes are refused and log appends carrying them wait until space \
+                             is freed (limits.disk_free_min_bytes); reads go on"
+                        );
+                    } else {
+                        tracing::warn!(free, "disk space is back above the reserve: writes resume");
+                    }
+                }
+                free
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the free disk space");
+                self.free.load(Relaxed)
+            }
+        }
+    }
+
+    /// The free space as last read.
+    pub fn free(&self) -> u64 {
+        self.free.load(Relaxed)
+    }
+
+    /// Whether the free space is below the reserve.
+    pub fn low(&self) -> bool {
+        let min = self.min();
+        min > 0 && self.free() < min
+    }
+
+    /// Waits until the free space is at the reserve again (at once if it is). A Raft log
+    /// append carrying client writes awaits it first.
+    pub async fn room(&self) {
+        while self.low() {
+            tokio::time::sleep(POLL).await;
+            self.refresh();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn free_space_is_read_and_a_reserve_above_it_is_low() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let space = DiskSpace::watch(dir.path());
+        let free = space.refresh();
+        assert!(free > 0 && free < u64::MAX, "{free}");
+        assert!(!space.low(), "no reserve: never low");
+        space.set_min(free / 2);
+        assert!(!space.low());
+        tokio::time::timeout(Duration::from_secs(1), space.room()).await.expect("room at once");
+        space.set_min(u64::MAX);
+        assert!(space.low());
+        assert!(tokio::time::timeout(POLL * 3, space.room()).await.is_err(), "no room: it waits");
+        assert!(free_bytes(Path::new("/no/such/dir")).is_err());
+    }
+}
