@@ -242,6 +242,17 @@ async fn a_follower_left_behind_is_flagged_until_it_catches_up() {
     assert!(!lag_of(other).lagging, "{lags:?}");
     let text = scrape(&cluster, leader).await;
     assert!(text.lines().any(|l| l == "convoy_followers_lagging 1"), "{text}");
+    // `convoy top` shows it too: the dead follower down, the leader with a lagging follower.
+    let out = std::process::Command::new(BIN)
+        .args(["top", "--once", "--interval-ms", "300", "--user", "admin", "--config"])
+        .arg(cluster.config_path())
+        .output()
+        .expect("run convoy top");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(screen.contains("2/3 nodes up"), "{screen}");
+    assert!(screen.contains(&format!("node {behind}: ")) && screen.contains("LAGGING"), "{screen}");
+    assert!(screen.contains(&format!("0      node {leader}")), "shard 0 led by node {leader}:\n{screen}");
     cluster.start(behind).expect("restart the follower");
     eventually(Duration::from_secs(30), "the follower to catch up and the flag to clear", || async {
         let lags = followers(admin.status(leader).await.ok()?);

@@ -19,6 +19,8 @@ use serde_json::json;
 /// about a tenth of the nodes' CPU under send load. Alternated with glibc (2026-11-28):
 /// 256 senders × 1 conversation median 21.4k against 19.6k msgs/s over six runs each, with
 /// first catch-up reads unchanged — the failure mode that had mimalloc reverted.
+mod top;
+
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -106,6 +108,21 @@ enum Cmd {
         conversation: String,
         #[command(flatten)]
         who: Who,
+    },
+    /// A live view of the cluster: nodes, shards and leaders, send rate and p99, follower
+    /// and subscriber lag, refreshed each second from every node's status (an admin
+    /// credential). `q` quits.
+    Top {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        who: Who,
+        /// Refresh interval in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Print one view (two samples an interval apart) as text and exit.
+        #[arg(long)]
+        once: bool,
     },
     /// Read or move your read cursor.
     Cursor {
@@ -408,6 +425,12 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Cmd::Top { config, who, interval_ms, once } => {
+            let config = load(&config)?;
+            let client = who.connect(&config, Some(ADMIN_USER))?;
+            let title = config.path.display().to_string();
+            top::run(&client, &config.node_ids(), &title, Duration::from_millis(interval_ms.max(100)), once).await
         }
         Cmd::Chat { config, conversation, who } => {
             let config = load(&config)?;

@@ -170,6 +170,15 @@ pub struct NodeStatus {
     /// Sends that waited for their conversation's turn on a full shard window.
     #[serde(default)]
     pub sends_queued: u64,
+    /// Live (following) subscriptions on this node now, and the furthest any of them is
+    /// behind its conversation's head, in messages.
+    #[serde(default)]
+    pub subscribers: u64,
+    #[serde(default)]
+    pub subscriber_lag_max: u64,
+    /// Sends this node answered `Ack` since start (`convoy_sends_total{outcome="acked"}`).
+    #[serde(default)]
+    pub sends_acked: u64,
     /// Latency histograms of the send path since start (see `crate::stages`).
     pub stages: Vec<StageSnapshot>,
 }

@@ -153,6 +153,13 @@ struct Watched {
     next: Arc<AtomicU64>,
 }
 
+impl Watched {
+    /// Messages behind the head.
+    fn lag(&self) -> u64 {
+        self.head.load(Relaxed).saturating_sub(self.next.load(Relaxed).saturating_sub(1))
+    }
+}
+
 /// The node's event counters and its registry of live subscriptions.
 pub struct Metrics {
     sends: [AtomicU64; SendOutcome::ALL.len()],
@@ -247,12 +254,19 @@ impl Metrics {
         self.subscribers.lock().expect("subscriber registry lock").len()
     }
 
+    /// The furthest any live subscription is behind its conversation's head now, in
+    /// messages (not recorded as a sample).
+    pub fn lag_max(&self) -> u64 {
+        let subs = self.subscribers.lock().expect("subscriber registry lock");
+        subs.values().map(Watched::lag).max().unwrap_or(0)
+    }
+
     /// Measures every live subscription's lag once; returns how many were `warn` or more
     /// messages behind, and the largest lag.
     pub fn sample_lag(&self, warn: u64) -> (u64, u64) {
         let lags: Vec<u64> = {
             let subs = self.subscribers.lock().expect("subscriber registry lock");
-            subs.values().map(|w| w.head.load(Relaxed).saturating_sub(w.next.load(Relaxed).saturating_sub(1))).collect()
+            subs.values().map(Watched::lag).collect()
         };
         let (mut behind, mut worst) = (0, 0);
         for lag in lags {

@@ -962,6 +962,9 @@ impl Service {
             append_rpcs_cut: self.peer_stats.append_rpcs_cut.load(Ordering::Relaxed),
             sends_throttled: self.metrics.throttled_total(),
             sends_queued: self.counters.queued.load(Ordering::Relaxed),
+            subscribers: self.metrics.subscribers() as u64,
+            subscriber_lag_max: self.metrics.lag_max(),
+            sends_acked: self.metrics.sends(metrics::SendOutcome::Acked),
             stages: self.store.stages.snapshot(),
         }
     }
