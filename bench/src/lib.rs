@@ -65,6 +65,8 @@ pub struct Record {
 #[derive(Debug, Clone, Copy)]
 pub struct BenchOptions {
     pub quick: bool,
+    /// Shards of the convoy cluster (`None`: cluster.toml's 16, or `$CONVOY_BENCH_SHARDS`).
+    pub shards: Option<u32>,
 }
 
 impl BenchOptions {
@@ -269,9 +271,9 @@ fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
 /// Profiling aids: CONVOY_BENCH_SHARDS=N runs it with N shards, CONVOY_BENCH_WORKER_THREADS=N
 /// with N worker threads per node, and CONVOY_BENCH_KEEP=1 keeps the nodes' data and logs
 /// for inspection. The nodes run `$CONVOY_BIN` or the `convoy` beside this executable.
-fn start_cluster(dir: &Path) -> Result<LocalCluster> {
+fn start_cluster(dir: &Path, opts: BenchOptions) -> Result<LocalCluster> {
     LocalCluster::launch(ClusterSpec {
-        shards: env_number::<u32>("CONVOY_BENCH_SHARDS").unwrap_or(16),
+        shards: opts.shards.or_else(|| env_number::<u32>("CONVOY_BENCH_SHARDS")).unwrap_or(16),
         worker_threads: env_number::<usize>("CONVOY_BENCH_WORKER_THREADS"),
         dir: Some(dir.to_path_buf()),
         remove_dir_on_drop: std::env::var_os("CONVOY_BENCH_KEEP").is_none(),
@@ -454,6 +456,7 @@ async fn raw_append(dir: &Path, writers: usize, opts: BenchOptions) -> Result<Re
 /// `senders` concurrent sequential senders over `conversations` conversations.
 async fn send_load(
     config: &Config,
+    pids: &[u32],
     workload: &str,
     senders: usize,
     conversations: usize,
@@ -462,32 +465,155 @@ async fn send_load(
     let clients: Vec<Client> = (0..senders.div_ceil(SENDERS_PER_CLIENT))
         .map(|_| Client::connect_user(config, TEST_USER))
         .collect::<convoy::Result<_>>()?;
-    let before = stage_snapshots(config).await?;
+    let before = node_counters(config, pids).await?;
     let body = text("load");
     let (count, errors, s, elapsed) = closed_loop(&clients, senders, phase, move |client: Client, i, _n| {
         let (conv, body) = (format!("bench-{}", i % conversations), body.clone());
         async move { client.send(&conv, &body).await.is_ok() }
     })
     .await;
+    let after = node_counters(config, pids).await?;
     let mut r = record(workload, senders, conversations, count, elapsed, s);
     r.extra.insert("errors".into(), json!(errors));
-    let after = stage_snapshots(config).await?;
-    r.extra.insert("stages".into(), stage_breakdown(&before, &after));
+    r.extra.insert("stages".into(), stage_breakdown(&before.stages, &after.stages));
+    r.extra.extend(after.per_message_costs(&before, count as u64));
     Ok(r)
 }
 
-/// Every node's send-path histograms (see `convoy::stages`).
-async fn stage_snapshots(config: &Config) -> Result<Vec<StageSnapshot>> {
-    // Status is for admin credentials only.
-    let client = Client::connect_user(config, convoy::net::tls::ADMIN_USER)?;
-    let mut all = Vec::new();
-    for id in config.node_ids() {
-        all.extend(client.status(id).await?.stages);
-    }
-    Ok(all)
+/// CPU time and context switches of processes, from `/proc`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcUsage {
+    /// utime + stime, in ms.
+    pub cpu_ms: f64,
+    /// Voluntary and involuntary context switches, summed over the process's threads.
+    pub ctx_switches: u64,
 }
 
-/// Per stage, over all nodes, what was recorded between two [`stage_snapshots`]: count, p50
+impl ProcUsage {
+    /// The sum over `pids` (a process that is gone counts nothing).
+    pub fn of(pids: &[u32]) -> ProcUsage {
+        let mut total = ProcUsage::default();
+        for pid in pids {
+            if let Some(u) = proc_usage(&format!("/proc/{pid}")) {
+                total.cpu_ms += u.cpu_ms;
+                total.ctx_switches += u.ctx_switches;
+            }
+        }
+        total
+    }
+
+    /// This process (the load generator).
+    pub fn of_self() -> ProcUsage {
+        proc_usage("/proc/self").unwrap_or_default()
+    }
+}
+
+/// A process's usage from its `stat` (utime and stime, fields 14 and 15, in clock ticks) and
+/// the context switches of each of its threads (`task/*/status`).
+fn proc_usage(dir: &str) -> Option<ProcUsage> {
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
+    // The name (field 2) may hold spaces; the fields after it start at field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as f64,
+        _ => 100.0,
+    };
+    let mut ctx_switches = 0;
+    for task in std::fs::read_dir(format!("{dir}/task")).ok()?.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        ctx_switches += status
+            .lines()
+            .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(ProcUsage { cpu_ms: ticks as f64 * 1000.0 / hz, ctx_switches })
+}
+
+/// What the nodes and this load generator had done at one moment: their CPU and context
+/// switches, and the nodes' own counters and send-path histograms.
+pub struct NodeCounters {
+    nodes: ProcUsage,
+    load: ProcUsage,
+    append_rpcs: u64,
+    append_rpcs_empty: u64,
+    fsyncs: u64,
+    stages: Vec<StageSnapshot>,
+}
+
+/// Every node's counters now (status needs an admin credential).
+async fn node_counters(config: &Config, pids: &[u32]) -> Result<NodeCounters> {
+    let client = Client::connect_user(config, convoy::net::tls::ADMIN_USER)?;
+    let mut c = NodeCounters {
+        nodes: ProcUsage::of(pids),
+        load: ProcUsage::of_self(),
+        append_rpcs: 0,
+        append_rpcs_empty: 0,
+        fsyncs: 0,
+        stages: Vec::new(),
+    };
+    for id in config.node_ids() {
+        let s = client.status(id).await?;
+        c.append_rpcs += s.append_rpcs;
+        c.append_rpcs_empty += s.append_rpcs_empty;
+        c.fsyncs += s.fsyncs;
+        c.stages.extend(s.stages);
+    }
+    Ok(c)
+}
+
+impl NodeCounters {
+    /// Per 1,000 acked messages between `before` and now (`acked` of them): the nodes' CPU
+    /// (`cpu_ms_per_1k`) and the load generator's apart (`load_cpu_ms_per_1k`); AppendEntries
+    /// carrying entries and empty ones (`appends_per_1k`, `appends_empty_per_1k`); WAL fsyncs
+    /// on all nodes (`fsyncs_per_1k`); and the nodes' context switches per message.
+    pub fn per_message_costs(&self, before: &NodeCounters, acked: u64) -> BTreeMap<String, serde_json::Value> {
+        let per_1k =
+            |d: f64| if acked == 0 { serde_json::Value::Null } else { json!(round2(d * 1000.0 / acked as f64)) };
+        let empty = self.append_rpcs_empty.saturating_sub(before.append_rpcs_empty);
+        let carrying = self.append_rpcs.saturating_sub(before.append_rpcs).saturating_sub(empty);
+        let switches = self.nodes.ctx_switches.saturating_sub(before.nodes.ctx_switches);
+        BTreeMap::from([
+            ("cpu_ms_per_1k".to_string(), per_1k(self.nodes.cpu_ms - before.nodes.cpu_ms)),
+            ("load_cpu_ms_per_1k".to_string(), per_1k(self.load.cpu_ms - before.load.cpu_ms)),
+            ("appends_per_1k".to_string(), per_1k(carrying as f64)),
+            ("appends_empty_per_1k".to_string(), per_1k(empty as f64)),
+            ("fsyncs_per_1k".to_string(), per_1k(self.fsyncs.saturating_sub(before.fsyncs) as f64)),
+            (
+                "ctx_switches_per_msg".to_string(),
+                if acked == 0 { serde_json::Value::Null } else { json!(round2(switches as f64 / acked as f64)) },
+            ),
+        ])
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// The per-message costs of the records that have them, one line each.
+pub fn cost_lines(records: &[Record]) -> String {
+    let mut s = String::new();
+    for r in records {
+        let Some(cpu) = r.extra.get("cpu_ms_per_1k") else { continue };
+        let f = |k: &str| r.extra.get(k).map_or_else(|| "-".to_string(), |v| v.to_string());
+        s.push_str(&format!(
+            "{:<16} {:>7} per 1k msgs: nodes {cpu} CPU-ms, load {} CPU-ms, {} appends (+{} empty), {} fsyncs; {} ctx switches/msg\n",
+            r.workload,
+            format!("{}x{}", r.senders, r.conversations),
+            f("load_cpu_ms_per_1k"),
+            f("appends_per_1k"),
+            f("appends_empty_per_1k"),
+            f("fsyncs_per_1k"),
+            f("ctx_switches_per_msg"),
+        ));
+    }
+    s
+}
+
+/// Per stage, over all nodes, what was recorded between two [`node_counters`]: count, p50
 /// and p99 in µs (bucket bounds, 12.5 % resolution).
 fn stage_breakdown(before: &[StageSnapshot], after: &[StageSnapshot]) -> serde_json::Value {
     let mut out = serde_json::Map::new();
@@ -527,7 +653,14 @@ pub fn stage_lines(records: &[Record]) -> String {
 }
 
 /// Send → receipt latency at a fixed rate, subscriber on a follower of the shard.
-async fn push_latency(config: &Config, dir: &Path, leaders: &[u64], rate: u64, phase: Duration) -> Result<Record> {
+async fn push_latency(
+    config: &Config,
+    pids: &[u32],
+    dir: &Path,
+    leaders: &[u64],
+    rate: u64,
+    phase: Duration,
+) -> Result<Record> {
     let conv = format!("push-{rate}");
     let shard = convoy::chat::shard_of(&conv, config.shards);
     let leader = leaders.get(shard as usize).copied().unwrap_or(1);
@@ -543,7 +676,7 @@ async fn push_latency(config: &Config, dir: &Path, leaders: &[u64], rate: u64, p
     }
     let sender = Client::connect_user(config, TEST_USER)?;
     let total = (rate as f64 * phase.as_secs_f64()) as u64;
-    let before = stage_snapshots(config).await?;
+    let before = node_counters(config, pids).await?;
     let witness = DiskWitness::start(dir)?;
     let send_task = {
         let conv = conv.clone();
@@ -569,9 +702,10 @@ async fn push_latency(config: &Config, dir: &Path, leaders: &[u64], rate: u64, p
     }
     let _ = send_task.await;
     let witnessed = witness.finish();
-    let after = stage_snapshots(config).await?;
+    let after = node_counters(config, pids).await?;
     let mut r = record("push_latency", 1, 1, received as usize, phase, s);
-    r.extra.insert("stages".into(), stage_breakdown(&before, &after));
+    r.extra.insert("stages".into(), stage_breakdown(&before.stages, &after.stages));
+    r.extra.extend(after.per_message_costs(&before, received));
     r.extra.insert("disk_witness".into(), witnessed);
     r.msgs_per_s = rate as f64;
     r.extra.insert("target_rate".into(), json!(rate));
@@ -787,7 +921,7 @@ async fn connections(cluster: &LocalCluster, leaders: &[u64], opts: BenchOptions
     let after: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let grown_bytes: u64 = after.iter().zip(&before).map(|(a, b)| a.saturating_sub(*b) * 1024).sum();
     let per_connection = grown_bytes / (attached.len().max(1) as u64);
-    let push = push_latency(config, cluster.dir(), leaders, 500, opts.phase()).await?;
+    let push = push_latency(config, &pids, cluster.dir(), leaders, 500, opts.phase()).await?;
     let still_attached = attached.iter().filter(|(_, sub)| !sub.rx.is_closed()).count();
     let mut r = push.clone();
     r.workload = "connections".into();
@@ -1034,7 +1168,7 @@ async fn reconnect_storm(dir: &Path, opts: BenchOptions) -> Result<Record> {
     const CONNECTIONS_PER_SOCKET: usize = 500;
     const NODE: u64 = 2;
     let count: usize = if opts.quick { 1_000 } else { 5_000 };
-    let mut cluster = start_cluster(dir)?;
+    let mut cluster = start_cluster(dir, opts)?;
     wait_balanced(&cluster, Duration::from_secs(60)).await?;
     let config = cluster.config().clone();
     let endpoints: Vec<quinn::Endpoint> =
@@ -1173,15 +1307,16 @@ pub async fn run(
     // workloads left cached in the nodes' allocators, and the heap its 10,000 connections
     // leave behind must not slow the workloads after it.
     if want("connections") {
-        let cluster = start_cluster(&dir.join("connections"))?;
+        let cluster = start_cluster(&dir.join("connections"), opts)?;
         let leaders = wait_balanced(&cluster, Duration::from_secs(60)).await?;
         push(connections(&cluster, &leaders, opts).await?, &mut out);
     }
-    let cluster = start_cluster(&dir.join("cluster"))?;
+    let cluster = start_cluster(&dir.join("cluster"), opts)?;
     let leaders = wait_balanced(&cluster, Duration::from_secs(60)).await?;
     let config = cluster.config().clone();
+    let pids: Vec<u32> = cluster.node_ids().into_iter().filter_map(|id| cluster.pid(id)).collect();
     if want("send_latency") {
-        push(send_load(&config, "send_latency", 1, 1, opts.phase()).await?, &mut out);
+        push(send_load(&config, &pids, "send_latency", 1, 1, opts.phase()).await?, &mut out);
     }
     if want("send_throughput") {
         // Profiling aid: CONVOY_BENCH_SHAPE=SENDERSxCONVERSATIONS runs one shape for 10× the phase.
@@ -1190,17 +1325,19 @@ pub async fn run(
             Some((s.parse::<usize>().ok()?, c.parse::<usize>().ok()?))
         });
         if let Some((senders, conversations)) = shape {
-            push(send_load(&config, "send_throughput", senders, conversations, opts.phase() * 10).await?, &mut out);
+            let phase = opts.phase() * 10;
+            push(send_load(&config, &pids, "send_throughput", senders, conversations, phase).await?, &mut out);
         }
         for conversations in if shape.is_some() { vec![] } else { vec![1, 64] } {
             for senders in [1, 16, 64, 256] {
-                push(send_load(&config, "send_throughput", senders, conversations, opts.phase()).await?, &mut out);
+                let phase = opts.phase();
+                push(send_load(&config, &pids, "send_throughput", senders, conversations, phase).await?, &mut out);
             }
         }
     }
     if want("push_latency") {
         for rate in [500, 5_000] {
-            push(push_latency(&config, cluster.dir(), &leaders, rate, opts.phase()).await?, &mut out);
+            push(push_latency(&config, &pids, cluster.dir(), &leaders, rate, opts.phase()).await?, &mut out);
         }
     }
     if want("catch_up") {

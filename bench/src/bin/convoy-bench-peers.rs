@@ -100,7 +100,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let opts = BenchOptions { quick: cli.run.quick };
+    let opts = BenchOptions { quick: cli.run.quick, shards: None };
     let nats_bin = find_binary(cli.nats_server, "nats-server", "nats-server", "--nats-server")?;
     let etcd_bin = find_binary(cli.etcd, "etcd", "etcd-server", "--etcd")?;
     let nats_version = version_of(&nats_bin)?;

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use convoy_bench::{
-    read_records, run, stage_lines, table, witness_lines, write_chart, write_records, BenchOptions, RunArgs,
-    WITNESS_HEADING,
+    cost_lines, read_records, run, stage_lines, table, witness_lines, write_chart, write_records, BenchOptions,
+    RunArgs, WITNESS_HEADING,
 };
 
 /// The same allocator as the nodes' (src/bin/convoy.rs): the bench's client side, and the
@@ -30,6 +30,9 @@ struct Cli {
     /// Working directory for the bench's cluster and probes (its disk is what is measured).
     #[arg(long, default_value = "data/bench")]
     dir: PathBuf,
+    /// Shards of the convoy cluster (default: cluster.toml's, 16).
+    #[arg(long)]
+    shards: Option<u32>,
     /// Run only these workloads (comma-separated names, e.g. `send_throughput,connections`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -68,7 +71,11 @@ async fn bench(cli: Cli) -> Result<()> {
     }
     let dir = std::path::absolute(&cli.dir)?;
     eprintln!("convoy-bench: fresh cluster under {}{}", dir.display(), if cli.run.quick { " (quick)" } else { "" });
-    let records = run(&dir, BenchOptions { quick: cli.run.quick }, &cli.only, |r| {
+    if let Some(n) = cli.shards {
+        eprintln!("convoy-bench: {n} shards");
+    }
+    let opts = BenchOptions { quick: cli.run.quick, shards: cli.shards };
+    let records = run(&dir, opts, &cli.only, |r| {
         eprintln!(
             "  {} senders={} convs={}: {:.0} msgs/s p50 {} µs p99 {} µs",
             r.workload, r.senders, r.conversations, r.msgs_per_s, r.p50_us, r.p99_us
@@ -79,6 +86,10 @@ async fn bench(cli: Cli) -> Result<()> {
     let stages = stage_lines(&records);
     if !stages.is_empty() {
         print!("where a send's time went (all nodes; see `cluster status`):\n{stages}");
+    }
+    let costs = cost_lines(&records);
+    if !costs.is_empty() {
+        print!("what each message cost (nodes' CPU from /proc over the phase; the load generator apart):\n{costs}");
     }
     let witness = witness_lines(&records);
     if !witness.is_empty() {
