@@ -553,15 +553,13 @@ impl Drop for SmallDisk {
     }
 }
 
-// A node whose data disk fills up: below its reserve it answers sends `Unavailable` saying
-// the disk is full (counted as outcome="disk_full"), keeps serving reads, and acks again once
-// space is freed; no acked message is lost, on any replica. Node 1's data directory is a
-// 128 MiB loop-mounted ext4 filesystem that a filler file brings below the 32 MiB reserve.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed() {
-    use convoy::net::wire::{ErrorCode, Request, Response, SendRequest};
-    use convoy::store::space::free_bytes;
-    const RESERVE: u64 = 32 << 20;
+/// The free bytes the disk tests keep on their small filesystems.
+const DISK_RESERVE: u64 = 32 << 20;
+
+/// A started three-node, one-shard cluster whose node `small`'s data directory is a 128 MiB
+/// loop-mounted ext4 filesystem, with node 1 leading shard 0; `None` (with a message) where
+/// this machine cannot mount one. Drop the cluster before the disk.
+async fn cluster_with_a_small_disk(small: u64) -> Option<(LocalCluster, SmallDisk)> {
     let spec = ClusterSpec {
         shards: 1,
         raft: RaftTweaks {
@@ -570,20 +568,18 @@ async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed
             election_timeout_ms_max: Some(1600),
             ..RaftTweaks::default()
         },
-        limits: LimitTweaks { disk_free_min_bytes: Some(RESERVE), ..LimitTweaks::unthrottled() },
+        limits: LimitTweaks { disk_free_min_bytes: Some(DISK_RESERVE), ..LimitTweaks::unthrottled() },
         remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
         log_filter: Some("info,openraft=warn".into()),
         convoy_bin: Some(BIN.into()),
         ..ClusterSpec::default()
     };
     let mut cluster = LocalCluster::create(spec).expect("create a test cluster");
-    let data = cluster.data_dir(1);
-    // Unmounted after the cluster's nodes are killed (the explicit drops at the end).
-    let disk = match SmallDisk::mount(&cluster.dir().join("node1.img"), &data, 128) {
+    let disk = match SmallDisk::mount(&cluster.dir().join("small.img"), &cluster.data_dir(small), 128) {
         Ok(d) => d,
         Err(why) => {
             eprintln!("SKIPPED (cannot loop-mount a small filesystem here): {why}");
-            return;
+            return None;
         }
     };
     for id in [1, 2, 3] {
@@ -596,6 +592,33 @@ async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed
     })
     .await
     .expect("node 1 leads");
+    Some((cluster, disk))
+}
+
+/// Fills `dir`'s filesystem to half the reserve below it; returns the filler's path.
+fn fill_below_the_reserve(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let free = convoy::store::space::free_bytes(dir).expect("statvfs");
+    let path = dir.join("filler");
+    let mut filler = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![7u8; 1 << 20];
+    for _ in 0..(free - DISK_RESERVE / 2) >> 20 {
+        filler.write_all(&chunk).expect("fill");
+    }
+    filler.sync_all().expect("sync the filler");
+    assert!(convoy::store::space::free_bytes(dir).expect("statvfs") < DISK_RESERVE, "below the reserve");
+    path
+}
+
+// A node whose data disk fills up: below its reserve it answers sends `Unavailable` saying
+// the disk is full (counted as outcome="disk_full"), keeps serving reads, and acks again once
+// space is freed; no acked message is lost, on any replica. Node 1's data directory is a
+// 128 MiB loop-mounted ext4 filesystem that a filler file brings below the 32 MiB reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed() {
+    use convoy::net::wire::{ErrorCode, Request, Response, SendRequest};
+    let Some((cluster, disk)) = cluster_with_a_small_disk(1).await else { return };
+    let data = cluster.data_dir(1);
     let client = cluster.client().expect("client");
     let mut acked = BTreeMap::new();
     for i in 0..100 {
@@ -603,18 +626,7 @@ async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed
         acked.insert(client.send("full", &text).await.expect("acked while there is room").offset, text);
     }
 
-    let free = free_bytes(&data).expect("statvfs");
-    let filler_path = data.join("filler");
-    {
-        use std::io::Write;
-        let mut filler = std::fs::File::create(&filler_path).expect("filler");
-        let chunk = vec![7u8; 1 << 20];
-        for _ in 0..(free - RESERVE / 2) >> 20 {
-            filler.write_all(&chunk).expect("fill");
-        }
-        filler.sync_all().expect("sync the filler");
-    }
-    assert!(free_bytes(&data).expect("statvfs") < RESERVE, "the filler brought the disk below the reserve");
+    let filler_path = fill_below_the_reserve(&data);
     let send = |seq: u64| {
         Request::Send(SendRequest {
             conversation: "full".into(),
@@ -675,6 +687,40 @@ async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed
             assert_eq!(stored.get(offset).map(|(_, t)| t), Some(text), "node {node} lost acked offset {offset}");
         }
     }
+    drop(cluster);
+    drop(disk);
+}
+
+// A follower whose disk fills up does not stop its shard's group there: its appends wait for
+// space as for a slow disk, the leader and the other follower keep acking, and once space is
+// freed it catches up by itself, holding every acked message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_on_a_full_disk_waits_and_catches_up_when_space_is_freed() {
+    let Some((mut cluster, disk)) = cluster_with_a_small_disk(2).await else { return };
+    let client = cluster.client().expect("client");
+    let mut acked = BTreeMap::new();
+    for i in 0..50 {
+        let text = format!("before {i}");
+        acked.insert(client.send("follower-full", &text).await.expect("acked").offset, text);
+    }
+    let filler = fill_below_the_reserve(&cluster.data_dir(2));
+    for i in 0..300 {
+        let text = format!("while node 2 is full {i}");
+        acked.insert(client.send("follower-full", &text).await.expect("nodes 1 and 3 keep acking").offset, text);
+    }
+    let admin = cluster.admin().expect("admin");
+    let lag = admin.status(1).await.expect("leader status").shards[0].followers.iter().find(|f| f.node == 2).cloned();
+    assert!(lag.as_ref().is_some_and(|f| f.entries > 0), "node 2 is behind while its disk is full: {lag:?}");
+    let log = std::fs::read_to_string(cluster.log_path(2)).expect("node 2's log");
+    assert!(log.contains("DISK FULL"), "node 2 says so in its log");
+    assert!(cluster.is_running(2), "node 2 stays up");
+    std::fs::remove_file(&filler).expect("free the space");
+    let stored = check_dense(&read_at_least(&client, "follower-full", 2, acked.len()).await);
+    for (offset, text) in &acked {
+        assert_eq!(stored.get(offset).map(|(_, t)| t), Some(text), "node 2 misses acked offset {offset}");
+    }
+    let status = admin.status(2).await.expect("node 2 answers");
+    assert_eq!(status.shards[0].role, "Follower", "its group never stopped: {status:?}");
     drop(cluster);
     drop(disk);
 }

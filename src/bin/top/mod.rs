@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use convoy::client::Client;
-use convoy::net::wire::{NodeStatus, StageSnapshot};
+use convoy::net::wire::NodeStatus;
 use ratatui::backend::TestBackend;
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
@@ -83,24 +83,15 @@ pub struct View {
     pub acked_per_s: Option<f64>,
 }
 
-/// The histogram of what `cur` counted after `prev`, by bucket.
-fn since(cur: &StageSnapshot, prev: Option<&StageSnapshot>) -> StageSnapshot {
-    let before: BTreeMap<u32, u64> = prev.map(|p| p.buckets.iter().copied().collect()).unwrap_or_default();
-    let buckets = cur
-        .buckets
-        .iter()
-        .map(|&(i, n)| (i, n.saturating_sub(before.get(&i).copied().unwrap_or(0))))
-        .filter(|&(_, n)| n > 0)
-        .collect();
-    StageSnapshot { stage: cur.stage.clone(), buckets }
-}
-
 /// The `stage`'s p99 in ms over what `cur` counted after `prev`.
 fn p99_ms(cur: &NodeStatus, prev: Option<&NodeStatus>, stage: &str) -> Option<f64> {
     let find = |s: &NodeStatus| s.stages.iter().find(|x| x.stage == stage).cloned();
     let now = find(cur)?;
-    let before = prev.and_then(find);
-    since(&now, before.as_ref()).quantile_us(0.99).map(|us| us as f64 / 1000.0)
+    let period = match prev.and_then(find) {
+        Some(before) => now.since(&before),
+        None => now,
+    };
+    period.quantile_us(0.99).map(|us| us as f64 / 1000.0)
 }
 
 /// The view of `cur`, with rates over the time since `prev`.
@@ -367,7 +358,7 @@ pub async fn run(client: &Client, ids: &[u64], title: &str, interval: Duration, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use convoy::net::wire::{FollowerLag, ShardStatus};
+    use convoy::net::wire::{FollowerLag, ShardStatus, StageSnapshot};
 
     fn status(node: u64, acked: u64, send_buckets: Vec<(u32, u64)>, lagging: bool) -> NodeStatus {
         let shard = |shard: u32, leader: u64| ShardStatus {
