@@ -35,6 +35,11 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RaftConfig {
     pub heartbeat_ms: u64,
+    /// A leader skips the heartbeat to a follower that answered a replication sent within
+    /// this many ms (it proves the same liveness): under load, heartbeats stop; idle, they
+    /// resume. 0 sends every heartbeat. `heartbeat_ms` plus this plus a fifth of
+    /// `heartbeat_ms` must stay below `election_timeout_ms_min`.
+    pub heartbeat_min_interval_ms: u64,
     #[serde(alias = "election_timeout_min_ms")]
     pub election_timeout_ms_min: u64,
     #[serde(alias = "election_timeout_max_ms")]
@@ -56,6 +61,7 @@ impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_ms: 100,
+            heartbeat_min_interval_ms: 0,
             election_timeout_ms_min: 1000,
             election_timeout_ms_max: 2000,
             snapshot_logs_since_last: 20_000,
@@ -423,6 +429,16 @@ impl Config {
         if r.heartbeat_ms == 0 || r.election_timeout_ms_min <= r.heartbeat_ms * 3 {
             return fail("raft.election_timeout_ms_min must exceed 3 heartbeats".into());
         }
+        // A suppressed heartbeat goes out at the first tick (a fifth of the interval) after
+        // both intervals: that must come before any follower's election timeout.
+        let latest_heartbeat = r.heartbeat_ms + r.heartbeat_min_interval_ms + r.heartbeat_ms.div_ceil(4);
+        if latest_heartbeat >= r.election_timeout_ms_min {
+            return fail(
+                "raft.heartbeat_ms + raft.heartbeat_min_interval_ms (+ a quarter heartbeat) must stay below \
+                 raft.election_timeout_ms_min"
+                    .into(),
+            );
+        }
         if r.election_timeout_ms_max <= r.election_timeout_ms_min {
             return fail("raft.election_timeout_ms_max must exceed the minimum".into());
         }
@@ -510,6 +526,17 @@ data_dir = "data/node3"
         }
         let unknown = format!("bogus = 1\n{SAMPLE}");
         assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
+    }
+
+    // A suppressed heartbeat must still come before any election timeout.
+    #[test]
+    fn heartbeat_suppression_stays_below_the_election_timeout() {
+        let ok = format!("{SAMPLE}\n[raft]\nheartbeat_min_interval_ms = 100\n");
+        let c = Config::parse(&ok, Path::new("."), Path::new("c.toml")).expect("100 + 100 + 25 < 1000");
+        assert_eq!(c.raft.heartbeat_min_interval_ms, 100);
+        let late = format!("{SAMPLE}\n[raft]\nheartbeat_min_interval_ms = 880\n");
+        let err = Config::parse(&late, Path::new("."), Path::new("c.toml")).expect_err("100 + 880 + 25 >= 1000");
+        assert!(err.to_string().contains("heartbeat_min_interval_ms"), "{err}");
     }
 
     // The file the README's set-up runs loads, with the reserve and retention it documents.

@@ -39,7 +39,7 @@ use convoy::config::Config;
 use convoy::stages::{Stage, StageSnapshot};
 use convoy::store::keys::{log_key, CF_LOG};
 use convoy::store::Store;
-use testkit::{ClusterSpec, LimitTweaks, LocalCluster, TEST_USER};
+use testkit::{ClusterSpec, LimitTweaks, LocalCluster, RaftTweaks, TEST_USER};
 
 /// Bytes of text per benchmark message.
 pub const MESSAGE_BYTES: usize = 256;
@@ -274,6 +274,11 @@ fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
 fn start_cluster(dir: &Path, opts: BenchOptions) -> Result<LocalCluster> {
     LocalCluster::launch(ClusterSpec {
         shards: opts.shards.or_else(|| env_number::<u32>("CONVOY_BENCH_SHARDS")).unwrap_or(16),
+        // For trials of heartbeat suppression under load (`raft.heartbeat_min_interval_ms`).
+        raft: RaftTweaks {
+            heartbeat_min_interval_ms: env_number::<u64>("CONVOY_BENCH_HEARTBEAT_MIN_MS"),
+            ..RaftTweaks::default()
+        },
         worker_threads: env_number::<usize>("CONVOY_BENCH_WORKER_THREADS"),
         dir: Some(dir.to_path_buf()),
         remove_dir_on_drop: std::env::var_os("CONVOY_BENCH_KEEP").is_none(),

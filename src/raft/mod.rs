@@ -39,6 +39,7 @@ pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
     let mut c = openraft::Config {
         cluster_name: "convoy".into(),
         heartbeat_interval: r.heartbeat_ms,
+        heartbeat_min_interval: Some(r.heartbeat_min_interval_ms),
         election_timeout_min: r.election_timeout_ms_min,
         election_timeout_max: r.election_timeout_ms_max,
         enable_pre_vote: Some(true),

@@ -79,6 +79,9 @@ pub struct RaftTweaks {
     /// Leader heartbeat interval, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_ms: Option<u64>,
+    /// Heartbeats to a follower that answered a replication this recently are skipped, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_min_interval_ms: Option<u64>,
     /// Shortest election timeout, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub election_timeout_ms_min: Option<u64>,
