@@ -548,6 +548,46 @@ pub struct NodeCounters {
     stages: Vec<StageSnapshot>,
 }
 
+/// The open-loop operating point of the per-message costs: `rate` sends per second for
+/// `phase`, spread over `conversations` conversations round-robin, whatever the answers' pace
+/// (at most 512 unanswered). The same offered load for every configuration, so the nodes'
+/// CPU per message compares across builds even when throughput cannot.
+async fn send_paced(config: &Config, pids: &[u32], rate: u64, conversations: usize, phase: Duration) -> Result<Record> {
+    let client = Client::connect_user(config, TEST_USER)?;
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let next = Arc::new(AtomicU64::new(0));
+    let before = node_counters(config, pids).await?;
+    let started = Instant::now();
+    let failed = {
+        let samples = samples.clone();
+        paced_sender(started, rate, phase, move |body| {
+            let (client, samples) = (client.clone(), samples.clone());
+            let conv = format!("paced-{}", next.fetch_add(1, Ordering::Relaxed) % conversations as u64);
+            async move {
+                let t = Instant::now();
+                let ok = client.send(&conv, &body).await.is_ok();
+                if ok {
+                    if let Ok(mut s) = samples.lock() {
+                        s.push(t.elapsed());
+                    }
+                }
+                ok
+            }
+        })
+        .await?
+    };
+    let elapsed = started.elapsed();
+    let after = node_counters(config, pids).await?;
+    let s = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let acked = s.0.len();
+    let mut r = record("send_paced", 0, conversations, acked as usize, elapsed, s);
+    r.extra.insert("target_rate".into(), json!(rate));
+    r.extra.insert("errors".into(), json!(failed));
+    r.extra.insert("stages".into(), stage_breakdown(&before.stages, &after.stages));
+    r.extra.extend(after.per_message_costs(&before, acked));
+    Ok(r)
+}
+
 /// Every node's counters now (status needs an admin credential).
 async fn node_counters(config: &Config, pids: &[u32]) -> Result<NodeCounters> {
     let client = Client::connect_user(config, convoy::net::tls::ADMIN_USER)?;
@@ -604,10 +644,14 @@ pub fn cost_lines(records: &[Record]) -> String {
     for r in records {
         let Some(cpu) = r.extra.get("cpu_ms_per_1k") else { continue };
         let f = |k: &str| r.extra.get(k).map_or_else(|| "-".to_string(), |v| v.to_string());
+        let shape = match r.extra.get("target_rate") {
+            Some(rate) => format!("{rate}/s"),
+            None => format!("{}x{}", r.senders, r.conversations),
+        };
         s.push_str(&format!(
             "{:<16} {:>7} per 1k msgs: nodes {cpu} CPU-ms, load {} CPU-ms, {} appends (+{} empty), {} fsyncs; {} ctx switches/msg\n",
             r.workload,
-            format!("{}x{}", r.senders, r.conversations),
+            shape,
             f("load_cpu_ms_per_1k"),
             f("appends_per_1k"),
             f("appends_empty_per_1k"),
@@ -1277,6 +1321,7 @@ pub const WORKLOADS: &[&str] = &[
     "connections",
     "send_latency",
     "send_throughput",
+    "send_paced",
     "push_latency",
     "catch_up",
     "fan_out",
@@ -1339,6 +1384,9 @@ pub async fn run(
                 push(send_load(&config, &pids, "send_throughput", senders, conversations, phase).await?, &mut out);
             }
         }
+    }
+    if want("send_paced") {
+        push(send_paced(&config, &pids, 3_000, 64, opts.phase()).await?, &mut out);
     }
     if want("push_latency") {
         for rate in [500, 5_000] {
