@@ -339,7 +339,7 @@ fn write_effect(
                 batch.delete_cf(store.cf(CF_STATE), dedup_key(shard, key));
             }
             batch.put_cf(store.cf(CF_STATE), earliest_key(shard, &conversation), encode(&before));
-            store.reclaim.trimmed(before - from, lo, hi);
+            store.reclaim.trimmed(shard, &conversation, before - from, before);
         }
     }
 }

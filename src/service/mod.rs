@@ -719,7 +719,7 @@ impl Service {
             // A cursor below what retention kept reads as having read everything before the
             // earliest retained message: that one is the next to read.
             let earliest = store.earliest(shard, &conversation)?;
-            Ok((cursor.max(earliest - 1), head))
+            Ok((cursor.max(earliest.saturating_sub(1)), head))
         })
         .await;
         match read {

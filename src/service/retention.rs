@@ -118,7 +118,7 @@ fn plan(
         if let Some(age) = policy.max_age_ms {
             let cutoff = now_ms.saturating_sub(age);
             let mut first_young = None;
-            let mut last_old = earliest - 1;
+            let mut last_old = earliest.saturating_sub(1);
             store.each_message(shard, &conversation, keep_from, TRIM_MESSAGES_MAX, |m| {
                 if m.ts_ms >= cutoff {
                     first_young = Some(m.offset);
@@ -151,7 +151,7 @@ pub(super) async fn reclaim(node: Weak<Service>) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(node) = node.upgrade() else { return };
         let r = &node.config.retention;
-        let Some((messages, ranges)) =
+        let Some((messages, trimmed)) =
             node.store.reclaim.due(r.reclaim_after_messages, Duration::from_secs(r.reclaim_after_s))
         else {
             continue;
@@ -159,7 +159,7 @@ pub(super) async fn reclaim(node: Weak<Service>) {
         let store = node.store.clone();
         drop(node);
         let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || store.reclaim(&ranges)).await {
+        match tokio::task::spawn_blocking(move || store.reclaim(&trimmed)).await {
             Ok(Ok(())) => tracing::info!(
                 messages,
                 took_ms = started.elapsed().as_millis() as u64,

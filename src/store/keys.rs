@@ -161,6 +161,15 @@ pub fn dedup_scope(shard: ShardId, conversation: &str, sender: &str, client_id: 
     k
 }
 
+/// `[lo, hi)` around every dedup key of a conversation (a sender id's length byte is at
+/// most 128, so `0xff` after the prefix bounds them all).
+pub fn dedup_range(shard: ShardId, conversation: &str) -> (Vec<u8>, Vec<u8>) {
+    let lo = conversation_record(shard, STATE_DEDUP, conversation);
+    let mut hi = lo.clone();
+    hi.push(0xff);
+    (lo, hi)
+}
+
 pub fn dedup_key(shard: ShardId, key: &DedupKey) -> Vec<u8> {
     let mut k = dedup_scope(shard, &key.conversation, &key.sender, key.client_id);
     k.extend_from_slice(&key.client_seq.to_be_bytes());
@@ -266,6 +275,20 @@ mod tests {
                     let (olo, ohi) = shard_range(other);
                     prop_assert!(!(k.as_slice() >= olo.as_slice() && k.as_slice() < ohi.as_slice()));
                 }
+            }
+        }
+    }
+
+    // Every dedup key of a conversation lies in its dedup range, and no other conversation's.
+    proptest! {
+        #[test]
+        fn dedup_keys_lie_in_their_conversations_range(c in "[a-z]{1,6}", other in "[a-z]{1,6}", u in "[a-z]{1,128}", id in any::<u64>(), seq in any::<u64>()) {
+            let key = dedup_key(3, &DedupKey { conversation: c.clone(), sender: u, client_id: id, client_seq: seq });
+            let (lo, hi) = dedup_range(3, &c);
+            prop_assert!(key >= lo && key < hi);
+            if other != c {
+                let (olo, ohi) = dedup_range(3, &other);
+                prop_assert!(!(key >= olo && key < ohi));
             }
         }
     }

@@ -50,11 +50,11 @@ pub struct Store {
     pub space: Arc<space::DiskSpace>,
 }
 
-/// A key range `[lo, hi)`.
-pub type KeyRange = (Vec<u8>, Vec<u8>);
+/// A conversation trimmed by retention: its shard, its id, and the first offset kept.
+pub type Trimmed = (ShardId, String, u64);
 
-/// What retention trimmed since the last [`Store::reclaim`]: how many messages, and the
-/// `messages` key ranges they were in (one per conversation, grown as it is trimmed again).
+/// What retention trimmed since the last [`Store::reclaim`]: how many messages, and in which
+/// conversations up to which offset.
 #[derive(Default)]
 pub struct Reclaim {
     pending: std::sync::Mutex<Pending>,
@@ -63,32 +63,30 @@ pub struct Reclaim {
 #[derive(Default)]
 struct Pending {
     messages: u64,
-    ranges: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    conversations: std::collections::BTreeMap<(ShardId, String), u64>,
     since: Option<std::time::Instant>,
 }
 
 impl Reclaim {
-    /// Notes `messages` trimmed from the key range `[lo, hi)`.
-    pub fn trimmed(&self, messages: u64, lo: Vec<u8>, hi: Vec<u8>) {
+    /// Notes `messages` trimmed from a conversation, which now keeps offsets from `before`.
+    pub fn trimmed(&self, shard: ShardId, conversation: &str, messages: u64, before: u64) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.messages += messages;
         p.since.get_or_insert_with(std::time::Instant::now);
-        let end = p.ranges.entry(lo).or_default();
-        if hi > *end {
-            *end = hi;
-        }
+        let kept_from = p.conversations.entry((shard, conversation.to_string())).or_default();
+        *kept_from = (*kept_from).max(before);
     }
 
-    /// The ranges to reclaim now, if `after_messages` messages were trimmed or the first of
-    /// them waits for `after` or longer; taken, so each is reclaimed once.
-    pub fn due(&self, after_messages: u64, after: std::time::Duration) -> Option<(u64, Vec<KeyRange>)> {
+    /// What to reclaim now, if `after_messages` messages were trimmed or the first of them
+    /// waits for `after` or longer; taken, so each is reclaimed once.
+    pub fn due(&self, after_messages: u64, after: std::time::Duration) -> Option<(u64, Vec<Trimmed>)> {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let waited = p.since.is_some_and(|t| t.elapsed() >= after);
         if p.messages == 0 || (p.messages < after_messages && !waited) {
             return None;
         }
         let taken = std::mem::take(&mut *p);
-        Some((taken.messages, taken.ranges.into_iter().collect()))
+        Some((taken.messages, taken.conversations.into_iter().map(|((s, c), b)| (s, c, b)).collect()))
     }
 }
 
@@ -421,10 +419,12 @@ impl Store {
         Ok(None)
     }
 
-    /// Flushes every family's memtable and compacts the given `messages` ranges and each
-    /// shard's purged log prefix, so that the space of trimmed messages (range deletions)
-    /// and of their WAL is given back to the filesystem now, not at some later compaction.
-    pub fn reclaim(&self, ranges: &[KeyRange]) -> Result<()> {
+    /// Flushes every family's memtable, then compacts what the trims deleted — each trimmed
+    /// conversation's messages below its earliest and its dedup records — and the Raft log
+    /// (purged behind snapshots, so short), so that the space of range and point deletions,
+    /// and of the WAL holding them, goes back to the filesystem now, not at some later
+    /// compaction.
+    pub fn reclaim(&self, trimmed: &[Trimmed]) -> Result<()> {
         // A WAL file is deleted only once every family's memtable it holds is flushed.
         for name in ALL_CFS {
             self.db.flush_cf(self.cf(name))?;
@@ -432,13 +432,12 @@ impl Store {
         self.db.flush()?;
         let mut force = rocksdb::CompactOptions::default();
         force.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        for (lo, hi) in ranges {
+        for (shard, conversation, before) in trimmed {
+            let (lo, hi) = (message_key(*shard, conversation, 0), message_key(*shard, conversation, *before));
             self.db.compact_range_cf_opt(self.cf(CF_MESSAGES), Some(lo), Some(hi), &force);
+            let (lo, hi) = dedup_range(*shard, conversation);
+            self.db.compact_range_cf_opt(self.cf(CF_STATE), Some(lo), Some(hi), &force);
         }
-        // Dedup records of trimmed messages, and the log that carried them (purged behind
-        // snapshots), are deleted too: compact both families whole (they hold small records
-        // and a short log).
-        self.db.compact_range_cf(self.cf(CF_STATE), None::<&[u8]>, None::<&[u8]>);
         self.db.compact_range_cf(self.cf(CF_LOG), None::<&[u8]>, None::<&[u8]>);
         Ok(())
     }
