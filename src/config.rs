@@ -268,8 +268,13 @@ struct RawConfig {
     nodes: Vec<NodeConfig>,
 }
 
+/// The shard count when `cluster.toml` names none. Chosen from the per-message costs
+/// (`docs/performance.md`, "How many shards"): each shard is a Raft group whose replication
+/// rounds cost CPU whatever they carry, and 8 spread leaders over 3 or 5 nodes as evenly as 16.
+pub const DEFAULT_SHARDS: u32 = 8;
+
 fn default_shards() -> u32 {
-    16
+    DEFAULT_SHARDS
 }
 fn default_rf() -> usize {
     3
