@@ -65,7 +65,8 @@ pub struct Record {
 #[derive(Debug, Clone, Copy)]
 pub struct BenchOptions {
     pub quick: bool,
-    /// Shards of the convoy cluster (`None`: cluster.toml's 16, or `$CONVOY_BENCH_SHARDS`).
+    /// Shards of the convoy cluster (`None`: `$CONVOY_BENCH_SHARDS`, or the default, 8, as
+    /// cluster.toml's).
     pub shards: Option<u32>,
 }
 
@@ -267,13 +268,17 @@ fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok()?.parse().ok()
 }
 
-/// A fresh three-node cluster on loopback under `dir`: 16 shards and the nodes' defaults.
+/// A fresh three-node cluster on loopback under `dir`: the product's default shard count
+/// ([`convoy::config::DEFAULT_SHARDS`], as cluster.toml) and the nodes' defaults.
 /// Profiling aids: CONVOY_BENCH_SHARDS=N runs it with N shards, CONVOY_BENCH_WORKER_THREADS=N
 /// with N worker threads per node, and CONVOY_BENCH_KEEP=1 keeps the nodes' data and logs
 /// for inspection. The nodes run `$CONVOY_BIN` or the `convoy` beside this executable.
 fn start_cluster(dir: &Path, opts: BenchOptions) -> Result<LocalCluster> {
     LocalCluster::launch(ClusterSpec {
-        shards: opts.shards.or_else(|| env_number::<u32>("CONVOY_BENCH_SHARDS")).unwrap_or(16),
+        shards: opts
+            .shards
+            .or_else(|| env_number::<u32>("CONVOY_BENCH_SHARDS"))
+            .unwrap_or(convoy::config::DEFAULT_SHARDS),
         // For trials of heartbeat suppression under load (`raft.heartbeat_min_interval_ms`).
         raft: RaftTweaks {
             heartbeat_min_interval_ms: env_number::<u64>("CONVOY_BENCH_HEARTBEAT_MIN_MS"),
@@ -537,11 +542,49 @@ fn proc_usage(dir: &str) -> Option<ProcUsage> {
     Some(ProcUsage { cpu_ms: ticks as f64 * 1000.0 / hz, ctx_switches })
 }
 
+/// CPU time and context switches of a system's server processes and of this load generator,
+/// at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub servers: ProcUsage,
+    pub load: ProcUsage,
+}
+
+impl Usage {
+    /// Now, for the server processes `pids`.
+    pub fn now(pids: &[u32]) -> Usage {
+        Usage { servers: ProcUsage::of(pids), load: ProcUsage::of_self() }
+    }
+
+    /// Per 1,000 acked messages between `before` and now (`acked` of them): the servers' CPU
+    /// (`cpu_ms_per_1k`), the load generator's apart (`load_cpu_ms_per_1k`), and the servers'
+    /// context switches per message (`ctx_switches_per_msg`). Null when nothing was acked.
+    pub fn costs_since(&self, before: &Usage, acked: u64) -> BTreeMap<String, serde_json::Value> {
+        let switches = self.servers.ctx_switches.saturating_sub(before.servers.ctx_switches);
+        BTreeMap::from([
+            ("cpu_ms_per_1k".to_string(), per_1k(self.servers.cpu_ms - before.servers.cpu_ms, acked)),
+            ("load_cpu_ms_per_1k".to_string(), per_1k(self.load.cpu_ms - before.load.cpu_ms, acked)),
+            (
+                "ctx_switches_per_msg".to_string(),
+                if acked == 0 { serde_json::Value::Null } else { json!(round2(switches as f64 / acked as f64)) },
+            ),
+        ])
+    }
+}
+
+/// `amount` per 1,000 of `acked`, rounded to hundredths; null when nothing was acked.
+pub fn per_1k(amount: f64, acked: u64) -> serde_json::Value {
+    if acked == 0 {
+        serde_json::Value::Null
+    } else {
+        json!(round2(amount * 1000.0 / acked as f64))
+    }
+}
+
 /// What the nodes and this load generator had done at one moment: their CPU and context
 /// switches, and the nodes' own counters and send-path histograms.
 pub struct NodeCounters {
-    nodes: ProcUsage,
-    load: ProcUsage,
+    usage: Usage,
     append_rpcs: u64,
     append_rpcs_empty: u64,
     fsyncs: u64,
@@ -554,18 +597,46 @@ pub struct NodeCounters {
 /// CPU per message compares across builds even when throughput cannot.
 async fn send_paced(config: &Config, pids: &[u32], rate: u64, conversations: usize, phase: Duration) -> Result<Record> {
     let client = Client::connect_user(config, TEST_USER)?;
+    let before = node_counters(config, pids).await?;
+    let (samples, failed, elapsed) = paced_phase(rate, conversations, phase, move |conv, body| {
+        let client = client.clone();
+        async move { client.send(&format!("paced-{conv}"), &body).await.is_ok() }
+    })
+    .await?;
+    let after = node_counters(config, pids).await?;
+    let acked = samples.len();
+    let mut r = paced_record(rate, conversations, elapsed, samples, failed);
+    r.extra.insert("stages".into(), stage_breakdown(&before.stages, &after.stages));
+    r.extra.extend(after.per_message_costs(&before, acked));
+    Ok(r)
+}
+
+/// Workload `send_paced`: `rate` sends per second for `phase`, open loop (whatever the
+/// answers' pace, at most 512 unanswered), over conversations `0..conversations`
+/// round-robin; `send(conversation, body)` says whether the send was acked. Returns the acked
+/// sends' latencies, the failures and the phase's length.
+pub async fn paced_phase<F, Fut>(
+    rate: u64,
+    conversations: usize,
+    phase: Duration,
+    send: F,
+) -> Result<(Samples, u64, Duration)>
+where
+    F: Fn(u64, String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
+{
     let samples = Arc::new(Mutex::new(Samples::default()));
     let next = Arc::new(AtomicU64::new(0));
-    let before = node_counters(config, pids).await?;
+    let send = Arc::new(send);
     let started = Instant::now();
     let failed = {
         let samples = samples.clone();
         paced_sender(started, rate, phase, move |body| {
-            let (client, samples) = (client.clone(), samples.clone());
-            let conv = format!("paced-{}", next.fetch_add(1, Ordering::Relaxed) % conversations as u64);
+            let (send, samples) = (send.clone(), samples.clone());
+            let conv = next.fetch_add(1, Ordering::Relaxed) % conversations.max(1) as u64;
             async move {
                 let t = Instant::now();
-                let ok = client.send(&conv, &body).await.is_ok();
+                let ok = send(conv, body).await;
                 if ok {
                     if let Ok(mut s) = samples.lock() {
                         s.push(t.elapsed());
@@ -577,28 +648,28 @@ async fn send_paced(config: &Config, pids: &[u32], rate: u64, conversations: usi
         .await?
     };
     let elapsed = started.elapsed();
-    let after = node_counters(config, pids).await?;
     let s = samples.lock().map(|s| s.clone()).unwrap_or_default();
-    let acked = s.0.len();
-    let mut r = record("send_paced", 0, conversations, acked as usize, elapsed, s);
+    Ok((s, failed, elapsed))
+}
+
+/// The record of a [`paced_phase`].
+pub fn paced_record(rate: u64, conversations: usize, elapsed: Duration, samples: Samples, failed: u64) -> Record {
+    let acked = samples.len();
+    let mut r = record("send_paced", 0, conversations, acked as usize, elapsed, samples);
     r.extra.insert("target_rate".into(), json!(rate));
     r.extra.insert("errors".into(), json!(failed));
-    r.extra.insert("stages".into(), stage_breakdown(&before.stages, &after.stages));
-    r.extra.extend(after.per_message_costs(&before, acked));
-    Ok(r)
+    r
 }
+
+/// The open-loop operating point's rate and conversations (the same for convoy and its peers).
+pub const PACED_RATE: u64 = 3_000;
+pub const PACED_CONVERSATIONS: usize = 64;
 
 /// Every node's counters now (status needs an admin credential).
 async fn node_counters(config: &Config, pids: &[u32]) -> Result<NodeCounters> {
     let client = Client::connect_user(config, convoy::net::tls::ADMIN_USER)?;
-    let mut c = NodeCounters {
-        nodes: ProcUsage::of(pids),
-        load: ProcUsage::of_self(),
-        append_rpcs: 0,
-        append_rpcs_empty: 0,
-        fsyncs: 0,
-        stages: Vec::new(),
-    };
+    let mut c =
+        NodeCounters { usage: Usage::now(pids), append_rpcs: 0, append_rpcs_empty: 0, fsyncs: 0, stages: Vec::new() };
     for id in config.node_ids() {
         let s = client.status(id).await?;
         c.append_rpcs += s.append_rpcs;
@@ -610,27 +681,18 @@ async fn node_counters(config: &Config, pids: &[u32]) -> Result<NodeCounters> {
 }
 
 impl NodeCounters {
-    /// Per 1,000 acked messages between `before` and now (`acked` of them): the nodes' CPU
-    /// (`cpu_ms_per_1k`) and the load generator's apart (`load_cpu_ms_per_1k`); AppendEntries
-    /// carrying entries and empty ones (`appends_per_1k`, `appends_empty_per_1k`); WAL fsyncs
-    /// on all nodes (`fsyncs_per_1k`); and the nodes' context switches per message.
+    /// Per 1,000 acked messages between `before` and now (`acked` of them): the costs of
+    /// [`Usage::costs_since`], AppendEntries carrying entries and empty ones
+    /// (`appends_per_1k`, `appends_empty_per_1k`) and WAL fsyncs on all nodes
+    /// (`fsyncs_per_1k`).
     pub fn per_message_costs(&self, before: &NodeCounters, acked: u64) -> BTreeMap<String, serde_json::Value> {
-        let per_1k =
-            |d: f64| if acked == 0 { serde_json::Value::Null } else { json!(round2(d * 1000.0 / acked as f64)) };
         let empty = self.append_rpcs_empty.saturating_sub(before.append_rpcs_empty);
         let carrying = self.append_rpcs.saturating_sub(before.append_rpcs).saturating_sub(empty);
-        let switches = self.nodes.ctx_switches.saturating_sub(before.nodes.ctx_switches);
-        BTreeMap::from([
-            ("cpu_ms_per_1k".to_string(), per_1k(self.nodes.cpu_ms - before.nodes.cpu_ms)),
-            ("load_cpu_ms_per_1k".to_string(), per_1k(self.load.cpu_ms - before.load.cpu_ms)),
-            ("appends_per_1k".to_string(), per_1k(carrying as f64)),
-            ("appends_empty_per_1k".to_string(), per_1k(empty as f64)),
-            ("fsyncs_per_1k".to_string(), per_1k(self.fsyncs.saturating_sub(before.fsyncs) as f64)),
-            (
-                "ctx_switches_per_msg".to_string(),
-                if acked == 0 { serde_json::Value::Null } else { json!(round2(switches as f64 / acked as f64)) },
-            ),
-        ])
+        let mut costs = self.usage.costs_since(&before.usage, acked);
+        costs.insert("appends_per_1k".into(), per_1k(carrying as f64, acked));
+        costs.insert("appends_empty_per_1k".into(), per_1k(empty as f64, acked));
+        costs.insert("fsyncs_per_1k".into(), per_1k(self.fsyncs.saturating_sub(before.fsyncs) as f64, acked));
+        costs
     }
 }
 
@@ -643,13 +705,14 @@ pub fn cost_lines(records: &[Record]) -> String {
     let mut s = String::new();
     for r in records {
         let Some(cpu) = r.extra.get("cpu_ms_per_1k") else { continue };
-        let f = |k: &str| r.extra.get(k).map_or_else(|| "-".to_string(), |v| v.to_string());
+        let f = |k: &str| r.extra.get(k).filter(|v| !v.is_null()).map_or_else(|| "-".to_string(), |v| v.to_string());
         let shape = match r.extra.get("target_rate") {
             Some(rate) => format!("{rate}/s"),
             None => format!("{}x{}", r.senders, r.conversations),
         };
         s.push_str(&format!(
-            "{:<16} {:>7} per 1k msgs: nodes {cpu} CPU-ms, load {} CPU-ms, {} appends (+{} empty), {} fsyncs; {} ctx switches/msg\n",
+            "{:<10} {:<16} {:>7} per 1k msgs: servers {cpu} CPU-ms, load {} CPU-ms, {} appends (+{} empty), {} fsyncs; {} ctx switches/msg\n",
+            r.system,
             r.workload,
             shape,
             f("load_cpu_ms_per_1k"),
@@ -1386,7 +1449,7 @@ pub async fn run(
         }
     }
     if want("send_paced") {
-        push(send_paced(&config, &pids, 3_000, 64, opts.phase()).await?, &mut out);
+        push(send_paced(&config, &pids, PACED_RATE, PACED_CONVERSATIONS, opts.phase()).await?, &mut out);
     }
     if want("push_latency") {
         for rate in [500, 5_000] {

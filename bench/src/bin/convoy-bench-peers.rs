@@ -5,13 +5,16 @@
 //! Each peer runs as a fresh three-node cluster on loopback in a temp directory: JetStream with
 //! one R3 file-storage stream (subject `conv.<conversation>`), etcd with a key per message
 //! (`<conversation>/<sender>-<n>`). Workloads: `send_latency`, `send_throughput` (1/16/64/256
-//! in flight over 1 and 64 conversations), `push_latency` (500 and 5,000 msgs/s, receiver on a
-//! server other than the leader) and `catch_up` (read a long conversation from its start).
-//! Writers talk to the leader directly, as convoy's client does.
+//! in flight over 1 and 64 conversations), `send_paced` (3,000 msgs/s over 64 conversations,
+//! open loop), `push_latency` (500 and 5,000 msgs/s, receiver on a server other than the
+//! leader) and `catch_up` (read a long conversation from its start). Writers talk to the
+//! leader directly, as convoy's client does. The send records carry the servers' CPU and
+//! context switches per message, as convoy-bench's do, and etcd's WAL fsyncs.
 //!
 //! Every loop is bounded by a duration or a count; the servers are killed and the temp
 //! directory removed when the run ends, fails or is interrupted.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -26,8 +29,9 @@ use async_nats::jetstream::consumer::{push, DeliverPolicy};
 use bytes::Bytes;
 use clap::Parser;
 use convoy_bench::{
-    closed_loop, latency_of, paced_sender, record, table, text, witness_lines, write_records, BenchOptions,
-    DiskWitness, Record, RunArgs, Samples, MESSAGE_BYTES, SENDERS_PER_CLIENT, WITNESS_HEADING,
+    closed_loop, cost_lines, latency_of, paced_phase, paced_record, paced_sender, per_1k, record, table, text,
+    witness_lines, write_records, BenchOptions, DiskWitness, Record, RunArgs, Samples, Usage, MESSAGE_BYTES,
+    PACED_CONVERSATIONS, PACED_RATE, SENDERS_PER_CLIENT, WITNESS_HEADING,
 };
 use etcd_client::{GetOptions, KvClient, WatchOptions};
 use futures::StreamExt;
@@ -69,6 +73,27 @@ struct Cli {
     /// The etcd binary (default: from PATH, /usr/bin or /usr/sbin).
     #[arg(long)]
     etcd: Option<PathBuf>,
+    /// Run only these workloads (comma-separated), for both systems.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Run only this system: `jetstream` or `etcd`.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+/// The workloads this binary runs, in order.
+const PEER_WORKLOADS: &[&str] = &["send_latency", "send_throughput", "send_paced", "push_latency", "catch_up"];
+
+/// Which workloads and systems a run covers.
+#[derive(Clone)]
+struct Selection {
+    only: Vec<String>,
+}
+
+impl Selection {
+    fn wants(&self, workload: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|w| w == workload)
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -101,6 +126,14 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let opts = BenchOptions { quick: cli.run.quick, shards: None };
+    if let Some(unknown) = cli.only.iter().find(|w| !PEER_WORKLOADS.contains(&w.as_str())) {
+        bail!("unknown workload {unknown:?}; known: {}", PEER_WORKLOADS.join(", "));
+    }
+    if let Some(system) = cli.system.as_deref().filter(|s| !["jetstream", "etcd"].contains(s)) {
+        bail!("unknown system {system:?}; known: jetstream, etcd");
+    }
+    let sel = Selection { only: cli.only.clone() };
+    let wants_system = |name: &str| cli.system.as_deref().is_none_or(|s| s == name);
     let nats_bin = find_binary(cli.nats_server, "nats-server", "nats-server", "--nats-server")?;
     let etcd_bin = find_binary(cli.etcd, "etcd", "etcd-server", "--etcd")?;
     let nats_version = version_of(&nats_bin)?;
@@ -127,16 +160,22 @@ async fn run(cli: Cli) -> Result<()> {
         records.push(r);
     };
 
-    {
+    if wants_system("jetstream") {
         let mut nats = Nats::start(&nats_bin, &work.join("jetstream")).await.context("starting the NATS cluster")?;
-        run_jetstream(&mut nats, opts, &mut |r| progress(r, &nats_version)).await.context("JetStream workloads")?;
+        run_jetstream(&mut nats, opts, &sel, &mut |r| progress(r, &nats_version))
+            .await
+            .context("JetStream workloads")?;
     }
-    {
+    if wants_system("etcd") {
         let mut etcd = Etcd::start(&etcd_bin, &work.join("etcd")).await.context("starting the etcd cluster")?;
-        run_etcd(&mut etcd, opts, &mut |r| progress(r, &etcd_version)).await.context("etcd workloads")?;
+        run_etcd(&mut etcd, opts, &sel, &mut |r| progress(r, &etcd_version)).await.context("etcd workloads")?;
     }
 
     print!("{}", table(&records));
+    let costs = cost_lines(&records);
+    if !costs.is_empty() {
+        print!("\nper-message costs (servers: all three processes; load: this generator)\n{costs}");
+    }
     let witness = witness_lines(&records);
     if !witness.is_empty() {
         print!("{}\n{witness}", WITNESS_HEADING);
@@ -185,6 +224,11 @@ impl Servers {
             .with_context(|| format!("starting {} {name}", self.what))?;
         self.children.push((name.to_string(), child));
         Ok(())
+    }
+
+    /// The server processes' pids.
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|(_, c)| c.id()).collect()
     }
 
     /// An error naming the server that exited, with the end of its log.
@@ -425,46 +469,87 @@ fn js_record(mut r: Record, errors: u64) -> Record {
     r
 }
 
-async fn run_jetstream(nats: &mut Nats, opts: BenchOptions, progress: &mut dyn FnMut(Record)) -> Result<()> {
+/// JetStream's per-message costs: the servers' CPU and context switches. nats-server exposes
+/// no fsync or Raft append counts, and fsyncs nothing per message (see
+/// [`JETSTREAM_DURABILITY`]), so those fields are null.
+fn js_costs(r: &mut Record, usage: &Usage, before: &Usage, acked: u64) {
+    r.extra.extend(usage.costs_since(before, acked));
+    for field in ["appends_per_1k", "appends_empty_per_1k", "fsyncs_per_1k"] {
+        r.extra.insert(field.into(), serde_json::Value::Null);
+    }
+}
+
+async fn run_jetstream(
+    nats: &mut Nats,
+    opts: BenchOptions,
+    sel: &Selection,
+    progress: &mut dyn FnMut(Record),
+) -> Result<()> {
     let leader = nats.create_stream().await?;
     let leader_url = nats.urls[leader].clone();
     let leader_name = nats.names[leader].clone();
     let phase = opts.phase();
+    let pids = nats.servers.pids();
 
     let send = |workload: &'static str, senders: usize, conversations: usize| {
-        let (leader_url, leader_name) = (leader_url.clone(), leader_name.clone());
+        let (leader_url, leader_name, pids) = (leader_url.clone(), leader_name.clone(), pids.clone());
         async move {
             let clients = js_clients(&leader_url, senders.div_ceil(SENDERS_PER_CLIENT)).await?;
             let body = Bytes::from(text("load"));
+            let before = Usage::now(&pids);
             let (count, errors, s, elapsed) =
                 closed_loop(&clients, senders, phase, move |js: jetstream::Context, i, _n| {
                     let (subject, body) = (format!("conv.load-{}", i % conversations), body.clone());
                     async move { js_publish(&js, subject, body).await }
                 })
                 .await;
+            let usage = Usage::now(&pids);
             let mut r = js_record(record(workload, senders, conversations, count, elapsed, s), errors);
+            js_costs(&mut r, &usage, &before, count as u64);
             r.extra.insert("client_on".into(), json!(format!("stream leader ({leader_name})")));
             r.extra.insert("connections".into(), json!(clients.len()));
             Ok::<_, anyhow::Error>(r)
         }
     };
-    progress(send("send_latency", 1, 1).await?);
-    nats.servers.check_alive()?;
-    for conversations in [1, 64] {
-        for senders in [1, 16, 64, 256] {
-            progress(send("send_throughput", senders, conversations).await?);
-            nats.servers.check_alive()?;
+    if sel.wants("send_latency") {
+        progress(send("send_latency", 1, 1).await?);
+        nats.servers.check_alive()?;
+    }
+    if sel.wants("send_throughput") {
+        for conversations in [1, 64] {
+            for senders in [1, 16, 64, 256] {
+                progress(send("send_throughput", senders, conversations).await?);
+                nats.servers.check_alive()?;
+            }
         }
     }
-    for rate in [500, 5_000] {
+    if sel.wants("send_paced") {
+        let js = js_context(nats_connect(&leader_url).await?);
+        let before = Usage::now(&pids);
+        let (samples, failed, elapsed) = paced_phase(PACED_RATE, PACED_CONVERSATIONS, phase, move |conv, body| {
+            let js = js.clone();
+            async move { js_publish(&js, format!("conv.paced-{conv}"), Bytes::from(body)).await }
+        })
+        .await?;
+        let usage = Usage::now(&pids);
+        let acked = samples.len();
+        let mut r = js_record(paced_record(PACED_RATE, PACED_CONVERSATIONS, elapsed, samples, failed), failed);
+        js_costs(&mut r, &usage, &before, acked);
+        r.extra.insert("client_on".into(), json!(format!("stream leader ({leader_name})")));
+        progress(r);
+        nats.servers.check_alive()?;
+    }
+    for rate in [500, 5_000].into_iter().filter(|_| sel.wants("push_latency")) {
         let witness = DiskWitness::start(&nats.servers.dir)?;
         let mut r = js_push_latency(nats, leader, rate, phase).await?;
         r.extra.insert("disk_witness".into(), witness.finish());
         progress(r);
         nats.servers.check_alive()?;
     }
-    progress(js_catch_up(nats, leader, opts.catch_up_messages()).await?);
-    nats.servers.check_alive()?;
+    if sel.wants("catch_up") {
+        progress(js_catch_up(nats, leader, opts.catch_up_messages()).await?);
+        nats.servers.check_alive()?;
+    }
     Ok(())
 }
 
@@ -666,46 +751,146 @@ fn etcd_record(mut r: Record, errors: u64) -> Record {
     r
 }
 
-async fn run_etcd(etcd: &mut Etcd, opts: BenchOptions, progress: &mut dyn FnMut(Record)) -> Result<()> {
+/// What etcd's members had done at one moment: their processes' usage, and from each
+/// member's Prometheus endpoint (`/metrics` on its client URL) the WAL fsyncs and the bbolt
+/// backend commits (each of which syncs the backend file).
+struct EtcdCounters {
+    usage: Usage,
+    wal_fsyncs: u64,
+    backend_commits: u64,
+}
+
+impl EtcdCounters {
+    async fn now(pids: &[u32], endpoints: &[String]) -> Result<EtcdCounters> {
+        let usage = Usage::now(pids);
+        let (mut wal_fsyncs, mut backend_commits) = (0, 0);
+        for ep in endpoints {
+            let text = http_get_metrics(ep).await?;
+            wal_fsyncs += metric_value(&text, "etcd_disk_wal_fsync_duration_seconds_count")
+                .ok_or_else(|| anyhow!("{ep}/metrics has no etcd_disk_wal_fsync_duration_seconds_count"))?;
+            backend_commits += metric_value(&text, "etcd_disk_backend_commit_duration_seconds_count")
+                .ok_or_else(|| anyhow!("{ep}/metrics has no etcd_disk_backend_commit_duration_seconds_count"))?;
+        }
+        Ok(EtcdCounters { usage, wal_fsyncs, backend_commits })
+    }
+
+    /// The per-message costs since `before`: CPU and context switches, WAL fsyncs
+    /// (`fsyncs_per_1k`, comparable to convoy's) and backend commits apart. etcd does not
+    /// count its Raft append messages, so those fields are null.
+    fn costs_since(&self, before: &EtcdCounters, acked: u64) -> BTreeMap<String, serde_json::Value> {
+        let mut costs = self.usage.costs_since(&before.usage, acked);
+        costs.insert("fsyncs_per_1k".into(), per_1k(self.wal_fsyncs.saturating_sub(before.wal_fsyncs) as f64, acked));
+        costs.insert(
+            "backend_commits_per_1k".into(),
+            per_1k(self.backend_commits.saturating_sub(before.backend_commits) as f64, acked),
+        );
+        costs.insert("appends_per_1k".into(), serde_json::Value::Null);
+        costs.insert("appends_empty_per_1k".into(), serde_json::Value::Null);
+        costs
+    }
+}
+
+/// `GET /metrics` from an etcd client URL (`http://host:port`), bounded by a timeout.
+async fn http_get_metrics(endpoint: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = endpoint.strip_prefix("http://").ok_or_else(|| anyhow!("{endpoint} is not an http:// URL"))?.to_string();
+    tokio::task::spawn_blocking(move || -> Result<String> {
+        let sock: std::net::SocketAddr = addr.parse().with_context(|| format!("parsing {addr}"))?;
+        let mut conn = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(5))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+        let mut body = String::new();
+        conn.take(64 << 20).read_to_string(&mut body)?;
+        let (head, text) = body.split_once("\r\n\r\n").ok_or_else(|| anyhow!("{addr}/metrics: no HTTP header end"))?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            bail!("{addr}/metrics answered {}", head.lines().next().unwrap_or(""));
+        }
+        Ok(text.to_string())
+    })
+    .await?
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text.
+fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse::<f64>().ok().map(|v| v as u64)).flatten()
+    })
+}
+
+async fn run_etcd(
+    etcd: &mut Etcd,
+    opts: BenchOptions,
+    sel: &Selection,
+    progress: &mut dyn FnMut(Record),
+) -> Result<()> {
     let leader = etcd.wait_leader().await?;
     let leader_ep = etcd.endpoints[leader].clone();
     let leader_name = format!("e{}", leader + 1);
     let phase = opts.phase();
+    let (pids, endpoints) = (etcd.servers.pids(), etcd.endpoints.clone());
 
     let send = |workload: &'static str, senders: usize, conversations: usize| {
         let (leader_ep, leader_name) = (leader_ep.clone(), leader_name.clone());
+        let (pids, endpoints) = (pids.clone(), endpoints.clone());
         async move {
             let clients = etcd_clients(&leader_ep, senders.div_ceil(SENDERS_PER_CLIENT)).await?;
             let body = text("load").into_bytes();
+            let before = EtcdCounters::now(&pids, &endpoints).await?;
             let (count, errors, s, elapsed) = closed_loop(&clients, senders, phase, move |mut kv: KvClient, i, n| {
                 let key = format!("conv/{workload}-{senders}-{}/{i:03}-{n:09}", i % conversations);
                 let body = body.clone();
                 async move { kv.put(key, body, None).await.is_ok() }
             })
             .await;
+            let after = EtcdCounters::now(&pids, &endpoints).await?;
             let mut r = etcd_record(record(workload, senders, conversations, count, elapsed, s), errors);
+            r.extra.extend(after.costs_since(&before, count as u64));
             r.extra.insert("client_on".into(), json!(format!("leader ({leader_name})")));
             r.extra.insert("connections".into(), json!(clients.len()));
             Ok::<_, anyhow::Error>(r)
         }
     };
-    progress(send("send_latency", 1, 1).await?);
-    etcd.servers.check_alive()?;
-    for conversations in [1, 64] {
-        for senders in [1, 16, 64, 256] {
-            progress(send("send_throughput", senders, conversations).await?);
-            etcd.servers.check_alive()?;
+    if sel.wants("send_latency") {
+        progress(send("send_latency", 1, 1).await?);
+        etcd.servers.check_alive()?;
+    }
+    if sel.wants("send_throughput") {
+        for conversations in [1, 64] {
+            for senders in [1, 16, 64, 256] {
+                progress(send("send_throughput", senders, conversations).await?);
+                etcd.servers.check_alive()?;
+            }
         }
     }
-    for rate in [500, 5_000] {
+    if sel.wants("send_paced") {
+        let kv = etcd_connect(&leader_ep).await?.kv_client();
+        let before = EtcdCounters::now(&pids, &endpoints).await?;
+        let seq = Arc::new(AtomicU64::new(0));
+        let (samples, failed, elapsed) = paced_phase(PACED_RATE, PACED_CONVERSATIONS, phase, move |conv, body| {
+            let (mut kv, n) = (kv.clone(), seq.fetch_add(1, Ordering::Relaxed));
+            async move { kv.put(format!("conv/paced-{conv}/{n:09}"), body, None).await.is_ok() }
+        })
+        .await?;
+        let after = EtcdCounters::now(&pids, &endpoints).await?;
+        let acked = samples.len();
+        let mut r = etcd_record(paced_record(PACED_RATE, PACED_CONVERSATIONS, elapsed, samples, failed), failed);
+        r.extra.extend(after.costs_since(&before, acked));
+        r.extra.insert("client_on".into(), json!(format!("leader ({leader_name})")));
+        progress(r);
+        etcd.servers.check_alive()?;
+    }
+    for rate in [500, 5_000].into_iter().filter(|_| sel.wants("push_latency")) {
         let witness = DiskWitness::start(&etcd.servers.dir)?;
         let mut r = etcd_push_latency(etcd, leader, rate, phase).await?;
         r.extra.insert("disk_witness".into(), witness.finish());
         progress(r);
         etcd.servers.check_alive()?;
     }
-    progress(etcd_catch_up(etcd, leader, opts.catch_up_messages()).await?);
-    etcd.servers.check_alive()?;
+    if sel.wants("catch_up") {
+        progress(etcd_catch_up(etcd, leader, opts.catch_up_messages()).await?);
+        etcd.servers.check_alive()?;
+    }
     Ok(())
 }
 
@@ -809,4 +994,22 @@ async fn etcd_catch_up(etcd: &Etcd, leader: usize, messages: usize) -> Result<Re
     r.extra.insert("read_from".into(), json!(format!("leader (e{})", leader + 1)));
     r.extra.insert("reader".into(), json!(format!("range reads of {ETCD_PAGE} keys, by key")));
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_value_reads_an_unlabelled_sample_and_nothing_else() {
+        let text = "# HELP etcd_disk_wal_fsync_duration_seconds x\n\
+                    etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 7\n\
+                    etcd_disk_wal_fsync_duration_seconds_sum 0.25\n\
+                    etcd_disk_wal_fsync_duration_seconds_count 1234\n\
+                    etcd_disk_backend_commit_duration_seconds_count 5.67e+02\n";
+        assert_eq!(metric_value(text, "etcd_disk_wal_fsync_duration_seconds_count"), Some(1234));
+        assert_eq!(metric_value(text, "etcd_disk_backend_commit_duration_seconds_count"), Some(567));
+        assert_eq!(metric_value(text, "etcd_disk_wal_fsync_duration_seconds"), None);
+        assert_eq!(metric_value(text, "missing_count"), None);
+    }
 }

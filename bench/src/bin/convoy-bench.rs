@@ -30,7 +30,7 @@ struct Cli {
     /// Working directory for the bench's cluster and probes (its disk is what is measured).
     #[arg(long, default_value = "data/bench")]
     dir: PathBuf,
-    /// Shards of the convoy cluster (default: cluster.toml's, 16).
+    /// Shards of the convoy cluster (default: 8, as cluster.toml's).
     #[arg(long)]
     shards: Option<u32>,
     /// Run only these workloads (comma-separated names, e.g. `send_throughput,connections`).
