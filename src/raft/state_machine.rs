@@ -34,8 +34,8 @@ use crate::error::{Error, Result};
 use crate::stages::Stage;
 use crate::store::codec::{decode, encode};
 use crate::store::keys::{
-    applied_key, cursor_key, dedup_key, dedup_scope, earliest_key, head_key, members_key, message_key, retention_key,
-    CF_MESSAGES, CF_STATE,
+    applied_key, cursor_key, dedup_key, dedup_scope, earliest_key, head_key, members_key, message_key, messages_below,
+    retention_key, CF_MESSAGES, CF_STATE,
 };
 use crate::store::snapshot::{self, LocalSnapshot, Source};
 use crate::store::Store;
@@ -333,7 +333,7 @@ fn write_effect(
         Effect::Trim { conversation, from, before, dedup } => {
             // Everything below `before`, whatever is there: one range deletion, whose space
             // compaction gives back (see `store::Store::reclaim`).
-            let (lo, hi) = (message_key(shard, &conversation, 0), message_key(shard, &conversation, before));
+            let (lo, hi) = messages_below(shard, &conversation, before);
             batch.delete_range_cf(store.cf(CF_MESSAGES), &lo, &hi);
             for key in &dedup {
                 batch.delete_cf(store.cf(CF_STATE), dedup_key(shard, key));

@@ -161,6 +161,11 @@ pub fn dedup_scope(shard: ShardId, conversation: &str, sender: &str, client_id: 
     k
 }
 
+/// `[lo, hi)` of a conversation's messages below offset `before`: what a trim deletes.
+pub fn messages_below(shard: ShardId, conversation: &str, before: u64) -> (Vec<u8>, Vec<u8>) {
+    (message_key(shard, conversation, 0), message_key(shard, conversation, before))
+}
+
 /// `[lo, hi)` around every dedup key of a conversation (a sender id's length byte is at
 /// most 128, so `0xff` after the prefix bounds them all).
 pub fn dedup_range(shard: ShardId, conversation: &str) -> (Vec<u8>, Vec<u8>) {

@@ -433,7 +433,7 @@ impl Store {
         let mut force = rocksdb::CompactOptions::default();
         force.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
         for (shard, conversation, before) in trimmed {
-            let (lo, hi) = (message_key(*shard, conversation, 0), message_key(*shard, conversation, *before));
+            let (lo, hi) = messages_below(*shard, conversation, *before);
             self.db.compact_range_cf_opt(self.cf(CF_MESSAGES), Some(lo), Some(hi), &force);
             let (lo, hi) = dedup_range(*shard, conversation);
             self.db.compact_range_cf_opt(self.cf(CF_STATE), Some(lo), Some(hi), &force);

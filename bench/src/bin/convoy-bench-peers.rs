@@ -469,6 +469,37 @@ fn js_record(mut r: Record, errors: u64) -> Record {
     r
 }
 
+/// The closed-loop send workloads `sel` covers (`send_latency`, then every
+/// `send_throughput` shape), each run by `send(workload, senders, conversations)` and
+/// followed by a check that every server is still up.
+async fn closed_loop_sends<F, Fut>(
+    sel: &Selection,
+    servers: &mut Servers,
+    progress: &mut dyn FnMut(Record),
+    send: F,
+) -> Result<()>
+where
+    F: Fn(&'static str, usize, usize) -> Fut,
+    Fut: Future<Output = Result<Record>>,
+{
+    let mut shapes = Vec::new();
+    if sel.wants("send_latency") {
+        shapes.push(("send_latency", 1, 1));
+    }
+    if sel.wants("send_throughput") {
+        for conversations in [1, 64] {
+            for senders in [1, 16, 64, 256] {
+                shapes.push(("send_throughput", senders, conversations));
+            }
+        }
+    }
+    for (workload, senders, conversations) in shapes {
+        progress(send(workload, senders, conversations).await?);
+        servers.check_alive()?;
+    }
+    Ok(())
+}
+
 /// JetStream's per-message costs: the servers' CPU and context switches. nats-server exposes
 /// no fsync or Raft append counts, and fsyncs nothing per message (see
 /// [`JETSTREAM_DURABILITY`]), so those fields are null.
@@ -511,18 +542,7 @@ async fn run_jetstream(
             Ok::<_, anyhow::Error>(r)
         }
     };
-    if sel.wants("send_latency") {
-        progress(send("send_latency", 1, 1).await?);
-        nats.servers.check_alive()?;
-    }
-    if sel.wants("send_throughput") {
-        for conversations in [1, 64] {
-            for senders in [1, 16, 64, 256] {
-                progress(send("send_throughput", senders, conversations).await?);
-                nats.servers.check_alive()?;
-            }
-        }
-    }
+    closed_loop_sends(sel, &mut nats.servers, progress, send).await?;
     if sel.wants("send_paced") {
         let js = js_context(nats_connect(&leader_url).await?);
         let before = Usage::now(&pids);
@@ -851,18 +871,7 @@ async fn run_etcd(
             Ok::<_, anyhow::Error>(r)
         }
     };
-    if sel.wants("send_latency") {
-        progress(send("send_latency", 1, 1).await?);
-        etcd.servers.check_alive()?;
-    }
-    if sel.wants("send_throughput") {
-        for conversations in [1, 64] {
-            for senders in [1, 16, 64, 256] {
-                progress(send("send_throughput", senders, conversations).await?);
-                etcd.servers.check_alive()?;
-            }
-        }
-    }
+    closed_loop_sends(sel, &mut etcd.servers, progress, send).await?;
     if sel.wants("send_paced") {
         let kv = etcd_connect(&leader_ep).await?.kv_client();
         let before = EtcdCounters::now(&pids, &endpoints).await?;
