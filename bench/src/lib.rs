@@ -1340,11 +1340,13 @@ async fn reconnect_storm(dir: &Path, opts: BenchOptions) -> Result<Record> {
     let mut relive = std::collections::HashSet::new();
     let mut received = std::collections::HashSet::new();
     let mut attach_latency = Samples::default();
+    let mut live_at = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while relive.len() < count || received.len() < expected.len() {
         match tokio::time::timeout_at(deadline.into(), events.recv()).await {
             Ok(Some((i, Event::CaughtUp { .. }))) => {
                 if relive.insert(i) {
+                    live_at.push(restarted.elapsed().as_secs_f64());
                     attach_latency.push(restarted.elapsed());
                 }
             }
@@ -1358,6 +1360,13 @@ async fn reconnect_storm(dir: &Path, opts: BenchOptions) -> Result<Record> {
         }
     }
     let all_live_s = restarted.elapsed().as_secs_f64();
+    // How the storm drains: subscribers live again in each half second after the restart.
+    let mut live_per_half_s = vec![0usize; (all_live_s * 2.0) as usize + 1];
+    for at in &live_at {
+        if let Some(n) = live_per_half_s.get_mut((at * 2.0) as usize) {
+            *n += 1;
+        }
+    }
     sampler.abort();
     let peak_kib = peak.load(Ordering::Relaxed);
     let after_kib = pid.map(rss_kib).unwrap_or(0);
@@ -1372,6 +1381,7 @@ async fn reconnect_storm(dir: &Path, opts: BenchOptions) -> Result<Record> {
     r.extra.insert("all_live_s".into(), json!(all_live_s));
     r.extra.insert("sent_while_down".into(), json!(expected.len()));
     r.extra.insert("received_after".into(), json!(received.len()));
+    r.extra.insert("live_per_half_s".into(), json!(live_per_half_s));
     r.extra.insert("peak_rss_kib".into(), json!(peak_kib));
     r.extra.insert("rss_kib_after".into(), json!(after_kib));
     Ok(r)

@@ -266,7 +266,7 @@ impl Client {
     /// thousands of connections, not thousands of sockets.
     pub fn endpoint() -> Result<quinn::Endpoint> {
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("a literal socket address");
-        quinn::Endpoint::client(bind).map_err(transport_err)
+        crate::net::udp::endpoint(bind, quinn::EndpointConfig::default(), None)
     }
 
     /// Like [`Client::connect_user`], with its own connections on a shared endpoint.

@@ -44,8 +44,9 @@ pub const ALPN_CLIENT: &[u8] = b"convoy-client/1";
 pub const USER_URI_PREFIX: &str = "urn:convoy:user:";
 /// SAN URI of the admin role.
 pub const ADMIN_URI: &str = "urn:convoy:role:admin";
-/// The shortest interval between two stateless resets of one endpoint.
-pub const STATELESS_RESET_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+/// The shortest interval between two stateless resets of one endpoint: none (see
+/// [`endpoint_config`]).
+pub const STATELESS_RESET_INTERVAL: std::time::Duration = std::time::Duration::ZERO;
 /// The operator credential `convoy tls init` makes.
 pub const ADMIN_USER: &str = "admin";
 /// Longest user name a credential may carry.
@@ -444,9 +445,12 @@ pub fn endpoint_config(paths: &TlsPaths, id: u64) -> Result<quinn::EndpointConfi
     // connections' packets as invalid ids and never resets them.
     let cid_key = u64::from_le_bytes(seed.as_ref()[..8].try_into().expect("SHA-256 has 32 bytes"));
     config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
-    // quinn sends at most one reset per 20 ms by default: 5,000 clients of a restarted node
-    // would wait up to 100 s for theirs. A reset is smaller than the packet that caused it,
-    // so a shorter interval amplifies nothing.
+    // Every unknown packet gets its reset. quinn's limit is one gate for the whole endpoint,
+    // read with a single timestamp per drain of the socket: any interval above zero answers
+    // one packet per drain and drops the rest, and a client whose reset was dropped learns
+    // of the restart only at its next probe, which after an outage is seconds away (probe
+    // timeouts double). A reset is always smaller than the packet that caused it (quinn pads
+    // it to one byte less), so answering all of them amplifies nothing; each costs one HMAC.
     config.min_reset_interval(STATELESS_RESET_INTERVAL);
     Ok(config)
 }
@@ -458,9 +462,7 @@ pub fn bind_server(
     server: quinn::ServerConfig,
     addr: std::net::SocketAddr,
 ) -> Result<quinn::Endpoint> {
-    let socket = std::net::UdpSocket::bind(addr).map_err(|e| Error::Config(format!("cannot bind {addr}: {e}")))?;
-    quinn::Endpoint::new(endpoint_config(paths, id)?, Some(server), socket, Arc::new(quinn::TokioRuntime))
-        .map_err(|e| Error::Config(format!("cannot serve on {addr}: {e}")))
+    crate::net::udp::endpoint(addr, endpoint_config(paths, id)?, Some(server))
 }
 
 /// Dialer config of node `id` for its peer links.
