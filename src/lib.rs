@@ -20,12 +20,14 @@
 //! - [`node`]: a node's start and stop, with the shutdown passed in.
 //! - [`client`]: the Rust client the CLI, tests, bench and jepsen use; it speaks `net` and
 //!   `chat` (and reads `config` to find the nodes and its credential), never storage or Raft.
+//! - [`admin`]: every node's status folded into the operator's view of the cluster.
 //!
 //! The promises (see the README): an `Ack` means committed by a quorum and fsynced there;
 //! offsets are dense and the same on every replica; retries with the same
 //! `(client_id, client_seq)` never append twice; a subscriber sees every message once,
 //! in order, across catch-up and live push.
 
+pub mod admin;
 pub mod chat;
 pub mod client;
 pub mod config;
@@ -60,6 +62,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("metrics", &["error", "service"]),
     ("node", &["error", "planted", "config", "store", "net", "raft", "service", "server", "metrics"]),
     ("client", &["error", "chat", "config", "net"]),
+    ("admin", &["net"]),
 ];
 
 #[cfg(test)]

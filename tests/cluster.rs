@@ -253,6 +253,24 @@ async fn a_follower_left_behind_is_flagged_until_it_catches_up() {
     assert!(screen.contains("2/3 nodes up"), "{screen}");
     assert!(screen.contains(&format!("node {behind}: ")) && screen.contains("LAGGING"), "{screen}");
     assert!(screen.contains(&format!("0      node {leader}")), "shard 0 led by node {leader}:\n{screen}");
+    // So does `convoy admin status --json`, in the shape shard moves will extend: the dead
+    // node down with no replicas counted, the shard's leader, its replicas and their lag.
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "status", "--json"]);
+    assert!(ok, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).expect("admin status prints JSON");
+    let node = |id: u64| view["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).cloned().unwrap();
+    assert_eq!((node(behind)["up"].clone(), node(behind)["replicas"].clone()), (false.into(), 0.into()), "{view}");
+    assert_eq!((node(leader)["up"].clone(), node(leader)["leaders"].clone()), (true.into(), 1.into()), "{view}");
+    let shard = &view["shards"][0];
+    assert_eq!(shard["leader"], leader, "{view}");
+    assert_eq!(shard["replicas"], serde_json::json!([1, 2, 3]), "{view}");
+    let behind_by = |id: u64| {
+        shard["lag"].as_array().unwrap().iter().find(|l| l["node"] == id).unwrap()["entries_behind"].as_u64().unwrap()
+    };
+    assert!(behind_by(behind) >= 100 && behind_by(other) < 100 && behind_by(leader) == 0, "{view}");
+    assert_eq!(view["operations"], serde_json::json!([]), "{view}");
+    let (ok, _, err) = cli_as(&cluster, TEST_USER, &["admin", "status"]);
+    assert!(!ok && err.contains("forbidden"), "a user who is not an admin is refused: {err}");
     cluster.start(behind).expect("restart the follower");
     eventually(Duration::from_secs(30), "the follower to catch up and the flag to clear", || async {
         let lags = followers(admin.status(leader).await.ok()?);

@@ -49,6 +49,11 @@ enum Cmd {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// Operator commands on the whole cluster (an admin credential; default user `admin`).
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Make the cluster's TLS material (an operator command): the CAs in `ca_dir`, a
     /// certificate for every node, and the `admin` credential. Safe to repeat.
     Tls {
@@ -277,6 +282,20 @@ enum ConversationAction {
 }
 
 #[derive(Subcommand)]
+enum AdminAction {
+    /// Nodes (replicas and leaders held), shards (replicas, learners, leader) and each
+    /// replica's lag, from every node's status.
+    Status {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        who: Who,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ClusterAction {
     /// Start every node not already running, wait until every shard has a leader.
     Up {
@@ -361,6 +380,7 @@ async fn run(cli: Cli) -> Result<()> {
             ClusterAction::Down { config, json } => cluster_down(&config, json),
             ClusterAction::Status { config, who, json } => cluster_status(&config, &who, json).await,
         },
+        Cmd::Admin { action: AdminAction::Status { config, who, json } } => admin_status(&config, &who, json).await,
         Cmd::Tls { action: TlsAction::Init { config } } => {
             let config = load(&config)?;
             let paths = tls::init(&config)?;
@@ -737,6 +757,68 @@ async fn cluster_status(path: &Path, who: &Who, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::Value::Array(out));
     }
+    Ok(())
+}
+
+async fn admin_status(path: &Path, who: &Who, json: bool) -> Result<()> {
+    let config = load(path)?;
+    let client = who.connect(&config, Some(ADMIN_USER))?;
+    let mut statuses = Vec::new();
+    for id in config.node_ids() {
+        match client.status(id).await {
+            Ok(s) => statuses.push((id, Some(s))),
+            Err(e @ convoy::Error::Forbidden(_)) => bail!("{e} (admin status needs an admin credential)"),
+            Err(e) => {
+                if !json {
+                    eprintln!("node {id} did not answer: {e}");
+                }
+                statuses.push((id, None));
+            }
+        }
+    }
+    let view = convoy::admin::cluster_view(&statuses);
+    if json {
+        println!("{}", serde_json::to_string(&view)?);
+        return Ok(());
+    }
+    println!("{:>4}  {:<7} {:<5} {:>8} {:>7}", "node", "state", "up", "replicas", "leads");
+    for n in &view.nodes {
+        println!(
+            "{:>4}  {:<7} {:<5} {:>8} {:>7}",
+            n.id,
+            n.state,
+            if n.up { "yes" } else { "no" },
+            n.replicas,
+            n.leaders
+        );
+    }
+    println!();
+    println!(
+        "{:>5}  {:>6} {:>5}  {:<12} {:<10} lag (node: entries behind the leader / unapplied)",
+        "shard", "leader", "term", "replicas", "learners"
+    );
+    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    for s in &view.shards {
+        let lag: Vec<String> = s
+            .lag
+            .iter()
+            .map(|l| {
+                let show = |x: Option<u64>| x.map_or("?".to_string(), |x| x.to_string());
+                format!("{}: {}/{}", l.node, show(l.entries_behind), show(l.unapplied))
+            })
+            .collect();
+        let leader = s.leader.map_or("none".to_string(), |l| l.to_string());
+        println!(
+            "{:>5}  {:>6} {:>5}  {:<12} {:<10} {}",
+            s.shard,
+            leader,
+            s.term,
+            ids(&s.replicas),
+            if s.learners.is_empty() { "-".to_string() } else { ids(&s.learners) },
+            lag.join("  ")
+        );
+    }
+    println!("\noperations in progress: none (shard moves are not built yet)");
     Ok(())
 }
 

@@ -144,7 +144,7 @@ pub enum Response {
 }
 
 /// A node's view of its shards.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node_id: u64,
     pub shards: Vec<ShardStatus>,
@@ -198,6 +198,9 @@ pub struct ShardStatus {
     pub last_applied_index: Option<u64>,
     /// The nodes whose replicas vote.
     pub voters: Vec<u64>,
+    /// The nodes whose replicas replicate without voting (catching up to join).
+    #[serde(default)]
+    pub learners: Vec<u64>,
     /// On the shard's leader: each follower's replication lag.
     #[serde(default)]
     pub followers: Vec<FollowerLag>,

@@ -942,6 +942,7 @@ impl Service {
                     last_log_index: m.last_log_index,
                     last_applied_index: m.last_applied.map(|l| l.index),
                     voters: m.membership_config.membership().voter_ids().map(node_of).collect(),
+                    learners: m.membership_config.membership().learner_ids().map(node_of).collect(),
                     followers: follower_lags(&m, g.replica, self.config.limits.follower_lag_warn),
                 }
             })

@@ -370,6 +370,7 @@ mod tests {
             last_log_index: Some(120),
             last_applied_index: Some(118),
             voters: vec![1, 2, 3],
+            learners: Vec::new(),
             followers: if leader == node {
                 vec![FollowerLag { node: 2, entries: if lagging { 5000 } else { 0 }, lagging }]
             } else {

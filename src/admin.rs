@@ -1,0 +1,220 @@
+//! The cluster as an operator sees it: every node's status folded into one view of nodes,
+//! shards, replicas, leaders and lag (`convoy admin status`).
+//!
+//! Each node reports only its own view of every shard ([`NodeStatus`]). A shard's leader is
+//! the node that says it leads in the highest term any node reports; the shard's replica set
+//! is read from that leader's view, or, with no leader known, from the view of the highest
+//! term. A node that did not answer is shown `up: false` and counts no replicas or leaders.
+//!
+//! Placement is still every shard on every node of `cluster.toml`; shard moves and their
+//! operations are not built yet, so `operations` is always empty (see the README).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::net::wire::{NodeStatus, ShardStatus};
+
+/// What `convoy admin status --json` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterView {
+    pub nodes: Vec<NodeView>,
+    pub shards: Vec<ShardView>,
+    /// Operations in progress (moves, drains); none exist yet.
+    pub operations: Vec<serde_json::Value>,
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeView {
+    pub id: u64,
+    /// `active` for every node of the configuration (`draining` and `removed` come with
+    /// shard moves).
+    pub state: &'static str,
+    /// Whether it answered the status request.
+    pub up: bool,
+    /// Shards it holds a replica of (voter or learner), in the shards' own views.
+    pub replicas: usize,
+    /// Shards it leads.
+    pub leaders: usize,
+}
+
+/// One shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShardView {
+    pub shard: u32,
+    /// Nodes of its voting replicas.
+    pub replicas: Vec<u64>,
+    /// Nodes of its learners.
+    pub learners: Vec<u64>,
+    pub leader: Option<u64>,
+    pub term: u64,
+    /// Each replica's lag, from what the nodes that answered report.
+    pub lag: Vec<ReplicaLag>,
+}
+
+/// How far one replica of a shard is behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaLag {
+    pub node: u64,
+    /// Log entries the leader has that this replica has not yet matched (the leader's view;
+    /// `None` without a leader that answered, or one that does not replicate to it).
+    pub entries_behind: Option<u64>,
+    /// Entries this replica holds but has not applied yet (its own view; `None` if it did
+    /// not answer).
+    pub unapplied: Option<u64>,
+}
+
+/// Folds every configured node's status (`None`: it did not answer) into one view.
+pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
+    let mut per_shard: BTreeMap<u32, Vec<(u64, &ShardStatus)>> = BTreeMap::new();
+    for (node, status) in statuses {
+        for s in status.iter().flat_map(|s| &s.shards) {
+            per_shard.entry(s.shard).or_default().push((*node, s));
+        }
+    }
+    let shards: Vec<ShardView> = per_shard
+        .into_iter()
+        .map(|(shard, views)| {
+            let leading = views
+                .iter()
+                .filter(|(node, s)| s.leader == Some(*node) && s.role == "Leader")
+                .max_by_key(|(_, s)| s.term);
+            let newest = views.iter().max_by_key(|(_, s)| s.term).expect("a shard has at least one view");
+            let (leader, basis) = match leading {
+                Some((node, s)) => (Some(*node), *s),
+                None => (None, newest.1),
+            };
+            let mut members: Vec<u64> = basis.voters.iter().chain(&basis.learners).copied().collect();
+            members.sort_unstable();
+            members.dedup();
+            let lag = members
+                .iter()
+                .map(|node| {
+                    // The leader's replication map covers every other voter and learner.
+                    let entries_behind = leader.and_then(|l| {
+                        if *node == l {
+                            Some(0)
+                        } else {
+                            basis.followers.iter().find(|f| f.node == *node).map(|f| f.entries)
+                        }
+                    });
+                    let own = views.iter().find(|(n, _)| n == node).map(|(_, s)| *s);
+                    let unapplied =
+                        own.map(|s| s.last_log_index.unwrap_or(0).saturating_sub(s.last_applied_index.unwrap_or(0)));
+                    ReplicaLag { node: *node, entries_behind, unapplied }
+                })
+                .collect();
+            ShardView {
+                shard,
+                replicas: basis.voters.clone(),
+                learners: basis.learners.clone(),
+                leader,
+                term: leading.map_or(newest.1.term, |(_, s)| s.term),
+                lag,
+            }
+        })
+        .collect();
+    let nodes = statuses
+        .iter()
+        .map(|(id, status)| {
+            let up = status.is_some();
+            let holds = |s: &&ShardView| s.replicas.contains(id) || s.learners.contains(id);
+            NodeView {
+                id: *id,
+                state: "active",
+                up,
+                replicas: if up { shards.iter().filter(holds).count() } else { 0 },
+                leaders: shards.iter().filter(|s| s.leader == Some(*id)).count(),
+            }
+        })
+        .collect();
+    ClusterView { nodes, shards, operations: Vec::new() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::wire::FollowerLag;
+
+    fn shard(shard: u32, node: u64, leader: Option<u64>, term: u64, followers: Vec<FollowerLag>) -> ShardStatus {
+        ShardStatus {
+            shard,
+            leader,
+            replica: node,
+            term,
+            role: if leader == Some(node) { "Leader" } else { "Follower" }.into(),
+            last_log_index: Some(100),
+            last_applied_index: Some(97),
+            voters: vec![1, 2, 3],
+            learners: Vec::new(),
+            followers,
+        }
+    }
+
+    fn node(id: u64, shards: Vec<ShardStatus>) -> NodeStatus {
+        NodeStatus { node_id: id, shards, ..NodeStatus::default() }
+    }
+
+    #[test]
+    fn leaders_replicas_and_lag_come_from_the_leaders_view() {
+        let lag = |node, entries| FollowerLag { node, entries, lagging: false };
+        let statuses = vec![
+            (
+                1,
+                Some(node(
+                    1,
+                    vec![shard(0, 1, Some(1), 4, vec![lag(2, 0), lag(3, 40)]), shard(1, 1, Some(2), 2, vec![])],
+                )),
+            ),
+            (
+                2,
+                Some(node(
+                    2,
+                    vec![shard(0, 2, Some(1), 4, vec![]), shard(1, 2, Some(2), 2, vec![lag(1, 0), lag(3, 7)])],
+                )),
+            ),
+            (3, None),
+        ];
+        let v = cluster_view(&statuses);
+        assert_eq!(v.shards.len(), 2);
+        assert_eq!(v.shards[0].leader, Some(1));
+        assert_eq!(v.shards[1].leader, Some(2));
+        assert_eq!(v.shards[0].replicas, vec![1, 2, 3]);
+        let behind: Vec<Option<u64>> = v.shards[0].lag.iter().map(|l| l.entries_behind).collect();
+        assert_eq!(behind, vec![Some(0), Some(0), Some(40)]);
+        let unapplied: Vec<Option<u64>> = v.shards[1].lag.iter().map(|l| l.unapplied).collect();
+        assert_eq!(unapplied, vec![Some(3), Some(3), None], "node 3 did not answer");
+        let counts: Vec<(u64, bool, usize, usize)> =
+            v.nodes.iter().map(|n| (n.id, n.up, n.replicas, n.leaders)).collect();
+        assert_eq!(counts, vec![(1, true, 2, 1), (2, true, 2, 1), (3, false, 0, 0)]);
+        assert!(v.operations.is_empty());
+    }
+
+    #[test]
+    fn a_stale_leader_claim_loses_to_a_newer_term() {
+        // Node 1 still believes it leads in term 3; node 2 leads in term 5.
+        let statuses = vec![
+            (1, Some(node(1, vec![shard(0, 1, Some(1), 3, vec![])]))),
+            (2, Some(node(2, vec![shard(0, 2, Some(2), 5, vec![])]))),
+        ];
+        let v = cluster_view(&statuses);
+        assert_eq!(v.shards[0].leader, Some(2));
+        assert_eq!(v.shards[0].term, 5);
+        assert_eq!(v.nodes.iter().map(|n| n.leaders).collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn without_a_leader_the_newest_view_gives_the_replicas_and_no_one_is_behind_by_a_known_amount() {
+        let mut s = shard(0, 1, None, 6, vec![]);
+        s.voters = vec![1, 2];
+        s.learners = vec![3];
+        let statuses = vec![(1, Some(node(1, vec![s]))), (2, Some(node(2, vec![shard(0, 2, None, 2, vec![])])))];
+        let v = cluster_view(&statuses);
+        assert_eq!(v.shards[0].leader, None);
+        assert_eq!(v.shards[0].replicas, vec![1, 2]);
+        assert_eq!(v.shards[0].learners, vec![3]);
+        assert!(v.shards[0].lag.iter().all(|l| l.entries_behind.is_none()));
+        assert_eq!(v.nodes.iter().map(|n| n.replicas).collect::<Vec<_>>(), vec![1, 1]);
+    }
+}
