@@ -110,7 +110,7 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
                 replicas: basis.voters.clone(),
                 learners: basis.learners.clone(),
                 leader,
-                term: leading.map_or(newest.1.term, |(_, s)| s.term),
+                term: basis.term,
                 lag,
             }
         })

@@ -1346,8 +1346,9 @@ async fn reconnect_storm(dir: &Path, opts: BenchOptions) -> Result<Record> {
         match tokio::time::timeout_at(deadline.into(), events.recv()).await {
             Ok(Some((i, Event::CaughtUp { .. }))) => {
                 if relive.insert(i) {
-                    live_at.push(restarted.elapsed().as_secs_f64());
-                    attach_latency.push(restarted.elapsed());
+                    let at = restarted.elapsed();
+                    live_at.push(at.as_secs_f64());
+                    attach_latency.push(at);
                 }
             }
             Ok(Some((i, Event::Message(m)))) => {

@@ -281,18 +281,22 @@ enum ConversationAction {
     },
 }
 
+/// What every status command takes: the cluster, an admin credential, the output form.
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[arg(long, default_value = "cluster.toml")]
+    config: PathBuf,
+    #[command(flatten)]
+    who: Who,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum AdminAction {
     /// Nodes (replicas and leaders held), shards (replicas, learners, leader) and each
     /// replica's lag, from every node's status.
-    Status {
-        #[arg(long, default_value = "cluster.toml")]
-        config: PathBuf,
-        #[command(flatten)]
-        who: Who,
-        #[arg(long)]
-        json: bool,
-    },
+    Status(StatusArgs),
 }
 
 #[derive(Subcommand)]
@@ -314,14 +318,7 @@ enum ClusterAction {
         json: bool,
     },
     /// Show every node's shards and leaders (an admin credential; default user `admin`).
-    Status {
-        #[arg(long, default_value = "cluster.toml")]
-        config: PathBuf,
-        #[command(flatten)]
-        who: Who,
-        #[arg(long)]
-        json: bool,
-    },
+    Status(StatusArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -378,9 +375,9 @@ async fn run(cli: Cli) -> Result<()> {
                 cluster_up(&config, Duration::from_secs(timeout_s), json).await
             }
             ClusterAction::Down { config, json } => cluster_down(&config, json),
-            ClusterAction::Status { config, who, json } => cluster_status(&config, &who, json).await,
+            ClusterAction::Status(args) => cluster_status(&args).await,
         },
-        Cmd::Admin { action: AdminAction::Status { config, who, json } } => admin_status(&config, &who, json).await,
+        Cmd::Admin { action: AdminAction::Status(args) } => admin_status(&args).await,
         Cmd::Tls { action: TlsAction::Init { config } } => {
             let config = load(&config)?;
             let paths = tls::init(&config)?;
@@ -690,12 +687,30 @@ fn cluster_down(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn cluster_status(path: &Path, who: &Who, json: bool) -> Result<()> {
-    let config = load(path)?;
-    let client = who.connect(&config, Some(ADMIN_USER))?;
-    let mut out = Vec::new();
+/// Every node's status, in node order, for `command`: a node that does not answer gives its
+/// error; a refusal of the credential ends the command (retrying with it changes nothing).
+async fn node_statuses(
+    args: &StatusArgs,
+    command: &str,
+) -> Result<(Config, Vec<(u64, convoy::Result<convoy::net::wire::NodeStatus>)>)> {
+    let config = load(&args.config)?;
+    let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let mut statuses = Vec::new();
     for id in config.node_ids() {
         match client.status(id).await {
+            Err(e @ convoy::Error::Forbidden(_)) => bail!("{e} ({command} needs an admin credential)"),
+            answer => statuses.push((id, answer)),
+        }
+    }
+    Ok((config, statuses))
+}
+
+async fn cluster_status(args: &StatusArgs) -> Result<()> {
+    let json = args.json;
+    let (config, statuses) = node_statuses(args, "cluster status").await?;
+    let mut out = Vec::new();
+    for (id, answer) in statuses {
+        match answer {
             Ok(s) => {
                 if !json {
                     let leading: Vec<u32> = s.shards.iter().filter(|x| x.leader == Some(id)).map(|x| x.shard).collect();
@@ -744,8 +759,6 @@ async fn cluster_status(path: &Path, who: &Who, json: bool) -> Result<()> {
                 }
                 out.push(json!({"node": id, "up": true, "status": s}));
             }
-            // Refused, not down: retrying with this credential changes nothing.
-            Err(e @ convoy::Error::Forbidden(_)) => bail!("{e} (cluster status needs an admin credential)"),
             Err(e) => {
                 if !json {
                     println!("node {id}: down ({e})");
@@ -760,22 +773,18 @@ async fn cluster_status(path: &Path, who: &Who, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn admin_status(path: &Path, who: &Who, json: bool) -> Result<()> {
-    let config = load(path)?;
-    let client = who.connect(&config, Some(ADMIN_USER))?;
-    let mut statuses = Vec::new();
-    for id in config.node_ids() {
-        match client.status(id).await {
-            Ok(s) => statuses.push((id, Some(s))),
-            Err(e @ convoy::Error::Forbidden(_)) => bail!("{e} (admin status needs an admin credential)"),
-            Err(e) => {
-                if !json {
-                    eprintln!("node {id} did not answer: {e}");
-                }
-                statuses.push((id, None));
+async fn admin_status(args: &StatusArgs) -> Result<()> {
+    let json = args.json;
+    let (_, answers) = node_statuses(args, "admin status").await?;
+    let statuses: Vec<_> = answers
+        .into_iter()
+        .map(|(id, answer)| {
+            if let (Err(e), false) = (&answer, json) {
+                eprintln!("node {id} did not answer: {e}");
             }
-        }
-    }
+            (id, answer.ok())
+        })
+        .collect();
     let view = convoy::admin::cluster_view(&statuses);
     if json {
         println!("{}", serde_json::to_string(&view)?);
