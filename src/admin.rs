@@ -6,18 +6,26 @@
 //! is read from that leader's view, or, with no leader known, from the view of the highest
 //! term. A node that did not answer is shown `up: false` and counts no replicas or leaders.
 //!
-//! Placement is still every shard on every node of `cluster.toml`; shard moves and their
-//! operations are not built yet, so `operations` is always empty (see the README).
+//! Placement (`crate::placement`) comes from the newest cluster map any node reports: each
+//! shard's preferred leader, the nodes' states and the map's epoch, with the metadata group's
+//! leader found as a shard's is. Every shard still lives on every node of `cluster.toml`;
+//! shard moves and their operations are not built yet, so `operations` is always empty (see
+//! the README).
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use crate::net::wire::{NodeStatus, ShardStatus};
+use crate::placement::ClusterMap;
 
 /// What `convoy admin status --json` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClusterView {
+    /// The epoch of the newest cluster map a node reported (0: not initialized yet).
+    pub epoch: u64,
+    /// The node leading the metadata group, which applies every placement change.
+    pub metadata_leader: Option<u64>,
     pub nodes: Vec<NodeView>,
     pub shards: Vec<ShardView>,
     /// Operations in progress (moves, drains); none exist yet.
@@ -28,8 +36,8 @@ pub struct ClusterView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeView {
     pub id: u64,
-    /// `active` for every node of the configuration (`draining` and `removed` come with
-    /// shard moves).
+    /// Its state in the cluster map: `active` (every node for now; `draining` and
+    /// `removed` come with shard moves).
     pub state: &'static str,
     /// Whether it answered the status request.
     pub up: bool,
@@ -48,6 +56,9 @@ pub struct ShardView {
     /// Nodes of its learners.
     pub learners: Vec<u64>,
     pub leader: Option<u64>,
+    /// The node that should lead it, per the cluster map; leadership moves there once its
+    /// replica has the whole log.
+    pub preferred_leader: Option<u64>,
     pub term: u64,
     /// Each replica's lag, from what the nodes that answered report.
     pub lag: Vec<ReplicaLag>,
@@ -67,6 +78,12 @@ pub struct ReplicaLag {
 
 /// Folds every configured node's status (`None`: it did not answer) into one view.
 pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
+    let empty = ClusterMap::default();
+    let map =
+        statuses.iter().flat_map(|(_, s)| s.iter()).map(|s| &s.placement).max_by_key(|m| m.epoch).unwrap_or(&empty);
+    let meta: Vec<(u64, &ShardStatus)> =
+        statuses.iter().filter_map(|(node, s)| Some((*node, s.as_ref()?.meta.as_ref()?))).collect();
+    let metadata_leader = if meta.is_empty() { None } else { leader_of(&meta).0 };
     let mut per_shard: BTreeMap<u32, Vec<(u64, &ShardStatus)>> = BTreeMap::new();
     for (node, status) in statuses {
         for s in status.iter().flat_map(|s| &s.shards) {
@@ -76,15 +93,7 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
     let shards: Vec<ShardView> = per_shard
         .into_iter()
         .map(|(shard, views)| {
-            let leading = views
-                .iter()
-                .filter(|(node, s)| s.leader == Some(*node) && s.role == "Leader")
-                .max_by_key(|(_, s)| s.term);
-            let newest = views.iter().max_by_key(|(_, s)| s.term).expect("a shard has at least one view");
-            let (leader, basis) = match leading {
-                Some((node, s)) => (Some(*node), *s),
-                None => (None, newest.1),
-            };
+            let (leader, basis) = leader_of(&views);
             let mut members: Vec<u64> = basis.voters.iter().chain(&basis.learners).copied().collect();
             members.sort_unstable();
             members.dedup();
@@ -110,6 +119,7 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
                 replicas: basis.voters.clone(),
                 learners: basis.learners.clone(),
                 leader,
+                preferred_leader: map.shard(shard).map(|p| p.preferred_leader),
                 term: basis.term,
                 lag,
             }
@@ -122,14 +132,27 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
             let holds = |s: &&ShardView| s.replicas.contains(id) || s.learners.contains(id);
             NodeView {
                 id: *id,
-                state: "active",
+                state: map.nodes.iter().find(|n| n.id == *id).map_or("active", |n| n.state.as_str()),
                 up,
                 replicas: if up { shards.iter().filter(holds).count() } else { 0 },
                 leaders: shards.iter().filter(|s| s.leader == Some(*id)).count(),
             }
         })
         .collect();
-    ClusterView { nodes, shards, operations: Vec::new() }
+    ClusterView { epoch: map.epoch, metadata_leader, nodes, shards, operations: Vec::new() }
+}
+
+/// A group's leader from the nodes' views of it (at least one): the node that says it leads
+/// in the highest term any reports, and the view to read the group's replicas from (that
+/// leader's, or with none, the one of the highest term).
+fn leader_of<'a>(views: &[(u64, &'a ShardStatus)]) -> (Option<u64>, &'a ShardStatus) {
+    let leading =
+        views.iter().filter(|(node, s)| s.leader == Some(*node) && s.role == "Leader").max_by_key(|(_, s)| s.term);
+    let newest = views.iter().max_by_key(|(_, s)| s.term).expect("a group has at least one view");
+    match leading {
+        Some((node, s)) => (Some(*node), *s),
+        None => (None, newest.1),
+    }
 }
 
 #[cfg(test)]
@@ -189,6 +212,32 @@ mod tests {
             v.nodes.iter().map(|n| (n.id, n.up, n.replicas, n.leaders)).collect();
         assert_eq!(counts, vec![(1, true, 2, 1), (2, true, 2, 1), (3, false, 0, 0)]);
         assert!(v.operations.is_empty());
+    }
+
+    #[test]
+    fn placement_comes_from_the_newest_map_and_the_metadata_leader_as_a_shards_would() {
+        use crate::placement::{NodeEntry, NodeState, PlacementCommand};
+        let entry =
+            |id| NodeEntry { id, peer_addr: String::new(), client_addr: String::new(), state: NodeState::Active };
+        let mut old = ClusterMap::default();
+        old.apply(&PlacementCommand::Init { nodes: vec![entry(1), entry(2)], shards: 1 }).unwrap();
+        let mut new = old.clone();
+        new.apply(&PlacementCommand::SetPreferredLeader { shard: 0, node: 2 }).unwrap();
+        let mut n1 = node(1, vec![shard(0, 1, Some(1), 3, vec![])]);
+        n1.placement = new;
+        n1.meta = Some(shard(crate::placement::META_SHARD, 1, Some(2), 7, vec![]));
+        let mut n2 = node(2, vec![shard(0, 2, Some(1), 3, vec![])]);
+        n2.placement = old;
+        n2.meta = Some(shard(crate::placement::META_SHARD, 2, Some(2), 7, vec![]));
+        let v = cluster_view(&[(1, Some(n1)), (2, Some(n2)), (3, None)]);
+        assert_eq!(v.epoch, 2, "the newer map wins whichever node reports it");
+        assert_eq!(v.shards[0].preferred_leader, Some(2));
+        assert_eq!(v.shards[0].leader, Some(1));
+        assert_eq!(v.metadata_leader, Some(2));
+        assert_eq!(v.nodes.iter().map(|n| n.state).collect::<Vec<_>>(), vec!["active"; 3]);
+
+        let none = cluster_view(&[(1, None)]);
+        assert_eq!((none.epoch, none.metadata_leader), (0, None));
     }
 
     #[test]

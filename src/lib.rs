@@ -7,6 +7,8 @@
 //! - [`error`], [`decode`], [`stages`], [`planted`]: the crate's error, bincode decoding
 //!   with an allocation limit, the send path's latency histograms, and the test-only
 //!   planted bugs. They use nothing of the crate.
+//! - [`placement`]: the cluster map (nodes, where each shard lives, its preferred leader) and
+//!   its deterministic apply; the metadata group's state.
 //! - [`chat`]: the domain and its pure, deterministic apply (offsets, dedup, cursors, limits).
 //! - [`config`]: `cluster.toml` → a validated [`config::Config`]; it imports nothing above
 //!   `chat`.
@@ -36,6 +38,7 @@ pub mod error;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod placement;
 pub mod planted;
 pub mod raft;
 pub mod server;
@@ -52,17 +55,18 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("decode", &[]),
     ("stages", &[]),
     ("planted", &[]),
-    ("chat", &["error"]),
+    ("placement", &[]),
+    ("chat", &["error", "placement"]),
     ("config", &["error", "chat"]),
-    ("store", &["error", "decode", "stages", "planted", "chat"]),
-    ("net", &["error", "decode", "stages", "chat", "config"]),
-    ("raft", &["error", "stages", "planted", "chat", "config", "store", "net"]),
-    ("service", &["error", "stages", "chat", "config", "store", "net", "raft"]),
+    ("store", &["error", "decode", "stages", "planted", "placement", "chat"]),
+    ("net", &["error", "decode", "stages", "placement", "chat", "config"]),
+    ("raft", &["error", "stages", "planted", "placement", "chat", "config", "store", "net"]),
+    ("service", &["error", "stages", "placement", "chat", "config", "store", "net", "raft"]),
     ("server", &["error", "net", "service"]),
     ("metrics", &["error", "service"]),
     ("node", &["error", "planted", "config", "store", "net", "raft", "service", "server", "metrics"]),
     ("client", &["error", "chat", "config", "net"]),
-    ("admin", &["net"]),
+    ("admin", &["placement", "net"]),
 ];
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ impl Node {
         let started = async {
             let start = formation::settle(&formation, &net, &config, rejoin).await?;
             let mut replicas = BTreeMap::new();
-            for shard in 0..config.shards {
+            for shard in crate::raft::group_ids(&config) {
                 replicas.insert(shard, formation::replica_for(&formation, &net, &config, shard, start).await?);
             }
             let service =

@@ -225,6 +225,7 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
             Request::GetCursor { user, conversation } => node.get_cursor(who, user, conversation).await,
             Request::Members { conversation, change } => node.members(who, conversation, change).await,
             Request::SetRetention { conversation, retention } => node.set_retention(who, conversation, retention).await,
+            Request::TransferLeader { shard, to } => node.transfer_leader(who, shard, to).await,
             Request::Status if who.admin => Response::Status(Box::new(node.status())),
             Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
             Request::Subscribe { conversation, from, follow } => {

@@ -280,6 +280,100 @@ async fn a_follower_left_behind_is_flagged_until_it_catches_up() {
     .expect("caught up");
 }
 
+// `convoy admin transfer-leader` records the shard's preferred leader in the cluster map (the
+// metadata group), so the choice holds: the leader balancer, which hands every shard to its
+// preferred node, keeps it there instead of undoing it; a failover of the new leader comes
+// back to it; so does a restart of every node. Sends go on throughout, and every acked
+// message reads back identically from every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transferred_leadership_holds_through_balancing_a_failover_and_a_full_restart() {
+    let mut cluster = start(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    // The file's round-robin prefers node 1 for shard 0: move it to a node that neither
+    // leads it now nor is preferred by the file.
+    let to = if leaders[0] == 3 { 2 } else { 3 };
+    let conversation = (0..).map(|i| format!("moved-{i}")).find(|c| shard_of(c, 2) == 0).expect("a conversation");
+    let client = cluster.client().expect("client");
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        acked.push(client.send(&conversation, &format!("before-{i}")).await.expect("send").offset);
+    }
+
+    let (ok, _, err) = cli_as(&cluster, TEST_USER, &["admin", "transfer-leader", "--shard", "0", "--to", "2"]);
+    assert!(!ok && err.contains("forbidden"), "a user who is not an admin is refused: {err}");
+    let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "transfer-leader", "--shard", "0", "--to", "9"]);
+    assert!(!ok && err.contains("node 9 holds no voting replica"), "{err}");
+    let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "transfer-leader", "--shard", "7", "--to", "2"]);
+    assert!(!ok && err.contains("no shard 7"), "{err}");
+
+    let to_s = to.to_string();
+    let args = ["admin", "transfer-leader", "--shard", "0", "--to", &to_s, "--wait", "--timeout-s", "30", "--json"];
+    let (ok, out, err) = cli_as(&cluster, "admin", &args);
+    assert!(ok, "{out}{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("transfer-leader prints JSON");
+    assert_eq!((answer["leader"].as_u64(), answer["changed"].as_bool()), (Some(to), Some(true)), "{answer}");
+    let epoch = answer["epoch"].as_u64().expect("the map's epoch");
+    assert!(epoch >= 2, "the map was initialized (epoch 1), then changed: {answer}");
+
+    // Two balancing rounds: leadership stays where the operator put it.
+    let observe_until = Instant::now() + 2 * convoy::service::LEADER_BALANCE_INTERVAL + Duration::from_secs(1);
+    let mut i = 0;
+    while Instant::now() < observe_until {
+        acked.push(client.send(&conversation, &format!("moved-{i}")).await.expect("send after the transfer").offset);
+        i += 1;
+        let leader = cluster.leader_of(0, &[1, 2, 3], READY).await.expect("shard 0 has a leader");
+        assert_eq!(leader, to, "the balancer must keep shard 0 on its preferred node");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "status", "--json"]);
+    assert!(ok, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).expect("admin status prints JSON");
+    assert_eq!(view["epoch"].as_u64(), Some(epoch), "{view}");
+    assert!(view["metadata_leader"].as_u64().is_some(), "{view}");
+    assert_eq!(view["shards"][0]["preferred_leader"].as_u64(), Some(to), "{view}");
+    assert_eq!(view["shards"][1]["preferred_leader"].as_u64(), Some(2), "the file's choice for shard 1: {view}");
+
+    // A failover of the new leader, then its return: leadership comes back to it.
+    assert!(cluster.kill(to));
+    let others: Vec<u64> = (1..=3).filter(|n| *n != to).collect();
+    eventually(READY, "another node to lead shard 0 while its preferred node is down", || async {
+        let interim = cluster.leader_of(0, &others, READY).await.ok()?;
+        (interim != to).then_some(())
+    })
+    .await
+    .expect("a failover");
+    for i in 0..10 {
+        acked.push(client.send(&conversation, &format!("failover-{i}")).await.expect("send during failover").offset);
+    }
+    cluster.start(to).expect("restart the preferred node");
+    eventually(Duration::from_secs(30), "leadership to return to the preferred node", || async {
+        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok()? == to).then_some(())
+    })
+    .await
+    .expect("back on the preferred node");
+
+    // Every node restarted: the map is on disk, and the preference with it.
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    for id in 1..=3 {
+        cluster.start(id).expect("start the node");
+    }
+    eventually(Duration::from_secs(40), "shard 0 led by its preferred node after a full restart", || async {
+        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok()? == to).then_some(())
+    })
+    .await
+    .expect("preference survives a full restart");
+    acked.push(client.send(&conversation, "after-restart").await.expect("send after restart").offset);
+
+    let want: Vec<u64> = (1..=acked.len() as u64).collect();
+    assert_eq!(acked, want, "every send acked once, at dense offsets");
+    let first = read_at_least(&client, &conversation, 1, acked.len()).await;
+    for node in 2..=3 {
+        assert_eq!(read_at_least(&client, &conversation, node, acked.len()).await, first, "node {node}");
+    }
+}
+
 // A flood that overfills its shard's window waits in its conversation's queue: every send
 // is still acked exactly once at a dense offset (the queue loses and repeats nothing), and a
 // quiet conversation of the same shard is served beside it.

@@ -294,9 +294,26 @@ struct StatusArgs {
 
 #[derive(Subcommand)]
 enum AdminAction {
-    /// Nodes (replicas and leaders held), shards (replicas, learners, leader) and each
-    /// replica's lag, from every node's status.
+    /// Nodes (replicas and leaders held), shards (replicas, learners, leader, preferred
+    /// leader) and each replica's lag, from every node's status.
     Status(StatusArgs),
+    /// Make node N the leader of shard S: recorded in the cluster map as S's preferred
+    /// leader, so it holds across failovers and restarts. Leadership moves once N's replica
+    /// has the whole log.
+    TransferLeader {
+        #[arg(long)]
+        shard: u32,
+        #[arg(long)]
+        to: u64,
+        /// Wait until N leads S, showing the leader each second; exit non-zero if it does
+        /// not within --timeout-s.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        #[command(flatten)]
+        status: StatusArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -378,6 +395,9 @@ async fn run(cli: Cli) -> Result<()> {
             ClusterAction::Status(args) => cluster_status(&args).await,
         },
         Cmd::Admin { action: AdminAction::Status(args) } => admin_status(&args).await,
+        Cmd::Admin { action: AdminAction::TransferLeader { shard, to, wait, timeout_s, status } } => {
+            transfer_leader(&status, shard, to, wait, Duration::from_secs(timeout_s)).await
+        }
         Cmd::Tls { action: TlsAction::Init { config } } => {
             let config = load(&config)?;
             let paths = tls::init(&config)?;
@@ -802,9 +822,12 @@ async fn admin_status(args: &StatusArgs) -> Result<()> {
         );
     }
     println!();
+    let meta_leader = view.metadata_leader.map_or("none".to_string(), |l| l.to_string());
+    println!("cluster map epoch {}, metadata group led by node {meta_leader}", view.epoch);
+    println!();
     println!(
-        "{:>5}  {:>6} {:>5}  {:<12} {:<10} lag (node: entries behind the leader / unapplied)",
-        "shard", "leader", "term", "replicas", "learners"
+        "{:>5}  {:>6} {:>9} {:>5}  {:<12} {:<10} lag (node: entries behind the leader / unapplied)",
+        "shard", "leader", "preferred", "term", "replicas", "learners"
     );
     let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     for s in &view.shards {
@@ -817,10 +840,12 @@ async fn admin_status(args: &StatusArgs) -> Result<()> {
             })
             .collect();
         let leader = s.leader.map_or("none".to_string(), |l| l.to_string());
+        let preferred = s.preferred_leader.map_or("-".to_string(), |l| l.to_string());
         println!(
-            "{:>5}  {:>6} {:>5}  {:<12} {:<10} {}",
+            "{:>5}  {:>6} {:>9} {:>5}  {:<12} {:<10} {}",
             s.shard,
             leader,
+            preferred,
             s.term,
             ids(&s.replicas),
             if s.learners.is_empty() { "-".to_string() } else { ids(&s.learners) },
@@ -828,6 +853,69 @@ async fn admin_status(args: &StatusArgs) -> Result<()> {
         );
     }
     println!("\noperations in progress: none (shard moves are not built yet)");
+    Ok(())
+}
+
+/// `admin transfer-leader`: records the preferred leader, then with `wait` follows the
+/// shard's leader until it is `to`.
+async fn transfer_leader(args: &StatusArgs, shard: u32, to: u64, wait: bool, timeout: Duration) -> Result<()> {
+    let config = load(&args.config)?;
+    let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let started = Instant::now();
+    // Unavailable is transient (no leader of the metadata group yet, or none reachable):
+    // asked again until the timeout. Any other refusal is final.
+    let (epoch, changed) = loop {
+        match client.transfer_leader(shard, to).await {
+            Ok(answer) => break answer,
+            Err(e @ convoy::Error::Unavailable(_)) if started.elapsed() < timeout => {
+                tracing::debug!(error = %e, "asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => bail!("transfer-leader: {e}"),
+        }
+    };
+    if !args.json {
+        let what = if changed { "recorded" } else { "already recorded" };
+        println!("shard {shard}: node {to} {what} as preferred leader (cluster map epoch {epoch})");
+    }
+    let mut leader = None;
+    if wait {
+        let deadline = started + timeout;
+        loop {
+            let (_, answers) = node_statuses(args, "admin transfer-leader").await?;
+            let statuses: Vec<_> = answers.into_iter().map(|(id, a)| (id, a.ok())).collect();
+            let view = convoy::admin::cluster_view(&statuses);
+            leader = view.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader);
+            if leader == Some(to) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let now = leader.map_or("no node".to_string(), |l| format!("node {l}"));
+                bail!(
+                    "shard {shard} is still led by {now} after {timeout:?}: node {to}'s replica has not caught up, \
+                     or the leader cannot hand over (see `convoy admin status`)"
+                );
+            }
+            if !args.json {
+                let now = leader.map_or("none".to_string(), |l| l.to_string());
+                println!(
+                    "  {:>4.1} s  shard {shard} led by {now}, waiting for node {to}",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if !args.json {
+            println!("shard {shard} is led by node {to} ({:.1} s)", started.elapsed().as_secs_f64());
+        }
+    }
+    if args.json {
+        let elapsed_s = started.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            json!({"shard": shard, "to": to, "epoch": epoch, "changed": changed, "leader": leader, "elapsed_s": elapsed_s})
+        );
+    }
     Ok(())
 }
 

@@ -29,6 +29,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::placement::PlacementCommand;
+
 /// Largest conversation or user id, in bytes of UTF-8.
 pub const ID_BYTES_MAX: usize = 128;
 /// Most members a conversation may have (its member record is read by every send).
@@ -138,6 +140,9 @@ pub enum Command {
     /// Delete a conversation's messages below `before` (proposed by the shard's leader to
     /// enforce retention).
     Trim(TrimCommand),
+    /// A change to the cluster's placement; applied by the metadata group only (see
+    /// `crate::placement`), refused by a shard's.
+    Place(PlacementCommand),
 }
 
 /// Most messages one [`Command::Trim`] deletes: apply reads each one's dedup key, and an
@@ -309,6 +314,10 @@ impl Command {
             }
             Command::SetRetention(r) => FIXED + r.conversation.len() + r.by.len() + 32,
             Command::Trim(t) => FIXED + t.conversation.len(),
+            Command::Place(PlacementCommand::Init { nodes, .. }) => {
+                FIXED + nodes.iter().map(|n| 24 + n.peer_addr.len() + n.client_addr.len()).sum::<usize>()
+            }
+            Command::Place(PlacementCommand::SetPreferredLeader { .. }) => FIXED,
         }
     }
 }
@@ -322,6 +331,7 @@ impl std::fmt::Display for Command {
             Command::Members(m) => write!(f, "members({}, {:?} by {})", m.conversation, m.change, m.by),
             Command::SetRetention(r) => write!(f, "set-retention({}, {} by {})", r.conversation, r.retention, r.by),
             Command::Trim(t) => write!(f, "trim({}, before {})", t.conversation, t.before),
+            Command::Place(p) => write!(f, "place({p:?})"),
         }
     }
 }
@@ -397,6 +407,8 @@ pub enum Outcome {
     RetentionSet { retention: Retention },
     /// A trim applied: the earliest retained offset now, and how many messages it deleted.
     Trimmed { earliest: u64, deleted: u64 },
+    /// A placement command applied: the map's epoch now, and whether it changed it.
+    Placed { epoch: u64, changed: bool },
 }
 
 /// Why a command was refused.
@@ -427,6 +439,8 @@ pub enum Rejection {
     },
     /// A retention limit that cannot be kept (zero).
     InvalidRetention(String),
+    /// A placement command that cannot apply, or one sent to a shard's group.
+    Placement(String),
 }
 
 impl Rejection {
@@ -451,6 +465,7 @@ impl std::fmt::Display for Rejection {
             Rejection::Exists => write!(f, "the conversation already exists"),
             Rejection::TooManyMembers { max } => write!(f, "a conversation has at most {max} members"),
             Rejection::InvalidRetention(m) => write!(f, "{m}"),
+            Rejection::Placement(m) => write!(f, "{m}"),
         }
     }
 }
@@ -517,6 +532,10 @@ pub fn apply<V: ShardView>(view: &mut V, command: &Command) -> Result<(Outcome, 
         Command::Members(m) => apply_members(view, m),
         Command::SetRetention(r) => apply_set_retention(view, r),
         Command::Trim(t) => apply_trim(view, t),
+        Command::Place(_) => {
+            let reason = Rejection::Placement("placement commands belong to the metadata group, not a shard".into());
+            Ok((Outcome::Rejected { reason }, Vec::new()))
+        }
         Command::SendBatch(sends) => {
             // Later sends of the batch must see the effects of earlier ones (the next
             // offset, a duplicate key), exactly as separate entries would.

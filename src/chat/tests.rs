@@ -661,6 +661,10 @@ fn command_strategy() -> impl Strategy<Value = Command> {
         1 => prop::collection::vec(send_strategy(), 0..6).prop_map(Command::SendBatch),
         1 => trim,
         1 => retention,
+        // Sent to a shard by mistake: refused, nothing changes.
+        1 => (0u32..4, 1u64..4).prop_map(|(shard, node)| {
+            Command::Place(crate::placement::PlacementCommand::SetPreferredLeader { shard, node })
+        }),
     ]
 }
 
@@ -823,6 +827,8 @@ impl Model {
                 self.earliest.insert(t.conversation.clone(), before);
                 Outcome::Trimmed { earliest: before, deleted: before - from }
             }
+            // A shard's group refuses placement commands; only the metadata group applies them.
+            Command::Place(_) => reject(Rejection::Placement(String::new())),
         }
     }
 
@@ -842,6 +848,10 @@ fn same_outcome(a: &Outcome, b: &Outcome) -> bool {
         | (
             Outcome::Rejected { reason: Rejection::InvalidRetention(_) },
             Outcome::Rejected { reason: Rejection::InvalidRetention(_) },
+        )
+        | (
+            Outcome::Rejected { reason: Rejection::Placement(_) },
+            Outcome::Rejected { reason: Rejection::Placement(_) },
         ) => true,
         (Outcome::Batch(x), Outcome::Batch(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_outcome(a, b))

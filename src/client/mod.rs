@@ -620,6 +620,25 @@ impl Client {
         }
     }
 
+    /// Names `to` the preferred leader of `shard` in the cluster map (an admin credential),
+    /// through any node that answers. Returns the map's epoch and whether this changed it.
+    pub async fn transfer_leader(&self, shard: u32, to: u64) -> Result<(u64, bool)> {
+        let req = Request::TransferLeader { shard, to };
+        let mut last = Error::Unavailable("no node to ask".into());
+        for node in self.node_ids() {
+            match self.request(node, &req).await {
+                Ok(Response::Placed { epoch, changed }) => return Ok((epoch, changed)),
+                Ok(Response::Error { code, message }) => match response_error(code, message) {
+                    e @ Error::Unavailable(_) => last = e,
+                    e => return Err(e),
+                },
+                Ok(other) => return Err(Error::Protocol(format!("unexpected answer to transfer-leader: {other:?}"))),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// The leader of every shard, if each of `nodes` answers and all of them agree on it.
     pub async fn agreed_leaders(&self, nodes: &[u64]) -> Result<Vec<u64>> {
         let mut views = Vec::with_capacity(nodes.len());

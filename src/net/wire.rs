@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{Membership, Retention, ShardId, StoredMessage};
+pub use crate::placement::ClusterMap;
 pub use crate::stages::StageSnapshot;
 
 /// A client's request.
@@ -39,6 +40,10 @@ pub enum Request {
     /// Set a conversation's retention (a member, or an admin); answered `Retention`. Unset
     /// limits take the cluster's default (`[retention]`).
     SetRetention { conversation: String, retention: Retention },
+    /// Name `to` the node that should lead `shard` (admin credentials only), through the
+    /// cluster map; answered `Placed` once the map holds it. Leadership follows once
+    /// `to`'s replica has the whole log.
+    TransferLeader { shard: ShardId, to: u64 },
 }
 
 /// What a [`Request::Members`] asks.
@@ -141,6 +146,12 @@ pub enum Response {
         set: Retention,
         effective: Retention,
     },
+    /// A cluster-map change applied: the map's epoch now, and whether the request changed
+    /// it (`false`: the map already said so).
+    Placed {
+        epoch: u64,
+        changed: bool,
+    },
 }
 
 /// A node's view of its shards.
@@ -181,6 +192,12 @@ pub struct NodeStatus {
     pub sends_acked: u64,
     /// Latency histograms of the send path since start (see `crate::stages`).
     pub stages: Vec<StageSnapshot>,
+    /// This node's replica of the metadata group (`None`: refused here).
+    #[serde(default)]
+    pub meta: Option<ShardStatus>,
+    /// The cluster map as this node applied it (epoch 0: not initialized yet).
+    #[serde(default)]
+    pub placement: ClusterMap,
 }
 
 /// One shard as seen by one replica.

@@ -92,6 +92,7 @@ fn commands() -> Vec<Command> {
             retention: Retention { max_messages: Some(100), max_age_ms: None, max_bytes: Some(1 << 20) },
         }),
         Command::Trim(TrimCommand { conversation: "room".into(), before: 42 }),
+        Command::Place(crate::placement::PlacementCommand::SetPreferredLeader { shard: 3, node: 2 }),
     ]
 }
 

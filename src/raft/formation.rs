@@ -291,7 +291,7 @@ pub async fn replica_for(
 pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config) -> Result<()> {
     let me = formation.node;
     let member = member_of(config, me)?;
-    for shard in 0..config.shards {
+    for shard in super::group_ids(config) {
         let Some(replica) = formation.replica(shard)? else { continue };
         let req = PeerRequest::Promote { shard, replica, member: member.clone() };
         ask_leader(net, config, shard, req, PROMOTE_TTL, |r| matches!(r, PeerResponse::Promoted).then_some(())).await;
@@ -341,7 +341,7 @@ async fn ask_leader<T>(
     }
 }
 
-fn leads(h: &Hosted) -> std::result::Result<openraft::RaftMetrics<super::types::C>, PeerResponse> {
+pub(super) fn leads(h: &Hosted) -> std::result::Result<openraft::RaftMetrics<super::types::C>, PeerResponse> {
     let m = super::metrics_of(&h.raft);
     if m.current_leader != Some(h.replica) {
         return Err(PeerResponse::NotLeader { leader: m.current_leader.map(node_of) });

@@ -219,10 +219,11 @@ impl RaftLogStorage<C> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let store = &self.store;
         // Below the disk reserve, client writes wait for space (see `store::space`); trims,
-        // blank and membership entries go on.
+        // placement changes, blank and membership entries go on.
         let client_writes = || {
             entries.iter().any(|e| {
-                matches!(&e.payload, openraft::EntryPayload::Normal(c) if !matches!(c, crate::chat::Command::Trim(_)))
+                use crate::chat::Command;
+                matches!(&e.payload, openraft::EntryPayload::Normal(c) if !matches!(c, Command::Trim(_) | Command::Place(_)))
             })
         };
         if store.space.low() && client_writes() {

@@ -4,7 +4,8 @@
 //! and lanes), and starting a shard's group ([`start_group`]). openraft is named nowhere
 //! above this module but for the handles the service holds.
 //!
-//! Every shard is one Raft group whose voters are the cluster's nodes. Group membership is
+//! Every shard is one Raft group whose voters are the cluster's nodes; so is the metadata
+//! group, which holds the cluster map (`crate::placement`, proposed through [`meta`]). Group membership is
 //! formed once, for a brand-new cluster only (see [`formation`]): the lowest-id node then
 //! initializes every shard. A node that lost its state rejoins as new replicas.
 
@@ -14,6 +15,7 @@ pub mod entry_cache;
 pub mod formation;
 pub mod io_pool;
 pub mod log_store;
+pub mod meta;
 pub mod network;
 pub mod rpc;
 pub mod state_machine;
@@ -64,6 +66,12 @@ pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
         c.allow_log_reversion = Some(true);
     }
     Ok(Arc::new(c.validate().map_err(|e| Error::Config(format!("raft: {e}")))?))
+}
+
+/// Every group a node of `config` runs: each shard's, then the metadata group's
+/// (`crate::placement::META_SHARD`).
+pub fn group_ids(config: &Config) -> impl Iterator<Item = ShardId> {
+    (0..config.shards).chain(std::iter::once(crate::placement::META_SHARD))
 }
 
 /// The voters of every shard: all nodes of the cluster.

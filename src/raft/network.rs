@@ -506,7 +506,9 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
         PeerRequest::Snapshot { vote, .. } => Some(of_vote(vote)),
         PeerRequest::Join { node, .. } => Some(*node),
         PeerRequest::Promote { replica, .. } => Some(node_of(*replica)),
-        PeerRequest::SnapshotChunk(_) | PeerRequest::Hello | PeerRequest::Prepare { .. } => None,
+        PeerRequest::SnapshotChunk(_) | PeerRequest::Hello | PeerRequest::Prepare { .. } | PeerRequest::Place(_) => {
+            None
+        }
     }
 }
 
@@ -557,6 +559,10 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
         },
         PeerRequest::Promote { shard, replica, member } => match hosted(groups, shard) {
             Ok(h) => super::formation::promote(&h, shard, replica, member).await,
+            Err(e) => err(e),
+        },
+        PeerRequest::Place(command) => match hosted(groups, crate::placement::META_SHARD) {
+            Ok(h) => super::meta::propose(&h, command).await,
             Err(e) => err(e),
         },
     }

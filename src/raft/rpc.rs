@@ -15,6 +15,7 @@ use super::types::{
     TransferLeaderResponse, Vote, VoteRequest, VoteResponse,
 };
 use crate::chat::ShardId;
+use crate::placement::PlacementCommand;
 
 /// A Raft RPC to a peer. Every Raft message names the replica it is for (`to`): a node
 /// answers only for the replica it hosts, so a message meant for a replica that lost its
@@ -67,6 +68,8 @@ pub enum PeerRequest {
         replica: NodeId,
         member: Member,
     },
+    /// A change to the cluster map, for the metadata group's leader (see `raft::meta`).
+    Place(PlacementCommand),
 }
 
 /// A peer's answer.
@@ -84,6 +87,13 @@ pub enum PeerResponse {
     },
     /// `Promote` is done: the replica votes.
     Promoted,
+    /// A `Place` applied: the map's epoch now, and whether it changed the map.
+    Placed {
+        epoch: u64,
+        changed: bool,
+    },
+    /// The map refused a `Place`, for this reason.
+    PlacementRefused(String),
     /// This node does not lead the shard; `leader` is the node that does, if known.
     NotLeader {
         leader: Option<NodeId>,

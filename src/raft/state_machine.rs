@@ -29,13 +29,16 @@ use serde::{Deserialize, Serialize};
 
 use super::log_store::{blocking, inline};
 use super::types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, C};
-use crate::chat::{self, DedupKey, DedupRecord, Effect, Members, Outcome, ShardId, ShardView, StoredMessage};
+use crate::chat::{
+    self, Command, DedupKey, DedupRecord, Effect, Members, Outcome, Rejection, ShardId, ShardView, StoredMessage,
+};
 use crate::error::{Error, Result};
+use crate::placement::{ClusterMap, META_SHARD};
 use crate::stages::Stage;
 use crate::store::codec::{decode, encode};
 use crate::store::keys::{
     applied_key, cursor_key, dedup_key, dedup_scope, earliest_key, head_key, members_key, message_key, messages_below,
-    retention_key, CF_MESSAGES, CF_STATE,
+    placement_key, retention_key, CF_MESSAGES, CF_STATE,
 };
 use crate::store::snapshot::{self, LocalSnapshot, Source};
 use crate::store::Store;
@@ -61,6 +64,9 @@ pub trait ShardEvents: Send + Sync + 'static {
     /// messages are handed to [`ShardEvents::appended`]): their subscribers must check they
     /// may still read, and up to which offset.
     fn members_changed(&self, conversations: Vec<String>);
+    /// The metadata group applied a change to the cluster map (see `crate::placement`); a
+    /// snapshot install is told as [`ShardEvents::reset`]. Must not block.
+    fn placement_changed(&self) {}
 }
 
 /// For a state machine whose applies nobody watches (tests, tools).
@@ -148,6 +154,15 @@ fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, v
         map.clear();
     }
     map.insert(key, value);
+}
+
+/// The cluster map as this node's replica of the metadata group applied it (empty before
+/// the group's first leader initialized it).
+pub fn cluster_map(store: &Store) -> Result<ClusterMap> {
+    match store.get(CF_STATE, &placement_key(META_SHARD))? {
+        Some(v) => Ok(decode(&v)?),
+        None => Ok(ClusterMap::default()),
+    }
 }
 
 fn read_applied(store: &Store, shard: ShardId) -> Result<AppliedState> {
@@ -254,8 +269,8 @@ impl ShardView for StoreView<'_> {
 }
 
 /// What one apply batch changed: an outcome per entry, the new applied state, the appended
-/// messages and the conversations whose members changed.
-type Applied = (Vec<Outcome>, AppliedState, Vec<StoredMessage>, Vec<String>);
+/// messages, the conversations whose members changed, and whether the cluster map changed.
+type Applied = (Vec<Outcome>, AppliedState, Vec<StoredMessage>, Vec<String>, bool);
 
 /// Applies a batch of entries in one write.
 fn apply_batch(
@@ -270,9 +285,25 @@ fn apply_batch(
     let mut batch = WriteBatch::default();
     let mut outcomes = Vec::with_capacity(entries.len());
     let mut appended = Vec::new();
+    // The metadata group's map, read at its batch's first placement command.
+    let mut map: Option<ClusterMap> = None;
+    let mut placed = false;
     for entry in entries {
         let outcome = match &entry.payload {
             EntryPayload::Blank => Outcome::None,
+            EntryPayload::Normal(Command::Place(command)) if shard == META_SHARD => {
+                let map = match &mut map {
+                    Some(m) => m,
+                    None => map.insert(cluster_map(store)?),
+                };
+                match map.apply(command) {
+                    Ok(changed) => {
+                        placed |= changed;
+                        Outcome::Placed { epoch: map.epoch, changed }
+                    }
+                    Err(reason) => Outcome::Rejected { reason: Rejection::Placement(reason) },
+                }
+            }
             EntryPayload::Membership(m) => {
                 applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                 Outcome::None
@@ -296,11 +327,14 @@ fn apply_batch(
     for (conversation, head) in &heads {
         batch.put_cf(store.cf(CF_STATE), head_key(shard, conversation), encode(head));
     }
+    if let (true, Some(map)) = (placed, &map) {
+        batch.put_cf(store.cf(CF_STATE), placement_key(shard), encode(map));
+    }
     batch.put_cf(store.cf(CF_STATE), applied_key(shard), encode(&applied));
     store.write(batch)?;
     let changed: Vec<String> = members.keys().cloned().collect();
     base.cache.written(shard, &dedup, heads, members);
-    Ok((outcomes, applied, appended, changed))
+    Ok((outcomes, applied, appended, changed, placed))
 }
 
 fn write_effect(
@@ -367,7 +401,7 @@ impl RaftStateMachine<C> for ShardStateMachine {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let (outcomes, applied, appended, members_changed) =
+        let (outcomes, applied, appended, members_changed, placed) =
             inline(|| apply_batch(&self.store, self.shard, &mut self.cache, batch, self.applied.clone()))?;
         self.store.stages.record(Stage::ApplyWrite, started.elapsed());
         self.applied = applied;
@@ -384,6 +418,9 @@ impl RaftStateMachine<C> for ShardStateMachine {
         }
         if !appended.is_empty() {
             self.events.appended(appended);
+        }
+        if placed {
+            self.events.placement_changed();
         }
         Ok(())
     }
@@ -534,6 +571,47 @@ mod tests {
         assert_eq!(store.dedup_max_seq(&scope("c", 8)).expect("seek"), None);
         assert_eq!(store.dedup_max_seq(&scope("d", 7)).expect("seek"), Some(1));
         assert_eq!(store.dedup_max_seq(&dedup_scope(1, "c", "u", 7)).expect("seek"), None);
+    }
+
+    #[test]
+    fn only_the_metadata_group_applies_placement_and_its_snapshot_carries_the_map() {
+        use crate::placement::{NodeEntry, NodeState, PlacementCommand};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let entry =
+            |id| NodeEntry { id, peer_addr: String::new(), client_addr: String::new(), state: NodeState::Active };
+        let init = Command::Place(PlacementCommand::Init { nodes: vec![entry(1), entry(2), entry(3)], shards: 4 });
+        let prefer = Command::Place(PlacementCommand::SetPreferredLeader { shard: 2, node: 1 });
+
+        let on_a_shard = apply_for_test(&store, 0, vec![init.clone()]).expect("apply");
+        assert!(matches!(&on_a_shard[..], [Outcome::Rejected { reason: Rejection::Placement(_) }]), "{on_a_shard:?}");
+        assert!(!cluster_map(&store).expect("read").is_set(), "a shard's group changes no map");
+
+        // One batch: the second command sees the first's map.
+        let outcomes = apply_for_test(&store, META_SHARD, vec![init.clone(), prefer, init]).expect("apply");
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Placed { epoch: 1, changed: true },
+                Outcome::Placed { epoch: 2, changed: true },
+                Outcome::Placed { epoch: 2, changed: false },
+            ]
+        );
+        let map = cluster_map(&store).expect("read");
+        assert_eq!((map.epoch, map.shard(2).map(|p| p.preferred_leader)), (2, Some(1)));
+        let refused = apply_for_test(
+            &store,
+            META_SHARD,
+            vec![Command::Place(PlacementCommand::SetPreferredLeader { shard: 9, node: 1 })],
+        )
+        .expect("apply");
+        assert!(matches!(&refused[..], [Outcome::Rejected { reason: Rejection::Placement(_) }]), "{refused:?}");
+        assert_eq!(cluster_map(&store).expect("read"), map, "a refused command changes nothing");
+
+        // The map is in the group's state range: a snapshot of the group holds it.
+        let snap = LocalSnapshot::take(&store.db, META_SHARD);
+        let stored: ClusterMap = decode(&snap.get_state(&placement_key(META_SHARD)).unwrap().unwrap()).unwrap();
+        assert_eq!(stored, map);
     }
 
     #[test]

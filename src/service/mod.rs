@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::{broadcast, Notify, Semaphore};
 
 use crate::chat::{
     self, Command, CursorCommand, Members, MembersCommand, Outcome, Retention, RetentionCommand, SendCommand, ShardId,
@@ -39,8 +39,10 @@ use crate::net::tls::Identity;
 use crate::net::wire::{
     ErrorCode, FollowerLag, MemberChange, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX,
 };
+use crate::placement::{ClusterMap, NodeEntry, NodeState, PlacementCommand, META_SHARD};
+use crate::raft::meta::{self, Placed};
 use crate::raft::network::{Groups, Hosted, PeerNet, PeerStats};
-use crate::raft::state_machine::ShardEvents;
+use crate::raft::state_machine::{self, ShardEvents};
 use crate::raft::types::{node_of, NodeId};
 use crate::raft::{self as consensus, Group};
 use crate::store::Store;
@@ -73,12 +75,22 @@ pub const LEADER_BALANCE_INTERVAL: Duration = Duration::from_secs(5);
 /// Hands each shard this node leads to its preferred leader once that node has the whole
 /// log (like Kafka's preferred-leader election): after bootstrap or a failover, leadership
 /// — and with it the proposal and fsync load — spreads back over the nodes.
+///
+/// The preferred leader is the cluster map's (`crate::placement`), so an operator's choice
+/// (`convoy admin transfer-leader`) holds across failovers and restarts; until the metadata
+/// group's first leader has initialized the map (`init_placement`), it is the file's
+/// round-robin.
 async fn balance_leaders(node: std::sync::Weak<Service>) {
     loop {
-        tokio::time::sleep(LEADER_BALANCE_INTERVAL).await;
+        let Some(wake) = node.upgrade().map(|n| n.placement.clone()) else { return };
+        tokio::select! {
+            _ = tokio::time::sleep(LEADER_BALANCE_INTERVAL) => {}
+            _ = wake.notified() => {}
+        }
         let Some(node) = node.upgrade() else { return };
+        let map = node.cluster_map();
         for group in node.groups.values() {
-            let preferred = node.preferred_leader(group.shard);
+            let preferred = node.preferred_leader(&map, group.shard);
             if preferred == node.id {
                 continue;
             }
@@ -98,6 +110,22 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
                 let _ = group.raft.trigger().transfer_leader(target).await;
             }
         }
+    }
+}
+
+/// How often a node checks whether the cluster map still needs initializing.
+const PLACEMENT_INIT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Until the cluster map is initialized: whenever this node leads the metadata group, fills
+/// the map from the file (see [`Service::init_placement`]).
+async fn init_placement(node: std::sync::Weak<Service>) {
+    loop {
+        tokio::time::sleep(PLACEMENT_INIT_INTERVAL).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.cluster_map().is_set() {
+            return;
+        }
+        node.init_placement().await;
     }
 }
 
@@ -174,6 +202,13 @@ pub struct Service {
     pub config: Config,
     pub store: Store,
     groups: HashMap<ShardId, Group>,
+    /// This node's replica of the metadata group (see `crate::placement`); `None` when its
+    /// storage was refused.
+    meta: Option<Group>,
+    /// Woken when the cluster map changes, so leadership follows a new preferred leader at
+    /// once rather than at the next balancing round.
+    placement: Arc<Notify>,
+    net: PeerNet,
     /// Each hosted shard's proposer (its fair scheduler), by shard.
     proposers: HashMap<ShardId, Arc<Proposer>>,
     push: Arc<PushHub>,
@@ -185,6 +220,21 @@ pub struct Service {
     counters: Arc<CommitCounters>,
     /// Event counters and live subscriptions, for the metrics endpoint.
     pub metrics: Arc<Metrics>,
+}
+
+/// What the metadata group's state machine tells: a changed map, or one replaced by a
+/// snapshot, wakes the leader balancing.
+struct MetaEvents(Arc<Notify>);
+
+impl ShardEvents for MetaEvents {
+    fn appended(&self, _: Vec<chat::StoredMessage>) {}
+    fn reset(&self, _: ShardId) {
+        self.0.notify_one();
+    }
+    fn members_changed(&self, _: Vec<String>) {}
+    fn placement_changed(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// Sends committed through this node as leader, and the entries that carried them.
@@ -355,10 +405,13 @@ impl Service {
     ) -> Result<Arc<Service>> {
         let raft_config = consensus::raft_config(&config)?;
         let push = Arc::new(PushHub::new(config.shards, config.limits.push_buffer_messages));
+        let placement = Arc::new(Notify::new());
         let mut groups = HashMap::new();
+        let mut meta = None;
         let mut refused = Vec::new();
         for (&shard, &replica) in replicas {
-            let events: Arc<dyn ShardEvents> = push.clone();
+            let events: Arc<dyn ShardEvents> =
+                if shard == META_SHARD { Arc::new(MetaEvents(placement.clone())) } else { push.clone() };
             let started =
                 consensus::start_group(replica, shard, raft_config.clone(), store.clone(), net.clone(), events).await;
             let group = match started {
@@ -372,7 +425,11 @@ impl Service {
             };
             let hosted = Hosted { replica, raft: group.raft.clone() };
             registry.write().expect("registry lock is never poisoned at start-up").insert(shard, hosted);
-            groups.insert(shard, group);
+            if shard == META_SHARD {
+                meta = Some(group);
+            } else {
+                groups.insert(shard, group);
+            }
         }
         if !refused.is_empty() {
             tracing::error!(
@@ -384,7 +441,7 @@ impl Service {
             );
         }
         if bootstrap {
-            for group in groups.values() {
+            for group in groups.values().chain(meta.as_ref()) {
                 consensus::initialize_if_pristine(group, &config).await?;
             }
             tracing::info!(shards = config.shards, "initialized every shard group");
@@ -418,6 +475,9 @@ impl Service {
             config,
             store,
             groups,
+            meta,
+            placement,
+            net: net.clone(),
             proposers,
             push,
             inflight,
@@ -428,17 +488,88 @@ impl Service {
             metrics,
         });
         tokio::spawn(balance_leaders(Arc::downgrade(&service)));
+        tokio::spawn(init_placement(Arc::downgrade(&service)));
         tokio::spawn(metrics::sample_lag(Arc::downgrade(&service)));
         tokio::spawn(retention::enforce(Arc::downgrade(&service)));
         tokio::spawn(retention::reclaim(Arc::downgrade(&service)));
         Ok(service)
     }
 
-    /// The node that should lead `shard` when it is healthy: shards are spread round-robin
-    /// over the nodes so every node leads (and fsyncs for) its share.
-    pub fn preferred_leader(&self, shard: ShardId) -> NodeId {
+    /// The node that should lead `shard` when it is healthy: the cluster map's choice, or
+    /// before the map is initialized the file's round-robin (the map starts from the same),
+    /// so every node leads (and fsyncs for) its share.
+    pub fn preferred_leader(&self, map: &ClusterMap, shard: ShardId) -> NodeId {
+        if let Some(p) = map.shard(shard) {
+            return p.preferred_leader;
+        }
         let ids = self.config.node_ids();
         ids[shard as usize % ids.len()]
+    }
+
+    /// The cluster map as this node's replica of the metadata group has applied it (empty
+    /// when it cannot be read, which is logged).
+    pub fn cluster_map(&self) -> ClusterMap {
+        state_machine::cluster_map(&self.store).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the cluster map");
+            ClusterMap::default()
+        })
+    }
+
+    /// The metadata group as the peer server hosts it here.
+    fn meta_hosted(&self) -> Option<Hosted> {
+        self.meta.as_ref().map(|g| Hosted { replica: g.replica, raft: g.raft.clone() })
+    }
+
+    /// Fills the cluster map from the file once: done by the metadata group's leader, as
+    /// long as the map it applied is empty (a second `Init` changes nothing, so a leader
+    /// that had not yet applied the first is harmless).
+    async fn init_placement(&self) {
+        let Some(h) = self.meta_hosted() else { return };
+        if self.cluster_map().is_set() || consensus::metrics_of(&h.raft).current_leader != Some(h.replica) {
+            return;
+        }
+        let nodes = self
+            .config
+            .nodes
+            .iter()
+            .map(|n| NodeEntry {
+                id: n.id,
+                peer_addr: n.peer_addr.to_string(),
+                client_addr: n.client_addr.to_string(),
+                state: NodeState::Active,
+            })
+            .collect();
+        let command = PlacementCommand::Init { nodes, shards: self.config.shards };
+        match meta::propose(&h, command).await {
+            crate::raft::rpc::PeerResponse::Placed { epoch, .. } => {
+                tracing::info!(epoch, "initialized the cluster map from the configuration")
+            }
+            other => tracing::warn!(answer = ?other, "initializing the cluster map"),
+        }
+    }
+
+    /// Names `to` the node that should lead `shard` (an admin only), on the metadata
+    /// group's leader wherever it is; the node leading the shard hands leadership over once
+    /// `to`'s replica has the whole log. Answered `Placed` once the change is applied.
+    pub async fn transfer_leader(&self, who: &Identity, shard: ShardId, to: NodeId) -> Response {
+        if !who.admin {
+            return error(ErrorCode::Forbidden, format!("user {:?} is not an admin", who.user));
+        }
+        if !self.cluster_map().is_set() {
+            // Transient: the metadata group's first leader fills it within moments.
+            return error(ErrorCode::Unavailable, "the cluster map is not initialized yet; retry in a moment");
+        }
+        let command = PlacementCommand::SetPreferredLeader { shard, node: to };
+        let deadline = std::time::Instant::now() + meta::PLACE_TTL;
+        let nodes = self.config.node_ids();
+        match meta::place(&self.net, self.id, self.meta_hosted().as_ref(), &nodes, command, deadline).await {
+            Ok(Placed::Applied { epoch, changed }) => {
+                self.placement.notify_one();
+                Response::Placed { epoch, changed }
+            }
+            Ok(Placed::Refused(why)) => error(ErrorCode::Rejected, why),
+            Err(why) => error(ErrorCode::Unavailable, why),
+        }
     }
 
     fn group_of(&self, conversation: &str) -> Result<&Group> {
@@ -928,25 +1059,7 @@ impl Service {
 
     /// This node's view of every shard.
     pub fn status(&self) -> NodeStatus {
-        let mut shards: Vec<ShardStatus> = self
-            .groups
-            .values()
-            .map(|g| {
-                let m = consensus::metrics_of(&g.raft);
-                ShardStatus {
-                    shard: g.shard,
-                    leader: m.current_leader.map(node_of),
-                    replica: g.replica,
-                    term: m.current_term,
-                    role: format!("{:?}", m.state),
-                    last_log_index: m.last_log_index,
-                    last_applied_index: m.last_applied.map(|l| l.index),
-                    voters: m.membership_config.membership().voter_ids().map(node_of).collect(),
-                    learners: m.membership_config.membership().learner_ids().map(node_of).collect(),
-                    followers: follower_lags(&m, g.replica, self.config.limits.follower_lag_warn),
-                }
-            })
-            .collect();
+        let mut shards: Vec<ShardStatus> = self.groups.values().map(|g| self.group_status(g)).collect();
         shards.sort_by_key(|s| s.shard);
         let stats = &self.store.syncer.stats;
         NodeStatus {
@@ -967,13 +1080,31 @@ impl Service {
             subscriber_lag_max: self.metrics.lag_max(),
             sends_acked: self.metrics.sends(metrics::SendOutcome::Acked),
             stages: self.store.stages.snapshot(),
+            meta: self.meta.as_ref().map(|g| self.group_status(g)),
+            placement: self.cluster_map(),
+        }
+    }
+
+    fn group_status(&self, g: &Group) -> ShardStatus {
+        let m = consensus::metrics_of(&g.raft);
+        ShardStatus {
+            shard: g.shard,
+            leader: m.current_leader.map(node_of),
+            replica: g.replica,
+            term: m.current_term,
+            role: format!("{:?}", m.state),
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            voters: m.membership_config.membership().voter_ids().map(node_of).collect(),
+            learners: m.membership_config.membership().learner_ids().map(node_of).collect(),
+            followers: follower_lags(&m, g.replica, self.config.limits.follower_lag_warn),
         }
     }
 
     /// Stops every group: proposals in flight get no outcome (their clients see the
     /// answer as unknown), and the groups release the store.
     pub async fn shutdown(&self) {
-        for g in self.groups.values() {
+        for g in self.groups.values().chain(self.meta.as_ref()) {
             if let Err(e) = g.raft.shutdown().await {
                 tracing::warn!(shard = g.shard, error = %e, "a shard group did not stop cleanly");
             }

@@ -17,6 +17,7 @@
 //! |               | shard ‖ 0x06 ‖ len(conv) ‖ conv                  | [`Members`]           |
 //! |               | shard ‖ 0x07 ‖ len(conv) ‖ conv                  | earliest retained offset (u64; absent: 1) |
 //! |               | shard ‖ 0x08 ‖ len(conv) ‖ conv                  | [`Retention`] set for the conversation |
+//! |               | shard ‖ 0x09 (the metadata group's only)         | [`ClusterMap`]        |
 //! | `default`     | `wm` ‖ shard                                     | [`Watermark`] (vote, last log id) |
 //! |               | `cluster`                                        | [`ClusterRecord`] of this node |
 //! |               | `replica` ‖ shard                                | this node's replica id in the shard's group |
@@ -36,6 +37,7 @@
 //! [`DedupRecord`]: crate::chat::DedupRecord
 //! [`Members`]: crate::chat::Members
 //! [`Retention`]: crate::chat::Retention
+//! [`ClusterMap`]: crate::placement::ClusterMap
 
 use crate::chat::{DedupKey, ShardId};
 
@@ -81,10 +83,12 @@ const STATE_INSTALLING: u8 = 0x05;
 const STATE_MEMBERS: u8 = 0x06;
 const STATE_EARLIEST: u8 = 0x07;
 const STATE_RETENTION: u8 = 0x08;
+const STATE_PLACEMENT: u8 = 0x09;
 
 /// Largest shard id the schema supports: the range of shard `s` ends at `s + 1`, so
 /// `u32::MAX` itself has no finite upper bound. Config validation keeps shards ≤ 4096.
 pub const SHARD_ID_MAX: ShardId = u32::MAX - 1;
+const _: () = assert!(crate::placement::META_SHARD <= SHARD_ID_MAX, "the metadata group needs a key range");
 
 /// `[shard, shard + 1)` as key bounds: the shard's whole range in any family.
 pub fn shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
@@ -140,6 +144,12 @@ pub fn message_key_offset(key: &[u8]) -> Option<u64> {
 
 pub fn applied_key(shard: ShardId) -> [u8; 5] {
     meta_key(shard, STATE_APPLIED)
+}
+
+/// The metadata group's [`ClusterMap`](crate::placement::ClusterMap) (in its own range, so
+/// its snapshots carry it).
+pub fn placement_key(shard: ShardId) -> [u8; 5] {
+    meta_key(shard, STATE_PLACEMENT)
 }
 
 pub fn installing_key(shard: ShardId) -> [u8; 5] {

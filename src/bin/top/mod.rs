@@ -395,6 +395,8 @@ mod tests {
             subscriber_lag_max: 12_000,
             sends_acked: acked,
             stages: vec![StageSnapshot { stage: "send".into(), buckets: send_buckets }],
+            meta: None,
+            placement: Default::default(),
         }
     }
 

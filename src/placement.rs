@@ -1,0 +1,207 @@
+//! The cluster's placement: its nodes, where each shard's replicas live and which node should
+//! lead each shard. It is the state of the metadata group, a Raft group beside the shards
+//! (group id [`META_SHARD`], above every shard id), so every node holds the same map and a
+//! change survives any minority of failures, restarts and leader changes alike.
+//!
+//! This module is the map and its deterministic apply, nothing else: the state machine
+//! (`raft::state_machine`) stores the map in the metadata group's state range (so snapshots
+//! carry it), and the service proposes commands and acts on the map.
+//!
+//! - [`PlacementCommand::Init`] fills the map from `cluster.toml` once, proposed by the
+//!   metadata group's first leader: every node active, every shard on every node, and shard
+//!   `s` preferably led by the `s mod n`-th node. A second `Init` changes nothing.
+//! - [`PlacementCommand::SetPreferredLeader`] names the node that should lead a shard; the
+//!   node leading the shard hands leadership over once that replica has the whole log
+//!   (`service::balance_leaders`).
+//!
+//! Every change raises [`ClusterMap::epoch`], so of two maps the newer is the higher epoch.
+
+use serde::{Deserialize, Serialize};
+
+/// The metadata group's id: above every shard id (a configuration has at most 4,096), and
+/// the highest id the key schema gives a range to (`store::keys::SHARD_ID_MAX`).
+pub const META_SHARD: u32 = u32::MAX - 1;
+
+/// A node as the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub id: u64,
+    pub peer_addr: String,
+    pub client_addr: String,
+    pub state: NodeState,
+}
+
+/// Whether a node takes new replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Holds replicas and may be given more.
+    Active,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Active => "active",
+        }
+    }
+}
+
+/// Where one shard lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPlacement {
+    pub shard: u32,
+    /// The nodes holding its voting replicas, ascending.
+    pub voters: Vec<u64>,
+    /// The node that should lead it; one of `voters`.
+    pub preferred_leader: u64,
+}
+
+/// The metadata group's state. `epoch` 0 is the empty map of a group not yet initialized.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    pub epoch: u64,
+    /// Ascending by id.
+    pub nodes: Vec<NodeEntry>,
+    /// One per shard, `shards[s].shard == s`.
+    pub shards: Vec<ShardPlacement>,
+}
+
+/// A change to the map, proposed to the metadata group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlacementCommand {
+    /// Fills an empty map: these nodes, `shards` shards each on every node.
+    Init { nodes: Vec<NodeEntry>, shards: u32 },
+    /// Names the node that should lead `shard`.
+    SetPreferredLeader { shard: u32, node: u64 },
+}
+
+impl ClusterMap {
+    /// Whether the map was initialized.
+    pub fn is_set(&self) -> bool {
+        self.epoch > 0
+    }
+
+    /// Where `shard` lives, if the map has it.
+    pub fn shard(&self, shard: u32) -> Option<&ShardPlacement> {
+        self.shards.get(shard as usize).filter(|p| p.shard == shard)
+    }
+
+    /// Applies `command`: `Ok(true)` when the map changed (the epoch rose), `Ok(false)` when
+    /// it already said so, `Err` with the reason when the command cannot apply (the map is
+    /// then unchanged). Deterministic: every replica of the metadata group reaches the same map.
+    pub fn apply(&mut self, command: &PlacementCommand) -> Result<bool, String> {
+        match command {
+            PlacementCommand::Init { nodes, shards } => {
+                if self.is_set() {
+                    return Ok(false);
+                }
+                let mut nodes = nodes.clone();
+                nodes.sort_by_key(|n| n.id);
+                nodes.dedup_by_key(|n| n.id);
+                if nodes.is_empty() || *shards == 0 || *shards >= META_SHARD {
+                    return Err(format!("cannot place {shards} shards on {} nodes", nodes.len()));
+                }
+                let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+                self.shards = (0..*shards)
+                    .map(|s| ShardPlacement {
+                        shard: s,
+                        voters: ids.clone(),
+                        preferred_leader: ids[s as usize % ids.len()],
+                    })
+                    .collect();
+                self.nodes = nodes;
+                self.epoch = 1;
+                Ok(true)
+            }
+            PlacementCommand::SetPreferredLeader { shard, node } => {
+                if !self.is_set() {
+                    return Err("the cluster map is not initialized yet".into());
+                }
+                let count = self.shards.len();
+                let placement = self
+                    .shards
+                    .get_mut(*shard as usize)
+                    .ok_or_else(|| format!("no shard {shard}: the cluster has shards 0 to {}", count - 1))?;
+                if !placement.voters.contains(node) {
+                    return Err(format!(
+                        "node {node} holds no voting replica of shard {shard} (its voters are {:?})",
+                        placement.voters
+                    ));
+                }
+                if placement.preferred_leader == *node {
+                    return Ok(false);
+                }
+                placement.preferred_leader = *node;
+                self.epoch += 1;
+                Ok(true)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64) -> NodeEntry {
+        NodeEntry {
+            id,
+            peer_addr: format!("127.0.0.1:{}", 7000 + id),
+            client_addr: format!("127.0.0.1:{}", 8000 + id),
+            state: NodeState::Active,
+        }
+    }
+
+    fn init(ids: &[u64], shards: u32) -> PlacementCommand {
+        PlacementCommand::Init { nodes: ids.iter().map(|&i| node(i)).collect(), shards }
+    }
+
+    #[test]
+    fn init_places_every_shard_on_every_node_round_robin_and_only_once() {
+        let mut map = ClusterMap::default();
+        assert!(!map.is_set());
+        assert_eq!(map.apply(&init(&[3, 1, 2, 2], 4)), Ok(true));
+        assert_eq!(map.epoch, 1);
+        assert_eq!(map.nodes.iter().map(|n| n.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+        let preferred: Vec<u64> = map.shards.iter().map(|p| p.preferred_leader).collect();
+        assert_eq!(preferred, vec![1, 2, 3, 1]);
+        assert!(map.shards.iter().all(|p| p.voters == vec![1, 2, 3]));
+        assert_eq!(map.shard(3).map(|p| p.shard), Some(3));
+        assert_eq!(map.shard(4), None);
+
+        // A second Init (another leader's, after a failover) leaves the map as it is.
+        let before = map.clone();
+        assert_eq!(map.apply(&init(&[7, 8], 2)), Ok(false));
+        assert_eq!(map, before);
+    }
+
+    #[test]
+    fn init_refuses_an_empty_cluster() {
+        let mut map = ClusterMap::default();
+        assert!(map.apply(&init(&[], 4)).is_err());
+        assert!(map.apply(&init(&[1], 0)).is_err());
+        assert!(map.apply(&init(&[1], META_SHARD)).is_err());
+        assert_eq!(map, ClusterMap::default());
+    }
+
+    #[test]
+    fn the_preferred_leader_must_be_a_voter_of_a_known_shard() {
+        let mut map = ClusterMap::default();
+        let early = map.apply(&PlacementCommand::SetPreferredLeader { shard: 0, node: 1 });
+        assert!(early.unwrap_err().contains("not initialized"));
+        map.apply(&init(&[1, 2, 3], 2)).unwrap();
+
+        let unknown_shard = map.apply(&PlacementCommand::SetPreferredLeader { shard: 2, node: 1 });
+        assert!(unknown_shard.unwrap_err().contains("no shard 2"));
+        let not_a_voter = map.apply(&PlacementCommand::SetPreferredLeader { shard: 1, node: 9 });
+        assert!(not_a_voter.unwrap_err().contains("node 9 holds no voting replica"));
+        assert_eq!(map.epoch, 1);
+
+        assert_eq!(map.apply(&PlacementCommand::SetPreferredLeader { shard: 1, node: 3 }), Ok(true));
+        assert_eq!(map.shard(1).unwrap().preferred_leader, 3);
+        assert_eq!(map.epoch, 2);
+        // Saying it again is no change: the epoch stays.
+        assert_eq!(map.apply(&PlacementCommand::SetPreferredLeader { shard: 1, node: 3 }), Ok(false));
+        assert_eq!(map.epoch, 2);
+    }
+}
