@@ -11,7 +11,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{Error, Result};
 
-/// Version byte of every frame.
+/// Version byte of every frame. Raised whenever a message of the client or peer protocol
+/// changes shape, so a peer of another build is refused with a clear error instead of
+/// misreading: 2 since the metadata group (`Request::TransferLeader`, the cluster map in
+/// `NodeStatus`, `PeerRequest::Place`).
 pub const WIRE_VERSION: u8 = 2;
 
 /// Encodes a frame (length, version, body).
