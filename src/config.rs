@@ -363,9 +363,11 @@ impl Config {
         if self.nodes.is_empty() {
             return fail("at least one [[nodes]] entry is required".into());
         }
-        if self.replication_factor != self.nodes.len() {
+        // A new cluster forms on exactly `replication_factor` nodes (checked at formation);
+        // nodes appended to the file afterwards join it holding no replica.
+        if self.replication_factor == 0 || self.replication_factor > self.nodes.len() {
             return fail(format!(
-                "replication_factor {} must equal the number of nodes ({}) until shard placement exists",
+                "replication_factor {} must be between 1 and the number of nodes ({})",
                 self.replication_factor,
                 self.nodes.len()
             ));
@@ -531,6 +533,22 @@ data_dir = "data/node3"
         }
         let unknown = format!("bogus = 1\n{SAMPLE}");
         assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
+    }
+
+    // Nodes added after formation make the file longer than the replication factor; a
+    // factor above the node count, or zero, cannot be kept.
+    #[test]
+    fn the_replication_factor_is_at_most_the_node_count() {
+        let two = SAMPLE.replace("replication_factor = 3", "replication_factor = 2");
+        assert_eq!(
+            Config::parse(&two, Path::new("."), Path::new("c.toml")).expect("2 of 3 nodes").replication_factor,
+            2
+        );
+        for rf in [0, 4] {
+            let text = SAMPLE.replace("replication_factor = 3", &format!("replication_factor = {rf}"));
+            let err = Config::parse(&text, Path::new("."), Path::new("c.toml")).expect_err("cannot be kept");
+            assert!(err.to_string().contains("must be between 1 and the number of nodes (3)"), "{err}");
+        }
     }
 
     // A suppressed heartbeat must still come before any election timeout.

@@ -100,7 +100,8 @@ impl Node {
         let started = async {
             let start = formation::settle(&formation, &net, &config, rejoin).await?;
             let mut replicas = BTreeMap::new();
-            for shard in crate::raft::group_ids(&config) {
+            // A node added after formation holds no replica yet: it runs no group.
+            for shard in crate::raft::group_ids(&config).filter(|_| start != Start::Added) {
                 replicas.insert(shard, formation::replica_for(&formation, &net, &config, shard, start).await?);
             }
             let service =

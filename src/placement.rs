@@ -13,6 +13,10 @@
 //! - [`PlacementCommand::SetPreferredLeader`] names the node that should lead a shard; the
 //!   node leading the shard hands leadership over once that replica has the whole log
 //!   (`service::balance_leaders`).
+//! - [`PlacementCommand::Register`] takes in a node added to the file after the cluster
+//!   formed: it joins `active`, holding no replica. A node the map already has is never
+//!   registered again, which is what keeps a formation member that lost its disk out (see
+//!   `raft::formation`).
 //!
 //! Every change raises [`ClusterMap::epoch`], so of two maps the newer is the higher epoch.
 
@@ -64,6 +68,9 @@ pub struct ClusterMap {
     pub nodes: Vec<NodeEntry>,
     /// One per shard, `shards[s].shard == s`.
     pub shards: Vec<ShardPlacement>,
+    /// The nodes holding a voting replica of the metadata group: the cluster's formation
+    /// members.
+    pub metadata: Vec<u64>,
 }
 
 /// A change to the map, proposed to the metadata group.
@@ -73,12 +80,22 @@ pub enum PlacementCommand {
     Init { nodes: Vec<NodeEntry>, shards: u32 },
     /// Names the node that should lead `shard`.
     SetPreferredLeader { shard: u32, node: u64 },
+    /// Adds a node that is not in the map yet, active and holding no replica. Its addresses
+    /// are updated if it is (a node's addresses may change in the file); nothing else.
+    Register(NodeEntry),
 }
 
 impl ClusterMap {
     /// Whether the map was initialized.
     pub fn is_set(&self) -> bool {
         self.epoch > 0
+    }
+
+    /// Whether `node` holds a replica of any group, the metadata group's included. A node that
+    /// holds none has nothing to lose and may register again after losing its disk; one
+    /// that does must rejoin as new replicas.
+    pub fn holds_replicas(&self, node: u64) -> bool {
+        self.metadata.contains(&node) || self.shards.iter().any(|p| p.voters.contains(&node))
     }
 
     /// Where `shard` lives, if the map has it.
@@ -109,6 +126,7 @@ impl ClusterMap {
                         preferred_leader: ids[s as usize % ids.len()],
                     })
                     .collect();
+                self.metadata = ids;
                 self.nodes = nodes;
                 self.epoch = 1;
                 Ok(true)
@@ -132,6 +150,24 @@ impl ClusterMap {
                     return Ok(false);
                 }
                 placement.preferred_leader = *node;
+                self.epoch += 1;
+                Ok(true)
+            }
+            PlacementCommand::Register(entry) => {
+                if !self.is_set() {
+                    return Err("the cluster map is not initialized yet".into());
+                }
+                match self.nodes.binary_search_by_key(&entry.id, |n| n.id) {
+                    Ok(i) => {
+                        let known = &mut self.nodes[i];
+                        if (&known.peer_addr, &known.client_addr) == (&entry.peer_addr, &entry.client_addr) {
+                            return Ok(false);
+                        }
+                        known.peer_addr = entry.peer_addr.clone();
+                        known.client_addr = entry.client_addr.clone();
+                    }
+                    Err(i) => self.nodes.insert(i, NodeEntry { state: NodeState::Active, ..entry.clone() }),
+                }
                 self.epoch += 1;
                 Ok(true)
             }
@@ -166,6 +202,7 @@ mod tests {
         let preferred: Vec<u64> = map.shards.iter().map(|p| p.preferred_leader).collect();
         assert_eq!(preferred, vec![1, 2, 3, 1]);
         assert!(map.shards.iter().all(|p| p.voters == vec![1, 2, 3]));
+        assert_eq!(map.metadata, vec![1, 2, 3]);
         assert_eq!(map.shard(3).map(|p| p.shard), Some(3));
         assert_eq!(map.shard(4), None);
 
@@ -182,6 +219,31 @@ mod tests {
         assert!(map.apply(&init(&[1], 0)).is_err());
         assert!(map.apply(&init(&[1], META_SHARD)).is_err());
         assert_eq!(map, ClusterMap::default());
+    }
+
+    #[test]
+    fn a_registered_node_is_active_with_no_replica_and_registering_again_changes_nothing() {
+        let mut map = ClusterMap::default();
+        assert!(map.apply(&PlacementCommand::Register(node(4))).unwrap_err().contains("not initialized"));
+        map.apply(&init(&[1, 2, 3], 2)).unwrap();
+        assert_eq!(map.apply(&PlacementCommand::Register(node(5))), Ok(true));
+        assert_eq!(map.apply(&PlacementCommand::Register(node(4))), Ok(true));
+        assert_eq!(map.epoch, 3);
+        assert_eq!(map.nodes.iter().map(|n| n.id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "kept in id order");
+        assert!(map.shards.iter().all(|p| p.voters == vec![1, 2, 3]), "a new node holds no replica");
+        assert!(!map.holds_replicas(4) && map.holds_replicas(3));
+        assert!(map.apply(&PlacementCommand::SetPreferredLeader { shard: 0, node: 4 }).is_err());
+
+        // Again, as a restarted node does: no change. A formation member re-registering
+        // changes nothing either.
+        assert_eq!(map.apply(&PlacementCommand::Register(node(4))), Ok(false));
+        assert_eq!(map.apply(&PlacementCommand::Register(node(2))), Ok(false));
+        assert_eq!(map.epoch, 3);
+        // Moved to other addresses: updated, nothing else.
+        let moved = NodeEntry { client_addr: "127.0.0.2:9000".into(), ..node(4) };
+        assert_eq!(map.apply(&PlacementCommand::Register(moved.clone())), Ok(true));
+        assert_eq!(map.nodes[3], moved);
+        assert_eq!(map.epoch, 4);
     }
 
     #[test]

@@ -318,6 +318,7 @@ impl Command {
                 FIXED + nodes.iter().map(|n| 24 + n.peer_addr.len() + n.client_addr.len()).sum::<usize>()
             }
             Command::Place(PlacementCommand::SetPreferredLeader { .. }) => FIXED,
+            Command::Place(PlacementCommand::Register(n)) => FIXED + n.peer_addr.len() + n.client_addr.len(),
         }
     }
 }

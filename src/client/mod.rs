@@ -639,7 +639,8 @@ impl Client {
         Err(last)
     }
 
-    /// The leader of every shard, if each of `nodes` answers and all of them agree on it.
+    /// The leader of every shard, if each of `nodes` answers and all of them that hold a replica
+    /// of the shard agree on it.
     pub async fn agreed_leaders(&self, nodes: &[u64]) -> Result<Vec<u64>> {
         let mut views = Vec::with_capacity(nodes.len());
         for id in nodes {
@@ -647,8 +648,9 @@ impl Client {
         }
         let mut out = Vec::with_capacity(self.inner.shards as usize);
         for shard in 0..self.inner.shards {
+            // A node that holds no replica of the shard (added after formation) has no say.
             let ls: Vec<Option<u64>> =
-                views.iter().map(|v| v.shards.iter().find(|s| s.shard == shard).and_then(|s| s.leader)).collect();
+                views.iter().filter_map(|v| v.shards.iter().find(|s| s.shard == shard)).map(|s| s.leader).collect();
             match ls.first() {
                 Some(Some(l)) if ls.iter().all(|x| *x == Some(*l)) => out.push(*l),
                 _ => return Err(Error::Unavailable(format!("shard {shard}: leaders {ls:?}"))),

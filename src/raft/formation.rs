@@ -33,12 +33,14 @@ use std::time::Duration;
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
+use super::meta::Placed;
 use super::network::{Hosted, PeerNet};
 use super::rpc::{PeerRequest, PeerResponse};
 use super::types::{generation_of, node_of, replica_id, Member, NodeId};
 use crate::chat::ShardId;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::placement::{ClusterMap, NodeEntry, NodeState, PlacementCommand};
 use crate::store::codec::{decode, encode};
 use crate::store::keys::{replica_key, CLUSTER_KEY};
 use crate::store::Store;
@@ -59,6 +61,9 @@ pub enum Stage {
     Rejoining,
     /// A member: runs every group under its recorded replica ids.
     Formed,
+    /// Added to the cluster after it formed (registered in the cluster map): runs no group
+    /// until shards are placed on it.
+    Added,
 }
 
 /// A node's durable record of its cluster.
@@ -85,6 +90,8 @@ pub enum Start {
     Bootstrap,
     /// Rejoin every group as a new replica.
     Rejoin,
+    /// Added after formation: no group to start.
+    Added,
 }
 
 impl Formation {
@@ -141,6 +148,12 @@ impl Formation {
         .map_err(Error::task("recording the cluster"))?
     }
 
+    /// The cluster map as this node's replica of the metadata group applied it (empty if it
+    /// has none).
+    pub fn cluster_map(&self) -> Result<ClusterMap> {
+        super::state_machine::cluster_map(&self.store)
+    }
+
     /// This node's replica id in `shard`'s group, if it has one.
     pub fn replica(&self, shard: ShardId) -> Result<Option<NodeId>> {
         Ok(self.store.db.get(replica_key(shard))?.map(|v| decode(&v)).transpose()?)
@@ -184,6 +197,7 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
         match formation.record() {
             Some(r) if r.stage == Stage::Formed => return Ok(Start::Member),
             Some(r) if r.stage == Stage::Rejoining => return Ok(Start::Rejoin),
+            Some(r) if r.stage == Stage::Added => return Ok(Start::Added),
             _ => {}
         }
         let mut answers: BTreeMap<NodeId, Option<ClusterRecord>> = BTreeMap::new();
@@ -208,12 +222,38 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
                         m.cluster, other.cluster
                     )))
                 }
-                None if rejoin => {
-                    formation.set(ClusterRecord { cluster: other.cluster, node: me, stage: Stage::Rejoining })?;
-                    tracing::warn!(cluster = format_args!("{:016x}", other.cluster), "rejoining as new replicas");
-                    return Ok(Start::Rejoin);
+                None => {
+                    // Not a member by record. The cluster map tells a node that holds no
+                    // replica (added to the file after formation, or added before and since
+                    // wiped), which registers, from a member that lost its state, which
+                    // must rejoin as new replicas or not start at all.
+                    let map = newest_map(net, &peers).await;
+                    if map.is_set() && !map.holds_replicas(me) {
+                        if rejoin {
+                            tracing::warn!("--rejoin is for a member that lost its state; this node holds no replica");
+                        }
+                        if let Some(start) = register(formation, net, config, &peers, other.cluster).await? {
+                            return Ok(start);
+                        }
+                    } else if rejoin {
+                        formation.set(ClusterRecord { cluster: other.cluster, node: me, stage: Stage::Rejoining })?;
+                        tracing::warn!(cluster = format_args!("{:016x}", other.cluster), "rejoining as new replicas");
+                        return Ok(Start::Rejoin);
+                    } else {
+                        return Err(Error::Refused(refusal_text(&config.path, me, other.cluster)));
+                    }
                 }
-                None => return Err(Error::Refused(refusal_text(&config.path, me, other.cluster))),
+            }
+        }
+        if bootstrapper && answers.len() == peers.len() && mine.is_none() {
+            // Every node of the file forms the cluster and holds every shard.
+            if config.replication_factor != config.nodes.len() {
+                return Err(Error::Config(format!(
+                    "a new cluster forms on replication_factor ({}) nodes, and the file lists {}: start it with \
+                     that many, then add the others to the file",
+                    config.replication_factor,
+                    config.nodes.len()
+                )));
             }
         }
         if bootstrapper && answers.len() == peers.len() {
@@ -255,6 +295,55 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
             tracing::info!(heard = answers.len(), peers = peers.len(), "waiting for the cluster to form");
         }
         tokio::time::sleep(HELLO_INTERVAL).await;
+    }
+}
+
+/// The newest cluster map `peers` report (empty if none answers with one).
+async fn newest_map(net: &PeerNet, peers: &[NodeId]) -> ClusterMap {
+    let mut newest = ClusterMap::default();
+    for &p in peers {
+        if let Ok(PeerResponse::ClusterMap(map)) = net.control(p, PeerRequest::ClusterMap, CONTROL_TTL).await {
+            if map.epoch > newest.epoch {
+                newest = map;
+            }
+        }
+    }
+    newest
+}
+
+/// Registers this node in the cluster map (through the metadata group's leader), then
+/// records it as added. `None`: no leader took it in time; the caller asks again.
+async fn register(
+    formation: &Formation,
+    net: &PeerNet,
+    config: &Config,
+    peers: &[NodeId],
+    cluster: u64,
+) -> Result<Option<Start>> {
+    let me = formation.node;
+    let node = config.node(me)?;
+    let entry = NodeEntry {
+        id: me,
+        peer_addr: node.peer_addr.to_string(),
+        client_addr: node.client_addr.to_string(),
+        state: NodeState::Active,
+    };
+    let deadline = std::time::Instant::now() + super::meta::PLACE_TTL;
+    match super::meta::place(net, me, None, peers, PlacementCommand::Register(entry), deadline).await {
+        Ok(Placed::Applied { epoch, .. }) => {
+            formation.set(ClusterRecord { cluster, node: me, stage: Stage::Added })?;
+            tracing::info!(
+                cluster = format_args!("{cluster:016x}"),
+                epoch,
+                "registered as a new node, holding no replica"
+            );
+            Ok(Some(Start::Added))
+        }
+        Ok(Placed::Refused(why)) => Err(Error::Config(format!("registering node {me} in the cluster map: {why}"))),
+        Err(why) => {
+            tracing::warn!(%why, "registering in the cluster map; trying again");
+            Ok(None)
+        }
     }
 }
 

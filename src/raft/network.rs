@@ -506,9 +506,11 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
         PeerRequest::Snapshot { vote, .. } => Some(of_vote(vote)),
         PeerRequest::Join { node, .. } => Some(*node),
         PeerRequest::Promote { replica, .. } => Some(node_of(*replica)),
-        PeerRequest::SnapshotChunk(_) | PeerRequest::Hello | PeerRequest::Prepare { .. } | PeerRequest::Place(_) => {
-            None
-        }
+        PeerRequest::SnapshotChunk(_)
+        | PeerRequest::Hello
+        | PeerRequest::Prepare { .. }
+        | PeerRequest::Place(_)
+        | PeerRequest::ClusterMap => None,
     }
 }
 
@@ -564,6 +566,10 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
         PeerRequest::Place(command) => match hosted(groups, crate::placement::META_SHARD) {
             Ok(h) => super::meta::propose(&h, command).await,
             Err(e) => err(e),
+        },
+        PeerRequest::ClusterMap => match ctx.formation.cluster_map() {
+            Ok(map) => PeerResponse::ClusterMap(map),
+            Err(e) => err(e.to_string()),
         },
     }
 }

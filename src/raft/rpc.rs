@@ -15,7 +15,7 @@ use super::types::{
     TransferLeaderResponse, Vote, VoteRequest, VoteResponse,
 };
 use crate::chat::ShardId;
-use crate::placement::PlacementCommand;
+use crate::placement::{ClusterMap, PlacementCommand};
 
 /// A Raft RPC to a peer. Every Raft message names the replica it is for (`to`): a node
 /// answers only for the replica it hosts, so a message meant for a replica that lost its
@@ -70,6 +70,8 @@ pub enum PeerRequest {
     },
     /// A change to the cluster map, for the metadata group's leader (see `raft::meta`).
     Place(PlacementCommand),
+    /// The cluster map as the node applied it (a starting node asks before it registers).
+    ClusterMap,
 }
 
 /// A peer's answer.
@@ -94,6 +96,8 @@ pub enum PeerResponse {
     },
     /// The map refused a `Place`, for this reason.
     PlacementRefused(String),
+    /// The cluster map as this node applied it.
+    ClusterMap(ClusterMap),
     /// This node does not lead the shard; `leader` is the node that does, if known.
     NotLeader {
         leader: Option<NodeId>,

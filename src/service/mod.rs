@@ -122,7 +122,7 @@ async fn init_placement(node: std::sync::Weak<Service>) {
     loop {
         tokio::time::sleep(PLACEMENT_INIT_INTERVAL).await;
         let Some(node) = node.upgrade() else { return };
-        if node.cluster_map().is_set() {
+        if node.meta.is_none() || node.cluster_map().is_set() {
             return;
         }
         node.init_placement().await;
@@ -525,13 +525,17 @@ impl Service {
     /// that had not yet applied the first is harmless).
     async fn init_placement(&self) {
         let Some(h) = self.meta_hosted() else { return };
-        if self.cluster_map().is_set() || consensus::metrics_of(&h.raft).current_leader != Some(h.replica) {
+        let metrics = consensus::metrics_of(&h.raft);
+        if self.cluster_map().is_set() || metrics.current_leader != Some(h.replica) {
             return;
         }
+        // The formation members: the metadata group's voters, whatever the file has since.
+        let members: Vec<NodeId> = metrics.membership_config.membership().voter_ids().map(node_of).collect();
         let nodes = self
             .config
             .nodes
             .iter()
+            .filter(|n| members.contains(&n.id))
             .map(|n| NodeEntry {
                 id: n.id,
                 peer_addr: n.peer_addr.to_string(),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use convoy::client::Client;
 use convoy::config::Config;
 
@@ -70,6 +70,37 @@ impl LocalCluster {
         convoy::net::tls::ensure_user(&config, TEST_USER, false).context("the test user's credential")?;
         let nodes = spec.node_ids().into_iter().map(|id| (id, NodeProcess::default())).collect();
         Ok(LocalCluster { spec, temp, dir, config, bin, nodes })
+    }
+
+    /// Appends a node to `cluster.toml` (the next id, fresh loopback ports), as an operator
+    /// adding a node to a running cluster does, and makes its certificate; does not start
+    /// it. Returns its id. Loopback clusters only.
+    pub fn add_node(&mut self) -> Result<u64> {
+        ensure!(matches!(self.spec.addressing, crate::Addressing::Loopback), "add_node needs loopback addressing");
+        let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
+        let ports = crate::free_ports(2)?;
+        let metrics = crate::free_tcp_ports(1)?;
+        let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let entry = crate::spec::NodeEntry {
+            id,
+            client_addr: std::net::SocketAddr::new(ip, ports[0]),
+            peer_addr: std::net::SocketAddr::new(ip, ports[1]),
+            data_dir: self.spec.layout.data_dir(id),
+            metrics_addr: Some(std::net::SocketAddr::new(ip, metrics[0])),
+        };
+        #[derive(serde::Serialize)]
+        struct Appended<'a> {
+            nodes: [&'a crate::spec::NodeEntry; 1],
+        }
+        let path = self.config.path.clone();
+        let mut text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        text.push('\n');
+        text.push_str(&toml::to_string(&Appended { nodes: [&entry] })?);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        self.config = Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        convoy::net::tls::init(&self.config).context("the new node's certificate")?;
+        self.nodes.insert(id, NodeProcess::default());
+        Ok(id)
     }
 
     /// [`LocalCluster::create`], then starts every node (without waiting for them: see

@@ -252,13 +252,13 @@ struct ClusterFile<'a> {
 }
 
 #[derive(Serialize)]
-struct NodeEntry {
-    id: u64,
-    client_addr: SocketAddr,
-    peer_addr: SocketAddr,
-    data_dir: PathBuf,
+pub(crate) struct NodeEntry {
+    pub(crate) id: u64,
+    pub(crate) client_addr: SocketAddr,
+    pub(crate) peer_addr: SocketAddr,
+    pub(crate) data_dir: PathBuf,
     #[serde(skip_serializing_if = "Option::is_none")]
-    metrics_addr: Option<SocketAddr>,
+    pub(crate) metrics_addr: Option<SocketAddr>,
 }
 
 impl ClusterSpec {
