@@ -8,9 +8,7 @@
 //!
 //! Placement (`crate::placement`) comes from the newest cluster map any node reports: each
 //! shard's preferred leader, the nodes' states and the map's epoch, with the metadata group's
-//! leader found as a shard's is. Every shard still lives on every node of `cluster.toml`;
-//! shard moves and their operations are not built yet, so `operations` is always empty (see
-//! the README).
+//! leader found as a shard's is, and the moves in progress with how far each new replica is.
 
 use std::collections::BTreeMap;
 
@@ -28,8 +26,29 @@ pub struct ClusterView {
     pub metadata_leader: Option<u64>,
     pub nodes: Vec<NodeView>,
     pub shards: Vec<ShardView>,
-    /// Operations in progress (moves, drains); none exist yet.
-    pub operations: Vec<serde_json::Value>,
+    /// Moves in progress, from the newest map.
+    pub operations: Vec<OperationView>,
+}
+
+/// A move in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OperationView {
+    pub id: u64,
+    pub kind: &'static str,
+    pub shard: u32,
+    pub from: u64,
+    pub to: u64,
+    /// Its recorded step: `adding`, `catching_up`, `removing` or `cancelling`.
+    pub state: &'static str,
+    pub progress: Progress,
+}
+
+/// How far a move's new replica is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// Entries the shard's leader has that the new replica has not matched yet (`None`
+    /// before the leader replicates to it).
+    pub entries_behind: Option<u64>,
 }
 
 /// One node of the cluster.
@@ -139,7 +158,24 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
             }
         })
         .collect();
-    ClusterView { epoch: map.epoch, metadata_leader, nodes, shards, operations: Vec::new() }
+    let operations = map
+        .operations
+        .iter()
+        .map(|op| {
+            let shard = shards.iter().find(|s| s.shard == op.shard);
+            let lag = shard.and_then(|s| s.lag.iter().find(|l| l.node == op.to));
+            OperationView {
+                id: op.id,
+                kind: "move",
+                shard: op.shard,
+                from: op.from,
+                to: op.to,
+                state: op.step.as_str(),
+                progress: Progress { entries_behind: lag.and_then(|l| l.entries_behind) },
+            }
+        })
+        .collect();
+    ClusterView { epoch: map.epoch, metadata_leader, nodes, shards, operations }
 }
 
 /// A group's leader from the nodes' views of it (at least one): the node that says it leads

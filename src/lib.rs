@@ -62,7 +62,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("net", &["error", "decode", "stages", "placement", "chat", "config"]),
     ("raft", &["error", "stages", "planted", "placement", "chat", "config", "store", "net"]),
     ("service", &["error", "stages", "placement", "chat", "config", "store", "net", "raft"]),
-    ("server", &["error", "net", "service"]),
+    ("server", &["error", "placement", "net", "service"]),
     ("metrics", &["error", "service"]),
     ("node", &["error", "planted", "config", "store", "net", "raft", "service", "server", "metrics"]),
     ("client", &["error", "chat", "config", "net"]),

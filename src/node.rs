@@ -89,23 +89,44 @@ impl Node {
         let dialer = tls::node_dialer(&paths, id)?;
         let net = PeerNet::new(peer_endpoint.clone(), dialer, addrs, append_timeout, store.stages.clone());
         let registry: Groups = Arc::default();
+        let (drops, drop_requests) = tokio::sync::mpsc::channel(16);
         let ctx = PeerContext {
             groups: registry.clone(),
             formation: formation.clone(),
             spool_dir,
             stages: store.stages.clone(),
+            drops,
         };
         let peer_server = tokio::spawn(network::serve(peer_endpoint.clone(), ctx));
 
         let started = async {
             let start = formation::settle(&formation, &net, &config, rejoin).await?;
             let mut replicas = BTreeMap::new();
-            // A node added after formation holds no replica yet: it runs no group.
-            for shard in crate::raft::group_ids(&config).filter(|_| start != Start::Added) {
+            // A node added after formation runs the groups moves placed on it (recorded); a
+            // member, every group but those it left.
+            // A node rebuilding its replicas rejoins the shards the cluster map places on it.
+            let placed = match start {
+                Start::Rejoin => {
+                    let peers: Vec<NodeId> = config.node_ids().into_iter().filter(|&n| n != id).collect();
+                    Some(formation::newest_map(&net, &peers).await).filter(|m| m.is_set())
+                }
+                _ => None,
+            };
+            for shard in crate::raft::group_ids(&config) {
+                if let Some(p) = placed.as_ref().and_then(|m| m.shard(shard)) {
+                    if !p.voters.contains(&id) {
+                        continue;
+                    }
+                }
+                let recorded = formation.replica(shard)?;
+                if recorded == Some(formation::DROPPED) || (start == Start::Added && recorded.is_none()) {
+                    continue;
+                }
                 replicas.insert(shard, formation::replica_for(&formation, &net, &config, shard, start).await?);
             }
             let service =
                 Service::start(config, id, store, net.clone(), registry, &replicas, start == Start::Bootstrap).await?;
+            tokio::spawn(crate::service::serve_drops(std::sync::Arc::downgrade(&service), drop_requests));
             if start == Start::Rejoin {
                 formation::finish_rejoin(&formation, &net, &service.config).await?;
             }

@@ -58,6 +58,49 @@ pub struct ShardPlacement {
     pub voters: Vec<u64>,
     /// The node that should lead it; one of `voters`.
     pub preferred_leader: u64,
+    /// Nodes a move is adding, not voting yet.
+    pub learners: Vec<u64>,
+}
+
+/// A shard move in progress: its replica on `from` is replaced by a new one on `to`. Every
+/// step is recorded here before the coordinator (the metadata group's leader) acts on the
+/// next, so a new coordinator resumes where the last one stopped (see `service::coordinate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: u64,
+    pub shard: u32,
+    pub from: u64,
+    pub to: u64,
+    pub step: Step,
+    /// The new replica's id in the shard's group, once its leader added it as a learner.
+    pub replica: Option<u64>,
+}
+
+/// Where a move stands. Steps only go forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Step {
+    /// `to` is placed as a learner; the shard's leader is to add its replica.
+    Adding,
+    /// The learner follows the log (or installs a snapshot); once it has caught up, the
+    /// leader hands leadership away if it is `from`, then makes the learner a voter in
+    /// place of `from`'s replica (a joint-consensus membership change).
+    CatchingUp,
+    /// `to` votes and `from` left the group: `from` is to stop its replica and delete its
+    /// data.
+    Removing,
+    /// Cancelled before `to` voted: the learner is to be removed and `to` to delete its copy.
+    Cancelling,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Adding => "adding",
+            Step::CatchingUp => "catching_up",
+            Step::Removing => "removing",
+            Step::Cancelling => "cancelling",
+        }
+    }
 }
 
 /// The metadata group's state. `epoch` 0 is the empty map of a group not yet initialized.
@@ -71,6 +114,10 @@ pub struct ClusterMap {
     /// The nodes holding a voting replica of the metadata group: the cluster's formation
     /// members.
     pub metadata: Vec<u64>,
+    /// Moves in progress, by id.
+    pub operations: Vec<Operation>,
+    /// The last operation id given out.
+    pub last_operation: u64,
 }
 
 /// A change to the map, proposed to the metadata group.
@@ -83,6 +130,15 @@ pub enum PlacementCommand {
     /// Adds a node that is not in the map yet, active and holding no replica. Its addresses
     /// are updated if it is (a node's addresses may change in the file); nothing else.
     Register(NodeEntry),
+    /// Starts moving `shard`'s replica on `from` to `to`.
+    StartMove { shard: u32, from: u64, to: u64 },
+    /// Records that move `id` reached `step` (with the new replica's id from `CatchingUp`
+    /// on). `Removing` makes `to` a voter in place of `from`.
+    MoveReached { id: u64, step: Step, replica: Option<u64> },
+    /// Ends move `id`: done, or cancelled and cleaned up.
+    MoveEnded { id: u64 },
+    /// Asks to cancel move `id`; possible until `to` votes.
+    CancelMove { id: u64 },
 }
 
 impl ClusterMap {
@@ -91,11 +147,17 @@ impl ClusterMap {
         self.epoch > 0
     }
 
-    /// Whether `node` holds a replica of any group, the metadata group's included. A node that
-    /// holds none has nothing to lose and may register again after losing its disk; one
-    /// that does must rejoin as new replicas.
+    /// Whether `node` holds (or is being given) a replica of any group, the metadata group's
+    /// included. A node that holds none has nothing to lose and may register again after
+    /// losing its disk; one that does must rejoin as new replicas.
     pub fn holds_replicas(&self, node: u64) -> bool {
-        self.metadata.contains(&node) || self.shards.iter().any(|p| p.voters.contains(&node))
+        self.metadata.contains(&node)
+            || self.shards.iter().any(|p| p.voters.contains(&node) || p.learners.contains(&node))
+    }
+
+    /// The move of `shard` in progress, if any.
+    pub fn operation_on(&self, shard: u32) -> Option<&Operation> {
+        self.operations.iter().find(|o| o.shard == shard)
     }
 
     /// Where `shard` lives, if the map has it.
@@ -124,6 +186,7 @@ impl ClusterMap {
                         shard: s,
                         voters: ids.clone(),
                         preferred_leader: ids[s as usize % ids.len()],
+                        learners: Vec::new(),
                     })
                     .collect();
                 self.metadata = ids;
@@ -170,6 +233,98 @@ impl ClusterMap {
                 }
                 self.epoch += 1;
                 Ok(true)
+            }
+            PlacementCommand::StartMove { shard, from, to } => {
+                if !self.is_set() {
+                    return Err("the cluster map is not initialized yet".into());
+                }
+                if let Some(op) = self.operation_on(*shard) {
+                    return Err(format!("shard {shard} is already being moved (operation {})", op.id));
+                }
+                if !self.nodes.iter().any(|n| n.id == *to && n.state == NodeState::Active) {
+                    return Err(format!("node {to} is not an active node of the cluster"));
+                }
+                let count = self.shards.len();
+                let placement = self
+                    .shards
+                    .get_mut(*shard as usize)
+                    .ok_or_else(|| format!("no shard {shard}: the cluster has shards 0 to {}", count - 1))?;
+                if !placement.voters.contains(from) {
+                    return Err(format!(
+                        "node {from} holds no voting replica of shard {shard} ({:?})",
+                        placement.voters
+                    ));
+                }
+                if placement.voters.contains(to) || placement.learners.contains(to) {
+                    return Err(format!("node {to} already holds a replica of shard {shard}"));
+                }
+                placement.learners.push(*to);
+                self.last_operation += 1;
+                let op = Operation {
+                    id: self.last_operation,
+                    shard: *shard,
+                    from: *from,
+                    to: *to,
+                    step: Step::Adding,
+                    replica: None,
+                };
+                self.operations.push(op);
+                self.epoch += 1;
+                Ok(true)
+            }
+            PlacementCommand::MoveReached { id, step, replica } => {
+                let i = self.operations.iter().position(|o| o.id == *id).ok_or_else(|| format!("no operation {id}"))?;
+                let op = &mut self.operations[i];
+                if op.step == Step::Cancelling || *step == Step::Cancelling {
+                    return Err(format!("operation {id} is being cancelled"));
+                }
+                if op.step >= *step {
+                    return Ok(false);
+                }
+                op.step = *step;
+                if replica.is_some() {
+                    op.replica = *replica;
+                }
+                if *step == Step::Removing {
+                    let (from, to) = (op.from, op.to);
+                    let p = &mut self.shards[op.shard as usize];
+                    p.learners.retain(|n| *n != to);
+                    p.voters.retain(|n| *n != from);
+                    p.voters.push(to);
+                    p.voters.sort_unstable();
+                    if p.preferred_leader == from {
+                        p.preferred_leader = to;
+                    }
+                }
+                self.epoch += 1;
+                Ok(true)
+            }
+            PlacementCommand::MoveEnded { id } => {
+                let Some(i) = self.operations.iter().position(|o| o.id == *id) else { return Ok(false) };
+                let op = self.operations.remove(i);
+                if op.step != Step::Removing {
+                    // Cancelled: the learner is gone.
+                    self.shards[op.shard as usize].learners.retain(|n| *n != op.to);
+                }
+                self.epoch += 1;
+                Ok(true)
+            }
+            PlacementCommand::CancelMove { id } => {
+                let op =
+                    self.operations.iter_mut().find(|o| o.id == *id).ok_or_else(|| format!("no operation {id}"))?;
+                match op.step {
+                    Step::Cancelling => Ok(false),
+                    Step::Removing => Err(format!(
+                        "operation {id} cannot be cancelled: node {} already votes in shard {} in place of node {}; \
+                         move it back instead",
+                        op.to, op.shard, op.from
+                    )),
+                    Step::Adding | Step::CatchingUp => {
+                        op.step = Step::Cancelling;
+                        self.epoch += 1;
+                        Ok(true)
+                    }
+                }
             }
         }
     }
@@ -244,6 +399,67 @@ mod tests {
         assert_eq!(map.apply(&PlacementCommand::Register(moved.clone())), Ok(true));
         assert_eq!(map.nodes[3], moved);
         assert_eq!(map.epoch, 4);
+    }
+
+    #[test]
+    fn a_move_goes_forward_step_by_step_and_swaps_the_voter_only_at_removing() {
+        let mut map = ClusterMap::default();
+        map.apply(&init(&[1, 2, 3], 2)).unwrap();
+        map.apply(&PlacementCommand::Register(node(4))).unwrap();
+        let start = PlacementCommand::StartMove { shard: 0, from: 1, to: 4 };
+        assert_eq!(map.apply(&start), Ok(true));
+        assert!(map.apply(&start).unwrap_err().contains("already being moved"), "one move per shard");
+        let op = map.operation_on(0).cloned().expect("the move");
+        assert_eq!((op.id, op.step, op.replica), (1, Step::Adding, None));
+        assert_eq!(map.shard(0).unwrap().learners, vec![4]);
+        assert!(map.holds_replicas(4));
+
+        let caught = PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4) };
+        assert_eq!(map.apply(&caught), Ok(true));
+        assert_eq!(map.apply(&caught), Ok(false), "a step recorded twice (a coordinator that crashed) is no change");
+        assert_eq!(map.shard(0).unwrap().voters, vec![1, 2, 3], "no voter changes before the promotion");
+        let removing = PlacementCommand::MoveReached { id: 1, step: Step::Removing, replica: None };
+        assert_eq!(map.apply(&removing), Ok(true));
+        let p = map.shard(0).unwrap();
+        assert_eq!((p.voters.clone(), p.learners.clone(), p.preferred_leader), (vec![2, 3, 4], vec![], 4));
+        assert_eq!(map.operation_on(0).unwrap().replica, Some(4), "the replica id is kept");
+        assert!(map.apply(&PlacementCommand::CancelMove { id: 1 }).unwrap_err().contains("cannot be cancelled"));
+        assert_eq!(
+            map.apply(&PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: None }),
+            Ok(false)
+        );
+        assert_eq!(map.apply(&PlacementCommand::MoveEnded { id: 1 }), Ok(true));
+        assert_eq!(map.apply(&PlacementCommand::MoveEnded { id: 1 }), Ok(false));
+        assert!(map.operations.is_empty());
+        assert_eq!(map.shard(0).unwrap().voters, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn a_move_is_refused_unless_it_can_be_made_and_a_cancel_leaves_the_shard_as_it_was() {
+        let mut map = ClusterMap::default();
+        map.apply(&init(&[1, 2, 3], 2)).unwrap();
+        map.apply(&PlacementCommand::Register(node(4))).unwrap();
+        let before = map.clone();
+        for (shard, from, to, says) in [
+            (5, 1, 4, "no shard 5"),
+            (0, 4, 1, "node 4 holds no voting replica"),
+            (0, 1, 2, "node 2 already holds a replica"),
+            (0, 1, 9, "node 9 is not an active node"),
+        ] {
+            let err = map.apply(&PlacementCommand::StartMove { shard, from, to }).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
+        assert_eq!(map, before, "refusals change nothing");
+
+        map.apply(&PlacementCommand::StartMove { shard: 1, from: 2, to: 4 }).unwrap();
+        map.apply(&PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4) }).unwrap();
+        assert_eq!(map.apply(&PlacementCommand::CancelMove { id: 1 }), Ok(true));
+        assert_eq!(map.apply(&PlacementCommand::CancelMove { id: 1 }), Ok(false));
+        let promote = PlacementCommand::MoveReached { id: 1, step: Step::Removing, replica: None };
+        assert!(map.apply(&promote).unwrap_err().contains("being cancelled"), "a cancelled move is never promoted");
+        map.apply(&PlacementCommand::MoveEnded { id: 1 }).unwrap();
+        assert_eq!(map.shards, before.shards, "the shard is as it was");
+        assert!(map.operations.is_empty());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::net::frame;
 use crate::net::lane::write_now;
 use crate::net::tls::{self, Identity};
 use crate::net::wire::{ErrorCode, Request, Response};
+use crate::placement::PlacementCommand;
 use crate::service::{self, Service, SEND_TIMEOUT};
 
 /// How long a new request stream may take to deliver its request.
@@ -225,7 +226,13 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
             Request::GetCursor { user, conversation } => node.get_cursor(who, user, conversation).await,
             Request::Members { conversation, change } => node.members(who, conversation, change).await,
             Request::SetRetention { conversation, retention } => node.set_retention(who, conversation, retention).await,
-            Request::TransferLeader { shard, to } => node.transfer_leader(who, shard, to).await,
+            Request::TransferLeader { shard, to } => {
+                node.admin_place(who, PlacementCommand::SetPreferredLeader { shard, node: to }).await
+            }
+            Request::Move { shard, from, to } => {
+                node.admin_place(who, PlacementCommand::StartMove { shard, from, to }).await
+            }
+            Request::CancelOperation { id } => node.admin_place(who, PlacementCommand::CancelMove { id }).await,
             Request::Status if who.admin => Response::Status(Box::new(node.status())),
             Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
             Request::Subscribe { conversation, from, follow } => {

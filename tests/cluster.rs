@@ -1488,6 +1488,123 @@ async fn a_node_added_to_the_file_registers_holding_nothing_and_a_wiped_member_i
     }
 }
 
+// `convoy admin move` under steady sends: shard 0's replica on its leader moves to a node
+// added after formation. The leader hands leadership away, the new replica catches up and
+// votes in its place, and the old node deletes its copy. No send fails; every acked message
+// reads back identically from each replica of the new set; the moved replica restarts as a
+// voter, and the old node restarts without the shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
+    let mut cluster = start(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let from = leaders[0];
+    assert_eq!(cluster.add_node().expect("add node 4"), 4);
+    cluster.start(4).expect("start node 4");
+    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    let client = cluster.client().expect("client");
+    let convs: Vec<String> = (0..).map(|i| format!("mv-{i}")).filter(|c| shard_of(c, 2) == 0).take(3).collect();
+    for c in &convs {
+        for i in 0..50 {
+            client.send(c, &format!("before-{i}")).await.expect("send before the move");
+        }
+    }
+
+    // Steady sends through the move, each acked or reported failed.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (client, convs, stop) = (client.clone(), convs.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut failed) = (0u64, Vec::new());
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.send(&convs[i % convs.len()], &format!("during-{i}")).await {
+                    Ok(_) => acked += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (acked, failed)
+        })
+    };
+    let (from_s, shard_s) = (from.to_string(), "0".to_string());
+    let args = [
+        "admin",
+        "move",
+        "--shard",
+        &shard_s,
+        "--from",
+        &from_s,
+        "--to",
+        "4",
+        "--wait",
+        "--timeout-s",
+        "120",
+        "--json",
+    ];
+    let (ok, out, err) = cli_as(&cluster, "admin", &args);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = sender.await.expect("sender");
+    assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
+    assert!(failed.is_empty(), "no send may fail during a move: {failed:?}");
+    assert!(acked > 20, "sends went on during the move: {acked}");
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("move prints JSON");
+    let mut want: Vec<u64> = (1..=3).filter(|n| *n != from).chain([4]).collect();
+    want.sort_unstable();
+    assert_eq!(answer["replicas"], serde_json::json!(want), "{answer}");
+
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "status", "--json"]);
+    assert!(ok, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).expect("admin status prints JSON");
+    assert_eq!(view["operations"], serde_json::json!([]), "{view}");
+    assert_eq!(view["shards"][0]["replicas"], serde_json::json!(want), "{view}");
+    let node = |id: u64| view["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).cloned().unwrap();
+    assert_eq!((node(from)["replicas"].as_u64(), node(4)["replicas"].as_u64()), (Some(1), Some(1)), "{view}");
+
+    // Every acked message, identically on every replica of the new set.
+    let reads = |cluster_client: Client, node: u64, convs: Vec<String>| async move {
+        let mut all = Vec::new();
+        for c in &convs {
+            let msgs = read_at_least(&cluster_client, c, node, 50).await;
+            check_dense(&msgs);
+            all.push(msgs);
+        }
+        all
+    };
+    // The last acked offsets, read from a voter once every send is done.
+    let heads: Vec<usize> = {
+        let mut h = Vec::new();
+        for c in &convs {
+            h.push(read_at_least(&client, c, want[0], 50).await.len());
+        }
+        h
+    };
+    assert_eq!(heads.iter().map(|h| *h as u64).sum::<u64>(), 150 + acked, "every acked send is stored once");
+    let first = reads(client.clone(), want[0], convs.clone()).await;
+    for &n in &want[1..] {
+        let mut got = Vec::new();
+        for (c, head) in convs.iter().zip(&heads) {
+            got.push(read_at_least(&client, c, n, *head).await);
+        }
+        assert_eq!(got, first, "node {n} holds what node {} holds", want[0]);
+    }
+    // The old node no longer has the shard.
+    assert!(client.read(&convs[0], 1, Some(from)).await.is_err(), "node {from} deleted its copy");
+
+    // Restarts: node 4 runs the moved replica again; the old node does not.
+    cluster.restart(4).expect("restart node 4");
+    cluster.restart(from).expect("restart the old node");
+    cluster.wait_ready(&[1, 2, 3, 4], READY).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    let admin = cluster.admin().expect("admin");
+    let shards_of = |s: convoy::net::wire::NodeStatus| s.shards.iter().map(|x| x.shard).collect::<Vec<_>>();
+    assert_eq!(shards_of(admin.status(4).await.expect("node 4 status")), vec![0]);
+    assert_eq!(shards_of(admin.status(from).await.expect("old node status")), vec![1]);
+    let after = client.send(&convs[0], "after-restarts").await.expect("send after restarts");
+    assert_eq!(after.offset as usize, heads[0] + 1);
+    let on4 = read_at_least(&client, &convs[0], 4, heads[0] + 1).await;
+    assert_eq!(&on4[..heads[0]], &first[0][..], "node 4 after its restart");
+}
+
 // A node whose data is wiped must not vote under its old identity: started as before, it
 // refuses (exit 3) and names `--rejoin`, while the other two keep serving. Started with
 // `--rejoin`, it joins every shard as a new replica (a new generation of its id), catches up

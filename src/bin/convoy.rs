@@ -314,6 +314,32 @@ enum AdminAction {
         #[command(flatten)]
         status: StatusArgs,
     },
+    /// Move shard S's replica on node N to node M: M's new replica catches up as a learner,
+    /// then votes in place of N's (leadership leaves N first), then N deletes its copy.
+    /// Sends go on throughout. The metadata group's leader carries it out, so it survives
+    /// this command's end and any node's crash.
+    Move {
+        #[arg(long)]
+        shard: u32,
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        to: u64,
+        /// Follow the move each second (its step, how far the new replica is behind); exit 0
+        /// once it is done, non-zero if it is cancelled or not done within --timeout-s.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+        #[command(flatten)]
+        status: StatusArgs,
+    },
+    /// Cancel operation OP (see `admin status`), possible until its new replica votes.
+    Cancel {
+        op: u64,
+        #[command(flatten)]
+        status: StatusArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -397,6 +423,20 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Admin { action: AdminAction::Status(args) } => admin_status(&args).await,
         Cmd::Admin { action: AdminAction::TransferLeader { shard, to, wait, timeout_s, status } } => {
             transfer_leader(&status, shard, to, wait, Duration::from_secs(timeout_s)).await
+        }
+        Cmd::Admin { action: AdminAction::Move { shard, from, to, wait, timeout_s, status } } => {
+            move_replica(&status, shard, from, to, wait, Duration::from_secs(timeout_s)).await
+        }
+        Cmd::Admin { action: AdminAction::Cancel { op, status } } => {
+            let config = load(&status.config)?;
+            let client = status.who.connect(&config, Some(ADMIN_USER))?;
+            let (epoch, changed) = client.cancel_operation(op).await.map_err(|e| anyhow!("cancel: {e}"))?;
+            if status.json {
+                println!("{}", json!({"op": op, "epoch": epoch, "changed": changed}));
+            } else {
+                println!("operation {op}: cancel recorded (cluster map epoch {epoch}); the coordinator undoes it");
+            }
+            Ok(())
         }
         Cmd::Tls { action: TlsAction::Init { config } } => {
             let config = load(&config)?;
@@ -852,7 +892,88 @@ async fn admin_status(args: &StatusArgs) -> Result<()> {
             lag.join("  ")
         );
     }
-    println!("\noperations in progress: none (shard moves are not built yet)");
+    if view.operations.is_empty() {
+        println!("\noperations in progress: none");
+    } else {
+        println!("\noperations in progress:");
+        for op in &view.operations {
+            let behind = op.progress.entries_behind.map_or("?".to_string(), |e| e.to_string());
+            println!(
+                "  {:>3}  move shard {} from node {} to node {}: {} (new replica {} entries behind)",
+                op.id, op.shard, op.from, op.to, op.state, behind
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `admin move`: records the move, then with `wait` follows it until it leaves the map's
+/// operations, and says whether it was done or cancelled.
+async fn move_replica(args: &StatusArgs, shard: u32, from: u64, to: u64, wait: bool, timeout: Duration) -> Result<()> {
+    let config = load(&args.config)?;
+    let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let started = Instant::now();
+    let epoch = loop {
+        match client.move_replica(shard, from, to).await {
+            Ok((epoch, _)) => break epoch,
+            Err(e @ convoy::Error::Unavailable(_)) if started.elapsed() < timeout => {
+                tracing::debug!(error = %e, "asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => bail!("move: {e}"),
+        }
+    };
+    if !args.json {
+        println!("shard {shard}: move from node {from} to node {to} recorded (cluster map epoch {epoch})");
+    }
+    let mut op_id = None;
+    let mut replicas = Vec::new();
+    if wait {
+        let deadline = started + timeout;
+        loop {
+            let (_, answers) = node_statuses(args, "admin move").await?;
+            let statuses: Vec<_> = answers.into_iter().map(|(id, a)| (id, a.ok())).collect();
+            let view = convoy::admin::cluster_view(&statuses);
+            let op = view.operations.iter().find(|o| o.shard == shard && o.from == from && o.to == to);
+            if let Some(op) = op {
+                op_id = Some(op.id);
+                if !args.json {
+                    let behind = op.progress.entries_behind.map_or("?".to_string(), |e| e.to_string());
+                    println!(
+                        "  {:>5.1} s  operation {}: {}, new replica {behind} entries behind",
+                        started.elapsed().as_secs_f64(),
+                        op.id,
+                        op.state
+                    );
+                }
+            } else if view.epoch > epoch {
+                replicas =
+                    view.shards.iter().find(|s| s.shard == shard).map(|s| s.replicas.clone()).unwrap_or_default();
+                if replicas.contains(&to) && !replicas.contains(&from) {
+                    break;
+                }
+                bail!(
+                    "the move of shard {shard} ended without {to} replacing {from} (cancelled?): voters {replicas:?}"
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the move of shard {shard} is not done after {timeout:?}; it goes on (see `convoy admin status`)"
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if !args.json {
+            println!("shard {shard} moved: voters {replicas:?} ({:.1} s)", started.elapsed().as_secs_f64());
+        }
+    }
+    if args.json {
+        let elapsed_s = started.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            json!({"shard": shard, "from": from, "to": to, "epoch": epoch, "op": op_id, "done": wait, "replicas": replicas, "elapsed_s": elapsed_s})
+        );
+    }
     Ok(())
 }
 

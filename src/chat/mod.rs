@@ -319,6 +319,7 @@ impl Command {
             }
             Command::Place(PlacementCommand::SetPreferredLeader { .. }) => FIXED,
             Command::Place(PlacementCommand::Register(n)) => FIXED + n.peer_addr.len() + n.client_addr.len(),
+            Command::Place(_) => FIXED,
         }
     }
 }

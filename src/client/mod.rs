@@ -623,7 +623,23 @@ impl Client {
     /// Names `to` the preferred leader of `shard` in the cluster map (an admin credential),
     /// through any node that answers. Returns the map's epoch and whether this changed it.
     pub async fn transfer_leader(&self, shard: u32, to: u64) -> Result<(u64, bool)> {
-        let req = Request::TransferLeader { shard, to };
+        self.place(Request::TransferLeader { shard, to }).await
+    }
+
+    /// Starts moving `shard`'s replica on node `from` to node `to` (an admin credential).
+    /// Returns the map's epoch once the move is recorded; its progress is in the nodes'
+    /// status (see `convoy::admin`).
+    pub async fn move_replica(&self, shard: u32, from: u64, to: u64) -> Result<(u64, bool)> {
+        self.place(Request::Move { shard, from, to }).await
+    }
+
+    /// Cancels operation `id` (an admin credential), possible until its new replica votes.
+    pub async fn cancel_operation(&self, id: u64) -> Result<(u64, bool)> {
+        self.place(Request::CancelOperation { id }).await
+    }
+
+    /// A cluster-map change, through any node that answers.
+    async fn place(&self, req: Request) -> Result<(u64, bool)> {
         let mut last = Error::Unavailable("no node to ask".into());
         for node in self.node_ids() {
             match self.request(node, &req).await {
@@ -632,7 +648,7 @@ impl Client {
                     e @ Error::Unavailable(_) => last = e,
                     e => return Err(e),
                 },
-                Ok(other) => return Err(Error::Protocol(format!("unexpected answer to transfer-leader: {other:?}"))),
+                Ok(other) => return Err(Error::Protocol(format!("unexpected answer to {req:?}: {other:?}"))),
                 Err(e) => last = e,
             }
         }

@@ -44,6 +44,12 @@ pub enum Request {
     /// cluster map; answered `Placed` once the map holds it. Leadership follows once
     /// `to`'s replica has the whole log.
     TransferLeader { shard: ShardId, to: u64 },
+    /// Move `shard`'s replica on node `from` to node `to` (admin credentials only); answered
+    /// `Placed` once the move is recorded. The metadata group's leader carries it out; its
+    /// progress is in every node's `Status` (the cluster map's operations).
+    Move { shard: ShardId, from: u64, to: u64 },
+    /// Cancel operation `id` (admin credentials only), possible until its new replica votes.
+    CancelOperation { id: u64 },
 }
 
 /// What a [`Request::Members`] asks.

@@ -160,10 +160,20 @@ impl Formation {
     }
 
     fn set_replica(&self, shard: ShardId, replica: NodeId) -> Result<()> {
-        let mut b = rocksdb::WriteBatch::default();
-        b.put(replica_key(shard), encode(&replica));
-        self.store.write_sync(b)
+        record_replica(&self.store, shard, replica)
     }
+}
+
+/// Recorded as a shard's replica id on a node that left the shard: it does not run the
+/// shard's group at start (a replica id never reaches it: generations are 32 bits).
+pub const DROPPED: NodeId = u64::MAX;
+
+/// Records `replica` as this node's replica id in `shard`'s group (with fsync), before the
+/// group starts under it: a restart runs it under the same id. [`DROPPED`] once it left.
+pub fn record_replica(store: &Store, shard: ShardId, replica: NodeId) -> Result<()> {
+    let mut b = rocksdb::WriteBatch::default();
+    b.put(replica_key(shard), encode(&replica));
+    store.write_sync(b)
 }
 
 fn write_record(store: &Store, record: &ClusterRecord) -> Result<()> {
@@ -299,7 +309,7 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
 }
 
 /// The newest cluster map `peers` report (empty if none answers with one).
-async fn newest_map(net: &PeerNet, peers: &[NodeId]) -> ClusterMap {
+pub async fn newest_map(net: &PeerNet, peers: &[NodeId]) -> ClusterMap {
     let mut newest = ClusterMap::default();
     for &p in peers {
         if let Ok(PeerResponse::ClusterMap(map)) = net.control(p, PeerRequest::ClusterMap, CONTROL_TTL).await {
@@ -495,5 +505,67 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member
         }
     }
     tracing::info!(shard, replica, "replica caught up and replaced its node's old replica as voter");
+    PeerResponse::Promoted
+}
+
+/// The leader's side of a move's promotion (`PeerRequest::Replace`): once `replica` (a
+/// learner on another node) has caught up, it votes in place of every replica of node
+/// `from`, in one membership change that openraft runs through joint consensus. A leader
+/// that is itself `from` hands leadership to another caught-up voter first and answers an
+/// error, so the coordinator asks the new leader. Repeating it after it is done answers
+/// `Promoted` at once.
+pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, member: Member) -> PeerResponse {
+    let m = match leads(h) {
+        Ok(m) => m,
+        Err(answer) => return answer,
+    };
+    let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+    if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == from) {
+        return PeerResponse::Promoted;
+    }
+    if node_of(h.replica) == from {
+        let caught_up = |v: &NodeId| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(v).cloned().flatten())
+                .is_some_and(|l| Some(l.index) == m.last_log_index)
+        };
+        let Some(&to) = voters.iter().find(|v| node_of(**v) != from && caught_up(v)) else {
+            return PeerResponse::Error(format!("shard {shard}: no caught-up voter to hand leadership to yet"));
+        };
+        tracing::info!(shard, to, "handing leadership away before this replica leaves the shard");
+        let _ = h.raft.trigger().transfer_leader(to).await;
+        return PeerResponse::NotLeader { leader: Some(node_of(to)) };
+    }
+    // Re-adding a learner with `blocking` waits until the leader sees it caught up.
+    if let Err(e) = h.raft.add_learner(replica, member, true).await {
+        return PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}"));
+    }
+    let new_voters: BTreeSet<NodeId> =
+        voters.iter().copied().filter(|v| node_of(*v) != from).chain(std::iter::once(replica)).collect();
+    if let Err(e) = h.raft.change_membership(ChangeMembers::ReplaceAllVoters(new_voters), false).await {
+        return PeerResponse::Error(format!("making replica {replica} of shard {shard} a voter: {e}"));
+    }
+    tracing::info!(shard, replica, from, "a moved replica votes in place of the old one");
+    PeerResponse::Promoted
+}
+
+/// The leader's side of a cancelled move (`PeerRequest::RemoveLearner`): `replica` leaves the
+/// group if it is a learner there; a voter is never removed this way.
+pub async fn remove_learner(h: &Hosted, shard: ShardId, replica: NodeId) -> PeerResponse {
+    let m = match leads(h) {
+        Ok(m) => m,
+        Err(answer) => return answer,
+    };
+    let membership = m.membership_config.membership();
+    if membership.voter_ids().any(|v| v == replica) {
+        return PeerResponse::Error(format!("replica {replica} of shard {shard} votes: it is not removed by a cancel"));
+    }
+    if membership.learner_ids().any(|l| l == replica) {
+        let gone = BTreeSet::from([replica]);
+        if let Err(e) = h.raft.change_membership(ChangeMembers::RemoveNodes(gone), false).await {
+            return PeerResponse::Error(format!("removing learner {replica} of shard {shard}: {e}"));
+        }
+    }
     PeerResponse::Promoted
 }

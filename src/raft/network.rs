@@ -73,7 +73,12 @@ pub struct PeerContext {
     pub formation: Arc<super::formation::Formation>,
     pub spool_dir: PathBuf,
     pub stages: Arc<Stages>,
+    /// Where a `Drop` goes: the service stops the shard's replica and deletes its data.
+    pub drops: tokio::sync::mpsc::Sender<DropRequest>,
 }
+
+/// A shard to stop and delete here, and where to say it is done.
+pub type DropRequest = (ShardId, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 /// Outgoing peer RPCs; cheap to clone.
 #[derive(Clone)]
@@ -84,14 +89,27 @@ pub struct PeerNet {
 struct Inner {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
-    /// One slot per peer: connecting to a dead peer must never delay RPCs to live ones.
-    slots: HashMap<NodeId, (SocketAddr, tokio::sync::Mutex<Option<quinn::Connection>>)>,
+    /// One slot per peer: connecting to a dead peer must never delay RPCs to live ones. The
+    /// file's nodes at start; nodes added since are learned from the cluster map.
+    slots: std::sync::RwLock<HashMap<NodeId, Arc<Slot>>>,
     /// The least time an AppendEntries may take (see [`PeerNet::new`]).
     append_timeout: Duration,
     stats: Arc<PeerStats>,
     stages: Arc<Stages>,
     /// Idle AppendEntries lanes by (peer, shard) (see [`PeerNet::append`]).
     lanes: LanePool<(NodeId, ShardId)>,
+}
+
+/// A peer's address and its connection, once made.
+struct Slot {
+    addr: SocketAddr,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+impl Slot {
+    fn new(addr: SocketAddr) -> Arc<Slot> {
+        Arc::new(Slot { addr, conn: tokio::sync::Mutex::new(None) })
+    }
 }
 
 /// Idle lanes kept per (peer, shard): openraft replicates to a peer one AppendEntries at a
@@ -132,10 +150,20 @@ impl PeerNet {
         append_timeout: Duration,
         stages: Arc<Stages>,
     ) -> Self {
-        let slots = addrs.into_iter().map(|(id, addr)| (id, (addr, tokio::sync::Mutex::new(None)))).collect();
+        let slots = std::sync::RwLock::new(addrs.into_iter().map(|(id, addr)| (id, Slot::new(addr))).collect());
         let stats = Arc::default();
         let lanes = LanePool::new(LANES_PER_SHARD);
         PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout, stats, stages, lanes }) }
+    }
+
+    /// Learns where `node` is (a node added to the cluster, or one whose address changed);
+    /// an unchanged address keeps its connection.
+    pub fn learn(&self, node: NodeId, addr: SocketAddr) {
+        let mut slots = self.inner.slots.write().unwrap_or_else(|p| p.into_inner());
+        if slots.get(&node).is_none_or(|s| s.addr != addr) {
+            tracing::info!(node, %addr, "learned a peer's address from the cluster map");
+            slots.insert(node, Slot::new(addr));
+        }
     }
 
     /// The replication counters of this node.
@@ -145,8 +173,9 @@ impl PeerNet {
 
     async fn connection(&self, target: NodeId) -> Result<quinn::Connection, RPCError<C>> {
         let node = node_of(target);
-        let (addr, slot) = self.inner.slots.get(&node).ok_or_else(|| unreachable(format!("unknown node {node}")))?;
-        let mut slot = slot.lock().await;
+        let known = self.inner.slots.read().unwrap_or_else(|p| p.into_inner()).get(&node).cloned();
+        let known = known.ok_or_else(|| unreachable(format!("unknown node {node}")))?;
+        let (addr, mut slot) = (&known.addr, known.conn.lock().await);
         if let Some(c) = slot.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
@@ -510,7 +539,10 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
         | PeerRequest::Hello
         | PeerRequest::Prepare { .. }
         | PeerRequest::Place(_)
-        | PeerRequest::ClusterMap => None,
+        | PeerRequest::ClusterMap
+        | PeerRequest::Replace { .. }
+        | PeerRequest::RemoveLearner { .. }
+        | PeerRequest::Drop { .. } => None,
     }
 }
 
@@ -571,6 +603,25 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
             Ok(map) => PeerResponse::ClusterMap(map),
             Err(e) => err(e.to_string()),
         },
+        PeerRequest::Replace { shard, from, replica, member } => match hosted(groups, shard) {
+            Ok(h) => super::formation::replace(&h, shard, from, replica, member).await,
+            Err(e) => err(e),
+        },
+        PeerRequest::RemoveLearner { shard, replica } => match hosted(groups, shard) {
+            Ok(h) => super::formation::remove_learner(&h, shard, replica).await,
+            Err(e) => err(e),
+        },
+        PeerRequest::Drop { shard } => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if ctx.drops.send((shard, tx)).await.is_err() {
+                return err("this node is stopping".into());
+            }
+            match rx.await {
+                Ok(Ok(())) => PeerResponse::Dropped,
+                Ok(Err(e)) => err(e),
+                Err(_) => err("this node stopped before dropping the shard".into()),
+            }
+        }
     }
 }
 

@@ -72,6 +72,25 @@ pub enum PeerRequest {
     Place(PlacementCommand),
     /// The cluster map as the node applied it (a starting node asks before it registers).
     ClusterMap,
+    /// For a shard's leader: make `replica` (a learner, once caught up) a voter in place of
+    /// node `from`'s replicas (a move's promotion). Answered `Promoted`.
+    Replace {
+        shard: ShardId,
+        from: NodeId,
+        replica: NodeId,
+        member: Member,
+    },
+    /// For a shard's leader: remove `replica` if it is a learner (a cancelled move).
+    /// Answered `Promoted`.
+    RemoveLearner {
+        shard: ShardId,
+        replica: NodeId,
+    },
+    /// For a node that no longer holds `shard` (the membership change removing it is
+    /// committed): stop its replica and delete its data. Answered `Dropped`.
+    Drop {
+        shard: ShardId,
+    },
 }
 
 /// A peer's answer.
@@ -98,6 +117,8 @@ pub enum PeerResponse {
     PlacementRefused(String),
     /// The cluster map as this node applied it.
     ClusterMap(ClusterMap),
+    /// The shard's replica is stopped and its data deleted (or it was not here).
+    Dropped,
     /// This node does not lead the shard; `leader` is the node that does, if known.
     NotLeader {
         leader: Option<NodeId>,

@@ -404,9 +404,7 @@ impl Collector for NodeCollector {
         // Shards, from each group's Raft metrics.
         let (mut leader, mut commit, mut apply_lag, mut follower_lag) = (vec![], vec![], vec![], vec![]);
         let (warn, mut lagging) = (node.config.limits.follower_lag_warn, 0i64);
-        let mut shards: Vec<_> = node.groups.values().collect();
-        shards.sort_by_key(|g| g.shard);
-        for g in shards {
+        for g in node.groups() {
             let r = crate::raft::metrics_of(&g.raft);
             let shard = vec![("shard", g.shard.to_string())];
             leader.push((shard.clone(), r.current_leader.map(node_of).unwrap_or(0) as i64));

@@ -17,8 +17,10 @@
 mod fair;
 mod frames;
 pub mod metrics;
+mod placement;
 mod propose;
 mod push;
+pub use placement::serve_drops;
 pub mod rates;
 mod retention;
 
@@ -89,7 +91,11 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
         }
         let Some(node) = node.upgrade() else { return };
         let map = node.cluster_map();
-        for group in node.groups.values() {
+        for group in node.groups() {
+            if map.operation_on(group.shard).is_some() {
+                // A move hands leadership where it must; the balancer waits for it to end.
+                continue;
+            }
             let preferred = node.preferred_leader(&map, group.shard);
             if preferred == node.id {
                 continue;
@@ -201,16 +207,23 @@ pub struct Service {
     pub id: NodeId,
     pub config: Config,
     pub store: Store,
-    groups: HashMap<ShardId, Group>,
+    /// The shard groups this node runs, by shard: they change as the cluster map places
+    /// replicas here or moves them away (see `follow_placement`).
+    groups: std::sync::RwLock<HashMap<ShardId, Group>>,
     /// This node's replica of the metadata group (see `crate::placement`); `None` when its
     /// storage was refused.
     meta: Option<Group>,
     /// Woken when the cluster map changes, so leadership follows a new preferred leader at
     /// once rather than at the next balancing round.
     placement: Arc<Notify>,
+    /// Woken with it, for the task that follows the map (`placement::follow`).
+    placement_follow: Arc<Notify>,
     net: PeerNet,
+    /// Where the peer server finds the groups this node runs.
+    registry: Groups,
+    raft_config: Arc<openraft::Config>,
     /// Each hosted shard's proposer (its fair scheduler), by shard.
-    proposers: HashMap<ShardId, Arc<Proposer>>,
+    proposers: std::sync::RwLock<HashMap<ShardId, Arc<Proposer>>>,
     push: Arc<PushHub>,
     inflight: Arc<Semaphore>,
     /// Slots of catch-up scans ([`CATCH_UP_SCANS_MAX`]).
@@ -224,16 +237,23 @@ pub struct Service {
 
 /// What the metadata group's state machine tells: a changed map, or one replaced by a
 /// snapshot, wakes the leader balancing.
-struct MetaEvents(Arc<Notify>);
+struct MetaEvents(Arc<Notify>, Arc<Notify>);
+
+impl MetaEvents {
+    fn changed(&self) {
+        self.0.notify_one();
+        self.1.notify_waiters();
+    }
+}
 
 impl ShardEvents for MetaEvents {
     fn appended(&self, _: Vec<chat::StoredMessage>) {}
     fn reset(&self, _: ShardId) {
-        self.0.notify_one();
+        self.changed();
     }
     fn members_changed(&self, _: Vec<String>) {}
     fn placement_changed(&self) {
-        self.0.notify_one();
+        self.changed();
     }
 }
 
@@ -406,12 +426,16 @@ impl Service {
         let raft_config = consensus::raft_config(&config)?;
         let push = Arc::new(PushHub::new(config.shards, config.limits.push_buffer_messages));
         let placement = Arc::new(Notify::new());
+        let placement_follow = Arc::new(Notify::new());
         let mut groups = HashMap::new();
         let mut meta = None;
         let mut refused = Vec::new();
         for (&shard, &replica) in replicas {
-            let events: Arc<dyn ShardEvents> =
-                if shard == META_SHARD { Arc::new(MetaEvents(placement.clone())) } else { push.clone() };
+            let events: Arc<dyn ShardEvents> = if shard == META_SHARD {
+                Arc::new(MetaEvents(placement.clone(), placement_follow.clone()))
+            } else {
+                push.clone()
+            };
             let started =
                 consensus::start_group(replica, shard, raft_config.clone(), store.clone(), net.clone(), events).await;
             let group = match started {
@@ -474,11 +498,14 @@ impl Service {
             id,
             config,
             store,
-            groups,
+            groups: std::sync::RwLock::new(groups),
             meta,
             placement,
+            placement_follow,
             net: net.clone(),
-            proposers,
+            registry,
+            raft_config,
+            proposers: std::sync::RwLock::new(proposers),
             push,
             inflight,
             scans: Arc::new(Semaphore::new(CATCH_UP_SCANS_MAX)),
@@ -489,6 +516,8 @@ impl Service {
         });
         tokio::spawn(balance_leaders(Arc::downgrade(&service)));
         tokio::spawn(init_placement(Arc::downgrade(&service)));
+        tokio::spawn(placement::follow(Arc::downgrade(&service)));
+        tokio::spawn(placement::coordinate(Arc::downgrade(&service)));
         tokio::spawn(metrics::sample_lag(Arc::downgrade(&service)));
         tokio::spawn(retention::enforce(Arc::downgrade(&service)));
         tokio::spawn(retention::reclaim(Arc::downgrade(&service)));
@@ -552,18 +581,28 @@ impl Service {
         }
     }
 
-    /// Names `to` the node that should lead `shard` (an admin only), on the metadata
-    /// group's leader wherever it is; the node leading the shard hands leadership over once
-    /// `to`'s replica has the whole log. Answered `Placed` once the change is applied.
-    pub async fn transfer_leader(&self, who: &Identity, shard: ShardId, to: NodeId) -> Response {
+    /// An admin's change to the cluster map (an admin only), applied by the metadata
+    /// group's leader wherever it is; answered `Placed` once applied:
+    /// - a preferred leader (`transfer-leader`): the node leading the shard hands leadership
+    ///   over once the new one's replica has the whole log;
+    /// - a move's start or cancel: the coordinator carries it out (`placement::coordinate`).
+    pub async fn admin_place(&self, who: &Identity, command: PlacementCommand) -> Response {
         if !who.admin {
             return error(ErrorCode::Forbidden, format!("user {:?} is not an admin", who.user));
         }
-        if !self.cluster_map().is_set() {
+        let allowed = matches!(
+            command,
+            PlacementCommand::SetPreferredLeader { .. }
+                | PlacementCommand::StartMove { .. }
+                | PlacementCommand::CancelMove { .. }
+        );
+        if !allowed {
+            return error(ErrorCode::InvalidInput, "only transfer-leader, move and cancel are an operator's to ask");
+        }
+        if !self.cluster_map().is_set() && self.meta.is_some() {
             // Transient: the metadata group's first leader fills it within moments.
             return error(ErrorCode::Unavailable, "the cluster map is not initialized yet; retry in a moment");
         }
-        let command = PlacementCommand::SetPreferredLeader { shard, node: to };
         let deadline = std::time::Instant::now() + meta::PLACE_TTL;
         let nodes = self.config.node_ids();
         match meta::place(&self.net, self.id, self.meta_hosted().as_ref(), &nodes, command, deadline).await {
@@ -576,10 +615,23 @@ impl Service {
         }
     }
 
-    fn group_of(&self, conversation: &str) -> Result<&Group> {
+    fn group_of(&self, conversation: &str) -> Result<Group> {
         chat::validate_id("conversation", conversation).map_err(Error::InvalidInput)?;
         let shard = chat::shard_of(conversation, self.config.shards);
-        self.groups.get(&shard).ok_or_else(|| Error::Unavailable(format!("shard {shard} is not hosted here")))
+        self.group(shard)
+    }
+
+    /// The group of `shard`, if this node runs it.
+    fn group(&self, shard: ShardId) -> Result<Group> {
+        let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
+        groups.get(&shard).cloned().ok_or_else(|| Error::Unavailable(format!("shard {shard} is not hosted here")))
+    }
+
+    /// Every shard group this node runs now, by shard.
+    pub fn groups(&self) -> Vec<Group> {
+        let mut all: Vec<Group> = self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        all.sort_by_key(|g| g.shard);
+        all
     }
 
     /// Proposes a command on the shard's leader (this node), through the shard's fair
@@ -612,7 +664,8 @@ impl Service {
             self.metrics.throttled(Throttle::Inflight, u64::from(sends));
             return Err(Refusal::Throttled { retry_after_ms: THROTTLE_RETRY_MS });
         };
-        let Some(proposer) = self.proposers.get(&group.shard) else {
+        let proposer = self.proposers.read().unwrap_or_else(|p| p.into_inner()).get(&group.shard).cloned();
+        let Some(proposer) = proposer else {
             return Err(Refusal::Unavailable(format!("shard {} is not hosted here", group.shard)));
         };
         proposer.propose(command, Some(permits), done).await
@@ -712,7 +765,11 @@ impl Service {
                         Err(refusal) => refusal.answer(),
                     })
                 };
-                self.propose_then(&self.groups[&shard], Command::Send(command), done).await.err().map(Refusal::answer)
+                let group = match self.group(shard) {
+                    Ok(g) => g,
+                    Err(e) => return Some(error(ErrorCode::Unavailable, e.to_string())),
+                };
+                self.propose_then(&group, Command::Send(command), done).await.err().map(Refusal::answer)
             }
             Request::SendBatch(reqs) => {
                 let (answers, mut by_shard) = match self.prepare_batch(who, reqs) {
@@ -725,8 +782,12 @@ impl Service {
                     if let Some((shard, (_, commands))) = by_shard.pop_first() {
                         let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
                         let done = move |outcome| reply(Response::Batch(batch_answers(outcome, conversations)));
+                        let group = match self.group(shard) {
+                            Ok(g) => g,
+                            Err(e) => return Some(error(ErrorCode::Unavailable, e.to_string())),
+                        };
                         return self
-                            .propose_then(&self.groups[&shard], Command::SendBatch(commands), done)
+                            .propose_then(&group, Command::SendBatch(commands), done)
                             .await
                             .err()
                             .map(Refusal::answer);
@@ -799,7 +860,10 @@ impl Service {
     async fn send_batch_awaited(&self, (mut answers, by_shard): PreparedBatch) -> Response {
         let proposals = by_shard.into_iter().map(|(shard, (slots, commands))| async move {
             let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
-            let outcome = self.propose(&self.groups[&shard], Command::SendBatch(commands)).await;
+            let outcome = match self.group(shard) {
+                Ok(group) => self.propose(&group, Command::SendBatch(commands)).await,
+                Err(e) => Err(Refusal::Unavailable(e.to_string())),
+            };
             (slots, batch_answers(outcome, conversations))
         });
         for (slots, shard_answers) in futures::future::join_all(proposals).await {
@@ -824,7 +888,7 @@ impl Service {
         let shard = group.shard;
         let (store, c) = (self.store.clone(), conversation.clone());
         let command = Command::Cursor(CursorCommand { user, conversation, offset });
-        match self.propose(group, command).await {
+        match self.propose(&group, command).await {
             Ok(Outcome::CursorAt { offset }) => {
                 let head = tokio::task::spawn_blocking(move || store.head(shard, &c)).await;
                 Response::Cursor { offset, head: head.ok().and_then(|h| h.ok()).unwrap_or(0) }
@@ -895,7 +959,7 @@ impl Service {
             MemberChange::Change(change) => change,
         };
         let command = Command::Members(MembersCommand { conversation, by: who.user.clone(), change });
-        match self.propose(group, command).await {
+        match self.propose(&group, command).await {
             Ok(Outcome::Members { members, head }) => Response::Members { members, head },
             Ok(Outcome::Rejected { reason }) => rejected(&reason),
             Ok(other) => Refusal::Unexpected(format!("unexpected outcome of a membership change: {other:?}")).answer(),
@@ -914,7 +978,7 @@ impl Service {
         }
         let command =
             Command::SetRetention(RetentionCommand { conversation, by: who.user.clone(), admin: who.admin, retention });
-        match self.propose(group, command).await {
+        match self.propose(&group, command).await {
             Ok(Outcome::RetentionSet { retention }) => {
                 Response::Retention { set: retention, effective: retention.or(self.config.retention_default) }
             }
@@ -1063,7 +1127,7 @@ impl Service {
 
     /// This node's view of every shard.
     pub fn status(&self) -> NodeStatus {
-        let mut shards: Vec<ShardStatus> = self.groups.values().map(|g| self.group_status(g)).collect();
+        let mut shards: Vec<ShardStatus> = self.groups().iter().map(|g| self.group_status(g)).collect();
         shards.sort_by_key(|s| s.shard);
         let stats = &self.store.syncer.stats;
         NodeStatus {
@@ -1108,7 +1172,7 @@ impl Service {
     /// Stops every group: proposals in flight get no outcome (their clients see the
     /// answer as unknown), and the groups release the store.
     pub async fn shutdown(&self) {
-        for g in self.groups.values().chain(self.meta.as_ref()) {
+        for g in self.groups().iter().chain(self.meta.as_ref()) {
             if let Err(e) = g.raft.shutdown().await {
                 tracing::warn!(shard = g.shard, error = %e, "a shard group did not stop cleanly");
             }

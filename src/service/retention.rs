@@ -42,7 +42,7 @@ pub(super) async fn enforce(node: Weak<Service>) {
         tokio::time::sleep(interval).await;
         let Some(node) = node.upgrade() else { return };
         let default = node.config.retention_default;
-        for group in node.groups.values() {
+        for group in node.groups() {
             if consensus::metrics_of(&group.raft).current_leader != Some(group.replica) {
                 checked.remove(&group.shard);
                 continue;
@@ -70,7 +70,7 @@ pub(super) async fn enforce(node: Weak<Service>) {
             };
             for (conversation, before) in trims {
                 let command = Command::Trim(TrimCommand { conversation: conversation.clone(), before });
-                match node.propose(group, command).await {
+                match node.propose(&group, command).await {
                     Ok(Outcome::Trimmed { earliest, deleted }) if deleted > 0 => {
                         tracing::debug!(shard, conversation, earliest, deleted, "trimmed by retention");
                     }

@@ -210,6 +210,19 @@ impl Store {
     }
 
     /// Writes a batch and fsyncs the WAL before returning (rare writes only).
+    /// Deletes everything this node holds of `shard`: its log, vote, replicated state and
+    /// messages, and its watermark. For a replica that left the shard (its group stopped
+    /// and its removal committed): a later replica of the shard here starts empty.
+    pub fn delete_shard(&self, shard: ShardId) -> Result<()> {
+        let (lo, hi) = shard_range(shard);
+        let mut b = WriteBatch::default();
+        for cf in ALL_CFS {
+            b.delete_range_cf(self.cf(cf), &lo, &hi);
+        }
+        b.delete(watermark_key(shard));
+        self.write_sync(b)
+    }
+
     pub fn write_sync(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);

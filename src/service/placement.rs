@@ -1,0 +1,288 @@
+//! Following the cluster map (`crate::placement`) and carrying out its moves.
+//!
+//! - [`follow`], on every node: learns the nodes' addresses from the map, and starts the
+//!   replica a move places here (under the replica id the shard's leader gave it).
+//! - [`coordinate`], on the metadata group's leader only: takes each move one recorded step
+//!   further. It records a step in the map only once its action is done, and every action
+//!   is safe to repeat, so a coordinator that crashes is replaced by the next leader, which
+//!   resumes from the last recorded step.
+//!
+//! A move of shard S from node N to node M:
+//!
+//! | recorded step | the coordinator's action | then records |
+//! |---|---|---|
+//! | `adding` | S's leader adds a new replica of M as a learner (`Join`: a generation above every id M had in S) | `catching_up` and the replica id |
+//! | `catching_up` | M runs the replica ([`follow`]); S's leader waits until it has caught up, hands leadership away if it is N, then makes it a voter in place of N's (`Replace`, joint consensus) | `removing`: M votes, N does not |
+//! | `removing` | N stops its replica and deletes its data (`Drop`) | the move's end |
+//! | `cancelling` | the learner leaves S (`RemoveLearner`), M deletes its copy (`Drop`) | the move's end |
+//!
+//! An acknowledged message is never lost: N's replica votes until M's has caught up and the
+//! membership change replacing it is committed, and N deletes its data only after that.
+
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use super::Service;
+use crate::chat::ShardId;
+use crate::error::{Error, Result};
+use crate::placement::{ClusterMap, Operation, PlacementCommand, Step};
+use crate::raft::formation::{self, DROPPED};
+use crate::raft::meta;
+use crate::raft::network::{DropRequest, Hosted};
+use crate::raft::rpc::{PeerRequest, PeerResponse};
+use crate::raft::types::{node_of, Member, NodeId};
+use crate::raft::{self as consensus};
+
+/// How often a node looks at the map again, besides when it changes.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+/// Time allowed for one step's control RPC; a promotion waits for the learner to catch up.
+const STEP_TTL: Duration = Duration::from_secs(10);
+const PROMOTE_TTL: Duration = Duration::from_secs(300);
+
+impl Service {
+    /// The newest cluster map this node can see: its own replica's of the metadata group,
+    /// or, on a node without one, the newest its peers report.
+    pub(super) async fn newest_map(&self) -> ClusterMap {
+        if self.meta.is_some() {
+            return self.cluster_map();
+        }
+        let peers: Vec<NodeId> = self.peer_ids();
+        formation::newest_map(&self.net, &peers).await
+    }
+
+    /// Every other node of the file.
+    fn peer_ids(&self) -> Vec<NodeId> {
+        self.config.node_ids().into_iter().filter(|&n| n != self.id).collect()
+    }
+
+    /// Starts `shard`'s group here as `replica`, unless it runs. The replica id is recorded
+    /// first, so a restart runs the group under the same id.
+    pub(super) async fn host(&self, shard: ShardId, replica: NodeId) -> Result<()> {
+        if self.group(shard).is_ok() {
+            return Ok(());
+        }
+        formation::record_replica(&self.store, shard, replica)?;
+        let events = self.push.clone();
+        let (config, store, net) = (self.raft_config.clone(), self.store.clone(), self.net.clone());
+        let group = consensus::start_group(replica, shard, config, store, net, events).await?;
+        let l = &self.config.limits;
+        let proposer = super::Proposer::start(
+            shard,
+            group.raft.clone(),
+            l.shard_window_sends,
+            l.conversation_queue_sends,
+            self.counters.clone(),
+            self.metrics.clone(),
+            self.store.stages.clone(),
+        );
+        let hosted = Hosted { replica, raft: group.raft.clone() };
+        self.registry.write().unwrap_or_else(|p| p.into_inner()).insert(shard, hosted);
+        self.proposers.write().unwrap_or_else(|p| p.into_inner()).insert(shard, proposer);
+        self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(shard, group);
+        tracing::info!(shard, replica, "started a replica the cluster map placed here");
+        Ok(())
+    }
+
+    /// Stops `shard`'s group here and deletes its data: the shard's membership no longer
+    /// holds this node's replica (the caller, the coordinator, saw the change committed).
+    /// Recorded as [`DROPPED`] first, so a restart does not run the group again.
+    pub(super) async fn drop_shard(&self, shard: ShardId) -> Result<()> {
+        let group = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+        self.proposers.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+        self.registry.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+        if let Some(g) = &group {
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!(shard, error = %e, "a dropped shard's group did not stop cleanly");
+            }
+        }
+        formation::record_replica(&self.store, shard, DROPPED)?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.delete_shard(shard))
+            .await
+            .map_err(Error::task("deleting a shard's data"))??;
+        // Its subscribers re-read, and find the shard gone from this node.
+        crate::raft::state_machine::ShardEvents::reset(&*self.push, shard);
+        if group.is_some() {
+            tracing::info!(shard, "left the shard: stopped its replica and deleted its data");
+        }
+        Ok(())
+    }
+}
+
+/// Answers the peer server's `Drop`s (see `raft::network::PeerContext`).
+pub async fn serve_drops(node: Weak<Service>, mut requests: tokio::sync::mpsc::Receiver<DropRequest>) {
+    while let Some((shard, done)) = requests.recv().await {
+        let Some(node) = node.upgrade() else { return };
+        let _ = done.send(node.drop_shard(shard).await.map_err(|e| e.to_string()));
+    }
+}
+
+/// On every node: learns addresses from the map and starts the replicas moves place here.
+pub(super) async fn follow(node: Weak<Service>) {
+    loop {
+        let Some(wake) = node.upgrade().map(|n| n.placement_follow.clone()) else { return };
+        let _ = tokio::time::timeout(FOLLOW_INTERVAL, wake.notified()).await;
+        let Some(node) = node.upgrade() else { return };
+        let map = node.newest_map().await;
+        for n in &map.nodes {
+            if let Ok(addr) = n.peer_addr.parse() {
+                if n.id != node.id {
+                    node.net.learn(n.id, addr);
+                }
+            }
+        }
+        for op in &map.operations {
+            let placed_here = op.to == node.id && matches!(op.step, Step::CatchingUp | Step::Removing);
+            if let (true, Some(replica)) = (placed_here, op.replica) {
+                if let Err(e) = node.host(op.shard, replica).await {
+                    tracing::warn!(shard = op.shard, replica, error = %e, "starting a moved replica");
+                }
+            }
+        }
+    }
+}
+
+/// On the metadata group's leader: takes every move one step further, over and over.
+pub(super) async fn coordinate(node: Weak<Service>) {
+    loop {
+        tokio::time::sleep(FOLLOW_INTERVAL).await;
+        let Some(node) = node.upgrade() else { return };
+        let Some(h) = node.meta_hosted() else { return };
+        if consensus::metrics_of(&h.raft).current_leader != Some(h.replica) {
+            continue;
+        }
+        let map = node.cluster_map();
+        for op in &map.operations {
+            if let Err(why) = node.advance(&map, op).await {
+                tracing::info!(op = op.id, shard = op.shard, step = op.step.as_str(), %why, "a move's step waits");
+            }
+        }
+    }
+}
+
+impl Service {
+    /// Carries out `op`'s next action and records the step it reached.
+    async fn advance(&self, map: &ClusterMap, op: &Operation) -> std::result::Result<(), String> {
+        let member = |node: NodeId| -> std::result::Result<Member, String> {
+            let n = map.nodes.iter().find(|n| n.id == node).ok_or_else(|| format!("node {node} is not in the map"))?;
+            Ok(Member { peer_addr: n.peer_addr.clone(), client_addr: n.client_addr.clone() })
+        };
+        let shard = op.shard;
+        let voters: Vec<NodeId> = map.shard(shard).map(|p| p.voters.clone()).unwrap_or_default();
+        let next = match op.step {
+            Step::Adding => {
+                let req = PeerRequest::Join { shard, node: op.to, member: member(op.to)? };
+                match self.ask_shard_leader(shard, &voters, req, STEP_TTL).await? {
+                    PeerResponse::Joined { replica } => {
+                        PlacementCommand::MoveReached { id: op.id, step: Step::CatchingUp, replica: Some(replica) }
+                    }
+                    other => return Err(format!("adding the learner: {other:?}")),
+                }
+            }
+            Step::CatchingUp => {
+                let replica = op.replica.ok_or("no replica id recorded")?;
+                let req = PeerRequest::Replace { shard, from: op.from, replica, member: member(op.to)? };
+                match self.ask_shard_leader(shard, &voters, req, PROMOTE_TTL).await? {
+                    PeerResponse::Promoted => {
+                        PlacementCommand::MoveReached { id: op.id, step: Step::Removing, replica: None }
+                    }
+                    other => return Err(format!("promoting the learner: {other:?}")),
+                }
+            }
+            Step::Removing => {
+                self.drop_on(op.from, shard).await?;
+                PlacementCommand::MoveEnded { id: op.id }
+            }
+            Step::Cancelling => {
+                if let Some(replica) = op.replica {
+                    let req = PeerRequest::RemoveLearner { shard, replica };
+                    match self.ask_shard_leader(shard, &voters, req, STEP_TTL).await? {
+                        PeerResponse::Promoted => {}
+                        other => return Err(format!("removing the learner: {other:?}")),
+                    }
+                }
+                self.drop_on(op.to, shard).await?;
+                PlacementCommand::MoveEnded { id: op.id }
+            }
+        };
+        let Some(h) = self.meta_hosted() else { return Err("no metadata replica here".into()) };
+        match meta::propose(&h, next).await {
+            PeerResponse::Placed { .. } => {
+                self.placement.notify_one();
+                self.placement_follow.notify_waiters();
+                Ok(())
+            }
+            PeerResponse::PlacementRefused(why) => Err(why),
+            other => Err(format!("recording the step: {other:?}")),
+        }
+    }
+
+    /// Has `node` stop and delete its replica of `shard` (this node directly).
+    async fn drop_on(&self, node: NodeId, shard: ShardId) -> std::result::Result<(), String> {
+        if node == self.id {
+            return self.drop_shard(shard).await.map_err(|e| e.to_string());
+        }
+        match self.net.control(node, PeerRequest::Drop { shard }, STEP_TTL).await {
+            Ok(PeerResponse::Dropped) => Ok(()),
+            Ok(other) => Err(format!("node {node} answered {other:?}")),
+            Err(e) => Err(format!("node {node}: {e}")),
+        }
+    }
+
+    /// Sends `req` to `shard`'s leader: this node's replica when it leads, else the node
+    /// the `NotLeader` answers name, else each voter in turn; the first other answer.
+    async fn ask_shard_leader(
+        &self,
+        shard: ShardId,
+        voters: &[NodeId],
+        req: PeerRequest,
+        ttl: Duration,
+    ) -> std::result::Result<PeerResponse, String> {
+        let deadline = Instant::now() + ttl;
+        let local = self.group(shard).ok();
+        let mut hint = local.as_ref().and_then(|g| consensus::metrics_of(&g.raft).current_leader.map(node_of));
+        let mut last = String::from("no voter answered");
+        let mut round = 0usize;
+        while Instant::now() < deadline && !voters.is_empty() {
+            let target = hint.take().unwrap_or(voters[round % voters.len()]);
+            round += 1;
+            let answer = match &local {
+                Some(g) if target == self.id => {
+                    let h = Hosted { replica: g.replica, raft: g.raft.clone() };
+                    self.answer_locally(&h, req.clone()).await
+                }
+                _ => {
+                    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                    match self.net.control(target, req.clone(), left).await {
+                        Ok(a) => a,
+                        Err(e) => PeerResponse::Error(format!("node {target}: {e}")),
+                    }
+                }
+            };
+            match answer {
+                PeerResponse::NotLeader { leader } => {
+                    last = format!("node {target} does not lead shard {shard}");
+                    hint = leader.filter(|&l| l != target);
+                }
+                PeerResponse::Error(e) => last = e,
+                other => return Ok(other),
+            }
+            if hint.is_none() && round % voters.len() == 0 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        Err(last)
+    }
+
+    /// A shard leader's side of a move's request, for the replica this node runs.
+    async fn answer_locally(&self, h: &Hosted, req: PeerRequest) -> PeerResponse {
+        match req {
+            PeerRequest::Join { shard, node, member } => formation::join(h, shard, node, member).await,
+            PeerRequest::Replace { shard, from, replica, member } => {
+                formation::replace(h, shard, from, replica, member).await
+            }
+            PeerRequest::RemoveLearner { shard, replica } => formation::remove_learner(h, shard, replica).await,
+            other => PeerResponse::Error(format!("not a shard leader's request: {other:?}")),
+        }
+    }
+}
