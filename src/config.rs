@@ -158,6 +158,23 @@ impl Default for Limits {
     }
 }
 
+/// How shard moves run (`[admin]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bytes per second one snapshot stream may send (a moved replica catches up by
+    /// snapshot once the log it needs is purged; so does a lagging follower). 0: no limit.
+    pub move_bytes_per_s: u64,
+    /// Moves copying data at once; more wait their turn at `adding`.
+    pub concurrent_moves: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { move_bytes_per_s: 0, concurrent_moves: 2 }
+    }
+}
+
 /// The cluster's default retention and how it is enforced (`[retention]`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -264,6 +281,8 @@ struct RawConfig {
     #[serde(default)]
     retention: RetentionConfig,
     #[serde(default)]
+    admin: AdminConfig,
+    #[serde(default)]
     worker_threads: usize,
     nodes: Vec<NodeConfig>,
 }
@@ -296,6 +315,7 @@ pub struct Config {
     pub raft: RaftConfig,
     pub limits: Limits,
     pub retention: RetentionConfig,
+    pub admin: AdminConfig,
     /// The cluster's default retention, parsed from `retention`.
     pub retention_default: Retention,
     /// Async worker threads of each node process; 0 = one per core. Nodes sharing one
@@ -341,6 +361,7 @@ impl Config {
             raft: raw.raft,
             retention_default: raw.retention.default_policy()?,
             retention: raw.retention,
+            admin: raw.admin,
             limits: raw.limits,
             worker_threads: raw.worker_threads,
             nodes,
@@ -362,6 +383,9 @@ impl Config {
         }
         if self.nodes.is_empty() {
             return fail("at least one [[nodes]] entry is required".into());
+        }
+        if self.admin.concurrent_moves == 0 {
+            return fail("admin.concurrent_moves must be at least 1".into());
         }
         // A new cluster forms on exactly `replication_factor` nodes (checked at formation);
         // nodes appended to the file afterwards join it holding no replica.

@@ -275,10 +275,13 @@ impl ClusterMap {
             PlacementCommand::MoveReached { id, step, replica } => {
                 let i = self.operations.iter().position(|o| o.id == *id).ok_or_else(|| format!("no operation {id}"))?;
                 let op = &mut self.operations[i];
-                if op.step == Step::Cancelling || *step == Step::Cancelling {
+                // A cancel that came while the promotion was already under way loses to it:
+                // `Removing` records what happened in the shard. Nothing else follows a cancel.
+                let promoted_anyway = op.step == Step::Cancelling && *step == Step::Removing;
+                if (op.step == Step::Cancelling && !promoted_anyway) || *step == Step::Cancelling {
                     return Err(format!("operation {id} is being cancelled"));
                 }
-                if op.step >= *step {
+                if op.step >= *step && !promoted_anyway {
                     return Ok(false);
                 }
                 op.step = *step;
@@ -455,11 +458,18 @@ mod tests {
         map.apply(&PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4) }).unwrap();
         assert_eq!(map.apply(&PlacementCommand::CancelMove { id: 1 }), Ok(true));
         assert_eq!(map.apply(&PlacementCommand::CancelMove { id: 1 }), Ok(false));
-        let promote = PlacementCommand::MoveReached { id: 1, step: Step::Removing, replica: None };
-        assert!(map.apply(&promote).unwrap_err().contains("being cancelled"), "a cancelled move is never promoted");
+        let caught = PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4) };
+        assert!(map.apply(&caught).unwrap_err().contains("being cancelled"), "a cancelled move goes no further");
+        let mut raced = map.clone();
         map.apply(&PlacementCommand::MoveEnded { id: 1 }).unwrap();
         assert_eq!(map.shards, before.shards, "the shard is as it was");
         assert!(map.operations.is_empty());
+
+        // A promotion already under way when the cancel came is what happened: recorded.
+        let promoted = PlacementCommand::MoveReached { id: 1, step: Step::Removing, replica: None };
+        assert_eq!(raced.apply(&promoted), Ok(true));
+        assert_eq!(raced.shard(1).unwrap().voters, vec![1, 3, 4]);
+        assert_eq!(raced.operation_on(1).unwrap().step, Step::Removing);
     }
 
     #[test]

@@ -42,7 +42,12 @@ impl Default for Tweaks {
 /// Starts three nodes of this build's `convoy` with fast elections (800–1,600 ms) and a log
 /// purged entry by entry, plus `t`.
 fn start(t: Tweaks) -> LocalCluster {
-    LocalCluster::launch(ClusterSpec {
+    LocalCluster::launch(spec(t)).expect("start a test cluster")
+}
+
+/// The spec [`start`] launches.
+fn spec(t: Tweaks) -> ClusterSpec {
+    ClusterSpec {
         shards: t.shards,
         raft: RaftTweaks {
             heartbeat_ms: Some(100),
@@ -59,8 +64,7 @@ fn start(t: Tweaks) -> LocalCluster {
         log_filter: Some(std::env::var("CONVOY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into())),
         convoy_bin: Some(BIN.into()),
         ..ClusterSpec::default()
-    })
-    .expect("start a test cluster")
+    }
 }
 
 /// Reads a conversation from one replica once it has at least `want` messages.
@@ -1603,6 +1607,99 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
     assert_eq!(after.offset as usize, heads[0] + 1);
     let on4 = read_at_least(&client, &convs[0], 4, heads[0] + 1).await;
     assert_eq!(&on4[..heads[0]], &first[0][..], "node 4 after its restart");
+}
+
+/// The moves in progress, from `admin status --json`.
+fn operations(cluster: &LocalCluster) -> (Vec<serde_json::Value>, serde_json::Value) {
+    let (ok, out, err) = cli_as(cluster, "admin", &["admin", "status", "--json"]);
+    assert!(ok, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).expect("admin status prints JSON");
+    (view["operations"].as_array().cloned().unwrap_or_default(), view)
+}
+
+// Moves that take a while: a shard of ~1 MB whose log is purged, so a new replica catches up
+// by snapshot, paced to 100 KB/s (`[admin] move_bytes_per_s`). One move is cancelled while
+// it copies: the shard is left as it was and the learner's node deletes its copy. In the next,
+// the coordinator (the metadata group's leader) is killed while it copies: the next leader
+// resumes from the recorded step and finishes. Every replica of the final set then holds
+// every acked message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_finished() {
+    let tweaks = Tweaks {
+        shards: 1,
+        snapshot_logs_since_last: 100,
+        snapshot_log_kept_max: 0,
+        limits: LimitTweaks::unthrottled(),
+        ..Tweaks::default()
+    };
+    let mut cluster = LocalCluster::create(spec(tweaks)).expect("create the cluster");
+    let path = cluster.config_path().to_path_buf();
+    let mut text = std::fs::read_to_string(&path).expect("cluster.toml");
+    text.push_str("\n[admin]\nmove_bytes_per_s = 100000\n");
+    std::fs::write(&path, text).expect("write cluster.toml");
+    cluster.start_all().expect("start");
+    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    assert_eq!(cluster.add_node().expect("add node 4"), 4);
+    cluster.start(4).expect("start node 4");
+    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    let client = cluster.client().expect("client");
+    let body = "x".repeat(500);
+    for i in 0..2000 {
+        client.send("big", &format!("{i}-{body}")).await.expect("send");
+    }
+    let from = (1..=3).find(|n| *n != leaders[0]).expect("a follower");
+    let start_move = |cluster: &LocalCluster| {
+        let f = from.to_string();
+        let (ok, out, err) = cli_as(cluster, "admin", &["admin", "move", "--shard", "0", "--from", &f, "--to", "4"]);
+        assert!(ok, "{out}{err}");
+    };
+    let copying = |cluster: &LocalCluster| {
+        let (ops, _) = operations(cluster);
+        let op = ops.first()?;
+        (op["state"] == "catching_up").then(|| op["id"].as_u64().unwrap())
+    };
+
+    // Cancelled while it copies.
+    start_move(&cluster);
+    let id = eventually(READY, "the move to be copying", || async { copying(&cluster) }).await.expect("copying");
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "cancel", &id.to_string()]);
+    assert!(ok, "{out}{err}");
+    let view = eventually(READY, "the cancelled move to be undone", || async {
+        let (ops, view) = operations(&cluster);
+        ops.is_empty().then_some(view)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    assert_eq!(view["shards"][0]["replicas"], serde_json::json!([1, 2, 3]), "{view}");
+    assert_eq!(view["shards"][0]["learners"], serde_json::json!([]), "{view}");
+    let admin = cluster.admin().expect("admin");
+    assert!(admin.status(4).await.expect("node 4 status").shards.is_empty(), "node 4 deleted its copy");
+    let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "cancel", &id.to_string()]);
+    assert!(!ok && err.contains(&format!("no operation {id}")), "{err}");
+
+    // Its coordinator killed while it copies: the next one finishes it.
+    start_move(&cluster);
+    eventually(READY, "the second move to be copying", || async { copying(&cluster) }).await.expect("copying");
+    let (_, view) = operations(&cluster);
+    let coordinator = view["metadata_leader"].as_u64().expect("a metadata leader");
+    assert!(cluster.kill(coordinator));
+    let acked_during = client.send("big", "while-the-coordinator-is-down").await.expect("send").offset;
+    assert_eq!(acked_during, 2001);
+    let view = eventually(Duration::from_secs(90), "the move to be finished by the next coordinator", || async {
+        let (ops, view) = operations(&cluster);
+        (ops.is_empty() && view["metadata_leader"].as_u64().is_some_and(|l| l != coordinator)).then_some(view)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    let mut want: Vec<u64> = (1..=3).filter(|n| *n != from).chain([4]).collect();
+    want.sort_unstable();
+    assert_eq!(view["shards"][0]["replicas"], serde_json::json!(want), "{view}");
+    cluster.start(coordinator).expect("restart the old coordinator");
+    let first = read_at_least(&client, "big", 4, 2001).await;
+    check_dense(&first);
+    for &n in &want {
+        assert_eq!(read_at_least(&client, "big", n, 2001).await, first, "node {n}");
+    }
 }
 
 // A node whose data is wiped must not vote under its old identity: started as before, it

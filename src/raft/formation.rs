@@ -569,3 +569,14 @@ pub async fn remove_learner(h: &Hosted, shard: ShardId, replica: NodeId) -> Peer
     }
     PeerResponse::Promoted
 }
+
+/// The leader's side of `PeerRequest::Progress`: how many entries `replica` is behind.
+pub fn progress(h: &Hosted, replica: NodeId) -> PeerResponse {
+    let m = match leads(h) {
+        Ok(m) => m,
+        Err(answer) => return answer,
+    };
+    let matched = m.replication.as_ref().and_then(|r| r.get(&replica).cloned());
+    let entries = matched.map(|l| m.last_log_index.unwrap_or(0).saturating_sub(l.map_or(0, |l| l.index)));
+    PeerResponse::Behind { entries }
+}

@@ -98,6 +98,8 @@ struct Inner {
     stages: Arc<Stages>,
     /// Idle AppendEntries lanes by (peer, shard) (see [`PeerNet::append`]).
     lanes: LanePool<(NodeId, ShardId)>,
+    /// Bytes per second a snapshot stream may send (0: no limit; `[admin] move_bytes_per_s`).
+    snapshot_bytes_per_s: std::sync::atomic::AtomicU64,
 }
 
 /// A peer's address and its connection, once made.
@@ -153,7 +155,16 @@ impl PeerNet {
         let slots = std::sync::RwLock::new(addrs.into_iter().map(|(id, addr)| (id, Slot::new(addr))).collect());
         let stats = Arc::default();
         let lanes = LanePool::new(LANES_PER_SHARD);
-        PeerNet { inner: Arc::new(Inner { endpoint, client_config, slots, append_timeout, stats, stages, lanes }) }
+        let snapshot_bytes_per_s = std::sync::atomic::AtomicU64::new(0);
+        let inner =
+            Inner { endpoint, client_config, slots, append_timeout, stats, stages, lanes, snapshot_bytes_per_s };
+        PeerNet { inner: Arc::new(inner) }
+    }
+
+    /// Paces every snapshot stream this node sends to `bytes_per_s` (0: no limit), so a move
+    /// catching a replica up does not take the disk and network from the sends.
+    pub fn limit_snapshots(&self, bytes_per_s: u64) {
+        self.inner.snapshot_bytes_per_s.store(bytes_per_s, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Learns where `node` is (a node added to the cluster, or one whose address changed);
@@ -392,8 +403,15 @@ impl GroupRouter<C, ShardId> for PeerNet {
                 })
             });
             let mut bytes = 0usize;
+            let started = std::time::Instant::now();
+            let limit = self.inner.snapshot_bytes_per_s.load(std::sync::atomic::Ordering::Relaxed);
             while let Some(chunk) = rx.recv().await {
                 bytes += chunk.len();
+                if limit > 0 {
+                    // Not ahead of the limit: this chunk leaves when the bytes before it may have.
+                    let due = started + Duration::from_secs_f64((bytes - chunk.len()) as f64 / limit as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 frame::write(&mut send, &PeerRequest::SnapshotChunk(chunk))
                     .await
                     .map_err(|e| to_streaming(network(e)))?;
@@ -542,6 +560,7 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
         | PeerRequest::ClusterMap
         | PeerRequest::Replace { .. }
         | PeerRequest::RemoveLearner { .. }
+        | PeerRequest::Progress { .. }
         | PeerRequest::Drop { .. } => None,
     }
 }
@@ -609,6 +628,10 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
         },
         PeerRequest::RemoveLearner { shard, replica } => match hosted(groups, shard) {
             Ok(h) => super::formation::remove_learner(&h, shard, replica).await,
+            Err(e) => err(e),
+        },
+        PeerRequest::Progress { shard, replica } => match hosted(groups, shard) {
+            Ok(h) => super::formation::progress(&h, replica),
             Err(e) => err(e),
         },
         PeerRequest::Drop { shard } => {

@@ -86,6 +86,11 @@ pub enum PeerRequest {
         shard: ShardId,
         replica: NodeId,
     },
+    /// For a shard's leader: how far `replica` is behind. Answered `Behind`.
+    Progress {
+        shard: ShardId,
+        replica: NodeId,
+    },
     /// For a node that no longer holds `shard` (the membership change removing it is
     /// committed): stop its replica and delete its data. Answered `Dropped`.
     Drop {
@@ -119,6 +124,11 @@ pub enum PeerResponse {
     ClusterMap(ClusterMap),
     /// The shard's replica is stopped and its data deleted (or it was not here).
     Dropped,
+    /// Entries the leader has that the replica has not matched (`None`: not replicated to
+    /// yet).
+    Behind {
+        entries: Option<u64>,
+    },
     /// This node does not lead the shard; `leader` is the node that does, if known.
     NotLeader {
         leader: Option<NodeId>,

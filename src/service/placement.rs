@@ -35,9 +35,13 @@ use crate::raft::{self as consensus};
 
 /// How often a node looks at the map again, besides when it changes.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
-/// Time allowed for one step's control RPC; a promotion waits for the learner to catch up.
+/// Time allowed for one step's control RPC.
 const STEP_TTL: Duration = Duration::from_secs(10);
-const PROMOTE_TTL: Duration = Duration::from_secs(300);
+/// A learner this few entries behind is promoted: the shard's leader then waits for the
+/// rest, a moment, before the membership change.
+const CATCH_UP_GAP: u64 = 256;
+/// Time allowed for a promotion: the leader's wait for the last entries and the change.
+const PROMOTE_TTL: Duration = Duration::from_secs(60);
 
 impl Service {
     /// The newest cluster map this node can see: its own replica's of the metadata group,
@@ -152,7 +156,16 @@ pub(super) async fn coordinate(node: Weak<Service>) {
             continue;
         }
         let map = node.cluster_map();
+        // At most `concurrent_moves` copy data at once; the others wait at `adding`.
+        let copying = map.operations.iter().filter(|o| o.step != Step::Adding).count();
+        let mut may_start = node.config.admin.concurrent_moves.saturating_sub(copying);
         for op in &map.operations {
+            if op.step == Step::Adding {
+                if may_start == 0 {
+                    continue;
+                }
+                may_start -= 1;
+            }
             if let Err(why) = node.advance(&map, op).await {
                 tracing::info!(op = op.id, shard = op.shard, step = op.step.as_str(), %why, "a move's step waits");
             }
@@ -181,6 +194,16 @@ impl Service {
             }
             Step::CatchingUp => {
                 let replica = op.replica.ok_or("no replica id recorded")?;
+                // Promoted only once nearly caught up: until then a cancel still stops it.
+                match self.ask_shard_leader(shard, &voters, PeerRequest::Progress { shard, replica }, STEP_TTL).await? {
+                    PeerResponse::Behind { entries: Some(n) } if n <= CATCH_UP_GAP => {}
+                    PeerResponse::Behind { entries } => {
+                        let behind =
+                            entries.map_or("not yet replicated to".to_string(), |n| format!("{n} entries behind"));
+                        return Err(format!("the new replica is {behind}"));
+                    }
+                    other => return Err(format!("asking how far the new replica is: {other:?}")),
+                }
                 let req = PeerRequest::Replace { shard, from: op.from, replica, member: member(op.to)? };
                 match self.ask_shard_leader(shard, &voters, req, PROMOTE_TTL).await? {
                     PeerResponse::Promoted => {
@@ -194,15 +217,24 @@ impl Service {
                 PlacementCommand::MoveEnded { id: op.id }
             }
             Step::Cancelling => {
+                let mut promoted = false;
                 if let Some(replica) = op.replica {
                     let req = PeerRequest::RemoveLearner { shard, replica };
-                    match self.ask_shard_leader(shard, &voters, req, STEP_TTL).await? {
-                        PeerResponse::Promoted => {}
-                        other => return Err(format!("removing the learner: {other:?}")),
+                    match self.ask_shard_leader(shard, &voters, req, STEP_TTL).await {
+                        Ok(PeerResponse::Promoted) => {}
+                        // The promotion was under way when the cancel came: it happened.
+                        Err(e) if e.contains("votes") => promoted = true,
+                        Ok(other) => return Err(format!("removing the learner: {other:?}")),
+                        Err(e) => return Err(e),
                     }
                 }
-                self.drop_on(op.to, shard).await?;
-                PlacementCommand::MoveEnded { id: op.id }
+                if promoted {
+                    tracing::warn!(op = op.id, shard, "the cancel came too late: the new replica already votes");
+                    PlacementCommand::MoveReached { id: op.id, step: Step::Removing, replica: None }
+                } else {
+                    self.drop_on(op.to, shard).await?;
+                    PlacementCommand::MoveEnded { id: op.id }
+                }
             }
         };
         let Some(h) = self.meta_hosted() else { return Err("no metadata replica here".into()) };
