@@ -97,9 +97,7 @@ pub struct ReplicaLag {
 
 /// Folds every configured node's status (`None`: it did not answer) into one view.
 pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
-    let empty = ClusterMap::default();
-    let map =
-        statuses.iter().flat_map(|(_, s)| s.iter()).map(|s| &s.placement).max_by_key(|m| m.epoch).unwrap_or(&empty);
+    let map = &newest_map(statuses);
     let meta: Vec<(u64, &ShardStatus)> =
         statuses.iter().filter_map(|(node, s)| Some((*node, s.as_ref()?.meta.as_ref()?))).collect();
     let metadata_leader = if meta.is_empty() { None } else { leader_of(&meta).0 };
@@ -176,6 +174,132 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
         })
         .collect();
     ClusterView { epoch: map.epoch, metadata_leader, nodes, shards, operations }
+}
+
+/// The newest cluster map the nodes report (empty if none has one).
+pub fn newest_map(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterMap {
+    statuses
+        .iter()
+        .flat_map(|(_, s)| s.iter())
+        .map(|s| &s.placement)
+        .max_by_key(|m| m.epoch)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// One step of a drain's or a rebalance's plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Move `shard`'s replica on `from` to `to`.
+    Move { shard: u32, from: u64, to: u64 },
+    /// Make `node` the shard's preferred leader.
+    Prefer { shard: u32, node: u64 },
+}
+
+/// Replicas per node of `nodes` in `map`, voters and learners alike.
+fn replica_counts(map: &ClusterMap, nodes: &[u64]) -> BTreeMap<u64, usize> {
+    let mut counts: BTreeMap<u64, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+    for p in &map.shards {
+        for n in p.voters.iter().chain(&p.learners) {
+            if let Some(c) = counts.get_mut(n) {
+                *c += 1;
+            }
+        }
+    }
+    counts
+}
+
+fn active_nodes(map: &ClusterMap) -> Vec<u64> {
+    map.nodes.iter().filter(|n| n.state == crate::placement::NodeState::Active).map(|n| n.id).collect()
+}
+
+/// Applies a planned move to a copy of the map, as if done.
+fn simulate(map: &mut ClusterMap, shard: u32, from: u64, to: u64) {
+    let p = &mut map.shards[shard as usize];
+    p.voters.retain(|n| *n != from);
+    p.voters.push(to);
+    p.voters.sort_unstable();
+    if p.preferred_leader == from {
+        p.preferred_leader = to;
+    }
+}
+
+/// The moves that empty `node` (`convoy admin drain`): each shard it holds goes to the
+/// active node not holding it with the fewest replicas, planned ones counted (ties: the
+/// lower id). A shard being moved already is left to that move.
+pub fn plan_drain(map: &ClusterMap, node: u64) -> Result<Vec<Action>, String> {
+    let mut sim = map.clone();
+    let targets: Vec<u64> = active_nodes(map).into_iter().filter(|n| *n != node).collect();
+    let mut plan = Vec::new();
+    for shard in 0..map.shards.len() as u32 {
+        let p = &sim.shards[shard as usize];
+        if !p.voters.contains(&node) || map.operation_on(shard).is_some() {
+            continue;
+        }
+        let counts = replica_counts(&sim, &targets);
+        let to = targets
+            .iter()
+            .filter(|t| !p.voters.contains(t) && !p.learners.contains(t))
+            .min_by_key(|t| (counts[t], **t))
+            .copied()
+            .ok_or_else(|| format!("no active node without a replica of shard {shard} can take it from node {node}"))?;
+        simulate(&mut sim, shard, node, to);
+        plan.push(Action::Move { shard, from: node, to });
+    }
+    Ok(plan)
+}
+
+/// The moves that even out replicas over the active nodes (until the most and the least
+/// loaded differ by at most one), from the most loaded to the least; shards being moved are
+/// left alone, and a shard moves once per plan (the map runs one move per shard at a time):
+/// `rebalance --wait` plans again once a plan's moves are done. Then, on the placement those moves reach, the preferred leaders that even out
+/// leadership: each shard to the voter leading the fewest so far, keeping its preferred
+/// leader on a tie. A `Prefer` for a shard a planned move changes needs that move done first.
+pub fn plan_rebalance(map: &ClusterMap) -> Vec<Action> {
+    let mut sim = map.clone();
+    let active = active_nodes(map);
+    let mut plan = Vec::new();
+    let mut moved: Vec<u32> = Vec::new();
+    loop {
+        let counts = replica_counts(&sim, &active);
+        let mut by_load: Vec<(usize, u64)> = counts.iter().map(|(n, c)| (*c, *n)).collect();
+        by_load.sort_unstable_by_key(|(c, n)| (std::cmp::Reverse(*c), *n));
+        // The most loaded node that can hand a shard to a node two or more below it, and the
+        // least loaded such node; one move per shard (the map runs one at a time).
+        let found = by_load.iter().find_map(|&(high, from)| {
+            by_load.iter().rev().filter(|&&(low, _)| high > low + 1).find_map(|&(_, to)| {
+                let shard = sim.shards.iter().map(|p| p.shard).find(|&s| {
+                    let p = &sim.shards[s as usize];
+                    p.voters.contains(&from)
+                        && !p.voters.contains(&to)
+                        && !p.learners.contains(&to)
+                        && map.operation_on(s).is_none()
+                        && !moved.contains(&s)
+                })?;
+                Some((shard, from, to))
+            })
+        });
+        let Some((shard, from, to)) = found else { break };
+        simulate(&mut sim, shard, from, to);
+        moved.push(shard);
+        plan.push(Action::Move { shard, from, to });
+    }
+    let mut leads: BTreeMap<u64, usize> = active.iter().map(|n| (*n, 0)).collect();
+    for p in &sim.shards {
+        let candidates: Vec<u64> = p.voters.iter().copied().filter(|v| leads.contains_key(v)).collect();
+        let Some(&fewest) = candidates.iter().map(|v| &leads[v]).min() else { continue };
+        let node = if leads.get(&p.preferred_leader) == Some(&fewest) {
+            p.preferred_leader
+        } else {
+            *candidates.iter().find(|v| leads[v] == fewest).expect("a candidate has the fewest")
+        };
+        *leads.get_mut(&node).expect("an active node") += 1;
+        if node != p.preferred_leader {
+            plan.push(Action::Prefer { shard: p.shard, node });
+        }
+    }
+    plan
 }
 
 /// A group's leader from the nodes' views of it (at least one): the node that says it leads
@@ -274,6 +398,75 @@ mod tests {
 
         let none = cluster_view(&[(1, None)]);
         assert_eq!((none.epoch, none.metadata_leader), (0, None));
+    }
+
+    fn map_of(nodes: &[u64], holding: &[u64], shards: u32) -> ClusterMap {
+        use crate::placement::{NodeEntry, NodeState, PlacementCommand};
+        let entry =
+            |id| NodeEntry { id, peer_addr: String::new(), client_addr: String::new(), state: NodeState::Active };
+        let mut map = ClusterMap::default();
+        map.apply(&PlacementCommand::Init { nodes: holding.iter().map(|&n| entry(n)).collect(), shards }).unwrap();
+        for &n in nodes.iter().filter(|n| !holding.contains(n)) {
+            map.apply(&PlacementCommand::Register(entry(n))).unwrap();
+        }
+        map
+    }
+
+    /// Applies a plan as the coordinator would, moves first.
+    fn carry_out(map: &mut ClusterMap, plan: &[Action]) {
+        for a in plan {
+            match a {
+                Action::Move { shard, from, to } => simulate(map, *shard, *from, *to),
+                Action::Prefer { shard, node } => map.shards[*shard as usize].preferred_leader = *node,
+            }
+        }
+    }
+
+    #[test]
+    fn rebalancing_onto_two_new_nodes_then_draining_one_spreads_replicas_and_leaders() {
+        use crate::placement::PlacementCommand;
+        // The walk-through: 3 nodes hold 8 shards; nodes 4 and 5 join.
+        let mut map = map_of(&[1, 2, 3, 4, 5], &[1, 2, 3], 8);
+        // In waves, as `rebalance --wait` runs them: a shard moves once per wave.
+        for wave in 0.. {
+            let plan = plan_rebalance(&map);
+            if plan.is_empty() {
+                break;
+            }
+            assert!(wave < 3, "a rebalance converges in a few waves: {plan:?}");
+            carry_out(&mut map, &plan);
+        }
+        let counts = replica_counts(&map, &[1, 2, 3, 4, 5]);
+        assert!(counts.values().all(|c| (4..=5).contains(c)), "24 replicas over 5 nodes: {counts:?}");
+        assert!(map.shards.iter().all(|p| p.voters.len() == 3 && p.voters.contains(&p.preferred_leader)));
+        let mut leads: BTreeMap<u64, usize> = BTreeMap::new();
+        for p in &map.shards {
+            *leads.entry(p.preferred_leader).or_default() += 1;
+        }
+        assert!(leads.values().all(|l| (1..=2).contains(l)) && leads.len() == 5, "{leads:?}");
+        assert!(plan_rebalance(&map).is_empty(), "a balanced cluster needs nothing");
+
+        map.apply(&PlacementCommand::Drain { node: 1 }).unwrap();
+        let plan = plan_drain(&map, 1).expect("a plan");
+        assert!(plan.iter().all(|a| matches!(a, Action::Move { from: 1, .. })));
+        carry_out(&mut map, &plan);
+        let counts = replica_counts(&map, &[1, 2, 3, 4, 5]);
+        assert_eq!(counts[&1], 0, "{counts:?}");
+        assert!([2, 3, 4, 5].iter().all(|n| (5..=7).contains(&counts[n])), "24 replicas over 4 nodes: {counts:?}");
+        let plan = plan_rebalance(&map);
+        carry_out(&mut map, &plan);
+        let mut leads: BTreeMap<u64, usize> = BTreeMap::new();
+        for p in &map.shards {
+            *leads.entry(p.preferred_leader).or_default() += 1;
+        }
+        assert_eq!(leads.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4, 5], "every node but 1 leads: {leads:?}");
+    }
+
+    #[test]
+    fn a_drain_with_nowhere_to_go_says_so() {
+        let map = map_of(&[1, 2, 3], &[1, 2, 3], 2);
+        let err = plan_drain(&map, 1).unwrap_err();
+        assert!(err.contains("no active node without a replica of shard 0"), "{err}");
     }
 
     #[test]

@@ -40,12 +40,19 @@ pub struct NodeEntry {
 pub enum NodeState {
     /// Holds replicas and may be given more.
     Active,
+    /// Being emptied (`convoy admin drain`): given no new replica.
+    Draining,
+    /// Out of the cluster (`convoy admin remove-node`), once it held nothing; its id is
+    /// never taken again.
+    Removed,
 }
 
 impl NodeState {
     pub fn as_str(self) -> &'static str {
         match self {
             NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Removed => "removed",
         }
     }
 }
@@ -139,6 +146,10 @@ pub enum PlacementCommand {
     MoveEnded { id: u64 },
     /// Asks to cancel move `id`; possible until `to` votes.
     CancelMove { id: u64 },
+    /// Marks `node` draining: it is given no new replica (its moves off are asked apart).
+    Drain { node: u64 },
+    /// Takes `node` out of the cluster, once it holds no replica of any group.
+    RemoveNode { node: u64 },
 }
 
 impl ClusterMap {
@@ -221,6 +232,12 @@ impl ClusterMap {
                     return Err("the cluster map is not initialized yet".into());
                 }
                 match self.nodes.binary_search_by_key(&entry.id, |n| n.id) {
+                    Ok(i) if self.nodes[i].state == NodeState::Removed => {
+                        return Err(format!(
+                            "node {} was removed from the cluster; its id is not taken again",
+                            entry.id
+                        ))
+                    }
                     Ok(i) => {
                         let known = &mut self.nodes[i];
                         if (&known.peer_addr, &known.client_addr) == (&entry.peer_addr, &entry.client_addr) {
@@ -309,6 +326,40 @@ impl ClusterMap {
                     // Cancelled: the learner is gone.
                     self.shards[op.shard as usize].learners.retain(|n| *n != op.to);
                 }
+                self.epoch += 1;
+                Ok(true)
+            }
+            PlacementCommand::Drain { node } => {
+                let n = self.nodes.iter_mut().find(|n| n.id == *node).ok_or_else(|| format!("no node {node}"))?;
+                match n.state {
+                    NodeState::Draining => Ok(false),
+                    NodeState::Removed => Err(format!("node {node} was removed")),
+                    NodeState::Active => {
+                        n.state = NodeState::Draining;
+                        self.epoch += 1;
+                        Ok(true)
+                    }
+                }
+            }
+            PlacementCommand::RemoveNode { node } => {
+                if self.holds_replicas(*node) {
+                    let held: Vec<u32> = self
+                        .shards
+                        .iter()
+                        .filter(|p| p.voters.contains(node) || p.learners.contains(node))
+                        .map(|p| p.shard)
+                        .collect();
+                    let meta = if self.metadata.contains(node) { " and the metadata group" } else { "" };
+                    return Err(format!(
+                        "node {node} still holds replicas of shards {held:?}{meta}: drain it first (a formation member \
+                         keeps its replica of the metadata group)"
+                    ));
+                }
+                let n = self.nodes.iter_mut().find(|n| n.id == *node).ok_or_else(|| format!("no node {node}"))?;
+                if n.state == NodeState::Removed {
+                    return Ok(false);
+                }
+                n.state = NodeState::Removed;
                 self.epoch += 1;
                 Ok(true)
             }
@@ -470,6 +521,29 @@ mod tests {
         assert_eq!(raced.apply(&promoted), Ok(true));
         assert_eq!(raced.shard(1).unwrap().voters, vec![1, 3, 4]);
         assert_eq!(raced.operation_on(1).unwrap().step, Step::Removing);
+    }
+
+    #[test]
+    fn a_drained_node_takes_no_replica_and_only_an_empty_node_is_removed_for_good() {
+        let mut map = ClusterMap::default();
+        map.apply(&init(&[1, 2, 3], 1)).unwrap();
+        map.apply(&PlacementCommand::Register(node(4))).unwrap();
+        map.apply(&PlacementCommand::Register(node(5))).unwrap();
+        assert_eq!(map.apply(&PlacementCommand::Drain { node: 4 }), Ok(true));
+        assert_eq!(map.apply(&PlacementCommand::Drain { node: 4 }), Ok(false));
+        let err = map.apply(&PlacementCommand::StartMove { shard: 0, from: 1, to: 4 }).unwrap_err();
+        assert!(err.contains("not an active node"), "{err}");
+
+        let err = map.apply(&PlacementCommand::RemoveNode { node: 3 }).unwrap_err();
+        assert!(err.contains("still holds replicas of shards [0] and the metadata group"), "{err}");
+        map.apply(&PlacementCommand::StartMove { shard: 0, from: 1, to: 5 }).unwrap();
+        let err = map.apply(&PlacementCommand::RemoveNode { node: 5 }).unwrap_err();
+        assert!(err.contains("shards [0]"), "a node being given a replica is not empty: {err}");
+        assert_eq!(map.apply(&PlacementCommand::RemoveNode { node: 4 }), Ok(true));
+        assert_eq!(map.nodes[3].state, NodeState::Removed);
+        let err = map.apply(&PlacementCommand::Register(node(4))).unwrap_err();
+        assert!(err.contains("not taken again"), "{err}");
+        assert!(map.apply(&PlacementCommand::Drain { node: 4 }).is_err());
     }
 
     #[test]

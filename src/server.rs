@@ -233,6 +233,8 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
                 node.admin_place(who, PlacementCommand::StartMove { shard, from, to }).await
             }
             Request::CancelOperation { id } => node.admin_place(who, PlacementCommand::CancelMove { id }).await,
+            Request::Drain { node: n } => node.admin_place(who, PlacementCommand::Drain { node: n }).await,
+            Request::RemoveNode { node: n } => node.admin_place(who, PlacementCommand::RemoveNode { node: n }).await,
             Request::Status if who.admin => Response::Status(Box::new(node.status())),
             Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
             Request::Subscribe { conversation, from, follow } => {

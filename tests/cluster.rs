@@ -1594,6 +1594,13 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
     }
     // The old node no longer has the shard.
     assert!(client.read(&convs[0], 1, Some(from)).await.is_err(), "node {from} deleted its copy");
+    // The shard's preferred leader left with its replica: the new node leads it.
+    assert_eq!(view["shards"][0]["preferred_leader"].as_u64(), Some(4), "{view}");
+    eventually(READY, "node 4 to lead shard 0", || async {
+        (cluster.leader_of(0, &[1, 2, 3, 4], READY).await.ok()? == 4).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
 
     // Restarts: node 4 runs the moved replica again; the old node does not.
     cluster.restart(4).expect("restart node 4");
@@ -1700,6 +1707,83 @@ async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_fin
     for &n in &want {
         assert_eq!(read_at_least(&client, "big", n, 2001).await, first, "node {n}");
     }
+}
+
+// The walk-through: three nodes up with 8 shards; nodes 4 and 5 added; with sends
+// running, `admin rebalance --wait`, then `admin drain 1 --wait`. Then node 1 holds no shard, every
+// shard has 3 voters and a leader, nodes 2 to 5 each lead one or more, no send failed, and
+// every acked message reads back identically from every replica of its shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_two_nodes_rebalancing_and_draining_one_under_sends_loses_nothing() {
+    let mut cluster = start(Tweaks { shards: 8, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    for _ in 0..2 {
+        let id = cluster.add_node().expect("add a node");
+        cluster.start(id).expect("start it");
+        cluster.wait_answers(id, READY).await.expect("it answers");
+    }
+    // A client of the file that lists the new nodes (it finds leaders among its file's nodes).
+    let client = cluster.client().expect("client");
+    let convs: Vec<String> = (0..16).map(|i| format!("walk-{i}")).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (client, convs, stop) = (client.clone(), convs.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut failed): (BTreeMap<String, u64>, Vec<String>) = (BTreeMap::new(), Vec::new());
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let c = &convs[i % convs.len()];
+                match client.send(c, &format!("m{i}")).await {
+                    Ok(ack) => {
+                        acked.insert(c.clone(), ack.offset);
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (acked, failed)
+        })
+    };
+    let wait = ["--wait", "--timeout-s", "240", "--json"];
+    let (ok, out, err) = cli_as(&cluster, "admin", &[&["admin", "rebalance"][..], &wait[..]].concat());
+    assert!(ok, "rebalance: {out}{err}\n{}", cluster.logs_tail());
+    let (ok, out, err) = cli_as(&cluster, "admin", &[&["admin", "drain", "1"][..], &wait[..]].concat());
+    assert!(ok, "drain: {out}{err}\n{}", cluster.logs_tail());
+    // Leadership settles on the preferred leaders the moves left.
+    let (ok, out, err) = cli_as(&cluster, "admin", &[&["admin", "rebalance"][..], &wait[..]].concat());
+    assert!(ok, "rebalance after the drain: {out}{err}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = sender.await.expect("sender");
+    assert!(failed.is_empty(), "no send may fail: {failed:?}");
+
+    let (ops, view) = operations(&cluster);
+    assert!(ops.is_empty(), "{view}");
+    let node = |id: u64| view["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).cloned().unwrap();
+    assert_eq!(node(1)["replicas"].as_u64(), Some(0), "node 1 is drained: {view}");
+    assert_eq!(node(1)["state"], "draining", "{view}");
+    for id in 2..=5 {
+        assert!(node(id)["leaders"].as_u64().unwrap() >= 1, "node {id} leads a shard: {view}");
+    }
+    let shards = view["shards"].as_array().unwrap().clone();
+    assert_eq!(shards.len(), 8);
+    for s in &shards {
+        let voters: Vec<u64> = s["replicas"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(voters.len(), 3, "{s}");
+        assert!(!voters.contains(&1) && s["leader"].as_u64().is_some_and(|l| voters.contains(&l)), "{s}");
+    }
+    for (c, head) in &acked {
+        let shard = shard_of(c, 8) as usize;
+        let voters: Vec<u64> =
+            shards[shard]["replicas"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let first = read_at_least(&client, c, voters[0], *head as usize).await;
+        check_dense(&first);
+        for &n in &voters[1..] {
+            assert_eq!(read_at_least(&client, c, n, *head as usize).await, first, "{c} on node {n}");
+        }
+    }
+    let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "remove-node", "1"]);
+    assert!(!ok && err.contains("metadata group"), "a formation member keeps its metadata replica: {err}");
 }
 
 // A node whose data is wiped must not vote under its old identity: started as before, it

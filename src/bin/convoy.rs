@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
+use convoy::admin::Action;
 use convoy::chat::Retention;
 use convoy::client::{Client, Event, USER_ENV};
 use convoy::config::Config;
 use convoy::net::tls::{self, Credential, ADMIN_USER};
+use convoy::placement::ClusterMap;
 use serde_json::json;
 
 /// jemalloc instead of glibc malloc, whose `_int_malloc`/`_int_free`/`malloc_consolidate` took
@@ -340,6 +342,40 @@ enum AdminAction {
         #[command(flatten)]
         status: StatusArgs,
     },
+    /// Empty node N: mark it draining (it takes no new replica) and move every replica it
+    /// holds to the active nodes with the fewest (leadership leaves with them).
+    Drain {
+        node: u64,
+        /// Follow the moves until N holds nothing; exit non-zero if that is not so within
+        /// --timeout-s.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 1800)]
+        timeout_s: u64,
+        #[command(flatten)]
+        status: StatusArgs,
+    },
+    /// Even out replicas, then leaders, over the active nodes; prints the plan first.
+    Rebalance {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run the plan in waves (a shard moves once per wave) until nothing is left to
+        /// move, then set the leaders and wait for them.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 1800)]
+        timeout_s: u64,
+        #[command(flatten)]
+        status: StatusArgs,
+    },
+    /// Take node N out of the cluster, once it holds no replica (drain it first). Its id is
+    /// never taken again.
+    RemoveNode {
+        node: u64,
+        #[command(flatten)]
+        status: StatusArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -426,6 +462,23 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Admin { action: AdminAction::Move { shard, from, to, wait, timeout_s, status } } => {
             move_replica(&status, shard, from, to, wait, Duration::from_secs(timeout_s)).await
+        }
+        Cmd::Admin { action: AdminAction::Drain { node, wait, timeout_s, status } } => {
+            drain(&status, node, wait, Duration::from_secs(timeout_s)).await
+        }
+        Cmd::Admin { action: AdminAction::Rebalance { dry_run, wait, timeout_s, status } } => {
+            rebalance(&status, dry_run, wait, Duration::from_secs(timeout_s)).await
+        }
+        Cmd::Admin { action: AdminAction::RemoveNode { node, status } } => {
+            let config = load(&status.config)?;
+            let client = status.who.connect(&config, Some(ADMIN_USER))?;
+            let (epoch, changed) = client.remove_node(node).await.map_err(|e| anyhow!("remove-node: {e}"))?;
+            if status.json {
+                println!("{}", json!({"node": node, "epoch": epoch, "changed": changed}));
+            } else {
+                println!("node {node} removed from the cluster (cluster map epoch {epoch}); stop its process");
+            }
+            Ok(())
         }
         Cmd::Admin { action: AdminAction::Cancel { op, status } } => {
             let config = load(&status.config)?;
@@ -903,6 +956,163 @@ async fn admin_status(args: &StatusArgs) -> Result<()> {
                 op.id, op.shard, op.from, op.to, op.state, behind
             );
         }
+    }
+    Ok(())
+}
+
+/// The cluster view and the newest map, from every node's status.
+async fn view_and_map(args: &StatusArgs, command: &str) -> Result<(convoy::admin::ClusterView, ClusterMap)> {
+    let (_, answers) = node_statuses(args, command).await?;
+    let statuses: Vec<_> = answers.into_iter().map(|(id, a)| (id, a.ok())).collect();
+    Ok((convoy::admin::cluster_view(&statuses), convoy::admin::newest_map(&statuses)))
+}
+
+fn print_plan(plan: &[Action]) {
+    if plan.is_empty() {
+        println!("plan: nothing to do");
+    }
+    for a in plan {
+        match a {
+            Action::Move { shard, from, to } => println!("plan: move shard {shard} from node {from} to node {to}"),
+            Action::Prefer { shard, node } => println!("plan: lead shard {shard} from node {node}"),
+        }
+    }
+}
+
+/// Asks for a plan's steps; a move of a shard being moved already is left to that move.
+async fn run_plan(client: &Client, plan: &[Action]) -> Result<()> {
+    for a in plan {
+        let asked = match *a {
+            Action::Move { shard, from, to } => client.move_replica(shard, from, to).await,
+            Action::Prefer { shard, node } => client.transfer_leader(shard, node).await,
+        };
+        match asked {
+            Ok(_) => {}
+            Err(convoy::Error::Rejected(why)) if why.contains("already being moved") => {}
+            Err(e) => bail!("{a:?}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until no move is in progress, printing each second what is; fails at `deadline`.
+async fn wait_moves(args: &StatusArgs, command: &str, started: Instant, deadline: Instant) -> Result<ClusterMap> {
+    loop {
+        let (view, map) = view_and_map(args, command).await?;
+        if view.operations.is_empty() {
+            return Ok(map);
+        }
+        if Instant::now() >= deadline {
+            bail!("moves still in progress at the timeout; they go on (see `convoy admin status`)");
+        }
+        if !args.json {
+            let ops: Vec<String> = view
+                .operations
+                .iter()
+                .map(|o| {
+                    let behind = o.progress.entries_behind.map_or("?".to_string(), |e| e.to_string());
+                    format!("shard {} {}→{} {} ({behind} behind)", o.shard, o.from, o.to, o.state)
+                })
+                .collect();
+            println!("  {:>6.1} s  {}", started.elapsed().as_secs_f64(), ops.join("; "));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `admin drain`: marks the node draining, then plans and asks for its moves, in waves
+/// with `wait` until it holds nothing.
+async fn drain(args: &StatusArgs, node: u64, wait: bool, timeout: Duration) -> Result<()> {
+    let config = load(&args.config)?;
+    let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let (started, deadline) = (Instant::now(), Instant::now() + timeout);
+    client.drain(node).await.map_err(|e| anyhow!("drain: {e}"))?;
+    let mut planned = Vec::new();
+    loop {
+        let (_, map) = view_and_map(args, "admin drain").await?;
+        let plan = convoy::admin::plan_drain(&map, node).map_err(|e| anyhow!("drain: {e}"))?;
+        if !args.json {
+            print_plan(&plan);
+        }
+        run_plan(&client, &plan).await?;
+        planned.extend(plan.iter().cloned());
+        if !wait {
+            break;
+        }
+        let map = wait_moves(args, "admin drain", started, deadline).await?;
+        if !map.shards.iter().any(|p| p.voters.contains(&node) || p.learners.contains(&node)) {
+            if !args.json {
+                println!("node {node} holds no shard ({:.1} s)", started.elapsed().as_secs_f64());
+            }
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("node {node} still holds shards at the timeout");
+        }
+    }
+    if args.json {
+        println!("{}", json!({"node": node, "plan": planned, "elapsed_s": started.elapsed().as_secs_f64()}));
+    }
+    Ok(())
+}
+
+/// `admin rebalance`: plans and asks for the moves, in waves with `wait`, then the leaders.
+async fn rebalance(args: &StatusArgs, dry_run: bool, wait: bool, timeout: Duration) -> Result<()> {
+    let config = load(&args.config)?;
+    let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let (started, deadline) = (Instant::now(), Instant::now() + timeout);
+    let mut planned = Vec::new();
+    loop {
+        let (_, map) = view_and_map(args, "admin rebalance").await?;
+        let plan = convoy::admin::plan_rebalance(&map);
+        let moves: Vec<Action> = plan.iter().filter(|a| matches!(a, Action::Move { .. })).cloned().collect();
+        if !args.json {
+            print_plan(&plan);
+        }
+        if dry_run {
+            planned = plan;
+            break;
+        }
+        if moves.is_empty() || !wait {
+            // The leaders last: a shard's preferred leader must already vote in it.
+            let moved: Vec<u32> = moves
+                .iter()
+                .filter_map(|a| if let Action::Move { shard, .. } = a { Some(*shard) } else { None })
+                .collect();
+            let now: Vec<Action> = plan
+                .iter()
+                .filter(|a| match a {
+                    Action::Move { .. } => true,
+                    Action::Prefer { shard, .. } => !moved.contains(shard),
+                })
+                .cloned()
+                .collect();
+            run_plan(&client, &now).await?;
+            planned.extend(now);
+            break;
+        }
+        run_plan(&client, &moves).await?;
+        planned.extend(moves);
+        wait_moves(args, "admin rebalance", started, deadline).await?;
+    }
+    if wait && !dry_run {
+        // Leadership follows the preferred leaders once each new leader has the whole log.
+        loop {
+            let (view, _) = view_and_map(args, "admin rebalance").await?;
+            if view.shards.iter().all(|s| s.leader.is_some() && s.leader == s.preferred_leader) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("leaders are not yet where the plan put them at the timeout (see `convoy admin status`)");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if !args.json {
+            println!("balanced ({:.1} s)", started.elapsed().as_secs_f64());
+        }
+    }
+    if args.json {
+        println!("{}", json!({"plan": planned, "dry_run": dry_run, "elapsed_s": started.elapsed().as_secs_f64()}));
     }
     Ok(())
 }

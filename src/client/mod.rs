@@ -638,6 +638,16 @@ impl Client {
         self.place(Request::CancelOperation { id }).await
     }
 
+    /// Marks `node` draining (an admin credential): it is given no new replica.
+    pub async fn drain(&self, node: u64) -> Result<(u64, bool)> {
+        self.place(Request::Drain { node }).await
+    }
+
+    /// Takes `node` out of the cluster (an admin credential), once it holds no replica.
+    pub async fn remove_node(&self, node: u64) -> Result<(u64, bool)> {
+        self.place(Request::RemoveNode { node }).await
+    }
+
     /// A cluster-map change, through any node that answers.
     async fn place(&self, req: Request) -> Result<(u64, bool)> {
         let mut last = Error::Unavailable("no node to ask".into());

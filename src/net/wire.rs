@@ -50,6 +50,10 @@ pub enum Request {
     Move { shard: ShardId, from: u64, to: u64 },
     /// Cancel operation `id` (admin credentials only), possible until its new replica votes.
     CancelOperation { id: u64 },
+    /// Mark `node` draining (admin credentials only): it is given no new replica.
+    Drain { node: u64 },
+    /// Take `node` out of the cluster (admin credentials only), once it holds no replica.
+    RemoveNode { node: u64 },
 }
 
 /// What a [`Request::Members`] asks.

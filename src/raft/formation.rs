@@ -49,6 +49,9 @@ use crate::store::Store;
 pub const HELLO_INTERVAL: Duration = Duration::from_millis(500);
 /// Time allowed for one formation RPC.
 pub const CONTROL_TTL: Duration = Duration::from_secs(5);
+/// Rounds a starting node without state waits for a formed cluster's map before deciding
+/// without it (a cluster formed by a build without the metadata group has none).
+const MAP_WAITS_MAX: u32 = 40;
 /// Time allowed for a `Promote`, which waits for the new replica to catch up.
 pub const PROMOTE_TTL: Duration = Duration::from_secs(300);
 
@@ -203,6 +206,7 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
     let peers: Vec<NodeId> = config.node_ids().into_iter().filter(|&n| n != me).collect();
     let bootstrapper = config.node_ids().first().copied() == Some(me);
     let mut waited = 0u32;
+    let mut map_waits = 0u32;
     loop {
         match formation.record() {
             Some(r) if r.stage == Stage::Formed => return Ok(Start::Member),
@@ -238,6 +242,12 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
                     // wiped), which registers, from a member that lost its state, which
                     // must rejoin as new replicas or not start at all.
                     let map = newest_map(net, &peers).await;
+                    if !map.is_set() && map_waits < MAP_WAITS_MAX {
+                        // Just formed: its first metadata leader is filling the map.
+                        map_waits += 1;
+                        tokio::time::sleep(HELLO_INTERVAL).await;
+                        continue;
+                    }
                     if map.is_set() && !map.holds_replicas(me) {
                         if rejoin {
                             tracing::warn!("--rejoin is for a member that lost its state; this node holds no replica");

@@ -561,6 +561,7 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
         | PeerRequest::Replace { .. }
         | PeerRequest::RemoveLearner { .. }
         | PeerRequest::Progress { .. }
+        | PeerRequest::AddLearner { .. }
         | PeerRequest::Drop { .. } => None,
     }
 }
@@ -628,6 +629,10 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
         },
         PeerRequest::RemoveLearner { shard, replica } => match hosted(groups, shard) {
             Ok(h) => super::formation::remove_learner(&h, shard, replica).await,
+            Err(e) => err(e),
+        },
+        PeerRequest::AddLearner { shard, node, member } => match hosted(groups, shard) {
+            Ok(h) => super::formation::join(&h, shard, node, member).await,
             Err(e) => err(e),
         },
         PeerRequest::Progress { shard, replica } => match hosted(groups, shard) {

@@ -86,6 +86,13 @@ pub enum PeerRequest {
         shard: ShardId,
         replica: NodeId,
     },
+    /// For a shard's leader, from the coordinator of a move: add a new replica of `node` as
+    /// a learner, as `Join` does for a node asking for itself. Answered `Joined`.
+    AddLearner {
+        shard: ShardId,
+        node: NodeId,
+        member: Member,
+    },
     /// For a shard's leader: how far `replica` is behind. Answered `Behind`.
     Progress {
         shard: ShardId,

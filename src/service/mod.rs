@@ -91,6 +91,11 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
         }
         let Some(node) = node.upgrade() else { return };
         let map = node.cluster_map();
+        if !map.is_set() && node.meta.is_none() {
+            // Added after formation and no map heard yet: the file's round-robin is not
+            // this node's to follow.
+            continue;
+        }
         for group in node.groups() {
             if map.operation_on(group.shard).is_some() {
                 // A move hands leadership where it must; the balancer waits for it to end.
@@ -218,6 +223,9 @@ pub struct Service {
     placement: Arc<Notify>,
     /// Woken with it, for the task that follows the map (`placement::follow`).
     placement_follow: Arc<Notify>,
+    /// On a node without a replica of the metadata group (added after formation): the
+    /// newest map its peers reported, which `placement::follow` keeps fresh.
+    fetched_map: std::sync::Mutex<ClusterMap>,
     net: PeerNet,
     /// Where the peer server finds the groups this node runs.
     registry: Groups,
@@ -502,6 +510,7 @@ impl Service {
             meta,
             placement,
             placement_follow,
+            fetched_map: std::sync::Mutex::default(),
             net: net.clone(),
             registry,
             raft_config,
@@ -536,8 +545,12 @@ impl Service {
     }
 
     /// The cluster map as this node's replica of the metadata group has applied it (empty
-    /// when it cannot be read, which is logged).
+    /// when it cannot be read, which is logged); on a node without one, the newest its peers
+    /// reported.
     pub fn cluster_map(&self) -> ClusterMap {
+        if self.meta.is_none() {
+            return self.fetched_map.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        }
         state_machine::cluster_map(&self.store).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "reading the cluster map");
             ClusterMap::default()
@@ -595,9 +608,11 @@ impl Service {
             PlacementCommand::SetPreferredLeader { .. }
                 | PlacementCommand::StartMove { .. }
                 | PlacementCommand::CancelMove { .. }
+                | PlacementCommand::Drain { .. }
+                | PlacementCommand::RemoveNode { .. }
         );
         if !allowed {
-            return error(ErrorCode::InvalidInput, "only transfer-leader, move and cancel are an operator's to ask");
+            return error(ErrorCode::InvalidInput, "not a change an operator asks for");
         }
         if !self.cluster_map().is_set() && self.meta.is_some() {
             // Transient: the metadata group's first leader fills it within moments.
@@ -619,6 +634,23 @@ impl Service {
         chat::validate_id("conversation", conversation).map_err(Error::InvalidInput)?;
         let shard = chat::shard_of(conversation, self.config.shards);
         self.group(shard)
+    }
+
+    /// The group of `conversation`'s shard here; else the answer: invalid for a bad id, and
+    /// `NotLeader` naming a node that holds the shard (from the cluster map) when this node
+    /// does not, so the client goes there (a shard moved away, or never placed here).
+    fn hosting(&self, conversation: &str) -> std::result::Result<Group, Refusal> {
+        chat::validate_id("conversation", conversation).map_err(Refusal::Invalid)?;
+        let shard = chat::shard_of(conversation, self.config.shards);
+        self.group(shard).map_err(|_| {
+            let map = self.cluster_map();
+            let placed = map.shard(shard);
+            let leader = placed
+                .map(|p| p.preferred_leader)
+                .filter(|&l| l != self.id)
+                .or_else(|| placed.and_then(|p| p.voters.iter().copied().find(|&v| v != self.id)));
+            Refusal::NotLeader { shard, leader }
+        })
     }
 
     /// The group of `shard`, if this node runs it.
@@ -688,10 +720,7 @@ impl Service {
 
     /// Validates a send and stamps it: its shard and command, or the error answer.
     fn prepare_send(&self, who: &Identity, req: SendRequest) -> std::result::Result<(ShardId, SendCommand), Refusal> {
-        let shard = match self.group_of(&req.conversation) {
-            Ok(g) => g.shard,
-            Err(e) => return Err(Refusal::Invalid(e.to_string())),
-        };
+        let shard = self.hosting(&req.conversation)?.shard;
         if !req.sender.is_empty() {
             must_be(who, &req.sender)?;
         }
@@ -881,9 +910,9 @@ impl Service {
         if let Err(refusal) = must_be(who, &user) {
             return refusal.answer();
         }
-        let group = match self.group_of(&conversation) {
+        let group = match self.hosting(&conversation) {
             Ok(g) => g,
-            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+            Err(refusal) => return refusal.answer(),
         };
         let shard = group.shard;
         let (store, c) = (self.store.clone(), conversation.clone());
@@ -904,9 +933,9 @@ impl Service {
         if let Err(refusal) = must_be(who, &user) {
             return refusal.answer();
         }
-        let shard = match self.group_of(&conversation) {
+        let shard = match self.hosting(&conversation) {
             Ok(g) => g.shard,
-            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+            Err(refusal) => return refusal.answer(),
         };
         let store = self.store.clone();
         let read = tokio::task::spawn_blocking(move || {
@@ -932,9 +961,9 @@ impl Service {
     /// Shows (from this replica) or changes (on the leader) a conversation's members, for
     /// a member.
     pub async fn members(&self, who: &Identity, conversation: String, change: MemberChange) -> Response {
-        let group = match self.group_of(&conversation) {
+        let group = match self.hosting(&conversation) {
             Ok(g) => g,
-            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+            Err(refusal) => return refusal.answer(),
         };
         let change = match change {
             MemberChange::Show => {
@@ -969,9 +998,9 @@ impl Service {
 
     /// Sets a conversation's retention, for a member or an admin (see `chat`).
     pub async fn set_retention(&self, who: &Identity, conversation: String, retention: Retention) -> Response {
-        let group = match self.group_of(&conversation) {
+        let group = match self.hosting(&conversation) {
             Ok(g) => g,
-            Err(e) => return error(ErrorCode::InvalidInput, e.to_string()),
+            Err(refusal) => return refusal.answer(),
         };
         if let Err(m) = retention.validate() {
             return error(ErrorCode::InvalidInput, m);

@@ -11,7 +11,7 @@
 //!
 //! | recorded step | the coordinator's action | then records |
 //! |---|---|---|
-//! | `adding` | S's leader adds a new replica of M as a learner (`Join`: a generation above every id M had in S) | `catching_up` and the replica id |
+//! | `adding` | S's leader adds a new replica of M as a learner (`AddLearner`: a generation above every id M had in S) | `catching_up` and the replica id |
 //! | `catching_up` | M runs the replica ([`follow`]); S's leader waits until it has caught up, hands leadership away if it is N, then makes it a voter in place of N's (`Replace`, joint consensus) | `removing`: M votes, N does not |
 //! | `removing` | N stops its replica and deletes its data (`Drop`) | the move's end |
 //! | `cancelling` | the learner leaves S (`RemoveLearner`), M deletes its copy (`Drop`) | the move's end |
@@ -51,7 +51,12 @@ impl Service {
             return self.cluster_map();
         }
         let peers: Vec<NodeId> = self.peer_ids();
-        formation::newest_map(&self.net, &peers).await
+        let heard = formation::newest_map(&self.net, &peers).await;
+        let mut fetched = self.fetched_map.lock().unwrap_or_else(|p| p.into_inner());
+        if heard.epoch > fetched.epoch {
+            *fetched = heard;
+        }
+        fetched.clone()
     }
 
     /// Every other node of the file.
@@ -184,7 +189,7 @@ impl Service {
         let voters: Vec<NodeId> = map.shard(shard).map(|p| p.voters.clone()).unwrap_or_default();
         let next = match op.step {
             Step::Adding => {
-                let req = PeerRequest::Join { shard, node: op.to, member: member(op.to)? };
+                let req = PeerRequest::AddLearner { shard, node: op.to, member: member(op.to)? };
                 match self.ask_shard_leader(shard, &voters, req, STEP_TTL).await? {
                     PeerResponse::Joined { replica } => {
                         PlacementCommand::MoveReached { id: op.id, step: Step::CatchingUp, replica: Some(replica) }
@@ -309,7 +314,8 @@ impl Service {
     /// A shard leader's side of a move's request, for the replica this node runs.
     async fn answer_locally(&self, h: &Hosted, req: PeerRequest) -> PeerResponse {
         match req {
-            PeerRequest::Join { shard, node, member } => formation::join(h, shard, node, member).await,
+            PeerRequest::AddLearner { shard, node, member } => formation::join(h, shard, node, member).await,
+            PeerRequest::Progress { replica, .. } => formation::progress(h, replica),
             PeerRequest::Replace { shard, from, replica, member } => {
                 formation::replace(h, shard, from, replica, member).await
             }
