@@ -64,7 +64,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("service", &["error", "stages", "placement", "chat", "config", "store", "net", "raft"]),
     ("server", &["error", "placement", "net", "service"]),
     ("metrics", &["error", "service"]),
-    ("node", &["error", "planted", "config", "store", "net", "raft", "service", "server", "metrics"]),
+    ("node", &["error", "planted", "placement", "config", "store", "net", "raft", "service", "server", "metrics"]),
     ("client", &["error", "chat", "config", "net"]),
     ("admin", &["placement", "net"]),
 ];

@@ -114,8 +114,18 @@ impl Node {
                 _ => None,
             };
             for shard in crate::raft::group_ids(&config) {
-                if let Some(p) = placed.as_ref().and_then(|m| m.shard(shard)) {
-                    if !p.voters.contains(&id) {
+                if let Some(map) = placed.as_ref() {
+                    // Rejoining: only what the map places here (a shard, or the metadata
+                    // group for a formation member); the rest is recorded as left, so no
+                    // later start runs it under an id that voted before.
+                    let here = match map.shard(shard) {
+                        Some(p) => p.voters.contains(&id),
+                        None => shard != crate::placement::META_SHARD || map.metadata.contains(&id),
+                    };
+                    if !here && formation.replica(shard)?.is_none() {
+                        formation::record_replica(&store, shard, formation::DROPPED)?;
+                    }
+                    if !here {
                         continue;
                     }
                 }

@@ -67,6 +67,10 @@ pub struct ShardPlacement {
     pub preferred_leader: u64,
     /// Nodes a move is adding, not voting yet.
     pub learners: Vec<u64>,
+    /// Replica ids that left the shard (moved away, or cancelled learners): a node's next
+    /// replica in the shard takes a generation above each of its own, so no id that held
+    /// state is ever used again once that state was deleted.
+    pub retired: Vec<u64>,
 }
 
 /// A shard move in progress: its replica on `from` is replaced by a new one on `to`. Every
@@ -81,6 +85,8 @@ pub struct Operation {
     pub step: Step,
     /// The new replica's id in the shard's group, once its leader added it as a learner.
     pub replica: Option<u64>,
+    /// The replica ids of `from` it replaces (what `from` may delete once it is done).
+    pub leaving: Vec<u64>,
 }
 
 /// Where a move stands. Steps only go forward.
@@ -139,9 +145,10 @@ pub enum PlacementCommand {
     Register(NodeEntry),
     /// Starts moving `shard`'s replica on `from` to `to`.
     StartMove { shard: u32, from: u64, to: u64 },
-    /// Records that move `id` reached `step` (with the new replica's id from `CatchingUp`
-    /// on). `Removing` makes `to` a voter in place of `from`.
-    MoveReached { id: u64, step: Step, replica: Option<u64> },
+    /// Records that move `id` reached `step` (with the new replica's id, and the replicas
+    /// of `from` it replaces, from `CatchingUp` on). `Removing` makes `to` a voter in place
+    /// of `from`.
+    MoveReached { id: u64, step: Step, replica: Option<u64>, leaving: Vec<u64> },
     /// Ends move `id`: done, or cancelled and cleaned up.
     MoveEnded { id: u64 },
     /// Asks to cancel move `id`; possible until `to` votes.
@@ -198,6 +205,7 @@ impl ClusterMap {
                         voters: ids.clone(),
                         preferred_leader: ids[s as usize % ids.len()],
                         learners: Vec::new(),
+                        retired: Vec::new(),
                     })
                     .collect();
                 self.metadata = ids;
@@ -284,12 +292,13 @@ impl ClusterMap {
                     to: *to,
                     step: Step::Adding,
                     replica: None,
+                    leaving: Vec::new(),
                 };
                 self.operations.push(op);
                 self.epoch += 1;
                 Ok(true)
             }
-            PlacementCommand::MoveReached { id, step, replica } => {
+            PlacementCommand::MoveReached { id, step, replica, leaving } => {
                 let i = self.operations.iter().position(|o| o.id == *id).ok_or_else(|| format!("no operation {id}"))?;
                 let op = &mut self.operations[i];
                 // A cancel that came while the promotion was already under way loses to it:
@@ -305,9 +314,13 @@ impl ClusterMap {
                 if replica.is_some() {
                     op.replica = *replica;
                 }
+                if !leaving.is_empty() {
+                    op.leaving = leaving.clone();
+                }
                 if *step == Step::Removing {
-                    let (from, to) = (op.from, op.to);
+                    let (from, to, left) = (op.from, op.to, op.leaving.clone());
                     let p = &mut self.shards[op.shard as usize];
+                    p.retired.extend(left);
                     p.learners.retain(|n| *n != to);
                     p.voters.retain(|n| *n != from);
                     p.voters.push(to);
@@ -323,8 +336,10 @@ impl ClusterMap {
                 let Some(i) = self.operations.iter().position(|o| o.id == *id) else { return Ok(false) };
                 let op = self.operations.remove(i);
                 if op.step != Step::Removing {
-                    // Cancelled: the learner is gone.
-                    self.shards[op.shard as usize].learners.retain(|n| *n != op.to);
+                    // Cancelled: the learner is gone, and its id with it.
+                    let p = &mut self.shards[op.shard as usize];
+                    p.learners.retain(|n| *n != op.to);
+                    p.retired.extend(op.replica);
                 }
                 self.epoch += 1;
                 Ok(true)
@@ -468,18 +483,20 @@ mod tests {
         assert_eq!(map.shard(0).unwrap().learners, vec![4]);
         assert!(map.holds_replicas(4));
 
-        let caught = PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4) };
+        let caught =
+            PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4), leaving: vec![1] };
         assert_eq!(map.apply(&caught), Ok(true));
         assert_eq!(map.apply(&caught), Ok(false), "a step recorded twice (a coordinator that crashed) is no change");
         assert_eq!(map.shard(0).unwrap().voters, vec![1, 2, 3], "no voter changes before the promotion");
-        let removing = PlacementCommand::MoveReached { id: 1, step: Step::Removing, replica: None };
+        let removing = PlacementCommand::MoveReached { id: 1, step: Step::Removing, replica: None, leaving: vec![] };
         assert_eq!(map.apply(&removing), Ok(true));
         let p = map.shard(0).unwrap();
         assert_eq!((p.voters.clone(), p.learners.clone(), p.preferred_leader), (vec![2, 3, 4], vec![], 4));
+        assert_eq!(p.retired, vec![1], "node 1's replica id is retired with the data it held");
         assert_eq!(map.operation_on(0).unwrap().replica, Some(4), "the replica id is kept");
         assert!(map.apply(&PlacementCommand::CancelMove { id: 1 }).unwrap_err().contains("cannot be cancelled"));
         assert_eq!(
-            map.apply(&PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: None }),
+            map.apply(&PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: None, leaving: vec![] }),
             Ok(false)
         );
         assert_eq!(map.apply(&PlacementCommand::MoveEnded { id: 1 }), Ok(true));
@@ -506,18 +523,22 @@ mod tests {
         assert_eq!(map, before, "refusals change nothing");
 
         map.apply(&PlacementCommand::StartMove { shard: 1, from: 2, to: 4 }).unwrap();
-        map.apply(&PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4) }).unwrap();
+        map.apply(&PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4), leaving: vec![1] })
+            .unwrap();
         assert_eq!(map.apply(&PlacementCommand::CancelMove { id: 1 }), Ok(true));
         assert_eq!(map.apply(&PlacementCommand::CancelMove { id: 1 }), Ok(false));
-        let caught = PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4) };
+        let caught =
+            PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4), leaving: vec![1] };
         assert!(map.apply(&caught).unwrap_err().contains("being cancelled"), "a cancelled move goes no further");
         let mut raced = map.clone();
         map.apply(&PlacementCommand::MoveEnded { id: 1 }).unwrap();
-        assert_eq!(map.shards, before.shards, "the shard is as it was");
+        assert_eq!(map.shard(1).unwrap().voters, before.shard(1).unwrap().voters, "the shard is as it was");
+        assert_eq!(map.shard(1).unwrap().learners, Vec::<u64>::new());
+        assert_eq!(map.shard(1).unwrap().retired, vec![4], "the cancelled learner's id is retired");
         assert!(map.operations.is_empty());
 
         // A promotion already under way when the cancel came is what happened: recorded.
-        let promoted = PlacementCommand::MoveReached { id: 1, step: Step::Removing, replica: None };
+        let promoted = PlacementCommand::MoveReached { id: 1, step: Step::Removing, replica: None, leaving: vec![] };
         assert_eq!(raced.apply(&promoted), Ok(true));
         assert_eq!(raced.shard(1).unwrap().voters, vec![1, 3, 4]);
         assert_eq!(raced.operation_on(1).unwrap().step, Step::Removing);

@@ -157,6 +157,11 @@ impl Formation {
         super::state_machine::cluster_map(&self.store)
     }
 
+    /// The replica id recorded for `shard` in `store` ([`DROPPED`] once the node left it).
+    pub fn recorded_replica(store: &Store, shard: ShardId) -> Result<Option<NodeId>> {
+        Ok(store.db.get(replica_key(shard))?.map(|v| decode(&v)).transpose()?)
+    }
+
     /// This node's replica id in `shard`'s group, if it has one.
     pub fn replica(&self, shard: ShardId) -> Result<Option<NodeId>> {
         Ok(self.store.db.get(replica_key(shard))?.map(|v| decode(&v)).transpose()?)
@@ -401,7 +406,7 @@ pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config
     let me = formation.node;
     let member = member_of(config, me)?;
     for shard in super::group_ids(config) {
-        let Some(replica) = formation.replica(shard)? else { continue };
+        let Some(replica) = formation.replica(shard)?.filter(|r| *r != DROPPED) else { continue };
         let req = PeerRequest::Promote { shard, replica, member: member.clone() };
         ask_leader(net, config, shard, req, PROMOTE_TTL, |r| matches!(r, PeerResponse::Promoted).then_some(())).await;
         tracing::info!(shard, replica, "caught up and voting");
@@ -484,6 +489,56 @@ pub async fn join(h: &Hosted, shard: ShardId, node: NodeId, member: Member) -> P
     }
 }
 
+/// The leader's side of a move's `AddLearner`: a learner of `node` (an existing one of
+/// generation `min_generation` or above, which a retried step finds, else a new one above
+/// every id `node` has in the membership and every id it ever had in the shard), and the
+/// replicas of `from` that the move will replace.
+pub async fn add_learner(
+    h: &Hosted,
+    shard: ShardId,
+    node: NodeId,
+    member: Member,
+    from: NodeId,
+    min_generation: u32,
+) -> PeerResponse {
+    let m = match leads(h) {
+        Ok(m) => m,
+        Err(answer) => return answer,
+    };
+    let membership = m.membership_config.membership();
+    let leaving: Vec<NodeId> = membership.voter_ids().filter(|v| node_of(*v) == from).collect();
+    let existing =
+        membership.learner_ids().filter(|l| node_of(*l) == node && generation_of(*l) >= min_generation).max();
+    if let Some(replica) = existing {
+        return PeerResponse::LearnerAdded { replica, leaving };
+    }
+    let generation = membership
+        .nodes()
+        .map(|(id, _)| *id)
+        .filter(|id| node_of(*id) == node)
+        .map(|id| generation_of(id) + 1)
+        .chain(std::iter::once(min_generation))
+        .max()
+        .unwrap_or(min_generation);
+    let replica = replica_id(node, generation);
+    match h.raft.add_learner(replica, member, false).await {
+        Ok(_) => {
+            tracing::info!(shard, node, replica, "added a moved replica as a learner");
+            PeerResponse::LearnerAdded { replica, leaving }
+        }
+        Err(e) => PeerResponse::Error(format!("adding replica {replica} of shard {shard}: {e}")),
+    }
+}
+
+/// The membership the group has committed, if no change is under way (no joint
+/// configuration, and nothing newer in the log): what a move may act on.
+fn settled(m: &openraft::RaftMetrics<super::types::C>) -> Option<openraft::Membership<NodeId, Member>> {
+    let committed = &m.committed_membership_config;
+    let settled =
+        m.membership_config.log_id() == committed.log_id() && committed.membership().get_joint_config().len() == 1;
+    settled.then(|| committed.membership().clone())
+}
+
 /// The leader's side of `Promote`: waits until `replica` caught up, then makes it a voter in
 /// place of its node's other replicas, which leave the group.
 pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member) -> PeerResponse {
@@ -529,7 +584,10 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, 
         Ok(m) => m,
         Err(answer) => return answer,
     };
-    let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+    let Some(membership) = settled(&m) else {
+        return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
+    };
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == from) {
         return PeerResponse::Promoted;
     }
@@ -560,21 +618,25 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, 
     PeerResponse::Promoted
 }
 
-/// The leader's side of a cancelled move (`PeerRequest::RemoveLearner`): `replica` leaves the
-/// group if it is a learner there; a voter is never removed this way.
-pub async fn remove_learner(h: &Hosted, shard: ShardId, replica: NodeId) -> PeerResponse {
+/// The leader's side of a cancelled move (`PeerRequest::RemoveLearner`): every learner of
+/// `node` leaves the group; a voter is never removed this way (answered an error saying it
+/// votes, once that is committed).
+pub async fn remove_learner(h: &Hosted, shard: ShardId, node: NodeId, replica: Option<NodeId>) -> PeerResponse {
     let m = match leads(h) {
         Ok(m) => m,
         Err(answer) => return answer,
     };
-    let membership = m.membership_config.membership();
-    if membership.voter_ids().any(|v| v == replica) {
+    let Some(membership) = settled(&m) else {
+        return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
+    };
+    if let Some(replica) = replica.filter(|r| membership.voter_ids().any(|v| v == *r)) {
+        // Committed: the promotion won the race with the cancel.
         return PeerResponse::Error(format!("replica {replica} of shard {shard} votes: it is not removed by a cancel"));
     }
-    if membership.learner_ids().any(|l| l == replica) {
-        let gone = BTreeSet::from([replica]);
-        if let Err(e) = h.raft.change_membership(ChangeMembers::RemoveNodes(gone), false).await {
-            return PeerResponse::Error(format!("removing learner {replica} of shard {shard}: {e}"));
+    let gone: BTreeSet<NodeId> = membership.learner_ids().filter(|l| node_of(*l) == node).collect();
+    if !gone.is_empty() {
+        if let Err(e) = h.raft.change_membership(ChangeMembers::RemoveNodes(gone.clone()), false).await {
+            return PeerResponse::Error(format!("removing learners {gone:?} of shard {shard}: {e}"));
         }
     }
     PeerResponse::Promoted

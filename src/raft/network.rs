@@ -78,7 +78,7 @@ pub struct PeerContext {
 }
 
 /// A shard to stop and delete here, and where to say it is done.
-pub type DropRequest = (ShardId, tokio::sync::oneshot::Sender<Result<(), String>>);
+pub type DropRequest = (ShardId, Vec<NodeId>, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 /// Outgoing peer RPCs; cheap to clone.
 #[derive(Clone)]
@@ -627,21 +627,21 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
             Ok(h) => super::formation::replace(&h, shard, from, replica, member).await,
             Err(e) => err(e),
         },
-        PeerRequest::RemoveLearner { shard, replica } => match hosted(groups, shard) {
-            Ok(h) => super::formation::remove_learner(&h, shard, replica).await,
+        PeerRequest::RemoveLearner { shard, node, replica } => match hosted(groups, shard) {
+            Ok(h) => super::formation::remove_learner(&h, shard, node, replica).await,
             Err(e) => err(e),
         },
-        PeerRequest::AddLearner { shard, node, member } => match hosted(groups, shard) {
-            Ok(h) => super::formation::join(&h, shard, node, member).await,
+        PeerRequest::AddLearner { shard, node, member, from, min_generation } => match hosted(groups, shard) {
+            Ok(h) => super::formation::add_learner(&h, shard, node, member, from, min_generation).await,
             Err(e) => err(e),
         },
         PeerRequest::Progress { shard, replica } => match hosted(groups, shard) {
             Ok(h) => super::formation::progress(&h, replica),
             Err(e) => err(e),
         },
-        PeerRequest::Drop { shard } => {
+        PeerRequest::Drop { shard, replicas } => {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if ctx.drops.send((shard, tx)).await.is_err() {
+            if ctx.drops.send((shard, replicas, tx)).await.is_err() {
                 return err("this node is stopping".into());
             }
             match rx.await {

@@ -80,18 +80,22 @@ pub enum PeerRequest {
         replica: NodeId,
         member: Member,
     },
-    /// For a shard's leader: remove `replica` if it is a learner (a cancelled move).
+    /// For a shard's leader: remove `node`'s learners (a cancelled move), refusing if its
+    /// `replica` already votes.
     /// Answered `Promoted`.
     RemoveLearner {
         shard: ShardId,
-        replica: NodeId,
+        node: NodeId,
+        replica: Option<NodeId>,
     },
-    /// For a shard's leader, from the coordinator of a move: add a new replica of `node` as
-    /// a learner, as `Join` does for a node asking for itself. Answered `Joined`.
+    /// For a shard's leader, from the coordinator of a move: a learner of `node` (generation
+    /// `min_generation` or above) to replace `from`'s replicas. Answered `LearnerAdded`.
     AddLearner {
         shard: ShardId,
         node: NodeId,
         member: Member,
+        from: NodeId,
+        min_generation: u32,
     },
     /// For a shard's leader: how far `replica` is behind. Answered `Behind`.
     Progress {
@@ -99,9 +103,11 @@ pub enum PeerRequest {
         replica: NodeId,
     },
     /// For a node that no longer holds `shard` (the membership change removing it is
-    /// committed): stop its replica and delete its data. Answered `Dropped`.
+    /// committed): stop its replica and delete its data, if its replica is one of `replicas`
+    /// (a stale request never reaches a newer replica). Answered `Dropped`.
     Drop {
         shard: ShardId,
+        replicas: Vec<NodeId>,
     },
 }
 
@@ -120,6 +126,11 @@ pub enum PeerResponse {
     },
     /// `Promote` is done: the replica votes.
     Promoted,
+    /// A move's learner, and the replicas it is to replace.
+    LearnerAdded {
+        replica: NodeId,
+        leaving: Vec<NodeId>,
+    },
     /// A `Place` applied: the map's epoch now, and whether it changed the map.
     Placed {
         epoch: u64,

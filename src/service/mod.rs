@@ -226,6 +226,8 @@ pub struct Service {
     /// On a node without a replica of the metadata group (added after formation): the
     /// newest map its peers reported, which `placement::follow` keeps fresh.
     fetched_map: std::sync::Mutex<ClusterMap>,
+    /// Starting and deleting a replica here, one at a time.
+    placement_lock: tokio::sync::Mutex<()>,
     net: PeerNet,
     /// Where the peer server finds the groups this node runs.
     registry: Groups,
@@ -511,6 +513,7 @@ impl Service {
             placement,
             placement_follow,
             fetched_map: std::sync::Mutex::default(),
+            placement_lock: tokio::sync::Mutex::new(()),
             net: net.clone(),
             registry,
             raft_config,

@@ -30,8 +30,10 @@ use crate::raft::formation::{self, DROPPED};
 use crate::raft::meta;
 use crate::raft::network::{DropRequest, Hosted};
 use crate::raft::rpc::{PeerRequest, PeerResponse};
-use crate::raft::types::{node_of, Member, NodeId};
+use crate::raft::types::{generation_of, node_of, Member, NodeId};
 use crate::raft::{self as consensus};
+use crate::store::codec::{decode, encode};
+use crate::store::keys::left_key;
 
 /// How often a node looks at the map again, besides when it changes.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
@@ -67,8 +69,14 @@ impl Service {
     /// Starts `shard`'s group here as `replica`, unless it runs. The replica id is recorded
     /// first, so a restart runs the group under the same id.
     pub(super) async fn host(&self, shard: ShardId, replica: NodeId) -> Result<()> {
+        let _one_at_a_time = self.placement_lock.lock().await;
         if self.group(shard).is_ok() {
             return Ok(());
+        }
+        if self.left(shard)?.is_some_and(|l| generation_of(replica) <= generation_of(l)) {
+            return Err(Error::Unavailable(format!(
+                "replica {replica} of shard {shard} is not newer than one this node deleted; a stale map asked for it"
+            )));
         }
         formation::record_replica(&self.store, shard, replica)?;
         let events = self.push.clone();
@@ -92,10 +100,30 @@ impl Service {
         Ok(())
     }
 
-    /// Stops `shard`'s group here and deletes its data: the shard's membership no longer
-    /// holds this node's replica (the caller, the coordinator, saw the change committed).
-    /// Recorded as [`DROPPED`] first, so a restart does not run the group again.
-    pub(super) async fn drop_shard(&self, shard: ShardId) -> Result<()> {
+    /// The last replica id of `shard` this node deleted, if any.
+    fn left(&self, shard: ShardId) -> Result<Option<NodeId>> {
+        Ok(self.store.db.get(left_key(shard))?.map(|v| decode(&v)).transpose()?)
+    }
+
+    /// Stops `shard`'s group here and deletes its data, if the replica here is one of
+    /// `replicas`: the shard's membership no longer holds it (the caller, the coordinator,
+    /// saw the change committed). A request naming other replicas (a stale coordinator's,
+    /// about an earlier replica) is refused. Recorded as [`DROPPED`] and as left first, so a
+    /// restart does not run the group again, nor anything stale start it.
+    pub(super) async fn drop_shard(&self, shard: ShardId, replicas: &[NodeId]) -> Result<()> {
+        let _one_at_a_time = self.placement_lock.lock().await;
+        let running = self.group(shard).ok().map(|g| g.replica);
+        let recorded = formation::Formation::recorded_replica(&self.store, shard)?;
+        let here = match (running, recorded) {
+            (Some(r), _) => r,
+            (None, Some(DROPPED)) | (None, None) => return Ok(()),
+            (None, Some(r)) => r,
+        };
+        if !replicas.contains(&here) {
+            return Err(Error::Unavailable(format!(
+                "this node runs replica {here} of shard {shard}, not one of {replicas:?}: refusing to delete it"
+            )));
+        }
         let group = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
         self.proposers.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
         self.registry.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
@@ -104,6 +132,9 @@ impl Service {
                 tracing::warn!(shard, error = %e, "a dropped shard's group did not stop cleanly");
             }
         }
+        let mut b = rocksdb::WriteBatch::default();
+        b.put(left_key(shard), encode(&here));
+        self.store.write_sync(b)?;
         formation::record_replica(&self.store, shard, DROPPED)?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.delete_shard(shard))
@@ -120,9 +151,9 @@ impl Service {
 
 /// Answers the peer server's `Drop`s (see `raft::network::PeerContext`).
 pub async fn serve_drops(node: Weak<Service>, mut requests: tokio::sync::mpsc::Receiver<DropRequest>) {
-    while let Some((shard, done)) = requests.recv().await {
+    while let Some((shard, replicas, done)) = requests.recv().await {
         let Some(node) = node.upgrade() else { return };
-        let _ = done.send(node.drop_shard(shard).await.map_err(|e| e.to_string()));
+        let _ = done.send(node.drop_shard(shard, &replicas).await.map_err(|e| e.to_string()));
     }
 }
 
@@ -141,7 +172,11 @@ pub(super) async fn follow(node: Weak<Service>) {
             }
         }
         for op in &map.operations {
-            let placed_here = op.to == node.id && matches!(op.step, Step::CatchingUp | Step::Removing);
+            // A learner may start empty; a voter (from `Removing` on) only with what it held,
+            // never as an empty replica under an id that voted.
+            let recorded = formation::Formation::recorded_replica(&node.store, op.shard).ok().flatten();
+            let placed_here = op.to == node.id
+                && (op.step == Step::CatchingUp || (op.step == Step::Removing && recorded == op.replica));
             if let (true, Some(replica)) = (placed_here, op.replica) {
                 if let Err(e) = node.host(op.shard, replica).await {
                     tracing::warn!(shard = op.shard, replica, error = %e, "starting a moved replica");
@@ -158,6 +193,12 @@ pub(super) async fn coordinate(node: Weak<Service>) {
         let Some(node) = node.upgrade() else { return };
         let Some(h) = node.meta_hosted() else { return };
         if consensus::metrics_of(&h.raft).current_leader != Some(h.replica) {
+            continue;
+        }
+        // Still the leader, confirmed by a quorum, and the map read after that: a deposed
+        // leader must not act on a map others have moved past.
+        let confirmed = h.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
+        if !matches!(tokio::time::timeout(STEP_TTL, confirmed).await, Ok(Ok(_))) {
             continue;
         }
         let map = node.cluster_map();
@@ -189,11 +230,29 @@ impl Service {
         let voters: Vec<NodeId> = map.shard(shard).map(|p| p.voters.clone()).unwrap_or_default();
         let next = match op.step {
             Step::Adding => {
-                let req = PeerRequest::AddLearner { shard, node: op.to, member: member(op.to)? };
+                // Above every id `to` ever had in the shard whose state was deleted.
+                let min_generation = map
+                    .shard(shard)
+                    .iter()
+                    .flat_map(|p| p.retired.iter())
+                    .filter(|r| node_of(**r) == op.to)
+                    .map(|r| generation_of(*r) + 1)
+                    .max()
+                    .unwrap_or(0);
+                let req = PeerRequest::AddLearner {
+                    shard,
+                    node: op.to,
+                    member: member(op.to)?,
+                    from: op.from,
+                    min_generation,
+                };
                 match self.ask_shard_leader(shard, &voters, req, STEP_TTL).await? {
-                    PeerResponse::Joined { replica } => {
-                        PlacementCommand::MoveReached { id: op.id, step: Step::CatchingUp, replica: Some(replica) }
-                    }
+                    PeerResponse::LearnerAdded { replica, leaving } => PlacementCommand::MoveReached {
+                        id: op.id,
+                        step: Step::CatchingUp,
+                        replica: Some(replica),
+                        leaving,
+                    },
                     other => return Err(format!("adding the learner: {other:?}")),
                 }
             }
@@ -211,33 +270,36 @@ impl Service {
                 }
                 let req = PeerRequest::Replace { shard, from: op.from, replica, member: member(op.to)? };
                 match self.ask_shard_leader(shard, &voters, req, PROMOTE_TTL).await? {
-                    PeerResponse::Promoted => {
-                        PlacementCommand::MoveReached { id: op.id, step: Step::Removing, replica: None }
-                    }
+                    PeerResponse::Promoted => PlacementCommand::MoveReached {
+                        id: op.id,
+                        step: Step::Removing,
+                        replica: None,
+                        leaving: vec![],
+                    },
                     other => return Err(format!("promoting the learner: {other:?}")),
                 }
             }
             Step::Removing => {
-                self.drop_on(op.from, shard).await?;
+                self.drop_on(op.from, shard, &op.leaving).await?;
                 PlacementCommand::MoveEnded { id: op.id }
             }
             Step::Cancelling => {
                 let mut promoted = false;
-                if let Some(replica) = op.replica {
-                    let req = PeerRequest::RemoveLearner { shard, replica };
-                    match self.ask_shard_leader(shard, &voters, req, STEP_TTL).await {
-                        Ok(PeerResponse::Promoted) => {}
-                        // The promotion was under way when the cancel came: it happened.
-                        Err(e) if e.contains("votes") => promoted = true,
-                        Ok(other) => return Err(format!("removing the learner: {other:?}")),
-                        Err(e) => return Err(e),
-                    }
+                // Every learner of `to`, recorded or not (one added by a step the cancel beat).
+                let req = PeerRequest::RemoveLearner { shard, node: op.to, replica: op.replica };
+                match self.ask_shard_leader(shard, &voters, req, STEP_TTL).await {
+                    Ok(PeerResponse::Promoted) => {}
+                    // The promotion was committed when the cancel came: it happened.
+                    Err(e) if e.contains("votes") => promoted = true,
+                    Ok(other) => return Err(format!("removing the learner: {other:?}")),
+                    Err(e) => return Err(e),
                 }
                 if promoted {
                     tracing::warn!(op = op.id, shard, "the cancel came too late: the new replica already votes");
-                    PlacementCommand::MoveReached { id: op.id, step: Step::Removing, replica: None }
+                    PlacementCommand::MoveReached { id: op.id, step: Step::Removing, replica: None, leaving: vec![] }
                 } else {
-                    self.drop_on(op.to, shard).await?;
+                    let copy: Vec<NodeId> = op.replica.into_iter().collect();
+                    self.drop_on(op.to, shard, &copy).await?;
                     PlacementCommand::MoveEnded { id: op.id }
                 }
             }
@@ -254,12 +316,17 @@ impl Service {
         }
     }
 
-    /// Has `node` stop and delete its replica of `shard` (this node directly).
-    async fn drop_on(&self, node: NodeId, shard: ShardId) -> std::result::Result<(), String> {
-        if node == self.id {
-            return self.drop_shard(shard).await.map_err(|e| e.to_string());
+    /// Has `node` stop and delete its replica of `shard`, if it is one of `replicas` (this
+    /// node directly).
+    async fn drop_on(&self, node: NodeId, shard: ShardId, replicas: &[NodeId]) -> std::result::Result<(), String> {
+        if replicas.is_empty() {
+            return Ok(());
         }
-        match self.net.control(node, PeerRequest::Drop { shard }, STEP_TTL).await {
+        if node == self.id {
+            return self.drop_shard(shard, replicas).await.map_err(|e| e.to_string());
+        }
+        let req = PeerRequest::Drop { shard, replicas: replicas.to_vec() };
+        match self.net.control(node, req, STEP_TTL).await {
             Ok(PeerResponse::Dropped) => Ok(()),
             Ok(other) => Err(format!("node {node} answered {other:?}")),
             Err(e) => Err(format!("node {node}: {e}")),
@@ -286,7 +353,11 @@ impl Service {
             let answer = match &local {
                 Some(g) if target == self.id => {
                     let h = Hosted { replica: g.replica, raft: g.raft.clone() };
-                    self.answer_locally(&h, req.clone()).await
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, self.answer_locally(&h, req.clone())).await {
+                        Ok(answer) => answer,
+                        Err(_) => PeerResponse::Error(format!("shard {shard}: no answer within {ttl:?}")),
+                    }
                 }
                 _ => {
                     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
@@ -314,12 +385,16 @@ impl Service {
     /// A shard leader's side of a move's request, for the replica this node runs.
     async fn answer_locally(&self, h: &Hosted, req: PeerRequest) -> PeerResponse {
         match req {
-            PeerRequest::AddLearner { shard, node, member } => formation::join(h, shard, node, member).await,
+            PeerRequest::AddLearner { shard, node, member, from, min_generation } => {
+                formation::add_learner(h, shard, node, member, from, min_generation).await
+            }
             PeerRequest::Progress { replica, .. } => formation::progress(h, replica),
             PeerRequest::Replace { shard, from, replica, member } => {
                 formation::replace(h, shard, from, replica, member).await
             }
-            PeerRequest::RemoveLearner { shard, replica } => formation::remove_learner(h, shard, replica).await,
+            PeerRequest::RemoveLearner { shard, node, replica } => {
+                formation::remove_learner(h, shard, node, replica).await
+            }
             other => PeerResponse::Error(format!("not a shard leader's request: {other:?}")),
         }
     }

@@ -21,6 +21,7 @@
 //! | `default`     | `wm` ‖ shard                                     | [`Watermark`] (vote, last log id) |
 //! |               | `cluster`                                        | [`ClusterRecord`] of this node |
 //! |               | `replica` ‖ shard                                | this node's replica id in the shard's group |
+//! |               | `left` ‖ shard                                   | the last replica id this node deleted of the shard |
 //!
 //! Every value is written by `codec::encode`: a format-version byte, then bincode.
 //! Ids are at most 128 bytes, so a one-byte length prefix suffices and keeps a conversation's
@@ -64,6 +65,15 @@ pub fn watermark_key(shard: ShardId) -> [u8; 6] {
     let mut k = [0u8; 6];
     k[..2].copy_from_slice(b"wm");
     k[2..].copy_from_slice(&shard.to_be_bytes());
+    k
+}
+
+/// The last replica id this node deleted of a shard (it left the shard), in the `default`
+/// family: no replica id at or below it is run here again.
+pub fn left_key(shard: ShardId) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(b"left");
+    k[4..].copy_from_slice(&shard.to_be_bytes());
     k
 }
 
