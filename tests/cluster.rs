@@ -1521,6 +1521,25 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
             client.send(c, &format!("before-{i}")).await.expect("send before the move");
         }
     }
+    // A subscriber pinned to the replica that moves away: it must go on elsewhere from its
+    // last offset, neither stalled nor repeating.
+    let tail = {
+        let mut sub = client.subscribe(&convs[0], 1, Some(from));
+        let seen = Arc::new(Mutex::new((Vec::<StoredMessage>::new(), Vec::<u64>::new())));
+        let keep = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Some(ev) = sub.next().await {
+                let mut seen = keep.lock().unwrap();
+                match ev {
+                    Event::Message(m) => seen.0.push(m),
+                    Event::Attached { node, .. } => seen.1.push(node),
+                    Event::CaughtUp { .. } => {}
+                    other => panic!("the moved subscription: {other:?}"),
+                }
+            }
+        });
+        (seen, task)
+    };
 
     // Steady sends through the move, each acked or reported failed.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1601,8 +1620,24 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
         }
         assert_eq!(got, first, "node {n} holds what node {} holds", want[0]);
     }
-    // The old node no longer has the shard.
-    assert!(client.read(&convs[0], 1, Some(from)).await.is_err(), "node {from} deleted its copy");
+    // The old node no longer has the shard, and says who has it.
+    match client.read(&convs[0], 1, Some(from)).await {
+        Err(Error::NotLeader { shard: 0, leader: Some(l) }) => assert!(want.contains(&l), "{l}"),
+        other => panic!("node {from} deleted its copy and must name a replica: {other:?}"),
+    }
+    // The subscriber pinned there went on from where it was, at another replica.
+    eventually(READY, "the moved subscription to deliver every message", || async {
+        (tail.0.lock().unwrap().0.len() >= heads[0]).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", tail.0.lock().unwrap().1, cluster.logs_tail()));
+    {
+        let seen = tail.0.lock().unwrap();
+        assert_eq!(seen.0[..], first[0][..], "the subscription delivered each message once, in order");
+        assert_eq!(seen.1.first(), Some(&from), "{:?}", seen.1);
+        assert!(seen.1.iter().any(|n| want.contains(n)), "it re-attached to a replica of the new set: {:?}", seen.1);
+    }
+    tail.1.abort();
     // The shard's preferred leader left with its replica: the new node leads it.
     assert_eq!(view["shards"][0]["preferred_leader"].as_u64(), Some(4), "{view}");
     eventually(READY, "node 4 to lead shard 0", || async {

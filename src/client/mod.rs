@@ -898,6 +898,8 @@ impl Client {
                 Some(Response::Truncated { earliest }) => visit(ReadItem::Truncated { earliest })?,
                 Some(Response::CaughtUp { head }) => return Ok(head),
                 Some(Response::Error { code, message }) => return Err(response_error(code, message)),
+                // The node holds no replica of the shard (any more): `leader` holds one.
+                Some(Response::NotLeader { shard, leader }) => return Err(Error::NotLeader { shard, leader }),
                 Some(other) => return Err(Error::Protocol(format!("unexpected frame {other:?}"))),
                 None => return Err(Error::Unavailable(format!("node {node} ended the read early"))),
             }
@@ -906,7 +908,9 @@ impl Client {
 
     /// Follows a conversation from `from`, live, across disconnects, each offset exactly
     /// once ([`Delivery::ExactlyOnce`]). `node` pins the replica (it is still retried after
-    /// failures); `None` spreads over all of them.
+    /// failures) until it answers that it no longer holds the shard (a move took its replica
+    /// away): the subscription then goes on from the next offset at the node it names, or
+    /// another; `None` spreads over all of them.
     pub fn subscribe(&self, conversation: &str, from: u64, node: Option<u64>) -> Subscription {
         self.subscribe_with(conversation, from, node, Delivery::default())
     }
@@ -1029,9 +1033,10 @@ impl Drop for Subscription {
 
 async fn follow(client: Client, conversation: String, mut next: u64, pinned: Option<u64>, tx: mpsc::Sender<Event>) {
     let ids = client.node_ids();
+    let (mut pinned, mut hint) = (pinned, None);
     let mut attempt = 0usize;
     loop {
-        let node = pinned.unwrap_or_else(|| ids[attempt % ids.len()]);
+        let node = hint.take().or(pinned).unwrap_or_else(|| ids[attempt % ids.len()]);
         attempt += 1;
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
         let mut recv = match client.open(node, &req).await {
@@ -1083,6 +1088,16 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                 })) => {
                     let _ = tx.send(Event::Failed(response_error(code, message).to_string())).await;
                     return;
+                }
+                // Any replica serves a subscription: this node holds none of the shard (its
+                // replica moved away), so no pin keeps the subscription here.
+                Ok(Some(Response::NotLeader { shard, leader })) => {
+                    tracing::debug!(node, shard, ?leader, "the node does not hold the shard; resubscribing elsewhere");
+                    if pinned == Some(node) {
+                        pinned = None;
+                    }
+                    hint = leader.filter(|l| *l != node && ids.contains(l));
+                    break;
                 }
                 Ok(other) => {
                     tracing::debug!(node, ?other, "subscription stream ended; resubscribing");

@@ -633,27 +633,35 @@ impl Service {
         }
     }
 
-    fn group_of(&self, conversation: &str) -> Result<Group> {
-        chat::validate_id("conversation", conversation).map_err(Error::InvalidInput)?;
-        let shard = chat::shard_of(conversation, self.config.shards);
-        self.group(shard)
-    }
-
     /// The group of `conversation`'s shard here; else the answer: invalid for a bad id, and
     /// `NotLeader` naming a node that holds the shard (from the cluster map) when this node
     /// does not, so the client goes there (a shard moved away, or never placed here).
     fn hosting(&self, conversation: &str) -> std::result::Result<Group, Refusal> {
         chat::validate_id("conversation", conversation).map_err(Refusal::Invalid)?;
         let shard = chat::shard_of(conversation, self.config.shards);
-        self.group(shard).map_err(|_| {
-            let map = self.cluster_map();
-            let placed = map.shard(shard);
-            let leader = placed
-                .map(|p| p.preferred_leader)
-                .filter(|&l| l != self.id)
-                .or_else(|| placed.and_then(|p| p.voters.iter().copied().find(|&v| v != self.id)));
-            Refusal::NotLeader { shard, leader }
-        })
+        self.group(shard).map_err(|_| Refusal::NotLeader { shard, leader: self.holder_of(shard) })
+    }
+
+    /// A node other than this one that the cluster map places `shard` on: its preferred
+    /// leader, else one of its voters.
+    fn holder_of(&self, shard: ShardId) -> Option<NodeId> {
+        let map = self.cluster_map();
+        let placed = map.shard(shard);
+        placed
+            .map(|p| p.preferred_leader)
+            .filter(|&l| l != self.id)
+            .or_else(|| placed.and_then(|p| p.voters.iter().copied().find(|&v| v != self.id)))
+    }
+
+    /// `Ok` while this node runs `shard`'s group; else `NotLeader` naming a node that holds
+    /// it. A subscription checks this whenever it goes back to storage: a replica that left
+    /// (a move deleted its data) must send its readers elsewhere, never leave them waiting
+    /// for pushes that no longer come.
+    fn still_hosting(&self, shard: ShardId) -> Result<()> {
+        match self.group(shard) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::NotLeader { shard, leader: self.holder_of(shard) }),
+        }
     }
 
     /// The group of `shard`, if this node runs it.
@@ -1051,7 +1059,12 @@ impl Service {
         follow: bool,
         out: &mut quinn::SendStream,
     ) -> Result<()> {
-        let shard = self.group_of(&conversation)?.shard;
+        let shard = match self.hosting(&conversation) {
+            Ok(g) => g.shard,
+            Err(Refusal::Invalid(m)) => return Err(Error::InvalidInput(m)),
+            Err(Refusal::NotLeader { shard, leader }) => return Err(Error::NotLeader { shard, leader }),
+            Err(other) => return Err(Error::Unavailable(format!("{other:?}"))),
+        };
         // Attach before reading storage: anything applied from now on reaches `events`.
         let (rx, head) = self.push.attach(&conversation);
         let mut attached = Attached { hub: &self.push, conversation: &conversation, rx: Some(rx) };
@@ -1075,6 +1088,7 @@ impl Service {
             // batch in one write: per-frame writes cost a stream (and connection) lock and a
             // wake-up each. After each read, the reader must still be a member: a removal
             // applied meanwhile bounds what it gets.
+            self.still_hosting(shard)?;
             let mut reading = self.read_stored(shard, &conversation, next, until);
             loop {
                 let mut batch = match reading.finish().await {
@@ -1114,6 +1128,8 @@ impl Service {
                 return Err(not_a_member(&who.user, &conversation));
             }
             if !caught_up {
+                // What was read is whole only if the data was not deleted meanwhile.
+                self.still_hosting(shard)?;
                 caught_up = true;
                 frame::write(out, &Response::CaughtUp { head: next - 1 }).await?;
                 if !follow {
