@@ -45,6 +45,10 @@ pub enum NodeState {
     /// Out of the cluster (`convoy admin remove-node`), once it held nothing; its id is
     /// never taken again.
     Removed,
+    /// Its disk was lost (`convoy admin replace-node`): given no new replica, and its
+    /// replicas are rebuilt on other nodes without asking it to delete anything. The ids
+    /// it had in those shards are retired, so they never vote again.
+    Lost,
 }
 
 impl NodeState {
@@ -53,6 +57,7 @@ impl NodeState {
             NodeState::Active => "active",
             NodeState::Draining => "draining",
             NodeState::Removed => "removed",
+            NodeState::Lost => "lost",
         }
     }
 }
@@ -157,6 +162,9 @@ pub enum PlacementCommand {
     Drain { node: u64 },
     /// Takes `node` out of the cluster, once it holds no replica of any group.
     RemoveNode { node: u64 },
+    /// Marks `node` lost (its disk is gone): it is given no new replica, and the moves off
+    /// it (asked apart) skip deleting its data.
+    MarkLost { node: u64 },
 }
 
 impl ClusterMap {
@@ -347,10 +355,22 @@ impl ClusterMap {
             PlacementCommand::Drain { node } => {
                 let n = self.nodes.iter_mut().find(|n| n.id == *node).ok_or_else(|| format!("no node {node}"))?;
                 match n.state {
-                    NodeState::Draining => Ok(false),
+                    NodeState::Draining | NodeState::Lost => Ok(false),
                     NodeState::Removed => Err(format!("node {node} was removed")),
                     NodeState::Active => {
                         n.state = NodeState::Draining;
+                        self.epoch += 1;
+                        Ok(true)
+                    }
+                }
+            }
+            PlacementCommand::MarkLost { node } => {
+                let n = self.nodes.iter_mut().find(|n| n.id == *node).ok_or_else(|| format!("no node {node}"))?;
+                match n.state {
+                    NodeState::Lost => Ok(false),
+                    NodeState::Removed => Err(format!("node {node} was removed")),
+                    NodeState::Active | NodeState::Draining => {
+                        n.state = NodeState::Lost;
                         self.epoch += 1;
                         Ok(true)
                     }
@@ -565,6 +585,20 @@ mod tests {
         let err = map.apply(&PlacementCommand::Register(node(4))).unwrap_err();
         assert!(err.contains("not taken again"), "{err}");
         assert!(map.apply(&PlacementCommand::Drain { node: 4 }).is_err());
+    }
+
+    #[test]
+    fn a_lost_node_takes_no_replica_but_its_replicas_move_off_it() {
+        let mut map = ClusterMap::default();
+        map.apply(&init(&[1, 2, 3], 1)).unwrap();
+        map.apply(&PlacementCommand::Register(node(4))).unwrap();
+        assert_eq!(map.apply(&PlacementCommand::MarkLost { node: 3 }), Ok(true));
+        assert_eq!(map.apply(&PlacementCommand::MarkLost { node: 3 }), Ok(false));
+        assert_eq!(map.apply(&PlacementCommand::Drain { node: 3 }), Ok(false), "lost stays lost");
+        assert_eq!(map.nodes[2].state, NodeState::Lost);
+        assert!(map.apply(&PlacementCommand::StartMove { shard: 0, from: 1, to: 3 }).is_err());
+        assert_eq!(map.apply(&PlacementCommand::StartMove { shard: 0, from: 3, to: 4 }), Ok(true));
+        assert!(map.apply(&PlacementCommand::MarkLost { node: 9 }).unwrap_err().contains("no node 9"));
     }
 
     #[test]

@@ -235,6 +235,7 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
             Request::CancelOperation { id } => node.admin_place(who, PlacementCommand::CancelMove { id }).await,
             Request::Drain { node: n } => node.admin_place(who, PlacementCommand::Drain { node: n }).await,
             Request::RemoveNode { node: n } => node.admin_place(who, PlacementCommand::RemoveNode { node: n }).await,
+            Request::ReplaceNode { node: n } => node.admin_place(who, PlacementCommand::MarkLost { node: n }).await,
             Request::Status if who.admin => Response::Status(Box::new(node.status())),
             Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
             Request::Subscribe { conversation, from, follow } => {

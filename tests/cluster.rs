@@ -1660,6 +1660,79 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
     assert_eq!(&on4[..heads[0]], &first[0][..], "node 4 after its restart");
 }
 
+/// `replace-node` for a node whose data directory was deleted: its replicas are rebuilt
+/// on the other active node under steady sends, nothing is asked of the lost node, and
+/// every acked message reads identically from every replica of the new sets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replace_node_rebuilds_a_lost_nodes_replicas_elsewhere_under_sends() {
+    let mut cluster = start(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    assert_eq!(cluster.add_node().expect("add node 4"), 4);
+    cluster.start(4).expect("start node 4");
+    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    let client = cluster.client().expect("client");
+    let convs: Vec<String> = [0, 1]
+        .iter()
+        .flat_map(|s| (0..).map(|i| format!("rp-{i}")).filter(move |c| shard_of(c, 2) == *s).take(2))
+        .collect();
+    for c in &convs {
+        for i in 0..30 {
+            client.send(c, &format!("before-{i}")).await.expect("send before the loss");
+        }
+    }
+    // A node that answers is drained, not replaced.
+    let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "replace-node", "3"]);
+    assert!(!ok && err.contains("answers"), "{err}");
+
+    cluster.kill(3);
+    cluster.wipe(3).expect("delete node 3's data directory");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (client, convs, stop) = (client.clone(), convs.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut failed) = (vec![0usize; convs.len()], Vec::new());
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.send(&convs[i % convs.len()], &format!("during-{i}")).await {
+                    Ok(_) => acked[i % convs.len()] += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (acked, failed)
+        })
+    };
+    let args = ["admin", "replace-node", "3", "--wait", "--timeout-s", "120", "--json"];
+    let (ok, out, err) = cli_as(&cluster, "admin", &args);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = sender.await.expect("sender");
+    assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
+    assert!(failed.is_empty(), "no send may fail while a lost node is replaced: {failed:?}");
+    assert!(acked.iter().sum::<usize>() > 20, "sends went on: {acked:?}");
+
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "status", "--json"]);
+    assert!(ok, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).expect("admin status prints JSON");
+    assert_eq!(view["operations"], serde_json::json!([]), "{view}");
+    for s in view["shards"].as_array().unwrap() {
+        assert_eq!(s["replicas"], serde_json::json!([1, 2, 4]), "{view}");
+    }
+    let node3 = view["nodes"].as_array().unwrap().iter().find(|n| n["id"] == 3).cloned().unwrap();
+    assert_eq!(node3["state"], "lost", "{view}");
+
+    // Every acked message once, identically on every replica of the new sets.
+    for (c, during) in convs.iter().zip(&acked) {
+        let want = 30 + during;
+        let on1 = read_at_least(&client, c, 1, want).await;
+        check_dense(&on1);
+        assert_eq!(on1.len(), want, "{c}: every acked send stored once");
+        for n in [2, 4] {
+            assert_eq!(read_at_least(&client, c, n, want).await, on1, "node {n} holds what node 1 holds");
+        }
+    }
+}
+
 /// The moves in progress, from `admin status --json`.
 fn operations(cluster: &LocalCluster) -> (Vec<serde_json::Value>, serde_json::Value) {
     let (ok, out, err) = cli_as(cluster, "admin", &["admin", "status", "--json"]);

@@ -369,6 +369,23 @@ enum AdminAction {
         #[command(flatten)]
         status: StatusArgs,
     },
+    /// Rebuild the replicas of node N, whose disk was lost, on the other active nodes: N is
+    /// marked lost (it takes no new replica), and each shard it held moves to the node with
+    /// the fewest replicas, without asking N to delete anything. Refused while N answers (it
+    /// still has its data: drain it) and when no other node can take a shard (then start N
+    /// with an empty data directory and `convoy node --rejoin`, which rebuilds its replicas
+    /// there under new ids).
+    ReplaceNode {
+        node: u64,
+        /// Follow the moves until N holds nothing; exit non-zero if that is not so within
+        /// --timeout-s.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 1800)]
+        timeout_s: u64,
+        #[command(flatten)]
+        status: StatusArgs,
+    },
     /// Take node N out of the cluster, once it holds no replica (drain it first). Its id is
     /// never taken again.
     RemoveNode {
@@ -464,7 +481,10 @@ async fn run(cli: Cli) -> Result<()> {
             move_replica(&status, shard, from, to, wait, Duration::from_secs(timeout_s)).await
         }
         Cmd::Admin { action: AdminAction::Drain { node, wait, timeout_s, status } } => {
-            drain(&status, node, wait, Duration::from_secs(timeout_s)).await
+            drain(&status, node, Emptying::Drain, wait, Duration::from_secs(timeout_s)).await
+        }
+        Cmd::Admin { action: AdminAction::ReplaceNode { node, wait, timeout_s, status } } => {
+            drain(&status, node, Emptying::Replace, wait, Duration::from_secs(timeout_s)).await
         }
         Cmd::Admin { action: AdminAction::Rebalance { dry_run, wait, timeout_s, status } } => {
             rebalance(&status, dry_run, wait, Duration::from_secs(timeout_s)).await
@@ -1020,17 +1040,45 @@ async fn wait_moves(args: &StatusArgs, command: &str, started: Instant, deadline
     }
 }
 
-/// `admin drain`: marks the node draining, then plans and asks for its moves, in waves
-/// with `wait` until it holds nothing.
-async fn drain(args: &StatusArgs, node: u64, wait: bool, timeout: Duration) -> Result<()> {
+/// How a node is emptied: `admin drain` (it runs and deletes its copies once moved) or
+/// `admin replace-node` (its disk is gone).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Emptying {
+    Drain,
+    Replace,
+}
+
+/// `admin drain` and `admin replace-node`: marks the node draining (or lost), then plans
+/// and asks for its moves, in waves with `wait` until it holds nothing.
+async fn drain(args: &StatusArgs, node: u64, how: Emptying, wait: bool, timeout: Duration) -> Result<()> {
     let config = load(&args.config)?;
     let client = args.who.connect(&config, Some(ADMIN_USER))?;
     let (started, deadline) = (Instant::now(), Instant::now() + timeout);
-    client.drain(node).await.map_err(|e| anyhow!("drain: {e}"))?;
+    let what = match how {
+        Emptying::Drain => "drain",
+        Emptying::Replace => "replace-node",
+    };
+    if how == Emptying::Replace {
+        // A node that answers still has its data (and would keep running stale replicas):
+        // it is drained, not replaced.
+        if tokio::time::timeout(Duration::from_secs(5), client.status(node)).await.is_ok_and(|a| a.is_ok()) {
+            bail!("replace-node: node {node} answers, so its data is not lost: use `convoy admin drain {node}`");
+        }
+        let (_, map) = view_and_map(args, "admin replace-node").await?;
+        convoy::admin::plan_drain(&map, node).map_err(|e| {
+            anyhow!(
+                "replace-node: {e}. Rebuild it in place instead: start node {node} with an empty data \
+                 directory and `convoy node --rejoin`, which gives it new replicas of its shards"
+            )
+        })?;
+        client.mark_lost(node).await.map_err(|e| anyhow!("replace-node: {e}"))?;
+    } else {
+        client.drain(node).await.map_err(|e| anyhow!("drain: {e}"))?;
+    }
     let mut planned = Vec::new();
     loop {
-        let (_, map) = view_and_map(args, "admin drain").await?;
-        let plan = convoy::admin::plan_drain(&map, node).map_err(|e| anyhow!("drain: {e}"))?;
+        let (_, map) = view_and_map(args, &format!("admin {what}")).await?;
+        let plan = convoy::admin::plan_drain(&map, node).map_err(|e| anyhow!("{what}: {e}"))?;
         if !args.json {
             print_plan(&plan);
         }
@@ -1039,7 +1087,7 @@ async fn drain(args: &StatusArgs, node: u64, wait: bool, timeout: Duration) -> R
         if !wait {
             break;
         }
-        let map = wait_moves(args, "admin drain", started, deadline).await?;
+        let map = wait_moves(args, &format!("admin {what}"), started, deadline).await?;
         if !map.shards.iter().any(|p| p.voters.contains(&node) || p.learners.contains(&node)) {
             if !args.json {
                 println!("node {node} holds no shard ({:.1} s)", started.elapsed().as_secs_f64());

@@ -648,6 +648,11 @@ impl Client {
         self.place(Request::RemoveNode { node }).await
     }
 
+    /// Marks `node` lost (an admin credential): its replicas are to be rebuilt elsewhere.
+    pub async fn mark_lost(&self, node: u64) -> Result<(u64, bool)> {
+        self.place(Request::ReplaceNode { node }).await
+    }
+
     /// A cluster-map change, through any node that answers.
     async fn place(&self, req: Request) -> Result<(u64, bool)> {
         let mut last = Error::Unavailable("no node to ask".into());

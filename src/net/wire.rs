@@ -54,6 +54,9 @@ pub enum Request {
     Drain { node: u64 },
     /// Take `node` out of the cluster (admin credentials only), once it holds no replica.
     RemoveNode { node: u64 },
+    /// Mark `node` lost (admin credentials only): its disk is gone, it is given no new
+    /// replica, and moves off it delete nothing there (`convoy admin replace-node`).
+    ReplaceNode { node: u64 },
 }
 
 /// What a [`Request::Members`] asks.

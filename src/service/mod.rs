@@ -613,6 +613,7 @@ impl Service {
                 | PlacementCommand::CancelMove { .. }
                 | PlacementCommand::Drain { .. }
                 | PlacementCommand::RemoveNode { .. }
+                | PlacementCommand::MarkLost { .. }
         );
         if !allowed {
             return error(ErrorCode::InvalidInput, "not a change an operator asks for");

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use super::Service;
 use crate::chat::ShardId;
 use crate::error::{Error, Result};
-use crate::placement::{ClusterMap, Operation, PlacementCommand, Step};
+use crate::placement::{ClusterMap, NodeState, Operation, PlacementCommand, Step};
 use crate::raft::formation::{self, DROPPED};
 use crate::raft::meta;
 use crate::raft::network::{DropRequest, Hosted};
@@ -280,7 +280,12 @@ impl Service {
                 }
             }
             Step::Removing => {
-                self.drop_on(op.from, shard, &op.leaving).await?;
+                // A lost node's disk is gone: nothing to delete there, and it may never answer.
+                // Its old ids are retired, so they never vote again should it come back.
+                let lost = map.nodes.iter().any(|n| n.id == op.from && n.state == NodeState::Lost);
+                if !lost {
+                    self.drop_on(op.from, shard, &op.leaving).await?;
+                }
                 PlacementCommand::MoveEnded { id: op.id }
             }
             Step::Cancelling => {
