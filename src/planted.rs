@@ -9,6 +9,8 @@
 //!   unsynced and the committed index not persisted;
 //! - `tolerate-wal-loss`: the old storage, point-in-time WAL recovery with recycled WAL files,
 //!   log reversion allowed and no watermark check, so a damaged WAL tail is cut silently.
+//! - `remove-before-caught-up`: a move promotes its new replica, and removes the old one,
+//!   without waiting for the new one to catch up.
 //!
 //! A normal build compiles every check here to `false`.
 
@@ -19,10 +21,12 @@ pub enum Bug {
     SkipDedup,
     LeaderRestore,
     TolerateWalLoss,
+    RemoveBeforeCaughtUp,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 4] = [Bug::AckBeforeFsync, Bug::SkipDedup, Bug::LeaderRestore, Bug::TolerateWalLoss];
+    pub const ALL: [Bug; 5] =
+        [Bug::AckBeforeFsync, Bug::SkipDedup, Bug::LeaderRestore, Bug::TolerateWalLoss, Bug::RemoveBeforeCaughtUp];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -30,6 +34,7 @@ impl Bug {
             Bug::SkipDedup => "skip-dedup",
             Bug::LeaderRestore => "leader-restore",
             Bug::TolerateWalLoss => "tolerate-wal-loss",
+            Bug::RemoveBeforeCaughtUp => "remove-before-caught-up",
         }
     }
 }

@@ -1388,6 +1388,193 @@ async fn reconnect_storm(dir: &Path, opts: BenchOptions) -> Result<Record> {
     Ok(r)
 }
 
+/// Sends per second that go on through the `move` workload.
+pub const MOVE_RATE: u64 = 1_000;
+
+impl BenchOptions {
+    /// Messages the moved shard holds before the `move` workload moves it.
+    pub fn move_messages(&self) -> usize {
+        if self.quick {
+            50_000
+        } else {
+            1_000_000
+        }
+    }
+}
+
+/// A send's start, and its latency if it was acked.
+type SendTiming = (Instant, Option<Duration>);
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The newest cluster map the nodes report.
+async fn cluster_map(admin: &Client, nodes: &[u64]) -> convoy::placement::ClusterMap {
+    let mut statuses = Vec::new();
+    for &id in nodes {
+        statuses.push((id, admin.status(id).await.ok()));
+    }
+    convoy::admin::newest_map(&statuses)
+}
+
+/// Workload `move`: one shard is filled with [`BenchOptions::move_messages`] messages over 16
+/// conversations, a fourth node is added, and the shard's replica on its leader moves there
+/// (`admin move`, no bandwidth limit) while [`MOVE_RATE`] sends per second keep flowing into
+/// the same conversations, open loop. Records the move's time, the bytes the new replica holds
+/// on disk once it votes and their rate over the move, and the sends' p50/p99 during the move
+/// against the phase before it (the record's own p50/p99 are those during the move).
+async fn shard_move(dir: &Path, opts: BenchOptions) -> Result<Record> {
+    let mut cluster = start_cluster(dir, opts)?;
+    let leaders = wait_balanced(&cluster, Duration::from_secs(60)).await?;
+    let shards = cluster.config().shards;
+    let shard = convoy::chat::shard_of("move-0", shards);
+    let convs: Arc<Vec<String>> = Arc::new(
+        (0..).map(|i| format!("move-{i}")).filter(|c| convoy::chat::shard_of(c, shards) == shard).take(16).collect(),
+    );
+    let from = leaders.get(shard as usize).copied().unwrap_or(1);
+
+    // The fourth node first: clients learn nodes from their cluster file, and the moved
+    // shard's leadership goes there.
+    let to = cluster.add_node()?;
+    cluster.start(to)?;
+    let admin = cluster.admin()?;
+    let nodes = cluster.node_ids();
+    let registered = Instant::now() + Duration::from_secs(60);
+    while !cluster_map(&admin, &nodes).await.nodes.iter().any(|n| n.id == to) {
+        if Instant::now() > registered {
+            bail!("node {to} never registered\n{}", cluster.logs_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let config = cluster.config().clone();
+
+    // Fill the shard.
+    let messages = opts.move_messages();
+    let filled = Instant::now();
+    let clients: Vec<Client> =
+        (0..8).map(|_| Client::connect_user(&config, TEST_USER)).collect::<convoy::Result<_>>()?;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..256 {
+        let (client, next, convs) = (clients[i % clients.len()].clone(), next.clone(), convs.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = text("move-fill");
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if n >= messages {
+                    break;
+                }
+                while client.send(&convs[n % convs.len()], &body).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let fill_s = filled.elapsed().as_secs_f64();
+
+    // Steady sends from now until the move is done: each send's start and latency.
+    let sender = Client::connect_user(&config, TEST_USER)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let timings: Arc<Mutex<Vec<SendTiming>>> = Arc::default();
+    let pacer = {
+        let (stop, timings, convs) = (stop.clone(), timings.clone(), convs.clone());
+        tokio::spawn(async move {
+            let interval = Duration::from_secs_f64(1.0 / MOVE_RATE as f64);
+            let mut due = tokio::time::Instant::now();
+            let mut in_flight = tokio::task::JoinSet::new();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                due += interval;
+                tokio::time::sleep_until(due).await;
+                let (sender, timings, conv) = (sender.clone(), timings.clone(), convs[i % convs.len()].clone());
+                i += 1;
+                in_flight.spawn(async move {
+                    let t = Instant::now();
+                    let ok = sender.send(&conv, &text("move-steady")).await.is_ok();
+                    if let Ok(mut v) = timings.lock() {
+                        v.push((t, ok.then(|| t.elapsed())));
+                    }
+                });
+                while in_flight.len() > 512 {
+                    in_flight.join_next().await;
+                }
+            }
+            while in_flight.join_next().await.is_some() {}
+        })
+    };
+    let steady_from = Instant::now();
+    tokio::time::sleep(opts.phase()).await;
+
+    let started = Instant::now();
+    admin.move_replica(shard, from, to).await?;
+    let deadline = started + Duration::from_secs(1800);
+    loop {
+        let map = cluster_map(&admin, &nodes).await;
+        let done = map.operation_on(shard).is_none() && map.shard(shard).is_some_and(|p| p.voters.contains(&to));
+        if done {
+            break;
+        }
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::Relaxed);
+            bail!("the move of shard {shard} did not finish within 30 min\n{}", cluster.logs_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let move_time = started.elapsed();
+    let ended = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    let _ = pacer.await;
+    let bytes = dir_bytes(&cluster.data_dir(to));
+
+    let timings = timings.lock().map(|v| v.clone()).unwrap_or_default();
+    let (mut before, mut during) = (Samples::default(), Samples::default());
+    let (mut failed_before, mut failed_during) = (0u64, 0u64);
+    for (t, latency) in &timings {
+        let window = if *t < started {
+            Some((&mut before, &mut failed_before))
+        } else if *t <= ended {
+            Some((&mut during, &mut failed_during))
+        } else {
+            None
+        };
+        match (window, latency) {
+            (Some((s, _)), Some(l)) => s.push(*l),
+            (Some((_, f)), None) => *f += 1,
+            (None, _) => {}
+        }
+    }
+    let (p50_before, p99_before) = (before.pct(0.50), before.pct(0.99));
+    let sent_during = during.len();
+    let mut r = record("move", 0, convs.len(), sent_during as usize, move_time, during);
+    r.extra.insert("messages_moved".into(), json!(messages));
+    r.extra.insert("fill_s".into(), json!(round2(fill_s)));
+    r.extra.insert("from_node".into(), json!(from));
+    r.extra.insert("moved_from_leader".into(), json!(true));
+    r.extra.insert("move_s".into(), json!(round2(move_time.as_secs_f64())));
+    r.extra.insert("new_replica_bytes".into(), json!(bytes));
+    r.extra.insert("bytes_per_s".into(), json!((bytes as f64 / move_time.as_secs_f64().max(1e-9)).round()));
+    r.extra.insert("target_rate".into(), json!(MOVE_RATE));
+    r.extra.insert("before_s".into(), json!(round2(started.duration_since(steady_from).as_secs_f64())));
+    r.extra.insert("p50_before_us".into(), json!(p50_before));
+    r.extra.insert("p99_before_us".into(), json!(p99_before));
+    r.extra.insert("errors_before".into(), json!(failed_before));
+    r.extra.insert("errors_during".into(), json!(failed_during));
+    Ok(r)
+}
+
 /// Names of the workloads, in the order they run.
 pub const WORKLOADS: &[&str] = &[
     "disk_fsync",
@@ -1402,6 +1589,7 @@ pub const WORKLOADS: &[&str] = &[
     "fairness",
     "fair_window",
     "reconnect_storm",
+    "move",
 ];
 
 /// Runs every workload (or those named in `only`) on a fresh cluster under `dir`.
@@ -1484,6 +1672,9 @@ pub async fn run(
     }
     if want("reconnect_storm") {
         push(reconnect_storm(&dir.join("storm"), opts).await?, &mut out);
+    }
+    if want("move") {
+        push(shard_move(&dir.join("move"), opts).await?, &mut out);
     }
     Ok(out)
 }

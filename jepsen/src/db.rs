@@ -24,8 +24,11 @@ pub const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.s
 pub const CLIENT_PORT: u16 = 7101;
 /// Every node's peer port (on its own address).
 pub const PEER_PORT: u16 = 7201;
-/// Nodes, with ids 1..=NODES.
+/// The nodes that form the cluster, with ids 1..=NODES.
 pub const NODES: u64 = 3;
+/// The node `membership` runs add after formation (the target moves need: with three
+/// replicas per shard on three nodes, no shard has anywhere to go).
+pub const SPARE: u64 = NODES + 1;
 
 /// Options that shape the cluster.
 #[derive(Debug, Clone)]
@@ -66,35 +69,72 @@ impl Db {
     /// every node.
     pub async fn setup(opts: DbOptions) -> Result<Db> {
         let cluster = LocalCluster::create(spec(&opts))?;
-        let mut mounts = BTreeMap::new();
-        for n in &cluster.config().nodes {
-            // The checker assumes every node starts empty: on an earlier run's data the same
-            // seed's client ids would find their own old sends as duplicates.
-            let backing = n.data_dir.parent().expect("data dir has a parent").join("backing");
-            for dir in [&n.data_dir, &backing] {
-                if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
-                    bail!(
-                        "{} holds data from an earlier run; a run starts from empty nodes (remove it, or pass another --store)",
-                        dir.display()
-                    );
-                }
-            }
-            std::fs::create_dir_all(&n.data_dir)?;
-            if opts.lossy {
-                std::fs::create_dir_all(&backing)?;
-                let mount = lossyfs::mount(&backing, &n.data_dir)
-                    .with_context(|| format!("mounting a lossy filesystem at {}", n.data_dir.display()))?;
-                mounts.insert(n.id, mount);
-            }
-            if opts.faketime {
-                std::fs::write(faketime_file(&opts.store, n.id), "+0\n")?;
-            }
-        }
+        let mounts = BTreeMap::new();
         let mut db = Db { opts, cluster, mounts };
         for id in 1..=NODES {
+            db.prepare(id)?;
             db.start(id)?;
         }
         Ok(db)
+    }
+
+    /// Node `id`'s data directory (on a lossy mount for power faults) and clock file.
+    fn prepare(&mut self, id: u64) -> Result<()> {
+        let data_dir = self.cluster.config().node(id).context("no such node")?.data_dir.clone();
+        // The checker assumes every node starts empty: on an earlier run's data the same
+        // seed's client ids would find their own old sends as duplicates.
+        let backing = data_dir.parent().expect("data dir has a parent").join("backing");
+        for dir in [&data_dir, &backing] {
+            if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
+                bail!(
+                    "{} holds data from an earlier run; a run starts from empty nodes (remove it, or pass another --store)",
+                    dir.display()
+                );
+            }
+        }
+        std::fs::create_dir_all(&data_dir)?;
+        if self.opts.lossy {
+            std::fs::create_dir_all(&backing)?;
+            let mount = lossyfs::mount(&backing, &data_dir)
+                .with_context(|| format!("mounting a lossy filesystem at {}", data_dir.display()))?;
+            self.mounts.insert(id, mount);
+        }
+        if self.opts.faketime {
+            std::fs::write(faketime_file(&self.opts.store, id), "+0\n")?;
+        }
+        Ok(())
+    }
+
+    /// Adds node [`SPARE`] to the cluster file, as an operator adding a node does, and
+    /// starts it: it registers with the cluster and holds no replica until moves give it
+    /// some.
+    pub fn add_spare(&mut self) -> Result<u64> {
+        let id = self.cluster.add_node()?;
+        anyhow::ensure!(id == SPARE, "the spare node got id {id}, not {SPARE}");
+        self.prepare(id)?;
+        self.start(id)?;
+        Ok(id)
+    }
+
+    /// Every node in the cluster file.
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.cluster.node_ids()
+    }
+
+    /// A client with the admin credential.
+    pub fn admin(&self) -> Result<Client> {
+        self.cluster.admin()
+    }
+
+    /// The newest cluster map any node reports (see `convoy::admin::newest_map`).
+    pub async fn cluster_map(&self) -> Result<convoy::placement::ClusterMap> {
+        let admin = self.admin()?;
+        let mut statuses = Vec::new();
+        for id in self.node_ids() {
+            let answer = tokio::time::timeout(Duration::from_secs(2), admin.status(id)).await;
+            statuses.push((id, answer.ok().and_then(|a| a.ok())));
+        }
+        Ok(convoy::admin::newest_map(&statuses))
     }
 
     /// The cluster's configuration.
@@ -232,7 +272,7 @@ impl Db {
 /// node's planted bug and libfaketime environment.
 fn spec(opts: &DbOptions) -> ClusterSpec {
     let mut node_env = BTreeMap::new();
-    for id in 1..=NODES {
+    for id in 1..=SPARE {
         let mut env = Vec::new();
         if let Some(bug) = &opts.planted_bug {
             env.push(("CONVOY_PLANTED_BUG".to_string(), bug.clone()));

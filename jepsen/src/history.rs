@@ -112,6 +112,11 @@ pub enum F {
     Recover,
     /// The run's retention (`{max_messages}`), recorded first by a run that has one.
     Retention,
+    /// A placement change asked of the cluster (`membership`): moves, leader transfers, a
+    /// rebalance's plan, a cancel. They run on after the request; nothing is undone.
+    Membership,
+    /// Waiting, at the end, for the moves in progress to finish before the final reads.
+    Settle,
 }
 
 impl F {

@@ -11,6 +11,7 @@
 //! | `corrupt`   | one stopped node's storage is damaged: a bit flipped in a Raft vote record or near the end of the newest WAL, or the newest table file truncated |
 //! | `wipe`      | one stopped node's data directory is emptied |
 //! | `corrupt-majority` | two stopped nodes each get a bit flipped near the end of their newest WAL (never with the others: see below) |
+//! | `membership` | placement changes asked of a cluster with a fourth node added after formation: a move of a random replica to a node without one, a leader transfer, a rebalance's plan, or a cancel (of a move in progress, or of one started 0–1.5 s before); left to run, nothing undone. Not with the damage families |
 //!
 //! Damage (`corrupt`, `wipe`) hits at most one node at a time, and that node is repaired at
 //! the end of the fault: started as it is, it either runs (the damage was harmless or
@@ -37,12 +38,19 @@ use rand::Rng;
 use serde_json::json;
 use tokio::sync::Mutex;
 
+use convoy::admin::Action;
+use convoy::placement::NodeState;
+
 use crate::db::{node_ip, Db};
 use crate::history::{Process, Type, F};
 use crate::recorder::Recorder;
 
 /// The fault families a run may use.
-pub const ALL_FAULTS: [&str; 8] = ["kill", "pause", "partition", "clock", "power", "power-all", "corrupt", "wipe"];
+pub const ALL_FAULTS: [&str; 9] =
+    ["kill", "pause", "partition", "clock", "power", "power-all", "corrupt", "wipe", "membership"];
+/// Families `membership` does not run with (yet): the damage faults rebuild a node with
+/// `--rejoin` on the assumption that every node holds every shard.
+pub const NOT_WITH_MEMBERSHIP: [&str; 3] = ["corrupt", "wipe", "corrupt-majority"];
 /// Families that are run only on their own, never in a rotation with the others.
 pub const ALONE_FAULTS: [&str; 1] = ["corrupt-majority"];
 
@@ -78,6 +86,8 @@ pub enum Active {
 /// Injects faults into the cluster and records them.
 pub struct Nemesis {
     pub faults: Vec<String>,
+    /// The nodes faults pick from (the spare too once `membership` added it).
+    pub nodes: Vec<u64>,
     pub rng: StdRng,
     pub recorder: Recorder,
 }
@@ -131,7 +141,7 @@ impl Nemesis {
     }
 
     fn random_node(&mut self) -> u64 {
-        self.rng.gen_range(1..=3)
+        *self.nodes.choose(&mut self.rng).expect("a cluster has nodes")
     }
 
     /// Injects one random fault from the enabled families; returns what must be undone.
@@ -140,12 +150,15 @@ impl Nemesis {
         if DAMAGE.contains(&family.as_str()) && !damage_allowed {
             return Ok(Active::Nothing);
         }
+        if family == "membership" {
+            return self.membership(db).await;
+        }
         let mut db = db.lock().await;
         match family.as_str() {
             "kill" => {
                 let variant = ["one", "leader", "all"][self.rng.gen_range(0..3)];
                 let nodes = match variant {
-                    "all" => vec![1, 2, 3],
+                    "all" => self.nodes.clone(),
                     "leader" => vec![self.pick_leader(&db).await.unwrap_or_else(|| self.random_node())],
                     _ => vec![self.random_node()],
                 };
@@ -172,12 +185,12 @@ impl Nemesis {
             }
             "partition" => {
                 let variant = ["isolate-one", "isolate-leader", "bridge", "one-way"][self.rng.gen_range(0..4)];
-                let mut order = [1u64, 2, 3];
+                let mut order = self.nodes.clone();
                 order.shuffle(&mut self.rng);
                 let pairs: Vec<(u64, u64)> = match variant {
                     "isolate-leader" => {
                         let l = self.pick_leader(&db).await.unwrap_or(order[0]);
-                        let others: Vec<u64> = (1..=3).filter(|n| *n != l).collect();
+                        let others: Vec<u64> = self.nodes.iter().copied().filter(|n| *n != l).collect();
                         others.iter().flat_map(|o| [(l, *o), (*o, l)]).collect()
                     }
                     "bridge" => {
@@ -216,11 +229,11 @@ impl Nemesis {
             }
             "power" => {
                 let nodes: Vec<u64> = if self.rng.gen_bool(0.5) {
-                    vec![1, 2, 3]
+                    self.nodes.clone()
                 } else {
-                    let mut o = [1u64, 2, 3];
+                    let mut o = self.nodes.clone();
                     o.shuffle(&mut self.rng);
-                    o[..2].to_vec()
+                    o[..self.nodes.len() / 2 + 1].to_vec()
                 };
                 self.begin(F::PowerFail, json!({"nodes": nodes}));
                 let mut dropped = serde_json::Map::new();
@@ -242,7 +255,7 @@ impl Nemesis {
             }
             "power-all" => {
                 let held = self.pick_leader(&db).await.unwrap_or_else(|| self.random_node());
-                let nodes = vec![1, 2, 3];
+                let nodes = self.nodes.clone();
                 let window = Duration::from_millis(self.rng.gen_range(300..2_500));
                 self.begin(F::PowerFail, json!({"nodes": nodes, "variant": "all", "fsyncs_held_on": held}));
                 let held_ok = db.hold_fsyncs(held).is_ok();
@@ -316,6 +329,96 @@ impl Nemesis {
         }
     }
 
+    /// One change of placement an operator might ask for at any time, asked and left to
+    /// run (nothing to undo): a move of a random replica to a node without one, a leader
+    /// transfer, a rebalance's plan, or a cancel of a move in progress. Each request's
+    /// answer is recorded; a refusal (a shard already moving, a cancel too late, no node
+    /// answering) is an outcome, not an error of the run.
+    async fn membership(&mut self, db: &Mutex<Db>) -> Result<Active> {
+        const ASK_WITHIN: Duration = Duration::from_secs(10);
+        let (admin, map) = {
+            let db = db.lock().await;
+            (db.admin()?, db.cluster_map().await?)
+        };
+        let variant = ["move", "move", "transfer-leader", "rebalance", "cancel"][self.rng.gen_range(0..5)];
+        let active: Vec<u64> = map.nodes.iter().filter(|n| n.state == NodeState::Active).map(|n| n.id).collect();
+        let movable: Vec<(u32, u64, u64)> = map
+            .shards
+            .iter()
+            .filter(|p| map.operation_on(p.shard).is_none())
+            .flat_map(|p| {
+                let to: Vec<u64> =
+                    active.iter().copied().filter(|n| !p.voters.contains(n) && !p.learners.contains(n)).collect();
+                p.voters.iter().flat_map(move |f| to.clone().into_iter().map(move |t| (p.shard, *f, t)))
+            })
+            .collect();
+        let mut actions: Vec<Action> = Vec::new();
+        let mut cancel = None;
+        // With no move in progress to cancel, `cancel` starts one and cancels it within 1.5 s:
+        // while it copies, or racing its promotion.
+        let mut cancel_after: Option<(u32, Duration)> = None;
+        match variant {
+            "move" => {
+                if let Some(&(shard, from, to)) = movable.choose(&mut self.rng) {
+                    actions.push(Action::Move { shard, from, to });
+                }
+            }
+            "transfer-leader" => {
+                if let Some(p) = map.shards.choose(&mut self.rng) {
+                    if let Some(&node) = p.voters.choose(&mut self.rng) {
+                        actions.push(Action::Prefer { shard: p.shard, node });
+                    }
+                }
+            }
+            "rebalance" => actions = convoy::admin::plan_rebalance(&map),
+            _ => {
+                cancel = map.operations.choose(&mut self.rng).map(|o| o.id);
+                if cancel.is_none() {
+                    if let Some(&(shard, from, to)) = movable.choose(&mut self.rng) {
+                        actions.push(Action::Move { shard, from, to });
+                        cancel_after = Some((shard, Duration::from_millis(self.rng.gen_range(0..1_500))));
+                    }
+                }
+            }
+        }
+        let asked = json!({"variant": variant, "epoch": map.epoch, "actions": actions, "cancel": cancel});
+        self.begin(F::Membership, asked.clone());
+        let answer = |r: Result<convoy::Result<(u64, bool)>, tokio::time::error::Elapsed>| match r {
+            Ok(Ok((epoch, changed))) => json!({"epoch": epoch, "changed": changed}),
+            Ok(Err(e)) => json!({"refused": e.to_string()}),
+            Err(_) => json!({"refused": format!("no answer within {ASK_WITHIN:?}")}),
+        };
+        let mut outcomes = Vec::new();
+        for a in &actions {
+            let r = match *a {
+                Action::Move { shard, from, to } => {
+                    tokio::time::timeout(ASK_WITHIN, admin.move_replica(shard, from, to)).await
+                }
+                Action::Prefer { shard, node } => {
+                    tokio::time::timeout(ASK_WITHIN, admin.transfer_leader(shard, node)).await
+                }
+            };
+            outcomes.push(answer(r));
+        }
+        if let Some((shard, after)) = cancel_after {
+            tokio::time::sleep(after).await;
+            let now = db.lock().await.cluster_map().await?;
+            cancel = now.operation_on(shard).map(|o| o.id);
+            if cancel.is_none() {
+                outcomes.push(json!({"refused": format!("the move of shard {shard} ended within {after:?}")}));
+            }
+        }
+        if let Some(id) = cancel {
+            outcomes.push(answer(tokio::time::timeout(ASK_WITHIN, admin.cancel_operation(id)).await));
+        }
+        let mut done = asked;
+        done["cancel"] = json!(cancel);
+        done["outcomes"] = json!(outcomes);
+        done["outcome"] = json!(if actions.is_empty() && cancel.is_none() { "nothing to ask" } else { "asked" });
+        self.end(F::Membership, done);
+        Ok(Active::Nothing)
+    }
+
     /// Undoes a fault.
     pub async fn heal(&mut self, db_lock: &Mutex<Db>, active: Active) -> Result<()> {
         let mut db = db_lock.lock().await;
@@ -357,7 +460,7 @@ impl Nemesis {
                     refused.iter().map(|(n, code)| (n.to_string(), json!(code))).collect();
                 let outcome = if refused.is_empty() { "started" } else { "refused" };
                 self.end(F::Start, json!({"nodes": nodes, "outcome": outcome, "exited": exits}));
-                if refused.len() * 2 > 3 {
+                if refused.len() * 2 > self.nodes.len() {
                     // No quorum is left to rebuild from: the shards stay stopped, which is the
                     // correct outcome of damage to a majority.
                     return Ok(());

@@ -385,6 +385,8 @@ fn f_name(f: &F) -> &'static str {
         F::Rebuild => "rebuild",
         F::Recover => "recover",
         F::Retention => "retention",
+        F::Membership => "membership",
+        F::Settle => "settle",
     }
 }
 

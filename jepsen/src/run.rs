@@ -59,6 +59,10 @@ fn sh(cmd: &str, args: &[&str]) -> Result<()> {
 
 /// Runs one test. Must be called inside the run's private network namespace.
 pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
+    let membership = opts.faults.iter().any(|f| f == "membership");
+    if let Some(bad) = opts.faults.iter().find(|f| membership && nemesis::NOT_WITH_MEMBERSHIP.contains(&f.as_str())) {
+        anyhow::bail!("`membership` does not run with `{bad}` yet (its rebuilds assume every node holds every shard)");
+    }
     std::fs::create_dir_all(&opts.store)?;
     sh("ip", &["link", "set", "lo", "up"])?;
     if opts.faults.iter().any(|f| f == "partition") {
@@ -77,8 +81,23 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
     if let Some(n) = opts.retention {
         rec.record(Type::Info, Process::NEMESIS, F::Retention, json!({"max_messages": n}), None);
     }
-    let db = Db::setup(db_opts).await?;
+    let mut db = Db::setup(db_opts).await?;
     db.wait_ready(Duration::from_secs(60)).await.context("the cluster never became ready")?;
+    if membership {
+        // A fourth node, registered before the run: the target of moves.
+        let spare = db.add_spare()?;
+        let registered = async {
+            loop {
+                if db.cluster_map().await.is_ok_and(|m| m.nodes.iter().any(|n| n.id == spare)) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), registered)
+            .await
+            .with_context(|| format!("the spare node {spare} never registered"))?;
+    }
     let config = db.config().clone();
     let db = Arc::new(Mutex::new(db));
 
@@ -110,6 +129,7 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
     let until = tokio::time::Instant::now() + opts.time_limit;
     let mut nemesis = Nemesis {
         faults: opts.faults.clone(),
+        nodes: db.lock().await.node_ids(),
         rng: rand::rngs::StdRng::seed_from_u64(opts.seed),
         recorder: rec.clone(),
     };
@@ -131,7 +151,7 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
         if opts.faults.iter().any(|f| f == "partition") {
             nemesis::heal_network()?;
         }
-        for id in 1..=3 {
+        for id in db.node_ids() {
             db.resume(id);
             if opts.faults.iter().any(|f| f == "clock") {
                 db.set_clock(id, "+0")?;
@@ -177,11 +197,30 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
     for s in subscribers {
         let _ = s.await;
     }
+    // Moves asked during the run finish before the final reads, which read each shard's
+    // voters: a replica that moved away holds nothing to compare.
+    let db_nodes = db.lock().await.node_ids();
+    let holders = if membership {
+        let convs: Vec<String> = (0..wl.conversations).map(workload::conversation).collect();
+        Some(settle(&rec, &db, &convs, config.shards).await)
+    } else {
+        None
+    };
     // One convergence budget for all conversations: replicas that diverged for good must not
     // hold the run for CONVERGE per conversation.
     let converge_by = Instant::now() + CONVERGE;
     for i in 0..wl.conversations {
-        final_read(&rec, &client, &workload::conversation(i), 400_000 + 10 * i as u64, converge_by).await;
+        let conv = workload::conversation(i);
+        let nodes: Vec<u64> = match &holders {
+            Some(map) => {
+                let shard = convoy::chat::shard_of(&conv, config.shards);
+                // No map (no node answered): every node, which fails the reads of those that
+                // hold nothing, never a check of no replica at all.
+                map.shard(shard).map(|p| p.voters.clone()).filter(|v| !v.is_empty()).unwrap_or_else(|| db_nodes.clone())
+            }
+            None => (1..=crate::db::NODES).collect(),
+        };
+        final_read(&rec, &client, &conv, &nodes, 400_000 + 10 * i as u64, converge_by).await;
     }
     db.lock().await.teardown();
 
@@ -213,12 +252,18 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
 /// Reads `conv` from every node until all agree (or the deadline), then records each
 /// node's last complete read as the `final-read`, or, for a node never read completely, its
 /// last failed read (which makes the run undecided at best).
-async fn final_read(rec: &Recorder, client: &convoy::client::Client, conv: &str, process: u64, deadline: Instant) {
-    const NODES: std::ops::RangeInclusive<u64> = 1..=3;
+async fn final_read(
+    rec: &Recorder,
+    client: &convoy::client::Client,
+    conv: &str,
+    nodes: &[u64],
+    process: u64,
+    deadline: Instant,
+) {
     const READ_TIMEOUT: Duration = Duration::from_secs(10);
     let mut last: BTreeMap<u64, RawRead> = BTreeMap::new();
     loop {
-        for node in NODES {
+        for &node in nodes {
             let read = tokio::time::timeout(READ_TIMEOUT, client.read_raw(conv, 1, node)).await.unwrap_or_else(|_| {
                 let error = convoy::Error::Unavailable(format!("node {node} did not answer within {READ_TIMEOUT:?}"));
                 RawRead { messages: Vec::new(), truncated_before: None, end: Err(error) }
@@ -230,13 +275,13 @@ async fn final_read(rec: &Recorder, client: &convoy::client::Client, conv: &str,
         }
         let complete: Vec<&Vec<convoy::chat::StoredMessage>> =
             last.values().filter(|r| r.end.is_ok()).map(|r| &r.messages).collect();
-        let agree = complete.len() == NODES.count() && complete.iter().all(|m| *m == complete[0]);
+        let agree = complete.len() == nodes.len() && complete.iter().all(|m| *m == complete[0]);
         if agree || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    for node in NODES {
+    for &node in nodes {
         let p = Process::Client(process + node);
         rec.record(Type::Invoke, p, F::FinalRead, json!({"conversation": conv}), Some(node));
         let (kind, value) = match last.get(&node) {
@@ -245,4 +290,39 @@ async fn final_read(rec: &Recorder, client: &convoy::client::Client, conv: &str,
         };
         rec.record(kind, p, F::FinalRead, value, Some(node));
     }
+}
+
+/// Time allowed, at the end of a `membership` run, for the moves in progress to finish.
+const SETTLE: Duration = Duration::from_secs(180);
+
+/// Waits (at most [`SETTLE`]) until the cluster map has no move in progress and every shard
+/// three voters, recording the wait and the placement it ends with: each shard's voters, and
+/// each conversation's (`holders`, the nodes the checker expects final reads from). Returns
+/// that map.
+async fn settle(rec: &Recorder, db: &Mutex<Db>, convs: &[String], shards: u32) -> convoy::placement::ClusterMap {
+    rec.record(Type::Invoke, Process::NEMESIS, F::Settle, json!({"within_s": SETTLE.as_secs()}), None);
+    let by = Instant::now() + SETTLE;
+    let mut map = db.lock().await.cluster_map().await.unwrap_or_default();
+    while !(map.operations.is_empty() && map.shards.iter().all(|p| p.voters.len() == 3)) && Instant::now() < by {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        map = db.lock().await.cluster_map().await.unwrap_or_default();
+    }
+    let placement: Vec<_> = map.shards.iter().map(|p| json!({"shard": p.shard, "voters": p.voters})).collect();
+    let outcome = if map.operations.is_empty() { "settled" } else { "moves still in progress" };
+    let holders: serde_json::Map<String, serde_json::Value> = convs
+        .iter()
+        .filter_map(|c| {
+            let voters = &map.shard(convoy::chat::shard_of(c, shards))?.voters;
+            (!voters.is_empty()).then(|| (c.clone(), json!(voters)))
+        })
+        .collect();
+    rec.record(
+        Type::Info,
+        Process::NEMESIS,
+        F::Settle,
+        json!({"outcome": outcome, "epoch": map.epoch, "placement": placement, "holders": holders,
+               "operations": map.operations.len()}),
+        None,
+    );
+    map
 }

@@ -553,7 +553,8 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member
         return PeerResponse::Promoted;
     }
     // Re-adding a learner with `blocking` waits until the leader sees it caught up.
-    if let Err(e) = h.raft.add_learner(replica, member, true).await {
+    let blocking = !crate::planted::active(crate::planted::Bug::RemoveBeforeCaughtUp);
+    if let Err(e) = h.raft.add_learner(replica, member, blocking).await {
         return PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}"));
     }
     let new_voters: BTreeSet<NodeId> =
@@ -606,7 +607,8 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, 
         return PeerResponse::NotLeader { leader: Some(node_of(to)) };
     }
     // Re-adding a learner with `blocking` waits until the leader sees it caught up.
-    if let Err(e) = h.raft.add_learner(replica, member, true).await {
+    let blocking = !crate::planted::active(crate::planted::Bug::RemoveBeforeCaughtUp);
+    if let Err(e) = h.raft.add_learner(replica, member, blocking).await {
         return PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}"));
     }
     let new_voters: BTreeSet<NodeId> =

@@ -259,7 +259,12 @@ impl Service {
             Step::CatchingUp => {
                 let replica = op.replica.ok_or("no replica id recorded")?;
                 // Promoted only once nearly caught up: until then a cancel still stops it.
-                match self.ask_shard_leader(shard, &voters, PeerRequest::Progress { shard, replica }, STEP_TTL).await? {
+                let progress = if crate::planted::active(crate::planted::Bug::RemoveBeforeCaughtUp) {
+                    PeerResponse::Behind { entries: Some(0) }
+                } else {
+                    self.ask_shard_leader(shard, &voters, PeerRequest::Progress { shard, replica }, STEP_TTL).await?
+                };
+                match progress {
                     PeerResponse::Behind { entries: Some(n) } if n <= CATCH_UP_GAP => {}
                     PeerResponse::Behind { entries } => {
                         let behind =

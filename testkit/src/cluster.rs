@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use convoy::client::Client;
 use convoy::config::Config;
 
@@ -72,21 +72,29 @@ impl LocalCluster {
         Ok(LocalCluster { spec, temp, dir, config, bin, nodes })
     }
 
-    /// Appends a node to `cluster.toml` (the next id, fresh loopback ports), as an operator
-    /// adding a node to a running cluster does, and makes its certificate; does not start
-    /// it. Returns its id. Loopback clusters only.
+    /// Appends a node to `cluster.toml` (the next id; fresh loopback ports, or the fixed
+    /// addressing's address for that id), as an operator adding a node to a running cluster
+    /// does, and makes its certificate; does not start it. Returns its id.
     pub fn add_node(&mut self) -> Result<u64> {
-        ensure!(matches!(self.spec.addressing, crate::Addressing::Loopback), "add_node needs loopback addressing");
+        use std::net::SocketAddr;
         let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
-        let ports = crate::free_ports(2)?;
-        let metrics = crate::free_tcp_ports(1)?;
-        let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let (client_addr, peer_addr, metrics_addr) = match self.spec.addressing {
+            crate::Addressing::Loopback => {
+                let ports = crate::free_ports(2)?;
+                let metrics = crate::free_tcp_ports(1)?;
+                let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+                (SocketAddr::new(ip, ports[0]), SocketAddr::new(ip, ports[1]), Some(SocketAddr::new(ip, metrics[0])))
+            }
+            crate::Addressing::Fixed { ip_of, client_port, peer_port } => {
+                (SocketAddr::new(ip_of(id), client_port), SocketAddr::new(ip_of(id), peer_port), None)
+            }
+        };
         let entry = crate::spec::NodeEntry {
             id,
-            client_addr: std::net::SocketAddr::new(ip, ports[0]),
-            peer_addr: std::net::SocketAddr::new(ip, ports[1]),
+            client_addr,
+            peer_addr,
             data_dir: self.spec.layout.data_dir(id),
-            metrics_addr: Some(std::net::SocketAddr::new(ip, metrics[0])),
+            metrics_addr,
         };
         #[derive(serde::Serialize)]
         struct Appended<'a> {
