@@ -1826,6 +1826,104 @@ async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_fin
     }
 }
 
+// A move while another voter of the shard is down: the shard then commits with the leader
+// and the leaving replica, so the new replica must not vote before it has caught up (the
+// joint configuration would need it, and commits would wait for its copy). The copy is made
+// slow on purpose: ~1 MB of incompressible messages whose log is purged, sent by snapshot at
+// 25 KB/s, about 40 s, longer than a client's 30 s send deadline; the log kept past the
+// snapshot (2,500 entries) outlasts what the sends add meanwhile, so the learner then catches
+// up by log. Every send during the move must be acked, and every acked message read back from
+// the new voters. The planted bug `remove-before-caught-up` (scripts/test runs this test
+// against it) promotes at once, and its sends fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
+    const FILL: usize = 6000;
+    let tweaks = Tweaks {
+        shards: 1,
+        snapshot_logs_since_last: 100,
+        snapshot_log_kept_max: 2500,
+        limits: LimitTweaks::unthrottled(),
+        ..Tweaks::default()
+    };
+    let mut cluster = LocalCluster::create(spec(tweaks)).expect("create the cluster");
+    let path = cluster.config_path().to_path_buf();
+    let mut text = std::fs::read_to_string(&path).expect("cluster.toml");
+    text.push_str("\n[admin]\nmove_bytes_per_s = 25000\n");
+    std::fs::write(&path, text).expect("write cluster.toml");
+    cluster.start_all().expect("start");
+    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    assert_eq!(cluster.add_node().expect("add node 4"), 4);
+    cluster.start(4).expect("start node 4");
+    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    let client = cluster.client().expect("client");
+    // Incompressible bodies, so the snapshot is as large as the data.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut noise = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'a' + (seed % 26) as u8)
+            })
+            .collect()
+    };
+    let bodies: Vec<String> = (0..FILL).map(|i| format!("{i}-{}", noise(170))).collect();
+    let mut fill = tokio::task::JoinSet::new();
+    for part in bodies.chunks(FILL / 8) {
+        let (client, part) = (client.clone(), part.to_vec());
+        fill.spawn(async move {
+            for b in part {
+                client.send("slow-copy", &b).await.expect("send");
+            }
+        });
+    }
+    while let Some(done) = fill.join_next().await {
+        done.expect("a filling task");
+    }
+    let leader = leaders[0];
+    let followers: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let (down, from) = (followers[0], followers[1]);
+    assert!(cluster.kill(down));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut failed) = (0u64, Vec::new());
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.send("slow-copy", &format!("during-{i}")).await {
+                    Ok(_) => acked += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (acked, failed)
+        })
+    };
+    let f = from.to_string();
+    let args = ["admin", "move", "--shard", "0", "--from", &f, "--to", "4", "--wait", "--timeout-s", "240"];
+    let started = Instant::now();
+    let (ok, out, err) = cli_as(&cluster, "admin", &args);
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = sender.await.expect("sender");
+    assert!(failed.is_empty(), "no send may fail during a move ({took:?}): {} failed: {failed:?}", failed.len());
+    assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
+    assert!(acked > 50, "sends went on during the {took:?} move: {acked}");
+
+    cluster.start(down).expect("restart the node that was down");
+    let want = FILL + acked as usize;
+    let first = read_at_least(&client, "slow-copy", 4, want).await;
+    check_dense(&first);
+    assert_eq!(first.len(), want, "every acked send stored once");
+    for n in [leader, down] {
+        assert_eq!(read_at_least(&client, "slow-copy", n, want).await, first, "node {n}");
+    }
+}
+
 // The walk-through: three nodes up with 8 shards; nodes 4 and 5 added; with sends
 // running, `admin rebalance --wait`, then `admin drain 1 --wait`. Then node 1 holds no shard, every
 // shard has 3 voters and a leader, nodes 2 to 5 each lead one or more, no send failed, and
