@@ -61,7 +61,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("store", &["error", "decode", "stages", "planted", "placement", "chat"]),
     ("net", &["error", "decode", "stages", "placement", "chat", "config"]),
     ("raft", &["error", "stages", "planted", "placement", "chat", "config", "store", "net"]),
-    ("service", &["error", "stages", "placement", "chat", "config", "store", "net", "raft"]),
+    ("service", &["error", "stages", "planted", "placement", "chat", "config", "store", "net", "raft"]),
     ("server", &["error", "placement", "net", "service"]),
     ("metrics", &["error", "service"]),
     ("node", &["error", "planted", "placement", "config", "store", "net", "raft", "service", "server", "metrics"]),
