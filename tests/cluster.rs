@@ -1741,6 +1741,30 @@ fn operations(cluster: &LocalCluster) -> (Vec<serde_json::Value>, serde_json::Va
     (view["operations"].as_array().cloned().unwrap_or_default(), view)
 }
 
+/// Three nodes with one shard, snapshots every 100 entries keeping `kept` entries of log past
+/// them, moves paced to `bytes_per_s` (`[admin] move_bytes_per_s`), and a fourth node added
+/// and answering; returns it with the shard's leader as the three agree on it.
+async fn slow_move_cluster(kept: u64, bytes_per_s: u64) -> (LocalCluster, Vec<u64>) {
+    let tweaks = Tweaks {
+        shards: 1,
+        snapshot_logs_since_last: 100,
+        snapshot_log_kept_max: kept,
+        limits: LimitTweaks::unthrottled(),
+        ..Tweaks::default()
+    };
+    let mut cluster = LocalCluster::create(spec(tweaks)).expect("create the cluster");
+    let path = cluster.config_path().to_path_buf();
+    let mut text = std::fs::read_to_string(&path).expect("cluster.toml");
+    text.push_str(&format!("\n[admin]\nmove_bytes_per_s = {bytes_per_s}\n"));
+    std::fs::write(&path, text).expect("write cluster.toml");
+    cluster.start_all().expect("start");
+    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    assert_eq!(cluster.add_node().expect("add node 4"), 4);
+    cluster.start(4).expect("start node 4");
+    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    (cluster, leaders)
+}
+
 // Moves that take a while: a shard of ~1 MB whose log is purged, so a new replica catches up
 // by snapshot, paced to 100 KB/s (`[admin] move_bytes_per_s`). One move is cancelled while
 // it copies: the shard is left as it was and the learner's node deletes its copy. In the next,
@@ -1749,23 +1773,7 @@ fn operations(cluster: &LocalCluster) -> (Vec<serde_json::Value>, serde_json::Va
 // every acked message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_finished() {
-    let tweaks = Tweaks {
-        shards: 1,
-        snapshot_logs_since_last: 100,
-        snapshot_log_kept_max: 0,
-        limits: LimitTweaks::unthrottled(),
-        ..Tweaks::default()
-    };
-    let mut cluster = LocalCluster::create(spec(tweaks)).expect("create the cluster");
-    let path = cluster.config_path().to_path_buf();
-    let mut text = std::fs::read_to_string(&path).expect("cluster.toml");
-    text.push_str("\n[admin]\nmove_bytes_per_s = 100000\n");
-    std::fs::write(&path, text).expect("write cluster.toml");
-    cluster.start_all().expect("start");
-    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
-    assert_eq!(cluster.add_node().expect("add node 4"), 4);
-    cluster.start(4).expect("start node 4");
-    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    let (mut cluster, leaders) = slow_move_cluster(0, 100_000).await;
     let client = cluster.client().expect("client");
     let body = "x".repeat(500);
     for i in 0..2000 {
@@ -1838,23 +1846,7 @@ async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_fin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
     const FILL: usize = 6000;
-    let tweaks = Tweaks {
-        shards: 1,
-        snapshot_logs_since_last: 100,
-        snapshot_log_kept_max: 2500,
-        limits: LimitTweaks::unthrottled(),
-        ..Tweaks::default()
-    };
-    let mut cluster = LocalCluster::create(spec(tweaks)).expect("create the cluster");
-    let path = cluster.config_path().to_path_buf();
-    let mut text = std::fs::read_to_string(&path).expect("cluster.toml");
-    text.push_str("\n[admin]\nmove_bytes_per_s = 25000\n");
-    std::fs::write(&path, text).expect("write cluster.toml");
-    cluster.start_all().expect("start");
-    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
-    assert_eq!(cluster.add_node().expect("add node 4"), 4);
-    cluster.start(4).expect("start node 4");
-    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    let (mut cluster, leaders) = slow_move_cluster(2500, 25_000).await;
     let client = cluster.client().expect("client");
     // Incompressible bodies, so the snapshot is as large as the data.
     let mut seed = 0x2545_f491_4f6c_dd1du64;

@@ -294,6 +294,22 @@ struct StatusArgs {
     json: bool,
 }
 
+impl StatusArgs {
+    /// A client of the file's nodes with the admin credential (or the one `who` names).
+    fn admin_client(&self) -> Result<Client> {
+        self.who.connect(&load(&self.config)?, Some(ADMIN_USER))
+    }
+
+    /// Prints a cluster-map change's answer: `json` with `--json`, else `text`.
+    fn print_placed(&self, json: serde_json::Value, text: &str) {
+        if self.json {
+            println!("{json}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum AdminAction {
     /// Nodes (replicas and leaders held), shards (replicas, learners, leader, preferred
@@ -490,25 +506,21 @@ async fn run(cli: Cli) -> Result<()> {
             rebalance(&status, dry_run, wait, Duration::from_secs(timeout_s)).await
         }
         Cmd::Admin { action: AdminAction::RemoveNode { node, status } } => {
-            let config = load(&status.config)?;
-            let client = status.who.connect(&config, Some(ADMIN_USER))?;
-            let (epoch, changed) = client.remove_node(node).await.map_err(|e| anyhow!("remove-node: {e}"))?;
-            if status.json {
-                println!("{}", json!({"node": node, "epoch": epoch, "changed": changed}));
-            } else {
-                println!("node {node} removed from the cluster (cluster map epoch {epoch}); stop its process");
-            }
+            let (epoch, changed) =
+                status.admin_client()?.remove_node(node).await.map_err(|e| anyhow!("remove-node: {e}"))?;
+            status.print_placed(
+                json!({"node": node, "epoch": epoch, "changed": changed}),
+                &format!("node {node} removed from the cluster (cluster map epoch {epoch}); stop its process"),
+            );
             Ok(())
         }
         Cmd::Admin { action: AdminAction::Cancel { op, status } } => {
-            let config = load(&status.config)?;
-            let client = status.who.connect(&config, Some(ADMIN_USER))?;
-            let (epoch, changed) = client.cancel_operation(op).await.map_err(|e| anyhow!("cancel: {e}"))?;
-            if status.json {
-                println!("{}", json!({"op": op, "epoch": epoch, "changed": changed}));
-            } else {
-                println!("operation {op}: cancel recorded (cluster map epoch {epoch}); the coordinator undoes it");
-            }
+            let (epoch, changed) =
+                status.admin_client()?.cancel_operation(op).await.map_err(|e| anyhow!("cancel: {e}"))?;
+            status.print_placed(
+                json!({"op": op, "epoch": epoch, "changed": changed}),
+                &format!("operation {op}: cancel recorded (cluster map epoch {epoch}); the coordinator undoes it"),
+            );
             Ok(())
         }
         Cmd::Tls { action: TlsAction::Init { config } } => {
@@ -1051,8 +1063,7 @@ enum Emptying {
 /// `admin drain` and `admin replace-node`: marks the node draining (or lost), then plans
 /// and asks for its moves, in waves with `wait` until it holds nothing.
 async fn drain(args: &StatusArgs, node: u64, how: Emptying, wait: bool, timeout: Duration) -> Result<()> {
-    let config = load(&args.config)?;
-    let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let client = args.admin_client()?;
     let (started, deadline) = (Instant::now(), Instant::now() + timeout);
     let what = match how {
         Emptying::Drain => "drain",
@@ -1106,8 +1117,7 @@ async fn drain(args: &StatusArgs, node: u64, how: Emptying, wait: bool, timeout:
 
 /// `admin rebalance`: plans and asks for the moves, in waves with `wait`, then the leaders.
 async fn rebalance(args: &StatusArgs, dry_run: bool, wait: bool, timeout: Duration) -> Result<()> {
-    let config = load(&args.config)?;
-    let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let client = args.admin_client()?;
     let (started, deadline) = (Instant::now(), Instant::now() + timeout);
     let mut planned = Vec::new();
     loop {
@@ -1168,8 +1178,7 @@ async fn rebalance(args: &StatusArgs, dry_run: bool, wait: bool, timeout: Durati
 /// `admin move`: records the move, then with `wait` follows it until it leaves the map's
 /// operations, and says whether it was done or cancelled.
 async fn move_replica(args: &StatusArgs, shard: u32, from: u64, to: u64, wait: bool, timeout: Duration) -> Result<()> {
-    let config = load(&args.config)?;
-    let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let client = args.admin_client()?;
     let started = Instant::now();
     let epoch = loop {
         match client.move_replica(shard, from, to).await {
@@ -1238,8 +1247,7 @@ async fn move_replica(args: &StatusArgs, shard: u32, from: u64, to: u64, wait: b
 /// `admin transfer-leader`: records the preferred leader, then with `wait` follows the
 /// shard's leader until it is `to`.
 async fn transfer_leader(args: &StatusArgs, shard: u32, to: u64, wait: bool, timeout: Duration) -> Result<()> {
-    let config = load(&args.config)?;
-    let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let client = args.admin_client()?;
     let started = Instant::now();
     // Unavailable is transient (no leader of the metadata group yet, or none reachable):
     // asked again until the timeout. Any other refusal is final.

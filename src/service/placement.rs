@@ -171,12 +171,12 @@ pub(super) async fn follow(node: Weak<Service>) {
                 }
             }
         }
-        for op in &map.operations {
+        for op in map.operations.iter().filter(|op| op.to == node.id) {
             // A learner may start empty; a voter (from `Removing` on) only with what it held,
             // never as an empty replica under an id that voted.
-            let recorded = formation::Formation::recorded_replica(&node.store, op.shard).ok().flatten();
-            let placed_here = op.to == node.id
-                && (op.step == Step::CatchingUp || (op.step == Step::Removing && recorded == op.replica));
+            let placed_here = op.step == Step::CatchingUp
+                || (op.step == Step::Removing
+                    && formation::Formation::recorded_replica(&node.store, op.shard).ok().flatten() == op.replica);
             if let (true, Some(replica)) = (placed_here, op.replica) {
                 if let Err(e) = node.host(op.shard, replica).await {
                     tracing::warn!(shard = op.shard, replica, error = %e, "starting a moved replica");
