@@ -55,8 +55,7 @@ pub struct Progress {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeView {
     pub id: u64,
-    /// Its state in the cluster map: `active` (every node for now; `draining` and
-    /// `removed` come with shard moves).
+    /// Its state in the cluster map: `active`, `draining`, `removed` or `lost`.
     pub state: &'static str,
     /// Whether it answered the status request.
     pub up: bool,

@@ -138,6 +138,36 @@ pub struct ClusterMap {
     pub last_operation: u64,
 }
 
+/// What a client needs from the map to route: how to reach each node and where each
+/// shard's voting replicas are. Any node gives it (`Request::ShardMap`), and every
+/// `NotLeader` answer carries it, so a client follows moves and reaches nodes added after
+/// its own `cluster.toml` was written. Peer addresses and operations stay out: they are
+/// the admin's business.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingMap {
+    /// The cluster map's epoch: of two routing maps the higher epoch is the newer.
+    pub epoch: u64,
+    /// Every node the map has, removed ones included (a client stops using those).
+    pub nodes: Vec<RoutedNode>,
+    /// One per shard, in shard order.
+    pub shards: Vec<RoutedShard>,
+}
+
+/// A node's client address and state, as the map has them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutedNode {
+    pub id: u64,
+    pub client_addr: String,
+    pub state: NodeState,
+}
+
+/// Where a shard's voting replicas are, its preferred leader first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutedShard {
+    pub shard: u32,
+    pub voters: Vec<u64>,
+}
+
 /// A change to the map, proposed to the metadata group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PlacementCommand {
@@ -165,6 +195,9 @@ pub enum PlacementCommand {
     /// Marks `node` lost (its disk is gone): it is given no new replica, and the moves off
     /// it (asked apart) skip deleting its data.
     MarkLost { node: u64 },
+    /// `node`, which lost its disk, rebuilt every replica it holds under new ids (started
+    /// empty while marked lost, or with `--rejoin`): it is active again and takes replicas.
+    Rejoined { node: u64 },
 }
 
 impl ClusterMap {
@@ -181,9 +214,34 @@ impl ClusterMap {
             || self.shards.iter().any(|p| p.voters.contains(&node) || p.learners.contains(&node))
     }
 
+    /// The state of `node`, if the map has it.
+    pub fn node_state(&self, node: u64) -> Option<NodeState> {
+        self.nodes.iter().find(|n| n.id == node).map(|n| n.state)
+    }
+
     /// The move of `shard` in progress, if any.
     pub fn operation_on(&self, shard: u32) -> Option<&Operation> {
         self.operations.iter().find(|o| o.shard == shard)
+    }
+
+    /// The part of the map a client routes by (see [`RoutingMap`]).
+    pub fn routing(&self) -> RoutingMap {
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|n| RoutedNode { id: n.id, client_addr: n.client_addr.clone(), state: n.state })
+            .collect();
+        let shards = self
+            .shards
+            .iter()
+            .map(|p| {
+                let mut voters = vec![p.preferred_leader];
+                voters.extend(p.voters.iter().copied().filter(|v| *v != p.preferred_leader));
+                voters.retain(|v| p.voters.contains(v));
+                RoutedShard { shard: p.shard, voters }
+            })
+            .collect();
+        RoutingMap { epoch: self.epoch, nodes, shards }
     }
 
     /// Where `shard` lives, if the map has it.
@@ -255,12 +313,18 @@ impl ClusterMap {
                         ))
                     }
                     Ok(i) => {
+                        // A lost node whose replicas all moved away comes back empty, which
+                        // is all a new node is: it is active again.
+                        let found = self.nodes[i].state == NodeState::Lost && !self.holds_replicas(entry.id);
                         let known = &mut self.nodes[i];
-                        if (&known.peer_addr, &known.client_addr) == (&entry.peer_addr, &entry.client_addr) {
+                        if (&known.peer_addr, &known.client_addr) == (&entry.peer_addr, &entry.client_addr) && !found {
                             return Ok(false);
                         }
                         known.peer_addr = entry.peer_addr.clone();
                         known.client_addr = entry.client_addr.clone();
+                        if found {
+                            known.state = NodeState::Active;
+                        }
                     }
                     Err(i) => self.nodes.insert(i, NodeEntry { state: NodeState::Active, ..entry.clone() }),
                 }
@@ -376,6 +440,18 @@ impl ClusterMap {
                     }
                 }
             }
+            PlacementCommand::Rejoined { node } => {
+                let n = self.nodes.iter_mut().find(|n| n.id == *node).ok_or_else(|| format!("no node {node}"))?;
+                match n.state {
+                    NodeState::Lost => {
+                        n.state = NodeState::Active;
+                        self.epoch += 1;
+                        Ok(true)
+                    }
+                    NodeState::Active | NodeState::Draining => Ok(false),
+                    NodeState::Removed => Err(format!("node {node} was removed")),
+                }
+            }
             PlacementCommand::RemoveNode { node } => {
                 if self.holds_replicas(*node) {
                     let held: Vec<u32> = self
@@ -454,6 +530,27 @@ mod tests {
         let before = map.clone();
         assert_eq!(map.apply(&init(&[7, 8], 2)), Ok(false));
         assert_eq!(map, before);
+    }
+
+    #[test]
+    fn the_routing_map_lists_each_shards_voters_preferred_leader_first_and_every_node() {
+        let mut map = ClusterMap::default();
+        map.apply(&init(&[1, 2, 3], 3)).unwrap();
+        map.apply(&PlacementCommand::Register(node(4))).unwrap();
+        map.apply(&PlacementCommand::SetPreferredLeader { shard: 0, node: 3 }).unwrap();
+        let r = map.routing();
+        assert_eq!(r.epoch, map.epoch);
+        assert_eq!(
+            r.nodes.iter().map(|n| (n.id, n.client_addr.as_str())).collect::<Vec<_>>()[3],
+            (4, "127.0.0.1:8004")
+        );
+        let voters: Vec<Vec<u64>> = r.shards.iter().map(|s| s.voters.clone()).collect();
+        assert_eq!(voters, vec![vec![3, 1, 2], vec![2, 1, 3], vec![3, 1, 2]]);
+        assert!(r.shards.iter().enumerate().all(|(i, s)| s.shard == i as u32));
+        // A learner being added is not a place to route to until it votes.
+        map.apply(&PlacementCommand::StartMove { shard: 1, from: 1, to: 4 }).unwrap();
+        assert_eq!(map.routing().shards[1].voters, vec![2, 1, 3]);
+        assert!(map.routing().epoch > r.epoch);
     }
 
     #[test]
@@ -599,6 +696,26 @@ mod tests {
         assert!(map.apply(&PlacementCommand::StartMove { shard: 0, from: 1, to: 3 }).is_err());
         assert_eq!(map.apply(&PlacementCommand::StartMove { shard: 0, from: 3, to: 4 }), Ok(true));
         assert!(map.apply(&PlacementCommand::MarkLost { node: 9 }).unwrap_err().contains("no node 9"));
+
+        // Rebuilt in place: active again, and given replicas again.
+        assert_eq!(map.apply(&PlacementCommand::Rejoined { node: 3 }), Ok(true));
+        assert_eq!(map.node_state(3), Some(NodeState::Active));
+        assert_eq!(map.apply(&PlacementCommand::Rejoined { node: 3 }), Ok(false), "a plain --rejoin changes nothing");
+        assert!(map.apply(&PlacementCommand::Rejoined { node: 9 }).is_err());
+    }
+
+    #[test]
+    fn a_lost_node_that_holds_nothing_is_active_again_when_it_registers() {
+        let mut map = ClusterMap::default();
+        map.apply(&init(&[1, 2, 3], 1)).unwrap();
+        map.apply(&PlacementCommand::Register(node(4))).unwrap();
+        map.apply(&PlacementCommand::MarkLost { node: 4 }).unwrap();
+        assert_eq!(map.apply(&PlacementCommand::Register(node(4))), Ok(true));
+        assert_eq!(map.node_state(4), Some(NodeState::Active));
+        // One that still holds replicas stays lost: it must rebuild them first.
+        map.apply(&PlacementCommand::MarkLost { node: 3 }).unwrap();
+        assert_eq!(map.apply(&PlacementCommand::Register(node(3))), Ok(false));
+        assert_eq!(map.node_state(3), Some(NodeState::Lost));
     }
 
     #[test]

@@ -146,7 +146,7 @@ impl HandshakeRate {
 /// is named: a new one must choose its answer here.
 fn answer_of(e: Error) -> Response {
     let code = match &e {
-        Error::NotLeader { shard, leader } => return Response::NotLeader { shard: *shard, leader: *leader },
+        Error::NotLeader { shard, leader } => return Response::NotLeader { shard: *shard, leader: *leader, map: None },
         Error::Throttled { retry_after_ms } => return Response::Throttled { retry_after_ms: *retry_after_ms },
         Error::Truncated { earliest } => return Response::Truncated { earliest: *earliest },
         Error::InvalidInput(_) => ErrorCode::InvalidInput,
@@ -238,6 +238,7 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
             Request::ReplaceNode { node: n } => node.admin_place(who, PlacementCommand::MarkLost { node: n }).await,
             Request::Status if who.admin => Response::Status(Box::new(node.status())),
             Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
+            Request::ShardMap => Response::ShardMap(Box::new(node.cluster_map().routing())),
             Request::Subscribe { conversation, from, follow } => {
                 match node.subscribe(who, conversation, from, follow, &mut send).await {
                     Ok(()) => break,
@@ -245,7 +246,7 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
                 }
             }
         };
-        if frame::write(&mut send, &response).await.is_err() {
+        if frame::write(&mut send, &node.routed(response)).await.is_err() {
             return;
         }
         if !lane {
@@ -264,7 +265,7 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
 /// writes. So the answer is written where it is known — all answers of one apply batch are
 /// written in the same task poll, and the driver sends them in as few datagrams as they fit.
 async fn answer_send(
-    node: &Service,
+    node: &Arc<Service>,
     caller: &Caller,
     stream: quinn::SendStream,
     request: Request,
@@ -272,9 +273,10 @@ async fn answer_send(
     let reply = Arc::new(Reply(Mutex::new(ReplyState::Waiting(stream))));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let writer = reply.clone();
+    let router = node.clone();
     let immediate = node
         .send_replying(&caller.who, &caller.bucket, request, move |answer| {
-            writer.answer(&answer);
+            writer.answer(&router.routed(answer));
             let _ = done_tx.send(());
         })
         .await;
@@ -291,7 +293,7 @@ async fn answer_send(
         ReplyState::Answered(stream, rest) => (stream, rest),
         // No answer was written: the one known here is (an answer written meanwhile won).
         ReplyState::Waiting(stream) => {
-            (stream, frame::encode(&late.unwrap_or_else(|| service::stopped_before_outcome().answer())))
+            (stream, frame::encode(&node.routed(late.unwrap_or_else(|| service::stopped_before_outcome().answer()))))
         }
         ReplyState::Taken => return None,
     };

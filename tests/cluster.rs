@@ -1511,6 +1511,8 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
     let mut cluster = start(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
     let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let from = leaders[0];
+    // A client whose `cluster.toml` predates node 4.
+    let early = cluster.client().expect("a client of the three-node file");
     assert_eq!(cluster.add_node().expect("add node 4"), 4);
     cluster.start(4).expect("start node 4");
     cluster.wait_answers(4, READY).await.expect("node 4 answers");
@@ -1658,6 +1660,36 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
     assert_eq!(after.offset as usize, heads[0] + 1);
     let on4 = read_at_least(&client, &convs[0], 4, heads[0] + 1).await;
     assert_eq!(&on4[..heads[0]], &first[0][..], "node 4 after its restart");
+
+    // The client of the old file knows nothing of node 4, which now leads shard 0. The
+    // `NotLeader` its first send meets carries the routing map: it reaches node 4 by it.
+    assert_eq!((early.node_ids(), early.routing_epoch()), (vec![1, 2, 3], 0));
+    let ack = early.send(&convs[0], "from-an-old-file").await.expect("a client of the old file sends to node 4");
+    assert_eq!(ack.offset as usize, heads[0] + 2);
+    assert_eq!(early.node_ids(), vec![1, 2, 3, 4]);
+    assert!(early.routing_epoch() > 0);
+    let map = early.shard_map().await.expect("the routing map");
+    assert_eq!(map.shards[0].voters[0], 4, "node 4 is shard 0's preferred leader: {map:?}");
+    let mut voters = map.shards[0].voters.clone();
+    voters.sort_unstable();
+    assert_eq!(voters, want, "{map:?}");
+    // Its reads and subscriptions go to the shard's replicas, the new one included.
+    let mut sub = early.subscribe(&convs[0], heads[0] as u64 + 1, Some(4));
+    let got = tokio::time::timeout(READY, async {
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match sub.next().await {
+                Some(Event::Message(m)) => got.push(m.text),
+                Some(Event::Attached { node, .. }) => assert_eq!(node, 4),
+                Some(Event::CaughtUp { .. }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        got
+    })
+    .await
+    .expect("the old-file client's subscription at node 4");
+    assert_eq!(got, vec!["after-restarts".to_string(), "from-an-old-file".to_string()]);
 }
 
 /// `replace-node` for a node whose data directory was deleted: its replicas are rebuilt
@@ -1994,10 +2026,12 @@ async fn adding_two_nodes_rebalancing_and_draining_one_under_sends_loses_nothing
 }
 
 // A node whose data is wiped must not vote under its old identity: started as before, it
-// refuses (exit 3) and names `--rejoin`, while the other two keep serving. Started with
-// `--rejoin`, it joins every shard as a new replica (a new generation of its id), catches up
-// by snapshot (its log was purged on the others), becomes a voter in place of its old replica
-// and then holds exactly what the others hold — and counts in a quorum again.
+// refuses (exit 3) and names `admin replace-node` and `--rejoin`, while the other two keep
+// serving. `convoy admin replace-node 3 --wait` finds no other node to move its shards to, so
+// it marks node 3 lost and waits; started as it is, node 3 joins every shard as a new replica
+// (a new generation of its id), catches up by snapshot (its log was purged on the others),
+// becomes a voter in place of its old replica, is active again, and then holds exactly what
+// the others hold — and counts in a quorum again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
     let tweaks = Tweaks { shards: 2, snapshot_logs_since_last: 100, snapshot_log_kept_max: 0, ..Tweaks::default() };
@@ -2024,13 +2058,35 @@ async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
     let (code, log) = start_until_exit(&mut cluster, 3).await;
     assert_eq!(code, Some(3), "a wiped node must refuse to start\n{}", cluster.logs_tail());
     assert!(log.contains("--rejoin") && log.contains("must not vote"), "the refusal says what to run:\n{log}");
+    assert!(log.contains("admin replace-node 3"), "the refusal names replace-node:\n{log}");
     assert!(!log.contains("node running"), "a refused node never serves:\n{log}");
     let ack = client.send("alpha", "while-refused").await.expect("nodes 1 and 2 keep serving");
     assert_eq!(ack.offset, 201);
 
-    // As new replicas.
-    cluster.start_rejoin(3).expect("rejoin node 3");
-    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready after the rejoin");
+    // `admin replace-node 3 --wait`: no other node can take its shards, so it is rebuilt in
+    // place once started.
+    let replace = {
+        let config = cluster.config_path().to_path_buf();
+        let args = ["admin", "replace-node", "3", "--wait", "--timeout-s", "120", "--json", "--user", "admin"];
+        std::thread::spawn(move || {
+            let out = std::process::Command::new(BIN).args(args).arg("--config").arg(&config).output();
+            let out = out.expect("run convoy");
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            (out.status.success(), text(&out.stdout), text(&out.stderr))
+        })
+    };
+    eventually(READY, "node 3 to be marked lost", || async {
+        let map = admin.status(1).await.ok()?.placement;
+        (map.node_state(3) == Some(convoy::placement::NodeState::Lost)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    cluster.start(3).expect("start node 3 as it is");
+    let (ok, out, err) = tokio::task::spawn_blocking(move || replace.join().expect("the CLI thread")).await.unwrap();
+    assert!(ok, "replace-node --wait: {out}{err}\n{}", cluster.logs_tail());
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("replace-node prints JSON");
+    assert_eq!((answer["in_place"].as_bool(), answer["rebuilt"].as_bool()), (Some(true), Some(true)), "{answer}");
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready after the rebuild");
     for conv in convs {
         let reference = client.read(conv, 1, Some(1)).await.expect("read node 1").messages;
         let got = read_at_least(&client, conv, 3, reference.len()).await;

@@ -16,8 +16,11 @@
 //! Damage (`corrupt`, `wipe`) hits at most one node at a time, and that node is repaired at
 //! the end of the fault: started as it is, it either runs (the damage was harmless or
 //! repaired) or refuses to start (exit status), which is recorded; a refused node is then
-//! rebuilt (`rebuild`): its data directory emptied and the node started with `--rejoin`, so
-//! it comes back as new replicas. Damage to a minority therefore never stops the cluster;
+//! rebuilt (`rebuild`) as an operator would after losing a disk: its data directory emptied,
+//! `admin replace-node` asked for it (it is marked lost), and the node started as it is, so it
+//! comes back as new replicas and is active again once it has all of them (the cluster has no
+//! node without a replica of every shard to move them to, so they are rebuilt in place). Should
+//! the mark fail, the node is started with `--rejoin` instead, and the outcome says so. Damage to a minority therefore never stops the cluster;
 //! what may never happen is a damaged node voting or acknowledging with what it lost.
 //!
 //! `corrupt-majority` is the other side of that fault model, run on its own: with a majority
@@ -467,9 +470,18 @@ impl Nemesis {
                 }
                 for (n, _) in refused {
                     self.begin(F::Rebuild, json!({"nodes": [n]}));
-                    let outcome = match db.wipe(n).and_then(|_| db.start_rejoin(n)) {
-                        Ok(_) => "rejoining".to_string(),
+                    let outcome = match db.wipe(n) {
                         Err(e) => format!("failed: {e}"),
+                        Ok(_) => match replace_node(&db, n).await {
+                            Ok(()) => match db.start(n) {
+                                Ok(_) => "replace-node; rejoining".to_string(),
+                                Err(e) => format!("replace-node; failed to start: {e}"),
+                            },
+                            Err(why) => match db.start_rejoin(n) {
+                                Ok(_) => format!("replace-node failed ({why:#}); rejoining with --rejoin"),
+                                Err(e) => format!("replace-node failed ({why:#}); failed to start: {e}"),
+                            },
+                        },
                     };
                     self.end(F::Rebuild, json!({"nodes": [n], "outcome": outcome}));
                 }
@@ -621,3 +633,17 @@ fn corrupt_kind(dir: &Path, rng: &mut StdRng, only: Option<&str>) -> Result<Stri
         }
     }
 }
+
+/// What `convoy admin replace-node N` asks of the cluster: node `n`, which lost its disk, is
+/// marked lost, so that it rebuilds its replicas under new ids when it starts empty.
+async fn replace_node(db: &Db, n: u64) -> Result<()> {
+    let admin = db.admin()?;
+    match tokio::time::timeout(REPLACE_WITHIN, admin.mark_lost(n)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => bail!("no answer within {REPLACE_WITHIN:?}"),
+    }
+}
+
+/// How long the rebuild waits for the cluster map to mark a wiped node lost.
+const REPLACE_WITHIN: Duration = Duration::from_secs(20);

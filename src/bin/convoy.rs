@@ -14,7 +14,7 @@ use convoy::chat::Retention;
 use convoy::client::{Client, Event, USER_ENV};
 use convoy::config::Config;
 use convoy::net::tls::{self, Credential, ADMIN_USER};
-use convoy::placement::ClusterMap;
+use convoy::placement::{ClusterMap, NodeState};
 use serde_json::json;
 
 /// jemalloc instead of glibc malloc, whose `_int_malloc`/`_int_free`/`malloc_consolidate` took
@@ -385,14 +385,17 @@ enum AdminAction {
         #[command(flatten)]
         status: StatusArgs,
     },
-    /// Rebuild the replicas of node N, whose disk was lost, on the other active nodes: N is
-    /// marked lost (it takes no new replica), and each shard it held moves to the node with
-    /// the fewest replicas, without asking N to delete anything. Refused while N answers (it
-    /// still has its data: drain it) and when no other node can take a shard (then start N
-    /// with an empty data directory and `convoy node --rejoin`, which rebuilds its replicas
-    /// there under new ids).
+    /// Rebuild the replicas of node N, whose disk was lost. N is marked lost (it takes no
+    /// new replica, and its old replica ids never vote again). Then each shard it held
+    /// moves to the active node with the fewest replicas, without asking N to delete
+    /// anything; or, with --in-place or when no other node can take a shard, N rebuilds
+    /// them itself under new ids once it is started with an empty data directory. Refused
+    /// while N answers (it still has its data: drain it).
     ReplaceNode {
         node: u64,
+        /// Rebuild on N itself (started empty), even where other nodes could take its shards.
+        #[arg(long)]
+        in_place: bool,
         /// Follow the moves until N holds nothing; exit non-zero if that is not so within
         /// --timeout-s.
         #[arg(long)]
@@ -499,8 +502,9 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Admin { action: AdminAction::Drain { node, wait, timeout_s, status } } => {
             drain(&status, node, Emptying::Drain, wait, Duration::from_secs(timeout_s)).await
         }
-        Cmd::Admin { action: AdminAction::ReplaceNode { node, wait, timeout_s, status } } => {
-            drain(&status, node, Emptying::Replace, wait, Duration::from_secs(timeout_s)).await
+        Cmd::Admin { action: AdminAction::ReplaceNode { node, in_place, wait, timeout_s, status } } => {
+            let how = Emptying::Replace { in_place };
+            drain(&status, node, how, wait, Duration::from_secs(timeout_s)).await
         }
         Cmd::Admin { action: AdminAction::Rebalance { dry_run, wait, timeout_s, status } } => {
             rebalance(&status, dry_run, wait, Duration::from_secs(timeout_s)).await
@@ -1057,7 +1061,10 @@ async fn wait_moves(args: &StatusArgs, command: &str, started: Instant, deadline
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Emptying {
     Drain,
-    Replace,
+    /// With `in_place`, rebuilt on the node itself rather than moved away.
+    Replace {
+        in_place: bool,
+    },
 }
 
 /// `admin drain` and `admin replace-node`: marks the node draining (or lost), then plans
@@ -1067,22 +1074,20 @@ async fn drain(args: &StatusArgs, node: u64, how: Emptying, wait: bool, timeout:
     let (started, deadline) = (Instant::now(), Instant::now() + timeout);
     let what = match how {
         Emptying::Drain => "drain",
-        Emptying::Replace => "replace-node",
+        Emptying::Replace { .. } => "replace-node",
     };
-    if how == Emptying::Replace {
+    if let Emptying::Replace { in_place } = how {
         // A node that answers still has its data (and would keep running stale replicas):
         // it is drained, not replaced.
         if tokio::time::timeout(Duration::from_secs(5), client.status(node)).await.is_ok_and(|a| a.is_ok()) {
             bail!("replace-node: node {node} answers, so its data is not lost: use `convoy admin drain {node}`");
         }
         let (_, map) = view_and_map(args, "admin replace-node").await?;
-        convoy::admin::plan_drain(&map, node).map_err(|e| {
-            anyhow!(
-                "replace-node: {e}. Rebuild it in place instead: start node {node} with an empty data \
-                 directory and `convoy node --rejoin`, which gives it new replicas of its shards"
-            )
-        })?;
+        let elsewhere = if in_place { Err("--in-place".to_string()) } else { convoy::admin::plan_drain(&map, node) };
         client.mark_lost(node).await.map_err(|e| anyhow!("replace-node: {e}"))?;
+        if let Err(why) = elsewhere {
+            return rebuild_in_place(args, node, &why, wait, started, deadline).await;
+        }
     } else {
         client.drain(node).await.map_err(|e| anyhow!("drain: {e}"))?;
     }
@@ -1111,6 +1116,54 @@ async fn drain(args: &StatusArgs, node: u64, how: Emptying, wait: bool, timeout:
     }
     if args.json {
         println!("{}", json!({"node": node, "plan": planned, "elapsed_s": started.elapsed().as_secs_f64()}));
+    }
+    Ok(())
+}
+
+/// `admin replace-node` on the node itself, once it is marked lost: it rebuilds its replicas
+/// under new ids when started with an empty data directory (`raft::formation`), then is
+/// active again. With `wait`, follows it until then.
+async fn rebuild_in_place(
+    args: &StatusArgs,
+    node: u64,
+    why: &str,
+    wait: bool,
+    started: Instant,
+    deadline: Instant,
+) -> Result<()> {
+    if !args.json {
+        println!(
+            "node {node} is marked lost; its shards are rebuilt on it ({why}). Start it with an empty data \
+             directory (`convoy node --config {} --id {node}`, or `convoy cluster up`): it joins each shard it \
+             held as a new replica and votes once caught up.",
+            args.config.display()
+        );
+    }
+    if wait {
+        loop {
+            let (view, map) = view_and_map(args, "admin replace-node").await?;
+            if map.node_state(node) == Some(NodeState::Active) {
+                if !args.json {
+                    println!(
+                        "node {node} rebuilt its replicas and is active ({:.1} s)",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("node {node} is still lost at the timeout: has it been started with an empty data directory?");
+            }
+            if !args.json {
+                let state = view.nodes.iter().find(|n| n.id == node).map_or("unknown", |n| n.state);
+                println!("  {:>6.1} s  node {node} {state}", started.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    if args.json {
+        let elapsed_s = started.elapsed().as_secs_f64();
+        println!("{}", json!({"node": node, "in_place": true, "rebuilt": wait, "elapsed_s": elapsed_s}));
     }
     Ok(())
 }

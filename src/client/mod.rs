@@ -1,7 +1,9 @@
 //! The Rust client: the CLI, the tests and the tools are all built on it.
 //!
 //! - Routes each request by the conversation's shard, to the cached leader of that shard,
-//!   and follows `NotLeader{hint}` redirects.
+//!   and follows `NotLeader{hint}` redirects. Each `NotLeader` carries the cluster's routing
+//!   map: the client then routes by it, so it follows shard moves and reaches nodes its
+//!   `cluster.toml` does not name.
 //! - Retries a send — after a redirect, a throttle, a lost connection or an unknown
 //!   outcome — with the **same** `(client_id, client_seq)`, so the server's dedup makes the
 //!   retry safe; it gives up only at a deadline, reporting `Ambiguous` if any attempt's
@@ -22,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -33,7 +35,9 @@ use crate::error::{Error, Result};
 use crate::net::frame;
 use crate::net::lane::{write_now, Lane, LanePool};
 use crate::net::tls::{self, Credential, TlsPaths};
-use crate::net::wire::{ErrorCode, MemberChange, NodeStatus, Request, Response, SendRequest, SEND_BATCH_MAX};
+use crate::net::wire::{
+    ErrorCode, MemberChange, NodeState, NodeStatus, Request, Response, RoutingMap, SendRequest, SEND_BATCH_MAX,
+};
 
 /// The environment variable that names the default user of [`Client::connect`] and the CLI.
 pub const USER_ENV: &str = "CONVOY_USER";
@@ -70,10 +74,12 @@ struct Inner {
     tls: quinn::ClientConfig,
     /// The user the credential names.
     user: String,
-    nodes: BTreeMap<u64, SocketAddr>,
+    /// How to reach each node and where each shard's replicas are: the file's nodes at
+    /// first, then the newest routing map a node gave (see [`Routes`]).
+    routes: RwLock<Routes>,
     shards: u32,
     /// One slot per node: a dead node's connect timeout never delays the others.
-    conns: HashMap<u64, tokio::sync::Mutex<Option<quinn::Connection>>>,
+    conns: Mutex<HashMap<u64, ConnSlot>>,
     leaders: Mutex<HashMap<ShardId, u64>>,
     /// Nodes that recently did not answer, until when: a node killed without closing its
     /// connections is only noticed by timeouts, so requests avoid it for a while.
@@ -81,13 +87,86 @@ struct Inner {
     client_id: u64,
     next_seq: AtomicU64,
     /// Sends waiting to go to each node (see [`Client::send_attempt`]).
-    outboxes: HashMap<u64, Mutex<Outbox>>,
+    outboxes: RwLock<HashMap<u64, Arc<Mutex<Outbox>>>>,
     /// Idle send lanes per node (see [`Client::request`]).
     lanes: LanePool<u64>,
     /// Send requests waiting to be written, per node (see [`Client::write_coalesced`]).
     pending: Mutex<HashMap<u64, Vec<PendingWrite>>>,
     /// Send requests the flow-control window did not take whole (see [`Client::partial_writes`]).
     partial_writes: AtomicU64,
+}
+
+/// A node's connection, opened on first use and again after it broke.
+type ConnSlot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+
+/// Where the client sends what: the nodes it can reach and each shard's voting replicas.
+///
+/// It starts from the client's `cluster.toml` and takes every newer routing map a node
+/// gives (each `NotLeader` answer carries one; [`Client::shard_map`] asks for it), so a
+/// client follows shard moves and reaches nodes added after its file was written.
+#[derive(Debug, Default)]
+struct Routes {
+    /// The epoch of the map these come from; 0 while only the file is known.
+    epoch: u64,
+    nodes: BTreeMap<u64, SocketAddr>,
+    /// Each shard's voters, as the map has them; no entry before a map came.
+    shards: HashMap<ShardId, Vec<u64>>,
+}
+
+impl Routes {
+    /// Takes `map` if it is newer than what these come from: each node it names is reached
+    /// at its address there, and a removed one not at all; a node only the file names is
+    /// kept. Returns the nodes whose address changed or went away (their connections are
+    /// stale), or `None` when `map` is not newer.
+    fn learn(&mut self, map: &RoutingMap) -> Option<Vec<u64>> {
+        if map.epoch <= self.epoch {
+            return None;
+        }
+        let mut changed = Vec::new();
+        for n in &map.nodes {
+            if n.state == NodeState::Removed {
+                if self.nodes.remove(&n.id).is_some() {
+                    changed.push(n.id);
+                }
+                continue;
+            }
+            // An address that does not parse leaves the node as the file has it.
+            if let Ok(addr) = n.client_addr.parse::<SocketAddr>() {
+                if self.nodes.insert(n.id, addr).is_some_and(|old| old != addr) {
+                    changed.push(n.id);
+                }
+            }
+        }
+        let nodes = &self.nodes;
+        self.shards = map
+            .shards
+            .iter()
+            .map(|s| (s.shard, s.voters.iter().copied().filter(|v| nodes.contains_key(v)).collect()))
+            .collect();
+        self.epoch = map.epoch;
+        Some(changed)
+    }
+
+    /// The nodes to try for `shard`'s leader, in order, and where in that order to start:
+    /// its voters as the map has them (the preferred leader first), or every node when the
+    /// map has none (no map yet) and on every fourth attempt (the map may be stale and its
+    /// voters gone: any node answers with a newer one).
+    fn leader_candidates(&self, shard: ShardId, attempt: usize) -> (Vec<u64>, usize) {
+        match self.shards.get(&shard).filter(|v| !v.is_empty()) {
+            Some(voters) if attempt % 4 != 3 => (voters.clone(), attempt),
+            _ => (self.nodes.keys().copied().collect(), shard as usize + attempt),
+        }
+    }
+
+    /// The nodes to read `shard` from: its voters in id order, then every other node (the
+    /// map may be stale); every node in id order before a map came.
+    fn replicas(&self, shard: ShardId) -> Vec<u64> {
+        let mut out: Vec<u64> = self.shards.get(&shard).cloned().unwrap_or_default();
+        out.sort_unstable();
+        let rest: Vec<u64> = self.nodes.keys().copied().filter(|n| !out.contains(n)).collect();
+        out.extend(rest);
+        out
+    }
 }
 
 /// A request waiting to be written on its lane, and where the lane goes afterwards.
@@ -285,19 +364,18 @@ impl Client {
         let user = credential.user()?;
         let tls = tls::user_dialer(&paths, credential)?;
         let nodes: BTreeMap<u64, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.client_addr)).collect();
-        let conns = nodes.keys().map(|id| (*id, tokio::sync::Mutex::new(None))).collect();
         let inner = Inner {
             endpoint,
             tls,
             user,
-            nodes,
+            routes: RwLock::new(Routes { nodes, ..Routes::default() }),
             shards: config.shards,
-            conns,
+            conns: Mutex::default(),
             leaders: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             client_id,
             next_seq: AtomicU64::new(first_seq),
-            outboxes: config.nodes.iter().map(|n| (n.id, Mutex::new(Outbox::default()))).collect(),
+            outboxes: RwLock::default(),
             lanes: LanePool::new(SEND_REQUESTS_PER_NODE),
             pending: Mutex::default(),
             partial_writes: AtomicU64::new(0),
@@ -315,16 +393,73 @@ impl Client {
         self.inner.client_id
     }
 
-    /// Node ids in ascending order.
+    /// The ids of the nodes this client can reach, ascending: its file's, and those the
+    /// newest routing map it has adds (less the ones it says were removed).
     pub fn node_ids(&self) -> Vec<u64> {
-        self.inner.nodes.keys().copied().collect()
+        self.routes().nodes.keys().copied().collect()
+    }
+
+    fn routes(&self) -> std::sync::RwLockReadGuard<'_, Routes> {
+        // Every writer leaves a whole `Routes` before it could panic.
+        self.inner.routes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn knows(&self, node: u64) -> bool {
+        self.routes().nodes.contains_key(&node)
+    }
+
+    /// The epoch of the routing map this client routes by; 0 while it has only its file.
+    pub fn routing_epoch(&self) -> u64 {
+        self.routes().epoch
+    }
+
+    /// Takes `map` if it is newer than the one this client routes by: connections to nodes
+    /// that changed address are dropped, and cached leaders that are no longer voters
+    /// forgotten.
+    fn learn(&self, map: &RoutingMap) {
+        let changed = self.inner.routes.write().unwrap_or_else(|p| p.into_inner()).learn(map);
+        let Some(changed) = changed else { return };
+        tracing::debug!(epoch = map.epoch, ?changed, "routing by a newer map");
+        let mut conns = self.inner.conns.lock().expect("conns lock");
+        for id in &changed {
+            conns.remove(id);
+        }
+        drop(conns);
+        let routes = self.routes();
+        self.inner
+            .leaders
+            .lock()
+            .expect("leader cache lock")
+            .retain(|shard, l| routes.shards.get(shard).is_none_or(|v| v.contains(l)));
+    }
+
+    /// Asks the nodes in turn for the cluster's routing map, routes by it if it is newer,
+    /// and returns it.
+    pub async fn shard_map(&self) -> Result<RoutingMap> {
+        let mut last = Error::Unavailable("no node to ask".into());
+        for node in self.node_ids() {
+            match self.request(node, &Request::ShardMap).await {
+                Ok(Response::ShardMap(map)) => {
+                    self.learn(&map);
+                    return Ok(*map);
+                }
+                Ok(Response::Error { code, message }) => last = response_error(code, message),
+                Ok(other) => return Err(Error::Protocol(format!("unexpected answer to a map request: {other:?}"))),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn conn_slot(&self, node: u64) -> ConnSlot {
+        self.inner.conns.lock().expect("conns lock").entry(node).or_default().clone()
     }
 
     async fn connection(&self, node: u64) -> Result<quinn::Connection> {
-        let (Some(addr), Some(slot)) = (self.inner.nodes.get(&node), self.inner.conns.get(&node)) else {
+        let Some(addr) = self.routes().nodes.get(&node).copied() else {
             return Err(Error::InvalidInput(format!("unknown node {node}")));
         };
-        let addr = *addr;
+        let slot = self.conn_slot(node);
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref() {
             if c.close_reason().is_none() {
@@ -345,7 +480,8 @@ impl Client {
     }
 
     async fn forget(&self, node: u64) {
-        if let Some(slot) = self.inner.conns.get(&node) {
+        let slot = self.inner.conns.lock().expect("conns lock").get(&node).cloned();
+        if let Some(slot) = slot {
             *slot.lock().await = None;
         }
     }
@@ -447,24 +583,40 @@ impl Client {
         self.inner.suspects.lock().expect("suspect lock").get(&node).is_some_and(|until| Instant::now() < *until)
     }
 
-    /// The cached leader of `shard`, else the nodes in rotation, avoiding suspects while
-    /// any other node is left.
+    /// The cached leader of `shard`, else its candidates ([`Routes::leader_candidates`]) in
+    /// rotation, avoiding suspects while any other candidate is left.
     fn target_for(&self, shard: ShardId, attempt: usize) -> u64 {
         if let Some(l) = self.inner.leaders.lock().expect("leader cache lock").get(&shard).copied() {
             if !self.is_suspect(l) {
                 return l;
             }
         }
-        let ids = self.node_ids();
-        let rotation = (0..ids.len()).map(|i| ids[(shard as usize + attempt + i) % ids.len()]);
+        let (ids, start) = self.routes().leader_candidates(shard, attempt);
+        if ids.is_empty() {
+            // No node at all: node 0, which the attempt fails on as unknown.
+            return 0;
+        }
+        let rotation = (0..ids.len()).map(|i| ids[(start + i) % ids.len()]);
         let healthy: Vec<u64> = rotation.clone().filter(|n| !self.is_suspect(*n)).collect();
-        healthy.first().copied().unwrap_or_else(|| ids[(shard as usize + attempt) % ids.len()])
+        healthy.first().copied().unwrap_or_else(|| ids[start % ids.len()])
+    }
+
+    /// A `NotLeader` answer from `node`: routes by the map it carries, and caches the
+    /// leader it names, if that is another node.
+    fn redirected(&self, shard: ShardId, node: u64, leader: Option<u64>, map: Option<&RoutingMap>) -> Option<u64> {
+        if let Some(map) = map {
+            self.learn(map);
+        }
+        let hinted = leader.filter(|l| *l != node);
+        self.set_leader(shard, hinted);
+        hinted
     }
 
     fn set_leader(&self, shard: ShardId, leader: Option<u64>) {
+        let known = leader.is_some_and(|l| self.knows(l));
         let mut cache = self.inner.leaders.lock().expect("leader cache lock");
         match leader {
-            Some(l) if self.inner.nodes.contains_key(&l) => {
+            Some(l) if known => {
                 cache.insert(shard, l);
             }
             _ => {
@@ -503,10 +655,9 @@ impl Client {
                     self.set_leader(shard, Some(node));
                     return Ok(Ack { conversation, offset, ts_ms, duplicate });
                 }
-                Ok(Response::NotLeader { leader, .. }) => {
+                Ok(Response::NotLeader { leader, map, .. }) => {
                     last = format!("node {node} is not the leader of shard {shard}");
-                    let hinted = leader.filter(|l| *l != node);
-                    self.set_leader(shard, hinted);
+                    let hinted = self.redirected(shard, node, leader, map.as_deref());
                     if hinted.is_none_or(|h| self.is_suspect(h)) {
                         tokio::time::sleep(backoff).await;
                     }
@@ -561,9 +712,10 @@ impl Client {
     /// send commits: a batch over several shards waits for the slowest of their Raft groups,
     /// and its senders with it. One shard per request also makes it one Raft entry.
     async fn send_attempt(&self, node: u64, req: SendRequest) -> Result<Response> {
-        let Some(outbox) = self.inner.outboxes.get(&node) else {
+        if !self.knows(node) {
             return Err(Error::InvalidInput(format!("unknown node {node}")));
-        };
+        }
+        let outbox = self.outbox(node);
         let shard = shard_of(&req.conversation, self.inner.shards);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start = outbox.lock().expect("outbox lock").push(shard, (req, tx));
@@ -573,10 +725,17 @@ impl Client {
         rx.await.unwrap_or_else(|_| Err(Error::Unavailable("send dropped before it was answered".into())))
     }
 
+    fn outbox(&self, node: u64) -> Arc<Mutex<Outbox>> {
+        if let Some(o) = self.inner.outboxes.read().unwrap_or_else(|p| p.into_inner()).get(&node) {
+            return o.clone();
+        }
+        self.inner.outboxes.write().unwrap_or_else(|p| p.into_inner()).entry(node).or_default().clone()
+    }
+
     /// Sends what waits in `node`'s queue of `shard`, batch after batch, for as long as
     /// [`Outbox::next_batch`] finds sends for this request slot (of this or another shard).
     async fn drain_outbox(self, node: u64, mut shard: ShardId) {
-        let Some(outbox) = self.inner.outboxes.get(&node) else { return };
+        let outbox = self.outbox(node);
         loop {
             let Some(batch) = outbox.lock().expect("outbox lock").next_batch(&mut shard) else { return };
             let (reqs, replies): (Vec<SendRequest>, Vec<_>) = batch.into_iter().unzip();
@@ -710,8 +869,8 @@ impl Client {
             let node = self.target_for(shard, attempt);
             attempt += 1;
             let retry = match self.request(node, req).await {
-                Ok(Response::NotLeader { leader, .. }) => {
-                    self.set_leader(shard, leader.filter(|l| *l != node));
+                Ok(Response::NotLeader { leader, map, .. }) => {
+                    self.redirected(shard, node, leader, map.as_deref());
                     Error::Unavailable(format!("node {node} does not lead shard {shard}"))
                 }
                 Ok(Response::Error { code, message }) => match response_error(code, message) {
@@ -798,7 +957,7 @@ impl Client {
     pub async fn read(&self, conversation: &str, from: u64, node: Option<u64>) -> Result<Read> {
         let ids = match node {
             Some(n) => vec![n],
-            None => self.node_ids(),
+            None => self.routes().replicas(shard_of(conversation, self.inner.shards)),
         };
         let mut last = Error::Unavailable("no node to read from".into());
         for node in ids {
@@ -904,7 +1063,12 @@ impl Client {
                 Some(Response::CaughtUp { head }) => return Ok(head),
                 Some(Response::Error { code, message }) => return Err(response_error(code, message)),
                 // The node holds no replica of the shard (any more): `leader` holds one.
-                Some(Response::NotLeader { shard, leader }) => return Err(Error::NotLeader { shard, leader }),
+                Some(Response::NotLeader { shard, leader, map }) => {
+                    if let Some(map) = map {
+                        self.learn(&map);
+                    }
+                    return Err(Error::NotLeader { shard, leader });
+                }
                 Some(other) => return Err(Error::Protocol(format!("unexpected frame {other:?}"))),
                 None => return Err(Error::Unavailable(format!("node {node} ended the read early"))),
             }
@@ -1037,11 +1201,15 @@ impl Drop for Subscription {
 }
 
 async fn follow(client: Client, conversation: String, mut next: u64, pinned: Option<u64>, tx: mpsc::Sender<Event>) {
-    let ids = client.node_ids();
+    let shard = shard_of(&conversation, client.inner.shards);
     let (mut pinned, mut hint) = (pinned, None);
     let mut attempt = 0usize;
     loop {
-        let node = hint.take().or(pinned).unwrap_or_else(|| ids[attempt % ids.len()]);
+        let node = hint.take().or(pinned).unwrap_or_else(|| {
+            // The shard's replicas as the newest map has them (a move changes them).
+            let ids = client.routes().replicas(shard);
+            ids.get(attempt % ids.len().max(1)).copied().unwrap_or(0)
+        });
         attempt += 1;
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
         let mut recv = match client.open(node, &req).await {
@@ -1096,12 +1264,15 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                 }
                 // Any replica serves a subscription: this node holds none of the shard (its
                 // replica moved away), so no pin keeps the subscription here.
-                Ok(Some(Response::NotLeader { shard, leader })) => {
+                Ok(Some(Response::NotLeader { shard, leader, map })) => {
                     tracing::debug!(node, shard, ?leader, "the node does not hold the shard; resubscribing elsewhere");
                     if pinned == Some(node) {
                         pinned = None;
                     }
-                    hint = leader.filter(|l| *l != node && ids.contains(l));
+                    if let Some(map) = map {
+                        client.learn(&map);
+                    }
+                    hint = leader.filter(|l| *l != node && client.knows(*l));
                     break;
                 }
                 Ok(other) => {
@@ -1156,6 +1327,58 @@ async fn follow_raw(client: Client, conversation: String, from: u64, node: u64, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::wire::{RoutedNode, RoutedShard};
+
+    fn file_routes() -> Routes {
+        let nodes = (1..=3).map(|id| (id, SocketAddr::from(([127, 0, 0, 1], 8000 + id as u16)))).collect();
+        Routes { nodes, ..Routes::default() }
+    }
+
+    fn routed(id: u64, port: u16, state: NodeState) -> RoutedNode {
+        RoutedNode { id, client_addr: format!("127.0.0.1:{port}"), state }
+    }
+
+    #[test]
+    fn routes_take_only_a_newer_map_and_keep_the_files_nodes_it_does_not_name() {
+        let mut routes = file_routes();
+        // Before any map: every node, rotated by shard.
+        assert_eq!(routes.leader_candidates(1, 0), (vec![1, 2, 3], 1));
+        assert_eq!(routes.replicas(1), vec![1, 2, 3]);
+        let map = RoutingMap {
+            epoch: 7,
+            nodes: vec![
+                routed(1, 8001, NodeState::Removed),
+                routed(2, 9002, NodeState::Active),
+                routed(4, 8004, NodeState::Draining),
+                RoutedNode { id: 5, client_addr: "node5.example:443".into(), state: NodeState::Active },
+            ],
+            shards: vec![
+                RoutedShard { shard: 0, voters: vec![4, 2, 3] },
+                RoutedShard { shard: 1, voters: vec![2, 1, 4] },
+            ],
+        };
+        let mut changed = routes.learn(&map).expect("a newer map is taken");
+        changed.sort_unstable();
+        assert_eq!(changed, vec![1, 2], "node 1 went away and node 2 changed address");
+        assert_eq!(routes.nodes.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4], "5's address does not parse");
+        assert_eq!(routes.nodes[&2], SocketAddr::from(([127, 0, 0, 1], 9002)));
+        assert_eq!(routes.shards[&1], vec![2, 4], "a removed node is no voter to route to");
+        // The voters, preferred leader first, rotated by attempt; every fourth attempt all
+        // nodes, in case the map is stale.
+        assert_eq!(routes.leader_candidates(0, 0), (vec![4, 2, 3], 0));
+        assert_eq!(routes.leader_candidates(0, 2), (vec![4, 2, 3], 2));
+        assert_eq!(routes.leader_candidates(0, 3), (vec![2, 3, 4], 3));
+        // A shard the map does not have is routed as before any map.
+        assert_eq!(routes.leader_candidates(9, 0), (vec![2, 3, 4], 9));
+        assert_eq!(routes.replicas(0), vec![2, 3, 4]);
+        assert_eq!(routes.replicas(1), vec![2, 4, 3], "its voters first, then the rest");
+
+        // An older or equal map changes nothing.
+        let stale = RoutingMap { epoch: 7, nodes: vec![routed(1, 8001, NodeState::Active)], shards: vec![] };
+        assert_eq!(routes.learn(&stale), None);
+        assert_eq!(routes.epoch, 7);
+        assert!(!routes.nodes.contains_key(&1));
+    }
 
     fn send(outbox: &mut Outbox, shard: ShardId, seq: u64) -> bool {
         let req = SendRequest {

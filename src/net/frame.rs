@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 /// Version byte of every frame. Raised whenever a message of the client or peer protocol
 /// changes shape, so a peer of another build is refused with a clear error instead of
 /// misreading: 2 since the metadata group (`Request::TransferLeader`, the cluster map in
-/// `NodeStatus`, `PeerRequest::Place`).
-pub const WIRE_VERSION: u8 = 2;
+/// `NodeStatus`, `PeerRequest::Place`); 3 since routing maps (`Request::ShardMap`, the map
+/// in `Response::NotLeader`).
+pub const WIRE_VERSION: u8 = 3;
 
 /// Encodes a frame (length, version, body).
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

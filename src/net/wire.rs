@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{Membership, Retention, ShardId, StoredMessage};
-pub use crate::placement::ClusterMap;
+pub use crate::placement::{ClusterMap, NodeState, RoutedNode, RoutedShard, RoutingMap};
 pub use crate::stages::StageSnapshot;
 
 /// A client's request.
@@ -57,6 +57,9 @@ pub enum Request {
     /// Mark `node` lost (admin credentials only): its disk is gone, it is given no new
     /// replica, and moves off it delete nothing there (`convoy admin replace-node`).
     ReplaceNode { node: u64 },
+    /// Where each shard's replicas are and how to reach each node (any user); answered
+    /// `ShardMap`. A client asks when it has no map or a node it cannot reach.
+    ShardMap,
 }
 
 /// What a [`Request::Members`] asks.
@@ -119,9 +122,14 @@ pub enum Response {
         ts_ms: u64,
         duplicate: bool,
     },
+    /// This node does not lead `shard` (or holds no replica of it): `leader` is its best
+    /// guess, and `map` the node's routing map, so a client that routed by an older one (a
+    /// shard moved, a node was added) can go straight to the right node. In a `Batch` only
+    /// the first `NotLeader` carries the map.
     NotLeader {
         shard: ShardId,
         leader: Option<u64>,
+        map: Option<Box<RoutingMap>>,
     },
     Throttled {
         retry_after_ms: u64,
@@ -165,6 +173,8 @@ pub enum Response {
         epoch: u64,
         changed: bool,
     },
+    /// The answer to `ShardMap`.
+    ShardMap(Box<RoutingMap>),
 }
 
 /// A node's view of its shards.

@@ -196,9 +196,9 @@ pub fn refusal_text(config_path: &std::path::Path, node: NodeId, cluster: u64) -
     format!(
         "node {node} has no state, but cluster {cluster:016x} lists it as a voter: it must not vote \
          under the replica ids it had, whose votes and log it lost. Rebuild it as new replicas: \
-         stop it, keep (or wipe) its empty data directory, and run \
-         `convoy node --config {config_path} --id {node} --rejoin`; it joins every shard as a \
-         learner and replaces its old replica among the voters once caught up. A majority of \
+         run `convoy admin replace-node {node} --in-place --wait` and start it again (or start it \
+         with `convoy node --config {config_path} --id {node} --rejoin`); it joins every shard as \
+         a learner and replaces its old replica among the voters once caught up. A majority of \
          the other nodes must be up."
     )
 }
@@ -260,7 +260,10 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
                         if let Some(start) = register(formation, net, config, &peers, other.cluster).await? {
                             return Ok(start);
                         }
-                    } else if rejoin {
+                    } else if rejoin || map.node_state(me) == Some(NodeState::Lost) {
+                        // An operator said this node's disk is gone (`--rejoin`, or `convoy
+                        // admin replace-node`, which marks it lost): it comes back as new
+                        // replicas, never as the ones it was.
                         formation.set(ClusterRecord { cluster: other.cluster, node: me, stage: Stage::Rejoining })?;
                         tracing::warn!(cluster = format_args!("{:016x}", other.cluster), "rejoining as new replicas");
                         return Ok(Start::Rejoin);
@@ -414,6 +417,16 @@ pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config
     let record = formation.record().ok_or_else(|| Error::Config("rejoining without a cluster record".into()))?;
     formation.set(ClusterRecord { stage: Stage::Formed, ..record })?;
     tracing::info!("rejoined every shard");
+    // A node marked lost takes replicas again (`admin replace-node` waits for this). The
+    // rebuild is done either way, so a map that cannot be reached now only leaves it lost
+    // (an operator can repeat `replace-node`, or the next rejoin records it).
+    let peers: Vec<NodeId> = config.node_ids().into_iter().filter(|&n| n != me).collect();
+    let deadline = std::time::Instant::now() + super::meta::PLACE_TTL * 4;
+    match super::meta::place(net, me, None, &peers, PlacementCommand::Rejoined { node: me }, deadline).await {
+        Ok(Placed::Applied { epoch, changed }) => tracing::info!(epoch, changed, "active in the cluster map"),
+        Ok(Placed::Refused(why)) => tracing::warn!(%why, "recording the rejoin in the cluster map"),
+        Err(why) => tracing::warn!(%why, "could not record the rejoin in the cluster map"),
+    }
     Ok(())
 }
 

@@ -41,7 +41,7 @@ use crate::net::tls::Identity;
 use crate::net::wire::{
     ErrorCode, FollowerLag, MemberChange, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX,
 };
-use crate::placement::{ClusterMap, NodeEntry, NodeState, PlacementCommand, META_SHARD};
+use crate::placement::{ClusterMap, NodeEntry, NodeState, PlacementCommand, RoutingMap, META_SHARD};
 use crate::raft::meta::{self, Placed};
 use crate::raft::network::{Groups, Hosted, PeerNet, PeerStats};
 use crate::raft::state_machine::{self, ShardEvents};
@@ -310,7 +310,7 @@ impl Refusal {
         match self {
             Refusal::Invalid(m) => error(ErrorCode::InvalidInput, m),
             Refusal::Forbidden(m) => error(ErrorCode::Forbidden, m),
-            Refusal::NotLeader { shard, leader } => Response::NotLeader { shard, leader },
+            Refusal::NotLeader { shard, leader } => Response::NotLeader { shard, leader, map: None },
             Refusal::Throttled { retry_after_ms } => Response::Throttled { retry_after_ms },
             Refusal::Unknown(m) => error(ErrorCode::Ambiguous, m),
             Refusal::Unavailable(m) => error(ErrorCode::Unavailable, m),
@@ -632,6 +632,32 @@ impl Service {
             Ok(Placed::Refused(why)) => error(ErrorCode::Rejected, why),
             Err(why) => error(ErrorCode::Unavailable, why),
         }
+    }
+
+    /// `answer` with this node's routing map on its `NotLeader` (the first one, in a batch),
+    /// so the client learns where the shard is now and how to reach nodes its file does not
+    /// name. Other answers pass unchanged. Applied at the edge, to every answer written.
+    pub fn routed(&self, answer: Response) -> Response {
+        match answer {
+            Response::NotLeader { shard, leader, map: None } => {
+                Response::NotLeader { shard, leader, map: self.routing_map() }
+            }
+            Response::Batch(mut answers) => {
+                if let Some(Response::NotLeader { map: map @ None, .. }) =
+                    answers.iter_mut().find(|a| matches!(a, Response::NotLeader { .. }))
+                {
+                    *map = self.routing_map();
+                }
+                Response::Batch(answers)
+            }
+            other => other,
+        }
+    }
+
+    /// The routing part of the cluster map, once the map is set.
+    pub fn routing_map(&self) -> Option<Box<RoutingMap>> {
+        let map = self.cluster_map();
+        map.is_set().then(|| Box::new(map.routing()))
     }
 
     /// The group of `conversation`'s shard here; else the answer: invalid for a bad id, and
