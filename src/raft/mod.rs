@@ -46,7 +46,10 @@ pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
         election_timeout_max: r.election_timeout_ms_max,
         enable_pre_vote: Some(true),
         max_payload_entries: r.payload_entries_max,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        // convoy triggers snapshots itself, every `snapshot_logs_since_last` entries, except
+        // that a leader holds one back while a replica catches up from the last one it sent
+        // (`service::compaction`).
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: r.snapshot_log_kept_max,
         purge_batch_size: r.purge_batch_size.max(1),
         // A replica's log never goes back: one that lost state is refused at open (see

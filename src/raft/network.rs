@@ -100,6 +100,41 @@ struct Inner {
     lanes: LanePool<(NodeId, ShardId)>,
     /// Bytes per second a snapshot stream may send (0: no limit; `[admin] move_bytes_per_s`).
     snapshot_bytes_per_s: std::sync::atomic::AtomicU64,
+    /// Snapshot streams this node sends, per group (see [`PeerNet::snapshot_streams`]).
+    snapshot_streams: std::sync::Mutex<HashMap<ShardId, SnapshotStreams>>,
+}
+
+/// The snapshot streams one group of this node sends: the leader holds back its next
+/// snapshot (and so the log purge that follows it) while one goes out
+/// (`service::compaction`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotStreams {
+    /// Streams going out now, until the peer answered the install or the stream failed.
+    pub sending: usize,
+    /// When the last one ended.
+    pub last_ended: Option<std::time::Instant>,
+}
+
+/// Counts one snapshot stream as going out for as long as it lives.
+struct Streaming<'a> {
+    inner: &'a Inner,
+    shard: ShardId,
+}
+
+impl<'a> Streaming<'a> {
+    fn start(inner: &'a Inner, shard: ShardId) -> Self {
+        inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner()).entry(shard).or_default().sending += 1;
+        Streaming { inner, shard }
+    }
+}
+
+impl Drop for Streaming<'_> {
+    fn drop(&mut self) {
+        let mut streams = self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner());
+        let s = streams.entry(self.shard).or_default();
+        s.sending = s.sending.saturating_sub(1);
+        s.last_ended = Some(std::time::Instant::now());
+    }
 }
 
 /// A peer's address and its connection, once made.
@@ -156,8 +191,17 @@ impl PeerNet {
         let stats = Arc::default();
         let lanes = LanePool::new(LANES_PER_SHARD);
         let snapshot_bytes_per_s = std::sync::atomic::AtomicU64::new(0);
-        let inner =
-            Inner { endpoint, client_config, slots, append_timeout, stats, stages, lanes, snapshot_bytes_per_s };
+        let inner = Inner {
+            endpoint,
+            client_config,
+            slots,
+            append_timeout,
+            stats,
+            stages,
+            lanes,
+            snapshot_bytes_per_s,
+            snapshot_streams: std::sync::Mutex::default(),
+        };
         PeerNet { inner: Arc::new(inner) }
     }
 
@@ -165,6 +209,11 @@ impl PeerNet {
     /// catching a replica up does not take the disk and network from the sends.
     pub fn limit_snapshots(&self, bytes_per_s: u64) {
         self.inner.snapshot_bytes_per_s.store(bytes_per_s, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The snapshot streams `shard`'s group on this node is sending, and when the last ended.
+    pub fn snapshot_streams(&self, shard: ShardId) -> SnapshotStreams {
+        self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).copied().unwrap_or_default()
     }
 
     /// Learns where `node` is (a node added to the cluster, or one whose address changed);
@@ -435,6 +484,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
                 None => Err(to_streaming(network("peer closed the snapshot stream"))),
             }
         };
+        let _streaming = Streaming::start(&self.inner, shard);
         tokio::select! {
             r = transfer => r,
             closed = cancel => Err(StreamingError::Closed(closed)),

@@ -14,6 +14,7 @@
 //!   a lag overflow or a snapshot reset sends it back to storage — so the seam never skips
 //!   or repeats and a slow subscriber costs storage reads, not memory.
 
+mod compaction;
 mod fair;
 mod frames;
 pub mod metrics;
@@ -531,6 +532,7 @@ impl Service {
         tokio::spawn(placement::follow(Arc::downgrade(&service)));
         tokio::spawn(placement::coordinate(Arc::downgrade(&service)));
         tokio::spawn(metrics::sample_lag(Arc::downgrade(&service)));
+        tokio::spawn(compaction::compact(Arc::downgrade(&service)));
         tokio::spawn(retention::enforce(Arc::downgrade(&service)));
         tokio::spawn(retention::reclaim(Arc::downgrade(&service)));
         Ok(service)
