@@ -198,6 +198,9 @@ pub enum PlacementCommand {
     /// `node`, which lost its disk, rebuilt every replica it holds under new ids (started
     /// empty while marked lost, or with `--rejoin`): it is active again and takes replicas.
     Rejoined { node: u64 },
+    /// Stops draining `node` (`convoy admin recommission`): it takes replicas again. Moves
+    /// already made stay made.
+    Recommission { node: u64 },
 }
 
 impl ClusterMap {
@@ -438,6 +441,19 @@ impl ClusterMap {
                         self.epoch += 1;
                         Ok(true)
                     }
+                }
+            }
+            PlacementCommand::Recommission { node } => {
+                let n = self.nodes.iter_mut().find(|n| n.id == *node).ok_or_else(|| format!("no node {node}"))?;
+                match n.state {
+                    NodeState::Draining => {
+                        n.state = NodeState::Active;
+                        self.epoch += 1;
+                        Ok(true)
+                    }
+                    NodeState::Active => Ok(false),
+                    NodeState::Lost => Err(format!("node {node} lost its disk: `convoy admin replace-node {node}`")),
+                    NodeState::Removed => Err(format!("node {node} was removed")),
                 }
             }
             PlacementCommand::Rejoined { node } => {
@@ -702,6 +718,23 @@ mod tests {
         assert_eq!(map.node_state(3), Some(NodeState::Active));
         assert_eq!(map.apply(&PlacementCommand::Rejoined { node: 3 }), Ok(false), "a plain --rejoin changes nothing");
         assert!(map.apply(&PlacementCommand::Rejoined { node: 9 }).is_err());
+    }
+
+    #[test]
+    fn a_draining_node_is_recommissioned_and_a_lost_one_is_not() {
+        let mut map = ClusterMap::default();
+        map.apply(&init(&[1, 2, 3], 1)).unwrap();
+        map.apply(&PlacementCommand::Register(node(4))).unwrap();
+        assert_eq!(map.apply(&PlacementCommand::Recommission { node: 4 }), Ok(false), "active already");
+        map.apply(&PlacementCommand::Drain { node: 4 }).unwrap();
+        assert!(map.apply(&PlacementCommand::StartMove { shard: 0, from: 1, to: 4 }).is_err(), "draining takes none");
+        let epoch = map.epoch;
+        assert_eq!(map.apply(&PlacementCommand::Recommission { node: 4 }), Ok(true));
+        assert_eq!((map.node_state(4), map.epoch), (Some(NodeState::Active), epoch + 1));
+        assert_eq!(map.apply(&PlacementCommand::StartMove { shard: 0, from: 1, to: 4 }), Ok(true));
+        map.apply(&PlacementCommand::MarkLost { node: 3 }).unwrap();
+        assert!(map.apply(&PlacementCommand::Recommission { node: 3 }).unwrap_err().contains("replace-node"));
+        assert!(map.apply(&PlacementCommand::Recommission { node: 9 }).is_err());
     }
 
     #[test]

@@ -236,6 +236,9 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
             Request::Drain { node: n } => node.admin_place(who, PlacementCommand::Drain { node: n }).await,
             Request::RemoveNode { node: n } => node.admin_place(who, PlacementCommand::RemoveNode { node: n }).await,
             Request::ReplaceNode { node: n } => node.admin_place(who, PlacementCommand::MarkLost { node: n }).await,
+            Request::Recommission { node: n } => {
+                node.admin_place(who, PlacementCommand::Recommission { node: n }).await
+            }
             Request::Status if who.admin => Response::Status(Box::new(node.status())),
             Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
             Request::ShardMap => Response::ShardMap(Box::new(node.cluster_map().routing())),

@@ -2031,6 +2031,20 @@ async fn adding_two_nodes_rebalancing_and_draining_one_under_sends_loses_nothing
     }
     let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "remove-node", "1"]);
     assert!(!ok && err.contains("metadata group"), "a formation member keeps its metadata replica: {err}");
+
+    // Recommissioned, node 1 takes replicas again: a rebalance plans moves onto it.
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "recommission", "1", "--json"]);
+    assert!(ok, "recommission: {out}{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("recommission prints JSON");
+    assert_eq!(answer["changed"], true, "{answer}");
+    let (_, view) = operations(&cluster);
+    let one = view["nodes"].as_array().unwrap().iter().find(|n| n["id"] == 1).cloned().unwrap();
+    assert_eq!(one["state"], "active", "{view}");
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "rebalance", "--dry-run", "--json"]);
+    assert!(ok, "{out}{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("rebalance prints JSON");
+    let onto_1 = plan["plan"].as_array().unwrap().iter().filter(|a| a["action"] == "move" && a["to"] == 1).count();
+    assert!(onto_1 >= 1, "the plan moves replicas to node 1: {plan}");
 }
 
 // A node whose data is wiped must not vote under its old identity: started as before, it

@@ -11,7 +11,7 @@
 //! | `corrupt`   | one stopped node's storage is damaged: a bit flipped in a Raft vote record or near the end of the newest WAL, or the newest table file truncated |
 //! | `wipe`      | one stopped node's data directory is emptied |
 //! | `corrupt-majority` | two stopped nodes each get a bit flipped near the end of their newest WAL (never with the others: see below) |
-//! | `membership` | placement changes asked of a cluster with a fourth node added after formation: a move of a random replica to a node without one, a leader transfer, a rebalance's plan, or a cancel (of a move in progress, or of one started 0–1.5 s before); left to run, nothing undone. Not with the damage families |
+//! | `membership` | placement changes asked of a cluster with a fourth node added after formation: a move of a random replica to a node without one, a leader transfer, a rebalance's plan, a cancel (of a move in progress, or of one started 0–1.5 s before), a drain (of a random node while three others stay active, or the moves still due from the node draining) with its planned moves, or the recommission of the node draining; left to run, nothing undone. Not with the damage families |
 //!
 //! Damage (`corrupt`, `wipe`) hits at most one node at a time, and that node is repaired at
 //! the end of the fault: started as it is, it either runs (the damage was harmless or
@@ -334,7 +334,9 @@ impl Nemesis {
 
     /// One change of placement an operator might ask for at any time, asked and left to
     /// run (nothing to undo): a move of a random replica to a node without one, a leader
-    /// transfer, a rebalance's plan, or a cancel of a move in progress. Each request's
+    /// transfer, a rebalance's plan, a cancel of a move in progress, a drain (of a random
+    /// active node, or the moves still due from the node draining) or the recommission of
+    /// the node draining. Each request's
     /// answer is recorded; a refusal (a shard already moving, a cancel too late, no node
     /// answering) is an outcome, not an error of the run.
     async fn membership(&mut self, db: &Mutex<Db>) -> Result<Active> {
@@ -343,8 +345,12 @@ impl Nemesis {
             let db = db.lock().await;
             (db.admin()?, db.cluster_map().await?)
         };
-        let variant = ["move", "move", "transfer-leader", "rebalance", "cancel"][self.rng.gen_range(0..5)];
+        const VARIANTS: [&str; 7] = ["move", "move", "transfer-leader", "rebalance", "cancel", "drain", "recommission"];
+        let variant = VARIANTS[self.rng.gen_range(0..VARIANTS.len())];
         let active: Vec<u64> = map.nodes.iter().filter(|n| n.state == NodeState::Active).map(|n| n.id).collect();
+        let draining = map.nodes.iter().find(|n| n.state == NodeState::Draining).map(|n| n.id);
+        let mut drain = None;
+        let mut recommission = None;
         let movable: Vec<(u32, u64, u64)> = map
             .shards
             .iter()
@@ -374,6 +380,24 @@ impl Nemesis {
                 }
             }
             "rebalance" => actions = convoy::admin::plan_rebalance(&map),
+            "drain" => {
+                // One node drains at a time, and only while three others stay active (a shard
+                // needs three voters). The plan is made on the map with the node draining.
+                let node = match draining {
+                    Some(n) => Some(n),
+                    None if active.len() > 3 => active.choose(&mut self.rng).copied(),
+                    None => None,
+                };
+                if let Some(node) = node {
+                    drain = Some(node);
+                    let mut sim = map.clone();
+                    if let Some(n) = sim.nodes.iter_mut().find(|n| n.id == node) {
+                        n.state = NodeState::Draining;
+                    }
+                    actions = convoy::admin::plan_drain(&sim, node).unwrap_or_default();
+                }
+            }
+            "recommission" => recommission = draining,
             _ => {
                 cancel = map.operations.choose(&mut self.rng).map(|o| o.id);
                 if cancel.is_none() {
@@ -384,7 +408,14 @@ impl Nemesis {
                 }
             }
         }
-        let asked = json!({"variant": variant, "epoch": map.epoch, "actions": actions, "cancel": cancel});
+        let asked = json!({
+            "variant": variant,
+            "epoch": map.epoch,
+            "actions": actions,
+            "cancel": cancel,
+            "drain": drain,
+            "recommission": recommission,
+        });
         self.begin(F::Membership, asked.clone());
         let answer = |r: Result<convoy::Result<(u64, bool)>, tokio::time::error::Elapsed>| match r {
             Ok(Ok((epoch, changed))) => json!({"epoch": epoch, "changed": changed}),
@@ -392,6 +423,12 @@ impl Nemesis {
             Err(_) => json!({"refused": format!("no answer within {ASK_WITHIN:?}")}),
         };
         let mut outcomes = Vec::new();
+        if let Some(node) = drain {
+            outcomes.push(answer(tokio::time::timeout(ASK_WITHIN, admin.drain(node)).await));
+        }
+        if let Some(node) = recommission {
+            outcomes.push(answer(tokio::time::timeout(ASK_WITHIN, admin.recommission(node)).await));
+        }
         for a in &actions {
             let r = match *a {
                 Action::Move { shard, from, to } => {
@@ -417,7 +454,8 @@ impl Nemesis {
         let mut done = asked;
         done["cancel"] = json!(cancel);
         done["outcomes"] = json!(outcomes);
-        done["outcome"] = json!(if actions.is_empty() && cancel.is_none() { "nothing to ask" } else { "asked" });
+        let asked_any = !actions.is_empty() || cancel.is_some() || drain.is_some() || recommission.is_some();
+        done["outcome"] = json!(if asked_any { "asked" } else { "nothing to ask" });
         self.end(F::Membership, done);
         Ok(Active::Nothing)
     }

@@ -412,6 +412,13 @@ enum AdminAction {
         #[command(flatten)]
         status: StatusArgs,
     },
+    /// Stop draining node N: it is active and takes replicas again. The moves a drain already
+    /// made stay made (`convoy admin rebalance` spreads replicas back).
+    Recommission {
+        node: u64,
+        #[command(flatten)]
+        status: StatusArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -515,6 +522,16 @@ async fn run(cli: Cli) -> Result<()> {
             status.print_placed(
                 json!({"node": node, "epoch": epoch, "changed": changed}),
                 &format!("node {node} removed from the cluster (cluster map epoch {epoch}); stop its process"),
+            );
+            Ok(())
+        }
+        Cmd::Admin { action: AdminAction::Recommission { node, status } } => {
+            let (epoch, changed) =
+                status.admin_client()?.recommission(node).await.map_err(|e| anyhow!("recommission: {e}"))?;
+            let text = if changed { "is active again" } else { "was not draining" };
+            status.print_placed(
+                json!({"node": node, "epoch": epoch, "changed": changed}),
+                &format!("node {node} {text} (cluster map epoch {epoch})"),
             );
             Ok(())
         }

@@ -802,6 +802,11 @@ impl Client {
         self.place(Request::Drain { node }).await
     }
 
+    /// Stops draining `node` (an admin credential): it takes replicas again.
+    pub async fn recommission(&self, node: u64) -> Result<(u64, bool)> {
+        self.place(Request::Recommission { node }).await
+    }
+
     /// Takes `node` out of the cluster (an admin credential), once it holds no replica.
     pub async fn remove_node(&self, node: u64) -> Result<(u64, bool)> {
         self.place(Request::RemoveNode { node }).await

@@ -60,6 +60,8 @@ pub enum Request {
     /// Where each shard's replicas are and how to reach each node (any user); answered
     /// `ShardMap`. A client asks when it has no map or a node it cannot reach.
     ShardMap,
+    /// Stop draining `node` (admin credentials only): it takes replicas again.
+    Recommission { node: u64 },
 }
 
 /// What a [`Request::Members`] asks.

@@ -616,6 +616,7 @@ impl Service {
                 | PlacementCommand::Drain { .. }
                 | PlacementCommand::RemoveNode { .. }
                 | PlacementCommand::MarkLost { .. }
+                | PlacementCommand::Recommission { .. }
         );
         if !allowed {
             return error(ErrorCode::InvalidInput, "not a change an operator asks for");
