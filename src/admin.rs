@@ -49,6 +49,13 @@ pub struct Progress {
     /// Entries the shard's leader has that the new replica has not matched yet (`None`
     /// before the leader replicates to it).
     pub entries_behind: Option<u64>,
+    /// Whether the shard's leader is streaming a snapshot (to the new replica, during a
+    /// move's copy) now, and the bytes of that stream so far (or of the last one).
+    pub copying: bool,
+    pub bytes_copied: Option<u64>,
+    /// About the bytes the shard's messages take on the leader's disk: RocksDB's estimate of
+    /// flushed, compressed data, so a snapshot streams as much or more.
+    pub shard_bytes: Option<u64>,
 }
 
 /// One node of the cluster.
@@ -161,6 +168,11 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
         .map(|op| {
             let shard = shards.iter().find(|s| s.shard == op.shard);
             let lag = shard.and_then(|s| s.lag.iter().find(|l| l.node == op.to));
+            // Snapshots stream from the leader: its view of the shard has the copy's bytes.
+            let on_leader = shard.and_then(|s| s.leader).and_then(|l| {
+                let (_, status) = statuses.iter().find(|(id, _)| *id == l)?;
+                status.as_ref()?.shards.iter().find(|x| x.shard == op.shard)
+            });
             OperationView {
                 id: op.id,
                 kind: "move",
@@ -168,7 +180,12 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
                 from: op.from,
                 to: op.to,
                 state: op.step.as_str(),
-                progress: Progress { entries_behind: lag.and_then(|l| l.entries_behind) },
+                progress: Progress {
+                    entries_behind: lag.and_then(|l| l.entries_behind),
+                    copying: on_leader.is_some_and(|s| s.snapshot_sending),
+                    bytes_copied: on_leader.map(|s| s.snapshot_bytes_sent),
+                    shard_bytes: on_leader.map(|s| s.data_bytes),
+                },
             }
         })
         .collect();
@@ -331,6 +348,7 @@ mod tests {
             voters: vec![1, 2, 3],
             learners: Vec::new(),
             followers,
+            ..ShardStatus::default()
         }
     }
 

@@ -1879,7 +1879,7 @@ async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_fin
 // against it) promotes at once, and its sends fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
-    const FILL: usize = 6000;
+    const FILL: usize = 3000;
     let (mut cluster, leaders) = slow_move_cluster(0, 25_000).await;
     let client = cluster.client().expect("client");
     // Incompressible bodies, so the snapshot is as large as the data.
@@ -1939,6 +1939,8 @@ async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
     assert!(failed.is_empty(), "no send may fail during a move ({took:?}): {} failed: {failed:?}", failed.len());
     assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
     assert!(acked > 50, "sends went on during the {took:?} move: {acked}");
+    // `--wait` showed the paced copy: bytes copied and their rate (about 25 KB/s).
+    assert!(out.contains(" KB copied at ") && out.contains(" KB/s"), "--wait shows the copy:\n{out}");
 
     cluster.start(down).expect("restart the node that was down");
     let want = FILL + acked as usize;

@@ -1,6 +1,7 @@
 //! The `convoy` command: run a node, run the local cluster, and talk to it.
 //! `anyhow` lives here (and in test glue) only.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -1050,6 +1051,7 @@ async fn run_plan(client: &Client, plan: &[Action]) -> Result<()> {
 
 /// Waits until no move is in progress, printing each second what is; fails at `deadline`.
 async fn wait_moves(args: &StatusArgs, command: &str, started: Instant, deadline: Instant) -> Result<ClusterMap> {
+    let mut seen: HashMap<u64, Seen> = HashMap::new();
     loop {
         let (view, map) = view_and_map(args, command).await?;
         if view.operations.is_empty() {
@@ -1058,19 +1060,104 @@ async fn wait_moves(args: &StatusArgs, command: &str, started: Instant, deadline
         if Instant::now() >= deadline {
             bail!("moves still in progress at the timeout; they go on (see `convoy admin status`)");
         }
+        let now = Instant::now();
+        let lines: Vec<String> = view
+            .operations
+            .iter()
+            .map(|o| {
+                let last = seen.get(&o.id).copied();
+                let (line, next) = progress_line(o, last, now);
+                seen.insert(o.id, next);
+                line
+            })
+            .collect();
         if !args.json {
-            let ops: Vec<String> = view
-                .operations
-                .iter()
-                .map(|o| {
-                    let behind = o.progress.entries_behind.map_or("?".to_string(), |e| e.to_string());
-                    format!("shard {} {}→{} {} ({behind} behind)", o.shard, o.from, o.to, o.state)
-                })
-                .collect();
-            println!("  {:>6.1} s  {}", started.elapsed().as_secs_f64(), ops.join("; "));
+            println!("  {:>6.1} s  {}", started.elapsed().as_secs_f64(), lines.join("; "));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// One move's progress as `--wait` last saw it, and the rates since the first sight.
+#[derive(Clone, Copy)]
+struct Seen {
+    at: Instant,
+    copying: bool,
+    bytes: Option<u64>,
+    behind: Option<u64>,
+    bytes_per_s: Option<f64>,
+    entries_per_s: Option<f64>,
+}
+
+/// Bytes in the unit that reads best: `812 B`, `25.3 KB`, `4.1 MB`, `1.20 GB`.
+fn human_bytes(b: f64) -> String {
+    match b {
+        b if b < 1e3 => format!("{b:.0} B"),
+        b if b < 1e6 => format!("{:.1} KB", b / 1e3),
+        b if b < 1e9 => format!("{:.1} MB", b / 1e6),
+        b => format!("{:.2} GB", b / 1e9),
+    }
+}
+
+/// A move's progress line: while its snapshot copies, a bar of the bytes copied against the
+/// shard's estimated size, the copy's rate and an estimate of the time left; then the
+/// entries the new replica is behind, the rate it closes them at, and the time left.
+fn progress_line(o: &convoy::admin::OperationView, last: Option<Seen>, now: Instant) -> (String, Seen) {
+    let p = &o.progress;
+    let smooth = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.5 * o + 0.5 * new));
+    let mut next = Seen {
+        at: now,
+        copying: p.copying,
+        bytes: p.bytes_copied,
+        behind: p.entries_behind,
+        bytes_per_s: None,
+        entries_per_s: None,
+    };
+    if let Some(l) = last {
+        let dt = now.saturating_duration_since(l.at).as_secs_f64().max(0.001);
+        next.bytes_per_s = match (l.bytes, p.bytes_copied) {
+            (Some(a), Some(b)) if p.copying && b >= a => smooth(l.bytes_per_s, (b - a) as f64 / dt),
+            _ => l.bytes_per_s,
+        };
+        // An installed snapshot drops what is behind at once: only log catch-up is a rate.
+        let by_log = !p.copying && !l.copying;
+        next.entries_per_s = match (l.behind, p.entries_behind) {
+            (Some(a), Some(b)) if by_log && a > b => smooth(l.entries_per_s, (a - b) as f64 / dt),
+            (Some(_), Some(_)) if by_log => smooth(l.entries_per_s, 0.0),
+            _ => l.entries_per_s,
+        };
+    }
+    let head = format!("shard {} {}→{} {}", o.shard, o.from, o.to, o.state);
+    let line = match (p.copying, p.bytes_copied) {
+        (true, Some(copied)) => {
+            let rate = next.bytes_per_s.map_or("?".to_string(), |r| format!("{}/s", human_bytes(r)));
+            match p.shard_bytes.filter(|t| *t > copied) {
+                Some(total) => {
+                    let done = (copied as f64 / total as f64).min(1.0);
+                    let filled = (done * 20.0).round() as usize;
+                    let eta = next
+                        .bytes_per_s
+                        .filter(|r| *r > 0.0)
+                        .map_or("?".to_string(), |r| format!("{:.0} s", (total - copied) as f64 / r));
+                    let bar = format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled));
+                    let (copied, total) = (human_bytes(copied as f64), human_bytes(total as f64));
+                    format!("{head} {bar} {copied} of ~{total} copied at {rate}, ETA ≥{eta}")
+                }
+                None => format!("{head} {} copied at {rate}", human_bytes(copied as f64)),
+            }
+        }
+        _ => match p.entries_behind {
+            Some(behind) => {
+                let eta = match next.entries_per_s.filter(|r| *r > 0.0) {
+                    Some(r) => format!(", closing {r:.0} entries/s, ETA {:.0} s", behind as f64 / r),
+                    None => String::new(),
+                };
+                format!("{head} ({behind} entries behind{eta})")
+            }
+            None => format!("{head} (? behind)"),
+        },
+    };
+    (line, next)
 }
 
 /// How a node is emptied: `admin drain` (it runs and deletes its copies once moved) or
@@ -1267,6 +1354,7 @@ async fn move_replica(args: &StatusArgs, shard: u32, from: u64, to: u64, wait: b
     let mut replicas = Vec::new();
     if wait {
         let deadline = started + timeout;
+        let mut seen: Option<Seen> = None;
         loop {
             let (_, answers) = node_statuses(args, "admin move").await?;
             let statuses: Vec<_> = answers.into_iter().map(|(id, a)| (id, a.ok())).collect();
@@ -1274,18 +1362,16 @@ async fn move_replica(args: &StatusArgs, shard: u32, from: u64, to: u64, wait: b
             let op = view.operations.iter().find(|o| o.shard == shard && o.from == from && o.to == to);
             if let Some(op) = op {
                 op_id = Some(op.id);
+                let (line, next) = progress_line(op, seen, Instant::now());
+                seen = Some(next);
                 if !args.json {
-                    let behind = op.progress.entries_behind.map_or("?".to_string(), |e| e.to_string());
-                    println!(
-                        "  {:>5.1} s  operation {}: {}, new replica {behind} entries behind",
-                        started.elapsed().as_secs_f64(),
-                        op.id,
-                        op.state
-                    );
+                    println!("  {:>5.1} s  operation {}: {line}", started.elapsed().as_secs_f64(), op.id);
                 }
             } else if view.epoch > epoch {
-                replicas =
-                    view.shards.iter().find(|s| s.shard == shard).map(|s| s.replicas.clone()).unwrap_or_default();
+                // The map says where the move left the shard (the groups' own membership, in
+                // the nodes' views, may lag it by a moment).
+                let map = convoy::admin::newest_map(&statuses);
+                replicas = map.shard(shard).map(|p| p.voters.clone()).unwrap_or_default();
                 if replicas.contains(&to) && !replicas.contains(&from) {
                     break;
                 }
@@ -1413,4 +1499,43 @@ async fn chat(client: &Client, conversation: &str) -> Result<()> {
         _ = show => {},
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use convoy::admin::{OperationView, Progress};
+
+    fn op(copying: bool, bytes: Option<u64>, behind: Option<u64>) -> OperationView {
+        OperationView {
+            id: 1,
+            kind: "move",
+            shard: 0,
+            from: 3,
+            to: 4,
+            state: "catching_up",
+            progress: Progress { entries_behind: behind, copying, bytes_copied: bytes, shard_bytes: Some(10_000_000) },
+        }
+    }
+
+    #[test]
+    fn wait_shows_the_copy_with_a_bar_rate_and_eta_then_the_entries_left() {
+        let t0 = Instant::now();
+        let (first, seen) = progress_line(&op(true, Some(1_000_000), Some(9_000)), None, t0);
+        assert!(first.contains("1.0 MB of ~10.0 MB copied at ?"), "{first}");
+        // 2.5 MB more in 1 s: 2.5 MB/s, 6.5 MB left, so at least 2.6 s.
+        let (line, seen) =
+            progress_line(&op(true, Some(3_500_000), Some(9_000)), Some(seen), t0 + Duration::from_secs(1));
+        assert!(line.contains("[#######-------------] 3.5 MB of ~10.0 MB copied at 2.5 MB/s, ETA ≥3 s"), "{line}");
+        assert_eq!(
+            (human_bytes(812.0), human_bytes(25_300.0), human_bytes(1.2e9)),
+            ("812 B".into(), "25.3 KB".into(), "1.20 GB".into())
+        );
+        // Installed: the replica closes the entries it is behind.
+        let (line, seen) =
+            progress_line(&op(false, Some(10_000_000), Some(900)), Some(seen), t0 + Duration::from_secs(2));
+        assert!(line.ends_with("(900 entries behind)"), "{line}");
+        let (line, _) = progress_line(&op(false, Some(10_000_000), Some(300)), Some(seen), t0 + Duration::from_secs(4));
+        assert!(line.contains("(300 entries behind, closing 300 entries/s, ETA 1 s)"), "{line}");
+    }
 }

@@ -462,7 +462,11 @@ impl Client {
         let slot = self.conn_slot(node);
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref() {
-            if c.close_reason().is_none() {
+            // A connection made to the node's old address (a map moved it meanwhile) is
+            // not the node's any more.
+            let (now, then) = (c.remote_address(), addr);
+            let same = now.port() == then.port() && now.ip().to_canonical() == then.ip().to_canonical();
+            if c.close_reason().is_none() && same {
                 return Ok(c.clone());
             }
         }

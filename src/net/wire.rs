@@ -226,7 +226,7 @@ pub struct NodeStatus {
 }
 
 /// One shard as seen by one replica.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardStatus {
     pub shard: ShardId,
     /// The node leading the shard, as this node knows it.
@@ -246,6 +246,16 @@ pub struct ShardStatus {
     /// On the shard's leader: each follower's replication lag.
     #[serde(default)]
     pub followers: Vec<FollowerLag>,
+    /// RocksDB's estimate of the bytes the shard's messages take on this node's disk: about
+    /// what a snapshot of it streams.
+    #[serde(default)]
+    pub data_bytes: u64,
+    /// Whether this replica is streaming a snapshot of the shard to another now, and the
+    /// bytes it streamed in that one (or in the last, once it ended).
+    #[serde(default)]
+    pub snapshot_sending: bool,
+    #[serde(default)]
+    pub snapshot_bytes_sent: u64,
 }
 
 /// A follower's replication lag as its shard's leader sees it.

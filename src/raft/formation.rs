@@ -260,6 +260,18 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
                         if let Some(start) = register(formation, net, config, &peers, other.cluster).await? {
                             return Ok(start);
                         }
+                    } else if map.node_state(me) == Some(NodeState::Lost) && map.operations.iter().any(|o| o.from == me)
+                    {
+                        // `replace-node` is moving its replicas elsewhere: rebuilding them here
+                        // too would race those moves. Once they are done it holds nothing and
+                        // registers as an empty node.
+                        let shards: Vec<u32> =
+                            map.operations.iter().filter(|o| o.from == me).map(|o| o.shard).collect();
+                        return Err(Error::Refused(format!(
+                            "node {me} is marked lost and its replicas of shards {shards:?} are being moved to \
+                             other nodes (`convoy admin status`): start it again once those moves are done; it \
+                             then joins as a node with no replica"
+                        )));
                     } else if rejoin || map.node_state(me) == Some(NodeState::Lost) {
                         // An operator said this node's disk is gone (`--rejoin`, or `convoy
                         // admin replace-node`, which marks it lost): it comes back as new
@@ -403,8 +415,12 @@ pub async fn replica_for(
     Ok(replica)
 }
 
-/// After the groups of a rejoining node started: has each promoted, then records the node
-/// as a member.
+/// How many times a rejoined node asks the cluster map to take it back (each up to
+/// `meta::PLACE_TTL`) before its start fails; it asks again when started again.
+const REJOINED_TRIES: u32 = 12;
+
+/// After the groups of a rejoining node started: has each promoted, has the cluster map take
+/// it back (`PlacementCommand::Rejoined`), then records the node as a member.
 pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config) -> Result<()> {
     let me = formation.node;
     let member = member_of(config, me)?;
@@ -414,19 +430,36 @@ pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config
         ask_leader(net, config, shard, req, PROMOTE_TTL, |r| matches!(r, PeerResponse::Promoted).then_some(())).await;
         tracing::info!(shard, replica, "caught up and voting");
     }
+    // Active again in the map before the record says formed: a node that restarts in
+    // between is still rejoining, and asks again (`Rejoined` changes nothing the second
+    // time). The rebuild is not done until the map takes the node back.
+    let peers: Vec<NodeId> = config.node_ids().into_iter().filter(|&n| n != me).collect();
+    let mut tries = 0u32;
+    loop {
+        let deadline = std::time::Instant::now() + super::meta::PLACE_TTL;
+        match super::meta::place(net, me, None, &peers, PlacementCommand::Rejoined { node: me }, deadline).await {
+            Ok(Placed::Applied { epoch, changed }) => {
+                tracing::info!(epoch, changed, "active in the cluster map");
+                break;
+            }
+            Ok(Placed::Refused(why)) => {
+                tracing::warn!(%why, "the cluster map refused the rejoin; recording the node as formed anyway");
+                break;
+            }
+            Err(why) if tries < REJOINED_TRIES => {
+                tries += 1;
+                tracing::warn!(%why, tries, "recording the rejoin in the cluster map; trying again");
+            }
+            Err(why) => {
+                return Err(Error::Unavailable(format!(
+                    "the cluster map did not take node {me}'s rejoin ({why}); start it again to retry"
+                )))
+            }
+        }
+    }
     let record = formation.record().ok_or_else(|| Error::Config("rejoining without a cluster record".into()))?;
     formation.set(ClusterRecord { stage: Stage::Formed, ..record })?;
     tracing::info!("rejoined every shard");
-    // A node marked lost takes replicas again (`admin replace-node` waits for this). The
-    // rebuild is done either way, so a map that cannot be reached now only leaves it lost
-    // (an operator can repeat `replace-node`, or the next rejoin records it).
-    let peers: Vec<NodeId> = config.node_ids().into_iter().filter(|&n| n != me).collect();
-    let deadline = std::time::Instant::now() + super::meta::PLACE_TTL * 4;
-    match super::meta::place(net, me, None, &peers, PlacementCommand::Rejoined { node: me }, deadline).await {
-        Ok(Placed::Applied { epoch, changed }) => tracing::info!(epoch, changed, "active in the cluster map"),
-        Ok(Placed::Refused(why)) => tracing::warn!(%why, "recording the rejoin in the cluster map"),
-        Err(why) => tracing::warn!(%why, "could not record the rejoin in the cluster map"),
-    }
     Ok(())
 }
 

@@ -53,6 +53,8 @@ const _: () = assert!(APPEND_PAYLOAD_BYTES + 2 * ENTRY_BYTES_MAX < PEER_FRAME_BY
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Snapshot chunks buffered between the RocksDB reader thread and the stream.
 const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 4;
+/// A paced snapshot stream writes at most this much at a time (`[admin] move_bytes_per_s`).
+const SNAPSHOT_PACE_SLICE_BYTES: usize = 16 << 10;
 /// Time allowed for a receiver to install a snapshot after the last chunk.
 const SNAPSHOT_INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -105,14 +107,19 @@ struct Inner {
 }
 
 /// The snapshot streams one group of this node sends: the leader holds back its next
-/// snapshot (and so the log purge that follows it) while one goes out
-/// (`service::compaction`).
+/// snapshot (and so the log purge that follows it) while one goes out, and while the replica
+/// that installed the last catches up by log (`service::compaction`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotStreams {
-    /// Streams going out now, until the peer answered the install or the stream failed.
+    /// Streams going out now: from the connection's opening until the peer answered the
+    /// install or the stream failed. A peer that cannot be reached never counts.
     pub sending: usize,
-    /// When the last one ended.
-    pub last_ended: Option<std::time::Instant>,
+    /// When a peer last answered an install, and which replica that was (a failed stream
+    /// changes neither).
+    pub last_installed: Option<std::time::Instant>,
+    pub last_target: Option<NodeId>,
+    /// Bytes the stream going out (or the last) has sent so far.
+    pub bytes_sent: u64,
 }
 
 /// Counts one snapshot stream as going out for as long as it lives.
@@ -123,8 +130,24 @@ struct Streaming<'a> {
 
 impl<'a> Streaming<'a> {
     fn start(inner: &'a Inner, shard: ShardId) -> Self {
-        inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner()).entry(shard).or_default().sending += 1;
+        let mut streams = inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner());
+        let s = streams.entry(shard).or_default();
+        s.sending += 1;
+        s.bytes_sent = 0;
         Streaming { inner, shard }
+    }
+
+    /// `target` answered the install.
+    fn installed(&self, target: NodeId) {
+        let mut streams = self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner());
+        let s = streams.entry(self.shard).or_default();
+        s.last_installed = Some(std::time::Instant::now());
+        s.last_target = Some(target);
+    }
+
+    fn sent(&self, bytes: usize) {
+        let mut streams = self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.entry(self.shard).or_default().bytes_sent += bytes as u64;
     }
 }
 
@@ -133,7 +156,6 @@ impl Drop for Streaming<'_> {
         let mut streams = self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner());
         let s = streams.entry(self.shard).or_default();
         s.sending = s.sending.saturating_sub(1);
-        s.last_ended = Some(std::time::Instant::now());
     }
 }
 
@@ -437,6 +459,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         let transfer = async {
             let conn = self.connection(target).await.map_err(to_streaming)?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| to_streaming(unreachable(e)))?;
+            let streaming = Streaming::start(&self.inner, shard);
             let meta = snapshot.meta.clone();
             frame::write(&mut send, &PeerRequest::Snapshot { shard, to: target, vote, meta })
                 .await
@@ -455,15 +478,23 @@ impl GroupRouter<C, ShardId> for PeerNet {
             let started = std::time::Instant::now();
             let limit = self.inner.snapshot_bytes_per_s.load(std::sync::atomic::Ordering::Relaxed);
             while let Some(chunk) = rx.recv().await {
-                bytes += chunk.len();
-                if limit > 0 {
-                    // Not ahead of the limit: this chunk leaves when the bytes before it may have.
-                    let due = started + Duration::from_secs_f64((bytes - chunk.len()) as f64 / limit as f64);
-                    tokio::time::sleep_until(due.into()).await;
+                // Paced, a chunk leaves as frames of a slice each (the receiver appends chunks
+                // as bytes, so where they split does not matter), each when the bytes before it
+                // may have: the rate holds within a slice rather than a chunk of about 1 MiB,
+                // the copy's progress moves as it goes, and no frame takes longer to arrive
+                // than the receiver allows one (`frame::FRAME_BODY_TIMEOUT`).
+                let slice = if limit > 0 { SNAPSHOT_PACE_SLICE_BYTES } else { chunk.len() };
+                for piece in chunk.chunks(slice.max(1)) {
+                    if limit > 0 {
+                        let due = started + Duration::from_secs_f64(bytes as f64 / limit as f64);
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    frame::write(&mut send, &PeerRequest::SnapshotChunk(piece.to_vec()))
+                        .await
+                        .map_err(|e| to_streaming(network(e)))?;
+                    bytes += piece.len();
+                    streaming.sent(piece.len());
                 }
-                frame::write(&mut send, &PeerRequest::SnapshotChunk(chunk))
-                    .await
-                    .map_err(|e| to_streaming(network(e)))?;
             }
             reader
                 .await
@@ -479,12 +510,14 @@ impl GroupRouter<C, ShardId> for PeerNet {
             .map_err(|_| to_streaming(network("snapshot install timed out")))?
             .map_err(|e| to_streaming(network(e)))?;
             match resp {
-                Some(PeerResponse::Snapshot(r)) => Ok(r),
+                Some(PeerResponse::Snapshot(r)) => {
+                    streaming.installed(target);
+                    Ok(r)
+                }
                 Some(other) => Err(to_streaming(unexpected(other))),
                 None => Err(to_streaming(network("peer closed the snapshot stream"))),
             }
         };
-        let _streaming = Streaming::start(&self.inner, shard);
         tokio::select! {
             r = transfer => r,
             closed = cancel => Err(StreamingError::Closed(closed)),

@@ -8,9 +8,10 @@
 //! passed, needs another, and a move never ends. So the groups are built with openraft's
 //! policy off (`raft::raft_config`) and this task triggers their snapshots ([`decide`]):
 //! - a group builds one once `snapshot_logs_since_last` entries were applied since its last;
-//! - a leader holds off while it streams a snapshot, and for [`CATCH_UP_GRACE`] after one
-//!   ended while a replica's log is still behind what the next purge would keep, so the
-//!   replica goes on by log from the snapshot it installed;
+//! - a leader holds off while it streams a snapshot, and for [`CATCH_UP_GRACE`] after a
+//!   replica installed one while that replica's log is still behind what the next purge
+//!   would keep, so it goes on by log from the snapshot it installed (a replica that cannot
+//!   be reached, or whose stream failed, holds nothing);
 //! - never past [`hold_limit`] entries since the last snapshot, so a stream that never ends
 //!   cannot make the log grow without bound.
 
@@ -23,7 +24,7 @@ use crate::raft::types::{NodeId, Raft};
 
 /// How often each group is looked at.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
-/// How long after a snapshot stream ended its replica may still be catching up by log.
+/// How long after a replica installed a snapshot it may still be catching up by log.
 pub const CATCH_UP_GRACE: Duration = Duration::from_secs(60);
 /// A held snapshot is built anyway past this many entries since the last one (or four
 /// times `snapshot_logs_since_last`, if more).
@@ -53,8 +54,9 @@ pub struct GroupView {
     pub snapshot: u64,
     /// Whether this replica leads the group (only a leader streams snapshots).
     pub leading: bool,
-    /// The lowest log index any other replica is known to hold, when leading.
-    pub slowest_match: Option<u64>,
+    /// When leading: the log index matched by the replica the last snapshot was installed
+    /// on (see [`SnapshotStreams::last_target`]), if the leader replicates to it.
+    pub target_match: Option<u64>,
     pub streams: SnapshotStreams,
 }
 
@@ -73,8 +75,8 @@ pub fn decide(g: &GroupView, every: u64, kept: u64, now: Instant) -> Decision {
     }
     // The next snapshot would be at `applied`, and the purge keep the `kept` entries below it.
     let purge_to = g.applied.saturating_sub(kept);
-    let recent = g.streams.last_ended.is_some_and(|t| now.saturating_duration_since(t) < CATCH_UP_GRACE);
-    if recent && g.slowest_match.is_some_and(|m| m < purge_to) {
+    let recent = g.streams.last_installed.is_some_and(|t| now.saturating_duration_since(t) < CATCH_UP_GRACE);
+    if recent && g.target_match.is_some_and(|m| m < purge_to) {
         return Decision::Hold;
     }
     Decision::Build
@@ -84,15 +86,17 @@ pub fn decide(g: &GroupView, every: u64, kept: u64, now: Instant) -> Decision {
 fn view(net: &crate::raft::network::PeerNet, shard: u32, raft: &Raft, me: NodeId) -> GroupView {
     let m = crate::raft::metrics_of(raft);
     let leading = m.current_leader == Some(me);
-    let slowest_match = m.replication.as_ref().and_then(|r| {
-        r.iter().filter(|(id, _)| **id != me).map(|(_, matched)| matched.as_ref().map_or(0, |l| l.index)).min()
+    let streams = net.snapshot_streams(shard);
+    let target_match = streams.last_target.and_then(|t| {
+        let matched = m.replication.as_ref()?.get(&t)?;
+        Some(matched.as_ref().map_or(0, |l| l.index))
     });
     GroupView {
         applied: m.last_applied.as_ref().map_or(0, |l| l.index),
         snapshot: m.snapshot.as_ref().map_or(0, |l| l.index),
         leading,
-        slowest_match,
-        streams: net.snapshot_streams(shard),
+        target_match,
+        streams,
     }
 }
 
@@ -126,7 +130,7 @@ pub(super) async fn compact(node: Weak<Service>) {
                             shard,
                             applied = g.applied,
                             snapshot = g.snapshot,
-                            slowest_match = ?g.slowest_match,
+                            target_match = ?g.target_match,
                             "holding the next snapshot: a replica is catching up from the last one"
                         );
                     }
@@ -141,13 +145,7 @@ mod tests {
     use super::*;
 
     fn group(applied: u64, snapshot: u64) -> GroupView {
-        GroupView {
-            applied,
-            snapshot,
-            leading: true,
-            slowest_match: Some(applied),
-            streams: SnapshotStreams::default(),
-        }
+        GroupView { applied, snapshot, leading: true, target_match: Some(applied), streams: SnapshotStreams::default() }
     }
 
     #[test]
@@ -163,31 +161,39 @@ mod tests {
     #[test]
     fn a_leader_holds_while_it_streams_and_while_the_replica_catches_up_by_log() {
         let now = Instant::now();
-        let streaming = GroupView { streams: SnapshotStreams { sending: 1, last_ended: None }, ..group(500, 100) };
+        let streaming =
+            GroupView { streams: SnapshotStreams { sending: 1, ..SnapshotStreams::default() }, ..group(500, 100) };
         assert_eq!(decide(&streaming, 100, 0, now), Decision::Hold);
         // A follower never streams: nothing to hold for.
         assert_eq!(decide(&GroupView { leading: false, ..streaming }, 100, 0, now), Decision::Build);
 
-        // The stream ended 5 s ago; the replica installed it at 100 and is at 300 of 500.
-        let ended = SnapshotStreams { sending: 0, last_ended: Some(now - Duration::from_secs(5)) };
-        let catching_up = GroupView { streams: ended, slowest_match: Some(300), ..group(500, 100) };
+        // A replica installed it 5 s ago, at 100, and is at 300 of 500.
+        let ended = SnapshotStreams {
+            last_installed: Some(now - Duration::from_secs(5)),
+            last_target: Some(4),
+            ..SnapshotStreams::default()
+        };
+        let catching_up = GroupView { streams: ended, target_match: Some(300), ..group(500, 100) };
         assert_eq!(decide(&catching_up, 100, 0, now), Decision::Hold);
         // Once it holds what the purge would keep, the snapshot is built.
         assert_eq!(decide(&catching_up, 100, 250, now), Decision::Build);
-        assert_eq!(decide(&GroupView { slowest_match: Some(500), ..catching_up }, 100, 0, now), Decision::Build);
-        // Past the grace, a replica that stays behind (a node that is down) holds nothing.
+        assert_eq!(decide(&GroupView { target_match: Some(500), ..catching_up }, 100, 0, now), Decision::Build);
+        // Past the grace, a replica that stays behind (it went down) holds nothing.
         let later = now + CATCH_UP_GRACE;
         assert_eq!(decide(&catching_up, 100, 0, later), Decision::Build);
-        // No stream of this node's, no hold, however far behind a replica is.
-        let no_stream = GroupView { slowest_match: Some(0), ..group(500, 100) };
-        assert_eq!(decide(&no_stream, 100, 0, now), Decision::Build);
+        // No install by this node, no hold, however far behind a replica is: a peer that
+        // cannot be reached (openraft retries its snapshot) never starts a stream.
+        let no_install = GroupView { target_match: None, ..group(500, 100) };
+        assert_eq!(decide(&no_install, 100, 0, now), Decision::Build);
     }
 
     #[test]
     fn a_hold_ends_at_its_limit() {
         let now = Instant::now();
-        let streaming =
-            |applied| GroupView { streams: SnapshotStreams { sending: 1, last_ended: None }, ..group(applied, 0) };
+        let streaming = |applied| GroupView {
+            streams: SnapshotStreams { sending: 1, ..SnapshotStreams::default() },
+            ..group(applied, 0)
+        };
         assert_eq!(hold_limit(100), HOLD_ENTRIES_MIN);
         assert_eq!(hold_limit(20_000), 80_000);
         assert_eq!(decide(&streaming(HOLD_ENTRIES_MIN - 1), 100, 0, now), Decision::Hold);

@@ -1233,6 +1233,7 @@ impl Service {
 
     fn group_status(&self, g: &Group) -> ShardStatus {
         let m = consensus::metrics_of(&g.raft);
+        let streams = self.net.snapshot_streams(g.shard);
         ShardStatus {
             shard: g.shard,
             leader: m.current_leader.map(node_of),
@@ -1244,6 +1245,9 @@ impl Service {
             voters: m.membership_config.membership().voter_ids().map(node_of).collect(),
             learners: m.membership_config.membership().learner_ids().map(node_of).collect(),
             followers: follower_lags(&m, g.replica, self.config.limits.follower_lag_warn),
+            data_bytes: self.store.shard_bytes(g.shard),
+            snapshot_sending: streams.sending > 0,
+            snapshot_bytes_sent: streams.bytes_sent,
         }
     }
 

@@ -191,6 +191,14 @@ impl Store {
         out
     }
 
+    /// RocksDB's estimate of the bytes `shard`'s messages take in table files (flushed data
+    /// only, compressed as stored): about what a snapshot of the shard streams, or less.
+    pub fn shard_bytes(&self, shard: ShardId) -> u64 {
+        let (start, end) = keys::shard_range(shard);
+        let range = rocksdb::Range::new(&start, &end);
+        self.db.get_approximate_sizes_cf(self.cf(CF_MESSAGES), &[range]).first().copied().unwrap_or(0)
+    }
+
     /// RocksDB's estimate of the messages stored (keys of the messages family).
     pub fn estimated_messages(&self) -> u64 {
         self.db.property_int_value_cf(self.cf(CF_MESSAGES), "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0)

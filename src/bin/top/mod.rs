@@ -376,6 +376,7 @@ mod tests {
             } else {
                 Vec::new()
             },
+            ..ShardStatus::default()
         };
         NodeStatus {
             node_id: node,
