@@ -400,11 +400,19 @@ impl Config {
         if ids.len() != self.nodes.len() || ids.contains(&0) {
             return fail("node ids must be unique and non-zero".into());
         }
-        let mut addrs = BTreeSet::new();
+        // QUIC (client and peer) listens on UDP and metrics on TCP: the two port spaces are
+        // separate, so a metrics port may share its number with a QUIC port.
+        let mut udp = BTreeSet::new();
+        let mut tcp = BTreeSet::new();
         for n in &self.nodes {
-            let metrics_clash = n.metrics_addr.is_some_and(|m| !addrs.insert(m));
-            if !addrs.insert(n.client_addr) || !addrs.insert(n.peer_addr) || metrics_clash {
-                return fail(format!("node {}: addresses must be distinct", n.id));
+            if !udp.insert(n.client_addr) || !udp.insert(n.peer_addr) {
+                return fail(format!(
+                    "node {}: client_addr and peer_addr (UDP) must be distinct from each other and from every other node's",
+                    n.id
+                ));
+            }
+            if n.metrics_addr.is_some_and(|m| !tcp.insert(m)) {
+                return fail(format!("node {}: metrics_addr (TCP) must be distinct from every other node's", n.id));
             }
         }
         let l = &self.limits;
@@ -557,6 +565,33 @@ data_dir = "data/node3"
         }
         let unknown = format!("bogus = 1\n{SAMPLE}");
         assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
+    }
+
+    // QUIC listens on UDP and metrics on TCP, so a metrics port may reuse a QUIC port's
+    // number (the test clusters' ports are picked per protocol and can meet so); two QUIC
+    // addresses, or two metrics addresses, may not be the same.
+    #[test]
+    fn addresses_are_distinct_per_protocol() {
+        let shared = SAMPLE.replace(
+            "client_addr = \"127.0.0.1:7102\"",
+            "client_addr = \"127.0.0.1:7102\"\nmetrics_addr = \"127.0.0.1:7101\"",
+        );
+        let c = Config::parse(&shared, Path::new("."), Path::new("c.toml")).expect("UDP 7101 and TCP 7101 differ");
+        assert_eq!(c.nodes[1].metrics_addr, Some("127.0.0.1:7101".parse().expect("an address")));
+        let udp = SAMPLE.replace("peer_addr = \"127.0.0.1:7202\"", "peer_addr = \"127.0.0.1:7101\"");
+        let err = Config::parse(&udp, Path::new("."), Path::new("c.toml")).expect_err("two QUIC listeners");
+        assert!(err.to_string().contains("node 2: client_addr and peer_addr (UDP) must be distinct"), "{err}");
+        let tcp = SAMPLE
+            .replace(
+                "client_addr = \"127.0.0.1:7102\"",
+                "client_addr = \"127.0.0.1:7102\"\nmetrics_addr = \"127.0.0.1:9000\"",
+            )
+            .replace(
+                "client_addr = \"127.0.0.1:7103\"",
+                "client_addr = \"127.0.0.1:7103\"\nmetrics_addr = \"127.0.0.1:9000\"",
+            );
+        let err = Config::parse(&tcp, Path::new("."), Path::new("c.toml")).expect_err("two metrics listeners");
+        assert!(err.to_string().contains("node 3: metrics_addr (TCP) must be distinct"), "{err}");
     }
 
     // Nodes added after formation make the file longer than the replication factor; a
