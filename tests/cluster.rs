@@ -1959,9 +1959,11 @@ async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
 }
 
 // The walk-through: three nodes up with 8 shards; nodes 4 and 5 added; with sends
-// running, `admin rebalance --wait`, then `admin drain 1 --wait`. Then node 1 holds no shard, every
-// shard has 3 voters and a leader, nodes 2 to 5 each lead one or more, no send failed, and
-// every acked message reads back identically from every replica of its shard.
+// running through the CLI (`convoy send`, one process per message, as an operator's script
+// would) beside a library client, `admin rebalance --wait`, then `admin drain 1 --wait`. Then
+// node 1 holds no shard, every shard has 3 voters and a leader, nodes 2 to 5 each lead one or
+// more, no send failed, and every acked message reads back identically from every replica of
+// its shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_two_nodes_rebalancing_and_draining_one_under_sends_loses_nothing() {
     let mut cluster = start(Tweaks { shards: 8, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
@@ -1994,6 +1996,32 @@ async fn adding_two_nodes_rebalancing_and_draining_one_under_sends_loses_nothing
             (acked, failed)
         })
     };
+    // The CLI sender: `convoy send --json` per message, its printed offset the ack.
+    let cli_sender = {
+        let (config, stop) = (cluster.config_path().to_path_buf(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut acked, mut failed): (BTreeMap<String, u64>, Vec<String>) = (BTreeMap::new(), Vec::new());
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let c = format!("walk-cli-{}", i % 8);
+                let out = std::process::Command::new(BIN)
+                    .args(["send", "--conversation", &c, "--json", "--user", TEST_USER, "--config"])
+                    .arg(&config)
+                    .arg(format!("cli{i}"))
+                    .output()
+                    .expect("run convoy send");
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                match serde_json::from_str::<serde_json::Value>(stdout.trim()).ok().and_then(|v| v["offset"].as_u64()) {
+                    Some(offset) if out.status.success() => {
+                        acked.insert(c, offset);
+                    }
+                    _ => failed.push(format!("{c}: {stdout}{}", String::from_utf8_lossy(&out.stderr))),
+                }
+                i += 1;
+            }
+            (acked, failed, i)
+        })
+    };
     let wait = ["--wait", "--timeout-s", "240", "--json"];
     let (ok, out, err) = cli_as(&cluster, "admin", &[&["admin", "rebalance"][..], &wait[..]].concat());
     assert!(ok, "rebalance: {out}{err}\n{}", cluster.logs_tail());
@@ -2003,8 +2031,12 @@ async fn adding_two_nodes_rebalancing_and_draining_one_under_sends_loses_nothing
     let (ok, out, err) = cli_as(&cluster, "admin", &[&["admin", "rebalance"][..], &wait[..]].concat());
     assert!(ok, "rebalance after the drain: {out}{err}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acked, failed) = sender.await.expect("sender");
+    let (mut acked, failed) = sender.await.expect("sender");
     assert!(failed.is_empty(), "no send may fail: {failed:?}");
+    let (cli_acked, cli_failed, cli_sends) = cli_sender.join().expect("the CLI sender");
+    assert!(cli_failed.is_empty(), "no `convoy send` may fail: {cli_failed:?}");
+    assert!(cli_sends >= 20, "the CLI sent all through the operations: {cli_sends} sends");
+    acked.extend(cli_acked);
 
     let (ops, view) = operations(&cluster);
     assert!(ops.is_empty(), "{view}");
