@@ -88,8 +88,8 @@ impl Node {
         let append_timeout = Duration::from_millis(config.raft.election_timeout_ms_min);
         let dialer = tls::node_dialer(&paths, id)?;
         let net = PeerNet::new(peer_endpoint.clone(), dialer, addrs, append_timeout, store.stages.clone());
-        net.limit_snapshots(config.admin.move_bytes_per_s);
         let registry: Groups = Arc::default();
+        net.limit_moves(config.admin.move_bytes_per_s, registry.clone());
         let (drops, drop_requests) = tokio::sync::mpsc::channel(16);
         let ctx = PeerContext {
             groups: registry.clone(),

@@ -1958,6 +1958,63 @@ async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
     assert_eq!(caught_up, first, "node {down}");
 }
 
+// A move whose new replica catches up by log alone (the leader keeps its whole log, so no
+// snapshot is needed) is paced too: ~1 MB of entries at 50 KB/s (`[admin] move_bytes_per_s`)
+// takes at least ~20 s where unpaced it takes a second or two, `--wait` shows the entries
+// closing, every send during it is acked, and the new replica reads back what the others do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moves_log_catch_up_is_paced() {
+    const RATE: u64 = 50_000;
+    let (cluster, leaders) = slow_move_cluster(10_000_000, RATE).await;
+    let client = cluster.client().expect("client");
+    let body = "y".repeat(500);
+    let mut bytes = 0u64;
+    for i in 0..2000 {
+        let text = format!("{i}-{body}");
+        bytes += text.len() as u64;
+        client.send("logged", &text).await.expect("send");
+    }
+    let leader = leaders[0];
+    let from = (1..=3).find(|n| *n != leader).expect("a follower");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut failed) = (0u64, Vec::new());
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.send("logged", &format!("during-{i}")).await {
+                    Ok(_) => acked += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (acked, failed)
+        })
+    };
+    let f = from.to_string();
+    let args = ["admin", "move", "--shard", "0", "--from", &f, "--to", "4", "--wait", "--timeout-s", "240"];
+    let started = Instant::now();
+    let (ok, out, err) = cli_as(&cluster, "admin", &args);
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = sender.await.expect("sender");
+    assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
+    assert!(failed.is_empty(), "no send may fail during a move ({took:?}): {failed:?}");
+    // The messages' bytes alone at the limit; entries carry more (ids, timestamps).
+    let least = Duration::from_secs_f64(0.8 * bytes as f64 / RATE as f64);
+    assert!(took >= least, "{bytes} bytes at {RATE} B/s took {took:?}, under {least:?}: not paced\n{out}");
+    assert!(!out.contains(" copied at "), "no snapshot was needed:\n{out}");
+    assert!(out.contains(" entries behind, closing "), "--wait shows the log closing:\n{out}");
+    eprintln!("{bytes} bytes moved by log at {RATE} B/s in {took:?}, {acked} sends acked during it");
+    let want = 2000 + acked as usize;
+    let on_4 = read_at_least(&client, "logged", 4, want).await;
+    check_dense(&on_4);
+    assert_eq!(on_4.len(), want, "every acked send stored once");
+    assert_eq!(read_at_least(&client, "logged", leader, want).await, on_4, "node {leader}");
+}
+
 // The walk-through: three nodes up with 8 shards; nodes 4 and 5 added; with sends
 // running through the CLI (`convoy send`, one process per message, as an operator's script
 // would) beside a library client, `admin rebalance --wait`, then `admin drain 1 --wait`. Then

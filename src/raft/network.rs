@@ -55,6 +55,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 4;
 /// A paced snapshot stream writes at most this much at a time (`[admin] move_bytes_per_s`).
 const SNAPSHOT_PACE_SLICE_BYTES: usize = 16 << 10;
+/// A paced AppendEntries to a learner carries at most this much (one entry at least), so
+/// each waits at most this much over `[admin] move_bytes_per_s` before it leaves.
+const PACED_APPEND_BYTES: usize = 64 << 10;
+/// A learner paced within this long counts as catching up by log (see
+/// [`PeerNet::paced_learners`]).
+const PACED_RECENTLY: Duration = Duration::from_secs(5);
 /// Time allowed for a receiver to install a snapshot after the last chunk.
 const SNAPSHOT_INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -100,10 +106,23 @@ struct Inner {
     stages: Arc<Stages>,
     /// Idle AppendEntries lanes by (peer, shard) (see [`PeerNet::append`]).
     lanes: LanePool<(NodeId, ShardId)>,
-    /// Bytes per second a snapshot stream may send (0: no limit; `[admin] move_bytes_per_s`).
+    /// Bytes per second a snapshot stream, or a learner's log catch-up, may send (0: no
+    /// limit; `[admin] move_bytes_per_s`).
     snapshot_bytes_per_s: std::sync::atomic::AtomicU64,
     /// Snapshot streams this node sends, per group (see [`PeerNet::snapshot_streams`]).
     snapshot_streams: std::sync::Mutex<HashMap<ShardId, SnapshotStreams>>,
+    /// The groups this node runs, to tell a learner from a voter (see [`PeerNet::limit_moves`]).
+    groups: std::sync::OnceLock<Groups>,
+    /// Per (group, learner replica): when its next paced AppendEntries may leave, and when
+    /// one last did.
+    paced: std::sync::Mutex<HashMap<(ShardId, NodeId), Paced>>,
+}
+
+/// One learner's log catch-up pacing.
+#[derive(Debug, Clone, Copy)]
+struct Paced {
+    next: std::time::Instant,
+    last: std::time::Instant,
 }
 
 /// The snapshot streams one group of this node sends: the leader holds back its next
@@ -223,14 +242,62 @@ impl PeerNet {
             lanes,
             snapshot_bytes_per_s,
             snapshot_streams: std::sync::Mutex::default(),
+            groups: std::sync::OnceLock::new(),
+            paced: std::sync::Mutex::default(),
         };
         PeerNet { inner: Arc::new(inner) }
     }
 
-    /// Paces every snapshot stream this node sends to `bytes_per_s` (0: no limit), so a move
-    /// catching a replica up does not take the disk and network from the sends.
-    pub fn limit_snapshots(&self, bytes_per_s: u64) {
+    /// Paces what a new replica is caught up with to `bytes_per_s` (0: no limit), so a move
+    /// does not take the disk and network from the sends: every snapshot stream this node
+    /// sends, and the AppendEntries carrying entries to a learner of a group it leads (the
+    /// log after the snapshot, or all of it when none was needed). A learner's requests are
+    /// cut to [`PACED_APPEND_BYTES`] and each leaves when the bytes before it may have.
+    /// Voters are never paced: their answers make the commits. `groups` tells learners
+    /// from voters.
+    pub fn limit_moves(&self, bytes_per_s: u64, groups: Groups) {
         self.inner.snapshot_bytes_per_s.store(bytes_per_s, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.inner.groups.set(groups);
+    }
+
+    /// `limit` if `target` is a learner of `shard`'s group here and moves are paced.
+    fn learner_pace(&self, shard: ShardId, target: NodeId) -> Option<u64> {
+        let limit = self.inner.snapshot_bytes_per_s.load(Ordering::Relaxed);
+        if limit == 0 {
+            return None;
+        }
+        let groups = self.inner.groups.get()?.read().unwrap_or_else(|p| p.into_inner());
+        let raft = groups.get(&shard)?.raft.clone();
+        drop(groups);
+        let metrics = raft.metrics();
+        let m = openraft::async_runtime::WatchReceiver::borrow_watched(&metrics);
+        let learner = m.membership_config.membership().learner_ids().any(|l| l == target);
+        learner.then_some(limit)
+    }
+
+    /// Reserves `bytes` of `target`'s pace: the instant they may leave.
+    fn pace(&self, shard: ShardId, target: NodeId, bytes: usize, limit: u64) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        let mut paced = self.inner.paced.lock().unwrap_or_else(|p| p.into_inner());
+        paced.retain(|_, p| now.saturating_duration_since(p.last) < PACED_RECENTLY * 12);
+        let p = paced.entry((shard, target)).or_insert(Paced { next: now, last: now });
+        let due = p.next.max(now);
+        p.next = due + Duration::from_secs_f64(bytes as f64 / limit as f64);
+        p.last = due;
+        due
+    }
+
+    /// The learners of `shard` whose log catch-up this node paced within the last few
+    /// seconds: while they catch up, the leader keeps the log they need
+    /// (`service::compaction`).
+    pub fn paced_learners(&self, shard: ShardId) -> Vec<NodeId> {
+        let now = std::time::Instant::now();
+        let paced = self.inner.paced.lock().unwrap_or_else(|p| p.into_inner());
+        paced
+            .iter()
+            .filter(|((s, _), p)| *s == shard && now.saturating_duration_since(p.last) < PACED_RECENTLY)
+            .map(|((_, t), _)| *t)
+            .collect()
     }
 
     /// The snapshot streams `shard`'s group on this node is sending, and when the last ended.
@@ -377,7 +444,13 @@ impl GroupRouter<C, ShardId> for PeerNet {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse, RPCError<C>> {
         let ttl = option.hard_ttl().max(self.inner.append_timeout);
-        let cut = fit_payload(&mut rpc, APPEND_PAYLOAD_BYTES);
+        let pace = if rpc.entries.is_empty() { None } else { self.learner_pace(shard, target) };
+        let cut = fit_payload(&mut rpc, if pace.is_some() { PACED_APPEND_BYTES } else { APPEND_PAYLOAD_BYTES });
+        if let Some(limit) = pace {
+            let bytes: usize = rpc.entries.iter().map(entry_bytes).sum();
+            let due = self.pace(shard, target, bytes, limit);
+            tokio::time::sleep_until(due.into()).await;
+        }
         let stats = &self.inner.stats;
         if cut.is_some() {
             stats.append_rpcs_cut.fetch_add(1, Ordering::Relaxed);

@@ -12,6 +12,9 @@
 //!   replica installed one while that replica's log is still behind what the next purge
 //!   would keep, so it goes on by log from the snapshot it installed (a replica that cannot
 //!   be reached, or whose stream failed, holds nothing);
+//! - a leader also holds off while a learner whose log catch-up it paces
+//!   (`PeerNet::paced_learners`) is still behind what the purge would keep: paced, a move's
+//!   log catch-up can last longer than the grace;
 //! - never past [`hold_limit`] entries since the last snapshot, so a stream that never ends
 //!   cannot make the log grow without bound.
 
@@ -58,6 +61,9 @@ pub struct GroupView {
     /// on (see [`SnapshotStreams::last_target`]), if the leader replicates to it.
     pub target_match: Option<u64>,
     pub streams: SnapshotStreams,
+    /// When leading: the lowest log index matched by a learner whose log catch-up this
+    /// leader is pacing (`[admin] move_bytes_per_s`), if any.
+    pub paced_match: Option<u64>,
 }
 
 /// Whether the group builds its snapshot now. `every` is `snapshot_logs_since_last`, `kept`
@@ -79,6 +85,9 @@ pub fn decide(g: &GroupView, every: u64, kept: u64, now: Instant) -> Decision {
     if recent && g.target_match.is_some_and(|m| m < purge_to) {
         return Decision::Hold;
     }
+    if g.paced_match.is_some_and(|m| m < purge_to) {
+        return Decision::Hold;
+    }
     Decision::Build
 }
 
@@ -87,16 +96,19 @@ fn view(net: &crate::raft::network::PeerNet, shard: u32, raft: &Raft, me: NodeId
     let m = crate::raft::metrics_of(raft);
     let leading = m.current_leader == Some(me);
     let streams = net.snapshot_streams(shard);
-    let target_match = streams.last_target.and_then(|t| {
+    let matched = |t: NodeId| {
         let matched = m.replication.as_ref()?.get(&t)?;
         Some(matched.as_ref().map_or(0, |l| l.index))
-    });
+    };
+    let target_match = streams.last_target.and_then(matched);
+    let paced_match = if leading { net.paced_learners(shard).into_iter().filter_map(matched).min() } else { None };
     GroupView {
         applied: m.last_applied.as_ref().map_or(0, |l| l.index),
         snapshot: m.snapshot.as_ref().map_or(0, |l| l.index),
         leading,
         target_match,
         streams,
+        paced_match,
     }
 }
 
@@ -145,7 +157,14 @@ mod tests {
     use super::*;
 
     fn group(applied: u64, snapshot: u64) -> GroupView {
-        GroupView { applied, snapshot, leading: true, target_match: Some(applied), streams: SnapshotStreams::default() }
+        GroupView {
+            applied,
+            snapshot,
+            leading: true,
+            target_match: Some(applied),
+            streams: SnapshotStreams::default(),
+            paced_match: None,
+        }
     }
 
     #[test]
@@ -185,6 +204,20 @@ mod tests {
         // cannot be reached (openraft retries its snapshot) never starts a stream.
         let no_install = GroupView { target_match: None, ..group(500, 100) };
         assert_eq!(decide(&no_install, 100, 0, now), Decision::Build);
+    }
+
+    // A learner whose log catch-up is paced is held for past the grace, until it holds what
+    // the purge keeps, and never past the hold's limit.
+    #[test]
+    fn a_leader_holds_while_a_paced_learner_catches_up_by_log() {
+        let now = Instant::now();
+        let paced = GroupView { paced_match: Some(300), ..group(500, 100) };
+        assert_eq!(decide(&paced, 100, 0, now + CATCH_UP_GRACE * 3), Decision::Hold);
+        assert_eq!(decide(&paced, 100, 250, now), Decision::Build, "it holds what the purge keeps");
+        assert_eq!(decide(&GroupView { paced_match: Some(500), ..paced }, 100, 0, now), Decision::Build);
+        assert_eq!(decide(&GroupView { leading: false, ..paced }, 100, 0, now), Decision::Build);
+        let long = GroupView { paced_match: Some(300), ..group(HOLD_ENTRIES_MIN + 100, 100) };
+        assert_eq!(decide(&long, 100, 0, now), Decision::Build, "the limit");
     }
 
     #[test]
