@@ -1784,12 +1784,8 @@ async fn slow_move_cluster(kept: u64, bytes_per_s: u64) -> (LocalCluster, Vec<u6
         limits: LimitTweaks::unthrottled(),
         ..Tweaks::default()
     };
-    let mut cluster = LocalCluster::create(spec(tweaks)).expect("create the cluster");
-    let path = cluster.config_path().to_path_buf();
-    let mut text = std::fs::read_to_string(&path).expect("cluster.toml");
-    text.push_str(&format!("\n[admin]\nmove_bytes_per_s = {bytes_per_s}\n"));
-    std::fs::write(&path, text).expect("write cluster.toml");
-    cluster.start_all().expect("start");
+    let mut cluster = LocalCluster::launch(ClusterSpec { move_bytes_per_s: Some(bytes_per_s), ..spec(tweaks) })
+        .expect("start the cluster");
     let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     assert_eq!(cluster.add_node().expect("add node 4"), 4);
     cluster.start(4).expect("start node 4");

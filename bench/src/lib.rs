@@ -285,6 +285,9 @@ fn start_cluster(dir: &Path, opts: BenchOptions) -> Result<LocalCluster> {
             ..RaftTweaks::default()
         },
         worker_threads: env_number::<usize>("CONVOY_BENCH_WORKER_THREADS"),
+        // How fast the `move` workload's copy may go (`[admin] move_bytes_per_s`; unset: no
+        // limit).
+        move_bytes_per_s: env_number::<u64>("CONVOY_BENCH_MOVE_BYTES_PER_S"),
         dir: Some(dir.to_path_buf()),
         remove_dir_on_drop: std::env::var_os("CONVOY_BENCH_KEEP").is_none(),
         // One bench user drives every conversation at full speed: the store is measured,
@@ -1567,6 +1570,7 @@ async fn shard_move(dir: &Path, opts: BenchOptions) -> Result<Record> {
     r.extra.insert("new_replica_bytes".into(), json!(bytes));
     r.extra.insert("bytes_per_s".into(), json!((bytes as f64 / move_time.as_secs_f64().max(1e-9)).round()));
     r.extra.insert("target_rate".into(), json!(MOVE_RATE));
+    r.extra.insert("move_bytes_per_s".into(), json!(config.admin.move_bytes_per_s));
     r.extra.insert("before_s".into(), json!(round2(started.duration_since(steady_from).as_secs_f64())));
     r.extra.insert("p50_before_us".into(), json!(p50_before));
     r.extra.insert("p99_before_us".into(), json!(p99_before));

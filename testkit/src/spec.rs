@@ -30,6 +30,9 @@ pub struct ClusterSpec {
     pub retention: RetentionTweaks,
     /// Async worker threads per node process; `None` leaves the node's default (one per core).
     pub worker_threads: Option<usize>,
+    /// `[admin] move_bytes_per_s`: how fast a move copies (`None`: the node's default, no
+    /// limit).
+    pub move_bytes_per_s: Option<u64>,
     /// Where the nodes listen.
     pub addressing: Addressing,
     /// Where each node's data and log go inside the cluster directory.
@@ -60,6 +63,7 @@ impl Default for ClusterSpec {
             limits: LimitTweaks::default(),
             retention: RetentionTweaks::default(),
             worker_threads: None,
+            move_bytes_per_s: None,
             addressing: Addressing::Loopback,
             layout: Layout::Flat,
             dir: None,
@@ -248,7 +252,15 @@ struct ClusterFile<'a> {
     limits: Option<&'a LimitTweaks>,
     #[serde(skip_serializing_if = "Option::is_none")]
     retention: Option<&'a RetentionTweaks>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin: Option<AdminSection>,
     nodes: Vec<NodeEntry>,
+}
+
+/// `[admin]` of cluster.toml, as far as tests set it.
+#[derive(Serialize)]
+struct AdminSection {
+    move_bytes_per_s: u64,
 }
 
 #[derive(Serialize)]
@@ -305,6 +317,7 @@ impl ClusterSpec {
             raft: (self.raft != RaftTweaks::default()).then_some(&self.raft),
             limits: (self.limits != LimitTweaks::default()).then_some(&self.limits),
             retention: (self.retention != RetentionTweaks::default()).then_some(&self.retention),
+            admin: self.move_bytes_per_s.map(|move_bytes_per_s| AdminSection { move_bytes_per_s }),
             nodes: addresses
                 .iter()
                 .enumerate()
@@ -384,6 +397,7 @@ mod tests {
                 ..RetentionTweaks::default()
             },
             worker_threads: Some(2),
+            move_bytes_per_s: Some(25_000),
             addressing: Addressing::Fixed {
                 ip_of: |id| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8)),
                 client_port: 7101,
@@ -404,6 +418,7 @@ mod tests {
         let kept = config.retention_default;
         assert_eq!((kept.max_messages, kept.max_age_ms, kept.max_bytes), (Some(500), Some(2000), None));
         assert_eq!(config.retention.check_interval_ms, 100);
+        assert_eq!(config.admin.move_bytes_per_s, 25_000);
         let n2 = config.node(2).expect("node 2");
         assert_eq!(n2.client_addr, "127.0.0.12:7101".parse().expect("addr"));
         assert_eq!(n2.peer_addr, "127.0.0.12:7201".parse().expect("addr"));
