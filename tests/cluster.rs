@@ -1793,6 +1793,42 @@ async fn slow_move_cluster(kept: u64, bytes_per_s: u64) -> (LocalCluster, Vec<u6
     (cluster, leaders)
 }
 
+/// `admin move --shard 0 --from FROM --to 4 --wait` while `conv` gets a send every `gap_ms`:
+/// the CLI's success and output, how long it took, and the sends acked and failed meanwhile.
+async fn move_under_sends(
+    cluster: &LocalCluster,
+    client: &Client,
+    conv: &'static str,
+    from: u64,
+    gap_ms: u64,
+) -> (bool, String, String, Duration, u64, Vec<String>) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut failed) = (0u64, Vec::new());
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.send(conv, &format!("during-{i}")).await {
+                    Ok(_) => acked += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+            }
+            (acked, failed)
+        })
+    };
+    let f = from.to_string();
+    let args = ["admin", "move", "--shard", "0", "--from", &f, "--to", "4", "--wait", "--timeout-s", "240"];
+    let started = Instant::now();
+    let (ok, out, err) = cli_as(cluster, "admin", &args);
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = sender.await.expect("sender");
+    (ok, out, err, took, acked, failed)
+}
+
 // Moves that take a while: a shard of ~1 MB whose log is purged, so a new replica catches up
 // by snapshot, paced to 100 KB/s (`[admin] move_bytes_per_s`). One move is cancelled while
 // it copies: the shard is left as it was and the learner's node deletes its copy. In the next,
@@ -1908,30 +1944,7 @@ async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
     let (down, from) = (followers[0], followers[1]);
     assert!(cluster.kill(down));
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sender = {
-        let (client, stop) = (client.clone(), stop.clone());
-        tokio::spawn(async move {
-            let (mut acked, mut failed) = (0u64, Vec::new());
-            let mut i = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match client.send("slow-copy", &format!("during-{i}")).await {
-                    Ok(_) => acked += 1,
-                    Err(e) => failed.push(e.to_string()),
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (acked, failed)
-        })
-    };
-    let f = from.to_string();
-    let args = ["admin", "move", "--shard", "0", "--from", &f, "--to", "4", "--wait", "--timeout-s", "240"];
-    let started = Instant::now();
-    let (ok, out, err) = cli_as(&cluster, "admin", &args);
-    let took = started.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acked, failed) = sender.await.expect("sender");
+    let (ok, out, err, took, acked, failed) = move_under_sends(&cluster, &client, "slow-copy", from, 20).await;
     assert!(failed.is_empty(), "no send may fail during a move ({took:?}): {} failed: {failed:?}", failed.len());
     assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
     assert!(acked > 50, "sends went on during the {took:?} move: {acked}");
@@ -1972,30 +1985,7 @@ async fn a_moves_log_catch_up_is_paced() {
     }
     let leader = leaders[0];
     let from = (1..=3).find(|n| *n != leader).expect("a follower");
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sender = {
-        let (client, stop) = (client.clone(), stop.clone());
-        tokio::spawn(async move {
-            let (mut acked, mut failed) = (0u64, Vec::new());
-            let mut i = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match client.send("logged", &format!("during-{i}")).await {
-                    Ok(_) => acked += 1,
-                    Err(e) => failed.push(e.to_string()),
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (acked, failed)
-        })
-    };
-    let f = from.to_string();
-    let args = ["admin", "move", "--shard", "0", "--from", &f, "--to", "4", "--wait", "--timeout-s", "240"];
-    let started = Instant::now();
-    let (ok, out, err) = cli_as(&cluster, "admin", &args);
-    let took = started.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acked, failed) = sender.await.expect("sender");
+    let (ok, out, err, took, acked, failed) = move_under_sends(&cluster, &client, "logged", from, 50).await;
     assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
     assert!(failed.is_empty(), "no send may fail during a move ({took:?}): {failed:?}");
     // The messages' bytes alone at the limit; entries carry more (ids, timestamps).
