@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::net::wire::{NodeStatus, ShardStatus};
-use crate::placement::ClusterMap;
+use crate::placement::{ClusterMap, META_SHARD};
 
 /// What `convoy admin status --json` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -24,6 +24,9 @@ pub struct ClusterView {
     pub epoch: u64,
     /// The node leading the metadata group, which applies every placement change.
     pub metadata_leader: Option<u64>,
+    /// The metadata group as its replicas report it (`shard` is its group id), like a
+    /// shard's; `None` when no node answered with one.
+    pub metadata: Option<ShardView>,
     pub nodes: Vec<NodeView>,
     pub shards: Vec<ShardView>,
     /// Moves in progress, from the newest map.
@@ -70,6 +73,8 @@ pub struct NodeView {
     pub replicas: usize,
     /// Shards it leads.
     pub leaders: usize,
+    /// Whether it holds a replica of the metadata group (voter or learner), per the map.
+    pub metadata: bool,
 }
 
 /// One shard.
@@ -106,48 +111,16 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
     let map = &newest_map(statuses);
     let meta: Vec<(u64, &ShardStatus)> =
         statuses.iter().filter_map(|(node, s)| Some((*node, s.as_ref()?.meta.as_ref()?))).collect();
-    let metadata_leader = if meta.is_empty() { None } else { leader_of(&meta).0 };
     let mut per_shard: BTreeMap<u32, Vec<(u64, &ShardStatus)>> = BTreeMap::new();
     for (node, status) in statuses {
         for s in status.iter().flat_map(|s| &s.shards) {
             per_shard.entry(s.shard).or_default().push((*node, s));
         }
     }
-    let shards: Vec<ShardView> = per_shard
-        .into_iter()
-        .map(|(shard, views)| {
-            let (leader, basis) = leader_of(&views);
-            let mut members: Vec<u64> = basis.voters.iter().chain(&basis.learners).copied().collect();
-            members.sort_unstable();
-            members.dedup();
-            let lag = members
-                .iter()
-                .map(|node| {
-                    // The leader's replication map covers every other voter and learner.
-                    let entries_behind = leader.and_then(|l| {
-                        if *node == l {
-                            Some(0)
-                        } else {
-                            basis.followers.iter().find(|f| f.node == *node).map(|f| f.entries)
-                        }
-                    });
-                    let own = views.iter().find(|(n, _)| n == node).map(|(_, s)| *s);
-                    let unapplied =
-                        own.map(|s| s.last_log_index.unwrap_or(0).saturating_sub(s.last_applied_index.unwrap_or(0)));
-                    ReplicaLag { node: *node, entries_behind, unapplied }
-                })
-                .collect();
-            ShardView {
-                shard,
-                replicas: basis.voters.clone(),
-                learners: basis.learners.clone(),
-                leader,
-                preferred_leader: map.shard(shard).map(|p| p.preferred_leader),
-                term: basis.term,
-                lag,
-            }
-        })
-        .collect();
+    let shards: Vec<ShardView> = per_shard.into_iter().map(|(shard, views)| group_view(map, shard, &views)).collect();
+    // The metadata group's own view: the progress of a move of it.
+    let meta_view = (!meta.is_empty()).then(|| group_view(map, META_SHARD, &meta));
+    let metadata_leader = meta_view.as_ref().and_then(|v| v.leader);
     let nodes = statuses
         .iter()
         .map(|(id, status)| {
@@ -159,6 +132,7 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
                 up,
                 replicas: if up { shards.iter().filter(holds).count() } else { 0 },
                 leaders: shards.iter().filter(|s| s.leader == Some(*id)).count(),
+                metadata: map.metadata.holds(*id),
             }
         })
         .collect();
@@ -166,12 +140,13 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
         .operations
         .iter()
         .map(|op| {
-            let shard = shards.iter().find(|s| s.shard == op.shard);
+            let shard = shards.iter().chain(&meta_view).find(|s| s.shard == op.shard);
             let lag = shard.and_then(|s| s.lag.iter().find(|l| l.node == op.to));
             // Snapshots stream from the leader: its view of the shard has the copy's bytes.
             let on_leader = shard.and_then(|s| s.leader).and_then(|l| {
                 let (_, status) = statuses.iter().find(|(id, _)| *id == l)?;
-                status.as_ref()?.shards.iter().find(|x| x.shard == op.shard)
+                let status = status.as_ref()?;
+                status.shards.iter().chain(&status.meta).find(|x| x.shard == op.shard)
             });
             OperationView {
                 id: op.id,
@@ -189,7 +164,42 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
             }
         })
         .collect();
-    ClusterView { epoch: map.epoch, metadata_leader, nodes, shards, operations }
+    ClusterView { epoch: map.epoch, metadata_leader, metadata: meta_view, nodes, shards, operations }
+}
+
+/// One group's view from the nodes' views of it (at least one): its leader, replicas and
+/// each replica's lag.
+fn group_view(map: &ClusterMap, shard: u32, views: &[(u64, &ShardStatus)]) -> ShardView {
+    let (leader, basis) = leader_of(views);
+    let mut members: Vec<u64> = basis.voters.iter().chain(&basis.learners).copied().collect();
+    members.sort_unstable();
+    members.dedup();
+    let lag = members
+        .iter()
+        .map(|node| {
+            // The leader's replication map covers every other voter and learner.
+            let entries_behind = leader.and_then(|l| {
+                if *node == l {
+                    Some(0)
+                } else {
+                    basis.followers.iter().find(|f| f.node == *node).map(|f| f.entries)
+                }
+            });
+            let own = views.iter().find(|(n, _)| n == node).map(|(_, s)| *s);
+            let unapplied =
+                own.map(|s| s.last_log_index.unwrap_or(0).saturating_sub(s.last_applied_index.unwrap_or(0)));
+            ReplicaLag { node: *node, entries_behind, unapplied }
+        })
+        .collect();
+    ShardView {
+        shard,
+        replicas: basis.voters.clone(),
+        learners: basis.learners.clone(),
+        leader,
+        preferred_leader: map.placement(shard).map(|p| p.preferred_leader),
+        term: basis.term,
+        lag,
+    }
 }
 
 /// The newest cluster map the nodes report (empty if none has one).
@@ -232,7 +242,7 @@ fn active_nodes(map: &ClusterMap) -> Vec<u64> {
 
 /// Applies a planned move to a copy of the map, as if done.
 fn simulate(map: &mut ClusterMap, shard: u32, from: u64, to: u64) {
-    let p = &mut map.shards[shard as usize];
+    let p = if shard == META_SHARD { &mut map.metadata } else { &mut map.shards[shard as usize] };
     p.voters.retain(|n| *n != from);
     p.voters.push(to);
     p.voters.sort_unstable();
@@ -263,7 +273,24 @@ pub fn plan_drain(map: &ClusterMap, node: u64) -> Result<Vec<Action>, String> {
         simulate(&mut sim, shard, node, to);
         plan.push(Action::Move { shard, from: node, to });
     }
+    // The metadata group's replica goes too, when an active node without one can take it:
+    // the one with the fewest replicas after the shards' moves (ties: the lower id).
+    // Otherwise it stays (a cluster of three keeps it on all three), and the node cannot be
+    // removed until a node is added.
+    let meta = &map.metadata;
+    if map.is_set() && meta.voters.contains(&node) && map.operation_on(META_SHARD).is_none() {
+        let counts = replica_counts(&sim, &targets);
+        if let Some(to) = targets.iter().filter(|t| !meta.holds(**t)).min_by_key(|t| (counts[t], **t)).copied() {
+            plan.push(Action::Move { shard: META_SHARD, from: node, to });
+        }
+    }
     Ok(plan)
+}
+
+/// Whether `node` holds a replica of the metadata group that no active node can take from
+/// it (every active node has one already): a drain leaves it there.
+pub fn keeps_metadata(map: &ClusterMap, node: u64) -> bool {
+    map.metadata.voters.contains(&node) && !active_nodes(map).iter().any(|n| *n != node && !map.metadata.holds(*n))
 }
 
 /// The moves that even out replicas over the active nodes (until the most and the least
@@ -402,10 +429,10 @@ mod tests {
         new.apply(&PlacementCommand::SetPreferredLeader { shard: 0, node: 2 }).unwrap();
         let mut n1 = node(1, vec![shard(0, 1, Some(1), 3, vec![])]);
         n1.placement = new;
-        n1.meta = Some(shard(crate::placement::META_SHARD, 1, Some(2), 7, vec![]));
+        n1.meta = Some(shard(META_SHARD, 1, Some(2), 7, vec![]));
         let mut n2 = node(2, vec![shard(0, 2, Some(1), 3, vec![])]);
         n2.placement = old;
-        n2.meta = Some(shard(crate::placement::META_SHARD, 2, Some(2), 7, vec![]));
+        n2.meta = Some(shard(META_SHARD, 2, Some(2), 7, vec![]));
         let v = cluster_view(&[(1, Some(n1)), (2, Some(n2)), (3, None)]);
         assert_eq!(v.epoch, 2, "the newer map wins whichever node reports it");
         assert_eq!(v.shards[0].preferred_leader, Some(2));
@@ -466,7 +493,15 @@ mod tests {
         map.apply(&PlacementCommand::Drain { node: 1 }).unwrap();
         let plan = plan_drain(&map, 1).expect("a plan");
         assert!(plan.iter().all(|a| matches!(a, Action::Move { from: 1, .. })));
+        let meta_to = plan.iter().find_map(|a| match a {
+            Action::Move { shard: META_SHARD, to, .. } => Some(*to),
+            _ => None,
+        });
+        assert!(matches!(meta_to, Some(4 | 5)), "the metadata replica goes to a node without one: {plan:?}");
+        assert_eq!(plan.last(), Some(&Action::Move { shard: META_SHARD, from: 1, to: meta_to.unwrap() }), "last");
         carry_out(&mut map, &plan);
+        assert!(!map.holds_replicas(1) && !keeps_metadata(&map, 1));
+        assert!(plan_drain(&map, 1).expect("nothing left").is_empty());
         let counts = replica_counts(&map, &[1, 2, 3, 4, 5]);
         assert_eq!(counts[&1], 0, "{counts:?}");
         assert!([2, 3, 4, 5].iter().all(|n| (5..=7).contains(&counts[n])), "24 replicas over 4 nodes: {counts:?}");
@@ -477,6 +512,28 @@ mod tests {
             *leads.entry(p.preferred_leader).or_default() += 1;
         }
         assert_eq!(leads.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4, 5], "every node but 1 leads: {leads:?}");
+    }
+
+    #[test]
+    fn a_metadata_replica_stays_where_no_active_node_can_take_it() {
+        use crate::placement::PlacementCommand;
+        // Node 4 holds nothing, but is draining: no active node is without a metadata replica.
+        let mut map = map_of(&[1, 2, 3, 4, 5], &[1, 2, 3], 1);
+        map.apply(&PlacementCommand::Drain { node: 4 }).unwrap();
+        map.apply(&PlacementCommand::Drain { node: 3 }).unwrap();
+        let plan = plan_drain(&map, 3).expect("a plan");
+        assert_eq!(
+            plan,
+            vec![Action::Move { shard: 0, from: 3, to: 5 }, Action::Move { shard: META_SHARD, from: 3, to: 5 }]
+        );
+        assert!(!keeps_metadata(&map, 3), "node 5 can take it");
+        carry_out(&mut map, &plan);
+        map.apply(&PlacementCommand::Drain { node: 2 }).unwrap();
+        let plan = plan_drain(&map, 2).unwrap_err();
+        assert!(plan.contains("no active node without a replica of shard 0"), "{plan}");
+        // Nodes 1 and 5 hold it, 4 is draining: node 2 keeps its replica.
+        assert!(keeps_metadata(&map, 2));
+        assert!(!keeps_metadata(&map, 4), "node 4 holds none");
     }
 
     #[test]

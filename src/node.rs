@@ -116,11 +116,11 @@ impl Node {
             for shard in crate::raft::group_ids(&config) {
                 if let Some(map) = placed.as_ref() {
                     // Rejoining: only what the map places here (a shard, or the metadata
-                    // group for a formation member); the rest is recorded as left, so no
+                    // group); the rest is recorded as left, so no
                     // later start runs it under an id that voted before.
-                    let here = match map.shard(shard) {
+                    let here = match map.placement(shard) {
                         Some(p) => p.voters.contains(&id),
-                        None => shard != crate::placement::META_SHARD || map.metadata.contains(&id),
+                        None => true,
                     };
                     if !here && formation.replica(shard)?.is_none() {
                         formation::record_replica(&store, shard, formation::DROPPED)?;

@@ -62,8 +62,8 @@ impl NodeState {
     }
 }
 
-/// Where one shard lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where one shard (or the metadata group) lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardPlacement {
     pub shard: u32,
     /// The nodes holding its voting replicas, ascending.
@@ -76,6 +76,22 @@ pub struct ShardPlacement {
     /// replica in the shard takes a generation above each of its own, so no id that held
     /// state is ever used again once that state was deleted.
     pub retired: Vec<u64>,
+}
+
+impl ShardPlacement {
+    /// Whether `node` holds a replica here, voting or being added.
+    pub fn holds(&self, node: u64) -> bool {
+        self.voters.contains(&node) || self.learners.contains(&node)
+    }
+}
+
+/// How a group is named to an operator: `shard 3`, or `the metadata group`.
+pub fn group_name(group: u32) -> String {
+    if group == META_SHARD {
+        "the metadata group".to_string()
+    } else {
+        format!("shard {group}")
+    }
 }
 
 /// A shard move in progress: its replica on `from` is replaced by a new one on `to`. Every
@@ -129,9 +145,10 @@ pub struct ClusterMap {
     pub nodes: Vec<NodeEntry>,
     /// One per shard, `shards[s].shard == s`.
     pub shards: Vec<ShardPlacement>,
-    /// The nodes holding a voting replica of the metadata group: the cluster's formation
-    /// members.
-    pub metadata: Vec<u64>,
+    /// Where the metadata group's replicas are: the cluster's formation members at first;
+    /// a move changes them like a shard's (`shard` is [`META_SHARD`]; its preferred leader is
+    /// recorded but not balanced).
+    pub metadata: ShardPlacement,
     /// Moves in progress, by id.
     pub operations: Vec<Operation>,
     /// The last operation id given out.
@@ -213,8 +230,7 @@ impl ClusterMap {
     /// included. A node that holds none has nothing to lose and may register again after
     /// losing its disk; one that does must rejoin as new replicas.
     pub fn holds_replicas(&self, node: u64) -> bool {
-        self.metadata.contains(&node)
-            || self.shards.iter().any(|p| p.voters.contains(&node) || p.learners.contains(&node))
+        self.shards.iter().chain(std::iter::once(&self.metadata)).any(|p| p.holds(node))
     }
 
     /// The state of `node`, if the map has it.
@@ -252,6 +268,25 @@ impl ClusterMap {
         self.shards.get(shard as usize).filter(|p| p.shard == shard)
     }
 
+    /// Where the replicas of group `group` are: a shard, or the metadata group
+    /// ([`META_SHARD`]) once the map is set. Moves work on either.
+    pub fn placement(&self, group: u32) -> Option<&ShardPlacement> {
+        if group == META_SHARD {
+            return self.is_set().then_some(&self.metadata);
+        }
+        self.shard(group)
+    }
+
+    fn placement_mut(&mut self, group: u32) -> Result<&mut ShardPlacement, String> {
+        if group == META_SHARD {
+            return Ok(&mut self.metadata);
+        }
+        let count = self.shards.len();
+        self.shards
+            .get_mut(group as usize)
+            .ok_or_else(|| format!("no shard {group}: the cluster has shards 0 to {}", count.saturating_sub(1)))
+    }
+
     /// Applies `command`: `Ok(true)` when the map changed (the epoch rose), `Ok(false)` when
     /// it already said so, `Err` with the reason when the command cannot apply (the map is
     /// then unchanged). Deterministic: every replica of the metadata group reaches the same map.
@@ -277,7 +312,13 @@ impl ClusterMap {
                         retired: Vec::new(),
                     })
                     .collect();
-                self.metadata = ids;
+                self.metadata = ShardPlacement {
+                    shard: META_SHARD,
+                    preferred_leader: ids[0],
+                    voters: ids,
+                    learners: Vec::new(),
+                    retired: Vec::new(),
+                };
                 self.nodes = nodes;
                 self.epoch = 1;
                 Ok(true)
@@ -344,19 +385,13 @@ impl ClusterMap {
                 if !self.nodes.iter().any(|n| n.id == *to && n.state == NodeState::Active) {
                     return Err(format!("node {to} is not an active node of the cluster"));
                 }
-                let count = self.shards.len();
-                let placement = self
-                    .shards
-                    .get_mut(*shard as usize)
-                    .ok_or_else(|| format!("no shard {shard}: the cluster has shards 0 to {}", count - 1))?;
+                let placement = self.placement_mut(*shard)?;
+                let what = group_name(*shard);
                 if !placement.voters.contains(from) {
-                    return Err(format!(
-                        "node {from} holds no voting replica of shard {shard} ({:?})",
-                        placement.voters
-                    ));
+                    return Err(format!("node {from} holds no voting replica of {what} ({:?})", placement.voters));
                 }
-                if placement.voters.contains(to) || placement.learners.contains(to) {
-                    return Err(format!("node {to} already holds a replica of shard {shard}"));
+                if placement.holds(*to) {
+                    return Err(format!("node {to} already holds a replica of {what}"));
                 }
                 placement.learners.push(*to);
                 self.last_operation += 1;
@@ -393,8 +428,8 @@ impl ClusterMap {
                     op.leaving = leaving.clone();
                 }
                 if *step == Step::Removing {
-                    let (from, to, left) = (op.from, op.to, op.leaving.clone());
-                    let p = &mut self.shards[op.shard as usize];
+                    let (group, from, to, left) = (op.shard, op.from, op.to, op.leaving.clone());
+                    let p = self.placement_mut(group)?;
                     p.retired.extend(left);
                     p.learners.retain(|n| *n != to);
                     p.voters.retain(|n| *n != from);
@@ -412,7 +447,7 @@ impl ClusterMap {
                 let op = self.operations.remove(i);
                 if op.step != Step::Removing {
                     // Cancelled: the learner is gone, and its id with it.
-                    let p = &mut self.shards[op.shard as usize];
+                    let p = self.placement_mut(op.shard)?;
                     p.learners.retain(|n| *n != op.to);
                     p.retired.extend(op.replica);
                 }
@@ -476,10 +511,10 @@ impl ClusterMap {
                         .filter(|p| p.voters.contains(node) || p.learners.contains(node))
                         .map(|p| p.shard)
                         .collect();
-                    let meta = if self.metadata.contains(node) { " and the metadata group" } else { "" };
+                    let meta = if self.metadata.holds(*node) { " and the metadata group" } else { "" };
                     return Err(format!(
-                        "node {node} still holds replicas of shards {held:?}{meta}: drain it first (a formation member \
-                         keeps its replica of the metadata group)"
+                        "node {node} still holds replicas of shards {held:?}{meta}: drain it first (the metadata \
+                         group moves only to an active node that does not hold it)"
                     ));
                 }
                 let n = self.nodes.iter_mut().find(|n| n.id == *node).ok_or_else(|| format!("no node {node}"))?;
@@ -538,7 +573,8 @@ mod tests {
         let preferred: Vec<u64> = map.shards.iter().map(|p| p.preferred_leader).collect();
         assert_eq!(preferred, vec![1, 2, 3, 1]);
         assert!(map.shards.iter().all(|p| p.voters == vec![1, 2, 3]));
-        assert_eq!(map.metadata, vec![1, 2, 3]);
+        assert_eq!(map.metadata.voters, vec![1, 2, 3]);
+        assert_eq!(map.placement(META_SHARD).map(|p| p.shard), Some(META_SHARD));
         assert_eq!(map.shard(3).map(|p| p.shard), Some(3));
         assert_eq!(map.shard(4), None);
 
@@ -698,6 +734,50 @@ mod tests {
         let err = map.apply(&PlacementCommand::Register(node(4))).unwrap_err();
         assert!(err.contains("not taken again"), "{err}");
         assert!(map.apply(&PlacementCommand::Drain { node: 4 }).is_err());
+    }
+
+    #[test]
+    fn the_metadata_group_moves_like_a_shard_and_then_its_old_node_can_be_removed() {
+        let mut map = ClusterMap::default();
+        assert_eq!(map.placement(META_SHARD), None, "no placement before the map is set");
+        map.apply(&init(&[1, 2, 3], 1)).unwrap();
+        map.apply(&PlacementCommand::Register(node(4))).unwrap();
+        assert_eq!(map.placement(META_SHARD).map(|p| p.voters.clone()), Some(vec![1, 2, 3]));
+        let err = map.apply(&PlacementCommand::StartMove { shard: META_SHARD, from: 4, to: 1 }).unwrap_err();
+        assert!(err.contains("node 4 holds no voting replica of the metadata group"), "{err}");
+        let err = map.apply(&PlacementCommand::StartMove { shard: META_SHARD, from: 1, to: 2 }).unwrap_err();
+        assert!(err.contains("node 2 already holds a replica of the metadata group"), "{err}");
+
+        // Node 1's shard replica moves first; it still holds the metadata group's.
+        map.apply(&PlacementCommand::StartMove { shard: 0, from: 1, to: 4 }).unwrap();
+        map.apply(&PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4), leaving: vec![1] })
+            .unwrap();
+        map.apply(&PlacementCommand::MoveReached { id: 1, step: Step::Removing, replica: None, leaving: vec![] })
+            .unwrap();
+        map.apply(&PlacementCommand::MoveEnded { id: 1 }).unwrap();
+        let err = map.apply(&PlacementCommand::RemoveNode { node: 1 }).unwrap_err();
+        assert!(err.contains("shards [] and the metadata group"), "{err}");
+
+        let start = PlacementCommand::StartMove { shard: META_SHARD, from: 1, to: 4 };
+        assert_eq!(map.apply(&start), Ok(true));
+        assert!(map.apply(&start).unwrap_err().contains("already being moved"));
+        assert_eq!(map.metadata.learners, vec![4]);
+        assert!(map.holds_replicas(4));
+        let id = map.operation_on(META_SHARD).expect("the move").id;
+        let caught = PlacementCommand::MoveReached { id, step: Step::CatchingUp, replica: Some(4), leaving: vec![1] };
+        map.apply(&caught).unwrap();
+        assert_eq!(map.metadata.voters, vec![1, 2, 3], "no voter changes before the promotion");
+        map.apply(&PlacementCommand::MoveReached { id, step: Step::Removing, replica: None, leaving: vec![] }).unwrap();
+        let meta = map.placement(META_SHARD).unwrap();
+        assert_eq!(
+            (meta.voters.clone(), meta.learners.clone(), meta.retired.clone()),
+            (vec![2, 3, 4], vec![], vec![1])
+        );
+        assert_eq!(map.shard(0).unwrap().voters, vec![2, 3, 4], "the shards are untouched");
+        assert_eq!(map.routing().shards.len(), 1, "the metadata group is not a shard clients route to");
+        map.apply(&PlacementCommand::MoveEnded { id }).unwrap();
+        assert!(!map.holds_replicas(1));
+        assert_eq!(map.apply(&PlacementCommand::RemoveNode { node: 1 }), Ok(true));
     }
 
     #[test]

@@ -1835,6 +1835,81 @@ async fn move_under_sends(
 // the coordinator (the metadata group's leader) is killed while it copies: the next leader
 // resumes from the recorded step and finishes. Every replica of the final set then holds
 // every acked message.
+/// The nodes holding a voting replica of the metadata group, per `admin status --json`.
+fn metadata_replicas(view: &serde_json::Value) -> Vec<u64> {
+    view["metadata"]["replicas"].as_array().map_or(Vec::new(), |r| r.iter().filter_map(|v| v.as_u64()).collect())
+}
+
+// The metadata group moves like a shard, here off the node that leads it, which is the
+// coordinator carrying the move out: at the promotion it hands its leadership away, and the
+// next leader finishes the move. The node left stops its replica (its status has none), and
+// the added node's replica, restarted, runs again from its record and counts in a quorum:
+// with one original replica down, a placement change still commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_group_moves_off_its_own_leader_and_its_new_replica_survives_a_restart() {
+    let mut cluster = start(Tweaks { shards: 2, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    assert_eq!(cluster.add_node().expect("add node 4"), 4);
+    cluster.start(4).expect("start node 4");
+    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    let from = eventually(READY, "a metadata leader", || async { operations(&cluster).1["metadata_leader"].as_u64() })
+        .await
+        .expect("the metadata group has a leader");
+    let (ok, out, err) = cli_as(
+        &cluster,
+        "admin",
+        &[
+            "admin",
+            "move",
+            "--shard",
+            "metadata",
+            "--from",
+            &from.to_string(),
+            "--to",
+            "4",
+            "--wait",
+            "--timeout-s",
+            "120",
+        ],
+    );
+    assert!(ok, "moving the metadata group off its leader {from}: {out}{err}\n{}", cluster.logs_tail());
+    assert!(out.contains("the metadata group moved"), "{out}");
+    let mut expected: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|n| *n != from).collect();
+    expected.sort_unstable();
+    let admin = cluster.admin().expect("admin client");
+    eventually(Duration::from_secs(30), &format!("node {from} to stop its metadata replica"), || async {
+        let view = operations(&cluster).1;
+        let gone = admin.status(from).await.ok().is_some_and(|s| s.meta.is_none());
+        (gone && metadata_replicas(&view) == expected && view["metadata"]["learners"] == serde_json::json!([]))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", operations(&cluster).1));
+    assert!(admin.status(4).await.expect("node 4's status").meta.is_some(), "node 4 runs a metadata replica");
+
+    // Node 4 restarts, and runs its replica from its record; one of the others goes down.
+    assert!(cluster.kill(4));
+    cluster.start(4).expect("restart node 4");
+    cluster.wait_answers(4, READY).await.expect("node 4 answers again");
+    let down = expected.iter().copied().find(|n| *n != 4).expect("another metadata replica");
+    assert!(cluster.kill(down));
+    let shard0 = operations(&cluster).1["shards"][0]["replicas"].clone();
+    let to = shard0.as_array().unwrap().iter().filter_map(|v| v.as_u64()).find(|v| *v != down).expect("a live voter");
+    let (ok, out, err) = cli_as(
+        &cluster,
+        "admin",
+        &["admin", "transfer-leader", "--shard", "0", "--to", &to.to_string(), "--wait", "--timeout-s", "60"],
+    );
+    assert!(ok, "a placement change with node {down} down needs node 4's replica: {out}{err}");
+    assert!(admin.status(4).await.expect("status").meta.is_some(), "node 4 ran its replica again");
+    // The node that left runs none after a restart either.
+    cluster.restart(from).expect("restart the node the metadata group left");
+    cluster.wait_answers(from, READY).await.expect("it answers");
+    assert!(admin.status(from).await.expect("status").meta.is_none(), "node {from} holds no metadata replica");
+    let client = cluster.client().expect("client");
+    client.send("meta-moved", "still serving").await.expect("a send after the move");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_finished() {
     let (mut cluster, leaders) = slow_move_cluster(0, 100_000).await;
@@ -2106,8 +2181,13 @@ async fn adding_two_nodes_rebalancing_and_draining_one_under_sends_loses_nothing
             assert_eq!(read_at_least(&client, c, n, *head as usize).await, first, "{c} on node {n}");
         }
     }
-    let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "remove-node", "1"]);
-    assert!(!ok && err.contains("metadata group"), "a formation member keeps its metadata replica: {err}");
+    // The drain moved node 1's replica of the metadata group too, to an added node.
+    let meta = |view: &serde_json::Value| -> Vec<u64> {
+        view["metadata"]["replicas"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+    };
+    assert_eq!(node(1)["metadata"], false, "{view}");
+    assert_eq!(meta(&view).len(), 3, "{view}");
+    assert!(!meta(&view).contains(&1) && (meta(&view).contains(&4) || meta(&view).contains(&5)), "{view}");
 
     // Recommissioned, node 1 takes replicas again: a rebalance plans moves onto it.
     let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "recommission", "1", "--json"]);
@@ -2122,6 +2202,32 @@ async fn adding_two_nodes_rebalancing_and_draining_one_under_sends_loses_nothing
     let plan: serde_json::Value = serde_json::from_str(&out).expect("rebalance prints JSON");
     let onto_1 = plan["plan"].as_array().unwrap().iter().filter(|a| a["action"] == "move" && a["to"] == 1).count();
     assert!(onto_1 >= 1, "the plan moves replicas to node 1: {plan}");
+
+    // Drained again (nothing moved onto it), node 1 holds nothing, so it leaves the cluster
+    // for good and stops: the cluster it formed goes on without it.
+    let (ok, out, err) = cli_as(&cluster, "admin", &[&["admin", "drain", "1"][..], &wait[..]].concat());
+    assert!(ok, "drain again: {out}{err}");
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "remove-node", "1", "--json"]);
+    assert!(ok, "node 1 holds no replica of any group, the metadata group included: {out}{err}");
+    assert!(cluster.kill(1), "node 1 was running");
+    // Even with the metadata group's leader down as well, a placement change commits (two
+    // of its three replicas are left) and a send to every conversation is acked.
+    let (_, view) = operations(&cluster);
+    let leader = view["metadata_leader"].as_u64().expect("the metadata group has a leader");
+    assert!(leader != 1 && meta(&view).contains(&leader), "{view}");
+    assert!(cluster.kill(leader), "the metadata group's leader was running");
+    let shard0 = view["shards"][0].clone();
+    let to = shard0["replicas"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).find(|v| *v != leader);
+    let to = to.expect("a voter of shard 0 that is up").to_string();
+    let (ok, out, err) = cli_as(
+        &cluster,
+        "admin",
+        &["admin", "transfer-leader", "--shard", "0", "--to", &to, "--wait", "--timeout-s", "60", "--json"],
+    );
+    assert!(ok, "a placement change with node 1 removed and the metadata leader {leader} down: {out}{err}");
+    for c in &convs {
+        client.send(c, "after").await.unwrap_or_else(|e| panic!("{c}: a send after node 1 left: {e}"));
+    }
 }
 
 // A node whose data is wiped must not vote under its old identity: started as before, it

@@ -15,7 +15,7 @@ use convoy::chat::Retention;
 use convoy::client::{Client, Event, USER_ENV};
 use convoy::config::Config;
 use convoy::net::tls::{self, Credential, ADMIN_USER};
-use convoy::placement::{ClusterMap, NodeState};
+use convoy::placement::{group_name, ClusterMap, NodeState};
 use serde_json::json;
 
 /// jemalloc instead of glibc malloc, whose `_int_malloc`/`_int_free`/`malloc_consolidate` took
@@ -336,9 +336,10 @@ enum AdminAction {
     /// Move shard S's replica on node N to node M: M's new replica catches up as a learner,
     /// then votes in place of N's (leadership leaves N first), then N deletes its copy.
     /// Sends go on throughout. The metadata group's leader carries it out, so it survives
-    /// this command's end and any node's crash.
+    /// this command's end and any node's crash. `--shard metadata` moves the metadata group's
+    /// replica the same way.
     Move {
-        #[arg(long)]
+        #[arg(long, value_parser = parse_group_arg)]
         shard: u32,
         #[arg(long)]
         from: u64,
@@ -642,6 +643,14 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A shard number, or `metadata` for the metadata group.
+fn parse_group_arg(text: &str) -> std::result::Result<u32, String> {
+    if text == "metadata" {
+        return Ok(convoy::placement::META_SHARD);
+    }
+    text.parse().map_err(|e| format!("{text:?} is neither a shard number nor `metadata`: {e}"))
 }
 
 fn parse_duration_arg(text: &str) -> std::result::Result<u64, String> {
@@ -970,13 +979,17 @@ async fn admin_status(args: &StatusArgs) -> Result<()> {
     }
     println!();
     let meta_leader = view.metadata_leader.map_or("none".to_string(), |l| l.to_string());
-    println!("cluster map epoch {}, metadata group led by node {meta_leader}", view.epoch);
+    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let meta_on = view.metadata.as_ref().map_or("?".to_string(), |m| {
+        let learners = if m.learners.is_empty() { String::new() } else { format!(" (learners {})", ids(&m.learners)) };
+        format!("{}{learners}", ids(&m.replicas))
+    });
+    println!("cluster map epoch {}, metadata group on nodes {meta_on}, led by node {meta_leader}", view.epoch);
     println!();
     println!(
         "{:>5}  {:>6} {:>9} {:>5}  {:<12} {:<10} lag (node: entries behind the leader / unapplied)",
         "shard", "leader", "preferred", "term", "replicas", "learners"
     );
-    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     for s in &view.shards {
         let lag: Vec<String> = s
             .lag
@@ -1006,8 +1019,13 @@ async fn admin_status(args: &StatusArgs) -> Result<()> {
         for op in &view.operations {
             let behind = op.progress.entries_behind.map_or("?".to_string(), |e| e.to_string());
             println!(
-                "  {:>3}  move shard {} from node {} to node {}: {} (new replica {} entries behind)",
-                op.id, op.shard, op.from, op.to, op.state, behind
+                "  {:>3}  move {} from node {} to node {}: {} (new replica {} entries behind)",
+                op.id,
+                group_name(op.shard),
+                op.from,
+                op.to,
+                op.state,
+                behind
             );
         }
     }
@@ -1027,7 +1045,9 @@ fn print_plan(plan: &[Action]) {
     }
     for a in plan {
         match a {
-            Action::Move { shard, from, to } => println!("plan: move shard {shard} from node {from} to node {to}"),
+            Action::Move { shard, from, to } => {
+                println!("plan: move {} from node {from} to node {to}", group_name(*shard))
+            }
             Action::Prefer { shard, node } => println!("plan: lead shard {shard} from node {node}"),
         }
     }
@@ -1127,7 +1147,7 @@ fn progress_line(o: &convoy::admin::OperationView, last: Option<Seen>, now: Inst
             _ => l.entries_per_s,
         };
     }
-    let head = format!("shard {} {}→{} {}", o.shard, o.from, o.to, o.state);
+    let head = format!("{} {}→{} {}", group_name(o.shard), o.from, o.to, o.state);
     let line = match (p.copying, p.bytes_copied) {
         (true, Some(copied)) => {
             let rate = next.bytes_per_s.map_or("?".to_string(), |r| format!("{}/s", human_bytes(r)));
@@ -1208,9 +1228,16 @@ async fn drain(args: &StatusArgs, node: u64, how: Emptying, wait: bool, timeout:
             break;
         }
         let map = wait_moves(args, &format!("admin {what}"), started, deadline).await?;
-        if !map.shards.iter().any(|p| p.voters.contains(&node) || p.learners.contains(&node)) {
+        let keeps_metadata = convoy::admin::keeps_metadata(&map, node);
+        if !map.holds_replicas(node) || (keeps_metadata && !map.shards.iter().any(|p| p.holds(node))) {
             if !args.json {
                 println!("node {node} holds no shard ({:.1} s)", started.elapsed().as_secs_f64());
+                if keeps_metadata {
+                    println!(
+                        "node {node} keeps its replica of the metadata group: every other active node holds one. \
+                         Add a node and drain again to move it; until then node {node} cannot be removed."
+                    );
+                }
             }
             break;
         }
@@ -1348,7 +1375,7 @@ async fn move_replica(args: &StatusArgs, shard: u32, from: u64, to: u64, wait: b
         }
     };
     if !args.json {
-        println!("shard {shard}: move from node {from} to node {to} recorded (cluster map epoch {epoch})");
+        println!("{}: move from node {from} to node {to} recorded (cluster map epoch {epoch})", group_name(shard));
     }
     let mut op_id = None;
     let mut replicas = Vec::new();
@@ -1371,23 +1398,25 @@ async fn move_replica(args: &StatusArgs, shard: u32, from: u64, to: u64, wait: b
                 // The map says where the move left the shard (the groups' own membership, in
                 // the nodes' views, may lag it by a moment).
                 let map = convoy::admin::newest_map(&statuses);
-                replicas = map.shard(shard).map(|p| p.voters.clone()).unwrap_or_default();
+                replicas = map.placement(shard).map(|p| p.voters.clone()).unwrap_or_default();
                 if replicas.contains(&to) && !replicas.contains(&from) {
                     break;
                 }
                 bail!(
-                    "the move of shard {shard} ended without {to} replacing {from} (cancelled?): voters {replicas:?}"
+                    "the move of {} ended without {to} replacing {from} (cancelled?): voters {replicas:?}",
+                    group_name(shard)
                 );
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "the move of shard {shard} is not done after {timeout:?}; it goes on (see `convoy admin status`)"
+                    "the move of {} is not done after {timeout:?}; it goes on (see `convoy admin status`)",
+                    group_name(shard)
                 );
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         if !args.json {
-            println!("shard {shard} moved: voters {replicas:?} ({:.1} s)", started.elapsed().as_secs_f64());
+            println!("{} moved: voters {replicas:?} ({:.1} s)", group_name(shard), started.elapsed().as_secs_f64());
         }
     }
     if args.json {

@@ -344,7 +344,7 @@ pub async fn newest_map(net: &PeerNet, peers: &[NodeId]) -> ClusterMap {
     for &p in peers {
         if let Ok(PeerResponse::ClusterMap(map)) = net.control(p, PeerRequest::ClusterMap, CONTROL_TTL).await {
             if map.epoch > newest.epoch {
-                newest = map;
+                newest = *map;
             }
         }
     }

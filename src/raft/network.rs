@@ -776,7 +776,7 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
             Err(e) => err(e),
         },
         PeerRequest::ClusterMap => match ctx.formation.cluster_map() {
-            Ok(map) => PeerResponse::ClusterMap(map),
+            Ok(map) => PeerResponse::ClusterMap(Box::new(map)),
             Err(e) => err(e.to_string()),
         },
         PeerRequest::Replace { shard, from, replica, member } => match hosted(groups, shard) {

@@ -139,7 +139,7 @@ pub enum PeerResponse {
     /// The map refused a `Place`, for this reason.
     PlacementRefused(String),
     /// The cluster map as this node applied it.
-    ClusterMap(ClusterMap),
+    ClusterMap(Box<ClusterMap>),
     /// The shard's replica is stopped and its data deleted (or it was not here).
     Dropped,
     /// Entries the leader has that the replica has not matched (`None`: not replicated to

@@ -92,7 +92,7 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
         }
         let Some(node) = node.upgrade() else { return };
         let map = node.cluster_map();
-        if !map.is_set() && node.meta.is_none() {
+        if !map.is_set() && node.meta_group().is_none() {
             // Added after formation and no map heard yet: the file's round-robin is not
             // this node's to follow.
             continue;
@@ -134,7 +134,7 @@ async fn init_placement(node: std::sync::Weak<Service>) {
     loop {
         tokio::time::sleep(PLACEMENT_INIT_INTERVAL).await;
         let Some(node) = node.upgrade() else { return };
-        if node.meta.is_none() || node.cluster_map().is_set() {
+        if node.meta_group().is_none() || node.cluster_map().is_set() {
             return;
         }
         node.init_placement().await;
@@ -216,9 +216,10 @@ pub struct Service {
     /// The shard groups this node runs, by shard: they change as the cluster map places
     /// replicas here or moves them away (see `follow_placement`).
     groups: std::sync::RwLock<HashMap<ShardId, Group>>,
-    /// This node's replica of the metadata group (see `crate::placement`); `None` when its
-    /// storage was refused.
-    meta: Option<Group>,
+    /// This node's replica of the metadata group (see `crate::placement`); `None` on a node
+    /// that holds none (added after formation, or moved off it) or whose storage was
+    /// refused. A move places it here or takes it away (`placement::host`, `drop_shard`).
+    meta: std::sync::RwLock<Option<Group>>,
     /// Woken when the cluster map changes, so leadership follows a new preferred leader at
     /// once rather than at the next balancing round.
     placement: Arc<Notify>,
@@ -510,7 +511,7 @@ impl Service {
             config,
             store,
             groups: std::sync::RwLock::new(groups),
-            meta,
+            meta: std::sync::RwLock::new(meta),
             placement,
             placement_follow,
             fetched_map: std::sync::Mutex::default(),
@@ -553,18 +554,31 @@ impl Service {
     /// when it cannot be read, which is logged); on a node without one, the newest its peers
     /// reported.
     pub fn cluster_map(&self) -> ClusterMap {
-        if self.meta.is_none() {
-            return self.fetched_map.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let fetched = self.fetched_map.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if self.meta_group().is_none() {
+            return fetched;
         }
-        state_machine::cluster_map(&self.store).unwrap_or_else(|e| {
+        let local = state_machine::cluster_map(&self.store).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "reading the cluster map");
             ClusterMap::default()
-        })
+        });
+        // A replica a move placed here starts empty and catches up; until then the map its
+        // peers reported (before the move) is the newer.
+        if fetched.epoch > local.epoch {
+            fetched
+        } else {
+            local
+        }
+    }
+
+    /// This node's replica of the metadata group, if it holds one.
+    fn meta_group(&self) -> Option<Group> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The metadata group as the peer server hosts it here.
     fn meta_hosted(&self) -> Option<Hosted> {
-        self.meta.as_ref().map(|g| Hosted { replica: g.replica, raft: g.raft.clone() })
+        self.meta_group().map(|g| Hosted { replica: g.replica, raft: g.raft.clone() })
     }
 
     /// Fills the cluster map from the file once: done by the metadata group's leader, as
@@ -621,7 +635,7 @@ impl Service {
         if !allowed {
             return error(ErrorCode::InvalidInput, "not a change an operator asks for");
         }
-        if !self.cluster_map().is_set() && self.meta.is_some() {
+        if !self.cluster_map().is_set() && self.meta_group().is_some() {
             // Transient: the metadata group's first leader fills it within moments.
             return error(ErrorCode::Unavailable, "the cluster map is not initialized yet; retry in a moment");
         }
@@ -1226,7 +1240,7 @@ impl Service {
             subscriber_lag_max: self.metrics.lag_max(),
             sends_acked: self.metrics.sends(metrics::SendOutcome::Acked),
             stages: self.store.stages.snapshot(),
-            meta: self.meta.as_ref().map(|g| self.group_status(g)),
+            meta: self.meta_group().map(|g| self.group_status(&g)),
             placement: self.cluster_map(),
         }
     }
@@ -1254,7 +1268,7 @@ impl Service {
     /// Stops every group: proposals in flight get no outcome (their clients see the
     /// answer as unknown), and the groups release the store.
     pub async fn shutdown(&self) {
-        for g in self.groups().iter().chain(self.meta.as_ref()) {
+        for g in self.groups().iter().chain(self.meta_group().as_ref()) {
             if let Err(e) = g.raft.shutdown().await {
                 tracing::warn!(shard = g.shard, error = %e, "a shard group did not stop cleanly");
             }

@@ -18,6 +18,12 @@
 //!
 //! An acknowledged message is never lost: N's replica votes until M's has caught up and the
 //! membership change replacing it is committed, and N deletes its data only after that.
+//!
+//! The metadata group moves the same way (its group id, `META_SHARD`, in place of S): its own
+//! leader answers the shard-leader requests, and when that leader is on N (the coordinator
+//! moving itself away) it hands leadership off at the promotion, and the next leader, the
+//! next coordinator, finishes the move. [`Service::host`] and [`Service::drop_shard`] start
+//! and stop this node's replica of it like a shard's.
 
 use std::sync::Weak;
 use std::time::{Duration, Instant};
@@ -25,11 +31,12 @@ use std::time::{Duration, Instant};
 use super::Service;
 use crate::chat::ShardId;
 use crate::error::{Error, Result};
-use crate::placement::{ClusterMap, NodeState, Operation, PlacementCommand, Step};
+use crate::placement::{ClusterMap, NodeState, Operation, PlacementCommand, Step, META_SHARD};
 use crate::raft::formation::{self, DROPPED};
 use crate::raft::meta;
 use crate::raft::network::{DropRequest, Hosted};
 use crate::raft::rpc::{PeerRequest, PeerResponse};
+use crate::raft::state_machine::ShardEvents;
 use crate::raft::types::{generation_of, node_of, Member, NodeId};
 use crate::raft::{self as consensus};
 use crate::store::codec::{decode, encode};
@@ -47,10 +54,14 @@ const PROMOTE_TTL: Duration = Duration::from_secs(60);
 
 impl Service {
     /// The newest cluster map this node can see: its own replica's of the metadata group,
-    /// or, on a node without one, the newest its peers report.
+    /// or, on a node without one (or with one that has not caught up yet), the newest its
+    /// peers report.
     pub(super) async fn newest_map(&self) -> ClusterMap {
-        if self.meta.is_some() {
-            return self.cluster_map();
+        if self.meta_group().is_some() {
+            let map = self.cluster_map();
+            if map.is_set() {
+                return map;
+            }
         }
         let peers: Vec<NodeId> = self.peer_ids();
         let heard = formation::newest_map(&self.net, &peers).await;
@@ -66,11 +77,20 @@ impl Service {
         self.config.node_ids().into_iter().filter(|&n| n != self.id).collect()
     }
 
+    /// This node's replica of group `shard` (a shard's, or the metadata group's), if it
+    /// runs one.
+    fn hosted(&self, shard: ShardId) -> Option<Hosted> {
+        if shard == META_SHARD {
+            return self.meta_hosted();
+        }
+        self.group(shard).ok().map(|g| Hosted { replica: g.replica, raft: g.raft.clone() })
+    }
+
     /// Starts `shard`'s group here as `replica`, unless it runs. The replica id is recorded
     /// first, so a restart runs the group under the same id.
     pub(super) async fn host(&self, shard: ShardId, replica: NodeId) -> Result<()> {
         let _one_at_a_time = self.placement_lock.lock().await;
-        if self.group(shard).is_ok() {
+        if self.hosted(shard).is_some() {
             return Ok(());
         }
         if self.left(shard)?.is_some_and(|l| generation_of(replica) <= generation_of(l)) {
@@ -79,9 +99,20 @@ impl Service {
             )));
         }
         formation::record_replica(&self.store, shard, replica)?;
-        let events = self.push.clone();
+        let events: std::sync::Arc<dyn ShardEvents> = if shard == META_SHARD {
+            std::sync::Arc::new(super::MetaEvents(self.placement.clone(), self.placement_follow.clone()))
+        } else {
+            self.push.clone()
+        };
         let (config, store, net) = (self.raft_config.clone(), self.store.clone(), self.net.clone());
         let group = consensus::start_group(replica, shard, config, store, net, events).await?;
+        if shard == META_SHARD {
+            let hosted = Hosted { replica, raft: group.raft.clone() };
+            self.registry.write().unwrap_or_else(|p| p.into_inner()).insert(shard, hosted);
+            *self.meta.write().unwrap_or_else(|p| p.into_inner()) = Some(group);
+            tracing::info!(replica, "started a replica of the metadata group the cluster map placed here");
+            return Ok(());
+        }
         let l = &self.config.limits;
         let proposer = super::Proposer::start(
             shard,
@@ -112,7 +143,7 @@ impl Service {
     /// restart does not run the group again, nor anything stale start it.
     pub(super) async fn drop_shard(&self, shard: ShardId, replicas: &[NodeId]) -> Result<()> {
         let _one_at_a_time = self.placement_lock.lock().await;
-        let running = self.group(shard).ok().map(|g| g.replica);
+        let running = self.hosted(shard).map(|g| g.replica);
         let recorded = formation::Formation::recorded_replica(&self.store, shard)?;
         let here = match (running, recorded) {
             (Some(r), _) => r,
@@ -124,8 +155,20 @@ impl Service {
                 "this node runs replica {here} of shard {shard}, not one of {replicas:?}: refusing to delete it"
             )));
         }
-        let group = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
-        self.proposers.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+        let group = if shard == META_SHARD {
+            // Its map goes with its data: the last one it applied stays as the fetched map,
+            // which `follow` keeps fresh from the peers from now on.
+            let last = self.cluster_map();
+            let mut fetched = self.fetched_map.lock().unwrap_or_else(|p| p.into_inner());
+            if last.epoch > fetched.epoch {
+                *fetched = last;
+            }
+            drop(fetched);
+            self.meta.write().unwrap_or_else(|p| p.into_inner()).take()
+        } else {
+            self.proposers.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+            self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&shard)
+        };
         self.registry.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
         if let Some(g) = &group {
             if let Err(e) = g.raft.shutdown().await {
@@ -141,7 +184,9 @@ impl Service {
             .await
             .map_err(Error::task("deleting a shard's data"))??;
         // Its subscribers re-read, and find the shard gone from this node.
-        crate::raft::state_machine::ShardEvents::reset(&*self.push, shard);
+        if shard != META_SHARD {
+            ShardEvents::reset(&*self.push, shard);
+        }
         if group.is_some() {
             tracing::info!(shard, "left the shard: stopped its replica and deleted its data");
         }
@@ -191,7 +236,8 @@ pub(super) async fn coordinate(node: Weak<Service>) {
     loop {
         tokio::time::sleep(FOLLOW_INTERVAL).await;
         let Some(node) = node.upgrade() else { return };
-        let Some(h) = node.meta_hosted() else { return };
+        // A node may be given the metadata group by a move, or lose it to one.
+        let Some(h) = node.meta_hosted() else { continue };
         if consensus::metrics_of(&h.raft).current_leader != Some(h.replica) {
             continue;
         }
@@ -227,12 +273,12 @@ impl Service {
             Ok(Member { peer_addr: n.peer_addr.clone(), client_addr: n.client_addr.clone() })
         };
         let shard = op.shard;
-        let voters: Vec<NodeId> = map.shard(shard).map(|p| p.voters.clone()).unwrap_or_default();
+        let voters: Vec<NodeId> = map.placement(shard).map(|p| p.voters.clone()).unwrap_or_default();
         let next = match op.step {
             Step::Adding => {
                 // Above every id `to` ever had in the shard whose state was deleted.
                 let min_generation = map
-                    .shard(shard)
+                    .placement(shard)
                     .iter()
                     .flat_map(|p| p.retired.iter())
                     .filter(|r| node_of(**r) == op.to)
@@ -353,7 +399,7 @@ impl Service {
         ttl: Duration,
     ) -> std::result::Result<PeerResponse, String> {
         let deadline = Instant::now() + ttl;
-        let local = self.group(shard).ok();
+        let local = self.hosted(shard);
         let mut hint = local.as_ref().and_then(|g| consensus::metrics_of(&g.raft).current_leader.map(node_of));
         let mut last = String::from("no voter answered");
         let mut round = 0usize;
@@ -361,10 +407,9 @@ impl Service {
             let target = hint.take().unwrap_or(voters[round % voters.len()]);
             round += 1;
             let answer = match &local {
-                Some(g) if target == self.id => {
-                    let h = Hosted { replica: g.replica, raft: g.raft.clone() };
+                Some(h) if target == self.id => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(left, self.answer_locally(&h, req.clone())).await {
+                    match tokio::time::timeout(left, self.answer_locally(h, req.clone())).await {
                         Ok(answer) => answer,
                         Err(_) => PeerResponse::Error(format!("shard {shard}: no answer within {ttl:?}")),
                     }
