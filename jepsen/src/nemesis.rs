@@ -345,15 +345,19 @@ impl Nemesis {
             let db = db.lock().await;
             (db.admin()?, db.cluster_map().await?)
         };
-        const VARIANTS: [&str; 7] = ["move", "move", "transfer-leader", "rebalance", "cancel", "drain", "recommission"];
+        const VARIANTS: [&str; 8] =
+            ["move", "move", "metadata", "transfer-leader", "rebalance", "cancel", "drain", "recommission"];
         let variant = VARIANTS[self.rng.gen_range(0..VARIANTS.len())];
         let active: Vec<u64> = map.nodes.iter().filter(|n| n.state == NodeState::Active).map(|n| n.id).collect();
         let draining = map.nodes.iter().find(|n| n.state == NodeState::Draining).map(|n| n.id);
         let mut drain = None;
         let mut recommission = None;
+        // The metadata group moves too (its placement beside the shards'), so the cluster
+        // map's own group changes hands under the same faults.
         let movable: Vec<(u32, u64, u64)> = map
             .shards
             .iter()
+            .chain(map.placement(convoy::placement::META_SHARD))
             .filter(|p| map.operation_on(p.shard).is_none())
             .flat_map(|p| {
                 let to: Vec<u64> =
@@ -369,6 +373,12 @@ impl Nemesis {
         match variant {
             "move" => {
                 if let Some(&(shard, from, to)) = movable.choose(&mut self.rng) {
+                    actions.push(Action::Move { shard, from, to });
+                }
+            }
+            "metadata" => {
+                let meta: Vec<_> = movable.iter().filter(|m| m.0 == convoy::placement::META_SHARD).collect();
+                if let Some(&&(shard, from, to)) = meta.choose(&mut self.rng) {
                     actions.push(Action::Move { shard, from, to });
                 }
             }

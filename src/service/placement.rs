@@ -188,7 +188,8 @@ impl Service {
             ShardEvents::reset(&*self.push, shard);
         }
         if group.is_some() {
-            tracing::info!(shard, "left the shard: stopped its replica and deleted its data");
+            let what = crate::placement::group_name(shard);
+            tracing::info!(shard, "left {what}: stopped its replica and deleted its data");
         }
         Ok(())
     }
