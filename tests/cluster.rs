@@ -1835,6 +1835,17 @@ async fn move_under_sends(
 // the coordinator (the metadata group's leader) is killed while it copies: the next leader
 // resumes from the recorded step and finishes. Every replica of the final set then holds
 // every acked message.
+/// The replica id node `node` runs in the metadata group (`None`: it runs none), from its
+/// status; a status call that fails (a connection to a restarted node dies with the old
+/// process) is made again.
+async fn metadata_replica_on(admin: &Client, node: u64) -> Option<u64> {
+    eventually(READY, &format!("node {node}'s status"), || async { admin.status(node).await.ok() })
+        .await
+        .expect("the node answers its status")
+        .meta
+        .map(|m| m.replica)
+}
+
 /// The nodes holding a voting replica of the metadata group, per `admin status --json`.
 fn metadata_replicas(view: &serde_json::Value) -> Vec<u64> {
     view["metadata"]["replicas"].as_array().map_or(Vec::new(), |r| r.iter().filter_map(|v| v.as_u64()).collect())
@@ -1885,7 +1896,7 @@ async fn the_metadata_group_moves_off_its_own_leader_and_its_new_replica_survive
     })
     .await
     .unwrap_or_else(|e| panic!("{e}: {}", operations(&cluster).1));
-    assert!(admin.status(4).await.expect("node 4's status").meta.is_some(), "node 4 runs a metadata replica");
+    assert!(metadata_replica_on(&admin, 4).await.is_some(), "node 4 runs a metadata replica");
 
     // Node 4 restarts, and runs its replica from its record; one of the others goes down.
     assert!(cluster.kill(4));
@@ -1901,13 +1912,66 @@ async fn the_metadata_group_moves_off_its_own_leader_and_its_new_replica_survive
         &["admin", "transfer-leader", "--shard", "0", "--to", &to.to_string(), "--wait", "--timeout-s", "60"],
     );
     assert!(ok, "a placement change with node {down} down needs node 4's replica: {out}{err}");
-    assert!(admin.status(4).await.expect("status").meta.is_some(), "node 4 ran its replica again");
+    assert!(metadata_replica_on(&admin, 4).await.is_some(), "node 4 ran its replica again");
     // The node that left runs none after a restart either.
     cluster.restart(from).expect("restart the node the metadata group left");
     cluster.wait_answers(from, READY).await.expect("it answers");
-    assert!(admin.status(from).await.expect("status").meta.is_none(), "node {from} holds no metadata replica");
+    assert_eq!(metadata_replica_on(&admin, from).await, None, "node {from} holds no metadata replica");
     let client = cluster.client().expect("client");
     client.send("meta-moved", "still serving").await.expect("a send after the move");
+}
+
+// An added node that was given a replica of the metadata group loses its disk:
+// `replace-node 4 --in-place --wait` marks it lost, and started empty it joins the metadata
+// group under a new replica id, is promoted in place of its old one, and is active again.
+// Its new replica then counts in a quorum: with another replica down, a placement change
+// commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_holding_a_metadata_replica_is_rebuilt_in_place() {
+    let mut cluster = start(Tweaks { shards: 2, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    assert_eq!(cluster.add_node().expect("add node 4"), 4);
+    cluster.start(4).expect("start node 4");
+    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    let moved = ["admin", "move", "--shard", "metadata", "--from", "3", "--to", "4", "--wait", "--timeout-s", "120"];
+    let (ok, out, err) = cli_as(&cluster, "admin", &moved);
+    assert!(ok, "{out}{err}");
+    assert_eq!(metadata_replicas(&operations(&cluster).1), vec![1, 2, 4]);
+    let admin = cluster.admin().expect("admin client");
+    let old = metadata_replica_on(&admin, 4).await.expect("node 4's metadata replica");
+
+    assert!(cluster.kill(4));
+    cluster.wipe(4).expect("wipe node 4");
+    let replace = {
+        let config = cluster.config_path().to_path_buf();
+        let args = ["admin", "replace-node", "4", "--in-place", "--wait", "--timeout-s", "120", "--json"];
+        std::thread::spawn(move || {
+            let mut command = std::process::Command::new(BIN);
+            command.args(args).args(["--user", "admin", "--config"]).arg(&config);
+            let out = command.output().expect("run convoy");
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            (out.status.success(), text(&out.stdout), text(&out.stderr))
+        })
+    };
+    eventually(READY, "node 4 to be marked lost", || async {
+        let map = admin.status(1).await.ok()?.placement;
+        (map.node_state(4) == Some(convoy::placement::NodeState::Lost)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    cluster.start(4).expect("start node 4 empty");
+    let (ok, out, err) = tokio::task::spawn_blocking(move || replace.join().expect("the CLI thread")).await.unwrap();
+    assert!(ok, "replace-node --in-place --wait: {out}{err}\n{}", cluster.logs_tail());
+    let new = metadata_replica_on(&admin, 4).await.expect("node 4 runs a metadata replica again");
+    assert!(new > old, "a new replica id: {new} after {old}");
+    assert_eq!(metadata_replicas(&operations(&cluster).1), vec![1, 2, 4]);
+    assert!(cluster.kill(2));
+    let (ok, out, err) = cli_as(
+        &cluster,
+        "admin",
+        &["admin", "transfer-leader", "--shard", "0", "--to", "1", "--wait", "--timeout-s", "60"],
+    );
+    assert!(ok, "a placement change with node 2 down needs node 4's rebuilt replica: {out}{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
