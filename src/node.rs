@@ -118,10 +118,7 @@ impl Node {
                     // Rejoining: only what the map places here (a shard, or the metadata
                     // group); the rest is recorded as left, so no
                     // later start runs it under an id that voted before.
-                    let here = match map.placement(shard) {
-                        Some(p) => p.voters.contains(&id),
-                        None => true,
-                    };
+                    let here = map.placement(shard).is_none_or(|p| p.voters.contains(&id));
                     if !here && formation.replica(shard)?.is_none() {
                         formation::record_replica(&store, shard, formation::DROPPED)?;
                     }

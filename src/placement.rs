@@ -505,12 +505,7 @@ impl ClusterMap {
             }
             PlacementCommand::RemoveNode { node } => {
                 if self.holds_replicas(*node) {
-                    let held: Vec<u32> = self
-                        .shards
-                        .iter()
-                        .filter(|p| p.voters.contains(node) || p.learners.contains(node))
-                        .map(|p| p.shard)
-                        .collect();
+                    let held: Vec<u32> = self.shards.iter().filter(|p| p.holds(*node)).map(|p| p.shard).collect();
                     let meta = if self.metadata.holds(*node) { " and the metadata group" } else { "" };
                     return Err(format!(
                         "node {node} still holds replicas of shards {held:?}{meta}: drain it first (the metadata \

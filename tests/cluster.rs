@@ -433,10 +433,15 @@ async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
 
 /// Runs the CLI against `cluster` as `user`: (success, stdout, stderr).
 fn cli_as(cluster: &LocalCluster, user: &str, args: &[&str]) -> (bool, String, String) {
+    cli_at(cluster.config_path(), user, args)
+}
+
+/// [`cli_as`] for a cluster file at `config` (from a thread that does not own the cluster).
+fn cli_at(config: &std::path::Path, user: &str, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(BIN)
         .args(args)
         .args(["--user", user, "--config"])
-        .arg(cluster.config_path())
+        .arg(config)
         .output()
         .expect("run convoy");
     (
@@ -1835,6 +1840,28 @@ async fn move_under_sends(
 // the coordinator (the metadata group's leader) is killed while it copies: the next leader
 // resumes from the recorded step and finishes. Every replica of the final set then holds
 // every acked message.
+/// `admin replace-node N --wait --json` with `extra`, in the background: once the map marks N
+/// lost, N is started as it is (empty), and the command's outcome is returned.
+async fn replace_while_it_starts(cluster: &mut LocalCluster, node: u64, extra: &[&str]) -> (bool, String, String) {
+    let config = cluster.config_path().to_path_buf();
+    let mut args: Vec<String> = ["admin", "replace-node", &node.to_string(), "--wait", "--timeout-s", "120", "--json"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let replace =
+        std::thread::spawn(move || cli_at(&config, "admin", &args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let admin = cluster.admin().expect("admin client");
+    eventually(READY, &format!("node {node} to be marked lost"), || async {
+        let map = admin.status(1).await.ok()?.placement;
+        (map.node_state(node) == Some(convoy::placement::NodeState::Lost)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    cluster.start(node).expect("start the node as it is");
+    tokio::task::spawn_blocking(move || replace.join().expect("the CLI thread")).await.unwrap()
+}
+
 /// The replica id node `node` runs in the metadata group (`None`: it runs none), from its
 /// status; a status call that fails (a connection to a restarted node dies with the old
 /// process) is made again.
@@ -1942,25 +1969,7 @@ async fn a_lost_node_holding_a_metadata_replica_is_rebuilt_in_place() {
 
     assert!(cluster.kill(4));
     cluster.wipe(4).expect("wipe node 4");
-    let replace = {
-        let config = cluster.config_path().to_path_buf();
-        let args = ["admin", "replace-node", "4", "--in-place", "--wait", "--timeout-s", "120", "--json"];
-        std::thread::spawn(move || {
-            let mut command = std::process::Command::new(BIN);
-            command.args(args).args(["--user", "admin", "--config"]).arg(&config);
-            let out = command.output().expect("run convoy");
-            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-            (out.status.success(), text(&out.stdout), text(&out.stderr))
-        })
-    };
-    eventually(READY, "node 4 to be marked lost", || async {
-        let map = admin.status(1).await.ok()?.placement;
-        (map.node_state(4) == Some(convoy::placement::NodeState::Lost)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
-    cluster.start(4).expect("start node 4 empty");
-    let (ok, out, err) = tokio::task::spawn_blocking(move || replace.join().expect("the CLI thread")).await.unwrap();
+    let (ok, out, err) = replace_while_it_starts(&mut cluster, 4, &["--in-place"]).await;
     assert!(ok, "replace-node --in-place --wait: {out}{err}\n{}", cluster.logs_tail());
     let new = metadata_replica_on(&admin, 4).await.expect("node 4 runs a metadata replica again");
     assert!(new > old, "a new replica id: {new} after {old}");
@@ -2334,24 +2343,7 @@ async fn wiped_node_refuses_its_old_identity_and_rejoins_as_new_replicas() {
 
     // `admin replace-node 3 --wait`: no other node can take its shards, so it is rebuilt in
     // place once started.
-    let replace = {
-        let config = cluster.config_path().to_path_buf();
-        let args = ["admin", "replace-node", "3", "--wait", "--timeout-s", "120", "--json", "--user", "admin"];
-        std::thread::spawn(move || {
-            let out = std::process::Command::new(BIN).args(args).arg("--config").arg(&config).output();
-            let out = out.expect("run convoy");
-            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-            (out.status.success(), text(&out.stdout), text(&out.stderr))
-        })
-    };
-    eventually(READY, "node 3 to be marked lost", || async {
-        let map = admin.status(1).await.ok()?.placement;
-        (map.node_state(3) == Some(convoy::placement::NodeState::Lost)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
-    cluster.start(3).expect("start node 3 as it is");
-    let (ok, out, err) = tokio::task::spawn_blocking(move || replace.join().expect("the CLI thread")).await.unwrap();
+    let (ok, out, err) = replace_while_it_starts(&mut cluster, 3, &[]).await;
     assert!(ok, "replace-node --wait: {out}{err}\n{}", cluster.logs_tail());
     let answer: serde_json::Value = serde_json::from_str(&out).expect("replace-node prints JSON");
     assert_eq!((answer["in_place"].as_bool(), answer["rebuilt"].as_bool()), (Some(true), Some(true)), "{answer}");

@@ -554,20 +554,18 @@ impl Service {
     /// when it cannot be read, which is logged); on a node without one, the newest its peers
     /// reported.
     pub fn cluster_map(&self) -> ClusterMap {
-        let fetched = self.fetched_map.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if self.meta_group().is_none() {
-            return fetched;
-        }
-        let local = state_machine::cluster_map(&self.store).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "reading the cluster map");
-            ClusterMap::default()
+        let local = self.meta_group().map(|_| {
+            state_machine::cluster_map(&self.store).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading the cluster map");
+                ClusterMap::default()
+            })
         });
         // A replica a move placed here starts empty and catches up; until then the map its
         // peers reported (before the move) is the newer.
-        if fetched.epoch > local.epoch {
-            fetched
-        } else {
-            local
+        let fetched = self.fetched_map.lock().unwrap_or_else(|p| p.into_inner());
+        match local {
+            Some(local) if local.epoch >= fetched.epoch => local,
+            _ => fetched.clone(),
         }
     }
 

@@ -80,10 +80,7 @@ impl Service {
     /// This node's replica of group `shard` (a shard's, or the metadata group's), if it
     /// runs one.
     fn hosted(&self, shard: ShardId) -> Option<Hosted> {
-        if shard == META_SHARD {
-            return self.meta_hosted();
-        }
-        self.group(shard).ok().map(|g| Hosted { replica: g.replica, raft: g.raft.clone() })
+        self.registry.read().unwrap_or_else(|p| p.into_inner()).get(&shard).cloned()
     }
 
     /// Starts `shard`'s group here as `replica`, unless it runs. The replica id is recorded
@@ -156,14 +153,10 @@ impl Service {
             )));
         }
         let group = if shard == META_SHARD {
-            // Its map goes with its data: the last one it applied stays as the fetched map,
-            // which `follow` keeps fresh from the peers from now on.
+            // Its map goes with its data: the newest it knows stays as the fetched map, which
+            // `follow` keeps fresh from the peers from now on.
             let last = self.cluster_map();
-            let mut fetched = self.fetched_map.lock().unwrap_or_else(|p| p.into_inner());
-            if last.epoch > fetched.epoch {
-                *fetched = last;
-            }
-            drop(fetched);
+            *self.fetched_map.lock().unwrap_or_else(|p| p.into_inner()) = last;
             self.meta.write().unwrap_or_else(|p| p.into_inner()).take()
         } else {
             self.proposers.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
