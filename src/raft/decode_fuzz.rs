@@ -123,6 +123,7 @@ fn peer_requests() -> Vec<PeerRequest> {
         },
         PeerRequest::Snapshot { shard: 1, to: 2, vote, meta: SnapshotMeta::default() },
         PeerRequest::SnapshotChunk(vec![1, 2, 3, 4]),
+        PeerRequest::SnapshotEnd { bytes: 4 },
         PeerRequest::Hello,
         PeerRequest::Prepare { cluster: 77 },
         PeerRequest::Join { shard: 1, node: 3, member: member.clone() },

@@ -573,6 +573,9 @@ impl GroupRouter<C, ShardId> for PeerNet {
                 .await
                 .map_err(|e| to_streaming(network(e)))?
                 .map_err(|e| to_streaming(network(format!("reading snapshot: {e}"))))?;
+            frame::write(&mut send, &PeerRequest::SnapshotEnd { bytes: bytes as u64 })
+                .await
+                .map_err(|e| to_streaming(network(e)))?;
             send.finish().map_err(|e| to_streaming(network(e)))?;
             tracing::info!(shard, target, bytes, "snapshot streamed; waiting for install");
             let resp = tokio::time::timeout(
@@ -710,6 +713,7 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
         PeerRequest::Join { node, .. } => Some(*node),
         PeerRequest::Promote { replica, .. } => Some(node_of(*replica)),
         PeerRequest::SnapshotChunk(_)
+        | PeerRequest::SnapshotEnd { .. }
         | PeerRequest::Hello
         | PeerRequest::Prepare { .. }
         | PeerRequest::Place(_)
@@ -757,7 +761,9 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
             Ok(raft) => receive_snapshot(raft, shard, vote, meta, recv, &ctx.spool_dir).await.unwrap_or_else(err),
             Err(e) => err(e),
         },
-        PeerRequest::SnapshotChunk(_) => err("snapshot chunk without a snapshot header".into()),
+        PeerRequest::SnapshotChunk(_) | PeerRequest::SnapshotEnd { .. } => {
+            err("snapshot chunk without a snapshot header".into())
+        }
         PeerRequest::Hello => PeerResponse::Hello(ctx.formation.record()),
         PeerRequest::Prepare { cluster } => match ctx.formation.prepare(cluster).await {
             Ok(record) => PeerResponse::Hello(Some(record)),
@@ -820,13 +826,7 @@ async fn receive_snapshot(
     let path = spool_dir.join(format!("shard-{shard}-{:016x}.snap", rand::random::<u64>()));
     let result = async {
         let mut spool = SpoolWriter::create(path.clone()).map_err(|e| e.to_string())?;
-        loop {
-            match frame::read::<_, PeerRequest>(recv, PEER_FRAME_BYTES_MAX).await.map_err(|e| e.to_string())? {
-                Some(PeerRequest::SnapshotChunk(chunk)) => spool.write_chunk(&chunk).map_err(|e| e.to_string())?,
-                Some(_) => return Err("unexpected frame inside a snapshot".to_string()),
-                None => break,
-            }
-        }
+        spool_snapshot(recv, &mut spool).await?;
         tracing::info!(shard, bytes = spool.bytes, "snapshot received; installing");
         let path = spool.finish().map_err(|e| e.to_string())?;
         let snapshot = Snapshot { meta, snapshot: ShardSnapshot::Spooled(path) };
@@ -835,6 +835,28 @@ async fn receive_snapshot(
     .await;
     let _ = std::fs::remove_file(&path);
     result
+}
+
+/// Writes a snapshot's chunks to `spool` up to its `SnapshotEnd`. A stream that ends before
+/// it, or whose end counts other bytes than arrived, is refused: installing a cut snapshot
+/// would fail inside the state machine, which openraft treats as fatal for the replica.
+async fn spool_snapshot<R: tokio::io::AsyncRead + Unpin>(recv: &mut R, spool: &mut SpoolWriter) -> Result<(), String> {
+    loop {
+        match frame::read::<_, PeerRequest>(recv, PEER_FRAME_BYTES_MAX).await.map_err(|e| e.to_string())? {
+            Some(PeerRequest::SnapshotChunk(chunk)) => spool.write_chunk(&chunk).map_err(|e| e.to_string())?,
+            Some(PeerRequest::SnapshotEnd { bytes }) if bytes == spool.bytes => return Ok(()),
+            Some(PeerRequest::SnapshotEnd { bytes }) => {
+                return Err(format!("snapshot ended at {} bytes but its sender counted {bytes}", spool.bytes))
+            }
+            Some(_) => return Err("unexpected frame inside a snapshot".to_string()),
+            None => {
+                return Err(format!(
+                    "snapshot stream ended after {} bytes without its end: cut short by the sender, nothing installed",
+                    spool.bytes
+                ))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -898,5 +920,54 @@ mod tests {
         fit_payload(&mut rpc, APPEND_PAYLOAD_BYTES);
         let frame = frame::encode(&PeerRequest::Append { shard: 0, to: u64::MAX, rpc });
         assert!(frame.len() <= APPEND_PAYLOAD_BYTES + 1024, "{} bytes", frame.len());
+    }
+
+    /// A snapshot stream as a sender writes it: `chunks`, then (if given) its end frame.
+    fn snapshot_stream(chunks: &[&[u8]], end: Option<u64>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend(frame::encode(&PeerRequest::SnapshotChunk(c.to_vec())));
+        }
+        if let Some(bytes) = end {
+            out.extend(frame::encode(&PeerRequest::SnapshotEnd { bytes }));
+        }
+        out
+    }
+
+    async fn spool(stream: Vec<u8>) -> (Result<(), String>, u64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut spool = SpoolWriter::create(dir.path().join("s.snap")).expect("spool");
+        let r = spool_snapshot(&mut stream.as_slice(), &mut spool).await;
+        (r, spool.bytes)
+    }
+
+    #[tokio::test]
+    async fn a_whole_snapshot_stream_is_spooled() {
+        let (r, bytes) = spool(snapshot_stream(&[b"abcd", b"efg"], Some(7))).await;
+        assert_eq!(r, Ok(()));
+        assert_eq!(bytes, 7);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_stream_cut_before_its_end_is_refused() {
+        // What a receiver saw when the sender lost leadership mid-copy: the stream finished
+        // cleanly after the first chunk. Installing those 16 KiB killed the replica's group.
+        let (r, bytes) = spool(snapshot_stream(&[&[7u8; 16_384]], None)).await;
+        let e = r.expect_err("a cut stream must not be installed");
+        assert!(e.contains("without its end"), "{e}");
+        assert_eq!(bytes, 16_384);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_end_counting_other_bytes_is_refused() {
+        let (r, _) = spool(snapshot_stream(&[b"abcd"], Some(5))).await;
+        assert!(r.expect_err("a lying end").contains("counted 5"));
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_inside_a_chunk_frame_is_refused() {
+        let mut stream = snapshot_stream(&[b"abcdefgh"], Some(8));
+        stream.truncate(6);
+        assert!(spool(stream).await.0.is_err());
     }
 }

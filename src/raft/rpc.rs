@@ -50,6 +50,12 @@ pub enum PeerRequest {
         meta: SnapshotMeta,
     },
     SnapshotChunk(Vec<u8>),
+    /// The last frame of a snapshot's stream: the bytes of every chunk before it. A stream
+    /// that ends without it was cut short (the sender lost leadership, stopped or crashed
+    /// mid-copy; QUIC finishes a dropped stream cleanly), and nothing of it is installed.
+    SnapshotEnd {
+        bytes: u64,
+    },
     /// Cluster formation: what is your cluster record? (see `raft::formation`)
     Hello,
     /// Cluster formation: the bootstrapper asks a pristine node to join `cluster`.
