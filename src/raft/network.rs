@@ -116,6 +116,8 @@ struct Inner {
     /// Per (group, learner replica): when its next paced AppendEntries may leave, and when
     /// one last did.
     paced: std::sync::Mutex<HashMap<(ShardId, NodeId), Paced>>,
+    /// The replicas the moves in progress add, per group (see [`PeerNet::moves_in_progress`]).
+    moving: std::sync::RwLock<std::collections::HashSet<(ShardId, NodeId)>>,
 }
 
 /// One learner's log catch-up pacing.
@@ -244,20 +246,44 @@ impl PeerNet {
             snapshot_streams: std::sync::Mutex::default(),
             groups: std::sync::OnceLock::new(),
             paced: std::sync::Mutex::default(),
+            moving: std::sync::RwLock::default(),
         };
         PeerNet { inner: Arc::new(inner) }
     }
 
     /// Paces what a new replica is caught up with to `bytes_per_s` (0: no limit), so a move
-    /// does not take the disk and network from the sends: every snapshot stream this node
-    /// sends, and the AppendEntries carrying entries to a learner of a group it leads (the
-    /// log after the snapshot, or all of it when none was needed). A learner's requests are
-    /// cut to [`PACED_APPEND_BYTES`] and each leaves when the bytes before it may have.
-    /// Voters are never paced: their answers make the commits. `groups` tells learners
-    /// from voters.
+    /// does not take the disk and network from the sends: a snapshot streamed to a learner
+    /// or to the replica a move in progress adds, and the AppendEntries carrying entries to
+    /// a learner of a group it leads (the log after the snapshot, or all of it when none was
+    /// needed). A learner's requests are cut to [`PACED_APPEND_BYTES`] and each leaves when
+    /// the bytes before it may have. A voter's log is never paced (its answers make the
+    /// commits), nor a snapshot to a voter that is no move's (one recovering from downtime
+    /// cannot count in a quorum until it has it). `groups` tells learners from voters.
     pub fn limit_moves(&self, bytes_per_s: u64, groups: Groups) {
         self.inner.snapshot_bytes_per_s.store(bytes_per_s, std::sync::atomic::Ordering::Relaxed);
         let _ = self.inner.groups.set(groups);
+    }
+
+    /// Records the replicas the moves in progress add, as `(group, replica id)`, from the
+    /// cluster map: their snapshots are paced even once they vote (a move is the operator's
+    /// copy, whatever the replica's role in the group by then).
+    pub fn moves_in_progress(&self, replicas: impl IntoIterator<Item = (ShardId, NodeId)>) {
+        let replicas: std::collections::HashSet<_> = replicas.into_iter().collect();
+        let mut moving = self.inner.moving.write().unwrap_or_else(|p| p.into_inner());
+        if *moving != replicas {
+            *moving = replicas;
+        }
+    }
+
+    /// The pace of a snapshot streamed to `target`: `limit` for a learner of `shard` or the
+    /// replica a move in progress adds, if moves are paced.
+    fn snapshot_pace(&self, shard: ShardId, target: NodeId) -> Option<u64> {
+        let moving = self.inner.moving.read().unwrap_or_else(|p| p.into_inner()).contains(&(shard, target));
+        if moving {
+            let limit = self.inner.snapshot_bytes_per_s.load(Ordering::Relaxed);
+            return (limit > 0).then_some(limit);
+        }
+        self.learner_pace(shard, target)
     }
 
     /// `limit` if `target` is a learner of `shard`'s group here and moves are paced.
@@ -549,7 +575,11 @@ impl GroupRouter<C, ShardId> for PeerNet {
             });
             let mut bytes = 0usize;
             let started = std::time::Instant::now();
-            let limit = self.inner.snapshot_bytes_per_s.load(std::sync::atomic::Ordering::Relaxed);
+            // Only a move's copy is paced: a learner's, or the replica a move adds. A voter
+            // that needs a snapshot (one that was down while the log it missed was purged)
+            // recovers at full speed, since until it does it cannot count in a quorum.
+            // Decided once, at the start: a learner promoted mid-copy keeps its pace.
+            let limit = self.snapshot_pace(shard, target).unwrap_or(0);
             while let Some(chunk) = rx.recv().await {
                 // Paced, a chunk leaves as frames of a slice each (the receiver appends chunks
                 // as bytes, so where they split does not matter), each when the bytes before it

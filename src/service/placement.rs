@@ -210,6 +210,7 @@ pub(super) async fn follow(node: Weak<Service>) {
                 }
             }
         }
+        node.net.moves_in_progress(map.operations.iter().filter_map(|op| op.replica.map(|r| (op.shard, r))));
         for op in map.operations.iter().filter(|op| op.to == node.id) {
             // A learner may start empty; a voter (from `Removing` on) only with what it held,
             // never as an empty replica under an id that voted.
