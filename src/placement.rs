@@ -380,6 +380,11 @@ impl ClusterMap {
                     return Err("the cluster map is not initialized yet".into());
                 }
                 if let Some(op) = self.operation_on(*shard) {
+                    // The same move asked again (its answer was lost, so the client asked
+                    // another node) is the move under way: no change, not a refusal.
+                    if (op.from, op.to) == (*from, *to) && op.step != Step::Cancelling {
+                        return Ok(false);
+                    }
                     return Err(format!("shard {shard} is already being moved (operation {})", op.id));
                 }
                 if !self.nodes.iter().any(|n| n.id == *to && n.state == NodeState::Active) {
@@ -641,7 +646,10 @@ mod tests {
         map.apply(&PlacementCommand::Register(node(4))).unwrap();
         let start = PlacementCommand::StartMove { shard: 0, from: 1, to: 4 };
         assert_eq!(map.apply(&start), Ok(true));
-        assert!(map.apply(&start).unwrap_err().contains("already being moved"), "one move per shard");
+        assert_eq!(map.apply(&start), Ok(false), "the same move asked again is the one under way");
+        let other = PlacementCommand::StartMove { shard: 0, from: 2, to: 4 };
+        assert!(map.apply(&other).unwrap_err().contains("already being moved"), "one move per shard");
+        assert_eq!(map.operations.len(), 1);
         let op = map.operation_on(0).cloned().expect("the move");
         assert_eq!((op.id, op.step, op.replica), (1, Step::Adding, None));
         assert_eq!(map.shard(0).unwrap().learners, vec![4]);
@@ -755,7 +763,7 @@ mod tests {
 
         let start = PlacementCommand::StartMove { shard: META_SHARD, from: 1, to: 4 };
         assert_eq!(map.apply(&start), Ok(true));
-        assert!(map.apply(&start).unwrap_err().contains("already being moved"));
+        assert_eq!(map.apply(&start), Ok(false));
         assert_eq!(map.metadata.learners, vec![4]);
         assert!(map.holds_replicas(4));
         let id = map.operation_on(META_SHARD).expect("the move").id;
