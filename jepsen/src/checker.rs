@@ -59,6 +59,7 @@
 //! | `unconverged` | final reads of one conversation differ between nodes |
 //! | `over-trimmed` | a read that says retention deleted messages before it holds fewer than the retention keeps |
 //! | `final-send-failed` | a liveness `final-send` after healing did not complete ok (unless a majority of nodes refused to start after damage: then it is expected, and the run is unknown) |
+//! | `unavailable` | a send to a shard that kept a majority of voters holding its log, with no other fault in effect, waited more than 5 s (see below) |
 //!
 //! An acked text that no final read shows is reported as `lost` only (never also as
 //! "acked but unseen"). A resend whose ack is already a `resend-mismatch` is not reported
@@ -86,6 +87,20 @@
 //! run proves nothing about it and must not pass. What it did send is still checked: the
 //! messages of a failed read are observations (a conflict among them is invalid), only not a
 //! final state to compare. Liveness after healing is `final-send-failed`, an anomaly.
+//!
+//! ## Availability
+//!
+//! Most faults may stop a shard for a while, legitimately: a killed leader's shard waits for
+//! an election, a partition may leave no majority. One fault may not: the nemesis's
+//! `membership` op of variant `move-with-voter-down` is run with no other fault in effect,
+//! kills one follower of shard S (`down`; never its leader) just before its invoke, asks a
+//! move of S's other follower, and records its info when the move has ended or 30 s passed.
+//! Until then S has two voters up that hold its whole log, its leader and the follower
+//! moving, and a correct move keeps that follower voting until the new replica has caught
+//! up. So every send to S's `conversations` invoked from 1 s after the invoke to the info
+//! must complete within 5 s: one that completes later, not at all, or `info` after waiting
+//! longer is `unavailable`, one anomaly per such fault (with its longest wait). A send that
+//! fails fast is not counted: it did not wait.
 
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
@@ -113,9 +128,10 @@ pub mod kinds {
     pub const UNCONVERGED: &str = "unconverged";
     pub const FINAL_SEND_FAILED: &str = "final-send-failed";
     pub const OVER_TRIMMED: &str = "over-trimmed";
+    pub const UNAVAILABLE: &str = "unavailable";
 
     /// Every kind, in the order anomalies are listed in a result.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         LOST,
         LOST_ON_NODE,
         INCONSISTENT_OFFSET,
@@ -131,6 +147,7 @@ pub mod kinds {
         REAL_TIME_ORDER,
         UNCONVERGED,
         FINAL_SEND_FAILED,
+        UNAVAILABLE,
     ];
 }
 
@@ -189,6 +206,10 @@ pub struct Stats {
     /// Resends of a key stored again more than the retention's count of messages after it:
     /// the first may have been trimmed, with its dedup record.
     pub rewritten_after_trim: u64,
+    /// `move-with-voter-down` faults whose shard's sends were checked for availability.
+    pub availability_windows: u64,
+    /// The longest any send checked for availability waited, in milliseconds.
+    pub availability_longest_wait_ms: u64,
 }
 
 /// The outcome of [`check`].
@@ -234,6 +255,7 @@ pub fn check(history: &[Op]) -> CheckResult {
     c.unconverged();
     c.final_sends();
     c.real_time_order();
+    c.availability();
     c.finish()
 }
 
@@ -243,6 +265,14 @@ type ConvId = u32;
 type TextId = u32;
 /// The node a read was served by, when the history says.
 type Node = Option<u64>;
+
+/// `unavailable`: the longest a send may wait while its shard keeps a majority (nanoseconds).
+/// An election after a leader change takes 1–2 s in the runs' clusters; a move's promotion
+/// and removal are single commits.
+const STALL_LIMIT_NS: u64 = 5_000_000_000;
+/// `unavailable`: sends invoked this soon after the fault's invoke are not checked (the
+/// follower was killed just before; a client whose connection went with it reconnects).
+const STALL_GRACE_NS: u64 = 1_000_000_000;
 
 /// Entries kept on each side of the point of interest when a witness read is cut.
 const WINDOW: usize = 2;
@@ -1522,6 +1552,73 @@ impl<'h> Checker<'h> {
         self.anomalies.extend(found);
     }
 
+    /// Sends to a shard that kept a majority up through a `move-with-voter-down` fault must
+    /// not wait more than [`STALL_LIMIT_NS`] (see the module doc).
+    fn availability(&mut self) {
+        let h = self.h;
+        let mut found = Vec::new();
+        for (pos, op) in h.iter().enumerate() {
+            let fault = op.process == Process::NEMESIS && op.f == F::Membership && op.kind == Type::Info;
+            if !fault || op.value.get("variant").and_then(Value::as_str) != Some("move-with-voter-down") {
+                continue;
+            }
+            let invoke = h[..pos]
+                .iter()
+                .rposition(|o| o.process == Process::NEMESIS && o.f == F::Membership && o.kind == Type::Invoke);
+            let convs: HashSet<&str> = op
+                .value
+                .get("conversations")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let Some(invoke) = invoke.filter(|_| !convs.is_empty()) else {
+                self.malformed("move-with-voter-down fault without its invoke or conversations", pos);
+                continue;
+            };
+            self.stats.availability_windows += 1;
+            let (from, to) = (h[invoke].time + STALL_GRACE_NS, op.time);
+            let mut worst: Option<(u64, &ClientOp)> = None;
+            for c in self.cops.iter().filter(|c| c.f == F::Send) {
+                let Some(i) = c.invoke.filter(|&i| (from..to).contains(&h[i].time)) else { continue };
+                if !c.field(h, "conversation").and_then(Value::as_str).is_some_and(|v| convs.contains(v)) {
+                    continue;
+                }
+                let end = c.done.map_or(to, |d| h[d].time.min(to));
+                let waited = end.saturating_sub(h[i].time);
+                let counts = c.outcome != Outcome::Fail || waited > STALL_LIMIT_NS;
+                if counts && worst.is_none_or(|(w, _)| waited > w) {
+                    worst = Some((waited, c));
+                }
+            }
+            let Some((waited, c)) = worst else { continue };
+            let waited_ms = waited / 1_000_000;
+            self.stats.availability_longest_wait_ms = self.stats.availability_longest_wait_ms.max(waited_ms);
+            if waited <= STALL_LIMIT_NS {
+                continue;
+            }
+            let shard = op.value.get("shard").cloned().unwrap_or(Value::Null);
+            let down = op.value.get("down").cloned().unwrap_or(Value::Null);
+            let how = match (c.outcome, c.done.is_some_and(|d| h[d].time <= to)) {
+                (Outcome::Ok, true) => "was acknowledged only after",
+                (Outcome::Ok, false) => "was still waiting when the fault ended, after",
+                (Outcome::Info, true) => "gave up (info) after",
+                (Outcome::Fail, true) => "failed after",
+                _ => "was still waiting when the fault ended, after",
+            };
+            let text = c.field(h, "text").and_then(key).unwrap_or(Cow::Borrowed("?"));
+            let explanation = format!(
+                "shard {shard} kept a majority of voters holding its log (only node {down} was down, no other \
+                 fault; op {} to op {}), yet the send {text:?} {how} {:.1} s: more than {} s",
+                self.index(invoke),
+                self.index(pos),
+                waited as f64 / 1e9,
+                STALL_LIMIT_NS / 1_000_000_000
+            );
+            found.push(Witness::new(h).op(invoke).op(pos).both(c).anomaly(kinds::UNAVAILABLE, explanation));
+        }
+        self.anomalies.extend(found);
+    }
+
     /// A send invoked after another one completed must get a higher offset. One witness per
     /// conversation; O(n log n) per conversation.
     fn real_time_order(&mut self) {
@@ -2667,5 +2764,112 @@ mod tests {
         assert_eq!(r.valid, Validity::Valid);
         assert_eq!(r.stats.sends_ok, 100_000);
         assert_eq!(r.stats.final_reads, 150);
+    }
+
+    // ---- availability (`move-with-voter-down`) ----
+
+    /// Sets op `index`'s time to `ms` milliseconds into the run.
+    fn at(h: &mut H, index: u64, ms: u64) -> u64 {
+        h.ops[index as usize].time = ms * 1_000_000;
+        index
+    }
+
+    /// The kill and the membership invoke of a `move-with-voter-down` fault on c1's shard at
+    /// `ms`; returns the invoke's index.
+    fn voter_down_begins(h: &mut H, ms: u64) -> u64 {
+        let kill = json!({"nodes": [3], "variant": "a follower of a shard about to move"});
+        let i = h.push(Type::Invoke, Process::NEMESIS, F::Kill, kill.clone(), None);
+        at(h, i, ms);
+        let i = h.push(Type::Info, Process::NEMESIS, F::Kill, kill, None);
+        at(h, i, ms);
+        let asked = json!({"variant": "move-with-voter-down", "shard": 0, "down": 3, "leader": 1,
+                           "conversations": ["c1"], "actions": [{"move": {"shard": 0, "from": 2, "to": 4}}]});
+        let i = h.push(Type::Invoke, Process::NEMESIS, F::Membership, asked, None);
+        at(h, i, ms)
+    }
+
+    fn voter_down_ends(h: &mut H, ms: u64) -> u64 {
+        let done = json!({"variant": "move-with-voter-down", "shard": 0, "down": 3, "conversations": ["c1"],
+                          "outcome": "asked", "move_ended": true});
+        let i = h.push(Type::Info, Process::NEMESIS, F::Membership, done, None);
+        at(h, i, ms)
+    }
+
+    /// A send by `p` to `conv` invoked at `from` ms and completed `kind` at `to` ms (an
+    /// indeterminate or failed one, so that no final read must hold it); its indices.
+    fn timed_send(h: &mut H, p: u64, conv: &str, text: &str, kind: Type, from: u64, to: u64) -> (u64, u64) {
+        let i = h.invoke_send(p, conv, text);
+        at(h, i, from);
+        let d = h.complete(p, kind, json!({"error": "timeout"}));
+        (i, at(h, d, to))
+    }
+
+    #[test]
+    fn a_shard_that_keeps_acknowledging_through_a_move_with_a_voter_down_is_valid() {
+        let mut h = base();
+        voter_down_begins(&mut h, 10_000);
+        // Within the first second: not checked, however long it waits.
+        timed_send(&mut h, 20, "c1", "w0", Type::Info, 10_500, 19_000);
+        timed_send(&mut h, 21, "c1", "w1", Type::Info, 11_500, 11_600);
+        // A fast failure did not wait.
+        timed_send(&mut h, 22, "c1", "w2", Type::Fail, 12_000, 12_010);
+        // Another shard's conversation may wait (its leader may have been the node killed).
+        timed_send(&mut h, 23, "c2", "w3", Type::Info, 12_000, 25_000);
+        timed_send(&mut h, 24, "c1", "w4", Type::Info, 20_000, 24_000);
+        voter_down_ends(&mut h, 30_000);
+        finish(&mut h);
+        let r = h.check();
+        assert_eq!(r.valid, Validity::Valid, "{:#?} {:?}", r.anomalies, r.notes);
+        assert_eq!((r.stats.availability_windows, r.stats.availability_longest_wait_ms), (1, 4_000));
+    }
+
+    #[test]
+    fn a_send_waiting_more_than_five_seconds_while_its_shard_keeps_a_majority_is_unavailable() {
+        for (kind, words) in [
+            (Some((Type::Info, 8_000)), "gave up (info) after 8.0 s"),
+            (Some((Type::Fail, 6_000)), "failed after 6.0 s"),
+            (None, "was still waiting when the fault ended, after 18.0 s"),
+        ] {
+            let mut h = base();
+            let begins = voter_down_begins(&mut h, 10_000);
+            timed_send(&mut h, 21, "c1", "w1", Type::Info, 11_500, 11_600);
+            let mut witness = vec![begins];
+            let ends = match kind {
+                Some((kind, wait_ms)) => {
+                    let (i, d) = timed_send(&mut h, 22, "c1", "w2", kind, 12_000, 12_000 + wait_ms);
+                    let ends = voter_down_ends(&mut h, 30_000);
+                    witness.extend([ends, i, d]);
+                    ends
+                }
+                None => {
+                    // Never answered.
+                    let i = h.invoke_send(22, "c1", "w2");
+                    at(&mut h, i, 12_000);
+                    let ends = voter_down_ends(&mut h, 30_000);
+                    witness.extend([ends, i]);
+                    ends
+                }
+            };
+            assert!(ends > begins);
+            finish(&mut h);
+            let a = assert_only(&h.check(), kinds::UNAVAILABLE, &witness);
+            assert!(a.explanation.contains(words), "{}", a.explanation);
+            assert!(a.explanation.contains("only node 3 was down"), "{}", a.explanation);
+        }
+    }
+
+    #[test]
+    fn a_move_with_voter_down_fault_without_its_conversations_is_noted_not_checked() {
+        let mut h = base();
+        let i = h.push(Type::Invoke, Process::NEMESIS, F::Membership, json!({"variant": "move-with-voter-down"}), None);
+        at(&mut h, i, 10_000);
+        timed_send(&mut h, 22, "c1", "w2", Type::Info, 12_000, 20_000);
+        let d = h.push(Type::Info, Process::NEMESIS, F::Membership, json!({"variant": "move-with-voter-down"}), None);
+        at(&mut h, d, 30_000);
+        finish(&mut h);
+        let r = h.check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.stats.availability_windows, 0);
+        assert!(r.notes.iter().any(|n| n.contains("move-with-voter-down")), "{:?}", r.notes);
     }
 }

@@ -43,7 +43,17 @@ pub struct DbOptions {
     pub planted_bug: Option<String>,
     /// Messages kept per conversation, if any (checked every 500 ms, so trims are frequent).
     pub retention: Option<u64>,
+    /// Set up for placement changes (`membership`): moves paced at [`MOVE_BYTES_PER_S`], and
+    /// snapshots every [`MOVE_SNAPSHOT_EVERY`] entries, so that a move copies by a paced
+    /// snapshot within the run rather than by the log alone.
+    pub moves: bool,
 }
+
+/// `[admin] move_bytes_per_s` of a cluster set up for moves: a copy lasts seconds, as a real
+/// one does, so faults land during it.
+pub const MOVE_BYTES_PER_S: u64 = 4_000;
+/// `snapshot_logs_since_last` of a cluster set up for moves (20 entries kept after one).
+pub const MOVE_SNAPSHOT_EVERY: u64 = 100;
 
 /// The running cluster.
 pub struct Db {
@@ -128,13 +138,23 @@ impl Db {
 
     /// The newest cluster map any node reports (see `convoy::admin::newest_map`).
     pub async fn cluster_map(&self) -> Result<convoy::placement::ClusterMap> {
+        Ok(convoy::admin::newest_map(&self.statuses().await?))
+    }
+
+    /// What `convoy admin status` shows (leaders and each replica's lag), with the newest map.
+    pub async fn view(&self) -> Result<(convoy::admin::ClusterView, convoy::placement::ClusterMap)> {
+        let statuses = self.statuses().await?;
+        Ok((convoy::admin::cluster_view(&statuses), convoy::admin::newest_map(&statuses)))
+    }
+
+    async fn statuses(&self) -> Result<Vec<(u64, Option<convoy::net::wire::NodeStatus>)>> {
         let admin = self.admin()?;
         let mut statuses = Vec::new();
         for id in self.node_ids() {
             let answer = tokio::time::timeout(Duration::from_secs(2), admin.status(id)).await;
             statuses.push((id, answer.ok().and_then(|a| a.ok())));
         }
-        Ok(convoy::admin::newest_map(&statuses))
+        Ok(statuses)
     }
 
     /// The cluster's configuration.
@@ -294,8 +314,8 @@ fn spec(opts: &DbOptions) -> ClusterSpec {
             heartbeat_ms: Some(100),
             election_timeout_ms_min: Some(1000),
             election_timeout_ms_max: Some(2000),
-            snapshot_logs_since_last: Some(2000),
-            snapshot_log_kept_max: Some(500),
+            snapshot_logs_since_last: Some(if opts.moves { MOVE_SNAPSHOT_EVERY } else { 2000 }),
+            snapshot_log_kept_max: Some(if opts.moves { 20 } else { 500 }),
             purge_batch_size: Some(100),
             ..RaftTweaks::default()
         },
@@ -311,6 +331,7 @@ fn spec(opts: &DbOptions) -> ClusterSpec {
         log_filter: Some("info,openraft=warn".into()),
         node_env,
         convoy_bin: Some(opts.convoy_bin.clone()),
+        move_bytes_per_s: opts.moves.then_some(MOVE_BYTES_PER_S),
         ..ClusterSpec::default()
     }
 }
@@ -336,7 +357,12 @@ mod tests {
             faketime: true,
             planted_bug: Some("skip-dedup".into()),
             retention: Some(500),
+            moves: false,
         };
+        let moving = spec(&DbOptions { moves: true, ..opts.clone() });
+        assert_eq!(moving.move_bytes_per_s, Some(MOVE_BYTES_PER_S));
+        assert_eq!(moving.raft.snapshot_logs_since_last, Some(MOVE_SNAPSHOT_EVERY));
+        assert_eq!(spec(&opts).move_bytes_per_s, None);
         let cluster = LocalCluster::create(spec(&opts)).expect("create");
         let config = cluster.config();
         assert_eq!(config.shards, 4);

@@ -11,7 +11,7 @@
 //! | `corrupt`   | one stopped node's storage is damaged: a bit flipped in a Raft vote record or near the end of the newest WAL, or the newest table file truncated |
 //! | `wipe`      | one stopped node's data directory is emptied |
 //! | `corrupt-majority` | two stopped nodes each get a bit flipped near the end of their newest WAL (never with the others: see below) |
-//! | `membership` | placement changes asked of a cluster with a fourth node added after formation: a move of a random replica to a node without one, a leader transfer, a rebalance's plan, a cancel (of a move in progress, or of one started 0–1.5 s before), a drain (of a random node while three others stay active, or the moves still due from the node draining) with its planned moves, or the recommission of the node draining; left to run, nothing undone. Not with the damage families |
+//! | `membership` | placement changes asked of a cluster with a fourth node added after formation: a move of a random replica to a node without one, a leader transfer, a rebalance's plan, a cancel (of a move in progress, or of one started 0–1.5 s before), a drain (of a random node while three others stay active, or the moves still due from the node draining) with its planned moves, or the recommission of the node draining; left to run, nothing undone. And, with no other fault in effect, `move-with-voter-down`: a follower of a shard is killed, a move of its other follower is asked, and the killed one stays down until the move ends (at most 30 s): the shard must keep acknowledging throughout (the checker's `unavailable`); the first chance 40 s or more into a run takes one. Not with the damage families. A cluster for `membership` paces moves at 4 kB/s and snapshots every 100 entries, so that moves copy by snapshot and last seconds |
 //!
 //! Damage (`corrupt`, `wipe`) hits at most one node at a time, and that node is repaired at
 //! the end of the fault: started as it is, it either runs (the damage was harmless or
@@ -63,6 +63,16 @@ const DAMAGE: [&str; 3] = ["corrupt", "wipe", "corrupt-majority"];
 const HEALTHY_WITHIN: Duration = Duration::from_secs(2);
 /// How long a restarted node is watched for a refusal before it counts as started.
 const REFUSAL_WATCH: Duration = Duration::from_secs(4);
+/// How long a placement change may take to be answered.
+const ASK_WITHIN: Duration = Duration::from_secs(10);
+/// `move-with-voter-down`: the most a voter of a shard moving is held down while it moves.
+const VOTER_DOWN_FOR_AT_MOST: Duration = Duration::from_secs(30);
+/// `move-with-voter-down`: a shard is moved only with its followers this close to its leader
+/// (entries), so that the one left up can make a quorum with the leader at once.
+const FOLLOWERS_WITHIN: u64 = 50;
+/// `move-with-voter-down`: the first one runs at the first chance this far into a run (ns),
+/// once the shards hold enough for a move to copy by snapshot for several seconds.
+const VOTER_DOWN_FIRST_AFTER_NS: u64 = 40_000_000_000;
 /// How long the node that boots first after `power-all` may take to answer.
 const FIRST_BOOT_WITHIN: Duration = Duration::from_secs(5);
 
@@ -93,6 +103,12 @@ pub struct Nemesis {
     pub nodes: Vec<u64>,
     pub rng: StdRng,
     pub recorder: Recorder,
+    /// The workload's conversation count (`workload::conversation(0..n)`).
+    pub conversations: usize,
+    /// Whether a `move-with-voter-down` has run (the first chance after
+    /// [`VOTER_DOWN_FIRST_AFTER_NS`] takes one, so that every `membership` run long enough has
+    /// one).
+    pub voter_down_done: bool,
 }
 
 fn nft(script: &str) -> Result<()> {
@@ -148,13 +164,14 @@ impl Nemesis {
     }
 
     /// Injects one random fault from the enabled families; returns what must be undone.
-    pub async fn inject(&mut self, db: &Mutex<Db>, damage_allowed: bool) -> Result<Active> {
+    /// `alone`: no other fault is in effect.
+    pub async fn inject(&mut self, db: &Mutex<Db>, damage_allowed: bool, alone: bool) -> Result<Active> {
         let family = self.faults.choose(&mut self.rng).cloned().context("no faults enabled")?;
         if DAMAGE.contains(&family.as_str()) && !damage_allowed {
             return Ok(Active::Nothing);
         }
         if family == "membership" {
-            return self.membership(db).await;
+            return self.membership(db, alone).await;
         }
         let mut db = db.lock().await;
         match family.as_str() {
@@ -339,15 +356,36 @@ impl Nemesis {
     /// the node draining. Each request's
     /// answer is recorded; a refusal (a shard already moving, a cancel too late, no node
     /// answering) is an outcome, not an error of the run.
-    async fn membership(&mut self, db: &Mutex<Db>) -> Result<Active> {
-        const ASK_WITHIN: Duration = Duration::from_secs(10);
+    async fn membership(&mut self, db: &Mutex<Db>, alone: bool) -> Result<Active> {
         let (admin, map) = {
             let db = db.lock().await;
             (db.admin()?, db.cluster_map().await?)
         };
-        const VARIANTS: [&str; 8] =
-            ["move", "move", "metadata", "transfer-leader", "rebalance", "cancel", "drain", "recommission"];
-        let variant = VARIANTS[self.rng.gen_range(0..VARIANTS.len())];
+        const VARIANTS: [&str; 9] = [
+            "move",
+            "move",
+            "metadata",
+            "transfer-leader",
+            "rebalance",
+            "cancel",
+            "drain",
+            "recommission",
+            "move-with-voter-down",
+        ];
+        let mut variant = VARIANTS[self.rng.gen_range(0..VARIANTS.len())];
+        if !self.voter_down_done && alone && self.recorder.now_ns() >= VOTER_DOWN_FIRST_AFTER_NS {
+            variant = "move-with-voter-down";
+        }
+        if variant == "move-with-voter-down" {
+            if alone {
+                if let Some(active) = self.move_with_voter_down(db).await? {
+                    self.voter_down_done = true;
+                    return Ok(active);
+                }
+            }
+            // Another fault is in effect (two nodes would be out), or no shard is ready for it.
+            variant = "move";
+        }
         let active: Vec<u64> = map.nodes.iter().filter(|n| n.state == NodeState::Active).map(|n| n.id).collect();
         let draining = map.nodes.iter().find(|n| n.state == NodeState::Draining).map(|n| n.id);
         let mut drain = None;
@@ -427,17 +465,12 @@ impl Nemesis {
             "recommission": recommission,
         });
         self.begin(F::Membership, asked.clone());
-        let answer = |r: Result<convoy::Result<(u64, bool)>, tokio::time::error::Elapsed>| match r {
-            Ok(Ok((epoch, changed))) => json!({"epoch": epoch, "changed": changed}),
-            Ok(Err(e)) => json!({"refused": e.to_string()}),
-            Err(_) => json!({"refused": format!("no answer within {ASK_WITHIN:?}")}),
-        };
         let mut outcomes = Vec::new();
         if let Some(node) = drain {
-            outcomes.push(answer(tokio::time::timeout(ASK_WITHIN, admin.drain(node)).await));
+            outcomes.push(answered(tokio::time::timeout(ASK_WITHIN, admin.drain(node)).await));
         }
         if let Some(node) = recommission {
-            outcomes.push(answer(tokio::time::timeout(ASK_WITHIN, admin.recommission(node)).await));
+            outcomes.push(answered(tokio::time::timeout(ASK_WITHIN, admin.recommission(node)).await));
         }
         for a in &actions {
             let r = match *a {
@@ -448,7 +481,7 @@ impl Nemesis {
                     tokio::time::timeout(ASK_WITHIN, admin.transfer_leader(shard, node)).await
                 }
             };
-            outcomes.push(answer(r));
+            outcomes.push(answered(r));
         }
         if let Some((shard, after)) = cancel_after {
             tokio::time::sleep(after).await;
@@ -459,7 +492,7 @@ impl Nemesis {
             }
         }
         if let Some(id) = cancel {
-            outcomes.push(answer(tokio::time::timeout(ASK_WITHIN, admin.cancel_operation(id)).await));
+            outcomes.push(answered(tokio::time::timeout(ASK_WITHIN, admin.cancel_operation(id)).await));
         }
         let mut done = asked;
         done["cancel"] = json!(cancel);
@@ -468,6 +501,83 @@ impl Nemesis {
         done["outcome"] = json!(if asked_any { "asked" } else { "nothing to ask" });
         self.end(F::Membership, done);
         Ok(Active::Nothing)
+    }
+
+    /// `move-with-voter-down`: an operator moves a replica of a shard while another of its
+    /// followers is down. Follower D of shard S (never its leader L) is killed, then a move of
+    /// S's other follower to a node without a replica is asked, and D stays down until the move
+    /// has ended or [`VOTER_DOWN_FOR_AT_MOST`] passed (then the usual hold, then a restart).
+    /// Throughout, S has a majority of voters up that hold its log (L and the follower moving,
+    /// until the new replica has caught up and replaces it), so S must keep acknowledging: the
+    /// checker's `unavailable` looks at S's sends between this membership op's invoke and its
+    /// info. Only run with no other fault in effect. `None`: no shard is ready for it (every
+    /// shard has a move in progress, a follower behind, no node to go to or no conversation).
+    async fn move_with_voter_down(&mut self, db_lock: &Mutex<Db>) -> Result<Option<Active>> {
+        let mut db = db_lock.lock().await;
+        let (view, map) = db.view().await?;
+        let shards = db.config().shards;
+        let active: Vec<u64> = map.nodes.iter().filter(|n| n.state == NodeState::Active).map(|n| n.id).collect();
+        let mut ready = Vec::new();
+        for p in &map.shards {
+            if map.operation_on(p.shard).is_some() || p.voters.len() != 3 || !p.learners.is_empty() {
+                continue;
+            }
+            let Some(v) = view.shards.iter().find(|v| v.shard == p.shard) else { continue };
+            let Some(leader) = v.leader.filter(|l| p.voters.contains(l)) else { continue };
+            let followers: Vec<u64> = p.voters.iter().copied().filter(|n| *n != leader).collect();
+            let close = followers
+                .iter()
+                .all(|f| v.lag.iter().any(|l| l.node == *f && l.entries_behind.is_some_and(|e| e <= FOLLOWERS_WITHIN)));
+            let to: Vec<u64> = active.iter().copied().filter(|n| !p.voters.contains(n)).collect();
+            let conversations: Vec<String> = (0..self.conversations)
+                .map(crate::workload::conversation)
+                .filter(|c| convoy::chat::shard_of(c, shards) == p.shard)
+                .collect();
+            if close && !to.is_empty() && !conversations.is_empty() {
+                ready.push((p.shard, leader, followers, to, conversations));
+            }
+        }
+        let Some((shard, leader, mut followers, to, conversations)) = ready.choose(&mut self.rng).cloned() else {
+            return Ok(None);
+        };
+        followers.shuffle(&mut self.rng);
+        let (down, from) = (followers[0], followers[1]);
+        let to = *to.choose(&mut self.rng).context("a node to move to")?;
+        let kill = json!({"nodes": [down], "variant": "a follower of a shard about to move"});
+        self.begin(F::Kill, kill.clone());
+        db.kill(down);
+        let mut killed = kill;
+        killed["outcome"] = json!("killed");
+        self.end(F::Kill, killed);
+        let admin = db.admin()?;
+        drop(db);
+        let asked = json!({
+            "variant": "move-with-voter-down",
+            "epoch": map.epoch,
+            "actions": [Action::Move { shard, from, to }],
+            "shard": shard,
+            "leader": leader,
+            "down": down,
+            "conversations": conversations,
+        });
+        self.begin(F::Membership, asked.clone());
+        let r = tokio::time::timeout(ASK_WITHIN, admin.move_replica(shard, from, to)).await;
+        let accepted = matches!(r, Ok(Ok(_)));
+        let mut ended = false;
+        let by = tokio::time::Instant::now() + VOTER_DOWN_FOR_AT_MOST;
+        while accepted && tokio::time::Instant::now() < by {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if db_lock.lock().await.cluster_map().await.is_ok_and(|m| m.operation_on(shard).is_none()) {
+                ended = true;
+                break;
+            }
+        }
+        let mut done = asked;
+        done["outcomes"] = json!([answered(r)]);
+        done["move_ended"] = json!(ended);
+        done["outcome"] = json!("asked");
+        self.end(F::Membership, done);
+        Ok(Some(Active::Killed(vec![down])))
     }
 
     /// Undoes a fault.
@@ -578,7 +688,8 @@ impl Nemesis {
                 // or still rejoining (every node must answer and agree on the leaders).
                 let damage_allowed = !active.iter().any(|a| matches!(a, Active::Damaged(_)))
                     && db.lock().await.wait_ready(HEALTHY_WITHIN).await.is_ok();
-                active.push(self.inject(db, damage_allowed).await?);
+                let alone = active.iter().all(|a| matches!(a, Active::Nothing));
+                active.push(self.inject(db, damage_allowed, alone).await?);
             }
             let hold = Duration::from_millis(self.rng.gen_range(3_000..8_000));
             tokio::time::sleep_until((tokio::time::Instant::now() + hold).min(until)).await;
@@ -586,6 +697,15 @@ impl Nemesis {
                 self.heal(db, a).await?;
             }
         }
+    }
+}
+
+/// A placement change's answer, for the history.
+fn answered(r: Result<convoy::Result<(u64, bool)>, tokio::time::error::Elapsed>) -> serde_json::Value {
+    match r {
+        Ok(Ok((epoch, changed))) => json!({"epoch": epoch, "changed": changed}),
+        Ok(Err(e)) => json!({"refused": e.to_string()}),
+        Err(_) => json!({"refused": format!("no answer within {ASK_WITHIN:?}")}),
     }
 }
 

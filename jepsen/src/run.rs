@@ -77,6 +77,7 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
         faketime: opts.faults.iter().any(|f| f == "clock"),
         planted_bug: opts.planted_bug.clone(),
         retention: opts.retention,
+        moves: membership,
     };
     if let Some(n) = opts.retention {
         rec.record(Type::Info, Process::NEMESIS, F::Retention, json!({"max_messages": n}), None);
@@ -132,6 +133,8 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
         nodes: db.lock().await.node_ids(),
         rng: rand::rngs::StdRng::seed_from_u64(opts.seed),
         recorder: rec.clone(),
+        conversations: opts.conversations,
+        voter_down_done: false,
     };
     if opts.faults.is_empty() {
         tokio::time::sleep_until(until).await;
