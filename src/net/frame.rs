@@ -15,8 +15,9 @@ use crate::error::{Error, Result};
 /// changes shape, so a peer of another build is refused with a clear error instead of
 /// misreading: 2 since the metadata group (`Request::TransferLeader`, the cluster map in
 /// `NodeStatus`, `PeerRequest::Place`); 3 since routing maps (`Request::ShardMap`, the map
-/// in `Response::NotLeader`).
-pub const WIRE_VERSION: u8 = 3;
+/// in `Response::NotLeader`); 4 since `PeerRequest::SnapshotEnd` (a snapshot stream without
+/// it is refused).
+pub const WIRE_VERSION: u8 = 4;
 
 /// Encodes a frame (length, version, body).
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

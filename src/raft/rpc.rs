@@ -4,8 +4,9 @@
 //! One bidirectional stream per RPC: one [`PeerRequest`] frame, one [`PeerResponse`] frame;
 //! AppendEntries reuse a stream per (peer, shard), one exchange at a time. A snapshot
 //! transfer sends [`PeerRequest::Snapshot`], then the shard's state as
-//! [`PeerRequest::SnapshotChunk`] frames, then finishes; the receiver answers once
-//! everything is installed.
+//! [`PeerRequest::SnapshotChunk`] frames, then [`PeerRequest::SnapshotEnd`] with their byte
+//! count, then finishes; the receiver installs only a stream that ended with a matching
+//! `SnapshotEnd`, and answers once everything is installed.
 
 use serde::{Deserialize, Serialize};
 
@@ -50,12 +51,6 @@ pub enum PeerRequest {
         meta: SnapshotMeta,
     },
     SnapshotChunk(Vec<u8>),
-    /// The last frame of a snapshot's stream: the bytes of every chunk before it. A stream
-    /// that ends without it was cut short (the sender lost leadership, stopped or crashed
-    /// mid-copy; QUIC finishes a dropped stream cleanly), and nothing of it is installed.
-    SnapshotEnd {
-        bytes: u64,
-    },
     /// Cluster formation: what is your cluster record? (see `raft::formation`)
     Hello,
     /// Cluster formation: the bootstrapper asks a pristine node to join `cluster`.
@@ -114,6 +109,12 @@ pub enum PeerRequest {
     Drop {
         shard: ShardId,
         replicas: Vec<NodeId>,
+    },
+    /// The last frame of a snapshot's stream: the bytes of every chunk before it. A stream
+    /// that ends without it was cut short (the sender lost leadership, stopped or crashed
+    /// mid-copy; QUIC finishes a dropped stream cleanly), and nothing of it is installed.
+    SnapshotEnd {
+        bytes: u64,
     },
 }
 
