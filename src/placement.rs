@@ -646,7 +646,9 @@ mod tests {
         map.apply(&PlacementCommand::Register(node(4))).unwrap();
         let start = PlacementCommand::StartMove { shard: 0, from: 1, to: 4 };
         assert_eq!(map.apply(&start), Ok(true));
+        let epoch = map.epoch;
         assert_eq!(map.apply(&start), Ok(false), "the same move asked again is the one under way");
+        assert_eq!(map.epoch, epoch, "and changes nothing");
         let other = PlacementCommand::StartMove { shard: 0, from: 2, to: 4 };
         assert!(map.apply(&other).unwrap_err().contains("already being moved"), "one move per shard");
         assert_eq!(map.operations.len(), 1);
@@ -699,6 +701,11 @@ mod tests {
             .unwrap();
         assert_eq!(map.apply(&PlacementCommand::CancelMove { id: 1 }), Ok(true));
         assert_eq!(map.apply(&PlacementCommand::CancelMove { id: 1 }), Ok(false));
+        let again = PlacementCommand::StartMove { shard: 1, from: 2, to: 4 };
+        assert!(
+            map.apply(&again).unwrap_err().contains("already being moved"),
+            "a move being cancelled is not resumed"
+        );
         let caught =
             PlacementCommand::MoveReached { id: 1, step: Step::CatchingUp, replica: Some(4), leaving: vec![1] };
         assert!(map.apply(&caught).unwrap_err().contains("being cancelled"), "a cancelled move goes no further");

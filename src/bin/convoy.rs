@@ -1364,9 +1364,9 @@ async fn rebalance(args: &StatusArgs, dry_run: bool, wait: bool, timeout: Durati
 async fn move_replica(args: &StatusArgs, shard: u32, from: u64, to: u64, wait: bool, timeout: Duration) -> Result<()> {
     let client = args.admin_client()?;
     let started = Instant::now();
-    let epoch = loop {
+    let (epoch, changed) = loop {
         match client.move_replica(shard, from, to).await {
-            Ok((epoch, _)) => break epoch,
+            Ok(answer) => break answer,
             Err(e @ convoy::Error::Unavailable(_)) if started.elapsed() < timeout => {
                 tracing::debug!(error = %e, "asking again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1375,7 +1375,8 @@ async fn move_replica(args: &StatusArgs, shard: u32, from: u64, to: u64, wait: b
         }
     };
     if !args.json {
-        println!("{}: move from node {from} to node {to} recorded (cluster map epoch {epoch})", group_name(shard));
+        let what = if changed { "recorded" } else { "already under way" };
+        println!("{}: move from node {from} to node {to} {what} (cluster map epoch {epoch})", group_name(shard));
     }
     let mut op_id = None;
     let mut replicas = Vec::new();
