@@ -1562,9 +1562,15 @@ impl<'h> Checker<'h> {
             if !fault || op.value.get("variant").and_then(Value::as_str) != Some("move-with-voter-down") {
                 continue;
             }
+            // Its invoke: the last membership invoke before it, which must be the same fault
+            // (a cut history could otherwise pair it with an older op and widen the window).
             let invoke = h[..pos]
                 .iter()
-                .rposition(|o| o.process == Process::NEMESIS && o.f == F::Membership && o.kind == Type::Invoke);
+                .rposition(|o| o.process == Process::NEMESIS && o.f == F::Membership && o.kind == Type::Invoke)
+                .filter(|&i| {
+                    let (a, b) = (&h[i].value, &op.value);
+                    a.get("variant") == b.get("variant") && a.get("shard") == b.get("shard")
+                });
             let convs: HashSet<&str> = op
                 .value
                 .get("conversations")
@@ -2871,5 +2877,40 @@ mod tests {
         assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
         assert_eq!(r.stats.availability_windows, 0);
         assert!(r.notes.iter().any(|n| n.contains("move-with-voter-down")), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn a_move_with_voter_down_end_is_paired_only_with_its_own_invoke() {
+        // A cut history: the fault's invoke is missing, and the membership invoke before its
+        // info is an ordinary move long before. Pairing them would check a send that waited
+        // through other faults; the window is noted as malformed instead.
+        let mut h = base();
+        let i = h.push(Type::Invoke, Process::NEMESIS, F::Membership, json!({"variant": "move", "shard": 0}), None);
+        at(&mut h, i, 1_000);
+        timed_send(&mut h, 22, "c1", "w2", Type::Info, 5_000, 20_000);
+        voter_down_ends(&mut h, 30_000);
+        finish(&mut h);
+        let r = h.check();
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.stats.availability_windows, 0);
+        assert!(r.notes.iter().any(|n| n.contains("move-with-voter-down")), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn two_move_with_voter_down_faults_are_checked_each_in_its_own_window() {
+        let mut h = base();
+        voter_down_begins(&mut h, 10_000);
+        timed_send(&mut h, 21, "c1", "w1", Type::Info, 12_000, 14_000);
+        voter_down_ends(&mut h, 20_000);
+        // Between the windows a send may wait (another fault may be in effect then).
+        timed_send(&mut h, 22, "c1", "w2", Type::Info, 21_000, 29_000);
+        let begins = voter_down_begins(&mut h, 30_000);
+        let (i, d) = timed_send(&mut h, 23, "c1", "w3", Type::Info, 32_000, 39_000);
+        let ends = voter_down_ends(&mut h, 40_000);
+        finish(&mut h);
+        let r = h.check();
+        assert_eq!(r.stats.availability_windows, 2);
+        let a = assert_only(&r, kinds::UNAVAILABLE, &[begins, ends, i, d]);
+        assert!(a.explanation.contains("after 7.0 s"), "{}", a.explanation);
     }
 }

@@ -543,13 +543,15 @@ impl Nemesis {
         followers.shuffle(&mut self.rng);
         let (down, from) = (followers[0], followers[1]);
         let to = *to.choose(&mut self.rng).context("a node to move to")?;
+        // Everything that can fail before the kill: once `down` is killed, only the returned
+        // `Active::Killed` brings it back.
+        let admin = db.admin()?;
         let kill = json!({"nodes": [down], "variant": "a follower of a shard about to move"});
         self.begin(F::Kill, kill.clone());
         db.kill(down);
         let mut killed = kill;
         killed["outcome"] = json!("killed");
         self.end(F::Kill, killed);
-        let admin = db.admin()?;
         drop(db);
         let asked = json!({
             "variant": "move-with-voter-down",
