@@ -41,8 +41,8 @@ use rand::Rng;
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use convoy::admin::Action;
-use convoy::placement::NodeState;
+use convoy::admin::{Action, ClusterView};
+use convoy::placement::{ClusterMap, NodeState};
 
 use crate::db::{node_ip, Db};
 use crate::history::{Process, Type, F};
@@ -357,9 +357,10 @@ impl Nemesis {
     /// answer is recorded; a refusal (a shard already moving, a cancel too late, no node
     /// answering) is an outcome, not an error of the run.
     async fn membership(&mut self, db: &Mutex<Db>, alone: bool) -> Result<Active> {
-        let (admin, map) = {
+        let (admin, view, map) = {
             let db = db.lock().await;
-            (db.admin()?, db.cluster_map().await?)
+            let (view, map) = db.view().await?;
+            (db.admin()?, view, map)
         };
         const VARIANTS: [&str; 9] = [
             "move",
@@ -378,7 +379,7 @@ impl Nemesis {
         }
         if variant == "move-with-voter-down" {
             if alone {
-                if let Some(active) = self.move_with_voter_down(db).await? {
+                if let Some(active) = self.move_with_voter_down(db, &view, &map).await? {
                     self.voter_down_done = true;
                     return Ok(active);
                 }
@@ -512,9 +513,13 @@ impl Nemesis {
     /// checker's `unavailable` looks at S's sends between this membership op's invoke and its
     /// info. Only run with no other fault in effect. `None`: no shard is ready for it (every
     /// shard has a move in progress, a follower behind, no node to go to or no conversation).
-    async fn move_with_voter_down(&mut self, db_lock: &Mutex<Db>) -> Result<Option<Active>> {
+    async fn move_with_voter_down(
+        &mut self,
+        db_lock: &Mutex<Db>,
+        view: &ClusterView,
+        map: &ClusterMap,
+    ) -> Result<Option<Active>> {
         let mut db = db_lock.lock().await;
-        let (view, map) = db.view().await?;
         let shards = db.config().shards;
         let active: Vec<u64> = map.nodes.iter().filter(|n| n.state == NodeState::Active).map(|n| n.id).collect();
         let mut ready = Vec::new();

@@ -268,37 +268,36 @@ impl PeerNet {
     /// cluster map: their snapshots are paced even once they vote (a move is the operator's
     /// copy, whatever the replica's role in the group by then).
     pub fn moves_in_progress(&self, replicas: impl IntoIterator<Item = (ShardId, NodeId)>) {
-        let replicas: std::collections::HashSet<_> = replicas.into_iter().collect();
-        let mut moving = self.inner.moving.write().unwrap_or_else(|p| p.into_inner());
-        if *moving != replicas {
-            *moving = replicas;
-        }
+        *self.inner.moving.write().unwrap_or_else(|p| p.into_inner()) = replicas.into_iter().collect();
     }
 
-    /// The pace of a snapshot streamed to `target`: `limit` for a learner of `shard` or the
+    /// The pace of a snapshot streamed to `target`: the limit for a learner of `shard` or the
     /// replica a move in progress adds, if moves are paced.
     fn snapshot_pace(&self, shard: ShardId, target: NodeId) -> Option<u64> {
         let moving = self.inner.moving.read().unwrap_or_else(|p| p.into_inner()).contains(&(shard, target));
-        if moving {
-            let limit = self.inner.snapshot_bytes_per_s.load(Ordering::Relaxed);
-            return (limit > 0).then_some(limit);
-        }
-        self.learner_pace(shard, target)
+        self.move_limit().filter(|_| moving || self.is_learner(shard, target))
     }
 
-    /// `limit` if `target` is a learner of `shard`'s group here and moves are paced.
+    /// The limit if `target` is a learner of `shard`'s group here and moves are paced.
     fn learner_pace(&self, shard: ShardId, target: NodeId) -> Option<u64> {
-        let limit = self.inner.snapshot_bytes_per_s.load(Ordering::Relaxed);
-        if limit == 0 {
-            return None;
-        }
-        let groups = self.inner.groups.get()?.read().unwrap_or_else(|p| p.into_inner());
-        let raft = groups.get(&shard)?.raft.clone();
-        drop(groups);
+        self.move_limit().filter(|_| self.is_learner(shard, target))
+    }
+
+    /// `[admin] move_bytes_per_s`, if moves are paced.
+    fn move_limit(&self) -> Option<u64> {
+        Some(self.inner.snapshot_bytes_per_s.load(Ordering::Relaxed)).filter(|l| *l > 0)
+    }
+
+    /// Whether `target` is a learner of `shard`'s group on this node.
+    fn is_learner(&self, shard: ShardId, target: NodeId) -> bool {
+        let Some(groups) = self.inner.groups.get() else { return false };
+        let Some(raft) = groups.read().unwrap_or_else(|p| p.into_inner()).get(&shard).map(|g| g.raft.clone()) else {
+            return false;
+        };
         let metrics = raft.metrics();
         let m = openraft::async_runtime::WatchReceiver::borrow_watched(&metrics);
         let learner = m.membership_config.membership().learner_ids().any(|l| l == target);
-        learner.then_some(limit)
+        learner
     }
 
     /// Reserves `bytes` of `target`'s pace: the instant they may leave.
@@ -792,7 +791,7 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
             Err(e) => err(e),
         },
         PeerRequest::SnapshotChunk(_) | PeerRequest::SnapshotEnd { .. } => {
-            err("snapshot chunk without a snapshot header".into())
+            err("snapshot frame without a snapshot header".into())
         }
         PeerRequest::Hello => PeerResponse::Hello(ctx.formation.record()),
         PeerRequest::Prepare { cluster } => match ctx.formation.prepare(cluster).await {
