@@ -55,7 +55,14 @@ pub struct RaftConfig {
     pub payload_entries_max: u64,
     /// Purge the log in steps of at least this many entries.
     pub purge_batch_size: u64,
+    /// Frames of AppendEntries in flight to each peer, carrying every group's requests to it
+    /// (1 ..= [`APPEND_FRAMES_MAX`]); 0 gives each group its own exchange with each peer.
+    /// See `raft::network`.
+    pub append_frames_in_flight: usize,
 }
+
+/// Most frames of AppendEntries in flight to one peer (`raft.append_frames_in_flight`).
+pub const APPEND_FRAMES_MAX: usize = 8;
 
 impl Default for RaftConfig {
     fn default() -> Self {
@@ -68,6 +75,7 @@ impl Default for RaftConfig {
             snapshot_log_kept_max: 5_000,
             payload_entries_max: 256,
             purge_batch_size: 256,
+            append_frames_in_flight: 2,
         }
     }
 }
@@ -481,6 +489,12 @@ impl Config {
         if r.election_timeout_ms_max <= r.election_timeout_ms_min {
             return fail("raft.election_timeout_ms_max must exceed the minimum".into());
         }
+        if r.append_frames_in_flight > APPEND_FRAMES_MAX {
+            return fail(format!(
+                "raft.append_frames_in_flight must be 0 (an exchange per group) ..= {APPEND_FRAMES_MAX}, got {}",
+                r.append_frames_in_flight
+            ));
+        }
         Ok(())
     }
 
@@ -608,6 +622,16 @@ data_dir = "data/node3"
             let err = Config::parse(&text, Path::new("."), Path::new("c.toml")).expect_err("cannot be kept");
             assert!(err.to_string().contains("must be between 1 and the number of nodes (3)"), "{err}");
         }
+    }
+
+    #[test]
+    fn append_frames_in_flight_is_bounded() {
+        let parse = |text: String| Config::parse(&text, Path::new("."), Path::new("c.toml"));
+        assert_eq!(parse(SAMPLE.to_string()).expect("default").raft.append_frames_in_flight, 2);
+        let lanes = parse(format!("{SAMPLE}\n[raft]\nappend_frames_in_flight = 0\n")).expect("0: a lane per group");
+        assert_eq!(lanes.raft.append_frames_in_flight, 0);
+        let err = parse(format!("{SAMPLE}\n[raft]\nappend_frames_in_flight = 9\n")).expect_err("above the maximum");
+        assert!(err.to_string().contains("append_frames_in_flight must be 0"), "{err}");
     }
 
     // A suppressed heartbeat must still come before any election timeout.

@@ -87,7 +87,8 @@ impl Node {
         let addrs: HashMap<NodeId, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.peer_addr)).collect();
         let append_timeout = Duration::from_millis(config.raft.election_timeout_ms_min);
         let dialer = tls::node_dialer(&paths, id)?;
-        let net = PeerNet::new(peer_endpoint.clone(), dialer, addrs, append_timeout, store.stages.clone());
+        let frames = config.raft.append_frames_in_flight;
+        let net = PeerNet::new(peer_endpoint.clone(), dialer, addrs, append_timeout, frames, store.stages.clone());
         let registry: Groups = Arc::default();
         net.limit_moves(config.admin.move_bytes_per_s, registry.clone());
         let (drops, drop_requests) = tokio::sync::mpsc::channel(16);

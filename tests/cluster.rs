@@ -874,7 +874,7 @@ async fn concurrent_sends_read_back_identically_on_every_replica() {
     assert_eq!(acks.len(), 300);
     // The batching counters saw every committed send, in no more entries than sends, and
     // the entries went out in AppendEntries RPCs.
-    let (mut sends, mut entries, mut rpc_entries) = (0, 0, 0);
+    let (mut sends, mut entries, mut rpc_entries, mut frames, mut rpcs) = (0, 0, 0, 0, 0);
     let mut stages = Vec::new();
     let admin = cluster.admin().expect("admin client");
     for node in 1..=3 {
@@ -883,11 +883,15 @@ async fn concurrent_sends_read_back_identically_on_every_replica() {
         entries += s.entries_committed;
         rpc_entries += s.append_rpc_entries;
         assert!(s.append_rpcs >= s.append_rpcs_empty, "node {node}: {s:?}");
+        assert!(s.append_frames <= s.append_rpcs, "node {node}: a frame carries one request or more: {s:?}");
+        (frames, rpcs) = (frames + s.append_frames, rpcs + s.append_rpcs);
         stages.extend(s.stages);
     }
     assert!(sends >= 300, "300 sends acked, {sends} counted as committed");
     assert!((1..=sends).contains(&entries), "{sends} sends in {entries} entries");
     assert!(rpc_entries >= entries, "{entries} entries committed but {rpc_entries} replicated");
+    // Replication went in per-peer frames (the default).
+    assert!(frames > 0 && frames <= rpcs, "{rpcs} AppendEntries in {frames} frames");
     // The send-path histograms saw the same work: one `send` per committed entry, and a
     // replicated, fsynced, applied path behind it. Each follower sample pairs with the
     // leader's round trip of the same RPC, which contains it.

@@ -282,6 +282,8 @@ fn start_cluster(dir: &Path, opts: BenchOptions) -> Result<LocalCluster> {
         // For trials of heartbeat suppression under load (`raft.heartbeat_min_interval_ms`).
         raft: RaftTweaks {
             heartbeat_min_interval_ms: env_number::<u64>("CONVOY_BENCH_HEARTBEAT_MIN_MS"),
+            // For trials of the per-peer frames (`raft.append_frames_in_flight`).
+            append_frames_in_flight: env_number::<usize>("CONVOY_BENCH_APPEND_FRAMES"),
             ..RaftTweaks::default()
         },
         worker_threads: env_number::<usize>("CONVOY_BENCH_WORKER_THREADS"),
@@ -590,6 +592,7 @@ pub struct NodeCounters {
     usage: Usage,
     append_rpcs: u64,
     append_rpcs_empty: u64,
+    append_frames: u64,
     fsyncs: u64,
     stages: Vec<StageSnapshot>,
 }
@@ -671,12 +674,19 @@ pub const PACED_CONVERSATIONS: usize = 64;
 /// Every node's counters now (status needs an admin credential).
 async fn node_counters(config: &Config, pids: &[u32]) -> Result<NodeCounters> {
     let client = Client::connect_user(config, convoy::net::tls::ADMIN_USER)?;
-    let mut c =
-        NodeCounters { usage: Usage::now(pids), append_rpcs: 0, append_rpcs_empty: 0, fsyncs: 0, stages: Vec::new() };
+    let mut c = NodeCounters {
+        usage: Usage::now(pids),
+        append_rpcs: 0,
+        append_rpcs_empty: 0,
+        append_frames: 0,
+        fsyncs: 0,
+        stages: Vec::new(),
+    };
     for id in config.node_ids() {
         let s = client.status(id).await?;
         c.append_rpcs += s.append_rpcs;
         c.append_rpcs_empty += s.append_rpcs_empty;
+        c.append_frames += s.append_frames;
         c.fsyncs += s.fsyncs;
         c.stages.extend(s.stages);
     }
@@ -686,7 +696,8 @@ async fn node_counters(config: &Config, pids: &[u32]) -> Result<NodeCounters> {
 impl NodeCounters {
     /// Per 1,000 acked messages between `before` and now (`acked` of them): the costs of
     /// [`Usage::costs_since`], AppendEntries carrying entries and empty ones
-    /// (`appends_per_1k`, `appends_empty_per_1k`) and WAL fsyncs on all nodes
+    /// (`appends_per_1k`, `appends_empty_per_1k`), the per-peer frames that carried them
+    /// (`frames_per_1k`, 0 with a lane per group) and WAL fsyncs on all nodes
     /// (`fsyncs_per_1k`).
     pub fn per_message_costs(&self, before: &NodeCounters, acked: u64) -> BTreeMap<String, serde_json::Value> {
         let empty = self.append_rpcs_empty.saturating_sub(before.append_rpcs_empty);
@@ -695,6 +706,10 @@ impl NodeCounters {
         costs.insert("appends_per_1k".into(), per_1k(carrying as f64, acked));
         costs.insert("appends_empty_per_1k".into(), per_1k(empty as f64, acked));
         costs.insert("fsyncs_per_1k".into(), per_1k(self.fsyncs.saturating_sub(before.fsyncs) as f64, acked));
+        costs.insert(
+            "frames_per_1k".into(),
+            per_1k(self.append_frames.saturating_sub(before.append_frames) as f64, acked),
+        );
         costs
     }
 }

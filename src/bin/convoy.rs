@@ -900,11 +900,15 @@ async fn cluster_status(args: &StatusArgs) -> Result<()> {
                     let per_entry = s.sends_committed as f64 / s.entries_committed.max(1) as f64;
                     let carrying = s.append_rpcs.saturating_sub(s.append_rpcs_empty);
                     let per_rpc = s.append_rpc_entries as f64 / carrying.max(1) as f64;
+                    let framed = match s.append_frames {
+                        0 => String::new(),
+                        n => format!(" in {n} frames ({:.1} each)", s.append_rpcs as f64 / n as f64),
+                    };
                     println!(
                         "node {id}: up, leads shards {leading:?}, apply lag {lag} entries, \
                          {} fsyncs ({per_fsync:.1} appends each, {fsync_ms:.2} ms mean), \
                          {} sends committed in {} entries ({per_entry:.1} each), \
-                         {} AppendEntries sent ({per_rpc:.1} entries each when not empty, {} empty, \
+                         {} AppendEntries sent{framed} ({per_rpc:.1} entries each when not empty, {} empty, \
                          {} cut to fit a frame)",
                         s.fsyncs,
                         s.sends_committed,

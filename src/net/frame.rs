@@ -16,8 +16,9 @@ use crate::error::{Error, Result};
 /// misreading: 2 since the metadata group (`Request::TransferLeader`, the cluster map in
 /// `NodeStatus`, `PeerRequest::Place`); 3 since routing maps (`Request::ShardMap`, the map
 /// in `Response::NotLeader`); 4 since `PeerRequest::SnapshotEnd` (a snapshot stream without
-/// it is refused).
-pub const WIRE_VERSION: u8 = 4;
+/// it is refused); 5 since per-peer frames of AppendEntries (`PeerRequest::Appends`, and
+/// `append_frames` in `NodeStatus`).
+pub const WIRE_VERSION: u8 = 5;
 
 /// Encodes a frame (length, version, body).
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -199,6 +199,10 @@ pub struct NodeStatus {
     /// AppendEntries cut to a prefix to fit the peer frame budget.
     #[serde(default)]
     pub append_rpcs_cut: u64,
+    /// Frames that carried those AppendEntries (`raft.append_frames_in_flight`; 0 when each
+    /// group has its own exchange).
+    #[serde(default)]
+    pub append_frames: u64,
     /// Sends answered `Throttled` by a rate limit (user, conversation or connection) or by a
     /// full conversation queue.
     #[serde(default)]

@@ -115,6 +115,14 @@ fn peer_requests() -> Vec<PeerRequest> {
             to: 2,
             rpc: AppendEntriesRequest { vote, prev_log_id: Some(last), leader_commit: Some(last), entries: entries() },
         },
+        PeerRequest::Appends(vec![
+            (
+                1,
+                2,
+                AppendEntriesRequest { vote, prev_log_id: Some(last), leader_commit: Some(last), entries: entries() },
+            ),
+            (3, 2, AppendEntriesRequest { vote, prev_log_id: None, leader_commit: None, entries: vec![] }),
+        ]),
         PeerRequest::Vote { shard: 1, to: 2, rpc: VoteRequest::new(vote, Some(last)) },
         PeerRequest::PreVote {
             shard: 1,

@@ -1,9 +1,12 @@
 //! The node↔node transport for every Raft group of a node.
 //!
 //! One QUIC endpoint per node (its `peer_addr`), mutual TLS under the node CA, one cached
-//! connection per peer shared by all shards. AppendEntries travel on lanes: bidirectional
-//! streams kept open per (peer, shard) and used for one exchange at a time. Every other RPC
-//! gets a stream of its own. Each request names its shard. [`PeerNet`] implements
+//! connection per peer shared by all shards. AppendEntries travel in frames per peer: every
+//! group's requests to one peer wait for the next frame, at most
+//! `raft.append_frames_in_flight` frames are out at once, and the peer answers a frame when
+//! its requests are done (see [`PeerNet::framed_append`]). With 0, each group has its own
+//! lane per peer: a bidirectional stream kept open per (peer, shard) for one exchange at a
+//! time. Every other RPC gets a stream of its own. Each request names its shard. [`PeerNet`] implements
 //! `openraft_multi::GroupRouter`, so openraft sees an ordinary per-group network; [`serve`]
 //! dispatches incoming RPCs to the local group of the named shard.
 //!
@@ -49,6 +52,11 @@ pub const APPEND_PAYLOAD_BYTES: usize = 16 << 20;
 pub const ENTRY_BYTES_MAX: usize = REQUEST_BYTES_MAX;
 // A cut request holds at most the budget, or one entry alone: either, encoded, fits a frame.
 const _: () = assert!(APPEND_PAYLOAD_BYTES + 2 * ENTRY_BYTES_MAX < PEER_FRAME_BYTES_MAX);
+/// How long the requests of a frame may be done after its first: a group busy with
+/// something else on this node (a snapshot install, a long apply) must not hold up every
+/// other group's replication to it. A disk stall holds them all alike (they share the fsync),
+/// so it does not cut them.
+const FRAME_STRAGGLER_WAIT: Duration = Duration::from_millis(100);
 /// Time allowed to establish a peer connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Snapshot chunks buffered between the RocksDB reader thread and the stream.
@@ -118,6 +126,44 @@ struct Inner {
     paced: std::sync::Mutex<HashMap<(ShardId, NodeId), Paced>>,
     /// The replicas the moves in progress add, per group (see [`PeerNet::moves_in_progress`]).
     moving: std::sync::RwLock<std::collections::HashSet<(ShardId, NodeId)>>,
+    /// Frames of AppendEntries in flight per peer (0: every group on its own lane; see
+    /// [`PeerNet::framed_append`]).
+    frames_in_flight: usize,
+    /// Per peer: the AppendEntries waiting for a frame.
+    framers: std::sync::Mutex<HashMap<NodeId, Arc<Framer>>>,
+}
+
+/// The AppendEntries of every group waiting for the next frame to one peer.
+#[derive(Default)]
+struct Framer {
+    queue: std::sync::Mutex<Vec<Waiting>>,
+    wake: tokio::sync::Notify,
+}
+
+/// One group's AppendEntries waiting for a frame, and where its answer goes.
+struct Waiting {
+    shard: ShardId,
+    rpc: AppendEntriesRequest,
+    bytes: usize,
+    reply: tokio::sync::oneshot::Sender<Result<PeerResponse, FrameError>>,
+}
+
+/// Why a frame got no answer: the peer could not be reached (`unreachable`), or the exchange
+/// failed on the way.
+#[derive(Debug, Clone)]
+struct FrameError {
+    unreachable: bool,
+    reason: String,
+}
+
+impl FrameError {
+    fn into_rpc(self) -> RPCError<C> {
+        if self.unreachable {
+            unreachable(self.reason)
+        } else {
+            network(self.reason)
+        }
+    }
 }
 
 /// One learner's log catch-up pacing.
@@ -206,6 +252,8 @@ pub struct PeerStats {
     pub append_rpcs_empty: AtomicU64,
     /// AppendEntries cut to fit the frame budget (see [`fit_payload`]).
     pub append_rpcs_cut: AtomicU64,
+    /// Frames that carried AppendEntries to peers (see [`PeerNet::framed_append`]).
+    pub append_frames: AtomicU64,
 }
 
 fn unreachable(e: impl std::fmt::Display) -> RPCError<C> {
@@ -228,6 +276,7 @@ impl PeerNet {
         client_config: quinn::ClientConfig,
         addrs: HashMap<NodeId, SocketAddr>,
         append_timeout: Duration,
+        frames_in_flight: usize,
         stages: Arc<Stages>,
     ) -> Self {
         let slots = std::sync::RwLock::new(addrs.into_iter().map(|(id, addr)| (id, Slot::new(addr))).collect());
@@ -247,6 +296,8 @@ impl PeerNet {
             groups: std::sync::OnceLock::new(),
             paced: std::sync::Mutex::default(),
             moving: std::sync::RwLock::default(),
+            frames_in_flight,
+            framers: std::sync::Mutex::default(),
         };
         PeerNet { inner: Arc::new(inner) }
     }
@@ -423,6 +474,146 @@ impl PeerNet {
             Err(_) => Err(network(format!("append to node {target} timed out after {ttl:?}"))),
         }
     }
+
+    /// One AppendEntries exchange in a frame shared with the other groups' to `target`.
+    ///
+    /// Each group replicates on its own, so their rounds to one peer are not aligned; a frame
+    /// queue with room to spare carries each round nearly alone. Here at most
+    /// `frames_in_flight` frames to a peer are out at once: a group's request waits for the
+    /// next frame, and every group whose answer came back in the same frame goes out in the
+    /// one after, together. The peer answers a frame when every request in it is done.
+    async fn framed_append(
+        &self,
+        target: NodeId,
+        shard: ShardId,
+        rpc: AppendEntriesRequest,
+        ttl: Duration,
+    ) -> Result<PeerResponse, RPCError<C>> {
+        let framer = self.framer(target);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let bytes = rpc.entries.iter().map(entry_bytes).sum();
+        framer.queue.lock().unwrap_or_else(|p| p.into_inner()).push(Waiting { shard, rpc, bytes, reply });
+        framer.wake.notify_one();
+        match tokio::time::timeout(ttl, answer).await {
+            Ok(Ok(Ok(PeerResponse::Error(e)))) => Err(unreachable(format!("node {target}: {e}"))),
+            Ok(Ok(Ok(resp))) => Ok(resp),
+            Ok(Ok(Err(e))) => Err(e.into_rpc()),
+            Ok(Err(_)) => Err(network("the frame to the peer was dropped")),
+            Err(_) => Err(network(format!("append to node {target} timed out after {ttl:?}"))),
+        }
+    }
+
+    /// The frame queue of `target`, with its senders started on first use.
+    fn framer(&self, target: NodeId) -> Arc<Framer> {
+        let mut framers = self.inner.framers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = framers.get(&target) {
+            return f.clone();
+        }
+        let framer = Arc::new(Framer::default());
+        framers.insert(target, framer.clone());
+        for _ in 0..self.inner.frames_in_flight {
+            tokio::spawn(send_frames(Arc::downgrade(&self.inner), target, framer.clone()));
+        }
+        framer
+    }
+
+    /// Sends one frame of AppendEntries on a lane of `target` and reads its answers.
+    async fn exchange_frame(
+        &self,
+        target: NodeId,
+        items: Vec<(ShardId, NodeId, AppendEntriesRequest)>,
+        ttl: Duration,
+    ) -> Result<Vec<PeerResponse>, FrameError> {
+        let unreachable = |e: String| FrameError { unreachable: true, reason: e };
+        let failed = |e: String| FrameError { unreachable: false, reason: e };
+        let count = items.len();
+        let attempt = async {
+            let conn = self.connection(target).await.map_err(|e| unreachable(e.to_string()))?;
+            // Lanes of frames are keyed by the peer alone: shard ids are below `ShardId::MAX`.
+            let key = (target, ShardId::MAX);
+            let mut lane = self.inner.lanes.take_or_open(key, &conn).await.map_err(|e| unreachable(e.to_string()))?;
+            frame::write(&mut lane.send, &PeerRequest::Appends(items)).await.map_err(|e| failed(e.to_string()))?;
+            let answer = match frame::read::<_, PeerResponse>(&mut lane.recv, PEER_FRAME_BYTES_MAX)
+                .await
+                .map_err(|e| failed(e.to_string()))?
+            {
+                Some(PeerResponse::Appends(answers)) if answers.len() == count => answers,
+                Some(PeerResponse::Error(e)) => return Err(unreachable(format!("node {target}: {e}"))),
+                Some(other) => return Err(failed(format!("unexpected answer to a frame: {other:?}"))),
+                None => return Err(failed("peer closed the lane without answering".into())),
+            };
+            self.inner.lanes.give_back(key, lane);
+            Ok(answer)
+        };
+        match tokio::time::timeout(ttl, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(failed(format!("frame to node {target} timed out after {ttl:?}"))),
+        }
+    }
+}
+
+/// One of `target`'s frame senders: takes what is waiting (up to [`APPEND_PAYLOAD_BYTES`] of
+/// entries, one request at least), sends it as one frame, hands out the answers, and again.
+/// Ends when the node's [`PeerNet`] is gone.
+async fn send_frames(net: std::sync::Weak<Inner>, target: NodeId, framer: Arc<Framer>) {
+    loop {
+        let batch = loop {
+            // Let the other groups' replication tasks woken with this one queue theirs.
+            tokio::task::yield_now().await;
+            let wake = framer.wake.notified();
+            let batch = take_frame(&mut framer.queue.lock().unwrap_or_else(|p| p.into_inner()));
+            if !batch.is_empty() {
+                // Another sender may take what is left.
+                framer.wake.notify_one();
+                break batch;
+            }
+            if net.strong_count() == 0 {
+                return;
+            }
+            wake.await;
+        };
+        let Some(inner) = net.upgrade() else { return };
+        let net_now = PeerNet { inner };
+        let ttl = net_now.inner.append_timeout;
+        let mut replies = Vec::with_capacity(batch.len());
+        let items = batch
+            .into_iter()
+            .map(|w| {
+                replies.push(w.reply);
+                (w.shard, target, w.rpc)
+            })
+            .collect();
+        net_now.inner.stats.append_frames.fetch_add(1, Ordering::Relaxed);
+        let answers = net_now.exchange_frame(target, items, ttl).await;
+        drop(net_now);
+        match answers {
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The requests of the next frame, oldest first: up to [`APPEND_PAYLOAD_BYTES`] of entries
+/// (the first whatever its size; each is already cut to that budget).
+fn take_frame(queue: &mut Vec<Waiting>) -> Vec<Waiting> {
+    let mut bytes = 0;
+    let fits = queue
+        .iter()
+        .take_while(|w| {
+            let fits = bytes == 0 || bytes + w.bytes <= APPEND_PAYLOAD_BYTES;
+            bytes += w.bytes.max(1);
+            fits
+        })
+        .count();
+    queue.drain(..fits).collect()
 }
 
 /// Roughly the bytes an entry takes on the wire.
@@ -488,7 +679,11 @@ impl GroupRouter<C, ShardId> for PeerNet {
             stats.append_rpcs_empty.fetch_add(1, Ordering::Relaxed);
         }
         let sent = std::time::Instant::now();
-        let answer = self.append(target, shard, rpc, ttl).await;
+        let answer = if self.inner.frames_in_flight > 0 {
+            self.framed_append(target, shard, rpc, ttl).await
+        } else {
+            self.append(target, shard, rpc, ttl).await
+        };
         if carries && answer.is_ok() {
             self.inner.stages.record(Stage::Replicate, sent.elapsed());
         }
@@ -708,7 +903,7 @@ async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
     loop {
         let (response, lane) = match frame::read::<_, PeerRequest>(&mut recv, PEER_FRAME_BYTES_MAX).await {
             Ok(Some(req)) => {
-                let lane = matches!(req, PeerRequest::Append { .. });
+                let lane = matches!(req, PeerRequest::Append { .. } | PeerRequest::Appends(_));
                 match claimed_node(&req) {
                     Some(claimed) if claimed != peer => (
                         PeerResponse::Error(format!(
@@ -736,6 +931,12 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
     let of_vote = |v: &Vote| node_of(*v.leader_id().node_id());
     match req {
         PeerRequest::Append { rpc, .. } => Some(of_vote(&rpc.vote)),
+        // A frame speaks for one node: every request in it must name the same leader.
+        PeerRequest::Appends(items) => {
+            let mut leaders = items.iter().map(|(_, _, rpc)| of_vote(&rpc.vote));
+            let first = leaders.next()?;
+            Some(if leaders.all(|n| n == first) { first } else { NodeId::MAX })
+        }
         PeerRequest::Vote { rpc, .. } | PeerRequest::PreVote { rpc, .. } => Some(of_vote(&rpc.vote)),
         PeerRequest::TransferLeader { rpc, .. } => Some(of_vote(rpc.from_leader())),
         PeerRequest::Snapshot { vote, .. } => Some(of_vote(vote)),
@@ -759,17 +960,11 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
     let err = |e: String| PeerResponse::Error(e);
     let groups = &ctx.groups;
     match req {
-        PeerRequest::Append { shard, to, rpc } => match group(groups, shard, to) {
-            Ok(raft) => {
-                let (arrived, carries) = (std::time::Instant::now(), !rpc.entries.is_empty());
-                let answer = raft.append_entries(rpc).await;
-                if carries && answer.is_ok() {
-                    ctx.stages.record(Stage::FollowerAppend, arrived.elapsed());
-                }
-                answer.map(PeerResponse::Append).unwrap_or_else(|e| err(e.to_string()))
-            }
-            Err(e) => err(e),
-        },
+        PeerRequest::Append { shard, to, rpc } => append_here(ctx, shard, to, rpc).await,
+        PeerRequest::Appends(items) => {
+            let calls = items.into_iter().map(|(shard, to, rpc)| append_here(ctx, shard, to, rpc)).collect();
+            PeerResponse::Appends(gather(calls, FRAME_STRAGGLER_WAIT, straggler).await)
+        }
         PeerRequest::Vote { shard, to, rpc } => match group(groups, shard, to) {
             Ok(raft) => raft.vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string())),
             Err(e) => err(e),
@@ -841,6 +1036,50 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
                 Err(_) => err("this node stopped before dropping the shard".into()),
             }
         }
+    }
+}
+
+/// The answer for a request of a frame still not done [`FRAME_STRAGGLER_WAIT`] after the
+/// first: its group is busy here (the leader backs off and sends it again), and the others
+/// are not held for it.
+fn straggler() -> PeerResponse {
+    PeerResponse::Error("this replica is busy: its append was not done with the rest of its frame".into())
+}
+
+/// Runs `calls` together and returns their answers in order: every one, or, from the first
+/// answer on, those that come within `straggle`; the rest are `late()` (their calls are
+/// dropped).
+async fn gather<F: Future<Output = PeerResponse>>(
+    calls: Vec<F>,
+    straggle: Duration,
+    late: impl Fn() -> PeerResponse,
+) -> Vec<PeerResponse> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut answers: Vec<Option<PeerResponse>> = calls.iter().map(|_| None).collect();
+    let mut pending: FuturesUnordered<_> =
+        calls.into_iter().enumerate().map(|(i, f)| async move { (i, f.await) }).collect();
+    if let Some((i, answer)) = pending.next().await {
+        answers[i] = Some(answer);
+        let until = tokio::time::Instant::now() + straggle;
+        while let Ok(Some((i, answer))) = tokio::time::timeout_at(until, pending.next()).await {
+            answers[i] = Some(answer);
+        }
+    }
+    answers.into_iter().map(|a| a.unwrap_or_else(&late)).collect()
+}
+
+/// One AppendEntries to the local replica `to` of `shard`.
+async fn append_here(ctx: &PeerContext, shard: ShardId, to: NodeId, rpc: AppendEntriesRequest) -> PeerResponse {
+    match group(&ctx.groups, shard, to) {
+        Ok(raft) => {
+            let (arrived, carries) = (std::time::Instant::now(), !rpc.entries.is_empty());
+            let answer = raft.append_entries(rpc).await;
+            if carries && answer.is_ok() {
+                ctx.stages.record(Stage::FollowerAppend, arrived.elapsed());
+            }
+            answer.map(PeerResponse::Append).unwrap_or_else(|e| PeerResponse::Error(e.to_string()))
+        }
+        Err(e) => PeerResponse::Error(e),
     }
 }
 
@@ -998,5 +1237,62 @@ mod tests {
         let mut stream = snapshot_stream(&[b"abcdefgh"], Some(8));
         stream.truncate(6);
         assert!(spool(stream).await.0.is_err());
+    }
+
+    fn waiting(shard: ShardId, bytes: usize) -> Waiting {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        Waiting { shard, rpc: request(&[]), bytes, reply }
+    }
+
+    fn shards(frame: &[Waiting]) -> Vec<ShardId> {
+        frame.iter().map(|w| w.shard).collect()
+    }
+
+    #[test]
+    fn a_frame_takes_the_oldest_requests_within_the_budget() {
+        let mut queue = vec![waiting(1, 0), waiting(2, 1_000), waiting(3, APPEND_PAYLOAD_BYTES), waiting(4, 10)];
+        assert_eq!(shards(&take_frame(&mut queue)), vec![1, 2]);
+        // A request as large as the budget goes alone, and what is behind it waits.
+        assert_eq!(shards(&take_frame(&mut queue)), vec![3]);
+        assert_eq!(shards(&take_frame(&mut queue)), vec![4]);
+        assert!(take_frame(&mut queue).is_empty());
+        let mut heartbeats: Vec<Waiting> = (0..64).map(|s| waiting(s, 0)).collect();
+        assert_eq!(take_frame(&mut heartbeats).len(), 64, "empty requests all share one frame");
+    }
+
+    #[test]
+    fn a_frame_speaks_for_one_leader_only() {
+        let from = |node: u64| (1, 2, AppendEntriesRequest { vote: Vote::new(1, node), ..request(&[]) });
+        assert_eq!(claimed_node(&PeerRequest::Appends(vec![from(1), from(1)])), Some(1));
+        assert_eq!(claimed_node(&PeerRequest::Appends(vec![from(1), from(3)])), Some(NodeId::MAX));
+        assert_eq!(claimed_node(&PeerRequest::Appends(vec![])), None);
+    }
+
+    async fn answer(after_ms: u64, name: &'static str) -> PeerResponse {
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        PeerResponse::Error(name.into())
+    }
+
+    fn names(answers: &[PeerResponse]) -> Vec<String> {
+        answers.iter().map(|a| if let PeerResponse::Error(e) = a { e.clone() } else { format!("{a:?}") }).collect()
+    }
+
+    #[tokio::test]
+    async fn a_frame_is_answered_in_its_order_once_every_request_is_done() {
+        let calls = vec![answer(30, "a"), answer(10, "b"), answer(20, "c")];
+        let late = || PeerResponse::Error("late".into());
+        assert_eq!(names(&gather(calls, Duration::from_secs(5), late).await), ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_straggler_does_not_hold_up_the_rest_of_its_frame() {
+        // The first answer comes after 50 ms, another 30 ms later, within the 100 ms allowed;
+        // one would take 10 s (a busy group).
+        let calls = vec![answer(50, "a"), answer(10_000, "slow"), answer(80, "c")];
+        let started = std::time::Instant::now();
+        let late = || PeerResponse::Error("late".into());
+        assert_eq!(names(&gather(calls, Duration::from_millis(100), late).await), ["a", "late", "c"]);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(150) && took < Duration::from_secs(5), "{took:?}");
     }
 }

@@ -116,6 +116,10 @@ pub enum PeerRequest {
     SnapshotEnd {
         bytes: u64,
     },
+    /// Several groups' AppendEntries to this node in one frame (see
+    /// `PeerNet::framed_append`): each `(shard, to, rpc)` as in `Append`. Answered `Appends`,
+    /// one answer per request, in order.
+    Appends(Vec<(ShardId, NodeId, AppendEntriesRequest)>),
 }
 
 /// A peer's answer.
@@ -161,4 +165,6 @@ pub enum PeerResponse {
     /// The shard is not hosted here or the Raft task failed; the caller treats the peer
     /// as unreachable for this RPC.
     Error(String),
+    /// The answers to an `Appends`, in its order (each `Append` or `Error`).
+    Appends(Vec<PeerResponse>),
 }

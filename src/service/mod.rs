@@ -1232,6 +1232,7 @@ impl Service {
             append_rpc_entries: self.peer_stats.append_rpc_entries.load(Ordering::Relaxed),
             append_rpcs_empty: self.peer_stats.append_rpcs_empty.load(Ordering::Relaxed),
             append_rpcs_cut: self.peer_stats.append_rpcs_cut.load(Ordering::Relaxed),
+            append_frames: self.peer_stats.append_frames.load(Ordering::Relaxed),
             sends_throttled: self.metrics.throttled_total(),
             sends_queued: self.counters.queued.load(Ordering::Relaxed),
             subscribers: self.metrics.subscribers() as u64,

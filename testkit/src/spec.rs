@@ -104,6 +104,9 @@ pub struct RaftTweaks {
     /// Purge the log in steps of at least this many entries.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub purge_batch_size: Option<u64>,
+    /// Frames of AppendEntries in flight per peer (0: an exchange per group).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub append_frames_in_flight: Option<usize>,
 }
 
 /// `[limits]` settings of cluster.toml (see `convoy::config::Limits`); `None` is "the node's

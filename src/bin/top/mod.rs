@@ -390,6 +390,7 @@ mod tests {
             append_rpc_entries: 0,
             append_rpcs_empty: 0,
             append_rpcs_cut: 0,
+            append_frames: 0,
             sends_throttled: 0,
             sends_queued: 0,
             subscribers: 4,
