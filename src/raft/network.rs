@@ -131,6 +131,17 @@ struct Inner {
     frames_in_flight: usize,
     /// Per peer: the AppendEntries waiting for a frame.
     framers: std::sync::Mutex<HashMap<NodeId, Arc<Framer>>>,
+    /// The lane of each frame sender, by (peer, sender).
+    frame_lanes: LanePool<(NodeId, usize)>,
+}
+
+impl Drop for Inner {
+    /// Wakes the frame senders, so they see the node's transport is gone and end.
+    fn drop(&mut self) {
+        for framer in self.framers.get_mut().unwrap_or_else(|p| p.into_inner()).values() {
+            framer.wake.notify_waiters();
+        }
+    }
 }
 
 /// The AppendEntries of every group waiting for the next frame to one peer.
@@ -298,6 +309,7 @@ impl PeerNet {
             moving: std::sync::RwLock::default(),
             frames_in_flight,
             framers: std::sync::Mutex::default(),
+            frame_lanes: LanePool::new(1),
         };
         PeerNet { inner: Arc::new(inner) }
     }
@@ -496,6 +508,8 @@ impl PeerNet {
         framer.wake.notify_one();
         match tokio::time::timeout(ttl, answer).await {
             Ok(Ok(Ok(PeerResponse::Error(e)))) => Err(unreachable(format!("node {target}: {e}"))),
+            // Not the peer's fault: retried after openraft's short back-off for a network error.
+            Ok(Ok(Ok(PeerResponse::Busy))) => Err(network(format!("node {target}: shard {shard} is busy there"))),
             Ok(Ok(Ok(resp))) => Ok(resp),
             Ok(Ok(Err(e))) => Err(e.into_rpc()),
             Ok(Err(_)) => Err(network("the frame to the peer was dropped")),
@@ -511,16 +525,17 @@ impl PeerNet {
         }
         let framer = Arc::new(Framer::default());
         framers.insert(target, framer.clone());
-        for _ in 0..self.inner.frames_in_flight {
-            tokio::spawn(send_frames(Arc::downgrade(&self.inner), target, framer.clone()));
+        for sender in 0..self.inner.frames_in_flight {
+            tokio::spawn(send_frames(Arc::downgrade(&self.inner), target, sender, framer.clone()));
         }
         framer
     }
 
-    /// Sends one frame of AppendEntries on a lane of `target` and reads its answers.
+    /// Sends one frame of AppendEntries on `sender`'s lane to `target` and reads its answers.
     async fn exchange_frame(
         &self,
         target: NodeId,
+        sender: usize,
         items: Vec<(ShardId, NodeId, AppendEntriesRequest)>,
         ttl: Duration,
     ) -> Result<Vec<PeerResponse>, FrameError> {
@@ -529,9 +544,9 @@ impl PeerNet {
         let count = items.len();
         let attempt = async {
             let conn = self.connection(target).await.map_err(|e| unreachable(e.to_string()))?;
-            // Lanes of frames are keyed by the peer alone: shard ids are below `ShardId::MAX`.
-            let key = (target, ShardId::MAX);
-            let mut lane = self.inner.lanes.take_or_open(key, &conn).await.map_err(|e| unreachable(e.to_string()))?;
+            let key = (target, sender);
+            let mut lane =
+                self.inner.frame_lanes.take_or_open(key, &conn).await.map_err(|e| unreachable(e.to_string()))?;
             frame::write(&mut lane.send, &PeerRequest::Appends(items)).await.map_err(|e| failed(e.to_string()))?;
             let answer = match frame::read::<_, PeerResponse>(&mut lane.recv, PEER_FRAME_BYTES_MAX)
                 .await
@@ -542,7 +557,7 @@ impl PeerNet {
                 Some(other) => return Err(failed(format!("unexpected answer to a frame: {other:?}"))),
                 None => return Err(failed("peer closed the lane without answering".into())),
             };
-            self.inner.lanes.give_back(key, lane);
+            self.inner.frame_lanes.give_back(key, lane);
             Ok(answer)
         };
         match tokio::time::timeout(ttl, attempt).await {
@@ -555,7 +570,7 @@ impl PeerNet {
 /// One of `target`'s frame senders: takes what is waiting (up to [`APPEND_PAYLOAD_BYTES`] of
 /// entries, one request at least), sends it as one frame, hands out the answers, and again.
 /// Ends when the node's [`PeerNet`] is gone.
-async fn send_frames(net: std::sync::Weak<Inner>, target: NodeId, framer: Arc<Framer>) {
+async fn send_frames(net: std::sync::Weak<Inner>, target: NodeId, sender: usize, framer: Arc<Framer>) {
     loop {
         let batch = loop {
             // Let the other groups' replication tasks woken with this one queue theirs.
@@ -584,7 +599,7 @@ async fn send_frames(net: std::sync::Weak<Inner>, target: NodeId, framer: Arc<Fr
             })
             .collect();
         net_now.inner.stats.append_frames.fetch_add(1, Ordering::Relaxed);
-        let answers = net_now.exchange_frame(target, items, ttl).await;
+        let answers = net_now.exchange_frame(target, sender, items, ttl).await;
         drop(net_now);
         match answers {
             Ok(answers) => {
@@ -602,8 +617,10 @@ async fn send_frames(net: std::sync::Weak<Inner>, target: NodeId, framer: Arc<Fr
 }
 
 /// The requests of the next frame, oldest first: up to [`APPEND_PAYLOAD_BYTES`] of entries
-/// (the first whatever its size; each is already cut to that budget).
+/// (the first whatever its size; each is already cut to that budget). Requests whose caller
+/// gave up (timed out or cancelled: openraft sends them again) are dropped, not sent.
 fn take_frame(queue: &mut Vec<Waiting>) -> Vec<Waiting> {
+    queue.retain(|w| !w.reply.is_closed());
     let mut bytes = 0;
     let fits = queue
         .iter()
@@ -962,8 +979,18 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
     match req {
         PeerRequest::Append { shard, to, rpc } => append_here(ctx, shard, to, rpc).await,
         PeerRequest::Appends(items) => {
-            let calls = items.into_iter().map(|(shard, to, rpc)| append_here(ctx, shard, to, rpc)).collect();
-            PeerResponse::Appends(gather(calls, FRAME_STRAGGLER_WAIT, straggler).await)
+            let calls = items
+                .into_iter()
+                .map(|(shard, to, rpc)| {
+                    let carries = !rpc.entries.is_empty();
+                    async move {
+                        let answer = append_here(ctx, shard, to, rpc).await;
+                        let written = carries && matches!(answer, PeerResponse::Append(_));
+                        (answer, written)
+                    }
+                })
+                .collect();
+            PeerResponse::Appends(gather(calls, FRAME_STRAGGLER_WAIT, || PeerResponse::Busy).await)
         }
         PeerRequest::Vote { shard, to, rpc } => match group(groups, shard, to) {
             Ok(raft) => raft.vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string())),
@@ -1039,30 +1066,27 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
     }
 }
 
-/// The answer for a request of a frame still not done [`FRAME_STRAGGLER_WAIT`] after the
-/// first: its group is busy here (the leader backs off and sends it again), and the others
-/// are not held for it.
-fn straggler() -> PeerResponse {
-    PeerResponse::Error("this replica is busy: its append was not done with the rest of its frame".into())
-}
-
-/// Runs `calls` together and returns their answers in order: every one, or, from the first
-/// answer on, those that come within `straggle`; the rest are `late()` (their calls are
-/// dropped).
-async fn gather<F: Future<Output = PeerResponse>>(
-    calls: Vec<F>,
-    straggle: Duration,
-    late: impl Fn() -> PeerResponse,
-) -> Vec<PeerResponse> {
+/// Runs a frame's `calls` together and returns their answers in order: every one, or those
+/// done within `straggle` after the first answer that wrote entries (a request whose group
+/// is busy here must not hold up the others); the rest are `late()` and their calls dropped
+/// (the leader sends them again). Each call answers whether it wrote entries: answers that
+/// needed no write (a heartbeat, a rejection) come at once and do not start the clock, so a
+/// slow fsync, which every writing request of the frame waits for alike, cuts none.
+async fn gather<T, F: Future<Output = (T, bool)>>(calls: Vec<F>, straggle: Duration, late: impl Fn() -> T) -> Vec<T> {
     use futures::stream::{FuturesUnordered, StreamExt};
-    let mut answers: Vec<Option<PeerResponse>> = calls.iter().map(|_| None).collect();
+    let mut answers: Vec<Option<T>> = calls.iter().map(|_| None).collect();
     let mut pending: FuturesUnordered<_> =
         calls.into_iter().enumerate().map(|(i, f)| async move { (i, f.await) }).collect();
-    if let Some((i, answer)) = pending.next().await {
+    let mut until = None;
+    loop {
+        let next = match until {
+            None => pending.next().await,
+            Some(until) => tokio::time::timeout_at(until, pending.next()).await.unwrap_or(None),
+        };
+        let Some((i, (answer, wrote))) = next else { break };
         answers[i] = Some(answer);
-        let until = tokio::time::Instant::now() + straggle;
-        while let Ok(Some((i, answer))) = tokio::time::timeout_at(until, pending.next()).await {
-            answers[i] = Some(answer);
+        if wrote && until.is_none() {
+            until = Some(tokio::time::Instant::now() + straggle);
         }
     }
     answers.into_iter().map(|a| a.unwrap_or_else(&late)).collect()
@@ -1239,9 +1263,16 @@ mod tests {
         assert!(spool(stream).await.0.is_err());
     }
 
-    fn waiting(shard: ShardId, bytes: usize) -> Waiting {
-        let (reply, _) = tokio::sync::oneshot::channel();
-        Waiting { shard, rpc: request(&[]), bytes, reply }
+    type Answer = tokio::sync::oneshot::Receiver<Result<PeerResponse, FrameError>>;
+
+    /// A request of `bytes` waiting for a frame of its own shard, and where its answer goes.
+    fn waiting(shard: ShardId, bytes: usize) -> (Waiting, Answer) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        (Waiting { shard, rpc: request(&[]), bytes, reply }, answer)
+    }
+
+    fn queue(requests: impl IntoIterator<Item = (ShardId, usize)>) -> (Vec<Waiting>, Vec<Answer>) {
+        requests.into_iter().map(|(shard, bytes)| waiting(shard, bytes)).unzip()
     }
 
     fn shards(frame: &[Waiting]) -> Vec<ShardId> {
@@ -1250,13 +1281,13 @@ mod tests {
 
     #[test]
     fn a_frame_takes_the_oldest_requests_within_the_budget() {
-        let mut queue = vec![waiting(1, 0), waiting(2, 1_000), waiting(3, APPEND_PAYLOAD_BYTES), waiting(4, 10)];
-        assert_eq!(shards(&take_frame(&mut queue)), vec![1, 2]);
+        let (mut waiting, _answers) = queue([(1, 0), (2, 1_000), (3, APPEND_PAYLOAD_BYTES), (4, 10)]);
+        assert_eq!(shards(&take_frame(&mut waiting)), vec![1, 2]);
         // A request as large as the budget goes alone, and what is behind it waits.
-        assert_eq!(shards(&take_frame(&mut queue)), vec![3]);
-        assert_eq!(shards(&take_frame(&mut queue)), vec![4]);
-        assert!(take_frame(&mut queue).is_empty());
-        let mut heartbeats: Vec<Waiting> = (0..64).map(|s| waiting(s, 0)).collect();
+        assert_eq!(shards(&take_frame(&mut waiting)), vec![3]);
+        assert_eq!(shards(&take_frame(&mut waiting)), vec![4]);
+        assert!(take_frame(&mut waiting).is_empty());
+        let (mut heartbeats, _answers) = queue((0..64).map(|s| (s, 0)));
         assert_eq!(take_frame(&mut heartbeats).len(), 64, "empty requests all share one frame");
     }
 
@@ -1268,31 +1299,43 @@ mod tests {
         assert_eq!(claimed_node(&PeerRequest::Appends(vec![])), None);
     }
 
-    async fn answer(after_ms: u64, name: &'static str) -> PeerResponse {
+    /// A frame request's answer after `after_ms`, and whether it wrote entries.
+    async fn answer(after_ms: u64, name: &'static str, wrote: bool) -> (&'static str, bool) {
         tokio::time::sleep(Duration::from_millis(after_ms)).await;
-        PeerResponse::Error(name.into())
-    }
-
-    fn names(answers: &[PeerResponse]) -> Vec<String> {
-        answers.iter().map(|a| if let PeerResponse::Error(e) = a { e.clone() } else { format!("{a:?}") }).collect()
+        (name, wrote)
     }
 
     #[tokio::test]
     async fn a_frame_is_answered_in_its_order_once_every_request_is_done() {
-        let calls = vec![answer(30, "a"), answer(10, "b"), answer(20, "c")];
-        let late = || PeerResponse::Error("late".into());
-        assert_eq!(names(&gather(calls, Duration::from_secs(5), late).await), ["a", "b", "c"]);
+        let calls = vec![answer(30, "a", true), answer(10, "b", true), answer(20, "c", false)];
+        assert_eq!(gather(calls, Duration::from_secs(5), || "late").await, ["a", "b", "c"]);
     }
 
     #[tokio::test]
     async fn a_straggler_does_not_hold_up_the_rest_of_its_frame() {
-        // The first answer comes after 50 ms, another 30 ms later, within the 100 ms allowed;
-        // one would take 10 s (a busy group).
-        let calls = vec![answer(50, "a"), answer(10_000, "slow"), answer(80, "c")];
+        // The first write is done after 50 ms, another 30 ms later, within the 100 ms allowed;
+        // one would take 10 s (a group busy with something else).
+        let calls = vec![answer(50, "a", true), answer(10_000, "slow", true), answer(80, "c", true)];
         let started = std::time::Instant::now();
-        let late = || PeerResponse::Error("late".into());
-        assert_eq!(names(&gather(calls, Duration::from_millis(100), late).await), ["a", "late", "c"]);
+        assert_eq!(gather(calls, Duration::from_millis(100), || "late").await, ["a", "late", "c"]);
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(150) && took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn answers_that_wrote_nothing_do_not_start_the_straggler_clock() {
+        // A heartbeat answered at once, then every write 300 ms later (a slow fsync they all
+        // wait for), 50 ms apart: none of them is cut.
+        let calls =
+            vec![answer(1, "heartbeat", false), answer(300, "a", true), answer(350, "b", true), answer(5, "no", false)];
+        assert_eq!(gather(calls, Duration::from_millis(100), || "late").await, ["heartbeat", "a", "b", "no"]);
+    }
+
+    #[test]
+    fn a_request_whose_caller_gave_up_is_not_sent() {
+        let (mut waiting, mut answers) = queue([(7, 0), (8, 0)]);
+        drop(answers.remove(0));
+        assert_eq!(shards(&take_frame(&mut waiting)), vec![8]);
+        assert!(waiting.is_empty());
     }
 }

@@ -165,6 +165,8 @@ pub enum PeerResponse {
     /// The shard is not hosted here or the Raft task failed; the caller treats the peer
     /// as unreachable for this RPC.
     Error(String),
-    /// The answers to an `Appends`, in its order (each `Append` or `Error`).
+    /// The answers to an `Appends`, in its order (each `Append`, `Busy` or `Error`).
     Appends(Vec<PeerResponse>),
+    /// A request of a frame not done with the rest of it: its group is busy on this node.
+    Busy,
 }
