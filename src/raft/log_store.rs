@@ -279,17 +279,26 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        // The state machine's writes up to the purge point must be durable before the log
-        // entries that could rebuild them are deleted.
+        // Entries are deleted only up to the state that survives a crash: a data shard's
+        // apply writes bypass the WAL (`Store::write_unlogged`) and are durable once a flush
+        // made them so; the metadata group's and installs' go through the WAL, durable after
+        // this sync. What is kept past openraft's purge point goes at a later purge: openraft
+        // reads nothing at or below its purge point, and after a crash it finds a log that
+        // starts where the durable state ends, as it needs to apply the rest again.
         self.store.syncer.sync().await?;
+        self.cache().purge(log_id.index);
         let (store, shard) = (self.store.clone(), self.shard);
-        let value = encode(&log_id);
-        let upto = log_id.index;
-        self.cache().purge(upto);
         raft_io(move || {
+            let durable = super::state_machine::durable_applied(&store, shard)?;
+            let Some(upto) = durable.min(Some(log_id)) else { return Ok(()) };
+            let purged: Option<LogId> =
+                store.get(CF_META, &meta_key(shard, META_PURGED))?.map(|v| decode(&v)).transpose()?;
+            if purged >= Some(upto) {
+                return Ok(());
+            }
             let mut b = WriteBatch::default();
-            b.put_cf(store.cf(CF_META), meta_key(shard, META_PURGED), value);
-            b.delete_range_cf(store.cf(CF_LOG), log_key(shard, 0), log_key(shard, upto.saturating_add(1)));
+            b.put_cf(store.cf(CF_META), meta_key(shard, META_PURGED), encode(&upto));
+            b.delete_range_cf(store.cf(CF_LOG), log_key(shard, 0), log_key(shard, upto.index.saturating_add(1)));
             store.write(b)
         })
         .await
@@ -314,6 +323,70 @@ mod tests {
         let mut b = WriteBatch::default();
         b.put(watermark_key(shard), encode(wm));
         store.write(b).expect("write watermark");
+    }
+
+    fn sends(n: usize) -> Vec<crate::chat::Command> {
+        (1..=n as u64)
+            .map(|seq| {
+                crate::chat::Command::Send(crate::chat::SendCommand {
+                    conversation: "c".into(),
+                    sender: "u".into(),
+                    client_id: 1,
+                    client_seq: seq,
+                    ts_ms: seq,
+                    text: "t".into(),
+                })
+            })
+            .collect()
+    }
+
+    fn first_entry(store: &Store, shard: ShardId) -> Option<u64> {
+        store.log_range(shard, 0, u64::MAX).expect("range").first().map(|e| e.0)
+    }
+
+    // A purge deletes entries only up to the applied state a crash cannot take back (apply
+    // bypasses the WAL), and records that point as the log's start; a state behind its
+    // log's purge point is refused at open.
+    #[tokio::test]
+    async fn a_purge_keeps_what_the_durable_state_does_not_cover() {
+        use crate::raft::state_machine::{apply_for_test, durable_applied, ShardStateMachine};
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        put_entries(&store, 1, 30);
+        let mut log = LogStore::open(1, store.clone()).expect("open");
+        apply_for_test(&store, 1, sends(10)).expect("apply");
+
+        log.purge(log_id::<C>(1, 1, 8)).await.expect("purge");
+        assert_eq!(first_entry(&store, 1), Some(1), "nothing applied is durable yet: nothing is purged");
+        assert_eq!(store.get(CF_META, &meta_key(1, META_PURGED)).expect("purge point"), None);
+
+        store.flush_all().expect("flush");
+        apply_for_test(&store, 1, sends(15)).expect("apply");
+        assert_eq!(durable_applied(&store, 1).expect("durable").map(|l| l.index), Some(10));
+        log.purge(log_id::<C>(1, 1, 20)).await.expect("purge");
+        assert_eq!(first_entry(&store, 1), Some(11), "purged up to the durable state, not openraft's point");
+        let purged: Option<LogId> =
+            store.get(CF_META, &meta_key(1, META_PURGED)).expect("purge point").map(|v| decode(&v).expect("decode"));
+        assert_eq!(purged.map(|l| l.index), Some(10));
+        log.purge(log_id::<C>(1, 1, 5)).await.expect("purge");
+        assert_eq!(first_entry(&store, 1), Some(11), "a purge point never goes back");
+
+        store.flush_all().expect("flush");
+        log.purge(log_id::<C>(1, 1, 20)).await.expect("purge");
+        assert_eq!(first_entry(&store, 1), Some(21), "once durable, up to openraft's point");
+
+        // A state that came back behind the purge point (lost table files) is refused.
+        let mut b = WriteBatch::default();
+        b.put_cf(store.cf(CF_META), meta_key(2, META_PURGED), encode(&log_id::<C>(1, 1, 12)));
+        store.write(b).expect("purge point");
+        apply_for_test(&store, 2, sends(5)).expect("apply");
+        let refused = ShardStateMachine::open(store.clone(), 2, Arc::new(super::super::state_machine::NoEvents))
+            .err()
+            .expect("a state behind its purge point is refused");
+        assert!(matches!(refused, crate::error::Error::Corrupt(_)), "{refused}");
+        ShardStateMachine::open(store, 1, Arc::new(super::super::state_machine::NoEvents))
+            .expect("a state at or past its purge point opens");
     }
 
     // A log or vote that came back behind its watermark refuses the shard; a log at or past

@@ -28,6 +28,10 @@
 //! messages contiguous and ordered by offset. The replicated state of a shard is exactly its
 //! ranges in `messages` and `shard_state` (the install marker excepted).
 //!
+//! A data shard's `messages` and `shard_state` records are written by apply without the WAL
+//! (rebuilt from the log after a crash; see `Store::write_unlogged`); everything else goes
+//! through the WAL.
+//!
 //! The watermark lives in `default`, another family than the log and the vote it guards, and
 //! is written in the same batch as each append, vote and truncation: damage to one family's
 //! files, or a lost WAL, shows as a log or vote behind its watermark at open.

@@ -150,6 +150,10 @@ impl Store {
         opts.set_recycle_log_file_num(0);
         opts.set_track_and_verify_wals_in_manifest(true);
         opts.set_paranoid_checks(true);
+        // Apply writes data shards' state without the WAL (see `write_unlogged`): every flush,
+        // automatic or not, persists all families at one point, so the flushed messages and
+        // shard state never come from different moments.
+        opts.set_atomic_flush(true);
         if crate::planted::active(crate::planted::Bug::TolerateWalLoss) {
             tracing::error!("PLANTED BUG tolerate-wal-loss: point-in-time WAL recovery with recycling");
             opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
@@ -217,6 +221,51 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a batch to the memtables only, without the WAL: for what can be rebuilt from
+    /// the Raft log, which holds the same data durably (a data shard's apply batches). After
+    /// a crash, the families come back as of the last flush, every one at the same point
+    /// (atomic flush), and what is not there is rebuilt by applying the log again: a log is
+    /// never purged past the state that flushes made durable
+    /// ([`Store::durable_state`], used by the log store's purge).
+    ///
+    /// Why: the WAL already carries each message in its log entry; writing the applied copy
+    /// there too doubles the WAL bytes every fsync covers, and the CPU to frame and write
+    /// them.
+    pub fn write_unlogged(&self, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        let started = std::time::Instant::now();
+        self.db.write_opt(batch, &wo)?;
+        let took = started.elapsed();
+        if took >= SLOW_IO {
+            tracing::warn!(took_ms = took.as_millis() as u64, "slow storage write (memtable stall)");
+        }
+        Ok(())
+    }
+
+    /// Reads a value of a state family as the table files hold it: what survives a crash of
+    /// the process or the machine, once at least one write without the WAL happened (RocksDB
+    /// then skips every memtable for this read tier). Before any such write, memtables are
+    /// read too, and they hold only WAL writes: durable once the syncer has run after them.
+    pub fn durable_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let mut ro = ReadOptions::default();
+        ro.set_read_tier(rocksdb::ReadTier::Persisted);
+        Ok(self.db.get_cf_opt(self.cf(CF_STATE), key, &ro)?)
+    }
+
+    /// Flushes every family at one point and waits: afterwards the table files hold every
+    /// write made before the call, those without the WAL included. For the rare writes that
+    /// replace a shard's state wholesale (snapshot installs, a replica's deletion): the
+    /// durable state must not go on showing what they replaced.
+    pub fn flush_all(&self) -> Result<()> {
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
+        self.db.flush_cfs_opt(&cfs, &fo)?;
+        self.db.flush_opt(&fo)?;
+        Ok(())
+    }
+
     /// Writes a batch and fsyncs the WAL before returning (rare writes only).
     /// Deletes everything this node holds of `shard`: its log, vote, replicated state and
     /// messages, and its watermark. For a replica that left the shard (its group stopped
@@ -228,7 +277,10 @@ impl Store {
             b.delete_range_cf(self.cf(cf), &lo, &hi);
         }
         b.delete(watermark_key(shard));
-        self.write_sync(b)
+        self.write_sync(b)?;
+        // The table files may still hold the deleted replica's applied state, which a later
+        // replica's purges would take for its own.
+        self.flush_all()
     }
 
     pub fn write_sync(&self, batch: WriteBatch) -> Result<()> {
@@ -446,11 +498,10 @@ impl Store {
     /// and of the WAL holding them, goes back to the filesystem now, not at some later
     /// compaction.
     pub fn reclaim(&self, trimmed: &[Trimmed]) -> Result<()> {
-        // A WAL file is deleted only once every family's memtable it holds is flushed.
-        for name in ALL_CFS {
-            self.db.flush_cf(self.cf(name))?;
-        }
-        self.db.flush()?;
+        // A WAL file is deleted only once every family's memtable it holds is flushed. All
+        // families at once: a state family flushed alone would make a point durable that the
+        // messages family does not hold (see `write_unlogged`).
+        self.flush_all()?;
         let mut force = rocksdb::CompactOptions::default();
         force.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
         for (shard, conversation, before) in trimmed {
@@ -544,6 +595,35 @@ impl Store {
 pub struct Scanned {
     pub visited: usize,
     pub more: bool,
+}
+
+#[cfg(test)]
+impl Store {
+    /// Copies the database's files to `to` as they are on disk now: what a crash of the
+    /// process at this moment would leave (the memtables are not in them). Only while
+    /// nothing writes.
+    pub(crate) fn crash_image(&self, to: &Path) {
+        for file in std::fs::read_dir(self.db.path()).expect("read the database directory") {
+            let file = file.expect("a directory entry");
+            std::fs::copy(file.path(), to.join(file.file_name())).expect("copy a database file");
+        }
+    }
+
+    /// Every record of `shard`'s replicated state (its ranges in the state families), in
+    /// key order, with its family.
+    pub(crate) fn dump_state(&self, shard: ShardId) -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+        let (lo, hi) = shard_range(shard);
+        let mut out = Vec::new();
+        for name in STATE_CFS {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(hi.clone());
+            for item in self.db.iterator_cf_opt(self.cf(name), ro, IteratorMode::From(&lo, Direction::Forward)) {
+                let (k, v) = item.expect("read the state");
+                out.push((name, k.to_vec(), v.to_vec()));
+            }
+        }
+        out
+    }
 }
 
 /// `Unavailable` if `snap` shows a snapshot install of `shard` under way (see [`snapshot`]).

@@ -348,6 +348,9 @@ fn clear_batch(store: &Store, lo: &[u8], hi: &[u8]) -> WriteBatch {
 fn finish(store: &Store, shard: ShardId, mut batch: WriteBatch, applied: &[u8]) -> Result<()> {
     batch.put_cf(store.cf(CF_STATE), applied_key(shard), applied);
     store.write_sync(batch)?;
+    // Durable in the table files too: the log is then purged up to the snapshot, and purges
+    // go only as far as the table files' applied state (see `Store::write_unlogged`).
+    store.flush_all()?;
     step_done(store, Step::Finished)
 }
 
