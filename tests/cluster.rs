@@ -1445,8 +1445,8 @@ fn table_files(dir: &std::path::Path) -> usize {
 }
 
 // Apply writes a data shard's state without the WAL, so a crash takes it back to the last
-// flush and the log rebuilds the rest; the log is purged only that far. Enough large
-// messages that memtables flush, then small ones whose snapshots ask for purges past the
+// flush and the log rebuilds the rest; a purge flushes first when that state is behind.
+// Enough large messages that memtables flush, then small ones whose snapshots ask for purges past the
 // flushed state, then kill -9 of every node: every acked message reads back identically
 // from every replica, and a retry of the first send is still found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

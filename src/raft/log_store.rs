@@ -279,26 +279,28 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        // Entries are deleted only up to the state that survives a crash: a data shard's
-        // apply writes bypass the WAL (`Store::write_unlogged`) and are durable once a flush
-        // made them so; the metadata group's and installs' go through the WAL, durable after
-        // this sync. What is kept past openraft's purge point goes at a later purge: openraft
-        // reads nothing at or below its purge point, and after a crash it finds a log that
-        // starts where the durable state ends, as it needs to apply the rest again.
+        // The state the purged entries would rebuild must survive a crash first. The
+        // metadata group's apply and installs go through the WAL: durable after this sync.
+        // A data shard's apply bypasses it (`Store::write_unlogged`) and is durable once a
+        // flush made it so; when the table files' applied state is still behind the purge
+        // point, flush now (openraft purges only what it applied).
         self.store.syncer.sync().await?;
-        self.cache().purge(log_id.index);
         let (store, shard) = (self.store.clone(), self.shard);
-        raft_io(move || {
-            let durable = super::state_machine::durable_applied(&store, shard)?;
-            let Some(upto) = durable.min(Some(log_id)) else { return Ok(()) };
-            let purged: Option<LogId> =
-                store.get(CF_META, &meta_key(shard, META_PURGED))?.map(|v| decode(&v)).transpose()?;
-            if purged >= Some(upto) {
-                return Ok(());
+        blocking(move || {
+            if super::state_machine::durable_applied(&store, shard)? < Some(log_id) {
+                store.flush_all()?;
             }
+            Ok(())
+        })
+        .await?;
+        let (store, shard) = (self.store.clone(), self.shard);
+        let value = encode(&log_id);
+        let upto = log_id.index;
+        self.cache().purge(upto);
+        raft_io(move || {
             let mut b = WriteBatch::default();
-            b.put_cf(store.cf(CF_META), meta_key(shard, META_PURGED), encode(&upto));
-            b.delete_range_cf(store.cf(CF_LOG), log_key(shard, 0), log_key(shard, upto.index.saturating_add(1)));
+            b.put_cf(store.cf(CF_META), meta_key(shard, META_PURGED), value);
+            b.delete_range_cf(store.cf(CF_LOG), log_key(shard, 0), log_key(shard, upto.saturating_add(1)));
             store.write(b)
         })
         .await
@@ -344,11 +346,11 @@ mod tests {
         store.log_range(shard, 0, u64::MAX).expect("range").first().map(|e| e.0)
     }
 
-    // A purge deletes entries only up to the applied state a crash cannot take back (apply
-    // bypasses the WAL), and records that point as the log's start; a state behind its
-    // log's purge point is refused at open.
+    // A purge first makes the applied state it relies on survive a crash (apply bypasses
+    // the WAL): after it, a crash image holds the state at or past the purge point, and the
+    // log from just after it. A state behind its log's purge point is refused at open.
     #[tokio::test]
-    async fn a_purge_keeps_what_the_durable_state_does_not_cover() {
+    async fn a_purge_makes_the_state_it_relies_on_durable_first() {
         use crate::raft::state_machine::{apply_for_test, durable_applied, ShardStateMachine};
         use openraft::storage::RaftLogStorage;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -356,25 +358,27 @@ mod tests {
         put_entries(&store, 1, 30);
         let mut log = LogStore::open(1, store.clone()).expect("open");
         apply_for_test(&store, 1, sends(10)).expect("apply");
+        assert_eq!(durable_applied(&store, 1).expect("durable"), None, "apply alone makes nothing durable");
 
         log.purge(log_id::<C>(1, 1, 8)).await.expect("purge");
-        assert_eq!(first_entry(&store, 1), Some(1), "nothing applied is durable yet: nothing is purged");
-        assert_eq!(store.get(CF_META, &meta_key(1, META_PURGED)).expect("purge point"), None);
+        assert_eq!(first_entry(&store, 1), Some(9));
+        assert_eq!(durable_applied(&store, 1).expect("durable").map(|l| l.index), Some(10), "flushed first");
 
-        store.flush_all().expect("flush");
-        apply_for_test(&store, 1, sends(15)).expect("apply");
+        apply_for_test(&store, 1, sends(5)).expect("apply");
         assert_eq!(durable_applied(&store, 1).expect("durable").map(|l| l.index), Some(10));
-        log.purge(log_id::<C>(1, 1, 20)).await.expect("purge");
-        assert_eq!(first_entry(&store, 1), Some(11), "purged up to the durable state, not openraft's point");
+        log.purge(log_id::<C>(1, 1, 12)).await.expect("purge");
+        assert_eq!(first_entry(&store, 1), Some(13));
         let purged: Option<LogId> =
             store.get(CF_META, &meta_key(1, META_PURGED)).expect("purge point").map(|v| decode(&v).expect("decode"));
-        assert_eq!(purged.map(|l| l.index), Some(10));
-        log.purge(log_id::<C>(1, 1, 5)).await.expect("purge");
-        assert_eq!(first_entry(&store, 1), Some(11), "a purge point never goes back");
+        assert_eq!(purged.map(|l| l.index), Some(12));
 
-        store.flush_all().expect("flush");
-        log.purge(log_id::<C>(1, 1, 20)).await.expect("purge");
-        assert_eq!(first_entry(&store, 1), Some(21), "once durable, up to openraft's point");
+        let image = tempfile::tempdir().expect("tempdir");
+        store.crash_image(image.path());
+        let (crashed, _) = Store::open(image.path()).expect("open the crash image");
+        let applied = durable_applied(&crashed, 1).expect("durable").map(|l| l.index);
+        assert_eq!(applied, Some(15), "a crash after the purge keeps the state it relied on");
+        assert_eq!(first_entry(&crashed, 1), Some(13));
+        drop(crashed);
 
         // A state that came back behind the purge point (lost table files) is refused.
         let mut b = WriteBatch::default();

@@ -144,7 +144,17 @@ impl Service {
         let recorded = formation::Formation::recorded_replica(&self.store, shard)?;
         let here = match (running, recorded) {
             (Some(r), _) => r,
-            (None, Some(DROPPED)) | (None, None) => return Ok(()),
+            (None, None) => return Ok(()),
+            (None, Some(DROPPED)) => {
+                // Dropped already; the deletion is done again (it is idempotent) in case the
+                // first one failed after it was recorded, before its flush: the table files
+                // must not go on showing the old replica's applied state (see
+                // `Store::delete_shard`).
+                let store = self.store.clone();
+                return tokio::task::spawn_blocking(move || store.delete_shard(shard))
+                    .await
+                    .map_err(Error::task("deleting a shard's data"))?;
+            }
             (None, Some(r)) => r,
         };
         if !replicas.contains(&here) {
