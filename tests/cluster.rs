@@ -1469,34 +1469,27 @@ async fn a_crash_after_flushes_and_purges_rebuilds_every_replica_from_its_log() 
         format!("{seq:06}{}", "x".repeat(fill))
     };
     let conversation = |seq: u64| if seq % 4 == 0 { "flushed-b" } else { "flushed-a" };
-    let acks: Vec<(u64, convoy::client::Ack)> = futures::stream::iter(1..=SENT)
-        .map(|seq| {
-            let client = client.clone();
-            async move {
-                let ack = client.send_with(conversation(seq), seq, &text(seq), Duration::from_secs(60)).await;
-                (seq, ack.expect("send"))
-            }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
+    // Sends `seqs` with at most `concurrency` in flight; every one must be acked.
+    let send_all = |seqs: std::ops::RangeInclusive<u64>, concurrency: usize| {
+        futures::stream::iter(seqs)
+            .map(|seq| {
+                let client = client.clone();
+                async move {
+                    let ack = client.send_with(conversation(seq), seq, &text(seq), Duration::from_secs(60)).await;
+                    (seq, ack.expect("send"))
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<(u64, convoy::client::Ack)>>()
+    };
+    let acks = send_all(1..=SENT, 32).await;
     assert_eq!(acks.len() as u64, SENT);
     let tables: Vec<usize> = (1..=3).map(|id| table_files(&cluster.data_dir(id))).collect();
     assert!(tables.iter().all(|n| *n > 0), "every node flushed its memtables at least once: {tables:?}");
     // Small sends, a few at a time: many entries, far from filling a memtable, so the
     // snapshots taken meanwhile (every 50 entries, checked every 500 ms) ask for purges
     // past the last flush.
-    let small: Vec<(u64, convoy::client::Ack)> = futures::stream::iter(SENT + 1..=SENT + SMALL)
-        .map(|seq| {
-            let client = client.clone();
-            async move {
-                let ack = client.send_with(conversation(seq), seq, &text(seq), Duration::from_secs(60)).await;
-                (seq, ack.expect("send"))
-            }
-        })
-        .buffer_unordered(2)
-        .collect()
-        .await;
+    let small = send_all(SENT + 1..=SENT + SMALL, 2).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let acks: Vec<(u64, convoy::client::Ack)> = acks.into_iter().chain(small).collect();
 

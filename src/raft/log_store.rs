@@ -63,8 +63,7 @@ impl LogStore {
             None => Watermark::default(),
         };
         let vote: Option<Vote> = store.get(CF_META, &meta_key(shard, META_VOTE))?.map(|v| decode(&v)).transpose()?;
-        let purged: Option<LogId> =
-            store.get(CF_META, &meta_key(shard, META_PURGED))?.map(|v| decode(&v)).transpose()?;
+        let purged = purge_point(&store, shard)?;
         let last: Option<LogId> = store.log_last(shard)?.map(|v| decode::<Entry>(&v).map(|e| e.log_id)).transpose()?;
         let last = last.max(purged);
         let vote_behind = watermark.vote.as_ref().is_some_and(|w| !vote.as_ref().is_some_and(|v| v >= w));
@@ -89,6 +88,11 @@ impl LogStore {
         // leaves it consistent before it returns.
         self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// The log id `shard`'s log is purged up to, as recorded.
+pub(crate) fn purge_point(store: &Store, shard: ShardId) -> crate::error::Result<Option<LogId>> {
+    Ok(store.get(CF_META, &meta_key(shard, META_PURGED))?.map(|v| decode(&v)).transpose()?)
 }
 
 fn io_err(e: crate::error::Error) -> io::Error {
@@ -368,9 +372,7 @@ mod tests {
         assert_eq!(durable_applied(&store, 1).expect("durable").map(|l| l.index), Some(10));
         log.purge(log_id::<C>(1, 1, 12)).await.expect("purge");
         assert_eq!(first_entry(&store, 1), Some(13));
-        let purged: Option<LogId> =
-            store.get(CF_META, &meta_key(1, META_PURGED)).expect("purge point").map(|v| decode(&v).expect("decode"));
-        assert_eq!(purged.map(|l| l.index), Some(12));
+        assert_eq!(purge_point(&store, 1).expect("purge point").map(|l| l.index), Some(12));
 
         let image = tempfile::tempdir().expect("tempdir");
         store.crash_image(image.path());

@@ -38,7 +38,7 @@ use crate::stages::Stage;
 use crate::store::codec::{decode, encode};
 use crate::store::keys::{
     applied_key, cursor_key, dedup_key, dedup_scope, earliest_key, head_key, members_key, message_key, messages_below,
-    meta_key, placement_key, retention_key, CF_MESSAGES, CF_META, CF_STATE, META_PURGED,
+    placement_key, retention_key, CF_MESSAGES, CF_STATE,
 };
 use crate::store::snapshot::{self, LocalSnapshot, Source};
 use crate::store::Store;
@@ -194,8 +194,7 @@ impl ShardStateMachine {
         let applied = read_applied(&store, shard)?;
         // The log is purged only up to the durable applied state, so state behind the purge
         // point lost writes that nothing can rebuild (a damaged or missing table file).
-        let purged: Option<LogId> =
-            store.get(CF_META, &meta_key(shard, META_PURGED))?.map(|v| decode(&v)).transpose()?;
+        let purged = super::log_store::purge_point(&store, shard)?;
         if purged > applied.last_applied {
             return Err(Error::Corrupt(format!(
                 "shard {shard}: its state came back at {:?}, behind its log's purge point {purged:?}: the \

@@ -212,11 +212,16 @@ impl Store {
     pub fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(false);
+        self.write_timed(batch, &wo, "slow storage write (disk or page-cache writeback)")
+    }
+
+    /// Writes a batch with `wo`, logging `slow` if it took [`SLOW_IO`] or more.
+    fn write_timed(&self, batch: WriteBatch, wo: &WriteOptions, slow: &str) -> Result<()> {
         let started = std::time::Instant::now();
-        self.db.write_opt(batch, &wo)?;
+        self.db.write_opt(batch, wo)?;
         let took = started.elapsed();
         if took >= SLOW_IO {
-            tracing::warn!(took_ms = took.as_millis() as u64, "slow storage write (disk or page-cache writeback)");
+            tracing::warn!(took_ms = took.as_millis() as u64, "{slow}");
         }
         Ok(())
     }
@@ -239,13 +244,7 @@ impl Store {
         }
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
-        let started = std::time::Instant::now();
-        self.db.write_opt(batch, &wo)?;
-        let took = started.elapsed();
-        if took >= SLOW_IO {
-            tracing::warn!(took_ms = took.as_millis() as u64, "slow storage write (memtable stall)");
-        }
-        Ok(())
+        self.write_timed(batch, &wo, "slow storage write (memtable stall)")
     }
 
     /// Reads a value of a state family as the table files hold it: what survives a crash of
@@ -271,7 +270,6 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a batch and fsyncs the WAL before returning (rare writes only).
     /// Deletes everything this node holds of `shard`: its log, vote, replicated state and
     /// messages, and its watermark. For a replica that left the shard (its group stopped
     /// and its removal committed): a later replica of the shard here starts empty.
@@ -288,6 +286,7 @@ impl Store {
         self.flush_all()
     }
 
+    /// Writes a batch and fsyncs the WAL before returning (rare writes only).
     pub fn write_sync(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
