@@ -93,6 +93,29 @@ pub struct Group {
     /// The replica id this node runs the group under (see `types::NodeId`).
     pub replica: NodeId,
     pub raft: Raft,
+    /// Resolves once the group's state machine is gone (see [`Group::shutdown`]).
+    stopped: state_machine::Stopped,
+}
+
+/// How long [`Group::shutdown`] waits for the state machine to finish its queued applies.
+pub const STATE_MACHINE_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Group {
+    /// Stops the group and waits until its state machine is gone too: `Raft::shutdown`
+    /// stops the Raft core, but openraft's state-machine worker goes on with the applies
+    /// already queued to it, and those would write the shard's state after the caller
+    /// deleted it (a dropped shard) or closed the store. Gives up waiting after
+    /// [`STATE_MACHINE_STOP_WAIT`], with an error.
+    pub async fn shutdown(&self) -> Result<()> {
+        let core = self.raft.shutdown().await;
+        if tokio::time::timeout(STATE_MACHINE_STOP_WAIT, self.stopped.wait()).await.is_err() {
+            return Err(Error::Unavailable(format!(
+                "shard {}'s state machine did not stop within {STATE_MACHINE_STOP_WAIT:?}",
+                self.shard
+            )));
+        }
+        core.map_err(|e| Error::raft(format!("stopping shard {}", self.shard), e))
+    }
 }
 
 /// A copy of a group's Raft metrics, taken at once: holding the watch borrow can block the
@@ -125,10 +148,11 @@ pub async fn start_group(
             .map_err(Error::task("opening a shard's state machine"))??
     };
     let network = ShardNetworkFactory { net, shard };
+    let stopped = sm.stopped();
     let raft = Raft::new(replica, raft_config, network, log, sm)
         .await
         .map_err(|e| Error::raft(format!("starting shard {shard}"), e))?;
-    Ok(Group { shard, replica, raft })
+    Ok(Group { shard, replica, raft, stopped })
 }
 
 /// Initializes `group` with every node as voter, if it has never been initialized.

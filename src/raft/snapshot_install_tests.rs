@@ -35,7 +35,7 @@ const LEARNER: NodeId = 2;
 
 /// The in-memory network: every node's Raft and spool directory, and which nodes are cut off.
 #[derive(Clone, Default)]
-struct Router(Arc<Mutex<RouterState>>);
+pub(super) struct Router(Arc<Mutex<RouterState>>);
 
 #[derive(Default)]
 struct RouterState {
@@ -65,7 +65,7 @@ impl Router {
     }
 }
 
-struct Net {
+pub(super) struct Net {
     router: Router,
     target: NodeId,
 }
@@ -128,7 +128,7 @@ impl RaftNetworkV2<C> for Net {
     }
 }
 
-fn raft_config() -> Arc<openraft::Config> {
+pub(super) fn raft_config() -> Arc<openraft::Config> {
     let config = openraft::Config {
         heartbeat_interval: 50,
         election_timeout_min: 300,
@@ -142,13 +142,13 @@ fn raft_config() -> Arc<openraft::Config> {
 }
 
 /// One node's directories.
-struct Dirs {
-    db: PathBuf,
+pub(super) struct Dirs {
+    pub(super) db: PathBuf,
     spool: PathBuf,
 }
 
 impl Dirs {
-    fn under(base: &Path, id: NodeId) -> Dirs {
+    pub(super) fn under(base: &Path, id: NodeId) -> Dirs {
         let dirs = Dirs { db: base.join(format!("n{id}/db")), spool: base.join(format!("n{id}/spool")) };
         std::fs::create_dir_all(&dirs.spool).expect("spool dir");
         dirs
@@ -156,7 +156,7 @@ impl Dirs {
 }
 
 /// Opens a node's store, retrying while a crashed instance's last handles are released.
-async fn open_store(db: &Path) -> Store {
+pub(super) async fn open_store(db: &Path) -> Store {
     let started = Instant::now();
     loop {
         match Store::open(db) {

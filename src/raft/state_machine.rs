@@ -91,6 +91,27 @@ pub struct ShardStateMachine {
     events: Arc<dyn ShardEvents>,
     applied: AppliedState,
     cache: ApplyCache,
+    /// Dropped with the state machine: what [`Stopped`] waits for.
+    alive: tokio::sync::watch::Sender<()>,
+    /// Test hook: each apply counts itself started, then waits this long before it writes.
+    #[cfg(test)]
+    pub(crate) slow_apply: Option<(std::time::Duration, Arc<std::sync::atomic::AtomicU64>)>,
+}
+
+/// Resolves once a group's state machine is gone: dropped by openraft's state-machine
+/// worker when the worker ends. `Raft::shutdown` stops the Raft core but not that worker,
+/// which goes on with the applies already queued to it; whoever deletes or closes what the
+/// state machine writes waits for this first.
+#[derive(Clone)]
+pub struct Stopped(tokio::sync::watch::Receiver<()>);
+
+impl Stopped {
+    /// Waits until the state machine was dropped (at once if it already was).
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        // Nothing is ever sent: `changed` returns only once the sender is dropped.
+        while rx.changed().await.is_ok() {}
+    }
 }
 
 /// Entries an [`ApplyCache`] map holds before it starts over (each is a few dozen bytes).
@@ -202,7 +223,21 @@ impl ShardStateMachine {
                 applied.last_applied
             )));
         }
-        Ok(ShardStateMachine { shard, store, events, applied, cache: ApplyCache::default() })
+        Ok(ShardStateMachine {
+            shard,
+            store,
+            events,
+            applied,
+            cache: ApplyCache::default(),
+            alive: tokio::sync::watch::channel(()).0,
+            #[cfg(test)]
+            slow_apply: None,
+        })
+    }
+
+    /// What resolves once this state machine is dropped.
+    pub fn stopped(&self) -> Stopped {
+        Stopped(self.alive.subscribe())
     }
 
     fn snapshot_now(&self) -> Result<Option<Snapshot>> {
@@ -425,6 +460,11 @@ impl RaftStateMachine<C> for ShardStateMachine {
         if batch.is_empty() {
             return Ok(());
         }
+        #[cfg(test)]
+        if let Some((delay, started)) = &self.slow_apply {
+            started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(*delay).await;
+        }
         let started = std::time::Instant::now();
         let (outcomes, applied, appended, members_changed, placed) =
             inline(|| apply_batch(&self.store, self.shard, &mut self.cache, batch, self.applied.clone()))?;
@@ -515,6 +555,10 @@ pub(crate) fn apply_for_test(store: &Store, shard: ShardId, commands: Vec<chat::
 #[cfg(test)]
 #[path = "snapshot_install_tests.rs"]
 mod snapshot_install_tests;
+
+#[cfg(test)]
+#[path = "shutdown_tests.rs"]
+mod shutdown_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1268,7 +1268,7 @@ impl Service {
     /// answer as unknown), and the groups release the store.
     pub async fn shutdown(&self) {
         for g in self.groups().iter().chain(self.meta_group().as_ref()) {
-            if let Err(e) = g.raft.shutdown().await {
+            if let Err(e) = g.shutdown().await {
                 tracing::warn!(shard = g.shard, error = %e, "a shard group did not stop cleanly");
             }
         }

@@ -174,7 +174,7 @@ impl Service {
         };
         self.registry.write().unwrap_or_else(|p| p.into_inner()).remove(&shard);
         if let Some(g) = &group {
-            if let Err(e) = g.raft.shutdown().await {
+            if let Err(e) = g.shutdown().await {
                 tracing::warn!(shard, error = %e, "a dropped shard's group did not stop cleanly");
             }
         }
