@@ -32,6 +32,10 @@
 //! (rebuilt from the log after a crash; see `Store::write_unlogged`); everything else goes
 //! through the WAL.
 //!
+//! The `messages` family's prefix is a key's conversation part ([`message_conversation_prefix`]):
+//! its memtable is hashed by it, so a read of that family stays in one conversation and goes
+//! forwards, unless it sets `total_order_seek` (see `Store::open`).
+//!
 //! The watermark lives in `default`, another family than the log and the vote it guards, and
 //! is written in the same batch as each append, vote and truncation: damage to one family's
 //! files, or a lost WAL, shows as a log or vote behind its watermark at open.
@@ -148,6 +152,20 @@ pub fn message_key(shard: ShardId, conversation: &str, offset: u64) -> Vec<u8> {
     let mut k = conversation_prefix(shard, conversation);
     k.extend_from_slice(&offset.to_be_bytes());
     k
+}
+
+/// The conversation part of a `messages` key (shard ‖ len(conv) ‖ conv): the family's
+/// prefix, so each conversation has a hash bucket of its own in the memtable. Total: a key
+/// too short for its length byte gives what it has (RocksDB asks only of keys
+/// [`is_message_key`] accepts).
+pub fn message_conversation_prefix(key: &[u8]) -> &[u8] {
+    let end = key.get(4).map_or(key.len(), |&len| 5 + len as usize);
+    &key[..end.min(key.len())]
+}
+
+/// Whether `key` holds a whole conversation prefix (see [`message_conversation_prefix`]).
+pub fn is_message_key(key: &[u8]) -> bool {
+    key.get(4).is_some_and(|&len| key.len() >= 5 + len as usize)
 }
 
 /// The offset in a `messages` key, if it is one.
@@ -285,6 +303,20 @@ mod tests {
             if c1 != c2 {
                 prop_assert!(!message_key(7, &c2, o1).starts_with(&prefix));
             }
+            // The family's prefix extractor gives exactly the conversation's prefix, for a
+            // message key and for the conversation's bounds alike.
+            prop_assert!(is_message_key(&k1) && is_message_key(&prefix));
+            prop_assert_eq!(message_conversation_prefix(&k1), &prefix[..]);
+            prop_assert_eq!(message_conversation_prefix(&prefix), &prefix[..]);
+        }
+
+        // The prefix extractor is total: no key makes it panic, and it accepts a key only
+        // when the key holds the whole prefix its length byte announces.
+        #[test]
+        fn the_conversation_prefix_of_any_bytes(key in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let prefix = message_conversation_prefix(&key);
+            prop_assert!(key.starts_with(prefix));
+            prop_assert_eq!(is_message_key(&key), key.len() >= 5 && prefix.len() == 5 + key[4] as usize);
         }
 
         // Every key of a shard lies inside shard_range, and outside every other shard's.

@@ -100,6 +100,13 @@ const LOG_WRITE_BUFFER_BYTES: usize = 32 << 20;
 const MESSAGES_WRITE_BUFFER_BYTES: usize = 64 << 20;
 /// Memtable size of the small families (Raft metadata, shard state), in bytes.
 const SMALL_WRITE_BUFFER_BYTES: usize = 16 << 20;
+/// Hash buckets of the messages family's memtable (conversations share a bucket beyond it).
+const MESSAGES_MEMTABLE_BUCKETS: usize = 100_000;
+/// Messages [`Store::keep_bytes_from`] reads per window.
+#[cfg(not(test))]
+const BYTES_WINDOW: u64 = 256;
+#[cfg(test)]
+const BYTES_WINDOW: u64 = 8;
 /// Bloom filter bits per key of every family's table files.
 const BLOOM_BITS_PER_KEY: f64 = 10.0;
 
@@ -115,6 +122,23 @@ fn cf_options(name: &str) -> Options {
             o.set_write_buffer_size(LOG_WRITE_BUFFER_BYTES);
         }
         CF_MESSAGES => {
+            // A memtable hashed by conversation (its key prefix), each bucket a small
+            // skiplist: an insert walks its own conversation's messages, which arrive in
+            // offset order, not one skiplist of every conversation's, whose walk missed the
+            // cache at every level. Reads within a conversation stay in its bucket
+            // (`prefix_same_as_start`) and go forwards only: the hashed memtable cannot seek
+            // backwards. The reads that cross conversations (snapshots) ask for
+            // `total_order_seek`, which sorts the memtable for them.
+            o.set_prefix_extractor(rocksdb::SliceTransform::create(
+                "convoy.conversation",
+                keys::message_conversation_prefix,
+                Some(keys::is_message_key),
+            ));
+            o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+                bucket_count: MESSAGES_MEMTABLE_BUCKETS,
+                height: 4,
+                branching_factor: 4,
+            });
             o.set_compression_type(DBCompressionType::Lz4);
             o.set_bottommost_compression_type(DBCompressionType::Zstd);
             o.set_write_buffer_size(MESSAGES_WRITE_BUFFER_BYTES);
@@ -154,6 +178,8 @@ impl Store {
         // automatic or not, persists all families at one point, so the flushed messages and
         // shard state never come from different moments.
         opts.set_atomic_flush(true);
+        // The messages family's hashed memtable takes one writer at a time.
+        opts.set_allow_concurrent_memtable_write(false);
         if crate::planted::active(crate::planted::Bug::TolerateWalLoss) {
             tracing::error!("PLANTED BUG tolerate-wal-loss: point-in-time WAL recovery with recycling");
             opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
@@ -443,6 +469,7 @@ impl Store {
         upper.extend_from_slice(&u64::MAX.to_be_bytes());
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(upper);
+        ro.set_prefix_same_as_start(true);
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
         iter.seek(message_key(shard, conversation, from));
         let mut visited = 0;
@@ -473,27 +500,50 @@ impl Store {
 
     /// The offset from which a conversation's newest stored messages take at most
     /// `max_bytes` (their stored values), reading back from the head; `None` if all fit.
-    /// Reads at most `max_bytes` and one message more.
+    /// Reads at most `max_bytes` and a window of messages more.
+    ///
+    /// Backwards in windows read forwards: the messages family's memtable is hashed by
+    /// conversation, and its iterators cannot seek backwards. The first window starts
+    /// [`BYTES_WINDOW`] below the stored head and reads to the conversation's end (messages
+    /// applied since the head was read included); offsets are dense above the earliest
+    /// retained, so a window that does not start with its first offset reached the trimmed
+    /// part.
     pub fn keep_bytes_from(&self, shard: ShardId, conversation: &str, max_bytes: u64) -> Result<Option<u64>> {
-        let prefix = conversation_prefix(shard, conversation);
-        let mut upper = prefix.clone();
-        upper.extend_from_slice(&u64::MAX.to_be_bytes());
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(prefix);
-        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
-        iter.seek_for_prev(&upper);
+        let head = self.head(shard, conversation)?;
+        let (mut from, mut before) = (head.saturating_sub(BYTES_WINDOW - 1).max(1), u64::MAX);
         let mut bytes = 0u64;
-        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
-            bytes += value.len() as u64;
-            if bytes > max_bytes {
-                let offset = keys::message_key_offset(key)
-                    .ok_or_else(|| Error::Corrupt(format!("malformed message key of {} bytes", key.len())))?;
-                return Ok(Some(offset + 1));
+        loop {
+            let sizes = self.message_sizes(shard, conversation, from, before)?;
+            for &(offset, len) in sizes.iter().rev() {
+                bytes += len;
+                if bytes > max_bytes {
+                    return Ok(Some(offset + 1));
+                }
             }
-            iter.prev();
+            if from == 1 || sizes.first().is_none_or(|&(offset, _)| offset != from) {
+                return Ok(None);
+            }
+            (from, before) = (from.saturating_sub(BYTES_WINDOW).max(1), from);
+        }
+    }
+
+    /// The stored sizes of a conversation's messages in `[from, before)`, by offset
+    /// (`before` = `u64::MAX`: to the end).
+    fn message_sizes(&self, shard: ShardId, conversation: &str, from: u64, before: u64) -> Result<Vec<(u64, u64)>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(message_key(shard, conversation, before));
+        ro.set_prefix_same_as_start(true);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
+        iter.seek(message_key(shard, conversation, from));
+        let mut sizes = Vec::new();
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            let offset = keys::message_key_offset(key)
+                .ok_or_else(|| Error::Corrupt(format!("malformed message key of {} bytes", key.len())))?;
+            sizes.push((offset, value.len() as u64));
+            iter.next();
         }
         iter.status()?;
-        Ok(None)
+        Ok(sizes)
     }
 
     /// Flushes every family's memtable, then compacts what the trims deleted — each trimmed
@@ -575,6 +625,7 @@ impl Store {
         }
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(upper);
+        ro.set_prefix_same_as_start(true);
         ro.set_snapshot(&snap);
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
         iter.seek(message_key(shard, conversation, from.max(1)));
@@ -621,6 +672,7 @@ impl Store {
         for name in STATE_CFS {
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(hi.clone());
+            ro.set_total_order_seek(true);
             for item in self.db.iterator_cf_opt(self.cf(name), ro, IteratorMode::From(&lo, Direction::Forward)) {
                 let (k, v) = item.expect("read the state");
                 out.push((name, k.to_vec(), v.to_vec()));
@@ -667,5 +719,80 @@ mod tests {
         assert_eq!(store.log_last(2).expect("last"), Some(vec![42]));
         assert_eq!(store.log_last(3).expect("last"), None);
         assert_eq!(store.log_last(0).expect("last"), None);
+    }
+
+    /// Reads within a conversation stay in it, memtable and table files alike, forwards
+    /// (catch-up, trims) and backwards (retention by bytes), and a shard's read sees every
+    /// conversation in key order. A memtable hashed by conversation would break the
+    /// backward read: its iterators cannot `SeekForPrev`.
+    #[test]
+    fn conversation_reads_stay_in_their_conversation_and_shard_reads_see_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let convs = ["a", "ab", "b", "a\u{0}"];
+        let put = |from: u64, to: u64| {
+            let mut b = WriteBatch::default();
+            for shard in [1, 2] {
+                for c in convs {
+                    for offset in from..to {
+                        let m = StoredMessage {
+                            conversation: c.into(),
+                            offset,
+                            sender: "u".into(),
+                            ts_ms: offset,
+                            client_id: shard as u64,
+                            client_seq: offset,
+                            text: format!("{c}/{offset}"),
+                        };
+                        b.put_cf(store.cf(CF_MESSAGES), message_key(shard, c, offset), codec::encode(&m));
+                    }
+                    b.put_cf(store.cf(CF_STATE), head_key(shard, c), codec::encode(&(to - 1)));
+                }
+            }
+            store.write_unlogged(b).expect("write");
+        };
+        put(1, 30);
+        store.flush_all().expect("flush");
+        put(30, 51);
+        for c in convs {
+            let mut seen = Vec::new();
+            store
+                .each_message(1, c, 10, u64::MAX, |m| {
+                    seen.push((m.conversation, m.offset, m.client_id));
+                    true
+                })
+                .expect("each");
+            let want: Vec<_> = (10..51).map(|o| (c.to_string(), o, 1)).collect();
+            assert_eq!(seen, want, "conversation {c:?} of shard 1");
+            let mut offsets = Vec::new();
+            let scanned = store
+                .scan_messages(2, c, 25, 100, usize::MAX, |o, _| {
+                    offsets.push(o);
+                    Ok(())
+                })
+                .expect("scan");
+            assert_eq!(offsets, (25..51).collect::<Vec<_>>(), "conversation {c:?} of shard 2");
+            assert!(!scanned.more);
+            let value_len = store.get(CF_MESSAGES, &message_key(1, c, 50)).expect("get").expect("stored").len() as u64;
+            assert_eq!(store.keep_bytes_from(1, c, value_len * 3).expect("keep"), Some(48), "{c:?}");
+            // Across windows (of 8 in tests), down to offsets 1–9 of shorter text.
+            assert_eq!(store.keep_bytes_from(1, c, value_len * 41).expect("keep"), Some(10), "{c:?}");
+            assert_eq!(store.keep_bytes_from(1, c, value_len * 41 + 9 * (value_len - 1)).expect("keep"), None);
+            assert_eq!(store.keep_bytes_from(1, c, value_len * 41 + 9 * (value_len - 1) - 1).expect("keep"), Some(2));
+        }
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(store.cf(CF_MESSAGES), message_key(1, "a", 0), message_key(1, "a", 40));
+        store.write_unlogged(b).expect("trim");
+        let first = store.keys_between(1, "a", 0, 100).expect("keys").first().map(|k| k.client_seq);
+        assert_eq!(first, Some(40), "the trimmed prefix is gone");
+        assert_eq!(store.keys_between(1, "ab", 0, 100).expect("keys").len(), 50, "its neighbour is whole");
+        let dumped: Vec<Vec<u8>> =
+            store.dump_state(1).into_iter().filter(|(cf, ..)| *cf == CF_MESSAGES).map(|(_, k, _)| k).collect();
+        let mut want: Vec<Vec<u8>> = convs
+            .iter()
+            .flat_map(|c| (if *c == "a" { 40 } else { 1 }..51).map(move |o| message_key(1, c, o)))
+            .collect();
+        want.sort();
+        assert_eq!(dumped, want, "a shard read sees every conversation, in key order");
     }
 }

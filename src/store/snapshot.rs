@@ -145,6 +145,8 @@ impl LocalSnapshot {
             let cf = self.db.cf_handle(name).expect("schema column family exists");
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(hi.clone());
+            // Across conversations: the messages family's prefix mode would keep to one.
+            ro.set_total_order_seek(true);
             ro.set_snapshot(&self.snap);
             ro.fill_cache(false);
             for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&lo, Direction::Forward)) {
