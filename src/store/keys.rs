@@ -155,9 +155,11 @@ pub fn message_key(shard: ShardId, conversation: &str, offset: u64) -> Vec<u8> {
 }
 
 /// The conversation part of a `messages` key (shard ‖ len(conv) ‖ conv): the family's
-/// prefix, so each conversation has a hash bucket of its own in the memtable. Total: a key
-/// too short for its length byte gives what it has (RocksDB asks only of keys
-/// [`is_message_key`] accepts).
+/// prefix, so each conversation has a hash bucket of its own in the memtable. Total, and it
+/// must stay so: RocksDB's hashed memtable asks for the prefix of any key it inserts, looks
+/// up or seeks, in the domain ([`is_message_key`]) or not — e.g. the 4-byte shard bound it
+/// seeks to past a range deletion — and a key too short for its length byte gives what it
+/// has.
 pub fn message_conversation_prefix(key: &[u8]) -> &[u8] {
     let end = key.get(4).map_or(key.len(), |&len| 5 + len as usize);
     &key[..end.min(key.len())]

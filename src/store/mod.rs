@@ -509,11 +509,17 @@ impl Store {
     /// retained, so a window that does not start with its first offset reached the trimmed
     /// part.
     pub fn keep_bytes_from(&self, shard: ShardId, conversation: &str, max_bytes: u64) -> Result<Option<u64>> {
-        let head = self.head(shard, conversation)?;
+        // One point in time for the head and every window: a trim applied between two
+        // windows must not look like the end of the conversation.
+        let snap = self.db.snapshot();
+        let head = match snap.get_cf(self.cf(CF_STATE), head_key(shard, conversation))? {
+            Some(v) => codec::decode::<u64>(&v)?,
+            None => 0,
+        };
         let (mut from, mut before) = (head.saturating_sub(BYTES_WINDOW - 1).max(1), u64::MAX);
         let mut bytes = 0u64;
         loop {
-            let sizes = self.message_sizes(shard, conversation, from, before)?;
+            let sizes = self.message_sizes(&snap, shard, conversation, from, before)?;
             for &(offset, len) in sizes.iter().rev() {
                 bytes += len;
                 if bytes > max_bytes {
@@ -527,12 +533,20 @@ impl Store {
         }
     }
 
-    /// The stored sizes of a conversation's messages in `[from, before)`, by offset
-    /// (`before` = `u64::MAX`: to the end).
-    fn message_sizes(&self, shard: ShardId, conversation: &str, from: u64, before: u64) -> Result<Vec<(u64, u64)>> {
+    /// The stored sizes of a conversation's messages in `[from, before)` as `snap` holds
+    /// them, by offset (`before` = `u64::MAX`: to the end).
+    fn message_sizes(
+        &self,
+        snap: &rocksdb::Snapshot<'_>,
+        shard: ShardId,
+        conversation: &str,
+        from: u64,
+        before: u64,
+    ) -> Result<Vec<(u64, u64)>> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(message_key(shard, conversation, before));
         ro.set_prefix_same_as_start(true);
+        ro.set_snapshot(snap);
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGES), ro);
         iter.seek(message_key(shard, conversation, from));
         let mut sizes = Vec::new();
