@@ -1446,8 +1446,8 @@ fn table_files(dir: &std::path::Path) -> usize {
 
 // Apply writes a data shard's state without the WAL, so a crash takes it back to the last
 // flush and the log rebuilds the rest; a purge flushes first when that state is behind.
-// Enough large messages that memtables flush, then small ones whose snapshots ask for purges past the
-// flushed state, then kill -9 of every node: every acked message reads back identically
+// Enough large messages that memtables flush, then small ones whose snapshots ask for purges
+// past the flushed state, then kill -9 of every node: every acked message reads back identically
 // from every replica, and a retry of the first send is still found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_flushes_and_purges_rebuilds_every_replica_from_its_log() {

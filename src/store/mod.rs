@@ -371,10 +371,7 @@ impl Store {
     // ---- State machine reads ----
 
     pub fn head(&self, shard: ShardId, conversation: &str) -> Result<u64> {
-        match self.get(CF_STATE, &head_key(shard, conversation))? {
-            Some(v) => Ok(codec::decode::<u64>(&v)?),
-            None => Ok(0),
-        }
+        decode_head(self.get(CF_STATE, &head_key(shard, conversation))?)
     }
 
     pub fn dedup(&self, shard: ShardId, key: &DedupKey) -> Result<Option<DedupRecord>> {
@@ -503,19 +500,15 @@ impl Store {
     /// Reads at most `max_bytes` and a window of messages more.
     ///
     /// Backwards in windows read forwards: the messages family's memtable is hashed by
-    /// conversation, and its iterators cannot seek backwards. The first window starts
-    /// [`BYTES_WINDOW`] below the stored head and reads to the conversation's end (messages
-    /// applied since the head was read included); offsets are dense above the earliest
-    /// retained, so a window that does not start with its first offset reached the trimmed
-    /// part.
+    /// conversation, and its iterators cannot seek backwards. The head and every window are
+    /// read at one snapshot; the first window starts [`BYTES_WINDOW`] below the head and
+    /// reads to the conversation's end. Offsets are dense above the earliest retained, so a
+    /// window that does not start with its first offset reached the trimmed part.
     pub fn keep_bytes_from(&self, shard: ShardId, conversation: &str, max_bytes: u64) -> Result<Option<u64>> {
         // One point in time for the head and every window: a trim applied between two
         // windows must not look like the end of the conversation.
         let snap = self.db.snapshot();
-        let head = match snap.get_cf(self.cf(CF_STATE), head_key(shard, conversation))? {
-            Some(v) => codec::decode::<u64>(&v)?,
-            None => 0,
-        };
+        let head = decode_head(snap.get_cf(self.cf(CF_STATE), head_key(shard, conversation))?)?;
         let (mut from, mut before) = (head.saturating_sub(BYTES_WINDOW - 1).max(1), u64::MAX);
         let mut bytes = 0u64;
         loop {
@@ -657,6 +650,11 @@ impl Store {
         iter.status()?;
         Ok(Scanned { visited, more })
     }
+}
+
+/// A conversation's head from its stored record (none: 0, nothing appended yet).
+fn decode_head(value: Option<Vec<u8>>) -> Result<u64> {
+    value.map_or(Ok(0), |v| Ok(codec::decode::<u64>(&v)?))
 }
 
 /// What a [`Store::scan_messages`] did: the messages it visited, and whether more follow.
