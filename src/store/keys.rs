@@ -11,13 +11,14 @@
 //! | `messages`    | shard ‖ len(conv) u8 ‖ conv ‖ offset (u64 BE)    | [`StoredMessage`]     |
 //! | `shard_state` | shard ‖ 0x01                                     | applied log id + membership |
 //! |               | shard ‖ 0x02 ‖ len(conv) ‖ conv                  | head offset (u64)     |
-//! |               | shard ‖ 0x03 ‖ len(conv) ‖ conv ‖ len(sender) ‖ sender ‖ client_id ‖ client_seq (u64 BE) | [`DedupRecord`] |
+//! |               | shard ‖ 0x03 ‖ … ‖ client_seq (u64 BE): legacy dedup records, moved to `dedup` at open |  |
 //! |               | shard ‖ 0x04 ‖ len(user) ‖ user ‖ len(conv) ‖ conv | cursor offset (u64) |
 //! |               | shard ‖ 0x05                                     | snapshot-install-in-progress marker |
 //! |               | shard ‖ 0x06 ‖ len(conv) ‖ conv                  | [`Members`]           |
 //! |               | shard ‖ 0x07 ‖ len(conv) ‖ conv                  | earliest retained offset (u64; absent: 1) |
 //! |               | shard ‖ 0x08 ‖ len(conv) ‖ conv                  | [`Retention`] set for the conversation |
 //! |               | shard ‖ 0x09 (the metadata group's only)         | [`ClusterMap`]        |
+//! | `dedup`       | shard ‖ 0x03 ‖ len(conv) ‖ conv ‖ len(sender) ‖ sender ‖ client_id ‖ !client_seq (u64 BE, complemented) | [`DedupRecord`] |
 //! | `default`     | `wm` ‖ shard                                     | [`Watermark`] (vote, last log id) |
 //! |               | `cluster`                                        | [`ClusterRecord`] of this node |
 //! |               | `replica` ‖ shard                                | this node's replica id in the shard's group |
@@ -26,15 +27,18 @@
 //! Every value is written by `codec::encode`: a format-version byte, then bincode.
 //! Ids are at most 128 bytes, so a one-byte length prefix suffices and keeps a conversation's
 //! messages contiguous and ordered by offset. The replicated state of a shard is exactly its
-//! ranges in `messages` and `shard_state` (the install marker excepted).
+//! ranges in `messages`, `shard_state` and `dedup` (the install marker excepted).
 //!
-//! A data shard's `messages` and `shard_state` records are written by apply without the WAL
+//! A data shard's `messages`, `shard_state` and `dedup` records are written by apply without the WAL
 //! (rebuilt from the log after a crash; see `Store::write_unlogged`); everything else goes
 //! through the WAL.
 //!
 //! The `messages` family's prefix is a key's conversation part ([`message_conversation_prefix`]):
 //! its memtable is hashed by it, so a read of that family stays in one conversation and goes
-//! forwards, unless it sets `total_order_seek` (see `Store::open`).
+//! forwards, unless it sets `total_order_seek` (see `Store::open`). The `dedup` family is
+//! hashed the same way by a key's scope, everything but its sequence number
+//! ([`dedup_key_scope`]); its sequence numbers are complemented so that a forward seek to a
+//! scope finds its highest first.
 //!
 //! The watermark lives in `default`, another family than the log and the vote it guards, and
 //! is written in the same batch as each append, vote and truncation: damage to one family's
@@ -54,10 +58,14 @@ pub const CF_LOG: &str = "raft_log";
 pub const CF_META: &str = "raft_meta";
 pub const CF_MESSAGES: &str = "messages";
 pub const CF_STATE: &str = "shard_state";
+/// Idempotent-send records, one per stored message (apart from `shard_state`, whose reads
+/// seek backwards, so that its memtable can be hashed by scope: see [`dedup_key_scope`]).
+pub const CF_DEDUP: &str = "dedup";
 /// Every family this schema uses (besides RocksDB's `default`).
-pub const ALL_CFS: [&str; 4] = [CF_LOG, CF_META, CF_MESSAGES, CF_STATE];
-/// The families that hold a shard's replicated state (what a snapshot carries).
-pub const STATE_CFS: [&str; 2] = [CF_MESSAGES, CF_STATE];
+pub const ALL_CFS: [&str; 5] = [CF_LOG, CF_META, CF_MESSAGES, CF_STATE, CF_DEDUP];
+/// The families that hold a shard's replicated state (what a snapshot carries; a record
+/// names its family by index here, so new families go at the end).
+pub const STATE_CFS: [&str; 3] = [CF_MESSAGES, CF_STATE, CF_DEDUP];
 
 /// Kinds of `raft_meta` records.
 pub const META_VOTE: u8 = 1;
@@ -219,9 +227,11 @@ pub fn dedup_range(shard: ShardId, conversation: &str) -> (Vec<u8>, Vec<u8>) {
     (lo, hi)
 }
 
+/// A `dedup` key: its scope, then its `client_seq` complemented, so that a scope's records
+/// run from its highest sequence number down.
 pub fn dedup_key(shard: ShardId, key: &DedupKey) -> Vec<u8> {
     let mut k = dedup_scope(shard, &key.conversation, &key.sender, key.client_id);
-    k.extend_from_slice(&key.client_seq.to_be_bytes());
+    k.extend_from_slice(&(!key.client_seq).to_be_bytes());
     k
 }
 
@@ -229,7 +239,49 @@ pub fn dedup_key(shard: ShardId, key: &DedupKey) -> Vec<u8> {
 /// other key.
 pub fn dedup_key_seq(key: &[u8], scope: &[u8]) -> Option<u64> {
     let seq: [u8; 8] = key.strip_prefix(scope)?.try_into().ok()?;
-    Some(u64::from_be_bytes(seq))
+    Some(!u64::from_be_bytes(seq))
+}
+
+/// The scope part of a `dedup` key (shard ‖ 0x03 ‖ len(conv) ‖ conv ‖ len(sender) ‖ sender ‖
+/// client_id, see [`dedup_scope`]): the family's prefix, so that each scope has a hash
+/// bucket of its own in the memtable. Total, like [`message_conversation_prefix`] and for the
+/// same reason: a key too short for its length bytes gives what it has.
+pub fn dedup_key_scope(key: &[u8]) -> &[u8] {
+    &key[..dedup_scope_len(key).min(key.len())]
+}
+
+/// Whether `key` holds a whole scope (see [`dedup_key_scope`]).
+pub fn is_dedup_key(key: &[u8]) -> bool {
+    dedup_scope_len(key) <= key.len()
+}
+
+/// The length of a dedup key's scope, as its length bytes tell (may exceed the key's).
+fn dedup_scope_len(key: &[u8]) -> usize {
+    let Some(&conversation) = key.get(5) else { return usize::MAX };
+    let sender_at = 6 + usize::from(conversation);
+    match key.get(sender_at) {
+        Some(&sender) => sender_at + 1 + usize::from(sender) + 8,
+        None => usize::MAX,
+    }
+}
+
+/// A `dedup` key for a record of the old layout, a `shard_state` key under 0x03 whose
+/// `client_seq` is not complemented; `None` for any other key.
+pub fn dedup_key_from_legacy(key: &[u8]) -> Option<Vec<u8>> {
+    if key.get(4) != Some(&STATE_DEDUP) || dedup_scope_len(key).checked_add(8) != Some(key.len()) {
+        return None;
+    }
+    let (scope, seq) = key.split_at(key.len() - 8);
+    let seq = u64::from_be_bytes(seq.try_into().ok()?);
+    let mut k = scope.to_vec();
+    k.extend_from_slice(&(!seq).to_be_bytes());
+    Some(k)
+}
+
+/// The start of `shard`'s legacy dedup records in `shard_state` (see
+/// [`dedup_key_from_legacy`]).
+pub fn legacy_dedup_prefix(shard: ShardId) -> [u8; 5] {
+    meta_key(shard, STATE_DEDUP)
 }
 
 pub fn members_key(shard: ShardId, conversation: &str) -> Vec<u8> {
@@ -353,6 +405,53 @@ mod tests {
                 let (olo, ohi) = dedup_range(3, &other);
                 prop_assert!(!(key >= olo && key < ohi));
             }
+        }
+    }
+
+    proptest! {
+        // A scope's dedup keys sort from the highest sequence number down, carry their
+        // sequence number back, and the family's prefix extractor gives exactly their scope.
+        #[test]
+        fn dedup_keys_run_down_their_scope(c in "[a-z]{0,6}", u in "[a-z]{0,128}", id in any::<u64>(), s1 in any::<u64>(), s2 in any::<u64>()) {
+            let key = |seq| dedup_key(3, &DedupKey { conversation: c.clone(), sender: u.clone(), client_id: id, client_seq: seq });
+            let (k1, k2) = (key(s1), key(s2));
+            prop_assert_eq!(s1.cmp(&s2), k2.cmp(&k1));
+            let scope = dedup_scope(3, &c, &u, id);
+            prop_assert_eq!(dedup_key_seq(&k1, &scope), Some(s1));
+            prop_assert!(is_dedup_key(&k1) && is_dedup_key(&scope));
+            prop_assert_eq!(dedup_key_scope(&k1), &scope[..]);
+            prop_assert_eq!(dedup_key_scope(&scope), &scope[..]);
+            // A record of the old layout (sequence number as is) converts to the new key.
+            let mut legacy = scope.clone();
+            legacy.extend_from_slice(&s1.to_be_bytes());
+            prop_assert!(legacy.starts_with(&legacy_dedup_prefix(3)));
+            prop_assert_eq!(dedup_key_from_legacy(&legacy), Some(k1));
+        }
+
+        // The dedup prefix extractor is total, and accepts a key only when it holds the whole
+        // scope its length bytes announce; no other kind of state key converts as legacy.
+        #[test]
+        fn the_dedup_scope_of_any_bytes(key in proptest::collection::vec(any::<u8>(), 0..48)) {
+            let scope = dedup_key_scope(&key);
+            prop_assert!(key.starts_with(scope));
+            let whole = key.len() > 5 && {
+                let at = 6 + key[5] as usize;
+                key.len() > at && key.len() >= at + 1 + key[at] as usize + 8
+            };
+            prop_assert_eq!(is_dedup_key(&key), whole);
+            prop_assert_eq!(whole, scope.len() == dedup_scope_len(&key));
+            if let Some(converted) = dedup_key_from_legacy(&key) {
+                prop_assert_eq!(converted.len(), key.len());
+                prop_assert_eq!(key[4], STATE_DEDUP);
+                prop_assert_eq!(dedup_key_scope(&converted), &key[..key.len() - 8]);
+            }
+        }
+    }
+
+    #[test]
+    fn other_state_records_are_not_legacy_dedup_records() {
+        for key in [head_key(3, "c"), members_key(3, "c"), cursor_key(3, "u", "c"), applied_key(3).to_vec()] {
+            assert_eq!(dedup_key_from_legacy(&key), None, "{key:?}");
         }
     }
 

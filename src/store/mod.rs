@@ -102,6 +102,8 @@ const MESSAGES_WRITE_BUFFER_BYTES: usize = 64 << 20;
 const SMALL_WRITE_BUFFER_BYTES: usize = 16 << 20;
 /// Hash buckets of the messages family's memtable (conversations share a bucket beyond it).
 const MESSAGES_MEMTABLE_BUCKETS: usize = 100_000;
+/// Hash buckets of the dedup family's memtable (scopes share a bucket beyond it).
+const DEDUP_MEMTABLE_BUCKETS: usize = 100_000;
 /// Messages [`Store::keep_bytes_from`] reads per window.
 #[cfg(not(test))]
 const BYTES_WINDOW: u64 = 256;
@@ -143,12 +145,89 @@ fn cf_options(name: &str) -> Options {
             o.set_bottommost_compression_type(DBCompressionType::Zstd);
             o.set_write_buffer_size(MESSAGES_WRITE_BUFFER_BYTES);
         }
+        CF_DEDUP => {
+            // Hashed by scope (conversation, sender, client), like the messages by
+            // conversation and for the same reason: an insert walks its own scope, whose
+            // sequence numbers mostly arrive in order, not one skiplist of every scope's.
+            // The one range read, a scope's highest sequence number, is a forward seek
+            // (complemented sequence numbers).
+            o.set_prefix_extractor(rocksdb::SliceTransform::create(
+                "convoy.dedup-scope",
+                keys::dedup_key_scope,
+                Some(keys::is_dedup_key),
+            ));
+            o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+                bucket_count: DEDUP_MEMTABLE_BUCKETS,
+                height: 4,
+                branching_factor: 4,
+            });
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_write_buffer_size(SMALL_WRITE_BUFFER_BYTES);
+        }
         _ => {
             o.set_compression_type(DBCompressionType::Lz4);
             o.set_write_buffer_size(SMALL_WRITE_BUFFER_BYTES);
         }
     }
     o
+}
+
+/// Legacy dedup records [`migrate_legacy_dedup`] moves per batch.
+const LEGACY_DEDUP_BATCH: usize = 10_000;
+
+/// Moves dedup records of the old layout (in `shard_state`, sequence numbers as is) to the
+/// `dedup` family, converted (see [`keys::dedup_key_from_legacy`]); returns how many. Two
+/// seeks per shard present when there is nothing to move. Each batch moves its records and
+/// deletes the old ones at once, through the WAL, so an interrupted migration resumes at
+/// the next open; every family is flushed after it.
+fn migrate_legacy_dedup(db: &DB) -> Result<u64> {
+    let state = db.cf_handle(CF_STATE).expect("schema column family exists");
+    let dedup = db.cf_handle(CF_DEDUP).expect("schema column family exists");
+    let mut moved = 0u64;
+    let mut iter = db.raw_iterator_cf(state);
+    iter.seek_to_first();
+    while let Some(key) = iter.key() {
+        let shard_bytes: [u8; 4] = key
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| Error::Corrupt(format!("shard state key of {} bytes", key.len())))?;
+        let shard = ShardId::from_be_bytes(shard_bytes);
+        let prefix = keys::legacy_dedup_prefix(shard);
+        iter.seek(prefix);
+        let mut batch = WriteBatch::default();
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let converted = keys::dedup_key_from_legacy(key)
+                .ok_or_else(|| Error::Corrupt(format!("malformed legacy dedup key of {} bytes", key.len())))?;
+            batch.put_cf(dedup, converted, value);
+            batch.delete_cf(state, key);
+            moved += 1;
+            if batch.len() >= 2 * LEGACY_DEDUP_BATCH {
+                db.write(std::mem::take(&mut batch))?;
+            }
+            iter.next();
+        }
+        iter.status()?;
+        if !batch.is_empty() {
+            db.write(batch)?;
+        }
+        match shard.checked_add(1) {
+            Some(next) => iter.seek(next.to_be_bytes()),
+            None => break,
+        }
+    }
+    iter.status()?;
+    if moved > 0 {
+        // Every family at one point, as every flush here (see `Store::write_unlogged`).
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        let cfs: Vec<&ColumnFamily> =
+            ALL_CFS.iter().map(|name| db.cf_handle(name).expect("schema column family exists")).collect();
+        db.flush_cfs_opt(&cfs, &fo)?;
+    }
+    Ok(moved)
 }
 
 impl Store {
@@ -188,6 +267,10 @@ impl Store {
         }
         let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        let moved = migrate_legacy_dedup(&db)?;
+        if moved > 0 {
+            tracing::info!(records = moved, "moved dedup records to their own column family");
+        }
         let db = Arc::new(db);
         let stages = Arc::new(Stages::default());
         let syncer = Syncer::start(db.clone(), stages.clone());
@@ -375,22 +458,21 @@ impl Store {
     }
 
     pub fn dedup(&self, shard: ShardId, key: &DedupKey) -> Result<Option<DedupRecord>> {
-        match self.get(CF_STATE, &dedup_key(shard, key))? {
+        match self.get(CF_DEDUP, &dedup_key(shard, key))? {
             Some(v) => Ok(Some(codec::decode(&v)?)),
             None => Ok(None),
         }
     }
 
     /// The highest `client_seq` with a dedup record under `scope` (see
-    /// [`keys::dedup_scope`]), if any: one reverse seek inside the scope's key range.
+    /// [`keys::dedup_scope`]), if any: one seek to the scope, whose first key holds its
+    /// highest sequence number (complemented, see [`keys::dedup_key`]).
     pub fn dedup_max_seq(&self, scope: &[u8]) -> Result<Option<u64>> {
         let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(scope.to_vec());
-        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_STATE), ro);
-        let mut last = scope.to_vec();
-        last.extend_from_slice(&u64::MAX.to_be_bytes());
-        iter.seek_for_prev(&last);
-        let found = match iter.key() {
+        ro.set_prefix_same_as_start(true);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_DEDUP), ro);
+        iter.seek(scope);
+        let found = match iter.key().filter(|key| key.starts_with(scope)) {
             Some(key) => Some(
                 keys::dedup_key_seq(key, scope)
                     .ok_or_else(|| Error::Corrupt(format!("malformed dedup key of {} bytes", key.len())))?,
@@ -569,7 +651,7 @@ impl Store {
             let (lo, hi) = messages_below(*shard, conversation, *before);
             self.db.compact_range_cf_opt(self.cf(CF_MESSAGES), Some(lo), Some(hi), &force);
             let (lo, hi) = dedup_range(*shard, conversation);
-            self.db.compact_range_cf_opt(self.cf(CF_STATE), Some(lo), Some(hi), &force);
+            self.db.compact_range_cf_opt(self.cf(CF_DEDUP), Some(lo), Some(hi), &force);
         }
         self.db.compact_range_cf(self.cf(CF_LOG), None::<&[u8]>, None::<&[u8]>);
         Ok(())
@@ -731,6 +813,84 @@ mod tests {
         assert_eq!(store.log_last(2).expect("last"), Some(vec![42]));
         assert_eq!(store.log_last(3).expect("last"), None);
         assert_eq!(store.log_last(0).expect("last"), None);
+    }
+
+    fn dedup_of(conversation: &str, sender: &str, client_id: u64, client_seq: u64) -> DedupKey {
+        DedupKey { conversation: conversation.into(), sender: sender.into(), client_id, client_seq }
+    }
+
+    /// Dedup records of the old layout (in `shard_state`, sequence numbers as is), flushed
+    /// or only in the WAL, move to the `dedup` family at open, values and all; other state
+    /// stays. Afterwards a scope's highest sequence number is found whether its records are
+    /// in table files or the memtable, and scopes that share a conversation, a sender or a
+    /// client id stay apart.
+    #[test]
+    fn legacy_dedup_records_move_at_open_and_each_scope_finds_its_highest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let legacy = |shard: ShardId, k: &DedupKey| {
+            let mut key = dedup_scope(shard, &k.conversation, &k.sender, k.client_id);
+            key.extend_from_slice(&k.client_seq.to_be_bytes());
+            key
+        };
+        let old: Vec<(ShardId, DedupKey)> = [(1, dedup_of("c", "u", 7, 1)), (1, dedup_of("c", "u", 7, 5))]
+            .into_iter()
+            .chain((2..=4).map(|s| (1, dedup_of("c", "u", 7, s))))
+            .chain([(1, dedup_of("c", "uu", 7, 3)), (1, dedup_of("cu", "u", 7, 8)), (5, dedup_of("d", "u", 1, 2))])
+            .collect();
+        {
+            let (store, _) = Store::open(dir.path()).expect("open");
+            let mut b = WriteBatch::default();
+            for (shard, k) in &old[..4] {
+                b.put_cf(store.cf(CF_STATE), legacy(*shard, k), k.client_seq.to_be_bytes());
+            }
+            b.put_cf(store.cf(CF_STATE), head_key(1, "c"), codec::encode(&5u64));
+            store.write(b).expect("write");
+            store.flush_all().expect("flush");
+            let mut b = WriteBatch::default();
+            for (shard, k) in &old[4..] {
+                b.put_cf(store.cf(CF_STATE), legacy(*shard, k), k.client_seq.to_be_bytes());
+            }
+            store.write(b).expect("write, WAL only");
+        }
+        let (store, _) = Store::open(dir.path()).expect("open again");
+        for (shard, k) in &old {
+            assert_eq!(
+                store.get(CF_DEDUP, &dedup_key(*shard, k)).expect("read"),
+                Some(k.client_seq.to_be_bytes().to_vec())
+            );
+            assert_eq!(store.get(CF_STATE, &legacy(*shard, k)).expect("read"), None, "{k:?} left behind");
+        }
+        for shard in [1, 5] {
+            let mut iter = store.db.raw_iterator_cf(store.cf(CF_STATE));
+            iter.seek(legacy_dedup_prefix(shard));
+            assert!(iter.key().is_none_or(|k| !k.starts_with(&legacy_dedup_prefix(shard))));
+        }
+        assert_eq!(store.head(1, "c").expect("head"), 5, "other state stays");
+        let highest = |store: &Store, shard, c: &str, u: &str, id| {
+            store.dedup_max_seq(&dedup_scope(shard, c, u, id)).expect("seek")
+        };
+        assert_eq!(highest(&store, 1, "c", "u", 7), Some(5));
+        assert_eq!(highest(&store, 1, "c", "uu", 7), Some(3));
+        assert_eq!(highest(&store, 1, "cu", "u", 7), Some(8));
+        assert_eq!(highest(&store, 5, "d", "u", 1), Some(2));
+        for (shard, c, u, id) in
+            [(1, "c", "u", 8), (1, "c", "", 7), (2, "c", "u", 7), (5, "d", "u", 0), (1, "", "u", 7)]
+        {
+            assert_eq!(highest(&store, shard, c, u, id), None, "{shard} {c} {u} {id}");
+        }
+        // New records, one in the memtable above the flushed ones and one below.
+        let mut b = WriteBatch::default();
+        for k in [dedup_of("c", "u", 7, 9), dedup_of("c", "uu", 7, 2)] {
+            b.put_cf(store.cf(CF_DEDUP), dedup_key(1, &k), [0]);
+        }
+        store.write(b).expect("write");
+        assert_eq!(highest(&store, 1, "c", "u", 7), Some(9));
+        assert_eq!(highest(&store, 1, "c", "uu", 7), Some(3));
+        // Nothing is moved twice, and a fresh store has nothing to move.
+        drop(store);
+        let (store, _) = Store::open(dir.path()).expect("open a third time");
+        assert_eq!(migrate_legacy_dedup(&store.db).expect("migrate"), 0);
+        assert_eq!(highest(&store, 1, "c", "u", 7), Some(9));
     }
 
     /// Reads within a conversation stay in it, memtable and table files alike, forwards

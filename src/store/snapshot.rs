@@ -1,7 +1,7 @@
 //! Shard snapshots without copying a shard into memory.
 //!
 //! A snapshot of a shard is its key ranges in the state families (`messages`,
-//! `shard_state`) read under one RocksDB snapshot, so it is consistent with the applied log
+//! `shard_state`, `dedup`) read under one RocksDB snapshot, so it is consistent with the applied log
 //! id stored in the same range. Taking one is O(1) ([`LocalSnapshot::take`]); its data is
 //! produced only when it is streamed to a follower, as a sequence of [`Record`]s packed into
 //! chunks of about [`CHUNK_BYTES`]. The receiver spools chunks to a file
@@ -49,7 +49,9 @@ use rocksdb::{Direction, IteratorMode, ReadOptions, SnapshotWithThreadMode, Writ
 use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
-use super::keys::{applied_key, installing_key, shard_range, CF_STATE, STATE_CFS};
+use super::keys::{
+    applied_key, dedup_key_from_legacy, installing_key, legacy_dedup_prefix, shard_range, CF_DEDUP, CF_STATE, STATE_CFS,
+};
 use super::Store;
 use crate::chat::ShardId;
 use crate::error::{Error, Result};
@@ -362,18 +364,32 @@ fn check_record(shard: ShardId, r: &Record) -> Result<&'static str> {
     if !(r.key.as_slice() >= lo.as_slice() && r.key.as_slice() < hi.as_slice()) {
         return Err(Error::Corrupt(format!("snapshot record outside shard {shard}")));
     }
-    STATE_CFS
+    let name = STATE_CFS
         .get(usize::from(r.cf))
         .copied()
-        .ok_or_else(|| Error::Corrupt(format!("snapshot record of an unknown column family {}", r.cf)))
+        .ok_or_else(|| Error::Corrupt(format!("snapshot record of an unknown column family {}", r.cf)))?;
+    if name == CF_STATE && r.key.starts_with(&legacy_dedup_prefix(shard)) && dedup_key_from_legacy(&r.key).is_none() {
+        return Err(Error::Corrupt(format!("malformed legacy dedup key of {} bytes in snapshot", r.key.len())));
+    }
+    Ok(name)
 }
 
 /// Adds a record to `batch`; returns whether it did. The applied state and the marker are
 /// the install's own to write, never a record's.
+///
+/// A dedup record of the old layout, which a node of an earlier version sends in
+/// `shard_state`, goes to the `dedup` family converted (see [`dedup_key_from_legacy`]).
 fn put_record(store: &Store, shard: ShardId, batch: &mut WriteBatch, r: Record) -> Result<bool> {
     let name = check_record(shard, &r)?;
     if name == CF_STATE && (r.key == applied_key(shard) || r.key == installing_key(shard)) {
         return Ok(false);
+    }
+    if name == CF_STATE && r.key.starts_with(&legacy_dedup_prefix(shard)) {
+        let key = dedup_key_from_legacy(&r.key).ok_or_else(|| {
+            Error::Corrupt(format!("malformed legacy dedup key of {} bytes in snapshot", r.key.len()))
+        })?;
+        batch.put_cf(store.cf(CF_DEDUP), key, &r.value);
+        return Ok(true);
     }
     batch.put_cf(store.cf(name), &r.key, &r.value);
     Ok(true)
@@ -655,6 +671,47 @@ mod tests {
         assert_eq!(state(&store, 3), old);
         assert!(store.get(CF_STATE, &installing_key(3)).expect("read").is_none());
         assert!(path.exists(), "left for the receiver to remove");
+    }
+
+    // A snapshot from a node of the earlier layout carries dedup records in `shard_state`
+    // with their sequence numbers as is: they install into the `dedup` family, converted,
+    // and a scope's highest is found; a malformed one fails the install before it starts.
+    #[test]
+    fn legacy_dedup_records_in_a_snapshot_install_converted() {
+        use crate::chat::DedupKey;
+        use crate::store::keys::{dedup_key, dedup_scope};
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, _) = Store::open(&dir.path().join("db")).expect("open");
+        let legacy = |seq: u64| {
+            let mut key = dedup_scope(3, "c", "u", 7);
+            key.extend_from_slice(&seq.to_be_bytes());
+            key
+        };
+        let spool = |records: &[Record]| {
+            let path = dir.path().join("received");
+            let mut bytes = Vec::new();
+            for r in records {
+                r.encode_into(&mut bytes);
+            }
+            std::fs::write(&path, &bytes).expect("spool");
+            path
+        };
+        let mut records: Vec<Record> =
+            (1..=4).map(|seq| Record { cf: 1, key: legacy(seq), value: vec![seq as u8] }).collect();
+        records.push(Record { cf: 0, key: message_key(3, "c", 1), value: vec![9] });
+        let mut torn = legacy(5);
+        torn.pop();
+        let bad = spool(&[records.clone(), vec![Record { cf: 1, key: torn, value: vec![5] }]].concat());
+        let err = install(&store, 3, Source::File(&bad), b"new").expect_err("a torn legacy key");
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+        let good = spool(&records);
+        assert_eq!(install(&store, 3, Source::File(&good), b"new").expect("install"), 5);
+        for seq in 1..=4u64 {
+            let key = DedupKey { conversation: "c".into(), sender: "u".into(), client_id: 7, client_seq: seq };
+            assert_eq!(store.get(CF_DEDUP, &dedup_key(3, &key)).expect("read"), Some(vec![seq as u8]));
+            assert_eq!(store.get(CF_STATE, &legacy(seq)).expect("read"), None);
+        }
+        assert_eq!(store.dedup_max_seq(&dedup_scope(3, "c", "u", 7)).expect("seek"), Some(4));
     }
 
     // A marker that cannot be completed (an older version's, or its spool lost) is an error
