@@ -124,7 +124,7 @@ const APPLY_CACHE_ENTRIES_MAX: usize = 16_384;
 /// - `dedup_max`: per dedup scope (conversation, sender, client; its key prefix), the
 ///   highest `client_seq` with a dedup record (`None`: there is none). A send whose seq is
 ///   above it cannot be a retry, and needs no lookup; any other still reads its record. A
-///   scope seen for the first time costs one reverse seek.
+///   scope seen for the first time costs one seek (its first key in the `dedup` family).
 /// - `heads`: conversations' heads as stored.
 /// - `members`: conversations' member records as stored (`None`: no such conversation).
 ///

@@ -58,8 +58,9 @@ pub const CF_LOG: &str = "raft_log";
 pub const CF_META: &str = "raft_meta";
 pub const CF_MESSAGES: &str = "messages";
 pub const CF_STATE: &str = "shard_state";
-/// Idempotent-send records, one per stored message (apart from `shard_state`, whose reads
-/// seek backwards, so that its memtable can be hashed by scope: see [`dedup_key_scope`]).
+/// Idempotent-send records, one per stored message, apart from `shard_state` so that their
+/// memtable can be hashed by scope (see [`dedup_key_scope`]): in `shard_state` they made one
+/// large skiplist that every apply's inserts walked.
 pub const CF_DEDUP: &str = "dedup";
 /// Every family this schema uses (besides RocksDB's `default`).
 pub const ALL_CFS: [&str; 5] = [CF_LOG, CF_META, CF_MESSAGES, CF_STATE, CF_DEDUP];
@@ -255,6 +256,12 @@ pub fn is_dedup_key(key: &[u8]) -> bool {
     dedup_scope_len(key) <= key.len()
 }
 
+/// Whether `key` has a dedup key's shape: the 0x03 kind, a whole scope, then 8 bytes of
+/// sequence number (complemented or not, as its family holds it).
+pub fn is_whole_dedup_key(key: &[u8]) -> bool {
+    key.get(4) == Some(&STATE_DEDUP) && dedup_scope_len(key).checked_add(8) == Some(key.len())
+}
+
 /// The length of a dedup key's scope, as its length bytes tell (may exceed the key's).
 fn dedup_scope_len(key: &[u8]) -> usize {
     let Some(&conversation) = key.get(5) else { return usize::MAX };
@@ -268,7 +275,7 @@ fn dedup_scope_len(key: &[u8]) -> usize {
 /// A `dedup` key for a record of the old layout, a `shard_state` key under 0x03 whose
 /// `client_seq` is not complemented; `None` for any other key.
 pub fn dedup_key_from_legacy(key: &[u8]) -> Option<Vec<u8>> {
-    if key.get(4) != Some(&STATE_DEDUP) || dedup_scope_len(key).checked_add(8) != Some(key.len()) {
+    if !is_whole_dedup_key(key) {
         return None;
     }
     let (scope, seq) = key.split_at(key.len() - 8);
@@ -282,6 +289,11 @@ pub fn dedup_key_from_legacy(key: &[u8]) -> Option<Vec<u8>> {
 /// [`dedup_key_from_legacy`]).
 pub fn legacy_dedup_prefix(shard: ShardId) -> [u8; 5] {
     meta_key(shard, STATE_DEDUP)
+}
+
+/// `[lo, hi)` around `shard`'s legacy dedup records in `shard_state`.
+pub fn legacy_dedup_range(shard: ShardId) -> ([u8; 5], [u8; 5]) {
+    (meta_key(shard, STATE_DEDUP), meta_key(shard, STATE_DEDUP + 1))
 }
 
 pub fn members_key(shard: ShardId, conversation: &str) -> Vec<u8> {

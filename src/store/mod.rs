@@ -98,7 +98,7 @@ pub const SLOW_IO: std::time::Duration = std::time::Duration::from_millis(50);
 const LOG_WRITE_BUFFER_BYTES: usize = 32 << 20;
 /// Memtable size of the messages family, in bytes: the bulk of what is written.
 const MESSAGES_WRITE_BUFFER_BYTES: usize = 64 << 20;
-/// Memtable size of the small families (Raft metadata, shard state), in bytes.
+/// Memtable size of the small families (Raft metadata, shard state, dedup records), in bytes.
 const SMALL_WRITE_BUFFER_BYTES: usize = 16 << 20;
 /// Hash buckets of the messages family's memtable (conversations share a bucket beyond it).
 const MESSAGES_MEMTABLE_BUCKETS: usize = 100_000;
@@ -179,11 +179,13 @@ const LEGACY_DEDUP_BATCH: usize = 10_000;
 /// `dedup` family, converted (see [`keys::dedup_key_from_legacy`]); returns how many. Two
 /// seeks per shard present when there is nothing to move. Each batch moves its records and
 /// deletes the old ones at once, through the WAL, so an interrupted migration resumes at
-/// the next open; every family is flushed after it.
+/// the next open; every family is flushed after it, and the old records' range compacted,
+/// so that their deletions are not walked again by every later open and snapshot.
 fn migrate_legacy_dedup(db: &DB) -> Result<u64> {
     let state = db.cf_handle(CF_STATE).expect("schema column family exists");
     let dedup = db.cf_handle(CF_DEDUP).expect("schema column family exists");
     let mut moved = 0u64;
+    let mut shards = Vec::new();
     let mut iter = db.raw_iterator_cf(state);
     iter.seek_to_first();
     while let Some(key) = iter.key() {
@@ -193,6 +195,7 @@ fn migrate_legacy_dedup(db: &DB) -> Result<u64> {
             .ok_or_else(|| Error::Corrupt(format!("shard state key of {} bytes", key.len())))?;
         let shard = ShardId::from_be_bytes(shard_bytes);
         let prefix = keys::legacy_dedup_prefix(shard);
+        let before = moved;
         iter.seek(prefix);
         let mut batch = WriteBatch::default();
         while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
@@ -213,6 +216,10 @@ fn migrate_legacy_dedup(db: &DB) -> Result<u64> {
         if !batch.is_empty() {
             db.write(batch)?;
         }
+        if moved > before {
+            tracing::info!(shard, records = moved - before, "moving dedup records to their own column family");
+            shards.push(shard);
+        }
         match shard.checked_add(1) {
             Some(next) => iter.seek(next.to_be_bytes()),
             None => break,
@@ -226,6 +233,10 @@ fn migrate_legacy_dedup(db: &DB) -> Result<u64> {
         let cfs: Vec<&ColumnFamily> =
             ALL_CFS.iter().map(|name| db.cf_handle(name).expect("schema column family exists")).collect();
         db.flush_cfs_opt(&cfs, &fo)?;
+        for shard in shards {
+            let (lo, hi) = keys::legacy_dedup_range(shard);
+            db.compact_range_cf(state, Some(lo), Some(hi));
+        }
     }
     Ok(moved)
 }
@@ -257,7 +268,7 @@ impl Store {
         // automatic or not, persists all families at one point, so the flushed messages and
         // shard state never come from different moments.
         opts.set_atomic_flush(true);
-        // The messages family's hashed memtable takes one writer at a time.
+        // The hashed memtables (messages, dedup records) take one writer at a time.
         opts.set_allow_concurrent_memtable_write(false);
         if crate::planted::active(crate::planted::Bug::TolerateWalLoss) {
             tracing::error!("PLANTED BUG tolerate-wal-loss: point-in-time WAL recovery with recycling");

@@ -50,7 +50,8 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
 use super::keys::{
-    applied_key, dedup_key_from_legacy, installing_key, legacy_dedup_prefix, shard_range, CF_DEDUP, CF_STATE, STATE_CFS,
+    applied_key, dedup_key_from_legacy, installing_key, is_whole_dedup_key, legacy_dedup_prefix, shard_range, CF_DEDUP,
+    CF_STATE, STATE_CFS,
 };
 use super::Store;
 use crate::chat::ShardId;
@@ -368,8 +369,9 @@ fn check_record(shard: ShardId, r: &Record) -> Result<&'static str> {
         .get(usize::from(r.cf))
         .copied()
         .ok_or_else(|| Error::Corrupt(format!("snapshot record of an unknown column family {}", r.cf)))?;
-    if name == CF_STATE && r.key.starts_with(&legacy_dedup_prefix(shard)) && dedup_key_from_legacy(&r.key).is_none() {
-        return Err(Error::Corrupt(format!("malformed legacy dedup key of {} bytes in snapshot", r.key.len())));
+    let legacy = name == CF_STATE && r.key.starts_with(&legacy_dedup_prefix(shard));
+    if (legacy || name == CF_DEDUP) && !is_whole_dedup_key(&r.key) {
+        return Err(Error::Corrupt(format!("malformed dedup key of {} bytes in snapshot", r.key.len())));
     }
     Ok(name)
 }
@@ -701,9 +703,11 @@ mod tests {
         records.push(Record { cf: 0, key: message_key(3, "c", 1), value: vec![9] });
         let mut torn = legacy(5);
         torn.pop();
-        let bad = spool(&[records.clone(), vec![Record { cf: 1, key: torn, value: vec![5] }]].concat());
-        let err = install(&store, 3, Source::File(&bad), b"new").expect_err("a torn legacy key");
-        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+        for cf in [1, 2] {
+            let bad = spool(&[records.clone(), vec![Record { cf, key: torn.clone(), value: vec![5] }]].concat());
+            let err = install(&store, 3, Source::File(&bad), b"new").expect_err("a torn dedup key");
+            assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+        }
         let good = spool(&records);
         assert_eq!(install(&store, 3, Source::File(&good), b"new").expect("install"), 5);
         for seq in 1..=4u64 {
