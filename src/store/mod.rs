@@ -117,10 +117,10 @@ fn cf_options(name: &str) -> Options {
     let mut table = BlockBasedOptions::default();
     table.set_bloom_filter(BLOOM_BITS_PER_KEY, false);
     o.set_block_based_table_factory(&table);
+    o.set_compression_type(DBCompressionType::Lz4);
     match name {
         CF_LOG => {
             // Short-lived entries: cheap compression, small memtables.
-            o.set_compression_type(DBCompressionType::Lz4);
             o.set_write_buffer_size(LOG_WRITE_BUFFER_BYTES);
         }
         CF_MESSAGES => {
@@ -131,17 +131,13 @@ fn cf_options(name: &str) -> Options {
             // (`prefix_same_as_start`) and go forwards only: the hashed memtable cannot seek
             // backwards. The reads that cross conversations (snapshots) ask for
             // `total_order_seek`, which sorts the memtable for them.
-            o.set_prefix_extractor(rocksdb::SliceTransform::create(
+            hash_memtable_by(
+                &mut o,
                 "convoy.conversation",
                 keys::message_conversation_prefix,
-                Some(keys::is_message_key),
-            ));
-            o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
-                bucket_count: MESSAGES_MEMTABLE_BUCKETS,
-                height: 4,
-                branching_factor: 4,
-            });
-            o.set_compression_type(DBCompressionType::Lz4);
+                keys::is_message_key,
+                MESSAGES_MEMTABLE_BUCKETS,
+            );
             o.set_bottommost_compression_type(DBCompressionType::Zstd);
             o.set_write_buffer_size(MESSAGES_WRITE_BUFFER_BYTES);
         }
@@ -151,25 +147,46 @@ fn cf_options(name: &str) -> Options {
             // sequence numbers mostly arrive in order, not one skiplist of every scope's.
             // The one range read, a scope's highest sequence number, is a forward seek
             // (complemented sequence numbers).
-            o.set_prefix_extractor(rocksdb::SliceTransform::create(
+            hash_memtable_by(
+                &mut o,
                 "convoy.dedup-scope",
                 keys::dedup_key_scope,
-                Some(keys::is_dedup_key),
-            ));
-            o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
-                bucket_count: DEDUP_MEMTABLE_BUCKETS,
-                height: 4,
-                branching_factor: 4,
-            });
-            o.set_compression_type(DBCompressionType::Lz4);
+                keys::is_dedup_key,
+                DEDUP_MEMTABLE_BUCKETS,
+            );
             o.set_write_buffer_size(SMALL_WRITE_BUFFER_BYTES);
         }
-        _ => {
-            o.set_compression_type(DBCompressionType::Lz4);
-            o.set_write_buffer_size(SMALL_WRITE_BUFFER_BYTES);
-        }
+        _ => o.set_write_buffer_size(SMALL_WRITE_BUFFER_BYTES),
     }
     o
+}
+
+/// A family's prefix (`prefix` of the keys `in_domain` accepts, under `name`) and a memtable
+/// hashed by it into `buckets` small skiplists.
+fn hash_memtable_by(
+    o: &mut Options,
+    name: &str,
+    prefix: fn(&[u8]) -> &[u8],
+    in_domain: fn(&[u8]) -> bool,
+    buckets: usize,
+) {
+    o.set_prefix_extractor(rocksdb::SliceTransform::create(name, prefix, Some(in_domain)));
+    o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+        bucket_count: buckets,
+        height: 4,
+        branching_factor: 4,
+    });
+}
+
+/// Flushes every family at one point and waits (see [`Store::flush_all`]).
+fn flush_every_family(db: &DB) -> Result<()> {
+    let mut fo = rocksdb::FlushOptions::default();
+    fo.set_wait(true);
+    let cfs: Vec<&ColumnFamily> =
+        ALL_CFS.iter().map(|name| db.cf_handle(name).expect("schema column family exists")).collect();
+    db.flush_cfs_opt(&cfs, &fo)?;
+    db.flush_opt(&fo)?;
+    Ok(())
 }
 
 /// Legacy dedup records [`migrate_legacy_dedup`] moves per batch.
@@ -228,11 +245,7 @@ fn migrate_legacy_dedup(db: &DB) -> Result<u64> {
     iter.status()?;
     if moved > 0 {
         // Every family at one point, as every flush here (see `Store::write_unlogged`).
-        let mut fo = rocksdb::FlushOptions::default();
-        fo.set_wait(true);
-        let cfs: Vec<&ColumnFamily> =
-            ALL_CFS.iter().map(|name| db.cf_handle(name).expect("schema column family exists")).collect();
-        db.flush_cfs_opt(&cfs, &fo)?;
+        flush_every_family(db)?;
         for shard in shards {
             let (lo, hi) = keys::legacy_dedup_range(shard);
             db.compact_range_cf(state, Some(lo), Some(hi));
@@ -382,12 +395,7 @@ impl Store {
     /// replace a shard's state wholesale (snapshot installs, a replica's deletion): the
     /// durable state must not go on showing what they replaced.
     pub fn flush_all(&self) -> Result<()> {
-        let mut fo = rocksdb::FlushOptions::default();
-        fo.set_wait(true);
-        let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
-        self.db.flush_cfs_opt(&cfs, &fo)?;
-        self.db.flush_opt(&fo)?;
-        Ok(())
+        flush_every_family(&self.db)
     }
 
     /// Deletes everything this node holds of `shard`: its log, vote, replicated state and
