@@ -59,6 +59,11 @@ pub struct RaftConfig {
     /// (1 ..= [`APPEND_FRAMES_MAX`]); 0 gives each group its own exchange with each peer.
     /// See `raft::network`.
     pub append_frames_in_flight: usize,
+    /// A group whose leader saw no new entry, every replica caught up, for this many ms
+    /// stops ticking on every replica (quiesces) until an entry, a Raft message or a change
+    /// in a member node's liveness wakes it (see `raft::quiesce`). 0 never quiesces. At least
+    /// twice `heartbeat_ms`, so followers heard the last commit index before it stops.
+    pub quiesce_after_ms: u64,
 }
 
 /// Most frames of AppendEntries in flight to one peer (`raft.append_frames_in_flight`).
@@ -76,6 +81,7 @@ impl Default for RaftConfig {
             payload_entries_max: 256,
             purge_batch_size: 256,
             append_frames_in_flight: 2,
+            quiesce_after_ms: 1000,
         }
     }
 }
@@ -495,6 +501,12 @@ impl Config {
                 r.append_frames_in_flight
             ));
         }
+        if r.quiesce_after_ms != 0 && r.quiesce_after_ms < 2 * r.heartbeat_ms {
+            return fail(format!(
+                "raft.quiesce_after_ms must be 0 (never quiesce) or at least twice raft.heartbeat_ms, got {}",
+                r.quiesce_after_ms
+            ));
+        }
         Ok(())
     }
 
@@ -622,6 +634,16 @@ data_dir = "data/node3"
             let err = Config::parse(&text, Path::new("."), Path::new("c.toml")).expect_err("cannot be kept");
             assert!(err.to_string().contains("must be between 1 and the number of nodes (3)"), "{err}");
         }
+    }
+
+    #[test]
+    fn quiesce_after_is_zero_or_two_heartbeats_at_least() {
+        let parse = |text: String| Config::parse(&text, Path::new("."), Path::new("c.toml"));
+        assert_eq!(parse(SAMPLE.to_string()).expect("default").raft.quiesce_after_ms, 1000);
+        let never = parse(format!("{SAMPLE}\n[raft]\nquiesce_after_ms = 0\n")).expect("0: never");
+        assert_eq!(never.raft.quiesce_after_ms, 0);
+        let err = parse(format!("{SAMPLE}\n[raft]\nquiesce_after_ms = 150\n")).expect_err("below two heartbeats");
+        assert!(err.to_string().contains("quiesce_after_ms must be 0"), "{err}");
     }
 
     #[test]

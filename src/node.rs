@@ -23,6 +23,7 @@ use crate::net::quic::PEER_STREAMS_MAX;
 use crate::net::tls::{self, Link};
 use crate::raft::formation::{self, Formation, Start};
 use crate::raft::network::{self, Groups, PeerContext, PeerNet};
+use crate::raft::quiesce::Quiescer;
 use crate::raft::types::NodeId;
 use crate::server;
 use crate::service::Service;
@@ -92,12 +93,20 @@ impl Node {
         let registry: Groups = Arc::default();
         net.limit_moves(config.admin.move_bytes_per_s, registry.clone());
         let (drops, drop_requests) = tokio::sync::mpsc::channel(16);
+        let quiet = Quiescer::new(
+            id,
+            Some(Duration::from_millis(config.raft.quiesce_after_ms)).filter(|d| !d.is_zero()),
+            Duration::from_millis(config.raft.election_timeout_ms_min),
+            registry.clone(),
+        );
+        net.set_quiescer(quiet.clone());
         let ctx = PeerContext {
             groups: registry.clone(),
             formation: formation.clone(),
             spool_dir,
             stages: store.stages.clone(),
             drops,
+            quiet: quiet.clone(),
         };
         let peer_server = tokio::spawn(network::serve(peer_endpoint.clone(), ctx));
 
@@ -160,6 +169,8 @@ impl Node {
                 let _ = stop_rx.wait_for(|stop| *stop).await;
             }
         };
+        let beat = Duration::from_millis(service.config.raft.heartbeat_ms);
+        tokio::spawn(quiet.run(net.clone(), beat, stop_signal()));
         let metrics = metrics_listener.map(|listener| metrics::serve(service.clone(), listener, stop_signal()));
         let server = tokio::spawn(server::serve(service.clone(), client_endpoint.clone(), stop_signal()));
         Ok(Node { id, service, client_endpoint, peer_endpoint, stop_tx, server, metrics })

@@ -1380,6 +1380,83 @@ async fn killing_the_leader_mid_load_loses_no_acked_message() {
     }
 }
 
+/// A gauge or counter without labels, from exposition text.
+fn unlabelled(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until every one of `nodes` reports `want` groups quiesced.
+async fn quiesced_on(cluster: &LocalCluster, nodes: &[u64], want: f64, what: &str) {
+    eventually(Duration::from_secs(30), what, || async {
+        for &n in nodes {
+            if unlabelled(&scrape(cluster, n).await, "convoy_raft_quiesced_groups") != Some(want) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .expect("eventually");
+}
+
+// Idle groups quiesce on every node and stay quiet, with no election and nothing woken,
+// for longer than two election timeouts. A send wakes its group, is acked and reaches every
+// replica; the group quiesces again. Killing a quiesced group's leader elects a new one
+// that takes sends as quickly as a ticking group would; the killed node, started again,
+// rejoins, and every group quiesces again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_quiesce_wake_for_sends_and_elect_when_their_leader_dies() {
+    let mut cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    // Every shard's group and the metadata group.
+    let groups = f64::from(cluster.config().shards) + 1.0;
+    quiesced_on(&cluster, &[1, 2, 3], groups, "every group to quiesce on every node").await;
+
+    let conv = "quiet";
+    let shard = shard_of(conv, cluster.config().shards);
+    let leader = cluster.leader_of(shard, &[1, 2, 3], READY).await.expect("an agreed leader");
+    let mut wakes = Vec::new();
+    for n in 1..=3 {
+        wakes.push(unlabelled(&scrape(&cluster, n).await, "convoy_raft_quiesce_wakes_total"));
+    }
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    for n in 1..=3 {
+        let text = scrape(&cluster, n).await;
+        assert_eq!(unlabelled(&text, "convoy_raft_quiesced_groups"), Some(groups), "node {n} woke a group");
+        assert_eq!(unlabelled(&text, "convoy_raft_quiesce_wakes_total"), wakes[n as usize - 1], "node {n}");
+    }
+    assert_eq!(cluster.leader_of(shard, &[1, 2, 3], READY).await.expect("an agreed leader"), leader);
+
+    let started = Instant::now();
+    let ack = client.send(conv, "m1").await.expect("a send to a quiesced group");
+    eprintln!("first send to a quiesced group acked in {:?}", started.elapsed());
+    assert_eq!(ack.offset, 1);
+    for node in 1..=3 {
+        read_at_least(&client, conv, node, 1).await;
+    }
+    quiesced_on(&cluster, &[1, 2, 3], groups, "every group to quiesce again after the send").await;
+
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    let survivors: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let ack = client.send(conv, "m2").await.expect("a send after the quiesced leader died");
+    let resumed_after = killed_at.elapsed();
+    eprintln!("sends resumed {resumed_after:?} after kill -9 of the quiesced leader, node {leader}");
+    assert_eq!(ack.offset, 2);
+    assert!(resumed_after < Duration::from_secs(10), "a new leader took {resumed_after:?}");
+    assert_ne!(cluster.leader_of(shard, &survivors, READY).await.expect("an agreed leader"), leader);
+
+    cluster.start(leader).expect("start the node");
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    quiesced_on(&cluster, &[1, 2, 3], groups, "every group to quiesce again after the restart").await;
+    assert_eq!(client.send(conv, "m3").await.expect("send").offset, 3);
+    for node in 1..=3 {
+        let texts: Vec<String> = read_at_least(&client, conv, node, 3).await.into_iter().map(|m| m.text).collect();
+        assert_eq!(texts, ["m1", "m2", "m3"], "node {node}");
+    }
+}
+
 // A following tail sees every message, in order, once, across a restart of the node it is
 // attached to; then restarting all nodes (kill -9) loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -284,6 +284,8 @@ fn start_cluster(dir: &Path, opts: BenchOptions) -> Result<LocalCluster> {
             heartbeat_min_interval_ms: env_number::<u64>("CONVOY_BENCH_HEARTBEAT_MIN_MS"),
             // For trials of the per-peer frames (`raft.append_frames_in_flight`).
             append_frames_in_flight: env_number::<usize>("CONVOY_BENCH_APPEND_FRAMES"),
+            // For A/B runs of idle-group quiescing (`raft.quiesce_after_ms`; 0: never).
+            quiesce_after_ms: env_number::<u64>("CONVOY_BENCH_QUIESCE_AFTER_MS"),
             ..RaftTweaks::default()
         },
         worker_threads: env_number::<usize>("CONVOY_BENCH_WORKER_THREADS"),

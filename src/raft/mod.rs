@@ -17,6 +17,7 @@ pub mod io_pool;
 pub mod log_store;
 pub mod meta;
 pub mod network;
+pub mod quiesce;
 pub mod rpc;
 pub mod state_machine;
 pub mod types;

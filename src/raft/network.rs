@@ -91,6 +91,8 @@ pub struct PeerContext {
     pub stages: Arc<Stages>,
     /// Where a `Drop` goes: the service stops the shard's replica and deletes its data.
     pub drops: tokio::sync::mpsc::Sender<DropRequest>,
+    /// The node's quiescing: beats go to it, and every Raft message wakes its group.
+    pub quiet: Arc<super::quiesce::Quiescer>,
 }
 
 /// A shard to stop and delete here, and where to say it is done.
@@ -121,6 +123,8 @@ struct Inner {
     snapshot_streams: std::sync::Mutex<HashMap<ShardId, SnapshotStreams>>,
     /// The groups this node runs, to tell a learner from a voter (see [`PeerNet::limit_moves`]).
     groups: std::sync::OnceLock<Groups>,
+    /// The node's quiescing, for its metrics (see [`PeerNet::quiescer`]).
+    quiescer: std::sync::OnceLock<Arc<super::quiesce::Quiescer>>,
     /// Per (group, learner replica): when its next paced AppendEntries may leave, and when
     /// one last did.
     paced: std::sync::Mutex<HashMap<(ShardId, NodeId), Paced>>,
@@ -305,6 +309,7 @@ impl PeerNet {
             snapshot_bytes_per_s,
             snapshot_streams: std::sync::Mutex::default(),
             groups: std::sync::OnceLock::new(),
+            quiescer: std::sync::OnceLock::new(),
             paced: std::sync::Mutex::default(),
             moving: std::sync::RwLock::default(),
             frames_in_flight,
@@ -325,6 +330,16 @@ impl PeerNet {
     pub fn limit_moves(&self, bytes_per_s: u64, groups: Groups) {
         self.inner.snapshot_bytes_per_s.store(bytes_per_s, std::sync::atomic::Ordering::Relaxed);
         let _ = self.inner.groups.set(groups);
+    }
+
+    /// Sets the node's quiescing (once, at start).
+    pub fn set_quiescer(&self, q: Arc<super::quiesce::Quiescer>) {
+        let _ = self.inner.quiescer.set(q);
+    }
+
+    /// The node's quiescing, once set.
+    pub fn quiescer(&self) -> Option<&Arc<super::quiesce::Quiescer>> {
+        self.inner.quiescer.get()
     }
 
     /// Records the replicas the moves in progress add, as `(group, replica id)`, from the
@@ -404,6 +419,11 @@ impl PeerNet {
     }
 
     /// The replication counters of this node.
+    /// Every node this node knows how to reach (itself included).
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        self.inner.slots.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
     pub fn stats(&self) -> Arc<PeerStats> {
         self.inner.stats.clone()
     }
@@ -959,6 +979,7 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
         PeerRequest::Snapshot { vote, .. } => Some(of_vote(vote)),
         PeerRequest::Join { node, .. } => Some(*node),
         PeerRequest::Promote { replica, .. } => Some(node_of(*replica)),
+        PeerRequest::Beat { node, .. } => Some(*node),
         PeerRequest::SnapshotChunk(_)
         | PeerRequest::SnapshotEnd { .. }
         | PeerRequest::Hello
@@ -993,25 +1014,44 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
             PeerResponse::Appends(gather(calls, FRAME_STRAGGLER_WAIT, || PeerResponse::Busy).await)
         }
         PeerRequest::Vote { shard, to, rpc } => match group(groups, shard, to) {
-            Ok(raft) => raft.vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string())),
+            Ok(raft) => {
+                let answer = raft.vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string()));
+                ctx.quiet.on_rpc(shard, "vote");
+                answer
+            }
             Err(e) => err(e),
         },
         PeerRequest::PreVote { shard, to, rpc } => match group(groups, shard, to) {
-            Ok(raft) => raft.pre_vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string())),
+            Ok(raft) => {
+                let answer = raft.pre_vote(rpc).await.map(PeerResponse::Vote).unwrap_or_else(|e| err(e.to_string()));
+                ctx.quiet.on_rpc(shard, "pre-vote");
+                answer
+            }
             Err(e) => err(e),
         },
         PeerRequest::TransferLeader { shard, to, rpc } => match group(groups, shard, to) {
-            Ok(raft) => raft
-                .handle_transfer_leader(rpc)
-                .await
-                .map(PeerResponse::TransferLeader)
-                .unwrap_or_else(|e| err(e.to_string())),
+            Ok(raft) => {
+                let answer = raft
+                    .handle_transfer_leader(rpc)
+                    .await
+                    .map(PeerResponse::TransferLeader)
+                    .unwrap_or_else(|e| err(e.to_string()));
+                ctx.quiet.on_rpc(shard, "transfer leader");
+                answer
+            }
             Err(e) => err(e),
         },
         PeerRequest::Snapshot { shard, to, vote, meta } => match group(groups, shard, to) {
-            Ok(raft) => receive_snapshot(raft, shard, vote, meta, recv, &ctx.spool_dir).await.unwrap_or_else(err),
+            Ok(raft) => {
+                ctx.quiet.on_rpc(shard, "snapshot");
+                receive_snapshot(raft, shard, vote, meta, recv, &ctx.spool_dir).await.unwrap_or_else(err)
+            }
             Err(e) => err(e),
         },
+        PeerRequest::Beat { node, incarnation, quiesced } => {
+            ctx.quiet.on_beat(node, incarnation, &quiesced, std::time::Instant::now());
+            PeerResponse::Beat
+        }
         PeerRequest::SnapshotChunk(_) | PeerRequest::SnapshotEnd { .. } => {
             err("snapshot frame without a snapshot header".into())
         }
@@ -1098,6 +1138,13 @@ async fn append_here(ctx: &PeerContext, shard: ShardId, to: NodeId, rpc: AppendE
         Ok(raft) => {
             let (arrived, carries) = (std::time::Instant::now(), !rpc.entries.is_empty());
             let answer = raft.append_entries(rpc).await;
+            // After the append, which renewed the leader's lease here: a tick before it
+            // could start an election. A heartbeat wakes nothing: a quiesced leader sends one
+            // now and then to keep its lease, and a woken one stops naming the group in its
+            // beats.
+            if carries {
+                ctx.quiet.on_rpc(shard, "append");
+            }
             if carries && answer.is_ok() {
                 ctx.stages.record(Stage::FollowerAppend, arrived.elapsed());
             }

@@ -120,6 +120,14 @@ pub enum PeerRequest {
     /// `PeerNet::framed_append`): each `(shard, to, rpc)` as in `Append`. Answered `Appends`,
     /// one answer per request, in order.
     Appends(Vec<(ShardId, NodeId, AppendEntriesRequest)>),
+    /// Node `node` is alive (its process `incarnation`), and leads the `quiesced` groups,
+    /// which stopped ticking: their followers here may stop too (see `raft::quiesce`).
+    /// Sent every heartbeat interval to every peer. Answered `Beat`.
+    Beat {
+        node: NodeId,
+        incarnation: u64,
+        quiesced: Vec<super::quiesce::QuietGroup>,
+    },
 }
 
 /// A peer's answer.
@@ -169,4 +177,6 @@ pub enum PeerResponse {
     Appends(Vec<PeerResponse>),
     /// A request of a frame not done with the rest of it: its group is busy on this node.
     Busy,
+    /// A `Beat` was taken in.
+    Beat,
 }

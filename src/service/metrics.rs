@@ -438,6 +438,20 @@ impl Collector for NodeCollector {
             "On shard leaders here: followers limits.follower_lag_warn entries or more behind.",
             &[(vec![], lagging)],
         )?;
+        if let Some(q) = node.net.quiescer() {
+            gauge(
+                &mut e,
+                "convoy_raft_quiesced_groups",
+                "Groups that stopped ticking on this node, idle (see raft.quiesce_after_ms).",
+                &[(vec![], q.quiesced() as i64)],
+            )?;
+            counter(
+                &mut e,
+                "convoy_raft_quiesce_wakes",
+                "Times a quiesced group woke on this node (an entry, a Raft message, a peer's liveness).",
+                &[(vec![], q.wakes())],
+            )?;
+        }
         // Storage.
         let disk: Vec<(Labels, i64)> = node
             .store

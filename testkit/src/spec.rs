@@ -107,6 +107,9 @@ pub struct RaftTweaks {
     /// Frames of AppendEntries in flight per peer (0: an exchange per group).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub append_frames_in_flight: Option<usize>,
+    /// Idle ms before a group quiesces (0: never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quiesce_after_ms: Option<u64>,
 }
 
 /// `[limits]` settings of cluster.toml (see `convoy::config::Limits`); `None` is "the node's
