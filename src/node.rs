@@ -97,6 +97,7 @@ impl Node {
             id,
             Some(Duration::from_millis(config.raft.quiesce_after_ms)).filter(|d| !d.is_zero()),
             Duration::from_millis(config.raft.election_timeout_ms_min),
+            Duration::from_millis(config.raft.election_timeout_ms_max),
             registry.clone(),
         );
         net.set_quiescer(quiet.clone());

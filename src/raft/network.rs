@@ -1077,7 +1077,11 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
             Err(e) => err(e.to_string()),
         },
         PeerRequest::Replace { shard, from, replica, member } => match hosted(groups, shard) {
-            Ok(h) => super::formation::replace(&h, shard, from, replica, member).await,
+            Ok(h) => {
+                // It may hand this node's leadership away.
+                ctx.quiet.hold(shard);
+                super::formation::replace(&h, shard, from, replica, member).await
+            }
             Err(e) => err(e),
         },
         PeerRequest::RemoveLearner { shard, node, replica } => match hosted(groups, shard) {

@@ -10,9 +10,12 @@
 //!   leads. One whose last log index has not moved for `raft.quiesce_after_ms`, with every
 //!   entry committed and applied, every replica's log matched to the last entry, a settled
 //!   membership and every member node alive (below), stops its ticker
-//!   (`Raft::runtime_config().tick(false)`): no timers, and one heartbeat every
+//!   (`Raft::runtime_config().tick(false)`): no timers, and a heartbeat every half
 //!   `raft.election_timeout_ms_min` instead of ten a second, which keeps its leader lease
-//!   (openraft refuses writes on a leader whose lease lapsed). Entries still replicate at
+//!   (openraft refuses writes on a leader whose lease lapsed) and its followers' leases (they
+//!   refuse to vote while it holds). A leader no quorum answered within the lease wakes.
+//!   Before this node hands a leadership away it wakes the group and keeps it awake
+//!   ([`Quiescer::hold`]): the transfer's election needs the timers. Entries still replicate at
 //!   once, since openraft sends them when they are appended, not on a tick; the next look
 //!   sees the index moved and the ticker comes back.
 //! - **Its followers.** The node-wide beat (next) names the groups the sender leads
@@ -39,6 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::Instant as _;
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
@@ -63,7 +67,7 @@ pub struct Scan {
     pub quiet: Vec<QuietGroup>,
     /// Quiesced groups led here whose leader lease needs renewing: openraft refuses writes
     /// on a leader that no quorum acknowledged within the lease (`election_timeout_ms_max`),
-    /// so each gets one heartbeat every `election_timeout_ms_min`, which the followers
+    /// so each gets a heartbeat every half `election_timeout_ms_min`, which the followers
     /// answer without waking.
     pub renew: Vec<Raft>,
 }
@@ -74,8 +78,11 @@ pub struct Quiescer {
     incarnation: u64,
     /// How long a led group stays idle before it quiesces (`None`: never).
     after: Option<Duration>,
-    /// A peer not heard from for this long is lost.
+    /// A peer not heard from for this long is lost; a quiesced leader renews its lease every
+    /// half of it.
     lost_after: Duration,
+    /// openraft's leader lease (`election_timeout_ms_max`).
+    lease: Duration,
     groups: Groups,
     /// Groups quiesced here, led or followed: [`Quiescer::on_rpc`] takes no lock while it
     /// is 0.
@@ -92,6 +99,21 @@ struct State {
     /// Follower replicas quiesced here on their leader's word, by shard.
     followed: HashMap<ShardId, Followed>,
     peers: HashMap<NodeId, Peer>,
+    /// Groups kept awake until then, by shard (see [`Quiescer::hold`]).
+    held: HashMap<ShardId, Instant>,
+}
+
+impl State {
+    fn held(&mut self, shard: ShardId, now: Instant) -> bool {
+        match self.held.get(&shard) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                self.held.remove(&shard);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 struct Led {
@@ -124,13 +146,14 @@ struct Look {
     leader: Option<NodeId>,
     term: u64,
     last_index: Option<u64>,
-    /// Everything committed and applied, every replica matched, membership settled.
+    /// Everything committed and applied, every replica matched, membership settled, and a
+    /// quorum heard from within the lease.
     settled: bool,
     /// The nodes of every member (voters and learners), this one included.
     members: Vec<NodeId>,
 }
 
-fn look(h: &Hosted) -> Look {
+fn look(h: &Hosted, lease: Duration) -> Look {
     let rx = h.raft.metrics();
     let m = rx.borrow_watched();
     let last_index = m.last_log_index;
@@ -141,7 +164,8 @@ fn look(h: &Hosted) -> Look {
         && at_last(m.last_applied.map(|l| l.index))
         && m.replication.as_ref().is_some_and(|r| r.values().all(|l| at_last(l.map(|l| l.index))))
         && membership.get_joint_config().len() == 1
-        && m.membership_config.log_id() == m.committed_membership_config.log_id();
+        && m.membership_config.log_id() == m.committed_membership_config.log_id()
+        && (m.state != ServerState::Leader || m.last_quorum_acked.as_ref().is_some_and(|at| at.elapsed() < lease));
     let mut members: Vec<NodeId> = membership.nodes().map(|(id, _)| node_of(*id)).collect();
     members.sort_unstable();
     members.dedup();
@@ -162,12 +186,20 @@ fn tick(raft: &Raft, on: bool) {
 
 impl Quiescer {
     /// `after` of `None` never quiesces a group here; beats are still taken in.
-    pub fn new(node: NodeId, after: Option<Duration>, lost_after: Duration, groups: Groups) -> Arc<Quiescer> {
+    /// `lost_after` is `election_timeout_ms_min`, `lease` `election_timeout_ms_max`.
+    pub fn new(
+        node: NodeId,
+        after: Option<Duration>,
+        lost_after: Duration,
+        lease: Duration,
+        groups: Groups,
+    ) -> Arc<Quiescer> {
         Arc::new(Quiescer {
             node,
             incarnation: rand::random(),
             after,
             lost_after,
+            lease,
             groups,
             quiet: AtomicUsize::new(0),
             wakes: AtomicU64::new(0),
@@ -221,7 +253,7 @@ impl Quiescer {
         let (mut quiet, mut renew) = (Vec::new(), Vec::new());
         let here: std::collections::HashSet<ShardId> = hosted.iter().map(|(s, _)| *s).collect();
         for (shard, h) in &hosted {
-            let l = look(h);
+            let l = look(h, self.lease);
             if !l.leading {
                 if let Some(led) = st.led.remove(shard) {
                     if led.quiesced {
@@ -240,7 +272,9 @@ impl Quiescer {
                 members: l.members.clone(),
             });
             led.members = l.members;
-            if led.replica != h.replica || led.last_index != l.last_index || !l.settled || !alive {
+            let held = st.held(*shard, now);
+            let Some(led) = st.led.get_mut(shard) else { continue };
+            if led.replica != h.replica || led.last_index != l.last_index || !l.settled || !alive || held {
                 if led.quiesced {
                     led.quiesced = false;
                     self.woke(&h.raft, "led group active");
@@ -260,7 +294,7 @@ impl Quiescer {
                     }
                     _ => continue,
                 }
-            } else if now.saturating_duration_since(led.renewed) >= self.lost_after {
+            } else if now.saturating_duration_since(led.renewed) >= self.lost_after / 2 {
                 led.renewed = now;
                 renew.push(h.raft.clone());
             }
@@ -275,7 +309,16 @@ impl Quiescer {
                 self.quiet.fetch_sub(1, Relaxed);
             }
         }
-        let gone: Vec<ShardId> = st.followed.keys().filter(|s| !here.contains(s)).copied().collect();
+        // And followers whose replica is no longer the one hosted (a new replica starts
+        // ticking).
+        // (Read now, not from the list taken before the lock: a beat may have quiesced a
+        // replica that list does not know.)
+        let gone: Vec<ShardId> = st
+            .followed
+            .iter()
+            .filter(|(s, f)| self.hosted_one(**s).is_none_or(|h| h.replica != f.replica))
+            .map(|(s, _)| *s)
+            .collect();
         for s in gone {
             st.followed.remove(&s);
             self.quiet.fetch_sub(1, Relaxed);
@@ -332,14 +375,14 @@ impl Quiescer {
             }
         }
         for q in quiesced {
-            if st.followed.contains_key(&q.shard) || node_of(q.leader) != from {
+            if st.followed.contains_key(&q.shard) || node_of(q.leader) != from || st.held(q.shard, now) {
                 continue;
             }
             let Some((_, h)) = hosted.iter().find(|(s, _)| *s == q.shard) else { continue };
             if h.replica == q.leader {
                 continue;
             }
-            let l = look(h);
+            let l = look(h, self.lease);
             if l.following && l.leader == Some(q.leader) && l.term == q.term && l.last_index == Some(q.last_index) {
                 st.followed.insert(q.shard, Followed { replica: h.replica, leader_node: from });
                 self.quiet.fetch_add(1, Relaxed);
@@ -356,6 +399,10 @@ impl Quiescer {
             return;
         }
         let mut st = self.lock();
+        if what == "transfer leader" {
+            // Its election must not be cut short by a beat that still names the group.
+            st.held.insert(shard, Instant::now() + 2 * self.lease);
+        }
         let mut marks = usize::from(st.followed.remove(&shard).is_some());
         if let Some(l) = st.led.get_mut(&shard).filter(|l| l.quiesced) {
             l.quiesced = false;
@@ -368,6 +415,30 @@ impl Quiescer {
             self.quiet.fetch_sub(marks - 1, Relaxed);
             match self.hosted_one(shard) {
                 Some(h) => self.woke(&h.raft, "raft message"),
+                None => {
+                    self.quiet.fetch_sub(1, Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Wakes `shard`'s group here and keeps it from quiescing for two leases: called before
+    /// this node hands its leadership away. A leader that is transferring refuses writes and
+    /// sends no heartbeats until a new leader is elected, which takes the election timers a
+    /// quiesced group does not run.
+    pub fn hold(&self, shard: ShardId) {
+        let mut st = self.lock();
+        st.held.insert(shard, Instant::now() + 2 * self.lease);
+        let mut marks = usize::from(st.followed.remove(&shard).is_some());
+        if let Some(l) = st.led.get_mut(&shard).filter(|l| l.quiesced) {
+            l.quiesced = false;
+            marks += 1;
+        }
+        drop(st);
+        if marks > 0 {
+            self.quiet.fetch_sub(marks - 1, Relaxed);
+            match self.hosted_one(shard) {
+                Some(h) => self.woke(&h.raft, "handing leadership away"),
                 None => {
                     self.quiet.fetch_sub(1, Relaxed);
                 }
@@ -413,10 +484,16 @@ impl Quiescer {
             }
             let Scan { quiet, renew } = self.scan(Instant::now());
             tx.send_replace(Arc::new(quiet));
-            for raft in renew {
-                if let Err(e) = raft.trigger().heartbeat().await {
-                    tracing::debug!(error = %e, "a quiesced group's lease not renewed");
-                }
+            if !renew.is_empty() {
+                // Off this task: a group whose Raft core is slow to take the command must not
+                // hold up the beats and the liveness of the others.
+                tokio::spawn(async move {
+                    for raft in renew {
+                        if let Err(e) = raft.trigger().heartbeat().await {
+                            tracing::debug!(error = %e, "a quiesced group's lease not renewed");
+                        }
+                    }
+                });
             }
             for peer in net.peer_ids() {
                 if peer == self.node || senders.get(&peer).is_some_and(|t| !t.is_finished()) {

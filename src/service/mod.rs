@@ -119,6 +119,9 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
                 .is_some_and(|matched| Some(matched.index) == metrics.last_log_index);
             if metrics.current_leader == Some(group.replica) && caught_up {
                 tracing::info!(shard = group.shard, to = preferred, "transferring leadership to the preferred node");
+                if let Some(q) = node.net.quiescer() {
+                    q.hold(group.shard);
+                }
                 let _ = group.raft.trigger().transfer_leader(target).await;
             }
         }
