@@ -1400,7 +1400,7 @@ async fn quiesced_on(cluster: &LocalCluster, nodes: &[u64], want: f64, what: &st
 }
 
 // Idle groups quiesce on every node and stay quiet, with no election and nothing woken,
-// for longer than two election timeouts. A send wakes its group, is acked and reaches every
+// for longer than three election timeouts. A send wakes its group, is acked and reaches every
 // replica; the group quiesces again. Killing a quiesced group's leader elects a new one
 // that takes sends as quickly as a ticking group would; the killed node, started again,
 // rejoins, and every group quiesces again.
@@ -1415,18 +1415,34 @@ async fn idle_groups_quiesce_wake_for_sends_and_elect_when_their_leader_dies() {
 
     let conv = "quiet";
     let shard = shard_of(conv, cluster.config().shards);
-    let leader = cluster.leader_of(shard, &[1, 2, 3], READY).await.expect("an agreed leader");
-    let mut wakes = Vec::new();
-    for n in 1..=3 {
-        wakes.push(unlabelled(&scrape(&cluster, n).await, "convoy_raft_quiesce_wakes_total"));
-    }
-    tokio::time::sleep(Duration::from_millis(3_500)).await;
-    for n in 1..=3 {
-        let text = scrape(&cluster, n).await;
-        assert_eq!(unlabelled(&text, "convoy_raft_quiesced_groups"), Some(groups), "node {n} woke a group");
-        assert_eq!(unlabelled(&text, "convoy_raft_quiesce_wakes_total"), wakes[n as usize - 1], "node {n}");
-    }
-    assert_eq!(cluster.leader_of(shard, &[1, 2, 3], READY).await.expect("an agreed leader"), leader);
+    // A window of 6 s (more than three election timeouts, and longer than the leader
+    // balancer's 5 s round, which may still be handing the first leaderships to their
+    // preferred nodes after the first quiet moment) in which every group on every node stays
+    // quiesced, nothing wakes and the leader stays.
+    let leader = eventually(Duration::from_secs(60), "a 6 s window with every group quiet", || async {
+        let quiet = |text: &str| {
+            (unlabelled(text, "convoy_raft_quiesced_groups"), unlabelled(text, "convoy_raft_quiesce_wakes_total"))
+        };
+        let leader = cluster.leader_of(shard, &[1, 2, 3], READY).await.ok()?;
+        let mut before = Vec::new();
+        for n in 1..=3 {
+            before.push(quiet(&scrape(&cluster, n).await));
+        }
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        for n in 1..=3 {
+            let now = quiet(&scrape(&cluster, n).await);
+            if now.0 != Some(groups) || now != before[n as usize - 1] {
+                eprintln!(
+                    "node {n}: quiesced and woken {:?} then {now:?}; trying another window",
+                    before[n as usize - 1]
+                );
+                return None;
+            }
+        }
+        (cluster.leader_of(shard, &[1, 2, 3], READY).await.ok()? == leader).then_some(leader)
+    })
+    .await
+    .expect("eventually");
 
     let started = Instant::now();
     let ack = client.send(conv, "m1").await.expect("a send to a quiesced group");
