@@ -418,12 +418,12 @@ impl PeerNet {
         }
     }
 
-    /// The replication counters of this node.
     /// Every node this node knows how to reach (itself included).
     pub fn peer_ids(&self) -> Vec<NodeId> {
         self.inner.slots.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
     }
 
+    /// The replication counters of this node.
     pub fn stats(&self) -> Arc<PeerStats> {
         self.inner.stats.clone()
     }

@@ -263,17 +263,16 @@ impl Quiescer {
                 continue;
             }
             let alive = l.members.iter().all(|n| *n == self.node || st.peers.get(n).is_some_and(|p| !p.lost));
+            let held = st.held(*shard, now);
             let led = st.led.entry(*shard).or_insert_with(|| Led {
                 replica: h.replica,
                 last_index: l.last_index,
                 idle_since: now,
                 quiesced: false,
                 renewed: now,
-                members: l.members.clone(),
+                members: Vec::new(),
             });
             led.members = l.members;
-            let held = st.held(*shard, now);
-            let Some(led) = st.led.get_mut(shard) else { continue };
             if led.replica != h.replica || led.last_index != l.last_index || !l.settled || !alive || held {
                 if led.quiesced {
                     led.quiesced = false;
@@ -398,28 +397,8 @@ impl Quiescer {
         if self.quiet.load(Relaxed) == 0 {
             return;
         }
-        let mut st = self.lock();
-        if what == "transfer leader" {
-            // Its election must not be cut short by a beat that still names the group.
-            st.held.insert(shard, Instant::now() + 2 * self.lease);
-        }
-        let mut marks = usize::from(st.followed.remove(&shard).is_some());
-        if let Some(l) = st.led.get_mut(&shard).filter(|l| l.quiesced) {
-            l.quiesced = false;
-            l.idle_since = Instant::now();
-            marks += 1;
-        }
-        drop(st);
-        if marks > 0 {
-            tracing::debug!(shard, what, "a Raft message for a quiesced group");
-            self.quiet.fetch_sub(marks - 1, Relaxed);
-            match self.hosted_one(shard) {
-                Some(h) => self.woke(&h.raft, "raft message"),
-                None => {
-                    self.quiet.fetch_sub(1, Relaxed);
-                }
-            }
-        }
+        // A transfer's election must not be cut short by a beat that still names the group.
+        self.wake(shard, what == "transfer leader", what);
     }
 
     /// Wakes `shard`'s group here and keeps it from quiescing for two leases: called before
@@ -427,18 +406,28 @@ impl Quiescer {
     /// sends no heartbeats until a new leader is elected, which takes the election timers a
     /// quiesced group does not run.
     pub fn hold(&self, shard: ShardId) {
+        self.wake(shard, true, "handing leadership away");
+    }
+
+    /// Drops `shard`'s marks here (followed, or led and quiesced) and wakes its group if it
+    /// had any; with `hold`, keeps it awake for two leases.
+    fn wake(&self, shard: ShardId, hold: bool, why: &'static str) {
+        let now = Instant::now();
         let mut st = self.lock();
-        st.held.insert(shard, Instant::now() + 2 * self.lease);
+        if hold {
+            st.held.insert(shard, now + 2 * self.lease);
+        }
         let mut marks = usize::from(st.followed.remove(&shard).is_some());
         if let Some(l) = st.led.get_mut(&shard).filter(|l| l.quiesced) {
             l.quiesced = false;
+            l.idle_since = now;
             marks += 1;
         }
         drop(st);
         if marks > 0 {
             self.quiet.fetch_sub(marks - 1, Relaxed);
             match self.hosted_one(shard) {
-                Some(h) => self.woke(&h.raft, "handing leadership away"),
+                Some(h) => self.woke(&h.raft, why),
                 None => {
                     self.quiet.fetch_sub(1, Relaxed);
                 }
