@@ -262,6 +262,12 @@ impl Quiescer {
                 }
                 continue;
             }
+            // A follower mark left on a replica that now leads (it cannot win an election
+            // untimed, but a mark must never count a group twice): the led entry owns it now.
+            if st.followed.remove(shard).is_some() {
+                self.quiet.fetch_sub(1, Relaxed);
+                tick(&h.raft, true);
+            }
             let alive = l.members.iter().all(|n| *n == self.node || st.peers.get(n).is_some_and(|p| !p.lost));
             let held = st.held(*shard, now);
             let led = st.led.entry(*shard).or_insert_with(|| Led {
@@ -394,11 +400,13 @@ impl Quiescer {
     /// quiesced on a beat that crossed its leader's next entry, a leader asked for a vote).
     /// Takes no lock while nothing is quiesced.
     pub fn on_rpc(&self, shard: ShardId, what: &'static str) {
-        if self.quiet.load(Relaxed) == 0 {
+        // A transfer's election must not be cut short by a beat that still names the group,
+        // even when nothing here is quiesced yet: the hold is taken in every case.
+        let hold = what == "transfer leader";
+        if !hold && self.quiet.load(Relaxed) == 0 {
             return;
         }
-        // A transfer's election must not be cut short by a beat that still names the group.
-        self.wake(shard, what == "transfer leader", what);
+        self.wake(shard, hold, what);
     }
 
     /// Wakes `shard`'s group here and keeps it from quiescing for two leases: called before
@@ -526,5 +534,28 @@ impl Quiescer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiescer() -> Arc<Quiescer> {
+        let s = Duration::from_secs(1);
+        Quiescer::new(1, Some(s), s, 2 * s, Groups::default())
+    }
+
+    #[test]
+    fn a_transfer_holds_its_group_awake_even_with_nothing_quiesced() {
+        let q = quiescer();
+        assert_eq!(q.quiesced(), 0);
+        let now = Instant::now();
+        q.on_rpc(7, "transfer leader");
+        q.on_rpc(8, "append");
+        let mut st = q.lock();
+        assert!(st.held(7, now), "a transfer target must be held awake for its election");
+        assert!(!st.held(8, now), "an append holds nothing");
+        assert!(!st.held(7, now + 3 * q.lease), "the hold lasts two leases");
     }
 }
