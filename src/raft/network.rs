@@ -488,22 +488,48 @@ impl PeerNet {
         rpc: AppendEntriesRequest,
         ttl: Duration,
     ) -> Result<PeerResponse, RPCError<C>> {
+        let req = PeerRequest::Append { shard, to: target, rpc };
+        self.lane_exchange(&self.inner.lanes, (target, shard), target, &req, "append", ttl, Ok)
+            .await
+            .map_err(FrameError::into_rpc)
+    }
+
+    /// Writes `req` on a lane of `lanes` (keyed `key`) to `target` and reads its answer,
+    /// which `accept` checks, all bounded by `ttl`. The lane goes back to the pool only after
+    /// an exchange that ended with an accepted answer: one that failed half-way may have left
+    /// part of a frame on the stream. The peer's `Error` answer, and failing to connect or to
+    /// open the lane, are the peer being unreachable; the rest is a failed exchange.
+    #[allow(clippy::too_many_arguments)]
+    async fn lane_exchange<K: Eq + std::hash::Hash + Copy, T>(
+        &self,
+        lanes: &LanePool<K>,
+        key: K,
+        target: NodeId,
+        req: &PeerRequest,
+        what: &str,
+        ttl: Duration,
+        accept: impl FnOnce(PeerResponse) -> Result<T, FrameError>,
+    ) -> Result<T, FrameError> {
+        let unreachable = |e: String| FrameError { unreachable: true, reason: e };
+        let failed = |e: String| FrameError { unreachable: false, reason: e };
         let attempt = async {
-            let conn = self.connection(target).await?;
-            let mut lane = self.inner.lanes.take_or_open((target, shard), &conn).await.map_err(unreachable)?;
-            frame::write(&mut lane.send, &PeerRequest::Append { shard, to: target, rpc }).await.map_err(network)?;
-            let answer =
-                match frame::read::<_, PeerResponse>(&mut lane.recv, PEER_FRAME_BYTES_MAX).await.map_err(network)? {
-                    Some(PeerResponse::Error(e)) => return Err(unreachable(format!("node {target}: {e}"))),
-                    Some(resp) => resp,
-                    None => return Err(network("peer closed the lane without answering")),
-                };
-            self.inner.lanes.give_back((target, shard), lane);
+            let conn = self.connection(target).await.map_err(|e| unreachable(e.to_string()))?;
+            let mut lane = lanes.take_or_open(key, &conn).await.map_err(|e| unreachable(e.to_string()))?;
+            frame::write(&mut lane.send, req).await.map_err(|e| failed(e.to_string()))?;
+            let answer = match frame::read::<_, PeerResponse>(&mut lane.recv, PEER_FRAME_BYTES_MAX)
+                .await
+                .map_err(|e| failed(e.to_string()))?
+            {
+                Some(PeerResponse::Error(e)) => return Err(unreachable(format!("node {target}: {e}"))),
+                Some(resp) => accept(resp)?,
+                None => return Err(failed("peer closed the lane without answering".into())),
+            };
+            lanes.give_back(key, lane);
             Ok(answer)
         };
         match tokio::time::timeout(ttl, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(network(format!("append to node {target} timed out after {ttl:?}"))),
+            Err(_) => Err(failed(format!("{what} to node {target} timed out after {ttl:?}"))),
         }
     }
 
@@ -559,31 +585,13 @@ impl PeerNet {
         items: Vec<(ShardId, NodeId, AppendEntriesRequest)>,
         ttl: Duration,
     ) -> Result<Vec<PeerResponse>, FrameError> {
-        let unreachable = |e: String| FrameError { unreachable: true, reason: e };
-        let failed = |e: String| FrameError { unreachable: false, reason: e };
         let count = items.len();
-        let attempt = async {
-            let conn = self.connection(target).await.map_err(|e| unreachable(e.to_string()))?;
-            let key = (target, sender);
-            let mut lane =
-                self.inner.frame_lanes.take_or_open(key, &conn).await.map_err(|e| unreachable(e.to_string()))?;
-            frame::write(&mut lane.send, &PeerRequest::Appends(items)).await.map_err(|e| failed(e.to_string()))?;
-            let answer = match frame::read::<_, PeerResponse>(&mut lane.recv, PEER_FRAME_BYTES_MAX)
-                .await
-                .map_err(|e| failed(e.to_string()))?
-            {
-                Some(PeerResponse::Appends(answers)) if answers.len() == count => answers,
-                Some(PeerResponse::Error(e)) => return Err(unreachable(format!("node {target}: {e}"))),
-                Some(other) => return Err(failed(format!("unexpected answer to a frame: {other:?}"))),
-                None => return Err(failed("peer closed the lane without answering".into())),
-            };
-            self.inner.frame_lanes.give_back(key, lane);
-            Ok(answer)
+        let accept = |resp| match resp {
+            PeerResponse::Appends(answers) if answers.len() == count => Ok(answers),
+            other => Err(FrameError { unreachable: false, reason: format!("unexpected answer to a frame: {other:?}") }),
         };
-        match tokio::time::timeout(ttl, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(failed(format!("frame to node {target} timed out after {ttl:?}"))),
-        }
+        let req = PeerRequest::Appends(items);
+        self.lane_exchange(&self.inner.frame_lanes, (target, sender), target, &req, "frame", ttl, accept).await
     }
 }
 
