@@ -1473,6 +1473,56 @@ async fn idle_groups_quiesce_wake_for_sends_and_elect_when_their_leader_dies() {
     }
 }
 
+// A leadership handed to a node that hangs (SIGSTOP) as the handover starts, while every
+// group is quiesced: the leader refuses writes from the moment it hands over, and the
+// target never elects itself. The other follower must wake (the handover's message, the
+// leader's beat no longer naming the group, the hung node's beats stopping: any one
+// suffices), time out and elect; sends resume within a few election timeouts. Once the node
+// continues, the handover it was preferred for completes, and nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_to_a_node_that_hangs_while_quiesced_leaves_the_shard_writable() {
+    let mut cluster = start(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    let conv = (0..).map(|i| format!("hang-{i}")).find(|c| shard_of(c, 2) == 0).expect("a conversation");
+    assert_eq!(client.send(&conv, "m1").await.expect("send").offset, 1);
+    quiesced_on(&cluster, &[1, 2, 3], 3.0, "every group to quiesce on every node").await;
+
+    // The target neither leads shard 0 nor the metadata group, which must commit the new
+    // preference while the target hangs.
+    let leader = cluster.leader_of(0, &[1, 2, 3], READY).await.expect("shard 0 has a leader");
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "status", "--json"]);
+    assert!(ok, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).expect("admin status prints JSON");
+    let meta = view["metadata_leader"].as_u64().expect("a metadata leader");
+    let target = (1..=3).find(|n| *n != leader && *n != meta).expect("a third node");
+
+    let hung_at = Instant::now();
+    assert!(cluster.pause(target));
+    let to = target.to_string();
+    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "transfer-leader", "--shard", "0", "--to", &to]);
+    assert!(ok, "the preference is committed without the hung node: {out}{err}");
+    let ack = client.send(&conv, "m2").await.expect("a send while the handover's target hangs");
+    let resumed_after = hung_at.elapsed();
+    eprintln!(
+        "node {target} hung at the handover of shard 0 (led by node {leader}): a send acked after {resumed_after:?}"
+    );
+    assert_eq!(ack.offset, 2);
+    assert!(resumed_after < Duration::from_secs(15), "the shard was not writable for {resumed_after:?}");
+
+    assert!(cluster.resume(target));
+    eventually(Duration::from_secs(30), "shard 0 led by its preferred node once it continues", || async {
+        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok()? == target).then_some(())
+    })
+    .await
+    .expect("the handover completes");
+    assert_eq!(client.send(&conv, "m3").await.expect("send on the new leader").offset, 3);
+    for node in 1..=3 {
+        let texts: Vec<String> = read_at_least(&client, &conv, node, 3).await.into_iter().map(|m| m.text).collect();
+        assert_eq!(texts, ["m1", "m2", "m3"], "node {node}");
+    }
+}
+
 // A following tail sees every message, in order, once, across a restart of the node it is
 // attached to; then restarting all nodes (kill -9) loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
