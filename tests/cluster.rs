@@ -2046,30 +2046,45 @@ async fn slow_move_cluster(kept: u64, bytes_per_s: u64) -> (LocalCluster, Vec<u6
     (cluster, leaders)
 }
 
-/// `admin move --shard 0 --from FROM --to 4 --wait` while `conv` gets a send every `gap_ms`:
-/// the CLI's success and output, how long it took, and the sends acked and failed meanwhile.
+/// What [`move_under_sends`] saw: the CLI's success and output, how long the move took, the
+/// sends acked and failed meanwhile, and the slowest acked send.
+struct MoveRun {
+    ok: bool,
+    out: String,
+    err: String,
+    took: Duration,
+    acked: u64,
+    failed: Vec<String>,
+    slowest: Duration,
+}
+
+/// `admin move --shard 0 --from FROM --to 4 --wait` while `conv` gets a send every `gap_ms`.
 async fn move_under_sends(
     cluster: &LocalCluster,
     client: &Client,
     conv: &'static str,
     from: u64,
     gap_ms: u64,
-) -> (bool, String, String, Duration, u64, Vec<String>) {
+) -> MoveRun {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
         let (client, stop) = (client.clone(), stop.clone());
         tokio::spawn(async move {
-            let (mut acked, mut failed) = (0u64, Vec::new());
+            let (mut acked, mut failed, mut slowest) = (0u64, Vec::new(), Duration::ZERO);
             let mut i = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sent = Instant::now();
                 match client.send(conv, &format!("during-{i}")).await {
-                    Ok(_) => acked += 1,
+                    Ok(_) => {
+                        acked += 1;
+                        slowest = slowest.max(sent.elapsed());
+                    }
                     Err(e) => failed.push(e.to_string()),
                 }
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(gap_ms)).await;
             }
-            (acked, failed)
+            (acked, failed, slowest)
         })
     };
     let f = from.to_string();
@@ -2078,8 +2093,8 @@ async fn move_under_sends(
     let (ok, out, err) = cli_as(cluster, "admin", &args);
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acked, failed) = sender.await.expect("sender");
-    (ok, out, err, took, acked, failed)
+    let (acked, failed, slowest) = sender.await.expect("sender");
+    MoveRun { ok, out, err, took, acked, failed, slowest }
 }
 
 // Moves that take a while: a shard of ~1 MB whose log is purged, so a new replica catches up
@@ -2340,7 +2355,8 @@ async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
     let (down, from) = (followers[0], followers[1]);
     assert!(cluster.kill(down));
 
-    let (ok, out, err, took, acked, failed) = move_under_sends(&cluster, &client, "slow-copy", from, 20).await;
+    let MoveRun { ok, out, err, took, acked, failed, .. } =
+        move_under_sends(&cluster, &client, "slow-copy", from, 20).await;
     assert!(failed.is_empty(), "no send may fail during a move ({took:?}): {} failed: {failed:?}", failed.len());
     assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
     assert!(acked > 50, "sends went on during the {took:?} move: {acked}");
@@ -2363,6 +2379,45 @@ async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
     assert_eq!(caught_up, first, "node {down}");
 }
 
+// A move while another voter is down, on a log much shorter than the coordinator's catch-up
+// gap: the new replica must have answered its leader before it votes. openraft counts a
+// learner that never answered as matched at index 0, so on a short log it looked nearly
+// caught up and was promoted before its node had started it (the jepsen run of 2026-12-05,
+// seed 24: node 4 took 8 s to start its replica, asking the dead voter for the cluster map
+// first, and shard 0 committed nothing meanwhile). Here too node 4 has no metadata replica
+// and asks the dead node first. Sends must go on at their usual pace throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_on_a_short_log_with_a_voter_down_waits_for_the_new_replica_to_answer() {
+    let (mut cluster, leaders) = slow_move_cluster(10_000_000, 0).await;
+    let client = cluster.client().expect("client");
+    for i in 0..10 {
+        client.send("short", &format!("before-{i}")).await.expect("send");
+    }
+    let leader = leaders[0];
+    let followers: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let (down, from) = (followers[0], followers[1]);
+    assert!(cluster.kill(down));
+    let run = move_under_sends(&cluster, &client, "short", from, 50).await;
+    assert!(run.ok, "{}{}\n{}", run.out, run.err, cluster.logs_tail());
+    assert!(run.failed.is_empty(), "no send may fail during the move ({:?}): {:?}", run.took, run.failed);
+    eprintln!(
+        "move with node {down} down took {:?}; {} sends acked, the slowest in {:?}",
+        run.took, run.acked, run.slowest
+    );
+    assert!(run.acked > 10, "sends went on during the {:?} move: {}", run.took, run.acked);
+    assert!(
+        run.slowest < Duration::from_secs(3),
+        "a send waited {:?}: the shard stopped committing during the move",
+        run.slowest
+    );
+    cluster.start(down).expect("restart the node that was down");
+    let want = 10 + run.acked as usize;
+    let on_4 = read_at_least(&client, "short", 4, want).await;
+    check_dense(&on_4);
+    assert_eq!(on_4.len(), want, "every acked send stored once");
+    assert_eq!(read_at_least(&client, "short", leader, want).await, on_4, "node {leader}");
+}
+
 // A move whose new replica catches up by log alone (the leader keeps its whole log, so no
 // snapshot is needed) is paced too: ~1 MB of entries at 50 KB/s (`[admin] move_bytes_per_s`)
 // takes at least ~20 s where unpaced it takes a second or two, `--wait` shows the entries
@@ -2381,7 +2436,8 @@ async fn a_moves_log_catch_up_is_paced() {
     }
     let leader = leaders[0];
     let from = (1..=3).find(|n| *n != leader).expect("a follower");
-    let (ok, out, err, took, acked, failed) = move_under_sends(&cluster, &client, "logged", from, 50).await;
+    let MoveRun { ok, out, err, took, acked, failed, .. } =
+        move_under_sends(&cluster, &client, "logged", from, 50).await;
     assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
     assert!(failed.is_empty(), "no send may fail during a move ({took:?}): {failed:?}");
     // The messages' bytes alone at the limit; entries carry more (ids, timestamps).

@@ -576,6 +576,28 @@ pub async fn add_learner(
     }
 }
 
+/// Before `replica` (a learner) is made a voter: re-adds it with `blocking`, which waits
+/// until the leader sees it within `replication_lag_threshold` entries, and then checks that
+/// it has matched an entry at all. openraft counts a learner that never answered as matched
+/// at index 0, so on a log shorter than the threshold `blocking` does not wait for it; made a
+/// voter while it is not running, and with another voter down, it would leave the joint
+/// configuration without a majority and the shard without commits until it came up. `None`
+/// when it may be promoted, else the answer that asks again later.
+async fn catch_up(h: &Hosted, shard: ShardId, replica: NodeId, member: Member) -> Option<PeerResponse> {
+    let planted = crate::planted::active(crate::planted::Bug::RemoveBeforeCaughtUp);
+    if let Err(e) = h.raft.add_learner(replica, member, !planted).await {
+        return Some(PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}")));
+    }
+    let m = super::metrics_of(&h.raft);
+    let matched = m.replication.as_ref().and_then(|r| r.get(&replica).cloned()).flatten();
+    if matched.is_none() && !planted {
+        return Some(PeerResponse::Error(format!(
+            "replica {replica} of shard {shard} has not answered its leader yet; not promoted"
+        )));
+    }
+    None
+}
+
 /// The membership the group has committed, if no change is under way (no joint
 /// configuration, and nothing newer in the log): what a move may act on.
 fn settled(m: &openraft::RaftMetrics<super::types::C>) -> Option<openraft::Membership<NodeId, Member>> {
@@ -598,10 +620,8 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member
     if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == node && *v != replica) {
         return PeerResponse::Promoted;
     }
-    // Re-adding a learner with `blocking` waits until the leader sees it caught up.
-    let blocking = !crate::planted::active(crate::planted::Bug::RemoveBeforeCaughtUp);
-    if let Err(e) = h.raft.add_learner(replica, member, blocking).await {
-        return PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}"));
+    if let Some(answer) = catch_up(h, shard, replica, member).await {
+        return answer;
     }
     let new_voters: BTreeSet<NodeId> =
         voters.iter().copied().filter(|v| node_of(*v) != node).chain(std::iter::once(replica)).collect();
@@ -652,10 +672,8 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, 
         let _ = h.raft.trigger().transfer_leader(to).await;
         return PeerResponse::NotLeader { leader: Some(node_of(to)) };
     }
-    // Re-adding a learner with `blocking` waits until the leader sees it caught up.
-    let blocking = !crate::planted::active(crate::planted::Bug::RemoveBeforeCaughtUp);
-    if let Err(e) = h.raft.add_learner(replica, member, blocking).await {
-        return PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}"));
+    if let Some(answer) = catch_up(h, shard, replica, member).await {
+        return answer;
     }
     let new_voters: BTreeSet<NodeId> =
         voters.iter().copied().filter(|v| node_of(*v) != from).chain(std::iter::once(replica)).collect();
@@ -690,13 +708,37 @@ pub async fn remove_learner(h: &Hosted, shard: ShardId, node: NodeId, replica: O
     PeerResponse::Promoted
 }
 
-/// The leader's side of `PeerRequest::Progress`: how many entries `replica` is behind.
+/// The leader's side of `PeerRequest::Progress`: how many entries `replica` is behind, or
+/// `None` while it has matched nothing.
+///
+/// A replica that never answered (its node has not started it yet, or cannot be reached) is
+/// not "behind by the whole log": on a short log that would pass the coordinator's catch-up
+/// gap, and a promotion with another voter down would then give the joint configuration a
+/// majority it cannot reach, so the shard would commit nothing until the new replica came
+/// up. Only a replica that has matched an entry, and so is running, counts as behind.
 pub fn progress(h: &Hosted, replica: NodeId) -> PeerResponse {
     let m = match leads(h) {
         Ok(m) => m,
         Err(answer) => return answer,
     };
-    let matched = m.replication.as_ref().and_then(|r| r.get(&replica).cloned());
-    let entries = matched.map(|l| m.last_log_index.unwrap_or(0).saturating_sub(l.map_or(0, |l| l.index)));
-    PeerResponse::Behind { entries }
+    let matched = m.replication.as_ref().and_then(|r| r.get(&replica).cloned()).flatten();
+    PeerResponse::Behind { entries: behind(m.last_log_index, matched.map(|l| l.index)) }
+}
+
+/// Entries from `matched` to `last`; `None` while nothing is matched.
+fn behind(last: Option<u64>, matched: Option<u64>) -> Option<u64> {
+    matched.map(|at| last.unwrap_or(0).saturating_sub(at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::behind;
+
+    #[test]
+    fn a_replica_that_matched_nothing_is_not_behind_by_the_log_but_unreplicated() {
+        assert_eq!(behind(Some(40), None), None, "a short log must not make a silent replica look nearly caught up");
+        assert_eq!(behind(Some(40), Some(0)), Some(40));
+        assert_eq!(behind(Some(40), Some(38)), Some(2));
+        assert_eq!(behind(None, Some(0)), Some(0));
+    }
 }

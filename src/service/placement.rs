@@ -144,7 +144,19 @@ impl Service {
         let recorded = formation::Formation::recorded_replica(&self.store, shard)?;
         let here = match (running, recorded) {
             (Some(r), _) => r,
-            (None, None) => return Ok(()),
+            (None, None) => {
+                // Never started here: this node had not yet seen the map that placed it (a
+                // cancel can come first). Nothing to delete, but a map this node fetches
+                // later may still name it, and must not start it then.
+                if let Some(newest) = replicas.iter().copied().max_by_key(|r| generation_of(*r)) {
+                    if self.left(shard)?.is_none_or(|l| generation_of(newest) > generation_of(l)) {
+                        let mut b = rocksdb::WriteBatch::default();
+                        b.put(left_key(shard), encode(&newest));
+                        self.store.write_sync(b)?;
+                    }
+                }
+                return Ok(());
+            }
             (None, Some(DROPPED)) => {
                 // Dropped already; the deletion is done again (it is idempotent) in case the
                 // first one failed after it was recorded, before its flush: the table files
