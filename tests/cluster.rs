@@ -1491,9 +1491,7 @@ async fn a_handover_to_a_node_that_hangs_while_quiesced_leaves_the_shard_writabl
     // The target neither leads shard 0 nor the metadata group, which must commit the new
     // preference while the target hangs.
     let leader = cluster.leader_of(0, &[1, 2, 3], READY).await.expect("shard 0 has a leader");
-    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "status", "--json"]);
-    assert!(ok, "{err}");
-    let view: serde_json::Value = serde_json::from_str(&out).expect("admin status prints JSON");
+    let (_, view) = operations(&cluster);
     let meta = view["metadata_leader"].as_u64().expect("a metadata leader");
     let target = (1..=3).find(|n| *n != leader && *n != meta).expect("a third node");
 

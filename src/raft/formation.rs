@@ -588,9 +588,7 @@ async fn catch_up(h: &Hosted, shard: ShardId, replica: NodeId, member: Member) -
     if let Err(e) = h.raft.add_learner(replica, member, !planted).await {
         return Some(PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}")));
     }
-    let m = super::metrics_of(&h.raft);
-    let matched = m.replication.as_ref().and_then(|r| r.get(&replica).cloned()).flatten();
-    if matched.is_none() && !planted {
+    if matched(&super::metrics_of(&h.raft), replica).is_none() && !planted {
         return Some(PeerResponse::Error(format!(
             "replica {replica} of shard {shard} has not answered its leader yet; not promoted"
         )));
@@ -659,12 +657,7 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, 
         return PeerResponse::Promoted;
     }
     if node_of(h.replica) == from {
-        let caught_up = |v: &NodeId| {
-            m.replication
-                .as_ref()
-                .and_then(|r| r.get(v).cloned().flatten())
-                .is_some_and(|l| Some(l.index) == m.last_log_index)
-        };
+        let caught_up = |v: &NodeId| matched(&m, *v).is_some_and(|l| Some(l.index) == m.last_log_index);
         let Some(&to) = voters.iter().find(|v| node_of(**v) != from && caught_up(v)) else {
             return PeerResponse::Error(format!("shard {shard}: no caught-up voter to hand leadership to yet"));
         };
@@ -721,8 +714,13 @@ pub fn progress(h: &Hosted, replica: NodeId) -> PeerResponse {
         Ok(m) => m,
         Err(answer) => return answer,
     };
-    let matched = m.replication.as_ref().and_then(|r| r.get(&replica).cloned()).flatten();
-    PeerResponse::Behind { entries: behind(m.last_log_index, matched.map(|l| l.index)) }
+    PeerResponse::Behind { entries: behind(m.last_log_index, matched(&m, replica).map(|l| l.index)) }
+}
+
+/// The last entry the leader knows `replica` holds (`None`: it has matched nothing, or is
+/// not replicated to from here).
+fn matched(m: &openraft::RaftMetrics<super::types::C>, replica: NodeId) -> Option<super::types::LogId> {
+    m.replication.as_ref().and_then(|r| r.get(&replica).cloned()).flatten()
 }
 
 /// Entries from `matched` to `last`; `None` while nothing is matched.

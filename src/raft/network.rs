@@ -1044,7 +1044,7 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
                     .await
                     .map(PeerResponse::TransferLeader)
                     .unwrap_or_else(|e| err(e.to_string()));
-                ctx.quiet.on_rpc(shard, "transfer leader");
+                ctx.quiet.hold(shard, "transfer leader");
                 answer
             }
             Err(e) => err(e),
@@ -1087,7 +1087,7 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
         PeerRequest::Replace { shard, from, replica, member } => match hosted(groups, shard) {
             Ok(h) => {
                 // It may hand this node's leadership away.
-                ctx.quiet.hold(shard);
+                ctx.quiet.hold(shard, "handing leadership away");
                 super::formation::replace(&h, shard, from, replica, member).await
             }
             Err(e) => err(e),

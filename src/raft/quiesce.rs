@@ -400,21 +400,20 @@ impl Quiescer {
     /// quiesced on a beat that crossed its leader's next entry, a leader asked for a vote).
     /// Takes no lock while nothing is quiesced.
     pub fn on_rpc(&self, shard: ShardId, what: &'static str) {
-        // A transfer's election must not be cut short by a beat that still names the group,
-        // even when nothing here is quiesced yet: the hold is taken in every case.
-        let hold = what == "transfer leader";
-        if !hold && self.quiet.load(Relaxed) == 0 {
+        if self.quiet.load(Relaxed) == 0 {
             return;
         }
-        self.wake(shard, hold, what);
+        self.wake(shard, false, what);
     }
 
-    /// Wakes `shard`'s group here and keeps it from quiescing for two leases: called before
-    /// this node hands its leadership away. A leader that is transferring refuses writes and
-    /// sends no heartbeats until a new leader is elected, which takes the election timers a
-    /// quiesced group does not run.
-    pub fn hold(&self, shard: ShardId) {
-        self.wake(shard, true, "handing leadership away");
+    /// Wakes `shard`'s group here and keeps it from quiescing for two leases, whether or not
+    /// anything here is quiesced: around a leadership handover, before this node hands its
+    /// leadership away and when it is asked to take one. A leader that is transferring
+    /// refuses writes and sends no heartbeats until a new leader is elected, which takes the
+    /// election timers a quiesced group does not run, and a beat that still names the group
+    /// must not quiesce the target again during its election.
+    pub fn hold(&self, shard: ShardId, why: &'static str) {
+        self.wake(shard, true, why);
     }
 
     /// Drops `shard`'s marks here (followed, or led and quiesced) and wakes its group if it
@@ -551,7 +550,7 @@ mod tests {
         let q = quiescer();
         assert_eq!(q.quiesced(), 0);
         let now = Instant::now();
-        q.on_rpc(7, "transfer leader");
+        q.hold(7, "transfer leader");
         q.on_rpc(8, "append");
         let mut st = q.lock();
         assert!(st.held(7, now), "a transfer target must be held awake for its election");

@@ -120,7 +120,7 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
             if metrics.current_leader == Some(group.replica) && caught_up {
                 tracing::info!(shard = group.shard, to = preferred, "transferring leadership to the preferred node");
                 if let Some(q) = node.net.quiescer() {
-                    q.hold(group.shard);
+                    q.hold(group.shard, "handing leadership away");
                 }
                 let _ = group.raft.trigger().transfer_leader(target).await;
             }

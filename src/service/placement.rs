@@ -128,6 +128,14 @@ impl Service {
         Ok(())
     }
 
+    /// Records `replica` as the last of `shard` this node left: [`Service::host`] starts no
+    /// replica of it that is not newer.
+    fn record_left(&self, shard: ShardId, replica: NodeId) -> Result<()> {
+        let mut b = rocksdb::WriteBatch::default();
+        b.put(left_key(shard), encode(&replica));
+        self.store.write_sync(b)
+    }
+
     /// The last replica id of `shard` this node deleted, if any.
     fn left(&self, shard: ShardId) -> Result<Option<NodeId>> {
         Ok(self.store.db.get(left_key(shard))?.map(|v| decode(&v)).transpose()?)
@@ -150,9 +158,7 @@ impl Service {
                 // later may still name it, and must not start it then.
                 if let Some(newest) = replicas.iter().copied().max_by_key(|r| generation_of(*r)) {
                     if self.left(shard)?.is_none_or(|l| generation_of(newest) > generation_of(l)) {
-                        let mut b = rocksdb::WriteBatch::default();
-                        b.put(left_key(shard), encode(&newest));
-                        self.store.write_sync(b)?;
+                        self.record_left(shard, newest)?;
                     }
                 }
                 return Ok(());
@@ -190,9 +196,7 @@ impl Service {
                 tracing::warn!(shard, error = %e, "a dropped shard's group did not stop cleanly");
             }
         }
-        let mut b = rocksdb::WriteBatch::default();
-        b.put(left_key(shard), encode(&here));
-        self.store.write_sync(b)?;
+        self.record_left(shard, here)?;
         formation::record_replica(&self.store, shard, DROPPED)?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.delete_shard(shard))
