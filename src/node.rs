@@ -120,7 +120,7 @@ impl Node {
             let placed = match start {
                 Start::Rejoin => {
                     let peers: Vec<NodeId> = config.node_ids().into_iter().filter(|&n| n != id).collect();
-                    Some(formation::newest_map(&net, &peers).await).filter(|m| m.is_set())
+                    Some(formation::newest_map(&net, &peers, None).await).filter(|m| m.is_set())
                 }
                 _ => None,
             };

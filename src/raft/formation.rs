@@ -246,7 +246,7 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
                     // replica (added to the file after formation, or added before and since
                     // wiped), which registers, from a member that lost its state, which
                     // must rejoin as new replicas or not start at all.
-                    let map = newest_map(net, &peers).await;
+                    let map = newest_map(net, &peers, None).await;
                     if !map.is_set() && map_waits < MAP_WAITS_MAX {
                         // Just formed: its first metadata leader is filling the map.
                         map_waits += 1;
@@ -338,14 +338,50 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
     }
 }
 
-/// The newest cluster map `peers` report (empty if none answers with one).
-pub async fn newest_map(net: &PeerNet, peers: &[NodeId]) -> ClusterMap {
+/// How long answers still out are waited for once a peer has answered with a set map. A peer
+/// that is down keeps its ask open until its connection attempt times out ([`CONTROL_TTL`]);
+/// the map the others already gave must not wait for it, while a live peer that answers a
+/// little later, and may know a newer epoch, still counts.
+pub const MAP_STRAGGLERS: Duration = Duration::from_millis(500);
+
+/// The newest cluster map `peers` report (empty if none answers with one), asked of all of
+/// them at once. With `stragglers`, the answers still out that long after the first set map
+/// are given up (for a node that asks again, and keeps the newest it heard); without, every
+/// answer is waited for, each bounded by [`CONTROL_TTL`] (for decisions taken once, at start).
+pub async fn newest_map(net: &PeerNet, peers: &[NodeId], stragglers: Option<Duration>) -> ClusterMap {
+    let asks = peers.iter().map(|&p| async move {
+        match net.control(p, PeerRequest::ClusterMap, CONTROL_TTL).await {
+            Ok(PeerResponse::ClusterMap(map)) => Some(*map),
+            _ => None,
+        }
+    });
+    newest_of(asks, stragglers).await
+}
+
+/// The newest of the maps `asks` answer with (`None`: no map), as [`newest_map`] takes it.
+async fn newest_of<F: std::future::Future<Output = Option<ClusterMap>>>(
+    asks: impl IntoIterator<Item = F>,
+    stragglers: Option<Duration>,
+) -> ClusterMap {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut out: FuturesUnordered<F> = asks.into_iter().collect();
     let mut newest = ClusterMap::default();
-    for &p in peers {
-        if let Ok(PeerResponse::ClusterMap(map)) = net.control(p, PeerRequest::ClusterMap, CONTROL_TTL).await {
-            if map.epoch > newest.epoch {
-                newest = *map;
-            }
+    let mut until = None;
+    loop {
+        let answer = match until {
+            None => out.next().await,
+            Some(at) => match tokio::time::timeout_at(at, out.next()).await {
+                Ok(answer) => answer,
+                Err(_) => break,
+            },
+        };
+        let Some(answer) = answer else { break };
+        let Some(map) = answer else { continue };
+        if map.is_set() && until.is_none() {
+            until = stragglers.map(|d| tokio::time::Instant::now() + d);
+        }
+        if map.epoch > newest.epoch {
+            newest = map;
         }
     }
     newest
@@ -730,7 +766,58 @@ fn behind(last: Option<u64>, matched: Option<u64>) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::behind;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::time::Duration;
+
+    use super::{behind, newest_of, ClusterMap};
+
+    type Ask = Pin<Box<dyn Future<Output = Option<ClusterMap>> + Send>>;
+
+    /// A peer that answers with a map of `epoch` (0: an unset map) after `after_ms`.
+    fn answers(epoch: u64, after_ms: u64) -> Ask {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(after_ms)).await;
+            Some(ClusterMap { epoch, ..ClusterMap::default() })
+        })
+    }
+
+    /// A peer that is down: its ask never ends on its own.
+    fn down() -> Ask {
+        Box::pin(std::future::pending())
+    }
+
+    async fn newest(asks: Vec<Ask>, stragglers: Option<Duration>) -> u64 {
+        // Bounded, so a regression that waits for the peer that is down fails instead of hanging.
+        tokio::time::timeout(Duration::from_secs(10), newest_of(asks, stragglers))
+            .await
+            .expect("the map must not wait for a peer that is down")
+            .epoch
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_is_down_does_not_hold_up_the_map_the_others_gave() {
+        let stragglers = Some(Duration::from_millis(300));
+        assert_eq!(newest(vec![down(), answers(3, 0), answers(5, 50)], stragglers).await, 5);
+        assert_eq!(newest(vec![answers(4, 20), down()], stragglers).await, 4);
+    }
+
+    #[tokio::test]
+    async fn an_unset_map_does_not_start_the_wait_for_stragglers() {
+        // A node that has not applied the map yet answers at once with an empty one; the
+        // peer that knows it answers later and still counts.
+        let stragglers = Some(Duration::from_millis(100));
+        assert_eq!(newest(vec![answers(0, 0), answers(2, 400), down()], stragglers).await, 2);
+    }
+
+    #[tokio::test]
+    async fn without_stragglers_every_answer_is_waited_for() {
+        assert_eq!(newest(vec![answers(3, 0), answers(7, 400)], None).await, 7);
+        // With a short wait the late answer is given up: the trade the service's loop makes,
+        // since it asks again and keeps the newest map it heard.
+        assert_eq!(newest(vec![answers(3, 0), answers(7, 400)], Some(Duration::from_millis(50))).await, 3);
+        assert_eq!(newest(vec![], None).await, 0);
+    }
 
     #[test]
     fn a_replica_that_matched_nothing_is_not_behind_by_the_log_but_unreplicated() {

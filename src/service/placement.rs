@@ -55,7 +55,8 @@ const PROMOTE_TTL: Duration = Duration::from_secs(60);
 impl Service {
     /// The newest cluster map this node can see: its own replica's of the metadata group,
     /// or, on a node without one (or with one that has not caught up yet), the newest its
-    /// peers report.
+    /// peers report, asked at once: a peer that is down does not hold up the others' answers
+    /// (see [`formation::MAP_STRAGGLERS`]).
     pub(super) async fn newest_map(&self) -> ClusterMap {
         if self.meta_group().is_some() {
             let map = self.cluster_map();
@@ -64,7 +65,7 @@ impl Service {
             }
         }
         let peers: Vec<NodeId> = self.peer_ids();
-        let heard = formation::newest_map(&self.net, &peers).await;
+        let heard = formation::newest_map(&self.net, &peers, Some(formation::MAP_STRAGGLERS)).await;
         let mut fetched = self.fetched_map.lock().unwrap_or_else(|p| p.into_inner());
         if heard.epoch > fetched.epoch {
             *fetched = heard;
