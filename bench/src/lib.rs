@@ -588,6 +588,15 @@ pub fn per_1k(amount: f64, acked: u64) -> serde_json::Value {
     }
 }
 
+/// The value of an unlabelled sample `name` in Prometheus text (the peer benchmark reads
+/// etcd's fsync and commit counters with it).
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse::<f64>().ok().map(|v| v as u64)).flatten()
+    })
+}
+
 /// What the nodes and this load generator had done at one moment: their CPU and context
 /// switches, and the nodes' own counters and send-path histograms.
 pub struct NodeCounters {
@@ -1765,6 +1774,19 @@ pub fn write_chart(path: &Path, own: Vec<serde_json::Value>, compare: &[PathBuf]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_value_reads_an_unlabelled_sample_and_nothing_else() {
+        let text = "# HELP etcd_disk_wal_fsync_duration_seconds x\n\
+                    etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 7\n\
+                    etcd_disk_wal_fsync_duration_seconds_sum 0.25\n\
+                    etcd_disk_wal_fsync_duration_seconds_count 1234\n\
+                    etcd_disk_backend_commit_duration_seconds_count 5.67e+02\n";
+        assert_eq!(metric_value(text, "etcd_disk_wal_fsync_duration_seconds_count"), Some(1234));
+        assert_eq!(metric_value(text, "etcd_disk_backend_commit_duration_seconds_count"), Some(567));
+        assert_eq!(metric_value(text, "etcd_disk_wal_fsync_duration_seconds"), None);
+        assert_eq!(metric_value(text, "missing_count"), None);
+    }
 
     #[test]
     fn samples_count_those_at_or_over_a_bound() {

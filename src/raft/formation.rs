@@ -339,7 +339,8 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
 }
 
 /// How long answers still out are waited for once a peer has answered with a set map. A peer
-/// that is down keeps its ask open until its connection attempt times out ([`CONTROL_TTL`]);
+/// that is down keeps its ask open until its connection attempt fails or the ask's bound
+/// ([`CONTROL_TTL`]) ends it;
 /// the map the others already gave must not wait for it, while a live peer that answers a
 /// little later, and may know a newer epoch, still counts.
 pub const MAP_STRAGGLERS: Duration = Duration::from_millis(500);
@@ -815,7 +816,7 @@ mod tests {
         assert_eq!(newest(vec![answers(3, 0), answers(7, 400)], None).await, 7);
         // With a short wait the late answer is given up: the trade the service's loop makes,
         // since it asks again and keeps the newest map it heard.
-        assert_eq!(newest(vec![answers(3, 0), answers(7, 400)], Some(Duration::from_millis(50))).await, 3);
+        assert_eq!(newest(vec![answers(3, 0), answers(7, 2_000)], Some(Duration::from_millis(50))).await, 3);
         assert_eq!(newest(vec![], None).await, 0);
     }
 

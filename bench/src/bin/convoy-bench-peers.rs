@@ -29,8 +29,8 @@ use async_nats::jetstream::consumer::{push, DeliverPolicy};
 use bytes::Bytes;
 use clap::Parser;
 use convoy_bench::{
-    closed_loop, cost_lines, latency_of, paced_phase, paced_record, paced_sender, per_1k, record, table, text,
-    witness_lines, write_records, BenchOptions, DiskWitness, Record, RunArgs, Samples, Usage, MESSAGE_BYTES,
+    closed_loop, cost_lines, latency_of, metric_value, paced_phase, paced_record, paced_sender, per_1k, record, table,
+    text, witness_lines, write_records, BenchOptions, DiskWitness, Record, RunArgs, Samples, Usage, MESSAGE_BYTES,
     PACED_CONVERSATIONS, PACED_RATE, SENDERS_PER_CLIENT, WITNESS_HEADING,
 };
 use etcd_client::{GetOptions, KvClient, WatchOptions};
@@ -830,14 +830,6 @@ async fn http_get_metrics(endpoint: &str) -> Result<String> {
     .await?
 }
 
-/// The value of an unlabelled sample `name` in Prometheus text.
-fn metric_value(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        let (n, v) = l.split_once(' ')?;
-        (n == name).then(|| v.trim().parse::<f64>().ok().map(|v| v as u64)).flatten()
-    })
-}
-
 async fn run_etcd(
     etcd: &mut Etcd,
     opts: BenchOptions,
@@ -1003,22 +995,4 @@ async fn etcd_catch_up(etcd: &Etcd, leader: usize, messages: usize) -> Result<Re
     r.extra.insert("read_from".into(), json!(format!("leader (e{})", leader + 1)));
     r.extra.insert("reader".into(), json!(format!("range reads of {ETCD_PAGE} keys, by key")));
     Ok(r)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metric_value_reads_an_unlabelled_sample_and_nothing_else() {
-        let text = "# HELP etcd_disk_wal_fsync_duration_seconds x\n\
-                    etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 7\n\
-                    etcd_disk_wal_fsync_duration_seconds_sum 0.25\n\
-                    etcd_disk_wal_fsync_duration_seconds_count 1234\n\
-                    etcd_disk_backend_commit_duration_seconds_count 5.67e+02\n";
-        assert_eq!(metric_value(text, "etcd_disk_wal_fsync_duration_seconds_count"), Some(1234));
-        assert_eq!(metric_value(text, "etcd_disk_backend_commit_duration_seconds_count"), Some(567));
-        assert_eq!(metric_value(text, "etcd_disk_wal_fsync_duration_seconds"), None);
-        assert_eq!(metric_value(text, "missing_count"), None);
-    }
 }
