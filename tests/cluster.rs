@@ -2383,7 +2383,8 @@ async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
 // caught up and was promoted before its node had started it (the jepsen run of 2026-12-05,
 // seed 24: node 4 took 8 s to start its replica, asking the dead voter for the cluster map
 // first, and shard 0 committed nothing meanwhile). Here too node 4 has no metadata replica
-// and asks the dead node first. Sends must go on at their usual pace throughout.
+// and fetches the map from its peers, the dead one among them. Sends must go on at their
+// usual pace throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_on_a_short_log_with_a_voter_down_waits_for_the_new_replica_to_answer() {
     let (mut cluster, leaders) = slow_move_cluster(10_000_000, 0).await;

@@ -340,9 +340,8 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
 
 /// How long answers still out are waited for once a peer has answered with a set map. A peer
 /// that is down keeps its ask open until its connection attempt fails or the ask's bound
-/// ([`CONTROL_TTL`]) ends it;
-/// the map the others already gave must not wait for it, while a live peer that answers a
-/// little later, and may know a newer epoch, still counts.
+/// ([`CONTROL_TTL`]) ends it; the map the others already gave must not wait for it, while a
+/// live peer that answers a little later, and may know a newer epoch, still counts.
 pub const MAP_STRAGGLERS: Duration = Duration::from_millis(500);
 
 /// The newest cluster map `peers` report (empty if none answers with one), asked of all of
