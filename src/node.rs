@@ -108,6 +108,7 @@ impl Node {
             stages: store.stages.clone(),
             drops,
             quiet: quiet.clone(),
+            serving: net.serving(),
         };
         let peer_server = tokio::spawn(network::serve(peer_endpoint.clone(), ctx));
 
@@ -145,7 +146,11 @@ impl Node {
             }
             let service =
                 Service::start(config, id, store, net.clone(), registry, &replicas, start == Start::Bootstrap).await?;
-            tokio::spawn(crate::service::serve_drops(std::sync::Arc::downgrade(&service), drop_requests));
+            service.spawn_background(crate::service::serve_drops(
+                std::sync::Arc::downgrade(&service),
+                service.stop_signal(),
+                drop_requests,
+            ));
             if start == Start::Rejoin {
                 formation::finish_rejoin(&formation, &net, &service.config).await?;
             }

@@ -1,7 +1,8 @@
 //! End-to-end: real three-node clusters on loopback, killed, restarted and wiped.
 //! Every test polls with deadlines; none sleeps to synchronise. The clusters are testkit's
 //! [`LocalCluster`]s: ports from the OS, a temp directory each (kept with
-//! `CONVOY_KEEP_TEST_DIRS=1`), node logs at `CONVOY_TEST_LOG` (default `info,openraft=warn`).
+//! `CONVOY_KEEP_TEST_DIRS=1`), node logs at `CONVOY_TEST_LOG` (default `info,openraft=warn`),
+//! this build's `convoy` unless `CONVOY_BIN` names another.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,12 @@ use testkit::{eventually, ClusterSpec, LimitTweaks, LocalCluster, RaftTweaks, Re
 
 const READY: Duration = Duration::from_secs(30);
 const BIN: &str = env!("CARGO_BIN_EXE_convoy");
+
+/// The binary the clusters run: this build's, or `$CONVOY_BIN` (to run a test against
+/// another build, e.g. the commit before a fix).
+fn convoy_bin() -> std::path::PathBuf {
+    std::env::var_os(testkit::CONVOY_BIN_ENV).map_or_else(|| BIN.into(), Into::into)
+}
 
 /// The settings a test changes; the rest are [`Tweaks::default`]'s.
 #[derive(Clone)]
@@ -62,7 +69,7 @@ fn spec(t: Tweaks) -> ClusterSpec {
         retention: t.retention,
         remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
         log_filter: Some(std::env::var("CONVOY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into())),
-        convoy_bin: Some(BIN.into()),
+        convoy_bin: Some(convoy_bin()),
         ..ClusterSpec::default()
     }
 }
@@ -710,7 +717,7 @@ async fn cluster_with_a_small_disk(small: u64) -> Option<(LocalCluster, SmallDis
         limits: LimitTweaks { disk_free_min_bytes: Some(DISK_RESERVE), ..LimitTweaks::unthrottled() },
         remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
         log_filter: Some("info,openraft=warn".into()),
-        convoy_bin: Some(BIN.into()),
+        convoy_bin: Some(convoy_bin()),
         ..ClusterSpec::default()
     };
     let mut cluster = LocalCluster::create(spec).expect("create a test cluster");
@@ -1518,6 +1525,101 @@ async fn a_handover_to_a_node_that_hangs_while_quiesced_leaves_the_shard_writabl
     for node in 1..=3 {
         let texts: Vec<String> = read_at_least(&client, &conv, node, 3).await.into_iter().map(|m| m.text).collect();
         assert_eq!(texts, ["m1", "m2", "m3"], "node {node}");
+    }
+}
+
+/// Lines of `log` at ERROR level written after its last `stopping` line, ANSI colours removed.
+fn errors_after_stopping(log: &str) -> Vec<String> {
+    let plain: Vec<String> = log
+        .lines()
+        .map(|l| {
+            let mut out = String::with_capacity(l.len());
+            let mut chars = l.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    // An escape sequence ends at its first letter.
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        })
+        .collect();
+    let Some(stop) = plain.iter().rposition(|l| l.contains(" stopping")) else {
+        return vec!["no `stopping` line: the node did not stop cleanly".into()];
+    };
+    plain[stop..].iter().filter(|l| l.contains(" ERROR ")).cloned().collect()
+}
+
+/// SIGTERMs node `id` and waits for it to exit; returns its exit code and its log.
+async fn stop_node(cluster: &mut LocalCluster, id: u64) -> (Option<i32>, String) {
+    assert!(cluster.signal(id, libc::SIGTERM), "node {id} is running");
+    stop_node_signalled(cluster, id).await
+}
+
+/// Waits for node `id`, already signalled, to exit; returns its exit code and its log.
+async fn stop_node_signalled(cluster: &mut LocalCluster, id: u64) -> (Option<i32>, String) {
+    let status = eventually(Duration::from_secs(30), "the node to exit", || {
+        let s = cluster.exit_status(id);
+        async move { s }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    (status.code(), std::fs::read_to_string(cluster.log_path(id)).expect("the node's log"))
+}
+
+// A clean stop is quiet: a node stopped by SIGTERM exits 0 and logs no error after its
+// `stopping` line. The metadata leader is stopped while a peer hangs, so its connections take
+// seconds to drain: its coordinator, which confirms its leadership by a quorum every round,
+// must not keep calling the groups it has stopped, and the hung peer's requests, delivered
+// when it continues, must find a node that refuses them quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_logs_no_errors_even_while_a_peer_hangs() {
+    let mut cluster = start(Tweaks { shards: 2, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    assert_eq!(client.send("quiet-stop", "m1").await.expect("send").offset, 1);
+    let meta = eventually(READY, "a metadata leader", || async { operations(&cluster).1["metadata_leader"].as_u64() })
+        .await
+        .expect("the metadata group elects");
+    let hung = (1..=3).find(|n| *n != meta).expect("another node");
+    let last = (1..=3).find(|n| *n != meta && *n != hung).expect("a third node");
+
+    assert!(cluster.pause(hung));
+    let (code, log) = stop_node(&mut cluster, meta).await;
+    assert!(cluster.resume(hung));
+    assert_eq!(code, Some(0), "node {meta} exit code\n{}", cluster.logs_tail());
+    let errors = errors_after_stopping(&log);
+    assert!(errors.is_empty(), "node {meta} (the metadata leader) logged while stopping:\n{}", errors.join("\n"));
+
+    for id in [hung, last] {
+        let (code, log) = stop_node(&mut cluster, id).await;
+        assert_eq!(code, Some(0), "node {id} exit code\n{}", cluster.logs_tail());
+        let errors = errors_after_stopping(&log);
+        assert!(errors.is_empty(), "node {id} logged while stopping:\n{}", errors.join("\n"));
+    }
+
+    // Then all three at once, as `scripts/cluster down` stops them: each node's peers go
+    // away while its own connections drain. The errors came from races, so three times.
+    for round in 1..=3u64 {
+        cluster.start_all().expect("start again");
+        cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready again");
+        let offset = client.send("quiet-stop", "again").await.expect("send after the restart").offset;
+        assert_eq!(offset, 1 + round);
+        for id in 1..=3 {
+            assert!(cluster.signal(id, libc::SIGTERM), "node {id} is running");
+        }
+        for id in 1..=3 {
+            let (code, log) = stop_node_signalled(&mut cluster, id).await;
+            assert_eq!(code, Some(0), "node {id} exit code\n{}", cluster.logs_tail());
+            let errors = errors_after_stopping(&log);
+            assert!(errors.is_empty(), "node {id} logged while all stopped (round {round}):\n{}", errors.join("\n"));
+        }
     }
 }
 

@@ -93,6 +93,51 @@ pub struct PeerContext {
     pub drops: tokio::sync::mpsc::Sender<DropRequest>,
     /// The node's quiescing: beats go to it, and every Raft message wakes its group.
     pub quiet: Arc<super::quiesce::Quiescer>,
+    /// The requests being served ([`PeerNet::serving`]).
+    pub serving: Arc<InFlight>,
+}
+
+/// Peer requests in flight, served here or asked of a peer: a stopping node waits for them
+/// before it stops its groups (see `Service::shutdown`), so none calls a stopped group and
+/// no answer reaches one.
+#[derive(Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request being served; dropped when it ends.
+pub struct InFlightGuard<'a>(&'a InFlight);
+
+impl InFlight {
+    /// Counts a request until the guard drops. A request served is counted before it looks
+    /// up its group, so a stop that took the groups away and then sees none in flight waits
+    /// for none that found one.
+    pub fn enter(&self) -> InFlightGuard<'_> {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlightGuard(self)
+    }
+
+    /// Waits until no request is being served, or `deadline`; whether none is.
+    pub async fn idle_within(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let idle = self.idle.notified();
+            if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.count.load(std::sync::atomic::Ordering::SeqCst) == 0;
+            }
+        }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// A shard to stop and delete here, and where to say it is done.
@@ -135,6 +180,10 @@ struct Inner {
     frames_in_flight: usize,
     /// Per peer: the AppendEntries waiting for a frame.
     framers: std::sync::Mutex<HashMap<NodeId, Arc<Framer>>>,
+    /// The peer requests this node's server is serving.
+    serving: Arc<InFlight>,
+    /// The group RPCs this node's groups are asking of peers.
+    asking: InFlight,
     /// The lane of each frame sender, by (peer, sender).
     frame_lanes: LanePool<(NodeId, usize)>,
 }
@@ -315,6 +364,8 @@ impl PeerNet {
             frames_in_flight,
             framers: std::sync::Mutex::default(),
             frame_lanes: LanePool::new(1),
+            serving: Arc::default(),
+            asking: InFlight::default(),
         };
         PeerNet { inner: Arc::new(inner) }
     }
@@ -426,6 +477,17 @@ impl PeerNet {
     /// The replication counters of this node.
     pub fn stats(&self) -> Arc<PeerStats> {
         self.inner.stats.clone()
+    }
+
+    /// The peer requests this node's server is serving (see [`InFlight`]).
+    pub fn serving(&self) -> Arc<InFlight> {
+        self.inner.serving.clone()
+    }
+
+    /// The AppendEntries, votes and leadership transfers this node's groups are asking of
+    /// peers (see [`InFlight`]).
+    pub fn asking(&self) -> &InFlight {
+        &self.inner.asking
     }
 
     async fn connection(&self, target: NodeId) -> Result<quinn::Connection, RPCError<C>> {
@@ -704,6 +766,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         mut rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse, RPCError<C>> {
+        let _asking = self.inner.asking.enter();
         let ttl = option.hard_ttl().max(self.inner.append_timeout);
         let pace = if rpc.entries.is_empty() { None } else { self.learner_pace(shard, target) };
         let cut = fit_payload(&mut rpc, if pace.is_some() { PACED_APPEND_BYTES } else { APPEND_PAYLOAD_BYTES });
@@ -748,6 +811,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: VoteRequest,
         option: RPCOption,
     ) -> Result<VoteResponse, RPCError<C>> {
+        let _asking = self.inner.asking.enter();
         match self.call(target, PeerRequest::Vote { shard, to: target, rpc }, option.hard_ttl()).await? {
             PeerResponse::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
@@ -761,6 +825,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: VoteRequest,
         option: RPCOption,
     ) -> Result<VoteResponse, RPCError<C>> {
+        let _asking = self.inner.asking.enter();
         match self.call(target, PeerRequest::PreVote { shard, to: target, rpc }, option.hard_ttl()).await? {
             PeerResponse::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
@@ -774,6 +839,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         rpc: TransferLeaderRequest,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse, RPCError<C>> {
+        let _asking = self.inner.asking.enter();
         match self.call(target, PeerRequest::TransferLeader { shard, to: target, rpc }, option.hard_ttl()).await? {
             PeerResponse::TransferLeader(r) => Ok(r),
             other => Err(unexpected(other)),
@@ -948,6 +1014,7 @@ async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
     loop {
         let (response, lane) = match frame::read::<_, PeerRequest>(&mut recv, PEER_FRAME_BYTES_MAX).await {
             Ok(Some(req)) => {
+                let _serving = ctx.serving.enter();
                 let lane = matches!(req, PeerRequest::Append { .. } | PeerRequest::Appends(_));
                 match claimed_node(&req) {
                     Some(claimed) if claimed != peer => (
@@ -1396,5 +1463,30 @@ mod tests {
         drop(answers.remove(0));
         assert_eq!(shards(&take_frame(&mut waiting)), vec![8]);
         assert!(waiting.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stop_waits_for_the_requests_in_flight_and_no_longer_than_its_deadline() {
+        let in_flight = Arc::new(InFlight::default());
+        let soon = || tokio::time::Instant::now() + Duration::from_millis(50);
+        assert!(in_flight.idle_within(soon()).await, "nothing in flight");
+
+        let first = in_flight.enter();
+        let second = in_flight.enter();
+        assert!(!in_flight.idle_within(soon()).await, "two in flight: the deadline ends the wait");
+
+        let waiter = {
+            let in_flight = in_flight.clone();
+            tokio::spawn(
+                async move { in_flight.idle_within(tokio::time::Instant::now() + Duration::from_secs(30)).await },
+            )
+        };
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "one still in flight");
+        drop(second);
+        let idle =
+            tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken by the last").expect("no panic");
+        assert!(idle);
     }
 }

@@ -21,7 +21,7 @@
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use super::Service;
+use super::{Service, StopSignal};
 use crate::raft::network::SnapshotStreams;
 use crate::raft::types::{NodeId, Raft};
 
@@ -113,10 +113,12 @@ fn view(net: &crate::raft::network::PeerNet, shard: u32, raft: &Raft, me: NodeId
 }
 
 /// Triggers each group's snapshots by [`decide`] until the service is dropped.
-pub(super) async fn compact(node: Weak<Service>) {
+pub(super) async fn compact(node: Weak<Service>, mut stop: StopSignal) {
     let mut held: std::collections::HashSet<u32> = std::collections::HashSet::new();
     loop {
-        tokio::time::sleep(CHECK_INTERVAL).await;
+        if stop.unless_stopped(tokio::time::sleep(CHECK_INTERVAL)).await.is_none() {
+            return;
+        }
         let Some(node) = node.upgrade() else { return };
         let (every, kept) = (node.config.raft.snapshot_logs_since_last, node.config.raft.snapshot_log_kept_max);
         let mut groups: Vec<(u32, NodeId, Raft)> =
@@ -125,6 +127,9 @@ pub(super) async fn compact(node: Weak<Service>) {
             groups.push((crate::placement::META_SHARD, h.replica, h.raft));
         }
         for (shard, replica, raft) in groups {
+            if stop.is_set() {
+                return;
+            }
             let g = view(&node.net, shard, &raft, replica);
             match decide(&g, every, kept, Instant::now()) {
                 Decision::Wait => {

@@ -23,7 +23,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::Service;
+use super::{Service, StopSignal};
 use crate::net::wire::{ErrorCode, Response};
 use crate::raft::types::node_of;
 use crate::stages::{Stage, StageSnapshot};
@@ -288,10 +288,12 @@ impl Metrics {
 
 /// Measures subscriber lag every [`LAG_SAMPLE_INTERVAL`] until the service is dropped, and
 /// logs (rate-limited) when subscribers are `limits.subscriber_lag_warn` or more behind.
-pub(super) async fn sample_lag(node: Weak<Service>) {
+pub(super) async fn sample_lag(node: Weak<Service>, mut stop: StopSignal) {
     let mut last_log: Option<Instant> = None;
     loop {
-        tokio::time::sleep(LAG_SAMPLE_INTERVAL).await;
+        if stop.unless_stopped(tokio::time::sleep(LAG_SAMPLE_INTERVAL)).await.is_none() {
+            return;
+        }
         let Some(node) = node.upgrade() else { return };
         let warn = node.config.limits.subscriber_lag_warn;
         let (behind, worst) = node.metrics.sample_lag(warn);

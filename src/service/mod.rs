@@ -24,6 +24,8 @@ mod push;
 pub use placement::serve_drops;
 pub mod rates;
 mod retention;
+mod stop;
+pub(crate) use stop::StopSignal;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,12 +85,17 @@ pub const LEADER_BALANCE_INTERVAL: Duration = Duration::from_secs(5);
 /// (`convoy admin transfer-leader`) holds across failovers and restarts; until the metadata
 /// group's first leader has initialized the map (`init_placement`), it is the file's
 /// round-robin.
-async fn balance_leaders(node: std::sync::Weak<Service>) {
+async fn balance_leaders(node: std::sync::Weak<Service>, mut stop: StopSignal) {
     loop {
         let Some(wake) = node.upgrade().map(|n| n.placement.clone()) else { return };
-        tokio::select! {
-            _ = tokio::time::sleep(LEADER_BALANCE_INTERVAL) => {}
-            _ = wake.notified() => {}
+        let waited = stop.unless_stopped(async {
+            tokio::select! {
+                _ = tokio::time::sleep(LEADER_BALANCE_INTERVAL) => {}
+                _ = wake.notified() => {}
+            }
+        });
+        if waited.await.is_none() {
+            return;
         }
         let Some(node) = node.upgrade() else { return };
         let map = node.cluster_map();
@@ -98,6 +105,9 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
             continue;
         }
         for group in node.groups() {
+            if stop.is_set() {
+                return;
+            }
             if map.operation_on(group.shard).is_some() {
                 // A move hands leadership where it must; the balancer waits for it to end.
                 continue;
@@ -122,7 +132,7 @@ async fn balance_leaders(node: std::sync::Weak<Service>) {
                 if let Some(q) = node.net.quiescer() {
                     q.hold(group.shard, "handing leadership away");
                 }
-                let _ = group.raft.trigger().transfer_leader(target).await;
+                let _ = stop.unless_stopped(group.raft.trigger().transfer_leader(target)).await;
             }
         }
     }
@@ -133,16 +143,28 @@ const PLACEMENT_INIT_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Until the cluster map is initialized: whenever this node leads the metadata group, fills
 /// the map from the file (see [`Service::init_placement`]).
-async fn init_placement(node: std::sync::Weak<Service>) {
+async fn init_placement(node: std::sync::Weak<Service>, mut stop: StopSignal) {
     loop {
-        tokio::time::sleep(PLACEMENT_INIT_INTERVAL).await;
+        if stop.unless_stopped(tokio::time::sleep(PLACEMENT_INIT_INTERVAL)).await.is_none() {
+            return;
+        }
         let Some(node) = node.upgrade() else { return };
         if node.meta_group().is_none() || node.cluster_map().is_set() {
             return;
         }
-        node.init_placement().await;
+        // Proposing the map may be abandoned: it is proposed again until it is set.
+        if stop.unless_stopped(node.init_placement()).await.is_none() {
+            return;
+        }
     }
 }
+
+/// How long a stopping node waits for its background loops, its sends in flight and the peer
+/// requests it serves before it stops its groups anyway (see [`Service::shutdown`]).
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// Beyond the heartbeat interval, how long a stopping node waits for a heartbeat's answer.
+const HEARTBEAT_ANSWER_MARGIN: Duration = Duration::from_millis(50);
 
 /// A batch of stored messages, framed for the wire.
 struct StoredFrames {
@@ -248,6 +270,11 @@ pub struct Service {
     counters: Arc<CommitCounters>,
     /// Event counters and live subscriptions, for the metrics endpoint.
     pub metrics: Arc<Metrics>,
+    /// Set by [`Service::shutdown`]: the background loops end (see [`StopSignal`]).
+    stop: tokio::sync::watch::Sender<bool>,
+    stop_signal: StopSignal,
+    /// The background loops, joined by [`Service::shutdown`] before it stops a group.
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// What the metadata group's state machine tells: a changed map, or one replaced by a
@@ -442,6 +469,7 @@ impl Service {
         let push = Arc::new(PushHub::new(config.shards, config.limits.push_buffer_messages));
         let placement = Arc::new(Notify::new());
         let placement_follow = Arc::new(Notify::new());
+        let (stop, stop_signal) = StopSignal::new();
         let mut groups = HashMap::new();
         let mut meta = None;
         let mut refused = Vec::new();
@@ -530,16 +558,32 @@ impl Service {
             peer_stats: net.stats(),
             counters,
             metrics,
+            stop,
+            stop_signal,
+            tasks: std::sync::Mutex::default(),
         });
-        tokio::spawn(balance_leaders(Arc::downgrade(&service)));
-        tokio::spawn(init_placement(Arc::downgrade(&service)));
-        tokio::spawn(placement::follow(Arc::downgrade(&service)));
-        tokio::spawn(placement::coordinate(Arc::downgrade(&service)));
-        tokio::spawn(metrics::sample_lag(Arc::downgrade(&service)));
-        tokio::spawn(compaction::compact(Arc::downgrade(&service)));
-        tokio::spawn(retention::enforce(Arc::downgrade(&service)));
-        tokio::spawn(retention::reclaim(Arc::downgrade(&service)));
+        let (node, stop) = (Arc::downgrade(&service), &service.stop_signal);
+        service.spawn_background(balance_leaders(node.clone(), stop.clone()));
+        service.spawn_background(init_placement(node.clone(), stop.clone()));
+        service.spawn_background(placement::follow(node.clone(), stop.clone()));
+        service.spawn_background(placement::coordinate(node.clone(), stop.clone()));
+        service.spawn_background(metrics::sample_lag(node.clone(), stop.clone()));
+        service.spawn_background(compaction::compact(node.clone(), stop.clone()));
+        service.spawn_background(retention::enforce(node.clone(), stop.clone()));
+        service.spawn_background(retention::reclaim(node, stop.clone()));
         Ok(service)
+    }
+
+    /// Runs a background loop of this node until it ends; [`Service::shutdown`] waits for it.
+    pub(crate) fn spawn_background(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(work));
+    }
+
+    /// The signal the background loops end on.
+    pub(crate) fn stop_signal(&self) -> StopSignal {
+        self.stop_signal.clone()
     }
 
     /// The node that should lead `shard` when it is healthy: the cluster map's choice, or
@@ -1267,9 +1311,59 @@ impl Service {
         }
     }
 
-    /// Stops every group: proposals in flight get no outcome (their clients see the
-    /// answer as unknown), and the groups release the store.
+    /// Stops every group, quietly: nothing calls a group once it is stopping, since a
+    /// stopped group answers every call with an error it logs.
+    ///
+    /// 1. The stop signal is set, under the placement lock, so no replica starts after it:
+    ///    the background loops end at their next wait, and they are joined (a loop still busy
+    ///    after [`STOP_WAIT`] is aborted where it waits).
+    /// 2. Sends already proposed get up to [`STOP_WAIT`] to commit; later ones get no outcome
+    ///    (their clients see the answer as unknown and retry with the same key).
+    /// 3. The groups start no more heartbeats or elections, and the requests they asked of
+    ///    peers get up to a heartbeat interval to be answered (openraft logs an error when a
+    ///    heartbeat's answer finds its group stopped).
+    /// 4. The peer server stops finding groups (its requests are answered that the shard is
+    ///    not hosted here), and the requests it is serving get up to [`STOP_WAIT`] to end.
+    /// 5. The groups stop and release the store.
     pub async fn shutdown(&self) {
+        {
+            let _no_replica_starts = self.placement_lock.lock().await;
+            self.stop.send_replace(true);
+        }
+        let deadline = tokio::time::Instant::now() + STOP_WAIT;
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::info!("a background task was still busy when the node stopped; abandoned where it waits");
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        let max = self.config.limits.inflight_sends_max as u32;
+        let sends = tokio::time::timeout_at(deadline, self.inflight.acquire_many(max)).await;
+        if sends.is_err() {
+            tracing::info!(
+                in_flight = max as usize - self.inflight.available_permits(),
+                "sends still uncommitted when the node stopped: their clients see no outcome"
+            );
+        }
+        // No group starts a heartbeat or an election from here on, and those in flight get
+        // their answers while their groups run.
+        for g in self.groups().iter().chain(self.meta_group().as_ref()) {
+            g.raft.runtime_config().heartbeat(false);
+            g.raft.runtime_config().elect(false);
+        }
+        // openraft bounds a heartbeat's wait for its answer by the heartbeat interval; other
+        // requests whose answers come late (a dead peer's) find their group stopped quietly.
+        let beat = Duration::from_millis(self.config.raft.heartbeat_ms) + HEARTBEAT_ANSWER_MARGIN;
+        if !self.net.asking().idle_within(deadline.min(tokio::time::Instant::now() + beat)).await {
+            tracing::debug!("peer requests still unanswered when the node stopped");
+        }
+        let hosted = std::mem::take(&mut *self.registry.write().unwrap_or_else(|p| p.into_inner()));
+        if !self.net.serving().idle_within(deadline).await {
+            tracing::info!("peer requests still being served when the node stopped");
+        }
+        drop(hosted);
         for g in self.groups().iter().chain(self.meta_group().as_ref()) {
             if let Err(e) = g.shutdown().await {
                 tracing::warn!(shard = g.shard, error = %e, "a shard group did not stop cleanly");

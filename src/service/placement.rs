@@ -28,7 +28,7 @@
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use super::Service;
+use super::{Service, StopSignal};
 use crate::chat::ShardId;
 use crate::error::{Error, Result};
 use crate::placement::{ClusterMap, NodeState, Operation, PlacementCommand, Step, META_SHARD};
@@ -88,6 +88,10 @@ impl Service {
     /// first, so a restart runs the group under the same id.
     pub(super) async fn host(&self, shard: ShardId, replica: NodeId) -> Result<()> {
         let _one_at_a_time = self.placement_lock.lock().await;
+        // Set under this lock: a replica started here is one `shutdown` stops.
+        if self.stop_signal.is_set() {
+            return Err(Error::Unavailable("this node is stopping".into()));
+        }
         if self.hosted(shard).is_some() {
             return Ok(());
         }
@@ -149,6 +153,9 @@ impl Service {
     /// restart does not run the group again, nor anything stale start it.
     pub(super) async fn drop_shard(&self, shard: ShardId, replicas: &[NodeId]) -> Result<()> {
         let _one_at_a_time = self.placement_lock.lock().await;
+        if self.stop_signal.is_set() {
+            return Err(Error::Unavailable("this node is stopping: ask again once it runs".into()));
+        }
         let running = self.hosted(shard).map(|g| g.replica);
         let recorded = formation::Formation::recorded_replica(&self.store, shard)?;
         let here = match (running, recorded) {
@@ -216,20 +223,26 @@ impl Service {
 }
 
 /// Answers the peer server's `Drop`s (see `raft::network::PeerContext`).
-pub async fn serve_drops(node: Weak<Service>, mut requests: tokio::sync::mpsc::Receiver<DropRequest>) {
-    while let Some((shard, replicas, done)) = requests.recv().await {
+pub async fn serve_drops(
+    node: Weak<Service>,
+    mut stop: StopSignal,
+    mut requests: tokio::sync::mpsc::Receiver<DropRequest>,
+) {
+    while let Some(Some((shard, replicas, done))) = stop.unless_stopped(requests.recv()).await {
         let Some(node) = node.upgrade() else { return };
         let _ = done.send(node.drop_shard(shard, &replicas).await.map_err(|e| e.to_string()));
     }
 }
 
 /// On every node: learns addresses from the map and starts the replicas moves place here.
-pub(super) async fn follow(node: Weak<Service>) {
+pub(super) async fn follow(node: Weak<Service>, mut stop: StopSignal) {
     loop {
         let Some(wake) = node.upgrade().map(|n| n.placement_follow.clone()) else { return };
-        let _ = tokio::time::timeout(FOLLOW_INTERVAL, wake.notified()).await;
+        if stop.unless_stopped(tokio::time::timeout(FOLLOW_INTERVAL, wake.notified())).await.is_none() {
+            return;
+        }
         let Some(node) = node.upgrade() else { return };
-        let map = node.newest_map().await;
+        let Some(map) = stop.unless_stopped(node.newest_map()).await else { return };
         for n in &map.nodes {
             if let Ok(addr) = n.peer_addr.parse() {
                 if n.id != node.id {
@@ -254,9 +267,11 @@ pub(super) async fn follow(node: Weak<Service>) {
 }
 
 /// On the metadata group's leader: takes every move one step further, over and over.
-pub(super) async fn coordinate(node: Weak<Service>) {
+pub(super) async fn coordinate(node: Weak<Service>, mut stop: StopSignal) {
     loop {
-        tokio::time::sleep(FOLLOW_INTERVAL).await;
+        if stop.unless_stopped(tokio::time::sleep(FOLLOW_INTERVAL)).await.is_none() {
+            return;
+        }
         let Some(node) = node.upgrade() else { return };
         // A node may be given the metadata group by a move, or lose it to one.
         let Some(h) = node.meta_hosted() else { continue };
@@ -266,14 +281,19 @@ pub(super) async fn coordinate(node: Weak<Service>) {
         // Still the leader, confirmed by a quorum, and the map read after that: a deposed
         // leader must not act on a map others have moved past.
         let confirmed = h.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
-        if !matches!(tokio::time::timeout(STEP_TTL, confirmed).await, Ok(Ok(_))) {
-            continue;
+        match stop.unless_stopped(tokio::time::timeout(STEP_TTL, confirmed)).await {
+            None => return,
+            Some(Ok(Ok(_))) => {}
+            Some(_) => continue,
         }
         let map = node.cluster_map();
         // At most `concurrent_moves` copy data at once; the others wait at `adding`.
         let copying = map.operations.iter().filter(|o| o.step != Step::Adding).count();
         let mut may_start = node.config.admin.concurrent_moves.saturating_sub(copying);
         for op in &map.operations {
+            if stop.is_set() {
+                return;
+            }
             if op.step == Step::Adding {
                 if may_start == 0 {
                     continue;

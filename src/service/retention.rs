@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Weak;
 use std::time::Duration;
 
-use super::{now_ms, Service};
+use super::{now_ms, Service, StopSignal};
 use crate::chat::{Command, Outcome, Retention, ShardId, TrimCommand, TRIM_MESSAGES_MAX};
 use crate::error::Result;
 use crate::raft as consensus;
@@ -31,7 +31,7 @@ use crate::store::Store;
 type Trim = (String, u64);
 
 /// Runs the retention checks of the shards this node leads, until the service is dropped.
-pub(super) async fn enforce(node: Weak<Service>) {
+pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
     let interval = match node.upgrade() {
         Some(n) => Duration::from_millis(n.config.retention.check_interval_ms),
         None => return,
@@ -39,10 +39,15 @@ pub(super) async fn enforce(node: Weak<Service>) {
     // The heads seen at the last `max_bytes` check, by shard and conversation.
     let mut checked: HashMap<ShardId, HashMap<String, u64>> = HashMap::new();
     loop {
-        tokio::time::sleep(interval).await;
+        if stop.unless_stopped(tokio::time::sleep(interval)).await.is_none() {
+            return;
+        }
         let Some(node) = node.upgrade() else { return };
         let default = node.config.retention_default;
         for group in node.groups() {
+            if stop.is_set() {
+                return;
+            }
             if consensus::metrics_of(&group.raft).current_leader != Some(group.replica) {
                 checked.remove(&group.shard);
                 continue;
@@ -69,6 +74,9 @@ pub(super) async fn enforce(node: Weak<Service>) {
                 }
             };
             for (conversation, before) in trims {
+                if stop.is_set() {
+                    return;
+                }
                 let command = Command::Trim(TrimCommand { conversation: conversation.clone(), before });
                 match node.propose(&group, command).await {
                     Ok(Outcome::Trimmed { earliest, deleted }) if deleted > 0 => {
@@ -146,9 +154,11 @@ fn plan(
 
 /// Gives the space of trimmed messages back on this node (see [`Store::reclaim`]), until the
 /// service is dropped.
-pub(super) async fn reclaim(node: Weak<Service>) {
+pub(super) async fn reclaim(node: Weak<Service>, mut stop: StopSignal) {
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if stop.unless_stopped(tokio::time::sleep(Duration::from_secs(1))).await.is_none() {
+            return;
+        }
         let Some(node) = node.upgrade() else { return };
         let r = &node.config.retention;
         let Some((messages, trimmed)) =
