@@ -200,6 +200,11 @@ impl Db {
         self.cluster.signal(id, libc::SIGKILL)
     }
 
+    /// Sends SIGTERM to node `id` (a clean stop) without waiting for it.
+    pub fn signal_term(&mut self, id: u64) -> bool {
+        self.cluster.signal(id, libc::SIGTERM)
+    }
+
     /// Holds back node `id`'s fsyncs (see `LossyMount::hold_fsyncs`).
     pub fn hold_fsyncs(&self, id: u64) -> Result<()> {
         match self.mounts.get(&id) {

@@ -77,7 +77,7 @@ impl Process {
 /// - `final-send`: like `send`, after healing, to prove liveness.
 ///
 /// Nemesis operations (`process = "nemesis"`): invoke then `info`, `value` describes the fault
-/// (`{nodes: [...], ...}`) and, on completion, `{outcome}`. `f` is one of `kill`, `start`,
+/// (`{nodes: [...], ...}`) and, on completion, `{outcome}`. `f` is one of `kill`, `stop`, `start`,
 /// `pause`, `resume`, `partition`, `heal`, `clock-skew`, `clock-reset`, `power-fail`,
 /// `corrupt`, `wipe`, `rebuild` (a node that refused to start, started again with
 /// `--rejoin` on an empty data directory), and `recover`: after the final heal, the runner waits for every node to agree
@@ -98,6 +98,10 @@ pub enum F {
     /// `earliest`.
     Truncated,
     Kill,
+    /// A clean stop: SIGTERM, then the node's own shutdown (`{nodes, variant}`; completes
+    /// with `outcome` `stopped`, or `killed` and the nodes that did not exit in time, and
+    /// each node's exit code).
+    Stop,
     Start,
     Pause,
     Resume,
@@ -123,7 +127,7 @@ impl F {
     /// Nemesis operations that begin a fault period, and the operation that ends it.
     pub fn fault_end(&self) -> Option<F> {
         match self {
-            F::Kill | F::PowerFail | F::Corrupt | F::Wipe => Some(F::Start),
+            F::Kill | F::Stop | F::PowerFail | F::Corrupt | F::Wipe => Some(F::Start),
             F::Pause => Some(F::Resume),
             F::Partition => Some(F::Heal),
             F::ClockSkew => Some(F::ClockReset),

@@ -49,8 +49,8 @@ use crate::history::{Process, Type, F};
 use crate::recorder::Recorder;
 
 /// The fault families a run may use.
-pub const ALL_FAULTS: [&str; 9] =
-    ["kill", "pause", "partition", "clock", "power", "power-all", "corrupt", "wipe", "membership"];
+pub const ALL_FAULTS: [&str; 10] =
+    ["kill", "stop", "pause", "partition", "clock", "power", "power-all", "corrupt", "wipe", "membership"];
 /// Families `membership` does not run with (yet): the damage faults rebuild a node with
 /// `--rejoin` on the assumption that every node holds every shard.
 pub const NOT_WITH_MEMBERSHIP: [&str; 3] = ["corrupt", "wipe", "corrupt-majority"];
@@ -63,6 +63,8 @@ const DAMAGE: [&str; 3] = ["corrupt", "wipe", "corrupt-majority"];
 const HEALTHY_WITHIN: Duration = Duration::from_secs(2);
 /// How long a restarted node is watched for a refusal before it counts as started.
 const REFUSAL_WATCH: Duration = Duration::from_secs(4);
+/// `stop`: how long a node may take to exit after SIGTERM before it is killed instead.
+const STOP_WITHIN: Duration = Duration::from_secs(15);
 /// How long a placement change may take to be answered.
 const ASK_WITHIN: Duration = Duration::from_secs(10);
 /// `move-with-voter-down`: the most a voter of a shard moving is held down while it moves.
@@ -187,6 +189,49 @@ impl Nemesis {
                     db.kill(*n);
                 }
                 self.end(F::Kill, json!({"nodes": nodes, "variant": variant, "outcome": "killed"}));
+                Ok(Active::Killed(nodes))
+            }
+            "stop" => {
+                // Under load, sends are in flight: a stopping node gives them a moment to
+                // commit, and the rest are answered as unknown and resent with their keys.
+                let variant = ["one", "leader", "all"][self.rng.gen_range(0..3)];
+                let nodes = match variant {
+                    "all" => self.nodes.clone(),
+                    "leader" => vec![self.pick_leader(&db).await.unwrap_or_else(|| self.random_node())],
+                    _ => vec![self.random_node()],
+                };
+                self.begin(F::Stop, json!({"nodes": nodes, "variant": variant}));
+                for n in &nodes {
+                    db.signal_term(*n);
+                }
+                let deadline = tokio::time::Instant::now() + STOP_WITHIN;
+                let mut exits = serde_json::Map::new();
+                let mut killed = Vec::new();
+                for n in &nodes {
+                    if db.paused().contains(n) {
+                        // A paused process cannot run its stop (another fault holds it).
+                        db.kill(*n);
+                        killed.push(*n);
+                        continue;
+                    }
+                    loop {
+                        if let Some(status) = db.exit_status(*n) {
+                            exits.insert(n.to_string(), json!(status.code()));
+                            break;
+                        }
+                        if tokio::time::Instant::now() >= deadline {
+                            db.kill(*n);
+                            killed.push(*n);
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                let outcome = if killed.is_empty() { "stopped" } else { "killed" };
+                self.end(
+                    F::Stop,
+                    json!({"nodes": nodes, "variant": variant, "outcome": outcome, "exited": exits, "killed": killed}),
+                );
                 Ok(Active::Killed(nodes))
             }
             "pause" => {

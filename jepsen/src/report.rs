@@ -372,6 +372,7 @@ fn f_name(f: &F) -> &'static str {
         F::CaughtUp => "caught-up",
         F::Truncated => "truncated",
         F::Kill => "kill",
+        F::Stop => "stop",
         F::Start => "start",
         F::Pause => "pause",
         F::Resume => "resume",
@@ -658,6 +659,7 @@ where
 fn fault_color(f: &F) -> RGBColor {
     match f {
         F::Kill => RGBColor(0x7f, 0x7f, 0x7f),
+        F::Stop => RGBColor(0x2c, 0xa0, 0x2c),
         F::PowerFail => RGBColor(0x8c, 0x56, 0x4b),
         F::Corrupt => RGBColor(0xe3, 0x77, 0xc2),
         F::Wipe => RGBColor(0x94, 0x67, 0xbd),
