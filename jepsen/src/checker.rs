@@ -129,9 +129,10 @@ pub mod kinds {
     pub const FINAL_SEND_FAILED: &str = "final-send-failed";
     pub const OVER_TRIMMED: &str = "over-trimmed";
     pub const UNAVAILABLE: &str = "unavailable";
+    pub const UNCLEAN_STOP: &str = "unclean-stop";
 
     /// Every kind, in the order anomalies are listed in a result.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         LOST,
         LOST_ON_NODE,
         INCONSISTENT_OFFSET,
@@ -148,6 +149,7 @@ pub mod kinds {
         UNCONVERGED,
         FINAL_SEND_FAILED,
         UNAVAILABLE,
+        UNCLEAN_STOP,
     ];
 }
 
@@ -256,6 +258,7 @@ pub fn check(history: &[Op]) -> CheckResult {
     c.final_sends();
     c.real_time_order();
     c.availability();
+    c.clean_stops();
     c.finish()
 }
 
@@ -1625,6 +1628,47 @@ impl<'h> Checker<'h> {
         self.anomalies.extend(found);
     }
 
+    /// A clean stop (the `stop` fault: SIGTERM) must end in exit 0 before the nemesis gives
+    /// up on it. A node another fault held paused is killed instead and is not counted.
+    fn clean_stops(&mut self) {
+        let h = self.h;
+        let mut found = Vec::new();
+        for (pos, op) in h.iter().enumerate() {
+            if op.process != Process::NEMESIS || op.f != F::Stop || op.kind != Type::Info {
+                continue;
+            }
+            let mut unclean: Vec<String> = op
+                .value
+                .get("exited")
+                .and_then(Value::as_object)
+                .map(|codes| {
+                    codes
+                        .iter()
+                        .filter(|(_, code)| code.as_i64() != Some(0))
+                        .map(|(node, code)| format!("node {node} exited with {code}"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(killed) = op.value.get("killed").and_then(Value::as_array) {
+                unclean.extend(killed.iter().map(|n| format!("node {n} had not exited and was killed")));
+            }
+            if unclean.is_empty() {
+                continue;
+            }
+            let explanation =
+                format!("a clean stop (SIGTERM, op {}) did not end cleanly: {}", self.index(pos), unclean.join("; "));
+            let invoke = h[..pos]
+                .iter()
+                .rposition(|o| o.process == Process::NEMESIS && o.f == F::Stop && o.kind == Type::Invoke);
+            let w = match invoke {
+                Some(i) => Witness::new(h).op(i),
+                None => Witness::new(h),
+            };
+            found.push(w.op(pos).anomaly(kinds::UNCLEAN_STOP, explanation));
+        }
+        self.anomalies.extend(found);
+    }
+
     /// A send invoked after another one completed must get a higher offset. One witness per
     /// conversation; O(n log n) per conversation.
     fn real_time_order(&mut self) {
@@ -2084,6 +2128,39 @@ mod tests {
             truncated_read(&mut h, F::FinalRead, 400_000 + node, node, 4, &kept(4, 5));
         }
         assert_only(&h.check(), kinds::SUBSCRIBER_SKIP, &[told, skip]);
+    }
+
+    /// A `stop` fault of nodes 1 and 2 as the nemesis records it, after `clean()`'s history.
+    fn with_stop(exited: Value, killed: Value, paused_killed: Value) -> CheckResult {
+        let mut h = clean();
+        let nodes = json!([1, 2]);
+        h.push(Type::Invoke, Process::NEMESIS, F::Stop, json!({"nodes": nodes, "variant": "all"}), None);
+        let value = json!({"nodes": nodes, "variant": "all", "outcome": "stopped", "exited": exited,
+            "killed": killed, "paused_killed": paused_killed});
+        h.push(Type::Info, Process::NEMESIS, F::Stop, value, None);
+        h.check()
+    }
+
+    #[test]
+    fn a_clean_stop_must_exit_0_before_the_nemesis_gives_up() {
+        let r = with_stop(json!({"1": 0, "2": 0}), json!([]), json!([]));
+        assert_eq!(r.valid, Validity::Valid, "{:#?}", r.anomalies);
+        // A node another fault held paused is killed instead: not the stop's failure.
+        let r = with_stop(json!({"1": 0}), json!([]), json!([2]));
+        assert_eq!(r.valid, Validity::Valid, "{:#?}", r.anomalies);
+
+        let r = with_stop(json!({"1": 0, "2": 1}), json!([]), json!([]));
+        assert_eq!(r.valid, Validity::Invalid);
+        assert_eq!(r.anomalies.len(), 1, "{:#?}", r.anomalies);
+        assert_eq!(r.anomalies[0].kind, kinds::UNCLEAN_STOP);
+        assert!(r.anomalies[0].explanation.contains("node 2 exited with 1"), "{}", r.anomalies[0].explanation);
+        assert_eq!(r.anomalies[0].witness.len(), 2, "the stop's invoke and outcome");
+
+        // Killed by a signal (no exit code), or not exited in time.
+        let r = with_stop(json!({"1": null}), json!([2]), json!([]));
+        assert_eq!(r.anomalies.len(), 1, "{:#?}", r.anomalies);
+        let why = &r.anomalies[0].explanation;
+        assert!(why.contains("node 1 exited with null") && why.contains("node 2 had not exited"), "{why}");
     }
 
     #[test]

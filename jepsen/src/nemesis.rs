@@ -206,12 +206,12 @@ impl Nemesis {
                 }
                 let deadline = tokio::time::Instant::now() + STOP_WITHIN;
                 let mut exits = serde_json::Map::new();
-                let mut killed = Vec::new();
+                let (mut killed, mut held) = (Vec::new(), Vec::new());
                 for n in &nodes {
                     if db.paused().contains(n) {
                         // A paused process cannot run its stop (another fault holds it).
                         db.kill(*n);
-                        killed.push(*n);
+                        held.push(*n);
                         continue;
                     }
                     loop {
@@ -227,11 +227,12 @@ impl Nemesis {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
-                let outcome = if killed.is_empty() { "stopped" } else { "killed" };
-                self.end(
-                    F::Stop,
-                    json!({"nodes": nodes, "variant": variant, "outcome": outcome, "exited": exits, "killed": killed}),
-                );
+                let outcome = if killed.is_empty() && held.is_empty() { "stopped" } else { "killed" };
+                let value = json!({
+                    "nodes": nodes, "variant": variant, "outcome": outcome,
+                    "exited": exits, "killed": killed, "paused_killed": held,
+                });
+                self.end(F::Stop, value);
                 Ok(Active::Killed(nodes))
             }
             "pause" => {
