@@ -161,6 +161,17 @@ impl Nemesis {
         db.leader_of(shard).await
     }
 
+    /// The nodes a `kill` or `stop` takes down: one at random, a random shard's leader, or all.
+    async fn one_leader_or_all(&mut self, db: &Db) -> (&'static str, Vec<u64>) {
+        let variant = ["one", "leader", "all"][self.rng.gen_range(0..3)];
+        let nodes = match variant {
+            "all" => self.nodes.clone(),
+            "leader" => vec![self.pick_leader(db).await.unwrap_or_else(|| self.random_node())],
+            _ => vec![self.random_node()],
+        };
+        (variant, nodes)
+    }
+
     fn random_node(&mut self) -> u64 {
         *self.nodes.choose(&mut self.rng).expect("a cluster has nodes")
     }
@@ -178,12 +189,7 @@ impl Nemesis {
         let mut db = db.lock().await;
         match family.as_str() {
             "kill" => {
-                let variant = ["one", "leader", "all"][self.rng.gen_range(0..3)];
-                let nodes = match variant {
-                    "all" => self.nodes.clone(),
-                    "leader" => vec![self.pick_leader(&db).await.unwrap_or_else(|| self.random_node())],
-                    _ => vec![self.random_node()],
-                };
+                let (variant, nodes) = self.one_leader_or_all(&db).await;
                 self.begin(F::Kill, json!({"nodes": nodes, "variant": variant}));
                 for n in &nodes {
                     db.kill(*n);
@@ -194,12 +200,7 @@ impl Nemesis {
             "stop" => {
                 // Under load, sends are in flight: a stopping node gives them a moment to
                 // commit, and the rest are answered as unknown and resent with their keys.
-                let variant = ["one", "leader", "all"][self.rng.gen_range(0..3)];
-                let nodes = match variant {
-                    "all" => self.nodes.clone(),
-                    "leader" => vec![self.pick_leader(&db).await.unwrap_or_else(|| self.random_node())],
-                    _ => vec![self.random_node()],
-                };
+                let (variant, nodes) = self.one_leader_or_all(&db).await;
                 self.begin(F::Stop, json!({"nodes": nodes, "variant": variant}));
                 for n in &nodes {
                     db.signal_term(*n);

@@ -272,7 +272,6 @@ pub struct Service {
     pub metrics: Arc<Metrics>,
     /// Set by [`Service::shutdown`]: the background loops end (see [`StopSignal`]).
     stop: tokio::sync::watch::Sender<bool>,
-    stop_signal: StopSignal,
     /// The background loops, joined by [`Service::shutdown`] before it stops a group.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -469,7 +468,7 @@ impl Service {
         let push = Arc::new(PushHub::new(config.shards, config.limits.push_buffer_messages));
         let placement = Arc::new(Notify::new());
         let placement_follow = Arc::new(Notify::new());
-        let (stop, stop_signal) = StopSignal::new();
+        let stop = tokio::sync::watch::channel(false).0;
         let mut groups = HashMap::new();
         let mut meta = None;
         let mut refused = Vec::new();
@@ -559,10 +558,9 @@ impl Service {
             counters,
             metrics,
             stop,
-            stop_signal,
             tasks: std::sync::Mutex::default(),
         });
-        let (node, stop) = (Arc::downgrade(&service), &service.stop_signal);
+        let (node, stop) = (Arc::downgrade(&service), service.stop_signal());
         service.spawn_background(balance_leaders(node.clone(), stop.clone()));
         service.spawn_background(init_placement(node.clone(), stop.clone()));
         service.spawn_background(placement::follow(node.clone(), stop.clone()));
@@ -570,7 +568,7 @@ impl Service {
         service.spawn_background(metrics::sample_lag(node.clone(), stop.clone()));
         service.spawn_background(compaction::compact(node.clone(), stop.clone()));
         service.spawn_background(retention::enforce(node.clone(), stop.clone()));
-        service.spawn_background(retention::reclaim(node, stop.clone()));
+        service.spawn_background(retention::reclaim(node, stop));
         Ok(service)
     }
 
@@ -583,7 +581,12 @@ impl Service {
 
     /// The signal the background loops end on.
     pub(crate) fn stop_signal(&self) -> StopSignal {
-        self.stop_signal.clone()
+        StopSignal::of(&self.stop)
+    }
+
+    /// Whether [`Service::shutdown`] has begun.
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
     }
 
     /// The node that should lead `shard` when it is healthy: the cluster map's choice, or

@@ -89,7 +89,7 @@ impl Service {
     pub(super) async fn host(&self, shard: ShardId, replica: NodeId) -> Result<()> {
         let _one_at_a_time = self.placement_lock.lock().await;
         // Set under this lock: a replica started here is one `shutdown` stops.
-        if self.stop_signal.is_set() {
+        if self.stopping() {
             return Err(Error::Unavailable("this node is stopping".into()));
         }
         if self.hosted(shard).is_some() {
@@ -153,7 +153,7 @@ impl Service {
     /// restart does not run the group again, nor anything stale start it.
     pub(super) async fn drop_shard(&self, shard: ShardId, replicas: &[NodeId]) -> Result<()> {
         let _one_at_a_time = self.placement_lock.lock().await;
-        if self.stop_signal.is_set() {
+        if self.stopping() {
             return Err(Error::Unavailable("this node is stopping: ask again once it runs".into()));
         }
         let running = self.hosted(shard).map(|g| g.replica);

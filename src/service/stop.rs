@@ -15,10 +15,9 @@ use tokio::sync::watch;
 pub struct StopSignal(watch::Receiver<bool>);
 
 impl StopSignal {
-    /// A signal and the sender that sets it.
-    pub fn new() -> (watch::Sender<bool>, StopSignal) {
-        let (tx, rx) = watch::channel(false);
-        (tx, StopSignal(rx))
+    /// The signal `stop` sets (`true`: the node is stopping).
+    pub fn of(stop: &watch::Sender<bool>) -> StopSignal {
+        StopSignal(stop.subscribe())
     }
 
     /// Whether the node is stopping (a dropped sender counts as stopped).
@@ -49,7 +48,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_wait_ends_when_the_node_stops_and_work_after_it_never_starts() {
-        let (tx, mut stop) = StopSignal::new();
+        let tx = watch::channel(false).0;
+        let mut stop = StopSignal::of(&tx);
         assert_eq!(stop.unless_stopped(async { 7 }).await, Some(7), "work runs while the node runs");
         assert!(!stop.is_set());
 
@@ -69,7 +69,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_sender_counts_as_stopped() {
-        let (tx, mut stop) = StopSignal::new();
+        let tx = watch::channel(false).0;
+        let mut stop = StopSignal::of(&tx);
         drop(tx);
         assert!(stop.is_set());
         assert_eq!(stop.unless_stopped(async { 1 }).await, None);
