@@ -43,9 +43,28 @@ ensure_system_packages() {
   command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; return 1; }
 }
 
+# Cargo names a workspace crate's artifacts by its path relative to the workspace, and judges
+# them fresh when no source file is newer than the last build. In a target directory shared by
+# two clones, a clone whose files are older than the other clone's last build would find the
+# other clone's crates "fresh" and run that code. So a target directory records which clone
+# built in it last; a build from another clone first touches its own files, which makes cargo
+# rebuild this clone's crates (not the dependencies, not RocksDB).
+# Usage: claim_target_dir DIR.
+claim_target_dir() {
+  local dir=$1 stamp="$1/.convoy-source" last
+  mkdir -p "$dir"
+  last=$(cat "$stamp" 2>/dev/null || true)
+  [ "$last" = "$ROOT" ] && return 0
+  log "$dir was last built from ${last:-a clone it did not record}: rebuilding this clone's crates there"
+  find "$ROOT" \( -path "$ROOT/.git" -o -path "$ROOT/target" -o -path "$ROOT/target-planted" -o -path "$ROOT/data" \) \
+    -prune -o -type f -print0 | xargs -0 touch -c
+  echo "$ROOT" >"$stamp"
+}
+
 # One release build serves the binary and the tests (RocksDB compiles once).
 build_release() {
   log "building convoy (release; the first build compiles RocksDB and takes a while)"
+  claim_target_dir "$CARGO_TARGET_DIR"
   (cd "$ROOT" && cargo build --release --bins)
   # Keep the README's paths valid whichever target directory was used.
   if [ "$CARGO_TARGET_DIR" != "$ROOT/target" ]; then
@@ -59,6 +78,7 @@ build_release() {
 # so RocksDB is not compiled twice.
 planted_cargo() {
   local rocks=""
+  claim_target_dir "$PLANTED_TARGET_DIR"
   for d in "$CARGO_TARGET_DIR"/release/build/librocksdb-sys-*/out; do
     [ -f "$d/librocksdb.a" ] && rocks="$d"
   done
