@@ -111,7 +111,7 @@ pub struct Limits {
     /// Concurrent requests (streams) per client connection.
     #[serde(alias = "max_streams_per_connection")]
     pub streams_per_connection_max: u32,
-    /// Sends per second of one user on this node's shard leaders (0: no limit) …
+    /// Sends per second of one user across the cluster (0: no limit; see `service::rates`) …
     pub user_sends_per_s: u32,
     /// … and the burst above that rate.
     pub user_sends_burst: u32,

@@ -26,7 +26,8 @@ use crate::raft::network::{self, Groups, PeerContext, PeerNet};
 use crate::raft::quiesce::Quiescer;
 use crate::raft::types::NodeId;
 use crate::server;
-use crate::service::Service;
+use crate::service::rates::{Keyed, Rate};
+use crate::service::{PeerShared, Service};
 use crate::store::Store;
 
 /// Longest a stop waits for an endpoint's connections to finish closing. Each connection's
@@ -105,6 +106,8 @@ impl Node {
             registry.clone(),
         );
         net.set_quiescer(quiet.clone());
+        let l = &config.limits;
+        let user_rates = Arc::new(Keyed::shared(Rate::new(l.user_sends_per_s, l.user_sends_burst)));
         let ctx = PeerContext {
             groups: registry.clone(),
             formation: formation.clone(),
@@ -113,6 +116,10 @@ impl Node {
             drops,
             quiet: quiet.clone(),
             serving: net.serving(),
+            user_sends: {
+                let users = user_rates.clone();
+                Arc::new(move |taken: &[(String, u32)]| users.debit(taken, std::time::Instant::now()))
+            },
         };
         let peer_server = tokio::spawn(network::serve(peer_endpoint.clone(), ctx));
 
@@ -148,8 +155,16 @@ impl Node {
                 }
                 replicas.insert(shard, formation::replica_for(&formation, &net, &config, shard, start).await?);
             }
-            let service =
-                Service::start(config, id, store, net.clone(), registry, &replicas, start == Start::Bootstrap).await?;
+            let service = Service::start(
+                config,
+                id,
+                store,
+                net.clone(),
+                PeerShared { registry, user_rates },
+                &replicas,
+                start == Start::Bootstrap,
+            )
+            .await?;
             service.spawn_background(crate::service::serve_drops(
                 std::sync::Arc::downgrade(&service),
                 service.stop_signal(),

@@ -385,6 +385,71 @@ async fn a_transferred_leadership_holds_through_balancing_a_failover_and_a_full_
     }
 }
 
+// A user's send rate holds across the cluster: with their three conversations led by three
+// nodes, the cluster admits about the rate between them, not the rate on each node (each node
+// tells the others what it took from the user's bucket every heartbeat interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_rate_holds_across_the_nodes_that_lead_their_conversations() {
+    const RATE: u32 = 40;
+    const WARM: Duration = Duration::from_secs(2);
+    const WINDOW: Duration = Duration::from_secs(5);
+    const LOOPS_PER_CONVERSATION: usize = 6;
+    let cluster = start(Tweaks {
+        shards: 3,
+        limits: LimitTweaks {
+            user_sends_per_s: Some(RATE),
+            user_sends_burst: Some(RATE),
+            ..LimitTweaks::unthrottled()
+        },
+        ..Tweaks::default()
+    });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    // The leader balancer gives each node one of the three shards.
+    let leaders = eventually(Duration::from_secs(30), "each node to lead one shard", || async {
+        let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.ok()?;
+        (leaders.iter().collect::<HashSet<_>>().len() == 3).then_some(leaders)
+    })
+    .await
+    .expect("leaders spread");
+    let conversations: Vec<String> =
+        (0..3).map(|s| (0..).map(|i| format!("rated-{i}")).find(|c| shard_of(c, 3) == s).expect("one")).collect();
+    let client = cluster.client().expect("client");
+    let start_at = Instant::now();
+    let (from, until) = (start_at + WARM, start_at + WARM + WINDOW);
+    let mut loops = Vec::new();
+    for conversation in &conversations {
+        for l in 0..LOOPS_PER_CONVERSATION {
+            let (client, conversation) = (client.clone(), conversation.clone());
+            loops.push(tokio::spawn(async move {
+                let mut admitted = 0usize;
+                let mut i = 0;
+                while Instant::now() < until {
+                    // Throttled sends are retried by the client after the wait the node names.
+                    client.send(&conversation, &format!("{l}/{i}")).await.expect("send acked");
+                    i += 1;
+                    let now = Instant::now();
+                    if now >= from && now < until {
+                        admitted += 1;
+                    }
+                }
+                admitted
+            }));
+        }
+    }
+    let mut admitted = 0;
+    for l in loops {
+        admitted += l.await.expect("send loop");
+    }
+    let rate = f64::from(RATE) * WINDOW.as_secs_f64();
+    eprintln!("admitted {admitted} sends in {WINDOW:?} at {RATE}/s, leaders {leaders:?}");
+    // Per node the three leaders would admit 3 × 200; told to each other, about 200.
+    assert!(
+        (admitted as f64) < rate * 1.4,
+        "{admitted} sends admitted in {WINDOW:?} at {RATE}/s across leaders {leaders:?}: the rate is per node"
+    );
+    assert!((admitted as f64) > rate * 0.6, "{admitted} sends admitted in {WINDOW:?} at {RATE}/s: starved");
+}
+
 // A flood that overfills its shard's window waits in its conversation's queue: every send
 // is still acked exactly once at a dense offset (the queue loses and repeats nothing), and a
 // quiet conversation of the same shard is served beside it.

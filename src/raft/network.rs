@@ -95,7 +95,13 @@ pub struct PeerContext {
     pub quiet: Arc<super::quiesce::Quiescer>,
     /// The requests being served ([`PeerNet::serving`]).
     pub serving: Arc<InFlight>,
+    /// Takes in a peer's `UserSends`: what it took from its users' send buckets, to be taken
+    /// from this node's (the service's rates).
+    pub user_sends: UserSendsTaker,
 }
+
+/// See [`PeerContext::user_sends`].
+pub type UserSendsTaker = Arc<dyn Fn(&[(String, u32)]) + Send + Sync>;
 
 /// Peer requests in flight, served here or asked of a peer: a stopping node waits for them
 /// before it stops its groups (see `Service::shutdown`), so none calls a stopped group and
@@ -1054,7 +1060,7 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
         PeerRequest::Snapshot { vote, .. } => Some(of_vote(vote)),
         PeerRequest::Join { node, .. } => Some(*node),
         PeerRequest::Promote { replica, .. } => Some(node_of(*replica)),
-        PeerRequest::Beat { node, .. } => Some(*node),
+        PeerRequest::Beat { node, .. } | PeerRequest::UserSends { node, .. } => Some(*node),
         PeerRequest::SnapshotChunk(_)
         | PeerRequest::SnapshotEnd { .. }
         | PeerRequest::Hello
@@ -1126,6 +1132,13 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
         PeerRequest::Beat { node, incarnation, quiesced } => {
             ctx.quiet.on_beat(node, incarnation, &quiesced, std::time::Instant::now());
             PeerResponse::Beat
+        }
+        PeerRequest::UserSends { users, .. } => {
+            if users.len() > super::rpc::USER_SENDS_MAX {
+                return err(format!("{} users in one UserSends, limit {}", users.len(), super::rpc::USER_SENDS_MAX));
+            }
+            (ctx.user_sends)(&users);
+            PeerResponse::UserSendsTaken
         }
         PeerRequest::SnapshotChunk(_) | PeerRequest::SnapshotEnd { .. } => {
             err("snapshot frame without a snapshot header".into())

@@ -18,6 +18,9 @@ use super::types::{
 use crate::chat::ShardId;
 use crate::placement::{ClusterMap, PlacementCommand};
 
+/// Users one `UserSends` may name; a node tells the rest in its next one.
+pub const USER_SENDS_MAX: usize = 1024;
+
 /// A Raft RPC to a peer. Every Raft message names the replica it is for (`to`): a node
 /// answers only for the replica it hosts, so a message meant for a replica that lost its
 /// state never reaches the new replica that replaced it (whose empty log would grant any
@@ -128,6 +131,13 @@ pub enum PeerRequest {
         incarnation: u64,
         quiesced: Vec<super::quiesce::QuietGroup>,
     },
+    /// Node `node` took these sends from its users' buckets since it last said (a user's
+    /// rate holds across the cluster; see `service::rates`). Sent each heartbeat interval
+    /// while there is something to tell. Answered `UserSendsTaken`.
+    UserSends {
+        node: NodeId,
+        users: Vec<(String, u32)>,
+    },
 }
 
 /// A peer's answer.
@@ -179,4 +189,6 @@ pub enum PeerResponse {
     Busy,
     /// A `Beat` was taken in.
     Beat,
+    /// A `UserSends` was taken from this node's buckets.
+    UserSendsTaken,
 }

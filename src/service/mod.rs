@@ -448,10 +448,18 @@ fn send_answer(outcome: Outcome, conversation: String) -> Response {
     }
 }
 
+/// What the service shares with the node's peer server: the registry of hosted groups, where
+/// it finds the replica a request is for, and the users' send buckets, which the peers'
+/// `UserSends` draw on (see [`rates`]).
+pub struct PeerShared {
+    pub registry: Groups,
+    pub user_rates: Arc<Keyed>,
+}
+
 impl Service {
     /// Starts (or restarts) the shard groups of this node over `store`, each under its
     /// replica id in `replicas`, replicating through `net` and registering each in
-    /// `registry`, where the peer server finds it. A shard whose storage came back behind its
+    /// `shared.registry`, where the peer server finds it. A shard whose storage came back behind its
     /// watermark is refused: it takes no part in its group (it neither votes nor acknowledges)
     /// and this node answers its conversations as unavailable. With `bootstrap`, every group
     /// is initialized with every node as voter (a brand-new cluster, see `raft::formation`).
@@ -460,10 +468,11 @@ impl Service {
         id: NodeId,
         store: Store,
         net: PeerNet,
-        registry: Groups,
+        shared: PeerShared,
         replicas: &BTreeMap<ShardId, NodeId>,
         bootstrap: bool,
     ) -> Result<Arc<Service>> {
+        let PeerShared { registry, user_rates } = shared;
         let raft_config = consensus::raft_config(&config)?;
         let push = Arc::new(PushHub::new(config.shards, config.limits.push_buffer_messages));
         let placement = Arc::new(Notify::new());
@@ -517,7 +526,7 @@ impl Service {
         let counters: Arc<CommitCounters> = Arc::default();
         let metrics: Arc<Metrics> = Arc::default();
         let rates = SendRates {
-            users: Keyed::new(Rate::new(l.user_sends_per_s, l.user_sends_burst)),
+            users: user_rates,
             conversations: Keyed::new(Rate::new(l.conversation_sends_per_s, l.conversation_sends_burst)),
             connection: Rate::new(l.connection_sends_per_s, l.connection_sends_burst),
         };
@@ -568,7 +577,9 @@ impl Service {
         service.spawn_background(metrics::sample_lag(node.clone(), stop.clone()));
         service.spawn_background(compaction::compact(node.clone(), stop.clone()));
         service.spawn_background(retention::enforce(node.clone(), stop.clone()));
-        service.spawn_background(retention::reclaim(node, stop));
+        service.spawn_background(retention::reclaim(node, stop.clone()));
+        let beat = Duration::from_millis(service.config.raft.heartbeat_ms);
+        service.spawn_background(rates::share(service.rates.users.clone(), net, id, beat, stop));
         Ok(service)
     }
 

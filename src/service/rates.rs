@@ -6,12 +6,25 @@
 //!
 //! The keyed maps are bounded: past [`KEYS_MAX`] keys, the buckets that have refilled (their
 //! owners went quiet) are dropped, which loses nothing, since a new bucket starts full.
+//!
+//! A user's rate holds across the cluster, not per node: a user's conversations are led by
+//! several nodes, and each would otherwise give them the whole rate. Every node tells each
+//! peer, once a heartbeat interval, how many sends it took from each user's bucket
+//! ([`Keyed::unshared`], `PeerRequest::UserSends`), and a node takes what its peers took from
+//! its own bucket of that user ([`Keyed::debit`]). So every bucket of a user is drawn by all
+//! of the user's sends, each node's at most an interval late: over a window the cluster admits
+//! about the rate, plus each node's burst, plus what the other nodes admitted in the last
+//! interval before their counts arrived.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::metrics::Throttle;
+use super::stop::StopSignal;
+use crate::raft::network::PeerNet;
+use crate::raft::rpc::{PeerRequest, PeerResponse};
+use crate::raft::types::NodeId;
 
 /// Keys one map holds before it sheds its full buckets.
 pub const KEYS_MAX: usize = 100_000;
@@ -83,20 +96,84 @@ impl Bucket {
     }
 }
 
+/// Adds `n` to `key`'s count; a key new to a map of [`KEYS_MAX`] keys is not counted.
+fn add_bounded(counts: &mut HashMap<String, u32>, key: &str, n: u32) {
+    if let Some(t) = counts.get_mut(key) {
+        *t = t.saturating_add(n);
+    } else if counts.len() < KEYS_MAX {
+        counts.insert(key.to_string(), n);
+    }
+}
+
+/// Users a node tells a peer about in one `UserSends`; the rest wait for the next interval.
+pub const SHARE_USERS_MAX: usize = crate::raft::rpc::USER_SENDS_MAX;
+
 /// Buckets by key (a user, a conversation), all at one rate.
 pub struct Keyed {
     rate: Rate,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Tokens taken here since the peers were last told (users' buckets only; bounded by
+    /// [`KEYS_MAX`] keys, past which a new key's sends go untold).
+    unshared: Option<Mutex<HashMap<String, u32>>>,
 }
 
 impl Keyed {
     pub fn new(rate: Rate) -> Keyed {
-        Keyed { rate, buckets: Mutex::default() }
+        Keyed { rate, buckets: Mutex::default(), unshared: None }
+    }
+
+    /// Buckets whose takings the node shares with its peers (see the module's doc).
+    pub fn shared(rate: Rate) -> Keyed {
+        Keyed { unshared: Some(Mutex::default()), ..Keyed::new(rate) }
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.rate.off()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bucket>> {
         // Every holder leaves the map consistent before it could panic.
         self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_unshared(&self) -> Option<std::sync::MutexGuard<'_, HashMap<String, u32>>> {
+        self.unshared.as_ref().map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// Notes `n` tokens taken here from `key`'s bucket, for the peers.
+    fn note_taken(&self, key: &str, n: usize) {
+        let Some(mut unshared) = self.lock_unshared() else { return };
+        add_bounded(&mut unshared, key, u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
+    /// What was taken here since the last call, at most `max` keys of it (the largest); the
+    /// rest stays for the next call.
+    pub fn take_unshared(&self, max: usize) -> Vec<(String, u32)> {
+        let Some(mut unshared) = self.lock_unshared() else { return Vec::new() };
+        if unshared.len() <= max {
+            return unshared.drain().collect();
+        }
+        let mut all: Vec<(String, u32)> = unshared.drain().collect();
+        all.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
+        unshared.extend(all.drain(max..));
+        all
+    }
+
+    /// Takes from each key's bucket here what a peer took from its own (a full bucket for a
+    /// key new here). A bucket already in debt by a burst goes no lower.
+    pub fn debit(&self, taken: &[(String, u32)], now: Instant) {
+        if self.rate.off() {
+            return;
+        }
+        let mut buckets = self.lock();
+        for (key, n) in taken {
+            let b = bucket(&mut buckets, key, self.rate, now);
+            b.refill(self.rate, now);
+            b.take(f64::from(*n), self.rate);
+        }
+        if buckets.len() > KEYS_MAX {
+            buckets.retain(|_, b| !b.is_full(self.rate, now));
+        }
     }
 }
 
@@ -110,7 +187,8 @@ fn bucket<'m>(map: &'m mut HashMap<String, Bucket>, key: &str, rate: Rate, now: 
 
 /// The node's send limits.
 pub struct SendRates {
-    pub users: Keyed,
+    /// Shared with the peer server, which takes in what the peers took (`Keyed::debit`).
+    pub users: Arc<Keyed>,
     pub conversations: Keyed,
     pub connection: Rate,
 }
@@ -154,6 +232,7 @@ impl SendRates {
         connection.take(total, self.connection);
         if let Some(b) = users.get_mut(user) {
             b.take(total, self.users.rate);
+            self.users.note_taken(user, per_conversation.iter().map(|(_, n)| n).sum());
         }
         for (c, n) in per_conversation {
             if let Some(b) = conversations.get_mut(*c) {
@@ -169,14 +248,63 @@ impl SendRates {
     }
 }
 
+/// Every `every`, tells each peer what this node took from its users' buckets since it last
+/// told that peer, until the node stops. A peer has one request out at a time, so a dead or
+/// slow one delays no other; what it was owed meanwhile goes in its next request (at most
+/// [`SHARE_USERS_MAX`] users each, the largest first), and a request it did not answer is not
+/// sent again: a node that comes back starts with full buckets anyway.
+pub async fn share(users: Arc<Keyed>, net: PeerNet, me: NodeId, every: Duration, mut stop: StopSignal) {
+    if users.is_off() {
+        return;
+    }
+    let ttl = (every * 5).max(Duration::from_secs(1));
+    let mut owed: HashMap<NodeId, HashMap<String, u32>> = HashMap::new();
+    let mut sending: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while stop.unless_stopped(interval.tick()).await.is_some() {
+        let taken = users.take_unshared(KEYS_MAX);
+        let peers: Vec<NodeId> = net.peer_ids().into_iter().filter(|&p| p != me).collect();
+        owed.retain(|p, _| peers.contains(p));
+        sending.retain(|_, t| !t.is_finished());
+        for peer in peers {
+            let o = owed.entry(peer).or_default();
+            for (user, n) in &taken {
+                add_bounded(o, user, *n);
+            }
+            if o.is_empty() || sending.contains_key(&peer) {
+                continue;
+            }
+            let mut batch: Vec<(String, u32)> = o.drain().collect();
+            if batch.len() > SHARE_USERS_MAX {
+                batch.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
+                o.extend(batch.drain(SHARE_USERS_MAX..));
+            }
+            let (net, req) = (net.clone(), PeerRequest::UserSends { node: me, users: batch });
+            sending.insert(
+                peer,
+                tokio::spawn(async move {
+                    match net.control(peer, req, ttl).await {
+                        Ok(PeerResponse::UserSendsTaken) => {}
+                        Ok(other) => tracing::debug!(peer, answer = ?other, "unexpected answer to users' sends"),
+                        Err(e) => tracing::trace!(peer, error = %e, "users' sends not told"),
+                    }
+                }),
+            );
+        }
+    }
+    for (_, t) in sending {
+        t.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn rates(user: u32, conversation: u32, connection: u32) -> SendRates {
         SendRates {
-            users: Keyed::new(Rate::new(user, user * 2)),
+            users: Arc::new(Keyed::shared(Rate::new(user, user * 2))),
             conversations: Keyed::new(Rate::new(conversation, conversation * 2)),
             connection: Rate::new(connection, connection * 2),
         }
@@ -230,6 +358,77 @@ mod tests {
         for _ in 0..10_000 {
             assert!(off.take("ann", &[("c", 1)], &c, t0).is_ok());
         }
+    }
+
+    /// Three nodes' limits, a user sending on all three as fast as they are let: the sends
+    /// each node took are told to the other two every `share` (never, with `None`). Returns
+    /// the sends admitted in the `seconds` after the first two (once the bursts are spent).
+    fn admitted_on_three_nodes(rate: u32, share: Option<Duration>, seconds: u64) -> usize {
+        let nodes: Vec<SendRates> = (0..3).map(|_| rates(rate, 0, 0)).collect();
+        let t0 = Instant::now();
+        let conns: Vec<Mutex<Bucket>> = nodes.iter().map(|n| Mutex::new(Bucket::full(n.connection, t0))).collect();
+        let mut admitted = 0;
+        let mut last_share = t0;
+        for ms in 0..(2 + seconds) * 1000 {
+            let now = t0 + Duration::from_millis(ms);
+            for (node, conn) in nodes.iter().zip(&conns) {
+                if node.take("ann", &[("c", 1)], conn, now).is_ok() && ms >= 2000 {
+                    admitted += 1;
+                }
+            }
+            if share.is_some_and(|every| now >= last_share + every) {
+                last_share = now;
+                let told: Vec<Vec<(String, u32)>> =
+                    nodes.iter().map(|n| n.users.take_unshared(SHARE_USERS_MAX)).collect();
+                for (from, taken) in told.iter().enumerate() {
+                    for (to, node) in nodes.iter().enumerate() {
+                        if to != from {
+                            node.users.debit(taken, now);
+                        }
+                    }
+                }
+            }
+        }
+        admitted
+    }
+
+    #[test]
+    fn a_users_rate_holds_across_the_nodes_that_lead_their_conversations() {
+        // 50 sends a second over 10 s: 500 across the cluster, not 500 on each node.
+        let alone = admitted_on_three_nodes(50, None, 10);
+        assert!((1490..=1510).contains(&alone), "each node on its own admits the whole rate: {alone}");
+        let shared = admitted_on_three_nodes(50, Some(Duration::from_millis(100)), 10);
+        assert!((480..=520).contains(&shared), "told every 100 ms, the three admit the rate between them: {shared}");
+        // Told less often, the error is what the others admit before their counts arrive.
+        let slow = admitted_on_three_nodes(50, Some(Duration::from_secs(1)), 10);
+        assert!((480..=560).contains(&slow), "{slow}");
+    }
+
+    #[test]
+    fn takings_are_told_once_largest_first_and_a_peers_debit_is_not_told_again() {
+        let r = rates(100, 0, 0);
+        let t0 = Instant::now();
+        let conn = Mutex::new(Bucket::full(r.connection, t0));
+        r.take("ann", &[("a", 3), ("b", 2)], &conn, t0).expect("ann");
+        r.take("bob", &[("a", 1)], &conn, t0).expect("bob");
+        r.take("cy", &[("a", 2)], &conn, t0).expect("cy");
+        let first = r.users.take_unshared(2);
+        assert_eq!(first, vec![("ann".to_string(), 5), ("cy".to_string(), 2)], "the two largest");
+        assert_eq!(r.users.take_unshared(2), vec![("bob".to_string(), 1)], "the rest, next time");
+        assert!(r.users.take_unshared(2).is_empty(), "nothing is told twice");
+        // A peer's takings draw this node's bucket (a user new here starts full), are not
+        // told on, and leave the bucket at most one burst in debt.
+        r.users.debit(&[("dee".to_string(), 150), ("ann".to_string(), 1000)], t0);
+        assert!(r.users.take_unshared(10).is_empty());
+        assert_eq!(r.take("dee", &[("a", 60)], &conn, t0).map_err(|e| e.1), Err(Throttle::User), "50 left");
+        assert!(r.take("dee", &[("a", 50)], &conn, t0).is_ok());
+        // ann's debt is one burst (200): two seconds of refill before one send passes.
+        let wait = r.take("ann", &[("a", 1)], &conn, t0).expect_err("in debt").0;
+        assert_eq!(wait, 2010, "(200 + 1) tokens at 100 a second");
+        // A node with no user limit tells nothing and takes nothing in.
+        let off = rates(0, 0, 0);
+        off.take("ann", &[("a", 1)], &conn, t0).expect("no limit");
+        assert!(off.users.take_unshared(10).is_empty());
     }
 
     #[test]
