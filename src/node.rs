@@ -201,9 +201,10 @@ impl Node {
         Ok(Node { id, service, client_endpoint, peer_endpoint, stop_tx, server, metrics })
     }
 
-    /// Stops accepting clients, closes their connections, stops every group and closes the
-    /// peer endpoint. Proposals in flight get no outcome; their clients see it as unknown
-    /// and retry with the same idempotency key.
+    /// Stops accepting clients, hands the groups it leads to other nodes while its clients are
+    /// still connected (their next sends are answered `NotLeader` with the new leader), closes
+    /// their connections, stops every group and closes the peer endpoint. Proposals in flight
+    /// get no outcome; their clients see it as unknown and retry with the same idempotency key.
     pub async fn stop(self) {
         let _ = self.stop_tx.send(true);
         if let Some(metrics) = self.metrics {
@@ -212,6 +213,7 @@ impl Node {
         if let Err(e) = self.server.await {
             tracing::warn!(error = %e, "the client server task ended abnormally");
         }
+        self.service.hand_leaderships_away().await;
         self.client_endpoint.close(0u32.into(), b"shutdown");
         drain(&self.client_endpoint, "client").await;
         self.service.shutdown().await;

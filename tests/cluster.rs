@@ -1690,6 +1690,53 @@ async fn a_clean_stop_logs_no_errors_even_while_a_peer_hangs() {
 
 // A following tail sees every message, in order, once, across a restart of the node it is
 // attached to; then restarting all nodes (kill -9) loses nothing.
+// A clean stop of a shard's leader hands the shard to another voter before the node stops:
+// sends go on after a transfer, not after the followers' election timeout (800–1600 ms here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_cleanly_hands_its_shards_over_first() {
+    let mut cluster = start(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let victim = leaders[0];
+    let conversation = (0..).map(|i| format!("handed-{i}")).find(|c| shard_of(c, 2) == 0).expect("a conversation");
+    let client = cluster.client().expect("client");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (client, conversation, stop) = (client.clone(), conversation.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acks, mut failed) = (Vec::new(), Vec::new());
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.send(&conversation, &format!("m{i}")).await {
+                    Ok(_) => acks.push(Instant::now()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (acks, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopped_at = Instant::now();
+    let (code, log) = stop_node(&mut cluster, victim).await;
+    let stop_took = stopped_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acks, failed) = sender.await.expect("sender");
+    assert_eq!(code, Some(0), "node {victim} exits 0 on SIGTERM");
+    assert!(failed.is_empty(), "no send may fail while its leader stops: {failed:?}");
+    let around: Vec<Duration> =
+        acks.windows(2).filter(|w| w[1] > stopped_at && w[0] < stopped_at + stop_took).map(|w| w[1] - w[0]).collect();
+    let gap = around.iter().max().copied().unwrap_or_default();
+    eprintln!("longest gap between acks while node {victim} stopped (in {stop_took:?}): {gap:?}");
+    assert!(acks.iter().any(|a| *a > stopped_at + stop_took), "sends went on after the stop");
+    assert!(
+        gap < Duration::from_millis(700),
+        "sends waited {gap:?} while their leader stopped: longer than a handover, as long as an election"
+    );
+    assert!(log.contains("handing leadership away before stopping"), "node {victim} handed nothing away");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
     let mut cluster = start(Tweaks::default());

@@ -163,6 +163,9 @@ async fn init_placement(node: std::sync::Weak<Service>, mut stop: StopSignal) {
 /// requests it serves before it stops its groups anyway (see [`Service::shutdown`]).
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a stopping node waits for the groups it handed away to name their new leaders.
+const HANDOVER_WAIT: Duration = Duration::from_secs(1);
+
 /// Beyond the heartbeat interval, how long a stopping node waits for a heartbeat's answer.
 const HEARTBEAT_ANSWER_MARGIN: Duration = Duration::from_millis(50);
 
@@ -1325,6 +1328,52 @@ impl Service {
         }
     }
 
+    /// Before a node stops ([`crate::node::Node::stop`], while its clients are still
+    /// connected, and again in step 3 of [`Service::shutdown`] for a group handed back
+    /// meanwhile): hands each group this node leads to the voter on
+    /// another node that holds the most of its log (openraft's transfer: the target campaigns
+    /// once it holds the leader's last entry), then waits at most [`HANDOVER_WAIT`] until
+    /// every one of them names another leader. A group whose new leader is not known by then
+    /// elects one after its followers' timeout, as after a crash.
+    pub async fn hand_leaderships_away(&self) {
+        use openraft::async_runtime::WatchReceiver;
+        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+        let mut handed = Vec::new();
+        for g in self.groups().into_iter().chain(self.meta_group()) {
+            let m = consensus::metrics_of(&g.raft);
+            if m.current_leader != Some(g.replica) {
+                continue;
+            }
+            let matched =
+                |v: &NodeId| m.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map(|l| l.index);
+            let voters = m.membership_config.membership().voter_ids().filter(|v| node_of(*v) != self.id);
+            // A voter that never answered is not one to hand a shard to.
+            let Some(to) = voters.filter(|v| matched(v).is_some()).max_by_key(|v| matched(v)) else {
+                continue;
+            };
+            if let Some(q) = self.net.quiescer() {
+                q.hold(g.shard, "handing leadership away before stopping");
+            }
+            tracing::info!(shard = g.shard, to = node_of(to), "handing leadership away before stopping");
+            if tokio::time::timeout_at(deadline, g.raft.trigger().transfer_leader(to)).await.is_ok_and(|r| r.is_ok()) {
+                handed.push((g.shard, g.replica, g.raft.metrics()));
+            }
+        }
+        for (shard, replica, mut metrics) in handed {
+            let elsewhere = async {
+                while metrics.borrow_watched().current_leader.is_none_or(|l| l == replica) {
+                    if metrics.changed().await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
+            if !tokio::time::timeout_at(deadline, elsewhere).await.unwrap_or(false) {
+                tracing::info!(shard, "no new leader named yet: the followers elect one after their timeout");
+            }
+        }
+    }
+
     /// Stops every group, quietly: nothing calls a group once it is stopping, since a
     /// stopped group answers every call with an error it logs.
     ///
@@ -1333,12 +1382,17 @@ impl Service {
     ///    after [`STOP_WAIT`] is aborted where it waits).
     /// 2. Sends already proposed get up to [`STOP_WAIT`] to commit; later ones get no outcome
     ///    (their clients see the answer as unknown and retry with the same key).
-    /// 3. The groups start no more heartbeats or elections, and the requests they asked of
+    /// 3. Each group still led here is handed to the voter on another node that holds the
+    ///    most of its log, and gets up to [`HANDOVER_WAIT`] to name its new leader: a leader
+    ///    that just stopped would leave its shards without one for an election timeout. (A
+    ///    stopping node has handed its groups away once already, before it closed its clients'
+    ///    connections; this catches one handed back since.)
+    /// 4. The groups start no more heartbeats or elections, and the requests they asked of
     ///    peers get up to a heartbeat interval to be answered (openraft logs an error when a
     ///    heartbeat's answer finds its group stopped).
-    /// 4. The peer server stops finding groups (its requests are answered that the shard is
+    /// 5. The peer server stops finding groups (its requests are answered that the shard is
     ///    not hosted here), and the requests it is serving get up to [`STOP_WAIT`] to end.
-    /// 5. The groups stop and release the store.
+    /// 6. The groups stop and release the store.
     pub async fn shutdown(&self) {
         {
             let _no_replica_starts = self.placement_lock.lock().await;
@@ -1361,6 +1415,7 @@ impl Service {
                 "sends still uncommitted when the node stopped: their clients see no outcome"
             );
         }
+        self.hand_leaderships_away().await;
         // No group starts a heartbeat or an election from here on, and those in flight get
         // their answers while their groups run.
         for g in self.groups().iter().chain(self.meta_group().as_ref()) {
