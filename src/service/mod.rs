@@ -1337,6 +1337,7 @@ impl Service {
     /// elects one after its followers' timeout, as after a crash.
     pub async fn hand_leaderships_away(&self) {
         use openraft::async_runtime::WatchReceiver;
+        use openraft::Instant as _;
         let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
         let mut handed = Vec::new();
         for g in self.groups().into_iter().chain(self.meta_group()) {
@@ -1346,9 +1347,14 @@ impl Service {
             }
             let matched =
                 |v: &NodeId| m.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map(|l| l.index);
+            // A voter whose node has not answered within an election timeout (stopped before
+            // this one, say) would never take the shard: the wait would be for nothing.
+            let recent = Duration::from_millis(self.config.raft.election_timeout_ms_min);
+            let answered = |v: &NodeId| {
+                m.heartbeat.as_ref().and_then(|h| h.get(v).cloned().flatten()).is_some_and(|at| at.elapsed() < recent)
+            };
             let voters = m.membership_config.membership().voter_ids().filter(|v| node_of(*v) != self.id);
-            // A voter that never answered is not one to hand a shard to.
-            let Some(to) = voters.filter(|v| matched(v).is_some()).max_by_key(|v| matched(v)) else {
+            let Some(to) = voters.filter(|v| matched(v).is_some() && answered(v)).max_by_key(|v| matched(v)) else {
                 continue;
             };
             if let Some(q) = self.net.quiescer() {
