@@ -1330,10 +1330,10 @@ impl Service {
 
     /// Before a node stops ([`crate::node::Node::stop`], while its clients are still
     /// connected, and again in step 3 of [`Service::shutdown`] for a group handed back
-    /// meanwhile): hands each group this node leads to the voter on
-    /// another node that holds the most of its log (openraft's transfer: the target campaigns
-    /// once it holds the leader's last entry), then waits at most [`HANDOVER_WAIT`] until
-    /// every one of them names another leader. A group whose new leader is not known by then
+    /// meanwhile): hands each group this node leads to the voter on another node that
+    /// answered within an election timeout and holds the most of its log (openraft's
+    /// transfer: the target campaigns once it holds the leader's last entry), then waits at
+    /// most [`HANDOVER_WAIT`] until every one of them names another leader. A group whose new leader is not known by then
     /// elects one after its followers' timeout, as after a crash.
     pub async fn hand_leaderships_away(&self) {
         use openraft::async_runtime::WatchReceiver;
