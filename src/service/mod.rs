@@ -1333,12 +1333,16 @@ impl Service {
     /// meanwhile): hands each group this node leads to the voter on another node that
     /// answered within an election timeout and holds the most of its log (openraft's
     /// transfer: the target campaigns once it holds the leader's last entry), then waits at
-    /// most [`HANDOVER_WAIT`] until every one of them names another leader. A group whose new leader is not known by then
-    /// elects one after its followers' timeout, as after a crash.
+    /// most [`HANDOVER_WAIT`] until every one of them names another leader. A group whose
+    /// new leader is not known by then elects one after its followers' timeout, as after a
+    /// crash.
     pub async fn hand_leaderships_away(&self) {
         use openraft::async_runtime::WatchReceiver;
         use openraft::Instant as _;
         let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+        // A voter whose node has not answered within an election timeout (stopped before
+        // this one, say) would never take a shard: the wait would be for nothing.
+        let recent = Duration::from_millis(self.config.raft.election_timeout_ms_min);
         let mut handed = Vec::new();
         for g in self.groups().into_iter().chain(self.meta_group()) {
             let m = consensus::metrics_of(&g.raft);
@@ -1347,9 +1351,6 @@ impl Service {
             }
             let matched =
                 |v: &NodeId| m.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map(|l| l.index);
-            // A voter whose node has not answered within an election timeout (stopped before
-            // this one, say) would never take the shard: the wait would be for nothing.
-            let recent = Duration::from_millis(self.config.raft.election_timeout_ms_min);
             let answered = |v: &NodeId| {
                 m.heartbeat.as_ref().and_then(|h| h.get(v).cloned().flatten()).is_some_and(|at| at.elapsed() < recent)
             };

@@ -105,6 +105,17 @@ fn add_bounded(counts: &mut HashMap<String, u32>, key: &str, n: u32) {
     }
 }
 
+/// Takes the `max` largest counts out of `counts` (all of them when there are no more); the
+/// rest stay.
+fn take_largest(counts: &mut HashMap<String, u32>, max: usize) -> Vec<(String, u32)> {
+    let mut all: Vec<(String, u32)> = counts.drain().collect();
+    if all.len() > max {
+        all.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
+        counts.extend(all.drain(max..));
+    }
+    all
+}
+
 /// Users a node tells a peer about in one `UserSends`; the rest wait for the next interval.
 pub const SHARE_USERS_MAX: usize = crate::raft::rpc::USER_SENDS_MAX;
 
@@ -150,13 +161,7 @@ impl Keyed {
     /// rest stays for the next call.
     pub fn take_unshared(&self, max: usize) -> Vec<(String, u32)> {
         let Some(mut unshared) = self.lock_unshared() else { return Vec::new() };
-        if unshared.len() <= max {
-            return unshared.drain().collect();
-        }
-        let mut all: Vec<(String, u32)> = unshared.drain().collect();
-        all.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
-        unshared.extend(all.drain(max..));
-        all
+        take_largest(&mut unshared, max)
     }
 
     /// Takes from each key's bucket here what a peer took from its own (a full bucket for a
@@ -204,8 +209,8 @@ impl SendRates {
         connection: &Mutex<Bucket>,
         now: Instant,
     ) -> Result<(), (u64, Throttle)> {
-        let total: usize = per_conversation.iter().map(|(_, n)| n).sum();
-        let total = total as f64;
+        let sends: usize = per_conversation.iter().map(|(_, n)| n).sum();
+        let total = sends as f64;
         let mut connection = connection.lock().unwrap_or_else(|p| p.into_inner());
         let mut users = self.users.lock();
         let mut conversations = self.conversations.lock();
@@ -232,7 +237,7 @@ impl SendRates {
         connection.take(total, self.connection);
         if let Some(b) = users.get_mut(user) {
             b.take(total, self.users.rate);
-            self.users.note_taken(user, per_conversation.iter().map(|(_, n)| n).sum());
+            self.users.note_taken(user, sends);
         }
         for (c, n) in per_conversation {
             if let Some(b) = conversations.get_mut(*c) {
@@ -275,11 +280,7 @@ pub async fn share(users: Arc<Keyed>, net: PeerNet, me: NodeId, every: Duration,
             if o.is_empty() || sending.contains_key(&peer) {
                 continue;
             }
-            let mut batch: Vec<(String, u32)> = o.drain().collect();
-            if batch.len() > SHARE_USERS_MAX {
-                batch.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
-                o.extend(batch.drain(SHARE_USERS_MAX..));
-            }
+            let batch = take_largest(o, SHARE_USERS_MAX);
             let (net, req) = (net.clone(), PeerRequest::UserSends { node: me, users: batch });
             sending.insert(
                 peer,
