@@ -1737,6 +1737,40 @@ async fn a_leader_stopped_cleanly_hands_its_shards_over_first() {
     assert!(log.contains("handing leadership away before stopping"), "node {victim} handed nothing away");
 }
 
+/// A client whose cached leader of a shard stopped cleanly sends its next message
+/// elsewhere at once: the stopped node closed the client's connection, so the client does
+/// not open a new one to a node that is gone and wait out an attempt's time on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_after_its_cached_leader_stopped_goes_elsewhere_at_once() {
+    let mut cluster = start(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let victim = leaders[0];
+    let conversation = (0..).map(|i| format!("cached-{i}")).find(|c| shard_of(c, 2) == 0).expect("a conversation");
+    let (client, admin) = (cluster.client().expect("client"), cluster.admin().expect("admin client"));
+    // Sends until one is acked by the victim: then the client caches it as the leader.
+    let mut by_victim = false;
+    for i in 0..50 {
+        client.send(&conversation, &format!("before-{i}")).await.expect("send before the stop");
+        let status = admin.status(victim).await.expect("status of the victim");
+        if status.shards.iter().any(|s| s.shard == 0 && s.leader == Some(victim)) {
+            by_victim = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(by_victim, "node {victim} led shard 0 while the client sent to it");
+    let (code, _log) = stop_node(&mut cluster, victim).await;
+    assert_eq!(code, Some(0), "node {victim} exits 0 on SIGTERM");
+    let started = Instant::now();
+    let ack = client.send(&conversation, "after").await.expect("send after the stop");
+    let took = started.elapsed();
+    eprintln!("the first send after node {victim} stopped took {took:?} (offset {})", ack.offset);
+    assert!(
+        took < Duration::from_millis(1000),
+        "the send took {took:?}: it waited on the stopped node instead of going to another"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
     let mut cluster = start(Tweaks::default());

@@ -99,6 +99,20 @@ struct Inner {
 /// A node's connection, opened on first use and again after it broke.
 type ConnSlot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
+/// Whether `conn` was ended by its node (closed by the node's application or its QUIC
+/// stack) or by the node's silence (idle timeout). A connection this client closed, or one
+/// that a restarted node reset as unknown to it, says nothing against the node.
+fn ended_by_node(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(
+            quinn::ConnectionError::ApplicationClosed(_)
+                | quinn::ConnectionError::ConnectionClosed(_)
+                | quinn::ConnectionError::TimedOut
+        )
+    )
+}
+
 /// Where the client sends what: the nodes it can reach and each shard's voting replicas.
 ///
 /// It starts from the client's `cluster.toml` and takes every newer routing map a node
@@ -483,10 +497,16 @@ impl Client {
         Ok(conn)
     }
 
+    /// Drops `node`'s connection after a request on it failed; if the node ended it (see
+    /// [`ended_by_node`]), the node is suspect too.
     async fn forget(&self, node: u64) {
         let slot = self.inner.conns.lock().expect("conns lock").get(&node).cloned();
         if let Some(slot) = slot {
-            *slot.lock().await = None;
+            let mut held = slot.lock().await;
+            if held.as_ref().is_some_and(ended_by_node) {
+                self.suspect(node);
+            }
+            *held = None;
         }
     }
 
@@ -577,14 +597,36 @@ impl Client {
                 r
             }
             Err(_) => {
-                self.inner.suspects.lock().expect("suspect lock").insert(node, Instant::now() + SUSPECT_FOR);
+                self.suspect(node);
                 Err(Error::Ambiguous(format!("node {node} did not answer within {ATTEMPT_TIMEOUT:?}")))
             }
         }
     }
 
+    fn suspect(&self, node: u64) {
+        self.inner.suspects.lock().expect("suspect lock").insert(node, Instant::now() + SUSPECT_FOR);
+    }
+
+    /// Whether requests should avoid `node` for now: it did not answer within an attempt's
+    /// time lately, or it ended its connection to this client. A node that stops cleanly
+    /// closes every client's connection; without this, a send whose cached leader was that
+    /// node would open a new connection to it and wait out [`ATTEMPT_TIMEOUT`] on a node
+    /// that is gone. The ended connection is dropped once noticed, so the node is suspect
+    /// for [`SUSPECT_FOR`] from then, not for as long as its connection stays unused.
     fn is_suspect(&self, node: u64) -> bool {
-        self.inner.suspects.lock().expect("suspect lock").get(&node).is_some_and(|until| Instant::now() < *until)
+        if self.inner.suspects.lock().expect("suspect lock").get(&node).is_some_and(|until| Instant::now() < *until) {
+            return true;
+        }
+        let Some(slot) = self.inner.conns.lock().expect("conns lock").get(&node).cloned() else { return false };
+        // A slot held by a connect or a forget in progress is looked at the next time.
+        let Ok(mut held) = slot.try_lock() else { return false };
+        if held.as_ref().is_some_and(ended_by_node) {
+            *held = None;
+            drop(held);
+            self.suspect(node);
+            return true;
+        }
+        false
     }
 
     /// The cached leader of `shard`, else its candidates ([`Routes::leader_candidates`]) in
@@ -1215,9 +1257,15 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
     let mut attempt = 0usize;
     loop {
         let node = hint.take().or(pinned).unwrap_or_else(|| {
-            // The shard's replicas as the newest map has them (a move changes them).
+            // The shard's replicas as the newest map has them (a move changes them), in
+            // rotation, the first that is not suspect (a stopped node closed this tail).
             let ids = client.routes().replicas(shard);
-            ids.get(attempt % ids.len().max(1)).copied().unwrap_or(0)
+            let n = ids.len().max(1);
+            (0..ids.len())
+                .map(|i| ids[(attempt + i) % n])
+                .find(|id| !client.is_suspect(*id))
+                .or_else(|| ids.get(attempt % n).copied())
+                .unwrap_or(0)
         });
         attempt += 1;
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
