@@ -1737,6 +1737,46 @@ async fn a_leader_stopped_cleanly_hands_its_shards_over_first() {
     assert!(log.contains("handing leadership away before stopping"), "node {victim} handed nothing away");
 }
 
+/// Nodes stopped together tell each other so: a node that heard a peer is stopping hands it
+/// no shard, and a handover to a peer that says so afterwards is not waited for (each node
+/// would otherwise wait up to a second for leaders that are stopping themselves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_stopped_together_do_not_wait_on_each_other() {
+    let mut cluster = start(Tweaks { shards: 4, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    assert_eq!(client.send("together", "m1").await.expect("send").offset, 1);
+    let started = Instant::now();
+    for id in 1..=3 {
+        assert!(cluster.signal(id, libc::SIGTERM), "node {id} is running");
+    }
+    let mut logs = Vec::new();
+    for id in 1..=3 {
+        let (code, log) = stop_node_signalled(&mut cluster, id).await;
+        assert_eq!(code, Some(0), "node {id} exits 0 on SIGTERM");
+        logs.push((id, log));
+    }
+    eprintln!("three nodes stopped together in {:?}", started.elapsed());
+    for (id, log) in &logs {
+        let lines: Vec<&str> = log.lines().collect();
+        let handed: Vec<&&str> =
+            lines.iter().filter(|l| l.contains("handing leadership away before stopping")).collect();
+        let waited_out = lines.iter().filter(|l| l.contains("no new leader named yet")).count();
+        eprintln!("node {id}: {} handovers, {waited_out} waited out", handed.len());
+        for peer in (1..=3).filter(|p| p != id) {
+            let heard = lines
+                .iter()
+                .position(|l| l.contains("a peer said it is stopping") && l.contains(&format!("peer={peer}")))
+                .unwrap_or_else(|| panic!("node {id} never heard that node {peer} stops:\n{log}"));
+            let after = lines[heard..]
+                .iter()
+                .find(|l| l.contains("handing leadership away before stopping") && l.ends_with(&format!("to={peer}")));
+            assert!(after.is_none(), "node {id} handed a shard to node {peer} after hearing it stops: {after:?}");
+        }
+        assert_eq!(waited_out, 0, "node {id} waited out a handover to a node that was stopping too:\n{log}");
+    }
+}
+
 /// A client whose cached leader of a shard stopped cleanly sends its next message
 /// elsewhere at once: the stopped node closed the client's connection, so the client does
 /// not open a new one to a node that is gone and wait out an attempt's time on it.

@@ -137,6 +137,7 @@ fn peer_requests() -> Vec<PeerRequest> {
         PeerRequest::Join { shard: 1, node: 3, member: member.clone() },
         PeerRequest::Promote { shard: 1, replica: 3 | (1 << 32), member },
         PeerRequest::UserSends { node: 2, users: vec![("ann".into(), 3), ("bo".into(), 1)] },
+        PeerRequest::Leaving { node: 2, incarnation: 9 },
     ]
 }
 

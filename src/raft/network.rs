@@ -1060,7 +1060,9 @@ fn claimed_node(req: &PeerRequest) -> Option<NodeId> {
         PeerRequest::Snapshot { vote, .. } => Some(of_vote(vote)),
         PeerRequest::Join { node, .. } => Some(*node),
         PeerRequest::Promote { replica, .. } => Some(node_of(*replica)),
-        PeerRequest::Beat { node, .. } | PeerRequest::UserSends { node, .. } => Some(*node),
+        PeerRequest::Beat { node, .. } | PeerRequest::UserSends { node, .. } | PeerRequest::Leaving { node, .. } => {
+            Some(*node)
+        }
         PeerRequest::SnapshotChunk(_)
         | PeerRequest::SnapshotEnd { .. }
         | PeerRequest::Hello
@@ -1131,6 +1133,10 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
         },
         PeerRequest::Beat { node, incarnation, quiesced } => {
             ctx.quiet.on_beat(node, incarnation, &quiesced, std::time::Instant::now());
+            PeerResponse::Beat
+        }
+        PeerRequest::Leaving { node, incarnation } => {
+            ctx.quiet.on_leaving(node, incarnation, std::time::Instant::now());
             PeerResponse::Beat
         }
         PeerRequest::UserSends { users, .. } => {

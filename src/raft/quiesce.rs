@@ -137,6 +137,8 @@ struct Peer {
     incarnation: u64,
     seen: Instant,
     lost: bool,
+    /// This incarnation said it is stopping ([`Quiescer::on_leaving`]).
+    leaving: bool,
 }
 
 /// What a look at a group's Raft metrics found.
@@ -331,6 +333,32 @@ impl Quiescer {
         Scan { quiet, renew }
     }
 
+    /// `from`'s process `incarnation` said it is stopping: no leadership is handed to it
+    /// (see [`Quiescer::is_leaving`]) until a beat of another incarnation comes. A late word
+    /// of an incarnation already replaced is ignored.
+    pub fn on_leaving(&self, from: NodeId, incarnation: u64, now: Instant) {
+        if from == self.node {
+            return;
+        }
+        let mut st = self.lock();
+        match st.peers.get_mut(&from) {
+            Some(p) if p.incarnation == incarnation => p.leaving = true,
+            Some(_) => {}
+            None => {
+                st.peers.insert(from, Peer { incarnation, seen: now, lost: false, leaving: true });
+            }
+        }
+        tracing::info!(peer = from, "a peer said it is stopping: no leadership goes to it");
+    }
+
+    /// Whether node `node` said it is stopping and has not started again since. A stopping
+    /// node hands its groups away and stops within seconds, so a leadership handed to it
+    /// (by a balancer or another stopping node) would cost an election timeout or a second
+    /// handover.
+    pub fn is_leaving(&self, node: NodeId) -> bool {
+        self.lock().peers.get(&node).is_some_and(|p| p.leaving)
+    }
+
     /// A beat from `from`: it is alive, and leads the `quiesced` groups.
     pub fn on_beat(&self, from: NodeId, incarnation: u64, quiesced: &[QuietGroup], now: Instant) {
         if from == self.node {
@@ -342,7 +370,9 @@ impl Quiescer {
             Some(p) => p.lost || p.incarnation != incarnation,
             None => true,
         };
-        st.peers.insert(from, Peer { incarnation, seen: now, lost: false });
+        // A stopping node beats until its stop ends; only a new process is no longer leaving.
+        let leaving = st.peers.get(&from).is_some_and(|p| p.leaving && p.incarnation == incarnation);
+        st.peers.insert(from, Peer { incarnation, seen: now, lost: false, leaving });
         if changed {
             // Back, or started again: it must hear the heartbeats of the groups led here
             // before its own election timeout, and the groups it led here may have a
@@ -467,6 +497,23 @@ impl Quiescer {
     /// Every `every`: looks at the groups led here and beats to every peer, until `stop`.
     /// Each peer has a task of its own, so a dead one delays no other; a slow one skips the
     /// beats it missed.
+    /// Tells every peer that this node is stopping, and waits at most `every` for their
+    /// answers: a peer that does not hear it still hands this node no leadership once it has
+    /// not answered for an election timeout.
+    async fn say_leaving(&self, net: &PeerNet, every: Duration) {
+        let (me, incarnation) = (self.node, self.incarnation);
+        let told = net.peer_ids().into_iter().filter(|p| *p != me).map(|peer| {
+            let net = net.clone();
+            async move {
+                let said = net.control(peer, PeerRequest::Leaving { node: me, incarnation }, every).await;
+                if let Err(e) = said {
+                    tracing::trace!(peer, error = %e, "the peer did not hear that this node stops");
+                }
+            }
+        });
+        let _ = tokio::time::timeout(every, futures::future::join_all(told)).await;
+    }
+
     pub async fn run(self: Arc<Self>, net: PeerNet, every: Duration, stop: impl std::future::Future<Output = ()>) {
         let (tx, _) = tokio::sync::watch::channel(Arc::new(Vec::<QuietGroup>::new()));
         let mut senders: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
@@ -475,7 +522,10 @@ impl Quiescer {
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                () = &mut stop => break,
+                () = &mut stop => {
+                    self.say_leaving(&net, every).await;
+                    break;
+                }
                 _ = interval.tick() => {}
             }
             let Scan { quiet, renew } = self.scan(Instant::now());
@@ -543,6 +593,28 @@ mod tests {
     fn quiescer() -> Arc<Quiescer> {
         let s = Duration::from_secs(1);
         Quiescer::new(1, Some(s), s, 2 * s, Groups::default())
+    }
+
+    #[test]
+    fn a_stopping_peer_is_leaving_until_a_new_process_of_it_beats() {
+        let q = quiescer();
+        let now = Instant::now();
+        q.on_beat(2, 100, &[], now);
+        q.on_beat(3, 300, &[], now);
+        assert!(!q.is_leaving(2), "a beating peer is not leaving");
+        q.on_leaving(2, 100, now);
+        assert!(q.is_leaving(2), "the peer said it stops");
+        assert!(!q.is_leaving(3), "only the peer that said so");
+        q.on_beat(2, 100, &[], now);
+        assert!(q.is_leaving(2), "a stopping process beats until its stop ends: still leaving");
+        q.on_beat(2, 101, &[], now);
+        assert!(!q.is_leaving(2), "a new process of the node is not leaving");
+        q.on_leaving(2, 100, now);
+        assert!(!q.is_leaving(2), "a late word of the old process is ignored");
+        q.on_leaving(4, 400, now);
+        assert!(q.is_leaving(4), "a peer never heard before that says it stops");
+        q.on_leaving(1, 1, now);
+        assert!(!q.is_leaving(1), "this node's own word is not taken");
     }
 
     #[test]

@@ -138,6 +138,13 @@ pub enum PeerRequest {
         node: NodeId,
         users: Vec<(String, u32)>,
     },
+    /// Node `node` (its process `incarnation`) is stopping: hand it no leadership until it
+    /// starts again (a beat with another incarnation). Sent to every peer once, when its stop
+    /// begins (see `raft::quiesce`). Answered `Beat`.
+    Leaving {
+        node: NodeId,
+        incarnation: u64,
+    },
 }
 
 /// A peer's answer.

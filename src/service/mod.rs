@@ -113,7 +113,7 @@ async fn balance_leaders(node: std::sync::Weak<Service>, mut stop: StopSignal) {
                 continue;
             }
             let preferred = node.preferred_leader(&map, group.shard);
-            if preferred == node.id {
+            if preferred == node.id || node.is_leaving(preferred) {
                 continue;
             }
             let metrics = consensus::metrics_of(&group.raft);
@@ -1328,6 +1328,12 @@ impl Service {
         }
     }
 
+    /// Whether node `node` said it is stopping (see `raft::quiesce`): no leadership is
+    /// handed to it.
+    fn is_leaving(&self, node: NodeId) -> bool {
+        self.net.quiescer().is_some_and(|q| q.is_leaving(node))
+    }
+
     /// Before a node stops ([`crate::node::Node::stop`], while its clients are still
     /// connected, and again in step 3 of [`Service::shutdown`] for a group handed back
     /// meanwhile): hands each group this node leads to the voter on another node that
@@ -1335,8 +1341,10 @@ impl Service {
     /// transfer: the target campaigns once it holds the leader's last entry), then waits at
     /// most [`HANDOVER_WAIT`] until every one of them names another leader. A group whose
     /// new leader is not known by then elects one after its followers' timeout, as after a
-    /// crash.
+    /// crash. A voter on a node that said it is stopping too is no target.
     pub async fn hand_leaderships_away(&self) {
+        /// How often a handover's wait looks whether its target said it stops.
+        const LEAVING_POLL: Duration = Duration::from_millis(10);
         use openraft::async_runtime::WatchReceiver;
         use openraft::Instant as _;
         let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
@@ -1355,6 +1363,7 @@ impl Service {
                 m.heartbeat.as_ref().and_then(|h| h.get(v).cloned().flatten()).is_some_and(|at| at.elapsed() < recent)
             };
             let voters = m.membership_config.membership().voter_ids().filter(|v| node_of(*v) != self.id);
+            let voters = voters.filter(|v| !self.is_leaving(node_of(*v)));
             let Some(to) = voters.filter(|v| matched(v).is_some() && answered(v)).max_by_key(|v| matched(v)) else {
                 continue;
             };
@@ -1363,20 +1372,31 @@ impl Service {
             }
             tracing::info!(shard = g.shard, to = node_of(to), "handing leadership away before stopping");
             if tokio::time::timeout_at(deadline, g.raft.trigger().transfer_leader(to)).await.is_ok_and(|r| r.is_ok()) {
-                handed.push((g.shard, g.replica, g.raft.metrics()));
+                handed.push((g.shard, g.replica, node_of(to), g.raft.metrics()));
             }
         }
-        for (shard, replica, mut metrics) in handed {
+        for (shard, replica, to, mut metrics) in handed {
+            // Nodes stopped together hand to each other before each hears that the others
+            // stop: a target that says so meanwhile will not keep the shard, so its
+            // leadership is not waited for.
             let elsewhere = async {
                 while metrics.borrow_watched().current_leader.is_none_or(|l| l == replica) {
-                    if metrics.changed().await.is_err() {
-                        return false;
+                    if self.is_leaving(to) {
+                        return Some(false);
+                    }
+                    tokio::select! {
+                        changed = metrics.changed() => if changed.is_err() { return None },
+                        () = tokio::time::sleep(LEAVING_POLL) => {}
                     }
                 }
-                true
+                Some(true)
             };
-            if !tokio::time::timeout_at(deadline, elsewhere).await.unwrap_or(false) {
-                tracing::info!(shard, "no new leader named yet: the followers elect one after their timeout");
+            match tokio::time::timeout_at(deadline, elsewhere).await {
+                Ok(Some(true)) => {}
+                Ok(Some(false)) => tracing::info!(shard, to, "the node it was handed to stops too: not waiting for it"),
+                Ok(None) | Err(_) => {
+                    tracing::info!(shard, "no new leader named yet: the followers elect one after their timeout")
+                }
             }
         }
     }
