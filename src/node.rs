@@ -30,6 +30,14 @@ use crate::service::rates::{Keyed, Rate};
 use crate::service::{PeerShared, Service};
 use crate::store::Store;
 
+/// A node's log filter unless `CONVOY_LOG` says otherwise. openraft logs a warning for every
+/// heartbeat that fails: while a peer is down, one line per group led here with a replica
+/// there, every heartbeat interval (1,411 lines over three nodes in a 120 s run of
+/// `scripts/jepsen --faults stop`). A peer's outage is logged
+/// once instead (`raft::quiesce`: lost, then beating again), and openraft's other warnings
+/// (replication, votes) stay.
+pub const LOG_DEFAULT: &str = "info,openraft=warn,openraft::core::heartbeat=error";
+
 /// Longest a stop waits for an endpoint's connections to finish closing. Each connection's
 /// close is sent at once; the wait only answers stray packets with it again, for three probe
 /// timeouts. A connection still in its handshake (a dial to a peer that is down) has no

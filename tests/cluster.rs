@@ -1,7 +1,7 @@
 //! End-to-end: real three-node clusters on loopback, killed, restarted and wiped.
 //! Every test polls with deadlines; none sleeps to synchronise. The clusters are testkit's
 //! [`LocalCluster`]s: ports from the OS, a temp directory each (kept with
-//! `CONVOY_KEEP_TEST_DIRS=1`), node logs at `CONVOY_TEST_LOG` (default `info,openraft=warn`),
+//! `CONVOY_KEEP_TEST_DIRS=1`), node logs at `CONVOY_TEST_LOG` (default `convoy::node::LOG_DEFAULT`),
 //! this build's `convoy` unless `CONVOY_BIN` names another.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -68,7 +68,7 @@ fn spec(t: Tweaks) -> ClusterSpec {
         limits: LimitTweaks { message_bytes_max: Some(t.message_bytes_max), ..t.limits },
         retention: t.retention,
         remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
-        log_filter: Some(std::env::var("CONVOY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into())),
+        log_filter: Some(std::env::var("CONVOY_TEST_LOG").unwrap_or_else(|_| convoy::node::LOG_DEFAULT.into())),
         convoy_bin: Some(convoy_bin()),
         ..ClusterSpec::default()
     }
@@ -781,7 +781,7 @@ async fn cluster_with_a_small_disk(small: u64) -> Option<(LocalCluster, SmallDis
         },
         limits: LimitTweaks { disk_free_min_bytes: Some(DISK_RESERVE), ..LimitTweaks::unthrottled() },
         remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
-        log_filter: Some("info,openraft=warn".into()),
+        log_filter: Some(convoy::node::LOG_DEFAULT.into()),
         convoy_bin: Some(convoy_bin()),
         ..ClusterSpec::default()
     };
@@ -1615,7 +1615,8 @@ fn errors_after_stopping(log: &str) -> Vec<String> {
             out
         })
         .collect();
-    let Some(stop) = plain.iter().rposition(|l| l.contains(" stopping")) else {
+    // The node's own line (`convoy::node: stopping node=N`), not a line that mentions a stop.
+    let Some(stop) = plain.iter().rposition(|l| l.contains(": stopping node=")) else {
         return vec!["no `stopping` line: the node did not stop cleanly".into()];
     };
     plain[stop..].iter().filter(|l| l.contains(" ERROR ")).cloned().collect()
@@ -1735,6 +1736,45 @@ async fn a_leader_stopped_cleanly_hands_its_shards_over_first() {
         "sends waited {gap:?} while their leader stopped: longer than a handover, as long as an election"
     );
     assert!(log.contains("handing leadership away before stopping"), "node {victim} handed nothing away");
+}
+
+/// A peer's outage is logged once by each node, not once per heartbeat: openraft warns of
+/// every failed heartbeat (one per group led here, every heartbeat interval), which the
+/// default filter leaves out, and the node logs the peer lost, then beating again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_outage_is_logged_once_not_once_per_heartbeat() {
+    let mut cluster = start(Tweaks { shards: 4, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    assert_eq!(client.send("outage", "m1").await.expect("send").offset, 1);
+    let down = 3;
+    let lengths: Vec<usize> =
+        (1..=2).map(|id| std::fs::read_to_string(cluster.log_path(id)).expect("log").len()).collect();
+    assert!(cluster.kill(down), "node {down} is running");
+    // Sends go on over the two left (the shards it led elect new leaders meanwhile).
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(3) {
+        client.send("outage", "during").await.expect("send while a node is down");
+    }
+    cluster.start(down).expect("restart");
+    let beats_again = format!("peer={down}");
+    for (id, from) in (1..=2).zip(lengths) {
+        let log = eventually(Duration::from_secs(20), "the peer beating again", || {
+            let text = std::fs::read_to_string(cluster.log_path(id)).expect("log");
+            let tail = text.get(from..).unwrap_or_default().to_string();
+            let again = tail.lines().any(|l| l.contains("the peer beats again") && l.contains(&beats_again));
+            async move { again.then_some(tail) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+        let lost = log.lines().filter(|l| l.contains("no beat from the peer") && l.contains(&beats_again)).count();
+        let heartbeats = log.lines().filter(|l| l.contains("failed to send a heartbeat")).count();
+        let warnings = log.lines().filter(|l| l.contains(" WARN ")).count();
+        eprintln!("node {id} during node {down}'s outage: {lost} lost line(s), {heartbeats} heartbeat warnings, {warnings} warnings in all");
+        assert_eq!(lost, 1, "node {id} logs node {down} lost once:\n{log}");
+        assert_eq!(heartbeats, 0, "node {id} logged failed heartbeats one by one");
+        assert!(warnings <= 10, "node {id} logged {warnings} warnings in a 3 s outage of one peer:\n{log}");
+    }
 }
 
 /// Nodes stopped together tell each other so: a node that heard a peer is stopping hands it

@@ -333,7 +333,7 @@ fn spec(opts: &DbOptions) -> ClusterSpec {
         layout: Layout::PerNodeDir,
         dir: Some(opts.store.clone()),
         remove_dir_on_drop: false,
-        log_filter: Some("info,openraft=warn".into()),
+        log_filter: Some(convoy::node::LOG_DEFAULT.into()),
         node_env,
         convoy_bin: Some(opts.convoy_bin.clone()),
         move_bytes_per_s: opts.moves.then_some(MOVE_BYTES_PER_S),

@@ -463,7 +463,7 @@ const EXIT_REFUSED: u8 = 3;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let is_node = matches!(cli.command, Cmd::Node { .. });
-    init_tracing(if is_node { "info,openraft=warn" } else { "warn,openraft=error" });
+    init_tracing(if is_node { convoy::node::LOG_DEFAULT } else { "warn,openraft=error" });
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Cmd::Node { config, .. } = &cli.command {
         // A bad file is reported by `run_node`; only the thread count is needed here.

@@ -249,7 +249,10 @@ impl Quiescer {
             })
             .collect();
         for node in lost {
-            tracing::info!(peer = node, "no beat from the peer: waking the groups it leads here");
+            // The one line an outage of a peer logs here: openraft's failed heartbeats to it,
+            // one per group every heartbeat interval, are filtered out by default
+            // (`crate::node::LOG_DEFAULT`).
+            tracing::warn!(peer = node, after = ?self.lost_after, "no beat from the peer: lost; waking the groups it leads here");
             self.wake_followed_of(&mut st, &hosted, node);
         }
         let (mut quiet, mut renew) = (Vec::new(), Vec::new());
@@ -370,6 +373,9 @@ impl Quiescer {
             Some(p) => p.lost || p.incarnation != incarnation,
             None => true,
         };
+        if st.peers.get(&from).is_some_and(|p| p.lost) {
+            tracing::info!(peer = from, "the peer beats again");
+        }
         // A stopping node beats until its stop ends; only a new process is no longer leaving.
         let leaving = st.peers.get(&from).is_some_and(|p| p.leaving && p.incarnation == incarnation);
         st.peers.insert(from, Peer { incarnation, seen: now, lost: false, leaving });

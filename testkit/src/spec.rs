@@ -44,7 +44,7 @@ pub struct ClusterSpec {
     /// temporary directory is named on stderr.
     pub remove_dir_on_drop: bool,
     /// `CONVOY_LOG` for every node; `None` passes the caller's environment through (the node
-    /// then logs `info,openraft=warn` unless the caller set `CONVOY_LOG`).
+    /// then logs `convoy::node::LOG_DEFAULT` unless the caller set `CONVOY_LOG`).
     pub log_filter: Option<String>,
     /// Extra environment for every node.
     pub env: Vec<(String, String)>,
