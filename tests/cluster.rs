@@ -1773,7 +1773,10 @@ async fn a_peers_outage_is_logged_once_not_once_per_heartbeat() {
         eprintln!("node {id} during node {down}'s outage: {lost} lost line(s), {heartbeats} heartbeat warnings, {warnings} warnings in all");
         assert_eq!(lost, 1, "node {id} logs node {down} lost once:\n{log}");
         assert_eq!(heartbeats, 0, "node {id} logged failed heartbeats one by one");
-        assert!(warnings <= 10, "node {id} logged {warnings} warnings in a 3 s outage of one peer:\n{log}");
+        // What is left: openraft's replication errors (a group replicating to the dead node
+        // retries every election timeout, two lines each time) and vote errors while the
+        // node restarts, 1-13 per node in the runs seen; failed heartbeats alone were 88-130.
+        assert!(warnings <= 40, "node {id} logged {warnings} warnings in a 3 s outage of one peer:\n{log}");
     }
 }
 
