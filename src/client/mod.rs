@@ -638,13 +638,18 @@ impl Client {
             }
         }
         let (ids, start) = self.routes().leader_candidates(shard, attempt);
-        if ids.is_empty() {
-            // No node at all: node 0, which the attempt fails on as unknown.
-            return 0;
-        }
-        let rotation = (0..ids.len()).map(|i| ids[(start + i) % ids.len()]);
-        let healthy: Vec<u64> = rotation.clone().filter(|n| !self.is_suspect(*n)).collect();
-        healthy.first().copied().unwrap_or_else(|| ids[start % ids.len()])
+        // No node at all: node 0, which the attempt fails on as unknown.
+        self.first_healthy(&ids, start).unwrap_or(0)
+    }
+
+    /// `ids` in rotation from `start`: the first that is not suspect, else the one at
+    /// `start`; `None` when `ids` is empty.
+    fn first_healthy(&self, ids: &[u64], start: usize) -> Option<u64> {
+        let n = ids.len();
+        (0..n)
+            .map(|i| ids[(start + i) % n])
+            .find(|id| !self.is_suspect(*id))
+            .or_else(|| ids.get(start % n.max(1)).copied())
     }
 
     /// A `NotLeader` answer from `node`: routes by the map it carries, and caches the
@@ -1260,12 +1265,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
             // The shard's replicas as the newest map has them (a move changes them), in
             // rotation, the first that is not suspect (a stopped node closed this tail).
             let ids = client.routes().replicas(shard);
-            let n = ids.len().max(1);
-            (0..ids.len())
-                .map(|i| ids[(attempt + i) % n])
-                .find(|id| !client.is_suspect(*id))
-                .or_else(|| ids.get(attempt % n).copied())
-                .unwrap_or(0)
+            client.first_healthy(&ids, attempt).unwrap_or(0)
         });
         attempt += 1;
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };

@@ -345,8 +345,8 @@ impl Quiescer {
         }
         let mut st = self.lock();
         match st.peers.get_mut(&from) {
-            Some(p) if p.incarnation == incarnation => p.leaving = true,
-            Some(_) => {}
+            Some(p) if p.incarnation != incarnation => return,
+            Some(p) => p.leaving = true,
             None => {
                 st.peers.insert(from, Peer { incarnation, seen: now, lost: false, leaving: true });
             }
@@ -369,15 +369,17 @@ impl Quiescer {
         }
         let hosted = self.hosted();
         let mut st = self.lock();
-        let changed = match st.peers.get(&from) {
-            Some(p) => p.lost || p.incarnation != incarnation,
-            None => true,
+        let (changed, leaving) = match st.peers.get(&from) {
+            Some(p) => {
+                if p.lost {
+                    tracing::info!(peer = from, "the peer beats again");
+                }
+                // A stopping node beats until its stop ends; only a new process is not leaving.
+                let same = p.incarnation == incarnation;
+                (p.lost || !same, p.leaving && same)
+            }
+            None => (true, false),
         };
-        if st.peers.get(&from).is_some_and(|p| p.lost) {
-            tracing::info!(peer = from, "the peer beats again");
-        }
-        // A stopping node beats until its stop ends; only a new process is no longer leaving.
-        let leaving = st.peers.get(&from).is_some_and(|p| p.leaving && p.incarnation == incarnation);
         st.peers.insert(from, Peer { incarnation, seen: now, lost: false, leaving });
         if changed {
             // Back, or started again: it must hear the heartbeats of the groups led here
@@ -500,9 +502,6 @@ impl Quiescer {
         tick(raft, true);
     }
 
-    /// Every `every`: looks at the groups led here and beats to every peer, until `stop`.
-    /// Each peer has a task of its own, so a dead one delays no other; a slow one skips the
-    /// beats it missed.
     /// Tells every peer that this node is stopping, and waits at most `every` for their
     /// answers: a peer that does not hear it still hands this node no leadership once it has
     /// not answered for an election timeout.
@@ -520,6 +519,9 @@ impl Quiescer {
         let _ = tokio::time::timeout(every, futures::future::join_all(told)).await;
     }
 
+    /// Every `every`: looks at the groups led here and beats to every peer, until `stop`.
+    /// Each peer has a task of its own, so a dead one delays no other; a slow one skips the
+    /// beats it missed.
     pub async fn run(self: Arc<Self>, net: PeerNet, every: Duration, stop: impl std::future::Future<Output = ()>) {
         let (tx, _) = tokio::sync::watch::channel(Arc::new(Vec::<QuietGroup>::new()));
         let mut senders: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
