@@ -52,8 +52,9 @@ pub struct Progress {
     /// Entries the shard's leader has that the new replica has not matched yet (`None`
     /// before the leader replicates to it).
     pub entries_behind: Option<u64>,
-    /// Whether the shard's leader is streaming a snapshot (to the new replica, during a
-    /// move's copy) now, and the bytes of that stream so far (or of the last one).
+    /// Whether the shard's leader is streaming a snapshot to the new replica now, and the
+    /// bytes of that stream so far (or of the last one; 0 before any). Snapshots it streams
+    /// to other replicas meanwhile are not counted.
     pub copying: bool,
     pub bytes_copied: Option<u64>,
     /// About the bytes the shard's messages take on the leader's disk: RocksDB's estimate of
@@ -148,6 +149,11 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
                 let status = status.as_ref()?;
                 status.shards.iter().chain(&status.meta).find(|x| x.shard == op.shard)
             });
+            // The copy to the move's new replica (its latest, should the node have held
+            // the shard before): a snapshot the leader streams to another replica meanwhile
+            // (a voter back from downtime) is not the move's.
+            let copy = on_leader
+                .and_then(|s| s.snapshots.iter().filter(|c| c.node == op.to).max_by_key(|c| (c.sending, c.replica)));
             OperationView {
                 id: op.id,
                 kind: "move",
@@ -157,8 +163,8 @@ pub fn cluster_view(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterView {
                 state: op.step.as_str(),
                 progress: Progress {
                     entries_behind: lag.and_then(|l| l.entries_behind),
-                    copying: on_leader.is_some_and(|s| s.snapshot_sending),
-                    bytes_copied: on_leader.map(|s| s.snapshot_bytes_sent),
+                    copying: copy.is_some_and(|c| c.sending),
+                    bytes_copied: on_leader.map(|_| copy.map_or(0, |c| c.bytes_sent)),
                     shard_bytes: on_leader.map(|s| s.data_bytes),
                 },
             }
@@ -442,6 +448,35 @@ mod tests {
 
         let none = cluster_view(&[(1, None)]);
         assert_eq!((none.epoch, none.metadata_leader), (0, None));
+    }
+
+    #[test]
+    fn a_moves_progress_counts_only_the_snapshot_to_its_new_replica() {
+        use crate::net::wire::SnapshotCopyStatus;
+        use crate::placement::PlacementCommand;
+        let mut map = map_of(&[1, 2, 3, 4], &[1, 2, 3], 1);
+        map.apply(&PlacementCommand::StartMove { shard: 0, from: 3, to: 4 }).unwrap();
+        let copy = |node, replica, sending, bytes_sent| SnapshotCopyStatus { node, replica, sending, bytes_sent };
+        let view = |snapshots: Vec<SnapshotCopyStatus>| {
+            let mut leading = shard(0, 1, Some(1), 3, vec![]);
+            leading.snapshots = snapshots;
+            let mut n1 = node(1, vec![leading]);
+            n1.placement = map.clone();
+            let v = cluster_view(&[(1, Some(n1)), (2, Some(node(2, vec![shard(0, 2, Some(1), 3, vec![])])))]);
+            assert_eq!(v.operations.len(), 1);
+            v.operations[0].progress.clone()
+        };
+        // Node 2 was down while its log was purged: the leader streams it a snapshot at full
+        // speed. That is not the move's copy, which has not started.
+        let p = view(vec![copy(2, 2, true, 1 << 20)]);
+        assert_eq!((p.copying, p.bytes_copied), (false, Some(0)));
+        // The move's copy, beside it; an earlier generation of node 4's replica sent more.
+        let gen = 1u64 << 32;
+        let p = view(vec![copy(2, 2, true, 1 << 20), copy(4, 4, false, 900_000), copy(4, gen | 4, true, 50_000)]);
+        assert_eq!((p.copying, p.bytes_copied), (true, Some(50_000)));
+        // Once it ended, its bytes stay shown.
+        let p = view(vec![copy(4, 4, false, 900_000), copy(4, gen | 4, false, 80_000)]);
+        assert_eq!((p.copying, p.bytes_copied), (false, Some(80_000)));
     }
 
     fn map_of(nodes: &[u64], holding: &[u64], shards: u32) -> ClusterMap {

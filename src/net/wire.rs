@@ -254,12 +254,22 @@ pub struct ShardStatus {
     /// what a snapshot of it streams.
     #[serde(default)]
     pub data_bytes: u64,
-    /// Whether this replica is streaming a snapshot of the shard to another now, and the
-    /// bytes it streamed in that one (or in the last, once it ended).
+    /// The snapshots of the shard this replica is streaming to others now or streamed
+    /// within the last hour, one per target replica.
     #[serde(default)]
-    pub snapshot_sending: bool,
-    #[serde(default)]
-    pub snapshot_bytes_sent: u64,
+    pub snapshots: Vec<SnapshotCopyStatus>,
+}
+
+/// A snapshot copy from one replica of a shard to another.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCopyStatus {
+    /// The target's node and replica id.
+    pub node: u64,
+    pub replica: u64,
+    /// Whether a stream to it is going out now, and the bytes that one has sent (or the
+    /// last, once it ended).
+    pub sending: bool,
+    pub bytes_sent: u64,
 }
 
 /// A follower's replication lag as its shard's leader sees it.

@@ -172,6 +172,8 @@ struct Inner {
     snapshot_bytes_per_s: std::sync::atomic::AtomicU64,
     /// Snapshot streams this node sends, per group (see [`PeerNet::snapshot_streams`]).
     snapshot_streams: std::sync::Mutex<HashMap<ShardId, SnapshotStreams>>,
+    /// Snapshot copies this node sends, per (group, replica) (see [`PeerNet::snapshot_copies`]).
+    snapshot_copies: std::sync::Mutex<HashMap<(ShardId, NodeId), SnapshotCopy>>,
     /// The groups this node runs, to tell a learner from a voter (see [`PeerNet::limit_moves`]).
     groups: std::sync::OnceLock<Groups>,
     /// The node's quiescing, for its metrics (see [`PeerNet::quiescer`]).
@@ -255,23 +257,44 @@ pub struct SnapshotStreams {
     /// changes neither).
     pub last_installed: Option<std::time::Instant>,
     pub last_target: Option<NodeId>,
-    /// Bytes the stream going out (or the last) has sent so far.
-    pub bytes_sent: u64,
 }
+
+/// One group's snapshot copy to one replica, as a move's progress shows it: whether a
+/// stream to it is going out, and the bytes the stream going out (or the last) has sent.
+/// Kept per replica, so that a snapshot to another (a voter recovering from downtime, or a
+/// stream to a peer that died and whose connection has not timed out yet) never counts as
+/// a move's copy.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotCopy {
+    pub sending: bool,
+    pub bytes_sent: u64,
+    /// Streams to the replica going out now (a new one may start before a failed one ends).
+    streams: usize,
+    ended: Option<std::time::Instant>,
+}
+
+/// How long the bytes of a copy that ended are still shown.
+const SNAPSHOT_COPY_SHOWN: Duration = Duration::from_secs(3600);
 
 /// Counts one snapshot stream as going out for as long as it lives.
 struct Streaming<'a> {
     inner: &'a Inner,
     shard: ShardId,
+    target: NodeId,
 }
 
 impl<'a> Streaming<'a> {
-    fn start(inner: &'a Inner, shard: ShardId) -> Self {
-        let mut streams = inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner());
-        let s = streams.entry(shard).or_default();
-        s.sending += 1;
-        s.bytes_sent = 0;
-        Streaming { inner, shard }
+    fn start(inner: &'a Inner, shard: ShardId, target: NodeId) -> Self {
+        inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner()).entry(shard).or_default().sending += 1;
+        let mut copies = inner.snapshot_copies.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        copies.retain(|_, c| c.ended.is_none_or(|e| now.saturating_duration_since(e) < SNAPSHOT_COPY_SHOWN));
+        let c = copies.entry((shard, target)).or_default();
+        c.streams += 1;
+        c.sending = true;
+        c.bytes_sent = 0;
+        c.ended = None;
+        Streaming { inner, shard, target }
     }
 
     /// `target` answered the install.
@@ -283,8 +306,8 @@ impl<'a> Streaming<'a> {
     }
 
     fn sent(&self, bytes: usize) {
-        let mut streams = self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner());
-        streams.entry(self.shard).or_default().bytes_sent += bytes as u64;
+        let mut copies = self.inner.snapshot_copies.lock().unwrap_or_else(|p| p.into_inner());
+        copies.entry((self.shard, self.target)).or_default().bytes_sent += bytes as u64;
     }
 }
 
@@ -293,6 +316,14 @@ impl Drop for Streaming<'_> {
         let mut streams = self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner());
         let s = streams.entry(self.shard).or_default();
         s.sending = s.sending.saturating_sub(1);
+        drop(streams);
+        let mut copies = self.inner.snapshot_copies.lock().unwrap_or_else(|p| p.into_inner());
+        let c = copies.entry((self.shard, self.target)).or_default();
+        c.streams = c.streams.saturating_sub(1);
+        if c.streams == 0 {
+            c.sending = false;
+            c.ended = Some(std::time::Instant::now());
+        }
     }
 }
 
@@ -363,6 +394,7 @@ impl PeerNet {
             lanes,
             snapshot_bytes_per_s,
             snapshot_streams: std::sync::Mutex::default(),
+            snapshot_copies: std::sync::Mutex::default(),
             groups: std::sync::OnceLock::new(),
             quiescer: std::sync::OnceLock::new(),
             paced: std::sync::Mutex::default(),
@@ -463,6 +495,15 @@ impl PeerNet {
     /// The snapshot streams `shard`'s group on this node is sending, and when the last ended.
     pub fn snapshot_streams(&self, shard: ShardId) -> SnapshotStreams {
         self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).copied().unwrap_or_default()
+    }
+
+    /// The snapshot copies `shard`'s group on this node is sending or sent within the last
+    /// hour, by target replica.
+    pub fn snapshot_copies(&self, shard: ShardId) -> Vec<(NodeId, SnapshotCopy)> {
+        let copies = self.inner.snapshot_copies.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = copies.iter().filter(|((s, _), _)| *s == shard).map(|((_, t), c)| (*t, *c)).collect();
+        out.sort_unstable_by_key(|(t, _)| *t);
+        out
     }
 
     /// Learns where `node` is (a node added to the cluster, or one whose address changed);
@@ -869,7 +910,7 @@ impl GroupRouter<C, ShardId> for PeerNet {
         let transfer = async {
             let conn = self.connection(target).await.map_err(to_streaming)?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| to_streaming(unreachable(e)))?;
-            let streaming = Streaming::start(&self.inner, shard);
+            let streaming = Streaming::start(&self.inner, shard, target);
             let meta = snapshot.meta.clone();
             frame::write(&mut send, &PeerRequest::Snapshot { shard, to: target, vote, meta })
                 .await

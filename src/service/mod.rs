@@ -42,7 +42,8 @@ use crate::error::{Error, Result};
 use crate::net::frame;
 use crate::net::tls::Identity;
 use crate::net::wire::{
-    ErrorCode, FollowerLag, MemberChange, NodeStatus, Request, Response, SendRequest, ShardStatus, SEND_BATCH_MAX,
+    ErrorCode, FollowerLag, MemberChange, NodeStatus, Request, Response, SendRequest, ShardStatus, SnapshotCopyStatus,
+    SEND_BATCH_MAX,
 };
 use crate::placement::{ClusterMap, NodeEntry, NodeState, PlacementCommand, RoutingMap, META_SHARD};
 use crate::raft::meta::{self, Placed};
@@ -1310,7 +1311,6 @@ impl Service {
 
     fn group_status(&self, g: &Group) -> ShardStatus {
         let m = consensus::metrics_of(&g.raft);
-        let streams = self.net.snapshot_streams(g.shard);
         ShardStatus {
             shard: g.shard,
             leader: m.current_leader.map(node_of),
@@ -1323,8 +1323,17 @@ impl Service {
             learners: m.membership_config.membership().learner_ids().map(node_of).collect(),
             followers: follower_lags(&m, g.replica, self.config.limits.follower_lag_warn),
             data_bytes: self.store.shard_bytes(g.shard),
-            snapshot_sending: streams.sending > 0,
-            snapshot_bytes_sent: streams.bytes_sent,
+            snapshots: self
+                .net
+                .snapshot_copies(g.shard)
+                .into_iter()
+                .map(|(replica, c)| SnapshotCopyStatus {
+                    node: node_of(replica),
+                    replica,
+                    sending: c.sending,
+                    bytes_sent: c.bytes_sent,
+                })
+                .collect(),
         }
     }
 
