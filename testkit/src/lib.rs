@@ -12,8 +12,9 @@
 //!   kills them all when dropped, so a failing test or an interrupted run leaves no node behind.
 //! - Waiting is polling with a deadline ([`eventually`], [`LocalCluster::wait_ready`]); no
 //!   fixed sleep stands in for synchronisation.
-//! - Loopback clusters take their ports from the OS ([`free_port`]), so clusters of parallel
-//!   tests never collide.
+//! - Loopback clusters take free ports outside the kernel's ephemeral range ([`free_ports`]),
+//!   each handed out once per process, so clusters of parallel tests never collide and no
+//!   client socket takes a stopped node's port before it restarts.
 //!
 //! Left out: anything a harness measures or injects beyond process control. The bench reads
 //! `/proc` itself (with [`LocalCluster::pid`]); jepsen keeps its lossy mounts, clock files and
@@ -43,30 +44,73 @@ pub const CONVOY_BIN_ENV: &str = "CONVOY_BIN";
 /// with the cluster).
 pub const TEST_USER: &str = "tester";
 
-/// A UDP port on 127.0.0.1 that the OS just handed out (QUIC runs over UDP). The socket is
-/// closed on return, so the port is free but not reserved; [`LocalCluster`] picks all of a
-/// cluster's ports while holding them, so they are at least distinct from each other.
+/// A UDP port on 127.0.0.1 that is free now (QUIC runs over UDP); see [`free_ports`].
 pub fn free_port() -> Result<u16> {
     Ok(free_ports(1)?[0])
 }
 
 /// `n` distinct free UDP ports on 127.0.0.1: every socket stays bound until all are chosen.
-pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let sockets: Vec<UdpSocket> = (0..n)
-        .map(|_| UdpSocket::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()
-        .context("binding an ephemeral UDP port on 127.0.0.1")?;
-    sockets.iter().map(|s| Ok(s.local_addr()?.port())).collect()
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    reserve(n, |port| UdpSocket::bind(("127.0.0.1", port)))
 }
 
 /// `n` distinct free TCP ports on 127.0.0.1 (for the metrics endpoints): every listener stays
 /// bound until all are chosen.
 pub(crate) fn free_tcp_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()
-        .context("binding an ephemeral TCP port on 127.0.0.1")?;
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+    reserve(n, |port| std::net::TcpListener::bind(("127.0.0.1", port)))
+}
+
+/// Picks `n` ports that `bind` takes, holding each until all are chosen.
+///
+/// The ports come from outside the kernel's ephemeral range. A node binds its ports when it
+/// starts, and again when it restarts after a kill: a port of the ephemeral range would be
+/// free meanwhile for any socket bound to port 0 (every client endpoint, every CLI run) to
+/// take, and the node would then fail with "Address already in use" (it did, in CI). Outside
+/// that range only an explicit bind takes a port, and within this process each port is handed
+/// out once (a counter walks the range from a start that differs between processes).
+fn reserve<S>(n: usize, bind: impl Fn(u16) -> std::io::Result<S>) -> Result<Vec<u16>> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: std::sync::OnceLock<AtomicU32> = std::sync::OnceLock::new();
+    let (lo, hi) = outside_ephemeral_range();
+    let width = u32::from(hi - lo) + 1;
+    let next = NEXT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        AtomicU32::new(std::process::id().wrapping_mul(7919) ^ nanos)
+    });
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..width {
+        if held.len() == n {
+            break;
+        }
+        let port = lo + (next.fetch_add(1, Ordering::Relaxed) % width) as u16;
+        if let Ok(socket) = bind(port) {
+            held.push((port, socket));
+        }
+    }
+    if held.len() < n {
+        bail!("only {} of {n} free ports on 127.0.0.1 in {lo}-{hi}", held.len());
+    }
+    Ok(held.into_iter().map(|(port, _)| port).collect())
+}
+
+/// The wider of the port ranges below and above the kernel's ephemeral range (from
+/// `/proc/sys/net/ipv4/ip_local_port_range`; Linux's default 32768-60999 if unreadable), and
+/// never below 10000.
+fn outside_ephemeral_range() -> (u16, u16) {
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|w| w.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let below = (10_000u16, lo.saturating_sub(1).max(10_000));
+    let above = (hi.saturating_add(1), 65_535u16);
+    if below.1 - below.0 >= above.1 - above.0 {
+        below
+    } else {
+        above
+    }
 }
 
 /// The `convoy` binary to run nodes with: `explicit` if given; else the path in
@@ -127,7 +171,16 @@ mod tests {
         assert_eq!(distinct.len(), 6, "{ports:?}");
         let port = free_port().expect("a port");
         assert_ne!(port, 0);
+        assert!(!ports.contains(&port), "a port is handed out once: {port} in {ports:?}");
         UdpSocket::bind(("127.0.0.1", port)).expect("the port is free again");
+        // None is one the kernel hands to a socket bound to port 0.
+        let range: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .map(|s| s.split_whitespace().filter_map(|w| w.parse().ok()).collect())
+            .unwrap_or_default();
+        let (lo, hi) = if range.len() == 2 { (range[0], range[1]) } else { (32768, 60999) };
+        for p in ports.iter().chain([&port]) {
+            assert!(!(lo..=hi).contains(p), "{p} is in the ephemeral range {lo}-{hi}");
+        }
     }
 
     #[test]
