@@ -598,24 +598,44 @@ async fn retention_by_age_deletes_what_is_older() {
     });
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let alice = cluster.client_as("alice").expect("alice");
-    let three_s = convoy::chat::Retention { max_age_ms: Some(3000), ..Default::default() };
-    let (set, _) = alice.set_retention("aging", three_s).await.expect("set retention");
-    assert_eq!(set, three_s);
+    const MAX_AGE: Duration = Duration::from_secs(5);
+    let five_s = convoy::chat::Retention { max_age_ms: Some(MAX_AGE.as_millis() as u64), ..Default::default() };
+    let (set, _) = alice.set_retention("aging", five_s).await.expect("set retention");
+    assert_eq!(set, five_s);
     for i in 1..=20 {
         alice.send("aging", &format!("old {i}")).await.expect("send");
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(MAX_AGE + Duration::from_secs(1)).await;
+    let young_sent = Instant::now();
     for i in 21..=25 {
         alice.send("aging", &format!("young {i}")).await.expect("send");
     }
-    // The old ones were 3 s old before the young ones were sent; the young ones stay for 3 s.
+    // The old ones were 5 s old before the young ones were sent; the young ones stay for 5 s.
+    // Each replica is read until it shows both (a follower applies the trim and the young
+    // ones moments after their acks), which must happen well before the young ones age.
     for node in 1..=3 {
-        let read = alice.read("aging", 1, Some(node)).await.expect("read");
-        assert_eq!(read.truncated_before, Some(21), "node {node}");
-        assert_eq!(read.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), (21..=25).collect::<Vec<_>>());
+        let young = (21..=25).collect::<Vec<u64>>();
+        let wanted = |r: &convoy::client::Read| {
+            r.truncated_before == Some(21) && r.messages.iter().map(|m| m.offset).collect::<Vec<_>>() == young
+        };
+        let shown = eventually(
+            (MAX_AGE - Duration::from_secs(1)).saturating_sub(young_sent.elapsed()),
+            "the old ones trimmed, the young ones kept",
+            || async { alice.read("aging", 1, Some(node)).await.ok().filter(|r| wanted(r)) },
+        )
+        .await;
+        if shown.is_err() {
+            let read = alice.read("aging", 1, Some(node)).await.expect("read");
+            panic!(
+                "node {node} shows {:?}, before {:?}, {:?} after the young ones were sent",
+                read.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
+                read.truncated_before,
+                young_sent.elapsed()
+            );
+        }
     }
     // And then they go too: the conversation is empty, its head unchanged.
-    let read = eventually(Duration::from_secs(10), "the young ones to age out", || async {
+    let read = eventually(Duration::from_secs(15), "the young ones to age out", || async {
         alice.read("aging", 1, Some(1)).await.ok().filter(|r| r.messages.is_empty())
     })
     .await
@@ -1692,10 +1712,15 @@ async fn a_clean_stop_logs_no_errors_even_while_a_peer_hangs() {
 // A following tail sees every message, in order, once, across a restart of the node it is
 // attached to; then restarting all nodes (kill -9) loses nothing.
 // A clean stop of a shard's leader hands the shard to another voter before the node stops:
-// sends go on after a transfer, not after the followers' election timeout (800–1600 ms here).
+// sends go on after a transfer, not after the followers' election timeout. Elections are
+// slow here (4–8 s), so that a handover's gap, which a loaded machine can stretch, is never
+// mistaken for one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_stopped_cleanly_hands_its_shards_over_first() {
-    let mut cluster = start(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    let base = spec(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    let raft =
+        RaftTweaks { election_timeout_ms_min: Some(4000), election_timeout_ms_max: Some(8000), ..base.raft.clone() };
+    let mut cluster = LocalCluster::launch(ClusterSpec { raft, ..base }).expect("start the cluster");
     let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     let victim = leaders[0];
     let conversation = (0..).map(|i| format!("handed-{i}")).find(|c| shard_of(c, 2) == 0).expect("a conversation");
@@ -1732,7 +1757,7 @@ async fn a_leader_stopped_cleanly_hands_its_shards_over_first() {
     eprintln!("longest gap between acks while node {victim} stopped (in {stop_took:?}): {gap:?}");
     assert!(acks.iter().any(|a| *a > stopped_at + stop_took), "sends went on after the stop");
     assert!(
-        gap < Duration::from_millis(700),
+        gap < Duration::from_secs(2),
         "sends waited {gap:?} while their leader stopped: longer than a handover, as long as an election"
     );
     assert!(log.contains("handing leadership away before stopping"), "node {victim} handed nothing away");
@@ -1767,6 +1792,7 @@ async fn a_peers_outage_is_logged_once_not_once_per_heartbeat() {
         })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+        let window = outage.elapsed();
         let lost = log.lines().filter(|l| l.contains("no beat from the peer") && l.contains(&beats_again)).count();
         let heartbeats = log.lines().filter(|l| l.contains("failed to send a heartbeat")).count();
         let warnings = log.lines().filter(|l| l.contains(" WARN ")).count();
@@ -1775,8 +1801,14 @@ async fn a_peers_outage_is_logged_once_not_once_per_heartbeat() {
         assert_eq!(heartbeats, 0, "node {id} logged failed heartbeats one by one");
         // What is left: openraft's replication errors (a group replicating to the dead node
         // retries every election timeout, two lines each time) and vote errors while the
-        // node restarts, 1-13 per node in the runs seen; failed heartbeats alone were 88-130.
-        assert!(warnings <= 40, "node {id} logged {warnings} warnings in a 3 s outage of one peer:\n{log}");
+        // node restarts, 1-13 per node in the runs seen over about 4 s; failed heartbeats
+        // alone were 88-130 (about 25 a second). The bound grows with the outage, which a
+        // slow restart lengthens.
+        let bound = 10 + (8.0 * window.as_secs_f64()) as usize;
+        assert!(
+            warnings <= bound,
+            "node {id} logged {warnings} warnings (bound {bound}) in {window:?} of one peer's outage:\n{log}"
+        );
     }
 }
 
@@ -1848,8 +1880,10 @@ async fn a_send_after_its_cached_leader_stopped_goes_elsewhere_at_once() {
     let ack = client.send(&conversation, "after").await.expect("send after the stop");
     let took = started.elapsed();
     eprintln!("the first send after node {victim} stopped took {took:?} (offset {})", ack.offset);
+    // Waiting on the stopped node costs an attempt's timeout (2.5 s); a redirect, a retry
+    // pause and two fsyncs on a loaded machine stay well under 2 s.
     assert!(
-        took < Duration::from_millis(1000),
+        took < convoy::client::ATTEMPT_TIMEOUT - Duration::from_millis(500),
         "the send took {took:?}: it waited on the stopped node instead of going to another"
     );
 }
@@ -2375,21 +2409,24 @@ async fn slow_move_cluster(kept: u64, bytes_per_s: u64) -> (LocalCluster, Vec<u6
     (cluster, leaders)
 }
 
-/// The copy rates, in bytes per second, that `admin move --wait` printed ("… copied at
-/// 24.4 KB/s").
-fn copy_rates(out: &str) -> Vec<f64> {
+/// The bytes copied that `admin move --wait` printed, with the seconds since it began:
+/// "   9.5 s  operation 1: shard 0 3→4 catching_up 1.1 MB copied at 160.3 KB/s", or with a
+/// bar, "… [###---] 3.5 MB of ~10.0 MB copied at …".
+fn bytes_copied_by_time(out: &str) -> Vec<(f64, f64)> {
     out.lines()
-        .filter_map(|l| l.split(" copied at ").nth(1)?.split("/s").next())
-        .filter_map(|r| {
-            let (n, unit) = r.split_once(' ')?;
-            let scale = match unit {
+        .filter_map(|l| {
+            let at: f64 = l.split_whitespace().next()?.parse().ok()?;
+            let before = l.split(" copied at ").next().filter(|b| b.len() < l.len())?;
+            let before = before.split(" of ~").next()?;
+            let mut words = before.rsplit(' ');
+            let scale = match words.next()? {
                 "B" => 1.0,
                 "KB" => 1e3,
                 "MB" => 1e6,
                 "GB" => 1e9,
                 _ => return None,
             };
-            Some(n.parse::<f64>().ok()? * scale)
+            Some((at, words.next()?.parse::<f64>().ok()? * scale))
         })
         .collect()
 }
@@ -2712,9 +2749,16 @@ async fn a_move_while_another_voter_is_down_keeps_every_send_acked() {
     // the leader streams meanwhile to the voter that is down (unpaced: it is no move's, and
     // its connection takes seconds to time out) is not the move's copy and must not show in
     // it; it did once, as "1.0 MB copied at 297.2 KB/s".
-    let rates = copy_rates(&out);
-    assert!(!rates.is_empty(), "--wait shows the copy's rate:\n{out}");
-    assert!(rates.iter().all(|r| *r <= 100_000.0), "the copy shows its pace of 25 KB/s: {rates:?}\n{out}");
+    // Each line's bytes are checked against the time since the move began: a paced stream
+    // never gets ahead of its pace (the rate a line shows is one sample, and jitters).
+    let copied = bytes_copied_by_time(&out);
+    assert!(out.contains(" copied at ") && !copied.is_empty(), "--wait shows the copy:\n{out}");
+    for (at, bytes) in &copied {
+        assert!(
+            *bytes <= 50_000.0 * at + 100_000.0,
+            "{bytes} bytes copied at {at} s: faster than its pace of 25 KB/s\n{out}"
+        );
+    }
 
     cluster.start(down).expect("restart the node that was down");
     let want = FILL + acked as usize;

@@ -1444,6 +1444,16 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), model);
     }
 
+    /// Waits until the filesystem has been asked `n` fsyncs in all (a thread's fsync reaches
+    /// the daemon when the kernel passes it on, not when the thread starts).
+    fn wait_for_fsyncs(fs: &LossyMount, n: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while fs.stats().fsyncs < n {
+            assert!(std::time::Instant::now() < deadline, "fsync {n} never reached the filesystem");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     // A held fsync does not return and does not persist; other requests go on; a power
     // failure fails it and drops its data, and a release performs it.
     #[test]
@@ -1457,8 +1467,10 @@ mod tests {
         fx.fs.hold_fsyncs();
         f.write_all(b" lost").unwrap();
         let g = f.try_clone().unwrap();
+        let arrived = fx.fs.stats().fsyncs + 1;
         let syncer = std::thread::spawn(move || g.sync_all());
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        wait_for_fsyncs(&fx.fs, arrived);
+        std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(!syncer.is_finished(), "a held fsync does not return");
         assert_eq!(read_all(&path), b"kept lost", "other requests are served meanwhile");
         assert_eq!(read_all(&fx.backing.join("held")), b"kept", "nothing held reached the disk");
@@ -1470,8 +1482,9 @@ mod tests {
         fx.fs.hold_fsyncs();
         f.write_all_at(b"!", 4).unwrap();
         let g = f.try_clone().unwrap();
+        let arrived = fx.fs.stats().fsyncs + 1;
         let syncer = std::thread::spawn(move || g.sync_all());
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        wait_for_fsyncs(&fx.fs, arrived);
         assert_eq!(fx.fs.release_fsyncs(), 1);
         syncer.join().unwrap().expect("a released fsync succeeds");
         assert_eq!(read_all(&fx.backing.join("held")), b"kept!");
