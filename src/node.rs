@@ -223,8 +223,10 @@ impl Node {
         }
         self.service.hand_leaderships_away().await;
         self.client_endpoint.close(0u32.into(), b"shutdown");
-        drain(&self.client_endpoint, "client").await;
-        self.service.shutdown().await;
+        // Clients were told at the close; what drains is their connections' closing state
+        // (answering a late packet with the close again), which the groups' shutdown need
+        // not wait for.
+        tokio::join!(drain(&self.client_endpoint, "client"), self.service.shutdown());
         self.peer_endpoint.close(0u32.into(), b"shutdown");
         drain(&self.peer_endpoint, "peer").await;
     }
