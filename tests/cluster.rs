@@ -613,11 +613,11 @@ async fn retention_by_age_deletes_what_is_older() {
     // The old ones were 5 s old before the young ones were sent; the young ones stay for 5 s.
     // Each replica is read until it shows both (a follower applies the trim and the young
     // ones moments after their acks), which must happen well before the young ones age.
+    let young = (21..=25).collect::<Vec<u64>>();
+    let wanted = |r: &convoy::client::Read| {
+        r.truncated_before == Some(21) && r.messages.iter().map(|m| m.offset).collect::<Vec<_>>() == young
+    };
     for node in 1..=3 {
-        let young = (21..=25).collect::<Vec<u64>>();
-        let wanted = |r: &convoy::client::Read| {
-            r.truncated_before == Some(21) && r.messages.iter().map(|m| m.offset).collect::<Vec<_>>() == young
-        };
         let shown = eventually(
             (MAX_AGE - Duration::from_secs(1)).saturating_sub(young_sent.elapsed()),
             "the old ones trimmed, the young ones kept",

@@ -170,7 +170,8 @@ struct Inner {
     /// Bytes per second a snapshot stream, or a learner's log catch-up, may send (0: no
     /// limit; `[admin] move_bytes_per_s`).
     snapshot_bytes_per_s: std::sync::atomic::AtomicU64,
-    /// Snapshot streams this node sends, per group (see [`PeerNet::snapshot_streams`]).
+    /// The last install each group's snapshot streams got answered (see
+    /// [`PeerNet::snapshot_streams`]).
     snapshot_streams: std::sync::Mutex<HashMap<ShardId, SnapshotStreams>>,
     /// Snapshot copies this node sends, per (group, replica) (see [`PeerNet::snapshot_copies`]).
     snapshot_copies: std::sync::Mutex<HashMap<(ShardId, NodeId), SnapshotCopy>>,
@@ -251,7 +252,8 @@ struct Paced {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotStreams {
     /// Streams going out now: from the connection's opening until the peer answered the
-    /// install or the stream failed. A peer that cannot be reached never counts.
+    /// install or the stream failed. A peer that cannot be reached never counts. (Counted
+    /// per replica in [`SnapshotCopy`]; summed when asked.)
     pub sending: usize,
     /// When a peer last answered an install, and which replica that was (a failed stream
     /// changes neither).
@@ -266,11 +268,17 @@ pub struct SnapshotStreams {
 /// a move's copy.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotCopy {
-    pub sending: bool,
     pub bytes_sent: u64,
     /// Streams to the replica going out now (a new one may start before a failed one ends).
     streams: usize,
     ended: Option<std::time::Instant>,
+}
+
+impl SnapshotCopy {
+    /// Whether a stream to the replica is going out now.
+    pub fn sending(&self) -> bool {
+        self.streams > 0
+    }
 }
 
 /// How long the bytes of a copy that ended are still shown.
@@ -285,13 +293,11 @@ struct Streaming<'a> {
 
 impl<'a> Streaming<'a> {
     fn start(inner: &'a Inner, shard: ShardId, target: NodeId) -> Self {
-        inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner()).entry(shard).or_default().sending += 1;
         let mut copies = inner.snapshot_copies.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         copies.retain(|_, c| c.ended.is_none_or(|e| now.saturating_duration_since(e) < SNAPSHOT_COPY_SHOWN));
         let c = copies.entry((shard, target)).or_default();
         c.streams += 1;
-        c.sending = true;
         c.bytes_sent = 0;
         c.ended = None;
         Streaming { inner, shard, target }
@@ -313,15 +319,10 @@ impl<'a> Streaming<'a> {
 
 impl Drop for Streaming<'_> {
     fn drop(&mut self) {
-        let mut streams = self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner());
-        let s = streams.entry(self.shard).or_default();
-        s.sending = s.sending.saturating_sub(1);
-        drop(streams);
         let mut copies = self.inner.snapshot_copies.lock().unwrap_or_else(|p| p.into_inner());
         let c = copies.entry((self.shard, self.target)).or_default();
         c.streams = c.streams.saturating_sub(1);
         if c.streams == 0 {
-            c.sending = false;
             c.ended = Some(std::time::Instant::now());
         }
     }
@@ -494,7 +495,9 @@ impl PeerNet {
 
     /// The snapshot streams `shard`'s group on this node is sending, and when the last ended.
     pub fn snapshot_streams(&self, shard: ShardId) -> SnapshotStreams {
-        self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).copied().unwrap_or_default()
+        let last = self.inner.snapshot_streams.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).copied();
+        let sending = self.snapshot_copies(shard).iter().map(|(_, c)| c.streams).sum();
+        SnapshotStreams { sending, ..last.unwrap_or_default() }
     }
 
     /// The snapshot copies `shard`'s group on this node is sending or sent within the last

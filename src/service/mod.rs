@@ -1330,7 +1330,7 @@ impl Service {
                 .map(|(replica, c)| SnapshotCopyStatus {
                     node: node_of(replica),
                     replica,
-                    sending: c.sending,
+                    sending: c.sending(),
                     bytes_sent: c.bytes_sent,
                 })
                 .collect(),

@@ -50,7 +50,7 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// `n` distinct free UDP ports on 127.0.0.1: every socket stays bound until all are chosen.
-pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
     reserve(n, |port| UdpSocket::bind(("127.0.0.1", port)))
 }
 
@@ -93,17 +93,21 @@ fn reserve<S>(n: usize, bind: impl Fn(u16) -> std::io::Result<S>) -> Result<Vec<
     Ok(held.into_iter().map(|(port, _)| port).collect())
 }
 
-/// The wider of the port ranges below and above the kernel's ephemeral range (from
-/// `/proc/sys/net/ipv4/ip_local_port_range`; Linux's default 32768-60999 if unreadable), and
-/// never below 10000.
-fn outside_ephemeral_range() -> (u16, u16) {
-    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+/// The kernel's ephemeral port range, where sockets bound to port 0 land (from
+/// `/proc/sys/net/ipv4/ip_local_port_range`; Linux's default 32768-60999 if unreadable).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| {
             let mut it = s.split_whitespace().map(|w| w.parse::<u16>().ok());
             Some((it.next()??, it.next()??))
         })
-        .unwrap_or((32768, 60999));
+        .unwrap_or((32768, 60999))
+}
+
+/// The wider of the port ranges below and above [`ephemeral_range`], never below 10000.
+fn outside_ephemeral_range() -> (u16, u16) {
+    let (lo, hi) = ephemeral_range();
     let below = (10_000u16, lo.saturating_sub(1).max(10_000));
     let above = (hi.saturating_add(1), 65_535u16);
     if below.1 - below.0 >= above.1 - above.0 {
@@ -174,10 +178,7 @@ mod tests {
         assert!(!ports.contains(&port), "a port is handed out once: {port} in {ports:?}");
         UdpSocket::bind(("127.0.0.1", port)).expect("the port is free again");
         // None is one the kernel hands to a socket bound to port 0.
-        let range: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .map(|s| s.split_whitespace().filter_map(|w| w.parse().ok()).collect())
-            .unwrap_or_default();
-        let (lo, hi) = if range.len() == 2 { (range[0], range[1]) } else { (32768, 60999) };
+        let (lo, hi) = ephemeral_range();
         for p in ports.iter().chain([&port]) {
             assert!(!(lo..=hi).contains(p), "{p} is in the ephemeral range {lo}-{hi}");
         }
