@@ -1,5 +1,5 @@
-//! Hostile bytes against every decoder a node runs: client requests, peer requests and stored
-//! values. Two harnesses, both on stable Rust:
+//! Hostile bytes against every decoder a node runs: client requests, peer requests and
+//! answers, and stored values. Two harnesses, both on stable Rust:
 //!
 //! - **lying lengths, exhaustively**: for a sample of every message variant, every position of
 //!   its encoding gets a varint announcing 2^32 and 2^63 (inserted there, and in place of the
@@ -22,8 +22,10 @@ use crate::net::frame;
 use crate::net::wire::{MemberChange, Request, SendRequest};
 use crate::raft::formation::{ClusterRecord, Stage};
 use crate::raft::log_store::Watermark;
-use crate::raft::rpc::PeerRequest;
-use crate::raft::types::{AppendEntriesRequest, Entry, LogId, Member, SnapshotMeta, Vote, VoteRequest, C};
+use crate::raft::rpc::{PeerRequest, PeerResponse};
+use crate::raft::types::{
+    AppendEntriesRequest, AppendEntriesResponse, Entry, LogId, Member, SnapshotMeta, Vote, VoteRequest, VoteResponse, C,
+};
 use crate::store::codec;
 
 fn send_request(conversation: &str, text: &str) -> SendRequest {
@@ -141,6 +143,27 @@ fn peer_requests() -> Vec<PeerRequest> {
     ]
 }
 
+/// A peer's answers, those with a length inside above all (a leader decodes them).
+fn peer_responses() -> Vec<PeerResponse> {
+    let last: LogId = openraft::testing::log_id::<C>(3, 2, 9);
+    vec![
+        PeerResponse::Append(AppendEntriesResponse::PartialSuccess(Some(last))),
+        PeerResponse::Appends(vec![
+            PeerResponse::Append(AppendEntriesResponse::Success),
+            PeerResponse::Error("no shard 4 here".into()),
+            PeerResponse::Busy,
+            PeerResponse::Append(AppendEntriesResponse::HigherVote(Vote::new(4, 1))),
+        ]),
+        PeerResponse::Vote(VoteResponse::new(Vote::new(3, 2), Some(last), true)),
+        PeerResponse::Hello(Some(ClusterRecord { cluster: 77, node: 2, stage: Stage::Formed })),
+        PeerResponse::LearnerAdded { replica: 3 | (1 << 32), leaving: vec![3, 5] },
+        PeerResponse::PlacementRefused("node 4 still holds replicas".into()),
+        PeerResponse::ClusterMap(Box::default()),
+        PeerResponse::Behind { entries: Some(12) },
+        PeerResponse::NotLeader { leader: Some(1) },
+    ]
+}
+
 /// Every stored value, encoded as the store writes it.
 fn stored() -> Vec<(&'static str, Vec<u8>)> {
     let message = StoredMessage {
@@ -246,6 +269,16 @@ fn every_length_of_every_peer_request_may_lie() {
 }
 
 #[test]
+fn every_length_of_every_peer_answer_may_lie() {
+    let samples: Vec<Vec<u8>> = peer_responses().iter().map(body).collect();
+    for sample in &samples {
+        assert!(frame::decode_body::<PeerResponse>(sample).is_ok(), "the sample decodes");
+    }
+    let (tried, refused) = lie_to(samples, 1, |b| frame::decode_body::<PeerResponse>(b).is_ok());
+    assert!(tried >= 400 && refused > tried / 2, "{refused} of {tried} refused");
+}
+
+#[test]
 fn every_length_of_every_stored_value_may_lie() {
     for (kind, bytes) in stored() {
         assert!(decode_stored(kind, &bytes), "the {kind} sample decodes");
@@ -280,16 +313,18 @@ fn mutate(bytes: &[u8], op: u8, at: prop::sample::Index, value: u8) -> Vec<u8> {
 }
 
 proptest! {
-    // Mutated requests, peer requests and stored values decode or are refused, never panic.
+    // Mutated requests, peer requests and answers, and stored values decode or are refused,
+    // never panic.
     #[test]
     fn mutated_encodings_never_panic(
         which in 0usize..64,
         mutations in prop::collection::vec((any::<u8>(), any::<prop::sample::Index>(), any::<u8>()), 1..6),
     ) {
-        let (requests, peers, stored) = (requests(), peer_requests(), stored());
-        let mut bytes = match which % 3 {
+        let (requests, peers, answers, stored) = (requests(), peer_requests(), peer_responses(), stored());
+        let mut bytes = match which % 4 {
             0 => body(&requests[which % requests.len()]),
             1 => body(&peers[which % peers.len()]),
+            2 => body(&answers[which % answers.len()]),
             _ => stored[which % stored.len()].1.clone(),
         };
         for (op, at, value) in mutations {
@@ -297,6 +332,7 @@ proptest! {
         }
         let _ = frame::decode_body::<Request>(&bytes);
         let _ = frame::decode_body::<PeerRequest>(&bytes);
+        let _ = frame::decode_body::<PeerResponse>(&bytes);
         for (kind, _) in stored.iter() {
             let _ = decode_stored(kind, &bytes);
         }

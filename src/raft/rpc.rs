@@ -190,12 +190,130 @@ pub enum PeerResponse {
     /// The shard is not hosted here or the Raft task failed; the caller treats the peer
     /// as unreachable for this RPC.
     Error(String),
-    /// The answers to an `Appends`, in its order (each `Append`, `Busy` or `Error`).
-    Appends(Vec<PeerResponse>),
+    /// The answers to an `Appends`, in its order (each `Append`, `Busy` or `Error`). Decoded
+    /// flat ([`frame_answers`]): an answer in it is never another `Appends`, so a peer's bytes
+    /// cannot nest answers until the decoder overflows its stack.
+    Appends(#[serde(deserialize_with = "frame_answers")] Vec<PeerResponse>),
     /// A request of a frame not done with the rest of it: its group is busy on this node.
     Busy,
     /// A `Beat` was taken in.
     Beat,
     /// A `UserSends` was taken from this node's buckets.
     UserSendsTaken,
+}
+
+/// `PeerResponse`'s variant indexes of the three answers a frame holds (its declaration
+/// order; `frame_answers_decode_flat_and_refuse_nesting` checks them against the encoding).
+const APPEND: u64 = 0;
+const ERROR: u64 = 14;
+const BUSY: u64 = 16;
+
+/// Decodes a frame's answers as the three kinds a frame may hold. The bytes are
+/// `PeerResponse`'s own encoding (encoding is derived: nothing changes on the wire); any other
+/// variant, a nested `Appends` above all, is refused with an error instead of recursing.
+fn frame_answers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PeerResponse>, D::Error> {
+    Ok(Vec::<FrameAnswer>::deserialize(d)?.into_iter().map(|a| a.0).collect())
+}
+
+struct FrameAnswer(PeerResponse);
+
+/// Which answer a frame holds: by index (bincode) or by name (self-describing formats).
+struct AnswerKind(u64);
+
+impl<'de> Deserialize<'de> for AnswerKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = AnswerKind;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an Append, Error or Busy answer")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<AnswerKind, E> {
+                Ok(AnswerKind(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AnswerKind, E> {
+                match v {
+                    "Append" => Ok(AnswerKind(APPEND)),
+                    "Error" => Ok(AnswerKind(ERROR)),
+                    "Busy" => Ok(AnswerKind(BUSY)),
+                    other => Err(E::custom(format_args!("a {other} answer inside a frame's answers"))),
+                }
+            }
+        }
+        d.deserialize_identifier(Visit)
+    }
+}
+
+impl<'de> Deserialize<'de> for FrameAnswer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = FrameAnswer;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an Append, Error or Busy answer")
+            }
+            fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<FrameAnswer, A::Error> {
+                use serde::de::{Error, VariantAccess};
+                let (AnswerKind(kind), variant) = data.variant()?;
+                let answer = match kind {
+                    APPEND => PeerResponse::Append(variant.newtype_variant()?),
+                    ERROR => PeerResponse::Error(variant.newtype_variant()?),
+                    BUSY => {
+                        variant.unit_variant()?;
+                        PeerResponse::Busy
+                    }
+                    other => {
+                        return Err(A::Error::custom(format_args!("answer variant {other} inside a frame's answers")))
+                    }
+                };
+                Ok(FrameAnswer(answer))
+            }
+        }
+        d.deserialize_enum("PeerResponse", &["Append", "Error", "Busy"], Visit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(r: &PeerResponse) -> Vec<u8> {
+        bincode::serde::encode_to_vec(r, bincode::config::standard()).expect("encode")
+    }
+
+    fn decode(bytes: &[u8]) -> Result<PeerResponse, String> {
+        crate::decode::from_slice::<PeerResponse>(bytes).map(|(r, _)| r).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn frame_answers_decode_flat_and_refuse_nesting() {
+        let answers = PeerResponse::Appends(vec![
+            PeerResponse::Append(AppendEntriesResponse::Success),
+            PeerResponse::Append(AppendEntriesResponse::PartialSuccess(None)),
+            PeerResponse::Append(AppendEntriesResponse::Conflict),
+            PeerResponse::Error("no shard 9 here".into()),
+            PeerResponse::Busy,
+        ]);
+        // The three kinds come back as they went, so the indexes above are the enum's.
+        assert_eq!(
+            format!("{:?}", decode(&encode(&answers)).expect("a flat frame answer decodes")),
+            format!("{answers:?}")
+        );
+
+        // Any other answer inside a frame's answers is refused, not just nesting.
+        for inner in [PeerResponse::Beat, PeerResponse::Appends(vec![PeerResponse::Busy])] {
+            let err = decode(&encode(&PeerResponse::Appends(vec![inner.clone()]))).expect_err("refused");
+            assert!(err.contains("inside a frame's answers"), "{inner:?}: {err}");
+        }
+
+        // A peer's bytes nesting answers a million deep: refused at the second level, with no
+        // recursion to overflow the stack (the derived decoder recursed once per level).
+        let one = encode(&PeerResponse::Appends(vec![PeerResponse::Busy]));
+        let busy = encode(&PeerResponse::Busy);
+        let level = &one[..one.len() - busy.len()];
+        let mut deep = level.repeat(1_000_000);
+        deep.extend_from_slice(&busy);
+        let err = decode(&deep).expect_err("nested answers are refused");
+        assert!(err.contains("inside a frame's answers"), "{err}");
+    }
 }
