@@ -1127,18 +1127,20 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
     match req {
         PeerRequest::Append { shard, to, rpc } => append_here(ctx, shard, to, rpc).await,
         PeerRequest::Appends(items) => {
+            let writes = items.iter().any(|(_, _, rpc)| !rpc.entries.is_empty());
             let calls = items
                 .into_iter()
                 .map(|(shard, to, rpc)| {
                     let carries = !rpc.entries.is_empty();
                     async move {
                         let answer = append_here(ctx, shard, to, rpc).await;
-                        let written = carries && matches!(answer, PeerResponse::Append(_));
-                        (answer, written)
+                        let wrote = wrote_entries(carries, &answer);
+                        (answer, wrote)
                     }
                 })
                 .collect();
-            PeerResponse::Appends(gather(calls, FRAME_STRAGGLER_WAIT, || PeerResponse::Busy).await)
+            let clock = if writes { Clock::FirstWrite } else { Clock::Arrival };
+            PeerResponse::Appends(gather(calls, FRAME_STRAGGLER_WAIT, clock, || PeerResponse::Busy).await)
         }
         PeerRequest::Vote { shard, to, rpc } => match group(groups, shard, to) {
             Ok(raft) => {
@@ -1248,18 +1250,49 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
     }
 }
 
+/// Whether an answer to an AppendEntries that carried entries wrote them: only an accepted
+/// append waits for its fsync. A rejection (a conflicting `prev_log_id`, a higher vote) is
+/// answered at once, and must not start a frame's straggler clock ([`gather`]) for the
+/// writes beside it.
+fn wrote_entries(carries: bool, answer: &PeerResponse) -> bool {
+    carries
+        && matches!(
+            answer,
+            PeerResponse::Append(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))
+        )
+}
+
+/// When a frame's straggler clock starts ([`gather`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// At the first answer that wrote entries: a frame that carries entries.
+    FirstWrite,
+    /// When the frame arrives: a frame of heartbeats and commit updates only. Each waits
+    /// only for its group's earlier writes to be flushed, which is at once unless the group
+    /// is busy here (installing a snapshot keeps every append to it waiting until the
+    /// install is done); with no write to start the clock, such a frame would otherwise hold
+    /// one of the leader's frame slots to this node until the leader's timeout.
+    Arrival,
+}
+
 /// Runs a frame's `calls` together and returns their answers in order: every one, or those
-/// done within `straggle` after the first answer that wrote entries (a request whose group
-/// is busy here must not hold up the others); the rest are `late()` and their calls dropped
-/// (the leader sends them again). Each call answers whether it wrote entries: answers that
-/// needed no write (a heartbeat, a rejection) come at once and do not start the clock, so a
-/// slow fsync, which every writing request of the frame waits for alike, cuts none.
-async fn gather<T, F: Future<Output = (T, bool)>>(calls: Vec<F>, straggle: Duration, late: impl Fn() -> T) -> Vec<T> {
+/// done within `straggle` of the clock's start (see [`Clock`]; a request whose group is busy
+/// here must not hold up the others); the rest are `late()` and their calls dropped (the
+/// leader sends them again). Each call answers whether it wrote entries: answers that needed
+/// no write (a heartbeat, a rejection) come at once and do not start the clock of a frame
+/// that carries entries, so a slow fsync, which every writing request of the frame waits for
+/// alike, cuts none.
+async fn gather<T, F: Future<Output = (T, bool)>>(
+    calls: Vec<F>,
+    straggle: Duration,
+    clock: Clock,
+    late: impl Fn() -> T,
+) -> Vec<T> {
     use futures::stream::{FuturesUnordered, StreamExt};
     let mut answers: Vec<Option<T>> = calls.iter().map(|_| None).collect();
     let mut pending: FuturesUnordered<_> =
         calls.into_iter().enumerate().map(|(i, f)| async move { (i, f.await) }).collect();
-    let mut until = None;
+    let mut until = (clock == Clock::Arrival).then(|| tokio::time::Instant::now() + straggle);
     loop {
         let next = match until {
             None => pending.next().await,
@@ -1497,7 +1530,7 @@ mod tests {
     #[tokio::test]
     async fn a_frame_is_answered_in_its_order_once_every_request_is_done() {
         let calls = vec![answer(30, "a", true), answer(10, "b", true), answer(20, "c", false)];
-        assert_eq!(gather(calls, Duration::from_secs(5), || "late").await, ["a", "b", "c"]);
+        assert_eq!(gather(calls, Duration::from_secs(5), Clock::FirstWrite, || "late").await, ["a", "b", "c"]);
     }
 
     #[tokio::test]
@@ -1506,7 +1539,7 @@ mod tests {
         // one would take 10 s (a group busy with something else).
         let calls = vec![answer(50, "a", true), answer(10_000, "slow", true), answer(80, "c", true)];
         let started = std::time::Instant::now();
-        assert_eq!(gather(calls, Duration::from_millis(100), || "late").await, ["a", "late", "c"]);
+        assert_eq!(gather(calls, Duration::from_millis(100), Clock::FirstWrite, || "late").await, ["a", "late", "c"]);
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(150) && took < Duration::from_secs(5), "{took:?}");
     }
@@ -1517,7 +1550,39 @@ mod tests {
         // wait for), 50 ms apart: none of them is cut.
         let calls =
             vec![answer(1, "heartbeat", false), answer(300, "a", true), answer(350, "b", true), answer(5, "no", false)];
-        assert_eq!(gather(calls, Duration::from_millis(100), || "late").await, ["heartbeat", "a", "b", "no"]);
+        assert_eq!(
+            gather(calls, Duration::from_millis(100), Clock::FirstWrite, || "late").await,
+            ["heartbeat", "a", "b", "no"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_frame_without_writes_cuts_a_stuck_heartbeat_from_its_arrival() {
+        // Heartbeats of idle groups answered at once; one to a group installing a snapshot
+        // here would wait for the install. No write starts the clock: the frame's arrival does.
+        let calls = vec![answer(1, "idle", false), answer(10_000, "installing", false), answer(2, "idle too", false)];
+        let started = std::time::Instant::now();
+        let answers = gather(calls, Duration::from_millis(100), Clock::Arrival, || "late").await;
+        assert_eq!(answers, ["idle", "late", "idle too"]);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(100) && took < Duration::from_secs(5), "{took:?}");
+        // With the clock of a frame that carries entries, the same frame waits it out.
+        let calls = vec![answer(1, "idle", false), answer(400, "installing", false)];
+        let answers = gather(calls, Duration::from_millis(100), Clock::FirstWrite, || "late").await;
+        assert_eq!(answers, ["idle", "installing"]);
+    }
+
+    #[test]
+    fn only_an_accepted_append_counts_as_a_write() {
+        let append = |r: AppendEntriesResponse| PeerResponse::Append(r);
+        assert!(wrote_entries(true, &append(AppendEntriesResponse::Success)));
+        assert!(wrote_entries(true, &append(AppendEntriesResponse::PartialSuccess(None))));
+        // Answered at once, before any fsync: a conflicting probe, a stale leader.
+        assert!(!wrote_entries(true, &append(AppendEntriesResponse::Conflict)));
+        assert!(!wrote_entries(true, &append(AppendEntriesResponse::HigherVote(Vote::new(9, 1)))));
+        assert!(!wrote_entries(true, &PeerResponse::Error("no shard 3 here".into())));
+        // A heartbeat writes nothing, whatever it is answered.
+        assert!(!wrote_entries(false, &append(AppendEntriesResponse::Success)));
     }
 
     #[test]
