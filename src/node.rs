@@ -133,6 +133,10 @@ impl Node {
 
         let started = async {
             let start = formation::settle(&formation, &net, &config, rejoin).await?;
+            // Conversations map to shards by the shard count: a node that counted otherwise
+            // than the cluster would take sends for a conversation into another shard than
+            // its peers, with its own offsets and dedup records.
+            same_shard_count(&config, &formation.cluster_map()?)?;
             let mut replicas = BTreeMap::new();
             // A node added after formation runs the groups moves placed on it (recorded); a
             // member, every group but those it left.
@@ -144,6 +148,9 @@ impl Node {
                 }
                 _ => None,
             };
+            if let Some(map) = placed.as_ref() {
+                same_shard_count(&config, map)?;
+            }
             for shard in crate::raft::group_ids(&config) {
                 if let Some(map) = placed.as_ref() {
                     // Rejoining: only what the map places here (a shard, or the metadata
@@ -230,6 +237,20 @@ impl Node {
         self.peer_endpoint.close(0u32.into(), b"shutdown");
         drain(&self.peer_endpoint, "peer").await;
     }
+}
+
+/// Refuses a configuration whose shard count is not the one `map` was formed with (an unset
+/// map, of a node that holds no metadata replica, says nothing).
+fn same_shard_count(config: &Config, map: &crate::placement::ClusterMap) -> Result<()> {
+    let formed = map.shards.len();
+    if map.is_set() && formed != config.shards as usize {
+        return Err(Error::Config(format!(
+            "the configuration says shards = {}, but this cluster was formed with {formed}: the shard count \
+             is fixed when a cluster is formed (conversations map to shards by it), so set shards = {formed}",
+            config.shards
+        )));
+    }
+    Ok(())
 }
 
 /// Waits, at most [`ENDPOINT_DRAIN_TIMEOUT`], until a closed endpoint's connections are gone:

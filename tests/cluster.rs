@@ -1659,6 +1659,53 @@ async fn stop_node_signalled(cluster: &mut LocalCluster, id: u64) -> (Option<i32
     (status.code(), std::fs::read_to_string(cluster.log_path(id)).expect("the node's log"))
 }
 
+// The shard count is fixed when a cluster is formed: conversations map to shards by it. A
+// node restarted with another count refuses to start and says why, instead of taking sends
+// for a conversation into another shard than its peers (other offsets, other dedup records);
+// with the count restored it starts and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_another_shard_count_refuses_to_start() {
+    let mut cluster = start(Tweaks { shards: 2, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    assert_eq!(client.send("counted", "m1").await.expect("send").offset, 1);
+    // Node 3's metadata replica has applied the map well before this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, _) = stop_node(&mut cluster, 3).await;
+    assert_eq!(code, Some(0), "node 3 stops cleanly");
+
+    let path = cluster.config_path().to_path_buf();
+    let original = std::fs::read_to_string(&path).expect("the config");
+    let recount = |count: u32| -> String {
+        original
+            .lines()
+            .map(|l| if l.trim_start().starts_with("shards =") { format!("shards = {count}") } else { l.to_string() })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_ne!(recount(3), original, "the config names its shard count");
+    std::fs::write(&path, recount(3)).expect("write the config");
+    cluster.start(3).expect("start node 3");
+    let status = eventually(Duration::from_secs(60), "node 3 to refuse to start", || {
+        let s = cluster.exit_status(3);
+        async move { s }
+    })
+    .await;
+    std::fs::write(&path, &original).expect("restore the config");
+    let status = status.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    assert!(!status.success(), "node 3 refused to start: {status:?}");
+    let log = std::fs::read_to_string(cluster.log_path(3)).expect("node 3's log");
+    assert!(
+        log.contains("says shards = 3, but this cluster was formed with 2"),
+        "node 3 says why: {}",
+        cluster.logs_tail()
+    );
+
+    cluster.start(3).expect("start node 3 again");
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("node 3 back with the right count");
+    assert_eq!(client.send("counted", "m2").await.expect("send").offset, 2);
+}
+
 // A clean stop is quiet: a node stopped by SIGTERM exits 0 and logs no error after its
 // `stopping` line. The metadata leader is stopped while a peer hangs, so its connections take
 // seconds to drain: its coordinator, which confirms its leadership by a quorum every round,
