@@ -678,6 +678,33 @@ mod tests {
         assert_eq!(store.dedup_max_seq(&dedup_scope(1, "c", "u", 7)).expect("seek"), None);
     }
 
+    // A replica whose state came from a snapshot answers the retry of a send applied before
+    // the snapshot as the duplicate it is, with its original offset; neither its own state
+    // nor its apply cache from before the install (a send it alone applied, as a deposed
+    // leader's replica may have) survives to answer for the shard.
+    #[tokio::test]
+    async fn a_retry_after_a_snapshot_install_is_answered_from_the_installed_state() {
+        let (a, b) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+        let ((src, _), (dst, _)) = (Store::open(a.path()).expect("open"), Store::open(b.path()).expect("open"));
+        let (mut src_cache, mut src_index) = (ApplyCache::default(), 0);
+        let sends = (1..=5).map(|seq| Command::Send(send("c", 7, seq))).collect();
+        assert_eq!(apply(&src, &mut src_cache, &mut src_index, sends).len(), 5);
+
+        let mut sm = ShardStateMachine::open(dst.clone(), 0, Arc::new(NoEvents)).expect("open state machine");
+        let mut stale_index = 0;
+        let stale = apply(&dst, &mut sm.cache, &mut stale_index, vec![Command::Send(send("c", 7, 9))]);
+        assert_eq!(stale, vec![appended(1, 9, false)]);
+        assert_eq!(sm.cache.dedup_max.get(&dedup_scope(0, "c", "u", 7)), Some(&Some(9)));
+
+        let snap = snapshot_of(&src, 0).expect("snapshot").expect("something applied");
+        sm.install_snapshot(&snap.meta, snap.snapshot).await.expect("install");
+        let mut index = src_index;
+        let retries =
+            vec![Command::Send(send("c", 7, 3)), Command::Send(send("c", 7, 6)), Command::Send(send("c", 7, 9))];
+        let answers = apply(&dst, &mut sm.cache, &mut index, retries);
+        assert_eq!(answers, vec![appended(3, 3, true), appended(6, 6, false), appended(7, 9, false)]);
+    }
+
     #[test]
     fn only_the_metadata_group_applies_placement_and_its_snapshot_carries_the_map() {
         use crate::placement::{NodeEntry, NodeState, PlacementCommand};
