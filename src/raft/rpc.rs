@@ -277,12 +277,13 @@ impl<'de> Deserialize<'de> for FrameAnswer {
 mod tests {
     use super::*;
 
+    /// A frame's body: the version byte, then the encoding.
     fn encode(r: &PeerResponse) -> Vec<u8> {
-        bincode::serde::encode_to_vec(r, bincode::config::standard()).expect("encode")
+        crate::net::frame::encode(r)[4..].to_vec()
     }
 
-    fn decode(bytes: &[u8]) -> Result<PeerResponse, String> {
-        crate::decode::from_slice::<PeerResponse>(bytes).map(|(r, _)| r).map_err(|e| e.to_string())
+    fn decode(body: &[u8]) -> Result<PeerResponse, String> {
+        crate::net::frame::decode_body::<PeerResponse>(body).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -310,9 +311,10 @@ mod tests {
         // recursion to overflow the stack (the derived decoder recursed once per level).
         let one = encode(&PeerResponse::Appends(vec![PeerResponse::Busy]));
         let busy = encode(&PeerResponse::Busy);
-        let level = &one[..one.len() - busy.len()];
-        let mut deep = level.repeat(1_000_000);
-        deep.extend_from_slice(&busy);
+        let level = &one[1..one.len() - (busy.len() - 1)];
+        let mut deep = vec![one[0]];
+        deep.extend(level.repeat(1_000_000));
+        deep.extend_from_slice(&busy[1..]);
         let err = decode(&deep).expect_err("nested answers are refused");
         assert!(err.contains("inside a frame's answers"), "{err}");
     }
