@@ -126,7 +126,7 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
         /// Refresh interval in milliseconds.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
         interval_ms: u64,
         /// Print one view (two samples an interval apart) as text and exit.
         #[arg(long)]
@@ -328,7 +328,7 @@ enum AdminAction {
         /// not within --timeout-s.
         #[arg(long)]
         wait: bool,
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=TIMEOUT_S_MAX))]
         timeout_s: u64,
         #[command(flatten)]
         status: StatusArgs,
@@ -349,7 +349,7 @@ enum AdminAction {
         /// once it is done, non-zero if it is cancelled or not done within --timeout-s.
         #[arg(long)]
         wait: bool,
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=TIMEOUT_S_MAX))]
         timeout_s: u64,
         #[command(flatten)]
         status: StatusArgs,
@@ -368,7 +368,7 @@ enum AdminAction {
         /// --timeout-s.
         #[arg(long)]
         wait: bool,
-        #[arg(long, default_value_t = 1800)]
+        #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=TIMEOUT_S_MAX))]
         timeout_s: u64,
         #[command(flatten)]
         status: StatusArgs,
@@ -382,7 +382,7 @@ enum AdminAction {
         /// move, then set the leaders and wait for them.
         #[arg(long)]
         wait: bool,
-        #[arg(long, default_value_t = 1800)]
+        #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=TIMEOUT_S_MAX))]
         timeout_s: u64,
         #[command(flatten)]
         status: StatusArgs,
@@ -402,7 +402,7 @@ enum AdminAction {
         /// --timeout-s.
         #[arg(long)]
         wait: bool,
-        #[arg(long, default_value_t = 1800)]
+        #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=TIMEOUT_S_MAX))]
         timeout_s: u64,
         #[command(flatten)]
         status: StatusArgs,
@@ -429,7 +429,7 @@ enum ClusterAction {
     Up {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
-        #[arg(long, default_value_t = 90)]
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=TIMEOUT_S_MAX))]
         timeout_s: u64,
         #[arg(long)]
         json: bool,
@@ -459,6 +459,9 @@ fn load(path: &Path) -> Result<Config> {
 
 /// Exit status of a node that refuses to start (it lost the state its identity needs).
 const EXIT_REFUSED: u8 = 3;
+/// The longest `--timeout-s` taken: a week. Longer ones would overflow the clock's arithmetic,
+/// and no operation here is worth waiting longer for.
+const TIMEOUT_S_MAX: u64 = 7 * 24 * 3600;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -617,7 +620,7 @@ async fn run(cli: Cli) -> Result<()> {
             let config = load(&config)?;
             let client = who.connect(&config, Some(ADMIN_USER))?;
             let title = config.path.display().to_string();
-            top::run(&client, &config.node_ids(), &title, Duration::from_millis(interval_ms.max(100)), once).await
+            top::run(&client, &config.node_ids(), &title, Duration::from_millis(interval_ms), once).await
         }
         Cmd::Chat { config, conversation, who } => {
             let config = load(&config)?;
@@ -1513,8 +1516,11 @@ async fn chat(client: &Client, conversation: &str) -> Result<()> {
             if line.trim().is_empty() {
                 continue;
             }
-            if let Err(e) = runtime.block_on(sender.send(&conv, &line)) {
-                eprintln!("! not sent: {e}");
+            match runtime.block_on(sender.send(&conv, &line)) {
+                Ok(_) => {}
+                // It may have been stored: if so it shows below as it arrives.
+                Err(e @ convoy::error::Error::Ambiguous(_)) => eprintln!("! sent, not confirmed: {e}"),
+                Err(e) => eprintln!("! not sent: {e}"),
             }
         }
     });

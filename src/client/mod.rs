@@ -94,6 +94,8 @@ struct Inner {
     pending: Mutex<HashMap<u64, Vec<PendingWrite>>>,
     /// Send requests the flow-control window did not take whole (see [`Client::partial_writes`]).
     partial_writes: AtomicU64,
+    /// Bytes of sends per batch, at most, under the cluster's frame limit ([`batch_bytes_for`]).
+    batch_bytes: usize,
 }
 
 /// A node's connection, opened on first use and again after it broke.
@@ -222,9 +224,10 @@ impl Outbox {
     /// The next batch for a request slot now held by `shard`. A shard whose sends wait with
     /// no request out (the node's slots were all taken when they came) gets the slot first,
     /// so a busy shard cannot starve the others; then `shard`'s own queue; then any shard
-    /// with sends waiting below its window. `shard` is updated to where the slot went.
+    /// with sends waiting below its window. `shard` is updated to where the slot went;
+    /// the batch holds at most `batch_bytes` of encoded sends ([`take_batch`]).
     /// `None` releases the slot: nothing waits that it may carry.
-    fn next_batch(&mut self, shard: &mut ShardId) -> Option<Vec<Waiting>> {
+    fn next_batch(&mut self, shard: &mut ShardId, batch_bytes: usize) -> Option<Vec<Waiting>> {
         let current = *shard;
         let waits = |q: &ShardQueue| !q.waiting.is_empty();
         let starved = self.shards.iter().find(|(s, q)| **s != current && q.in_flight == 0 && waits(q));
@@ -245,7 +248,7 @@ impl Outbox {
             queue.in_flight += 1;
         }
         *shard = next;
-        Some(take_batch(&mut queue.waiting))
+        Some(take_batch(&mut queue.waiting, batch_bytes))
     }
 
     /// Gives back one request slot of `shard`, forgetting the shard once it is idle.
@@ -267,8 +270,27 @@ pub const SEND_REQUESTS_PER_SHARD: usize = 8;
 /// streams-per-connection limit (`limits.streams_per_connection_max`, 64 by default), so
 /// sends never take the streams a tail needs.
 pub const SEND_REQUESTS_PER_NODE: usize = 32;
-/// Text bytes per coalesced batch, at most (well inside the server's frame limit).
+/// Bytes of sends per coalesced batch, at most; less where the cluster's frame limit is
+/// smaller (see [`batch_bytes_for`]).
 const SEND_BATCH_BYTES_MAX: usize = 256 << 10;
+/// A send's encoding beyond its three strings, at most: their length prefixes, the client
+/// id and sequence (bincode varints of at most 9 bytes each), and the batch's share.
+const SEND_ENCODING_BYTES_MAX: usize = 64;
+/// Room left in a frame beside its sends: the version byte, the length, the request's tag.
+const BATCH_FRAME_ROOM_BYTES: usize = 1024;
+
+/// The bytes of sends one batch may hold under a node frame limit of `frame_bytes_max`: a
+/// batch over it would be refused whole (`InvalidInput`), every send in it with it, though
+/// each alone is accepted. A single send always goes, whatever its size: the configuration
+/// keeps the frame limit above the largest message.
+fn batch_bytes_for(frame_bytes_max: usize) -> usize {
+    SEND_BATCH_BYTES_MAX.min(frame_bytes_max.saturating_sub(BATCH_FRAME_ROOM_BYTES))
+}
+
+/// A send's size in a batch, at most.
+fn encoded_bytes(r: &SendRequest) -> usize {
+    r.text.len() + r.conversation.len() + r.sender.len() + SEND_ENCODING_BYTES_MAX
+}
 /// Time allowed to establish a connection to a node.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A send's back-off grows by this much per failed attempt …
@@ -283,6 +305,19 @@ const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const THROTTLE_WAIT_MAX: Duration = Duration::from_secs(5);
 /// Pause before a cursor move is retried on another node.
 const CURSOR_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// A retry's refusal when an earlier attempt of the same send may have been stored: the
+/// outcome is still unknown (the earlier attempt can commit, and a retry with the same key
+/// would have answered its offset), so the refusal is reported as `Ambiguous`, with both
+/// reasons. Without an earlier unknown outcome, the refusal stands.
+fn after_unknown(ambiguous: &Option<String>, refusal: Error) -> Error {
+    match ambiguous {
+        Some(earlier) => Error::Ambiguous(format!(
+            "an earlier attempt's outcome is unknown ({earlier}); a retry was refused: {refusal}"
+        )),
+        None => refusal,
+    }
+}
 
 /// The back-off before attempt `attempt + 1`: `step × attempt`, at most `max`, then
 /// jittered (see [`jitter`]).
@@ -305,16 +340,16 @@ fn throttle_wait(retry_after_ms: u64) -> Duration {
 }
 
 /// Takes the next batch off a shard's queue: up to [`SEND_BATCH_MAX`] sends and
-/// [`SEND_BATCH_BYTES_MAX`] bytes of text, and always the first waiting send.
-fn take_batch(waiting: &mut Vec<Waiting>) -> Vec<Waiting> {
+/// `batch_bytes` of encoded sends, and always the first waiting send.
+fn take_batch(waiting: &mut Vec<Waiting>, batch_bytes: usize) -> Vec<Waiting> {
     let mut bytes = 0;
     let take = waiting
         .iter()
         .take(SEND_BATCH_MAX)
         .enumerate()
         .take_while(|(i, (r, _))| {
-            bytes += r.text.len();
-            *i == 0 || bytes <= SEND_BATCH_BYTES_MAX
+            bytes += encoded_bytes(r);
+            *i == 0 || bytes <= batch_bytes
         })
         .count();
     waiting.drain(..take).collect()
@@ -393,6 +428,7 @@ impl Client {
             lanes: LanePool::new(SEND_REQUESTS_PER_NODE),
             pending: Mutex::default(),
             partial_writes: AtomicU64::new(0),
+            batch_bytes: batch_bytes_for(config.limits.frame_bytes_max),
         };
         Ok(Client { inner: Arc::new(inner) })
     }
@@ -718,10 +754,10 @@ impl Client {
                     tokio::time::sleep(throttle_wait(retry_after_ms)).await;
                 }
                 Ok(Response::Error { code, message }) => match code {
-                    ErrorCode::InvalidInput => return Err(Error::InvalidInput(message)),
-                    ErrorCode::Rejected => return Err(Error::Rejected(message)),
-                    ErrorCode::Forbidden => return Err(Error::Forbidden(message)),
-                    ErrorCode::Protocol => return Err(Error::Protocol(message)),
+                    ErrorCode::InvalidInput => return Err(after_unknown(&ambiguous, Error::InvalidInput(message))),
+                    ErrorCode::Rejected => return Err(after_unknown(&ambiguous, Error::Rejected(message))),
+                    ErrorCode::Forbidden => return Err(after_unknown(&ambiguous, Error::Forbidden(message))),
+                    ErrorCode::Protocol => return Err(after_unknown(&ambiguous, Error::Protocol(message))),
                     ErrorCode::Ambiguous | ErrorCode::Unavailable => {
                         if code == ErrorCode::Ambiguous {
                             ambiguous = Some(message.clone());
@@ -731,7 +767,10 @@ impl Client {
                         tokio::time::sleep(backoff).await;
                     }
                 },
-                Ok(other) => return Err(Error::Protocol(format!("unexpected answer to send: {other:?}"))),
+                Ok(other) => {
+                    let e = Error::Protocol(format!("unexpected answer to send: {other:?}"));
+                    return Err(after_unknown(&ambiguous, e));
+                }
                 Err(e) => {
                     if matches!(e, Error::Ambiguous(_)) {
                         ambiguous = Some(e.to_string());
@@ -788,7 +827,8 @@ impl Client {
     async fn drain_outbox(self, node: u64, mut shard: ShardId) {
         let outbox = self.outbox(node);
         loop {
-            let Some(batch) = outbox.lock().expect("outbox lock").next_batch(&mut shard) else { return };
+            let budget = self.inner.batch_bytes;
+            let Some(batch) = outbox.lock().expect("outbox lock").next_batch(&mut shard, budget) else { return };
             let (reqs, replies): (Vec<SendRequest>, Vec<_>) = batch.into_iter().unzip();
             let n = reqs.len();
             let request = if n == 1 {
@@ -1395,6 +1435,20 @@ mod tests {
         RoutedNode { id, client_addr: format!("127.0.0.1:{port}"), state }
     }
 
+    // A send whose first attempt timed out may be stored: a retry refused later (a node with
+    // a smaller frame limit, a sender removed meanwhile) does not make its outcome known.
+    #[test]
+    fn a_refusal_after_an_unknown_outcome_is_still_unknown() {
+        let earlier = Some("node 2 did not answer within 2.5s".to_string());
+        match after_unknown(&earlier, Error::Forbidden("not a member of c".into())) {
+            Error::Ambiguous(m) => {
+                assert!(m.contains("node 2 did not answer") && m.contains("not a member of c"), "{m}")
+            }
+            other => panic!("a refusal after an unknown outcome must be ambiguous, got {other:?}"),
+        }
+        assert!(matches!(after_unknown(&None, Error::InvalidInput("too long".into())), Error::InvalidInput(_)));
+    }
+
     #[test]
     fn routes_take_only_a_newer_map_and_keep_the_files_nodes_it_does_not_name() {
         let mut routes = file_routes();
@@ -1457,7 +1511,7 @@ mod tests {
     fn send_and_take(outbox: &mut Outbox, shard: ShardId, seq: u64) -> Vec<u64> {
         assert!(send(outbox, shard, seq), "send {seq} should take a free slot");
         let mut held = shard;
-        let batch = seqs(&outbox.next_batch(&mut held).expect("its own send"));
+        let batch = seqs(&outbox.next_batch(&mut held, SEND_BATCH_BYTES_MAX).expect("its own send"));
         assert_eq!(held, shard);
         batch
     }
@@ -1677,6 +1731,45 @@ mod tests {
         assert!(client.partial_writes() > 0, "no write was cut by the window (else this tests nothing)");
     }
 
+    // A node with a 64 KiB frame limit refuses a larger request whole, so a batch of sends
+    // that each fit must not add up past it; what a batch holds is measured by an upper bound
+    // of its encoding.
+    #[test]
+    fn a_batch_fits_the_clusters_frame_limit() {
+        let frame_max = 64 << 10;
+        let send = |seq: u64, text_bytes: usize| {
+            let (tx, _rx) = tokio::sync::oneshot::channel();
+            let req = SendRequest {
+                conversation: "c".into(),
+                sender: "u".into(),
+                client_id: u64::MAX,
+                client_seq: seq,
+                text: "x".repeat(text_bytes),
+            };
+            (req, tx)
+        };
+        let budget = batch_bytes_for(frame_max);
+        let mut waiting: Vec<Waiting> = (1..=20).map(|seq| send(seq, 10_000)).collect();
+        let batch = take_batch(&mut waiting, budget);
+        assert_eq!(batch.len(), 6, "six sends of 10,000 bytes fit 63 KiB, seven do not");
+        let request = Request::SendBatch(batch.into_iter().map(|(r, _)| r).collect());
+        assert!(frame::encode(&request).len() <= frame_max, "the batch's frame fits the limit");
+        // Without the cluster's limit, the batch would have taken 26 sends (256 KiB).
+        assert_eq!(take_batch(&mut waiting, SEND_BATCH_BYTES_MAX).len(), 14, "the rest, under 256 KiB");
+
+        // The bound holds for the smallest sends too, with the largest varints.
+        let mut tiny: Vec<Waiting> = (u64::MAX - 300..u64::MAX).map(|seq| send(seq, 1)).collect();
+        let batch = take_batch(&mut tiny, budget);
+        let bound: usize = batch.iter().map(|(r, _)| encoded_bytes(r)).sum();
+        let request = Request::SendBatch(batch.into_iter().map(|(r, _)| r).collect());
+        assert!(frame::encode(&request).len() <= bound + BATCH_FRAME_ROOM_BYTES, "the estimate bounds the encoding");
+
+        // A single send larger than the budget still goes, alone.
+        let mut large: Vec<Waiting> = vec![send(1, 64_600), send(2, 10)];
+        assert_eq!(take_batch(&mut large, budget).len(), 1);
+        assert_eq!(batch_bytes_for(1 << 20), SEND_BATCH_BYTES_MAX, "the default 1 MiB limit leaves 256 KiB batches");
+    }
+
     #[test]
     fn a_shard_gets_its_window_then_its_sends_wait_and_leave_together() {
         let mut o = Outbox::default();
@@ -1687,10 +1780,10 @@ mod tests {
         assert!(!send(&mut o, 7, 101));
         // The first request to return carries both waiting sends in one batch.
         let mut shard = 7;
-        assert_eq!(seqs(&o.next_batch(&mut shard).expect("the waiting sends")), vec![100, 101]);
+        assert_eq!(seqs(&o.next_batch(&mut shard, SEND_BATCH_BYTES_MAX).expect("the waiting sends")), vec![100, 101]);
         // Nothing waits any more: every slot is released and the shard forgotten.
         for _ in 0..SEND_REQUESTS_PER_SHARD {
-            assert!(o.next_batch(&mut shard).is_none());
+            assert!(o.next_batch(&mut shard, SEND_BATCH_BYTES_MAX).is_none());
         }
         assert_eq!(o.in_flight, 0);
         assert!(o.shards.is_empty());
@@ -1708,8 +1801,8 @@ mod tests {
         assert!(!send(&mut o, 2, 20));
         assert!(!send(&mut o, 1, 11));
         let (mut a, mut b) = (1, 2);
-        assert_eq!(seqs(&o.next_batch(&mut a).expect("shard 1")), vec![10, 11]);
-        assert_eq!(seqs(&o.next_batch(&mut b).expect("shard 2")), vec![20]);
+        assert_eq!(seqs(&o.next_batch(&mut a, SEND_BATCH_BYTES_MAX).expect("shard 1")), vec![10, 11]);
+        assert_eq!(seqs(&o.next_batch(&mut b, SEND_BATCH_BYTES_MAX).expect("shard 2")), vec![20]);
         assert_eq!((a, b), (1, 2));
     }
 
@@ -1728,15 +1821,15 @@ mod tests {
         assert!(!send(&mut o, 99, 9_900));
         // A request of shard 0 returns: its slot serves the starved shard before shard 0's backlog.
         let mut shard = 0;
-        assert_eq!(seqs(&o.next_batch(&mut shard).expect("the starved shard")), vec![9_900]);
+        assert_eq!(seqs(&o.next_batch(&mut shard, SEND_BATCH_BYTES_MAX).expect("the starved shard")), vec![9_900]);
         assert_eq!(shard, 99);
         assert_eq!(o.in_flight, SEND_REQUESTS_PER_NODE);
         // Shard 99's request returns: nothing of its own waits, so the slot takes shard 0's backlog.
-        assert_eq!(seqs(&o.next_batch(&mut shard).expect("shard 0's backlog")), vec![50]);
+        assert_eq!(seqs(&o.next_batch(&mut shard, SEND_BATCH_BYTES_MAX).expect("shard 0's backlog")), vec![50]);
         assert_eq!(shard, 0);
         assert!(!o.shards.contains_key(&99), "an idle shard is forgotten");
         // That request returns with nothing left anywhere: the slot is released.
-        assert!(o.next_batch(&mut shard).is_none());
+        assert!(o.next_batch(&mut shard, SEND_BATCH_BYTES_MAX).is_none());
         assert_eq!(o.in_flight, SEND_REQUESTS_PER_NODE - 1);
     }
 }
