@@ -15,6 +15,11 @@ use crate::error::{Error, Result};
 
 /// Room a client frame needs beside the largest message text: ids, keys and framing.
 const FRAME_OVERHEAD_BYTES_MIN: usize = 1024;
+/// The largest node id: a replica id keeps its node in its low 32 bits.
+pub const NODE_ID_MAX: u64 = u32::MAX as u64;
+/// The longest Raft timing a configuration may set (`[raft]`'s heartbeats and election
+/// timeouts), in milliseconds: a minute.
+pub const RAFT_TIMING_MS_MAX: u64 = 60_000;
 
 /// One node of the cluster.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -414,6 +419,11 @@ impl Config {
         if ids.len() != self.nodes.len() || ids.contains(&0) {
             return fail("node ids must be unique and non-zero".into());
         }
+        // A replica id carries its node in the low 32 bits (`raft::types::replica_id`): a
+        // larger node id would share its replicas' ids with another node's.
+        if let Some(id) = ids.iter().find(|&&id| id > NODE_ID_MAX) {
+            return fail(format!("node id {id} is too large: node ids must be 1..={NODE_ID_MAX}"));
+        }
         // QUIC (client and peer) listens on UDP and metrics on TCP: the two port spaces are
         // separate, so a metrics port may share its number with a QUIC port.
         let mut udp = BTreeSet::new();
@@ -479,6 +489,17 @@ impl Config {
             return fail("retention.check_interval_ms and retention.reclaim_after_messages must be at least 1".into());
         }
         let r = &self.raft;
+        // Bounded first, so that the sums below cannot overflow; a shard whose leader died
+        // elects a new one an election timeout later, so a timeout of hours is a mistake.
+        let timings = [
+            ("heartbeat_ms", r.heartbeat_ms),
+            ("heartbeat_min_interval_ms", r.heartbeat_min_interval_ms),
+            ("election_timeout_ms_min", r.election_timeout_ms_min),
+            ("election_timeout_ms_max", r.election_timeout_ms_max),
+        ];
+        if let Some((name, ms)) = timings.iter().find(|(_, ms)| *ms > RAFT_TIMING_MS_MAX) {
+            return fail(format!("raft.{name} must be at most {RAFT_TIMING_MS_MAX} (ms), got {ms}"));
+        }
         if r.heartbeat_ms == 0 || r.election_timeout_ms_min <= r.heartbeat_ms * 3 {
             return fail("raft.election_timeout_ms_min must exceed 3 heartbeats".into());
         }
@@ -665,6 +686,37 @@ data_dir = "data/node3"
         let late = format!("{SAMPLE}\n[raft]\nheartbeat_min_interval_ms = 880\n");
         let err = Config::parse(&late, Path::new("."), Path::new("c.toml")).expect_err("100 + 880 + 25 >= 1000");
         assert!(err.to_string().contains("heartbeat_min_interval_ms"), "{err}");
+    }
+
+    // Timings past a minute are refused before any arithmetic on them: sums and products of
+    // values near i64::MAX (the largest TOML integer) overflow
+    // (a panic in a debug build) and could pass the heartbeat check in a release
+    // one, and an election timeout of hours leaves a shard leaderless that long.
+    #[test]
+    fn raft_timings_are_bounded_before_they_are_added() {
+        let parse = |text: String| Config::parse(&text, Path::new("."), Path::new("c.toml"));
+        for (name, value) in [
+            ("heartbeat_min_interval_ms", "9223372036854775807"),
+            ("heartbeat_ms", "9223372036854775807"),
+            ("election_timeout_ms_min", "60001"),
+            ("election_timeout_ms_max", "1000000000000"),
+        ] {
+            let err = parse(format!("{SAMPLE}\n[raft]\n{name} = {value}\n")).expect_err("too long");
+            assert!(err.to_string().contains(&format!("raft.{name} must be at most 60000")), "{name}: {err}");
+        }
+        let longest =
+            parse(format!("{SAMPLE}\n[raft]\nelection_timeout_ms_min = 30000\nelection_timeout_ms_max = 60000\n"));
+        assert_eq!(longest.expect("a minute is allowed").raft.election_timeout_ms_max, 60_000);
+    }
+
+    // A replica id keeps its node in its low 32 bits: node 2^32 + 1 would be node 1's.
+    #[test]
+    fn node_ids_fit_in_32_bits() {
+        let parse = |text: String| Config::parse(&text, Path::new("."), Path::new("c.toml"));
+        let err = parse(SAMPLE.replace("id = 3", "id = 4294967297")).expect_err("too large");
+        assert!(err.to_string().contains("node id 4294967297 is too large: node ids must be 1..=4294967295"), "{err}");
+        let largest = parse(SAMPLE.replace("id = 3", "id = 4294967295")).expect("the largest id");
+        assert_eq!(largest.node_ids(), vec![1, 2, 4294967295]);
     }
 
     // The file the README's set-up runs loads, with the reserve and retention it documents.
