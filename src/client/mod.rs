@@ -293,6 +293,8 @@ fn encoded_bytes(r: &SendRequest) -> usize {
 }
 /// Time allowed to establish a connection to a node.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Leader hints a send follows without a pause; after these, each waits its back-off.
+const REDIRECTS_AT_ONCE: usize = 2;
 /// A send's back-off grows by this much per failed attempt …
 const SEND_BACKOFF_STEP: Duration = Duration::from_millis(20);
 /// … up to this much.
@@ -732,7 +734,7 @@ impl Client {
         let started = Instant::now();
         let mut ambiguous: Option<String> = None;
         let mut last = String::from("no attempt made");
-        let mut attempt = 0usize;
+        let (mut attempt, mut redirects) = (0usize, 0usize);
         while started.elapsed() < deadline {
             let node = self.target_for(shard, attempt);
             attempt += 1;
@@ -745,7 +747,10 @@ impl Client {
                 Ok(Response::NotLeader { leader, map, .. }) => {
                     last = format!("node {node} is not the leader of shard {shard}");
                     let hinted = self.redirected(shard, node, leader, map.as_deref());
-                    if hinted.is_none_or(|h| self.is_suspect(h)) {
+                    // A hint is followed at once, but not round and round: two nodes with
+                    // stale views (during a move) can name each other until they settle.
+                    redirects += 1;
+                    if hinted.is_none_or(|h| self.is_suspect(h)) || redirects > REDIRECTS_AT_ONCE {
                         tokio::time::sleep(backoff).await;
                     }
                 }
