@@ -2375,9 +2375,12 @@ async fn replace_node_rebuilds_a_lost_nodes_replicas_elsewhere_under_sends() {
             client.send(c, &format!("before-{i}")).await.expect("send before the loss");
         }
     }
-    // A node that answers is drained, not replaced.
+    // A node that answers is drained, not replaced; one the file does not name is not taken
+    // for lost.
     let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "replace-node", "3"]);
     assert!(!ok && err.contains("answers"), "{err}");
+    let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "replace-node", "9"]);
+    assert!(!ok && err.contains("cannot tell whether node 9 is down"), "{err}");
 
     cluster.kill(3);
     cluster.wipe(3).expect("delete node 3's data directory");

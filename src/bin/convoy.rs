@@ -1212,8 +1212,16 @@ async fn drain(args: &StatusArgs, node: u64, how: Emptying, wait: bool, timeout:
     if let Emptying::Replace { in_place } = how {
         // A node that answers still has its data (and would keep running stale replicas):
         // it is drained, not replaced.
-        if tokio::time::timeout(Duration::from_secs(5), client.status(node)).await.is_ok_and(|a| a.is_ok()) {
-            bail!("replace-node: node {node} answers, so its data is not lost: use `convoy admin drain {node}`");
+        match tokio::time::timeout(Duration::from_secs(5), client.status(node)).await {
+            Ok(Ok(_)) => {
+                bail!("replace-node: node {node} answers, so its data is not lost: use `convoy admin drain {node}`")
+            }
+            // Only a node that cannot be reached is taken for lost: one this file does not
+            // name (or a credential it refuses) says nothing about whether it runs.
+            Ok(Err(e @ (convoy::Error::InvalidInput(_) | convoy::Error::Forbidden(_) | convoy::Error::Config(_)))) => {
+                bail!("replace-node: cannot tell whether node {node} is down: {e}")
+            }
+            Ok(Err(_)) | Err(_) => {}
         }
         let (_, map) = view_and_map(args, "admin replace-node").await?;
         let elsewhere = if in_place { Err("--in-place".to_string()) } else { convoy::admin::plan_drain(&map, node) };
