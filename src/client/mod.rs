@@ -759,10 +759,9 @@ impl Client {
                     tokio::time::sleep(throttle_wait(retry_after_ms)).await;
                 }
                 Ok(Response::Error { code, message }) => match code {
-                    ErrorCode::InvalidInput => return Err(after_unknown(&ambiguous, Error::InvalidInput(message))),
-                    ErrorCode::Rejected => return Err(after_unknown(&ambiguous, Error::Rejected(message))),
-                    ErrorCode::Forbidden => return Err(after_unknown(&ambiguous, Error::Forbidden(message))),
-                    ErrorCode::Protocol => return Err(after_unknown(&ambiguous, Error::Protocol(message))),
+                    ErrorCode::InvalidInput | ErrorCode::Rejected | ErrorCode::Forbidden | ErrorCode::Protocol => {
+                        return Err(after_unknown(&ambiguous, response_error(code, message)))
+                    }
                     ErrorCode::Ambiguous | ErrorCode::Unavailable => {
                         if code == ErrorCode::Ambiguous {
                             ambiguous = Some(message.clone());
