@@ -773,9 +773,50 @@ fn alive(pid: u32) -> bool {
         && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
 }
 
-fn running_pid(data_dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file(data_dir)).ok()?.trim().parse().ok()?;
-    alive(pid).then_some(pid)
+/// When process `pid` started, in clock ticks since boot (field 22 of `/proc/<pid>/stat`):
+/// with the pid, it names one process, where a pid alone is reused.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `cmdline` (NUL-separated, as `/proc/<pid>/cmdline` gives it) is `convoy node ...
+/// --id <id>`: the process `cluster up` started for node `id`.
+fn is_node_cmdline(cmdline: &[u8], id: u64) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let id = id.to_string();
+    args.get(1) == Some(&&b"node"[..]) && args.windows(2).any(|w| w[0] == b"--id" && w[1] == id.as_bytes())
+}
+
+/// The pid file's record of node `id`'s process: its pid and start time.
+fn pid_record(pid: u32) -> String {
+    match start_ticks(pid) {
+        Some(ticks) => format!("{pid} {ticks}\n"),
+        None => format!("{pid}\n"),
+    }
+}
+
+/// The pid `record` names if that process still runs and is node `id`'s: a pid file left
+/// from before a reboot or a crash can name a process that reused the pid, which must never
+/// be taken for the node (nor signalled by `cluster down`).
+fn ours(record: &str, id: u64) -> Option<u32> {
+    let mut fields = record.split_whitespace();
+    let pid: u32 = fields.next()?.parse().ok()?;
+    let ticks: Option<u64> = match fields.next() {
+        Some(t) => Some(t.parse().ok()?),
+        None => None,
+    };
+    if !alive(pid) || ticks.is_some_and(|t| start_ticks(pid) != Some(t)) {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    is_node_cmdline(&cmdline, id).then_some(pid)
+}
+
+fn running_pid(data_dir: &Path, id: u64) -> Option<u32> {
+    ours(&std::fs::read_to_string(pid_file(data_dir)).ok()?, id)
 }
 
 async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
@@ -785,7 +826,7 @@ async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
     let mut started = Vec::new();
     for n in &config.nodes {
         std::fs::create_dir_all(&n.data_dir)?;
-        if let Some(pid) = running_pid(&n.data_dir) {
+        if let Some(pid) = running_pid(&n.data_dir, n.id) {
             if !json {
                 println!("node {} already running (pid {pid})", n.id);
             }
@@ -802,7 +843,7 @@ async fn cluster_up(path: &Path, timeout: Duration, json: bool) -> Result<()> {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting node {}", n.id))?;
-        std::fs::write(pid_file(&n.data_dir), child.id().to_string())?;
+        std::fs::write(pid_file(&n.data_dir), pid_record(child.id()))?;
         started.push((n.id, child.id()));
         if !json {
             println!("started node {} (pid {}), log {}", n.id, child.id(), n.data_dir.join("node.log").display());
@@ -839,7 +880,7 @@ fn cluster_down(path: &Path, json: bool) -> Result<()> {
     let config = load(path)?;
     let mut stopped = Vec::new();
     for n in &config.nodes {
-        let Some(pid) = running_pid(&n.data_dir) else {
+        let Some(pid) = running_pid(&n.data_dir, n.id) else {
             let _ = std::fs::remove_file(pid_file(&n.data_dir));
             continue;
         };
@@ -1587,5 +1628,47 @@ mod tests {
         assert!(line.ends_with("(900 entries behind)"), "{line}");
         let (line, _) = progress_line(&op(false, Some(10_000_000), Some(300)), Some(seen), t0 + Duration::from_secs(4));
         assert!(line.contains("(300 entries behind, closing 300 entries/s, ETA 1 s)"), "{line}");
+    }
+
+    #[test]
+    fn a_pid_file_names_the_node_only_while_that_process_runs() {
+        assert!(is_node_cmdline(b"/x/convoy\0node\0--config\0/c.toml\0--id\x002\0", 2));
+        assert!(!is_node_cmdline(b"/x/convoy\0node\0--config\0/c.toml\0--id\x0012\0", 2), "another node");
+        assert!(!is_node_cmdline(b"/usr/bin/vim\0--id\x002\0", 2), "not a node");
+        assert!(!is_node_cmdline(b"", 2));
+
+        // This test's own process: alive, but not a node, so never taken for one.
+        let me = std::process::id();
+        let ticks = start_ticks(me).expect("own start time");
+        assert_eq!(pid_record(me), format!("{me} {ticks}\n"));
+        assert_eq!(ours(&pid_record(me), 1), None, "a live process that is not node 1");
+
+        // A node's process: `sh node --config c.toml --id 7` runs the script `node` from its
+        // directory, so its command line has `node` as argv[1] and `--id 7`, as a node's does.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("node"), "sleep 30\n").expect("script");
+        let mut child = std::process::Command::new("/bin/sh")
+            .current_dir(dir.path())
+            .args(["node", "--config", "c.toml", "--id", "7"])
+            .spawn()
+            .expect("spawn sh");
+        let pid = child.id();
+        let record = pid_record(pid);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ours(&record, 7).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(ours(&record, 7), Some(pid), "node 7's process, by the record written at its start");
+        assert_eq!(ours(&format!("{pid}"), 7), Some(pid), "a record of an older version: the pid alone");
+        assert_eq!(ours(&record, 8), None, "not node 8's");
+        // The same pid with another start time is a reused pid.
+        let (_, ticks) = record.trim().split_once(' ').expect("pid and ticks");
+        let other: u64 = ticks.parse::<u64>().expect("ticks") + 1;
+        assert_eq!(ours(&format!("{pid} {other}"), 7), None, "the pid reused by another process");
+        assert_eq!(ours("not-a-pid 5", 7), None);
+        assert_eq!(ours(&format!("{pid} not-ticks"), 7), None);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(ours(&record, 7), None, "an exited process");
     }
 }
