@@ -439,6 +439,21 @@ impl Config {
                 return fail(format!("node {}: metrics_addr (TCP) must be distinct from every other node's", n.id));
             }
         }
+        // Each node's data directory holds its store, its pid file and its log: two nodes on
+        // one directory (or one inside the other) would take each other's.
+        for (i, a) in self.nodes.iter().enumerate() {
+            for b in &self.nodes[i + 1..] {
+                if a.data_dir.starts_with(&b.data_dir) || b.data_dir.starts_with(&a.data_dir) {
+                    return fail(format!(
+                        "nodes {} and {}: data_dir must be separate directories, neither inside the other ({} and {})",
+                        a.id,
+                        b.id,
+                        a.data_dir.display(),
+                        b.data_dir.display()
+                    ));
+                }
+            }
+        }
         let l = &self.limits;
         if l.message_bytes_max == 0 || l.message_bytes_max > MESSAGE_BYTES_MAX {
             return fail(format!("limits.message_bytes_max must be 1..={MESSAGE_BYTES_MAX}"));
@@ -612,6 +627,25 @@ data_dir = "data/node3"
         }
         let unknown = format!("bogus = 1\n{SAMPLE}");
         assert!(Config::parse(&unknown, Path::new("."), Path::new("c.toml")).is_err());
+    }
+
+    #[test]
+    fn each_node_has_a_data_dir_of_its_own() {
+        let parse = |text: &str| Config::parse(text, Path::new("/etc/convoy"), Path::new("c.toml"));
+        for (dir, same) in [("data/node1", true), ("data/node1/sub", true), ("data", true), ("data/node10", false)] {
+            let text = SAMPLE.replace("data_dir = \"data/node3\"", &format!("data_dir = \"{dir}\""));
+            match (parse(&text), same) {
+                (Err(e), true) => {
+                    let e = e.to_string();
+                    assert!(e.contains("nodes 1 and 3: data_dir must be separate directories"), "{dir}: {e}");
+                }
+                (Ok(c), false) => assert_eq!(c.nodes[2].data_dir, PathBuf::from("/etc/convoy").join(dir)),
+                (other, _) => panic!("{dir}: {other:?}"),
+            }
+        }
+        // The same directory spelled absolute and relative is the same directory.
+        let abs = SAMPLE.replace("data_dir = \"data/node3\"", "data_dir = \"/etc/convoy/data/node1\"");
+        assert!(parse(&abs).is_err());
     }
 
     // QUIC listens on UDP and metrics on TCP, so a metrics port may reuse a QUIC port's
