@@ -366,12 +366,18 @@ fn issue_user(paths: &TlsPaths, name: &str, admin: bool) -> Result<bool> {
 pub fn node_material(config: &Config, id: u64) -> Result<TlsPaths> {
     let paths = TlsPaths::of(config);
     for p in [paths.node_ca(), paths.client_ca(), paths.node_cert(id), paths.node_key(id)] {
-        if !p.exists() {
-            return Err(Error::Config(format!(
-                "{} is missing: make the cluster's TLS material first with `convoy tls init --config {}`",
-                p.display(),
-                config.path.display()
-            )));
+        // Opened, not only looked up: a file this user cannot read (or under a directory it
+        // cannot enter) is not missing, and `tls init` would not help.
+        match std::fs::File::open(&p) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Config(format!(
+                    "{} is missing: make the cluster's TLS material first with `convoy tls init --config {}`",
+                    p.display(),
+                    config.path.display()
+                )))
+            }
+            Err(e) => return Err(Error::Config(format!("cannot read {}: {e}", p.display()))),
         }
     }
     Ok(paths)
@@ -534,5 +540,21 @@ mod tests {
         let before = std::fs::read(paths.node_cert(1)).expect("read");
         init(&c).expect("init again");
         assert_eq!(std::fs::read(paths.node_cert(1)).expect("read"), before);
+    }
+
+    #[test]
+    fn a_node_is_told_whether_its_material_is_missing_or_unreadable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = config(dir.path());
+        let err = node_material(&c, 1).expect_err("nothing made yet").to_string();
+        assert!(err.contains("is missing: make the cluster's TLS material first"), "{err}");
+        let paths = init(&c).expect("init");
+        node_material(&c, 1).expect("made");
+        // The node's key replaced by a link to itself: there, but it cannot be opened (as a
+        // file this user may not read; root, which runs the tests, reads any).
+        std::fs::remove_file(paths.node_key(1)).expect("remove key");
+        std::os::unix::fs::symlink(paths.node_key(1), paths.node_key(1)).expect("a link loop");
+        let err = node_material(&c, 1).expect_err("unreadable").to_string();
+        assert!(err.contains("cannot read") && !err.contains("missing"), "{err}");
     }
 }
