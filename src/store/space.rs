@@ -36,8 +36,7 @@ pub struct DiskSpace {
     was_low: AtomicBool,
 }
 
-/// Bytes available to an unprivileged writer on the filesystem holding `dir`.
-pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+fn statvfs(dir: &Path) -> std::io::Result<libc::statvfs> {
     let path = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -45,7 +44,32 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(st)
+}
+
+/// Bytes available to an unprivileged writer on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = statvfs(dir)?;
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// The size of the filesystem holding `dir`, in bytes.
+pub fn total_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = statvfs(dir)?;
+    Ok((st.f_blocks as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Checks a reserve against the filesystem holding `dir`: one at least as large as the
+/// whole filesystem could never be met, and the node would refuse every write for ever.
+pub fn check_reserve(dir: &Path, min: u64) -> crate::error::Result<()> {
+    match total_bytes(dir) {
+        Ok(total) if min > 0 && min >= total => Err(crate::error::Error::Config(format!(
+            "limits.disk_free_min_bytes ({min}) is at least the size of the filesystem holding {} ({total} \
+             bytes): every write would be refused; set a reserve below it (0 turns the reserve off)",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl DiskSpace {
@@ -131,6 +155,19 @@ impl DiskSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reserve_the_whole_disk_cannot_meet_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let total = total_bytes(dir.path()).expect("statvfs");
+        assert!(total >= free_bytes(dir.path()).expect("statvfs") && total > 0);
+        check_reserve(dir.path(), 0).expect("no reserve");
+        check_reserve(dir.path(), total - 1).expect("a reserve below the size");
+        for min in [total, u64::MAX] {
+            let err = check_reserve(dir.path(), min).expect_err("never met").to_string();
+            assert!(err.contains("is at least the size of the filesystem"), "{err}");
+        }
+    }
 
     #[tokio::test]
     async fn free_space_is_read_and_a_reserve_above_it_is_low() {
