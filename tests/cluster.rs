@@ -2159,6 +2159,34 @@ async fn a_node_added_to_the_file_registers_holding_nothing_and_a_wiped_member_i
     }
 }
 
+// A new cluster's file that lists more nodes than replication_factor cannot form a cluster:
+// the first node refuses at once, and the others, which hear no member of a cluster, refuse
+// once `NO_CLUSTER_WAIT` has passed instead of waiting without end. Each names the counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_clusters_file_with_more_nodes_than_replication_factor_is_refused_by_every_node() {
+    let mut cluster = LocalCluster::create(spec(Tweaks { shards: 2, ..Tweaks::default() })).expect("create");
+    assert_eq!(cluster.add_node().expect("a fourth node in the file"), 4);
+    cluster.start_all().expect("start all four");
+    let within = convoy::raft::formation::NO_CLUSTER_WAIT + Duration::from_secs(20);
+    for id in 1..=4 {
+        let code = eventually(within, "the node to exit", || {
+            let s = cluster.exit_status(id);
+            async move { s }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("node {id}: {e}\n{}", cluster.logs_tail()))
+        .code();
+        let log = std::fs::read_to_string(cluster.log_path(id)).expect("the node's log");
+        assert_ne!(code, Some(0), "node {id} must not start\n{log}");
+        let says = if id == 1 {
+            "a new cluster forms on replication_factor (3) nodes, and the file lists 4"
+        } else {
+            "it lists 4 nodes and replication_factor 3"
+        };
+        assert!(log.contains(says), "node {id}\n{log}");
+    }
+}
+
 // `convoy admin move` under steady sends: shard 0's replica on its leader moves to a node
 // added after formation. The leader hands leadership away, the new replica catches up and
 // votes in its place, and the old node deletes its copy. No send fails; every acked message

@@ -52,6 +52,11 @@ pub const CONTROL_TTL: Duration = Duration::from_secs(5);
 /// Rounds a starting node without state waits for a formed cluster's map before deciding
 /// without it (a cluster formed by a build without the metadata group has none).
 const MAP_WAITS_MAX: u32 = 40;
+/// How long a node without state waits for a member of an existing cluster to answer when
+/// its file cannot form a new one (it lists more nodes than `replication_factor`): it is
+/// either a node added to a cluster whose members are down, or a new cluster's file that is
+/// wrong, which the first node refuses at once.
+pub const NO_CLUSTER_WAIT: Duration = Duration::from_secs(30);
 /// Time allowed for a `Promote`, which waits for the new replica to catch up.
 pub const PROMOTE_TTL: Duration = Duration::from_secs(300);
 
@@ -212,6 +217,7 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
     let bootstrapper = config.node_ids().first().copied() == Some(me);
     let mut waited = 0u32;
     let mut map_waits = 0u32;
+    let started = std::time::Instant::now();
     loop {
         match formation.record() {
             Some(r) if r.stage == Stage::Formed => return Ok(Start::Member),
@@ -328,6 +334,31 @@ pub async fn settle(formation: &Arc<Formation>, net: &PeerNet, config: &Config, 
                 formation.set(ClusterRecord { cluster, node: me, stage: Stage::Formed })?;
                 tracing::info!(cluster = format_args!("{cluster:016x}"), "formed a new cluster");
                 return Ok(Start::Bootstrap);
+            }
+        }
+        if !bootstrapper && mine.is_none() && formed.is_none() && config.replication_factor != config.nodes.len() {
+            // No new cluster forms from this file: only members of an existing one can let
+            // this node in. Told why, rather than waiting without end.
+            let listed = (config.nodes.len(), config.replication_factor);
+            if started.elapsed() >= NO_CLUSTER_WAIT {
+                return Err(Error::Config(format!(
+                    "no member of a cluster answered within {}s, and no new cluster forms from {}: it lists {} \
+                     nodes and replication_factor {} (a new cluster forms on exactly replication_factor nodes). \
+                     For a new cluster, start it with that many nodes and add the others to the file afterwards; \
+                     for a node added to a running cluster, start it once the cluster's nodes are up",
+                    NO_CLUSTER_WAIT.as_secs(),
+                    config.path.display(),
+                    listed.0,
+                    listed.1
+                )));
+            }
+            if waited % 20 == 0 {
+                tracing::warn!(
+                    nodes = listed.0,
+                    replication_factor = listed.1,
+                    heard = answers.len(),
+                    "waiting for a member of an existing cluster: this file cannot form a new one"
+                );
             }
         }
         waited += 1;
