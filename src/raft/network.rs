@@ -174,7 +174,7 @@ struct Inner {
     /// [`PeerNet::snapshot_streams`]).
     snapshot_streams: std::sync::Mutex<HashMap<ShardId, SnapshotStreams>>,
     /// Snapshot copies this node sends, per (group, replica) (see [`PeerNet::snapshot_copies`]).
-    snapshot_copies: std::sync::Mutex<HashMap<(ShardId, NodeId), SnapshotCopy>>,
+    snapshot_copies: std::sync::Mutex<Copies>,
     /// The groups this node runs, to tell a learner from a voter (see [`PeerNet::limit_moves`]).
     groups: std::sync::OnceLock<Groups>,
     /// The node's quiescing, for its metrics (see [`PeerNet::quiescer`]).
@@ -271,6 +271,9 @@ pub struct SnapshotCopy {
     pub bytes_sent: u64,
     /// Streams to the replica going out now (a new one may start before a failed one ends).
     streams: usize,
+    /// The newest stream's number: only its bytes count, so that a failed stream still
+    /// ending never adds its bytes to the new one's.
+    newest: u64,
     ended: Option<std::time::Instant>,
 }
 
@@ -284,23 +287,48 @@ impl SnapshotCopy {
 /// How long the bytes of a copy that ended are still shown.
 const SNAPSHOT_COPY_SHOWN: Duration = Duration::from_secs(3600);
 
+type Copies = HashMap<(ShardId, NodeId), SnapshotCopy>;
+
+/// A stream to `key` starts: the copy's bytes start again from 0. Returns the stream's number.
+fn copy_started(copies: &mut Copies, key: (ShardId, NodeId), now: std::time::Instant) -> u64 {
+    copies.retain(|_, c| c.ended.is_none_or(|e| now.saturating_duration_since(e) < SNAPSHOT_COPY_SHOWN));
+    let c = copies.entry(key).or_default();
+    c.streams += 1;
+    c.newest += 1;
+    c.bytes_sent = 0;
+    c.ended = None;
+    c.newest
+}
+
+/// Stream `number` to `key` sent `bytes`: counted if it is the newest stream.
+fn copy_sent(copies: &mut Copies, key: (ShardId, NodeId), number: u64, bytes: usize) {
+    if let Some(c) = copies.get_mut(&key).filter(|c| c.newest == number) {
+        c.bytes_sent += bytes as u64;
+    }
+}
+
+/// A stream to `key` ended (installed, failed or dropped).
+fn copy_ended(copies: &mut Copies, key: (ShardId, NodeId), now: std::time::Instant) {
+    let c = copies.entry(key).or_default();
+    c.streams = c.streams.saturating_sub(1);
+    if c.streams == 0 {
+        c.ended = Some(now);
+    }
+}
+
 /// Counts one snapshot stream as going out for as long as it lives.
 struct Streaming<'a> {
     inner: &'a Inner,
     shard: ShardId,
     target: NodeId,
+    number: u64,
 }
 
 impl<'a> Streaming<'a> {
     fn start(inner: &'a Inner, shard: ShardId, target: NodeId) -> Self {
         let mut copies = inner.snapshot_copies.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        copies.retain(|_, c| c.ended.is_none_or(|e| now.saturating_duration_since(e) < SNAPSHOT_COPY_SHOWN));
-        let c = copies.entry((shard, target)).or_default();
-        c.streams += 1;
-        c.bytes_sent = 0;
-        c.ended = None;
-        Streaming { inner, shard, target }
+        let number = copy_started(&mut copies, (shard, target), std::time::Instant::now());
+        Streaming { inner, shard, target, number }
     }
 
     /// `target` answered the install.
@@ -313,18 +341,14 @@ impl<'a> Streaming<'a> {
 
     fn sent(&self, bytes: usize) {
         let mut copies = self.inner.snapshot_copies.lock().unwrap_or_else(|p| p.into_inner());
-        copies.entry((self.shard, self.target)).or_default().bytes_sent += bytes as u64;
+        copy_sent(&mut copies, (self.shard, self.target), self.number, bytes);
     }
 }
 
 impl Drop for Streaming<'_> {
     fn drop(&mut self) {
         let mut copies = self.inner.snapshot_copies.lock().unwrap_or_else(|p| p.into_inner());
-        let c = copies.entry((self.shard, self.target)).or_default();
-        c.streams = c.streams.saturating_sub(1);
-        if c.streams == 0 {
-            c.ended = Some(std::time::Instant::now());
-        }
+        copy_ended(&mut copies, (self.shard, self.target), std::time::Instant::now());
     }
 }
 
@@ -1402,6 +1426,30 @@ mod tests {
 
     fn indexes(rpc: &AppendEntriesRequest) -> Vec<u64> {
         rpc.entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    #[test]
+    fn a_copys_bytes_are_its_newest_streams_even_while_a_failed_one_ends() {
+        let mut copies = Copies::new();
+        let key = (3, 7);
+        let t0 = std::time::Instant::now();
+        let first = copy_started(&mut copies, key, t0);
+        copy_sent(&mut copies, key, first, 1_000);
+        // A second stream starts before the first has ended; the first still sends a little.
+        let second = copy_started(&mut copies, key, t0);
+        copy_sent(&mut copies, key, first, 500);
+        copy_sent(&mut copies, key, second, 200);
+        assert_eq!((copies[&key].bytes_sent, copies[&key].sending()), (200, true));
+        copy_ended(&mut copies, key, t0);
+        assert!(copies[&key].sending(), "the second stream still goes out");
+        copy_sent(&mut copies, key, second, 300);
+        copy_ended(&mut copies, key, t0);
+        assert_eq!((copies[&key].bytes_sent, copies[&key].sending()), (500, false));
+        // Another replica's copy is its own; an ended copy is forgotten after an hour.
+        copy_sent(&mut copies, (3, 8), 1, 10);
+        assert!(!copies.contains_key(&(3, 8)));
+        copy_started(&mut copies, (3, 8), t0 + SNAPSHOT_COPY_SHOWN);
+        assert!(!copies.contains_key(&key), "shown for an hour after it ended");
     }
 
     #[test]
