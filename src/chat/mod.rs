@@ -143,6 +143,11 @@ pub enum Command {
     /// A change to the cluster's placement; applied by the metadata group only (see
     /// `crate::placement`), refused by a shard's.
     Place(PlacementCommand),
+    /// A [`Command::Trim`] that applies only if the conversation's own retention is still the
+    /// one it was planned under: a policy changed between the leader's plan and the trim's
+    /// turn in the log (a member raising a limit) is never overridden by the older one.
+    /// (Appended last: logs holding the earlier variants still decode.)
+    TrimUnder(TrimUnderCommand),
 }
 
 /// Most messages one [`Command::Trim`] deletes: apply reads each one's dedup key, and an
@@ -227,6 +232,15 @@ pub struct TrimCommand {
     /// The first offset to keep. Apply never goes past the head + 1, and deletes at most
     /// [`TRIM_MESSAGES_MAX`] messages.
     pub before: u64,
+}
+
+/// Payload of [`Command::TrimUnder`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrimUnderCommand {
+    pub trim: TrimCommand,
+    /// The conversation's own retention record the trim was planned under
+    /// (`Retention::default()`: none).
+    pub planned_under: Retention,
 }
 
 /// Payload of [`Command::Members`].
@@ -314,6 +328,7 @@ impl Command {
             }
             Command::SetRetention(r) => FIXED + r.conversation.len() + r.by.len() + 32,
             Command::Trim(t) => FIXED + t.conversation.len(),
+            Command::TrimUnder(t) => FIXED + t.trim.conversation.len() + 32,
             Command::Place(PlacementCommand::Init { nodes, .. }) => {
                 FIXED + nodes.iter().map(|n| 24 + n.peer_addr.len() + n.client_addr.len()).sum::<usize>()
             }
@@ -333,6 +348,9 @@ impl std::fmt::Display for Command {
             Command::Members(m) => write!(f, "members({}, {:?} by {})", m.conversation, m.change, m.by),
             Command::SetRetention(r) => write!(f, "set-retention({}, {} by {})", r.conversation, r.retention, r.by),
             Command::Trim(t) => write!(f, "trim({}, before {})", t.conversation, t.before),
+            Command::TrimUnder(t) => {
+                write!(f, "trim({}, before {}, under {})", t.trim.conversation, t.trim.before, t.planned_under)
+            }
             Command::Place(p) => write!(f, "place({p:?})"),
         }
     }
@@ -523,6 +541,8 @@ pub trait ShardView {
     fn earliest(&mut self, conversation: &str) -> Result<u64, Self::Error>;
     /// The idempotency keys of the conversation's messages in `[from, before)`.
     fn keys_between(&mut self, conversation: &str, from: u64, before: u64) -> Result<Vec<DedupKey>, Self::Error>;
+    /// The conversation's own retention record (`None`: it has none).
+    fn retention(&mut self, conversation: &str) -> Result<Option<Retention>, Self::Error>;
 }
 
 /// Applies one command against `view`, returning its outcome and the effects to persist.
@@ -534,6 +554,7 @@ pub fn apply<V: ShardView>(view: &mut V, command: &Command) -> Result<(Outcome, 
         Command::Members(m) => apply_members(view, m),
         Command::SetRetention(r) => apply_set_retention(view, r),
         Command::Trim(t) => apply_trim(view, t),
+        Command::TrimUnder(t) => apply_trim_under(view, t),
         Command::Place(_) => {
             let reason = Rejection::Placement("placement commands belong to the metadata group, not a shard".into());
             Ok((Outcome::Rejected { reason }, Vec::new()))
@@ -696,6 +717,18 @@ fn apply_trim<V: ShardView>(view: &mut V, c: &TrimCommand) -> Result<(Outcome, V
     Ok((Outcome::Trimmed { earliest: before, deleted: before - from }, vec![effect]))
 }
 
+fn apply_trim_under<V: ShardView>(view: &mut V, c: &TrimUnderCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
+    let conversation = &c.trim.conversation;
+    if let Err(m) = validate_id("conversation", conversation) {
+        return Ok((Outcome::Rejected { reason: Rejection::InvalidId(m) }, Vec::new()));
+    }
+    if view.retention(conversation)?.unwrap_or_default() != c.planned_under {
+        // The policy changed after the plan: the next check plans under the new one.
+        return Ok((Outcome::Trimmed { earliest: view.earliest(conversation)?, deleted: 0 }, Vec::new()));
+    }
+    apply_trim(view, &c.trim)
+}
+
 fn apply_cursor<V: ShardView>(view: &mut V, c: &CursorCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
     for (kind, id) in [("user", &c.user), ("conversation", &c.conversation)] {
         if let Err(m) = validate_id(kind, id) {
@@ -729,6 +762,8 @@ pub struct Overlay<'a, V> {
     earliest: HashMap<String, u64>,
     /// Dedup records that trims of this batch deleted.
     dedup_deleted: HashSet<DedupKey>,
+    /// Retention records this batch set.
+    retention: HashMap<String, Retention>,
 }
 
 impl<'a, V: ShardView> Overlay<'a, V> {
@@ -741,6 +776,7 @@ impl<'a, V: ShardView> Overlay<'a, V> {
             members: HashMap::new(),
             earliest: HashMap::new(),
             dedup_deleted: HashSet::new(),
+            retention: HashMap::new(),
         }
     }
 
@@ -767,7 +803,9 @@ impl<'a, V: ShardView> Overlay<'a, V> {
                 Effect::SetMembers { conversation, members } => {
                     self.members.insert(conversation.clone(), members.clone());
                 }
-                Effect::SetRetention { .. } => {}
+                Effect::SetRetention { conversation, retention } => {
+                    self.retention.insert(conversation.clone(), *retention);
+                }
                 Effect::Trim { conversation, before, dedup, .. } => {
                     self.earliest.insert(conversation.clone(), *before);
                     for key in dedup {
@@ -812,6 +850,12 @@ impl<V: ShardView> ShardView for Overlay<'_, V> {
                 .map(|(k, _)| k.clone()),
         );
         Ok(keys)
+    }
+    fn retention(&mut self, conversation: &str) -> Result<Option<Retention>, V::Error> {
+        match self.retention.get(conversation) {
+            Some(r) => Ok(Some(*r)),
+            None => self.base.retention(conversation),
+        }
     }
     fn members(&mut self, conversation: &str) -> Result<Option<Members>, V::Error> {
         match self.members.get(conversation) {
@@ -915,6 +959,9 @@ impl ShardView for MemView {
             .filter(|m| m.conversation == conversation && (from..before).contains(&m.offset))
             .map(DedupKey::of_stored)
             .collect())
+    }
+    fn retention(&mut self, conversation: &str) -> Result<Option<Retention>, Self::Error> {
+        Ok(self.retention.get(conversation).copied())
     }
 }
 

@@ -648,6 +648,14 @@ fn command_strategy() -> impl Strategy<Value = Command> {
     let trim = (conversation_strategy(), 0u64..10)
         .prop_map(|(conversation, before)| Command::Trim(TrimCommand { conversation, before }));
     let limit = prop::option::of(0u64..4);
+    // Planned under a policy drawn from the same few values the changes below set, so that it
+    // is sometimes the current one and sometimes not.
+    let trim_under = (conversation_strategy(), 0u64..10, limit.clone(), limit.clone()).prop_map(
+        |(conversation, before, max_messages, max_bytes)| {
+            let planned_under = Retention { max_messages, max_age_ms: None, max_bytes };
+            Command::TrimUnder(TrimUnderCommand { trim: TrimCommand { conversation, before }, planned_under })
+        },
+    );
     let retention = (conversation_strategy(), user_strategy(), any::<bool>(), limit.clone(), limit).prop_map(
         |(conversation, by, admin, max_messages, max_bytes)| {
             let retention = Retention { max_messages, max_age_ms: None, max_bytes };
@@ -660,6 +668,7 @@ fn command_strategy() -> impl Strategy<Value = Command> {
         1 => members,
         1 => prop::collection::vec(send_strategy(), 0..6).prop_map(Command::SendBatch),
         1 => trim,
+        1 => trim_under,
         1 => retention,
         // Sent to a shard by mistake: refused, nothing changes.
         1 => (0u32..4, 1u64..4).prop_map(|(shard, node)| {
@@ -826,6 +835,18 @@ impl Model {
                 self.messages.retain(|m| m.conversation != t.conversation || m.offset >= before);
                 self.earliest.insert(t.conversation.clone(), before);
                 Outcome::Trimmed { earliest: before, deleted: before - from }
+            }
+            // A trim planned under another policy than the conversation's own now deletes
+            // nothing; under the same one it is a trim.
+            Command::TrimUnder(t) => {
+                if !spec_valid_id(&t.trim.conversation) {
+                    return reject(Rejection::InvalidId(String::new()));
+                }
+                if self.retention.get(&t.trim.conversation).copied().unwrap_or_default() != t.planned_under {
+                    let earliest = self.earliest.get(&t.trim.conversation).copied().unwrap_or(1);
+                    return Outcome::Trimmed { earliest, deleted: 0 };
+                }
+                self.apply(&Command::Trim(t.trim.clone()))
             }
             // A shard's group refuses placement commands; only the metadata group applies them.
             Command::Place(_) => reject(Rejection::Placement(String::new())),

@@ -95,6 +95,10 @@ fn commands() -> Vec<Command> {
         }),
         Command::Trim(TrimCommand { conversation: "room".into(), before: 42 }),
         Command::Place(crate::placement::PlacementCommand::SetPreferredLeader { shard: 3, node: 2 }),
+        Command::TrimUnder(crate::chat::TrimUnderCommand {
+            trim: TrimCommand { conversation: "room".into(), before: 42 },
+            planned_under: Retention { max_messages: None, max_age_ms: Some(60_000), max_bytes: None },
+        }),
     ]
 }
 

@@ -227,7 +227,7 @@ impl RaftLogStorage<C> for LogStore {
         let client_writes = || {
             entries.iter().any(|e| {
                 use crate::chat::Command;
-                matches!(&e.payload, openraft::EntryPayload::Normal(c) if !matches!(c, Command::Trim(_) | Command::Place(_)))
+                matches!(&e.payload, openraft::EntryPayload::Normal(c) if !matches!(c, Command::Trim(_) | Command::TrimUnder(_) | Command::Place(_)))
             })
         };
         if store.space.low() && client_writes() {

@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use super::log_store::{blocking, inline};
 use super::types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, C};
 use crate::chat::{
-    self, Command, DedupKey, DedupRecord, Effect, Members, Outcome, Rejection, ShardId, ShardView, StoredMessage,
+    self, Command, DedupKey, DedupRecord, Effect, Members, Outcome, Rejection, Retention, ShardId, ShardView,
+    StoredMessage,
 };
 use crate::error::{Error, Result};
 use crate::placement::{ClusterMap, META_SHARD};
@@ -319,6 +320,9 @@ impl ShardView for StoreView<'_> {
     }
     fn keys_between(&mut self, conversation: &str, from: u64, before: u64) -> Result<Vec<DedupKey>> {
         self.store.keys_between(self.shard, conversation, from, before)
+    }
+    fn retention(&mut self, conversation: &str) -> Result<Option<Retention>> {
+        self.store.retention(self.shard, conversation)
     }
 }
 
@@ -785,6 +789,21 @@ mod tests {
                     .map(|(client, seq, conv, kind)| match kind {
                         // One command in eight trims, up to somewhere around the head.
                         0 => Command::Trim(crate::chat::TrimCommand { conversation: convs[conv].into(), before: seq }),
+                        // One in eight sets a policy, one in eight trims under one (sometimes the
+                        // policy in force, read from storage or from earlier in the batch).
+                        1 => Command::SetRetention(crate::chat::RetentionCommand {
+                            conversation: convs[conv].into(),
+                            by: "op".into(),
+                            admin: true,
+                            retention: crate::chat::Retention { max_messages: Some(client + 1), ..Default::default() },
+                        }),
+                        2 => Command::TrimUnder(crate::chat::TrimUnderCommand {
+                            trim: crate::chat::TrimCommand { conversation: convs[conv].into(), before: seq },
+                            planned_under: crate::chat::Retention {
+                                max_messages: (client > 0).then_some(client),
+                                ..Default::default()
+                            },
+                        }),
                         _ => Command::Send(send(convs[conv], client, seq)),
                     })
                     .collect();

@@ -801,7 +801,7 @@ impl Service {
         // Below the disk reserve nothing a client asked is proposed; trims still are: they
         // give space back.
         let space = &self.store.space;
-        if space.low() && !matches!(command, Command::Trim(_)) {
+        if space.low() && !matches!(command, Command::Trim(_) | Command::TrimUnder(_)) {
             return Err(Refusal::Unavailable(format!(
                 "{DISK_FULL} on node {}: {} bytes free, below limits.disk_free_min_bytes ({}); writes resume once \
                  space is freed, reads go on",

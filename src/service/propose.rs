@@ -73,7 +73,12 @@ pub(super) fn sends_of(command: &Command) -> u32 {
     match command {
         Command::Send(_) => 1,
         Command::SendBatch(b) => b.len() as u32,
-        Command::Cursor(_) | Command::Members(_) | Command::SetRetention(_) | Command::Trim(_) | Command::Place(_) => 0,
+        Command::Cursor(_)
+        | Command::Members(_)
+        | Command::SetRetention(_)
+        | Command::Trim(_)
+        | Command::TrimUnder(_)
+        | Command::Place(_) => 0,
     }
 }
 
@@ -82,9 +87,12 @@ fn conversation_of(command: &Command) -> Option<&str> {
     match command {
         Command::Send(s) => Some(&s.conversation),
         Command::SendBatch(b) => b.first().map(|s| s.conversation.as_str()),
-        Command::Cursor(_) | Command::Members(_) | Command::SetRetention(_) | Command::Trim(_) | Command::Place(_) => {
-            None
-        }
+        Command::Cursor(_)
+        | Command::Members(_)
+        | Command::SetRetention(_)
+        | Command::Trim(_)
+        | Command::TrimUnder(_)
+        | Command::Place(_) => None,
     }
 }
 

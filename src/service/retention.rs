@@ -2,8 +2,9 @@
 //!
 //! Every `retention.check_interval_ms`, the leader of each shard reads its conversations'
 //! policies (a conversation's own, its unset limits filled by the cluster's `[retention]`),
-//! works out the first offset each must keep, and proposes a [`Command::Trim`] for those that
-//! keep less than they hold. The leader alone reads the clock and the policies; the trim is a
+//! works out the first offset each must keep, and proposes a [`Command::TrimUnder`] for those
+//! that keep less than they hold. The trim names the conversation's own policy it was planned
+//! under, and deletes nothing if another was set before its turn in the log. The leader alone reads the clock and the policies; the trim is a
 //! log entry, so every replica deletes the same prefix at the same log position, and apply
 //! bounds it (never past the head, at most [`TRIM_MESSAGES_MAX`] messages an entry: the next
 //! check trims the rest).
@@ -11,7 +12,9 @@
 //! Which conversations are read: with no cluster default, only those with a policy of their
 //! own (one short scan of their records); with a default, every conversation of the shard (a
 //! scan of its head records), each check. A `max_bytes` limit reads the newest messages back
-//! from the head, and is checked only for conversations whose head moved since the last check.
+//! from the head, only when the head or the limit changed since the last check; the first
+//! offset it keeps is remembered, and trims are proposed until the conversation starts there
+//! (a trim deletes at most [`TRIM_MESSAGES_MAX`], and a proposal can fail).
 //!
 //! Trims are range deletions: their space comes back when compaction rewrites the files, which
 //! RocksDB would do in its own time. Each node reclaims it on purpose instead ([`reclaim`]),
@@ -22,13 +25,23 @@ use std::sync::Weak;
 use std::time::Duration;
 
 use super::{now_ms, Service, StopSignal};
-use crate::chat::{Command, Outcome, Retention, ShardId, TrimCommand, TRIM_MESSAGES_MAX};
+use crate::chat::{Command, Outcome, Retention, ShardId, TrimCommand, TrimUnderCommand, TRIM_MESSAGES_MAX};
 use crate::error::Result;
 use crate::raft as consensus;
 use crate::store::Store;
 
-/// A trim to propose: the conversation and the first offset to keep.
-type Trim = (String, u64);
+/// A trim to propose: the conversation, the first offset to keep, and the conversation's own
+/// retention record it was planned under (`Retention::default()`: none).
+type Trim = (String, u64, Retention);
+
+/// A conversation's last `max_bytes` reading: at which head, under which limit, and the
+/// first offset that limit keeps (`None`: it keeps everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BytesKept {
+    head: u64,
+    limit: u64,
+    from: Option<u64>,
+}
 
 /// Runs the retention checks of the shards this node leads, until the service is dropped.
 pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
@@ -36,8 +49,8 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
         Some(n) => Duration::from_millis(n.config.retention.check_interval_ms),
         None => return,
     };
-    // The heads seen at the last `max_bytes` check, by shard and conversation.
-    let mut checked: HashMap<ShardId, HashMap<String, u64>> = HashMap::new();
+    // The last `max_bytes` readings, by shard and conversation.
+    let mut checked: HashMap<ShardId, HashMap<String, BytesKept>> = HashMap::new();
     loop {
         if stop.unless_stopped(tokio::time::sleep(interval)).await.is_none() {
             return;
@@ -73,11 +86,12 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
                     continue;
                 }
             };
-            for (conversation, before) in trims {
+            for (conversation, before, planned_under) in trims {
                 if stop.is_set() {
                     return;
                 }
-                let command = Command::Trim(TrimCommand { conversation: conversation.clone(), before });
+                let trim = TrimCommand { conversation: conversation.clone(), before };
+                let command = Command::TrimUnder(TrimUnderCommand { trim, planned_under });
                 match node.propose(&group, command).await {
                     Ok(Outcome::Trimmed { earliest, deleted }) if deleted > 0 => {
                         tracing::debug!(shard, conversation, earliest, deleted, "trimmed by retention");
@@ -94,13 +108,13 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
 }
 
 /// The trims a shard's conversations need now (`now_ms` by this leader's clock). `seen` holds
-/// the heads at the last `max_bytes` check and is updated.
+/// the last `max_bytes` readings and is updated.
 fn plan(
     store: &Store,
     shard: ShardId,
     default: Retention,
     now_ms: u64,
-    seen: &mut HashMap<String, u64>,
+    seen: &mut HashMap<String, BytesKept>,
 ) -> Result<Vec<Trim>> {
     let own: HashMap<String, Retention> = store.retentions(shard)?.into_iter().collect();
     let conversations: Vec<(String, u64)> = if default.keeps_all() {
@@ -112,9 +126,12 @@ fn plan(
     } else {
         store.heads(shard)?
     };
+    // Readings are kept only for the conversations that still have a byte limit.
+    let previous = std::mem::take(seen);
     let mut trims = Vec::new();
     for (conversation, head) in conversations {
-        let policy = own.get(&conversation).copied().unwrap_or_default().or(default);
+        let planned_under = own.get(&conversation).copied().unwrap_or_default();
+        let policy = planned_under.or(default);
         if policy.keeps_all() || head == 0 {
             continue;
         }
@@ -137,16 +154,18 @@ fn plan(
             })?;
             keep_from = keep_from.max(first_young.unwrap_or(last_old + 1));
         }
-        if let Some(bytes) = policy.max_bytes {
-            if seen.get(&conversation) != Some(&head) {
-                if let Some(from) = store.keep_bytes_from(shard, &conversation, bytes)? {
-                    keep_from = keep_from.max(from);
-                }
-                seen.insert(conversation.clone(), head);
+        if let Some(limit) = policy.max_bytes {
+            let kept = match previous.get(&conversation) {
+                Some(k) if k.head == head && k.limit == limit => *k,
+                _ => BytesKept { head, limit, from: store.keep_bytes_from(shard, &conversation, limit)? },
+            };
+            seen.insert(conversation.clone(), kept);
+            if let Some(from) = kept.from {
+                keep_from = keep_from.max(from);
             }
         }
         if keep_from > earliest {
-            trims.push((conversation, keep_from.min(head + 1)));
+            trims.push((conversation, keep_from.min(head + 1), planned_under));
         }
     }
     Ok(trims)
@@ -210,7 +229,7 @@ mod tests {
         let (_d, store) = store_with(300, 10);
         let policy = Retention { max_messages: Some(100), ..Retention::default() };
         let trims = plan(&store, 0, policy, 0, &mut HashMap::new()).expect("plan");
-        assert_eq!(trims, vec![("c".to_string(), 201)]);
+        assert_eq!(trims, vec![("c".to_string(), 201, Retention::default())]);
         // Another shard, or no policy at all, trims nothing.
         assert!(plan(&store, 1, policy, 0, &mut HashMap::new()).expect("plan").is_empty());
         assert!(plan(&store, 0, Retention::default(), 0, &mut HashMap::new()).expect("plan").is_empty());
@@ -221,9 +240,15 @@ mod tests {
         let (_d, store) = store_with(50, 10);
         // At 60 s, a 15 s age keeps the messages stamped 45 s and later: offsets 45..=50.
         let policy = Retention { max_age_ms: Some(15_000), ..Retention::default() };
-        assert_eq!(plan(&store, 0, policy, 60_000, &mut HashMap::new()).expect("plan"), vec![("c".to_string(), 45)]);
+        assert_eq!(
+            plan(&store, 0, policy, 60_000, &mut HashMap::new()).expect("plan"),
+            vec![("c".to_string(), 45, Retention::default())]
+        );
         // Everything expired: the trim reaches past the head, which apply bounds.
-        assert_eq!(plan(&store, 0, policy, 900_000, &mut HashMap::new()).expect("plan"), vec![("c".to_string(), 51)]);
+        assert_eq!(
+            plan(&store, 0, policy, 900_000, &mut HashMap::new()).expect("plan"),
+            vec![("c".to_string(), 51, Retention::default())]
+        );
     }
 
     #[test]
@@ -239,8 +264,36 @@ mod tests {
         // Room for exactly 10 stored messages keeps offsets 91..=100.
         let policy = Retention { max_bytes: Some(10 * sizes), ..Retention::default() };
         let mut seen = HashMap::new();
-        assert_eq!(plan(&store, 0, policy, 0, &mut seen).expect("plan"), vec![("c".to_string(), 91)]);
-        assert!(plan(&store, 0, policy, 0, &mut seen).expect("plan").is_empty(), "the head did not move");
+        assert_eq!(
+            plan(&store, 0, policy, 0, &mut seen).expect("plan"),
+            vec![("c".to_string(), 91, Retention::default())]
+        );
+        let read = seen["c"];
+        assert_eq!(read, BytesKept { head: 100, limit: 10 * sizes, from: Some(91) });
+        // Not applied yet (a failed proposal): proposed again, from the same reading.
+        assert_eq!(
+            plan(&store, 0, policy, 0, &mut seen).expect("plan"),
+            vec![("c".to_string(), 91, Retention::default())]
+        );
+        // Applied in part (a trim deletes at most TRIM_MESSAGES_MAX), the head unmoved: the
+        // rest is proposed at the next check, not left until someone sends.
+        let trim = |before| Command::Trim(crate::chat::TrimCommand { conversation: "c".into(), before });
+        crate::raft::state_machine::apply_for_test(&store, 0, vec![trim(50)]).expect("apply");
+        assert_eq!(
+            plan(&store, 0, policy, 0, &mut seen).expect("plan"),
+            vec![("c".to_string(), 91, Retention::default())]
+        );
+        crate::raft::state_machine::apply_for_test(&store, 0, vec![trim(91)]).expect("apply");
+        assert!(plan(&store, 0, policy, 0, &mut seen).expect("plan").is_empty(), "done");
+        // A lower limit on a quiet conversation (the head unmoved) is read again and applied.
+        let lower = Retention { max_bytes: Some(4 * sizes), ..Retention::default() };
+        assert_eq!(
+            plan(&store, 0, lower, 0, &mut seen).expect("plan"),
+            vec![("c".to_string(), 97, Retention::default())]
+        );
+        // No byte limit any more: the reading is forgotten.
+        assert!(plan(&store, 0, Retention::default(), 0, &mut seen).expect("plan").is_empty());
+        assert!(seen.is_empty());
     }
 
     #[test]
@@ -251,7 +304,10 @@ mod tests {
         let (_d, store) = store_with(20, 10);
         // The default alone: at 1,000 s every message is older than 9 ms.
         let at = 1_000_000;
-        assert_eq!(plan(&store, 0, default, at, &mut HashMap::new()).expect("plan"), vec![("c".to_string(), 21)]);
+        assert_eq!(
+            plan(&store, 0, default, at, &mut HashMap::new()).expect("plan"),
+            vec![("c".to_string(), 21, Retention::default())]
+        );
         // The conversation's own limit wins where it is set: 5 messages, and no age at all.
         let set = crate::chat::RetentionCommand {
             conversation: "c".into(),
@@ -259,7 +315,53 @@ mod tests {
             admin: true,
             retention: Retention { max_messages: Some(5), max_age_ms: Some(u64::MAX / 2), max_bytes: None },
         };
-        crate::raft::state_machine::apply_for_test(&store, 0, vec![Command::SetRetention(set)]).expect("apply");
-        assert_eq!(plan(&store, 0, default, at, &mut HashMap::new()).expect("plan"), vec![("c".to_string(), 16)]);
+        crate::raft::state_machine::apply_for_test(&store, 0, vec![Command::SetRetention(set.clone())]).expect("apply");
+        assert_eq!(
+            plan(&store, 0, default, at, &mut HashMap::new()).expect("plan"),
+            vec![("c".to_string(), 16, set.retention)]
+        );
+    }
+
+    // A trim planned under one policy, applied after a member set another (a higher limit):
+    // it deletes nothing, and the next check plans under the new policy.
+    #[test]
+    fn a_trim_planned_before_a_policy_change_deletes_nothing() {
+        let (_d, store) = store_with(20, 10);
+        let apply = |c: Command| crate::raft::state_machine::apply_for_test(&store, 0, vec![c]).expect("apply");
+        let set = |max_messages| {
+            Command::SetRetention(crate::chat::RetentionCommand {
+                conversation: "c".into(),
+                by: "op".into(),
+                admin: true,
+                retention: Retention { max_messages: Some(max_messages), ..Retention::default() },
+            })
+        };
+        apply(set(5));
+        let trims = plan(&store, 0, Retention::default(), 0, &mut HashMap::new()).expect("plan");
+        let five = Retention { max_messages: Some(5), ..Retention::default() };
+        assert_eq!(trims, vec![("c".to_string(), 16, five)]);
+        let (conversation, before, planned_under) = trims[0].clone();
+        let trim = || {
+            Command::TrimUnder(TrimUnderCommand {
+                trim: TrimCommand { conversation: conversation.clone(), before },
+                planned_under,
+            })
+        };
+        // The member raises the limit to 15 before the trim's turn.
+        apply(set(15));
+        assert_eq!(apply(trim()), vec![Outcome::Trimmed { earliest: 1, deleted: 0 }]);
+        assert_eq!(store.earliest(0, "c").expect("earliest"), 1);
+        assert_eq!(
+            plan(&store, 0, Retention::default(), 0, &mut HashMap::new()).expect("plan"),
+            vec![("c".to_string(), 6, Retention { max_messages: Some(15), ..Retention::default() })]
+        );
+        // Under the policy in force, the same trim applies.
+        apply(set(5));
+        assert_eq!(apply(trim()), vec![Outcome::Trimmed { earliest: 16, deleted: 15 }]);
+        // Both in one apply batch: the change earlier in the batch is seen.
+        let (_d2, other) = store_with(20, 10);
+        let outcomes =
+            crate::raft::state_machine::apply_for_test(&other, 0, vec![set(5), set(15), trim()]).expect("apply");
+        assert_eq!(outcomes[2], Outcome::Trimmed { earliest: 1, deleted: 0 });
     }
 }
