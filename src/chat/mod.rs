@@ -35,6 +35,12 @@ use crate::placement::PlacementCommand;
 pub const ID_BYTES_MAX: usize = 128;
 /// Most members a conversation may have (its member record is read by every send).
 pub const MEMBERS_MAX: usize = 1024;
+
+/// Most removals a conversation remembers (a removed user's live subscription ends at the
+/// head of its removal): beyond it the oldest removal is forgotten, and that user's
+/// subscriptions end at once, as any non-member's do. Without it, adding and removing made-up
+/// users would grow the member record, which every send and read decodes, without end.
+pub const REMOVED_MAX: usize = MEMBERS_MAX;
 /// Hard ceiling for a message body, enforced by apply on every replica. The configurable
 /// limit (`limits.message_bytes_max`) may only be lower.
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024;
@@ -667,6 +673,13 @@ fn apply_members<V: ShardView>(view: &mut V, c: &MembersCommand) -> Result<(Outc
         (Membership::Remove { user }, Some(mut m)) => {
             if m.users.remove(user) {
                 m.removed.insert(user.clone(), head);
+                while m.removed.len() > REMOVED_MAX {
+                    // The oldest removal (the lowest head; by name among equals): the same
+                    // on every replica, as apply must be.
+                    let oldest = m.removed.iter().min_by_key(|(u, h)| (**h, *u)).map(|(u, _)| u.clone());
+                    let Some(oldest) = oldest else { break };
+                    m.removed.remove(&oldest);
+                }
             }
             m
         }

@@ -295,6 +295,33 @@ fn only_members_act_and_a_removal_records_where_reading_ends() {
     );
 }
 
+// The removals a conversation remembers are bounded: made-up users added and removed over
+// and over do not grow its member record; the oldest removals are forgotten first, and a
+// forgotten user reads as any non-member.
+#[test]
+fn a_conversation_remembers_at_most_removed_max_removals() {
+    let mut view = view_with("room", 0);
+    let create = members("room", "alice", Membership::Create { members: vec![] });
+    assert!(matches!(view.apply(&create), Outcome::Members { .. }));
+    let remove = |user: &str| members("room", "alice", Membership::Remove { user: user.into() });
+    for i in 0..REMOVED_MAX + 10 {
+        let user = format!("x{i}");
+        assert!(matches!(view.apply(&add("room", "alice", &user)), Outcome::Members { .. }));
+        // A message between removals, so that each removal has its own head.
+        assert!(matches!(view.apply(&send_as("room", "alice", 1, i as u64, 1, "m")), Outcome::Appended { .. }));
+        assert!(matches!(view.apply(&remove(&user)), Outcome::Members { .. }));
+    }
+    let removed = &view.members["room"].removed;
+    assert_eq!(removed.len(), REMOVED_MAX);
+    assert!(!removed.contains_key("x0") && !removed.contains_key("x9"), "the oldest are forgotten");
+    assert_eq!(removed.get("x10"), Some(&11));
+    assert_eq!(removed.get(&format!("x{}", REMOVED_MAX + 9)).copied(), Some((REMOVED_MAX + 10) as u64));
+    assert_eq!(
+        view.apply(&send_as("room", "x0", 2, 1, 2, "still in?")),
+        Outcome::Rejected { reason: Rejection::NotMember { user: "x0".into() } }
+    );
+}
+
 // Promise: a rejected send consumes nothing - not an offset, and not its client_seq.
 #[test]
 fn rejected_send_does_not_consume_seq_or_offset() {
