@@ -249,8 +249,18 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
                 }
             }
         };
-        if frame::write(&mut send, &node.routed(response)).await.is_err() {
-            return;
+        // Bounded like a subscriber's writes: a client that reads nothing (a stalled
+        // subscriber's stream above all, whose error answer follows its dropped writes)
+        // must not pin the stream and its buffers for as long as the connection lives.
+        match tokio::time::timeout(service::SUBSCRIBER_WRITE_TIMEOUT, frame::write(&mut send, &node.routed(response)))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = send.reset(0u32.into());
+                return;
+            }
         }
         if !lane {
             break;

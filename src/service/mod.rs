@@ -1201,7 +1201,7 @@ impl Service {
                 let mut batch = match reading.finish().await {
                     // Retention deleted what comes next: say so, then go on from what is kept.
                     Err(Error::Truncated { earliest }) if earliest > next => {
-                        frame::write(out, &Response::Truncated { earliest }).await?;
+                        write_subscriber(out, &frame::encode(&Response::Truncated { earliest })).await?;
                         next = earliest;
                         at(next);
                         reading = self.read_stored(shard, &conversation, next, until);
@@ -1238,7 +1238,7 @@ impl Service {
                 // What was read is whole only if the data was not deleted meanwhile.
                 self.still_hosting(shard)?;
                 caught_up = true;
-                frame::write(out, &Response::CaughtUp { head: next - 1 }).await?;
+                write_subscriber(out, &frame::encode(&Response::CaughtUp { head: next - 1 })).await?;
                 if !follow {
                     return Ok(());
                 }
