@@ -631,10 +631,7 @@ async fn run(cli: Cli) -> Result<()> {
             let client = who.connect(&config, None)?;
             let (offset, head) = match set {
                 Some(o) => client.set_cursor(&conversation, o).await?,
-                None => {
-                    let node = *client.node_ids().first().ok_or_else(|| anyhow!("no nodes"))?;
-                    client.get_cursor(node, &conversation).await?
-                }
+                None => client.cursor(&conversation).await?,
             };
             let user = client.user();
             if json {
@@ -1551,8 +1548,8 @@ async fn transfer_leader(args: &StatusArgs, shard: u32, to: u64, wait: bool, tim
 }
 
 async fn chat(client: &Client, conversation: &str) -> Result<()> {
-    let node = *client.node_ids().first().ok_or_else(|| anyhow!("no nodes"))?;
-    let (_, head) = client.get_cursor(node, conversation).await.unwrap_or((0, 0));
+    // Where to start showing: the last 20 messages (from the start if the head is unknown).
+    let (_, head) = client.cursor(conversation).await.unwrap_or((0, 0));
     let from = head.saturating_sub(19).max(1);
     let mut sub = client.subscribe(conversation, from, None);
     println!("# {conversation} as {}; type a line and press enter to send, ctrl-d to leave", client.user());

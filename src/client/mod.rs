@@ -21,7 +21,7 @@
 //!
 //! It depends only on the wire types of `crate::net`, never on storage or Raft.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -172,6 +172,16 @@ impl Routes {
             Some(voters) if attempt % 4 != 3 => (voters.clone(), attempt),
             _ => (self.nodes.keys().copied().collect(), shard as usize + attempt),
         }
+    }
+
+    /// `shard`'s voters as the map has them, in id order (every node before a map came).
+    fn voters(&self, shard: ShardId) -> Vec<u64> {
+        let mut out = match self.shards.get(&shard).filter(|v| !v.is_empty()) {
+            Some(voters) => voters.clone(),
+            None => self.nodes.keys().copied().collect(),
+        };
+        out.sort_unstable();
+        out
     }
 
     /// The nodes to read `shard` from: its voters in id order, then every other node (the
@@ -958,6 +968,17 @@ impl Client {
         }
     }
 
+    /// This user's read cursor in a conversation and its head, from the shard's leader (which
+    /// applied every cursor move it acknowledged), found as sends find it: a node that does
+    /// not hold the shard, or does not answer, is not the end of it.
+    pub async fn cursor(&self, conversation: &str) -> Result<(u64, u64)> {
+        let req = Request::GetCursor { user: self.inner.user.clone(), conversation: conversation.into() };
+        match self.to_leader(conversation, &req).await? {
+            Response::Cursor { offset, head } => Ok((offset, head)),
+            other => Err(Error::Protocol(format!("unexpected answer to a cursor read: {other:?}"))),
+        }
+    }
+
     /// Sends a request that only the conversation's shard leader serves, following leader
     /// hints and retrying elsewhere until [`SEND_DEADLINE`]; an error answer that retrying
     /// does not change is returned at once.
@@ -1304,6 +1325,10 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
     let shard = shard_of(&conversation, client.inner.shards);
     let (mut pinned, mut hint) = (pinned, None);
     let mut attempt = 0usize;
+    // Replicas that refused this reader since it last got anything: a replica behind the
+    // leader may not have applied the reader's addition yet, so a refusal is final only once
+    // every replica gave it (or the one the caller pinned).
+    let mut refused: BTreeSet<u64> = BTreeSet::new();
     loop {
         let node = hint.take().or(pinned).unwrap_or_else(|| {
             // The shard's replicas as the newest map has them (a move changes them), in
@@ -1337,11 +1362,13 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                     }
                     next += 1;
                     attempt = 0;
+                    refused.clear();
                     if tx.send(Event::Message(m)).await.is_err() {
                         return;
                     }
                 }
                 Ok(Some(Response::CaughtUp { head })) => {
+                    refused.clear();
                     if tx.send(Event::CaughtUp { head }).await.is_err() {
                         return;
                     }
@@ -1354,12 +1381,28 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                         }
                     }
                 }
-                // Retrying changes neither: the request is bad, or this user may not read
-                // (any more: a removed member's subscription ends at the removal).
-                Ok(Some(Response::Error {
-                    code: code @ (ErrorCode::InvalidInput | ErrorCode::Forbidden),
-                    message,
-                })) => {
+                // This replica says the user may not read. Another that is further along may
+                // say otherwise (the user was just added); once every replica refused, the
+                // user may not read (any more: a removed member's subscription ends at the
+                // removal, which no replica serves past).
+                Ok(Some(Response::Error { code: ErrorCode::Forbidden, message })) => {
+                    refused.insert(node);
+                    let other = client.routes().voters(shard).into_iter().find(|n| !refused.contains(n));
+                    match other.filter(|_| pinned.is_none()) {
+                        Some(other) => {
+                            tracing::debug!(node, other, %message, "refused by a replica; asking another");
+                            hint = Some(other);
+                            break;
+                        }
+                        None => {
+                            let _ =
+                                tx.send(Event::Failed(response_error(ErrorCode::Forbidden, message).to_string())).await;
+                            return;
+                        }
+                    }
+                }
+                // Retrying changes nothing: the request is bad.
+                Ok(Some(Response::Error { code: code @ ErrorCode::InvalidInput, message })) => {
                     let _ = tx.send(Event::Failed(response_error(code, message).to_string())).await;
                     return;
                 }
