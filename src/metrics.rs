@@ -2,8 +2,9 @@
 //! `metrics_addr`, over plain HTTP/1.1 (see `service::metrics` for what is measured).
 //!
 //! The server is deliberately small and bounded: a request's head must arrive within
-//! [`REQUEST_TIMEOUT`] and fit [`REQUEST_BYTES_MAX`], at most [`CONNECTIONS_MAX`] scrapes run
-//! at once (more are closed unanswered), and every answer closes its connection. Anything but
+//! [`REQUEST_TIMEOUT`] and fit [`REQUEST_BYTES_MAX`], its answer must be taken within
+//! [`ANSWER_TIMEOUT`], at most [`CONNECTIONS_MAX`] scrapes run at once (more are closed
+//! unanswered), and every answer closes its connection. Anything but
 //! `GET /metrics` gets a 404 or 400 and nothing else.
 
 use std::future::Future;
@@ -22,6 +23,8 @@ use crate::service::Service;
 
 /// How long a scrape may take to send its request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a scrape may take to read its answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest request head read.
 pub const REQUEST_BYTES_MAX: usize = 8 << 10;
 /// Scrapes served at once.
@@ -137,8 +140,17 @@ async fn answer(node: &Arc<Service>, mut stream: tokio::net::TcpStream) -> std::
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    // A scraper that stops reading must not hold one of the endpoint's slots for as long as
+    // its connection lives: the answer is written, and the stream shut, within the same bound.
+    match tokio::time::timeout(ANSWER_TIMEOUT, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    {
+        Ok(done) => done,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the scraper read nothing in time")),
+    }
 }
 
 #[cfg(test)]
