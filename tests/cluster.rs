@@ -2159,6 +2159,71 @@ async fn a_node_added_to_the_file_registers_holding_nothing_and_a_wiped_member_i
     }
 }
 
+// A replica cut off from the rest of its group would show its live tails no new message and
+// no sign of why. With the other two nodes paused, a raw subscription at the remaining one
+// ends `Unavailable` once that replica has been out of touch with its leader for
+// LEADERLESS_MAX, longer than an election (a following client then subscribes at another
+// replica): first at a follower (openraft's pre-vote keeps its leader as it was; the
+// leader's node stopped beating), then at the leader (no quorum acknowledges it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_leader_ends_its_live_tails() {
+    async fn next(sub: &mut convoy::client::Subscription) -> Option<Event> {
+        tokio::time::timeout(Duration::from_secs(30), sub.next()).await.expect("an event in time")
+    }
+    let mut cluster = start(Tweaks { shards: 1, ..Tweaks::default() });
+    let client = cluster.client().expect("client");
+    let mut sent = Vec::new();
+    for round in ["follower", "leader"] {
+        let leader = cluster.leader_of(0, &[1, 2, 3], READY).await.expect("cluster ready");
+        let node = if round == "leader" { leader } else { (1..=3).find(|n| *n != leader).expect("a follower") };
+        let text = format!("before the {round} was cut off");
+        client.send("cut", &text).await.expect("send");
+        sent.push(text);
+        let mut sub = client.subscribe_with("cut", 1, Some(node), convoy::client::Delivery::Raw);
+        loop {
+            match next(&mut sub).await {
+                Some(Event::CaughtUp { .. }) => break,
+                Some(Event::Failed(e)) => panic!("{round}: {e}"),
+                Some(_) => {}
+                None => panic!("{round}: the subscription ended"),
+            }
+        }
+        let others: Vec<u64> = (1..=3).filter(|n| *n != node).collect();
+        for &n in &others {
+            assert!(cluster.pause(n), "pause node {n}");
+        }
+        let paused_at = Instant::now();
+        let ended = loop {
+            match next(&mut sub).await {
+                Some(Event::Failed(e)) => break e,
+                Some(Event::Message(m)) => panic!("{round}: nothing can be committed with two nodes paused: {m:?}"),
+                Some(_) => {}
+                None => panic!("{round}: the subscription ended without saying why"),
+            }
+        };
+        let took = paused_at.elapsed();
+        for &n in &others {
+            cluster.resume(n);
+        }
+        assert!(
+            ended.contains("out of touch with its leader") && ended.contains("another replica"),
+            "{round}: {ended}"
+        );
+        assert!(
+            took >= convoy::service::LEADERLESS_MAX && took < Duration::from_secs(25),
+            "{round}: ended {took:?} after the pause"
+        );
+    }
+    // The group recovers, and every replica has every message.
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("ready again");
+    client.send("cut", "after").await.expect("send after the pauses");
+    sent.push("after".into());
+    for node in 1..=3 {
+        let got = read_at_least(&client, "cut", node, 3).await;
+        assert_eq!(got.iter().map(|m| m.text.clone()).collect::<Vec<_>>(), sent, "node {node}");
+    }
+}
+
 // A new cluster's file that lists more nodes than replication_factor cannot form a cluster:
 // the first node refuses at once, and the others, which hear no member of a cluster, refuse
 // once `NO_CLUSTER_WAIT` has passed instead of waiting without end. Each names the counts.

@@ -1401,6 +1401,17 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                         }
                     }
                 }
+                // This replica cannot serve the tail now (it lost its leader, or is stopping):
+                // the next replica, unless the caller pinned this one.
+                Ok(Some(Response::Error { code: ErrorCode::Unavailable, message })) => {
+                    tracing::debug!(node, %message, "the replica cannot serve the tail; resubscribing at the next");
+                    if pinned.is_none() {
+                        let ids = client.routes().replicas(shard);
+                        let at = ids.iter().position(|n| *n == node).map_or(0, |i| i + 1);
+                        hint = client.first_healthy(&ids, at).filter(|n| *n != node);
+                    }
+                    break;
+                }
                 // Retrying changes nothing: the request is bad.
                 Ok(Some(Response::Error { code: code @ ErrorCode::InvalidInput, message })) => {
                     let _ = tx.send(Event::Failed(response_error(code, message).to_string())).await;

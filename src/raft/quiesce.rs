@@ -354,6 +354,11 @@ impl Quiescer {
         tracing::info!(peer = from, "a peer said it is stopping: no leadership goes to it");
     }
 
+    /// Whether a beat from `node` came within `within` before `now` (and it is not lost).
+    pub fn heard_within(&self, node: NodeId, within: Duration, now: Instant) -> bool {
+        self.lock().peers.get(&node).is_some_and(|p| !p.lost && now.saturating_duration_since(p.seen) < within)
+    }
+
     /// Whether node `node` said it is stopping and has not started again since. A stopping
     /// node hands its groups away and stops within seconds, so a leadership handed to it
     /// (by a balancer or another stopping node) would cost an election timeout or a second

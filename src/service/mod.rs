@@ -71,6 +71,13 @@ pub const CATCH_UP_SCANS_MAX: usize = 8;
 /// How long a write to a subscriber may wait for the client to read: one that stops reading
 /// is dropped, releasing what it pinned, and resubscribes when it reads again.
 pub const SUBSCRIBER_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a live subscription looks at whether its replica is in touch with its leader
+/// (see [`Service::in_touch`]) …
+pub const LEADER_CHECK: Duration = Duration::from_secs(2);
+/// … and how long the replica may be out of touch before the subscription ends
+/// `Unavailable`, so that the client moves to another replica: a replica cut off from the
+/// rest of its group would otherwise show no new message, silently.
+pub const LEADERLESS_MAX: Duration = Duration::from_secs(4);
 /// Suggested back-off when throttled.
 pub const THROTTLE_RETRY_MS: u64 = 50;
 /// How an `Unavailable` answer refused for lack of disk space begins.
@@ -771,6 +778,31 @@ impl Service {
         }
     }
 
+    /// Whether this replica of a group is in touch with its leader: it has one, and that is
+    /// this replica with a quorum's acknowledgement, or another node whose beats
+    /// (`raft::quiesce`, every heartbeat interval) came, recently — within [`LEADER_CHECK`],
+    /// three heartbeat intervals and the longest election timeout, whichever is longest (a
+    /// quiesced leader renews its lease only every half election timeout). openraft's
+    /// pre-vote keeps a cut-off follower's leader as it was, so a leader alone says nothing.
+    fn in_touch(&self, group: &Group) -> bool {
+        use openraft::async_runtime::WatchReceiver;
+        use openraft::Instant as _;
+        let r = &self.config.raft;
+        let fresh = Duration::from_millis(
+            (LEADER_CHECK.as_millis() as u64).max(3 * r.heartbeat_ms).max(r.election_timeout_ms_max),
+        );
+        let (leader, acked) = {
+            let m = group.raft.metrics();
+            let m = m.borrow_watched();
+            (m.current_leader, m.last_quorum_acked.as_ref().map(|at| at.elapsed()))
+        };
+        match leader {
+            None => false,
+            Some(l) if l == group.replica => acked.is_none_or(|age| age < fresh),
+            Some(l) => self.net.quiescer().is_none_or(|q| q.heard_within(node_of(l), fresh, std::time::Instant::now())),
+        }
+    }
+
     /// The group of `shard`, if this node runs it.
     fn group(&self, shard: ShardId) -> Result<Group> {
         let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
@@ -1244,11 +1276,27 @@ impl Service {
                 }
             }
             // Live push until a gap, a lag overflow, a reset or a membership change sends us
-            // back to storage.
+            // back to storage, or the replica stops hosting the shard or loses its leader.
+            let mut check = tokio::time::interval_at(tokio::time::Instant::now() + LEADER_CHECK, LEADER_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut leaderless_since: Option<tokio::time::Instant> = None;
             loop {
                 let event = tokio::select! {
                     ev = events.recv() => ev,
                     _ = out.stopped() => return Ok(()),
+                    _ = check.tick() => {
+                        let group = self.group(shard).map_err(|_| Error::NotLeader { shard, leader: self.holder_of(shard) })?;
+                        if self.in_touch(&group) {
+                            leaderless_since = None;
+                        } else if leaderless_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= LEADERLESS_MAX {
+                            return Err(Error::Unavailable(format!(
+                                "this replica of shard {shard} has been out of touch with its leader for {}s (cut \
+                                 off from its group?) and would show no new message: subscribe at another replica",
+                                LEADERLESS_MAX.as_secs()
+                            )));
+                        }
+                        continue;
+                    }
                 };
                 match event.as_deref() {
                     Ok(Push::Message { offset, frame }) => {
