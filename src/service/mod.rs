@@ -1167,10 +1167,12 @@ impl Service {
         }
     }
 
-    /// Whether `user` may read `conversation` of `shard`, by this replica's stored members.
+    /// Whether `user` may read `conversation` of `shard`, by this replica's stored members
+    /// (`Unavailable` while a snapshot install replaces the shard: the subscription ends, and
+    /// the client reads from another replica).
     async fn access(&self, shard: ShardId, conversation: &str, user: &str) -> Result<Access> {
         let (store, c, u) = (self.store.clone(), conversation.to_string(), user.to_string());
-        tokio::task::spawn_blocking(move || Ok(access_of(store.members(shard, &c)?.as_ref(), &u)))
+        tokio::task::spawn_blocking(move || Ok(access_of(store.members_for_reader(shard, &c)?.as_ref(), &u)))
             .await
             .map_err(Error::task("reading a conversation's members"))?
     }

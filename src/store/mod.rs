@@ -510,6 +510,18 @@ impl Store {
         }
     }
 
+    /// A conversation's members, for a reader's access check: `Unavailable` while a snapshot
+    /// install replaces the shard here, whose cleared state would read as a conversation
+    /// that does not exist (which anyone may read).
+    pub fn members_for_reader(&self, shard: ShardId, conversation: &str) -> Result<Option<Members>> {
+        let snap = self.db.snapshot();
+        refuse_installing(&snap, self.cf(CF_STATE), shard)?;
+        match snap.get_cf(self.cf(CF_STATE), members_key(shard, conversation))? {
+            Some(v) => Ok(Some(codec::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
     /// The earliest retained offset of a conversation (1 until a trim).
     pub fn earliest(&self, shard: ShardId, conversation: &str) -> Result<u64> {
         match self.get(CF_STATE, &earliest_key(shard, conversation))? {
@@ -915,6 +927,19 @@ mod tests {
     /// Reads within a conversation stay in it, memtable and table files alike, forwards
     /// (catch-up, trims) and backwards (retention by bytes), and a shard's read sees every
     /// conversation in key order. A memtable hashed by conversation would break the
+    #[test]
+    fn a_readers_member_check_is_refused_while_an_install_replaces_the_shard() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        assert_eq!(store.members_for_reader(0, "c").expect("no install"), None);
+        store.db.put_cf(store.cf(CF_STATE), installing_key(0), b"x").expect("mark an install");
+        let err = store.members_for_reader(0, "c").expect_err("installing").to_string();
+        assert!(err.contains("being replaced by a snapshot"), "{err}");
+        assert_eq!(store.members_for_reader(1, "c").expect("another shard"), None);
+        store.db.delete_cf(store.cf(CF_STATE), installing_key(0)).expect("install done");
+        assert_eq!(store.members_for_reader(0, "c").expect("done"), None);
+    }
+
     /// backward read: its iterators cannot `SeekForPrev`.
     #[test]
     fn conversation_reads_stay_in_their_conversation_and_shard_reads_see_all() {
