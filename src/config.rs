@@ -146,8 +146,9 @@ pub struct Limits {
     /// Client handshakes a node runs at once; more are answered the same way.
     pub handshakes_in_flight_max: usize,
     /// Free bytes a node keeps on its data directory's filesystem: below it, client writes
-    /// are refused (`Unavailable`: disk full) and log appends wait, until space is freed (0:
-    /// no reserve; a write that then finds no space stops its shard's group on this node).
+    /// are refused (`Unavailable`: disk full) until space is freed, and below half of it log
+    /// appends carrying client writes wait (0: no reserve; a write that then finds no space
+    /// stops its shard's group on this node).
     pub disk_free_min_bytes: u64,
 }
 

@@ -787,12 +787,17 @@ impl Drop for SmallDisk {
 /// The free bytes the disk tests keep on their small filesystems.
 const DISK_RESERVE: u64 = 32 << 20;
 
-/// A started three-node, one-shard cluster whose node `small`'s data directory is a 128 MiB
-/// loop-mounted ext4 filesystem, with node 1 leading shard 0; `None` (with a message) where
-/// this machine cannot mount one. Drop the cluster before the disk.
-async fn cluster_with_a_small_disk(small: u64) -> Option<(LocalCluster, SmallDisk)> {
+/// A started three-node cluster of `shards` shards whose nodes `on_disk` keep their data
+/// directories on one small loop-mounted ext4 filesystem (128 MiB a node) (a directory each there, which
+/// their configured data directories link to), with node 1 leading shard 0; `None` (with a
+/// message) where this machine cannot mount one. Drop the cluster before the disk.
+async fn cluster_with_a_small_disk(
+    on_disk: &[u64],
+    shards: u32,
+    retention: RetentionTweaks,
+) -> Option<(LocalCluster, SmallDisk)> {
     let spec = ClusterSpec {
-        shards: 1,
+        shards,
         raft: RaftTweaks {
             heartbeat_ms: Some(100),
             election_timeout_ms_min: Some(800),
@@ -800,21 +805,34 @@ async fn cluster_with_a_small_disk(small: u64) -> Option<(LocalCluster, SmallDis
             ..RaftTweaks::default()
         },
         limits: LimitTweaks { disk_free_min_bytes: Some(DISK_RESERVE), ..LimitTweaks::unthrottled() },
+        retention,
         remove_dir_on_drop: std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_none(),
         log_filter: Some(convoy::node::LOG_DEFAULT.into()),
         convoy_bin: Some(convoy_bin()),
         ..ClusterSpec::default()
     };
     let mut cluster = LocalCluster::create(spec).expect("create a test cluster");
-    let disk = match SmallDisk::mount(&cluster.dir().join("small.img"), &cluster.data_dir(small), 128) {
+    // 128 MiB a node: RocksDB preallocates its WAL and manifest files.
+    let mib = 128 * on_disk.len() as u64;
+    let disk = match SmallDisk::mount(&cluster.dir().join("small.img"), &cluster.dir().join("small"), mib) {
         Ok(d) => d,
         Err(why) => {
             eprintln!("SKIPPED (cannot loop-mount a small filesystem here): {why}");
             return None;
         }
     };
+    for &id in on_disk {
+        let (on, data) = (disk.at.join(format!("node{id}")), cluster.data_dir(id));
+        std::fs::create_dir_all(&on).expect("a directory on the small disk");
+        let _ = std::fs::remove_dir(&data);
+        std::os::unix::fs::symlink(&on, &data).expect("link the data directory to the small disk");
+    }
     for id in [1, 2, 3] {
         cluster.start(id).expect("start");
+        // Each node reads its free space every 200 ms from its start: nodes started apart
+        // see a disk they share cross the reserve at different moments, as they would in
+        // production.
+        tokio::time::sleep(Duration::from_millis(70)).await;
     }
     cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
     // Shard 0 prefers node 1 (leaders are handed back to their preferred node).
@@ -826,18 +844,20 @@ async fn cluster_with_a_small_disk(small: u64) -> Option<(LocalCluster, SmallDis
     Some((cluster, disk))
 }
 
-/// Fills `dir`'s filesystem to half the reserve below it; returns the filler's path.
-fn fill_below_the_reserve(dir: &std::path::Path) -> std::path::PathBuf {
+/// Fills `dir`'s filesystem until about `left` bytes are free; returns the filler's path.
+/// Below `DISK_RESERVE` sends are refused; below half of it appends carrying them wait too.
+fn fill_until(dir: &std::path::Path, left: u64) -> std::path::PathBuf {
     use std::io::Write;
     let free = convoy::store::space::free_bytes(dir).expect("statvfs");
     let path = dir.join("filler");
     let mut filler = std::fs::File::create(&path).expect("filler");
     let chunk = vec![7u8; 1 << 20];
-    for _ in 0..(free - DISK_RESERVE / 2) >> 20 {
+    for _ in 0..free.saturating_sub(left) >> 20 {
         filler.write_all(&chunk).expect("fill");
     }
     filler.sync_all().expect("sync the filler");
-    assert!(convoy::store::space::free_bytes(dir).expect("statvfs") < DISK_RESERVE, "below the reserve");
+    let now = convoy::store::space::free_bytes(dir).expect("statvfs");
+    assert!(now < left + (2 << 20), "about {left} bytes left, {now} are");
     path
 }
 
@@ -848,7 +868,7 @@ fn fill_below_the_reserve(dir: &std::path::Path) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed() {
     use convoy::net::wire::{ErrorCode, Request, Response, SendRequest};
-    let Some((cluster, disk)) = cluster_with_a_small_disk(1).await else { return };
+    let Some((cluster, disk)) = cluster_with_a_small_disk(&[1], 1, RetentionTweaks::default()).await else { return };
     let data = cluster.data_dir(1);
     let client = cluster.client().expect("client");
     let mut acked = BTreeMap::new();
@@ -857,7 +877,8 @@ async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed
         acked.insert(client.send("full", &text).await.expect("acked while there is room").offset, text);
     }
 
-    let filler_path = fill_below_the_reserve(&data);
+    // Below the reserve, above its floor (half of it).
+    let filler_path = fill_until(&data, DISK_RESERVE * 3 / 4);
     let send = |seq: u64| {
         Request::Send(SendRequest {
             conversation: "full".into(),
@@ -927,14 +948,17 @@ async fn a_full_disk_refuses_writes_serves_reads_and_resumes_when_space_is_freed
 // freed it catches up by itself, holding every acked message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_on_a_full_disk_waits_and_catches_up_when_space_is_freed() {
-    let Some((mut cluster, disk)) = cluster_with_a_small_disk(2).await else { return };
+    let Some((mut cluster, disk)) = cluster_with_a_small_disk(&[2], 1, RetentionTweaks::default()).await else {
+        return;
+    };
     let client = cluster.client().expect("client");
     let mut acked = BTreeMap::new();
     for i in 0..50 {
         let text = format!("before {i}");
         acked.insert(client.send("follower-full", &text).await.expect("acked").offset, text);
     }
-    let filler = fill_below_the_reserve(&cluster.data_dir(2));
+    // Below the reserve's floor: the follower's appends of sends wait there.
+    let filler = fill_until(&cluster.data_dir(2), DISK_RESERVE / 4);
     for i in 0..300 {
         let text = format!("while node 2 is full {i}");
         acked.insert(client.send("follower-full", &text).await.expect("nodes 1 and 3 keep acking").offset, text);
@@ -952,6 +976,114 @@ async fn a_follower_on_a_full_disk_waits_and_catches_up_when_space_is_freed() {
     }
     let status = admin.status(2).await.expect("node 2 answers");
     assert_eq!(status.shards[0].role, "Follower", "its group never stopped: {status:?}");
+    drop(cluster);
+    drop(disk);
+}
+
+// Where every replica shares one disk, as the local cluster's do, a disk that fills up under
+// load leaves every group running: what was proposed before the crossing is appended into the
+// reserve, sends are then refused as `disk full`, and retention's trims still apply on every
+// replica, so the cluster can give space back by itself. (Were those appends to wait for
+// space, openraft's core would wait with them: each group with a send in flight would stop on
+// every node, and the trims with it.) Once space is freed sends are acked again, and every
+// acked message retention keeps is on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_disk_filling_under_load_keeps_every_group_trimming() {
+    const KEPT: u64 = 40;
+    const SHARDS: u32 = 4;
+    let retention =
+        RetentionTweaks { max_messages: Some(KEPT), check_interval_ms: Some(200), ..RetentionTweaks::default() };
+    let Some((cluster, disk)) = cluster_with_a_small_disk(&[1, 2, 3], SHARDS, retention).await else { return };
+    let free = convoy::store::space::free_bytes(&disk.at).expect("statvfs");
+    assert!(free > DISK_RESERVE + (8 << 20), "room to start with: {free} bytes free");
+    // Two conversations on each shard.
+    let mut conversations = Vec::new();
+    for shard in 0..SHARDS {
+        conversations.extend((0..).map(|i| format!("shared-{i}")).filter(|c| shard_of(c, SHARDS) == shard).take(2));
+    }
+    let client = cluster.client().expect("client");
+    let acked: Arc<Mutex<HashMap<String, BTreeMap<u64, String>>>> = Arc::default();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut senders = Vec::new();
+    for t in 0..16u64 {
+        let (client, acked, errors, conversations) =
+            (client.clone(), acked.clone(), errors.clone(), conversations.clone());
+        senders.push(tokio::spawn(async move {
+            let started = Instant::now();
+            for i in 0u64.. {
+                let conversation = &conversations[((t + i) as usize) % conversations.len()];
+                let text = format!("t{t} i{i}");
+                match client.send_with(conversation, t * 1_000_000 + i, &text, Duration::from_secs(2)).await {
+                    Ok(ack) => {
+                        acked.lock().expect("lock").entry(conversation.clone()).or_default().insert(ack.offset, text);
+                    }
+                    Err(e) => {
+                        errors.lock().expect("lock").push(e.to_string());
+                        return;
+                    }
+                }
+                assert!(started.elapsed() < Duration::from_secs(60), "sender {t} was never refused");
+            }
+        }));
+    }
+    eventually(Duration::from_secs(30), "every conversation to hold more than retention keeps", || async {
+        let acked = acked.lock().expect("lock");
+        conversations.iter().all(|c| acked.get(c).is_some_and(|m| m.len() as u64 > KEPT)).then_some(())
+    })
+    .await
+    .expect("sends acked");
+    // Below the reserve, above its floor, with sends in flight.
+    let filler = fill_until(&disk.at, DISK_RESERVE * 3 / 4);
+    for s in senders {
+        s.await.expect("sender");
+    }
+    let errors = errors.lock().expect("lock").clone();
+    assert!(errors.iter().any(|e| e.contains("disk full")), "sends were refused as disk full: {errors:?}");
+    let acked = acked.lock().expect("lock").clone();
+    // Every replica of every group trims to the newest KEPT while the disk stays full; the
+    // newest acked messages are all there.
+    let holds_the_newest = |node: u64| {
+        let (client, acked) = (&client, &acked);
+        async move {
+            for (conversation, sent) in acked {
+                let read = client.read(conversation, 1, Some(node)).await.ok()?;
+                let newest = *sent.keys().next_back().expect("acked");
+                let head = read.messages.last()?.offset;
+                if read.messages.len() as u64 != KEPT || head < newest {
+                    return None;
+                }
+                for m in &read.messages {
+                    if let Some(text) = sent.get(&m.offset) {
+                        assert_eq!(&m.text, text, "node {node}, {conversation} offset {}", m.offset);
+                    }
+                }
+            }
+            Some(())
+        }
+    };
+    for node in 1..=3 {
+        eventually(Duration::from_secs(20), &format!("node {node} to trim every conversation to {KEPT}"), || {
+            holds_the_newest(node)
+        })
+        .await
+        .expect("trims apply on a full disk");
+    }
+    assert!(
+        convoy::store::space::free_bytes(&disk.at).expect("statvfs") < DISK_RESERVE,
+        "the disk was below the reserve all along"
+    );
+    std::fs::remove_file(&filler).expect("free the space");
+    for conversation in &conversations {
+        let ack = client.send(conversation, "after").await.expect("acked once space is back");
+        for node in 1..=3 {
+            eventually(Duration::from_secs(20), &format!("node {node} to hold {conversation}'s last send"), || async {
+                let r = client.read(conversation, 1, Some(node)).await.ok()?;
+                r.messages.iter().any(|m| m.offset == ack.offset && m.text == "after").then_some(())
+            })
+            .await
+            .expect("the send after is on every replica");
+        }
+    }
     drop(cluster);
     drop(disk);
 }

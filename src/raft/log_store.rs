@@ -222,15 +222,15 @@ impl RaftLogStorage<C> for LogStore {
         let shard = self.shard;
         let entries: Vec<Entry> = entries.into_iter().collect();
         let store = &self.store;
-        // Below the disk reserve, client writes wait for space (see `store::space`); trims,
-        // placement changes, blank and membership entries go on.
+        // Below the disk reserve's floor, client writes wait for space (see `store::space`);
+        // trims, placement changes, blank and membership entries go on.
         let client_writes = || {
             entries.iter().any(|e| {
                 use crate::chat::Command;
                 matches!(&e.payload, openraft::EntryPayload::Normal(c) if !matches!(c, Command::Trim(_) | Command::TrimUnder(_) | Command::Place(_)))
             })
         };
-        if store.space.low() && client_writes() {
+        if store.space.exhausted() && client_writes() {
             store.space.room().await;
         }
         inline(|| {

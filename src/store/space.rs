@@ -8,12 +8,19 @@
 //! - below it, a shard's leader refuses client writes (sends, cursors, members, retention)
 //!   with `Unavailable` saying the disk is full, before proposing anything: nothing is acked,
 //!   nothing is lost, and reads go on;
-//! - every Raft log append that carries client writes waits for the reserve to come back
-//!   before writing (the entries a leader proposed before it noticed, or a follower's), as
-//!   it would wait for a slow disk: the group stays up and resumes by itself.
+//! - the entries a leader proposed before it noticed, and a follower's, are still appended:
+//!   the reserve is there for them. openraft awaits a log append in the group's core, so an
+//!   append that waited would stop the whole group on that node, and the trims queued behind
+//!   it in the log, which are what gives space back. Where every replica shares the disk
+//!   (the local cluster), every group with a send in flight at the crossing would stop for
+//!   good, and retention could never free space;
+//! - only below the *floor*, half the reserve, does a Raft log append that carries client
+//!   writes wait for the floor to come back before writing, as it would wait for a slow
+//!   disk: the last line before RocksDB meets ENOSPC (a follower whose leader still has
+//!   room keeps receiving sends, and something else may be filling the disk).
 //!
-//! Apply does not wait (the reserve is there for it), and trims, blank and membership
-//! entries are appended below the reserve: trims are what gives space back.
+//! Apply never waits, and trims, blank and membership entries are appended even below the
+//! floor: trims are what gives space back.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -115,8 +122,9 @@ impl DiskSpace {
                             free,
                             reserve = self.min(),
                             dir = %self.dir.display(),
-                            "DISK FULL: client writes are refused and log appends carrying them wait until space \
-                             is freed (limits.disk_free_min_bytes); reads go on"
+                            "DISK FULL: client writes are refused until space is freed \
+                             (limits.disk_free_min_bytes; below half of it, log appends carrying them wait too); \
+                             reads and trims go on"
                         );
                     } else {
                         tracing::warn!(free, "disk space is back above the reserve: writes resume");
@@ -142,10 +150,27 @@ impl DiskSpace {
         min > 0 && self.free() < min
     }
 
-    /// Waits until the free space is at the reserve again (at once if it is). A Raft log
+    /// Whether the free space is below the floor, half the reserve: appends carrying client
+    /// writes wait there.
+    pub fn exhausted(&self) -> bool {
+        let min = self.min();
+        min > 0 && self.free() < min / 2
+    }
+
+    /// Waits until the free space is at the floor again (at once if it is). A Raft log
     /// append carrying client writes awaits it first.
     pub async fn room(&self) {
-        while self.low() {
+        if !self.exhausted() {
+            return;
+        }
+        tracing::error!(
+            free = self.free(),
+            floor = self.min() / 2,
+            dir = %self.dir.display(),
+            "DISK FULL: free space is below half the reserve: log appends carrying client writes wait here \
+             (the group stops on this node) until space is freed"
+        );
+        while self.exhausted() {
             tokio::time::sleep(POLL).await;
             self.refresh();
         }
@@ -177,10 +202,14 @@ mod tests {
         assert!(free > 0 && free < u64::MAX, "{free}");
         assert!(!space.low(), "no reserve: never low");
         space.set_min(free / 2);
-        assert!(!space.low());
+        assert!(!space.low() && !space.exhausted());
         tokio::time::timeout(Duration::from_secs(1), space.room()).await.expect("room at once");
+        // Below the reserve, above its floor: writes are refused, appends go on.
+        space.set_min(free + free / 2);
+        assert!(space.low() && !space.exhausted());
+        tokio::time::timeout(Duration::from_secs(1), space.room()).await.expect("room above the floor");
         space.set_min(u64::MAX);
-        assert!(space.low());
+        assert!(space.low() && space.exhausted());
         assert!(tokio::time::timeout(POLL * 3, space.room()).await.is_err(), "no room: it waits");
         assert!(free_bytes(Path::new("/no/such/dir")).is_err());
     }
