@@ -997,7 +997,9 @@ impl Service {
             _ => return Ok(()),
         };
         let mut counts: Vec<(&str, usize)> = Vec::new();
-        for r in sends {
+        // A conversation name that is not valid is refused after this check, and never keys a
+        // rate bucket: the buckets would keep whatever a frame can carry (a megabyte a name).
+        for r in sends.iter().filter(|r| chat::validate_id("conversation", &r.conversation).is_ok()) {
             match counts.iter_mut().find(|(x, _)| *x == r.conversation) {
                 Some(slot) => slot.1 += 1,
                 None => counts.push((&r.conversation, 1)),

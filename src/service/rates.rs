@@ -231,25 +231,25 @@ impl SendRates {
                 note(b.wait_ms(*n as f64, self.conversations.rate, now), Throttle::Conversation);
             }
         }
-        if let Some(w) = worst {
-            return Err(w);
-        }
-        connection.take(total, self.connection);
-        if let Some(b) = users.get_mut(user) {
-            b.take(total, self.users.rate);
-            self.users.note_taken(user, sends);
-        }
-        for (c, n) in per_conversation {
-            if let Some(b) = conversations.get_mut(*c) {
-                b.take(*n as f64, self.conversations.rate);
+        if worst.is_none() {
+            connection.take(total, self.connection);
+            if let Some(b) = users.get_mut(user) {
+                b.take(total, self.users.rate);
+                self.users.note_taken(user, sends);
+            }
+            for (c, n) in per_conversation {
+                if let Some(b) = conversations.get_mut(*c) {
+                    b.take(*n as f64, self.conversations.rate);
+                }
             }
         }
+        // Throttled or not: the lookups above added a full bucket for each key new here.
         for (map, rate) in [(&mut *users, self.users.rate), (&mut *conversations, self.conversations.rate)] {
             if map.len() > KEYS_MAX {
                 map.retain(|_, b| !b.is_full(rate, now));
             }
         }
-        Ok(())
+        worst.map_or(Ok(()), Err)
     }
 }
 
@@ -444,5 +444,21 @@ mod tests {
         // Much later every bucket has refilled: the next insert sheds them all.
         r.take("late", &[("c", 1)], &conn, t0 + Duration::from_secs(10)).expect("send");
         assert!(r.users.lock().len() <= 2, "{}", r.users.lock().len());
+    }
+
+    #[test]
+    fn keys_of_throttled_sends_are_shed_past_the_bound_too() {
+        // The connection's bucket is empty, so every send is throttled; each names a new
+        // conversation, whose lookup adds a (full) bucket.
+        let r = rates(0, 1, 1);
+        let t0 = Instant::now();
+        let conn = Mutex::new(Bucket::full(r.connection, t0));
+        r.take("ann", &[("c", 2)], &conn, t0).expect("the connection's burst");
+        for i in 0..=2 * KEYS_MAX {
+            let c = format!("c{i}");
+            assert_eq!(r.take("ann", &[(&c, 1)], &conn, t0).map_err(|e| e.1), Err(Throttle::Connection));
+        }
+        let kept = r.conversations.lock().len();
+        assert!(kept <= KEYS_MAX + 1, "{kept} conversation buckets");
     }
 }
