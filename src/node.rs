@@ -122,6 +122,7 @@ impl Node {
             groups: registry.clone(),
             formation: formation.clone(),
             spool_dir,
+            space: store.space.clone(),
             stages: store.stages.clone(),
             drops,
             quiet: quiet.clone(),

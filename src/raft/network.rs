@@ -88,6 +88,9 @@ pub struct PeerContext {
     pub groups: Groups,
     pub formation: Arc<super::formation::Formation>,
     pub spool_dir: PathBuf,
+    /// The free space of the data directory's filesystem and the node's reserve: a snapshot
+    /// is spooled there, then written into the store, so it needs twice its size above it.
+    pub space: Arc<crate::store::space::DiskSpace>,
     pub stages: Arc<Stages>,
     /// Where a `Drop` goes: the service stops the shard's replica and deletes its data.
     pub drops: tokio::sync::mpsc::Sender<DropRequest>,
@@ -1197,7 +1200,7 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
         PeerRequest::Snapshot { shard, to, vote, meta } => match group(groups, shard, to) {
             Ok(raft) => {
                 ctx.quiet.on_rpc(shard, "snapshot");
-                receive_snapshot(raft, shard, vote, meta, recv, &ctx.spool_dir).await.unwrap_or_else(err)
+                receive_snapshot(raft, shard, vote, meta, recv, &ctx.spool_dir, &ctx.space).await.unwrap_or_else(err)
             }
             Err(e) => err(e),
         },
@@ -1360,13 +1363,26 @@ async fn receive_snapshot(
     meta: SnapshotMeta,
     recv: &mut quinn::RecvStream,
     spool_dir: &std::path::Path,
+    space: &crate::store::space::DiskSpace,
 ) -> Result<PeerResponse, String> {
     let path = spool_dir.join(format!("shard-{shard}-{:016x}.snap", rand::random::<u64>()));
+    // The spool, then the install's copy in the store, both above the disk reserve: a write
+    // that met a full disk would stop this replica's group (and leave RocksDB read-only).
+    let room = match space.min() {
+        0 => u64::MAX,
+        min => space.refresh().saturating_sub(min) / 2,
+    };
     let result = async {
         let mut spool = SpoolWriter::create(path.clone()).map_err(|e| e.to_string())?;
-        spool_snapshot(recv, &mut spool).await?;
+        spool_snapshot(recv, &mut spool, room).await?;
         tracing::info!(shard, bytes = spool.bytes, "snapshot received; installing");
         let path = spool.finish().map_err(|e| e.to_string())?;
+        // Refused here, not in the state machine: openraft stops a group whose install fails.
+        let checked = path.clone();
+        tokio::task::spawn_blocking(move || crate::store::snapshot::check_spool(&checked, shard))
+            .await
+            .map_err(|e| format!("checking a received snapshot: {e}"))?
+            .map_err(|e| format!("snapshot refused, nothing installed: {e}"))?;
         let snapshot = Snapshot { meta, snapshot: ShardSnapshot::Spooled(path) };
         raft.install_full_snapshot(vote, snapshot).await.map(PeerResponse::Snapshot).map_err(|e| e.to_string())
     }
@@ -1375,13 +1391,28 @@ async fn receive_snapshot(
     result
 }
 
-/// Writes a snapshot's chunks to `spool` up to its `SnapshotEnd`. A stream that ends before
-/// it, or whose end counts other bytes than arrived, is refused: installing a cut snapshot
-/// would fail inside the state machine, which openraft treats as fatal for the replica.
-async fn spool_snapshot<R: tokio::io::AsyncRead + Unpin>(recv: &mut R, spool: &mut SpoolWriter) -> Result<(), String> {
+/// Writes a snapshot's chunks to `spool` up to its `SnapshotEnd`, at most `room` bytes. A
+/// stream that ends before it, or whose end counts other bytes than arrived, is refused:
+/// installing a cut snapshot would fail inside the state machine, which openraft treats as
+/// fatal for the replica. One larger than `room` is refused before it fills the disk; the
+/// leader sends it again later, and the replica lags meanwhile.
+async fn spool_snapshot<R: tokio::io::AsyncRead + Unpin>(
+    recv: &mut R,
+    spool: &mut SpoolWriter,
+    room: u64,
+) -> Result<(), String> {
     loop {
         match frame::read::<_, PeerRequest>(recv, PEER_FRAME_BYTES_MAX).await.map_err(|e| e.to_string())? {
-            Some(PeerRequest::SnapshotChunk(chunk)) => spool.write_chunk(&chunk).map_err(|e| e.to_string())?,
+            Some(PeerRequest::SnapshotChunk(chunk)) => {
+                if spool.bytes.saturating_add(chunk.len() as u64) > room {
+                    return Err(format!(
+                        "disk full: a snapshot of more than {} bytes does not fit twice above limits.disk_free_min_bytes \
+                         here (room for {room}); nothing installed, the replica lags until space is freed",
+                        spool.bytes
+                    ));
+                }
+                spool.write_chunk(&chunk).map_err(|e| e.to_string())?
+            }
             Some(PeerRequest::SnapshotEnd { bytes }) if bytes == spool.bytes => return Ok(()),
             Some(PeerRequest::SnapshotEnd { bytes }) => {
                 return Err(format!("snapshot ended at {} bytes but its sender counted {bytes}", spool.bytes))
@@ -1496,11 +1527,25 @@ mod tests {
         out
     }
 
-    async fn spool(stream: Vec<u8>) -> (Result<(), String>, u64) {
+    async fn spool_within(stream: Vec<u8>, room: u64) -> (Result<(), String>, u64) {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut spool = SpoolWriter::create(dir.path().join("s.snap")).expect("spool");
-        let r = spool_snapshot(&mut stream.as_slice(), &mut spool).await;
+        let r = spool_snapshot(&mut stream.as_slice(), &mut spool, room).await;
         (r, spool.bytes)
+    }
+
+    async fn spool(stream: Vec<u8>) -> (Result<(), String>, u64) {
+        spool_within(stream, u64::MAX).await
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_larger_than_the_room_above_the_reserve_is_refused_before_it_is_written() {
+        let (r, bytes) = spool_within(snapshot_stream(&[b"abcd", b"efg"], Some(7)), 7).await;
+        assert_eq!((r, bytes), (Ok(()), 7), "exactly the room");
+        let (r, bytes) = spool_within(snapshot_stream(&[b"abcd", b"efg"], Some(7)), 6).await;
+        let e = r.expect_err("one byte more than the room");
+        assert!(e.starts_with("disk full") && e.contains("room for 6"), "{e}");
+        assert_eq!(bytes, 4, "the chunk that would not fit was not written");
     }
 
     #[tokio::test]

@@ -280,15 +280,25 @@ pub fn install(store: &Store, shard: ShardId, source: Source<'_>, applied: &[u8]
     }
     // Too large for one batch: check every record before the old state is touched, so bad
     // input fails here and not halfway, with a marker that could never be completed.
-    let mut input = BufReader::new(File::open(path)?);
-    while let Some(r) = Record::read_from(&mut input)? {
-        check_record(shard, &r)?;
-    }
+    check_spool(path, shard)?;
     let spool = own_spool(path, shard)?;
     step_done(store, Step::SpoolDurable)?;
     let spool =
         spool.into_os_string().into_string().map_err(|p| Error::Config(format!("spool path {p:?} is not UTF-8")))?;
     resume(store, shard, &Marker { spool, applied: applied.to_vec() })
+}
+
+/// Reads a received spool and checks every record of it for `shard`; returns how many it
+/// holds. The receiver runs this before it hands the snapshot to openraft: an install that
+/// failed on a bad record there would stop the replica's group.
+pub fn check_spool(path: &Path, shard: ShardId) -> Result<u64> {
+    let mut input = BufReader::new(File::open(path)?);
+    let mut records = 0u64;
+    while let Some(r) = Record::read_from(&mut input)? {
+        check_record(shard, &r)?;
+        records += 1;
+    }
+    Ok(records)
 }
 
 /// At start-up: completes an install of `shard` that a crash interrupted, from the spool
@@ -668,6 +678,13 @@ mod tests {
             Record { cf: 0, key, value: vec![0; 300] }.encode_into(&mut bytes);
         }
         std::fs::write(&path, &bytes).expect("spool");
+        let err = check_spool(&path, 3).expect_err("the receiver's check finds it");
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+        std::fs::write(dir.path().join("good"), &bytes[..bytes.len() / 2 + 3]).expect("spool");
+        assert!(check_spool(&dir.path().join("good"), 3).is_err(), "cut inside a record");
+        let whole: usize = 450 * (1 + 4 + message_key(3, "c", 1).len() + 4 + 300);
+        std::fs::write(dir.path().join("good"), &bytes[..whole]).expect("spool");
+        assert_eq!(check_spool(&dir.path().join("good"), 3).expect("450 good records"), 450);
         let err = install(&store, 3, Source::File(&path), b"new").expect_err("a record of another shard");
         assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
         assert_eq!(state(&store, 3), old);
