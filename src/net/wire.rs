@@ -156,8 +156,10 @@ pub enum Response {
         head: u64,
     },
     Status(Box<NodeStatus>),
-    /// The answers to a `SendBatch`, one per send, in order.
-    Batch(Vec<Response>),
+    /// The answers to a `SendBatch`, one per send, in order. Never another `Batch`: decoding
+    /// refuses one inside ([`batch_answers`]), so a node's bytes cannot nest answers until the
+    /// client's decoder overflows its stack.
+    Batch(#[serde(deserialize_with = "batch_answers")] Vec<Response>),
     /// A conversation's members, and the head at which they were read or changed.
     Members {
         members: Vec<String>,
@@ -280,4 +282,52 @@ pub struct FollowerLag {
     pub entries: u64,
     /// Whether that is `limits.follower_lag_warn` or more.
     pub lagging: bool,
+}
+
+std::thread_local! {
+    /// Whether this thread is decoding a `Batch`'s answers (decoding is synchronous).
+    static IN_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Decodes a `Batch`'s answers, refusing a `Batch` among them.
+fn batch_answers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Response>, D::Error> {
+    use serde::de::Error as _;
+    if IN_BATCH.with(|b| b.replace(true)) {
+        return Err(D::Error::custom("a batch answer inside a batch answer"));
+    }
+    let answers = Vec::<Response>::deserialize(d);
+    IN_BATCH.with(|b| b.set(false));
+    answers
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    fn ack(offset: u64) -> Response {
+        Response::Ack { conversation: "c".into(), offset, ts_ms: 1, duplicate: false }
+    }
+
+    #[test]
+    fn a_batch_decodes_flat_and_a_batch_inside_one_is_refused() {
+        use crate::net::frame::{decode_body, encode};
+        // A frame's payload: its version byte and body.
+        let payload = |r: &Response| encode(r)[4..].to_vec();
+        let decode = |bytes: &[u8]| decode_body::<Response>(bytes).map_err(|e| e.to_string());
+        let flat = Response::Batch(vec![ack(1), ack(2)]);
+        assert_eq!(decode(&payload(&flat)), Ok(flat.clone()));
+        let nested = Response::Batch(vec![ack(1), Response::Batch(vec![ack(2)])]);
+        let err = decode(&payload(&nested)).expect_err("nested");
+        assert!(err.contains("a batch answer inside a batch answer"), "{err}");
+        // A hostile node's bytes nesting batches a million deep: refused at the second level,
+        // with no recursion to overflow the stack, and the thread decodes a good batch after.
+        let (one, single) = (payload(&Response::Batch(vec![ack(1)])), payload(&ack(1)));
+        let level = &one[1..one.len() - (single.len() - 1)];
+        let mut deep = vec![one[0]];
+        deep.extend(level.repeat(1_000_000));
+        deep.extend_from_slice(&single[1..]);
+        let err = decode(&deep).expect_err("deep nesting");
+        assert!(err.contains("a batch answer inside a batch answer"), "{err}");
+        assert_eq!(decode(&payload(&flat)), Ok(flat));
+    }
 }
