@@ -131,7 +131,18 @@ async fn answer(node: &Arc<Service>, mut stream: tokio::net::TcpStream) -> std::
         Err(_) => return Ok(()),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(())) => match asked(&head) {
-            Asked::Metrics => ("200 OK", CONTENT_TYPE, render(node)),
+            // Rendering reads RocksDB's properties and lists the data directory: off the
+            // runtime's workers, which carry every group's Raft rounds.
+            Asked::Metrics => {
+                let node = node.clone();
+                match tokio::task::spawn_blocking(move || render(&node)).await {
+                    Ok(text) => ("200 OK", CONTENT_TYPE, text),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rendering the metrics failed");
+                        ("500 Internal Server Error", "text/plain", "rendering the metrics failed\n".to_string())
+                    }
+                }
+            }
             Asked::NotFound => ("404 Not Found", "text/plain", "only /metrics is served here\n".to_string()),
             Asked::Bad => ("400 Bad Request", "text/plain", "expected GET /metrics\n".to_string()),
         },
