@@ -517,6 +517,14 @@ impl ClusterMap {
                          group moves only to an active node that does not hold it)"
                     ));
                 }
+                // A move off the node still has to delete its old replica there (`removing`), and
+                // one onto it still has to end: either would wait for ever on a removed node.
+                if let Some(op) = self.operations.iter().find(|o| o.from == *node || o.to == *node) {
+                    return Err(format!(
+                        "node {node} is part of operation {} (shard {}, {} → {}): wait until it ends, or cancel it",
+                        op.id, op.shard, op.from, op.to
+                    ));
+                }
                 let n = self.nodes.iter_mut().find(|n| n.id == *node).ok_or_else(|| format!("no node {node}"))?;
                 if n.state == NodeState::Removed {
                     return Ok(false);
@@ -744,6 +752,39 @@ mod tests {
         let err = map.apply(&PlacementCommand::Register(node(4))).unwrap_err();
         assert!(err.contains("not taken again"), "{err}");
         assert!(map.apply(&PlacementCommand::Drain { node: 4 }).is_err());
+    }
+
+    #[test]
+    fn a_node_is_not_removed_while_a_move_off_it_still_has_to_delete_its_replica() {
+        let mut map = ClusterMap::default();
+        map.apply(&init(&[1, 2, 3], 1)).unwrap();
+        map.apply(&PlacementCommand::Register(node(4))).unwrap();
+        map.apply(&PlacementCommand::Register(node(5))).unwrap();
+        let move_to = |map: &mut ClusterMap, from: u64, to: u64, end: bool| {
+            map.apply(&PlacementCommand::StartMove { shard: 0, from, to }).unwrap();
+            let id = map.operation_on(0).expect("the move").id;
+            let caught =
+                PlacementCommand::MoveReached { id, step: Step::CatchingUp, replica: Some(to), leaving: vec![from] };
+            map.apply(&caught).unwrap();
+            map.apply(&PlacementCommand::MoveReached { id, step: Step::Removing, replica: None, leaving: vec![] })
+                .unwrap();
+            if end {
+                map.apply(&PlacementCommand::MoveEnded { id }).unwrap();
+            }
+            id
+        };
+        move_to(&mut map, 1, 4, true);
+        let id = move_to(&mut map, 4, 5, false);
+        assert!(!map.holds_replicas(4), "the map no longer places shard 0 on node 4");
+        let err = map.apply(&PlacementCommand::RemoveNode { node: 4 }).unwrap_err();
+        assert!(
+            err.contains(&format!("node 4 is part of operation {id}")),
+            "its old replica is still to delete: {err}"
+        );
+        let err = map.apply(&PlacementCommand::RemoveNode { node: 5 }).unwrap_err();
+        assert!(err.contains("still holds replicas"), "{err}");
+        map.apply(&PlacementCommand::MoveEnded { id }).unwrap();
+        assert_eq!(map.apply(&PlacementCommand::RemoveNode { node: 4 }), Ok(true));
     }
 
     #[test]

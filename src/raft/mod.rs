@@ -119,6 +119,13 @@ impl Group {
     }
 }
 
+impl Group {
+    /// Whether the group's state machine is gone, waiting up to `wait` for it.
+    pub async fn stopped_within(&self, wait: std::time::Duration) -> bool {
+        tokio::time::timeout(wait, self.stopped.wait()).await.is_ok()
+    }
+}
+
 /// A copy of a group's Raft metrics, taken at once: holding the watch borrow can block the
 /// Raft core.
 pub fn metrics_of(raft: &Raft) -> openraft::RaftMetrics<types::C> {

@@ -92,8 +92,17 @@ impl Service {
         if self.stopping() {
             return Err(Error::Unavailable("this node is stopping".into()));
         }
-        if self.hosted(shard).is_some() {
-            return Ok(());
+        match self.hosted(shard) {
+            Some(h) if h.replica == replica => return Ok(()),
+            // Another replica of the shard runs here: starting this one would need it gone,
+            // and answering that this one runs would let a move wait for it for ever.
+            Some(h) => {
+                return Err(Error::Unavailable(format!(
+                    "this node runs replica {} of shard {shard}, not {replica}: it starts once that one is dropped",
+                    h.replica
+                )))
+            }
+            None => {}
         }
         if self.left(shard)?.is_some_and(|l| generation_of(replica) <= generation_of(l)) {
             return Err(Error::Unavailable(format!(
@@ -141,6 +150,16 @@ impl Service {
         self.store.write_sync(b)
     }
 
+    /// Records the newest of `replicas` as left, if it is newer than the one recorded.
+    fn record_left_newest(&self, shard: ShardId, replicas: &[NodeId]) -> Result<()> {
+        if let Some(newest) = replicas.iter().copied().max_by_key(|r| generation_of(*r)) {
+            if self.left(shard)?.is_none_or(|l| generation_of(newest) > generation_of(l)) {
+                self.record_left(shard, newest)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The last replica id of `shard` this node deleted, if any.
     fn left(&self, shard: ShardId) -> Result<Option<NodeId>> {
         Ok(self.store.db.get(left_key(shard))?.map(|v| decode(&v)).transpose()?)
@@ -164,18 +183,16 @@ impl Service {
                 // Never started here: this node had not yet seen the map that placed it (a
                 // cancel can come first). Nothing to delete, but a map this node fetches
                 // later may still name it, and must not start it then.
-                if let Some(newest) = replicas.iter().copied().max_by_key(|r| generation_of(*r)) {
-                    if self.left(shard)?.is_none_or(|l| generation_of(newest) > generation_of(l)) {
-                        self.record_left(shard, newest)?;
-                    }
-                }
+                self.record_left_newest(shard, replicas)?;
                 return Ok(());
             }
             (None, Some(DROPPED)) => {
                 // Dropped already; the deletion is done again (it is idempotent) in case the
                 // first one failed after it was recorded, before its flush: the table files
                 // must not go on showing the old replica's applied state (see
-                // `Store::delete_shard`).
+                // `Store::delete_shard`). A newer replica this drop names (a cancelled move
+                // back here, not started yet) must not start later either.
+                self.record_left_newest(shard, replicas)?;
                 let store = self.store.clone();
                 return tokio::task::spawn_blocking(move || store.delete_shard(shard))
                     .await
@@ -203,6 +220,23 @@ impl Service {
             if let Err(e) = g.shutdown().await {
                 tracing::warn!(shard, error = %e, "a dropped shard's group did not stop cleanly");
             }
+            // Its state machine may still be applying what was queued to it: deleting the data
+            // under it would leave those writes behind the deletion, for a later replica of
+            // the shard here to find. The placement lock, held meanwhile, keeps a retry from
+            // deleting either; a node that stops instead leaves the data, and the drop is
+            // asked again once it runs (the group does not run then).
+            while !g.stopped_within(crate::raft::STATE_MACHINE_STOP_WAIT).await {
+                if self.stopping() {
+                    return Err(Error::Unavailable(format!(
+                        "shard {shard}'s state machine is still applying and this node is stopping: its data is \
+                         deleted once the node runs again"
+                    )));
+                }
+                tracing::warn!(
+                    shard,
+                    "a dropped shard's state machine is still applying: its data waits to be deleted"
+                );
+            }
         }
         self.record_left(shard, here)?;
         formation::record_replica(&self.store, shard, DROPPED)?;
@@ -220,6 +254,12 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// Whether `node`'s disk is gone (lost) or the node left the cluster: a drop there would
+/// never be answered, and nothing it held can vote again.
+fn gone(map: &ClusterMap, node: u64) -> bool {
+    map.nodes.iter().any(|n| n.id == node && matches!(n.state, NodeState::Lost | NodeState::Removed))
 }
 
 /// Answers the peer server's `Drop`s (see `raft::network::PeerContext`).
@@ -375,8 +415,7 @@ impl Service {
             Step::Removing => {
                 // A lost node's disk is gone: nothing to delete there, and it may never answer.
                 // Its old ids are retired, so they never vote again should it come back.
-                let lost = map.nodes.iter().any(|n| n.id == op.from && n.state == NodeState::Lost);
-                if !lost {
+                if !gone(map, op.from) {
                     self.drop_on(op.from, shard, &op.leaving).await?;
                 }
                 PlacementCommand::MoveEnded { id: op.id }
@@ -396,8 +435,12 @@ impl Service {
                     tracing::warn!(op = op.id, shard, "the cancel came too late: the new replica already votes");
                     PlacementCommand::MoveReached { id: op.id, step: Step::Removing, replica: None, leaving: vec![] }
                 } else {
-                    let copy: Vec<NodeId> = op.replica.into_iter().collect();
-                    self.drop_on(op.to, shard, &copy).await?;
+                    // The copy was never a voter; on a node lost meanwhile there is nothing
+                    // left to delete, and it may never answer.
+                    if !gone(map, op.to) {
+                        let copy: Vec<NodeId> = op.replica.into_iter().collect();
+                        self.drop_on(op.to, shard, &copy).await?;
+                    }
                     PlacementCommand::MoveEnded { id: op.id }
                 }
             }
