@@ -650,10 +650,18 @@ pub async fn add_learner(
 /// voter while it is not running, and with another voter down, it would leave the joint
 /// configuration without a majority and the shard without commits until it came up. `None`
 /// when it may be promoted, else the answer that asks again later.
-async fn catch_up(h: &Hosted, shard: ShardId, replica: NodeId, member: Member) -> Option<PeerResponse> {
+/// The wait is bounded by `wait`, under the asker's own time limit: an answer nobody waits
+/// for any more would still go on to change the membership.
+async fn catch_up(h: &Hosted, shard: ShardId, replica: NodeId, member: Member, wait: Duration) -> Option<PeerResponse> {
     let planted = crate::planted::active(crate::planted::Bug::RemoveBeforeCaughtUp);
-    if let Err(e) = h.raft.add_learner(replica, member, !planted).await {
-        return Some(PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}")));
+    match tokio::time::timeout(wait, h.raft.add_learner(replica, member, !planted)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Some(PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}"))),
+        Err(_) => {
+            return Some(PeerResponse::Error(format!(
+                "replica {replica} of shard {shard} has not caught up within {wait:?}; not promoted yet"
+            )))
+        }
     }
     if matched(&super::metrics_of(&h.raft), replica).is_none() && !planted {
         return Some(PeerResponse::Error(format!(
@@ -672,6 +680,52 @@ fn settled(m: &openraft::RaftMetrics<super::types::C>) -> Option<openraft::Membe
     settled.then(|| committed.membership().clone())
 }
 
+/// How long a `Promote` waits for its replica to catch up: under the rejoining node's
+/// [`PROMOTE_TTL`].
+const PROMOTE_CATCH_UP_WAIT: Duration = Duration::from_secs(280);
+/// How long a move's `Replace` waits for its replica to catch up: under the coordinator's
+/// 60 s for the answer.
+const REPLACE_CATCH_UP_WAIT: Duration = Duration::from_secs(50);
+
+/// Makes `voters` the group's voters (through joint consensus), only if its membership is
+/// still the one `m` read: a change committed or proposed since is not overwritten.
+async fn change_voters_if_unchanged(
+    h: &Hosted,
+    m: &openraft::RaftMetrics<super::types::C>,
+    voters: BTreeSet<NodeId>,
+) -> std::result::Result<(), String> {
+    let unchanged =
+        openraft::Precondition::LastMembershipLogId { last_membership_log_id: *m.membership_config.log_id() };
+    h.raft
+        .change_membership_if(ChangeMembers::ReplaceAllVoters(voters), false, [unchanged])
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Finishes a membership change its leader left in joint consensus, if that is why the
+/// group is not settled: openraft leaves a committed joint configuration as it is when the
+/// leader that proposed it loses leadership (or stops) before the second, uniform entry, and
+/// nothing else would finish it; every move of the shard would wait for ever, and every
+/// commit would need a majority of both halves. The change is finished to its new half, as
+/// its proposer meant. `None` when the group is not in that state (a change is still being
+/// made), else the answer that asks again.
+async fn finish_joint(h: &Hosted, shard: ShardId, m: &openraft::RaftMetrics<super::types::C>) -> Option<PeerResponse> {
+    let committed = &m.committed_membership_config;
+    let halves = committed.membership().get_joint_config();
+    if m.membership_config.log_id() != committed.log_id() || halves.len() < 2 {
+        return None;
+    }
+    let target: BTreeSet<NodeId> = halves.last()?.clone();
+    tracing::warn!(shard, ?target, "finishing a membership change that its leader left in joint consensus");
+    Some(match h.raft.change_membership(ChangeMembers::ReplaceAllVoters(target), false).await {
+        Ok(_) => {
+            PeerResponse::Error(format!("shard {shard}: finished a membership change left half done; asking again"))
+        }
+        Err(e) => PeerResponse::Error(format!("shard {shard}: finishing a membership change left half done: {e}")),
+    })
+}
+
 /// The leader's side of `Promote`: waits until `replica` caught up, then makes it a voter in
 /// place of its node's other replicas, which leave the group.
 pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member) -> PeerResponse {
@@ -685,12 +739,21 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member
     if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == node && *v != replica) {
         return PeerResponse::Promoted;
     }
-    if let Some(answer) = catch_up(h, shard, replica, member).await {
+    if let Some(answer) = catch_up(h, shard, replica, member, PROMOTE_CATCH_UP_WAIT).await {
         return answer;
     }
+    // The voters as they are now, after the wait: a change made meanwhile (a move of this
+    // shard) is built on, never undone.
+    let m = super::metrics_of(&h.raft);
+    let Some(membership) = settled(&m) else {
+        if let Some(answer) = finish_joint(h, shard, &m).await {
+            return answer;
+        }
+        return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
+    };
     let new_voters: BTreeSet<NodeId> =
-        voters.iter().copied().filter(|v| node_of(*v) != node).chain(std::iter::once(replica)).collect();
-    if let Err(e) = h.raft.change_membership(ChangeMembers::ReplaceAllVoters(new_voters), false).await {
+        membership.voter_ids().filter(|v| node_of(*v) != node).chain(std::iter::once(replica)).collect();
+    if let Err(e) = change_voters_if_unchanged(h, &m, new_voters).await {
         return PeerResponse::Error(format!("making replica {replica} of shard {shard} a voter: {e}"));
     }
     let m = super::metrics_of(&h.raft);
@@ -717,6 +780,9 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, 
         Err(answer) => return answer,
     };
     let Some(membership) = settled(&m) else {
+        if let Some(answer) = finish_joint(h, shard, &m).await {
+            return answer;
+        }
         return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
     };
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -732,12 +798,17 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, 
         let _ = h.raft.trigger().transfer_leader(to).await;
         return PeerResponse::NotLeader { leader: Some(node_of(to)) };
     }
-    if let Some(answer) = catch_up(h, shard, replica, member).await {
+    if let Some(answer) = catch_up(h, shard, replica, member, REPLACE_CATCH_UP_WAIT).await {
         return answer;
     }
+    // Built on the membership as it is after the wait, and only if nothing changed it since.
+    let m = super::metrics_of(&h.raft);
+    let Some(membership) = settled(&m) else {
+        return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
+    };
     let new_voters: BTreeSet<NodeId> =
-        voters.iter().copied().filter(|v| node_of(*v) != from).chain(std::iter::once(replica)).collect();
-    if let Err(e) = h.raft.change_membership(ChangeMembers::ReplaceAllVoters(new_voters), false).await {
+        membership.voter_ids().filter(|v| node_of(*v) != from).chain(std::iter::once(replica)).collect();
+    if let Err(e) = change_voters_if_unchanged(h, &m, new_voters).await {
         return PeerResponse::Error(format!("making replica {replica} of shard {shard} a voter: {e}"));
     }
     tracing::info!(shard, replica, from, "a moved replica votes in place of the old one");
@@ -753,6 +824,9 @@ pub async fn remove_learner(h: &Hosted, shard: ShardId, node: NodeId, replica: O
         Err(answer) => return answer,
     };
     let Some(membership) = settled(&m) else {
+        if let Some(answer) = finish_joint(h, shard, &m).await {
+            return answer;
+        }
         return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
     };
     if let Some(replica) = replica.filter(|r| membership.voter_ids().any(|v| v == *r)) {

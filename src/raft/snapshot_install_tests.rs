@@ -170,7 +170,7 @@ pub(super) async fn open_store(db: &Path) -> Store {
     }
 }
 
-async fn start(router: &Router, id: NodeId, dirs: &Dirs, store: Store) -> Raft {
+pub(super) async fn start(router: &Router, id: NodeId, dirs: &Dirs, store: Store) -> Raft {
     let sm = ShardStateMachine::open(store.clone(), SHARD, Arc::new(NoEvents)).expect("open state machine");
     start_with(router, id, dirs, LogStore::open(SHARD, store).expect("open log store"), sm).await
 }

@@ -565,6 +565,10 @@ mod snapshot_install_tests;
 mod shutdown_tests;
 
 #[cfg(test)]
+#[path = "joint_tests.rs"]
+mod joint_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::chat::{Command, MemView, Rejection, SendCommand};

@@ -1,0 +1,70 @@
+//! A membership change that its leader left in joint consensus (the joint entry committed,
+//! the uniform one never proposed, as when the leader loses leadership between the two) is
+//! finished by the next move step that finds it: openraft leaves it as it is, and every move
+//! of the shard would otherwise wait for ever.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::snapshot_install_tests::{open_store, start, Dirs, Router};
+use crate::chat::ShardId;
+use crate::raft::formation;
+use crate::raft::network::Hosted;
+use crate::raft::rpc::PeerResponse;
+use crate::raft::types::{Member, NodeId, Raft};
+
+const SHARD: ShardId = 5;
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn voters(ids: &[NodeId]) -> BTreeSet<NodeId> {
+    ids.iter().copied().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_left_in_joint_consensus_is_finished_by_the_next_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::default();
+    let mut rafts: BTreeMap<NodeId, Raft> = BTreeMap::new();
+    for id in 1..=4 {
+        let dirs = Dirs::under(dir.path(), id);
+        let store = open_store(&dirs.db).await;
+        rafts.insert(id, start(&router, id, &dirs, store).await);
+    }
+    let leader = rafts[&1].clone();
+    leader
+        .initialize(BTreeMap::from([(1, Member::default()), (2, Member::default()), (3, Member::default())]))
+        .await
+        .expect("initialize");
+    let settled = |m: &openraft::RaftMetrics<crate::raft::types::C>| {
+        m.current_leader == Some(1)
+            && m.last_applied.map(|l| l.index) == m.last_log_index
+            && m.membership_config.log_id() == m.committed_membership_config.log_id()
+    };
+    leader.wait(Some(TIMEOUT)).metrics(settled, "node 1 leads, all committed").await.expect("leader");
+    leader.add_learner(4, Member::default(), true).await.expect("learner 4");
+
+    // The joint entry of a change from {1,2,3} to {1,2,4}, with no uniform entry after it.
+    let observed = crate::raft::metrics_of(&leader).membership_config;
+    let nodes: BTreeMap<NodeId, Member> = observed.membership().nodes().map(|(id, n)| (*id, n.clone())).collect();
+    let joint = openraft::Membership::new(vec![voters(&[1, 2, 3]), voters(&[1, 2, 4])], nodes).expect("joint");
+    let unchanged = openraft::Precondition::LastMembershipLogId { last_membership_log_id: *observed.log_id() };
+    leader.append_membership(joint, openraft::EntryPayload::Blank, [unchanged]).await.expect("joint entry");
+    let m = crate::raft::metrics_of(&leader);
+    assert_eq!(m.committed_membership_config.membership().get_joint_config().len(), 2, "left in joint consensus");
+
+    // A cancel's step (a move's `Replace` goes the same way) finishes the change first, and
+    // asks to be asked again.
+    let h = Hosted { replica: 1, raft: leader.clone() };
+    match formation::remove_learner(&h, SHARD, 9, None).await {
+        PeerResponse::Error(e) => assert!(e.contains("finished a membership change left half done"), "{e}"),
+        other => panic!("the joint configuration is finished first, got {other:?}"),
+    }
+    let m = crate::raft::metrics_of(&leader);
+    assert_eq!(m.committed_membership_config.membership().get_joint_config(), &vec![voters(&[1, 2, 4])]);
+    assert_eq!(m.membership_config.log_id(), m.committed_membership_config.log_id(), "and committed");
+    // Settled now: the step itself is answered.
+    assert!(matches!(formation::remove_learner(&h, SHARD, 9, None).await, PeerResponse::Promoted));
+    for raft in rafts.values() {
+        let _ = raft.shutdown().await;
+    }
+}
