@@ -266,6 +266,9 @@ pub struct Service {
     fetched_map: std::sync::Mutex<ClusterMap>,
     /// Starting and deleting a replica here, one at a time.
     placement_lock: tokio::sync::Mutex<()>,
+    /// Set by [`Service::shutdown`] before it waits for the placement lock: a drop that waits
+    /// under that lock for a state machine to stop gives up on it.
+    stop_asked: tokio::sync::watch::Sender<bool>,
     net: PeerNet,
     /// Where the peer server finds the groups this node runs.
     registry: Groups,
@@ -566,6 +569,7 @@ impl Service {
             placement_follow,
             fetched_map: std::sync::Mutex::default(),
             placement_lock: tokio::sync::Mutex::new(()),
+            stop_asked: tokio::sync::watch::channel(false).0,
             net: net.clone(),
             registry,
             raft_config,
@@ -1482,6 +1486,7 @@ impl Service {
     ///    not hosted here), and the requests it is serving get up to [`STOP_WAIT`] to end.
     /// 6. The groups stop and release the store.
     pub async fn shutdown(&self) {
+        self.stop_asked.send_replace(true);
         {
             let _no_replica_starts = self.placement_lock.lock().await;
             self.stop.send_replace(true);

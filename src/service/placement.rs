@@ -223,19 +223,25 @@ impl Service {
             // Its state machine may still be applying what was queued to it: deleting the data
             // under it would leave those writes behind the deletion, for a later replica of
             // the shard here to find. The placement lock, held meanwhile, keeps a retry from
-            // deleting either; a node that stops instead leaves the data, and the drop is
-            // asked again once it runs (the group does not run then).
-            while !g.stopped_within(crate::raft::STATE_MACHINE_STOP_WAIT).await {
-                if self.stopping() {
-                    return Err(Error::Unavailable(format!(
-                        "shard {shard}'s state machine is still applying and this node is stopping: its data is \
-                         deleted once the node runs again"
-                    )));
+            // deleting either. A node asked to stop gives up waiting (its shutdown waits for
+            // this lock) and keeps the data: the drop is asked again once it runs, and the
+            // group does not run then.
+            let mut stop_asked = self.stop_asked.subscribe();
+            loop {
+                tokio::select! {
+                    stopped = g.stopped_within(crate::raft::STATE_MACHINE_STOP_WAIT) => {
+                        if stopped {
+                            break;
+                        }
+                        tracing::warn!(shard, "a dropped shard's state machine is still applying: its data waits to be deleted");
+                    }
+                    _ = stop_asked.wait_for(|asked| *asked) => {
+                        return Err(Error::Unavailable(format!(
+                            "shard {shard}'s state machine is still applying and this node is stopping: its data is \
+                             deleted once the node runs again"
+                        )));
+                    }
                 }
-                tracing::warn!(
-                    shard,
-                    "a dropped shard's state machine is still applying: its data waits to be deleted"
-                );
             }
         }
         self.record_left(shard, here)?;
