@@ -521,7 +521,9 @@ impl ClusterMap {
                 // one onto it still has to end: either would wait for ever on a removed node.
                 if let Some(op) = self.operations.iter().find(|o| o.from == *node || o.to == *node) {
                     return Err(format!(
-                        "node {node} is part of operation {} (shard {}, {} → {}): wait until it ends, or cancel it",
+                        "node {node} is part of operation {} (shard {}, {} → {}): wait until it ends, or cancel it \
+                         before it reaches `removing`; a node gone for good is first marked lost (`convoy admin \
+                         replace-node {node}`), and the move then skips it",
                         op.id, op.shard, op.from, op.to
                     ));
                 }

@@ -718,7 +718,8 @@ async fn finish_joint(h: &Hosted, shard: ShardId, m: &openraft::RaftMetrics<supe
     }
     let target: BTreeSet<NodeId> = halves.last()?.clone();
     tracing::warn!(shard, ?target, "finishing a membership change that its leader left in joint consensus");
-    Some(match h.raft.change_membership(ChangeMembers::ReplaceAllVoters(target), false).await {
+    // Only if it is still that configuration: metrics may be a step behind the core.
+    Some(match change_voters_if_unchanged(h, m, target).await {
         Ok(_) => {
             PeerResponse::Error(format!("shard {shard}: finished a membership change left half done; asking again"))
         }
