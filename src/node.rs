@@ -123,6 +123,7 @@ impl Node {
             formation: formation.clone(),
             spool_dir,
             space: store.space.clone(),
+            snapshot_refusals: Default::default(),
             stages: store.stages.clone(),
             drops,
             quiet: quiet.clone(),

@@ -230,15 +230,16 @@ impl RaftLogStorage<C> for LogStore {
                 matches!(&e.payload, openraft::EntryPayload::Normal(c) if !matches!(c, Command::Trim(_) | Command::TrimUnder(_) | Command::Place(_)))
             })
         };
-        if store.space.exhausted() && client_writes() {
-            store.space.room().await;
+        let values: Vec<Vec<u8>> = entries.iter().map(encode).collect();
+        let bytes: u64 = values.iter().map(|v| v.len() as u64).sum();
+        if store.space.exhausted_after(bytes) && client_writes() {
+            store.space.room(bytes).await;
         }
         inline(|| {
             let mut wm = self.watermark();
             let mut b = WriteBatch::default();
             let mut sizes = Vec::with_capacity(entries.len());
-            for e in &entries {
-                let v = encode(e);
+            for (e, v) in entries.iter().zip(values) {
                 sizes.push(v.len());
                 b.put_cf(store.cf(CF_LOG), log_key(shard, e.log_id.index), v);
             }
@@ -247,6 +248,7 @@ impl RaftLogStorage<C> for LogStore {
                 b.put(watermark_key(shard), encode(&*wm));
             }
             store.write(b)?;
+            store.space.used(bytes);
             drop(wm);
             self.cache().appended(entries.into_iter().zip(sizes));
             // Queued strictly after the write returned: the next fsync covers it.

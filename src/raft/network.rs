@@ -91,6 +91,8 @@ pub struct PeerContext {
     /// The free space of the data directory's filesystem and the node's reserve: a snapshot
     /// is spooled there, then written into the store, so it needs twice its size above it.
     pub space: Arc<crate::store::space::DiskSpace>,
+    /// Snapshots refused for lack of room, by shard ([`SnapshotRefusals`]).
+    pub snapshot_refusals: SnapshotRefusals,
     pub stages: Arc<Stages>,
     /// Where a `Drop` goes: the service stops the shard's replica and deletes its data.
     pub drops: tokio::sync::mpsc::Sender<DropRequest>,
@@ -1200,7 +1202,7 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
         PeerRequest::Snapshot { shard, to, vote, meta } => match group(groups, shard, to) {
             Ok(raft) => {
                 ctx.quiet.on_rpc(shard, "snapshot");
-                receive_snapshot(raft, shard, vote, meta, recv, &ctx.spool_dir, &ctx.space).await.unwrap_or_else(err)
+                receive_snapshot(raft, shard, vote, meta, recv, ctx).await.unwrap_or_else(err)
             }
             Err(e) => err(e),
         },
@@ -1362,19 +1364,36 @@ async fn receive_snapshot(
     vote: Vote,
     meta: SnapshotMeta,
     recv: &mut quinn::RecvStream,
-    spool_dir: &std::path::Path,
-    space: &crate::store::space::DiskSpace,
+    ctx: &PeerContext,
 ) -> Result<PeerResponse, String> {
+    let (spool_dir, space, refused) = (&ctx.spool_dir, &ctx.space, &ctx.snapshot_refusals);
+    // The spool, then the install's copy in the store, both above the disk reserve and beside
+    // what other receives hold: a write that met a full disk would stop this replica's group
+    // (and leave RocksDB read-only).
+    let mut held = space.hold();
+    // A snapshot of this shard refused for room is refused at once until the room it needed
+    // is there: the leader sends it again every few hundred milliseconds, and each attempt
+    // would copy and delete as much as fits.
+    let needed = refused.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).copied();
+    if let Some(needed) = needed.filter(|n| *n > held.available()) {
+        return Err(format!(
+            "disk full: shard {shard}'s snapshot needs more than {needed} bytes above limits.disk_free_min_bytes \
+             here (its spool and its copy in the store), {} are free of it; nothing received, the replica lags \
+             until space is freed",
+            held.available()
+        ));
+    }
     let path = spool_dir.join(format!("shard-{shard}-{:016x}.snap", rand::random::<u64>()));
-    // The spool, then the install's copy in the store, both above the disk reserve: a write
-    // that met a full disk would stop this replica's group (and leave RocksDB read-only).
-    let room = match space.min() {
-        0 => u64::MAX,
-        min => space.refresh().saturating_sub(min) / 2,
-    };
     let result = async {
         let mut spool = SpoolWriter::create(path.clone()).map_err(|e| e.to_string())?;
-        spool_snapshot(recv, &mut spool, room).await?;
+        if let Err(e) = spool_snapshot(recv, &mut spool, |chunk| held.take(2 * chunk)).await {
+            if e.starts_with(NO_ROOM) {
+                let needed = 2 * spool.bytes + 2 * crate::store::snapshot::CHUNK_BYTES as u64;
+                refused.lock().unwrap_or_else(|p| p.into_inner()).insert(shard, needed);
+            }
+            return Err(e);
+        }
+        refused.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
         tracing::info!(shard, bytes = spool.bytes, "snapshot received; installing");
         let path = spool.finish().map_err(|e| e.to_string())?;
         // Refused here, not in the state machine: openraft stops a group whose install fails.
@@ -1391,23 +1410,30 @@ async fn receive_snapshot(
     result
 }
 
-/// Writes a snapshot's chunks to `spool` up to its `SnapshotEnd`, at most `room` bytes. A
-/// stream that ends before it, or whose end counts other bytes than arrived, is refused:
-/// installing a cut snapshot would fail inside the state machine, which openraft treats as
-/// fatal for the replica. One larger than `room` is refused before it fills the disk; the
-/// leader sends it again later, and the replica lags meanwhile.
+/// How a refusal for lack of room begins.
+const NO_ROOM: &str = "disk full: a snapshot of more than";
+
+/// A shard's snapshot refused for lack of room, with the room it needed at least.
+pub type SnapshotRefusals = Arc<std::sync::Mutex<HashMap<ShardId, u64>>>;
+
+/// Writes a snapshot's chunks to `spool` up to its `SnapshotEnd`, each only once `room`
+/// agreed to its bytes. A stream that ends before it, or whose end counts other bytes than
+/// arrived, is refused: installing a cut snapshot would fail inside the state machine, which
+/// openraft treats as fatal for the replica. One that does not fit is refused before it
+/// fills the disk; the leader sends it again later, and the replica lags meanwhile.
 async fn spool_snapshot<R: tokio::io::AsyncRead + Unpin>(
     recv: &mut R,
     spool: &mut SpoolWriter,
-    room: u64,
+    mut room: impl FnMut(u64) -> bool,
 ) -> Result<(), String> {
     loop {
         match frame::read::<_, PeerRequest>(recv, PEER_FRAME_BYTES_MAX).await.map_err(|e| e.to_string())? {
             Some(PeerRequest::SnapshotChunk(chunk)) => {
-                if spool.bytes.saturating_add(chunk.len() as u64) > room {
+                if !room(chunk.len() as u64) {
                     return Err(format!(
-                        "disk full: a snapshot of more than {} bytes does not fit twice above limits.disk_free_min_bytes \
-                         here (room for {room}); nothing installed, the replica lags until space is freed",
+                        "{NO_ROOM} {} bytes does not fit twice (its spool and its copy in the store) above \
+                         limits.disk_free_min_bytes here, beside other snapshots being received; nothing installed, \
+                         the replica lags until space is freed",
                         spool.bytes
                     ));
                 }
@@ -1530,7 +1556,15 @@ mod tests {
     async fn spool_within(stream: Vec<u8>, room: u64) -> (Result<(), String>, u64) {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut spool = SpoolWriter::create(dir.path().join("s.snap")).expect("spool");
-        let r = spool_snapshot(&mut stream.as_slice(), &mut spool, room).await;
+        let mut left = room;
+        let take = |n: u64| match left.checked_sub(n) {
+            Some(l) => {
+                left = l;
+                true
+            }
+            None => false,
+        };
+        let r = spool_snapshot(&mut stream.as_slice(), &mut spool, take).await;
         (r, spool.bytes)
     }
 
@@ -1544,7 +1578,7 @@ mod tests {
         assert_eq!((r, bytes), (Ok(()), 7), "exactly the room");
         let (r, bytes) = spool_within(snapshot_stream(&[b"abcd", b"efg"], Some(7)), 6).await;
         let e = r.expect_err("one byte more than the room");
-        assert!(e.starts_with("disk full") && e.contains("room for 6"), "{e}");
+        assert!(e.starts_with(NO_ROOM) && e.contains("more than 4 bytes"), "{e}");
         assert_eq!(bytes, 4, "the chunk that would not fit was not written");
     }
 

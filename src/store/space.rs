@@ -14,10 +14,11 @@
 //!   it in the log, which are what gives space back. Where every replica shares the disk
 //!   (the local cluster), every group with a send in flight at the crossing would stop for
 //!   good, and retention could never free space;
-//! - only below the *floor*, half the reserve, does a Raft log append that carries client
-//!   writes wait for the floor to come back before writing, as it would wait for a slow
-//!   disk: the last line before RocksDB meets ENOSPC (a follower whose leader still has
-//!   room keeps receiving sends, and something else may be filling the disk).
+//! - only a Raft log append carrying client writes that would take the free space below
+//!   the *floor*, half the reserve, waits for room before writing, as it would wait for a
+//!   slow disk: the last line before RocksDB meets ENOSPC (a follower whose leader still has
+//!   room keeps receiving sends, and something else may be filling the disk). Between two
+//!   reads of the free space, each append's bytes count against the last figure.
 //!
 //! Apply never waits, and trims, blank and membership entries are appended even below the
 //! floor: trims are what gives space back.
@@ -41,6 +42,55 @@ pub struct DiskSpace {
     /// Whether the free space was below the reserve at the last read (each crossing is
     /// logged).
     was_low: AtomicBool,
+    /// Bytes held by snapshot receives in progress ([`DiskSpace::hold`]).
+    held: AtomicU64,
+}
+
+/// What one snapshot receive holds of the free space above the reserve: its spool and its
+/// copy in the store, which only exist once it is done, so that receives of several shards
+/// at once (a rebuilt node's) do not each count the same free space. Released when dropped.
+pub struct Held {
+    space: Arc<DiskSpace>,
+    /// The free space when the receive started.
+    free: u64,
+    bytes: u64,
+}
+
+impl Held {
+    /// The bytes this receive may still take: the free space above the reserve when it
+    /// started, less what every receive holds (`u64::MAX` with no reserve).
+    pub fn available(&self) -> u64 {
+        match self.space.min() {
+            0 => u64::MAX,
+            min => self.free.saturating_sub(min).saturating_sub(self.space.held.load(Relaxed)),
+        }
+    }
+
+    /// Takes `n` more bytes if they are available; `false` (taking nothing) if not.
+    pub fn take(&mut self, n: u64) -> bool {
+        let min = self.space.min();
+        if min == 0 {
+            return true;
+        }
+        let room = self.free.saturating_sub(min);
+        let taken =
+            self.space.held.fetch_update(Relaxed, Relaxed, |held| held.checked_add(n).filter(|total| *total <= room));
+        if taken.is_ok() {
+            self.bytes += n;
+        }
+        taken.is_ok()
+    }
+
+    /// The bytes this receive holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.space.held.fetch_sub(self.bytes, Relaxed);
+    }
 }
 
 fn statvfs(dir: &Path) -> std::io::Result<libc::statvfs> {
@@ -88,6 +138,7 @@ impl DiskSpace {
             free: AtomicU64::new(free_bytes(dir).unwrap_or(u64::MAX)),
             min: AtomicU64::new(0),
             was_low: AtomicBool::new(false),
+            held: AtomicU64::new(0),
         });
         let weak: Weak<DiskSpace> = Arc::downgrade(&space);
         let spawned = std::thread::Builder::new().name("disk-space".into()).spawn(move || loop {
@@ -99,6 +150,12 @@ impl DiskSpace {
             tracing::warn!(error = %e, "cannot start the disk space watcher; free space is read only at writes");
         }
         space
+    }
+
+    /// Starts holding space for a snapshot receive (see [`Held`]), from the free space as
+    /// last read.
+    pub fn hold(self: &Arc<Self>) -> Held {
+        Held { space: self.clone(), free: self.free(), bytes: 0 }
     }
 
     /// Sets the reserve (0: off).
@@ -150,30 +207,40 @@ impl DiskSpace {
         min > 0 && self.free() < min
     }
 
-    /// Whether the free space is below the floor, half the reserve: appends carrying client
-    /// writes wait there.
-    pub fn exhausted(&self) -> bool {
+    /// Whether writing `bytes` would take the free space below the floor, half the reserve:
+    /// appends carrying client writes wait there.
+    pub fn exhausted_after(&self, bytes: u64) -> bool {
         let min = self.min();
-        min > 0 && self.free() < min / 2
+        min > 0 && self.free().saturating_sub(bytes) < min / 2
     }
 
-    /// Waits until the free space is at the floor again (at once if it is). A Raft log
-    /// append carrying client writes awaits it first.
-    pub async fn room(&self) {
-        if !self.exhausted() {
+    /// Counts `bytes` just written against the free space as last read, so that the writes
+    /// between two reads are not all judged by the same figure.
+    pub fn used(&self, bytes: u64) {
+        if self.min() > 0 {
+            let _ = self.free.fetch_update(Relaxed, Relaxed, |f| Some(f.saturating_sub(bytes)));
+        }
+    }
+
+    /// Waits until `bytes` can be written without taking the free space below the floor (at
+    /// once if they can). A Raft log append carrying client writes awaits it first.
+    pub async fn room(&self, bytes: u64) {
+        if !self.exhausted_after(bytes) {
             return;
         }
         tracing::error!(
             free = self.free(),
+            bytes,
             floor = self.min() / 2,
             dir = %self.dir.display(),
-            "DISK FULL: free space is below half the reserve: log appends carrying client writes wait here \
-             (the group stops on this node) until space is freed"
+            "DISK FULL: writing would take the free space below half the reserve: a log append carrying client \
+             writes waits here (its group stops on this node) until space is freed"
         );
-        while self.exhausted() {
+        while self.exhausted_after(bytes) {
             tokio::time::sleep(POLL).await;
             self.refresh();
         }
+        tracing::warn!(free = self.free(), bytes, "space freed: a waiting log append goes on");
     }
 }
 
@@ -194,6 +261,58 @@ mod tests {
         }
     }
 
+    /// Not watched: the free space is what the test says.
+    fn fixed(free: u64) -> Arc<DiskSpace> {
+        Arc::new(DiskSpace {
+            dir: PathBuf::from("/no/such/dir"),
+            free: AtomicU64::new(free),
+            min: AtomicU64::new(0),
+            was_low: AtomicBool::new(false),
+            held: AtomicU64::new(0),
+        })
+    }
+
+    #[test]
+    fn an_append_that_would_cross_the_floor_waits_and_writes_count_until_the_next_read() {
+        let space = fixed(10_000);
+        assert!(!space.exhausted_after(u64::MAX), "no reserve: never");
+        space.set_min(16_000);
+        assert!(space.low(), "below the reserve: sends are refused");
+        assert!(!space.exhausted_after(2_000), "8,000 left: at the floor, written");
+        assert!(space.exhausted_after(2_001), "one byte more would cross it");
+        space.used(1_500);
+        assert_eq!(space.free(), 8_500);
+        assert!(space.exhausted_after(501), "the write counts until the next read");
+        space.set_min(0);
+        space.used(1_000);
+        assert_eq!(space.free(), 8_500, "no reserve: nothing counted");
+    }
+
+    #[test]
+    fn snapshot_receives_share_the_room_above_the_reserve() {
+        let space = fixed(10_000);
+        let mut none = space.hold();
+        assert!(none.take(1 << 40) && none.available() == u64::MAX, "no reserve: no bound");
+        drop(none);
+        space.set_min(9_000);
+        let (mut a, mut b) = (space.hold(), space.hold());
+        assert_eq!(a.available(), 1_000);
+        assert!(a.take(600));
+        assert_eq!(b.available(), 400, "b sees what a holds");
+        assert!(!b.take(401), "not both");
+        assert_eq!(b.bytes(), 0, "a refused take holds nothing");
+        assert!(b.take(400));
+        drop(a);
+        assert_eq!(b.available(), 600, "released when a receive ends");
+        drop(b);
+        assert_eq!(space.held.load(Relaxed), 0);
+        // One that started before the disk filled keeps its own reading; a new one sees none.
+        let mut c = space.hold();
+        space.free.store(8_000, Relaxed);
+        assert!(c.take(1_000));
+        assert_eq!(space.hold().available(), 0);
+    }
+
     #[tokio::test]
     async fn free_space_is_read_and_a_reserve_above_it_is_low() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -202,15 +321,16 @@ mod tests {
         assert!(free > 0 && free < u64::MAX, "{free}");
         assert!(!space.low(), "no reserve: never low");
         space.set_min(free / 2);
-        assert!(!space.low() && !space.exhausted());
-        tokio::time::timeout(Duration::from_secs(1), space.room()).await.expect("room at once");
-        // Below the reserve, above its floor: writes are refused, appends go on.
+        assert!(!space.low() && !space.exhausted_after(0));
+        tokio::time::timeout(Duration::from_secs(1), space.room(0)).await.expect("room at once");
+        // Below the reserve, above its floor: writes are refused, appends go on, unless one
+        // would take the free space below the floor.
         space.set_min(free + free / 2);
-        assert!(space.low() && !space.exhausted());
-        tokio::time::timeout(Duration::from_secs(1), space.room()).await.expect("room above the floor");
+        assert!(space.low() && !space.exhausted_after(0));
+        tokio::time::timeout(Duration::from_secs(1), space.room(0)).await.expect("room above the floor");
         space.set_min(u64::MAX);
-        assert!(space.low() && space.exhausted());
-        assert!(tokio::time::timeout(POLL * 3, space.room()).await.is_err(), "no room: it waits");
+        assert!(space.low() && space.exhausted_after(0));
+        assert!(tokio::time::timeout(POLL * 3, space.room(0)).await.is_err(), "no room: it waits");
         assert!(free_bytes(Path::new("/no/such/dir")).is_err());
     }
 }
