@@ -3403,6 +3403,80 @@ async fn a_damaged_wal_makes_the_node_refuse_while_the_others_serve() {
     assert_eq!(got, reference, "the rebuilt node holds what the others hold");
 }
 
+// A replica refused at start (its state came back behind its log's purge point: table files
+// lost) on a node that has held the shard since formation, moved away with `admin move`: the
+// move deletes the damaged data, so the node's next start neither refuses the shard again nor
+// keeps its bytes. Before the fix the drop found no recorded replica id (formation members
+// have none) and answered as if the replica had never run there, keeping the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_replica_moved_away_has_its_data_deleted() {
+    let mut cluster = start(Tweaks { shards: 2, limits: LimitTweaks::unthrottled(), ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    let conv = (0..).map(|i| format!("refused-{i}")).find(|c| shard_of(c, 2) == 0).expect("a shard-0 name");
+    for i in 0..20 {
+        client.send(&conv, &format!("m{i}")).await.expect("send");
+    }
+    let (victim, shard) = (2u64, 0u32);
+    let (code, _) = stop_node(&mut cluster, victim).await;
+    assert_eq!(code, Some(0), "a clean stop\n{}", cluster.logs_tail());
+    let db = cluster.data_dir(victim).join("db");
+    {
+        use convoy::store::{codec, keys};
+        let (store, _) = convoy::store::Store::open(&db).expect("open the stopped node's store");
+        let last = store.log_last(shard).expect("read").expect("the shard's log holds entries");
+        let mut purged = codec::decode::<convoy::raft::types::Entry>(&last).expect("an entry").log_id;
+        purged.index += 1_000;
+        let mut b = rocksdb::WriteBatch::default();
+        b.put_cf(store.cf(keys::CF_META), keys::meta_key(shard, keys::META_PURGED), codec::encode(&purged));
+        store.write_sync(b).expect("write a purge point past the applied state");
+    }
+    let log_len =
+        |cluster: &LocalCluster| std::fs::metadata(cluster.log_path(victim)).map(|m| m.len() as usize).unwrap_or(0);
+    let before = log_len(&cluster);
+    cluster.start(victim).expect("restart the damaged node");
+    cluster.wait_answers(victim, READY).await.expect("the node serves its other groups");
+    let refusal = std::fs::read_to_string(cluster.log_path(victim)).expect("log")[before..].to_string();
+    assert!(refusal.contains("REFUSING"), "the damaged shard is refused:\n{refusal}");
+
+    assert_eq!(cluster.add_node().expect("add node 4"), 4);
+    cluster.start(4).expect("start node 4");
+    cluster.wait_answers(4, READY).await.expect("node 4 answers");
+    let (shard_s, victim_s) = (shard.to_string(), victim.to_string());
+    let args = [
+        "admin",
+        "move",
+        "--shard",
+        &shard_s,
+        "--from",
+        &victim_s,
+        "--to",
+        "4",
+        "--wait",
+        "--timeout-s",
+        "120",
+        "--json",
+    ];
+    let (ok, out, err) = cli_as(&cluster, "admin", &args);
+    assert!(ok, "the refused replica moves away: {out}{err}\n{}", cluster.logs_tail());
+
+    let (code, _) = stop_node(&mut cluster, victim).await;
+    assert_eq!(code, Some(0), "a clean stop\n{}", cluster.logs_tail());
+    {
+        let (store, _) = convoy::store::Store::open(&db).expect("open the stopped node's store");
+        assert_eq!(store.log_last(shard).expect("read"), None, "the moved-away replica's log is deleted");
+    }
+    let before = log_len(&cluster);
+    cluster.start(victim).expect("restart the node");
+    cluster.wait_answers(victim, READY).await.expect("the node answers");
+    // A client of the file that names node 4.
+    let client = cluster.client().expect("client");
+    let read = read_at_least(&client, &conv, 4, 20).await;
+    assert_eq!(read.len(), 20, "node 4 holds every acked message");
+    let log = std::fs::read_to_string(cluster.log_path(victim)).expect("log")[before..].to_string();
+    assert!(!log.contains("REFUSING"), "the shard moved away is not refused again:\n{log}");
+}
+
 fn newest_wal(dir: &std::path::Path) -> std::path::PathBuf {
     let mut wals: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
         .expect("a node's database")

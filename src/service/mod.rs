@@ -507,6 +507,11 @@ impl Service {
                 Ok(g) => g,
                 Err(Error::Corrupt(why)) => {
                     tracing::error!(shard, "{why}");
+                    // Recorded, as a moved-in replica's id is: a node holding the shard since
+                    // formation has no record, and a drop (a move away, `replace-node`) that
+                    // found none would take it for a replica never started here and keep
+                    // the damaged data, to be refused again at every start.
+                    crate::raft::formation::record_replica(&store, shard, replica)?;
                     refused.push(shard);
                     continue;
                 }
