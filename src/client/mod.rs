@@ -1789,6 +1789,68 @@ mod tests {
         assert!(client.partial_writes() > 0, "no write was cut by the window (else this tests nothing)");
     }
 
+    /// A subscriber that stops reading fills its stream's window with the node's frames cut
+    /// mid-frame; the node gives up on the write and answers the subscription with an error.
+    /// Those bytes must never complete the cut frame: here the cut is 40 bytes before the end
+    /// of a message's text and the error answer is longer, so it would. Every message the
+    /// client reads is one the node sent, and the stream ends in an error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_write_given_up_mid_frame_never_completes_it_with_other_bytes() {
+        let (client, node, _dir) = fake_endpoint();
+        let window = crate::net::quic::CLIENT_PUSH_STREAM_WINDOW_BYTES as usize;
+        let message = |offset: u64, text_bytes: usize| StoredMessage {
+            text: char::from(b'a' + (offset % 26) as u8).to_string().repeat(text_bytes),
+            ..stored(offset)
+        };
+        // Frames of 60,000-byte texts, then one sized to end 40 bytes past the window.
+        let mut sent: Vec<StoredMessage> = (1..=17).map(|o| message(o, 60_000)).collect();
+        let mut bytes: Vec<u8> = sent.iter().flat_map(|m| frame::encode(&Response::Message(m.clone()))).collect();
+        let probe = frame::encode(&Response::Message(message(18, 10_000))).len();
+        let last = message(18, 10_000 + (window + 40 - bytes.len() - probe));
+        bytes.extend(frame::encode(&Response::Message(last.clone())));
+        sent.push(last);
+        assert_eq!(bytes.len(), window + 40, "the window cuts the last frame 40 bytes before its end");
+        let answer = Response::Error {
+            code: ErrorCode::Unavailable,
+            message: "the subscriber read nothing for 300ms; its subscription is dropped".into(),
+        };
+        assert!(frame::encode(&answer).len() > 40, "the answer is long enough to complete the cut frame");
+
+        let (gave_up, given_up) = tokio::sync::oneshot::channel();
+        let fake = tokio::spawn(async move {
+            let conn = node.accept().await.expect("a connection").await.expect("handshake");
+            let (mut send, mut recv) = conn.accept_bi().await.expect("a request stream");
+            frame::read::<_, Request>(&mut recv, 1 << 20).await.expect("a frame").expect("a request");
+            let wrote = crate::service::write_subscriber_within(&mut send, &bytes, Duration::from_millis(300)).await;
+            assert!(wrote.is_err(), "the client reads nothing, so the write gives up");
+            let _ = gave_up.send(());
+            // What the server does next with a subscription's error, while the client reads
+            // again (a subscriber that stalled, then resumed).
+            let _ = tokio::time::timeout(Duration::from_secs(5), frame::write(&mut send, &answer)).await;
+            let _ = send.finish();
+            (conn, node)
+        });
+        let lane = client.open(1, &subscribe_request(1, true)).await.expect("the request was written");
+        tokio::time::timeout(Duration::from_secs(10), given_up).await.expect("in time").expect("the write gave up");
+        let mut reader = frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES);
+        let mut read = 0usize;
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(10), reader.next::<Response>()).await.expect("in time") {
+                Ok(Some(Response::Message(m))) => {
+                    let want = sent.iter().find(|s| s.offset == m.offset).expect("an offset the node sent");
+                    assert!(m == *want, "message {} arrived with other bytes than the node sent", m.offset);
+                    read += 1;
+                }
+                Ok(other) => break Ok(other),
+                Err(e) => break Err(e),
+            }
+        };
+        assert!(ended.is_err(), "the stream ends in an error, not in {ended:?} after {read} messages");
+        assert!(read < sent.len(), "the cut message is not delivered");
+        let kept = tokio::time::timeout(Duration::from_secs(10), fake).await.expect("in time").expect("fake node");
+        drop(kept);
+    }
+
     // A node with a 64 KiB frame limit refuses a larger request whole, so a batch of sends
     // that each fit must not add up past it; what a batch holds is measured by an upper bound
     // of its encoding.

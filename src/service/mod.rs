@@ -221,13 +221,24 @@ fn read_batch(store: &Store, shard: ShardId, conversation: &str, from: u64, unti
 
 /// Writes to a subscriber's stream, giving up after [`SUBSCRIBER_WRITE_TIMEOUT`].
 async fn write_subscriber(out: &mut quinn::SendStream, bytes: &[u8]) -> Result<()> {
-    match tokio::time::timeout(SUBSCRIBER_WRITE_TIMEOUT, out.write_all(bytes)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Error::Unavailable(format!("subscriber stream: {e}"))),
-        Err(_) => Err(Error::Unavailable(format!(
-            "the subscriber read nothing for {SUBSCRIBER_WRITE_TIMEOUT:?}; its subscription is dropped"
-        ))),
-    }
+    write_subscriber_within(out, bytes, SUBSCRIBER_WRITE_TIMEOUT).await
+}
+
+/// Writes to a subscriber's stream, giving up after `within`. A write that failed or gave
+/// up may have left part of a frame on the stream, so the stream is reset: nothing written
+/// after it (the error answer the server writes next) may complete that frame. A message
+/// cut inside its text and completed by the answer's bytes decodes whole, with another
+/// text, and the client would take it as delivered.
+pub(crate) async fn write_subscriber_within(out: &mut quinn::SendStream, bytes: &[u8], within: Duration) -> Result<()> {
+    let failed = match tokio::time::timeout(within, out.write_all(bytes)).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => Error::Unavailable(format!("subscriber stream: {e}")),
+        Err(_) => {
+            Error::Unavailable(format!("the subscriber read nothing for {within:?}; its subscription is dropped"))
+        }
+    };
+    let _ = out.reset(0u32.into());
+    Err(failed)
 }
 
 /// Detaches a subscriber from the hub when its subscription ends, however it ends.
