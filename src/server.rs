@@ -224,6 +224,9 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
             }
             Request::SetCursor { user, conversation, offset } => node.set_cursor(who, user, conversation, offset).await,
             Request::GetCursor { user, conversation } => node.get_cursor(who, user, conversation).await,
+            Request::GetCursorFromLeader { user, conversation } => {
+                node.get_cursor_from_leader(who, user, conversation).await
+            }
             Request::Members { conversation, change } => node.members(who, conversation, change).await,
             Request::SetRetention { conversation, retention } => node.set_retention(who, conversation, retention).await,
             Request::TransferLeader { shard, to } => {

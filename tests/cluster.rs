@@ -561,6 +561,25 @@ async fn retention_keeps_the_newest_and_reads_say_where_they_start() {
         assert_eq!(offsets, (201..=300).collect::<Vec<_>>(), "node {node}");
         assert_eq!(alice.get_cursor(node, "r").await.expect("cursor"), (200, 300), "node {node}");
     }
+    // A move that stays below what was kept is answered as a read answers it.
+    assert_eq!(alice.set_cursor("r", 60).await.expect("cursor move"), (200, 300));
+    // The leader answers a read of its own (after a read index); the other replicas send the
+    // caller there rather than answer from a view that may be behind.
+    let shard = shard_of("r", cluster.config().shards);
+    let leader = cluster.leader_of(shard, &[1, 2, 3], READY).await.expect("r's leader");
+    let read = convoy::net::wire::Request::GetCursorFromLeader { user: "alice".into(), conversation: "r".into() };
+    for node in 1..=3 {
+        match alice.request(node, &read).await.expect("an answer") {
+            convoy::net::wire::Response::Cursor { offset, head } if node == leader => {
+                assert_eq!((offset, head), (200, 300))
+            }
+            convoy::net::wire::Response::NotLeader { leader: named, .. } if node != leader => {
+                assert_eq!(named, Some(leader), "node {node} names the leader")
+            }
+            other => panic!("node {node} (leader {leader}) answered {other:?}"),
+        }
+    }
+    assert_eq!(alice.cursor("r").await.expect("cursor from the leader"), (200, 300));
 
     let (ok, out, err) = cli_as(&cluster, "alice", &["tail", "--conversation", "r", "--json"]);
     assert!(ok, "{err}");
@@ -1434,7 +1453,7 @@ async fn users_are_their_certificates_and_only_members_read() {
         panic!("bob's follow never showed {want}");
     };
     wait_line("\"a2\"");
-    alice.send("secret", "a3 while bob is in").await.expect("send");
+    let a3 = alice.send("secret", "a3 while bob is in").await.expect("send").offset;
     wait_line("a3 while bob is in");
     let removed = alice.remove_member("secret", "bob").await.expect("remove bob");
     assert_eq!(removed, vec!["alice".to_string()]);
@@ -1454,6 +1473,21 @@ async fn users_are_their_certificates_and_only_members_read() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut follow.stderr.take().expect("stderr"), &mut err).expect("stderr");
     assert!(err.contains("forbidden") && err.contains("bob"), "{err}");
+    // A removed reader whose tail broke before the removal resumes up to it, then is refused;
+    // from past it, refused at once.
+    let mut resumed = bob.subscribe("secret", a3, None);
+    let mut got = Vec::new();
+    let refusal = loop {
+        match tokio::time::timeout(Duration::from_secs(20), resumed.next()).await.expect("the resumed tail stalled") {
+            Some(Event::Message(m)) => got.push((m.offset, m.text)),
+            Some(Event::Failed(e)) => break e,
+            Some(_) => {}
+            None => panic!("the resumed tail ended without a refusal"),
+        }
+    };
+    assert_eq!(got, vec![(a3, "a3 while bob is in".to_string())], "up to the removal, nothing after it");
+    assert!(refusal.contains("forbidden") && refusal.contains("bob"), "{refusal}");
+    assert!(matches!(bob.read("secret", a3 + 1, None).await, Err(Error::Forbidden(_))));
 
     // Dedup keys are per user: mallory, a member, sends bob's next keys first; bob's own
     // sends with those keys are still stored.

@@ -972,7 +972,7 @@ impl Client {
     /// applied every cursor move it acknowledged), found as sends find it: a node that does
     /// not hold the shard, or does not answer, is not the end of it.
     pub async fn cursor(&self, conversation: &str) -> Result<(u64, u64)> {
-        let req = Request::GetCursor { user: self.inner.user.clone(), conversation: conversation.into() };
+        let req = Request::GetCursorFromLeader { user: self.inner.user.clone(), conversation: conversation.into() };
         match self.to_leader(conversation, &req).await? {
             Response::Cursor { offset, head } => Ok((offset, head)),
             other => Err(Error::Protocol(format!("unexpected answer to a cursor read: {other:?}"))),
@@ -1821,7 +1821,8 @@ mod tests {
             let conn = node.accept().await.expect("a connection").await.expect("handshake");
             let (mut send, mut recv) = conn.accept_bi().await.expect("a request stream");
             frame::read::<_, Request>(&mut recv, 1 << 20).await.expect("a frame").expect("a request");
-            let wrote = crate::service::write_subscriber_within(&mut send, &bytes, Duration::from_millis(300)).await;
+            // As the node writes to a subscriber (`service::write_subscriber`).
+            let wrote = frame::write_or_reset(&mut send, &bytes, Duration::from_millis(300)).await;
             assert!(wrote.is_err(), "the client reads nothing, so the write gives up");
             let _ = gave_up.send(());
             // What the server does next with a subscription's error, while the client reads

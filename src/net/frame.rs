@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 /// `NodeStatus`, `PeerRequest::Place`); 3 since routing maps (`Request::ShardMap`, the map
 /// in `Response::NotLeader`); 4 since `PeerRequest::SnapshotEnd` (a snapshot stream without
 /// it is refused); 5 since per-peer frames of AppendEntries (`PeerRequest::Appends`, and
-/// `append_frames` in `NodeStatus`).
-pub const WIRE_VERSION: u8 = 5;
+/// `append_frames` in `NodeStatus`); 6 since `Request::GetCursorFromLeader`.
+pub const WIRE_VERSION: u8 = 6;
 
 /// Encodes a frame (length, version, body).
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -53,6 +53,25 @@ pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, value: &T) ->
     let bytes = encode(value);
     w.write_all(&bytes).await.map_err(|e| Error::Unavailable(format!("write: {e}")))?;
     Ok(())
+}
+
+/// Writes `bytes` (whole frames) to a QUIC stream within `within`: `Err(Some(e))` if the
+/// write failed, `Err(None)` if it gave up. Either way the stream is reset, as the write may
+/// have left part of a frame on it: nothing written after it (an error answer) may complete
+/// that frame. A message cut inside its text and completed by other bytes decodes whole,
+/// with another text, and its reader would take it as delivered.
+pub async fn write_or_reset(
+    out: &mut quinn::SendStream,
+    bytes: &[u8],
+    within: std::time::Duration,
+) -> std::result::Result<(), Option<quinn::WriteError>> {
+    let failed = match tokio::time::timeout(within, out.write_all(bytes)).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => Some(e),
+        Err(_) => None,
+    };
+    let _ = out.reset(0u32.into());
+    Err(failed)
 }
 
 /// A frame header's length, refused before anything is allocated for it when it is zero or

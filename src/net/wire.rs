@@ -62,6 +62,10 @@ pub enum Request {
     ShardMap,
     /// Stop draining `node` (admin credentials only): it takes replicas again.
     Recommission { node: u64 },
+    /// Read a user's cursor and the conversation's head on the shard's leader, once a quorum
+    /// confirmed that it still leads: every cursor move acknowledged before is in the answer.
+    /// Answered `NotLeader` by any other node. `user` must be the connection's user.
+    GetCursorFromLeader { user: String, conversation: String },
 }
 
 /// What a [`Request::Members`] asks.

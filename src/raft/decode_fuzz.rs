@@ -55,6 +55,7 @@ fn requests() -> Vec<Request> {
         Request::Subscribe { conversation: "room".into(), from: 3, follow: true },
         Request::SetCursor { user: "ann".into(), conversation: "room".into(), offset: 2 },
         Request::GetCursor { user: "ann".into(), conversation: "room".into() },
+        Request::GetCursorFromLeader { user: "ann".into(), conversation: "room".into() },
         Request::Status,
         Request::SendBatch(vec![send_request("a", "x"), send_request("b", "yy")]),
         Request::Members { conversation: "room".into(), change: MemberChange::Show },

@@ -219,26 +219,15 @@ fn read_batch(store: &Store, shard: ShardId, conversation: &str, from: u64, unti
     Ok(StoredFrames { frames, more: scanned.more, next, head })
 }
 
-/// Writes to a subscriber's stream, giving up after [`SUBSCRIBER_WRITE_TIMEOUT`].
+/// Writes to a subscriber's stream, giving up after [`SUBSCRIBER_WRITE_TIMEOUT`]; a failed
+/// write resets the stream (see [`frame::write_or_reset`]).
 async fn write_subscriber(out: &mut quinn::SendStream, bytes: &[u8]) -> Result<()> {
-    write_subscriber_within(out, bytes, SUBSCRIBER_WRITE_TIMEOUT).await
-}
-
-/// Writes to a subscriber's stream, giving up after `within`. A write that failed or gave
-/// up may have left part of a frame on the stream, so the stream is reset: nothing written
-/// after it (the error answer the server writes next) may complete that frame. A message
-/// cut inside its text and completed by the answer's bytes decodes whole, with another
-/// text, and the client would take it as delivered.
-pub(crate) async fn write_subscriber_within(out: &mut quinn::SendStream, bytes: &[u8], within: Duration) -> Result<()> {
-    let failed = match tokio::time::timeout(within, out.write_all(bytes)).await {
-        Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => Error::Unavailable(format!("subscriber stream: {e}")),
-        Err(_) => {
-            Error::Unavailable(format!("the subscriber read nothing for {within:?}; its subscription is dropped"))
-        }
-    };
-    let _ = out.reset(0u32.into());
-    Err(failed)
+    frame::write_or_reset(out, bytes, SUBSCRIBER_WRITE_TIMEOUT).await.map_err(|failed| match failed {
+        Some(e) => Error::Unavailable(format!("subscriber stream: {e}")),
+        None => Error::Unavailable(format!(
+            "the subscriber read nothing for {SUBSCRIBER_WRITE_TIMEOUT:?}; its subscription is dropped"
+        )),
+    })
 }
 
 /// Detaches a subscriber from the hub when its subscription ends, however it ends.
@@ -1087,12 +1076,18 @@ impl Service {
             Err(refusal) => return refusal.answer(),
         };
         let shard = group.shard;
-        let (store, c) = (self.store.clone(), conversation.clone());
+        let (store, c, u) = (self.store.clone(), conversation.clone(), user.clone());
         let command = Command::Cursor(CursorCommand { user, conversation, offset });
         match self.propose(&group, command).await {
             Ok(Outcome::CursorAt { offset }) => {
-                let head = tokio::task::spawn_blocking(move || store.head(shard, &c)).await;
-                Response::Cursor { offset, head: head.ok().and_then(|h| h.ok()).unwrap_or(0) }
+                // Answered as a cursor read answers it: below what retention kept, the cursor
+                // reads as having read everything before the earliest retained message.
+                match tokio::task::spawn_blocking(move || store.cursor_view(shard, &u, &c)).await {
+                    Ok(Ok(view)) => {
+                        Response::Cursor { offset: offset.max(view.earliest.saturating_sub(1)), head: view.head }
+                    }
+                    _ => Response::Cursor { offset, head: 0 },
+                }
             }
             Ok(Outcome::Rejected { reason }) => rejected(&reason),
             Ok(other) => Refusal::Unexpected(format!("unexpected outcome of a cursor move: {other:?}")).answer(),
@@ -1105,21 +1100,51 @@ impl Service {
         if let Err(refusal) = must_be(who, &user) {
             return refusal.answer();
         }
-        let shard = match self.hosting(&conversation) {
-            Ok(g) => g.shard,
+        match self.hosting(&conversation) {
+            Ok(g) => self.read_cursor(g.shard, user, conversation).await,
+            Err(refusal) => refusal.answer(),
+        }
+    }
+
+    /// Reads the caller's cursor and the head on the shard's leader, once a quorum confirmed
+    /// that it still leads and its state machine applied what it had committed then (a read
+    /// index): a cursor move acknowledged before this read is in it. A follower, or a leader
+    /// deposed without knowing it, would answer from behind.
+    pub async fn get_cursor_from_leader(&self, who: &Identity, user: String, conversation: String) -> Response {
+        if let Err(refusal) = must_be(who, &user) {
+            return refusal.answer();
+        }
+        let group = match self.hosting(&conversation) {
+            Ok(g) => g,
             Err(refusal) => return refusal.answer(),
         };
+        let shard = group.shard;
+        let confirmed = group.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
+        match tokio::time::timeout(SEND_TIMEOUT, confirmed).await {
+            Ok(Ok(_)) => self.read_cursor(shard, user, conversation).await,
+            Ok(Err(openraft::error::RaftError::APIError(openraft::error::LinearizableReadError::ForwardToLeader(
+                f,
+            )))) => Refusal::NotLeader { shard, leader: f.leader_id.map(node_of) }.answer(),
+            Ok(Err(e)) => error(ErrorCode::Unavailable, format!("shard {shard}: {e}")),
+            Err(_) => error(
+                ErrorCode::Unavailable,
+                format!("shard {shard}: a quorum did not confirm this node's leadership within {SEND_TIMEOUT:?}"),
+            ),
+        }
+    }
+
+    /// The caller's cursor and the head as this replica has them, with the membership check,
+    /// all from one view of its state (refused while a snapshot install replaces it).
+    async fn read_cursor(&self, shard: ShardId, user: String, conversation: String) -> Response {
         let store = self.store.clone();
         let read = tokio::task::spawn_blocking(move || {
-            let members = store.members(shard, &conversation)?;
-            if let Access::Ended { .. } = access_of(members.as_ref(), &user) {
+            let view = store.cursor_view(shard, &user, &conversation)?;
+            if let Access::Ended { .. } = access_of(view.members.as_ref(), &user) {
                 return Err(not_a_member(&user, &conversation));
             }
-            let (cursor, head) = store.cursor_and_head(shard, &user, &conversation)?;
             // A cursor below what retention kept reads as having read everything before the
             // earliest retained message: that one is the next to read.
-            let earliest = store.earliest(shard, &conversation)?;
-            Ok((cursor.max(earliest.saturating_sub(1)), head))
+            Ok((view.cursor.max(view.earliest.saturating_sub(1)), view.head))
         })
         .await;
         match read {
@@ -1239,12 +1264,18 @@ impl Service {
                 w.next.store(next, Ordering::Relaxed);
             }
         };
-        if let Access::Ended { .. } = self.access(shard, &conversation, &who.user).await? {
-            return Err(not_a_member(&who.user, &conversation));
-        }
-        // The last offset this reader may have: the head at its removal once removed.
+        // The last offset this reader may have: the head at its removal once removed. A
+        // removed reader still gets what was sent before the removal, then `Forbidden`, as a
+        // subscription open at the removal does: one that broke meanwhile resumes up to it. A
+        // user who never was a member has nothing (0).
         let mut until = u64::MAX;
         let mut next = from.max(1);
+        if let Access::Ended { until: end } = self.access(shard, &conversation, &who.user).await? {
+            if next > end {
+                return Err(not_a_member(&who.user, &conversation));
+            }
+            until = end;
+        }
         let mut caught_up = false;
         loop {
             // Catch up from storage, reading the next batch while this one is written, each
@@ -1257,6 +1288,14 @@ impl Service {
                 let mut batch = match reading.finish().await {
                     // Retention deleted what comes next: say so, then go on from what is kept.
                     Err(Error::Truncated { earliest }) if earliest > next => {
+                        // Only a reader who may still read learns where the conversation
+                        // starts (a removal, or a creation by others, may have come since).
+                        if let Access::Ended { until: end } = self.access(shard, &conversation, &who.user).await? {
+                            until = until.min(end);
+                            if earliest > until {
+                                return Err(not_a_member(&who.user, &conversation));
+                            }
+                        }
                         write_subscriber(out, &frame::encode(&Response::Truncated { earliest })).await?;
                         next = earliest;
                         at(next);

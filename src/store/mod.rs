@@ -50,6 +50,18 @@ pub struct Store {
     pub space: Arc<space::DiskSpace>,
 }
 
+/// A user's view of a conversation for a cursor read (see [`Store::cursor_view`]).
+#[derive(Debug)]
+pub struct CursorView {
+    pub members: Option<Members>,
+    /// The user's cursor (0: none set).
+    pub cursor: u64,
+    /// The conversation's head (0: nothing sent).
+    pub head: u64,
+    /// The earliest retained offset (1 until a trim).
+    pub earliest: u64,
+}
+
 /// A conversation trimmed by retention: its shard, its id, and the first offset kept.
 pub type Trimmed = (ShardId, String, u64);
 
@@ -695,18 +707,26 @@ impl Store {
         }
     }
 
-    /// A user's cursor in a conversation and the conversation's head, read together for a
-    /// client (refused while a snapshot install is under way: see [`Store::scan_messages`]).
-    pub fn cursor_and_head(&self, shard: ShardId, user: &str, conversation: &str) -> Result<(u64, u64)> {
+    /// What a cursor read needs, from one view of the shard's state: the conversation's
+    /// members, the user's cursor, the head and the earliest retained offset. Refused while a
+    /// snapshot install is under way (see [`Store::scan_messages`]): its cleared state would
+    /// read as a conversation that does not exist, which anyone may read.
+    pub fn cursor_view(&self, shard: ShardId, user: &str, conversation: &str) -> Result<CursorView> {
         let snap = self.db.snapshot();
         refuse_installing(&snap, self.cf(CF_STATE), shard)?;
-        let read = |key: &[u8]| -> Result<u64> {
-            match snap.get_cf(self.cf(CF_STATE), key)? {
-                Some(v) => Ok(codec::decode::<u64>(&v)?),
-                None => Ok(0),
-            }
+        let read = |key: &[u8]| -> Result<Option<u64>> {
+            snap.get_cf(self.cf(CF_STATE), key)?.map(|v| codec::decode::<u64>(&v)).transpose().map_err(Into::into)
         };
-        Ok((read(&cursor_key(shard, user, conversation))?, read(&head_key(shard, conversation))?))
+        let members = match snap.get_cf(self.cf(CF_STATE), members_key(shard, conversation))? {
+            Some(v) => Some(codec::decode(&v)?),
+            None => None,
+        };
+        Ok(CursorView {
+            members,
+            cursor: read(&cursor_key(shard, user, conversation))?.unwrap_or(0),
+            head: read(&head_key(shard, conversation))?.unwrap_or(0),
+            earliest: read(&earliest_key(shard, conversation))?.unwrap_or(1),
+        })
     }
 
     /// Visits up to `max` messages of a conversation from offset `from`, in offset order,

@@ -633,7 +633,7 @@ mod tests {
         if marked {
             let refused = store.scan_messages(3, "c", 1, 10, usize::MAX, |_, _| Ok(()));
             assert!(matches!(refused, Err(Error::Unavailable(_))), "{context}: {refused:?}");
-            assert!(matches!(store.cursor_and_head(3, "u", "c"), Err(Error::Unavailable(_))), "{context}");
+            assert!(matches!(store.cursor_view(3, "u", "c"), Err(Error::Unavailable(_))), "{context}");
             assert!(
                 store.scan_messages(4, "c", 1, 10, usize::MAX, |_, _| Ok(())).is_ok(),
                 "other shards stay readable"
