@@ -139,6 +139,28 @@ impl<T> Lanes<T> {
         }
     }
 
+    /// Takes out every waiting proposal queued before `cutoff`, whatever the window: a
+    /// window that never frees (a leader cut off from its quorum keeps its proposals
+    /// unanswered) must not keep what waits behind it, and what that holds (the node's
+    /// in-flight permits), for as long as it stays full. They held no share of the window.
+    pub fn expired(&mut self, cutoff: Instant) -> Vec<Waiting<T>> {
+        let mut out = Vec::new();
+        for lane in self.lanes.values_mut() {
+            // Each lane is in the order its proposals were queued.
+            while lane.waiting.front().is_some_and(|w| w.since < cutoff) {
+                let w = lane.waiting.pop_front().expect("a front proposal");
+                lane.queued -= w.cost;
+                out.push(w);
+            }
+        }
+        if !out.is_empty() {
+            self.lanes.retain(|_, lane| !lane.waiting.is_empty());
+            let lanes = &self.lanes;
+            self.ring.retain(|key| lanes.contains_key(key));
+        }
+        out
+    }
+
     /// Sends waiting, over all conversations.
     pub fn queued(&self) -> u64 {
         self.lanes.values().map(|l| u64::from(l.queued)).sum()
@@ -247,6 +269,29 @@ mod tests {
         assert_eq!(admit(&mut l, "a", 1, "a4"), "full");
         assert_eq!(admit(&mut l, "b", 1, "b1"), "queued");
         assert_eq!(l.queued(), 4);
+    }
+
+    // A window that never frees (its proposals never answered) still lets what waited too
+    // long go, from every conversation; what is newer keeps its place and its turn order.
+    #[test]
+    fn proposals_waiting_too_long_are_taken_out_while_the_window_stays_full() {
+        let mut l = lanes(1, 100, 1);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        assert!(matches!(l.admit("a", 1, "a0".to_string(), at(0)), Admit::Now(_)));
+        for (conversation, name, ms) in [("a", "a1", 0), ("b", "b1", 5), ("a", "a2", 10), ("c", "c1", 20)] {
+            assert!(matches!(l.admit(conversation, 1, name.to_string(), at(ms)), Admit::Queued));
+        }
+        assert!(l.next().is_none(), "the window is full");
+        let gone: Vec<String> = l.expired(at(10)).into_iter().map(|w| w.item).collect();
+        let mut sorted = gone.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["a1", "b1"], "queued before the cutoff, in any conversation");
+        assert_eq!((l.queued(), l.proposed()), (2, 1), "they held no share of the window");
+        assert!(l.expired(at(10)).is_empty());
+        l.finished(1);
+        assert_eq!(drain(&mut l), ["a2", "c1"]);
+        assert_eq!(l.queued(), 0);
     }
 
     #[test]

@@ -27,11 +27,14 @@ const QUEUE_WAIT_MAX: Duration = SEND_TIMEOUT;
 /// The wait suggested to a sender whose conversation's queue is full.
 const QUEUE_FULL_RETRY_MS: u64 = 50;
 
+/// Where a proposal's outcome goes, once.
+type Done = Box<dyn FnOnce(Proposed) + Send + 'static>;
+
 /// What a queued proposal carries until its turn.
 struct Pending {
     command: Command,
     permits: Option<OwnedSemaphorePermit>,
-    done: Box<dyn FnOnce(Proposed) + Send + 'static>,
+    done: Done,
 }
 
 /// One shard's proposer on this node.
@@ -139,7 +142,7 @@ impl Proposer {
         let pending = Pending { command, permits, done: Box::new(done) };
         let conversation = conversation_of(&pending.command).filter(|_| self.scheduled).map(str::to_owned);
         let Some(conversation) = conversation else {
-            return self.submit(pending, 0).await;
+            return self.submit(pending, 0).await.map_err(|(refusal, _)| refusal);
         };
         let admitted = self.lanes.lock().expect("lanes lock is never poisoned").admit(
             &conversation,
@@ -148,7 +151,7 @@ impl Proposer {
             Instant::now(),
         );
         match admitted {
-            Admit::Now(pending) => self.submit(pending, cost).await,
+            Admit::Now(pending) => self.submit(pending, cost).await.map_err(|(refusal, _)| refusal),
             Admit::Queued => {
                 self.counters.queued.fetch_add(u64::from(cost), Ordering::Relaxed);
                 Ok(())
@@ -161,15 +164,22 @@ impl Proposer {
         }
     }
 
-    /// Hands `pending` to Raft, holding `cost` sends of the window until it is answered.
-    async fn submit(self: &Arc<Self>, pending: Pending, cost: u32) -> Result<(), Refusal> {
+    /// Hands `pending` to Raft, holding `cost` sends of the window until it is answered. A
+    /// refusal (the group stopped: the command never reached it) gives `done` back, so that a
+    /// queued proposal's sender learns it was not proposed rather than that its outcome is
+    /// unknown.
+    async fn submit(self: &Arc<Self>, pending: Pending, cost: u32) -> Result<(), (Refusal, Option<Done>)> {
         let Pending { command, permits, done } = pending;
+        // Taken by whichever comes first: the responder, or the refusal below.
+        let done = Arc::new(Mutex::new(Some(done)));
+        let answer = done.clone();
         let slot = Slot { proposer: Arc::downgrade(self), cost };
         let (shard, counters, stages) = (self.shard, self.counters.clone(), self.stages.clone());
         let proposed = Instant::now();
         let responder = FnResponder::new(move |result: ClientWriteResult<C>| {
             drop(permits);
             drop(slot);
+            let Some(done) = answer.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
             done(match result {
                 Err(ClientWriteError::ForwardToLeader(f)) => {
                     Err(Refusal::NotLeader { shard, leader: f.leader_id.map(node_of) })
@@ -186,10 +196,10 @@ impl Proposer {
             })
         });
         // Refused only when the group has stopped: the command never reached it.
-        self.raft
-            .client_write_ff(command, Some(responder))
-            .await
-            .map_err(|e| Refusal::Unavailable(format!("shard {shard}: {e}")))
+        self.raft.client_write_ff(command, Some(responder)).await.map_err(|e| {
+            let done = done.lock().unwrap_or_else(|p| p.into_inner()).take();
+            (Refusal::Unavailable(format!("shard {shard}: {e}")), done)
+        })
     }
 }
 
@@ -202,6 +212,15 @@ async fn dispatch(proposer: Weak<Proposer>, wake: Arc<Notify>) {
         if woken.is_err() && p.lanes.lock().expect("lanes lock is never poisoned").queued() == 0 {
             continue;
         }
+        // What waited too long is answered whether or not the window frees: a full window
+        // whose proposals are never answered (a leader cut off from its quorum) must not keep
+        // the node's in-flight permits they hold.
+        let cutoff = Instant::now().checked_sub(QUEUE_WAIT_MAX);
+        let expired = cutoff.map(|c| p.lanes.lock().expect("lanes lock is never poisoned").expired(c));
+        for Waiting { item, cost, .. } in expired.into_iter().flatten() {
+            p.metrics.throttled(Throttle::QueueWait, u64::from(cost));
+            (item.done)(Err(Refusal::Throttled { retry_after_ms: QUEUE_FULL_RETRY_MS }));
+        }
         loop {
             let next = p.lanes.lock().expect("lanes lock is never poisoned").next();
             let Some(Waiting { item, cost, since }) = next else { break };
@@ -211,9 +230,11 @@ async fn dispatch(proposer: Weak<Proposer>, wake: Arc<Notify>) {
                 (item.done)(Err(Refusal::Throttled { retry_after_ms: QUEUE_FULL_RETRY_MS }));
                 continue;
             }
-            let shard = p.shard;
-            if let Err(refusal) = p.submit(item, cost).await {
-                tracing::debug!(shard, ?refusal, "a queued proposal was refused");
+            if let Err((refusal, done)) = p.submit(item, cost).await {
+                tracing::debug!(shard = p.shard, ?refusal, "a queued proposal was refused");
+                if let Some(done) = done {
+                    done(Err(refusal));
+                }
             }
         }
     }
