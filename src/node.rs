@@ -67,6 +67,8 @@ impl Node {
         crate::planted::announce();
         let me = config.node(id)?.clone();
         let paths = tls::node_material(&config, id)?;
+        // A revocation list that does not read would let its credentials in: refuse to start.
+        tls::read_revoked(&paths.revoked())?;
         std::fs::create_dir_all(&me.data_dir)?;
         crate::store::space::check_reserve(&me.data_dir, config.limits.disk_free_min_bytes)?;
         let (store, _fresh) = {

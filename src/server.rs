@@ -22,16 +22,55 @@ use crate::error::Error;
 use crate::net::frame;
 use crate::net::lane::write_now;
 use crate::net::tls::{self, Identity};
-use crate::net::wire::{ErrorCode, Request, Response};
+use crate::net::wire::{ErrorCode, Request, Response, CLOSE_FULL, CLOSE_NO_IDENTITY, CLOSE_REVOKED};
 use crate::placement::PlacementCommand;
 use crate::service::{self, Service, SEND_TIMEOUT};
 
 /// How long a new request stream may take to deliver its request.
 pub const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// QUIC application close code: the certificate names no usable user.
-const CLOSE_NO_IDENTITY: u32 = 0x10;
-/// QUIC application close code: the node is at its connection limit.
-const CLOSE_FULL: u32 = 0x11;
+/// The close reason a revoked credential's connections get.
+pub const REVOKED_REASON: &str = "this credential was revoked (convoy user revoke)";
+/// How often a node reads its revocation file (`<tls_dir>/revoked`) again.
+pub const REVOKED_RELOAD: std::time::Duration = std::time::Duration::from_secs(1);
+
+type Revoked = Arc<std::collections::HashSet<String>>;
+
+/// Reads the revocation file every [`REVOKED_RELOAD`] and publishes each change, until every
+/// receiver is gone. A file that cannot be read keeps the last good list, with an error
+/// logged once per distinct failure: a revocation must not be lifted by a bad edit.
+fn watch_revoked(path: std::path::PathBuf) -> tokio::sync::watch::Receiver<Revoked> {
+    let first = tls::read_revoked(&path).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "reading the revocation file; no certificate is refused until it reads");
+        Default::default()
+    });
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        let mut failing: Option<String> = None;
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = tokio::time::sleep(REVOKED_RELOAD) => {}
+            }
+            match tls::read_revoked(&path) {
+                Ok(set) => {
+                    failing = None;
+                    if **tx.borrow() != set {
+                        tracing::info!(revoked = set.len(), "the revocation file changed");
+                        tx.send_replace(Arc::new(set));
+                    }
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    if failing.as_ref() != Some(&e) {
+                        tracing::error!(error = %e, "reading the revocation file; the last list read stays");
+                        failing = Some(e);
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
 
 /// Serves clients on `endpoint` until `shutdown` completes or the endpoint closes. On
 /// shutdown it stops accepting; connections already open end when the node closes the
@@ -41,6 +80,7 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
     let limits = &node.config.limits;
     let handshakes = Arc::new(Semaphore::new(limits.handshakes_in_flight_max));
     let mut started = HandshakeRate::new(limits.handshakes_per_s);
+    let revoked = watch_revoked(tls::TlsPaths::of(&node.config).revoked());
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -62,7 +102,7 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
             }
             continue;
         };
-        let (node, permits) = (node.clone(), permits.clone());
+        let (node, permits, mut revoked) = (node.clone(), permits.clone(), revoked.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -86,12 +126,43 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
                     return;
                 }
             };
+            // A revoked certificate is refused here, and a connection that presented one is
+            // closed as soon as its revocation is read.
+            let fingerprint = match tls::peer_fingerprint(&conn) {
+                Ok(fp) => fp,
+                Err(e) => {
+                    conn.close(CLOSE_NO_IDENTITY.into(), e.to_string().as_bytes());
+                    return;
+                }
+            };
+            if revoked.borrow_and_update().contains(&fingerprint) {
+                tracing::info!(remote = %conn.remote_address(), user = %who.user, "refusing a revoked credential");
+                conn.close(CLOSE_REVOKED.into(), REVOKED_REASON.as_bytes());
+                return;
+            }
             let span = tracing::info_span!("client", remote = %conn.remote_address(), user = %who.user);
             let bucket = Arc::new(node.connection_bucket());
             async move {
-                while let Ok((send, recv)) = conn.accept_bi().await {
-                    let caller = Caller { who: who.clone(), bucket: bucket.clone() };
-                    tokio::spawn(handle(node.clone(), caller, send, recv).instrument(tracing::debug_span!("request")));
+                let mut watching = true;
+                loop {
+                    tokio::select! {
+                        accepted = conn.accept_bi() => {
+                            let Ok((send, recv)) = accepted else { break };
+                            let caller = Caller { who: who.clone(), bucket: bucket.clone() };
+                            tokio::spawn(
+                                handle(node.clone(), caller, send, recv).instrument(tracing::debug_span!("request")),
+                            );
+                        }
+                        changed = revoked.changed(), if watching => {
+                            if changed.is_err() {
+                                watching = false;
+                            } else if revoked.borrow_and_update().contains(&fingerprint) {
+                                tracing::info!("closing the connection of a credential just revoked");
+                                conn.close(CLOSE_REVOKED.into(), REVOKED_REASON.as_bytes());
+                                break;
+                            }
+                        }
+                    }
                 }
             }
             .instrument(span)

@@ -1517,6 +1517,81 @@ async fn users_are_their_certificates_and_only_members_read() {
 }
 
 // The peer port speaks only to node certificates: a user credential is refused there.
+// `convoy user revoke`: within the nodes' reload interval, the revoked certificate's open
+// tail is closed and every node refuses it (a leaked copy of the files is useless); a new
+// credential issued under the same name keeps the user's conversation and offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_credential_is_refused_and_its_open_tail_is_closed() {
+    let cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let bob = cluster.client_as("bob").expect("bob");
+    assert_eq!(bob.send("bobs", "before").await.expect("bob sends").offset, 1);
+    // A copy of bob's files, as a thief would keep them.
+    let kept = tempfile::tempdir().expect("tempdir");
+    let own = convoy::net::tls::Credential::of_user(cluster.config(), "bob").expect("bob's credential");
+    let leaked = convoy::net::tls::Credential { cert: kept.path().join("cert.pem"), key: kept.path().join("key.pem") };
+    std::fs::copy(&own.cert, &leaked.cert).expect("copy the certificate");
+    std::fs::copy(&own.key, &leaked.key).expect("copy the key");
+    let mut tail = bob.subscribe("bobs", 1, None);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), tail.next()).await.expect("the tail stalled") {
+            Some(Event::CaughtUp { .. }) => break,
+            Some(Event::Failed(e)) => panic!("{e}"),
+            Some(_) => {}
+            None => panic!("the tail ended"),
+        }
+    }
+
+    let out = std::process::Command::new(BIN)
+        .args(["user", "revoke", "bob", "--json", "--config"])
+        .arg(cluster.config_path())
+        .output()
+        .expect("run convoy");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("revoke prints JSON");
+    assert_eq!(answer["user"], "bob");
+    assert!(!own.cert.exists(), "the revoked credential's files are deleted");
+
+    // The open tail is closed: it ends failing, having seen nothing more.
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(20), tail.next()).await.expect("the tail was not closed") {
+            Some(Event::Failed(e)) => break e,
+            Some(Event::Message(m)) => panic!("the revoked tail got {m:?}"),
+            Some(_) => {}
+            None => break "ended".to_string(),
+        }
+    };
+    assert!(ended.contains("revoked"), "the tail says why it ended: {ended}");
+    // Every node refuses the leaked files once it has read the list again (each within
+    // `REVOKED_RELOAD`), for reads and sends.
+    let thief = Client::connect_as(cluster.config(), &leaked, 66, 1).expect("a client of the leaked files");
+    let within = convoy::server::REVOKED_RELOAD * 5;
+    for node in 1..=3 {
+        let refused = eventually(within, &format!("node {node} to refuse the revoked certificate"), || async {
+            match thief.read("bobs", 1, Some(node)).await {
+                Err(e) if e.to_string().contains("revoked") => Some(e),
+                _ => None,
+            }
+        })
+        .await
+        .expect("refused");
+        assert!(matches!(refused, Error::Forbidden(_)), "node {node}: {refused}");
+    }
+    for node in 1..=3 {
+        let e = thief.read("bobs", 1, Some(node)).await.expect_err("a revoked certificate reads nothing");
+        assert!(e.to_string().contains("revoked"), "node {node}: {e}");
+    }
+    let sent = thief.send_with("bobs", 1, "as bob", Duration::from_secs(5)).await;
+    assert!(sent.is_err(), "a revoked certificate sends nothing: {sent:?}");
+    // The name lives on: a new credential reads bob's conversation and sends after it.
+    let again = cluster.client_as("bob").expect("bob's new credential");
+    let read = again.read("bobs", 1, None).await.expect("bob reads with his new credential");
+    assert_eq!(read.messages.len(), 1);
+    assert_eq!(again.send("bobs", "after").await.expect("bob sends again").offset, 2);
+    let stored = again.read("bobs", 1, None).await.expect("read").messages;
+    assert!(stored.iter().all(|m| m.text != "as bob"), "nothing the leaked files sent was stored");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_peer_port_refuses_a_user_credential() {
     use convoy::net::frame;

@@ -212,6 +212,16 @@ enum UserAction {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke NAME's credential: every node refuses its certificate within a second and
+    /// closes the connections that presented it; its files are deleted, so `user add NAME`
+    /// issues a new one. The user's memberships, cursors and messages stay.
+    Revoke {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -568,6 +578,22 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", json!({"user": name, "admin": admin, "cert": c.cert, "key": c.key}));
             } else {
                 println!("user {name}: certificate {}, key {} (mode 0600)", c.cert.display(), c.key.display());
+            }
+            Ok(())
+        }
+        Cmd::User { action: UserAction::Revoke { config, name, json } } => {
+            let config = load(&config)?;
+            let r = tls::revoke_user(&config, &name)?;
+            if json {
+                println!("{}", json!({"user": r.user, "revoked": r.fingerprint, "file": r.file}));
+            } else {
+                println!(
+                    "user {}: certificate {} revoked in {}; nodes refuse it within {}s",
+                    r.user,
+                    r.fingerprint,
+                    r.file.display(),
+                    convoy::server::REVOKED_RELOAD.as_secs()
+                );
             }
             Ok(())
         }

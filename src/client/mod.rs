@@ -36,7 +36,8 @@ use crate::net::frame;
 use crate::net::lane::{write_now, Lane, LanePool};
 use crate::net::tls::{self, Credential, TlsPaths};
 use crate::net::wire::{
-    ErrorCode, MemberChange, NodeState, NodeStatus, Request, Response, RoutingMap, SendRequest, SEND_BATCH_MAX,
+    ErrorCode, MemberChange, NodeState, NodeStatus, Request, Response, RoutingMap, SendRequest, CLOSE_NO_IDENTITY,
+    CLOSE_REVOKED, SEND_BATCH_MAX,
 };
 
 /// The environment variable that names the default user of [`Client::connect`] and the CLI.
@@ -113,6 +114,23 @@ fn ended_by_node(conn: &quinn::Connection) -> bool {
                 | quinn::ConnectionError::TimedOut
         )
     )
+}
+
+/// The node's refusal of this client's credential, if that is why it closed the connection
+/// (revoked, or naming no user): permanent, unlike a node that is down, so it is answered
+/// `Forbidden` instead of retried.
+fn credential_refusal(node: u64, reason: &quinn::ConnectionError) -> Option<Error> {
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if [CLOSE_REVOKED, CLOSE_NO_IDENTITY].map(u64::from).contains(&c.error_code.into_inner()) =>
+        {
+            Some(Error::Forbidden(format!(
+                "node {node} refused this client's credential: {}",
+                String::from_utf8_lossy(&c.reason)
+            )))
+        }
+        _ => None,
+    }
 }
 
 /// Where the client sends what: the nodes it can reach and each shard's voting replicas.
@@ -540,9 +558,18 @@ impl Client {
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| Error::Unavailable(format!("connecting to node {node} timed out")))?
-            .map_err(|e| Error::Unavailable(format!("node {node}: {e}")))?;
+            .map_err(|e| {
+                credential_refusal(node, &e).unwrap_or_else(|| Error::Unavailable(format!("node {node}: {e}")))
+            })?;
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Why `node` refused this client's credential, if its connection was closed for that.
+    async fn credential_refused(&self, node: u64) -> Option<Error> {
+        let slot = self.inner.conns.lock().expect("conns lock").get(&node).cloned()?;
+        let held = slot.lock().await;
+        held.as_ref()?.close_reason().and_then(|r| credential_refusal(node, &r))
     }
 
     /// Drops `node`'s connection after a request on it failed; if the node ended it (see
@@ -567,8 +594,9 @@ impl Client {
         let mut lane = match opened {
             Ok(lane) => lane,
             Err(e) => {
+                let refused = conn.close_reason().and_then(|r| credential_refusal(node, &r));
                 self.forget(node).await;
-                return Err(Error::Unavailable(format!("node {node}: {e}")));
+                return Err(refused.unwrap_or_else(|| Error::Unavailable(format!("node {node}: {e}"))));
             }
         };
         // From here on the request may have reached the node: a failure is ambiguous.
@@ -638,6 +666,7 @@ impl Client {
             Ok(answer)
         };
         match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+            Ok(Err(e)) => Err(self.credential_refused(node).await.unwrap_or(e)),
             Ok(r) => {
                 if r.is_ok() {
                     self.inner.suspects.lock().expect("suspect lock").remove(&node);
@@ -1164,6 +1193,19 @@ impl Client {
         conversation: &str,
         from: u64,
         node: u64,
+        visit: impl FnMut(ReadItem) -> Result<()>,
+    ) -> Result<u64> {
+        match self.read_stream_once(conversation, from, node, visit).await {
+            Err(e) => Err(self.credential_refused(node).await.unwrap_or(e)),
+            read => read,
+        }
+    }
+
+    async fn read_stream_once(
+        &self,
+        conversation: &str,
+        from: u64,
+        node: u64,
         mut visit: impl FnMut(ReadItem) -> Result<()>,
     ) -> Result<u64> {
         let req = Request::Subscribe { conversation: conversation.into(), from, follow: false };
@@ -1340,6 +1382,10 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
         let mut recv = match client.open(node, &req).await {
             Ok(lane) => frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES),
+            Err(e @ Error::Forbidden(_)) => {
+                let _ = tx.send(Event::Failed(e.to_string())).await;
+                return;
+            }
             Err(e) => {
                 tracing::debug!(node, error = %e, "subscribe failed; retrying");
                 client.forget(node).await;
@@ -1435,6 +1481,10 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                     break;
                 }
                 Err(e) => {
+                    if let Some(refused) = client.credential_refused(node).await {
+                        let _ = tx.send(Event::Failed(refused.to_string())).await;
+                        return;
+                    }
                     tracing::debug!(node, error = %e, "subscription broke; resubscribing");
                     client.forget(node).await;
                     break;

@@ -108,6 +108,10 @@ impl TlsPaths {
     pub fn user_dir(&self, name: &str) -> PathBuf {
         self.dir.join("users").join(name)
     }
+    /// The revoked client certificates, one per line (`convoy user revoke`).
+    pub fn revoked(&self) -> PathBuf {
+        self.dir.join("revoked")
+    }
 }
 
 /// The files of one user's credential.
@@ -188,6 +192,94 @@ fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>> {
 /// The user a client connection's verified certificate names.
 pub fn identity_of(conn: &quinn::Connection) -> Result<Identity> {
     identity_of_cert(&peer_leaf(conn)?)
+}
+
+/// A certificate's fingerprint: the SHA-256 of its DER, in lowercase hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The fingerprint of the certificate a connection's peer presented.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Result<String> {
+    Ok(fingerprint(&peer_leaf(conn)?))
+}
+
+/// The fingerprints in a revocation file: one per line, first on it (the rest of the line,
+/// the user's name and when, is for the operator). No file: nothing is revoked. A line that
+/// does not start with a fingerprint is an error, naming the line: a revocation misread
+/// would let a credential in.
+pub fn read_revoked(path: &Path) -> Result<std::collections::HashSet<String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(Error::Config(format!("reading {}: {e}", path.display()))),
+    };
+    let mut out = std::collections::HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fp = line.split_whitespace().next().unwrap_or("");
+        if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Config(format!(
+                "{} line {}: {fp:?} is not a SHA-256 certificate fingerprint (64 hex digits)",
+                path.display(),
+                i + 1
+            )));
+        }
+        out.insert(fp.to_ascii_lowercase());
+    }
+    Ok(out)
+}
+
+/// What `convoy user revoke` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub user: String,
+    pub fingerprint: String,
+    pub file: PathBuf,
+}
+
+/// Revokes `name`'s credential (an operator command): its certificate's fingerprint is
+/// added to `<tls_dir>/revoked`, which every node reads again within a second, refusing the
+/// certificate and closing the connections that presented it; then the credential's files
+/// are deleted, so `convoy user add NAME` issues a new one. The user's memberships, cursors
+/// and messages stay: they belong to the name, not the certificate.
+pub fn revoke_user(config: &Config, name: &str) -> Result<Revocation> {
+    let credential = Credential::of_user(config, name)?;
+    let certs = load_certs(&credential.cert)?;
+    let leaf =
+        certs.first().ok_or_else(|| Error::Config(format!("{} holds no certificate", credential.cert.display())))?;
+    let fp = fingerprint(leaf);
+    let paths = TlsPaths::of(config);
+    let file = paths.revoked();
+    let known = read_revoked(&file)?;
+    if !known.contains(&fp) {
+        let mut text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                "# Revoked client certificates: SHA-256 fingerprint, user, when (unix seconds).\n".to_string()
+            }
+            Err(e) => return Err(Error::Config(format!("reading {}: {e}", file.display()))),
+        };
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        text.push_str(&format!("{fp} {name} {now}\n"));
+        // Written whole and renamed into place: a node never reads half a list.
+        let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &file)?;
+    }
+    std::fs::remove_dir_all(paths.user_dir(name))?;
+    Ok(Revocation { user: name.to_string(), fingerprint: fp, file })
 }
 
 /// The node a peer connection's verified certificate names (its `node{N}` SAN).
@@ -540,6 +632,36 @@ mod tests {
         let before = std::fs::read(paths.node_cert(1)).expect("read");
         init(&c).expect("init again");
         assert_eq!(std::fs::read(paths.node_cert(1)).expect("read"), before);
+    }
+
+    // A revocation names the certificate, not the user: the list holds its fingerprint, the
+    // files go, a new credential of the same name is another certificate, and a list that
+    // does not read is an error naming the line, never an empty list.
+    #[test]
+    fn a_revoked_certificate_is_listed_by_fingerprint_and_a_bad_list_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = config(dir.path());
+        let paths = init(&c).expect("init");
+        assert!(read_revoked(&paths.revoked()).expect("no file").is_empty());
+        let bob = add_user(&c, "bob", false).expect("add bob");
+        let first = fingerprint(&load_certs(&bob.cert).expect("cert").remove(0));
+        let r = revoke_user(&c, "bob").expect("revoke bob");
+        assert_eq!((r.user.as_str(), r.fingerprint.as_str()), ("bob", first.as_str()));
+        assert!(!paths.user_dir("bob").exists(), "the revoked files are deleted");
+        assert!(revoke_user(&c, "bob").is_err(), "nothing left to revoke");
+        let again = add_user(&c, "bob", false).expect("a new credential for bob");
+        let second = fingerprint(&load_certs(&again.cert).expect("cert").remove(0));
+        assert_ne!(first, second);
+        assert_eq!(read_revoked(&paths.revoked()).expect("read"), [first.clone()].into());
+        revoke_user(&c, "bob").expect("revoke the new one too");
+        assert_eq!(read_revoked(&paths.revoked()).expect("read"), [first.clone(), second].into());
+
+        let text = std::fs::read_to_string(paths.revoked()).expect("read");
+        std::fs::write(paths.revoked(), format!("{text}not-a-fingerprint bob\n")).expect("write");
+        let e = read_revoked(&paths.revoked()).expect_err("a line without a fingerprint");
+        assert!(e.to_string().contains("line 4"), "{e}");
+        std::fs::write(paths.revoked(), format!("{text}{}\n", &first[..63])).expect("write");
+        assert!(read_revoked(&paths.revoked()).is_err(), "a cut fingerprint");
     }
 
     #[test]

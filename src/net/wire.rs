@@ -15,6 +15,13 @@ use crate::chat::{Membership, Retention, ShardId, StoredMessage};
 pub use crate::placement::{ClusterMap, NodeState, RoutedNode, RoutedShard, RoutingMap};
 pub use crate::stages::StageSnapshot;
 
+/// QUIC application close code: the client's certificate names no usable user.
+pub const CLOSE_NO_IDENTITY: u32 = 0x10;
+/// QUIC application close code: the node is at its connection limit.
+pub const CLOSE_FULL: u32 = 0x11;
+/// QUIC application close code: the client's certificate was revoked (`convoy user revoke`).
+pub const CLOSE_REVOKED: u32 = 0x12;
+
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
