@@ -68,7 +68,8 @@ impl Node {
         let me = config.node(id)?.clone();
         let paths = tls::node_material(&config, id)?;
         // A revocation list that does not read would let its credentials in: refuse to start.
-        tls::read_revoked(&paths.revoked())?;
+        // The server starts from this list.
+        let revoked = tls::read_revoked(&paths.revoked())?;
         std::fs::create_dir_all(&me.data_dir)?;
         crate::store::space::check_reserve(&me.data_dir, config.limits.disk_free_min_bytes)?;
         let (store, _fresh) = {
@@ -218,7 +219,7 @@ impl Node {
         let beat = Duration::from_millis(service.config.raft.heartbeat_ms);
         tokio::spawn(quiet.run(net.clone(), beat, stop_signal()));
         let metrics = metrics_listener.map(|listener| metrics::serve(service.clone(), listener, stop_signal()));
-        let server = tokio::spawn(server::serve(service.clone(), client_endpoint.clone(), stop_signal()));
+        let server = tokio::spawn(server::serve(service.clone(), client_endpoint.clone(), revoked, stop_signal()));
         Ok(Node { id, service, client_endpoint, peer_endpoint, stop_tx, server, metrics })
     }
 

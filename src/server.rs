@@ -22,7 +22,9 @@ use crate::error::Error;
 use crate::net::frame;
 use crate::net::lane::write_now;
 use crate::net::tls::{self, Identity};
-use crate::net::wire::{ErrorCode, Request, Response, CLOSE_FULL, CLOSE_NO_IDENTITY, CLOSE_REVOKED};
+use crate::net::wire::{
+    ErrorCode, Request, Response, CLOSE_FULL, CLOSE_NO_IDENTITY, CLOSE_REVOKED, CLOSE_REVOKED_OPEN,
+};
 use crate::placement::PlacementCommand;
 use crate::service::{self, Service, SEND_TIMEOUT};
 
@@ -33,16 +35,13 @@ pub const REVOKED_REASON: &str = "this credential was revoked (convoy user revok
 /// How often a node reads its revocation file (`<tls_dir>/revoked`) again.
 pub const REVOKED_RELOAD: std::time::Duration = std::time::Duration::from_secs(1);
 
-type Revoked = Arc<std::collections::HashSet<String>>;
+type Revoked = Arc<tls::RevokedKeys>;
 
-/// Reads the revocation file every [`REVOKED_RELOAD`] and publishes each change, until every
-/// receiver is gone. A file that cannot be read keeps the last good list, with an error
-/// logged once per distinct failure: a revocation must not be lifted by a bad edit.
-fn watch_revoked(path: std::path::PathBuf) -> tokio::sync::watch::Receiver<Revoked> {
-    let first = tls::read_revoked(&path).unwrap_or_else(|e| {
-        tracing::error!(error = %e, "reading the revocation file; no certificate is refused until it reads");
-        Default::default()
-    });
+/// Publishes `first` (the list the node read at start), then reads the revocation file every
+/// [`REVOKED_RELOAD`] and publishes each change, until every receiver is gone. A file that
+/// cannot be read keeps the last good list, with an error logged once per distinct failure:
+/// a revocation must not be lifted by a bad edit.
+fn watch_revoked(path: std::path::PathBuf, first: tls::RevokedKeys) -> tokio::sync::watch::Receiver<Revoked> {
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut failing: Option<String> = None;
@@ -75,12 +74,17 @@ fn watch_revoked(path: std::path::PathBuf) -> tokio::sync::watch::Receiver<Revok
 /// Serves clients on `endpoint` until `shutdown` completes or the endpoint closes. On
 /// shutdown it stops accepting; connections already open end when the node closes the
 /// endpoint.
-pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    node: Arc<Service>,
+    endpoint: quinn::Endpoint,
+    revoked: tls::RevokedKeys,
+    shutdown: impl Future<Output = ()>,
+) {
     let permits = Arc::new(Semaphore::new(node.config.limits.connections_max));
     let limits = &node.config.limits;
     let handshakes = Arc::new(Semaphore::new(limits.handshakes_in_flight_max));
     let mut started = HandshakeRate::new(limits.handshakes_per_s);
-    let revoked = watch_revoked(tls::TlsPaths::of(&node.config).revoked());
+    let revoked = watch_revoked(tls::TlsPaths::of(&node.config).revoked(), revoked);
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -158,7 +162,7 @@ pub async fn serve(node: Arc<Service>, endpoint: quinn::Endpoint, shutdown: impl
                                 watching = false;
                             } else if revoked.borrow_and_update().contains(&fingerprint) {
                                 tracing::info!("closing the connection of a credential just revoked");
-                                conn.close(CLOSE_REVOKED.into(), REVOKED_REASON.as_bytes());
+                                conn.close(CLOSE_REVOKED_OPEN.into(), REVOKED_REASON.as_bytes());
                                 break;
                             }
                         }

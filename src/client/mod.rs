@@ -37,7 +37,7 @@ use crate::net::lane::{write_now, Lane, LanePool};
 use crate::net::tls::{self, Credential, TlsPaths};
 use crate::net::wire::{
     ErrorCode, MemberChange, NodeState, NodeStatus, Request, Response, RoutingMap, SendRequest, CLOSE_NO_IDENTITY,
-    CLOSE_REVOKED, SEND_BATCH_MAX,
+    CLOSE_REVOKED, CLOSE_REVOKED_OPEN, SEND_BATCH_MAX,
 };
 
 /// The environment variable that names the default user of [`Client::connect`] and the CLI.
@@ -118,19 +118,21 @@ fn ended_by_node(conn: &quinn::Connection) -> bool {
 
 /// The node's refusal of this client's credential, if that is why it closed the connection
 /// (revoked, or naming no user): permanent, unlike a node that is down, so it is answered
-/// `Forbidden` instead of retried.
-fn credential_refusal(node: u64, reason: &quinn::ConnectionError) -> Option<Error> {
-    match reason {
-        quinn::ConnectionError::ApplicationClosed(c)
-            if [CLOSE_REVOKED, CLOSE_NO_IDENTITY].map(u64::from).contains(&c.error_code.into_inner()) =>
-        {
-            Some(Error::Forbidden(format!(
-                "node {node} refused this client's credential: {}",
-                String::from_utf8_lossy(&c.reason)
-            )))
-        }
-        _ => None,
+/// `Forbidden` instead of retried. With it, whether the node closed the connection at its
+/// handshake, having served nothing sent on it (else a request in flight may have been
+/// served before an open connection was closed).
+fn credential_refusal(node: u64, reason: &quinn::ConnectionError) -> Option<(Error, bool)> {
+    let quinn::ConnectionError::ApplicationClosed(c) = reason else { return None };
+    let code = c.error_code.into_inner();
+    let at_handshake = [CLOSE_REVOKED, CLOSE_NO_IDENTITY].map(u64::from).contains(&code);
+    if !at_handshake && code != u64::from(CLOSE_REVOKED_OPEN) {
+        return None;
     }
+    let refused = Error::Forbidden(format!(
+        "node {node} refused this client's credential: {}",
+        String::from_utf8_lossy(&c.reason)
+    ));
+    Some((refused, at_handshake))
 }
 
 /// Where the client sends what: the nodes it can reach and each shard's voting replicas.
@@ -559,14 +561,15 @@ impl Client {
             .await
             .map_err(|_| Error::Unavailable(format!("connecting to node {node} timed out")))?
             .map_err(|e| {
-                credential_refusal(node, &e).unwrap_or_else(|| Error::Unavailable(format!("node {node}: {e}")))
+                credential_refusal(node, &e).map_or_else(|| Error::Unavailable(format!("node {node}: {e}")), |(r, _)| r)
             })?;
         *slot = Some(conn.clone());
         Ok(conn)
     }
 
-    /// Why `node` refused this client's credential, if its connection was closed for that.
-    async fn credential_refused(&self, node: u64) -> Option<Error> {
+    /// Why `node` refused this client's credential, if its connection was closed for that,
+    /// and whether at its handshake (see [`credential_refusal`]).
+    async fn credential_refused(&self, node: u64) -> Option<(Error, bool)> {
         let slot = self.inner.conns.lock().expect("conns lock").get(&node).cloned()?;
         let held = slot.lock().await;
         held.as_ref()?.close_reason().and_then(|r| credential_refusal(node, &r))
@@ -594,7 +597,7 @@ impl Client {
         let mut lane = match opened {
             Ok(lane) => lane,
             Err(e) => {
-                let refused = conn.close_reason().and_then(|r| credential_refusal(node, &r));
+                let refused = conn.close_reason().and_then(|r| credential_refusal(node, &r)).map(|(r, _)| r);
                 self.forget(node).await;
                 return Err(refused.unwrap_or_else(|| Error::Unavailable(format!("node {node}: {e}"))));
             }
@@ -666,7 +669,14 @@ impl Client {
             Ok(answer)
         };
         match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
-            Ok(Err(e)) => Err(self.credential_refused(node).await.unwrap_or(e)),
+            // A refused credential is final; but a request that may have been delivered
+            // before the refusal (an open connection closed by a revocation) stays unknown.
+            Ok(Err(e)) => Err(match (self.credential_refused(node).await, e) {
+                (Some((refused, true)), _) => refused,
+                (Some((refused, false)), Error::Ambiguous(m)) => Error::Ambiguous(format!("{m}; then {refused}")),
+                (Some((refused, false)), _) => refused,
+                (None, e) => e,
+            }),
             Ok(r) => {
                 if r.is_ok() {
                     self.inner.suspects.lock().expect("suspect lock").remove(&node);
@@ -814,6 +824,8 @@ impl Client {
                     let e = Error::Protocol(format!("unexpected answer to send: {other:?}"));
                     return Err(after_unknown(&ambiguous, e));
                 }
+                // The node refused this client's credential (revoked): no node will take it.
+                Err(e @ Error::Forbidden(_)) => return Err(after_unknown(&ambiguous, e)),
                 Err(e) => {
                     if matches!(e, Error::Ambiguous(_)) {
                         ambiguous = Some(e.to_string());
@@ -889,11 +901,15 @@ impl Client {
                 // One answer for the whole batch (e.g. an error about the request itself).
                 Ok(whole) => (0..n).map(|_| Ok(whole.clone())).collect(),
                 Err(e) => {
-                    let ambiguous = matches!(e, Error::Ambiguous(_));
                     let m = e.to_string();
                     (0..n)
                         .map(|_| {
-                            Err(if ambiguous { Error::Ambiguous(m.clone()) } else { Error::Unavailable(m.clone()) })
+                            Err(match &e {
+                                Error::Ambiguous(_) => Error::Ambiguous(m.clone()),
+                                // The node refused this client's credential: final.
+                                Error::Forbidden(f) => Error::Forbidden(f.clone()),
+                                _ => Error::Unavailable(m.clone()),
+                            })
                         })
                         .collect()
                 }
@@ -1035,6 +1051,8 @@ impl Client {
                     self.set_leader(shard, Some(node));
                     return Ok(answer);
                 }
+                // The node refused this client's credential: final.
+                Err(e @ Error::Forbidden(_)) => return Err(e),
                 Err(e) => e,
             };
             if started.elapsed() >= SEND_DEADLINE {
@@ -1196,7 +1214,7 @@ impl Client {
         visit: impl FnMut(ReadItem) -> Result<()>,
     ) -> Result<u64> {
         match self.read_stream_once(conversation, from, node, visit).await {
-            Err(e) => Err(self.credential_refused(node).await.unwrap_or(e)),
+            Err(e) => Err(self.credential_refused(node).await.map_or(e, |(r, _)| r)),
             read => read,
         }
     }
@@ -1481,7 +1499,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                     break;
                 }
                 Err(e) => {
-                    if let Some(refused) = client.credential_refused(node).await {
+                    if let Some((refused, _)) = client.credential_refused(node).await {
                         let _ = tx.send(Event::Failed(refused.to_string())).await;
                         return;
                     }

@@ -194,27 +194,37 @@ pub fn identity_of(conn: &quinn::Connection) -> Result<Identity> {
     identity_of_cert(&peer_leaf(conn)?)
 }
 
-/// A certificate's fingerprint: the SHA-256 of its DER, in lowercase hex.
-pub fn fingerprint(der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+/// The fingerprint a revocation lists: the SHA-256 of the certificate's public key (its
+/// SubjectPublicKeyInfo), in lowercase hex. Not of the whole certificate: an ECDSA signature
+/// has a second valid encoding, so a thief could re-encode a revoked certificate's signature
+/// into one with other bytes that still verifies. What was leaked is the key, and a new
+/// credential has a new one.
+pub fn key_fingerprint(der: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Protocol(format!("unreadable certificate: {e}")))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The fingerprint of the certificate a connection's peer presented.
+/// The key fingerprint of the certificate a connection's peer presented.
 pub fn peer_fingerprint(conn: &quinn::Connection) -> Result<String> {
-    Ok(fingerprint(&peer_leaf(conn)?))
+    key_fingerprint(&peer_leaf(conn)?)
 }
+
+/// The revoked keys: a set of [`key_fingerprint`]s.
+pub type RevokedKeys = std::collections::HashSet<String>;
 
 /// The fingerprints in a revocation file: one per line, first on it (the rest of the line,
 /// the user's name and when, is for the operator). No file: nothing is revoked. A line that
 /// does not start with a fingerprint is an error, naming the line: a revocation misread
 /// would let a credential in.
-pub fn read_revoked(path: &Path) -> Result<std::collections::HashSet<String>> {
+pub fn read_revoked(path: &Path) -> Result<RevokedKeys> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
         Err(e) => return Err(Error::Config(format!("reading {}: {e}", path.display()))),
     };
-    let mut out = std::collections::HashSet::new();
+    let mut out = RevokedKeys::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -223,7 +233,7 @@ pub fn read_revoked(path: &Path) -> Result<std::collections::HashSet<String>> {
         let fp = line.split_whitespace().next().unwrap_or("");
         if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::Config(format!(
-                "{} line {}: {fp:?} is not a SHA-256 certificate fingerprint (64 hex digits)",
+                "{} line {}: {fp:?} is not a SHA-256 key fingerprint (64 hex digits)",
                 path.display(),
                 i + 1
             )));
@@ -241,25 +251,34 @@ pub struct Revocation {
     pub file: PathBuf,
 }
 
-/// Revokes `name`'s credential (an operator command): its certificate's fingerprint is
-/// added to `<tls_dir>/revoked`, which every node reads again within a second, refusing the
-/// certificate and closing the connections that presented it; then the credential's files
-/// are deleted, so `convoy user add NAME` issues a new one. The user's memberships, cursors
-/// and messages stay: they belong to the name, not the certificate.
+/// Revokes `name`'s credential (an operator command): its key's fingerprint is added to
+/// `<tls_dir>/revoked`, which every node reads again within a second, refusing the key and
+/// closing the connections that presented it; then the credential's files are deleted, so
+/// `convoy user add NAME` issues a new one (with a new key). The user's memberships, cursors
+/// and messages stay: they belong to the name, not the key.
+///
+/// Revocations are serialized by a lock on `<tls_dir>/revoked.lock`, so two at once both
+/// land; the list is renamed into place whole and its directory synced, and read back
+/// before the files go: a revocation is never lost with the files needed to make it again.
 pub fn revoke_user(config: &Config, name: &str) -> Result<Revocation> {
     let credential = Credential::of_user(config, name)?;
     let certs = load_certs(&credential.cert)?;
     let leaf =
         certs.first().ok_or_else(|| Error::Config(format!("{} holds no certificate", credential.cert.display())))?;
-    let fp = fingerprint(leaf);
+    let fp = key_fingerprint(leaf)?;
     let paths = TlsPaths::of(config);
     let file = paths.revoked();
-    let known = read_revoked(&file)?;
-    if !known.contains(&fp) {
+    let lock =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(paths.dir.join("revoked.lock"))?;
+    // SAFETY: flock on a descriptor this function owns; released when `lock` is closed.
+    if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    if !read_revoked(&file)?.contains(&fp) {
         let mut text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                "# Revoked client certificates: SHA-256 fingerprint, user, when (unix seconds).\n".to_string()
+                "# Revoked client keys: SHA-256 of the public key, user, when (unix seconds).\n".to_string()
             }
             Err(e) => return Err(Error::Config(format!("reading {}: {e}", file.display()))),
         };
@@ -277,8 +296,16 @@ pub fn revoke_user(config: &Config, name: &str) -> Result<Revocation> {
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &file)?;
+        std::fs::File::open(&paths.dir)?.sync_all()?;
+    }
+    if !read_revoked(&file)?.contains(&fp) {
+        return Err(Error::Config(format!(
+            "{} does not list {fp} after writing it; nothing was deleted",
+            file.display()
+        )));
     }
     std::fs::remove_dir_all(paths.user_dir(name))?;
+    drop(lock);
     Ok(Revocation { user: name.to_string(), fingerprint: fp, file })
 }
 
@@ -634,9 +661,9 @@ mod tests {
         assert_eq!(std::fs::read(paths.node_cert(1)).expect("read"), before);
     }
 
-    // A revocation names the certificate, not the user: the list holds its fingerprint, the
-    // files go, a new credential of the same name is another certificate, and a list that
-    // does not read is an error naming the line, never an empty list.
+    // A revocation names the key, not the user: the list holds its fingerprint, the files
+    // go, a new credential of the same name has another key, and a list that does not read
+    // is an error naming the line, never an empty list.
     #[test]
     fn a_revoked_certificate_is_listed_by_fingerprint_and_a_bad_list_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -644,13 +671,22 @@ mod tests {
         let paths = init(&c).expect("init");
         assert!(read_revoked(&paths.revoked()).expect("no file").is_empty());
         let bob = add_user(&c, "bob", false).expect("add bob");
-        let first = fingerprint(&load_certs(&bob.cert).expect("cert").remove(0));
+        let issued = load_certs(&bob.cert).expect("cert").remove(0);
+        let first = key_fingerprint(&issued).expect("a key");
+        // Another certificate for the same key (other bytes, as a re-encoded signature would
+        // have) has the same fingerprint.
+        let key = KeyPair::from_pem(&std::fs::read_to_string(&bob.key).expect("key")).expect("bob's key");
+        let issuer = ca_issuer(&paths, "client").expect("the client CA");
+        let other =
+            CertificateParams::new(Vec::<String>::new()).expect("params").signed_by(&key, &issuer).expect("sign");
+        assert_ne!(other.der().as_ref(), issued.as_ref());
+        assert_eq!(key_fingerprint(other.der()).expect("a key"), first);
         let r = revoke_user(&c, "bob").expect("revoke bob");
         assert_eq!((r.user.as_str(), r.fingerprint.as_str()), ("bob", first.as_str()));
         assert!(!paths.user_dir("bob").exists(), "the revoked files are deleted");
         assert!(revoke_user(&c, "bob").is_err(), "nothing left to revoke");
         let again = add_user(&c, "bob", false).expect("a new credential for bob");
-        let second = fingerprint(&load_certs(&again.cert).expect("cert").remove(0));
+        let second = key_fingerprint(&load_certs(&again.cert).expect("cert").remove(0)).expect("a key");
         assert_ne!(first, second);
         assert_eq!(read_revoked(&paths.revoked()).expect("read"), [first.clone()].into());
         revoke_user(&c, "bob").expect("revoke the new one too");

@@ -19,8 +19,12 @@ pub use crate::stages::StageSnapshot;
 pub const CLOSE_NO_IDENTITY: u32 = 0x10;
 /// QUIC application close code: the node is at its connection limit.
 pub const CLOSE_FULL: u32 = 0x11;
-/// QUIC application close code: the client's certificate was revoked (`convoy user revoke`).
+/// QUIC application close code: the client's certificate was revoked (`convoy user revoke`),
+/// refused at its handshake: nothing sent on the connection was served.
 pub const CLOSE_REVOKED: u32 = 0x12;
+/// QUIC application close code: an open connection whose certificate was just revoked was
+/// closed; a request it had in flight may have been served.
+pub const CLOSE_REVOKED_OPEN: u32 = 0x13;
 
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
