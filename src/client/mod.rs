@@ -135,6 +135,22 @@ fn credential_refusal(node: u64, reason: &quinn::ConnectionError) -> Option<(Err
     Some((refused, at_handshake))
 }
 
+/// What a failure `e` of a request on `conn` is, if the node closed `conn` refusing this
+/// client's credential: `Forbidden` if it did so at the handshake (nothing sent on `conn`
+/// was served), else `Forbidden` for a request not written yet and still `Ambiguous` (with
+/// the reason) for one that was. Classified by the connection the request used, not by the
+/// node's current one, which another task may have opened since.
+fn classify(node: u64, conn: &quinn::Connection, e: Error) -> Error {
+    match conn.close_reason().and_then(|r| credential_refusal(node, &r)) {
+        Some((refused, true)) => refused,
+        Some((refused, false)) => match e {
+            Error::Ambiguous(m) => Error::Ambiguous(format!("{m}; then {refused}")),
+            _ => refused,
+        },
+        None => e,
+    }
+}
+
 /// Where the client sends what: the nodes it can reach and each shard's voting replicas.
 ///
 /// It starts from the client's `cluster.toml` and takes every newer routing map a node
@@ -567,14 +583,6 @@ impl Client {
         Ok(conn)
     }
 
-    /// Why `node` refused this client's credential, if its connection was closed for that,
-    /// and whether at its handshake (see [`credential_refusal`]).
-    async fn credential_refused(&self, node: u64) -> Option<(Error, bool)> {
-        let slot = self.inner.conns.lock().expect("conns lock").get(&node).cloned()?;
-        let held = slot.lock().await;
-        held.as_ref()?.close_reason().and_then(|r| credential_refusal(node, &r))
-    }
-
     /// Drops `node`'s connection after a request on it failed; if the node ended it (see
     /// [`ended_by_node`]), the node is suspect too.
     async fn forget(&self, node: u64) {
@@ -591,26 +599,32 @@ impl Client {
     /// Writes `req` to `node`: on a pooled lane for sends, else on a stream of its own
     /// (finished after the request). Returns the lane to read the answer from.
     async fn open(&self, node: u64, req: &Request) -> Result<Lane> {
+        Ok(self.open_on(node, req).await?.0)
+    }
+
+    /// [`Client::open`], with the connection the request went out on (see [`classify`]).
+    async fn open_on(&self, node: u64, req: &Request) -> Result<(Lane, quinn::Connection)> {
         let conn = self.connection(node).await?;
         let reuse = req.keeps_stream();
         let opened = if reuse { self.inner.lanes.take_or_open(node, &conn).await } else { Lane::open(&conn).await };
         let mut lane = match opened {
             Ok(lane) => lane,
             Err(e) => {
-                let refused = conn.close_reason().and_then(|r| credential_refusal(node, &r)).map(|(r, _)| r);
                 self.forget(node).await;
-                return Err(refused.unwrap_or_else(|| Error::Unavailable(format!("node {node}: {e}"))));
+                return Err(classify(node, &conn, Error::Unavailable(format!("node {node}: {e}"))));
             }
         };
         // From here on the request may have reached the node: a failure is ambiguous.
-        let ambiguous = |e: String| Error::Ambiguous(format!("node {node}: request may have been delivered: {e}"));
+        let ambiguous = |e: String| {
+            classify(node, &conn, Error::Ambiguous(format!("node {node}: request may have been delivered: {e}")))
+        };
         if reuse {
             lane = self.write_coalesced(node, lane, frame::encode(req)).await.map_err(ambiguous)?;
         } else {
             frame::write(&mut lane.send, req).await.map_err(|e| ambiguous(e.to_string()))?;
             lane.send.finish().map_err(|e| ambiguous(e.to_string()))?;
         }
-        Ok(lane)
+        Ok((lane, conn))
     }
 
     /// Writes a send request on its lane together with the other send requests to `node`
@@ -656,11 +670,14 @@ impl Client {
     /// an open, an accept, a task and a close each, on the latency path of every send.
     pub async fn request(&self, node: u64, req: &Request) -> Result<Response> {
         let attempt = async {
-            let mut lane = self.open(node, req).await?;
+            let (mut lane, conn) = self.open_on(node, req).await?;
             let answer = match frame::read::<_, Response>(&mut lane.recv, RESPONSE_FRAME_BYTES_MAX).await {
                 Ok(Some(r)) => r,
-                Ok(None) => return Err(Error::Ambiguous(format!("node {node} closed the stream without answering"))),
-                Err(e) => return Err(Error::Ambiguous(format!("node {node}: {e}"))),
+                Ok(None) => {
+                    let e = Error::Ambiguous(format!("node {node} closed the stream without answering"));
+                    return Err(classify(node, &conn, e));
+                }
+                Err(e) => return Err(classify(node, &conn, Error::Ambiguous(format!("node {node}: {e}")))),
             };
             // A whole-request error may end the stream on the node's side: do not reuse it.
             if req.keeps_stream() && !matches!(answer, Response::Error { .. }) {
@@ -669,14 +686,6 @@ impl Client {
             Ok(answer)
         };
         match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
-            // A refused credential is final; but a request that may have been delivered
-            // before the refusal (an open connection closed by a revocation) stays unknown.
-            Ok(Err(e)) => Err(match (self.credential_refused(node).await, e) {
-                (Some((refused, true)), _) => refused,
-                (Some((refused, false)), Error::Ambiguous(m)) => Error::Ambiguous(format!("{m}; then {refused}")),
-                (Some((refused, false)), _) => refused,
-                (None, e) => e,
-            }),
             Ok(r) => {
                 if r.is_ok() {
                     self.inner.suspects.lock().expect("suspect lock").remove(&node);
@@ -1031,6 +1040,9 @@ impl Client {
         let shard = shard_of(conversation, self.inner.shards);
         let started = Instant::now();
         let mut attempt = 0;
+        // An attempt whose outcome is unknown (a change may have been applied) keeps the
+        // final answer unknown, whatever a later attempt is told.
+        let mut unknown: Option<String> = None;
         loop {
             let node = self.target_for(shard, attempt);
             attempt += 1;
@@ -1041,7 +1053,7 @@ impl Client {
                 }
                 Ok(Response::Error { code, message }) => match response_error(code, message) {
                     e @ (Error::Unavailable(_) | Error::Ambiguous(_)) => e,
-                    e => return Err(e),
+                    e => return Err(after_unknown(&unknown, e)),
                 },
                 Ok(Response::Throttled { retry_after_ms }) => {
                     tokio::time::sleep(throttle_wait(retry_after_ms)).await;
@@ -1052,11 +1064,17 @@ impl Client {
                     return Ok(answer);
                 }
                 // The node refused this client's credential: final.
-                Err(e @ Error::Forbidden(_)) => return Err(e),
+                Err(e @ Error::Forbidden(_)) => return Err(after_unknown(&unknown, e)),
                 Err(e) => e,
             };
+            if let Error::Ambiguous(m) = &retry {
+                unknown = Some(m.clone());
+            }
             if started.elapsed() >= SEND_DEADLINE {
-                return Err(retry);
+                return Err(match retry {
+                    e @ Error::Ambiguous(_) => e,
+                    e => after_unknown(&unknown, e),
+                });
             }
             self.set_leader(shard, None);
             tokio::time::sleep(CURSOR_RETRY_PAUSE).await;
@@ -1211,49 +1229,39 @@ impl Client {
         conversation: &str,
         from: u64,
         node: u64,
-        visit: impl FnMut(ReadItem) -> Result<()>,
-    ) -> Result<u64> {
-        match self.read_stream_once(conversation, from, node, visit).await {
-            Err(e) => Err(self.credential_refused(node).await.map_or(e, |(r, _)| r)),
-            read => read,
-        }
-    }
-
-    async fn read_stream_once(
-        &self,
-        conversation: &str,
-        from: u64,
-        node: u64,
         mut visit: impl FnMut(ReadItem) -> Result<()>,
     ) -> Result<u64> {
         let req = Request::Subscribe { conversation: conversation.into(), from, follow: false };
-        let mut recv =
-            frame::FrameReader::new(self.open(node, &req).await?.recv, RESPONSE_FRAME_BYTES_MAX, READ_BUFFER_BYTES);
-        loop {
-            // A buffered frame needs no timer; only a read of the stream can stall.
-            let frame = if recv.has_frame() {
-                recv.next::<Response>().await?
-            } else {
-                tokio::time::timeout(ATTEMPT_TIMEOUT, recv.next::<Response>())
-                    .await
-                    .map_err(|_| Error::Unavailable(format!("node {node} stalled")))??
-            };
-            match frame {
-                Some(Response::Message(m)) => visit(ReadItem::Message(m))?,
-                Some(Response::Truncated { earliest }) => visit(ReadItem::Truncated { earliest })?,
-                Some(Response::CaughtUp { head }) => return Ok(head),
-                Some(Response::Error { code, message }) => return Err(response_error(code, message)),
-                // The node holds no replica of the shard (any more): `leader` holds one.
-                Some(Response::NotLeader { shard, leader, map }) => {
-                    if let Some(map) = map {
-                        self.learn(&map);
+        let (lane, conn) = self.open_on(node, &req).await?;
+        let mut recv = frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, READ_BUFFER_BYTES);
+        let read = async {
+            loop {
+                // A buffered frame needs no timer; only a read of the stream can stall.
+                let frame = if recv.has_frame() {
+                    recv.next::<Response>().await?
+                } else {
+                    tokio::time::timeout(ATTEMPT_TIMEOUT, recv.next::<Response>())
+                        .await
+                        .map_err(|_| Error::Unavailable(format!("node {node} stalled")))??
+                };
+                match frame {
+                    Some(Response::Message(m)) => visit(ReadItem::Message(m))?,
+                    Some(Response::Truncated { earliest }) => visit(ReadItem::Truncated { earliest })?,
+                    Some(Response::CaughtUp { head }) => return Ok(head),
+                    Some(Response::Error { code, message }) => return Err(response_error(code, message)),
+                    // The node holds no replica of the shard (any more): `leader` holds one.
+                    Some(Response::NotLeader { shard, leader, map }) => {
+                        if let Some(map) = map {
+                            self.learn(&map);
+                        }
+                        return Err(Error::NotLeader { shard, leader });
                     }
-                    return Err(Error::NotLeader { shard, leader });
+                    Some(other) => return Err(Error::Protocol(format!("unexpected frame {other:?}"))),
+                    None => return Err(Error::Unavailable(format!("node {node} ended the read early"))),
                 }
-                Some(other) => return Err(Error::Protocol(format!("unexpected frame {other:?}"))),
-                None => return Err(Error::Unavailable(format!("node {node} ended the read early"))),
             }
-        }
+        };
+        read.await.map_err(|e| classify(node, &conn, e))
     }
 
     /// Follows a conversation from `from`, live, across disconnects, each offset exactly
@@ -1398,8 +1406,10 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
         });
         attempt += 1;
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
-        let mut recv = match client.open(node, &req).await {
-            Ok(lane) => frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES),
+        let (mut recv, conn) = match client.open_on(node, &req).await {
+            Ok((lane, conn)) => {
+                (frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES), conn)
+            }
             Err(e @ Error::Forbidden(_)) => {
                 let _ = tx.send(Event::Failed(e.to_string())).await;
                 return;
@@ -1499,7 +1509,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                     break;
                 }
                 Err(e) => {
-                    if let Some((refused, _)) = client.credential_refused(node).await {
+                    if let Some((refused, _)) = conn.close_reason().and_then(|r| credential_refusal(node, &r)) {
                         let _ = tx.send(Event::Failed(refused.to_string())).await;
                         return;
                     }

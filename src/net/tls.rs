@@ -261,19 +261,13 @@ pub struct Revocation {
 /// land; the list is renamed into place whole and its directory synced, and read back
 /// before the files go: a revocation is never lost with the files needed to make it again.
 pub fn revoke_user(config: &Config, name: &str) -> Result<Revocation> {
-    let credential = Credential::of_user(config, name)?;
-    let certs = load_certs(&credential.cert)?;
-    let leaf =
-        certs.first().ok_or_else(|| Error::Config(format!("{} holds no certificate", credential.cert.display())))?;
-    let fp = key_fingerprint(leaf)?;
+    validate_user_name(name)?;
     let paths = TlsPaths::of(config);
     let file = paths.revoked();
-    let lock =
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(paths.dir.join("revoked.lock"))?;
-    // SAFETY: flock on a descriptor this function owns; released when `lock` is closed.
-    if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(Error::Io(std::io::Error::last_os_error()));
-    }
+    // Taken before the credential is read: `user add`, which issues a credential, takes it
+    // too, so the files deleted below are the ones whose key is listed.
+    let lock = revocation_lock(&paths)?;
+    let fp = user_key_fingerprint(config, name)?;
     if !read_revoked(&file)?.contains(&fp) {
         let mut text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
@@ -307,6 +301,29 @@ pub fn revoke_user(config: &Config, name: &str) -> Result<Revocation> {
     std::fs::remove_dir_all(paths.user_dir(name))?;
     drop(lock);
     Ok(Revocation { user: name.to_string(), fingerprint: fp, file })
+}
+
+/// The fingerprint of `name`'s current credential's key.
+fn user_key_fingerprint(config: &Config, name: &str) -> Result<String> {
+    let credential = Credential::of_user(config, name)?;
+    let certs = load_certs(&credential.cert)?;
+    let leaf =
+        certs.first().ok_or_else(|| Error::Config(format!("{} holds no certificate", credential.cert.display())))?;
+    key_fingerprint(leaf)
+}
+
+/// The operator's lock on users' credentials and the revocation list
+/// (`<tls_dir>/revoked.lock`), held until the returned file is dropped: a revocation and an
+/// issue, or two revocations, never interleave.
+fn revocation_lock(paths: &TlsPaths) -> Result<std::fs::File> {
+    std::fs::create_dir_all(&paths.dir)?;
+    let lock =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(paths.dir.join("revoked.lock"))?;
+    // SAFETY: flock on a descriptor owned by `lock`; the lock is released when it is closed.
+    if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    Ok(lock)
 }
 
 /// The node a peer connection's verified certificate names (its `node{N}` SAN).
@@ -467,6 +484,7 @@ pub fn ensure_user(config: &Config, name: &str, admin: bool) -> Result<Credentia
 }
 
 fn issue_user(paths: &TlsPaths, name: &str, admin: bool) -> Result<bool> {
+    let _one_at_a_time = revocation_lock(paths)?;
     let issuer = ca_issuer(paths, "client")?;
     let mut uris = vec![format!("{USER_URI_PREFIX}{name}")];
     if admin {
