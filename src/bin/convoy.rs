@@ -588,7 +588,7 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", json!({"user": r.user, "revoked": r.fingerprint, "file": r.file}));
             } else {
                 println!(
-                    "user {}: certificate {} revoked in {}; nodes refuse it within {}s",
+                    "user {}: key {} (SHA-256 of its public key) revoked in {}; nodes refuse it within {}s",
                     r.user,
                     r.fingerprint,
                     r.file.display(),
