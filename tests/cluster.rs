@@ -508,6 +508,15 @@ fn cli_as(cluster: &LocalCluster, user: &str, args: &[&str]) -> (bool, String, S
     cli_at(cluster.config_path(), user, args)
 }
 
+/// `convoy admin move --wait --json` of `shard` from node `from` to node `to`, as the admin,
+/// waiting up to 120 s.
+fn move_and_wait(cluster: &LocalCluster, shard: u32, from: u64, to: u64) -> (bool, String, String) {
+    let (shard, from, to) = (shard.to_string(), from.to_string(), to.to_string());
+    let args =
+        ["admin", "move", "--shard", &shard, "--from", &from, "--to", &to, "--wait", "--timeout-s", "120", "--json"];
+    cli_as(cluster, "admin", &args)
+}
+
 /// [`cli_as`] for a cluster file at `config` (from a thread that does not own the cluster).
 fn cli_at(config: &std::path::Path, user: &str, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(BIN)
@@ -2558,22 +2567,7 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
             (acked, failed)
         })
     };
-    let (from_s, shard_s) = (from.to_string(), "0".to_string());
-    let args = [
-        "admin",
-        "move",
-        "--shard",
-        &shard_s,
-        "--from",
-        &from_s,
-        "--to",
-        "4",
-        "--wait",
-        "--timeout-s",
-        "120",
-        "--json",
-    ];
-    let (ok, out, err) = cli_as(&cluster, "admin", &args);
+    let (ok, out, err) = move_and_wait(&cluster, 0, from, 4);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acked, failed) = sender.await.expect("sender");
     assert!(ok, "{out}{err}\n{}", cluster.logs_tail());
@@ -3551,22 +3545,7 @@ async fn a_refused_replica_moved_away_has_its_data_deleted() {
     assert_eq!(cluster.add_node().expect("add node 4"), 4);
     cluster.start(4).expect("start node 4");
     cluster.wait_answers(4, READY).await.expect("node 4 answers");
-    let (shard_s, victim_s) = (shard.to_string(), victim.to_string());
-    let args = [
-        "admin",
-        "move",
-        "--shard",
-        &shard_s,
-        "--from",
-        &victim_s,
-        "--to",
-        "4",
-        "--wait",
-        "--timeout-s",
-        "120",
-        "--json",
-    ];
-    let (ok, out, err) = cli_as(&cluster, "admin", &args);
+    let (ok, out, err) = move_and_wait(&cluster, shard, victim, 4);
     assert!(ok, "the refused replica moves away: {out}{err}\n{}", cluster.logs_tail());
 
     let (code, _) = stop_node(&mut cluster, victim).await;
