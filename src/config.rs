@@ -497,8 +497,11 @@ impl Config {
                 "limits.handshakes_per_s must be at least 1 and limits.handshakes_in_flight_max 1..={CONNECTIONS_CEILING}"
             ));
         }
-        if !(1..=STREAMS_PER_CONNECTION_CEILING).contains(&l.streams_per_connection_max) {
-            return fail(format!("limits.streams_per_connection_max must be 1..={STREAMS_PER_CONNECTION_CEILING}"));
+        if !(STREAMS_PER_CONNECTION_FLOOR..=STREAMS_PER_CONNECTION_CEILING).contains(&l.streams_per_connection_max) {
+            return fail(format!(
+                "limits.streams_per_connection_max must be {STREAMS_PER_CONNECTION_FLOOR}..={STREAMS_PER_CONNECTION_CEILING} \
+                 (a client keeps send requests and follows on one connection)"
+            ));
         }
         let k = &self.retention;
         if k.check_interval_ms == 0 || k.reclaim_after_messages == 0 {
@@ -616,7 +619,8 @@ data_dir = "data/node3"
             ("inflight_sends_max", 255, "inflight_sends_max must be 256..="),
             ("connections_max", 0, "connections_max must be 1..="),
             ("connections_max", 1 << 21, "connections_max must be 1..="),
-            ("streams_per_connection_max", 0, "streams_per_connection_max must be 1..="),
+            ("streams_per_connection_max", 0, "streams_per_connection_max must be 64..="),
+            ("streams_per_connection_max", 63, "streams_per_connection_max must be 64..="),
             ("shard_window_sends", 255, "shard_window_sends must be 0 (off) or 256..="),
             ("conversation_queue_sends", 0, "conversation_queue_sends must be 256..="),
             ("handshakes_per_s", 0, "handshakes_per_s must be at least 1"),
@@ -799,7 +803,7 @@ data_dir = "data/node3"
         let old = format!(
             "{SAMPLE}\n[raft]\nelection_timeout_min_ms = 900\nelection_timeout_max_ms = 1900\n\
              max_payload_entries = 64\nmax_in_snapshot_log_to_keep = 7\n[limits]\nmax_message_bytes = 1000\n\
-             max_frame_bytes = 65536\nmax_connections = 10\nmax_inflight_sends = 300\nmax_streams_per_connection = 8\n"
+             max_frame_bytes = 65536\nmax_connections = 10\nmax_inflight_sends = 300\nmax_streams_per_connection = 80\n"
         );
         let c = Config::parse(&old, Path::new("."), Path::new("c.toml")).expect("old names load");
         let r = &c.raft;
@@ -807,6 +811,6 @@ data_dir = "data/node3"
         assert_eq!((r.payload_entries_max, r.snapshot_log_kept_max), (64, 7));
         let l = &c.limits;
         assert_eq!((l.message_bytes_max, l.frame_bytes_max, l.connections_max), (1000, 65536, 10));
-        assert_eq!((l.inflight_sends_max, l.streams_per_connection_max), (300, 8));
+        assert_eq!((l.inflight_sends_max, l.streams_per_connection_max), (300, 80));
     }
 }

@@ -2230,6 +2230,93 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
     assert_eq!(ack.offset, 61);
 }
 
+/// A user in many conversations follows them all on one node and still sends: a node
+/// admits 64 concurrent streams per connection (`streams_per_connection_max`), and a
+/// follow holds one for as long as it lasts. 100 follows on node 1 must all attach and
+/// deliver, and sends through node 1 meanwhile must be acked, not left waiting for a
+/// stream until they time out as `Ambiguous`. The follows that do not fit on the client's
+/// request connection go on connections of their own, closed once their follows end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_following_more_conversations_than_a_connection_has_streams_still_sends() {
+    const FOLLOWS: usize = 100;
+    let cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    let names: Vec<String> = (0..FOLLOWS).map(|i| format!("many-{i}")).collect();
+    for name in &names {
+        client.send(name, "first").await.expect("create the conversation");
+    }
+    let connections = |text: String| unlabelled(&text, "convoy_connections").expect("the connection gauge");
+    let before = connections(scrape(&cluster, 1).await);
+    let mut subs: Vec<_> = names.iter().map(|n| client.subscribe(n, 2, Some(1))).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (sub, name) in subs.iter_mut().zip(&names) {
+        loop {
+            let ev = tokio::time::timeout_at(deadline.into(), sub.next())
+                .await
+                .unwrap_or_else(|_| panic!("{name}'s follow never attached"))
+                .expect("follow ended");
+            match ev {
+                Event::Attached { node, .. } => {
+                    assert_eq!(node, 1, "{name} was pinned to node 1");
+                    break;
+                }
+                Event::Failed(e) => panic!("{name}'s follow failed: {e}"),
+                _ => {}
+            }
+        }
+    }
+    // Every conversation once, 50 at a time: the client's send lanes to node 1 (the leader
+    // of some shards) open while every follow holds its stream.
+    let started = Instant::now();
+    for chunk in names.chunks(50) {
+        let sends = chunk.iter().map(|name| {
+            let client = client.clone();
+            let name = name.clone();
+            async move { (client.send(&name, "second").await, name) }
+        });
+        for (sent, name) in futures::future::join_all(sends).await {
+            let ack = sent.unwrap_or_else(|e| panic!("the send to {name} failed: {e}"));
+            assert_eq!(ack.offset, 2, "{name}");
+        }
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "{FOLLOWS} sends took {took:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (sub, name) in subs.iter_mut().zip(&names) {
+        loop {
+            let ev = tokio::time::timeout_at(deadline.into(), sub.next())
+                .await
+                .unwrap_or_else(|_| panic!("{name}'s follow never delivered its second message"))
+                .expect("follow ended");
+            match ev {
+                Event::Message(m) => {
+                    assert_eq!((m.offset, m.text.as_str()), (2, "second"), "{name}");
+                    break;
+                }
+                Event::Failed(e) => panic!("{name}'s follow failed: {e}"),
+                _ => {}
+            }
+        }
+    }
+    let following = connections(scrape(&cluster, 1).await);
+    assert!(following >= before + 2.0, "{FOLLOWS} follows took {following} connections, against {before} before");
+    drop(subs);
+    let last = Arc::new(Mutex::new(following));
+    let closed = eventually(Duration::from_secs(10), "the follows' own connections to close", || {
+        let last = last.clone();
+        let cluster = &cluster;
+        async move {
+            let now = connections(scrape(cluster, 1).await);
+            *last.lock().unwrap() = now;
+            (now == before).then_some(())
+        }
+    })
+    .await;
+    let now = *last.lock().unwrap();
+    closed.unwrap_or_else(|e| panic!("{e}: node 1 has {now} client connections, {before} before the follows"));
+}
+
 /// How many RocksDB table files a node's data directory holds.
 fn table_files(dir: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };

@@ -23,12 +23,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::chat::limits::STREAMS_PER_CONNECTION_FLOOR;
 use crate::chat::{shard_of, Membership, Retention, ShardId, StoredMessage};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -91,6 +92,8 @@ struct Inner {
     outboxes: RwLock<HashMap<u64, Arc<Mutex<Outbox>>>>,
     /// Idle send lanes per node (see [`Client::request`]).
     lanes: LanePool<u64>,
+    /// Where each node's follows hold their streams (see [`Client::open_follow`]).
+    follows: Mutex<HashMap<u64, Arc<Follows>>>,
     /// Send requests waiting to be written, per node (see [`Client::write_coalesced`]).
     pending: Mutex<HashMap<u64, Vec<PendingWrite>>>,
     /// Send requests the flow-control window did not take whole (see [`Client::partial_writes`]).
@@ -101,6 +104,40 @@ struct Inner {
 
 /// A node's connection, opened on first use and again after it broke.
 type ConnSlot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+
+/// One node's follows: a follow holds a stream for as long as it lasts, and the node admits
+/// `limits.streams_per_connection_max` concurrent streams per connection.
+#[derive(Default)]
+struct Follows {
+    /// Follows holding a stream of the node's request connection (at most
+    /// [`FOLLOWS_ON_REQUEST_CONNECTION`]).
+    on_requests: Arc<AtomicUsize>,
+    /// Connections that carry follows only, each with its count of follows; the last follow
+    /// on one to end closes it.
+    own: tokio::sync::Mutex<Vec<(quinn::Connection, Arc<AtomicUsize>)>>,
+}
+
+/// A follow's place on its connection, given back when the follow's stream ends.
+struct FollowSeat {
+    count: Arc<AtomicUsize>,
+    /// A connection that carries follows only, closed once its last follow ends.
+    closes: Option<quinn::Connection>,
+}
+
+impl Drop for FollowSeat {
+    fn drop(&mut self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(conn) = &self.closes {
+                conn.close(0u32.into(), b"no follows left");
+            }
+        }
+    }
+}
+
+fn same_address(conn: &quinn::Connection, addr: SocketAddr) -> bool {
+    let now = conn.remote_address();
+    now.port() == addr.port() && now.ip().to_canonical() == addr.ip().to_canonical()
+}
 
 /// Whether `conn` was ended by its node (closed by the node's application or its QUIC
 /// stack) or by the node's silence (idle timeout). A connection this client closed, or one
@@ -316,6 +353,13 @@ pub const SEND_REQUESTS_PER_SHARD: usize = 8;
 /// streams-per-connection limit (`limits.streams_per_connection_max`, 64 by default), so
 /// sends never take the streams a tail needs.
 pub const SEND_REQUESTS_PER_NODE: usize = 32;
+/// Follows a client keeps on a node's request connection, at most: with the send lanes,
+/// they leave room for other requests under the node's streams-per-connection limit
+/// (at least [`STREAMS_PER_CONNECTION_FLOOR`]). Further follows go on connections that
+/// carry follows only, as many on each as the node admits.
+pub const FOLLOWS_ON_REQUEST_CONNECTION: usize = 16;
+const _: () =
+    assert!(SEND_REQUESTS_PER_NODE + FOLLOWS_ON_REQUEST_CONNECTION + 16 <= STREAMS_PER_CONNECTION_FLOOR as usize);
 /// Bytes of sends per coalesced batch, at most; less where the cluster's frame limit is
 /// smaller (see [`batch_bytes_for`]).
 const SEND_BATCH_BYTES_MAX: usize = 256 << 10;
@@ -474,6 +518,7 @@ impl Client {
             next_seq: AtomicU64::new(first_seq),
             outboxes: RwLock::default(),
             lanes: LanePool::new(SEND_REQUESTS_PER_NODE),
+            follows: Mutex::default(),
             pending: Mutex::default(),
             partial_writes: AtomicU64::new(0),
             batch_bytes: batch_bytes_for(config.limits.frame_bytes_max),
@@ -553,21 +598,26 @@ impl Client {
         self.inner.conns.lock().expect("conns lock").entry(node).or_default().clone()
     }
 
+    fn node_address(&self, node: u64) -> Result<SocketAddr> {
+        self.routes().nodes.get(&node).copied().ok_or_else(|| Error::InvalidInput(format!("unknown node {node}")))
+    }
+
+    /// The node's request connection (sends and every other request), opened if needed.
     async fn connection(&self, node: u64) -> Result<quinn::Connection> {
-        let Some(addr) = self.routes().nodes.get(&node).copied() else {
-            return Err(Error::InvalidInput(format!("unknown node {node}")));
-        };
+        let addr = self.node_address(node)?;
         let slot = self.conn_slot(node);
         let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref() {
-            // A connection made to the node's old address (a map moved it meanwhile) is
-            // not the node's any more.
-            let (now, then) = (c.remote_address(), addr);
-            let same = now.port() == then.port() && now.ip().to_canonical() == then.ip().to_canonical();
-            if c.close_reason().is_none() && same {
-                return Ok(c.clone());
-            }
+        // A connection made to the node's old address (a map moved it meanwhile) is not the
+        // node's any more.
+        if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none() && same_address(c, addr)) {
+            return Ok(c.clone());
         }
+        let conn = self.dial(node, addr).await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self, node: u64, addr: SocketAddr) -> Result<quinn::Connection> {
         let connecting = self
             .inner
             .endpoint
@@ -579,8 +629,100 @@ impl Client {
             .map_err(|e| {
                 credential_refusal(node, &e).map_or_else(|| Error::Unavailable(format!("node {node}: {e}")), |(r, _)| r)
             })?;
-        *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    fn follows(&self, node: u64) -> Arc<Follows> {
+        self.inner.follows.lock().expect("follows lock").entry(node).or_default().clone()
+    }
+
+    /// Writes the follow request `req` to `node` on a stream the follow may hold for as long
+    /// as it lasts: one of the request connection's while fewer than
+    /// [`FOLLOWS_ON_REQUEST_CONNECTION`] follows hold one there and the node grants it at
+    /// once, else one of a connection that carries follows only. Sends never wait for a
+    /// stream a follow holds, and a follow never waits for one the node may never grant.
+    /// Returns the stream, its connection, and the seat the follow keeps while it reads.
+    async fn open_follow(&self, node: u64, req: &Request) -> Result<(Lane, quinn::Connection, FollowSeat)> {
+        let follows = self.follows(node);
+        let requests = self.connection(node).await?;
+        let mut on_requests = None;
+        if follows.on_requests.fetch_add(1, Ordering::AcqRel) < FOLLOWS_ON_REQUEST_CONNECTION {
+            let seat = FollowSeat { count: follows.on_requests.clone(), closes: None };
+            match Lane::open_now(&requests) {
+                Some(Ok(lane)) => on_requests = Some((lane, requests, seat)),
+                Some(Err(e)) => {
+                    self.forget(node).await;
+                    return Err(classify(node, &requests, Error::Unavailable(format!("node {node}: {e}"))));
+                }
+                None => {}
+            }
+        } else {
+            follows.on_requests.fetch_sub(1, Ordering::AcqRel);
+        }
+        let (mut lane, conn, seat) = match on_requests {
+            Some(opened) => opened,
+            None => self.open_on_follow_connection(node, &follows).await?,
+        };
+        let written = match frame::write(&mut lane.send, req).await {
+            Ok(()) => lane.send.finish().map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = written {
+            self.forget_broken(node, &conn).await;
+            return Err(classify(node, &conn, Error::Unavailable(format!("node {node}: subscribing failed: {e}"))));
+        }
+        Ok((lane, conn, seat))
+    }
+
+    /// A stream of one of `node`'s follow-only connections that has room at once, or of a
+    /// new one. Dials one at a time per node, so follows started together share it.
+    async fn open_on_follow_connection(
+        &self,
+        node: u64,
+        follows: &Follows,
+    ) -> Result<(Lane, quinn::Connection, FollowSeat)> {
+        let addr = self.node_address(node)?;
+        let mut own = follows.own.lock().await;
+        own.retain(|(c, _)| c.close_reason().is_none() && same_address(c, addr));
+        for (conn, count) in own.iter() {
+            // None left: its last follow ended and closed it.
+            if count.fetch_add(1, Ordering::AcqRel) == 0 {
+                count.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
+            let seat = FollowSeat { count: count.clone(), closes: Some(conn.clone()) };
+            if let Some(Ok(lane)) = Lane::open_now(conn) {
+                return Ok((lane, conn.clone(), seat));
+            }
+        }
+        let conn = self.dial(node, addr).await?;
+        let count = Arc::new(AtomicUsize::new(1));
+        own.push((conn.clone(), count.clone()));
+        drop(own);
+        let seat = FollowSeat { count, closes: Some(conn.clone()) };
+        let lane = tokio::time::timeout(CONNECT_TIMEOUT, Lane::open(&conn))
+            .await
+            .map_err(|_| Error::Unavailable(format!("node {node} granted no stream on a new connection")))?
+            .map_err(|e| classify(node, &conn, Error::Unavailable(format!("node {node}: {e}"))))?;
+        Ok((lane, conn, seat))
+    }
+
+    /// After a follow's stream on `conn` broke: a closed connection makes the node suspect
+    /// if the node ended it, and is forgotten if it was the request connection, as
+    /// [`Client::forget`] does. A stream the node reset on a connection still open (it gave
+    /// up on a reader too slow) leaves the connection to the requests and follows on it.
+    async fn forget_broken(&self, node: u64, conn: &quinn::Connection) {
+        if conn.close_reason().is_none() {
+            return;
+        }
+        if ended_by_node(conn) {
+            self.suspect(node);
+        }
+        let slot = self.conn_slot(node);
+        let mut held = slot.lock().await;
+        if held.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            *held = None;
+        }
     }
 
     /// Drops `node`'s connection after a request on it failed; if the node ended it (see
@@ -597,12 +739,8 @@ impl Client {
     }
 
     /// Writes `req` to `node`: on a pooled lane for sends, else on a stream of its own
-    /// (finished after the request). Returns the lane to read the answer from.
-    async fn open(&self, node: u64, req: &Request) -> Result<Lane> {
-        Ok(self.open_on(node, req).await?.0)
-    }
-
-    /// [`Client::open`], with the connection the request went out on (see [`classify`]).
+    /// (finished after the request). Returns the lane to read the answer from, and the
+    /// connection the request went out on (see [`classify`]).
     async fn open_on(&self, node: u64, req: &Request) -> Result<(Lane, quinn::Connection)> {
         let conn = self.connection(node).await?;
         let reuse = req.keeps_stream();
@@ -1406,9 +1544,10 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
         });
         attempt += 1;
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
-        let (mut recv, conn) = match client.open_on(node, &req).await {
-            Ok((lane, conn)) => {
-                (frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES), conn)
+        // The seat is given back when this attachment ends, with its stream.
+        let (mut recv, conn, _seat) = match client.open_follow(node, &req).await {
+            Ok((lane, conn, seat)) => {
+                (frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES), conn, seat)
             }
             Err(e @ Error::Forbidden(_)) => {
                 let _ = tx.send(Event::Failed(e.to_string())).await;
@@ -1416,7 +1555,6 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
             }
             Err(e) => {
                 tracing::debug!(node, error = %e, "subscribe failed; retrying");
-                client.forget(node).await;
                 tokio::time::sleep(backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt)).await;
                 continue;
             }
@@ -1514,7 +1652,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                         return;
                     }
                     tracing::debug!(node, error = %e, "subscription broke; resubscribing");
-                    client.forget(node).await;
+                    client.forget_broken(node, &conn).await;
                     break;
                 }
             }
@@ -1526,10 +1664,11 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
 /// A [`Delivery::Raw`] subscription: one stream from `node`, handed on as it comes.
 async fn follow_raw(client: Client, conversation: String, from: u64, node: u64, tx: mpsc::Sender<Event>) {
     let req = Request::Subscribe { conversation, from, follow: true };
-    let mut recv = match client.open(node, &req).await {
-        Ok(lane) => frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES),
+    let (mut recv, conn, _seat) = match client.open_follow(node, &req).await {
+        Ok((lane, conn, seat)) => {
+            (frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES), conn, seat)
+        }
         Err(e) => {
-            client.forget(node).await;
             let _ = tx.send(Event::Failed(format!("subscribing at node {node} failed: {e}"))).await;
             return;
         }
@@ -1546,7 +1685,7 @@ async fn follow_raw(client: Client, conversation: String, from: u64, node: u64, 
             Ok(Some(other)) => break format!("node {node} sent an unexpected frame {other:?}"),
             Ok(None) => break format!("node {node} ended the stream"),
             Err(e) => {
-                client.forget(node).await;
+                client.forget_broken(node, &conn).await;
                 break format!("node {node}: {e}");
             }
         };
@@ -1847,7 +1986,7 @@ mod tests {
             let writers: Vec<_> = (1..=REQUESTS)
                 .map(|seq| {
                     let (client, req) = (client.clone(), request(seq));
-                    tokio::spawn(async move { client.open(1, &req).await.map(|lane| (lane, req)) })
+                    tokio::spawn(async move { client.open_on(1, &req).await.map(|(lane, _)| (lane, req)) })
                 })
                 .collect();
             let mut lanes = Vec::new();
@@ -1909,7 +2048,7 @@ mod tests {
             let _ = send.finish();
             (conn, node)
         });
-        let lane = client.open(1, &subscribe_request(1, true)).await.expect("the request was written");
+        let (lane, _) = client.open_on(1, &subscribe_request(1, true)).await.expect("the request was written");
         tokio::time::timeout(Duration::from_secs(10), given_up).await.expect("in time").expect("the write gave up");
         let mut reader = frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES);
         let mut read = 0usize;

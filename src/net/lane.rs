@@ -26,6 +26,13 @@ impl Lane {
         let (send, recv) = conn.open_bi().await?;
         Ok(Lane { connection: conn.stable_id(), send, recv })
     }
+
+    /// A new stream on `conn` if its peer's stream limit has room now; `None` instead of
+    /// waiting for the peer to grant one.
+    pub fn open_now(conn: &quinn::Connection) -> Option<Result<Lane, quinn::ConnectionError>> {
+        let opened = conn.open_bi().now_or_never()?;
+        Some(opened.map(|(send, recv)| Lane { connection: conn.stable_id(), send, recv }))
+    }
 }
 
 /// Idle lanes by key, at most `max_idle` per key.
