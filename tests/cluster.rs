@@ -1240,6 +1240,11 @@ async fn retried_send_returns_the_same_offset() {
     for node in 1..=3 {
         let msgs = read_at_least(&client, "dedup", node, 3).await;
         assert_eq!(msgs.len(), 3, "node {node}: retries must not append");
+        // A read from past the head is told where the head is, not that it has everything
+        // up to where it asked.
+        let past = client.read_raw("dedup", 100, node).await;
+        assert!(past.messages.is_empty(), "node {node}: {past:?}");
+        assert_eq!(past.end.as_ref().ok(), Some(&3), "node {node}: {past:?}");
     }
 }
 

@@ -184,7 +184,8 @@ struct StoredFrames {
     more: bool,
     /// The offset after the last one.
     next: u64,
-    /// The conversation's head when the batch was cut short (it is behind by more than a batch).
+    /// The conversation's head when the batch was cut short (it is behind by more than a
+    /// batch), or when nothing was stored at its first offset above 1.
     head: Option<u64>,
 }
 
@@ -215,7 +216,9 @@ fn read_batch(store: &Store, shard: ShardId, conversation: &str, from: u64, unti
         next = offset + 1;
         frames::message_frame_from_stored(value, &mut frames)
     })?;
-    let head = if scanned.more { Some(store.head(shard, conversation)?) } else { None };
+    // The head is read when more is stored, and when nothing is at `from` (past the head?).
+    let none_at_from = next == from.max(1) && next > 1;
+    let head = if scanned.more || none_at_from { Some(store.head(shard, conversation)?) } else { None };
     Ok(StoredFrames { frames, more: scanned.more, next, head })
 }
 
@@ -1277,6 +1280,10 @@ impl Service {
             until = end;
         }
         let mut caught_up = false;
+        // The conversation's head, when a read from past it found nothing: a reader who asked
+        // for offsets not yet sent is told how far the conversation goes, not that it has
+        // everything up to where it asked.
+        let mut head_below_next = None;
         loop {
             // Catch up from storage, reading the next batch while this one is written, each
             // batch in one write: per-frame writes cost a stream (and connection) lock and a
@@ -1317,6 +1324,7 @@ impl Service {
                 next = batch.next;
                 if let Some(h) = batch.head {
                     head.fetch_max(h, Ordering::Relaxed);
+                    head_below_next = (h < next - 1).then_some(h);
                 }
                 if !batch.frames.is_empty() {
                     write_subscriber(out, &batch.frames).await?;
@@ -1333,7 +1341,8 @@ impl Service {
                 // What was read is whole only if the data was not deleted meanwhile.
                 self.still_hosting(shard)?;
                 caught_up = true;
-                write_subscriber(out, &frame::encode(&Response::CaughtUp { head: next - 1 })).await?;
+                let sent_up_to = head_below_next.unwrap_or(next - 1);
+                write_subscriber(out, &frame::encode(&Response::CaughtUp { head: sent_up_to })).await?;
                 if !follow {
                     return Ok(());
                 }
