@@ -367,6 +367,18 @@ impl Quiescer {
         self.lock().peers.get(&node).is_some_and(|p| p.leaving)
     }
 
+    /// Whether `shard` may be handed to `node` by a node that stops: not if `node` said it
+    /// stops too. Checked and logged under the lock [`Quiescer::on_leaving`] logs under, so
+    /// the log never shows a handover decided after the word that its target stops.
+    pub fn may_hand_to(&self, shard: ShardId, node: NodeId) -> bool {
+        let st = self.lock();
+        if st.peers.get(&node).is_some_and(|p| p.leaving) {
+            return false;
+        }
+        tracing::info!(shard, to = node, "handing leadership away before stopping");
+        true
+    }
+
     /// A beat from `from`: it is alive, and leads the `quiesced` groups.
     pub fn on_beat(&self, from: NodeId, incarnation: u64, quiesced: &[QuietGroup], now: Instant) {
         if from == self.node {

@@ -1496,10 +1496,16 @@ impl Service {
             let Some(to) = voters.filter(|v| matched(v).is_some() && answered(v)).max_by_key(|v| matched(v)) else {
                 continue;
             };
-            if let Some(q) = self.net.quiescer() {
-                q.hold(g.shard, "handing leadership away before stopping");
+            match self.net.quiescer() {
+                Some(q) => {
+                    q.hold(g.shard, "handing leadership away before stopping");
+                    // Word that the target stops may have come since it was chosen.
+                    if !q.may_hand_to(g.shard, node_of(to)) {
+                        continue;
+                    }
+                }
+                None => tracing::info!(shard = g.shard, to = node_of(to), "handing leadership away before stopping"),
             }
-            tracing::info!(shard = g.shard, to = node_of(to), "handing leadership away before stopping");
             if tokio::time::timeout_at(deadline, g.raft.trigger().transfer_leader(to)).await.is_ok_and(|r| r.is_ok()) {
                 handed.push((g.shard, g.replica, node_of(to), g.raft.metrics()));
             }
