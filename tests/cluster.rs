@@ -184,6 +184,7 @@ async fn every_node_serves_metrics_and_a_stuck_subscriber_shows_its_lag() {
         "convoy_subscribers",
         "convoy_subscriber_lag_messages",
         "convoy_push_fallbacks_total",
+        "convoy_send_batches_split_total",
         "convoy_throttled_total",
         "convoy_disk_bytes",
         "convoy_retained_messages",
@@ -452,9 +453,11 @@ async fn a_users_rate_holds_across_the_nodes_that_lead_their_conversations() {
 
 // A flood that overfills its shard's window waits in its conversation's queue: every send
 // is still acked exactly once at a dense offset (the queue loses and repeats nothing), and a
-// quiet conversation of the same shard is served beside it.
+// quiet conversation of the same shard is served beside it, as are batches over two
+// conversations, split per conversation while the window is full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
+    use convoy::net::wire::{Request, Response, SendRequest};
     const FLOODERS: usize = 12;
     const EACH: usize = 100;
     let cluster = start(Tweaks {
@@ -481,6 +484,55 @@ async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
             }));
         }
     }
+    // Beside it, batches over two conversations (a, b, a), written to the leader as they are,
+    // one after another until the flood is answered: while the window is full each
+    // conversation's part waits in its own turn, and every send is answered in its slot.
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mixer = cluster.client().expect("client");
+    let mixing = {
+        let (mixer, flooding, leader) = (mixer.clone(), flooding.clone(), leaders[0]);
+        tokio::spawn(async move {
+            let mixed = |conversation: &str, seq: u64| SendRequest {
+                conversation: conversation.into(),
+                sender: String::new(),
+                client_id: mixer.client_id(),
+                client_seq: seq,
+                text: format!("{}{seq}", &conversation[6..]),
+            };
+            let mut batches = 0;
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = batches;
+                let batch = Request::SendBatch(vec![
+                    mixed("mixed-a", 2 * i + 1),
+                    mixed("mixed-b", i + 1),
+                    mixed("mixed-a", 2 * i + 2),
+                ]);
+                let want = [("mixed-a", 2 * i + 1), ("mixed-b", i + 1), ("mixed-a", 2 * i + 2)];
+                // A throttled answer is retried with the same keys, which dedup keeps at one
+                // offset.
+                let mut attempts = 0;
+                let answers = loop {
+                    attempts += 1;
+                    let answer = mixer.request(leader, &batch).await.expect("the batch is answered");
+                    let Response::Batch(answers) = answer else { panic!("a batch gets a batch answer: {answer:?}") };
+                    if attempts == 10 || !answers.iter().any(|a| matches!(a, Response::Throttled { .. })) {
+                        break answers;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                };
+                for (answer, (conversation, offset)) in answers.iter().zip(want) {
+                    match answer {
+                        Response::Ack { conversation: c, offset: o, .. } => {
+                            assert_eq!((c.as_str(), *o), (conversation, offset))
+                        }
+                        other => panic!("batch {i}: {conversation}@{offset} answered {other:?}"),
+                    }
+                }
+                batches += 1;
+            }
+            batches
+        })
+    };
     let quiet = cluster.client().expect("client");
     for i in 0..20 {
         let ack = quiet.send("quiet", &format!("quiet {i}")).await.expect("quiet send acked");
@@ -489,6 +541,11 @@ async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
     for t in tasks {
         t.await.expect("flood task");
     }
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let batches = mixing.await.expect("the batches over two conversations");
+    let split = unlabelled(&scrape(&cluster, leaders[0]).await, "convoy_send_batches_split_total");
+    eprintln!("{split:?} of {batches} batches over two conversations split");
+    assert!(split.is_some_and(|n| n > 0.0), "no batch over two conversations met the full window: {split:?}");
     let acks = acks.lock().expect("lock").clone();
     assert_eq!(acks.len(), FLOODERS * EACH);
     let status = cluster.admin().expect("admin").status(leaders[0]).await.expect("leader status");
@@ -500,6 +557,12 @@ async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
             assert_eq!(acks.get(offset), Some(text), "node {node}: loud@{offset} differs from its ack");
         }
         assert_eq!(check_dense(&read_at_least(&quiet, "quiet", node, 20).await).len(), 20);
+        for (conversation, sent) in [("mixed-a", 2 * batches as usize), ("mixed-b", batches as usize)] {
+            let held = check_dense(&read_at_least(&quiet, conversation, node, sent).await);
+            let texts: Vec<String> = held.values().map(|(_, text)| text.clone()).collect();
+            let want: Vec<String> = (1..=sent).map(|n| format!("{}{n}", &conversation[6..])).collect();
+            assert_eq!(texts, want, "node {node}: {conversation} holds each send once, in its order");
+        }
     }
 }
 

@@ -76,6 +76,12 @@ impl<T> Lanes<T> {
         self.proposed == 0 || self.proposed.saturating_add(cost) <= self.window
     }
 
+    /// Whether a proposal of `cost` sends would wait for its turn now (others wait, or the
+    /// window has no room for it).
+    pub fn would_queue(&self, cost: u32) -> bool {
+        !(self.ring.is_empty() && self.fits(cost))
+    }
+
     /// A new proposal of `cost` sends into `conversation`.
     pub fn admit(&mut self, conversation: &str, cost: u32, item: T, now: Instant) -> Admit<T> {
         if self.ring.is_empty() && self.fits(cost) {
@@ -203,12 +209,15 @@ mod tests {
     #[test]
     fn proposals_go_at_once_while_the_window_has_room_and_nothing_waits() {
         let mut l = lanes(4, 100, 2);
+        assert!(!l.would_queue(2));
         assert_eq!(admit(&mut l, "a", 2, "a1"), "now");
+        assert!(!l.would_queue(2) && l.would_queue(3));
         assert_eq!(admit(&mut l, "b", 2, "b1"), "now");
         assert_eq!(l.proposed(), 4);
         assert_eq!(admit(&mut l, "c", 1, "c1"), "queued");
         // Room again, but something waits: a newcomer queues behind it, it does not jump.
         assert!(l.finished(2));
+        assert!(l.would_queue(1));
         assert_eq!(admit(&mut l, "d", 1, "d1"), "queued");
         assert_eq!(drain(&mut l), ["c1", "d1"]);
         assert_eq!((l.queued(), l.proposed()), (0, 2));

@@ -171,6 +171,9 @@ pub struct Metrics {
     pub push_fallbacks: AtomicU64,
     /// Samples of subscribers found `subscriber_lag_warn` or more messages behind.
     pub lagging: AtomicU64,
+    /// Send batches over several conversations proposed per conversation because their
+    /// shard's window was full (see `service::proposals_of`).
+    pub batches_split: AtomicU64,
     lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
     lag_count: AtomicU64,
     lag_sum: AtomicU64,
@@ -186,6 +189,7 @@ impl Default for Metrics {
             connections: AtomicI64::new(0),
             push_fallbacks: AtomicU64::new(0),
             lagging: AtomicU64::new(0),
+            batches_split: AtomicU64::new(0),
             lag_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             lag_count: AtomicU64::new(0),
             lag_sum: AtomicU64::new(0),
@@ -378,6 +382,12 @@ impl Collector for NodeCollector {
             "convoy_subscribers_lagging",
             "Lag samples of subscribers at limits.subscriber_lag_warn messages or more behind.",
             &[(vec![], m.lagging.load(Relaxed))],
+        )?;
+        counter(
+            &mut e,
+            "convoy_send_batches_split",
+            "Send batches over several conversations proposed per conversation, their shard's window being full.",
+            &[(vec![], m.batches_split.load(Relaxed))],
         )?;
         gauge(&mut e, "convoy_connections", "Client connections open.", &[(vec![], m.connections.load(Relaxed))])?;
         gauge(&mut e, "convoy_subscribers", "Live subscriptions.", &[(vec![], m.subscribers() as i64)])?;

@@ -374,6 +374,36 @@ pub type Proposed = std::result::Result<Outcome, Refusal>;
 type ByShard = BTreeMap<ShardId, (Vec<usize>, Vec<SendCommand>)>;
 /// The answers of a batch's invalid sends by slot, and its valid sends by shard.
 type PreparedBatch = (Vec<Option<Response>>, ByShard);
+/// One proposal of a batch's sends: its shard, the sends' slots in the batch, the sends.
+type BatchPart = (ShardId, Vec<usize>, Vec<SendCommand>);
+
+/// The proposals a batch's valid sends go in: one per shard, except that the sends of a
+/// shard whose proposal would wait for its turn (`queues(shard, sends)`: the window is full)
+/// go in one proposal per conversation, in the batch's order. A proposal waits in its first
+/// send's conversation's queue: whole, a batch would wait in one conversation's turn and be
+/// charged to it for the others' sends.
+fn proposals_of(by_shard: ByShard, queues: impl Fn(ShardId, u32) -> bool) -> Vec<BatchPart> {
+    let mut parts = Vec::new();
+    for (shard, (slots, commands)) in by_shard {
+        let spans = commands.iter().any(|c| c.conversation != commands[0].conversation);
+        if !spans || !queues(shard, commands.len() as u32) {
+            parts.push((shard, slots, commands));
+            continue;
+        }
+        let mut by_conversation: Vec<(Vec<usize>, Vec<SendCommand>)> = Vec::new();
+        for (slot, command) in slots.into_iter().zip(commands) {
+            match by_conversation.iter_mut().find(|(_, cs)| cs[0].conversation == command.conversation) {
+                Some((ss, cs)) => {
+                    ss.push(slot);
+                    cs.push(command);
+                }
+                None => by_conversation.push((vec![slot], vec![command])),
+            }
+        }
+        parts.extend(by_conversation.into_iter().map(|(ss, cs)| (shard, ss, cs)));
+    }
+    parts
+}
 
 /// The answer to a send whose outcome did not come within [`SEND_TIMEOUT`].
 pub fn no_commit_in_time() -> Refusal {
@@ -963,14 +993,16 @@ impl Service {
                 self.propose_then(&group, Command::Send(command), done).await.err().map(Refusal::answer)
             }
             Request::SendBatch(reqs) => {
-                let (answers, mut by_shard) = match self.prepare_batch(who, reqs) {
+                let (answers, by_shard) = match self.prepare_batch(who, reqs) {
                     Ok(prepared) => prepared,
                     Err(refusal) => return Some(refusal.answer()),
                 };
+                let mut parts = proposals_of(by_shard, |shard, sends| self.would_queue(shard, sends));
                 // The usual batch — every send valid, one shard (the client batches per
-                // shard) — is answered from the state machine's task like a single send.
-                if by_shard.len() == 1 && answers.iter().all(Option::is_none) {
-                    if let Some((shard, (_, commands))) = by_shard.pop_first() {
+                // shard), proposed whole — is answered from the state machine's task like a
+                // single send.
+                if parts.len() == 1 && answers.iter().all(Option::is_none) {
+                    if let Some((shard, _, commands)) = parts.pop() {
                         let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
                         let done = move |outcome| reply(Response::Batch(batch_answers(outcome, conversations)));
                         let group = match self.group(shard) {
@@ -984,7 +1016,7 @@ impl Service {
                             .map(Refusal::answer);
                     }
                 }
-                Some(self.send_batch_awaited((answers, by_shard)).await)
+                Some(self.send_batch_awaited(answers, parts).await)
             }
             other => Some(error(ErrorCode::Protocol, format!("not a send: {other:?}"))),
         }
@@ -1048,10 +1080,21 @@ impl Service {
         Ok((answers, by_shard))
     }
 
-    /// A prepared batch's valid sends proposed as one `SendBatch` entry per shard
-    /// (concurrently), each answered as it would have been alone.
-    async fn send_batch_awaited(&self, (mut answers, by_shard): PreparedBatch) -> Response {
-        let proposals = by_shard.into_iter().map(|(shard, (slots, commands))| async move {
+    /// Whether a proposal of `sends` sends to `shard` would wait for its turn here; the
+    /// batches split for it are counted.
+    fn would_queue(&self, shard: ShardId, sends: u32) -> bool {
+        let proposer = self.proposers.read().unwrap_or_else(|p| p.into_inner()).get(&shard).cloned();
+        let queues = proposer.is_some_and(|p| p.would_queue(sends));
+        if queues {
+            self.metrics.batches_split.fetch_add(1, Ordering::Relaxed);
+        }
+        queues
+    }
+
+    /// A batch's valid sends proposed as one `SendBatch` entry per part (concurrently), each
+    /// answered as it would have been alone; `answers` holds the invalid ones' answers.
+    async fn send_batch_awaited(&self, mut answers: Vec<Option<Response>>, parts: Vec<BatchPart>) -> Response {
+        let proposals = parts.into_iter().map(|(shard, slots, commands)| async move {
             let conversations: Vec<String> = commands.iter().map(|c| c.conversation.clone()).collect();
             let outcome = match self.group(shard) {
                 Ok(group) => self.propose(&group, Command::SendBatch(commands)).await,
@@ -1600,6 +1643,59 @@ impl Service {
             if let Err(e) = g.shutdown().await {
                 tracing::warn!(shard = g.shard, error = %e, "a shard group did not stop cleanly");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(conversation: &str, seq: u64) -> SendCommand {
+        SendCommand {
+            conversation: conversation.into(),
+            sender: "u".into(),
+            client_id: 1,
+            client_seq: seq,
+            ts_ms: 0,
+            text: String::new(),
+        }
+    }
+
+    /// Shard 1: a, b, a (slots 0, 2, 3); shard 2: c, c (slots 1, 4).
+    fn batch() -> ByShard {
+        ByShard::from([
+            (1, (vec![0, 2, 3], vec![send("a", 1), send("b", 2), send("a", 3)])),
+            (2, (vec![1, 4], vec![send("c", 4), send("c", 5)])),
+        ])
+    }
+
+    fn shape(parts: &[BatchPart]) -> Vec<(ShardId, Vec<usize>, Vec<u64>)> {
+        parts.iter().map(|(s, slots, cs)| (*s, slots.clone(), cs.iter().map(|c| c.client_seq).collect())).collect()
+    }
+
+    #[test]
+    fn a_batch_is_proposed_whole_per_shard_while_nothing_would_wait() {
+        let parts = proposals_of(batch(), |_, _| false);
+        assert_eq!(shape(&parts), [(1, vec![0, 2, 3], vec![1, 2, 3]), (2, vec![1, 4], vec![4, 5])]);
+    }
+
+    #[test]
+    fn a_batch_that_would_wait_is_proposed_per_conversation_in_its_order() {
+        let asked = std::sync::Mutex::new(Vec::new());
+        let parts = proposals_of(batch(), |shard, sends| {
+            asked.lock().unwrap().push((shard, sends));
+            true
+        });
+        // Shard 2's sends are one conversation's: never split, and its window not asked.
+        assert_eq!(asked.into_inner().unwrap(), [(1, 3)]);
+        assert_eq!(
+            shape(&parts),
+            [(1, vec![0, 3], vec![1, 3]), (1, vec![2], vec![2]), (2, vec![1, 4], vec![4, 5])],
+            "each part is one conversation's sends, in the batch's order, with their slots"
+        );
+        for (_, _, commands) in &parts {
+            assert!(commands.iter().all(|c| c.conversation == commands[0].conversation));
         }
     }
 }

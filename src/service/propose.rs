@@ -85,7 +85,8 @@ pub(super) fn sends_of(command: &Command) -> u32 {
     }
 }
 
-/// The conversation a command is queued under (a batch's first send's).
+/// The conversation a command is queued under (a batch's first send's: a batch that would
+/// wait is proposed per conversation, see `Service::proposals_of`).
 fn conversation_of(command: &Command) -> Option<&str> {
     match command {
         Command::Send(s) => Some(&s.conversation),
@@ -124,6 +125,11 @@ impl Proposer {
         });
         tokio::spawn(dispatch(Arc::downgrade(&proposer), proposer.wake.clone()));
         proposer
+    }
+
+    /// Whether a proposal of `cost` sends would wait for its conversation's turn now.
+    pub fn would_queue(&self, cost: u32) -> bool {
+        self.scheduled && self.lanes.lock().expect("lanes lock is never poisoned").would_queue(cost)
     }
 
     /// Proposes `command` (holding `permits`) now or in its conversation's turn. `done`
