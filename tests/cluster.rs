@@ -2315,6 +2315,8 @@ async fn a_client_following_more_conversations_than_a_connection_has_streams_sti
         client.send(name, "first").await.expect("create the conversation");
     }
     let connections = |text: String| unlabelled(&text, "convoy_connections").expect("the connection gauge");
+    // The client's request connection to node 1 is open before the count (a read there).
+    client.read("many-0", 1, Some(1)).await.expect("a read at node 1");
     let before = connections(scrape(&cluster, 1).await);
     let mut subs: Vec<_> = names.iter().map(|n| client.subscribe(n, 2, Some(1))).collect();
     let deadline = Instant::now() + Duration::from_secs(20);

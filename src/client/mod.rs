@@ -37,8 +37,8 @@ use crate::net::frame;
 use crate::net::lane::{write_now, Lane, LanePool};
 use crate::net::tls::{self, Credential, TlsPaths};
 use crate::net::wire::{
-    ErrorCode, MemberChange, NodeState, NodeStatus, Request, Response, RoutingMap, SendRequest, CLOSE_NO_IDENTITY,
-    CLOSE_REVOKED, CLOSE_REVOKED_OPEN, SEND_BATCH_MAX,
+    ErrorCode, MemberChange, NodeState, NodeStatus, Request, Response, RoutingMap, SendRequest, CLOSE_FULL,
+    CLOSE_NO_IDENTITY, CLOSE_REVOKED, CLOSE_REVOKED_OPEN, SEND_BATCH_MAX,
 };
 
 /// The environment variable that names the default user of [`Client::connect`] and the CLI.
@@ -151,6 +151,11 @@ fn ended_by_node(conn: &quinn::Connection) -> bool {
                 | quinn::ConnectionError::TimedOut
         )
     )
+}
+
+/// Whether `reason` is the node's application close with `code`.
+fn is_close(reason: &quinn::ConnectionError, code: u32) -> bool {
+    matches!(reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() == u64::from(code))
 }
 
 /// The node's refusal of this client's credential, if that is why it closed the connection
@@ -651,7 +656,7 @@ impl Client {
             match Lane::open_now(&requests) {
                 Some(Ok(lane)) => on_requests = Some((lane, requests, seat)),
                 Some(Err(e)) => {
-                    self.forget(node).await;
+                    self.forget_broken(node, &requests).await;
                     return Err(classify(node, &requests, Error::Unavailable(format!("node {node}: {e}"))));
                 }
                 None => {}
@@ -708,19 +713,22 @@ impl Client {
     }
 
     /// After a follow's stream on `conn` broke: a closed connection makes the node suspect
-    /// if the node ended it, and is forgotten if it was the request connection, as
-    /// [`Client::forget`] does. A stream the node reset on a connection still open (it gave
-    /// up on a reader too slow) leaves the connection to the requests and follows on it.
+    /// if the node ended it (not for being full: it serves the connections it has), and is
+    /// forgotten if it was the request connection, as [`Client::forget`] does. A connection
+    /// the node reset (it restarted) or went silent on (it died) says the same of the
+    /// request connection, which may not have noticed yet: that is forgotten too, so the
+    /// follow does not reattach on it. A stream the node reset on a connection still open
+    /// (it gave up on a reader too slow) leaves the connection to the requests and follows
+    /// on it.
     async fn forget_broken(&self, node: u64, conn: &quinn::Connection) {
-        if conn.close_reason().is_none() {
-            return;
-        }
-        if ended_by_node(conn) {
+        let Some(reason) = conn.close_reason() else { return };
+        if ended_by_node(conn) && !is_close(&reason, CLOSE_FULL) {
             self.suspect(node);
         }
+        let node_gone = matches!(reason, quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut);
         let slot = self.conn_slot(node);
         let mut held = slot.lock().await;
-        if held.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        if node_gone || held.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
             *held = None;
         }
     }

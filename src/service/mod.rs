@@ -1535,18 +1535,17 @@ impl Service {
                 m.heartbeat.as_ref().and_then(|h| h.get(v).cloned().flatten()).is_some_and(|at| at.elapsed() < recent)
             };
             let voters = m.membership_config.membership().voter_ids().filter(|v| node_of(*v) != self.id);
-            let voters = voters.filter(|v| !self.is_leaving(node_of(*v)));
-            let Some(to) = voters.filter(|v| matched(v).is_some() && answered(v)).max_by_key(|v| matched(v)) else {
-                continue;
-            };
-            match self.net.quiescer() {
-                Some(q) => {
-                    q.hold(g.shard, "handing leadership away before stopping");
-                    // Word that the target stops may have come since it was chosen.
-                    if !q.may_hand_to(g.shard, node_of(to)) {
-                        continue;
-                    }
-                }
+            let mut voters: Vec<NodeId> =
+                voters.filter(|v| !self.is_leaving(node_of(*v)) && matched(v).is_some() && answered(v)).collect();
+            voters.sort_by_key(|v| std::cmp::Reverse(matched(v)));
+            // The most caught up whose node has not said it stops: word of that may have come
+            // since the list was made, so it is looked at again, and the choice logged, under
+            // the lock the word is taken under.
+            let quiescer = self.net.quiescer();
+            let chosen = voters.into_iter().find(|v| quiescer.is_none_or(|q| q.may_hand_to(g.shard, node_of(*v))));
+            let Some(to) = chosen else { continue };
+            match quiescer {
+                Some(q) => q.hold(g.shard, "handing leadership away before stopping"),
                 None => tracing::info!(shard = g.shard, to = node_of(to), "handing leadership away before stopping"),
             }
             if tokio::time::timeout_at(deadline, g.raft.trigger().transfer_leader(to)).await.is_ok_and(|r| r.is_ok()) {
