@@ -457,9 +457,8 @@ async fn a_users_rate_holds_across_the_nodes_that_lead_their_conversations() {
 // conversations, split per conversation while the window is full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
-    use convoy::net::wire::{Request, Response, SendRequest};
     const FLOODERS: usize = 12;
-    const EACH: usize = 100;
+    const EACH: usize = 300;
     let cluster = start(Tweaks {
         shards: 1,
         limits: LimitTweaks {
@@ -484,53 +483,31 @@ async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
             }));
         }
     }
-    // Beside it, batches over two conversations (a, b, a), written to the leader as they are,
-    // one after another until the flood is answered: while the window is full each
-    // conversation's part waits in its own turn, and every send is answered in its slot.
+    // Beside it, one client sends to two conversations at once, round after round until the
+    // flood is answered: past its 8 requests in flight per shard its sends go in batches over
+    // both, which the full window splits per conversation. Every send is acked once.
     let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mixer = cluster.client().expect("client");
     let mixing = {
-        let (mixer, flooding, leader) = (mixer.clone(), flooding.clone(), leaders[0]);
+        let (mixer, flooding) = (mixer.clone(), flooding.clone());
         tokio::spawn(async move {
-            let mixed = |conversation: &str, seq: u64| SendRequest {
-                conversation: conversation.into(),
-                sender: String::new(),
-                client_id: mixer.client_id(),
-                client_seq: seq,
-                text: format!("{}{seq}", &conversation[6..]),
-            };
-            let mut batches = 0;
+            let mut sent: Vec<(String, String)> = Vec::new();
+            let mut round = 0;
             while flooding.load(std::sync::atomic::Ordering::Relaxed) {
-                let i = batches;
-                let batch = Request::SendBatch(vec![
-                    mixed("mixed-a", 2 * i + 1),
-                    mixed("mixed-b", i + 1),
-                    mixed("mixed-a", 2 * i + 2),
-                ]);
-                let want = [("mixed-a", 2 * i + 1), ("mixed-b", i + 1), ("mixed-a", 2 * i + 2)];
-                // A throttled answer is retried with the same keys, which dedup keeps at one
-                // offset.
-                let mut attempts = 0;
-                let answers = loop {
-                    attempts += 1;
-                    let answer = mixer.request(leader, &batch).await.expect("the batch is answered");
-                    let Response::Batch(answers) = answer else { panic!("a batch gets a batch answer: {answer:?}") };
-                    if attempts == 10 || !answers.iter().any(|a| matches!(a, Response::Throttled { .. })) {
-                        break answers;
+                let sends = (0..24).map(|i| {
+                    let conversation = if i % 2 == 0 { "mixed-a" } else { "mixed-b" };
+                    let text = format!("r{round} s{i}");
+                    let mixer = mixer.clone();
+                    async move {
+                        let ack = mixer.send(conversation, &text).await.expect("a mixed send acked");
+                        assert_eq!(ack.conversation, conversation);
+                        (conversation.to_string(), text)
                     }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                };
-                for (answer, (conversation, offset)) in answers.iter().zip(want) {
-                    match answer {
-                        Response::Ack { conversation: c, offset: o, .. } => {
-                            assert_eq!((c.as_str(), *o), (conversation, offset))
-                        }
-                        other => panic!("batch {i}: {conversation}@{offset} answered {other:?}"),
-                    }
-                }
-                batches += 1;
+                });
+                sent.extend(futures::future::join_all(sends).await);
+                round += 1;
             }
-            batches
+            sent
         })
     };
     let quiet = cluster.client().expect("client");
@@ -542,10 +519,13 @@ async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
         t.await.expect("flood task");
     }
     flooding.store(false, std::sync::atomic::Ordering::Relaxed);
-    let batches = mixing.await.expect("the batches over two conversations");
-    let split = unlabelled(&scrape(&cluster, leaders[0]).await, "convoy_send_batches_split_total");
-    eprintln!("{split:?} of {batches} batches over two conversations split");
-    assert!(split.is_some_and(|n| n > 0.0), "no batch over two conversations met the full window: {split:?}");
+    let mixed = mixing.await.expect("the mixed sends");
+    let mut split = 0.0;
+    for node in 1..=3 {
+        split += unlabelled(&scrape(&cluster, node).await, "convoy_send_batches_split_total").expect("the counter");
+    }
+    eprintln!("{split} batches split, of {} sends to two conversations at once", mixed.len());
+    assert!(split > 0.0, "no batch over two conversations met the full window");
     let acks = acks.lock().expect("lock").clone();
     assert_eq!(acks.len(), FLOODERS * EACH);
     let status = cluster.admin().expect("admin").status(leaders[0]).await.expect("leader status");
@@ -557,11 +537,14 @@ async fn a_flood_over_the_shard_window_queues_and_every_send_is_acked_once() {
             assert_eq!(acks.get(offset), Some(text), "node {node}: loud@{offset} differs from its ack");
         }
         assert_eq!(check_dense(&read_at_least(&quiet, "quiet", node, 20).await).len(), 20);
-        for (conversation, sent) in [("mixed-a", 2 * batches as usize), ("mixed-b", batches as usize)] {
-            let held = check_dense(&read_at_least(&quiet, conversation, node, sent).await);
-            let texts: Vec<String> = held.values().map(|(_, text)| text.clone()).collect();
-            let want: Vec<String> = (1..=sent).map(|n| format!("{}{n}", &conversation[6..])).collect();
-            assert_eq!(texts, want, "node {node}: {conversation} holds each send once, in its order");
+        for conversation in ["mixed-a", "mixed-b"] {
+            let mut want: Vec<&str> =
+                mixed.iter().filter(|(c, _)| c == conversation).map(|(_, t)| t.as_str()).collect();
+            let held = check_dense(&read_at_least(&quiet, conversation, node, want.len()).await);
+            let mut texts: Vec<&str> = held.values().map(|(_, text)| text.as_str()).collect();
+            texts.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(texts, want, "node {node}: {conversation} holds each send once");
         }
     }
 }

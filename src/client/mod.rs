@@ -103,7 +103,20 @@ struct Inner {
 }
 
 /// A node's connection, opened on first use and again after it broke.
-type ConnSlot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+type ConnSlot = Arc<tokio::sync::Mutex<Option<Dialed>>>;
+
+/// A connection, and when it was made.
+struct Dialed {
+    conn: quinn::Connection,
+    at: Instant,
+}
+
+impl std::ops::Deref for Dialed {
+    type Target = quinn::Connection;
+    fn deref(&self) -> &quinn::Connection {
+        &self.conn
+    }
+}
 
 /// One node's follows: a follow holds a stream for as long as it lasts, and the node admits
 /// `limits.streams_per_connection_max` concurrent streams per connection.
@@ -114,7 +127,7 @@ struct Follows {
     on_requests: Arc<AtomicUsize>,
     /// Connections that carry follows only, each with its count of follows; the last follow
     /// on one to end closes it.
-    own: tokio::sync::Mutex<Vec<(quinn::Connection, Arc<AtomicUsize>)>>,
+    own: tokio::sync::Mutex<Vec<(Dialed, Arc<AtomicUsize>)>>,
 }
 
 /// A follow's place on its connection, given back when the follow's stream ends.
@@ -122,6 +135,8 @@ struct FollowSeat {
     count: Arc<AtomicUsize>,
     /// A connection that carries follows only, closed once its last follow ends.
     closes: Option<quinn::Connection>,
+    /// When the follow's connection was made.
+    dialed: Instant,
 }
 
 impl Drop for FollowSeat {
@@ -609,17 +624,23 @@ impl Client {
 
     /// The node's request connection (sends and every other request), opened if needed.
     async fn connection(&self, node: u64) -> Result<quinn::Connection> {
+        Ok(self.request_connection(node).await?.0)
+    }
+
+    /// [`Client::connection`], and when it was made.
+    async fn request_connection(&self, node: u64) -> Result<(quinn::Connection, Instant)> {
         let addr = self.node_address(node)?;
         let slot = self.conn_slot(node);
         let mut slot = slot.lock().await;
         // A connection made to the node's old address (a map moved it meanwhile) is not the
         // node's any more.
-        if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none() && same_address(c, addr)) {
-            return Ok(c.clone());
+        if let Some(d) = slot.as_ref().filter(|c| c.close_reason().is_none() && same_address(c, addr)) {
+            return Ok((d.conn.clone(), d.at));
         }
         let conn = self.dial(node, addr).await?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        let at = Instant::now();
+        *slot = Some(Dialed { conn: conn.clone(), at });
+        Ok((conn, at))
     }
 
     async fn dial(&self, node: u64, addr: SocketAddr) -> Result<quinn::Connection> {
@@ -649,14 +670,14 @@ impl Client {
     /// Returns the stream, its connection, and the seat the follow keeps while it reads.
     async fn open_follow(&self, node: u64, req: &Request) -> Result<(Lane, quinn::Connection, FollowSeat)> {
         let follows = self.follows(node);
-        let requests = self.connection(node).await?;
+        let (requests, dialed) = self.request_connection(node).await?;
         let mut on_requests = None;
         if follows.on_requests.fetch_add(1, Ordering::AcqRel) < FOLLOWS_ON_REQUEST_CONNECTION {
-            let seat = FollowSeat { count: follows.on_requests.clone(), closes: None };
+            let seat = FollowSeat { count: follows.on_requests.clone(), closes: None, dialed };
             match Lane::open_now(&requests) {
                 Some(Ok(lane)) => on_requests = Some((lane, requests, seat)),
                 Some(Err(e)) => {
-                    self.forget_broken(node, &requests).await;
+                    self.forget_broken(node, &requests, dialed).await;
                     return Err(classify(node, &requests, Error::Unavailable(format!("node {node}: {e}"))));
                 }
                 None => {}
@@ -673,7 +694,7 @@ impl Client {
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = written {
-            self.forget_broken(node, &conn).await;
+            self.forget_broken(node, &conn, seat.dialed).await;
             return Err(classify(node, &conn, Error::Unavailable(format!("node {node}: subscribing failed: {e}"))));
         }
         Ok((lane, conn, seat))
@@ -688,23 +709,23 @@ impl Client {
     ) -> Result<(Lane, quinn::Connection, FollowSeat)> {
         let addr = self.node_address(node)?;
         let mut own = follows.own.lock().await;
-        own.retain(|(c, _)| c.close_reason().is_none() && same_address(c, addr));
-        for (conn, count) in own.iter() {
+        own.retain(|(d, _)| d.close_reason().is_none() && same_address(d, addr));
+        for (d, count) in own.iter() {
             // None left: its last follow ended and closed it.
             if count.fetch_add(1, Ordering::AcqRel) == 0 {
                 count.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
-            let seat = FollowSeat { count: count.clone(), closes: Some(conn.clone()) };
-            if let Some(Ok(lane)) = Lane::open_now(conn) {
-                return Ok((lane, conn.clone(), seat));
+            let seat = FollowSeat { count: count.clone(), closes: Some(d.conn.clone()), dialed: d.at };
+            if let Some(Ok(lane)) = Lane::open_now(d) {
+                return Ok((lane, d.conn.clone(), seat));
             }
         }
         let conn = self.dial(node, addr).await?;
-        let count = Arc::new(AtomicUsize::new(1));
-        own.push((conn.clone(), count.clone()));
+        let (count, at) = (Arc::new(AtomicUsize::new(1)), Instant::now());
+        own.push((Dialed { conn: conn.clone(), at }, count.clone()));
         drop(own);
-        let seat = FollowSeat { count, closes: Some(conn.clone()) };
+        let seat = FollowSeat { count, closes: Some(conn.clone()), dialed: at };
         let lane = tokio::time::timeout(CONNECT_TIMEOUT, Lane::open(&conn))
             .await
             .map_err(|_| Error::Unavailable(format!("node {node} granted no stream on a new connection")))?
@@ -715,12 +736,12 @@ impl Client {
     /// After a follow's stream on `conn` broke: a closed connection makes the node suspect
     /// if the node ended it (not for being full: it serves the connections it has), and is
     /// forgotten if it was the request connection, as [`Client::forget`] does. A connection
-    /// the node reset (it restarted) or went silent on (it died) says the same of the
-    /// request connection, which may not have noticed yet: that is forgotten too, so the
-    /// follow does not reattach on it. A stream the node reset on a connection still open
-    /// (it gave up on a reader too slow) leaves the connection to the requests and follows
-    /// on it.
-    async fn forget_broken(&self, node: u64, conn: &quinn::Connection) {
+    /// the node reset (it restarted) or went silent on (it died) says the same of a request
+    /// connection made no later than it (`dialed`), which may not have noticed yet: that is
+    /// forgotten too, so the follow does not reattach on it; one made since is the node's
+    /// new one. A stream the node reset on a connection still open (it gave up on a reader
+    /// too slow) leaves the connection to the requests and follows on it.
+    async fn forget_broken(&self, node: u64, conn: &quinn::Connection, dialed: Instant) {
         let Some(reason) = conn.close_reason() else { return };
         if ended_by_node(conn) && !is_close(&reason, CLOSE_FULL) {
             self.suspect(node);
@@ -728,7 +749,7 @@ impl Client {
         let node_gone = matches!(reason, quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut);
         let slot = self.conn_slot(node);
         let mut held = slot.lock().await;
-        if node_gone || held.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        if held.as_ref().is_some_and(|d| d.stable_id() == conn.stable_id() || (node_gone && d.at <= dialed)) {
             *held = None;
         }
     }
@@ -739,7 +760,7 @@ impl Client {
         let slot = self.inner.conns.lock().expect("conns lock").get(&node).cloned();
         if let Some(slot) = slot {
             let mut held = slot.lock().await;
-            if held.as_ref().is_some_and(ended_by_node) {
+            if held.as_ref().is_some_and(|d| ended_by_node(d)) {
                 self.suspect(node);
             }
             *held = None;
@@ -862,7 +883,7 @@ impl Client {
         let Some(slot) = self.inner.conns.lock().expect("conns lock").get(&node).cloned() else { return false };
         // A slot held by a connect or a forget in progress is looked at the next time.
         let Ok(mut held) = slot.try_lock() else { return false };
-        if held.as_ref().is_some_and(ended_by_node) {
+        if held.as_ref().is_some_and(|d| ended_by_node(d)) {
             *held = None;
             drop(held);
             self.suspect(node);
@@ -1553,7 +1574,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
         attempt += 1;
         let req = Request::Subscribe { conversation: conversation.clone(), from: next, follow: true };
         // The seat is given back when this attachment ends, with its stream.
-        let (mut recv, conn, _seat) = match client.open_follow(node, &req).await {
+        let (mut recv, conn, seat) = match client.open_follow(node, &req).await {
             Ok((lane, conn, seat)) => {
                 (frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES), conn, seat)
             }
@@ -1660,7 +1681,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                         return;
                     }
                     tracing::debug!(node, error = %e, "subscription broke; resubscribing");
-                    client.forget_broken(node, &conn).await;
+                    client.forget_broken(node, &conn, seat.dialed).await;
                     break;
                 }
             }
@@ -1672,7 +1693,7 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
 /// A [`Delivery::Raw`] subscription: one stream from `node`, handed on as it comes.
 async fn follow_raw(client: Client, conversation: String, from: u64, node: u64, tx: mpsc::Sender<Event>) {
     let req = Request::Subscribe { conversation, from, follow: true };
-    let (mut recv, conn, _seat) = match client.open_follow(node, &req).await {
+    let (mut recv, conn, seat) = match client.open_follow(node, &req).await {
         Ok((lane, conn, seat)) => {
             (frame::FrameReader::new(lane.recv, RESPONSE_FRAME_BYTES_MAX, FOLLOW_BUFFER_BYTES), conn, seat)
         }
@@ -1693,7 +1714,7 @@ async fn follow_raw(client: Client, conversation: String, from: u64, node: u64, 
             Ok(Some(other)) => break format!("node {node} sent an unexpected frame {other:?}"),
             Ok(None) => break format!("node {node} ended the stream"),
             Err(e) => {
-                client.forget_broken(node, &conn).await;
+                client.forget_broken(node, &conn, seat.dialed).await;
                 break format!("node {node}: {e}");
             }
         };

@@ -381,15 +381,17 @@ type BatchPart = (ShardId, Vec<usize>, Vec<SendCommand>);
 /// shard whose proposal would wait for its turn (`queues(shard, sends)`: the window is full)
 /// go in one proposal per conversation, in the batch's order. A proposal waits in its first
 /// send's conversation's queue: whole, a batch would wait in one conversation's turn and be
-/// charged to it for the others' sends.
-fn proposals_of(by_shard: ByShard, queues: impl Fn(ShardId, u32) -> bool) -> Vec<BatchPart> {
+/// charged to it for the others' sends. With the parts, whether any shard's sends were split.
+fn proposals_of(by_shard: ByShard, queues: impl Fn(ShardId, u32) -> bool) -> (Vec<BatchPart>, bool) {
     let mut parts = Vec::new();
+    let mut split = false;
     for (shard, (slots, commands)) in by_shard {
         let spans = commands.iter().any(|c| c.conversation != commands[0].conversation);
         if !spans || !queues(shard, commands.len() as u32) {
             parts.push((shard, slots, commands));
             continue;
         }
+        split = true;
         let mut by_conversation: Vec<(Vec<usize>, Vec<SendCommand>)> = Vec::new();
         for (slot, command) in slots.into_iter().zip(commands) {
             match by_conversation.iter_mut().find(|(_, cs)| cs[0].conversation == command.conversation) {
@@ -402,7 +404,7 @@ fn proposals_of(by_shard: ByShard, queues: impl Fn(ShardId, u32) -> bool) -> Vec
         }
         parts.extend(by_conversation.into_iter().map(|(ss, cs)| (shard, ss, cs)));
     }
-    parts
+    (parts, split)
 }
 
 /// The answer to a send whose outcome did not come within [`SEND_TIMEOUT`].
@@ -997,7 +999,10 @@ impl Service {
                     Ok(prepared) => prepared,
                     Err(refusal) => return Some(refusal.answer()),
                 };
-                let mut parts = proposals_of(by_shard, |shard, sends| self.would_queue(shard, sends));
+                let (mut parts, split) = proposals_of(by_shard, |shard, sends| self.would_queue(shard, sends));
+                if split {
+                    self.metrics.batches_split.fetch_add(1, Ordering::Relaxed);
+                }
                 // The usual batch — every send valid, one shard (the client batches per
                 // shard), proposed whole — is answered from the state machine's task like a
                 // single send.
@@ -1080,15 +1085,10 @@ impl Service {
         Ok((answers, by_shard))
     }
 
-    /// Whether a proposal of `sends` sends to `shard` would wait for its turn here; the
-    /// batches split for it are counted.
+    /// Whether a proposal of `sends` sends to `shard` would wait for its turn here.
     fn would_queue(&self, shard: ShardId, sends: u32) -> bool {
         let proposer = self.proposers.read().unwrap_or_else(|p| p.into_inner()).get(&shard).cloned();
-        let queues = proposer.is_some_and(|p| p.would_queue(sends));
-        if queues {
-            self.metrics.batches_split.fetch_add(1, Ordering::Relaxed);
-        }
-        queues
+        proposer.is_some_and(|p| p.would_queue(sends))
     }
 
     /// A batch's valid sends proposed as one `SendBatch` entry per part (concurrently), each
@@ -1537,7 +1537,7 @@ impl Service {
             let voters = m.membership_config.membership().voter_ids().filter(|v| node_of(*v) != self.id);
             let mut voters: Vec<NodeId> =
                 voters.filter(|v| !self.is_leaving(node_of(*v)) && matched(v).is_some() && answered(v)).collect();
-            voters.sort_by_key(|v| std::cmp::Reverse(matched(v)));
+            voters.sort_by_key(|v| std::cmp::Reverse((matched(v), *v)));
             // The most caught up whose node has not said it stops: word of that may have come
             // since the list was made, so it is looked at again, and the choice logged, under
             // the lock the word is taken under.
@@ -1675,17 +1675,19 @@ mod tests {
 
     #[test]
     fn a_batch_is_proposed_whole_per_shard_while_nothing_would_wait() {
-        let parts = proposals_of(batch(), |_, _| false);
+        let (parts, split) = proposals_of(batch(), |_, _| false);
+        assert!(!split);
         assert_eq!(shape(&parts), [(1, vec![0, 2, 3], vec![1, 2, 3]), (2, vec![1, 4], vec![4, 5])]);
     }
 
     #[test]
     fn a_batch_that_would_wait_is_proposed_per_conversation_in_its_order() {
         let asked = std::sync::Mutex::new(Vec::new());
-        let parts = proposals_of(batch(), |shard, sends| {
+        let (parts, split) = proposals_of(batch(), |shard, sends| {
             asked.lock().unwrap().push((shard, sends));
             true
         });
+        assert!(split);
         // Shard 2's sends are one conversation's: never split, and its window not asked.
         assert_eq!(asked.into_inner().unwrap(), [(1, 3)]);
         assert_eq!(
