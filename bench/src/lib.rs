@@ -857,7 +857,8 @@ async fn push_latency(
 }
 
 /// One conversation, `subscribers` subscribers spread over the replicas and over many client
-/// connections (each subscription is one stream; a connection carries at most 64): sends at
+/// connections (each subscription is one stream; a client keeps up to 24 on its connection
+/// to a node and the rest on connections of their own): sends at
 /// `rate` per second; reports deliveries per second, delivery latency, and how many
 /// subscribers missed messages by the end (stalled).
 async fn fan_out(config: &Config, subscribers: usize, rate: u64, phase: Duration) -> Result<Record> {

@@ -95,7 +95,7 @@ pub mod limits {
     /// Largest accepted `inflight_sends_max`.
     pub const INFLIGHT_SENDS_CEILING: usize = 1 << 20;
     /// Smallest accepted `streams_per_connection_max`: a client keeps up to 32 send requests
-    /// and 16 follows on one connection (`client::SEND_REQUESTS_PER_NODE`,
+    /// and 24 follows on one connection (`client::SEND_REQUESTS_PER_NODE`,
     /// `client::FOLLOWS_ON_REQUEST_CONNECTION`) and needs room beside them for its other
     /// requests; under a smaller limit its sends would wait for streams its follows hold.
     pub const STREAMS_PER_CONNECTION_FLOOR: u32 = 64;
