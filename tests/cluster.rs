@@ -2281,6 +2281,29 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
     assert_eq!(ack.offset, 61);
 }
 
+/// The first event of `name`'s follow that `pick` takes, before `deadline`; a failure, an
+/// end or the deadline first panics, saying the follow never `what`.
+async fn first_event<T>(
+    sub: &mut convoy::client::Subscription,
+    deadline: Instant,
+    name: &str,
+    what: &str,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
+    loop {
+        let ev = tokio::time::timeout_at(deadline.into(), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("{name}'s follow never {what}"))
+            .unwrap_or_else(|| panic!("{name}'s follow ended before it {what}"));
+        if let Event::Failed(e) = &ev {
+            panic!("{name}'s follow failed: {e}");
+        }
+        if let Some(found) = pick(ev) {
+            return found;
+        }
+    }
+}
+
 /// A user in many conversations follows them all on one node and still sends: a node
 /// admits 64 concurrent streams per connection (`streams_per_connection_max`), and a
 /// follow holds one for as long as it lasts. 100 follows on node 1 must all attach and
@@ -2304,20 +2327,12 @@ async fn a_client_following_more_conversations_than_a_connection_has_streams_sti
     let mut subs: Vec<_> = names.iter().map(|n| client.subscribe(n, 2, Some(1))).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     for (sub, name) in subs.iter_mut().zip(&names) {
-        loop {
-            let ev = tokio::time::timeout_at(deadline.into(), sub.next())
-                .await
-                .unwrap_or_else(|_| panic!("{name}'s follow never attached"))
-                .expect("follow ended");
-            match ev {
-                Event::Attached { node, .. } => {
-                    assert_eq!(node, 1, "{name} was pinned to node 1");
-                    break;
-                }
-                Event::Failed(e) => panic!("{name}'s follow failed: {e}"),
-                _ => {}
-            }
-        }
+        let node = first_event(sub, deadline, name, "attached", |ev| match ev {
+            Event::Attached { node, .. } => Some(node),
+            _ => None,
+        })
+        .await;
+        assert_eq!(node, 1, "{name} was pinned to node 1");
     }
     // Every conversation once, 50 at a time: the client's send lanes to node 1 (the leader
     // of some shards) open while every follow holds its stream.
@@ -2337,20 +2352,12 @@ async fn a_client_following_more_conversations_than_a_connection_has_streams_sti
     assert!(took < Duration::from_secs(10), "{FOLLOWS} sends took {took:?}");
     let deadline = Instant::now() + Duration::from_secs(20);
     for (sub, name) in subs.iter_mut().zip(&names) {
-        loop {
-            let ev = tokio::time::timeout_at(deadline.into(), sub.next())
-                .await
-                .unwrap_or_else(|_| panic!("{name}'s follow never delivered its second message"))
-                .expect("follow ended");
-            match ev {
-                Event::Message(m) => {
-                    assert_eq!((m.offset, m.text.as_str()), (2, "second"), "{name}");
-                    break;
-                }
-                Event::Failed(e) => panic!("{name}'s follow failed: {e}"),
-                _ => {}
-            }
-        }
+        let m = first_event(sub, deadline, name, "delivered its second message", |ev| match ev {
+            Event::Message(m) => Some(m),
+            _ => None,
+        })
+        .await;
+        assert_eq!((m.offset, m.text.as_str()), (2, "second"), "{name}");
     }
     let following = connections(scrape(&cluster, 1).await);
     assert!(following >= before + 2.0, "{FOLLOWS} follows took {following} connections, against {before} before");
