@@ -5,7 +5,7 @@
 //! task as it applies the send (see [`Reply`]).
 //!
 //! Who the client is comes from its verified certificate, once per connection
-//! ([`tls::identity_of`]): every request is served as that user, and `Status` only for an
+//! ([`tls::credential_of`]): every request is served as that user, and `Status` only for an
 //! admin. Connections are bounded where they cost: at most `limits.handshakes_in_flight_max`
 //! handshakes at once and `limits.handshakes_per_s` started per second (beyond either, a client
 //! whose address is not yet validated gets a QUIC Retry, and one that is, a refusal), and a
@@ -122,8 +122,8 @@ pub async fn serve(
                 return;
             };
             let _open = Open::count(node.metrics.clone());
-            let who = match tls::identity_of(&conn) {
-                Ok(who) => Arc::new(who),
+            let (who, fingerprint) = match tls::credential_of(&conn) {
+                Ok((who, fingerprint)) => (Arc::new(who), fingerprint),
                 Err(e) => {
                     tracing::warn!(remote = %conn.remote_address(), error = %e, "refusing a client");
                     conn.close(CLOSE_NO_IDENTITY.into(), e.to_string().as_bytes());
@@ -132,13 +132,6 @@ pub async fn serve(
             };
             // A revoked certificate is refused here, and a connection that presented one is
             // closed as soon as its revocation is read.
-            let fingerprint = match tls::peer_fingerprint(&conn) {
-                Ok(fp) => fp,
-                Err(e) => {
-                    conn.close(CLOSE_NO_IDENTITY.into(), e.to_string().as_bytes());
-                    return;
-                }
-            };
             if revoked.borrow_and_update().contains(&fingerprint) {
                 tracing::info!(remote = %conn.remote_address(), user = %who.user, "refusing a revoked credential");
                 conn.close(CLOSE_REVOKED.into(), REVOKED_REASON.as_bytes());

@@ -153,10 +153,19 @@ pub struct Identity {
     pub admin: bool,
 }
 
+/// A DER certificate, parsed.
+fn parsed(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Protocol(format!("unreadable certificate: {e}")))?;
+    Ok(cert)
+}
+
 /// The subject alternative names of a DER certificate: (DNS names, URIs).
 fn sans(der: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| Error::Protocol(format!("unreadable peer certificate: {e}")))?;
+    Ok(sans_of(&parsed(der)?))
+}
+
+fn sans_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> (Vec<String>, Vec<String>) {
     let (mut dns, mut uris) = (Vec::new(), Vec::new());
     if let Ok(Some(ext)) = cert.subject_alternative_name() {
         for name in &ext.value.general_names {
@@ -167,11 +176,15 @@ fn sans(der: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
             }
         }
     }
-    Ok((dns, uris))
+    (dns, uris)
 }
 
 fn identity_of_cert(der: &[u8]) -> Result<Identity> {
-    let (_, uris) = sans(der)?;
+    identity_in(&parsed(der)?)
+}
+
+fn identity_in(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<Identity> {
+    let (_, uris) = sans_of(cert);
     let mut users = uris.iter().filter_map(|u| u.strip_prefix(USER_URI_PREFIX));
     let (Some(user), None) = (users.next(), users.next()) else {
         return Err(Error::Forbidden("the certificate does not name exactly one user".into()));
@@ -189,9 +202,12 @@ fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>> {
     chain.into_iter().next().ok_or_else(|| Error::Forbidden("empty peer certificate chain".into()))
 }
 
-/// The user a client connection's verified certificate names.
-pub fn identity_of(conn: &quinn::Connection) -> Result<Identity> {
-    identity_of_cert(&peer_leaf(conn)?)
+/// The user a client connection's verified certificate names, and its key's
+/// [`key_fingerprint`] (what a revocation lists), from one parse of the certificate.
+pub fn credential_of(conn: &quinn::Connection) -> Result<(Identity, String)> {
+    let leaf = peer_leaf(conn)?;
+    let cert = parsed(&leaf)?;
+    Ok((identity_in(&cert)?, fingerprint_of(&cert)))
 }
 
 /// The fingerprint a revocation lists: the SHA-256 of the certificate's public key (its
@@ -200,15 +216,12 @@ pub fn identity_of(conn: &quinn::Connection) -> Result<Identity> {
 /// into one with other bytes that still verifies. What was leaked is the key, and a new
 /// credential has a new one.
 pub fn key_fingerprint(der: &[u8]) -> Result<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| Error::Protocol(format!("unreadable certificate: {e}")))?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
-    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(fingerprint_of(&parsed(der)?))
 }
 
-/// The key fingerprint of the certificate a connection's peer presented.
-pub fn peer_fingerprint(conn: &quinn::Connection) -> Result<String> {
-    key_fingerprint(&peer_leaf(conn)?)
+fn fingerprint_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The revoked keys: a set of [`key_fingerprint`]s.
@@ -219,11 +232,23 @@ pub type RevokedKeys = std::collections::HashSet<String>;
 /// does not start with a fingerprint is an error, naming the line: a revocation misread
 /// would let a credential in.
 pub fn read_revoked(path: &Path) -> Result<RevokedKeys> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
-        Err(e) => return Err(Error::Config(format!("reading {}: {e}", path.display()))),
-    };
+    match revocation_text(path)? {
+        Some(text) => parse_revoked(path, &text),
+        None => Ok(Default::default()),
+    }
+}
+
+/// A revocation file's text; `None` when there is no file.
+fn revocation_text(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Config(format!("reading {}: {e}", path.display()))),
+    }
+}
+
+/// The fingerprints in `text`, read from `path` (named in errors); see [`read_revoked`].
+fn parse_revoked(path: &Path, text: &str) -> Result<RevokedKeys> {
     let mut out = RevokedKeys::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -268,14 +293,10 @@ pub fn revoke_user(config: &Config, name: &str) -> Result<Revocation> {
     // too, so the files deleted below are the ones whose key is listed.
     let lock = revocation_lock(&paths)?;
     let fp = user_key_fingerprint(config, name)?;
-    if !read_revoked(&file)?.contains(&fp) {
-        let mut text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                "# Revoked client keys: SHA-256 of the public key, user, when (unix seconds).\n".to_string()
-            }
-            Err(e) => return Err(Error::Config(format!("reading {}: {e}", file.display()))),
-        };
+    let mut text = revocation_text(&file)?
+        .unwrap_or_else(|| "# Revoked client keys: SHA-256 of the public key, user, when (unix seconds).\n".into());
+    // A list that does not parse is not added to: the error names its bad line.
+    if !parse_revoked(&file, &text)?.contains(&fp) {
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
         }
@@ -292,6 +313,7 @@ pub fn revoke_user(config: &Config, name: &str) -> Result<Revocation> {
         std::fs::rename(&tmp, &file)?;
         std::fs::File::open(&paths.dir)?.sync_all()?;
     }
+    // Read back from the disk: what nodes will read.
     if !read_revoked(&file)?.contains(&fp) {
         return Err(Error::Config(format!(
             "{} does not list {fp} after writing it; nothing was deleted",

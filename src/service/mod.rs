@@ -1122,15 +1122,15 @@ impl Service {
             Err(refusal) => return refusal.answer(),
         };
         let shard = group.shard;
-        let (store, c, u) = (self.store.clone(), conversation.clone(), user.clone());
+        let (store, c) = (self.store.clone(), conversation.clone());
         let command = Command::Cursor(CursorCommand { user, conversation, offset });
         match self.propose(&group, command).await {
             Ok(Outcome::CursorAt { offset }) => {
                 // Answered as a cursor read answers it: below what retention kept, the cursor
                 // reads as having read everything before the earliest retained message.
-                match tokio::task::spawn_blocking(move || store.cursor_view(shard, &u, &c)).await {
-                    Ok(Ok(view)) => {
-                        Response::Cursor { offset: offset.max(view.earliest.saturating_sub(1)), head: view.head }
+                match tokio::task::spawn_blocking(move || store.span(shard, &c)).await {
+                    Ok(Ok((earliest, head))) => {
+                        Response::Cursor { offset: offset.max(earliest.saturating_sub(1)), head }
                     }
                     _ => Response::Cursor { offset, head: 0 },
                 }

@@ -707,6 +707,18 @@ impl Store {
         }
     }
 
+    /// A conversation's retained span, (earliest retained offset, head), from one view of the
+    /// shard's state: what a cursor move's answer needs. Refused while a snapshot install is
+    /// under way, as [`Store::cursor_view`] is.
+    pub fn span(&self, shard: ShardId, conversation: &str) -> Result<(u64, u64)> {
+        let snap = self.db.snapshot();
+        refuse_installing(&snap, self.cf(CF_STATE), shard)?;
+        let read = |key: &[u8]| -> Result<Option<u64>> {
+            snap.get_cf(self.cf(CF_STATE), key)?.map(|v| codec::decode::<u64>(&v)).transpose().map_err(Into::into)
+        };
+        Ok((read(&earliest_key(shard, conversation))?.unwrap_or(1), read(&head_key(shard, conversation))?.unwrap_or(0)))
+    }
+
     /// What a cursor read needs, from one view of the shard's state: the conversation's
     /// members, the user's cursor, the head and the earliest retained offset. Refused while a
     /// snapshot install is under way (see [`Store::scan_messages`]): its cleared state would
@@ -958,6 +970,24 @@ mod tests {
         assert_eq!(store.members_for_reader(1, "c").expect("another shard"), None);
         store.db.delete_cf(store.cf(CF_STATE), installing_key(0)).expect("install done");
         assert_eq!(store.members_for_reader(0, "c").expect("done"), None);
+    }
+
+    #[test]
+    fn a_span_reads_the_earliest_and_the_head_of_its_conversation_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        assert_eq!(store.span(0, "c").expect("nothing sent"), (1, 0));
+        let mut b = WriteBatch::default();
+        b.put_cf(store.cf(CF_STATE), head_key(0, "c"), codec::encode(&9u64));
+        b.put_cf(store.cf(CF_STATE), earliest_key(0, "c"), codec::encode(&4u64));
+        b.put_cf(store.cf(CF_STATE), head_key(0, "d"), codec::encode(&2u64));
+        store.write(b).expect("write");
+        assert_eq!(store.span(0, "c").expect("trimmed"), (4, 9));
+        assert_eq!(store.span(0, "d").expect("untrimmed"), (1, 2));
+        assert_eq!(store.span(1, "c").expect("another shard"), (1, 0));
+        store.db.put_cf(store.cf(CF_STATE), installing_key(0), b"x").expect("mark an install");
+        assert!(matches!(store.span(0, "c"), Err(Error::Unavailable(_))));
+        assert_eq!(store.span(1, "c").expect("another shard"), (1, 0));
     }
 
     /// backward read: its iterators cannot `SeekForPrev`.

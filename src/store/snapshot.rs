@@ -634,6 +634,7 @@ mod tests {
             let refused = store.scan_messages(3, "c", 1, 10, usize::MAX, |_, _| Ok(()));
             assert!(matches!(refused, Err(Error::Unavailable(_))), "{context}: {refused:?}");
             assert!(matches!(store.cursor_view(3, "u", "c"), Err(Error::Unavailable(_))), "{context}");
+            assert!(matches!(store.span(3, "c"), Err(Error::Unavailable(_))), "{context}");
             assert!(
                 store.scan_messages(4, "c", 1, 10, usize::MAX, |_, _| Ok(())).is_ok(),
                 "other shards stay readable"
