@@ -70,6 +70,17 @@ impl Node {
         // A revocation list that does not read would let its credentials in: refuse to start.
         // The server starts from this list.
         let revoked = tls::read_revoked(&paths.revoked())?;
+        // A node whose own key is revoked would be refused by every peer.
+        let own = tls::node_key_fingerprint(&paths, id)?;
+        if revoked.contains(&own) {
+            return Err(Error::Refused(format!(
+                "node {id}'s certificate (key {own}) is revoked in {}: issue it a new one with `convoy tls init --config \
+                 {}` (after deleting {}), then start it again",
+                paths.revoked().display(),
+                config.path.display(),
+                paths.node_cert(id).parent().map_or_else(|| paths.node_cert(id), |d| d.to_path_buf()).display()
+            )));
+        }
         std::fs::create_dir_all(&me.data_dir)?;
         crate::store::space::check_reserve(&me.data_dir, config.limits.disk_free_min_bytes)?;
         let (store, _fresh) = {
@@ -119,6 +130,8 @@ impl Node {
             registry.clone(),
         );
         net.set_quiescer(quiet.clone());
+        let revoked = server::watch_revoked(paths.revoked(), revoked);
+        net.watch_revocations(revoked.clone());
         let l = &config.limits;
         let user_rates = Arc::new(Keyed::shared(Rate::new(l.user_sends_per_s, l.user_sends_burst)));
         let ctx = PeerContext {
@@ -135,6 +148,8 @@ impl Node {
                 let users = user_rates.clone();
                 Arc::new(move |taken: &[(String, u32)]| users.debit(taken, std::time::Instant::now()))
             },
+            revoked: revoked.clone(),
+            refused_keys: Arc::default(),
         };
         let peer_server = tokio::spawn(network::serve(peer_endpoint.clone(), ctx));
 

@@ -35,13 +35,15 @@ pub const REVOKED_REASON: &str = "this credential was revoked (convoy user revok
 /// How often a node reads its revocation file (`<tls_dir>/revoked`) again.
 pub const REVOKED_RELOAD: std::time::Duration = std::time::Duration::from_secs(1);
 
-type Revoked = Arc<tls::RevokedKeys>;
+/// The revoked keys as a node last read them (see [`watch_revoked`]).
+pub type Revoked = Arc<tls::RevokedKeys>;
 
 /// Publishes `first` (the list the node read at start), then reads the revocation file every
 /// [`REVOKED_RELOAD`] and publishes each change, until every receiver is gone. A file that
 /// cannot be read keeps the last good list, with an error logged once per distinct failure:
-/// a revocation must not be lifted by a bad edit.
-fn watch_revoked(path: std::path::PathBuf, first: tls::RevokedKeys) -> tokio::sync::watch::Receiver<Revoked> {
+/// a revocation must not be lifted by a bad edit. The client server and the peer links
+/// watch the same list: users' keys and nodes' keys are revoked alike.
+pub fn watch_revoked(path: std::path::PathBuf, first: tls::RevokedKeys) -> tokio::sync::watch::Receiver<Revoked> {
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut failing: Option<String> = None;
@@ -77,14 +79,13 @@ fn watch_revoked(path: std::path::PathBuf, first: tls::RevokedKeys) -> tokio::sy
 pub async fn serve(
     node: Arc<Service>,
     endpoint: quinn::Endpoint,
-    revoked: tls::RevokedKeys,
+    revoked: tokio::sync::watch::Receiver<Revoked>,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(node.config.limits.connections_max));
     let limits = &node.config.limits;
     let handshakes = Arc::new(Semaphore::new(limits.handshakes_in_flight_max));
     let mut started = HandshakeRate::new(limits.handshakes_per_s);
-    let revoked = watch_revoked(tls::TlsPaths::of(&node.config).revoked(), revoked);
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {

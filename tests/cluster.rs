@@ -1651,6 +1651,101 @@ async fn a_revoked_credential_is_refused_and_its_open_tail_is_closed() {
     assert!(stored.iter().all(|m| m.text != "as bob"), "nothing the leaked files sent was stored");
 }
 
+// `convoy tls revoke-node`: a node whose key is revoked is cut off from its peers within
+// their reload interval (they refuse its links and close the open ones) while the other two
+// go on committing; kept copies of its old files cannot start it; `tls init` issues it a new
+// certificate, with which it restarts and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_is_cut_off_and_rejoins_with_a_new_certificate() {
+    let mut cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let client = cluster.client().expect("client");
+    assert_eq!(client.send("cut", "before").await.expect("send").offset, 1);
+    let paths = convoy::net::tls::TlsPaths::of(cluster.config());
+    let node3 = paths.node_cert(3).parent().expect("node 3's directory").to_path_buf();
+    let kept = tempfile::tempdir().expect("tempdir");
+    for file in ["cert.pem", "key.pem"] {
+        std::fs::copy(node3.join(file), kept.path().join(file)).expect("keep a copy of node 3's files");
+    }
+
+    let out = std::process::Command::new(BIN)
+        .args(["tls", "revoke-node", "3", "--json", "--config"])
+        .arg(cluster.config_path())
+        .output()
+        .expect("run convoy");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("revoke-node prints JSON");
+    assert_eq!(answer["node"], 3);
+    assert!(!node3.join("key.pem").exists(), "the revoked certificate's files are deleted");
+    let revoked = answer["revoked"].as_str().expect("the fingerprint").to_string();
+    assert!(
+        convoy::net::tls::read_revoked(&paths.revoked()).expect("the list").contains(&revoked),
+        "listed by its key"
+    );
+
+    // Nodes 1 and 2 refuse node 3 once they read the list (each within REVOKED_RELOAD).
+    for node in [1, 2] {
+        let log = cluster.log_path(node);
+        eventually(convoy::server::REVOKED_RELOAD * 10, &format!("node {node} to cut node 3 off"), || {
+            let log = log.clone();
+            async move {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.contains("whose certificate was revoked").then_some(())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    }
+    // The other two commit without it, for every shard (node 3's leaderships move).
+    let names: Vec<String> = (0..8).map(|i| format!("cut-{i}")).collect();
+    for name in &names {
+        client.send(name, "without node 3").await.unwrap_or_else(|e| panic!("a send to {name}: {e}"));
+    }
+    assert_eq!(client.send("cut", "after").await.expect("send").offset, 2);
+    // What was committed since does not reach node 3: it would within milliseconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let on3 = client.read("cut", 1, Some(3)).await.expect("node 3 still serves reads of what it has");
+    assert_eq!(on3.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["before"], "node 3 is cut off");
+
+    // Its old files, kept elsewhere and put back, cannot start it.
+    cluster.kill(3);
+    std::fs::create_dir_all(&node3).expect("node 3's directory");
+    for file in ["cert.pem", "key.pem"] {
+        std::fs::copy(kept.path().join(file), node3.join(file)).expect("put the old files back");
+    }
+    let (code, log) = start_until_exit(&mut cluster, 3).await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains("is revoked"), "node 3 says why it does not start: {log}");
+    std::fs::remove_dir_all(&node3).expect("remove the old files");
+
+    // `tls init` issues a new certificate; node 3 restarts with it and catches up.
+    let out = std::process::Command::new(BIN)
+        .args(["tls", "init", "--config"])
+        .arg(cluster.config_path())
+        .output()
+        .expect("run convoy");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let issued = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_file(paths.node_cert(3)).expect("a new certificate")
+    };
+    assert_ne!(convoy::net::tls::key_fingerprint(&issued).expect("its key"), revoked, "a new key");
+    cluster.start(3).expect("start node 3");
+    cluster.wait_ready(&[3], READY).await.expect("node 3 ready");
+    let texts = eventually(Duration::from_secs(20), "node 3 to catch up", || {
+        let client = &client;
+        async move {
+            let read = client.read("cut", 1, Some(3)).await.ok()?;
+            let texts: Vec<String> = read.messages.into_iter().map(|m| m.text).collect();
+            (texts.len() == 2).then_some(texts)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    assert_eq!(texts, ["before", "after"]);
+    assert_eq!(client.send("cut", "rejoined").await.expect("send").offset, 3);
+}
+
 // The peer port speaks only to node certificates: a user credential is refused there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_peer_port_refuses_a_user_credential() {

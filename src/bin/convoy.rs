@@ -197,6 +197,16 @@ enum TlsAction {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
     },
+    /// Revoke node N's certificate (a leaked key, a host that is gone): every node refuses
+    /// peer links presenting it within a second and closes the open ones. Its files are
+    /// deleted; `tls init` issues N a new one, read when N restarts.
+    RevokeNode {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        node: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -569,6 +579,22 @@ async fn run(cli: Cli) -> Result<()> {
                 paths.dir.display(),
                 paths.ca_dir.display()
             );
+            Ok(())
+        }
+        Cmd::Tls { action: TlsAction::RevokeNode { config, node, json } } => {
+            let config = load(&config)?;
+            let r = tls::revoke_node(&config, node)?;
+            if json {
+                println!("{}", json!({"node": node, "revoked": r.fingerprint, "file": r.file}));
+            } else {
+                println!(
+                    "node {node}: key {} (SHA-256 of its public key) revoked in {}; nodes refuse it within {}s. \
+                     `convoy tls init` issues node {node} a new certificate, read when it restarts",
+                    r.fingerprint,
+                    r.file.display(),
+                    convoy::server::REVOKED_RELOAD.as_secs()
+                );
+            }
             Ok(())
         }
         Cmd::User { action: UserAction::Add { config, name, admin, json } } => {

@@ -160,11 +160,7 @@ fn parsed(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>> {
     Ok(cert)
 }
 
-/// The subject alternative names of a DER certificate: (DNS names, URIs).
-fn sans(der: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
-    Ok(sans_of(&parsed(der)?))
-}
-
+/// The subject alternative names of a certificate: (DNS names, URIs).
 fn sans_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> (Vec<String>, Vec<String>) {
     let (mut dns, mut uris) = (Vec::new(), Vec::new());
     if let Ok(Some(ext)) = cert.subject_alternative_name() {
@@ -268,9 +264,10 @@ fn parse_revoked(path: &Path, text: &str) -> Result<RevokedKeys> {
     Ok(out)
 }
 
-/// What `convoy user revoke` did.
+/// What `convoy user revoke` or `convoy tls revoke-node` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revocation {
+    /// The user, or the node (`node{N}`), whose key was revoked.
     pub user: String,
     pub fingerprint: String,
     pub file: PathBuf,
@@ -288,20 +285,52 @@ pub struct Revocation {
 pub fn revoke_user(config: &Config, name: &str) -> Result<Revocation> {
     validate_user_name(name)?;
     let paths = TlsPaths::of(config);
-    let file = paths.revoked();
     // Taken before the credential is read: `user add`, which issues a credential, takes it
     // too, so the files deleted below are the ones whose key is listed.
     let lock = revocation_lock(&paths)?;
     let fp = user_key_fingerprint(config, name)?;
+    let file = list_revoked(&paths, &fp, name)?;
+    std::fs::remove_dir_all(paths.user_dir(name))?;
+    drop(lock);
+    Ok(Revocation { user: name.to_string(), fingerprint: fp, file })
+}
+
+/// Revokes node `id`'s certificate (an operator command, for a node key that leaked or a
+/// node host that is gone): its key's fingerprint is added to `<tls_dir>/revoked` as a
+/// user's is, and every node reads it within a second. Nodes then refuse peer connections
+/// that present that key, close the ones that did, and never dial into a node that presents
+/// it. The certificate's files are deleted; `convoy tls init` issues the node a new one
+/// (a new key), with which it joins again once restarted. Locked and written as
+/// [`revoke_user`] is. What the node stored stays.
+pub fn revoke_node(config: &Config, id: u64) -> Result<Revocation> {
+    config.node(id)?;
+    let paths = TlsPaths::of(config);
+    let lock = revocation_lock(&paths)?;
+    let cert = paths.node_cert(id);
+    let certs = load_certs(&cert)
+        .map_err(|e| Error::Config(format!("node {id} has no certificate to revoke ({}): {e}", cert.display())))?;
+    let leaf = certs.first().ok_or_else(|| Error::Config(format!("{} holds no certificate", cert.display())))?;
+    let fp = key_fingerprint(leaf)?;
+    let file = list_revoked(&paths, &fp, &node_name(id))?;
+    std::fs::remove_dir_all(paths.node_dir(id))?;
+    drop(lock);
+    Ok(Revocation { user: node_name(id), fingerprint: fp, file })
+}
+
+/// Adds `fp` (held by `who`, written beside it for the operator) to `<tls_dir>/revoked`
+/// unless listed, and reads the list back from the disk, as nodes will. The caller holds
+/// [`revocation_lock`]. Returns the list's path.
+fn list_revoked(paths: &TlsPaths, fp: &str, who: &str) -> Result<PathBuf> {
+    let file = paths.revoked();
     let mut text = revocation_text(&file)?
         .unwrap_or_else(|| "# Revoked client keys: SHA-256 of the public key, user, when (unix seconds).\n".into());
     // A list that does not parse is not added to: the error names its bad line.
-    if !parse_revoked(&file, &text)?.contains(&fp) {
+    if !parse_revoked(&file, &text)?.contains(fp) {
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
         }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        text.push_str(&format!("{fp} {name} {now}\n"));
+        text.push_str(&format!("{fp} {who} {now}\n"));
         // Written whole and renamed into place: a node never reads half a list.
         let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
         {
@@ -314,15 +343,13 @@ pub fn revoke_user(config: &Config, name: &str) -> Result<Revocation> {
         std::fs::File::open(&paths.dir)?.sync_all()?;
     }
     // Read back from the disk: what nodes will read.
-    if !read_revoked(&file)?.contains(&fp) {
+    if !read_revoked(&file)?.contains(fp) {
         return Err(Error::Config(format!(
             "{} does not list {fp} after writing it; nothing was deleted",
             file.display()
         )));
     }
-    std::fs::remove_dir_all(paths.user_dir(name))?;
-    drop(lock);
-    Ok(Revocation { user: name.to_string(), fingerprint: fp, file })
+    Ok(file)
 }
 
 /// The fingerprint of `name`'s current credential's key.
@@ -348,9 +375,25 @@ fn revocation_lock(paths: &TlsPaths) -> Result<std::fs::File> {
     Ok(lock)
 }
 
-/// The node a peer connection's verified certificate names (its `node{N}` SAN).
-pub fn peer_node_of(conn: &quinn::Connection) -> Result<u64> {
-    let (dns, _) = sans(&peer_leaf(conn)?)?;
+/// The node a peer connection's verified certificate names (its `node{N}` SAN), and its
+/// key's [`key_fingerprint`], from one parse.
+pub fn peer_credential_of(conn: &quinn::Connection) -> Result<(u64, String)> {
+    let leaf = peer_leaf(conn)?;
+    let cert = parsed(&leaf)?;
+    Ok((node_named(&sans_of(&cert).0)?, fingerprint_of(&cert)))
+}
+
+/// The key fingerprint of node `id`'s own certificate, as the operator issued it.
+pub fn node_key_fingerprint(paths: &TlsPaths, id: u64) -> Result<String> {
+    let certs = load_certs(&paths.node_cert(id))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Error::Config(format!("{} holds no certificate", paths.node_cert(id).display())))?;
+    key_fingerprint(leaf)
+}
+
+/// The one node a certificate's DNS names name.
+fn node_named(dns: &[String]) -> Result<u64> {
     let mut ids = dns.iter().filter_map(|d| d.strip_prefix("node")?.parse::<u64>().ok());
     match (ids.next(), ids.next()) {
         (Some(id), None) => Ok(id),
@@ -464,6 +507,8 @@ pub fn init(config: &Config) -> Result<TlsPaths> {
     }
     let missing: Vec<u64> = config.nodes.iter().map(|n| n.id).filter(|id| !paths.node_key(*id).exists()).collect();
     if !missing.is_empty() {
+        // A node revocation deletes the files it listed under this lock.
+        let _one_at_a_time = revocation_lock(&paths)?;
         let issuer = ca_issuer(&paths, "node")?;
         std::fs::create_dir_all(paths.dir.join("nodes"))?;
         for id in missing {
@@ -738,6 +783,28 @@ mod tests {
         assert!(e.to_string().contains("line 4"), "{e}");
         std::fs::write(paths.revoked(), format!("{text}{}\n", &first[..63])).expect("write");
         assert!(read_revoked(&paths.revoked()).is_err(), "a cut fingerprint");
+    }
+
+    #[test]
+    fn a_revoked_node_key_is_listed_its_files_go_and_init_issues_a_new_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = config(dir.path());
+        let paths = init(&c).expect("init");
+        let first = node_key_fingerprint(&paths, 1).expect("node 1's key");
+        let r = revoke_node(&c, 1).expect("revoke node 1");
+        assert_eq!((r.user.as_str(), r.fingerprint.as_str()), ("node1", first.as_str()));
+        assert!(!paths.node_key(1).exists() && !paths.node_cert(1).exists(), "the revoked files are deleted");
+        assert!(paths.user_dir(ADMIN_USER).exists(), "users keep theirs");
+        assert_eq!(read_revoked(&paths.revoked()).expect("read"), [first.clone()].into());
+        let text = std::fs::read_to_string(paths.revoked()).expect("read");
+        assert!(text.lines().any(|l| l.starts_with(&format!("{first} node1 "))), "{text}");
+        let e = revoke_node(&c, 1).expect_err("nothing left to revoke").to_string();
+        assert!(e.contains("no certificate to revoke"), "{e}");
+        assert!(revoke_node(&c, 9).is_err(), "no node 9 in the file");
+        init(&c).expect("init again");
+        let second = node_key_fingerprint(&paths, 1).expect("node 1's new key");
+        assert_ne!(first, second);
+        assert_eq!(read_revoked(&paths.revoked()).expect("read"), [first].into(), "the new key is not revoked");
     }
 
     #[test]

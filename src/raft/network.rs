@@ -103,6 +103,11 @@ pub struct PeerContext {
     /// Takes in a peer's `UserSends`: what it took from its users' send buckets, to be taken
     /// from this node's (the service's rates).
     pub user_sends: UserSendsTaker,
+    /// The revoked keys (`<tls_dir>/revoked`): a peer presenting one is refused, and its
+    /// connections are closed once its revocation is read.
+    pub revoked: tokio::sync::watch::Receiver<crate::server::Revoked>,
+    /// The revoked keys a refusal was logged for.
+    pub refused_keys: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// See [`PeerContext::user_sends`].
@@ -198,6 +203,9 @@ struct Inner {
     serving: Arc<InFlight>,
     /// The group RPCs this node's groups are asking of peers.
     asking: InFlight,
+    /// The revoked keys, once set ([`PeerNet::watch_revocations`]): a peer presenting one is
+    /// not dialed into, and a connection to one is closed.
+    revoked: std::sync::OnceLock<tokio::sync::watch::Receiver<crate::server::Revoked>>,
     /// The lane of each frame sender, by (peer, sender).
     frame_lanes: LanePool<(NodeId, usize)>,
 }
@@ -357,17 +365,29 @@ impl Drop for Streaming<'_> {
     }
 }
 
-/// A peer's address and its connection, once made.
+/// A peer's address and its connection, once made, with the fingerprint of the key the
+/// peer presented on it.
 struct Slot {
     addr: SocketAddr,
-    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    conn: tokio::sync::Mutex<Option<(quinn::Connection, String)>>,
+    /// When a dial last found the peer presenting a revoked key: the next waits
+    /// [`REVOKED_PEER_REDIAL`], not a handshake per RPC.
+    refused: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Slot {
     fn new(addr: SocketAddr) -> Arc<Slot> {
-        Arc::new(Slot { addr, conn: tokio::sync::Mutex::new(None) })
+        Arc::new(Slot { addr, conn: tokio::sync::Mutex::new(None), refused: std::sync::Mutex::new(None) })
     }
 }
+
+/// QUIC application close code of a peer connection whose node presents a revoked key.
+pub const CLOSE_PEER_REVOKED: u32 = 0x14;
+/// The close reason of such a connection.
+pub const PEER_REVOKED_REASON: &str = "this node's certificate was revoked (convoy tls revoke-node)";
+/// How long after finding a peer's key revoked a node dials it again (a new certificate
+/// needs the peer restarted).
+const REVOKED_PEER_REDIAL: Duration = Duration::from_secs(1);
 
 /// Idle lanes kept per (peer, shard): openraft replicates to a peer one AppendEntries at a
 /// time, with heartbeats beside it.
@@ -434,8 +454,48 @@ impl PeerNet {
             frame_lanes: LanePool::new(1),
             serving: Arc::default(),
             asking: InFlight::default(),
+            revoked: std::sync::OnceLock::new(),
         };
         PeerNet { inner: Arc::new(inner) }
+    }
+
+    /// Watches the revoked keys (once, at start): a connection this node dialed to a peer
+    /// whose key becomes revoked is closed when the list is read, and no new one is made
+    /// while the peer presents that key. Its replicas there then look unreachable, as a
+    /// partitioned node's do. The watch ends with the network.
+    pub fn watch_revocations(&self, revoked: tokio::sync::watch::Receiver<crate::server::Revoked>) {
+        if self.inner.revoked.set(revoked.clone()).is_err() {
+            return;
+        }
+        let inner = Arc::downgrade(&self.inner);
+        let mut revoked = revoked;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = revoked.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if inner.strong_count() == 0 { return }
+                        continue;
+                    }
+                }
+                let list = revoked.borrow_and_update().clone();
+                let Some(net) = inner.upgrade() else { return };
+                let slots: Vec<(NodeId, Arc<Slot>)> =
+                    net.slots.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(n, s)| (*n, s.clone())).collect();
+                drop(net);
+                for (node, slot) in slots {
+                    let held = slot.conn.lock().await;
+                    if let Some((conn, fp)) = held.as_ref().filter(|(_, fp)| list.contains(fp)) {
+                        tracing::warn!(node, key = %fp, "closing the connection to a node whose certificate was revoked");
+                        conn.close(CLOSE_PEER_REVOKED.into(), PEER_REVOKED_REASON.as_bytes());
+                    }
+                }
+            }
+        });
+    }
+
+    fn is_revoked(&self, fingerprint: &str) -> bool {
+        self.inner.revoked.get().is_some_and(|r| r.borrow().contains(fingerprint))
     }
 
     /// Paces what a new replica is caught up with to `bytes_per_s` (0: no limit), so a move
@@ -574,10 +634,31 @@ impl PeerNet {
         let known = self.inner.slots.read().unwrap_or_else(|p| p.into_inner()).get(&node).cloned();
         let known = known.ok_or_else(|| unreachable(format!("unknown node {node}")))?;
         let (addr, mut slot) = (&known.addr, known.conn.lock().await);
-        if let Some(c) = slot.as_ref() {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        if let Some((c, fp)) = slot.as_ref() {
+            match c.close_reason() {
+                None if !self.is_revoked(fp) => return Ok(c.clone()),
+                None => c.close(CLOSE_PEER_REVOKED.into(), PEER_REVOKED_REASON.as_bytes()),
+                Some(quinn::ConnectionError::ApplicationClosed(a)) if a.error_code == CLOSE_PEER_REVOKED.into() => {
+                    // The peer refused this node's own key: it was revoked. Said once, until a
+                    // dial to that peer succeeds again.
+                    let mut refused = known.refused.lock().unwrap_or_else(|p| p.into_inner());
+                    if refused.is_none() {
+                        tracing::error!(
+                            node,
+                            "node {node} refuses this node's certificate as revoked: `convoy tls init` issues a new \
+                             one, which this node reads when restarted"
+                        );
+                    }
+                    *refused = Some(std::time::Instant::now());
+                    drop(refused);
+                    *slot = None;
+                }
+                Some(_) => {}
             }
+        }
+        let refused = *known.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if refused.is_some_and(|at| at.elapsed() < REVOKED_PEER_REDIAL) {
+            return Err(unreachable(format!("node {node}: a certificate on this link is revoked")));
         }
         let connecting = self
             .inner
@@ -588,7 +669,25 @@ impl PeerNet {
             .await
             .map_err(|_| unreachable(format!("connect to node {target} timed out")))?
             .map_err(unreachable)?;
-        *slot = Some(conn.clone());
+        // The handshake verified the certificate under the node CA, for this node's name.
+        let fp = match crate::net::tls::peer_credential_of(&conn) {
+            Ok((_, fp)) => fp,
+            Err(e) => {
+                conn.close(0x10u32.into(), b"unreadable certificate");
+                return Err(unreachable(format!("node {node}: {e}")));
+            }
+        };
+        if self.is_revoked(&fp) {
+            conn.close(CLOSE_PEER_REVOKED.into(), PEER_REVOKED_REASON.as_bytes());
+            let mut refused = known.refused.lock().unwrap_or_else(|p| p.into_inner());
+            if refused.is_none() {
+                tracing::warn!(node, key = %fp, "not dialing into a node whose certificate was revoked");
+            }
+            *refused = Some(std::time::Instant::now());
+            return Err(unreachable(format!("node {node}: a certificate on this link is revoked")));
+        }
+        *known.refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *slot = Some((conn.clone(), fp));
         Ok(conn)
     }
 
@@ -1044,24 +1143,46 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: PeerContext) {
             };
             // The node CA verified the certificate; it also names the one node this peer
             // may speak for.
-            let peer = match crate::net::tls::peer_node_of(&conn) {
-                Ok(id) => id,
+            let (peer, fingerprint) = match crate::net::tls::peer_credential_of(&conn) {
+                Ok(credential) => credential,
                 Err(e) => {
                     tracing::warn!(remote = %conn.remote_address(), error = %e, "refusing a peer");
                     conn.close(0x10u32.into(), b"the certificate names no node");
                     return;
                 }
             };
+            let mut revoked = ctx.revoked.clone();
+            if revoked.borrow_and_update().contains(&fingerprint) {
+                // A revoked node redials on every RPC it tries: said once per key.
+                if ctx.refused_keys.lock().unwrap_or_else(|p| p.into_inner()).insert(fingerprint.clone()) {
+                    tracing::warn!(remote = %conn.remote_address(), node = peer, key = %fingerprint,
+                        "refusing a node whose certificate was revoked (said once per key)");
+                }
+                conn.close(CLOSE_PEER_REVOKED.into(), PEER_REVOKED_REASON.as_bytes());
+                return;
+            }
             let span = tracing::info_span!("peer", remote = %conn.remote_address(), node = peer);
             async move {
+                let mut watching = true;
                 loop {
-                    match conn.accept_bi().await {
-                        Ok((send, recv)) => {
-                            tokio::spawn(handle_stream(send, recv, peer, ctx.clone()).in_current_span());
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "peer connection closed");
-                            return;
+                    tokio::select! {
+                        accepted = conn.accept_bi() => match accepted {
+                            Ok((send, recv)) => {
+                                tokio::spawn(handle_stream(send, recv, peer, ctx.clone()).in_current_span());
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "peer connection closed");
+                                return;
+                            }
+                        },
+                        changed = revoked.changed(), if watching => {
+                            if changed.is_err() {
+                                watching = false;
+                            } else if revoked.borrow_and_update().contains(&fingerprint) {
+                                tracing::warn!(key = %fingerprint, "closing the connection of a node whose certificate was just revoked");
+                                conn.close(CLOSE_PEER_REVOKED.into(), PEER_REVOKED_REASON.as_bytes());
+                                return;
+                            }
                         }
                     }
                 }
