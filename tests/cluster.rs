@@ -1706,6 +1706,17 @@ async fn a_revoked_node_is_cut_off_and_rejoins_with_a_new_certificate() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let on3 = client.read("cut", 1, Some(3)).await.expect("node 3 still serves reads of what it has");
     assert_eq!(on3.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["before"], "node 3 is cut off");
+    // Node 3 redialed, and was refused where it dialed in; it says so once per peer, not
+    // once per redial.
+    let logs: Vec<String> =
+        [1, 2, 3].iter().map(|n| std::fs::read_to_string(cluster.log_path(*n)).unwrap_or_default()).collect();
+    assert!(
+        logs[..2].iter().any(|l| l.contains("refusing a node whose certificate was revoked")),
+        "node 1 or 2 refused node 3's links in\n{}",
+        cluster.logs_tail()
+    );
+    let told = logs[2].matches("refuses this node's certificate as revoked").count();
+    assert!((1..=2).contains(&told), "node 3 said {told} times that its key is refused\n{}", logs[2]);
 
     // Its old files, kept elsewhere and put back, cannot start it.
     cluster.kill(3);

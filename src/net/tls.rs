@@ -323,7 +323,7 @@ pub fn revoke_node(config: &Config, id: u64) -> Result<Revocation> {
 fn list_revoked(paths: &TlsPaths, fp: &str, who: &str) -> Result<PathBuf> {
     let file = paths.revoked();
     let mut text = revocation_text(&file)?
-        .unwrap_or_else(|| "# Revoked client keys: SHA-256 of the public key, user, when (unix seconds).\n".into());
+        .unwrap_or_else(|| "# Revoked keys: SHA-256 of the public key, user or node, when (unix seconds).\n".into());
     // A list that does not parse is not added to: the error names its bad line.
     if !parse_revoked(&file, &text)?.contains(fp) {
         if !text.is_empty() && !text.ends_with('\n') {
@@ -361,7 +361,7 @@ fn user_key_fingerprint(config: &Config, name: &str) -> Result<String> {
     key_fingerprint(leaf)
 }
 
-/// The operator's lock on users' credentials and the revocation list
+/// The operator's lock on users' and nodes' credentials and the revocation list
 /// (`<tls_dir>/revoked.lock`), held until the returned file is dropped: a revocation and an
 /// issue, or two revocations, never interleave.
 fn revocation_lock(paths: &TlsPaths) -> Result<std::fs::File> {

@@ -370,14 +370,23 @@ impl Drop for Streaming<'_> {
 struct Slot {
     addr: SocketAddr,
     conn: tokio::sync::Mutex<Option<(quinn::Connection, String)>>,
-    /// When a dial last found the peer presenting a revoked key: the next waits
-    /// [`REVOKED_PEER_REDIAL`], not a handshake per RPC.
+    /// When a dial last found the peer presenting a revoked key, or the peer closed the link
+    /// for this node's revoked key: the next waits [`REVOKED_PEER_REDIAL`], not a handshake
+    /// per RPC.
     refused: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Whether this node logged that the peer refuses its own key: once per process, as a
+    /// new key is read only at a restart.
+    own_key_refused: std::sync::atomic::AtomicBool,
 }
 
 impl Slot {
     fn new(addr: SocketAddr) -> Arc<Slot> {
-        Arc::new(Slot { addr, conn: tokio::sync::Mutex::new(None), refused: std::sync::Mutex::new(None) })
+        Arc::new(Slot {
+            addr,
+            conn: tokio::sync::Mutex::new(None),
+            refused: std::sync::Mutex::new(None),
+            own_key_refused: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 }
 
@@ -639,18 +648,16 @@ impl PeerNet {
                 None if !self.is_revoked(fp) => return Ok(c.clone()),
                 None => c.close(CLOSE_PEER_REVOKED.into(), PEER_REVOKED_REASON.as_bytes()),
                 Some(quinn::ConnectionError::ApplicationClosed(a)) if a.error_code == CLOSE_PEER_REVOKED.into() => {
-                    // The peer refused this node's own key: it was revoked. Said once, until a
-                    // dial to that peer succeeds again.
-                    let mut refused = known.refused.lock().unwrap_or_else(|p| p.into_inner());
-                    if refused.is_none() {
+                    // The peer refused this node's own key: it was revoked.
+                    if !known.own_key_refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         tracing::error!(
                             node,
-                            "node {node} refuses this node's certificate as revoked: `convoy tls init` issues a new \
-                             one, which this node reads when restarted"
+                            "node {node} refuses this node's certificate as revoked: once its files are gone \
+                             (`convoy tls revoke-node` deletes them), `convoy tls init` issues a new one, which this \
+                             node reads when restarted"
                         );
                     }
-                    *refused = Some(std::time::Instant::now());
-                    drop(refused);
+                    *known.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
                     *slot = None;
                 }
                 Some(_) => {}
