@@ -1696,16 +1696,33 @@ async fn a_revoked_node_is_cut_off_and_rejoins_with_a_new_certificate() {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
     }
-    // The other two commit without it, for every shard (node 3's leaderships move).
+    // The other two commit without it, for every shard (node 3's leaderships move), and
+    // nothing they commit reaches node 3 (it would within milliseconds): its commit indexes
+    // stay where the cut left them. (Clients reading this tls_dir no longer dial node 3,
+    // so its metrics say what it holds.)
+    let commits = |text: String| -> f64 {
+        text.lines()
+            .filter_map(|l| {
+                l.strip_prefix("convoy_shard_commit_index{")?.split_once("} ")?.1.trim().parse::<f64>().ok()
+            })
+            .sum()
+    };
+    let (on1, on3) = (commits(scrape(&cluster, 1).await), commits(scrape(&cluster, 3).await));
+    assert!(on3 > 0.0, "node 3 reports its commit indexes");
     let names: Vec<String> = (0..8).map(|i| format!("cut-{i}")).collect();
     for name in &names {
         client.send(name, "without node 3").await.unwrap_or_else(|e| panic!("a send to {name}: {e}"));
     }
     assert_eq!(client.send("cut", "after").await.expect("send").offset, 2);
-    // What was committed since does not reach node 3: it would within milliseconds.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let on3 = client.read("cut", 1, Some(3)).await.expect("node 3 still serves reads of what it has");
-    assert_eq!(on3.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["before"], "node 3 is cut off");
+    let (now1, now3) = (commits(scrape(&cluster, 1).await), commits(scrape(&cluster, 3).await));
+    assert!(now1 >= on1 + 9.0, "node 1 committed the 9 sends: {on1} then {now1}");
+    assert_eq!(now3, on3, "node 3 is cut off: its commit indexes moved");
+    // A client that dials node 3 now (one reading this tls_dir) refuses it too.
+    let fresh = cluster.client().expect("a new client");
+    let e = fresh.read("cut", 1, Some(3)).await.expect_err("node 3 presents a revoked key");
+    assert!(e.to_string().contains("revoked certificate"), "{e}");
+    assert_eq!(fresh.read("cut", 1, Some(1)).await.expect("node 1 is trusted").messages.len(), 2);
     // Node 3 redialed, and was refused where it dialed in; it says so once per peer, not
     // once per redial.
     let logs: Vec<String> =

@@ -74,6 +74,9 @@ pub struct Ack {
 struct Inner {
     endpoint: quinn::Endpoint,
     tls: quinn::ClientConfig,
+    /// The cluster's revocation list (`<tls_dir>/revoked`), read at every dial: a node
+    /// presenting a revoked key is not talked to. A client without the file checks nothing.
+    revoked: std::path::PathBuf,
     /// The user the credential names.
     user: String,
     /// How to reach each node and where each shard's replicas are: the file's nodes at
@@ -534,6 +537,7 @@ impl Client {
         let inner = Inner {
             endpoint,
             tls,
+            revoked: paths.revoked(),
             user,
             routes: RwLock::new(Routes { nodes, ..Routes::default() }),
             shards: config.shards,
@@ -661,6 +665,20 @@ impl Client {
             .map_err(|e| {
                 credential_refusal(node, &e).map_or_else(|| Error::Unavailable(format!("node {node}: {e}")), |(r, _)| r)
             })?;
+        // The handshake verified the node's certificate under the node CA; a key revoked
+        // since (`convoy tls revoke-node`) is refused here. Dials are rare: the list is read
+        // each time, so a long-lived client sees a revocation at its next dial.
+        let revoked = tls::read_revoked(&self.inner.revoked)?;
+        if !revoked.is_empty() {
+            let fingerprint = tls::peer_credential_of(&conn).map(|(_, fp)| fp);
+            if fingerprint.as_ref().map_or(true, |fp| revoked.contains(fp)) {
+                conn.close(0u32.into(), b"revoked node certificate");
+                return Err(Error::Unavailable(format!(
+                    "node {node} presents a revoked certificate (listed in {})",
+                    self.inner.revoked.display()
+                )));
+            }
+        }
         Ok(conn)
     }
 
