@@ -69,10 +69,10 @@ impl Node {
         let paths = tls::node_material(&config, id)?;
         // A revocation list that does not read would let its credentials in: refuse to start.
         // The server starts from this list.
-        let revoked = tls::read_revoked(&paths.revoked())?;
+        let revoked = tls::RevocationList::open(paths.revoked())?;
         // A node whose own key is revoked would be refused by every peer.
         let own = tls::node_key_fingerprint(&paths, id)?;
-        if revoked.contains(&own) {
+        if revoked.keys().contains(&own) {
             return Err(Error::Refused(format!(
                 "node {id}'s certificate (key {own}) is revoked in {}: issue it a new one with `convoy tls init --config \
                  {}` (after deleting {}), then start it again",
@@ -130,7 +130,7 @@ impl Node {
             registry.clone(),
         );
         net.set_quiescer(quiet.clone());
-        let revoked = server::watch_revoked(paths.revoked(), revoked);
+        let revoked = server::watch_revoked(revoked);
         net.watch_revocations(revoked.clone());
         let l = &config.limits;
         let user_rates = Arc::new(Keyed::shared(Rate::new(l.user_sends_per_s, l.user_sends_burst)));

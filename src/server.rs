@@ -35,38 +35,20 @@ pub const REVOKED_REASON: &str = "this credential was revoked (convoy user revok
 /// How often a node reads its revocation file (`<tls_dir>/revoked`) again.
 pub const REVOKED_RELOAD: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The revoked keys as a node last read them (see [`watch_revoked`]).
-pub type Revoked = Arc<tls::RevokedKeys>;
-
-/// Publishes `first` (the list the node read at start), then reads the revocation file every
-/// [`REVOKED_RELOAD`] and publishes each change, until every receiver is gone. A file that
-/// cannot be read keeps the last good list, with an error logged once per distinct failure:
-/// a revocation must not be lifted by a bad edit. The client server and the peer links
-/// watch the same list: users' keys and nodes' keys are revoked alike.
-pub fn watch_revoked(path: std::path::PathBuf, first: tls::RevokedKeys) -> tokio::sync::watch::Receiver<Revoked> {
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
+/// Publishes the keys of `list` (as the node read it at start), then reads it again every
+/// [`REVOKED_RELOAD`] and publishes each change, until every receiver is gone. A list that
+/// cannot be read keeps the last good one ([`tls::RevocationList`]). The client server and
+/// the peer links watch the same list: users' keys and nodes' keys are revoked alike.
+pub fn watch_revoked(mut list: tls::RevocationList) -> tokio::sync::watch::Receiver<tls::Revoked> {
+    let (tx, rx) = tokio::sync::watch::channel(list.keys());
     tokio::spawn(async move {
-        let mut failing: Option<String> = None;
         loop {
             tokio::select! {
                 () = tx.closed() => return,
                 () = tokio::time::sleep(REVOKED_RELOAD) => {}
             }
-            match tls::read_revoked(&path) {
-                Ok(set) => {
-                    failing = None;
-                    if **tx.borrow() != set {
-                        tracing::info!(revoked = set.len(), "the revocation file changed");
-                        tx.send_replace(Arc::new(set));
-                    }
-                }
-                Err(e) => {
-                    let e = e.to_string();
-                    if failing.as_ref() != Some(&e) {
-                        tracing::error!(error = %e, "reading the revocation file; the last list read stays");
-                        failing = Some(e);
-                    }
-                }
+            if list.refresh() {
+                tx.send_replace(list.keys());
             }
         }
     });
@@ -79,7 +61,7 @@ pub fn watch_revoked(path: std::path::PathBuf, first: tls::RevokedKeys) -> tokio
 pub async fn serve(
     node: Arc<Service>,
     endpoint: quinn::Endpoint,
-    revoked: tokio::sync::watch::Receiver<Revoked>,
+    revoked: tokio::sync::watch::Receiver<tls::Revoked>,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(node.config.limits.connections_max));

@@ -74,9 +74,9 @@ pub struct Ack {
 struct Inner {
     endpoint: quinn::Endpoint,
     tls: quinn::ClientConfig,
-    /// The cluster's revocation list (`<tls_dir>/revoked`), read at every dial: a node
-    /// presenting a revoked key is not talked to. A client without the file checks nothing.
-    revoked: std::path::PathBuf,
+    /// The cluster's revocation list (`<tls_dir>/revoked`): a node presenting a revoked key
+    /// is not talked to (see [`Client::dial`]). A client without the file checks nothing.
+    revoked: Mutex<tls::RevocationList>,
     /// The user the credential names.
     user: String,
     /// How to reach each node and where each shard's replicas are: the file's nodes at
@@ -534,10 +534,13 @@ impl Client {
         let user = credential.user()?;
         let tls = tls::user_dialer(&paths, credential)?;
         let nodes: BTreeMap<u64, SocketAddr> = config.nodes.iter().map(|n| (n.id, n.client_addr)).collect();
+        // A list that does not read fails the client at once, as it fails a node's start: a
+        // revocation misread would let a revoked node's key pass.
+        let revoked = Mutex::new(tls::RevocationList::open(paths.revoked())?);
         let inner = Inner {
             endpoint,
             tls,
-            revoked: paths.revoked(),
+            revoked,
             user,
             routes: RwLock::new(Routes { nodes, ..Routes::default() }),
             shards: config.shards,
@@ -666,17 +669,24 @@ impl Client {
                 credential_refusal(node, &e).map_or_else(|| Error::Unavailable(format!("node {node}: {e}")), |(r, _)| r)
             })?;
         // The handshake verified the node's certificate under the node CA; a key revoked
-        // since (`convoy tls revoke-node`) is refused here. Dials are rare: the list is read
-        // each time, so a long-lived client sees a revocation at its next dial.
-        let revoked = tls::read_revoked(&self.inner.revoked)?;
+        // since (`convoy tls revoke-node`) is refused here, and the node is suspect for a
+        // while, as one that does not answer. Dials are rare: the list is read again each
+        // time, so a long-lived client sees a revocation at its next dial.
+        let (revoked, list) = {
+            let mut list = self.inner.revoked.lock().expect("revocation list lock");
+            list.refresh();
+            (list.keys(), list.path().to_path_buf())
+        };
         if !revoked.is_empty() {
-            let fingerprint = tls::peer_credential_of(&conn).map(|(_, fp)| fp);
-            if fingerprint.as_ref().map_or(true, |fp| revoked.contains(fp)) {
+            let refused = match tls::peer_credential_of(&conn) {
+                Ok((_, fp)) if revoked.contains(&fp) => Some("presents a revoked certificate"),
+                Ok(_) => None,
+                Err(_) => Some("presents a certificate whose key cannot be read to check it"),
+            };
+            if let Some(why) = refused {
                 conn.close(0u32.into(), b"revoked node certificate");
-                return Err(Error::Unavailable(format!(
-                    "node {node} presents a revoked certificate (listed in {})",
-                    self.inner.revoked.display()
-                )));
+                self.suspect(node);
+                return Err(Error::Unavailable(format!("node {node} {why} (revocation list {})", list.display())));
             }
         }
         Ok(conn)
@@ -1881,6 +1891,12 @@ mod tests {
 
     /// A fake node 1's QUIC endpoint on loopback, with its credentials, and a client of it.
     fn fake_endpoint() -> (Client, quinn::Endpoint, tempfile::TempDir) {
+        let (client, node, dir, _) = fake_endpoint_and_config();
+        (client, node, dir)
+    }
+
+    /// [`fake_endpoint`], and the config the client was made from.
+    fn fake_endpoint_and_config() -> (Client, quinn::Endpoint, tempfile::TempDir, Config) {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the fake node");
         let addr = socket.local_addr().expect("its address");
@@ -1896,7 +1912,38 @@ mod tests {
             .expect("fake node endpoint");
         let credential = tls::ensure_user(&config, "u", false).expect("a user");
         let client = Client::connect_as(&config, &credential, 9, 1).expect("client");
-        (client, node, dir)
+        (client, node, dir, config)
+    }
+
+    /// A node whose key the list names is refused after its handshake, and suspect; a list
+    /// that no longer reads keeps the last one read; a client is not made on a list that
+    /// does not read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_presenting_a_revoked_key_is_refused_and_a_bad_list_keeps_the_last_one() {
+        let (client, node, _dir, config) = fake_endpoint_and_config();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = node.accept().await {
+                if let Ok(conn) = incoming.await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move { conn.closed().await });
+                }
+            }
+        });
+        let paths = TlsPaths::of(&config);
+        let fp = tls::node_key_fingerprint(&paths, 1).expect("node 1's key");
+        std::fs::write(paths.revoked(), format!("{fp} node1 0\n")).expect("revoke node 1");
+        let e = client.read("c", 1, Some(1)).await.expect_err("node 1 is revoked");
+        assert!(matches!(e, Error::Unavailable(_)) && e.to_string().contains("revoked certificate"), "{e}");
+        assert!(accepted.load(Ordering::SeqCst) >= 1, "refused after a handshake, not before");
+        assert!(client.is_suspect(1), "a refused node is suspect");
+        std::fs::write(paths.revoked(), "not a fingerprint\n").expect("a bad edit");
+        let e = client.read("c", 1, Some(1)).await.expect_err("the last list read stays");
+        assert!(e.to_string().contains("revoked certificate"), "{e}");
+        let credential = tls::ensure_user(&config, "u", false).expect("a user");
+        let e = Client::connect_as(&config, &credential, 10, 1).err().expect("no client on a list that does not read");
+        assert!(matches!(e, Error::Config(_)) && e.to_string().contains("line 1"), "{e}");
     }
 
     /// A client of a fake node 1 that answers its i-th request stream with `script[i]`, then

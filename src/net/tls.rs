@@ -223,6 +223,59 @@ fn fingerprint_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Strin
 /// The revoked keys: a set of [`key_fingerprint`]s.
 pub type RevokedKeys = std::collections::HashSet<String>;
 
+/// The revoked keys as a node last read them (`server::watch_revoked` publishes them).
+pub type Revoked = std::sync::Arc<RevokedKeys>;
+
+/// A revocation list read again and again, keeping the last one that read: a revocation
+/// must not be lifted by a bad edit. Each distinct failure is logged once.
+#[derive(Debug)]
+pub struct RevocationList {
+    path: PathBuf,
+    keys: std::sync::Arc<RevokedKeys>,
+    failing: Option<String>,
+}
+
+impl RevocationList {
+    /// The list at `path`, which must read (no file: nothing is revoked).
+    pub fn open(path: PathBuf) -> Result<RevocationList> {
+        let keys = std::sync::Arc::new(read_revoked(&path)?);
+        Ok(RevocationList { path, keys, failing: None })
+    }
+
+    /// Reads the list again; true if its keys changed.
+    pub fn refresh(&mut self) -> bool {
+        match read_revoked(&self.path) {
+            Ok(keys) => {
+                self.failing = None;
+                if *self.keys == keys {
+                    return false;
+                }
+                tracing::info!(revoked = keys.len(), path = %self.path.display(), "the revocation list changed");
+                self.keys = std::sync::Arc::new(keys);
+                true
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.failing.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "reading the revocation list; the last list read stays");
+                    self.failing = Some(e);
+                }
+                false
+            }
+        }
+    }
+
+    /// The keys as last read.
+    pub fn keys(&self) -> std::sync::Arc<RevokedKeys> {
+        self.keys.clone()
+    }
+
+    /// Where the list is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// The fingerprints in a revocation file: one per line, first on it (the rest of the line,
 /// the user's name and when, is for the operator). No file: nothing is revoked. A line that
 /// does not start with a fingerprint is an error, naming the line: a revocation misread

@@ -105,7 +105,7 @@ pub struct PeerContext {
     pub user_sends: UserSendsTaker,
     /// The revoked keys (`<tls_dir>/revoked`): a peer presenting one is refused, and its
     /// connections are closed once its revocation is read.
-    pub revoked: tokio::sync::watch::Receiver<crate::server::Revoked>,
+    pub revoked: tokio::sync::watch::Receiver<crate::net::tls::Revoked>,
     /// The revoked keys a refusal was logged for.
     pub refused_keys: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
@@ -205,7 +205,7 @@ struct Inner {
     asking: InFlight,
     /// The revoked keys, once set ([`PeerNet::watch_revocations`]): a peer presenting one is
     /// not dialed into, and a connection to one is closed.
-    revoked: std::sync::OnceLock<tokio::sync::watch::Receiver<crate::server::Revoked>>,
+    revoked: std::sync::OnceLock<tokio::sync::watch::Receiver<crate::net::tls::Revoked>>,
     /// The lane of each frame sender, by (peer, sender).
     frame_lanes: LanePool<(NodeId, usize)>,
 }
@@ -472,7 +472,7 @@ impl PeerNet {
     /// whose key becomes revoked is closed when the list is read, and no new one is made
     /// while the peer presents that key. Its replicas there then look unreachable, as a
     /// partitioned node's do. The watch ends with the network.
-    pub fn watch_revocations(&self, revoked: tokio::sync::watch::Receiver<crate::server::Revoked>) {
+    pub fn watch_revocations(&self, revoked: tokio::sync::watch::Receiver<crate::net::tls::Revoked>) {
         if self.inner.revoked.set(revoked.clone()).is_err() {
             return;
         }
