@@ -207,6 +207,9 @@ pub struct RetentionConfig {
     pub max_bytes: Option<String>,
     /// How often each shard's leader checks its conversations against their retention.
     pub check_interval_ms: u64,
+    /// At most this many conversations of a shard are read per check; the next check goes
+    /// on from there, so a shard of many conversations is gone through over several checks.
+    pub conversations_per_check: usize,
     /// Give the space of trimmed messages back (flush and compact) once this many were
     /// trimmed on the node …
     pub reclaim_after_messages: u64,
@@ -221,6 +224,7 @@ impl Default for RetentionConfig {
             max_age: None,
             max_bytes: None,
             check_interval_ms: 1000,
+            conversations_per_check: 1024,
             reclaim_after_messages: 100_000,
             reclaim_after_s: 60,
         }
@@ -504,8 +508,12 @@ impl Config {
             ));
         }
         let k = &self.retention;
-        if k.check_interval_ms == 0 || k.reclaim_after_messages == 0 {
-            return fail("retention.check_interval_ms and retention.reclaim_after_messages must be at least 1".into());
+        if k.check_interval_ms == 0 || k.reclaim_after_messages == 0 || k.conversations_per_check == 0 {
+            return fail(
+                "retention.check_interval_ms, retention.conversations_per_check and retention.reclaim_after_messages \
+                 must be at least 1"
+                    .into(),
+            );
         }
         let r = &self.raft;
         // Bounded first, so that the sums below cannot overflow; a shard whose leader died

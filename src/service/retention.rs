@@ -10,8 +10,10 @@
 //! check trims the rest).
 //!
 //! Which conversations are read: with no cluster default, only those with a policy of their
-//! own (one short scan of their records); with a default, every conversation of the shard (a
-//! scan of its head records), each check. A `max_bytes` limit reads the newest messages back
+//! own (a scan of their records); with a default, every conversation of the shard (a scan of
+//! its head records). A check reads at most `retention.conversations_per_check` of them and
+//! the next resumes after the last one read, so a shard of millions of conversations costs
+//! each check a bounded page, and is gone through in turn. A `max_bytes` limit reads the newest messages back
 //! from the head, only when the head or the limit changed since the last check; the first
 //! offset it keeps is remembered, and trims are proposed until the conversation starts there
 //! (a trim deletes at most [`TRIM_MESSAGES_MAX`], and a proposal can fail).
@@ -43,14 +45,27 @@ struct BytesKept {
     from: Option<u64>,
 }
 
+/// What a shard's checks keep from one to the next while this node leads it.
+#[derive(Debug, Default)]
+struct Checks {
+    /// The last `max_bytes` readings, by conversation.
+    seen: HashMap<String, BytesKept>,
+    /// Where the next check resumes: after this conversation (`None`: from the first).
+    after: Option<String>,
+    /// The conversations with a byte limit this pass over the shard has read so far: at the
+    /// pass's end, the readings of the others (a limit or a conversation gone) are dropped.
+    limited: std::collections::HashSet<String>,
+}
+
 /// Runs the retention checks of the shards this node leads, until the service is dropped.
 pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
-    let interval = match node.upgrade() {
-        Some(n) => Duration::from_millis(n.config.retention.check_interval_ms),
+    let (interval, page) = match node.upgrade() {
+        Some(n) => {
+            (Duration::from_millis(n.config.retention.check_interval_ms), n.config.retention.conversations_per_check)
+        }
         None => return,
     };
-    // The last `max_bytes` readings, by shard and conversation.
-    let mut checked: HashMap<ShardId, HashMap<String, BytesKept>> = HashMap::new();
+    let mut checked: HashMap<ShardId, Checks> = HashMap::new();
     loop {
         if stop.unless_stopped(tokio::time::sleep(interval)).await.is_none() {
             return;
@@ -66,15 +81,15 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
                 continue;
             }
             let (store, shard) = (node.store.clone(), group.shard);
-            let mut seen = checked.remove(&shard).unwrap_or_default();
+            let mut checks = checked.remove(&shard).unwrap_or_default();
             let planned = tokio::task::spawn_blocking(move || {
-                let trims = plan(&store, shard, default, now_ms(), &mut seen);
-                (trims, seen)
+                let trims = plan_page(&store, shard, default, now_ms(), &mut checks, page);
+                (trims, checks)
             })
             .await;
             let trims = match planned {
-                Ok((Ok(trims), seen)) => {
-                    checked.insert(shard, seen);
+                Ok((Ok(trims), checks)) => {
+                    checked.insert(shard, checks);
                     trims
                 }
                 Ok((Err(e), _)) => {
@@ -107,8 +122,8 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
     }
 }
 
-/// The trims a shard's conversations need now (`now_ms` by this leader's clock). `seen` holds
-/// the last `max_bytes` readings and is updated.
+/// Every trim a shard's conversations need now: every page of [`plan_page`] in one go.
+#[cfg(test)]
 fn plan(
     store: &Store,
     shard: ShardId,
@@ -116,22 +131,53 @@ fn plan(
     now_ms: u64,
     seen: &mut HashMap<String, BytesKept>,
 ) -> Result<Vec<Trim>> {
-    let own: HashMap<String, Retention> = store.retentions(shard)?.into_iter().collect();
-    let conversations: Vec<(String, u64)> = if default.keeps_all() {
-        let mut with_policy = Vec::with_capacity(own.len());
-        for c in own.keys() {
-            with_policy.push((c.clone(), store.head(shard, c)?));
+    let mut checks = Checks { seen: std::mem::take(seen), ..Checks::default() };
+    let trims = plan_page(store, shard, default, now_ms, &mut checks, usize::MAX);
+    *seen = checks.seen;
+    trims
+}
+
+/// The trims the next `page` conversations of a shard need now (`now_ms` by this leader's
+/// clock), from where the last check stopped; `checks` says where that was and holds the
+/// last `max_bytes` readings, and is updated (a short page starts the next check over from
+/// the first conversation).
+fn plan_page(
+    store: &Store,
+    shard: ShardId,
+    default: Retention,
+    now_ms: u64,
+    checks: &mut Checks,
+    page: usize,
+) -> Result<Vec<Trim>> {
+    let after = checks.after.as_deref();
+    // (conversation, head, its own retention record or none)
+    let conversations: Vec<(String, u64, Retention)> = if default.keeps_all() {
+        let mut with_policy = Vec::new();
+        for (c, own) in store.retentions_page(shard, after, page)? {
+            let head = store.head(shard, &c)?;
+            with_policy.push((c, head, own));
         }
         with_policy
     } else {
-        store.heads(shard)?
+        let mut all = Vec::new();
+        for (c, head) in store.heads_page(shard, after, page)? {
+            let own = store.retention(shard, &c)?.unwrap_or_default();
+            all.push((c, head, own));
+        }
+        all
     };
-    // Readings are kept only for the conversations that still have a byte limit.
-    let previous = std::mem::take(seen);
+    checks.after = (conversations.len() >= page).then(|| conversations.last().map(|(c, ..)| c.clone())).flatten();
+    let pass_ends = checks.after.is_none();
+    let (seen, limited) = (&mut checks.seen, &mut checks.limited);
     let mut trims = Vec::new();
-    for (conversation, head) in conversations {
-        let planned_under = own.get(&conversation).copied().unwrap_or_default();
+    for (conversation, head, planned_under) in conversations {
         let policy = planned_under.or(default);
+        // Readings are kept only for the conversations that still have a byte limit.
+        if policy.max_bytes.is_some() {
+            limited.insert(conversation.clone());
+        } else {
+            seen.remove(&conversation);
+        }
         if policy.keeps_all() || head == 0 {
             continue;
         }
@@ -155,7 +201,7 @@ fn plan(
             keep_from = keep_from.max(first_young.unwrap_or(last_old + 1));
         }
         if let Some(limit) = policy.max_bytes {
-            let kept = match previous.get(&conversation) {
+            let kept = match seen.get(&conversation) {
                 Some(k) if k.head == head && k.limit == limit => *k,
                 _ => BytesKept { head, limit, from: store.keep_bytes_from(shard, &conversation, limit)? },
             };
@@ -167,6 +213,10 @@ fn plan(
         if keep_from > earliest {
             trims.push((conversation, keep_from.min(head + 1), planned_under));
         }
+    }
+    if pass_ends {
+        seen.retain(|c, _| limited.contains(c));
+        limited.clear();
     }
     Ok(trims)
 }
@@ -222,6 +272,60 @@ mod tests {
             .collect();
         crate::raft::state_machine::apply_for_test(&store, 0, vec![Command::SendBatch(sends)]).expect("apply");
         (dir, store)
+    }
+
+    /// A check reads at most a page of conversations, goes on from the last one at the
+    /// next, and starts over after a short page: every conversation is checked in turn.
+    #[test]
+    fn checks_go_through_a_shards_conversations_a_page_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let names: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+        let sends: Vec<SendCommand> = names
+            .iter()
+            .flat_map(|c| {
+                (1..=5).map(move |i| SendCommand {
+                    conversation: c.clone(),
+                    sender: "u".into(),
+                    client_id: 1,
+                    client_seq: i,
+                    ts_ms: i,
+                    text: "x".into(),
+                })
+            })
+            .collect();
+        crate::raft::state_machine::apply_for_test(&store, 0, vec![Command::SendBatch(sends)]).expect("apply");
+        let default = Retention { max_messages: Some(2), ..Retention::default() };
+        let mut checks = Checks::default();
+        let mut check = |default, page| -> Vec<String> {
+            let trims = plan_page(&store, 0, default, 0, &mut checks, page).expect("plan");
+            assert!(trims.iter().all(|(_, before, _)| *before == 4), "{trims:?}");
+            trims.into_iter().map(|(c, ..)| c).collect()
+        };
+        assert_eq!(check(default, 3), ["c0", "c1", "c2"]);
+        assert_eq!(check(default, 3), ["c3", "c4", "c5"]);
+        assert_eq!(check(default, 3), ["c6", "c7", "c8"]);
+        assert_eq!(check(default, 3), ["c9"], "the last page is short");
+        assert_eq!(check(default, 3), ["c0", "c1", "c2"], "and the next check starts over");
+        assert_eq!(check(default, 100).len(), 7, "from where it stopped to the end");
+        assert_eq!(check(default, 100).len(), 10, "one page holds them all");
+
+        // With no default, only the conversations with a policy of their own are read, paged
+        // the same way.
+        let own = Retention { max_messages: Some(2), ..Retention::default() };
+        let set = |c: &str| {
+            Command::SetRetention(crate::chat::RetentionCommand {
+                conversation: c.into(),
+                by: "op".into(),
+                admin: true,
+                retention: own,
+            })
+        };
+        crate::raft::state_machine::apply_for_test(&store, 0, vec![set("c1"), set("c4"), set("c7")]).expect("apply");
+        let none = Retention::default();
+        assert_eq!(check(none, 2), ["c1", "c4"]);
+        assert_eq!(check(none, 2), ["c7"]);
+        assert_eq!(check(none, 2), ["c1", "c4"]);
     }
 
     #[test]

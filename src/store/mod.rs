@@ -550,31 +550,46 @@ impl Store {
         }
     }
 
-    /// Every per-conversation record of a shard under `prefix` (heads or retention
-    /// records), decoded, with its conversation.
-    fn records<T: serde::de::DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<(String, T)>> {
+    /// Up to `max` conversations of a shard with their heads, in key order, from the one
+    /// after `after` (from the first with `None`).
+    pub fn heads_page(&self, shard: ShardId, after: Option<&str>, max: usize) -> Result<Vec<(String, u64)>> {
+        self.records_page(&heads_prefix(shard), after.map(|c| head_key(shard, c)), max)
+    }
+
+    /// Up to `max` conversations of a shard with a retention of their own, as
+    /// [`Store::heads_page`] pages the heads.
+    pub fn retentions_page(&self, shard: ShardId, after: Option<&str>, max: usize) -> Result<Vec<(String, Retention)>> {
+        self.records_page(&retentions_prefix(shard), after.map(|c| retention_key(shard, c)), max)
+    }
+
+    /// Up to `max` of a shard's per-conversation records under `prefix` (heads or retention
+    /// records), decoded, with their conversations, from the key after `after` (from the
+    /// first with `None`).
+    fn records_page<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+        after: Option<Vec<u8>>,
+        max: usize,
+    ) -> Result<Vec<(String, T)>> {
         let mut ro = ReadOptions::default();
         let mut upper = prefix.to_vec();
         upper.push(0xff);
         ro.set_iterate_upper_bound(upper);
+        let start = after.clone().unwrap_or_else(|| prefix.to_vec());
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(self.cf(CF_STATE), ro, IteratorMode::From(prefix, Direction::Forward)) {
+        for item in self.db.iterator_cf_opt(self.cf(CF_STATE), ro, IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
+            if after.as_deref() == Some(&k[..]) {
+                continue;
+            }
+            if out.len() >= max {
+                break;
+            }
             let conversation = keys::record_conversation(&k)
                 .ok_or_else(|| Error::Corrupt(format!("malformed conversation record key of {} bytes", k.len())))?;
             out.push((conversation.to_string(), codec::decode(&v)?));
         }
         Ok(out)
-    }
-
-    /// Every conversation of a shard with its head.
-    pub fn heads(&self, shard: ShardId) -> Result<Vec<(String, u64)>> {
-        self.records(&heads_prefix(shard))
-    }
-
-    /// Every conversation of a shard with a retention of its own.
-    pub fn retentions(&self, shard: ShardId) -> Result<Vec<(String, Retention)>> {
-        self.records(&retentions_prefix(shard))
     }
 
     /// Visits a conversation's stored messages from `from` (decoded), in offset order, until
