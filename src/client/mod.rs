@@ -1936,7 +1936,13 @@ mod tests {
         std::fs::write(paths.revoked(), format!("{fp} node1 0\n")).expect("revoke node 1");
         let e = client.read("c", 1, Some(1)).await.expect_err("node 1 is revoked");
         assert!(matches!(e, Error::Unavailable(_)) && e.to_string().contains("revoked certificate"), "{e}");
-        assert!(accepted.load(Ordering::SeqCst) >= 1, "refused after a handshake, not before");
+        // The node side finishes the handshake on its own task, maybe after the refusal.
+        let handshaken = tokio::time::timeout(Duration::from_secs(5), async {
+            while accepted.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(handshaken.await.is_ok(), "refused after a handshake, not before");
         assert!(client.is_suspect(1), "a refused node is suspect");
         std::fs::write(paths.revoked(), "not a fingerprint\n").expect("a bad edit");
         let e = client.read("c", 1, Some(1)).await.expect_err("the last list read stays");

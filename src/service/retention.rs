@@ -13,7 +13,8 @@
 //! own (a scan of their records); with a default, every conversation of the shard (a scan of
 //! its head records). A check reads at most `retention.conversations_per_check` of them and
 //! the next resumes after the last one read, so a shard of millions of conversations costs
-//! each check a bounded page, and is gone through in turn. A `max_bytes` limit reads the newest messages back
+//! each check a bounded page, and is gone through in turn. The conversations a check planned
+//! trims for are read again at the next one, beside its page, until they need none. A `max_bytes` limit reads the newest messages back
 //! from the head, only when the head or the limit changed since the last check; the first
 //! offset it keeps is remembered, and trims are proposed until the conversation starts there
 //! (a trim deletes at most [`TRIM_MESSAGES_MAX`], and a proposal can fail).
@@ -48,13 +49,18 @@ struct BytesKept {
 /// What a shard's checks keep from one to the next while this node leads it.
 #[derive(Debug, Default)]
 struct Checks {
-    /// The last `max_bytes` readings, by conversation.
-    seen: HashMap<String, BytesKept>,
+    /// The last `max_bytes` readings, by conversation, with the pass that made or confirmed
+    /// each: at a pass's end, readings of an earlier pass (a limit or a conversation gone)
+    /// are dropped.
+    seen: HashMap<String, (BytesKept, u64)>,
+    /// Which pass over the shard's conversations this is.
+    pass: u64,
     /// Where the next check resumes: after this conversation (`None`: from the first).
     after: Option<String>,
-    /// The conversations with a byte limit this pass over the shard has read so far: at the
-    /// pass's end, the readings of the others (a limit or a conversation gone) are dropped.
-    limited: std::collections::HashSet<String>,
+    /// The conversations whose trim the last check left unfinished (cut at
+    /// [`TRIM_MESSAGES_MAX`], or not applied), planned again at the next beside its page: the
+    /// rest must not wait a whole pass. At most a page.
+    carried: Vec<String>,
 }
 
 /// Runs the retention checks of the shards this node leads, until the service is dropped.
@@ -92,8 +98,11 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
                     checked.insert(shard, checks);
                     trims
                 }
-                Ok((Err(e), _)) => {
-                    tracing::warn!(shard, error = %e, "retention check failed; retrying at the next one");
+                Ok((Err(e), checks)) => {
+                    // The position stays past the page that failed: one conversation that
+                    // cannot be read does not stop the pass there.
+                    checked.insert(shard, checks);
+                    tracing::warn!(shard, error = %e, "retention check failed; going on at the next one");
                     continue;
                 }
                 Err(e) => {
@@ -101,22 +110,36 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
                     continue;
                 }
             };
-            for (conversation, before, planned_under) in trims {
+            let mut unfinished = Vec::new();
+            let mut trims = trims.into_iter();
+            while let Some((conversation, before, planned_under)) = trims.next() {
                 if stop.is_set() {
                     return;
                 }
                 let trim = TrimCommand { conversation: conversation.clone(), before };
                 let command = Command::TrimUnder(TrimUnderCommand { trim, planned_under });
                 match node.propose(&group, command).await {
-                    Ok(Outcome::Trimmed { earliest, deleted }) if deleted > 0 => {
-                        tracing::debug!(shard, conversation, earliest, deleted, "trimmed by retention");
+                    Ok(Outcome::Trimmed { earliest, deleted }) => {
+                        if deleted > 0 {
+                            tracing::debug!(shard, conversation, earliest, deleted, "trimmed by retention");
+                        }
+                        // Cut at TRIM_MESSAGES_MAX: the rest at the next check.
+                        if earliest < before && deleted > 0 {
+                            unfinished.push(conversation);
+                        }
                     }
                     Ok(_) => {}
                     Err(refusal) => {
                         tracing::debug!(shard, conversation, ?refusal, "trim not applied; retrying at the next check");
+                        unfinished.push(conversation);
+                        unfinished.extend(trims.by_ref().map(|(c, ..)| c));
                         break;
                     }
                 }
+            }
+            if let Some(checks) = checked.get_mut(&shard) {
+                unfinished.truncate(page);
+                checks.carried = unfinished;
             }
         }
     }
@@ -131,9 +154,11 @@ fn plan(
     now_ms: u64,
     seen: &mut HashMap<String, BytesKept>,
 ) -> Result<Vec<Trim>> {
-    let mut checks = Checks { seen: std::mem::take(seen), ..Checks::default() };
+    // The readings given are of an earlier pass: those this one does not confirm go.
+    let readings = std::mem::take(seen).into_iter().map(|(c, k)| (c, (k, 0))).collect();
+    let mut checks = Checks { seen: readings, pass: 1, ..Checks::default() };
     let trims = plan_page(store, shard, default, now_ms, &mut checks, usize::MAX);
-    *seen = checks.seen;
+    *seen = checks.seen.into_iter().map(|(c, (k, _))| (c, k)).collect();
     trims
 }
 
@@ -151,7 +176,7 @@ fn plan_page(
 ) -> Result<Vec<Trim>> {
     let after = checks.after.as_deref();
     // (conversation, head, its own retention record or none)
-    let conversations: Vec<(String, u64, Retention)> = if default.keeps_all() {
+    let paged: Vec<(String, u64, Retention)> = if default.keeps_all() {
         let mut with_policy = Vec::new();
         for (c, own) in store.retentions_page(shard, after, page)? {
             let head = store.head(shard, &c)?;
@@ -166,16 +191,23 @@ fn plan_page(
         }
         all
     };
-    checks.after = (conversations.len() >= page).then(|| conversations.last().map(|(c, ..)| c.clone())).flatten();
+    checks.after = (paged.len() >= page).then(|| paged.last().map(|(c, ..)| c.clone())).flatten();
     let pass_ends = checks.after.is_none();
-    let (seen, limited) = (&mut checks.seen, &mut checks.limited);
+    // The conversations the last check trimmed first (those not in this page), then the page.
+    let mut conversations = Vec::with_capacity(checks.carried.len() + paged.len());
+    for c in std::mem::take(&mut checks.carried) {
+        if !paged.iter().any(|(p, ..)| *p == c) {
+            let (head, own) = (store.head(shard, &c)?, store.retention(shard, &c)?.unwrap_or_default());
+            conversations.push((c, head, own));
+        }
+    }
+    conversations.extend(paged);
+    let (seen, pass) = (&mut checks.seen, checks.pass);
     let mut trims = Vec::new();
     for (conversation, head, planned_under) in conversations {
         let policy = planned_under.or(default);
         // Readings are kept only for the conversations that still have a byte limit.
-        if policy.max_bytes.is_some() {
-            limited.insert(conversation.clone());
-        } else {
+        if policy.max_bytes.is_none() {
             seen.remove(&conversation);
         }
         if policy.keeps_all() || head == 0 {
@@ -202,10 +234,10 @@ fn plan_page(
         }
         if let Some(limit) = policy.max_bytes {
             let kept = match seen.get(&conversation) {
-                Some(k) if k.head == head && k.limit == limit => *k,
+                Some((k, _)) if k.head == head && k.limit == limit => *k,
                 _ => BytesKept { head, limit, from: store.keep_bytes_from(shard, &conversation, limit)? },
             };
-            seen.insert(conversation.clone(), kept);
+            seen.insert(conversation.clone(), (kept, pass));
             if let Some(from) = kept.from {
                 keep_from = keep_from.max(from);
             }
@@ -215,8 +247,8 @@ fn plan_page(
         }
     }
     if pass_ends {
-        seen.retain(|c, _| limited.contains(c));
-        limited.clear();
+        seen.retain(|_, (_, read)| *read == pass);
+        checks.pass += 1;
     }
     Ok(trims)
 }
@@ -297,18 +329,26 @@ mod tests {
         crate::raft::state_machine::apply_for_test(&store, 0, vec![Command::SendBatch(sends)]).expect("apply");
         let default = Retention { max_messages: Some(2), ..Retention::default() };
         let mut checks = Checks::default();
-        let mut check = |default, page| -> Vec<String> {
-            let trims = plan_page(&store, 0, default, 0, &mut checks, page).expect("plan");
+        let check = |checks: &mut Checks, default, page| -> Vec<String> {
+            let trims = plan_page(&store, 0, default, 0, checks, page).expect("plan");
             assert!(trims.iter().all(|(_, before, _)| *before == 4), "{trims:?}");
             trims.into_iter().map(|(c, ..)| c).collect()
         };
-        assert_eq!(check(default, 3), ["c0", "c1", "c2"]);
-        assert_eq!(check(default, 3), ["c3", "c4", "c5"]);
-        assert_eq!(check(default, 3), ["c6", "c7", "c8"]);
-        assert_eq!(check(default, 3), ["c9"], "the last page is short");
-        assert_eq!(check(default, 3), ["c0", "c1", "c2"], "and the next check starts over");
-        assert_eq!(check(default, 100).len(), 7, "from where it stopped to the end");
-        assert_eq!(check(default, 100).len(), 10, "one page holds them all");
+        let c = &mut checks;
+        assert_eq!(check(c, default, 3), ["c0", "c1", "c2"]);
+        assert_eq!(check(c, default, 3), ["c3", "c4", "c5"]);
+        assert_eq!(check(c, default, 3), ["c6", "c7", "c8"]);
+        assert_eq!(check(c, default, 3), ["c9"], "the last page is short");
+        assert_eq!(check(c, default, 3), ["c0", "c1", "c2"], "and the next check starts over");
+        assert_eq!(check(c, default, 100).len(), 7, "from where it stopped to the end");
+        assert_eq!(check(c, default, 100).len(), 10, "one page holds them all");
+        // Trims the last check left unfinished are planned again first, beside the page
+        // (once, if the page has them too), and only at that check.
+        c.carried = vec!["c9".into(), "c1".into()];
+        assert_eq!(check(c, default, 3), ["c9", "c0", "c1", "c2"]);
+        assert!(c.carried.is_empty());
+        assert_eq!(check(c, default, 3), ["c3", "c4", "c5"]);
+        c.after = None;
 
         // With no default, only the conversations with a policy of their own are read, paged
         // the same way.
@@ -323,9 +363,9 @@ mod tests {
         };
         crate::raft::state_machine::apply_for_test(&store, 0, vec![set("c1"), set("c4"), set("c7")]).expect("apply");
         let none = Retention::default();
-        assert_eq!(check(none, 2), ["c1", "c4"]);
-        assert_eq!(check(none, 2), ["c7"]);
-        assert_eq!(check(none, 2), ["c1", "c4"]);
+        assert_eq!(check(c, none, 2), ["c1", "c4"]);
+        assert_eq!(check(c, none, 2), ["c7"]);
+        assert_eq!(check(c, none, 2), ["c1", "c4"]);
     }
 
     #[test]
