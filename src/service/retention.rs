@@ -13,8 +13,10 @@
 //! own (a scan of their records); with a default, every conversation of the shard (a scan of
 //! its head records). A check reads at most `retention.conversations_per_check` of them and
 //! the next resumes after the last one read, so a shard of millions of conversations costs
-//! each check a bounded page, and is gone through in turn. The conversations a check planned
-//! trims for are read again at the next one, beside its page, until they need none. A `max_bytes` limit reads the newest messages back
+//! each check a bounded page, and is gone through in turn. A conversation whose trim a check
+//! left unfinished (cut, refused as planned under an older policy, or not proposed) is read
+//! again at the next one, beside its page; one that cannot be read is logged and passed over.
+//! A `max_bytes` limit reads the newest messages back
 //! from the head, only when the head or the limit changed since the last check; the first
 //! offset it keeps is remembered, and trims are proposed until the conversation starts there
 //! (a trim deletes at most [`TRIM_MESSAGES_MAX`], and a proposal can fail).
@@ -78,7 +80,10 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
         }
         let Some(node) = node.upgrade() else { return };
         let default = node.config.retention_default;
-        for group in node.groups() {
+        let groups = node.groups();
+        // A shard moved off this node leaves no state behind.
+        checked.retain(|shard, _| groups.iter().any(|g| g.shard == *shard));
+        for group in groups {
             if stop.is_set() {
                 return;
             }
@@ -99,8 +104,7 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
                     trims
                 }
                 Ok((Err(e), checks)) => {
-                    // The position stays past the page that failed: one conversation that
-                    // cannot be read does not stop the pass there.
+                    // The page itself did not read: tried again at the next check.
                     checked.insert(shard, checks);
                     tracing::warn!(shard, error = %e, "retention check failed; going on at the next one");
                     continue;
@@ -123,8 +127,9 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
                         if deleted > 0 {
                             tracing::debug!(shard, conversation, earliest, deleted, "trimmed by retention");
                         }
-                        // Cut at TRIM_MESSAGES_MAX: the rest at the next check.
-                        if earliest < before && deleted > 0 {
+                        // Cut at TRIM_MESSAGES_MAX, or refused as planned under a policy
+                        // changed since: planned again at the next check.
+                        if earliest < before {
                             unfinished.push(conversation);
                         }
                     }
@@ -175,82 +180,104 @@ fn plan_page(
     page: usize,
 ) -> Result<Vec<Trim>> {
     let after = checks.after.as_deref();
-    // (conversation, head, its own retention record or none)
-    let paged: Vec<(String, u64, Retention)> = if default.keeps_all() {
-        let mut with_policy = Vec::new();
-        for (c, own) in store.retentions_page(shard, after, page)? {
-            let head = store.head(shard, &c)?;
-            with_policy.push((c, head, own));
-        }
-        with_policy
+    // The page's conversations, each with its own retention record (none: the default's
+    // limits alone) or, with no default, its head. The place moves past the page before
+    // anything of a conversation is read: one that cannot be read is passed over, not
+    // read again at every check.
+    let paged: Vec<(String, Option<u64>, Option<Retention>)> = if default.keeps_all() {
+        store.retentions_page(shard, after, page)?.into_iter().map(|(c, own)| (c, None, Some(own))).collect()
     } else {
-        let mut all = Vec::new();
-        for (c, head) in store.heads_page(shard, after, page)? {
-            let own = store.retention(shard, &c)?.unwrap_or_default();
-            all.push((c, head, own));
-        }
-        all
+        store.heads_page(shard, after, page)?.into_iter().map(|(c, head)| (c, Some(head), None)).collect()
     };
     checks.after = (paged.len() >= page).then(|| paged.last().map(|(c, ..)| c.clone())).flatten();
     let pass_ends = checks.after.is_none();
-    // The conversations the last check trimmed first (those not in this page), then the page.
+    // The conversations the last check left unfinished first (those not in this page), then
+    // the page.
     let mut conversations = Vec::with_capacity(checks.carried.len() + paged.len());
     for c in std::mem::take(&mut checks.carried) {
         if !paged.iter().any(|(p, ..)| *p == c) {
-            let (head, own) = (store.head(shard, &c)?, store.retention(shard, &c)?.unwrap_or_default());
-            conversations.push((c, head, own));
+            conversations.push((c, None, None));
         }
     }
     conversations.extend(paged);
-    let (seen, pass) = (&mut checks.seen, checks.pass);
     let mut trims = Vec::new();
-    for (conversation, head, planned_under) in conversations {
-        let policy = planned_under.or(default);
-        // Readings are kept only for the conversations that still have a byte limit.
-        if policy.max_bytes.is_none() {
-            seen.remove(&conversation);
-        }
-        if policy.keeps_all() || head == 0 {
-            continue;
-        }
-        let earliest = store.earliest(shard, &conversation)?;
-        let mut keep_from = earliest;
-        if let Some(n) = policy.max_messages {
-            keep_from = keep_from.max(head.saturating_sub(n) + 1);
-        }
-        if let Some(age) = policy.max_age_ms {
-            let cutoff = now_ms.saturating_sub(age);
-            let mut first_young = None;
-            let mut last_old = earliest.saturating_sub(1);
-            store.each_message(shard, &conversation, keep_from, TRIM_MESSAGES_MAX, |m| {
-                if m.ts_ms >= cutoff {
-                    first_young = Some(m.offset);
-                    return false;
-                }
-                last_old = m.offset;
-                true
-            })?;
-            keep_from = keep_from.max(first_young.unwrap_or(last_old + 1));
-        }
-        if let Some(limit) = policy.max_bytes {
-            let kept = match seen.get(&conversation) {
-                Some((k, _)) if k.head == head && k.limit == limit => *k,
-                _ => BytesKept { head, limit, from: store.keep_bytes_from(shard, &conversation, limit)? },
-            };
-            seen.insert(conversation.clone(), (kept, pass));
-            if let Some(from) = kept.from {
-                keep_from = keep_from.max(from);
+    for (conversation, head, own) in conversations {
+        match plan_one(store, shard, default, now_ms, checks, &conversation, head, own) {
+            Ok(Some(trim)) => trims.push(trim),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(shard, conversation, error = %e, "retention check of a conversation failed; passed over")
             }
-        }
-        if keep_from > earliest {
-            trims.push((conversation, keep_from.min(head + 1), planned_under));
         }
     }
     if pass_ends {
-        seen.retain(|_, (_, read)| *read == pass);
+        let pass = checks.pass;
+        checks.seen.retain(|_, (_, read)| *read == pass);
         checks.pass += 1;
     }
     Ok(trims)
+}
+
+/// The trim `conversation` needs now, if any; `head` and `own` (its own retention record)
+/// are read here when not given.
+#[allow(clippy::too_many_arguments)]
+fn plan_one(
+    store: &Store,
+    shard: ShardId,
+    default: Retention,
+    now_ms: u64,
+    checks: &mut Checks,
+    conversation: &str,
+    head: Option<u64>,
+    own: Option<Retention>,
+) -> Result<Option<Trim>> {
+    let head = match head {
+        Some(h) => h,
+        None => store.head(shard, conversation)?,
+    };
+    let planned_under = match own {
+        Some(r) => r,
+        None => store.retention(shard, conversation)?.unwrap_or_default(),
+    };
+    let policy = planned_under.or(default);
+    let seen = &mut checks.seen;
+    // Readings are kept only for the conversations that still have a byte limit.
+    if policy.max_bytes.is_none() {
+        seen.remove(conversation);
+    }
+    if policy.keeps_all() || head == 0 {
+        return Ok(None);
+    }
+    let earliest = store.earliest(shard, conversation)?;
+    let mut keep_from = earliest;
+    if let Some(n) = policy.max_messages {
+        keep_from = keep_from.max(head.saturating_sub(n) + 1);
+    }
+    if let Some(age) = policy.max_age_ms {
+        let cutoff = now_ms.saturating_sub(age);
+        let mut first_young = None;
+        let mut last_old = earliest.saturating_sub(1);
+        store.each_message(shard, conversation, keep_from, TRIM_MESSAGES_MAX, |m| {
+            if m.ts_ms >= cutoff {
+                first_young = Some(m.offset);
+                return false;
+            }
+            last_old = m.offset;
+            true
+        })?;
+        keep_from = keep_from.max(first_young.unwrap_or(last_old + 1));
+    }
+    if let Some(limit) = policy.max_bytes {
+        let kept = match seen.get(conversation) {
+            Some((k, _)) if k.head == head && k.limit == limit => *k,
+            _ => BytesKept { head, limit, from: store.keep_bytes_from(shard, conversation, limit)? },
+        };
+        seen.insert(conversation.to_string(), (kept, checks.pass));
+        if let Some(from) = kept.from {
+            keep_from = keep_from.max(from);
+        }
+    }
+    Ok((keep_from > earliest).then(|| (conversation.to_string(), keep_from.min(head + 1), planned_under)))
 }
 
 /// Gives the space of trimmed messages back on this node (see [`Store::reclaim`]), until the
@@ -366,6 +393,14 @@ mod tests {
         assert_eq!(check(c, none, 2), ["c1", "c4"]);
         assert_eq!(check(c, none, 2), ["c7"]);
         assert_eq!(check(c, none, 2), ["c1", "c4"]);
+
+        // A conversation whose state does not read is passed over; the rest of its page is
+        // checked, and the next check goes on after it.
+        let key = crate::store::keys::earliest_key(0, "c4");
+        store.db.put_cf(store.cf(crate::store::keys::CF_STATE), key, b"not a number").expect("damage c4");
+        c.after = None;
+        assert_eq!(check(c, default, 5), ["c0", "c1", "c2", "c3"]);
+        assert_eq!(check(c, default, 5), ["c5", "c6", "c7", "c8", "c9"]);
     }
 
     #[test]
