@@ -78,7 +78,7 @@ impl Node {
                  {}` (after deleting {}), then start it again",
                 paths.revoked().display(),
                 config.path.display(),
-                paths.node_cert(id).parent().map_or_else(|| paths.node_cert(id), |d| d.to_path_buf()).display()
+                paths.node_dir(id).display()
             )));
         }
         std::fs::create_dir_all(&me.data_dir)?;

@@ -123,7 +123,6 @@ pub async fn serve(
             let span = tracing::info_span!("client", remote = %conn.remote_address(), user = %who.user);
             let bucket = Arc::new(node.connection_bucket());
             async move {
-                let mut watching = true;
                 loop {
                     tokio::select! {
                         accepted = conn.accept_bi() => {
@@ -133,14 +132,10 @@ pub async fn serve(
                                 handle(node.clone(), caller, send, recv).instrument(tracing::debug_span!("request")),
                             );
                         }
-                        changed = revoked.changed(), if watching => {
-                            if changed.is_err() {
-                                watching = false;
-                            } else if revoked.borrow_and_update().contains(&fingerprint) {
-                                tracing::info!("closing the connection of a credential just revoked");
-                                conn.close(CLOSE_REVOKED_OPEN.into(), REVOKED_REASON.as_bytes());
-                                break;
-                            }
+                        () = tls::revoked_later(&mut revoked, &fingerprint) => {
+                            tracing::info!("closing the connection of a credential just revoked");
+                            conn.close(CLOSE_REVOKED_OPEN.into(), REVOKED_REASON.as_bytes());
+                            break;
                         }
                     }
                 }

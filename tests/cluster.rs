@@ -563,6 +563,15 @@ fn move_and_wait(cluster: &LocalCluster, shard: u32, from: u64, to: u64) -> (boo
     cli_as(cluster, "admin", &args)
 }
 
+/// An operator command (`user`, `tls`: no `--user`) on the cluster's file; it must succeed.
+/// Returns what it printed.
+fn operator(cluster: &LocalCluster, args: &[&str]) -> String {
+    let out = std::process::Command::new(BIN).args(args).arg("--config").arg(cluster.config_path()).output();
+    let out = out.expect("run convoy");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// [`cli_as`] for a cluster file at `config` (from a thread that does not own the cluster).
 fn cli_at(config: &std::path::Path, user: &str, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(BIN)
@@ -1601,13 +1610,8 @@ async fn a_revoked_credential_is_refused_and_its_open_tail_is_closed() {
         }
     }
 
-    let out = std::process::Command::new(BIN)
-        .args(["user", "revoke", "bob", "--json", "--config"])
-        .arg(cluster.config_path())
-        .output()
-        .expect("run convoy");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("revoke prints JSON");
+    let out = operator(&cluster, &["user", "revoke", "bob", "--json"]);
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("revoke prints JSON");
     assert_eq!(answer["user"], "bob");
     assert!(!own.cert.exists(), "the revoked credential's files are deleted");
 
@@ -1662,19 +1666,14 @@ async fn a_revoked_node_is_cut_off_and_rejoins_with_a_new_certificate() {
     let client = cluster.client().expect("client");
     assert_eq!(client.send("cut", "before").await.expect("send").offset, 1);
     let paths = convoy::net::tls::TlsPaths::of(cluster.config());
-    let node3 = paths.node_cert(3).parent().expect("node 3's directory").to_path_buf();
+    let node3 = paths.node_dir(3);
     let kept = tempfile::tempdir().expect("tempdir");
     for file in ["cert.pem", "key.pem"] {
         std::fs::copy(node3.join(file), kept.path().join(file)).expect("keep a copy of node 3's files");
     }
 
-    let out = std::process::Command::new(BIN)
-        .args(["tls", "revoke-node", "3", "--json", "--config"])
-        .arg(cluster.config_path())
-        .output()
-        .expect("run convoy");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("revoke-node prints JSON");
+    let out = operator(&cluster, &["tls", "revoke-node", "3", "--json"]);
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("revoke-node prints JSON");
     assert_eq!(answer["node"], 3);
     assert!(!node3.join("key.pem").exists(), "the revoked certificate's files are deleted");
     let revoked = answer["revoked"].as_str().expect("the fingerprint").to_string();
@@ -1747,17 +1746,9 @@ async fn a_revoked_node_is_cut_off_and_rejoins_with_a_new_certificate() {
     std::fs::remove_dir_all(&node3).expect("remove the old files");
 
     // `tls init` issues a new certificate; node 3 restarts with it and catches up.
-    let out = std::process::Command::new(BIN)
-        .args(["tls", "init", "--config"])
-        .arg(cluster.config_path())
-        .output()
-        .expect("run convoy");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let issued = {
-        use rustls_pki_types::pem::PemObject;
-        rustls_pki_types::CertificateDer::from_pem_file(paths.node_cert(3)).expect("a new certificate")
-    };
-    assert_ne!(convoy::net::tls::key_fingerprint(&issued).expect("its key"), revoked, "a new key");
+    operator(&cluster, &["tls", "init"]);
+    let issued = convoy::net::tls::node_key_fingerprint(&paths, 3).expect("a new certificate");
+    assert_ne!(issued, revoked, "a new key");
     cluster.start(3).expect("start node 3");
     cluster.wait_ready(&[3], READY).await.expect("node 3 ready");
     let texts = eventually(Duration::from_secs(20), "node 3 to catch up", || {

@@ -672,10 +672,10 @@ impl Client {
         // since (`convoy tls revoke-node`) is refused here, and the node is suspect for a
         // while, as one that does not answer. Dials are rare: the list is read again each
         // time, so a long-lived client sees a revocation at its next dial.
-        let (revoked, list) = {
+        let revoked = {
             let mut list = self.inner.revoked.lock().expect("revocation list lock");
             list.refresh();
-            (list.keys(), list.path().to_path_buf())
+            list.keys()
         };
         if !revoked.is_empty() {
             let refused = match tls::peer_credential_of(&conn) {
@@ -686,7 +686,8 @@ impl Client {
             if let Some(why) = refused {
                 conn.close(0u32.into(), b"revoked node certificate");
                 self.suspect(node);
-                return Err(Error::Unavailable(format!("node {node} {why} (revocation list {})", list.display())));
+                let list = self.inner.revoked.lock().expect("revocation list lock").path().display().to_string();
+                return Err(Error::Unavailable(format!("node {node} {why} (revocation list {list})")));
             }
         }
         Ok(conn)

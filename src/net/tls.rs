@@ -96,7 +96,7 @@ impl TlsPaths {
     pub fn client_ca(&self) -> PathBuf {
         self.dir.join("client-ca.pem")
     }
-    fn node_dir(&self, id: u64) -> PathBuf {
+    pub fn node_dir(&self, id: u64) -> PathBuf {
         self.dir.join("nodes").join(node_name(id))
     }
     pub fn node_cert(&self, id: u64) -> PathBuf {
@@ -225,6 +225,20 @@ pub type RevokedKeys = std::collections::HashSet<String>;
 
 /// The revoked keys as a node last read them (`server::watch_revoked` publishes them).
 pub type Revoked = std::sync::Arc<RevokedKeys>;
+
+/// Resolves once a list `revoked` publishes after the one last seen holds `fingerprint`;
+/// never, once the publisher is gone. Cancel-safe, so a connection's accept loop can race
+/// it against its next stream, and close the connection when it wins.
+pub async fn revoked_later(revoked: &mut tokio::sync::watch::Receiver<Revoked>, fingerprint: &str) {
+    loop {
+        if revoked.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if revoked.borrow_and_update().contains(fingerprint) {
+            return;
+        }
+    }
+}
 
 /// A revocation list read again and again, keeping the last one that read: a revocation
 /// must not be lifted by a bad edit. Each distinct failure is logged once.
@@ -359,11 +373,9 @@ pub fn revoke_node(config: &Config, id: u64) -> Result<Revocation> {
     config.node(id)?;
     let paths = TlsPaths::of(config);
     let lock = revocation_lock(&paths)?;
-    let cert = paths.node_cert(id);
-    let certs = load_certs(&cert)
-        .map_err(|e| Error::Config(format!("node {id} has no certificate to revoke ({}): {e}", cert.display())))?;
-    let leaf = certs.first().ok_or_else(|| Error::Config(format!("{} holds no certificate", cert.display())))?;
-    let fp = key_fingerprint(leaf)?;
+    let fp = node_key_fingerprint(&paths, id).map_err(|e| {
+        Error::Config(format!("node {id} has no certificate to revoke ({}): {e}", paths.node_cert(id).display()))
+    })?;
     let file = list_revoked(&paths, &fp, &node_name(id))?;
     std::fs::remove_dir_all(paths.node_dir(id))?;
     drop(lock);
@@ -407,10 +419,13 @@ fn list_revoked(paths: &TlsPaths, fp: &str, who: &str) -> Result<PathBuf> {
 
 /// The fingerprint of `name`'s current credential's key.
 fn user_key_fingerprint(config: &Config, name: &str) -> Result<String> {
-    let credential = Credential::of_user(config, name)?;
-    let certs = load_certs(&credential.cert)?;
-    let leaf =
-        certs.first().ok_or_else(|| Error::Config(format!("{} holds no certificate", credential.cert.display())))?;
+    cert_file_fingerprint(&Credential::of_user(config, name)?.cert)
+}
+
+/// The [`key_fingerprint`] of the first certificate in a PEM file.
+fn cert_file_fingerprint(path: &Path) -> Result<String> {
+    let certs = load_certs(path)?;
+    let leaf = certs.first().ok_or_else(|| Error::Config(format!("{} holds no certificate", path.display())))?;
     key_fingerprint(leaf)
 }
 
@@ -438,11 +453,7 @@ pub fn peer_credential_of(conn: &quinn::Connection) -> Result<(u64, String)> {
 
 /// The key fingerprint of node `id`'s own certificate, as the operator issued it.
 pub fn node_key_fingerprint(paths: &TlsPaths, id: u64) -> Result<String> {
-    let certs = load_certs(&paths.node_cert(id))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Error::Config(format!("{} holds no certificate", paths.node_cert(id).display())))?;
-    key_fingerprint(leaf)
+    cert_file_fingerprint(&paths.node_cert(id))
 }
 
 /// The one node a certificate's DNS names name.

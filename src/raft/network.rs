@@ -1170,7 +1170,6 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: PeerContext) {
             }
             let span = tracing::info_span!("peer", remote = %conn.remote_address(), node = peer);
             async move {
-                let mut watching = true;
                 loop {
                     tokio::select! {
                         accepted = conn.accept_bi() => match accepted {
@@ -1182,14 +1181,10 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: PeerContext) {
                                 return;
                             }
                         },
-                        changed = revoked.changed(), if watching => {
-                            if changed.is_err() {
-                                watching = false;
-                            } else if revoked.borrow_and_update().contains(&fingerprint) {
-                                tracing::warn!(key = %fingerprint, "closing the connection of a node whose certificate was just revoked");
-                                conn.close(CLOSE_PEER_REVOKED.into(), PEER_REVOKED_REASON.as_bytes());
-                                return;
-                            }
+                        () = crate::net::tls::revoked_later(&mut revoked, &fingerprint) => {
+                            tracing::warn!(key = %fingerprint, "closing the connection of a node whose certificate was just revoked");
+                            conn.close(CLOSE_PEER_REVOKED.into(), PEER_REVOKED_REASON.as_bytes());
+                            return;
                         }
                     }
                 }
