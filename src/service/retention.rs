@@ -15,7 +15,9 @@
 //! the next resumes after the last one read, so a shard of millions of conversations costs
 //! each check a bounded page, and is gone through in turn. A conversation whose trim a check
 //! left unfinished (cut, refused as planned under an older policy, or not proposed) is read
-//! again at the next one, beside its page; one that cannot be read is logged and passed over.
+//! again at the next one, beside its page; one that cannot be read (its head, policy or other
+//! state does not decode) is logged and passed over. A node keeps its place in a shard it
+//! stops leading, and goes on from there when it leads it again.
 //! A `max_bytes` limit reads the newest messages back
 //! from the head, only when the head or the limit changed since the last check; the first
 //! offset it keeps is remembered, and trims are proposed until the conversation starts there
@@ -48,7 +50,8 @@ struct BytesKept {
     from: Option<u64>,
 }
 
-/// What a shard's checks keep from one to the next while this node leads it.
+/// What a shard's checks keep from one to the next, while the shard has a replica on this
+/// node (led or not: a node that leads it again goes on from where it stopped).
 #[derive(Debug, Default)]
 struct Checks {
     /// The last `max_bytes` readings, by conversation, with the pass that made or confirmed
@@ -87,8 +90,11 @@ pub(super) async fn enforce(node: Weak<Service>, mut stop: StopSignal) {
             if stop.is_set() {
                 return;
             }
+            // A shard this node no longer leads keeps its place: were the pass to start over
+            // at each new leadership, leaders that change faster than a pass takes would never
+            // reach the conversations at the end of the key order. (The readings kept with it
+            // are checked against the head and the limit before use.)
             if consensus::metrics_of(&group.raft).current_leader != Some(group.replica) {
-                checked.remove(&group.shard);
                 continue;
             }
             let (store, shard) = (node.store.clone(), group.shard);
@@ -185,9 +191,9 @@ fn plan_page(
     // anything of a conversation is read: one that cannot be read is passed over, not
     // read again at every check.
     let paged: Vec<(String, Option<u64>, Option<Retention>)> = if default.keeps_all() {
-        store.retentions_page(shard, after, page)?.into_iter().map(|(c, own)| (c, None, Some(own))).collect()
+        store.retentions_page(shard, after, page)?.into_iter().map(|(c, own)| (c, None, own)).collect()
     } else {
-        store.heads_page(shard, after, page)?.into_iter().map(|(c, head)| (c, Some(head), None)).collect()
+        store.heads_page(shard, after, page)?.into_iter().map(|(c, head)| (c, head, None)).collect()
     };
     checks.after = (paged.len() >= page).then(|| paged.last().map(|(c, ..)| c.clone())).flatten();
     let pass_ends = checks.after.is_none();
@@ -401,6 +407,22 @@ mod tests {
         c.after = None;
         assert_eq!(check(c, default, 5), ["c0", "c1", "c2", "c3"]);
         assert_eq!(check(c, default, 5), ["c5", "c6", "c7", "c8", "c9"]);
+
+        // So is one whose record the page itself reads: a head (with a default) or a
+        // retention record (without) that does not decode. The page goes on past it, and
+        // the pass reaches its end.
+        let state = store.cf(crate::store::keys::CF_STATE);
+        store.db.delete_cf(state, crate::store::keys::earliest_key(0, "c4")).expect("mend c4");
+        store.db.put_cf(state, crate::store::keys::head_key(0, "c6"), b"\xff").expect("damage c6");
+        c.after = None;
+        assert_eq!(check(c, default, 5), ["c0", "c1", "c2", "c3", "c4"]);
+        assert_eq!(check(c, default, 5), ["c5", "c7", "c8", "c9"]);
+        assert!(check(c, default, 5).is_empty(), "the page after the last full one is empty");
+        assert_eq!(check(c, default, 5).len(), 5, "and the next pass starts over");
+        store.db.put_cf(state, crate::store::keys::retention_key(0, "c1"), b"\xff").expect("damage c1");
+        c.after = None;
+        assert_eq!(check(c, none, 2), ["c4"]);
+        assert_eq!(check(c, none, 2), ["c7"]);
     }
 
     #[test]

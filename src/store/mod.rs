@@ -551,26 +551,35 @@ impl Store {
     }
 
     /// Up to `max` conversations of a shard with their heads, in key order, from the one
-    /// after `after` (from the first with `None`).
-    pub fn heads_page(&self, shard: ShardId, after: Option<&str>, max: usize) -> Result<Vec<(String, u64)>> {
+    /// after `after` (from the first with `None`). A head that does not decode is `None`;
+    /// see [`Store::records_page`].
+    pub fn heads_page(&self, shard: ShardId, after: Option<&str>, max: usize) -> Result<Vec<(String, Option<u64>)>> {
         self.records_page(&heads_prefix(shard), after.map(|c| head_key(shard, c)), max)
     }
 
     /// Up to `max` conversations of a shard with a retention of their own, as
     /// [`Store::heads_page`] pages the heads.
-    pub fn retentions_page(&self, shard: ShardId, after: Option<&str>, max: usize) -> Result<Vec<(String, Retention)>> {
+    pub fn retentions_page(
+        &self,
+        shard: ShardId,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<(String, Option<Retention>)>> {
         self.records_page(&retentions_prefix(shard), after.map(|c| retention_key(shard, c)), max)
     }
 
     /// Up to `max` of a shard's per-conversation records under `prefix` (heads or retention
     /// records), decoded, with their conversations, from the key after `after` (from the
-    /// first with `None`).
+    /// first with `None`). One damaged record does not stop a page: a value that does not
+    /// decode is given as `None` (its conversation is still named, so a pager moves past it),
+    /// and a key that names no conversation is logged and skipped. Only a failed read is an
+    /// error.
     fn records_page<T: serde::de::DeserializeOwned>(
         &self,
         prefix: &[u8],
         after: Option<Vec<u8>>,
         max: usize,
-    ) -> Result<Vec<(String, T)>> {
+    ) -> Result<Vec<(String, Option<T>)>> {
         let mut ro = ReadOptions::default();
         let mut upper = prefix.to_vec();
         upper.push(0xff);
@@ -585,9 +594,14 @@ impl Store {
             if out.len() >= max {
                 break;
             }
-            let conversation = keys::record_conversation(&k)
-                .ok_or_else(|| Error::Corrupt(format!("malformed conversation record key of {} bytes", k.len())))?;
-            out.push((conversation.to_string(), codec::decode(&v)?));
+            let Some(conversation) = keys::record_conversation(&k) else {
+                tracing::warn!(key_bytes = k.len(), "malformed conversation record key; passed over");
+                continue;
+            };
+            let value = codec::decode(&v)
+                .map_err(|e| tracing::warn!(conversation, error = %e, "conversation record does not decode"))
+                .ok();
+            out.push((conversation.to_string(), value));
         }
         Ok(out)
     }
