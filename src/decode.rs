@@ -37,9 +37,69 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), Decod
     }
 }
 
+/// Deserializes a sequence of at most `MAX` elements (`#[serde(deserialize_with =
+/// "crate::decode::at_most::<_, _, MAX>")]`), refusing it at element `MAX + 1`, before more is
+/// decoded, and reserving room for at most `MAX` up front whatever length it announces.
+///
+/// The decode limit bounds the bytes a length prefix may claim, counted at their encoded
+/// width: an empty string is one byte on the wire and 24 in memory, an empty send five and
+/// 88, and a growing `Vec` keeps up to as much again spare. So a 1 MiB frame of 200,000
+/// empty sends would cost over 20 MiB before a count checked after decoding refused it; a
+/// count checked while decoding costs what `MAX` elements cost. The encoding is unchanged.
+pub fn at_most<'de, D, T, const MAX: usize>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    struct AtMost<T, const MAX: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>, const MAX: usize> serde::de::Visitor<'de> for AtMost<T, MAX> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a sequence of at most {MAX} elements")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            if seq.size_hint().is_some_and(|n| n > MAX) {
+                return Err(serde::de::Error::custom(format_args!("more than {MAX} elements")));
+            }
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX));
+            while let Some(item) = seq.next_element()? {
+                if out.len() == MAX {
+                    return Err(serde::de::Error::custom(format_args!("more than {MAX} elements")));
+                }
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_seq(AtMost::<T, MAX>(std::marker::PhantomData))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Few(#[serde(deserialize_with = "at_most::<_, _, 3>")] Vec<String>);
+
+    /// A bounded sequence decodes as any other up to its bound, and is refused past it,
+    /// however its length prefix is set.
+    #[test]
+    fn a_bounded_sequence_is_refused_past_its_bound() {
+        let encode = |v: &Vec<String>| bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("encode");
+        for n in 0..=3 {
+            let v: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+            let (back, _): (Few, usize) = from_slice(&encode(&v)).expect("within the bound");
+            assert_eq!(back.0, v);
+        }
+        let four: Vec<String> = (0..4).map(|i| i.to_string()).collect();
+        let e = from_slice::<Few>(&encode(&four)).expect_err("past the bound");
+        assert!(e.to_string().contains("more than 3"), "{e}");
+        // A prefix announcing a million empty strings, with them all there: refused, not
+        // decoded.
+        let mut many = varint_u64(1_000_000);
+        many.resize(many.len() + 1_000_000, 0);
+        assert!(from_slice::<Few>(&many).is_err());
+    }
 
     /// bincode's varint for a u64 that needs all eight bytes: the 253 marker, then LE.
     fn varint_u64(n: u64) -> Vec<u8> {

@@ -22,6 +22,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The most shards a cluster may have (`chat::limits::SHARDS_MAX`, which the config checks);
+/// a map is never built with more.
+pub const SHARDS_MAX: u32 = 4096;
+
 /// The metadata group's id: above every shard id (a configuration has at most 4,096), and
 /// the highest id the key schema gives a range to (`store::keys::SHARD_ID_MAX`).
 pub const META_SHARD: u32 = u32::MAX - 1;
@@ -299,7 +303,9 @@ impl ClusterMap {
                 let mut nodes = nodes.clone();
                 nodes.sort_by_key(|n| n.id);
                 nodes.dedup_by_key(|n| n.id);
-                if nodes.is_empty() || *shards == 0 || *shards >= META_SHARD {
+                // The bound config checks: an entry naming more (which no convoy node
+                // proposes) is refused, never a map every replica runs out of memory building.
+                if nodes.is_empty() || *shards == 0 || *shards > SHARDS_MAX || *shards >= META_SHARD {
                     return Err(format!("cannot place {shards} shards on {} nodes", nodes.len()));
                 }
                 let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
@@ -616,12 +622,16 @@ mod tests {
     }
 
     #[test]
-    fn init_refuses_an_empty_cluster() {
+    fn init_refuses_an_empty_cluster_and_more_shards_than_a_config_allows() {
         let mut map = ClusterMap::default();
         assert!(map.apply(&init(&[], 4)).is_err());
         assert!(map.apply(&init(&[1], 0)).is_err());
         assert!(map.apply(&init(&[1], META_SHARD)).is_err());
+        // More than a config can name is refused before anything is built (a map of four
+        // billion shards would exhaust every replica's memory at every replay).
+        assert!(map.apply(&init(&[1], SHARDS_MAX + 1)).is_err());
         assert_eq!(map, ClusterMap::default());
+        assert!(map.apply(&init(&[1], SHARDS_MAX)).is_ok());
     }
 
     #[test]

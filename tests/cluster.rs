@@ -1493,6 +1493,33 @@ async fn users_are_their_certificates_and_only_members_read() {
     assert!(!ok && err.contains("admin") && err.matches("forbidden").count() == 1, "{err}");
     assert!(cluster.admin().expect("admin").status(1).await.is_ok());
 
+    // A membership change the leader can tell is bad without state is refused before it is
+    // proposed: it costs the shard's log no entry.
+    let shard = shard_of("secret", cluster.config().shards);
+    let commit_of = |text: String| -> String {
+        let line = format!("convoy_shard_commit_index{{shard=\"{shard}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(line.as_str())).map(str::to_string).unwrap_or_default()
+    };
+    let before = commit_of(scrape(&cluster, leader).await);
+    assert!(!before.is_empty(), "the leader reports the shard's commit index");
+    let create = |conversation: &str, members: Vec<String>| Request::Members {
+        conversation: conversation.into(),
+        change: convoy::net::wire::MemberChange::Change(convoy::chat::Membership::Create { members }),
+    };
+    let crowd: Vec<String> = (0..=convoy::chat::MEMBERS_MAX).map(|i| format!("u{i}")).collect();
+    // (A list over the bound is refused as the request decodes.)
+    for (req, want, why) in [
+        (create("secret", crowd), ErrorCode::Protocol, "more than 1024"),
+        (create("secret", vec!["a\u{7}bell".into()]), ErrorCode::Rejected, "user id"),
+        (create("secret", vec![String::new()]), ErrorCode::Rejected, "user id"),
+    ] {
+        match alice.request(leader, &req).await.expect("an answer") {
+            Response::Error { code, message } if code == want => assert!(message.contains(why), "{message}"),
+            other => panic!("a bad member list must be refused with {want:?}, got {other:?}"),
+        }
+    }
+    assert_eq!(commit_of(scrape(&cluster, leader).await), before, "a refused change reached the log");
+
     // A member's follow ends at the removal: it sees what came before, never what came after.
     alice.add_member("secret", "bob").await.expect("alice adds bob");
     let mut follow = std::process::Command::new(BIN)

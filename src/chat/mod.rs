@@ -102,7 +102,7 @@ pub mod limits {
     /// Largest accepted `streams_per_connection_max`.
     pub const STREAMS_PER_CONNECTION_CEILING: u32 = 4096;
     /// Largest accepted shard count.
-    pub const SHARDS_MAX: u32 = 4096;
+    pub const SHARDS_MAX: u32 = crate::placement::SHARDS_MAX;
     /// Largest accepted number of async worker threads per node.
     pub const WORKER_THREADS_MAX: usize = 1024;
 }
@@ -636,21 +636,28 @@ fn apply_send<V: ShardView>(view: &mut V, send: &SendCommand) -> Result<(Outcome
     Ok((Outcome::Appended { offset, ts_ms: send.ts_ms, duplicate: false }, effects))
 }
 
-fn apply_members<V: ShardView>(view: &mut V, c: &MembersCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
-    let reject = |reason| Ok((Outcome::Rejected { reason }, Vec::new()));
+/// The checks of a membership change that need no state: every id it names is valid.
+/// Apply makes them (a log entry is checked whatever proposed it); a leader makes them, and
+/// refuses a creation list longer than [`MEMBERS_MAX`], before it proposes one, so a bad
+/// request never costs the log an entry.
+pub fn check_member_ids(c: &MembersCommand) -> Result<(), Rejection> {
     for (kind, id) in [("conversation", &c.conversation), ("user", &c.by)] {
-        if let Err(m) = validate_id(kind, id) {
-            return reject(Rejection::InvalidId(m));
-        }
+        validate_id(kind, id).map_err(Rejection::InvalidId)?;
     }
-    let named: Vec<&String> = match &c.change {
-        Membership::Create { members } => members.iter().collect(),
-        Membership::Add { user } | Membership::Remove { user } => vec![user],
+    let named: &[String] = match &c.change {
+        Membership::Create { members } => members,
+        Membership::Add { user } | Membership::Remove { user } => std::slice::from_ref(user),
     };
     for user in named {
-        if let Err(m) = validate_id("user", user) {
-            return reject(Rejection::InvalidId(m));
-        }
+        validate_id("user", user).map_err(Rejection::InvalidId)?;
+    }
+    Ok(())
+}
+
+fn apply_members<V: ShardView>(view: &mut V, c: &MembersCommand) -> Result<(Outcome, Vec<Effect>), V::Error> {
+    let reject = |reason| Ok((Outcome::Rejected { reason }, Vec::new()));
+    if let Err(reason) = check_member_ids(c) {
+        return reject(reason);
     }
     let head = view.head(&c.conversation)?;
     let existing = view.members(&c.conversation)?;

@@ -45,7 +45,7 @@ pub enum Request {
     /// Several sends in one request (the client coalesces sends that wait at the same
     /// time), at most [`SEND_BATCH_MAX`]; answered by one `Batch` holding each send's own
     /// answer, in order, exactly as if each had been a `Send`.
-    SendBatch(Vec<SendRequest>),
+    SendBatch(#[serde(deserialize_with = "crate::decode::at_most::<_, _, SEND_BATCH_MAX>")] Vec<SendRequest>),
     /// Show or change a conversation's members (members only); answered `Members`.
     Members { conversation: String, change: MemberChange },
     /// Set a conversation's retention (a member, or an admin); answered `Retention`. Unset
@@ -84,8 +84,33 @@ pub enum Request {
 pub enum MemberChange {
     /// The members and head as the serving replica has them.
     Show,
-    /// A change, made by the caller, on the conversation's leader.
-    Change(Membership),
+    /// A change, made by the caller, on the conversation's leader. A creation names at most
+    /// [`MEMBERS_MAX`](crate::chat::MEMBERS_MAX) users, checked as the request decodes.
+    Change(#[serde(deserialize_with = "bounded_membership")] Membership),
+}
+
+/// A [`Membership`] off the wire, its creation list bounded while it decodes. The log's
+/// entries decode as they always did: a bound there could refuse an entry committed before it.
+fn bounded_membership<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Membership, D::Error> {
+    /// [`Membership`]'s encoding, variant for variant.
+    #[derive(Deserialize)]
+    enum Bounded {
+        Create {
+            #[serde(deserialize_with = "crate::decode::at_most::<_, _, { crate::chat::MEMBERS_MAX }>")]
+            members: Vec<String>,
+        },
+        Add {
+            user: String,
+        },
+        Remove {
+            user: String,
+        },
+    }
+    Ok(match Bounded::deserialize(d)? {
+        Bounded::Create { members } => Membership::Create { members },
+        Bounded::Add { user } => Membership::Add { user },
+        Bounded::Remove { user } => Membership::Remove { user },
+    })
 }
 
 impl Request {
@@ -344,5 +369,57 @@ mod batch_tests {
         let err = decode(&deep).expect_err("deep nesting");
         assert!(err.contains("a batch answer inside a batch answer"), "{err}");
         assert_eq!(decode(&payload(&flat)), Ok(flat));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::frame;
+
+    fn round_trip(req: &Request) -> crate::error::Result<Request> {
+        let framed = frame::encode(req);
+        frame::decode_body(&framed[4..])
+    }
+
+    /// Every membership change decodes off the wire as it was encoded (the bounded decoding
+    /// follows [`Membership`]'s encoding variant for variant), and a creation naming more
+    /// than `MEMBERS_MAX` users, or a batch of more than `SEND_BATCH_MAX` sends, is refused
+    /// as it decodes.
+    #[test]
+    fn bounded_lists_decode_as_encoded_and_are_refused_past_their_bound() {
+        let name = |i: usize| format!("u{i}");
+        let changes = [
+            Membership::Create { members: (0..crate::chat::MEMBERS_MAX).map(name).collect() },
+            Membership::Add { user: "a".into() },
+            Membership::Remove { user: "b".into() },
+        ];
+        for change in changes {
+            // A new variant must be added to the wire's bounded copy, and here.
+            match &change {
+                Membership::Create { .. } | Membership::Add { .. } | Membership::Remove { .. } => {}
+            }
+            let req = Request::Members { conversation: "c".into(), change: MemberChange::Change(change) };
+            assert_eq!(round_trip(&req).expect("decodes"), req);
+        }
+        let crowd = (0..=crate::chat::MEMBERS_MAX).map(name).collect();
+        let req = Request::Members {
+            conversation: "c".into(),
+            change: MemberChange::Change(Membership::Create { members: crowd }),
+        };
+        let e = round_trip(&req).expect_err("one member too many");
+        assert!(matches!(&e, crate::error::Error::Protocol(m) if m.contains("more than")), "{e}");
+
+        let send = |i: u64| SendRequest {
+            conversation: "c".into(),
+            sender: String::new(),
+            client_id: 1,
+            client_seq: i,
+            text: "t".into(),
+        };
+        let full = Request::SendBatch((0..SEND_BATCH_MAX as u64).map(send).collect());
+        assert_eq!(round_trip(&full).expect("a full batch decodes"), full);
+        let over = Request::SendBatch((0..=SEND_BATCH_MAX as u64).map(send).collect());
+        assert!(matches!(round_trip(&over), Err(crate::error::Error::Protocol(_))));
     }
 }

@@ -1230,8 +1230,18 @@ impl Service {
             }
             MemberChange::Change(change) => change,
         };
-        let command = Command::Members(MembersCommand { conversation, by: who.user.clone(), change });
-        match self.propose(&group, command).await {
+        let command = MembersCommand { conversation, by: who.user.clone(), change };
+        // Checked before it is proposed: a bad list must not cost the log an entry, replicated
+        // and decoded by every replica, before apply refuses it.
+        if let chat::Membership::Create { members } = &command.change {
+            if members.len() > chat::MEMBERS_MAX {
+                return rejected(&chat::Rejection::TooManyMembers { max: chat::MEMBERS_MAX });
+            }
+        }
+        if let Err(reason) = chat::check_member_ids(&command) {
+            return rejected(&reason);
+        }
+        match self.propose(&group, Command::Members(command)).await {
             Ok(Outcome::Members { members, head }) => Response::Members { members, head },
             Ok(Outcome::Rejected { reason }) => rejected(&reason),
             Ok(other) => Refusal::Unexpected(format!("unexpected outcome of a membership change: {other:?}")).answer(),
