@@ -208,12 +208,15 @@ fn group_view(map: &ClusterMap, shard: u32, views: &[(u64, &ShardStatus)]) -> Sh
     }
 }
 
-/// The newest cluster map the nodes report (empty if none has one).
+/// The newest cluster map the nodes report (empty if none has one). A map whose shards are
+/// not listed in order (`shards[i]` is shard `i`, as every map a node builds) is not one a
+/// node made: it is passed over, since the planners index shards by number.
 pub fn newest_map(statuses: &[(u64, Option<NodeStatus>)]) -> ClusterMap {
     statuses
         .iter()
         .flat_map(|(_, s)| s.iter())
         .map(|s| &s.placement)
+        .filter(|m| m.shards.iter().enumerate().all(|(i, p)| p.shard as usize == i))
         .max_by_key(|m| m.epoch)
         .cloned()
         .unwrap_or_default()
@@ -448,6 +451,17 @@ mod tests {
 
         let none = cluster_view(&[(1, None)]);
         assert_eq!((none.epoch, none.metadata_leader), (0, None));
+
+        // A map whose shards are out of order (no node makes one) is passed over: the
+        // planners index shards by number.
+        let mut odd = node(3, vec![]);
+        odd.placement = map_of(&[1, 2, 3], &[1, 2, 3], 2);
+        odd.placement.epoch = 99;
+        odd.placement.shards[0].shard = 9000;
+        let mut good = node(1, vec![shard(0, 1, Some(1), 3, vec![])]);
+        good.placement = map_of(&[1, 2, 3], &[1, 2, 3], 2);
+        let map = newest_map(&[(1, Some(good)), (3, Some(odd))]);
+        assert!(map.epoch < 99 && map.shards.iter().map(|p| p.shard).eq([0, 1]), "{map:?}");
     }
 
     #[test]

@@ -68,6 +68,9 @@ fn bucket_of(us: u64) -> usize {
 
 /// The largest value (µs) bucket `i` holds.
 pub fn bucket_upper(i: usize) -> u64 {
+    // A bucket index comes from a node's answer too: past the last it is the last's bound,
+    // never an overflowing shift.
+    let i = i.min(BUCKETS - 1);
     if i < 8 {
         return i as u64;
     }
@@ -138,7 +141,7 @@ pub struct StageSnapshot {
 
 impl StageSnapshot {
     pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|(_, n)| n).sum()
+        self.buckets.iter().fold(0u64, |sum, (_, n)| sum.saturating_add(*n))
     }
 
     /// The `q` quantile (0..=1) in µs: the upper bound of the bucket holding it; `None` if
@@ -151,7 +154,7 @@ impl StageSnapshot {
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
         let mut seen = 0;
         for (i, n) in &self.buckets {
-            seen += n;
+            seen = n.saturating_add(seen);
             if seen >= rank {
                 return Some(bucket_upper(*i as usize));
             }
@@ -207,6 +210,11 @@ mod tests {
             assert!((upper - us) as f64 <= us as f64 * 0.125, "{us} -> {upper}");
         }
         assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+        // A snapshot from a node's answer may name any bucket and any counts.
+        assert_eq!(bucket_upper(usize::MAX), bucket_upper(BUCKETS - 1));
+        let odd = StageSnapshot { stage: "odd".into(), buckets: vec![(600, u64::MAX), (u32::MAX, 5)] };
+        assert_eq!(odd.count(), u64::MAX);
+        assert_eq!(odd.quantile_us(0.5), Some(bucket_upper(BUCKETS - 1)));
     }
 
     #[test]

@@ -139,13 +139,25 @@ pub struct FrameReader<R> {
     start: usize,
     end: usize,
     max_bytes: usize,
+    /// Since when part of the next frame is buffered: the rest must arrive within
+    /// [`FRAME_BODY_TIMEOUT`]. Between frames a stream may be quiet for as long as it likes.
+    partial_since: Option<tokio::time::Instant>,
+    body_timeout: std::time::Duration,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader of frames of at most `max_bytes` whose buffer starts at `capacity` bytes
     /// and grows only as far as one frame needs.
     pub fn new(inner: R, max_bytes: usize, capacity: usize) -> Self {
-        FrameReader { inner, buf: vec![0; capacity.max(64)], start: 0, end: 0, max_bytes }
+        FrameReader {
+            inner,
+            buf: vec![0; capacity.max(64)],
+            start: 0,
+            end: 0,
+            max_bytes,
+            partial_since: None,
+            body_timeout: FRAME_BODY_TIMEOUT,
+        }
     }
 
     /// The length of the frame at the front of the buffer, checked against the limit.
@@ -168,7 +180,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next frame; `Ok(None)` on a clean end of stream, an error on an end inside a
-    /// frame, an oversized or malformed frame.
+    /// frame, an oversized or malformed frame, or a frame begun that is not whole within
+    /// [`FRAME_BODY_TIMEOUT`]. The buffer grows with what arrives (at most doubling per
+    /// read), not with what a header announces.
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
         loop {
             let want = match self.front_len()? {
@@ -176,6 +190,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     let body = &self.buf[self.start + 4..self.start + 4 + len];
                     let value = decode_body(body)?;
                     self.start += 4 + len;
+                    self.partial_since = None;
                     return Ok(Some(value));
                 }
                 Some(len) => 4 + len,
@@ -189,13 +204,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 (self.start, self.end) = (0, self.end - self.start);
             }
             if self.buf.len() - self.start < want {
-                self.buf.resize(self.start + want, 0);
+                let grown = (self.buf.len() * 2).max(self.end + FRAME_BUFFER_START);
+                self.buf.resize((self.start + want).min(grown), 0);
             }
-            let n = self
-                .inner
-                .read(&mut self.buf[self.end..])
-                .await
-                .map_err(|e| Error::Unavailable(format!("read: {e}")))?;
+            let read = self.inner.read(&mut self.buf[self.end..]);
+            let n = if self.end > self.start {
+                let since = *self.partial_since.get_or_insert_with(tokio::time::Instant::now);
+                let within = self.body_timeout;
+                tokio::time::timeout_at(since + within, read)
+                    .await
+                    .map_err(|_| Error::Protocol(format!("a frame begun did not arrive whole within {within:?}")))?
+            } else {
+                read.await
+            }
+            .map_err(|e| Error::Unavailable(format!("read: {e}")))?;
             if n == 0 {
                 return if self.start == self.end {
                     Ok(None)
@@ -272,6 +294,28 @@ mod tests {
         }
     }
 
+    /// A node that announces a large frame and stops writing (its connection alive) costs
+    /// the reader no more than it sent, and the reader an error once the body is late; a
+    /// stream quiet between frames is waited for.
+    #[tokio::test]
+    async fn a_frame_begun_and_never_finished_is_an_error_and_allocates_what_arrived() {
+        use tokio::io::AsyncWriteExt;
+        let (mut node, client) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(client, 4 << 20, 64);
+        r.body_timeout = std::time::Duration::from_millis(300);
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(600), r.next::<Vec<u8>>()).await;
+        assert!(quiet.is_err(), "no frame begun: the reader waits");
+        node.write_all(&encode(&vec![7u8; 100])).await.expect("write");
+        node.write_all(&(4u32 << 20).to_be_bytes()).await.expect("write a header");
+        node.write_all(&[1, 2, 3]).await.expect("and three bytes of its body");
+        assert_eq!(r.next::<Vec<u8>>().await.expect("the whole frame"), Some(vec![7u8; 100]));
+        let late = tokio::time::timeout(std::time::Duration::from_secs(5), r.next::<Vec<u8>>()).await;
+        let e = late.expect("an error once the body is late, not a wait").expect_err("the body never comes");
+        assert!(matches!(&e, Error::Protocol(m) if m.contains("did not arrive")), "{e}");
+        assert!(r.buf.len() <= 64 << 10, "{} bytes buffered for 7 received", r.buf.len());
+        drop(node);
+    }
+
     #[tokio::test]
     async fn frame_reader_errors_like_read() {
         let big = encode(&vec![0u8; 5000]);
@@ -295,7 +339,7 @@ mod tests {
             capacity in 1usize..512,
         ) {
             let bytes: Vec<u8> = values.iter().flat_map(encode).collect();
-            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
             let got = rt.block_on(async {
                 let mut r = FrameReader::new(Trickle { data: &bytes, step }, 1024, capacity);
                 let mut got = Vec::new();
