@@ -280,12 +280,16 @@ impl Store {
         // crash loses nothing written; the syncer makes them power-safe.
         opts.set_manual_wal_flush(false);
         opts.set_keep_log_file_num(4);
-        // Damage is reported, never hidden: a WAL that does not read back whole fails the
-        // open (point-in-time recovery would silently cut it, taking fsynced votes and
-        // acknowledged entries with it), and WAL files are never recycled, whose stale
-        // records would look like a torn tail. Synced WALs are tracked in the MANIFEST, so a
-        // missing or shortened closed WAL is an error too.
-        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::AbsoluteConsistency);
+        // Damage is reported, never hidden: a WAL record that does not check (a bad checksum
+        // or length inside the log) fails the open; point-in-time recovery would silently cut
+        // the log there, taking fsynced votes and acknowledged entries with it. Only the
+        // last record may be incomplete: a crash or a kill in the middle of a write leaves
+        // one (a record over RocksDB's 1 MiB write buffer takes several `write(2)`s), and it
+        // was never synced, so nothing acknowledged is in it. Absolute consistency refused
+        // that too, and a killed node could not start again without a rebuild. WAL files are
+        // never recycled, whose stale records would look like a torn tail. Synced WALs are
+        // tracked in the MANIFEST, so a missing or shortened closed WAL is an error too.
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
         opts.set_recycle_log_file_num(0);
         opts.set_track_and_verify_wals_in_manifest(true);
         opts.set_paranoid_checks(true);
@@ -905,6 +909,55 @@ mod tests {
         assert_eq!(store.log_last(2).expect("last"), Some(vec![42]));
         assert_eq!(store.log_last(3).expect("last"), None);
         assert_eq!(store.log_last(0).expect("last"), None);
+    }
+
+    /// The newest WAL file of a database directory.
+    fn newest_wal(dir: &Path) -> std::path::PathBuf {
+        let mut wals: Vec<_> = std::fs::read_dir(dir)
+            .expect("read the database directory")
+            .map(|e| e.expect("an entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        wals.sort();
+        wals.pop().expect("a WAL")
+    }
+
+    /// A crash in the middle of writing a record (here one of 2 MiB, which RocksDB writes
+    /// in several pieces) leaves the WAL ending inside it: that record was never synced, so
+    /// the store opens without it and with everything before it. A record damaged inside the
+    /// log is refused, never cut.
+    #[test]
+    fn a_torn_last_wal_record_is_dropped_and_damage_inside_the_log_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let log = store.cf(CF_LOG);
+        for i in 1..=3u64 {
+            store.db.put_cf(log, log_key(1, i), format!("synced-{i}")).expect("put");
+        }
+        store.db.flush_wal(true).expect("sync");
+        store.db.put_cf(log, log_key(1, 4), vec![7u8; 2 << 20]).expect("put a large record");
+        let torn = tempfile::tempdir().expect("tempdir");
+        store.crash_image(torn.path());
+        let damaged = tempfile::tempdir().expect("tempdir");
+        store.crash_image(damaged.path());
+        drop(store);
+
+        let wal = newest_wal(torn.path());
+        let len = std::fs::metadata(&wal).expect("WAL size").len();
+        assert!(len > 2 << 20, "the large record is in the WAL");
+        std::fs::OpenOptions::new().write(true).open(&wal).expect("open").set_len(len - (1 << 20)).expect("tear");
+        let (reopened, _) = Store::open(torn.path()).expect("a torn last record does not refuse the store");
+        let got: Vec<u64> = reopened.log_range(1, 1, 10).expect("range").into_iter().map(|e| e.0).collect();
+        assert_eq!(got, vec![1, 2, 3], "what came before the torn record stays; the torn one is gone");
+        drop(reopened);
+
+        let wal = newest_wal(damaged.path());
+        let bytes = std::fs::read(&wal).expect("read the WAL");
+        let at = bytes.windows(8).position(|w| w == b"synced-2").expect("record 2 is in the WAL");
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&wal).expect("open");
+        f.write_all_at(&[bytes[at] ^ 0x01], at as u64).expect("flip a bit");
+        assert!(Store::open(damaged.path()).is_err(), "a damaged record inside the log refuses the store");
     }
 
     fn dedup_of(conversation: &str, sender: &str, client_id: u64, client_seq: u64) -> DedupKey {
