@@ -356,6 +356,9 @@ impl Config {
             std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        // Absolute, so that paths a node records (an interrupted snapshot install's spool file)
+        // still name the same file when it is started again from another directory.
+        let base = std::path::absolute(&base).unwrap_or(base);
         Config::parse(&text, &base, path)
     }
 
@@ -606,6 +609,19 @@ data_dir = "data/node3"
         assert_eq!(c.tls_dir, PathBuf::from("/etc/convoy/data/tls"));
         assert_eq!(c.shards, 8);
         assert_eq!(c.limits.message_bytes_max, 65536);
+    }
+
+    /// A config named by a relative path gives absolute paths: what a node records stays
+    /// right whatever directory it is started from next.
+    #[test]
+    fn a_config_loaded_by_a_relative_path_gives_absolute_paths() {
+        let dir = tempfile::tempdir_in(".").expect("a directory under the current one");
+        std::fs::write(dir.path().join("c.toml"), SAMPLE).expect("write the config");
+        let name = dir.path().file_name().expect("a name");
+        let c = Config::load(&Path::new(name).join("c.toml")).expect("valid");
+        assert!(c.nodes[0].data_dir.is_absolute() && c.tls_dir.is_absolute(), "{:?}", c.nodes[0].data_dir);
+        let here = std::env::current_dir().expect("cwd");
+        assert_eq!(c.nodes[0].data_dir, here.join(name).join("data/node1"));
     }
 
     #[test]
