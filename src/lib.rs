@@ -60,7 +60,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("config", &["error", "chat"]),
     ("store", &["error", "decode", "stages", "planted", "placement", "chat"]),
     ("net", &["error", "decode", "stages", "placement", "chat", "config"]),
-    ("raft", &["error", "stages", "planted", "placement", "chat", "config", "store", "net"]),
+    ("raft", &["error", "decode", "stages", "planted", "placement", "chat", "config", "store", "net"]),
     ("service", &["error", "stages", "planted", "placement", "chat", "config", "store", "net", "raft"]),
     ("server", &["error", "placement", "net", "service"]),
     ("metrics", &["error", "service"]),

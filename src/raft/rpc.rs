@@ -136,6 +136,8 @@ pub enum PeerRequest {
     /// while there is something to tell. Answered `UserSendsTaken`.
     UserSends {
         node: NodeId,
+        /// At most [`USER_SENDS_MAX`], refused as it decodes.
+        #[serde(deserialize_with = "crate::decode::at_most::<_, _, USER_SENDS_MAX>")]
         users: Vec<(String, u32)>,
     },
     /// Node `node` (its process `incarnation`) is stopping: hand it no leadership until it
@@ -317,5 +319,18 @@ mod tests {
         deep.extend_from_slice(&busy[1..]);
         let err = decode(&deep).expect_err("nested answers are refused");
         assert!(err.contains("inside a frame's answers"), "{err}");
+    }
+
+    /// A `UserSends` naming more users than one may is refused as it decodes.
+    #[test]
+    fn user_sends_are_bounded_as_they_decode() {
+        let request = |n: usize| PeerRequest::UserSends { node: 2, users: vec![(String::new(), 1); n] };
+        let decode =
+            |r: &PeerRequest| crate::net::frame::decode_body::<PeerRequest>(&crate::net::frame::encode(r)[4..]);
+        assert!(
+            matches!(decode(&request(USER_SENDS_MAX)), Ok(PeerRequest::UserSends { users, .. }) if users.len() == USER_SENDS_MAX)
+        );
+        let err = decode(&request(USER_SENDS_MAX + 1)).expect_err("one user too many");
+        assert!(err.to_string().contains("more than"), "{err}");
     }
 }
