@@ -172,13 +172,43 @@ impl Node {
             };
             if let Some(map) = placed.as_ref() {
                 same_shard_count(&config, map)?;
+                // A move to this node under way: the learner it ran lost its data with the
+                // disk, while the shard's leader still counts what it had acknowledged. Run
+                // again empty under that id, it would look caught up and be promoted, and
+                // the leaving replica deleted. It is recorded as left instead, so it never
+                // starts here again; the move waits until it is cancelled
+                // (`convoy admin cancel`), and a new one gives a new replica id.
+                for op in map.operations.iter().filter(|op| op.to == id) {
+                    if let Some(replica) = op.replica {
+                        tracing::warn!(
+                            shard = op.shard,
+                            replica,
+                            operation = op.id,
+                            "a move to this node was under way when it lost its data: that replica will not run \
+                             again; cancel the move (`convoy admin cancel {}`) and move the shard again",
+                            op.id
+                        );
+                        formation::record_left(&store, op.shard, replica)?;
+                    }
+                }
             }
             for shard in crate::raft::group_ids(&config) {
                 if let Some(map) = placed.as_ref() {
                     // Rejoining: only what the map places here (a shard, or the metadata
                     // group); the rest is recorded as left, so no
                     // later start runs it under an id that voted before.
-                    let here = map.placement(shard).is_none_or(|p| p.voters.contains(&id));
+                    // A shard a move is taking off this node is not rebuilt either: the move
+                    // removes the replica this node lost, and a rebuilt one beside it would
+                    // race the move's membership change and its drop here (which then finds
+                    // nothing to delete, and ends the move).
+                    let off: Vec<&crate::placement::Operation> =
+                        map.operations.iter().filter(|o| o.shard == shard && o.from == id).collect();
+                    let leaving = off.iter().flat_map(|o| o.leaving.iter().copied());
+                    if let Some(newest) = leaving.max_by_key(|r| crate::raft::types::generation_of(*r)) {
+                        formation::record_left(&store, shard, newest)?;
+                    }
+                    let moving_off = !off.is_empty();
+                    let here = !moving_off && map.placement(shard).is_none_or(|p| p.voters.contains(&id));
                     if !here && formation.replica(shard)?.is_none() {
                         formation::record_replica(&store, shard, formation::DROPPED)?;
                     }

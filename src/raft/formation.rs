@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::placement::{ClusterMap, NodeEntry, NodeState, PlacementCommand};
 use crate::store::codec::{decode, encode};
-use crate::store::keys::{replica_key, CLUSTER_KEY};
+use crate::store::keys::{left_key, replica_key, CLUSTER_KEY};
 use crate::store::Store;
 
 /// How often a starting node asks its peers again.
@@ -186,6 +186,14 @@ pub const DROPPED: NodeId = u64::MAX;
 pub fn record_replica(store: &Store, shard: ShardId, replica: NodeId) -> Result<()> {
     let mut b = rocksdb::WriteBatch::default();
     b.put(replica_key(shard), encode(&replica));
+    store.write_sync(b)
+}
+
+/// Records `replica` as the last of `shard` this node left (deleted, or lost with its disk):
+/// the node starts no replica of the shard that is not newer (`Service::host`).
+pub fn record_left(store: &Store, shard: ShardId, replica: NodeId) -> Result<()> {
+    let mut b = rocksdb::WriteBatch::default();
+    b.put(left_key(shard), encode(&replica));
     store.write_sync(b)
 }
 

@@ -39,7 +39,7 @@ use crate::raft::rpc::{PeerRequest, PeerResponse};
 use crate::raft::state_machine::ShardEvents;
 use crate::raft::types::{generation_of, node_of, Member, NodeId};
 use crate::raft::{self as consensus};
-use crate::store::codec::{decode, encode};
+use crate::store::codec::decode;
 use crate::store::keys::left_key;
 
 /// How often a node looks at the map again, besides when it changes.
@@ -145,9 +145,7 @@ impl Service {
     /// Records `replica` as the last of `shard` this node left: [`Service::host`] starts no
     /// replica of it that is not newer.
     fn record_left(&self, shard: ShardId, replica: NodeId) -> Result<()> {
-        let mut b = rocksdb::WriteBatch::default();
-        b.put(left_key(shard), encode(&replica));
-        self.store.write_sync(b)
+        formation::record_left(&self.store, shard, replica)
     }
 
     /// Records the newest of `replicas` as left, if it is newer than the one recorded.
