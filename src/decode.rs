@@ -37,6 +37,17 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), Decod
     }
 }
 
+/// How the error of a sequence longer than its bound ([`at_most`]) begins.
+pub const OVER_BOUND: &str = "a list of more than";
+
+/// What `e` says, if it is a sequence longer than its bound ([`at_most`]).
+pub fn over_bound(e: &DecodeError) -> Option<&str> {
+    match e {
+        DecodeError::OtherString(m) if m.starts_with(OVER_BOUND) => Some(m),
+        _ => None,
+    }
+}
+
 /// Deserializes a sequence of at most `MAX` elements (`#[serde(deserialize_with =
 /// "crate::decode::at_most::<_, _, MAX>")]`), refusing it at element `MAX + 1`, before more is
 /// decoded, and reserving room for at most `MAX` up front whatever length it announces.
@@ -46,6 +57,9 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), Decod
 /// 88, and a growing `Vec` keeps up to as much again spare. So a 1 MiB frame of 200,000
 /// empty sends would cost over 20 MiB before a count checked after decoding refused it; a
 /// count checked while decoding costs what `MAX` elements cost. The encoding is unchanged.
+///
+/// Its error begins with [`OVER_BOUND`], so a frame decoder can answer it as invalid input (a
+/// list too long) rather than as a malformed frame.
 pub fn at_most<'de, D, T, const MAX: usize>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -59,12 +73,12 @@ where
         }
         fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
             if seq.size_hint().is_some_and(|n| n > MAX) {
-                return Err(serde::de::Error::custom(format_args!("more than {MAX} elements")));
+                return Err(serde::de::Error::custom(format_args!("{OVER_BOUND} {MAX} elements")));
             }
             let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX));
             while let Some(item) = seq.next_element()? {
                 if out.len() == MAX {
-                    return Err(serde::de::Error::custom(format_args!("more than {MAX} elements")));
+                    return Err(serde::de::Error::custom(format_args!("{OVER_BOUND} {MAX} elements")));
                 }
                 out.push(item);
             }
@@ -93,7 +107,7 @@ mod tests {
         }
         let four: Vec<String> = (0..4).map(|i| i.to_string()).collect();
         let e = from_slice::<Few>(&encode(&four)).expect_err("past the bound");
-        assert!(e.to_string().contains("more than 3"), "{e}");
+        assert_eq!(over_bound(&e), Some("a list of more than 3 elements"), "{e}");
         // A prefix announcing a million empty strings, with them all there: refused, not
         // decoded.
         let mut many = varint_u64(1_000_000);

@@ -32,16 +32,27 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// Decodes a frame's version byte and body (everything after the length).
+/// How the `Protocol` error of a frame in another wire version begins: the peer runs
+/// another build, which retrying does not change.
+pub const VERSION_MISMATCH: &str = "unsupported wire version";
+
+/// Whether `e` says a frame came in another wire version (see [`VERSION_MISMATCH`]).
+pub fn is_version_mismatch(e: &Error) -> bool {
+    matches!(e, Error::Protocol(m) if m.starts_with(VERSION_MISMATCH))
+}
+
 pub fn decode_body<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
     match payload.first() {
         Some(&WIRE_VERSION) => {}
-        Some(v) => {
-            return Err(Error::Protocol(format!("unsupported wire version {v} (this build speaks {WIRE_VERSION})")))
-        }
+        Some(v) => return Err(Error::Protocol(format!("{VERSION_MISMATCH} {v} (this build speaks {WIRE_VERSION})"))),
         None => return Err(Error::Protocol("empty frame".into())),
     }
-    let (value, used) =
-        crate::decode::from_slice(&payload[1..]).map_err(|e| Error::Protocol(format!("malformed frame: {e}")))?;
+    // A list longer than its bound is a request the peer may send, just not accept: invalid
+    // input, as a check after decoding would have said. Anything else is a malformed frame.
+    let (value, used) = crate::decode::from_slice(&payload[1..]).map_err(|e| match crate::decode::over_bound(&e) {
+        Some(m) => Error::InvalidInput(m.to_string()),
+        None => Error::Protocol(format!("malformed frame: {e}")),
+    })?;
     if used + 1 != payload.len() {
         return Err(Error::Protocol("malformed frame: trailing bytes".into()));
     }

@@ -408,7 +408,7 @@ mod tests {
             change: MemberChange::Change(Membership::Create { members: crowd }),
         };
         let e = round_trip(&req).expect_err("one member too many");
-        assert!(matches!(&e, crate::error::Error::Protocol(m) if m.contains("more than")), "{e}");
+        assert!(matches!(&e, crate::error::Error::InvalidInput(m) if m.contains("more than 1024")), "{e}");
 
         let send = |i: u64| SendRequest {
             conversation: "c".into(),
@@ -420,6 +420,6 @@ mod tests {
         let full = Request::SendBatch((0..SEND_BATCH_MAX as u64).map(send).collect());
         assert_eq!(round_trip(&full).expect("a full batch decodes"), full);
         let over = Request::SendBatch((0..=SEND_BATCH_MAX as u64).map(send).collect());
-        assert!(matches!(round_trip(&over), Err(crate::error::Error::Protocol(_))));
+        assert!(matches!(round_trip(&over), Err(crate::error::Error::InvalidInput(_))));
     }
 }
