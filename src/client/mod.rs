@@ -806,6 +806,17 @@ impl Client {
     /// (finished after the request). Returns the lane to read the answer from, and the
     /// connection the request went out on (see [`classify`]).
     async fn open_on(&self, node: u64, req: &Request) -> Result<(Lane, quinn::Connection)> {
+        self.open_marking(node, req, &std::sync::atomic::AtomicBool::new(false)).await
+    }
+
+    /// [`Client::open_on`], setting `sent` once the request may reach the node (it is
+    /// queued or being written): an attempt cut short before then sent nothing.
+    async fn open_marking(
+        &self,
+        node: u64,
+        req: &Request,
+        sent: &std::sync::atomic::AtomicBool,
+    ) -> Result<(Lane, quinn::Connection)> {
         let conn = self.connection(node).await?;
         let reuse = req.keeps_stream();
         let opened = if reuse { self.inner.lanes.take_or_open(node, &conn).await } else { Lane::open(&conn).await };
@@ -817,6 +828,7 @@ impl Client {
             }
         };
         // From here on the request may have reached the node: a failure is ambiguous.
+        sent.store(true, Ordering::Release);
         let ambiguous = |e: String| {
             classify(node, &conn, Error::Ambiguous(format!("node {node}: request may have been delivered: {e}")))
         };
@@ -871,14 +883,18 @@ impl Client {
     /// Sends reuse request streams (lanes): a stream per send cost the client and the node
     /// an open, an accept, a task and a close each, on the latency path of every send.
     pub async fn request(&self, node: u64, req: &Request) -> Result<Response> {
+        let sent = std::sync::atomic::AtomicBool::new(false);
         let attempt = async {
-            let (mut lane, conn) = self.open_on(node, req).await?;
+            let (mut lane, conn) = self.open_marking(node, req, &sent).await?;
             let answer = match frame::read::<_, Response>(&mut lane.recv, RESPONSE_FRAME_BYTES_MAX).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     let e = Error::Ambiguous(format!("node {node} closed the stream without answering"));
                     return Err(classify(node, &conn, e));
                 }
+                // An answer in another wire version: that node read no request of this
+                // build's (it refuses the version before anything else), so nothing was done.
+                Err(e) if frame::is_version_mismatch(&e) => return Err(Error::Protocol(format!("node {node}: {e}"))),
                 Err(e) => return Err(classify(node, &conn, Error::Ambiguous(format!("node {node}: {e}")))),
             };
             // A whole-request error may end the stream on the node's side: do not reuse it.
@@ -896,7 +912,13 @@ impl Client {
             }
             Err(_) => {
                 self.suspect(node);
-                Err(Error::Ambiguous(format!("node {node} did not answer within {ATTEMPT_TIMEOUT:?}")))
+                // Cut short while connecting or waiting for a stream, the request never left:
+                // the outcome is known (nothing), and the caller may say so.
+                if sent.load(Ordering::Acquire) {
+                    Err(Error::Ambiguous(format!("node {node} did not answer within {ATTEMPT_TIMEOUT:?}")))
+                } else {
+                    Err(Error::Unavailable(format!("node {node}: no connection or stream within {ATTEMPT_TIMEOUT:?}")))
+                }
             }
         }
     }
@@ -1181,18 +1203,33 @@ impl Client {
     /// A cluster-map change, through any node that answers.
     async fn place(&self, req: Request) -> Result<(u64, bool)> {
         let mut last = Error::Unavailable("no node to ask".into());
+        // An attempt whose outcome is unknown may have made the change: a later node's
+        // refusal ("already being moved") or "no change" may be that attempt's doing, so
+        // the answer stays unknown, as `to_leader`'s does.
+        let mut unknown: Option<String> = None;
         for node in self.node_ids() {
             match self.request(node, &req).await {
-                Ok(Response::Placed { epoch, changed }) => return Ok((epoch, changed)),
+                Ok(Response::Placed { epoch, changed }) if changed || unknown.is_none() => return Ok((epoch, changed)),
+                Ok(Response::Placed { .. }) => {
+                    return Err(after_unknown(&unknown, Error::Ambiguous("the map already holds the change".into())))
+                }
                 Ok(Response::Error { code, message }) => match response_error(code, message) {
                     e @ Error::Unavailable(_) => last = e,
-                    e => return Err(e),
+                    e => return Err(after_unknown(&unknown, e)),
                 },
                 Ok(other) => return Err(Error::Protocol(format!("unexpected answer to {req:?}: {other:?}"))),
-                Err(e) => last = e,
+                Err(e) => {
+                    if let Error::Ambiguous(m) = &e {
+                        unknown = Some(m.clone());
+                    }
+                    last = e;
+                }
             }
         }
-        Err(last)
+        Err(match last {
+            e @ Error::Ambiguous(_) => e,
+            e => after_unknown(&unknown, e),
+        })
     }
 
     /// The leader of every shard, if each of `nodes` answers and all of them that hold a replica
@@ -1245,12 +1282,14 @@ impl Client {
         // An attempt whose outcome is unknown (a change may have been applied) keeps the
         // final answer unknown, whatever a later attempt is told.
         let mut unknown: Option<String> = None;
+        let mut redirects = 0;
         loop {
             let node = self.target_for(shard, attempt);
             attempt += 1;
+            let mut hinted = None;
             let retry = match self.request(node, req).await {
                 Ok(Response::NotLeader { leader, map, .. }) => {
-                    self.redirected(shard, node, leader, map.as_deref());
+                    hinted = self.redirected(shard, node, leader, map.as_deref());
                     Error::Unavailable(format!("node {node} does not lead shard {shard}"))
                 }
                 Ok(Response::Error { code, message }) => match response_error(code, message) {
@@ -1278,8 +1317,16 @@ impl Client {
                     e => after_unknown(&unknown, e),
                 });
             }
-            self.set_leader(shard, None);
-            tokio::time::sleep(CURSOR_RETRY_PAUSE).await;
+            // A redirect that named the leader is followed at once (once in a row: nodes
+            // whose views disagree do not bounce it without a pause); anything else forgets
+            // the cached leader and pauses.
+            redirects = if hinted.is_some() { redirects + 1 } else { 0 };
+            if hinted.is_none() {
+                self.set_leader(shard, None);
+            }
+            if redirects != 1 {
+                tokio::time::sleep(CURSOR_RETRY_PAUSE).await;
+            }
         }
     }
 
@@ -1617,6 +1664,12 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                 let _ = tx.send(Event::Failed(e.to_string())).await;
                 return;
             }
+            // The caller pinned a node the cluster's map no longer has (removed): no retry
+            // will reach it.
+            Err(e @ Error::InvalidInput(_)) if pinned == Some(node) && !client.knows(node) => {
+                let _ = tx.send(Event::Failed(format!("node {node} is not in the cluster: {e}"))).await;
+                return;
+            }
             Err(e) => {
                 tracing::debug!(node, error = %e, "subscribe failed; retrying");
                 tokio::time::sleep(backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt)).await;
@@ -1688,8 +1741,8 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                     }
                     break;
                 }
-                // Retrying changes nothing: the request is bad.
-                Ok(Some(Response::Error { code: code @ ErrorCode::InvalidInput, message })) => {
+                // Retrying changes nothing: the request is bad, or the node cannot read it.
+                Ok(Some(Response::Error { code: code @ (ErrorCode::InvalidInput | ErrorCode::Protocol), message })) => {
                     let _ = tx.send(Event::Failed(response_error(code, message).to_string())).await;
                     return;
                 }
@@ -1713,6 +1766,11 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                 Err(e) => {
                     if let Some((refused, _)) = conn.close_reason().and_then(|r| credential_refusal(node, &r)) {
                         let _ = tx.send(Event::Failed(refused.to_string())).await;
+                        return;
+                    }
+                    // The node runs another build: say so, rather than resubscribe forever.
+                    if frame::is_version_mismatch(&e) {
+                        let _ = tx.send(Event::Failed(format!("node {node}: {e}"))).await;
                         return;
                     }
                     tracing::debug!(node, error = %e, "subscription broke; resubscribing");
@@ -1971,6 +2029,43 @@ mod tests {
             (got, conn, node)
         });
         (client, handle, dir)
+    }
+
+    /// A request that never left (the node never finished the handshake) is `Unavailable`,
+    /// not of unknown outcome: nothing was sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_never_left_is_unavailable_not_unknown() {
+        // The endpoint is held but never accepts: the handshake goes unanswered.
+        let (client, _node, _dir) = fake_endpoint();
+        let e = client.request(1, &Request::ShardMap).await.expect_err("no connection");
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+    }
+
+    /// A node of another build answers in another wire version: a request gets a definite
+    /// `Protocol` error (that node decoded nothing of it), and a follow ends saying so
+    /// instead of subscribing again forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_of_another_wire_version_is_a_definite_error_and_ends_a_follow() {
+        let (client, node, _dir) = fake_endpoint();
+        tokio::spawn(async move {
+            let conn = node.accept().await.expect("a connection").await.expect("handshake");
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let _ = frame::read::<_, Request>(&mut recv, 1 << 20).await;
+                let mut other = frame::encode(&Response::Error { code: ErrorCode::Protocol, message: "?".into() });
+                other[4] = frame::WIRE_VERSION + 1;
+                send.write_all(&other).await.expect("answer");
+                send.finish().expect("finish");
+            }
+            drop(node);
+        });
+        let e = client.request(1, &Request::ShardMap).await.expect_err("another version");
+        assert!(matches!(&e, Error::Protocol(m) if m.contains("unsupported wire version")), "{e}");
+        let mut sub = client.subscribe("c", 1, Some(1));
+        assert_eq!(next_event(&mut sub).await, Some(Event::Attached { node: 1, from: 1 }));
+        match next_event(&mut sub).await {
+            Some(Event::Failed(m)) => assert!(m.contains("unsupported wire version"), "{m}"),
+            other => panic!("the follow must end, got {other:?}"),
+        }
     }
 
     async fn next_event(sub: &mut Subscription) -> Option<Event> {
