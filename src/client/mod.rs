@@ -1204,15 +1204,14 @@ impl Client {
     async fn place(&self, req: Request) -> Result<(u64, bool)> {
         let mut last = Error::Unavailable("no node to ask".into());
         // An attempt whose outcome is unknown may have made the change: a later node's
-        // refusal ("already being moved") or "no change" may be that attempt's doing, so
-        // the answer stays unknown, as `to_leader`'s does.
+        // refusal ("already being moved") may be that attempt's doing, so the answer stays
+        // unknown, as `to_leader`'s does. (A later "placed, no change" means the map holds
+        // what was asked: that is the answer.)
         let mut unknown: Option<String> = None;
         for node in self.node_ids() {
             match self.request(node, &req).await {
-                Ok(Response::Placed { epoch, changed }) if changed || unknown.is_none() => return Ok((epoch, changed)),
-                Ok(Response::Placed { .. }) => {
-                    return Err(after_unknown(&unknown, Error::Ambiguous("the map already holds the change".into())))
-                }
+                // The map holds what was asked, whoever put it there: done.
+                Ok(Response::Placed { epoch, changed }) => return Ok((epoch, changed)),
                 Ok(Response::Error { code, message }) => match response_error(code, message) {
                     e @ Error::Unavailable(_) => last = e,
                     e => return Err(after_unknown(&unknown, e)),
