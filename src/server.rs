@@ -256,47 +256,58 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
             }
         };
         let lane = request.keeps_stream();
-        let response = match request {
-            Request::Send(_) | Request::SendBatch(_) => {
-                // The answer is written by the state machine's task (see `Reply`); `send`
-                // comes back once it was, or with the answer still to write.
-                match answer_send(&node, &caller, send, request).await {
-                    Some(stream) => {
-                        send = stream;
-                        continue;
+        // Changes other than sends (cursor moves, membership and retention changes) are log
+        // entries too, limited by the same rates; sends take theirs on their own path.
+        let response = match node.within_change_rates(who, &caller.bucket, &request) {
+            Err(refusal) => refusal.answer(),
+            Ok(()) => match request {
+                Request::Send(_) | Request::SendBatch(_) => {
+                    // The answer is written by the state machine's task (see `Reply`); `send`
+                    // comes back once it was, or with the answer still to write.
+                    match answer_send(&node, &caller, send, request).await {
+                        Some(stream) => {
+                            send = stream;
+                            continue;
+                        }
+                        None => return,
                     }
-                    None => return,
                 }
-            }
-            Request::SetCursor { user, conversation, offset } => node.set_cursor(who, user, conversation, offset).await,
-            Request::GetCursor { user, conversation } => node.get_cursor(who, user, conversation).await,
-            Request::GetCursorFromLeader { user, conversation } => {
-                node.get_cursor_from_leader(who, user, conversation).await
-            }
-            Request::Members { conversation, change } => node.members(who, conversation, change).await,
-            Request::SetRetention { conversation, retention } => node.set_retention(who, conversation, retention).await,
-            Request::TransferLeader { shard, to } => {
-                node.admin_place(who, PlacementCommand::SetPreferredLeader { shard, node: to }).await
-            }
-            Request::Move { shard, from, to } => {
-                node.admin_place(who, PlacementCommand::StartMove { shard, from, to }).await
-            }
-            Request::CancelOperation { id } => node.admin_place(who, PlacementCommand::CancelMove { id }).await,
-            Request::Drain { node: n } => node.admin_place(who, PlacementCommand::Drain { node: n }).await,
-            Request::RemoveNode { node: n } => node.admin_place(who, PlacementCommand::RemoveNode { node: n }).await,
-            Request::ReplaceNode { node: n } => node.admin_place(who, PlacementCommand::MarkLost { node: n }).await,
-            Request::Recommission { node: n } => {
-                node.admin_place(who, PlacementCommand::Recommission { node: n }).await
-            }
-            Request::Status if who.admin => Response::Status(Box::new(node.status())),
-            Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
-            Request::ShardMap => Response::ShardMap(Box::new(node.cluster_map().routing())),
-            Request::Subscribe { conversation, from, follow } => {
-                match node.subscribe(who, conversation, from, follow, &mut send).await {
-                    Ok(()) => break,
-                    Err(e) => answer_of(e),
+                Request::SetCursor { user, conversation, offset } => {
+                    node.set_cursor(who, user, conversation, offset).await
                 }
-            }
+                Request::GetCursor { user, conversation } => node.get_cursor(who, user, conversation).await,
+                Request::GetCursorFromLeader { user, conversation } => {
+                    node.get_cursor_from_leader(who, user, conversation).await
+                }
+                Request::Members { conversation, change } => node.members(who, conversation, change).await,
+                Request::SetRetention { conversation, retention } => {
+                    node.set_retention(who, conversation, retention).await
+                }
+                Request::TransferLeader { shard, to } => {
+                    node.admin_place(who, PlacementCommand::SetPreferredLeader { shard, node: to }).await
+                }
+                Request::Move { shard, from, to } => {
+                    node.admin_place(who, PlacementCommand::StartMove { shard, from, to }).await
+                }
+                Request::CancelOperation { id } => node.admin_place(who, PlacementCommand::CancelMove { id }).await,
+                Request::Drain { node: n } => node.admin_place(who, PlacementCommand::Drain { node: n }).await,
+                Request::RemoveNode { node: n } => {
+                    node.admin_place(who, PlacementCommand::RemoveNode { node: n }).await
+                }
+                Request::ReplaceNode { node: n } => node.admin_place(who, PlacementCommand::MarkLost { node: n }).await,
+                Request::Recommission { node: n } => {
+                    node.admin_place(who, PlacementCommand::Recommission { node: n }).await
+                }
+                Request::Status if who.admin => Response::Status(Box::new(node.status())),
+                Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
+                Request::ShardMap => Response::ShardMap(Box::new(node.cluster_map().routing())),
+                Request::Subscribe { conversation, from, follow } => {
+                    match node.subscribe(who, conversation, from, follow, &mut send).await {
+                        Ok(()) => break,
+                        Err(e) => answer_of(e),
+                    }
+                }
+            },
         };
         // Bounded like a subscriber's writes: a client that reads nothing (a stalled
         // subscriber's stream above all, whose error answer follows its dropped writes)

@@ -1064,6 +1064,38 @@ impl Service {
         }
     }
 
+    /// Takes a change's tokens from the same buckets as sends, or answers `Throttled`: a
+    /// cursor move, a membership or retention change is a log entry, replicated and fsynced
+    /// like a send, so it counts against the user's, the conversation's and the
+    /// connection's rates as one (a creation, one more per 64 names it lists). Any other
+    /// request passes.
+    pub fn within_change_rates(
+        &self,
+        who: &Identity,
+        connection: &std::sync::Mutex<Bucket>,
+        request: &Request,
+    ) -> std::result::Result<(), Refusal> {
+        let (conversation, cost) = match request {
+            Request::SetCursor { conversation, .. } | Request::SetRetention { conversation, .. } => (conversation, 1),
+            Request::Members { conversation, change: MemberChange::Change(change) } => match change {
+                chat::Membership::Create { members } => (conversation, 1 + members.len() / 64),
+                _ => (conversation, 1),
+            },
+            _ => return Ok(()),
+        };
+        // An invalid name is refused after this check and never keys a bucket.
+        if chat::validate_id("conversation", conversation).is_err() {
+            return Ok(());
+        }
+        match self.rates.take(&who.user, &[(conversation.as_str(), cost)], connection, std::time::Instant::now()) {
+            Ok(()) => Ok(()),
+            Err((retry_after_ms, reason)) => {
+                tracing::debug!(user = %who.user, reason = reason.name(), retry_after_ms, "change throttled");
+                Err(Refusal::Throttled { retry_after_ms })
+            }
+        }
+    }
+
     /// Validates each send of a batch on its own: the answers of the invalid ones by slot,
     /// and the valid ones grouped by shard with their slots.
     fn prepare_batch(&self, who: &Identity, reqs: Vec<SendRequest>) -> std::result::Result<PreparedBatch, Refusal> {
@@ -1234,7 +1266,10 @@ impl Service {
         // Checked before it is proposed: a bad list must not cost the log an entry, replicated
         // and decoded by every replica, before apply refuses it.
         if let chat::Membership::Create { members } = &command.change {
-            if members.len() > chat::MEMBERS_MAX {
+            // As apply counts them: the names, and the creator, each once.
+            let mut users: std::collections::BTreeSet<&str> = members.iter().map(String::as_str).collect();
+            users.insert(&command.by);
+            if users.len() > chat::MEMBERS_MAX {
                 return rejected(&chat::Rejection::TooManyMembers { max: chat::MEMBERS_MAX });
             }
         }
