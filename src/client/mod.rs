@@ -1058,7 +1058,9 @@ impl Client {
                     return Err(after_unknown(&ambiguous, e));
                 }
                 // The node refused this client's credential (revoked): no node will take it.
-                Err(e @ Error::Forbidden(_)) => return Err(after_unknown(&ambiguous, e)),
+                // The node refused this client's credential, or answered in another wire
+                // version (it decoded nothing): final.
+                Err(e @ (Error::Forbidden(_) | Error::Protocol(_))) => return Err(after_unknown(&ambiguous, e)),
                 Err(e) => {
                     if matches!(e, Error::Ambiguous(_)) {
                         ambiguous = Some(e.to_string());
@@ -1139,8 +1141,10 @@ impl Client {
                         .map(|_| {
                             Err(match &e {
                                 Error::Ambiguous(_) => Error::Ambiguous(m.clone()),
-                                // The node refused this client's credential: final.
+                                // The node refused this client's credential, or speaks
+                                // another wire version: final.
                                 Error::Forbidden(f) => Error::Forbidden(f.clone()),
+                                Error::Protocol(p) => Error::Protocol(p.clone()),
                                 _ => Error::Unavailable(m.clone()),
                             })
                         })
@@ -1767,10 +1771,20 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                         let _ = tx.send(Event::Failed(refused.to_string())).await;
                         return;
                     }
-                    // The node runs another build: say so, rather than resubscribe forever.
+                    // The node runs another build: another replica may not (a rolling
+                    // upgrade); once every one did, or the pinned one, say so rather than
+                    // resubscribe forever.
                     if frame::is_version_mismatch(&e) {
-                        let _ = tx.send(Event::Failed(format!("node {node}: {e}"))).await;
-                        return;
+                        refused.insert(node);
+                        let other = client.routes().replicas(shard).into_iter().find(|n| !refused.contains(n));
+                        match other.filter(|_| pinned.is_none()) {
+                            Some(other) => hint = Some(other),
+                            None => {
+                                let _ = tx.send(Event::Failed(format!("node {node}: {e}"))).await;
+                                return;
+                            }
+                        }
+                        break;
                     }
                     tracing::debug!(node, error = %e, "subscription broke; resubscribing");
                     client.forget_broken(node, &conn, seat.dialed).await;

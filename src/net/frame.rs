@@ -31,7 +31,6 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
-/// Decodes a frame's version byte and body (everything after the length).
 /// How the `Protocol` error of a frame in another wire version begins: the peer runs
 /// another build, which retrying does not change.
 pub const VERSION_MISMATCH: &str = "unsupported wire version";
@@ -41,6 +40,7 @@ pub fn is_version_mismatch(e: &Error) -> bool {
     matches!(e, Error::Protocol(m) if m.starts_with(VERSION_MISMATCH))
 }
 
+/// Decodes a frame's version byte and body (everything after the length).
 pub fn decode_body<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
     match payload.first() {
         Some(&WIRE_VERSION) => {}
