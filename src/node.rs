@@ -166,30 +166,7 @@ impl Node {
             let placed = match start {
                 Start::Rejoin => {
                     let peers: Vec<NodeId> = config.node_ids().into_iter().filter(|&n| n != id).collect();
-                    // A move off this node that can still be cancelled decides whether the
-                    // shard is rebuilt here (cancelled: this node is still its voter) or not
-                    // (done: the move removed the replica lost). The rejoin waits for each to
-                    // reach one or the other; it needs nothing of this node to get there.
-                    let mut said = false;
-                    loop {
-                        let map = Some(formation::newest_map(&net, &peers, None).await).filter(|m| m.is_set());
-                        let undecided: Vec<u32> = map
-                            .iter()
-                            .flat_map(|m| m.operations.iter())
-                            .filter(|o| o.from == id && o.step != crate::placement::Step::Removing)
-                            .map(|o| o.shard)
-                            .collect();
-                        if undecided.is_empty() {
-                            break map;
-                        }
-                        if !std::mem::replace(&mut said, true) {
-                            tracing::warn!(
-                                shards = ?undecided,
-                                "moves off this node are under way: rejoining waits until each is done or cancelled"
-                            );
-                        }
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
+                    Some(formation::newest_map(&net, &peers, None).await).filter(|m| m.is_set())
                 }
                 _ => None,
             };
@@ -224,11 +201,14 @@ impl Node {
                     // Rejoining: only what the map places here (a shard, or the metadata
                     // group); the rest is recorded as left, so no
                     // later start runs it under an id that voted before.
-                    // A shard a move is taking off this node (past the point of a cancel,
-                    // as waited for above) is not rebuilt either: the move removes the replica
-                    // this node lost, and a rebuilt one beside it would race the move's
-                    // membership change and its drop here (which then finds nothing to
-                    // delete, and ends the move).
+                    // A shard a move is taking off this node is not rebuilt either: the move
+                    // removes the replica this node lost, and a rebuilt one beside it would
+                    // race the move's membership change and its drop here (which then finds
+                    // nothing to delete, and ends the move). Should the move be cancelled
+                    // instead, this node stays a voter that runs nothing: the shard is a
+                    // replica short until moved off it again (waiting here for the move to
+                    // decide could wait for ever: its drops are answered only once the node
+                    // runs).
                     let off: Vec<&crate::placement::Operation> =
                         map.operations.iter().filter(|o| o.shard == shard && o.from == id).collect();
                     let leaving = off.iter().flat_map(|o| o.leaving.iter().copied());

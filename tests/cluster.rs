@@ -463,13 +463,21 @@ async fn changes_other_than_sends_count_against_the_users_rate() {
         limits: LimitTweaks { user_sends_per_s: Some(1), user_sends_burst: Some(BURST), ..LimitTweaks::unthrottled() },
         ..Tweaks::default()
     });
-    let leaders = cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    // Shard 0 prefers node 1 (leaders are handed back to their preferred node): asked
+    // directly, it stays the one to ask.
+    eventually(Duration::from_secs(30), "node 1 to lead shard 0", || async {
+        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok() == Some(1)).then_some(())
+    })
+    .await
+    .expect("node 1 leads");
     let client = cluster.client().expect("client");
     client.send("moves", "one").await.expect("a send");
     let cursor = Request::SetCursor { user: TEST_USER.into(), conversation: "moves".into(), offset: 1 };
     let (mut ok, mut throttled) = (0, 0);
+    let started = Instant::now();
     for _ in 0..3 * BURST {
-        match client.request(leaders[0], &cursor).await.expect("an answer") {
+        match client.request(1, &cursor).await.expect("an answer") {
             Response::Cursor { .. } => ok += 1,
             Response::Throttled { retry_after_ms } => {
                 assert!(retry_after_ms > 0);
@@ -478,7 +486,13 @@ async fn changes_other_than_sends_count_against_the_users_rate() {
             other => panic!("a cursor move: {other:?}"),
         }
     }
-    assert!(ok < BURST + 3 && throttled > BURST, "{ok} moves taken, {throttled} throttled, burst {BURST}");
+    // The burst, plus what the bucket refilled at 1/s meanwhile (and the send's token).
+    let refilled = started.elapsed().as_secs() as usize + 2;
+    assert!(
+        ok <= BURST as usize + refilled && throttled >= 3 * BURST as usize - BURST as usize - refilled,
+        "{ok} moves taken, {throttled} throttled, burst {BURST}, {refilled} refilled"
+    );
+    assert!(throttled > 0, "no cursor move was throttled");
     // A creation naming 640 users costs 11 (one more per 64 names): taken from a full
     // bucket, it leaves it in debt, so the next change waits; one costing 1 would leave 9.
     tokio::time::sleep(Duration::from_secs(u64::from(BURST) + 1)).await;
@@ -487,12 +501,12 @@ async fn changes_other_than_sends_count_against_the_users_rate() {
         conversation: "crowd".into(),
         change: MemberChange::Change(convoy::chat::Membership::Create { members: crowd }),
     };
-    match client.request(leaders[0], &create).await.expect("an answer") {
+    match client.request(1, &create).await.expect("an answer") {
         Response::Members { members, .. } => assert_eq!(members.len(), 641),
         Response::Error { code: ErrorCode::Rejected, message } => panic!("a creation of 641: {message}"),
         other => panic!("a creation from a full bucket: {other:?}"),
     }
-    assert!(matches!(client.request(leaders[0], &cursor).await.expect("an answer"), Response::Throttled { .. }));
+    assert!(matches!(client.request(1, &cursor).await.expect("an answer"), Response::Throttled { .. }));
 }
 
 // A flood that overfills its shard's window waits in its conversation's queue: every send
@@ -3408,11 +3422,9 @@ async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_fin
 // - the move's target: the learner it ran lost its data, while the shard's leader still
 //   counts what it had acknowledged; run again empty under that id, it would look caught up
 //   and be promoted. It never runs again: the move waits, and is cancelled cleanly;
-// - the move's source: its rejoin waits until the move is past the point of a cancel, and
-//   then does not rebuild the replica the move is taking away (a rebuilt one would race the
-//   move's membership change and be left outside the group, the move stuck at its drop).
-//   The move finishes, and the shard has exactly its three voters. If the move is cancelled
-//   instead, the source is still a voter and rebuilds the shard.
+// - the move's source: it does not rebuild the replica the move is taking away (a rebuilt
+//   one would race the move's membership change and be left outside the group, the move
+//   stuck at its drop). The move finishes, and the shard has exactly its three voters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_loses_its_disk_during_a_move_neither_runs_its_old_learner_nor_races_the_move() {
     let (mut cluster, leaders) = slow_move_cluster(0, 50_000).await;
@@ -3479,32 +3491,6 @@ async fn a_node_that_loses_its_disk_during_a_move_neither_runs_its_old_learner_n
     let got = read_at_least(&client, "big", 4, 2000).await;
     check_dense(&got);
     assert_eq!(got.len(), 2000);
-
-    // Another voter loses its disk while a move off it copies, and the move is cancelled
-    // while its rejoin waits: it rebuilds the shard, and holds every message.
-    let leader = cluster.leader_of(0, &want, READY).await.expect("a leader");
-    let source = want.iter().copied().find(|n| *n != leader).expect("a follower");
-    let (s, t) = (source.to_string(), from.to_string());
-    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "move", "--shard", "0", "--from", &s, "--to", &t]);
-    assert!(ok, "{out}{err}");
-    let id = eventually(READY, "the third move to be copying", || async { copying(&cluster) }).await.expect("copying");
-    assert!(cluster.kill(source));
-    cluster.wipe(source).expect("wipe it");
-    cluster.start_rejoin(source).expect("rejoin it");
-    eventually(READY, "its rejoin to say it waits", || async {
-        let log = std::fs::read_to_string(cluster.log_path(source)).unwrap_or_default();
-        log.contains("rejoining waits until each is done or cancelled").then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
-    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "cancel", &id.to_string()]);
-    assert!(ok, "{out}{err}");
-    cluster.wait_answers(source, Duration::from_secs(120)).await.expect("it answers once rejoined");
-    let got = read_at_least(&client, "big", source, 2000).await;
-    assert_eq!(got.len(), 2000, "the rebuilt voter holds every message");
-    let (ops, view) = operations(&cluster);
-    assert!(ops.is_empty(), "{view}");
-    assert_eq!(view["shards"][0]["replicas"], serde_json::json!(want), "{view}");
 }
 
 // A move while another voter of the shard is down: the shard then commits with the leader

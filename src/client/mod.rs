@@ -1057,9 +1057,8 @@ impl Client {
                     let e = Error::Protocol(format!("unexpected answer to send: {other:?}"));
                     return Err(after_unknown(&ambiguous, e));
                 }
-                // The node refused this client's credential (revoked): no node will take it.
-                // The node refused this client's credential, or answered in another wire
-                // version (it decoded nothing): final.
+                // The node refused this client's credential (revoked: no node will take it),
+                // or answered in another wire version (it decoded nothing): final.
                 Err(e @ (Error::Forbidden(_) | Error::Protocol(_))) => return Err(after_unknown(&ambiguous, e)),
                 Err(e) => {
                     if matches!(e, Error::Ambiguous(_)) {
@@ -1307,8 +1306,9 @@ impl Client {
                     self.set_leader(shard, Some(node));
                     return Ok(answer);
                 }
-                // The node refused this client's credential: final.
-                Err(e @ Error::Forbidden(_)) => return Err(after_unknown(&unknown, e)),
+                // The node refused this client's credential, or answered in another wire
+                // version (it decoded nothing): final.
+                Err(e @ (Error::Forbidden(_) | Error::Protocol(_))) => return Err(after_unknown(&unknown, e)),
                 Err(e) => e,
             };
             if let Error::Ambiguous(m) = &retry {
@@ -1324,7 +1324,9 @@ impl Client {
             // whose views disagree do not bounce it without a pause); anything else forgets
             // the cached leader and pauses.
             redirects = if hinted.is_some() { redirects + 1 } else { 0 };
-            if hinted.is_none() {
+            // A throttled leader is still the leader: the retry goes back to it (elsewhere it
+            // would be charged again, then redirected).
+            if hinted.is_none() && !matches!(retry, Error::Throttled { .. }) {
                 self.set_leader(shard, None);
             }
             if redirects != 1 {
