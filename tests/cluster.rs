@@ -3355,37 +3355,52 @@ async fn a_lost_node_holding_a_metadata_replica_is_rebuilt_in_place() {
     assert!(ok, "a placement change with node 2 down needs node 4's rebuilt replica: {out}{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_finished() {
-    let (mut cluster, leaders) = slow_move_cluster(0, 100_000).await;
-    let client = cluster.client().expect("client");
+/// Sends 2,000 messages of about 500 bytes to conversation "big".
+async fn fill_big(client: &Client) {
     let body = "x".repeat(500);
     for i in 0..2000 {
         client.send("big", &format!("{i}-{body}")).await.expect("send");
     }
+}
+
+/// `admin move` of shard 0 from node `from` to node 4.
+fn start_move_to_4(cluster: &LocalCluster, from: u64) {
+    let f = from.to_string();
+    let (ok, out, err) = cli_as(cluster, "admin", &["admin", "move", "--shard", "0", "--from", &f, "--to", "4"]);
+    assert!(ok, "{out}{err}");
+}
+
+/// The id of the move in progress, once it copies (`catching_up`).
+fn copying(cluster: &LocalCluster) -> Option<u64> {
+    let (ops, _) = operations(cluster);
+    let op = ops.first()?;
+    (op["state"] == "catching_up").then(|| op["id"].as_u64().unwrap())
+}
+
+/// `admin cancel id`, then the admin view once no operation is left.
+async fn cancel_and_wait(cluster: &LocalCluster, id: u64) -> serde_json::Value {
+    let (ok, out, err) = cli_as(cluster, "admin", &["admin", "cancel", &id.to_string()]);
+    assert!(ok, "{out}{err}");
+    eventually(READY, "the cancelled move to be undone", || async {
+        let (ops, view) = operations(cluster);
+        ops.is_empty().then_some(view)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_finished() {
+    let (mut cluster, leaders) = slow_move_cluster(0, 100_000).await;
+    let client = cluster.client().expect("client");
+    fill_big(&client).await;
     let from = (1..=3).find(|n| *n != leaders[0]).expect("a follower");
-    let start_move = |cluster: &LocalCluster| {
-        let f = from.to_string();
-        let (ok, out, err) = cli_as(cluster, "admin", &["admin", "move", "--shard", "0", "--from", &f, "--to", "4"]);
-        assert!(ok, "{out}{err}");
-    };
-    let copying = |cluster: &LocalCluster| {
-        let (ops, _) = operations(cluster);
-        let op = ops.first()?;
-        (op["state"] == "catching_up").then(|| op["id"].as_u64().unwrap())
-    };
+    let start_move = |cluster: &LocalCluster| start_move_to_4(cluster, from);
 
     // Cancelled while it copies.
     start_move(&cluster);
     let id = eventually(READY, "the move to be copying", || async { copying(&cluster) }).await.expect("copying");
-    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "cancel", &id.to_string()]);
-    assert!(ok, "{out}{err}");
-    let view = eventually(READY, "the cancelled move to be undone", || async {
-        let (ops, view) = operations(&cluster);
-        ops.is_empty().then_some(view)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    let view = cancel_and_wait(&cluster, id).await;
     assert_eq!(view["shards"][0]["replicas"], serde_json::json!([1, 2, 3]), "{view}");
     assert_eq!(view["shards"][0]["learners"], serde_json::json!([]), "{view}");
     let admin = cluster.admin().expect("admin");
@@ -3429,21 +3444,9 @@ async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_fin
 async fn a_node_that_loses_its_disk_during_a_move_neither_runs_its_old_learner_nor_races_the_move() {
     let (mut cluster, leaders) = slow_move_cluster(0, 50_000).await;
     let client = cluster.client().expect("client");
-    let body = "x".repeat(500);
-    for i in 0..2000 {
-        client.send("big", &format!("{i}-{body}")).await.expect("send");
-    }
+    fill_big(&client).await;
     let from = (1..=3).find(|n| *n != leaders[0]).expect("a follower");
-    let start_move = |cluster: &LocalCluster| {
-        let f = from.to_string();
-        let (ok, out, err) = cli_as(cluster, "admin", &["admin", "move", "--shard", "0", "--from", &f, "--to", "4"]);
-        assert!(ok, "{out}{err}");
-    };
-    let copying = |cluster: &LocalCluster| {
-        let (ops, _) = operations(cluster);
-        let op = ops.first()?;
-        (op["state"] == "catching_up").then(|| op["id"].as_u64().unwrap())
-    };
+    let start_move = |cluster: &LocalCluster| start_move_to_4(cluster, from);
     let admin = cluster.admin().expect("admin");
 
     // The target loses its disk while it copies.
@@ -3460,14 +3463,7 @@ async fn a_node_that_loses_its_disk_during_a_move_neither_runs_its_old_learner_n
     }
     let log = std::fs::read_to_string(cluster.log_path(4)).unwrap_or_default();
     assert!(log.contains("lost its data") && log.contains(&format!("admin cancel {id}")), "node 4 says why:\n{log}");
-    let (ok, out, err) = cli_as(&cluster, "admin", &["admin", "cancel", &id.to_string()]);
-    assert!(ok, "{out}{err}");
-    let view = eventually(READY, "the cancelled move to be undone", || async {
-        let (ops, view) = operations(&cluster);
-        ops.is_empty().then_some(view)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()));
+    let view = cancel_and_wait(&cluster, id).await;
     assert_eq!(view["shards"][0]["replicas"], serde_json::json!([1, 2, 3]), "{view}");
 
     // The source loses its disk while the move copies: the move goes on without it.

@@ -1054,11 +1054,24 @@ impl Service {
                 None => counts.push((&r.conversation, 1)),
             }
         }
-        match self.rates.take(&who.user, &counts, connection, std::time::Instant::now()) {
+        self.take_tokens(who, &counts, connection, sends.len() as u64)
+    }
+
+    /// Takes `counts` (sends per conversation) from the user's, the conversations' and the
+    /// connection's buckets, or answers `Throttled` with the wait; a refusal is counted as
+    /// `sends` throttled sends (0 for other changes).
+    fn take_tokens(
+        &self,
+        who: &Identity,
+        counts: &[(&str, usize)],
+        connection: &std::sync::Mutex<Bucket>,
+        sends: u64,
+    ) -> std::result::Result<(), Refusal> {
+        match self.rates.take(&who.user, counts, connection, std::time::Instant::now()) {
             Ok(()) => Ok(()),
             Err((retry_after_ms, reason)) => {
-                self.metrics.throttled(reason, sends.len() as u64);
-                tracing::debug!(user = %who.user, reason = reason.name(), retry_after_ms, "send throttled");
+                self.metrics.throttled(reason, sends);
+                tracing::debug!(user = %who.user, reason = reason.name(), retry_after_ms, "throttled");
                 Err(Refusal::Throttled { retry_after_ms })
             }
         }
@@ -1087,13 +1100,7 @@ impl Service {
         if chat::validate_id("conversation", conversation).is_err() {
             return Ok(());
         }
-        match self.rates.take(&who.user, &[(conversation.as_str(), cost)], connection, std::time::Instant::now()) {
-            Ok(()) => Ok(()),
-            Err((retry_after_ms, reason)) => {
-                tracing::debug!(user = %who.user, reason = reason.name(), retry_after_ms, "change throttled");
-                Err(Refusal::Throttled { retry_after_ms })
-            }
-        }
+        self.take_tokens(who, &[(conversation.as_str(), cost)], connection, 0)
     }
 
     /// Validates each send of a batch on its own: the answers of the invalid ones by slot,
