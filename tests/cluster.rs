@@ -3377,13 +3377,17 @@ fn copying(cluster: &LocalCluster) -> Option<u64> {
     (op["state"] == "catching_up").then(|| op["id"].as_u64().unwrap())
 }
 
-/// `admin cancel id`, then the admin view once no operation is left.
+/// `admin cancel id`, then the admin view once no operation is left and shard 0 has no
+/// learner. Both, in one view: the nodes' statuses are of slightly different moments, so a
+/// view can show the map after the cancel ended beside the shard leader's membership just
+/// before its learner left (CI once saw no operation beside learner 4). A learner that stays,
+/// or comes back, fails the wait.
 async fn cancel_and_wait(cluster: &LocalCluster, id: u64) -> serde_json::Value {
     let (ok, out, err) = cli_as(cluster, "admin", &["admin", "cancel", &id.to_string()]);
     assert!(ok, "{out}{err}");
     eventually(READY, "the cancelled move to be undone", || async {
         let (ops, view) = operations(cluster);
-        ops.is_empty().then_some(view)
+        (ops.is_empty() && view["shards"][0]["learners"] == serde_json::json!([])).then_some(view)
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs_tail()))
@@ -3402,7 +3406,6 @@ async fn a_move_is_cancelled_while_copying_and_one_whose_coordinator_dies_is_fin
     let id = eventually(READY, "the move to be copying", || async { copying(&cluster) }).await.expect("copying");
     let view = cancel_and_wait(&cluster, id).await;
     assert_eq!(view["shards"][0]["replicas"], serde_json::json!([1, 2, 3]), "{view}");
-    assert_eq!(view["shards"][0]["learners"], serde_json::json!([]), "{view}");
     let admin = cluster.admin().expect("admin");
     assert!(admin.status(4).await.expect("node 4 status").shards.is_empty(), "node 4 deleted its copy");
     let (ok, _, err) = cli_as(&cluster, "admin", &["admin", "cancel", &id.to_string()]);

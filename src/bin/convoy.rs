@@ -960,15 +960,19 @@ fn cluster_down(path: &Path, json: bool) -> Result<()> {
 
 /// Every node's status, in node order, for `command`: a node that does not answer gives its
 /// error; a refusal of the credential ends the command (retrying with it changes nothing).
+/// The nodes are asked at once, so the views folded together are of nearly one moment (asked
+/// one after another, a shard's leader could be read before a change and the map after it).
 async fn node_statuses(
     args: &StatusArgs,
     command: &str,
 ) -> Result<(Config, Vec<(u64, convoy::Result<convoy::net::wire::NodeStatus>)>)> {
     let config = load(&args.config)?;
     let client = args.who.connect(&config, Some(ADMIN_USER))?;
+    let ids = config.node_ids();
+    let answers = futures::future::join_all(ids.iter().map(|id| client.status(*id))).await;
     let mut statuses = Vec::new();
-    for id in config.node_ids() {
-        match client.status(id).await {
+    for (id, answer) in ids.into_iter().zip(answers) {
+        match answer {
             Err(e @ convoy::Error::Forbidden(_)) => bail!("{e} ({command} needs an admin credential)"),
             answer => statuses.push((id, answer)),
         }
