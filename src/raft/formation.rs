@@ -651,32 +651,51 @@ pub async fn add_learner(
     }
 }
 
-/// Before `replica` (a learner) is made a voter: re-adds it with `blocking`, which waits
-/// until the leader sees it within `replication_lag_threshold` entries, and then checks that
-/// it has matched an entry at all. openraft counts a learner that never answered as matched
-/// at index 0, so on a log shorter than the threshold `blocking` does not wait for it; made a
-/// voter while it is not running, and with another voter down, it would leave the joint
-/// configuration without a majority and the shard without commits until it came up. `None`
-/// when it may be promoted, else the answer that asks again later.
+/// Before `replica` (a learner) is made a voter: waits until the leader sees it within
+/// `replication_lag_threshold` entries of its log, and has seen it match an entry at all.
+/// openraft counts a learner that never answered as matched at index 0, so on a log shorter
+/// than the threshold its own wait (`add_learner` with `blocking`) would not wait for it;
+/// made a voter while it is not running, and with another voter down, it would leave the
+/// joint configuration without a majority and the shard without commits until it came up.
+/// The wait only watches: `add_learner` would add the replica again had a cancelled move's
+/// `RemoveLearner` removed it meanwhile (a coordinator that lost its leadership can still
+/// send the `Replace` its old map asked for), so a replica that is no longer a member ends
+/// the wait, refused. `None` when it may be promoted, else the answer that asks again later.
 /// The wait is bounded by `wait`, under the asker's own time limit: an answer nobody waits
 /// for any more would still go on to change the membership.
-async fn catch_up(h: &Hosted, shard: ShardId, replica: NodeId, member: Member, wait: Duration) -> Option<PeerResponse> {
-    let planted = crate::planted::active(crate::planted::Bug::RemoveBeforeCaughtUp);
-    match tokio::time::timeout(wait, h.raft.add_learner(replica, member, !planted)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Some(PeerResponse::Error(format!("catching up replica {replica} of shard {shard}: {e}"))),
-        Err(_) => {
-            return Some(PeerResponse::Error(format!(
-                "replica {replica} of shard {shard} has not caught up within {wait:?}; not promoted yet"
-            )))
-        }
+async fn catch_up(h: &Hosted, shard: ShardId, replica: NodeId, wait: Duration) -> Option<PeerResponse> {
+    if crate::planted::active(crate::planted::Bug::RemoveBeforeCaughtUp) {
+        return None;
     }
-    if matched(&super::metrics_of(&h.raft), replica).is_none() && !planted {
-        return Some(PeerResponse::Error(format!(
-            "replica {replica} of shard {shard} has not answered its leader yet; not promoted"
-        )));
+    let lag = h.raft.config().replication_lag_threshold;
+    let caught_up = |m: &openraft::RaftMetrics<super::types::C>| {
+        matched(m, replica).is_some_and(|l| m.last_log_index.unwrap_or(0).saturating_sub(l.index) <= lag)
+    };
+    let leading = |m: &openraft::RaftMetrics<super::types::C>| m.current_leader == Some(h.replica);
+    let waited = h
+        .raft
+        .wait(Some(wait))
+        .metrics(|m| !leading(m) || !is_member(m, replica) || caught_up(m), "a moved replica to catch up")
+        .await;
+    match waited {
+        Ok(m) if !leading(&m) => Some(PeerResponse::NotLeader { leader: m.current_leader.map(node_of) }),
+        Ok(m) if !is_member(&m, replica) => Some(not_a_member(shard, replica)),
+        Ok(_) => None,
+        Err(openraft::metrics::WaitError::Timeout(..)) => Some(PeerResponse::Error(format!(
+            "replica {replica} of shard {shard} has not caught up within {wait:?}; not promoted yet"
+        ))),
+        Err(e) => Some(PeerResponse::Error(format!("waiting for replica {replica} of shard {shard}: {e}"))),
     }
-    None
+}
+
+/// Whether `replica` is in the membership `m` shows (voter or learner).
+fn is_member(m: &openraft::RaftMetrics<super::types::C>, replica: NodeId) -> bool {
+    m.membership_config.membership().get_node(&replica).is_some()
+}
+
+/// The refusal of a promotion whose replica left the group (a cancelled move removed it).
+fn not_a_member(shard: ShardId, replica: NodeId) -> PeerResponse {
+    PeerResponse::Error(format!("replica {replica} is no longer a member of shard {shard}: not promoted"))
 }
 
 /// The membership the group has committed, if no change is under way (no joint
@@ -737,7 +756,7 @@ async fn finish_joint(h: &Hosted, shard: ShardId, m: &openraft::RaftMetrics<supe
 
 /// The leader's side of `Promote`: waits until `replica` caught up, then makes it a voter in
 /// place of its node's other replicas, which leave the group.
-pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member) -> PeerResponse {
+pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId) -> PeerResponse {
     let m = match leads(h) {
         Ok(m) => m,
         Err(answer) => return answer,
@@ -748,7 +767,7 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member
     if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == node && *v != replica) {
         return PeerResponse::Promoted;
     }
-    if let Some(answer) = catch_up(h, shard, replica, member, PROMOTE_CATCH_UP_WAIT).await {
+    if let Some(answer) = catch_up(h, shard, replica, PROMOTE_CATCH_UP_WAIT).await {
         return answer;
     }
     // The voters as they are now, after the wait: a change made meanwhile (a move of this
@@ -760,6 +779,9 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member
         }
         return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
     };
+    if membership.get_node(&replica).is_none() {
+        return not_a_member(shard, replica);
+    }
     let new_voters: BTreeSet<NodeId> =
         membership.voter_ids().filter(|v| node_of(*v) != node).chain(std::iter::once(replica)).collect();
     if let Err(e) = change_voters_if_unchanged(h, &m, new_voters).await {
@@ -783,7 +805,7 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId, member: Member
 /// that is itself `from` hands leadership to another caught-up voter first and answers an
 /// error, so the coordinator asks the new leader. Repeating it after it is done answers
 /// `Promoted` at once.
-pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, member: Member) -> PeerResponse {
+pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId) -> PeerResponse {
     let m = match leads(h) {
         Ok(m) => m,
         Err(answer) => return answer,
@@ -807,7 +829,7 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, 
         let _ = h.raft.trigger().transfer_leader(to).await;
         return PeerResponse::NotLeader { leader: Some(node_of(to)) };
     }
-    if let Some(answer) = catch_up(h, shard, replica, member, REPLACE_CATCH_UP_WAIT).await {
+    if let Some(answer) = catch_up(h, shard, replica, REPLACE_CATCH_UP_WAIT).await {
         return answer;
     }
     // Built on the membership as it is after the wait, and only if nothing changed it since.
@@ -815,6 +837,9 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId, 
     let Some(membership) = settled(&m) else {
         return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
     };
+    if membership.get_node(&replica).is_none() {
+        return not_a_member(shard, replica);
+    }
     let new_voters: BTreeSet<NodeId> =
         membership.voter_ids().filter(|v| node_of(*v) != from).chain(std::iter::once(replica)).collect();
     if let Err(e) = change_voters_if_unchanged(h, &m, new_voters).await {

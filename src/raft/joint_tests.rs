@@ -1,7 +1,10 @@
-//! A membership change that its leader left in joint consensus (the joint entry committed,
-//! the uniform one never proposed, as when the leader loses leadership between the two) is
-//! finished by the next move step that finds it: openraft leaves it as it is, and every move
-//! of the shard would otherwise wait for ever.
+//! Move steps against a real group:
+//! - a membership change that its leader left in joint consensus (the joint entry committed,
+//!   the uniform one never proposed, as when the leader loses leadership between the two) is
+//!   finished by the next move step that finds it: openraft leaves it as it is, and every
+//!   move of the shard would otherwise wait for ever;
+//! - a promotion (`Replace`) of a learner that a cancel removed, asked before or while it
+//!   waits for the learner to catch up, is refused and does not add the learner back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -64,6 +67,65 @@ async fn a_change_left_in_joint_consensus_is_finished_by_the_next_step() {
     assert_eq!(m.membership_config.log_id(), m.committed_membership_config.log_id(), "and committed");
     // Settled now: the step itself is answered.
     assert!(matches!(formation::remove_learner(&h, SHARD, 9, None).await, PeerResponse::Promoted));
+    for raft in rafts.values() {
+        let _ = raft.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_of_a_learner_a_cancel_removed_is_refused_and_does_not_add_it_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::default();
+    let mut rafts: BTreeMap<NodeId, Raft> = BTreeMap::new();
+    for id in 1..=4 {
+        let dirs = Dirs::under(dir.path(), id);
+        let store = open_store(&dirs.db).await;
+        rafts.insert(id, start(&router, id, &dirs, store).await);
+    }
+    let leader = rafts[&1].clone();
+    leader
+        .initialize(BTreeMap::from([(1, Member::default()), (2, Member::default()), (3, Member::default())]))
+        .await
+        .expect("initialize");
+    let settled = |m: &openraft::RaftMetrics<crate::raft::types::C>| {
+        m.current_leader == Some(1)
+            && m.last_applied.map(|l| l.index) == m.last_log_index
+            && m.membership_config.log_id() == m.committed_membership_config.log_id()
+    };
+    leader.wait(Some(TIMEOUT)).metrics(settled, "node 1 leads, all committed").await.expect("leader");
+    let h = Hosted { replica: 1, raft: leader.clone() };
+    let members = |raft: &Raft| -> Vec<NodeId> {
+        crate::raft::metrics_of(raft).membership_config.membership().nodes().map(|(id, _)| *id).collect()
+    };
+
+    // Asked while it waits: learner 4 is cut off, so it never catches up; the cancel's
+    // `RemoveLearner` ends the wait with a refusal, long before the wait's 50 s.
+    router.cut(4, true);
+    leader.add_learner(4, Member::default(), false).await.expect("learner 4");
+    let promoting = tokio::spawn({
+        let h = Hosted { replica: 1, raft: leader.clone() };
+        async move { formation::replace(&h, SHARD, 3, 4).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!promoting.is_finished(), "the promotion waits for learner 4 to catch up");
+    assert!(matches!(formation::remove_learner(&h, SHARD, 4, Some(4)).await, PeerResponse::Promoted));
+    let answer = tokio::time::timeout(TIMEOUT, promoting).await.expect("ended by the cancel").expect("task");
+    match answer {
+        PeerResponse::Error(e) => assert!(e.contains("no longer a member"), "{e}"),
+        other => panic!("a promotion of a removed learner is refused, got {other:?}"),
+    }
+    assert_eq!(members(&leader), vec![1, 2, 3], "learner 4 was not added back");
+
+    // Asked after it: refused at once, with nothing appended. (openraft's `add_learner`,
+    // which the wait used to be, adds a removed learner again.)
+    router.cut(4, false);
+    let before = crate::raft::metrics_of(&leader).last_log_index;
+    match formation::replace(&h, SHARD, 3, 4).await {
+        PeerResponse::Error(e) => assert!(e.contains("no longer a member"), "{e}"),
+        other => panic!("a promotion of a removed learner is refused, got {other:?}"),
+    }
+    assert_eq!(members(&leader), vec![1, 2, 3], "learner 4 was not added back");
+    assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
     for raft in rafts.values() {
         let _ = raft.shutdown().await;
     }

@@ -1354,8 +1354,8 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
             Ok(h) => super::formation::join(&h, shard, node, member).await,
             Err(e) => err(e),
         },
-        PeerRequest::Promote { shard, replica, member } => match hosted(groups, shard) {
-            Ok(h) => super::formation::promote(&h, shard, replica, member).await,
+        PeerRequest::Promote { shard, replica, .. } => match hosted(groups, shard) {
+            Ok(h) => super::formation::promote(&h, shard, replica).await,
             Err(e) => err(e),
         },
         PeerRequest::Place(command) => match hosted(groups, crate::placement::META_SHARD) {
@@ -1366,11 +1366,11 @@ async fn dispatch(req: PeerRequest, recv: &mut quinn::RecvStream, ctx: &PeerCont
             Ok(map) => PeerResponse::ClusterMap(Box::new(map)),
             Err(e) => err(e.to_string()),
         },
-        PeerRequest::Replace { shard, from, replica, member } => match hosted(groups, shard) {
+        PeerRequest::Replace { shard, from, replica, .. } => match hosted(groups, shard) {
             Ok(h) => {
                 // It may hand this node's leadership away.
                 ctx.quiet.hold(shard, "handing leadership away");
-                super::formation::replace(&h, shard, from, replica, member).await
+                super::formation::replace(&h, shard, from, replica).await
             }
             Err(e) => err(e),
         },

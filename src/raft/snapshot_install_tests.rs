@@ -56,7 +56,7 @@ impl Router {
         }
     }
 
-    fn cut(&self, id: NodeId, cut: bool) {
+    pub(super) fn cut(&self, id: NodeId, cut: bool) {
         let mut state = self.state();
         state.cut.retain(|c| *c != id);
         if cut {

@@ -533,9 +533,7 @@ impl Service {
                 formation::add_learner(h, shard, node, member, from, min_generation).await
             }
             PeerRequest::Progress { replica, .. } => formation::progress(h, replica),
-            PeerRequest::Replace { shard, from, replica, member } => {
-                formation::replace(h, shard, from, replica, member).await
-            }
+            PeerRequest::Replace { shard, from, replica, .. } => formation::replace(h, shard, from, replica).await,
             PeerRequest::RemoveLearner { shard, node, replica } => {
                 formation::remove_learner(h, shard, node, replica).await
             }
