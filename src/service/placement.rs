@@ -312,32 +312,24 @@ pub(super) async fn follow(node: Weak<Service>, mut stop: StopSignal) {
 
 /// On the metadata group's leader: takes every move one step further, over and over.
 pub(super) async fn coordinate(node: Weak<Service>, mut stop: StopSignal) {
-    loop {
+    'rounds: loop {
         if stop.unless_stopped(tokio::time::sleep(FOLLOW_INTERVAL)).await.is_none() {
             return;
         }
         let Some(node) = node.upgrade() else { return };
-        // A node may be given the metadata group by a move, or lose it to one.
-        let Some(h) = node.meta_hosted() else { continue };
-        if consensus::metrics_of(&h.raft).current_leader != Some(h.replica) {
-            continue;
-        }
-        // Still the leader, confirmed by a quorum, and the map read after that: a deposed
-        // leader must not act on a map others have moved past.
-        let confirmed = h.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
-        match stop.unless_stopped(tokio::time::timeout(STEP_TTL, confirmed)).await {
-            None => return,
-            Some(Ok(Ok(_))) => {}
-            Some(_) => continue,
-        }
-        let map = node.cluster_map();
+        let Some(map) = node.confirmed_map(&mut stop).await else { continue };
         // At most `concurrent_moves` copy data at once; the others wait at `adding`.
         let copying = map.operations.iter().filter(|o| o.step != Step::Adding).count();
         let mut may_start = node.config.admin.concurrent_moves.saturating_sub(copying);
-        for op in &map.operations {
+        for id in map.operations.iter().map(|op| op.id) {
             if stop.is_set() {
                 return;
             }
+            // Each step on a map read after its own check: a step can take a minute, and
+            // one taken on a map from before it would act on what a newer leader changed
+            // since (a cancel, a step it took).
+            let Some(map) = node.confirmed_map(&mut stop).await else { continue 'rounds };
+            let Some(op) = map.operations.iter().find(|op| op.id == id) else { continue };
             if op.step == Step::Adding {
                 if may_start == 0 {
                     continue;
@@ -352,6 +344,23 @@ pub(super) async fn coordinate(node: Weak<Service>, mut stop: StopSignal) {
 }
 
 impl Service {
+    /// The cluster map, if this node leads the metadata group: leadership confirmed by a
+    /// quorum (`ReadIndex`), and the map read after that, so a deposed leader does not act
+    /// on a map others have moved past. `None` otherwise, or if the check does not finish
+    /// within a step's time.
+    async fn confirmed_map(&self, stop: &mut StopSignal) -> Option<ClusterMap> {
+        // A node may be given the metadata group by a move, or lose it to one.
+        let h = self.meta_hosted()?;
+        if consensus::metrics_of(&h.raft).current_leader != Some(h.replica) {
+            return None;
+        }
+        let confirmed = h.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
+        match stop.unless_stopped(tokio::time::timeout(STEP_TTL, confirmed)).await {
+            Some(Ok(Ok(_))) => Some(self.cluster_map()),
+            _ => None,
+        }
+    }
+
     /// Carries out `op`'s next action and records the step it reached.
     async fn advance(&self, map: &ClusterMap, op: &Operation) -> std::result::Result<(), String> {
         let member = |node: NodeId| -> std::result::Result<Member, String> {
