@@ -480,12 +480,17 @@ mod tests {
         cluster.wipe(3).expect("wipe a stopped node");
         assert!(!cluster.data_dir(3).exists());
 
+        // Each stand-in prints its environment before it sleeps (node 1 twice: it restarts).
+        // The first print is waited for: a loaded machine may not have run it yet, and a
+        // restart before it would leave one.
+        let first_log = cluster.log_path(1);
+        let printed = || std::fs::read_to_string(&first_log).unwrap_or_default().contains("TESTKIT_ALL=yes");
+        assert!(within_5s(printed), "node 1 got the common environment");
         cluster.restart(1).expect("restart");
         let new_pid = cluster.pid(1).expect("a new pid");
         assert_ne!(new_pid, pids[0]);
         assert_eq!(state(pids[0]), None, "the old process is gone");
 
-        // Each stand-in prints its environment before it sleeps (node 1 twice: it restarted).
         let log = |id: u64| std::fs::read_to_string(cluster.log_path(id)).unwrap_or_default();
         assert!(within_5s(|| log(2).contains("TESTKIT_MARK=two")), "node 2 got its own environment");
         assert!(within_5s(|| log(1).matches("TESTKIT_ALL=yes").count() == 2), "node 1 started twice: {}", log(1));
