@@ -3380,8 +3380,8 @@ fn copying(cluster: &LocalCluster) -> Option<u64> {
 /// `admin cancel id`, then the admin view once no operation is left and shard 0 has no
 /// learner. Both, in one view: the nodes' statuses are of slightly different moments, so a
 /// view can show the map after the cancel ended beside the shard leader's membership just
-/// before its learner left (CI once saw no operation beside learner 4). A learner that stays,
-/// or comes back, fails the wait.
+/// before its learner left (CI once saw no operation beside learner 4). A learner that stays
+/// fails the wait; one brought back after it is the unit test's (`raft/joint_tests.rs`).
 async fn cancel_and_wait(cluster: &LocalCluster, id: u64) -> serde_json::Value {
     let (ok, out, err) = cli_as(cluster, "admin", &["admin", "cancel", &id.to_string()]);
     assert!(ok, "{out}{err}");

@@ -318,9 +318,6 @@ pub(super) async fn coordinate(node: Weak<Service>, mut stop: StopSignal) {
         }
         let Some(node) = node.upgrade() else { return };
         let Some(map) = node.confirmed_map(&mut stop).await else { continue };
-        // At most `concurrent_moves` copy data at once; the others wait at `adding`.
-        let copying = map.operations.iter().filter(|o| o.step != Step::Adding).count();
-        let mut may_start = node.config.admin.concurrent_moves.saturating_sub(copying);
         for id in map.operations.iter().map(|op| op.id) {
             if stop.is_set() {
                 return;
@@ -330,11 +327,11 @@ pub(super) async fn coordinate(node: Weak<Service>, mut stop: StopSignal) {
             // since (a cancel, a step it took).
             let Some(map) = node.confirmed_map(&mut stop).await else { continue 'rounds };
             let Some(op) = map.operations.iter().find(|op| op.id == id) else { continue };
-            if op.step == Step::Adding {
-                if may_start == 0 {
-                    continue;
-                }
-                may_start -= 1;
+            // At most `concurrent_moves` copy data at once (counted on this map: a move
+            // started or cancelled earlier in the round counts); the others wait at `adding`.
+            let copying = map.operations.iter().filter(|o| o.step != Step::Adding).count();
+            if op.step == Step::Adding && copying >= node.config.admin.concurrent_moves {
+                continue;
             }
             if let Err(why) = node.advance(&map, op).await {
                 tracing::info!(op = op.id, shard = op.shard, step = op.step.as_str(), %why, "a move's step waits");
