@@ -105,6 +105,9 @@ pub struct Limits {
     /// Concurrent client connections per node; more are refused.
     #[serde(alias = "max_connections")]
     pub connections_max: usize,
+    /// Concurrent client connections of one user (one credential's user name) per node;
+    /// more are refused, so one credential cannot take the node's slots.
+    pub connections_per_user_max: usize,
     /// Sends in flight per node; more are answered `Throttled`. At least one whole batch.
     #[serde(alias = "max_inflight_sends")]
     pub inflight_sends_max: usize,
@@ -158,6 +161,7 @@ impl Default for Limits {
             message_bytes_max: MESSAGE_BYTES_MAX,
             frame_bytes_max: FRAME_BYTES_DEFAULT,
             connections_max: CONNECTIONS_DEFAULT,
+            connections_per_user_max: CONNECTIONS_PER_USER_DEFAULT,
             inflight_sends_max: INFLIGHT_SENDS_DEFAULT,
             push_buffer_messages: PUSH_BUFFER_MESSAGES_DEFAULT,
             streams_per_connection_max: STREAMS_PER_CONNECTION_DEFAULT,
@@ -481,6 +485,9 @@ impl Config {
         if !(1..=CONNECTIONS_CEILING).contains(&l.connections_max) {
             return fail(format!("limits.connections_max must be 1..={CONNECTIONS_CEILING}"));
         }
+        if !(1..=CONNECTIONS_CEILING).contains(&l.connections_per_user_max) {
+            return fail(format!("limits.connections_per_user_max must be 1..={CONNECTIONS_CEILING}"));
+        }
         // A batch takes one permit per send, all at once: fewer permits than a batch's sends
         // would throttle every full batch for ever.
         if !(SEND_BATCH_MAX..=INFLIGHT_SENDS_CEILING).contains(&l.inflight_sends_max) {
@@ -643,6 +650,8 @@ data_dir = "data/node3"
             ("inflight_sends_max", 255, "inflight_sends_max must be 256..="),
             ("connections_max", 0, "connections_max must be 1..="),
             ("connections_max", 1 << 21, "connections_max must be 1..="),
+            ("connections_per_user_max", 0, "connections_per_user_max must be 1..="),
+            ("connections_per_user_max", 1 << 21, "connections_per_user_max must be 1..="),
             ("streams_per_connection_max", 0, "streams_per_connection_max must be 64..="),
             ("streams_per_connection_max", 63, "streams_per_connection_max must be 64..="),
             ("shard_window_sends", 255, "shard_window_sends must be 0 (off) or 256..="),

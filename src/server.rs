@@ -10,7 +10,8 @@
 //! handshakes at once and `limits.handshakes_per_s` started per second (beyond either, a client
 //! whose address is not yet validated gets a QUIC Retry, and one that is, a refusal), and a
 //! connection slot (`limits.connections_max`) is taken only once the handshake is done, so
-//! half-open attempts cannot use the slots up.
+//! half-open attempts cannot use the slots up. One user takes at most
+//! `limits.connections_per_user_max` of them, so one credential cannot.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,7 @@ use crate::net::frame;
 use crate::net::lane::write_now;
 use crate::net::tls::{self, Identity};
 use crate::net::wire::{
-    ErrorCode, Request, Response, CLOSE_FULL, CLOSE_NO_IDENTITY, CLOSE_REVOKED, CLOSE_REVOKED_OPEN,
+    ErrorCode, Request, Response, CLOSE_FULL, CLOSE_NO_IDENTITY, CLOSE_REVOKED, CLOSE_REVOKED_OPEN, CLOSE_USER_FULL,
 };
 use crate::placement::PlacementCommand;
 use crate::service::{self, Service, SEND_TIMEOUT};
@@ -65,6 +66,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(node.config.limits.connections_max));
+    let users = Arc::new(UserConnections::default());
     let limits = &node.config.limits;
     let handshakes = Arc::new(Semaphore::new(limits.handshakes_in_flight_max));
     let mut started = HandshakeRate::new(limits.handshakes_per_s);
@@ -89,7 +91,7 @@ pub async fn serve(
             }
             continue;
         };
-        let (node, permits, mut revoked) = (node.clone(), permits.clone(), revoked.clone());
+        let (node, permits, users, mut revoked) = (node.clone(), permits.clone(), users.clone(), revoked.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -101,6 +103,7 @@ pub async fn serve(
             drop(handshake);
             let Ok(_permit) = permits.try_acquire_owned() else {
                 tracing::warn!(remote = %conn.remote_address(), "connection limit reached; closing");
+                node.metrics.refused_node_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 conn.close(CLOSE_FULL.into(), b"connection limit reached");
                 return;
             };
@@ -120,6 +123,17 @@ pub async fn serve(
                 conn.close(CLOSE_REVOKED.into(), REVOKED_REASON.as_bytes());
                 return;
             }
+            let max = node.config.limits.connections_per_user_max;
+            let Some(_user_slot) = users.take(&who.user, max) else {
+                tracing::warn!(remote = %conn.remote_address(), user = %who.user, max, "a user's connection limit reached; closing");
+                node.metrics.refused_user_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let why = format!(
+                    "user {} has {max} connections open on this node (limits.connections_per_user_max)",
+                    who.user
+                );
+                conn.close(CLOSE_USER_FULL.into(), why.as_bytes());
+                return;
+            };
             let span = tracing::info_span!("client", remote = %conn.remote_address(), user = %who.user);
             let bucket = Arc::new(node.connection_bucket());
             async move {
@@ -159,6 +173,46 @@ impl Open {
 impl Drop for Open {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Open client connections per user on this node (only users with one open are listed).
+#[derive(Default)]
+struct UserConnections(Mutex<std::collections::HashMap<String, usize>>);
+
+/// One of a user's connections, counted in [`UserConnections`] while it lives.
+struct UserSlot {
+    users: Arc<UserConnections>,
+    user: String,
+}
+
+impl UserConnections {
+    /// A slot for one more connection of `user`, unless it has `max` open.
+    fn take(self: &Arc<Self>, user: &str, max: usize) -> Option<UserSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.get(user).copied().unwrap_or(0);
+        if n >= max {
+            return None;
+        }
+        open.insert(user.to_string(), n + 1);
+        Some(UserSlot { users: self.clone(), user: user.to_string() })
+    }
+
+    #[cfg(test)]
+    fn open(&self, user: &str) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(user).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut open = self.users.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.user);
+            }
+        }
     }
 }
 
@@ -427,5 +481,20 @@ mod tests {
             100,
             "refills to the burst only"
         );
+    }
+
+    #[test]
+    fn a_user_takes_at_most_its_slots_and_gets_them_back() {
+        let users = Arc::new(UserConnections::default());
+        let mut alice: Vec<UserSlot> = (0..3).map(|_| users.take("alice", 3).expect("a slot")).collect();
+        assert!(users.take("alice", 3).is_none(), "a fourth connection of alice is refused");
+        let bob = users.take("bob", 3).expect("other users are not affected");
+        assert_eq!((users.open("alice"), users.open("bob")), (3, 1));
+        alice.pop();
+        alice.push(users.take("alice", 3).expect("a closed connection gives its slot back"));
+        assert!(users.take("alice", 3).is_none(), "and takes it again");
+        drop(bob);
+        assert_eq!((users.open("alice"), users.open("bob")), (3, 0));
+        assert_eq!(users.0.lock().unwrap().len(), 1, "a user with none open is not kept");
     }
 }

@@ -1361,6 +1361,83 @@ async fn retried_send_returns_the_same_offset() {
     }
 }
 
+// Connections are bounded per node and per user: one credential cannot take a node's slots,
+// a full node refuses everyone, each refusal says why and is counted, and a closed
+// connection gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_bounded_per_node_and_per_user() {
+    use convoy::net::frame;
+    use convoy::net::wire::{Request, Response, CLOSE_FULL, CLOSE_USER_FULL};
+    let limits = LimitTweaks { connections_max: Some(5), connections_per_user_max: Some(2), ..LimitTweaks::default() };
+    let cluster = start(Tweaks { limits, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    for user in ["alice", "bob", "carol"] {
+        cluster.client_as(user).expect("a credential");
+    }
+    let open_on_1 = || async { unlabelled(&scrape(&cluster, 1).await, "convoy_connections") };
+    eventually(READY, "the harness's own connections to node 1 to be closed", || async {
+        (open_on_1().await == Some(0.0)).then_some(())
+    })
+    .await
+    .expect("no connection open");
+
+    let paths = convoy::net::tls::TlsPaths::of(cluster.config());
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let addr = cluster.config().node(1).expect("node").client_addr;
+    let dial = |user: &'static str| {
+        let me = convoy::net::tls::Credential::of_user(cluster.config(), user).expect("credential");
+        let tls = convoy::net::tls::user_dialer(&paths, &me).expect("client tls");
+        let connecting = endpoint.connect_with(tls, addr, "node1").expect("connect");
+        async move { connecting.await.expect("the handshake completes: a slot is taken only after it") }
+    };
+    // Served: a request on it gets an answer (a user's `Status` is refused, which is one).
+    let served = |conn: quinn::Connection| async move {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&frame::encode(&Request::Status)).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let answer: convoy::Result<Option<Response>> = frame::read(&mut recv, 1 << 20).await;
+        match answer {
+            Ok(Some(_)) => Ok(conn),
+            other => Err(format!("no answer: {other:?}")),
+        }
+    };
+    let refused = |conn: quinn::Connection| async move {
+        match tokio::time::timeout(READY, conn.closed()).await.expect("closed by the node") {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                (c.error_code.into_inner(), String::from_utf8_lossy(&c.reason).into_owned())
+            }
+            other => panic!("closed otherwise: {other:?}"),
+        }
+    };
+
+    let a1 = served(dial("alice").await).await.expect("alice's first connection");
+    let _a2 = served(dial("alice").await).await.expect("alice's second connection");
+    let (code, why) = refused(dial("alice").await).await;
+    assert_eq!(code, u64::from(CLOSE_USER_FULL), "{why}");
+    assert!(why.contains("alice") && why.contains("connections_per_user_max"), "{why}");
+    let _b1 = served(dial("bob").await).await.expect("another user is not affected");
+    let _b2 = served(dial("bob").await).await.expect("bob's second connection");
+    let _c1 = served(dial("carol").await).await.expect("the node's fifth connection");
+    let (code, why) = refused(dial("carol").await).await;
+    assert_eq!(code, u64::from(CLOSE_FULL), "the node is full: {why}");
+    let text = scrape(&cluster, 1).await;
+    for (reason, want) in [("user_full", 1.0), ("node_full", 1.0)] {
+        let line = format!("convoy_connections_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(unlabelled(&text, &line), Some(want), "{reason}:\n{text}");
+    }
+    assert_eq!(open_on_1().await, Some(5.0));
+
+    // A closed connection gives both its slots back: alice connects again.
+    a1.close(0u32.into(), b"done");
+    let again = eventually(READY, "alice's slot to be given back", || async {
+        let conn = dial("alice").await;
+        tokio::time::timeout(Duration::from_secs(2), served(conn)).await.ok()?.ok()
+    })
+    .await
+    .expect("alice connects again");
+    assert!(again.close_reason().is_none(), "and stays connected");
+}
+
 // Bad input gets its error, nothing is stored, and the node keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_an_error_and_the_node_stays_up() {

@@ -38,7 +38,7 @@ use crate::net::lane::{write_now, Lane, LanePool};
 use crate::net::tls::{self, Credential, TlsPaths};
 use crate::net::wire::{
     ErrorCode, MemberChange, NodeState, NodeStatus, Request, Response, RoutingMap, SendRequest, CLOSE_FULL,
-    CLOSE_NO_IDENTITY, CLOSE_REVOKED, CLOSE_REVOKED_OPEN, SEND_BATCH_MAX,
+    CLOSE_NO_IDENTITY, CLOSE_REVOKED, CLOSE_REVOKED_OPEN, CLOSE_USER_FULL, SEND_BATCH_MAX,
 };
 
 /// The environment variable that names the default user of [`Client::connect`] and the CLI.
@@ -778,7 +778,7 @@ impl Client {
     /// too slow) leaves the connection to the requests and follows on it.
     async fn forget_broken(&self, node: u64, conn: &quinn::Connection, dialed: Instant) {
         let Some(reason) = conn.close_reason() else { return };
-        if ended_by_node(conn) && !is_close(&reason, CLOSE_FULL) {
+        if ended_by_node(conn) && !is_close(&reason, CLOSE_FULL) && !is_close(&reason, CLOSE_USER_FULL) {
             self.suspect(node);
         }
         let node_gone = matches!(reason, quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut);

@@ -25,6 +25,9 @@ pub const CLOSE_REVOKED: u32 = 0x12;
 /// QUIC application close code: an open connection whose certificate was just revoked was
 /// closed; a request it had in flight may have been served.
 pub const CLOSE_REVOKED_OPEN: u32 = 0x13;
+/// QUIC application close code: the client's user has `limits.connections_per_user_max`
+/// connections open on the node already; nothing sent on this one was served.
+pub const CLOSE_USER_FULL: u32 = 0x14;
 
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

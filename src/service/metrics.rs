@@ -166,6 +166,11 @@ pub struct Metrics {
     throttled: [AtomicU64; Throttle::ALL.len()],
     /// Client connections open now.
     pub connections: AtomicI64,
+    /// Client connections closed after their handshake because the node was at
+    /// `connections_max`.
+    pub refused_node_full: AtomicU64,
+    /// … because their user was at `connections_per_user_max` on this node.
+    pub refused_user_full: AtomicU64,
     /// Times a live subscriber was sent back to storage (it lagged past its push buffer, or
     /// a snapshot replaced its shard's state).
     pub push_fallbacks: AtomicU64,
@@ -187,6 +192,8 @@ impl Default for Metrics {
             sends: std::array::from_fn(|_| AtomicU64::new(0)),
             throttled: std::array::from_fn(|_| AtomicU64::new(0)),
             connections: AtomicI64::new(0),
+            refused_node_full: AtomicU64::new(0),
+            refused_user_full: AtomicU64::new(0),
             push_fallbacks: AtomicU64::new(0),
             lagging: AtomicU64::new(0),
             batches_split: AtomicU64::new(0),
@@ -390,6 +397,15 @@ impl Collector for NodeCollector {
             &[(vec![], m.batches_split.load(Relaxed))],
         )?;
         gauge(&mut e, "convoy_connections", "Client connections open.", &[(vec![], m.connections.load(Relaxed))])?;
+        counter(
+            &mut e,
+            "convoy_connections_refused",
+            "Client connections closed after their handshake at a limit: the node's (node_full) or their user's (user_full).",
+            &[
+                (vec![("reason", "node_full".to_string())], m.refused_node_full.load(Relaxed)),
+                (vec![("reason", "user_full".to_string())], m.refused_user_full.load(Relaxed)),
+            ],
+        )?;
         gauge(&mut e, "convoy_subscribers", "Live subscriptions.", &[(vec![], m.subscribers() as i64)])?;
         {
             let mut buckets: Vec<(f64, u64)> = Vec::new();

@@ -26,7 +26,7 @@ mod cluster;
 mod spec;
 
 pub use cluster::LocalCluster;
-pub use spec::{Addressing, ClusterSpec, Layout, LimitTweaks, RaftTweaks, RetentionTweaks};
+pub use spec::{Addressing, ClusterSpec, Layout, LimitTweaks, RaftTweaks, RetentionTweaks, CONNECTIONS_PER_USER_TESTS};
 
 use std::future::Future;
 use std::net::UdpSocket;

@@ -112,8 +112,13 @@ pub struct RaftTweaks {
     pub quiesce_after_ms: Option<u64>,
 }
 
+/// A test cluster's `limits.connections_per_user_max` unless a spec sets it: the node's
+/// whole default `connections_max`, since tests, jepsen and the bench (10,000 idle clients)
+/// run their clients as one user. The limit itself is tested where a test sets it.
+pub const CONNECTIONS_PER_USER_TESTS: usize = convoy::chat::limits::CONNECTIONS_DEFAULT;
+
 /// `[limits]` settings of cluster.toml (see `convoy::config::Limits`); `None` is "the node's
-/// default".
+/// default" (except `connections_per_user_max`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LimitTweaks {
     /// Largest message text, in bytes.
@@ -125,6 +130,11 @@ pub struct LimitTweaks {
     /// Concurrent client connections per node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections_max: Option<usize>,
+    /// Concurrent client connections of one user per node. Unset, a test cluster allows
+    /// [`CONNECTIONS_PER_USER_TESTS`], not the node's default: tests and the bench run
+    /// thousands of clients as one user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections_per_user_max: Option<usize>,
     /// Sends in flight per node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inflight_sends_max: Option<usize>,
@@ -315,13 +325,17 @@ impl ClusterSpec {
             Addressing::Loopback => crate::free_tcp_ports(self.nodes as usize)?,
             Addressing::Fixed { .. } => Vec::new(),
         };
+        let limits = LimitTweaks {
+            connections_per_user_max: self.limits.connections_per_user_max.or(Some(CONNECTIONS_PER_USER_TESTS)),
+            ..self.limits.clone()
+        };
         let file = ClusterFile {
             shards: self.shards,
             replication_factor: self.nodes,
             tls_dir: TLS_DIR,
             worker_threads: self.worker_threads,
             raft: (self.raft != RaftTweaks::default()).then_some(&self.raft),
-            limits: (self.limits != LimitTweaks::default()).then_some(&self.limits),
+            limits: Some(&limits),
             retention: (self.retention != RetentionTweaks::default()).then_some(&self.retention),
             admin: self.move_bytes_per_s.map(|move_bytes_per_s| AdminSection { move_bytes_per_s }),
             nodes: addresses
@@ -368,7 +382,11 @@ mod tests {
         assert_eq!(config.node_ids(), vec![1, 2, 3]);
         assert_eq!((config.shards, config.replication_factor), (16, 3));
         assert_eq!(config.raft, convoy::config::RaftConfig::default());
-        assert_eq!(config.limits, convoy::config::Limits::default());
+        let limits = convoy::config::Limits {
+            connections_per_user_max: CONNECTIONS_PER_USER_TESTS,
+            ..convoy::config::Limits::default()
+        };
+        assert_eq!(config.limits, limits, "the node's defaults but the per-user connection limit");
         assert_eq!(config.retention, convoy::config::RetentionConfig::default());
         assert_eq!(config.worker_threads, 0);
         let mut ports = std::collections::BTreeSet::new();
