@@ -1415,7 +1415,7 @@ async fn connections_are_bounded_per_node_and_per_user() {
     let (code, why) = refused(dial("alice").await).await;
     assert_eq!(code, u64::from(CLOSE_USER_FULL), "{why}");
     assert!(why.contains("alice") && why.contains("connections_per_user_max"), "{why}");
-    let _b1 = served(dial("bob").await).await.expect("another user is not affected");
+    let b1 = served(dial("bob").await).await.expect("another user is not affected");
     let _b2 = served(dial("bob").await).await.expect("bob's second connection");
     let _c1 = served(dial("carol").await).await.expect("the node's fifth connection");
     let (code, why) = refused(dial("carol").await).await;
@@ -1436,6 +1436,18 @@ async fn connections_are_bounded_per_node_and_per_user() {
     .await
     .expect("alice connects again");
     assert!(again.close_reason().is_none(), "and stays connected");
+
+    // At her limit again, on a node with a slot free, alice's client is told why, and
+    // that nothing was served.
+    b1.close(0u32.into(), b"done");
+    eventually(READY, "bob's slot to be given back", || async { (open_on_1().await == Some(4.0)).then_some(()) })
+        .await
+        .expect("a free slot on node 1");
+    let alice = cluster.client_as("alice").expect("alice's client");
+    match alice.read("anything", 1, Some(1)).await {
+        Err(Error::Unavailable(m)) => assert!(m.contains("connections_per_user_max"), "{m}"),
+        other => panic!("a read on a connection refused at the user's limit: {other:?}"),
+    }
 }
 
 // Bad input gets its error, nothing is stored, and the node keeps serving.

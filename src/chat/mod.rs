@@ -56,9 +56,10 @@ pub mod limits {
     /// Client connections per node; more are refused.
     pub const CONNECTIONS_DEFAULT: usize = 20_000;
     /// Client connections of one user per node; more are refused. A client keeps one
-    /// connection per node for its requests and up to 24 follows, and one more per 24
-    /// follows beyond: 256 is a user's many devices, or one client following over 6,000
-    /// conversations, while no credential can take more than 1/78 of a node's 20,000 slots.
+    /// connection per node for its requests and up to 24 follows, and one more per
+    /// `streams_per_connection_max` (64) follows beyond: 256 is a user's many devices, or
+    /// one client following about 16,000 conversations, while no credential can take more
+    /// than 1/78 of a node's 20,000 slots.
     pub const CONNECTIONS_PER_USER_DEFAULT: usize = 256;
     /// Sends in flight per node; more are answered `Throttled`.
     pub const INFLIGHT_SENDS_DEFAULT: usize = 8192;

@@ -203,8 +203,19 @@ fn credential_refusal(node: u64, reason: &quinn::ConnectionError) -> Option<(Err
 /// was served), else `Forbidden` for a request not written yet and still `Ambiguous` (with
 /// the reason) for one that was. Classified by the connection the request used, not by the
 /// node's current one, which another task may have opened since.
+///
+/// A connection the node closed at one of its connection limits (`CLOSE_FULL`,
+/// `CLOSE_USER_FULL`) was closed before the node accepted any stream on it: nothing sent on
+/// it was served, so the failure is `Unavailable`, with the node's reason.
 fn classify(node: u64, conn: &quinn::Connection, e: Error) -> Error {
-    match conn.close_reason().and_then(|r| credential_refusal(node, &r)) {
+    let Some(reason) = conn.close_reason() else { return e };
+    if let quinn::ConnectionError::ApplicationClosed(c) = &reason {
+        if [CLOSE_FULL, CLOSE_USER_FULL].map(u64::from).contains(&c.error_code.into_inner()) {
+            let why = String::from_utf8_lossy(&c.reason);
+            return Error::Unavailable(format!("node {node} refused the connection: {why}"));
+        }
+    }
+    match credential_refusal(node, &reason) {
         Some((refused, true)) => refused,
         Some((refused, false)) => match e {
             Error::Ambiguous(m) => Error::Ambiguous(format!("{m}; then {refused}")),
