@@ -23,28 +23,61 @@ fn voters(ids: &[NodeId]) -> BTreeSet<NodeId> {
     ids.iter().copied().collect()
 }
 
+/// Four in-process replicas of one group, voters {1,2,3} led by 1 with all committed, and
+/// replica 4 running outside the membership.
+struct Group {
+    _dir: tempfile::TempDir,
+    router: Router,
+    rafts: BTreeMap<NodeId, Raft>,
+}
+
+impl Group {
+    async fn start() -> Group {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let router = Router::default();
+        let mut rafts: BTreeMap<NodeId, Raft> = BTreeMap::new();
+        for id in 1..=4 {
+            let dirs = Dirs::under(dir.path(), id);
+            let store = open_store(&dirs.db).await;
+            rafts.insert(id, start(&router, id, &dirs, store).await);
+        }
+        let leader = &rafts[&1];
+        leader
+            .initialize(BTreeMap::from([(1, Member::default()), (2, Member::default()), (3, Member::default())]))
+            .await
+            .expect("initialize");
+        let settled = |m: &openraft::RaftMetrics<crate::raft::types::C>| {
+            m.current_leader == Some(1)
+                && m.last_applied.map(|l| l.index) == m.last_log_index
+                && m.membership_config.log_id() == m.committed_membership_config.log_id()
+        };
+        leader.wait(Some(TIMEOUT)).metrics(settled, "node 1 leads, all committed").await.expect("leader");
+        Group { _dir: dir, router, rafts }
+    }
+
+    /// Waits until node 1's metrics show a settled membership (committed, as last
+    /// appended) holding `replica`: a change's call returns before its metrics say so.
+    async fn settled_with(&self, replica: NodeId) {
+        let settled = |m: &openraft::RaftMetrics<crate::raft::types::C>| {
+            m.membership_config.log_id() == m.committed_membership_config.log_id()
+                && m.membership_config.membership().get_node(&replica).is_some()
+        };
+        self.rafts[&1].wait(Some(TIMEOUT)).metrics(settled, "the membership settled").await.expect("settled");
+    }
+
+    async fn stop(self) {
+        for raft in self.rafts.values() {
+            let _ = raft.shutdown().await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_left_in_joint_consensus_is_finished_by_the_next_step() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let router = Router::default();
-    let mut rafts: BTreeMap<NodeId, Raft> = BTreeMap::new();
-    for id in 1..=4 {
-        let dirs = Dirs::under(dir.path(), id);
-        let store = open_store(&dirs.db).await;
-        rafts.insert(id, start(&router, id, &dirs, store).await);
-    }
-    let leader = rafts[&1].clone();
-    leader
-        .initialize(BTreeMap::from([(1, Member::default()), (2, Member::default()), (3, Member::default())]))
-        .await
-        .expect("initialize");
-    let settled = |m: &openraft::RaftMetrics<crate::raft::types::C>| {
-        m.current_leader == Some(1)
-            && m.last_applied.map(|l| l.index) == m.last_log_index
-            && m.membership_config.log_id() == m.committed_membership_config.log_id()
-    };
-    leader.wait(Some(TIMEOUT)).metrics(settled, "node 1 leads, all committed").await.expect("leader");
+    let group = Group::start().await;
+    let leader = group.rafts[&1].clone();
     leader.add_learner(4, Member::default(), true).await.expect("learner 4");
+    group.settled_with(4).await;
 
     // The joint entry of a change from {1,2,3} to {1,2,4}, with no uniform entry after it.
     let observed = crate::raft::metrics_of(&leader).membership_config;
@@ -52,8 +85,14 @@ async fn a_change_left_in_joint_consensus_is_finished_by_the_next_step() {
     let joint = openraft::Membership::new(vec![voters(&[1, 2, 3]), voters(&[1, 2, 4])], nodes).expect("joint");
     let unchanged = openraft::Precondition::LastMembershipLogId { last_membership_log_id: *observed.log_id() };
     leader.append_membership(joint, openraft::EntryPayload::Blank, [unchanged]).await.expect("joint entry");
-    let m = crate::raft::metrics_of(&leader);
-    assert_eq!(m.committed_membership_config.membership().get_joint_config().len(), 2, "left in joint consensus");
+    let joint_committed = |m: &openraft::RaftMetrics<crate::raft::types::C>| {
+        m.committed_membership_config.membership().get_joint_config().len() == 2
+    };
+    leader
+        .wait(Some(TIMEOUT))
+        .metrics(joint_committed, "the joint entry committed")
+        .await
+        .expect("left in joint consensus");
 
     // A cancel's step (a move's `Replace` goes the same way) finishes the change first, and
     // asks to be asked again.
@@ -67,32 +106,13 @@ async fn a_change_left_in_joint_consensus_is_finished_by_the_next_step() {
     assert_eq!(m.membership_config.log_id(), m.committed_membership_config.log_id(), "and committed");
     // Settled now: the step itself is answered.
     assert!(matches!(formation::remove_learner(&h, SHARD, 9, None).await, PeerResponse::Promoted));
-    for raft in rafts.values() {
-        let _ = raft.shutdown().await;
-    }
+    group.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promotion_of_a_learner_a_cancel_removed_is_refused_and_does_not_add_it_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let router = Router::default();
-    let mut rafts: BTreeMap<NodeId, Raft> = BTreeMap::new();
-    for id in 1..=4 {
-        let dirs = Dirs::under(dir.path(), id);
-        let store = open_store(&dirs.db).await;
-        rafts.insert(id, start(&router, id, &dirs, store).await);
-    }
-    let leader = rafts[&1].clone();
-    leader
-        .initialize(BTreeMap::from([(1, Member::default()), (2, Member::default()), (3, Member::default())]))
-        .await
-        .expect("initialize");
-    let settled = |m: &openraft::RaftMetrics<crate::raft::types::C>| {
-        m.current_leader == Some(1)
-            && m.last_applied.map(|l| l.index) == m.last_log_index
-            && m.membership_config.log_id() == m.committed_membership_config.log_id()
-    };
-    leader.wait(Some(TIMEOUT)).metrics(settled, "node 1 leads, all committed").await.expect("leader");
+    let group = Group::start().await;
+    let (router, leader) = (&group.router, group.rafts[&1].clone());
     let h = Hosted { replica: 1, raft: leader.clone() };
     let members = |raft: &Raft| -> Vec<NodeId> {
         crate::raft::metrics_of(raft).membership_config.membership().nodes().map(|(id, _)| *id).collect()
@@ -102,6 +122,7 @@ async fn a_promotion_of_a_learner_a_cancel_removed_is_refused_and_does_not_add_i
     // `RemoveLearner` ends the wait with a refusal, long before the wait's 50 s.
     router.cut(4, true);
     leader.add_learner(4, Member::default(), false).await.expect("learner 4");
+    group.settled_with(4).await;
     let promoting = tokio::spawn({
         let h = Hosted { replica: 1, raft: leader.clone() };
         async move { formation::replace(&h, SHARD, 3, 4).await }
@@ -126,7 +147,5 @@ async fn a_promotion_of_a_learner_a_cancel_removed_is_refused_and_does_not_add_i
     }
     assert_eq!(members(&leader), vec![1, 2, 3], "learner 4 was not added back");
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
-    for raft in rafts.values() {
-        let _ = raft.shutdown().await;
-    }
+    group.stop().await;
 }
