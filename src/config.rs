@@ -108,6 +108,12 @@ pub struct Limits {
     /// Concurrent client connections of one user (one credential's user name) per node;
     /// more are refused, so one credential cannot take the node's slots.
     pub connections_per_user_max: usize,
+    /// Bytes of stored messages a node holds read for catch-ups and not yet handed to their
+    /// connections; a catch-up read waits for room (see `service::catch_up`).
+    pub catch_up_buffer_bytes: u64,
+    /// Client connections catching up through a wide (1 MiB) send window at once; others
+    /// catch up through their own 64 KiB one.
+    pub catch_up_windows_max: usize,
     /// Sends in flight per node; more are answered `Throttled`. At least one whole batch.
     #[serde(alias = "max_inflight_sends")]
     pub inflight_sends_max: usize,
@@ -162,6 +168,8 @@ impl Default for Limits {
             frame_bytes_max: FRAME_BYTES_DEFAULT,
             connections_max: CONNECTIONS_DEFAULT,
             connections_per_user_max: CONNECTIONS_PER_USER_DEFAULT,
+            catch_up_buffer_bytes: CATCH_UP_BUFFER_BYTES_DEFAULT,
+            catch_up_windows_max: CATCH_UP_WINDOWS_DEFAULT,
             inflight_sends_max: INFLIGHT_SENDS_DEFAULT,
             push_buffer_messages: PUSH_BUFFER_MESSAGES_DEFAULT,
             streams_per_connection_max: STREAMS_PER_CONNECTION_DEFAULT,
@@ -488,6 +496,15 @@ impl Config {
         if !(1..=CONNECTIONS_CEILING).contains(&l.connections_per_user_max) {
             return fail(format!("limits.connections_per_user_max must be 1..={CONNECTIONS_CEILING}"));
         }
+        // Below one batch's reserve no catch-up could read.
+        if !(CATCH_UP_BUFFER_BYTES_MIN..=CATCH_UP_BUFFER_BYTES_CEILING).contains(&l.catch_up_buffer_bytes) {
+            return fail(format!(
+                "limits.catch_up_buffer_bytes must be {CATCH_UP_BUFFER_BYTES_MIN}..={CATCH_UP_BUFFER_BYTES_CEILING}"
+            ));
+        }
+        if l.catch_up_windows_max > CONNECTIONS_CEILING {
+            return fail(format!("limits.catch_up_windows_max must be at most {CONNECTIONS_CEILING}"));
+        }
         // A batch takes one permit per send, all at once: fewer permits than a batch's sends
         // would throttle every full batch for ever.
         if !(SEND_BATCH_MAX..=INFLIGHT_SENDS_CEILING).contains(&l.inflight_sends_max) {
@@ -641,6 +658,12 @@ data_dir = "data/node3"
         let frame = format!("{SAMPLE}\n[limits]\nframe_bytes_max = 33554432\n");
         let err = Config::parse(&frame, Path::new("."), Path::new("c.toml")).expect_err("too big");
         assert!(err.to_string().contains("frame_bytes_max must be at most"), "{err}");
+        let huge = format!("{SAMPLE}\n[limits]\ncatch_up_buffer_bytes = {}\n", (1u64 << 40) + 1);
+        let err = Config::parse(&huge, Path::new("."), Path::new("c.toml")).expect_err("too big");
+        assert!(err.to_string().contains("catch_up_buffer_bytes must be 524288..="), "{err}");
+        let small = format!("{SAMPLE}\n[limits]\ncatch_up_buffer_bytes = 524287\n");
+        let err = Config::parse(&small, Path::new("."), Path::new("c.toml")).expect_err("too small");
+        assert!(err.to_string().contains("catch_up_buffer_bytes must be 524288..="), "{err}");
         for buffer in [0, 15, 65_537] {
             let push = format!("{SAMPLE}\n[limits]\npush_buffer_messages = {buffer}\n");
             let err = Config::parse(&push, Path::new("."), Path::new("c.toml")).expect_err("out of range");
@@ -652,6 +675,7 @@ data_dir = "data/node3"
             ("connections_max", 1 << 21, "connections_max must be 1..="),
             ("connections_per_user_max", 0, "connections_per_user_max must be 1..="),
             ("connections_per_user_max", 1 << 21, "connections_per_user_max must be 1..="),
+            ("catch_up_windows_max", 1 << 21, "catch_up_windows_max must be at most"),
             ("streams_per_connection_max", 0, "streams_per_connection_max must be 64..="),
             ("streams_per_connection_max", 63, "streams_per_connection_max must be 64..="),
             ("shard_window_sends", 255, "shard_window_sends must be 0 (off) or 256..="),

@@ -27,6 +27,7 @@ use crate::net::wire::{
     ErrorCode, Request, Response, CLOSE_FULL, CLOSE_NO_IDENTITY, CLOSE_REVOKED, CLOSE_REVOKED_OPEN, CLOSE_USER_FULL,
 };
 use crate::placement::PlacementCommand;
+use crate::service::catch_up::ConnWindow;
 use crate::service::{self, Service, SEND_TIMEOUT};
 
 /// How long a new request stream may take to deliver its request.
@@ -136,12 +137,13 @@ pub async fn serve(
             };
             let span = tracing::info_span!("client", remote = %conn.remote_address(), user = %who.user);
             let bucket = Arc::new(node.connection_bucket());
+            let window = Arc::new(ConnWindow::of(conn.clone()));
             async move {
                 loop {
                     tokio::select! {
                         accepted = conn.accept_bi() => {
                             let Ok((send, recv)) = accepted else { break };
-                            let caller = Caller { who: who.clone(), bucket: bucket.clone() };
+                            let caller = Caller { who: who.clone(), bucket: bucket.clone(), window: window.clone() };
                             tokio::spawn(
                                 handle(node.clone(), caller, send, recv).instrument(tracing::debug_span!("request")),
                             );
@@ -284,6 +286,8 @@ fn answer_of(e: Error) -> Response {
 struct Caller {
     who: Arc<Identity>,
     bucket: Arc<std::sync::Mutex<service::rates::Bucket>>,
+    /// The connection's send window (see `service::windows`).
+    window: Arc<ConnWindow>,
 }
 
 async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
@@ -356,7 +360,7 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
                 Request::Status => answer_of(Error::Forbidden(format!("user {:?} is not an admin", who.user))),
                 Request::ShardMap => Response::ShardMap(Box::new(node.cluster_map().routing())),
                 Request::Subscribe { conversation, from, follow } => {
-                    match node.subscribe(who, conversation, from, follow, &mut send).await {
+                    match node.subscribe(who, conversation, from, follow, &mut send, &caller.window).await {
                         Ok(()) => break,
                         Err(e) => answer_of(e),
                     }

@@ -1450,6 +1450,121 @@ async fn connections_are_bounded_per_node_and_per_user() {
     }
 }
 
+/// Messages in `catch_up_conversation`: about 3.8 MB, more than a reader that reads nothing
+/// takes in (its stream window, 1 MiB) and the node's wide send window together, so its
+/// catch-up stalls with both full.
+const CATCH_UP_SENT: u64 = 64;
+
+/// Sends [`CATCH_UP_SENT`] messages of 60,000 bytes to `conversation` as alice.
+async fn catch_up_conversation(cluster: &LocalCluster, conversation: &str) {
+    let alice = cluster.client_as("alice").expect("alice's client");
+    let text = "x".repeat(60_000);
+    for _ in 0..CATCH_UP_SENT {
+        alice.send(conversation, &text).await.expect("sent");
+    }
+}
+
+/// A reader of `conversation` from its start on a QUIC connection of its own to node 1 as
+/// alice, that reads nothing until [`read_to_caught_up`] reads it.
+async fn raw_reader(
+    cluster: &LocalCluster,
+    conversation: &str,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    use convoy::net::{frame, tls, wire::Request};
+    let paths = tls::TlsPaths::of(cluster.config());
+    let me = tls::Credential::of_user(cluster.config(), "alice").expect("credential");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let addr = cluster.config().node(1).expect("node").client_addr;
+    let dialer = tls::user_dialer(&paths, &me).expect("client tls");
+    let conn = endpoint.connect_with(dialer, addr, "node1").expect("connect").await.expect("connected");
+    let (mut send, recv) = conn.open_bi().await.expect("a stream");
+    let ask = Request::Subscribe { conversation: conversation.into(), from: 1, follow: false };
+    send.write_all(&frame::encode(&ask)).await.expect("asked");
+    (conn, send, recv)
+}
+
+/// Reads a subscription to its end: the offsets in order, then `CaughtUp`'s head.
+async fn read_to_caught_up(mut recv: quinn::RecvStream) -> (Vec<u64>, u64) {
+    use convoy::net::{frame, wire::Response};
+    let mut offsets = Vec::new();
+    loop {
+        match frame::read::<_, Response>(&mut recv, 1 << 20).await.expect("a frame") {
+            Some(Response::Message(m)) => offsets.push(m.offset),
+            Some(Response::CaughtUp { head }) => return (offsets, head),
+            other => panic!("unexpected frame: {other:?}"),
+        }
+    }
+}
+
+/// Node 1's figures `names`, waited for until they are `want`.
+async fn until_metrics(cluster: &LocalCluster, names: &[&str], want: &[f64], what: &str) {
+    let now = || async {
+        let text = scrape(cluster, 1).await;
+        names.iter().map(|n| unlabelled(&text, n).unwrap_or_else(|| panic!("{n} is exported"))).collect::<Vec<_>>()
+    };
+    if let Err(e) = eventually(READY, what, || async { (now().await == want).then_some(()) }).await {
+        panic!("{e}: {names:?} are {:?}, not {want:?}", now().await);
+    }
+}
+
+// Readers catching up from storage share the node's wide send windows: a connection takes one
+// only while one is free, catches up through its narrow one otherwise, and gives the wide one
+// back when done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_catching_up_share_the_nodes_wide_send_windows() {
+    let limits = LimitTweaks { catch_up_windows_max: Some(1), ..LimitTweaks::default() };
+    let cluster = start(Tweaks { limits, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    catch_up_conversation(&cluster, "big").await;
+    let everything: Vec<u64> = (1..=CATCH_UP_SENT).collect();
+    let windows = ["convoy_catch_up_windows_wide", "convoy_catch_up_narrow_total"];
+
+    // A stalled reader takes the only wide window, and keeps it while it is stalled.
+    let (stalled, _stalled_send, _stalled_recv) = raw_reader(&cluster, "big").await;
+    until_metrics(&cluster, &windows, &[1.0, 0.0], "the stalled reader to hold the wide window").await;
+    // A second reader finds none free: it catches up through its narrow window, in full.
+    let (_narrow_conn, _narrow_send, narrow_recv) = raw_reader(&cluster, "big").await;
+    until_metrics(&cluster, &windows, &[1.0, 1.0], "the second reader to start narrow").await;
+    assert_eq!(read_to_caught_up(narrow_recv).await, (everything.clone(), CATCH_UP_SENT), "a narrow catch-up");
+    until_metrics(&cluster, &windows, &[1.0, 1.0], "the stalled reader to keep the wide window").await;
+
+    // Once the stalled reader goes, its window is back, and the next reader catches up wide.
+    stalled.close(0u32.into(), b"gone");
+    until_metrics(&cluster, &windows, &[0.0, 1.0], "the stalled reader's window to be given back").await;
+    let (_wide_conn, _wide_send, wide_recv) = raw_reader(&cluster, "big").await;
+    assert_eq!(read_to_caught_up(wide_recv).await, (everything, CATCH_UP_SENT));
+    until_metrics(&cluster, &windows, &[0.0, 1.0], "the third reader to give back the window it took").await;
+}
+
+// What catch-ups hold read is bounded node-wide: with room for one batch, a stalled reader's
+// batch makes the next reader wait, and once it goes, that reader gets everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_reads_wait_for_room_in_the_nodes_buffer() {
+    let reserve = convoy::service::catch_up::BATCH_RESERVE_BYTES as u64;
+    let limits = LimitTweaks { catch_up_buffer_bytes: Some(reserve), ..LimitTweaks::default() };
+    let cluster = start(Tweaks { limits, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    catch_up_conversation(&cluster, "big").await;
+    let cluster = &cluster;
+    let held = || async { unlabelled(&scrape(cluster, 1).await, "convoy_catch_up_buffer_bytes").expect("the gauge") };
+
+    let (stalled, _stalled_send, _stalled_recv) = raw_reader(cluster, "big").await;
+    eventually(READY, "the stalled reader to hold a batch", || async { (held().await > 0.0).then_some(()) })
+        .await
+        .expect("a batch held");
+    let (_conn, _send, recv) = raw_reader(cluster, "big").await;
+    let mut reading = tokio::spawn(read_to_caught_up(recv));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!reading.is_finished(), "the second reader got everything while the stalled one held the buffer");
+    let text = scrape(cluster, 1).await;
+    assert!(unlabelled(&text, "convoy_catch_up_waits_total").is_some_and(|w| w >= 1.0), "{text}");
+
+    stalled.close(0u32.into(), b"gone");
+    let read = tokio::time::timeout(READY, &mut reading).await.expect("the second reader goes on").expect("read");
+    assert_eq!(read, ((1..=CATCH_UP_SENT).collect(), CATCH_UP_SENT));
+    until_metrics(cluster, &["convoy_catch_up_buffer_bytes"], &[0.0], "every batch given back").await;
+}
+
 // Bad input gets its error, nothing is stored, and the node keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_an_error_and_the_node_stays_up() {

@@ -61,6 +61,16 @@ pub mod limits {
     /// one client following about 16,000 conversations, while no credential can take more
     /// than 1/78 of a node's 20,000 slots.
     pub const CONNECTIONS_PER_USER_DEFAULT: usize = 256;
+    /// Stored messages a node holds read for catch-ups, in bytes: 256 batches at their
+    /// largest, far more of the usual small ones.
+    pub const CATCH_UP_BUFFER_BYTES_DEFAULT: u64 = 128 << 20;
+    /// Client connections catching up through a 1 MiB send window at once (128 MiB).
+    pub const CATCH_UP_WINDOWS_DEFAULT: usize = 128;
+    /// Smallest accepted `catch_up_buffer_bytes`: what one catch-up read reserves
+    /// (`service::catch_up::BATCH_RESERVE_BYTES`, which checks that they agree).
+    pub const CATCH_UP_BUFFER_BYTES_MIN: u64 = 512 << 10;
+    /// Largest accepted `catch_up_buffer_bytes` (1 TiB: a typo, not a machine).
+    pub const CATCH_UP_BUFFER_BYTES_CEILING: u64 = 1 << 40;
     /// Sends in flight per node; more are answered `Throttled`.
     pub const INFLIGHT_SENDS_DEFAULT: usize = 8192;
     /// Live-push buffer of one watched conversation, in messages.

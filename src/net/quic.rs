@@ -36,8 +36,14 @@ pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CLIENT_STREAM_WINDOW_BYTES: u32 = 256 << 10;
 /// Receive window of one client connection on the node, in bytes.
 pub const CLIENT_CONNECTION_WINDOW_BYTES: u32 = 1 << 20;
-/// Send window of one client connection on the node, in bytes (pushes beyond it wait).
-pub const CLIENT_SEND_WINDOW_BYTES: u64 = 1 << 20;
+/// Send window of one client connection on the node, in bytes (pushes beyond it wait); a
+/// connection catching up from storage widens it to [`CLIENT_CATCH_UP_SEND_WINDOW_BYTES`]
+/// while the node's budget allows (`service::windows`).
+pub const CLIENT_SEND_WINDOW_BYTES: u64 = 64 << 10;
+/// Send window of a client connection on the node while it catches up from storage, in bytes.
+pub const CLIENT_CATCH_UP_SEND_WINDOW_BYTES: u64 = 1 << 20;
+/// Send window of a client's connection to a node, in bytes (batches of sends).
+pub const DIALER_SEND_WINDOW_BYTES: u64 = 1 << 20;
 /// The node closes a client connection silent for this long (clients ping more often).
 pub const CLIENT_IDLE_TIMEOUT_SERVER: Duration = Duration::from_secs(30);
 
@@ -90,6 +96,7 @@ pub fn dialer_transport(link: Link) -> quinn::TransportConfig {
         t.max_idle_timeout(Some(idle(CLIENT_IDLE_TIMEOUT)));
         t.stream_receive_window(CLIENT_PUSH_STREAM_WINDOW_BYTES.into());
         t.receive_window(CLIENT_PUSH_CONNECTION_WINDOW_BYTES.into());
+        t.send_window(DIALER_SEND_WINDOW_BYTES);
     }
     t
 }

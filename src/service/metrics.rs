@@ -407,6 +407,30 @@ impl Collector for NodeCollector {
             ],
         )?;
         gauge(&mut e, "convoy_subscribers", "Live subscriptions.", &[(vec![], m.subscribers() as i64)])?;
+        gauge(
+            &mut e,
+            "convoy_catch_up_windows_wide",
+            "Client connections catching up through a wide send window (at most limits.catch_up_windows_max).",
+            &[(vec![], i64::try_from(node.catch_up.held()).unwrap_or(i64::MAX))],
+        )?;
+        counter(
+            &mut e,
+            "convoy_catch_up_narrow",
+            "Catch-ups that started through their connection's narrow send window, every wide one being lent out.",
+            &[(vec![], node.catch_up.narrow_total())],
+        )?;
+        gauge(
+            &mut e,
+            "convoy_catch_up_buffer_bytes",
+            "Bytes of stored messages read for catch-ups and not yet handed to their connections (at most limits.catch_up_buffer_bytes).",
+            &[(vec![], i64::try_from(node.catch_up.lent_bytes()).unwrap_or(i64::MAX))],
+        )?;
+        counter(
+            &mut e,
+            "convoy_catch_up_waits",
+            "Catch-up reads that waited for room in limits.catch_up_buffer_bytes.",
+            &[(vec![], node.catch_up.waits_total())],
+        )?;
         {
             let mut buckets: Vec<(f64, u64)> = Vec::new();
             let mut cumulative = 0;

@@ -22,6 +22,7 @@ mod placement;
 mod propose;
 mod push;
 pub use placement::serve_drops;
+pub mod catch_up;
 pub mod rates;
 mod retention;
 mod stop;
@@ -187,6 +188,8 @@ struct StoredFrames {
     /// The conversation's head when the batch was cut short (it is behind by more than a
     /// batch), or when nothing was stored at its first offset above 1.
     head: Option<u64>,
+    /// Its share of the node's catch-up budget, given back once it is written.
+    _hold: Option<catch_up::BatchHold>,
 }
 
 /// A batch of stored messages being read and framed on a blocking thread.
@@ -205,7 +208,7 @@ fn read_batch(store: &Store, shard: ShardId, conversation: &str, from: u64, unti
     let mut next = from.max(1);
     let want = CATCH_UP_BATCH.min(usize::try_from(until.saturating_sub(next - 1)).unwrap_or(usize::MAX));
     if want == 0 {
-        return Ok(StoredFrames { frames, more: false, next, head: None });
+        return Ok(StoredFrames { frames, more: false, next, head: None, _hold: None });
     }
     let scanned = store.scan_messages(shard, conversation, next, want, CATCH_UP_BATCH_BYTES, |offset, value| {
         if offset != next {
@@ -219,7 +222,7 @@ fn read_batch(store: &Store, shard: ShardId, conversation: &str, from: u64, unti
     // The head is read when more is stored, and when nothing is at `from` (past the head?).
     let none_at_from = next == from.max(1) && next > 1;
     let head = if scanned.more || none_at_from { Some(store.head(shard, conversation)?) } else { None };
-    Ok(StoredFrames { frames, more: scanned.more, next, head })
+    Ok(StoredFrames { frames, more: scanned.more, next, head, _hold: None })
 }
 
 /// Writes to a subscriber's stream, giving up after [`SUBSCRIBER_WRITE_TIMEOUT`]; a failed
@@ -282,6 +285,8 @@ pub struct Service {
     inflight: Arc<Semaphore>,
     /// Slots of catch-up scans ([`CATCH_UP_SCANS_MAX`]).
     scans: Arc<Semaphore>,
+    /// What catch-ups may hold: read batches and wide send windows (see [`catch_up`]).
+    pub catch_up: Arc<catch_up::CatchUpBudget>,
     rates: SendRates,
     peer_stats: Arc<PeerStats>,
     counters: Arc<CommitCounters>,
@@ -599,6 +604,10 @@ impl Service {
                 (shard, p)
             })
             .collect();
+        let catch_up = Arc::new(catch_up::CatchUpBudget::new(
+            config.limits.catch_up_buffer_bytes,
+            config.limits.catch_up_windows_max,
+        ));
         let service = Arc::new(Service {
             id,
             config,
@@ -617,6 +626,7 @@ impl Service {
             push,
             inflight,
             scans: Arc::new(Semaphore::new(CATCH_UP_SCANS_MAX)),
+            catch_up,
             rates,
             peer_stats: net.stats(),
             counters,
@@ -1323,20 +1333,30 @@ impl Service {
     }
 
     /// Starts reading and framing up to [`CATCH_UP_BATCH`] stored messages from `from` up
-    /// to offset `until` on a blocking thread.
+    /// to offset `until` on a blocking thread, once the node's catch-up budget has room for
+    /// the batch; the batch holds its share until it is dropped.
     fn read_stored(&self, shard: ShardId, conversation: &str, from: u64, until: u64) -> StoredRead {
         let (store, conversation, scans) = (self.store.clone(), conversation.to_string(), self.scans.clone());
+        let budget = self.catch_up.clone();
         StoredRead(tokio::spawn(async move {
-            let _slot = scans.acquire_owned().await.map_err(|_| Error::Unavailable("the node is stopping".into()))?;
-            tokio::task::spawn_blocking(move || read_batch(&store, shard, &conversation, from, until))
+            let stopping = || Error::Unavailable("the node is stopping".into());
+            let mut hold = budget.reserve().await.ok_or_else(stopping)?;
+            let slot = scans.acquire_owned().await.map_err(|_| stopping())?;
+            let mut batch = tokio::task::spawn_blocking(move || read_batch(&store, shard, &conversation, from, until))
                 .await
-                .map_err(Error::task("reading stored messages"))?
+                .map_err(Error::task("reading stored messages"))??;
+            drop(slot);
+            hold.keep(batch.frames.capacity());
+            batch._hold = Some(hold);
+            Ok(batch)
         }))
     }
 
     /// Streams a conversation to `out` for `who`, a member; see the module doc. Returns when
     /// the client goes away, when not following and caught up, or on error. A reader who is
-    /// removed gets everything up to the head at the removal, then `Forbidden`.
+    /// removed gets everything up to the head at the removal, then `Forbidden`. `window` is
+    /// the connection's send window, wide while this reads storage if the node's budget
+    /// allows (see [`catch_up`]).
     pub async fn subscribe(
         &self,
         who: &Identity,
@@ -1344,6 +1364,7 @@ impl Service {
         from: u64,
         follow: bool,
         out: &mut quinn::SendStream,
+        window: &catch_up::ConnWindow,
     ) -> Result<()> {
         let shard = match self.hosting(&conversation) {
             Ok(g) => g.shard,
@@ -1385,6 +1406,7 @@ impl Service {
             // wake-up each. After each read, the reader must still be a member: a removal
             // applied meanwhile bounds what it gets.
             self.still_hosting(shard)?;
+            let catching_up = window.catching_up(&self.catch_up);
             let mut reading = self.read_stored(shard, &conversation, next, until);
             loop {
                 let mut batch = match reading.finish().await {
@@ -1409,6 +1431,8 @@ impl Service {
                 if let Access::Ended { until: end } = self.access(shard, &conversation, &who.user).await? {
                     until = until.min(end);
                     if batch.next.saturating_sub(1) > until {
+                        // Given back first: a batch waiting for room must not hold any.
+                        drop(batch);
                         batch = self.read_stored(shard, &conversation, next, until).finish().await?;
                     }
                 }
@@ -1428,7 +1452,9 @@ impl Service {
                 if !full {
                     break;
                 }
+                catching_up.retry();
             }
+            drop(catching_up);
             if until != u64::MAX {
                 return Err(not_a_member(&who.user, &conversation));
             }

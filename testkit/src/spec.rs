@@ -135,6 +135,12 @@ pub struct LimitTweaks {
     /// thousands of clients as one user.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections_per_user_max: Option<usize>,
+    /// Stored messages held read for catch-ups, in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catch_up_buffer_bytes: Option<u64>,
+    /// Connections catching up through a wide send window at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catch_up_windows_max: Option<usize>,
     /// Sends in flight per node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inflight_sends_max: Option<usize>,
