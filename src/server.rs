@@ -27,7 +27,7 @@ use crate::net::wire::{
     ErrorCode, Request, Response, CLOSE_FULL, CLOSE_NO_IDENTITY, CLOSE_REVOKED, CLOSE_REVOKED_OPEN, CLOSE_USER_FULL,
 };
 use crate::placement::PlacementCommand;
-use crate::service::catch_up::ConnWindow;
+use crate::service::catch_up::ConnCatchUp;
 use crate::service::{self, Service, SEND_TIMEOUT};
 
 /// How long a new request stream may take to deliver its request.
@@ -125,7 +125,7 @@ pub async fn serve(
                 return;
             }
             let max = node.config.limits.connections_per_user_max;
-            let Some(_user_slot) = users.take(&who.user, max) else {
+            let Some(user_slot) = users.take(&who.user, max, || node.catch_up.user_share()) else {
                 tracing::warn!(remote = %conn.remote_address(), user = %who.user, max, "a user's connection limit reached; closing");
                 node.metrics.refused_user_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let why = format!(
@@ -137,7 +137,7 @@ pub async fn serve(
             };
             let span = tracing::info_span!("client", remote = %conn.remote_address(), user = %who.user);
             let bucket = Arc::new(node.connection_bucket());
-            let window = Arc::new(ConnWindow::of(conn.clone()));
+            let window = Arc::new(ConnCatchUp::of(conn.clone(), user_slot.share.clone()));
             async move {
                 loop {
                     tokio::select! {
@@ -178,38 +178,42 @@ impl Drop for Open {
     }
 }
 
-/// Open client connections per user on this node (only users with one open are listed).
+/// Open client connections per user on this node, and the user's share of the catch-up
+/// budget, which its connections use together (only users with one open are listed).
 #[derive(Default)]
-struct UserConnections(Mutex<std::collections::HashMap<String, usize>>);
+struct UserConnections(Mutex<std::collections::HashMap<String, (usize, Arc<Semaphore>)>>);
 
 /// One of a user's connections, counted in [`UserConnections`] while it lives.
 struct UserSlot {
     users: Arc<UserConnections>,
     user: String,
+    /// The user's share of the catch-up budget.
+    share: Arc<Semaphore>,
 }
 
 impl UserConnections {
-    /// A slot for one more connection of `user`, unless it has `max` open.
-    fn take(self: &Arc<Self>, user: &str, max: usize) -> Option<UserSlot> {
+    /// A slot for one more connection of `user`, unless it has `max` open; a user's first
+    /// gets its share from `new_share`.
+    fn take(self: &Arc<Self>, user: &str, max: usize, new_share: impl FnOnce() -> Arc<Semaphore>) -> Option<UserSlot> {
         let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.get(user).copied().unwrap_or(0);
-        if n >= max {
+        let (n, share) = open.entry(user.to_string()).or_insert_with(|| (0, new_share()));
+        if *n >= max {
             return None;
         }
-        open.insert(user.to_string(), n + 1);
-        Some(UserSlot { users: self.clone(), user: user.to_string() })
+        *n += 1;
+        Some(UserSlot { users: self.clone(), user: user.to_string(), share: share.clone() })
     }
 
     #[cfg(test)]
     fn open(&self, user: &str) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(user).copied().unwrap_or(0)
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(user).map_or(0, |(n, _)| *n)
     }
 }
 
 impl Drop for UserSlot {
     fn drop(&mut self) {
         let mut open = self.users.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.user) {
+        if let Some((n, _)) = open.get_mut(&self.user) {
             *n -= 1;
             if *n == 0 {
                 open.remove(&self.user);
@@ -286,8 +290,8 @@ fn answer_of(e: Error) -> Response {
 struct Caller {
     who: Arc<Identity>,
     bucket: Arc<std::sync::Mutex<service::rates::Bucket>>,
-    /// The connection's send window (see `service::windows`).
-    window: Arc<ConnWindow>,
+    /// The connection's part in the catch-up budget (see `service::catch_up`).
+    window: Arc<ConnCatchUp>,
 }
 
 async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
@@ -490,13 +494,16 @@ mod tests {
     #[test]
     fn a_user_takes_at_most_its_slots_and_gets_them_back() {
         let users = Arc::new(UserConnections::default());
-        let mut alice: Vec<UserSlot> = (0..3).map(|_| users.take("alice", 3).expect("a slot")).collect();
-        assert!(users.take("alice", 3).is_none(), "a fourth connection of alice is refused");
-        let bob = users.take("bob", 3).expect("other users are not affected");
+        let share = || Arc::new(Semaphore::new(1));
+        let mut alice: Vec<UserSlot> = (0..3).map(|_| users.take("alice", 3, share).expect("a slot")).collect();
+        assert!(users.take("alice", 3, share).is_none(), "a fourth connection of alice is refused");
+        let bob = users.take("bob", 3, share).expect("other users are not affected");
         assert_eq!((users.open("alice"), users.open("bob")), (3, 1));
+        assert!(Arc::ptr_eq(&alice[0].share, &alice[2].share), "a user's connections share one catch-up share");
+        assert!(!Arc::ptr_eq(&alice[0].share, &bob.share), "each user has its own");
         alice.pop();
-        alice.push(users.take("alice", 3).expect("a closed connection gives its slot back"));
-        assert!(users.take("alice", 3).is_none(), "and takes it again");
+        alice.push(users.take("alice", 3, share).expect("a closed connection gives its slot back"));
+        assert!(users.take("alice", 3, share).is_none(), "and takes it again");
         drop(bob);
         assert_eq!((users.open("alice"), users.open("bob")), (3, 0));
         assert_eq!(users.0.lock().unwrap().len(), 1, "a user with none open is not kept");

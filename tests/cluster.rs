@@ -1455,24 +1455,27 @@ async fn connections_are_bounded_per_node_and_per_user() {
 /// catch-up stalls with both full.
 const CATCH_UP_SENT: u64 = 64;
 
-/// Sends [`CATCH_UP_SENT`] messages of 60,000 bytes to `conversation` as alice.
+/// Sends [`CATCH_UP_SENT`] messages of 60,000 bytes to `conversation` as alice, who adds bob.
 async fn catch_up_conversation(cluster: &LocalCluster, conversation: &str) {
     let alice = cluster.client_as("alice").expect("alice's client");
     let text = "x".repeat(60_000);
     for _ in 0..CATCH_UP_SENT {
         alice.send(conversation, &text).await.expect("sent");
     }
+    alice.add_member(conversation, "bob").await.expect("bob added");
+    cluster.client_as("bob").expect("bob's credential");
 }
 
 /// A reader of `conversation` from its start on a QUIC connection of its own to node 1 as
-/// alice, that reads nothing until [`read_to_caught_up`] reads it.
+/// `user`, that reads nothing until [`read_to_caught_up`] reads it.
 async fn raw_reader(
     cluster: &LocalCluster,
+    user: &str,
     conversation: &str,
 ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     use convoy::net::{frame, tls, wire::Request};
     let paths = tls::TlsPaths::of(cluster.config());
-    let me = tls::Credential::of_user(cluster.config(), "alice").expect("credential");
+    let me = tls::Credential::of_user(cluster.config(), user).expect("credential");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let addr = cluster.config().node(1).expect("node").client_addr;
     let dialer = tls::user_dialer(&paths, &me).expect("client tls");
@@ -1520,10 +1523,10 @@ async fn readers_catching_up_share_the_nodes_wide_send_windows() {
     let windows = ["convoy_catch_up_windows_wide", "convoy_catch_up_narrow_total"];
 
     // A stalled reader takes the only wide window, and keeps it while it is stalled.
-    let (stalled, _stalled_send, _stalled_recv) = raw_reader(&cluster, "big").await;
+    let (stalled, _stalled_send, _stalled_recv) = raw_reader(&cluster, "alice", "big").await;
     until_metrics(&cluster, &windows, &[1.0, 0.0], "the stalled reader to hold the wide window").await;
     // A second reader finds none free: it catches up through its narrow window, in full.
-    let (_narrow_conn, _narrow_send, narrow_recv) = raw_reader(&cluster, "big").await;
+    let (_narrow_conn, _narrow_send, narrow_recv) = raw_reader(&cluster, "alice", "big").await;
     until_metrics(&cluster, &windows, &[1.0, 1.0], "the second reader to start narrow").await;
     assert_eq!(read_to_caught_up(narrow_recv).await, (everything.clone(), CATCH_UP_SENT), "a narrow catch-up");
     until_metrics(&cluster, &windows, &[1.0, 1.0], "the stalled reader to keep the wide window").await;
@@ -1531,38 +1534,50 @@ async fn readers_catching_up_share_the_nodes_wide_send_windows() {
     // Once the stalled reader goes, its window is back, and the next reader catches up wide.
     stalled.close(0u32.into(), b"gone");
     until_metrics(&cluster, &windows, &[0.0, 1.0], "the stalled reader's window to be given back").await;
-    let (_wide_conn, _wide_send, wide_recv) = raw_reader(&cluster, "big").await;
+    let (_wide_conn, _wide_send, wide_recv) = raw_reader(&cluster, "alice", "big").await;
     assert_eq!(read_to_caught_up(wide_recv).await, (everything, CATCH_UP_SENT));
     until_metrics(&cluster, &windows, &[0.0, 1.0], "the third reader to give back the window it took").await;
 }
 
-// What catch-ups hold read is bounded node-wide: with room for one batch, a stalled reader's
-// batch makes the next reader wait, and once it goes, that reader gets everything.
+// What catch-ups hold read is bounded node-wide, and per user: with room for one batch, a
+// stalled reader's batches make another user's reader wait; with room for eight, where a
+// user's share is one, they hold up only their own user's next reader. Once the stalled
+// reader goes, the waiting one gets everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn catch_up_reads_wait_for_room_in_the_nodes_buffer() {
+async fn catch_up_reads_wait_for_room_in_the_nodes_buffer_and_the_users_share() {
     let reserve = convoy::service::catch_up::BATCH_RESERVE_BYTES as u64;
-    let limits = LimitTweaks { catch_up_buffer_bytes: Some(reserve), ..LimitTweaks::default() };
-    let cluster = start(Tweaks { limits, ..Tweaks::default() });
-    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
-    catch_up_conversation(&cluster, "big").await;
-    let cluster = &cluster;
-    let held = || async { unlabelled(&scrape(cluster, 1).await, "convoy_catch_up_buffer_bytes").expect("the gauge") };
+    for (budget, second, held_up) in [(reserve, "bob", true), (8 * reserve, "bob", false), (8 * reserve, "alice", true)]
+    {
+        let limits = LimitTweaks { catch_up_buffer_bytes: Some(budget), ..LimitTweaks::default() };
+        let cluster = start(Tweaks { limits, ..Tweaks::default() });
+        cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+        catch_up_conversation(&cluster, "big").await;
+        let cluster = &cluster;
+        let metric = |name: &'static str| async move { unlabelled(&scrape(cluster, 1).await, name).expect(name) };
+        let case = format!("budget {budget}, {second} reading second");
 
-    let (stalled, _stalled_send, _stalled_recv) = raw_reader(cluster, "big").await;
-    eventually(READY, "the stalled reader to hold a batch", || async { (held().await > 0.0).then_some(()) })
+        // Stalled, a reader holds its current batch and the next, read meanwhile; the read
+        // after them waits (for alice's share, or the node's budget).
+        let (stalled, _stalled_send, _stalled_recv) = raw_reader(cluster, "alice", "big").await;
+        eventually(READY, "the stalled reader to wait for room", || async {
+            (metric("convoy_catch_up_waits_total").await >= 1.0).then_some(())
+        })
         .await
-        .expect("a batch held");
-    let (_conn, _send, recv) = raw_reader(cluster, "big").await;
-    let mut reading = tokio::spawn(read_to_caught_up(recv));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!reading.is_finished(), "the second reader got everything while the stalled one held the buffer");
-    let text = scrape(cluster, 1).await;
-    assert!(unlabelled(&text, "convoy_catch_up_waits_total").is_some_and(|w| w >= 1.0), "{text}");
-
-    stalled.close(0u32.into(), b"gone");
-    let read = tokio::time::timeout(READY, &mut reading).await.expect("the second reader goes on").expect("read");
-    assert_eq!(read, ((1..=CATCH_UP_SENT).collect(), CATCH_UP_SENT));
-    until_metrics(cluster, &["convoy_catch_up_buffer_bytes"], &[0.0], "every batch given back").await;
+        .expect(&case);
+        let waits_before = metric("convoy_catch_up_waits_total").await;
+        let (_conn, _send, recv) = raw_reader(cluster, second, "big").await;
+        let mut reading = tokio::spawn(read_to_caught_up(recv));
+        if held_up {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert!(!reading.is_finished(), "{case}: the second reader got everything past the stalled one");
+            assert!(metric("convoy_catch_up_waits_total").await > waits_before, "{case}: the second reader waits");
+            stalled.close(0u32.into(), b"gone");
+        }
+        let read = tokio::time::timeout(READY, &mut reading).await.expect(&case).expect("read");
+        assert_eq!(read, ((1..=CATCH_UP_SENT).collect(), CATCH_UP_SENT), "{case}");
+        stalled.close(0u32.into(), b"gone");
+        until_metrics(cluster, &["convoy_catch_up_buffer_bytes"], &[0.0], "every batch given back").await;
+    }
 }
 
 // Bad input gets its error, nothing is stored, and the node keeps serving.

@@ -66,20 +66,28 @@ pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, value: &T) ->
     Ok(())
 }
 
-/// Writes `bytes` (whole frames) to a QUIC stream within `within`: `Err(Some(e))` if the
-/// write failed, `Err(None)` if it gave up. Either way the stream is reset, as the write may
-/// have left part of a frame on it: nothing written after it (an error answer) may complete
-/// that frame. A message cut inside its text and completed by other bytes decodes whole,
-/// with another text, and its reader would take it as delivered.
+/// Writes `bytes` (whole frames) to a QUIC stream, giving up when it takes no byte for
+/// `within` (a slow reader on a narrow window makes progress; one that stopped reading does
+/// not): `Err(Some(e))` if the write failed, `Err(None)` if it gave up. Either way the stream
+/// is reset, as the write may have left part of a frame on it: nothing written after it (an
+/// error answer) may complete that frame. A message cut inside its text and completed by
+/// other bytes decodes whole, with another text, and its reader would take it as delivered.
 pub async fn write_or_reset(
     out: &mut quinn::SendStream,
     bytes: &[u8],
     within: std::time::Duration,
 ) -> std::result::Result<(), Option<quinn::WriteError>> {
-    let failed = match tokio::time::timeout(within, out.write_all(bytes)).await {
-        Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => Some(e),
-        Err(_) => None,
+    let mut rest = bytes;
+    let failed = loop {
+        if rest.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(within, out.write(rest)).await {
+            // quinn takes at least one byte of a non-empty buffer, or waits.
+            Ok(Ok(n)) if n > 0 => rest = &rest[n..],
+            Ok(Ok(_)) | Err(_) => break None,
+            Ok(Err(e)) => break Some(e),
+        }
     };
     let _ = out.reset(0u32.into());
     Err(failed)

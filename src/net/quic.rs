@@ -38,7 +38,7 @@ pub const CLIENT_STREAM_WINDOW_BYTES: u32 = 256 << 10;
 pub const CLIENT_CONNECTION_WINDOW_BYTES: u32 = 1 << 20;
 /// Send window of one client connection on the node, in bytes (pushes beyond it wait); a
 /// connection catching up from storage widens it to [`CLIENT_CATCH_UP_SEND_WINDOW_BYTES`]
-/// while the node's budget allows (`service::windows`).
+/// while the node's budget allows (`service::catch_up`).
 pub const CLIENT_SEND_WINDOW_BYTES: u64 = 64 << 10;
 /// Send window of a client connection on the node while it catches up from storage, in bytes.
 pub const CLIENT_CATCH_UP_SEND_WINDOW_BYTES: u64 = 1 << 20;

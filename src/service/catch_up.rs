@@ -8,9 +8,13 @@
 //! of 64 streams each, all catching up after a restart, could hold far more than the
 //! machine's memory.
 //!
-//! - **Batches.** A batch read first reserves [`BATCH_RESERVE_BYTES`] of the node's
-//!   `limits.catch_up_buffer_bytes`, waiting for room (the reader's lag shows it), and keeps
-//!   what the batch takes until it is written to the connection.
+//! - **Batches.** A batch read first reserves [`BATCH_RESERVE_BYTES`] of its user's share
+//!   (an eighth of the budget, at least one reserve: see [`CatchUpBudget::user_share_bytes`])
+//!   and then of the node's `limits.catch_up_buffer_bytes`, waiting for room in each (the
+//!   reader's lag shows it), and keeps what the batch takes until it is written to the
+//!   connection. Readers that stall hold their batches until their writes give up (30 s
+//!   without progress): the share keeps one credential's stalled readers from holding the
+//!   whole budget, so other users' catch-ups go on.
 //! - **Windows.** A client connection's send window is [`NARROW_BYTES`], enough for requests
 //!   and live push, and a connection with a subscription reading storage widens it to
 //!   [`WIDE_BYTES`] while it holds one of the node's `limits.catch_up_windows_max` leases. A
@@ -48,10 +52,12 @@ const UNIT: usize = 1024;
 pub struct CatchUpBudget {
     bytes: Arc<Semaphore>,
     units: usize,
+    /// Units of one user's share.
+    user_units: usize,
     leases: Arc<Semaphore>,
     /// Leases held now.
     held: AtomicU64,
-    /// Catch-ups that found no lease free and started through the narrow window.
+    /// Catch-ups whose first batch went out through the narrow window, no lease being free.
     narrow: AtomicU64,
     /// Batch reads that waited for room in the budget.
     waits: AtomicU64,
@@ -65,6 +71,7 @@ impl CatchUpBudget {
         CatchUpBudget {
             bytes: Arc::new(Semaphore::new(units)),
             units,
+            user_units: (units / USER_SHARE_DIVISOR).max(BATCH_RESERVE_BYTES / UNIT),
             leases: Arc::new(Semaphore::new(windows.min(Semaphore::MAX_PERMITS))),
             held: AtomicU64::new(0),
             narrow: AtomicU64::new(0),
@@ -72,15 +79,40 @@ impl CatchUpBudget {
         }
     }
 
-    /// Room for one batch, once there is (`None` only if the budget were closed, which it
-    /// never is).
-    pub async fn reserve(&self) -> Option<BatchHold> {
+    /// A new user's share of the batch budget (one per user with a connection open).
+    pub fn user_share(&self) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(self.user_units))
+    }
+
+    /// What one user's batches may hold at once.
+    pub fn user_share_bytes(&self) -> u64 {
+        (self.user_units * UNIT) as u64
+    }
+
+    /// Room for one batch in `share` (its user's) and then in the node's budget, once there
+    /// is (`None` only if either were closed, which they never are).
+    pub async fn reserve(&self, share: &Arc<Semaphore>) -> Option<BatchHold> {
         let units = u32::try_from(BATCH_RESERVE_BYTES / UNIT).expect("a batch reserve is far below 4 TiB");
-        if let Ok(p) = self.bytes.clone().try_acquire_many_owned(units) {
-            return Some(BatchHold(p));
-        }
-        self.waits.fetch_add(1, Relaxed);
-        self.bytes.clone().acquire_many_owned(units).await.ok().map(BatchHold)
+        // Counted once, as it starts to wait.
+        let mut waited = false;
+        let user = match share.clone().try_acquire_many_owned(units) {
+            Ok(p) => p,
+            Err(_) => {
+                waited = true;
+                self.waits.fetch_add(1, Relaxed);
+                share.clone().acquire_many_owned(units).await.ok()?
+            }
+        };
+        let node = match self.bytes.clone().try_acquire_many_owned(units) {
+            Ok(p) => p,
+            Err(_) => {
+                if !waited {
+                    self.waits.fetch_add(1, Relaxed);
+                }
+                self.bytes.clone().acquire_many_owned(units).await.ok()?
+            }
+        };
+        Some(BatchHold { user, node })
     }
 
     /// Bytes lent to batches now.
@@ -104,24 +136,36 @@ impl CatchUpBudget {
     }
 }
 
-/// A batch's share of the budget, given back when it is dropped (once written).
+/// A user's share: at most this fraction of the node's batch budget.
+const USER_SHARE_DIVISOR: usize = 8;
+
+/// A batch's room in its user's share and in the node's budget, given back when it is
+/// dropped (once written).
 #[derive(Debug)]
-pub struct BatchHold(OwnedSemaphorePermit);
+pub struct BatchHold {
+    user: OwnedSemaphorePermit,
+    node: OwnedSemaphorePermit,
+}
 
 impl BatchHold {
     /// Keeps only what a batch of `bytes` takes (at least one unit), giving the rest back.
     pub fn keep(&mut self, bytes: usize) {
         let keep = bytes.div_ceil(UNIT).max(1);
-        if let Some(rest) = self.0.num_permits().checked_sub(keep).and_then(|n| self.0.split(n)) {
-            drop(rest);
+        for permit in [&mut self.user, &mut self.node] {
+            if let Some(rest) = permit.num_permits().checked_sub(keep).and_then(|n| permit.split(n)) {
+                drop(rest);
+            }
         }
     }
 }
 
-/// One client connection's send window.
-pub struct ConnWindow {
+/// One client connection's part in the catch-up budget: its send window, and its user's
+/// share of the batch budget.
+pub struct ConnCatchUp {
     set: Box<dyn Fn(u64) + Send + Sync>,
     state: Mutex<State>,
+    /// The user's share (see [`CatchUpBudget::reserve`]), the same for all its connections.
+    pub share: Arc<Semaphore>,
 }
 
 #[derive(Default)]
@@ -131,40 +175,40 @@ struct State {
     lease: Option<OwnedSemaphorePermit>,
 }
 
-impl ConnWindow {
-    /// The window of `conn`, made narrow now.
-    pub fn of(conn: quinn::Connection) -> ConnWindow {
-        ConnWindow::new(move |bytes| conn.set_send_window(bytes))
+impl ConnCatchUp {
+    /// `conn`'s, its window made narrow now, for a user with `share`.
+    pub fn of(conn: quinn::Connection, share: Arc<Semaphore>) -> ConnCatchUp {
+        ConnCatchUp::new(move |bytes| conn.set_send_window(bytes), share)
     }
 
-    /// A window set through `set` (narrowed at once).
-    pub fn new(set: impl Fn(u64) + Send + Sync + 'static) -> ConnWindow {
+    /// With a window set through `set` (narrowed at once).
+    pub fn new(set: impl Fn(u64) + Send + Sync + 'static, share: Arc<Semaphore>) -> ConnCatchUp {
         set(NARROW_BYTES);
-        ConnWindow { set: Box::new(set), state: Mutex::default() }
+        ConnCatchUp { set: Box::new(set), state: Mutex::default(), share }
     }
 
-    /// A subscription of this connection starts reading storage; the window is wide, if a
-    /// lease is free or this connection holds one, until every such subscription is done.
+    /// A subscription of this connection starts reading storage. The window widens once it
+    /// has a batch to write ([`CatchingUp::widen`]), and stays wide until every such
+    /// subscription is done: a lease goes to a reader with something to send, not to one
+    /// still waiting for room in the batch budget.
     pub fn catching_up<'a>(&'a self, windows: &'a CatchUpBudget) -> CatchingUp<'a> {
-        let mut state = self.lock();
-        state.catching_up += 1;
-        self.try_widen(&mut state, windows);
-        CatchingUp { window: self, windows }
+        self.lock().catching_up += 1;
+        CatchingUp { window: self, windows, counted: false }
     }
 
-    fn try_widen(&self, state: &mut State, windows: &CatchUpBudget) {
+    /// Widens the window with a free lease; whether it is wide now.
+    fn try_widen(&self, state: &mut State, windows: &CatchUpBudget) -> bool {
         if state.lease.is_some() {
-            return;
+            return true;
         }
         match windows.leases.clone().try_acquire_owned() {
             Ok(lease) => {
                 state.lease = Some(lease);
                 windows.held.fetch_add(1, Relaxed);
                 (self.set)(WIDE_BYTES);
+                true
             }
-            Err(_) => {
-                windows.narrow.fetch_add(1, Relaxed);
-            }
+            Err(_) => false,
         }
     }
 
@@ -175,17 +219,21 @@ impl ConnWindow {
 
 /// A subscription reading storage on its connection; dropping it ends that.
 pub struct CatchingUp<'a> {
-    window: &'a ConnWindow,
+    window: &'a ConnCatchUp,
     windows: &'a CatchUpBudget,
+    /// Whether this catch-up was counted as one that started narrow.
+    counted: bool,
 }
 
 impl CatchingUp<'_> {
-    /// Between two batches: takes a lease if the connection still has none and one freed up.
-    pub fn retry(&self) {
+    /// A batch is about to be written: the window widens if the connection holds a lease or
+    /// one is free. A catch-up whose first batch goes out narrow is counted once.
+    pub fn widen(&mut self) {
         let mut state = self.window.lock();
-        if state.lease.is_none() && self.windows.leases.available_permits() > 0 {
-            self.window.try_widen(&mut state, self.windows);
+        if !self.window.try_widen(&mut state, self.windows) && !self.counted {
+            self.windows.narrow.fetch_add(1, Relaxed);
         }
+        self.counted = true;
     }
 }
 
@@ -207,32 +255,39 @@ impl Drop for CatchingUp<'_> {
 mod tests {
     use super::*;
 
-    fn window() -> (ConnWindow, Arc<AtomicU64>) {
+    fn window() -> (ConnCatchUp, Arc<AtomicU64>) {
         let now = Arc::new(AtomicU64::new(0));
         let seen = now.clone();
-        (ConnWindow::new(move |b| seen.store(b, Relaxed)), now)
+        (ConnCatchUp::new(move |b| seen.store(b, Relaxed), Arc::new(Semaphore::new(0))), now)
     }
 
     #[test]
-    fn a_connection_is_wide_only_while_it_catches_up_and_holds_a_lease() {
+    fn a_connection_is_wide_only_while_it_catches_up_with_a_batch_and_a_lease() {
         let windows = CatchUpBudget::new(1 << 20, 2);
         let (a, a_now) = window();
         let (b, b_now) = window();
         let (c, c_now) = window();
         assert_eq!(a_now.load(Relaxed), NARROW_BYTES, "narrow from the start");
 
-        // Two subscriptions of one connection share its lease.
-        let a1 = a.catching_up(&windows);
-        let a2 = a.catching_up(&windows);
+        // A catch-up widens its window once it has a batch to write.
+        let mut a1 = a.catching_up(&windows);
+        assert_eq!((a_now.load(Relaxed), windows.held()), (NARROW_BYTES, 0), "no batch yet");
+        a1.widen();
         assert_eq!((a_now.load(Relaxed), windows.held()), (WIDE_BYTES, 1));
-        let b1 = b.catching_up(&windows);
+        // Two subscriptions of one connection share its lease.
+        let mut a2 = a.catching_up(&windows);
+        a2.widen();
+        assert_eq!((a_now.load(Relaxed), windows.held()), (WIDE_BYTES, 1));
+        let mut b1 = b.catching_up(&windows);
+        b1.widen();
         assert_eq!((b_now.load(Relaxed), windows.held()), (WIDE_BYTES, 2));
 
-        // The budget holds two: the third connection catches up narrow, and is counted.
-        let c1 = c.catching_up(&windows);
+        // Two leases: the third connection catches up narrow, counted once however many
+        // batches it writes.
+        let mut c1 = c.catching_up(&windows);
+        c1.widen();
+        c1.widen();
         assert_eq!((c_now.load(Relaxed), windows.held(), windows.narrow_total()), (NARROW_BYTES, 2, 1));
-        c1.retry();
-        assert_eq!(c_now.load(Relaxed), NARROW_BYTES, "no lease has freed up");
 
         // One of a's subscriptions is done: a keeps its lease for the other.
         drop(a1);
@@ -241,7 +296,7 @@ mod tests {
         assert_eq!((a_now.load(Relaxed), windows.held()), (NARROW_BYTES, 1));
 
         // c takes the lease a gave back at its next batch.
-        c1.retry();
+        c1.widen();
         assert_eq!((c_now.load(Relaxed), windows.held(), windows.narrow_total()), (WIDE_BYTES, 2, 1));
         drop(b1);
         drop(c1);
@@ -253,7 +308,8 @@ mod tests {
     fn no_leases_keep_every_connection_narrow() {
         let windows = CatchUpBudget::new(1 << 20, 0);
         let (a, a_now) = window();
-        let a1 = a.catching_up(&windows);
+        let mut a1 = a.catching_up(&windows);
+        a1.widen();
         assert_eq!((a_now.load(Relaxed), windows.held(), windows.narrow_total()), (NARROW_BYTES, 0, 1));
         drop(a1);
         assert_eq!(a_now.load(Relaxed), NARROW_BYTES);
@@ -262,13 +318,15 @@ mod tests {
     #[tokio::test]
     async fn batches_wait_for_room_and_give_back_what_they_do_not_take() {
         let budget = CatchUpBudget::new(2 * BATCH_RESERVE_BYTES as u64, 0);
-        let mut first = budget.reserve().await.expect("room");
-        let second = budget.reserve().await.expect("room");
+        let (alice, bob) = (budget.user_share(), budget.user_share());
+        let mut first = budget.reserve(&alice).await.expect("room");
+        let second = budget.reserve(&bob).await.expect("room");
         assert_eq!((budget.lent_bytes(), budget.waits_total()), (2 * BATCH_RESERVE_BYTES as u64, 0));
         // The budget is lent out: a third waits.
-        let mut third = Box::pin(budget.reserve());
+        let carol = budget.user_share();
+        let mut third = Box::pin(budget.reserve(&carol));
         assert!(futures::poll!(third.as_mut()).is_pending(), "no room for a third batch");
-        assert_eq!(budget.waits_total(), 1);
+        assert_eq!(budget.waits_total(), 1, "counted as it starts to wait");
         // The first batch took 10,000 bytes: it keeps 10 KiB, and what it gives back goes to
         // the waiting read (tokio hands a waiter permits as they free up), still 10 KiB short.
         first.keep(10_000);
@@ -277,8 +335,28 @@ mod tests {
         // Once the second is written, the third reads.
         drop(second);
         let third = third.await.expect("room");
-        assert_eq!(budget.lent_bytes(), (BATCH_RESERVE_BYTES + 10 * 1024) as u64);
+        assert_eq!((budget.lent_bytes(), budget.waits_total()), ((BATCH_RESERVE_BYTES + 10 * 1024) as u64, 1));
         drop((first, third));
         assert_eq!(budget.lent_bytes(), 0, "everything given back");
+    }
+
+    #[tokio::test]
+    async fn one_user_holds_at_most_its_share() {
+        // Room for 16 batches, a user's share two.
+        let budget = CatchUpBudget::new(16 * BATCH_RESERVE_BYTES as u64, 0);
+        assert_eq!(budget.user_share_bytes(), 2 * BATCH_RESERVE_BYTES as u64);
+        let (alice, bob) = (budget.user_share(), budget.user_share());
+        let held = [budget.reserve(&alice).await.expect("room"), budget.reserve(&alice).await.expect("room")];
+        let mut third = Box::pin(budget.reserve(&alice));
+        assert!(futures::poll!(third.as_mut()).is_pending(), "alice's share is spent");
+        let bobs = budget.reserve(&bob).await.expect("bob is not held up by alice");
+        assert_eq!(
+            budget.lent_bytes(),
+            3 * BATCH_RESERVE_BYTES as u64,
+            "alice's waiting read holds none of the node's"
+        );
+        drop(held);
+        third.await.expect("room once alice's batches are written");
+        drop(bobs);
     }
 }

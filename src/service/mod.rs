@@ -192,8 +192,15 @@ struct StoredFrames {
     _hold: Option<catch_up::BatchHold>,
 }
 
-/// A batch of stored messages being read and framed on a blocking thread.
+/// A batch of stored messages being read and framed on a blocking thread; dropped unread
+/// (its subscription ended), the read is abandoned, and its place in the budget with it.
 struct StoredRead(tokio::task::JoinHandle<Result<StoredFrames>>);
+
+impl Drop for StoredRead {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 impl StoredRead {
     async fn finish(&mut self) -> Result<StoredFrames> {
@@ -1333,14 +1340,22 @@ impl Service {
     }
 
     /// Starts reading and framing up to [`CATCH_UP_BATCH`] stored messages from `from` up
-    /// to offset `until` on a blocking thread, once the node's catch-up budget has room for
-    /// the batch; the batch holds its share until it is dropped.
-    fn read_stored(&self, shard: ShardId, conversation: &str, from: u64, until: u64) -> StoredRead {
+    /// to offset `until` on a blocking thread, once `share` (the reader's user's) and the
+    /// node's catch-up budget have room for the batch; the batch holds its room until it is
+    /// dropped.
+    fn read_stored(
+        &self,
+        share: &Arc<Semaphore>,
+        shard: ShardId,
+        conversation: &str,
+        from: u64,
+        until: u64,
+    ) -> StoredRead {
         let (store, conversation, scans) = (self.store.clone(), conversation.to_string(), self.scans.clone());
-        let budget = self.catch_up.clone();
+        let (budget, share) = (self.catch_up.clone(), share.clone());
         StoredRead(tokio::spawn(async move {
             let stopping = || Error::Unavailable("the node is stopping".into());
-            let mut hold = budget.reserve().await.ok_or_else(stopping)?;
+            let mut hold = budget.reserve(&share).await.ok_or_else(stopping)?;
             let slot = scans.acquire_owned().await.map_err(|_| stopping())?;
             let mut batch = tokio::task::spawn_blocking(move || read_batch(&store, shard, &conversation, from, until))
                 .await
@@ -1355,8 +1370,9 @@ impl Service {
     /// Streams a conversation to `out` for `who`, a member; see the module doc. Returns when
     /// the client goes away, when not following and caught up, or on error. A reader who is
     /// removed gets everything up to the head at the removal, then `Forbidden`. `window` is
-    /// the connection's send window, wide while this reads storage if the node's budget
-    /// allows (see [`catch_up`]).
+    /// the connection's part in the catch-up budget: its send window, wide while this reads
+    /// storage if a lease is free, and its user's share of the batch budget (see
+    /// [`catch_up`]).
     pub async fn subscribe(
         &self,
         who: &Identity,
@@ -1364,7 +1380,7 @@ impl Service {
         from: u64,
         follow: bool,
         out: &mut quinn::SendStream,
-        window: &catch_up::ConnWindow,
+        window: &catch_up::ConnCatchUp,
     ) -> Result<()> {
         let shard = match self.hosting(&conversation) {
             Ok(g) => g.shard,
@@ -1406,8 +1422,8 @@ impl Service {
             // wake-up each. After each read, the reader must still be a member: a removal
             // applied meanwhile bounds what it gets.
             self.still_hosting(shard)?;
-            let catching_up = window.catching_up(&self.catch_up);
-            let mut reading = self.read_stored(shard, &conversation, next, until);
+            let mut catching_up = window.catching_up(&self.catch_up);
+            let mut reading = self.read_stored(&window.share, shard, &conversation, next, until);
             loop {
                 let mut batch = match reading.finish().await {
                     // Retention deleted what comes next: say so, then go on from what is kept.
@@ -1423,7 +1439,7 @@ impl Service {
                         write_subscriber(out, &frame::encode(&Response::Truncated { earliest })).await?;
                         next = earliest;
                         at(next);
-                        reading = self.read_stored(shard, &conversation, next, until);
+                        reading = self.read_stored(&window.share, shard, &conversation, next, until);
                         continue;
                     }
                     read => read?,
@@ -1433,12 +1449,12 @@ impl Service {
                     if batch.next.saturating_sub(1) > until {
                         // Given back first: a batch waiting for room must not hold any.
                         drop(batch);
-                        batch = self.read_stored(shard, &conversation, next, until).finish().await?;
+                        batch = self.read_stored(&window.share, shard, &conversation, next, until).finish().await?;
                     }
                 }
                 let full = batch.more && batch.next <= until;
                 if full {
-                    reading = self.read_stored(shard, &conversation, batch.next, until);
+                    reading = self.read_stored(&window.share, shard, &conversation, batch.next, until);
                 }
                 next = batch.next;
                 if let Some(h) = batch.head {
@@ -1446,13 +1462,13 @@ impl Service {
                     head_below_next = (h < next - 1).then_some(h);
                 }
                 if !batch.frames.is_empty() {
+                    catching_up.widen();
                     write_subscriber(out, &batch.frames).await?;
                 }
                 at(next);
                 if !full {
                     break;
                 }
-                catching_up.retry();
             }
             drop(catching_up);
             if until != u64::MAX {
