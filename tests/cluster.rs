@@ -1451,8 +1451,9 @@ async fn connections_are_bounded_per_node_and_per_user() {
 }
 
 /// Messages in `catch_up_conversation`: about 3.8 MB, more than a reader that reads nothing
-/// takes in (its stream window, 1 MiB) and the node's wide send window together, so its
-/// catch-up stalls with both full.
+/// takes in (its stream's flow-control window, 1 MiB) and the node's send window (what it
+/// buffers beyond that) together, so its catch-up stalls with both full. A test must be done
+/// with a stalled reader within the 30 s its writes wait for progress.
 const CATCH_UP_SENT: u64 = 64;
 
 /// Sends [`CATCH_UP_SENT`] messages of 60,000 bytes to `conversation` as alice, who adds bob.
@@ -1559,12 +1560,16 @@ async fn catch_up_reads_wait_for_room_in_the_nodes_buffer_and_the_users_share() 
         // Stalled, a reader holds its current batch and the next, read meanwhile; the read
         // after them waits (for alice's share, or the node's budget).
         let (stalled, _stalled_send, _stalled_recv) = raw_reader(cluster, "alice", "big").await;
-        eventually(READY, "the stalled reader to wait for room", || async {
-            (metric("convoy_catch_up_waits_total").await >= 1.0).then_some(())
+        // Settled: what it holds and its waits stay the same across half a second.
+        let held_and_waits =
+            || async { (metric("convoy_catch_up_buffer_bytes").await, metric("convoy_catch_up_waits_total").await) };
+        let waits_before = eventually(READY, "the stalled reader to settle, waiting for room", || async {
+            let before = held_and_waits().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            (held_and_waits().await == before && before.1 >= 1.0).then_some(before.1)
         })
         .await
         .expect(&case);
-        let waits_before = metric("convoy_catch_up_waits_total").await;
         let (_conn, _send, recv) = raw_reader(cluster, second, "big").await;
         let mut reading = tokio::spawn(read_to_caught_up(recv));
         if held_up {

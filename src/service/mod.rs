@@ -1357,13 +1357,17 @@ impl Service {
             let stopping = || Error::Unavailable("the node is stopping".into());
             let mut hold = budget.reserve(&share).await.ok_or_else(stopping)?;
             let slot = scans.acquire_owned().await.map_err(|_| stopping())?;
-            let mut batch = tokio::task::spawn_blocking(move || read_batch(&store, shard, &conversation, from, until))
-                .await
-                .map_err(Error::task("reading stored messages"))??;
-            drop(slot);
-            hold.keep(batch.frames.capacity());
-            batch._hold = Some(hold);
-            Ok(batch)
+            // The slot and the room go with the read: a read abandoned (its task aborted)
+            // still runs to its end on the blocking thread, and holds both until then.
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                let mut batch = read_batch(&store, shard, &conversation, from, until)?;
+                hold.keep(batch.frames.capacity());
+                batch._hold = Some(hold);
+                Ok(batch)
+            })
+            .await
+            .map_err(Error::task("reading stored messages"))?
         }))
     }
 
