@@ -1381,15 +1381,8 @@ async fn connections_are_bounded_per_node_and_per_user() {
     .await
     .expect("no connection open");
 
-    let paths = convoy::net::tls::TlsPaths::of(cluster.config());
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let addr = cluster.config().node(1).expect("node").client_addr;
-    let dial = |user: &'static str| {
-        let me = convoy::net::tls::Credential::of_user(cluster.config(), user).expect("credential");
-        let tls = convoy::net::tls::user_dialer(&paths, &me).expect("client tls");
-        let connecting = endpoint.connect_with(tls, addr, "node1").expect("connect");
-        async move { connecting.await.expect("the handshake completes: a slot is taken only after it") }
-    };
+    // The handshake completes: a slot is taken only after it.
+    let dial = |user: &'static str| raw_connection(&cluster, user, 1);
     // Served: a request on it gets an answer (a user's `Status` is refused, which is one).
     let served = |conn: quinn::Connection| async move {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -1467,6 +1460,18 @@ async fn catch_up_conversation(cluster: &LocalCluster, conversation: &str) {
     cluster.client_as("bob").expect("bob's credential");
 }
 
+/// A QUIC connection of `user`'s to node `node`'s client port, without the client library,
+/// once its handshake is done.
+async fn raw_connection(cluster: &LocalCluster, user: &str, node: u64) -> quinn::Connection {
+    use convoy::net::tls;
+    let paths = tls::TlsPaths::of(cluster.config());
+    let me = tls::Credential::of_user(cluster.config(), user).expect("credential");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let addr = cluster.config().node(node).expect("node").client_addr;
+    let dialer = tls::user_dialer(&paths, &me).expect("client tls");
+    endpoint.connect_with(dialer, addr, &format!("node{node}")).expect("connect").await.expect("handshake")
+}
+
 /// A reader of `conversation` from its start on a QUIC connection of its own to node 1 as
 /// `user`, that reads nothing until [`read_to_caught_up`] reads it.
 async fn raw_reader(
@@ -1474,13 +1479,8 @@ async fn raw_reader(
     user: &str,
     conversation: &str,
 ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    use convoy::net::{frame, tls, wire::Request};
-    let paths = tls::TlsPaths::of(cluster.config());
-    let me = tls::Credential::of_user(cluster.config(), user).expect("credential");
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let addr = cluster.config().node(1).expect("node").client_addr;
-    let dialer = tls::user_dialer(&paths, &me).expect("client tls");
-    let conn = endpoint.connect_with(dialer, addr, "node1").expect("connect").await.expect("connected");
+    use convoy::net::{frame, wire::Request};
+    let conn = raw_connection(cluster, user, 1).await;
     let (mut send, recv) = conn.open_bi().await.expect("a stream");
     let ask = Request::Subscribe { conversation: conversation.into(), from: 1, follow: false };
     send.write_all(&frame::encode(&ask)).await.expect("asked");
@@ -4373,12 +4373,7 @@ async fn a_timed_out_send_is_ambiguous_and_its_late_outcome_never_answers_the_ne
     let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
 
     // One lane (stream) to the leader, used for every send below, as the client's are.
-    let paths = convoy::net::tls::TlsPaths::of(cluster.config());
-    let me = convoy::net::tls::Credential::of_user(cluster.config(), TEST_USER).expect("credential");
-    let tls = convoy::net::tls::user_dialer(&paths, &me).expect("client tls");
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let addr = cluster.config().node(leader).expect("node").client_addr;
-    let conn = endpoint.connect_with(tls, addr, &format!("node{leader}")).expect("connect").await.expect("handshake");
+    let conn = raw_connection(&cluster, TEST_USER, leader).await;
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
     let send_req = |client_seq: u64, text: &str| {
         Request::Send(SendRequest {

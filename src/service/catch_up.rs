@@ -55,8 +55,8 @@ pub struct CatchUpBudget {
     /// Units of one user's share.
     user_units: usize,
     leases: Arc<Semaphore>,
-    /// Leases held now.
-    held: AtomicU64,
+    /// Leases in all (those held are the rest of `leases`' permits).
+    windows: usize,
     /// Catch-ups whose first batch went out through the narrow window, no lease being free.
     narrow: AtomicU64,
     /// Batch reads that waited for room in the budget.
@@ -73,7 +73,7 @@ impl CatchUpBudget {
             units,
             user_units: (units / USER_SHARE_DIVISOR).max(BATCH_RESERVE_BYTES / UNIT),
             leases: Arc::new(Semaphore::new(windows.min(Semaphore::MAX_PERMITS))),
-            held: AtomicU64::new(0),
+            windows: windows.min(Semaphore::MAX_PERMITS),
             narrow: AtomicU64::new(0),
             waits: AtomicU64::new(0),
         }
@@ -93,26 +93,22 @@ impl CatchUpBudget {
     /// is (`None` only if either were closed, which they never are).
     pub async fn reserve(&self, share: &Arc<Semaphore>) -> Option<BatchHold> {
         let units = u32::try_from(BATCH_RESERVE_BYTES / UNIT).expect("a batch reserve is far below 4 TiB");
-        // Counted once, as it starts to wait.
         let mut waited = false;
-        let user = match share.clone().try_acquire_many_owned(units) {
-            Ok(p) => p,
-            Err(_) => {
-                waited = true;
-                self.waits.fetch_add(1, Relaxed);
-                share.clone().acquire_many_owned(units).await.ok()?
-            }
-        };
-        let node = match self.bytes.clone().try_acquire_many_owned(units) {
-            Ok(p) => p,
-            Err(_) => {
-                if !waited {
-                    self.waits.fetch_add(1, Relaxed);
-                }
-                self.bytes.clone().acquire_many_owned(units).await.ok()?
-            }
-        };
+        let user = self.acquire(share, units, &mut waited).await?;
+        let node = self.acquire(&self.bytes, units, &mut waited).await?;
         Some(BatchHold { user, node })
+    }
+
+    /// `units` of `from`, at once or after a wait, which is counted once per reserve (as it
+    /// starts: `waited`).
+    async fn acquire(&self, from: &Arc<Semaphore>, units: u32, waited: &mut bool) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = from.clone().try_acquire_many_owned(units) {
+            return Some(p);
+        }
+        if !std::mem::replace(waited, true) {
+            self.waits.fetch_add(1, Relaxed);
+        }
+        from.clone().acquire_many_owned(units).await.ok()
     }
 
     /// Bytes lent to batches now.
@@ -127,7 +123,7 @@ impl CatchUpBudget {
 
     /// Wide windows held now.
     pub fn held(&self) -> u64 {
-        self.held.load(Relaxed)
+        self.windows.saturating_sub(self.leases.available_permits()) as u64
     }
 
     /// Catch-ups that started narrow, every lease being held, since start.
@@ -204,7 +200,6 @@ impl ConnCatchUp {
         match windows.leases.clone().try_acquire_owned() {
             Ok(lease) => {
                 state.lease = Some(lease);
-                windows.held.fetch_add(1, Relaxed);
                 (self.set)(WIDE_BYTES);
                 true
             }
@@ -241,12 +236,10 @@ impl Drop for CatchingUp<'_> {
     fn drop(&mut self) {
         let mut state = self.window.lock();
         state.catching_up -= 1;
-        if state.catching_up == 0 {
-            if let Some(lease) = state.lease.take() {
-                (self.window.set)(NARROW_BYTES);
-                self.windows.held.fetch_sub(1, Relaxed);
-                drop(lease);
-            }
+        let last = state.catching_up == 0;
+        // The lease is given back once the window is narrow again.
+        if let Some(_lease) = state.lease.take_if(|_| last) {
+            (self.window.set)(NARROW_BYTES);
         }
     }
 }
