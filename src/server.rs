@@ -319,9 +319,10 @@ async fn handle(node: Arc<Service>, caller: Caller, mut send: quinn::SendStream,
         };
         let lane = request.keeps_stream();
         // Changes other than sends (cursor moves, membership and retention changes) are log
-        // entries too, limited by the same rates; sends take theirs on their own path.
-        let response = match node.within_change_rates(who, &caller.bucket, &request) {
-            Err(refusal) => refusal.answer(),
+        // entries too, limited by the same rates, and refused here from non-members; sends
+        // take theirs on their own path.
+        let response = match node.admit_change(who, &caller.bucket, &request).await {
+            Err(answer) => answer,
             Ok(()) => match request {
                 Request::Send(_) | Request::SendBatch(_) => {
                     // The answer is written by the state machine's task (see `Reply`); `send`

@@ -509,6 +509,149 @@ async fn changes_other_than_sends_count_against_the_users_rate() {
     assert!(matches!(client.request(1, &cursor).await.expect("an answer"), Response::Throttled { .. }));
 }
 
+// A user who is not a member of a conversation cannot spend its rate or its log: their
+// sends, cursor moves, membership and retention changes (and anyone's creation of a
+// conversation that exists) are answered by the shard's leader before they take the
+// conversation's tokens or become log entries, as apply would answer them, so the members'
+// sends are not throttled by them. A removed member's retry of a send stored before the
+// removal is still answered its offset; an admin still sets retention; and a user added
+// afterwards writes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_spend_neither_a_conversations_rate_nor_its_log() {
+    use convoy::chat::Membership;
+    use convoy::net::wire::{ErrorCode, MemberChange, Request, Response, SendRequest};
+    const BURST: u32 = 4;
+    let cluster = start(Tweaks {
+        shards: 1,
+        limits: LimitTweaks {
+            conversation_sends_per_s: Some(1),
+            conversation_sends_burst: Some(BURST),
+            ..LimitTweaks::unthrottled()
+        },
+        ..Tweaks::default()
+    });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    eventually(Duration::from_secs(30), "node 1 to lead shard 0", || async {
+        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok() == Some(1)).then_some(())
+    })
+    .await
+    .expect("node 1 leads");
+    let (alice, mallory) = (cluster.client_as("alice").expect("alice"), cluster.client_as("mallory").expect("mallory"));
+    let (bob, admin) = (cluster.client_as("bob").expect("bob"), cluster.admin().expect("an admin client"));
+    let conversation = "guarded";
+    let change = |change: Membership| Request::Members {
+        conversation: conversation.into(),
+        change: MemberChange::Change(change),
+    };
+    let create = change(Membership::Create { members: vec!["bob".into()] });
+    assert!(matches!(alice.request(1, &create).await.expect("an answer"), Response::Members { .. }));
+    let item = |conversation: &str, client_seq: u64, text: &str| SendRequest {
+        conversation: conversation.into(),
+        sender: String::new(),
+        client_id: 7,
+        client_seq,
+        text: text.into(),
+    };
+    let send = |client_seq: u64, text: &str| Request::Send(item(conversation, client_seq, text));
+    // Bob's send is stored; then alice removes him.
+    let Response::Ack { offset: stored, duplicate: false, .. } =
+        bob.request(1, &send(1, "bob's")).await.expect("an answer")
+    else {
+        panic!("bob's send, as a member")
+    };
+    let remove = change(Membership::Remove { user: "bob".into() });
+    assert!(matches!(alice.request(1, &remove).await.expect("an answer"), Response::Members { .. }));
+    // Let the conversation's bucket fill again (1 a second, BURST at most).
+    tokio::time::sleep(Duration::from_secs(u64::from(BURST) + 1)).await;
+    let log_index = || async {
+        let status = admin.status(1).await.expect("node 1's status");
+        status.shards.iter().find(|s| s.shard == 0).and_then(|s| s.last_log_index).expect("shard 0's log")
+    };
+    let before = log_index().await;
+
+    // Mallory, never a member, writes to it at will: each answered as apply would answer it,
+    // none throttled (her own rates are off), none a log entry.
+    let refused = |who: &str, answer: Response, code: ErrorCode, says: &str| match answer {
+        Response::Error { code: c, message } if c == code && message.contains(says) => {}
+        other => panic!("{who}: expected {code:?} ({says}), got {other:?}"),
+    };
+    let forbidden = |who: &str, answer: Response| refused(who, answer, ErrorCode::Forbidden, "not a member");
+    for seq in 1..=4 * u64::from(BURST) {
+        forbidden("mallory's send", mallory.request(1, &send(seq, "let me in")).await.expect("an answer"));
+    }
+    let batch =
+        Request::SendBatch((100..100 + u64::from(BURST)).map(|seq| item(conversation, seq, "a batch")).collect());
+    match mallory.request(1, &batch).await.expect("an answer") {
+        Response::Batch(answers) => {
+            assert_eq!(answers.len(), BURST as usize);
+            for a in answers {
+                forbidden("mallory's batch", a);
+            }
+        }
+        other => panic!("mallory's batch: {other:?}"),
+    }
+    let cursor = Request::SetCursor { user: "mallory".into(), conversation: conversation.into(), offset: 1 };
+    let add = change(Membership::Add { user: "mallory".into() });
+    let retention = |max_age_ms| Request::SetRetention {
+        conversation: conversation.into(),
+        retention: convoy::chat::Retention { max_age_ms: Some(max_age_ms), ..Default::default() },
+    };
+    for _ in 0..BURST {
+        for (what, request) in [("cursor move", &cursor), ("addition", &add), ("retention", &retention(60_000))] {
+            forbidden(what, mallory.request(1, request).await.expect("an answer"));
+        }
+        let again = change(Membership::Create { members: vec![] });
+        refused("creation", mallory.request(1, &again).await.expect("an answer"), ErrorCode::Rejected, "exists");
+    }
+    // Bob, removed since, retries his stored send: its offset, as apply answers it; the same
+    // key with another text is `SeqReused`; a new send of his is refused like mallory's.
+    match bob.request(1, &send(1, "bob's")).await.expect("an answer") {
+        Response::Ack { offset, duplicate: true, .. } => assert_eq!(offset, stored),
+        other => panic!("bob's retry of a stored send: {other:?}"),
+    }
+    refused(
+        "bob's reused key",
+        bob.request(1, &send(1, "changed")).await.expect("an answer"),
+        ErrorCode::Rejected,
+        "already used",
+    );
+    forbidden("bob's new send", bob.request(1, &send(2, "bob again")).await.expect("an answer"));
+    assert_eq!(log_index().await, before, "outsiders' writes became log entries");
+
+    // The conversation's bucket is whole: alice's burst passes at once.
+    for seq in 1..BURST {
+        match alice.request(1, &send(1000 + u64::from(seq), "a member's")).await.expect("an answer") {
+            Response::Ack { duplicate: false, .. } => {}
+            other => panic!("alice's send {seq} of the conversation's burst: {other:?}"),
+        }
+    }
+    // An admin who is not a member still sets its retention.
+    assert!(matches!(admin.request(1, &retention(86_400_000)).await.expect("an answer"), Response::Retention { .. }));
+    // A batch of mallory's over her own conversation and this one: each send answered on its own.
+    let mixed = Request::SendBatch(vec![
+        item("mallorys", 1, "mine"),
+        item(conversation, 200, "not mine"),
+        item("mallorys", 2, "mine"),
+    ]);
+    match mallory.request(1, &mixed).await.expect("an answer") {
+        Response::Batch(mut answers) => {
+            assert_eq!(answers.len(), 3);
+            assert!(matches!(answers[0], Response::Ack { .. }), "{:?}", answers[0]);
+            assert!(matches!(answers[2], Response::Ack { .. }), "{:?}", answers[2]);
+            forbidden("mallory's send in a mixed batch", answers.remove(1));
+        }
+        other => panic!("mallory's mixed batch: {other:?}"),
+    }
+    // Once alice adds her, mallory writes at once: the leader's view of the members follows.
+    tokio::time::sleep(Duration::from_secs(u64::from(BURST))).await;
+    assert!(matches!(alice.request(1, &add).await.expect("an answer"), Response::Members { .. }));
+    match mallory.request(1, &send(300, "in at last")).await.expect("an answer") {
+        Response::Ack { duplicate: false, .. } => {}
+        other => panic!("mallory's send once a member: {other:?}"),
+    }
+    assert!(matches!(mallory.request(1, &cursor).await.expect("an answer"), Response::Cursor { .. }));
+}
+
 // A flood that overfills its shard's window waits in its conversation's queue: every send
 // is still acked exactly once at a dense offset (the queue loses and repeats nothing), and a
 // quiet conversation of the same shard is served beside it, as are batches over two

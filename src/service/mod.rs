@@ -18,6 +18,7 @@ mod compaction;
 mod fair;
 mod frames;
 pub mod metrics;
+mod outsiders;
 mod placement;
 mod propose;
 mod push;
@@ -289,6 +290,9 @@ pub struct Service {
     /// Each hosted shard's proposer (its fair scheduler), by shard.
     proposers: std::sync::RwLock<HashMap<ShardId, Arc<Proposer>>>,
     push: Arc<PushHub>,
+    /// Who the conversations' members are, as this node's replicas applied them: a leader
+    /// tells requests from outsiders apart before they cost anything shared ([`outsiders`]).
+    members: Arc<outsiders::MembersCache>,
     inflight: Arc<Semaphore>,
     /// Slots of catch-up scans ([`CATCH_UP_SCANS_MAX`]).
     scans: Arc<Semaphore>,
@@ -324,6 +328,28 @@ impl ShardEvents for MetaEvents {
     fn members_changed(&self, _: Vec<String>) {}
     fn placement_changed(&self) {
         self.changed();
+    }
+}
+
+/// What a data shard's state machine tells: its applied messages and membership changes
+/// go to live push, and its membership changes and snapshot installs to the members cache.
+struct DataEvents {
+    push: Arc<PushHub>,
+    members: Arc<outsiders::MembersCache>,
+    shards: u32,
+}
+
+impl ShardEvents for DataEvents {
+    fn appended(&self, messages: Vec<chat::StoredMessage>) {
+        self.push.appended(messages);
+    }
+    fn reset(&self, shard: ShardId) {
+        self.members.reset(shard, self.shards);
+        self.push.reset(shard);
+    }
+    fn members_changed(&self, conversations: Vec<String>) {
+        self.members.changed(&conversations);
+        self.push.members_changed(conversations);
     }
 }
 
@@ -450,6 +476,41 @@ fn rejected(reason: &chat::Rejection) -> Response {
     error(code, reason.to_string())
 }
 
+/// The answer to a write refused because its user is not a member of the conversation: the
+/// one apply gives.
+fn not_a_member_answer(user: &str) -> Response {
+    rejected(&chat::Rejection::NotMember { user: user.to_string() })
+}
+
+/// What apply would refuse a change for, checked first by its shard's leader (see
+/// [`outsiders`]).
+#[derive(Debug, Clone, Copy)]
+enum Check {
+    /// Its user is not a member.
+    Member,
+    /// The conversation exists (a creation).
+    Absent,
+}
+
+/// A write that looked like one apply would refuse for who asks, as the leader checks it.
+enum Outside {
+    /// A send: its idempotency key and its text's digest.
+    Send(chat::DedupKey, [u8; 16]),
+    /// A cursor move, an addition, a removal, a retention change.
+    Change(String),
+    /// A creation.
+    Create(String),
+}
+
+impl Outside {
+    fn conversation(&self) -> &str {
+        match self {
+            Outside::Send(key, _) => &key.conversation,
+            Outside::Change(c) | Outside::Create(c) => c,
+        }
+    }
+}
+
 /// The user a request names must be the connection's own.
 fn must_be(who: &Identity, user: &str) -> std::result::Result<(), Refusal> {
     if user == who.user {
@@ -536,6 +597,7 @@ impl Service {
         let PeerShared { registry, user_rates } = shared;
         let raft_config = consensus::raft_config(&config)?;
         let push = Arc::new(PushHub::new(config.shards, config.limits.push_buffer_messages));
+        let members = Arc::new(outsiders::MembersCache::default());
         let placement = Arc::new(Notify::new());
         let placement_follow = Arc::new(Notify::new());
         let stop = tokio::sync::watch::channel(false).0;
@@ -546,7 +608,7 @@ impl Service {
             let events: Arc<dyn ShardEvents> = if shard == META_SHARD {
                 Arc::new(MetaEvents(placement.clone(), placement_follow.clone()))
             } else {
-                push.clone()
+                Arc::new(DataEvents { push: push.clone(), members: members.clone(), shards: config.shards })
             };
             let started =
                 consensus::start_group(replica, shard, raft_config.clone(), store.clone(), net.clone(), events).await;
@@ -631,6 +693,7 @@ impl Service {
             raft_config,
             proposers: std::sync::RwLock::new(proposers),
             push,
+            members,
             inflight,
             scans: Arc::new(Semaphore::new(CATCH_UP_SCANS_MAX)),
             catch_up,
@@ -989,10 +1052,20 @@ impl Service {
         request: Request,
         reply: impl FnOnce(Response) + Send + 'static,
     ) -> Option<Response> {
-        if let Err(refusal) = self.within_rates(who, connection, &request) {
+        // Sends from outside their conversation take no conversation's tokens, and are
+        // answered here once the leader confirmed they are (see `outsiders`).
+        let outside = self.outside_sends(who, &request);
+        if let Err(refusal) = self.within_rates(who, connection, &request, &outside) {
             return Some(refusal.answer());
         }
+        let mut answered = match &request {
+            _ if !outside.contains(&true) => Vec::new(),
+            Request::Send(r) => self.confirm_outside_sends(who, std::slice::from_ref(r), &outside).await,
+            Request::SendBatch(rs) => self.confirm_outside_sends(who, rs, &outside).await,
+            _ => Vec::new(),
+        };
         match request {
+            Request::Send(_) if !answered.is_empty() => answered.pop().map(|(_, answer)| answer),
             Request::Send(req) => {
                 let (shard, command) = match self.prepare_send(who, req) {
                     Ok(p) => p,
@@ -1012,7 +1085,7 @@ impl Service {
                 self.propose_then(&group, Command::Send(command), done).await.err().map(Refusal::answer)
             }
             Request::SendBatch(reqs) => {
-                let (answers, by_shard) = match self.prepare_batch(who, reqs) {
+                let (answers, by_shard) = match self.prepare_batch(who, reqs, answered) {
                     Ok(prepared) => prepared,
                     Err(refusal) => return Some(refusal.answer()),
                 };
@@ -1050,12 +1123,14 @@ impl Service {
     }
 
     /// Takes the send's (or batch's) tokens from the user's, the conversations' and the
-    /// connection's buckets, or answers `Throttled` with the wait.
+    /// connection's buckets, or answers `Throttled` with the wait. The sends `outside` marks
+    /// take none of their conversation's.
     fn within_rates(
         &self,
         who: &Identity,
         connection: &std::sync::Mutex<Bucket>,
         request: &Request,
+        outside: &[bool],
     ) -> std::result::Result<(), Refusal> {
         let sends: &[SendRequest] = match request {
             Request::Send(r) => std::slice::from_ref(r),
@@ -1065,26 +1140,32 @@ impl Service {
         let mut counts: Vec<(&str, usize)> = Vec::new();
         // A conversation name that is not valid is refused after this check, and never keys a
         // rate bucket: the buckets would keep whatever a frame can carry (a megabyte a name).
-        for r in sends.iter().filter(|r| chat::validate_id("conversation", &r.conversation).is_ok()) {
+        let inside =
+            sends.iter().enumerate().filter(|(i, _)| !outside.get(*i).copied().unwrap_or(false)).map(|(_, r)| r);
+        for r in inside.filter(|r| chat::validate_id("conversation", &r.conversation).is_ok()) {
             match counts.iter_mut().find(|(x, _)| *x == r.conversation) {
                 Some(slot) => slot.1 += 1,
                 None => counts.push((&r.conversation, 1)),
             }
         }
-        self.take_tokens(who, &counts, connection, sends.len() as u64)
+        let outsiders = outside.iter().filter(|&&o| o).count();
+        self.take_tokens(who, &counts, outsiders, connection, sends.len() as u64)
     }
 
     /// Takes `counts` (sends per conversation) from the user's, the conversations' and the
-    /// connection's buckets, or answers `Throttled` with the wait; a refusal is counted as
-    /// `sends` throttled sends (0 for other changes).
+    /// connection's buckets, and `outside` more from the user's and the connection's only,
+    /// or answers `Throttled` with the wait; a refusal is counted as `sends` throttled sends
+    /// (0 for other changes).
     fn take_tokens(
         &self,
         who: &Identity,
         counts: &[(&str, usize)],
+        outside: usize,
         connection: &std::sync::Mutex<Bucket>,
         sends: u64,
     ) -> std::result::Result<(), Refusal> {
-        match self.rates.take(&who.user, counts, connection, std::time::Instant::now()) {
+        let now = std::time::Instant::now();
+        match self.rates.take_with_outside(&who.user, counts, outside, connection, now) {
             Ok(()) => Ok(()),
             Err((retry_after_ms, reason)) => {
                 self.metrics.throttled(reason, sends);
@@ -1098,18 +1179,23 @@ impl Service {
     /// cursor move, a membership or retention change is a log entry, replicated and fsynced
     /// like a send, so it counts against the user's, the conversation's and the
     /// connection's rates as one (a creation, one more per 64 names it lists). Any other
-    /// request passes.
-    pub fn within_change_rates(
+    /// request passes. A change that apply would refuse for who asks (a cursor move, an
+    /// addition, a removal or a retention change by a user who is not a member, retention by
+    /// an admin excepted; a creation of a conversation that exists) takes none of the
+    /// conversation's tokens and is answered here once the leader confirmed it (see
+    /// [`outsiders`]).
+    pub async fn admit_change(
         &self,
         who: &Identity,
         connection: &std::sync::Mutex<Bucket>,
         request: &Request,
-    ) -> std::result::Result<(), Refusal> {
-        let (conversation, cost) = match request {
-            Request::SetCursor { conversation, .. } | Request::SetRetention { conversation, .. } => (conversation, 1),
+    ) -> std::result::Result<(), Response> {
+        let (conversation, cost, check) = match request {
+            Request::SetCursor { conversation, .. } => (conversation, 1, Some(Check::Member)),
+            Request::SetRetention { conversation, .. } => (conversation, 1, (!who.admin).then_some(Check::Member)),
             Request::Members { conversation, change: MemberChange::Change(change) } => match change {
-                chat::Membership::Create { members } => (conversation, 1 + members.len() / 64),
-                _ => (conversation, 1),
+                chat::Membership::Create { members } => (conversation, 1 + members.len() / 64, Some(Check::Absent)),
+                _ => (conversation, 1, Some(Check::Member)),
             },
             _ => return Ok(()),
         };
@@ -1117,18 +1203,155 @@ impl Service {
         if chat::validate_id("conversation", conversation).is_err() {
             return Ok(());
         }
-        self.take_tokens(who, &[(conversation.as_str(), cost)], connection, 0)
+        let looks_refused = match check {
+            Some(Check::Member) => self.member_here(conversation, &who.user) == Some(false),
+            Some(Check::Absent) => self.member_here(conversation, &who.user).is_some(),
+            None => false,
+        };
+        if !looks_refused {
+            return self.take_tokens(who, &[(conversation.as_str(), cost)], 0, connection, 0).map_err(Refusal::answer);
+        }
+        self.take_tokens(who, &[], cost, connection, 0).map_err(Refusal::answer)?;
+        let write = match check {
+            Some(Check::Absent) => Outside::Create(conversation.clone()),
+            _ => Outside::Change(conversation.clone()),
+        };
+        let shard = chat::shard_of(conversation, self.config.shards);
+        match self.confirm_outside(shard, &who.user, vec![write]).await.pop().flatten() {
+            Some(answer) => Err(answer),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `user` is a member of `conversation` by the members this node applied, if a
+    /// shard this node runs holds it and the conversation exists (see [`outsiders`]): a
+    /// hint.
+    fn member_here(&self, conversation: &str, user: &str) -> Option<bool> {
+        let shard = chat::shard_of(conversation, self.config.shards);
+        if !self.groups.read().unwrap_or_else(|p| p.into_inner()).contains_key(&shard) {
+            return None;
+        }
+        self.members.member(conversation, user, || self.store.members(shard, conversation))
+    }
+
+    /// Which sends of `request` look like they come from outside their conversation
+    /// ([`Service::member_here`]), by index.
+    fn outside_sends(&self, who: &Identity, request: &Request) -> Vec<bool> {
+        let sends: &[SendRequest] = match request {
+            Request::Send(r) => std::slice::from_ref(r),
+            Request::SendBatch(rs) => &rs[..rs.len().min(SEND_BATCH_MAX)],
+            _ => return Vec::new(),
+        };
+        let valid = |c: &str| chat::validate_id("conversation", c).is_ok();
+        sends
+            .iter()
+            .map(|r| valid(&r.conversation) && self.member_here(&r.conversation, &who.user) == Some(false))
+            .collect()
+    }
+
+    /// The answers, by index into `sends`, of the sends `outside` marks that the leader
+    /// answers itself ([`Service::confirm_outside`]); the others go on.
+    async fn confirm_outside_sends(
+        &self,
+        who: &Identity,
+        sends: &[SendRequest],
+        outside: &[bool],
+    ) -> Vec<(usize, Response)> {
+        let mut by_shard: BTreeMap<ShardId, Vec<usize>> = BTreeMap::new();
+        for (i, r) in sends.iter().enumerate().filter(|(i, _)| outside.get(*i).copied().unwrap_or(false)) {
+            by_shard.entry(chat::shard_of(&r.conversation, self.config.shards)).or_default().push(i);
+        }
+        let mut answered = Vec::new();
+        for (shard, slots) in by_shard {
+            let writes = slots
+                .iter()
+                .map(|&i| {
+                    let r = &sends[i];
+                    let key = chat::DedupKey {
+                        conversation: r.conversation.clone(),
+                        sender: who.user.clone(),
+                        client_id: r.client_id,
+                        client_seq: r.client_seq,
+                    };
+                    Outside::Send(key, chat::text_digest(&r.text))
+                })
+                .collect();
+            let answers = self.confirm_outside(shard, &who.user, writes).await;
+            answered.extend(slots.into_iter().zip(answers).filter_map(|(i, a)| a.map(|a| (i, a))));
+        }
+        answered
+    }
+
+    /// Answers these writes by `user` to conversations of `shard`, each as apply would,
+    /// where apply would refuse it for who asks, from this node's state machine once the
+    /// shard's leader here confirmed a read index (a quorum still follows it, and everything
+    /// committed before is applied): a write to a conversation `user` is not a member of
+    /// (for a send whose idempotency key is stored, a removed member's retry of a send
+    /// stored before the removal, its offset, or `SeqReused` for another text), or a
+    /// creation of one that exists. `None` for a write to go on; for all of them, if the
+    /// read index cannot be confirmed here (not the leader, no quorum in time) or storage
+    /// cannot be read: apply decides.
+    async fn confirm_outside(&self, shard: ShardId, user: &str, writes: Vec<Outside>) -> Vec<Option<Response>> {
+        let none = vec![None; writes.len()];
+        let Ok(group) = self.group(shard) else { return none };
+        let confirmed = group.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
+        if !matches!(tokio::time::timeout(SEND_TIMEOUT, confirmed).await, Ok(Ok(_))) {
+            return none;
+        }
+        let (store, user) = (self.store.clone(), user.to_string());
+        let read = tokio::task::spawn_blocking(move || -> Result<Vec<Option<Response>>> {
+            let answer = |write: &Outside| -> Result<Option<Response>> {
+                let conversation = write.conversation();
+                let members = store.members_for_reader(shard, conversation)?;
+                let outsider = members.as_ref().is_some_and(|m| !m.contains(&user));
+                Ok(match write {
+                    Outside::Create(_) if members.is_some() || store.head(shard, conversation)? > 0 => {
+                        Some(rejected(&chat::Rejection::Exists))
+                    }
+                    Outside::Create(_) => None,
+                    _ if !outsider => None,
+                    Outside::Change(_) => Some(not_a_member_answer(&user)),
+                    Outside::Send(key, digest) => Some(match store.dedup(shard, key)? {
+                        None => not_a_member_answer(&user),
+                        Some(found) if found.digest != *digest => {
+                            rejected(&chat::Rejection::SeqReused { conversation: conversation.to_string() })
+                        }
+                        Some(found) => send_answer(
+                            Outcome::Appended { offset: found.offset, ts_ms: found.ts_ms, duplicate: true },
+                            conversation.to_string(),
+                        ),
+                    }),
+                })
+            };
+            writes.iter().map(answer).collect()
+        })
+        .await;
+        match read {
+            Ok(Ok(answers)) => answers,
+            _ => none,
+        }
     }
 
     /// Validates each send of a batch on its own: the answers of the invalid ones by slot,
     /// and the valid ones grouped by shard with their slots.
-    fn prepare_batch(&self, who: &Identity, reqs: Vec<SendRequest>) -> std::result::Result<PreparedBatch, Refusal> {
+    fn prepare_batch(
+        &self,
+        who: &Identity,
+        reqs: Vec<SendRequest>,
+        answered: Vec<(usize, Response)>,
+    ) -> std::result::Result<PreparedBatch, Refusal> {
         if reqs.len() > SEND_BATCH_MAX {
             return Err(Refusal::Invalid(format!("{} sends in one batch, limit {SEND_BATCH_MAX}", reqs.len())));
         }
         let mut answers: Vec<Option<Response>> = vec![None; reqs.len()];
+        for (i, answer) in answered {
+            answers[i] = Some(answer);
+        }
         let mut by_shard = ByShard::new();
         for (i, req) in reqs.into_iter().enumerate() {
+            if answers[i].is_some() {
+                continue;
+            }
             match self.prepare_send(who, req) {
                 Ok((shard, command)) => {
                     let (slots, commands) = by_shard.entry(shard).or_default();
@@ -1392,6 +1615,20 @@ impl Service {
             Err(Refusal::NotLeader { shard, leader }) => return Err(Error::NotLeader { shard, leader }),
             Err(other) => return Err(Error::Unavailable(format!("{other:?}"))),
         };
+        // The last offset this reader may have: the head at its removal once removed. A
+        // removed reader still gets what was sent before the removal, then `Forbidden`, as a
+        // subscription open at the removal does: one that broke meanwhile resumes up to it. A
+        // user who never was a member has nothing (0), and is refused before anything is
+        // made for it (a push channel, a lag watch). A removal applied from here on is seen
+        // after the first read from storage, or by the push channel.
+        let mut until = u64::MAX;
+        let mut next = from.max(1);
+        if let Access::Ended { until: end } = self.access(shard, &conversation, &who.user).await? {
+            if next > end {
+                return Err(not_a_member(&who.user, &conversation));
+            }
+            until = end;
+        }
         // Attach before reading storage: anything applied from now on reaches `events`.
         let (rx, head) = self.push.attach(&conversation);
         let mut attached = Attached { hub: &self.push, conversation: &conversation, rx: Some(rx) };
@@ -1403,18 +1640,6 @@ impl Service {
                 w.next.store(next, Ordering::Relaxed);
             }
         };
-        // The last offset this reader may have: the head at its removal once removed. A
-        // removed reader still gets what was sent before the removal, then `Forbidden`, as a
-        // subscription open at the removal does: one that broke meanwhile resumes up to it. A
-        // user who never was a member has nothing (0).
-        let mut until = u64::MAX;
-        let mut next = from.max(1);
-        if let Access::Ended { until: end } = self.access(shard, &conversation, &who.user).await? {
-            if next > end {
-                return Err(not_a_member(&who.user, &conversation));
-            }
-            until = end;
-        }
         let mut caught_up = false;
         // The conversation's head, when a read from past it found nothing: a reader who asked
         // for offsets not yet sent is told how far the conversation goes, not that it has

@@ -113,7 +113,13 @@ impl Service {
         let events: std::sync::Arc<dyn ShardEvents> = if shard == META_SHARD {
             std::sync::Arc::new(super::MetaEvents(self.placement.clone(), self.placement_follow.clone()))
         } else {
-            self.push.clone()
+            // Whatever this node knew of the shard's members is from an earlier replica.
+            self.members.reset(shard, self.config.shards);
+            std::sync::Arc::new(super::DataEvents {
+                push: self.push.clone(),
+                members: self.members.clone(),
+                shards: self.config.shards,
+            })
         };
         let (config, store, net) = (self.raft_config.clone(), self.store.clone(), self.net.clone());
         let group = consensus::start_group(replica, shard, config, store, net, events).await?;

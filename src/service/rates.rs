@@ -209,7 +209,21 @@ impl SendRates {
         connection: &Mutex<Bucket>,
         now: Instant,
     ) -> Result<(), (u64, Throttle)> {
-        let sends: usize = per_conversation.iter().map(|(_, n)| n).sum();
+        self.take_with_outside(user, per_conversation, 0, connection, now)
+    }
+
+    /// [`SendRates::take`], with `outside` more sends that take from the user's and the
+    /// connection's buckets only: sends to conversations their user is not a member of,
+    /// which must not spend the conversation's rate (see `service::outsiders`).
+    pub fn take_with_outside(
+        &self,
+        user: &str,
+        per_conversation: &[(&str, usize)],
+        outside: usize,
+        connection: &Mutex<Bucket>,
+        now: Instant,
+    ) -> Result<(), (u64, Throttle)> {
+        let sends: usize = per_conversation.iter().map(|(_, n)| n).sum::<usize>() + outside;
         let total = sends as f64;
         let mut connection = connection.lock().unwrap_or_else(|p| p.into_inner());
         let mut users = self.users.lock();
@@ -344,6 +358,30 @@ mod tests {
             assert!(r.take("ann", &[(&format!("quiet{i}"), 1)], &conn, t0).is_ok(), "send {i}");
         }
         assert_eq!(r.take("ann", &[("other", 1)], &conn, t0).map_err(|e| e.1), Err(Throttle::User));
+    }
+
+    #[test]
+    fn sends_from_outside_a_conversation_cost_their_user_not_the_conversation() {
+        // rates(user, conversation, connection) per second; the bursts are twice that.
+        let r = rates(10, 5, 0);
+        let t0 = Instant::now();
+        let conn = Mutex::new(Bucket::full(r.connection, t0));
+        // 20 sends from outside: the user's whole burst, none of the conversation's.
+        for i in 0..20 {
+            assert!(r.take_with_outside("mallory", &[], 1, &conn, t0).is_ok(), "send {i}");
+        }
+        assert_eq!(r.take_with_outside("mallory", &[], 1, &conn, t0).map_err(|e| e.1), Err(Throttle::User));
+        for i in 0..10 {
+            assert!(
+                r.take("ann", &[("c", 1)], &conn, t0).is_ok(),
+                "member's send {i}: the conversation's burst is whole"
+            );
+        }
+        assert_eq!(r.take("bob", &[("c", 1)], &conn, t0).map_err(|e| e.1), Err(Throttle::Conversation));
+        // A batch with sends of both kinds: every one counts against the user.
+        let later = t0 + Duration::from_secs(10);
+        assert!(r.take_with_outside("eve", &[("d", 5)], 15, &conn, later).is_ok());
+        assert_eq!(r.take_with_outside("eve", &[], 1, &conn, later).map_err(|e| e.1), Err(Throttle::User));
     }
 
     #[test]
