@@ -652,6 +652,67 @@ async fn outsiders_spend_neither_a_conversations_rate_nor_its_log() {
     assert!(matches!(mallory.request(1, &cursor).await.expect("an answer"), Response::Cursor { .. }));
 }
 
+// A follower answers sends and changes `NotLeader` before they take any tokens: a client
+// sent on to the leader is charged once, there (the user's bucket is shared by the nodes, so
+// a follower's charge would count twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_answers_not_leader_without_charging_the_users_rate() {
+    use convoy::net::wire::{Request, Response, SendRequest};
+    const BURST: u32 = 4;
+    let cluster = start(Tweaks {
+        shards: 1,
+        limits: LimitTweaks { user_sends_per_s: Some(1), user_sends_burst: Some(BURST), ..LimitTweaks::unthrottled() },
+        ..Tweaks::default()
+    });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    eventually(Duration::from_secs(30), "node 1 to lead shard 0", || async {
+        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok() == Some(1)).then_some(())
+    })
+    .await
+    .expect("node 1 leads");
+    let client = cluster.client().expect("client");
+    let send = |client_seq: u64| {
+        Request::Send(SendRequest {
+            conversation: "redirected".into(),
+            sender: String::new(),
+            client_id: 9,
+            client_seq,
+            text: format!("m{client_seq}"),
+        })
+    };
+    let batch = Request::SendBatch(
+        (100..102)
+            .map(|client_seq| SendRequest {
+                conversation: "redirected".into(),
+                sender: String::new(),
+                client_id: 9,
+                client_seq,
+                text: "b".into(),
+            })
+            .collect(),
+    );
+    let cursor = Request::SetCursor { user: TEST_USER.into(), conversation: "redirected".into(), offset: 1 };
+    let not_leader = |what: &str, answer: Response| match answer {
+        Response::NotLeader { leader: Some(1), .. } => {}
+        other => panic!("{what} at a follower: expected NotLeader naming node 1, got {other:?}"),
+    };
+    for seq in 1..=3 * u64::from(BURST) {
+        not_leader("a send", client.request(2, &send(seq)).await.expect("an answer"));
+        not_leader("a cursor move", client.request(2, &cursor).await.expect("an answer"));
+        match client.request(3, &batch).await.expect("an answer") {
+            Response::Batch(answers) => answers.into_iter().for_each(|a| not_leader("a batch's send", a)),
+            other => panic!("a batch at a follower: {other:?}"),
+        }
+    }
+    // The user's burst is whole at the leader.
+    for seq in 1..=u64::from(BURST) {
+        match client.request(1, &send(seq)).await.expect("an answer") {
+            Response::Ack { .. } => {}
+            other => panic!("send {seq} of the burst at the leader: {other:?}"),
+        }
+    }
+}
+
 // A flood that overfills its shard's window waits in its conversation's queue: every send
 // is still acked exactly once at a dense offset (the queue loses and repeats nothing), and a
 // quiet conversation of the same shard is served beside it, as are batches over two

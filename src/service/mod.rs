@@ -1052,6 +1052,9 @@ impl Service {
         request: Request,
         reply: impl FnOnce(Response) + Send + 'static,
     ) -> Option<Response> {
+        if let Some(answer) = self.sends_led_elsewhere(&request) {
+            return Some(answer);
+        }
         // Sends from outside their conversation take no conversation's tokens, and are
         // answered here once the leader confirmed they are (see `outsiders`).
         let outside = self.outside_sends(who, &request);
@@ -1199,8 +1202,11 @@ impl Service {
             },
             _ => return Ok(()),
         };
-        // An invalid name is refused after this check and never keys a bucket.
-        if chat::validate_id("conversation", conversation).is_err() {
+        // An invalid name is refused after this check and never keys a bucket. A replica
+        // following another node answers `NotLeader` when it proposes: the leader charges.
+        if chat::validate_id("conversation", conversation).is_err()
+            || self.leader_elsewhere(chat::shard_of(conversation, self.config.shards)).is_some()
+        {
             return Ok(());
         }
         let looks_refused = match check {
@@ -1221,6 +1227,37 @@ impl Service {
             Some(answer) => Err(answer),
             None => Ok(()),
         }
+    }
+
+    /// The node leading `shard`, if this node runs a replica of it that follows another node
+    /// (as its Raft metrics have it).
+    fn leader_elsewhere(&self, shard: ShardId) -> Option<NodeId> {
+        use openraft::async_runtime::WatchReceiver;
+        let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
+        let group = groups.get(&shard)?;
+        let leader = group.raft.metrics().borrow_watched().current_leader?;
+        (leader != group.replica).then(|| node_of(leader))
+    }
+
+    /// `NotLeader` for a send, or a batch of sends all to one shard, that this node would
+    /// propose as a follower of another node: answered before the sends take any tokens, so
+    /// that a client sent on to the leader is charged once, there (the user's bucket is
+    /// shared by the nodes). A batch over several shards goes the usual way.
+    fn sends_led_elsewhere(&self, request: &Request) -> Option<Response> {
+        let sends: &[SendRequest] = match request {
+            Request::Send(r) => std::slice::from_ref(r),
+            Request::SendBatch(rs) => rs,
+            _ => return None,
+        };
+        let shard = chat::shard_of(&sends.first()?.conversation, self.config.shards);
+        if sends.iter().any(|r| chat::shard_of(&r.conversation, self.config.shards) != shard) {
+            return None;
+        }
+        let answer = Refusal::NotLeader { shard, leader: Some(self.leader_elsewhere(shard)?) }.answer();
+        Some(match request {
+            Request::SendBatch(_) => Response::Batch(vec![answer; sends.len()]),
+            _ => answer,
+        })
     }
 
     /// Whether `user` is a member of `conversation` by the members this node applied, if a
