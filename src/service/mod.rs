@@ -82,6 +82,10 @@ pub const LEADER_CHECK: Duration = Duration::from_secs(2);
 pub const LEADERLESS_MAX: Duration = Duration::from_secs(4);
 /// Suggested back-off when throttled.
 pub const THROTTLE_RETRY_MS: u64 = 50;
+/// Writes that looked like outsiders' a node checks at once (see [`outsiders`]): each is a
+/// read index (a heartbeat round) and a storage read, so a crowd of outsiders is answered
+/// `Throttled` past it instead of queueing rounds.
+pub const OUTSIDE_CHECKS_MAX: usize = 64;
 /// How an `Unavailable` answer refused for lack of disk space begins.
 pub const DISK_FULL: &str = "disk full";
 /// How often a node hands leaderships it holds back to their preferred nodes.
@@ -296,6 +300,9 @@ pub struct Service {
     inflight: Arc<Semaphore>,
     /// Slots of catch-up scans ([`CATCH_UP_SCANS_MAX`]).
     scans: Arc<Semaphore>,
+    /// Checks of writes that looked like outsiders' (a read index and a storage read each)
+    /// under way at once ([`OUTSIDE_CHECKS_MAX`]); more are answered `Throttled`.
+    outside_checks: Semaphore,
     /// What catch-ups may hold: read batches and wide send windows (see [`catch_up`]).
     pub catch_up: Arc<catch_up::CatchUpBudget>,
     rates: SendRates,
@@ -696,6 +703,7 @@ impl Service {
             members,
             inflight,
             scans: Arc::new(Semaphore::new(CATCH_UP_SCANS_MAX)),
+            outside_checks: Semaphore::new(OUTSIDE_CHECKS_MAX),
             catch_up,
             rates,
             peer_stats: net.stats(),
@@ -1202,18 +1210,37 @@ impl Service {
             },
             _ => return Ok(()),
         };
-        // An invalid name is refused after this check and never keys a bucket. A replica
-        // following another node answers `NotLeader` when it proposes: the leader charges.
-        if chat::validate_id("conversation", conversation).is_err()
-            || self.leader_elsewhere(chat::shard_of(conversation, self.config.shards)).is_some()
-        {
+        // An invalid name is refused after this check and never keys a bucket.
+        if chat::validate_id("conversation", conversation).is_err() {
             return Ok(());
         }
-        let looks_refused = match check {
-            Some(Check::Member) => self.member_here(conversation, &who.user) == Some(false),
-            Some(Check::Absent) => self.member_here(conversation, &who.user).is_some(),
-            None => false,
+        // A replica that follows another node, or a node without one, answers `NotLeader`
+        // before anything is charged: the leader charges.
+        let shard = chat::shard_of(conversation, self.config.shards);
+        if let Some(answer) = self.not_led_here(shard) {
+            return Err(answer);
+        }
+        // Only a change valid in all else is answered as an outsider's: a malformed one gets
+        // the error that names what is wrong, from the usual path.
+        let valid = match request {
+            Request::SetCursor { user, .. } => *user == who.user,
+            Request::SetRetention { retention, .. } => retention.validate().is_ok(),
+            Request::Members { change: MemberChange::Change(change), .. } => match change {
+                chat::Membership::Create { members } => {
+                    members.len() < chat::MEMBERS_MAX && members.iter().all(|u| chat::validate_id("user", u).is_ok())
+                }
+                chat::Membership::Add { user } | chat::Membership::Remove { user } => {
+                    chat::validate_id("user", user).is_ok()
+                }
+            },
+            _ => false,
         };
+        let looks_refused = valid
+            && match check {
+                Some(Check::Member) => self.member_here(conversation, &who.user) == Some(false),
+                Some(Check::Absent) => self.member_here(conversation, &who.user).is_some(),
+                None => false,
+            };
         if !looks_refused {
             return self.take_tokens(who, &[(conversation.as_str(), cost)], 0, connection, 0).map_err(Refusal::answer);
         }
@@ -1222,7 +1249,6 @@ impl Service {
             Some(Check::Absent) => Outside::Create(conversation.clone()),
             _ => Outside::Change(conversation.clone()),
         };
-        let shard = chat::shard_of(conversation, self.config.shards);
         match self.confirm_outside(shard, &who.user, vec![write]).await.pop().flatten() {
             Some(answer) => Err(answer),
             None => Ok(()),
@@ -1239,21 +1265,33 @@ impl Service {
         (leader != group.replica).then(|| node_of(leader))
     }
 
+    /// `NotLeader` for a write to `shard` if this node runs no replica of it, or one that
+    /// follows another node: answered before the write takes any tokens (see
+    /// [`Service::sends_led_elsewhere`]).
+    fn not_led_here(&self, shard: ShardId) -> Option<Response> {
+        let hosted = self.groups.read().unwrap_or_else(|p| p.into_inner()).contains_key(&shard);
+        let leader = if hosted { Some(self.leader_elsewhere(shard)?) } else { self.holder_of(shard) };
+        Some(Refusal::NotLeader { shard, leader }.answer())
+    }
+
     /// `NotLeader` for a send, or a batch of sends all to one shard, that this node would
-    /// propose as a follower of another node: answered before the sends take any tokens, so
-    /// that a client sent on to the leader is charged once, there (the user's bucket is
-    /// shared by the nodes). A batch over several shards goes the usual way.
+    /// not propose as the shard's leader (it runs no replica of the shard, or one that
+    /// follows another node): answered before the sends take any tokens, so that a client
+    /// sent on to the leader is charged once, there (the user's bucket is shared by the
+    /// nodes). A batch over several shards, or over [`SEND_BATCH_MAX`], goes the usual way.
     fn sends_led_elsewhere(&self, request: &Request) -> Option<Response> {
         let sends: &[SendRequest] = match request {
             Request::Send(r) => std::slice::from_ref(r),
-            Request::SendBatch(rs) => rs,
+            Request::SendBatch(rs) if rs.len() <= SEND_BATCH_MAX => rs,
             _ => return None,
         };
-        let shard = chat::shard_of(&sends.first()?.conversation, self.config.shards);
+        let first = &sends.first()?.conversation;
+        chat::validate_id("conversation", first).ok()?;
+        let shard = chat::shard_of(first, self.config.shards);
         if sends.iter().any(|r| chat::shard_of(&r.conversation, self.config.shards) != shard) {
             return None;
         }
-        let answer = Refusal::NotLeader { shard, leader: Some(self.leader_elsewhere(shard)?) }.answer();
+        let answer = self.not_led_here(shard)?;
         Some(match request {
             Request::SendBatch(_) => Response::Batch(vec![answer; sends.len()]),
             _ => answer,
@@ -1276,14 +1314,19 @@ impl Service {
     fn outside_sends(&self, who: &Identity, request: &Request) -> Vec<bool> {
         let sends: &[SendRequest] = match request {
             Request::Send(r) => std::slice::from_ref(r),
-            Request::SendBatch(rs) => &rs[..rs.len().min(SEND_BATCH_MAX)],
+            // Refused whole by `prepare_batch`.
+            Request::SendBatch(rs) if rs.len() > SEND_BATCH_MAX => return Vec::new(),
+            Request::SendBatch(rs) => rs,
             _ => return Vec::new(),
         };
-        let valid = |c: &str| chat::validate_id("conversation", c).is_ok();
-        sends
-            .iter()
-            .map(|r| valid(&r.conversation) && self.member_here(&r.conversation, &who.user) == Some(false))
-            .collect()
+        // Only a send valid in all else is answered as an outsider's: a malformed one gets
+        // the error that names what is wrong, from the usual path.
+        let valid = |r: &SendRequest| {
+            chat::validate_id("conversation", &r.conversation).is_ok()
+                && (r.sender.is_empty() || r.sender == who.user)
+                && r.text.len() <= self.config.limits.message_bytes_max
+        };
+        sends.iter().map(|r| valid(r) && self.member_here(&r.conversation, &who.user) == Some(false)).collect()
     }
 
     /// The answers, by index into `sends`, of the sends `outside` marks that the leader
@@ -1330,6 +1373,10 @@ impl Service {
     /// cannot be read: apply decides.
     async fn confirm_outside(&self, shard: ShardId, user: &str, writes: Vec<Outside>) -> Vec<Option<Response>> {
         let none = vec![None; writes.len()];
+        let Ok(_checking) = self.outside_checks.try_acquire() else {
+            self.metrics.throttled(Throttle::Inflight, writes.len() as u64);
+            return vec![Some(Refusal::Throttled { retry_after_ms: THROTTLE_RETRY_MS }.answer()); writes.len()];
+        };
         let Ok(group) = self.group(shard) else { return none };
         let confirmed = group.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
         if !matches!(tokio::time::timeout(SEND_TIMEOUT, confirmed).await, Ok(Ok(_))) {
@@ -1339,16 +1386,18 @@ impl Service {
         let read = tokio::task::spawn_blocking(move || -> Result<Vec<Option<Response>>> {
             let answer = |write: &Outside| -> Result<Option<Response>> {
                 let conversation = write.conversation();
-                let members = store.members_for_reader(shard, conversation)?;
+                let key = match write {
+                    Outside::Send(key, _) => Some(key),
+                    _ => None,
+                };
+                let (members, head, stored) = store.writer_view(shard, conversation, key)?;
                 let outsider = members.as_ref().is_some_and(|m| !m.contains(&user));
                 Ok(match write {
-                    Outside::Create(_) if members.is_some() || store.head(shard, conversation)? > 0 => {
-                        Some(rejected(&chat::Rejection::Exists))
-                    }
+                    Outside::Create(_) if members.is_some() || head > 0 => Some(rejected(&chat::Rejection::Exists)),
                     Outside::Create(_) => None,
                     _ if !outsider => None,
                     Outside::Change(_) => Some(not_a_member_answer(&user)),
-                    Outside::Send(key, digest) => Some(match store.dedup(shard, key)? {
+                    Outside::Send(_, digest) => Some(match stored {
                         None => not_a_member_answer(&user),
                         Some(found) if found.digest != *digest => {
                             rejected(&chat::Rejection::SeqReused { conversation: conversation.to_string() })

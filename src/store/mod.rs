@@ -538,6 +538,32 @@ impl Store {
         }
     }
 
+    /// A conversation's members, its head and, given a key, the send stored under it, all
+    /// from one view of the shard (`Unavailable` while a snapshot install replaces it): what
+    /// a shard leader checks a write by a non-member against (see `service::outsiders`).
+    pub fn writer_view(
+        &self,
+        shard: ShardId,
+        conversation: &str,
+        key: Option<&DedupKey>,
+    ) -> Result<(Option<Members>, u64, Option<DedupRecord>)> {
+        let snap = self.db.snapshot();
+        refuse_installing(&snap, self.cf(CF_STATE), shard)?;
+        let members = match snap.get_cf(self.cf(CF_STATE), members_key(shard, conversation))? {
+            Some(v) => Some(codec::decode(&v)?),
+            None => None,
+        };
+        let head = decode_head(snap.get_cf(self.cf(CF_STATE), head_key(shard, conversation))?)?;
+        let stored = match key {
+            Some(key) => match snap.get_cf(self.cf(CF_DEDUP), dedup_key(shard, key))? {
+                Some(v) => Some(codec::decode(&v)?),
+                None => None,
+            },
+            None => None,
+        };
+        Ok((members, head, stored))
+    }
+
     /// The earliest retained offset of a conversation (1 until a trim).
     pub fn earliest(&self, shard: ShardId, conversation: &str) -> Result<u64> {
         match self.get(CF_STATE, &earliest_key(shard, conversation))? {
