@@ -386,6 +386,20 @@ async fn a_transferred_leadership_holds_through_balancing_a_failover_and_a_full_
     }
 }
 
+/// A one-shard cluster with these limits, once node 1 leads shard 0 (its preferred leader:
+/// leaders are handed back to their preferred node, so asked directly it stays the one to
+/// ask).
+async fn one_shard_led_by_node_1(limits: LimitTweaks) -> LocalCluster {
+    let cluster = start(Tweaks { shards: 1, limits, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    eventually(Duration::from_secs(30), "node 1 to lead shard 0", || async {
+        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok() == Some(1)).then_some(())
+    })
+    .await
+    .expect("node 1 leads");
+    cluster
+}
+
 // A user's send rate holds across the cluster: with their three conversations led by three
 // nodes, the cluster admits about the rate between them, not the rate on each node (each node
 // tells the others what it took from the user's bucket every heartbeat interval).
@@ -458,19 +472,12 @@ async fn a_users_rate_holds_across_the_nodes_that_lead_their_conversations() {
 async fn changes_other_than_sends_count_against_the_users_rate() {
     use convoy::net::wire::{ErrorCode, MemberChange, Request, Response};
     const BURST: u32 = 10;
-    let cluster = start(Tweaks {
-        shards: 1,
-        limits: LimitTweaks { user_sends_per_s: Some(1), user_sends_burst: Some(BURST), ..LimitTweaks::unthrottled() },
-        ..Tweaks::default()
-    });
-    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
-    // Shard 0 prefers node 1 (leaders are handed back to their preferred node): asked
-    // directly, it stays the one to ask.
-    eventually(Duration::from_secs(30), "node 1 to lead shard 0", || async {
-        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok() == Some(1)).then_some(())
+    let cluster = one_shard_led_by_node_1(LimitTweaks {
+        user_sends_per_s: Some(1),
+        user_sends_burst: Some(BURST),
+        ..LimitTweaks::unthrottled()
     })
-    .await
-    .expect("node 1 leads");
+    .await;
     let client = cluster.client().expect("client");
     client.send("moves", "one").await.expect("a send");
     let cursor = Request::SetCursor { user: TEST_USER.into(), conversation: "moves".into(), offset: 1 };
@@ -521,21 +528,12 @@ async fn outsiders_spend_neither_a_conversations_rate_nor_its_log() {
     use convoy::chat::Membership;
     use convoy::net::wire::{ErrorCode, MemberChange, Request, Response, SendRequest};
     const BURST: u32 = 4;
-    let cluster = start(Tweaks {
-        shards: 1,
-        limits: LimitTweaks {
-            conversation_sends_per_s: Some(1),
-            conversation_sends_burst: Some(BURST),
-            ..LimitTweaks::unthrottled()
-        },
-        ..Tweaks::default()
-    });
-    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
-    eventually(Duration::from_secs(30), "node 1 to lead shard 0", || async {
-        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok() == Some(1)).then_some(())
+    let cluster = one_shard_led_by_node_1(LimitTweaks {
+        conversation_sends_per_s: Some(1),
+        conversation_sends_burst: Some(BURST),
+        ..LimitTweaks::unthrottled()
     })
-    .await
-    .expect("node 1 leads");
+    .await;
     let (alice, mallory) = (cluster.client_as("alice").expect("alice"), cluster.client_as("mallory").expect("mallory"));
     let (bob, admin) = (cluster.client_as("bob").expect("bob"), cluster.admin().expect("an admin client"));
     let conversation = "guarded";
@@ -659,17 +657,12 @@ async fn outsiders_spend_neither_a_conversations_rate_nor_its_log() {
 async fn a_follower_answers_not_leader_without_charging_the_users_rate() {
     use convoy::net::wire::{Request, Response, SendRequest};
     const BURST: u32 = 4;
-    let cluster = start(Tweaks {
-        shards: 1,
-        limits: LimitTweaks { user_sends_per_s: Some(1), user_sends_burst: Some(BURST), ..LimitTweaks::unthrottled() },
-        ..Tweaks::default()
-    });
-    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
-    eventually(Duration::from_secs(30), "node 1 to lead shard 0", || async {
-        (cluster.leader_of(0, &[1, 2, 3], READY).await.ok() == Some(1)).then_some(())
+    let cluster = one_shard_led_by_node_1(LimitTweaks {
+        user_sends_per_s: Some(1),
+        user_sends_burst: Some(BURST),
+        ..LimitTweaks::unthrottled()
     })
-    .await
-    .expect("node 1 leads");
+    .await;
     let client = cluster.client().expect("client");
     let send = |client_seq: u64| {
         Request::Send(SendRequest {

@@ -1255,22 +1255,19 @@ impl Service {
         }
     }
 
-    /// The node leading `shard`, if this node runs a replica of it that follows another node
-    /// (as its Raft metrics have it).
-    fn leader_elsewhere(&self, shard: ShardId) -> Option<NodeId> {
-        use openraft::async_runtime::WatchReceiver;
-        let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
-        let group = groups.get(&shard)?;
-        let leader = group.raft.metrics().borrow_watched().current_leader?;
-        (leader != group.replica).then(|| node_of(leader))
-    }
-
     /// `NotLeader` for a write to `shard` if this node runs no replica of it, or one that
-    /// follows another node: answered before the write takes any tokens (see
-    /// [`Service::sends_led_elsewhere`]).
+    /// follows another node (as its Raft metrics have it): answered before the write takes
+    /// any tokens (see [`Service::sends_led_elsewhere`]). One look at the groups.
     fn not_led_here(&self, shard: ShardId) -> Option<Response> {
-        let hosted = self.groups.read().unwrap_or_else(|p| p.into_inner()).contains_key(&shard);
-        let leader = if hosted { Some(self.leader_elsewhere(shard)?) } else { self.holder_of(shard) };
+        use openraft::async_runtime::WatchReceiver;
+        let leader = match self.groups.read().unwrap_or_else(|p| p.into_inner()).get(&shard) {
+            Some(group) => {
+                let leader = group.raft.metrics().borrow_watched().current_leader?;
+                Some(node_of((leader != group.replica).then_some(leader)?))
+            }
+            None => None,
+        };
+        let leader = leader.or_else(|| self.holder_of(shard));
         Some(Refusal::NotLeader { shard, leader }.answer())
     }
 
