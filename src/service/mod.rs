@@ -70,6 +70,12 @@ pub const CATCH_UP_BATCH_BYTES: usize = 256 << 10;
 /// storage work (votes, truncations) has threads of its own (`raft::io_pool`), but the disk
 /// is shared: a flood of catch-ups must queue here, not in front of the disk.
 pub const CATCH_UP_SCANS_MAX: usize = 8;
+/// Point reads that requests make on blocking threads at once (a cursor, a conversation's
+/// members or span, an outsider's write checked against storage); more wait, first come
+/// first served, for a slot. A flood of such requests then waits as the request tasks its
+/// connections already bound, not as blocking threads (tokio would start up to 512) in
+/// front of the disk.
+pub const POINT_READS_MAX: usize = 16;
 /// How long a write to a subscriber may wait for the client to read: one that stops reading
 /// is dropped, releasing what it pinned, and resubscribes when it reads again.
 pub const SUBSCRIBER_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -239,6 +245,23 @@ fn read_batch(store: &Store, shard: ShardId, conversation: &str, from: u64, unti
 
 /// Writes to a subscriber's stream, giving up after [`SUBSCRIBER_WRITE_TIMEOUT`]; a failed
 /// write resets the stream (see [`frame::write_or_reset`]).
+/// Runs `read` on a blocking thread once one of `slots` is free ([`POINT_READS_MAX`]). The
+/// slot goes with the read: a request abandoned while its read runs holds it until the read
+/// ends.
+async fn point_read<T: Send + 'static>(
+    slots: &Arc<Semaphore>,
+    what: &'static str,
+    read: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let slot = slots.clone().acquire_owned().await.map_err(|_| Error::Unavailable("the node is stopping".into()))?;
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        read()
+    })
+    .await
+    .map_err(Error::task(what))?
+}
+
 async fn write_subscriber(out: &mut quinn::SendStream, bytes: &[u8]) -> Result<()> {
     frame::write_or_reset(out, bytes, SUBSCRIBER_WRITE_TIMEOUT).await.map_err(|failed| match failed {
         Some(e) => Error::Unavailable(format!("subscriber stream: {e}")),
@@ -300,6 +323,8 @@ pub struct Service {
     inflight: Arc<Semaphore>,
     /// Slots of catch-up scans ([`CATCH_UP_SCANS_MAX`]).
     scans: Arc<Semaphore>,
+    /// Slots of requests' point reads ([`POINT_READS_MAX`], [`point_read`]).
+    point_reads: Arc<Semaphore>,
     /// Checks of writes that looked like outsiders' (a read index and a storage read each)
     /// under way at once ([`OUTSIDE_CHECKS_MAX`]); more are answered `Throttled`.
     outside_checks: Semaphore,
@@ -703,6 +728,7 @@ impl Service {
             members,
             inflight,
             scans: Arc::new(Semaphore::new(CATCH_UP_SCANS_MAX)),
+            point_reads: Arc::new(Semaphore::new(POINT_READS_MAX)),
             outside_checks: Semaphore::new(OUTSIDE_CHECKS_MAX),
             catch_up,
             rates,
@@ -1380,7 +1406,7 @@ impl Service {
             return none;
         }
         let (store, user) = (self.store.clone(), user.to_string());
-        let read = tokio::task::spawn_blocking(move || -> Result<Vec<Option<Response>>> {
+        let read = point_read(&self.point_reads, "checking an outsider's writes", move || {
             let answer = |write: &Outside| -> Result<Option<Response>> {
                 let conversation = write.conversation();
                 let key = match write {
@@ -1406,13 +1432,10 @@ impl Service {
                     }),
                 })
             };
-            writes.iter().map(answer).collect()
+            writes.iter().map(answer).collect::<Result<Vec<_>>>()
         })
         .await;
-        match read {
-            Ok(Ok(answers)) => answers,
-            _ => none,
-        }
+        read.unwrap_or(none)
     }
 
     /// Validates each send of a batch on its own: the answers of the invalid ones by slot,
@@ -1490,11 +1513,11 @@ impl Service {
             Ok(Outcome::CursorAt { offset }) => {
                 // Answered as a cursor read answers it: below what retention kept, the cursor
                 // reads as having read everything before the earliest retained message.
-                match tokio::task::spawn_blocking(move || store.span(shard, &c)).await {
-                    Ok(Ok((earliest, head))) => {
-                        Response::Cursor { offset: offset.max(earliest.saturating_sub(1)), head }
-                    }
-                    _ => Response::Cursor { offset, head: 0 },
+                match point_read(&self.point_reads, "reading a conversation's span", move || store.span(shard, &c))
+                    .await
+                {
+                    Ok((earliest, head)) => Response::Cursor { offset: offset.max(earliest.saturating_sub(1)), head },
+                    Err(_) => Response::Cursor { offset, head: 0 },
                 }
             }
             Ok(Outcome::Rejected { reason }) => rejected(&reason),
@@ -1545,7 +1568,7 @@ impl Service {
     /// all from one view of its state (refused while a snapshot install replaces it).
     async fn read_cursor(&self, shard: ShardId, user: String, conversation: String) -> Response {
         let store = self.store.clone();
-        let read = tokio::task::spawn_blocking(move || {
+        let read = point_read(&self.point_reads, "reading a cursor", move || {
             let view = store.cursor_view(shard, &user, &conversation)?;
             if let Access::Ended { .. } = access_of(view.members.as_ref(), &user) {
                 return Err(not_a_member(&user, &conversation));
@@ -1556,9 +1579,8 @@ impl Service {
         })
         .await;
         match read {
-            Ok(Ok((offset, head))) => Response::Cursor { offset, head },
-            Ok(Err(e @ Error::Forbidden(_))) => error(ErrorCode::Forbidden, e.to_string()),
-            Ok(Err(e)) => error(ErrorCode::Unavailable, e.to_string()),
+            Ok((offset, head)) => Response::Cursor { offset, head },
+            Err(e @ Error::Forbidden(_)) => error(ErrorCode::Forbidden, e.to_string()),
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }
     }
@@ -1573,7 +1595,7 @@ impl Service {
         let change = match change {
             MemberChange::Show => {
                 let (store, shard, user) = (self.store.clone(), group.shard, who.user.clone());
-                let read = tokio::task::spawn_blocking(move || {
+                let read = point_read(&self.point_reads, "reading a conversation's members", move || {
                     let members = store.members(shard, &conversation)?;
                     match members {
                         Some(m) if m.contains(&user) => {
@@ -1584,9 +1606,8 @@ impl Service {
                 })
                 .await;
                 return match read {
-                    Ok(Ok((members, head))) => Response::Members { members, head },
-                    Ok(Err(e @ Error::Forbidden(_))) => error(ErrorCode::Forbidden, e.to_string()),
-                    Ok(Err(e)) => error(ErrorCode::Unavailable, e.to_string()),
+                    Ok((members, head)) => Response::Members { members, head },
+                    Err(e @ Error::Forbidden(_)) => error(ErrorCode::Forbidden, e.to_string()),
                     Err(e) => error(ErrorCode::Unavailable, e.to_string()),
                 };
             }
@@ -1640,9 +1661,10 @@ impl Service {
     /// the client reads from another replica).
     async fn access(&self, shard: ShardId, conversation: &str, user: &str) -> Result<Access> {
         let (store, c, u) = (self.store.clone(), conversation.to_string(), user.to_string());
-        tokio::task::spawn_blocking(move || Ok(access_of(store.members_for_reader(shard, &c)?.as_ref(), &u)))
-            .await
-            .map_err(Error::task("reading a conversation's members"))?
+        point_read(&self.point_reads, "reading a conversation's members", move || {
+            Ok(access_of(store.members_for_reader(shard, &c)?.as_ref(), &u))
+        })
+        .await
     }
 
     /// Starts reading and framing up to [`CATCH_UP_BATCH`] stored messages from `from` up
@@ -2055,6 +2077,55 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn point_reads_run_at_most_their_slots_at_once_and_an_abandoned_one_keeps_its_slot() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let slots = Arc::new(Semaphore::new(2));
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let reads: Vec<_> = (0..8)
+            .map(|i| {
+                let (slots, running, most) = (slots.clone(), running.clone(), most.clone());
+                tokio::spawn(async move {
+                    point_read(&slots, "a test read", move || {
+                        most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                        std::thread::sleep(Duration::from_millis(20));
+                        running.fetch_sub(1, SeqCst);
+                        Ok(i)
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for (i, read) in reads.into_iter().enumerate() {
+            assert_eq!(read.await.expect("joined").expect("read"), i, "each read's own answer");
+        }
+        assert_eq!(most.load(SeqCst), 2, "eight 20 ms reads, two slots: two at a time");
+        assert_eq!(slots.available_permits(), 2, "every slot back");
+
+        // A request abandoned while its read runs: the read goes on and holds its slot.
+        let one = Arc::new(Semaphore::new(1));
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let request = tokio::spawn({
+            let one = one.clone();
+            async move {
+                point_read(&one, "a test read", move || {
+                    let _ = wait.recv();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        while one.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        request.abort();
+        assert!(request.await.is_err_and(|e| e.is_cancelled()));
+        assert_eq!(one.available_permits(), 0, "the read still runs, in its slot");
+        release.send(()).expect("the read waits");
+        let freed = tokio::time::timeout(Duration::from_secs(10), one.acquire()).await;
+        assert!(freed.is_ok_and(|p| p.is_ok()), "the slot comes back when the read ends");
+    }
 
     fn send(conversation: &str, seq: u64) -> SendCommand {
         SendCommand {
