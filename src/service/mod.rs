@@ -1101,6 +1101,9 @@ impl Service {
             Request::SendBatch(rs) => self.confirm_outside_sends(who, rs, &outside).await,
             _ => Vec::new(),
         };
+        if outside.contains(&true) {
+            self.outside_sends_going_on(&request, &outside, &mut answered);
+        }
         match request {
             Request::Send(_) if !answered.is_empty() => answered.pop().map(|(_, answer)| answer),
             Request::Send(req) => {
@@ -1275,10 +1278,16 @@ impl Service {
             Some(Check::Absent) => Outside::Create(conversation.clone()),
             _ => Outside::Change(conversation.clone()),
         };
-        match self.confirm_outside(shard, &who.user, vec![write]).await.pop().flatten() {
-            Some(answer) => Err(answer),
-            None => Ok(()),
+        if let Some(answer) = self.confirm_outside(shard, &who.user, vec![write]).await.pop().flatten() {
+            return Err(answer);
         }
+        // It goes on after all: it is written, so it spends the conversation's rate.
+        self.rates.take_conversations(&[(conversation.as_str(), cost)], std::time::Instant::now()).map_err(
+            |(retry_after_ms, reason)| {
+                self.metrics.throttled(reason, 0);
+                Refusal::Throttled { retry_after_ms }.answer()
+            },
+        )
     }
 
     /// `NotLeader` for a write to `shard` if this node runs no replica of it, or one that
@@ -1350,6 +1359,30 @@ impl Service {
                 && r.text.len() <= self.config.limits.message_bytes_max
         };
         sends.iter().map(|r| valid(r) && self.member_here(&r.conversation, &who.user) == Some(false)).collect()
+    }
+
+    /// The sends `outside` marks that the check let go on (not in `answered`) take their
+    /// conversations' tokens now, all or none; if there are none, each of them is answered
+    /// `Throttled` (added to `answered`).
+    fn outside_sends_going_on(&self, request: &Request, outside: &[bool], answered: &mut Vec<(usize, Response)>) {
+        let sends: &[SendRequest] = match request {
+            Request::Send(r) => std::slice::from_ref(r),
+            Request::SendBatch(rs) => rs,
+            _ => return,
+        };
+        let going_on: Vec<usize> = (0..sends.len())
+            .filter(|i| outside.get(*i).copied().unwrap_or(false) && !answered.iter().any(|(a, _)| a == i))
+            .collect();
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for &i in &going_on {
+            *counts.entry(sends[i].conversation.as_str()).or_default() += 1;
+        }
+        let counts: Vec<(&str, usize)> = counts.into_iter().collect();
+        if let Err((retry_after_ms, reason)) = self.rates.take_conversations(&counts, std::time::Instant::now()) {
+            self.metrics.throttled(reason, going_on.len() as u64);
+            let answer = Refusal::Throttled { retry_after_ms }.answer();
+            answered.extend(going_on.into_iter().map(|i| (i, answer.clone())));
+        }
     }
 
     /// The answers, by index into `sends`, of the sends `outside` marks that the leader

@@ -267,6 +267,40 @@ impl SendRates {
     }
 }
 
+impl SendRates {
+    /// Takes `per_conversation[c]` tokens from each conversation's bucket only, or nothing:
+    /// then the longest wait. For writes first judged an outsider's, which took only their
+    /// user's and connection's tokens, that go on after all (the check could not be made, or
+    /// the writer had just been added): they are written, so they spend the conversation's
+    /// rate like any member's.
+    pub fn take_conversations(&self, per_conversation: &[(&str, usize)], now: Instant) -> Result<(), (u64, Throttle)> {
+        let rate = self.conversations.rate;
+        if rate.off() {
+            return Ok(());
+        }
+        let mut conversations = self.conversations.lock();
+        let mut wait = 0;
+        for (c, n) in per_conversation {
+            wait = wait.max(bucket(&mut conversations, c, rate, now).wait_ms(*n as f64, rate, now));
+        }
+        if wait == 0 {
+            for (c, n) in per_conversation {
+                if let Some(b) = conversations.get_mut(*c) {
+                    b.take(*n as f64, rate);
+                }
+            }
+        }
+        if conversations.len() > KEYS_MAX {
+            conversations.retain(|_, b| !b.is_full(rate, now));
+        }
+        if wait > 0 {
+            Err((wait, Throttle::Conversation))
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// Every `every`, tells each peer what this node took from its users' buckets since it last
 /// told that peer, until the node stops. A peer has one request out at a time, so a dead or
 /// slow one delays no other; what it was owed meanwhile goes in its next request (at most
@@ -382,6 +416,32 @@ mod tests {
         let later = t0 + Duration::from_secs(10);
         assert!(r.take_with_outside("eve", &[("d", 5)], 15, &conn, later).is_ok());
         assert_eq!(r.take_with_outside("eve", &[], 1, &conn, later).map_err(|e| e.1), Err(Throttle::User));
+    }
+
+    #[test]
+    fn an_outsiders_write_that_goes_on_after_all_takes_the_conversations_tokens_only() {
+        let r = rates(10, 5, 0);
+        let t0 = Instant::now();
+        let conn = Mutex::new(Bucket::full(r.connection, t0));
+        // Judged an outsider's: the user's token …
+        r.take_with_outside("dan", &[], 1, &conn, t0).expect("dan's token");
+        // … and then written after all: the conversation's, and not the user's again.
+        for i in 0..10 {
+            assert!(r.take_conversations(&[("c", 1)], t0).is_ok(), "write {i}: the conversation's burst");
+        }
+        assert_eq!(r.take_conversations(&[("c", 1)], t0), Err((200, Throttle::Conversation)));
+        assert_eq!(r.take("ann", &[("c", 1)], &conn, t0).map_err(|e| e.1), Err(Throttle::Conversation));
+        // Refused whole: a batch over two conversations, one of them empty, takes from neither.
+        assert_eq!(r.take_conversations(&[("d", 3), ("c", 1)], t0).map_err(|e| e.1), Err(Throttle::Conversation));
+        for i in 0..10 {
+            assert!(r.take("ann", &[("d", 1)], &conn, t0).is_ok(), "send {i}: d's burst is whole");
+        }
+        // The user's bucket lost one token to dan's write, not eleven.
+        for i in 0..19 {
+            assert!(r.take_with_outside("dan", &[], 1, &conn, t0).is_ok(), "dan's send {i}");
+        }
+        assert_eq!(r.take_with_outside("dan", &[], 1, &conn, t0).map_err(|e| e.1), Err(Throttle::User));
+        assert!(rates(10, 0, 0).take_conversations(&[("c", 1_000)], t0).is_ok(), "0 turns the limit off");
     }
 
     #[test]
