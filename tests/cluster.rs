@@ -2852,6 +2852,56 @@ async fn a_send_after_its_cached_leader_stopped_goes_elsewhere_at_once() {
     );
 }
 
+/// A tail pinned to a node that is down does not lag in silence: each failed attach is an
+/// event naming the node and why, and the tail attaches once the node is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_pinned_to_a_node_that_is_down_says_why_it_waits() {
+    let mut cluster = start(Tweaks::default());
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    {
+        // Another client, so that the tail's has no connection to node 2 that only an idle
+        // timeout would find dead.
+        let writer = cluster.client().expect("client");
+        writer.send("waiting", "before").await.expect("send");
+        // Node 2 holds it, so that once back it serves it from its own log.
+        read_at_least(&writer, "waiting", 2, 1).await;
+    }
+    cluster.kill(2);
+    let client = cluster.client().expect("client");
+    let mut sub = client.subscribe("waiting", 1, Some(2));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut waits = 0;
+    while waits < 2 {
+        let ev = tokio::time::timeout_at(deadline.into(), sub.next()).await.expect("no event").expect("tail ended");
+        match ev {
+            Event::Waiting { node, error, retry_in_ms } => {
+                assert_eq!(node, 2);
+                assert!(!error.is_empty(), "a reason");
+                assert!(retry_in_ms <= 60_000, "a bounded pause, not {retry_in_ms} ms");
+                waits += 1;
+            }
+            other => panic!("node 2 is down, yet the tail got {other:?}"),
+        }
+    }
+    cluster.start(2).expect("start node 2");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut attached = false;
+    let first = loop {
+        let ev = tokio::time::timeout_at(deadline.into(), sub.next()).await.expect("no message").expect("ended");
+        match ev {
+            Event::Waiting { node, .. } => assert_eq!(node, 2),
+            Event::Attached { node, from } => {
+                assert_eq!((node, from), (2, 1));
+                attached = true;
+            }
+            Event::Message(m) => break m,
+            other => panic!("before its first message, the tail got {other:?}"),
+        }
+    };
+    assert!(attached, "attached before its first message");
+    assert_eq!((first.offset, first.text.as_str()), (1, "before"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
     let mut cluster = start(Tweaks::default());
@@ -2876,6 +2926,7 @@ async fn tail_survives_node_restart_and_full_restart_loses_nothing() {
                 assert_eq!(node, 2);
                 attaches += 1;
             }
+            Event::Waiting { node, .. } => assert_eq!(node, 2, "a pinned tail waits for its node"),
             Event::CaughtUp { .. } => {}
             Event::Truncated { earliest } => panic!("no retention is set, yet truncated before {earliest}"),
             Event::Failed(e) => panic!("tail failed: {e}"),
@@ -3309,7 +3360,7 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
                 match ev {
                     Event::Message(m) => seen.0.push(m),
                     Event::Attached { node, .. } => seen.1.push(node),
-                    Event::CaughtUp { .. } => {}
+                    Event::CaughtUp { .. } | Event::Waiting { .. } => {}
                     other => panic!("the moved subscription: {other:?}"),
                 }
             }

@@ -258,6 +258,8 @@ impl SubscriberLog {
                 self.ended = Some(why);
                 return false;
             }
+            // Only a followed subscription waits; this one is raw: its stream ends instead.
+            Event::Waiting { .. } => {}
         }
         true
     }

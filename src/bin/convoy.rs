@@ -663,6 +663,10 @@ async fn run(cli: Cli) -> Result<()> {
                     Event::Message(m) => print_message(&m, json),
                     Event::Truncated { earliest } => print_truncated(&conversation, earliest, json),
                     Event::Failed(e) => bail!("{e}"),
+                    // On stderr, so that the lag has a reason where the operator looks.
+                    Event::Waiting { node, error, retry_in_ms } => {
+                        eprintln!("convoy tail: node {node}: {error}; trying again in {retry_in_ms} ms")
+                    }
                     Event::CaughtUp { .. } | Event::Attached { .. } => {}
                 }
             }
@@ -1633,6 +1637,9 @@ async fn chat(client: &Client, conversation: &str) -> Result<()> {
                 Event::Failed(e) => {
                     eprintln!("! {e}");
                     return;
+                }
+                Event::Waiting { node, error, retry_in_ms } => {
+                    eprintln!("! not attached: node {node}: {error}; trying again in {retry_in_ms} ms")
                 }
                 _ => {}
             }

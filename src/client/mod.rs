@@ -1630,6 +1630,12 @@ pub enum Event {
     /// Retention deleted the messages before `earliest` that were due next; the
     /// subscription goes on from `earliest` (never a silent skip).
     Truncated { earliest: u64 },
+    /// Attaching to `node` failed, or it cannot serve the tail now: it is down, stopping,
+    /// cut off from its leader, rebuilding its state after a restart, or refused the
+    /// connection or the reader for now (a limit). The subscription tries again in
+    /// `retry_in_ms`, at `node` again if the caller pinned it: until then it lags, and this
+    /// says why.
+    Waiting { node: u64, error: String, retry_in_ms: u64 },
     /// A permanent error (e.g. invalid conversation id); the subscription ends. With
     /// [`Delivery::Raw`], whatever ended the stream.
     Failed(String),
@@ -1687,14 +1693,21 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                 return;
             }
             Err(e) => {
+                let pause = backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt);
                 tracing::debug!(node, error = %e, "subscribe failed; retrying");
-                tokio::time::sleep(backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt)).await;
+                let retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+                if tx.send(Event::Waiting { node, error: e.to_string(), retry_in_ms }).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
                 continue;
             }
         };
         if tx.send(Event::Attached { node, from: next }).await.is_err() {
             return;
         }
+        // Why the node could not serve the tail, if it said so: told as `Waiting`.
+        let mut waiting = None;
         loop {
             match recv.next::<Response>().await {
                 Ok(Some(Response::Message(m))) => {
@@ -1746,10 +1759,12 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                         }
                     }
                 }
-                // This replica cannot serve the tail now (it lost its leader, or is stopping):
-                // the next replica, unless the caller pinned this one.
+                // This replica cannot serve the tail now (it lost its leader, is stopping, or is
+                // rebuilding its state after a restart): the next replica, unless the caller
+                // pinned this one.
                 Ok(Some(Response::Error { code: ErrorCode::Unavailable, message })) => {
                     tracing::debug!(node, %message, "the replica cannot serve the tail; resubscribing at the next");
+                    waiting = Some(message);
                     if pinned.is_none() {
                         let ids = client.routes().replicas(shard);
                         let at = ids.iter().position(|n| *n == node).map_or(0, |i| i + 1);
@@ -1808,7 +1823,14 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
         // The stream and its seat go now, not after the wait: the node may still hold the
         // stream open, and the seat's connection may be the next attempt's.
         drop((recv, seat));
-        tokio::time::sleep(backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt)).await;
+        let pause = backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt);
+        if let Some(error) = waiting {
+            let retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+            if tx.send(Event::Waiting { node, error, retry_in_ms }).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 

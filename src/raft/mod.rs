@@ -94,8 +94,53 @@ pub struct Group {
     /// The replica id this node runs the group under (see `types::NodeId`).
     pub replica: NodeId,
     pub raft: Raft,
+    /// Whether the replica's state is back to all it may have served before it started.
+    pub rebuilt: Arc<Rebuilt>,
     /// Resolves once the group's state machine is gone (see [`Group::shutdown`]).
     stopped: state_machine::Stopped,
+}
+
+/// Whether a replica's state has come back, since it started, to everything it may have
+/// served before. Apply writes a data shard's state without the WAL, so after a crash the
+/// state is back at its last flush, and openraft applies the rest of the log again once a
+/// leader tells it what is committed: until then the replica would answer reads from an
+/// older state than it answered before its start (a message acknowledged, read, and then
+/// gone). Once back, it is never asked again.
+pub struct Rebuilt {
+    done: std::sync::atomic::AtomicBool,
+    /// The log's last index when the replica started.
+    log_last: u64,
+}
+
+impl Rebuilt {
+    /// A replica that started with `applied` of a log that ended at `log_last`.
+    pub fn new(log_last: u64, applied: u64) -> Rebuilt {
+        Rebuilt { done: std::sync::atomic::AtomicBool::new(applied >= log_last), log_last }
+    }
+
+    /// `Ok` once the replica's state is back; until then, how far it is. `metrics` gives
+    /// the replica's Raft metrics now. What it served before its start it had applied then: at
+    /// most its log's last index, and at most what was committed then, which the commit
+    /// index of a leader that has committed an entry of its own term is at least (Raft's
+    /// leader completeness). A commit index reported by a leader that has not yet (a new
+    /// one's first entry is still uncommitted) can be lower, and is not used.
+    pub fn check(&self, metrics: impl FnOnce() -> openraft::RaftMetrics<types::C>) -> std::result::Result<(), String> {
+        use std::sync::atomic::Ordering;
+        if self.done.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let m = metrics();
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let target = match m.cluster_committed {
+            Some(c) if c.leader_id.term == m.current_term && m.current_leader.is_some() => c.index.min(self.log_last),
+            _ => self.log_last,
+        };
+        if applied >= target {
+            self.done.store(true, Ordering::Release);
+            return Ok(());
+        }
+        Err(format!("applied {applied} of the {target} entries it may have served before it started"))
+    }
 }
 
 /// How long [`Group::shutdown`] waits for the state machine to finish its queued applies.
@@ -157,10 +202,11 @@ pub async fn start_group(
     };
     let network = ShardNetworkFactory { net, shard };
     let stopped = sm.stopped();
+    let rebuilt = Arc::new(Rebuilt::new(log.opened_last, sm.applied_index()));
     let raft = Raft::new(replica, raft_config, network, log, sm)
         .await
         .map_err(|e| Error::raft(format!("starting shard {shard}"), e))?;
-    Ok(Group { shard, replica, raft, stopped })
+    Ok(Group { shard, replica, raft, rebuilt, stopped })
 }
 
 /// Initializes `group` with every node as voter, if it has never been initialized.
@@ -178,4 +224,50 @@ pub async fn initialize_if_pristine(group: &Group, config: &Config) -> Result<()
             .map_err(|e| Error::raft(format!("initializing shard {}", group.shard), e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod rebuilt_tests {
+    use openraft::impls::leader_id_adv::LeaderId;
+
+    use super::types::{LogId, C};
+    use super::Rebuilt;
+
+    fn id(term: u64, index: u64) -> LogId {
+        LogId::new(LeaderId { term, node_id: 2 }, index)
+    }
+
+    /// Applied `applied`; a leader in `term` reported `committed` (of the term given).
+    fn metrics(applied: u64, leader_term: Option<u64>, committed: Option<(u64, u64)>) -> openraft::RaftMetrics<C> {
+        let mut m = openraft::RaftMetrics::<C>::new_initial(1);
+        m.last_applied = (applied > 0).then(|| id(1, applied));
+        m.current_term = leader_term.unwrap_or(1);
+        m.current_leader = leader_term.map(|_| 2);
+        m.cluster_committed = committed.map(|(term, index)| id(term, index));
+        m
+    }
+
+    #[test]
+    fn a_replica_that_started_with_all_its_log_applied_is_rebuilt_at_once() {
+        let rebuilt = Rebuilt::new(10, 10);
+        assert_eq!(rebuilt.check(|| panic!("no metrics needed")), Ok(()));
+        assert_eq!(Rebuilt::new(0, 0).check(|| panic!("no metrics needed")), Ok(()), "a new replica");
+    }
+
+    #[test]
+    fn a_replica_behind_its_log_serves_once_it_applied_what_a_leader_of_its_term_committed() {
+        let rebuilt = Rebuilt::new(10, 4);
+        assert!(rebuilt.check(|| metrics(4, None, None)).is_err(), "no leader: the whole log");
+        assert!(rebuilt.check(|| metrics(9, None, None)).is_err());
+        // A new leader that has not committed an entry of its own term may report less than
+        // was committed before: not used.
+        assert!(rebuilt.check(|| metrics(9, Some(3), Some((2, 6)))).is_err());
+        assert!(rebuilt.check(|| metrics(7, Some(3), Some((3, 8)))).is_err(), "7 of 8");
+        assert_eq!(rebuilt.check(|| metrics(8, Some(3), Some((3, 8)))), Ok(()));
+        assert_eq!(rebuilt.check(|| panic!("asked again")), Ok(()), "once rebuilt, never asked again");
+        // The log's end bounds what it may have served, whatever was committed since.
+        let rebuilt = Rebuilt::new(10, 4);
+        assert!(rebuilt.check(|| metrics(9, Some(3), Some((3, 50)))).is_err());
+        assert_eq!(rebuilt.check(|| metrics(10, None, None)), Ok(()), "all of its log, without a leader");
+    }
 }

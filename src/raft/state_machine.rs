@@ -236,6 +236,11 @@ impl ShardStateMachine {
         })
     }
 
+    /// The index of the last entry applied, as opened (0: none).
+    pub fn applied_index(&self) -> u64 {
+        self.applied.last_applied.map_or(0, |l| l.index)
+    }
+
     /// What resolves once this state machine is dropped.
     pub fn stopped(&self) -> Stopped {
         Stopped(self.alive.subscribe())

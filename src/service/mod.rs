@@ -961,6 +961,19 @@ impl Service {
         }
     }
 
+    /// `Unavailable` while this node's replica of `shard` is rebuilding its state after its
+    /// start ([`consensus::Rebuilt`]): a read here must not show less than this replica
+    /// showed before. The client reads from another replica meanwhile, or waits.
+    fn rebuilt(&self, shard: ShardId) -> Result<()> {
+        let group = self.group(shard)?;
+        group.rebuilt.check(|| consensus::metrics_of(&group.raft)).map_err(|why| {
+            Error::Unavailable(format!(
+                "shard {shard}'s replica here is rebuilding its state after a restart ({why}); another replica \
+                 can serve this read"
+            ))
+        })
+    }
+
     /// The group of `shard`, if this node runs it.
     fn group(&self, shard: ShardId) -> Result<Group> {
         let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
@@ -1600,6 +1613,9 @@ impl Service {
     /// The caller's cursor and the head as this replica has them, with the membership check,
     /// all from one view of its state (refused while a snapshot install replaces it).
     async fn read_cursor(&self, shard: ShardId, user: String, conversation: String) -> Response {
+        if let Err(e) = self.rebuilt(shard) {
+            return error(ErrorCode::Unavailable, e.to_string());
+        }
         let store = self.store.clone();
         let read = point_read(&self.point_reads, "reading a cursor", move || {
             let view = store.cursor_view(shard, &user, &conversation)?;
@@ -1627,6 +1643,9 @@ impl Service {
         };
         let change = match change {
             MemberChange::Show => {
+                if let Err(e) = self.rebuilt(group.shard) {
+                    return error(ErrorCode::Unavailable, e.to_string());
+                }
                 let (store, shard, user) = (self.store.clone(), group.shard, who.user.clone());
                 let read = point_read(&self.point_reads, "reading a conversation's members", move || {
                     let members = store.members(shard, &conversation)?;
@@ -1753,6 +1772,7 @@ impl Service {
             Err(Refusal::NotLeader { shard, leader }) => return Err(Error::NotLeader { shard, leader }),
             Err(other) => return Err(Error::Unavailable(format!("{other:?}"))),
         };
+        self.rebuilt(shard)?;
         // The last offset this reader may have: the head at its removal once removed. A
         // removed reader still gets what was sent before the removal, then `Forbidden`, as a
         // subscription open at the removal does: one that broke meanwhile resumes up to it. A
