@@ -268,35 +268,25 @@ impl SendRates {
 }
 
 impl SendRates {
-    /// Takes `per_conversation[c]` tokens from each conversation's bucket only, or nothing:
-    /// then the longest wait. For writes first judged an outsider's, which took only their
-    /// user's and connection's tokens, that go on after all (the check could not be made, or
-    /// the writer had just been added): they are written, so they spend the conversation's
-    /// rate like any member's.
-    pub fn take_conversations(&self, per_conversation: &[(&str, usize)], now: Instant) -> Result<(), (u64, Throttle)> {
+    /// Charges `per_conversation[c]` tokens to each conversation's bucket, into debt if it
+    /// has not got them (at most a burst's): for writes first judged an outsider's, which
+    /// took only their user's and connection's tokens and were admitted, that go on after
+    /// all (the check could not be made, or the writer had just been added). They are
+    /// written, so they spend the conversation's rate like any member's; refusing them now
+    /// would make the client's retry pay its user's tokens twice.
+    pub fn charge_conversations(&self, per_conversation: &[(&str, usize)], now: Instant) {
         let rate = self.conversations.rate;
         if rate.off() {
-            return Ok(());
+            return;
         }
         let mut conversations = self.conversations.lock();
-        let mut wait = 0;
         for (c, n) in per_conversation {
-            wait = wait.max(bucket(&mut conversations, c, rate, now).wait_ms(*n as f64, rate, now));
-        }
-        if wait == 0 {
-            for (c, n) in per_conversation {
-                if let Some(b) = conversations.get_mut(*c) {
-                    b.take(*n as f64, rate);
-                }
-            }
+            let b = bucket(&mut conversations, c, rate, now);
+            b.refill(rate, now);
+            b.take(*n as f64, rate);
         }
         if conversations.len() > KEYS_MAX {
             conversations.retain(|_, b| !b.is_full(rate, now));
-        }
-        if wait > 0 {
-            Err((wait, Throttle::Conversation))
-        } else {
-            Ok(())
         }
     }
 }
@@ -419,29 +409,28 @@ mod tests {
     }
 
     #[test]
-    fn an_outsiders_write_that_goes_on_after_all_takes_the_conversations_tokens_only() {
+    fn an_outsiders_write_that_goes_on_after_all_is_charged_to_the_conversation_only() {
         let r = rates(10, 5, 0);
         let t0 = Instant::now();
         let conn = Mutex::new(Bucket::full(r.connection, t0));
         // Judged an outsider's: the user's token …
         r.take_with_outside("dan", &[], 1, &conn, t0).expect("dan's token");
-        // … and then written after all: the conversation's, and not the user's again.
-        for i in 0..10 {
-            assert!(r.take_conversations(&[("c", 1)], t0).is_ok(), "write {i}: the conversation's burst");
-        }
-        assert_eq!(r.take_conversations(&[("c", 1)], t0), Err((200, Throttle::Conversation)));
-        assert_eq!(r.take("ann", &[("c", 1)], &conn, t0).map_err(|e| e.1), Err(Throttle::Conversation));
-        // Refused whole: a batch over two conversations, one of them empty, takes from neither.
-        assert_eq!(r.take_conversations(&[("d", 3), ("c", 1)], t0).map_err(|e| e.1), Err(Throttle::Conversation));
-        for i in 0..10 {
-            assert!(r.take("ann", &[("d", 1)], &conn, t0).is_ok(), "send {i}: d's burst is whole");
-        }
-        // The user's bucket lost one token to dan's write, not eleven.
+        // … and then written after all: charged to the conversation, never refused, into
+        // debt past its burst of 10, and not to the user again.
+        r.charge_conversations(&[("c", 12)], t0);
+        assert_eq!(r.take("ann", &[("c", 1)], &conn, t0), Err((600, Throttle::Conversation)), "2 in debt, then 1");
+        assert!(r.take("ann", &[("c", 1)], &conn, t0 + Duration::from_millis(600)).is_ok());
+        // The debt is at most a burst.
+        r.charge_conversations(&[("d", 1_000)], t0);
+        assert_eq!(r.take("ann", &[("d", 1)], &conn, t0), Err((2_200, Throttle::Conversation)));
+        // The user's bucket lost one token to dan's write, not thirteen.
         for i in 0..19 {
             assert!(r.take_with_outside("dan", &[], 1, &conn, t0).is_ok(), "dan's send {i}");
         }
         assert_eq!(r.take_with_outside("dan", &[], 1, &conn, t0).map_err(|e| e.1), Err(Throttle::User));
-        assert!(rates(10, 0, 0).take_conversations(&[("c", 1_000)], t0).is_ok(), "0 turns the limit off");
+        let off = rates(10, 0, 0);
+        off.charge_conversations(&[("c", 1_000)], t0);
+        assert!(off.take("ann", &[("c", 1)], &conn, t0).is_ok(), "0 turns the limit off");
     }
 
     #[test]
