@@ -3490,7 +3490,7 @@ async fn a_shard_moves_off_its_leader_to_an_added_node_under_steady_sends() {
         while got.len() < 2 {
             match sub.next().await {
                 Some(Event::Message(m)) => got.push(m.text),
-                Some(Event::Attached { node, .. }) => assert_eq!(node, 4),
+                Some(Event::Attached { node, .. } | Event::Waiting { node, .. }) => assert_eq!(node, 4),
                 Some(Event::CaughtUp { .. }) => {}
                 other => panic!("{other:?}"),
             }

@@ -51,8 +51,6 @@ pub struct LogStore {
     /// The watermark as last written; held while a batch that rewrites it is written, so
     /// the records reach the WAL in the order of the changes.
     watermark: Arc<Mutex<Watermark>>,
-    /// The log's last index when it was opened (its purge point's, if that is further).
-    pub opened_last: u64,
 }
 
 impl LogStore {
@@ -78,8 +76,7 @@ impl LogStore {
                 watermark.vote, watermark.last
             )));
         }
-        let opened_last = last.map_or(0, |l| l.index);
-        Ok(LogStore { shard, store, cache: Arc::default(), watermark: Arc::new(Mutex::new(watermark)), opened_last })
+        Ok(LogStore { shard, store, cache: Arc::default(), watermark: Arc::new(Mutex::new(watermark)) })
     }
 
     fn watermark(&self) -> std::sync::MutexGuard<'_, Watermark> {

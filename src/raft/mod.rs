@@ -101,45 +101,69 @@ pub struct Group {
 }
 
 /// Whether a replica's state has come back, since it started, to everything it may have
-/// served before. Apply writes a data shard's state without the WAL, so after a crash the
-/// state is back at its last flush, and openraft applies the rest of the log again once a
-/// leader tells it what is committed: until then the replica would answer reads from an
-/// older state than it answered before its start (a message acknowledged, read, and then
-/// gone). Once back, it is never asked again.
+/// served before. Apply writes a data shard's state without the WAL, and openraft applies an
+/// entry once it is committed and handed to the log, before this node's own fsync of it: after
+/// a crash the state is back at its last flush, and after a power failure the log's unsynced
+/// tail is gone too; a node that lost its disk rejoins with empty replicas. openraft
+/// applies the rest again once a leader tells it what is committed; until then the replica
+/// would answer reads from an older state than the node answered before (a message
+/// acknowledged, read, and then gone). Once back, it is never asked again.
 pub struct Rebuilt {
     done: std::sync::atomic::AtomicBool,
-    /// The log's last index when the replica started.
-    log_last: u64,
+    /// The first commit index a leader reported after it committed an entry of its own
+    /// term ([`TARGET_UNKNOWN`] until then).
+    target: std::sync::atomic::AtomicU64,
+}
+
+const TARGET_UNKNOWN: u64 = u64::MAX;
+
+impl Default for Rebuilt {
+    fn default() -> Rebuilt {
+        Rebuilt {
+            done: std::sync::atomic::AtomicBool::new(false),
+            target: std::sync::atomic::AtomicU64::new(TARGET_UNKNOWN),
+        }
+    }
 }
 
 impl Rebuilt {
-    /// A replica that started with `applied` of a log that ended at `log_last`.
-    pub fn new(log_last: u64, applied: u64) -> Rebuilt {
-        Rebuilt { done: std::sync::atomic::AtomicBool::new(applied >= log_last), log_last }
-    }
-
     /// `Ok` once the replica's state is back; until then, how far it is. `metrics` gives
-    /// the replica's Raft metrics now. What it served before its start it had applied then: at
-    /// most its log's last index, and at most what was committed then, which the commit
-    /// index of a leader that has committed an entry of its own term is at least (Raft's
-    /// leader completeness). A commit index reported by a leader that has not yet (a new
-    /// one's first entry is still uncommitted) can be lower, and is not used.
+    /// the replica's Raft metrics now. What the node served before this start it had
+    /// applied, so it was committed then; the commit index of a leader that has committed an entry of
+    /// its own term is at least every index committed before it (Raft's leader
+    /// completeness). A commit index reported by a leader that has not yet (a new one's
+    /// first entry is still uncommitted, or one committed by an earlier leader of the same
+    /// term) can be lower, and is not used. The first such index is the target: it does not
+    /// move ahead under steady writes.
     pub fn check(&self, metrics: impl FnOnce() -> openraft::RaftMetrics<types::C>) -> std::result::Result<(), String> {
         use std::sync::atomic::Ordering;
         if self.done.load(Ordering::Acquire) {
             return Ok(());
         }
         let m = metrics();
+        let mut target = self.target.load(Ordering::Acquire);
+        if target == TARGET_UNKNOWN {
+            match m.cluster_committed {
+                Some(c) if c.leader_id.term == m.current_term && m.current_leader == Some(c.leader_id.node_id) => {
+                    target = match self.target.compare_exchange(
+                        TARGET_UNKNOWN,
+                        c.index,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => c.index,
+                        Err(set) => set,
+                    };
+                }
+                _ => return Err("no leader has told it yet what is committed".into()),
+            }
+        }
         let applied = m.last_applied.map_or(0, |l| l.index);
-        let target = match m.cluster_committed {
-            Some(c) if c.leader_id.term == m.current_term && m.current_leader.is_some() => c.index.min(self.log_last),
-            _ => self.log_last,
-        };
         if applied >= target {
             self.done.store(true, Ordering::Release);
             return Ok(());
         }
-        Err(format!("applied {applied} of the {target} entries it may have served before it started"))
+        Err(format!("applied {applied} of the {target} entries committed before it started"))
     }
 }
 
@@ -202,7 +226,7 @@ pub async fn start_group(
     };
     let network = ShardNetworkFactory { net, shard };
     let stopped = sm.stopped();
-    let rebuilt = Arc::new(Rebuilt::new(log.opened_last, sm.applied_index()));
+    let rebuilt = Arc::new(Rebuilt::default());
     let raft = Raft::new(replica, raft_config, network, log, sm)
         .await
         .map_err(|e| Error::raft(format!("starting shard {shard}"), e))?;
@@ -233,41 +257,36 @@ mod rebuilt_tests {
     use super::types::{LogId, C};
     use super::Rebuilt;
 
-    fn id(term: u64, index: u64) -> LogId {
-        LogId::new(LeaderId { term, node_id: 2 }, index)
+    fn id(term: u64, leader: u64, index: u64) -> LogId {
+        LogId::new(LeaderId { term, node_id: leader }, index)
     }
 
-    /// Applied `applied`; a leader in `term` reported `committed` (of the term given).
-    fn metrics(applied: u64, leader_term: Option<u64>, committed: Option<(u64, u64)>) -> openraft::RaftMetrics<C> {
+    /// Applied `applied`; the leader (replica 2) in `term`, if any, reported `committed` as
+    /// committed by (term, leader).
+    fn metrics(applied: u64, term: Option<u64>, committed: Option<(u64, u64, u64)>) -> openraft::RaftMetrics<C> {
         let mut m = openraft::RaftMetrics::<C>::new_initial(1);
-        m.last_applied = (applied > 0).then(|| id(1, applied));
-        m.current_term = leader_term.unwrap_or(1);
-        m.current_leader = leader_term.map(|_| 2);
-        m.cluster_committed = committed.map(|(term, index)| id(term, index));
+        m.last_applied = (applied > 0).then(|| id(1, 2, applied));
+        m.current_term = term.unwrap_or(1);
+        m.current_leader = term.map(|_| 2);
+        m.cluster_committed = committed.map(|(term, leader, index)| id(term, leader, index));
         m
     }
 
     #[test]
-    fn a_replica_that_started_with_all_its_log_applied_is_rebuilt_at_once() {
-        let rebuilt = Rebuilt::new(10, 10);
-        assert_eq!(rebuilt.check(|| panic!("no metrics needed")), Ok(()));
-        assert_eq!(Rebuilt::new(0, 0).check(|| panic!("no metrics needed")), Ok(()), "a new replica");
-    }
-
-    #[test]
-    fn a_replica_behind_its_log_serves_once_it_applied_what_a_leader_of_its_term_committed() {
-        let rebuilt = Rebuilt::new(10, 4);
-        assert!(rebuilt.check(|| metrics(4, None, None)).is_err(), "no leader: the whole log");
-        assert!(rebuilt.check(|| metrics(9, None, None)).is_err());
-        // A new leader that has not committed an entry of its own term may report less than
-        // was committed before: not used.
-        assert!(rebuilt.check(|| metrics(9, Some(3), Some((2, 6)))).is_err());
-        assert!(rebuilt.check(|| metrics(7, Some(3), Some((3, 8)))).is_err(), "7 of 8");
-        assert_eq!(rebuilt.check(|| metrics(8, Some(3), Some((3, 8)))), Ok(()));
+    fn a_replica_serves_once_it_applied_what_a_leader_had_committed_in_its_own_term() {
+        let rebuilt = Rebuilt::default();
+        // Even all of its log applied is not enough: after a power failure the log's
+        // unsynced tail, which it may have applied and served, is gone (and a node that
+        // lost its disk starts with none).
+        assert!(rebuilt.check(|| metrics(10, None, None)).is_err(), "no leader");
+        // A new leader that has not committed an entry of its own term, or an entry
+        // committed by an earlier leader of the same term, may be below what was committed.
+        assert!(rebuilt.check(|| metrics(12, Some(3), Some((2, 2, 6)))).is_err());
+        assert!(rebuilt.check(|| metrics(12, Some(3), Some((3, 5, 11)))).is_err());
+        assert!(rebuilt.check(|| metrics(7, Some(3), Some((3, 2, 14)))).is_err(), "7 of 14");
+        // The target is the first such index: later commits do not move it.
+        assert!(rebuilt.check(|| metrics(13, Some(3), Some((3, 2, 40)))).is_err(), "13 of 14");
+        assert_eq!(rebuilt.check(|| metrics(14, Some(3), Some((3, 2, 60)))), Ok(()));
         assert_eq!(rebuilt.check(|| panic!("asked again")), Ok(()), "once rebuilt, never asked again");
-        // The log's end bounds what it may have served, whatever was committed since.
-        let rebuilt = Rebuilt::new(10, 4);
-        assert!(rebuilt.check(|| metrics(9, Some(3), Some((3, 50)))).is_err());
-        assert_eq!(rebuilt.check(|| metrics(10, None, None)), Ok(()), "all of its log, without a leader");
     }
 }

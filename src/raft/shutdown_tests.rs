@@ -60,7 +60,7 @@ async fn a_group_stops_only_once_its_queued_applies_are_written() {
         assert!(Instant::now() < deadline, "no apply started");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let rebuilt = Arc::new(crate::raft::Rebuilt::new(0, 0));
+    let rebuilt = Arc::new(crate::raft::Rebuilt::default());
     let group = Group { shard: SHARD, replica: 1, raft, rebuilt, stopped };
     group.shutdown().await.expect("shutdown");
     let at_return = applied_index(&store);

@@ -2,12 +2,14 @@
 //! `chat::apply`, persists their effects and the applied log id in one RocksDB batch, and
 //! publishes what it appended to the shard's live-push channel.
 //!
-//! Apply writes without fsync: the Raft log entries it applies are already durable, and
-//! the applied log id is written in the same batch as the effects, so after a crash the
-//! state machine is at some consistent earlier point and openraft re-applies the rest from
-//! the log once a leader tells it the commit index (the committed index is not persisted:
-//! openraft makes that optional, and it would cost a write per round on every node). Log
-//! purge syncs first (see `log_store`).
+//! Apply writes without fsync: the Raft log entries it applies are committed, durable on a
+//! quorum (on this node, once its own fsync of them is done), and the applied log id is
+//! written in the same batch as the effects, so after a crash the state machine is at some
+//! consistent earlier point and openraft re-applies the rest from the log (or from the
+//! leader, for a tail a power failure took) once a leader tells it the commit index (the
+//! committed index is not persisted: openraft makes that optional, and it would cost a
+//! write per round on every node). Until it has, the replica does not serve reads
+//! (`raft::Rebuilt`). Log purge syncs first (see `log_store`).
 //!
 //! Snapshots are lazy: building one takes a RocksDB snapshot (O(1)) whose meta is the
 //! applied state stored inside it; its data is produced only when streamed to a follower.
@@ -234,11 +236,6 @@ impl ShardStateMachine {
             #[cfg(test)]
             slow_apply: None,
         })
-    }
-
-    /// The index of the last entry applied, as opened (0: none).
-    pub fn applied_index(&self) -> u64 {
-        self.applied.last_applied.map_or(0, |l| l.index)
     }
 
     /// What resolves once this state machine is dropped.
