@@ -58,6 +58,7 @@
 //! | `real-time-order` | a send invoked after another completed got a lower offset |
 //! | `unconverged` | final reads of one conversation differ between nodes |
 //! | `over-trimmed` | a read that says retention deleted messages before it holds fewer than the retention keeps |
+//! | `regressed-read` | a read of a conversation on a node ends at a lower offset than a read of it on the same node that completed before it was invoked: the node answered from an older state than it had shown (a restarted replica serving its state from before its log was applied again) |
 //! | `final-send-failed` | a liveness `final-send` after healing did not complete ok (unless a majority of nodes refused to start after damage: then it is expected, and the run is unknown) |
 //! | `unavailable` | a send to a shard that kept a majority of voters holding its log, with no other fault in effect, waited more than 5 s (see below) |
 //!
@@ -130,9 +131,10 @@ pub mod kinds {
     pub const OVER_TRIMMED: &str = "over-trimmed";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const UNCLEAN_STOP: &str = "unclean-stop";
+    pub const REGRESSED_READ: &str = "regressed-read";
 
     /// Every kind, in the order anomalies are listed in a result.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         LOST,
         LOST_ON_NODE,
         INCONSISTENT_OFFSET,
@@ -143,6 +145,7 @@ pub mod kinds {
         RESEND_MISMATCH,
         HOLE,
         OVER_TRIMMED,
+        REGRESSED_READ,
         SUBSCRIBER_SKIP,
         SUBSCRIBER_REPEAT,
         REAL_TIME_ORDER,
@@ -255,6 +258,7 @@ pub fn check(history: &[Op]) -> CheckResult {
     c.unread();
     c.recovery();
     c.unconverged();
+    c.regressed_reads();
     c.final_sends();
     c.real_time_order();
     c.availability();
@@ -268,6 +272,8 @@ type ConvId = u32;
 type TextId = u32;
 /// The node a read was served by, when the history says.
 type Node = Option<u64>;
+/// A read on a node: its invoke's and its completion's positions, and the offset it ends at.
+type NodeRead = (usize, usize, u64);
 
 /// `unavailable`: the longest a send may wait while its shard keeps a majority (nanoseconds).
 /// An election after a leader change takes 1–2 s in the runs' clusters; a move's promotion
@@ -427,6 +433,14 @@ fn is_send(f: &F) -> bool {
 
 fn node_name(n: Node) -> String {
     n.map_or_else(|| "<unknown node>".to_string(), |n| format!("node {n}"))
+}
+
+fn read_name(f: &F) -> &'static str {
+    if *f == F::FinalRead {
+        "final read"
+    } else {
+        "read"
+    }
 }
 
 fn process_name(p: Process) -> String {
@@ -595,6 +609,8 @@ struct Checker<'h> {
     subscribers: HashMap<(Process, ConvId), Subscriber>,
     /// The last ok final read of each conversation on each node.
     finals: BTreeMap<ConvId, BTreeMap<Node, FinalRead>>,
+    /// Every ok, dense read of each conversation on each named node (`regressed-read`).
+    node_reads: HashMap<(u64, ConvId), Vec<NodeRead>>,
     /// Resend acks already reported as `resend-mismatch`.
     mismatched_resends: HashSet<usize>,
     /// Malformed ops, by what was wrong, for the notes.
@@ -631,6 +647,7 @@ impl<'h> Checker<'h> {
             holes: HashSet::new(),
             subscribers: HashMap::new(),
             finals: BTreeMap::new(),
+            node_reads: HashMap::new(),
             mismatched_resends: HashSet::new(),
             malformed: BTreeMap::new(),
             deliveries_without_subscribe: 0,
@@ -973,6 +990,10 @@ impl<'h> Checker<'h> {
             if is_final {
                 entries.push((offset, tid));
             }
+        }
+        if let (true, false, Some(n), Some(invoke)) = (complete, hole_seen, node, self.cops[ci].invoke) {
+            let head = earliest - 1 + msgs.len() as u64;
+            self.node_reads.entry((n, conv)).or_default().push((invoke, pos, head));
         }
         if is_final {
             self.finals.entry(conv).or_default().insert(node, FinalRead { pos, entries, earliest });
@@ -1506,6 +1527,53 @@ impl<'h> Checker<'h> {
         }
     }
 
+    /// `regressed-read`: per node and conversation, a read that ends below what a read
+    /// completed before its invoke had shown there (the first one only).
+    fn regressed_reads(&mut self) {
+        let mut found = Vec::new();
+        for (&(node, conv), reads) in &self.node_reads {
+            // By completion, each with the furthest read completed so far (its head and
+            // position).
+            let mut done: Vec<(usize, u64, usize)> = reads.iter().map(|&(_, d, head)| (d, head, d)).collect();
+            done.sort_unstable();
+            let mut best: Option<(u64, usize)> = None;
+            let furthest: Vec<(usize, Option<(u64, usize)>)> = done
+                .iter()
+                .map(|&(d, head, pos)| {
+                    if best.is_none_or(|(h, _)| head > h) {
+                        best = Some((head, pos));
+                    }
+                    (d, best)
+                })
+                .collect();
+            let mut by_done: Vec<&NodeRead> = reads.iter().collect();
+            by_done.sort_unstable_by_key(|r| r.1);
+            let first = by_done.into_iter().find_map(|&(invoke, pos, head)| {
+                let before = furthest.partition_point(|(d, _)| *d < invoke);
+                let (shown, at) = furthest.get(before.checked_sub(1)?)?.1?;
+                (shown > head).then_some((at, shown, pos, head))
+            });
+            if let Some(f) = first {
+                found.push((node, conv, f));
+            }
+        }
+        found.sort_unstable_by_key(|(_, _, (_, _, pos, _))| *pos);
+        for (node, conv, (at, shown, pos, head)) in found {
+            let explanation = format!(
+                "{} {} of conversation {:?} on {} ends at offset {head}, but {} {} on the same node, completed \
+                 before it was invoked, had shown it up to offset {shown}: the node answered from an older state",
+                read_name(&self.h[pos].f),
+                self.index(pos),
+                self.conv(conv),
+                node_name(Some(node)),
+                read_name(&self.h[at].f),
+                self.index(at),
+            );
+            let a = Witness::new(self.h).op(at).op(pos).anomaly(kinds::REGRESSED_READ, explanation);
+            self.push(a);
+        }
+    }
+
     /// The nodes that, at one restart after damage, refused to start, when they were a
     /// majority (2 of 3): no quorum was left to rebuild from.
     fn majority_refused(&self) -> Option<(usize, Vec<String>)> {
@@ -1788,7 +1856,7 @@ mod tests {
     /// Builds synthetic histories. Send invokes carry `{conversation, client_id, client_seq,
     /// text}` (client_id = the process, a fresh seq per text); completions repeat the invoke's
     /// value and add their own fields, as the runner does.
-    #[derive(Default)]
+    #[derive(Default, Clone)]
     struct H {
         ops: Vec<Op>,
         pending: HashMap<u64, (F, Value)>,
@@ -2164,6 +2232,27 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_shows_less_than_it_showed_before_is_a_regressed_read() {
+        let mut h = base();
+        // Overlapping reads are not ordered, and another node may be behind.
+        h.invoke(202, F::Read, json!({"conversation": "c1"}), Some(2));
+        h.read(201, 2, "c1", &[(1, "a"), (2, "b")]);
+        h.complete(202, Type::Ok, json!({"messages": [[1, "a"]]}));
+        let shown = h.read(203, 2, "c1", &[(1, "a"), (2, "b"), (3, "i1")]);
+        h.read(204, 1, "c1", &[(1, "a")]);
+        h.read(205, 2, "c1", &[(1, "a"), (2, "b"), (3, "i1")]);
+        let mut fine = h.clone();
+        finish(&mut fine);
+        assert_eq!(fine.check().to_json()["valid"], "valid", "{:#?}", fine.check().anomalies);
+        // Then node 2 shows one message, after it had shown three.
+        let later = h.read(206, 2, "c1", &[(1, "a")]);
+        h.read(207, 2, "c1", &[]);
+        finish(&mut h);
+        let a = assert_only(&h.check(), kinds::REGRESSED_READ, &[shown, later]);
+        assert!(a.explanation.contains("ends at offset 1") && a.explanation.contains("up to offset 3"), "{a:#?}");
+    }
+
+    #[test]
     fn clean_history_is_valid() {
         let h = clean();
         let r = h.check();
@@ -2478,7 +2567,10 @@ mod tests {
         h.final_reads("c2", &["x", "y", "z2"]);
         let r = h.check();
         let fail = h.ops.iter().find(|o| o.kind == Type::Fail && o.value["text"] == "f1").expect("fail").index;
-        assert_only(&r, kinds::READ_OF_FAILED, &[fail, read]);
+        // Node 1 showed f1 at 5, then its final read ends at 4: a regression too.
+        only_kinds(&r, &[kinds::READ_OF_FAILED, kinds::REGRESSED_READ]);
+        let a = r.anomalies.iter().find(|a| a.kind == kinds::READ_OF_FAILED).expect("read-of-failed");
+        assert_eq!(witness_indices(a), [fail, read], "{a:#?}");
     }
 
     #[test]
@@ -2501,7 +2593,10 @@ mod tests {
         h.final_reads("c1", &[&C1[..], &["z1"]].concat());
         h.final_reads("c2", &C2);
         let r = h.check();
-        let a = assert_only(&r, kinds::PHANTOM, &[read]);
+        // Node 1 showed the phantom at 3, then its final read ends at 2: a regression too.
+        only_kinds(&r, &[kinds::PHANTOM, kinds::REGRESSED_READ]);
+        let a = r.anomalies.iter().find(|a| a.kind == kinds::PHANTOM).expect("phantom");
+        assert_eq!(witness_indices(a), [read], "{a:#?}");
         assert!(a.explanation.contains("\"ghost\""), "{}", a.explanation);
     }
 
