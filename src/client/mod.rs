@@ -1693,13 +1693,10 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
                 return;
             }
             Err(e) => {
-                let pause = backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt);
                 tracing::debug!(node, error = %e, "subscribe failed; retrying");
-                let retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
-                if tx.send(Event::Waiting { node, error: e.to_string(), retry_in_ms }).await.is_err() {
+                if !wait_to_resubscribe(&tx, node, Some(e.to_string()), attempt).await {
                     return;
                 }
-                tokio::time::sleep(pause).await;
                 continue;
             }
         };
@@ -1823,15 +1820,24 @@ async fn follow(client: Client, conversation: String, mut next: u64, pinned: Opt
         // The stream and its seat go now, not after the wait: the node may still hold the
         // stream open, and the seat's connection may be the next attempt's.
         drop((recv, seat));
-        let pause = backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt);
-        if let Some(error) = waiting {
-            let retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
-            if tx.send(Event::Waiting { node, error, retry_in_ms }).await.is_err() {
-                return;
-            }
+        if !wait_to_resubscribe(&tx, node, waiting, attempt).await {
+            return;
         }
-        tokio::time::sleep(pause).await;
     }
+}
+
+/// The pause before a subscription's next attempt, told first as [`Event::Waiting`] when
+/// `error` says why `node` did not serve it. False when the subscriber is gone.
+async fn wait_to_resubscribe(tx: &mpsc::Sender<Event>, node: u64, error: Option<String>, attempt: usize) -> bool {
+    let pause = backoff(RESUBSCRIBE_BACKOFF_STEP, RESUBSCRIBE_BACKOFF_MAX, attempt);
+    if let Some(error) = error {
+        let retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+        if tx.send(Event::Waiting { node, error, retry_in_ms }).await.is_err() {
+            return false;
+        }
+    }
+    tokio::time::sleep(pause).await;
+    true
 }
 
 /// A [`Delivery::Raw`] subscription: one stream from `node`, handed on as it comes.

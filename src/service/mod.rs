@@ -1295,7 +1295,8 @@ impl Service {
             return Err(answer);
         }
         // It goes on after all: it is written, so it spends the conversation's rate.
-        self.rates.charge_conversations(&[(conversation.as_str(), cost)], std::time::Instant::now());
+        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+        self.rates.conversations.debit(&[(conversation.as_str(), cost)], std::time::Instant::now());
         Ok(())
     }
 
@@ -1381,12 +1382,12 @@ impl Service {
         let going_on: Vec<usize> = (0..sends.len())
             .filter(|i| outside.get(*i).copied().unwrap_or(false) && !answered.iter().any(|(a, _)| a == i))
             .collect();
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
         for &i in &going_on {
             *counts.entry(sends[i].conversation.as_str()).or_default() += 1;
         }
-        let counts: Vec<(&str, usize)> = counts.into_iter().collect();
-        self.rates.charge_conversations(&counts, std::time::Instant::now());
+        let counts: Vec<(&str, u32)> = counts.into_iter().collect();
+        self.rates.conversations.debit(&counts, std::time::Instant::now());
     }
 
     /// The answers, by index into `sends`, of the sends `outside` marks that the leader

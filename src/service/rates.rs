@@ -164,15 +164,16 @@ impl Keyed {
         take_largest(&mut unshared, max)
     }
 
-    /// Takes from each key's bucket here what a peer took from its own (a full bucket for a
-    /// key new here). A bucket already in debt by a burst goes no lower.
-    pub fn debit(&self, taken: &[(String, u32)], now: Instant) {
+    /// Takes what was taken elsewhere from each key's bucket here, into debt if it has not
+    /// got it (a full bucket for a key new here): what a peer took from its own, or what a
+    /// write already admitted spends. A bucket already in debt by a burst goes no lower.
+    pub fn debit<K: AsRef<str>>(&self, taken: &[(K, u32)], now: Instant) {
         if self.rate.off() {
             return;
         }
         let mut buckets = self.lock();
         for (key, n) in taken {
-            let b = bucket(&mut buckets, key, self.rate, now);
+            let b = bucket(&mut buckets, key.as_ref(), self.rate, now);
             b.refill(self.rate, now);
             b.take(f64::from(*n), self.rate);
         }
@@ -264,30 +265,6 @@ impl SendRates {
             }
         }
         worst.map_or(Ok(()), Err)
-    }
-}
-
-impl SendRates {
-    /// Charges `per_conversation[c]` tokens to each conversation's bucket, into debt if it
-    /// has not got them (at most a burst's): for writes first judged an outsider's, which
-    /// took only their user's and connection's tokens and were admitted, that go on after
-    /// all (the check could not be made, or the writer had just been added). They are
-    /// written, so they spend the conversation's rate like any member's; refusing them now
-    /// would make the client's retry pay its user's tokens twice.
-    pub fn charge_conversations(&self, per_conversation: &[(&str, usize)], now: Instant) {
-        let rate = self.conversations.rate;
-        if rate.off() {
-            return;
-        }
-        let mut conversations = self.conversations.lock();
-        for (c, n) in per_conversation {
-            let b = bucket(&mut conversations, c, rate, now);
-            b.refill(rate, now);
-            b.take(*n as f64, rate);
-        }
-        if conversations.len() > KEYS_MAX {
-            conversations.retain(|_, b| !b.is_full(rate, now));
-        }
     }
 }
 
@@ -417,11 +394,11 @@ mod tests {
         r.take_with_outside("dan", &[], 1, &conn, t0).expect("dan's token");
         // … and then written after all: charged to the conversation, never refused, into
         // debt past its burst of 10, and not to the user again.
-        r.charge_conversations(&[("c", 12)], t0);
+        r.conversations.debit(&[("c", 12)], t0);
         assert_eq!(r.take("ann", &[("c", 1)], &conn, t0), Err((600, Throttle::Conversation)), "2 in debt, then 1");
         assert!(r.take("ann", &[("c", 1)], &conn, t0 + Duration::from_millis(600)).is_ok());
         // The debt is at most a burst.
-        r.charge_conversations(&[("d", 1_000)], t0);
+        r.conversations.debit(&[("d", 1_000)], t0);
         assert_eq!(r.take("ann", &[("d", 1)], &conn, t0), Err((2_200, Throttle::Conversation)));
         // The user's bucket lost one token to dan's write, not thirteen.
         for i in 0..19 {
@@ -429,7 +406,7 @@ mod tests {
         }
         assert_eq!(r.take_with_outside("dan", &[], 1, &conn, t0).map_err(|e| e.1), Err(Throttle::User));
         let off = rates(10, 0, 0);
-        off.charge_conversations(&[("c", 1_000)], t0);
+        off.conversations.debit(&[("c", 1_000)], t0);
         assert!(off.take("ann", &[("c", 1)], &conn, t0).is_ok(), "0 turns the limit off");
     }
 
