@@ -1783,6 +1783,61 @@ async fn catch_up_reads_wait_for_room_in_the_nodes_buffer_and_the_users_share() 
     }
 }
 
+// Stalled readers cannot keep the node's catch-up room from others for ever: while another
+// user's reader waits for room, a stalled reader's blocked batch write is given up after
+// `CONTENDED_WRITE_MAX`, its stream reset with `RESET_SLOW_READER` (its client resubscribes
+// from the offset it reached), and the waiting reader gets everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_gives_its_catch_up_room_to_a_waiting_one() {
+    use convoy::service::catch_up::{BATCH_RESERVE_BYTES, CONTENDED_WRITE_MAX};
+    let limits = LimitTweaks { catch_up_buffer_bytes: Some(BATCH_RESERVE_BYTES as u64), ..LimitTweaks::default() };
+    let cluster = start(Tweaks { limits, ..Tweaks::default() });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    catch_up_conversation(&cluster, "big").await;
+    let cluster = &cluster;
+    let metric = |name: &'static str| async move { unlabelled(&scrape(cluster, 1).await, name).expect(name) };
+
+    // The stalled reader holds the node's only batch, its next read waiting for its own
+    // user's share: nobody waits for the node's budget, so it is not given up.
+    let (_stalled_conn, _stalled_send, mut stalled_recv) = raw_reader(cluster, "alice", "big").await;
+    eventually(READY, "the stalled reader to wait for its share", || async {
+        (metric("convoy_catch_up_waits_total").await >= 1.0).then_some(())
+    })
+    .await
+    .expect("the stalled reader waits");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(metric("convoy_catch_up_slow_readers_dropped_total").await, 0.0, "dropped with nobody waiting");
+
+    let (_conn, _send, recv) = raw_reader(cluster, "bob", "big").await;
+    let asked = std::time::Instant::now();
+    let read = tokio::time::timeout(CONTENDED_WRITE_MAX + READY, read_to_caught_up(recv))
+        .await
+        .expect("the waiting reader got its room");
+    assert_eq!(read, ((1..=CATCH_UP_SENT).collect(), CATCH_UP_SENT), "the waiting reader got everything");
+    let waited = asked.elapsed();
+    assert!(
+        waited >= CONTENDED_WRITE_MAX - Duration::from_secs(1),
+        "served after {waited:?}: before the stalled reader was given up?"
+    );
+    assert_eq!(metric("convoy_catch_up_slow_readers_dropped_total").await, 1.0);
+
+    // The stalled reader's stream ends reset, saying why (after what it had been sent).
+    let mut buf = vec![0u8; 1 << 16];
+    let end = loop {
+        match tokio::time::timeout(READY, stalled_recv.read(&mut buf)).await.expect("the stalled stream ends") {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    match end {
+        Err(quinn::ReadError::Reset(code)) => {
+            assert_eq!(code.into_inner(), u64::from(convoy::net::wire::RESET_SLOW_READER))
+        }
+        other => panic!("the stalled reader's stream ended with {other:?}, not a reset"),
+    }
+    until_metrics(cluster, &["convoy_catch_up_buffer_bytes"], &[0.0], "every batch given back").await;
+}
+
 // Bad input gets its error, nothing is stored, and the node keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_an_error_and_the_node_stays_up() {

@@ -28,6 +28,10 @@ pub const CLOSE_REVOKED_OPEN: u32 = 0x13;
 /// QUIC application close code: the client's user has `limits.connections_per_user_max`
 /// connections open on the node already; nothing sent on this one was served.
 pub const CLOSE_USER_FULL: u32 = 0x14;
+/// QUIC stream reset code: the node dropped a subscription whose reader took a batch of
+/// stored messages too slowly while other readers waited for room to read theirs
+/// (`service::catch_up`); resubscribing from the last offset received loses nothing.
+pub const RESET_SLOW_READER: u32 = 0x20;
 
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,7 +14,13 @@
 //!   reader's lag shows it), and keeps what the batch takes until it is written to the
 //!   connection. Readers that stall hold their batches until their writes give up (30 s
 //!   without progress): the share keeps one credential's stalled readers from holding the
-//!   whole budget, so other users' catch-ups go on.
+//!   whole budget, so other users' catch-ups go on. Eight users' stalled readers could still
+//!   hold all of it, so while any read waits for room in the node's budget, a batch whose
+//!   write has been blocked for [`CONTENDED_WRITE_MAX`] of that time is given up: its
+//!   subscription is dropped (its stream reset with [`crate::net::wire::RESET_SLOW_READER`])
+//!   and its room goes to the readers who wait. The client resubscribes from the offset it
+//!   reached, so nothing is lost; a reader that slow under contention takes a batch in more
+//!   than ten seconds (under 26 KB/s).
 //! - **Windows.** A client connection's send window is [`NARROW_BYTES`], enough for requests
 //!   and live push, and a connection with a subscription reading storage widens it to
 //!   [`WIDE_BYTES`] while it holds one of the node's `limits.catch_up_windows_max` leases. A
@@ -28,7 +34,7 @@
 //! `catch_up_windows_max` × [`WIDE_BYTES`] + `connections_max` × [`NARROW_BYTES`], besides
 //! each connection's own state.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -47,6 +53,11 @@ const _: () = assert!(
 );
 /// The budget is counted in KiB.
 const UNIT: usize = 1024;
+/// How long a batch's write may stay blocked while reads wait for room in the node's
+/// budget, summed over the checks that found them waiting.
+pub const CONTENDED_WRITE_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a blocked batch write looks for waiting reads.
+const CONTENTION_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The node's catch-up budget: batch bytes and wide-window leases.
 pub struct CatchUpBudget {
@@ -61,6 +72,10 @@ pub struct CatchUpBudget {
     narrow: AtomicU64,
     /// Batch reads that waited for room in the budget.
     waits: AtomicU64,
+    /// Batch reads waiting for room in the node's budget now.
+    waiting: Arc<AtomicUsize>,
+    /// Subscriptions dropped for a batch write blocked while others waited.
+    slow_dropped: AtomicU64,
 }
 
 impl CatchUpBudget {
@@ -76,6 +91,8 @@ impl CatchUpBudget {
             windows: windows.min(Semaphore::MAX_PERMITS),
             narrow: AtomicU64::new(0),
             waits: AtomicU64::new(0),
+            waiting: Arc::default(),
+            slow_dropped: AtomicU64::new(0),
         }
     }
 
@@ -95,8 +112,58 @@ impl CatchUpBudget {
         let units = u32::try_from(BATCH_RESERVE_BYTES / UNIT).expect("a batch reserve is far below 4 TiB");
         let mut waited = false;
         let user = self.acquire(share, units, &mut waited).await?;
-        let node = self.acquire(&self.bytes, units, &mut waited).await?;
+        let node = match self.bytes.clone().try_acquire_many_owned(units) {
+            Ok(p) => p,
+            Err(_) => {
+                // Counted while it waits, however the wait ends (its task may be aborted).
+                let _waiting = Waiting::on(&self.waiting);
+                self.acquire(&self.bytes, units, &mut waited).await?
+            }
+        };
         Some(BatchHold { user, node })
+    }
+
+    /// Writes a catch-up batch with `write`, unless it stays blocked for
+    /// [`CONTENDED_WRITE_MAX`] while reads wait for room in the node's budget: then
+    /// `None`, and the caller drops the subscription (its batches with it). `write` ends on
+    /// its own otherwise, done or failed.
+    pub async fn write_batch<T>(&self, write: impl std::future::Future<Output = T>) -> Option<T> {
+        self.write_within(write, CONTENDED_WRITE_MAX, CONTENTION_CHECK).await
+    }
+
+    /// [`CatchUpBudget::write_batch`], giving up after `max` of contention seen every `every`.
+    async fn write_within<T>(
+        &self,
+        write: impl std::future::Future<Output = T>,
+        max: std::time::Duration,
+        every: std::time::Duration,
+    ) -> Option<T> {
+        let mut write = std::pin::pin!(write);
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut contended = std::time::Duration::ZERO;
+        loop {
+            tokio::select! {
+                done = &mut write => return Some(done),
+                _ = check.tick() => {
+                    contended = if self.contended() { contended + every } else { std::time::Duration::ZERO };
+                    if contended >= max {
+                        self.slow_dropped.fetch_add(1, Relaxed);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a batch read waits for room in the node's budget now.
+    pub fn contended(&self) -> bool {
+        self.waiting.load(Relaxed) > 0
+    }
+
+    /// Subscriptions dropped by [`CatchUpBudget::write_batch`], since start.
+    pub fn slow_dropped_total(&self) -> u64 {
+        self.slow_dropped.load(Relaxed)
     }
 
     /// `units` of `from`, at once or after a wait, which is counted once per reserve (as it
@@ -129,6 +196,22 @@ impl CatchUpBudget {
     /// Catch-ups that started narrow, every lease being held, since start.
     pub fn narrow_total(&self) -> u64 {
         self.narrow.load(Relaxed)
+    }
+}
+
+/// One read counted in [`CatchUpBudget::contended`] while it lives.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn on(count: &Arc<AtomicUsize>) -> Waiting {
+        count.fetch_add(1, Relaxed);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -247,6 +330,55 @@ impl Drop for CatchingUp<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    /// A batch write blocked while another read waits for room in the node's budget is
+    /// given up after the contention it saw adds up to the limit; one blocked with nobody
+    /// waiting, or one that ends, is not. The waiting read is counted only while it waits,
+    /// however its wait ends.
+    #[tokio::test]
+    async fn a_blocked_batch_write_is_given_up_only_while_others_wait_for_room() {
+        let (max, every) = (Duration::from_millis(300), Duration::from_millis(50));
+        let budget = Arc::new(CatchUpBudget::new(BATCH_RESERVE_BYTES as u64, 1));
+        let stalled = budget.reserve(&budget.user_share()).await.expect("the whole budget");
+        assert!(!budget.contended());
+
+        // Nobody waits: a write that never ends is not given up.
+        let blocked = budget.write_within(std::future::pending::<()>(), max, every);
+        assert!(tokio::time::timeout(4 * max, blocked).await.is_err(), "given up with nobody waiting");
+        assert_eq!(budget.slow_dropped_total(), 0);
+
+        // Another user's read waits for room: the blocked write is given up.
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(&budget.user_share()).await.map(drop) }
+        });
+        while !budget.contended() {
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        let given_up = budget.write_within(std::future::pending::<()>(), max, every).await;
+        assert_eq!(given_up, None);
+        assert!(started.elapsed() >= max, "given up after {:?}, under {max:?}", started.elapsed());
+        assert_eq!(budget.slow_dropped_total(), 1);
+        // A write that ends is answered, contention or not.
+        assert_eq!(budget.write_within(async { 7 }, max, every).await, Some(7));
+
+        // A waiting read's task aborted stops counting; one that got its room too.
+        waiter.abort();
+        let _ = waiter.await;
+        assert!(!budget.contended(), "an aborted wait still counted");
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(&budget.user_share()).await.map(drop) }
+        });
+        while !budget.contended() {
+            tokio::task::yield_now().await;
+        }
+        drop(stalled);
+        assert_eq!(waiter.await.expect("task"), Some(()));
+        assert!(!budget.contended(), "a wait that ended still counted");
+    }
 
     fn window() -> (ConnCatchUp, Arc<AtomicU64>) {
         let now = Arc::new(AtomicU64::new(0));

@@ -431,6 +431,12 @@ impl Collector for NodeCollector {
             "Catch-up reads that waited for room in limits.catch_up_buffer_bytes.",
             &[(vec![], node.catch_up.waits_total())],
         )?;
+        counter(
+            &mut e,
+            "convoy_catch_up_slow_readers_dropped",
+            "Subscriptions dropped because their reader took a batch of stored messages for over 10 s while other catch-up reads waited for room.",
+            &[(vec![], node.catch_up.slow_dropped_total())],
+        )?;
         {
             let mut buckets: Vec<(f64, u64)> = Vec::new();
             let mut cumulative = 0;

@@ -271,6 +271,24 @@ async fn write_subscriber(out: &mut quinn::SendStream, bytes: &[u8]) -> Result<(
     })
 }
 
+/// Writes a batch of stored messages to a subscriber as [`write_subscriber`] does, unless
+/// the write stays blocked while other readers wait for room in the node's catch-up budget
+/// (see [`catch_up`]): then the stream is reset with [`crate::net::wire::RESET_SLOW_READER`]
+/// and the subscription ends, giving its batches' room to them.
+async fn write_stored(budget: &catch_up::CatchUpBudget, out: &mut quinn::SendStream, frames: &[u8]) -> Result<()> {
+    match budget.write_batch(write_subscriber(out, frames)).await {
+        Some(written) => written,
+        None => {
+            let _ = out.reset(crate::net::wire::RESET_SLOW_READER.into());
+            Err(Error::Unavailable(format!(
+                "the subscriber took a batch of stored messages for over {:?} while other readers waited for room \
+                 in the node's catch-up budget; its subscription is dropped",
+                catch_up::CONTENDED_WRITE_MAX
+            )))
+        }
+    }
+}
+
 /// Detaches a subscriber from the hub when its subscription ends, however it ends.
 struct Attached<'a> {
     hub: &'a PushHub,
@@ -1842,7 +1860,7 @@ impl Service {
                 }
                 if !batch.frames.is_empty() {
                     catching_up.widen();
-                    write_subscriber(out, &batch.frames).await?;
+                    write_stored(&self.catch_up, out, &batch.frames).await?;
                 }
                 at(next);
                 if !full {
