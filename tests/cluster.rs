@@ -1798,15 +1798,13 @@ async fn a_stalled_reader_gives_its_catch_up_room_to_a_waiting_one() {
     let metric = |name: &'static str| async move { unlabelled(&scrape(cluster, 1).await, name).expect(name) };
 
     // The stalled reader holds the node's only batch, its next read waiting for its own
-    // user's share: nobody waits for the node's budget, so it is not given up.
+    // user's share (which does not count as contention: see the unit test).
     let (_stalled_conn, _stalled_send, mut stalled_recv) = raw_reader(cluster, "alice", "big").await;
     eventually(READY, "the stalled reader to wait for its share", || async {
         (metric("convoy_catch_up_waits_total").await >= 1.0).then_some(())
     })
     .await
     .expect("the stalled reader waits");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(metric("convoy_catch_up_slow_readers_dropped_total").await, 0.0, "dropped with nobody waiting");
 
     let (_conn, _send, recv) = raw_reader(cluster, "bob", "big").await;
     let asked = std::time::Instant::now();

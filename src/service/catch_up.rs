@@ -15,12 +15,15 @@
 //!   connection. Readers that stall hold their batches until their writes give up (30 s
 //!   without progress): the share keeps one credential's stalled readers from holding the
 //!   whole budget, so other users' catch-ups go on. Eight users' stalled readers could still
-//!   hold all of it, so while any read waits for room in the node's budget, a batch whose
-//!   write has been blocked for [`CONTENDED_WRITE_MAX`] of that time is given up: its
+//!   hold all of it, so a batch whose write stays unfinished for [`CONTENDED_WRITE_MAX`]
+//!   while, at every check in that time, another read waits for room in the node's budget
+//!   (not its own user's share, and not its own subscription's read ahead) is given up: its
 //!   subscription is dropped (its stream reset with [`crate::net::wire::RESET_SLOW_READER`])
-//!   and its room goes to the readers who wait. The client resubscribes from the offset it
-//!   reached, so nothing is lost; a reader that slow under contention takes a batch in more
-//!   than ten seconds (under 26 KB/s).
+//!   and its room goes to the readers who wait. A following client resubscribes from the
+//!   offset it reached, so it loses nothing; a one-off read (`Client::read`) is asked of
+//!   the next replica from its start, and fails `Unavailable` once none served it. The bound is per stream: under contention a stream must take a batch
+//!   (256–320 KiB) within ten seconds, about 26–33 KB/s, however many streams share its
+//!   connection's window.
 //! - **Windows.** A client connection's send window is [`NARROW_BYTES`], enough for requests
 //!   and live push, and a connection with a subscription reading storage widens it to
 //!   [`WIDE_BYTES`] while it holds one of the node's `limits.catch_up_windows_max` leases. A
@@ -34,7 +37,7 @@
 //! `catch_up_windows_max` × [`WIDE_BYTES`] + `connections_max` × [`NARROW_BYTES`], besides
 //! each connection's own state.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -53,8 +56,8 @@ const _: () = assert!(
 );
 /// The budget is counted in KiB.
 const UNIT: usize = 1024;
-/// How long a batch's write may stay blocked while reads wait for room in the node's
-/// budget, summed over the checks that found them waiting.
+/// How long a batch's write may stay unfinished while other reads wait for room in the
+/// node's budget: every check in that time found one waiting.
 pub const CONTENDED_WRITE_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often a blocked batch write looks for waiting reads.
 const CONTENTION_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
@@ -109,6 +112,13 @@ impl CatchUpBudget {
     /// Room for one batch in `share` (its user's) and then in the node's budget, once there
     /// is (`None` only if either were closed, which they never are).
     pub async fn reserve(&self, share: &Arc<Semaphore>) -> Option<BatchHold> {
+        self.reserve_as(share, &Arc::default()).await
+    }
+
+    /// [`CatchUpBudget::reserve`], with `mine` set while this read waits for the node's
+    /// budget: a subscription's own read ahead is not contention against its own write (see
+    /// [`CatchUpBudget::write_batch`]).
+    pub async fn reserve_as(&self, share: &Arc<Semaphore>, mine: &Arc<AtomicBool>) -> Option<BatchHold> {
         let units = u32::try_from(BATCH_RESERVE_BYTES / UNIT).expect("a batch reserve is far below 4 TiB");
         let mut waited = false;
         let user = self.acquire(share, units, &mut waited).await?;
@@ -116,25 +126,27 @@ impl CatchUpBudget {
             Ok(p) => p,
             Err(_) => {
                 // Counted while it waits, however the wait ends (its task may be aborted).
-                let _waiting = Waiting::on(&self.waiting);
+                let _waiting = Waiting::on(&self.waiting, mine);
                 self.acquire(&self.bytes, units, &mut waited).await?
             }
         };
         Some(BatchHold { user, node })
     }
 
-    /// Writes a catch-up batch with `write`, unless it stays blocked for
-    /// [`CONTENDED_WRITE_MAX`] while reads wait for room in the node's budget: then
-    /// `None`, and the caller drops the subscription (its batches with it). `write` ends on
-    /// its own otherwise, done or failed.
-    pub async fn write_batch<T>(&self, write: impl std::future::Future<Output = T>) -> Option<T> {
-        self.write_within(write, CONTENDED_WRITE_MAX, CONTENTION_CHECK).await
+    /// Writes a catch-up batch with `write`, unless it stays unfinished for
+    /// [`CONTENDED_WRITE_MAX`] in a row while other reads wait for room in the node's budget
+    /// (`mine`, the subscription's own read ahead, does not count): then `None`, and the
+    /// caller drops the subscription (its batches with it). `write` ends on its own
+    /// otherwise, done or failed.
+    pub async fn write_batch<T>(&self, write: impl std::future::Future<Output = T>, mine: &AtomicBool) -> Option<T> {
+        self.write_within(write, mine, CONTENDED_WRITE_MAX, CONTENTION_CHECK).await
     }
 
     /// [`CatchUpBudget::write_batch`], giving up after `max` of contention seen every `every`.
     async fn write_within<T>(
         &self,
         write: impl std::future::Future<Output = T>,
+        mine: &AtomicBool,
         max: std::time::Duration,
         every: std::time::Duration,
     ) -> Option<T> {
@@ -146,7 +158,7 @@ impl CatchUpBudget {
             tokio::select! {
                 done = &mut write => return Some(done),
                 _ = check.tick() => {
-                    contended = if self.contended() { contended + every } else { std::time::Duration::ZERO };
+                    contended = if self.contended(mine) { contended + every } else { std::time::Duration::ZERO };
                     if contended >= max {
                         self.slow_dropped.fetch_add(1, Relaxed);
                         return None;
@@ -156,9 +168,9 @@ impl CatchUpBudget {
         }
     }
 
-    /// Whether a batch read waits for room in the node's budget now.
-    pub fn contended(&self) -> bool {
-        self.waiting.load(Relaxed) > 0
+    /// Whether a batch read other than `mine` waits for room in the node's budget now.
+    pub fn contended(&self, mine: &AtomicBool) -> bool {
+        self.waiting.load(Relaxed) > usize::from(mine.load(Relaxed))
     }
 
     /// Subscriptions dropped by [`CatchUpBudget::write_batch`], since start.
@@ -199,19 +211,24 @@ impl CatchUpBudget {
     }
 }
 
-/// One read counted in [`CatchUpBudget::contended`] while it lives.
-struct Waiting(Arc<AtomicUsize>);
+/// One read counted in [`CatchUpBudget::contended`] while it lives, and its own flag set.
+struct Waiting {
+    count: Arc<AtomicUsize>,
+    mine: Arc<AtomicBool>,
+}
 
 impl Waiting {
-    fn on(count: &Arc<AtomicUsize>) -> Waiting {
+    fn on(count: &Arc<AtomicUsize>, mine: &Arc<AtomicBool>) -> Waiting {
+        mine.store(true, Relaxed);
         count.fetch_add(1, Relaxed);
-        Waiting(count.clone())
+        Waiting { count: count.clone(), mine: mine.clone() }
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.count.fetch_sub(1, Relaxed);
+        self.mine.store(false, Relaxed);
     }
 }
 
@@ -332,52 +349,90 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Waits (bounded) until `budget` shows a read waiting other than `mine`.
+    async fn until_contended(budget: &CatchUpBudget, mine: &AtomicBool) {
+        let seen = async {
+            while !budget.contended(mine) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), seen).await.expect("a read to wait for the node's budget");
+    }
+
     /// A batch write blocked while another read waits for room in the node's budget is
-    /// given up after the contention it saw adds up to the limit; one blocked with nobody
-    /// waiting, or one that ends, is not. The waiting read is counted only while it waits,
+    /// given up after the contention lasted the limit; one blocked with nobody waiting, or
+    /// with only its own subscription's read ahead or a read held by its own user's share
+    /// waiting, or one that ends, is not. A waiting read is counted only while it waits,
     /// however its wait ends.
     #[tokio::test]
     async fn a_blocked_batch_write_is_given_up_only_while_others_wait_for_room() {
         let (max, every) = (Duration::from_millis(300), Duration::from_millis(50));
-        let budget = Arc::new(CatchUpBudget::new(BATCH_RESERVE_BYTES as u64, 1));
-        let stalled = budget.reserve(&budget.user_share()).await.expect("the whole budget");
-        assert!(!budget.contended());
+        let none = AtomicBool::new(false);
+        // Room for two batches; a user's share is one.
+        let budget = Arc::new(CatchUpBudget::new(2 * BATCH_RESERVE_BYTES as u64, 1));
+        let alice = budget.user_share();
+        let stalled = budget.reserve(&alice).await.expect("alice's share");
+        let other = budget.reserve(&budget.user_share()).await.expect("the rest");
+        assert!(!budget.contended(&none));
+        // Another subscription's write (no read of its own waiting), bounded.
+        let blocked = || {
+            let budget = budget.clone();
+            async move {
+                let mine = AtomicBool::new(false);
+                tokio::time::timeout(4 * max, budget.write_within(std::future::pending::<()>(), &mine, max, every))
+                    .await
+            }
+        };
 
         // Nobody waits: a write that never ends is not given up.
-        let blocked = budget.write_within(std::future::pending::<()>(), max, every);
-        assert!(tokio::time::timeout(4 * max, blocked).await.is_err(), "given up with nobody waiting");
+        assert!(blocked().await.is_err(), "given up with nobody waiting");
+        // Alice's next read waits for her share, not the node's budget: not contention.
+        let alices_next = tokio::spawn({
+            let (budget, alice) = (budget.clone(), alice.clone());
+            async move { budget.reserve(&alice).await.map(drop) }
+        });
+        tokio::time::sleep(every).await;
+        assert!(!budget.contended(&none), "a read held by its own user's share counted");
+        alices_next.abort();
+        let _ = alices_next.await;
         assert_eq!(budget.slow_dropped_total(), 0);
 
-        // Another user's read waits for room: the blocked write is given up.
-        let waiter = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.reserve(&budget.user_share()).await.map(drop) }
+        // Only the subscription's own read ahead waits for the node's budget: not given up.
+        let mine = Arc::new(AtomicBool::new(false));
+        let ahead = tokio::spawn({
+            let (budget, mine) = (budget.clone(), mine.clone());
+            async move { budget.reserve_as(&budget.user_share(), &mine).await.map(drop) }
         });
-        while !budget.contended() {
-            tokio::task::yield_now().await;
-        }
+        until_contended(&budget, &none).await;
+        assert!(mine.load(Relaxed), "the read ahead is flagged while it waits");
+        assert!(!budget.contended(&mine), "its own read ahead counted against a subscription");
+        let own = budget.write_within(std::future::pending::<()>(), &mine, max, every);
+        assert!(tokio::time::timeout(4 * max, own).await.is_err(), "given up for its own read ahead");
+        assert_eq!(budget.slow_dropped_total(), 0);
+
+        // Another read waits for room: the blocked write is given up.
         let started = std::time::Instant::now();
-        let given_up = budget.write_within(std::future::pending::<()>(), max, every).await;
-        assert_eq!(given_up, None);
+        assert_eq!(blocked().await.expect("given up in time"), None);
         assert!(started.elapsed() >= max, "given up after {:?}, under {max:?}", started.elapsed());
         assert_eq!(budget.slow_dropped_total(), 1);
         // A write that ends is answered, contention or not.
-        assert_eq!(budget.write_within(async { 7 }, max, every).await, Some(7));
+        assert_eq!(budget.write_within(async { 7 }, &none, max, every).await, Some(7));
 
-        // A waiting read's task aborted stops counting; one that got its room too.
-        waiter.abort();
-        let _ = waiter.await;
-        assert!(!budget.contended(), "an aborted wait still counted");
+        // A waiting read's task aborted stops counting, and its flag is cleared.
+        ahead.abort();
+        let _ = ahead.await;
+        assert!(!budget.contended(&none), "an aborted wait still counted");
+        assert!(!mine.load(Relaxed), "an aborted wait still flagged");
+        // One that got its room too.
         let waiter = tokio::spawn({
             let budget = budget.clone();
             async move { budget.reserve(&budget.user_share()).await.map(drop) }
         });
-        while !budget.contended() {
-            tokio::task::yield_now().await;
-        }
+        until_contended(&budget, &none).await;
         drop(stalled);
         assert_eq!(waiter.await.expect("task"), Some(()));
-        assert!(!budget.contended(), "a wait that ended still counted");
+        assert!(!budget.contended(&none), "a wait that ended still counted");
+        drop(other);
     }
 
     fn window() -> (ConnCatchUp, Arc<AtomicU64>) {

@@ -205,17 +205,21 @@ struct StoredFrames {
 
 /// A batch of stored messages being read and framed on a blocking thread; dropped unread
 /// (its subscription ended), the read is abandoned, and its place in the budget with it.
-struct StoredRead(tokio::task::JoinHandle<Result<StoredFrames>>);
+struct StoredRead {
+    task: tokio::task::JoinHandle<Result<StoredFrames>>,
+    /// Set while it waits for room in the node's catch-up budget.
+    waiting: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Drop for StoredRead {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
 impl StoredRead {
     async fn finish(&mut self) -> Result<StoredFrames> {
-        (&mut self.0).await.map_err(Error::task("reading stored messages"))?
+        (&mut self.task).await.map_err(Error::task("reading stored messages"))?
     }
 }
 
@@ -272,11 +276,16 @@ async fn write_subscriber(out: &mut quinn::SendStream, bytes: &[u8]) -> Result<(
 }
 
 /// Writes a batch of stored messages to a subscriber as [`write_subscriber`] does, unless
-/// the write stays blocked while other readers wait for room in the node's catch-up budget
-/// (see [`catch_up`]): then the stream is reset with [`crate::net::wire::RESET_SLOW_READER`]
+/// the write stays unfinished while other readers than its own read `ahead` wait for room
+/// in the node's catch-up budget (see [`catch_up`]): then the stream is reset with [`crate::net::wire::RESET_SLOW_READER`]
 /// and the subscription ends, giving its batches' room to them.
-async fn write_stored(budget: &catch_up::CatchUpBudget, out: &mut quinn::SendStream, frames: &[u8]) -> Result<()> {
-    match budget.write_batch(write_subscriber(out, frames)).await {
+async fn write_stored(
+    budget: &catch_up::CatchUpBudget,
+    out: &mut quinn::SendStream,
+    frames: &[u8],
+    ahead: &StoredRead,
+) -> Result<()> {
+    match budget.write_batch(write_subscriber(out, frames), &ahead.waiting).await {
         Some(written) => written,
         None => {
             let _ = out.reset(crate::net::wire::RESET_SLOW_READER.into());
@@ -1743,9 +1752,11 @@ impl Service {
     ) -> StoredRead {
         let (store, conversation, scans) = (self.store.clone(), conversation.to_string(), self.scans.clone());
         let (budget, share) = (self.catch_up.clone(), share.clone());
-        StoredRead(tokio::spawn(async move {
+        let waiting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = waiting.clone();
+        let task = tokio::spawn(async move {
             let stopping = || Error::Unavailable("the node is stopping".into());
-            let mut hold = budget.reserve(&share).await.ok_or_else(stopping)?;
+            let mut hold = budget.reserve_as(&share, &flag).await.ok_or_else(stopping)?;
             let slot = scans.acquire_owned().await.map_err(|_| stopping())?;
             // The slot and the room go with the read: a read abandoned (its task aborted)
             // still runs to its end on the blocking thread, and holds both until then.
@@ -1758,7 +1769,8 @@ impl Service {
             })
             .await
             .map_err(Error::task("reading stored messages"))?
-        }))
+        });
+        StoredRead { task, waiting }
     }
 
     /// Streams a conversation to `out` for `who`, a member; see the module doc. Returns when
@@ -1860,7 +1872,7 @@ impl Service {
                 }
                 if !batch.frames.is_empty() {
                     catching_up.widen();
-                    write_stored(&self.catch_up, out, &batch.frames).await?;
+                    write_stored(&self.catch_up, out, &batch.frames, &reading).await?;
                 }
                 at(next);
                 if !full {
