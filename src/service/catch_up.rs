@@ -21,9 +21,10 @@
 //!   subscription is dropped (its stream reset with [`crate::net::wire::RESET_SLOW_READER`])
 //!   and its room goes to the readers who wait. A following client resubscribes from the
 //!   offset it reached, so it loses nothing; a one-off read (`Client::read`) is asked of
-//!   the next replica from its start, and fails `Unavailable` once none served it. The bound is per stream: under contention a stream must take a batch
-//!   (256–320 KiB) within ten seconds, about 26–33 KB/s, however many streams share its
-//!   connection's window.
+//!   the next replica from its start, and fails `Unavailable` once none served it (or its
+//!   pinned node did not). The bound is per stream: under contention a stream must take a
+//!   batch (256–320 KiB) within ten seconds, about 26–33 KB/s, however many streams share
+//!   its connection's window.
 //! - **Windows.** A client connection's send window is [`NARROW_BYTES`], enough for requests
 //!   and live push, and a connection with a subscription reading storage widens it to
 //!   [`WIDE_BYTES`] while it holds one of the node's `limits.catch_up_windows_max` leases. A
@@ -391,7 +392,12 @@ mod tests {
             let (budget, alice) = (budget.clone(), alice.clone());
             async move { budget.reserve(&alice).await.map(drop) }
         });
-        tokio::time::sleep(every).await;
+        let waited = async {
+            while budget.waits_total() == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), waited).await.expect("alice's next read to wait");
         assert!(!budget.contended(&none), "a read held by its own user's share counted");
         alices_next.abort();
         let _ = alices_next.await;
@@ -410,11 +416,28 @@ mod tests {
         assert!(tokio::time::timeout(4 * max, own).await.is_err(), "given up for its own read ahead");
         assert_eq!(budget.slow_dropped_total(), 0);
 
-        // Another read waits for room: the blocked write is given up.
+        // Another read waits for room: the blocked write is given up, whether or not its
+        // own read ahead waits too.
+        let other_waits = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(&budget.user_share()).await.map(drop) }
+        });
+        let both = async {
+            while budget.waiting.load(Relaxed) < 2 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), both).await.expect("a second read to wait");
+        assert!(budget.contended(&mine), "another read waiting beside its own did not count");
+        let own_and_other = budget.write_within(std::future::pending::<()>(), &mine, max, every);
+        assert_eq!(tokio::time::timeout(4 * max, own_and_other).await.expect("given up in time"), None);
+        assert_eq!(budget.slow_dropped_total(), 1);
+        other_waits.abort();
+        let _ = other_waits.await;
         let started = std::time::Instant::now();
         assert_eq!(blocked().await.expect("given up in time"), None);
         assert!(started.elapsed() >= max, "given up after {:?}, under {max:?}", started.elapsed());
-        assert_eq!(budget.slow_dropped_total(), 1);
+        assert_eq!(budget.slow_dropped_total(), 2);
         // A write that ends is answered, contention or not.
         assert_eq!(budget.write_within(async { 7 }, &none, max, every).await, Some(7));
 
@@ -425,13 +448,14 @@ mod tests {
         assert!(!mine.load(Relaxed), "an aborted wait still flagged");
         // One that got its room too.
         let waiter = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.reserve(&budget.user_share()).await.map(drop) }
+            let (budget, mine) = (budget.clone(), mine.clone());
+            async move { budget.reserve_as(&budget.user_share(), &mine).await.map(drop) }
         });
         until_contended(&budget, &none).await;
         drop(stalled);
         assert_eq!(waiter.await.expect("task"), Some(()));
         assert!(!budget.contended(&none), "a wait that ended still counted");
+        assert!(!mine.load(Relaxed), "a wait that ended still flagged");
         drop(other);
     }
 
