@@ -19,9 +19,12 @@
 //! state does not decode) is logged and passed over. A node keeps its place in a shard it
 //! stops leading, and goes on from there when it leads it again.
 //! A `max_bytes` limit reads the newest messages back
-//! from the head, only when the head or the limit changed since the last check; the first
-//! offset it keeps is remembered, and trims are proposed until the conversation starts there
-//! (a trim deletes at most [`TRIM_MESSAGES_MAX`], and a proposal can fail).
+//! from the head the first time (at most the limit and a window more); what it kept is
+//! remembered, and later checks count on from it, reading only the messages sent since and
+//! those the limit then leaves behind (again from the head when the limit changed, or when
+//! another limit's trim deleted messages it counted). Trims are proposed until the
+//! conversation starts where the limit keeps (a trim deletes at most [`TRIM_MESSAGES_MAX`],
+//! and a proposal can fail).
 //!
 //! Trims are range deletions: their space comes back when compaction rewrites the files, which
 //! RocksDB would do in its own time. Each node reclaims it on purpose instead ([`reclaim`]),
@@ -41,13 +44,12 @@ use crate::store::Store;
 /// retention record it was planned under (`Retention::default()`: none).
 type Trim = (String, u64, Retention);
 
-/// A conversation's last `max_bytes` reading: at which head, under which limit, and the
-/// first offset that limit keeps (`None`: it keeps everything).
+/// A conversation's last `max_bytes` reading: under which limit, and what that limit kept
+/// then (counted on from there at the next check, see [`Store::tally_bytes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BytesKept {
-    head: u64,
     limit: u64,
-    from: Option<u64>,
+    tally: crate::store::BytesTally,
 }
 
 /// What a shard's checks keep from one to the next, while the shard has a replica on this
@@ -274,13 +276,16 @@ fn plan_one(
         keep_from = keep_from.max(first_young.unwrap_or(last_old + 1));
     }
     if let Some(limit) = policy.max_bytes {
-        let kept = match seen.get(conversation) {
-            Some((k, _)) if k.head == head && k.limit == limit => *k,
-            _ => BytesKept { head, limit, from: store.keep_bytes_from(shard, conversation, limit)? },
+        // Counted on from the last reading under the same limit: only what was sent since
+        // is read (and what the limit now leaves behind), not the whole conversation again.
+        let last = seen.get(conversation).filter(|(k, _)| k.limit == limit).map(|(k, _)| k.tally);
+        let tally = match last {
+            Some(t) if t.head == head && t.from >= earliest => t,
+            _ => store.tally_bytes(shard, conversation, limit, last)?,
         };
-        seen.insert(conversation.to_string(), (kept, checks.pass));
-        if let Some(from) = kept.from {
-            keep_from = keep_from.max(from);
+        seen.insert(conversation.to_string(), (BytesKept { limit, tally }, checks.pass));
+        if tally.cut {
+            keep_from = keep_from.max(tally.from);
         }
     }
     Ok((keep_from > earliest).then(|| (conversation.to_string(), keep_from.min(head + 1), planned_under)))
@@ -452,6 +457,90 @@ mod tests {
         );
     }
 
+    /// `n` more messages of `bytes` each to conversation "c" of shard 0, numbered on from
+    /// `first` (their client sequence numbers).
+    fn send_more(store: &Store, first: u64, n: u64, bytes: usize) {
+        let sends: Vec<SendCommand> = (first..first + n)
+            .map(|i| SendCommand {
+                conversation: "c".into(),
+                sender: "u".into(),
+                client_id: 1,
+                client_seq: i,
+                ts_ms: i * 1000,
+                text: "x".repeat(bytes),
+            })
+            .collect();
+        crate::raft::state_machine::apply_for_test(store, 0, vec![Command::SendBatch(sends)]).expect("apply");
+    }
+
+    /// A byte limit far above a busy conversation's size reads, at each check after the
+    /// first, only the messages sent since; one that cuts reads those and the ones it now
+    /// leaves behind; a new limit counts again from the head.
+    #[test]
+    fn max_bytes_counts_on_from_its_last_reading() {
+        let (_d, store) = store_with(100, 100);
+        let fresh = |limit| store.tally_bytes(0, "c", limit, None).expect("tally");
+        let far = Retention { max_bytes: Some(1 << 40), ..Retention::default() };
+        let mut seen = HashMap::new();
+        assert!(plan(&store, 0, far, 0, &mut seen).expect("plan").is_empty());
+        assert_eq!(
+            (seen["c"].tally.read, seen["c"].tally.bytes),
+            (100, fresh(1 << 40).bytes),
+            "the first check reads all"
+        );
+        send_more(&store, 101, 5, 100);
+        assert!(plan(&store, 0, far, 0, &mut seen).expect("plan").is_empty());
+        assert_eq!((seen["c"].tally.read, seen["c"].tally.bytes), (5, fresh(1 << 40).bytes), "then only what was sent");
+        assert!(plan(&store, 0, far, 0, &mut seen).expect("plan").is_empty());
+        assert_eq!(seen["c"].tally.read, 5, "a quiet conversation is not read again");
+
+        // A limit that cuts (about 20 messages): read back from the head once, then on from
+        // where it kept.
+        let size = store.tally_bytes(0, "c", u64::MAX, None).expect("tally").bytes / 105;
+        let limit = 20 * size;
+        let cut = Retention { max_bytes: Some(limit), ..Retention::default() };
+        let want = || vec![("c".to_string(), fresh(limit).from, Retention::default())];
+        assert!(fresh(limit).cut);
+        assert_eq!(plan(&store, 0, cut, 0, &mut seen).expect("plan"), want());
+        assert!(seen["c"].tally.read <= 21 + 8, "read back at most the limit and a window: {}", seen["c"].tally.read);
+        send_more(&store, 106, 3, 100);
+        assert_eq!(plan(&store, 0, cut, 0, &mut seen).expect("plan"), want());
+        // The 3 sent, and one window (8 in tests) from where it kept, to leave about 3 behind.
+        assert_eq!(seen["c"].tally.read, 3 + 8);
+        let (t, f) = (seen["c"].tally, fresh(limit));
+        assert_eq!((t.head, t.from, t.bytes, t.cut), (f.head, f.from, f.bytes, f.cut));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Counted on from its last reading, a byte limit keeps exactly what a count from
+        /// the head keeps, through sends of any size and trims below, at, or past it.
+        #[test]
+        fn a_byte_count_carried_on_equals_one_from_the_head(
+            limit in 1u64..3_000,
+            steps in proptest::collection::vec((0u64..6, 1usize..300, proptest::prelude::any::<bool>(), 0u64..40), 1..30),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (store, _) = Store::open(dir.path()).expect("open");
+            let mut sent = 0;
+            let mut last = None;
+            for (n, bytes, trim, back) in steps {
+                send_more(&store, sent + 1, n, bytes);
+                sent += n;
+                if trim {
+                    let head = store.head(0, "c").expect("head");
+                    let before = (head + 1).saturating_sub(back).max(1);
+                    let trim = Command::Trim(TrimCommand { conversation: "c".into(), before });
+                    crate::raft::state_machine::apply_for_test(&store, 0, vec![trim]).expect("trim");
+                }
+                let on = store.tally_bytes(0, "c", limit, last).expect("carried on");
+                let fresh = store.tally_bytes(0, "c", limit, None).expect("from the head");
+                proptest::prop_assert_eq!((on.head, on.from, on.bytes, on.cut), (fresh.head, fresh.from, fresh.bytes, fresh.cut));
+                last = Some(on);
+            }
+        }
+    }
+
     #[test]
     fn max_bytes_reads_back_from_the_head_once_per_head() {
         let (_d, store) = store_with(100, 100);
@@ -470,7 +559,8 @@ mod tests {
             vec![("c".to_string(), 91, Retention::default())]
         );
         let read = seen["c"];
-        assert_eq!(read, BytesKept { head: 100, limit: 10 * sizes, from: Some(91) });
+        assert_eq!((read.limit, read.tally.head, read.tally.from, read.tally.cut), (10 * sizes, 100, 91, true));
+        assert_eq!(read.tally.bytes, 10 * sizes);
         // Not applied yet (a failed proposal): proposed again, from the same reading.
         assert_eq!(
             plan(&store, 0, policy, 0, &mut seen).expect("plan"),

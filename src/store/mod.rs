@@ -116,11 +116,24 @@ const SMALL_WRITE_BUFFER_BYTES: usize = 16 << 20;
 const MESSAGES_MEMTABLE_BUCKETS: usize = 100_000;
 /// Hash buckets of the dedup family's memtable (scopes share a bucket beyond it).
 const DEDUP_MEMTABLE_BUCKETS: usize = 100_000;
-/// Messages [`Store::keep_bytes_from`] reads per window.
+/// Messages [`Store::tally_bytes`] reads per window.
 #[cfg(not(test))]
 const BYTES_WINDOW: u64 = 256;
 #[cfg(test)]
 const BYTES_WINDOW: u64 = 8;
+/// What a byte limit keeps of a conversation, as [`Store::tally_bytes`] counted it: the
+/// stored messages in `[from, head]`, `bytes` of stored values in all, at most the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BytesTally {
+    pub head: u64,
+    pub from: u64,
+    pub bytes: u64,
+    /// Whether the limit leaves older stored messages out (`from` is above the earliest).
+    pub cut: bool,
+    /// How many messages this count read.
+    pub read: u64,
+}
+
 /// Bloom filter bits per key of every family's table files.
 const BLOOM_BITS_PER_KEY: f64 = 10.0;
 
@@ -682,29 +695,99 @@ impl Store {
     /// The offset from which a conversation's newest stored messages take at most
     /// `max_bytes` (their stored values), reading back from the head; `None` if all fit.
     /// Reads at most `max_bytes` and a window of messages more.
-    ///
-    /// Backwards in windows read forwards: the messages family's memtable is hashed by
-    /// conversation, and its iterators cannot seek backwards. The head and every window are
-    /// read at one snapshot; the first window starts [`BYTES_WINDOW`] below the head and
-    /// reads to the conversation's end. Offsets are dense above the earliest retained, so a
-    /// window that does not start with its first offset reached the trimmed part.
     pub fn keep_bytes_from(&self, shard: ShardId, conversation: &str, max_bytes: u64) -> Result<Option<u64>> {
-        // One point in time for the head and every window: a trim applied between two
-        // windows must not look like the end of the conversation.
+        let tally = self.tally_bytes(shard, conversation, max_bytes, None)?;
+        Ok(tally.cut.then_some(tally.from))
+    }
+
+    /// What a byte limit of `max_bytes` keeps of a conversation now, counted on from `prev`
+    /// (an earlier count under the same limit) when it still holds: only the messages sent
+    /// since are read, and those the limit now leaves behind. Counted again from the head
+    /// (as [`Store::keep_bytes_from`]) without one, or when something else (a trim by another
+    /// limit) deleted messages `prev` counted.
+    ///
+    /// One snapshot for the head, the earliest offset and every window: a trim applied
+    /// meanwhile must not look like the end of the conversation.
+    pub fn tally_bytes(
+        &self,
+        shard: ShardId,
+        conversation: &str,
+        max_bytes: u64,
+        prev: Option<BytesTally>,
+    ) -> Result<BytesTally> {
         let snap = self.db.snapshot();
         let head = decode_head(snap.get_cf(self.cf(CF_STATE), head_key(shard, conversation))?)?;
-        let (mut from, mut before) = (head.saturating_sub(BYTES_WINDOW - 1).max(1), u64::MAX);
-        let mut bytes = 0u64;
-        loop {
-            let sizes = self.message_sizes(&snap, shard, conversation, from, before)?;
-            for &(offset, len) in sizes.iter().rev() {
-                bytes += len;
-                if bytes > max_bytes {
-                    return Ok(Some(offset + 1));
+        let earliest = match snap.get_cf(self.cf(CF_STATE), earliest_key(shard, conversation))? {
+            Some(v) => codec::decode::<u64>(&v)?,
+            None => 1,
+        };
+        let Some(mut t) = prev.filter(|p| p.from >= earliest && p.head <= head) else {
+            return self.tally_from_head(&snap, shard, conversation, head, max_bytes);
+        };
+        t.read = 0;
+        // The messages sent since, in windows.
+        let mut at = t.head + 1;
+        while at <= head {
+            let before = at.saturating_add(BYTES_WINDOW).min(head.saturating_add(1));
+            let sizes = self.message_sizes(&snap, shard, conversation, at, before)?;
+            t.read += sizes.len() as u64;
+            t.bytes = t.bytes.saturating_add(sizes.iter().map(|&(_, len)| len).sum::<u64>());
+            at = before;
+        }
+        t.head = head;
+        // Over the limit: the oldest counted are left behind until the rest fit.
+        while t.bytes > max_bytes {
+            let sizes = self.message_sizes(&snap, shard, conversation, t.from, t.from.saturating_add(BYTES_WINDOW))?;
+            if sizes.first().is_none_or(|&(offset, _)| offset != t.from) {
+                // The count does not match what is stored: counted again.
+                return self.tally_from_head(&snap, shard, conversation, head, max_bytes);
+            }
+            t.read += sizes.len() as u64;
+            for &(offset, len) in &sizes {
+                if t.bytes <= max_bytes {
+                    break;
                 }
+                let Some(rest) = t.bytes.checked_sub(len) else {
+                    return self.tally_from_head(&snap, shard, conversation, head, max_bytes);
+                };
+                t.bytes = rest;
+                t.from = offset + 1;
+            }
+        }
+        t.cut = t.from > earliest;
+        Ok(t)
+    }
+
+    /// [`Store::tally_bytes`] from nothing: back from the head in windows read forwards (the
+    /// messages family's memtable is hashed by conversation, and its iterators cannot seek
+    /// backwards), until `max_bytes` is passed or the conversation's start. The first window
+    /// starts [`BYTES_WINDOW`] below the head and reads to the conversation's end. Offsets
+    /// are dense above the earliest retained, so a window that does not start with its first
+    /// offset reached the trimmed part.
+    fn tally_from_head(
+        &self,
+        snap: &rocksdb::Snapshot<'_>,
+        shard: ShardId,
+        conversation: &str,
+        head: u64,
+        max_bytes: u64,
+    ) -> Result<BytesTally> {
+        let mut t = BytesTally { head, from: head + 1, bytes: 0, cut: false, read: 0 };
+        let (mut from, mut before) = (head.saturating_sub(BYTES_WINDOW - 1).max(1), u64::MAX);
+        loop {
+            let sizes = self.message_sizes(snap, shard, conversation, from, before)?;
+            t.read += sizes.len() as u64;
+            for &(offset, len) in sizes.iter().rev() {
+                if t.bytes.saturating_add(len) > max_bytes {
+                    t.cut = true;
+                    t.from = offset + 1;
+                    return Ok(t);
+                }
+                t.bytes += len;
+                t.from = offset;
             }
             if from == 1 || sizes.first().is_none_or(|&(offset, _)| offset != from) {
-                return Ok(None);
+                return Ok(t);
             }
             (from, before) = (from.saturating_sub(BYTES_WINDOW).max(1), from);
         }
