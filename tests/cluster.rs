@@ -928,6 +928,57 @@ async fn retention_keeps_the_newest_and_reads_say_where_they_start() {
     assert_eq!(alice.send("r", "next").await.expect("send").offset, 301, "offsets are never reused");
 }
 
+// A byte limit keeps the newest messages that fit, and goes on keeping as many as the
+// conversation grows: the checks after the first count on from what they kept (only the
+// messages sent since are read), and every replica trims the same prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_bytes_keeps_the_newest_that_fit_as_the_conversation_grows() {
+    let cluster = start(Tweaks {
+        retention: RetentionTweaks { check_interval_ms: Some(200), ..RetentionTweaks::default() },
+        ..Tweaks::default()
+    });
+    cluster.wait_ready(&[1, 2, 3], READY).await.expect("cluster ready");
+    let alice = cluster.client_as("alice").expect("alice");
+    let limit = 8192;
+    let text = "y".repeat(200);
+    alice.send("b", &text).await.expect("the conversation made");
+    let bytes = convoy::chat::Retention { max_bytes: Some(limit), ..convoy::chat::Retention::default() };
+    alice.set_retention("b", bytes).await.expect("retention set");
+    // Where every replica starts, once all agree and it stays put for a few checks.
+    let trimmed_at = |head: u64| {
+        let alice = &alice;
+        async move {
+            eventually(Duration::from_secs(20), &format!("every replica to trim b at head {head}"), || async {
+                let mut firsts = Vec::new();
+                for node in 1..=3 {
+                    let read = alice.read("b", 1, Some(node)).await.ok()?;
+                    (read.messages.last()?.offset == head).then_some(())?;
+                    firsts.push(read.truncated_before?);
+                }
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                let again = alice.read("b", 1, Some(1)).await.ok()?.truncated_before?;
+                (firsts.iter().all(|f| *f == firsts[0]) && again == firsts[0]).then_some(firsts[0])
+            })
+            .await
+            .expect("trimmed")
+        }
+    };
+    for _ in 2..=100 {
+        alice.send("b", &text).await.expect("send");
+    }
+    let first = trimmed_at(100).await;
+    let kept = 100 - first + 1;
+    assert!(kept > 1 && kept * 200 <= limit, "kept {kept} messages of 200 bytes under {limit}");
+    // As many of the same size are kept after 100 more (their stored size is the same to a
+    // byte or two).
+    for _ in 101..=200 {
+        alice.send("b", &text).await.expect("send");
+    }
+    let then = trimmed_at(200).await;
+    let kept_then = 200 - then + 1;
+    assert!(kept_then.abs_diff(kept) <= 1, "kept {kept_then} messages after 100 more, {kept} before");
+}
+
 // A short `--max-age`: what is older goes, what is younger stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_by_age_deletes_what_is_older() {
