@@ -330,17 +330,7 @@ mod tests {
     fn store_with(n: u64, bytes: usize) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _) = Store::open(dir.path()).expect("open");
-        let sends: Vec<SendCommand> = (1..=n)
-            .map(|i| SendCommand {
-                conversation: "c".into(),
-                sender: "u".into(),
-                client_id: 1,
-                client_seq: i,
-                ts_ms: i * 1000,
-                text: "x".repeat(bytes),
-            })
-            .collect();
-        crate::raft::state_machine::apply_for_test(&store, 0, vec![Command::SendBatch(sends)]).expect("apply");
+        send_more(&store, 1, n, bytes);
         (dir, store)
     }
 
