@@ -2084,8 +2084,23 @@ async fn users_are_their_certificates_and_only_members_read() {
         let line = format!("convoy_shard_commit_index{{shard=\"{shard}\"}} ");
         text.lines().find_map(|l| l.strip_prefix(line.as_str())).map(str::to_string).unwrap_or_default()
     };
-    let before = commit_of(scrape(&cluster, leader).await);
-    assert!(!before.is_empty(), "the leader reports the shard's commit index");
+    // The commit index at `node` once it stays the same across half a second.
+    let settled = |node: u64| {
+        let (cluster, commit_of) = (&cluster, &commit_of);
+        async move {
+            eventually(READY, "the shard's commit index to settle", || async {
+                let first = commit_of(scrape(cluster, node).await);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                (!first.is_empty() && commit_of(scrape(cluster, node).await) == first).then_some(first)
+            })
+            .await
+            .expect("the leader reports the shard's commit index")
+        }
+    };
+    // Leadership may move meanwhile (the balancer hands each shard to its preferred node):
+    // a request answered `NotLeader` goes to the leader named, measured afresh.
+    let mut leader = leader;
+    let mut before = settled(leader).await;
     let create = |conversation: &str, members: Vec<String>| Request::Members {
         conversation: conversation.into(),
         change: convoy::net::wire::MemberChange::Change(convoy::chat::Membership::Create { members }),
@@ -2097,7 +2112,16 @@ async fn users_are_their_certificates_and_only_members_read() {
         (create("secret", vec!["a\u{7}bell".into()]), ErrorCode::Rejected, "user id"),
         (create("secret", vec![String::new()]), ErrorCode::Rejected, "user id"),
     ] {
-        match alice.request(leader, &req).await.expect("an answer") {
+        let answer = loop {
+            match alice.request(leader, &req).await.expect("an answer") {
+                Response::NotLeader { leader: Some(named), .. } if named != leader => {
+                    leader = named;
+                    before = settled(leader).await;
+                }
+                other => break other,
+            }
+        };
+        match answer {
             Response::Error { code, message } if code == want => assert!(message.contains(why), "{message}"),
             other => panic!("a bad member list must be refused with {want:?}, got {other:?}"),
         }
