@@ -543,6 +543,9 @@ fn member_of(config: &Config, node: NodeId) -> Result<Member> {
     Ok(Member { peer_addr: n.peer_addr.to_string(), client_addr: n.client_addr.to_string() })
 }
 
+/// How often [`ask_leader`] tells, at warning level, that the leader still refuses.
+const STILL_ASKING_EVERY: Duration = Duration::from_secs(30);
+
 /// Sends `req` to the shard's leader until it answers what `accept` takes: follows
 /// `NotLeader` hints, tries the other nodes in turn, and waits between rounds.
 async fn ask_leader<T>(
@@ -556,6 +559,8 @@ async fn ask_leader<T>(
     let nodes = config.node_ids();
     let mut hint: Option<NodeId> = None;
     let mut round = 0usize;
+    let started = std::time::Instant::now();
+    let mut told = started;
     loop {
         let target = hint.take().unwrap_or(nodes[round % nodes.len()]);
         round += 1;
@@ -566,7 +571,15 @@ async fn ask_leader<T>(
                 if let Some(v) = accept(r) {
                     return v;
                 }
-                tracing::debug!(shard, target, answer = %text, "not yet");
+                // Asked without end: an answer that keeps refusing is told, not only logged
+                // for debugging, so a start that waits on it says what it waits for.
+                if told.elapsed() >= STILL_ASKING_EVERY {
+                    told = std::time::Instant::now();
+                    let asking = started.elapsed().as_secs();
+                    tracing::warn!(shard, target, answer = %text, asking, "the shard's leader has not granted this yet");
+                } else {
+                    tracing::debug!(shard, target, answer = %text, "not yet");
+                }
             }
             Err(e) => tracing::debug!(shard, target, error = %e, "asking for the shard's leader"),
         }
@@ -852,6 +865,13 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId) 
 /// The leader's side of a cancelled move (`PeerRequest::RemoveLearner`): every learner of
 /// `node` leaves the group; a voter is never removed this way (answered an error saying it
 /// votes, once that is committed).
+///
+/// Nor is a learner of a node that votes in the group: that is the node's rejoin (it lost
+/// its data and runs a new replica that its `Promote` makes a voter in place of the old
+/// one), never a move's, since a move never goes to a node that holds a replica of the
+/// shard. A cancel that reaches it is a stale coordinator's, of an earlier move to the node;
+/// had it removed the learner, the rejoin's `Promote` would be refused for ever ("no longer
+/// a member") and the node would never finish rejoining.
 pub async fn remove_learner(h: &Hosted, shard: ShardId, node: NodeId, replica: Option<NodeId>) -> PeerResponse {
     let m = match leads(h) {
         Ok(m) => m,
@@ -866,6 +886,20 @@ pub async fn remove_learner(h: &Hosted, shard: ShardId, node: NodeId, replica: O
     if let Some(replica) = replica.filter(|r| membership.voter_ids().any(|v| v == *r)) {
         // Committed: the promotion won the race with the cancel.
         return PeerResponse::Error(format!("replica {replica} of shard {shard} votes: it is not removed by a cancel"));
+    }
+    if let Some(voter) = membership.voter_ids().find(|v| node_of(*v) == node) {
+        let rejoining: Vec<NodeId> = membership.learner_ids().filter(|l| node_of(*l) == node).collect();
+        if !rejoining.is_empty() {
+            tracing::warn!(
+                shard,
+                node,
+                voter,
+                ?rejoining,
+                ?replica,
+                "a cancelled move's learner removal reached a node that votes here: its learners are its rejoin, kept"
+            );
+        }
+        return PeerResponse::Promoted;
     }
     let gone: BTreeSet<NodeId> = membership.learner_ids().filter(|l| node_of(*l) == node).collect();
     if !gone.is_empty() {

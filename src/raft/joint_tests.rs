@@ -4,7 +4,9 @@
 //!   finished by the next move step that finds it: openraft leaves it as it is, and every
 //!   move of the shard would otherwise wait for ever;
 //! - a promotion (`Replace`) of a learner that a cancel removed, asked before or while it
-//!   waits for the learner to catch up, is refused and does not add the learner back.
+//!   waits for the learner to catch up, is refused and does not add the learner back;
+//! - a stale cancel's learner removal spares the learner of a node that votes in the group
+//!   (a rejoin's), whose promotion still goes through, and removes a move's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -14,7 +16,7 @@ use crate::chat::ShardId;
 use crate::raft::formation;
 use crate::raft::network::Hosted;
 use crate::raft::rpc::PeerResponse;
-use crate::raft::types::{Member, NodeId, Raft};
+use crate::raft::types::{replica_id, Member, NodeId, Raft};
 
 const SHARD: ShardId = 5;
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -166,5 +168,57 @@ async fn a_promotion_of_a_learner_a_cancel_removed_is_refused_and_does_not_add_i
     }
     assert_eq!(members(&leader), vec![1, 2, 3], "learner 4 was not added back");
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
+    group.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cancel_spares_a_rejoining_nodes_learner_and_removes_a_moves() {
+    let group = Group::start().await;
+    let leader = group.rafts[&1].clone();
+    let h = Hosted { replica: 1, raft: leader.clone() };
+    let members = |raft: &Raft| -> BTreeSet<NodeId> {
+        crate::raft::metrics_of(raft).membership_config.membership().nodes().map(|(id, _)| *id).collect()
+    };
+
+    // Node 3 lost its data and rejoins: a new replica of it, generation 1, learns beside
+    // its old voter (replica 3, generation 0), as `Join` adds it.
+    let rejoin = replica_id(3, 1);
+    let dirs = Dirs::under(group._dir.path(), rejoin);
+    let rejoined = start(&group.router, rejoin, &dirs, open_store(&dirs.db).await).await;
+    leader.add_learner(rejoin, Member::default(), true).await.expect("the rejoin's learner");
+    group.settled_with(rejoin).await;
+
+    // A stale coordinator's cancel of an earlier move to node 3, naming no replica and then
+    // an old one: answered done, and nothing is proposed.
+    let before = crate::raft::metrics_of(&leader).last_log_index;
+    for named in [None, Some(replica_id(3, 7))] {
+        match formation::remove_learner(&h, SHARD, 3, named).await {
+            PeerResponse::Promoted => {}
+            other => panic!("a cancel naming {named:?} is answered done, got {other:?}"),
+        }
+    }
+    assert!(members(&leader).contains(&rejoin), "the rejoin's learner is still a member");
+    assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
+
+    // So the rejoin finishes: its replica votes in place of node 3's old one.
+    match formation::promote(&h, SHARD, rejoin).await {
+        PeerResponse::Promoted => {}
+        other => panic!("the rejoin's promotion goes through, got {other:?}"),
+    }
+    let promoted = |m: &openraft::RaftMetrics<crate::raft::types::C>| {
+        m.membership_config.log_id() == m.committed_membership_config.log_id()
+            && m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>() == voters(&[1, 2, rejoin])
+            && m.membership_config.membership().learner_ids().next().is_none()
+    };
+    leader.wait(Some(TIMEOUT)).metrics(promoted, "voters {1, 2, rejoin}").await.expect("promoted");
+
+    // A cancel still removes a move's learner: node 4 holds no voter.
+    leader.add_learner(4, Member::default(), false).await.expect("a move's learner");
+    group.settled_with(4).await;
+    assert!(matches!(formation::remove_learner(&h, SHARD, 4, None).await, PeerResponse::Promoted));
+    group.settled_without(4).await;
+    assert_eq!(members(&leader), voters(&[1, 2, rejoin]));
+
+    let _ = rejoined.shutdown().await;
     group.stop().await;
 }
