@@ -502,8 +502,18 @@ pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config
     for shard in super::group_ids(config) {
         let Some(replica) = formation.replica(shard)?.filter(|r| *r != DROPPED) else { continue };
         let req = PeerRequest::Promote { shard, replica, member: member.clone() };
-        ask_leader(net, config, shard, req, PROMOTE_TTL, |r| matches!(r, PeerResponse::Promoted).then_some(())).await;
-        tracing::info!(shard, replica, "caught up and voting");
+        let answer = ask_leader(net, config, shard, req, PROMOTE_TTL, |r| match r {
+            PeerResponse::Promoted => Some(None),
+            PeerResponse::NoPromotion(why) => Some(Some(why)),
+            _ => None,
+        })
+        .await;
+        match answer {
+            None => tracing::info!(shard, replica, "caught up and voting"),
+            // A move took the shard off this node meanwhile: its drop deletes the replica
+            // here (the move counts it as leaving). Asking again would ask for ever.
+            Some(why) => tracing::warn!(shard, replica, %why, "not promoted: the rejoin goes on without this shard"),
+        }
     }
     // Active again in the map before the record says formed: a node that restarts in
     // between is still rejoining, and asks again (`Rejoined` changes nothing the second
@@ -626,7 +636,7 @@ pub async fn join(h: &Hosted, shard: ShardId, node: NodeId, member: Member) -> P
 /// The leader's side of a move's `AddLearner`: a learner of `node` (an existing one of
 /// generation `min_generation` or above, which a retried step finds, else a new one above
 /// every id `node` has in the membership and every id it ever had in the shard), and the
-/// replicas of `from` that the move will replace.
+/// replicas of `from` that the move will replace (its voters, and a learner of a rejoin).
 pub async fn add_learner(
     h: &Hosted,
     shard: ShardId,
@@ -640,7 +650,9 @@ pub async fn add_learner(
         Err(answer) => return answer,
     };
     let membership = m.membership_config.membership();
-    let leaving: Vec<NodeId> = membership.voter_ids().filter(|v| node_of(*v) == from).collect();
+    // Every replica of `from`: its voters, and a learner it runs (a rejoin's, not promoted
+    // yet), which the move removes too; `from` may delete any of them once it is done.
+    let leaving: Vec<NodeId> = membership.nodes().map(|(id, _)| *id).filter(|id| node_of(*id) == from).collect();
     let existing =
         membership.learner_ids().filter(|l| node_of(*l) == node && generation_of(*l) >= min_generation).max();
     if let Some(replica) = existing {
@@ -767,8 +779,35 @@ async fn finish_joint(h: &Hosted, shard: ShardId, m: &openraft::RaftMetrics<supe
     })
 }
 
+/// Why a rejoin's `replica` will never be promoted in `membership`, if it will not: it is not
+/// a member (a move off its node, or a newer rejoin, removed it), or its node has no voter
+/// left to vote in place of (a move took the shard off the node after it joined; or it
+/// joined a shard it never held, as a rejoin does when no peer answered with a map).
+/// Promoted anyway, it would add a voter the cluster map does not place there, beside the
+/// move's, and undo the move.
+fn no_promotion(
+    membership: &openraft::Membership<NodeId, Member>,
+    shard: ShardId,
+    replica: NodeId,
+) -> Option<PeerResponse> {
+    let node = node_of(replica);
+    if membership.get_node(&replica).is_none() {
+        return Some(PeerResponse::NoPromotion(format!(
+            "replica {replica} is no longer a member of shard {shard}: not promoted"
+        )));
+    }
+    if !membership.voter_ids().any(|v| node_of(v) == node && v != replica) {
+        return Some(PeerResponse::NoPromotion(format!(
+            "node {node} no longer votes in shard {shard} (a move took it off the node): replica {replica} is not \
+             promoted"
+        )));
+    }
+    None
+}
+
 /// The leader's side of `Promote`: waits until `replica` caught up, then makes it a voter in
-/// place of its node's other replicas, which leave the group.
+/// place of its node's other replicas, which leave the group. Refused for good
+/// (`NoPromotion`) when there is nothing to vote in place of ([`no_promotion`]).
 pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId) -> PeerResponse {
     let m = match leads(h) {
         Ok(m) => m,
@@ -780,8 +819,17 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId) -> PeerRespons
     if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == node && *v != replica) {
         return PeerResponse::Promoted;
     }
+    if let Some(refusal) = no_promotion(&membership, shard, replica) {
+        return refusal;
+    }
     if let Some(answer) = catch_up(h, shard, replica, PROMOTE_CATCH_UP_WAIT).await {
-        return answer;
+        return match answer {
+            PeerResponse::Error(_) if !is_member(&super::metrics_of(&h.raft), replica) => {
+                no_promotion(&super::metrics_of(&h.raft).membership_config.membership().clone(), shard, replica)
+                    .unwrap_or(answer)
+            }
+            answer => answer,
+        };
     }
     // The voters as they are now, after the wait: a change made meanwhile (a move of this
     // shard) is built on, never undone.
@@ -792,8 +840,8 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId) -> PeerRespons
         }
         return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
     };
-    if membership.get_node(&replica).is_none() {
-        return not_a_member(shard, replica);
+    if let Some(refusal) = no_promotion(&membership, shard, replica) {
+        return refusal;
     }
     let new_voters: BTreeSet<NodeId> =
         membership.voter_ids().filter(|v| node_of(*v) != node).chain(std::iter::once(replica)).collect();
@@ -831,7 +879,7 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId) 
     };
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == from) {
-        return PeerResponse::Promoted;
+        return remove_learners_of(h, shard, from).await;
     }
     if node_of(h.replica) == from {
         let caught_up = |v: &NodeId| matched(&m, *v).is_some_and(|l| Some(l.index) == m.last_log_index);
@@ -859,6 +907,23 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId) 
         return PeerResponse::Error(format!("making replica {replica} of shard {shard} a voter: {e}"));
     }
     tracing::info!(shard, replica, from, "a moved replica votes in place of the old one");
+    remove_learners_of(h, shard, from).await
+}
+
+/// The end of a move's promotion: a learner `from` still has in the group (a rejoin's, which
+/// joined before the move) leaves it too, so the group stops replicating to it; the move's
+/// drop deletes it on `from` (it is among the move's `leaving`). Answered `Promoted` once
+/// none is left; asked again (by the coordinator's retry of `Replace`) if the change fails.
+async fn remove_learners_of(h: &Hosted, shard: ShardId, from: NodeId) -> PeerResponse {
+    let m = super::metrics_of(&h.raft);
+    let stale: BTreeSet<NodeId> =
+        m.membership_config.membership().learner_ids().filter(|l| node_of(*l) == from).collect();
+    if !stale.is_empty() {
+        if let Err(e) = h.raft.change_membership(ChangeMembers::RemoveNodes(stale.clone()), false).await {
+            return PeerResponse::Error(format!("removing learners {stale:?} of node {from} from shard {shard}: {e}"));
+        }
+        tracing::info!(shard, from, ?stale, "the moved-off node's learners left the shard");
+    }
     PeerResponse::Promoted
 }
 

@@ -6,7 +6,11 @@
 //! - a promotion (`Replace`) of a learner that a cancel removed, asked before or while it
 //!   waits for the learner to catch up, is refused and does not add the learner back;
 //! - a stale cancel's learner removal spares the learner of a node that votes in the group
-//!   (a rejoin's), whose promotion still goes through, and removes a move's.
+//!   (a rejoin's), whose promotion still goes through, and removes a move's;
+//! - a move off a node that is rejoining takes the rejoin's learner with it (it is among
+//!   the move's `leaving`, and leaves the group at the promotion), and the rejoin's
+//!   `Promote` is then refused for good (`NoPromotion`), as is one in a shard whose node
+//!   holds no voter, with nothing proposed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -218,6 +222,66 @@ async fn a_stale_cancel_spares_a_rejoining_nodes_learner_and_removes_a_moves() {
     assert!(matches!(formation::remove_learner(&h, SHARD, 4, None).await, PeerResponse::Promoted));
     group.settled_without(4).await;
     assert_eq!(members(&leader), voters(&[1, 2, rejoin]));
+
+    let _ = rejoined.shutdown().await;
+    group.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_off_a_rejoining_node_takes_its_learner_and_its_promotion_is_refused() {
+    let group = Group::start().await;
+    let leader = group.rafts[&1].clone();
+    let h = Hosted { replica: 1, raft: leader.clone() };
+    let membership = |raft: &Raft| crate::raft::metrics_of(raft).membership_config.membership().clone();
+
+    // A replica of node 4, which holds no voter here, is never promoted (a rejoin that
+    // joined a shard its node never held): refused at once, and nothing is proposed.
+    leader.add_learner(4, Member::default(), true).await.expect("learner 4");
+    group.settled_with(4).await;
+    let before = crate::raft::metrics_of(&leader).last_log_index;
+    match formation::promote(&h, SHARD, 4).await {
+        PeerResponse::NoPromotion(why) => assert!(why.contains("no longer votes"), "{why}"),
+        other => panic!("a replica of a node without a voter is not promoted, got {other:?}"),
+    }
+    assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
+    assert!(membership(&leader).learner_ids().any(|l| l == 4), "learner 4 is left as it was");
+
+    // Node 3 rejoins (a learner beside its old voter), and a move takes the shard off node 3
+    // to node 4 before the rejoin's promotion.
+    let rejoin = replica_id(3, 1);
+    let dirs = Dirs::under(group._dir.path(), rejoin);
+    let rejoined = start(&group.router, rejoin, &dirs, open_store(&dirs.db).await).await;
+    leader.add_learner(rejoin, Member::default(), true).await.expect("the rejoin's learner");
+    group.settled_with(rejoin).await;
+    match formation::add_learner(&h, SHARD, 4, Member::default(), 3, 0).await {
+        PeerResponse::LearnerAdded { replica, leaving } => {
+            assert_eq!(replica, 4, "the move adopts node 4's learner");
+            assert_eq!(leaving, vec![3, rejoin], "the move leaves node 3's voter and its rejoin's learner");
+        }
+        other => panic!("the move's learner, got {other:?}"),
+    }
+    match formation::replace(&h, SHARD, 3, 4).await {
+        PeerResponse::Promoted => {}
+        other => panic!("the move's promotion, got {other:?}"),
+    }
+    let moved = |m: &openraft::RaftMetrics<crate::raft::types::C>| {
+        m.membership_config.log_id() == m.committed_membership_config.log_id()
+            && m.membership_config.membership().nodes().map(|(id, _)| *id).collect::<BTreeSet<_>>()
+                == voters(&[1, 2, 4])
+    };
+    leader.wait(Some(TIMEOUT)).metrics(moved, "members {1, 2, 4}, no learner").await.expect("moved");
+    assert_eq!(membership(&leader).voter_ids().collect::<BTreeSet<_>>(), voters(&[1, 2, 4]));
+
+    // The rejoin's promotion now would add a voter beside the move's: refused for good.
+    let before = crate::raft::metrics_of(&leader).last_log_index;
+    match formation::promote(&h, SHARD, rejoin).await {
+        PeerResponse::NoPromotion(why) => assert!(why.contains("no longer a member"), "{why}"),
+        other => panic!("the rejoin's promotion after the move is refused, got {other:?}"),
+    }
+    assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
+    // Asked again, the move's promotion is done, and changes nothing.
+    assert!(matches!(formation::replace(&h, SHARD, 3, 4).await, PeerResponse::Promoted));
+    assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
 
     let _ = rejoined.shutdown().await;
     group.stop().await;
