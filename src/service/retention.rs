@@ -21,8 +21,10 @@
 //! A `max_bytes` limit reads the newest messages back
 //! from the head the first time (at most the limit and a window more); what it kept is
 //! remembered, and later checks count on from it, reading only the messages sent since and
-//! those the limit then leaves behind (again from the head when the limit changed, or when
-//! another limit's trim deleted messages it counted). Trims are proposed until the
+//! those the limit then leaves behind (again from the head when the limit changed, when
+//! another limit's trim deleted messages it counted, when the count does not match what is
+//! stored, and when the reading is gone: readings are in memory, lost at a restart, with the
+//! shard's replica, and at the end of a pass that did not meet the limit). Trims are proposed until the
 //! conversation starts where the limit keeps (a trim deletes at most [`TRIM_MESSAGES_MAX`],
 //! and a proposal can fail).
 //!
