@@ -510,8 +510,9 @@ pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config
         .await;
         match answer {
             None => tracing::info!(shard, replica, "caught up and voting"),
-            // A move took the shard off this node meanwhile: its drop deletes the replica
-            // here (the move counts it as leaving). Asking again would ask for ever.
+            // A move took the shard off this node meanwhile (its drop deletes the replica
+            // here: the move counts it as leaving), or the node never held it (the replica
+            // runs on; see docs/admin.md). Asking again would ask for ever.
             Some(why) => tracing::warn!(shard, replica, %why, "not promoted: the rejoin goes on without this shard"),
         }
     }
@@ -798,8 +799,8 @@ fn no_promotion(
     }
     if !membership.voter_ids().any(|v| node_of(v) == node && v != replica) {
         return Some(PeerResponse::NoPromotion(format!(
-            "node {node} no longer votes in shard {shard} (a move took it off the node): replica {replica} is not \
-             promoted"
+            "node {node} holds no other voter in shard {shard} (a move took the shard off it, or it never held \
+             it): replica {replica} is not promoted"
         )));
     }
     None
@@ -879,7 +880,9 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId) 
     };
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == from) {
-        return remove_learners_of(h, shard, from).await;
+        // Done already. `from`'s learners are left alone here: a repeat of this request can
+        // come late (a stale coordinator's), after a new move back onto `from` added its own.
+        return PeerResponse::Promoted;
     }
     if node_of(h.replica) == from {
         let caught_up = |v: &NodeId| matched(&m, *v).is_some_and(|l| Some(l.index) == m.last_log_index);
@@ -910,10 +913,11 @@ pub async fn replace(h: &Hosted, shard: ShardId, from: NodeId, replica: NodeId) 
     remove_learners_of(h, shard, from).await
 }
 
-/// The end of a move's promotion: a learner `from` still has in the group (a rejoin's, which
-/// joined before the move) leaves it too, so the group stops replicating to it; the move's
-/// drop deletes it on `from` (it is among the move's `leaving`). Answered `Promoted` once
-/// none is left; asked again (by the coordinator's retry of `Replace`) if the change fails.
+/// The end of a move's promotion, in the call that made it: a learner `from` still has in
+/// the group (a rejoin's, which joined before the move) leaves it too, so the group stops
+/// replicating to it; the move's drop deletes it on `from` (it is among the move's
+/// `leaving`). Should this change fail, the retried `Replace` finds the promotion done and
+/// leaves the learner in the membership (the drop still deletes it on `from`).
 async fn remove_learners_of(h: &Hosted, shard: ShardId, from: NodeId) -> PeerResponse {
     let m = super::metrics_of(&h.raft);
     let stale: BTreeSet<NodeId> =

@@ -10,7 +10,8 @@
 //! - a move off a node that is rejoining takes the rejoin's learner with it (it is among
 //!   the move's `leaving`, and leaves the group at the promotion), and the rejoin's
 //!   `Promote` is then refused for good (`NoPromotion`), as is one in a shard whose node
-//!   holds no voter, with nothing proposed.
+//!   holds no voter, with nothing proposed; a late repeat of the move's `Replace` changes
+//!   nothing (a new move back's learner stays).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -240,7 +241,7 @@ async fn a_move_off_a_rejoining_node_takes_its_learner_and_its_promotion_is_refu
     group.settled_with(4).await;
     let before = crate::raft::metrics_of(&leader).last_log_index;
     match formation::promote(&h, SHARD, 4).await {
-        PeerResponse::NoPromotion(why) => assert!(why.contains("no longer votes"), "{why}"),
+        PeerResponse::NoPromotion(why) => assert!(why.contains("holds no other voter"), "{why}"),
         other => panic!("a replica of a node without a voter is not promoted, got {other:?}"),
     }
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
@@ -279,9 +280,15 @@ async fn a_move_off_a_rejoining_node_takes_its_learner_and_its_promotion_is_refu
         other => panic!("the rejoin's promotion after the move is refused, got {other:?}"),
     }
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
-    // Asked again, the move's promotion is done, and changes nothing.
+    // Asked again late (a stale coordinator's), after a new move back onto node 3 added its
+    // learner: the promotion is done, and that learner stays.
+    let back = replica_id(3, 2);
+    leader.add_learner(back, Member::default(), false).await.expect("a move back's learner");
+    group.settled_with(back).await;
+    let before = crate::raft::metrics_of(&leader).last_log_index;
     assert!(matches!(formation::replace(&h, SHARD, 3, 4).await, PeerResponse::Promoted));
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
+    assert!(membership(&leader).learner_ids().any(|l| l == back), "the move back's learner stays");
 
     let _ = rejoined.shutdown().await;
     group.stop().await;

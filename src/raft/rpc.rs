@@ -198,15 +198,15 @@ pub enum PeerResponse {
     Appends(#[serde(deserialize_with = "frame_answers")] Vec<PeerResponse>),
     /// A request of a frame not done with the rest of it: its group is busy on this node.
     Busy,
-    /// A rejoining node's `Promote` that will never be granted, for this reason: its replica
-    /// is not a member of the group (a move or a newer rejoin removed it), or its node no
-    /// longer votes in the group (a move took the shard off it), so there is no old replica
-    /// to vote in place of. Final: the rejoin goes on without it.
-    NoPromotion(String),
     /// A `Beat` was taken in.
     Beat,
     /// A `UserSends` was taken from this node's buckets.
     UserSendsTaken,
+    /// A rejoining node's `Promote` that will never be granted, for this reason: its replica
+    /// is not a member of the group (a move or a newer rejoin removed it), or its node holds
+    /// no other voter in the group (a move took the shard off it, or it never held the
+    /// shard), so there is nothing to vote in place of. Final: the rejoin goes on without it.
+    NoPromotion(String),
 }
 
 /// `PeerResponse`'s variant indexes of the three answers a frame holds (its declaration
