@@ -533,6 +533,42 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Planned from the readings of earlier checks, a check plans what a check with none
+        /// plans: through sends of any size, a byte limit that changes (or goes, and comes
+        /// back), a message limit beside it, and the planned trims applied or not (as when a
+        /// proposal fails).
+        #[test]
+        fn a_check_with_readings_plans_what_a_check_without_plans(
+            limits in proptest::collection::vec(1u64..3_000, 3),
+            max_messages in proptest::option::of(5u64..40),
+            steps in proptest::collection::vec(
+                (0u64..6, 1usize..300, 0usize..4, proptest::prelude::any::<bool>()),
+                1..30,
+            ),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (store, _) = Store::open(dir.path()).expect("open");
+            let mut seen = HashMap::new();
+            let mut sent = 0;
+            for (n, bytes, limit, apply) in steps {
+                send_more(&store, sent + 1, n, bytes);
+                sent += n;
+                let policy = Retention { max_bytes: limits.get(limit).copied(), max_messages, ..Retention::default() };
+                let carried = plan(&store, 0, policy, 0, &mut seen).expect("plan with readings");
+                let fresh = plan(&store, 0, policy, 0, &mut HashMap::new()).expect("plan without");
+                proptest::prop_assert_eq!(&carried, &fresh);
+                if apply {
+                    for (conversation, before, _) in carried {
+                        let trim = Command::Trim(TrimCommand { conversation, before });
+                        crate::raft::state_machine::apply_for_test(&store, 0, vec![trim]).expect("trim");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn max_bytes_reads_back_from_the_head_once_per_head() {
         let (_d, store) = store_with(100, 100);
