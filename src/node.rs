@@ -228,7 +228,9 @@ impl Node {
                 if recorded == Some(formation::DROPPED) || (start == Start::Added && recorded.is_none()) {
                     continue;
                 }
-                replicas.insert(shard, formation::replica_for(&formation, &net, &config, shard, start).await?);
+                if let Some(replica) = formation::replica_for(&formation, &net, &config, shard, start).await? {
+                    replicas.insert(shard, replica);
+                }
             }
             let service = Service::start(
                 config,

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 /// in `Response::NotLeader`); 4 since `PeerRequest::SnapshotEnd` (a snapshot stream without
 /// it is refused); 5 since per-peer frames of AppendEntries (`PeerRequest::Appends`, and
 /// `append_frames` in `NodeStatus`); 6 since `Request::GetCursorFromLeader`; 7 since
-/// `PeerResponse::NoPromotion`.
+/// `PeerResponse::NotRejoined`.
 pub const WIRE_VERSION: u8 = 7;
 
 /// Encodes a frame (length, version, body).

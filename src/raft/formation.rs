@@ -463,31 +463,43 @@ async fn register(
 }
 
 /// The replica id this node runs `shard` under, asking the shard's leader for a new one when
-/// rejoining (a shard that has one already was joined before a restart).
+/// rejoining (a shard that has one already was joined before a restart). `None`: the
+/// leader refused the rejoin for good (the node holds no voter in the shard), recorded as
+/// [`DROPPED`] so no later start asks again.
 pub async fn replica_for(
     formation: &Formation,
     net: &PeerNet,
     config: &Config,
     shard: ShardId,
     start: Start,
-) -> Result<NodeId> {
+) -> Result<Option<NodeId>> {
     let me = formation.node;
     if let Some(r) = formation.replica(shard)? {
-        return Ok(r);
+        return Ok(Some(r));
     }
     if start != Start::Rejoin {
-        return Ok(replica_id(me, 0));
+        return Ok(Some(replica_id(me, 0)));
     }
     let member = member_of(config, me)?;
-    let replica =
+    let joined =
         ask_leader(net, config, shard, PeerRequest::Join { shard, node: me, member }, CONTROL_TTL, |r| match r {
-            PeerResponse::Joined { replica } => Some(replica),
+            PeerResponse::Joined { replica } => Some(Ok(replica)),
+            PeerResponse::NotRejoined(why) => Some(Err(why)),
             _ => None,
         })
         .await;
-    formation.set_replica(shard, replica)?;
-    tracing::info!(shard, replica, "joined as a learner under a new replica id");
-    Ok(replica)
+    match joined {
+        Ok(replica) => {
+            formation.set_replica(shard, replica)?;
+            tracing::info!(shard, replica, "joined as a learner under a new replica id");
+            Ok(Some(replica))
+        }
+        Err(why) => {
+            formation.set_replica(shard, DROPPED)?;
+            tracing::warn!(shard, %why, "not rejoined: this node does not hold the shard");
+            Ok(None)
+        }
+    }
 }
 
 /// How many times a rejoined node asks the cluster map to take it back (each up to
@@ -504,7 +516,7 @@ pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config
         let req = PeerRequest::Promote { shard, replica, member: member.clone() };
         let answer = ask_leader(net, config, shard, req, PROMOTE_TTL, |r| match r {
             PeerResponse::Promoted => Some(None),
-            PeerResponse::NoPromotion(why) => Some(Some(why)),
+            PeerResponse::NotRejoined(why) => Some(Some(why)),
             _ => None,
         })
         .await;
@@ -609,12 +621,23 @@ pub(super) fn leads(h: &Hosted) -> std::result::Result<openraft::RaftMetrics<sup
 }
 
 /// The leader's side of `Join`: a replica id above every one `node` ever had in this group's
-/// membership, added as a learner (without waiting for it).
+/// membership, added as a learner (without waiting for it); refused for good
+/// (`NotRejoined`) when `node` holds no voter in the group.
 pub async fn join(h: &Hosted, shard: ShardId, node: NodeId, member: Member) -> PeerResponse {
     let m = match leads(h) {
         Ok(m) => m,
         Err(answer) => return answer,
     };
+    // A rejoin rebuilds a replica its node lost: with no voter of the node in the group (a
+    // move took the shard off it, or it never held it, as a rejoin that no peer answered
+    // with a map asks of every shard) there is none, and its `Promote` would be refused.
+    // A learner added anyway would stay in the group, under a generation counted from the
+    // membership alone: an id the node may have had before the move retired it.
+    if !m.membership_config.membership().voter_ids().any(|v| node_of(v) == node) {
+        return PeerResponse::NotRejoined(format!(
+            "node {node} holds no voter in shard {shard}: there is no replica of it to rebuild"
+        ));
+    }
     let generation = m
         .membership_config
         .membership()
@@ -793,12 +816,12 @@ fn no_promotion(
 ) -> Option<PeerResponse> {
     let node = node_of(replica);
     if membership.get_node(&replica).is_none() {
-        return Some(PeerResponse::NoPromotion(format!(
+        return Some(PeerResponse::NotRejoined(format!(
             "replica {replica} is no longer a member of shard {shard}: not promoted"
         )));
     }
     if !membership.voter_ids().any(|v| node_of(v) == node && v != replica) {
-        return Some(PeerResponse::NoPromotion(format!(
+        return Some(PeerResponse::NotRejoined(format!(
             "node {node} holds no other voter in shard {shard} (a move took the shard off it, or it never held \
              it): replica {replica} is not promoted"
         )));
@@ -808,7 +831,7 @@ fn no_promotion(
 
 /// The leader's side of `Promote`: waits until `replica` caught up, then makes it a voter in
 /// place of its node's other replicas, which leave the group. Refused for good
-/// (`NoPromotion`) when there is nothing to vote in place of ([`no_promotion`]).
+/// (`NotRejoined`) when there is nothing to vote in place of ([`no_promotion`]).
 pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId) -> PeerResponse {
     let m = match leads(h) {
         Ok(m) => m,

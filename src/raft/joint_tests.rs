@@ -9,9 +9,11 @@
 //!   (a rejoin's), whose promotion still goes through, and removes a move's;
 //! - a move off a node that is rejoining takes the rejoin's learner with it (it is among
 //!   the move's `leaving`, and leaves the group at the promotion), and the rejoin's
-//!   `Promote` is then refused for good (`NoPromotion`), as is one in a shard whose node
+//!   `Promote` is then refused for good (`NotRejoined`), as is one in a shard whose node
 //!   holds no voter, with nothing proposed; a late repeat of the move's `Replace` changes
-//!   nothing (a new move back's learner stays).
+//!   nothing (a new move back's learner stays);
+//! - a rejoin's `Join` where its node holds no voter is refused for good, with nothing
+//!   added; where it does, it gets a learner under the next generation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -241,7 +243,7 @@ async fn a_move_off_a_rejoining_node_takes_its_learner_and_its_promotion_is_refu
     group.settled_with(4).await;
     let before = crate::raft::metrics_of(&leader).last_log_index;
     match formation::promote(&h, SHARD, 4).await {
-        PeerResponse::NoPromotion(why) => assert!(why.contains("holds no other voter"), "{why}"),
+        PeerResponse::NotRejoined(why) => assert!(why.contains("holds no other voter"), "{why}"),
         other => panic!("a replica of a node without a voter is not promoted, got {other:?}"),
     }
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
@@ -276,7 +278,7 @@ async fn a_move_off_a_rejoining_node_takes_its_learner_and_its_promotion_is_refu
     // The rejoin's promotion now would add a voter beside the move's: refused for good.
     let before = crate::raft::metrics_of(&leader).last_log_index;
     match formation::promote(&h, SHARD, rejoin).await {
-        PeerResponse::NoPromotion(why) => assert!(why.contains("no longer a member"), "{why}"),
+        PeerResponse::NotRejoined(why) => assert!(why.contains("no longer a member"), "{why}"),
         other => panic!("the rejoin's promotion after the move is refused, got {other:?}"),
     }
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
@@ -291,5 +293,33 @@ async fn a_move_off_a_rejoining_node_takes_its_learner_and_its_promotion_is_refu
     assert!(membership(&leader).learner_ids().any(|l| l == back), "the move back's learner stays");
 
     let _ = rejoined.shutdown().await;
+    group.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_is_refused_where_its_node_holds_no_voter() {
+    let group = Group::start().await;
+    let leader = group.rafts[&1].clone();
+    let h = Hosted { replica: 1, raft: leader.clone() };
+    let members = |raft: &Raft| -> BTreeSet<NodeId> {
+        crate::raft::metrics_of(raft).membership_config.membership().nodes().map(|(id, _)| *id).collect()
+    };
+
+    // Node 4 holds no voter (a rejoin without a map asks every shard): refused, nothing added.
+    let before = crate::raft::metrics_of(&leader).last_log_index;
+    match formation::join(&h, SHARD, 4, Member::default()).await {
+        PeerResponse::NotRejoined(why) => assert!(why.contains("holds no voter"), "{why}"),
+        other => panic!("a rejoin of a node without a voter is refused, got {other:?}"),
+    }
+    assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
+    assert_eq!(members(&leader), voters(&[1, 2, 3]));
+
+    // Node 3 votes: its rejoin learns under generation 1.
+    match formation::join(&h, SHARD, 3, Member::default()).await {
+        PeerResponse::Joined { replica } => assert_eq!(replica, replica_id(3, 1)),
+        other => panic!("node 3's rejoin joins, got {other:?}"),
+    }
+    group.settled_with(replica_id(3, 1)).await;
+    assert_eq!(members(&leader), voters(&[1, 2, 3, replica_id(3, 1)]));
     group.stop().await;
 }

@@ -202,11 +202,12 @@ pub enum PeerResponse {
     Beat,
     /// A `UserSends` was taken from this node's buckets.
     UserSendsTaken,
-    /// A rejoining node's `Promote` that will never be granted, for this reason: its replica
-    /// is not a member of the group (a move or a newer rejoin removed it), or its node holds
-    /// no other voter in the group (a move took the shard off it, or it never held the
-    /// shard), so there is nothing to vote in place of. Final: the rejoin goes on without it.
-    NoPromotion(String),
+    /// A rejoining node's `Join` or `Promote` that will never be granted, for this reason:
+    /// its node holds no (other) voter in the group (a move took the shard off it, or it
+    /// never held the shard), so there is nothing to rebuild or vote in place of; or, for a
+    /// `Promote`, its replica is no longer a member (a move or a newer rejoin removed it).
+    /// Final: the rejoin goes on without the shard.
+    NotRejoined(String),
 }
 
 /// `PeerResponse`'s variant indexes of the three answers a frame holds (its declaration
