@@ -42,8 +42,8 @@ enum Cmd {
         config: PathBuf,
         #[arg(long)]
         id: u64,
-        /// Rebuild a node that lost its data: join every shard as a new replica (a learner
-        /// first, a voter in place of the node's old replica once caught up).
+        /// Rebuild a node that lost its data: join every shard it votes in as a new replica
+        /// (a learner first, a voter in place of the node's old replica once caught up).
         #[arg(long)]
         rejoin: bool,
     },

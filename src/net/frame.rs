@@ -17,9 +17,10 @@ use crate::error::{Error, Result};
 /// `NodeStatus`, `PeerRequest::Place`); 3 since routing maps (`Request::ShardMap`, the map
 /// in `Response::NotLeader`); 4 since `PeerRequest::SnapshotEnd` (a snapshot stream without
 /// it is refused); 5 since per-peer frames of AppendEntries (`PeerRequest::Appends`, and
-/// `append_frames` in `NodeStatus`); 6 since `Request::GetCursorFromLeader`; 7 since
-/// `PeerResponse::NotRejoined`.
-pub const WIRE_VERSION: u8 = 7;
+/// `append_frames` in `NodeStatus`); 6 since `Request::GetCursorFromLeader`; 7 since a
+/// rejoin's final refusal (`PeerResponse::NotRejoined`); 8 since it names the newest replica
+/// id.
+pub const WIRE_VERSION: u8 = 8;
 
 /// Encodes a frame (length, version, body).
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -163,7 +163,10 @@ fn peer_responses() -> Vec<PeerResponse> {
         PeerResponse::Hello(Some(ClusterRecord { cluster: 77, node: 2, stage: Stage::Formed })),
         PeerResponse::LearnerAdded { replica: 3 | (1 << 32), leaving: vec![3, 5] },
         PeerResponse::PlacementRefused("node 4 still holds replicas".into()),
-        PeerResponse::NotRejoined("node 3 holds no other voter in shard 2".into()),
+        PeerResponse::NotRejoined {
+            reason: "node 3 holds no other voter in shard 2".into(),
+            newest: Some(3 | (1 << 32)),
+        },
         PeerResponse::ClusterMap(Box::default()),
         PeerResponse::Behind { entries: Some(12) },
         PeerResponse::NotLeader { leader: Some(1) },

@@ -15,8 +15,9 @@
 //!   part of the cluster). It must not vote as the replica it was: its empty log would vote
 //!   for any candidate and could complete a quorum without an acknowledged entry. It refuses
 //!   to start and says what to run, unless started with `--rejoin`.
-//! - **`--rejoin`** brings it back as new replicas: for each shard it asks the leader for a new
-//!   replica id ([`PeerRequest::Join`]; the generation above every one of this node's ids in
+//! - **`--rejoin`** brings it back as new replicas: for each shard it votes in it asks the
+//!   leader for a new replica id (a shard whose group holds no voter of the node is refused
+//!   for good, [`PeerResponse::NotRejoined`]) ([`PeerRequest::Join`]; the generation above every one of this node's ids in
 //!   the group's membership, so an id is never reused), starts the group under it as a
 //!   learner, and once the leader sees it caught up, the leader replaces the node's old
 //!   replica among the voters ([`PeerRequest::Promote`]). The record says `Rejoining` until
@@ -210,8 +211,8 @@ pub fn refusal_text(config_path: &std::path::Path, node: NodeId, cluster: u64) -
         "node {node} has no state, but cluster {cluster:016x} lists it as a voter: it must not vote \
          under the replica ids it had, whose votes and log it lost. Rebuild it as new replicas: \
          run `convoy admin replace-node {node} --in-place --wait` and start it again (or start it \
-         with `convoy node --config {config_path} --id {node} --rejoin`); it joins every shard as \
-         a learner and replaces its old replica among the voters once caught up. A majority of \
+         with `convoy node --config {config_path} --id {node} --rejoin`); it joins every shard it \
+         votes in as a learner and replaces its old replica among the voters once caught up. A majority of \
          the other nodes must be up."
     )
 }
@@ -484,7 +485,7 @@ pub async fn replica_for(
     let joined =
         ask_leader(net, config, shard, PeerRequest::Join { shard, node: me, member }, CONTROL_TTL, |r| match r {
             PeerResponse::Joined { replica } => Some(Ok(replica)),
-            PeerResponse::NotRejoined(why) => Some(Err(why)),
+            PeerResponse::NotRejoined { reason, newest } => Some(Err((reason, newest))),
             _ => None,
         })
         .await;
@@ -494,9 +495,15 @@ pub async fn replica_for(
             tracing::info!(shard, replica, "joined as a learner under a new replica id");
             Ok(Some(replica))
         }
-        Err(why) => {
+        Err((why, newest)) => {
+            // A learner the node still has in the group (a move to it, under way when it lost
+            // its disk) is recorded as left first: a map that names it later must not start
+            // it empty, under an id the leader counts as caught up.
+            if let Some(newest) = newest {
+                record_left(&formation.store, shard, newest)?;
+            }
             formation.set_replica(shard, DROPPED)?;
-            tracing::warn!(shard, %why, "not rejoined: this node does not hold the shard");
+            tracing::warn!(shard, %why, ?newest, "not rejoined: this node does not hold the shard");
             Ok(None)
         }
     }
@@ -516,15 +523,15 @@ pub async fn finish_rejoin(formation: &Formation, net: &PeerNet, config: &Config
         let req = PeerRequest::Promote { shard, replica, member: member.clone() };
         let answer = ask_leader(net, config, shard, req, PROMOTE_TTL, |r| match r {
             PeerResponse::Promoted => Some(None),
-            PeerResponse::NotRejoined(why) => Some(Some(why)),
+            PeerResponse::NotRejoined { reason, .. } => Some(Some(reason)),
             _ => None,
         })
         .await;
         match answer {
             None => tracing::info!(shard, replica, "caught up and voting"),
             // A move took the shard off this node meanwhile (its drop deletes the replica
-            // here: the move counts it as leaving), or the node never held it (the replica
-            // runs on; see docs/admin.md). Asking again would ask for ever.
+            // here: the move counts it as leaving, see docs/admin.md). Asking again would ask
+            // for ever.
             Some(why) => tracing::warn!(shard, replica, %why, "not promoted: the rejoin goes on without this shard"),
         }
     }
@@ -632,11 +639,18 @@ pub async fn join(h: &Hosted, shard: ShardId, node: NodeId, member: Member) -> P
     // move took the shard off it, or it never held it, as a rejoin that no peer answered
     // with a map asks of every shard) there is none, and its `Promote` would be refused.
     // A learner added anyway would stay in the group, under a generation counted from the
-    // membership alone: an id the node may have had before the move retired it.
-    if !m.membership_config.membership().voter_ids().any(|v| node_of(v) == node) {
-        return PeerResponse::NotRejoined(format!(
-            "node {node} holds no voter in shard {shard}: there is no replica of it to rebuild"
-        ));
+    // membership alone: an id the node may have had before the move retired it. A move off
+    // the node under way counts as done (its new half).
+    let votes = |m: &openraft::RaftMetrics<super::types::C>| {
+        let joint = m.membership_config.membership().get_joint_config();
+        joint.last().is_some_and(|half| half.iter().any(|v| node_of(*v) == node))
+    };
+    if !votes(&m) {
+        let why = |m: &openraft::RaftMetrics<super::types::C>| {
+            (!votes(m))
+                .then(|| format!("node {node} holds no voter in shard {shard}: there is no replica of it to rebuild"))
+        };
+        return confirmed_refusal(h, shard, why, node).await;
     }
     let generation = m
         .membership_config
@@ -809,24 +823,52 @@ async fn finish_joint(h: &Hosted, shard: ShardId, m: &openraft::RaftMetrics<supe
 /// joined a shard it never held, as a rejoin does when no peer answered with a map).
 /// Promoted anyway, it would add a voter the cluster map does not place there, beside the
 /// move's, and undo the move.
-fn no_promotion(
-    membership: &openraft::Membership<NodeId, Member>,
-    shard: ShardId,
-    replica: NodeId,
-) -> Option<PeerResponse> {
+fn no_promotion(membership: &openraft::Membership<NodeId, Member>, shard: ShardId, replica: NodeId) -> Option<String> {
     let node = node_of(replica);
     if membership.get_node(&replica).is_none() {
-        return Some(PeerResponse::NotRejoined(format!(
-            "replica {replica} is no longer a member of shard {shard}: not promoted"
-        )));
+        return Some(format!("replica {replica} is no longer a member of shard {shard}: not promoted"));
     }
     if !membership.voter_ids().any(|v| node_of(v) == node && v != replica) {
-        return Some(PeerResponse::NotRejoined(format!(
+        return Some(format!(
             "node {node} holds no other voter in shard {shard} (a move took the shard off it, or it never held \
              it): replica {replica} is not promoted"
-        )));
+        ));
     }
     None
+}
+
+/// The final refusal of a rejoin's step (`NotRejoined`), only once a quorum confirmed this
+/// node's leadership (a read index: everything committed before is applied here) and the
+/// membership it then has still gives a reason (`why`): a deposed leader that has not heard
+/// yet, with an old membership, must not turn a rejoin away for good (the node would record
+/// the shard dropped, and the shard stay a replica short). Else an answer that asks again.
+async fn confirmed_refusal(
+    h: &Hosted,
+    shard: ShardId,
+    why: impl Fn(&openraft::RaftMetrics<super::types::C>) -> Option<String>,
+    node: NodeId,
+) -> PeerResponse {
+    let confirmed = h.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
+    if !matches!(tokio::time::timeout(CONTROL_TTL, confirmed).await, Ok(Ok(_))) {
+        return PeerResponse::Error(format!("shard {shard}: leadership not confirmed; asking again"));
+    }
+    let m = super::metrics_of(&h.raft);
+    if m.current_leader != Some(h.replica) {
+        return PeerResponse::NotLeader { leader: m.current_leader.map(node_of) };
+    }
+    match why(&m) {
+        Some(reason) => {
+            let newest = m
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .filter(|id| node_of(*id) == node)
+                .max_by_key(|id| generation_of(*id));
+            PeerResponse::NotRejoined { reason, newest }
+        }
+        None => PeerResponse::Error(format!("shard {shard}: the membership changed; asking again")),
+    }
 }
 
 /// The leader's side of `Promote`: waits until `replica` caught up, then makes it a voter in
@@ -843,14 +885,17 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId) -> PeerRespons
     if voters.contains(&replica) && !voters.iter().any(|v| node_of(*v) == node && *v != replica) {
         return PeerResponse::Promoted;
     }
-    if let Some(refusal) = no_promotion(&membership, shard, replica) {
-        return refusal;
+    let refused = |m: &openraft::RaftMetrics<super::types::C>| match settled(m) {
+        Some(membership) => no_promotion(&membership, shard, replica),
+        None => None,
+    };
+    if no_promotion(&membership, shard, replica).is_some() {
+        return confirmed_refusal(h, shard, refused, node).await;
     }
     if let Some(answer) = catch_up(h, shard, replica, PROMOTE_CATCH_UP_WAIT).await {
         return match answer {
             PeerResponse::Error(_) if !is_member(&super::metrics_of(&h.raft), replica) => {
-                no_promotion(&super::metrics_of(&h.raft).membership_config.membership().clone(), shard, replica)
-                    .unwrap_or(answer)
+                confirmed_refusal(h, shard, refused, node).await
             }
             answer => answer,
         };
@@ -864,8 +909,8 @@ pub async fn promote(h: &Hosted, shard: ShardId, replica: NodeId) -> PeerRespons
         }
         return PeerResponse::Error(format!("shard {shard}: a membership change is under way; asking again"));
     };
-    if let Some(refusal) = no_promotion(&membership, shard, replica) {
-        return refusal;
+    if no_promotion(&membership, shard, replica).is_some() {
+        return confirmed_refusal(h, shard, refused, node).await;
     }
     let new_voters: BTreeSet<NodeId> =
         membership.voter_ids().filter(|v| node_of(*v) != node).chain(std::iter::once(replica)).collect();

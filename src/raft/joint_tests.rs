@@ -12,8 +12,9 @@
 //!   `Promote` is then refused for good (`NotRejoined`), as is one in a shard whose node
 //!   holds no voter, with nothing proposed; a late repeat of the move's `Replace` changes
 //!   nothing (a new move back's learner stays);
-//! - a rejoin's `Join` where its node holds no voter is refused for good, with nothing
-//!   added; where it does, it gets a learner under the next generation.
+//! - a rejoin's `Join` where its node holds no voter (none, or only a learner, which the
+//!   refusal names) is refused for good, with nothing added; where it does, it gets a
+//!   learner under the next generation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -243,7 +244,10 @@ async fn a_move_off_a_rejoining_node_takes_its_learner_and_its_promotion_is_refu
     group.settled_with(4).await;
     let before = crate::raft::metrics_of(&leader).last_log_index;
     match formation::promote(&h, SHARD, 4).await {
-        PeerResponse::NotRejoined(why) => assert!(why.contains("holds no other voter"), "{why}"),
+        PeerResponse::NotRejoined { reason, newest } => {
+            assert!(reason.contains("holds no other voter"), "{reason}");
+            assert_eq!(newest, Some(4), "the node's learner, to be recorded as left there");
+        }
         other => panic!("a replica of a node without a voter is not promoted, got {other:?}"),
     }
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
@@ -278,7 +282,10 @@ async fn a_move_off_a_rejoining_node_takes_its_learner_and_its_promotion_is_refu
     // The rejoin's promotion now would add a voter beside the move's: refused for good.
     let before = crate::raft::metrics_of(&leader).last_log_index;
     match formation::promote(&h, SHARD, rejoin).await {
-        PeerResponse::NotRejoined(why) => assert!(why.contains("no longer a member"), "{why}"),
+        PeerResponse::NotRejoined { reason, newest } => {
+            assert!(reason.contains("no longer a member"), "{reason}");
+            assert_eq!(newest, None, "node 3 has no replica left in the group");
+        }
         other => panic!("the rejoin's promotion after the move is refused, got {other:?}"),
     }
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
@@ -305,14 +312,27 @@ async fn a_rejoin_is_refused_where_its_node_holds_no_voter() {
         crate::raft::metrics_of(raft).membership_config.membership().nodes().map(|(id, _)| *id).collect()
     };
 
-    // Node 4 holds no voter (a rejoin without a map asks every shard): refused, nothing added.
+    // Node 4 holds no voter (a rejoin without a map asks every shard): refused, nothing
+    // added; and again once it holds a learner (a move to it, under way when it lost its
+    // disk), which the refusal names, for the node to record as left.
     let before = crate::raft::metrics_of(&leader).last_log_index;
     match formation::join(&h, SHARD, 4, Member::default()).await {
-        PeerResponse::NotRejoined(why) => assert!(why.contains("holds no voter"), "{why}"),
+        PeerResponse::NotRejoined { reason, newest } => {
+            assert!(reason.contains("holds no voter"), "{reason}");
+            assert_eq!(newest, None);
+        }
         other => panic!("a rejoin of a node without a voter is refused, got {other:?}"),
     }
     assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
     assert_eq!(members(&leader), voters(&[1, 2, 3]));
+    leader.add_learner(4, Member::default(), true).await.expect("a move's learner");
+    group.settled_with(4).await;
+    let before = crate::raft::metrics_of(&leader).last_log_index;
+    match formation::join(&h, SHARD, 4, Member::default()).await {
+        PeerResponse::NotRejoined { newest, .. } => assert_eq!(newest, Some(4)),
+        other => panic!("a rejoin of a node holding only a learner is refused, got {other:?}"),
+    }
+    assert_eq!(crate::raft::metrics_of(&leader).last_log_index, before, "nothing was proposed");
 
     // Node 3 votes: its rejoin learns under generation 1.
     match formation::join(&h, SHARD, 3, Member::default()).await {
@@ -320,6 +340,6 @@ async fn a_rejoin_is_refused_where_its_node_holds_no_voter() {
         other => panic!("node 3's rejoin joins, got {other:?}"),
     }
     group.settled_with(replica_id(3, 1)).await;
-    assert_eq!(members(&leader), voters(&[1, 2, 3, replica_id(3, 1)]));
+    assert_eq!(members(&leader), voters(&[1, 2, 3, 4, replica_id(3, 1)]));
     group.stop().await;
 }

@@ -206,8 +206,13 @@ pub enum PeerResponse {
     /// its node holds no (other) voter in the group (a move took the shard off it, or it
     /// never held the shard), so there is nothing to rebuild or vote in place of; or, for a
     /// `Promote`, its replica is no longer a member (a move or a newer rejoin removed it).
-    /// Final: the rejoin goes on without the shard.
-    NotRejoined(String),
+    /// Final: the rejoin goes on without the shard. Given only by a leader that a quorum
+    /// confirmed. `newest`: the newest replica id the node still has in the group (a
+    /// learner), which the node records as left, so it never runs it empty.
+    NotRejoined {
+        reason: String,
+        newest: Option<NodeId>,
+    },
 }
 
 /// `PeerResponse`'s variant indexes of the three answers a frame holds (its declaration
