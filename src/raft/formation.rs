@@ -16,9 +16,10 @@
 //!   for any candidate and could complete a quorum without an acknowledged entry. It refuses
 //!   to start and says what to run, unless started with `--rejoin`.
 //! - **`--rejoin`** brings it back as new replicas: for each shard it votes in it asks the
-//!   leader for a new replica id (a shard whose group holds no voter of the node is refused
-//!   for good, [`PeerResponse::NotRejoined`]) ([`PeerRequest::Join`]; the generation above every one of this node's ids in
-//!   the group's membership, so an id is never reused), starts the group under it as a
+//!   leader for a new replica id ([`PeerRequest::Join`]; the generation above every one of
+//!   this node's ids in the group's membership, so an id is never reused; a shard whose group
+//!   holds no voter of the node is refused for good, [`PeerResponse::NotRejoined`]), starts
+//!   the group under it as a
 //!   learner, and once the leader sees it caught up, the leader replaces the node's old
 //!   replica among the voters ([`PeerRequest::Promote`]). The record says `Rejoining` until
 //!   every shard is done, so a crash halfway resumes rather than starting a shard under the
@@ -196,6 +197,15 @@ pub fn record_left(store: &Store, shard: ShardId, replica: NodeId) -> Result<()>
     let mut b = rocksdb::WriteBatch::default();
     b.put(left_key(shard), encode(&replica));
     store.write_sync(b)
+}
+
+/// [`record_left`], unless a newer replica of `shard` is recorded as left already.
+fn record_left_if_newer(store: &Store, shard: ShardId, replica: NodeId) -> Result<()> {
+    let left: Option<NodeId> = store.db.get(left_key(shard))?.map(|v| decode(&v)).transpose()?;
+    if left.is_some_and(|l| generation_of(l) >= generation_of(replica)) {
+        return Ok(());
+    }
+    record_left(store, shard, replica)
 }
 
 fn write_record(store: &Store, record: &ClusterRecord) -> Result<()> {
@@ -500,7 +510,7 @@ pub async fn replica_for(
             // its disk) is recorded as left first: a map that names it later must not start
             // it empty, under an id the leader counts as caught up.
             if let Some(newest) = newest {
-                record_left(&formation.store, shard, newest)?;
+                record_left_if_newer(&formation.store, shard, newest)?;
             }
             formation.set_replica(shard, DROPPED)?;
             tracing::warn!(shard, %why, ?newest, "not rejoined: this node does not hold the shard");
@@ -646,8 +656,11 @@ pub async fn join(h: &Hosted, shard: ShardId, node: NodeId, member: Member) -> P
         joint.last().is_some_and(|half| half.iter().any(|v| node_of(*v) == node))
     };
     if !votes(&m) {
+        // Judged on a committed membership only: a move's change not committed yet may be
+        // undone (its leader gone, the move cancelled), and the node's voter with it.
         let why = |m: &openraft::RaftMetrics<super::types::C>| {
-            (!votes(m))
+            let committed = m.membership_config.log_id() == m.committed_membership_config.log_id();
+            (committed && !votes(m))
                 .then(|| format!("node {node} holds no voter in shard {shard}: there is no replica of it to rebuild"))
         };
         return confirmed_refusal(h, shard, why, node).await;
@@ -837,6 +850,9 @@ fn no_promotion(membership: &openraft::Membership<NodeId, Member>, shard: ShardI
     None
 }
 
+/// How long [`confirmed_refusal`] waits for its read index.
+const CONFIRM_WAIT: Duration = Duration::from_secs(3);
+
 /// The final refusal of a rejoin's step (`NotRejoined`), only once a quorum confirmed this
 /// node's leadership (a read index: everything committed before is applied here) and the
 /// membership it then has still gives a reason (`why`): a deposed leader that has not heard
@@ -848,13 +864,15 @@ async fn confirmed_refusal(
     why: impl Fn(&openraft::RaftMetrics<super::types::C>) -> Option<String>,
     node: NodeId,
 ) -> PeerResponse {
+    // Under the asker's own bound for the answer (`CONTROL_TTL`), so it hears either way.
     let confirmed = h.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
-    if !matches!(tokio::time::timeout(CONTROL_TTL, confirmed).await, Ok(Ok(_))) {
-        return PeerResponse::Error(format!("shard {shard}: leadership not confirmed; asking again"));
-    }
+    let confirmed = matches!(tokio::time::timeout(CONFIRM_WAIT, confirmed).await, Ok(Ok(_)));
     let m = super::metrics_of(&h.raft);
     if m.current_leader != Some(h.replica) {
         return PeerResponse::NotLeader { leader: m.current_leader.map(node_of) };
+    }
+    if !confirmed {
+        return PeerResponse::Error(format!("shard {shard}: leadership not confirmed; asking again"));
     }
     match why(&m) {
         Some(reason) => {
