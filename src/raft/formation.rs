@@ -665,15 +665,7 @@ pub async fn join(h: &Hosted, shard: ShardId, node: NodeId, member: Member) -> P
         };
         return confirmed_refusal(h, shard, why, node).await;
     }
-    let generation = m
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(id, _)| *id)
-        .filter(|id| node_of(*id) == node)
-        .map(generation_of)
-        .max()
-        .map_or(0, |g| g + 1);
+    let generation = replicas_of(m.membership_config.membership(), node).map(generation_of).max().map_or(0, |g| g + 1);
     let replica = replica_id(node, generation);
     match h.raft.add_learner(replica, member, false).await {
         Ok(_) => {
@@ -703,16 +695,13 @@ pub async fn add_learner(
     let membership = m.membership_config.membership();
     // Every replica of `from`: its voters, and a learner it runs (a rejoin's, not promoted
     // yet), which the move removes too; `from` may delete any of them once it is done.
-    let leaving: Vec<NodeId> = membership.nodes().map(|(id, _)| *id).filter(|id| node_of(*id) == from).collect();
+    let leaving: Vec<NodeId> = replicas_of(membership, from).collect();
     let existing =
         membership.learner_ids().filter(|l| node_of(*l) == node && generation_of(*l) >= min_generation).max();
     if let Some(replica) = existing {
         return PeerResponse::LearnerAdded { replica, leaving };
     }
-    let generation = membership
-        .nodes()
-        .map(|(id, _)| *id)
-        .filter(|id| node_of(*id) == node)
+    let generation = replicas_of(membership, node)
         .map(|id| generation_of(id) + 1)
         .chain(std::iter::once(min_generation))
         .max()
@@ -762,6 +751,11 @@ async fn catch_up(h: &Hosted, shard: ShardId, replica: NodeId, wait: Duration) -
         ))),
         Err(e) => Some(PeerResponse::Error(format!("waiting for replica {replica} of shard {shard}: {e}"))),
     }
+}
+
+/// The replica ids `node` has in `membership`, voters and learners.
+fn replicas_of(membership: &openraft::Membership<NodeId, Member>, node: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+    membership.nodes().map(|(id, _)| *id).filter(move |id| node_of(*id) == node)
 }
 
 /// Whether `replica` is in the membership `m` shows (voter or learner).
@@ -876,13 +870,7 @@ async fn confirmed_refusal(
     }
     match why(&m) {
         Some(reason) => {
-            let newest = m
-                .membership_config
-                .membership()
-                .nodes()
-                .map(|(id, _)| *id)
-                .filter(|id| node_of(*id) == node)
-                .max_by_key(|id| generation_of(*id));
+            let newest = replicas_of(m.membership_config.membership(), node).max_by_key(|id| generation_of(*id));
             PeerResponse::NotRejoined { reason, newest }
         }
         None => PeerResponse::Error(format!("shard {shard}: the membership changed; asking again")),
